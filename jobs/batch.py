@@ -1,0 +1,103 @@
+"""The batch record: an OpenAI-style batch object, stored flat in one Redis hash."""
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from batchgen.jobs.states import BatchStatus, Outcome
+
+TIMESTAMP_FIELDS = (
+    "created_at",
+    "in_progress_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "cancelling_at",
+    "cancelled_at",
+    "expired_at",
+    "expires_at",
+)
+COUNTER_FIELDS = tuple(o.counter for o in Outcome)
+
+
+class Batch(BaseModel):
+    id: str
+    status: BatchStatus
+    model: str
+    endpoint: str = ""
+    priority: str = "default"
+    queue: str = ""
+    output_dir: str | None = None
+    input_file: str = ""
+    total: int = 0
+    num_chunks: int = 0
+    chunk_size: int = 0
+    counts: dict[str, int] = {}
+    timestamps: dict[str, int] = {}
+    metadata: dict[str, str] = {}
+
+    @property
+    def num_done(self) -> int:
+        return sum(self.counts.get(f, 0) for f in COUNTER_FIELDS)
+
+    @property
+    def request_counts(self) -> dict[str, int]:
+        """OpenAI's {total, completed, failed}; failed covers errored, cancelled and expired requests."""
+        completed = self.counts.get(Outcome.SUCCEEDED.counter, 0)
+        return {"total": self.total, "completed": completed, "failed": self.num_done - completed}
+
+    def to_api(self) -> dict[str, Any]:
+        """The batch object as `status --json` prints it."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "status": self.status.value,
+            "priority": self.priority,
+            "input_file": self.input_file,
+            "output_dir": self.output_dir,
+            "request_counts": self.request_counts,
+            "outcome_counts": {o.value: self.counts.get(o.counter, 0) for o in Outcome},
+            "metadata": self.metadata,
+        }
+        out.update({f: self.timestamps.get(f) for f in TIMESTAMP_FIELDS})
+        return out
+
+    def to_hash(self) -> dict[str, str | int]:
+        data: dict[str, str | int] = {
+            "id": self.id,
+            "status": self.status.value,
+            "model": self.model,
+            "endpoint": self.endpoint,
+            "priority": self.priority,
+            "queue": self.queue,
+            "output_dir": self.output_dir or "",
+            "input_file": self.input_file,
+            "total": self.total,
+            "num_chunks": self.num_chunks,
+            "chunk_size": self.chunk_size,
+        }
+        data.update({f: self.counts.get(f, 0) for f in COUNTER_FIELDS})
+        data.update(self.timestamps)
+        data.update({f"meta.{k}": v for k, v in self.metadata.items()})
+        return data
+
+    @classmethod
+    def from_hash(cls, raw: dict[str, str]) -> "Batch":
+        return cls(
+            id=raw["id"],
+            status=BatchStatus(raw["status"]),
+            model=raw["model"],
+            endpoint=raw.get("endpoint", ""),
+            priority=raw.get("priority", "default"),
+            queue=raw.get("queue", ""),
+            output_dir=raw.get("output_dir") or None,
+            input_file=raw.get("input_file", ""),
+            total=int(raw.get("total", 0)),
+            num_chunks=int(raw.get("num_chunks", 0)),
+            chunk_size=int(raw.get("chunk_size", 0)),
+            counts={f: int(raw.get(f, 0)) for f in COUNTER_FIELDS},
+            timestamps={f: int(raw[f]) for f in TIMESTAMP_FIELDS if raw.get(f)},
+            metadata={k[5:]: v for k, v in raw.items() if k.startswith("meta.")},
+        )

@@ -1,0 +1,128 @@
+"""Request and result schema: what the producer stores and what the worker writes back.
+
+A stored Request is already validated and normalised (OpenAI batch line, simple line, text file or
+directory all become the same shape). Output lines follow the OpenAI Batch API output file format.
+"""
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from batchgen.jobs import defaults
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+Url = Literal["/v1/chat/completions", "/v1/completions"]
+CustomId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+
+
+class SamplingParams(BaseModel):
+    """Per-request generation parameters. temperature 0 means greedy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    max_tokens: int = Field(defaults.DEFAULT_MAX_TOKENS, ge=1, le=defaults.MAX_TOKENS_LIMIT)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: tuple[str, ...] = Field((), max_length=defaults.MAX_STOP_SEQUENCES)
+    ignore_eos: bool = False  # benchmarks: fixed output lengths on random weights
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str
+
+
+class Request(BaseModel):
+    """One validated request, as stored in Redis and handed to the engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    custom_id: CustomId
+    url: Url = COMPLETIONS_URL
+    prompt: str | None = None
+    messages: tuple[ChatMessage, ...] | None = None
+    params: SamplingParams = SamplingParams()
+    line: int = 0  # input line number (1-based), for error messages
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "Request":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of prompt and messages is required")
+        if self.messages is not None and self.url != CHAT_URL:
+            raise ValueError(f"messages need url {CHAT_URL}")
+        if self.prompt is not None and self.url != COMPLETIONS_URL:
+            raise ValueError(f"prompt needs url {COMPLETIONS_URL}")
+        return self
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    line: int | None = None
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def success_line(
+    request: Request,
+    *,
+    model: str,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> dict[str, Any]:
+    """An OpenAI batch output line for a request that produced a completion."""
+    chat = request.url == CHAT_URL
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    body = {
+        "id": _new_id("chatcmpl" if chat else "cmpl"),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+    return {
+        "id": _new_id("batch_req"),
+        "custom_id": request.custom_id,
+        "response": {"status_code": 200, "request_id": _new_id("req"), "body": body},
+        "error": None,
+    }
+
+
+def error_line(custom_id: str, code: str, message: str, *, status_code: int | None = 400) -> dict[str, Any]:
+    """An OpenAI batch error-file line; status_code None when the request never ran (cancelled, expired)."""
+    error = {"code": code, "message": message}
+    response = None
+    if status_code is not None:
+        response = {"status_code": status_code, "request_id": _new_id("req"), "body": {"error": error}}
+    return {"id": _new_id("batch_req"), "custom_id": custom_id, "response": response, "error": error}
+
+
+def outcome_of(line: dict[str, Any]) -> str:
+    """The Outcome value recorded in an output line (success lines have no error)."""
+    error = line.get("error")
+    if not error:
+        return "succeeded"
+    return {"batch_cancelled": "cancelled", "batch_expired": "expired"}.get(error["code"], "errored")

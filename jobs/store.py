@@ -1,0 +1,195 @@
+"""BatchStore: every read and write of batch state in Redis.
+
+Writes take an optional pipeline and execute only a pipeline they created themselves (the RQ
+convention), so callers can compose several writes into one round trip.
+"""
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from redis import Redis
+from redis.client import Pipeline
+
+from batchgen.jobs import defaults, keys
+from batchgen.jobs.batch import Batch
+from batchgen.jobs.schema import Request, error_line, outcome_of
+from batchgen.jobs.states import BatchStatus, Outcome
+
+# Records terminal outcomes: HSETNX makes each request terminal exactly once, and the batch moves to
+# its final status atomically with the outcome that completes it.
+# KEYS: record, outcomes. ARGV: now, ttl, then (index, line, counter field) triples.
+# Returns the indexes that were newly recorded.
+_RECORD_OUTCOMES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+local accepted = {}
+for i = 3, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('HINCRBY', KEYS[1], ARGV[i + 2], 1)
+    accepted[#accepted + 1] = ARGV[i]
+  end
+end
+local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+if #accepted > 0 and redis.call('HLEN', KEYS[2]) >= total then
+  local status = redis.call('HGET', KEYS[1], 'status')
+  if status == 'cancelling' then
+    redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1])
+  elseif status == 'in_progress' or status == 'finalizing' then
+    redis.call('HSET', KEYS[1], 'status', 'completed', 'finalizing_at', ARGV[1], 'completed_at', ARGV[1])
+  end
+  local ttl = tonumber(ARGV[2])
+  if ttl > 0 then
+    redis.call('EXPIRE', KEYS[1], ttl)
+    redis.call('EXPIRE', KEYS[2], ttl)
+    redis.call('EXPIRE', KEYS[3], ttl)
+  end
+end
+return accepted
+"""
+
+# Moves a batch to a new status only from one of the allowed ones; returns 1 if it moved.
+# KEYS: record. ARGV: new status, timestamp field, now, allowed statuses...
+_TRANSITION = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 0 end
+for i = 4, #ARGV do
+  if status == ARGV[i] then
+    redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[2], ARGV[3])
+    return 1
+  end
+end
+return 0
+"""
+
+PAGE = 500
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+class BatchStore:
+    def __init__(self, connection: Redis, result_ttl_s: int = defaults.RESULT_TTL_S):
+        self.connection = connection
+        self.result_ttl_s = result_ttl_s
+        self._record = connection.register_script(_RECORD_OUTCOMES)
+        self._transition = connection.register_script(_TRANSITION)
+
+    # -- producer side -------------------------------------------------------------------------------
+    def create(self, batch: Batch, ttl_s: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """Writes the record; with ttl_s it disappears unless `activate` persists it (crashed submits)."""
+        pipe = pipeline if pipeline is not None else self.connection.pipeline()
+        k = keys.BatchKeys(batch.id)
+        pipe.hset(k.record, mapping=batch.to_hash())
+        if ttl_s:
+            pipe.expire(k.record, ttl_s)
+        if pipeline is None:
+            pipe.execute()
+
+    def add_requests(
+        self, batch_id: str, first_index: int, requests: Sequence[Request], ttl_s: int | None = None,
+        pipeline: Pipeline | None = None,
+    ) -> None:
+        pipe = pipeline if pipeline is not None else self.connection.pipeline(transaction=False)
+        k = keys.BatchKeys(batch_id)
+        mapping = {first_index + i: r.model_dump_json(exclude_defaults=True) for i, r in enumerate(requests)}
+        if mapping:
+            pipe.hset(k.requests, mapping=mapping)
+            if ttl_s:
+                pipe.expire(k.requests, ttl_s)
+        if pipeline is None:
+            pipe.execute()
+
+    def activate(self, batch: Batch, pipeline: Pipeline | None = None) -> None:
+        """validating -> in_progress; the keys stop expiring and the batch shows in `list`."""
+        pipe = pipeline if pipeline is not None else self.connection.pipeline()
+        k = keys.BatchKeys(batch.id)
+        for key in k.all():
+            pipe.persist(key)
+        pipe.hset(k.record, mapping={"total": batch.total, "num_chunks": batch.num_chunks,
+                                     "chunk_size": batch.chunk_size})
+        pipe.zadd(keys.batches_index(), {batch.id: batch.timestamps.get("created_at", now_s())})
+        self.transition(batch.id, BatchStatus.IN_PROGRESS, "in_progress_at", [BatchStatus.VALIDATING], pipe)
+        if pipeline is None:
+            pipe.execute()
+
+    def discard(self, batch_id: str) -> None:
+        self.connection.delete(*keys.BatchKeys(batch_id).all())
+        self.connection.zrem(keys.batches_index(), batch_id)
+
+    # -- reads ---------------------------------------------------------------------------------------
+    def get(self, batch_id: str) -> Batch | None:
+        raw = self.connection.hgetall(keys.BatchKeys(batch_id).record)
+        return Batch.from_hash(raw) if raw else None
+
+    def recent(self, limit: int = 100) -> list[Batch]:
+        ids = self.connection.zrevrange(keys.batches_index(), 0, limit - 1)
+        pipe = self.connection.pipeline(transaction=False)
+        for batch_id in ids:
+            pipe.hgetall(keys.BatchKeys(batch_id).record)
+        return [Batch.from_hash(raw) for raw in pipe.execute() if raw]
+
+    def requests(self, batch_id: str, indexes: Sequence[int]) -> list[Request | None]:
+        if not indexes:
+            return []
+        raws = self.connection.hmget(keys.BatchKeys(batch_id).requests, list(indexes))
+        return [Request.model_validate_json(r) if r else None for r in raws]
+
+    def pending(self, batch_id: str, start: int, end: int) -> list[int]:
+        """Indexes in [start, end) that have no outcome yet: what a (re)started worker still owes."""
+        indexes = list(range(start, end))
+        if not indexes:
+            return []
+        done = self.connection.hmget(keys.BatchKeys(batch_id).outcomes, indexes)
+        return [i for i, d in zip(indexes, done, strict=True) if d is None]
+
+    def num_outcomes(self, batch_id: str) -> int:
+        return self.connection.hlen(keys.BatchKeys(batch_id).outcomes)
+
+    def iter_outcomes(self, batch_id: str, ordered: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(index, output line) pairs; ordered sorts by input position (memory ~ batch size)."""
+        key = keys.BatchKeys(batch_id).outcomes
+        items: Iterable[tuple[str, str]] = self.connection.hscan_iter(key, count=1000)
+        if ordered:
+            items = sorted(items, key=lambda kv: int(kv[0]))
+        for index, line in items:
+            yield int(index), json.loads(line)
+
+    # -- terminal outcomes ---------------------------------------------------------------------------
+    def record(
+        self, batch_id: str, lines: Sequence[tuple[int, dict[str, Any]]], pipeline: Pipeline | None = None
+    ) -> list[int]:
+        """Records output lines for requests; returns the indexes newly recorded (others were already)."""
+        k = keys.BatchKeys(batch_id)
+        argv: list[Any] = [now_s(), self.result_ttl_s]
+        for index, line in lines:
+            argv += [index, json.dumps(line, separators=(",", ":")), Outcome(outcome_of(line)).counter]
+        accepted = self._record(keys=[k.record, k.outcomes, k.requests], args=argv, client=pipeline)
+        return [int(i) for i in accepted] if pipeline is None else []
+
+    def transition(
+        self, batch_id: str, to: BatchStatus, stamp_field: str, allowed: Iterable[BatchStatus],
+        pipeline: Pipeline | None = None,
+    ) -> bool:
+        args = [to.value, stamp_field, now_s(), *[s.value for s in allowed]]
+        return bool(self._transition(keys=[keys.BatchKeys(batch_id).record], args=args, client=pipeline))
+
+    def close_remaining(self, batch_id: str, outcome: Outcome, message: str) -> int:
+        """Marks every request without an outcome as cancelled or expired; returns how many."""
+        batch = self.get(batch_id)
+        if batch is None:
+            return 0
+        code = {Outcome.CANCELLED: "batch_cancelled", Outcome.EXPIRED: "batch_expired"}[outcome]
+        done = {int(i) for i in self.connection.hkeys(keys.BatchKeys(batch_id).outcomes)}
+        missing = [i for i in range(batch.total) if i not in done]
+        closed = 0
+        for page_start in range(0, len(missing), PAGE):
+            page = missing[page_start : page_start + PAGE]
+            reqs = self.requests(batch_id, page)
+            lines = [
+                (i, error_line(r.custom_id if r else str(i), code, message, status_code=None))
+                for i, r in zip(page, reqs, strict=True)
+            ]
+            closed += len(self.record(batch_id, lines))
+        return closed

@@ -1,0 +1,1 @@
+"""The GPU side: model load, VRAM budget, scheduler, generation, result writing."""
