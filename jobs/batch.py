@@ -2,9 +2,8 @@
 
 from typing import Any
 
-from pydantic import BaseModel
-
 from batchgen.jobs.states import BatchStatus, Outcome
+from pydantic import BaseModel
 
 TIMESTAMP_FIELDS = (
     "created_at",

@@ -29,8 +29,13 @@ class BatchKeys:
         """HASH: request index -> output line JSON; HSETNX makes each request terminal exactly once."""
         return f"{self._base}:outcomes"
 
+    @property
+    def chunks(self) -> str:
+        """LIST: job ids of chunks not yet fed to the queue (see jobs/chunks.py)."""
+        return f"{self._base}:chunks"
+
     def all(self) -> list[str]:
-        return [self.record, self.requests, self.outcomes]
+        return [self.record, self.requests, self.outcomes, self.chunks]
 
 
 def batches_index(prefix: str = defaults.KEY_PREFIX) -> str:

@@ -8,9 +8,8 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
-
 from batchgen.jobs import defaults
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"

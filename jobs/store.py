@@ -9,13 +9,12 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from redis import Redis
-from redis.client import Pipeline
-
 from batchgen.jobs import defaults, keys
 from batchgen.jobs.batch import Batch
 from batchgen.jobs.schema import Request, error_line, outcome_of
 from batchgen.jobs.states import BatchStatus, Outcome
+from redis import Redis
+from redis.client import Pipeline
 
 # Records terminal outcomes: HSETNX makes each request terminal exactly once, and the batch moves to
 # its final status atomically with the outcome that completes it.

@@ -1,0 +1,160 @@
+"""Chunk jobs on RQ: enqueue with a per-batch window, claim atomically, requeue, finish.
+
+A batch becomes one RQ job per CHUNK_SIZE requests on its model's priority queue. Only WINDOW
+chunks of a batch sit in the queue at a time; claiming one feeds the batch's next chunk to the tail.
+So batches of one priority interleave round-robin: a small batch submitted after a huge one waits
+behind at most WINDOW chunks of each active batch, not behind the whole huge batch.
+
+A claim pops the job id and records it in the claims hash in one Lua script, so a worker killed at
+any instant leaves every chunk either queued or claimed; the reaper requeues claims of dead workers.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from batchgen.jobs import defaults, keys
+from batchgen.jobs.tasks import RUN_CHUNK
+from redis import ConnectionPool, Redis
+from redis.client import Pipeline
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+WINDOW = 2
+
+# KEYS: claims hash, queue keys in priority order. ARGV: worker name, batch key prefix.
+_CLAIM = """
+for i = 2, #KEYS do
+  local id = redis.call('LPOP', KEYS[i])
+  if id then
+    redis.call('HSET', KEYS[1], id, ARGV[1])
+    local batch = string.match(id, "^(.*)%-%d+$")
+    if batch then
+      local nxt = redis.call('LPOP', ARGV[2] .. '{' .. batch .. '}:chunks')
+      if nxt then redis.call('RPUSH', KEYS[i], nxt) end
+    end
+    return {KEYS[i], id}
+  end
+end
+return false
+"""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A contiguous range of request indexes of one batch: the unit of claim, lease and requeue."""
+
+    batch_id: str
+    start: int
+    end: int
+
+    @property
+    def job_id(self) -> str:
+        # Deterministic ids make re-enqueueing a chunk idempotent.
+        return f"{self.batch_id}-{self.start}"
+
+    @classmethod
+    def from_args(cls, args: Sequence) -> "Chunk":
+        batch_id, start, end = args
+        return cls(str(batch_id), int(start), int(end))
+
+
+def split(batch_id: str, total: int, chunk_size: int) -> list[Chunk]:
+    return [Chunk(batch_id, s, min(total, s + chunk_size)) for s in range(0, total, chunk_size)]
+
+
+def pending_chunks_key(batch_id: str) -> str:
+    return keys.BatchKeys(batch_id).chunks
+
+
+def rq_connection(connection: Redis) -> Redis:
+    """RQ stores compressed bytes: it needs a client that does not decode responses (same server, db, auth)."""
+    if not connection.get_encoder().decode_responses:
+        return connection
+    cached = getattr(connection, "_batchgen_rq_connection", None)
+    if cached is None:
+        pool = connection.connection_pool
+        kwargs = {**pool.connection_kwargs, "decode_responses": False}
+        cached = Redis(connection_pool=ConnectionPool(connection_class=pool.connection_class, **kwargs))
+        connection._batchgen_rq_connection = cached  # type: ignore[attr-defined]
+    return cached
+
+
+def make_queue(model: str, priority: str, connection: Redis) -> Queue:
+    return Queue(keys.queue_name(model, priority), connection=rq_connection(connection), serializer=JSONSerializer,
+                 default_timeout=defaults.JOB_TIMEOUT_S)
+
+
+def queues_for(model: str, connection: Redis, priorities: Sequence[str] = defaults.PRIORITIES) -> list[Queue]:
+    """The model's queues, highest priority first."""
+    return [make_queue(model, p, connection) for p in priorities]
+
+
+def enqueue(queue: Queue, chunks: Sequence[Chunk], pipeline: Pipeline) -> None:
+    """Creates every chunk job; the first WINDOW go on the queue, the rest wait in the batch's list."""
+    for n, c in enumerate(chunks):
+        job = queue.create_job(
+            RUN_CHUNK, args=(c.batch_id, c.start, c.end), job_id=c.job_id, timeout=defaults.JOB_TIMEOUT_S,
+            result_ttl=defaults.RESULT_TTL_S, failure_ttl=defaults.RESULT_TTL_S,
+            description=f"batch {c.batch_id} requests [{c.start}:{c.end})",
+        )
+        if n < WINDOW:
+            queue._enqueue_job(job, pipeline=pipeline)
+        else:
+            job.save(pipeline=pipeline)
+            pipeline.rpush(pending_chunks_key(c.batch_id), c.job_id)
+
+
+class ChunkClaims:
+    """Which worker holds which chunk job; the lease the reaper checks against worker liveness."""
+
+    def __init__(self, connection: Redis):
+        self.connection = connection
+        self.key = keys.claims_key()
+        self._claim = connection.register_script(_CLAIM)
+
+    def claim(self, queues: Sequence[Queue], worker_name: str) -> tuple[Job, Queue] | None:
+        by_key = {q.key: q for q in queues}
+        prefix = f"{defaults.KEY_PREFIX}:batch:"
+        got = self._claim(keys=[self.key, *by_key], args=[worker_name, prefix])
+        if not got:
+            return None
+        queue_key, job_id = got
+        queue = by_key[queue_key]
+        try:
+            job = Job.fetch(job_id, connection=rq_connection(self.connection), serializer=JSONSerializer)
+        except Exception:  # the job hash expired or was deleted (cancelled batch): drop the claim
+            self.release(job_id)
+            return None
+        return job, queue
+
+    def release(self, job_id: str, pipeline: Pipeline | None = None) -> int:
+        return (pipeline if pipeline is not None else self.connection).hdel(self.key, job_id)
+
+    def holders(self) -> dict[str, str]:
+        return self.connection.hgetall(self.key)
+
+    def requeue(self, job_id: str, queue_name: str) -> bool:
+        """Puts a claimed chunk back at the front of its queue; False if another reaper got it first."""
+        if not self.release(job_id):
+            return False
+        rq_conn = rq_connection(self.connection)
+        queue = Queue(queue_name, connection=rq_conn, serializer=JSONSerializer)
+        with rq_conn.pipeline() as pipe:
+            try:
+                job = Job.fetch(job_id, connection=rq_conn, serializer=JSONSerializer)
+                queue.started_job_registry.remove_executions(job, pipeline=pipe)
+            except Exception:  # noqa: S110 - a job hash already gone is requeued by id alone
+                pass
+            pipe.lpush(queue.key, job_id)
+            pipe.hset(Job.key_for(job_id), "status", "queued")
+            pipe.execute()
+        return True
+
+    def remove_queued(self, batch_id: str, queue: Queue, job_ids: Sequence[str]) -> None:
+        """Cancel: takes a batch's chunks off its queue and its pending list."""
+        with self.connection.pipeline() as pipe:
+            for job_id in job_ids:
+                pipe.lrem(queue.key, 0, job_id)
+            pipe.delete(pending_chunks_key(batch_id))
+            pipe.execute()

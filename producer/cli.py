@@ -1,0 +1,331 @@
+"""The `batchgen` command. Producer commands never import torch; worker commands load it lazily.
+
+Exit codes (stable, for scripts): 0 ok / batch completed; 1 batch ended failed, cancelled or expired;
+2 usage error; 3 invalid input (nothing enqueued); 4 batch not found; 5 wait timed out;
+6 Redis unreachable.
+"""
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+import redis
+from batchgen.jobs import defaults
+from batchgen.jobs.batch import Batch
+from batchgen.jobs.states import BatchStatus
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_REDIS = range(7)
+
+redis_url_option = click.option("--redis-url", envvar="REDIS_URL", default=defaults.REDIS_URL, show_default=True,
+                                 help="Redis to use (env REDIS_URL); rediss:// for TLS, user:password@ for ACL.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
+
+
+def emit(as_json: bool, data: Any, text: str) -> None:
+    click.echo(json.dumps(data, indent=None if isinstance(data, list) else 2) if as_json else text)
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Maps the failures scripts care about onto exit codes, with one clear line on stderr."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from batchgen.producer.client import BatchNotFound
+
+        try:
+            return fn(*args, **kwargs)
+        except BatchNotFound as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_NOT_FOUND)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            click.echo(f"error: cannot reach Redis ({exc}); is it running? set REDIS_URL", err=True)
+            sys.exit(EXIT_REDIS)
+
+    return wrapper
+
+
+def client_for(redis_url: str):
+    from batchgen.producer.client import BatchClient
+    from batchgen.producer.config import ProducerConfig
+
+    return BatchClient(ProducerConfig(redis_url=redis_url))
+
+
+def describe(batch: Batch) -> str:
+    c = batch.request_counts
+    return (f"{batch.id}  {batch.status.value:<11} model={batch.model}  "
+            f"{c['completed']}/{c['total']} completed, {c['failed']} failed")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="batchgen")
+def main() -> None:
+    """Bulk LLM generation on your own GPU: submit JSONL batches to Redis, a resident 8-bit worker runs them."""
+
+
+def sampling_options(fn: Callable) -> Callable:
+    for opt in reversed([
+        click.option("--max-tokens", type=int, help="Default max_tokens for lines that set none."),
+        click.option("--temperature", type=float, help="Default temperature (0 = greedy)."),
+        click.option("--top-p", type=float, help="Default top_p."),
+        click.option("--seed", type=int, help="Default seed."),
+        click.option("--max-line-bytes", type=int, envvar="BATCHGEN_MAX_LINE_BYTES",
+                     default=defaults.MAX_LINE_BYTES, show_default=True),
+        click.option("--max-requests", type=int, envvar="BATCHGEN_MAX_REQUESTS",
+                     default=defaults.MAX_REQUESTS_PER_BATCH, show_default=True),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def param_defaults(max_tokens, temperature, top_p, seed):
+    from batchgen.producer.inputs import ParamDefaults
+
+    return ParamDefaults(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+
+def report_invalid(result, as_json: bool) -> None:
+    for err in result.errors[:50]:
+        click.echo(f"error: {err}", err=True)
+    if result.num_errors > 50:
+        click.echo(f"... and {result.num_errors - 50} more invalid lines", err=True)
+    if as_json:
+        click.echo(json.dumps({"errors": [vars(e) for e in result.errors], "num_errors": result.num_errors}))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--model", help="Model to run (a worker's served name); default: body.model of the lines.")
+@sampling_options
+@click.option("--priority", type=click.Choice(defaults.PRIORITIES), default="default", show_default=True)
+@click.option("--output-dir", type=click.Path(file_okay=False), help="Workers also append results here.")
+@click.option("--skip-invalid", is_flag=True, help="Enqueue the valid lines; invalid ones go to the error output.")
+@click.option("--chunk-size", type=int, envvar="BATCHGEN_CHUNK_SIZE", default=defaults.CHUNK_SIZE,
+              show_default=True, help="Requests per RQ chunk job.")
+@click.option("--metadata", multiple=True, help="key=value, stored on the batch.")
+@redis_url_option
+@json_option
+@handles_errors
+def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, max_requests, priority,
+           output_dir, skip_invalid, chunk_size, metadata, redis_url, as_json):
+    """Validate INPUTS (JSONL, text files, a directory of .txt, or -) and enqueue them as one batch."""
+    from batchgen.producer.client import BatchClient
+    from batchgen.producer.config import ProducerConfig
+
+    cfg = ProducerConfig(redis_url=redis_url, max_line_bytes=max_line_bytes, max_requests=max_requests,
+                         chunk_size=chunk_size)
+    meta = dict(m.split("=", 1) for m in metadata if "=" in m)
+    result = BatchClient(cfg).submit(
+        inputs, model=model, params=param_defaults(max_tokens, temperature, top_p, seed), priority=priority,
+        output_dir=output_dir, skip_invalid=skip_invalid, metadata=meta,
+    )
+    if result.batch is None:
+        report_invalid(result, as_json)
+        click.echo(f"{result.num_errors} invalid line(s); nothing was enqueued", err=True)
+        sys.exit(EXIT_INVALID)
+    for err in result.errors[:20]:
+        click.echo(f"skipped: {err}", err=True)
+    emit(as_json, result.batch.to_api(), result.batch.id)
+
+
+@main.command()
+@click.argument("batch_id")
+@redis_url_option
+@json_option
+@handles_errors
+def status(batch_id, redis_url, as_json):
+    """Show a batch's status and request counts."""
+    batch = client_for(redis_url).get(batch_id)
+    emit(as_json, batch.to_api(), describe(batch))
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--timeout", "timeout_s", type=float, help="Give up after this many seconds (exit 5).")
+@click.option("--poll", "poll_s", type=float, default=1.0, show_default=True)
+@redis_url_option
+@json_option
+@handles_errors
+def wait(batch_id, timeout_s, poll_s, redis_url, as_json):
+    """Wait for a batch to end, with a progress bar; exit 0 only if it completed."""
+    from tqdm import tqdm
+
+    client = client_for(redis_url)
+    bar = tqdm(total=client.get(batch_id).total, unit="req", disable=as_json or not sys.stderr.isatty(),
+               file=sys.stderr)
+
+    def on_poll(b: Batch) -> None:
+        bar.update(b.num_done - bar.n)
+        bar.set_postfix_str(b.status.value)
+
+    batch = client.wait(batch_id, timeout_s=timeout_s, poll_s=poll_s, on_poll=on_poll)
+    bar.close()
+    emit(as_json, batch.to_api(), describe(batch))
+    if not batch.status.is_terminal:
+        sys.exit(EXIT_TIMEOUT)
+    sys.exit(EXIT_OK if batch.status == BatchStatus.COMPLETED else EXIT_FAILED)
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("-o", "--output", type=click.File("w"), default="-", show_default=True)
+@click.option("--errors", type=click.File("w"), help="Error lines go here (default: with the output).")
+@click.option("--ordered", is_flag=True, help="In input order (default: completion order).")
+@redis_url_option
+@handles_errors
+def results(batch_id, output, errors, ordered, redis_url):
+    """Export a batch's output lines (OpenAI batch output format); partial results while it runs."""
+    n_ok, n_err = client_for(redis_url).export(batch_id, output, errors, ordered=ordered)
+    click.echo(f"{n_ok} results, {n_err} errors", err=True)
+
+
+@main.command()
+@click.argument("batch_id")
+@redis_url_option
+@json_option
+@handles_errors
+def cancel(batch_id, redis_url, as_json):
+    """Cancel a batch; results already written are kept."""
+    batch = client_for(redis_url).cancel(batch_id)
+    emit(as_json, batch.to_api(), describe(batch))
+
+
+@main.command("list")
+@click.option("--limit", type=int, default=20, show_default=True)
+@redis_url_option
+@json_option
+@handles_errors
+def list_(limit, redis_url, as_json):
+    """Recent batches, newest first."""
+    batches = client_for(redis_url).recent(limit)
+    emit(as_json, [b.to_api() for b in batches], "\n".join(describe(b) for b in batches) or "no batches")
+
+
+@main.command()
+@redis_url_option
+@json_option
+@handles_errors
+def workers(redis_url, as_json):
+    """Live workers: model, batch size, tok/s, VRAM, GPU temperature."""
+    infos = client_for(redis_url).workers()
+    lines = [
+        f"{w['name']}  {w['state']:<8} model={w['model']} batch={w['batch_size']}/{w['max_batch_size']} "
+        f"tok/s={w['tokens_per_s']} vram_used={int(w['vram_used_bytes']) / 2**30:.1f}GiB "
+        f"free={int(w['vram_free_bytes']) / 2**30:.1f}GiB temp={w['gpu_temperature_c'] or '-'}C "
+        f"done={w['requests_done']}"
+        for w in infos
+    ]
+    emit(as_json, infos, "\n".join(lines) or "no live workers")
+
+
+def engine_options(fn: Callable) -> Callable:
+    for opt in reversed([
+        click.option("--model", required=True, envvar="BATCHGEN_MODEL", help="HF model id or local path."),
+        click.option("--served-model-name", envvar="BATCHGEN_SERVED_MODEL_NAME",
+                     help="Name batches use for this model (default: --model)."),
+        click.option("--engine", type=click.Choice(["llm", "echo"]), envvar="BATCHGEN_ENGINE", default="llm",
+                     show_default=True, help="echo: no model, answers with the prompt (tests, benchmarks)."),
+        click.option("--device", envvar="BATCHGEN_DEVICE", default="auto", show_default=True),
+        click.option("--vram-reserve", envvar="BATCHGEN_VRAM_RESERVE", default="500MiB", show_default=True),
+        click.option("--max-vram", envvar="BATCHGEN_MAX_VRAM", help="Hard VRAM cap, e.g. 6GiB."),
+        click.option("--max-batch", type=int, envvar="BATCHGEN_MAX_BATCH", help="Cap on rows per step."),
+        click.option("--max-model-len", type=int, envvar="BATCHGEN_MAX_MODEL_LEN"),
+        click.option("--no-8bit", is_flag=True, help="Load in the compute dtype instead of bnb int8."),
+        click.option("--int8-threshold", type=float, envvar="BATCHGEN_INT8_THRESHOLD", default=6.0,
+                     show_default=True),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def worker_config(**kw: Any):
+    from batchgen.jobs.config import parse_bytes
+    from batchgen.worker.config import WorkerConfig
+
+    return WorkerConfig(
+        model=kw["model"], served_model_name=kw["served_model_name"], engine=kw["engine"], device=kw["device"],
+        vram_reserve_bytes=parse_bytes(kw["vram_reserve"]),
+        max_vram_bytes=parse_bytes(kw["max_vram"]) if kw["max_vram"] else None,
+        max_batch_size=kw["max_batch"], max_model_len=kw["max_model_len"], load_in_8bit=not kw["no_8bit"],
+        int8_threshold=kw["int8_threshold"], **{k: kw[k] for k in ("redis_url", "burst") if k in kw},
+    )
+
+
+@main.command()
+@engine_options
+@click.option("--queue", "priorities", multiple=True, type=click.Choice(defaults.PRIORITIES),
+              help="Priorities to serve (default: all, high first).")
+@click.option("--burst", is_flag=True, help="Exit when the queues are empty.")
+@click.option("--shutdown-grace", type=float, envvar="BATCHGEN_SHUTDOWN_GRACE", default=defaults.SHUTDOWN_GRACE_S,
+              show_default=True, help="Seconds to finish in-flight requests on SIGTERM before requeueing.")
+@click.option("--name", help="Worker name (default: host.pid.random).")
+@redis_url_option
+@click.option("-v", "--verbose", is_flag=True)
+def worker(priorities, shutdown_grace, name, verbose, **kw):
+    """Run a worker: load the model once (8-bit), then serve its queues until stopped."""
+    import logging
+
+    from batchgen.worker.factory import build_engine
+    from batchgen.worker.worker import BatchWorker
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = worker_config(**kw)
+    if priorities:
+        cfg.priorities = tuple(p for p in defaults.PRIORITIES if p in priorities)
+    cfg.shutdown_grace_s = shutdown_grace
+    if name:
+        cfg.name = name
+    engine = build_engine(cfg)
+    conn = redis.Redis.from_url(cfg.redis_url, decode_responses=True, health_check_interval=30)
+    BatchWorker(cfg, engine, conn).run()
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Output JSONL.")
+@click.option("--errors", type=click.Path(dir_okay=False), help="Error lines (default: in the output).")
+@engine_options
+@sampling_options
+@click.option("--skip-invalid", is_flag=True)
+@json_option
+def run(inputs, output, errors, skip_invalid, as_json, max_tokens, temperature, top_p, seed, max_line_bytes,
+        max_requests, **kw):
+    """Run INPUTS in-process, no Redis (like `vllm run-batch`); same engine and output format."""
+    from batchgen.producer.inputs import InputLimits
+    from batchgen.worker.factory import build_engine
+    from batchgen.worker.local_run import run_local
+
+    cfg = worker_config(**kw)
+    limits = InputLimits(max_requests=max_requests, max_line_bytes=max_line_bytes)
+    t0 = time.monotonic()
+    summary = run_local(inputs, output, errors, build_engine(cfg), model=cfg.served_name,
+                        params=param_defaults(max_tokens, temperature, top_p, seed), limits=limits,
+                        skip_invalid=skip_invalid, progress=not as_json)
+    summary["elapsed_s"] = round(time.monotonic() - t0, 3)
+    if summary["invalid"] and not skip_invalid:
+        for err in summary["errors"][:50]:
+            click.echo(f"error: {err}", err=True)
+        click.echo(f"{summary['invalid']} invalid line(s); nothing was run", err=True)
+        if as_json:
+            click.echo(json.dumps(summary))
+        sys.exit(EXIT_INVALID)
+    emit(as_json, summary, f"{summary['succeeded']} succeeded, {summary['errored']} errored -> {output}")
+
+
+@main.command("demo-model")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+def demo_model(out_dir):
+    """Write a tiny RANDOMLY INITIALISED model + tokenizer to OUT_DIR (offline demo; output is gibberish)."""
+    from batchgen.worker.demo_model import write_demo_model
+
+    path = write_demo_model(out_dir)
+    click.echo(f"wrote a random-weights demo model to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""BatchClient: the Python API for scripts (submit, status, wait, results, cancel, list, workers).
+
+The CLI is a thin layer over it. It imports no torch, so a producer host needs only Redis access.
+"""
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from batchgen.jobs import chunks, defaults, keys
+from batchgen.jobs.batch import Batch
+from batchgen.jobs.schema import Request, error_line
+from batchgen.jobs.states import BatchStatus, Outcome
+from batchgen.jobs.store import BatchStore, now_s
+from batchgen.producer.config import ProducerConfig
+from batchgen.producer.inputs import InputLimits, ModelResolver, ParamDefaults, ParsedLine, read_inputs
+from redis import Redis
+
+PAGE = 1000
+VALIDATING_TTL_S = 3600  # a submit that dies mid-way leaves nothing behind for long
+MAX_ERRORS_KEPT = 1000
+
+
+class BatchNotFound(LookupError):
+    pass
+
+
+@dataclass
+class SourceError:
+    source: str
+    line: int
+    custom_id: str
+    code: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}: {self.code}: {self.message}"
+
+
+@dataclass
+class SubmitResult:
+    batch: Batch | None  # None when validation failed and nothing was enqueued
+    errors: list[SourceError] = field(default_factory=list)
+    num_errors: int = 0
+    num_valid: int = 0
+
+
+def new_batch_id() -> str:
+    return f"batch_{uuid.uuid4().hex[:24]}"
+
+
+class BatchClient:
+    def __init__(self, cfg: ProducerConfig | None = None, connection: Redis | None = None):
+        self.cfg = cfg or ProducerConfig()
+        self.connection = connection or Redis.from_url(self.cfg.redis_url, decode_responses=True)
+        self.store = BatchStore(self.connection)
+
+    # -- submit ----------------------------------------------------------------------------------------
+    def submit(
+        self,
+        paths: Sequence[str],
+        *,
+        model: str | None = None,
+        params: ParamDefaults | None = None,
+        priority: str = "default",
+        output_dir: str | None = None,
+        skip_invalid: bool = False,
+        metadata: dict[str, str] | None = None,
+        stdin: IO[bytes] | None = None,
+        on_line: Callable[[int], None] | None = None,
+    ) -> SubmitResult:
+        """Validates every line, then enqueues; with errors and no skip_invalid, nothing is enqueued."""
+        if priority not in defaults.PRIORITIES:
+            raise ValueError(f"priority must be one of {defaults.PRIORITIES}")
+        limits = InputLimits(self.cfg.max_requests, self.cfg.max_line_bytes, self.cfg.max_tokens_limit)
+        batch = Batch(
+            id=new_batch_id(), status=BatchStatus.VALIDATING, model=model or "", priority=priority,
+            output_dir=str(Path(output_dir).resolve()) if output_dir else None,
+            input_file=",".join(paths), metadata=metadata or {},
+            timestamps={"created_at": now_s(), "expires_at": now_s() + self.cfg.completion_window_s},
+        )
+        self.store.create(batch, ttl_s=VALIDATING_TTL_S)
+        try:
+            result = self._ingest(batch, read_inputs(paths, defaults=params or ParamDefaults(), limits=limits, stdin=stdin),
+                                  ModelResolver(model), skip_invalid, on_line)
+        except BaseException:
+            self.store.discard(batch.id)
+            raise
+        if result.batch is None:
+            self.store.discard(batch.id)
+        return result
+
+    def _ingest(self, batch: Batch, lines: Iterator[ParsedLine], resolver: ModelResolver, skip_invalid: bool,
+                on_line: Callable[[int], None] | None) -> SubmitResult:
+        result = SubmitResult(batch=None)
+        page: list[Request] = []
+        invalid: list[tuple[int, dict[str, Any]]] = []
+        endpoints: set[str] = set()
+        index = 0
+        for parsed in lines:
+            error = parsed.error or resolver.see(parsed)
+            if on_line:
+                on_line(parsed.line)
+            if error is not None:
+                result.num_errors += 1
+                if len(result.errors) < MAX_ERRORS_KEPT:
+                    result.errors.append(SourceError(parsed.source, parsed.line, parsed.custom_id,
+                                                     error.code, error.message))
+                if skip_invalid:
+                    invalid.append((index, error_line(parsed.custom_id, error.code,
+                                                      f"line {parsed.line}: {error.message}")))
+                    index += 1
+                continue
+            assert parsed.request is not None
+            if not page:
+                first = index
+            page.append(parsed.request)
+            endpoints.add(parsed.request.url)
+            index += 1
+            if len(page) >= PAGE:
+                self.store.add_requests(batch.id, first, page, ttl_s=VALIDATING_TTL_S)
+                page = []
+        if page:
+            self.store.add_requests(batch.id, first, page, ttl_s=VALIDATING_TTL_S)
+        result.num_valid = index - len(invalid)
+        if (result.num_errors and not skip_invalid) or index == 0:
+            return result
+        if resolver.model is None:
+            result.errors.append(SourceError(batch.input_file, 0, "", "missing_model",
+                                             "no model given: pass --model or set body.model"))
+            result.num_errors += 1
+            return result
+        batch.model = resolver.model
+        batch.endpoint = ",".join(sorted(endpoints))
+        batch.total = index
+        batch.chunk_size = self.cfg.chunk_size
+        batch_chunks = chunks.split(batch.id, batch.total, batch.chunk_size)
+        batch.num_chunks = len(batch_chunks)
+        queue = chunks.make_queue(batch.model, batch.priority, self.connection)
+        batch.queue = queue.name
+        self.connection.hset(keys.BatchKeys(batch.id).record,
+                             mapping={"model": batch.model, "endpoint": batch.endpoint, "queue": queue.name})
+        for start in range(0, len(invalid), PAGE):
+            self.store.record(batch.id, invalid[start:start + PAGE])
+        with chunks.rq_connection(self.connection).pipeline() as pipe:
+            self.store.activate(batch, pipeline=pipe)
+            chunks.enqueue(queue, batch_chunks, pipeline=pipe)
+            pipe.execute()
+        if invalid and len(invalid) == batch.total:  # nothing left to run
+            self.store.transition(batch.id, BatchStatus.COMPLETED, "completed_at", [BatchStatus.IN_PROGRESS])
+        result.batch = self.get(batch.id)
+        return result
+
+    # -- follow ----------------------------------------------------------------------------------------
+    def get(self, batch_id: str) -> Batch:
+        batch = self.store.get(batch_id)
+        if batch is None:
+            raise BatchNotFound(f"no batch {batch_id!r} (expired or never submitted)")
+        return batch
+
+    def recent(self, limit: int = 100) -> list[Batch]:
+        return self.store.recent(limit)
+
+    def wait(self, batch_id: str, timeout_s: float | None = None, poll_s: float = 1.0,
+             on_poll: Callable[[Batch], None] | None = None) -> Batch:
+        """Polls until the batch reaches a terminal status or the timeout passes; returns the last state."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            batch = self.get(batch_id)
+            if on_poll:
+                on_poll(batch)
+            if batch.status.is_terminal:
+                return batch
+            if deadline is not None and time.monotonic() >= deadline:
+                return batch
+            time.sleep(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic())))
+
+    def results(self, batch_id: str, ordered: bool = False) -> Iterator[dict[str, Any]]:
+        """Every output line recorded so far (successes and errors), optionally in input order."""
+        self.get(batch_id)
+        for _, line in self.store.iter_outcomes(batch_id, ordered=ordered):
+            yield line
+
+    def export(self, batch_id: str, out: IO[str], errors: IO[str] | None = None, ordered: bool = False) -> tuple[int, int]:
+        """Writes output lines to out and error lines to errors (or to out when None); returns counts."""
+        n_ok = n_err = 0
+        for line in self.results(batch_id, ordered=ordered):
+            text = json.dumps(line, ensure_ascii=False) + "\n"
+            if line.get("error"):
+                n_err += 1
+                (errors or out).write(text)
+            else:
+                n_ok += 1
+                out.write(text)
+        return n_ok, n_err
+
+    def cancel(self, batch_id: str) -> Batch:
+        """Stops a batch: queued requests become cancelled at once; finished results are kept."""
+        batch = self.get(batch_id)
+        if batch.status.is_terminal:
+            return batch
+        self.store.transition(batch_id, BatchStatus.CANCELLING, "cancelling_at",
+                              [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING])
+        if batch.queue:
+            queue = chunks.make_queue(batch.model, batch.priority, self.connection)
+            job_ids = [c.job_id for c in chunks.split(batch_id, batch.total, max(1, batch.chunk_size))]
+            chunks.ChunkClaims(self.connection).remove_queued(batch_id, queue, job_ids)
+        self.store.close_remaining(batch_id, Outcome.CANCELLED, "the batch was cancelled")
+        batch = self.get(batch_id)
+        if batch.status == BatchStatus.CANCELLING and batch.num_done >= batch.total:
+            self.store.transition(batch_id, BatchStatus.CANCELLED, "cancelled_at", [BatchStatus.CANCELLING])
+        return self.get(batch_id)
+
+    def workers(self) -> list[dict[str, str]]:
+        """Live workers (their heartbeat key has not expired) with model, batch size, tok/s, VRAM."""
+        names = sorted(self.connection.smembers(keys.workers_index()))
+        pipe = self.connection.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(keys.worker_key(name))
+        return [info for info in pipe.execute() if info]

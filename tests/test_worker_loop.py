@@ -1,0 +1,88 @@
+"""The queue path in-process with the echo engine: submit -> RQ chunk jobs -> BatchWorker -> results."""
+
+import json
+
+from batchgen.jobs import keys
+from batchgen.jobs.states import BatchStatus
+from batchgen.producer.client import BatchClient
+from batchgen.producer.config import ProducerConfig
+from batchgen.producer.inputs import ParamDefaults
+from batchgen.worker.config import WorkerConfig
+from batchgen.worker.echo import EchoEngine, echo_text
+from batchgen.worker.worker import BatchWorker
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def make_worker(conn, model="echo-model", **kw):
+    cfg = WorkerConfig(model=model, engine="echo", burst=True, redis_url="unused", **kw)
+    return BatchWorker(cfg, EchoEngine(model, max_batch_size=8), conn)
+
+
+def test_batch_runs_through_rq_and_every_request_ends_once(redis_conn, tmp_path):
+    rows = [{"custom_id": f"r{i}", "prompt": " ".join(f"w{j}" for j in range(i % 7 + 1)), "max_tokens": 4}
+            for i in range(150)]
+    client = BatchClient(ProducerConfig(chunk_size=16), connection=redis_conn)
+    res = client.submit([write_jsonl(tmp_path / "in.jsonl", rows)], model="echo-model",
+                        output_dir=str(tmp_path / "out"))
+    batch = res.batch
+    assert batch is not None and batch.status == BatchStatus.IN_PROGRESS and batch.total == 150
+    assert batch.num_chunks == 10
+    queue = Queue(keys.queue_name("echo-model", "default"), connection=redis_conn, serializer=JSONSerializer)
+    assert queue.count == 2  # the per-batch window; the other chunks wait in the batch's list
+
+    done = make_worker(redis_conn).run()
+    assert done == 150
+    final = client.get(batch.id)
+    assert final.status == BatchStatus.COMPLETED
+    assert final.request_counts == {"total": 150, "completed": 150, "failed": 0}
+    lines = list(client.results(batch.id, ordered=True))
+    assert [ln["custom_id"] for ln in lines] == [r["custom_id"] for r in rows]
+    for row, line in zip(rows, lines, strict=True):
+        text, reason = echo_text(row["prompt"], 4)
+        assert line["response"]["body"]["choices"][0]["text"] == text
+        assert line["response"]["body"]["choices"][0]["finish_reason"] == reason
+    on_disk = (tmp_path / "out" / f"{batch.id}.output.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["custom_id"] for x in on_disk) == sorted(r["custom_id"] for r in rows)
+    assert redis_conn.hlen(keys.claims_key()) == 0
+    assert queue.finished_job_registry.count == 10
+
+
+def test_restarted_worker_skips_requests_already_done(redis_conn, tmp_path):
+    rows = [{"custom_id": f"r{i}", "prompt": "a b c"} for i in range(20)]
+    client = BatchClient(ProducerConfig(chunk_size=20), connection=redis_conn)
+    batch = client.submit([write_jsonl(tmp_path / "in.jsonl", rows)], model="echo-model",
+                          params=ParamDefaults(max_tokens=2)).batch
+    # Simulate a worker that finished 5 requests and died: their outcomes exist, the chunk is queued again.
+    from batchgen.jobs.schema import error_line
+
+    client.store.record(batch.id, [(i, error_line(f"r{i}", "x", "done before the crash")) for i in range(5)])
+    assert make_worker(redis_conn).run() == 15
+    final = client.get(batch.id)
+    assert final.status == BatchStatus.COMPLETED and final.num_done == 20
+
+
+def test_cancel_keeps_finished_results_and_closes_the_rest(redis_conn, tmp_path):
+    rows = [{"custom_id": f"r{i}", "prompt": "x"} for i in range(40)]
+    client = BatchClient(ProducerConfig(chunk_size=10), connection=redis_conn)
+    batch = client.submit([write_jsonl(tmp_path / "in.jsonl", rows)], model="echo-model").batch
+    from batchgen.jobs.schema import error_line
+
+    client.store.record(batch.id, [(0, error_line("r0", "x", "finished earlier"))])
+    cancelled = client.cancel(batch.id)
+    assert cancelled.status == BatchStatus.CANCELLED
+    assert cancelled.counts["num_cancelled"] == 39 and cancelled.num_done == 40
+    assert make_worker(redis_conn).run() == 0  # nothing left for a worker
+
+
+def test_worker_never_runs_another_models_batch(redis_conn, tmp_path):
+    rows = [{"custom_id": "a", "prompt": "x"}]
+    client = BatchClient(ProducerConfig(), connection=redis_conn)
+    batch = client.submit([write_jsonl(tmp_path / "in.jsonl", rows)], model="model-b").batch
+    assert make_worker(redis_conn, model="model-a").run() == 0
+    assert client.get(batch.id).status == BatchStatus.IN_PROGRESS  # still waiting for a model-b worker

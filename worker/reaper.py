@@ -1,0 +1,51 @@
+"""Reaper: requeues the chunks held by workers whose heartbeat key expired (killed, lost power).
+
+Any live worker runs it every few seconds. A requeued chunk re-runs only its requests that have no
+outcome yet, so a dead worker costs at most what it had in flight.
+"""
+
+import logging
+import time
+
+from batchgen.jobs import keys
+from batchgen.jobs.chunks import ChunkClaims, rq_connection
+from redis import Redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+log = logging.getLogger("batchgen.reaper")
+
+
+class Reaper:
+    def __init__(self, connection: Redis, claims: ChunkClaims, interval_s: float):
+        self.connection = connection
+        self.claims = claims
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def maybe_reap(self, self_name: str) -> int:
+        if time.monotonic() - self._last < self.interval_s:
+            return 0
+        self._last = time.monotonic()
+        return self.reap(self_name)
+
+    def reap(self, self_name: str = "") -> int:
+        """Requeues chunks claimed by dead workers; returns how many."""
+        holders = self.claims.holders()
+        dead = {w for w in set(holders.values()) - {self_name}
+                if not self.connection.exists(keys.worker_key(w))}
+        requeued = 0
+        for job_id, worker in holders.items():
+            if worker not in dead:
+                continue
+            try:
+                origin = Job.fetch(job_id, connection=rq_connection(self.connection), serializer=JSONSerializer).origin
+            except Exception:  # job hash gone (batch expired/cancelled): just drop the claim
+                self.claims.release(job_id)
+                continue
+            if self.claims.requeue(job_id, origin):
+                log.warning("requeued chunk %s of dead worker %s", job_id, worker)
+                requeued += 1
+        for w in dead:
+            self.connection.srem(keys.workers_index(), w)
+        return requeued

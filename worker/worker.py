@@ -1,0 +1,316 @@
+"""BatchWorker: the resident-model work loop (SimpleWorker-style: never forks, one process per GPU).
+
+Each turn of the loop: heartbeat, reap dead workers' chunks, claim chunk jobs while the engine
+wants more requests, run one engine step, write the results that finished in it. Holding several
+chunks at once is what lets finished rows be refilled across chunk boundaries. RQ's own worker
+registry, StartedJobRegistry and job results are kept up to date, so `rq info` shows the work.
+"""
+
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from batchgen.jobs import chunks, keys
+from batchgen.jobs.batch import Batch
+from batchgen.jobs.schema import Request, error_line, success_line
+from batchgen.jobs.states import BatchStatus, Outcome
+from batchgen.jobs.store import BatchStore
+from batchgen.worker.config import WorkerConfig
+from batchgen.worker.engine import Engine, GenerationRequest, GenerationResult
+from batchgen.worker.reaper import Reaper
+from batchgen.worker.result_files import write_results
+from rq import SimpleWorker
+from rq.executions import Execution
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.utils import now
+
+log = logging.getLogger("batchgen.worker")
+
+
+@dataclass
+class HeldChunk:
+    """A claimed chunk job and the request indexes of it still in the engine."""
+
+    chunk: chunks.Chunk
+    job: Job
+    queue: Queue
+    execution: Execution
+    open: set[int] = field(default_factory=set)
+
+
+@dataclass
+class InFlight:
+    batch: Batch
+    index: int
+    request: Request
+    job_id: str
+
+
+def result_line(flight: InFlight, res: GenerationResult) -> dict[str, Any]:
+    if res.error is not None:
+        return error_line(flight.request.custom_id, res.error.code, res.error.message)
+    return success_line(
+        flight.request, model=flight.batch.model, text=res.text, finish_reason=res.finish_reason,
+        prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
+    )
+
+
+class BatchWorker:
+    def __init__(self, cfg: WorkerConfig, engine: Engine, connection: redis.Redis):
+        self.cfg = cfg
+        self.engine = engine
+        self.connection = connection
+        self.store = BatchStore(connection)
+        self.claims = chunks.ChunkClaims(connection)
+        self.queues = chunks.queues_for(cfg.served_name, connection, cfg.priorities)
+        self.rq = SimpleWorker(self.queues, connection=chunks.rq_connection(connection), name=cfg.name, serializer=JSONSerializer,
+                               worker_ttl=cfg.worker_ttl_s)
+        self.reaper = Reaper(connection, self.claims, interval_s=cfg.worker_ttl_s / 2)
+        self.held: dict[str, HeldChunk] = {}
+        self.inflight: dict[str, InFlight] = {}
+        self.unwritten: list[tuple[InFlight, dict[str, Any]]] = []
+        self.batches: dict[str, Batch] = {}
+        self.stop_requested_at: float | None = None
+        self.num_requests_done = 0
+        self._last_heartbeat = 0.0
+        self._last_cancel_check = 0.0
+        self._idle_sleep_s = 0.05
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Works until stopped (or, with burst, until the queues are empty); returns requests finished."""
+        self._install_signal_handlers()
+        self.rq.register_birth()
+        self.connection.sadd(keys.workers_index(), self.cfg.name)
+        self._heartbeat(force=True)
+        log.info("worker %s serving %r on %s", self.cfg.name, self.cfg.served_name,
+                 ", ".join(q.name for q in self.queues))
+        backoff_s = 0.5
+        try:
+            while not self._should_exit():
+                try:
+                    self._turn()
+                    backoff_s = 0.5
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    log.warning("Redis unavailable (%s); retrying in %.1fs, engine state kept", exc, backoff_s)
+                    time.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, 10.0)
+        finally:
+            self._shutdown()
+        return self.num_requests_done
+
+    def _should_exit(self) -> bool:
+        if self.stop_requested_at is not None:
+            drained = self.engine.num_unfinished == 0 and not self.unwritten
+            return drained or time.monotonic() - self.stop_requested_at > self.cfg.shutdown_grace_s
+        return False
+
+    def _turn(self) -> None:
+        self._heartbeat()
+        self._flush()
+        if self.stop_requested_at is None:
+            self.reaper.maybe_reap(self.cfg.name)
+            self._claim_while_wanted()
+        self._check_cancelled()
+        if self.engine.num_unfinished == 0:
+            if self.cfg.burst and not self.held and self.stop_requested_at is None:
+                log.info("worker %s: queues empty, burst done", self.cfg.name)
+                self.stop_requested_at = time.monotonic()
+                return
+            time.sleep(self._idle_sleep_s)
+            self._idle_sleep_s = min(self._idle_sleep_s * 2, 0.5)
+            return
+        self._idle_sleep_s = 0.05
+        results = self.engine.step()
+        self._collect(results)
+        self._flush()
+
+    def request_stop(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
+        if self.stop_requested_at is not None:
+            log.warning("second stop signal: requeueing in-flight work now")
+            self.cfg.shutdown_grace_s = 0.0
+            return
+        log.info("stop requested: finishing in-flight requests (up to %.0fs), taking no new work",
+                 self.cfg.shutdown_grace_s)
+        self.stop_requested_at = time.monotonic()
+
+    def _install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+
+    def _shutdown(self) -> None:
+        """Hands every chunk still held back to its queue; finished requests are skipped on re-run."""
+        try:
+            self._flush()
+            for job_id, held in list(self.held.items()):
+                self.engine.abort(self._keys_of(job_id))
+                self.claims.requeue(job_id, held.queue.name)
+                self._forget(job_id)
+            self.rq.register_death()
+            self.connection.srem(keys.workers_index(), self.cfg.name)
+            self.connection.delete(keys.worker_key(self.cfg.name))
+        except redis.RedisError as exc:
+            log.error("could not hand back held chunks (%s); the reaper will requeue them", exc)
+
+    # -- claiming ------------------------------------------------------------------------------------
+    def _claim_while_wanted(self) -> None:
+        while self.engine.num_wanted > 0:
+            got = self.claims.claim(self.queues, self.cfg.name)
+            if got is None:
+                return
+            self._start_chunk(*got)
+
+    def _start_chunk(self, job: Job, queue: Queue) -> None:
+        chunk = chunks.Chunk.from_args(job.args)
+        execution = self.rq.prepare_execution(job)
+        self.rq.prepare_job_execution(job)
+        job.started_at = now()
+        held = HeldChunk(chunk, job, queue, execution)
+        self.held[job.id] = held
+        batch = self._batch(chunk.batch_id, refresh=True)
+        if batch is None or batch.status.is_terminal or batch.status == BatchStatus.CANCELLING:
+            self._finish_chunk(job.id)
+            return
+        if batch.model != self.cfg.served_name:
+            # Never run a batch on the wrong model: its requests fail loudly instead.
+            pending = self.store.pending(chunk.batch_id, chunk.start, chunk.end)
+            reqs = self.store.requests(chunk.batch_id, pending)
+            msg = f"batch asks for model {batch.model!r}, this worker serves {self.cfg.served_name!r}"
+            self.store.record(chunk.batch_id, [(i, error_line(r.custom_id if r else str(i), "model_mismatch", msg))
+                                               for i, r in zip(pending, reqs, strict=True)])
+            self._finish_chunk(job.id)
+            return
+        if batch.timestamps.get("expires_at", 0) and time.time() > batch.timestamps["expires_at"]:
+            if self.store.transition(batch.id, BatchStatus.EXPIRED, "expired_at",
+                                     [BatchStatus.IN_PROGRESS, BatchStatus.VALIDATING]):
+                log.info("batch %s expired", batch.id)
+            self.store.close_remaining(batch.id, Outcome.EXPIRED, "the batch's completion window ended")
+            self._finish_chunk(job.id)
+            return
+        pending = self.store.pending(chunk.batch_id, chunk.start, chunk.end)
+        requests = self.store.requests(chunk.batch_id, pending)
+        gen = []
+        for index, request in zip(pending, requests, strict=True):
+            if request is None:
+                continue
+            key = f"{chunk.batch_id}:{index}"
+            self.inflight[key] = InFlight(batch, index, request, job.id)
+            held.open.add(index)
+            gen.append(GenerationRequest(key, request))
+        log.info("claimed %s: %d of %d requests still to do", job.id, len(gen), chunk.end - chunk.start)
+        self._collect(self.engine.add(gen))
+        if not held.open:
+            self._finish_chunk(job.id)
+
+    def _batch(self, batch_id: str, refresh: bool = False) -> Batch | None:
+        if refresh or batch_id not in self.batches:
+            batch = self.store.get(batch_id)
+            if batch is None:
+                return None
+            self.batches[batch_id] = batch
+        return self.batches[batch_id]
+
+    # -- results ---------------------------------------------------------------------------------------
+    def _collect(self, results: list[GenerationResult]) -> None:
+        for res in results:
+            flight = self.inflight.get(res.key)
+            if flight is not None:
+                self.unwritten.append((flight, result_line(flight, res)))
+
+    def _flush(self) -> None:
+        """Writes finished results: Redis first (exactly once), then the batch's files."""
+        if not self.unwritten:
+            return
+        by_batch: dict[str, list[tuple[InFlight, dict[str, Any]]]] = {}
+        for flight, line in self.unwritten:
+            by_batch.setdefault(flight.batch.id, []).append((flight, line))
+        for batch_id, items in by_batch.items():
+            accepted = set(self.store.record(batch_id, [(f.index, line) for f, line in items]))
+            output_dir = items[0][0].batch.output_dir
+            if output_dir:
+                try:
+                    write_results(output_dir, batch_id, [line for f, line in items if f.index in accepted])
+                except OSError as exc:
+                    log.error("could not append results of %s to %s: %s (they are in Redis)",
+                              batch_id, output_dir, exc)
+            for flight, _ in items:
+                self._settle(flight)
+            self.num_requests_done += len(accepted)
+        self.unwritten.clear()
+
+    def _settle(self, flight: InFlight) -> None:
+        self.inflight.pop(f"{flight.batch.id}:{flight.index}", None)
+        held = self.held.get(flight.job_id)
+        if held is not None:
+            held.open.discard(flight.index)
+            if not held.open:
+                self._finish_chunk(flight.job_id)
+
+    def _finish_chunk(self, job_id: str) -> None:
+        held = self.held.get(job_id)
+        if held is None:
+            return
+        job = held.job
+        job.ended_at = now()
+        job._result = {"requests": held.chunk.end - held.chunk.start}
+        self.rq.handle_job_success(job, held.queue, held.queue.started_job_registry, held.execution)
+        self._forget(job_id)
+
+    def _forget(self, job_id: str) -> None:
+        held = self.held.pop(job_id, None)
+        if held is not None:
+            self.rq.executions.pop(held.execution.id, None)
+            self.claims.release(job_id)
+            for index in held.open:
+                self.inflight.pop(f"{held.chunk.batch_id}:{index}", None)
+
+    def _keys_of(self, job_id: str) -> list[str]:
+        held = self.held[job_id]
+        return [f"{held.chunk.batch_id}:{i}" for i in held.open]
+
+    # -- cancellation, heartbeat ---------------------------------------------------------------------
+    def _check_cancelled(self) -> None:
+        """Drops in-flight requests of batches that were cancelled or expired (their outcomes are set)."""
+        if time.monotonic() - self._last_cancel_check < 1.0 or not self.held:
+            return
+        self._last_cancel_check = time.monotonic()
+        batch_ids = sorted({h.chunk.batch_id for h in self.held.values()})
+        pipe = self.connection.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            pipe.hget(keys.BatchKeys(batch_id).record, "status")
+        for batch_id, status in zip(batch_ids, pipe.execute(), strict=True):
+            if status is None or BatchStatus(status) in (BatchStatus.CANCELLING, BatchStatus.CANCELLED,
+                                                         BatchStatus.EXPIRED):
+                log.info("batch %s is %s: dropping its in-flight requests", batch_id, status)
+                for job_id in [j for j, h in self.held.items() if h.chunk.batch_id == batch_id]:
+                    self.engine.abort(self._keys_of(job_id))
+                    self._finish_chunk(job_id)
+
+    def _heartbeat(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self._last_heartbeat < self.cfg.heartbeat_interval_s:
+            return
+        self._last_heartbeat = time.monotonic()
+        for held in self.held.values():
+            self.rq.maintain_heartbeats(held.job, held.execution)
+        self.rq.heartbeat()
+        stats = self.engine.stats()
+        info = {
+            "name": self.cfg.name, "model": self.cfg.served_name, "engine": self.cfg.engine,
+            "batch_size": stats.batch_size, "max_batch_size": stats.max_batch_size,
+            "tokens_per_s": round(stats.tokens_per_s, 1), "num_unfinished": stats.num_unfinished,
+            "vram_used_bytes": stats.vram_used_bytes, "vram_free_bytes": stats.vram_free_bytes,
+            "gpu_temperature_c": "" if stats.gpu_temperature_c is None else stats.gpu_temperature_c,
+            "requests_done": self.num_requests_done, "chunks_held": len(self.held),
+            "state": "stopping" if self.stop_requested_at else ("busy" if self.held else "idle"),
+            "last_heartbeat": int(time.time()),
+        }
+        with self.connection.pipeline() as pipe:
+            pipe.hset(keys.worker_key(self.cfg.name), mapping=info)
+            pipe.expire(keys.worker_key(self.cfg.name), self.cfg.worker_ttl_s)
+            pipe.sadd(keys.workers_index(), self.cfg.name)
+            pipe.execute()
