@@ -1,0 +1,1 @@
+"""Producer side: read and validate inputs, submit batches, follow them; never imports torch."""

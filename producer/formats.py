@@ -1,0 +1,285 @@
+"""Turn one decoded input record (a JSON object or a text prompt) into a validated Request.
+
+Every way a record can be wrong becomes a LineError with a stable code, so the CLI can print
+"line 12: invalid_value: body.temperature: must be <= 2" and the batch error file can say the same.
+Both line shapes are accepted: OpenAI batch lines ({"custom_id", "method", "url", "body"}) and
+simple lines ({"prompt" | "messages", params at top level}).
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+from batchgen.jobs.schema import CHAT_URL, COMPLETIONS_URL, ChatMessage, Request, SamplingParams
+from pydantic import ValidationError
+
+# Our own sampling parameters; null means "not given" (OpenAI accepts null for all of them).
+PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")
+# Accepted and ignored: they change bookkeeping on OpenAI's side, never the generated text.
+IGNORED_KEYS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"})
+# Accepted only with the value that means "feature off", since we cannot honour anything else.
+NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "n": (1, None),
+    "frequency_penalty": (0, 0.0, None),
+    "presence_penalty": (0, 0.0, None),
+    "logprobs": (False, None),
+    "top_logprobs": (0, None),
+    "logit_bias": ({}, None),
+    "stream": (False, None),
+    "echo": (False, None),
+    "best_of": (1, None),
+    "suffix": ("", None),
+    "response_format": ({"type": "text"}, None),
+    "tools": ([], None),
+    "tool_choice": ("none", None),
+    "modalities": (["text"], None),
+}
+KNOWN_KEYS = frozenset({"model", "prompt", "messages", "max_completion_tokens", *PARAM_KEYS})
+BATCH_KEYS = frozenset({"custom_id", "method", "url", "body"})
+MAX_CUSTOM_ID_CHARS = 512
+
+
+class LineError(Exception):
+    """A record that cannot become a Request; code is one of the documented error codes."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def is_batch_line(obj: Mapping[str, Any]) -> bool:
+    """OpenAI batch lines wrap the request in body; any of their envelope keys marks one."""
+    return bool(BATCH_KEYS.intersection(obj) - {"custom_id"})
+
+
+def identity(obj: Any, default_id: str, unreadable_id: str) -> tuple[str, str | None]:
+    """Best-effort (custom_id, model) of a record, for naming it even when it is invalid."""
+    if not isinstance(obj, dict):
+        return unreadable_id, None
+    batch = is_batch_line(obj)
+    custom_id = obj.get("custom_id")
+    if not (isinstance(custom_id, str) and 0 < len(custom_id) <= MAX_CUSTOM_ID_CHARS):
+        custom_id = unreadable_id if batch else default_id
+    body = obj.get("body") if batch else obj
+    model = body.get("model") if isinstance(body, dict) else None
+    return custom_id, model if isinstance(model, str) and model else None
+
+
+def object_request(
+    obj: Any, *, line: int, default_id: str, fill: Mapping[str, Any], max_tokens: int
+) -> Request:
+    """Validate a parsed JSON line (either shape) and build its Request."""
+    if not isinstance(obj, dict):
+        raise LineError("invalid_type", f"each line must be a JSON object, not {_json_type(obj)}")
+    if is_batch_line(obj):
+        custom_id = _custom_id(obj, "custom_id", required=True) or default_id
+        url = _envelope_url(obj)
+        body = obj.get("body")
+        if body is None and "body" not in obj:
+            raise LineError("missing_field", "body: required")
+        if not isinstance(body, dict):
+            raise LineError("invalid_type", f"body: must be an object, not {_json_type(body)}")
+        prefix, extra_keys = "body.", frozenset()
+    else:
+        custom_id = _custom_id(obj, "custom_id", required=False) or default_id
+        url = CHAT_URL if "messages" in obj else COMPLETIONS_URL
+        body, prefix, extra_keys = obj, "", frozenset({"custom_id"})
+    _check_keys(body, prefix, extra_keys)
+    _model(body, prefix)
+    prompt, messages = _content(body, url, prefix)
+    params = sampling_params(_given_params(body, prefix), fill, max_tokens=max_tokens, prefix=prefix)
+    return Request(custom_id=custom_id, url=url, prompt=prompt, messages=messages, params=params, line=line)
+
+
+def prompt_request(
+    prompt: str, *, custom_id: str, line: int, fill: Mapping[str, Any], max_tokens: int
+) -> Request:
+    """A bare prompt (text-file line or .txt file) as a completions Request with the CLI defaults."""
+    if not prompt:
+        raise LineError("invalid_value", "prompt: must not be empty")
+    params = sampling_params({}, fill, max_tokens=max_tokens, prefix="")
+    return Request(custom_id=custom_id, url=COMPLETIONS_URL, prompt=_text(prompt, "prompt"), params=params, line=line)
+
+
+def sampling_params(
+    given: Mapping[str, Any], fill: Mapping[str, Any], *, max_tokens: int, prefix: str
+) -> SamplingParams:
+    """The line's own values win over the CLI defaults (fill); the schema default applies last."""
+    merged = {**fill, **given}
+    merged.setdefault("max_tokens", min(SamplingParams.model_fields["max_tokens"].default, max_tokens))
+    try:
+        params = SamplingParams.model_validate(merged, strict=True)
+    except ValidationError as exc:
+        raise pydantic_error(exc, prefix) from None
+    if params.max_tokens > max_tokens:
+        raise LineError("invalid_value", f"{prefix}max_tokens: must be <= {max_tokens}")
+    return params
+
+
+def pydantic_error(exc: ValidationError, prefix: str) -> LineError:
+    """Map the first pydantic error to (code, "field: what is wrong")."""
+    err = exc.errors(include_url=False)[0]
+    field = prefix + ".".join(str(part) for part in err["loc"])
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "missing":
+        return LineError("missing_field", f"{field}: required")
+    if kind == "extra_forbidden":
+        return LineError("unsupported_parameter", f"{field}: not supported")
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        bound = next(iter(ctx.values()))
+        shown = f"{bound:g}" if isinstance(bound, float) else str(bound)
+        return LineError("invalid_value", f"{field}: must be {bounds[kind]} {shown}")
+    if kind == "too_long":
+        return LineError("invalid_value", f"{field}: at most {ctx['max_length']} items")
+    if kind == "finite_number":
+        return LineError("invalid_value", f"{field}: must be a finite number")
+    if kind == "literal_error":
+        return LineError("invalid_value", f"{field}: must be one of {ctx['expected']}")
+    type_names = {"int_type": "an integer", "float_type": "a number", "string_type": "a string",
+                  "bool_type": "true or false", "tuple_type": "a list", "dict_type": "an object"}
+    if kind in type_names:
+        return LineError("invalid_type", f"{field}: must be {type_names[kind]}")
+    return LineError("invalid_value", f"{field}: {err['msg']}")
+
+
+def _custom_id(obj: Mapping[str, Any], key: str, *, required: bool) -> str | None:
+    if key not in obj or obj[key] is None:
+        if required:
+            raise LineError("missing_field", f"{key}: required")
+        return None
+    value = obj[key]
+    if not isinstance(value, str):
+        raise LineError("invalid_type", f"{key}: must be a string, not {_json_type(value)}")
+    if not value:
+        raise LineError("invalid_value", f"{key}: must not be empty")
+    if len(value) > MAX_CUSTOM_ID_CHARS:
+        raise LineError("invalid_value", f"{key}: at most {MAX_CUSTOM_ID_CHARS} characters")
+    return _text(value, key)
+
+
+def _envelope_url(obj: Mapping[str, Any]) -> str:
+    method = obj.get("method", "POST")
+    if not (isinstance(method, str) and method.upper() == "POST"):
+        raise LineError("invalid_method", f"method: only POST is supported, not {method!r}")
+    if "url" not in obj:
+        raise LineError("missing_field", "url: required")
+    url = obj["url"]
+    if url not in (CHAT_URL, COMPLETIONS_URL):
+        raise LineError("unknown_url", f"url: must be {CHAT_URL} or {COMPLETIONS_URL}, not {url!r}"[:300])
+    return url
+
+
+def _check_keys(body: Mapping[str, Any], prefix: str, extra_keys: frozenset[str]) -> None:
+    for key, value in body.items():
+        if key in KNOWN_KEYS or key in extra_keys or key in IGNORED_KEYS:
+            continue
+        if key in NEUTRAL_VALUES:
+            if not any(_same(value, ok) for ok in NEUTRAL_VALUES[key]):
+                if key == "n" and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                    raise LineError("invalid_value", f"{prefix}n: must be >= 1")
+                raise LineError("unsupported_parameter", f"{prefix}{key}: only {NEUTRAL_VALUES[key][0]!r} is supported")
+            continue
+        raise LineError("unsupported_parameter", f"{prefix}{key}: unknown parameter"[:300])
+
+
+def _same(value: Any, ok: Any) -> bool:
+    """JSON equality: in Python False == 0 == 0.0, but a JSON false is not the number 0."""
+    return value == ok and isinstance(value, bool) == isinstance(ok, bool)
+
+
+def _model(body: Mapping[str, Any], prefix: str) -> None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise LineError("invalid_type", f"{prefix}model: must be a string")
+    if model == "":
+        raise LineError("invalid_value", f"{prefix}model: must not be empty")
+
+
+def _content(body: Mapping[str, Any], url: str, prefix: str) -> tuple[str | None, tuple[ChatMessage, ...] | None]:
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if prompt is not None and messages is not None:
+        raise LineError("invalid_value", f"{prefix}prompt, {prefix}messages: give only one")
+    if url == CHAT_URL:
+        if messages is None:
+            hint = f" ({url} takes messages, not prompt)" if prompt is not None else ""
+            raise LineError("missing_field", f"{prefix}messages: required{hint}")
+        return None, _messages(messages, prefix + "messages")
+    if prompt is None:
+        hint = f" ({url} takes prompt, not messages)" if messages is not None else ""
+        raise LineError("missing_field", f"{prefix}prompt: required{hint}")
+    return _prompt(prompt, prefix + "prompt"), None
+
+
+def _prompt(prompt: Any, field: str) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # OpenAI's list-of-prompts form, with the one prompt we allow per line
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt) and prompt:
+        raise LineError("invalid_value", f"{field}: one prompt per line, not a list of {len(prompt)}")
+    if not isinstance(prompt, str):
+        raise LineError("invalid_type", f"{field}: must be a string (token-id prompts are not supported)")
+    if not prompt:
+        raise LineError("invalid_value", f"{field}: must not be empty")
+    return _text(prompt, field)
+
+
+def _messages(messages: Any, field: str) -> tuple[ChatMessage, ...]:
+    if not isinstance(messages, list):
+        raise LineError("invalid_type", f"{field}: must be a list, not {_json_type(messages)}")
+    if not messages:
+        raise LineError("invalid_value", f"{field}: must not be empty")
+    result = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise LineError("invalid_type", f"{field}.{i}: must be an object, not {_json_type(message)}")
+        content = message.get("content")
+        if isinstance(content, list):
+            message = {**message, "content": _join_parts(content, f"{field}.{i}.content")}
+        try:
+            parsed = ChatMessage.model_validate(message, strict=True)
+        except ValidationError as exc:
+            raise pydantic_error(exc, f"{field}.{i}.") from None
+        _text(parsed.content, f"{field}.{i}.content")
+        result.append(parsed)
+    return tuple(result)
+
+
+def _join_parts(parts: list[Any], field: str) -> str:
+    """OpenAI content-part lists: we take text parts only (no images, audio or files)."""
+    texts = []
+    for j, part in enumerate(parts):
+        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+            raise LineError("invalid_value", f"{field}.{j}: only {{\"type\": \"text\", \"text\": str}} parts are supported")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _given_params(body: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    given = {key: body[key] for key in PARAM_KEYS if body.get(key) is not None}
+    alias = body.get("max_completion_tokens")
+    if alias is not None:
+        if "max_tokens" in given:
+            raise LineError("invalid_value", f"{prefix}max_tokens, {prefix}max_completion_tokens: give only one")
+        given["max_tokens"] = alias
+    stop = given.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if isinstance(stop, list):
+        if any(s == "" for s in stop):
+            raise LineError("invalid_value", f"{prefix}stop: stop strings must not be empty")
+        given["stop"] = tuple(_text(s, f"{prefix}stop") if isinstance(s, str) else s for s in stop)
+    return given
+
+
+def _text(value: str, field: str) -> str:
+    """JSON escapes can produce lone surrogates, which no tokenizer or Redis client can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LineError("invalid_encoding", f"{field}: contains a lone surrogate (\\ud800-\\udfff escape)") from None
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")

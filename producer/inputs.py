@@ -1,0 +1,330 @@
+"""Read every input the CLI accepts as one stream of validated lines.
+
+Inputs can be far larger than memory, so files are read in binary one bounded line at a time and
+decoded per line: a bad byte or an over-long line costs one error, never the whole file, and only the
+set of seen custom_ids grows with the input. Every problem, including whole-input ones (empty input,
+too many requests), arrives as a ParsedLine with an error, so the CLI reports all of them one way.
+
+Formats, chosen per path: "-" is stdin; a directory holds one prompt per *.txt file; .jsonl/.json/
+.ndjson files hold OpenAI batch lines or simple lines; .txt files hold one prompt per line; any other
+file is JSONL when its first non-blank character is "{", else text (the same rule as stdin).
+"""
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from batchgen.jobs import defaults as limits_default
+from batchgen.jobs.schema import ErrorInfo, Request, SamplingParams
+from batchgen.producer.formats import LineError, identity, object_request, prompt_request, pydantic_error
+from pydantic import ValidationError
+
+BOM = b"\xef\xbb\xbf"
+JSONL_SUFFIXES = frozenset({".jsonl", ".json", ".ndjson"})
+TEXT_SUFFIXES = frozenset({".txt"})
+SKIP_CHUNK_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    max_requests: int = limits_default.MAX_REQUESTS_PER_BATCH
+    max_line_bytes: int = limits_default.MAX_LINE_BYTES
+    max_tokens: int = limits_default.MAX_TOKENS_LIMIT
+
+
+@dataclass(frozen=True)
+class ParamDefaults:
+    """Sampling values from CLI flags; they fill only what a line omits.
+
+    Validated here, so a bad flag fails once up front instead of once per line.
+    """
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            SamplingParams.model_validate(self.fill(), strict=True)
+        except ValidationError as exc:
+            flag, problem = pydantic_error(exc, "--").message.split(":", 1)
+            raise ValueError(f"{flag.replace('_', '-')}:{problem}") from None
+
+    def fill(self) -> dict[str, Any]:
+        return {key: value for key, value in vars(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class ParsedLine:
+    """One input line: exactly one of request and error is set."""
+
+    source: str  # file path, or "-" for stdin
+    line: int  # 1-based line number in source; 1 for a .txt file of a directory; 0 for whole-input errors
+    request: Request | None
+    error: ErrorInfo | None
+    custom_id: str  # the line's custom_id, else its default id, else "line-N" when unreadable
+    model: str | None = None  # body.model, when the line names one
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+NO_DEFAULTS = ParamDefaults()
+DEFAULT_LIMITS = InputLimits()
+
+
+def read_inputs(
+    paths: Sequence[str],
+    *,
+    defaults: ParamDefaults = NO_DEFAULTS,
+    limits: InputLimits = DEFAULT_LIMITS,
+    stdin: BinaryIO | None = None,
+) -> Iterator[ParsedLine]:
+    """Yield one ParsedLine per non-blank input line, in input order, across all paths.
+
+    Stops after the first line over limits.max_requests (reported as too_many_requests).
+    """
+    if not paths:
+        yield _whole_input_error("-", "empty_input", "no input given")
+        return
+    seen: dict[str, tuple[str, int]] = {}
+    num_lines = 0
+    for path, prefix in zip(paths, _id_prefixes(paths), strict=True):
+        ctx = _Context(path, prefix, defaults.fill(), limits)
+        num_in_source = 0
+        for parsed in _read_path(ctx, stdin):
+            num_lines += 1
+            num_in_source += 1
+            if num_lines > limits.max_requests:
+                msg = f"more than {limits.max_requests} requests; split the input into several batches"
+                error = ErrorInfo(code="too_many_requests", message=msg, line=parsed.line)
+                yield ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model)
+                return
+            yield _check_duplicate(parsed, seen)
+        if num_in_source == 0:
+            yield _whole_input_error(path, "empty_input", f"{path}: no requests (empty input)")
+
+
+class ModelResolver:
+    """One batch runs one model: --model wins; otherwise every line must name the same one."""
+
+    def __init__(self, cli_model: str | None) -> None:
+        self.cli_model = cli_model
+        self._first: tuple[str, str, int] | None = None  # model, source, line
+
+    @property
+    def model(self) -> str | None:
+        return self.cli_model or (self._first[0] if self._first else None)
+
+    def see(self, parsed: ParsedLine) -> ErrorInfo | None:
+        """An error when this line names a different model than the first line that named one."""
+        if self.cli_model or parsed.model is None:
+            return None
+        if self._first is None:
+            self._first = (parsed.model, parsed.source, parsed.line)
+            return None
+        first, source, line = self._first
+        if parsed.model == first:
+            return None
+        where = f"line {line}" if source == parsed.source else f"{source} line {line}"
+        msg = (f"body.model: {parsed.model!r} differs from {first!r} ({where}); "
+               "a batch runs one model (pass --model to override the lines)")
+        return ErrorInfo(code="mixed_models", message=msg, line=parsed.line)
+
+    def missing_error(self) -> ErrorInfo | None:
+        """The error to print when neither --model nor any line names a model."""
+        if self.model is not None:
+            return None
+        msg = "no model given: pass --model or set body.model in the input lines"
+        return ErrorInfo(code="missing_model", message=msg, line=0)
+
+
+def resolve_model(cli_model: str | None, line_models: Iterable[str | None]) -> str:
+    """The batch's model from --model and the lines' body.model values; ValueError when ambiguous or absent."""
+    if cli_model:
+        return cli_model
+    named = {m for m in line_models if m is not None}
+    if len(named) > 1:
+        raise ValueError(f"input lines name several models ({', '.join(sorted(named))}); pass --model")
+    if not named:
+        raise ValueError("no model given: pass --model or set body.model in the input lines")
+    return named.pop()
+
+
+@dataclass(frozen=True)
+class _Context:
+    source: str
+    prefix: str  # prepended to generated custom_ids so that several inputs stay unique
+    fill: dict[str, Any] = field(repr=False)
+    limits: InputLimits
+
+    def default_id(self, n: int) -> str:
+        return f"{self.prefix}{n}"
+
+    def unreadable_id(self, n: int) -> str:
+        return f"{self.prefix}line-{n}"
+
+
+def _id_prefixes(paths: Sequence[str]) -> list[str]:
+    """No prefix for one input; else the file name, or the path as given when file names collide."""
+    if len(paths) == 1:
+        return [""]
+    names = ["stdin" if p == "-" else Path(p).name or p for p in paths]
+    if len(set(names)) < len(names):
+        names = ["stdin" if p == "-" else p for p in paths]
+    return [f"{name}:" for name in names]
+
+
+def _read_path(ctx: _Context, stdin: BinaryIO | None) -> Iterator[ParsedLine]:
+    if ctx.source == "-":
+        yield from _read_stream(stdin or sys.stdin.buffer, ctx, kind=None)
+        return
+    path = Path(ctx.source)
+    try:
+        if path.is_dir():
+            yield from _read_directory(path, ctx)
+            return
+        suffix = path.suffix.lower()
+        kind = "jsonl" if suffix in JSONL_SUFFIXES else "text" if suffix in TEXT_SUFFIXES else None
+        with path.open("rb") as stream:
+            yield from _read_stream(stream, ctx, kind)
+    except OSError as exc:
+        yield _whole_input_error(ctx.source, "unreadable_input", f"{ctx.source}: {exc.strerror or exc}")
+
+
+def _read_stream(stream: BinaryIO, ctx: _Context, kind: str | None) -> Iterator[ParsedLine]:
+    lines = _iter_lines(stream, ctx.limits.max_line_bytes)
+    if kind is None:
+        kind, lines = _sniff(lines)
+    for n, raw in lines:
+        parsed = _parse_line(ctx, n, raw, kind)
+        if parsed is not None:
+            yield parsed
+
+
+def _iter_lines(stream: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, content without line ending) with None for lines over the limit, never buffered whole."""
+    read_bytes = max_line_bytes + 2  # room for the "\r\n" that does not count
+    n = 0
+    while raw := stream.readline(read_bytes):
+        n += 1
+        if n == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]  # the BOM's bytes are not counted against the limit
+            if not raw.endswith(b"\n"):
+                raw += stream.readline(len(BOM))
+        if len(raw) >= read_bytes and not raw.endswith(b"\n"):  # stopped mid-line: drop the rest unread
+            while (rest := stream.readline(SKIP_CHUNK_BYTES)) and not rest.endswith(b"\n"):
+                pass
+            yield n, None
+            continue
+        content = raw[:-1] if raw.endswith(b"\n") else raw
+        content = content[:-1] if content.endswith(b"\r") else content
+        yield n, content if len(content) <= max_line_bytes else None
+
+
+def _sniff(lines: Iterator[tuple[int, bytes | None]]) -> tuple[str, Iterator[tuple[int, bytes | None]]]:
+    """JSONL when the first non-blank character is "{", else text; the peeked lines are replayed."""
+    peeked = []
+    for item in lines:
+        peeked.append(item)
+        content = item[1].lstrip() if item[1] is not None else b""
+        if content:
+            return ("jsonl" if content.startswith(b"{") else "text"), chain(peeked, lines)
+    return "text", iter(peeked)
+
+
+def _parse_line(ctx: _Context, n: int, raw: bytes | None, kind: str) -> ParsedLine | None:
+    """None for a blank line; otherwise the line's request or its first error."""
+    if raw is None:
+        msg = f"line is longer than {ctx.limits.max_line_bytes} bytes"
+        return _error(ctx, n, "line_too_long", msg, ctx.unreadable_id(n))
+    try:
+        text = _decode(raw)
+    except LineError as exc:
+        return _error(ctx, n, exc.code, exc.message, ctx.unreadable_id(n))
+    if not text.strip():
+        return None
+    if kind == "text":
+        return _build(ctx, n, ctx.default_id(n), None, lambda: prompt_request(
+            text, custom_id=ctx.default_id(n), line=n, fill=ctx.fill, max_tokens=ctx.limits.max_tokens))
+    try:
+        obj = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        return _error(ctx, n, "invalid_json", f"not valid JSON: {str(exc)[:200]}", ctx.unreadable_id(n))
+    custom_id, model = identity(obj, ctx.default_id(n), ctx.unreadable_id(n))
+    return _build(ctx, n, custom_id, model, lambda: object_request(
+        obj, line=n, default_id=ctx.default_id(n), fill=ctx.fill, max_tokens=ctx.limits.max_tokens))
+
+
+def _build(ctx: _Context, n: int, custom_id: str, model: str | None, make: Callable[[], Request]) -> ParsedLine:
+    try:
+        request = make()
+    except LineError as exc:
+        return _error(ctx, n, exc.code, exc.message, custom_id, model)
+    return ParsedLine(ctx.source, n, request, None, request.custom_id, model)
+
+
+def _decode(raw: bytes) -> str:
+    if b"\x00" in raw:
+        raise LineError("invalid_encoding", f"NUL byte at offset {raw.index(0)}: binary data, not text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LineError("invalid_encoding", f"not valid UTF-8 at byte {exc.start}") from None
+
+
+def _read_directory(path: Path, ctx: _Context) -> Iterator[ParsedLine]:
+    """Each *.txt file (sorted, not recursive, no hidden files) is one prompt named by its file name."""
+    names = sorted(e.name for e in os.scandir(path) if e.name.endswith(".txt") and not e.name.startswith(".")
+                   and e.is_file())
+    dir_prefix = ctx.prefix[:-1] + "/" if ctx.prefix else ""  # "prompts/a.txt" rather than "prompts:a.txt"
+    for name in names:
+        custom_id = dir_prefix + name
+        file_ctx = _Context(str(path / name), ctx.prefix, ctx.fill, ctx.limits)
+        yield _read_prompt_file(path / name, custom_id, file_ctx)
+
+
+def _read_prompt_file(path: Path, custom_id: str, ctx: _Context) -> ParsedLine:
+    max_bytes = ctx.limits.max_line_bytes
+    try:
+        with path.open("rb") as stream:
+            raw = stream.read(max_bytes + len(BOM) + 1)
+    except OSError as exc:
+        return _error(ctx, 1, "unreadable_input", f"{path}: {exc.strerror or exc}", custom_id)
+    raw = raw.removeprefix(BOM)
+    if len(raw) > max_bytes:
+        return _error(ctx, 1, "line_too_long", f"file is longer than {max_bytes} bytes", custom_id)
+    try:
+        prompt = _decode(raw).strip()
+    except LineError as exc:
+        return _error(ctx, 1, exc.code, exc.message, custom_id)
+    return _build(ctx, 1, custom_id, None, lambda: prompt_request(
+        prompt, custom_id=custom_id, line=1, fill=ctx.fill, max_tokens=ctx.limits.max_tokens))
+
+
+def _check_duplicate(parsed: ParsedLine, seen: dict[str, tuple[str, int]]) -> ParsedLine:
+    """custom_ids name results, so a second use is an error; the message points at the first."""
+    if parsed.error is not None:  # invalid lines never run, so their ids reserve nothing
+        return parsed
+    first = seen.setdefault(parsed.custom_id, (parsed.source, parsed.line))
+    if first == (parsed.source, parsed.line):
+        return parsed
+    where = f"line {first[1]}" if first[0] == parsed.source else f"{first[0]} line {first[1]}"
+    msg = f"custom_id {parsed.custom_id!r} was already used on {where}"
+    error = ErrorInfo(code="duplicate_custom_id", message=msg, line=parsed.line)
+    return ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model)
+
+
+def _error(ctx: _Context, n: int, code: str, message: str, custom_id: str, model: str | None = None) -> ParsedLine:
+    return ParsedLine(ctx.source, n, None, ErrorInfo(code=code, message=message, line=n), custom_id, model)
+
+
+def _whole_input_error(source: str, code: str, message: str) -> ParsedLine:
+    return ParsedLine(source, 0, None, ErrorInfo(code=code, message=message, line=0), "line-0")
