@@ -1,0 +1,91 @@
+"""The `batchgen` command end to end with real subprocesses: submit, worker, status, wait, results, cancel."""
+
+import json
+import subprocess
+import sys
+
+from tests.cli import batchgen, start_worker
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_producer_commands_do_not_import_torch():
+    code = ("import sys, batchgen.producer.cli, batchgen.producer.client, batchgen.jobs.store, batchgen.jobs.chunks;"
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('torch','transformers','bitsandbytes')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_submit_worker_wait_results_with_echo_engine(redis_url, redis_conn, tmp_path):
+    rows = [{"custom_id": f"id-{i}", "prompt": f"alpha beta gamma {i}", "max_tokens": 3} for i in range(30)]
+    sub = batchgen("submit", write_jsonl(tmp_path / "in.jsonl", rows), "--model", "echo-m", "--json",
+                   "--output-dir", str(tmp_path / "out"), redis_url=redis_url, check=True)
+    batch = json.loads(sub.stdout)
+    assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 30
+
+    worker = start_worker("--engine", "echo", "--model", "echo-m", "--burst", redis_url=redis_url,
+                          log=tmp_path / "worker.log")
+    assert worker.wait(timeout=60) == 0, (tmp_path / "worker.log").read_text()
+
+    waited = batchgen("wait", batch["id"], "--timeout", "30", "--json", redis_url=redis_url)
+    assert waited.returncode == 0, waited.stderr
+    assert json.loads(waited.stdout)["request_counts"] == {"total": 30, "completed": 30, "failed": 0}
+
+    out = tmp_path / "results.jsonl"
+    batchgen("results", batch["id"], "-o", str(out), "--ordered", redis_url=redis_url, check=True)
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [ln["custom_id"] for ln in lines] == [r["custom_id"] for r in rows]
+    assert lines[7]["response"]["body"]["choices"][0]["text"] == "alpha beta gamma"
+    assert lines[7]["response"]["body"]["usage"]["completion_tokens"] == 3
+
+    status = batchgen("status", batch["id"], redis_url=redis_url, check=True)
+    assert b"completed" in status.stdout
+    listed = json.loads(batchgen("list", "--json", redis_url=redis_url, check=True).stdout)
+    assert [b["id"] for b in listed] == [batch["id"]]
+
+
+def test_invalid_input_is_rejected_with_line_numbers_and_nothing_enqueued(redis_url, redis_conn, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": 5}\nnot json\n{"prompt": "x", "temperature": -1}\n')
+    proc = batchgen("submit", str(path), "--model", "m", redis_url=redis_url)
+    assert proc.returncode == 3
+    err = proc.stderr.decode()
+    assert ":2: invalid_type" in err and ":3: invalid_json" in err and ":4: invalid_value" in err
+    assert "nothing was enqueued" in err
+    assert redis_conn.keys("*") == []
+
+
+def test_skip_invalid_puts_bad_lines_in_the_error_output(redis_url, redis_conn, tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"custom_id": "good", "prompt": "a b"}\n{"custom_id": "bad", "prompt": ""}\n')
+    proc = batchgen("submit", str(path), "--model", "m", "--skip-invalid", "--json", redis_url=redis_url, check=True)
+    batch = json.loads(proc.stdout)
+    assert batch["request_counts"] == {"total": 2, "completed": 0, "failed": 1}
+    errors = tmp_path / "err.jsonl"
+    batchgen("results", batch["id"], "-o", str(tmp_path / "ok.jsonl"), "--errors", str(errors),
+             redis_url=redis_url, check=True)
+    (err_line,) = [json.loads(x) for x in errors.read_text().splitlines()]
+    assert err_line["custom_id"] == "bad" and err_line["error"]["code"] == "invalid_value"
+    assert "line 2" in err_line["error"]["message"]
+
+
+def test_exit_codes_for_scripts(redis_url, redis_conn, tmp_path):
+    assert batchgen("status", "batch_nope", redis_url=redis_url).returncode == 4
+    sub = batchgen("submit", write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}]), "--model", "nobody-serves",
+                   redis_url=redis_url, check=True)
+    batch_id = sub.stdout.decode().strip()
+    assert batchgen("wait", batch_id, "--timeout", "0.5", "--poll", "0.1", redis_url=redis_url).returncode == 5
+    cancelled = batchgen("cancel", batch_id, "--json", redis_url=redis_url, check=True)
+    assert json.loads(cancelled.stdout)["status"] == "cancelled"
+    assert batchgen("wait", batch_id, redis_url=redis_url).returncode == 1
+    assert batchgen("list", redis_url="redis://127.0.0.1:1/0").returncode == 6
+
+
+def test_stdin_and_text_inputs(redis_url, redis_conn, tmp_path):
+    proc = batchgen("submit", "-", "--model", "m", "--json", redis_url=redis_url, check=True,
+                    input=b"first prompt\nsecond prompt\n")
+    assert json.loads(proc.stdout)["request_counts"]["total"] == 2
