@@ -1,0 +1,95 @@
+"""How many KV-cache rows fit: pure arithmetic on numbers the model runner measures (CUDA) or estimates (CPU).
+
+A row holds one sequence of up to max_model_len tokens. Memory = weights (already loaded) + one
+prefill peak (fixed: prefill runs one packed batch of at most max_prefill_tokens) + per row
+(KV for max_model_len tokens + decode activations) + a reserve for the allocator and other processes.
+"""
+
+from dataclasses import dataclass
+
+MAX_ROWS_CEILING = 1024  # beyond this a decode step is launch/bandwidth bound anyway; more rows only add latency
+
+
+@dataclass(frozen=True)
+class Budget:
+    budget_bytes: int  # what the KV cache and activations may use
+    kv_bytes_per_token: int
+    kv_bytes_per_row: int
+    activation_bytes_per_row: int
+    prefill_bytes: int
+    max_rows: int
+
+    def as_stats(self) -> dict[str, int]:
+        return {
+            "budget_bytes": self.budget_bytes,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "activation_bytes_per_row": self.activation_bytes_per_row,
+            "prefill_bytes": self.prefill_bytes,
+            "max_rows": self.max_rows,
+        }
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """K and V for one token across all layers."""
+    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
+
+
+def budget_bytes(
+    *,
+    free_bytes: int | None,
+    reserve_bytes: int,
+    max_bytes: int | None = None,
+    weights_bytes: int = 0,
+) -> int:
+    """Bytes left for KV + activations: free memory − reserve, further capped by max_bytes − weights − reserve.
+
+    free_bytes None (unknown, e.g. CPU without a reading) means only the cap applies; with neither, 0.
+    """
+    limits = []
+    if free_bytes is not None:
+        limits.append(free_bytes - reserve_bytes)
+    if max_bytes is not None:
+        limits.append(max_bytes - weights_bytes - reserve_bytes)
+    return max(0, min(limits)) if limits else 0
+
+
+def estimate_decode_activation_bytes(
+    *, hidden_size: int, intermediate_size: int, vocab_size: int, num_heads: int, max_model_len: int, dtype_bytes: int
+) -> int:
+    """Peak extra memory of one decode row (used on CPU, where there is no allocator peak to read):
+    fp32 logits + softmax copies, the MLP intermediates, attention scores over max_model_len keys,
+    the GQA-repeated K/V view, a few hidden-size temporaries."""
+    logits = 3 * vocab_size * 4
+    mlp = 3 * intermediate_size * dtype_bytes
+    scores = 2 * num_heads * max_model_len * 4
+    head_dim = hidden_size // num_heads
+    repeated_kv = 2 * num_heads * max_model_len * head_dim * dtype_bytes
+    hidden = 8 * hidden_size * dtype_bytes
+    return logits + mlp + scores + repeated_kv + hidden
+
+
+def estimate_prefill_bytes(
+    *, hidden_size: int, intermediate_size: int, num_heads: int, num_tokens: int, dtype_bytes: int
+) -> int:
+    """Peak of one packed prefill of num_tokens tokens: per-token activations plus T×T mask and scores."""
+    per_token = (8 * hidden_size + 3 * intermediate_size) * dtype_bytes
+    quadratic = num_tokens * num_tokens * (1 + 2 * num_heads * 4)
+    return num_tokens * per_token + quadratic
+
+
+def plan(
+    *,
+    budget_bytes: int,
+    kv_bytes_per_token: int,
+    max_model_len: int,
+    activation_bytes_per_row: int,
+    prefill_bytes: int,
+    max_batch_size: int | None = None,
+) -> Budget:
+    """max rows = min(cap, rows whose full-length KV + decode activations fit after one prefill peak)."""
+    kv_row = kv_bytes_per_token * max_model_len
+    per_row = kv_row + activation_bytes_per_row
+    fits = max(0, budget_bytes - prefill_bytes) // per_row if per_row > 0 else MAX_ROWS_CEILING
+    cap = MAX_ROWS_CEILING if max_batch_size is None else max_batch_size
+    return Budget(budget_bytes, kv_bytes_per_token, kv_row, activation_bytes_per_row, prefill_bytes,
+                  int(min(cap, fits)))

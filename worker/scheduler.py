@@ -1,0 +1,110 @@
+"""The request pool and row planner: pure Python, no torch.
+
+Rows are slots of the preallocated KV cache. Each step admits pending sequences into the lowest free
+rows (so active rows stay packed at the front and a decode step runs over rows [0, hi)), up to the
+current max batch size and a prefill token budget. An OOM halves the max batch size and sends the
+rows at or above the new limit back to the front of the pending queue.
+"""
+
+from collections import deque
+from collections.abc import Iterable
+
+from batchgen.worker.sequence import SeqStatus, Sequence
+
+
+class Scheduler:
+    def __init__(self, max_rows: int, *, max_prefill_tokens: int, prefetch: int | None = None):
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        self.max_rows = max_rows  # rows the KV cache holds
+        self.max_batch_size = max_rows  # current limit; shrinks on OOM
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefetch = prefetch if prefetch is not None else max(2, max_rows // 4)
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}  # row -> sequence
+        self._num_added = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status, seq.arrival = SeqStatus.WAITING, self._num_added
+        self._num_added += 1
+        self.waiting.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    @property
+    def num_free_rows(self) -> int:
+        return max(0, self.max_batch_size - len(self.running))
+
+    @property
+    def num_wanted(self) -> int:
+        """Free rows plus a small prefetch margin, minus what is already pending."""
+        return max(0, self.num_free_rows + self.prefetch - len(self.waiting))
+
+    def free_rows(self) -> list[int]:
+        return [r for r in range(self.max_batch_size) if r not in self.running]
+
+    def admit(self) -> list[Sequence]:
+        """Moves pending sequences into free rows, lowest row first, within the prefill token budget
+        (the first one is always admitted, so a long prompt cannot starve)."""
+        admitted: list[Sequence] = []
+        num_tokens = 0
+        for row in self.free_rows():
+            if not self.waiting:
+                break
+            seq = self.waiting[0]
+            if admitted and num_tokens + seq.num_prompt_tokens > self.max_prefill_tokens:
+                break
+            self.waiting.popleft()
+            seq.row, seq.status = row, SeqStatus.RUNNING
+            self.running[row] = seq
+            admitted.append(seq)
+            num_tokens += seq.num_prompt_tokens
+        return admitted
+
+    def running_seqs(self) -> list[Sequence]:
+        return [self.running[r] for r in sorted(self.running)]
+
+    @property
+    def num_decode_rows(self) -> int:
+        """Rows a decode step covers: [0, highest running row]; holes are computed and ignored."""
+        return max(self.running) + 1 if self.running else 0
+
+    def finish(self, seq: Sequence, reason: str | None) -> None:
+        if seq.row is not None:
+            self.running.pop(seq.row, None)
+        seq.row, seq.status, seq.finish_reason = None, SeqStatus.FINISHED, reason
+
+    def requeue(self, seqs: Iterable[Sequence]) -> None:
+        """Restarts running sequences and puts them back among the pending ones in arrival order
+        (they arrived before anything still pending, so in practice: at the front)."""
+        for seq in seqs:
+            if seq.row is not None and self.running.get(seq.row) is seq:
+                del self.running[seq.row]
+            seq.restart()
+            self.waiting.append(seq)
+        self.waiting = deque(sorted(self.waiting, key=lambda s: s.arrival))
+
+    def shrink(self, also_requeue: Iterable[Sequence] = ()) -> list[Sequence]:
+        """Halves the max batch size (min 1) after an OOM and restarts the rows at or above the new limit,
+        plus also_requeue (e.g. the sequences of a failed prefill); returns every sequence sent back."""
+        self.max_batch_size = max(1, self.max_batch_size // 2)
+        evicted = [s for r, s in self.running.items() if r >= self.max_batch_size]
+        evicted += [s for s in also_requeue if s.status == SeqStatus.RUNNING and s not in evicted]
+        self.requeue(evicted)
+        return evicted
+
+    def abort(self, keys: Iterable[str]) -> list[Sequence]:
+        keys = set(keys)
+        dropped = [s for s in self.waiting if s.key in keys]
+        self.waiting = deque(s for s in self.waiting if s.key not in keys)
+        for row, seq in list(self.running.items()):
+            if seq.key in keys:
+                del self.running[row]
+                dropped.append(seq)
+        for seq in dropped:
+            seq.row, seq.status = None, SeqStatus.FINISHED
+        return dropped
