@@ -125,8 +125,8 @@ class ModelResolver:
 
     def see(self, parsed: ParsedLine) -> ErrorInfo | None:
         """An error when this line names a different model than the first line that named one."""
-        if self.cli_model or parsed.model is None:
-            return None
+        if self.cli_model or parsed.model is None or parsed.error is not None:
+            return None  # an invalid line's model must not become the batch's model
         if self._first is None:
             self._first = (parsed.model, parsed.source, parsed.line)
             return None

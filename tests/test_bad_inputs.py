@@ -122,3 +122,16 @@ def test_jsonish_lines_never_raise(lines, newline):
     data = newline.join(line.replace("\n", " ").replace("\r", " ") for line in lines)
     data_bytes = data.encode("utf-8", "surrogatepass")
     check_invariants(list(read_inputs(["-"], stdin=io.BytesIO(data_bytes), limits=SMALL_LIMITS)))
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b""])
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_line_limit_counts_content_bytes_only(newline, bom):
+    limit = 50
+    data = bom + b"a" * limit + newline + b"b" * (limit + 1) + newline + b"c" * (limit + 2) + newline + b"d"
+    lines = list(read_inputs(["-"], stdin=io.BytesIO(data), limits=InputLimits(max_line_bytes=limit)))
+    if newline == b"":  # one line of 50 + 51 + 52 + 1 bytes
+        assert [(p.line, p.error.code) for p in lines] == [(1, "line_too_long")]
+        return
+    assert [(p.line, p.error.code if p.error else p.request.prompt) for p in lines] == [
+        (1, "a" * limit), (2, "line_too_long"), (3, "line_too_long"), (4, "d")]

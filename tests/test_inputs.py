@@ -7,11 +7,15 @@ input format turns into, how CLI flags combine with per-line values, and how the
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from batchgen.jobs.schema import CHAT_URL, COMPLETIONS_URL, ChatMessage, SamplingParams
 from batchgen.producer.inputs import InputLimits, ModelResolver, ParamDefaults, read_inputs, resolve_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 GOOD = Path(__file__).parent / "data" / "good"
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -197,3 +201,31 @@ def test_100k_lines_are_parsed_as_a_stream(tmp_path):
         count += 1
         num_errors += parsed.error is not None
     assert (count, num_errors) == (num_lines, 0)
+
+
+def test_the_reader_never_imports_the_gpu_stack():
+    code = "import sys, batchgen.producer.inputs; sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+params = st.fixed_dictionaries({}, optional={
+    "max_tokens": st.integers(1, 32_768),
+    "temperature": st.floats(0.0, 2.0) | st.integers(0, 2),
+    "top_p": st.floats(0.0, 1.0, exclude_min=True),
+    "seed": st.integers(0, 2**63 - 1) | st.none(),
+    "stop": st.text(min_size=1, max_size=5) | st.lists(st.text(min_size=1, max_size=5), max_size=4),
+})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=30), params), min_size=1, max_size=10))
+def test_valid_simple_lines_keep_their_values(lines):
+    data = "\n".join(json.dumps({"prompt": prompt, **p}) for prompt, p in lines).encode()
+    parsed = list(read_inputs(["-"], stdin=io.BytesIO(data)))
+    assert [p.error for p in parsed] == [None] * len(lines)
+    for (prompt, given_params), got in zip(lines, parsed, strict=True):
+        assert got.request.prompt == prompt
+        for key, value in given_params.items():
+            expected = (value,) if key == "stop" and isinstance(value, str) else value
+            expected = tuple(expected) if key == "stop" else expected
+            assert getattr(got.request.params, key) == expected
