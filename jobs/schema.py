@@ -70,8 +70,8 @@ class ErrorInfo(BaseModel):
     line: int | None = None
 
 
-def _new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+def _new_id(prefix: str, sep: str = "_") -> str:
+    return f"{prefix}{sep}{uuid.uuid4().hex}"
 
 
 def success_line(
@@ -91,7 +91,7 @@ def success_line(
     else:
         choice["text"] = text
     body = {
-        "id": _new_id("chatcmpl" if chat else "cmpl"),
+        "id": _new_id("chatcmpl" if chat else "cmpl", "-"),
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,

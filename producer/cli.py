@@ -41,9 +41,15 @@ def handles_errors(fn: Callable) -> Callable:
         except BatchNotFound as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_NOT_FOUND)
+        except redis.AuthenticationError as exc:
+            click.echo(f"error: Redis refused the credentials in REDIS_URL ({exc})", err=True)
+            sys.exit(EXIT_REDIS)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             click.echo(f"error: cannot reach Redis ({exc}); is it running? set REDIS_URL", err=True)
             sys.exit(EXIT_REDIS)
+        except ValueError as exc:  # a bad flag value (e.g. --top-p 0, --vram-reserve 5XB)
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_USAGE)
 
     return wrapper
 
@@ -265,6 +271,7 @@ def worker_config(**kw: Any):
 @click.option("--name", help="Worker name (default: host.pid.random).")
 @redis_url_option
 @click.option("-v", "--verbose", is_flag=True)
+@handles_errors
 def worker(priorities, shutdown_grace, name, verbose, **kw):
     """Run a worker: load the model once (8-bit), then serve its queues until stopped."""
     import logging
@@ -293,6 +300,7 @@ def worker(priorities, shutdown_grace, name, verbose, **kw):
 @sampling_options
 @click.option("--skip-invalid", is_flag=True)
 @json_option
+@handles_errors
 def run(inputs, output, errors, skip_invalid, as_json, max_tokens, temperature, top_p, seed, max_line_bytes,
         max_requests, **kw):
     """Run INPUTS in-process, no Redis (like `vllm run-batch`); same engine and output format."""
