@@ -267,7 +267,7 @@ class LLMEngine:
             if reason is None:
                 return None
             if seq.text is None:
-                seq.text = self._decode(seq.output_ids)
+                seq.text = self._decode(seq.output_ids[:-1] if is_eos else seq.output_ids)
             self.scheduler.finish(seq, reason)
             self._keys.discard(seq.key)
             return GenerationResult(seq.key, seq.text, reason, seq.num_prompt_tokens, len(seq.output_ids))
@@ -277,7 +277,7 @@ class LLMEngine:
             return _error(seq.key, "internal_error", f"{type(exc).__name__}: {exc}")
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode([t for t in ids if t not in self.eos_ids], skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _truncate_at_stop(self, seq: Sequence) -> bool:
         """Sets seq.text to the output before the earliest stop string, if one has appeared."""

@@ -1,0 +1,64 @@
+"""VRAM budget arithmetic with given numbers: how many KV-cache rows a worker runs."""
+
+from batchgen.worker import budget
+
+GiB = 1024**3
+MiB = 1024**2
+
+
+def test_kv_bytes_per_token_is_k_and_v_over_all_layers():
+    # Llama-2-7B: 32 layers, 32 KV heads of 128, fp16 -> 512 KiB per token
+    assert budget.kv_bytes_per_token(32, 32, 128, 2) == 512 * 1024
+    # Llama-3-8B (GQA, 8 KV heads) -> 128 KiB per token
+    assert budget.kv_bytes_per_token(32, 8, 128, 2) == 128 * 1024
+
+
+def test_budget_is_free_memory_minus_reserve():
+    assert budget.budget_bytes(free_bytes=70 * GiB, reserve_bytes=500 * MiB) == 70 * GiB - 500 * MiB
+
+
+def test_a_cap_limits_the_budget_to_cap_minus_weights_minus_reserve():
+    got = budget.budget_bytes(free_bytes=70 * GiB, reserve_bytes=1 * GiB, max_bytes=24 * GiB, weights_bytes=7 * GiB)
+    assert got == 16 * GiB
+    # the free memory still wins when it is tighter than the cap
+    assert budget.budget_bytes(free_bytes=5 * GiB, reserve_bytes=1 * GiB, max_bytes=24 * GiB,
+                               weights_bytes=7 * GiB) == 4 * GiB
+
+
+def test_budget_without_a_reading_uses_the_cap_only_and_never_goes_negative():
+    assert budget.budget_bytes(free_bytes=None, reserve_bytes=0, max_bytes=8 * GiB, weights_bytes=2 * GiB) == 6 * GiB
+    assert budget.budget_bytes(free_bytes=None, reserve_bytes=0) == 0
+    assert budget.budget_bytes(free_bytes=100 * MiB, reserve_bytes=500 * MiB) == 0
+
+
+def test_rows_are_what_fits_after_the_prefill_peak():
+    # 7B GQA model, 4096 tokens per row: 512 MiB KV + 16 MiB activations per row
+    plan = budget.plan(budget_bytes=60 * GiB, kv_bytes_per_token=128 * 1024, max_model_len=4096,
+                       activation_bytes_per_row=16 * MiB, prefill_bytes=4 * GiB)
+    assert plan.kv_bytes_per_row == 512 * MiB
+    assert plan.max_rows == (56 * GiB) // (528 * MiB) == 108
+    assert plan.as_stats()["max_rows"] == 108 and plan.as_stats()["budget_bytes"] == 60 * GiB
+
+
+def test_the_hard_cap_and_the_ceiling_bound_the_rows():
+    kwargs = dict(budget_bytes=60 * GiB, kv_bytes_per_token=1024, max_model_len=1024,
+                  activation_bytes_per_row=0, prefill_bytes=0)
+    assert budget.plan(**kwargs, max_batch_size=32).max_rows == 32
+    assert budget.plan(**kwargs).max_rows == budget.MAX_ROWS_CEILING
+
+
+def test_no_room_means_zero_rows():
+    plan = budget.plan(budget_bytes=1 * GiB, kv_bytes_per_token=512 * 1024, max_model_len=4096,
+                       activation_bytes_per_row=MiB, prefill_bytes=2 * GiB)
+    assert plan.max_rows == 0
+
+
+def test_cpu_estimates_grow_with_the_context_and_the_prefill_is_quadratic():
+    shape = dict(hidden_size=4096, intermediate_size=11008, vocab_size=32000, num_heads=32, dtype_bytes=2)
+    short = budget.estimate_decode_activation_bytes(**shape, max_model_len=1024)
+    long = budget.estimate_decode_activation_bytes(**shape, max_model_len=4096)
+    assert 0 < short < long
+    prefill = dict(hidden_size=4096, intermediate_size=11008, num_heads=32, dtype_bytes=2)
+    p1 = budget.estimate_prefill_bytes(**prefill, num_tokens=1024)
+    p4 = budget.estimate_prefill_bytes(**prefill, num_tokens=4096)
+    assert 4 * p1 < p4 < 16 * p1
