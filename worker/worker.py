@@ -7,6 +7,7 @@ registry, StartedJobRegistry and job results are kept up to date, so `rq info` s
 """
 
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -301,6 +302,8 @@ class BatchWorker:
         stats = self.engine.stats()
         info = {
             "name": self.cfg.name, "model": self.cfg.served_name, "engine": self.cfg.engine,
+            "queues": ",".join(q.name for q in self.queues), "device": self.cfg.device,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "batch_size": stats.batch_size, "max_batch_size": stats.max_batch_size,
             "tokens_per_s": round(stats.tokens_per_s, 1), "num_unfinished": stats.num_unfinished,
             "vram_used_bytes": stats.vram_used_bytes, "vram_free_bytes": stats.vram_free_bytes,
