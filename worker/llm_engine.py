@@ -85,6 +85,9 @@ class LLMEngine:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         max_pos = model.config.max_position_embeddings
         self.max_model_len = min(cfg.max_model_len or min(max_pos, DEFAULT_MAX_MODEL_LEN), max_pos)
+        window = _sliding_window(model.config)
+        if window is not None:  # the runner attends to the whole row: stay inside the window, where that is exact
+            self.max_model_len = min(self.max_model_len, window)
         self.eos_ids = self._eos_ids()
         self.runner = ModelRunner(model, device=device, dtype=dtype, max_model_len=self.max_model_len,
                                   inject_oom=cfg.inject_oom)
@@ -301,6 +304,13 @@ class LLMEngine:
             return 0.0
         elapsed = self._num_generated[-1][0] - self._num_generated[0][0]
         return sum(n for _, n in list(self._num_generated)[1:]) / elapsed if elapsed > 0 else 0.0
+
+
+def _sliding_window(config) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
 
 
 def _available_ram_bytes() -> int | None:

@@ -229,10 +229,13 @@ class ModelRunner:
         allocator's peak, with a small probe KV cache that is freed again."""
         probe_rows = max(1, num_probe_rows)
         self.allocate_kv(probe_rows)
+        tokens = min(prefill_tokens, self.max_model_len)
+        # Once unmeasured: the first calls also allocate library workspaces (cuBLAS) that stay for good.
+        self.prefill([0], [[0] * 8])
+        self.decode([0] * probe_rows, [8] * probe_rows)
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        tokens = min(prefill_tokens, self.max_model_len)
         self.prefill([0], [[0] * tokens])
         torch.cuda.synchronize(self.device)
         prefill_bytes = torch.cuda.max_memory_allocated(self.device) - base
