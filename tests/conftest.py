@@ -6,24 +6,50 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-TEST_DB = int(os.environ.get("BATCHGEN_TEST_REDIS_DB", "15"))
+LOCK_KEY = "__batchgen_test_session__"
+
+
+def _base_url() -> str:
+    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+    return base.rsplit("/", 1)[0] if base.rsplit("/", 1)[-1].isdigit() else base
+
+
+@pytest.fixture(scope="session")
+def test_db() -> int:
+    """A Redis database number this pytest session owns (15 down to 1), so concurrent runs never collide."""
+    wanted = os.environ.get("BATCHGEN_TEST_REDIS_DB")
+    candidates = [int(wanted)] if wanted else list(range(15, 0, -1))
+    for db in candidates:
+        conn = Redis.from_url(f"{_base_url()}/{db}")
+        if conn.set(LOCK_KEY, os.getpid(), nx=True, ex=6 * 3600) or wanted:
+            yield db
+            conn.delete(LOCK_KEY)
+            conn.close()
+            return
+        conn.close()
+    pytest.fail("every Redis test database 1-15 is held by another pytest session")
 
 
 @pytest.fixture
-def redis_url() -> str:
-    base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
-    base = base.rsplit("/", 1)[0] if base.rsplit("/", 1)[-1].isdigit() else base
-    return f"{base}/{TEST_DB}"
+def redis_url(test_db) -> str:
+    return f"{_base_url()}/{test_db}"
 
 
 @pytest.fixture
 def redis_conn(redis_url):
-    """A real Redis, emptied before and after the test (a dedicated database number)."""
+    """A real Redis, emptied before and after the test (a database this session owns)."""
     conn = Redis.from_url(redis_url, decode_responses=True)
     conn.flushdb()
+    conn.set(LOCK_KEY, os.getpid(), ex=6 * 3600)
     yield conn
     conn.flushdb()
+    conn.set(LOCK_KEY, os.getpid(), ex=6 * 3600)
     conn.close()
+
+
+def data_keys(conn: Redis) -> list[str]:
+    """Every key but this session's database lock."""
+    return [k for k in conn.keys("*") if k not in (LOCK_KEY, LOCK_KEY.encode())]
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from tests.cli import batchgen, start_worker
+from tests.conftest import data_keys
 
 
 def write_jsonl(path, rows):
@@ -56,7 +57,7 @@ def test_invalid_input_is_rejected_with_line_numbers_and_nothing_enqueued(redis_
     err = proc.stderr.decode()
     assert ":2: invalid_type" in err and ":3: invalid_json" in err and ":4: invalid_value" in err
     assert "nothing was enqueued" in err
-    assert redis_conn.keys("*") == []
+    assert data_keys(redis_conn) == []
 
 
 def test_skip_invalid_puts_bad_lines_in_the_error_output(redis_url, redis_conn, tmp_path):
