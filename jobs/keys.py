@@ -43,6 +43,11 @@ def batches_index(prefix: str = defaults.KEY_PREFIX) -> str:
     return f"{prefix}:batches"
 
 
+def expiries_index(prefix: str = defaults.KEY_PREFIX) -> str:
+    """ZSET: active batch id scored by expires_at, so any worker can expire overdue batches cheaply."""
+    return f"{prefix}:expiries"
+
+
 def workers_index(prefix: str = defaults.KEY_PREFIX) -> str:
     """SET: names of workers that registered; liveness is the TTL of worker_key."""
     return f"{prefix}:workers"

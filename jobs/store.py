@@ -109,6 +109,8 @@ class BatchStore:
         pipe.hset(k.record, mapping={"total": batch.total, "num_chunks": batch.num_chunks,
                                      "chunk_size": batch.chunk_size})
         pipe.zadd(keys.batches_index(), {batch.id: batch.timestamps.get("created_at", now_s())})
+        if batch.timestamps.get("expires_at"):
+            pipe.zadd(keys.expiries_index(), {batch.id: batch.timestamps["expires_at"]})
         self.transition(batch.id, BatchStatus.IN_PROGRESS, "in_progress_at", [BatchStatus.VALIDATING], pipe)
         if pipeline is None:
             pipe.execute()
@@ -116,6 +118,23 @@ class BatchStore:
     def discard(self, batch_id: str) -> None:
         self.connection.delete(*keys.BatchKeys(batch_id).all())
         self.connection.zrem(keys.batches_index(), batch_id)
+        self.connection.zrem(keys.expiries_index(), batch_id)
+
+    def expire_overdue(self, now: int | None = None) -> list[str]:
+        """Ends batches whose completion window passed: status expired, unfinished requests expired.
+
+        Finished results are kept (as OpenAI does). Returns the ids that this call expired.
+        """
+        now = now_s() if now is None else now
+        expired = []
+        for batch_id in self.connection.zrangebyscore(keys.expiries_index(), "-inf", now):
+            if self.connection.zrem(keys.expiries_index(), batch_id) == 0:
+                continue  # another worker is on it
+            if self.transition(batch_id, BatchStatus.EXPIRED, "expired_at",
+                               [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING]):
+                self.close_remaining(batch_id, Outcome.EXPIRED, "the batch's completion window ended")
+                expired.append(batch_id)
+        return expired
 
     # -- reads ---------------------------------------------------------------------------------------
     def get(self, batch_id: str) -> Batch | None:

@@ -86,3 +86,18 @@ def test_worker_never_runs_another_models_batch(redis_conn, tmp_path):
     batch = client.submit([write_jsonl(tmp_path / "in.jsonl", rows)], model="model-b").batch
     assert make_worker(redis_conn, model="model-a").run() == 0
     assert client.get(batch.id).status == BatchStatus.IN_PROGRESS  # still waiting for a model-b worker
+
+
+def test_overdue_batch_expires_keeping_finished_results(redis_conn, tmp_path):
+    rows = [{"custom_id": f"r{i}", "prompt": "x"} for i in range(10)]
+    client = BatchClient(ProducerConfig(chunk_size=5, completion_window_s=1), connection=redis_conn)
+    batch = client.submit([write_jsonl(tmp_path / "in.jsonl", rows)], model="echo-model").batch
+    from batchgen.jobs.schema import error_line
+
+    client.store.record(batch.id, [(0, error_line("r0", "x", "finished before the deadline"))])
+    assert client.store.expire_overdue(now=batch.timestamps["expires_at"] - 1) == []
+    assert client.store.expire_overdue(now=batch.timestamps["expires_at"] + 1) == [batch.id]
+    final = client.get(batch.id)
+    assert final.status == BatchStatus.EXPIRED
+    assert final.counts["num_expired"] == 9 and final.num_done == 10
+    assert make_worker(redis_conn).run() == 0  # its chunks are skipped

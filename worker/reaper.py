@@ -1,4 +1,5 @@
-"""Reaper: requeues the chunks held by workers whose heartbeat key expired (killed, lost power).
+"""Reaper: requeues the chunks held by workers whose heartbeat key expired (killed, lost power),
+and expires batches whose completion window passed.
 
 Any live worker runs it every few seconds. A requeued chunk re-runs only its requests that have no
 outcome yet, so a dead worker costs at most what it had in flight.
@@ -9,6 +10,7 @@ import time
 
 from batchgen.jobs import keys
 from batchgen.jobs.chunks import ChunkClaims, rq_connection
+from batchgen.jobs.store import BatchStore
 from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -20,6 +22,7 @@ class Reaper:
     def __init__(self, connection: Redis, claims: ChunkClaims, interval_s: float):
         self.connection = connection
         self.claims = claims
+        self.store = BatchStore(connection)
         self.interval_s = interval_s
         self._last = 0.0
 
@@ -30,6 +33,10 @@ class Reaper:
         return self.reap(self_name)
 
     def reap(self, self_name: str = "") -> int:
+        self.store.expire_overdue()
+        return self.requeue_dead(self_name)
+
+    def requeue_dead(self, self_name: str = "") -> int:
         """Requeues chunks claimed by dead workers; returns how many."""
         holders = self.claims.holders()
         dead = {w for w in set(holders.values()) - {self_name}

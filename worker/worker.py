@@ -17,7 +17,7 @@ import redis
 from batchgen.jobs import chunks, keys
 from batchgen.jobs.batch import Batch
 from batchgen.jobs.schema import Request, error_line, success_line
-from batchgen.jobs.states import BatchStatus, Outcome
+from batchgen.jobs.states import BatchStatus
 from batchgen.jobs.store import BatchStore
 from batchgen.worker.config import WorkerConfig
 from batchgen.worker.engine import Engine, GenerationRequest, GenerationResult
@@ -81,6 +81,7 @@ class BatchWorker:
         self._last_heartbeat = 0.0
         self._last_cancel_check = 0.0
         self._idle_sleep_s = 0.05
+        self._reconcile_needed = False
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def run(self) -> int:
@@ -99,6 +100,7 @@ class BatchWorker:
                     backoff_s = 0.5
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     log.warning("Redis unavailable (%s); retrying in %.1fs, engine state kept", exc, backoff_s)
+                    self._reconcile_needed = True
                     time.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, 10.0)
         finally:
@@ -112,6 +114,9 @@ class BatchWorker:
         return False
 
     def _turn(self) -> None:
+        if self._reconcile_needed:
+            self._reconcile_claims()
+            self._reconcile_needed = False
         self._heartbeat()
         self._flush()
         if self.stop_requested_at is None:
@@ -166,7 +171,43 @@ class BatchWorker:
                 return
             self._start_chunk(*got)
 
+    def _reconcile_claims(self) -> None:
+        """After a Redis outage: the claims hash, not our memory, says which chunks we hold.
+
+        A claim whose reply was lost, or a chunk whose start was cut off, is ours in Redis but not
+        here: requeue it. A chunk the reaper gave away while our heartbeat was gone is no longer ours:
+        drop it without touching the new holder's claim (its outcomes are written once either way).
+        """
+        holders = self.claims.holders()
+        for job_id, worker in holders.items():
+            if worker == self.cfg.name and job_id not in self.held:
+                origin = Job.fetch(job_id, connection=chunks.rq_connection(self.connection),
+                                   serializer=JSONSerializer).origin
+                if self.claims.requeue(job_id, origin):
+                    log.warning("requeued chunk %s whose claim was interrupted by the outage", job_id)
+        for job_id in [j for j in self.held if holders.get(j) != self.cfg.name]:
+            log.warning("chunk %s was reaped during the outage; leaving it to its new holder", job_id)
+            held = self.held.pop(job_id)
+            self.engine.abort([f"{held.chunk.batch_id}:{i}" for i in held.open])
+            self.rq.executions.pop(held.execution.id, None)
+            for index in held.open:
+                self.inflight.pop(f"{held.chunk.batch_id}:{index}", None)
+            self.unwritten = [(f, line) for f, line in self.unwritten if f.job_id != job_id]
+
     def _start_chunk(self, job: Job, queue: Queue) -> None:
+        try:
+            self._start_chunk_unguarded(job, queue)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Half-started: forget it here; the claim stays in Redis and _reconcile_claims requeues it.
+            held = self.held.pop(job.id, None)
+            if held is not None:
+                self.engine.abort([f"{held.chunk.batch_id}:{i}" for i in held.open])
+                for index in held.open:
+                    self.inflight.pop(f"{held.chunk.batch_id}:{index}", None)
+                self.unwritten = [(f, line) for f, line in self.unwritten if f.job_id != job.id]
+            raise
+
+    def _start_chunk_unguarded(self, job: Job, queue: Queue) -> None:
         chunk = chunks.Chunk.from_args(job.args)
         execution = self.rq.prepare_execution(job)
         self.rq.prepare_job_execution(job)
@@ -187,10 +228,7 @@ class BatchWorker:
             self._finish_chunk(job.id)
             return
         if batch.timestamps.get("expires_at", 0) and time.time() > batch.timestamps["expires_at"]:
-            if self.store.transition(batch.id, BatchStatus.EXPIRED, "expired_at",
-                                     [BatchStatus.IN_PROGRESS, BatchStatus.VALIDATING]):
-                log.info("batch %s expired", batch.id)
-            self.store.close_remaining(batch.id, Outcome.EXPIRED, "the batch's completion window ended")
+            self.store.expire_overdue()
             self._finish_chunk(job.id)
             return
         pending = self.store.pending(chunk.batch_id, chunk.start, chunk.end)
