@@ -17,6 +17,7 @@ from batchgen.jobs.tasks import RUN_CHUNK
 from redis import ConnectionPool, Redis
 from redis.client import Pipeline
 from rq import Queue
+from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -37,6 +38,15 @@ for i = 2, #KEYS do
   end
 end
 return false
+"""
+
+# Gives a claimed chunk back to the front of its queue in one step, so a process killed in between
+# cannot leave it neither claimed nor queued. KEYS: claims hash, queue, job hash. ARGV: job id.
+_REQUEUE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSET', KEYS[3], 'status', 'queued') end
+return 1
 """
 
 
@@ -112,6 +122,7 @@ class ChunkClaims:
         self.connection = connection
         self.key = keys.claims_key()
         self._claim = connection.register_script(_CLAIM)
+        self._requeue = connection.register_script(_REQUEUE)
 
     def claim(self, queues: Sequence[Queue], worker_name: str) -> tuple[Job, Queue] | None:
         by_key = {q.key: q for q in queues}
@@ -123,7 +134,8 @@ class ChunkClaims:
         queue = by_key[queue_key]
         try:
             job = Job.fetch(job_id, connection=rq_connection(self.connection), serializer=JSONSerializer)
-        except Exception:  # the job hash expired or was deleted (cancelled batch): drop the claim
+        except (NoSuchJobError, DeserializationError):  # job hash expired or deleted (cancelled batch)
+            # Only then: a Redis error here must not drop a claim whose chunk is still owed.
             self.release(job_id)
             return None
         return job, queue
@@ -136,19 +148,15 @@ class ChunkClaims:
 
     def requeue(self, job_id: str, queue_name: str) -> bool:
         """Puts a claimed chunk back at the front of its queue; False if another reaper got it first."""
-        if not self.release(job_id):
-            return False
         rq_conn = rq_connection(self.connection)
         queue = Queue(queue_name, connection=rq_conn, serializer=JSONSerializer)
-        with rq_conn.pipeline() as pipe:
-            try:
-                job = Job.fetch(job_id, connection=rq_conn, serializer=JSONSerializer)
-                queue.started_job_registry.remove_executions(job, pipeline=pipe)
-            except Exception:  # noqa: S110 - a job hash already gone is requeued by id alone
-                pass
-            pipe.lpush(queue.key, job_id)
-            pipe.hset(Job.key_for(job_id), "status", "queued")
-            pipe.execute()
+        if not self._requeue(keys=[self.key, queue.key, Job.key_for(job_id)], args=[job_id]):
+            return False
+        try:
+            job = Job.fetch(job_id, connection=rq_conn, serializer=JSONSerializer)
+            queue.started_job_registry.remove_executions(job)  # bookkeeping for `rq info` only
+        except (NoSuchJobError, DeserializationError):
+            pass
         return True
 
     def remove_queued(self, batch_id: str, queue: Queue, job_ids: Sequence[str]) -> None:
