@@ -168,7 +168,10 @@ def wait(batch_id, timeout_s, poll_s, redis_url, as_json):
         bar.update(b.num_done - bar.n)
         bar.set_postfix_str(b.status.value)
 
-    batch = client.wait(batch_id, timeout_s=timeout_s, poll_s=poll_s, on_poll=on_poll)
+    def on_unavailable(exc: Exception, retry_in_s: float) -> None:
+        click.echo(f"warning: Redis unavailable ({exc}); retrying in {retry_in_s:.1f}s", err=True)
+
+    batch = client.wait(batch_id, timeout_s=timeout_s, poll_s=poll_s, on_poll=on_poll, on_unavailable=on_unavailable)
     bar.close()
     emit(as_json, batch.to_api(), describe(batch))
     if not batch.status.is_terminal:
@@ -268,11 +271,18 @@ def worker_config(**kw: Any):
 @click.option("--burst", is_flag=True, help="Exit when the queues are empty.")
 @click.option("--shutdown-grace", type=float, envvar="BATCHGEN_SHUTDOWN_GRACE", default=defaults.SHUTDOWN_GRACE_S,
               show_default=True, help="Seconds to finish in-flight requests on SIGTERM before requeueing.")
+@click.option("--worker-ttl", type=int, envvar="BATCHGEN_WORKER_TTL", default=defaults.WORKER_TTL_S,
+              show_default=True, help="Seconds without a heartbeat after which other workers requeue this one's chunks.")
+@click.option("--heartbeat-interval", type=float, envvar="BATCHGEN_HEARTBEAT_INTERVAL",
+              default=defaults.HEARTBEAT_INTERVAL_S, show_default=True,
+              help="Seconds between heartbeats (must be under half the worker TTL).")
+@click.option("--echo-step-delay", type=float, envvar="BATCHGEN_ECHO_STEP_DELAY", default=0.0,
+              help="echo engine: seconds each step takes (simulates GPU time; chaos tests).")
 @click.option("--name", help="Worker name (default: host.pid.random).")
 @redis_url_option
 @click.option("-v", "--verbose", is_flag=True)
 @handles_errors
-def worker(priorities, shutdown_grace, name, verbose, **kw):
+def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step_delay, name, verbose, **kw):
     """Run a worker: load the model once (8-bit), then serve its queues until stopped."""
     import logging
 
@@ -285,6 +295,8 @@ def worker(priorities, shutdown_grace, name, verbose, **kw):
     if priorities:
         cfg.priorities = tuple(p for p in defaults.PRIORITIES if p in priorities)
     cfg.shutdown_grace_s = shutdown_grace
+    cfg.worker_ttl_s, cfg.heartbeat_interval_s, cfg.echo_step_delay_s = worker_ttl, heartbeat_interval, echo_step_delay
+    cfg.__post_init__()  # re-validate: the TTL must exceed two heartbeats
     if name:
         cfg.name = name
     engine = build_engine(cfg)

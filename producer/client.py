@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import redis
 from batchgen.jobs import chunks, defaults, keys
 from batchgen.jobs.batch import Batch
 from batchgen.jobs.schema import Request, error_line
@@ -166,11 +167,30 @@ class BatchClient:
         return self.store.recent(limit)
 
     def wait(self, batch_id: str, timeout_s: float | None = None, poll_s: float = 1.0,
-             on_poll: Callable[[Batch], None] | None = None) -> Batch:
-        """Polls until the batch reaches a terminal status or the timeout passes; returns the last state."""
+             on_poll: Callable[[Batch], None] | None = None,
+             on_unavailable: Callable[[Exception, float], None] | None = None) -> Batch:
+        """Polls until the batch reaches a terminal status or the timeout passes; returns the last state.
+
+        A Redis outage after the first poll (restart, failover) is waited out with back-off until the
+        deadline; on_unavailable(exc, retry_in_s) hears about each failed poll.
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        batch = self.get(batch_id)
+        backoff_s = 0.5
         while True:
-            batch = self.get(batch_id)
+            try:
+                batch = self.get(batch_id)
+                backoff_s = 0.5
+            except redis.AuthenticationError:
+                raise
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return batch
+                if on_unavailable:
+                    on_unavailable(exc, backoff_s)
+                time.sleep(backoff_s if deadline is None else max(0.0, min(backoff_s, deadline - time.monotonic())))
+                backoff_s = min(backoff_s * 2, 10.0)
+                continue
             if on_poll:
                 on_poll(batch)
             if batch.status.is_terminal:
