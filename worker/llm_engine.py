@@ -6,28 +6,34 @@ the sampler picks tokens, and the engine checks EOS / stop strings / max_tokens.
 max batch size and restarts the evicted rows from scratch; nothing is lost.
 """
 
+import logging
 import os
 import random
 import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from batchgen.jobs import defaults
 from batchgen.jobs.schema import ErrorInfo, Request
 from batchgen.worker import budget as budget_math
 from batchgen.worker.engine import EngineStats, GenerationRequest, GenerationResult
+from batchgen.worker.int8_linear import INT8_KERNELS, convert_model, int_mm_works
 from batchgen.worker.model_loader import SUPPORTED_MODEL_TYPES, load_model, resolve_device, resolve_dtype
-from batchgen.worker.model_runner import ModelRunner
+from batchgen.worker.model_runner import ModelRunner, flash_works
 from batchgen.worker.sampler import sample
 from batchgen.worker.scheduler import Scheduler
 from batchgen.worker.sequence import Sequence
 
 DEFAULT_MAX_MODEL_LEN = 4096
+CUDA_MIN_PREFILL_TOKENS = 4096  # a packed prefill of a few thousand tokens keeps the tensor cores busy
 CPU_MAX_BATCH_SIZE = 64  # without a cap, CPU batches are limited by cores long before memory
 INJECT_OOM_ENV = "BATCHGEN_INJECT_OOM"
 TOKENS_PER_S_WINDOW_S = 30.0
+STEP_LOG_INTERVAL_S = 30.0
+
+log = logging.getLogger("batchgen.engine")
 
 
 @dataclass
@@ -42,7 +48,12 @@ class EngineConfig:
     max_batch_size: int | None = None  # hard cap on rows
     max_model_len: int | None = None  # None: min(max_position_embeddings, 4096)
     max_prefill_tokens: int | None = None  # tokens per packed prefill; None: max_model_len
-    int8_threshold: float = 6.0
+    int8_threshold: float = 6.0  # bnb's outlier threshold; only the "bnb" kernel has outlier columns
+    # "auto": int_mm where torch._int_mm runs (CUDA, CPU), else bnb. See int8_linear for each kernel.
+    int8_kernel: str = field(default_factory=lambda: os.environ.get("BATCHGEN_INT8_KERNEL", "auto"))
+    # "auto": flash on CUDA in fp16/bf16, else sdpa (masked).
+    attention: str = field(default_factory=lambda: os.environ.get("BATCHGEN_ATTENTION", "auto"))
+    cuda_graphs: bool = field(default_factory=lambda: os.environ.get("BATCHGEN_CUDA_GRAPHS", "1") != "0")
     inject_oom: str | None = None  # test hook, see model_runner.FaultInjector
 
     def __post_init__(self) -> None:
@@ -56,6 +67,10 @@ class EngineConfig:
             raise ValueError("vram_reserve_bytes must be >= 0")
         if self.int8_threshold < 0:
             raise ValueError("int8_threshold must be >= 0")
+        if self.int8_kernel not in ("auto", *INT8_KERNELS):
+            raise ValueError(f"int8_kernel must be auto or one of {INT8_KERNELS}, got {self.int8_kernel!r}")
+        if self.attention not in ("auto", "flash", "sdpa"):
+            raise ValueError(f"attention must be auto, flash or sdpa, got {self.attention!r}")
 
     @classmethod
     def from_env(cls, model: str, **kwargs) -> "EngineConfig":
@@ -89,15 +104,19 @@ class LLMEngine:
         if window is not None:  # the runner attends to the whole row: stay inside the window, where that is exact
             self.max_model_len = min(self.max_model_len, window)
         self.eos_ids = self._eos_ids()
+        self.attention = _resolve_attention(cfg.attention, device, dtype)
         self.runner = ModelRunner(model, device=device, dtype=dtype, max_model_len=self.max_model_len,
-                                  inject_oom=cfg.inject_oom)
-        max_prefill = cfg.max_prefill_tokens or self.max_model_len
+                                  inject_oom=cfg.inject_oom, attention=self.attention, cuda_graphs=cfg.cuda_graphs)
+        max_prefill = cfg.max_prefill_tokens or (
+            max(self.max_model_len, CUDA_MIN_PREFILL_TOKENS) if device.type == "cuda" else self.max_model_len)
         self.budget = self._plan_budget(weights_bytes, max_prefill)
         if self.budget.max_rows < 1:
             raise ValueError(f"not enough memory for one row of {self.max_model_len} tokens: {self.budget}")
         with torch.inference_mode():
             self.runner.allocate_kv(self.budget.max_rows)
+            self.graph_capture_s = self.runner.capture_graphs()
         self.scheduler = Scheduler(self.budget.max_rows, max_prefill_tokens=max_prefill)
+        self.step_stats = StepStats()
         self._keys: set[str] = set()
         self._last_batch = 0
         self._num_ooms = 0
@@ -109,6 +128,11 @@ class LLMEngine:
         dtype = resolve_dtype(cfg.compute_dtype, device)
         loaded = load_model(cfg.model, device=device, dtype=dtype, load_in_8bit=cfg.load_in_8bit,
                             int8_threshold=cfg.int8_threshold)
+        if cfg.load_in_8bit:
+            kernel = resolve_int8_kernel(cfg.int8_kernel, device)
+            if kernel != "bnb":
+                convert_model(loaded.model, kernel)
+            log.info("int8 kernel: %s", kernel)
         return cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
                    weights_bytes=loaded.weights_bytes)
 
@@ -171,12 +195,15 @@ class LLMEngine:
             if not seqs:
                 self._last_batch = 0
                 return []
+            start = time.perf_counter()
             try:
                 logits = self._forward(admitted)
                 tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs],
                                 [len(s.output_ids) for s in seqs])
             except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
                 return self._on_oom(seqs, prefill=bool(admitted))
+        self.step_stats.add(time.perf_counter() - start, len(seqs),
+                            sum(s.num_prompt_tokens for s in admitted) if admitted else 0)
         self._last_batch = len(seqs)
         self._count_tokens(len(seqs))
         results = []
@@ -201,7 +228,9 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         used, free = self.runner.memory_info()
         extra: dict[str, float | int | str] = dict(self.budget.as_stats())
-        extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, device=str(self.device))
+        extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, device=str(self.device),
+                     attention=self.attention, cuda_graphs=int(self.runner.use_graphs),
+                     graph_capture_s=round(self.graph_capture_s, 2), **self.step_stats.as_stats())
         return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._tokens_per_s(),
                            self.num_unfinished, used, free, _gpu_temperature_c(self.device), extra)
 
@@ -304,6 +333,56 @@ class LLMEngine:
             return 0.0
         elapsed = self._num_generated[-1][0] - self._num_generated[0][0]
         return sum(n for _, n in list(self._num_generated)[1:]) / elapsed if elapsed > 0 else 0.0
+
+
+@dataclass
+class StepStats:
+    """Where the engine's time goes: forward + sampling per step (it ends in a host sync, so this is GPU
+    time plus launch overhead); the worker's wall time minus this is queue and bookkeeping time."""
+
+    num_prefill_steps: int = 0
+    num_decode_steps: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    num_prefill_tokens: int = 0
+    num_decode_rows: int = 0
+    last_log: float = field(default_factory=time.monotonic)
+
+    def add(self, seconds: float, num_rows: int, num_prefill_tokens: int) -> None:
+        if num_prefill_tokens:
+            self.num_prefill_steps += 1
+            self.prefill_s += seconds
+            self.num_prefill_tokens += num_prefill_tokens
+        else:
+            self.num_decode_steps += 1
+            self.decode_s += seconds
+            self.num_decode_rows += num_rows
+        if time.monotonic() - self.last_log > STEP_LOG_INTERVAL_S:
+            self.last_log = time.monotonic()
+            log.info("engine steps: %s", self.as_stats())
+
+    def as_stats(self) -> dict[str, float | int]:
+        return {
+            "num_prefill_steps": self.num_prefill_steps, "num_decode_steps": self.num_decode_steps,
+            "prefill_s": round(self.prefill_s, 3), "decode_s": round(self.decode_s, 3),
+            "num_prefill_tokens": self.num_prefill_tokens,
+            "mean_decode_batch": round(self.num_decode_rows / max(1, self.num_decode_steps), 1),
+            "decode_ms_per_step": round(1000 * self.decode_s / max(1, self.num_decode_steps), 2),
+        }
+
+
+def resolve_int8_kernel(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    return "int_mm" if int_mm_works(device) else "bnb"
+
+
+def _resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_works(device, dtype):
+        return "flash"
+    return "sdpa"
 
 
 def _sliding_window(config) -> int | None:

@@ -2,10 +2,11 @@
 
 The forward reuses the loaded HF model's submodules (embeddings, norms, the bnb Linear8bitLt
 projections, the MLP, lm_head, HF's rotary embedding) and replaces only the attention bookkeeping:
-K/V live in a preallocated cache [layers, rows, kv_heads, max_model_len, head_dim], one row per
-running sequence. `decode_step` is a small pure function over those tensors so it can later be
-CUDA-graphed or compiled; `prefill` packs newly admitted prompts into one sequence with a
-block-diagonal causal mask and writes their K/V into their rows.
+K/V live in a preallocated cache [layers, rows, max_model_len, kv_heads, head_dim], one row per
+running sequence. `decode_step` is a small pure function over those tensors, replayed from CUDA
+graphs on the GPU; `prefill` packs newly admitted prompts into one sequence (FlashAttention varlen
+on the GPU, a block-diagonal causal mask elsewhere) and writes their K/V into their rows.
+Projections may be bnb's Linear8bitLt or int8_linear's Int8Linear (fused q/k/v when present).
 """
 
 import random
@@ -14,6 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from batchgen.worker.cuda_graphs import DecodeGraphs
+
+KV_LEN_BUCKET = 256
 
 
 @dataclass
@@ -63,13 +67,27 @@ def forward_layers(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor, 
     for i, layer in enumerate(parts.layers):
         x = layer.input_layernorm(h)
         attn = layer.self_attn
-        q = attn.q_proj(x).view(batch, num_tokens, -1, parts.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(batch, num_tokens, -1, parts.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(batch, num_tokens, -1, parts.head_dim).transpose(1, 2)
+        qkv_proj = getattr(attn, "qkv_proj", None)  # int8_linear's fused q/k/v, when converted
+        if qkv_proj is not None:
+            q, k, v = qkv_proj(x).split(qkv_proj.split_sizes, dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(batch, num_tokens, -1, parts.head_dim).transpose(1, 2)
+        k = k.view(batch, num_tokens, -1, parts.head_dim).transpose(1, 2)
+        v = v.view(batch, num_tokens, -1, parts.head_dim).transpose(1, 2)
         o = attend(i, _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v)
         h = h + attn.o_proj(o.transpose(1, 2).reshape(batch, num_tokens, -1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return parts.norm(h)
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 cu_seqlens_k: torch.Tensor, max_q: int, max_k: int, *, causal: bool, scale: float,
+                 seqused_k: torch.Tensor | None = None) -> torch.Tensor:
+    """FlashAttention-2 over packed sequences (q [Tq, H, D], k/v [Tk, Hkv, D], int32 offsets); with seqused_k
+    only the first seqused_k[i] keys of sequence i are read: decode reads each row's own length, no padding."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, 0.0, causal,
+                                                   False, scale=scale, seqused_k=seqused_k)[0]
 
 
 def decode_step(
@@ -79,21 +97,38 @@ def decode_step(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     kv_len: int,
+    attention: str = "sdpa",
 ) -> torch.Tensor:
     """One token for rows [0, n): input_ids/positions [n] -> logits [n, vocab].
 
-    Row r writes its K/V at positions[r] and attends to keys [0, positions[r]] of its own cache row.
-    GQA without copying K/V: the query heads sharing a KV head become that head's query "sequence".
+    Row r writes its K/V at positions[r] and attends to keys [0, positions[r]] of its own cache row
+    (cache [layers, rows, max_model_len, kv_heads, head_dim]). "flash": FlashAttention varlen reading
+    positions[r] + 1 keys per row; "sdpa": masked attention over keys [0, kv_len) (GQA without copying
+    K/V: the query heads sharing a KV head become that head's query "sequence").
     """
     n = input_ids.shape[0]
-    rows = torch.arange(n, device=input_ids.device)
-    mask = (torch.arange(kv_len, device=input_ids.device)[None, :] <= positions[:, None])[:, None, None, :]
+    device = input_ids.device
+    rows = torch.arange(n, device=device)
     group = parts.num_heads // parts.num_kv_heads
+    max_len = k_cache.shape[2]
+    if attention == "flash":
+        cu_q = torch.arange(n + 1, device=device, dtype=torch.int32)
+        cu_k = cu_q * max_len
+        used = (positions + 1).to(torch.int32)
+    else:
+        mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache[layer][rows, :, positions] = k[:, :, 0]
-        v_cache[layer][rows, :, positions] = v[:, :, 0]
-        keys, values = k_cache[layer, :n, :, :kv_len], v_cache[layer, :n, :, :kv_len]
+        k_cache[layer][rows, positions] = k[:, :, 0]
+        v_cache[layer][rows, positions] = v[:, :, 0]
+        if attention == "flash":
+            keys = k_cache[layer].view(-1, parts.num_kv_heads, parts.head_dim)
+            values = v_cache[layer].view(-1, parts.num_kv_heads, parts.head_dim)
+            o = flash_varlen(q[:, :, 0], keys, values, cu_q, cu_k, 1, kv_len, causal=False, scale=parts.scaling,
+                             seqused_k=used)
+            return o[:, :, None]
+        keys = k_cache[layer, :n, :kv_len].transpose(1, 2)
+        values = v_cache[layer, :n, :kv_len].transpose(1, 2)
         q = q.reshape(n, parts.num_kv_heads, group, parts.head_dim)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=parts.scaling)
         return o.reshape(n, parts.num_heads, 1, parts.head_dim)
@@ -110,24 +145,36 @@ def prefill_step(
     rows: list[int],
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    attention: str = "sdpa",
 ) -> torch.Tensor:
     """Packed prompts: input_ids/positions [T] (positions restart at 0 per prompt), seq_starts the offset of
     each prompt (plus T at the end) -> logits [num_prompts, vocab] of each prompt's last token."""
     num_tokens = input_ids.shape[0]
-    segment = torch.zeros(num_tokens, dtype=torch.long, device=input_ids.device)
-    for start in seq_starts[1:-1]:
-        segment[start:] += 1
-    causal = positions[None, :] <= positions[:, None]
-    mask = (causal & (segment[None, :] == segment[:, None]))[None, None]
+    device = input_ids.device
+    lengths = [end - start for start, end in zip(seq_starts, seq_starts[1:], strict=False)]
+    token_rows = torch.repeat_interleave(torch.tensor(rows, device=device),
+                                         torch.tensor(lengths, device=device), output_size=num_tokens)
+    if attention == "flash":
+        cu = torch.tensor(seq_starts, device=device, dtype=torch.int32)
+        max_len = max(lengths)
+    else:
+        segment = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                          torch.tensor(lengths, device=device), output_size=num_tokens)
+        causal = positions[None, :] <= positions[:, None]
+        mask = (causal & (segment[None, :] == segment[:, None]))[None, None]
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        for row, start, end in zip(rows, seq_starts, seq_starts[1:], strict=False):
-            k_cache[layer, row, :, : end - start] = k[0, :, start:end]
-            v_cache[layer, row, :, : end - start] = v[0, :, start:end]
+        k_tokens, v_tokens = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, kv_heads, head_dim]
+        k_cache[layer][token_rows, positions] = k_tokens
+        v_cache[layer][token_rows, positions] = v_tokens
+        if attention == "flash":
+            o = flash_varlen(q[0].transpose(0, 1).contiguous(), k_tokens.contiguous(), v_tokens.contiguous(), cu, cu,
+                             max_len, max_len, causal=True, scale=parts.scaling)
+            return o.transpose(0, 1)[None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=parts.scaling, enable_gqa=True)
 
     h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], attend)
-    last = torch.tensor(seq_starts[1:], device=input_ids.device) - 1
+    last = torch.tensor(seq_starts[1:], device=device) - 1
     return parts.lm_head(h[0, last])
 
 
@@ -175,15 +222,24 @@ def parse_oom_spec(spec: str) -> tuple[set[int], float, int]:
 
 
 class ModelRunner:
-    """Owns the slot KV cache; runs prefill and decode for the engine."""
+    """Owns the slot KV cache; runs prefill and decode for the engine.
+
+    attention: "flash" (FlashAttention varlen, CUDA fp16/bf16) or "sdpa" (masked, any device).
+    cuda_graphs: replay decode steps from CUDA graphs (cuda_graphs.DecodeGraphs).
+    """
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
-                 inject_oom: str | None = None):
+                 inject_oom: str | None = None, attention: str = "sdpa", cuda_graphs: bool = False):
+        if attention not in ("flash", "sdpa"):
+            raise ValueError(f"unknown attention {attention!r}: use flash or sdpa")
         self.parts = LlamaParts.from_hf(model)
         self.device, self.dtype, self.max_model_len = device, dtype, max_model_len
+        self.attention = attention
         self.k_cache = self.v_cache = torch.empty(0)
         self.max_rows = 0
         self.fault = None
+        self.use_graphs = cuda_graphs and device.type == "cuda" and not inject_oom  # the fault hook is Python
+        self.graphs: DecodeGraphs | None = None
         if inject_oom:
             self.fault = FaultInjector(inject_oom, device)
             self.parts.layers[-1].mlp.register_forward_pre_hook(self.fault)
@@ -193,8 +249,9 @@ class ModelRunner:
         return torch.empty(0, dtype=self.dtype).element_size()
 
     def allocate_kv(self, max_rows: int) -> None:
+        self.graphs = None  # captured graphs point into the old cache
         self.k_cache = self.v_cache = torch.empty(0)
-        shape = (self.parts.num_layers, max_rows, self.parts.num_kv_heads, self.max_model_len, self.parts.head_dim)
+        shape = (self.parts.num_layers, max_rows, self.max_model_len, self.parts.num_kv_heads, self.parts.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.max_rows = max_rows
@@ -203,15 +260,45 @@ class ModelRunner:
         starts = [0]
         for p in prompts:
             starts.append(starts[-1] + len(p))
-        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(self.device)
         positions = torch.cat([torch.arange(len(p)) for p in prompts]).to(self.device)
-        return prefill_step(self.parts, ids, positions, starts, rows, self.k_cache, self.v_cache)
+        return prefill_step(self.parts, ids, positions, starts, rows, self.k_cache, self.v_cache, self.attention)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """tokens/positions for rows [0, len(tokens)); holes carry token 0 at position 0 and are ignored."""
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        return decode_step(self.parts, ids, pos, self.k_cache, self.v_cache, max(positions) + 1)
+        kv_len = self._kv_len(max(positions) + 1)
+        if self.use_graphs:
+            if self.graphs is None:
+                self.graphs = DecodeGraphs(self._decode_static, self.max_rows, self.device)
+            return self.graphs.run(tokens, positions, kv_len)
+        return self.decode_eager(tokens, positions, kv_len)
+
+    def decode_eager(self, tokens: list[int], positions: list[int], kv_len: int | None = None) -> torch.Tensor:
+        ids = torch.tensor(tokens, dtype=torch.long).to(self.device)
+        pos = torch.tensor(positions, dtype=torch.long).to(self.device)
+        return decode_step(self.parts, ids, pos, self.k_cache, self.v_cache,
+                           kv_len or self._kv_len(max(positions) + 1), self.attention)
+
+    def capture_graphs(self) -> float:
+        """Captures every decode graph now (only while no row is running: warm-ups write K/V at position 0);
+        returns the seconds it took."""
+        if not self.use_graphs:
+            return 0.0
+        self.graphs = DecodeGraphs(self._decode_static, self.max_rows, self.device)
+        self.graphs.capture_all(self._kv_len(self.max_model_len))
+        return self.graphs.capture_s
+
+    def _decode_static(self, ids: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        return decode_step(self.parts, ids, positions, self.k_cache, self.v_cache, kv_len, self.attention)
+
+    def _kv_len(self, needed: int) -> int:
+        """Keys a decode step covers. Flash reads each row's own length (kv_len only sizes the launch); masked
+        attention reads [0, kv_len) of every row, so graphs bucket it to bound how many get captured."""
+        if self.attention == "flash":
+            return self.max_model_len
+        if self.use_graphs:
+            return min(self.max_model_len, -(-needed // KV_LEN_BUCKET) * KV_LEN_BUCKET)
+        return needed
 
     def free_cached_memory(self) -> None:
         if self.device.type == "cuda":
@@ -232,7 +319,7 @@ class ModelRunner:
         tokens = min(prefill_tokens, self.max_model_len)
         # Once unmeasured: the first calls also allocate library workspaces (cuBLAS) that stay for good.
         self.prefill([0], [[0] * 8])
-        self.decode([0] * probe_rows, [8] * probe_rows)
+        self.decode_eager([0] * probe_rows, [8] * probe_rows)
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -240,9 +327,25 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         prefill_bytes = torch.cuda.max_memory_allocated(self.device) - base
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.decode([0] * probe_rows, [self.max_model_len - 1] * probe_rows)
+        self.decode_eager([0] * probe_rows, [self.max_model_len - 1] * probe_rows)
         torch.cuda.synchronize(self.device)
         decode_bytes = torch.cuda.max_memory_allocated(self.device) - base
         self.allocate_kv(0)
         torch.cuda.empty_cache()
         return prefill_bytes, -(-decode_bytes // probe_rows)
+
+
+def flash_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether FlashAttention varlen with seqused_k runs here and agrees with plain attention."""
+    try:
+        q = torch.randn(3, 4, 64, device=device, dtype=dtype)
+        kv = torch.randn(2 * 8, 2, 64, device=device, dtype=dtype)
+        cu_q = torch.tensor([0, 1, 3], device=device, dtype=torch.int32)
+        cu_k = torch.tensor([0, 8, 16], device=device, dtype=torch.int32)
+        used = torch.tensor([5, 8], device=device, dtype=torch.int32)
+        out = flash_varlen(q, kv, kv, cu_q, cu_k, 2, 8, causal=True, scale=0.125, seqused_k=used)
+        ref = F.scaled_dot_product_attention(q[:1].transpose(0, 1)[None], kv[None, :5].transpose(1, 2).repeat_interleave(2, 1),
+                                             kv[None, :5].transpose(1, 2).repeat_interleave(2, 1), scale=0.125)
+        return bool(torch.allclose(out[:1], ref[0].transpose(0, 1), atol=2e-2))
+    except (RuntimeError, NotImplementedError):
+        return False
