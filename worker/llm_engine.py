@@ -6,6 +6,7 @@ the sampler picks tokens, and the engine checks EOS / stop strings / max_tokens.
 max batch size and restarts the evicted rows from scratch; nothing is lost.
 """
 
+import json
 import logging
 import os
 import random
@@ -55,6 +56,9 @@ class EngineConfig:
     attention: str = field(default_factory=lambda: os.environ.get("BATCHGEN_ATTENTION", "auto"))
     cuda_graphs: bool = field(default_factory=lambda: os.environ.get("BATCHGEN_CUDA_GRAPHS", "1") != "0")
     inject_oom: str | None = None  # test hook, see model_runner.FaultInjector
+    # Small-VRAM mode (worker/offload.py): stream decoder layers from host memory. None: when the int8
+    # weights do not fit max_vram_bytes on CUDA.
+    offload: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -105,8 +109,7 @@ class LLMEngine:
             self.max_model_len = min(self.max_model_len, window)
         self.eos_ids = self._eos_ids()
         self.attention = _resolve_attention(cfg.attention, device, dtype)
-        self.runner = ModelRunner(model, device=device, dtype=dtype, max_model_len=self.max_model_len,
-                                  inject_oom=cfg.inject_oom, attention=self.attention, cuda_graphs=cfg.cuda_graphs)
+        self.runner = self._make_runner(model, device, dtype)
         max_prefill = cfg.max_prefill_tokens or (
             max(self.max_model_len, CUDA_MIN_PREFILL_TOKENS) if device.type == "cuda" else self.max_model_len)
         self.budget = self._plan_budget(weights_bytes, max_prefill)
@@ -126,6 +129,11 @@ class LLMEngine:
     def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.compute_dtype, device)
+        if cfg.offload or (cfg.offload is None and cfg.max_vram_bytes is not None and device.type == "cuda"):
+            from batchgen.worker import offload
+
+            if offload.wants_streaming(cfg, device, dtype):
+                return offload.StreamingLLMEngine.from_config(cfg)
         loaded = load_model(cfg.model, device=device, dtype=dtype, load_in_8bit=cfg.load_in_8bit,
                             int8_threshold=cfg.int8_threshold)
         if cfg.load_in_8bit:
@@ -137,6 +145,10 @@ class LLMEngine:
                    weights_bytes=loaded.weights_bytes)
 
     # -- setup ------------------------------------------------------------------------------------
+
+    def _make_runner(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> ModelRunner:
+        return ModelRunner(model, device=device, dtype=dtype, max_model_len=self.max_model_len,
+                           inject_oom=self.cfg.inject_oom, attention=self.attention, cuda_graphs=self.cfg.cuda_graphs)
 
     def _eos_ids(self) -> frozenset[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
@@ -211,6 +223,8 @@ class LLMEngine:
             result = self._append(seq, token)
             if result is not None:
                 results.append(result)
+        if not self.num_unfinished:  # drained: say where the time went (benchmarks read this line)
+            log.info("engine steps: %s", json.dumps(self.step_stats.as_stats()))
         return results
 
     def abort(self, keys: Iterable[str]) -> None:
@@ -359,7 +373,7 @@ class StepStats:
             self.num_decode_rows += num_rows
         if time.monotonic() - self.last_log > STEP_LOG_INTERVAL_S:
             self.last_log = time.monotonic()
-            log.info("engine steps: %s", self.as_stats())
+            log.info("engine steps: %s", json.dumps(self.as_stats()))
 
     def as_stats(self) -> dict[str, float | int]:
         return {

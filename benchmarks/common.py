@@ -1,0 +1,123 @@
+"""Shared by the GPU benchmarks: the random 7B-shape model, an exact word-level tokenizer, the workload,
+and measuring helpers (device sync timing, peak VRAM sampled through NVML)."""
+
+import json
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+VOCAB_SIZE = 32000
+SPECIALS = {"<unk>": 0, "<s>": 1, "</s>": 2}
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Req:
+    custom_id: str
+    prompt_ids: list[int]
+    max_tokens: int
+
+    @property
+    def prompt(self) -> str:
+        return " ".join(f"w{t}" for t in self.prompt_ids)
+
+
+def workload(num_requests: int = 2048, seed: int = 0, prompt_len: tuple[int, int] = (32, 512),
+             max_tokens: tuple[int, int] = (32, 256)) -> list[Req]:
+    """Fixed-seed requests; word ids are token ids, so a prompt of n words is exactly n tokens."""
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(num_requests):
+        n = rng.randint(*prompt_len)
+        ids = [rng.randrange(len(SPECIALS), VOCAB_SIZE) for _ in range(n)]
+        reqs.append(Req(f"r{i}", ids, rng.randint(*max_tokens)))
+    return reqs
+
+
+def write_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(SPECIALS)
+    vocab.update({f"w{i}": i for i in range(len(SPECIALS), VOCAB_SIZE)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                 pad_token="<unk>")
+    hf.save_pretrained(out)
+
+
+def build_llama7b(out: Path) -> dict:
+    """Llama-2-7B config, random fp16 weights initialised on the GPU, saved once (skipped if present)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+        return {"build_s": 0.0, "cached": True}
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.float16)
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(out)
+    write_tokenizer(out)
+    del model
+    torch.cuda.empty_cache()
+    return {"build_s": round(time.perf_counter() - start, 1), "cached": False}
+
+
+def sync() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+
+
+class PeakVram:
+    """Samples the GPU's used memory (NVML: every process on the card) in a thread; .peak_bytes."""
+
+    def __init__(self, interval_s: float = 0.05):
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        self.total_bytes = pynvml.nvmlDeviceGetMemoryInfo(self._handle).total
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+        self.util_samples: list[int] = []  # NVML "GPU busy" percent: a kernel was running during the sample
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def used(self) -> int:
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self.used())
+            self.util_samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+            time.sleep(self.interval_s)
+
+    @property
+    def busy_fraction(self) -> float | None:
+        return round(sum(self.util_samples) / (100 * len(self.util_samples)), 3) if self.util_samples else None
+
+    def __enter__(self) -> "PeakVram":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__")
+                               else str(o)) + "\n")
