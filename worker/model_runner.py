@@ -33,6 +33,8 @@ class LlamaParts:
     num_kv_heads: int
     head_dim: int
     scaling: float
+    # Small-VRAM mode (offload.LayerStreamer): iter_layers() yields each decoder layer with its weights on the device.
+    layer_executor: object | None = None
 
     @classmethod
     def from_hf(cls, model: torch.nn.Module) -> "LlamaParts":
@@ -64,7 +66,8 @@ def forward_layers(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor, 
     cos, sin = parts.rotary(h, positions)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     batch, num_tokens, _ = h.shape
-    for i, layer in enumerate(parts.layers):
+    layers = parts.layers if parts.layer_executor is None else parts.layer_executor.iter_layers()
+    for i, layer in enumerate(layers):
         x = layer.input_layernorm(h)
         attn = layer.self_attn
         qkv_proj = getattr(attn, "qkv_proj", None)  # int8_linear's fused q/k/v, when converted

@@ -1,0 +1,107 @@
+"""Small-VRAM mode: a model bigger than the VRAM cap streams its decoder layers from host memory.
+
+On CPU the streaming executor runs its real code path with device "cpu" (host buffers → stage buffers
+are CPU→CPU copies, stream and event calls are no-ops). Whatever is streamed — weights only, weights
+and KV cache, some layers resident or none — the greedy output is token-for-token the resident engine's.
+"""
+
+import pytest
+import torch
+from batchgen.jobs.schema import Request, SamplingParams
+from batchgen.worker.demo_model import write_demo_model
+from batchgen.worker.engine import GenerationRequest
+from batchgen.worker.llm_engine import EngineConfig, LLMEngine
+from batchgen.worker.offload import StreamingLLMEngine, int8_weights_bytes, plan_streaming, wants_streaming
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "batch", "generation", "keeps", "the", "gpu", "busy", "all", "night", "long"]
+PROMPTS = [" ".join(WORDS[i % 7: i % 7 + 2 + (i * 5) % 11]) for i in range(10)]
+MAX_TOKENS = [3 + (i * 7) % 17 for i in range(10)]
+GB = 10**9
+
+
+def greedy(engine: LLMEngine) -> dict[str, tuple[str, str, int]]:
+    requests = [GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=p,
+                                                   params=SamplingParams(temperature=0.0, max_tokens=m)))
+                for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS, strict=True))]
+    assert engine.add(requests) == []
+    results = {}
+    while engine.num_unfinished:
+        for r in engine.step():
+            assert r.error is None, r.error
+            results[r.key] = (r.text, r.finish_reason, r.completion_tokens)
+    return results
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """Six layers, so a plan can keep some resident and stream the rest through two stage buffers."""
+    return write_demo_model(tmp_path_factory.mktemp("demo6"), num_layers=6, chat_template=False)
+
+
+@pytest.fixture(scope="module")
+def resident(model_dir):
+    return greedy(LLMEngine.from_config(EngineConfig(model=str(model_dir), max_batch_size=4)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_placement, num_resident", [("device", 0), ("device", 2), ("host", 0), ("host", 3)])
+def test_streamed_greedy_output_equals_the_resident_engine(model_dir, resident, kv_placement, num_resident):
+    cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True)
+    engine = StreamingLLMEngine.from_config(cfg, kv_placement=kv_placement, num_resident=num_resident)
+    assert engine.plan.num_resident == num_resident and engine.plan.kv_on_host == (kv_placement == "host")
+    assert engine.runner.streamer.num_layers == 6
+    assert greedy(engine) == resident
+    stats = engine.stats().extra
+    assert stats["offload_resident_layers"] == num_resident and stats["max_rows"] == 4
+
+
+@pytest.mark.slow
+def test_offload_flag_routes_from_config_to_the_streaming_engine(model_dir, resident):
+    engine = LLMEngine.from_config(EngineConfig(model=str(model_dir), max_batch_size=4, offload=True))
+    assert isinstance(engine, StreamingLLMEngine)
+    assert greedy(engine) == resident
+
+
+def test_auto_offload_only_on_cuda_when_int8_weights_exceed_the_cap(model_dir):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
+    assert not wants_streaming(EngineConfig(model=str(model_dir), max_vram_bytes=1), cpu, torch.float32)
+    assert wants_streaming(EngineConfig(model=str(model_dir), max_vram_bytes=1, vram_reserve_bytes=0), cuda, torch.float16)
+    assert not wants_streaming(EngineConfig(model=str(model_dir), max_vram_bytes=GB), cuda, torch.float16)
+    assert not wants_streaming(EngineConfig(model=str(model_dir), max_vram_bytes=1, offload=False), cuda, torch.float16)
+
+
+class _Llama13B:
+    hidden_size, intermediate_size, num_hidden_layers = 5120, 13824, 40
+    num_attention_heads = num_key_value_heads = 40
+    vocab_size, tie_word_embeddings = 32000, False
+
+
+def test_13b_weighs_about_13_gb_in_int8():
+    assert 13.2 * GB < int8_weights_bytes(_Llama13B) < 13.5 * GB
+
+
+LAYER_13B = 5120 * (4 * 5120 + 3 * 13824)  # int8 bytes of one decoder layer
+KV_13B = 2 * 40 * 128 * 2  # K+V bytes of one token in one layer, fp16
+
+
+def plan_13b(**kwargs):
+    args = dict(budget_bytes=5 * GB, layer_bytes=LAYER_13B, num_layers=40, kv_bytes_per_token_layer=KV_13B,
+                max_model_len=256, activation_bytes_per_row=2 * 10**6, prefill_bytes=300 * 10**6, max_rows=64)
+    return plan_streaming(**{**args, **kwargs})
+
+
+def test_13b_in_6_gib_keeps_the_kv_on_the_host_for_64_rows():
+    plan = plan_13b()
+    assert plan.kv_on_host and plan.max_rows == 64
+    assert 0 < plan.num_resident < 40 and plan.device_bytes <= 5 * GB
+    device = plan_13b(kv_placement="device")
+    assert not device.kv_on_host and device.max_rows < 64 and device.tokens_per_streamed_gb < plan.tokens_per_streamed_gb
+
+
+def test_everything_resident_when_it_fits_and_no_plan_when_nothing_does():
+    plan = plan_13b(budget_bytes=40 * GB)
+    assert plan.num_resident == 40 and not plan.kv_on_host and plan.streamed_bytes_per_step == 0
+    assert plan_13b(budget_bytes=LAYER_13B) is None  # not even the two stage buffers fit
+    assert plan_13b(num_resident=3).num_resident == 3
+    with pytest.raises(ValueError):
+        plan_13b(kv_placement="disk")

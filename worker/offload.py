@@ -1,0 +1,612 @@
+"""Small-VRAM mode: serve a model whose int8 weights do not fit the VRAM cap, by streaming decoder layers.
+
+The model loads in 8-bit on the CPU (bitsandbytes: an int8 CB matrix and float32 SCB row scales per
+linear). As many decoder layers as the budget allows are copied to the GPU for good; the others live
+in pinned CPU memory and stream in, still int8, into two stage buffers on a side CUDA stream: the copy
+of layer i+1 overlaps the compute of layer i, and events order the two streams. A streamed byte is
+paid once per forward whatever the batch, so micro-batches are made large: throughput ≈ rows ÷
+(bytes streamed per step ÷ host→device bandwidth). When the KV cache of that many rows does not fit
+on the GPU either, it lives in pinned CPU memory, position-major, streams in beside its layer, and
+each step's new K/V go back once per layer (`HostKV`).
+
+Layers run bitsandbytes' own int8 matmul on the streamed CB/SCB, so a streamed layer computes exactly
+what the resident Linear8bitLt would. The device is a parameter: on CPU the same code moves weights
+between two CPU buffers and the stream/event calls are no-ops; that is how the tests run it.
+"""
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from batchgen.worker import budget as budget_math
+from batchgen.worker.int8_linear import KERNELS, FusedInt8Linear, Int8Linear, Int8State
+from batchgen.worker.llm_engine import EngineConfig, LLMEngine, _available_ram_bytes, resolve_int8_kernel
+from batchgen.worker.model_loader import load_model, resolve_device, resolve_dtype
+from batchgen.worker.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# A decode step's compute per weight byte, in "streamed byte" units: HBM is ~50x faster than PCIe,
+# bitsandbytes' kernels are slower than that; used only to rank plans whose streamed bytes tie (e.g. 0).
+COMPUTE_BYTES_RATIO = 0.05
+KV_PLACEMENTS = ("auto", "device", "host")
+STREAMING_MAX_PREFILL_TOKENS = 1024
+
+
+# -- sizing: pure arithmetic, no torch devices ------------------------------------------------------
+
+def int8_weights_bytes(config, dtype_bytes: int = 2) -> int:
+    """What a Llama-family model weighs loaded in 8-bit: int8 linears + float32 row scales, embeddings,
+    lm_head and norms in the compute dtype. From the HF config alone, before loading."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    out_features = q + 2 * kv + h + 2 * inter + h
+    linear = h * (q + 2 * kv) + q * h + 3 * h * inter
+    embeddings = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return layers * (linear + 4 * out_features + 2 * h * dtype_bytes) + (embeddings + h) * dtype_bytes
+
+
+def wants_streaming(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> bool:
+    """offload=None (auto): stream when the int8 weights plus the reserve exceed max_vram_bytes on CUDA."""
+    if cfg.offload is not None:
+        return cfg.offload
+    if cfg.max_vram_bytes is None or device.type != "cuda":
+        return False
+    from transformers import AutoConfig
+
+    weights = int8_weights_bytes(AutoConfig.from_pretrained(cfg.model), torch.empty(0, dtype=dtype).element_size())
+    return weights + cfg.vram_reserve_bytes > cfg.max_vram_bytes
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    max_rows: int
+    kv_on_host: bool
+    num_resident: int  # the first num_resident decoder layers stay on the device
+    streamed_bytes_per_step: int  # weights (+ host KV at half length) crossing the bus per decode step
+    device_bytes: int  # stage buffers + resident layers + KV on the device + activations
+
+    @property
+    def tokens_per_streamed_gb(self) -> float:
+        return self.max_rows / max(1, self.streamed_bytes_per_step) * 1e9
+
+
+def plan_streaming(
+    *,
+    budget_bytes: int,
+    layer_bytes: int,
+    num_layers: int,
+    kv_bytes_per_token_layer: int,
+    max_model_len: int,
+    activation_bytes_per_row: int,
+    prefill_bytes: int,
+    max_rows: int,
+    host_bytes: int | None = None,
+    kv_placement: str = "auto",
+    num_resident: int | None = None,
+) -> StreamPlan | None:
+    """The plan with the most rows per streamed byte (throughput ≈ rows ÷ streamed bytes per step).
+
+    budget_bytes is what the device may hold beyond embeddings/lm_head and the reserve. With the KV on
+    the device it costs rows × full-length KV; on the host the device keeps two per-layer KV stage
+    buffers instead, and each step streams every row's KV (counted at half of max_model_len). Whatever
+    is left holds resident layers; two stage buffers hold the streamed ones. None: not even one row fits.
+    """
+    if kv_placement not in KV_PLACEMENTS:
+        raise ValueError(f"kv_placement must be one of {KV_PLACEMENTS}, got {kv_placement!r}")
+    kv_row_layer = kv_bytes_per_token_layer * max_model_len
+    best, best_score = None, -1.0
+    for on_host in {"auto": (False, True), "device": (False,), "host": (True,)}[kv_placement]:
+        for rows in range(1, max_rows + 1):
+            if on_host and host_bytes is not None and rows * kv_row_layer * num_layers > host_bytes:
+                break
+            kv_device = 2 * rows * kv_row_layer if on_host else rows * kv_row_layer * num_layers
+            left = budget_bytes - prefill_bytes - rows * activation_bytes_per_row - kv_device
+            if left < 0:
+                break
+            resident = min(num_layers, left // layer_bytes)  # every layer resident: no stage buffers
+            if resident < num_layers:
+                if left < 2 * layer_bytes:
+                    break
+                resident = (left - 2 * layer_bytes) // layer_bytes
+            if num_resident is not None:
+                if num_resident > resident:
+                    continue
+                resident = num_resident
+            stages = 0 if resident == num_layers else 2 * layer_bytes
+            streamed = (num_layers - resident) * layer_bytes
+            if on_host:
+                streamed += rows * kv_bytes_per_token_layer * num_layers * max_model_len // 2
+            score = rows / (streamed + COMPUTE_BYTES_RATIO * num_layers * layer_bytes)
+            if score > best_score:
+                used = prefill_bytes + rows * activation_bytes_per_row + kv_device + resident * layer_bytes + stages
+                best, best_score = StreamPlan(rows, on_host, int(resident), int(streamed), int(used)), score
+    return best
+
+
+# -- the device side ------------------------------------------------------------------------------
+
+class _Streams:
+    """A side copy stream and per-slot events on CUDA; no-ops elsewhere (copies are synchronous there)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.copy = torch.cuda.Stream(device) if self.cuda else None
+        self.copied = [None, None]
+        self.done = [None, None]
+
+    def copying(self):
+        return torch.cuda.stream(self.copy) if self.cuda else _NullContext()
+
+    def start_iteration(self) -> None:
+        """Stage buffers are reused: copies wait for all compute already queued (also after an aborted pass)."""
+        if self.cuda:
+            self.copy.wait_stream(torch.cuda.current_stream())
+            self.copied, self.done = [None, None], [None, None]
+
+    def copy_waits_for_compute(self, slot: int) -> None:
+        if self.cuda and self.done[slot] is not None:
+            self.copy.wait_event(self.done[slot])
+
+    def record_copied(self, slot: int) -> None:
+        if self.cuda:
+            self.copied[slot] = self.copy.record_event()
+
+    def compute_waits_for_copy(self, slot: int) -> None:
+        if self.cuda and self.copied[slot] is not None:
+            torch.cuda.current_stream().wait_event(self.copied[slot])
+
+    def record_done(self, slot: int) -> None:
+        if self.cuda:
+            self.done[slot] = torch.cuda.current_stream().record_event()
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class BnbInt8Linear:
+    """int8_kernel "bnb": bitsandbytes' own int8 matmul (with its outlier columns) over CB/SCB views."""
+
+    def __init__(self, state: Int8State, threshold: float):
+        from bitsandbytes.autograd._functions import MatmulLtState
+
+        self.cb, self.bias = state.cb, state.bias
+        self.state = MatmulLtState()
+        self.state.CB, self.state.SCB, self.state.threshold = state.cb, state.scb, threshold
+        self.state.has_fp16_weights = self.state.is_training = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        return bnb.matmul(x, self.cb, bias=self.bias, state=self.state)
+
+
+@dataclass(frozen=True)
+class _LinearSpec:
+    name: str
+    shape: tuple[int, int]
+    cb_offset: int
+    scb_offset: int
+
+
+def _int8_of(linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB, SCB) of a loaded Linear8bitLt, before or after its first forward."""
+    try:
+        state = Int8State.from_bnb(linear)
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"small-VRAM mode streams bnb int8 weights; {type(linear).__name__} has none") from exc
+    return state.cb, state.scb
+
+
+def _repoint(linear: torch.nn.Module, cb: torch.Tensor, scb: torch.Tensor) -> None:
+    """The HF module keeps working on the host copy, so its memory is not held twice."""
+    linear.weight.data = cb
+    if getattr(linear.weight, "CB", None) is not None:
+        linear.weight.CB = cb
+    if getattr(linear.weight, "SCB", None) is not None:
+        linear.weight.SCB = scb
+    if linear.state.CB is not None:
+        linear.state.CB = cb
+    if linear.state.SCB is not None:
+        linear.state.SCB = scb
+
+
+def _layer_specs(layer: torch.nn.Module) -> list[_LinearSpec]:
+    specs, cb_at, scb_at = [], 0, 0
+    for name in LINEARS:
+        cb, _ = _int8_of(layer.get_submodule(name))
+        specs.append(_LinearSpec(name, tuple(cb.shape), cb_at, scb_at))
+        cb_at += cb.numel()
+        scb_at += cb.shape[0]
+    return specs
+
+
+def _views(specs: list[_LinearSpec], cb_flat: torch.Tensor, scb_flat: torch.Tensor,
+           groups: tuple[tuple[str, ...], ...]) -> dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]:
+    """Views of the flat buffers for each group of consecutive linears with the same input (q/k/v,
+    gate/up): their rows are adjacent in the flat layout, so a group is one [sum(out), in] matrix."""
+    by_name = {s.name: s for s in specs}
+    out = {}
+    for group in groups:
+        first, rows = by_name[group[0]], sum(by_name[n].shape[0] for n in group)
+        cb = cb_flat[first.cb_offset: first.cb_offset + rows * first.shape[1]].view(rows, first.shape[1])
+        out[group] = (cb, scb_flat[first.scb_offset: first.scb_offset + rows])
+    return out
+
+
+SINGLE = tuple((n,) for n in LINEARS)
+FUSED = (LINEARS[:3], LINEARS[3:4], LINEARS[4:6], LINEARS[6:])
+
+
+class _DeviceLayer:
+    """Duck-types an HF decoder layer for model_runner.forward_layers, over int8 buffers on the device,
+    with the same int8 kernels as the resident engine (int8_linear's fused q/k/v and gate/up, or bnb)."""
+
+    def __init__(self, hf_layer: torch.nn.Module, specs: list[_LinearSpec], cb: torch.Tensor, scb: torch.Tensor,
+                 *, device: torch.device, kernel: str, threshold: float):
+        self.input_layernorm = copy.deepcopy(hf_layer.input_layernorm).to(device)
+        self.post_attention_layernorm = copy.deepcopy(hf_layer.post_attention_layernorm).to(device)
+        self._act = hf_layer.mlp.act_fn
+        fused = kernel != "bnb"
+        mods = {}
+        for group, (cb_view, scb_view) in _views(specs, cb, scb, FUSED if fused else SINGLE).items():
+            biases = [hf_layer.get_submodule(n).bias for n in group]
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat([b.detach().float() if b is not None else torch.zeros(s.shape[0])
+                                  for b, s in zip(biases, [x for x in specs if x.name in group], strict=True)])
+                bias = bias.to(device)
+            state = Int8State(cb_view, scb_view, bias)
+            if not fused:
+                mods[group[0]] = BnbInt8Linear(state, threshold)
+            elif len(group) > 1:
+                mods[group] = FusedInt8Linear(state, [s.shape[0] for s in specs if s.name in group], kernel)
+            else:
+                mods[group[0]] = Int8Linear(state, kernel)
+        if fused:
+            self.self_attn = SimpleNamespace(qkv_proj=mods[FUSED[0]], o_proj=mods[LINEARS[3]])
+            self._gate_up, self._down = mods[FUSED[2]], mods[LINEARS[6]]
+        else:
+            self.self_attn = SimpleNamespace(**{n.split(".")[1]: mods[n] for n in LINEARS[:4]})
+            self._gate, self._up, self._down = (mods[n] for n in LINEARS[4:])
+            self._gate_up = None
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gate_up is not None:
+            gate, up = self._gate_up(x).split(self._gate_up.split_sizes, dim=-1)
+        else:
+            gate, up = self._gate(x), self._up(x)
+        return self._down(self._act(gate) * up)
+
+
+class LayerStreamer:
+    """The layer executor: yields each decoder layer ready to run, streaming the non-resident ones.
+
+    Layer i's streamed weights (and, with a host KV cache in decode, its K/V) go to stage slot i % 2;
+    the copy into a slot waits until the layer that used it two layers ago has finished computing.
+    """
+
+    def __init__(self, hf_layers: list[torch.nn.Module], *, device: torch.device, num_resident: int,
+                 kernel: str, threshold: float):
+        self.device, self.num_layers, self.num_resident = device, len(hf_layers), num_resident
+        self.specs = _layer_specs(hf_layers[0])
+        pin = device.type == "cuda"
+        self.layer_bytes = 0
+        self.host: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self.layers: list[_DeviceLayer] = []
+        self.streams = _Streams(device)
+        self.kv: HostKV | None = None
+        num_cb = sum(s.shape[0] * s.shape[1] for s in self.specs)
+        num_scb = sum(s.shape[0] for s in self.specs)
+        scb_dtype = _int8_of(hf_layers[0].get_submodule(LINEARS[0]))[1].dtype
+        self.layer_bytes = num_cb + num_scb * torch.empty(0, dtype=scb_dtype).element_size()
+        streamed = num_resident < self.num_layers
+        self.stages = [(torch.empty(num_cb, dtype=torch.int8, device=device),
+                        torch.empty(num_scb, dtype=scb_dtype, device=device)) for _ in range(2 if streamed else 0)]
+        for i, hf_layer in enumerate(hf_layers):
+            if _layer_specs(hf_layer) != self.specs:
+                raise ValueError(f"decoder layer {i} has other shapes than layer 0; cannot share stage buffers")
+            cb = torch.empty(num_cb, dtype=torch.int8, pin_memory=pin)
+            scb = torch.empty(num_scb, dtype=scb_dtype, pin_memory=pin)
+            for (name,), (cb_view, scb_view) in _views(self.specs, cb, scb, SINGLE).items():
+                src_cb, src_scb = _int8_of(hf_layer.get_submodule(name))
+                cb_view.copy_(src_cb)
+                scb_view.copy_(src_scb)
+                _repoint(hf_layer.get_submodule(name), cb_view, scb_view)
+            if i < num_resident:
+                buffers = (cb.to(device), scb.to(device))
+                self.host.append(None)
+            else:
+                buffers = self.stages[i % 2]
+                self.host.append((cb, scb))
+            self.layers.append(_DeviceLayer(hf_layer, self.specs, *buffers, device=device, kernel=kernel,
+                                            threshold=threshold))
+
+    def iter_layers(self) -> Iterator[_DeviceLayer]:
+        s = self.streams
+        s.start_iteration()
+        for j in range(min(2, self.num_layers)):
+            self._prefetch(j)
+        for i in range(self.num_layers):
+            s.compute_waits_for_copy(i % 2)
+            yield self.layers[i]
+            if self.kv is not None:
+                self.kv.after_layer(i)
+            s.record_done(i % 2)
+            if i + 2 < self.num_layers:
+                self._prefetch(i + 2)
+
+    def _prefetch(self, i: int) -> None:
+        host = self.host[i]
+        kv = self.kv is not None and self.kv.decoding
+        if host is None and not kv:
+            return
+        slot = i % 2
+        with self.streams.copying():
+            self.streams.copy_waits_for_compute(slot)
+            if host is not None:
+                self.stages[slot][0].copy_(host[0], non_blocking=True)
+                self.stages[slot][1].copy_(host[1], non_blocking=True)
+            if kv:
+                self.kv.prefetch(i, slot)
+            self.streams.record_copied(slot)
+
+
+class _HostCacheView:
+    """K or V of a HostKV, seen by model_runner's decode/prefill as its [layers, rows, max_len, kv_heads, head_dim] cache."""
+
+    def __init__(self, owner: "HostKV", which: int):
+        self.owner, self.which = owner, which
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        layers, max_len, rows, heads, head_dim = self.owner.host[self.which].shape
+        return layers, rows, max_len, heads, head_dim
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            return self.owner.layer_view(self.which, key[0])[key[1:]]
+        return self.owner.layer_view(self.which, key)
+
+
+class _PromptWriter:
+    """What prefill sees as one layer's cache: `cache[token_rows, positions] = k_tokens` goes to staging."""
+
+    def __init__(self, owner: "HostKV", which: int, layer: int):
+        self.owner, self.which, self.layer = owner, which, layer
+
+    def __setitem__(self, key, value: torch.Tensor) -> None:
+        self.owner.write_prompt(self.which, self.layer, value)
+
+
+class HostKV:
+    """The KV cache in (pinned) host memory, position-major [layers, max_len, rows, kv_heads, head_dim], so
+    the keys of every row up to the step's longest position are one contiguous copy per layer.
+
+    Decode: layer i's [:kv_len] streams into device slot i % 2 (LayerStreamer), the step writes its new
+    K/V there, and after the layer they are gathered into a pinned staging area; end_step() scatters them
+    into the host cache. Prefill: the prompts' K/V go to staging as computed and are scattered likewise.
+    Only masked ("sdpa") decode attention reads it: its device view is strided, not one flat row block.
+    """
+
+    def __init__(self, *, num_layers: int, max_rows: int, num_kv_heads: int, max_model_len: int, head_dim: int,
+                 max_tokens: int, dtype: torch.dtype, device: torch.device):
+        pin = device.type == "cuda"
+        shape = (num_layers, max_model_len, max_rows, num_kv_heads, head_dim)
+        # zeros: masked-out keys must still be finite (0 × NaN is NaN in the attention sum)
+        self.host = [torch.zeros(shape, dtype=dtype, pin_memory=pin) for _ in range(2)]
+        self.slots = [[torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(2)] for _ in range(2)]
+        staging = (num_layers, max(max_tokens, max_rows), num_kv_heads, head_dim)
+        self.staging = [torch.empty(staging, dtype=dtype, pin_memory=pin) for _ in range(2)]
+        self.device = device
+        self.k, self.v = _HostCacheView(self, 0), _HostCacheView(self, 1)
+        self.decoding = self.prefilling = False
+        self._rows = self._positions = self._rows_device = self._positions_device = None
+        self._kv_len = 0
+
+    def begin(self, rows: list[int], positions: list[int], *, decode: bool) -> None:
+        """rows/positions: where each token of the step goes (decode: one per row; prefill: every prompt token)."""
+        self.decoding, self.prefilling = decode, not decode
+        self._rows = torch.tensor(rows, dtype=torch.long)
+        self._positions = torch.tensor(positions, dtype=torch.long)
+        self._kv_len = max(positions) + 1
+        if decode:
+            self._rows_device, self._positions_device = self._rows.to(self.device), self._positions.to(self.device)
+
+    def prefetch(self, layer: int, slot: int) -> None:
+        for which in range(2):
+            self.slots[which][slot][: self._kv_len].copy_(self.host[which][layer, : self._kv_len], non_blocking=True)
+
+    def layer_view(self, which: int, layer: int):
+        if self.prefilling:
+            return _PromptWriter(self, which, layer)
+        if not self.decoding:
+            raise RuntimeError("the host KV cache is reached through a decode or prefill step only")
+        return self.slots[which][layer % 2].transpose(0, 1)  # [rows, max_len, kv_heads, head_dim]
+
+    def after_layer(self, layer: int) -> None:
+        if not self.decoding:
+            return
+        n = len(self._rows)
+        for which in range(2):
+            new = self.slots[which][layer % 2][self._positions_device, self._rows_device]
+            self.staging[which][layer, :n].copy_(new, non_blocking=True)
+
+    def write_prompt(self, which: int, layer: int, value: torch.Tensor) -> None:
+        """value [tokens, kv_heads, head_dim], in the order of the rows/positions given to begin()."""
+        self.staging[which][layer, : value.shape[0]].copy_(value, non_blocking=True)
+
+    def end_step(self) -> None:
+        """Waits for the step's device→host copies and puts them into the host cache."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        n = len(self._rows)
+        for which in range(2):
+            self.host[which][:, self._positions, self._rows] = self.staging[which][:, :n]
+        self.reset()
+
+    def reset(self) -> None:
+        self.decoding = self.prefilling = False
+
+
+class StreamingRunner(ModelRunner):
+    """ModelRunner whose decoder layers come from a LayerStreamer and whose KV may live on the host.
+
+    No CUDA graphs: a streamed step has host-side work between layers (events, copies).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
+                 attention: str, kernel: str, threshold: float):
+        super().__init__(model, device=device, dtype=dtype, max_model_len=max_model_len, attention=attention)
+        p = self.parts
+        p.embed, p.norm, p.lm_head, p.rotary = (copy.deepcopy(m).to(device)
+                                                for m in (p.embed, p.norm, p.lm_head, p.rotary))
+        self.kernel, self.threshold = kernel, threshold
+        self.streamer: LayerStreamer | None = None
+        self.host_kv: HostKV | None = None
+        self.kv_on_host = False
+        self.max_prefill_tokens = max_model_len
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Embeddings, lm_head, final norm: always on the device."""
+        mods = (self.parts.embed, self.parts.norm, self.parts.lm_head)
+        return sum(t.numel() * t.element_size() for m in mods for t in (*m.parameters(), *m.buffers()))
+
+    def host_layer_bytes(self) -> int:
+        specs = _layer_specs(self.parts.layers[0])
+        return sum(s.shape[0] * s.shape[1] + 4 * s.shape[0] for s in specs)
+
+    def configure(self, plan: StreamPlan, max_prefill_tokens: int) -> None:
+        self.streamer = LayerStreamer(self.parts.layers, device=self.device, num_resident=plan.num_resident,
+                                      kernel=self.kernel, threshold=self.threshold)
+        self.parts.layer_executor = self.streamer
+        self.kv_on_host = plan.kv_on_host
+        if plan.kv_on_host:
+            self.attention = "sdpa"
+        self.max_prefill_tokens = max(max_prefill_tokens, self.max_model_len)  # the first prompt is always admitted
+
+    def allocate_kv(self, max_rows: int) -> None:
+        self.host_kv = None
+        if self.streamer is not None:
+            self.streamer.kv = None
+        if not self.kv_on_host or max_rows == 0:
+            return super().allocate_kv(max_rows)
+        p = self.parts
+        self.k_cache = self.v_cache = torch.empty(0)
+        self.host_kv = HostKV(num_layers=p.num_layers, max_rows=max_rows, num_kv_heads=p.num_kv_heads,
+                              max_model_len=self.max_model_len, head_dim=p.head_dim,
+                              max_tokens=self.max_prefill_tokens, dtype=self.dtype, device=self.device)
+        self.k_cache, self.v_cache = self.host_kv.k, self.host_kv.v
+        self.streamer.kv = self.host_kv
+        self.max_rows = max_rows
+
+    def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        if self.host_kv is None:
+            return super().prefill(rows, prompts)
+        token_rows = [r for r, p in zip(rows, prompts, strict=True) for _ in p]
+        positions = [i for p in prompts for i in range(len(p))]
+        return self._with_host_kv(token_rows, positions, False, lambda: super(StreamingRunner, self).prefill(rows, prompts))
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        if self.host_kv is None:
+            return super().decode(tokens, positions)
+        return self._with_host_kv(list(range(len(tokens))), positions, True,
+                                  lambda: self.decode_eager(tokens, positions))
+
+    def _with_host_kv(self, rows: list[int], positions: list[int], decode: bool, forward) -> torch.Tensor:
+        try:
+            self.host_kv.begin(rows, positions, decode=decode)
+            logits = forward()
+            self.host_kv.end_step()
+            return logits
+        finally:
+            self.host_kv.reset()
+
+
+class StreamingLLMEngine(LLMEngine):
+    """LLMEngine over a StreamingRunner: the model is loaded in 8-bit on the host, the budget is a StreamPlan.
+
+    kv_placement / num_resident override the planner's choice (tests, benchmarks).
+    """
+
+    def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
+                 dtype: torch.dtype, weights_bytes: int, kv_placement: str = "auto", num_resident: int | None = None):
+        self.kv_placement, self.num_resident = kv_placement, num_resident
+        self.plan: StreamPlan | None = None
+        if cfg.max_prefill_tokens is None:  # the CUDA default (4096) would spend the small budget on one prefill
+            cfg = dataclasses.replace(cfg, max_prefill_tokens=STREAMING_MAX_PREFILL_TOKENS)
+        super().__init__(cfg, model, tokenizer, device=device, dtype=dtype, weights_bytes=weights_bytes)
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig, **kwargs) -> "StreamingLLMEngine":
+        if not cfg.load_in_8bit:
+            raise ValueError("small-VRAM mode streams int8 weights: load_in_8bit must be on")
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.compute_dtype, device)
+        loaded = load_model(cfg.model, device=torch.device("cpu"), dtype=dtype, load_in_8bit=True,
+                            int8_threshold=cfg.int8_threshold)
+        return cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
+                   weights_bytes=loaded.weights_bytes, **kwargs)
+
+    def _make_runner(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> ModelRunner:
+        if self.cfg.inject_oom:
+            log.warning("BATCHGEN_INJECT_OOM is ignored in small-VRAM mode")
+        kernel = resolve_int8_kernel(self.cfg.int8_kernel, device)
+        if kernel != "bnb" and device.type == "cuda":
+            KERNELS.compile()
+        return StreamingRunner(model, device=device, dtype=dtype, max_model_len=self.max_model_len,
+                               attention=self.attention, kernel=kernel, threshold=self.cfg.int8_threshold)
+
+    def _plan_budget(self, weights_bytes: int, max_prefill_tokens: int) -> budget_math.Budget:
+        cfg, c, runner = self.cfg, self.model.config, self.runner
+        parts, dtype_bytes = runner.parts, runner.kv_dtype_bytes
+        act_per_row = budget_math.estimate_decode_activation_bytes(
+            hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
+            num_heads=parts.num_heads, max_model_len=self.max_model_len, dtype_bytes=dtype_bytes)
+        prefill_bytes = budget_math.estimate_prefill_bytes(
+            hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_heads=parts.num_heads,
+            num_tokens=max_prefill_tokens, dtype_bytes=dtype_bytes)
+        if self.device.type == "cuda":
+            _, free = runner.memory_info()
+            fixed = torch.cuda.memory_allocated(self.device)
+        else:
+            free, fixed = _available_ram_bytes(), runner.fixed_bytes
+        total = budget_math.budget_bytes(free_bytes=free, reserve_bytes=cfg.vram_reserve_bytes,
+                                         max_bytes=cfg.max_vram_bytes, weights_bytes=fixed)
+        host = _available_ram_bytes()
+        plan = plan_streaming(
+            budget_bytes=total, layer_bytes=runner.host_layer_bytes(), num_layers=parts.num_layers,
+            kv_bytes_per_token_layer=2 * parts.num_kv_heads * parts.head_dim * dtype_bytes,
+            max_model_len=self.max_model_len, activation_bytes_per_row=act_per_row, prefill_bytes=prefill_bytes,
+            max_rows=cfg.max_batch_size or budget_math.MAX_ROWS_CEILING,
+            host_bytes=None if host is None else host // 2, kv_placement=self.kv_placement,
+            num_resident=self.num_resident)
+        kv_per_token = budget_math.kv_bytes_per_token(parts.num_layers, parts.num_kv_heads, parts.head_dim,
+                                                      dtype_bytes)
+        if plan is not None:
+            self.plan = plan
+            runner.configure(plan, max_prefill_tokens)
+            self.attention = runner.attention
+            log.info("small-VRAM plan: %s", plan)
+        return budget_math.Budget(total, kv_per_token, kv_per_token * self.max_model_len, act_per_row,
+                                  prefill_bytes, 0 if plan is None else plan.max_rows)
+
+    def stats(self):
+        s = super().stats()
+        if self.plan is not None:
+            s.extra.update(offload_kv_on_host=int(self.plan.kv_on_host), offload_resident_layers=self.plan.num_resident,
+                           offload_streamed_bytes_per_step=self.plan.streamed_bytes_per_step)
+        return s
