@@ -6,6 +6,7 @@ chunks at once is what lets finished rows be refilled across chunk boundaries. R
 registry, StartedJobRegistry and job results are kept up to date, so `rq info` shows the work.
 """
 
+import json
 import logging
 import os
 import signal
@@ -59,6 +60,25 @@ def result_line(flight: InFlight, res: GenerationResult) -> dict[str, Any]:
         flight.request, model=flight.batch.model, text=res.text, finish_reason=res.finish_reason,
         prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
     )
+
+
+def parse_stored_request(raw: str | None) -> tuple[Request | None, str]:
+    """A request as stored by submit, or None and why (hand-written or corrupted hash entries)."""
+    if raw is None:
+        return None, "the request is missing from Redis"
+    try:
+        return Request.model_validate_json(raw), ""
+    except ValueError as exc:  # pydantic's ValidationError, also for invalid JSON
+        detail = "; ".join(" ".join(line.split()) for line in str(exc).splitlines()[1:3]) or str(exc)
+        return None, f"the stored request is invalid: {detail}"
+
+
+def stored_custom_id(raw: str | None, index: int) -> str:
+    try:
+        custom_id = json.loads(raw)["custom_id"] if raw else None
+    except (ValueError, TypeError, KeyError):
+        custom_id = None
+    return custom_id if isinstance(custom_id, str) and custom_id else str(index)
 
 
 class BatchWorker:
@@ -232,15 +252,22 @@ class BatchWorker:
             self._finish_chunk(job.id)
             return
         pending = self.store.pending(chunk.batch_id, chunk.start, chunk.end)
-        requests = self.store.requests(chunk.batch_id, pending)
-        gen = []
-        for index, request in zip(pending, requests, strict=True):
+        raws = self.connection.hmget(keys.BatchKeys(chunk.batch_id).requests, pending) if pending else []
+        gen, poison = [], []
+        for index, raw in zip(pending, raws, strict=True):
+            request, problem = parse_stored_request(raw)
             if request is None:
+                # Unreadable or missing in Redis: an error line, never a crash loop over the same chunk.
+                poison.append((index, error_line(stored_custom_id(raw, index), "invalid_request", problem)))
                 continue
             key = f"{chunk.batch_id}:{index}"
             self.inflight[key] = InFlight(batch, index, request, job.id)
             held.open.add(index)
             gen.append(GenerationRequest(key, request))
+        if poison:
+            log.warning("chunk %s: %d stored request(s) could not be parsed; they get error lines",
+                        job.id, len(poison))
+            self.num_requests_done += len(self.store.record(chunk.batch_id, poison))
         log.info("claimed %s: %d of %d requests still to do", job.id, len(gen), chunk.end - chunk.start)
         self._collect(self.engine.add(gen))
         if not held.open:
