@@ -225,7 +225,7 @@ def workers(redis_url, as_json):
         f"{w['name']}  {w['state']:<8} model={w['model']} batch={w['batch_size']}/{w['max_batch_size']} "
         f"tok/s={w['tokens_per_s']} vram_used={int(w['vram_used_bytes']) / 2**30:.1f}GiB "
         f"free={int(w['vram_free_bytes']) / 2**30:.1f}GiB temp={w['gpu_temperature_c'] or '-'}C "
-        f"done={w['requests_done']}"
+        f"done={w['requests_done']} gpu={w.get('cuda_visible_devices') or '-'}"
         for w in infos
     ]
     emit(as_json, infos, "\n".join(lines) or "no live workers")
@@ -278,11 +278,13 @@ def worker_config(**kw: Any):
               help="Seconds between heartbeats (must be under half the worker TTL).")
 @click.option("--echo-step-delay", type=float, envvar="BATCHGEN_ECHO_STEP_DELAY", default=0.0,
               help="echo engine: seconds each step takes (simulates GPU time; chaos tests).")
-@click.option("--name", help="Worker name (default: host.pid.random).")
+@click.option("--name", help="Worker name (default: host.pid.random; with --gpus: NAME.gpuN).")
+@click.option("--gpus", envvar="BATCHGEN_GPUS",
+              help="One worker process per GPU, e.g. 0,1,2,3 (each gets CUDA_VISIBLE_DEVICES=N).")
 @redis_url_option
 @click.option("-v", "--verbose", is_flag=True)
 @handles_errors
-def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step_delay, name, verbose, **kw):
+def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step_delay, name, gpus, verbose, **kw):
     """Run a worker: load the model once (8-bit), then serve its queues until stopped."""
     import logging
 
@@ -297,6 +299,10 @@ def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step
     cfg.shutdown_grace_s = shutdown_grace
     cfg.worker_ttl_s, cfg.heartbeat_interval_s, cfg.echo_step_delay_s = worker_ttl, heartbeat_interval, echo_step_delay
     cfg.__post_init__()  # re-validate: the TTL must exceed two heartbeats
+    if gpus:  # this process only supervises: see worker/launcher.py
+        from batchgen.worker.launcher import command_line_args, launch
+
+        sys.exit(launch(gpus, command_line_args(click.get_current_context()), name))
     if name:
         cfg.name = name
     engine = build_engine(cfg)
