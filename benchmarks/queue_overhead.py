@@ -69,6 +69,11 @@ def server_commands(conn: redis.Redis) -> int:
     return int(conn.info("stats")["total_commands_processed"])
 
 
+def server_cpu_s(conn: redis.Redis) -> float:
+    cpu = conn.info("cpu")
+    return float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
+
+
 def top_commands(conn: redis.Redis, n: int = 8) -> dict[str, int]:
     stats = conn.info("commandstats")
     calls = {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in stats.items()}
@@ -170,7 +175,7 @@ def drain(url: str, target: Callable, num_workers: int) -> dict[str, Any]:
         ready.acquire()
     conn = redis.Redis.from_url(url)
     conn.config_resetstat()
-    before = server_commands(conn)
+    before, cpu_before = server_commands(conn), server_cpu_s(conn)
     t0 = time.perf_counter()
     start.set()
     reports = []
@@ -186,8 +191,9 @@ def drain(url: str, target: Callable, num_workers: int) -> dict[str, Any]:
     for p in procs:
         p.join()
     commands = server_commands(conn) - before - 1
+    cpu_s = server_cpu_s(conn) - cpu_before
     done = sum(d for d, _, _ in reports)
-    return {"workers": num_workers, "requests": done, "elapsed_s": elapsed, "req_s": done / elapsed,
+    return {"workers": num_workers, "requests": done, "elapsed_s": elapsed, "req_s": done / elapsed, "redis_cpu_s": cpu_s,
             "commands": commands, "round_trips": sum(r for _, r, _ in reports), "top_commands": top_commands(conn)}
 
 
@@ -310,6 +316,11 @@ def main() -> None:
             "drain": {str(w): per(o["round_trips"], n) for w, o, _ in rows},
             "naive_submit": per(rows[0][2]["submit"]["round_trips"], m),
             "naive_drain": {str(w): per(nv["round_trips"], m) for w, _, nv in rows},
+        },
+        # Redis CPU time per request while draining: 1 / this is what one Redis core could sustain.
+        "redis_cpu_us_per_request": {
+            "drain": {str(w): round(o["redis_cpu_s"] / n * 1e6, 1) for w, o, _ in rows},
+            "naive_drain": {str(w): round(nv["redis_cpu_s"] / m * 1e6, 1) for w, _, nv in rows},
         },
         "redis_memory_bytes_per_request": {
             "queued": round((best_submit["memory"] - best_submit["memory_before"]) / n),
