@@ -101,3 +101,23 @@ def test_overdue_batch_expires_keeping_finished_results(redis_conn, tmp_path):
     assert final.status == BatchStatus.EXPIRED
     assert final.counts["num_expired"] == 9 and final.num_done == 10
     assert make_worker(redis_conn).run() == 0  # its chunks are skipped
+
+
+def test_burst_worker_waits_for_a_dead_workers_claim_and_runs_it(redis_conn, tmp_path):
+    """A burst worker must not exit while a just-killed worker's chunk is still claimed (until its TTL)."""
+    import time
+
+    from batchgen.jobs import chunks
+
+    rows = [{"custom_id": f"r{i}", "prompt": "a b"} for i in range(8)]
+    client = BatchClient(ProducerConfig(chunk_size=8), connection=redis_conn)
+    batch = client.submit([write_jsonl(tmp_path / "in.jsonl", rows)], model="echo-model").batch
+    # A worker that claimed the only chunk, heartbeated once long ago, and died: its key lives 2 s more.
+    queues = chunks.queues_for("echo-model", redis_conn)
+    assert chunks.ChunkClaims(redis_conn).claim(queues, "dead-worker") is not None
+    redis_conn.hset(keys.worker_key("dead-worker"), mapping={"last_heartbeat": int(time.time()) - 60})
+    redis_conn.expire(keys.worker_key("dead-worker"), 2)
+
+    worker = make_worker(redis_conn, worker_ttl_s=3, heartbeat_interval_s=0.5)
+    assert worker.run() == 8
+    assert client.get(batch.id).status == BatchStatus.COMPLETED

@@ -36,6 +36,17 @@ class Reaper:
         self.store.expire_overdue()
         return self.requeue_dead(self_name)
 
+    def num_stale_claims(self, self_name: str, stale_after_s: float) -> int:
+        """Claims held by other workers that missed heartbeats: maybe dead, not yet past their TTL."""
+        holders = self.claims.holders()
+        others = sorted(set(holders.values()) - {self_name})
+        pipe = self.connection.pipeline(transaction=False)
+        for w in others:
+            pipe.hget(keys.worker_key(w), "last_heartbeat")
+        beats = dict(zip(others, pipe.execute(), strict=True))
+        cutoff = time.time() - stale_after_s
+        return sum(1 for w in holders.values() if w != self_name and (beats[w] is None or int(beats[w]) < cutoff))
+
     def requeue_dead(self, self_name: str = "") -> int:
         """Requeues chunks claimed by dead workers; returns how many."""
         holders = self.claims.holders()

@@ -145,6 +145,12 @@ class BatchWorker:
         self._check_cancelled()
         if self.engine.num_unfinished == 0:
             if self.cfg.burst and not self.held and self.stop_requested_at is None:
+                # A just-killed worker's chunks come back after its TTL: wait for them rather than
+                # leave them to nobody (bounded by worker_ttl_s).
+                if self.reaper.num_stale_claims(self.cfg.name, 2 * self.cfg.heartbeat_interval_s + 1):
+                    self.reaper.reap(self.cfg.name)
+                    time.sleep(min(0.5, self.cfg.heartbeat_interval_s))
+                    return
                 log.info("worker %s: queues empty, burst done", self.cfg.name)
                 self.stop_requested_at = time.monotonic()
                 return
