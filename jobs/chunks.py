@@ -102,6 +102,7 @@ def queues_for(model: str, connection: Redis, priorities: Sequence[str] = defaul
 
 def enqueue(queue: Queue, chunks: Sequence[Chunk], pipeline: Pipeline) -> None:
     """Creates every chunk job; the first WINDOW go on the queue, the rest wait in the batch's list."""
+    pipeline.sadd(queue.redis_queues_keys, queue.key)  # registers the queue, so `rq info` lists it
     for n, c in enumerate(chunks):
         job = queue.create_job(
             RUN_CHUNK, args=(c.batch_id, c.start, c.end), job_id=c.job_id, timeout=defaults.JOB_TIMEOUT_S,

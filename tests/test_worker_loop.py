@@ -121,3 +121,13 @@ def test_burst_worker_waits_for_a_dead_workers_claim_and_runs_it(redis_conn, tmp
     worker = make_worker(redis_conn, worker_ttl_s=3, heartbeat_interval_s=0.5)
     assert worker.run() == 8
     assert client.get(batch.id).status == BatchStatus.COMPLETED
+
+
+def test_chunk_queue_is_registered_for_rq_info(redis_conn, tmp_path):
+    client = BatchClient(ProducerConfig(chunk_size=4), connection=redis_conn)
+    client.submit([write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}] * 10)], model="echo-model")
+    from batchgen.jobs.chunks import rq_connection
+    from rq import Queue as RQQueue
+
+    names = [q.name for q in RQQueue.all(connection=rq_connection(redis_conn))]
+    assert names == [keys.queue_name("echo-model", "default")]
