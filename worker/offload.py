@@ -53,6 +53,16 @@ def int8_weights_bytes(config, dtype_bytes: int = 2) -> int:
     return layers * (linear + 4 * out_features + 2 * h * dtype_bytes) + (embeddings + h) * dtype_bytes
 
 
+def process_overhead_bytes(device: torch.device) -> int:
+    """Device memory in use outside PyTorch's allocator (CUDA context, library workspaces, other processes).
+
+    A --max-vram cap models a whole card, so this counts against it too; measured, not guessed. On a
+    shared GPU it also counts other processes' memory, which errs on the safe side.
+    """
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, (total - free) - torch.cuda.memory_reserved(device))
+
+
 def wants_streaming(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> bool:
     """offload=None (auto): stream when the int8 weights plus the reserve exceed max_vram_bytes on CUDA."""
     if cfg.offload is not None:
@@ -581,7 +591,7 @@ class StreamingLLMEngine(LLMEngine):
             num_tokens=max_prefill_tokens, dtype_bytes=dtype_bytes)
         if self.device.type == "cuda":
             _, free = runner.memory_info()
-            fixed = torch.cuda.memory_allocated(self.device)
+            fixed = torch.cuda.memory_allocated(self.device) + process_overhead_bytes(self.device)
         else:
             free, fixed = _available_ram_bytes(), runner.fixed_bytes
         total = budget_math.budget_bytes(free_bytes=free, reserve_bytes=cfg.vram_reserve_bytes,
