@@ -199,7 +199,7 @@ def _start_valkey(port: int) -> None:
 
     for _ in range(50):
         try:
-            redis.Redis(port=port).ping()
+            redis.Redis(port=port).flushall()  # a server left by an earlier run on a warm machine: start clean
             return
         except redis.ConnectionError:
             time.sleep(0.1)
@@ -280,6 +280,8 @@ def phase_batchgen(args, reqs: list[Req], out_dir: Path) -> dict:
             client = BatchClient(ProducerConfig(redis_url=url))
             tmp = Path(tempfile.mkdtemp())
             runs = {"batch_512": reqs[:512], "batch_2048": reqs}
+            if args.skip_512:
+                del runs["batch_512"]
             before = None
             texts: dict = {}
             for name, subset in runs.items():
@@ -313,8 +315,10 @@ def phase_batchgen(args, reqs: list[Req], out_dir: Path) -> dict:
             except subprocess.TimeoutExpired:
                 worker.kill()
         result["total_vram_gib"] = round(vram.total_bytes / GIB, 2)
-    result["agreement"] = agreement(reqs[: args.agree_requests], texts, args.agree_tokens)
-    result["fit"] = fit_search(args)
+    if args.agree_requests:
+        result["agreement"] = agreement(reqs[: args.agree_requests], texts, args.agree_tokens)
+    if args.fit:
+        result["fit"] = fit_search(args)
     return result
 
 
@@ -369,7 +373,8 @@ def fit_search(args) -> dict:
             with torch.inference_mode():
                 runner.allocate_kv(rows)
                 runner.capture_graphs()
-                runner.prefill([0], [[5] * max_prefill])
+                lengths = [MAX_MODEL_LEN] * (max_prefill // MAX_MODEL_LEN)
+                runner.prefill(list(range(len(lengths))), [[5] * n for n in lengths])
                 runner.decode(list(range(rows)), [MAX_MODEL_LEN - 1] * rows)
                 torch.cuda.synchronize()
             peak = torch.cuda.max_memory_reserved()
@@ -458,7 +463,7 @@ def phase_baselines(args, reqs: list[Req]) -> dict:
         for module in model.modules():
             if type(module).__name__ == "Linear8bitLt":
                 module.state.threshold = threshold
-        for bs in (64, 128, 256):
+        for bs in args.int8_bs:
             batch = reqs[:bs]
             fits, need_gib = kv_fits(batch)
             row: dict = {"threshold": threshold, "bs": bs, "kv_need_gib": need_gib, "fits": fits}
@@ -477,6 +482,8 @@ def phase_baselines(args, reqs: list[Req]) -> dict:
     # (d) generate_batch (continuous batching), int8 default, on a sample; its max_new_tokens is per call
     sample = reqs[: args.gb_requests]
     try:
+        if not sample:
+            raise RuntimeError("skipped (--gb-requests 0)")
         cfg = GenerationConfig(max_new_tokens=args.gb_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
         with torch.inference_mode():
             wall, res = timed(model.generate_batch, inputs=[r.prompt_ids for r in sample], generation_config=cfg)
@@ -490,7 +497,7 @@ def phase_baselines(args, reqs: list[Req]) -> dict:
     torch.cuda.empty_cache()
     # (c) fp16: dynamic cache, and static cache (generate compiles the decode step)
     model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float16, device_map={"": "cuda:0"})
-    for bs, cache in ((64, None), (128, None), (128, "static")):
+    for bs, cache in args.fp16:
         batch = reqs[:bs]
         fits, need_gib = kv_fits(batch)
         row = {"bs": bs, "cache": cache or "dynamic", "kv_need_gib": need_gib, "fits": fits}
@@ -527,7 +534,7 @@ def merge(dirs: list[Path], repo: Path) -> dict:
     reqs = workload()
     main = bg.get("batch_2048", {})
     int8_best, fp16_best = best(base.get("int8", [])), best(base.get("fp16", []))
-    rows = (bg.get("fit") or {}).get("chosen_rows") or 0
+    rows = (bg.get("fit") or {}).get("chosen_rows") or int((bg.get("worker") or {}).get("max_batch_size") or 0)
     summary = {
         "device": meta.get("device"), "date": meta.get("date"), "workload": meta.get("workload"),
         "batchgen_tok_s": main.get("tok_s"), "batchgen_512_tok_s": (bg.get("batch_512") or {}).get("tok_s"),
@@ -605,6 +612,12 @@ def main() -> None:
     parser.add_argument("--lever-rows", type=int, default=160)
     parser.add_argument("--engine-requests", type=int, default=0, help="levers: run the engine in-process on this many")
     parser.add_argument("--skip-bnb-levers", action="store_true")
+    parser.add_argument("--skip-512", action="store_true")
+    parser.add_argument("--fit", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--int8-bs", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256])
+    parser.add_argument("--fp16", type=lambda s: [(int(b), None if c == "dynamic" else c) for b, c in
+                                                  (x.split(":") for x in s.split(","))],
+                        default=[(64, None), (128, None), (128, "static")], help="bs:cache,... e.g. 128:dynamic")
     parser.add_argument("--agree-requests", type=int, default=8)
     parser.add_argument("--agree-tokens", type=int, default=32)
     parser.add_argument("--probe-steps", type=int, default=16)

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 from batchgen.worker.sequence import SeqStatus, Sequence
 
+ADMIT_GROUP_DIVISOR = 8  # prefill once 1/8 of the rows are free
+
 
 class Scheduler:
     def __init__(self, max_rows: int, *, max_prefill_tokens: int, prefetch: int | None = None):
@@ -47,9 +49,18 @@ class Scheduler:
     def free_rows(self) -> list[int]:
         return [r for r in range(self.max_batch_size) if r not in self.running]
 
+    @property
+    def min_admit(self) -> int:
+        """Sequences worth a prefill while others decode: an eager prefill step costs ~50 ms of launches on a
+        7B model whatever its size, so refilling one freed row per step would spend most of the time there."""
+        return max(1, self.max_batch_size // ADMIT_GROUP_DIVISOR)
+
     def admit(self) -> list[Sequence]:
         """Moves pending sequences into free rows, lowest row first, within the prefill token budget
-        (the first one is always admitted, so a long prompt cannot starve)."""
+        (the first one is always admitted, so a long prompt cannot starve). While rows are decoding, waits
+        until min_admit rows (or every pending sequence) can be admitted together."""
+        if self.running and self.num_free_rows < min(len(self.waiting), self.min_admit):
+            return []
         admitted: list[Sequence] = []
         num_tokens = 0
         for row in self.free_rows():
