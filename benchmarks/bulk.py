@@ -322,36 +322,54 @@ def phase_batchgen(args, reqs: list[Req], out_dir: Path) -> dict:
     return result
 
 
-def agreement(reqs: list[Req], texts: dict, num_tokens: int) -> dict:
-    """batchgen's first num_tokens greedy tokens vs HF generate on the bnb int8 model (threshold 6), batched."""
+def _hf_greedy(reqs: list[Req], num_tokens: int, **load_kwargs) -> list[list[int]]:
+    """HF generate, greedy, left-padded batch, on MODEL_DIR loaded with load_kwargs."""
     torch = _torch()
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float16, device_map={"": "cuda:0"},
-                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
-    out: dict = {"num_requests": len(reqs), "num_tokens": num_tokens, "reference": "HF generate, bnb int8 threshold 6"}
+                                                 **load_kwargs)
+    width = max(len(r.prompt_ids) for r in reqs)
+    ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device="cuda:0")
+    mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs], device="cuda:0")
+    with torch.inference_mode():
+        gen = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=num_tokens,
+                             min_new_tokens=num_tokens, eos_token_id=None, pad_token_id=0)
+    del model
+    torch.cuda.empty_cache()
+    return gen[:, width:].tolist()
+
+
+def _agree(a: list[list[int]], b: list[list[int]], num_tokens: int) -> dict:
+    same = prefix = 0
+    for x, y in zip(a, b, strict=True):
+        same += sum(p == q for p, q in zip(x[:num_tokens], y[:num_tokens], strict=False))
+        k = 0
+        while k < min(len(x), len(y), num_tokens) and x[k] == y[k]:
+            k += 1
+        prefix += k
+    return {"token_agreement": round(same / (num_tokens * len(a)), 3), "mean_identical_prefix": round(prefix / len(a), 1)}
+
+
+def agreement(reqs: list[Req], texts: dict, num_tokens: int) -> dict:
+    """batchgen's first greedy tokens vs HF generate with bnb int8 at threshold 6 and 0, and the two HF
+    variants against each other: on random weights the logits are near-ties, so HF's own int8 variants
+    disagree too, and that is the yardstick for ours."""
+    from transformers import BitsAndBytesConfig
+
+    out: dict = {"num_requests": len(reqs), "num_tokens": num_tokens}
     try:
-        width = max(len(r.prompt_ids) for r in reqs)
-        ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + r.prompt_ids for r in reqs], device="cuda:0")
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in reqs], device="cuda:0")
-        with torch.inference_mode():
-            gen = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=num_tokens,
-                                 min_new_tokens=num_tokens, eos_token_id=None, pad_token_id=0)
-        same = total = prefix = 0
-        for r, row in zip(reqs, gen[:, width:].tolist(), strict=True):
-            ours = [int(w[1:]) for w in texts.get(r.custom_id, "").split()][:num_tokens]
-            total += num_tokens
-            same += sum(a == b for a, b in zip(ours, row, strict=False))
-            k = 0
-            while k < min(len(ours), len(row)) and ours[k] == row[k]:
-                k += 1
-            prefix += k
-        out.update(token_agreement=round(same / total, 3), mean_identical_prefix=round(prefix / len(reqs), 1))
+        ours = [[int(w[1:]) for w in texts.get(r.custom_id, "").split()][:num_tokens] for r in reqs]
+        t6 = _hf_greedy(reqs, num_tokens, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+        t0 = _hf_greedy(reqs, num_tokens, quantization_config=BitsAndBytesConfig(load_in_8bit=True,
+                                                                                  llm_int8_threshold=0.0))
+        out["batchgen_vs_hf_int8_t6"] = _agree(ours, t6, num_tokens)
+        out["batchgen_vs_hf_int8_t0"] = _agree(ours, t0, num_tokens)
+        out["hf_int8_t0_vs_hf_int8_t6"] = _agree(t0, t6, num_tokens)
+        out.update(out["batchgen_vs_hf_int8_t6"])
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
     print("agreement", json.dumps(out), flush=True)
-    del model
-    torch.cuda.empty_cache()
     return out
 
 
