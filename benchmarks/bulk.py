@@ -497,21 +497,8 @@ def phase_baselines(args, reqs: list[Req]) -> dict:
     for module in model.modules():
         if type(module).__name__ == "Linear8bitLt":
             module.state.threshold = 6.0
-    # (d) generate_batch (continuous batching), int8 default, on a sample; its max_new_tokens is per call
-    sample = reqs[: args.gb_requests]
-    try:
-        if not sample:
-            raise RuntimeError("skipped (--gb-requests 0)")
-        cfg = GenerationConfig(max_new_tokens=args.gb_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-        with torch.inference_mode():
-            wall, res = timed(model.generate_batch, inputs=[r.prompt_ids for r in sample], generation_config=cfg)
-        tokens = sum(len(v.generated_tokens) for v in res.values())
-        out["generate_batch"] = {"num_requests": len(sample), "max_new_tokens": args.gb_tokens, "tokens": tokens,
-                                 "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 1)}
-    except Exception as exc:
-        out["generate_batch"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    print("hf generate_batch", json.dumps(out["generate_batch"]), flush=True)
     del model
+    gc.collect()
     torch.cuda.empty_cache()
     # (c) fp16: dynamic cache, and static cache (generate compiles the decode step)
     model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float16, device_map={"": "cuda:0"})
@@ -532,6 +519,28 @@ def phase_baselines(args, reqs: list[Req]) -> dict:
             torch.cuda.empty_cache()
         print("hf fp16", json.dumps(row), flush=True)
         out["fp16"].append(row)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float16, device_map={"": "cuda:0"},
+                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    # (d) generate_batch (continuous batching), int8 default, on a sample; its max_new_tokens is per call
+    sample = reqs[: args.gb_requests]
+    try:
+        if not sample:
+            raise RuntimeError("skipped (--gb-requests 0)")
+        cfg = GenerationConfig(max_new_tokens=args.gb_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        with torch.no_grad():  # generate_batch updates its own tensors in place: not inference mode
+            wall, res = timed(model.generate_batch, inputs=[r.prompt_ids for r in sample], generation_config=cfg)
+        tokens = sum(len(v.generated_tokens) for v in res.values())
+        out["generate_batch"] = {"num_requests": len(sample), "max_new_tokens": args.gb_tokens, "tokens": tokens,
+                                 "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 1)}
+    except Exception as exc:
+        out["generate_batch"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    print("hf generate_batch", json.dumps(out["generate_batch"]), flush=True)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
     return out
 
 
