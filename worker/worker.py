@@ -32,6 +32,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 
 log = logging.getLogger("batchgen.worker")
+MAX_IDLE_SLEEP_S = 0.1
 
 
 @dataclass
@@ -155,7 +156,9 @@ class BatchWorker:
                 self.stop_requested_at = time.monotonic()
                 return
             time.sleep(self._idle_sleep_s)
-            self._idle_sleep_s = min(self._idle_sleep_s * 2, 0.5)
+            # Idle polling is one Lua call per turn; capping the back-off at 0.1 s keeps a lone request's
+            # queue latency small next to its generation time.
+            self._idle_sleep_s = min(self._idle_sleep_s * 2, MAX_IDLE_SLEEP_S)
             return
         self._idle_sleep_s = 0.05
         results = self.engine.step()
