@@ -3,6 +3,8 @@
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 BATCHGEN = [sys.executable, "-m", "batchgen.producer.cli"]
@@ -28,3 +30,14 @@ def start_worker(*args: str, redis_url: str, log: Path, **env: str) -> subproces
     fh = open(log, "ab")  # noqa: SIM115 - the file lives as long as the process
     return subprocess.Popen([*BATCHGEN, "worker", *args], stdout=fh, stderr=subprocess.STDOUT,
                             env=cli_env(redis_url, **env), start_new_session=True)
+
+
+def eventually(check: Callable[[], object], what: str, timeout_s: float = 90, poll_s: float = 0.02):
+    """Polls until check() is truthy; the timeout only turns a hang into a clear failure."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"gave up after {timeout_s}s waiting for {what}")

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from batchgen.producer.config import ProducerConfig
 from batchgen.worker.echo import echo_text
 from redis import Redis
 
-from tests.cli import batchgen, start_worker
+from tests.cli import batchgen, eventually, start_worker
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,16 +43,6 @@ def echo_worker(redis_url: str, log: Path, *extra: str, model: str = "echo-m", d
                 **env: str) -> subprocess.Popen:
     return start_worker("--engine", "echo", "--model", model, "--max-batch", "4", "--echo-step-delay", str(delay),
                         *FAST_TTL, *extra, redis_url=redis_url, log=log, **env)
-
-
-def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 def assert_exactly_once(client: BatchClient, batch_id: str, rows: list[dict]) -> list[dict]:
@@ -107,7 +96,7 @@ def test_kill_9_worker_its_unfinished_requests_are_requeued_and_done_once(redis_
                           output_dir=str(tmp_path / "out")).batch
     victim = echo_worker(redis_url, tmp_path / "victim.log", delay=0.2)
     # Kill it mid-batch: some requests recorded, chunks still claimed by it.
-    wait_for(lambda: redis_conn.hlen(keys.BatchKeys(batch.id).outcomes) >= 4, 30, "first results")
+    eventually(lambda: redis_conn.hlen(keys.BatchKeys(batch.id).outcomes) >= 4, "first results", 30)
     os.killpg(victim.pid, signal.SIGKILL)
     assert victim.wait(timeout=10) == -signal.SIGKILL
     done_before = redis_conn.hlen(keys.BatchKeys(batch.id).outcomes)
@@ -117,7 +106,7 @@ def test_kill_9_worker_its_unfinished_requests_are_requeued_and_done_once(redis_
 
     # Not --burst: a burst worker would see empty queues and exit before the victim's TTL runs out.
     rescuer = echo_worker(redis_url, tmp_path / "rescuer.log", delay=0.01)
-    wait_for(lambda: client.get(batch.id).status.is_terminal, 60, "the rescuer to finish the batch", 0.2)
+    eventually(lambda: client.get(batch.id).status.is_terminal, "the rescuer to finish the batch", 60, 0.2)
     assert stop(rescuer) == 0
     log = (tmp_path / "rescuer.log").read_text()
     assert "requeued chunk" in log and "of dead worker" in log
@@ -143,11 +132,11 @@ def test_redis_restart_mid_run_loses_nothing_and_worker_and_wait_reconnect(tmp_p
         waiter = subprocess.Popen([sys.executable, "-m", "batchgen.producer.cli", "wait", batch.id, "--timeout", "90",
                                    "--poll", "0.2"], env={**os.environ, "REDIS_URL": server.url},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(lambda: conn.hlen(keys.BatchKeys(batch.id).outcomes) >= 8, 30, "first results")
+        eventually(lambda: conn.hlen(keys.BatchKeys(batch.id).outcomes) >= 8, "first results", 30)
         server.restart(down_s=1.5)  # SIGTERM: AOF fsynced; the script cache is empty after the restart
         num_before = conn.hlen(keys.BatchKeys(batch.id).outcomes)  # reconnects after the restart
         assert num_before < len(rows)  # so the worker ran the Lua scripts on a server with an empty script cache
-        wait_for(lambda: client.get(batch.id).status.is_terminal, 90, "the batch to end after the restart", 0.2)
+        eventually(lambda: client.get(batch.id).status.is_terminal, "the batch to end after the restart", 90, 0.2)
         assert worker.poll() is None, "the worker died with Redis"
         assert_exactly_once(client, batch.id, rows)
         assert conn.script_exists(client.store._record.sha) == [True]  # re-loaded on NoScriptError
@@ -169,7 +158,7 @@ def test_sigterm_worker_exits_within_grace_and_a_second_worker_completes_the_bat
     batch = client.submit([write_jsonl(tmp_path / "in.jsonl", rows)], model="echo-m").batch
     # Slow steps, a short grace: in-flight work cannot all finish, so the rest must be handed back.
     first = echo_worker(redis_url, tmp_path / "first.log", "--shutdown-grace", "1", delay=0.4)
-    wait_for(lambda: redis_conn.hlen(keys.BatchKeys(batch.id).outcomes) >= 4, 30, "first results")
+    eventually(lambda: redis_conn.hlen(keys.BatchKeys(batch.id).outcomes) >= 4, "first results", 30)
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=20) == 0  # grace 1 s + a step; generous bound, no timing assertion
     log = (tmp_path / "first.log").read_text()
@@ -203,9 +192,9 @@ def test_injected_ooms_on_the_8bit_model_lose_nothing_and_change_no_output(demo_
     worker = start_worker("--model", str(demo_model_dir), "--served-model-name", "demo", "--max-batch", "4",
                           *FAST_TTL, redis_url=redis_url, log=tmp_path / "worker.log",
                           BATCHGEN_INJECT_OOM="steps=2,5")
-    wait_for(lambda: client.get(batch.id).status.is_terminal, 240, "the batch to end", 0.2)
+    eventually(lambda: client.get(batch.id).status.is_terminal, "the batch to end", 240, 0.2)
     # The OOMs really happened: the worker's heartbeat shows the batch cap halved twice.
-    wait_for(lambda: any(w.get("max_batch_size") == "1" for w in client.workers()), 30, "max_batch_size 1")
+    eventually(lambda: any(w.get("max_batch_size") == "1" for w in client.workers()), "max_batch_size 1", 30)
     assert stop(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
     lines = list(client.results(batch.id))
     assert sorted(ln["custom_id"] for ln in lines) == sorted(expected)  # each exactly once

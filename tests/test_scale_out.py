@@ -8,7 +8,6 @@ pending, which custom_ids came back how often), never about wall-clock time.
 import json
 import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from batchgen.worker.echo import EchoEngine
 from batchgen.worker.launcher import child_specs, parse_gpus
 from batchgen.worker.worker import BatchWorker
 
-from tests.cli import batchgen, start_worker
+from tests.cli import batchgen, eventually, start_worker
 
 FAST_REAP = ("--worker-ttl", "3", "--heartbeat-interval", "1")  # a kill -9'd worker is reaped in ~3-5 s
 
@@ -35,17 +34,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 def prompts(prefix: str, n: int, words: int = 3) -> list[dict]:
     return [{"custom_id": f"{prefix}-{i}", "prompt": " ".join(f"{prefix}{i}w{j}" for j in range(words))}
             for i in range(n)]
-
-
-def eventually(check: Callable[[], object], what: str, timeout_s: float = 90, poll_s: float = 0.02):
-    """Polls until check() is truthy; the timeout only turns a hang into a clear failure."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 def stop(procs, logs) -> None:
