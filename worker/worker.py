@@ -183,9 +183,8 @@ class BatchWorker:
         try:
             self._flush()
             for job_id, held in list(self.held.items()):
-                self.engine.abort(self._keys_of(job_id))
+                self._drop(job_id)
                 self.claims.requeue(job_id, held.queue.name)
-                self._forget(job_id)
             self.rq.register_death()
             self.connection.srem(keys.workers_index(), self.cfg.name)
             self.connection.delete(keys.worker_key(self.cfg.name))
@@ -216,24 +215,14 @@ class BatchWorker:
                     log.warning("requeued chunk %s whose claim was interrupted by the outage", job_id)
         for job_id in [j for j in self.held if holders.get(j) != self.cfg.name]:
             log.warning("chunk %s was reaped during the outage; leaving it to its new holder", job_id)
-            held = self.held.pop(job_id)
-            self.engine.abort([f"{held.chunk.batch_id}:{i}" for i in held.open])
-            self.rq.executions.pop(held.execution.id, None)
-            for index in held.open:
-                self.inflight.pop(f"{held.chunk.batch_id}:{index}", None)
-            self.unwritten = [(f, line) for f, line in self.unwritten if f.job_id != job_id]
+            self._drop(job_id)
 
     def _start_chunk(self, job: Job, queue: Queue) -> None:
         try:
             self._start_chunk_unguarded(job, queue)
         except (redis.ConnectionError, redis.TimeoutError):
             # Half-started: forget it here; the claim stays in Redis and _reconcile_claims requeues it.
-            held = self.held.pop(job.id, None)
-            if held is not None:
-                self.engine.abort([f"{held.chunk.batch_id}:{i}" for i in held.open])
-                for index in held.open:
-                    self.inflight.pop(f"{held.chunk.batch_id}:{index}", None)
-                self.unwritten = [(f, line) for f, line in self.unwritten if f.job_id != job.id]
+            self._drop(job.id)
             raise
 
     def _start_chunk_unguarded(self, job: Job, queue: Queue) -> None:
@@ -337,16 +326,22 @@ class BatchWorker:
         self._forget(job_id)
 
     def _forget(self, job_id: str) -> None:
-        held = self.held.pop(job_id, None)
-        if held is not None:
-            self.rq.executions.pop(held.execution.id, None)
+        """Drops a held chunk here and releases its claim in Redis."""
+        if self._drop(job_id) is not None:
             self.claims.release(job_id)
-            for index in held.open:
-                self.inflight.pop(f"{held.chunk.batch_id}:{index}", None)
 
-    def _keys_of(self, job_id: str) -> list[str]:
-        held = self.held[job_id]
-        return [f"{held.chunk.batch_id}:{i}" for i in held.open]
+    def _drop(self, job_id: str) -> HeldChunk | None:
+        """Drops a held chunk here only: its engine rows, in-flight entries and unwritten results."""
+        held = self.held.pop(job_id, None)
+        if held is None:
+            return None
+        keys_open = [f"{held.chunk.batch_id}:{i}" for i in held.open]
+        self.engine.abort(keys_open)
+        for key in keys_open:
+            self.inflight.pop(key, None)
+        self.rq.executions.pop(held.execution.id, None)
+        self.unwritten = [(f, line) for f, line in self.unwritten if f.job_id != job_id]
+        return held
 
     # -- cancellation, heartbeat ---------------------------------------------------------------------
     def _check_cancelled(self) -> None:
@@ -363,7 +358,6 @@ class BatchWorker:
                                                          BatchStatus.EXPIRED):
                 log.info("batch %s is %s: dropping its in-flight requests", batch_id, status)
                 for job_id in [j for j, h in self.held.items() if h.chunk.batch_id == batch_id]:
-                    self.engine.abort(self._keys_of(job_id))
                     self._finish_chunk(job_id)
 
     def _heartbeat(self, force: bool = False) -> None:
