@@ -158,6 +158,9 @@ class BatchClient:
 
     # -- follow ----------------------------------------------------------------------------------------
     def get(self, batch_id: str) -> Batch:
+        # Expiry must not depend on a worker being alive (OpenAI expires batches server-side too):
+        # whoever looks first ends overdue batches. One ZRANGEBYSCORE when nothing is overdue.
+        self.store.expire_overdue()
         batch = self.store.get(batch_id)
         if batch is None:
             raise BatchNotFound(f"no batch {batch_id!r} (expired or never submitted)")

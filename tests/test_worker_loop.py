@@ -131,3 +131,14 @@ def test_chunk_queue_is_registered_for_rq_info(redis_conn, tmp_path):
 
     names = [q.name for q in RQQueue.all(connection=rq_connection(redis_conn))]
     assert names == [keys.queue_name("echo-model", "default")]
+
+
+def test_status_expires_an_overdue_batch_even_with_no_worker(redis_conn, tmp_path):
+    import time
+
+    client = BatchClient(ProducerConfig(completion_window_s=1), connection=redis_conn)
+    batch = client.submit([write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}] * 3)], model="nobody").batch
+    assert client.get(batch.id).status == BatchStatus.IN_PROGRESS
+    time.sleep(2.1)
+    expired = client.get(batch.id)
+    assert expired.status == BatchStatus.EXPIRED and expired.counts["num_expired"] == 3
