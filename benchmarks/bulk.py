@@ -25,7 +25,6 @@ import gc
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks.common import GIB, PeakVram, Req, build_llama7b, workload, write_json
+from benchmarks.common import GIB, PeakVram, Req, build_llama7b, stop_process, workload, write_json
 
 MODEL_DIR = Path("/tmp/llama7b-random")
 SERVED = "llama7b-random"
@@ -309,11 +308,7 @@ def phase_batchgen(args, reqs: list[Req], out_dir: Path) -> dict:
             listed = json.loads(_cli("workers", "--json", "--redis-url", url, env=env).stdout or "[]")
             result["worker_after"] = next((w for w in listed if w.get("model") == SERVED), None)
         finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            stop_process(worker, 60)
         result["total_vram_gib"] = round(vram.total_bytes / GIB, 2)
     if args.agree_requests:
         result["agreement"] = agreement(reqs[: args.agree_requests], texts, args.agree_tokens)

@@ -117,6 +117,18 @@ class PeakVram:
         self._thread.join()
 
 
+def stop_process(proc, timeout_s: float) -> None:
+    """SIGTERM (a worker finishes or requeues its in-flight requests), then SIGKILL after timeout_s."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__")

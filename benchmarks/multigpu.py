@@ -15,7 +15,6 @@ import collections
 import datetime
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bulk import MAX_MODEL_LEN, MODEL_DIR, SERVED, _start_valkey, _write_jsonl
-from benchmarks.common import build_llama7b, workload, write_json
+from benchmarks.common import build_llama7b, stop_process, workload, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,11 +77,7 @@ def run_phase(gpus: list[int], reqs, url: str, tmp: Path) -> dict:
         return {"gpus": len(gpus), "requests": len(reqs), "status": batch.status.value, "tokens": tokens,
                 "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 1), **once}
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 90)
 
 
 def main() -> None:
