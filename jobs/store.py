@@ -201,13 +201,18 @@ class BatchStore:
         code = {Outcome.CANCELLED: "batch_cancelled", Outcome.EXPIRED: "batch_expired"}[outcome]
         done = {int(i) for i in self.connection.hkeys(keys.BatchKeys(batch_id).outcomes)}
         missing = [i for i in range(batch.total) if i not in done]
-        closed = 0
-        for page_start in range(0, len(missing), PAGE):
-            page = missing[page_start : page_start + PAGE]
+        return self.fail(batch_id, missing, code, message, status_code=None)
+
+    def fail(self, batch_id: str, indexes: Sequence[int], code: str, message: str,
+             status_code: int | None = 400) -> int:
+        """Records one error line per request index (named by its stored custom_id); returns how many were new."""
+        recorded = 0
+        for page_start in range(0, len(indexes), PAGE):
+            page = indexes[page_start : page_start + PAGE]
             reqs = self.requests(batch_id, page)
             lines = [
-                (i, error_line(r.custom_id if r else str(i), code, message, status_code=None))
+                (i, error_line(r.custom_id if r else str(i), code, message, status_code=status_code))
                 for i, r in zip(page, reqs, strict=True)
             ]
-            closed += len(self.record(batch_id, lines))
-        return closed
+            recorded += len(self.record(batch_id, lines))
+        return recorded

@@ -142,3 +142,15 @@ def test_status_expires_an_overdue_batch_even_with_no_worker(redis_conn, tmp_pat
     time.sleep(2.1)
     expired = client.get(batch.id)
     assert expired.status == BatchStatus.EXPIRED and expired.counts["num_expired"] == 3
+
+
+def test_chunk_on_the_wrong_models_queue_fails_loudly_instead_of_running(redis_conn, tmp_path):
+    client = BatchClient(ProducerConfig(chunk_size=4), connection=redis_conn)
+    batch = client.submit([write_jsonl(tmp_path / "in.jsonl", [{"custom_id": f"c{i}", "prompt": "x"}
+                                                               for i in range(6)])], model="echo-model").batch
+    redis_conn.hset(keys.BatchKeys(batch.id).record, "model", "another-model")  # its chunks sit on echo-model's queue
+    assert make_worker(redis_conn).run() == 0
+    lines = list(client.results(batch.id, ordered=True))
+    assert [ln["custom_id"] for ln in lines] == [f"c{i}" for i in range(6)]
+    assert {ln["error"]["code"] for ln in lines} == {"model_mismatch"}
+    assert client.get(batch.id).request_counts == {"total": 6, "completed": 0, "failed": 6}

@@ -238,11 +238,9 @@ class BatchWorker:
             return
         if batch.model != self.cfg.served_name:
             # Never run a batch on the wrong model: its requests fail loudly instead.
-            pending = self.store.pending(chunk.batch_id, chunk.start, chunk.end)
-            reqs = self.store.requests(chunk.batch_id, pending)
             msg = f"batch asks for model {batch.model!r}, this worker serves {self.cfg.served_name!r}"
-            self.store.record(chunk.batch_id, [(i, error_line(r.custom_id if r else str(i), "model_mismatch", msg))
-                                               for i, r in zip(pending, reqs, strict=True)])
+            self.store.fail(chunk.batch_id, self.store.pending(chunk.batch_id, chunk.start, chunk.end),
+                            "model_mismatch", msg)
             self._finish_chunk(job.id)
             return
         if batch.timestamps.get("expires_at", 0) and time.time() > batch.timestamps["expires_at"]:
