@@ -106,7 +106,9 @@ def cap_memory() -> None:
 
 # -- phases, each in its own process ----------------------------------------------------------------
 
-def phase_batchgen(model: str, device: str) -> dict:
+def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
+    """variant: "auto" (the planner's choice, as `batchgen worker --max-vram 6GiB` runs it) or a lever,
+    placement[/host KV dtype[/max prefill tokens]], e.g. "host", "cpu/bfloat16", "cpu/float32/2048"."""
     import torch
     from batchgen.jobs.schema import Request, SamplingParams
     from batchgen.worker.engine import GenerationRequest
@@ -115,10 +117,16 @@ def phase_batchgen(model: str, device: str) -> dict:
     cuda = device == "cuda"
     if cuda:
         cap_memory()
+    kv_placement, kv_dtype, prefill = (variant.split("/") + ["float32", "1024"])[:3]
     cfg = EngineConfig(model=model, device=device, max_vram_bytes=CAP_BYTES if cuda else None, offload=None if cuda else True,
-                       max_model_len=256, max_prefill_tokens=1024, max_batch_size=NUM_REQUESTS)
+                       max_model_len=256, max_prefill_tokens=int(prefill), max_batch_size=NUM_REQUESTS)
     start = time.perf_counter()
-    engine = LLMEngine.from_config(cfg)
+    if kv_placement == "auto":
+        engine = LLMEngine.from_config(cfg)
+    else:
+        from batchgen.worker.offload import StreamingLLMEngine
+
+        engine = StreamingLLMEngine.from_config(cfg, kv_placement=kv_placement, host_kv_dtype=getattr(torch, kv_dtype))
     load_s = time.perf_counter() - start
 
     def run(batch: list[list[int]], max_tokens: int) -> float:
@@ -144,6 +152,7 @@ def phase_batchgen(model: str, device: str) -> dict:
     out = {
         "engine": type(engine).__name__, "load_s": round(load_s, 1), "warmup_s": round(warm_s, 1),
         "elapsed_s": round(elapsed, 2), "tok_s": round(NUM_REQUESTS * NEW_TOKENS / elapsed, 1),
+        "variant": variant,
         "plan": None if plan is None else vars(plan) | {"tokens_per_streamed_gb": round(plan.tokens_per_streamed_gb, 2)},
         "steps": engine.step_stats.as_stats(), "attention": engine.attention,
     }
@@ -215,11 +224,12 @@ def phase_accelerate(model: str, batch: int = 16) -> dict:
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3)}
 
 
-def run_phase(name: str, model: str, timeout_s: float, out_dir: Path) -> dict:
+def run_phase(name: str, model: str, timeout_s: float, out_dir: Path, variant: str = "auto") -> dict:
     if timeout_s < 30:
         return {"error": "not run: out of time"}
-    path = out_dir / f"phase_{name}.json"
-    cmd = [sys.executable, "-m", "benchmarks.small_vram", "--phase", name, "--model", model, "--phase-out", str(path)]
+    path = out_dir / f"phase_{name}_{variant.replace('/', '_')}.json"
+    cmd = [sys.executable, "-m", "benchmarks.small_vram", "--phase", name, "--model", model, "--phase-out", str(path),
+           "--variant", variant]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True)
@@ -230,7 +240,7 @@ def run_phase(name: str, model: str, timeout_s: float, out_dir: Path) -> dict:
     result["wall_s"] = round(time.perf_counter() - start, 1)
     if proc.returncode:
         result["stderr_tail"] = proc.stderr[-1500:]
-    print(f"[{name}] {json.dumps(result)[:1500]}", flush=True)
+    print(f"[{name} {variant}] {json.dumps(result)[:1500]}", flush=True)
     return result
 
 
@@ -240,10 +250,14 @@ def main() -> None:
     ap.add_argument("--phase", choices=["batchgen", "seed", "accelerate"])
     ap.add_argument("--model", default=str(MODEL_DIR))
     ap.add_argument("--phase-out", type=Path)
+    ap.add_argument("--variant", default="auto", help="batchgen phase: see phase_batchgen")
+    ap.add_argument("--levers", default="host",
+                    help="also run batchgen as these variants (comma-separated; '' for none)")
+    ap.add_argument("--skip-baselines", action="store_true", help="no seed / accelerate phases")
     ap.add_argument("--smoke", action="store_true", help="tiny random model on CPU, batchgen phase only")
     args = ap.parse_args()
     if args.phase:
-        phases = {"batchgen": lambda: phase_batchgen(args.model, "cuda"), "seed": lambda: phase_seed(args.model),
+        phases = {"batchgen": lambda: phase_batchgen(args.model, "cuda", args.variant), "seed": lambda: phase_seed(args.model),
                   "accelerate": lambda: phase_accelerate(args.model)}
         write_json(args.phase_out, phases[args.phase]())
         return
@@ -257,7 +271,7 @@ def main() -> None:
         write_tokenizer(out)
         global NUM_REQUESTS, NEW_TOKENS
         NUM_REQUESTS, NEW_TOKENS = 8, 5
-        print(json.dumps(phase_batchgen(str(out), "cpu"), indent=2))
+        print(json.dumps(phase_batchgen(str(out), "cpu", args.variant), indent=2))
         return
 
     import torch
@@ -283,8 +297,16 @@ def main() -> None:
             "bound_note": "bound = 64 tok/step x pinned H2D / (int8 model - 6 GiB); with_kv adds the mean KV of "
                           "64 rows (fp16, 178 tokens) that a 6 GiB card cannot hold and must also stream"}
     json_path = args.out_dir / "small_vram.json"
-    res["batchgen"] = run_phase("batchgen", str(MODEL_DIR), min(330, left_s() - 10), args.out_dir)
+    res["batchgen"] = run_phase("batchgen", str(MODEL_DIR), min(200, left_s() - 10), args.out_dir)
     write_json(json_path, res)
+    for variant in filter(None, args.levers.split(",")):  # the same engine with one lever changed
+        reserve = 10 if args.skip_baselines else 110
+        res.setdefault("levers", {})[variant] = run_phase("batchgen", str(MODEL_DIR), min(200, left_s() - reserve),
+                                                          args.out_dir, variant)
+        write_json(json_path, res)
+    if args.skip_baselines:
+        print(json.dumps({k: v.get("tok_s") for k, v in res["levers"].items()} | {"auto": res["batchgen"].get("tok_s")}))
+        return
     res["seed"] = run_phase("seed", str(MODEL_DIR), min(100, left_s() - 5), args.out_dir)
     write_json(json_path, res)
     res["accelerate"] = run_phase("accelerate", str(MODEL_DIR), left_s() - 5, args.out_dir)

@@ -44,15 +44,17 @@ def resident(model_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kv_placement, num_resident", [("device", 0), ("device", 2), ("host", 0), ("host", 3)])
+@pytest.mark.parametrize("kv_placement, num_resident",
+                         [("device", 0), ("device", 2), ("host", 0), ("host", 3), ("cpu", 0), ("cpu", 3)])
 def test_streamed_greedy_output_equals_the_resident_engine(model_dir, resident, kv_placement, num_resident):
     cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True)
     engine = StreamingLLMEngine.from_config(cfg, kv_placement=kv_placement, num_resident=num_resident)
-    assert engine.plan.num_resident == num_resident and engine.plan.kv_on_host == (kv_placement == "host")
+    assert engine.plan.num_resident == num_resident and engine.plan.kv_placement == kv_placement
     assert engine.runner.streamer.num_layers == 6
     assert greedy(engine) == resident
     stats = engine.stats().extra
     assert stats["offload_resident_layers"] == num_resident and stats["max_rows"] == 4
+    assert stats["offload_cpu_attention"] == (kv_placement == "cpu")
 
 
 @pytest.mark.slow
@@ -105,3 +107,15 @@ def test_everything_resident_when_it_fits_and_no_plan_when_nothing_does():
     assert plan_13b(num_resident=3).num_resident == 3
     with pytest.raises(ValueError):
         plan_13b(kv_placement="disk")
+
+
+def test_cpu_attention_frees_the_kv_stage_buffers_and_wins_only_when_the_host_reads_fast_enough():
+    kv_cpu = 2 * KV_13B  # the host cache is float32
+    host = plan_13b()
+    fast = plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu, cpu_attention_cost=0.5)
+    assert fast.kv_placement == "cpu" and fast.max_rows == 64 and fast.num_resident > host.num_resident
+    assert fast.streamed_bytes_per_step == (40 - fast.num_resident) * LAYER_13B  # weights only cross the bus
+    slow = plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu, cpu_attention_cost=5.0)
+    assert slow.kv_placement == "host"
+    assert plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu).kv_placement == "host"  # unmeasured: not chosen
+    assert plan_13b(kv_placement="cpu").kv_placement == "cpu"

@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from batchgen.worker import budget as budget_math
 from batchgen.worker.int8_linear import KERNELS, FusedInt8Linear, Int8Linear, Int8State
 from batchgen.worker.llm_engine import EngineConfig, LLMEngine, _available_ram_bytes, resolve_int8_kernel
 from batchgen.worker.model_loader import load_model, resolve_device, resolve_dtype
-from batchgen.worker.model_runner import ModelRunner
+from batchgen.worker.model_runner import ModelRunner, forward_layers
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 # A decode step's compute per weight byte, in "streamed byte" units: HBM is ~50x faster than PCIe,
 # bitsandbytes' kernels are slower than that; used only to rank plans whose streamed bytes tie (e.g. 0).
 COMPUTE_BYTES_RATIO = 0.05
-KV_PLACEMENTS = ("auto", "device", "host")
+KV_PLACEMENTS = ("auto", "device", "host", "cpu")
 STREAMING_MAX_PREFILL_TOKENS = 1024
 
 
@@ -78,10 +79,14 @@ def wants_streaming(cfg: EngineConfig, device: torch.device, dtype: torch.dtype)
 @dataclass(frozen=True)
 class StreamPlan:
     max_rows: int
-    kv_on_host: bool
+    kv_placement: str  # "device"; "host": streamed to the GPU each step; "cpu": attended on the host CPU
     num_resident: int  # the first num_resident decoder layers stay on the device
     streamed_bytes_per_step: int  # weights (+ host KV at half length) crossing the bus per decode step
     device_bytes: int  # stage buffers + resident layers + KV on the device + activations
+
+    @property
+    def kv_on_host(self) -> bool:
+        return self.kv_placement != "device"
 
     @property
     def tokens_per_streamed_gb(self) -> float:
@@ -101,23 +106,33 @@ def plan_streaming(
     host_bytes: int | None = None,
     kv_placement: str = "auto",
     num_resident: int | None = None,
+    cpu_kv_bytes_per_token_layer: int | None = None,
+    cpu_attention_cost: float | None = None,
 ) -> StreamPlan | None:
     """The plan with the most rows per streamed byte (throughput ≈ rows ÷ streamed bytes per step).
 
-    budget_bytes is what the device may hold beyond embeddings/lm_head and the reserve. With the KV on
-    the device it costs rows × full-length KV; on the host the device keeps two per-layer KV stage
-    buffers instead, and each step streams every row's KV (counted at half of max_model_len). Whatever
-    is left holds resident layers; two stage buffers hold the streamed ones. None: not even one row fits.
+    budget_bytes is what the device may hold beyond embeddings/lm_head and the reserve. KV placements:
+    "device" costs rows × full-length KV there; "host" keeps two per-layer KV stage buffers on the device
+    and streams every row's KV each step (counted at half of max_model_len); "cpu" keeps nothing on the
+    device and reads the host KV (cpu_kv_bytes_per_token_layer, float32) on the CPU, in parallel with the
+    weight copies: cpu_attention_cost (measured: PCIe bytes/s ÷ CPU attention bytes/s) converts those
+    reads into streamed-byte time, and the step costs the larger of the two. Without a cost "cpu" is only
+    taken when asked for. Whatever is left holds resident layers; two stage buffers hold the streamed
+    ones. None: not even one row fits.
     """
     if kv_placement not in KV_PLACEMENTS:
         raise ValueError(f"kv_placement must be one of {KV_PLACEMENTS}, got {kv_placement!r}")
+    placements = {"auto": ("device", "host") + (("cpu",) if cpu_attention_cost else ()),
+                  "device": ("device",), "host": ("host",), "cpu": ("cpu",)}[kv_placement]
+    cpu_kv_token_layer = cpu_kv_bytes_per_token_layer or kv_bytes_per_token_layer
     kv_row_layer = kv_bytes_per_token_layer * max_model_len
     best, best_score = None, -1.0
-    for on_host in {"auto": (False, True), "device": (False,), "host": (True,)}[kv_placement]:
+    for placement in placements:
+        host_row = (cpu_kv_token_layer if placement == "cpu" else kv_bytes_per_token_layer) * max_model_len * num_layers
         for rows in range(1, max_rows + 1):
-            if on_host and host_bytes is not None and rows * kv_row_layer * num_layers > host_bytes:
+            if placement != "device" and host_bytes is not None and rows * host_row > host_bytes:
                 break
-            kv_device = 2 * rows * kv_row_layer if on_host else rows * kv_row_layer * num_layers
+            kv_device = {"device": rows * kv_row_layer * num_layers, "host": 2 * rows * kv_row_layer, "cpu": 0}[placement]
             left = budget_bytes - prefill_bytes - rows * activation_bytes_per_row - kv_device
             if left < 0:
                 break
@@ -132,12 +147,16 @@ def plan_streaming(
                 resident = num_resident
             stages = 0 if resident == num_layers else 2 * layer_bytes
             streamed = (num_layers - resident) * layer_bytes
-            if on_host:
+            step = streamed
+            if placement == "host":
                 streamed += rows * kv_bytes_per_token_layer * num_layers * max_model_len // 2
-            score = rows / (streamed + COMPUTE_BYTES_RATIO * num_layers * layer_bytes)
+                step = streamed
+            elif placement == "cpu":
+                step = max(streamed, rows * host_row / 2 * (cpu_attention_cost or 1.0))
+            score = rows / (step + COMPUTE_BYTES_RATIO * num_layers * layer_bytes)
             if score > best_score:
                 used = prefill_bytes + rows * activation_bytes_per_row + kv_device + resident * layer_bytes + stages
-                best, best_score = StreamPlan(rows, on_host, int(resident), int(streamed), int(used)), score
+                best, best_score = StreamPlan(rows, placement, int(resident), int(streamed), int(used)), score
     return best
 
 
@@ -375,15 +394,15 @@ class LayerStreamer:
 
 
 class _HostCacheView:
-    """K or V of a HostKV, seen by model_runner's decode/prefill as its [layers, rows, max_len, kv_heads, head_dim] cache."""
+    """K or V of a HostKV or CpuAttention, seen by model_runner's decode/prefill as its
+    [layers, rows, max_len, kv_heads, head_dim] cache."""
 
-    def __init__(self, owner: "HostKV", which: int):
+    def __init__(self, owner: "HostKV | CpuAttention", which: int):
         self.owner, self.which = owner, which
 
     @property
     def shape(self) -> tuple[int, ...]:
-        layers, max_len, rows, heads, head_dim = self.owner.host[self.which].shape
-        return layers, rows, max_len, heads, head_dim
+        return self.owner.cache_shape
 
     def __getitem__(self, key):
         if isinstance(key, tuple):
@@ -394,7 +413,7 @@ class _HostCacheView:
 class _PromptWriter:
     """What prefill sees as one layer's cache: `cache[token_rows, positions] = k_tokens` goes to staging."""
 
-    def __init__(self, owner: "HostKV", which: int, layer: int):
+    def __init__(self, owner: "HostKV | CpuAttention", which: int, layer: int):
         self.owner, self.which, self.layer = owner, which, layer
 
     def __setitem__(self, key, value: torch.Tensor) -> None:
@@ -421,6 +440,7 @@ class HostKV:
         staging = (num_layers, max(max_tokens, max_rows), num_kv_heads, head_dim)
         self.staging = [torch.empty(staging, dtype=dtype, pin_memory=pin) for _ in range(2)]
         self.device = device
+        self.cache_shape = (num_layers, max_rows, max_model_len, num_kv_heads, head_dim)
         self.k, self.v = _HostCacheView(self, 0), _HostCacheView(self, 1)
         self.decoding = self.prefilling = False
         self._rows = self._positions = self._rows_device = self._positions_device = None
@@ -471,6 +491,134 @@ class HostKV:
         self.decoding = self.prefilling = False
 
 
+class CpuAttention:
+    """The KV cache in host memory, attended on the host CPU (FlexGen's CPU attention): a decode step sends
+    each layer's q/k/v of the new tokens to the host (a few MB) and gets the attention output back, so the
+    cache itself never crosses PCIe and the bus carries only weights.
+
+    The cache is float32, [layers, rows, kv_heads, max_len, head_dim]: each (row, head)'s keys are one
+    contiguous run, and CPU kernels read float32 several times faster than fp16/bf16 (benchmarks/
+    host_attention.py), which outweighs the doubled host memory. Prefill writes go through staging as
+    in HostKV. Each layer waits for its q/k/v (one stream sync); the weight copies of the next layers
+    keep running on the side stream meanwhile.
+    """
+
+    def __init__(self, *, num_layers: int, max_rows: int, num_heads: int, num_kv_heads: int, max_model_len: int,
+                 head_dim: int, max_tokens: int, scaling: float, dtype: torch.dtype, device: torch.device,
+                 kv_dtype: torch.dtype = torch.float32):
+        pin = device.type == "cuda"
+        shape = (num_layers, max_rows, num_kv_heads, max_model_len, head_dim)
+        # zeros: masked-out keys must still be finite (0 × NaN is NaN in the attention sum)
+        self.host = [torch.zeros(shape, dtype=kv_dtype) for _ in range(2)]
+        self.cache_shape = (num_layers, max_rows, max_model_len, num_kv_heads, head_dim)
+        self.qkv = torch.empty(max_rows, num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, pin_memory=pin)
+        self.out = torch.empty(max_rows, num_heads, head_dim, dtype=dtype, pin_memory=pin)
+        staging = (num_layers, max(max_tokens, max_rows), num_kv_heads, head_dim)
+        self.staging = [torch.empty(staging, dtype=dtype, pin_memory=pin) for _ in range(2)]
+        self.num_heads, self.num_kv_heads, self.scaling, self.device = num_heads, num_kv_heads, scaling, device
+        self.k, self.v = _HostCacheView(self, 0), _HostCacheView(self, 1)
+        self.decoding = self.prefilling = False
+        self._rows = self._positions = self._mask = None
+        self._kv_len = 0
+
+    def begin(self, rows: list[int], positions: list[int], *, decode: bool) -> None:
+        """rows/positions: where each token of the step goes (decode: one per row; prefill: every prompt token)."""
+        self.decoding, self.prefilling = decode, not decode
+        self._rows = torch.tensor(rows, dtype=torch.long)
+        self._positions = torch.tensor(positions, dtype=torch.long)
+        self._kv_len = max(positions) + 1
+        self._mask = None
+        self._segments = [] if decode else _segments(rows, positions)
+        if decode and min(positions) != self._kv_len - 1:  # rows of unequal length: mask each row's tail
+            self._mask = (torch.arange(self._kv_len)[None, :] <= self._positions[:, None])[:, None, None, :]
+
+    def layer_view(self, which: int, layer: int):
+        if self.prefilling:
+            return _PromptWriter(self, which, layer)
+        raise RuntimeError("CPU attention: decode goes through attend(), prefill through a prefill step")
+
+    def write_prompt(self, which: int, layer: int, value: torch.Tensor) -> None:
+        """value [tokens, kv_heads, head_dim], in the order of the rows/positions given to begin()."""
+        self.staging[which][layer, : value.shape[0]].copy_(value, non_blocking=True)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """model_runner's Attend for a decode step: q [n, heads, 1, head_dim], k/v [n, kv_heads, 1, head_dim]
+        on the device -> the attention output there, computed on the host over this layer's cache."""
+        n, heads, kv_heads = q.shape[0], self.num_heads, self.num_kv_heads
+        buf = self.qkv[:n]
+        buf.copy_(torch.cat([q, k, v], dim=1)[:, :, 0], non_blocking=True)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        q_host, k_host, v_host = buf.to(self.host[0].dtype).split([heads, kv_heads, kv_heads], dim=1)
+        keys, values = self.host[0][layer], self.host[1][layer]
+        keys[self._rows, :, self._positions] = k_host
+        values[self._rows, :, self._positions] = v_host
+        o = F.scaled_dot_product_attention(
+            q_host.view(n, kv_heads, heads // kv_heads, -1), keys[:n, :, : self._kv_len],
+            values[:n, :, : self._kv_len], attn_mask=self._mask, scale=self.scaling)
+        out = self.out[:n]
+        out.copy_(o.view(n, heads, -1))
+        # on CUDA the copy is queued before the next layer's sync, so `out` is free again by then
+        return out.to(self.device, non_blocking=True)[:, :, None]
+
+    def after_layer(self, layer: int) -> None:
+        """The LayerStreamer hook HostKV uses; nothing to do here."""
+
+    def end_step(self) -> None:
+        """After a prefill: waits for its device→host copies and puts them into the host cache."""
+        if self.prefilling:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+            for which in range(2):  # one strided copy per prompt, not a per-token scatter
+                for row, start, first, length in self._segments:
+                    self.host[which][:, row, :, first: first + length] = \
+                        self.staging[which][:, start: start + length].transpose(1, 2)
+        self.reset()
+
+    def reset(self) -> None:
+        self.decoding = self.prefilling = False
+
+
+def _segments(rows: list[int], positions: list[int]) -> list[tuple[int, int, int, int]]:
+    """(row, first token index, first position, length) of each run of consecutive positions in one row."""
+    out: list[list[int]] = []
+    for i, (row, pos) in enumerate(zip(rows, positions, strict=True)):
+        if out and out[-1][0] == row and out[-1][2] + out[-1][3] == pos:
+            out[-1][3] += 1
+        else:
+            out.append([row, i, pos, 1])
+    return [tuple(x) for x in out]
+
+
+def measure_cpu_attention_cost(device: torch.device, *, num_heads: int, head_dim: int, seconds: float = 0.3) -> float:
+    """PCIe bytes/s ÷ CPU attention bytes/s on this host, measured: how many streamed bytes one byte of
+    host KV read by CpuAttention costs. plan_streaming weighs the "cpu" KV placement with it."""
+    import time
+
+    def rate(fn, nbytes: int) -> float:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start, runs = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds / 2:
+            fn()
+            runs += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return nbytes * runs / (time.perf_counter() - start)
+
+    rows, length = 16, 256
+    keys = torch.randn(rows, num_heads, length, head_dim)
+    q = torch.randn(rows, num_heads, 1, head_dim)
+    cpu = rate(lambda: F.scaled_dot_product_attention(q, keys, keys), 2 * keys.numel() * keys.element_size())
+    if device.type != "cuda":
+        return 1.0
+    src = torch.empty(256 * 2**20, dtype=torch.int8, pin_memory=True)
+    dst = torch.empty_like(src, device=device)
+    pcie = rate(lambda: dst.copy_(src, non_blocking=True), src.numel())
+    return pcie / cpu
+
+
 class StreamingRunner(ModelRunner):
     """ModelRunner whose decoder layers come from a LayerStreamer and whose KV may live on the host.
 
@@ -478,15 +626,16 @@ class StreamingRunner(ModelRunner):
     """
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
-                 attention: str, kernel: str, threshold: float):
+                 attention: str, kernel: str, threshold: float, host_kv_dtype: torch.dtype = torch.float32):
         super().__init__(model, device=device, dtype=dtype, max_model_len=max_model_len, attention=attention)
+        self.host_kv_dtype = host_kv_dtype
         p = self.parts
         p.embed, p.norm, p.lm_head, p.rotary = (copy.deepcopy(m).to(device)
                                                 for m in (p.embed, p.norm, p.lm_head, p.rotary))
         self.kernel, self.threshold = kernel, threshold
         self.streamer: LayerStreamer | None = None
-        self.host_kv: HostKV | None = None
-        self.kv_on_host = False
+        self.host_kv: HostKV | CpuAttention | None = None
+        self.kv_placement = "device"
         self.max_prefill_tokens = max_model_len
 
     @property
@@ -503,8 +652,8 @@ class StreamingRunner(ModelRunner):
         self.streamer = LayerStreamer(self.parts.layers, device=self.device, num_resident=plan.num_resident,
                                       kernel=self.kernel, threshold=self.threshold)
         self.parts.layer_executor = self.streamer
-        self.kv_on_host = plan.kv_on_host
-        if plan.kv_on_host:
+        self.kv_placement = plan.kv_placement
+        if plan.kv_placement == "host":  # decode reads a strided device view of the streamed KV
             self.attention = "sdpa"
         self.max_prefill_tokens = max(max_prefill_tokens, self.max_model_len)  # the first prompt is always admitted
 
@@ -512,15 +661,19 @@ class StreamingRunner(ModelRunner):
         self.host_kv = None
         if self.streamer is not None:
             self.streamer.kv = None
-        if not self.kv_on_host or max_rows == 0:
+        if self.kv_placement == "device" or max_rows == 0:
             return super().allocate_kv(max_rows)
         p = self.parts
         self.k_cache = self.v_cache = torch.empty(0)
-        self.host_kv = HostKV(num_layers=p.num_layers, max_rows=max_rows, num_kv_heads=p.num_kv_heads,
-                              max_model_len=self.max_model_len, head_dim=p.head_dim,
-                              max_tokens=self.max_prefill_tokens, dtype=self.dtype, device=self.device)
+        shape = dict(num_layers=p.num_layers, max_rows=max_rows, num_kv_heads=p.num_kv_heads,
+                     max_model_len=self.max_model_len, head_dim=p.head_dim, max_tokens=self.max_prefill_tokens,
+                     dtype=self.dtype, device=self.device)
+        if self.kv_placement == "cpu":
+            self.host_kv = CpuAttention(num_heads=p.num_heads, scaling=p.scaling, kv_dtype=self.host_kv_dtype, **shape)
+        else:
+            self.host_kv = HostKV(**shape)
+            self.streamer.kv = self.host_kv
         self.k_cache, self.v_cache = self.host_kv.k, self.host_kv.v
-        self.streamer.kv = self.host_kv
         self.max_rows = max_rows
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
@@ -533,8 +686,15 @@ class StreamingRunner(ModelRunner):
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         if self.host_kv is None:
             return super().decode(tokens, positions)
-        return self._with_host_kv(list(range(len(tokens))), positions, True,
-                                  lambda: self.decode_eager(tokens, positions))
+        forward = self._decode_cpu_attention if self.kv_placement == "cpu" else self.decode_eager
+        return self._with_host_kv(list(range(len(tokens))), positions, True, lambda: forward(tokens, positions))
+
+    def _decode_cpu_attention(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        p = self.parts
+        ids = torch.tensor(tokens, dtype=torch.long).to(self.device)
+        pos = torch.tensor(positions, dtype=torch.long).to(self.device)
+        h = forward_layers(p, p.embed(ids[:, None]), pos[:, None], self.host_kv.attend)
+        return p.lm_head(h[:, 0])
 
     def _with_host_kv(self, rows: list[int], positions: list[int], decode: bool, forward) -> torch.Tensor:
         try:
@@ -549,12 +709,14 @@ class StreamingRunner(ModelRunner):
 class StreamingLLMEngine(LLMEngine):
     """LLMEngine over a StreamingRunner: the model is loaded in 8-bit on the host, the budget is a StreamPlan.
 
-    kv_placement / num_resident override the planner's choice (tests, benchmarks).
+    kv_placement / num_resident override the planner's choice, host_kv_dtype CPU attention's cache dtype
+    (float32 by default: the fastest to read there, benchmarks/host_attention.py) (tests, benchmarks).
     """
 
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
-                 dtype: torch.dtype, weights_bytes: int, kv_placement: str = "auto", num_resident: int | None = None):
-        self.kv_placement, self.num_resident = kv_placement, num_resident
+                 dtype: torch.dtype, weights_bytes: int, kv_placement: str = "auto", num_resident: int | None = None,
+                 host_kv_dtype: torch.dtype = torch.float32):
+        self.kv_placement, self.num_resident, self.host_kv_dtype = kv_placement, num_resident, host_kv_dtype
         self.plan: StreamPlan | None = None
         if cfg.max_prefill_tokens is None:  # the CUDA default (4096) would spend the small budget on one prefill
             cfg = dataclasses.replace(cfg, max_prefill_tokens=STREAMING_MAX_PREFILL_TOKENS)
@@ -578,7 +740,8 @@ class StreamingLLMEngine(LLMEngine):
         if kernel != "bnb" and device.type == "cuda":
             KERNELS.compile()
         return StreamingRunner(model, device=device, dtype=dtype, max_model_len=self.max_model_len,
-                               attention=self.attention, kernel=kernel, threshold=self.cfg.int8_threshold)
+                               attention=self.attention, kernel=kernel, threshold=self.cfg.int8_threshold,
+                               host_kv_dtype=self.host_kv_dtype)
 
     def _plan_budget(self, weights_bytes: int, max_prefill_tokens: int) -> budget_math.Budget:
         cfg, c, runner = self.cfg, self.model.config, self.runner
@@ -597,13 +760,18 @@ class StreamingLLMEngine(LLMEngine):
         total = budget_math.budget_bytes(free_bytes=free, reserve_bytes=cfg.vram_reserve_bytes,
                                          max_bytes=cfg.max_vram_bytes, weights_bytes=fixed)
         host = _available_ram_bytes()
+        cost = None
+        if self.device.type == "cuda" and self.kv_placement == "auto":
+            cost = measure_cpu_attention_cost(self.device, num_heads=parts.num_kv_heads, head_dim=parts.head_dim)
+            log.info("CPU attention costs %.2f streamed bytes per host KV byte", cost)
         plan = plan_streaming(
             budget_bytes=total, layer_bytes=runner.host_layer_bytes(), num_layers=parts.num_layers,
             kv_bytes_per_token_layer=2 * parts.num_kv_heads * parts.head_dim * dtype_bytes,
             max_model_len=self.max_model_len, activation_bytes_per_row=act_per_row, prefill_bytes=prefill_bytes,
             max_rows=cfg.max_batch_size or budget_math.MAX_ROWS_CEILING,
             host_bytes=None if host is None else host // 2, kv_placement=self.kv_placement,
-            num_resident=self.num_resident)
+            num_resident=self.num_resident, cpu_kv_bytes_per_token_layer=2 * parts.num_kv_heads * parts.head_dim * self.host_kv_dtype.itemsize,
+            cpu_attention_cost=cost)
         kv_per_token = budget_math.kv_bytes_per_token(parts.num_layers, parts.num_kv_heads, parts.head_dim,
                                                       dtype_bytes)
         if plan is not None:
@@ -617,6 +785,8 @@ class StreamingLLMEngine(LLMEngine):
     def stats(self):
         s = super().stats()
         if self.plan is not None:
-            s.extra.update(offload_kv_on_host=int(self.plan.kv_on_host), offload_resident_layers=self.plan.num_resident,
+            s.extra.update(offload_kv_on_host=int(self.plan.kv_on_host),
+                           offload_cpu_attention=int(self.plan.kv_placement == "cpu"),
+                           offload_resident_layers=self.plan.num_resident,
                            offload_streamed_bytes_per_step=self.plan.streamed_bytes_per_step)
         return s
