@@ -94,6 +94,8 @@ def h2d_bandwidth() -> dict:
             dst.copy_(src, non_blocking=pinned)
         torch.cuda.synchronize()
         out[f"{name}_gb_s"] = round(5 * n / (time.perf_counter() - start) / 1e9, 1)
+    del dst
+    torch.cuda.empty_cache()  # the phases' planners count this process's device memory against their cap
     return out
 
 
@@ -108,7 +110,7 @@ def cap_memory() -> None:
 
 def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     """variant: "auto" (the planner's choice, as `batchgen worker --max-vram 6GiB` runs it) or a lever,
-    placement[/host KV dtype[/max prefill tokens]], e.g. "host", "cpu/bfloat16", "cpu/float32/2048"."""
+    placement[/host KV dtype[/max prefill tokens]], e.g. "host", "cpu/bfloat16", "auto/bfloat16"."""
     import torch
     from batchgen.jobs.schema import Request, SamplingParams
     from batchgen.worker.engine import GenerationRequest
@@ -117,16 +119,18 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     cuda = device == "cuda"
     if cuda:
         cap_memory()
-    kv_placement, kv_dtype, prefill = (variant.split("/") + ["float32", "1024"])[:3]
+    parts = variant.split("/")
+    kv_placement, kv_dtype, prefill = parts + ["auto", "float32", "1024"][len(parts):]
     cfg = EngineConfig(model=model, device=device, max_vram_bytes=CAP_BYTES if cuda else None, offload=None if cuda else True,
-                       max_model_len=256, max_prefill_tokens=int(prefill), max_batch_size=NUM_REQUESTS)
+                       max_model_len=256, max_prefill_tokens=int(prefill), max_batch_size=NUM_REQUESTS,
+                       host_kv_dtype=kv_dtype)
     start = time.perf_counter()
     if kv_placement == "auto":
         engine = LLMEngine.from_config(cfg)
     else:
         from batchgen.worker.offload import StreamingLLMEngine
 
-        engine = StreamingLLMEngine.from_config(cfg, kv_placement=kv_placement, host_kv_dtype=getattr(torch, kv_dtype))
+        engine = StreamingLLMEngine.from_config(cfg, kv_placement=kv_placement)
     load_s = time.perf_counter() - start
 
     def run(batch: list[list[int]], max_tokens: int) -> float:

@@ -119,3 +119,18 @@ def test_cpu_attention_frees_the_kv_stage_buffers_and_wins_only_when_the_host_re
     assert slow.kv_placement == "host"
     assert plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu).kv_placement == "host"  # unmeasured: not chosen
     assert plan_13b(kv_placement="cpu").kv_placement == "cpu"
+
+
+@pytest.mark.slow
+def test_bfloat16_host_kv_halves_the_cache_and_rounds_only_some_tokens(model_dir, resident):
+    """BATCHGEN_HOST_KV_DTYPE=bfloat16: the CPU-attention cache is bf16 (half the host traffic). Its K/V
+    rounding is lossy, which is why it is opt-in: on this random tiny model it flips a greedy token in 2 of
+    the 10 requests (a near tie) and leaves the rest identical to the exact path."""
+    cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True, host_kv_dtype="bfloat16")
+    engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu")
+    out = greedy(engine)
+    assert all(t.dtype == torch.bfloat16 for t in engine.runner.host_kv.host)
+    assert {k: v[1:] for k, v in out.items()} == {k: v[1:] for k, v in resident.items()}  # lengths, finish reasons
+    assert sum(out[k] == resident[k] for k in resident) >= 7
+    with pytest.raises(ValueError, match="host_kv_dtype"):
+        EngineConfig(model=str(model_dir), host_kv_dtype="int8")

@@ -37,6 +37,8 @@ STEP_LOG_INTERVAL_S = 30.0
 
 log = logging.getLogger("batchgen.engine")
 
+HOST_KV_DTYPES = ("float32", "bfloat16", "float16")
+
 
 @dataclass
 class EngineConfig:
@@ -60,6 +62,9 @@ class EngineConfig:
     # Small-VRAM mode (worker/offload.py): stream decoder layers from host memory. None: when the int8
     # weights do not fit max_vram_bytes on CUDA.
     offload: bool | None = None
+    # Its host KV cache when attention runs on the CPU: float32 holds fp16/bf16 K/V exactly; bfloat16 halves
+    # the host memory traffic (measured ~10% faster on H100 13B) at bf16 rounding of the K/V.
+    host_kv_dtype: str = field(default_factory=lambda: os.environ.get("BATCHGEN_HOST_KV_DTYPE", "float32"))
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -74,6 +79,8 @@ class EngineConfig:
             raise ValueError("int8_threshold must be >= 0")
         if self.int8_kernel not in ("auto", *INT8_KERNELS):
             raise ValueError(f"int8_kernel must be auto or one of {INT8_KERNELS}, got {self.int8_kernel!r}")
+        if self.host_kv_dtype not in HOST_KV_DTYPES:
+            raise ValueError(f"host_kv_dtype must be one of {HOST_KV_DTYPES}, got {self.host_kv_dtype!r}")
         if self.attention not in ("auto", "flash", "sdpa"):
             raise ValueError(f"attention must be auto, flash or sdpa, got {self.attention!r}")
 

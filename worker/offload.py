@@ -709,14 +709,13 @@ class StreamingRunner(ModelRunner):
 class StreamingLLMEngine(LLMEngine):
     """LLMEngine over a StreamingRunner: the model is loaded in 8-bit on the host, the budget is a StreamPlan.
 
-    kv_placement / num_resident override the planner's choice, host_kv_dtype CPU attention's cache dtype
-    (float32 by default: the fastest to read there, benchmarks/host_attention.py) (tests, benchmarks).
+    kv_placement / num_resident override the planner's choice (tests, benchmarks).
     """
 
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
-                 dtype: torch.dtype, weights_bytes: int, kv_placement: str = "auto", num_resident: int | None = None,
-                 host_kv_dtype: torch.dtype = torch.float32):
-        self.kv_placement, self.num_resident, self.host_kv_dtype = kv_placement, num_resident, host_kv_dtype
+                 dtype: torch.dtype, weights_bytes: int, kv_placement: str = "auto", num_resident: int | None = None):
+        self.kv_placement, self.num_resident = kv_placement, num_resident
+        self.host_kv_dtype = getattr(torch, cfg.host_kv_dtype)
         self.plan: StreamPlan | None = None
         if cfg.max_prefill_tokens is None:  # the CUDA default (4096) would spend the small budget on one prefill
             cfg = dataclasses.replace(cfg, max_prefill_tokens=STREAMING_MAX_PREFILL_TOKENS)
