@@ -420,7 +420,41 @@ class _PromptWriter:
         self.owner.write_prompt(self.which, self.layer, value)
 
 
-class HostKV:
+class _HostCache:
+    """What HostKV and CpuAttention share: the host cache's shape as model_runner sees it, the pinned staging
+    area prefill writes land in, and each step's rows/positions."""
+
+    def __init__(self, *, num_layers: int, max_rows: int, num_kv_heads: int, max_model_len: int, head_dim: int,
+                 max_tokens: int, dtype: torch.dtype, device: torch.device):
+        staging = (num_layers, max(max_tokens, max_rows), num_kv_heads, head_dim)
+        self.staging = [torch.empty(staging, dtype=dtype, pin_memory=device.type == "cuda") for _ in range(2)]
+        self.cache_shape = (num_layers, max_rows, max_model_len, num_kv_heads, head_dim)
+        self.device = device
+        self.k, self.v = _HostCacheView(self, 0), _HostCacheView(self, 1)
+        self.decoding = self.prefilling = False
+        self._rows = self._positions = None
+        self._kv_len = 0
+
+    def begin(self, rows: list[int], positions: list[int], *, decode: bool) -> None:
+        """rows/positions: where each token of the step goes (decode: one per row; prefill: every prompt token)."""
+        self.decoding, self.prefilling = decode, not decode
+        self._rows = torch.tensor(rows, dtype=torch.long)
+        self._positions = torch.tensor(positions, dtype=torch.long)
+        self._kv_len = max(positions) + 1
+
+    def write_prompt(self, which: int, layer: int, value: torch.Tensor) -> None:
+        """value [tokens, kv_heads, head_dim], in the order of the rows/positions given to begin()."""
+        self.staging[which][layer, : value.shape[0]].copy_(value, non_blocking=True)
+
+    def _wait_for_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+
+    def reset(self) -> None:
+        self.decoding = self.prefilling = False
+
+
+class HostKV(_HostCache):
     """The KV cache in (pinned) host memory, position-major [layers, max_len, rows, kv_heads, head_dim], so
     the keys of every row up to the step's longest position are one contiguous copy per layer.
 
@@ -432,26 +466,17 @@ class HostKV:
 
     def __init__(self, *, num_layers: int, max_rows: int, num_kv_heads: int, max_model_len: int, head_dim: int,
                  max_tokens: int, dtype: torch.dtype, device: torch.device):
-        pin = device.type == "cuda"
+        super().__init__(num_layers=num_layers, max_rows=max_rows, num_kv_heads=num_kv_heads,
+                         max_model_len=max_model_len, head_dim=head_dim, max_tokens=max_tokens, dtype=dtype,
+                         device=device)
         shape = (num_layers, max_model_len, max_rows, num_kv_heads, head_dim)
         # zeros: masked-out keys must still be finite (0 × NaN is NaN in the attention sum)
-        self.host = [torch.zeros(shape, dtype=dtype, pin_memory=pin) for _ in range(2)]
+        self.host = [torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda") for _ in range(2)]
         self.slots = [[torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(2)] for _ in range(2)]
-        staging = (num_layers, max(max_tokens, max_rows), num_kv_heads, head_dim)
-        self.staging = [torch.empty(staging, dtype=dtype, pin_memory=pin) for _ in range(2)]
-        self.device = device
-        self.cache_shape = (num_layers, max_rows, max_model_len, num_kv_heads, head_dim)
-        self.k, self.v = _HostCacheView(self, 0), _HostCacheView(self, 1)
-        self.decoding = self.prefilling = False
-        self._rows = self._positions = self._rows_device = self._positions_device = None
-        self._kv_len = 0
+        self._rows_device = self._positions_device = None
 
     def begin(self, rows: list[int], positions: list[int], *, decode: bool) -> None:
-        """rows/positions: where each token of the step goes (decode: one per row; prefill: every prompt token)."""
-        self.decoding, self.prefilling = decode, not decode
-        self._rows = torch.tensor(rows, dtype=torch.long)
-        self._positions = torch.tensor(positions, dtype=torch.long)
-        self._kv_len = max(positions) + 1
+        super().begin(rows, positions, decode=decode)
         if decode:
             self._rows_device, self._positions_device = self._rows.to(self.device), self._positions.to(self.device)
 
@@ -474,59 +499,46 @@ class HostKV:
             new = self.slots[which][layer % 2][self._positions_device, self._rows_device]
             self.staging[which][layer, :n].copy_(new, non_blocking=True)
 
-    def write_prompt(self, which: int, layer: int, value: torch.Tensor) -> None:
-        """value [tokens, kv_heads, head_dim], in the order of the rows/positions given to begin()."""
-        self.staging[which][layer, : value.shape[0]].copy_(value, non_blocking=True)
-
     def end_step(self) -> None:
         """Waits for the step's device→host copies and puts them into the host cache."""
-        if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
+        self._wait_for_device()
         n = len(self._rows)
         for which in range(2):
             self.host[which][:, self._positions, self._rows] = self.staging[which][:, :n]
         self.reset()
 
-    def reset(self) -> None:
-        self.decoding = self.prefilling = False
 
-
-class CpuAttention:
+class CpuAttention(_HostCache):
     """The KV cache in host memory, attended on the host CPU (FlexGen's CPU attention): a decode step sends
     each layer's q/k/v of the new tokens to the host (a few MB) and gets the attention output back, so the
     cache itself never crosses PCIe and the bus carries only weights.
 
-    The cache is float32, [layers, rows, kv_heads, max_len, head_dim]: each (row, head)'s keys are one
-    contiguous run, and CPU kernels read float32 several times faster than fp16/bf16 (benchmarks/
-    host_attention.py), which outweighs the doubled host memory. Prefill writes go through staging as
-    in HostKV. Each layer waits for its q/k/v (one stream sync); the weight copies of the next layers
-    keep running on the side stream meanwhile.
+    The cache is [layers, rows, kv_heads, max_len, head_dim], so each (row, head)'s keys are one contiguous
+    run; float32 by default, exact for fp16/bf16 K/V (bfloat16 halves it at bf16 rounding; fp16 has the
+    slowest CPU kernels: benchmarks/host_attention.py). Prefill writes go through staging, one strided copy
+    per prompt.
+    Each layer waits for its q/k/v (one stream sync); the weight copies of the next layers keep running on
+    the side stream meanwhile.
     """
 
     def __init__(self, *, num_layers: int, max_rows: int, num_heads: int, num_kv_heads: int, max_model_len: int,
                  head_dim: int, max_tokens: int, scaling: float, dtype: torch.dtype, device: torch.device,
                  kv_dtype: torch.dtype = torch.float32):
+        super().__init__(num_layers=num_layers, max_rows=max_rows, num_kv_heads=num_kv_heads,
+                         max_model_len=max_model_len, head_dim=head_dim, max_tokens=max_tokens, dtype=dtype,
+                         device=device)
         pin = device.type == "cuda"
         shape = (num_layers, max_rows, num_kv_heads, max_model_len, head_dim)
         # zeros: masked-out keys must still be finite (0 × NaN is NaN in the attention sum)
         self.host = [torch.zeros(shape, dtype=kv_dtype) for _ in range(2)]
-        self.cache_shape = (num_layers, max_rows, max_model_len, num_kv_heads, head_dim)
         self.qkv = torch.empty(max_rows, num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, pin_memory=pin)
         self.out = torch.empty(max_rows, num_heads, head_dim, dtype=dtype, pin_memory=pin)
-        staging = (num_layers, max(max_tokens, max_rows), num_kv_heads, head_dim)
-        self.staging = [torch.empty(staging, dtype=dtype, pin_memory=pin) for _ in range(2)]
-        self.num_heads, self.num_kv_heads, self.scaling, self.device = num_heads, num_kv_heads, scaling, device
-        self.k, self.v = _HostCacheView(self, 0), _HostCacheView(self, 1)
-        self.decoding = self.prefilling = False
-        self._rows = self._positions = self._mask = None
-        self._kv_len = 0
+        self.num_heads, self.num_kv_heads, self.scaling = num_heads, num_kv_heads, scaling
+        self._mask = None
+        self._segments: list[tuple[int, int, int, int]] = []
 
     def begin(self, rows: list[int], positions: list[int], *, decode: bool) -> None:
-        """rows/positions: where each token of the step goes (decode: one per row; prefill: every prompt token)."""
-        self.decoding, self.prefilling = decode, not decode
-        self._rows = torch.tensor(rows, dtype=torch.long)
-        self._positions = torch.tensor(positions, dtype=torch.long)
-        self._kv_len = max(positions) + 1
+        super().begin(rows, positions, decode=decode)
         self._mask = None
         self._segments = [] if decode else _segments(rows, positions)
         if decode and min(positions) != self._kv_len - 1:  # rows of unequal length: mask each row's tail
@@ -537,18 +549,13 @@ class CpuAttention:
             return _PromptWriter(self, which, layer)
         raise RuntimeError("CPU attention: decode goes through attend(), prefill through a prefill step")
 
-    def write_prompt(self, which: int, layer: int, value: torch.Tensor) -> None:
-        """value [tokens, kv_heads, head_dim], in the order of the rows/positions given to begin()."""
-        self.staging[which][layer, : value.shape[0]].copy_(value, non_blocking=True)
-
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """model_runner's Attend for a decode step: q [n, heads, 1, head_dim], k/v [n, kv_heads, 1, head_dim]
         on the device -> the attention output there, computed on the host over this layer's cache."""
         n, heads, kv_heads = q.shape[0], self.num_heads, self.num_kv_heads
         buf = self.qkv[:n]
         buf.copy_(torch.cat([q, k, v], dim=1)[:, :, 0], non_blocking=True)
-        if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
+        self._wait_for_device()
         q_host, k_host, v_host = buf.to(self.host[0].dtype).split([heads, kv_heads, kv_heads], dim=1)
         keys, values = self.host[0][layer], self.host[1][layer]
         keys[self._rows, :, self._positions] = k_host
@@ -561,22 +568,15 @@ class CpuAttention:
         # on CUDA the copy is queued before the next layer's sync, so `out` is free again by then
         return out.to(self.device, non_blocking=True)[:, :, None]
 
-    def after_layer(self, layer: int) -> None:
-        """The LayerStreamer hook HostKV uses; nothing to do here."""
-
     def end_step(self) -> None:
         """After a prefill: waits for its device→host copies and puts them into the host cache."""
         if self.prefilling:
-            if self.device.type == "cuda":
-                torch.cuda.current_stream().synchronize()
+            self._wait_for_device()
             for which in range(2):  # one strided copy per prompt, not a per-token scatter
                 for row, start, first, length in self._segments:
                     self.host[which][:, row, :, first: first + length] = \
                         self.staging[which][:, start: start + length].transpose(1, 2)
         self.reset()
-
-    def reset(self) -> None:
-        self.decoding = self.prefilling = False
 
 
 def _segments(rows: list[int], positions: list[int]) -> list[tuple[int, int, int, int]]:
