@@ -63,7 +63,7 @@ class EngineConfig:
     # weights do not fit max_vram_bytes on CUDA.
     offload: bool | None = None
     # Its host KV cache when attention runs on the CPU: float32 holds fp16/bf16 K/V exactly; bfloat16 halves
-    # the host memory traffic (measured ~10% faster on H100 13B) at bf16 rounding of the K/V.
+    # the host memory traffic (2-11% faster in H100 13B runs, docs/benchmarks.md) at bf16 rounding of the K/V.
     host_kv_dtype: str = field(default_factory=lambda: os.environ.get("BATCHGEN_HOST_KV_DTYPE", "float32"))
 
     def __post_init__(self) -> None:

@@ -136,6 +136,12 @@ def decode_step(
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=parts.scaling)
         return o.reshape(n, parts.num_heads, 1, parts.head_dim)
 
+    return decode_logits(parts, input_ids, positions, attend)
+
+
+def decode_logits(parts: LlamaParts, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+    """One new token per row through every layer and lm_head; attend(layer, q, k, v) owns the KV cache
+    (decode_step's device cache, or offload.CpuAttention's host one)."""
     h = forward_layers(parts, parts.embed(input_ids[:, None]), positions[:, None], attend)
     return parts.lm_head(h[:, 0])
 

@@ -17,6 +17,7 @@ between two CPU buffers and the stream/event calls are no-ops; that is how the t
 import copy
 import dataclasses
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -27,7 +28,7 @@ from batchgen.worker import budget as budget_math
 from batchgen.worker.int8_linear import KERNELS, FusedInt8Linear, Int8Linear, Int8State
 from batchgen.worker.llm_engine import EngineConfig, LLMEngine, _available_ram_bytes, resolve_int8_kernel
 from batchgen.worker.model_loader import load_model, resolve_device, resolve_dtype
-from batchgen.worker.model_runner import ModelRunner, forward_layers
+from batchgen.worker.model_runner import ModelRunner, decode_logits
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def plan_streaming(
     budget_bytes is what the device may hold beyond embeddings/lm_head and the reserve. KV placements:
     "device" costs rows × full-length KV there; "host" keeps two per-layer KV stage buffers on the device
     and streams every row's KV each step (counted at half of max_model_len); "cpu" keeps nothing on the
-    device and reads the host KV (cpu_kv_bytes_per_token_layer, float32) on the CPU, in parallel with the
+    device and reads the host KV (cpu_kv_bytes_per_token_layer, its own dtype) on the CPU, in parallel with the
     weight copies: cpu_attention_cost (measured: PCIe bytes/s ÷ CPU attention bytes/s) converts those
     reads into streamed-byte time, and the step costs the larger of the two. Without a cost "cpu" is only
     taken when asked for. Whatever is left holds resident layers; two stage buffers hold the streamed
@@ -147,11 +148,10 @@ def plan_streaming(
                 resident = num_resident
             stages = 0 if resident == num_layers else 2 * layer_bytes
             streamed = (num_layers - resident) * layer_bytes
-            step = streamed
             if placement == "host":
                 streamed += rows * kv_bytes_per_token_layer * num_layers * max_model_len // 2
-                step = streamed
-            elif placement == "cpu":
+            step = streamed  # "cpu": the CPU reads the host KV while the weights stream; the slower one counts
+            if placement == "cpu":
                 step = max(streamed, rows * host_row / 2 * (cpu_attention_cost or 1.0))
             score = rows / (step + COMPUTE_BYTES_RATIO * num_layers * layer_bytes)
             if score > best_score:
@@ -397,7 +397,7 @@ class _HostCacheView:
     """K or V of a HostKV or CpuAttention, seen by model_runner's decode/prefill as its
     [layers, rows, max_len, kv_heads, head_dim] cache."""
 
-    def __init__(self, owner: "HostKV | CpuAttention", which: int):
+    def __init__(self, owner: "_HostCache", which: int):
         self.owner, self.which = owner, which
 
     @property
@@ -413,7 +413,7 @@ class _HostCacheView:
 class _PromptWriter:
     """What prefill sees as one layer's cache: `cache[token_rows, positions] = k_tokens` goes to staging."""
 
-    def __init__(self, owner: "HostKV | CpuAttention", which: int, layer: int):
+    def __init__(self, owner: "_HostCache", which: int, layer: int):
         self.owner, self.which, self.layer = owner, which, layer
 
     def __setitem__(self, key, value: torch.Tensor) -> None:
@@ -591,28 +591,23 @@ def _segments(rows: list[int], positions: list[int]) -> list[tuple[int, int, int
 
 
 def measure_cpu_attention_cost(device: torch.device, *, num_heads: int, head_dim: int, seconds: float = 0.3) -> float:
-    """PCIe bytes/s ÷ CPU attention bytes/s on this host, measured: how many streamed bytes one byte of
-    host KV read by CpuAttention costs. plan_streaming weighs the "cpu" KV placement with it."""
-    import time
+    """PCIe bytes/s ÷ CPU attention bytes/s on this host, measured (CUDA only): how many streamed bytes one
+    byte of host KV read by CpuAttention costs. plan_streaming weighs the "cpu" KV placement with it."""
 
     def rate(fn, nbytes: int) -> float:
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device)
         start, runs = time.perf_counter(), 0
         while time.perf_counter() - start < seconds / 2:
             fn()
             runs += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        torch.cuda.synchronize(device)
         return nbytes * runs / (time.perf_counter() - start)
 
     rows, length = 16, 256
     keys = torch.randn(rows, num_heads, length, head_dim)
     q = torch.randn(rows, num_heads, 1, head_dim)
     cpu = rate(lambda: F.scaled_dot_product_attention(q, keys, keys), 2 * keys.numel() * keys.element_size())
-    if device.type != "cuda":
-        return 1.0
     src = torch.empty(256 * 2**20, dtype=torch.int8, pin_memory=True)
     dst = torch.empty_like(src, device=device)
     pcie = rate(lambda: dst.copy_(src, non_blocking=True), src.numel())
@@ -690,11 +685,9 @@ class StreamingRunner(ModelRunner):
         return self._with_host_kv(list(range(len(tokens))), positions, True, lambda: forward(tokens, positions))
 
     def _decode_cpu_attention(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        p = self.parts
         ids = torch.tensor(tokens, dtype=torch.long).to(self.device)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device)
-        h = forward_layers(p, p.embed(ids[:, None]), pos[:, None], self.host_kv.attend)
-        return p.lm_head(h[:, 0])
+        return decode_logits(self.parts, ids, pos, self.host_kv.attend)
 
     def _with_host_kv(self, rows: list[int], positions: list[int], decode: bool, forward) -> torch.Tensor:
         try:
@@ -715,7 +708,6 @@ class StreamingLLMEngine(LLMEngine):
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
                  dtype: torch.dtype, weights_bytes: int, kv_placement: str = "auto", num_resident: int | None = None):
         self.kv_placement, self.num_resident = kv_placement, num_resident
-        self.host_kv_dtype = getattr(torch, cfg.host_kv_dtype)
         self.plan: StreamPlan | None = None
         if cfg.max_prefill_tokens is None:  # the CUDA default (4096) would spend the small budget on one prefill
             cfg = dataclasses.replace(cfg, max_prefill_tokens=STREAMING_MAX_PREFILL_TOKENS)
@@ -740,7 +732,7 @@ class StreamingLLMEngine(LLMEngine):
             KERNELS.compile()
         return StreamingRunner(model, device=device, dtype=dtype, max_model_len=self.max_model_len,
                                attention=self.attention, kernel=kernel, threshold=self.cfg.int8_threshold,
-                               host_kv_dtype=self.host_kv_dtype)
+                               host_kv_dtype=getattr(torch, self.cfg.host_kv_dtype))
 
     def _plan_budget(self, weights_bytes: int, max_prefill_tokens: int) -> budget_math.Budget:
         cfg, c, runner = self.cfg, self.model.config, self.runner
@@ -763,13 +755,14 @@ class StreamingLLMEngine(LLMEngine):
         if self.device.type == "cuda" and self.kv_placement == "auto":
             cost = measure_cpu_attention_cost(self.device, num_heads=parts.num_kv_heads, head_dim=parts.head_dim)
             log.info("CPU attention costs %.2f streamed bytes per host KV byte", cost)
+        kv_elements = 2 * parts.num_kv_heads * parts.head_dim  # K and V of one token in one layer
         plan = plan_streaming(
             budget_bytes=total, layer_bytes=runner.host_layer_bytes(), num_layers=parts.num_layers,
-            kv_bytes_per_token_layer=2 * parts.num_kv_heads * parts.head_dim * dtype_bytes,
+            kv_bytes_per_token_layer=kv_elements * dtype_bytes,
             max_model_len=self.max_model_len, activation_bytes_per_row=act_per_row, prefill_bytes=prefill_bytes,
             max_rows=cfg.max_batch_size or budget_math.MAX_ROWS_CEILING,
             host_bytes=None if host is None else host // 2, kv_placement=self.kv_placement,
-            num_resident=self.num_resident, cpu_kv_bytes_per_token_layer=2 * parts.num_kv_heads * parts.head_dim * self.host_kv_dtype.itemsize,
+            num_resident=self.num_resident, cpu_kv_bytes_per_token_layer=kv_elements * runner.host_kv_dtype.itemsize,
             cpu_attention_cost=cost)
         kv_per_token = budget_math.kv_bytes_per_token(parts.num_layers, parts.num_kv_heads, parts.head_dim,
                                                       dtype_bytes)
