@@ -120,7 +120,7 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     if cuda:
         cap_memory()
     parts = variant.split("/")
-    kv_placement, kv_dtype, prefill = parts + ["auto", "float32", "1024"][len(parts):]
+    kv_placement, kv_dtype, prefill = parts + ["auto", "auto", "1024"][len(parts):]
     cfg = EngineConfig(model=model, device=device, max_vram_bytes=CAP_BYTES if cuda else None, offload=None if cuda else True,
                        max_model_len=256, max_prefill_tokens=int(prefill), max_batch_size=NUM_REQUESTS,
                        host_kv_dtype=kv_dtype)
@@ -147,6 +147,9 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
 
     warm_s = run(prompts(2, 16), 2)  # compiles the int8 kernels
     engine.step_stats.__init__()
+    host_kv = getattr(engine.runner, "host_kv", None)
+    if host_kv is not None and hasattr(host_kv, "seconds"):
+        host_kv.seconds = dict.fromkeys(host_kv.seconds, 0.0)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -159,6 +162,7 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
         "variant": variant,
         "plan": None if plan is None else vars(plan) | {"tokens_per_streamed_gb": round(plan.tokens_per_streamed_gb, 2)},
         "steps": engine.step_stats.as_stats(), "attention": engine.attention,
+        "offload": {k: v for k, v in engine.stats().extra.items() if k.startswith("offload_")},
     }
     steps = out["steps"]
     if steps["num_decode_steps"]:

@@ -122,15 +122,17 @@ def test_cpu_attention_frees_the_kv_stage_buffers_and_wins_only_when_the_host_re
 
 
 @pytest.mark.slow
-def test_bfloat16_host_kv_halves_the_cache_and_rounds_only_some_tokens(model_dir, resident):
-    """BATCHGEN_HOST_KV_DTYPE=bfloat16: the CPU-attention cache is bf16 (half the host traffic). Its K/V
-    rounding is lossy, which is why it is opt-in: on this random tiny model it flips a greedy token in 2 of
-    the 10 requests (a near tie) and leaves the rest identical to the exact path."""
-    cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True, host_kv_dtype="bfloat16")
+@pytest.mark.parametrize("kv_dtype, min_equal", [("bfloat16", 7), ("int8", 7)])
+def test_lossy_host_kv_dtypes_round_only_some_tokens(model_dir, resident, kv_dtype, min_equal):
+    """BATCHGEN_HOST_KV_DTYPE=bfloat16 / int8: the CPU-attention cache reads fewer bytes per step. Its K/V
+    rounding is lossy, which is why both are opt-in: on this random tiny model a near-tie greedy token may
+    flip in a few of the 10 requests, the rest stay identical to the exact path."""
+    cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True, host_kv_dtype=kv_dtype)
     engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu")
     out = greedy(engine)
-    assert all(t.dtype == torch.bfloat16 for t in engine.runner.host_kv.host)
+    assert all(t.dtype == getattr(torch, kv_dtype) for t in engine.runner.host_kv.host)
     assert {k: v[1:] for k, v in out.items()} == {k: v[1:] for k, v in resident.items()}  # lengths, finish reasons
-    assert sum(out[k] == resident[k] for k in resident) >= 7
+    equal = sum(out[k] == resident[k] for k in resident)
+    assert equal >= min_equal, f"{equal} of 10 requests equal"
     with pytest.raises(ValueError, match="host_kv_dtype"):
-        EngineConfig(model=str(model_dir), host_kv_dtype="int8")
+        EngineConfig(model=str(model_dir), host_kv_dtype="float64")

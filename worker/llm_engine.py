@@ -20,6 +20,7 @@ from batchgen.jobs import defaults
 from batchgen.jobs.schema import ErrorInfo, Request
 from batchgen.worker import budget as budget_math
 from batchgen.worker.engine import EngineStats, GenerationRequest, GenerationResult
+from batchgen.worker.host_attention import HOST_KV_DTYPES
 from batchgen.worker.int8_linear import INT8_KERNELS, convert_model, int_mm_works
 from batchgen.worker.model_loader import SUPPORTED_MODEL_TYPES, load_model, resolve_device, resolve_dtype
 from batchgen.worker.model_runner import ModelRunner, flash_works
@@ -37,7 +38,6 @@ STEP_LOG_INTERVAL_S = 30.0
 
 log = logging.getLogger("batchgen.engine")
 
-HOST_KV_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -62,9 +62,9 @@ class EngineConfig:
     # Small-VRAM mode (worker/offload.py): stream decoder layers from host memory. None: when the int8
     # weights do not fit max_vram_bytes on CUDA.
     offload: bool | None = None
-    # Its host KV cache when attention runs on the CPU: float32 holds fp16/bf16 K/V exactly; bfloat16 halves
-    # the host memory traffic (2-11% faster in H100 13B runs, docs/benchmarks.md) at bf16 rounding of the K/V.
-    host_kv_dtype: str = field(default_factory=lambda: os.environ.get("BATCHGEN_HOST_KV_DTYPE", "float32"))
+    # Its host KV cache when attention runs on the CPU (worker/host_attention.py): "auto" is the compute dtype,
+    # which holds the K/V exactly; int8 (a scale per token and head) reads ~half the bytes at int8 rounding.
+    host_kv_dtype: str = field(default_factory=lambda: os.environ.get("BATCHGEN_HOST_KV_DTYPE", "auto"))
 
     def __post_init__(self) -> None:
         if not self.model:

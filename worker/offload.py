@@ -19,12 +19,13 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from batchgen.worker import budget as budget_math
+from batchgen.worker.host_attention import Kernel, cache_bytes, length_bias, quantize, sample_inputs
 from batchgen.worker.int8_linear import KERNELS, FusedInt8Linear, Int8Linear, Int8State
 from batchgen.worker.llm_engine import EngineConfig, LLMEngine, _available_ram_bytes, resolve_int8_kernel
 from batchgen.worker.model_loader import load_model, resolve_device, resolve_dtype
@@ -174,11 +175,13 @@ class _Streams:
     def copying(self):
         return torch.cuda.stream(self.copy) if self.cuda else _NullContext()
 
-    def start_iteration(self) -> None:
-        """Stage buffers are reused: copies wait for all compute already queued (also after an aborted pass)."""
+    def start_iteration(self, keep_events: bool = False) -> None:
+        """Stage buffers are reused: copies wait for all compute already queued (also after an aborted pass).
+        keep_events: copies the previous forward issued for this one are in flight; compute must wait on them."""
         if self.cuda:
             self.copy.wait_stream(torch.cuda.current_stream())
-            self.copied, self.done = [None, None], [None, None]
+            if not keep_events:
+                self.copied, self.done = [None, None], [None, None]
 
     def copy_waits_for_compute(self, slot: int) -> None:
         if self.cuda and self.done[slot] is not None:
@@ -323,16 +326,22 @@ class _DeviceLayer:
 class LayerStreamer:
     """The layer executor: yields each decoder layer ready to run, streaming the non-resident ones.
 
-    Layer i's streamed weights (and, with a host KV cache in decode, its K/V) go to stage slot i % 2;
-    the copy into a slot waits until the layer that used it two layers ago has finished computing.
+    Each streamed layer owns one of two stage slots; its copy into the slot waits until the slot's previous
+    layer has finished computing, so the copy of the next layer overlaps the compute of this one. Weights
+    only (KV on the device or attended on the CPU): resident layers are spread evenly between the streamed
+    ones and the slots alternate over the streamed layers, cyclically, so the bus never idles: during a
+    resident layer the next streamed one is already copying, and the last layers of a forward prefetch the
+    first of the next (weights do not change between steps). With a streamed host KV cache ("host") every
+    layer's K/V goes through slot i % 2 in decode, so the first num_resident layers are the resident ones and
+    nothing is prefetched across forwards (the next step's KV is not written yet).
     """
 
     def __init__(self, hf_layers: list[torch.nn.Module], *, device: torch.device, num_resident: int,
-                 kernel: str, threshold: float):
+                 kernel: str, threshold: float, kv_streamed: bool = False):
         self.device, self.num_layers, self.num_resident = device, len(hf_layers), num_resident
         self.specs = _layer_specs(hf_layers[0])
+        self.cyclic = not kv_streamed
         pin = device.type == "cuda"
-        self.layer_bytes = 0
         self.host: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self.layers: list[_DeviceLayer] = []
         self.streams = _Streams(device)
@@ -341,7 +350,12 @@ class LayerStreamer:
         num_scb = sum(s.shape[0] for s in self.specs)
         scb_dtype = _int8_of(hf_layers[0].get_submodule(LINEARS[0]))[1].dtype
         self.layer_bytes = num_cb + num_scb * torch.empty(0, dtype=scb_dtype).element_size()
-        streamed = num_resident < self.num_layers
+        self.resident = resident_layers(self.num_layers, num_resident, spread=self.cyclic)
+        streamed = [i for i in range(self.num_layers) if i not in self.resident]
+        self.slot_of = {i: (k % 2 if self.cyclic else i % 2) for k, i in enumerate(streamed)}
+        self.next_in_slot = _next_in_slot(streamed, self.slot_of, cyclic=self.cyclic)
+        self.first_in_slot = sorted({slot: i for i, slot in reversed(self.slot_of.items())}.values())
+        self._pending: set[int] = set()  # streamed layers the previous forward already prefetched
         self.stages = [(torch.empty(num_cb, dtype=torch.int8, device=device),
                         torch.empty(num_scb, dtype=scb_dtype, device=device)) for _ in range(2 if streamed else 0)]
         for i, hf_layer in enumerate(hf_layers):
@@ -354,35 +368,51 @@ class LayerStreamer:
                 cb_view.copy_(src_cb)
                 scb_view.copy_(src_scb)
                 _repoint(hf_layer.get_submodule(name), cb_view, scb_view)
-            if i < num_resident:
+            if i in self.resident:
                 buffers = (cb.to(device), scb.to(device))
                 self.host.append(None)
             else:
-                buffers = self.stages[i % 2]
+                buffers = self.stages[self.slot_of[i]]
                 self.host.append((cb, scb))
             self.layers.append(_DeviceLayer(hf_layer, self.specs, *buffers, device=device, kernel=kernel,
                                             threshold=threshold))
 
     def iter_layers(self) -> Iterator[_DeviceLayer]:
         s = self.streams
-        s.start_iteration()
-        for j in range(min(2, self.num_layers)):
-            self._prefetch(j)
-        for i in range(self.num_layers):
-            s.compute_waits_for_copy(i % 2)
-            yield self.layers[i]
-            if self.kv is not None:
-                self.kv.after_layer(i)
-            s.record_done(i % 2)
-            if i + 2 < self.num_layers:
-                self._prefetch(i + 2)
-
-    def _prefetch(self, i: int) -> None:
-        host = self.host[i]
         kv = self.kv is not None and self.kv.decoding
+        pending, self._pending, prefetched = self._pending, set(), set()
+        s.start_iteration(keep_events=bool(pending))
+        complete = False
+        try:
+            for i in [0, 1][: self.num_layers] if kv else self.first_in_slot:
+                if i not in pending:
+                    self._prefetch(i, kv)
+            for i in range(self.num_layers):
+                uses_slot = kv or self.host[i] is not None
+                if uses_slot:
+                    s.compute_waits_for_copy(self.slot(i))
+                yield self.layers[i]
+                if self.kv is not None:
+                    self.kv.after_layer(i)
+                if uses_slot:
+                    s.record_done(self.slot(i))
+                    nxt = (i + 2 if i + 2 < self.num_layers else None) if kv else self.next_in_slot[i]
+                    if nxt is not None:
+                        self._prefetch(nxt, kv)
+                        if nxt <= i:  # wrapped around: the next forward's first layer in this slot
+                            prefetched.add(nxt)
+            complete = True
+        finally:
+            self._pending = prefetched if complete else set()  # after an aborted pass, start afresh
+
+    def slot(self, i: int) -> int:
+        return self.slot_of.get(i, i % 2)
+
+    def _prefetch(self, i: int, kv: bool) -> None:
+        host = self.host[i]
         if host is None and not kv:
             return
-        slot = i % 2
+        slot = self.slot(i)
         with self.streams.copying():
             self.streams.copy_waits_for_compute(slot)
             if host is not None:
@@ -391,6 +421,23 @@ class LayerStreamer:
             if kv:
                 self.kv.prefetch(i, slot)
             self.streams.record_copied(slot)
+
+
+def resident_layers(num_layers: int, num_resident: int, *, spread: bool) -> set[int]:
+    """Which layers stay on the device: evenly spread (so streamed copies keep running through them), or the first."""
+    if not spread or num_resident >= num_layers:
+        return set(range(num_resident))
+    return {(2 * k + 1) * num_layers // (2 * num_resident) for k in range(num_resident)}
+
+
+def _next_in_slot(streamed: list[int], slot_of: dict[int, int], *, cyclic: bool) -> dict[int, int | None]:
+    """For each streamed layer, the next streamed layer using its slot (wrapping to the next forward if cyclic)."""
+    out: dict[int, int | None] = {}
+    for slot in set(slot_of.values()):
+        users = [i for i in streamed if slot_of[i] == slot]
+        for k, i in enumerate(users):
+            out[i] = users[(k + 1) % len(users)] if cyclic or k + 1 < len(users) else None
+    return out
 
 
 class _HostCacheView:
@@ -513,58 +560,92 @@ class CpuAttention(_HostCache):
     each layer's q/k/v of the new tokens to the host (a few MB) and gets the attention output back, so the
     cache itself never crosses PCIe and the bus carries only weights.
 
-    The cache is [layers, rows, kv_heads, max_len, head_dim], so each (row, head)'s keys are one contiguous
-    run; float32 by default, exact for fp16/bf16 K/V (bfloat16 halves it at bf16 rounding; fp16 has the
-    slowest CPU kernels: benchmarks/host_attention.py). Prefill writes go through staging, one strided copy
-    per prompt.
-    Each layer waits for its q/k/v (one stream sync); the weight copies of the next layers keep running on
-    the side stream meanwhile.
+    Keys are [layers, rows, kv_heads, max_len, head_dim] and values transposed, [..., head_dim, max_len], the
+    layout host_attention's fused kernel reads along contiguous memory. Stored in kv_dtype: the compute dtype
+    by default (exact), or int8 with a float32 scale per (row, head, token). Prefill writes go through
+    staging, one strided copy per prompt. Each layer waits for its q/k/v (one stream sync); the weight copies
+    of the next layers keep running on the side stream meanwhile.
     """
 
     def __init__(self, *, num_layers: int, max_rows: int, num_heads: int, num_kv_heads: int, max_model_len: int,
                  head_dim: int, max_tokens: int, scaling: float, dtype: torch.dtype, device: torch.device,
-                 kv_dtype: torch.dtype = torch.float32):
+                 kv_dtype: torch.dtype | None = None, kernel: Kernel | None = None):
         super().__init__(num_layers=num_layers, max_rows=max_rows, num_kv_heads=num_kv_heads,
                          max_model_len=max_model_len, head_dim=head_dim, max_tokens=max_tokens, dtype=dtype,
                          device=device)
         pin = device.type == "cuda"
+        self.kv_dtype = kv_dtype or dtype
         shape = (num_layers, max_rows, num_kv_heads, max_model_len, head_dim)
-        # zeros: masked-out keys must still be finite (0 × NaN is NaN in the attention sum)
-        self.host = [torch.zeros(shape, dtype=kv_dtype) for _ in range(2)]
+        self.keys = torch.zeros(shape, dtype=self.kv_dtype)
+        self.values_t = torch.zeros(shape[:3] + (head_dim, max_model_len), dtype=self.kv_dtype)
+        self.scales = None  # int8: K and V scales [layers, rows, kv_heads, max_len]
+        if self.kv_dtype == torch.int8:  # prefill quantizes on the device: int8 + scales cross the bus
+            self.scales = [torch.zeros(shape[:4]) for _ in range(2)]
+            self.staging = [torch.empty_like(t, dtype=torch.int8) for t in self.staging]
+            self.scale_staging = [torch.empty(t.shape[:3], pin_memory=pin) for t in self.staging]
+        self.host = [self.keys, self.values_t]
         self.qkv = torch.empty(max_rows, num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, pin_memory=pin)
         self.out = torch.empty(max_rows, num_heads, head_dim, dtype=dtype, pin_memory=pin)
         self.num_heads, self.num_kv_heads, self.scaling = num_heads, num_kv_heads, scaling
-        self._mask = None
+        self.kernel = kernel or Kernel.build(self.kv_dtype, num_kv_heads=num_kv_heads,
+                                             group=num_heads // num_kv_heads, head_dim=head_dim)
+        self._bias = None
         self._segments: list[tuple[int, int, int, int]] = []
+        # where a decode step's host time goes (seconds, summed over steps): waiting for the GPU's q/k/v
+        # (its compute and the weight copy before it), writing the new K/V, the kernel
+        self.seconds = {"wait": 0.0, "store": 0.0, "kernel": 0.0}
 
     def begin(self, rows: list[int], positions: list[int], *, decode: bool) -> None:
         super().begin(rows, positions, decode=decode)
-        self._mask = None
         self._segments = [] if decode else _segments(rows, positions)
-        if decode and min(positions) != self._kv_len - 1:  # rows of unequal length: mask each row's tail
-            self._mask = (torch.arange(self._kv_len)[None, :] <= self._positions[:, None])[:, None, None, :]
+        self._bias = length_bias(self._positions + 1, self._kv_len) if decode else None
 
     def layer_view(self, which: int, layer: int):
         if self.prefilling:
             return _PromptWriter(self, which, layer)
         raise RuntimeError("CPU attention: decode goes through attend(), prefill through a prefill step")
 
+    def write_prompt(self, which: int, layer: int, value: torch.Tensor) -> None:
+        if self.scales is None:
+            return super().write_prompt(which, layer, value)
+        q8, scale = quantize(value)
+        self.staging[which][layer, : value.shape[0]].copy_(q8, non_blocking=True)
+        self.scale_staging[which][layer, : value.shape[0]].copy_(scale, non_blocking=True)
+
+    def _store(self, layer, rows, positions, k: torch.Tensor, v: torch.Tensor, *, tokens_dim: bool,
+               scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Writes K/V at cache[layer, rows, :, positions]: decode passes index tensors and k/v [n, kv_heads, d];
+        prefill a layer slice, one row, a position slice and k/v [layers, kv_heads, tokens, d] (tokens_dim),
+        already int8 with their scales when the cache is."""
+        transpose = (lambda x: x.transpose(-1, -2)) if tokens_dim else (lambda x: x)
+        if self.scales is None:
+            self.keys[layer, rows, :, positions] = k.to(self.kv_dtype)
+            self.values_t[layer, rows, :, :, positions] = transpose(v.to(self.kv_dtype))
+            return
+        (k8, ks), (v8, vs) = ((k, scales[0]), (v, scales[1])) if scales else (quantize(k), quantize(v))
+        self.keys[layer, rows, :, positions], self.scales[0][layer, rows, :, positions] = k8, ks
+        self.values_t[layer, rows, :, :, positions], self.scales[1][layer, rows, :, positions] = transpose(v8), vs
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """model_runner's Attend for a decode step: q [n, heads, 1, head_dim], k/v [n, kv_heads, 1, head_dim]
         on the device -> the attention output there, computed on the host over this layer's cache."""
-        n, heads, kv_heads = q.shape[0], self.num_heads, self.num_kv_heads
+        n, heads, kv_heads, length = q.shape[0], self.num_heads, self.num_kv_heads, self._kv_len
         buf = self.qkv[:n]
         buf.copy_(torch.cat([q, k, v], dim=1)[:, :, 0], non_blocking=True)
+        t0 = time.perf_counter()
         self._wait_for_device()
-        q_host, k_host, v_host = buf.to(self.host[0].dtype).split([heads, kv_heads, kv_heads], dim=1)
-        keys, values = self.host[0][layer], self.host[1][layer]
-        keys[self._rows, :, self._positions] = k_host
-        values[self._rows, :, self._positions] = v_host
-        o = F.scaled_dot_product_attention(
-            q_host.view(n, kv_heads, heads // kv_heads, -1), keys[:n, :, : self._kv_len],
-            values[:n, :, : self._kv_len], attn_mask=self._mask, scale=self.scaling)
+        t1 = time.perf_counter()
+        q_host, k_host, v_host = buf.split([heads, kv_heads, kv_heads], dim=1)
+        self._store(layer, self._rows, self._positions, k_host, v_host, tokens_dim=False)
+        t2 = time.perf_counter()
+        scales = (None, None) if self.scales is None else (s[layer, :n, :, :length] for s in self.scales)
+        o = self.kernel(q_host.float().view(n, kv_heads, heads // kv_heads, -1), self.keys[layer, :n, :, :length],
+                        self.values_t[layer, :n, :, :, :length], *scales, self._bias, self.scaling)
         out = self.out[:n]
         out.copy_(o.view(n, heads, -1))
+        t3 = time.perf_counter()
+        for key, dt in (("wait", t1 - t0), ("store", t2 - t1), ("kernel", t3 - t2)):
+            self.seconds[key] += dt
         # on CUDA the copy is queued before the next layer's sync, so `out` is free again by then
         return out.to(self.device, non_blocking=True)[:, :, None]
 
@@ -572,10 +653,12 @@ class CpuAttention(_HostCache):
         """After a prefill: waits for its device→host copies and puts them into the host cache."""
         if self.prefilling:
             self._wait_for_device()
-            for which in range(2):  # one strided copy per prompt, not a per-token scatter
-                for row, start, first, length in self._segments:
-                    self.host[which][:, row, :, first: first + length] = \
-                        self.staging[which][:, start: start + length].transpose(1, 2)
+            for row, start, first, length in self._segments:  # one strided copy per prompt, not per token
+                k, v = (self.staging[which][:, start: start + length].transpose(1, 2) for which in range(2))
+                scales = None
+                if self.scales is not None:
+                    scales = tuple(t[:, start: start + length].transpose(1, 2) for t in self.scale_staging)
+                self._store(slice(None), row, slice(first, first + length), k, v, tokens_dim=True, scales=scales)
         self.reset()
 
 
@@ -590,7 +673,8 @@ def _segments(rows: list[int], positions: list[int]) -> list[tuple[int, int, int
     return [tuple(x) for x in out]
 
 
-def measure_cpu_attention_cost(device: torch.device, *, num_heads: int, head_dim: int, seconds: float = 0.3) -> float:
+def measure_cpu_attention_cost(device: torch.device, kernel: Kernel, kv_dtype: torch.dtype, *, num_kv_heads: int,
+                               group: int, head_dim: int, seconds: float = 0.3) -> float:
     """PCIe bytes/s ÷ CPU attention bytes/s on this host, measured (CUDA only): how many streamed bytes one
     byte of host KV read by CpuAttention costs. plan_streaming weighs the "cpu" KV placement with it."""
 
@@ -604,10 +688,9 @@ def measure_cpu_attention_cost(device: torch.device, *, num_heads: int, head_dim
         torch.cuda.synchronize(device)
         return nbytes * runs / (time.perf_counter() - start)
 
-    rows, length = 16, 256
-    keys = torch.randn(rows, num_heads, length, head_dim)
-    q = torch.randn(rows, num_heads, 1, head_dim)
-    cpu = rate(lambda: F.scaled_dot_product_attention(q, keys, keys), 2 * keys.numel() * keys.element_size())
+    rows, length = 64, 256  # a few hundred MB, as a layer's cache is: not a cache-resident toy
+    args = sample_inputs(kv_dtype, rows, num_kv_heads, group, length, head_dim)
+    cpu = rate(lambda: kernel(*args), rows * length * cache_bytes(kv_dtype, num_kv_heads, head_dim))
     src = torch.empty(256 * 2**20, dtype=torch.int8, pin_memory=True)
     dst = torch.empty_like(src, device=device)
     pcie = rate(lambda: dst.copy_(src, non_blocking=True), src.numel())
@@ -621,9 +704,10 @@ class StreamingRunner(ModelRunner):
     """
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
-                 attention: str, kernel: str, threshold: float, host_kv_dtype: torch.dtype = torch.float32):
+                 attention: str, kernel: str, threshold: float, host_kv_dtype: torch.dtype | None = None):
         super().__init__(model, device=device, dtype=dtype, max_model_len=max_model_len, attention=attention)
-        self.host_kv_dtype = host_kv_dtype
+        self.host_kv_dtype = host_kv_dtype or dtype  # CPU attention's cache
+        self._cpu_kernel: Kernel | None = None
         p = self.parts
         p.embed, p.norm, p.lm_head, p.rotary = (copy.deepcopy(m).to(device)
                                                 for m in (p.embed, p.norm, p.lm_head, p.rotary))
@@ -643,9 +727,18 @@ class StreamingRunner(ModelRunner):
         specs = _layer_specs(self.parts.layers[0])
         return sum(s.shape[0] * s.shape[1] + 4 * s.shape[0] for s in specs)
 
+    def cpu_attention_kernel(self) -> Kernel:
+        """host_attention's kernel for this model's attention shape and the host KV dtype, compiled once."""
+        if self._cpu_kernel is None:
+            p = self.parts
+            self._cpu_kernel = Kernel.build(self.host_kv_dtype, num_kv_heads=p.num_kv_heads,
+                                            group=p.num_heads // p.num_kv_heads, head_dim=p.head_dim)
+        return self._cpu_kernel
+
     def configure(self, plan: StreamPlan, max_prefill_tokens: int) -> None:
         self.streamer = LayerStreamer(self.parts.layers, device=self.device, num_resident=plan.num_resident,
-                                      kernel=self.kernel, threshold=self.threshold)
+                                      kernel=self.kernel, threshold=self.threshold,
+                                      kv_streamed=plan.kv_placement == "host")
         self.parts.layer_executor = self.streamer
         self.kv_placement = plan.kv_placement
         if plan.kv_placement == "host":  # decode reads a strided device view of the streamed KV
@@ -664,7 +757,8 @@ class StreamingRunner(ModelRunner):
                      max_model_len=self.max_model_len, head_dim=p.head_dim, max_tokens=self.max_prefill_tokens,
                      dtype=self.dtype, device=self.device)
         if self.kv_placement == "cpu":
-            self.host_kv = CpuAttention(num_heads=p.num_heads, scaling=p.scaling, kv_dtype=self.host_kv_dtype, **shape)
+            self.host_kv = CpuAttention(num_heads=p.num_heads, scaling=p.scaling, kv_dtype=self.host_kv_dtype,
+                                        kernel=self.cpu_attention_kernel(), **shape)
         else:
             self.host_kv = HostKV(**shape)
             self.streamer.kv = self.host_kv
@@ -699,6 +793,11 @@ class StreamingRunner(ModelRunner):
             self.host_kv.reset()
 
 
+def host_kv_dtype(cfg: EngineConfig, dtype: torch.dtype) -> torch.dtype:
+    """The CPU-attention cache's dtype: cfg.host_kv_dtype, "auto" being the compute dtype (exact)."""
+    return dtype if cfg.host_kv_dtype == "auto" else getattr(torch, cfg.host_kv_dtype)
+
+
 class StreamingLLMEngine(LLMEngine):
     """LLMEngine over a StreamingRunner: the model is loaded in 8-bit on the host, the budget is a StreamPlan.
 
@@ -706,8 +805,9 @@ class StreamingLLMEngine(LLMEngine):
     """
 
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
-                 dtype: torch.dtype, weights_bytes: int, kv_placement: str = "auto", num_resident: int | None = None):
-        self.kv_placement, self.num_resident = kv_placement, num_resident
+                 dtype: torch.dtype, weights_bytes: int, kv_placement: str = "auto", num_resident: int | None = None,
+                 cpu_kernel: Kernel | None = None):
+        self.kv_placement, self.num_resident, self._cpu_kernel = kv_placement, num_resident, cpu_kernel
         self.plan: StreamPlan | None = None
         if cfg.max_prefill_tokens is None:  # the CUDA default (4096) would spend the small budget on one prefill
             cfg = dataclasses.replace(cfg, max_prefill_tokens=STREAMING_MAX_PREFILL_TOKENS)
@@ -717,10 +817,19 @@ class StreamingLLMEngine(LLMEngine):
     def from_config(cls, cfg: EngineConfig, **kwargs) -> "StreamingLLMEngine":
         if not cfg.load_in_8bit:
             raise ValueError("small-VRAM mode streams int8 weights: load_in_8bit must be on")
+        from transformers import AutoConfig
+
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.compute_dtype, device)
-        loaded = load_model(cfg.model, device=torch.device("cpu"), dtype=dtype, load_in_8bit=True,
-                            int8_threshold=cfg.int8_threshold)
+        c = AutoConfig.from_pretrained(cfg.model)
+        heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        with ThreadPoolExecutor(1) as pool:  # inductor's first build takes about as long as loading a 13B model
+            kernel = pool.submit(Kernel.build, host_kv_dtype(cfg, dtype), num_kv_heads=kv_heads,
+                                 group=heads // kv_heads, head_dim=head_dim)
+            loaded = load_model(cfg.model, device=torch.device("cpu"), dtype=dtype, load_in_8bit=True,
+                                int8_threshold=cfg.int8_threshold)
+            kwargs.setdefault("cpu_kernel", kernel.result())
         return cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
                    weights_bytes=loaded.weights_bytes, **kwargs)
 
@@ -730,9 +839,11 @@ class StreamingLLMEngine(LLMEngine):
         kernel = resolve_int8_kernel(self.cfg.int8_kernel, device)
         if kernel != "bnb" and device.type == "cuda":
             KERNELS.compile()
-        return StreamingRunner(model, device=device, dtype=dtype, max_model_len=self.max_model_len,
-                               attention=self.attention, kernel=kernel, threshold=self.cfg.int8_threshold,
-                               host_kv_dtype=getattr(torch, self.cfg.host_kv_dtype))
+        runner = StreamingRunner(model, device=device, dtype=dtype, max_model_len=self.max_model_len,
+                                 attention=self.attention, kernel=kernel, threshold=self.cfg.int8_threshold,
+                                 host_kv_dtype=host_kv_dtype(self.cfg, dtype))
+        runner._cpu_kernel = self._cpu_kernel
+        return runner
 
     def _plan_budget(self, weights_bytes: int, max_prefill_tokens: int) -> budget_math.Budget:
         cfg, c, runner = self.cfg, self.model.config, self.runner
@@ -753,7 +864,9 @@ class StreamingLLMEngine(LLMEngine):
         host = _available_ram_bytes()
         cost = None
         if self.device.type == "cuda" and self.kv_placement == "auto":
-            cost = measure_cpu_attention_cost(self.device, num_heads=parts.num_kv_heads, head_dim=parts.head_dim)
+            cost = measure_cpu_attention_cost(self.device, runner.cpu_attention_kernel(), runner.host_kv_dtype,
+                                              num_kv_heads=parts.num_kv_heads, group=parts.num_heads // parts.num_kv_heads,
+                                              head_dim=parts.head_dim)
             log.info("CPU attention costs %.2f streamed bytes per host KV byte", cost)
         kv_elements = 2 * parts.num_kv_heads * parts.head_dim  # K and V of one token in one layer
         plan = plan_streaming(
@@ -762,7 +875,7 @@ class StreamingLLMEngine(LLMEngine):
             max_model_len=self.max_model_len, activation_bytes_per_row=act_per_row, prefill_bytes=prefill_bytes,
             max_rows=cfg.max_batch_size or budget_math.MAX_ROWS_CEILING,
             host_bytes=None if host is None else host // 2, kv_placement=self.kv_placement,
-            num_resident=self.num_resident, cpu_kv_bytes_per_token_layer=kv_elements * runner.host_kv_dtype.itemsize,
+            num_resident=self.num_resident, cpu_kv_bytes_per_token_layer=cache_bytes(runner.host_kv_dtype, parts.num_kv_heads, parts.head_dim),
             cpu_attention_cost=cost)
         kv_per_token = budget_math.kv_bytes_per_token(parts.num_layers, parts.num_kv_heads, parts.head_dim,
                                                       dtype_bytes)
@@ -777,6 +890,9 @@ class StreamingLLMEngine(LLMEngine):
     def stats(self):
         s = super().stats()
         if self.plan is not None:
+            host_kv = getattr(self.runner, "host_kv", None)
+            for key, seconds in getattr(host_kv, "seconds", {}).items():
+                s.extra[f"offload_cpu_attention_{key}_s"] = round(seconds, 3)
             s.extra.update(offload_kv_on_host=int(self.plan.kv_on_host),
                            offload_cpu_attention=int(self.plan.kv_placement == "cpu"),
                            offload_resident_layers=self.plan.num_resident,
