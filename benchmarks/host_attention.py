@@ -1,10 +1,10 @@
-"""Decode attention on the host CPU vs streaming its K/V over PCIe: the small-VRAM mode's KV lever.
+"""Decode attention on the host CPU: the small-VRAM mode's per-layer cost, per kernel and KV storage dtype.
 
-A 13B-shape decode step with 64 rows keeps ~9 GB of fp16 K/V at the workload's mean length; streamed to
-the GPU that is ~0.17 s a step on top of the weights. Attending on the CPU where the cache lives sends
-only q/k/v/o (a few MB) across the bus. Whether that wins depends on the host's memory bandwidth and its
-kernels for each dtype, so this measures them: per layer, 64 rows × 40 heads × kv_len × 128, the cache a
-view of a [rows, heads, max_len, head_dim] buffer as the engine keeps it.
+A 13B-shape decode step with 64 rows reads the whole host KV cache once per layer (~0.47 GB in float32 at
+the workload's mean length, 178 tokens), on the host cores, while the weight stream's DMA reads host
+memory too. This measures one layer: torch's sdpa over a float32 cache (the old path) against the fused
+kernel of worker/host_attention.py over float32 / float16 / bfloat16 / int8 storage, alone and while
+pinned host→device copies run, for a few thread counts.
 
     python3 -m benchmarks.host_attention            # prints a table, writes $OUT/host_attention.json
 """
@@ -12,104 +12,155 @@ view of a [rows, heads, max_len, head_dim] buffer as the engine keeps it.
 import json
 import os
 import platform
+import shutil
+import subprocess
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from batchgen.worker.host_attention import Kernel, quantize
 
-ROWS, HEADS, HEAD_DIM, MAX_LEN = 64, 40, 128, 256
+ROWS, HEADS, HEAD_DIM, MAX_LEN, KV_LEN = int(os.environ.get("ROWS", 64)), 40, 128, 256, 178
+LAYERS = 6  # distinct caches, visited in turn as a step does: the host's L3 (up to hundreds of MB) must not hold them
 
 
-def _time(fn, repeat: int = 5) -> float:
-    fn()
+def _time(fn, repeat: int = 12) -> float:
+    fn(0)
     start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
+    for i in range(repeat):
+        fn(i % LAYERS)
     return (time.perf_counter() - start) / repeat
 
 
-def measure(dtype: torch.dtype, kv_len: int, kernel: str) -> dict:
-    k = torch.randn(ROWS, HEADS, MAX_LEN, HEAD_DIM).to(dtype)
-    v = torch.randn(ROWS, HEADS, MAX_LEN, HEAD_DIM).to(dtype)
-    q = torch.randn(ROWS, HEADS, 1, HEAD_DIM).to(dtype)
-    keys, values = k[:, :, :kv_len], v[:, :, :kv_len]
+def case(name: str, kernels: dict):
+    """(run(layer), bytes read per layer) in the layout each kernel wants, sliced to KV_LEN of MAX_LEN."""
+    kind, dtype = name.split("-")
+    q = torch.randn(ROWS, HEADS, 1, HEAD_DIM)
+    bias = torch.zeros(ROWS, KV_LEN)
     scale = HEAD_DIM**-0.5
-    if kernel == "sdpa":
-        def run():
-            return F.scaled_dot_product_attention(q, keys, values, scale=scale)
-    else:
-        def run():
-            s = torch.matmul(q, keys.transpose(-1, -2)) * scale
-            return torch.matmul(torch.softmax(s.float(), dim=-1).to(dtype), values)
-    seconds = _time(run)
-    nbytes = 2 * ROWS * HEADS * kv_len * HEAD_DIM * k.element_size()
-    return {"dtype": str(dtype).removeprefix("torch."), "kernel": kernel, "kv_len": kv_len,
-            "ms_per_layer": round(1000 * seconds, 2), "gb_s": round(nbytes / seconds / 1e9, 1),
-            "ms_per_step_40_layers": round(40 * 1000 * seconds, 1)}
+    caches = []
+    for _ in range(LAYERS):
+        k, v = torch.randn(ROWS, HEADS, MAX_LEN, HEAD_DIM), torch.randn(ROWS, HEADS, MAX_LEN, HEAD_DIM)
+        ks = vs = None
+        if dtype == "int8":
+            (k, ks), (v, vs) = quantize(k), quantize(v)
+            ks, vs = ks[:, :, :KV_LEN], vs[:, :, :KV_LEN]
+        else:
+            k, v = k.to(getattr(torch, dtype)), v.to(getattr(torch, dtype))
+        v = v[:, :, :KV_LEN]
+        caches.append((k[:, :, :KV_LEN], v, ks, vs))
+    keys = caches[0][0]
+    nbytes = 2 * keys.numel() * keys.element_size() + (0 if caches[0][2] is None else 2 * caches[0][2].numel() * 4)
+    if kind == "sdpa":
+        qd = q.to(keys.dtype)
+        return (lambda i: F.scaled_dot_product_attention(qd, caches[i][0], caches[i][1], scale=scale)), nbytes
+    return (lambda i: kernels[dtype](q, *caches[i], bias, scale)), nbytes
 
 
-def under_copies(dtype: torch.dtype, kv_len: int) -> dict | None:
-    """The same read while pinned host→device copies run (the weight stream shares the host's memory)."""
-    if not torch.cuda.is_available():
-        return None
-    import threading
+class Copies:
+    """Pinned host→device copies on a side thread, like the weight stream (CUDA only)."""
 
-    src = torch.empty(512 * 2**20, dtype=torch.int8, pin_memory=True)
-    dst = torch.empty_like(src, device="cuda")
-    stop, copied = threading.Event(), [0]
+    def __enter__(self):
+        self.src = torch.empty(512 * 2**20, dtype=torch.int8, pin_memory=True)
+        self.dst = torch.empty_like(self.src, device="cuda")
+        self.stop, self.copied, self.start = threading.Event(), 0, time.perf_counter()
+        self.thread = threading.Thread(target=self._loop)
+        self.thread.start()
+        return self
 
-    def copy_loop():
+    def _loop(self):
         stream = torch.cuda.Stream()
         with torch.cuda.stream(stream):
-            while not stop.is_set():
-                dst.copy_(src, non_blocking=True)
+            while not self.stop.is_set():
+                self.dst.copy_(self.src, non_blocking=True)
                 stream.synchronize()
-                copied[0] += src.numel()
+                self.copied += self.src.numel()
 
-    thread = threading.Thread(target=copy_loop)
-    start = time.perf_counter()
-    thread.start()
-    r = measure(dtype, kv_len, "sdpa")
-    stop.set()
-    thread.join()
-    r["h2d_gb_s_meanwhile"] = round(copied[0] / (time.perf_counter() - start) / 1e9, 1)
-    return r | {"under_copies": True}
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.gb_s = self.copied / (time.perf_counter() - self.start) / 1e9
 
 
-def cpu_flags() -> list[str]:
+def host_info() -> dict:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        model = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
     except (OSError, StopIteration):
-        return []
-    return sorted(f for f in flags.split() if f.startswith(("avx512", "amx", "avx2")))
+        flags = model = ""
+    numa = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if shutil.which("lscpu") else ""
+    return {"cpu": model.split(":")[-1].strip() or platform.machine(), "cores": os.cpu_count(),
+            "flags": sorted(f for f in flags.split() if f.startswith(("avx512", "amx", "avx2", "f16c"))),
+            "numa": [line for line in numa.splitlines() if "NUMA" in line or "L3" in line],
+            "cxx": shutil.which("g++") or shutil.which("c++"), "torch": torch.__version__,
+            "capability": torch.backends.cpu.get_cpu_capability()}
+
+
+VARIANTS = ("sdpa-float32", "fused-float32", "fused-float16", "fused-bfloat16", "fused-int8")
+
+
+def engine_step(kv_dtype: str, layers: int = 40) -> dict:
+    """One decode step of offload.CpuAttention as the engine runs it (device "cpu": no copies), 13B shape,
+    64 rows at KV_LEN: where the host time goes per layer (writing the new K/V, the kernel)."""
+    from batchgen.worker.offload import CpuAttention
+
+    dtype = getattr(torch, kv_dtype)
+    att = CpuAttention(num_layers=layers, max_rows=ROWS, num_heads=HEADS, num_kv_heads=HEADS, max_model_len=MAX_LEN,
+                       head_dim=HEAD_DIM, max_tokens=ROWS, scaling=HEAD_DIM**-0.5, dtype=torch.float16,
+                       device=torch.device("cpu"), kv_dtype=dtype)
+    q = torch.randn(ROWS, HEADS, 1, HEAD_DIM, dtype=torch.float16)
+    for step in range(3):
+        att.begin(list(range(ROWS)), [KV_LEN - 1] * ROWS, decode=True)
+        if step == 1:
+            att.seconds = dict.fromkeys(att.seconds, 0.0)
+            start = time.perf_counter()
+        for layer in range(layers):
+            att.attend(layer, q, q, q)
+        att.reset()
+    total = time.perf_counter() - start
+    ms = {k: round(1000 * v / 2 / layers, 2) for k, v in att.seconds.items()}
+    return {"kernel": f"engine-{kv_dtype}", "ms_per_layer": round(1000 * total / 2 / layers, 2), "split_ms": ms,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "")}
 
 
 def main() -> None:
     out = Path(os.environ.get("OUT", "bench-out"))
     out.mkdir(parents=True, exist_ok=True)
+    info = host_info()
+    torch._dynamo.config.recompile_limit = torch._dynamo.config.accumulated_recompile_limit = 256
+    kernels = {}
+    for dtype in ("float32", "float16", "bfloat16", "int8"):
+        start = time.perf_counter()
+        kernels[dtype] = Kernel.build(getattr(torch, dtype), num_kv_heads=HEADS, group=1, head_dim=HEAD_DIM)
+        info[f"compile_s_{dtype}"] = round(time.perf_counter() - start, 1)
+    info["compiled"] = all(k.compiled for k in kernels.values())
+    print(json.dumps(info), flush=True)
     rows = []
-    for threads in sorted({torch.get_num_threads(), max(1, torch.get_num_threads() // 2), os.cpu_count()}):
-        torch.set_num_threads(threads)
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            for kernel in ("sdpa", "matmul"):
-                for kv_len in (178, 228):
-                    r = measure(dtype, kv_len, kernel) | {"threads": threads}
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
-    torch.set_num_threads(os.cpu_count())
-    for dtype in (torch.float32, torch.bfloat16):
-        r = under_copies(dtype, 178)
-        if r:
-            rows.append(r | {"threads": os.cpu_count()})
-            print(json.dumps(rows[-1]), flush=True)
-    result = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "flags": cpu_flags(),
-              "torch": torch.__version__, "rows": rows}
-    (out / "host_attention.json").write_text(json.dumps(result, indent=1))
-    print("| threads | dtype | kernel | kv_len | ms/layer | GB/s | ms/step (40 layers) | H2D meanwhile |")
+    for name in VARIANTS:
+        run, nbytes = case(name, kernels)
+        for under in [False, True] if torch.cuda.is_available() else [False]:
+            r = {"threads": torch.get_num_threads(), "kernel": name, "under_copies": under}
+            if under:
+                with Copies() as c:
+                    seconds = _time(run)
+                r["h2d_gb_s"] = round(c.gb_s, 1)
+            else:
+                seconds = _time(run)
+            r |= {"ms_per_layer": round(1000 * seconds, 2), "gb_s": round(nbytes / seconds / 1e9, 1),
+                  "ms_per_step_40_layers": round(40 * 1000 * seconds, 1)}
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        del run
+    for kv_dtype in ("float16", "int8"):
+        rows.append(engine_step(kv_dtype))
+        print(json.dumps(rows[-1]), flush=True)
+    (out / "host_attention.json").write_text(json.dumps(info | {"rows": rows}, indent=1))
+    print("| kernel-KV dtype | under copies | ms/layer | GB/s | ms/step (40 layers) | H2D meanwhile |")
     for r in rows:
-        print(f"| {r['threads']} | {r['dtype']} | {r['kernel']} | {r['kv_len']} | {r['ms_per_layer']} | {r['gb_s']} "
-              f"| {r['ms_per_step_40_layers']} | {r.get('h2d_gb_s_meanwhile', '')} |")
+        print(f"| {r['kernel']} | {r.get('under_copies', '')} | {r['ms_per_layer']} | {r.get('gb_s', r.get('split_ms'))} "
+              f"| {r.get('ms_per_step_40_layers', '')} | {r.get('h2d_gb_s', '')} |")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,8 @@ def cap_memory() -> None:
 
 def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     """variant: "auto" (the planner's choice, as `batchgen worker --max-vram 6GiB` runs it) or a lever,
-    placement[/host KV dtype[/max prefill tokens]], e.g. "host", "cpu/bfloat16", "auto/bfloat16"."""
+    placement[/host KV dtype[/max prefill tokens]], e.g. "host", "cpu/int8", "auto/int8"; run_phase also takes a
+    "+passive" suffix: OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning between parallel regions)."""
     import torch
     from batchgen.jobs.schema import Request, SamplingParams
     from batchgen.worker.engine import GenerationRequest
@@ -171,6 +172,23 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
         out |= {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
                 "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
                 "nvml_peak_gib": round(vram.peak_bytes / GIB, 3)}
+    if cuda and os.environ.get("SMALL_VRAM_PROFILE"):  # where a decode step's host time goes, op by op
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        reqs = [GenerationRequest(f"p{i}", Request(custom_id=f"p{i}", prompt=text(ids), params=SamplingParams(
+            temperature=0.0, max_tokens=12, ignore_eos=True))) for i, ids in enumerate(prompts(NUM_REQUESTS))]
+        assert engine.add(reqs) == []
+        first = engine.step_stats.num_decode_steps
+        while engine.step_stats.num_decode_steps < first + 3:
+            engine.step()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                engine.step()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        Path(f"{os.environ['SMALL_VRAM_PROFILE']}_{variant.replace('/', '_')}.txt").write_text(table)
+        while engine.num_unfinished:
+            engine.step()
     return out
 
 
@@ -237,10 +255,11 @@ def run_phase(name: str, model: str, timeout_s: float, out_dir: Path, variant: s
         return {"error": "not run: out of time"}
     path = out_dir / f"phase_{name}_{variant.replace('/', '_')}.json"
     cmd = [sys.executable, "-m", "benchmarks.small_vram", "--phase", name, "--model", model, "--phase-out", str(path),
-           "--variant", variant]
+           "--variant", variant.removesuffix("+passive")]
+    env = os.environ | ({"OMP_WAIT_POLICY": "PASSIVE"} if variant.endswith("+passive") else {})
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True)
+        proc = subprocess.run(cmd, timeout=timeout_s, capture_output=True, text=True, env=env)
     except subprocess.TimeoutExpired as exc:
         tail = (exc.stderr or b"")[-800:]
         return {"error": f"timed out after {timeout_s:.0f} s", "stderr_tail": tail.decode() if isinstance(tail, bytes) else tail}
@@ -305,11 +324,11 @@ def main() -> None:
             "bound_note": "bound = 64 tok/step x pinned H2D / (int8 model - 6 GiB); with_kv adds the mean KV of "
                           "64 rows (fp16, 178 tokens) that a 6 GiB card cannot hold and must also stream"}
     json_path = args.out_dir / "small_vram.json"
-    res["batchgen"] = run_phase("batchgen", str(MODEL_DIR), min(200, left_s() - 10), args.out_dir)
+    res["batchgen"] = run_phase("batchgen", str(MODEL_DIR), min(300, left_s() - 10), args.out_dir)
     write_json(json_path, res)
     for variant in filter(None, args.levers.split(",")):  # the same engine with one lever changed
         reserve = 10 if args.skip_baselines else 110
-        res.setdefault("levers", {})[variant] = run_phase("batchgen", str(MODEL_DIR), min(200, left_s() - reserve),
+        res.setdefault("levers", {})[variant] = run_phase("batchgen", str(MODEL_DIR), min(300, left_s() - reserve),
                                                           args.out_dir, variant)
         write_json(json_path, res)
     if args.skip_baselines:

@@ -560,8 +560,7 @@ class CpuAttention(_HostCache):
     each layer's q/k/v of the new tokens to the host (a few MB) and gets the attention output back, so the
     cache itself never crosses PCIe and the bus carries only weights.
 
-    Keys are [layers, rows, kv_heads, max_len, head_dim] and values transposed, [..., head_dim, max_len], the
-    layout host_attention's fused kernel reads along contiguous memory. Stored in kv_dtype: the compute dtype
+    K and V are [layers, rows, kv_heads, max_len, head_dim], read by host_attention's fused kernel. Stored in kv_dtype: the compute dtype
     by default (exact), or int8 with a float32 scale per (row, head, token). Prefill writes go through
     staging, one strided copy per prompt. Each layer waits for its q/k/v (one stream sync); the weight copies
     of the next layers keep running on the side stream meanwhile.
@@ -576,14 +575,15 @@ class CpuAttention(_HostCache):
         pin = device.type == "cuda"
         self.kv_dtype = kv_dtype or dtype
         shape = (num_layers, max_rows, num_kv_heads, max_model_len, head_dim)
-        self.keys = torch.zeros(shape, dtype=self.kv_dtype)
-        self.values_t = torch.zeros(shape[:3] + (head_dim, max_model_len), dtype=self.kv_dtype)
+        self.keys, self.values = (torch.zeros(shape, dtype=self.kv_dtype) for _ in range(2))
         self.scales = None  # int8: K and V scales [layers, rows, kv_heads, max_len]
         if self.kv_dtype == torch.int8:  # prefill quantizes on the device: int8 + scales cross the bus
             self.scales = [torch.zeros(shape[:4]) for _ in range(2)]
             self.staging = [torch.empty_like(t, dtype=torch.int8) for t in self.staging]
             self.scale_staging = [torch.empty(t.shape[:3], pin_memory=pin) for t in self.staging]
-        self.host = [self.keys, self.values_t]
+            self.kv8 = torch.empty(max_rows, 2 * num_kv_heads, head_dim, dtype=torch.int8, pin_memory=pin)
+            self.kv_scales = torch.empty(max_rows, 2 * num_kv_heads, pin_memory=pin)
+        self.host = [self.keys, self.values]
         self.qkv = torch.empty(max_rows, num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, pin_memory=pin)
         self.out = torch.empty(max_rows, num_heads, head_dim, dtype=dtype, pin_memory=pin)
         self.num_heads, self.num_kv_heads, self.scaling = num_heads, num_kv_heads, scaling
@@ -592,8 +592,9 @@ class CpuAttention(_HostCache):
         self._bias = None
         self._segments: list[tuple[int, int, int, int]] = []
         # where a decode step's host time goes (seconds, summed over steps): waiting for the GPU's q/k/v
-        # (its compute and the weight copy before it), writing the new K/V, the kernel
-        self.seconds = {"wait": 0.0, "store": 0.0, "kernel": 0.0}
+        # (its compute and the weight copy before it), writing the new K/V, the kernel, and the whole forward
+        # (the rest of it: launching the layers' GPU work)
+        self.seconds = {"wait": 0.0, "store": 0.0, "kernel": 0.0, "forward": 0.0}
 
     def begin(self, rows: list[int], positions: list[int], *, decode: bool) -> None:
         super().begin(rows, positions, decode=decode)
@@ -612,35 +613,43 @@ class CpuAttention(_HostCache):
         self.staging[which][layer, : value.shape[0]].copy_(q8, non_blocking=True)
         self.scale_staging[which][layer, : value.shape[0]].copy_(scale, non_blocking=True)
 
-    def _store(self, layer, rows, positions, k: torch.Tensor, v: torch.Tensor, *, tokens_dim: bool,
+    def _store(self, layer, rows, positions, k: torch.Tensor, v: torch.Tensor,
                scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Writes K/V at cache[layer, rows, :, positions]: decode passes index tensors and k/v [n, kv_heads, d];
-        prefill a layer slice, one row, a position slice and k/v [layers, kv_heads, tokens, d] (tokens_dim),
-        already int8 with their scales when the cache is."""
-        transpose = (lambda x: x.transpose(-1, -2)) if tokens_dim else (lambda x: x)
+        """Writes K/V [..., d] at cache[layer, rows, :, positions]: decode passes index tensors, prefill a layer
+        slice, one row and a position slice; already int8 with their scales when prefill quantized them."""
         if self.scales is None:
             self.keys[layer, rows, :, positions] = k.to(self.kv_dtype)
-            self.values_t[layer, rows, :, :, positions] = transpose(v.to(self.kv_dtype))
+            self.values[layer, rows, :, positions] = v.to(self.kv_dtype)
             return
         (k8, ks), (v8, vs) = ((k, scales[0]), (v, scales[1])) if scales else (quantize(k), quantize(v))
         self.keys[layer, rows, :, positions], self.scales[0][layer, rows, :, positions] = k8, ks
-        self.values_t[layer, rows, :, :, positions], self.scales[1][layer, rows, :, positions] = transpose(v8), vs
+        self.values[layer, rows, :, positions], self.scales[1][layer, rows, :, positions] = v8, vs
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """model_runner's Attend for a decode step: q [n, heads, 1, head_dim], k/v [n, kv_heads, 1, head_dim]
         on the device -> the attention output there, computed on the host over this layer's cache."""
         n, heads, kv_heads, length = q.shape[0], self.num_heads, self.num_kv_heads, self._kv_len
         buf = self.qkv[:n]
-        buf.copy_(torch.cat([q, k, v], dim=1)[:, :, 0], non_blocking=True)
+        if self.scales is None:
+            buf.copy_(torch.cat([q, k, v], dim=1)[:, :, 0], non_blocking=True)
+        else:  # quantized on the device, where it is a few small kernels instead of host passes
+            buf[:, :heads].copy_(q[:, :, 0], non_blocking=True)
+            kv8, kv_scales = quantize(torch.cat([k, v], dim=1)[:, :, 0])
+            self.kv8[:n].copy_(kv8, non_blocking=True)
+            self.kv_scales[:n].copy_(kv_scales, non_blocking=True)
         t0 = time.perf_counter()
         self._wait_for_device()
         t1 = time.perf_counter()
         q_host, k_host, v_host = buf.split([heads, kv_heads, kv_heads], dim=1)
-        self._store(layer, self._rows, self._positions, k_host, v_host, tokens_dim=False)
+        if self.scales is None:
+            self._store(layer, self._rows, self._positions, k_host, v_host)
+        else:
+            (k8, v8), scales = self.kv8[:n].chunk(2, dim=1), self.kv_scales[:n].chunk(2, dim=1)
+            self._store(layer, self._rows, self._positions, k8, v8, scales)
         t2 = time.perf_counter()
         scales = (None, None) if self.scales is None else (s[layer, :n, :, :length] for s in self.scales)
         o = self.kernel(q_host.float().view(n, kv_heads, heads // kv_heads, -1), self.keys[layer, :n, :, :length],
-                        self.values_t[layer, :n, :, :, :length], *scales, self._bias, self.scaling)
+                        self.values[layer, :n, :, :length], *scales, self._bias, self.scaling)
         out = self.out[:n]
         out.copy_(o.view(n, heads, -1))
         t3 = time.perf_counter()
@@ -658,7 +667,7 @@ class CpuAttention(_HostCache):
                 scales = None
                 if self.scales is not None:
                     scales = tuple(t[:, start: start + length].transpose(1, 2) for t in self.scale_staging)
-                self._store(slice(None), row, slice(first, first + length), k, v, tokens_dim=True, scales=scales)
+                self._store(slice(None), row, slice(first, first + length), k, v, scales)
         self.reset()
 
 
@@ -779,9 +788,12 @@ class StreamingRunner(ModelRunner):
         return self._with_host_kv(list(range(len(tokens))), positions, True, lambda: forward(tokens, positions))
 
     def _decode_cpu_attention(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        start = time.perf_counter()
         ids = torch.tensor(tokens, dtype=torch.long).to(self.device)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device)
-        return decode_logits(self.parts, ids, pos, self.host_kv.attend)
+        logits = decode_logits(self.parts, ids, pos, self.host_kv.attend)
+        self.host_kv.seconds["forward"] += time.perf_counter() - start
+        return logits
 
     def _with_host_kv(self, rows: list[int], positions: list[int], decode: bool, forward) -> torch.Tensor:
         try:
