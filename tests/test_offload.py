@@ -11,7 +11,14 @@ from batchgen.jobs.schema import Request, SamplingParams
 from batchgen.worker.demo_model import write_demo_model
 from batchgen.worker.engine import GenerationRequest
 from batchgen.worker.llm_engine import EngineConfig, LLMEngine
-from batchgen.worker.offload import StreamingLLMEngine, int8_weights_bytes, plan_streaming, wants_streaming
+from batchgen.worker.offload import (
+    StreamingLLMEngine,
+    _next_in_slot,
+    int8_weights_bytes,
+    plan_streaming,
+    resident_layers,
+    wants_streaming,
+)
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "batch", "generation", "keeps", "the", "gpu", "busy", "all", "night", "long"]
 PROMPTS = [" ".join(WORDS[i % 7: i % 7 + 2 + (i * 5) % 11]) for i in range(10)]
@@ -136,3 +143,19 @@ def test_lossy_host_kv_dtypes_round_only_some_tokens(model_dir, resident, kv_dty
     assert equal >= min_equal, f"{equal} of 10 requests equal"
     with pytest.raises(ValueError, match="host_kv_dtype"):
         EngineConfig(model=str(model_dir), host_kv_dtype="float64")
+
+
+def test_resident_layers_are_spread_and_slots_cycle_over_the_streamed_ones():
+    """With weights-only streaming the resident layers sit between streamed ones (the bus keeps copying
+    through them) and each slot's next layer wraps to the next forward; a streamed host KV keeps the
+    first layers resident and stops at the end of a forward."""
+    spread = resident_layers(40, 7, spread=True)
+    assert len(spread) == 7 and min(spread) > 0 and max(spread) < 39
+    gaps = sorted(b - a for a, b in zip(sorted(spread), sorted(spread)[1:], strict=False))
+    assert gaps[-1] - gaps[0] <= 1
+    assert resident_layers(40, 7, spread=False) == set(range(7))
+    assert resident_layers(6, 6, spread=True) == set(range(6))
+    streamed = [0, 2, 3, 5, 6]
+    slots = {i: k % 2 for k, i in enumerate(streamed)}
+    assert _next_in_slot(streamed, slots, cyclic=True) == {0: 3, 3: 6, 6: 0, 2: 5, 5: 2}
+    assert _next_in_slot(streamed, slots, cyclic=False) == {0: 3, 3: 6, 6: None, 2: 5, 5: None}
