@@ -7,7 +7,10 @@ of layer i+1 overlaps the compute of layer i, and events order the two streams. 
 paid once per forward whatever the batch, so micro-batches are made large: throughput ≈ rows ÷
 (bytes streamed per step ÷ host→device bandwidth). When the KV cache of that many rows does not fit
 on the GPU either, it lives in pinned CPU memory, position-major, streams in beside its layer, and
-each step's new K/V go back once per layer (`HostKV`).
+each step's new K/V go back once per layer (`HostKV`), or, what the planner picks when the host is fast
+enough, stays there and decode attention runs on the host CPU (`CpuAttention`, host_attention's kernel):
+then only weights cross the bus, and resident layers are spread between the streamed ones so the copies
+never stop.
 
 Layers run bitsandbytes' own int8 matmul on the streamed CB/SCB, so a streamed layer computes exactly
 what the resident Linear8bitLt would. The device is a parameter: on CPU the same code moves weights
