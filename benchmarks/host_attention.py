@@ -4,7 +4,7 @@ A 13B-shape decode step with 64 rows reads the whole host KV cache once per laye
 the workload's mean length, 178 tokens), on the host cores, while the weight stream's DMA reads host
 memory too. This measures one layer: torch's sdpa over a float32 cache (the old path) against the fused
 kernel of worker/host_attention.py over float32 / float16 / bfloat16 / int8 storage, alone and while
-pinned host→device copies run, for a few thread counts.
+pinned host→device copies run; then the engine's whole decode path per layer (offload.CpuAttention).
 
     python3 -m benchmarks.host_attention            # prints a table, writes $OUT/host_attention.json
 """
@@ -101,7 +101,7 @@ def host_info() -> dict:
 VARIANTS = ("sdpa-float32", "fused-float32", "fused-float16", "fused-bfloat16", "fused-int8")
 
 
-def engine_step(kv_dtype: str, layers: int = 40) -> dict:
+def engine_step(kv_dtype: str, kernel: Kernel, layers: int = 40) -> dict:
     """One decode step of offload.CpuAttention as the engine runs it (device "cpu": no copies), 13B shape,
     64 rows at KV_LEN: where the host time goes per layer (writing the new K/V, the kernel)."""
     from batchgen.worker.offload import CpuAttention
@@ -109,7 +109,7 @@ def engine_step(kv_dtype: str, layers: int = 40) -> dict:
     dtype = getattr(torch, kv_dtype)
     att = CpuAttention(num_layers=layers, max_rows=ROWS, num_heads=HEADS, num_kv_heads=HEADS, max_model_len=MAX_LEN,
                        head_dim=HEAD_DIM, max_tokens=ROWS, scaling=HEAD_DIM**-0.5, dtype=torch.float16,
-                       device=torch.device("cpu"), kv_dtype=dtype)
+                       device=torch.device("cpu"), kv_dtype=dtype, kernel=kernel)
     q = torch.randn(ROWS, HEADS, 1, HEAD_DIM, dtype=torch.float16)
     for step in range(3):
         att.begin(list(range(ROWS)), [KV_LEN - 1] * ROWS, decode=True)
@@ -154,7 +154,7 @@ def main() -> None:
             print(json.dumps(r), flush=True)
         del run
     for kv_dtype in ("float16", "int8"):
-        rows.append(engine_step(kv_dtype))
+        rows.append(engine_step(kv_dtype, kernels[kv_dtype]))
         print(json.dumps(rows[-1]), flush=True)
     (out / "host_attention.json").write_text(json.dumps(info | {"rows": rows}, indent=1))
     print("| kernel-KV dtype | under copies | ms/layer | GB/s | ms/step (40 layers) | H2D meanwhile |")

@@ -25,8 +25,9 @@ HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_scale: torch.Tensor | None,
                      v_scale: torch.Tensor | None, bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [n, kv_heads, group, d] float32; keys and values [n, kv_heads, L, d] in the storage dtype; k/v_scale [n, kv_heads, L] float32 for int8 storage, else None; bias [n, L] float32, 0 where
-    a row attends and -inf past its length. -> [n, kv_heads, group, d] float32.
+    """q [n, kv_heads, group, d] float32; keys and values [n, kv_heads, L, d] in the storage dtype; k/v_scale
+    [n, kv_heads, L] float32 for int8 storage, else None; bias [n, L] float32, 0 where a row attends and -inf
+    past its length. -> [n, kv_heads, group, d] float32.
 
     Broadcast products and sums rather than matmuls, so inductor fuses the dtype conversion into the
     reductions and no float32 copy of the cache is made (eagerly they are materialised).
@@ -64,10 +65,7 @@ class Kernel:
     compiled: bool = False
 
     @classmethod
-    def build(cls, kv_dtype: torch.dtype, *, num_kv_heads: int, group: int, head_dim: int,
-              compile: bool = True) -> "Kernel":
-        if not compile:
-            return cls()
+    def build(cls, kv_dtype: torch.dtype, *, num_kv_heads: int, group: int, head_dim: int) -> "Kernel":
         try:
             # dynamo caches graphs per code object, with a recompile limit: a copy per kernel keeps kernels of
             # other dtypes in one process (tests, benchmarks) from using up this one's

@@ -39,7 +39,6 @@ STEP_LOG_INTERVAL_S = 30.0
 log = logging.getLogger("batchgen.engine")
 
 
-
 @dataclass
 class EngineConfig:
     model: str  # HF id or local path

@@ -39,7 +39,7 @@ class LlamaParts:
     @classmethod
     def from_hf(cls, model: torch.nn.Module) -> "LlamaParts":
         cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = head_dim_of(cfg)
         inner = model.model
         return cls(inner.embed_tokens, list(inner.layers), inner.norm, model.lm_head, inner.rotary_emb,
                    cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, inner.layers[0].self_attn.scaling)
@@ -47,6 +47,11 @@ class LlamaParts:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+
+def head_dim_of(config) -> int:
+    """A Llama-family HF config's head size (explicit head_dim where the model sets one)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from batchgen.worker.host_attention import Kernel, cache_bytes, length_bias, qua
 from batchgen.worker.int8_linear import KERNELS, FusedInt8Linear, Int8Linear, Int8State
 from batchgen.worker.llm_engine import EngineConfig, LLMEngine, _available_ram_bytes, resolve_int8_kernel
 from batchgen.worker.model_loader import load_model, resolve_device, resolve_dtype
-from batchgen.worker.model_runner import ModelRunner, decode_logits
+from batchgen.worker.model_runner import ModelRunner, decode_logits, head_dim_of
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def int8_weights_bytes(config, dtype_bytes: int = 2) -> int:
     """What a Llama-family model weighs loaded in 8-bit: int8 linears + float32 row scales, embeddings,
     lm_head and norms in the compute dtype. From the HF config alone, before loading."""
     h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    head_dim = head_dim_of(config)
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     out_features = q + 2 * kv + h + 2 * inter + h
     linear = h * (q + 2 * kv) + q * h + 3 * h * inter
@@ -85,7 +85,7 @@ def wants_streaming(cfg: EngineConfig, device: torch.device, dtype: torch.dtype)
 class StreamPlan:
     max_rows: int
     kv_placement: str  # "device"; "host": streamed to the GPU each step; "cpu": attended on the host CPU
-    num_resident: int  # the first num_resident decoder layers stay on the device
+    num_resident: int  # decoder layers that stay on the device (LayerStreamer decides which)
     streamed_bytes_per_step: int  # weights (+ host KV at half length) crossing the bus per decode step
     device_bytes: int  # stage buffers + resident layers + KV on the device + activations
 
@@ -357,7 +357,8 @@ class LayerStreamer:
         streamed = [i for i in range(self.num_layers) if i not in self.resident]
         self.slot_of = {i: (k % 2 if self.cyclic else i % 2) for k, i in enumerate(streamed)}
         self.next_in_slot = _next_in_slot(streamed, self.slot_of, cyclic=self.cyclic)
-        self.first_in_slot = sorted({slot: i for i, slot in reversed(self.slot_of.items())}.values())
+        self.first_in_slot = [next(i for i in streamed if self.slot_of[i] == slot)
+                              for slot in sorted(set(self.slot_of.values()))]
         self._pending: set[int] = set()  # streamed layers the previous forward already prefetched
         self.stages = [(torch.empty(num_cb, dtype=torch.int8, device=device),
                         torch.empty(num_scb, dtype=scb_dtype, device=device)) for _ in range(2 if streamed else 0)]
@@ -563,8 +564,8 @@ class CpuAttention(_HostCache):
     each layer's q/k/v of the new tokens to the host (a few MB) and gets the attention output back, so the
     cache itself never crosses PCIe and the bus carries only weights.
 
-    K and V are [layers, rows, kv_heads, max_len, head_dim], read by host_attention's fused kernel. Stored in kv_dtype: the compute dtype
-    by default (exact), or int8 with a float32 scale per (row, head, token). Prefill writes go through
+    K and V are [layers, rows, kv_heads, max_len, head_dim], read by host_attention's fused kernel. Stored in
+    kv_dtype: the compute dtype by default (exact), or int8 with a float32 scale per (row, head, token). Prefill writes go through
     staging, one strided copy per prompt. Each layer waits for its q/k/v (one stream sync); the weight copies
     of the next layers keep running on the side stream meanwhile.
     """
@@ -716,10 +717,11 @@ class StreamingRunner(ModelRunner):
     """
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
-                 attention: str, kernel: str, threshold: float, host_kv_dtype: torch.dtype | None = None):
+                 attention: str, kernel: str, threshold: float, host_kv_dtype: torch.dtype | None = None,
+                 cpu_kernel: Kernel | None = None):
         super().__init__(model, device=device, dtype=dtype, max_model_len=max_model_len, attention=attention)
         self.host_kv_dtype = host_kv_dtype or dtype  # CPU attention's cache
-        self._cpu_kernel: Kernel | None = None
+        self._cpu_kernel = cpu_kernel  # built on first use unless the engine built it while loading
         p = self.parts
         p.embed, p.norm, p.lm_head, p.rotary = (copy.deepcopy(m).to(device)
                                                 for m in (p.embed, p.norm, p.lm_head, p.rotary))
@@ -836,15 +838,19 @@ class StreamingLLMEngine(LLMEngine):
 
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.compute_dtype, device)
-        c = AutoConfig.from_pretrained(cfg.model)
-        heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        placement = kwargs.get("kv_placement", "auto")
+        # the CPU attention kernel is needed for "cpu", and for "auto" on CUDA (its start-up cost probe)
+        needs_kernel = placement == "cpu" or (placement == "auto" and device.type == "cuda")
         with ThreadPoolExecutor(1) as pool:  # inductor's first build takes about as long as loading a 13B model
-            kernel = pool.submit(Kernel.build, host_kv_dtype(cfg, dtype), num_kv_heads=kv_heads,
-                                 group=heads // kv_heads, head_dim=head_dim)
+            kernel = None
+            if needs_kernel and "cpu_kernel" not in kwargs:
+                c = AutoConfig.from_pretrained(cfg.model)
+                kernel = pool.submit(Kernel.build, host_kv_dtype(cfg, dtype), num_kv_heads=c.num_key_value_heads,
+                                     group=c.num_attention_heads // c.num_key_value_heads, head_dim=head_dim_of(c))
             loaded = load_model(cfg.model, device=torch.device("cpu"), dtype=dtype, load_in_8bit=True,
                                 int8_threshold=cfg.int8_threshold)
-            kwargs.setdefault("cpu_kernel", kernel.result())
+            if kernel is not None:
+                kwargs["cpu_kernel"] = kernel.result()
         return cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
                    weights_bytes=loaded.weights_bytes, **kwargs)
 
@@ -854,11 +860,9 @@ class StreamingLLMEngine(LLMEngine):
         kernel = resolve_int8_kernel(self.cfg.int8_kernel, device)
         if kernel != "bnb" and device.type == "cuda":
             KERNELS.compile()
-        runner = StreamingRunner(model, device=device, dtype=dtype, max_model_len=self.max_model_len,
-                                 attention=self.attention, kernel=kernel, threshold=self.cfg.int8_threshold,
-                                 host_kv_dtype=host_kv_dtype(self.cfg, dtype))
-        runner._cpu_kernel = self._cpu_kernel
-        return runner
+        return StreamingRunner(model, device=device, dtype=dtype, max_model_len=self.max_model_len,
+                               attention=self.attention, kernel=kernel, threshold=self.cfg.int8_threshold,
+                               host_kv_dtype=host_kv_dtype(self.cfg, dtype), cpu_kernel=self._cpu_kernel)
 
     def _plan_budget(self, weights_bytes: int, max_prefill_tokens: int) -> budget_math.Budget:
         cfg, c, runner = self.cfg, self.model.config, self.runner
@@ -879,9 +883,9 @@ class StreamingLLMEngine(LLMEngine):
         host = _available_ram_bytes()
         cost = None
         if self.device.type == "cuda" and self.kv_placement == "auto":
-            cost = measure_cpu_attention_cost(self.device, runner.cpu_attention_kernel(), runner.host_kv_dtype,
-                                              num_kv_heads=parts.num_kv_heads, group=parts.num_heads // parts.num_kv_heads,
-                                              head_dim=parts.head_dim)
+            cost = measure_cpu_attention_cost(
+                self.device, runner.cpu_attention_kernel(), runner.host_kv_dtype, num_kv_heads=parts.num_kv_heads,
+                group=parts.num_heads // parts.num_kv_heads, head_dim=parts.head_dim)
             log.info("CPU attention costs %.2f streamed bytes per host KV byte", cost)
         kv_elements = 2 * parts.num_kv_heads * parts.head_dim  # K and V of one token in one layer
         plan = plan_streaming(
@@ -890,7 +894,8 @@ class StreamingLLMEngine(LLMEngine):
             max_model_len=self.max_model_len, activation_bytes_per_row=act_per_row, prefill_bytes=prefill_bytes,
             max_rows=cfg.max_batch_size or budget_math.MAX_ROWS_CEILING,
             host_bytes=None if host is None else host // 2, kv_placement=self.kv_placement,
-            num_resident=self.num_resident, cpu_kv_bytes_per_token_layer=cache_bytes(runner.host_kv_dtype, parts.num_kv_heads, parts.head_dim),
+            num_resident=self.num_resident,
+            cpu_kv_bytes_per_token_layer=cache_bytes(runner.host_kv_dtype, parts.num_kv_heads, parts.head_dim),
             cpu_attention_cost=cost)
         kv_per_token = budget_math.kv_bytes_per_token(parts.num_layers, parts.num_kv_heads, parts.head_dim,
                                                       dtype_bytes)
