@@ -110,7 +110,7 @@ def cap_memory() -> None:
 
 def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     """variant: "auto" (the planner's choice, as `batchgen worker --max-vram 6GiB` runs it) or a lever,
-    placement[/host KV dtype[/max prefill tokens]], e.g. "host", "cpu/int8", "auto/int8"; run_phase also takes a
+    placement[/host KV dtype[/max prefill tokens, "auto": the engine's]], e.g. "host", "cpu/int8", "auto/int8"; run_phase also takes a
     "+passive" suffix: OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning between parallel regions)."""
     import torch
     from batchgen.jobs.schema import Request, SamplingParams
@@ -121,9 +121,10 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     if cuda:
         cap_memory()
     parts = variant.split("/")
-    kv_placement, kv_dtype, prefill = parts + ["auto", "auto", "1024"][len(parts):]
+    kv_placement, kv_dtype, prefill = parts + ["auto", "auto", "auto"][len(parts):]
     cfg = EngineConfig(model=model, device=device, max_vram_bytes=CAP_BYTES if cuda else None, offload=None if cuda else True,
-                       max_model_len=256, max_prefill_tokens=int(prefill), max_batch_size=NUM_REQUESTS,
+                       max_model_len=256, max_prefill_tokens=None if prefill == "auto" else int(prefill),
+                       max_batch_size=NUM_REQUESTS,
                        host_kv_dtype=kv_dtype)
     start = time.perf_counter()
     if kv_placement == "auto":
@@ -133,16 +134,21 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
 
         engine = StreamingLLMEngine.from_config(cfg, kv_placement=kv_placement)
     load_s = time.perf_counter() - start
+    memory = {"loaded": (torch.cuda.memory_allocated() / GIB, torch.cuda.memory_reserved() / GIB)} if cuda else {}
 
     def run(batch: list[list[int]], max_tokens: int) -> float:
         reqs = [GenerationRequest(f"q{i}", Request(custom_id=f"q{i}", prompt=text(ids), params=SamplingParams(
             temperature=0.0, max_tokens=max_tokens, ignore_eos=True))) for i, ids in enumerate(batch)]
         assert engine.add(reqs) == []
-        begin, done = time.perf_counter(), 0
+        begin, done, first = time.perf_counter(), 0, True
         while engine.num_unfinished:
             for r in engine.step():
                 assert r.error is None, r.error
                 done += r.completion_tokens
+            if first and cuda:  # the prefill's own peak, apart from the decode steps'
+                memory["prefill"] = (torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB)
+                torch.cuda.reset_peak_memory_stats()
+            first = False
         assert done == len(batch) * max_tokens, done
         return time.perf_counter() - begin
 
@@ -163,15 +169,17 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
         "variant": variant,
         "plan": None if plan is None else vars(plan) | {"tokens_per_streamed_gb": round(plan.tokens_per_streamed_gb, 2)},
         "steps": engine.step_stats.as_stats(), "attention": engine.attention,
-        "offload": {k: v for k, v in engine.stats().extra.items() if k.startswith("offload_")},
+        "offload": {k: v for k, v in engine.stats().extra.items() if k.startswith("offload_") or k == "graph_capture_s"},
     }
     steps = out["steps"]
     if steps["num_decode_steps"]:
         out["decode_tok_s"] = round(steps["mean_decode_batch"] * 1000 / steps["decode_ms_per_step"], 1)
     if cuda:
-        out |= {"peak_allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
-                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3),
-                "nvml_peak_gib": round(vram.peak_bytes / GIB, 3)}
+        memory["decode"] = (torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB)
+        out |= {"peak_allocated_gib": round(max(memory["prefill"][0], memory["decode"][0]), 3),
+                "peak_reserved_gib": round(max(memory["prefill"][1], memory["decode"][1]), 3),
+                "nvml_peak_gib": round(vram.peak_bytes / GIB, 3),
+                "allocated_reserved_gib": {k: [round(x, 3) for x in v] for k, v in memory.items()}}
     if cuda and os.environ.get("SMALL_VRAM_PROFILE"):  # where a decode step's host time goes, op by op
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -332,7 +340,7 @@ def main() -> None:
                                                           args.out_dir, variant)
         write_json(json_path, res)
     if args.skip_baselines:
-        print(json.dumps({k: v.get("tok_s") for k, v in res["levers"].items()} | {"auto": res["batchgen"].get("tok_s")}))
+        print(json.dumps({k: v.get("tok_s") for k, v in res.get("levers", {}).items()} | {"auto": res["batchgen"].get("tok_s")}))
         return
     res["seed"] = run_phase("seed", str(MODEL_DIR), min(100, left_s() - 5), args.out_dir)
     write_json(json_path, res)

@@ -11,6 +11,7 @@ from batchgen.jobs.schema import Request, SamplingParams
 from batchgen.worker.demo_model import write_demo_model
 from batchgen.worker.engine import GenerationRequest
 from batchgen.worker.llm_engine import EngineConfig, LLMEngine
+from batchgen.worker.model_runner import prompt_groups
 from batchgen.worker.offload import (
     StreamingLLMEngine,
     _next_in_slot,
@@ -159,3 +160,39 @@ def test_resident_layers_are_spread_and_slots_cycle_over_the_streamed_ones():
     slots = {i: k % 2 for k, i in enumerate(streamed)}
     assert _next_in_slot(streamed, slots, cyclic=True) == {0: 3, 3: 6, 6: 0, 2: 5, 5: 2}
     assert _next_in_slot(streamed, slots, cyclic=False) == {0: 3, 3: 6, 6: None, 2: 5, 5: None}
+
+
+def test_prompt_groups_pack_whole_prompts_up_to_the_token_limit():
+    assert prompt_groups([0, 5, 10, 15], 10) == [(0, 2), (2, 3)]
+    assert prompt_groups([0, 20, 25], 10) == [(0, 1), (1, 2)]  # a longer prompt is a group of its own
+    assert prompt_groups([0, 3, 6], 100) == [(0, 2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_placement", ["device", "cpu"])
+def test_a_prefill_in_groups_of_prompts_gives_the_same_output(model_dir, resident, kv_placement):
+    """Small-VRAM prefill streams each layer once for every admitted prompt and runs the layer over groups of
+    whole prompts (here at most 8 tokens, so every prefill has several groups): the output does not change."""
+    cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True)
+    engine = StreamingLLMEngine.from_config(cfg, kv_placement=kv_placement, num_resident=2)
+    engine.runner.prefill_group_tokens = 8
+    calls = []
+    prefill = engine.runner.prefill
+    engine.runner.prefill = lambda rows, prompts: calls.append(prompt_groups(
+        [sum(len(p) for p in prompts[:i]) for i in range(len(prompts) + 1)], 8)) or prefill(rows, prompts)
+    assert greedy(engine) == resident
+    assert max(len(groups) for groups in calls) >= 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_piecewise_cuda_graphs_replay_what_the_eager_pieces_compute(model_dir):
+    """With CPU attention the GPU work between two host attentions replays from CUDA graphs (piecewise); on the
+    same device and dtype it computes exactly what the same pieces compute launched one by one."""
+    out = {}
+    for graphs in (False, True):
+        cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True, device="cuda", cuda_graphs=graphs)
+        engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu", num_resident=2)
+        assert engine.stats().extra["offload_piecewise_graphs"] == int(graphs)
+        out[graphs] = greedy(engine)
+    assert out[True] == out[False]

@@ -42,7 +42,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 def length_bias(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """[n, max_len] float32: 0 for positions < lengths[r], -inf after."""
-    bias = torch.zeros(lengths.shape[0], max_len)
+    bias = torch.zeros(lengths.shape[0], max_len, dtype=torch.float32)
     return bias.masked_fill_(torch.arange(max_len)[None, :] >= lengths[:, None], float("-inf"))
 
 
@@ -83,8 +83,9 @@ class Kernel:
 
 def sample_inputs(kv_dtype: torch.dtype, rows: int, heads: int, group: int, length: int, head_dim: int) -> tuple:
     """Random decode_attention arguments laid out as the host cache keeps them (slices of a longer buffer)."""
-    q = torch.randn(rows, heads, group, head_dim)
-    k, v = torch.randn(rows, heads, length + 1, head_dim), torch.randn(rows, heads, length + 1, head_dim)
+    f32 = torch.float32  # explicit: it may run while from_pretrained has changed the process default dtype
+    q = torch.randn(rows, heads, group, head_dim, dtype=f32)
+    k, v = (torch.randn(rows, heads, length + 1, head_dim, dtype=f32) for _ in range(2))
     ks = vs = None
     if kv_dtype == torch.int8:
         (k, ks), (v, vs) = quantize(k), quantize(v)

@@ -64,29 +64,53 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+KVStore = Callable[[int, slice, torch.Tensor, torch.Tensor], None]  # (layer, tokens, k/v [t, kv_heads, d])
 
 
-def forward_layers(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-    """h [B, T, hidden], positions [B, T] -> normed hidden states; attend(layer, q, k, v) owns the KV cache."""
-    cos, sin = parts.rotary(h, positions)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    batch, num_tokens, _ = h.shape
+def forward_layers(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor,
+                   groups: list[tuple[slice, Attend]]) -> torch.Tensor:
+    """h [B, T, hidden], positions [B, T] -> normed hidden states. groups: (tokens, attend) pairs that run one
+    after the other inside each layer, attend(layer, q, k, v) owning the KV cache: a long prefill in pieces
+    that each fit the activation budget while each layer's weights are loaded once."""
+    cos, sin = rope_tables(parts, h, positions)
     layers = parts.layers if parts.layer_executor is None else parts.layer_executor.iter_layers()
     for i, layer in enumerate(layers):
-        x = layer.input_layernorm(h)
-        attn = layer.self_attn
-        qkv_proj = getattr(attn, "qkv_proj", None)  # int8_linear's fused q/k/v, when converted
-        if qkv_proj is not None:
-            q, k, v = qkv_proj(x).split(qkv_proj.split_sizes, dim=-1)
-        else:
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        q = q.view(batch, num_tokens, -1, parts.head_dim).transpose(1, 2)
-        k = k.view(batch, num_tokens, -1, parts.head_dim).transpose(1, 2)
-        v = v.view(batch, num_tokens, -1, parts.head_dim).transpose(1, 2)
-        o = attend(i, _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v)
-        h = h + attn.o_proj(o.transpose(1, 2).reshape(batch, num_tokens, -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        if len(groups) == 1 and groups[0][0] == slice(None):
+            h = layer_output(layer, h, groups[0][1](i, *attention_inputs(parts, layer, h, cos, sin)))
+            continue
+        for tokens, attend in groups:
+            part = h[:, tokens]
+            c, s = cos[:, :, tokens], sin[:, :, tokens]
+            h[:, tokens] = layer_output(layer, part, attend(i, *attention_inputs(parts, layer, part, c, s)))
     return parts.norm(h)
+
+
+def rope_tables(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, head_dim] for h [B, T, hidden] at positions [B, T]."""
+    cos, sin = parts.rotary(h, positions)
+    return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def attention_inputs(parts: LlamaParts, layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoder layer up to its attention: h [B, T, hidden] -> q [B, heads, T, d], k/v [B, kv_heads, T, d], roped."""
+    batch, num_tokens, _ = h.shape
+    x = layer.input_layernorm(h)
+    attn = layer.self_attn
+    qkv_proj = getattr(attn, "qkv_proj", None)  # int8_linear's fused q/k/v, when converted
+    if qkv_proj is not None:
+        q, k, v = qkv_proj(x).split(qkv_proj.split_sizes, dim=-1)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q, k, v = (t.view(batch, num_tokens, -1, parts.head_dim).transpose(1, 2) for t in (q, k, v))
+    return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+
+
+def layer_output(layer: torch.nn.Module, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The rest of a decoder layer, from its attention output o [B, heads, T, d]: the new residual stream."""
+    batch, num_tokens, _ = h.shape
+    h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(batch, num_tokens, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -145,10 +169,29 @@ def decode_step(
 
 
 def decode_logits(parts: LlamaParts, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-    """One new token per row through every layer and lm_head; attend(layer, q, k, v) owns the KV cache
-    (decode_step's device cache, or offload.CpuAttention's host one)."""
-    h = forward_layers(parts, parts.embed(input_ids[:, None]), positions[:, None], attend)
+    """One new token per row through every layer and lm_head; attend(layer, q, k, v) owns the KV cache."""
+    h = forward_layers(parts, parts.embed(input_ids[:, None]), positions[:, None], [(slice(None), attend)])
     return parts.lm_head(h[:, 0])
+
+
+def cache_store(k_cache: torch.Tensor, v_cache: torch.Tensor, token_rows: torch.Tensor,
+                positions: torch.Tensor) -> KVStore:
+    """Prefill's K/V writes into a [layers, rows, max_len, kv_heads, head_dim] cache: token t of the packed
+    prompts goes to row token_rows[t], position positions[t]."""
+    def store(layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
+        k_cache[layer][token_rows[tokens], positions[tokens]] = k
+        v_cache[layer][token_rows[tokens], positions[tokens]] = v
+    return store
+
+
+def prompt_groups(seq_starts: list[int], max_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive prompts in groups of at most max_tokens tokens (a longer prompt alone): (first, end) indices."""
+    groups, first = [], 0
+    for end in range(1, len(seq_starts)):
+        if end - 1 > first and seq_starts[end] - seq_starts[first] > max_tokens:
+            groups.append((first, end - 1))
+            first = end - 1
+    return groups + [(first, len(seq_starts) - 1)]
 
 
 def prefill_step(
@@ -156,18 +199,30 @@ def prefill_step(
     input_ids: torch.Tensor,
     positions: torch.Tensor,
     seq_starts: list[int],
-    rows: list[int],
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    store: KVStore,
     attention: str = "sdpa",
+    group_tokens: int | None = None,
 ) -> torch.Tensor:
     """Packed prompts: input_ids/positions [T] (positions restart at 0 per prompt), seq_starts the offset of
-    each prompt (plus T at the end) -> logits [num_prompts, vocab] of each prompt's last token."""
-    num_tokens = input_ids.shape[0]
-    device = input_ids.device
+    each prompt (plus T at the end) -> logits [num_prompts, vocab] of each prompt's last token. store writes
+    each layer's K/V; group_tokens: run each layer over groups of whole prompts of at most that many tokens."""
+    groups = []
+    for first, end in prompt_groups(seq_starts, group_tokens or input_ids.shape[0]):
+        tokens = slice(seq_starts[first], seq_starts[end])
+        starts = [s - seq_starts[first] for s in seq_starts[first:end + 1]]
+        groups.append((tokens, _prefill_attention(parts, positions[tokens], starts, tokens, store, attention)))
+    if len(groups) == 1:
+        groups = [(slice(None), groups[0][1])]
+    h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], groups)
+    last = torch.tensor(seq_starts[1:], device=input_ids.device) - 1
+    return parts.lm_head(h[0, last])
+
+
+def _prefill_attention(parts: LlamaParts, positions: torch.Tensor, seq_starts: list[int], tokens: slice,
+                       store: KVStore, attention: str) -> Attend:
+    """Causal attention within each of a group's packed prompts (positions/seq_starts: the group's own)."""
+    num_tokens, device = positions.shape[0], positions.device
     lengths = [end - start for start, end in zip(seq_starts, seq_starts[1:], strict=False)]
-    token_rows = torch.repeat_interleave(torch.tensor(rows, device=device),
-                                         torch.tensor(lengths, device=device), output_size=num_tokens)
     if attention == "flash":
         cu = torch.tensor(seq_starts, device=device, dtype=torch.int32)
         max_len = max(lengths)
@@ -179,17 +234,14 @@ def prefill_step(
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_tokens, v_tokens = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, kv_heads, head_dim]
-        k_cache[layer][token_rows, positions] = k_tokens
-        v_cache[layer][token_rows, positions] = v_tokens
+        store(layer, tokens, k_tokens, v_tokens)
         if attention == "flash":
             o = flash_varlen(q[0].transpose(0, 1).contiguous(), k_tokens.contiguous(), v_tokens.contiguous(), cu, cu,
                              max_len, max_len, causal=True, scale=parts.scaling)
             return o.transpose(0, 1)[None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=parts.scaling, enable_gqa=True)
 
-    h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], attend)
-    last = torch.tensor(seq_starts[1:], device=device) - 1
-    return parts.lm_head(h[0, last])
+    return attend
 
 
 def out_of_memory_error(device: torch.device) -> type[Exception]:
@@ -254,6 +306,7 @@ class ModelRunner:
         self.fault = None
         self.use_graphs = cuda_graphs and device.type == "cuda" and not inject_oom  # the fault hook is Python
         self.graphs: DecodeGraphs | None = None
+        self.prefill_group_tokens: int | None = None  # None: a prefill runs each layer over all its tokens at once
         if inject_oom:
             self.fault = FaultInjector(inject_oom, device)
             self.parts.layers[-1].mlp.register_forward_pre_hook(self.fault)
@@ -276,7 +329,12 @@ class ModelRunner:
             starts.append(starts[-1] + len(p))
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(self.device)
         positions = torch.cat([torch.arange(len(p)) for p in prompts]).to(self.device)
-        return prefill_step(self.parts, ids, positions, starts, rows, self.k_cache, self.v_cache, self.attention)
+        return prefill_step(self.parts, ids, positions, starts, self.prompt_store(rows, prompts, positions),
+                            self.attention, self.prefill_group_tokens)
+
+    def prompt_store(self, rows: list[int], prompts: list[list[int]], positions: torch.Tensor) -> KVStore:
+        token_rows = torch.tensor([r for r, p in zip(rows, prompts, strict=True) for _ in p], device=self.device)
+        return cache_store(self.k_cache, self.v_cache, token_rows, positions)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """tokens/positions for rows [0, len(tokens)); holes carry token 0 at position 0 and are ignored."""

@@ -32,7 +32,8 @@ from batchgen.worker.host_attention import Kernel, cache_bytes, length_bias, qua
 from batchgen.worker.int8_linear import KERNELS, FusedInt8Linear, Int8Linear, Int8State
 from batchgen.worker.llm_engine import EngineConfig, LLMEngine, _available_ram_bytes, resolve_int8_kernel
 from batchgen.worker.model_loader import load_model, resolve_device, resolve_dtype
-from batchgen.worker.model_runner import ModelRunner, decode_logits, head_dim_of
+from batchgen.worker.model_runner import KVStore, ModelRunner, head_dim_of
+from batchgen.worker.piecewise import PiecewiseDecode
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,11 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 # bitsandbytes' kernels are slower than that; used only to rank plans whose streamed bytes tie (e.g. 0).
 COMPUTE_BYTES_RATIO = 0.05
 KV_PLACEMENTS = ("auto", "device", "host", "cpu")
-STREAMING_MAX_PREFILL_TOKENS = 1024
+# A prefill streams every weight once whatever its size, so it takes all the prompts it can (up to this many
+# tokens: ~host staging of 3.4 GB for a 13B model in fp16) and runs each layer over groups of whole prompts
+# of at most STREAMING_PREFILL_GROUP_TOKENS, which bounds its activations on the device.
+STREAMING_MAX_PREFILL_TOKENS = 8192
+STREAMING_PREFILL_GROUP_TOKENS = 1024
 
 
 # -- sizing: pure arithmetic, no torch devices ------------------------------------------------------
@@ -290,9 +295,9 @@ class _DeviceLayer:
     with the same int8 kernels as the resident engine (int8_linear's fused q/k/v and gate/up, or bnb)."""
 
     def __init__(self, hf_layer: torch.nn.Module, specs: list[_LinearSpec], cb: torch.Tensor, scb: torch.Tensor,
-                 *, device: torch.device, kernel: str, threshold: float):
-        self.input_layernorm = copy.deepcopy(hf_layer.input_layernorm).to(device)
-        self.post_attention_layernorm = copy.deepcopy(hf_layer.post_attention_layernorm).to(device)
+                 *, device: torch.device, dtype: torch.dtype, kernel: str, threshold: float):
+        self.input_layernorm = copy.deepcopy(hf_layer.input_layernorm).to(device, dtype)
+        self.post_attention_layernorm = copy.deepcopy(hf_layer.post_attention_layernorm).to(device, dtype)
         self._act = hf_layer.mlp.act_fn
         fused = kernel != "bnb"
         mods = {}
@@ -339,8 +344,8 @@ class LayerStreamer:
     nothing is prefetched across forwards (the next step's KV is not written yet).
     """
 
-    def __init__(self, hf_layers: list[torch.nn.Module], *, device: torch.device, num_resident: int,
-                 kernel: str, threshold: float, kv_streamed: bool = False):
+    def __init__(self, hf_layers: list[torch.nn.Module], *, device: torch.device, dtype: torch.dtype,
+                 num_resident: int, kernel: str, threshold: float, kv_streamed: bool = False):
         self.device, self.num_layers, self.num_resident = device, len(hf_layers), num_resident
         self.specs = _layer_specs(hf_layers[0])
         self.cyclic = not kv_streamed
@@ -378,10 +383,17 @@ class LayerStreamer:
             else:
                 buffers = self.stages[self.slot_of[i]]
                 self.host.append((cb, scb))
-            self.layers.append(_DeviceLayer(hf_layer, self.specs, *buffers, device=device, kernel=kernel,
+            self.layers.append(_DeviceLayer(hf_layer, self.specs, *buffers, device=device, dtype=dtype, kernel=kernel,
                                             threshold=threshold))
 
     def iter_layers(self) -> Iterator[_DeviceLayer]:
+        for i in self.schedule():
+            yield self.layers[i]
+
+    def schedule(self, lag: int = 0) -> Iterator[int]:
+        """Yields 0 … num_layers − 1 + lag. Before yielding a layer, the compute stream waits for its weights;
+        when the consumer comes back after yielding i, the work of layer i − lag is queued: its slot is
+        released and the slot's next layer starts copying. lag=1: a layer's work spans two yields (piecewise)."""
         s = self.streams
         kv = self.kv is not None and self.kv.decoding
         pending, self._pending, prefetched = self._pending, set(), set()
@@ -391,19 +403,21 @@ class LayerStreamer:
             for i in [0, 1][: self.num_layers] if kv else self.first_in_slot:
                 if i not in pending:
                     self._prefetch(i, kv)
-            for i in range(self.num_layers):
-                uses_slot = kv or self.host[i] is not None
-                if uses_slot:
+            for i in range(self.num_layers + lag):
+                if i < self.num_layers and (kv or self.host[i] is not None):
                     s.compute_waits_for_copy(self.slot(i))
-                yield self.layers[i]
+                yield i
+                done = i - lag
+                if done < 0:
+                    continue
                 if self.kv is not None:
-                    self.kv.after_layer(i)
-                if uses_slot:
-                    s.record_done(self.slot(i))
-                    nxt = (i + 2 if i + 2 < self.num_layers else None) if kv else self.next_in_slot[i]
+                    self.kv.after_layer(done)
+                if kv or self.host[done] is not None:
+                    s.record_done(self.slot(done))
+                    nxt = (done + 2 if done + 2 < self.num_layers else None) if kv else self.next_in_slot[done]
                     if nxt is not None:
                         self._prefetch(nxt, kv)
-                        if nxt <= i:  # wrapped around: the next forward's first layer in this slot
+                        if nxt <= done:  # wrapped around: the next forward's first layer in this slot
                             prefetched.add(nxt)
             complete = True
         finally:
@@ -461,16 +475,6 @@ class _HostCacheView:
         return self.owner.layer_view(self.which, key)
 
 
-class _PromptWriter:
-    """What prefill sees as one layer's cache: `cache[token_rows, positions] = k_tokens` goes to staging."""
-
-    def __init__(self, owner: "_HostCache", which: int, layer: int):
-        self.owner, self.which, self.layer = owner, which, layer
-
-    def __setitem__(self, key, value: torch.Tensor) -> None:
-        self.owner.write_prompt(self.which, self.layer, value)
-
-
 class _HostCache:
     """What HostKV and CpuAttention share: the host cache's shape as model_runner sees it, the pinned staging
     area prefill writes land in, and each step's rows/positions."""
@@ -493,9 +497,10 @@ class _HostCache:
         self._positions = torch.tensor(positions, dtype=torch.long)
         self._kv_len = max(positions) + 1
 
-    def write_prompt(self, which: int, layer: int, value: torch.Tensor) -> None:
-        """value [tokens, kv_heads, head_dim], in the order of the rows/positions given to begin()."""
-        self.staging[which][layer, : value.shape[0]].copy_(value, non_blocking=True)
+    def store_prompt(self, layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A prefill's K/V [t, kv_heads, head_dim] of tokens (of the rows/positions given to begin()) -> staging."""
+        for which, value in enumerate((k, v)):
+            self.staging[which][layer, tokens].copy_(value, non_blocking=True)
 
     def _wait_for_device(self) -> None:
         if self.device.type == "cuda":
@@ -536,10 +541,8 @@ class HostKV(_HostCache):
             self.slots[which][slot][: self._kv_len].copy_(self.host[which][layer, : self._kv_len], non_blocking=True)
 
     def layer_view(self, which: int, layer: int):
-        if self.prefilling:
-            return _PromptWriter(self, which, layer)
         if not self.decoding:
-            raise RuntimeError("the host KV cache is reached through a decode or prefill step only")
+            raise RuntimeError("the host KV cache is read through a decode step only (prefill: store_prompt)")
         return self.slots[which][layer % 2].transpose(0, 1)  # [rows, max_len, kv_heads, head_dim]
 
     def after_layer(self, layer: int) -> None:
@@ -606,16 +609,15 @@ class CpuAttention(_HostCache):
         self._bias = length_bias(self._positions + 1, self._kv_len) if decode else None
 
     def layer_view(self, which: int, layer: int):
-        if self.prefilling:
-            return _PromptWriter(self, which, layer)
-        raise RuntimeError("CPU attention: decode goes through attend(), prefill through a prefill step")
+        raise RuntimeError("CPU attention: decode goes through send/compute/receive, prefill through store_prompt")
 
-    def write_prompt(self, which: int, layer: int, value: torch.Tensor) -> None:
+    def store_prompt(self, layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
         if self.scales is None:
-            return super().write_prompt(which, layer, value)
-        q8, scale = quantize(value)
-        self.staging[which][layer, : value.shape[0]].copy_(q8, non_blocking=True)
-        self.scale_staging[which][layer, : value.shape[0]].copy_(scale, non_blocking=True)
+            return super().store_prompt(layer, tokens, k, v)
+        for which, value in enumerate((k, v)):
+            q8, scale = quantize(value)
+            self.staging[which][layer, tokens].copy_(q8, non_blocking=True)
+            self.scale_staging[which][layer, tokens].copy_(scale, non_blocking=True)
 
     def _store(self, layer, rows, positions, k: torch.Tensor, v: torch.Tensor,
                scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -629,22 +631,31 @@ class CpuAttention(_HostCache):
         self.keys[layer, rows, :, positions], self.scales[0][layer, rows, :, positions] = k8, ks
         self.values[layer, rows, :, positions], self.scales[1][layer, rows, :, positions] = v8, vs
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """model_runner's Attend for a decode step: q [n, heads, 1, head_dim], k/v [n, kv_heads, 1, head_dim]
-        on the device -> the attention output there, computed on the host over this layer's cache."""
-        n, heads, kv_heads, length = q.shape[0], self.num_heads, self.num_kv_heads, self._kv_len
-        buf = self.qkv[:n]
+    def send(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Device side of a decode step's layer: q [b, heads, 1, d] and k/v [b, kv_heads, 1, d] of the new
+        tokens -> the pinned buffers (int8 K/V quantized first, where it is a few small kernels instead of host
+        passes). Only device ops and copies: a CUDA graph can hold it."""
+        b, heads = q.shape[0], self.num_heads
         if self.scales is None:
-            buf.copy_(torch.cat([q, k, v], dim=1)[:, :, 0], non_blocking=True)
-        else:  # quantized on the device, where it is a few small kernels instead of host passes
-            buf[:, :heads].copy_(q[:, :, 0], non_blocking=True)
-            kv8, kv_scales = quantize(torch.cat([k, v], dim=1)[:, :, 0])
-            self.kv8[:n].copy_(kv8, non_blocking=True)
-            self.kv_scales[:n].copy_(kv_scales, non_blocking=True)
+            self.qkv[:b].copy_(torch.cat([q, k, v], dim=1)[:, :, 0], non_blocking=True)
+            return
+        self.qkv[:b, :heads].copy_(q[:, :, 0], non_blocking=True)
+        kv8, kv_scales = quantize(torch.cat([k, v], dim=1)[:, :, 0])
+        self.kv8[:b].copy_(kv8, non_blocking=True)
+        self.kv_scales[:b].copy_(kv_scales, non_blocking=True)
+
+    def compute(self, layer: int, n: int, ready: torch.cuda.Event | None = None) -> None:
+        """Host side: waits for send's copies (the `ready` event recorded after them, or the whole stream),
+        writes rows [0, n)'s new K/V into the cache and attends over it; the output goes to the pinned `out`
+        buffer, which receive() brings back."""
+        heads, kv_heads, length = self.num_heads, self.num_kv_heads, self._kv_len
         t0 = time.perf_counter()
-        self._wait_for_device()
+        if ready is not None:
+            ready.synchronize()
+        else:
+            self._wait_for_device()
         t1 = time.perf_counter()
-        q_host, k_host, v_host = buf.split([heads, kv_heads, kv_heads], dim=1)
+        q_host, k_host, v_host = self.qkv[:n].split([heads, kv_heads, kv_heads], dim=1)
         if self.scales is None:
             self._store(layer, self._rows, self._positions, k_host, v_host)
         else:
@@ -654,13 +665,21 @@ class CpuAttention(_HostCache):
         scales = (None, None) if self.scales is None else (s[layer, :n, :, :length] for s in self.scales)
         o = self.kernel(q_host.float().view(n, kv_heads, heads // kv_heads, -1), self.keys[layer, :n, :, :length],
                         self.values[layer, :n, :, :length], *scales, self._bias, self.scaling)
-        out = self.out[:n]
-        out.copy_(o.view(n, heads, -1))
+        self.out[:n].copy_(o.view(n, heads, -1))
         t3 = time.perf_counter()
         for key, dt in (("wait", t1 - t0), ("store", t2 - t1), ("kernel", t3 - t2)):
             self.seconds[key] += dt
-        # on CUDA the copy is queued before the next layer's sync, so `out` is free again by then
-        return out.to(self.device, non_blocking=True)[:, :, None]
+
+    def receive(self, b: int) -> torch.Tensor:
+        """Device side: rows [0, b) of the attention output, [b, heads, 1, d] on the device. On CUDA the copy is
+        queued before the next layer's wait, so `out` is free again by the time compute() writes it."""
+        return self.out[:b].to(self.device, non_blocking=True)[:, :, None]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """send, compute, receive in a row: model_runner's Attend, for one layer run eagerly."""
+        self.send(q, k, v)
+        self.compute(layer, q.shape[0])
+        return self.receive(q.shape[0])
 
     def end_step(self) -> None:
         """After a prefill: waits for its device→host copies and puts them into the host cache."""
@@ -713,21 +732,29 @@ def measure_cpu_attention_cost(device: torch.device, kernel: Kernel, kv_dtype: t
 class StreamingRunner(ModelRunner):
     """ModelRunner whose decoder layers come from a LayerStreamer and whose KV may live on the host.
 
-    No CUDA graphs: a streamed step has host-side work between layers (events, copies).
+    A streamed step has host-side work between layers (events, copies, CPU attention), so it is not one CUDA
+    graph: with CPU attention the GPU work between two host attentions is (piecewise.PiecewiseDecode, where
+    cuda_graphs and the int8 kernel allow: bnb's outlier columns have data-dependent shapes); the other
+    placements launch eagerly.
     """
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
                  attention: str, kernel: str, threshold: float, host_kv_dtype: torch.dtype | None = None,
-                 cpu_kernel: Kernel | None = None):
+                 cpu_kernel: Kernel | None = None, cuda_graphs: bool = True):
         super().__init__(model, device=device, dtype=dtype, max_model_len=max_model_len, attention=attention)
         self.host_kv_dtype = host_kv_dtype or dtype  # CPU attention's cache
         self._cpu_kernel = cpu_kernel  # built on first use unless the engine built it while loading
         p = self.parts
-        p.embed, p.norm, p.lm_head, p.rotary = (copy.deepcopy(m).to(device)
-                                                for m in (p.embed, p.norm, p.lm_head, p.rotary))
+        # in the compute dtype whatever the loader left them in: while CpuAttention's kernel compiles in another
+        # thread, dynamo restoring the process default dtype can race with from_pretrained setting it (seen:
+        # a float32 lm_head on a first, cold compile)
+        p.embed, p.norm, p.lm_head = (copy.deepcopy(m).to(device, dtype) for m in (p.embed, p.norm, p.lm_head))
+        p.rotary = copy.deepcopy(p.rotary).to(device)  # its inverse frequencies stay float32
         self.kernel, self.threshold = kernel, threshold
         self.streamer: LayerStreamer | None = None
         self.host_kv: HostKV | CpuAttention | None = None
+        self.piecewise: PiecewiseDecode | None = None
+        self.piecewise_graphs = cuda_graphs and kernel != "bnb"
         self.kv_placement = "device"
         self.max_prefill_tokens = max_model_len
 
@@ -750,7 +777,8 @@ class StreamingRunner(ModelRunner):
         return self._cpu_kernel
 
     def configure(self, plan: StreamPlan, max_prefill_tokens: int) -> None:
-        self.streamer = LayerStreamer(self.parts.layers, device=self.device, num_resident=plan.num_resident,
+        self.streamer = LayerStreamer(self.parts.layers, device=self.device, dtype=self.dtype,
+                                      num_resident=plan.num_resident,
                                       kernel=self.kernel, threshold=self.threshold,
                                       kv_streamed=plan.kv_placement == "host")
         self.parts.layer_executor = self.streamer
@@ -758,9 +786,10 @@ class StreamingRunner(ModelRunner):
         if plan.kv_placement == "host":  # decode reads a strided device view of the streamed KV
             self.attention = "sdpa"
         self.max_prefill_tokens = max(max_prefill_tokens, self.max_model_len)  # the first prompt is always admitted
+        self.prefill_group_tokens = STREAMING_PREFILL_GROUP_TOKENS
 
     def allocate_kv(self, max_rows: int) -> None:
-        self.host_kv = None
+        self.host_kv = self.piecewise = None
         if self.streamer is not None:
             self.streamer.kv = None
         if self.kv_placement == "device" or max_rows == 0:
@@ -773,6 +802,8 @@ class StreamingRunner(ModelRunner):
         if self.kv_placement == "cpu":
             self.host_kv = CpuAttention(num_heads=p.num_heads, scaling=p.scaling, kv_dtype=self.host_kv_dtype,
                                         kernel=self.cpu_attention_kernel(), **shape)
+            self.piecewise = PiecewiseDecode(p, self.streamer.layers, self.host_kv, max_rows=max_rows,
+                                             device=self.device, dtype=self.dtype, graphs=self.piecewise_graphs)
         else:
             self.host_kv = HostKV(**shape)
             self.streamer.kv = self.host_kv
@@ -786,6 +817,14 @@ class StreamingRunner(ModelRunner):
         positions = [i for p in prompts for i in range(len(p))]
         return self._with_host_kv(token_rows, positions, False, lambda: super(StreamingRunner, self).prefill(rows, prompts))
 
+    def capture_graphs(self) -> float:
+        return 0.0 if self.piecewise is None else self.piecewise.capture_all()
+
+    def prompt_store(self, rows: list[int], prompts: list[list[int]], positions: torch.Tensor) -> KVStore:
+        if self.host_kv is None:
+            return super().prompt_store(rows, prompts, positions)
+        return self.host_kv.store_prompt
+
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         if self.host_kv is None:
             return super().decode(tokens, positions)
@@ -794,9 +833,7 @@ class StreamingRunner(ModelRunner):
 
     def _decode_cpu_attention(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         start = time.perf_counter()
-        ids = torch.tensor(tokens, dtype=torch.long).to(self.device)
-        pos = torch.tensor(positions, dtype=torch.long).to(self.device)
-        logits = decode_logits(self.parts, ids, pos, self.host_kv.attend)
+        logits = self.piecewise.run(tokens, positions, self.streamer.schedule(lag=1))
         self.host_kv.seconds["forward"] += time.perf_counter() - start
         return logits
 
@@ -862,7 +899,8 @@ class StreamingLLMEngine(LLMEngine):
             KERNELS.compile()
         return StreamingRunner(model, device=device, dtype=dtype, max_model_len=self.max_model_len,
                                attention=self.attention, kernel=kernel, threshold=self.cfg.int8_threshold,
-                               host_kv_dtype=host_kv_dtype(self.cfg, dtype), cpu_kernel=self._cpu_kernel)
+                               host_kv_dtype=host_kv_dtype(self.cfg, dtype), cpu_kernel=self._cpu_kernel,
+                               cuda_graphs=self.cfg.cuda_graphs)
 
     def _plan_budget(self, weights_bytes: int, max_prefill_tokens: int) -> budget_math.Budget:
         cfg, c, runner = self.cfg, self.model.config, self.runner
@@ -870,9 +908,11 @@ class StreamingLLMEngine(LLMEngine):
         act_per_row = budget_math.estimate_decode_activation_bytes(
             hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
             num_heads=parts.num_heads, max_model_len=self.max_model_len, dtype_bytes=dtype_bytes)
+        group = min(max_prefill_tokens, STREAMING_PREFILL_GROUP_TOKENS)  # each layer runs over groups this size
         prefill_bytes = budget_math.estimate_prefill_bytes(
             hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_heads=parts.num_heads,
-            num_tokens=max_prefill_tokens, dtype_bytes=dtype_bytes)
+            num_tokens=group, dtype_bytes=dtype_bytes)
+        prefill_bytes += 2 * max_prefill_tokens * c.hidden_size * dtype_bytes  # the whole batch's residual stream
         if self.device.type == "cuda":
             _, free = runner.memory_info()
             fixed = torch.cuda.memory_allocated(self.device) + process_overhead_bytes(self.device)
@@ -913,6 +953,9 @@ class StreamingLLMEngine(LLMEngine):
             host_kv = getattr(self.runner, "host_kv", None)
             for key, seconds in getattr(host_kv, "seconds", {}).items():
                 s.extra[f"offload_cpu_attention_{key}_s"] = round(seconds, 3)
+            piecewise = getattr(self.runner, "piecewise", None)
+            if piecewise is not None:
+                s.extra.update(offload_piecewise_graphs=int(piecewise.use_graphs))
             s.extra.update(offload_kv_on_host=int(self.plan.kv_on_host),
                            offload_cpu_attention=int(self.plan.kv_placement == "cpu"),
                            offload_resident_layers=self.plan.num_resident,

@@ -1,0 +1,125 @@
+"""A small-VRAM decode step in pieces: the GPU work between two host attentions, replayed from CUDA graphs.
+
+With the KV cache attended on the host CPU (offload.CpuAttention) a decode step cannot be one graph: every
+layer stops for the CPU. Launched op by op from Python, a 13B layer's GPU work cost ~3 ms of host time
+(126 ms of a 360 ms step, measured), time the CPU did not spend on attention. So the step is cut into
+num_layers + 1 pieces: piece 0 embeds the tokens and runs layer 0 up to its attention; piece i runs the rest
+of layer i − 1 from the attention output the host sent back, then layer i up to its attention; the last
+piece ends with lm_head. A piece reads and writes only static buffers (token ids, positions, rope tables,
+two residual buffers it alternates between, CpuAttention's pinned q/k/v and output buffers), so running it
+twice gives the same result and it can be captured once per batch bucket and replayed (vLLM's piecewise
+graphs), all before the first row runs. The weight stream's waits and releases stay outside the graphs (LayerStreamer.schedule with lag 1:
+a layer's weights are in use across two pieces). Without CUDA the same pieces run eagerly.
+"""
+
+import logging
+import time
+from collections.abc import Iterator
+
+import torch
+from batchgen.worker.cuda_graphs import batch_buckets
+from batchgen.worker.model_runner import LlamaParts, attention_inputs, layer_output, rope_tables
+
+log = logging.getLogger(__name__)
+
+
+class PiecewiseDecode:
+    """layers: the executor's decoder layers (weights at fixed device addresses); attention: send(q, k, v),
+    compute(layer, n) and receive(b), as CpuAttention has them."""
+
+    def __init__(self, parts: LlamaParts, layers: list, attention, *, max_rows: int, device: torch.device,
+                 dtype: torch.dtype, graphs: bool):
+        self.parts, self.layers, self.attention, self.device = parts, layers, attention, device
+        hidden = parts.embed.weight.shape[1]
+        self.inputs = torch.zeros(2, max_rows, 1, dtype=torch.long, device=device)  # token ids, positions
+        self.hidden = [torch.zeros(max_rows, 1, hidden, dtype=dtype, device=device) for _ in range(2)]
+        self.rope = torch.zeros(2, max_rows, 1, 1, parts.head_dim, dtype=dtype, device=device)  # cos, sin
+        self.buckets = batch_buckets(max_rows)
+        self.use_graphs = graphs and device.type == "cuda"
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
+        self.pool = None
+        self.capture_stream = torch.cuda.Stream(device) if self.use_graphs else None
+        self.capture_s = 0.0
+
+    def run(self, tokens: list[int], positions: list[int], schedule: Iterator[int]) -> torch.Tensor:
+        """One decode step of rows [0, n) -> logits [n, vocab]; schedule yields the pieces in order."""
+        n = len(tokens)
+        b = next(s for s in self.buckets if s >= n) if self.use_graphs else n
+        pad = [0] * (b - n)
+        self.inputs[:, :b, 0].copy_(torch.tensor([tokens + pad, positions + pad]))
+        logits, pieces = None, iter(schedule)
+        i = next(pieces, None)
+        while i is not None:
+            logits = self._run(i, b)
+            ready = torch.cuda.Event() if self.device.type == "cuda" else None
+            if ready is not None:
+                ready.record()
+            # before the host attends: the schedule releases layer i − 1's weight slot and queues its next copy
+            # now, so the copy runs during this layer's host attention (and the stream's wait for it is queued
+            # after `ready`, which is all the host waits for)
+            following = next(pieces, None)
+            if i < self.parts.num_layers:
+                self.attention.compute(i, n, ready)
+            i = following
+        return logits[:n]
+
+    def piece(self, i: int, b: int) -> torch.Tensor | None:
+        """Piece i over rows [0, b): the rest of layer i − 1, then layer i up to its attention (sent to the
+        host); the last piece returns the logits."""
+        p = self.parts
+        if i == 0:
+            h = p.embed(self.inputs[0, :b])
+            self.rope[:, :b].copy_(torch.stack(rope_tables(p, h, self.inputs[1, :b])))
+        else:
+            h = layer_output(self.layers[i - 1], self.hidden[i % 2][:b], self.attention.receive(b))
+        if i == p.num_layers:
+            return p.lm_head(p.norm(h)[:, 0])
+        self.hidden[(i + 1) % 2][:b].copy_(h)
+        self.attention.send(*attention_inputs(p, self.layers[i], h, self.rope[0, :b], self.rope[1, :b]))
+        return None
+
+    def capture_all(self) -> float:
+        """Captures every piece of every bucket, largest bucket first (the shared pool is sized once), before any
+        row runs; returns the seconds it took. A piece that cannot be captured turns graphs off (eager pieces
+        compute the same thing)."""
+        if not self.use_graphs:
+            return 0.0
+        start = time.perf_counter()
+        try:
+            for b in sorted(self.buckets, reverse=True):
+                for i in range(self.parts.num_layers + 1):
+                    self._capture(i, b)
+        except RuntimeError as exc:
+            log.warning("piecewise CUDA graphs off (capture failed: %s)", str(exc).splitlines()[0], exc_info=True)
+            self.use_graphs, self.graphs = False, {}
+            torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the warm-ups' blocks: the budget has no room for them
+        self.capture_s = time.perf_counter() - start
+        return self.capture_s
+
+    def _run(self, i: int, b: int) -> torch.Tensor | None:
+        if not self.use_graphs:
+            return self.piece(i, b)
+        graph, out = self.graphs[(b, i)]
+        graph.replay()
+        return out
+
+    def _capture(self, i: int, b: int) -> None:
+        """Warm-up once on a side stream (compiles kernels, creates cuBLAS workspaces), then capture; without
+        torch.cuda.graph's gc.collect/empty_cache per graph, which would cost more than the captures."""
+        current, side = torch.cuda.current_stream(self.device), self.capture_stream  # one stream: blocks are reused
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self.piece(i, b)
+        current.wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                out = self.piece(i, b)
+            finally:
+                graph.capture_end()
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[(b, i)] = (graph, out)
