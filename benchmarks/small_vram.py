@@ -110,7 +110,8 @@ def cap_memory() -> None:
 
 def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     """variant: "auto" (the planner's choice, as `batchgen worker --max-vram 6GiB` runs it) or a lever,
-    placement[/host KV dtype[/max prefill tokens, "auto": the engine's]], e.g. "host", "cpu/int8", "auto/int8"; run_phase also takes a
+    placement[/host KV dtype[/max prefill tokens[/layers whose KV stays on the device]]] ("auto": the
+    engine's), e.g. "host", "cpu/int8", "auto/int8", "cpu/auto/auto/6"; run_phase also takes a
     "+passive" suffix: OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning between parallel regions)."""
     import torch
     from batchgen.jobs.schema import Request, SamplingParams
@@ -121,7 +122,7 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     if cuda:
         cap_memory()
     parts = variant.split("/")
-    kv_placement, kv_dtype, prefill = parts + ["auto", "auto", "auto"][len(parts):]
+    kv_placement, kv_dtype, prefill, device_kv = parts + ["auto", "auto", "auto", "auto"][len(parts):]
     cfg = EngineConfig(model=model, device=device, max_vram_bytes=CAP_BYTES if cuda else None, offload=None if cuda else True,
                        max_model_len=256, max_prefill_tokens=None if prefill == "auto" else int(prefill),
                        max_batch_size=NUM_REQUESTS,
@@ -132,7 +133,8 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     else:
         from batchgen.worker.offload import StreamingLLMEngine
 
-        engine = StreamingLLMEngine.from_config(cfg, kv_placement=kv_placement)
+        engine = StreamingLLMEngine.from_config(
+            cfg, kv_placement=kv_placement, num_device_kv_layers=None if device_kv == "auto" else int(device_kv))
     load_s = time.perf_counter() - start
     memory = {"loaded": (torch.cuda.memory_allocated() / GIB, torch.cuda.memory_reserved() / GIB)} if cuda else {}
 

@@ -45,7 +45,7 @@ class EngineConfig:
     served_model_name: str | None = None
     device: str = "auto"  # "cuda" if available else "cpu"
     load_in_8bit: bool = True
-    compute_dtype: str | None = None  # None: "float16" on CUDA, "float32" on CPU
+    compute_dtype: str | None = None  # None: "float16" on CUDA ("bfloat16" in small-VRAM mode), "float32" on CPU
     vram_reserve_bytes: int = defaults.VRAM_RESERVE_BYTES
     max_vram_bytes: int | None = None  # cap on total use; on CPU the memory budget (weights + KV + activations)
     max_batch_size: int | None = None  # hard cap on rows

@@ -138,34 +138,42 @@ def decode_step(
     positions[r] + 1 keys per row; "sdpa": masked attention over keys [0, kv_len) (GQA without copying
     K/V: the query heads sharing a KV head become that head's query "sequence").
     """
-    n = input_ids.shape[0]
-    device = input_ids.device
-    rows = torch.arange(n, device=device)
-    group = parts.num_heads // parts.num_kv_heads
-    max_len = k_cache.shape[2]
-    if attention == "flash":
-        cu_q = torch.arange(n + 1, device=device, dtype=torch.int32)
-        cu_k = cu_q * max_len
-        used = (positions + 1).to(torch.int32)
-    else:
-        mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
+    return decode_logits(parts, input_ids, positions, CacheAttention(parts, k_cache, v_cache, positions, kv_len, attention))
 
-    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_cache[layer][rows, positions] = k[:, :, 0]
-        v_cache[layer][rows, positions] = v[:, :, 0]
+
+class CacheAttention:
+    """decode_step's Attend over a device cache [layers, rows, max_len, kv_heads, head_dim]: row r writes its new
+    K/V at positions[r] and attends to keys [0, positions[r]] of its own row. The per-step index tensors are made
+    once here, not per layer; only device ops, so a CUDA graph can hold it."""
+
+    def __init__(self, parts: LlamaParts, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                 kv_len: int, attention: str):
+        n, device = positions.shape[0], positions.device
+        self.parts, self.k_cache, self.v_cache, self.positions = parts, k_cache, v_cache, positions
+        self.kv_len, self.attention = kv_len, attention
+        self.rows = torch.arange(n, device=device)
         if attention == "flash":
-            keys = k_cache[layer].view(-1, parts.num_kv_heads, parts.head_dim)
-            values = v_cache[layer].view(-1, parts.num_kv_heads, parts.head_dim)
-            o = flash_varlen(q[:, :, 0], keys, values, cu_q, cu_k, 1, kv_len, causal=False, scale=parts.scaling,
-                             seqused_k=used)
-            return o[:, :, None]
-        keys = k_cache[layer, :n, :kv_len].transpose(1, 2)
-        values = v_cache[layer, :n, :kv_len].transpose(1, 2)
-        q = q.reshape(n, parts.num_kv_heads, group, parts.head_dim)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=parts.scaling)
-        return o.reshape(n, parts.num_heads, 1, parts.head_dim)
+            self.cu_q = torch.arange(n + 1, device=device, dtype=torch.int32)
+            self.cu_k = self.cu_q * k_cache.shape[2]
+            self.used = (positions + 1).to(torch.int32)
+        else:
+            self.mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
 
-    return decode_logits(parts, input_ids, positions, attend)
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p, n = self.parts, q.shape[0]
+        self.k_cache[layer][self.rows, self.positions] = k[:, :, 0]
+        self.v_cache[layer][self.rows, self.positions] = v[:, :, 0]
+        if self.attention == "flash":
+            keys = self.k_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
+            values = self.v_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
+            o = flash_varlen(q[:, :, 0], keys, values, self.cu_q, self.cu_k, 1, self.kv_len, causal=False,
+                             scale=p.scaling, seqused_k=self.used)
+            return o[:, :, None]
+        keys = self.k_cache[layer, :n, :self.kv_len].transpose(1, 2)
+        values = self.v_cache[layer, :n, :self.kv_len].transpose(1, 2)
+        q = q.reshape(n, p.num_kv_heads, p.num_heads // p.num_kv_heads, p.head_dim)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=p.scaling)
+        return o.reshape(n, p.num_heads, 1, p.head_dim)
 
 
 def decode_logits(parts: LlamaParts, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:

@@ -18,14 +18,21 @@ from collections.abc import Iterator
 
 import torch
 from batchgen.worker.cuda_graphs import batch_buckets
-from batchgen.worker.model_runner import LlamaParts, attention_inputs, layer_output, rope_tables
+from batchgen.worker.model_runner import (
+    CacheAttention,
+    LlamaParts,
+    attention_inputs,
+    layer_output,
+    rope_tables,
+)
 
 log = logging.getLogger(__name__)
 
 
 class PiecewiseDecode:
-    """layers: the executor's decoder layers (weights at fixed device addresses); attention: send(q, k, v),
-    compute(layer, n) and receive(b), as CpuAttention has them."""
+    """layers: the executor's decoder layers (weights at fixed device addresses); attention: a CpuAttention
+    (send(q, k, v), compute(layer, n), receive(b); layers it keeps on the device are attended inside the piece
+    and do not stop for the host)."""
 
     def __init__(self, parts: LlamaParts, layers: list, attention, *, max_rows: int, device: torch.device,
                  dtype: torch.dtype, graphs: bool):
@@ -34,6 +41,8 @@ class PiecewiseDecode:
         self.inputs = torch.zeros(2, max_rows, 1, dtype=torch.long, device=device)  # token ids, positions
         self.hidden = [torch.zeros(max_rows, 1, hidden, dtype=dtype, device=device) for _ in range(2)]
         self.rope = torch.zeros(2, max_rows, 1, 1, parts.head_dim, dtype=dtype, device=device)  # cos, sin
+        # device-KV layers' attention outputs, for the next piece (two: piece i reads one and writes the other)
+        self.attended = torch.zeros(2, max_rows, parts.num_heads, 1, parts.head_dim, dtype=dtype, device=device)
         self.buckets = batch_buckets(max_rows)
         self.use_graphs = graphs and device.type == "cuda"
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
@@ -58,7 +67,7 @@ class PiecewiseDecode:
             # now, so the copy runs during this layer's host attention (and the stream's wait for it is queued
             # after `ready`, which is all the host waits for)
             following = next(pieces, None)
-            if i < self.parts.num_layers:
+            if i < self.parts.num_layers and not self.attention.on_device(i):
                 self.attention.compute(i, n, ready)
             i = following
         return logits[:n]
@@ -71,11 +80,20 @@ class PiecewiseDecode:
             h = p.embed(self.inputs[0, :b])
             self.rope[:, :b].copy_(torch.stack(rope_tables(p, h, self.inputs[1, :b])))
         else:
-            h = layer_output(self.layers[i - 1], self.hidden[i % 2][:b], self.attention.receive(b))
+            att = self.attention
+            o = self.attended[(i - 1) % 2, :b] if att.on_device(i - 1) else att.receive(b)
+            h = layer_output(self.layers[i - 1], self.hidden[i % 2][:b], o)
         if i == p.num_layers:
             return p.lm_head(p.norm(h)[:, 0])
         self.hidden[(i + 1) % 2][:b].copy_(h)
-        self.attention.send(*attention_inputs(p, self.layers[i], h, self.rope[0, :b], self.rope[1, :b]))
+        q, k, v = attention_inputs(p, self.layers[i], h, self.rope[0, :b], self.rope[1, :b])
+        if not self.attention.on_device(i):
+            self.attention.send(q, k, v)
+            return None
+        att = self.attention
+        on_device = CacheAttention(p, att.device_k, att.device_v, self.inputs[1, :b, 0], att.device_k.shape[2],
+                                   att.device_attention)
+        self.attended[i % 2, :b].copy_(on_device(att.device_index[i], q, k, v))
         return None
 
     def capture_all(self) -> float:
