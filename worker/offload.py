@@ -949,9 +949,11 @@ class StreamingLLMEngine(LLMEngine):
 
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.compute_dtype, device)
-        if cfg.compute_dtype is None and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)  # sm80+
+        if cfg.compute_dtype is None and native_bf16:
             # the host CPU reads a bfloat16 KV cache faster than a float16 one (H100 host, 13B, 64 rows: 207 vs
-            # 235 ms of attention a step), and the cache holds exactly what the GPU computed
+            # 235 ms of attention a step), and the cache holds exactly what the GPU computed; older cards
+            # (a 6 GB Turing) only emulate bfloat16 and keep float16
             dtype = torch.bfloat16
         placement = kwargs.get("kv_placement", "auto")
         # the CPU attention kernel is needed for "cpu", and for "auto" on CUDA (its start-up cost probe)
