@@ -170,7 +170,7 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
         "elapsed_s": round(elapsed, 2), "tok_s": round(NUM_REQUESTS * NEW_TOKENS / elapsed, 1),
         "variant": variant,
         "plan": None if plan is None else vars(plan) | {"tokens_per_streamed_gb": round(plan.tokens_per_streamed_gb, 2)},
-        "steps": engine.step_stats.as_stats(), "attention": engine.attention,
+        "steps": engine.step_stats.as_stats(), "attention": engine.attention, "dtype": str(engine.runner.dtype),
         "offload": {k: v for k, v in engine.stats().extra.items() if k.startswith("offload_") or k == "graph_capture_s"},
     }
     steps = out["steps"]
