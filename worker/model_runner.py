@@ -71,11 +71,12 @@ def forward_layers(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor,
                    groups: list[tuple[slice, Attend]]) -> torch.Tensor:
     """h [B, T, hidden], positions [B, T] -> normed hidden states. groups: (tokens, attend) pairs that run one
     after the other inside each layer, attend(layer, q, k, v) owning the KV cache: a long prefill in pieces
-    that each fit the activation budget while each layer's weights are loaded once."""
+    that each fit the activation budget while each layer's weights are loaded once. A single group covers
+    every token."""
     cos, sin = rope_tables(parts, h, positions)
     layers = parts.layers if parts.layer_executor is None else parts.layer_executor.iter_layers()
     for i, layer in enumerate(layers):
-        if len(groups) == 1 and groups[0][0] == slice(None):
+        if len(groups) == 1:
             h = layer_output(layer, h, groups[0][1](i, *attention_inputs(parts, layer, h, cos, sin)))
             continue
         for tokens, attend in groups:
@@ -219,8 +220,6 @@ def prefill_step(
         tokens = slice(seq_starts[first], seq_starts[end])
         starts = [s - seq_starts[first] for s in seq_starts[first:end + 1]]
         groups.append((tokens, _prefill_attention(parts, positions[tokens], starts, tokens, store, attention)))
-    if len(groups) == 1:
-        groups = [(slice(None), groups[0][1])]
     h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], groups)
     last = torch.tensor(seq_starts[1:], device=input_ids.device) - 1
     return parts.lm_head(h[0, last])

@@ -14,8 +14,9 @@ stop, the GPU work between two host attentions replays from CUDA graphs (piecewi
 where the host would be the slower side the planner keeps a few layers' KV on the device, attended there.
 
 Layers run the resident engine's int8 kernels (int8_linear; bitsandbytes' own matmul with int8_kernel "bnb")
-on the streamed CB/SCB, so a streamed layer computes what the resident one would. The device is a parameter: on CPU the same code moves weights
-between two CPU buffers and the stream/event calls are no-ops; that is how the tests run it.
+on the streamed CB/SCB, so a streamed layer computes what the resident one would. The device is a
+parameter: on CPU the same code moves weights between two CPU buffers and the stream/event calls are
+no-ops; that is how the tests run it.
 """
 
 import copy
@@ -33,7 +34,7 @@ from batchgen.worker.host_attention import Kernel, cache_bytes, length_bias, qua
 from batchgen.worker.int8_linear import KERNELS, FusedInt8Linear, Int8Linear, Int8State
 from batchgen.worker.llm_engine import EngineConfig, LLMEngine, _available_ram_bytes, resolve_int8_kernel
 from batchgen.worker.model_loader import load_model, resolve_device, resolve_dtype
-from batchgen.worker.model_runner import KVStore, ModelRunner, head_dim_of
+from batchgen.worker.model_runner import KVStore, ModelRunner, cache_store, head_dim_of
 from batchgen.worker.piecewise import PiecewiseDecode
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,8 @@ def plan_streaming(
     weight copies: cpu_attention_cost (measured: PCIe bytes/s ÷ CPU attention bytes/s) converts those
     reads into streamed-byte time, and the step costs the larger of the two; where the host is the slower
     side, some layers keep their KV on the device instead of resident weights (num_device_kv_layers). Without
-    a cost "cpu" is only taken when asked for. Whatever is left holds resident layers; two stage buffers hold the streamed
-    ones. None: not even one row fits.
+    a cost "cpu" is only taken when asked for. Whatever is left holds resident layers; two stage buffers hold
+    the streamed ones. None: not even one row fits.
     """
     if kv_placement not in KV_PLACEMENTS:
         raise ValueError(f"kv_placement must be one of {KV_PLACEMENTS}, got {kv_placement!r}")
@@ -585,9 +586,10 @@ class CpuAttention(_HostCache):
     cache itself never crosses PCIe and the bus carries only weights.
 
     K and V are [layers, rows, kv_heads, max_len, head_dim], read by host_attention's fused kernel. Stored in
-    kv_dtype: the compute dtype by default (exact), or int8 with a float32 scale per (row, head, token). Prefill writes go through
-    staging, one strided copy per prompt. Each layer waits for its q/k/v (one stream sync); the weight copies
-    of the next layers keep running on the side stream meanwhile.
+    kv_dtype: the compute dtype by default (exact), or int8 with a float32 scale per (row, head, token).
+    Prefill writes go through staging, one strided copy per prompt and layer. A decode step's layer is split
+    in send (device), compute (host: waits for its q/k/v, stores, attends) and receive (device), so
+    PiecewiseDecode can put the device parts in CUDA graphs; the weight copies keep running meanwhile.
     """
 
     def __init__(self, *, num_layers: int, max_rows: int, num_heads: int, num_kv_heads: int, max_model_len: int,
@@ -628,13 +630,15 @@ class CpuAttention(_HostCache):
         device_shape = (len(self.device_layers), max_rows, max_model_len, num_kv_heads, head_dim)
         self.device_k, self.device_v = (torch.zeros(device_shape, dtype=dtype, device=device) for _ in range(2))
         self.device_attention = device_attention  # "flash" or "sdpa", as the resident engine's
+        self._device_store: KVStore | None = None  # a prefill's writes into those layers' device cache
 
     def begin(self, rows: list[int], positions: list[int], *, decode: bool) -> None:
         super().begin(rows, positions, decode=decode)
         self._segments = [] if decode else _segments(rows, positions)
         self._prompt_copied = {}
-        if not decode and self.device_layers:
-            self._rows_device, self._positions_device = self._rows.to(self.device), self._positions.to(self.device)
+        if not decode and self.device_layers:  # prefill writes the device layers' K/V straight into their cache
+            self._device_store = cache_store(self.device_k, self.device_v, self._rows.to(self.device),
+                                             self._positions.to(self.device))
         self._bias = length_bias(self._positions + 1, self._kv_len) if decode else None
 
     def layer_view(self, which: int, layer: int):
@@ -645,10 +649,7 @@ class CpuAttention(_HostCache):
 
     def store_prompt(self, layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
         if layer in self.device_index:
-            rows, positions = self._rows_device[tokens], self._positions_device[tokens]
-            self.device_k[self.device_index[layer]][rows, positions] = k
-            self.device_v[self.device_index[layer]][rows, positions] = v
-            return
+            return self._device_store(self.device_index[layer], tokens, k, v)
         if self.scales is None:
             super().store_prompt(layer, tokens, k, v)
         else:
@@ -1034,6 +1035,8 @@ class StreamingLLMEngine(LLMEngine):
             host_kv = getattr(self.runner, "host_kv", None)
             for key, seconds in getattr(host_kv, "seconds", {}).items():
                 s.extra[f"offload_cpu_attention_{key}_s"] = round(seconds, 3)
+            if self.cpu_attention_cost is not None:  # measured (CUDA, auto placement)
+                s.extra["offload_cpu_attention_cost"] = round(self.cpu_attention_cost, 3)
             piecewise = getattr(self.runner, "piecewise", None)
             if piecewise is not None:
                 s.extra.update(offload_piecewise_graphs=int(piecewise.use_graphs))
@@ -1041,6 +1044,5 @@ class StreamingLLMEngine(LLMEngine):
                            offload_cpu_attention=int(self.plan.kv_placement == "cpu"),
                            offload_resident_layers=self.plan.num_resident,
                            offload_device_kv_layers=self.plan.num_device_kv_layers,
-                           offload_cpu_attention_cost=round(self.cpu_attention_cost or 0.0, 3),
                            offload_streamed_bytes_per_step=self.plan.streamed_bytes_per_step)
         return s

@@ -60,14 +60,15 @@ class PiecewiseDecode:
         i = next(pieces, None)
         while i is not None:
             logits = self._run(i, b)
-            ready = torch.cuda.Event() if self.device.type == "cuda" else None
+            on_host = i < self.parts.num_layers and not self.attention.on_device(i)
+            ready = torch.cuda.Event() if on_host and self.device.type == "cuda" else None
             if ready is not None:
                 ready.record()
             # before the host attends: the schedule releases layer i − 1's weight slot and queues its next copy
             # now, so the copy runs during this layer's host attention (and the stream's wait for it is queued
             # after `ready`, which is all the host waits for)
             following = next(pieces, None)
-            if i < self.parts.num_layers and not self.attention.on_device(i):
+            if on_host:
                 self.attention.compute(i, n, ready)
             i = following
         return logits[:n]
@@ -75,22 +76,20 @@ class PiecewiseDecode:
     def piece(self, i: int, b: int) -> torch.Tensor | None:
         """Piece i over rows [0, b): the rest of layer i − 1, then layer i up to its attention (sent to the
         host); the last piece returns the logits."""
-        p = self.parts
+        p, att = self.parts, self.attention
         if i == 0:
             h = p.embed(self.inputs[0, :b])
             self.rope[:, :b].copy_(torch.stack(rope_tables(p, h, self.inputs[1, :b])))
         else:
-            att = self.attention
             o = self.attended[(i - 1) % 2, :b] if att.on_device(i - 1) else att.receive(b)
             h = layer_output(self.layers[i - 1], self.hidden[i % 2][:b], o)
         if i == p.num_layers:
             return p.lm_head(p.norm(h)[:, 0])
         self.hidden[(i + 1) % 2][:b].copy_(h)
         q, k, v = attention_inputs(p, self.layers[i], h, self.rope[0, :b], self.rope[1, :b])
-        if not self.attention.on_device(i):
-            self.attention.send(q, k, v)
+        if not att.on_device(i):
+            att.send(q, k, v)
             return None
-        att = self.attention
         on_device = CacheAttention(p, att.device_k, att.device_v, self.inputs[1, :b, 0], att.device_k.shape[2],
                                    att.device_attention)
         self.attended[i % 2, :b].copy_(on_device(att.device_index[i], q, k, v))
