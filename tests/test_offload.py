@@ -44,7 +44,7 @@ def greedy(engine: LLMEngine) -> dict[str, tuple[str, str, int]]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """Six layers, so a plan can keep some resident and stream the rest through two stage buffers."""
+    """Six layers, so a plan can keep some resident and stream the rest through its stage buffers."""
     return write_demo_model(tmp_path_factory.mktemp("demo6"), num_layers=6, chat_template=False)
 
 
@@ -61,6 +61,8 @@ def test_streamed_greedy_output_equals_the_resident_engine(model_dir, resident, 
     engine = StreamingLLMEngine.from_config(cfg, kv_placement=kv_placement, num_resident=num_resident)
     assert engine.plan.num_resident == num_resident and engine.plan.kv_placement == kv_placement
     assert engine.runner.streamer.num_layers == 6
+    # piecewise decode (cpu) holds a layer's weights through two pieces: a third slot keeps the copies going
+    assert len(engine.runner.streamer.stages) == (3 if kv_placement == "cpu" else 2) * (num_resident < 6)
     assert greedy(engine) == resident
     stats = engine.stats().extra
     assert stats["offload_resident_layers"] == num_resident and stats["max_rows"] == 4
@@ -150,6 +152,7 @@ def test_cpu_attention_frees_the_kv_stage_buffers_and_wins_only_when_the_host_re
     fast = plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu, cpu_attention_cost=0.3)
     assert fast.kv_placement == "cpu" and fast.max_rows == 64 and fast.num_resident > host.num_resident
     assert fast.streamed_bytes_per_step == (40 - fast.num_resident) * LAYER_13B  # weights only cross the bus
+    assert fast.device_bytes == 300 * 10**6 + 64 * 2 * 10**6 + (fast.num_resident + 3) * LAYER_13B  # 3 stages
     slow = plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu, cpu_attention_cost=5.0)
     assert slow.kv_placement == "host"
     assert plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu).kv_placement == "host"  # unmeasured: not chosen
@@ -225,16 +228,18 @@ def test_a_prefill_in_groups_of_prompts_gives_the_same_output(model_dir, residen
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_piecewise_cuda_graphs_replay_what_the_eager_pieces_compute(model_dir):
+@pytest.mark.parametrize("host_kv_dtype", ["auto", "int8"])
+def test_piecewise_cuda_graphs_replay_what_the_eager_pieces_compute(model_dir, host_kv_dtype):
     """With CPU attention the GPU work between two host attentions replays from CUDA graphs (piecewise), two
     layers' KV staying on the device and attended inside the graphs (FlashAttention); on the same device, in
-    float16, it computes exactly what the same pieces compute launched one by one. (In bfloat16, small-VRAM's
-    default on CUDA, a graph's batch-bucket padding changed a near-tie greedy token in 2 of 10 requests on an
-    H100: its kernels are not batch-size invariant there.)"""
+    float16, it computes exactly what the same pieces compute launched one by one, with the host cache in the
+    compute dtype or int8 (quantized inside the graphs). (In bfloat16, small-VRAM's default on CUDA, a graph's
+    batch-bucket padding changed a near-tie greedy token in 2 of 10 requests on an H100: its kernels are not
+    batch-size invariant there.)"""
     out = {}
     for graphs in (False, True):
         cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True, device="cuda", cuda_graphs=graphs,
-                           compute_dtype="float16")
+                           compute_dtype="float16", host_kv_dtype=host_kv_dtype)
         engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu", num_resident=2, num_device_kv_layers=2)
         assert engine.stats().extra["offload_piecewise_graphs"] == int(graphs)
         assert len(engine.runner.host_kv.device_layers) == 2

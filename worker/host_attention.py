@@ -59,18 +59,25 @@ class Kernel:
 
     Warmed up with two row counts and lengths, so dynamo's automatic dynamic shapes make rows and length
     symbolic while heads and head_dim stay static (full-width vector loads): one graph serves every step.
+    The second shape is also the size hint inductor plans that graph's loops with. With this tiny one (3 rows ×
+    7 tokens) it runs the softmax on one thread (`omp single`); a larger one (16 × 64) spreads it over all,
+    yet the kernel measured 7.5 instead of 3.95 ms a 13B layer on the H100 host (benchmarks/host_attention.py,
+    variant hint16), so the tiny hint stays.
     """
 
     fn: object = decode_attention
     compiled: bool = False
 
+    WARM_UP = ((2, 5), (3, 7))  # (rows, length): the first compiles a static graph, the second the dynamic one
+
     @classmethod
-    def build(cls, kv_dtype: torch.dtype, *, num_kv_heads: int, group: int, head_dim: int) -> "Kernel":
+    def build(cls, kv_dtype: torch.dtype, *, num_kv_heads: int, group: int, head_dim: int,
+              warm_up: tuple[tuple[int, int], ...] = WARM_UP) -> "Kernel":
         try:
             # dynamo caches graphs per code object, with a recompile limit: a copy per kernel keeps kernels of
             # other dtypes in one process (tests, benchmarks) from using up this one's
             fn = torch.compile(types.FunctionType(decode_attention.__code__.replace(), globals()), fullgraph=True)
-            for rows, length in ((2, 5), (3, 7)):
+            for rows, length in warm_up:
                 fn(*sample_inputs(kv_dtype, rows, num_kv_heads, group, length, head_dim))
             return cls(fn, True)
         except Exception as exc:  # no C++ compiler, an inductor bug: the eager path computes the same thing

@@ -2,7 +2,7 @@
 
 The model loads in 8-bit on the CPU (bitsandbytes: an int8 CB matrix and float32 SCB row scales per
 linear). As many decoder layers as the budget allows are copied to the GPU for good; the others live
-in pinned CPU memory and stream in, still int8, into two stage buffers on a side CUDA stream: the copy
+in pinned CPU memory and stream in, still int8, into stage buffers (two or three) on a side CUDA stream: the copy
 of layer i+1 overlaps the compute of layer i, and events order the two streams. A streamed byte is
 paid once per forward whatever the batch, so micro-batches are made large: throughput ≈ rows ÷
 (bytes streamed per step ÷ host→device bandwidth). When the KV cache of that many rows does not fit
@@ -21,6 +21,7 @@ no-ops; that is how the tests run it.
 
 import copy
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -109,6 +110,12 @@ class StreamPlan:
         return self.max_rows / max(1, self.streamed_bytes_per_step) * 1e9
 
 
+def stage_slots(kv_placement: str) -> int:
+    """Device buffers the streamed layers' weights take turns in: three for CPU attention, whose piecewise
+    decode holds a layer's weights through two pieces (LayerStreamer's num_slots), else two."""
+    return 3 if kv_placement == "cpu" else 2
+
+
 def plan_streaming(
     *,
     budget_bytes: int,
@@ -135,8 +142,8 @@ def plan_streaming(
     weight copies: cpu_attention_cost (measured: PCIe bytes/s ÷ CPU attention bytes/s) converts those
     reads into streamed-byte time, and the step costs the larger of the two; where the host is the slower
     side, some layers keep their KV on the device instead of resident weights (num_device_kv_layers). Without
-    a cost "cpu" is only taken when asked for. Whatever is left holds resident layers; two stage buffers hold
-    the streamed ones. None: not even one row fits.
+    a cost "cpu" is only taken when asked for. Whatever is left holds resident layers; stage buffers
+    (stage_slots: two, three for "cpu") hold the streamed ones. None: not even one row fits.
     """
     if kv_placement not in KV_PLACEMENTS:
         raise ValueError(f"kv_placement must be one of {KV_PLACEMENTS}, got {kv_placement!r}")
@@ -157,13 +164,14 @@ def plan_streaming(
                 kv_device = {"device": rows * kv_row_layer * num_layers, "host": 2 * rows * kv_row_layer,
                              "cpu": rows * kv_row_layer * x}[placement]
                 left = budget_bytes - prefill_bytes - rows * activation_bytes_per_row - kv_device
+                slots = stage_slots(placement)
                 resident = min(num_layers, max(0, left) // layer_bytes)  # every layer resident: no stage buffers
                 if resident < num_layers:
-                    resident = (left - 2 * layer_bytes) // layer_bytes
+                    resident = (left - slots * layer_bytes) // layer_bytes
                 if left < 0 or resident < 0 or (num_resident is not None and num_resident > resident):
                     continue
                 resident = resident if num_resident is None else num_resident
-                stages = 0 if resident == num_layers else 2 * layer_bytes
+                stages = 0 if resident == num_layers else slots * layer_bytes
                 streamed = (num_layers - resident) * layer_bytes
                 if placement == "host":
                     streamed += rows * kv_bytes_per_token_layer * num_layers * max_model_len // 2
@@ -183,11 +191,11 @@ def plan_streaming(
 class _Streams:
     """A side copy stream and per-slot events on CUDA; no-ops elsewhere (copies are synchronous there)."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, num_slots: int = 2):
+        self.cuda, self.num_slots = device.type == "cuda", num_slots
         self.copy = torch.cuda.Stream(device) if self.cuda else None
-        self.copied = [None, None]
-        self.done = [None, None]
+        self.copied = [None] * num_slots
+        self.done = [None] * num_slots
 
     def copying(self):
         return torch.cuda.stream(self.copy) if self.cuda else _NullContext()
@@ -198,7 +206,7 @@ class _Streams:
         if self.cuda:
             self.copy.wait_stream(torch.cuda.current_stream())
             if not keep_events:
-                self.copied, self.done = [None, None], [None, None]
+                self.copied, self.done = [None] * self.num_slots, [None] * self.num_slots
 
     def copy_waits_for_compute(self, slot: int) -> None:
         if self.cuda and self.done[slot] is not None:
@@ -343,25 +351,28 @@ class _DeviceLayer:
 class LayerStreamer:
     """The layer executor: yields each decoder layer ready to run, streaming the non-resident ones.
 
-    Each streamed layer owns one of two stage slots; its copy into the slot waits until the slot's previous
+    Each streamed layer owns one of the stage slots; its copy into the slot waits until the slot's previous
     layer has finished computing, so the copy of the next layer overlaps the compute of this one. Weights
     only (KV on the device or attended on the CPU): resident layers are spread evenly between the streamed
     ones and the slots alternate over the streamed layers, cyclically, so the bus never idles: during a
     resident layer the next streamed one is already copying, and the last layers of a forward prefetch the
     first of the next (weights do not change between steps). With a streamed host KV cache ("host") every
     layer's K/V goes through slot i % 2 in decode, so the first num_resident layers are the resident ones and
-    nothing is prefetched across forwards (the next step's KV is not written yet).
+    nothing is prefetched across forwards (the next step's KV is not written yet). num_slots (weights only):
+    piecewise decode keeps a layer's weights through two pieces (schedule's lag=1), so with two slots the
+    next copy could start only after the piece after it; a third lets it run meanwhile.
     """
 
     def __init__(self, hf_layers: list[torch.nn.Module], *, device: torch.device, dtype: torch.dtype,
-                 num_resident: int, kernel: str, threshold: float, kv_streamed: bool = False):
+                 num_resident: int, kernel: str, threshold: float, kv_streamed: bool = False, num_slots: int = 2):
         self.device, self.num_layers, self.num_resident = device, len(hf_layers), num_resident
         self.specs = _layer_specs(hf_layers[0])
         self.cyclic = not kv_streamed
+        if kv_streamed and num_slots != 2:
+            raise ValueError("a streamed KV cache goes through two slots (layer i in slot i % 2)")
         pin = device.type == "cuda"
         self.host: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self.layers: list[_DeviceLayer] = []
-        self.streams = _Streams(device)
         self.kv: HostKV | None = None
         num_cb = sum(s.shape[0] * s.shape[1] for s in self.specs)
         num_scb = sum(s.shape[0] for s in self.specs)
@@ -369,13 +380,15 @@ class LayerStreamer:
         self.layer_bytes = num_cb + num_scb * torch.empty(0, dtype=scb_dtype).element_size()
         self.resident = resident_layers(self.num_layers, num_resident, spread=self.cyclic)
         streamed = [i for i in range(self.num_layers) if i not in self.resident]
-        self.slot_of = {i: (k % 2 if self.cyclic else i % 2) for k, i in enumerate(streamed)}
+        num_slots = max(1, min(num_slots, len(streamed))) if self.cyclic else 2  # no slot without a layer to hold
+        self.streams = _Streams(device, num_slots)
+        self.slot_of = {i: (k % num_slots if self.cyclic else i % 2) for k, i in enumerate(streamed)}
         self.next_in_slot = _next_in_slot(streamed, self.slot_of, cyclic=self.cyclic)
         self.first_in_slot = [next(i for i in streamed if self.slot_of[i] == slot)
                               for slot in sorted(set(self.slot_of.values()))]
         self._pending: set[int] = set()  # streamed layers the previous forward already prefetched
         self.stages = [(torch.empty(num_cb, dtype=torch.int8, device=device),
-                        torch.empty(num_scb, dtype=scb_dtype, device=device)) for _ in range(2 if streamed else 0)]
+                        torch.empty(num_scb, dtype=scb_dtype, device=device)) for _ in range(num_slots if streamed else 0)]
         for i, hf_layer in enumerate(hf_layers):
             if _layer_specs(hf_layer) != self.specs:
                 raise ValueError(f"decoder layer {i} has other shapes than layer 0; cannot share stage buffers")
@@ -611,7 +624,11 @@ class CpuAttention(_HostCache):
             self.kv8 = torch.empty(max_rows, 2 * num_kv_heads, head_dim, dtype=torch.int8, pin_memory=pin)
             self.kv_scales = torch.empty(max_rows, 2 * num_kv_heads, pin_memory=pin)
         self.host = [self.keys, self.values]
-        self.qkv = torch.empty(max_rows, num_heads + 2 * num_kv_heads, head_dim, dtype=dtype, pin_memory=pin)
+        # the new tokens' q/k/v as send() copies them to the host: q only for int8 (K/V go through kv8). Each
+        # copy fills a whole leading slice: a copy into a strided host slice is staged on the host, which a CUDA
+        # graph cannot hold (that turned the int8 path's graphs off)
+        width = num_heads + (0 if self.kv_dtype == torch.int8 else 2 * num_kv_heads)
+        self.qkv = torch.empty(max_rows, width, head_dim, dtype=dtype, pin_memory=pin)
         self.out = torch.empty(max_rows, num_heads, head_dim, dtype=dtype, pin_memory=pin)
         self.num_heads, self.num_kv_heads, self.scaling = num_heads, num_kv_heads, scaling
         self.kernel = kernel or Kernel.build(self.kv_dtype, num_kv_heads=num_kv_heads,
@@ -676,11 +693,11 @@ class CpuAttention(_HostCache):
         """Device side of a decode step's layer: q [b, heads, 1, d] and k/v [b, kv_heads, 1, d] of the new
         tokens -> the pinned buffers (int8 K/V quantized first, where it is a few small kernels instead of host
         passes). Only device ops and copies: a CUDA graph can hold it."""
-        b, heads = q.shape[0], self.num_heads
+        b = q.shape[0]
         if self.scales is None:
             self.qkv[:b].copy_(torch.cat([q, k, v], dim=1)[:, :, 0], non_blocking=True)
             return
-        self.qkv[:b, :heads].copy_(q[:, :, 0], non_blocking=True)
+        self.qkv[:b].copy_(q[:, :, 0], non_blocking=True)
         kv8, kv_scales = quantize(torch.cat([k, v], dim=1)[:, :, 0])
         self.kv8[:b].copy_(kv8, non_blocking=True)
         self.kv_scales[:b].copy_(kv_scales, non_blocking=True)
@@ -696,10 +713,11 @@ class CpuAttention(_HostCache):
         else:
             self._wait_for_device()
         t1 = time.perf_counter()
-        q_host, k_host, v_host = self.qkv[:n].split([heads, kv_heads, kv_heads], dim=1)
         if self.scales is None:
+            q_host, k_host, v_host = self.qkv[:n].split([heads, kv_heads, kv_heads], dim=1)
             self._store(layer, self._rows, self._positions, k_host, v_host)
         else:
+            q_host = self.qkv[:n]
             (k8, v8), scales = self.kv8[:n].chunk(2, dim=1), self.kv_scales[:n].chunk(2, dim=1)
             self._store(layer, self._rows, self._positions, k8, v8, scales)
         t2 = time.perf_counter()
@@ -778,11 +796,14 @@ def measure_cpu_attention_cost(device: torch.device, kernel: Kernel, kv_dtype: t
     pcie = 8 * src.numel() / (time.perf_counter() - start)
     for _ in range(int(pcie * seconds / src.numel()) + 4):  # queued: they outlast the kernel's timing below
         dst.copy_(src, non_blocking=True)
-    # a few hundred MB, as a layer's cache is; but a host with a 300 MiB L3 nearly holds it, so this reads
-    # faster than a decode step does (H100 host, 13B: the planner kept every layer's KV on the host there)
-    rows, length = 64, 256
-    args = sample_inputs(kv_dtype, rows, num_kv_heads, group, length, head_dim)
-    cpu = rate(lambda: kernel(*args), rows * length * cache_bytes(kv_dtype, num_kv_heads, head_dim))
+    # a layer's cache is a few hundred MB and a step reads every layer's once, so nothing of it is in the L3
+    # cache when it is read again: the kernel rotates over 4 such samples (one alone, 335 MB for a 13B in
+    # bf16, nearly fits the H100 host's 300 MiB L3 and read faster than a decode step does)
+    rows, length, samples = 64, 256, 4
+    full = sample_inputs(kv_dtype, rows * samples, num_kv_heads, group, length, head_dim)
+    args = itertools.cycle([tuple(a[i * rows:(i + 1) * rows] if isinstance(a, torch.Tensor) else a for a in full)
+                            for i in range(samples)])
+    cpu = rate(lambda: kernel(*next(args)), rows * length * cache_bytes(kv_dtype, num_kv_heads, head_dim))
     torch.cuda.synchronize(device)
     return pcie / cpu
 
@@ -839,7 +860,8 @@ class StreamingRunner(ModelRunner):
         self.streamer = LayerStreamer(self.parts.layers, device=self.device, dtype=self.dtype,
                                       num_resident=plan.num_resident,
                                       kernel=self.kernel, threshold=self.threshold,
-                                      kv_streamed=plan.kv_placement == "host")
+                                      kv_streamed=plan.kv_placement == "host",
+                                      num_slots=stage_slots(plan.kv_placement))
         self.parts.layer_executor = self.streamer
         self.kv_placement = plan.kv_placement
         self.num_device_kv_layers = plan.num_device_kv_layers
