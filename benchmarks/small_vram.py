@@ -110,8 +110,9 @@ def cap_memory() -> None:
 
 def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     """variant: "auto" (the planner's choice, as `batchgen worker --max-vram 6GiB` runs it) or a lever,
-    placement[/host KV dtype[/max prefill tokens[/layers whose KV stays on the device]]] ("auto": the
-    engine's), e.g. "host", "cpu/int8", "auto/int8", "cpu/auto/auto/6"; run_phase also takes a
+    placement[/host KV dtype[/max prefill tokens[/layers whose KV stays on the device[/weight stage slots]]]]
+    ("auto": the engine's), e.g. "host", "cpu/int8", "auto/int8", "cpu/auto/auto/6", "cpu/auto/auto/0/3";
+    run_phase also takes a
     "+passive" suffix: OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning between parallel regions)."""
     import torch
     from batchgen.jobs.schema import Request, SamplingParams
@@ -122,7 +123,11 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     if cuda:
         cap_memory()
     parts = variant.split("/")
-    kv_placement, kv_dtype, prefill, device_kv = parts + ["auto", "auto", "auto", "auto"][len(parts):]
+    kv_placement, kv_dtype, prefill, device_kv, slots = parts + ["auto"] * (5 - len(parts))
+    if slots != "auto":  # a lever the engine does not expose: the planner and the streamer both ask this
+        from batchgen.worker import offload
+
+        offload.STAGE_SLOTS = int(slots)
     cfg = EngineConfig(model=model, device=device, max_vram_bytes=CAP_BYTES if cuda else None, offload=None if cuda else True,
                        max_model_len=256, max_prefill_tokens=None if prefill == "auto" else int(prefill),
                        max_batch_size=NUM_REQUESTS,

@@ -8,6 +8,7 @@ and KV cache, some layers resident or none — the greedy output is token-for-to
 import pytest
 import torch
 from batchgen.jobs.schema import Request, SamplingParams
+from batchgen.worker import offload
 from batchgen.worker.demo_model import write_demo_model
 from batchgen.worker.engine import GenerationRequest
 from batchgen.worker.llm_engine import EngineConfig, LLMEngine
@@ -61,8 +62,7 @@ def test_streamed_greedy_output_equals_the_resident_engine(model_dir, resident, 
     engine = StreamingLLMEngine.from_config(cfg, kv_placement=kv_placement, num_resident=num_resident)
     assert engine.plan.num_resident == num_resident and engine.plan.kv_placement == kv_placement
     assert engine.runner.streamer.num_layers == 6
-    # piecewise decode (cpu) holds a layer's weights through two pieces: a third slot keeps the copies going
-    assert len(engine.runner.streamer.stages) == (3 if kv_placement == "cpu" else 2) * (num_resident < 6)
+    assert len(engine.runner.streamer.stages) == 2
     assert greedy(engine) == resident
     stats = engine.stats().extra
     assert stats["offload_resident_layers"] == num_resident and stats["max_rows"] == 4
@@ -152,7 +152,7 @@ def test_cpu_attention_frees_the_kv_stage_buffers_and_wins_only_when_the_host_re
     fast = plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu, cpu_attention_cost=0.3)
     assert fast.kv_placement == "cpu" and fast.max_rows == 64 and fast.num_resident > host.num_resident
     assert fast.streamed_bytes_per_step == (40 - fast.num_resident) * LAYER_13B  # weights only cross the bus
-    assert fast.device_bytes == 300 * 10**6 + 64 * 2 * 10**6 + (fast.num_resident + 3) * LAYER_13B  # 3 stages
+    assert fast.device_bytes == 300 * 10**6 + 64 * 2 * 10**6 + (fast.num_resident + 2) * LAYER_13B  # 2 stages
     slow = plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu, cpu_attention_cost=5.0)
     assert slow.kv_placement == "host"
     assert plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu).kv_placement == "host"  # unmeasured: not chosen
@@ -186,6 +186,17 @@ def test_a_slow_host_cpu_moves_some_layers_kv_back_to_the_device():
     assert slow.num_resident < fast.num_resident and slow.device_bytes <= 5 * GB
     assert plan_13b(kv_placement="cpu", cpu_attention_cost=2.0, num_device_kv_layers=1).num_device_kv_layers == 1
     assert device_kv_layers(10, {1, 5}, 2) == (3, 8) and device_kv_layers(4, {1}, 4) == (0, 1, 2, 3)
+
+
+@pytest.mark.slow
+def test_three_stage_slots_stream_the_same_output(model_dir, resident, monkeypatch):
+    """STAGE_SLOTS (two by default; three measured slower on the H100 host) is a lever the benchmark sets:
+    the planner leaves room for every slot, and the layers cycle through them, with the same output."""
+    monkeypatch.setattr(offload, "STAGE_SLOTS", 3)
+    cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True)
+    engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu", num_resident=2)
+    assert len(engine.runner.streamer.stages) == 3 and len(set(engine.runner.streamer.slot_of.values())) == 3
+    assert greedy(engine) == resident
 
 
 def test_resident_layers_are_spread_and_slots_cycle_over_the_streamed_ones():

@@ -2,7 +2,7 @@
 
 The model loads in 8-bit on the CPU (bitsandbytes: an int8 CB matrix and float32 SCB row scales per
 linear). As many decoder layers as the budget allows are copied to the GPU for good; the others live
-in pinned CPU memory and stream in, still int8, into stage buffers (two or three) on a side CUDA stream: the copy
+in pinned CPU memory and stream in, still int8, into stage buffers (two) on a side CUDA stream: the copy
 of layer i+1 overlaps the compute of layer i, and events order the two streams. A streamed byte is
 paid once per forward whatever the batch, so micro-batches are made large: throughput ≈ rows ÷
 (bytes streamed per step ÷ host→device bandwidth). When the KV cache of that many rows does not fit
@@ -110,10 +110,13 @@ class StreamPlan:
         return self.max_rows / max(1, self.streamed_bytes_per_step) * 1e9
 
 
-def stage_slots(kv_placement: str) -> int:
-    """Device buffers the streamed layers' weights take turns in: three for CPU attention, whose piecewise
-    decode holds a layer's weights through two pieces (LayerStreamer's num_slots), else two."""
-    return 3 if kv_placement == "cpu" else 2
+# Device buffers the streamed layers' weights take turns in (LayerStreamer's num_slots). Piecewise decode
+# holds a layer's weights through two pieces, so with two the next copy starts only after the piece after
+# it; a third lets it start earlier but costs a resident layer, and on the H100 host (same lease) it was
+# slower: 211 vs 236 tok/s, the host attention kernel 245 vs 207 ms a step, as the busier DMA took more of
+# the host memory bandwidth the kernel reads the KV with (benchmarks/small_vram.py, 2026-11-25 10:39 UTC:
+# three slots and 6 resident layers, against the lever "cpu/auto/auto/0/2": two slots, 7 resident).
+STAGE_SLOTS = 2
 
 
 def plan_streaming(
@@ -142,8 +145,8 @@ def plan_streaming(
     weight copies: cpu_attention_cost (measured: PCIe bytes/s ÷ CPU attention bytes/s) converts those
     reads into streamed-byte time, and the step costs the larger of the two; where the host is the slower
     side, some layers keep their KV on the device instead of resident weights (num_device_kv_layers). Without
-    a cost "cpu" is only taken when asked for. Whatever is left holds resident layers; stage buffers
-    (stage_slots: two, three for "cpu") hold the streamed ones. None: not even one row fits.
+    a cost "cpu" is only taken when asked for. Whatever is left holds resident layers; STAGE_SLOTS stage
+    buffers hold the streamed ones (two for a streamed KV). None: not even one row fits.
     """
     if kv_placement not in KV_PLACEMENTS:
         raise ValueError(f"kv_placement must be one of {KV_PLACEMENTS}, got {kv_placement!r}")
@@ -164,7 +167,7 @@ def plan_streaming(
                 kv_device = {"device": rows * kv_row_layer * num_layers, "host": 2 * rows * kv_row_layer,
                              "cpu": rows * kv_row_layer * x}[placement]
                 left = budget_bytes - prefill_bytes - rows * activation_bytes_per_row - kv_device
-                slots = stage_slots(placement)
+                slots = 2 if placement == "host" else STAGE_SLOTS
                 resident = min(num_layers, max(0, left) // layer_bytes)  # every layer resident: no stage buffers
                 if resident < num_layers:
                     resident = (left - slots * layer_bytes) // layer_bytes
@@ -358,9 +361,8 @@ class LayerStreamer:
     resident layer the next streamed one is already copying, and the last layers of a forward prefetch the
     first of the next (weights do not change between steps). With a streamed host KV cache ("host") every
     layer's K/V goes through slot i % 2 in decode, so the first num_resident layers are the resident ones and
-    nothing is prefetched across forwards (the next step's KV is not written yet). num_slots (weights only):
-    piecewise decode keeps a layer's weights through two pieces (schedule's lag=1), so with two slots the
-    next copy could start only after the piece after it; a third lets it run meanwhile.
+    nothing is prefetched across forwards (the next step's KV is not written yet). num_slots: how many
+    stage buffers the streamed layers take turns in (weights only; see STAGE_SLOTS).
     """
 
     def __init__(self, hf_layers: list[torch.nn.Module], *, device: torch.device, dtype: torch.dtype,
@@ -861,7 +863,7 @@ class StreamingRunner(ModelRunner):
                                       num_resident=plan.num_resident,
                                       kernel=self.kernel, threshold=self.threshold,
                                       kv_streamed=plan.kv_placement == "host",
-                                      num_slots=stage_slots(plan.kv_placement))
+                                      num_slots=2 if plan.kv_placement == "host" else STAGE_SLOTS)
         self.parts.layer_executor = self.streamer
         self.kv_placement = plan.kv_placement
         self.num_device_kv_layers = plan.num_device_kv_layers
