@@ -5,6 +5,8 @@ are CPU→CPU copies, stream and event calls are no-ops). Whatever is streamed �
 and KV cache, some layers resident or none — the greedy output is token-for-token the resident engine's.
 """
 
+import functools
+
 import pytest
 import torch
 from batchgen.jobs.schema import Request, SamplingParams
@@ -81,6 +83,7 @@ def test_cpu_attention_with_some_layers_kv_on_the_device_gives_the_same_output(m
     attention = engine.runner.host_kv
     assert len(attention.device_layers) == num_device_kv == engine.stats().extra["offload_device_kv_layers"]
     assert not set(attention.device_layers) & engine.runner.streamer.resident  # spread over the streamed layers
+    assert attention.keys.shape[0] == 6 - num_device_kv  # the host cache holds only the host layers' K/V
     kernel_s = attention.seconds["kernel"]
     assert greedy(engine) == resident
     assert attention.seconds["kernel"] > kernel_s and attention.device_k.abs().sum() > 0  # both sides attended
@@ -174,6 +177,16 @@ def test_lossy_host_kv_dtypes_round_only_some_tokens(model_dir, resident, kv_dty
     assert equal >= min_equal, f"{equal} of 10 requests equal"
     with pytest.raises(ValueError, match="host_kv_dtype"):
         EngineConfig(model=str(model_dir), host_kv_dtype="float64")
+
+
+def test_layers_whose_kv_stays_on_the_device_take_no_host_memory():
+    """The host cache holds only the host-attended layers' K/V, so where host memory limits the rows, keeping
+    some layers' KV on the device admits more of them."""
+    row_layer = KV_13B * 256  # one row's K/V of one layer at max_model_len
+    host = 64 * 30 * row_layer
+    plan = functools.partial(plan_13b, kv_placement="cpu", budget_bytes=8 * GB, host_bytes=host)
+    assert plan(num_device_kv_layers=10).max_rows == 64
+    assert plan(num_device_kv_layers=0).max_rows == 64 * 30 // 40
 
 
 def test_a_slow_host_cpu_moves_some_layers_kv_back_to_the_device():

@@ -156,14 +156,18 @@ def plan_streaming(
     kv_row_layer = kv_bytes_per_token_layer * max_model_len
     best, best_score = None, -1.0
     for placement in placements:
-        host_row = (cpu_kv_token_layer if placement == "cpu" else kv_bytes_per_token_layer) * max_model_len * num_layers
+        host_row_layer = (cpu_kv_token_layer if placement == "cpu" else kv_bytes_per_token_layer) * max_model_len
+        # "cpu": x layers may keep their KV on the device after all, attended there: each costs about a
+        # resident layer's memory and spares the host CPU a layer's attention (and its share of host memory)
+        choices = [num_device_kv_layers] if num_device_kv_layers is not None else range(num_layers + 1)
+        choices = choices if placement == "cpu" else (0,)
+        host_limit = None if placement == "device" else host_bytes
         for rows in range(1, max_rows + 1):
-            if placement != "device" and host_bytes is not None and rows * host_row > host_bytes:
+            if host_limit is not None and rows * host_row_layer * (num_layers - max(choices)) > host_limit:
                 break
-            # "cpu": x layers may keep their KV on the device after all, attended there: each costs about a
-            # resident layer's memory and spares the host CPU a layer's attention
-            choices = [num_device_kv_layers] if num_device_kv_layers is not None else range(num_layers + 1)
-            for x in choices if placement == "cpu" else (0,):
+            for x in choices:
+                if host_limit is not None and rows * host_row_layer * (num_layers - x) > host_limit:
+                    continue  # the host cache holds the other layers' K/V
                 kv_device = {"device": rows * kv_row_layer * num_layers, "host": 2 * rows * kv_row_layer,
                              "cpu": rows * kv_row_layer * x}[placement]
                 left = budget_bytes - prefill_bytes - rows * activation_bytes_per_row - kv_device
@@ -180,7 +184,7 @@ def plan_streaming(
                     streamed += rows * kv_bytes_per_token_layer * num_layers * max_model_len // 2
                 step = streamed  # "cpu": the CPU reads the host KV while the weights stream; the slower one counts
                 if placement == "cpu":  # the kernel reads every row up to the step's longest: ~3/4 of max_model_len
-                    cpu = rows * host_row * CPU_ATTENTION_LENGTH * (cpu_attention_cost or 1.0)
+                    cpu = rows * host_row_layer * num_layers * CPU_ATTENTION_LENGTH * (cpu_attention_cost or 1.0)
                     step = max(streamed, cpu * (num_layers - x) / num_layers)
                 score = rows / (step + COMPUTE_BYTES_RATIO * num_layers * layer_bytes)
                 if score > best_score:
@@ -616,9 +620,15 @@ class CpuAttention(_HostCache):
                          device=device)
         pin = device.type == "cuda"
         self.kv_dtype = kv_dtype or dtype
-        shape = (num_layers, max_rows, num_kv_heads, max_model_len, head_dim)
+        # Layers whose K/V the planner put on the device after all (what the host CPU would be slowest at,
+        # traded for resident weights): attended there, inside the GPU work (model_runner.CacheAttention).
+        # The host cache holds only the others' (host_index: layer -> its index there).
+        self.device_layers = tuple(sorted(device_layers))
+        self.device_index = {layer: j for j, layer in enumerate(self.device_layers)}
+        self.host_index = {layer: j for j, layer in enumerate(i for i in range(num_layers) if i not in self.device_index)}
+        shape = (len(self.host_index), max_rows, num_kv_heads, max_model_len, head_dim)
         self.keys, self.values = (torch.zeros(shape, dtype=self.kv_dtype) for _ in range(2))
-        self.scales = None  # int8: K and V scales [layers, rows, kv_heads, max_len]
+        self.scales = None  # int8: K and V scales [host layers, rows, kv_heads, max_len]
         if self.kv_dtype == torch.int8:  # prefill quantizes on the device: int8 + scales cross the bus
             self.scales = [torch.zeros(shape[:4]) for _ in range(2)]
             self.staging = [torch.empty_like(t, dtype=torch.int8) for t in self.staging]
@@ -642,10 +652,6 @@ class CpuAttention(_HostCache):
         # (its compute and the weight copy before it), writing the new K/V, the kernel, and the whole forward
         # (the rest of it: launching the layers' GPU work)
         self.seconds = {"wait": 0.0, "store": 0.0, "kernel": 0.0, "forward": 0.0}
-        # Layers whose K/V the planner put on the device after all (what the host CPU would be slowest at,
-        # traded for resident weights): attended there, inside the GPU work (model_runner.CacheAttention).
-        self.device_layers = tuple(sorted(device_layers))
-        self.device_index = {layer: j for j, layer in enumerate(self.device_layers)}
         device_shape = (len(self.device_layers), max_rows, max_model_len, num_kv_heads, head_dim)
         self.device_k, self.device_v = (torch.zeros(device_shape, dtype=dtype, device=device) for _ in range(2))
         self.device_attention = device_attention  # "flash" or "sdpa", as the resident engine's
@@ -683,6 +689,7 @@ class CpuAttention(_HostCache):
                scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Writes K/V [..., d] at cache[layer, rows, :, positions]: decode passes index tensors, prefill a layer
         slice, one row and a position slice; already int8 with their scales when prefill quantized them."""
+        layer = self.host_index[layer]
         if self.scales is None:
             self.keys[layer, rows, :, positions] = k.to(self.kv_dtype)
             self.values[layer, rows, :, positions] = v.to(self.kv_dtype)
@@ -723,9 +730,10 @@ class CpuAttention(_HostCache):
             (k8, v8), scales = self.kv8[:n].chunk(2, dim=1), self.kv_scales[:n].chunk(2, dim=1)
             self._store(layer, self._rows, self._positions, k8, v8, scales)
         t2 = time.perf_counter()
-        scales = (None, None) if self.scales is None else (s[layer, :n, :, :length] for s in self.scales)
-        o = self.kernel(q_host.float().view(n, kv_heads, heads // kv_heads, -1), self.keys[layer, :n, :, :length],
-                        self.values[layer, :n, :, :length], *scales, self._bias, self.scaling)
+        j = self.host_index[layer]
+        scales = (None, None) if self.scales is None else (s[j, :n, :, :length] for s in self.scales)
+        o = self.kernel(q_host.float().view(n, kv_heads, heads // kv_heads, -1), self.keys[j, :n, :, :length],
+                        self.values[j, :n, :, :length], *scales, self._bias, self.scaling)
         self.out[:n].copy_(o.view(n, heads, -1))
         t3 = time.perf_counter()
         for key, dt in (("wait", t1 - t0), ("store", t2 - t1), ("kernel", t3 - t2)):
