@@ -809,10 +809,8 @@ def measure_cpu_attention_cost(device: torch.device, kernel: Kernel, kv_dtype: t
     # a layer's cache is a few hundred MB and a step reads every layer's once, so nothing of it is in the L3
     # cache when it is read again: the kernel rotates over 4 such samples (one alone, 335 MB for a 13B in
     # bf16, nearly fits the H100 host's 300 MiB L3 and read faster than a decode step does)
-    rows, length, samples = 64, 256, 4
-    full = sample_inputs(kv_dtype, rows * samples, num_kv_heads, group, length, head_dim)
-    args = itertools.cycle([tuple(a[i * rows:(i + 1) * rows] if isinstance(a, torch.Tensor) else a for a in full)
-                            for i in range(samples)])
+    rows, length = 64, 256
+    args = itertools.cycle([sample_inputs(kv_dtype, rows, num_kv_heads, group, length, head_dim) for _ in range(4)])
     cpu = rate(lambda: kernel(*next(args)), rows * length * cache_bytes(kv_dtype, num_kv_heads, head_dim))
     torch.cuda.synchronize(device)
     return pcie / cpu
