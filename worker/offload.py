@@ -2,7 +2,7 @@
 
 The model loads in 8-bit on the CPU (bitsandbytes: an int8 CB matrix and float32 SCB row scales per
 linear). As many decoder layers as the budget allows are copied to the GPU for good; the others live
-in pinned CPU memory and stream in, still int8, into stage buffers (two) on a side CUDA stream: the copy
+in pinned CPU memory and stream in, still int8, into two stage buffers (STAGE_SLOTS) on a side CUDA stream: the copy
 of layer i+1 overlaps the compute of layer i, and events order the two streams. A streamed byte is
 paid once per forward whatever the batch, so micro-batches are made large: throughput ≈ rows ÷
 (bytes streamed per step ÷ host→device bandwidth). When the KV cache of that many rows does not fit
