@@ -119,6 +119,12 @@ class StreamPlan:
 STAGE_SLOTS = 2
 
 
+def stage_slots(kv_placement: str) -> int:
+    """Stage buffers a plan's streamed layers take turns in: a streamed KV cache goes through two (layer i
+    in slot i % 2), weights alone through STAGE_SLOTS."""
+    return 2 if kv_placement == "host" else STAGE_SLOTS
+
+
 def plan_streaming(
     *,
     budget_bytes: int,
@@ -171,7 +177,7 @@ def plan_streaming(
                 kv_device = {"device": rows * kv_row_layer * num_layers, "host": 2 * rows * kv_row_layer,
                              "cpu": rows * kv_row_layer * x}[placement]
                 left = budget_bytes - prefill_bytes - rows * activation_bytes_per_row - kv_device
-                slots = 2 if placement == "host" else STAGE_SLOTS
+                slots = stage_slots(placement)
                 resident = min(num_layers, max(0, left) // layer_bytes)  # every layer resident: no stage buffers
                 if resident < num_layers:
                     resident = (left - slots * layer_bytes) // layer_bytes
@@ -688,15 +694,15 @@ class CpuAttention(_HostCache):
     def _store(self, layer, rows, positions, k: torch.Tensor, v: torch.Tensor,
                scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Writes K/V [..., d] at cache[layer, rows, :, positions]: decode passes index tensors, prefill a layer
-        slice, one row and a position slice; already int8 with their scales when prefill quantized them."""
+        slice, one row and a position slice; for an int8 cache they come quantized on the device, with their
+        scales."""
         layer = self.host_index[layer]
         if self.scales is None:
             self.keys[layer, rows, :, positions] = k.to(self.kv_dtype)
             self.values[layer, rows, :, positions] = v.to(self.kv_dtype)
             return
-        (k8, ks), (v8, vs) = ((k, scales[0]), (v, scales[1])) if scales else (quantize(k), quantize(v))
-        self.keys[layer, rows, :, positions], self.scales[0][layer, rows, :, positions] = k8, ks
-        self.values[layer, rows, :, positions], self.scales[1][layer, rows, :, positions] = v8, vs
+        self.keys[layer, rows, :, positions], self.scales[0][layer, rows, :, positions] = k, scales[0]
+        self.values[layer, rows, :, positions], self.scales[1][layer, rows, :, positions] = v, scales[1]
 
     def send(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Device side of a decode step's layer: q [b, heads, 1, d] and k/v [b, kv_heads, 1, d] of the new
@@ -869,7 +875,7 @@ class StreamingRunner(ModelRunner):
                                       num_resident=plan.num_resident,
                                       kernel=self.kernel, threshold=self.threshold,
                                       kv_streamed=plan.kv_placement == "host",
-                                      num_slots=2 if plan.kv_placement == "host" else STAGE_SLOTS)
+                                      num_slots=stage_slots(plan.kv_placement))
         self.parts.layer_executor = self.streamer
         self.kv_placement = plan.kv_placement
         self.num_device_kv_layers = plan.num_device_kv_layers
