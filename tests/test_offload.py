@@ -162,6 +162,18 @@ def test_cpu_attention_frees_the_kv_stage_buffers_and_wins_only_when_the_host_re
     assert plan_13b(kv_placement="cpu").kv_placement == "cpu"
 
 
+def test_attention_activations_are_spared_only_where_the_cpu_attends_every_layer():
+    """A row's device attention share (scores, a K/V copy) is not budgeted where no layer attends on the device:
+    the room goes to resident layers; a plan with device-KV layers still pays it."""
+    cpu = dict(kv_placement="cpu", cpu_attention_cost=0.3, activation_bytes_per_row=7 * 10**6)
+    full = plan_13b(**cpu, num_device_kv_layers=0)
+    spared = plan_13b(**cpu, num_device_kv_layers=0, attention_bytes_per_row=5 * 10**6)  # 64 rows: > a layer
+    assert spared.num_resident == full.num_resident + 1
+    assert spared.device_bytes == full.device_bytes - 64 * 5 * 10**6 + LAYER_13B
+    with_device_kv = dict(cpu, num_device_kv_layers=2)
+    assert plan_13b(**with_device_kv, attention_bytes_per_row=5 * 10**6) == plan_13b(**with_device_kv)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_dtype, min_equal", [("bfloat16", 7), ("int8", 7)])
 def test_lossy_host_kv_dtypes_round_only_some_tokens(model_dir, resident, kv_dtype, min_equal):
@@ -198,6 +210,10 @@ def test_a_slow_host_cpu_moves_some_layers_kv_back_to_the_device():
     assert fast.num_device_kv_layers == 0 and slow.num_device_kv_layers > 0
     assert slow.num_resident < fast.num_resident and slow.device_bytes <= 5 * GB
     assert plan_13b(kv_placement="cpu", cpu_attention_cost=2.0, num_device_kv_layers=1).num_device_kv_layers == 1
+    # where the copies slow down even more beside the kernel (both read host memory), the weights are the slower
+    # side and moving KV to the device would only add weights to copy
+    shared = plan_13b(kv_placement="cpu", cpu_kv_bytes_per_token_layer=kv_cpu, cpu_attention_cost=2.0, dma_cost=3.0)
+    assert shared.num_device_kv_layers == 0 and shared.num_resident == fast.num_resident
     assert device_kv_layers(10, {1, 5}, 2) == (3, 8) and device_kv_layers(4, {1}, 4) == (0, 1, 2, 3)
 
 
@@ -267,5 +283,6 @@ def test_piecewise_cuda_graphs_replay_what_the_eager_pieces_compute(model_dir, h
         engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu", num_resident=2, num_device_kv_layers=2)
         assert engine.stats().extra["offload_piecewise_graphs"] == int(graphs)
         assert len(engine.runner.host_kv.device_layers) == 2
+        assert engine.runner.parts.embed.weight.device.type == "cpu"  # the table stays on the host
         out[graphs] = greedy(engine)
     assert out[True] == out[False]

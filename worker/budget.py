@@ -57,15 +57,23 @@ def estimate_decode_activation_bytes(
     *, hidden_size: int, intermediate_size: int, vocab_size: int, num_heads: int, max_model_len: int, dtype_bytes: int
 ) -> int:
     """Peak extra memory of one decode row (used on CPU, where there is no allocator peak to read):
-    fp32 logits + softmax copies, the MLP intermediates, attention scores over max_model_len keys,
-    the GQA-repeated K/V view, a few hidden-size temporaries."""
+    fp32 logits + softmax copies, the MLP intermediates, a few hidden-size temporaries, and attention's share
+    (estimate_decode_attention_bytes)."""
     logits = 3 * vocab_size * 4
     mlp = 3 * intermediate_size * dtype_bytes
-    scores = 2 * num_heads * max_model_len * 4
-    head_dim = hidden_size // num_heads
-    repeated_kv = 2 * num_heads * max_model_len * head_dim * dtype_bytes
     hidden = 8 * hidden_size * dtype_bytes
-    return logits + mlp + scores + repeated_kv + hidden
+    attention = estimate_decode_attention_bytes(num_heads=num_heads, head_dim=hidden_size // num_heads,
+                                                max_model_len=max_model_len, dtype_bytes=dtype_bytes)
+    return logits + mlp + hidden + attention
+
+
+def estimate_decode_attention_bytes(*, num_heads: int, head_dim: int, max_model_len: int, dtype_bytes: int) -> int:
+    """The part of a decode row's activations that attention on the device takes: scores over max_model_len
+    keys and a contiguous K/V copy (what sdpa's non-flash kernels make of a strided cache view). None of it
+    exists where the host CPU attends (small-VRAM's "cpu" placement)."""
+    scores = 2 * num_heads * max_model_len * 4
+    kv_copy = 2 * num_heads * max_model_len * head_dim * dtype_bytes
+    return scores + kv_copy
 
 
 def estimate_prefill_bytes(

@@ -141,6 +141,8 @@ def plan_streaming(
     cpu_kv_bytes_per_token_layer: int | None = None,
     cpu_attention_cost: float | None = None,
     num_device_kv_layers: int | None = None,
+    attention_bytes_per_row: int = 0,
+    dma_cost: float = 1.0,
 ) -> StreamPlan | None:
     """The plan with the most rows per streamed byte (throughput ≈ rows ÷ streamed bytes per step).
 
@@ -149,10 +151,13 @@ def plan_streaming(
     and streams every row's KV each step (counted at half of max_model_len); "cpu" keeps nothing on the
     device and reads the host KV (cpu_kv_bytes_per_token_layer, its own dtype) on the CPU, in parallel with the
     weight copies: cpu_attention_cost (measured: PCIe bytes/s ÷ CPU attention bytes/s) converts those
-    reads into streamed-byte time, and the step costs the larger of the two; where the host is the slower
-    side, some layers keep their KV on the device instead of resident weights (num_device_kv_layers). Without
+    reads into streamed-byte time, and dma_cost (measured too: ≥ 1, the copies are slower beside the kernel,
+    both read host memory) the weights' copies; the step costs the larger of the two; where the host is the
+    slower side, some layers keep their KV on the device instead of resident weights (num_device_kv_layers). Without
     a cost "cpu" is only taken when asked for. Whatever is left holds resident layers; STAGE_SLOTS stage
-    buffers hold the streamed ones (two for a streamed KV). None: not even one row fits.
+    buffers hold the streamed ones (two for a streamed KV). attention_bytes_per_row: the share of
+    activation_bytes_per_row that only attention on the device takes, spared where the CPU attends every
+    layer. None: not even one row fits.
     """
     if kv_placement not in KV_PLACEMENTS:
         raise ValueError(f"kv_placement must be one of {KV_PLACEMENTS}, got {kv_placement!r}")
@@ -176,7 +181,8 @@ def plan_streaming(
                     continue  # the host cache holds the other layers' K/V
                 kv_device = {"device": rows * kv_row_layer * num_layers, "host": 2 * rows * kv_row_layer,
                              "cpu": rows * kv_row_layer * x}[placement]
-                left = budget_bytes - prefill_bytes - rows * activation_bytes_per_row - kv_device
+                act_row = activation_bytes_per_row - (attention_bytes_per_row if placement == "cpu" and x == 0 else 0)
+                left = budget_bytes - prefill_bytes - rows * act_row - kv_device
                 slots = stage_slots(placement)
                 resident = min(num_layers, max(0, left) // layer_bytes)  # every layer resident: no stage buffers
                 if resident < num_layers:
@@ -191,10 +197,10 @@ def plan_streaming(
                 step = streamed  # "cpu": the CPU reads the host KV while the weights stream; the slower one counts
                 if placement == "cpu":  # the kernel reads every row up to the step's longest: ~3/4 of max_model_len
                     cpu = rows * host_row_layer * num_layers * CPU_ATTENTION_LENGTH * (cpu_attention_cost or 1.0)
-                    step = max(streamed, cpu * (num_layers - x) / num_layers)
+                    step = max(streamed * dma_cost, cpu * (num_layers - x) / num_layers)
                 score = rows / (step + COMPUTE_BYTES_RATIO * num_layers * layer_bytes)
                 if score > best_score:
-                    used = prefill_bytes + rows * activation_bytes_per_row + kv_device + resident * layer_bytes + stages
+                    used = prefill_bytes + rows * act_row + kv_device + resident * layer_bytes + stages
                     best, best_score = StreamPlan(rows, placement, int(resident), int(streamed), int(used), x), score
     return best
 
@@ -787,21 +793,21 @@ def _segments(rows: list[int], positions: list[int]) -> list[tuple[int, int, int
     return [tuple(x) for x in out]
 
 
-def measure_cpu_attention_cost(device: torch.device, kernel: Kernel, kv_dtype: torch.dtype, *, num_kv_heads: int,
-                               group: int, head_dim: int, seconds: float = 0.3) -> float:
-    """PCIe bytes/s ÷ CPU attention bytes/s on this host, measured (CUDA only): how many streamed bytes one
-    byte of host KV read by CpuAttention costs. plan_streaming weighs the "cpu" KV placement with it. The
-    kernel is timed while host→device copies run, as in a decode step: both read host memory (measured on an
-    H100 host: 4.6 ms a 13B layer alone, 8.2 ms beside the copies)."""
+@dataclass(frozen=True)
+class HostCost:
+    """What the host's two readers cost a decode step, in streamed bytes (at the bus's own rate), measured
+    together as a "cpu" step runs them: both the weight DMA and the attention kernel read host memory."""
+    cpu: float  # per byte of host KV the attention kernel reads beside the copies
+    dma: float  # per byte of weights copied beside the kernel (≥ 1 where host memory is shared)
 
-    def rate(fn, nbytes: int) -> float:
-        fn()
-        start, runs = time.perf_counter(), 0
-        while time.perf_counter() - start < seconds / 2:
-            fn()
-            runs += 1
-        return nbytes * runs / (time.perf_counter() - start)
 
+def measure_host_cost(device: torch.device, kernel: Kernel, kv_dtype: torch.dtype, *, num_kv_heads: int,
+                      group: int, head_dim: int, seconds: float = 0.3) -> HostCost:
+    """Times the attention kernel while host→device copies run, and the copies while the kernel runs (CUDA
+    only), against the copies alone: plan_streaming weighs the "cpu" KV placement with them. (On an H100 host:
+    4.6 ms a 13B layer alone, 8.2 ms beside the copies. Counting only the kernel's slowdown, a plan kept 2 layers'
+    KV on the device, each trading ~0.23 GB of host KV reads a step for 0.32 GB more weights to copy from the
+    same memory: 217.8 tok/s, 2026-11-25 11:14 UTC; leases without device-KV layers made 211–255.)"""
     src = torch.empty(256 * 2**20, dtype=torch.int8, pin_memory=True)
     dst = torch.empty_like(src, device=device)
     torch.cuda.synchronize(device)
@@ -810,16 +816,45 @@ def measure_cpu_attention_cost(device: torch.device, kernel: Kernel, kv_dtype: t
         dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize(device)
     pcie = 8 * src.numel() / (time.perf_counter() - start)
-    for _ in range(int(pcie * seconds / src.numel()) + 4):  # queued: they outlast the kernel's timing below
+    copied = []
+    for _ in range(int(2 * pcie * seconds / src.numel()) + 4):  # queued: they outlast the kernel's timing below
         dst.copy_(src, non_blocking=True)
+        copied.append(torch.cuda.Event())
+        copied[-1].record()
     # a layer's cache is a few hundred MB and a step reads every layer's once, so nothing of it is in the L3
     # cache when it is read again: the kernel rotates over 4 such samples (one alone, 335 MB for a 13B in
     # bf16, nearly fits the H100 host's 300 MiB L3 and read faster than a decode step does)
     rows, length = 64, 256
     args = itertools.cycle([sample_inputs(kv_dtype, rows, num_kv_heads, group, length, head_dim) for _ in range(4)])
-    cpu = rate(lambda: kernel(*next(args)), rows * length * cache_bytes(kv_dtype, num_kv_heads, head_dim))
+    kernel(*next(args))
+    start, runs, copies = time.perf_counter(), 0, sum(e.query() for e in copied)
+    while time.perf_counter() - start < seconds / 2:
+        kernel(*next(args))
+        runs += 1
+    elapsed, copies = time.perf_counter() - start, sum(e.query() for e in copied) - copies
     torch.cuda.synchronize(device)
-    return pcie / cpu
+    cpu = runs * rows * length * cache_bytes(kv_dtype, num_kv_heads, head_dim) / elapsed
+    dma = max(1, copies) * src.numel() / elapsed  # the copies outlast the kernel: they ran all along
+    return HostCost(cpu=pcie / cpu, dma=max(1.0, pcie / dma))
+
+
+class HostEmbedding(torch.nn.Module):
+    """The token embedding table in host memory, its looked-up rows sent to the device.
+
+    A step reads a few rows of it (64 × 10 KB for a 13B decode step), so keeping the table (328 MB for a 13B
+    model) on a 6 GB card would take the room of a resident decoder layer for nothing. The lookup is the
+    same gather wherever it runs; CUDA token ids cost one sync (prefill and the eager decode paths; the
+    piecewise decode passes host ids).
+    """
+
+    def __init__(self, embed: torch.nn.Embedding, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(embed.weight.detach().to("cpu", dtype), requires_grad=False)
+        self.padding_idx, self.device = embed.padding_idx, device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = torch.nn.functional.embedding(ids.cpu(), self.weight, self.padding_idx)
+        return rows.to(self.device, non_blocking=True)
 
 
 class StreamingRunner(ModelRunner):
@@ -841,7 +876,8 @@ class StreamingRunner(ModelRunner):
         # in the compute dtype whatever the loader left them in: while CpuAttention's kernel compiles in another
         # thread, dynamo restoring the process default dtype can race with from_pretrained setting it (seen:
         # a float32 lm_head on a first, cold compile)
-        p.embed, p.norm, p.lm_head = (copy.deepcopy(m).to(device, dtype) for m in (p.embed, p.norm, p.lm_head))
+        p.norm, p.lm_head = (copy.deepcopy(m).to(device, dtype) for m in (p.norm, p.lm_head))
+        p.embed = HostEmbedding(p.embed, device, dtype)
         p.rotary = copy.deepcopy(p.rotary).to(device)  # its inverse frequencies stay float32
         self.kernel, self.threshold = kernel, threshold
         self.streamer: LayerStreamer | None = None
@@ -854,8 +890,8 @@ class StreamingRunner(ModelRunner):
 
     @property
     def fixed_bytes(self) -> int:
-        """Embeddings, lm_head, final norm: always on the device."""
-        mods = (self.parts.embed, self.parts.norm, self.parts.lm_head)
+        """lm_head and the final norm: always on the device (the embedding table stays on the host)."""
+        mods = (self.parts.norm, self.parts.lm_head)
         return sum(t.numel() * t.element_size() for m in mods for t in (*m.parameters(), *m.buffers()))
 
     def host_layer_bytes(self) -> int:
@@ -971,7 +1007,7 @@ class StreamingLLMEngine(LLMEngine):
                  num_device_kv_layers: int | None = None, cpu_kernel: Kernel | None = None):
         self.kv_placement, self.num_resident, self._cpu_kernel = kv_placement, num_resident, cpu_kernel
         self.num_device_kv_layers = num_device_kv_layers
-        self.cpu_attention_cost: float | None = None  # measured at start-up for the planner (CUDA, "auto")
+        self.host_cost: HostCost | None = None  # measured at start-up for the planner (CUDA, "auto")
         self.plan: StreamPlan | None = None
         if cfg.max_prefill_tokens is None:
             cfg = dataclasses.replace(cfg, max_prefill_tokens=streaming_prefill_tokens(
@@ -1040,11 +1076,12 @@ class StreamingLLMEngine(LLMEngine):
         host = _available_ram_bytes()
         cost = None
         if self.device.type == "cuda" and self.kv_placement == "auto":
-            cost = measure_cpu_attention_cost(
+            cost = measure_host_cost(
                 self.device, runner.cpu_attention_kernel(), runner.host_kv_dtype, num_kv_heads=parts.num_kv_heads,
                 group=parts.num_heads // parts.num_kv_heads, head_dim=parts.head_dim)
-            log.info("CPU attention costs %.2f streamed bytes per host KV byte", cost)
-        self.cpu_attention_cost = cost
+            log.info("CPU attention costs %.2f streamed bytes per host KV byte, a weight byte beside it %.2f",
+                     cost.cpu, cost.dma)
+        self.host_cost = cost
         kv_elements = 2 * parts.num_kv_heads * parts.head_dim  # K and V of one token in one layer
         plan = plan_streaming(
             budget_bytes=total, layer_bytes=runner.host_layer_bytes(), num_layers=parts.num_layers,
@@ -1054,7 +1091,10 @@ class StreamingLLMEngine(LLMEngine):
             host_bytes=None if host is None else host // 2, kv_placement=self.kv_placement,
             num_resident=self.num_resident, num_device_kv_layers=self.num_device_kv_layers,
             cpu_kv_bytes_per_token_layer=cache_bytes(runner.host_kv_dtype, parts.num_kv_heads, parts.head_dim),
-            cpu_attention_cost=cost)
+            cpu_attention_cost=cost and cost.cpu, dma_cost=cost.dma if cost else 1.0,
+            attention_bytes_per_row=budget_math.estimate_decode_attention_bytes(
+                num_heads=parts.num_heads, head_dim=parts.head_dim, max_model_len=self.max_model_len,
+                dtype_bytes=dtype_bytes))
         kv_per_token = budget_math.kv_bytes_per_token(parts.num_layers, parts.num_kv_heads, parts.head_dim,
                                                       dtype_bytes)
         if plan is not None:
@@ -1071,8 +1111,9 @@ class StreamingLLMEngine(LLMEngine):
             host_kv = getattr(self.runner, "host_kv", None)
             for key, seconds in getattr(host_kv, "seconds", {}).items():
                 s.extra[f"offload_cpu_attention_{key}_s"] = round(seconds, 3)
-            if self.cpu_attention_cost is not None:  # measured (CUDA, auto placement)
-                s.extra["offload_cpu_attention_cost"] = round(self.cpu_attention_cost, 3)
+            if self.host_cost is not None:  # measured (CUDA, auto placement)
+                s.extra["offload_cpu_attention_cost"] = round(self.host_cost.cpu, 3)
+                s.extra["offload_dma_cost"] = round(self.host_cost.dma, 3)
             piecewise = getattr(self.runner, "piecewise", None)
             if piecewise is not None:
                 s.extra.update(offload_piecewise_graphs=int(piecewise.use_graphs))

@@ -3,9 +3,9 @@
 With the KV cache attended on the host CPU (offload.CpuAttention) a decode step cannot be one graph: every
 layer stops for the CPU. Launched op by op from Python, a 13B layer's GPU work cost ~3 ms of host time
 (126 ms of a 360 ms step, measured), time the CPU did not spend on attention. So the step is cut into
-num_layers + 1 pieces: piece 0 embeds the tokens and runs layer 0 up to its attention; piece i runs the rest
+num_layers + 1 pieces: piece 0 runs layer 0 up to its attention from the tokens' embeddings; piece i runs the rest
 of layer i − 1 from the attention output the host sent back, then layer i up to its attention; the last
-piece ends with lm_head. A piece reads and writes only static buffers (token ids, positions, rope tables,
+piece ends with lm_head. A piece reads and writes only static buffers (token ids and embeddings, positions, rope tables,
 two residual buffers it alternates between, CpuAttention's pinned q/k/v and output buffers), so running it
 twice gives the same result and it can be captured once per batch bucket and replayed (vLLM's piecewise
 graphs), all before the first row runs. The weight stream's waits and releases stay outside the graphs (LayerStreamer.schedule with lag 1:
@@ -39,6 +39,7 @@ class PiecewiseDecode:
         self.parts, self.layers, self.attention, self.device = parts, layers, attention, device
         hidden = parts.embed.weight.shape[1]
         self.inputs = torch.zeros(2, max_rows, 1, dtype=torch.long, device=device)  # token ids, positions
+        self.embedded = torch.zeros(max_rows, 1, hidden, dtype=dtype, device=device)  # the tokens' embeddings
         self.hidden = [torch.zeros(max_rows, 1, hidden, dtype=dtype, device=device) for _ in range(2)]
         self.rope = torch.zeros(2, max_rows, 1, 1, parts.head_dim, dtype=dtype, device=device)  # cos, sin
         # device-KV layers' attention outputs, for the next piece (two: piece i reads one and writes the other)
@@ -55,7 +56,10 @@ class PiecewiseDecode:
         n = len(tokens)
         b = next(s for s in self.buckets if s >= n) if self.use_graphs else n
         pad = [0] * (b - n)
-        self.inputs[:, :b, 0].copy_(torch.tensor([tokens + pad, positions + pad]))
+        inputs = torch.tensor([tokens + pad, positions + pad])
+        self.inputs[:, :b, 0].copy_(inputs)
+        # outside the graphs: the table may live on the host (offload.HostEmbedding), which a graph cannot read
+        self.embedded[:b].copy_(self.parts.embed(inputs[0, :, None].to(self.parts.embed.weight.device)))
         logits, pieces = None, iter(schedule)
         i = next(pieces, None)
         while i is not None:
@@ -78,7 +82,7 @@ class PiecewiseDecode:
         host); the last piece returns the logits."""
         p, att = self.parts, self.attention
         if i == 0:
-            h = p.embed(self.inputs[0, :b])
+            h = self.embedded[:b]
             self.rope[:, :b].copy_(torch.stack(rope_tables(p, h, self.inputs[1, :b])))
         else:
             o = self.attended[(i - 1) % 2, :b] if att.on_device(i - 1) else att.receive(b)
