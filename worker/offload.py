@@ -142,7 +142,6 @@ def plan_streaming(
     cpu_attention_cost: float | None = None,
     num_device_kv_layers: int | None = None,
     attention_bytes_per_row: int = 0,
-    dma_cost: float = 1.0,
 ) -> StreamPlan | None:
     """The plan with the most rows per streamed byte (throughput ≈ rows ÷ streamed bytes per step).
 
@@ -151,9 +150,8 @@ def plan_streaming(
     and streams every row's KV each step (counted at half of max_model_len); "cpu" keeps nothing on the
     device and reads the host KV (cpu_kv_bytes_per_token_layer, its own dtype) on the CPU, in parallel with the
     weight copies: cpu_attention_cost (measured: PCIe bytes/s ÷ CPU attention bytes/s) converts those
-    reads into streamed-byte time, and dma_cost (measured too: ≥ 1, the copies are slower beside the kernel,
-    both read host memory) the weights' copies; the step costs the larger of the two; where the host is the
-    slower side, some layers keep their KV on the device instead of resident weights (num_device_kv_layers). Without
+    reads into streamed-byte time, and the step costs the larger of the two; where the host is the slower
+    side, some layers keep their KV on the device instead of resident weights (num_device_kv_layers). Without
     a cost "cpu" is only taken when asked for. Whatever is left holds resident layers; STAGE_SLOTS stage
     buffers hold the streamed ones (two for a streamed KV). attention_bytes_per_row: the share of
     activation_bytes_per_row that only attention on the device takes, spared where the CPU attends every
@@ -173,9 +171,17 @@ def plan_streaming(
         choices = [num_device_kv_layers] if num_device_kv_layers is not None else range(num_layers + 1)
         choices = choices if placement == "cpu" else (0,)
         host_limit = None if placement == "device" else host_bytes
-        for rows in range(1, max_rows + 1):
+        # "cpu": rows cost the device next to nothing (their KV is on the host), so a plan takes the most that
+        # fit and only then weighs device-KV layers: a step that is a little faster for fewer rows loses a
+        # whole extra wave of steps on the last few requests of a batch (measured: 60 rows and 10 device-KV
+        # layers, 120 tok/s for 64 requests, against 226 with 64 rows and 2)
+        most_first = placement == "cpu"
+        for rows in range(max_rows, 0, -1) if most_first else range(1, max_rows + 1):
             if host_limit is not None and rows * host_row_layer * (num_layers - max(choices)) > host_limit:
+                if most_first:
+                    continue
                 break
+            feasible = False
             for x in choices:
                 if host_limit is not None and rows * host_row_layer * (num_layers - x) > host_limit:
                     continue  # the host cache holds the other layers' K/V
@@ -189,7 +195,7 @@ def plan_streaming(
                     resident = (left - slots * layer_bytes) // layer_bytes
                 if left < 0 or resident < 0 or (num_resident is not None and num_resident > resident):
                     continue
-                resident = resident if num_resident is None else num_resident
+                resident, feasible = resident if num_resident is None else num_resident, True
                 stages = 0 if resident == num_layers else slots * layer_bytes
                 streamed = (num_layers - resident) * layer_bytes
                 if placement == "host":
@@ -197,11 +203,13 @@ def plan_streaming(
                 step = streamed  # "cpu": the CPU reads the host KV while the weights stream; the slower one counts
                 if placement == "cpu":  # the kernel reads every row up to the step's longest: ~3/4 of max_model_len
                     cpu = rows * host_row_layer * num_layers * CPU_ATTENTION_LENGTH * (cpu_attention_cost or 1.0)
-                    step = max(streamed * dma_cost, cpu * (num_layers - x) / num_layers)
+                    step = max(streamed, cpu * (num_layers - x) / num_layers)
                 score = rows / (step + COMPUTE_BYTES_RATIO * num_layers * layer_bytes)
                 if score > best_score:
                     used = prefill_bytes + rows * act_row + kv_device + resident * layer_bytes + stages
                     best, best_score = StreamPlan(rows, placement, int(resident), int(streamed), int(used), x), score
+            if most_first and feasible:
+                break
     return best
 
 
@@ -793,21 +801,12 @@ def _segments(rows: list[int], positions: list[int]) -> list[tuple[int, int, int
     return [tuple(x) for x in out]
 
 
-@dataclass(frozen=True)
-class HostCost:
-    """What the host's two readers cost a decode step, in streamed bytes (at the bus's own rate), measured
-    together as a "cpu" step runs them: both the weight DMA and the attention kernel read host memory."""
-    cpu: float  # per byte of host KV the attention kernel reads beside the copies
-    dma: float  # per byte of weights copied beside the kernel (≥ 1 where host memory is shared)
-
-
-def measure_host_cost(device: torch.device, kernel: Kernel, kv_dtype: torch.dtype, *, num_kv_heads: int,
-                      group: int, head_dim: int, seconds: float = 0.3) -> HostCost:
-    """Times the attention kernel while host→device copies run, and the copies while the kernel runs (CUDA
-    only), against the copies alone: plan_streaming weighs the "cpu" KV placement with them. (On an H100 host:
-    4.6 ms a 13B layer alone, 8.2 ms beside the copies. Counting only the kernel's slowdown, a plan kept 2 layers'
-    KV on the device, each trading ~0.23 GB of host KV reads a step for 0.32 GB more weights to copy from the
-    same memory: 217.8 tok/s, 2026-11-25 11:14 UTC; leases without device-KV layers made 211–255.)"""
+def measure_cpu_attention_cost(device: torch.device, kernel: Kernel, kv_dtype: torch.dtype, *, num_kv_heads: int,
+                               group: int, head_dim: int, seconds: float = 0.3) -> float:
+    """PCIe bytes/s ÷ CPU attention bytes/s on this host, measured (CUDA only): how many streamed bytes one
+    byte of host KV read by CpuAttention costs. plan_streaming weighs the "cpu" KV placement with it. The
+    kernel is timed while host→device copies run, as in a decode step: both read host memory (measured on an
+    H100 host: 4.6 ms a 13B layer alone, 8.2 ms beside the copies; the copies kept 97 % of their rate)."""
     src = torch.empty(256 * 2**20, dtype=torch.int8, pin_memory=True)
     dst = torch.empty_like(src, device=device)
     torch.cuda.synchronize(device)
@@ -816,26 +815,27 @@ def measure_host_cost(device: torch.device, kernel: Kernel, kv_dtype: torch.dtyp
         dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize(device)
     pcie = 8 * src.numel() / (time.perf_counter() - start)
-    copied = []
-    for _ in range(int(2 * pcie * seconds / src.numel()) + 4):  # queued: they outlast the kernel's timing below
-        dst.copy_(src, non_blocking=True)
-        copied.append(torch.cuda.Event())
-        copied[-1].record()
     # a layer's cache is a few hundred MB and a step reads every layer's once, so nothing of it is in the L3
     # cache when it is read again: the kernel rotates over 4 such samples (one alone, 335 MB for a 13B in
-    # bf16, nearly fits the H100 host's 300 MiB L3 and read faster than a decode step does)
+    # bf16, nearly fits the H100 host's 300 MiB L3 and read faster than a decode step does). Built before the
+    # copies are queued: building them outlasts the copies (a probe that queued the copies first timed the
+    # kernel mostly after them: 0.82–1.11 on H100 hosts, against 1.82 beside them)
     rows, length = 64, 256
     args = itertools.cycle([sample_inputs(kv_dtype, rows, num_kv_heads, group, length, head_dim) for _ in range(4)])
     kernel(*next(args))
-    start, runs, copies = time.perf_counter(), 0, sum(e.query() for e in copied)
+    for _ in range(int(2 * pcie * seconds / src.numel()) + 4):  # queued: they outlast the kernel's timing below
+        dst.copy_(src, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    start, runs = time.perf_counter(), 0
     while time.perf_counter() - start < seconds / 2:
         kernel(*next(args))
         runs += 1
-    elapsed, copies = time.perf_counter() - start, sum(e.query() for e in copied) - copies
+    elapsed, outlasted = time.perf_counter() - start, not copied.query()
     torch.cuda.synchronize(device)
-    cpu = runs * rows * length * cache_bytes(kv_dtype, num_kv_heads, head_dim) / elapsed
-    dma = max(1, copies) * src.numel() / elapsed  # the copies outlast the kernel: they ran all along
-    return HostCost(cpu=pcie / cpu, dma=max(1.0, pcie / dma))
+    if not outlasted:
+        log.warning("CPU attention cost probe: the copies ran out before the kernel's timing ended")
+    return pcie / (runs * rows * length * cache_bytes(kv_dtype, num_kv_heads, head_dim) / elapsed)
 
 
 class HostEmbedding(torch.nn.Module):
@@ -1007,7 +1007,7 @@ class StreamingLLMEngine(LLMEngine):
                  num_device_kv_layers: int | None = None, cpu_kernel: Kernel | None = None):
         self.kv_placement, self.num_resident, self._cpu_kernel = kv_placement, num_resident, cpu_kernel
         self.num_device_kv_layers = num_device_kv_layers
-        self.host_cost: HostCost | None = None  # measured at start-up for the planner (CUDA, "auto")
+        self.cpu_attention_cost: float | None = None  # measured at start-up for the planner (CUDA, "auto")
         self.plan: StreamPlan | None = None
         if cfg.max_prefill_tokens is None:
             cfg = dataclasses.replace(cfg, max_prefill_tokens=streaming_prefill_tokens(
@@ -1076,12 +1076,11 @@ class StreamingLLMEngine(LLMEngine):
         host = _available_ram_bytes()
         cost = None
         if self.device.type == "cuda" and self.kv_placement == "auto":
-            cost = measure_host_cost(
+            cost = measure_cpu_attention_cost(
                 self.device, runner.cpu_attention_kernel(), runner.host_kv_dtype, num_kv_heads=parts.num_kv_heads,
                 group=parts.num_heads // parts.num_kv_heads, head_dim=parts.head_dim)
-            log.info("CPU attention costs %.2f streamed bytes per host KV byte, a weight byte beside it %.2f",
-                     cost.cpu, cost.dma)
-        self.host_cost = cost
+            log.info("CPU attention costs %.2f streamed bytes per host KV byte", cost)
+        self.cpu_attention_cost = cost
         kv_elements = 2 * parts.num_kv_heads * parts.head_dim  # K and V of one token in one layer
         plan = plan_streaming(
             budget_bytes=total, layer_bytes=runner.host_layer_bytes(), num_layers=parts.num_layers,
@@ -1091,7 +1090,7 @@ class StreamingLLMEngine(LLMEngine):
             host_bytes=None if host is None else host // 2, kv_placement=self.kv_placement,
             num_resident=self.num_resident, num_device_kv_layers=self.num_device_kv_layers,
             cpu_kv_bytes_per_token_layer=cache_bytes(runner.host_kv_dtype, parts.num_kv_heads, parts.head_dim),
-            cpu_attention_cost=cost and cost.cpu, dma_cost=cost.dma if cost else 1.0,
+            cpu_attention_cost=cost,
             attention_bytes_per_row=budget_math.estimate_decode_attention_bytes(
                 num_heads=parts.num_heads, head_dim=parts.head_dim, max_model_len=self.max_model_len,
                 dtype_bytes=dtype_bytes))
@@ -1111,9 +1110,8 @@ class StreamingLLMEngine(LLMEngine):
             host_kv = getattr(self.runner, "host_kv", None)
             for key, seconds in getattr(host_kv, "seconds", {}).items():
                 s.extra[f"offload_cpu_attention_{key}_s"] = round(seconds, 3)
-            if self.host_cost is not None:  # measured (CUDA, auto placement)
-                s.extra["offload_cpu_attention_cost"] = round(self.host_cost.cpu, 3)
-                s.extra["offload_dma_cost"] = round(self.host_cost.dma, 3)
+            if self.cpu_attention_cost is not None:  # measured (CUDA, auto placement)
+                s.extra["offload_cpu_attention_cost"] = round(self.cpu_attention_cost, 3)
             piecewise = getattr(self.runner, "piecewise", None)
             if piecewise is not None:
                 s.extra.update(offload_piecewise_graphs=int(piecewise.use_graphs))
