@@ -11,6 +11,7 @@ import pytest
 import torch
 from batchgen.jobs.schema import Request, SamplingParams
 from batchgen.worker import offload
+from batchgen.worker.cuda_graphs import batch_buckets
 from batchgen.worker.demo_model import write_demo_model
 from batchgen.worker.engine import GenerationRequest
 from batchgen.worker.llm_engine import EngineConfig, LLMEngine
@@ -25,6 +26,7 @@ from batchgen.worker.offload import (
     streaming_prefill_tokens,
     wants_streaming,
 )
+from batchgen.worker.piecewise import split_halves, split_slots
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "batch", "generation", "keeps", "the", "gpu", "busy", "all", "night", "long"]
 PROMPTS = [" ".join(WORDS[i % 7: i % 7 + 2 + (i * 5) % 11]) for i in range(10)]
@@ -231,6 +233,21 @@ def test_device_kv_layers_never_cost_rows():
     plan = plan_13b(kv_placement="cpu", cpu_attention_cost=2.0, budget_bytes=4 * GB)
     assert plan.max_rows == 64 and plan.num_device_kv_layers > 0 and plan.device_bytes <= 4 * GB
     assert plan_13b(kv_placement="cpu", cpu_attention_cost=2.0, budget_bytes=4 * GB, max_rows=10).max_rows == 10
+
+
+@pytest.mark.parametrize("max_rows", [1, 2, 5, 63, 64, 200])
+def test_a_step_splits_in_two_halves_that_cover_its_rows_once(max_rows):
+    """Piecewise decode runs a step as two halves: together they cover rows [0, n) once; with graphs the first
+    half is a whole bucket (its padding would land on the second half's rows) and both fit the buffers."""
+    buckets = batch_buckets(split_slots(max_rows) // 2)
+    for n in range(1, max_rows + 1):
+        for graphs in (True, False):
+            halves = split_halves(n, buckets if graphs else None)
+            assert [r for lo, hi, _ in halves for r in range(lo, hi)] == list(range(n))
+            assert all(hi - lo <= b for lo, hi, b in halves) and halves[-1][0] + halves[-1][2] <= split_slots(max_rows)
+            if graphs:
+                assert halves[0][1] - halves[0][0] == halves[0][2] and all(b in buckets for _, _, b in halves)
+            assert len(halves) == min(n, 2)
 
 
 def test_resident_layers_are_spread_and_slots_cycle_over_the_streamed_ones():

@@ -36,7 +36,7 @@ from batchgen.worker.int8_linear import KERNELS, FusedInt8Linear, Int8Linear, In
 from batchgen.worker.llm_engine import EngineConfig, LLMEngine, _available_ram_bytes, resolve_int8_kernel
 from batchgen.worker.model_loader import load_model, resolve_device, resolve_dtype
 from batchgen.worker.model_runner import KVStore, ModelRunner, cache_store, head_dim_of
-from batchgen.worker.piecewise import PiecewiseDecode
+from batchgen.worker.piecewise import PiecewiseDecode, split_slots
 
 log = logging.getLogger(__name__)
 
@@ -653,15 +653,16 @@ class CpuAttention(_HostCache):
             self.scales = [torch.zeros(shape[:4]) for _ in range(2)]
             self.staging = [torch.empty_like(t, dtype=torch.int8) for t in self.staging]
             self.scale_staging = [torch.empty(t.shape[:3], pin_memory=pin) for t in self.staging]
-            self.kv8 = torch.empty(max_rows, 2 * num_kv_heads, head_dim, dtype=torch.int8, pin_memory=pin)
-            self.kv_scales = torch.empty(max_rows, 2 * num_kv_heads, pin_memory=pin)
+            self.kv8 = torch.empty(split_slots(max_rows), 2 * num_kv_heads, head_dim, dtype=torch.int8, pin_memory=pin)
+            self.kv_scales = torch.empty(split_slots(max_rows), 2 * num_kv_heads, pin_memory=pin)
         self.host = [self.keys, self.values]
         # the new tokens' q/k/v as send() copies them to the host: q only for int8 (K/V go through kv8). Each
         # copy fills a whole leading slice: a copy into a strided host slice is staged on the host, which a CUDA
         # graph cannot hold (that turned the int8 path's graphs off)
         width = num_heads + (0 if self.kv_dtype == torch.int8 else 2 * num_kv_heads)
-        self.qkv = torch.empty(max_rows, width, head_dim, dtype=dtype, pin_memory=pin)
-        self.out = torch.empty(max_rows, num_heads, head_dim, dtype=dtype, pin_memory=pin)
+        slots = split_slots(max_rows)  # PiecewiseDecode's two halves, the second padded as the first
+        self.qkv = torch.empty(slots, width, head_dim, dtype=dtype, pin_memory=pin)
+        self.out = torch.empty(slots, num_heads, head_dim, dtype=dtype, pin_memory=pin)
         self.num_heads, self.num_kv_heads, self.scaling = num_heads, num_kv_heads, scaling
         self.kernel = kernel or Kernel.build(self.kv_dtype, num_kv_heads=num_kv_heads,
                                              group=num_heads // num_kv_heads, head_dim=head_dim)
@@ -672,7 +673,7 @@ class CpuAttention(_HostCache):
         # (its compute and the weight copy before it), writing the new K/V, the kernel, and the whole forward
         # (the rest of it: launching the layers' GPU work)
         self.seconds = {"wait": 0.0, "store": 0.0, "kernel": 0.0, "forward": 0.0}
-        device_shape = (len(self.device_layers), max_rows, max_model_len, num_kv_heads, head_dim)
+        device_shape = (len(self.device_layers), split_slots(max_rows), max_model_len, num_kv_heads, head_dim)
         self.device_k, self.device_v = (torch.zeros(device_shape, dtype=dtype, device=device) for _ in range(2))
         self.device_attention = device_attention  # "flash" or "sdpa", as the resident engine's
         self._device_store: KVStore | None = None  # a prefill's writes into those layers' device cache
@@ -718,56 +719,57 @@ class CpuAttention(_HostCache):
         self.keys[layer, rows, :, positions], self.scales[0][layer, rows, :, positions] = k, scales[0]
         self.values[layer, rows, :, positions], self.scales[1][layer, rows, :, positions] = v, scales[1]
 
-    def send(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def send(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int = 0) -> None:
         """Device side of a decode step's layer: q [b, heads, 1, d] and k/v [b, kv_heads, 1, d] of the new
-        tokens -> the pinned buffers (int8 K/V quantized first, where it is a few small kernels instead of host
-        passes). Only device ops and copies: a CUDA graph can hold it."""
-        b = q.shape[0]
+        tokens of rows [lo, lo + b) -> the pinned buffers (int8 K/V quantized first, where it is a few small
+        kernels instead of host passes). Only device ops and copies: a CUDA graph can hold it."""
+        rows = slice(lo, lo + q.shape[0])
         if self.scales is None:
-            self.qkv[:b].copy_(torch.cat([q, k, v], dim=1)[:, :, 0], non_blocking=True)
+            self.qkv[rows].copy_(torch.cat([q, k, v], dim=1)[:, :, 0], non_blocking=True)
             return
-        self.qkv[:b].copy_(q[:, :, 0], non_blocking=True)
+        self.qkv[rows].copy_(q[:, :, 0], non_blocking=True)
         kv8, kv_scales = quantize(torch.cat([k, v], dim=1)[:, :, 0])
-        self.kv8[:b].copy_(kv8, non_blocking=True)
-        self.kv_scales[:b].copy_(kv_scales, non_blocking=True)
+        self.kv8[rows].copy_(kv8, non_blocking=True)
+        self.kv_scales[rows].copy_(kv_scales, non_blocking=True)
 
-    def compute(self, layer: int, n: int, ready: torch.cuda.Event | None = None) -> None:
+    def compute(self, layer: int, lo: int, hi: int, ready: torch.cuda.Event | None = None) -> None:
         """Host side: waits for send's copies (the `ready` event recorded after them, or the whole stream),
-        writes rows [0, n)'s new K/V into the cache and attends over it; the output goes to the pinned `out`
+        writes rows [lo, hi)'s new K/V into the cache and attends over it; the output goes to the pinned `out`
         buffer, which receive() brings back."""
-        heads, kv_heads, length = self.num_heads, self.num_kv_heads, self._kv_len
+        heads, kv_heads, length, n = self.num_heads, self.num_kv_heads, self._kv_len, hi - lo
         t0 = time.perf_counter()
         if ready is not None:
             ready.synchronize()
         else:
             self._wait_for_device()
         t1 = time.perf_counter()
+        rows, where = slice(lo, hi), (self._rows[lo:hi], self._positions[lo:hi])
         if self.scales is None:
-            q_host, k_host, v_host = self.qkv[:n].split([heads, kv_heads, kv_heads], dim=1)
-            self._store(layer, self._rows, self._positions, k_host, v_host)
+            q_host, k_host, v_host = self.qkv[rows].split([heads, kv_heads, kv_heads], dim=1)
+            self._store(layer, *where, k_host, v_host)
         else:
-            q_host = self.qkv[:n]
-            (k8, v8), scales = self.kv8[:n].chunk(2, dim=1), self.kv_scales[:n].chunk(2, dim=1)
-            self._store(layer, self._rows, self._positions, k8, v8, scales)
+            q_host = self.qkv[rows]
+            (k8, v8), scales = self.kv8[rows].chunk(2, dim=1), self.kv_scales[rows].chunk(2, dim=1)
+            self._store(layer, *where, k8, v8, scales)
         t2 = time.perf_counter()
-        j = self.host_index[layer]
-        scales = (None, None) if self.scales is None else (s[j, :n, :, :length] for s in self.scales)
-        o = self.kernel(q_host.float().view(n, kv_heads, heads // kv_heads, -1), self.keys[j, :n, :, :length],
-                        self.values[j, :n, :, :length], *scales, self._bias, self.scaling)
-        self.out[:n].copy_(o.view(n, heads, -1))
+        j = self.host_index[layer]  # a decode step's rows are cache rows 0 … n − 1
+        scales = (None, None) if self.scales is None else (s[j, rows, :, :length] for s in self.scales)
+        o = self.kernel(q_host.float().view(n, kv_heads, heads // kv_heads, -1), self.keys[j, rows, :, :length],
+                        self.values[j, rows, :, :length], *scales, self._bias[rows], self.scaling)
+        self.out[rows].copy_(o.view(n, heads, -1))
         t3 = time.perf_counter()
         for key, dt in (("wait", t1 - t0), ("store", t2 - t1), ("kernel", t3 - t2)):
             self.seconds[key] += dt
 
-    def receive(self, b: int) -> torch.Tensor:
-        """Device side: rows [0, b) of the attention output, [b, heads, 1, d] on the device. On CUDA the copy is
-        queued before the next layer's wait, so `out` is free again by the time compute() writes it."""
-        return self.out[:b].to(self.device, non_blocking=True)[:, :, None]
+    def receive(self, b: int, lo: int = 0) -> torch.Tensor:
+        """Device side: rows [lo, lo + b) of the attention output, [b, heads, 1, d] on the device. On CUDA the copy
+        is queued before the next layer's wait, so `out` is free again by the time compute() writes it."""
+        return self.out[lo:lo + b].to(self.device, non_blocking=True)[:, :, None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """send, compute, receive in a row: model_runner's Attend, for one layer run eagerly."""
         self.send(q, k, v)
-        self.compute(layer, q.shape[0])
+        self.compute(layer, 0, q.shape[0])
         return self.receive(q.shape[0])
 
     def end_step(self) -> None:
