@@ -56,6 +56,13 @@ STREAMING_MAX_PREFILL_TOKENS = 8192
 STREAMING_PREFILL_GROUP_TOKENS = 1024
 
 
+# Device memory a streaming process takes after its plan is made, outside PyTorch's allocator: kernels loaded on
+# first use (cuBLAS, FlashAttention, the Triton int8 kernels) and the piecewise decode's CUDA graph execs (~500
+# for a 13B model). Counted up front, or it comes out of the reserve: an H100 run (2026-11-25 11:47 UTC, 13B,
+# 10 resident layers) planned to the reserve and peaked at 5.99 GiB of its 6 GiB (NVML), 1.39 GiB of it outside
+# the allocator against about 1.0 GiB when it planned.
+LATE_OVERHEAD_BYTES = 400 * 2**20
+
 # -- sizing: pure arithmetic, no torch devices ------------------------------------------------------
 
 def int8_weights_bytes(config, dtype_bytes: int = 2) -> int:
@@ -150,10 +157,13 @@ def plan_streaming(
     and streams every row's KV each step (counted at half of max_model_len); "cpu" keeps nothing on the
     device and reads the host KV (cpu_kv_bytes_per_token_layer, its own dtype) on the CPU, in parallel with the
     weight copies: cpu_attention_cost (measured: PCIe bytes/s ÷ CPU attention bytes/s) converts those
-    reads into streamed-byte time, and the step costs the larger of the two; where the host is the slower
-    side, some layers keep their KV on the device instead of resident weights (num_device_kv_layers). Without
-    a cost "cpu" is only taken when asked for. Whatever is left holds resident layers; STAGE_SLOTS stage
-    buffers hold the streamed ones (two for a streamed KV). attention_bytes_per_row: the share of
+    reads into streamed-byte time, and the step costs the larger of the two. Without a cost "cpu" is only
+    taken when asked for. "cpu" keeps some layers' KV on the device (num_device_kv_layers, attended there)
+    only where the host cannot hold every layer's K/V for the rows, or when asked: for speed it did not pay
+    on the H100 hosts, where the kernel and the weight copies read the same host memory and a device-KV
+    layer trades ~0.23 GB of KV reads a step for 0.32 GB more weights to copy (one H100 machine, 2026-11-25
+    11:43 and 11:47 UTC: 0, 2, 4, 9 such layers 234.3, 225.3, 223.4, 217.4 tok/s). Whatever is left holds
+    resident layers; STAGE_SLOTS stage buffers hold the streamed ones (two for a streamed KV). attention_bytes_per_row: the share of
     activation_bytes_per_row that only attention on the device takes, spared where the CPU attends every
     layer. None: not even one row fits.
     """
@@ -167,14 +177,15 @@ def plan_streaming(
     for placement in placements:
         host_row_layer = (cpu_kv_token_layer if placement == "cpu" else kv_bytes_per_token_layer) * max_model_len
         # "cpu": x layers may keep their KV on the device after all, attended there: each costs about a
-        # resident layer's memory and spares the host CPU a layer's attention (and its share of host memory)
+        # resident layer's memory and spares the host a layer's attention and its host memory; the fewest that
+        # let the rows fit the host are taken
         choices = [num_device_kv_layers] if num_device_kv_layers is not None else range(num_layers + 1)
         choices = choices if placement == "cpu" else (0,)
         host_limit = None if placement == "device" else host_bytes
         # "cpu": rows cost the device next to nothing (their KV is on the host), so a plan takes the most that
-        # fit and only then weighs device-KV layers: a step that is a little faster for fewer rows loses a
-        # whole extra wave of steps on the last few requests of a batch (measured: 60 rows and 10 device-KV
-        # layers, 120 tok/s for 64 requests, against 226 with 64 rows and 2)
+        # fit: a step that is a little faster for fewer rows loses a whole extra wave of steps on the last few
+        # requests of a batch (measured: 60 rows and 10 device-KV layers, 120 tok/s for 64 requests, against
+        # 226 with 64 rows and 2)
         most_first = placement == "cpu"
         for rows in range(max_rows, 0, -1) if most_first else range(1, max_rows + 1):
             if host_limit is not None and rows * host_row_layer * (num_layers - max(choices)) > host_limit:
@@ -208,6 +219,8 @@ def plan_streaming(
                 if score > best_score:
                     used = prefill_bytes + rows * act_row + kv_device + resident * layer_bytes + stages
                     best, best_score = StreamPlan(rows, placement, int(resident), int(streamed), int(used), x), score
+                if most_first:
+                    break  # the fewest device-KV layers
             if most_first and feasible:
                 break
     return best
@@ -1011,6 +1024,7 @@ class StreamingLLMEngine(LLMEngine):
         self.num_device_kv_layers = num_device_kv_layers
         self.cpu_attention_cost: float | None = None  # measured at start-up for the planner (CUDA, "auto")
         self.plan: StreamPlan | None = None
+        self.overhead_at_plan: int | None = None  # CUDA: device memory outside the allocator when planning
         if cfg.max_prefill_tokens is None:
             cfg = dataclasses.replace(cfg, max_prefill_tokens=streaming_prefill_tokens(
                 model.config, torch.empty(0, dtype=dtype).element_size(), _available_ram_bytes()))
@@ -1070,7 +1084,8 @@ class StreamingLLMEngine(LLMEngine):
         prefill_bytes += 2 * max_prefill_tokens * c.hidden_size * dtype_bytes  # the whole batch's residual stream
         if self.device.type == "cuda":
             _, free = runner.memory_info()
-            fixed = torch.cuda.memory_allocated(self.device) + process_overhead_bytes(self.device)
+            self.overhead_at_plan = process_overhead_bytes(self.device)
+            fixed = torch.cuda.memory_allocated(self.device) + self.overhead_at_plan + LATE_OVERHEAD_BYTES
         else:
             free, fixed = _available_ram_bytes(), runner.fixed_bytes
         total = budget_math.budget_bytes(free_bytes=free, reserve_bytes=cfg.vram_reserve_bytes,
@@ -1112,6 +1127,8 @@ class StreamingLLMEngine(LLMEngine):
             host_kv = getattr(self.runner, "host_kv", None)
             for key, seconds in getattr(host_kv, "seconds", {}).items():
                 s.extra[f"offload_cpu_attention_{key}_s"] = round(seconds, 3)
+            if self.overhead_at_plan is not None:
+                s.extra["offload_overhead_at_plan_gib"] = round(self.overhead_at_plan / 2**30, 3)
             if self.cpu_attention_cost is not None:  # measured (CUDA, auto placement)
                 s.extra["offload_cpu_attention_cost"] = round(self.cpu_attention_cost, 3)
             piecewise = getattr(self.runner, "piecewise", None)
