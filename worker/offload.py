@@ -11,7 +11,8 @@ each step's new K/V go back once per layer (`HostKV`), or, what the planner pick
 enough, stays there and decode attention runs on the host CPU (`CpuAttention`, host_attention's kernel):
 then only weights cross the bus, resident layers are spread between the streamed ones so the copies never
 stop, the GPU work between two host attentions replays from CUDA graphs (piecewise.PiecewiseDecode), and
-where the host would be the slower side the planner keeps a few layers' KV on the device, attended there.
+where the host cannot hold every layer's K/V for the rows the planner keeps a few layers' KV on the device,
+attended there. The embedding table stays on the host (`HostEmbedding`).
 
 Layers run the resident engine's int8 kernels (int8_linear; bitsandbytes' own matmul with int8_kernel "bnb")
 on the streamed CB/SCB, so a streamed layer computes what the resident one would. The device is a
@@ -653,8 +654,8 @@ class CpuAttention(_HostCache):
                          device=device)
         pin = device.type == "cuda"
         self.kv_dtype = kv_dtype or dtype
-        # Layers whose K/V the planner put on the device after all (what the host CPU would be slowest at,
-        # traded for resident weights): attended there, inside the GPU work (model_runner.CacheAttention).
+        # Layers whose K/V the planner put on the device after all (where host memory would not hold every
+        # layer's for the rows, or asked for): attended there, inside the GPU work (model_runner.CacheAttention).
         # The host cache holds only the others' (host_index: layer -> its index there).
         self.device_layers = tuple(sorted(device_layers))
         self.device_index = {layer: j for j, layer in enumerate(self.device_layers)}

@@ -3,13 +3,15 @@
 With the KV cache attended on the host CPU (offload.CpuAttention) a decode step cannot be one graph: every
 layer stops for the CPU. Launched op by op from Python, a 13B layer's GPU work cost ~3 ms of host time
 (126 ms of a 360 ms step, measured), time the CPU did not spend on attention. So the step is cut into
-num_layers + 1 pieces: piece 0 runs layer 0 up to its attention from the tokens' embeddings; piece i runs the rest
-of layer i − 1 from the attention output the host sent back, then layer i up to its attention; the last
-piece ends with lm_head. A piece reads and writes only static buffers (token ids and embeddings, positions, rope tables,
-two residual buffers it alternates between, CpuAttention's pinned q/k/v and output buffers), so running it
-twice gives the same result and it can be captured once per batch bucket and replayed (vLLM's piecewise
-graphs), all before the first row runs. The weight stream's waits and releases stay outside the graphs (LayerStreamer.schedule with lag 1:
-a layer's weights are in use across two pieces). Without CUDA the same pieces run eagerly.
+num_layers + 1 pieces: piece 0 runs layer 0 up to its attention from the tokens' embeddings; piece i runs the
+rest of layer i − 1 from the attention output the host sent back, then layer i up to its attention; the last
+piece ends with lm_head. A piece reads and writes only static buffers (token ids and embeddings, positions,
+rope tables, two residual buffers it alternates between, CpuAttention's pinned q/k/v and output buffers), so
+running it twice gives the same result and it can be captured once per (half-)batch bucket and replayed (vLLM's
+piecewise graphs), all before the first row runs. A step runs as two halves, piece by piece in turn, so the GPU
+works on one while the host attends the other. The weight stream's waits and releases stay outside the graphs
+(LayerStreamer.schedule with lag 1: a layer's weights are in use across two pieces). Without CUDA the same
+pieces run eagerly.
 """
 
 import logging
