@@ -4,7 +4,7 @@ A 13B-shape decode step with 64 rows reads the whole host KV cache once per laye
 the workload's mean length, 178 tokens), on the host cores, while the weight stream's DMA reads host
 memory too. This measures one layer: torch's sdpa over a float32 cache (the old path) against the fused
 kernel of worker/host_attention.py over float32 / float16 / bfloat16 / int8 storage, alone and while
-pinned host→device copies run; then the engine's whole decode path per layer (offload.CpuAttention).
+pinned host→device copies run; then the engine's whole decode path per layer (host_kv.CpuAttention).
 
     python3 -m benchmarks.host_attention            # prints a table, writes $OUT/host_attention.json
 """
@@ -106,9 +106,9 @@ VARIANTS = tuple(os.environ.get("VARIANTS", "read-bfloat16,sdpa-float32,sdpa-bfl
 
 
 def engine_step(kv_dtype: str, kernel: Kernel, layers: int = 40) -> dict:
-    """One decode step of offload.CpuAttention as the engine runs it (device "cpu": no copies), 13B shape,
+    """One decode step of host_kv.CpuAttention as the engine runs it (device "cpu": no copies), 13B shape,
     64 rows at KV_LEN: where the host time goes per layer (writing the new K/V, the kernel)."""
-    from batchgen.worker.offload import CpuAttention
+    from batchgen.worker.host_kv import CpuAttention
 
     dtype = getattr(torch, kv_dtype)
     att = CpuAttention(num_layers=layers, max_rows=ROWS, num_heads=HEADS, num_kv_heads=HEADS, max_model_len=MAX_LEN,

@@ -133,9 +133,9 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     parts = variant.split("/")
     kv_placement, kv_dtype, prefill, device_kv, slots = parts + ["auto"] * (5 - len(parts))
     if slots != "auto":  # a lever the engine does not expose: the planner and the streamer both ask this
-        from batchgen.worker import offload
+        from batchgen.worker import stream_plan
 
-        offload.STAGE_SLOTS = int(slots)
+        stream_plan.STAGE_SLOTS = int(slots)
     cfg = EngineConfig(model=model, device=device, max_vram_bytes=CAP_BYTES if cuda else None, offload=None if cuda else True,
                        max_model_len=256, max_prefill_tokens=None if prefill == "auto" else int(prefill),
                        max_batch_size=NUM_REQUESTS,
@@ -327,7 +327,7 @@ def main() -> None:
         return
 
     import torch
-    from batchgen.worker.offload import int8_weights_bytes
+    from batchgen.worker.stream_plan import int8_weights_bytes
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     config = llama13b_config()

@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 from batchgen.jobs.schema import Request, SamplingParams
-from batchgen.worker import offload
+from batchgen.worker import stream_plan
 from batchgen.worker.cuda_graphs import batch_buckets
 from batchgen.worker.demo_model import write_demo_model
 from batchgen.worker.engine import GenerationRequest
@@ -20,13 +20,12 @@ from batchgen.worker.offload import (
     StreamingLLMEngine,
     _next_in_slot,
     device_kv_layers,
-    int8_weights_bytes,
-    plan_streaming,
     resident_layers,
     streaming_prefill_tokens,
     wants_streaming,
 )
 from batchgen.worker.piecewise import split_halves, split_slots
+from batchgen.worker.stream_plan import int8_weights_bytes, plan_streaming
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "batch", "generation", "keeps", "the", "gpu", "busy", "all", "night", "long"]
 PROMPTS = [" ".join(WORDS[i % 7: i % 7 + 2 + (i * 5) % 11]) for i in range(10)]
@@ -222,7 +221,7 @@ def test_a_slow_host_cpu_keeps_every_layers_kv_on_the_host_and_the_weights_resid
 def test_three_stage_slots_stream_the_same_output(model_dir, resident, monkeypatch):
     """STAGE_SLOTS (two by default; three measured slower on the H100 host) is a lever the benchmark sets:
     the planner leaves room for every slot, and the layers cycle through them, with the same output."""
-    monkeypatch.setattr(offload, "STAGE_SLOTS", 3)
+    monkeypatch.setattr(stream_plan, "STAGE_SLOTS", 3)
     cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True)
     engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu", num_resident=2)
     assert len(engine.runner.streamer.stages) == 3 and len(set(engine.runner.streamer.slot_of.values())) == 3

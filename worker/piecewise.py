@@ -1,6 +1,6 @@
 """A small-VRAM decode step in pieces: the GPU work between two host attentions, replayed from CUDA graphs.
 
-With the KV cache attended on the host CPU (offload.CpuAttention) a decode step cannot be one graph: every
+With the KV cache attended on the host CPU (host_kv.CpuAttention) a decode step cannot be one graph: every
 layer stops for the CPU. Launched op by op from Python, a 13B layer's GPU work cost ~3 ms of host time
 (126 ms of a 360 ms step, measured), time the CPU did not spend on attention. So the step is cut into
 num_layers + 1 pieces: piece 0 runs layer 0 up to its attention from the tokens' embeddings; piece i runs the
