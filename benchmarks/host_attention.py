@@ -100,9 +100,12 @@ def host_info() -> dict:
 
 
 # kind-dtype; "fused" is Kernel.build's, "hint16" the same kernel compiled with a larger size hint (16 rows ×
-# 64 tokens: its softmax runs on every thread, not one), "read" only reads the cache. VARIANTS=... picks some.
+# 64 tokens: its softmax runs on every thread, not one), "parallel" the same kernel with inductor's
+# cpp.min_chunk_size at 1 (the same loops; the softmax's max/exp passes in `omp for` over rows × heads instead of
+# `omp single`: generated C++ compared on CPU, not timed on a many-core host yet), "read" only reads the cache.
+# VARIANTS=... picks some.
 VARIANTS = tuple(os.environ.get("VARIANTS", "read-bfloat16,sdpa-float32,sdpa-bfloat16,fused-float32,fused-float16,"
-                                "hint16-bfloat16,fused-bfloat16,fused-int8").split(","))
+                                "hint16-bfloat16,parallel-bfloat16,fused-bfloat16,fused-int8").split(","))
 
 
 def engine_step(kv_dtype: str, kernel: Kernel, layers: int = 40) -> dict:
@@ -141,6 +144,8 @@ def main() -> None:
         info[f"compile_s_{dtype}"] = round(time.perf_counter() - start, 1)
     kernels["hint16"] = Kernel.build(torch.bfloat16, num_kv_heads=HEADS, group=1, head_dim=HEAD_DIM,
                                      warm_up=((2, 5), (16, 64)))
+    with torch._inductor.config.patch({"cpp.min_chunk_size": 1}):  # compiled inside build's warm-up calls
+        kernels["parallel"] = Kernel.build(torch.bfloat16, num_kv_heads=HEADS, group=1, head_dim=HEAD_DIM)
     info["compiled"] = all(k.compiled for k in kernels.values())
     print(json.dumps(info), flush=True)
     rows = []
