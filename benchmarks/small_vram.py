@@ -95,8 +95,6 @@ def h2d_bandwidth() -> dict:
             dst.copy_(src, non_blocking=pinned)
         torch.cuda.synchronize()
         out[f"{name}_gb_s"] = round(5 * n / (time.perf_counter() - start) / 1e9, 1)
-    del dst
-    torch.cuda.empty_cache()
     return out
 
 

@@ -62,3 +62,15 @@ def test_cpu_estimates_grow_with_the_context_and_the_prefill_is_quadratic():
     p1 = budget.estimate_prefill_bytes(**prefill, num_tokens=1024)
     p4 = budget.estimate_prefill_bytes(**prefill, num_tokens=4096)
     assert 4 * p1 < p4 < 16 * p1
+
+
+def test_the_attention_share_of_a_decode_row_is_what_the_row_estimate_counts_for_it():
+    """Small-VRAM subtracts attention's share where the host attends: with a model's own head_dim (wider than
+    hidden_size // num_heads here) the part it subtracts is the part the row estimate added."""
+    shape = dict(hidden_size=3072, intermediate_size=24576, vocab_size=256000, num_heads=16, dtype_bytes=2,
+                 max_model_len=1024)
+    attention = dict(num_heads=16, max_model_len=1024, dtype_bytes=2)
+    rest = (budget.estimate_decode_activation_bytes(**shape, head_dim=256)
+            - budget.estimate_decode_attention_bytes(**attention, head_dim=256))
+    assert rest == (budget.estimate_decode_activation_bytes(**shape)
+                    - budget.estimate_decode_attention_bytes(**attention, head_dim=3072 // 16)) > 0

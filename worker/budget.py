@@ -54,15 +54,16 @@ def budget_bytes(
 
 
 def estimate_decode_activation_bytes(
-    *, hidden_size: int, intermediate_size: int, vocab_size: int, num_heads: int, max_model_len: int, dtype_bytes: int
+    *, hidden_size: int, intermediate_size: int, vocab_size: int, num_heads: int, max_model_len: int, dtype_bytes: int,
+    head_dim: int | None = None,
 ) -> int:
     """Peak extra memory of one decode row (used on CPU, where there is no allocator peak to read):
     fp32 logits + softmax copies, the MLP intermediates, a few hidden-size temporaries, and attention's share
-    (estimate_decode_attention_bytes)."""
+    (estimate_decode_attention_bytes; head_dim: the model's where it sets one, else hidden_size // num_heads)."""
     logits = 3 * vocab_size * 4
     mlp = 3 * intermediate_size * dtype_bytes
     hidden = 8 * hidden_size * dtype_bytes
-    attention = estimate_decode_attention_bytes(num_heads=num_heads, head_dim=hidden_size // num_heads,
+    attention = estimate_decode_attention_bytes(num_heads=num_heads, head_dim=head_dim or hidden_size // num_heads,
                                                 max_model_len=max_model_len, dtype_bytes=dtype_bytes)
     return logits + mlp + hidden + attention
 

@@ -138,7 +138,7 @@ class CpuAttention(_HostCache):
         super().__init__(num_layers=num_layers, max_rows=max_rows, num_kv_heads=num_kv_heads,
                          max_model_len=max_model_len, head_dim=head_dim, max_tokens=max_tokens, dtype=dtype,
                          device=device)
-        pin = device.type == "cuda"
+        pin, slots = device.type == "cuda", split_slots(max_rows)  # PiecewiseDecode's two halves: buffer rows
         self.kv_dtype = kv_dtype or dtype
         # Layers whose K/V the planner put on the device after all (where host memory would not hold every
         # layer's for the rows, or asked for): attended there, inside the GPU work (model_runner.CacheAttention).
@@ -153,14 +153,13 @@ class CpuAttention(_HostCache):
             self.scales = [torch.zeros(shape[:4]) for _ in range(2)]
             self.staging = [torch.empty_like(t, dtype=torch.int8) for t in self.staging]
             self.scale_staging = [torch.empty(t.shape[:3], pin_memory=pin) for t in self.staging]
-            self.kv8 = torch.empty(split_slots(max_rows), 2 * num_kv_heads, head_dim, dtype=torch.int8, pin_memory=pin)
-            self.kv_scales = torch.empty(split_slots(max_rows), 2 * num_kv_heads, pin_memory=pin)
+            self.kv8 = torch.empty(slots, 2 * num_kv_heads, head_dim, dtype=torch.int8, pin_memory=pin)
+            self.kv_scales = torch.empty(slots, 2 * num_kv_heads, pin_memory=pin)
         self.host = [self.keys, self.values]
         # the new tokens' q/k/v as send() copies them to the host: q only for int8 (K/V go through kv8). Each
         # copy fills a whole leading slice: a copy into a strided host slice is staged on the host, which a CUDA
         # graph cannot hold (that turned the int8 path's graphs off)
         width = num_heads + (0 if self.kv_dtype == torch.int8 else 2 * num_kv_heads)
-        slots = split_slots(max_rows)  # PiecewiseDecode's two halves, the second padded as the first
         self.qkv = torch.empty(slots, width, head_dim, dtype=dtype, pin_memory=pin)
         self.out = torch.empty(slots, num_heads, head_dim, dtype=dtype, pin_memory=pin)
         self.num_heads, self.num_kv_heads, self.scaling = num_heads, num_kv_heads, scaling
@@ -173,7 +172,7 @@ class CpuAttention(_HostCache):
         # (its compute and the weight copy before it), writing the new K/V, the kernel, and the whole forward
         # (the rest of it: launching the layers' GPU work)
         self.seconds = {"wait": 0.0, "store": 0.0, "kernel": 0.0, "forward": 0.0}
-        device_shape = (len(self.device_layers), split_slots(max_rows), max_model_len, num_kv_heads, head_dim)
+        device_shape = (len(self.device_layers), slots, max_model_len, num_kv_heads, head_dim)
         self.device_k, self.device_v = (torch.zeros(device_shape, dtype=dtype, device=device) for _ in range(2))
         self.device_attention = device_attention  # "flash" or "sdpa", as the resident engine's
         self._device_store: KVStore | None = None  # a prefill's writes into those layers' device cache

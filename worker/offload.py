@@ -608,7 +608,11 @@ class StreamingLLMEngine(LLMEngine):
         parts, dtype_bytes = runner.parts, runner.kv_dtype_bytes
         act_per_row = budget_math.estimate_decode_activation_bytes(
             hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
-            num_heads=parts.num_heads, max_model_len=self.max_model_len, dtype_bytes=dtype_bytes)
+            num_heads=parts.num_heads, max_model_len=self.max_model_len, dtype_bytes=dtype_bytes,
+            head_dim=parts.head_dim)
+        attention_per_row = budget_math.estimate_decode_attention_bytes(  # its share of act_per_row
+            num_heads=parts.num_heads, head_dim=parts.head_dim, max_model_len=self.max_model_len,
+            dtype_bytes=dtype_bytes)
         group = min(max_prefill_tokens, STREAMING_PREFILL_GROUP_TOKENS)  # each layer runs over groups this size
         prefill_bytes = budget_math.estimate_prefill_bytes(
             hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_heads=parts.num_heads,
@@ -639,10 +643,7 @@ class StreamingLLMEngine(LLMEngine):
             host_bytes=None if host is None else host // 2, kv_placement=self.kv_placement,
             num_resident=self.num_resident, num_device_kv_layers=self.num_device_kv_layers,
             cpu_kv_bytes_per_token_layer=cache_bytes(runner.host_kv_dtype, parts.num_kv_heads, parts.head_dim),
-            cpu_attention_cost=cost,
-            attention_bytes_per_row=budget_math.estimate_decode_attention_bytes(
-                num_heads=parts.num_heads, head_dim=parts.head_dim, max_model_len=self.max_model_len,
-                dtype_bytes=dtype_bytes))
+            cpu_attention_cost=cost, attention_bytes_per_row=attention_per_row)
         kv_per_token = budget_math.kv_bytes_per_token(parts.num_layers, parts.num_kv_heads, parts.head_dim,
                                                       dtype_bytes)
         if plan is not None:

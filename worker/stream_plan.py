@@ -92,9 +92,9 @@ def plan_streaming(
     on the H100 hosts, where the kernel and the weight copies read the same host memory and a device-KV
     layer trades ~0.23 GB of KV reads a step for 0.32 GB more weights to copy (one H100 machine, 2026-11-25
     11:43 and 11:47 UTC: 0, 2, 4, 9 such layers 234.3, 225.3, 223.4, 217.4 tok/s). Whatever is left holds
-    resident layers; STAGE_SLOTS stage buffers hold the streamed ones (two for a streamed KV). attention_bytes_per_row: the share of
-    activation_bytes_per_row that only attention on the device takes, spared where the CPU attends every
-    layer. None: not even one row fits.
+    resident layers; STAGE_SLOTS stage buffers hold the streamed ones (two for a streamed KV).
+    attention_bytes_per_row: the share of activation_bytes_per_row that only attention on the device takes,
+    spared where the CPU attends every layer. None: not even one row fits.
     """
     if kv_placement not in KV_PLACEMENTS:
         raise ValueError(f"kv_placement must be one of {KV_PLACEMENTS}, got {kv_placement!r}")
