@@ -19,10 +19,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from batchgen.worker.host_attention import Kernel, quantize
+from batchgen.worker.host_attention import Kernel, native_kernel, quantize
 
 ROWS, HEADS, HEAD_DIM, MAX_LEN, KV_LEN = int(os.environ.get("ROWS", 64)), 40, 128, 256, 178
 LAYERS = 6  # distinct caches, visited in turn as a step does: the host's L3 (up to hundreds of MB) must not hold them
+
+
+def decode_attention_late(q, keys, values, k_scale, v_scale, bias, scale):
+    """host_attention.decode_attention with the softmax's division moved after the sum over V (once per output
+    element instead of once per token): the variant "late"."""
+    s = (q[:, :, :, None, :] * keys[:, :, None].float()).sum(-1)
+    s = s * (k_scale[:, :, None] * scale) if k_scale is not None else s * scale
+    s = s + bias[:, None, None]
+    e = torch.exp(s - s.amax(-1, keepdim=True))
+    w = e * v_scale[:, :, None] if v_scale is not None else e
+    return (w[..., None] * values[:, :, None].float()).sum(-2) / e.sum(-1)[..., None]
 
 
 def _time(fn, repeat: int = 12) -> float:
@@ -57,6 +68,8 @@ def case(name: str, kernels: dict):
         return (lambda i: F.scaled_dot_product_attention(qd, caches[i][0], caches[i][1], mask, scale=scale)), nbytes
     if kind == "read":  # no math: what reading the same bytes costs this host
         return (lambda i: (caches[i][0].view(torch.int16).amax(), caches[i][1].view(torch.int16).amax())), nbytes
+    if kind == "native":
+        return (lambda i: native_kernel()(q, *caches[i], bias, scale)), nbytes
     return (lambda i: kernels[kind if kind in kernels else dtype](q, *caches[i], bias, scale)), nbytes
 
 
@@ -96,16 +109,23 @@ def host_info() -> dict:
             "flags": sorted(f for f in flags.split() if f.startswith(("avx512", "amx", "avx2", "f16c"))),
             "numa": [line for line in numa.splitlines() if "NUMA" in line or "L3" in line],
             "cxx": shutil.which("g++") or shutil.which("c++"), "torch": torch.__version__,
-            "capability": torch.backends.cpu.get_cpu_capability()}
+            "capability": torch.backends.cpu.get_cpu_capability(), "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
+            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "")}
 
 
-# kind-dtype; "fused" is Kernel.build's, "hint16" the same kernel compiled with a larger size hint (16 rows ×
-# 64 tokens: its softmax runs on every thread, not one), "parallel" the same kernel with inductor's
-# cpp.min_chunk_size at 1 (the same loops; the softmax's max/exp passes in `omp for` over rows × heads instead of
-# `omp single`: generated C++ compared on CPU, not timed on a many-core host yet), "read" only reads the cache.
-# VARIANTS=... picks some.
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+# kind-dtype; "fused" is Kernel.build's (its softmax over every thread: cpp.min_chunk_size 1), "single" the same
+# kernel compiled with inductor's default chunk size (the softmax's max/exp passes on one thread, `omp single`:
+# the engine's kernel until 2026-11-25), "late" decode_attention_late compiled as Kernel.build does, "read" only
+# reads the cache. VARIANTS=... picks some.
 VARIANTS = tuple(os.environ.get("VARIANTS", "read-bfloat16,sdpa-float32,sdpa-bfloat16,fused-float32,fused-float16,"
-                                "hint16-bfloat16,parallel-bfloat16,fused-bfloat16,fused-int8").split(","))
+                                "single-bfloat16,late-bfloat16,fused-bfloat16,fused-int8").split(","))
 
 
 def engine_step(kv_dtype: str, kernel: Kernel, layers: int = 40) -> dict:
@@ -115,9 +135,9 @@ def engine_step(kv_dtype: str, kernel: Kernel, layers: int = 40) -> dict:
 
     dtype = getattr(torch, kv_dtype)
     att = CpuAttention(num_layers=layers, max_rows=ROWS, num_heads=HEADS, num_kv_heads=HEADS, max_model_len=MAX_LEN,
-                       head_dim=HEAD_DIM, max_tokens=ROWS, scaling=HEAD_DIM**-0.5, dtype=torch.float16,
+                       head_dim=HEAD_DIM, max_tokens=ROWS, scaling=HEAD_DIM**-0.5, dtype=torch.bfloat16,
                        device=torch.device("cpu"), kv_dtype=dtype, kernel=kernel)
-    q = torch.randn(ROWS, HEADS, 1, HEAD_DIM, dtype=torch.float16)
+    q = torch.randn(ROWS, HEADS, 1, HEAD_DIM, dtype=torch.bfloat16)
     for step in range(3):
         att.begin(list(range(ROWS)), [KV_LEN - 1] * ROWS, decode=True)
         if step == 1:
@@ -140,17 +160,20 @@ def main() -> None:
     kernels = {}
     for dtype in sorted({v.split("-")[1] for v in VARIANTS if v.startswith("fused")} | {"float16", "int8"}):
         start = time.perf_counter()
-        kernels[dtype] = Kernel.build(getattr(torch, dtype), num_kv_heads=HEADS, group=1, head_dim=HEAD_DIM)
+        kernels[dtype] = Kernel.build(getattr(torch, dtype), num_kv_heads=HEADS, group=1, head_dim=HEAD_DIM,
+                                      native=False)
         info[f"compile_s_{dtype}"] = round(time.perf_counter() - start, 1)
-    kernels["hint16"] = Kernel.build(torch.bfloat16, num_kv_heads=HEADS, group=1, head_dim=HEAD_DIM,
-                                     warm_up=((2, 5), (16, 64)))
-    with torch._inductor.config.patch({"cpp.min_chunk_size": 1}):  # compiled inside build's warm-up calls
-        kernels["parallel"] = Kernel.build(torch.bfloat16, num_kv_heads=HEADS, group=1, head_dim=HEAD_DIM)
+    kernels["late"] = Kernel.build(torch.bfloat16, num_kv_heads=HEADS, group=1, head_dim=HEAD_DIM,
+                                   fn=decode_attention_late)
+    kernels["single"] = Kernel.build(torch.bfloat16, num_kv_heads=HEADS, group=1, head_dim=HEAD_DIM,
+                                     min_chunk_size=None, native=False)
     info["compiled"] = all(k.compiled for k in kernels.values())
     print(json.dumps(info), flush=True)
     rows = []
     for name in VARIANTS:
         run, nbytes = case(name, kernels)
+        huge = [line for line in _read("/proc/meminfo").splitlines() if line.startswith("AnonHugePages")]
+        info.setdefault("anon_huge_pages_with_caches", huge[0].split(":")[1].strip() if huge else "")
         for under in [False, True] if torch.cuda.is_available() else [False]:
             r = {"threads": torch.get_num_threads(), "kernel": name, "under_copies": under}
             if under:
@@ -164,8 +187,9 @@ def main() -> None:
             rows.append(r)
             print(json.dumps(r), flush=True)
         del run
-    for kv_dtype in ("float16", "int8"):
-        rows.append(engine_step(kv_dtype, kernels[kv_dtype]))
+    for kv_dtype in ("bfloat16", "int8"):  # with the kernel the engine builds (native where it builds)
+        kernel = Kernel.build(getattr(torch, kv_dtype), num_kv_heads=HEADS, group=1, head_dim=HEAD_DIM)
+        rows.append(engine_step(kv_dtype, kernel) | {"native": kernel.native})
         print(json.dumps(rows[-1]), flush=True)
     (out / "host_attention.json").write_text(json.dumps(info | {"rows": rows}, indent=1))
     print("| kernel-KV dtype | under copies | ms/layer | GB/s | ms/step (40 layers) | H2D meanwhile |")

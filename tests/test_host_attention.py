@@ -24,12 +24,14 @@ def inputs():
     return q, k, v
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "inductor"])
 @pytest.mark.parametrize("kv_dtype, tol", [(torch.float32, 1e-5), (torch.float16, 1e-5), (torch.bfloat16, 1e-5),
                                            (torch.int8, 1e-5)])
-def test_compiled_kernel_equals_sdpa_over_the_stored_kv(inputs, kv_dtype, tol):
+def test_compiled_kernel_equals_sdpa_over_the_stored_kv(inputs, kv_dtype, tol, native):
     q, k, v = inputs
-    kernel = Kernel.build(kv_dtype, num_kv_heads=HEADS, group=GROUP, head_dim=HEAD_DIM)
-    assert kernel.compiled  # this host has a C++ compiler; a silent eager fallback would hide a broken build
+    kernel = Kernel.build(kv_dtype, num_kv_heads=HEADS, group=GROUP, head_dim=HEAD_DIM, native=native)
+    # this host has a C++ compiler; a silent fallback (inductor for native, eager for both) would hide a broken build
+    assert kernel.compiled and kernel.native == native
     scale = HEAD_DIM**-0.5
     for length, lengths in ((MAX_LEN, [MAX_LEN, 7, 1]), (13, [13, 13, 13]), (20, [5, 20, 11])):
         ks = vs = None

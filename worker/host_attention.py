@@ -12,9 +12,11 @@ transposed cache touches a cache line per element (2.4 ms a layer for 64 rows), 
 Where torch.compile cannot build it (no C++ compiler) the same function runs eagerly: correct, slow.
 """
 
+import functools
 import logging
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -53,36 +55,71 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale.squeeze(-1)
 
 
+NATIVE_HEAD_DIMS = (16, 32, 64, 128, 256)  # the head_dims host_attention.cpp is instantiated for
+
+
+@functools.cache
+def native_kernel():
+    """host_attention.cpp built for this host's vector ISA (as inductor picks it) and loaded, once per process:
+    torch.ops.batchgen_host.decode_attention, or None where it cannot be built (no compiler, no headers)."""
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+        from torch.utils.cpp_extension import load
+
+        isa = pick_vec_isa()
+        flags = ["-O3", "-fopenmp", *(f"-D{m}" for m in isa.build_macro() if m), *isa.build_arch_flags().split()]
+        name = "batchgen_host_attention_" + ("_".join(str(isa).split()) or "scalar")
+        load(name=name, sources=[str(Path(__file__).with_suffix(".cpp"))],
+             extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        return torch.ops.batchgen_host.decode_attention
+    except Exception as exc:  # no compiler, missing headers, a build error: the inductor kernel serves
+        log.warning("native host attention not built (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+
+
 @dataclass
 class Kernel:
     """decode_attention, compiled for one cache dtype and attention shape on this host when it can be.
 
     Warmed up with two row counts and lengths, so dynamo's automatic dynamic shapes make rows and length
     symbolic while heads and head_dim stay static (full-width vector loads): one graph serves every step.
-    The second shape is also the size hint inductor plans that graph's loops with. With this tiny one (3 rows ×
-    7 tokens) it runs the softmax on one thread (`omp single`); a larger one (16 × 64) spreads it over all,
-    yet the kernel measured 7.5 instead of 3.95 ms a 13B layer on the H100 host (benchmarks/host_attention.py,
-    variant hint16), so the tiny hint stays.
+    The second shape is also the size hint inductor plans that graph's loops with: a larger one (16 × 64) made
+    the kernel 7.5 instead of 3.95 ms a 13B layer on an H100 host (benchmarks/host_attention.py, variant
+    hint16), so the tiny hint stays. With it inductor would run the softmax's passes on one thread (`omp
+    single`: under its minimum chunk size); cpp.min_chunk_size = 1 keeps the same loops and spreads them over
+    every thread: 3.94 instead of 4.63 ms a layer while pinned copies ran at 55 GB/s (variant parallel, 2026-11-25
+    on an H100 host; reading the same bytes alone took 2.35 ms there).
     """
 
     fn: object = decode_attention
     compiled: bool = False
+    native: bool = False  # host_attention.cpp's kernel rather than inductor's
 
     WARM_UP = ((2, 5), (3, 7))  # (rows, length): the first compiles a static graph, the second the dynamic one
 
     @classmethod
     def build(cls, kv_dtype: torch.dtype, *, num_kv_heads: int, group: int, head_dim: int,
-              warm_up: tuple[tuple[int, int], ...] = WARM_UP) -> "Kernel":
+              warm_up: tuple[tuple[int, int], ...] = WARM_UP, fn=decode_attention,
+              min_chunk_size: int | None = 1, native: bool = True) -> "Kernel":
+        """The native kernel where it builds and the head_dim is one it has (native=False: never), else fn
+        compiled by inductor (min_chunk_size: its cpp.min_chunk_size, None its default), else fn eagerly."""
+        if native and fn is decode_attention and head_dim in NATIVE_HEAD_DIMS and native_kernel() is not None:
+            kernel = native_kernel()
+            for rows, length in warm_up:  # a broken build fails here, not in a step
+                kernel(*sample_inputs(kv_dtype, rows, num_kv_heads, group, length, head_dim))
+            return cls(kernel, True, True)
         try:
             # dynamo caches graphs per code object, with a recompile limit: a copy per kernel keeps kernels of
             # other dtypes in one process (tests, benchmarks) from using up this one's
-            fn = torch.compile(types.FunctionType(decode_attention.__code__.replace(), globals()), fullgraph=True)
-            for rows, length in warm_up:
-                fn(*sample_inputs(kv_dtype, rows, num_kv_heads, group, length, head_dim))
-            return cls(fn, True)
+            compiled = torch.compile(types.FunctionType(fn.__code__.replace(), fn.__globals__), fullgraph=True)
+            chunk = {} if min_chunk_size is None else {"cpp.min_chunk_size": min_chunk_size}
+            with torch._inductor.config.patch(chunk):  # inductor compiles in these calls
+                for rows, length in warm_up:
+                    compiled(*sample_inputs(kv_dtype, rows, num_kv_heads, group, length, head_dim))
+            return cls(compiled, True)
         except Exception as exc:  # no C++ compiler, an inductor bug: the eager path computes the same thing
             log.warning("host attention runs eagerly (torch.compile failed: %s)", str(exc).splitlines()[0])
-            return cls()
+            return cls(fn=fn)
 
     def __call__(self, *args) -> torch.Tensor:
         return self.fn(*args)

@@ -86,12 +86,15 @@ def wants_streaming(cfg: EngineConfig, device: torch.device, dtype: torch.dtype)
 # -- the device side ------------------------------------------------------------------------------
 
 class _Streams:
-    """A side copy stream and per-slot events on CUDA; no-ops elsewhere (copies are synchronous there)."""
+    """A side copy stream and per-slot events on CUDA; no-ops elsewhere (copies are synchronous there).
+    head_copied: the slot's layer's q/k/v weights (and every scale) are in, which is all its first piece
+    reads; copied: the whole layer is."""
 
     def __init__(self, device: torch.device, num_slots: int = 2):
         self.cuda, self.num_slots = device.type == "cuda", num_slots
         self.copy = torch.cuda.Stream(device) if self.cuda else None
         self.copied = [None] * num_slots
+        self.head_copied = [None] * num_slots
         self.done = [None] * num_slots
 
     def copying(self):
@@ -104,18 +107,20 @@ class _Streams:
             self.copy.wait_stream(torch.cuda.current_stream())
             if not keep_events:
                 self.copied, self.done = [None] * self.num_slots, [None] * self.num_slots
+                self.head_copied = [None] * self.num_slots
 
     def copy_waits_for_compute(self, slot: int) -> None:
         if self.cuda and self.done[slot] is not None:
             self.copy.wait_event(self.done[slot])
 
-    def record_copied(self, slot: int) -> None:
+    def record_copied(self, slot: int, *, head: bool = False) -> None:
         if self.cuda:
-            self.copied[slot] = self.copy.record_event()
+            (self.head_copied if head else self.copied)[slot] = self.copy.record_event()
 
-    def compute_waits_for_copy(self, slot: int) -> None:
-        if self.cuda and self.copied[slot] is not None:
-            torch.cuda.current_stream().wait_event(self.copied[slot])
+    def compute_waits_for_copy(self, slot: int, *, head: bool = False) -> None:
+        event = (self.head_copied if head else self.copied)[slot] if self.cuda else None
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
 
     def record_done(self, slot: int) -> None:
         if self.cuda:
@@ -274,6 +279,8 @@ class LayerStreamer:
         num_scb = sum(s.shape[0] for s in self.specs)
         scb_dtype = _int8_of(hf_layers[0].get_submodule(LINEARS[0]))[1].dtype
         self.layer_bytes = num_cb + num_scb * torch.empty(0, dtype=scb_dtype).element_size()
+        # q/k/v lead a layer's flat buffer (LINEARS' order): copied first, they let its first piece start
+        self.head_cb = sum(s.shape[0] * s.shape[1] for s in self.specs[:3])
         self.resident = resident_layers(self.num_layers, num_resident, spread=self.cyclic)
         streamed = [i for i in range(self.num_layers) if i not in self.resident]
         num_slots = max(1, min(num_slots, len(streamed))) if self.cyclic else 2  # no slot without a layer to hold
@@ -311,7 +318,11 @@ class LayerStreamer:
     def schedule(self, lag: int = 0) -> Iterator[int]:
         """Yields 0 … num_layers − 1 + lag. Before yielding a layer, the compute stream waits for its weights;
         when the consumer comes back after yielding i, the work of layer i − lag is queued: its slot is
-        released and the slot's next layer starts copying. lag=1: a layer's work spans two yields (piecewise)."""
+        released and the slot's next layer starts copying. lag=1: a layer's work spans two yields (piecewise):
+        yield i runs layer i − 1 from its attention on and layer i up to it, so it waits for all of layer
+        i − 1 and only layer i's q/k/v (a quarter of a Llama layer), which are copied first. With two slots
+        the copy of layer i + 1 starts only when yield i's work is done, so this lets its first piece start a
+        quarter of a copy later instead of a whole one (the host attends meanwhile)."""
         s = self.streams
         kv = self.kv is not None and self.kv.decoding
         pending, self._pending, prefetched = self._pending, set(), set()
@@ -321,9 +332,12 @@ class LayerStreamer:
             for i in [0, 1][: self.num_layers] if kv else self.first_in_slot:
                 if i not in pending:
                     self._prefetch(i, kv)
+            split = lag == 1 and not kv
             for i in range(self.num_layers + lag):
+                if split and i > 0 and self.host[i - 1] is not None:
+                    s.compute_waits_for_copy(self.slot(i - 1))
                 if i < self.num_layers and (kv or self.host[i] is not None):
-                    s.compute_waits_for_copy(self.slot(i))
+                    s.compute_waits_for_copy(self.slot(i), head=split)
                 yield i
                 done = i - lag
                 if done < 0:
@@ -352,8 +366,11 @@ class LayerStreamer:
         with self.streams.copying():
             self.streams.copy_waits_for_compute(slot)
             if host is not None:
-                self.stages[slot][0].copy_(host[0], non_blocking=True)
+                head = self.head_cb
                 self.stages[slot][1].copy_(host[1], non_blocking=True)
+                self.stages[slot][0][:head].copy_(host[0][:head], non_blocking=True)
+                self.streams.record_copied(slot, head=True)
+                self.stages[slot][0][head:].copy_(host[0][head:], non_blocking=True)
             if kv:
                 self.kv.prefetch(i, slot)
             self.streams.record_copied(slot)
@@ -664,6 +681,8 @@ class StreamingLLMEngine(LLMEngine):
                 s.extra["offload_overhead_at_plan_gib"] = round(self.overhead_at_plan / 2**30, 3)
             if self.cpu_attention_cost is not None:  # measured (CUDA, auto placement)
                 s.extra["offload_cpu_attention_cost"] = round(self.cpu_attention_cost, 3)
+            if self._cpu_kernel is not None:
+                s.extra["offload_cpu_attention_native"] = int(self._cpu_kernel.native)
             piecewise = getattr(self.runner, "piecewise", None)
             if piecewise is not None:
                 s.extra.update(offload_piecewise_graphs=int(piecewise.use_graphs))
