@@ -17,7 +17,9 @@ from batchgen.worker.engine import GenerationRequest
 from batchgen.worker.llm_engine import EngineConfig, LLMEngine
 from batchgen.worker.model_runner import prompt_groups
 from batchgen.worker.offload import (
+    LINEARS,
     StreamingLLMEngine,
+    _chunks,
     _next_in_slot,
     device_kv_layers,
     resident_layers,
@@ -228,6 +230,39 @@ def test_three_stage_slots_stream_the_same_output(model_dir, resident, monkeypat
     assert greedy(engine) == resident
 
 
+@pytest.mark.slow
+def test_a_piece_waits_for_the_qkv_of_its_second_layer_and_all_of_its_first(model_dir):
+    """Piecewise decode (lag 1): yield i runs the rest of layer i − 1 and layer i up to its attention, so it waits
+    for all of layer i − 1 and only layer i's q/k/v, which each copy puts in first. (The waits are CUDA events,
+    no-ops here: a recording stream object stands in for them; the GPU test replays the same schedule.)"""
+    cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True)
+    streamer = StreamingLLMEngine.from_config(cfg, kv_placement="cpu", num_resident=0).runner.streamer
+    assert [s.name for s in streamer.specs[:3]] == list(LINEARS[:3])
+    assert streamer.head_cb == sum(s.shape[0] * s.shape[1] for s in streamer.specs[:3]) < streamer.stages[0][0].numel()
+    log = []
+
+    class Recording(type(streamer.streams)):
+        def record_copied(self, slot, *, head=False):
+            log.append(("copied", slot, head))
+
+        def compute_waits_for_copy(self, slot, *, head=False):
+            log.append(("wait", slot, head))
+
+    streamer.streams = Recording(torch.device("cpu"), len(streamer.stages))
+    for _ in range(2):  # the second forward starts from the copies the first one queued for it
+        for i in streamer.schedule(lag=1):
+            log.append(("yield", i))
+    yields = [k for k, e in enumerate(log) if e[0] == "yield"]
+    for k, start in zip(yields, [-1] + yields[:-1], strict=True):
+        i, waits = log[k][1], {e for e in log[start + 1:k] if e[0] == "wait"}
+        expected = {("wait", streamer.slot(i), True)} if i < streamer.num_layers else set()
+        expected |= {("wait", streamer.slot(i - 1), False)} if i > 0 else set()
+        assert waits == expected, (i, waits)
+    copies = [e for e in log if e[0] == "copied"]
+    heads, wholes = copies[::2], copies[1::2]  # each copy: its q/k/v, then the whole layer, in the same slot
+    assert heads and all(h[2] and not w[2] and h[1] == w[1] for h, w in zip(heads, wholes, strict=True))
+
+
 def test_device_kv_layers_never_cost_rows():
     """With CPU attention rows cost the device next to nothing, so the plan takes all it can: a slightly faster step
     for fewer rows would run the batch's last requests in an extra wave of steps (scored by rows per step alone,
@@ -266,6 +301,7 @@ def test_resident_layers_are_spread_and_slots_cycle_over_the_streamed_ones():
     slots = {i: k % 2 for k, i in enumerate(streamed)}
     assert _next_in_slot(streamed, slots, cyclic=True) == {0: 3, 3: 6, 6: 0, 2: 5, 5: 2}
     assert _next_in_slot(streamed, slots, cyclic=False) == {0: 3, 3: 6, 6: None, 2: 5, 5: None}
+    assert _chunks(0, 10, 4) == [(0, 4), (4, 8), (8, 10)] and _chunks(3, 3, 4) == []  # a layer's copies
 
 
 def test_prompt_groups_pack_whole_prompts_up_to_the_token_limit():
