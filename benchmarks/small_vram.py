@@ -116,8 +116,9 @@ def cap_memory() -> None:
 
 def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     """variant: "auto" (the planner's choice, as `batchgen worker --max-vram 6GiB` runs it) or a lever,
-    placement[/host KV dtype[/max prefill tokens[/layers whose KV stays on the device[/weight stage slots]]]]
-    ("auto": the engine's), e.g. "host", "cpu/int8", "auto/int8", "cpu/auto/auto/6", "cpu/auto/auto/0/3";
+    placement[/host KV dtype[/max prefill tokens[/layers whose KV stays on the device[/weight stage slots[/weight
+    copy chunk MiB (0: a copy per part of a layer)]]]]] ("auto": the engine's), e.g. "host", "cpu/int8", "auto/int8",
+    "cpu/auto/auto/6", "cpu/auto/auto/0/3", "cpu/auto/auto/0/auto/0";
     run_phase also takes a
     "+passive" suffix: OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning between parallel regions)."""
     import torch
@@ -129,11 +130,15 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     if cuda:
         cap_memory()
     parts = variant.split("/")
-    kv_placement, kv_dtype, prefill, device_kv, slots = parts + ["auto"] * (5 - len(parts))
+    kv_placement, kv_dtype, prefill, device_kv, slots, chunk = parts + ["auto"] * (6 - len(parts))
     if slots != "auto":  # a lever the engine does not expose: the planner and the streamer both ask this
         from batchgen.worker import stream_plan
 
         stream_plan.STAGE_SLOTS = int(slots)
+    if chunk != "auto":  # another: how the weight stream cuts a layer's copies
+        from batchgen.worker import offload
+
+        offload.COPY_CHUNK_BYTES = int(chunk) * 2**20 or 2**62
     cfg = EngineConfig(model=model, device=device, max_vram_bytes=CAP_BYTES if cuda else None, offload=None if cuda else True,
                        max_model_len=256, max_prefill_tokens=None if prefill == "auto" else int(prefill),
                        max_batch_size=NUM_REQUESTS,

@@ -380,12 +380,15 @@ class LayerStreamer:
 
 # A layer's weights cross in copies of at most this many bytes. The step's small host→device copies (the host's
 # attention output, in the pieces' CUDA graphs) may queue on the same copy engine behind a weight copy; in pieces
-# they wait for a chunk (~0.6 ms at 54 GB/s) rather than a whole layer's MLP (~4.4 ms for a 13B layer).
+# they wait for a chunk (~0.6 ms at 54 GB/s) rather than a whole layer's MLP (~4.4 ms for a 13B layer). Not
+# measured on a GPU yet (2026-11-25: the device time ran out); benchmarks/small_vram.py's lever ".../0" copies
+# whole parts, for the A/B.
 COPY_CHUNK_BYTES = 32 * 2**20
 
 
-def _chunks(start: int, end: int, size: int = COPY_CHUNK_BYTES) -> list[tuple[int, int]]:
-    """[start, end) in consecutive (a, b) ranges of at most size elements (int8: bytes)."""
+def _chunks(start: int, end: int, size: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) in consecutive (a, b) ranges of at most size elements (int8: bytes; COPY_CHUNK_BYTES)."""
+    size = size or COPY_CHUNK_BYTES
     return [(a, min(a + size, end)) for a in range(start, end, size)]
 
 
