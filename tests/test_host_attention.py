@@ -55,3 +55,17 @@ def test_int8_quantization_error_is_bounded_by_half_a_step():
     assert q8.dtype == torch.int8 and scale.shape == x.shape[:-1]
     assert (q8.float() * scale[..., None] - x).abs().max() <= (scale.max() / 2) * 1.0001
     assert q8.abs().amax(-1).eq(127).all()  # absmax maps to ±127
+
+
+def test_the_native_kernel_refuses_inputs_that_do_not_fit_together(inputs):
+    """A shape mistake in the engine must be an error, not a read past a cache row."""
+    q, k, v = inputs
+    kernel = Kernel.build(torch.bfloat16, num_kv_heads=HEADS, group=GROUP, head_dim=HEAD_DIM)
+    keys, values = k.to(torch.bfloat16), v.to(torch.bfloat16)
+    bias = length_bias(torch.tensor([MAX_LEN] * ROWS), MAX_LEN)
+    assert kernel.native
+    kernel(q, keys, values, None, None, bias, 1.0)  # fits
+    for args in ((q, keys, values[:, :, :5], None, None, bias, 1.0), (q, keys, values, None, None, bias[:, :5], 1.0),
+                 (q[:2], keys, values, None, None, bias, 1.0), (q, keys, values, torch.ones(3), None, bias, 1.0)):
+        with pytest.raises(RuntimeError):
+            kernel(*args)

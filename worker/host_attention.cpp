@@ -131,7 +131,20 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& keys, cons
   TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "keys/values: head_dim contiguous");
   TORCH_CHECK(keys.scalar_type() == values.scalar_type(), "keys and values: one dtype");
   TORCH_CHECK(k_scale.has_value() == (keys.scalar_type() == at::kChar), "scales exactly for int8 K/V");
-  if (k_scale) TORCH_CHECK(k_scale->stride(2) == v_scale->stride(2), "K and V scales: one token stride");
+  TORCH_CHECK(keys.sizes() == values.sizes(), "keys and values: one shape");
+  TORCH_CHECK(q_in.size(0) == keys.size(0) && q_in.size(1) == keys.size(1) && q_in.size(3) == keys.size(3),
+              "q [rows, kv_heads, group, head_dim] against keys [rows, kv_heads, length, head_dim]");
+  TORCH_CHECK(bias_in.dim() == 2 && bias_in.size(0) == keys.size(0) && bias_in.size(1) == keys.size(2),
+              "bias: [rows, length]");
+  if (k_scale) {
+    TORCH_CHECK(v_scale.has_value(), "int8 K/V: both scales");
+    for (const at::Tensor* t : {&*k_scale, &*v_scale}) {
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == keys.size(0) &&
+                      t->size(1) == keys.size(1) && t->size(2) == keys.size(2),
+                  "scales: float32 [rows, kv_heads, length]");
+    }
+    TORCH_CHECK(k_scale->stride(2) == v_scale->stride(2), "K and V scales: one token stride");
+  }
   const at::Tensor q = q_in.to(at::kFloat).contiguous();
   const at::Tensor bias = bias_in.to(at::kFloat).contiguous();
   at::Tensor out = at::empty(q.sizes(), q.options());

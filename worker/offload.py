@@ -697,8 +697,9 @@ class StreamingLLMEngine(LLMEngine):
                 s.extra["offload_overhead_at_plan_gib"] = round(self.overhead_at_plan / 2**30, 3)
             if self.cpu_attention_cost is not None:  # measured (CUDA, auto placement)
                 s.extra["offload_cpu_attention_cost"] = round(self.cpu_attention_cost, 3)
-            if self._cpu_kernel is not None:
-                s.extra["offload_cpu_attention_native"] = int(self._cpu_kernel.native)
+            kernel = getattr(self.runner, "_cpu_kernel", None)  # the one the host attention runs
+            if kernel is not None:
+                s.extra["offload_cpu_attention_native"] = int(kernel.native)
             piecewise = getattr(self.runner, "piecewise", None)
             if piecewise is not None:
                 s.extra.update(offload_piecewise_graphs=int(piecewise.use_graphs))
