@@ -347,4 +347,7 @@ def test_piecewise_cuda_graphs_replay_what_the_eager_pieces_compute(model_dir, h
         assert len(engine.runner.host_kv.device_layers) == 2
         assert engine.runner.parts.embed.weight.device.type == "cpu"  # the table stays on the host
         out[graphs] = greedy(engine)
+        stats = engine.stats().extra  # the weight copies, timed on the GPU: 4 streamed layers a forward at least
+        assert stats["offload_copy_bytes"] >= 4 * engine.runner.streamer.layer_bytes
+        assert stats["offload_copy_busy_s"] > 0 and stats["offload_copy_gb_s_while_busy"] > 0
     assert out[True] == out[False]

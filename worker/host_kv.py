@@ -93,9 +93,14 @@ class HostKV(_HostCache):
         if decode:
             self._rows_device, self._positions_device = self._rows.to(self.device), self._positions.to(self.device)
 
-    def prefetch(self, layer: int, slot: int) -> None:
+    def prefetch(self, layer: int, slot: int) -> int:
+        """Queues layer's K/V up to the step's length into device slot `slot`; returns the bytes."""
+        nbytes = 0
         for which in range(2):
-            self.slots[which][slot][: self._kv_len].copy_(self.host[which][layer, : self._kv_len], non_blocking=True)
+            src = self.host[which][layer, : self._kv_len]
+            self.slots[which][slot][: self._kv_len].copy_(src, non_blocking=True)
+            nbytes += src.numel() * src.element_size()
+        return nbytes
 
     def layer_view(self, which: int, layer: int):
         if not self.decoding:

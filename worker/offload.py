@@ -88,7 +88,8 @@ def wants_streaming(cfg: EngineConfig, device: torch.device, dtype: torch.dtype)
 class _Streams:
     """A side copy stream and per-slot events on CUDA; no-ops elsewhere (copies are synchronous there).
     head_copied: the slot's layer's q/k/v weights (and every scale) are in, which is all its first piece
-    reads; copied: the whole layer is."""
+    reads; copied: the whole layer is. Each layer's copies are also timed on the GPU (busy_s, copied_bytes):
+    the stream's rate while it copies, and how much of a step it copies at all, tell a slow bus from idle one."""
 
     def __init__(self, device: torch.device, num_slots: int = 2):
         self.cuda, self.num_slots = device.type == "cuda", num_slots
@@ -96,6 +97,8 @@ class _Streams:
         self.copied = [None] * num_slots
         self.head_copied = [None] * num_slots
         self.done = [None] * num_slots
+        self.timed: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []  # (start, end, bytes) not yet read
+        self.busy_s, self.copied_bytes = 0.0, 0
 
     def copying(self):
         return torch.cuda.stream(self.copy) if self.cuda else _NullContext()
@@ -125,6 +128,25 @@ class _Streams:
     def record_done(self, slot: int) -> None:
         if self.cuda:
             self.done[slot] = torch.cuda.current_stream().record_event()
+
+    def start_timing(self) -> torch.cuda.Event | None:
+        """On the copy stream, before a layer's copies (after its wait for the slot): when they start."""
+        return self.copy.record_event(torch.cuda.Event(enable_timing=True)) if self.cuda else None
+
+    def end_timing(self, start: torch.cuda.Event | None, nbytes: int) -> None:
+        if start is not None:
+            self.timed.append((start, self.copy.record_event(torch.cuda.Event(enable_timing=True)), nbytes))
+
+    def harvest(self) -> None:
+        """Adds the finished timed copies to busy_s / copied_bytes; the others wait for a later call."""
+        pending = []
+        for start, end, nbytes in self.timed:
+            if end.query():
+                self.busy_s += start.elapsed_time(end) / 1e3
+                self.copied_bytes += nbytes
+            else:
+                pending.append((start, end, nbytes))
+        self.timed = pending
 
 
 class _NullContext:
@@ -326,6 +348,7 @@ class LayerStreamer:
         s = self.streams
         kv = self.kv is not None and self.kv.decoding
         pending, self._pending, prefetched = self._pending, set(), set()
+        s.harvest()
         s.start_iteration(keep_events=bool(pending))
         complete = False
         try:
@@ -365,17 +388,20 @@ class LayerStreamer:
         slot = self.slot(i)
         with self.streams.copying():
             self.streams.copy_waits_for_compute(slot)
+            start = self.streams.start_timing()
             if host is not None:
                 head, stage = self.head_cb, self.stages[slot][0]
                 self.stages[slot][1].copy_(host[1], non_blocking=True)
-                for start, end in _chunks(0, head):
-                    stage[start:end].copy_(host[0][start:end], non_blocking=True)
+                for a, b in _chunks(0, head):
+                    stage[a:b].copy_(host[0][a:b], non_blocking=True)
                 self.streams.record_copied(slot, head=True)
-                for start, end in _chunks(head, stage.numel()):
-                    stage[start:end].copy_(host[0][start:end], non_blocking=True)
+                for a, b in _chunks(head, stage.numel()):
+                    stage[a:b].copy_(host[0][a:b], non_blocking=True)
+            nbytes = self.layer_bytes if host is not None else 0
             if kv:
-                self.kv.prefetch(i, slot)
+                nbytes += self.kv.prefetch(i, slot)
             self.streams.record_copied(slot)
+            self.streams.end_timing(start, nbytes)
 
 
 # A layer's weights cross in copies of at most this many bytes. The step's small host→device copies (the host's
@@ -697,6 +723,12 @@ class StreamingLLMEngine(LLMEngine):
                 s.extra["offload_overhead_at_plan_gib"] = round(self.overhead_at_plan / 2**30, 3)
             if self.cpu_attention_cost is not None:  # measured (CUDA, auto placement)
                 s.extra["offload_cpu_attention_cost"] = round(self.cpu_attention_cost, 3)
+            streams = getattr(self.runner.streamer, "streams", None)
+            if streams is not None and streams.cuda:  # the weight stream's copies, timed on the GPU
+                streams.harvest()
+                s.extra.update(offload_copy_busy_s=round(streams.busy_s, 3),
+                               offload_copy_bytes=streams.copied_bytes,
+                               offload_copy_gb_s_while_busy=round(streams.copied_bytes / 1e9 / max(streams.busy_s, 1e-9), 1))
             kernel = getattr(self.runner, "_cpu_kernel", None)  # the one the host attention runs
             if kernel is not None:
                 s.extra["offload_cpu_attention_native"] = int(kernel.native)
