@@ -6,7 +6,7 @@ Oracle: torch's sdpa in float64 over the same K/V (dequantized for int8), rows o
 import pytest
 import torch
 import torch.nn.functional as F
-from batchgen.worker.host_attention import Kernel, decode_attention, length_bias, quantize
+from batchgen.worker.host_attention import Kernel, decode_attention, length_bias, native_store, quantize
 
 ROWS, HEADS, GROUP, HEAD_DIM, MAX_LEN = 3, 2, 2, 16, 24
 
@@ -69,3 +69,34 @@ def test_the_native_kernel_refuses_inputs_that_do_not_fit_together(inputs):
                  (q[:2], keys, values, None, None, bias, 1.0), (q, keys, values, torch.ones(3), None, bias, 1.0)):
         with pytest.raises(RuntimeError):
             kernel(*args)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+def test_the_native_store_writes_what_index_put_writes(kv_dtype):
+    """A decode step's new K/V (and int8 scales) land at each row's position of its cache row, nowhere else."""
+    store = native_store()
+    assert store is not None
+    torch.manual_seed(1)
+    rows, heads, max_len, d, layer, lo = 5, 3, 11, HEAD_DIM, 4, 1
+    keys = torch.zeros(7, rows + 2, heads, max_len, d, dtype=kv_dtype)
+    values = torch.zeros_like(keys)
+    scales = [torch.zeros(keys.shape[:4]) for _ in range(2)] if kv_dtype == torch.int8 else None
+    k, v = torch.randn(rows, 3 * heads, d).split([heads, 2 * heads], dim=1)[1].chunk(2, dim=1)  # strided, as sent
+    new_scales = (None, None)
+    if scales is not None:
+        (k, ks), (v, vs) = quantize(k), quantize(v)
+        new_scales = (ks, vs)
+    else:
+        k, v = k.to(kv_dtype), v.to(kv_dtype)
+    positions = torch.tensor([3, 0, 10, 7, 3])
+    expected = [t.clone() for t in [keys, values] + (scales or [])]
+    where = (layer, torch.arange(lo, lo + rows), slice(None), positions)
+    for t, new in zip(expected, [k, v, *new_scales][: len(expected)], strict=True):
+        t[where] = new
+    cache_scales = (None, None) if scales is None else tuple(s[layer, lo:lo + rows] for s in scales)
+    store(keys[layer, lo:lo + rows], values[layer, lo:lo + rows], *cache_scales, k, v, *new_scales, positions)
+    for got, want in zip([keys, values] + (scales or []), expected, strict=True):
+        assert torch.equal(got, want)
+    with pytest.raises(RuntimeError):  # a position past the cache
+        store(keys[layer, lo:lo + rows], values[layer, lo:lo + rows], *cache_scales, k, v, *new_scales,
+              torch.full((rows,), max_len))

@@ -14,6 +14,7 @@ touches a cache line per element (2.4 ms a layer for 64 rows), more than a faste
 """
 
 import functools
+import hashlib
 import logging
 import types
 from dataclasses import dataclass
@@ -59,20 +60,35 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 NATIVE_HEAD_DIMS = (16, 32, 64, 128, 256)  # the head_dims host_attention.cpp is instantiated for
 
 
-@functools.cache
 def native_kernel():
+    """torch.ops.batchgen_host.decode_attention (see native_ops), or None."""
+    ops = native_ops()
+    return ops.decode_attention if ops is not None else None
+
+
+def native_store():
+    """torch.ops.batchgen_host.store_decode (a decode step's new K/V into the host cache), or None."""
+    ops = native_ops()
+    return ops.store_decode if ops is not None else None
+
+
+@functools.cache
+def native_ops():
     """host_attention.cpp built for this host's vector ISA (as inductor picks it) and loaded, once per process:
-    torch.ops.batchgen_host.decode_attention, or None where it cannot be built (no compiler, no headers)."""
+    the torch.ops.batchgen_host namespace, or None where it cannot be built (no compiler, no headers)."""
     try:
         from torch._inductor.cpu_vec_isa import pick_vec_isa
         from torch.utils.cpp_extension import load
 
         isa = pick_vec_isa()
         flags = ["-O3", "-fopenmp", *(f"-D{m}" for m in isa.build_macro() if m), *isa.build_arch_flags().split()]
-        name = "batchgen_host_attention_" + ("_".join(str(isa).split()) or "scalar")
-        load(name=name, sources=[str(Path(__file__).with_suffix(".cpp"))],
+        source = Path(__file__).with_suffix(".cpp")
+        # one build directory per source and ISA: two versions of batchgen on a host must not rebuild each other's
+        digest = hashlib.sha1(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:10]
+        name = f"batchgen_host_attention_{'_'.join(str(isa).split()) or 'scalar'}_{digest}"
+        load(name=name, sources=[str(source)],
              extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-        return torch.ops.batchgen_host.decode_attention
+        return torch.ops.batchgen_host
     except Exception as exc:  # no compiler, missing headers, a build error: the inductor kernel serves
         log.warning("native host attention not built (%s)", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None

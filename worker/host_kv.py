@@ -8,7 +8,14 @@ import logging
 import time
 
 import torch
-from batchgen.worker.host_attention import Kernel, cache_bytes, length_bias, quantize, sample_inputs
+from batchgen.worker.host_attention import (
+    Kernel,
+    cache_bytes,
+    length_bias,
+    native_store,
+    quantize,
+    sample_inputs,
+)
 from batchgen.worker.model_runner import KVStore, cache_store
 from batchgen.worker.piecewise import split_slots
 
@@ -171,6 +178,8 @@ class CpuAttention(_HostCache):
         self.kernel = kernel or Kernel.build(self.kv_dtype, num_kv_heads=num_kv_heads,
                                              group=num_heads // num_kv_heads, head_dim=head_dim)
         self._bias = None
+        self._native_store = native_store()  # a decode step's K/V writes (else index_put)
+        self._rows_in_order = False  # a decode step's rows are cache rows 0 … n − 1 (what the kernel call assumes)
         self._segments: list[tuple[int, int, int, int]] = []
         self._prompt_copied: dict[int, torch.cuda.Event] = {}  # layer -> event after its prefill copies
         # where a decode step's host time goes (seconds, summed over steps): waiting for the GPU's q/k/v
@@ -190,6 +199,7 @@ class CpuAttention(_HostCache):
             self._device_store = cache_store(self.device_k, self.device_v, self._rows.to(self.device),
                                              self._positions.to(self.device))
         self._bias = length_bias(self._positions + 1, self._kv_len) if decode else None
+        self._rows_in_order = decode and torch.equal(self._rows, torch.arange(len(rows)))
 
     def layer_view(self, which: int, layer: int):
         raise RuntimeError("CPU attention: decode goes through send/compute/receive, prefill through store_prompt")
@@ -223,6 +233,17 @@ class CpuAttention(_HostCache):
         self.keys[layer, rows, :, positions], self.scales[0][layer, rows, :, positions] = k, scales[0]
         self.values[layer, rows, :, positions], self.scales[1][layer, rows, :, positions] = v, scales[1]
 
+    def _store_step(self, layer: int, lo: int, hi: int, k: torch.Tensor, v: torch.Tensor,
+                    scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """A decode step's new K/V [n, kv_heads, d] of rows [lo, hi) at their positions: the native store where it
+        is built and the K/V come in the cache's dtype, else _store's index_put."""
+        if self._native_store is None or not self._rows_in_order or k.dtype != self.kv_dtype:
+            return self._store(layer, self._rows[lo:hi], self._positions[lo:hi], k, v, scales)
+        j = self.host_index[layer]
+        cache_scales = (None, None) if self.scales is None else (self.scales[0][j, lo:hi], self.scales[1][j, lo:hi])
+        self._native_store(self.keys[j, lo:hi], self.values[j, lo:hi], *cache_scales, k, v,
+                           *(scales or (None, None)), self._positions[lo:hi])
+
     def send(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int = 0) -> None:
         """Device side of a decode step's layer: q [b, heads, 1, d] and k/v [b, kv_heads, 1, d] of the new
         tokens of rows [lo, lo + b) -> the pinned buffers (int8 K/V quantized first, where it is a few small
@@ -247,14 +268,14 @@ class CpuAttention(_HostCache):
         else:
             self._wait_for_device()
         t1 = time.perf_counter()
-        rows, where = slice(lo, hi), (self._rows[lo:hi], self._positions[lo:hi])
+        rows = slice(lo, hi)
         if self.scales is None:
             q_host, k_host, v_host = self.qkv[rows].split([heads, kv_heads, kv_heads], dim=1)
-            self._store(layer, *where, k_host, v_host)
+            self._store_step(layer, lo, hi, k_host, v_host)
         else:
             q_host = self.qkv[rows]
             (k8, v8), scales = self.kv8[rows].chunk(2, dim=1), self.kv_scales[rows].chunk(2, dim=1)
-            self._store(layer, *where, k8, v8, scales)
+            self._store_step(layer, lo, hi, k8, v8, scales)
         t2 = time.perf_counter()
         j = self.host_index[layer]  # a decode step's rows are cache rows 0 … n − 1
         scales = (None, None) if self.scales is None else (s[j, rows, :, :length] for s in self.scales)
