@@ -117,8 +117,8 @@ def cap_memory() -> None:
 def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     """variant: "auto" (the planner's choice, as `batchgen worker --max-vram 6GiB` runs it) or a lever,
     placement[/host KV dtype[/max prefill tokens[/layers whose KV stays on the device[/weight stage slots[/weight
-    copy chunk MiB (0: a copy per part of a layer)]]]]] ("auto": the engine's), e.g. "host", "cpu/int8", "auto/int8",
-    "cpu/auto/auto/6", "cpu/auto/auto/0/3", "cpu/auto/auto/0/auto/0";
+    copy chunk MiB (0: a copy per part of a layer)[/resident layers]]]]]] ("auto": the engine's), e.g. "host",
+    "cpu/int8", "auto/int8", "cpu/auto/auto/6", "cpu/auto/auto/0/3", "cpu/auto/auto/0/auto/0", "cpu/auto/auto/0/auto/auto/8";
     run_phase also takes a
     "+passive" suffix: OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning between parallel regions)."""
     import torch
@@ -130,7 +130,7 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     if cuda:
         cap_memory()
     parts = variant.split("/")
-    kv_placement, kv_dtype, prefill, device_kv, slots, chunk = parts + ["auto"] * (6 - len(parts))
+    kv_placement, kv_dtype, prefill, device_kv, slots, chunk, resident = parts + ["auto"] * (7 - len(parts))
     if slots != "auto":  # a lever the engine does not expose: the planner and the streamer both ask this
         from batchgen.worker import stream_plan
 
@@ -150,7 +150,8 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
         from batchgen.worker.offload import StreamingLLMEngine
 
         engine = StreamingLLMEngine.from_config(
-            cfg, kv_placement=kv_placement, num_device_kv_layers=None if device_kv == "auto" else int(device_kv))
+            cfg, kv_placement=kv_placement, num_device_kv_layers=None if device_kv == "auto" else int(device_kv),
+            num_resident=None if resident == "auto" else int(resident))
     load_s = time.perf_counter() - start
     memory = {"loaded": (torch.cuda.memory_allocated() / GIB, torch.cuda.memory_reserved() / GIB)} if cuda else {}
 

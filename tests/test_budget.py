@@ -64,6 +64,16 @@ def test_cpu_estimates_grow_with_the_context_and_the_prefill_is_quadratic():
     assert 4 * p1 < p4 < 16 * p1
 
 
+def test_a_flash_prefill_is_budgeted_without_scores():
+    shape = dict(hidden_size=5120, intermediate_size=13824, num_heads=40, num_tokens=1024, dtype_bytes=2)
+    masked, flash = budget.estimate_prefill_bytes(**shape), budget.estimate_prefill_bytes(**shape, scores=False)
+    assert masked - flash > 300 * 10**6  # the T×T mask and fp32 scores of 40 heads
+    # activations, gate/up's int32 accumulators, a float per token and head; measured on an H100 (13B int8, 2026-11-25
+    # 13:10 UTC, flash): 424 MB allocated over the loaded model for 1024-token groups and an 8192-token batch
+    assert flash == 1024 * ((8 * 5120 + 3 * 13824) * 2 + 2 * 13824 * 4) + 1024 * 40 * 4
+    assert 424 * 10**6 <= flash + 2 * 8192 * 5120 * 2 < masked + 2 * 8192 * 5120 * 2
+
+
 def test_the_attention_share_of_a_decode_row_is_what_the_row_estimate_counts_for_it():
     """Small-VRAM subtracts attention's share where the host attends: with a model's own head_dim (wider than
     hidden_size // num_heads here) the part it subtracts is the part the row estimate added."""

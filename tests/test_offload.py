@@ -10,7 +10,7 @@ import functools
 import pytest
 import torch
 from batchgen.jobs.schema import Request, SamplingParams
-from batchgen.worker import stream_plan
+from batchgen.worker import budget, stream_plan
 from batchgen.worker.cuda_graphs import batch_buckets
 from batchgen.worker.demo_model import write_demo_model
 from batchgen.worker.engine import GenerationRequest
@@ -177,6 +177,30 @@ def test_attention_activations_are_spared_only_where_the_cpu_attends_every_layer
     assert spared.device_bytes == full.device_bytes - 64 * 5 * 10**6 + LAYER_13B
     with_device_kv = dict(cpu, num_device_kv_layers=2)
     assert plan_13b(**with_device_kv, attention_bytes_per_row=5 * 10**6) == plan_13b(**with_device_kv)
+
+
+def test_the_prefill_budget_covers_a_prompt_longer_than_a_group(tmp_path):
+    """A prompt longer than a prefill group runs as a group of its own: the plan budgets the longest prompt's
+    activations (and, with sdpa on this CPU, its T×T scores), not a group's."""
+    model = write_demo_model(tmp_path, num_layers=2, max_position_embeddings=2048, chat_template=False)
+    cfg = EngineConfig(model=str(model), max_batch_size=2, offload=True, max_model_len=2048, max_prefill_tokens=4096)
+    engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu")
+    c, bytes_ = engine.model.config, engine.runner.kv_dtype_bytes
+    longest = budget.estimate_prefill_bytes(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                                            num_heads=c.num_attention_heads, num_tokens=2048, dtype_bytes=bytes_)
+    assert engine.runner.attention == "sdpa"
+    assert engine.budget.prefill_bytes == longest + 2 * 4096 * c.hidden_size * bytes_  # + the residual stream
+
+
+def test_a_masked_prefill_is_budgeted_where_the_prefill_is_masked():
+    """masked_prefill_bytes (sdpa's T×T scores) counts for the "host" placement, which always attends through
+    sdpa; placements that keep FlashAttention plan with prefill_bytes, and the room goes to resident layers."""
+    masked = dict(masked_prefill_bytes=300 * 10**6 + 2 * LAYER_13B, kv_placement="cpu", cpu_attention_cost=0.3)
+    cpu = plan_13b(**masked)
+    assert cpu == plan_13b(kv_placement="cpu", cpu_attention_cost=0.3)  # flash: the masked peak does not count
+    host = plan_13b(**{**masked, "kv_placement": "host"})
+    assert host.num_resident == plan_13b(kv_placement="host").num_resident - 2
+    assert host.device_bytes == plan_13b(kv_placement="host").device_bytes  # two layers' worth went to the scores
 
 
 @pytest.mark.slow

@@ -672,11 +672,12 @@ class StreamingLLMEngine(LLMEngine):
         attention_per_row = budget_math.estimate_decode_attention_bytes(  # its share of act_per_row
             num_heads=parts.num_heads, head_dim=parts.head_dim, max_model_len=self.max_model_len,
             dtype_bytes=dtype_bytes)
-        group = min(max_prefill_tokens, STREAMING_PREFILL_GROUP_TOKENS)  # each layer runs over groups this size
-        prefill_bytes = budget_math.estimate_prefill_bytes(
+        # each layer runs over groups of whole prompts of at most this many tokens, or one longer prompt
+        group = min(max_prefill_tokens, max(STREAMING_PREFILL_GROUP_TOKENS, self.max_model_len))
+        residual = 2 * max_prefill_tokens * c.hidden_size * dtype_bytes  # the whole batch's residual stream
+        prefill_bytes, masked_prefill_bytes = (residual + budget_math.estimate_prefill_bytes(
             hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_heads=parts.num_heads,
-            num_tokens=group, dtype_bytes=dtype_bytes)
-        prefill_bytes += 2 * max_prefill_tokens * c.hidden_size * dtype_bytes  # the whole batch's residual stream
+            num_tokens=group, dtype_bytes=dtype_bytes, scores=scores) for scores in (runner.attention != "flash", True))
         if self.device.type == "cuda":
             _, free = runner.memory_info()
             self.overhead_at_plan = process_overhead_bytes(self.device)
@@ -698,6 +699,7 @@ class StreamingLLMEngine(LLMEngine):
             budget_bytes=total, layer_bytes=runner.host_layer_bytes(), num_layers=parts.num_layers,
             kv_bytes_per_token_layer=kv_elements * dtype_bytes,
             max_model_len=self.max_model_len, activation_bytes_per_row=act_per_row, prefill_bytes=prefill_bytes,
+            masked_prefill_bytes=masked_prefill_bytes,
             max_rows=cfg.max_batch_size or budget_math.MAX_ROWS_CEILING,
             host_bytes=None if host is None else host // 2, kv_placement=self.kv_placement,
             num_resident=self.num_resident, num_device_kv_layers=self.num_device_kv_layers,
@@ -710,6 +712,8 @@ class StreamingLLMEngine(LLMEngine):
             runner.configure(plan, max_prefill_tokens)
             self.attention = runner.attention
             log.info("small-VRAM plan: %s", plan)
+        if plan is not None and plan.kv_placement == "host":
+            prefill_bytes = masked_prefill_bytes
         return budget_math.Budget(total, kv_per_token, kv_per_token * self.max_model_len, act_per_row,
                                   prefill_bytes, 0 if plan is None else plan.max_rows)
 

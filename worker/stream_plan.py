@@ -71,6 +71,7 @@ def plan_streaming(
     activation_bytes_per_row: int,
     prefill_bytes: int,
     max_rows: int,
+    masked_prefill_bytes: int | None = None,
     host_bytes: int | None = None,
     kv_placement: str = "auto",
     num_resident: int | None = None,
@@ -94,7 +95,9 @@ def plan_streaming(
     11:43 and 11:47 UTC: 0, 2, 4, 9 such layers 234.3, 225.3, 223.4, 217.4 tok/s). Whatever is left holds
     resident layers; STAGE_SLOTS stage buffers hold the streamed ones (two for a streamed KV).
     attention_bytes_per_row: the share of activation_bytes_per_row that only attention on the device takes,
-    spared where the CPU attends every layer. None: not even one row fits.
+    spared where the CPU attends every layer. masked_prefill_bytes: the prefill's peak where it attends through
+    masked sdpa (T×T scores), as "host" always does (its decode reads a strided device view); None: prefill_bytes.
+    None: not even one row fits.
     """
     if kv_placement not in KV_PLACEMENTS:
         raise ValueError(f"kv_placement must be one of {KV_PLACEMENTS}, got {kv_placement!r}")
@@ -128,7 +131,8 @@ def plan_streaming(
                 kv_device = {"device": rows * kv_row_layer * num_layers, "host": 2 * rows * kv_row_layer,
                              "cpu": rows * kv_row_layer * x}[placement]
                 act_row = activation_bytes_per_row - (attention_bytes_per_row if placement == "cpu" and x == 0 else 0)
-                left = budget_bytes - prefill_bytes - rows * act_row - kv_device
+                prefill = prefill_bytes if placement != "host" or masked_prefill_bytes is None else masked_prefill_bytes
+                left = budget_bytes - prefill - rows * act_row - kv_device
                 slots = stage_slots(placement)
                 resident = min(num_layers, max(0, left) // layer_bytes)  # every layer resident: no stage buffers
                 if resident < num_layers:
@@ -146,7 +150,7 @@ def plan_streaming(
                     step = max(streamed, cpu * (num_layers - x) / num_layers)
                 score = rows / (step + COMPUTE_BYTES_RATIO * num_layers * layer_bytes)
                 if score > best_score:
-                    used = prefill_bytes + rows * act_row + kv_device + resident * layer_bytes + stages
+                    used = prefill + rows * act_row + kv_device + resident * layer_bytes + stages
                     best, best_score = StreamPlan(rows, placement, int(resident), int(streamed), int(used), x), score
                 if most_first:
                     break  # the fewest device-KV layers
