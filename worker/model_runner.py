@@ -220,8 +220,10 @@ def prefill_step(
         tokens = slice(seq_starts[first], seq_starts[end])
         starts = [s - seq_starts[first] for s in seq_starts[first:end + 1]]
         groups.append((tokens, _prefill_attention(parts, positions[tokens], starts, tokens, store, attention)))
-    h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], groups)
+    # made before the layers run: a list → device copy waits for the GPU, and the host has work to do meanwhile
+    # (small VRAM: putting each finished layer's K/V into the host cache)
     last = torch.tensor(seq_starts[1:], device=input_ids.device) - 1
+    h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], groups)
     return parts.lm_head(h[0, last])
 
 
