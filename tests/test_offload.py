@@ -92,6 +92,8 @@ def test_cpu_attention_with_some_layers_kv_on_the_device_gives_the_same_output(m
     kernel_s = attention.seconds["kernel"]
     assert greedy(engine) == resident
     assert attention.seconds["kernel"] > kernel_s and attention.device_k.abs().sum() > 0  # both sides attended
+    assert attention.seconds["prefill_store"] > 0  # the prefills put the host layers' K/V into the cache, timed
+    assert {"offload_cpu_attention_prefill_store_s", "offload_cpu_attention_prefill_wait_s"} <= engine.stats().extra.keys()
 
 
 @pytest.mark.slow

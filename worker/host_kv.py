@@ -184,8 +184,10 @@ class CpuAttention(_HostCache):
         self._prompt_copied: dict[int, torch.cuda.Event] = {}  # layer -> event after its prefill copies
         # where a decode step's host time goes (seconds, summed over steps): waiting for the GPU's q/k/v
         # (its compute and the weight copy before it), writing the new K/V, the kernel, and the whole forward
-        # (the rest of it: launching the layers' GPU work)
-        self.seconds = {"wait": 0.0, "store": 0.0, "kernel": 0.0, "forward": 0.0}
+        # (the rest of it: launching the layers' GPU work); and a prefill's, after its GPU work is queued: waiting
+        # for a layer's K/V to reach the host, and putting them into the cache (waits > 0: it overlaps the GPU)
+        self.seconds = {"wait": 0.0, "store": 0.0, "kernel": 0.0, "forward": 0.0, "prefill_wait": 0.0,
+                        "prefill_store": 0.0}
         device_shape = (len(self.device_layers), slots, max_model_len, num_kv_heads, head_dim)
         self.device_k, self.device_v = (torch.zeros(device_shape, dtype=dtype, device=device) for _ in range(2))
         self.device_attention = device_attention  # "flash" or "sdpa", as the resident engine's
@@ -304,14 +306,18 @@ class CpuAttention(_HostCache):
             for layer in range(self.cache_shape[0]):
                 if layer in self.device_index:
                     continue
+                t0 = time.perf_counter()
                 if layer in self._prompt_copied:
                     self._prompt_copied[layer].synchronize()
+                t1 = time.perf_counter()
+                self.seconds["prefill_wait"] += t1 - t0
                 for row, start, first, length in self._segments:  # one strided copy per prompt, not per token
                     k, v = (self.staging[which][layer, start: start + length].transpose(0, 1) for which in range(2))
                     scales = None
                     if self.scales is not None:
                         scales = tuple(t[layer, start: start + length].transpose(0, 1) for t in self.scale_staging)
                     self._store(layer, row, slice(first, first + length), k, v, scales)
+                self.seconds["prefill_store"] += time.perf_counter() - t1
             self._wait_for_device()
         self._prompt_copied = {}
         self.reset()
