@@ -74,6 +74,7 @@ def test_streamed_greedy_output_equals_the_resident_engine(model_dir, resident, 
     assert stats["offload_cpu_attention"] == (kv_placement == "cpu")
     if kv_placement == "cpu":  # the native host kernel (this host has a compiler), not the inductor fallback
         assert stats["offload_cpu_attention_native"] == 1
+        assert stats["offload_piecewise_graphs"] == stats["offload_piecewise_graph_count"] == 0  # no CUDA here
 
 
 @pytest.mark.slow
@@ -369,7 +370,11 @@ def test_piecewise_cuda_graphs_replay_what_the_eager_pieces_compute(model_dir, h
         cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True, device="cuda", cuda_graphs=graphs,
                            compute_dtype="float16", host_kv_dtype=host_kv_dtype)
         engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu", num_resident=2, num_device_kv_layers=2)
-        assert engine.stats().extra["offload_piecewise_graphs"] == int(graphs)
+        stats = engine.stats().extra
+        assert stats["offload_piecewise_graphs"] == int(graphs)
+        buckets = len(engine.runner.piecewise.buckets)  # both halves of every bucket, each piece
+        assert stats["offload_piecewise_graph_count"] == graphs * buckets * 2 * (engine.runner.parts.num_layers + 1)
+        assert stats["offload_overhead_now_gib"] > 0 and stats["offload_overhead_at_plan_gib"] > 0
         assert len(engine.runner.host_kv.device_layers) == 2
         assert engine.runner.parts.embed.weight.device.type == "cpu"  # the table stays on the host
         out[graphs] = greedy(engine)

@@ -723,8 +723,9 @@ class StreamingLLMEngine(LLMEngine):
             host_kv = getattr(self.runner, "host_kv", None)
             for key, seconds in getattr(host_kv, "seconds", {}).items():
                 s.extra[f"offload_cpu_attention_{key}_s"] = round(seconds, 3)
-            if self.overhead_at_plan is not None:
+            if self.overhead_at_plan is not None:  # and now: what LATE_OVERHEAD_BYTES stands for, measured
                 s.extra["offload_overhead_at_plan_gib"] = round(self.overhead_at_plan / 2**30, 3)
+                s.extra["offload_overhead_now_gib"] = round(process_overhead_bytes(self.device) / 2**30, 3)
             if self.cpu_attention_cost is not None:  # measured (CUDA, auto placement)
                 s.extra["offload_cpu_attention_cost"] = round(self.cpu_attention_cost, 3)
             streams = getattr(self.runner.streamer, "streams", None)
@@ -737,8 +738,9 @@ class StreamingLLMEngine(LLMEngine):
             if kernel is not None:
                 s.extra["offload_cpu_attention_native"] = int(kernel.native)
             piecewise = getattr(self.runner, "piecewise", None)
-            if piecewise is not None:
-                s.extra.update(offload_piecewise_graphs=int(piecewise.use_graphs))
+            if piecewise is not None:  # each graph holds some device memory outside the allocator
+                s.extra.update(offload_piecewise_graphs=int(piecewise.use_graphs),
+                               offload_piecewise_graph_count=len(piecewise.graphs))
             s.extra.update(offload_kv_on_host=int(self.plan.kv_on_host),
                            offload_cpu_attention=int(self.plan.kv_placement == "cpu"),
                            offload_resident_layers=self.plan.num_resident,
