@@ -39,7 +39,13 @@ from batchgen.worker.llm_engine import EngineConfig, LLMEngine, _available_ram_b
 from batchgen.worker.model_loader import load_model, resolve_device, resolve_dtype
 from batchgen.worker.model_runner import KVStore, ModelRunner, head_dim_of
 from batchgen.worker.piecewise import PiecewiseDecode
-from batchgen.worker.stream_plan import StreamPlan, int8_weights_bytes, plan_streaming, stage_slots
+from batchgen.worker.stream_plan import (
+    StreamPlan,
+    int8_weights_bytes,
+    plan_streaming,
+    prefill_peak,
+    stage_slots,
+)
 
 log = logging.getLogger(__name__)
 
@@ -712,8 +718,8 @@ class StreamingLLMEngine(LLMEngine):
             runner.configure(plan, max_prefill_tokens)
             self.attention = runner.attention
             log.info("small-VRAM plan: %s", plan)
-        if plan is not None and plan.kv_placement == "host":
-            prefill_bytes = masked_prefill_bytes
+        if plan is not None:
+            prefill_bytes = prefill_peak(plan.kv_placement, prefill_bytes, masked_prefill_bytes)
         return budget_math.Budget(total, kv_per_token, kv_per_token * self.max_model_len, act_per_row,
                                   prefill_bytes, 0 if plan is None else plan.max_rows)
 

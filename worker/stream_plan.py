@@ -61,6 +61,12 @@ def stage_slots(kv_placement: str) -> int:
     return 2 if kv_placement == "host" else STAGE_SLOTS
 
 
+def prefill_peak(kv_placement: str, prefill_bytes: int, masked_prefill_bytes: int | None) -> int:
+    """A plan's prefill peak: "host" prefills through masked sdpa (the runner attends with sdpa there, as its
+    decode reads a strided device view), so it pays the T×T scores; the others prefill as the runner attends."""
+    return masked_prefill_bytes if kv_placement == "host" and masked_prefill_bytes is not None else prefill_bytes
+
+
 def plan_streaming(
     *,
     budget_bytes: int,
@@ -114,6 +120,7 @@ def plan_streaming(
         choices = [num_device_kv_layers] if num_device_kv_layers is not None else range(num_layers + 1)
         choices = choices if placement == "cpu" else (0,)
         host_limit = None if placement == "device" else host_bytes
+        prefill = prefill_peak(placement, prefill_bytes, masked_prefill_bytes)
         # "cpu": rows cost the device next to nothing (their KV is on the host), so a plan takes the most that
         # fit: a step that is a little faster for fewer rows loses a whole extra wave of steps on the last few
         # requests of a batch (measured: 60 rows and 10 device-KV layers, 120 tok/s for 64 requests, against
@@ -131,7 +138,6 @@ def plan_streaming(
                 kv_device = {"device": rows * kv_row_layer * num_layers, "host": 2 * rows * kv_row_layer,
                              "cpu": rows * kv_row_layer * x}[placement]
                 act_row = activation_bytes_per_row - (attention_bytes_per_row if placement == "cpu" and x == 0 else 0)
-                prefill = prefill_bytes if placement != "host" or masked_prefill_bytes is None else masked_prefill_bytes
                 left = budget_bytes - prefill - rows * act_row - kv_device
                 slots = stage_slots(placement)
                 resident = min(num_layers, max(0, left) // layer_bytes)  # every layer resident: no stage buffers
