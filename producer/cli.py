@@ -6,6 +6,7 @@ Exit codes (stable, for scripts): 0 ok / batch completed; 1 batch ended failed, 
 """
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -25,8 +26,19 @@ redis_url_option = click.option("--redis-url", envvar="REDIS_URL", default=defau
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output on stdout.")
 
 
-def emit(as_json: bool, data: Any, text: str) -> None:
-    click.echo(json.dumps(data, indent=None if isinstance(data, list) else 2) if as_json else text)
+def emit(as_json: bool, data: Any, text: str, err: bool = False) -> None:
+    click.echo(json.dumps(data, indent=None if isinstance(data, list) else 2) if as_json else text, err=err)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """`worker --json`: one JSON object a log line, so log shippers need no parsing rules."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
 
 
 def handles_errors(fn: Callable) -> Callable:
@@ -185,11 +197,14 @@ def wait(batch_id, timeout_s, poll_s, redis_url, as_json):
 @click.option("--errors", type=click.File("w"), help="Error lines go here (default: with the output).")
 @click.option("--ordered", is_flag=True, help="In input order (default: completion order).")
 @redis_url_option
+@click.option("--json", "as_json", is_flag=True,
+              help="The counts as JSON: on stdout with -o FILE, else on stderr (stdout holds the lines).")
 @handles_errors
-def results(batch_id, output, errors, ordered, redis_url):
+def results(batch_id, output, errors, ordered, redis_url, as_json):
     """Export a batch's output lines (OpenAI batch output format); partial results while it runs."""
     n_ok, n_err = client_for(redis_url).export(batch_id, output, errors, ordered=ordered)
-    click.echo(f"{n_ok} results, {n_err} errors", err=True)
+    counts = {"batch_id": batch_id, "results": n_ok, "errors": n_err, "output": output.name}
+    emit(as_json, counts, f"{n_ok} results, {n_err} errors", err=not as_json or output.name == "<stdout>")
 
 
 @main.command()
@@ -283,16 +298,19 @@ def worker_config(**kw: Any):
               help="One worker process per GPU, e.g. 0,1,2,3 (each gets CUDA_VISIBLE_DEVICES=N).")
 @redis_url_option
 @click.option("-v", "--verbose", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Log lines as JSON objects (stderr) and a JSON summary on stdout at exit.")
 @handles_errors
-def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step_delay, name, gpus, verbose, **kw):
+def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step_delay, name, gpus, verbose, as_json,
+           **kw):
     """Run a worker: load the model once (8-bit), then serve its queues until stopped."""
-    import logging
-
     from batchgen.worker.factory import build_engine
     from batchgen.worker.worker import BatchWorker
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if as_json else
+                         logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     cfg = worker_config(**kw)
     if priorities:
         cfg.priorities = tuple(p for p in defaults.PRIORITIES if p in priorities)
@@ -307,7 +325,9 @@ def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step
         cfg.name = name
     engine = build_engine(cfg)
     conn = redis.Redis.from_url(cfg.redis_url, decode_responses=True, health_check_interval=30)
-    BatchWorker(cfg, engine, conn).run()
+    done = BatchWorker(cfg, engine, conn).run()
+    summary = {"name": cfg.name, "requests_done": done}  # one line, like the JSON log lines before it
+    click.echo(json.dumps(summary) if as_json else f"{cfg.name}: {done} requests done")
 
 
 @main.command()
@@ -345,12 +365,13 @@ def run(inputs, output, errors, skip_invalid, as_json, max_tokens, temperature, 
 
 @main.command("demo-model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-def demo_model(out_dir):
+@json_option
+def demo_model(out_dir, as_json):
     """Write a tiny RANDOMLY INITIALISED model + tokenizer to OUT_DIR (offline demo; output is gibberish)."""
     from batchgen.worker.demo_model import write_demo_model
 
     path = write_demo_model(out_dir)
-    click.echo(f"wrote a random-weights demo model to {path}")
+    emit(as_json, {"path": str(path)}, f"wrote a random-weights demo model to {path}")
 
 
 if __name__ == "__main__":

@@ -28,16 +28,23 @@ def test_submit_worker_wait_results_with_echo_engine(redis_url, redis_conn, tmp_
     batch = json.loads(sub.stdout)
     assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 30
 
-    worker = start_worker("--engine", "echo", "--model", "echo-m", "--burst", redis_url=redis_url,
-                          log=tmp_path / "worker.log")
+    worker = start_worker("--engine", "echo", "--model", "echo-m", "--burst", "--json", "--name", "w-json",
+                          redis_url=redis_url, log=tmp_path / "worker.log")
     assert worker.wait(timeout=60) == 0, (tmp_path / "worker.log").read_text()
+    logged = [json.loads(line) for line in (tmp_path / "worker.log").read_text().splitlines()]  # every line JSON
+    assert {"time", "level", "logger", "message"} <= set(logged[0])
+    assert any("burst done" in rec.get("message", "") for rec in logged)
+    assert logged[-1] == {"name": "w-json", "requests_done": 30}
 
     waited = batchgen("wait", batch["id"], "--timeout", "30", "--json", redis_url=redis_url)
     assert waited.returncode == 0, waited.stderr
     assert json.loads(waited.stdout)["request_counts"] == {"total": 30, "completed": 30, "failed": 0}
 
     out = tmp_path / "results.jsonl"
-    batchgen("results", batch["id"], "-o", str(out), "--ordered", redis_url=redis_url, check=True)
+    exported = batchgen("results", batch["id"], "-o", str(out), "--ordered", "--json", redis_url=redis_url, check=True)
+    assert json.loads(exported.stdout) == {"batch_id": batch["id"], "results": 30, "errors": 0, "output": str(out)}
+    to_stdout = batchgen("results", batch["id"], "--json", redis_url=redis_url, check=True)
+    assert len(to_stdout.stdout.splitlines()) == 30 and json.loads(to_stdout.stderr)["results"] == 30
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [ln["custom_id"] for ln in lines] == [r["custom_id"] for r in rows]
     assert lines[7]["response"]["body"]["choices"][0]["text"] == "alpha beta gamma"
@@ -90,3 +97,10 @@ def test_stdin_and_text_inputs(redis_url, redis_conn, tmp_path):
     proc = batchgen("submit", "-", "--model", "m", "--json", redis_url=redis_url, check=True,
                     input=b"first prompt\nsecond prompt\n")
     assert json.loads(proc.stdout)["request_counts"]["total"] == 2
+
+
+def test_demo_model_json_names_a_loadable_model(tmp_path):
+    made = batchgen("demo-model", str(tmp_path / "demo"), "--json", redis_url="redis://unused", check=True)
+    path = json.loads(made.stdout)["path"]
+    config = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert path == str(tmp_path / "demo") and config["model_type"] == "llama"
