@@ -75,6 +75,12 @@ def test_streamed_greedy_output_equals_the_resident_engine(model_dir, resident, 
     if kv_placement == "cpu":  # the native host kernel (this host has a compiler), not the inductor fallback
         assert stats["offload_cpu_attention_native"] == 1
         assert stats["offload_piecewise_graphs"] == stats["offload_piecewise_graph_count"] == 0  # no CUDA here
+        by_layer = stats["offload_cpu_attention_wait_s_by_layer"]  # every layer attended on the host waited
+        assert len(by_layer) == 6 and sum(by_layer) == pytest.approx(stats["offload_cpu_attention_wait_s"], abs=0.01)
+        assert "offload_copy_gap_s" not in stats  # copies are timed on CUDA only
+        engine.reset_offload_stats()  # a benchmark's timed run apart from its warm-up
+        stats = engine.stats().extra
+        assert stats["offload_cpu_attention_kernel_s"] == 0 and not any(stats["offload_cpu_attention_wait_s_by_layer"])
 
 
 @pytest.mark.slow
@@ -381,4 +387,6 @@ def test_piecewise_cuda_graphs_replay_what_the_eager_pieces_compute(model_dir, h
         stats = engine.stats().extra  # the weight copies, timed on the GPU: 4 streamed layers a forward at least
         assert stats["offload_copy_bytes"] >= 4 * engine.runner.streamer.layer_bytes
         assert stats["offload_copy_busy_s"] > 0 and stats["offload_copy_gb_s_while_busy"] > 0
+        streamed = {str(i) for i in range(engine.runner.parts.num_layers) if engine.runner.streamer.host[i] is not None}
+        assert set(stats["offload_copy_gap_s_by_layer"]) <= streamed and stats["offload_copy_gap_s"] >= 0
     assert out[True] == out[False]

@@ -186,6 +186,7 @@ class CpuAttention(_HostCache):
         # (its compute and the weight copy before it), writing the new K/V, the kernel, and the whole forward
         # (the rest of it: launching the layers' GPU work); and a prefill's, after its GPU work is queued: waiting
         # for a layer's K/V to reach the host, and putting them into the cache (waits > 0: it overlaps the GPU)
+        self.wait_by_layer = [0.0] * num_layers  # seconds["wait"] by layer: which layers' GPU work lags
         self.seconds = {"wait": 0.0, "store": 0.0, "kernel": 0.0, "forward": 0.0, "prefill_wait": 0.0,
                         "prefill_store": 0.0}
         device_shape = (len(self.device_layers), slots, max_model_len, num_kv_heads, head_dim)
@@ -287,6 +288,7 @@ class CpuAttention(_HostCache):
         t3 = time.perf_counter()
         for key, dt in (("wait", t1 - t0), ("store", t2 - t1), ("kernel", t3 - t2)):
             self.seconds[key] += dt
+        self.wait_by_layer[layer] += t1 - t0
 
     def receive(self, b: int, lo: int = 0) -> torch.Tensor:
         """Device side: rows [lo, lo + b) of the attention output, [b, heads, 1, d] on the device. On CUDA the copy

@@ -95,7 +95,9 @@ class _Streams:
     """A side copy stream and per-slot events on CUDA; no-ops elsewhere (copies are synchronous there).
     head_copied: the slot's layer's q/k/v weights (and every scale) are in, which is all its first piece
     reads; copied: the whole layer is. Each layer's copies are also timed on the GPU (busy_s, copied_bytes):
-    the stream's rate while it copies, and how much of a step it copies at all, tell a slow bus from idle one."""
+    the stream's rate while it copies, and how much of a step it copies at all, tell a slow bus from idle one;
+    gap_by_layer: how long the stream sat idle before each layer's copy began (waiting for its slot to be
+    released, or for the host to issue it; between batches too), which says where in a step the bus idles."""
 
     def __init__(self, device: torch.device, num_slots: int = 2):
         self.cuda, self.num_slots = device.type == "cuda", num_slots
@@ -103,8 +105,10 @@ class _Streams:
         self.copied = [None] * num_slots
         self.head_copied = [None] * num_slots
         self.done = [None] * num_slots
-        self.timed: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []  # (start, end, bytes) not yet read
+        self.timed: list[tuple[int, torch.cuda.Event, torch.cuda.Event, int]] = []  # (layer, start, end, bytes) unread
         self.busy_s, self.copied_bytes = 0.0, 0
+        self.gap_by_layer: dict[int, float] = {}
+        self._last_end: torch.cuda.Event | None = None  # the end of the last copy harvested
 
     def copying(self):
         return torch.cuda.stream(self.copy) if self.cuda else _NullContext()
@@ -139,20 +143,31 @@ class _Streams:
         """On the copy stream, before a layer's copies (after its wait for the slot): when they start."""
         return self.copy.record_event(torch.cuda.Event(enable_timing=True)) if self.cuda else None
 
-    def end_timing(self, start: torch.cuda.Event | None, nbytes: int) -> None:
+    def end_timing(self, layer: int, start: torch.cuda.Event | None, nbytes: int) -> None:
         if start is not None:
-            self.timed.append((start, self.copy.record_event(torch.cuda.Event(enable_timing=True)), nbytes))
+            self.timed.append((layer, start, self.copy.record_event(torch.cuda.Event(enable_timing=True)), nbytes))
+
+    def reset_timing(self) -> None:
+        """Forgets every copy queued so far (they are waited for), so the next ones are counted on their own."""
+        if self.cuda:
+            self.copy.synchronize()
+        self.harvest()
+        self.busy_s, self.copied_bytes, self.gap_by_layer, self._last_end = 0.0, 0, {}, None
 
     def harvest(self) -> None:
-        """Adds the finished timed copies to busy_s / copied_bytes; the others wait for a later call."""
-        pending = []
-        for start, end, nbytes in self.timed:
-            if end.query():
-                self.busy_s += start.elapsed_time(end) / 1e3
-                self.copied_bytes += nbytes
-            else:
-                pending.append((start, end, nbytes))
-        self.timed = pending
+        """Adds the finished timed copies to busy_s / copied_bytes / gap_by_layer; the others wait for a later call
+        (one stream: they finish in the order they were queued, so the finished ones are a prefix)."""
+        done = 0
+        for layer, start, end, nbytes in self.timed:
+            if not end.query():
+                break
+            self.busy_s += start.elapsed_time(end) / 1e3
+            self.copied_bytes += nbytes
+            if self._last_end is not None:
+                gap = self._last_end.elapsed_time(start) / 1e3
+                self.gap_by_layer[layer] = self.gap_by_layer.get(layer, 0.0) + gap
+            self._last_end, done = end, done + 1
+        del self.timed[:done]
 
 
 class _NullContext:
@@ -407,7 +422,7 @@ class LayerStreamer:
             if kv:
                 nbytes += self.kv.prefetch(i, slot)
             self.streams.record_copied(slot)
-            self.streams.end_timing(start, nbytes)
+            self.streams.end_timing(i, start, nbytes)
 
 
 # A layer's weights cross in copies of at most this many bytes. The step's small host→device copies (the host's
@@ -723,12 +738,25 @@ class StreamingLLMEngine(LLMEngine):
         return budget_math.Budget(total, kv_per_token, kv_per_token * self.max_model_len, act_per_row,
                                   prefill_bytes, 0 if plan is None else plan.max_rows)
 
+    def reset_offload_stats(self) -> None:
+        """Zeroes the cumulative host-attention and copy timings (a benchmark's warm-up apart from its timed run)."""
+        host_kv = getattr(self.runner, "host_kv", None)
+        if host_kv is not None:
+            host_kv.seconds = dict.fromkeys(host_kv.seconds, 0.0)
+            if hasattr(host_kv, "wait_by_layer"):
+                host_kv.wait_by_layer = [0.0] * len(host_kv.wait_by_layer)
+        streams = getattr(getattr(self.runner, "streamer", None), "streams", None)
+        if streams is not None:
+            streams.reset_timing()
+
     def stats(self):
         s = super().stats()
         if self.plan is not None:
             host_kv = getattr(self.runner, "host_kv", None)
             for key, seconds in getattr(host_kv, "seconds", {}).items():
                 s.extra[f"offload_cpu_attention_{key}_s"] = round(seconds, 3)
+            if hasattr(host_kv, "wait_by_layer"):  # CPU attention: which layers the host waited for
+                s.extra["offload_cpu_attention_wait_s_by_layer"] = [round(w, 3) for w in host_kv.wait_by_layer]
             if self.overhead_at_plan is not None:  # and now: what LATE_OVERHEAD_BYTES stands for, measured
                 s.extra["offload_overhead_at_plan_gib"] = round(self.overhead_at_plan / 2**30, 3)
                 s.extra["offload_overhead_now_gib"] = round(process_overhead_bytes(self.device) / 2**30, 3)
@@ -739,7 +767,9 @@ class StreamingLLMEngine(LLMEngine):
                 streams.harvest()
                 s.extra.update(offload_copy_busy_s=round(streams.busy_s, 3),
                                offload_copy_bytes=streams.copied_bytes,
-                               offload_copy_gb_s_while_busy=round(streams.copied_bytes / 1e9 / max(streams.busy_s, 1e-9), 1))
+                               offload_copy_gb_s_while_busy=round(streams.copied_bytes / 1e9 / max(streams.busy_s, 1e-9), 1),
+                               offload_copy_gap_s=round(sum(streams.gap_by_layer.values()), 3),
+                               offload_copy_gap_s_by_layer={str(i): round(g, 3) for i, g in sorted(streams.gap_by_layer.items())})
             kernel = getattr(self.runner, "_cpu_kernel", None)  # the one the host attention runs
             if kernel is not None:
                 s.extra["offload_cpu_attention_native"] = int(kernel.native)
