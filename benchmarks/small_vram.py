@@ -136,9 +136,9 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
 
         stream_plan.STAGE_SLOTS = int(slots)
     if chunk != "auto":  # another: how the weight stream cuts a layer's copies
-        from batchgen.worker import offload
+        from batchgen.worker import layer_stream
 
-        offload.COPY_CHUNK_BYTES = int(chunk) * 2**20 or 2**62
+        layer_stream.COPY_CHUNK_BYTES = int(chunk) * 2**20 or 2**62
     cfg = EngineConfig(model=model, device=device, max_vram_bytes=CAP_BYTES if cuda else None, offload=None if cuda else True,
                        max_model_len=256, max_prefill_tokens=None if prefill == "auto" else int(prefill),
                        max_batch_size=NUM_REQUESTS,

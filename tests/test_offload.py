@@ -14,18 +14,10 @@ from batchgen.worker import budget, stream_plan
 from batchgen.worker.cuda_graphs import batch_buckets
 from batchgen.worker.demo_model import write_demo_model
 from batchgen.worker.engine import GenerationRequest
+from batchgen.worker.layer_stream import LINEARS, _chunks, _next_in_slot, device_kv_layers, resident_layers
 from batchgen.worker.llm_engine import EngineConfig, LLMEngine
 from batchgen.worker.model_runner import prompt_groups
-from batchgen.worker.offload import (
-    LINEARS,
-    StreamingLLMEngine,
-    _chunks,
-    _next_in_slot,
-    device_kv_layers,
-    resident_layers,
-    streaming_prefill_tokens,
-    wants_streaming,
-)
+from batchgen.worker.offload import StreamingLLMEngine, streaming_prefill_tokens, wants_streaming
 from batchgen.worker.piecewise import split_halves, split_slots
 from batchgen.worker.stream_plan import int8_weights_bytes, plan_streaming
 

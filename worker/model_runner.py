@@ -33,7 +33,7 @@ class LlamaParts:
     num_kv_heads: int
     head_dim: int
     scaling: float
-    # Small-VRAM mode (offload.LayerStreamer): iter_layers() yields each decoder layer with its weights on the device.
+    # Small-VRAM mode (layer_stream.LayerStreamer): iter_layers() yields each decoder layer with its weights on the device.
     layer_executor: object | None = None
 
     @classmethod
