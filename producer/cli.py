@@ -133,14 +133,17 @@ def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, 
     """Validate INPUTS (JSONL, text files, a directory of .txt, or -) and enqueue them as one batch."""
     from batchgen.producer.client import BatchClient
     from batchgen.producer.config import ProducerConfig
+    from tqdm import tqdm
 
     cfg = ProducerConfig(redis_url=redis_url, max_line_bytes=max_line_bytes, max_requests=max_requests,
                          chunk_size=chunk_size)
     meta = dict(m.split("=", 1) for m in metadata if "=" in m)
-    result = BatchClient(cfg).submit(
-        inputs, model=model, params=param_defaults(max_tokens, temperature, top_p, seed), priority=priority,
-        output_dir=output_dir, skip_invalid=skip_invalid, metadata=meta,
-    )
+    # a million-line batch takes ~25 s to validate and store: show it going (on a terminal, not with --json)
+    with tqdm(desc="validating", unit=" lines", disable=as_json or not sys.stderr.isatty(), leave=False) as bar:
+        result = BatchClient(cfg).submit(
+            inputs, model=model, params=param_defaults(max_tokens, temperature, top_p, seed), priority=priority,
+            output_dir=output_dir, skip_invalid=skip_invalid, metadata=meta, on_line=lambda _line: bar.update(),
+        )
     if result.batch is None:
         report_invalid(result, as_json)
         click.echo(f"{result.num_errors} invalid line(s); nothing was enqueued", err=True)

@@ -104,3 +104,42 @@ def test_demo_model_json_names_a_loadable_model(tmp_path):
     path = json.loads(made.stdout)["path"]
     config = json.loads((tmp_path / "demo" / "config.json").read_text())
     assert path == str(tmp_path / "demo") and config["model_type"] == "llama"
+
+
+def test_submit_shows_validation_progress_on_a_terminal_only(redis_url, redis_conn, tmp_path):
+    """On a terminal, submit shows a line counter while it validates and stores; piped or --json, stderr stays
+    clean for scripts."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    from tests.cli import BATCHGEN, cli_env
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p {i}", "max_tokens": 2} for i in range(500)])
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a new pty is 0 columns wide
+    proc = subprocess.run([*BATCHGEN, "submit", src, "--model", "m"], stderr=terminal, capture_output=False,
+                          stdout=subprocess.PIPE, env=cli_env(redis_url), timeout=60)
+    os.close(terminal)
+    shown = b""
+    while chunk := _read_available(controller):
+        shown += chunk
+    os.close(controller)
+    assert proc.returncode == 0 and proc.stdout.startswith(b"batch_")
+    assert shown.startswith(b"\rvalidating: 0 lines") and shown.endswith(b"\r")  # shown, then cleared
+    piped = batchgen("submit", src, "--model", "m", redis_url=redis_url, check=True)
+    assert piped.stderr == b""
+
+
+def _read_available(fd: int) -> bytes:
+    import os
+    import select
+
+    if not select.select([fd], [], [], 0.5)[0]:
+        return b""
+    try:
+        return os.read(fd, 65536)
+    except OSError:  # the terminal side is closed and drained
+        return b""
