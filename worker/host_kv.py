@@ -290,6 +290,11 @@ class CpuAttention(_HostCache):
             self.seconds[key] += dt
         self.wait_by_layer[layer] += t1 - t0
 
+    def reset_timing(self) -> None:
+        """Zeroes seconds and wait_by_layer (a benchmark's timed part apart from its warm-up)."""
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+        self.wait_by_layer = [0.0] * len(self.wait_by_layer)
+
     def receive(self, b: int, lo: int = 0) -> torch.Tensor:
         """Device side: rows [lo, lo + b) of the attention output, [b, heads, 1, d] on the device. On CUDA the copy
         is queued before the next layer's wait, so `out` is free again by the time compute() writes it."""
