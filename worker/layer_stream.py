@@ -7,6 +7,7 @@ between two host buffers and the events are no-ops, which is how the tests run i
 plan and runs the model through it.
 """
 
+import contextlib
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ class _Streams:
         self._last_end: torch.cuda.Event | None = None  # the end of the last copy harvested
 
     def copying(self):
-        return torch.cuda.stream(self.copy) if self.cuda else _NullContext()
+        return torch.cuda.stream(self.copy) if self.cuda else contextlib.nullcontext()
 
     def start_iteration(self, keep_events: bool = False) -> None:
         """Stage buffers are reused: copies wait for all compute already queued (also after an aborted pass).
@@ -77,10 +78,8 @@ class _Streams:
             self.timed.append((layer, start, self.copy.record_event(torch.cuda.Event(enable_timing=True)), nbytes))
 
     def reset_timing(self) -> None:
-        """Forgets every copy queued so far (they are waited for), so the next ones are counted on their own."""
-        if self.cuda:
-            self.copy.synchronize()
-        self.harvest()
+        """Forgets every copy queued so far, timed or not yet, so the next ones are counted on their own."""
+        self.timed.clear()
         self.busy_s, self.copied_bytes, self.gap_by_layer, self._last_end = 0.0, 0, {}, None
 
     def harvest(self) -> None:
@@ -97,14 +96,6 @@ class _Streams:
                 self.gap_by_layer[layer] = self.gap_by_layer.get(layer, 0.0) + gap
             self._last_end, done = end, done + 1
         del self.timed[:done]
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class BnbInt8Linear:

@@ -368,10 +368,10 @@ class StreamingLLMEngine(LLMEngine):
     def stats(self):
         s = super().stats()
         if self.plan is not None:
-            host_kv = getattr(self.runner, "host_kv", None)
-            for key, seconds in getattr(host_kv, "seconds", {}).items():
-                s.extra[f"offload_cpu_attention_{key}_s"] = round(seconds, 3)
-            if hasattr(host_kv, "wait_by_layer"):  # CPU attention: which layers the host waited for
+            host_kv = self.runner.host_kv
+            if isinstance(host_kv, CpuAttention):  # where the host's time went, and which layers it waited for
+                for key, seconds in host_kv.seconds.items():
+                    s.extra[f"offload_cpu_attention_{key}_s"] = round(seconds, 3)
                 s.extra["offload_cpu_attention_wait_s_by_layer"] = [round(w, 3) for w in host_kv.wait_by_layer]
             if self.overhead_at_plan is not None:  # and now: what LATE_OVERHEAD_BYTES stands for, measured
                 s.extra["offload_overhead_at_plan_gib"] = round(self.overhead_at_plan / 2**30, 3)
