@@ -75,9 +75,9 @@ def _repeat_decode(runner, tokens: list[int], positions: list[int], n: int) -> N
 
 def phase_levers(args, reqs: list[Req]) -> dict:
     torch = _torch()
-    from batchgen.worker.int8_linear import convert_model
-    from batchgen.worker.model_loader import load_model
-    from batchgen.worker.model_runner import ModelRunner
+    from batchgen.worker.engine.int8_linear import convert_model
+    from batchgen.worker.engine.loader import load_model
+    from batchgen.worker.engine.model_runner import ModelRunner
 
     device, dtype = torch.device("cuda:0"), torch.float16
     start = time.perf_counter()
@@ -152,8 +152,9 @@ def engine_in_process(model, tokenizer, reqs: list[Req]) -> dict:
     """The engine alone (no Redis) over the workload: an upper bound for the end-to-end number."""
     torch = _torch()
     from batchgen.jobs.schema import Request, SamplingParams
-    from batchgen.worker.engine import GenerationRequest
-    from batchgen.worker.llm_engine import EngineConfig, LLMEngine
+    from batchgen.worker.engine.config import EngineConfig
+    from batchgen.worker.engine.llm_engine import LLMEngine
+    from batchgen.worker.engine.protocol import GenerationRequest
 
     torch.cuda.empty_cache()
     start = time.perf_counter()
@@ -372,7 +373,8 @@ def fit_search(args) -> dict:
     """The budget's choice of rows vs the most rows whose worst case (a full prefill, then a decode step with
     every row at max_model_len) runs without OOM, stepping up 8% at a time."""
     torch = _torch()
-    from batchgen.worker.llm_engine import EngineConfig, LLMEngine
+    from batchgen.worker.engine.config import EngineConfig
+    from batchgen.worker.engine.llm_engine import LLMEngine
 
     engine = LLMEngine.from_config(EngineConfig(model=str(MODEL_DIR), max_model_len=MAX_MODEL_LEN))
     chosen = engine.budget.max_rows

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from batchgen.worker.host_attention import Kernel, native_kernel, quantize
+from batchgen.worker.offload.host_attention import Kernel, native_kernel, quantize
 
 ROWS, HEADS, HEAD_DIM, MAX_LEN, KV_LEN = int(os.environ.get("ROWS", 64)), 40, 128, 256, 178
 LAYERS = 6  # distinct caches, visited in turn as a step does: the host's L3 (up to hundreds of MB) must not hold them
@@ -131,7 +131,7 @@ VARIANTS = tuple(os.environ.get("VARIANTS", "read-bfloat16,sdpa-float32,sdpa-bfl
 def engine_step(kv_dtype: str, kernel: Kernel, layers: int = 40) -> dict:
     """One decode step of host_kv.CpuAttention as the engine runs it (device "cpu": no copies), 13B shape,
     64 rows at KV_LEN: where the host time goes per layer (writing the new K/V, the kernel)."""
-    from batchgen.worker.host_kv import CpuAttention
+    from batchgen.worker.offload.host_kv import CpuAttention
 
     dtype = getattr(torch, kv_dtype)
     att = CpuAttention(num_layers=layers, max_rows=ROWS, num_heads=HEADS, num_kv_heads=HEADS, max_model_len=MAX_LEN,

@@ -41,7 +41,7 @@ from rq import Queue, SimpleWorker
 from rq.serializers import JSONSerializer
 
 MODEL = "echo-bench"
-ECHO_FN = "batchgen.worker.echo.echo_text"  # the naive job: one prompt in, its echo out
+ECHO_FN = "batchgen.worker.engine.echo.echo_text"  # the naive job: one prompt in, its echo out
 MAX_TOKENS = 16
 
 
@@ -136,7 +136,7 @@ def write_batch(path: Path, n: int) -> None:
 # -- worker processes --------------------------------------------------------------------------------
 def _batchgen_worker(url: str, ready, start, results) -> None:
     from batchgen.worker.config import WorkerConfig
-    from batchgen.worker.echo import EchoEngine
+    from batchgen.worker.engine.echo import EchoEngine
     from batchgen.worker.worker import BatchWorker
 
     RoundTrips.install()

@@ -123,8 +123,8 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     "+passive" suffix: OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning between parallel regions)."""
     import torch
     from batchgen.jobs.schema import Request, SamplingParams
-    from batchgen.worker.engine import GenerationRequest
-    from batchgen.worker.llm_engine import EngineConfig, LLMEngine
+    from batchgen.worker.engine.config import EngineConfig
+    from batchgen.worker.engine.protocol import GenerationRequest
 
     cuda = device == "cuda"
     if cuda:
@@ -132,11 +132,11 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     parts = variant.split("/")
     kv_placement, kv_dtype, prefill, device_kv, slots, chunk, resident = parts + ["auto"] * (7 - len(parts))
     if slots != "auto":  # a lever the engine does not expose: the planner and the streamer both ask this
-        from batchgen.worker import stream_plan
+        from batchgen.worker.offload import plan as stream_plan
 
         stream_plan.STAGE_SLOTS = int(slots)
     if chunk != "auto":  # another: how the weight stream cuts a layer's copies
-        from batchgen.worker import layer_stream
+        from batchgen.worker.offload import layer_stream
 
         layer_stream.COPY_CHUNK_BYTES = int(chunk) * 2**20 or 2**62
     cfg = EngineConfig(model=model, device=device, max_vram_bytes=CAP_BYTES if cuda else None, offload=None if cuda else True,
@@ -145,9 +145,11 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
                        host_kv_dtype=kv_dtype)
     start = time.perf_counter()
     if kv_placement == "auto":
-        engine = LLMEngine.from_config(cfg)
+        from batchgen.worker.factory import build_llm_engine
+
+        engine = build_llm_engine(cfg)
     else:
-        from batchgen.worker.offload import StreamingLLMEngine
+        from batchgen.worker.offload.engine import StreamingLLMEngine
 
         engine = StreamingLLMEngine.from_config(
             cfg, kv_placement=kv_placement, num_device_kv_layers=None if device_kv == "auto" else int(device_kv),
@@ -330,7 +332,7 @@ def main() -> None:
         return
 
     import torch
-    from batchgen.worker.stream_plan import int8_weights_bytes
+    from batchgen.worker.offload.plan import int8_weights_bytes
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     config = llama13b_config()

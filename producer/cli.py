@@ -101,7 +101,7 @@ def sampling_options(fn: Callable) -> Callable:
 
 
 def param_defaults(max_tokens, temperature, top_p, seed):
-    from batchgen.producer.inputs import ParamDefaults
+    from batchgen.jobs.inputs import ParamDefaults
 
     return ParamDefaults(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
@@ -323,7 +323,8 @@ def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step
     if gpus:  # this process only supervises: see worker/launcher.py
         from batchgen.worker.launcher import command_line_args, launch
 
-        sys.exit(launch(gpus, command_line_args(click.get_current_context()), name))
+        worker_argv = [sys.executable, "-m", "batchgen.producer.cli", "worker", *command_line_args(click.get_current_context())]
+        sys.exit(launch(gpus, worker_argv, name))
     if name:
         cfg.name = name
     engine = build_engine(cfg)
@@ -345,7 +346,7 @@ def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step
 def run(inputs, output, errors, skip_invalid, as_json, max_tokens, temperature, top_p, seed, max_line_bytes,
         max_requests, **kw):
     """Run INPUTS in-process, no Redis (like `vllm run-batch`); same engine and output format."""
-    from batchgen.producer.inputs import InputLimits
+    from batchgen.jobs.inputs import InputLimits
     from batchgen.worker.factory import build_engine
     from batchgen.worker.local_run import run_local
 

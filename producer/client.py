@@ -14,11 +14,11 @@ from typing import IO, Any
 import redis
 from batchgen.jobs import chunks, defaults, keys
 from batchgen.jobs.batch import Batch
+from batchgen.jobs.inputs import InputLimits, ModelResolver, ParamDefaults, ParsedLine, read_inputs
 from batchgen.jobs.schema import Request, error_line
 from batchgen.jobs.states import BatchStatus, Outcome
 from batchgen.jobs.store import BatchStore, now_s
 from batchgen.producer.config import ProducerConfig
-from batchgen.producer.inputs import InputLimits, ModelResolver, ParamDefaults, ParsedLine, read_inputs
 from redis import Redis
 
 PAGE = 1000

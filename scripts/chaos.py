@@ -31,11 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/redis_server.py: the private redis-server helper
 
+from batchgen.jobs.inputs import ParamDefaults  # noqa: E402
 from batchgen.jobs.states import BatchStatus  # noqa: E402
 from batchgen.producer.client import BatchClient  # noqa: E402
 from batchgen.producer.config import ProducerConfig  # noqa: E402
-from batchgen.producer.inputs import ParamDefaults  # noqa: E402
-from batchgen.worker.echo import echo_text  # noqa: E402
+from batchgen.worker.engine.echo import echo_text  # noqa: E402
 from redis import Redis  # noqa: E402
 
 from tests.redis_server import RedisServer  # noqa: E402

@@ -11,8 +11,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from batchgen.jobs.inputs import InputLimits, ModelResolver, ParsedLine, read_inputs
 from batchgen.jobs.schema import ErrorInfo
-from batchgen.producer.inputs import InputLimits, ModelResolver, ParsedLine, read_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -1,6 +1,6 @@
 """VRAM budget arithmetic with given numbers: how many KV-cache rows a worker runs."""
 
-from batchgen.worker import budget
+from batchgen.worker.engine import budget
 
 GiB = 1024**3
 MiB = 1024**2

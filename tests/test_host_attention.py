@@ -6,7 +6,13 @@ Oracle: torch's sdpa in float64 over the same K/V (dequantized for int8), rows o
 import pytest
 import torch
 import torch.nn.functional as F
-from batchgen.worker.host_attention import Kernel, decode_attention, length_bias, native_store, quantize
+from batchgen.worker.offload.host_attention import (
+    Kernel,
+    decode_attention,
+    length_bias,
+    native_store,
+    quantize,
+)
 
 ROWS, HEADS, GROUP, HEAD_DIM, MAX_LEN = 3, 2, 2, 16, 24
 

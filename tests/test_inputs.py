@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from batchgen.jobs.inputs import InputLimits, ModelResolver, ParamDefaults, read_inputs, resolve_model
 from batchgen.jobs.schema import CHAT_URL, COMPLETIONS_URL, ChatMessage, SamplingParams
-from batchgen.producer.inputs import InputLimits, ModelResolver, ParamDefaults, read_inputs, resolve_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -204,7 +204,7 @@ def test_100k_lines_are_parsed_as_a_stream(tmp_path):
 
 
 def test_the_reader_never_imports_the_gpu_stack():
-    code = "import sys, batchgen.producer.inputs; sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
+    code = "import sys, batchgen.jobs.inputs; sys.exit(bool({'torch', 'transformers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -8,7 +8,8 @@ is the same with either kernel.
 
 import pytest
 import torch
-from batchgen.worker.int8_linear import (
+from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.int8_linear import (
     FusedInt8Linear,
     Int8Linear,
     Int8State,
@@ -16,8 +17,8 @@ from batchgen.worker.int8_linear import (
     int_mm_works,
     quantize_rows,
 )
-from batchgen.worker.llm_engine import EngineConfig, LLMEngine
-from batchgen.worker.model_loader import load_model
+from batchgen.worker.engine.llm_engine import LLMEngine
+from batchgen.worker.engine.loader import load_model
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from batchgen.jobs.schema import ChatMessage, Request, SamplingParams
 from batchgen.worker.demo_model import write_demo_model
-from batchgen.worker.engine import GenerationRequest, GenerationResult
-from batchgen.worker.llm_engine import EngineConfig, LLMEngine
-from batchgen.worker.model_runner import parse_oom_spec
+from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.llm_engine import LLMEngine
+from batchgen.worker.engine.model_runner import parse_oom_spec
+from batchgen.worker.engine.protocol import GenerationRequest, GenerationResult
 
 pytestmark = pytest.mark.slow
 

@@ -10,16 +10,25 @@ import functools
 import pytest
 import torch
 from batchgen.jobs.schema import Request, SamplingParams
-from batchgen.worker import budget, stream_plan
-from batchgen.worker.cuda_graphs import batch_buckets
 from batchgen.worker.demo_model import write_demo_model
-from batchgen.worker.engine import GenerationRequest
-from batchgen.worker.layer_stream import LINEARS, _chunks, _next_in_slot, device_kv_layers, resident_layers
-from batchgen.worker.llm_engine import EngineConfig, LLMEngine
-from batchgen.worker.model_runner import prompt_groups
-from batchgen.worker.offload import StreamingLLMEngine, streaming_prefill_tokens, wants_streaming
-from batchgen.worker.piecewise import split_halves, split_slots
-from batchgen.worker.stream_plan import int8_weights_bytes, plan_streaming
+from batchgen.worker.engine import budget
+from batchgen.worker.offload import plan as stream_plan
+from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.cuda_graphs import batch_buckets
+from batchgen.worker.engine.llm_engine import LLMEngine
+from batchgen.worker.engine.model_runner import prompt_groups
+from batchgen.worker.engine.protocol import GenerationRequest
+from batchgen.worker.factory import build_llm_engine
+from batchgen.worker.offload.engine import StreamingLLMEngine, streaming_prefill_tokens, wants_streaming
+from batchgen.worker.offload.layer_stream import (
+    LINEARS,
+    _chunks,
+    _next_in_slot,
+    device_kv_layers,
+    resident_layers,
+)
+from batchgen.worker.offload.piecewise import split_halves, split_slots
+from batchgen.worker.offload.plan import int8_weights_bytes, plan_streaming
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "batch", "generation", "keeps", "the", "gpu", "busy", "all", "night", "long"]
 PROMPTS = [" ".join(WORDS[i % 7: i % 7 + 2 + (i * 5) % 11]) for i in range(10)]
@@ -97,7 +106,7 @@ def test_cpu_attention_with_some_layers_kv_on_the_device_gives_the_same_output(m
 
 @pytest.mark.slow
 def test_offload_flag_routes_from_config_to_the_streaming_engine(model_dir, resident):
-    engine = LLMEngine.from_config(EngineConfig(model=str(model_dir), max_batch_size=4, offload=True))
+    engine = build_llm_engine(EngineConfig(model=str(model_dir), max_batch_size=4, offload=True))
     assert isinstance(engine, StreamingLLMEngine)
     assert greedy(engine) == resident
 

@@ -19,7 +19,7 @@ from batchgen.jobs import keys
 from batchgen.jobs.states import BatchStatus
 from batchgen.producer.client import BatchClient
 from batchgen.producer.config import ProducerConfig
-from batchgen.worker.echo import echo_text
+from batchgen.worker.engine.echo import echo_text
 from redis import Redis
 
 from tests.cli import batchgen, eventually, start_worker
@@ -241,7 +241,7 @@ def test_poison_requests_get_an_error_line_and_the_rest_of_the_batch_runs(demo_m
 def test_echo_engine_poison_prompt_errors_alone(redis_conn, tmp_path):
     """A prompt the engine rejects (NUL byte) errors; the worker carries on in-process."""
     from batchgen.worker.config import WorkerConfig
-    from batchgen.worker.echo import EchoEngine
+    from batchgen.worker.engine.echo import EchoEngine
     from batchgen.worker.worker import BatchWorker
 
     rows = [{"custom_id": "a", "prompt": "one two"}, {"custom_id": "nul", "prompt": "bad\u0000byte"},

@@ -17,7 +17,7 @@ from batchgen.jobs.states import BatchStatus
 from batchgen.producer.client import BatchClient
 from batchgen.producer.config import ProducerConfig
 from batchgen.worker.config import WorkerConfig
-from batchgen.worker.echo import EchoEngine
+from batchgen.worker.engine.echo import EchoEngine
 from batchgen.worker.launcher import child_specs, parse_gpus
 from batchgen.worker.worker import BatchWorker
 

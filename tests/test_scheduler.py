@@ -2,8 +2,8 @@
 
 import pytest
 from batchgen.jobs.schema import SamplingParams
-from batchgen.worker.scheduler import Scheduler
-from batchgen.worker.sequence import SeqStatus, Sequence
+from batchgen.worker.engine.scheduler import Scheduler
+from batchgen.worker.engine.sequence import SeqStatus, Sequence
 
 
 def seq(key: str, num_prompt_tokens: int = 4) -> Sequence:

@@ -21,7 +21,7 @@ from batchgen.producer.cli import main as cli_main
 from batchgen.producer.client import BatchClient
 from batchgen.producer.config import ProducerConfig
 from batchgen.worker.config import WorkerConfig
-from batchgen.worker.echo import EchoEngine
+from batchgen.worker.engine.echo import EchoEngine
 from batchgen.worker.result_files import append_lines
 from batchgen.worker.worker import BatchWorker
 from click.testing import CliRunner

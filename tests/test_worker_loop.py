@@ -3,12 +3,12 @@
 import json
 
 from batchgen.jobs import keys
+from batchgen.jobs.inputs import ParamDefaults
 from batchgen.jobs.states import BatchStatus
 from batchgen.producer.client import BatchClient
 from batchgen.producer.config import ProducerConfig
-from batchgen.producer.inputs import ParamDefaults
 from batchgen.worker.config import WorkerConfig
-from batchgen.worker.echo import EchoEngine, echo_text
+from batchgen.worker.engine.echo import EchoEngine, echo_text
 from batchgen.worker.worker import BatchWorker
 from rq import Queue
 from rq.serializers import JSONSerializer

@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ import click
 
 log = logging.getLogger("batchgen.launcher")
 
-CHILD_ARGV0 = [sys.executable, "-m", "batchgen.producer.cli", "worker"]
 _PR_SET_PDEATHSIG = 1
 
 
@@ -66,14 +64,14 @@ class ChildSpec:
     env: dict[str, str]
 
 
-def child_specs(gpus: Sequence[str], worker_args: Sequence[str], base_name: str | None) -> list[ChildSpec]:
-    """What to run per GPU: the same worker arguments (without --gpus/--name) plus a per-GPU name."""
+def child_specs(gpus: Sequence[str], worker_argv: Sequence[str], base_name: str | None) -> list[ChildSpec]:
+    """What to run per GPU: the same worker command (the caller's, without --gpus/--name) plus a per-GPU name."""
     base = base_name or f"{socket.gethostname()}.{os.getpid()}"
     env = {k: v for k, v in os.environ.items() if k not in ("BATCHGEN_GPUS", "CUDA_VISIBLE_DEVICES")}
     specs = []
     for gpu in gpus:
         name = f"{base}.gpu{gpu}"
-        specs.append(ChildSpec(gpu, name, [*CHILD_ARGV0, *worker_args, "--name", name],
+        specs.append(ChildSpec(gpu, name, [*worker_argv, "--name", name],
                                {**env, "CUDA_VISIBLE_DEVICES": gpu}))
     return specs
 
@@ -132,5 +130,5 @@ class Launcher:
                     proc.send_signal(signum)
 
 
-def launch(gpus: str, worker_args: Sequence[str], base_name: str | None = None) -> int:
-    return Launcher(child_specs(parse_gpus(gpus), worker_args, base_name)).run()
+def launch(gpus: str, worker_argv: Sequence[str], base_name: str | None = None) -> int:
+    return Launcher(child_specs(parse_gpus(gpus), worker_argv, base_name)).run()

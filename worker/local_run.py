@@ -5,10 +5,10 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.jobs.batch import Batch
+from batchgen.jobs.inputs import InputLimits, ModelResolver, ParamDefaults, read_inputs
 from batchgen.jobs.schema import error_line
 from batchgen.jobs.states import BatchStatus
-from batchgen.producer.inputs import InputLimits, ModelResolver, ParamDefaults, read_inputs
-from batchgen.worker.engine import Engine, GenerationRequest
+from batchgen.worker.engine.protocol import Engine, GenerationRequest
 from batchgen.worker.result_files import append_lines
 from batchgen.worker.worker import InFlight, result_line
 from tqdm import tqdm

@@ -21,7 +21,7 @@ from batchgen.jobs.schema import Request, error_line, success_line
 from batchgen.jobs.states import BatchStatus
 from batchgen.jobs.store import BatchStore
 from batchgen.worker.config import WorkerConfig
-from batchgen.worker.engine import Engine, GenerationRequest, GenerationResult
+from batchgen.worker.engine.protocol import Engine, GenerationRequest, GenerationResult
 from batchgen.worker.reaper import Reaper
 from batchgen.worker.result_files import write_results
 from rq import SimpleWorker

@@ -8,7 +8,6 @@ max batch size and restarts the evicted rows from scratch; nothing is lost.
 
 import json
 import logging
-import os
 import random
 import time
 from collections import deque
@@ -16,17 +15,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from batchgen.jobs import defaults
 from batchgen.jobs.schema import ErrorInfo, Request
-from batchgen.worker import budget as budget_math
-from batchgen.worker.engine import EngineStats, GenerationRequest, GenerationResult
-from batchgen.worker.host_attention import HOST_KV_DTYPES
-from batchgen.worker.int8_linear import INT8_KERNELS, convert_model, int_mm_works
-from batchgen.worker.model_loader import SUPPORTED_MODEL_TYPES, load_model, resolve_device, resolve_dtype
-from batchgen.worker.model_runner import ModelRunner, flash_works
-from batchgen.worker.sampler import sample
-from batchgen.worker.scheduler import Scheduler
-from batchgen.worker.sequence import Sequence
+from batchgen.worker.engine import budget as budget_math
+from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.int8_linear import convert_model, resolve_int8_kernel
+from batchgen.worker.engine.loader import SUPPORTED_MODEL_TYPES, load_model, resolve_device, resolve_dtype
+from batchgen.worker.engine.model_runner import ModelRunner, flash_works
+from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, GenerationResult
+from batchgen.worker.engine.sampler import sample
+from batchgen.worker.engine.scheduler import Scheduler
+from batchgen.worker.engine.sequence import Sequence
 
 DEFAULT_MAX_MODEL_LEN = 4096
 CUDA_ALLOCATOR_SLACK = 0.03
@@ -37,57 +35,6 @@ TOKENS_PER_S_WINDOW_S = 30.0
 STEP_LOG_INTERVAL_S = 30.0
 
 log = logging.getLogger("batchgen.engine")
-
-
-@dataclass
-class EngineConfig:
-    model: str  # HF id or local path
-    served_model_name: str | None = None
-    device: str = "auto"  # "cuda" if available else "cpu"
-    load_in_8bit: bool = True
-    compute_dtype: str | None = None  # None: "float16" on CUDA ("bfloat16" in small-VRAM mode), "float32" on CPU
-    vram_reserve_bytes: int = defaults.VRAM_RESERVE_BYTES
-    max_vram_bytes: int | None = None  # cap on total use; on CPU the memory budget (weights + KV + activations)
-    max_batch_size: int | None = None  # hard cap on rows
-    max_model_len: int | None = None  # None: min(max_position_embeddings, 4096)
-    max_prefill_tokens: int | None = None  # tokens per packed prefill; None: max_model_len
-    int8_threshold: float = 6.0  # bnb's outlier threshold; only the "bnb" kernel has outlier columns
-    # "auto": int_mm where torch._int_mm runs (CUDA, CPU), else bnb. See int8_linear for each kernel.
-    int8_kernel: str = field(default_factory=lambda: os.environ.get("BATCHGEN_INT8_KERNEL", "auto"))
-    # "auto": flash on CUDA in fp16/bf16, else sdpa (masked).
-    attention: str = field(default_factory=lambda: os.environ.get("BATCHGEN_ATTENTION", "auto"))
-    cuda_graphs: bool = field(default_factory=lambda: os.environ.get("BATCHGEN_CUDA_GRAPHS", "1") != "0")
-    inject_oom: str | None = None  # test hook, see model_runner.FaultInjector
-    # Small-VRAM mode (worker/offload.py): stream decoder layers from host memory. None: when the int8
-    # weights do not fit max_vram_bytes on CUDA.
-    offload: bool | None = None
-    # Its host KV cache when attention runs on the CPU (worker/host_attention.py): "auto" is the compute dtype,
-    # which holds the K/V exactly; int8 (a scale per token and head) reads ~half the bytes at int8 rounding.
-    host_kv_dtype: str = field(default_factory=lambda: os.environ.get("BATCHGEN_HOST_KV_DTYPE", "auto"))
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("model is required")
-        for name in ("max_batch_size", "max_model_len", "max_prefill_tokens", "max_vram_bytes"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if self.vram_reserve_bytes < 0:
-            raise ValueError("vram_reserve_bytes must be >= 0")
-        if self.int8_threshold < 0:
-            raise ValueError("int8_threshold must be >= 0")
-        if self.int8_kernel not in ("auto", *INT8_KERNELS):
-            raise ValueError(f"int8_kernel must be auto or one of {INT8_KERNELS}, got {self.int8_kernel!r}")
-        if self.host_kv_dtype not in HOST_KV_DTYPES:
-            raise ValueError(f"host_kv_dtype must be one of {HOST_KV_DTYPES}, got {self.host_kv_dtype!r}")
-        if self.attention not in ("auto", "flash", "sdpa"):
-            raise ValueError(f"attention must be auto, flash or sdpa, got {self.attention!r}")
-
-    @classmethod
-    def from_env(cls, model: str, **kwargs) -> "EngineConfig":
-        """Worker entry point: adds the fault hook from BATCHGEN_INJECT_OOM when set."""
-        kwargs.setdefault("inject_oom", os.environ.get(INJECT_OOM_ENV) or None)
-        return cls(model=model, **kwargs)
 
 
 def _error(key: str, code: str, message: str) -> GenerationResult:
@@ -136,11 +83,6 @@ class LLMEngine:
     def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.compute_dtype, device)
-        if cfg.offload or (cfg.offload is None and cfg.max_vram_bytes is not None and device.type == "cuda"):
-            from batchgen.worker import offload
-
-            if offload.wants_streaming(cfg, device, dtype):
-                return offload.StreamingLLMEngine.from_config(cfg)
         loaded = load_model(cfg.model, device=device, dtype=dtype, load_in_8bit=cfg.load_in_8bit,
                             int8_threshold=cfg.int8_threshold)
         if cfg.load_in_8bit:
@@ -182,7 +124,7 @@ class LLMEngine:
             prefill_bytes = budget_math.estimate_prefill_bytes(
                 hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_heads=parts.num_heads,
                 num_tokens=max_prefill_tokens, dtype_bytes=self.runner.kv_dtype_bytes)
-            free = _available_ram_bytes()
+            free = budget_math.available_ram_bytes()
         total = budget_math.budget_bytes(free_bytes=free, reserve_bytes=cfg.vram_reserve_bytes,
                                          max_bytes=cfg.max_vram_bytes, weights_bytes=weights_bytes)
         cap = cfg.max_batch_size
@@ -393,15 +335,8 @@ class StepStats:
         }
 
 
-def _has_bnb_linears(model: torch.nn.Module) -> bool:
-    """bnb's int8 matmul syncs with the host (outlier check): it cannot be captured in a CUDA graph."""
-    return any(type(m).__name__ == "Linear8bitLt" for m in model.modules())
 
 
-def resolve_int8_kernel(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    return "int_mm" if int_mm_works(device) else "bnb"
 
 
 def _resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -419,11 +354,6 @@ def _sliding_window(config) -> int | None:
     return int(window)
 
 
-def _available_ram_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def _gpu_temperature_c(device: torch.device) -> int | None:

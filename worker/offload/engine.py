@@ -28,16 +28,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from batchgen.worker import budget as budget_math
-from batchgen.worker.host_attention import Kernel, cache_bytes
-from batchgen.worker.host_kv import CpuAttention, HostKV, measure_cpu_attention_cost
-from batchgen.worker.int8_linear import KERNELS
-from batchgen.worker.layer_stream import LayerStreamer, device_kv_layers, int8_layer_bytes
-from batchgen.worker.llm_engine import EngineConfig, LLMEngine, _available_ram_bytes, resolve_int8_kernel
-from batchgen.worker.model_loader import load_model, resolve_device, resolve_dtype
-from batchgen.worker.model_runner import KVStore, ModelRunner, head_dim_of
-from batchgen.worker.piecewise import PiecewiseDecode
-from batchgen.worker.stream_plan import (
+from batchgen.worker.engine import budget as budget_math
+from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.int8_linear import KERNELS, resolve_int8_kernel
+from batchgen.worker.engine.llm_engine import LLMEngine
+from batchgen.worker.engine.loader import load_model, resolve_device, resolve_dtype
+from batchgen.worker.engine.model_runner import KVStore, ModelRunner, head_dim_of
+from batchgen.worker.offload.host_attention import Kernel, cache_bytes
+from batchgen.worker.offload.host_kv import CpuAttention, HostKV, measure_cpu_attention_cost
+from batchgen.worker.offload.layer_stream import LayerStreamer, device_kv_layers, int8_layer_bytes
+from batchgen.worker.offload.piecewise import PiecewiseDecode
+from batchgen.worker.offload.plan import (
     StreamPlan,
     int8_weights_bytes,
     plan_streaming,
@@ -258,7 +259,7 @@ class StreamingLLMEngine(LLMEngine):
         self.overhead_at_plan: int | None = None  # CUDA: device memory outside the allocator when planning
         if cfg.max_prefill_tokens is None:
             cfg = dataclasses.replace(cfg, max_prefill_tokens=streaming_prefill_tokens(
-                model.config, torch.empty(0, dtype=dtype).element_size(), _available_ram_bytes()))
+                model.config, torch.empty(0, dtype=dtype).element_size(), budget_math.available_ram_bytes()))
         super().__init__(cfg, model, tokenizer, device=device, dtype=dtype, weights_bytes=weights_bytes)
 
     @classmethod
@@ -323,10 +324,10 @@ class StreamingLLMEngine(LLMEngine):
             self.overhead_at_plan = process_overhead_bytes(self.device)
             fixed = torch.cuda.memory_allocated(self.device) + self.overhead_at_plan + LATE_OVERHEAD_BYTES
         else:
-            free, fixed = _available_ram_bytes(), runner.fixed_bytes
+            free, fixed = budget_math.available_ram_bytes(), runner.fixed_bytes
         total = budget_math.budget_bytes(free_bytes=free, reserve_bytes=cfg.vram_reserve_bytes,
                                          max_bytes=cfg.max_vram_bytes, weights_bytes=fixed)
-        host = _available_ram_bytes()
+        host = budget_math.available_ram_bytes()
         cost = None
         if self.device.type == "cuda" and self.kv_placement == "auto":
             cost = measure_cpu_attention_cost(

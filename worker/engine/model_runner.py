@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from batchgen.worker.cuda_graphs import DecodeGraphs
+from batchgen.worker.engine.cuda_graphs import DecodeGraphs
 
 KV_LEN_BUCKET = 256
 

@@ -233,3 +233,8 @@ def int_mm_works(device: torch.device) -> bool:
     except (RuntimeError, NotImplementedError) as exc:
         log.info("torch._int_mm unavailable on %s: %s", device, exc)
         return False
+
+def resolve_int8_kernel(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    return "int_mm" if int_mm_works(device) else "bnb"

@@ -9,7 +9,7 @@ rows at or above the new limit back to the front of the pending queue.
 from collections import deque
 from collections.abc import Iterable
 
-from batchgen.worker.sequence import SeqStatus, Sequence
+from batchgen.worker.engine.sequence import SeqStatus, Sequence
 
 ADMIT_GROUP_DIVISOR = 8  # prefill once 1/8 of the rows are free
 

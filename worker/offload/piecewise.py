@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterator
 
 import torch
-from batchgen.worker.cuda_graphs import batch_buckets
-from batchgen.worker.model_runner import (
+from batchgen.worker.engine.cuda_graphs import batch_buckets
+from batchgen.worker.engine.model_runner import (
     CacheAttention,
     LlamaParts,
     attention_inputs,

@@ -5,6 +5,7 @@ prefill peak (fixed: prefill runs one packed batch of at most max_prefill_tokens
 (KV for max_model_len tokens + decode activations) + a reserve for the allocator and other processes.
 """
 
+import os
 from dataclasses import dataclass
 
 MAX_ROWS_CEILING = 1024  # beyond this a decode step is launch/bandwidth bound anyway; more rows only add latency
@@ -107,3 +108,9 @@ def plan(
     cap = MAX_ROWS_CEILING if max_batch_size is None else max_batch_size
     return Budget(budget_bytes, kv_bytes_per_token, kv_row, activation_bytes_per_row, prefill_bytes,
                   int(min(cap, fits)))
+
+def available_ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -24,7 +24,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the model's compute dtype
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_scale: torch.Tensor | None,

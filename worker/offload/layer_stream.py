@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from batchgen.worker.host_kv import HostKV
-from batchgen.worker.int8_linear import FusedInt8Linear, Int8Linear, Int8State
+from batchgen.worker.engine.int8_linear import FusedInt8Linear, Int8Linear, Int8State
+from batchgen.worker.offload.host_kv import HostKV
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from batchgen.jobs import defaults as limits_default
+from batchgen.jobs.formats import LineError, identity, object_request, prompt_request, pydantic_error
 from batchgen.jobs.schema import ErrorInfo, Request, SamplingParams
-from batchgen.producer.formats import LineError, identity, object_request, prompt_request, pydantic_error
 from pydantic import ValidationError
 
 BOM = b"\xef\xbb\xbf"

@@ -8,7 +8,8 @@ import logging
 import time
 
 import torch
-from batchgen.worker.host_attention import (
+from batchgen.worker.engine.model_runner import KVStore, cache_store
+from batchgen.worker.offload.host_attention import (
     Kernel,
     cache_bytes,
     length_bias,
@@ -16,8 +17,7 @@ from batchgen.worker.host_attention import (
     quantize,
     sample_inputs,
 )
-from batchgen.worker.model_runner import KVStore, cache_store
-from batchgen.worker.piecewise import split_slots
+from batchgen.worker.offload.piecewise import split_slots
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from batchgen.jobs.schema import ErrorInfo
-from batchgen.worker.engine import EngineStats, GenerationRequest, GenerationResult
+from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, GenerationResult
 
 
 def echo_text(prompt: str, max_tokens: int) -> tuple[str, str]:

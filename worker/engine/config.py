@@ -1,0 +1,54 @@
+"""EngineConfig: what the LLM engine (and its small-VRAM mode) is built from; filled once from the worker's flags."""
+
+import os
+from dataclasses import dataclass, field
+
+from batchgen.jobs import defaults
+from batchgen.worker.engine.int8_linear import INT8_KERNELS
+
+HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the model's compute dtype
+
+
+@dataclass
+class EngineConfig:
+    model: str  # HF id or local path
+    served_model_name: str | None = None
+    device: str = "auto"  # "cuda" if available else "cpu"
+    load_in_8bit: bool = True
+    compute_dtype: str | None = None  # None: "float16" on CUDA ("bfloat16" in small-VRAM mode), "float32" on CPU
+    vram_reserve_bytes: int = defaults.VRAM_RESERVE_BYTES
+    max_vram_bytes: int | None = None  # cap on total use; on CPU the memory budget (weights + KV + activations)
+    max_batch_size: int | None = None  # hard cap on rows
+    max_model_len: int | None = None  # None: min(max_position_embeddings, 4096)
+    max_prefill_tokens: int | None = None  # tokens per packed prefill; None: max_model_len
+    int8_threshold: float = 6.0  # bnb's outlier threshold; only the "bnb" kernel has outlier columns
+    # "auto": int_mm where torch._int_mm runs (CUDA, CPU), else bnb. See int8_linear for each kernel.
+    int8_kernel: str = field(default_factory=lambda: os.environ.get("BATCHGEN_INT8_KERNEL", "auto"))
+    # "auto": flash on CUDA in fp16/bf16, else sdpa (masked).
+    attention: str = field(default_factory=lambda: os.environ.get("BATCHGEN_ATTENTION", "auto"))
+    cuda_graphs: bool = field(default_factory=lambda: os.environ.get("BATCHGEN_CUDA_GRAPHS", "1") != "0")
+    inject_oom: str | None = None  # test hook, see model_runner.FaultInjector
+    # Small-VRAM mode (worker/offload.py): stream decoder layers from host memory. None: when the int8
+    # weights do not fit max_vram_bytes on CUDA.
+    offload: bool | None = None
+    # Its host KV cache when attention runs on the CPU (worker/host_attention.py): "auto" is the compute dtype,
+    # which holds the K/V exactly; int8 (a scale per token and head) reads ~half the bytes at int8 rounding.
+    host_kv_dtype: str = field(default_factory=lambda: os.environ.get("BATCHGEN_HOST_KV_DTYPE", "auto"))
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("model is required")
+        for name in ("max_batch_size", "max_model_len", "max_prefill_tokens", "max_vram_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.vram_reserve_bytes < 0:
+            raise ValueError("vram_reserve_bytes must be >= 0")
+        if self.int8_threshold < 0:
+            raise ValueError("int8_threshold must be >= 0")
+        if self.int8_kernel not in ("auto", *INT8_KERNELS):
+            raise ValueError(f"int8_kernel must be auto or one of {INT8_KERNELS}, got {self.int8_kernel!r}")
+        if self.host_kv_dtype not in HOST_KV_DTYPES:
+            raise ValueError(f"host_kv_dtype must be one of {HOST_KV_DTYPES}, got {self.host_kv_dtype!r}")
+        if self.attention not in ("auto", "flash", "sdpa"):
+            raise ValueError(f"attention must be auto, flash or sdpa, got {self.attention!r}")
