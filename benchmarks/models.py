@@ -1,0 +1,270 @@
+"""Models beyond Llama: batchgen against HF generate int8 at its best static batch, per architecture.
+
+Random fp16 checkpoints of real models' shapes (vocabulary cut to the word-level tokenizer's 32,000 ids),
+written once to /tmp on the GPU, each configuration in its own process so NVML's peak is its own:
+
+  hf        HF generate, bnb int8 (LLM.int8(), threshold 6), static batches of --hf-batches rows with
+            prompts of the workload's mean length; tok/s over --hf-tokens new tokens; the best batch counts
+  batchgen  the engine the worker builds (`build_llm_engine`: fast or generic path, as config.json decides)
+            over the workload: --num-requests requests, prompts 32-256 tokens, 32-128 new, greedy, EOS ignored
+  small     a BLOOM-13B shape under a 6 GiB cap (`--max-vram 6GiB`), against the PCIe bound
+            64 rows x pinned H2D bandwidth / (int8 model bytes - 6 GiB), as benchmarks/small_vram.py computes it
+
+    python3 -m benchmarks.models --out $OUT                              # the three 7-8B shapes
+    python3 -m benchmarks.models --out $OUT --only small                 # BLOOM-13B shape under 6 GiB
+    python3 -m benchmarks.models --smoke                                 # tiny shapes on CPU, batchgen only
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from benchmarks.common import GIB, VOCAB_SIZE, PeakVram, workload, write_json, write_tokenizer
+
+SHAPES = {
+    # name: (config class, kwargs); head/ffn sizes from each model's published config.json
+    "bloom-7b1": ("BloomConfig", dict(hidden_size=4096, n_layer=30, n_head=32)),
+    "gemma-7b": ("GemmaConfig", dict(hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+                                     num_attention_heads=16, num_key_value_heads=16, head_dim=256,
+                                     max_position_embeddings=8192)),
+    "qwen3-8b": ("Qwen3Config", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                                     max_position_embeddings=40960)),
+    "bloom-13b": ("BloomConfig", dict(hidden_size=5120, n_layer=40, n_head=40)),
+    # --smoke: the same code on CPU in seconds
+    "tiny-bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
+    "tiny-qwen3": ("Qwen3Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+}
+CAP_BYTES = 6 * GIB
+MAX_MODEL_LEN = 512
+SMALL_ROWS, SMALL_PROMPT, SMALL_NEW = 64, 128, 64
+
+
+def model_dir(name: str) -> Path:
+    return Path(f"/tmp/models-bench/{name}")
+
+
+def build(name: str, device: str) -> dict:
+    """Random weights in fp16 (initialised on `device`), saved once with the word-level tokenizer."""
+    import torch
+    import transformers
+
+    out = model_dir(name)
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+        return {"build_s": 0.0, "cached": True}
+    start = time.perf_counter()
+    cls_name, kwargs = SHAPES[name]
+    config = getattr(transformers, cls_name)(vocab_size=VOCAB_SIZE, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                             tie_word_embeddings=False, **kwargs)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16 if device == "cuda" else torch.float32)
+    try:
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(default)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="4GB")
+    write_tokenizer(out)
+    return {"build_s": round(time.perf_counter() - start, 1), "cached": False}
+
+
+def text(ids: list[int]) -> str:
+    return " ".join(f"w{t}" for t in ids)
+
+
+def phase_hf(name: str, batches: list[int], new_tokens: int) -> dict:
+    """HF generate on the bnb int8 model: tok/s at each static batch; the prompt is the workload's mean."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir(name), device_map="cuda",
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0))
+    rows = []
+    with PeakVram() as vram:
+        for bs in batches:
+            ids = torch.randint(3, VOCAB_SIZE, (bs, 144), device="cuda")
+            try:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                torch.cuda.synchronize()
+                rows.append({"batch": bs, "tok_s": round(bs * new_tokens / (time.perf_counter() - start), 1)})
+            except torch.OutOfMemoryError:
+                rows.append({"batch": bs, "error": "out of memory"})
+                torch.cuda.empty_cache()
+    best = max((r for r in rows if "tok_s" in r), key=lambda r: r["tok_s"], default=None)
+    return {"rows": rows, "best": best, "peak_vram_gib": round(vram.peak_bytes / GIB, 2)}
+
+
+def _engine(name: str, device: str, **kwargs):
+    from batchgen.worker.engine.config import EngineConfig
+    from batchgen.worker.factory import build_llm_engine
+
+    start = time.perf_counter()
+    engine = build_llm_engine(EngineConfig(model=str(model_dir(name)), device=device, max_model_len=MAX_MODEL_LEN,
+                                           **kwargs))
+    return engine, round(time.perf_counter() - start, 1)
+
+
+def _drain(engine, prompts: list[list[int]], max_tokens: list[int]) -> tuple[float, int]:
+    from batchgen.jobs.schema import Request, SamplingParams
+    from batchgen.worker.engine.protocol import GenerationRequest
+
+    reqs = [GenerationRequest(f"q{i}", Request(custom_id=f"q{i}", prompt=text(ids), params=SamplingParams(
+        temperature=0.0, max_tokens=n, ignore_eos=True))) for i, (ids, n) in enumerate(zip(prompts, max_tokens, strict=True))]
+    pending = list(reversed(reqs))
+    start, tokens = time.perf_counter(), 0
+    while pending or engine.num_unfinished:
+        take = min(len(pending), max(engine.num_wanted, 0 if engine.num_unfinished else 1))
+        rejected = engine.add([pending.pop() for _ in range(take)]) if take else []
+        assert not rejected, rejected[0].error
+        for r in engine.step():
+            assert r.error is None, r.error
+            tokens += r.completion_tokens
+    return time.perf_counter() - start, tokens
+
+
+def phase_batchgen(name: str, device: str, num_requests: int) -> dict:
+    reqs = workload(num_requests, prompt_len=(32, 256), max_tokens=(32, 128))
+    engine, load_s = _engine(name, device)
+    _drain(engine, [r.prompt_ids for r in reqs[:8]], [4] * 8)  # kernels compiled, allocator grown
+    with PeakVram() if device == "cuda" else _NoVram() as vram:
+        elapsed, tokens = _drain(engine, [r.prompt_ids for r in reqs], [r.max_tokens for r in reqs])
+    assert tokens == sum(r.max_tokens for r in reqs), tokens
+    extra = engine.stats().extra
+    return {"engine": type(engine).__name__, "path": extra.get("engine_path"), "load_s": load_s,
+            "elapsed_s": round(elapsed, 2), "tok_s": round(tokens / elapsed, 1), "tokens": tokens,
+            "rows": engine.stats().max_batch_size, "peak_vram_gib": vram.peak_gib,
+            "int8_kernel": extra.get("int8_kernel"), "stats": extra}
+
+
+def phase_small(name: str, device: str) -> dict:
+    """Under a 6 GiB cap, as `batchgen worker --max-vram 6GiB` runs it on a 6 GiB card."""
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(CAP_BYTES / total)
+    engine, load_s = _engine(name, device, max_vram_bytes=CAP_BYTES, max_batch_size=SMALL_ROWS)
+    prompts = [[3 + (7919 * i + 104729 * j) % (VOCAB_SIZE - 3) for j in range(SMALL_PROMPT)] for i in range(SMALL_ROWS)]
+    _drain(engine, prompts, [2] * SMALL_ROWS)
+    with PeakVram() as vram:
+        elapsed, tokens = _drain(engine, prompts, [SMALL_NEW] * SMALL_ROWS)
+    return {"engine": type(engine).__name__, "load_s": load_s, "elapsed_s": round(elapsed, 2),
+            "tok_s": round(tokens / elapsed, 1), "peak_vram_gib": vram.peak_gib, "stats": engine.stats().extra}
+
+
+def phase_prepare(names: list[str], device: str) -> dict:
+    out = {"build": {n: build(n, device) for n in names}}
+    if device == "cuda":
+        import torch
+
+        from benchmarks.small_vram import h2d_bandwidth
+
+        out |= {"device": torch.cuda.get_device_name(0), "h2d": h2d_bandwidth()}
+    return out
+
+
+class _NoVram:
+    peak_gib = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+PeakVram.peak_gib = property(lambda self: round(self.peak_bytes / GIB, 2))
+
+
+def run_phase(out_dir: Path, phase: str, *args: str, timeout_s: float = 580) -> dict:
+    """One configuration in a fresh process; its JSON (or its error) comes back."""
+    path = out_dir / f"{phase}-{'-'.join(args)}.json"
+    cmd = [sys.executable, "-m", "benchmarks.models", "--phase", phase, "--phase-args", ",".join(args),
+           "--phase-out", str(path)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if proc.returncode != 0 or not path.exists():
+        return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1][-400:] if (proc.stderr or proc.stdout).strip() else f"exit {proc.returncode}", "log_tail": (proc.stderr or proc.stdout)[-1500:], "wall_s": round(time.perf_counter() - start, 1)}
+    return json.loads(path.read_text()) | {"wall_s": round(time.perf_counter() - start, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--only", default="fast", help="fast: the three 7-8B shapes; small: BLOOM-13B under 6 GiB")
+    parser.add_argument("--models", default="bloom-7b1,gemma-7b,qwen3-8b")
+    parser.add_argument("--num-requests", type=int, default=512)
+    parser.add_argument("--hf-batches", default="32,64,128")
+    parser.add_argument("--hf-tokens", type=int, default=64)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--phase-args", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--phase-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.phase:  # a child: one configuration
+        a = args.phase_args.split(",")
+        result = {"prepare": lambda: phase_prepare(a[1:], a[0]),
+                  "hf": lambda: phase_hf(a[0], [int(b) for b in args.hf_batches.split(",")], args.hf_tokens),
+                  "batchgen": lambda: phase_batchgen(a[0], a[1], int(a[2])),
+                  "small": lambda: phase_small(a[0], "cuda")}[args.phase]()
+        write_json(args.phase_out, result)
+        return
+
+    device = "cpu" if args.smoke else "cuda"
+    names = ["tiny-bloom", "tiny-qwen3"] if args.smoke else (
+        ["bloom-13b"] if args.only == "small" else args.models.split(","))
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
+                    "prepare": run_phase(args.out, "prepare", device, *names), "models": {}}
+    print(json.dumps(report["prepare"])[:400], flush=True)
+    for name in names:
+        row: dict = {}
+        if args.only == "small":
+            row["batchgen_6gib"] = run_phase(args.out, "small", name)
+            h2d = report["prepare"].get("h2d", {}).get("pinned_gb_s")
+            stats = row["batchgen_6gib"].get("stats", {})
+            weights = stats.get("weights_bytes") or _int8_bytes(name)
+            if h2d and weights:
+                bound = SMALL_ROWS * h2d * 1e9 / max(1, weights - CAP_BYTES)
+                row["bound_tok_s"] = round(bound, 1)
+                if "tok_s" in row["batchgen_6gib"]:
+                    row["fraction_of_bound"] = round(row["batchgen_6gib"]["tok_s"] / bound, 3)
+        else:
+            row["batchgen"] = run_phase(args.out, "batchgen", name, device, str(args.num_requests if not args.smoke else 16))
+            if not args.smoke:
+                row["hf_int8"] = run_phase(args.out, "hf", name)
+                best = (row["hf_int8"].get("best") or {}).get("tok_s")
+                if best and "tok_s" in row["batchgen"]:
+                    row["ratio_vs_hf_best"] = round(row["batchgen"]["tok_s"] / best, 2)
+        report["models"][name] = row
+        print(name, json.dumps({k: (v if not isinstance(v, dict) else {kk: v.get(kk) for kk in (
+            "tok_s", "rows", "path", "peak_vram_gib", "best", "error")}) for k, v in row.items()}), flush=True)
+    write_json(args.out / f"models-{args.only if not args.smoke else 'smoke'}.json", report)
+
+
+def _int8_bytes(name: str) -> int | None:
+    """int8 weights of the decoder (+ fp16 embeddings and head), from the config: what must cross the bus."""
+    try:
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(model_dir(name))
+        h, n = c.hidden_size, c.num_hidden_layers
+        return n * 12 * h * h + 2 * 2 * c.vocab_size * h
+    except Exception:
+        return None
+
+
+if __name__ == "__main__":
+    main()
