@@ -8,6 +8,7 @@ from batchgen.jobs.states import BatchStatus
 from batchgen.producer.client import BatchClient
 from batchgen.producer.config import ProducerConfig
 from batchgen.worker.config import WorkerConfig
+from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.echo import EchoEngine, echo_text
 from batchgen.worker.worker import BatchWorker
 from rq import Queue
@@ -20,7 +21,7 @@ def write_jsonl(path, rows):
 
 
 def make_worker(conn, model="echo-model", **kw):
-    cfg = WorkerConfig(model=model, engine="echo", burst=True, redis_url="unused", **kw)
+    cfg = WorkerConfig(EngineConfig(model=model), engine="echo", burst=True, redis_url="unused", **kw)
     return BatchWorker(cfg, EchoEngine(model, max_batch_size=8), conn)
 
 

@@ -368,7 +368,7 @@ class BatchWorker:
         stats = self.engine.stats()
         info = {
             "name": self.cfg.name, "model": self.cfg.served_name, "engine": self.cfg.engine,
-            "queues": ",".join(q.name for q in self.queues), "device": self.cfg.device,
+            "queues": ",".join(q.name for q in self.queues), "device": self.cfg.engine_config.device,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "batch_size": stats.batch_size, "max_batch_size": stats.max_batch_size,
             "tokens_per_s": round(stats.tokens_per_s, 1), "num_unfinished": stats.num_unfinished,
