@@ -162,9 +162,6 @@ class BatchStore:
         done = self.connection.hmget(keys.BatchKeys(batch_id).outcomes, indexes)
         return [i for i, d in zip(indexes, done, strict=True) if d is None]
 
-    def num_outcomes(self, batch_id: str) -> int:
-        return self.connection.hlen(keys.BatchKeys(batch_id).outcomes)
-
     def iter_outcomes(self, batch_id: str, ordered: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
         """(index, output line) pairs; ordered sorts by input position (memory ~ batch size)."""
         key = keys.BatchKeys(batch_id).outcomes

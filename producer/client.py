@@ -14,8 +14,16 @@ from typing import IO, Any
 import redis
 from batchgen.jobs import chunks, defaults, keys
 from batchgen.jobs.batch import Batch
-from batchgen.jobs.inputs import InputLimits, ModelResolver, ParamDefaults, ParsedLine, read_inputs
-from batchgen.jobs.schema import Request, error_line
+from batchgen.jobs.inputs import (
+    InputLimits,
+    ModelResolver,
+    ParamDefaults,
+    ParsedLine,
+    invalid_output_line,
+    read_inputs,
+    validate_batch,
+)
+from batchgen.jobs.schema import Request
 from batchgen.jobs.states import BatchStatus, Outcome
 from batchgen.jobs.store import BatchStore, now_s
 from batchgen.producer.config import ProducerConfig
@@ -85,9 +93,10 @@ class BatchClient:
             timestamps={"created_at": now_s(), "expires_at": now_s() + self.cfg.completion_window_s},
         )
         self.store.create(batch, ttl_s=VALIDATING_TTL_S)
+        resolver = ModelResolver(model)
+        lines = read_inputs(paths, defaults=params or ParamDefaults(), limits=limits, stdin=stdin)
         try:
-            result = self._ingest(batch, read_inputs(paths, defaults=params or ParamDefaults(), limits=limits, stdin=stdin),
-                                  ModelResolver(model), skip_invalid, on_line)
+            result = self._ingest(batch, validate_batch(lines, resolver), resolver, skip_invalid, on_line)
         except BaseException:
             self.store.discard(batch.id)
             raise
@@ -103,17 +112,15 @@ class BatchClient:
         endpoints: set[str] = set()
         index = 0
         for parsed in lines:
-            error = parsed.error or resolver.see(parsed)
             if on_line:
                 on_line(parsed.line)
-            if error is not None:
+            if parsed.error is not None:
                 result.num_errors += 1
                 if len(result.errors) < MAX_ERRORS_KEPT:
                     result.errors.append(SourceError(parsed.source, parsed.line, parsed.custom_id,
-                                                     error.code, error.message))
+                                                     parsed.error.code, parsed.error.message))
                 if skip_invalid:
-                    invalid.append((index, error_line(parsed.custom_id, error.code,
-                                                      f"line {parsed.line}: {error.message}")))
+                    invalid.append((index, invalid_output_line(parsed)))
                     index += 1
                 continue
             assert parsed.request is not None
