@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import redis
-from batchgen.jobs import chunks, defaults, keys
+from batchgen.jobs import chunks, defaults
+from batchgen.jobs.backoff import UNAVAILABLE, Backoff
 from batchgen.jobs.batch import Batch
 from batchgen.jobs.inputs import (
     InputLimits,
@@ -26,6 +27,7 @@ from batchgen.jobs.inputs import (
 from batchgen.jobs.schema import Request
 from batchgen.jobs.states import BatchStatus, Outcome
 from batchgen.jobs.store import BatchStore, now_s
+from batchgen.jobs.workers import WorkerRegistry
 from batchgen.producer.config import ProducerConfig
 from redis import Redis
 
@@ -150,8 +152,7 @@ class BatchClient:
         batch.num_chunks = len(batch_chunks)
         queue = chunks.make_queue(batch.model, batch.priority, self.connection)
         batch.queue = queue.name
-        self.connection.hset(keys.BatchKeys(batch.id).record,
-                             mapping={"model": batch.model, "endpoint": batch.endpoint, "queue": queue.name})
+        self.store.route(batch)
         for start in range(0, len(invalid), PAGE):
             self.store.record(batch.id, invalid[start:start + PAGE])
         with chunks.rq_connection(self.connection).pipeline() as pipe:
@@ -186,20 +187,19 @@ class BatchClient:
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         batch = self.get(batch_id)
-        backoff_s = 0.5
+        backoff = Backoff()
         while True:
             try:
                 batch = self.get(batch_id)
-                backoff_s = 0.5
+                backoff.reset()
             except redis.AuthenticationError:
                 raise
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except UNAVAILABLE as exc:
                 if deadline is not None and time.monotonic() >= deadline:
                     return batch
                 if on_unavailable:
-                    on_unavailable(exc, backoff_s)
-                time.sleep(backoff_s if deadline is None else max(0.0, min(backoff_s, deadline - time.monotonic())))
-                backoff_s = min(backoff_s * 2, 10.0)
+                    on_unavailable(exc, backoff.delay_s)
+                backoff.sleep(deadline)
                 continue
             if on_poll:
                 on_poll(batch)
@@ -247,8 +247,4 @@ class BatchClient:
 
     def workers(self) -> list[dict[str, str]]:
         """Live workers (their heartbeat key has not expired) with model, batch size, tok/s, VRAM."""
-        names = sorted(self.connection.smembers(keys.workers_index()))
-        pipe = self.connection.pipeline(transaction=False)
-        for name in names:
-            pipe.hgetall(keys.worker_key(name))
-        return [info for info in pipe.execute() if info]
+        return WorkerRegistry(self.connection).live()
