@@ -230,5 +230,14 @@ def test_input_limits_come_from_env(redis_url, redis_conn, tmp_path):
     assert long_line.returncode == 3 and b":1: line_too_long:" in long_line.stderr
     too_many = batchgen("submit", src, "--model", "m", redis_url=redis_url, BATCHGEN_MAX_REQUESTS="2")
     assert too_many.returncode == 3 and b":3: too_many_requests:" in too_many.stderr
+    big = write_jsonl(tmp_path / "big.jsonl", [{"prompt": "a", "max_tokens": 50}])
+    for command in (["submit", big, "--model", "m"], ["run", big, "-o", str(tmp_path / "o.jsonl"), "--model", "m",
+                                                      "--engine", "echo"]):
+        over = batchgen(*command, redis_url=redis_url, BATCHGEN_MAX_TOKENS_LIMIT="10")
+        assert over.returncode == 3 and b"max_tokens: must be <= 10" in over.stderr
     assert data_keys(redis_conn) == []
     assert os.environ.get("BATCHGEN_MAX_LINE_BYTES") is None  # the env only reached the subprocesses
+    window = batchgen("submit", big, "--model", "m", "--json", redis_url=redis_url, check=True,
+                      BATCHGEN_COMPLETION_WINDOW_S="60")
+    batch = json.loads(window.stdout)
+    assert batch["expires_at"] - batch["created_at"] == 60

@@ -101,6 +101,7 @@ class BatchWorker:
         self.unwritten: list[tuple[InFlight, dict[str, Any]]] = []
         self.batches: dict[str, Batch] = {}
         self.stop_requested_at: float | None = None
+        self.shutdown_grace_s = cfg.shutdown_grace_s  # a second stop signal cuts it to 0; the config stays as built
         self.num_requests_done = 0
         self._last_heartbeat = 0.0
         self._last_cancel_check = 0.0
@@ -133,7 +134,7 @@ class BatchWorker:
     def _should_exit(self) -> bool:
         if self.stop_requested_at is not None:
             drained = self.engine.num_unfinished == 0 and not self.unwritten
-            return drained or time.monotonic() - self.stop_requested_at > self.cfg.shutdown_grace_s
+            return drained or time.monotonic() - self.stop_requested_at > self.shutdown_grace_s
         return False
 
     def _turn(self) -> None:
@@ -170,10 +171,10 @@ class BatchWorker:
     def request_stop(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
         if self.stop_requested_at is not None:
             log.warning("second stop signal: requeueing in-flight work now")
-            self.cfg.shutdown_grace_s = 0.0
+            self.shutdown_grace_s = 0.0
             return
         log.info("stop requested: finishing in-flight requests (up to %.0fs), taking no new work",
-                 self.cfg.shutdown_grace_s)
+                 self.shutdown_grace_s)
         self.stop_requested_at = time.monotonic()
 
     def _install_signal_handlers(self) -> None:
