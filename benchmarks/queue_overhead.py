@@ -136,12 +136,13 @@ def write_batch(path: Path, n: int) -> None:
 # -- worker processes --------------------------------------------------------------------------------
 def _batchgen_worker(url: str, ready, start, results) -> None:
     from batchgen.worker.config import WorkerConfig
+    from batchgen.worker.engine.config import EngineConfig
     from batchgen.worker.engine.echo import EchoEngine
     from batchgen.worker.worker import BatchWorker
 
     RoundTrips.install()
     conn = redis.Redis.from_url(url, decode_responses=True)
-    cfg = WorkerConfig(model=MODEL, engine="echo", burst=True, redis_url=url)
+    cfg = WorkerConfig(EngineConfig(model=MODEL), engine="echo", burst=True, redis_url=url)
     worker = BatchWorker(cfg, EchoEngine(MODEL), conn)
     conn.ping()
     ready.release()

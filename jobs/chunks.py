@@ -90,6 +90,11 @@ def rq_connection(connection: Redis) -> Redis:
     return cached
 
 
+def fetch_job(job_id: str, connection: Redis) -> Job:
+    """A chunk job as RQ stored it; NoSuchJobError / DeserializationError when its hash is gone."""
+    return Job.fetch(job_id, connection=rq_connection(connection), serializer=JSONSerializer)
+
+
 def make_queue(model: str, priority: str, connection: Redis) -> Queue:
     return Queue(keys.queue_name(model, priority), connection=rq_connection(connection), serializer=JSONSerializer,
                  default_timeout=defaults.JOB_TIMEOUT_S)
@@ -134,7 +139,7 @@ class ChunkClaims:
         queue_key, job_id = got
         queue = by_key[queue_key]
         try:
-            job = Job.fetch(job_id, connection=rq_connection(self.connection), serializer=JSONSerializer)
+            job = fetch_job(job_id, self.connection)
         except (NoSuchJobError, DeserializationError):  # job hash expired or deleted (cancelled batch)
             # Only then: a Redis error here must not drop a claim whose chunk is still owed.
             self.release(job_id)
@@ -149,12 +154,11 @@ class ChunkClaims:
 
     def requeue(self, job_id: str, queue_name: str) -> bool:
         """Puts a claimed chunk back at the front of its queue; False if another reaper got it first."""
-        rq_conn = rq_connection(self.connection)
-        queue = Queue(queue_name, connection=rq_conn, serializer=JSONSerializer)
+        queue = Queue(queue_name, connection=rq_connection(self.connection), serializer=JSONSerializer)
         if not self._requeue(keys=[self.key, queue.key, Job.key_for(job_id)], args=[job_id]):
             return False
         try:
-            job = Job.fetch(job_id, connection=rq_conn, serializer=JSONSerializer)
+            job = fetch_job(job_id, self.connection)
             queue.started_job_registry.remove_executions(job)  # bookkeeping for `rq info` only
         except (NoSuchJobError, DeserializationError):
             pass

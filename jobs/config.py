@@ -1,6 +1,5 @@
-"""Parsing helpers shared by both sides' config dataclasses (sizes like "500MiB", env lookups)."""
+"""Parsing helpers for config values (sizes like "500MiB")."""
 
-import os
 import re
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
@@ -16,7 +15,3 @@ def parse_bytes(text: str | int) -> int:
         raise ValueError(f"not a size: {text!r} (use e.g. 500MiB, 6GiB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
-
-def env(name: str, default: str | None = None) -> str | None:
-    """BATCHGEN_<NAME> from the environment."""
-    return os.environ.get(f"BATCHGEN_{name.upper()}", default)

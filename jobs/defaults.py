@@ -3,7 +3,7 @@
 REDIS_URL = "redis://127.0.0.1:6379/0"
 KEY_PREFIX = "batchgen"
 
-# Inputs (producer side); all configurable through ProducerConfig.
+# Inputs (producer side); each has a flag and a BATCHGEN_* env name.
 MAX_REQUESTS_PER_BATCH = 1_000_000
 MAX_LINE_BYTES = 1_000_000
 MAX_TOKENS_LIMIT = 32_768

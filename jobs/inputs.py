@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 
 from batchgen.jobs import defaults as limits_default
 from batchgen.jobs.formats import LineError, identity, object_request, prompt_request, pydantic_error
-from batchgen.jobs.schema import ErrorInfo, Request, SamplingParams
+from batchgen.jobs.schema import ErrorInfo, Request, SamplingParams, error_line
 from pydantic import ValidationError
 
 BOM = b"\xef\xbb\xbf"
@@ -138,24 +138,22 @@ class ModelResolver:
                "a batch runs one model (pass --model to override the lines)")
         return ErrorInfo(code="mixed_models", message=msg, line=parsed.line)
 
-    def missing_error(self) -> ErrorInfo | None:
-        """The error to print when neither --model nor any line names a model."""
-        if self.model is not None:
-            return None
-        msg = "no model given: pass --model or set body.model in the input lines"
-        return ErrorInfo(code="missing_model", message=msg, line=0)
+
+def validate_batch(lines: Iterable[ParsedLine], resolver: ModelResolver) -> Iterator[ParsedLine]:
+    """The lines with the batch-level check added (one model a batch); submit and run share it, so both
+    accept exactly the same inputs. A line that fails it comes back as an error line."""
+    for parsed in lines:
+        error = parsed.error or resolver.see(parsed)
+        if error is parsed.error:
+            yield parsed
+        else:
+            yield ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model)
 
 
-def resolve_model(cli_model: str | None, line_models: Iterable[str | None]) -> str:
-    """The batch's model from --model and the lines' body.model values; ValueError when ambiguous or absent."""
-    if cli_model:
-        return cli_model
-    named = {m for m in line_models if m is not None}
-    if len(named) > 1:
-        raise ValueError(f"input lines name several models ({', '.join(sorted(named))}); pass --model")
-    if not named:
-        raise ValueError("no model given: pass --model or set body.model in the input lines")
-    return named.pop()
+def invalid_output_line(parsed: ParsedLine) -> dict[str, Any]:
+    """The output error line of an invalid input line (what --skip-invalid writes and `run` reports)."""
+    assert parsed.error is not None
+    return error_line(parsed.custom_id, parsed.error.code, f"line {parsed.line}: {parsed.error.message}")
 
 
 @dataclass(frozen=True)

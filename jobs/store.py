@@ -1,5 +1,6 @@
-"""BatchStore: every read and write of batch state in Redis.
+"""BatchStore: every read and write of a batch's record, requests and outcomes, and of the batch indexes.
 
+A batch's list of chunks not yet queued belongs to jobs/chunks.py, live workers to jobs/workers.py.
 Writes take an optional pipeline and execute only a pipeline they created themselves (the RQ
 convention), so callers can compose several writes into one round trip.
 """
@@ -115,6 +116,11 @@ class BatchStore:
         if pipeline is None:
             pipe.execute()
 
+    def route(self, batch: Batch) -> None:
+        """Writes what validation settled: the batch's model, endpoints and queue."""
+        self.connection.hset(keys.BatchKeys(batch.id).record,
+                             mapping={"model": batch.model, "endpoint": batch.endpoint, "queue": batch.queue})
+
     def discard(self, batch_id: str) -> None:
         self.connection.delete(*keys.BatchKeys(batch_id).all())
         self.connection.zrem(keys.batches_index(), batch_id)
@@ -148,11 +154,22 @@ class BatchStore:
             pipe.hgetall(keys.BatchKeys(batch_id).record)
         return [Batch.from_hash(raw) for raw in pipe.execute() if raw]
 
-    def requests(self, batch_id: str, indexes: Sequence[int]) -> list[Request | None]:
+    def statuses(self, batch_ids: Sequence[str]) -> dict[str, BatchStatus | None]:
+        """Each batch's status in one round trip; None for a batch that is gone."""
+        pipe = self.connection.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            pipe.hget(keys.BatchKeys(batch_id).record, "status")
+        return {batch_id: None if status is None else BatchStatus(status)
+                for batch_id, status in zip(batch_ids, pipe.execute(), strict=True)}
+
+    def raw_requests(self, batch_id: str, indexes: Sequence[int]) -> list[str | None]:
+        """The stored request JSON, unparsed: a worker turns an unreadable one into an error line."""
         if not indexes:
             return []
-        raws = self.connection.hmget(keys.BatchKeys(batch_id).requests, list(indexes))
-        return [Request.model_validate_json(r) if r else None for r in raws]
+        return self.connection.hmget(keys.BatchKeys(batch_id).requests, list(indexes))
+
+    def requests(self, batch_id: str, indexes: Sequence[int]) -> list[Request | None]:
+        return [Request.model_validate_json(r) if r else None for r in self.raw_requests(batch_id, indexes)]
 
     def pending(self, batch_id: str, start: int, end: int) -> list[int]:
         """Indexes in [start, end) that have no outcome yet: what a (re)started worker still owes."""
@@ -161,9 +178,6 @@ class BatchStore:
             return []
         done = self.connection.hmget(keys.BatchKeys(batch_id).outcomes, indexes)
         return [i for i, d in zip(indexes, done, strict=True) if d is None]
-
-    def num_outcomes(self, batch_id: str) -> int:
-        return self.connection.hlen(keys.BatchKeys(batch_id).outcomes)
 
     def iter_outcomes(self, batch_id: str, ordered: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
         """(index, output line) pairs; ordered sorts by input position (memory ~ batch size)."""

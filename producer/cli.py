@@ -85,19 +85,30 @@ def main() -> None:
     """Bulk LLM generation on your own GPU: submit JSONL batches to Redis, a resident 8-bit worker runs them."""
 
 
-def sampling_options(fn: Callable) -> Callable:
-    for opt in reversed([
-        click.option("--max-tokens", type=int, help="Default max_tokens for lines that set none."),
-        click.option("--temperature", type=float, help="Default temperature (0 = greedy)."),
-        click.option("--top-p", type=float, help="Default top_p."),
-        click.option("--seed", type=int, help="Default seed."),
-        click.option("--max-line-bytes", type=int, envvar="BATCHGEN_MAX_LINE_BYTES",
-                     default=defaults.MAX_LINE_BYTES, show_default=True),
-        click.option("--max-requests", type=int, envvar="BATCHGEN_MAX_REQUESTS",
-                     default=defaults.MAX_REQUESTS_PER_BATCH, show_default=True),
-    ]):
-        fn = opt(fn)
-    return fn
+def shared_options(*options: Callable) -> Callable:
+    """Options declared once and applied to every command that takes them (rq's style)."""
+
+    def apply(fn: Callable) -> Callable:
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
+sampling_options = shared_options(
+    click.option("--max-tokens", type=int, help="Default max_tokens for lines that set none."),
+    click.option("--temperature", type=float, help="Default temperature (0 = greedy)."),
+    click.option("--top-p", type=float, help="Default top_p."),
+    click.option("--seed", type=int, help="Default seed."),
+    click.option("--max-line-bytes", type=int, envvar="BATCHGEN_MAX_LINE_BYTES",
+                 default=defaults.MAX_LINE_BYTES, show_default=True),
+    click.option("--max-requests", type=int, envvar="BATCHGEN_MAX_REQUESTS",
+                 default=defaults.MAX_REQUESTS_PER_BATCH, show_default=True),
+    click.option("--max-tokens-limit", type=int, envvar="BATCHGEN_MAX_TOKENS_LIMIT",
+                 default=defaults.MAX_TOKENS_LIMIT, show_default=True,
+                 help="Largest max_tokens a line may ask for."),
+)
 
 
 def param_defaults(max_tokens, temperature, top_p, seed):
@@ -124,21 +135,25 @@ def report_invalid(result, as_json: bool) -> None:
 @click.option("--skip-invalid", is_flag=True, help="Enqueue the valid lines; invalid ones go to the error output.")
 @click.option("--chunk-size", type=int, envvar="BATCHGEN_CHUNK_SIZE", default=defaults.CHUNK_SIZE,
               show_default=True, help="Requests per RQ chunk job.")
+@click.option("--completion-window", "completion_window_s", type=int, envvar="BATCHGEN_COMPLETION_WINDOW_S",
+              default=defaults.COMPLETION_WINDOW_S, show_default=True,
+              help="Seconds after which the batch expires (its unfinished requests fail).")
 @click.option("--metadata", multiple=True, help="key=value, stored on the batch.")
 @redis_url_option
 @json_option
 @handles_errors
-def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, max_requests, priority,
-           output_dir, skip_invalid, chunk_size, metadata, redis_url, as_json):
+def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, max_requests, max_tokens_limit,
+           priority, output_dir, skip_invalid, chunk_size, completion_window_s, metadata, redis_url, as_json):
     """Validate INPUTS (JSONL, text files, a directory of .txt, or -) and enqueue them as one batch."""
     from batchgen.producer.client import BatchClient
     from batchgen.producer.config import ProducerConfig
     from tqdm import tqdm
 
     cfg = ProducerConfig(redis_url=redis_url, max_line_bytes=max_line_bytes, max_requests=max_requests,
-                         chunk_size=chunk_size)
+                         max_tokens_limit=max_tokens_limit, chunk_size=chunk_size,
+                         completion_window_s=completion_window_s)
     meta = dict(m.split("=", 1) for m in metadata if "=" in m)
-    # a million-line batch takes ~25 s to validate and store: show it going (on a terminal, not with --json)
+    # a million-line batch takes a while to validate and store: show it going (on a terminal, not with --json)
     with tqdm(desc="validating", unit=" lines", disable=as_json or not sys.stderr.isatty(), leave=False) as bar:
         result = BatchClient(cfg).submit(
             inputs, model=model, params=param_defaults(max_tokens, temperature, top_p, seed), priority=priority,
@@ -249,36 +264,47 @@ def workers(redis_url, as_json):
     emit(as_json, infos, "\n".join(lines) or "no live workers")
 
 
-def engine_options(fn: Callable) -> Callable:
-    for opt in reversed([
-        click.option("--model", required=True, envvar="BATCHGEN_MODEL", help="HF model id or local path."),
-        click.option("--served-model-name", envvar="BATCHGEN_SERVED_MODEL_NAME",
-                     help="Name batches use for this model (default: --model)."),
-        click.option("--engine", type=click.Choice(["llm", "echo"]), envvar="BATCHGEN_ENGINE", default="llm",
-                     show_default=True, help="echo: no model, answers with the prompt (tests, benchmarks)."),
-        click.option("--device", envvar="BATCHGEN_DEVICE", default="auto", show_default=True),
-        click.option("--vram-reserve", envvar="BATCHGEN_VRAM_RESERVE", default="500MiB", show_default=True),
-        click.option("--max-vram", envvar="BATCHGEN_MAX_VRAM", help="Hard VRAM cap, e.g. 6GiB."),
-        click.option("--max-batch", type=int, envvar="BATCHGEN_MAX_BATCH", help="Cap on rows per step."),
-        click.option("--max-model-len", type=int, envvar="BATCHGEN_MAX_MODEL_LEN"),
-        click.option("--no-8bit", is_flag=True, help="Load in the compute dtype instead of bnb int8."),
-        click.option("--int8-threshold", type=float, envvar="BATCHGEN_INT8_THRESHOLD", default=6.0,
-                     show_default=True),
-    ]):
-        fn = opt(fn)
-    return fn
+engine_options = shared_options(
+    click.option("--model", required=True, envvar="BATCHGEN_MODEL", help="HF model id or local path."),
+    click.option("--served-model-name", envvar="BATCHGEN_SERVED_MODEL_NAME",
+                 help="Name batches use for this model (default: --model)."),
+    click.option("--engine", type=click.Choice(["llm", "echo"]), envvar="BATCHGEN_ENGINE", default="llm",
+                 show_default=True, help="echo: no model, answers with the prompt (tests, benchmarks)."),
+    click.option("--device", envvar="BATCHGEN_DEVICE", default="auto", show_default=True),
+    click.option("--vram-reserve", envvar="BATCHGEN_VRAM_RESERVE", default="500MiB", show_default=True),
+    click.option("--max-vram", envvar="BATCHGEN_MAX_VRAM", help="Hard VRAM cap, e.g. 6GiB."),
+    click.option("--max-batch", type=int, envvar="BATCHGEN_MAX_BATCH", help="Cap on rows per step."),
+    click.option("--max-model-len", type=int, envvar="BATCHGEN_MAX_MODEL_LEN"),
+    click.option("--no-8bit", is_flag=True, help="Load in the compute dtype instead of bnb int8."),
+    click.option("--int8-threshold", type=float, envvar="BATCHGEN_INT8_THRESHOLD", default=6.0,
+                 show_default=True),
+    # Plain strings, not click.Choice: the choices live in the worker's EngineConfig, which validates them
+    # (the producer CLI does not import the worker at load time).
+    click.option("--int8-kernel", envvar="BATCHGEN_INT8_KERNEL", default="auto", show_default=True,
+                 help="int8 matmul kernel: auto, bnb, int_mm or weight_only (auto: int_mm where it runs)."),
+    click.option("--attention", envvar="BATCHGEN_ATTENTION", default="auto", show_default=True,
+                 help="Attention kernel: auto, flash or sdpa (auto: flash on CUDA in fp16/bf16)."),
+    click.option("--cuda-graphs/--no-cuda-graphs", envvar="BATCHGEN_CUDA_GRAPHS", default=True, show_default=True,
+                 help="Replay decode steps as CUDA graphs (CUDA only)."),
+    click.option("--host-kv-dtype", envvar="BATCHGEN_HOST_KV_DTYPE", default="auto", show_default=True,
+                 help="Small-VRAM mode's host KV cache: auto (the compute dtype), float32, float16, bfloat16 "
+                      "or int8 (about half the bytes, at int8 rounding)."),
+    click.option("--inject-oom", envvar="BATCHGEN_INJECT_OOM", hidden=True,
+                 help="Test hook: raise OOM in chosen forward calls (steps=…, p=…, seed=…)."),
+)
 
 
-def worker_config(**kw: Any):
+def engine_config(kw: dict[str, Any]):
     from batchgen.jobs.config import parse_bytes
-    from batchgen.worker.config import WorkerConfig
+    from batchgen.worker.engine.config import EngineConfig
 
-    return WorkerConfig(
-        model=kw["model"], served_model_name=kw["served_model_name"], engine=kw["engine"], device=kw["device"],
-        vram_reserve_bytes=parse_bytes(kw["vram_reserve"]),
-        max_vram_bytes=parse_bytes(kw["max_vram"]) if kw["max_vram"] else None,
-        max_batch_size=kw["max_batch"], max_model_len=kw["max_model_len"], load_in_8bit=not kw["no_8bit"],
-        int8_threshold=kw["int8_threshold"], **{k: kw[k] for k in ("redis_url", "burst") if k in kw},
+    return EngineConfig(
+        model=kw["model"], served_model_name=kw["served_model_name"], device=kw["device"],
+        load_in_8bit=not kw["no_8bit"], vram_reserve_bytes=parse_bytes(kw["vram_reserve"]),
+        max_vram_bytes=parse_bytes(kw["max_vram"]) if kw["max_vram"] else None, max_batch_size=kw["max_batch"],
+        max_model_len=kw["max_model_len"], int8_threshold=kw["int8_threshold"], int8_kernel=kw["int8_kernel"],
+        attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], host_kv_dtype=kw["host_kv_dtype"],
+        inject_oom=kw["inject_oom"] or None,
     )
 
 
@@ -304,9 +330,10 @@ def worker_config(**kw: Any):
 @click.option("--json", "as_json", is_flag=True,
               help="Log lines as JSON objects (stderr) and a JSON summary on stdout at exit.")
 @handles_errors
-def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step_delay, name, gpus, verbose, as_json,
-           **kw):
+def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step_delay, name, gpus, redis_url, burst,
+           verbose, as_json, **kw):
     """Run a worker: load the model once (8-bit), then serve its queues until stopped."""
+    from batchgen.worker.config import WorkerConfig
     from batchgen.worker.factory import build_engine
     from batchgen.worker.worker import BatchWorker
 
@@ -314,19 +341,17 @@ def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step
     handler.setFormatter(JsonLogFormatter() if as_json else
                          logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
-    cfg = worker_config(**kw)
-    if priorities:
-        cfg.priorities = tuple(p for p in defaults.PRIORITIES if p in priorities)
-    cfg.shutdown_grace_s = shutdown_grace
-    cfg.worker_ttl_s, cfg.heartbeat_interval_s, cfg.echo_step_delay_s = worker_ttl, heartbeat_interval, echo_step_delay
-    cfg.__post_init__()  # re-validate: the TTL must exceed two heartbeats
+    cfg = WorkerConfig(
+        engine_config(kw), redis_url=redis_url, engine=kw["engine"], burst=burst,
+        priorities=tuple(p for p in defaults.PRIORITIES if p in priorities) if priorities else defaults.PRIORITIES,
+        worker_ttl_s=worker_ttl, heartbeat_interval_s=heartbeat_interval, shutdown_grace_s=shutdown_grace,
+        echo_step_delay_s=echo_step_delay, **({"name": name} if name else {}),
+    )
     if gpus:  # this process only supervises: see worker/launcher.py
         from batchgen.worker.launcher import command_line_args, launch
 
         worker_argv = [sys.executable, "-m", "batchgen.producer.cli", "worker", *command_line_args(click.get_current_context())]
         sys.exit(launch(gpus, worker_argv, name))
-    if name:
-        cfg.name = name
     engine = build_engine(cfg)
     conn = redis.Redis.from_url(cfg.redis_url, decode_responses=True, health_check_interval=30)
     done = BatchWorker(cfg, engine, conn).run()
@@ -344,14 +369,15 @@ def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step
 @json_option
 @handles_errors
 def run(inputs, output, errors, skip_invalid, as_json, max_tokens, temperature, top_p, seed, max_line_bytes,
-        max_requests, **kw):
+        max_requests, max_tokens_limit, **kw):
     """Run INPUTS in-process, no Redis (like `vllm run-batch`); same engine and output format."""
     from batchgen.jobs.inputs import InputLimits
+    from batchgen.worker.config import WorkerConfig
     from batchgen.worker.factory import build_engine
     from batchgen.worker.local_run import run_local
 
-    cfg = worker_config(**kw)
-    limits = InputLimits(max_requests=max_requests, max_line_bytes=max_line_bytes)
+    cfg = WorkerConfig(engine_config(kw), engine=kw["engine"])
+    limits = InputLimits(max_requests=max_requests, max_line_bytes=max_line_bytes, max_tokens=max_tokens_limit)
     t0 = time.monotonic()
     summary = run_local(inputs, output, errors, build_engine(cfg), model=cfg.served_name,
                         params=param_defaults(max_tokens, temperature, top_p, seed), limits=limits,

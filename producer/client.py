@@ -12,12 +12,22 @@ from pathlib import Path
 from typing import IO, Any
 
 import redis
-from batchgen.jobs import chunks, defaults, keys
+from batchgen.jobs import chunks, defaults
+from batchgen.jobs.backoff import UNAVAILABLE, Backoff
 from batchgen.jobs.batch import Batch
-from batchgen.jobs.inputs import InputLimits, ModelResolver, ParamDefaults, ParsedLine, read_inputs
-from batchgen.jobs.schema import Request, error_line
+from batchgen.jobs.inputs import (
+    InputLimits,
+    ModelResolver,
+    ParamDefaults,
+    ParsedLine,
+    invalid_output_line,
+    read_inputs,
+    validate_batch,
+)
+from batchgen.jobs.schema import Request
 from batchgen.jobs.states import BatchStatus, Outcome
 from batchgen.jobs.store import BatchStore, now_s
+from batchgen.jobs.workers import WorkerRegistry
 from batchgen.producer.config import ProducerConfig
 from redis import Redis
 
@@ -85,9 +95,10 @@ class BatchClient:
             timestamps={"created_at": now_s(), "expires_at": now_s() + self.cfg.completion_window_s},
         )
         self.store.create(batch, ttl_s=VALIDATING_TTL_S)
+        resolver = ModelResolver(model)
+        lines = read_inputs(paths, defaults=params or ParamDefaults(), limits=limits, stdin=stdin)
         try:
-            result = self._ingest(batch, read_inputs(paths, defaults=params or ParamDefaults(), limits=limits, stdin=stdin),
-                                  ModelResolver(model), skip_invalid, on_line)
+            result = self._ingest(batch, validate_batch(lines, resolver), resolver, skip_invalid, on_line)
         except BaseException:
             self.store.discard(batch.id)
             raise
@@ -103,17 +114,15 @@ class BatchClient:
         endpoints: set[str] = set()
         index = 0
         for parsed in lines:
-            error = parsed.error or resolver.see(parsed)
             if on_line:
                 on_line(parsed.line)
-            if error is not None:
+            if parsed.error is not None:
                 result.num_errors += 1
                 if len(result.errors) < MAX_ERRORS_KEPT:
                     result.errors.append(SourceError(parsed.source, parsed.line, parsed.custom_id,
-                                                     error.code, error.message))
+                                                     parsed.error.code, parsed.error.message))
                 if skip_invalid:
-                    invalid.append((index, error_line(parsed.custom_id, error.code,
-                                                      f"line {parsed.line}: {error.message}")))
+                    invalid.append((index, invalid_output_line(parsed)))
                     index += 1
                 continue
             assert parsed.request is not None
@@ -143,8 +152,7 @@ class BatchClient:
         batch.num_chunks = len(batch_chunks)
         queue = chunks.make_queue(batch.model, batch.priority, self.connection)
         batch.queue = queue.name
-        self.connection.hset(keys.BatchKeys(batch.id).record,
-                             mapping={"model": batch.model, "endpoint": batch.endpoint, "queue": queue.name})
+        self.store.route(batch)
         for start in range(0, len(invalid), PAGE):
             self.store.record(batch.id, invalid[start:start + PAGE])
         with chunks.rq_connection(self.connection).pipeline() as pipe:
@@ -179,20 +187,19 @@ class BatchClient:
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         batch = self.get(batch_id)
-        backoff_s = 0.5
+        backoff = Backoff()
         while True:
             try:
                 batch = self.get(batch_id)
-                backoff_s = 0.5
+                backoff.reset()
             except redis.AuthenticationError:
                 raise
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except UNAVAILABLE as exc:
                 if deadline is not None and time.monotonic() >= deadline:
                     return batch
                 if on_unavailable:
-                    on_unavailable(exc, backoff_s)
-                time.sleep(backoff_s if deadline is None else max(0.0, min(backoff_s, deadline - time.monotonic())))
-                backoff_s = min(backoff_s * 2, 10.0)
+                    on_unavailable(exc, backoff.delay_s)
+                backoff.sleep(deadline)
                 continue
             if on_poll:
                 on_poll(batch)
@@ -240,8 +247,4 @@ class BatchClient:
 
     def workers(self) -> list[dict[str, str]]:
         """Live workers (their heartbeat key has not expired) with model, batch size, tok/s, VRAM."""
-        names = sorted(self.connection.smembers(keys.workers_index()))
-        pipe = self.connection.pipeline(transaction=False)
-        for name in names:
-            pipe.hgetall(keys.worker_key(name))
-        return [info for info in pipe.execute() if info]
+        return WorkerRegistry(self.connection).live()

@@ -143,3 +143,61 @@ def _read_available(fd: int) -> bytes:
         return os.read(fd, 65536)
     except OSError:  # the terminal side is closed and drained
         return b""
+
+
+def worker_params(*args: str) -> dict:
+    """The `batchgen worker` flags as click parses them (flags, then env, then defaults)."""
+    from batchgen.producer.cli import worker
+
+    return worker.make_context("worker", ["--model", "m", *args]).params
+
+
+def test_engine_knobs_are_flags_with_their_env_names(monkeypatch):
+    from batchgen.producer.cli import engine_config
+
+    default = engine_config(worker_params())
+    assert (default.int8_kernel, default.attention, default.cuda_graphs, default.host_kv_dtype,
+            default.inject_oom) == ("auto", "auto", True, "auto", None)
+    flags = engine_config(worker_params("--int8-kernel", "weight_only", "--attention", "sdpa", "--no-cuda-graphs",
+                                        "--host-kv-dtype", "int8", "--inject-oom", "steps=2"))
+    assert (flags.int8_kernel, flags.attention, flags.cuda_graphs, flags.host_kv_dtype,
+            flags.inject_oom) == ("weight_only", "sdpa", False, "int8", "steps=2")
+    for name, value in {"INT8_KERNEL": "bnb", "ATTENTION": "flash", "CUDA_GRAPHS": "0", "HOST_KV_DTYPE": "bfloat16",
+                        "INJECT_OOM": "p=0.5", "MAX_BATCH": "3", "VRAM_RESERVE": "1GiB"}.items():
+        monkeypatch.setenv(f"BATCHGEN_{name}", value)
+    env = engine_config(worker_params())
+    assert (env.int8_kernel, env.attention, env.cuda_graphs, env.host_kv_dtype, env.inject_oom, env.max_batch_size,
+            env.vram_reserve_bytes) == ("bnb", "flash", False, "bfloat16", "p=0.5", 3, 2**30)
+
+
+def test_a_bad_engine_knob_is_a_usage_error_before_any_model_loads(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    bad_flag = batchgen("run", src, "-o", str(tmp_path / "out.jsonl"), "--model", "m", "--engine", "echo",
+                        "--attention", "xformers", redis_url="unused")
+    assert bad_flag.returncode == 2 and b"attention must be one of" in bad_flag.stderr
+    bad_env = batchgen("run", src, "-o", str(tmp_path / "out.jsonl"), "--model", "m", "--engine", "echo",
+                       redis_url="unused", BATCHGEN_INT8_KERNEL="fp4")
+    assert bad_env.returncode == 2 and b"int8_kernel must be" in bad_env.stderr
+
+
+def test_gpus_children_get_the_on_off_flags_the_user_gave():
+    from batchgen.producer.cli import worker
+    from batchgen.worker.launcher import command_line_args
+
+    ctx = worker.make_context("worker", ["--model", "m", "--no-cuda-graphs", "--gpus", "0,1", "--attention", "sdpa"])
+    assert command_line_args(ctx) == ["--model", "m", "--attention", "sdpa", "--no-cuda-graphs"]
+
+
+def test_the_worker_config_loads_without_torch():
+    """An echo worker (and the --gpus supervisor) builds its whole config without importing torch."""
+    code = ("import sys, batchgen.worker.config, batchgen.worker.factory;"
+            "bad=[m for m in sys.modules if m.split('.')[0] in ('torch','transformers','bitsandbytes')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_engine_config_names_the_int8_kernels_there_are():
+    from batchgen.worker.engine import config, int8_linear
+
+    assert config.INT8_KERNELS == int8_linear.INT8_KERNELS

@@ -12,10 +12,19 @@ import sys
 from pathlib import Path
 
 import pytest
-from batchgen.jobs.inputs import InputLimits, ModelResolver, ParamDefaults, read_inputs, resolve_model
+from batchgen.jobs.inputs import (
+    InputLimits,
+    ModelResolver,
+    ParamDefaults,
+    invalid_output_line,
+    read_inputs,
+    validate_batch,
+)
 from batchgen.jobs.schema import CHAT_URL, COMPLETIONS_URL, ChatMessage, SamplingParams
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from tests.conftest import data_keys
 
 GOOD = Path(__file__).parent / "data" / "good"
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -151,8 +160,9 @@ def test_empty_inputs_are_reported_per_source(tmp_path):
 
 def test_cli_model_wins_over_line_models():
     resolver = ModelResolver(cli_model="my/finetune")
-    assert [resolver.see(p) for p in read_inputs([str(GOOD / "batch.jsonl")])] == [None] * 3
-    assert resolver.model == "my/finetune" and resolver.missing_error() is None
+    lines = list(validate_batch(read_inputs([str(GOOD / "batch.jsonl")]), resolver))
+    assert [p.error for p in lines] == [None] * 3
+    assert resolver.model == "my/finetune"
 
 
 def test_lines_must_agree_on_the_model(tmp_path):
@@ -160,29 +170,21 @@ def test_lines_must_agree_on_the_model(tmp_path):
     path.write_text("\n".join(json.dumps(line) for line in [
         {"prompt": "a"}, {"prompt": "b", "model": "m1"}, {"prompt": "c"}, {"prompt": "d", "model": "m2"}]))
     resolver = ModelResolver(cli_model=None)
-    errors = [resolver.see(p) for p in read_inputs([str(path)])]
-    assert errors[:3] == [None, None, None]
-    assert (errors[3].code, errors[3].line) == ("mixed_models", 4)
-    assert "'m2' differs from 'm1' (line 2)" in errors[3].message
+    lines = list(validate_batch(read_inputs([str(path)]), resolver))
+    assert [p.error for p in lines[:3]] == [None, None, None]
+    assert (lines[3].error.code, lines[3].error.line, lines[3].request) == ("mixed_models", 4, None)
+    assert "'m2' differs from 'm1' (line 2)" in lines[3].error.message
+    assert invalid_output_line(lines[3])["error"]["code"] == "mixed_models"
     assert resolver.model == "m1"
 
 
-def test_no_model_anywhere_is_a_clear_error():
-    resolver = ModelResolver(cli_model=None)
-    for parsed in read_inputs([str(GOOD / "prompts.txt")]):
-        assert resolver.see(parsed) is None
-    assert resolver.model is None
-    assert resolver.missing_error().code == "missing_model"
-    assert "--model" in resolver.missing_error().message
+def test_no_model_anywhere_is_a_clear_error_and_nothing_is_enqueued(redis_conn):
+    from batchgen.producer.client import BatchClient
 
-
-def test_resolve_model_function():
-    assert resolve_model("cli", ["a", "b"]) == "cli"
-    assert resolve_model(None, [None, "a", "a"]) == "a"
-    with pytest.raises(ValueError, match="several models"):
-        resolve_model(None, ["a", "b"])
-    with pytest.raises(ValueError, match="no model"):
-        resolve_model(None, [None])
+    result = BatchClient(connection=redis_conn).submit([str(GOOD / "prompts.txt")])
+    assert result.batch is None and [e.code for e in result.errors] == ["missing_model"]
+    assert "--model" in result.errors[0].message
+    assert data_keys(redis_conn) == []
 
 
 def test_100k_lines_are_parsed_as_a_stream(tmp_path):

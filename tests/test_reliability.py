@@ -241,6 +241,7 @@ def test_poison_requests_get_an_error_line_and_the_rest_of_the_batch_runs(demo_m
 def test_echo_engine_poison_prompt_errors_alone(redis_conn, tmp_path):
     """A prompt the engine rejects (NUL byte) errors; the worker carries on in-process."""
     from batchgen.worker.config import WorkerConfig
+    from batchgen.worker.engine.config import EngineConfig
     from batchgen.worker.engine.echo import EchoEngine
     from batchgen.worker.worker import BatchWorker
 
@@ -248,7 +249,7 @@ def test_echo_engine_poison_prompt_errors_alone(redis_conn, tmp_path):
             {"custom_id": "b", "prompt": "three"}]
     client = BatchClient(ProducerConfig(chunk_size=2), connection=redis_conn)
     batch = client.submit([write_jsonl(tmp_path / "in.jsonl", rows)], model="echo-m").batch
-    cfg = WorkerConfig(model="echo-m", engine="echo", burst=True, redis_url="unused")
+    cfg = WorkerConfig(EngineConfig(model="echo-m"), engine="echo", burst=True, redis_url="unused")
     assert BatchWorker(cfg, EchoEngine("echo-m"), redis_conn).run() == 3
     lines = {ln["custom_id"]: ln for ln in client.results(batch.id)}
     assert lines["nul"]["error"]["code"] == "invalid_prompt"

@@ -17,6 +17,7 @@ from batchgen.jobs.states import BatchStatus
 from batchgen.producer.client import BatchClient
 from batchgen.producer.config import ProducerConfig
 from batchgen.worker.config import WorkerConfig
+from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.echo import EchoEngine
 from batchgen.worker.launcher import child_specs, parse_gpus
 from batchgen.worker.worker import BatchWorker
@@ -161,7 +162,7 @@ def test_small_batches_submitted_after_a_huge_one_finish_first_and_high_priority
             late["urgent"] = submit("urgent", 24, "high")
 
     engine = RecordingEcho(submit_late, model_name="echo-m", max_batch_size=8)
-    cfg = WorkerConfig(model="echo-m", engine="echo", burst=True, redis_url="unused")
+    cfg = WorkerConfig(EngineConfig(model="echo-m"), engine="echo", burst=True, redis_url="unused")
     assert BatchWorker(cfg, engine, redis_conn).run() == 800 + 160 + 24 + 24
 
     huge_done = done_by_step(engine.steps, huge)
@@ -203,7 +204,7 @@ def test_workers_of_different_models_never_take_each_others_work(redis_conn, tmp
            for m, n in (("alpha", 40), ("beta", 24), ("gamma", 16))}
 
     def worker(model: str) -> BatchWorker:
-        cfg = WorkerConfig(model=model, engine="echo", burst=True, redis_url="unused")
+        cfg = WorkerConfig(EngineConfig(model=model), engine="echo", burst=True, redis_url="unused")
         return BatchWorker(cfg, EchoEngine(model, max_batch_size=8), redis_conn)
 
     assert worker("beta").run() == 24

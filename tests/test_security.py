@@ -21,6 +21,7 @@ from batchgen.producer.cli import main as cli_main
 from batchgen.producer.client import BatchClient
 from batchgen.producer.config import ProducerConfig
 from batchgen.worker.config import WorkerConfig
+from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.echo import EchoEngine
 from batchgen.worker.result_files import append_lines
 from batchgen.worker.worker import BatchWorker
@@ -86,7 +87,7 @@ def test_nothing_on_redis_is_pickle_after_submit_work_results_and_cancel(redis_c
     client = BatchClient(ProducerConfig(chunk_size=4), connection=redis_conn)
     rows = [{"custom_id": f"r{i}", "prompt": f"a b c {i}", "max_tokens": 2} for i in range(10)]
     done = client.submit([write_jsonl(tmp_path / "a.jsonl", rows)], model="echo-m").batch
-    cfg = WorkerConfig(model="echo-m", engine="echo", burst=True, redis_url="unused")
+    cfg = WorkerConfig(EngineConfig(model="echo-m"), engine="echo", burst=True, redis_url="unused")
     assert BatchWorker(cfg, EchoEngine("echo-m", max_batch_size=4), redis_conn).run() == 10
     assert len(list(client.results(done.id))) == 10
     cancelled = client.submit([write_jsonl(tmp_path / "b.jsonl", rows)], model="echo-m").batch
@@ -192,7 +193,7 @@ def test_custom_ids_never_become_file_names(redis_conn, tmp_path):
     batches = [client.submit([write_jsonl(tmp_path / "in.jsonl", rows)], model="echo-m",
                              output_dir=str(out_dir)).batch,
                client.submit([str(docs)], model="echo-m", output_dir=str(out_dir)).batch]
-    cfg = WorkerConfig(model="echo-m", engine="echo", burst=True, redis_url="unused")
+    cfg = WorkerConfig(EngineConfig(model="echo-m"), engine="echo", burst=True, redis_url="unused")
     assert BatchWorker(cfg, EchoEngine("echo-m"), redis_conn).run() == len(hostile) + 1
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert written == sorted([Path("in.jsonl"), Path("docs/report.txt"),
@@ -229,5 +230,14 @@ def test_input_limits_come_from_env(redis_url, redis_conn, tmp_path):
     assert long_line.returncode == 3 and b":1: line_too_long:" in long_line.stderr
     too_many = batchgen("submit", src, "--model", "m", redis_url=redis_url, BATCHGEN_MAX_REQUESTS="2")
     assert too_many.returncode == 3 and b":3: too_many_requests:" in too_many.stderr
+    big = write_jsonl(tmp_path / "big.jsonl", [{"prompt": "a", "max_tokens": 50}])
+    for command in (["submit", big, "--model", "m"], ["run", big, "-o", str(tmp_path / "o.jsonl"), "--model", "m",
+                                                      "--engine", "echo"]):
+        over = batchgen(*command, redis_url=redis_url, BATCHGEN_MAX_TOKENS_LIMIT="10")
+        assert over.returncode == 3 and b"max_tokens: must be <= 10" in over.stderr
     assert data_keys(redis_conn) == []
     assert os.environ.get("BATCHGEN_MAX_LINE_BYTES") is None  # the env only reached the subprocesses
+    window = batchgen("submit", big, "--model", "m", "--json", redis_url=redis_url, check=True,
+                      BATCHGEN_COMPLETION_WINDOW_S="60")
+    batch = json.loads(window.stdout)
+    assert batch["expires_at"] - batch["created_at"] == 60

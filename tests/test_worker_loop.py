@@ -8,10 +8,14 @@ from batchgen.jobs.states import BatchStatus
 from batchgen.producer.client import BatchClient
 from batchgen.producer.config import ProducerConfig
 from batchgen.worker.config import WorkerConfig
+from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.echo import EchoEngine, echo_text
 from batchgen.worker.worker import BatchWorker
 from rq import Queue
 from rq.serializers import JSONSerializer
+
+from tests.cli import eventually
+from tests.conftest import data_keys
 
 
 def write_jsonl(path, rows):
@@ -20,7 +24,7 @@ def write_jsonl(path, rows):
 
 
 def make_worker(conn, model="echo-model", **kw):
-    cfg = WorkerConfig(model=model, engine="echo", burst=True, redis_url="unused", **kw)
+    cfg = WorkerConfig(EngineConfig(model=model), engine="echo", burst=True, redis_url="unused", **kw)
     return BatchWorker(cfg, EchoEngine(model, max_batch_size=8), conn)
 
 
@@ -154,3 +158,27 @@ def test_chunk_on_the_wrong_models_queue_fails_loudly_instead_of_running(redis_c
     assert [ln["custom_id"] for ln in lines] == [f"c{i}" for i in range(6)]
     assert {ln["error"]["code"] for ln in lines} == {"model_mismatch"}
     assert client.get(batch.id).request_counts == {"total": 6, "completed": 0, "failed": 6}
+
+
+def test_the_worker_registry_lists_live_workers_and_forgets_dead_ones(redis_conn):
+    from batchgen.jobs.workers import WorkerRegistry
+
+    registry = WorkerRegistry(redis_conn)
+    registry.heartbeat("w1", {"name": "w1", "last_heartbeat": 100}, ttl_s=60)
+    registry.heartbeat("w2", {"name": "w2", "last_heartbeat": 200}, ttl_s=1)
+    registry.register("w3")  # registered, never beat: not alive
+    assert [w["name"] for w in registry.live()] == ["w1", "w2"]
+    assert registry.last_heartbeats(["w1", "w3"]) == {"w1": 100, "w3": None}
+    eventually(lambda: not registry.is_alive("w2"), "w2's heartbeat to expire", timeout_s=10)
+    assert [w["name"] for w in registry.live()] == ["w1"]
+    registry.forget(["w2", "w3"])
+    registry.unregister("w1")
+    assert registry.live() == [] and data_keys(redis_conn) == []
+
+
+def test_a_stopped_worker_leaves_the_registry_at_once(redis_conn):
+    from batchgen.jobs.workers import WorkerRegistry
+
+    assert make_worker(redis_conn, name="leaver").run() == 0
+    assert WorkerRegistry(redis_conn).live() == []
+    assert not WorkerRegistry(redis_conn).is_alive("leaver")

@@ -1,4 +1,4 @@
-"""WorkerConfig: one dataclass for the worker side, filled from CLI flags and BATCHGEN_* env."""
+"""WorkerConfig: the worker side's settings, built once from the CLI's flags; it holds the EngineConfig whole."""
 
 import os
 import socket
@@ -6,29 +6,25 @@ import uuid
 from dataclasses import dataclass, field
 
 from batchgen.jobs import defaults
+from batchgen.worker.engine.config import EngineConfig
+
+
+def default_name() -> str:
+    return f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
 
 
 @dataclass
 class WorkerConfig:
-    model: str
-    served_model_name: str | None = None  # the name batches ask for; defaults to `model`
-    redis_url: str = field(default_factory=lambda: os.environ.get("REDIS_URL", defaults.REDIS_URL))
+    engine_config: EngineConfig
+    redis_url: str = defaults.REDIS_URL
     engine: str = "llm"  # "llm" | "echo"
     priorities: tuple[str, ...] = defaults.PRIORITIES
     burst: bool = False  # exit when the queues are empty (RQ's --burst)
-    name: str = field(default_factory=lambda: f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}")
-    device: str = "auto"
-    vram_reserve_bytes: int = defaults.VRAM_RESERVE_BYTES
-    max_vram_bytes: int | None = None
-    max_batch_size: int | None = None
-    max_model_len: int | None = None
-    load_in_8bit: bool = True
-    int8_threshold: float = 6.0
+    name: str = field(default_factory=default_name)
     worker_ttl_s: int = defaults.WORKER_TTL_S
     heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S
     shutdown_grace_s: float = defaults.SHUTDOWN_GRACE_S
     echo_step_delay_s: float = 0.0
-    inject_oom: str | None = field(default_factory=lambda: os.environ.get("BATCHGEN_INJECT_OOM"))
 
     def __post_init__(self) -> None:
         if self.engine not in ("llm", "echo"):
@@ -37,9 +33,8 @@ class WorkerConfig:
             raise ValueError(f"priorities must be among {defaults.PRIORITIES}")
         if self.heartbeat_interval_s * 2 >= self.worker_ttl_s:
             raise ValueError("worker_ttl_s must be more than twice heartbeat_interval_s")
-        if self.max_batch_size is not None and self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
 
     @property
     def served_name(self) -> str:
-        return self.served_model_name or self.model
+        """The model name batches ask for: --served-model-name, else --model."""
+        return self.engine_config.served_model_name or self.engine_config.model

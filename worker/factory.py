@@ -8,16 +8,9 @@ def build_engine(cfg: WorkerConfig) -> Engine:
     if cfg.engine == "echo":
         from batchgen.worker.engine.echo import EchoEngine
 
-        return EchoEngine(cfg.served_name, max_batch_size=cfg.max_batch_size or 64,
+        return EchoEngine(cfg.served_name, max_batch_size=cfg.engine_config.max_batch_size or 64,
                           step_delay_s=cfg.echo_step_delay_s)
-    from batchgen.worker.engine.config import EngineConfig
-
-    return build_llm_engine(EngineConfig(
-        model=cfg.model, served_model_name=cfg.served_name, device=cfg.device, load_in_8bit=cfg.load_in_8bit,
-        vram_reserve_bytes=cfg.vram_reserve_bytes, max_vram_bytes=cfg.max_vram_bytes,
-        max_batch_size=cfg.max_batch_size, max_model_len=cfg.max_model_len, int8_threshold=cfg.int8_threshold,
-        inject_oom=cfg.inject_oom,
-    ))
+    return build_llm_engine(cfg.engine_config)
 
 
 def build_llm_engine(cfg) -> Engine:

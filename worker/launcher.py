@@ -45,7 +45,9 @@ def command_line_args(ctx: click.Context, exclude: Sequence[str] = ("gpus", "nam
             continue
         opt = max(param.opts, key=len)
         value = ctx.params[param.name]
-        if param.is_flag:
+        if param.is_flag and param.secondary_opts:  # an on/off pair such as --cuda-graphs/--no-cuda-graphs
+            args.append(opt if value else max(param.secondary_opts, key=len))
+        elif param.is_flag:
             if value:
                 args.append(opt)
         elif param.multiple:

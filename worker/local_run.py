@@ -5,8 +5,14 @@ from pathlib import Path
 from typing import Any
 
 from batchgen.jobs.batch import Batch
-from batchgen.jobs.inputs import InputLimits, ModelResolver, ParamDefaults, read_inputs
-from batchgen.jobs.schema import error_line
+from batchgen.jobs.inputs import (
+    InputLimits,
+    ModelResolver,
+    ParamDefaults,
+    invalid_output_line,
+    read_inputs,
+    validate_batch,
+)
 from batchgen.jobs.states import BatchStatus
 from batchgen.worker.engine.protocol import Engine, GenerationRequest
 from batchgen.worker.result_files import append_lines
@@ -19,15 +25,13 @@ def run_local(
     params: ParamDefaults, limits: InputLimits, skip_invalid: bool, progress: bool = True,
 ) -> dict[str, Any]:
     """Validates everything first (nothing runs on bad input unless skip_invalid), then generates."""
-    resolver = ModelResolver(model)
     valid: list[GenerationRequest] = []
     invalid: list[dict[str, Any]] = []
     messages: list[str] = []
-    for parsed in read_inputs(inputs, defaults=params, limits=limits):
-        err = parsed.error or resolver.see(parsed)
-        if err is not None:
-            messages.append(f"{parsed.source}:{parsed.line}: {err.code}: {err.message}")
-            invalid.append(error_line(parsed.custom_id, err.code, f"line {parsed.line}: {err.message}"))
+    for parsed in validate_batch(read_inputs(inputs, defaults=params, limits=limits), ModelResolver(model)):
+        if parsed.error is not None:
+            messages.append(f"{parsed.source}:{parsed.line}: {parsed.error.code}: {parsed.error.message}")
+            invalid.append(invalid_output_line(parsed))
         else:
             valid.append(GenerationRequest(str(len(valid)), parsed.request))
     summary: dict[str, Any] = {"total": len(valid) + len(invalid), "invalid": len(invalid), "errors": messages,

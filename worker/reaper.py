@@ -8,12 +8,11 @@ outcome yet, so a dead worker costs at most what it had in flight.
 import logging
 import time
 
-from batchgen.jobs import keys
-from batchgen.jobs.chunks import ChunkClaims, rq_connection
+from batchgen.jobs.chunks import ChunkClaims, fetch_job
 from batchgen.jobs.store import BatchStore
+from batchgen.jobs.workers import WorkerRegistry
 from redis import Redis
-from rq.job import Job
-from rq.serializers import JSONSerializer
+from rq.exceptions import DeserializationError, NoSuchJobError
 
 log = logging.getLogger("batchgen.reaper")
 
@@ -23,6 +22,7 @@ class Reaper:
         self.connection = connection
         self.claims = claims
         self.store = BatchStore(connection)
+        self.workers = WorkerRegistry(connection)
         self.interval_s = interval_s
         self._last = 0.0
 
@@ -39,31 +39,25 @@ class Reaper:
     def num_stale_claims(self, self_name: str, stale_after_s: float) -> int:
         """Claims held by other workers that missed heartbeats: maybe dead, not yet past their TTL."""
         holders = self.claims.holders()
-        others = sorted(set(holders.values()) - {self_name})
-        pipe = self.connection.pipeline(transaction=False)
-        for w in others:
-            pipe.hget(keys.worker_key(w), "last_heartbeat")
-        beats = dict(zip(others, pipe.execute(), strict=True))
+        beats = self.workers.last_heartbeats(sorted(set(holders.values()) - {self_name}))
         cutoff = time.time() - stale_after_s
-        return sum(1 for w in holders.values() if w != self_name and (beats[w] is None or int(beats[w]) < cutoff))
+        return sum(1 for w in holders.values() if w != self_name and (beats[w] is None or beats[w] < cutoff))
 
     def requeue_dead(self, self_name: str = "") -> int:
         """Requeues chunks claimed by dead workers; returns how many."""
         holders = self.claims.holders()
-        dead = {w for w in set(holders.values()) - {self_name}
-                if not self.connection.exists(keys.worker_key(w))}
+        dead = {w for w in set(holders.values()) - {self_name} if not self.workers.is_alive(w)}
         requeued = 0
         for job_id, worker in holders.items():
             if worker not in dead:
                 continue
             try:
-                origin = Job.fetch(job_id, connection=rq_connection(self.connection), serializer=JSONSerializer).origin
-            except Exception:  # job hash gone (batch expired/cancelled): just drop the claim
+                origin = fetch_job(job_id, self.connection).origin
+            except (NoSuchJobError, DeserializationError):  # job hash gone (batch expired/cancelled): drop the claim
                 self.claims.release(job_id)
                 continue
             if self.claims.requeue(job_id, origin):
                 log.warning("requeued chunk %s of dead worker %s", job_id, worker)
                 requeued += 1
-        for w in dead:
-            self.connection.srem(keys.workers_index(), w)
+        self.workers.forget(dead)
         return requeued

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from batchgen.jobs import chunks, keys
+from batchgen.jobs import chunks
+from batchgen.jobs.backoff import UNAVAILABLE, Backoff
 from batchgen.jobs.batch import Batch
 from batchgen.jobs.schema import Request, error_line, success_line
 from batchgen.jobs.states import BatchStatus
 from batchgen.jobs.store import BatchStore
+from batchgen.jobs.workers import WorkerRegistry
 from batchgen.worker.config import WorkerConfig
 from batchgen.worker.engine.protocol import Engine, GenerationRequest, GenerationResult
 from batchgen.worker.reaper import Reaper
@@ -88,6 +90,7 @@ class BatchWorker:
         self.engine = engine
         self.connection = connection
         self.store = BatchStore(connection)
+        self.workers = WorkerRegistry(connection)
         self.claims = chunks.ChunkClaims(connection)
         self.queues = chunks.queues_for(cfg.served_name, connection, cfg.priorities)
         self.rq = SimpleWorker(self.queues, connection=chunks.rq_connection(connection), name=cfg.name, serializer=JSONSerializer,
@@ -98,6 +101,7 @@ class BatchWorker:
         self.unwritten: list[tuple[InFlight, dict[str, Any]]] = []
         self.batches: dict[str, Batch] = {}
         self.stop_requested_at: float | None = None
+        self.shutdown_grace_s = cfg.shutdown_grace_s  # a second stop signal cuts it to 0; the config stays as built
         self.num_requests_done = 0
         self._last_heartbeat = 0.0
         self._last_cancel_check = 0.0
@@ -109,21 +113,20 @@ class BatchWorker:
         """Works until stopped (or, with burst, until the queues are empty); returns requests finished."""
         self._install_signal_handlers()
         self.rq.register_birth()
-        self.connection.sadd(keys.workers_index(), self.cfg.name)
+        self.workers.register(self.cfg.name)
         self._heartbeat(force=True)
         log.info("worker %s serving %r on %s", self.cfg.name, self.cfg.served_name,
                  ", ".join(q.name for q in self.queues))
-        backoff_s = 0.5
+        backoff = Backoff()
         try:
             while not self._should_exit():
                 try:
                     self._turn()
-                    backoff_s = 0.5
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.warning("Redis unavailable (%s); retrying in %.1fs, engine state kept", exc, backoff_s)
+                    backoff.reset()
+                except UNAVAILABLE as exc:
+                    log.warning("Redis unavailable (%s); retrying in %.1fs, engine state kept", exc, backoff.delay_s)
                     self._reconcile_needed = True
-                    time.sleep(backoff_s)
-                    backoff_s = min(backoff_s * 2, 10.0)
+                    backoff.sleep()
         finally:
             self._shutdown()
         return self.num_requests_done
@@ -131,7 +134,7 @@ class BatchWorker:
     def _should_exit(self) -> bool:
         if self.stop_requested_at is not None:
             drained = self.engine.num_unfinished == 0 and not self.unwritten
-            return drained or time.monotonic() - self.stop_requested_at > self.cfg.shutdown_grace_s
+            return drained or time.monotonic() - self.stop_requested_at > self.shutdown_grace_s
         return False
 
     def _turn(self) -> None:
@@ -168,10 +171,10 @@ class BatchWorker:
     def request_stop(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
         if self.stop_requested_at is not None:
             log.warning("second stop signal: requeueing in-flight work now")
-            self.cfg.shutdown_grace_s = 0.0
+            self.shutdown_grace_s = 0.0
             return
         log.info("stop requested: finishing in-flight requests (up to %.0fs), taking no new work",
-                 self.cfg.shutdown_grace_s)
+                 self.shutdown_grace_s)
         self.stop_requested_at = time.monotonic()
 
     def _install_signal_handlers(self) -> None:
@@ -186,8 +189,7 @@ class BatchWorker:
                 self._drop(job_id)
                 self.claims.requeue(job_id, held.queue.name)
             self.rq.register_death()
-            self.connection.srem(keys.workers_index(), self.cfg.name)
-            self.connection.delete(keys.worker_key(self.cfg.name))
+            self.workers.unregister(self.cfg.name)
         except redis.RedisError as exc:
             log.error("could not hand back held chunks (%s); the reaper will requeue them", exc)
 
@@ -209,8 +211,7 @@ class BatchWorker:
         holders = self.claims.holders()
         for job_id, worker in holders.items():
             if worker == self.cfg.name and job_id not in self.held:
-                origin = Job.fetch(job_id, connection=chunks.rq_connection(self.connection),
-                                   serializer=JSONSerializer).origin
+                origin = chunks.fetch_job(job_id, self.connection).origin
                 if self.claims.requeue(job_id, origin):
                     log.warning("requeued chunk %s whose claim was interrupted by the outage", job_id)
         for job_id in [j for j in self.held if holders.get(j) != self.cfg.name]:
@@ -220,7 +221,7 @@ class BatchWorker:
     def _start_chunk(self, job: Job, queue: Queue) -> None:
         try:
             self._start_chunk_unguarded(job, queue)
-        except (redis.ConnectionError, redis.TimeoutError):
+        except UNAVAILABLE:
             # Half-started: forget it here; the claim stays in Redis and _reconcile_claims requeues it.
             self._drop(job.id)
             raise
@@ -248,7 +249,7 @@ class BatchWorker:
             self._finish_chunk(job.id)
             return
         pending = self.store.pending(chunk.batch_id, chunk.start, chunk.end)
-        raws = self.connection.hmget(keys.BatchKeys(chunk.batch_id).requests, pending) if pending else []
+        raws = self.store.raw_requests(chunk.batch_id, pending)
         gen, poison = [], []
         for index, raw in zip(pending, raws, strict=True):
             request, problem = parse_stored_request(raw)
@@ -347,14 +348,10 @@ class BatchWorker:
         if time.monotonic() - self._last_cancel_check < 1.0 or not self.held:
             return
         self._last_cancel_check = time.monotonic()
-        batch_ids = sorted({h.chunk.batch_id for h in self.held.values()})
-        pipe = self.connection.pipeline(transaction=False)
-        for batch_id in batch_ids:
-            pipe.hget(keys.BatchKeys(batch_id).record, "status")
-        for batch_id, status in zip(batch_ids, pipe.execute(), strict=True):
-            if status is None or BatchStatus(status) in (BatchStatus.CANCELLING, BatchStatus.CANCELLED,
-                                                         BatchStatus.EXPIRED):
-                log.info("batch %s is %s: dropping its in-flight requests", batch_id, status)
+        statuses = self.store.statuses(sorted({h.chunk.batch_id for h in self.held.values()}))
+        for batch_id, status in statuses.items():
+            if status in (None, BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.EXPIRED):
+                log.info("batch %s is %s: dropping its in-flight requests", batch_id, status and status.value)
                 for job_id in [j for j, h in self.held.items() if h.chunk.batch_id == batch_id]:
                     self._finish_chunk(job_id)
 
@@ -368,7 +365,7 @@ class BatchWorker:
         stats = self.engine.stats()
         info = {
             "name": self.cfg.name, "model": self.cfg.served_name, "engine": self.cfg.engine,
-            "queues": ",".join(q.name for q in self.queues), "device": self.cfg.device,
+            "queues": ",".join(q.name for q in self.queues), "device": self.cfg.engine_config.device,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
             "batch_size": stats.batch_size, "max_batch_size": stats.max_batch_size,
             "tokens_per_s": round(stats.tokens_per_s, 1), "num_unfinished": stats.num_unfinished,
@@ -378,8 +375,4 @@ class BatchWorker:
             "state": "stopping" if self.stop_requested_at else ("busy" if self.held else "idle"),
             "last_heartbeat": int(time.time()),
         }
-        with self.connection.pipeline() as pipe:
-            pipe.hset(keys.worker_key(self.cfg.name), mapping=info)
-            pipe.expire(keys.worker_key(self.cfg.name), self.cfg.worker_ttl_s)
-            pipe.sadd(keys.workers_index(), self.cfg.name)
-            pipe.execute()
+        self.workers.heartbeat(self.cfg.name, info, self.cfg.worker_ttl_s)

@@ -1,11 +1,14 @@
-"""EngineConfig: what the LLM engine (and its small-VRAM mode) is built from; filled once from the worker's flags."""
+"""EngineConfig: what the LLM engine (and its small-VRAM mode) is built from; filled once from the worker's flags.
 
-import os
-from dataclasses import dataclass, field
+It imports no torch, so the queue side (and an echo worker) can build its config without loading it.
+"""
+
+from dataclasses import dataclass
 
 from batchgen.jobs import defaults
-from batchgen.worker.engine.int8_linear import INT8_KERNELS
 
+INT8_KERNELS = ("bnb", "int_mm", "weight_only")  # int8_linear's kernels, named here so the config needs no torch
+ATTENTIONS = ("auto", "flash", "sdpa")  # auto: flash on CUDA in fp16/bf16, else sdpa (masked)
 HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the model's compute dtype
 
 
@@ -22,18 +25,16 @@ class EngineConfig:
     max_model_len: int | None = None  # None: min(max_position_embeddings, 4096)
     max_prefill_tokens: int | None = None  # tokens per packed prefill; None: max_model_len
     int8_threshold: float = 6.0  # bnb's outlier threshold; only the "bnb" kernel has outlier columns
-    # "auto": int_mm where torch._int_mm runs (CUDA, CPU), else bnb. See int8_linear for each kernel.
-    int8_kernel: str = field(default_factory=lambda: os.environ.get("BATCHGEN_INT8_KERNEL", "auto"))
-    # "auto": flash on CUDA in fp16/bf16, else sdpa (masked).
-    attention: str = field(default_factory=lambda: os.environ.get("BATCHGEN_ATTENTION", "auto"))
-    cuda_graphs: bool = field(default_factory=lambda: os.environ.get("BATCHGEN_CUDA_GRAPHS", "1") != "0")
+    int8_kernel: str = "auto"  # auto: int_mm where torch._int_mm runs (CUDA, CPU), else bnb
+    attention: str = "auto"  # one of ATTENTIONS
+    cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
     inject_oom: str | None = None  # test hook, see model_runner.FaultInjector
-    # Small-VRAM mode (worker/offload.py): stream decoder layers from host memory. None: when the int8
+    # Small-VRAM mode (worker/offload/): stream decoder layers from host memory. None: when the int8
     # weights do not fit max_vram_bytes on CUDA.
     offload: bool | None = None
-    # Its host KV cache when attention runs on the CPU (worker/host_attention.py): "auto" is the compute dtype,
-    # which holds the K/V exactly; int8 (a scale per token and head) reads ~half the bytes at int8 rounding.
-    host_kv_dtype: str = field(default_factory=lambda: os.environ.get("BATCHGEN_HOST_KV_DTYPE", "auto"))
+    # Its host KV cache when attention runs on the CPU: "auto" is the compute dtype, which holds the K/V
+    # exactly; int8 (a scale per token and head) reads about half the bytes at int8 rounding.
+    host_kv_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -50,5 +51,5 @@ class EngineConfig:
             raise ValueError(f"int8_kernel must be auto or one of {INT8_KERNELS}, got {self.int8_kernel!r}")
         if self.host_kv_dtype not in HOST_KV_DTYPES:
             raise ValueError(f"host_kv_dtype must be one of {HOST_KV_DTYPES}, got {self.host_kv_dtype!r}")
-        if self.attention not in ("auto", "flash", "sdpa"):
-            raise ValueError(f"attention must be auto, flash or sdpa, got {self.attention!r}")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
