@@ -12,13 +12,13 @@ import torch
 from batchgen.jobs.schema import Request, SamplingParams
 from batchgen.worker.demo_model import write_demo_model
 from batchgen.worker.engine import budget
-from batchgen.worker.offload import plan as stream_plan
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.cuda_graphs import batch_buckets
+from batchgen.worker.engine.llama import prompt_groups
 from batchgen.worker.engine.llm_engine import LLMEngine
-from batchgen.worker.engine.model_runner import prompt_groups
 from batchgen.worker.engine.protocol import GenerationRequest
 from batchgen.worker.factory import build_llm_engine
+from batchgen.worker.offload import plan as stream_plan
 from batchgen.worker.offload.engine import StreamingLLMEngine, streaming_prefill_tokens, wants_streaming
 from batchgen.worker.offload.layer_stream import (
     LINEARS,

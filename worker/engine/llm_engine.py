@@ -19,8 +19,9 @@ from batchgen.jobs.schema import ErrorInfo, Request
 from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.int8_linear import convert_model, resolve_int8_kernel
+from batchgen.worker.engine.llama import flash_works
 from batchgen.worker.engine.loader import SUPPORTED_MODEL_TYPES, load_model, resolve_device, resolve_dtype
-from batchgen.worker.engine.model_runner import ModelRunner, flash_works
+from batchgen.worker.engine.model_runner import ModelRunner
 from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, GenerationResult
 from batchgen.worker.engine.sampler import sample
 from batchgen.worker.engine.scheduler import Scheduler

@@ -31,9 +31,10 @@ import torch
 from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.int8_linear import KERNELS, resolve_int8_kernel
+from batchgen.worker.engine.llama import KVStore, head_dim_of
 from batchgen.worker.engine.llm_engine import LLMEngine
 from batchgen.worker.engine.loader import load_model, resolve_device, resolve_dtype
-from batchgen.worker.engine.model_runner import KVStore, ModelRunner, head_dim_of
+from batchgen.worker.engine.model_runner import ModelRunner
 from batchgen.worker.offload.host_attention import Kernel, cache_bytes
 from batchgen.worker.offload.host_kv import CpuAttention, HostKV, measure_cpu_attention_cost
 from batchgen.worker.offload.layer_stream import LayerStreamer, device_kv_layers, int8_layer_bytes

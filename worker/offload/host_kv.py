@@ -8,7 +8,7 @@ import logging
 import time
 
 import torch
-from batchgen.worker.engine.model_runner import KVStore, cache_store
+from batchgen.worker.engine.llama import KVStore, cache_store
 from batchgen.worker.offload.host_attention import (
     Kernel,
     cache_bytes,
@@ -153,7 +153,7 @@ class CpuAttention(_HostCache):
         pin, slots = device.type == "cuda", split_slots(max_rows)  # PiecewiseDecode's two halves: buffer rows
         self.kv_dtype = kv_dtype or dtype
         # Layers whose K/V the planner put on the device after all (where host memory would not hold every
-        # layer's for the rows, or asked for): attended there, inside the GPU work (model_runner.CacheAttention).
+        # layer's for the rows, or asked for): attended there, inside the GPU work (llama.CacheAttention).
         # The host cache holds only the others' (host_index: layer -> its index there).
         self.device_layers = tuple(sorted(device_layers))
         self.device_index = {layer: j for j, layer in enumerate(self.device_layers)}
@@ -301,7 +301,7 @@ class CpuAttention(_HostCache):
         return self.out[lo:lo + b].to(self.device, non_blocking=True)[:, :, None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """send, compute, receive in a row: model_runner's Attend, for one layer run eagerly."""
+        """send, compute, receive in a row: llama's Attend, for one layer run eagerly."""
         self.send(q, k, v)
         self.compute(layer, 0, q.shape[0])
         return self.receive(q.shape[0])

@@ -178,7 +178,7 @@ FUSED = (LINEARS[:3], LINEARS[3:4], LINEARS[4:6], LINEARS[6:])
 
 
 class _DeviceLayer:
-    """Duck-types an HF decoder layer for model_runner.forward_layers, over int8 buffers on the device,
+    """Duck-types an HF decoder layer for llama.forward_layers, over int8 buffers on the device,
     with the same int8 kernels as the resident engine (int8_linear's fused q/k/v and gate/up, or bnb)."""
 
     def __init__(self, hf_layer: torch.nn.Module, specs: list[_LinearSpec], cb: torch.Tensor, scb: torch.Tensor,

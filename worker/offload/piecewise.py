@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 from batchgen.worker.engine.cuda_graphs import batch_buckets
-from batchgen.worker.engine.model_runner import (
+from batchgen.worker.engine.llama import (
     CacheAttention,
     LlamaParts,
     attention_inputs,

@@ -5,7 +5,7 @@ turns a StreamPlan into buffers and copies), so every choice here is tested with
 
 from dataclasses import dataclass
 
-from batchgen.worker.engine.model_runner import head_dim_of
+from batchgen.worker.engine.llama import head_dim_of
 
 # A decode step's compute per weight byte, in "streamed byte" units: HBM is ~50x faster than PCIe,
 # bitsandbytes' kernels are slower than that; used only to rank plans whose streamed bytes tie (e.g. 0).
