@@ -3,23 +3,49 @@
 import torch
 from batchgen.worker.engine.cuda_graphs import DecodeGraphs
 from batchgen.worker.engine.faults import FaultInjector
-from batchgen.worker.engine.llama import KVStore, LlamaParts, cache_store, decode_step, prefill_step
+from batchgen.worker.engine.llama import LlamaParts, cache_store, decode_step, prefill_step
 
 KV_LEN_BUCKET = 256
 
 
+def pack_prompts(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Prompts packed into one sequence: token ids [T], positions [T] (restarting at 0 per prompt), each prompt's
+    offset plus T at the end."""
+    starts = [0]
+    for p in prompts:
+        starts.append(starts[-1] + len(p))
+    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(device)
+    positions = torch.cat([torch.arange(len(p)) for p in prompts]).to(device)
+    return ids, positions, starts
+
+
+def memory_info(device: torch.device) -> tuple[int, int]:
+    """(used, free) bytes on the GPU; (0, 0) on CPU."""
+    if device.type != "cuda":
+        return 0, 0
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free, free
+
+
+def free_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 class ModelRunner:
-    """Owns the slot KV cache; runs prefill and decode for the engine.
+    """Owns the slot KV cache on the device; runs prefill and decode for the engine.
 
     attention: "flash" (FlashAttention varlen, CUDA fp16/bf16) or "sdpa" (masked, any device).
     cuda_graphs: replay decode steps from CUDA graphs (cuda_graphs.DecodeGraphs).
+    prefill_group_tokens: run each layer over groups of whole prompts of at most that many tokens (None: all at once).
     """
 
-    def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
-                 inject_oom: str | None = None, attention: str = "sdpa", cuda_graphs: bool = False):
+    def __init__(self, parts: LlamaParts, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
+                 inject_oom: str | None = None, attention: str = "sdpa", cuda_graphs: bool = False,
+                 prefill_group_tokens: int | None = None):
         if attention not in ("flash", "sdpa"):
             raise ValueError(f"unknown attention {attention!r}: use flash or sdpa")
-        self.parts = LlamaParts.from_hf(model)
+        self.parts = parts
         self.device, self.dtype, self.max_model_len = device, dtype, max_model_len
         self.attention = attention
         self.k_cache = self.v_cache = torch.empty(0)
@@ -27,7 +53,7 @@ class ModelRunner:
         self.fault = None
         self.use_graphs = cuda_graphs and device.type == "cuda" and not inject_oom  # the fault hook is Python
         self.graphs: DecodeGraphs | None = None
-        self.prefill_group_tokens: int | None = None  # None: a prefill runs each layer over all its tokens at once
+        self.prefill_group_tokens = prefill_group_tokens
         if inject_oom:
             self.fault = FaultInjector(inject_oom, device)
             self.parts.layers[-1].mlp.register_forward_pre_hook(self.fault)
@@ -45,17 +71,11 @@ class ModelRunner:
         self.max_rows = max_rows
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        starts = [0]
-        for p in prompts:
-            starts.append(starts[-1] + len(p))
-        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(self.device)
-        positions = torch.cat([torch.arange(len(p)) for p in prompts]).to(self.device)
-        return prefill_step(self.parts, ids, positions, starts, self.prompt_store(rows, prompts, positions),
-                            self.attention, self.prefill_group_tokens)
-
-    def prompt_store(self, rows: list[int], prompts: list[list[int]], positions: torch.Tensor) -> KVStore:
+        ids, positions, starts = pack_prompts(prompts, self.device)
         token_rows = torch.tensor([r for r, p in zip(rows, prompts, strict=True) for _ in p], device=self.device)
-        return cache_store(self.k_cache, self.v_cache, token_rows, positions)
+        return prefill_step(self.parts, ids, positions, starts,
+                            cache_store(self.k_cache, self.v_cache, token_rows, positions), self.attention,
+                            self.prefill_group_tokens)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """tokens/positions for rows [0, len(tokens)); holes carry token 0 at position 0 and are ignored."""
@@ -94,15 +114,16 @@ class ModelRunner:
         return needed
 
     def free_cached_memory(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_cached_memory(self.device)
 
     def memory_info(self) -> tuple[int, int]:
-        """(used, free) bytes on the GPU; (0, 0) on CPU."""
-        if self.device.type != "cuda":
-            return 0, 0
-        free, total = torch.cuda.mem_get_info(self.device)
-        return total - free, free
+        return memory_info(self.device)
+
+    def stats(self) -> dict[str, float | int]:
+        return {}
+
+    def reset_timing(self) -> None:
+        """Nothing timed here: the engine's StepStats time the steps."""
 
     def measure_cuda(self, *, num_probe_rows: int, prefill_tokens: int) -> tuple[int, int]:
         """Warm-up at the worst case: (prefill peak bytes, decode activation bytes per row) from the

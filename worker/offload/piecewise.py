@@ -154,6 +154,10 @@ class PiecewiseDecode:
         self.capture_s = time.perf_counter() - start
         return self.capture_s
 
+    def stats(self) -> dict[str, int]:
+        """Whether the pieces replay from graphs, and how many (each holds device memory outside the allocator)."""
+        return {"offload_piecewise_graphs": int(self.use_graphs), "offload_piecewise_graph_count": len(self.graphs)}
+
     def _replay(self, i: int, lo: int, b: int) -> torch.Tensor | None:
         graph, out = self.graphs[(b, i, lo)]
         graph.replay()
