@@ -41,7 +41,7 @@ class CpuAttention:
         staging = (num_layers, max(max_tokens, max_rows), num_kv_heads, head_dim)
         self.staging = [torch.empty(staging, dtype=dtype, pin_memory=pin) for _ in range(2)]
         self.num_layers, self.device = num_layers, device
-        self.decoding = self.prefilling = False
+        self.prefilling = False
         self._rows = self._positions = None
         self._kv_len = 0
         self.kv_dtype = kv_dtype or dtype
@@ -89,7 +89,7 @@ class CpuAttention:
 
     def begin(self, rows: list[int], positions: list[int], *, decode: bool) -> None:
         """rows/positions: where each token of the step goes (decode: one per row; prefill: every prompt token)."""
-        self.decoding, self.prefilling = decode, not decode
+        self.prefilling = not decode
         self._rows = torch.tensor(rows, dtype=torch.long)
         self._positions = torch.tensor(positions, dtype=torch.long)
         self._kv_len = max(positions) + 1
@@ -238,7 +238,7 @@ class CpuAttention:
             torch.cuda.current_stream().synchronize()
 
     def reset(self) -> None:
-        self.decoding = self.prefilling = False
+        self.prefilling = False
 
 
 def _segments(rows: list[int], positions: list[int]) -> list[tuple[int, int, int, int]]:

@@ -230,7 +230,7 @@ class LayerStreamer:
 
     def __init__(self, hf_layers: list[torch.nn.Module], *, device: torch.device, dtype: torch.dtype,
                  num_resident: int, kernel: str, threshold: float, num_slots: int = 2):
-        self.device, self.num_layers, self.num_resident = device, len(hf_layers), num_resident
+        self.num_layers = len(hf_layers)
         self.specs = _layer_specs(hf_layers[0])
         pin = device.type == "cuda"
         self.host: list[tuple[torch.Tensor, torch.Tensor] | None] = []

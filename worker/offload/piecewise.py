@@ -74,7 +74,6 @@ class PiecewiseDecode:
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self.pool = None
         self.capture_stream = torch.cuda.Stream(device) if self.use_graphs else None
-        self.capture_s = 0.0
 
     def run(self, tokens: list[int], positions: list[int], schedule: Iterator[int]) -> torch.Tensor:
         """One decode step of rows [0, n) -> logits [n, vocab]; schedule yields the pieces in order."""
@@ -151,8 +150,7 @@ class PiecewiseDecode:
             self.use_graphs, self.graphs = False, {}
             torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # the warm-ups' blocks: the budget has no room for them
-        self.capture_s = time.perf_counter() - start
-        return self.capture_s
+        return time.perf_counter() - start
 
     def stats(self) -> dict[str, int]:
         """Whether the pieces replay from graphs, and how many (each holds device memory outside the allocator)."""
