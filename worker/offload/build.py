@@ -20,7 +20,7 @@ from batchgen.worker.engine.int8_linear import KERNELS, resolve_int8_kernel
 from batchgen.worker.engine.llama import LlamaParts, head_dim_of
 from batchgen.worker.engine.llm_engine import LLMEngine
 from batchgen.worker.engine.loader import load_model
-from batchgen.worker.engine.model_runner import ModelRunner
+from batchgen.worker.engine.model_runner import ModelRunner, memory_info
 from batchgen.worker.engine.setup import max_model_len_for, resolve_attention, resolve_device_dtype
 from batchgen.worker.offload.host_attention import Kernel, cache_bytes
 from batchgen.worker.offload.host_kv import measure_cpu_attention_cost
@@ -180,7 +180,7 @@ def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num
         num_heads=parts.num_heads, head_dim=parts.head_dim, max_model_len=max_model_len, dtype_bytes=dtype_bytes)
     overhead = None
     if device.type == "cuda":
-        _, free = torch.cuda.mem_get_info(device)
+        _, free = memory_info(device)
         overhead = process_overhead_bytes(device)
         fixed = torch.cuda.memory_allocated(device) + overhead + LATE_OVERHEAD_BYTES
     else:

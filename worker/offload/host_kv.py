@@ -60,7 +60,6 @@ class CpuAttention:
             self.scale_staging = [torch.empty(t.shape[:3], pin_memory=pin) for t in self.staging]
             self.kv8 = torch.empty(slots, 2 * num_kv_heads, head_dim, dtype=torch.int8, pin_memory=pin)
             self.kv_scales = torch.empty(slots, 2 * num_kv_heads, pin_memory=pin)
-        self.host = [self.keys, self.values]
         # the new tokens' q/k/v as send() copies them to the host: q only for int8 (K/V go through kv8). Each
         # copy fills a whole leading slice: a copy into a strided host slice is staged on the host, which a CUDA
         # graph cannot hold (that turned the int8 path's graphs off)
@@ -256,8 +255,8 @@ def measure_cpu_attention_cost(device: torch.device, kernel: Kernel, kv_dtype: t
                                group: int, head_dim: int, seconds: float = 0.3) -> float:
     """PCIe bytes/s ÷ CPU attention bytes/s on this host, measured (CUDA only): how many streamed bytes one
     byte of host KV read by CpuAttention costs. plan_streaming weighs the "cpu" KV placement with it. The
-    kernel is timed while host→device copies run, as in a decode step: both read host memory (measured on an
-    H100 host: 4.6 ms a 13B layer alone, 8.2 ms beside the copies; the copies kept 97 % of their rate)."""
+    kernel is timed while host→device copies run, as in a decode step: both read host memory, and the kernel
+    is much slower beside the copies than alone."""
     src = torch.empty(256 * 2**20, dtype=torch.int8, pin_memory=True)
     dst = torch.empty_like(src, device=device)
     torch.cuda.synchronize(device)
@@ -266,11 +265,9 @@ def measure_cpu_attention_cost(device: torch.device, kernel: Kernel, kv_dtype: t
         dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize(device)
     pcie = 8 * src.numel() / (time.perf_counter() - start)
-    # a layer's cache is a few hundred MB and a step reads every layer's once, so nothing of it is in the L3
-    # cache when it is read again: the kernel rotates over 4 such samples (one alone, 335 MB for a 13B in
-    # bf16, nearly fits the H100 host's 300 MiB L3 and read faster than a decode step does). Built before the
-    # copies are queued: building them outlasts the copies (a probe that queued the copies first timed the
-    # kernel mostly after them: 0.82–1.11 on H100 hosts, against 1.82 beside them)
+    # a layer's cache is a few hundred MB and a step reads every layer's once, so none of it is in the L3 cache
+    # when it is read again: the kernel rotates over 4 such samples (one alone may nearly fit a large L3). Built
+    # before the copies are queued: building them outlasts the copies, and the kernel must be timed beside them
     rows, length = 64, 256
     args = itertools.cycle([sample_inputs(kv_dtype, rows, num_kv_heads, group, length, head_dim) for _ in range(4)])
     kernel(*next(args))

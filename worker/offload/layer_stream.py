@@ -3,8 +3,8 @@ copied, layer by layer, into a ring of device stage slots on a side CUDA stream,
 
 LayerStreamer owns the layers (resident ones copied to the device once, streamed ones pointing at a stage slot)
 and the schedule that orders copies and compute with CUDA events (_Streams). On CPU the same code copies
-between two host buffers and the events are no-ops, which is how the tests run it. offload.py builds it from the
-plan and runs the model through it.
+between two host buffers and the events are no-ops, which is how the tests run it. build.py makes it from the
+plan; the forward gets its layers through it (LlamaParts.layer_executor).
 """
 
 import contextlib
@@ -340,11 +340,9 @@ class LayerStreamer:
             self.streams.end_timing(i, start, self.layer_bytes)
 
 
-# A layer's weights cross in copies of at most this many bytes. The step's small host→device copies (the host's
-# attention output, in the pieces' CUDA graphs) may queue on the same copy engine behind a weight copy; in pieces
-# they wait for a chunk (~0.6 ms at 54 GB/s) rather than a whole layer's MLP (~4.4 ms for a 13B layer).
-# H200, 2026-11-30 (13B, 6 GiB): 270.0 tok/s against 264.3 with whole parts (benchmarks/small_vram.py lever
-# ".../0"), one run each: within run-to-run noise, kept as it costs nothing.
+# A layer's weights cross in copies of at most this many bytes: the step's small host→device copies (the host's
+# attention output, in the pieces' CUDA graphs) may queue on the same copy engine behind a weight copy, and wait
+# for a chunk rather than a whole layer's MLP (benchmarks/small_vram.py lever ".../0": within noise, costs nothing).
 COPY_CHUNK_BYTES = 32 * 2**20
 
 
