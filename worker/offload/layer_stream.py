@@ -22,11 +22,9 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 class _Streams:
     """A side copy stream and per-slot events on CUDA; no-ops elsewhere (copies are synchronous there).
-    head_copied: the slot's layer's q/k/v weights (and every scale) are in, which is all its first piece
-    reads; copied: the whole layer is. Each layer's copies are also timed on the GPU (busy_s, copied_bytes):
-    the stream's rate while it copies, and how much of a step it copies at all, tell a slow bus from idle one;
-    gap_by_layer: how long the stream sat idle before each layer's copy began (waiting for its slot to be
-    released, or for the host to issue it; between batches too), which says where in a step the bus idles."""
+    head_copied: the slot's q/k/v weights and scales are in (all its first piece reads); copied: the whole layer.
+    Copies are timed on the GPU (busy_s, copied_bytes, gap_by_layer: idle time before each layer's copy), which
+    tells a slow bus from an idle one and where in a step it idles."""
 
     def __init__(self, device: torch.device, num_slots: int = 2):
         self.cuda, self.num_slots = device.type == "cuda", num_slots
@@ -278,11 +276,9 @@ class LayerStreamer:
     def schedule(self, lag: int = 0) -> Iterator[int]:
         """Yields 0 … num_layers − 1 + lag. Before yielding a layer, the compute stream waits for its weights;
         when the consumer comes back after yielding i, the work of layer i − lag is queued: its slot is
-        released and the slot's next layer starts copying. lag=1: a layer's work spans two yields (piecewise):
-        yield i runs layer i − 1 from its attention on and layer i up to it, so it waits for all of layer
-        i − 1 and only layer i's q/k/v (a quarter of a Llama layer), which are copied first. With two slots
-        the copy of layer i + 1 starts only when yield i's work is done, so this lets its first piece start a
-        quarter of a copy later instead of a whole one (the host attends meanwhile)."""
+        released and the slot's next layer starts copying. lag=1 (piecewise): yield i runs the rest of layer
+        i − 1 and layer i up to its attention, so it waits for all of layer i − 1 but only layer i's q/k/v,
+        which are copied first: the piece starts a quarter of a copy sooner."""
         s = self.streams
         pending, self._pending, prefetched = self._pending, set(), set()
         s.harvest()
