@@ -76,6 +76,7 @@ def _repeat_decode(runner, tokens: list[int], positions: list[int], n: int) -> N
 def phase_levers(args, reqs: list[Req]) -> dict:
     torch = _torch()
     from batchgen.worker.engine.int8_linear import convert_model
+    from batchgen.worker.engine.llama import LlamaParts
     from batchgen.worker.engine.loader import load_model
     from batchgen.worker.engine.model_runner import ModelRunner
 
@@ -90,7 +91,7 @@ def phase_levers(args, reqs: list[Req]) -> dict:
     def bench(name: str, attention: str, graphs: bool, prefill: bool = False) -> None:
         row: dict = {"config": name}
         for rows in (args.lever_rows, 1):
-            runner = ModelRunner(model, device=device, dtype=dtype, max_model_len=MAX_MODEL_LEN, attention=attention,
+            runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=MAX_MODEL_LEN, attention=attention,
                                  cuda_graphs=graphs)
             runner.allocate_kv(rows)
             positions = [rng.randrange(128, MAX_MODEL_LEN - 1) for _ in range(rows)]
@@ -158,8 +159,8 @@ def engine_in_process(model, tokenizer, reqs: list[Req]) -> dict:
 
     torch.cuda.empty_cache()
     start = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=str(MODEL_DIR), max_model_len=MAX_MODEL_LEN), model, tokenizer,
-                       device=torch.device("cuda:0"), dtype=torch.float16, weights_bytes=0)
+    engine = LLMEngine.resident(EngineConfig(model=str(MODEL_DIR), max_model_len=MAX_MODEL_LEN), model, tokenizer,
+                                device=torch.device("cuda:0"), dtype=torch.float16, weights_bytes=0)
     setup_s = time.perf_counter() - start
     gen = [GenerationRequest(r.custom_id, Request(custom_id=r.custom_id, prompt=r.prompt, params=SamplingParams(
         max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True))) for r in reqs]

@@ -134,7 +134,7 @@ def engine_step(kv_dtype: str, kernel: Kernel, layers: int = 40) -> dict:
     from batchgen.worker.offload.host_kv import CpuAttention
 
     dtype = getattr(torch, kv_dtype)
-    att = CpuAttention(num_layers=layers, max_rows=ROWS, num_heads=HEADS, num_kv_heads=HEADS, max_model_len=MAX_LEN,
+    att = CpuAttention(num_layers=layers, max_rows=ROWS, buffer_rows=ROWS, num_heads=HEADS, num_kv_heads=HEADS, max_model_len=MAX_LEN,
                        head_dim=HEAD_DIM, max_tokens=ROWS, scaling=HEAD_DIM**-0.5, dtype=torch.bfloat16,
                        device=torch.device("cpu"), kv_dtype=dtype, kernel=kernel)
     q = torch.randn(ROWS, HEADS, 1, HEAD_DIM, dtype=torch.bfloat16)

@@ -8,7 +8,7 @@ measures the copy bandwidth) and workload: 64 requests × 128 prompt tokens × 1
 
   (a) seed recipe: HF bnb int8, device_map="auto", max_memory, llm_int8_enable_fp32_cpu_offload, bs 1
   (b) accelerate's own offload: fp16, device_map="auto" with max_memory; a few decode steps, extrapolated
-  (c) batchgen: LLMEngine with max_vram_bytes=6 GiB (streams int8 layers + KV from pinned host memory)
+  (c) batchgen: LLMEngine with max_vram_bytes=6 GiB (streams int8 layers from pinned host memory)
   (d) bound = 64 tokens per step × pinned H2D bandwidth ÷ (int8 model bytes − 6 GiB)
 
     python3 -m benchmarks.small_vram --out-dir $OUT          # the device run (from the repo root)
@@ -117,7 +117,7 @@ def cap_memory() -> None:
 def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     """variant: "auto" (the planner's choice, as `batchgen worker --max-vram 6GiB` runs it) or a lever,
     placement[/host KV dtype[/max prefill tokens[/layers whose KV stays on the device[/weight stage slots[/weight
-    copy chunk MiB (0: a copy per part of a layer)[/resident layers]]]]]] ("auto": the engine's), e.g. "host",
+    copy chunk MiB (0: a copy per part of a layer)[/resident layers]]]]]] ("auto": the engine's), e.g. "device",
     "cpu/int8", "auto/int8", "cpu/auto/auto/6", "cpu/auto/auto/0/3", "cpu/auto/auto/0/auto/0", "cpu/auto/auto/0/auto/auto/8";
     run_phase also takes a
     "+passive" suffix: OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning between parallel regions)."""
@@ -131,10 +131,6 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
         cap_memory()
     parts = variant.split("/")
     kv_placement, kv_dtype, prefill, device_kv, slots, chunk, resident = parts + ["auto"] * (7 - len(parts))
-    if slots != "auto":  # a lever the engine does not expose: the planner and the streamer both ask this
-        from batchgen.worker.offload import plan as stream_plan
-
-        stream_plan.STAGE_SLOTS = int(slots)
     if chunk != "auto":  # another: how the weight stream cuts a layer's copies
         from batchgen.worker.offload import layer_stream
 
@@ -144,16 +140,18 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
                        max_batch_size=NUM_REQUESTS,
                        host_kv_dtype=kv_dtype)
     start = time.perf_counter()
-    if kv_placement == "auto":
+    if (kv_placement, device_kv, slots, resident) == ("auto",) * 4:
         from batchgen.worker.factory import build_llm_engine
 
         engine = build_llm_engine(cfg)
-    else:
-        from batchgen.worker.offload.engine import StreamingLLMEngine
+    else:  # levers the worker does not expose: the number of stage slots is one (the planner and streamer use it)
+        from batchgen.worker.offload.build import build_streaming_engine
+        from batchgen.worker.offload.plan import STAGE_SLOTS
 
-        engine = StreamingLLMEngine.from_config(
+        engine = build_streaming_engine(
             cfg, kv_placement=kv_placement, num_device_kv_layers=None if device_kv == "auto" else int(device_kv),
-            num_resident=None if resident == "auto" else int(resident))
+            num_resident=None if resident == "auto" else int(resident),
+            num_slots=STAGE_SLOTS if slots == "auto" else int(slots))
     load_s = time.perf_counter() - start
     memory = {"loaded": (torch.cuda.memory_allocated() / GIB, torch.cuda.memory_reserved() / GIB)} if cuda else {}
 
@@ -177,14 +175,13 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     # before its second batch: int8 kernels compiled for the prefill's shapes, the allocator grown
     warm_s = run(prompts(NUM_REQUESTS), 2)
     engine.step_stats.__init__()
-    if hasattr(engine, "reset_offload_stats"):  # the timed run's host and copy timings only
-        engine.reset_offload_stats()
+    engine.reset_timing()  # the timed run's host and copy timings only
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     with PeakVram() if cuda else _Null() as vram:
         elapsed = run(prompts(NUM_REQUESTS), NEW_TOKENS)
-    plan = engine.plan
+    plan = engine.reporters[0].plan if engine.reporters else None  # the small-VRAM Offload's
     out = {
         "engine": type(engine).__name__, "load_s": round(load_s, 1), "warmup_s": round(warm_s, 1),
         "elapsed_s": round(elapsed, 2), "tok_s": round(NUM_REQUESTS * NEW_TOKENS / elapsed, 1),
@@ -308,7 +305,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(MODEL_DIR))
     ap.add_argument("--phase-out", type=Path)
     ap.add_argument("--variant", default="auto", help="batchgen phase: see phase_batchgen")
-    ap.add_argument("--levers", default="host",
+    ap.add_argument("--levers", default="device",
                     help="also run batchgen as these variants (comma-separated; '' for none)")
     ap.add_argument("--skip-baselines", action="store_true", help="no seed / accelerate phases")
     ap.add_argument("--smoke", action="store_true", help="tiny random model on CPU, batchgen phase only")

@@ -11,8 +11,8 @@ import torch
 from batchgen.jobs.schema import ChatMessage, Request, SamplingParams
 from batchgen.worker.demo_model import write_demo_model
 from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.faults import parse_oom_spec
 from batchgen.worker.engine.llm_engine import LLMEngine
-from batchgen.worker.engine.model_runner import parse_oom_spec
 from batchgen.worker.engine.protocol import GenerationRequest, GenerationResult
 
 pytestmark = pytest.mark.slow

@@ -1,8 +1,9 @@
 """Small-VRAM mode: a model bigger than the VRAM cap streams its decoder layers from host memory.
 
 On CPU the streaming executor runs its real code path with device "cpu" (host buffers → stage buffers
-are CPU→CPU copies, stream and event calls are no-ops). Whatever is streamed — weights only, weights
-and KV cache, some layers resident or none — the greedy output is token-for-token the resident engine's.
+are CPU→CPU copies, stream and event calls are no-ops). Wherever the KV cache lives — on the device, or in host
+memory attended by the host CPU — and with some layers resident or none, the greedy output is token-for-token the
+resident engine's.
 """
 
 import functools
@@ -12,16 +13,21 @@ import torch
 from batchgen.jobs.schema import Request, SamplingParams
 from batchgen.worker.demo_model import write_demo_model
 from batchgen.worker.engine import budget
-from batchgen.worker.offload import plan as stream_plan
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.cuda_graphs import batch_buckets
+from batchgen.worker.engine.llama import prompt_groups
 from batchgen.worker.engine.llm_engine import LLMEngine
-from batchgen.worker.engine.model_runner import prompt_groups
 from batchgen.worker.engine.protocol import GenerationRequest
 from batchgen.worker.factory import build_llm_engine
-from batchgen.worker.offload.engine import StreamingLLMEngine, streaming_prefill_tokens, wants_streaming
+from batchgen.worker.offload.build import (
+    Offload,
+    build_streaming_engine,
+    streaming_prefill_tokens,
+    wants_streaming,
+)
 from batchgen.worker.offload.layer_stream import (
     LINEARS,
+    LayerStreamer,
     _chunks,
     _next_in_slot,
     device_kv_layers,
@@ -49,6 +55,12 @@ def greedy(engine: LLMEngine) -> dict[str, tuple[str, str, int]]:
     return results
 
 
+def offload(engine: LLMEngine) -> Offload:
+    """What small-VRAM mode set up beside the runner: its plan and weight streamer."""
+    (report,) = engine.reporters
+    return report
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """Six layers, so a plan can keep some resident and stream the rest through its stage buffers."""
@@ -62,18 +74,19 @@ def resident(model_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_placement, num_resident",
-                         [("device", 0), ("device", 2), ("host", 0), ("host", 3), ("cpu", 0), ("cpu", 3)])
+                         [("device", 0), ("device", 2), ("cpu", 0), ("cpu", 3)])
 def test_streamed_greedy_output_equals_the_resident_engine(model_dir, resident, kv_placement, num_resident):
     cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True)
-    engine = StreamingLLMEngine.from_config(cfg, kv_placement=kv_placement, num_resident=num_resident)
-    assert engine.plan.num_resident == num_resident and engine.plan.kv_placement == kv_placement
-    assert engine.runner.streamer.num_layers == 6
-    assert len(engine.runner.streamer.stages) == 2
+    engine = build_streaming_engine(cfg, kv_placement=kv_placement, num_resident=num_resident)
+    plan, streamer = offload(engine).plan, offload(engine).streamer
+    assert plan.num_resident == num_resident and plan.kv_placement == kv_placement
+    assert streamer.num_layers == 6 and engine.runner.parts.layer_executor is streamer
+    assert len(streamer.stages) == 2
     assert greedy(engine) == resident
     stats = engine.stats().extra
     assert stats["offload_resident_layers"] == num_resident and stats["max_rows"] == 4
     assert stats["offload_cpu_attention"] == (kv_placement == "cpu")
-    engine.reset_offload_stats()  # whatever the placement: a benchmark's timed run apart from its warm-up
+    engine.reset_timing()  # whatever the placement: a benchmark's timed run apart from its warm-up
     if kv_placement == "cpu":  # the native host kernel (this host has a compiler), not the inductor fallback
         assert stats["offload_cpu_attention_native"] == 1
         assert stats["offload_piecewise_graphs"] == stats["offload_piecewise_graph_count"] == 0  # no CUDA here
@@ -91,9 +104,9 @@ def test_cpu_attention_with_some_layers_kv_on_the_device_gives_the_same_output(m
     """Layers the planner keeps the KV of on the device are attended there, inside the GPU work between host
     attentions (piecewise), the others on the host CPU: the output is still the resident engine's."""
     cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True)
-    engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu", num_resident=num_resident,
-                                            num_device_kv_layers=num_device_kv)
-    attention = engine.runner.host_kv
+    engine = build_streaming_engine(cfg, kv_placement="cpu", num_resident=num_resident,
+                                    num_device_kv_layers=num_device_kv)
+    attention = engine.runner.cpu_attention
     assert len(attention.device_layers) == num_device_kv == engine.stats().extra["offload_device_kv_layers"]
     assert not set(attention.device_layers) & engine.runner.streamer.resident  # spread over the streamed layers
     assert attention.keys.shape[0] == 6 - num_device_kv  # the host cache holds only the host layers' K/V
@@ -107,7 +120,7 @@ def test_cpu_attention_with_some_layers_kv_on_the_device_gives_the_same_output(m
 @pytest.mark.slow
 def test_offload_flag_routes_from_config_to_the_streaming_engine(model_dir, resident):
     engine = build_llm_engine(EngineConfig(model=str(model_dir), max_batch_size=4, offload=True))
-    assert isinstance(engine, StreamingLLMEngine)
+    assert isinstance(engine.runner.parts.layer_executor, LayerStreamer) and offload(engine).plan.max_rows == 4
     assert greedy(engine) == resident
 
 
@@ -148,7 +161,7 @@ def plan_13b(**kwargs):
 
 
 def test_13b_in_6_gib_keeps_the_kv_on_the_host_for_64_rows():
-    plan = plan_13b()
+    plan = plan_13b(cpu_attention_cost=0.3)
     assert plan.kv_on_host and plan.max_rows == 64
     assert 0 < plan.num_resident < 40 and plan.device_bytes <= 5 * GB
     device = plan_13b(kv_placement="device")
@@ -164,16 +177,16 @@ def test_everything_resident_when_it_fits_and_no_plan_when_nothing_does():
         plan_13b(kv_placement="disk")
 
 
-def test_cpu_attention_frees_the_kv_stage_buffers_and_wins_only_when_the_host_reads_fast_enough():
+def test_cpu_attention_frees_the_device_from_the_kv_and_wins_only_when_the_host_reads_fast_enough():
     kv_cpu = 2 * KV_13B  # the host cache is float32
-    host = plan_13b()
+    device = plan_13b()
     fast = plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu, cpu_attention_cost=0.3)
-    assert fast.kv_placement == "cpu" and fast.max_rows == 64 and fast.num_resident > host.num_resident
+    assert fast.kv_placement == "cpu" and fast.max_rows == 64 and fast.num_resident > device.num_resident
     assert fast.streamed_bytes_per_step == (40 - fast.num_resident) * LAYER_13B  # weights only cross the bus
     assert fast.device_bytes == 300 * 10**6 + 64 * 2 * 10**6 + (fast.num_resident + 2) * LAYER_13B  # 2 stages
     slow = plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu, cpu_attention_cost=5.0)
-    assert slow.kv_placement == "host"
-    assert plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu).kv_placement == "host"  # unmeasured: not chosen
+    assert slow == device and device.kv_placement == "device" and device.max_rows < 64
+    assert plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu) == device  # unmeasured: not chosen
     assert plan_13b(kv_placement="cpu").kv_placement == "cpu"
 
 
@@ -194,23 +207,12 @@ def test_the_prefill_budget_covers_a_prompt_longer_than_a_group(tmp_path):
     activations (and, with sdpa on this CPU, its T×T scores), not a group's."""
     model = write_demo_model(tmp_path, num_layers=2, max_position_embeddings=2048, chat_template=False)
     cfg = EngineConfig(model=str(model), max_batch_size=2, offload=True, max_model_len=2048, max_prefill_tokens=4096)
-    engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu")
+    engine = build_streaming_engine(cfg, kv_placement="cpu")
     c, bytes_ = engine.model.config, engine.runner.kv_dtype_bytes
     longest = budget.estimate_prefill_bytes(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                                             num_heads=c.num_attention_heads, num_tokens=2048, dtype_bytes=bytes_)
     assert engine.runner.attention == "sdpa"
     assert engine.budget.prefill_bytes == longest + 2 * 4096 * c.hidden_size * bytes_  # + the residual stream
-
-
-def test_a_masked_prefill_is_budgeted_where_the_prefill_is_masked():
-    """masked_prefill_bytes (sdpa's T×T scores) counts for the "host" placement, which always attends through
-    sdpa; placements that keep FlashAttention plan with prefill_bytes, and the room goes to resident layers."""
-    masked = dict(masked_prefill_bytes=300 * 10**6 + 2 * LAYER_13B, kv_placement="cpu", cpu_attention_cost=0.3)
-    cpu = plan_13b(**masked)
-    assert cpu == plan_13b(kv_placement="cpu", cpu_attention_cost=0.3)  # flash: the masked peak does not count
-    host = plan_13b(**{**masked, "kv_placement": "host"})
-    assert host.num_resident == plan_13b(kv_placement="host").num_resident - 2
-    assert host.device_bytes == plan_13b(kv_placement="host").device_bytes  # two layers' worth went to the scores
 
 
 @pytest.mark.slow
@@ -220,9 +222,10 @@ def test_lossy_host_kv_dtypes_round_only_some_tokens(model_dir, resident, kv_dty
     rounding is lossy, which is why both are opt-in: on this random tiny model a near-tie greedy token may
     flip in a few of the 10 requests, the rest stay identical to the exact path."""
     cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True, host_kv_dtype=kv_dtype)
-    engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu")
+    engine = build_streaming_engine(cfg, kv_placement="cpu")
     out = greedy(engine)
-    assert all(t.dtype == getattr(torch, kv_dtype) for t in engine.runner.host_kv.host)
+    attention = engine.runner.cpu_attention
+    assert attention.keys.dtype == attention.values.dtype == getattr(torch, kv_dtype)
     assert {k: v[1:] for k, v in out.items()} == {k: v[1:] for k, v in resident.items()}  # lengths, finish reasons
     equal = sum(out[k] == resident[k] for k in resident)
     assert equal >= min_equal, f"{equal} of 10 requests equal"
@@ -245,24 +248,25 @@ def test_layers_whose_kv_stays_on_the_device_take_no_host_memory():
 def test_a_slow_host_cpu_keeps_every_layers_kv_on_the_host_and_the_weights_resident():
     """However slow the host's attention, the planner does not trade resident weights for device-KV layers: the
     kernel and the weight copies read the same host memory, so a device-KV layer adds more copied bytes than it
-    spares the kernel (measured slower on the H100 host). A slow host still loses "cpu" to "host"."""
+    spares the kernel (measured slower; docs/benchmarks.md). A slow host loses "cpu" to "device"."""
     kv_cpu = KV_13B
     fast = plan_13b(kv_placement="cpu", cpu_kv_bytes_per_token_layer=kv_cpu, cpu_attention_cost=0.5)
     slow = plan_13b(kv_placement="cpu", cpu_kv_bytes_per_token_layer=kv_cpu, cpu_attention_cost=2.0)
     assert fast == slow and slow.num_device_kv_layers == 0
-    assert plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu, cpu_attention_cost=5.0).kv_placement == "host"
+    assert plan_13b(cpu_kv_bytes_per_token_layer=kv_cpu, cpu_attention_cost=5.0).kv_placement == "device"
     assert plan_13b(kv_placement="cpu", cpu_attention_cost=2.0, num_device_kv_layers=1).num_device_kv_layers == 1
     assert device_kv_layers(10, {1, 5}, 2) == (3, 8) and device_kv_layers(4, {1}, 4) == (0, 1, 2, 3)
 
 
 @pytest.mark.slow
-def test_three_stage_slots_stream_the_same_output(model_dir, resident, monkeypatch):
-    """STAGE_SLOTS (two by default; three measured slower on the H100 host) is a lever the benchmark sets:
-    the planner leaves room for every slot, and the layers cycle through them, with the same output."""
-    monkeypatch.setattr(stream_plan, "STAGE_SLOTS", 3)
+def test_three_stage_slots_stream_the_same_output(model_dir, resident):
+    """The number of stage slots (two by default, plan.STAGE_SLOTS) is a lever the benchmark sets: the planner
+    leaves room for every slot, and the layers cycle through them, with the same output."""
     cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True)
-    engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu", num_resident=2)
-    assert len(engine.runner.streamer.stages) == 3 and len(set(engine.runner.streamer.slot_of.values())) == 3
+    engine = build_streaming_engine(cfg, kv_placement="cpu", num_resident=2, num_slots=3)
+    streamer = offload(engine).streamer
+    assert offload(engine).plan.num_slots == 3
+    assert len(streamer.stages) == 3 and len(set(streamer.slot_of.values())) == 3
     assert greedy(engine) == resident
 
 
@@ -272,7 +276,7 @@ def test_a_piece_waits_for_the_qkv_of_its_second_layer_and_all_of_its_first(mode
     for all of layer i − 1 and only layer i's q/k/v, which each copy puts in first. (The waits are CUDA events,
     no-ops here: a recording stream object stands in for them; the GPU test replays the same schedule.)"""
     cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True)
-    streamer = StreamingLLMEngine.from_config(cfg, kv_placement="cpu", num_resident=0).runner.streamer
+    streamer = offload(build_streaming_engine(cfg, kv_placement="cpu", num_resident=0)).streamer
     assert [s.name for s in streamer.specs[:3]] == list(LINEARS[:3])
     assert streamer.head_cb == sum(s.shape[0] * s.shape[1] for s in streamer.specs[:3]) < streamer.stages[0][0].numel()
     log = []
@@ -291,8 +295,8 @@ def test_a_piece_waits_for_the_qkv_of_its_second_layer_and_all_of_its_first(mode
     yields = [k for k, e in enumerate(log) if e[0] == "yield"]
     for k, start in zip(yields, [-1] + yields[:-1], strict=True):
         i, waits = log[k][1], {e for e in log[start + 1:k] if e[0] == "wait"}
-        expected = {("wait", streamer.slot(i), True)} if i < streamer.num_layers else set()
-        expected |= {("wait", streamer.slot(i - 1), False)} if i > 0 else set()
+        expected = {("wait", streamer.slot_of[i], True)} if i < streamer.num_layers else set()
+        expected |= {("wait", streamer.slot_of[i - 1], False)} if i > 0 else set()
         assert waits == expected, (i, waits)
     copies = [e for e in log if e[0] == "copied"]
     heads, wholes = copies[::2], copies[1::2]  # each copy: its q/k/v, then the whole layer, in the same slot
@@ -324,19 +328,16 @@ def test_a_step_splits_in_two_halves_that_cover_its_rows_once(max_rows):
 
 
 def test_resident_layers_are_spread_and_slots_cycle_over_the_streamed_ones():
-    """With weights-only streaming the resident layers sit between streamed ones (the bus keeps copying
-    through them) and each slot's next layer wraps to the next forward; a streamed host KV keeps the
-    first layers resident and stops at the end of a forward."""
-    spread = resident_layers(40, 7, spread=True)
+    """The resident layers sit between streamed ones (the bus keeps copying through them) and each slot's next
+    layer wraps to the next forward."""
+    spread = resident_layers(40, 7)
     assert len(spread) == 7 and min(spread) > 0 and max(spread) < 39
     gaps = sorted(b - a for a, b in zip(sorted(spread), sorted(spread)[1:], strict=False))
     assert gaps[-1] - gaps[0] <= 1
-    assert resident_layers(40, 7, spread=False) == set(range(7))
-    assert resident_layers(6, 6, spread=True) == set(range(6))
+    assert resident_layers(6, 6) == set(range(6))
     streamed = [0, 2, 3, 5, 6]
     slots = {i: k % 2 for k, i in enumerate(streamed)}
-    assert _next_in_slot(streamed, slots, cyclic=True) == {0: 3, 3: 6, 6: 0, 2: 5, 5: 2}
-    assert _next_in_slot(streamed, slots, cyclic=False) == {0: 3, 3: 6, 6: None, 2: 5, 5: None}
+    assert _next_in_slot(streamed, slots) == {0: 3, 3: 6, 6: 0, 2: 5, 5: 2}
     assert _chunks(0, 10, 4) == [(0, 4), (4, 8), (8, 10)] and _chunks(3, 3, 4) == []  # a layer's copies
 
 
@@ -352,7 +353,7 @@ def test_a_prefill_in_groups_of_prompts_gives_the_same_output(model_dir, residen
     """Small-VRAM prefill streams each layer once for every admitted prompt and runs the layer over groups of
     whole prompts (here at most 8 tokens, so every prefill has several groups): the output does not change."""
     cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True)
-    engine = StreamingLLMEngine.from_config(cfg, kv_placement=kv_placement, num_resident=2)
+    engine = build_streaming_engine(cfg, kv_placement=kv_placement, num_resident=2)
     engine.runner.prefill_group_tokens = 8
     calls = []
     prefill = engine.runner.prefill
@@ -376,13 +377,13 @@ def test_piecewise_cuda_graphs_replay_what_the_eager_pieces_compute(model_dir, h
     for graphs in (False, True):
         cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True, device="cuda", cuda_graphs=graphs,
                            compute_dtype="float16", host_kv_dtype=host_kv_dtype)
-        engine = StreamingLLMEngine.from_config(cfg, kv_placement="cpu", num_resident=2, num_device_kv_layers=2)
+        engine = build_streaming_engine(cfg, kv_placement="cpu", num_resident=2, num_device_kv_layers=2)
         stats = engine.stats().extra
         assert stats["offload_piecewise_graphs"] == int(graphs)
         buckets = len(engine.runner.piecewise.buckets)  # both halves of every bucket, each piece
         assert stats["offload_piecewise_graph_count"] == graphs * buckets * 2 * (engine.runner.parts.num_layers + 1)
         assert stats["offload_overhead_now_gib"] > 0 and stats["offload_overhead_at_plan_gib"] > 0
-        assert len(engine.runner.host_kv.device_layers) == 2
+        assert len(engine.runner.cpu_attention.device_layers) == 2
         assert engine.runner.parts.embed.weight.device.type == "cpu"  # the table stays on the host
         out[graphs] = greedy(engine)
         stats = engine.stats().extra  # the weight copies, timed on the GPU: 4 streamed layers a forward at least

@@ -83,7 +83,7 @@ def test_oom_shrink_halves_the_batch_and_requeues_the_rows_that_no_longer_fit_in
     assert sorted(s.key for s in evicted) == ["c", "d"]
     assert rows(sched) == {0: "a", 1: "b"}
     assert [s.key for s in sched.waiting] == ["c", "d", "e", "f"]
-    assert seqs["c"].output_ids == [] and seqs["c"].num_restarts == 1 and seqs["c"].row is None
+    assert seqs["c"].output_ids == [] and seqs["c"].row is None and seqs["c"].status == SeqStatus.WAITING
     sched.finish(seqs["a"], "stop")
     assert [s.key for s in sched.admit()] == ["c"]  # only rows below the new limit are used
     assert rows(sched) == {0: "c", 1: "b"}

@@ -16,12 +16,12 @@ def build_engine(cfg: WorkerConfig) -> Engine:
 def build_llm_engine(cfg) -> Engine:
     """The resident engine, or the small-VRAM one when the int8 weights do not fit the VRAM cap."""
     from batchgen.worker.engine.llm_engine import LLMEngine
-    from batchgen.worker.engine.loader import resolve_device, resolve_dtype
+    from batchgen.worker.engine.setup import resolve_device_dtype
 
-    device = resolve_device(cfg.device)
+    device, dtype = resolve_device_dtype(cfg)
     if cfg.offload or (cfg.offload is None and cfg.max_vram_bytes is not None and device.type == "cuda"):
-        from batchgen.worker.offload.engine import StreamingLLMEngine, wants_streaming
+        from batchgen.worker.offload.build import build_streaming_engine, wants_streaming
 
-        if wants_streaming(cfg, device, resolve_dtype(cfg.compute_dtype, device)):
-            return StreamingLLMEngine.from_config(cfg)
+        if wants_streaming(cfg, device, dtype):
+            return build_streaming_engine(cfg)
     return LLMEngine.from_config(cfg)

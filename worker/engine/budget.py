@@ -85,11 +85,24 @@ def estimate_prefill_bytes(
     """Peak of one packed prefill of num_tokens tokens: per-token activations (with the int8 matmuls' 32-bit
     accumulators of the fused gate/up projection) plus, where attention is masked (scores=True: sdpa), the T×T
     mask and fp32 scores. FlashAttention (scores=False) works tile by tile and keeps only a float per token and
-    head: for 1024 tokens of a 40-head model that is 0.16 MB, not 337. Measured once (13B int8, H100, 1024-token
-    groups, flash): 0.250 MB a token over the residual stream; this counts 0.275."""
+    head."""
     per_token = (8 * hidden_size + 3 * intermediate_size) * dtype_bytes + 2 * intermediate_size * 4
     quadratic = num_tokens * num_tokens * (1 + 2 * num_heads * 4) if scores else num_tokens * num_heads * 4
     return num_tokens * per_token + quadratic
+
+
+def estimate_activations(config, *, head_dim: int, max_model_len: int, prefill_tokens: int, dtype_bytes: int,
+                         scores: bool) -> tuple[int, int]:
+    """(decode activation bytes per row, one prefill's peak) of a Llama-family HF config, where no allocator peak is
+    read: on CPU, and in small-VRAM mode, which plans before anything runs."""
+    c = config
+    per_row = estimate_decode_activation_bytes(
+        hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
+        num_heads=c.num_attention_heads, max_model_len=max_model_len, dtype_bytes=dtype_bytes, head_dim=head_dim)
+    prefill = estimate_prefill_bytes(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                                     num_heads=c.num_attention_heads, num_tokens=prefill_tokens,
+                                     dtype_bytes=dtype_bytes, scores=scores)
+    return per_row, prefill
 
 
 def plan(
@@ -108,6 +121,7 @@ def plan(
     cap = MAX_ROWS_CEILING if max_batch_size is None else max_batch_size
     return Budget(budget_bytes, kv_bytes_per_token, kv_row, activation_bytes_per_row, prefill_bytes,
                   int(min(cap, fits)))
+
 
 def available_ram_bytes() -> int | None:
     try:

@@ -1,8 +1,7 @@
 """CUDA graphs of the decode step: one graph per (batch-size bucket, kv_len), captured on first use.
 
-A decode step of a 7B model is ~1,000 small kernels; launched one by one from Python the GPU waits on
-the CPU (HF int8 generate: ~120 ms a step whatever the batch). Replaying a captured graph launches them
-all at once. Inputs live in static buffers; a step of n rows runs the graph of the smallest bucket
+A decode step is ~1,000 small kernels; launched one by one from Python the GPU waits on the CPU whatever
+the batch. Replaying a captured graph launches them all at once. Inputs live in static buffers; a step of n rows runs the graph of the smallest bucket
 >= n, the extra rows carrying token 0 at position 0 (they are free rows, whose K/V a prefill rewrites).
 """
 

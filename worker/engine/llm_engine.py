@@ -1,4 +1,4 @@
-"""The LLM engine: continuous batching over a slot KV cache, on a resident (8-bit) HF model.
+"""The LLM engine: continuous batching over a slot KV cache, on an (8-bit) HF model.
 
 Step loop (nano-vllm's): the scheduler admits pending sequences into free rows (refilling rows that
 finished last step), the model runner prefills them or runs one decode step over the running rows,
@@ -13,24 +13,28 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from batchgen.jobs.schema import ErrorInfo, Request
 from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.int8_linear import convert_model, resolve_int8_kernel
-from batchgen.worker.engine.loader import SUPPORTED_MODEL_TYPES, load_model, resolve_device, resolve_dtype
-from batchgen.worker.engine.model_runner import ModelRunner, flash_works
+from batchgen.worker.engine.llama import LlamaParts
+from batchgen.worker.engine.loader import load_model
+from batchgen.worker.engine.model_runner import ModelRunner
 from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, GenerationResult
 from batchgen.worker.engine.sampler import sample
 from batchgen.worker.engine.scheduler import Scheduler
 from batchgen.worker.engine.sequence import Sequence
+from batchgen.worker.engine.setup import (
+    max_model_len_for,
+    resident_budget,
+    resident_max_prefill_tokens,
+    resolve_attention,
+    resolve_device_dtype,
+)
 
-DEFAULT_MAX_MODEL_LEN = 4096
-CUDA_ALLOCATOR_SLACK = 0.03
-CUDA_MIN_PREFILL_TOKENS = 4096  # a packed prefill of a few thousand tokens keeps the tensor cores busy
-CPU_MAX_BATCH_SIZE = 64  # without a cap, CPU batches are limited by cores long before memory
-INJECT_OOM_ENV = "BATCHGEN_INJECT_OOM"
 TOKENS_PER_S_WINDOW_S = 30.0
 STEP_LOG_INTERVAL_S = 30.0
 
@@ -41,6 +45,34 @@ def _error(key: str, code: str, message: str) -> GenerationResult:
     return GenerationResult(key, error=ErrorInfo(code=code, message=message))
 
 
+class Reporter(Protocol):
+    def stats(self) -> dict: ...
+
+    def reset_timing(self) -> None: ...
+
+
+class Runner(Reporter, Protocol):
+    """What the engine drives: ModelRunner (KV on the device), or small-VRAM's HostAttentionRunner."""
+
+    parts: LlamaParts
+    device: torch.device
+    max_model_len: int
+    attention: str
+    use_graphs: bool
+
+    def allocate_kv(self, max_rows: int) -> None: ...
+
+    def capture_graphs(self) -> float: ...
+
+    def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor: ...
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor: ...
+
+    def free_cached_memory(self) -> None: ...
+
+    def memory_info(self) -> tuple[int, int]: ...
+
+
 class _Rejected(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -48,31 +80,26 @@ class _Rejected(Exception):
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
-                 dtype: torch.dtype, weights_bytes: int):
-        model_type = model.config.model_type
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model type {model_type!r} is not supported (supported: {sorted(SUPPORTED_MODEL_TYPES)})")
+    """Continuous batching over a runner (which holds the KV cache) within a budget (how many rows fit).
+
+    LLMEngine.from_config builds the resident engine; worker.offload.build the small-VRAM one. reporters: other
+    parts the builder set up whose stats() join the engine's (and whose reset_timing() reset_timing calls).
+    """
+
+    def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, runner: Runner,
+                 budget: budget_math.Budget, *, max_prefill_tokens: int, reporters: Iterable[Reporter] = ()):
+        if budget.max_rows < 1:
+            raise ValueError(f"not enough memory for one row of {runner.max_model_len} tokens: {budget}")
         self.cfg = cfg
         self.model_name = cfg.served_model_name or cfg.model
-        self.model, self.tokenizer, self.device = model, tokenizer, device
-        max_pos = model.config.max_position_embeddings
-        self.max_model_len = min(cfg.max_model_len or min(max_pos, DEFAULT_MAX_MODEL_LEN), max_pos)
-        window = _sliding_window(model.config)
-        if window is not None:  # the runner attends to the whole row: stay inside the window, where that is exact
-            self.max_model_len = min(self.max_model_len, window)
+        self.model, self.tokenizer, self.runner, self.budget = model, tokenizer, runner, budget
+        self.reporters = tuple(reporters)
+        self.device, self.max_model_len, self.attention = runner.device, runner.max_model_len, runner.attention
         self.eos_ids = self._eos_ids()
-        self.attention = _resolve_attention(cfg.attention, device, dtype)
-        self.runner = self._make_runner(model, device, dtype)
-        max_prefill = cfg.max_prefill_tokens or (
-            max(self.max_model_len, CUDA_MIN_PREFILL_TOKENS) if device.type == "cuda" else self.max_model_len)
-        self.budget = self._plan_budget(weights_bytes, max_prefill)
-        if self.budget.max_rows < 1:
-            raise ValueError(f"not enough memory for one row of {self.max_model_len} tokens: {self.budget}")
         with torch.inference_mode():
-            self.runner.allocate_kv(self.budget.max_rows)
-            self.graph_capture_s = self.runner.capture_graphs()
-        self.scheduler = Scheduler(self.budget.max_rows, max_prefill_tokens=max_prefill)
+            runner.allocate_kv(budget.max_rows)
+            self.graph_capture_s = runner.capture_graphs()
+        self.scheduler = Scheduler(budget.max_rows, max_prefill_tokens=max_prefill_tokens)
         self.step_stats = StepStats()
         self._keys: set[str] = set()
         self._last_batch = 0
@@ -81,8 +108,8 @@ class LLMEngine:
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
-        device = resolve_device(cfg.device)
-        dtype = resolve_dtype(cfg.compute_dtype, device)
+        """The resident engine: the model loaded on the device."""
+        device, dtype = resolve_device_dtype(cfg)
         loaded = load_model(cfg.model, device=device, dtype=dtype, load_in_8bit=cfg.load_in_8bit,
                             int8_threshold=cfg.int8_threshold)
         if cfg.load_in_8bit:
@@ -90,49 +117,26 @@ class LLMEngine:
             if kernel != "bnb":
                 convert_model(loaded.model, kernel)
             log.info("int8 kernel: %s", kernel)
-        return cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
-                   weights_bytes=loaded.weights_bytes)
+        return cls.resident(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
+                            weights_bytes=loaded.weights_bytes)
 
-    # -- setup ------------------------------------------------------------------------------------
-
-    def _make_runner(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> ModelRunner:
-        return ModelRunner(model, device=device, dtype=dtype, max_model_len=self.max_model_len,
-                           inject_oom=self.cfg.inject_oom, attention=self.attention, cuda_graphs=self.cfg.cuda_graphs)
+    @classmethod
+    def resident(cls, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
+                 dtype: torch.dtype, weights_bytes: int) -> "LLMEngine":
+        """The engine over a model already loaded on the device: a ModelRunner and the budget it measures."""
+        max_model_len = max_model_len_for(cfg, model.config)
+        runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=max_model_len,
+                             inject_oom=cfg.inject_oom, attention=resolve_attention(cfg.attention, device, dtype),
+                             cuda_graphs=cfg.cuda_graphs)
+        max_prefill = resident_max_prefill_tokens(cfg, device, max_model_len)
+        budget = resident_budget(cfg, runner, model.config, weights_bytes, max_prefill)
+        return cls(cfg, model, tokenizer, runner, budget, max_prefill_tokens=max_prefill)
 
     def _eos_ids(self) -> frozenset[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         if eos is None:
             eos = self.tokenizer.eos_token_id
         return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
-
-    def _plan_budget(self, weights_bytes: int, max_prefill_tokens: int) -> budget_math.Budget:
-        cfg, c = self.cfg, self.model.config
-        parts = self.runner.parts
-        kv_per_token = budget_math.kv_bytes_per_token(parts.num_layers, parts.num_kv_heads, parts.head_dim,
-                                                      self.runner.kv_dtype_bytes)
-        if self.device.type == "cuda":
-            with torch.inference_mode():
-                prefill_bytes, act_per_row = self.runner.measure_cuda(
-                    num_probe_rows=min(8, cfg.max_batch_size or 8), prefill_tokens=max_prefill_tokens)
-            _, free = self.runner.memory_info()
-            free -= int(CUDA_ALLOCATOR_SLACK * free)  # fragmentation: the allocator never packs perfectly
-            weights_bytes = torch.cuda.memory_allocated(self.device)
-        else:
-            act_per_row = budget_math.estimate_decode_activation_bytes(
-                hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, vocab_size=c.vocab_size,
-                num_heads=parts.num_heads, max_model_len=self.max_model_len, dtype_bytes=self.runner.kv_dtype_bytes)
-            prefill_bytes = budget_math.estimate_prefill_bytes(
-                hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_heads=parts.num_heads,
-                num_tokens=max_prefill_tokens, dtype_bytes=self.runner.kv_dtype_bytes)
-            free = budget_math.available_ram_bytes()
-        total = budget_math.budget_bytes(free_bytes=free, reserve_bytes=cfg.vram_reserve_bytes,
-                                         max_bytes=cfg.max_vram_bytes, weights_bytes=weights_bytes)
-        cap = cfg.max_batch_size
-        if cap is None and self.device.type != "cuda":
-            cap = CPU_MAX_BATCH_SIZE
-        return budget_math.plan(budget_bytes=total, kv_bytes_per_token=kv_per_token,
-                                max_model_len=self.max_model_len, activation_bytes_per_row=act_per_row,
-                                prefill_bytes=prefill_bytes, max_batch_size=cap)
 
     # -- Engine protocol ----------------------------------------------------------------------------
 
@@ -191,12 +195,19 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         used, free = self.runner.memory_info()
-        extra: dict[str, float | int | str] = dict(self.budget.as_stats())
+        extra: dict = dict(self.budget.as_stats())
         extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, device=str(self.device),
                      attention=self.attention, cuda_graphs=int(self.runner.use_graphs),
                      graph_capture_s=round(self.graph_capture_s, 2), **self.step_stats.as_stats())
+        for source in (self.runner, *self.reporters):
+            extra.update(source.stats())
         return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._tokens_per_s(),
                            self.num_unfinished, used, free, _gpu_temperature_c(self.device), extra)
+
+    def reset_timing(self) -> None:
+        """Zeroes the runner's and reporters' cumulative timings (a benchmark's timed run apart from its warm-up)."""
+        for source in (self.runner, *self.reporters):
+            source.reset_timing()
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -333,26 +344,6 @@ class StepStats:
             "mean_decode_batch": round(self.num_decode_rows / max(1, self.num_decode_steps), 1),
             "decode_ms_per_step": round(1000 * self.decode_s / max(1, self.num_decode_steps), 2),
         }
-
-
-
-
-
-
-def _resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_works(device, dtype):
-        return "flash"
-    return "sdpa"
-
-
-def _sliding_window(config) -> int | None:
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return None
-    return int(window)
-
 
 
 

@@ -1,313 +1,51 @@
-"""The only module that touches torch devices: a slot KV cache and the Llama-family forward over it.
-
-The forward reuses the loaded HF model's submodules (embeddings, norms, the bnb Linear8bitLt
-projections, the MLP, lm_head, HF's rotary embedding) and replaces only the attention bookkeeping:
-K/V live in a preallocated cache [layers, rows, max_model_len, kv_heads, head_dim], one row per
-running sequence. `decode_step` is a small pure function over those tensors, replayed from CUDA
-graphs on the GPU; `prefill` packs newly admitted prompts into one sequence (FlashAttention varlen
-on the GPU, a block-diagonal causal mask elsewhere) and writes their K/V into their rows.
-Projections may be bnb's Linear8bitLt or int8_linear's Int8Linear (fused q/k/v when present).
-"""
-
-import random
-from collections.abc import Callable
-from dataclasses import dataclass
+"""The runner: owns the slot KV cache on the device and runs prefill and decode (eager or from CUDA graphs)."""
 
 import torch
-import torch.nn.functional as F
 from batchgen.worker.engine.cuda_graphs import DecodeGraphs
+from batchgen.worker.engine.faults import FaultInjector
+from batchgen.worker.engine.llama import LlamaParts, cache_store, decode_step, prefill_step
 
 KV_LEN_BUCKET = 256
 
 
-@dataclass
-class LlamaParts:
-    """The HF submodules the forward needs, plus the attention shape."""
-
-    embed: torch.nn.Module
-    layers: list[torch.nn.Module]
-    norm: torch.nn.Module
-    lm_head: torch.nn.Module
-    rotary: torch.nn.Module
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    scaling: float
-    # Small-VRAM mode (layer_stream.LayerStreamer): iter_layers() yields each decoder layer with its weights on the device.
-    layer_executor: object | None = None
-
-    @classmethod
-    def from_hf(cls, model: torch.nn.Module) -> "LlamaParts":
-        cfg = model.config
-        head_dim = head_dim_of(cfg)
-        inner = model.model
-        return cls(inner.embed_tokens, list(inner.layers), inner.norm, model.lm_head, inner.rotary_emb,
-                   cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, inner.layers[0].self_attn.scaling)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layers)
+def pack_prompts(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Prompts packed into one sequence: token ids [T], positions [T] (restarting at 0 per prompt), each prompt's
+    offset plus T at the end."""
+    starts = [0]
+    for p in prompts:
+        starts.append(starts[-1] + len(p))
+    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(device)
+    positions = torch.cat([torch.arange(len(p)) for p in prompts]).to(device)
+    return ids, positions, starts
 
 
-def head_dim_of(config) -> int:
-    """A Llama-family HF config's head size (explicit head_dim where the model sets one)."""
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def memory_info(device: torch.device) -> tuple[int, int]:
+    """(used, free) bytes on the GPU; (0, 0) on CPU."""
+    if device.type != "cuda":
+        return 0, 0
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free, free
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
-
-
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-KVStore = Callable[[int, slice, torch.Tensor, torch.Tensor], None]  # (layer, tokens, k/v [t, kv_heads, d])
-
-
-def forward_layers(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor,
-                   groups: list[tuple[slice, Attend]]) -> torch.Tensor:
-    """h [B, T, hidden], positions [B, T] -> normed hidden states. groups: (tokens, attend) pairs that run one
-    after the other inside each layer, attend(layer, q, k, v) owning the KV cache: a long prefill in pieces
-    that each fit the activation budget while each layer's weights are loaded once. A single group covers
-    every token."""
-    cos, sin = rope_tables(parts, h, positions)
-    layers = parts.layers if parts.layer_executor is None else parts.layer_executor.iter_layers()
-    for i, layer in enumerate(layers):
-        if len(groups) == 1:
-            h = layer_output(layer, h, groups[0][1](i, *attention_inputs(parts, layer, h, cos, sin)))
-            continue
-        for tokens, attend in groups:
-            part = h[:, tokens]
-            c, s = cos[:, :, tokens], sin[:, :, tokens]
-            h[:, tokens] = layer_output(layer, part, attend(i, *attention_inputs(parts, layer, part, c, s)))
-    return parts.norm(h)
-
-
-def rope_tables(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, T, head_dim] for h [B, T, hidden] at positions [B, T]."""
-    cos, sin = parts.rotary(h, positions)
-    return cos.unsqueeze(1), sin.unsqueeze(1)
-
-
-def attention_inputs(parts: LlamaParts, layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decoder layer up to its attention: h [B, T, hidden] -> q [B, heads, T, d], k/v [B, kv_heads, T, d], roped."""
-    batch, num_tokens, _ = h.shape
-    x = layer.input_layernorm(h)
-    attn = layer.self_attn
-    qkv_proj = getattr(attn, "qkv_proj", None)  # int8_linear's fused q/k/v, when converted
-    if qkv_proj is not None:
-        q, k, v = qkv_proj(x).split(qkv_proj.split_sizes, dim=-1)
-    else:
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    q, k, v = (t.view(batch, num_tokens, -1, parts.head_dim).transpose(1, 2) for t in (q, k, v))
-    return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
-
-
-def layer_output(layer: torch.nn.Module, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    """The rest of a decoder layer, from its attention output o [B, heads, T, d]: the new residual stream."""
-    batch, num_tokens, _ = h.shape
-    h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(batch, num_tokens, -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
-
-
-def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                 cu_seqlens_k: torch.Tensor, max_q: int, max_k: int, *, causal: bool, scale: float,
-                 seqused_k: torch.Tensor | None = None) -> torch.Tensor:
-    """FlashAttention-2 over packed sequences (q [Tq, H, D], k/v [Tk, Hkv, D], int32 offsets); with seqused_k
-    only the first seqused_k[i] keys of sequence i are read: decode reads each row's own length, no padding."""
-    return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, 0.0, causal,
-                                                   False, scale=scale, seqused_k=seqused_k)[0]
-
-
-def decode_step(
-    parts: LlamaParts,
-    input_ids: torch.Tensor,
-    positions: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    kv_len: int,
-    attention: str = "sdpa",
-) -> torch.Tensor:
-    """One token for rows [0, n): input_ids/positions [n] -> logits [n, vocab].
-
-    Row r writes its K/V at positions[r] and attends to keys [0, positions[r]] of its own cache row
-    (cache [layers, rows, max_model_len, kv_heads, head_dim]). "flash": FlashAttention varlen reading
-    positions[r] + 1 keys per row; "sdpa": masked attention over keys [0, kv_len) (GQA without copying
-    K/V: the query heads sharing a KV head become that head's query "sequence").
-    """
-    return decode_logits(parts, input_ids, positions, CacheAttention(parts, k_cache, v_cache, positions, kv_len, attention))
-
-
-class CacheAttention:
-    """decode_step's Attend over a device cache [layers, rows, max_len, kv_heads, head_dim]: row r writes its new
-    K/V at positions[r] and attends to keys [0, positions[r]] of its own row. The per-step index tensors are made
-    once here, not per layer; only device ops, so a CUDA graph can hold it."""
-
-    def __init__(self, parts: LlamaParts, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                 kv_len: int, attention: str):
-        n, device = positions.shape[0], positions.device
-        self.parts, self.k_cache, self.v_cache, self.positions = parts, k_cache, v_cache, positions
-        self.kv_len, self.attention = kv_len, attention
-        self.rows = torch.arange(n, device=device)
-        if attention == "flash":
-            self.cu_q = torch.arange(n + 1, device=device, dtype=torch.int32)
-            self.cu_k = self.cu_q * k_cache.shape[2]
-            self.used = (positions + 1).to(torch.int32)
-        else:
-            self.mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
-
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        p, n = self.parts, q.shape[0]
-        self.k_cache[layer][self.rows, self.positions] = k[:, :, 0]
-        self.v_cache[layer][self.rows, self.positions] = v[:, :, 0]
-        if self.attention == "flash":
-            keys = self.k_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
-            values = self.v_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
-            o = flash_varlen(q[:, :, 0], keys, values, self.cu_q, self.cu_k, 1, self.kv_len, causal=False,
-                             scale=p.scaling, seqused_k=self.used)
-            return o[:, :, None]
-        keys = self.k_cache[layer, :n, :self.kv_len].transpose(1, 2)
-        values = self.v_cache[layer, :n, :self.kv_len].transpose(1, 2)
-        q = q.reshape(n, p.num_kv_heads, p.num_heads // p.num_kv_heads, p.head_dim)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=p.scaling)
-        return o.reshape(n, p.num_heads, 1, p.head_dim)
-
-
-def decode_logits(parts: LlamaParts, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-    """One new token per row through every layer and lm_head; attend(layer, q, k, v) owns the KV cache."""
-    h = forward_layers(parts, parts.embed(input_ids[:, None]), positions[:, None], [(slice(None), attend)])
-    return parts.lm_head(h[:, 0])
-
-
-def cache_store(k_cache: torch.Tensor, v_cache: torch.Tensor, token_rows: torch.Tensor,
-                positions: torch.Tensor) -> KVStore:
-    """Prefill's K/V writes into a [layers, rows, max_len, kv_heads, head_dim] cache: token t of the packed
-    prompts goes to row token_rows[t], position positions[t]."""
-    def store(layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
-        k_cache[layer][token_rows[tokens], positions[tokens]] = k
-        v_cache[layer][token_rows[tokens], positions[tokens]] = v
-    return store
-
-
-def prompt_groups(seq_starts: list[int], max_tokens: int) -> list[tuple[int, int]]:
-    """Consecutive prompts in groups of at most max_tokens tokens (a longer prompt alone): (first, end) indices."""
-    groups, first = [], 0
-    for end in range(1, len(seq_starts)):
-        if end - 1 > first and seq_starts[end] - seq_starts[first] > max_tokens:
-            groups.append((first, end - 1))
-            first = end - 1
-    return groups + [(first, len(seq_starts) - 1)]
-
-
-def prefill_step(
-    parts: LlamaParts,
-    input_ids: torch.Tensor,
-    positions: torch.Tensor,
-    seq_starts: list[int],
-    store: KVStore,
-    attention: str = "sdpa",
-    group_tokens: int | None = None,
-) -> torch.Tensor:
-    """Packed prompts: input_ids/positions [T] (positions restart at 0 per prompt), seq_starts the offset of
-    each prompt (plus T at the end) -> logits [num_prompts, vocab] of each prompt's last token. store writes
-    each layer's K/V; group_tokens: run each layer over groups of whole prompts of at most that many tokens."""
-    groups = []
-    for first, end in prompt_groups(seq_starts, group_tokens or input_ids.shape[0]):
-        tokens = slice(seq_starts[first], seq_starts[end])
-        starts = [s - seq_starts[first] for s in seq_starts[first:end + 1]]
-        groups.append((tokens, _prefill_attention(parts, positions[tokens], starts, tokens, store, attention)))
-    # made before the layers run: a list → device copy waits for the GPU, and the host has work to do meanwhile
-    # (small VRAM: putting each finished layer's K/V into the host cache)
-    last = torch.tensor(seq_starts[1:], device=input_ids.device) - 1
-    h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], groups)
-    return parts.lm_head(h[0, last])
-
-
-def _prefill_attention(parts: LlamaParts, positions: torch.Tensor, seq_starts: list[int], tokens: slice,
-                       store: KVStore, attention: str) -> Attend:
-    """Causal attention within each of a group's packed prompts (positions/seq_starts: the group's own)."""
-    num_tokens, device = positions.shape[0], positions.device
-    lengths = [end - start for start, end in zip(seq_starts, seq_starts[1:], strict=False)]
-    if attention == "flash":
-        cu = torch.tensor(seq_starts, device=device, dtype=torch.int32)
-        max_len = max(lengths)
-    else:
-        segment = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                          torch.tensor(lengths, device=device), output_size=num_tokens)
-        causal = positions[None, :] <= positions[:, None]
-        mask = (causal & (segment[None, :] == segment[:, None]))[None, None]
-
-    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_tokens, v_tokens = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, kv_heads, head_dim]
-        store(layer, tokens, k_tokens, v_tokens)
-        if attention == "flash":
-            o = flash_varlen(q[0].transpose(0, 1).contiguous(), k_tokens.contiguous(), v_tokens.contiguous(), cu, cu,
-                             max_len, max_len, causal=True, scale=parts.scaling)
-            return o.transpose(0, 1)[None]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=parts.scaling, enable_gqa=True)
-
-    return attend
-
-
-def out_of_memory_error(device: torch.device) -> type[Exception]:
-    return torch.cuda.OutOfMemoryError if device.type == "cuda" else torch.OutOfMemoryError
-
-
-class FaultInjector:
-    """Test hook (env BATCHGEN_INJECT_OOM): raises an OOM inside chosen forward calls of the real model.
-
-    Spec "steps=3,7" fails the 3rd and 7th forward call (1-based); "p=0.1,seed=1" fails each call with
-    probability 0.1. Installed as a forward pre-hook on the last decoder layer's MLP, so the error comes
-    from the middle of the real forward, after earlier layers already wrote K/V.
-    """
-
-    def __init__(self, spec: str, device: torch.device):
-        self.steps, self.p, seed = parse_oom_spec(spec)
-        self._rng = random.Random(seed)
-        self._error = out_of_memory_error(device)
-        self.num_calls = 0
-        self.num_injected = 0
-
-    def __call__(self, module: torch.nn.Module, args: tuple) -> None:
-        self.num_calls += 1
-        if self.num_calls in self.steps or (self.p > 0 and self._rng.random() < self.p):
-            self.num_injected += 1
-            raise self._error(f"injected OOM at forward call {self.num_calls} (BATCHGEN_INJECT_OOM)")
-
-
-def parse_oom_spec(spec: str) -> tuple[set[int], float, int]:
-    """"steps=3,7" / "p=0.1,seed=1" -> (steps, p, seed); a bare number continues the previous key's list."""
-    values: dict[str, list[str]] = {}
-    key = None
-    for part in (s.strip() for s in spec.split(",") if s.strip()):
-        if "=" in part:
-            key, _, part = part.partition("=")
-            key = key.strip()
-        if key not in ("steps", "p", "seed"):
-            raise ValueError(f"bad BATCHGEN_INJECT_OOM spec {spec!r}: expected steps=…, p=…, seed=…")
-        values.setdefault(key, []).append(part.strip())
-    steps = {int(s) for s in values.get("steps", [])}
-    p = float(values.get("p", ["0"])[0])
-    seed = int(values.get("seed", ["0"])[0])
-    return steps, p, seed
+def free_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class ModelRunner:
-    """Owns the slot KV cache; runs prefill and decode for the engine.
+    """Owns the slot KV cache on the device; runs prefill and decode for the engine.
 
     attention: "flash" (FlashAttention varlen, CUDA fp16/bf16) or "sdpa" (masked, any device).
     cuda_graphs: replay decode steps from CUDA graphs (cuda_graphs.DecodeGraphs).
+    prefill_group_tokens: run each layer over groups of whole prompts of at most that many tokens (None: all at once).
     """
 
-    def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
-                 inject_oom: str | None = None, attention: str = "sdpa", cuda_graphs: bool = False):
+    def __init__(self, parts: LlamaParts, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
+                 inject_oom: str | None = None, attention: str = "sdpa", cuda_graphs: bool = False,
+                 prefill_group_tokens: int | None = None):
         if attention not in ("flash", "sdpa"):
             raise ValueError(f"unknown attention {attention!r}: use flash or sdpa")
-        self.parts = LlamaParts.from_hf(model)
+        self.parts = parts
         self.device, self.dtype, self.max_model_len = device, dtype, max_model_len
         self.attention = attention
         self.k_cache = self.v_cache = torch.empty(0)
@@ -315,7 +53,7 @@ class ModelRunner:
         self.fault = None
         self.use_graphs = cuda_graphs and device.type == "cuda" and not inject_oom  # the fault hook is Python
         self.graphs: DecodeGraphs | None = None
-        self.prefill_group_tokens: int | None = None  # None: a prefill runs each layer over all its tokens at once
+        self.prefill_group_tokens = prefill_group_tokens
         if inject_oom:
             self.fault = FaultInjector(inject_oom, device)
             self.parts.layers[-1].mlp.register_forward_pre_hook(self.fault)
@@ -333,17 +71,11 @@ class ModelRunner:
         self.max_rows = max_rows
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        starts = [0]
-        for p in prompts:
-            starts.append(starts[-1] + len(p))
-        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(self.device)
-        positions = torch.cat([torch.arange(len(p)) for p in prompts]).to(self.device)
-        return prefill_step(self.parts, ids, positions, starts, self.prompt_store(rows, prompts, positions),
-                            self.attention, self.prefill_group_tokens)
-
-    def prompt_store(self, rows: list[int], prompts: list[list[int]], positions: torch.Tensor) -> KVStore:
+        ids, positions, starts = pack_prompts(prompts, self.device)
         token_rows = torch.tensor([r for r, p in zip(rows, prompts, strict=True) for _ in p], device=self.device)
-        return cache_store(self.k_cache, self.v_cache, token_rows, positions)
+        return prefill_step(self.parts, ids, positions, starts,
+                            cache_store(self.k_cache, self.v_cache, token_rows, positions), self.attention,
+                            self.prefill_group_tokens)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """tokens/positions for rows [0, len(tokens)); holes carry token 0 at position 0 and are ignored."""
@@ -382,15 +114,16 @@ class ModelRunner:
         return needed
 
     def free_cached_memory(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_cached_memory(self.device)
 
     def memory_info(self) -> tuple[int, int]:
-        """(used, free) bytes on the GPU; (0, 0) on CPU."""
-        if self.device.type != "cuda":
-            return 0, 0
-        free, total = torch.cuda.mem_get_info(self.device)
-        return total - free, free
+        return memory_info(self.device)
+
+    def stats(self) -> dict[str, float | int]:
+        return {}
+
+    def reset_timing(self) -> None:
+        """Nothing timed here: the engine's StepStats time the steps."""
 
     def measure_cuda(self, *, num_probe_rows: int, prefill_tokens: int) -> tuple[int, int]:
         """Warm-up at the worst case: (prefill peak bytes, decode activation bytes per row) from the
@@ -417,19 +150,3 @@ class ModelRunner:
         self.allocate_kv(0)
         torch.cuda.empty_cache()
         return prefill_bytes, -(-decode_bytes // probe_rows)
-
-
-def flash_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether FlashAttention varlen with seqused_k runs here and agrees with plain attention."""
-    try:
-        q = torch.randn(3, 4, 64, device=device, dtype=dtype)
-        kv = torch.randn(2 * 8, 2, 64, device=device, dtype=dtype)
-        cu_q = torch.tensor([0, 1, 3], device=device, dtype=torch.int32)
-        cu_k = torch.tensor([0, 8, 16], device=device, dtype=torch.int32)
-        used = torch.tensor([5, 8], device=device, dtype=torch.int32)
-        out = flash_varlen(q, kv, kv, cu_q, cu_k, 2, 8, causal=True, scale=0.125, seqused_k=used)
-        ref = F.scaled_dot_product_attention(q[:1].transpose(0, 1)[None], kv[None, :5].transpose(1, 2).repeat_interleave(2, 1),
-                                             kv[None, :5].transpose(1, 2).repeat_interleave(2, 1), scale=0.125)
-        return bool(torch.allclose(out[:1], ref[0].transpose(0, 1), atol=2e-2))
-    except (RuntimeError, NotImplementedError):
-        return False

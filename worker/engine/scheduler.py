@@ -51,8 +51,8 @@ class Scheduler:
 
     @property
     def min_admit(self) -> int:
-        """Sequences worth a prefill while others decode: an eager prefill step costs ~50 ms of launches on a
-        7B model whatever its size, so refilling one freed row per step would spend most of the time there."""
+        """Sequences worth a prefill while others decode: an eager prefill step costs its launches whatever its
+        size, so refilling one freed row per step would spend most of the time there."""
         return max(1, self.max_batch_size // ADMIT_GROUP_DIVISOR)
 
     def admit(self) -> list[Sequence]:

@@ -23,7 +23,6 @@ class Sequence:
     row: int | None = None  # KV-cache row while running
     finish_reason: str | None = None
     text: str | None = None  # set on finish (truncated before a stop string when one matched)
-    num_restarts: int = 0
     arrival: int = 0  # admission order into the engine; requeued sequences keep their place
 
     @property
@@ -46,4 +45,3 @@ class Sequence:
         self.row = None
         self.finish_reason = None
         self.text = None
-        self.num_restarts += 1

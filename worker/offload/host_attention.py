@@ -5,12 +5,11 @@ from DRAM (shared with the weight stream's DMA) and how fast the kernel turns th
 here read K and V in their storage dtype and do the math in float32: the model's compute dtype (exact: the
 cache holds what the GPU computed) or int8 with a float32 scale per (row, head, token) (lossy, ~¼). The mask
 is an additive bias. The native kernel (host_attention.cpp, built by cpp_extension at start-up) streams each
-(row, head)'s K, then its V, once, without barriers: 3.31 ms a 13B layer beside pinned copies on an H100
-host, against 3.97 for decode_attention compiled by inductor (which walks V in head_dim chunks; same run), and
-torch's CPU sdpa took 5.18 alone in an earlier one (benchmarks/host_attention.py). decode_attention is the reference, the fallback where the
+(row, head)'s K, then its V, once, without barriers, which beat decode_attention compiled by inductor and
+torch's CPU sdpa (benchmarks/host_attention.py). decode_attention is the reference, the fallback where the
 native kernel cannot be built (compiled by inductor; eagerly where that fails too: correct, slow), and what
 tests hold the native one to. V is not stored transposed: writing one token's column into a transposed cache
-touches a cache line per element (2.4 ms a layer for 64 rows), more than a faster read saves.
+touches a cache line per element, more than a faster read saves.
 """
 
 import functools
@@ -99,12 +98,10 @@ class Kernel:
 
     Warmed up with two row counts and lengths, so dynamo's automatic dynamic shapes make rows and length
     symbolic while heads and head_dim stay static (full-width vector loads): one graph serves every step.
-    The second shape is also the size hint inductor plans that graph's loops with: a larger one (16 × 64) made
-    the kernel 7.5 instead of 3.95 ms a 13B layer on an H100 host (benchmarks/host_attention.py, variant
-    hint16), so the tiny hint stays. With it inductor would run the softmax's passes on one thread (`omp
-    single`: under its minimum chunk size); cpp.min_chunk_size = 1 keeps the same loops and spreads them over
-    every thread: 3.94 instead of 4.63 ms a layer while pinned copies ran at 55 GB/s (variant parallel, 2026-11-25
-    on an H100 host; reading the same bytes alone took 2.35 ms there).
+    The second shape is also the size hint inductor plans that graph's loops with: a larger one made the kernel
+    about twice as slow (benchmarks/host_attention.py, variant hint16), so the tiny hint stays. With it inductor
+    would run the softmax's passes on one thread (`omp single`: under its minimum chunk size);
+    cpp.min_chunk_size = 1 keeps the same loops and spreads them over every thread (variant parallel).
     """
 
     fn: object = decode_attention

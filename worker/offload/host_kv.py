@@ -1,6 +1,5 @@
-"""The small-VRAM KV cache in host memory: streamed to the GPU beside its layer each step (`HostKV`), or kept
-on the host and attended there by the host CPU (`CpuAttention`, host_attention's kernel), with the start-up
-probe that tells the planner what a byte of that attention costs on this host.
+"""The small-VRAM KV cache in host memory, attended there by the host CPU (`CpuAttention`, host_attention's
+kernel), and the start-up probe that tells the planner what a byte of that attention costs on this host.
 """
 
 import itertools
@@ -8,7 +7,7 @@ import logging
 import time
 
 import torch
-from batchgen.worker.engine.model_runner import KVStore, cache_store
+from batchgen.worker.engine.llama import KVStore, cache_store
 from batchgen.worker.offload.host_attention import (
     Kernel,
     cache_bytes,
@@ -17,143 +16,37 @@ from batchgen.worker.offload.host_attention import (
     quantize,
     sample_inputs,
 )
-from batchgen.worker.offload.piecewise import split_slots
 
 log = logging.getLogger(__name__)
 
 
-class _HostCacheView:
-    """K or V of a HostKV or CpuAttention, seen by model_runner's decode/prefill as its
-    [layers, rows, max_len, kv_heads, head_dim] cache."""
-
-    def __init__(self, owner: "_HostCache", which: int):
-        self.owner, self.which = owner, which
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.owner.cache_shape
-
-    def __getitem__(self, key):
-        if isinstance(key, tuple):
-            return self.owner.layer_view(self.which, key[0])[key[1:]]
-        return self.owner.layer_view(self.which, key)
-
-
-class _HostCache:
-    """What HostKV and CpuAttention share: the host cache's shape as model_runner sees it, the pinned staging
-    area prefill writes land in, and each step's rows/positions."""
-
-    def __init__(self, *, num_layers: int, max_rows: int, num_kv_heads: int, max_model_len: int, head_dim: int,
-                 max_tokens: int, dtype: torch.dtype, device: torch.device):
-        staging = (num_layers, max(max_tokens, max_rows), num_kv_heads, head_dim)
-        self.staging = [torch.empty(staging, dtype=dtype, pin_memory=device.type == "cuda") for _ in range(2)]
-        self.cache_shape = (num_layers, max_rows, max_model_len, num_kv_heads, head_dim)
-        self.device = device
-        self.k, self.v = _HostCacheView(self, 0), _HostCacheView(self, 1)
-        self.decoding = self.prefilling = False
-        self._rows = self._positions = None
-        self._kv_len = 0
-
-    def begin(self, rows: list[int], positions: list[int], *, decode: bool) -> None:
-        """rows/positions: where each token of the step goes (decode: one per row; prefill: every prompt token)."""
-        self.decoding, self.prefilling = decode, not decode
-        self._rows = torch.tensor(rows, dtype=torch.long)
-        self._positions = torch.tensor(positions, dtype=torch.long)
-        self._kv_len = max(positions) + 1
-
-    def store_prompt(self, layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
-        """A prefill's K/V [t, kv_heads, head_dim] of tokens (of the rows/positions given to begin()) -> staging."""
-        for which, value in enumerate((k, v)):
-            self.staging[which][layer, tokens].copy_(value, non_blocking=True)
-
-    def _wait_for_device(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
-
-    def reset(self) -> None:
-        self.decoding = self.prefilling = False
-
-
-class HostKV(_HostCache):
-    """The KV cache in (pinned) host memory, position-major [layers, max_len, rows, kv_heads, head_dim], so
-    the keys of every row up to the step's longest position are one contiguous copy per layer.
-
-    Decode: layer i's [:kv_len] streams into device slot i % 2 (LayerStreamer), the step writes its new
-    K/V there, and after the layer they are gathered into a pinned staging area; end_step() scatters them
-    into the host cache. Prefill: the prompts' K/V go to staging as computed and are scattered likewise.
-    Only masked ("sdpa") decode attention reads it: its device view is strided, not one flat row block.
-    """
-
-    def __init__(self, *, num_layers: int, max_rows: int, num_kv_heads: int, max_model_len: int, head_dim: int,
-                 max_tokens: int, dtype: torch.dtype, device: torch.device):
-        super().__init__(num_layers=num_layers, max_rows=max_rows, num_kv_heads=num_kv_heads,
-                         max_model_len=max_model_len, head_dim=head_dim, max_tokens=max_tokens, dtype=dtype,
-                         device=device)
-        shape = (num_layers, max_model_len, max_rows, num_kv_heads, head_dim)
-        # zeros: masked-out keys must still be finite (0 × NaN is NaN in the attention sum)
-        self.host = [torch.zeros(shape, dtype=dtype, pin_memory=device.type == "cuda") for _ in range(2)]
-        self.slots = [[torch.zeros(shape[1:], dtype=dtype, device=device) for _ in range(2)] for _ in range(2)]
-        self._rows_device = self._positions_device = None
-
-    def begin(self, rows: list[int], positions: list[int], *, decode: bool) -> None:
-        super().begin(rows, positions, decode=decode)
-        if decode:
-            self._rows_device, self._positions_device = self._rows.to(self.device), self._positions.to(self.device)
-
-    def prefetch(self, layer: int, slot: int) -> int:
-        """Queues layer's K/V up to the step's length into device slot `slot`; returns the bytes."""
-        nbytes = 0
-        for which in range(2):
-            src = self.host[which][layer, : self._kv_len]
-            self.slots[which][slot][: self._kv_len].copy_(src, non_blocking=True)
-            nbytes += src.numel() * src.element_size()
-        return nbytes
-
-    def layer_view(self, which: int, layer: int):
-        if not self.decoding:
-            raise RuntimeError("the host KV cache is read through a decode step only (prefill: store_prompt)")
-        return self.slots[which][layer % 2].transpose(0, 1)  # [rows, max_len, kv_heads, head_dim]
-
-    def after_layer(self, layer: int) -> None:
-        if not self.decoding:
-            return
-        n = len(self._rows)
-        for which in range(2):
-            new = self.slots[which][layer % 2][self._positions_device, self._rows_device]
-            self.staging[which][layer, :n].copy_(new, non_blocking=True)
-
-    def end_step(self) -> None:
-        """Waits for the step's device→host copies and puts them into the host cache."""
-        self._wait_for_device()
-        n = len(self._rows)
-        for which in range(2):
-            self.host[which][:, self._positions, self._rows] = self.staging[which][:, :n]
-        self.reset()
-
-
-class CpuAttention(_HostCache):
+class CpuAttention:
     """The KV cache in host memory, attended on the host CPU (FlexGen's CPU attention): a decode step sends
     each layer's q/k/v of the new tokens to the host (a few MB) and gets the attention output back, so the
     cache itself never crosses PCIe and the bus carries only weights.
 
     K and V are [layers, rows, kv_heads, max_len, head_dim], read by host_attention's fused kernel. Stored in
     kv_dtype: the compute dtype by default (exact), or int8 with a float32 scale per (row, head, token).
-    Prefill writes go through staging, one strided copy per prompt and layer. A decode step's layer is split
-    in send (device), compute (host: waits for its q/k/v, stores, attends) and receive (device), so
+    Prefill writes go through a pinned staging area, one strided copy per prompt and layer. A decode step's layer
+    is split in send (device), compute (host: waits for its q/k/v, stores, attends) and receive (device), so
     PiecewiseDecode can put the device parts in CUDA graphs; the weight copies keep running meanwhile.
+    buffer_rows: rows of the pinned q/k/v and output buffers (PiecewiseDecode's two halves may pad past max_rows).
     """
 
-    def __init__(self, *, num_layers: int, max_rows: int, num_heads: int, num_kv_heads: int, max_model_len: int,
-                 head_dim: int, max_tokens: int, scaling: float, dtype: torch.dtype, device: torch.device,
-                 kv_dtype: torch.dtype | None = None, kernel: Kernel | None = None, device_layers: tuple[int, ...] = (),
-                 device_attention: str = "sdpa"):
-        super().__init__(num_layers=num_layers, max_rows=max_rows, num_kv_heads=num_kv_heads,
-                         max_model_len=max_model_len, head_dim=head_dim, max_tokens=max_tokens, dtype=dtype,
-                         device=device)
-        pin, slots = device.type == "cuda", split_slots(max_rows)  # PiecewiseDecode's two halves: buffer rows
+    def __init__(self, *, num_layers: int, max_rows: int, buffer_rows: int, num_heads: int, num_kv_heads: int,
+                 max_model_len: int, head_dim: int, max_tokens: int, scaling: float, dtype: torch.dtype,
+                 device: torch.device, kv_dtype: torch.dtype | None = None, kernel: Kernel | None = None,
+                 device_layers: tuple[int, ...] = (), device_attention: str = "sdpa"):
+        pin, slots = device.type == "cuda", buffer_rows
+        staging = (num_layers, max(max_tokens, max_rows), num_kv_heads, head_dim)
+        self.staging = [torch.empty(staging, dtype=dtype, pin_memory=pin) for _ in range(2)]
+        self.num_layers, self.device = num_layers, device
+        self.prefilling = False
+        self._rows = self._positions = None
+        self._kv_len = 0
         self.kv_dtype = kv_dtype or dtype
         # Layers whose K/V the planner put on the device after all (where host memory would not hold every
-        # layer's for the rows, or asked for): attended there, inside the GPU work (model_runner.CacheAttention).
+        # layer's for the rows, or asked for): attended there, inside the GPU work (llama.CacheAttention).
         # The host cache holds only the others' (host_index: layer -> its index there).
         self.device_layers = tuple(sorted(device_layers))
         self.device_index = {layer: j for j, layer in enumerate(self.device_layers)}
@@ -167,7 +60,6 @@ class CpuAttention(_HostCache):
             self.scale_staging = [torch.empty(t.shape[:3], pin_memory=pin) for t in self.staging]
             self.kv8 = torch.empty(slots, 2 * num_kv_heads, head_dim, dtype=torch.int8, pin_memory=pin)
             self.kv_scales = torch.empty(slots, 2 * num_kv_heads, pin_memory=pin)
-        self.host = [self.keys, self.values]
         # the new tokens' q/k/v as send() copies them to the host: q only for int8 (K/V go through kv8). Each
         # copy fills a whole leading slice: a copy into a strided host slice is staged on the host, which a CUDA
         # graph cannot hold (that turned the int8 path's graphs off)
@@ -195,7 +87,11 @@ class CpuAttention(_HostCache):
         self._device_store: KVStore | None = None  # a prefill's writes into those layers' device cache
 
     def begin(self, rows: list[int], positions: list[int], *, decode: bool) -> None:
-        super().begin(rows, positions, decode=decode)
+        """rows/positions: where each token of the step goes (decode: one per row; prefill: every prompt token)."""
+        self.prefilling = not decode
+        self._rows = torch.tensor(rows, dtype=torch.long)
+        self._positions = torch.tensor(positions, dtype=torch.long)
+        self._kv_len = max(positions) + 1
         self._segments = [] if decode else _segments(rows, positions)
         self._prompt_copied = {}
         if not decode and self.device_layers:  # prefill writes the device layers' K/V straight into their cache
@@ -204,17 +100,16 @@ class CpuAttention(_HostCache):
         self._bias = length_bias(self._positions + 1, self._kv_len) if decode else None
         self._rows_in_order = decode and torch.equal(self._rows, torch.arange(len(rows)))
 
-    def layer_view(self, which: int, layer: int):
-        raise RuntimeError("CPU attention: decode goes through send/compute/receive, prefill through store_prompt")
-
     def on_device(self, layer: int) -> bool:
         return layer in self.device_index
 
     def store_prompt(self, layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A prefill's K/V [t, kv_heads, head_dim] of tokens (of the rows/positions given to begin()) -> staging."""
         if layer in self.device_index:
             return self._device_store(self.device_index[layer], tokens, k, v)
         if self.scales is None:
-            super().store_prompt(layer, tokens, k, v)
+            for which, value in enumerate((k, v)):
+                self.staging[which][layer, tokens].copy_(value, non_blocking=True)
         else:
             for which, value in enumerate((k, v)):
                 q8, scale = quantize(value)
@@ -295,13 +190,21 @@ class CpuAttention(_HostCache):
         self.seconds = dict.fromkeys(self.seconds, 0.0)
         self.wait_by_layer = [0.0] * len(self.wait_by_layer)
 
+    def stats(self) -> dict[str, float | int | list[float]]:
+        """Where the host's time went, which layers it waited for, and which kernel attended."""
+        out: dict[str, float | int | list[float]] = {
+            f"offload_cpu_attention_{key}_s": round(seconds, 3) for key, seconds in self.seconds.items()}
+        out["offload_cpu_attention_wait_s_by_layer"] = [round(w, 3) for w in self.wait_by_layer]
+        out["offload_cpu_attention_native"] = int(self.kernel.native)
+        return out
+
     def receive(self, b: int, lo: int = 0) -> torch.Tensor:
         """Device side: rows [lo, lo + b) of the attention output, [b, heads, 1, d] on the device. On CUDA the copy
         is queued before the next layer's wait, so `out` is free again by the time compute() writes it."""
         return self.out[lo:lo + b].to(self.device, non_blocking=True)[:, :, None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """send, compute, receive in a row: model_runner's Attend, for one layer run eagerly."""
+        """send, compute, receive in a row: llama's Attend, for one layer run eagerly."""
         self.send(q, k, v)
         self.compute(layer, 0, q.shape[0])
         return self.receive(q.shape[0])
@@ -310,7 +213,7 @@ class CpuAttention(_HostCache):
         """After a prefill: puts its K/V into the host cache layer by layer, each as soon as that layer's
         device→host copies are done, so the host's copying overlaps the GPU's later layers."""
         if self.prefilling:
-            for layer in range(self.cache_shape[0]):
+            for layer in range(self.num_layers):
                 if layer in self.device_index:
                     continue
                 t0 = time.perf_counter()
@@ -329,6 +232,13 @@ class CpuAttention(_HostCache):
         self._prompt_copied = {}
         self.reset()
 
+    def _wait_for_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+
+    def reset(self) -> None:
+        self.prefilling = False
+
 
 def _segments(rows: list[int], positions: list[int]) -> list[tuple[int, int, int, int]]:
     """(row, first token index, first position, length) of each run of consecutive positions in one row."""
@@ -345,8 +255,8 @@ def measure_cpu_attention_cost(device: torch.device, kernel: Kernel, kv_dtype: t
                                group: int, head_dim: int, seconds: float = 0.3) -> float:
     """PCIe bytes/s ÷ CPU attention bytes/s on this host, measured (CUDA only): how many streamed bytes one
     byte of host KV read by CpuAttention costs. plan_streaming weighs the "cpu" KV placement with it. The
-    kernel is timed while host→device copies run, as in a decode step: both read host memory (measured on an
-    H100 host: 4.6 ms a 13B layer alone, 8.2 ms beside the copies; the copies kept 97 % of their rate)."""
+    kernel is timed while host→device copies run, as in a decode step: both read host memory, and the kernel
+    is much slower beside the copies than alone."""
     src = torch.empty(256 * 2**20, dtype=torch.int8, pin_memory=True)
     dst = torch.empty_like(src, device=device)
     torch.cuda.synchronize(device)
@@ -355,11 +265,9 @@ def measure_cpu_attention_cost(device: torch.device, kernel: Kernel, kv_dtype: t
         dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize(device)
     pcie = 8 * src.numel() / (time.perf_counter() - start)
-    # a layer's cache is a few hundred MB and a step reads every layer's once, so nothing of it is in the L3
-    # cache when it is read again: the kernel rotates over 4 such samples (one alone, 335 MB for a 13B in
-    # bf16, nearly fits the H100 host's 300 MiB L3 and read faster than a decode step does). Built before the
-    # copies are queued: building them outlasts the copies (a probe that queued the copies first timed the
-    # kernel mostly after them: 0.82–1.11 on H100 hosts, against 1.82 beside them)
+    # a layer's cache is a few hundred MB and a step reads every layer's once, so none of it is in the L3 cache
+    # when it is read again: the kernel rotates over 4 such samples (one alone may nearly fit a large L3). Built
+    # before the copies are queued: building them outlasts the copies, and the kernel must be timed beside them
     rows, length = 64, 256
     args = itertools.cycle([sample_inputs(kv_dtype, rows, num_kv_heads, group, length, head_dim) for _ in range(4)])
     kernel(*next(args))

@@ -3,8 +3,8 @@ copied, layer by layer, into a ring of device stage slots on a side CUDA stream,
 
 LayerStreamer owns the layers (resident ones copied to the device once, streamed ones pointing at a stage slot)
 and the schedule that orders copies and compute with CUDA events (_Streams). On CPU the same code copies
-between two host buffers and the events are no-ops, which is how the tests run it. offload.py builds it from the
-plan and runs the model through it.
+between two host buffers and the events are no-ops, which is how the tests run it. build.py makes it from the
+plan; the forward gets its layers through it (LlamaParts.layer_executor).
 """
 
 import contextlib
@@ -15,7 +15,6 @@ from types import SimpleNamespace
 
 import torch
 from batchgen.worker.engine.int8_linear import FusedInt8Linear, Int8Linear, Int8State
-from batchgen.worker.offload.host_kv import HostKV
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -23,11 +22,9 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 class _Streams:
     """A side copy stream and per-slot events on CUDA; no-ops elsewhere (copies are synchronous there).
-    head_copied: the slot's layer's q/k/v weights (and every scale) are in, which is all its first piece
-    reads; copied: the whole layer is. Each layer's copies are also timed on the GPU (busy_s, copied_bytes):
-    the stream's rate while it copies, and how much of a step it copies at all, tell a slow bus from idle one;
-    gap_by_layer: how long the stream sat idle before each layer's copy began (waiting for its slot to be
-    released, or for the host to issue it; between batches too), which says where in a step the bus idles."""
+    head_copied: the slot's q/k/v weights and scales are in (all its first piece reads); copied: the whole layer.
+    Copies are timed on the GPU (busy_s, copied_bytes, gap_by_layer: idle time before each layer's copy), which
+    tells a slow bus from an idle one and where in a step it idles."""
 
     def __init__(self, device: torch.device, num_slots: int = 2):
         self.cuda, self.num_slots = device.type == "cuda", num_slots
@@ -178,7 +175,7 @@ FUSED = (LINEARS[:3], LINEARS[3:4], LINEARS[4:6], LINEARS[6:])
 
 
 class _DeviceLayer:
-    """Duck-types an HF decoder layer for model_runner.forward_layers, over int8 buffers on the device,
+    """Duck-types an HF decoder layer for llama.forward_layers, over int8 buffers on the device,
     with the same int8 kernels as the resident engine (int8_linear's fused q/k/v and gate/up, or bnb)."""
 
     def __init__(self, hf_layer: torch.nn.Module, specs: list[_LinearSpec], cb: torch.Tensor, scb: torch.Tensor,
@@ -222,39 +219,32 @@ class LayerStreamer:
     """The layer executor: yields each decoder layer ready to run, streaming the non-resident ones.
 
     Each streamed layer owns one of the stage slots; its copy into the slot waits until the slot's previous
-    layer has finished computing, so the copy of the next layer overlaps the compute of this one. Weights
-    only (KV on the device or attended on the CPU): resident layers are spread evenly between the streamed
-    ones and the slots alternate over the streamed layers, cyclically, so the bus never idles: during a
-    resident layer the next streamed one is already copying, and the last layers of a forward prefetch the
-    first of the next (weights do not change between steps). With a streamed host KV cache ("host") every
-    layer's K/V goes through slot i % 2 in decode, so the first num_resident layers are the resident ones and
-    nothing is prefetched across forwards (the next step's KV is not written yet). num_slots: how many
-    stage buffers the streamed layers take turns in (weights only; see STAGE_SLOTS).
+    layer has finished computing, so the copy of the next layer overlaps the compute of this one. Resident
+    layers are spread evenly between the streamed ones and the slots alternate over the streamed layers,
+    cyclically, so the bus never idles: during a resident layer the next streamed one is already copying, and
+    the last layers of a forward prefetch the first of the next (weights do not change between steps).
+    num_slots: how many stage buffers the streamed layers take turns in (plan.STAGE_SLOTS).
     """
 
     def __init__(self, hf_layers: list[torch.nn.Module], *, device: torch.device, dtype: torch.dtype,
-                 num_resident: int, kernel: str, threshold: float, kv_streamed: bool = False, num_slots: int = 2):
-        self.device, self.num_layers, self.num_resident = device, len(hf_layers), num_resident
+                 num_resident: int, kernel: str, threshold: float, num_slots: int = 2):
+        self.num_layers = len(hf_layers)
         self.specs = _layer_specs(hf_layers[0])
-        self.cyclic = not kv_streamed
-        if kv_streamed and num_slots != 2:
-            raise ValueError("a streamed KV cache goes through two slots (layer i in slot i % 2)")
         pin = device.type == "cuda"
         self.host: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         self.layers: list[_DeviceLayer] = []
-        self.kv: HostKV | None = None
         num_cb = sum(s.shape[0] * s.shape[1] for s in self.specs)
         num_scb = sum(s.shape[0] for s in self.specs)
         scb_dtype = _int8_of(hf_layers[0].get_submodule(LINEARS[0]))[1].dtype
         self.layer_bytes = num_cb + num_scb * torch.empty(0, dtype=scb_dtype).element_size()
         # q/k/v lead a layer's flat buffer (LINEARS' order): copied first, they let its first piece start
         self.head_cb = sum(s.shape[0] * s.shape[1] for s in self.specs[:3])
-        self.resident = resident_layers(self.num_layers, num_resident, spread=self.cyclic)
+        self.resident = resident_layers(self.num_layers, num_resident)
         streamed = [i for i in range(self.num_layers) if i not in self.resident]
-        num_slots = max(1, min(num_slots, len(streamed))) if self.cyclic else 2  # no slot without a layer to hold
+        num_slots = max(1, min(num_slots, len(streamed)))  # no slot without a layer to hold
         self.streams = _Streams(device, num_slots)
-        self.slot_of = {i: (k % num_slots if self.cyclic else i % 2) for k, i in enumerate(streamed)}
-        self.next_in_slot = _next_in_slot(streamed, self.slot_of, cyclic=self.cyclic)
+        self.slot_of = {i: k % num_slots for k, i in enumerate(streamed)}
+        self.next_in_slot = _next_in_slot(streamed, self.slot_of)
         self.first_in_slot = [next(i for i in streamed if self.slot_of[i] == slot)
                               for slot in sorted(set(self.slot_of.values()))]
         self._pending: set[int] = set()  # streamed layers the previous forward already prefetched
@@ -286,75 +276,69 @@ class LayerStreamer:
     def schedule(self, lag: int = 0) -> Iterator[int]:
         """Yields 0 … num_layers − 1 + lag. Before yielding a layer, the compute stream waits for its weights;
         when the consumer comes back after yielding i, the work of layer i − lag is queued: its slot is
-        released and the slot's next layer starts copying. lag=1: a layer's work spans two yields (piecewise):
-        yield i runs layer i − 1 from its attention on and layer i up to it, so it waits for all of layer
-        i − 1 and only layer i's q/k/v (a quarter of a Llama layer), which are copied first. With two slots
-        the copy of layer i + 1 starts only when yield i's work is done, so this lets its first piece start a
-        quarter of a copy later instead of a whole one (the host attends meanwhile)."""
+        released and the slot's next layer starts copying. lag=1 (piecewise): yield i runs the rest of layer
+        i − 1 and layer i up to its attention, so it waits for all of layer i − 1 but only layer i's q/k/v,
+        which are copied first: the piece starts a quarter of a copy sooner."""
         s = self.streams
-        kv = self.kv is not None and self.kv.decoding
         pending, self._pending, prefetched = self._pending, set(), set()
         s.harvest()
         s.start_iteration(keep_events=bool(pending))
         complete = False
         try:
-            for i in [0, 1][: self.num_layers] if kv else self.first_in_slot:
+            for i in self.first_in_slot:
                 if i not in pending:
-                    self._prefetch(i, kv)
-            split = lag == 1 and not kv
+                    self._prefetch(i)
             for i in range(self.num_layers + lag):
-                if split and i > 0 and self.host[i - 1] is not None:
-                    s.compute_waits_for_copy(self.slot(i - 1))
-                if i < self.num_layers and (kv or self.host[i] is not None):
-                    s.compute_waits_for_copy(self.slot(i), head=split)
+                if lag == 1 and i > 0 and self.host[i - 1] is not None:
+                    s.compute_waits_for_copy(self.slot_of[i - 1])
+                if i < self.num_layers and self.host[i] is not None:
+                    s.compute_waits_for_copy(self.slot_of[i], head=lag == 1)
                 yield i
                 done = i - lag
-                if done < 0:
+                if done < 0 or self.host[done] is None:
                     continue
-                if self.kv is not None:
-                    self.kv.after_layer(done)
-                if kv or self.host[done] is not None:
-                    s.record_done(self.slot(done))
-                    nxt = (done + 2 if done + 2 < self.num_layers else None) if kv else self.next_in_slot[done]
-                    if nxt is not None:
-                        self._prefetch(nxt, kv)
-                        if nxt <= done:  # wrapped around: the next forward's first layer in this slot
-                            prefetched.add(nxt)
+                s.record_done(self.slot_of[done])
+                nxt = self.next_in_slot[done]
+                self._prefetch(nxt)
+                if nxt <= done:  # wrapped around: the next forward's first layer in this slot
+                    prefetched.add(nxt)
             complete = True
         finally:
             self._pending = prefetched if complete else set()  # after an aborted pass, start afresh
 
-    def slot(self, i: int) -> int:
-        return self.slot_of.get(i, i % 2)
+    def stats(self) -> dict[str, float | int | dict[str, float]]:
+        """The weight copies, timed on the GPU (none elsewhere)."""
+        s = self.streams
+        if not s.cuda:
+            return {}
+        s.harvest()
+        return {"offload_copy_busy_s": round(s.busy_s, 3), "offload_copy_bytes": s.copied_bytes,
+                "offload_copy_gb_s_while_busy": round(s.copied_bytes / 1e9 / max(s.busy_s, 1e-9), 1),
+                "offload_copy_gap_s": round(sum(s.gap_by_layer.values()), 3),
+                "offload_copy_gap_s_by_layer": {str(i): round(g, 3) for i, g in sorted(s.gap_by_layer.items())}}
 
-    def _prefetch(self, i: int, kv: bool) -> None:
-        host = self.host[i]
-        if host is None and not kv:
-            return
-        slot = self.slot(i)
+    def reset_timing(self) -> None:
+        self.streams.reset_timing()
+
+    def _prefetch(self, i: int) -> None:
+        host, slot = self.host[i], self.slot_of[i]
         with self.streams.copying():
             self.streams.copy_waits_for_compute(slot)
             start = self.streams.start_timing()
-            if host is not None:
-                head, stage = self.head_cb, self.stages[slot][0]
-                self.stages[slot][1].copy_(host[1], non_blocking=True)
-                for a, b in _chunks(0, head):
-                    stage[a:b].copy_(host[0][a:b], non_blocking=True)
-                self.streams.record_copied(slot, head=True)
-                for a, b in _chunks(head, stage.numel()):
-                    stage[a:b].copy_(host[0][a:b], non_blocking=True)
-            nbytes = self.layer_bytes if host is not None else 0
-            if kv:
-                nbytes += self.kv.prefetch(i, slot)
+            head, stage = self.head_cb, self.stages[slot][0]
+            self.stages[slot][1].copy_(host[1], non_blocking=True)
+            for a, b in _chunks(0, head):
+                stage[a:b].copy_(host[0][a:b], non_blocking=True)
+            self.streams.record_copied(slot, head=True)
+            for a, b in _chunks(head, stage.numel()):
+                stage[a:b].copy_(host[0][a:b], non_blocking=True)
             self.streams.record_copied(slot)
-            self.streams.end_timing(i, start, nbytes)
+            self.streams.end_timing(i, start, self.layer_bytes)
 
 
-# A layer's weights cross in copies of at most this many bytes. The step's small host→device copies (the host's
-# attention output, in the pieces' CUDA graphs) may queue on the same copy engine behind a weight copy; in pieces
-# they wait for a chunk (~0.6 ms at 54 GB/s) rather than a whole layer's MLP (~4.4 ms for a 13B layer).
-# H200, 2026-11-30 (13B, 6 GiB): 270.0 tok/s against 264.3 with whole parts (benchmarks/small_vram.py lever
-# ".../0"), one run each: within run-to-run noise, kept as it costs nothing.
+# A layer's weights cross in copies of at most this many bytes: the step's small host→device copies (the host's
+# attention output, in the pieces' CUDA graphs) may queue on the same copy engine behind a weight copy, and wait
+# for a chunk rather than a whole layer's MLP (benchmarks/small_vram.py lever ".../0": within noise, costs nothing).
 COPY_CHUNK_BYTES = 32 * 2**20
 
 
@@ -364,9 +348,9 @@ def _chunks(start: int, end: int, size: int | None = None) -> list[tuple[int, in
     return [(a, min(a + size, end)) for a in range(start, end, size)]
 
 
-def resident_layers(num_layers: int, num_resident: int, *, spread: bool) -> set[int]:
-    """Which layers stay on the device: evenly spread (so streamed copies keep running through them), or the first."""
-    if not spread or num_resident >= num_layers:
+def resident_layers(num_layers: int, num_resident: int) -> set[int]:
+    """Which layers stay on the device: evenly spread, so streamed copies keep running through them."""
+    if num_resident >= num_layers:
         return set(range(num_resident))
     return {(2 * k + 1) * num_layers // (2 * num_resident) for k in range(num_resident)}
 
@@ -380,11 +364,11 @@ def device_kv_layers(num_layers: int, resident: set[int], count: int) -> tuple[i
     return tuple(sorted(streamed + sorted(resident)[: count - len(streamed)]))
 
 
-def _next_in_slot(streamed: list[int], slot_of: dict[int, int], *, cyclic: bool) -> dict[int, int | None]:
-    """For each streamed layer, the next streamed layer using its slot (wrapping to the next forward if cyclic)."""
-    out: dict[int, int | None] = {}
+def _next_in_slot(streamed: list[int], slot_of: dict[int, int]) -> dict[int, int]:
+    """For each streamed layer, the next streamed layer using its slot (wrapping to the next forward)."""
+    out: dict[int, int] = {}
     for slot in set(slot_of.values()):
         users = [i for i in streamed if slot_of[i] == slot]
         for k, i in enumerate(users):
-            out[i] = users[(k + 1) % len(users)] if cyclic or k + 1 < len(users) else None
+            out[i] = users[(k + 1) % len(users)]
     return out

@@ -1,8 +1,8 @@
 """A small-VRAM decode step in pieces: the GPU work between two host attentions, replayed from CUDA graphs.
 
 With the KV cache attended on the host CPU (host_kv.CpuAttention) a decode step cannot be one graph: every
-layer stops for the CPU. Launched op by op from Python, a 13B layer's GPU work cost ~3 ms of host time
-(126 ms of a 360 ms step, measured), time the CPU did not spend on attention. So the step is cut into
+layer stops for the CPU. Launched op by op from Python, the GPU work takes host time that the CPU then does
+not spend on attention. So the step is cut into
 num_layers + 1 pieces: piece 0 runs layer 0 up to its attention from the tokens' embeddings; piece i runs the
 rest of layer i − 1 from the attention output the host sent back, then layer i up to its attention; the last
 piece ends with lm_head. A piece reads and writes only static buffers (token ids and embeddings, positions,
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 from batchgen.worker.engine.cuda_graphs import batch_buckets
-from batchgen.worker.engine.model_runner import (
+from batchgen.worker.engine.llama import (
     CacheAttention,
     LlamaParts,
     attention_inputs,
@@ -56,7 +56,7 @@ class PiecewiseDecode:
 
     A step of n ≥ 2 rows runs as two halves, rows [0, b) and [b, n) with b = the half bucket ≥ n / 2, piece by
     piece in turn, so the GPU runs one half's piece while the host attends the other half: with one batch the
-    host waited for every piece (37 ms of a 245 ms step on an H100 host) and the GPU for every attention.
+    host would wait for every piece and the GPU for every attention.
     """
 
     def __init__(self, parts: LlamaParts, layers: list, attention, *, max_rows: int, device: torch.device,
@@ -74,7 +74,6 @@ class PiecewiseDecode:
         self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self.pool = None
         self.capture_stream = torch.cuda.Stream(device) if self.use_graphs else None
-        self.capture_s = 0.0
 
     def run(self, tokens: list[int], positions: list[int], schedule: Iterator[int]) -> torch.Tensor:
         """One decode step of rows [0, n) -> logits [n, vocab]; schedule yields the pieces in order."""
@@ -151,8 +150,11 @@ class PiecewiseDecode:
             self.use_graphs, self.graphs = False, {}
             torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # the warm-ups' blocks: the budget has no room for them
-        self.capture_s = time.perf_counter() - start
-        return self.capture_s
+        return time.perf_counter() - start
+
+    def stats(self) -> dict[str, int]:
+        """Whether the pieces replay from graphs, and how many (each holds device memory outside the allocator)."""
+        return {"offload_piecewise_graphs": int(self.use_graphs), "offload_piecewise_graph_count": len(self.graphs)}
 
     def _replay(self, i: int, lo: int, b: int) -> torch.Tensor | None:
         graph, out = self.graphs[(b, i, lo)]

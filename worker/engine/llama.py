@@ -1,0 +1,262 @@
+"""The functional Llama-family forward over a slot KV cache [layers, rows, max_model_len, kv_heads, head_dim].
+
+It reuses the loaded HF model's submodules (embeddings, norms, the int8 projections, the MLP, lm_head, rotary)
+and replaces only the attention bookkeeping: `decode_step` is a pure function over the cache tensors (so a CUDA
+graph can hold it); `prefill_step` packs prompts into one sequence (FlashAttention varlen on the GPU, a
+block-diagonal causal mask elsewhere) and hands each layer's K/V to a store.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LlamaParts:
+    """The HF submodules the forward needs, plus the attention shape."""
+
+    embed: torch.nn.Module
+    layers: list[torch.nn.Module]
+    norm: torch.nn.Module
+    lm_head: torch.nn.Module
+    rotary: torch.nn.Module
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+    # Small-VRAM mode (layer_stream.LayerStreamer): iter_layers() yields each decoder layer with its weights on the device.
+    layer_executor: object | None = None
+
+    @classmethod
+    def from_hf(cls, model: torch.nn.Module) -> "LlamaParts":
+        cfg = model.config
+        head_dim = head_dim_of(cfg)
+        inner = model.model
+        return cls(inner.embed_tokens, list(inner.layers), inner.norm, model.lm_head, inner.rotary_emb,
+                   cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, inner.layers[0].self_attn.scaling)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def head_dim_of(config) -> int:
+    """A Llama-family HF config's head size (explicit head_dim where the model sets one)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+KVStore = Callable[[int, slice, torch.Tensor, torch.Tensor], None]  # (layer, tokens, k/v [t, kv_heads, d])
+
+
+def forward_layers(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor,
+                   groups: list[tuple[slice, Attend]]) -> torch.Tensor:
+    """h [B, T, hidden], positions [B, T] -> normed hidden states. groups: (tokens, attend) pairs that run one
+    after the other inside each layer, attend(layer, q, k, v) owning the KV cache: a long prefill in pieces
+    that each fit the activation budget while each layer's weights are loaded once. A single group covers
+    every token."""
+    cos, sin = rope_tables(parts, h, positions)
+    layers = parts.layers if parts.layer_executor is None else parts.layer_executor.iter_layers()
+    for i, layer in enumerate(layers):
+        if len(groups) == 1:
+            h = layer_output(layer, h, groups[0][1](i, *attention_inputs(parts, layer, h, cos, sin)))
+            continue
+        for tokens, attend in groups:
+            part = h[:, tokens]
+            c, s = cos[:, :, tokens], sin[:, :, tokens]
+            h[:, tokens] = layer_output(layer, part, attend(i, *attention_inputs(parts, layer, part, c, s)))
+    return parts.norm(h)
+
+
+def rope_tables(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, head_dim] for h [B, T, hidden] at positions [B, T]."""
+    cos, sin = parts.rotary(h, positions)
+    return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def attention_inputs(parts: LlamaParts, layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoder layer up to its attention: h [B, T, hidden] -> q [B, heads, T, d], k/v [B, kv_heads, T, d], roped."""
+    batch, num_tokens, _ = h.shape
+    x = layer.input_layernorm(h)
+    attn = layer.self_attn
+    qkv_proj = getattr(attn, "qkv_proj", None)  # int8_linear's fused q/k/v, when converted
+    if qkv_proj is not None:
+        q, k, v = qkv_proj(x).split(qkv_proj.split_sizes, dim=-1)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q, k, v = (t.view(batch, num_tokens, -1, parts.head_dim).transpose(1, 2) for t in (q, k, v))
+    return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+
+
+def layer_output(layer: torch.nn.Module, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """The rest of a decoder layer, from its attention output o [B, heads, T, d]: the new residual stream."""
+    batch, num_tokens, _ = h.shape
+    h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(batch, num_tokens, -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                 cu_seqlens_k: torch.Tensor, max_q: int, max_k: int, *, causal: bool, scale: float,
+                 seqused_k: torch.Tensor | None = None) -> torch.Tensor:
+    """FlashAttention-2 over packed sequences (q [Tq, H, D], k/v [Tk, Hkv, D], int32 offsets); with seqused_k
+    only the first seqused_k[i] keys of sequence i are read: decode reads each row's own length, no padding."""
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, 0.0, causal,
+                                                   False, scale=scale, seqused_k=seqused_k)[0]
+
+
+def decode_step(
+    parts: LlamaParts,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_len: int,
+    attention: str = "sdpa",
+) -> torch.Tensor:
+    """One token for rows [0, n): input_ids/positions [n] -> logits [n, vocab].
+
+    Row r writes its K/V at positions[r] and attends to keys [0, positions[r]] of its own cache row
+    (cache [layers, rows, max_model_len, kv_heads, head_dim]). "flash": FlashAttention varlen reading
+    positions[r] + 1 keys per row; "sdpa": masked attention over keys [0, kv_len) (GQA without copying
+    K/V: the query heads sharing a KV head become that head's query "sequence").
+    """
+    return decode_logits(parts, input_ids, positions, CacheAttention(parts, k_cache, v_cache, positions, kv_len, attention))
+
+
+class CacheAttention:
+    """decode_step's Attend over a device cache [layers, rows, max_len, kv_heads, head_dim]: row r writes its new
+    K/V at positions[r] and attends to keys [0, positions[r]] of its own row. The per-step index tensors are made
+    once here, not per layer; only device ops, so a CUDA graph can hold it."""
+
+    def __init__(self, parts: LlamaParts, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                 kv_len: int, attention: str):
+        n, device = positions.shape[0], positions.device
+        self.parts, self.k_cache, self.v_cache, self.positions = parts, k_cache, v_cache, positions
+        self.kv_len, self.attention = kv_len, attention
+        self.rows = torch.arange(n, device=device)
+        if attention == "flash":
+            self.cu_q = torch.arange(n + 1, device=device, dtype=torch.int32)
+            self.cu_k = self.cu_q * k_cache.shape[2]
+            self.used = (positions + 1).to(torch.int32)
+        else:
+            self.mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        p, n = self.parts, q.shape[0]
+        self.k_cache[layer][self.rows, self.positions] = k[:, :, 0]
+        self.v_cache[layer][self.rows, self.positions] = v[:, :, 0]
+        if self.attention == "flash":
+            keys = self.k_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
+            values = self.v_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
+            o = flash_varlen(q[:, :, 0], keys, values, self.cu_q, self.cu_k, 1, self.kv_len, causal=False,
+                             scale=p.scaling, seqused_k=self.used)
+            return o[:, :, None]
+        keys = self.k_cache[layer, :n, :self.kv_len].transpose(1, 2)
+        values = self.v_cache[layer, :n, :self.kv_len].transpose(1, 2)
+        q = q.reshape(n, p.num_kv_heads, p.num_heads // p.num_kv_heads, p.head_dim)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=p.scaling)
+        return o.reshape(n, p.num_heads, 1, p.head_dim)
+
+
+def decode_logits(parts: LlamaParts, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+    """One new token per row through every layer and lm_head; attend(layer, q, k, v) owns the KV cache."""
+    h = forward_layers(parts, parts.embed(input_ids[:, None]), positions[:, None], [(slice(None), attend)])
+    return parts.lm_head(h[:, 0])
+
+
+def cache_store(k_cache: torch.Tensor, v_cache: torch.Tensor, token_rows: torch.Tensor,
+                positions: torch.Tensor) -> KVStore:
+    """Prefill's K/V writes into a [layers, rows, max_len, kv_heads, head_dim] cache: token t of the packed
+    prompts goes to row token_rows[t], position positions[t]."""
+    def store(layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
+        k_cache[layer][token_rows[tokens], positions[tokens]] = k
+        v_cache[layer][token_rows[tokens], positions[tokens]] = v
+    return store
+
+
+def prompt_groups(seq_starts: list[int], max_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive prompts in groups of at most max_tokens tokens (a longer prompt alone): (first, end) indices."""
+    groups, first = [], 0
+    for end in range(1, len(seq_starts)):
+        if end - 1 > first and seq_starts[end] - seq_starts[first] > max_tokens:
+            groups.append((first, end - 1))
+            first = end - 1
+    return groups + [(first, len(seq_starts) - 1)]
+
+
+def prefill_step(
+    parts: LlamaParts,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    seq_starts: list[int],
+    store: KVStore,
+    attention: str = "sdpa",
+    group_tokens: int | None = None,
+) -> torch.Tensor:
+    """Packed prompts: input_ids/positions [T] (positions restart at 0 per prompt), seq_starts the offset of
+    each prompt (plus T at the end) -> logits [num_prompts, vocab] of each prompt's last token. store writes
+    each layer's K/V; group_tokens: run each layer over groups of whole prompts of at most that many tokens."""
+    groups = []
+    for first, end in prompt_groups(seq_starts, group_tokens or input_ids.shape[0]):
+        tokens = slice(seq_starts[first], seq_starts[end])
+        starts = [s - seq_starts[first] for s in seq_starts[first:end + 1]]
+        groups.append((tokens, _prefill_attention(parts, positions[tokens], starts, tokens, store, attention)))
+    # made before the layers run: a list → device copy waits for the GPU, and the host has work to do meanwhile
+    # (small VRAM: putting each finished layer's K/V into the host cache)
+    last = torch.tensor(seq_starts[1:], device=input_ids.device) - 1
+    h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], groups)
+    return parts.lm_head(h[0, last])
+
+
+def _prefill_attention(parts: LlamaParts, positions: torch.Tensor, seq_starts: list[int], tokens: slice,
+                       store: KVStore, attention: str) -> Attend:
+    """Causal attention within each of a group's packed prompts (positions/seq_starts: the group's own)."""
+    num_tokens, device = positions.shape[0], positions.device
+    lengths = [end - start for start, end in zip(seq_starts, seq_starts[1:], strict=False)]
+    if attention == "flash":
+        cu = torch.tensor(seq_starts, device=device, dtype=torch.int32)
+        max_len = max(lengths)
+    else:
+        segment = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                          torch.tensor(lengths, device=device), output_size=num_tokens)
+        causal = positions[None, :] <= positions[:, None]
+        mask = (causal & (segment[None, :] == segment[:, None]))[None, None]
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_tokens, v_tokens = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, kv_heads, head_dim]
+        store(layer, tokens, k_tokens, v_tokens)
+        if attention == "flash":
+            o = flash_varlen(q[0].transpose(0, 1).contiguous(), k_tokens.contiguous(), v_tokens.contiguous(), cu, cu,
+                             max_len, max_len, causal=True, scale=parts.scaling)
+            return o.transpose(0, 1)[None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=parts.scaling, enable_gqa=True)
+
+    return attend
+
+
+def flash_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether FlashAttention varlen with seqused_k runs here and agrees with plain attention."""
+    try:
+        q = torch.randn(3, 4, 64, device=device, dtype=dtype)
+        kv = torch.randn(2 * 8, 2, 64, device=device, dtype=dtype)
+        cu_q = torch.tensor([0, 1, 3], device=device, dtype=torch.int32)
+        cu_k = torch.tensor([0, 8, 16], device=device, dtype=torch.int32)
+        used = torch.tensor([5, 8], device=device, dtype=torch.int32)
+        out = flash_varlen(q, kv, kv, cu_q, cu_k, 2, 8, causal=True, scale=0.125, seqused_k=used)
+        ref = F.scaled_dot_product_attention(q[:1].transpose(0, 1)[None], kv[None, :5].transpose(1, 2).repeat_interleave(2, 1),
+                                             kv[None, :5].transpose(1, 2).repeat_interleave(2, 1), scale=0.125)
+        return bool(torch.allclose(out[:1], ref[0].transpose(0, 1), atol=2e-2))
+    except (RuntimeError, NotImplementedError):
+        return False

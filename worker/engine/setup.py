@@ -1,0 +1,86 @@
+"""What an LLMEngine is built from, shared by the resident and the small-VRAM builds: device and dtype, context
+length, attention kernel; and the resident engine's budget (measured on CUDA, estimated on CPU)."""
+
+import torch
+from batchgen.worker.engine import budget as budget_math
+from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.llama import flash_works
+from batchgen.worker.engine.loader import SUPPORTED_MODEL_TYPES, resolve_device, resolve_dtype
+from batchgen.worker.engine.model_runner import ModelRunner
+
+DEFAULT_MAX_MODEL_LEN = 4096
+CUDA_ALLOCATOR_SLACK = 0.03
+CUDA_MIN_PREFILL_TOKENS = 4096  # a packed prefill of a few thousand tokens keeps the tensor cores busy
+CPU_MAX_BATCH_SIZE = 64  # without a cap, CPU batches are limited by cores long before memory
+
+
+def resolve_device_dtype(cfg: EngineConfig, *, streaming: bool = False) -> tuple[torch.device, torch.dtype]:
+    """cfg's device and compute dtype; small-VRAM mode prefers bfloat16 where the card runs it natively (sm80+):
+    the host CPU reads a bfloat16 KV cache faster than a float16 one, and it holds exactly what the GPU computed."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.compute_dtype, device)
+    if streaming and cfg.compute_dtype is None and device.type == "cuda" and torch.cuda.is_bf16_supported(
+            including_emulation=False):
+        dtype = torch.bfloat16
+    return device, dtype
+
+
+def max_model_len_for(cfg: EngineConfig, config) -> int:
+    """The context length rows are sized for; raises for a model type the forward does not cover."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model type {config.model_type!r} is not supported "
+                         f"(supported: {sorted(SUPPORTED_MODEL_TYPES)})")
+    max_pos = config.max_position_embeddings
+    max_model_len = min(cfg.max_model_len or min(max_pos, DEFAULT_MAX_MODEL_LEN), max_pos)
+    window = _sliding_window(config)
+    if window is not None:  # the runner attends to the whole row: stay inside the window, where that is exact
+        max_model_len = min(max_model_len, window)
+    return max_model_len
+
+
+def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_works(device, dtype):
+        return "flash"
+    return "sdpa"
+
+
+def _sliding_window(config) -> int | None:
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+def resident_max_prefill_tokens(cfg: EngineConfig, device: torch.device, max_model_len: int) -> int:
+    if cfg.max_prefill_tokens:
+        return cfg.max_prefill_tokens
+    return max(max_model_len, CUDA_MIN_PREFILL_TOKENS) if device.type == "cuda" else max_model_len
+
+
+def resident_budget(cfg: EngineConfig, runner: ModelRunner, config, weights_bytes: int,
+                    max_prefill_tokens: int) -> budget_math.Budget:
+    """Rows for a model resident on the device: the warm-up's allocator peaks on CUDA, estimates on CPU."""
+    parts, device = runner.parts, runner.device
+    kv_per_token = budget_math.kv_bytes_per_token(parts.num_layers, parts.num_kv_heads, parts.head_dim,
+                                                  runner.kv_dtype_bytes)
+    if device.type == "cuda":
+        with torch.inference_mode():
+            prefill_bytes, act_per_row = runner.measure_cuda(
+                num_probe_rows=min(8, cfg.max_batch_size or 8), prefill_tokens=max_prefill_tokens)
+        _, free = runner.memory_info()
+        free -= int(CUDA_ALLOCATOR_SLACK * free)  # fragmentation: the allocator never packs perfectly
+        weights_bytes = torch.cuda.memory_allocated(device)
+    else:
+        act_per_row, prefill_bytes = budget_math.estimate_activations(
+            config, head_dim=parts.head_dim, max_model_len=runner.max_model_len, prefill_tokens=max_prefill_tokens,
+            dtype_bytes=runner.kv_dtype_bytes, scores=True)
+        free = budget_math.available_ram_bytes()
+    total = budget_math.budget_bytes(free_bytes=free, reserve_bytes=cfg.vram_reserve_bytes,
+                                     max_bytes=cfg.max_vram_bytes, weights_bytes=weights_bytes)
+    cap = cfg.max_batch_size
+    if cap is None and device.type != "cuda":
+        cap = CPU_MAX_BATCH_SIZE
+    return budget_math.plan(budget_bytes=total, kv_bytes_per_token=kv_per_token, max_model_len=runner.max_model_len,
+                            activation_bytes_per_row=act_per_row, prefill_bytes=prefill_bytes, max_batch_size=cap)
