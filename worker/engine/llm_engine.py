@@ -18,7 +18,7 @@ import torch
 from batchgen.jobs.schema import ErrorInfo, Request
 from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine.config import EngineConfig
-from batchgen.worker.engine.int8_linear import convert_model, resolve_int8_kernel
+from batchgen.worker.engine.int8_linear import Int8Runtime
 from batchgen.worker.engine.loader import SUPPORTED_MODEL_TYPES, load_model, resolve_device, resolve_dtype
 from batchgen.worker.engine.model_runner import ModelRunner, flash_works
 from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, GenerationResult
@@ -48,6 +48,8 @@ class _Rejected(Exception):
 
 
 class LLMEngine:
+    int8: Int8Runtime | None = None  # from_config's int8 kernel (its guard polls after each step)
+
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
                  dtype: torch.dtype, weights_bytes: int):
         model_type = model.config.model_type
@@ -85,13 +87,14 @@ class LLMEngine:
         dtype = resolve_dtype(cfg.compute_dtype, device)
         loaded = load_model(cfg.model, device=device, dtype=dtype, load_in_8bit=cfg.load_in_8bit,
                             int8_threshold=cfg.int8_threshold)
-        if cfg.load_in_8bit:
-            kernel = resolve_int8_kernel(cfg.int8_kernel, device)
-            if kernel != "bnb":
-                convert_model(loaded.model, kernel)
-            log.info("int8 kernel: %s", kernel)
-        return cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
-                   weights_bytes=loaded.weights_bytes)
+        int8 = None
+        if cfg.load_in_8bit:  # converts the model's linears and logs the kernel
+            int8 = Int8Runtime.load(loaded.model, cfg.int8_kernel, threshold=cfg.int8_threshold, device=device,
+                                    tokenizer=loaded.tokenizer)
+        engine = cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
+                     weights_bytes=loaded.weights_bytes)
+        engine.int8 = int8
+        return engine
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -166,6 +169,8 @@ class LLMEngine:
                 return self._on_oom(seqs, prefill=bool(admitted))
         self.step_stats.add(time.perf_counter() - start, len(seqs),
                             sum(s.num_prompt_tokens for s in admitted) if admitted else 0)
+        if self.int8 is not None:  # sampling synced: reading the outlier guard costs no GPU time
+            self.int8.poll()
         self._last_batch = len(seqs)
         self._count_tokens(len(seqs))
         results = []
@@ -194,7 +199,8 @@ class LLMEngine:
         extra: dict[str, float | int | str] = dict(self.budget.as_stats())
         extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, device=str(self.device),
                      attention=self.attention, cuda_graphs=int(self.runner.use_graphs),
-                     graph_capture_s=round(self.graph_capture_s, 2), **self.step_stats.as_stats())
+                     graph_capture_s=round(self.graph_capture_s, 2), **self.step_stats.as_stats(),
+                     **(self.int8.stats() if self.int8 is not None else {}))
         return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._tokens_per_s(),
                            self.num_unfinished, used, free, _gpu_temperature_c(self.device), extra)
 
