@@ -23,6 +23,7 @@ import torch
 log = logging.getLogger("batchgen.int8")
 
 OUTLIER_SLACK = 8  # free slots per input for columns the guard finds after calibration
+MAX_CALIBRATED_FRACTION = 1 / 8  # beyond this share of an input's columns, the largest ones only: bounds memory
 SLOT_MULTIPLE = 8  # slot count rounded up: tensor-core friendly inner dimension for the dense matmul
 
 # Prose, code, numbers and other scripts: outlier features show up on most tokens, a few hundred are plenty.
@@ -115,7 +116,14 @@ class OutlierColumns:
         return new
 
     def calibrated_columns(self) -> list[int]:
-        return torch.nonzero(self.seen >= self.threshold).flatten().tolist()
+        """The columns whose |x| reached the threshold while calibrating, largest first."""
+        cols = torch.nonzero(self.seen >= self.threshold).flatten()
+        cols = cols[self.seen[cols].argsort(descending=True)].tolist()
+        limit = max(1, int(self.in_features * MAX_CALIBRATED_FRACTION))
+        if len(cols) > limit:
+            log.warning("int8: %d of %d input columns reached the threshold while calibrating; the %d largest go "
+                        "through the dense weights", len(cols), self.in_features, limit)
+        return cols[:limit]
 
 
 def slots_for(num_columns: int) -> int:
