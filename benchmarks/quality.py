@@ -65,8 +65,8 @@ GPU_SHAPE = Shape(1024, 4, 16, 4, 2816, 8192, 32, 128, 16, 16, 32)
 CPU_SHAPE = Shape(256, 2, 4, 2, 704, 1024, 8, 32, 4, 8, 12)  # a few minutes on two busy cores
 
 
-def build_planted(shape: Shape, strength: float | str, *, seed: int = 0):
-    """The fp32 reference model (CPU) with its outliers planted."""
+def build_planted(shape: Shape, strength: float | str, *, seed: int = 0, device: torch.device | None = None):
+    """The fp32 reference model with its outliers planted, on device (planting runs a few forwards)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -74,13 +74,13 @@ def build_planted(shape: Shape, strength: float | str, *, seed: int = 0):
                          num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                          num_key_value_heads=shape.kv_heads, max_position_embeddings=512, bos_token_id=1,
                          eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval().to(device or torch.device("cpu"))
     massive = strength == "massive"
     s = MASSIVE_BASE_STRENGTH if massive else float(strength)
     gen = torch.Generator().manual_seed(OUTLIER_CHANNELS_SEED)
     channels = torch.randperm(shape.hidden, generator=gen)[:NUM_OUTLIER_CHANNELS + 1]
     planted, massive_channel = channels[:NUM_OUTLIER_CHANNELS], int(channels[-1])
-    probe = eval_ids(shape, seed=1)
+    probe = eval_ids(shape, seed=1).to(model.device)
     with torch.no_grad():
         if massive:
             _plant_massive(model, probe, massive_channel, gen)
@@ -118,7 +118,7 @@ def _plant_massive(model, ids: torch.Tensor, channel: int, gen: torch.Generator)
     mlp = model.model.layers[MASSIVE_LAYER].mlp
     cols = torch.randperm(mlp.down_proj.in_features, generator=gen)[:2]
     mlp.down_proj.weight[:, cols] *= 0.1  # a bias-like push into the residual, not a blow-up
-    mask = torch.isin(ids, torch.tensor(MASSIVE_TOKENS))
+    mask = torch.isin(ids, torch.tensor(MASSIVE_TOKENS, device=ids.device))
     weight, seen = 1.0, {}
     for _ in range(4):
         mlp.gate_proj.weight[cols, channel] = weight
@@ -185,17 +185,16 @@ def compare(ref_logits: torch.Tensor, logits: torch.Tensor, ref_greedy: torch.Te
 
 def run_strength(shape: Shape, strength: float | str, device: torch.device, dtype: torch.dtype,
                  variants: tuple[str, ...] = VARIANTS) -> list[dict]:
-    ref = build_planted(shape, strength)
+    ref = build_planted(shape, strength, device=device)
     ids = eval_ids(shape, seed=2)
     prompts = eval_ids(shape, seed=3, num_seqs=shape.num_prompts, seq_len=shape.prompt_len)
     calibration = eval_ids(shape, seed=4, num_seqs=4, seq_len=shape.seq_len)
-    ref_dev = ref.to(device)
-    ref_logits, ref_greedy = logits_of(ref_dev, ids, device), greedy(ref_dev, prompts, shape.new_tokens, device)
+    ref_logits, ref_greedy = logits_of(ref, ids, device), greedy(ref, prompts, shape.new_tokens, device)
     confidence = ref_logits.softmax(-1).amax(-1).mean().item()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
-        del ref, ref_dev
+        del ref
         for variant in variants:
             model = load_variant(Path(tmp), variant, device, dtype, calibration)
             row = {"strength": strength, "variant": variant,
@@ -278,14 +277,15 @@ def time_kernel(model, kernel: str, device: torch.device, calibration: torch.Ten
     from batchgen.worker.engine.model_runner import ModelRunner, flash_works
 
     convert_model(model, kernel, threshold=THRESHOLD, calibration_ids=calibration if kernel == OUTLIER_KERNEL else None)
-    attention = "flash" if flash_works(device, torch.float16) else "sdpa"
+    dtype = model.get_input_embeddings().weight.dtype
+    attention = "flash" if device.type == "cuda" and flash_works(device, dtype) else "sdpa"
     n_prompts, prompt_len = SPEED_PREFILL
-    runner = ModelRunner(model, device=device, dtype=torch.float16, max_model_len=2 * prompt_len,
+    runner = ModelRunner(model, device=device, dtype=dtype, max_model_len=2 * prompt_len,
                          attention=attention, cuda_graphs=True)
     runner.allocate_kv(SPEED_ROWS)
-    gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(8, 32000, (n_prompts, prompt_len), generator=gen).tolist()
-    tokens = torch.randint(8, 32000, (SPEED_ROWS,), generator=gen).tolist()
+    gen, vocab = torch.Generator().manual_seed(0), model.config.vocab_size
+    prompts = torch.randint(8, vocab, (n_prompts, prompt_len), generator=gen).tolist()
+    tokens = torch.randint(8, vocab, (SPEED_ROWS,), generator=gen).tolist()
     positions = [prompt_len] * SPEED_ROWS
     with torch.inference_mode():
         for _ in range(2):  # compiles, cuBLAS workspaces, the graph's capture

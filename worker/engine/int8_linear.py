@@ -291,6 +291,8 @@ def _find_outliers(model: torch.nn.Module, threshold: float, ids: torch.Tensor |
             for o in inputs:
                 o.calibrating = False
         found = [o.calibrated_columns() for o in inputs]
+        if device.type == "cuda":  # the pass's activations and dequantised weights: not the engine's to keep
+            torch.cuda.empty_cache()
     for owner, o, cols in zip(owners, inputs, found, strict=True):
         o.seen.zero_()
         o.resize(slots_for(len(cols)))
