@@ -2,21 +2,27 @@
 
 int_mm is bnb's LLM.int8() arithmetic without the outlier decomposition: on activations below the
 outlier threshold (the demo model's) it equals bnb's Linear8bitLt bit for bit; with outliers it equals
-bnb at threshold 0 (checked against a float64 reference of that arithmetic). The engine's greedy output
-is the same with either kernel.
+bnb at threshold 0 (checked against a float64 reference of that arithmetic). int_mm_outliers, the default,
+keeps the decomposition: its outlier columns go through bnb's dequantised weight rows, as bnb at threshold 6
+does, and a guard adds columns that reach the threshold later. The engine's greedy output is the same with
+every kernel.
 """
 
 import pytest
 import torch
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.int8_linear import (
+    OUTLIER_KERNEL,
     FusedInt8Linear,
     Int8Linear,
     Int8State,
     convert_model,
     int_mm_works,
+    outlier_guard,
     quantize_rows,
+    resolve_int8_kernel,
 )
+from batchgen.worker.engine.int8_outliers import OutlierColumns, calibration_ids
 from batchgen.worker.engine.llm_engine import LLMEngine
 from batchgen.worker.engine.loader import load_model
 
@@ -92,17 +98,101 @@ def test_fused_projections_equal_the_separate_ones(demo_model_dir):
     assert not bnb_linears(model)
 
 
-def test_engine_output_is_the_same_with_bnb_and_int_mm(demo_model_dir):
+def test_engine_output_is_the_same_with_bnb_int_mm_and_the_default(demo_model_dir):
     from tests.test_llm_engine import MAX_TOKENS, PROMPTS, completion, run
 
     def outputs(kernel: str) -> dict[str, str]:
         engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), max_batch_size=3, int8_kernel=kernel))
         if kernel == "bnb":
             assert bnb_linears(engine.model)
+        extra = engine.stats().extra
+        assert extra["int8_kernel"] == (OUTLIER_KERNEL if kernel == "auto" else kernel)
+        assert extra["int8_outlier_columns"] == 0  # the demo model's activations stay below 6
         reqs = [completion(f"k{i}", PROMPTS[i], max_tokens=MAX_TOKENS[i]) for i in range(6)]
         return {k: r.text for k, r in run(engine, reqs).items()}
 
-    assert outputs("bnb") == outputs("int_mm")
+    assert outputs("bnb") == outputs("int_mm") == outputs("auto")
+
+
+def test_auto_is_the_outlier_kernel_unless_the_threshold_is_zero():
+    cpu = torch.device("cpu")
+    assert resolve_int8_kernel("auto", cpu, 6.0) == OUTLIER_KERNEL
+    assert resolve_int8_kernel("auto", cpu, 0.0) == "int_mm"
+    assert resolve_int8_kernel(OUTLIER_KERNEL, cpu, 0.0) == "int_mm"  # nothing is held back at threshold 0
+    assert resolve_int8_kernel("weight_only", cpu, 6.0) == "weight_only"
+    assert EngineConfig(model="m", int8_kernel=OUTLIER_KERNEL).int8_kernel == OUTLIER_KERNEL
+
+
+def _with_outliers(module, columns: list[int], threshold: float = 6.0) -> Int8Linear:
+    fast = Int8Linear(Int8State.from_bnb(module), OUTLIER_KERNEL)
+    outliers = OutlierColumns(fast.in_features, threshold, fast.cb.device)
+    outliers.resize(8)
+    fast.attach(outliers, torch.float32)
+    outliers.add(columns)
+    return fast
+
+
+def test_outlier_columns_go_through_the_dequantised_weights_exactly(bnb_model):
+    module = bnb_linears(bnb_model)[0]  # bnb at threshold 6
+    fast = _with_outliers(module, [3, 17])
+    x = torch.randn(9, module.in_features, generator=torch.Generator().manual_seed(4)).clamp(-5.9, 5.9)
+    x[:, 3], x[:, 17] = 40.0, -25.0 * torch.rand(9, generator=torch.Generator().manual_seed(5)) - 6.5
+    with torch.inference_mode():
+        out = fast(x)
+        bnb_out = module(x)
+    weight = fast.cb.double() * fast.scb.double()[:, None] * 7.874015718698502e-3  # bnb's dequantised rows
+    rest = x.clone()
+    rest[:, [3, 17]] = 0
+    xq, absmax = quantize_rows(rest)
+    ref = (xq.double() @ fast.cb.double().T) * absmax.double() * fast.scb.double() * 6.200124e-05
+    ref += x[:, [3, 17]].double() @ weight[:, [3, 17]].T
+    assert (out.double() - ref).norm() / ref.norm() < 1e-6  # float32 rounding only
+    assert (out - bnb_out).abs().max() < 1e-4 * bnb_out.abs().max()  # bnb decomposes the same columns
+    assert fast.dense.shape == (8, module.out_features)  # only the slots, not the whole weight in float
+
+
+def test_the_guard_adds_a_column_that_reaches_the_threshold(demo_model_dir):
+    model = load_model(str(demo_model_dir), device=torch.device("cpu"), dtype=torch.float32, load_in_8bit=True,
+                       int8_threshold=6.0).model
+    convert_model(model, OUTLIER_KERNEL, threshold=6.0)  # no calibration: every slot free
+    guard = outlier_guard(model, 6.0)
+    attn = model.model.layers[0].self_attn
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(6)).clamp(-5.9, 5.9)
+    with torch.inference_mode():
+        attn.qkv_proj(x)
+        assert guard.poll() == 0 and guard.num_columns == 0
+        x[:, 11] = 30.0
+        first = attn.qkv_proj(x)  # this forward still quantises column 11 with the rest
+        assert attn.qkv_proj.outliers.columns == []
+        assert guard.poll() == 1
+        assert attn.qkv_proj.outliers.columns == [11] and guard.num_columns == 1
+        second = attn.qkv_proj(x)
+        q, k, v = second.split(attn.qkv_proj.split_sizes, dim=-1)
+        assert torch.equal(q, attn.q_proj(x)) and torch.equal(v, attn.v_proj(x))  # the views share the columns
+    exact = x.double() @ (attn.qkv_proj.cb.double() * attn.qkv_proj.scb.double()[:, None] / 127).T
+    assert (second.double() - exact).norm() < 0.5 * (first.double() - exact).norm()
+    assert attn.o_proj.outliers.columns == []  # other inputs untouched
+
+
+def test_calibration_finds_the_outlier_columns_of_each_input(demo_model_dir):
+    model = load_model(str(demo_model_dir), device=torch.device("cpu"), dtype=torch.float32, load_in_8bit=True,
+                       int8_threshold=6.0).model
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        layer.input_layernorm.weight[[7, 40]] = 50.0  # q/k/v input columns 7 and 40 carry |x| >> 6
+    from transformers import AutoTokenizer
+
+    ids = calibration_ids(AutoTokenizer.from_pretrained(demo_model_dir), torch.device("cpu"), num_seqs=2, seq_len=32)
+    assert ids.shape == (2, 32) and (ids[:, 0] == model.config.bos_token_id).all()
+    convert_model(model, OUTLIER_KERNEL, threshold=6.0, calibration_ids=ids)
+    assert sorted(layer.self_attn.qkv_proj.outliers.columns) == [7, 40]
+    assert layer.self_attn.q_proj.outliers is layer.self_attn.qkv_proj.outliers
+    assert layer.mlp.gate_up_proj.outliers.columns == []  # post_attention_layernorm was left alone
+    assert model.model.layers[0].self_attn.qkv_proj.outliers.columns == []
+    # v carries the planted columns on to o_proj's input: most of its 64 columns reach 6 there, and the
+    # calibration keeps the largest eighth (the rest stay int8, as in int_mm)
+    assert len(layer.self_attn.o_proj.outliers.columns) == 64 // 8
+    assert outlier_guard(model, 6.0).num_columns == 2 + 64 // 8
 
 
 def test_bad_kernel_names_are_rejected():

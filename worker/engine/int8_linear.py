@@ -8,6 +8,10 @@ Linear8bitLt for an `Int8Linear` that runs one of:
   `torch._int_mm(x_q, CB.T)` and out = acc · absmax · SCB / 127². This is bnb's own arithmetic at
   llm_int8_threshold=0 (bnb rounds the same way), without its outlier decomposition: activation
   columns above the threshold are quantised with the rest instead of going through fp16.
+- "int_mm_outliers" (the default where int_mm runs and the threshold is > 0): LLM.int8()'s decomposition with
+  fixed outlier columns (int8_outliers): out = int_mm(q(x with the outlier columns zeroed)) dequantised
+  + x[:, idx] @ W[idx] in the compute dtype, W[idx] being the dequantised int8 rows of those columns, as
+  bnb does. Fixed shapes and no host sync, so decode steps stay in CUDA graphs; a guard catches new outliers.
 - "weight_only": out = (x @ CB.T) · SCB/127 in the compute dtype; exact in the weights, 2× the traffic.
 
 `fuse_projections` concatenates q/k/v and gate/up of each layer into one int8 matrix (one quantisation
@@ -20,10 +24,14 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from batchgen.worker.engine.int8_outliers import OutlierColumns, OutlierGuard, calibration_ids, slots_for
 
 log = logging.getLogger("batchgen.int8")
 
-INT8_KERNELS = ("bnb", "int_mm", "weight_only")
+OUTLIER_KERNEL = "int_mm_outliers"
+INT8_KERNELS = ("bnb", "int_mm", OUTLIER_KERNEL, "weight_only")
+_FAST_KERNELS = ("int_mm", OUTLIER_KERNEL, "weight_only")  # what Int8Linear runs
+_INV_127 = 7.874015718698502e-3  # bnb's int8_vectorwise_dequant constant: the dense rows equal bnb's subB
 _INV_127_SQ = 6.200124e-05  # bnb's constant for 1/127² (which is 6.2000124e-05): kept, so we equal bnb exactly
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLASLt int8 through torch._int_mm wants more than 16 rows
 
@@ -74,6 +82,24 @@ def dequantize(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, bias:
     return out.to(dtype)
 
 
+def quantize_outliers(x: torch.Tensor, keep: torch.Tensor, idx: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [m, k] -> int8 of x with the outlier columns zeroed, its row absmax [m, 1] and where that is [m, 1]
+    (the guard's input), and the outlier columns x[:, idx] in x's dtype."""
+    x16 = x.to(torch.float16) * keep
+    absmax, argmax = x16.abs().max(dim=-1, keepdim=True)
+    absmax = absmax.float()
+    return torch.round(x16 * (127.0 / absmax)).to(torch.int8), absmax, argmax, x.index_select(1, idx)
+
+
+def dequantize_plus(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+                    dense: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = acc * (absmax * scb) * _INV_127_SQ
+    if bias is not None:
+        out = out + bias
+    return (out + dense.float()).to(dtype)
+
+
 def weight_only_scale(out: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     out = out * (scb * (1.0 / 127.0)).to(out.dtype)
     return out if bias is None else out + bias.to(out.dtype)
@@ -84,6 +110,7 @@ class _Kernels:
 
     def __init__(self) -> None:
         self.quantize, self.dequantize, self.weight_only_scale = quantize_rows, dequantize, weight_only_scale
+        self.quantize_outliers, self.dequantize_plus = quantize_outliers, dequantize_plus
         self.compiled = False
 
     def compile(self) -> None:
@@ -92,6 +119,8 @@ class _Kernels:
         self.quantize = torch.compile(quantize_rows, dynamic=True)
         self.dequantize = torch.compile(dequantize, dynamic=True)
         self.weight_only_scale = torch.compile(weight_only_scale, dynamic=True)
+        self.quantize_outliers = torch.compile(quantize_outliers, dynamic=True)
+        self.dequantize_plus = torch.compile(dequantize_plus, dynamic=True)
         self.compiled = True
 
 
@@ -112,11 +141,13 @@ class Int8Linear(torch.nn.Module):
 
     def __init__(self, state: Int8State, kernel: str = "int_mm"):
         super().__init__()
-        if kernel not in ("int_mm", "weight_only"):
+        if kernel not in _FAST_KERNELS:
             raise ValueError(f"unknown int8 kernel {kernel!r}")
         self.register_buffer("cb", state.cb, persistent=False)
         self.register_buffer("scb", state.scb, persistent=False)
         self.register_buffer("bias", state.bias, persistent=False)
+        self.register_buffer("dense", None, persistent=False)  # [slots, out]: weight rows of the outlier columns
+        self.outliers: OutlierColumns | None = None
         self.kernel = kernel
         self.out_features, self.in_features = self.cb.shape
 
@@ -127,15 +158,44 @@ class Int8Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.kernel == "int_mm":
+        if self.kernel == OUTLIER_KERNEL:
+            out = self._forward_outliers(x2)
+        elif self.kernel == "int_mm":
             xq, absmax = KERNELS.quantize(x2)
             out = KERNELS.dequantize(int_mm(xq, self.cb), absmax, self.scb, self.bias, x.dtype)
         else:
-            out = KERNELS.weight_only_scale(F.linear(x2, self.cb.to(x.dtype)), self.scb, self.bias)
+            out = self._forward_weight_only(x2)
         return out.reshape(*shape[:-1], self.out_features)
 
+    def _forward_weight_only(self, x2: torch.Tensor) -> torch.Tensor:
+        return KERNELS.weight_only_scale(F.linear(x2, self.cb.to(x2.dtype)), self.scb, self.bias)
+
+    def _forward_outliers(self, x2: torch.Tensor) -> torch.Tensor:
+        o = self.outliers
+        if o is None:
+            raise RuntimeError(f"{OUTLIER_KERNEL} needs outlier columns: convert_model attaches them")
+        if o.calibrating:  # exact activations while the calibration pass looks at them
+            o.observe(x2)
+            return self._forward_weight_only(x2)
+        xq, absmax, argmax, x_dense = KERNELS.quantize_outliers(x2, o.keep, o.idx)
+        o.record(absmax, argmax)
+        dense = x_dense @ self.dense
+        return KERNELS.dequantize_plus(int_mm(xq, self.cb), absmax, self.scb, self.bias, dense, x2.dtype)
+
+    def attach(self, outliers: OutlierColumns, dtype: torch.dtype) -> None:
+        """Gives this linear (the owner of its weights) dense rows for outliers' slots."""
+        self.outliers = outliers
+        self.dense = torch.zeros(outliers.capacity, self.out_features, dtype=dtype, device=self.cb.device)
+        if self not in outliers.owners:
+            outliers.owners.append(self)
+
+    def fill_dense(self, slots: torch.Tensor, columns: torch.Tensor) -> None:
+        rows = (self.cb[:, columns].float() * self.scb.view(-1, 1) * _INV_127).to(self.dense.dtype).t()
+        self.dense[slots] = rows
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+        num = f", outlier_columns={len(self.outliers.columns)}" if self.outliers is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}{num}"
 
 
 class FusedInt8Linear(Int8Linear):
@@ -144,6 +204,7 @@ class FusedInt8Linear(Int8Linear):
     def __init__(self, state: Int8State, split_sizes: list[int], kernel: str = "int_mm"):
         super().__init__(state, kernel)
         self.split_sizes = split_sizes
+        self.view_modules: list[Int8Linear] = []  # the per-projection modules over its rows (plain list: not children)
 
     def views(self) -> list[Int8State]:
         out, start = [], 0
@@ -152,6 +213,13 @@ class FusedInt8Linear(Int8Linear):
             out.append(Int8State(self.cb[start:start + size], self.scb[start:start + size], bias))
             start += size
         return out
+
+    def attach(self, outliers: OutlierColumns, dtype: torch.dtype) -> None:
+        super().attach(outliers, dtype)
+        start = 0
+        for view, size in zip(self.view_modules, self.split_sizes, strict=True):
+            view.outliers, view.dense = outliers, self.dense[:, start:start + size]
+            start += size
 
 
 def _is_bnb_int8(module: torch.nn.Module) -> bool:
@@ -163,12 +231,15 @@ def _state_of(module: torch.nn.Module) -> Int8State:
 
 
 def convert_model(model: torch.nn.Module, kernel: str, *, fuse_projections: bool = True,
-                  compile_kernels: bool | None = None) -> int:
+                  compile_kernels: bool | None = None, threshold: float = 6.0,
+                  calibration_ids: torch.Tensor | None = None) -> int:
     """Swaps every bnb Linear8bitLt (or Int8Linear) in model for an Int8Linear running `kernel`; returns
     how many were swapped. With fuse_projections, Llama-style layers also get self_attn.qkv_proj and
-    mlp.gate_up_proj (the separate projections become views of them, so memory stays the same)."""
-    if kernel not in ("int_mm", "weight_only"):
-        raise ValueError(f"convert_model runs int_mm or weight_only, not {kernel!r}")
+    mlp.gate_up_proj (the separate projections become views of them, so memory stays the same).
+    int_mm_outliers: the columns of each input whose |x| reaches threshold while the model runs over
+    calibration_ids [batch, tokens] go through dense weights (without calibration ids, only the guard finds them)."""
+    if kernel not in _FAST_KERNELS:
+        raise ValueError(f"convert_model runs {_FAST_KERNELS}, not {kernel!r}")
     first = next((m for m in model.modules() if _is_bnb_int8(m) or isinstance(m, Int8Linear)), None)
     if first is None:
         return 0
@@ -187,7 +258,52 @@ def convert_model(model: torch.nn.Module, kernel: str, *, fuse_projections: bool
                 child.kernel = kernel
     if fuse_projections:
         _fuse(model, kernel)
+    if kernel == OUTLIER_KERNEL:
+        _find_outliers(model, threshold, calibration_ids, device)
     return num_swapped
+
+
+def _owners(model: torch.nn.Module) -> list[Int8Linear]:
+    """The Int8Linears that own their weights (fused ones, not their views)."""
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    views = {id(v) for m in linears if isinstance(m, FusedInt8Linear) for v in m.view_modules}
+    return [m for m in linears if id(m) not in views]
+
+
+def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def _find_outliers(model: torch.nn.Module, threshold: float, ids: torch.Tensor | None, device: torch.device) -> None:
+    """Calibration: one OutlierColumns per input, its columns those that reached the threshold over ids."""
+    owners, dtype = _owners(model), _compute_dtype(model)
+    inputs = [OutlierColumns(m.in_features, threshold, device) for m in owners]
+    for owner, o in zip(owners, inputs, strict=True):
+        owner.attach(o, dtype)
+    found = [[] for _ in inputs]
+    if ids is not None:
+        for o in inputs:
+            o.calibrating = True
+        try:
+            with torch.inference_mode():
+                model(input_ids=ids.to(device), use_cache=False)
+        finally:
+            for o in inputs:
+                o.calibrating = False
+        found = [o.calibrated_columns() for o in inputs]
+        if device.type == "cuda":  # the pass's activations and dequantised weights: not the engine's to keep
+            torch.cuda.empty_cache()
+    for owner, o, cols in zip(owners, inputs, found, strict=True):
+        o.seen.zero_()
+        o.resize(slots_for(len(cols)))
+        owner.attach(o, dtype)
+        o.add(cols)
+
+
+def outlier_guard(model: torch.nn.Module, threshold: float) -> OutlierGuard:
+    """The guard over every outlier input of a model that convert_model gave int_mm_outliers."""
+    inputs = list({id(m.outliers): m.outliers for m in _owners(model) if m.outliers is not None}.values())
+    return OutlierGuard(inputs, threshold)
 
 
 def _fuse_group(owner: torch.nn.Module, fused_name: str, names: list[str], kernel: str) -> None:
@@ -196,6 +312,7 @@ def _fuse_group(owner: torch.nn.Module, fused_name: str, names: list[str], kerne
         fused.kernel = kernel
         for name in names:
             getattr(owner, name).kernel = kernel
+        fused.view_modules = [getattr(owner, n) for n in names]  # convert_model may have made them anew
         return
     parts = [getattr(owner, n, None) for n in names]
     if not all(isinstance(p, Int8Linear) for p in parts):
@@ -207,6 +324,7 @@ def _fuse_group(owner: torch.nn.Module, fused_name: str, names: list[str], kerne
     setattr(owner, fused_name, fused)
     for name, view in zip(names, fused.views(), strict=True):
         setattr(owner, name, Int8Linear(view, kernel))
+    fused.view_modules = [getattr(owner, n) for n in names]
 
 
 def _gated_mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -234,7 +352,50 @@ def int_mm_works(device: torch.device) -> bool:
         log.info("torch._int_mm unavailable on %s: %s", device, exc)
         return False
 
-def resolve_int8_kernel(name: str, device: torch.device) -> str:
+
+def resolve_int8_kernel(name: str, device: torch.device, threshold: float = 0.0) -> str:
+    """auto: int_mm_outliers where torch._int_mm runs and threshold > 0, int_mm at threshold 0, else bnb.
+    int_mm_outliers at threshold 0 is int_mm (no column is held back)."""
+    if name == OUTLIER_KERNEL and threshold <= 0:
+        return "int_mm"
     if name != "auto":
         return name
-    return "int_mm" if int_mm_works(device) else "bnb"
+    if not int_mm_works(device):
+        return "bnb"
+    return OUTLIER_KERNEL if threshold > 0 else "int_mm"
+
+
+@dataclass
+class Int8Runtime:
+    """What the engine keeps of its int8 path: the kernel's name and, for int_mm_outliers, the guard that
+    adds new outlier columns after a step (`poll`) and the numbers its start-up log and stats show."""
+
+    kernel: str
+    guard: OutlierGuard | None = None
+
+    @classmethod
+    def load(cls, model: torch.nn.Module, name: str, *, threshold: float, device: torch.device,
+             tokenizer) -> "Int8Runtime":
+        kernel = resolve_int8_kernel(name, device, threshold)
+        guard = None
+        if kernel != "bnb":
+            ids = calibration_ids(tokenizer, device) if kernel == OUTLIER_KERNEL else None
+            convert_model(model, kernel, threshold=threshold, calibration_ids=ids)
+        if kernel == OUTLIER_KERNEL:
+            guard = outlier_guard(model, threshold)
+        runtime = cls(kernel, guard)
+        log.info("int8 kernel: %s", runtime.describe(threshold))
+        return runtime
+
+    def poll(self) -> None:
+        if self.guard is not None:
+            self.guard.poll()
+
+    def describe(self, threshold: float) -> str:
+        if self.guard is None:
+            return self.kernel
+        return (f"{self.kernel} (threshold {threshold:g}: {self.guard.num_columns} outlier columns kept in the "
+                f"compute dtype over {len(self.guard.inputs)} linear inputs)")
+
+    def stats(self) -> dict[str, int | str]:
+        return {"int8_kernel": self.kernel, "int8_outlier_columns": self.guard.num_columns if self.guard else 0}

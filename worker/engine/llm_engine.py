@@ -19,7 +19,7 @@ import torch
 from batchgen.jobs.schema import ErrorInfo, Request
 from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine.config import EngineConfig
-from batchgen.worker.engine.int8_linear import convert_model, resolve_int8_kernel
+from batchgen.worker.engine.int8_linear import Int8Runtime
 from batchgen.worker.engine.llama import LlamaParts
 from batchgen.worker.engine.loader import load_model
 from batchgen.worker.engine.model_runner import ModelRunner
@@ -87,13 +87,15 @@ class LLMEngine:
     """
 
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, runner: Runner,
-                 budget: budget_math.Budget, *, max_prefill_tokens: int, reporters: Iterable[Reporter] = ()):
+                 budget: budget_math.Budget, *, max_prefill_tokens: int, reporters: Iterable[Reporter] = (),
+                 int8: Int8Runtime | None = None):
         if budget.max_rows < 1:
             raise ValueError(f"not enough memory for one row of {runner.max_model_len} tokens: {budget}")
         self.cfg = cfg
         self.model_name = cfg.served_model_name or cfg.model
         self.model, self.tokenizer, self.runner, self.budget = model, tokenizer, runner, budget
         self.reporters = tuple(reporters)
+        self.int8 = int8  # the int8 kernel's runtime: its outlier guard is polled after each step
         self.device, self.max_model_len, self.attention = runner.device, runner.max_model_len, runner.attention
         self.eos_ids = self._eos_ids()
         with torch.inference_mode():
@@ -112,17 +114,16 @@ class LLMEngine:
         device, dtype = resolve_device_dtype(cfg)
         loaded = load_model(cfg.model, device=device, dtype=dtype, load_in_8bit=cfg.load_in_8bit,
                             int8_threshold=cfg.int8_threshold)
-        if cfg.load_in_8bit:
-            kernel = resolve_int8_kernel(cfg.int8_kernel, device)
-            if kernel != "bnb":
-                convert_model(loaded.model, kernel)
-            log.info("int8 kernel: %s", kernel)
+        int8 = None
+        if cfg.load_in_8bit:  # converts the model's linears (calibrating the outlier columns) and logs the kernel
+            int8 = Int8Runtime.load(loaded.model, cfg.int8_kernel, threshold=cfg.int8_threshold, device=device,
+                                    tokenizer=loaded.tokenizer)
         return cls.resident(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
-                            weights_bytes=loaded.weights_bytes)
+                            weights_bytes=loaded.weights_bytes, int8=int8)
 
     @classmethod
     def resident(cls, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
-                 dtype: torch.dtype, weights_bytes: int) -> "LLMEngine":
+                 dtype: torch.dtype, weights_bytes: int, int8: Int8Runtime | None = None) -> "LLMEngine":
         """The engine over a model already loaded on the device: a ModelRunner and the budget it measures."""
         max_model_len = max_model_len_for(cfg, model.config)
         runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=max_model_len,
@@ -130,7 +131,7 @@ class LLMEngine:
                              cuda_graphs=cfg.cuda_graphs)
         max_prefill = resident_max_prefill_tokens(cfg, device, max_model_len)
         budget = resident_budget(cfg, runner, model.config, weights_bytes, max_prefill)
-        return cls(cfg, model, tokenizer, runner, budget, max_prefill_tokens=max_prefill)
+        return cls(cfg, model, tokenizer, runner, budget, max_prefill_tokens=max_prefill, int8=int8)
 
     def _eos_ids(self) -> frozenset[int]:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
@@ -170,6 +171,8 @@ class LLMEngine:
                 return self._on_oom(seqs, prefill=bool(admitted))
         self.step_stats.add(time.perf_counter() - start, len(seqs),
                             sum(s.num_prompt_tokens for s in admitted) if admitted else 0)
+        if self.int8 is not None:  # sampling synced: reading the outlier guard costs no GPU time
+            self.int8.poll()
         self._last_batch = len(seqs)
         self._count_tokens(len(seqs))
         results = []
@@ -201,6 +204,8 @@ class LLMEngine:
                      graph_capture_s=round(self.graph_capture_s, 2), **self.step_stats.as_stats())
         for source in (self.runner, *self.reporters):
             extra.update(source.stats())
+        if self.int8 is not None:
+            extra.update(self.int8.stats())
         return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._tokens_per_s(),
                            self.num_unfinished, used, free, _gpu_temperature_c(self.device), extra)
 

@@ -1,0 +1,371 @@
+"""How far each int8 path drifts from fp32 on a Llama with planted outlier features (issue #20).
+
+    python3 -m benchmarks.quality --device cuda --out docs/benchmarks/quality.json          # + --speed on a GPU
+    .venv/bin/python -m benchmarks.quality --device cpu --out docs/benchmarks/quality_cpu.json
+
+Random weights only produce near-tie noise, so the model gets what real LLMs above ~6.7B carry (Dettmers et
+al., 2022): NUM_OUTLIER_CHANNELS residual channels whose input-norm weights are scaled so that their mean |x|
+at the q/k/v and gate/up inputs is S, for S in STRENGTHS; "massive" adds, on S = 20, a few tokens (BOS and
+MASSIVE_TOKENS) carrying |x| in the hundreds in two down_proj input channels; lm_head is scaled so the model
+is confident. Each variant is teacher-forced over the same tokens and compared with the fp32 model: mean
+KL(fp32 ‖ variant), top-1 agreement, and the share of greedy tokens equal to fp32's.
+
+Variants: default (batchgen's auto kernel: int_mm_outliers, calibrated as the engine does), bnb_t6 (bitsandbytes'
+Linear8bitLt, LLM.int8() at threshold 6), bnb_t0, int_mm (batchgen at threshold 0) and weight_only.
+
+--speed (CUDA): a random Llama-3-8B-shape model of SPEED_LAYERS layers through the engine's ModelRunner: the
+decode step at SPEED_ROWS rows (CUDA graphs) and the prefill tok/s, default vs int_mm, with the issue's bounds.
+"""
+
+import argparse
+import datetime
+import json
+import logging
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+NUM_OUTLIER_CHANNELS = 6
+OUTLIER_CHANNELS_SEED = 7
+STRENGTHS: tuple[float | str, ...] = (0, 10, 20, 40, "massive")
+MASSIVE_BASE_STRENGTH = 20.0
+MASSIVE_VALUE = 300.0  # |x| of the massive tokens in their two down_proj input channels
+MASSIVE_TOKENS = (1, 5, 6)  # BOS and two ordinary ids, placed every MASSIVE_EVERY tokens
+MASSIVE_EVERY = 32
+MASSIVE_LAYER = 1
+LOGIT_STD = 4.0  # lm_head scaled to this logit spread: a confident model, so int8 noise shows as flips
+THRESHOLD = 6.0
+VARIANTS = ("default", "bnb_t6", "bnb_t0", "int_mm", "weight_only")
+CPU_VARIANTS = ("default", "bnb_t6", "int_mm", "weight_only")  # bnb_t0 is int_mm's arithmetic, and bnb is slow here
+SPEED_LAYERS = 16
+SPEED_ROWS = 256
+SPEED_PREFILL = (16, 256)  # prompts x tokens
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    num_seqs: int  # teacher-forced sequences x seq_len tokens
+    seq_len: int
+    num_prompts: int  # greedy: prompts of prompt_len tokens, new_tokens each
+    prompt_len: int
+    new_tokens: int
+
+
+GPU_SHAPE = Shape(1024, 4, 16, 4, 2816, 8192, 32, 128, 16, 16, 32)
+CPU_SHAPE = Shape(256, 2, 4, 2, 704, 1024, 8, 32, 4, 8, 12)  # a few minutes on two busy cores
+
+
+def build_planted(shape: Shape, strength: float | str, *, seed: int = 0, device: torch.device | None = None):
+    """The fp32 reference model with its outliers planted, on device (planting runs a few forwards)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, max_position_embeddings=512, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval().to(device or torch.device("cpu"))
+    massive = strength == "massive"
+    s = MASSIVE_BASE_STRENGTH if massive else float(strength)
+    gen = torch.Generator().manual_seed(OUTLIER_CHANNELS_SEED)
+    channels = torch.randperm(shape.hidden, generator=gen)[:NUM_OUTLIER_CHANNELS + 1]
+    planted, massive_channel = channels[:NUM_OUTLIER_CHANNELS], int(channels[-1])
+    probe = eval_ids(shape, seed=1).to(model.device)
+    with torch.no_grad():
+        if massive:
+            _plant_massive(model, probe, massive_channel, gen)
+        if s > 0:
+            for _ in range(3):  # the norms feed each other through the residual: converge on mean |x| = S
+                means = _norm_output_means(model, probe, planted)
+                for norm, mean in means.items():
+                    norm.weight[planted] *= s / mean
+        logits = model(input_ids=probe).logits
+        model.lm_head.weight *= LOGIT_STD / logits.std()
+    return model
+
+
+def _norms(model) -> list[torch.nn.Module]:
+    return [n for layer in model.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+
+
+def _norm_output_means(model, ids: torch.Tensor, channels: torch.Tensor) -> dict:
+    means, hooks = {}, []
+    for norm in _norms(model):
+        hooks.append(norm.register_forward_hook(
+            lambda m, a, out: means.__setitem__(m, out[..., channels].abs().mean(dim=(0, 1)))))
+    try:
+        model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return means
+
+
+def _plant_massive(model, ids: torch.Tensor, channel: int, gen: torch.Generator) -> None:
+    """MASSIVE_TOKENS get a large residual channel; layer MASSIVE_LAYER's gate/up turn it into |x| of about
+    MASSIVE_VALUE in two down_proj input channels, for those tokens only."""
+    model.model.embed_tokens.weight[list(MASSIVE_TOKENS), channel] = 1.0
+    mlp = model.model.layers[MASSIVE_LAYER].mlp
+    cols = torch.randperm(mlp.down_proj.in_features, generator=gen)[:2]
+    mlp.down_proj.weight[:, cols] *= 0.1  # a bias-like push into the residual, not a blow-up
+    mask = torch.isin(ids, torch.tensor(MASSIVE_TOKENS, device=ids.device))
+    weight, seen = 1.0, {}
+    for _ in range(4):
+        mlp.gate_proj.weight[cols, channel] = weight
+        mlp.up_proj.weight[cols, channel] = weight
+        hook = mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+        try:
+            model(input_ids=ids)
+        finally:
+            hook.remove()
+        value = seen["x"][..., cols][mask].abs().mean()
+        weight *= (MASSIVE_VALUE / value).sqrt().item()  # silu(g) * u grows as weight²
+
+
+def eval_ids(shape: Shape, *, seed: int, num_seqs: int | None = None, seq_len: int | None = None) -> torch.Tensor:
+    """Random ids starting with BOS, MASSIVE_TOKENS every MASSIVE_EVERY tokens (ordinary ids unless planted)."""
+    num_seqs, seq_len = num_seqs or shape.num_seqs, seq_len or shape.seq_len
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(8, shape.vocab, (num_seqs, seq_len), generator=gen)
+    ids[:, 0] = 1
+    for i, pos in enumerate(range(MASSIVE_EVERY // 2, seq_len, MASSIVE_EVERY)):
+        ids[:, pos] = MASSIVE_TOKENS[1 + i % (len(MASSIVE_TOKENS) - 1)]
+    return ids
+
+
+def load_variant(model_dir: Path, variant: str, device: torch.device, dtype: torch.dtype, calibration: torch.Tensor):
+    from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, convert_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    threshold = THRESHOLD if variant in ("default", "bnb_t6") else 0.0
+    # as loader.load_model loads it (the planted model has no tokenizer to load)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, device_map={"": device},
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)).eval()
+    if variant == "default":  # what LLMEngine.from_config does, with random ids for the calibration text
+        convert_model(model, OUTLIER_KERNEL, threshold=THRESHOLD, calibration_ids=calibration.to(device))
+    elif variant in ("int_mm", "weight_only"):
+        convert_model(model, variant)
+    return model
+
+
+@torch.inference_mode()
+def logits_of(model, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return model(input_ids=ids.to(device), use_cache=False).logits.float().cpu()
+
+
+@torch.inference_mode()
+def greedy(model, prompts: torch.Tensor, new_tokens: int, device: torch.device) -> torch.Tensor:
+    """new_tokens greedy tokens per prompt, decoding one token a step over HF's KV cache (as generate does)."""
+    out = model(input_ids=prompts.to(device), use_cache=True)
+    tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=tokens[-1], past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1).cpu()
+
+
+def compare(ref_logits: torch.Tensor, logits: torch.Tensor, ref_greedy: torch.Tensor, out_greedy: torch.Tensor
+            ) -> dict[str, float]:
+    logp, logq = ref_logits.double().log_softmax(-1), logits.double().log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
+    top1 = (ref_logits.argmax(-1) == logits.argmax(-1)).double().mean().item()
+    return {"kl": round(kl, 6), "top1": round(top1, 4), "greedy": round((ref_greedy == out_greedy).double().mean().item(), 4)}
+
+
+def run_strength(shape: Shape, strength: float | str, device: torch.device, dtype: torch.dtype,
+                 variants: tuple[str, ...] = VARIANTS) -> list[dict]:
+    ref = build_planted(shape, strength, device=device)
+    ids = eval_ids(shape, seed=2)
+    prompts = eval_ids(shape, seed=3, num_seqs=shape.num_prompts, seq_len=shape.prompt_len)
+    calibration = eval_ids(shape, seed=4, num_seqs=4, seq_len=shape.seq_len)
+    ref_logits, ref_greedy = logits_of(ref, ids, device), greedy(ref, prompts, shape.new_tokens, device)
+    confidence = ref_logits.softmax(-1).amax(-1).mean().item()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        del ref
+        for variant in variants:
+            model = load_variant(Path(tmp), variant, device, dtype, calibration)
+            row = {"strength": strength, "variant": variant,
+                   **compare(ref_logits, logits_of(model, ids, device), ref_greedy,
+                             greedy(model, prompts, shape.new_tokens, device)),
+                   "fp32_mean_max_prob": round(confidence, 3)}
+            if variant == "default":
+                row["outlier_columns"] = _num_outlier_columns(model)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _num_outlier_columns(model) -> int:
+    from batchgen.worker.engine.int8_linear import outlier_guard
+
+    return outlier_guard(model, THRESHOLD).num_columns
+
+
+def goals(rows: list[dict]) -> list[dict]:
+    """The issue's goal per strength: default KL <= 1.25x bnb threshold 6's and <= 2x weight-only's."""
+    out = []
+    for strength in dict.fromkeys(r["strength"] for r in rows):
+        kl = {r["variant"]: r["kl"] for r in rows if r["strength"] == strength}
+        if not {"default", "bnb_t6", "weight_only"} <= kl.keys():
+            continue
+        vs_bnb = kl["default"] / max(kl["bnb_t6"], 1e-12)
+        vs_wo = kl["default"] / max(kl["weight_only"], 1e-12)
+        out.append({"strength": strength, "default_vs_bnb_t6": round(vs_bnb, 3), "default_vs_weight_only":
+                    round(vs_wo, 3), "met": vs_bnb <= 1.25 and vs_wo <= 2.0})
+    return out
+
+
+def table(rows: list[dict], goal_rows: list[dict]) -> str:
+    lines = ["| S | variant | KL(fp32 ‖ variant) | top-1 | greedy |", "|---|---|---|---|---|"]
+    for r in rows:
+        name = f"**{r['variant']}**" if r["variant"] == "default" else r["variant"]
+        lines.append(f"| {r['strength']} | {name} | {r['kl']:.4f} | {r['top1']:.3f} | {r['greedy']:.2f} |")
+    lines += ["", "| S | default ÷ bnb_t6 (≤ 1.25) | default ÷ weight_only (≤ 2) | met |", "|---|---|---|---|"]
+    lines += [f"| {g['strength']} | {g['default_vs_bnb_t6']:.2f} | {g['default_vs_weight_only']:.2f} | "
+              f"{'yes' if g['met'] else 'NO'} |" for g in goal_rows]
+    return "\n".join(lines)
+
+
+# -- speed (CUDA) ---------------------------------------------------------------------------------------------
+
+
+def speed_model(device: torch.device, num_layers: int = SPEED_LAYERS):
+    """A random Llama-3-8B-shape model of num_layers layers in fp16, its projections as Int8Linear over their
+    own row-wise int8 quantisation (what bnb stores), built on the GPU without a checkpoint."""
+    from batchgen.worker.engine.int8_linear import Int8Linear, Int8State
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=num_layers,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1024,
+                         tie_word_embeddings=False)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    w = child.weight.detach().float()
+                    scb = w.abs().amax(dim=1).clamp_min(1e-8)
+                    cb = torch.round(w * (127.0 / scb[:, None])).to(torch.int8)
+                    setattr(parent, name, Int8Linear(Int8State(cb, scb, None), "int_mm"))
+    return model
+
+
+def time_kernel(model, kernel: str, device: torch.device, calibration: torch.Tensor) -> dict[str, float]:
+    from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, convert_model
+    from batchgen.worker.engine.model_runner import ModelRunner, flash_works
+
+    convert_model(model, kernel, threshold=THRESHOLD, calibration_ids=calibration if kernel == OUTLIER_KERNEL else None)
+    dtype = model.get_input_embeddings().weight.dtype
+    attention = "flash" if device.type == "cuda" and flash_works(device, dtype) else "sdpa"
+    n_prompts, prompt_len = SPEED_PREFILL
+    runner = ModelRunner(model, device=device, dtype=dtype, max_model_len=2 * prompt_len,
+                         attention=attention, cuda_graphs=True)
+    runner.allocate_kv(SPEED_ROWS)
+    gen, vocab = torch.Generator().manual_seed(0), model.config.vocab_size
+    prompts = torch.randint(8, vocab, (n_prompts, prompt_len), generator=gen).tolist()
+    tokens = torch.randint(8, vocab, (SPEED_ROWS,), generator=gen).tolist()
+    positions = [prompt_len] * SPEED_ROWS
+    with torch.inference_mode():
+        for _ in range(2):  # compiles, cuBLAS workspaces, the graph's capture
+            runner.prefill(list(range(n_prompts)), prompts)
+            runner.decode(tokens, positions)
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        num_prefills = 5
+        for _ in range(num_prefills):
+            runner.prefill(list(range(n_prompts)), prompts)
+        torch.cuda.synchronize(device)
+        prefill_s = (time.perf_counter() - start) / num_prefills
+        num_steps = 50
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            runner.decode(tokens, positions)
+        torch.cuda.synchronize(device)
+        decode_s = (time.perf_counter() - start) / num_steps
+    runner.allocate_kv(0)
+    del runner
+    torch.cuda.empty_cache()
+    return {"decode_ms": round(1000 * decode_s, 3), "prefill_tok_s": round(n_prompts * prompt_len / prefill_s, 1)}
+
+
+def run_speed(device: torch.device) -> dict:
+    from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, outlier_guard
+
+    model = speed_model(device)
+    calibration = torch.randint(8, 32000, (4, 128), generator=torch.Generator().manual_seed(4)).to(device)
+    calibration[:, 0] = 1
+    res: dict = {"layers": SPEED_LAYERS, "rows": SPEED_ROWS, "prefill": list(SPEED_PREFILL)}
+    for kernel in ("int_mm", OUTLIER_KERNEL, "int_mm", OUTLIER_KERNEL):  # twice each, interleaved: drift shows
+        res.setdefault(kernel, []).append(time_kernel(model, kernel, device, calibration))
+        print(kernel, json.dumps(res[kernel][-1]), flush=True)
+    guard = outlier_guard(model, THRESHOLD)
+    res["outlier_columns"] = guard.num_columns
+    res["outlier_slots"] = sum(o.capacity for o in guard.inputs)
+    best = {k: {"decode_ms": min(r["decode_ms"] for r in res[k]), "prefill_tok_s": max(r["prefill_tok_s"] for r in res[k])}
+            for k in ("int_mm", OUTLIER_KERNEL)}
+    decode_ratio = best[OUTLIER_KERNEL]["decode_ms"] / best["int_mm"]["decode_ms"]
+    prefill_ratio = best[OUTLIER_KERNEL]["prefill_tok_s"] / best["int_mm"]["prefill_tok_s"]
+    res.update(decode_ratio=round(decode_ratio, 3), prefill_ratio=round(prefill_ratio, 3),
+               decode_bound_met=decode_ratio <= 1.15, prefill_bound_met=prefill_ratio >= 0.85)
+    print(f"decode step at {SPEED_ROWS} rows: default {best[OUTLIER_KERNEL]['decode_ms']:.2f} ms, int_mm "
+          f"{best['int_mm']['decode_ms']:.2f} ms -> {decode_ratio:.3f}x (bound <= 1.15)")
+    print(f"prefill: default {best[OUTLIER_KERNEL]['prefill_tok_s']:.0f} tok/s, int_mm "
+          f"{best['int_mm']['prefill_tok_s']:.0f} tok/s -> {prefill_ratio:.3f}x (bound >= 0.85)")
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/quality.json"))
+    parser.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
+                        help="time default vs int_mm (default: on for CUDA)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    shape = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
+    dtype = torch.float16 if device.type == "cuda" else torch.float32  # the engine's compute dtype
+    # bnb casts float32 inputs to float16 and warns on every call: expected here, as in the loader
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="MatMul8bitLt")
+    variants = VARIANTS if device.type == "cuda" else CPU_VARIANTS
+    start = time.perf_counter()
+    rows = [r for s in STRENGTHS for r in run_strength(shape, s, device, dtype, variants)]
+    goal_rows = goals(rows)
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
+           "shape": asdict(shape), "threshold": THRESHOLD, "num_outlier_channels": NUM_OUTLIER_CHANNELS,
+           "massive": {"base_strength": MASSIVE_BASE_STRENGTH, "value": MASSIVE_VALUE, "layer": MASSIVE_LAYER},
+           "compute_dtype": str(dtype).removeprefix("torch."), "rows": rows, "goals": goal_rows}
+    print(table(rows, goal_rows))
+    if args.speed or (args.speed is None and device.type == "cuda"):
+        out["speed"] = run_speed(device)
+    out["wall_s"] = round(time.perf_counter() - start, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out} in {out['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()

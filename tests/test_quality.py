@@ -1,0 +1,54 @@
+"""The default int8 path keeps LLM.int8()'s quality where outlier features appear.
+
+A tiny random Llama with planted outliers (benchmarks/quality.py: six residual channels with mean |x| = 20 at
+the q/k/v and gate/up inputs, a confident lm_head) is run teacher-forced in fp32 and through real 8-bit
+bitsandbytes weights with each kernel. Threshold 0 (int_mm) squeezes each token's outliers into the same 127
+levels as everything else; the default (auto: int_mm_outliers) runs those columns in the compute dtype as
+bnb's threshold 6 does, so its logits stay as close to fp32 as bnb's own.
+"""
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from batchgen.worker.engine.int8_linear import convert_model, resolve_int8_kernel
+
+from benchmarks.quality import Shape, build_planted, eval_ids, load_variant, logits_of
+
+pytestmark = pytest.mark.slow
+
+TINY = Shape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=512, num_seqs=4, seq_len=32,
+             num_prompts=2, prompt_len=8, new_tokens=4)
+CPU = torch.device("cpu")
+
+
+def kl(ref: torch.Tensor, logits: torch.Tensor) -> float:
+    logp, logq = ref.double().log_softmax(-1), logits.double().log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1).mean().item()
+
+
+@pytest.fixture(scope="module")
+def planted():
+    ref = build_planted(TINY, 20)
+    ids = eval_ids(TINY, seed=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        yield Path(tmp), logits_of(ref, ids, CPU), ids
+
+
+def default_logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    """The engine's default: auto at the default threshold 6, calibrated over other token ids."""
+    model = load_variant(model_dir, "bnb_t6", CPU, torch.float32, ids)  # bnb's Linear8bitLt, not converted
+    kernel = resolve_int8_kernel("auto", CPU, 6.0)
+    convert_model(model, kernel, threshold=6.0, calibration_ids=eval_ids(TINY, seed=4))
+    return logits_of(model, ids, CPU)
+
+
+def test_the_default_is_closer_to_fp32_than_threshold_zero(planted):
+    model_dir, ref, ids = planted
+    default = kl(ref, default_logits(model_dir, ids))
+    threshold_zero = kl(ref, logits_of(load_variant(model_dir, "int_mm", CPU, torch.float32, ids), ids, CPU))
+    bnb_t6 = kl(ref, logits_of(load_variant(model_dir, "bnb_t6", CPU, torch.float32, ids), ids, CPU))
+    assert default < 0.5 * threshold_zero
+    assert default <= 1.5 * bnb_t6

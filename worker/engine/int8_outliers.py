@@ -1,0 +1,173 @@
+"""LLM.int8()'s outlier columns, kept fixed so the int8 kernel stays capturable in CUDA graphs.
+
+LLM.int8() runs every activation column holding an |x| of at least the threshold through fp16 weights and
+the rest through int8. bitsandbytes finds those columns anew in every batch (a host sync and a
+data-dependent shape); in real models they are the same few hidden channels in most tokens (Dettmers et
+al., 2022), so here a calibration pass at load finds them per linear input and they stay fixed:
+
+- `OutlierColumns`: one input's columns in fixed-size device buffers (a 0/1 keep mask, the column indices,
+  and per owning linear the dequantised weight rows of those columns). Free slots point at column 0 with
+  zero weights; adding a column writes the buffers in place, so captured graphs see it on their next replay.
+- `OutlierGuard`: every forward records, per token, the largest |x| among the int8 columns and where it is
+  (a scatter into one flat device buffer: no sync, fixed shapes). `poll()` reads it after a step that
+  already synced, adds the columns that reached the threshold for later steps and logs them.
+"""
+
+import bisect
+import logging
+from collections.abc import Iterable
+from typing import Protocol
+
+import torch
+
+log = logging.getLogger("batchgen.int8")
+
+OUTLIER_SLACK = 8  # free slots per input for columns the guard finds after calibration
+MAX_CALIBRATED_FRACTION = 1 / 8  # beyond this share of an input's columns, the largest ones only: bounds memory
+SLOT_MULTIPLE = 8  # slot count rounded up: tensor-core friendly inner dimension for the dense matmul
+
+# Prose, code, numbers and other scripts: outlier features show up on most tokens, a few hundred are plenty.
+CALIBRATION_TEXT = """\
+The committee met on Tuesday to review the budget for the coming year. After a long discussion about the costs
+of the new library, the members agreed to postpone the decision until more information was available.
+def merge(a, b):
+    out, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        out.append(a[i] if a[i] <= b[j] else b[j]); i, j = (i + 1, j) if a[i] <= b[j] else (i, j + 1)
+    return out + a[i:] + b[j:]
+Q: What is 17 * 23? A: 391. Q: Name three rivers in Europe. A: The Danube, the Rhine and the Loire.
+Photosynthesis converts light energy into chemical energy: 6 CO2 + 6 H2O -> C6H12O6 + 6 O2, in the chloroplasts.
+Le chat dort sur le canapé pendant que la pluie tombe. Der Zug nach Berlin fährt um 14:35 Uhr ab. 東京は日本の首都です。
+{"id": 42, "name": "widget", "price": 9.99, "tags": ["blue", "small"], "in_stock": true}
+Dear Sir or Madam, I am writing to enquire about the position advertised on your website last week.
+"""
+
+
+def calibration_ids(tokenizer, device: torch.device, *, num_seqs: int = 4, seq_len: int = 128) -> torch.Tensor:
+    """[num_seqs, seq_len] token ids: windows of CALIBRATION_TEXT, each starting as a prompt does (BOS)."""
+    ids = list(tokenizer(CALIBRATION_TEXT, add_special_tokens=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    body = seq_len - (bos is not None)
+    while len(ids) < body * num_seqs:
+        ids = ids + ids
+    stride = max(1, (len(ids) - body) // max(1, num_seqs - 1))
+    rows = [([bos] if bos is not None else []) + ids[i * stride:i * stride + body] for i in range(num_seqs)]
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+class DenseOwner(Protocol):
+    """A linear that keeps dequantised weight rows for the outlier columns of its input."""
+
+    def fill_dense(self, slots: torch.Tensor, columns: torch.Tensor) -> None: ...
+
+
+class OutlierColumns:
+    """The outlier columns of one linear input (q/k/v share one; gate/up share one)."""
+
+    def __init__(self, in_features: int, threshold: float, device: torch.device):
+        if threshold <= 0:
+            raise ValueError("outlier columns need a threshold > 0 (threshold 0 is int_mm)")
+        self.in_features, self.threshold = in_features, threshold
+        self.keep = torch.ones(in_features, dtype=torch.float16, device=device)  # 0 where the column is dense
+        self.idx = torch.zeros(0, dtype=torch.long, device=device)
+        self.seen = torch.zeros(in_features, dtype=torch.float32, device=device)  # max |x| in the int8 columns
+        self.columns: list[int] = []
+        self.owners: list[DenseOwner] = []
+        self.calibrating = False
+        self.warned_full = False
+
+    @property
+    def capacity(self) -> int:
+        return self.idx.numel()
+
+    def resize(self, capacity: int) -> None:
+        """Before capture only: fresh buffers (the owners reallocate their dense rows when they attach)."""
+        self.idx = torch.zeros(capacity, dtype=torch.long, device=self.keep.device)
+        self.keep.fill_(1)
+        self.columns = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Calibration: the largest |x| of every column over x [m, in_features]."""
+        torch.maximum(self.seen, x.detach().abs().amax(dim=0).float(), out=self.seen)
+
+    def record(self, absmax: torch.Tensor, argmax: torch.Tensor) -> None:
+        """The guard, per forward: each token's largest int8-column |x| at its column (capturable, no sync)."""
+        self.seen.scatter_reduce_(0, argmax.reshape(-1), absmax.reshape(-1), reduce="amax")
+
+    def add(self, columns: Iterable[int]) -> list[int]:
+        """Routes columns through the dense weights from now on (in place); returns those that fit."""
+        new = [c for c in dict.fromkeys(columns) if c not in self.columns]
+        free = self.capacity - len(self.columns)
+        if len(new) > free and not self.warned_full:
+            self.warned_full = True
+            log.warning("int8: %d outlier columns of an input of %d found no free slot (capacity %d); they stay "
+                        "in int8", len(new) - free, self.in_features, self.capacity)
+        new = new[:free]
+        if not new:
+            return []
+        device = self.keep.device
+        slots = torch.arange(len(self.columns), len(self.columns) + len(new), device=device)
+        cols = torch.tensor(new, dtype=torch.long, device=device)
+        for owner in self.owners:
+            owner.fill_dense(slots, cols)
+        self.idx[slots] = cols
+        self.keep[cols] = 0
+        self.columns.extend(new)
+        return new
+
+    def calibrated_columns(self) -> list[int]:
+        """The columns whose |x| reached the threshold while calibrating, largest first."""
+        cols = torch.nonzero(self.seen >= self.threshold).flatten()
+        cols = cols[self.seen[cols].argsort(descending=True)].tolist()
+        limit = max(1, int(self.in_features * MAX_CALIBRATED_FRACTION))
+        if len(cols) > limit:
+            log.warning("int8: %d of %d input columns reached the threshold while calibrating; the %d largest go "
+                        "through the dense weights", len(cols), self.in_features, limit)
+        return cols[:limit]
+
+
+def slots_for(num_columns: int) -> int:
+    return -(-(num_columns + OUTLIER_SLACK) // SLOT_MULTIPLE) * SLOT_MULTIPLE
+
+
+class OutlierGuard:
+    """Every input's `seen` as views of one flat buffer: one comparison and one sync tell whether any int8
+    column of any linear reached the threshold since the last poll."""
+
+    def __init__(self, inputs: list[OutlierColumns], threshold: float):
+        self.inputs, self.threshold = inputs, threshold
+        self.offsets = [0]
+        for o in inputs:
+            self.offsets.append(self.offsets[-1] + o.in_features)
+        device = inputs[0].keep.device if inputs else torch.device("cpu")
+        self.seen = torch.zeros(self.offsets[-1], dtype=torch.float32, device=device)
+        for o, start in zip(inputs, self.offsets, strict=False):
+            self.seen[start:start + o.in_features].copy_(o.seen)
+            o.seen = self.seen[start:start + o.in_features]
+        self.num_added = 0
+
+    @property
+    def num_columns(self) -> int:
+        return sum(len(o.columns) for o in self.inputs)
+
+    def poll(self) -> int:
+        """After a step: adds the int8 columns that reached the threshold; returns how many were added."""
+        if not self.inputs:
+            return 0
+        hits = torch.nonzero(self.seen >= self.threshold).flatten().tolist()
+        if not hits:
+            return 0
+        self.seen.zero_()
+        by_input: dict[int, list[int]] = {}
+        for flat in hits:
+            i = bisect.bisect_right(self.offsets, flat) - 1
+            by_input.setdefault(i, []).append(flat - self.offsets[i])
+        added = 0
+        for i, cols in by_input.items():
+            new = self.inputs[i].add(cols)
+            if new:
+                log.info("int8: new outlier columns %s at input %d of %d; %d kept in %s now",
+                         new, i, len(self.inputs), len(self.inputs[i].columns), "the dense weights")
+            added += len(new)
+        self.num_added += added
+        return added
