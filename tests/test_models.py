@@ -97,6 +97,7 @@ def test_each_architecture_answers_like_hf_generate(arch, model_dir):
         engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=int8, max_batch_size=3))
         assert isinstance(engine, GenericEngine)
         assert run_engine(engine, requests()) == hf_greedy(path, int8=int8), f"int8={int8}"
+        assert engine.stats().extra["num_joins"] > 0  # rows were refilled while others decoded
 
 
 def test_a_sliding_window_limits_attention_not_the_prompt_length(model_dir):
@@ -156,6 +157,27 @@ def test_stop_strings_cut_the_text(model_dir):
     assert (result[0].text, result[0].finish_reason) == (free[: free.find(stop)], "stop")
 
 
+def test_any_of_a_list_of_eos_ids_ends_a_request(model_dir, tmp_path):
+    """generation_config.eos_token_id may be a list (Llama 3, Gemma): each id in it stops the row, like generate."""
+    import shutil
+
+    path = shutil.copytree(model_dir("gemma"), tmp_path / "gemma")
+    engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False))
+    free = run_engine(engine, [GenerationRequest("f", Request(custom_id="f", prompt=PROMPTS[2], params=SamplingParams(
+        max_tokens=8, temperature=0, ignore_eos=True)))])
+    third = engine.tokenizer(free["f"], add_special_tokens=False)["input_ids"][2]
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen["eos_token_id"] = [gen["eos_token_id"], third]
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False))
+    assert engine.add(requests()) == []
+    results = []
+    while engine.num_unfinished:
+        results += engine.step()
+    assert "stop" in {r.finish_reason for r in results}
+    assert {r.key: r.text for r in results} == hf_greedy(path, int8=False)
+
+
 def batch_lines(model: str) -> list[dict]:
     rows = [{"custom_id": f"p{i}", "method": "POST", "url": "/v1/completions",
              "body": {"model": model, "prompt": p, "max_tokens": max_tokens(i), "temperature": 0}}
@@ -195,6 +217,7 @@ def test_a_queue_worker_serves_a_generic_model(model_dir, redis_url, redis_conn,
     worker = start_worker("--model", str(path), "--served-model-name", "tiny", "--max-batch", "3", "--burst",
                           redis_url=redis_url, log=tmp_path / "worker.log")
     assert worker.wait(timeout=300) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    assert "(opt): generic path" in (tmp_path / "worker.log").read_text()
     out = tmp_path / "results.jsonl"
     batchgen("results", batch_id, "-o", str(out), redis_url=redis_url, check=True)
     assert texts_of(out) == hf_greedy(path, int8=True)

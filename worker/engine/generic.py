@@ -56,6 +56,7 @@ class GenericEngine:
         self._keys: set[str] = set()
         self._last_batch = 0
         self._num_ooms = 0
+        self._num_joins = 0  # rows that joined a batch already decoding: continuous batching at work
         self._num_generated: deque[tuple[float, int]] = deque()
         self.fault = _install_fault_injector(model, cfg.inject_oom, device)
 
@@ -127,7 +128,8 @@ class GenericEngine:
     def stats(self) -> EngineStats:
         used, free = _memory_info(self.device)
         extra: dict[str, float | int | str] = dict(self.budget.as_stats())
-        extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, device=str(self.device),
+        extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, num_joins=self._num_joins,
+                     device=str(self.device),
                      engine_path="generic", kv_bytes=self.batch.kv_bytes() if self.batch else 0)
         return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._tokens_per_s(),
                            self.num_unfinished, used, free, None, extra)
@@ -139,6 +141,7 @@ class GenericEngine:
             self.batch = new_batch
         else:
             self.batch.extend(new_batch)
+            self._num_joins += len(admitted)
         self.rows += admitted
 
     def _append(self, seq: Sequence, token: int) -> GenerationResult | None:
