@@ -240,3 +240,10 @@ def test_a_missing_local_model_is_a_one_line_error(tmp_path, redis_url):
                    redis_url=redis_url, timeout=120)
     assert run.returncode == 2
     assert run.stderr.decode().strip().splitlines() == [f"error: {exc.value}"]
+
+
+def test_a_config_that_needs_remote_code_is_refused_without_running_it(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "my_model", "auto_map": {"AutoConfig": "m.C"}}))
+    with pytest.raises(UnsupportedModel, match="custom code") as exc:
+        build_llm_engine(EngineConfig(model=str(tmp_path)))
+    assert "\n" not in str(exc.value)

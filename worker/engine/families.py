@@ -45,8 +45,10 @@ def read_config(model: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model)
+        return AutoConfig.from_pretrained(model, trust_remote_code=False)  # never prompt, never run repo code
     except (OSError, ValueError) as exc:
+        if os.path.isfile(os.path.join(model, "config.json")):  # found, but unreadable (e.g. needs remote code)
+            raise UnsupportedModel(f"model {model!r}: its config.json cannot be read: {_first_line(exc)}") from exc
         raise ModelNotFound(_not_found_message(model, exc)) from exc
 
 
@@ -109,8 +111,12 @@ def _not_found_message(model: str, exc: BaseException) -> str:
                    "ConnectTimeout", "Timeout"}:
         why = "the hub could not be reached and it is not in the local cache"
     else:
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = _first_line(exc)
     return f"model {model!r} not found: no local directory {os.path.abspath(model)!r}, and as a hub id: {why}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _chain(exc: BaseException | None):

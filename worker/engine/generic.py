@@ -62,6 +62,9 @@ class GenericEngine:
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, family: Family | None = None) -> "GenericEngine":
+        if cfg.offload:
+            raise ValueError(f"small-VRAM streaming runs the fast path's families only; {cfg.model!r} is on the "
+                             "generic path")
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.compute_dtype, device)
         loaded = load_model(cfg.model, device=device, dtype=dtype, load_in_8bit=cfg.load_in_8bit,
