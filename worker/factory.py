@@ -15,6 +15,13 @@ def build_engine(cfg: WorkerConfig) -> Engine:
 
 def build_llm_engine(cfg) -> Engine:
     """The resident engine, or the small-VRAM one when the int8 weights do not fit the VRAM cap."""
+    from batchgen.worker.engine.families import GENERIC, choose_family
+
+    family = choose_family(cfg.model)  # config.json only: not found / not a causal LM fail here, before weights
+    if family.path == GENERIC:
+        from batchgen.worker.engine.generic import GenericEngine
+
+        return GenericEngine.from_config(cfg, family)
     from batchgen.worker.engine.llm_engine import LLMEngine
     from batchgen.worker.engine.setup import resolve_device_dtype
 

@@ -4,10 +4,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
-
-# Model types whose decoder layer is exactly Llama's (pre-norm, RoPE, q/k/v/o projections, gated MLP):
-# the model runner drives their HF submodules with its own slot-KV-cache forward.
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+from batchgen.worker.engine.families import SUPPORTED_MODEL_TYPES  # noqa: F401 - llm_engine reads it from here
 
 
 @dataclass

@@ -1,0 +1,78 @@
+"""Tiny random causal LMs of many architectures (2 layers, hidden 64), saved with the demo model's trained
+tokenizer so they load by path like any real model. Output is gibberish; what matters is that the engine
+produces the same gibberish as HF `generate` on the same weights.
+"""
+
+from pathlib import Path
+
+HIDDEN, LAYERS, HEADS, FFN, MAX_POS = 64, 2, 4, 128, 512
+WINDOW = 8  # sliding window of the windowed models: shorter than the test prompts
+
+
+def _configs() -> dict:
+    from transformers import (
+        BertConfig,
+        BloomConfig,
+        FalconConfig,
+        Gemma2Config,
+        GemmaConfig,
+        GPT2Config,
+        GPTNeoXConfig,
+        MistralConfig,
+        MixtralConfig,
+        OPTConfig,
+        Phi3Config,
+        Qwen3Config,
+    )
+
+    llama_like = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                      num_key_value_heads=2, max_position_embeddings=MAX_POS)
+    return {
+        "gpt2": lambda: GPT2Config(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=MAX_POS),
+        "bloom": lambda: BloomConfig(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS),
+        "opt": lambda: OPTConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, ffn_dim=FFN,
+                                 max_position_embeddings=MAX_POS, word_embed_proj_dim=HIDDEN),
+        "gpt_neox": lambda: GPTNeoXConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                          intermediate_size=FFN, max_position_embeddings=MAX_POS),
+        "falcon": lambda: FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                       max_position_embeddings=MAX_POS),
+        "gemma": lambda: GemmaConfig(head_dim=16, **llama_like),
+        "gemma2": lambda: Gemma2Config(head_dim=16, sliding_window=WINDOW, **llama_like),
+        "phi3": lambda: Phi3Config(**llama_like),
+        "qwen3": lambda: Qwen3Config(head_dim=16, **llama_like),
+        "mixtral": lambda: MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **llama_like),
+        "mistral_window": lambda: MistralConfig(sliding_window=WINDOW, **llama_like),
+        "bert": lambda: BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                   intermediate_size=FFN, max_position_embeddings=MAX_POS),
+    }
+
+
+ARCHITECTURES = [name for name in _configs() if name != "bert"]
+
+
+def write_tiny_model(out_dir: str | Path, arch: str, tokenizer_dir: str | Path, *, weights: bool = True,
+                     seed: int = 0) -> Path:
+    """config.json + tokenizer (+ random weights unless weights=False) of `arch` in out_dir."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.save_pretrained(out)
+    config = _configs()[arch]()
+    config.vocab_size = len(tok)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    if not weights:
+        config.save_pretrained(out)
+        return out
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Larger-than-default init spreads the logits, so greedy argmax is not decided by int8 rounding noise.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    return out

@@ -1,0 +1,266 @@
+"""The generic engine: any causal LM that transformers + bitsandbytes load in 8-bit, driven by its own HF forward.
+
+Continuous batching the TGI CausalLM way (padded_batch.py): admitted requests are prefilled apart and their K/V
+concatenated into the running batch; finished rows leave at once and their slots are refilled from the next
+chunk. Chosen over transformers' paged continuous batching because that one needs the attention-interface
+kernels (BLOOM's ALiBi and other older attentions are not on it), and over static caches because those fix one
+write position for all rows; a DynamicCache with a 2-D mask runs every architecture transformers generates with.
+The scheduler, sampler and request rules are the fast path's; an OOM halves the rows and requeues the evicted.
+"""
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable
+
+import torch
+from batchgen.worker.engine import budget as budget_math
+from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.families import Family
+from batchgen.worker.engine.loader import load_model, resolve_device, resolve_dtype
+from batchgen.worker.engine.padded_batch import ModelCalls, PaddedBatch, decode, prefill
+from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, GenerationResult
+from batchgen.worker.engine.requests import Finisher, Rejected, eos_ids, error_result, make_sequence
+from batchgen.worker.engine.sampler import sample
+from batchgen.worker.engine.scheduler import Scheduler
+from batchgen.worker.engine.sequence import Sequence
+
+DEFAULT_MAX_MODEL_LEN = 4096
+CPU_MAX_BATCH_SIZE = 64  # without a cap, CPU batches are limited by cores long before memory
+CUDA_ALLOCATOR_SLACK = 0.03
+TOKENS_PER_S_WINDOW_S = 30.0
+
+log = logging.getLogger("batchgen.engine")
+
+
+class GenericEngine:
+    def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
+                 dtype: torch.dtype, weights_bytes: int):
+        self.cfg = cfg
+        self.model_name = cfg.served_model_name or cfg.model
+        self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
+        text_config = model.config.get_text_config()
+        max_pos = getattr(text_config, "max_position_embeddings", None) or DEFAULT_MAX_MODEL_LEN
+        # No window clamp: HF's attention masks apply a sliding window, the context stays max_position_embeddings.
+        self.max_model_len = min(cfg.max_model_len or min(max_pos, DEFAULT_MAX_MODEL_LEN), max_pos)
+        self.finisher = Finisher(tokenizer, eos_ids(model, tokenizer))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.calls = ModelCalls.of(model, pad)
+        max_prefill = cfg.max_prefill_tokens or self.max_model_len
+        self.budget = plan_budget(cfg, text_config, device, dtype, weights_bytes, self.max_model_len, max_prefill)
+        if self.budget.max_rows < 1:
+            raise ValueError(f"not enough memory for one row of {self.max_model_len} tokens: {self.budget}")
+        self.scheduler = Scheduler(self.budget.max_rows, max_prefill_tokens=max_prefill)
+        self.batch: PaddedBatch | None = None
+        self.rows: list[Sequence] = []  # the batch's rows, in cache order
+        self._keys: set[str] = set()
+        self._last_batch = 0
+        self._num_ooms = 0
+        self._num_joins = 0  # rows that joined a batch already decoding: continuous batching at work
+        self._num_generated: deque[tuple[float, int]] = deque()
+        self.fault = _install_fault_injector(model, cfg.inject_oom, device)
+
+    @classmethod
+    def from_config(cls, cfg: EngineConfig, family: Family | None = None) -> "GenericEngine":
+        if cfg.offload:
+            raise ValueError(f"small-VRAM streaming runs the fast path's families only; {cfg.model!r} is on the "
+                             "generic path")
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.compute_dtype, device)
+        loaded = load_model(cfg.model, device=device, dtype=dtype, load_in_8bit=cfg.load_in_8bit,
+                            int8_threshold=cfg.int8_threshold)
+        return cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
+                   weights_bytes=loaded.weights_bytes)
+
+    # -- Engine protocol ----------------------------------------------------------------------------
+
+    def add(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
+        rejected = []
+        for r in requests:
+            try:
+                if r.key in self._keys:
+                    raise Rejected("duplicate_key", f"request key {r.key!r} is already in the engine")
+                seq = make_sequence(r, self.tokenizer, model_name=self.model_name, max_model_len=self.max_model_len)
+            except Rejected as exc:
+                rejected.append(error_result(r.key, exc.code, str(exc)))
+            except Exception as exc:  # a poison request must not take the worker down
+                rejected.append(error_result(r.key, "invalid_request", f"{type(exc).__name__}: {exc}"))
+            else:
+                self._keys.add(r.key)
+                self.scheduler.add(seq)
+        return rejected
+
+    def step(self) -> list[GenerationResult]:
+        with torch.inference_mode():
+            # A cache that cannot take rows in (rolling or recurrent layers) runs its batch to the end first.
+            admitted = self.scheduler.admit() if self.batch is None or self.batch.mergeable else []
+            seqs = admitted or self.rows
+            if not seqs:
+                self._last_batch = 0
+                return []
+            try:
+                if admitted:
+                    logits, new_batch = prefill(self.model, self.calls, [s.prompt_ids for s in admitted], self.device)
+                else:
+                    logits = decode(self.model, self.calls, self.batch, [s.output_ids[-1] for s in self.rows])
+                tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs],
+                                [len(s.output_ids) for s in seqs])
+            except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
+                return self._on_oom(seqs, prefill=bool(admitted))
+            if admitted:
+                self._merge(admitted, new_batch)
+        self._last_batch = len(seqs)
+        self._count_tokens(len(seqs))
+        results = [r for seq, token in zip(seqs, tokens, strict=True) if (r := self._append(seq, token))]
+        self._drop_finished()
+        return results
+
+    def abort(self, keys: Iterable[str]) -> None:
+        for seq in self.scheduler.abort(keys):
+            self._keys.discard(seq.key)
+        self._drop_finished()
+
+    @property
+    def num_unfinished(self) -> int:
+        return self.scheduler.num_unfinished
+
+    @property
+    def num_wanted(self) -> int:
+        return self.scheduler.num_wanted
+
+    def stats(self) -> EngineStats:
+        used, free = _memory_info(self.device)
+        extra: dict[str, float | int | str] = dict(self.budget.as_stats())
+        extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, num_joins=self._num_joins,
+                     device=str(self.device),
+                     engine_path="generic", kv_bytes=self.batch.kv_bytes() if self.batch else 0)
+        return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._tokens_per_s(),
+                           self.num_unfinished, used, free, None, extra)
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _merge(self, admitted: list[Sequence], new_batch: PaddedBatch) -> None:
+        if self.batch is None:
+            self.batch = new_batch
+        else:
+            self.batch.extend(new_batch)
+            self._num_joins += len(admitted)
+        self.rows += admitted
+
+    def _append(self, seq: Sequence, token: int) -> GenerationResult | None:
+        try:
+            reason = self.finisher.append(seq, token)
+            if reason is None:
+                return None
+            self.scheduler.finish(seq, reason)
+            self._keys.discard(seq.key)
+            return self.finisher.result(seq, reason)
+        except Exception as exc:  # e.g. a detokenizer error: fail this request only
+            self.scheduler.finish(seq, None)
+            self._keys.discard(seq.key)
+            return error_result(seq.key, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _drop_finished(self) -> None:
+        """Drops rows no longer running (finished, aborted, evicted) from the batch."""
+        keep = [i for i, s in enumerate(self.rows) if self.scheduler.running.get(s.row) is s]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.batch = None
+        else:
+            self.batch.select(keep)
+
+    def _on_oom(self, seqs: list[Sequence], *, prefill: bool) -> list[GenerationResult]:
+        """Halve the batch and restart the rows that no longer fit; at one row, the failed forward's sequences
+        get an out_of_memory error instead."""
+        self._num_ooms += 1
+        if self.batch is not None:
+            self.batch.crop()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if self.scheduler.max_batch_size > 1:
+            self.scheduler.shrink(also_requeue=seqs if prefill else ())
+            self._drop_finished()
+            return []
+        results = []
+        for seq in seqs:
+            self.scheduler.finish(seq, None)
+            self._keys.discard(seq.key)
+            results.append(error_result(seq.key, "out_of_memory",
+                                        "out of GPU memory even at batch size 1; try a shorter prompt or max_tokens"))
+        self._drop_finished()
+        return results
+
+    def _count_tokens(self, n: int) -> None:
+        now = time.monotonic()
+        self._num_generated.append((now, n))
+        while self._num_generated and now - self._num_generated[0][0] > TOKENS_PER_S_WINDOW_S:
+            self._num_generated.popleft()
+
+    def _tokens_per_s(self) -> float:
+        if len(self._num_generated) < 2:
+            return 0.0
+        elapsed = self._num_generated[-1][0] - self._num_generated[0][0]
+        return sum(n for _, n in list(self._num_generated)[1:]) / elapsed if elapsed > 0 else 0.0
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    """K and V of one token over all layers, from the config (Falcon's multi-query and GQA included)."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or heads
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        kv_heads = 1
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return budget_math.kv_bytes_per_token(config.num_hidden_layers, kv_heads, head_dim, dtype_bytes)
+
+
+def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dtype, weights_bytes: int,
+                max_model_len: int, max_prefill_tokens: int) -> budget_math.Budget:
+    """Rows whose full-length K/V and decode activations fit what is free, after one prefill peak."""
+    dtype_bytes = torch.finfo(dtype).bits // 8
+    kv_token = kv_bytes_per_token(config, dtype_bytes)
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
+                    or getattr(config, "n_inner", None) or 4 * hidden)
+    intermediate *= max(1, getattr(config, "num_experts_per_tok", 1) or 1)
+    activation = budget_math.estimate_decode_activation_bytes(
+        hidden_size=hidden, intermediate_size=intermediate, vocab_size=config.vocab_size, num_heads=heads,
+        max_model_len=max_model_len, dtype_bytes=dtype_bytes, head_dim=getattr(config, "head_dim", None))
+    # DynamicLayer.update concatenates: one layer's K/V exists twice for a moment each step.
+    activation += kv_token * max_model_len // max(1, config.num_hidden_layers)
+    prefill_bytes = budget_math.estimate_prefill_bytes(hidden_size=hidden, intermediate_size=intermediate,
+                                                       num_heads=heads, num_tokens=max_prefill_tokens,
+                                                       dtype_bytes=dtype_bytes)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free -= int(CUDA_ALLOCATOR_SLACK * free)
+        weights_bytes = torch.cuda.memory_allocated(device)
+    else:
+        free = budget_math.available_ram_bytes()
+    total = budget_math.budget_bytes(free_bytes=free, reserve_bytes=cfg.vram_reserve_bytes,
+                                     max_bytes=cfg.max_vram_bytes, weights_bytes=weights_bytes)
+    cap = cfg.max_batch_size
+    if cap is None and device.type != "cuda":
+        cap = CPU_MAX_BATCH_SIZE
+    return budget_math.plan(budget_bytes=total, kv_bytes_per_token=kv_token, max_model_len=max_model_len,
+                            activation_bytes_per_row=activation, prefill_bytes=prefill_bytes, max_batch_size=cap)
+
+
+def _memory_info(device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return 0, 0
+    free, total = torch.cuda.mem_get_info(device)
+    return total - free, free
+
+
+def _install_fault_injector(model: torch.nn.Module, spec: str | None, device: torch.device):
+    """BATCHGEN_INJECT_OOM on this path: the fast path's injector, hooked on the last decoder layer."""
+    if not spec:
+        return None
+    from batchgen.worker.engine.model_runner import FaultInjector
+
+    layers = max((m for m in model.modules() if isinstance(m, torch.nn.ModuleList)), key=len)
+    injector = FaultInjector(spec, device)
+    layers[-1].register_forward_pre_hook(injector)
+    return injector
