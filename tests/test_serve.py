@@ -7,12 +7,14 @@ The main flow runs the tiny 8-bit model in a worker subprocess and compares ever
 import json
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
+import yaml
 from openai.types import Batch, FileObject
 
 from tests.cli import BATCHGEN, batchgen, cli_env, eventually, start_worker
@@ -237,3 +239,20 @@ def test_a_100k_line_upload_streams_in_and_out_and_survives_a_restart(server, tm
     assert server.sdk().files.delete(uploaded.id).deleted
     with pytest.raises(openai.NotFoundError):
         server.sdk().files.retrieve(uploaded.id)
+
+
+def test_the_cli_loads_no_web_stack_until_serve_runs():
+    code = ("import sys; from click.testing import CliRunner; from batchgen.producer.cli import main; "
+            "assert CliRunner().invoke(main, ['--help']).exit_code == 0; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_compose_serves_the_api_from_the_project_image():
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker-compose.yml").read_text())
+    serve = compose["services"]["serve"]
+    assert serve["command"][0] == "serve" and serve["build"] == "."
+    assert serve["environment"]["REDIS_URL"].startswith("redis://redis:")
+    assert all(p.startswith("127.0.0.1:") for p in serve["ports"])  # no key by default: this host only
+    assert any(v.endswith(":" + serve["environment"]["BATCHGEN_FILES_DIR"]) for v in serve["volumes"])
