@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.cli import eventually, start_worker
-from tests.test_serve import completion_lines, server, upload_and_create, write_jsonl  # noqa: F401 - server is a fixture
+from tests.test_serve import Server, completion_lines, server, upload_and_create, write_jsonl  # noqa: F401 - server is a fixture
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -72,3 +72,18 @@ def test_the_dashboard_shows_a_running_batch_and_its_worker(server, browser, red
             worker.wait(timeout=60)
         except subprocess.TimeoutExpired:
             worker.kill()
+
+
+def test_with_api_keys_the_page_asks_for_one_and_uses_the_one_in_its_address(browser, redis_url, redis_conn, tmp_path):
+    srv = Server(redis_url, tmp_path / "files", tmp_path / "serve.log", "--api-key", "k1").start()
+    try:
+        batch = upload_and_create(srv.sdk("k1"), write_jsonl(tmp_path / "b.jsonl", completion_lines("demo")))
+        browser.get(srv.base + "/")
+        eventually(lambda: "API key" in (read(browser, "#problem") or ""), "the key prompt", timeout_s=30)
+        assert read(browser, f'tr.batch[data-id="{batch.id}"]') is None
+        browser.get(srv.base + "/#key=k1")
+        browser.refresh()
+        eventually(lambda: read(browser, f'tr.batch[data-id="{batch.id}"]'), "the batch row", timeout_s=30)
+        assert browser.execute_script("return document.getElementById('problem').hidden")
+    finally:
+        srv.stop()

@@ -15,6 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
+from batchgen.jobs.states import BatchStatus
 from openai.types import Batch, FileObject
 
 from tests.cli import BATCHGEN, batchgen, cli_env, eventually, start_worker
@@ -256,3 +257,16 @@ def test_compose_serves_the_api_from_the_project_image():
     assert serve["environment"]["REDIS_URL"].startswith("redis://redis:")
     assert all(p.startswith("127.0.0.1:") for p in serve["ports"])  # no key by default: this host only
     assert any(v.endswith(":" + serve["environment"]["BATCHGEN_FILES_DIR"]) for v in serve["volumes"])
+
+
+@pytest.mark.parametrize("status", list(BatchStatus))
+def test_every_status_renders_as_a_valid_openai_batch(status):
+    from batchgen.jobs.batch import Batch as OurBatch
+    from batchgen.jobs.openai_batch import render
+
+    ours = OurBatch(id="batch_x", status=status, model="m", endpoint="/v1/completions", total=3,
+                    counts={"num_succeeded": 1, "num_errored": 1}, timestamps={"created_at": 5, "expires_at": 9},
+                    metadata={"k": "v"})
+    batch = Batch.model_validate(render(ours, {"input_file_id": "file-1", "completion_window": "24h"}))
+    assert batch.request_counts.failed == 1 and batch.input_file_id == "file-1"
+    assert (batch.output_file_id is None) == (status == BatchStatus.VALIDATING)

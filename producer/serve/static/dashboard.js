@@ -27,7 +27,7 @@ function num(x, digits = 1) { return x == null || x === "" ? "–" : Number(x).t
 
 function fileLink(id, label) {
   if (!id) return "";
-  return el("a", { href: `/v1/files/${id}/content`, class: "file-link" }, label);
+  return el("a", { href: `/v1/files/${id}/content`, class: "file-link", "data-file": id }, label);
 }
 
 function progressBar(fraction) {
@@ -108,5 +108,17 @@ async function refresh() {
     setTimeout(refresh, REFRESH_MS);
   }
 }
+
+// A plain link cannot send the key: with one, fetch the file with it and hand the browser the result.
+document.addEventListener("click", async event => {
+  const link = event.target.closest("a.file-link");
+  if (!link || !apiKey) return;
+  event.preventDefault();
+  const res = await fetch(link.href, { headers: { Authorization: `Bearer ${apiKey}` } });
+  const url = URL.createObjectURL(await res.blob());
+  const save = el("a", { href: url, download: `${link.dataset.file}.jsonl` });
+  save.click();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+});
 
 refresh();
