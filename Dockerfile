@@ -8,7 +8,7 @@ COPY pyproject.toml README.md ./
 COPY jobs ./jobs
 COPY producer ./producer
 COPY worker ./worker
-RUN pip install --no-cache-dir ".[worker]" pynvml
+RUN pip install --no-cache-dir ".[worker,serve]" pynvml
 ENV HF_HOME=/models/hf
 ENTRYPOINT ["batchgen"]
 CMD ["worker"]

@@ -404,5 +404,9 @@ def demo_model(out_dir, as_json):
     emit(as_json, {"path": str(path)}, f"wrote a random-weights demo model to {path}")
 
 
+from batchgen.producer.serve.cli import serve  # noqa: E402 - click only; the web stack loads when it runs
+
+main.add_command(serve)
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,111 @@
+"""/v1/files: uploads stream to disk and are validated like `submit`; batch output/error files stream from Redis."""
+
+import json
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from batchgen.jobs.files import FileStore, result_file_of
+from batchgen.jobs.inputs import InputLimits
+from batchgen.producer.client import BatchClient, BatchNotFound
+from batchgen.producer.serve.errors import ApiError, not_found
+from batchgen.producer.serve.validate import check_file
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import StreamingResponse
+
+BLOCK_BYTES = 1 << 16
+
+
+def result_lines(client: BatchClient, batch_id: str, errors: bool) -> Iterator[bytes]:
+    """A batch's output (or error) file, in blocks, from what is recorded so far."""
+    block: list[bytes] = []
+    size = 0
+    for line in client.results(batch_id):
+        if bool(line.get("error")) != errors:
+            continue
+        data = (json.dumps(line, ensure_ascii=False) + "\n").encode()
+        block.append(data)
+        size += len(data)
+        if size >= BLOCK_BYTES:
+            yield b"".join(block)
+            block, size = [], 0
+    if block:
+        yield b"".join(block)
+
+
+def files_router(client: BatchClient, files: FileStore) -> APIRouter:
+    router = APIRouter()
+    limits = InputLimits(client.cfg.max_requests, client.cfg.max_line_bytes, client.cfg.max_tokens_limit)
+
+    def result_file(file_id: str) -> dict[str, Any] | None:
+        which = result_file_of(file_id)
+        if which is None:
+            return None
+        batch_id, errors = which
+        try:
+            batch = client.get(batch_id)
+        except BatchNotFound:
+            raise not_found("file", file_id) from None
+        size = sum(len(b) for b in result_lines(client, batch_id, errors))
+        return {"id": file_id, "object": "file", "bytes": size, "created_at": batch.timestamps.get("created_at", 0),
+                "filename": f"{batch_id}_{'error' if errors else 'output'}.jsonl", "purpose": "batch_output",
+                "status": "processed", "expires_at": None, "status_details": None}
+
+    @router.post("/files")
+    def create_file(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict[str, Any]:
+        if purpose != "batch":
+            raise ApiError(400, f"purpose must be 'batch', got {purpose!r}", code="invalid_value", param="purpose")
+        file_id, staged = files.stage(file.file)
+        try:
+            check = check_file(staged, limits)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+        if check.num_errors:
+            staged.unlink(missing_ok=True)
+            shown = "; ".join(f"line {e['line']}: {e['code']}: {e['message']}" for e in check.line_errors[:5])
+            raise ApiError(400, f"{file.filename}: {check.num_errors} invalid line(s): {shown}",
+                           code="invalid_file", param="file",
+                           errors={"object": "list", "data": check.line_errors})
+        stored = files.commit(file_id, staged, file.filename or file_id, purpose, check.endpoints, check.num_lines)
+        return stored.to_api()
+
+    @router.get("/files")
+    def list_files(limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, after: str | None = None,
+                   order: str = "desc", purpose: str | None = None) -> dict[str, Any]:
+        page, has_more = files.list(limit, after, newest_first=order != "asc")
+        data = [f.to_api() for f in page if purpose in (None, f.purpose)]
+        return {"object": "list", "data": data, "has_more": has_more,
+                "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+    @router.get("/files/{file_id}")
+    def retrieve_file(file_id: str) -> dict[str, Any]:
+        if (virtual := result_file(file_id)) is not None:
+            return virtual
+        stored = files.get(file_id)
+        if stored is None:
+            raise not_found("file", file_id)
+        return stored.to_api()
+
+    @router.get("/files/{file_id}/content")
+    def file_content(file_id: str) -> StreamingResponse:
+        media = "application/jsonl"
+        if (which := result_file_of(file_id)) is not None:
+            batch_id, errors = which
+            try:
+                client.get(batch_id)
+            except BatchNotFound:
+                raise not_found("file", file_id) from None
+            return StreamingResponse(result_lines(client, batch_id, errors), media_type=media)
+        if files.get(file_id) is None:
+            raise not_found("file", file_id)
+        return StreamingResponse(files.read(file_id), media_type=media)
+
+    @router.delete("/files/{file_id}")
+    def delete_file(file_id: str) -> dict[str, Any]:
+        if result_file_of(file_id) is not None:
+            raise ApiError(400, "a batch's output and error files go away with the batch", code="invalid_value")
+        if not files.delete(file_id):
+            raise not_found("file", file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    return router

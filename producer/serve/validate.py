@@ -1,0 +1,37 @@
+"""Checks an uploaded file with the validator `submit` uses (read_inputs + the model resolver), storing nothing."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchgen.jobs.inputs import InputLimits, ModelResolver, read_inputs
+
+MAX_LINE_ERRORS = 100
+
+
+@dataclass
+class FileCheck:
+    num_lines: int = 0
+    num_errors: int = 0
+    endpoints: set[str] = field(default_factory=set)
+    line_errors: list[dict] = field(default_factory=list)  # OpenAI BatchError shape: code, line, message, param
+
+    def add(self, line: int, code: str, message: str) -> None:
+        self.num_errors += 1
+        if len(self.line_errors) < MAX_LINE_ERRORS:
+            self.line_errors.append({"code": code, "line": line, "message": message, "param": None})
+
+
+def check_file(path: Path, limits: InputLimits) -> FileCheck:
+    check = FileCheck()
+    resolver = ModelResolver(None)
+    for parsed in read_inputs([str(path)], limits=limits):
+        error = parsed.error or resolver.see(parsed)
+        if error is not None:
+            check.add(parsed.line, error.code, error.message)
+            continue
+        assert parsed.request is not None
+        check.num_lines += 1
+        check.endpoints.add(parsed.request.url)
+    if check.num_lines and not check.num_errors and (missing := resolver.missing_error()):
+        check.add(0, missing.code, "no model given: set body.model in the input lines")
+    return check
