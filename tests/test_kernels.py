@@ -26,23 +26,8 @@ from batchgen.worker.engine.kernels import (  # noqa: E402
     quantize_rows,
     quantize_rows_reference,
 )
-from batchgen.worker.engine.kernels import (
-    int8_linear as fused_int8_linear,
-)
+from batchgen.worker.engine.kernels import int8_linear as fused_int8_linear  # noqa: E402
 from batchgen.worker.engine.kernels.decode_attention import fp8_kv_scale  # noqa: E402
-from triton.runtime import interpreter  # noqa: E402
-
-_patch_lang_tensor = interpreter._patch_lang_tensor
-
-
-def _index_of_one_element(tensor, scope) -> None:
-    """Triton 3.6's interpreter holds scalars as 1-element arrays and int()s them for range(); numpy >= 2.4 refuses
-    that. Same value, taken with an index."""
-    _patch_lang_tensor(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-
-interpreter._patch_lang_tensor = _index_of_one_element
 
 MAX_LEN = 80  # spans two 64-key blocks, so the kernel's inner loop runs more than once
 
