@@ -73,6 +73,29 @@ def build_llama7b(out: Path) -> dict:
     return {"build_s": round(time.perf_counter() - start, 1), "cached": False}
 
 
+def copy_bandwidth(device: str = "cuda", num_bytes: int = 2**32, iters: int = 20) -> dict:
+    """The device's memory bandwidth as a large device-to-device copy moves it (bytes read + written per second):
+    the bus rate a memory-bound bound is computed from, measured in the run that reports against it."""
+    import torch
+
+    src = torch.ones(num_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+
+    def wait() -> None:
+        if src.is_cuda:
+            torch.cuda.synchronize(src.device)
+
+    dst.copy_(src)
+    wait()
+    start = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    wait()
+    seconds = (time.perf_counter() - start) / iters
+    return {"copy_bytes": num_bytes, "ms": round(1000 * seconds, 3), "gb_s": round(2 * num_bytes / seconds / 1e9, 1),
+            "note": "device-to-device copy, bytes read + written"}
+
+
 def sync() -> None:
     import torch
 

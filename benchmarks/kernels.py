@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.common import write_json
+from benchmarks.common import copy_bandwidth, write_json
 
 
 @dataclass(frozen=True)
@@ -108,17 +108,6 @@ def _try(results: dict, name: str, fn) -> None:
     except Exception as exc:  # the benchmark runs once on a borrowed GPU: keep every other number
         results[name] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
     print(name, json.dumps(results[name]), flush=True)
-
-
-# -- (c) bandwidth -----------------------------------------------------------------------------------------
-def device_bandwidth(device: str) -> dict:
-    torch = _torch()
-    n = 2**32 if device == "cuda" else 2**26  # 4 GiB: far past L2
-    src = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), device)
-    return {"copy_bytes": n, "ms": round(ms, 3), "gb_s": round(2 * n / ms / 1e6, 1),
-            "note": "device-to-device copy; bytes read + written"}
 
 
 # -- (a) attention -----------------------------------------------------------------------------------------
@@ -375,7 +364,7 @@ def main() -> None:
     start = time.monotonic()
     res: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke)",
                  "torch": torch.__version__, "triton": triton.__version__, "shape": asdict(shape)}
-    phases = {"bandwidth": lambda: device_bandwidth(device), "attention": lambda: attention(args, shape, device),
+    phases = {"bandwidth": lambda: copy_bandwidth(device, 2**32 if device == "cuda" else 2**24), "attention": lambda: attention(args, shape, device),
               "projections": lambda: projections(args, shape, device, start + 45)}
     for phase in args.only.split(","):
         _try(res, phase, phases[phase])
