@@ -119,7 +119,7 @@ def attention(args, shape: Shape, device: str) -> dict:
         num_kv_splits,
         quantize_kv,
     )
-    from batchgen.worker.engine.kernels.decode_attention import fp8_kv_scale
+    from batchgen.worker.engine.kernels.attention import fp8_kv_scale
 
     g = torch.Generator(device=device).manual_seed(0)
     rows, max_len, kv_heads, head_dim = args.rows, args.max_len, shape.kv_heads, shape.head_dim

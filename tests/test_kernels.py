@@ -5,7 +5,10 @@ Decode attention over a ragged slot cache (rows of length 1, 2, odd and max), GQ
 against int8_linear's own arithmetic, bit for bit.
 """
 
+import json
 import os
+import subprocess
+import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere: the kernels run on CPU tensors
 
@@ -27,9 +30,14 @@ from batchgen.worker.engine.kernels import (  # noqa: E402
     quantize_rows_reference,
 )
 from batchgen.worker.engine.kernels import int8_linear as fused_int8_linear  # noqa: E402
-from batchgen.worker.engine.kernels.decode_attention import fp8_kv_scale  # noqa: E402
+from batchgen.worker.engine.kernels.attention import fp8_kv_scale  # noqa: E402
 
 MAX_LEN = 80  # spans two 64-key blocks, so the kernel's inner loop runs more than once
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # the same inputs whichever tests ran before
 
 
 def _cache(num_rows: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 0):
@@ -40,8 +48,8 @@ def _cache(num_rows: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, 
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    atol = 2e-3 if dtype == torch.float16 else 1.6e-2  # an output ulp or two
-    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=0)
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2  # an output ulp or two
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,dtype", [
@@ -83,8 +91,8 @@ def test_query_strides_and_cache_rows_follow_the_runner_layout():
 @pytest.mark.parametrize("per_head", [False, True])
 def test_fp8_kv_equals_the_dequantised_reference(per_head):
     k, v = _cache(4, 2, 128, torch.float16)
-    k[:, :, 1] *= 8  # heads of different ranges: what a per-head scale is for
-    q = torch.randn(4, 8, 128).to(torch.float16)
+    v[:, :, 1] *= 8  # heads of different ranges: what a per-head scale is for
+    q = torch.randn(4, 8, 128, generator=torch.Generator().manual_seed(3)).to(torch.float16)
     lengths = torch.tensor([1, 2, 37, MAX_LEN], dtype=torch.int32)
     k_scale, v_scale = fp8_kv_scale(k, per_head), fp8_kv_scale(v, per_head)
     assert k_scale.numel() == (2 if per_head else 1)
@@ -94,7 +102,8 @@ def test_fp8_kv_equals_the_dequantised_reference(per_head):
     out = decode_attention(q, k8, v8, lengths, 128**-0.5, k_scale=k_scale, v_scale=v_scale, num_splits=2)
     _close(out, ref, torch.float16)
     exact = decode_attention_reference(q, k, v, lengths, 128**-0.5)
-    assert (ref.float() - exact.float()).abs().max() < 0.5  # e4m3 keeps attention roughly, not exactly
+    relative = (ref.float() - exact.float()).abs().max() / exact.float().abs().max()
+    assert relative < 0.07  # e4m3 rounds each value within 2^-4 of itself (3 mantissa bits); fp16 adds a little
 
 
 def test_split_count_comes_from_shapes_and_fills_small_batches():
@@ -144,3 +153,15 @@ def test_dequantize_and_int8_gemm_equal_int8_linear():
     ref = (int8_linear.dequantize(acc, absmax, scb, bias, torch.float32) + dense.float()).to(torch.float16)
     assert torch.equal(dequantize_acc(acc, absmax, scb, bias, torch.float16, dense), ref)
     assert torch.equal(fused_int8_linear(x, cb, scb, bias, addend=dense), ref)
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter runs the kernels' Python, not Triton's compiler: compile each for sm_90 (Triton's own
+    ptxas, no GPU) in a process without TRITON_INTERPRET, so a GPU run does not meet a compile error first."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "batchgen.worker.engine.kernels.compile_check"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(compiled) == {"split fp16", "split fp8", "merge", "quantize", "dequantize", "int8 gemm"}
+    assert compiled["quantize"]["round_half_even"] and compiled["int8 gemm"]["int8_tensor_cores"]

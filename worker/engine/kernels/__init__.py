@@ -1,6 +1,6 @@
 """Triton kernels for the decode step, each with a pure-torch reference that runs where Triton does not.
 
-- decode_attention: split-KV (FlashDecoding) attention of one new token per row over the slot KV cache,
+- attention.decode_attention: split-KV (FlashDecoding) attention of one new token per row over the slot KV cache,
   each row reading only its own length; fp16/bf16 or fp8-e4m3 K/V with a per-tensor or per-head scale.
 - int8_ops: the pieces around an int8 GEMM: fused per-token activation quantisation (optionally zeroing
   outlier columns), the fused dequantise epilogue, and a Triton int8 GEMM with that epilogue built in.
@@ -9,13 +9,13 @@ Every entry point takes tensors already on the device and launches a fixed grid 
 CUDA graph can hold it.
 """
 
-from batchgen.worker.engine.kernels.backend import triton_available
-from batchgen.worker.engine.kernels.decode_attention import (
+from batchgen.worker.engine.kernels.attention import (
     decode_attention,
     decode_attention_reference,
     num_kv_splits,
     quantize_kv,
 )
+from batchgen.worker.engine.kernels.backend import triton_available
 from batchgen.worker.engine.kernels.int8_ops import (
     dequantize_acc,
     dequantize_acc_reference,

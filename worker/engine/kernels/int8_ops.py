@@ -13,17 +13,18 @@ the same 1/127² constant, float32 epilogue in the same order.
 """
 
 import torch
-from batchgen.worker.engine.kernels.backend import HAS_TRITON, triton_available
+from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, triton_available
 
 INV_127_SQ = 6.200124e-05  # bnb's 1/127² as int8_linear uses it (kept equal so results match bit for bit)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     @triton.jit
     def _quantize_kernel(X, Xq, Absmax, Outliers, stride_xm, stride_qm, K,
-                         BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr):
+                         BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr, INTERPRETED: tl.constexpr):
         row = tl.program_id(0)
         k = tl.arange(0, BLOCK_K)
         k_mask = k < K
@@ -33,9 +34,11 @@ if HAS_TRITON:
         absmax = tl.max(tl.abs(x), 0).to(tl.float32)
         inv = 127.0 / absmax
         inv = tl.where(absmax > 0.0, inv, 0.0)  # an all-zero row quantises to zeros, not NaN
-        # round half to even, as torch.round: adding 1.5·2^23 leaves no fraction bits (|x·inv| <= 127); plain
-        # IEEE float32 adds (no fast-math), and unlike libdevice.rint the interpreter runs it too
-        xq = (x.to(tl.float32) * inv + 12582912.0) - 12582912.0
+        scaled = x.to(tl.float32) * inv
+        if INTERPRETED:  # noqa: SIM108  (no libdevice there; adding 1.5·2^23 leaves no fraction bits: |scaled| <= 127)
+            xq = (scaled + 12582912.0) - 12582912.0
+        else:
+            xq = libdevice.rint(scaled)  # round half to even, as torch.round
         tl.store(Xq + row.to(tl.int64) * stride_qm + k, xq.to(tl.int8), mask=k_mask)
         tl.store(Absmax + row, absmax)
 
@@ -112,7 +115,8 @@ def quantize_rows(x: torch.Tensor, outliers: torch.Tensor | None = None) -> tupl
     block_k = triton.next_power_of_2(k)
     mask_arg = outliers.view(torch.uint8) if outliers is not None else xq
     _quantize_kernel[(m,)](x, xq, absmax, mask_arg, x.stride(0), xq.stride(0), k, BLOCK_K=block_k,
-                           HAS_OUTLIERS=outliers is not None, num_warps=max(4, min(16, block_k // 1024)))
+                           HAS_OUTLIERS=outliers is not None, INTERPRETED=interpreting(),
+                           num_warps=max(4, min(16, block_k // 1024)))
     return xq, absmax
 
 
