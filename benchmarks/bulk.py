@@ -766,7 +766,7 @@ def merge(dirs: list[Path], out_path: Path) -> dict:
         "engine_in_process_breakdown": (time_breakdown(engine_run["wall_s"], engine_run.get("stats") or {}, host_per_step)
                                         if host_per_step is not None else None),
         "hf_fp16_largest": fp16_largest,
-        "hf_fp16_largest_bus_fraction": hf_static_bus_fraction(fp16_largest, bandwidth),
+        "hf_fp16_largest_bus_fraction": hf_static_bus_fraction(fp16_largest, bandwidth, base.get("probe_steps", 16)),
         "peer_tok_s": peer.get("tok_s"), "peer": {k: v for k, v in peer.items() if k != "phase_s"} or None,
         "peak_vram_gib": main.get("peak_vram_gib"), "total_vram_gib": bg.get("total_vram_gib"),
         "chosen_rows": rows, "largest_fit_rows": (bg.get("fit") or {}).get("largest_fit_rows"),
@@ -783,11 +783,12 @@ def merge(dirs: list[Path], out_path: Path) -> dict:
     return summary
 
 
-def hf_static_bus_fraction(row: dict | None, bandwidth: float) -> float | None:
-    """An HF fp16 static-cache step reads the weights and every row's whole static cache (prompt width + max_new)."""
+def hf_static_bus_fraction(row: dict | None, bandwidth: float, probe_steps: int) -> float | None:
+    """An HF fp16 static-cache step reads the weights and every row's whole static cache, which the probe sizes
+    to prompt width + probe_steps + 1 (a full run's cache, width + max_new, would make each step slower)."""
     if not row or not row.get("step_ms"):
         return None
-    step_bytes = FP16_WEIGHTS_BYTES + row["bs"] * (row["prompt_width"] + row["max_new"]) * KV_BYTES_PER_TOKEN
+    step_bytes = FP16_WEIGHTS_BYTES + row["bs"] * (row["prompt_width"] + probe_steps + 1) * KV_BYTES_PER_TOKEN
     return round(step_bytes / (row["step_ms"] / 1000) / bandwidth, 3)
 
 
