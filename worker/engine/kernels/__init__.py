@@ -12,6 +12,7 @@ CUDA graph can hold it.
 from batchgen.worker.engine.kernels.attention import (
     decode_attention,
     decode_attention_reference,
+    fp8_kv_scale,
     num_kv_splits,
     quantize_kv,
 )
@@ -27,7 +28,7 @@ from batchgen.worker.engine.kernels.int8_ops import (
 )
 
 __all__ = [
-    "decode_attention", "decode_attention_reference", "dequantize_acc", "dequantize_acc_reference",
+    "decode_attention", "decode_attention_reference", "fp8_kv_scale", "dequantize_acc", "dequantize_acc_reference",
     "int8_linear", "int8_matmul_dequant", "num_kv_splits", "outlier_mask", "quantize_kv", "quantize_rows", "quantize_rows_reference",
     "triton_available",
 ]

@@ -205,5 +205,6 @@ def quantize_kv(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
 
 def fp8_kv_scale(x: torch.Tensor, per_head: bool = True) -> torch.Tensor:
     """A calibration scale for x [..., kv_heads, head_dim]: absmax / 448, per KV head or for the whole tensor."""
-    amax = x.detach().abs().float().amax(dim=tuple(range(x.dim() - 2)) + (x.dim() - 1,)) if per_head else x.abs().float().amax()
+    magnitude = x.detach().abs().float()
+    amax = magnitude.transpose(-2, -1).flatten(end_dim=-2).amax(dim=0) if per_head else magnitude.amax()
     return (amax / FP8_MAX).clamp(min=math.ldexp(1.0, -20)).reshape(-1)

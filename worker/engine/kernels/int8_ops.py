@@ -121,9 +121,10 @@ def quantize_rows(x: torch.Tensor, outliers: torch.Tensor | None = None) -> tupl
 
 
 def dequantize_acc_reference(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
-                             dtype: torch.dtype, addend: torch.Tensor | None = None) -> torch.Tensor:
+                             dtype: torch.dtype, addend: torch.Tensor | None = None, *,
+                             inv_sq: float = INV_127_SQ) -> torch.Tensor:
     """int8_linear.dequantize (+ addend)."""
-    out = acc * (absmax * scb) * INV_127_SQ
+    out = acc * (absmax * scb) * inv_sq
     if bias is not None:
         out = out + bias
     if addend is not None:
@@ -137,29 +138,30 @@ def _launch_args(absmax: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | N
 
 
 def dequantize_acc(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
-                   dtype: torch.dtype, addend: torch.Tensor | None = None) -> torch.Tensor:
-    """acc int32 [m, n] (torch._int_mm's), absmax float32 [m, 1], scb float32 [n] (weight row absmax), bias [n]
-    or None, addend [m, n] or None (e.g. the outlier columns' dense product) -> [m, n] dtype, one pass."""
+                   dtype: torch.dtype, addend: torch.Tensor | None = None, *, inv_sq: float = INV_127_SQ) -> torch.Tensor:
+    """acc int32 [m, n] (torch._int_mm's), absmax float32 [m, 1] contiguous, scb float32 [n] (weight row absmax),
+    bias [n] or None, addend [m, n] or None (e.g. the outlier columns' dense product) -> [m, n] dtype, one pass:
+    acc · absmax · scb · inv_sq (+ bias) (+ addend). With scales instead of absmaxes (absmax / 127), inv_sq=1."""
     if not triton_available(acc):
-        return dequantize_acc_reference(acc, absmax, scb, bias, dtype, addend)
+        return dequantize_acc_reference(acc, absmax, scb, bias, dtype, addend, inv_sq=inv_sq)
     m, n = acc.shape
     out = torch.empty(m, n, dtype=dtype, device=acc.device)
     block_m, block_n = 8, 512
     args = _launch_args(absmax, scb, bias, addend, out)
     _dequantize_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-        acc, *args, out, m, n, acc.stride(0), addend.stride(0) if addend is not None else 0, out.stride(0), INV_127_SQ,
+        acc, *args, out, m, n, acc.stride(0), addend.stride(0) if addend is not None else 0, out.stride(0), inv_sq,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, num_warps=4)
     return out
 
 
 def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
                         bias: torch.Tensor | None, dtype: torch.dtype, addend: torch.Tensor | None = None, *,
-                        block_m: int | None = None, block_n: int = 128, block_k: int = 128,
+                        inv_sq: float = INV_127_SQ, block_m: int | None = None, block_n: int = 128, block_k: int = 128,
                         num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
     """xq int8 [m, k] @ cb int8 [n, k].T with dequantize_acc's epilogue fused: -> [m, n] dtype. No padding for
     small m (unlike cuBLASLt's torch._int_mm). Falls back to torch._int_mm + the reference epilogue."""
     if not triton_available(xq):
-        return dequantize_acc_reference(torch._int_mm(xq, cb.t()), absmax, scb, bias, dtype, addend)
+        return dequantize_acc_reference(torch._int_mm(xq, cb.t()), absmax, scb, bias, dtype, addend, inv_sq=inv_sq)
     m, k = xq.shape
     n = cb.shape[0]
     if block_m is None:
@@ -168,7 +170,7 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
     args = _launch_args(absmax, scb, bias, addend, out)
     _int8_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         xq, cb, *args, out, m, n, k, xq.stride(0), cb.stride(0), addend.stride(0) if addend is not None else 0,
-        out.stride(0), INV_127_SQ, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+        out.stride(0), inv_sq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
         HAS_ADDEND=addend is not None, num_warps=num_warps, num_stages=num_stages)
     return out
 
