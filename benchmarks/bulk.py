@@ -894,7 +894,6 @@ def main() -> None:
         meta["bandwidth"] = copy_bandwidth()
     except Exception as exc:
         meta["bandwidth"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-        torch.cuda.empty_cache()
     print("meta", json.dumps(meta), flush=True)
     write_json(args.out / "meta.json", meta)
     for phase in args.only.split(","):
