@@ -44,6 +44,7 @@ class Shape:
 
 LLAMA2_7B = Shape(heads=32, kv_heads=32, head_dim=128, hidden=4096, intermediate=11008)
 SMOKE = Shape(heads=4, kv_heads=2, head_dim=64, hidden=128, intermediate=256)
+ATTENTION_CONFIGS = [(32, 4, 2), (128, 4, 2), (64, 8, 3)]  # (block_n, num_warps, num_stages) besides (64, 4, 2)
 GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages): a hand sweep, not an autotuner
     (64, 128, 128, 4, 4), (32, 128, 256, 4, 3), (64, 64, 256, 4, 3), (128, 128, 128, 8, 3)]
 
@@ -145,9 +146,10 @@ def attention(args, shape: Shape, device: str) -> dict:
 
     check = slice(0, min(rows, 32))  # the float32 reference over every row would need ~10 GB
 
-    def checked(kv_k, kv_v, **kw) -> float:
-        ours = decode_attention(q[check], kv_k[check], kv_v[check], lens[check], scale, **kw)
-        ref = decode_attention_reference(q[check], kv_k[check], kv_v[check], lens[check], scale, **kw)
+    def checked(kv_k, kv_v, k_scale=None, v_scale=None, **tune) -> float:
+        scales = dict(k_scale=k_scale, v_scale=v_scale)
+        ours = decode_attention(q[check], kv_k[check], kv_v[check], lens[check], scale, **scales, **tune)
+        ref = decode_attention_reference(q[check], kv_k[check], kv_v[check], lens[check], scale, **scales)
         return round(float((ours.float() - ref.float()).abs().max()), 5)
 
     out["max_abs_err_fp16"] = checked(k, v)
@@ -156,6 +158,13 @@ def attention(args, shape: Shape, device: str) -> dict:
         _try(variants, f"triton fp16, splits {splits}",
              lambda s=splits: row(lambda: decode_attention(q, k, v, lens, scale, num_splits=s), "fp16"))
     _try(variants, "triton fp16, graph", lambda: row(lambda: decode_attention(q, k, v, lens, scale), "fp16", graph=True))
+    for block_n, warps, stages in ATTENTION_CONFIGS:
+        tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+        _try(variants, f"triton fp16, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+            lambda: decode_attention(q, k, v, lens, scale, **t), "fp16") | {"max_abs_err": checked(k, v, **t)})
+        _try(variants, f"triton fp8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+            lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale, **t), "fp8")
+            | {"max_abs_err": checked(k8, v8, k_scale=k_scale, v_scale=v_scale, **t)})
     _try(variants, "triton fp8 per-head scale", lambda: row(
         lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale), "fp8"))
     _try(variants, "triton fp8 per-head scale, graph", lambda: row(

@@ -63,6 +63,15 @@ def test_decode_attention_reads_each_rows_own_length(num_heads, num_kv_heads, he
         _close(decode_attention(q, k, v, lengths, head_dim**-0.5, num_splits=splits), ref, dtype)
 
 
+def test_decode_attention_tuning_keeps_the_result():
+    lengths = torch.tensor([1, 33, MAX_LEN], dtype=torch.int32)
+    k, v = _cache(3, 2, 64, torch.float16)
+    q = torch.randn(3, 8, 64).to(torch.float16)
+    ref = decode_attention_reference(q, k, v, lengths, 0.125)
+    for block_n in (32, 128):  # 128 > MAX_LEN: one masked block; 32: three blocks, the last one ragged
+        _close(decode_attention(q, k, v, lengths, 0.125, num_splits=2, block_n=block_n, num_warps=8), ref, torch.float16)
+
+
 def test_keys_past_a_rows_length_do_not_change_its_output():
     k, v = _cache(2, 2, 64, torch.float16)
     q = torch.randn(2, 4, 64).to(torch.float16)

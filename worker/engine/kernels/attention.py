@@ -128,13 +128,15 @@ def _scale_tensor(scale: torch.Tensor | float | None, num_kv_heads: int, device:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, *, k_scale: torch.Tensor | float | None = None,
                      v_scale: torch.Tensor | float | None = None, cache_rows: torch.Tensor | None = None,
-                     num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, out: torch.Tensor | None = None, block_n: int = BLOCK_N,
+                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype or float8_e4m3fn), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
     k_scale/v_scale: dequantisation scales of an fp8 cache (a float, or a tensor of 1 or kv_heads values).
     cache_rows [n] int32: the cache row of each query row (default: row i reads cache row i).
-    num_splits: default num_kv_splits(max_len, n, kv_heads); fix it per captured graph."""
+    num_splits: default num_kv_splits(max_len, n, kv_heads); fix it per captured graph.
+    block_n / num_warps / num_stages: keys per inner step and the launch's tuning (a power of two >= 16)."""
     n, num_heads, head_dim = q.shape
     rows, max_len, num_kv_heads, _ = k_cache.shape
     if num_heads % num_kv_heads:
@@ -163,10 +165,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1), scale_stride,
-        scale * _LOG2E, GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
+        scale * _LOG2E, GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         NUM_SPLITS=splits, HAS_ROWS=cache_rows is not None,
         DOT_F32=interpreting() and q.dtype == torch.bfloat16,  # Triton's interpreter multiplies bf16 bits as integers
-        num_warps=4, num_stages=2)
+        num_warps=num_warps, num_stages=num_stages)
     _merge_kernel[(n, num_heads)](
         mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
