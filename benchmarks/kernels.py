@@ -321,6 +321,12 @@ def projections(args, shape: Shape, device: str, deadline: float) -> dict:
     if ok:
         best = min(ok, key=ok.get)
         out["best_triton"] = {"variant": best, "ms": ok[best], "meets_goal": ok[best] <= out["goal_ms"]}
+    gemms = {k: v["each_ms"] for k, v in variants.items() if "int8 GEMM" in k and "each_ms" in v}
+    if gemms:  # each projection with its own best GEMM config: what a per-shape config table would give
+        pick = {name: min(gemms, key=lambda k, n=name: gemms[k][n]) for name in layer}
+        total = sum(gemms[pick[name]][name] for name in layer)
+        out["best_gemm_per_projection"] = {"ms": round(total, 4), "meets_goal": total <= out["goal_ms"],
+                                           "configs": pick}
     return out
 
 
@@ -347,6 +353,7 @@ def table(res: dict) -> str:
         each = " / ".join(f"{v:.3f}" for v in (r.get("each_ms") or {}).values())
         lines.append(f"| {name} | {r['ms']:.3f} | {r['weights_gb_s']:,.0f} | {r['layers_32_ms']} | {each} |")
     lines.append(f"best Triton: {pro.get('best_triton')}")
+    lines.append(f"best GEMM config per projection: {pro.get('best_gemm_per_projection')}")
     return "\n".join(lines)
 
 
