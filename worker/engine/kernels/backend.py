@@ -26,8 +26,8 @@ def _let_interpreter_loop_over_scalars() -> None:
     range(start, end); numpy >= 2.4 refuses int() of a 1-element array. Same value, taken with an index."""
     from triton.runtime import interpreter
 
-    patch_tensor = interpreter._patch_lang_tensor
-    if getattr(patch_tensor, "indexes_scalars", False):
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "indexes_scalars", False):  # another Triton, or done already
         return
 
     def patched(tensor, scope) -> None:
