@@ -12,16 +12,27 @@ Phases (each writes OUT/<phase>.json; one device call may run several):
                one single request; then token agreement with HF int8 generate, and the largest batch that fits
     baselines  HF generate: int8 bs1 (seed recipe), int8 static batches (bs x threshold), fp16 dynamic and
                static cache, generate_batch
+    peer       transformers' own continuous batching (init_continuous_batching, bf16, per-request
+               max_new_tokens, EOS ignored) on the whole workload, in a subprocess that may put a newer
+               transformers first on its path (--peer-pythonpath)
     merge      (no GPU) reads the phases' JSON, prints the table, writes docs/benchmarks/bulk.json and a
                markdown table
 
+Every device run first measures the bus rate (a D2D copy, meta.json); the decode bound and the decode
+bandwidth efficiency (bytes a step must read: weights + each row's K/V, over its time, over that rate) use it.
+The time breakdown (prefill, decode, host overhead, idle) comes from the engine's `engine steps:` line and the
+wall time; host overhead vs idle needs the in-process engine run (--engine-requests), which has no idle.
+
     python3 -m benchmarks.bulk --only levers,batchgen --out $OUT      # on the device
     python3 -m benchmarks.bulk --only baselines --out $OUT            # on the device
+    pip install --no-deps --target /tmp/peer -U transformers          # the newest transformers, torch untouched
+    python3 -m benchmarks.bulk --only peer --peer-pythonpath /tmp/peer --out $OUT
     .venv/bin/python -m benchmarks.bulk --merge DIR [DIR...]           # here
 """
 
 import argparse
 import gc
+import inspect
 import json
 import os
 import random
@@ -32,12 +43,31 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from benchmarks.common import GIB, PeakVram, Req, build_llama7b, stop_process, workload, write_json
+from benchmarks.common import (
+    GIB,
+    PeakVram,
+    Req,
+    build_llama7b,
+    copy_bandwidth,
+    stop_process,
+    workload,
+    write_json,
+)
 
 MODEL_DIR = Path("/tmp/llama7b-random")
+REPO = Path(__file__).resolve().parent.parent
 SERVED = "llama7b-random"
 MAX_MODEL_LEN = 768  # the workload's longest prompt + longest output
-BOUND_NOTE = "7B int8 weights 6.5 GB + each row's K/V read once per decode step at 3.0 TB/s (D2D copy)"
+INT8_WEIGHTS_BYTES = 6.5e9  # the 7B model's int8 weights (+ fp16 norms, lm_head): read once per decode step
+FP16_WEIGHTS_BYTES = 13.5e9
+KV_BYTES_PER_TOKEN = 2 * 32 * 4096 * 2  # K and V of 32 layers, hidden 4096, fp16
+ASSUMED_BANDWIDTH = 3.0e12  # only for runs that did not measure the bus rate (meta.json without "bandwidth")
+
+
+def bound_note(bandwidth: float, measured: bool) -> str:
+    source = "D2D copy measured in this run" if measured else "assumed: this run did not measure it"
+    return (f"7B int8 weights 6.5 GB + each row's K/V read once per decode step at {bandwidth / 1e12:.2f} TB/s "
+            f"({source})")
 
 
 def _torch():
@@ -59,12 +89,60 @@ def useful_tokens(reqs: list[Req]) -> int:
     return sum(r.max_tokens for r in reqs)
 
 
-def bound_tok_s(reqs: list[Req], rows: int, kv_bytes_per_token: int = 2 * 32 * 4096 * 2,
-                weights_bytes: float = 6.5e9, bandwidth: float = 3.0e12) -> float:
+def bound_tok_s(reqs: list[Req], rows: int, kv_bytes_per_token: int = KV_BYTES_PER_TOKEN,
+                weights_bytes: float = INT8_WEIGHTS_BYTES, bandwidth: float = ASSUMED_BANDWIDTH) -> float:
     """Decode-only memory bound at `rows` rows: each step reads the weights once and every row's K/V."""
     mean_ctx = sum(len(r.prompt_ids) + r.max_tokens / 2 for r in reqs) / len(reqs)
     step_s = (weights_bytes + rows * mean_ctx * kv_bytes_per_token) / bandwidth
     return rows / step_s
+
+
+def decode_kv_bytes(reqs: list[Req], kv_bytes_per_token: int = KV_BYTES_PER_TOKEN) -> int:
+    """K/V bytes every decode step of the workload must read, summed: the step making token i + 1 of a request
+    (i = 1 .. max_tokens - 1; the first comes from prefill) reads its prompt and i - 1 outputs, plus its new key."""
+    return kv_bytes_per_token * sum((r.max_tokens - 1) * len(r.prompt_ids) + (r.max_tokens - 1) * r.max_tokens // 2
+                                    for r in reqs)
+
+
+def decode_efficiency(engine: dict, reqs: list[Req], bandwidth: float,
+                      weights_bytes: float = INT8_WEIGHTS_BYTES) -> dict | None:
+    """Bytes the decode steps had to read (weights once a step + each row's K/V) over their time, and that
+    rate over the bus rate. engine: an `engine steps:` line covering exactly reqs."""
+    steps, decode_s = engine.get("num_decode_steps"), engine.get("decode_s")
+    if not steps or not decode_s:
+        return None
+    total = steps * weights_bytes + decode_kv_bytes(reqs)
+    rate = total / decode_s
+    return {"bytes_per_step_gb": round(total / steps / 1e9, 2), "step_ms": round(1000 * decode_s / steps, 2),
+            "achieved_gb_s": round(rate / 1e9), "bus_gb_s": round(bandwidth / 1e9),
+            "fraction_of_bus": round(rate / bandwidth, 3)}
+
+
+def time_breakdown(wall_s: float, engine: dict, host_s_per_step: float | None = None) -> dict:
+    """Wall time as prefill + decode (the engine's step times: forward + sampling) + host overhead (engine work
+    between steps: scheduling, detokenising, result writes) + idle (no request in the engine: waiting for
+    chunks, Redis round trips). The stats line gives the first two; host vs idle takes host_s_per_step from a run
+    without idle (the in-process engine), else only their sum is known."""
+    prefill_s, decode_s = engine.get("prefill_s", 0.0), engine.get("decode_s", 0.0)
+    outside = max(0.0, wall_s - prefill_s - decode_s)
+    out = {"wall_s": round(wall_s, 2), "prefill_s": round(prefill_s, 2), "decode_s": round(decode_s, 2),
+           "host_and_idle_s": round(outside, 2), "host_s": None, "idle_s": None}
+    if host_s_per_step is not None:
+        steps = engine.get("num_prefill_steps", 0) + engine.get("num_decode_steps", 0)
+        host = min(outside, host_s_per_step * steps)
+        out.update(host_s=round(host, 2), idle_s=round(outside - host, 2))
+    out["fractions"] = {k: round(out[k] / wall_s, 3) if out[k] is not None and wall_s else None
+                        for k in ("prefill_s", "decode_s", "host_s", "idle_s")}
+    return out
+
+
+def in_process_host_s_per_step(engine_run: dict | None) -> float | None:
+    """Host overhead per step of the in-process engine run (no queue, so no idle): its wall minus its steps."""
+    stats = (engine_run or {}).get("stats") or {}
+    steps = stats.get("num_prefill_steps", 0) + stats.get("num_decode_steps", 0)
+    if not steps or not engine_run.get("wall_s"):
+        return None
+    return max(0.0, engine_run["wall_s"] - stats.get("prefill_s", 0.0) - stats.get("decode_s", 0.0)) / steps
 
 
 # -- levers ----------------------------------------------------------------------------------------------
@@ -460,6 +538,33 @@ def kv_fits(batch: list[Req], extra_gib: float = 3.0) -> tuple[bool, float]:
     return need + extra_gib * GIB < free, round(need / GIB, 1)
 
 
+def largest_static_fp16(model, reqs: list[Req], probe_steps: int, step: int = 16, attempts: int = 3) -> dict:
+    """HF fp16 with a static cache (generate compiles the step) at the most rows whose cache fits, stepping down
+    `step` rows at a time on OOM."""
+    torch = _torch()
+    bs = step
+    while bs + step <= len(reqs) and kv_fits(reqs[: bs + step])[0]:
+        bs += step
+    row: dict = {}
+    for _ in range(attempts):
+        batch = reqs[:bs]
+        row = {"bs": bs, "cache": "static", "largest_fit": True, "kv_need_gib": kv_fits(batch)[1], "fits": True}
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            compile_s, _ = timed(hf_static_batch, model, batch, probe_steps, cache_implementation="static")
+            row["first_call_s"] = round(compile_s, 1)
+            row.update(hf_static_batch(model, batch, probe_steps, cache_implementation="static"))
+            return row
+        except torch.OutOfMemoryError:
+            row["fits"] = False
+            torch.cuda.empty_cache()
+            bs -= step
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            return row
+    return row
+
+
 def phase_baselines(args, reqs: list[Req]) -> dict:
     torch = _torch()
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig
@@ -517,6 +622,10 @@ def phase_baselines(args, reqs: list[Req]) -> dict:
             torch.cuda.empty_cache()
         print("hf fp16", json.dumps(row), flush=True)
         out["fp16"].append(row)
+    if args.fp16_largest:
+        row = largest_static_fp16(model, reqs, args.probe_steps)
+        print("hf fp16 largest static", json.dumps(row), flush=True)
+        out["fp16"].append(row)
     del model
     gc.collect()
     torch.cuda.empty_cache()
@@ -542,16 +651,90 @@ def phase_baselines(args, reqs: list[Req]) -> dict:
     return out
 
 
+# -- peer: transformers' continuous batching -------------------------------------------------------------
+def phase_peer(args, reqs: list[Req]) -> dict:
+    """Runs peer_child in a subprocess whose path starts with --peer-pythonpath (a newer transformers than the
+    image's, installed with --no-deps so torch stays the image's)."""
+    repo = Path(__file__).resolve().parent.parent
+    paths = [str(args.peer_pythonpath)] if args.peer_pythonpath else []
+    paths += [str(repo)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
+    result_path = args.out / "peer_child.json"
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "benchmarks.bulk", "--peer-child", str(result_path), "--num-requests", str(len(reqs)),
+           "--peer-cap-s", str(args.peer_cap_s)]
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=args.peer_cap_s + 900)
+        log_text, code = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        log_text, code = f"{exc.stdout or ''}{exc.stderr or ''}", "timeout"
+    (args.out / "peer.log").write_text(log_text if isinstance(log_text, str) else str(log_text))
+    res = json.loads(result_path.read_text()) if result_path.exists() else {
+        "error": f"peer exited {code}: {str(log_text)[-1500:]}"}
+    res["pythonpath"] = str(args.peer_pythonpath) if args.peer_pythonpath else None
+    print("peer", json.dumps(res), flush=True)
+    return res
+
+
+def peer_child(result_path: Path, reqs: list[Req], cap_s: float, model_dir: Path = MODEL_DIR,
+               device: str = "cuda:0") -> None:
+    """transformers' own continuous batching over the workload: bf16, each request its own max_new_tokens, EOS
+    ignored, stopped at cap_s (the tokens finished by then count)."""
+    import threading
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    res: dict = {"transformers": transformers.__version__, "torch": torch.__version__, "dtype": "bfloat16",
+                 "num_requests": len(reqs), "cap_s": cap_s}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16, device_map={"": device})
+    cfg = GenerationConfig(max_new_tokens=max(r.max_tokens for r in reqs), do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    manager = model.init_continuous_batching(generation_config=cfg)
+    accepts = inspect.signature(manager.add_request).parameters
+    extra = {"eos_token_id": -1} if "eos_token_id" in accepts else {}  # -1: no EOS (as its add_requests does)
+
+    def feed() -> None:  # add_request blocks while its input queue is full: not on the thread collecting results
+        for r in reqs:
+            manager.add_request(r.prompt_ids, request_id=r.custom_id, max_new_tokens=r.max_tokens, **extra)
+
+    finished = tokens = 0
+    with torch.inference_mode():
+        manager.start()
+        start = time.perf_counter()
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
+        try:
+            while finished < len(reqs) and time.perf_counter() - start < cap_s:
+                out = manager.get_result(timeout=1)
+                if out is None:
+                    if not manager.is_running():
+                        res["error"] = "generation thread stopped"
+                        break
+                    continue
+                if out.is_finished():
+                    finished += 1
+                    tokens += len(out.generated_tokens)
+        finally:
+            wall = time.perf_counter() - start
+            manager.stop(block=True, timeout=60)
+    res.update(finished=finished, tokens=tokens, expected_tokens=useful_tokens(reqs), wall_s=round(wall, 2),
+               tok_s=round(tokens / wall, 1), capped=finished < len(reqs))
+    write_json(result_path, res)
+    print("peer child", json.dumps(res), flush=True)
+
+
 # -- merge -----------------------------------------------------------------------------------------------
 def best(rows: list[dict]) -> dict | None:
     ok = [r for r in rows if r.get("tok_s") and r.get("fits", True)]
     return max(ok, key=lambda r: r["tok_s"]) if ok else None
 
 
-def merge(dirs: list[Path], repo: Path) -> dict:
+def merge(dirs: list[Path], out_path: Path) -> dict:
     parts: dict = {}
     for d in dirs:
-        for name in ("levers", "batchgen", "baselines", "meta"):
+        for name in ("levers", "batchgen", "baselines", "peer", "meta"):
             p = d / f"{name}.json"
             if p.exists():
                 parts[name] = json.loads(p.read_text())
@@ -560,6 +743,13 @@ def merge(dirs: list[Path], repo: Path) -> dict:
     main = bg.get("batch_2048", {})
     int8_best, fp16_best = best(base.get("int8", [])), best(base.get("fp16", []))
     rows = (bg.get("fit") or {}).get("chosen_rows") or int((bg.get("worker") or {}).get("max_batch_size") or 0)
+    measured_gb_s = (meta.get("bandwidth") or {}).get("gb_s")
+    bandwidth = measured_gb_s * 1e9 if measured_gb_s else ASSUMED_BANDWIDTH
+    engine_run = (parts.get("levers") or {}).get("engine")
+    host_per_step = in_process_host_s_per_step(engine_run)
+    main_engine = main.get("engine") or {}
+    peer = parts.get("peer") or {}
+    fp16_largest = next((r for r in base.get("fp16", []) if r.get("largest_fit")), None)
     summary = {
         "device": meta.get("device"), "date": meta.get("date"), "workload": meta.get("workload"),
         "batchgen_tok_s": main.get("tok_s"), "batchgen_512_tok_s": (bg.get("batch_512") or {}).get("tok_s"),
@@ -568,8 +758,17 @@ def merge(dirs: list[Path], repo: Path) -> dict:
         "hf_int8_bs1_tok_s": (base.get("int8_bs1") or {}).get("tok_s_workload"),
         "hf_fp16_tok_s": fp16_best and fp16_best["tok_s"], "hf_fp16_best": fp16_best,
         "hf_generate_batch_tok_s": (base.get("generate_batch") or {}).get("tok_s"),
-        "bound_tok_s": round(bound_tok_s(reqs, rows)) if rows else None, "bound_note": BOUND_NOTE,
-        "bound_bs1_tok_s": round(bound_tok_s(reqs, 1)),
+        "bandwidth_gb_s": measured_gb_s, "bandwidth_measured": bool(measured_gb_s),
+        "bound_tok_s": round(bound_tok_s(reqs, rows, bandwidth=bandwidth)) if rows else None,
+        "bound_note": bound_note(bandwidth, bool(measured_gb_s)),
+        "bound_bs1_tok_s": round(bound_tok_s(reqs, 1, bandwidth=bandwidth)),
+        "decode_efficiency": decode_efficiency(main_engine, reqs, bandwidth) if main_engine else None,
+        "time_breakdown": time_breakdown(main["wall_s"], main_engine, host_per_step) if main_engine and main.get("wall_s") else None,
+        "engine_in_process_breakdown": (time_breakdown(engine_run["wall_s"], engine_run.get("stats") or {}, host_per_step)
+                                        if host_per_step is not None else None),
+        "hf_fp16_largest": fp16_largest,
+        "hf_fp16_largest_bus_fraction": hf_static_bus_fraction(fp16_largest, bandwidth, base.get("probe_steps", 16)),
+        "peer_tok_s": peer.get("tok_s"), "peer": {k: v for k, v in peer.items() if k != "phase_s"} or None,
         "peak_vram_gib": main.get("peak_vram_gib"), "total_vram_gib": bg.get("total_vram_gib"),
         "chosen_rows": rows, "largest_fit_rows": (bg.get("fit") or {}).get("largest_fit_rows"),
         "mean_decode_batch": (main.get("engine") or {}).get("mean_decode_batch"),
@@ -580,9 +779,18 @@ def merge(dirs: list[Path], repo: Path) -> dict:
     for key, ref in (("ratio_vs_hf_int8", "hf_int8_best_tok_s"), ("ratio_vs_hf_fp16", "hf_fp16_tok_s"),
                      ("fraction_of_bound", "bound_tok_s")):
         summary[key] = round(summary["batchgen_tok_s"] / summary[ref], 2) if summary.get("batchgen_tok_s") and summary.get(ref) else None
-    write_json(repo / "docs" / "benchmarks" / "bulk.json", summary)
+    write_json(out_path, summary)
     print(table(summary))
     return summary
+
+
+def hf_static_bus_fraction(row: dict | None, bandwidth: float, probe_steps: int) -> float | None:
+    """An HF fp16 static-cache step reads the weights and every row's whole static cache, which the probe sizes
+    to prompt width + probe_steps + 1 (a full run's cache, width + max_new, would make each step slower)."""
+    if not row or not row.get("step_ms"):
+        return None
+    step_bytes = FP16_WEIGHTS_BYTES + row["bs"] * (row["prompt_width"] + probe_steps + 1) * KV_BYTES_PER_TOKEN
+    return round(step_bytes / (row["step_ms"] / 1000) / bandwidth, 3)
 
 
 def table(s: dict) -> str:
@@ -618,11 +826,25 @@ def table(s: dict) -> str:
         row(f"HF generate fp16, {r['cache']} cache, batch {r['bs']}", r.get("tok_s"), r.get("peak_gib"),
             r.get("error") or (f"first call (compile) {r['first_call_s']} s" if r.get("first_call_s") else "")
             or ("" if r.get("fits") else f"does not fit: K/V {r['kv_need_gib']} GiB"))
+    peer = s.get("peer") or {}
+    if peer:
+        row(f"transformers continuous batching {peer.get('transformers', '')}, bf16 (peer)", peer.get("tok_s"), None,
+            peer.get("error", "")[:80] or f"{peer.get('finished')} of {peer.get('num_requests')} finished in "
+            f"{peer.get('wall_s')} s (cap {peer.get('cap_s')} s)")
     gb = base.get("generate_batch") or {}
     row("HF generate_batch int8 (sample)", gb.get("tok_s"), None, gb.get("error", "")[:80] or
         f"{gb.get('num_requests')} requests × {gb.get('max_new_tokens')} tokens")
     lines.append(f"| decode bound at the chosen rows | {f(s.get('bound_tok_s'))} | | | | {s.get('bound_note')} |")
+    eff, br = s.get("decode_efficiency") or {}, s.get("time_breakdown") or {}
     lines.append("")
+    if eff:
+        lines.append(f"decode: {eff['step_ms']} ms/step reading {eff['bytes_per_step_gb']} GB (weights + each row's K/V) "
+                     f"= {eff['achieved_gb_s']} GB/s, {100 * eff['fraction_of_bus']:.0f} % of the {eff['bus_gb_s']} GB/s "
+                     "bus. HF fp16 static at its largest batch: "
+                     f"{s.get('hf_fp16_largest_bus_fraction')} of the bus")
+    if br:
+        lines.append(f"time: wall {br['wall_s']} s = prefill {br['prefill_s']} + decode {br['decode_s']} + host "
+                     f"{br['host_s']} + idle {br['idle_s']} (host + idle {br['host_and_idle_s']})")
     lines.append(f"best HF int8: {i8.get('bs')} rows, threshold {i8.get('threshold')}; best HF fp16: {f16.get('cache')} "
                  f"cache, {f16.get('bs')} rows. Agreement with HF int8 generate: {s.get('agreement')}")
     return "\n".join(lines)
@@ -630,7 +852,7 @@ def table(s: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="levers,batchgen,baselines")
+    parser.add_argument("--only", default="levers,batchgen,baselines,peer")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--merge", type=Path, nargs="*")
     parser.add_argument("--num-requests", type=int, default=2048)
@@ -648,9 +870,19 @@ def main() -> None:
     parser.add_argument("--probe-steps", type=int, default=16)
     parser.add_argument("--gb-requests", type=int, default=64)
     parser.add_argument("--gb-tokens", type=int, default=64)
+    parser.add_argument("--fp16-largest", action=argparse.BooleanOptionalAction, default=True,
+                        help="baselines: also HF fp16 static cache at the most rows that fit")
+    parser.add_argument("--peer-pythonpath", type=Path, help="peer: a folder put first on the peer's path "
+                        "(pip install --no-deps --target DIR -U transformers)")
+    parser.add_argument("--peer-cap-s", type=float, default=330.0, help="peer: stop it after this many seconds")
+    parser.add_argument("--peer-child", type=Path, help=argparse.SUPPRESS)  # phase_peer's subprocess: result path
+    parser.add_argument("--merge-out", type=Path, default=REPO / "docs" / "benchmarks" / "bulk.json")
     args = parser.parse_args()
     if args.merge is not None:
-        merge(args.merge, Path(__file__).resolve().parent.parent)
+        merge(args.merge, args.merge_out)
+        return
+    if args.peer_child is not None:
+        peer_child(args.peer_child, workload(args.num_requests), args.peer_cap_s)
         return
     torch = _torch()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -659,11 +891,15 @@ def main() -> None:
             "torch": torch.__version__, "workload": f"{len(reqs)} requests, prompts 32-512, max_tokens 32-256 "
             f"(seed 0), greedy, EOS ignored; {useful_tokens(reqs)} output tokens"}
     meta["model"] = build_llama7b(MODEL_DIR)
+    try:  # the bus rate every bound and efficiency of this run is computed from
+        meta["bandwidth"] = copy_bandwidth()
+    except Exception as exc:
+        meta["bandwidth"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     print("meta", json.dumps(meta), flush=True)
     write_json(args.out / "meta.json", meta)
     for phase in args.only.split(","):
         start = time.perf_counter()
-        phases = {"levers": phase_levers, "baselines": phase_baselines,
+        phases = {"levers": phase_levers, "baselines": phase_baselines, "peer": phase_peer,
                   "batchgen": lambda a, r: phase_batchgen(a, r, args.out)}
         try:
             res = phases[phase](args, reqs)

@@ -73,6 +73,32 @@ def build_llama7b(out: Path) -> dict:
     return {"build_s": round(time.perf_counter() - start, 1), "cached": False}
 
 
+def copy_bandwidth(device: str = "cuda", num_bytes: int = 2**32, iters: int = 20) -> dict:
+    """The device's memory bandwidth as a large device-to-device copy moves it (bytes read + written per second):
+    the bus rate a memory-bound bound is computed from, measured in the run that reports against it."""
+    import torch
+
+    on_gpu = torch.device(device).type == "cuda"
+    buffers = [torch.ones(num_bytes, dtype=torch.uint8, device=device), torch.empty(num_bytes, dtype=torch.uint8,
+                                                                                       device=device)]
+
+    def copies(n: int) -> None:
+        for _ in range(n):
+            buffers[1].copy_(buffers[0])
+        if on_gpu:
+            torch.cuda.synchronize(device)
+
+    copies(1)
+    start = time.perf_counter()
+    copies(iters)
+    seconds = (time.perf_counter() - start) / iters
+    buffers.clear()
+    if on_gpu:
+        torch.cuda.empty_cache()  # give the 2 × num_bytes back: a worker started after this sizes its KV from free memory
+    return {"copy_bytes": num_bytes, "ms": round(1000 * seconds, 3), "gb_s": round(2 * num_bytes / seconds / 1e9, 1),
+            "note": "device-to-device copy, bytes read + written"}
+
+
 def sync() -> None:
     import torch
 

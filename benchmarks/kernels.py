@@ -1,0 +1,396 @@
+"""The decode step's kernels alone, one Llama-2-7B layer at the engine's batch: are they at the memory bound?
+
+(a) decode attention over the slot cache [rows, max_len, kv_heads, head_dim]: ours (Triton split-KV, fp16 and
+    fp8-e4m3 K/V; eager and replayed from a CUDA graph) against what the engine runs today (aten's
+    FlashAttention varlen with seqused_k), flash_attn's flash_attn_with_kvcache when that package imports, and
+    SDPA over the padded cache; ms per layer and GB/s of the K/V bytes each row actually needs.
+(b) the four int8 projections of a layer (q/k/v fused, o, gate/up fused, down) at the same rows: per-token
+    quantise + torch._int_mm + dequantise as separate torch ops (eager, and torch.compile'd as the engine does)
+    against the Triton pieces (fused quantise + _int_mm + fused dequantise; fused quantise + Triton int8 GEMM
+    with the dequantise in its epilogue). Run back to back as in a layer, so 202 MB of weights stream through
+    L2 instead of sitting in it.
+(c) the device's bandwidth: a large device-to-device copy (bytes read + written).
+
+Each kernel's output is checked against the plain-torch reference first (max abs error in the JSON).
+
+    python3 -m benchmarks.kernels --out $OUT          # on the GPU: torch + triton, nothing else
+    .venv/bin/python -m benchmarks.kernels --smoke    # here: tiny shapes on the CPU under Triton's interpreter
+"""
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.common import copy_bandwidth, write_json
+
+
+@dataclass(frozen=True)
+class Shape:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """name: (out_features, in_features) of a layer's four int8 matmuls (q/k/v and gate/up fused)."""
+        qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
+        return {"qkv": (qkv, self.hidden), "o": (self.hidden, self.heads * self.head_dim),
+                "gate_up": (2 * self.intermediate, self.hidden), "down": (self.hidden, self.intermediate)}
+
+
+LLAMA2_7B = Shape(heads=32, kv_heads=32, head_dim=128, hidden=4096, intermediate=11008)
+SMOKE = Shape(heads=4, kv_heads=2, head_dim=64, hidden=128, intermediate=256)
+ATTENTION_CONFIGS = [(32, 4, 2), (128, 4, 2), (64, 8, 3)]  # (block_n, num_warps, num_stages) besides (64, 4, 2)
+GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages): a hand sweep, not an autotuner
+    (64, 128, 128, 4, 4), (32, 128, 256, 4, 3), (64, 64, 256, 4, 3), (128, 128, 128, 8, 3)]
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+class Stamp:
+    """A point in device time: a recorded CUDA event, or the host clock on the CPU (where kernels are synchronous)."""
+
+    def __init__(self, device: str):
+        self.event = None
+        if device == "cuda":
+            self.event = _torch().cuda.Event(enable_timing=True)
+            self.event.record()
+        self.host_s = time.perf_counter()
+
+    def ms_until(self, later: "Stamp") -> float:
+        if self.event is None:
+            return 1000 * (later.host_s - self.host_s)
+        later.event.synchronize()
+        return self.event.elapsed_time(later.event)
+
+
+ITERS = {"cuda": 50, "cpu": 1}
+
+
+def time_ms(fn, device: str, warmup: int = 3) -> float:
+    """Mean device ms per call over back-to-back calls."""
+    for _ in range(warmup if device == "cuda" else 1):
+        fn()
+    iters = ITERS[device]
+    start = Stamp(device)
+    for _ in range(iters):
+        fn()
+    return start.ms_until(Stamp(device)) / iters
+
+
+def graph_ms(fn, device: str) -> float:
+    """fn captured in a CUDA graph and replayed: proves it captures (no host sync) and drops launch overhead."""
+    torch = _torch()
+    if device != "cuda":
+        raise RuntimeError("CUDA graphs need a GPU")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return time_ms(graph.replay, device)
+
+
+def _try(results: dict, name: str, fn) -> None:
+    """Records fn()'s result under name, or the error: one failing variant must not cost the others."""
+    try:
+        results[name] = fn()
+    except Exception as exc:  # the benchmark runs once on a borrowed GPU: keep every other number
+        results[name] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+    print(name, json.dumps(results[name]), flush=True)
+
+
+# -- (a) attention -----------------------------------------------------------------------------------------
+def attention(args, shape: Shape, device: str) -> dict:
+    torch = _torch()
+    from batchgen.worker.engine.kernels import (
+        decode_attention,
+        decode_attention_reference,
+        num_kv_splits,
+        quantize_kv,
+    )
+    from batchgen.worker.engine.kernels.attention import fp8_kv_scale
+
+    g = torch.Generator(device=device).manual_seed(0)
+    rows, max_len, kv_heads, head_dim = args.rows, args.max_len, shape.kv_heads, shape.head_dim
+    low = max(1, 2 * args.mean_ctx - max_len)  # uniform lengths with the asked mean, capped by max_len
+    lens = torch.randint(low, max_len + 1, (rows,), generator=g, device=device, dtype=torch.int32)
+    cache_shape = (rows, max_len, kv_heads, head_dim)
+    k = torch.randn(cache_shape, generator=g, device=device, dtype=torch.float16)
+    v = torch.randn(cache_shape, generator=g, device=device, dtype=torch.float16)
+    q = torch.randn(rows, shape.heads, head_dim, generator=g, device=device, dtype=torch.float16)
+    scale = head_dim**-0.5
+    k_scale, v_scale = fp8_kv_scale(k), fp8_kv_scale(v)
+    k8, v8 = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
+    num_tokens = int(lens.sum())
+    needed = {"fp16": num_tokens * kv_heads * head_dim * 2 * 2, "fp8": num_tokens * kv_heads * head_dim * 2 * 1}
+    out: dict = {"rows": rows, "max_len": max_len, "mean_ctx": round(num_tokens / rows, 1),
+                 "kv_bytes_needed_fp16": needed["fp16"], "kv_bytes_needed_fp8": needed["fp8"],
+                 "default_splits": num_kv_splits(max_len, rows, kv_heads), "variants": {}}
+    variants = out["variants"]
+
+    def row(fn, kv: str, *, graph: bool = False) -> dict:
+        ms = graph_ms(fn, device) if graph else time_ms(fn, device)
+        return {"ms": round(ms, 4), "kv_gb_s": round(needed[kv] / ms / 1e6, 1), "layers_32_ms": round(32 * ms, 2)}
+
+    check = slice(0, min(rows, 32))  # the float32 reference over every row would need ~10 GB
+
+    def checked(kv_k, kv_v, k_scale=None, v_scale=None, **tune) -> float:
+        scales = dict(k_scale=k_scale, v_scale=v_scale)
+        ours = decode_attention(q[check], kv_k[check], kv_v[check], lens[check], scale, **scales, **tune)
+        ref = decode_attention_reference(q[check], kv_k[check], kv_v[check], lens[check], scale, **scales)
+        return round(float((ours.float() - ref.float()).abs().max()), 5)
+
+    out["max_abs_err_fp16"] = checked(k, v)
+    out["max_abs_err_fp8"] = checked(k8, v8, k_scale=k_scale, v_scale=v_scale)
+    for splits in sorted({out["default_splits"], 1, 2, 4}):
+        _try(variants, f"triton fp16, splits {splits}",
+             lambda s=splits: row(lambda: decode_attention(q, k, v, lens, scale, num_splits=s), "fp16"))
+    _try(variants, "triton fp16, graph", lambda: row(lambda: decode_attention(q, k, v, lens, scale), "fp16", graph=True))
+    for block_n, warps, stages in ATTENTION_CONFIGS:
+        tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+        _try(variants, f"triton fp16, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+            lambda: decode_attention(q, k, v, lens, scale, **t), "fp16") | {"max_abs_err": checked(k, v, **t)})
+        _try(variants, f"triton fp8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+            lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale, **t), "fp8")
+            | {"max_abs_err": checked(k8, v8, k_scale=k_scale, v_scale=v_scale, **t)})
+    _try(variants, "triton fp8 per-head scale", lambda: row(
+        lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale), "fp8"))
+    _try(variants, "triton fp8 per-head scale, graph", lambda: row(
+        lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale), "fp8", graph=True))
+
+    cu_q = torch.arange(rows + 1, device=device, dtype=torch.int32)
+    cu_k = cu_q * max_len
+    keys, values = k.view(-1, kv_heads, head_dim), v.view(-1, kv_heads, head_dim)
+
+    def aten_flash():  # model_runner.flash_varlen, the engine's decode attention today
+        return torch.ops.aten._flash_attention_forward(q, keys, values, cu_q, cu_k, 1, max_len, 0.0, False, False,
+                                                       scale=scale, seqused_k=lens)[0]
+
+    _try(variants, "aten flash varlen seqused_k (engine today)", lambda: row(aten_flash, "fp16"))
+    _try(variants, "aten flash varlen seqused_k, graph", lambda: row(aten_flash, "fp16", graph=True))
+
+    def flash_attn_kvcache():
+        from flash_attn import flash_attn_with_kvcache
+
+        return lambda: flash_attn_with_kvcache(q[:, None], k, v, cache_seqlens=lens, softmax_scale=scale)
+
+    try:
+        fa = flash_attn_kvcache()
+        _try(variants, "flash_attn with_kvcache", lambda: row(fa, "fp16"))
+    except ImportError:
+        variants["flash_attn with_kvcache"] = {"error": "flash_attn does not import"}
+
+    mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
+    q4 = q[:, :, None]
+
+    def sdpa():  # reads every row's whole max_len: its GB/s is counted on the bytes needed, like the others
+        return torch.nn.functional.scaled_dot_product_attention(q4, k.transpose(1, 2), v.transpose(1, 2),
+                                                                attn_mask=mask, scale=scale,
+                                                                enable_gqa=shape.heads != kv_heads)
+
+    _try(variants, "sdpa padded cache + mask", lambda: row(sdpa, "fp16"))
+    return out
+
+
+# -- (b) int8 projections ----------------------------------------------------------------------------------
+def _layer_ms(steps: list, device: str) -> tuple[float, list[float]]:
+    """The projections back to back, as in a layer: (total ms, ms of each) from stamps between them."""
+    for _ in range(3 if device == "cuda" else 1):
+        for fn in steps:
+            fn()
+    iters = ITERS[device]
+    stamps = [Stamp(device)]
+    for _ in range(iters):
+        for fn in steps:
+            fn()
+            stamps.append(Stamp(device))
+    each = [0.0] * len(steps)
+    for j in range(1, len(stamps)):
+        each[(j - 1) % len(steps)] += stamps[j - 1].ms_until(stamps[j]) / iters
+    return sum(each), each
+
+
+def projections(args, shape: Shape, device: str, deadline: float) -> dict:
+    torch = _torch()
+    from batchgen.worker.engine import int8_linear
+    from batchgen.worker.engine.kernels import (
+        dequantize_acc,
+        dequantize_acc_reference,
+        int8_matmul_dequant,
+        quantize_rows,
+    )
+
+    g = torch.Generator(device=device).manual_seed(1)
+    m = args.rows
+    layer = {}
+    for name, (n, k) in shape.projections().items():
+        layer[name] = {"x": torch.randn(m, k, generator=g, device=device, dtype=torch.float16),
+                       "cb": torch.randint(-127, 128, (n, k), generator=g, device=device, dtype=torch.int8),
+                       "scb": torch.rand(n, generator=g, device=device) + 0.5,
+                       "xq": torch.randint(-127, 128, (m, k), generator=g, device=device, dtype=torch.int8)}
+    weight_bytes = sum(n * k for n, k in shape.projections().values())
+    out: dict = {"rows": m, "weight_bytes": weight_bytes, "goal_ms": 0.25, "variants": {}, "max_abs_err": {}}
+
+    def separate_steps(quant, dequant):
+        def one(p):
+            def step():
+                xq, absmax = quant(p["x"])
+                return dequant(torch._int_mm(xq, p["cb"].t()), absmax, p["scb"], None, torch.float16)
+            return step
+        return [one(p) for p in layer.values()]
+
+    def triton_epilogue_steps(cfg=None):
+        def one(p):
+            def step():
+                xq, absmax = quantize_rows(p["x"])
+                if cfg is None:
+                    return dequantize_acc(torch._int_mm(xq, p["cb"].t()), absmax, p["scb"], None, torch.float16)
+                bm, bn, bk, w, s = cfg
+                return int8_matmul_dequant(xq, absmax, p["cb"], p["scb"], None, torch.float16, block_m=bm, block_n=bn,
+                                           block_k=bk, num_warps=w, num_stages=s)
+            return step
+        return [one(p) for p in layer.values()]
+
+    def record(steps: list) -> dict:
+        total, each = _layer_ms(steps, device)
+        return {"ms": round(total, 4), "each_ms": dict(zip(layer, (round(e, 4) for e in each), strict=True)),
+                "weights_gb_s": round(weight_bytes / total / 1e6, 1), "layers_32_ms": round(32 * total, 2)}
+
+    def graph_record(steps: list) -> dict:
+        def layer_fn():
+            for s in steps:
+                s()
+        ms = graph_ms(layer_fn, device)
+        return {"ms": round(ms, 4), "weights_gb_s": round(weight_bytes / ms / 1e6, 1), "layers_32_ms": round(32 * ms, 2)}
+
+    for name, p in layer.items():  # correctness first: every Triton variant against the torch arithmetic
+        xq, absmax = int8_linear.quantize_rows(p["x"])
+        ref = dequantize_acc_reference(torch._int_mm(xq, p["cb"].t()), absmax, p["scb"], None, torch.float16).float()
+        tq, ta = quantize_rows(p["x"])
+        errs = {"quantize_mismatches": int((tq != xq).sum()),
+                "epilogue": float((dequantize_acc(torch._int_mm(tq, p["cb"].t()), ta, p["scb"], None,
+                                                  torch.float16).float() - ref).abs().max())}
+        try:
+            errs["triton_gemm"] = float((int8_matmul_dequant(tq, ta, p["cb"], p["scb"], None, torch.float16).float()
+                                         - ref).abs().max())
+        except Exception as exc:
+            errs["triton_gemm"] = f"{type(exc).__name__}: {exc}"[:300]
+        out["max_abs_err"][name] = errs
+    print("projection errors", json.dumps(out["max_abs_err"]), flush=True)
+
+    variants = out["variants"]
+    _try(variants, "torch eager: quantise, _int_mm, dequantise",
+         lambda: record(separate_steps(int8_linear.quantize_rows, int8_linear.dequantize)))
+    _try(variants, "_int_mm alone", lambda: record([
+        lambda p=p: torch._int_mm(p["xq"], p["cb"].t()) for p in layer.values()]))
+    _try(variants, "triton quantise + _int_mm + triton dequantise", lambda: record(triton_epilogue_steps()))
+    _try(variants, "triton quantise + _int_mm + triton dequantise, graph", lambda: graph_record(triton_epilogue_steps()))
+    for cfg in GEMM_CONFIGS:
+        _try(variants, f"triton quantise + triton int8 GEMM (epilogue fused) {cfg}",
+             lambda c=cfg: record(triton_epilogue_steps(c)))
+    if args.compiled and time.monotonic() < deadline:
+        def compiled():
+            quant = torch.compile(int8_linear.quantize_rows, dynamic=True)
+            dequant = torch.compile(int8_linear.dequantize, dynamic=True)
+            start = time.perf_counter()
+            for step in separate_steps(quant, dequant):
+                step()
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - start
+            res = record(separate_steps(quant, dequant))
+            res["compile_s"] = round(compile_s, 1)
+            return res
+
+        _try(variants, "torch.compile'd quantise + _int_mm + dequantise (engine today)", compiled)
+    elif args.compiled:
+        variants["torch.compile'd quantise + _int_mm + dequantise (engine today)"] = {"error": "skipped: time budget"}
+
+    ok = {k: v["ms"] for k, v in variants.items() if k.startswith("triton") and "ms" in v}
+    if ok:
+        best = min(ok, key=ok.get)
+        out["best_triton"] = {"variant": best, "ms": ok[best], "meets_goal": ok[best] <= out["goal_ms"]}
+    gemms = {k: v["each_ms"] for k, v in variants.items() if "int8 GEMM" in k and "each_ms" in v}
+    if gemms:  # each projection with its own best GEMM config: what a per-shape config table would give
+        pick = {name: min(gemms, key=lambda k, n=name: gemms[k][n]) for name in layer}
+        total = sum(gemms[pick[name]][name] for name in layer)
+        out["best_gemm_per_projection"] = {"ms": round(total, 4), "meets_goal": total <= out["goal_ms"],
+                                           "configs": pick}
+    return out
+
+
+def table(res: dict) -> str:
+    bw = (res.get("bandwidth") or {}).get("gb_s")
+    lines = [f"device {res.get('device')}, torch {res.get('torch')}, triton {res.get('triton')}; D2D copy {bw} GB/s", ""]
+    att = res.get("attention") or {}
+    lines += [f"(a) decode attention, one layer: {att.get('rows')} rows, mean context {att.get('mean_ctx')}, "
+              f"max_len {att.get('max_len')}; errors fp16 {att.get('max_abs_err_fp16')}, fp8 {att.get('max_abs_err_fp8')}",
+              "| variant | ms | GB/s of K/V needed | % of copy rate | × 32 layers ms |", "|---|---|---|---|---|"]
+    for name, r in (att.get("variants") or {}).items():
+        if "error" in r:
+            lines.append(f"| {name} | – | – | – | {r['error'][:80]} |")
+            continue
+        pct = f"{100 * r['kv_gb_s'] / bw:.0f}" if bw else "–"
+        lines.append(f"| {name} | {r['ms']:.3f} | {r['kv_gb_s']:,.0f} | {pct} | {r['layers_32_ms']} |")
+    pro = res.get("projections") or {}
+    lines += ["", f"(b) a layer's four int8 projections at {pro.get('rows')} rows (goal ≤ {pro.get('goal_ms')} ms)",
+              "| variant | ms | weights GB/s | × 32 layers ms | qkv / o / gate_up / down ms |", "|---|---|---|---|---|"]
+    for name, r in (pro.get("variants") or {}).items():
+        if "error" in r:
+            lines.append(f"| {name} | – | – | – | {r['error'][:80]} |")
+            continue
+        each = " / ".join(f"{v:.3f}" for v in (r.get("each_ms") or {}).values())
+        lines.append(f"| {name} | {r['ms']:.3f} | {r['weights_gb_s']:,.0f} | {r['layers_32_ms']} | {each} |")
+    lines.append(f"best Triton: {pro.get('best_triton')}")
+    lines.append(f"best GEMM config per projection: {pro.get('best_gemm_per_projection')}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--rows", type=int, default=260)
+    parser.add_argument("--mean-ctx", type=int, default=404)
+    parser.add_argument("--max-len", type=int, default=768)
+    parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the torch.compile'd quantise/dequantise the engine runs (skipped past 45 s)")
+    parser.add_argument("--only", default="bandwidth,attention,projections")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on the CPU under Triton's interpreter: checks the script, measures nothing")
+    args = parser.parse_args()
+    shape, device = LLAMA2_7B, "cuda"
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels module is first imported, below
+        shape, device = SMOKE, "cpu"
+        args.rows, args.mean_ctx, args.max_len, args.compiled = 6, 50, 96, False
+    torch = _torch()
+    import triton
+
+    start = time.monotonic()
+    res: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke)",
+                 "torch": torch.__version__, "triton": triton.__version__, "shape": asdict(shape)}
+    phases = {"bandwidth": lambda: copy_bandwidth(device, 2**32 if device == "cuda" else 2**24), "attention": lambda: attention(args, shape, device),
+              "projections": lambda: projections(args, shape, device, start + 45)}
+    for phase in args.only.split(","):
+        _try(res, phase, phases[phase])
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the phase's tensors went with its frame
+    res["wall_s"] = round(time.monotonic() - start, 1)
+    write_json(args.out / "kernels.json", res)
+    print(table(res))
+    print(f"wall {res['wall_s']} s; wrote {args.out / 'kernels.json'}")
+
+
+if __name__ == "__main__":
+    main()

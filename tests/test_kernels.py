@@ -1,0 +1,176 @@
+"""The decode step's Triton kernels equal their plain-torch references: run on the CPU by Triton's interpreter.
+
+Decode attention over a ragged slot cache (rows of length 1, 2, odd and max), GQA ratios 1/4/8, head_dim 64 and
+128, fp16/bf16, fp8-e4m3 K/V against the dequantised reference; the fused int8 quantise / dequantise / GEMM
+against int8_linear's own arithmetic, bit for bit.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere: the kernels run on CPU tensors
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from batchgen.worker.engine import int8_linear  # noqa: E402
+from batchgen.worker.engine.kernels import (  # noqa: E402
+    decode_attention,
+    decode_attention_reference,
+    dequantize_acc,
+    int8_matmul_dequant,
+    num_kv_splits,
+    outlier_mask,
+    quantize_kv,
+    quantize_rows,
+    quantize_rows_reference,
+)
+from batchgen.worker.engine.kernels import int8_linear as fused_int8_linear  # noqa: E402
+from batchgen.worker.engine.kernels.attention import fp8_kv_scale  # noqa: E402
+
+MAX_LEN = 80  # spans two 64-key blocks, so the kernel's inner loop runs more than once
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)  # the same inputs whichever tests ran before
+
+
+def _cache(num_rows: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(num_rows, MAX_LEN, num_kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(num_rows, MAX_LEN, num_kv_heads, head_dim, generator=g).to(dtype)
+    return k, v
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2  # an output ulp or two
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,dtype", [
+    (4, 4, 64, torch.float16), (8, 2, 128, torch.float16), (16, 2, 64, torch.bfloat16), (8, 1, 128, torch.bfloat16)])
+def test_decode_attention_reads_each_rows_own_length(num_heads, num_kv_heads, head_dim, dtype):
+    lengths = torch.tensor([1, 2, 37, MAX_LEN], dtype=torch.int32)  # one key, two, odd across a block, the whole row
+    k, v = _cache(len(lengths), num_kv_heads, head_dim, dtype)
+    q = torch.randn(len(lengths), num_heads, head_dim).to(dtype)
+    ref = decode_attention_reference(q, k, v, lengths, head_dim**-0.5)
+    for splits in (1, 3):  # one split, and splits that leave the short rows' later splits empty
+        _close(decode_attention(q, k, v, lengths, head_dim**-0.5, num_splits=splits), ref, dtype)
+
+
+def test_decode_attention_tuning_keeps_the_result():
+    lengths = torch.tensor([1, 33, MAX_LEN], dtype=torch.int32)
+    k, v = _cache(3, 2, 64, torch.float16)
+    q = torch.randn(3, 8, 64).to(torch.float16)
+    ref = decode_attention_reference(q, k, v, lengths, 0.125)
+    for block_n in (32, 128):  # 128 > MAX_LEN: one masked block; 32: three blocks, the last one ragged
+        _close(decode_attention(q, k, v, lengths, 0.125, num_splits=2, block_n=block_n, num_warps=8), ref, torch.float16)
+
+
+def test_keys_past_a_rows_length_do_not_change_its_output():
+    k, v = _cache(2, 2, 64, torch.float16)
+    q = torch.randn(2, 4, 64).to(torch.float16)
+    lengths = torch.tensor([5, 9], dtype=torch.int32)
+    before = decode_attention(q, k, v, lengths, 0.125, num_splits=2)
+    k[:, 9:], v[:, 9:] = 1e4, -1e4  # stale K/V of a previous occupant
+    assert torch.equal(decode_attention(q, k, v, lengths, 0.125, num_splits=2), before)
+    ref_one_key = v[:, 0, [0, 0, 1, 1]]  # a row of length 1 attends to its one key: the output is its value
+    out = decode_attention(q, k, v, torch.tensor([1, 1], dtype=torch.int32), 0.125)
+    torch.testing.assert_close(out, ref_one_key, atol=1e-3, rtol=0)
+
+
+def test_query_strides_and_cache_rows_follow_the_runner_layout():
+    """q may be a slice of a fused q/k/v output (row stride > heads * d); cache_rows maps rows to cache slots."""
+    k, v = _cache(5, 2, 64, torch.float16)
+    qkv = torch.randn(3, (8 + 2 * 2) * 64).to(torch.float16)
+    q = qkv[:, :8 * 64].view(3, 8, 64)
+    assert not q.is_contiguous()
+    lengths = torch.tensor([3, 80, 17], dtype=torch.int32)
+    rows = torch.tensor([4, 0, 2], dtype=torch.int32)
+    ref = decode_attention_reference(q, k, v, lengths, 0.125, cache_rows=rows)
+    _close(decode_attention(q, k, v, lengths, 0.125, cache_rows=rows), ref, torch.float16)
+    assert not torch.allclose(ref, decode_attention_reference(q, k, v, lengths, 0.125), atol=1e-2)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_fp8_kv_equals_the_dequantised_reference(per_head):
+    k, v = _cache(4, 2, 128, torch.float16)
+    v[:, :, 1] *= 8  # heads of different ranges: what a per-head scale is for
+    q = torch.randn(4, 8, 128, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+    lengths = torch.tensor([1, 2, 37, MAX_LEN], dtype=torch.int32)
+    k_scale, v_scale = fp8_kv_scale(k, per_head), fp8_kv_scale(v, per_head)
+    assert k_scale.numel() == (2 if per_head else 1)
+    k8, v8 = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
+    assert k8.dtype == torch.float8_e4m3fn
+    ref = decode_attention_reference(q, k8, v8, lengths, 128**-0.5, k_scale=k_scale, v_scale=v_scale)
+    out = decode_attention(q, k8, v8, lengths, 128**-0.5, k_scale=k_scale, v_scale=v_scale, num_splits=2)
+    _close(out, ref, torch.float16)
+    exact = decode_attention_reference(q, k, v, lengths, 128**-0.5)
+    relative = (ref.float() - exact.float()).abs().max() / exact.float().abs().max()
+    assert relative < 0.07  # e4m3 rounds each value within 2^-4 of itself (3 mantissa bits); fp16 adds a little
+
+
+def test_split_count_comes_from_shapes_and_fills_small_batches():
+    assert num_kv_splits(768, 260, 32) == 1
+    assert num_kv_splits(768, 1, 32) == 12  # 768 / 64 key blocks
+    assert num_kv_splits(768, 4, 8) == 12
+    assert num_kv_splits(64, 1, 1) == 1
+
+
+def test_quantize_rows_equals_int8_linear_bit_for_bit():
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(7, 300, generator=g) * 4).to(torch.float16)
+    x[0, :4] = torch.tensor([254.0, 1.0, 3.0, 5.0])  # scale 0.5: ties at .5, 1.5, 2.5 round to even (0, 2, 2)
+    x[0, 4:] = 0
+    xq, absmax = quantize_rows(x)
+    ref_q, ref_absmax = int8_linear.quantize_rows(x)
+    assert torch.equal(xq, ref_q) and torch.equal(absmax, ref_absmax)
+    assert xq[0, :4].tolist() == [127, 0, 2, 2]
+    xq, _ = quantize_rows(x.to(torch.bfloat16))  # bf16 activations go through fp16 as bnb's do
+    assert torch.equal(xq, int8_linear.quantize_rows(x.to(torch.bfloat16))[0])
+
+
+def test_quantize_rows_leaves_outlier_columns_out():
+    x = torch.randn(3, 64).to(torch.float16)
+    x[:, 5] = 100.0  # an outlier column would otherwise set every row's scale
+    mask = outlier_mask(torch.tensor([5, 9]), 64)
+    xq, absmax = quantize_rows(x, mask)
+    ref_q, ref_absmax = quantize_rows_reference(x, mask)
+    assert torch.equal(xq, ref_q) and torch.equal(absmax, ref_absmax)
+    assert (xq[:, [5, 9]] == 0).all() and (absmax < 100).all()
+
+
+def test_dequantize_and_int8_gemm_equal_int8_linear():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(20, 96, generator=g).to(torch.float16)
+    cb = torch.randint(-127, 128, (48, 96), dtype=torch.int8, generator=g)
+    scb = torch.rand(48, generator=g) + 0.5
+    bias = torch.randn(48, generator=g).to(torch.float16)
+    xq, absmax = quantize_rows(x)
+    acc = torch._int_mm(xq, cb.t())
+    for b in (None, bias):
+        ref = int8_linear.dequantize(acc, absmax, scb, b, torch.float16)
+        assert torch.equal(dequantize_acc(acc, absmax, scb, b, torch.float16), ref)
+        fused = int8_matmul_dequant(xq, absmax, cb, scb, b, torch.float16, block_m=16, block_n=32, block_k=64)
+        assert torch.equal(fused, ref)  # int32 accumulation is exact; the epilogue is the same float32 arithmetic
+    dense = torch.randn(20, 48, generator=g).to(torch.float16)  # the outlier columns' dense product
+    ref = (int8_linear.dequantize(acc, absmax, scb, bias, torch.float32) + dense.float()).to(torch.float16)
+    assert torch.equal(dequantize_acc(acc, absmax, scb, bias, torch.float16, dense), ref)
+    assert torch.equal(fused_int8_linear(x, cb, scb, bias, addend=dense), ref)
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter runs the kernels' Python, not Triton's compiler: compile each for sm_90 (Triton's own
+    ptxas, no GPU) in a process without TRITON_INTERPRET, so a GPU run does not meet a compile error first."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "batchgen.worker.engine.kernels.compile_check"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    compiled = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(compiled) == {"split fp16", "split fp8", "merge", "quantize", "dequantize", "int8 gemm"}
+    assert compiled["quantize"]["round_half_even"] and compiled["int8 gemm"]["int8_tensor_cores"]

@@ -1,0 +1,212 @@
+"""Split-KV decode attention (FlashDecoding) over the slot KV cache: one query token per row.
+
+Cache layout is the runner's per layer: k/v [rows, max_len, kv_heads, head_dim]; query row i reads cache
+row i (or cache_rows[i]) and its first seq_lens[i] keys. Stage one: one program per (row, kv head, split)
+runs every query head of that KV group against its share of the row's keys (GQA without copying K/V) and
+writes a partial output and its log-sum-exp; stage two merges the splits. The grid depends only on the row
+count and the split count (chosen from max_len), and each row's split length is computed on the device
+from seq_lens, so the launch is the same every step and a CUDA graph can hold it.
+
+fp8-e4m3 K/V: the cache holds x / scale (quantize_kv); the scale, one per tensor or per KV head, is a
+scalar inside a program, so it multiplies the scores (K) and the output (V) instead of every element.
+
+Follows the structure of SGLang's triton_ops/decode_attention.py (grouped stage 1 + softmax-merge stage 2).
+"""
+
+import math
+
+import torch
+from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, triton_available
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+_LOG2E = 1.4426950408889634
+BLOCK_N = 64  # keys per inner step
+MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _split_kernel(Q, K, V, SeqLens, CacheRows, KScale, VScale, MidO, MidLse,
+                      stride_qn, stride_qh, stride_kr, stride_kt, stride_kh, stride_vr, stride_vt, stride_vh,
+                      stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, scale_stride, qk_scale,
+                      GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr, DOT_F32: tl.constexpr):
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(SeqLens + row)
+        cache_row = row
+        if HAS_ROWS:
+            cache_row = tl.load(CacheRows + row)
+        split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole blocks: no ragged block inside
+        start = split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        h_mask = h < GROUP
+        d_mask = d < HEAD_DIM
+        heads = kv_head * GROUP + h
+        q = tl.load(Q + row * stride_qn + heads[:, None] * stride_qh + d[None, :],
+                    mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+        k_scale = tl.load(KScale + kv_head * scale_stride)
+        v_scale = tl.load(VScale + kv_head * scale_stride)
+        s_scale = qk_scale * k_scale  # qk_scale already holds log2(e): exp2 below
+        k_base = K + cache_row.to(tl.int64) * stride_kr + kv_head * stride_kh
+        v_base = V + cache_row.to(tl.int64) * stride_vr + kv_head * stride_vh
+
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l_sum = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        for block in range(start, end, BLOCK_N):
+            t = block + tl.arange(0, BLOCK_N)
+            t_mask = t < end
+            k = tl.load(k_base + t[None, :] * stride_kt + d[:, None], mask=d_mask[:, None] & t_mask[None, :], other=0.0)
+            if DOT_F32:
+                s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * s_scale
+            else:
+                s = tl.dot(q, k.to(q.dtype)) * s_scale
+            s = tl.where(t_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + t[:, None] * stride_vt + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+            if DOT_F32:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+            m = m_new
+
+        has_keys = l_sum > 0.0  # an empty split (short row) contributes nothing to the merge
+        out = acc * (v_scale / tl.where(has_keys, l_sum, 1.0))[:, None]
+        lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, l_sum, 1.0)), float("-inf"))
+        tl.store(MidO + row * stride_mn + heads[:, None] * stride_mh + split * stride_ms + d[None, :], out,
+                 mask=h_mask[:, None] & d_mask[None, :])
+        tl.store(MidLse + row * stride_ln + heads * stride_lh + split, lse, mask=h_mask)
+
+    @triton.jit
+    def _merge_kernel(MidO, MidLse, Out, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, stride_on, stride_oh,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        s_mask = s < NUM_SPLITS
+        d_mask = d < HEAD_DIM
+        lse = tl.load(MidLse + row * stride_ln + head * stride_lh + s, mask=s_mask, other=float("-inf"))
+        m = tl.max(lse, 0)
+        w = tl.where(lse > float("-inf"), tl.exp2(lse - tl.where(m > float("-inf"), m, 0.0)), 0.0)
+        o = tl.load(MidO + row * stride_mn + head * stride_mh + s[:, None] * stride_ms + d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        total = tl.sum(w, 0)
+        out = tl.sum(o * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+        tl.store(Out + row * stride_on + head * stride_oh + d, out.to(Out.dtype.element_ty), mask=d_mask)
+
+
+def num_kv_splits(max_len: int, num_rows: int, num_kv_heads: int, target_programs: int = 1024) -> int:
+    """Splits per row: enough (row, kv head, split) programs to fill the GPU at small batches, never more than
+    max_len has key blocks. From shapes only, so a captured graph's launch stays valid for any lengths."""
+    wanted = -(-target_programs // max(1, num_rows * num_kv_heads))
+    return max(1, min(wanted, -(-max_len // BLOCK_N), 64))
+
+
+def _scale_tensor(scale: torch.Tensor | float | None, num_kv_heads: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """A float32 scale on the device and its stride over KV heads (0: one scale for every head)."""
+    if scale is None:
+        scale = 1.0
+    if not isinstance(scale, torch.Tensor):
+        return torch.full((1,), float(scale), dtype=torch.float32, device=device), 0
+    scale = scale.to(device=device, dtype=torch.float32).reshape(-1)
+    if scale.numel() not in (1, num_kv_heads):
+        raise ValueError(f"KV scale has {scale.numel()} values: use one, or one per KV head ({num_kv_heads})")
+    return scale, 0 if scale.numel() == 1 else 1
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                     scale: float, *, k_scale: torch.Tensor | float | None = None,
+                     v_scale: torch.Tensor | float | None = None, cache_rows: torch.Tensor | None = None,
+                     num_splits: int | None = None, out: torch.Tensor | None = None, block_n: int = BLOCK_N,
+                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
+    head_dim] (q's dtype or float8_e4m3fn), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
+
+    k_scale/v_scale: dequantisation scales of an fp8 cache (a float, or a tensor of 1 or kv_heads values).
+    cache_rows [n] int32: the cache row of each query row (default: row i reads cache row i).
+    num_splits: default num_kv_splits(max_len, n, kv_heads); fix it per captured graph.
+    block_n / num_warps / num_stages: keys per inner step and the launch's tuning (a power of two >= 16)."""
+    n, num_heads, head_dim = q.shape
+    rows, max_len, num_kv_heads, _ = k_cache.shape
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
+    if not triton_available(q):
+        return decode_attention_reference(q, k_cache, v_cache, seq_lens, scale, k_scale=k_scale, v_scale=v_scale,
+                                          cache_rows=cache_rows)
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("decode_attention wants a unit stride over head_dim")
+    splits = num_splits or num_kv_splits(max_len, n, num_kv_heads)
+    group = num_heads // num_kv_heads
+    block_h = max(MIN_BLOCK, triton.next_power_of_2(group))
+    block_d = max(MIN_BLOCK, triton.next_power_of_2(head_dim))
+    ks, scale_stride = _scale_tensor(k_scale, num_kv_heads, q.device)
+    vs, v_stride = _scale_tensor(v_scale, num_kv_heads, q.device)
+    if v_stride != scale_stride:  # one stride serves both: widen the per-tensor one
+        ks, vs = ks.expand(num_kv_heads).contiguous(), vs.expand(num_kv_heads).contiguous()
+        scale_stride = 1
+    mid_o = torch.empty(n, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(n, num_heads, splits, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(n, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    rows_arg = cache_rows if cache_rows is not None else seq_lens  # unread when HAS_ROWS is False
+    _split_kernel[(n, num_kv_heads, splits)](
+        q, k_cache, v_cache, seq_lens, rows_arg, ks, vs, mid_o, mid_lse,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1), scale_stride,
+        scale * _LOG2E, GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
+        NUM_SPLITS=splits, HAS_ROWS=cache_rows is not None,
+        DOT_F32=interpreting() and q.dtype == torch.bfloat16,  # Triton's interpreter multiplies bf16 bits as integers
+        num_warps=num_warps, num_stages=num_stages)
+    _merge_kernel[(n, num_heads)](
+        mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
+        out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return out
+
+
+def _per_head(scale: torch.Tensor | float | None, num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    s, _ = _scale_tensor(scale, num_kv_heads, device)
+    return s.expand(num_kv_heads)[:, None]  # [kv_heads, 1], broadcast over head_dim
+
+
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                               scale: float, *, k_scale: torch.Tensor | float | None = None,
+                               v_scale: torch.Tensor | float | None = None,
+                               cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """decode_attention in plain torch (float32 softmax over the padded rows, keys past seq_lens masked)."""
+    n, num_heads, _ = q.shape
+    num_kv_heads = k_cache.shape[2]
+    rows = cache_rows.long() if cache_rows is not None else torch.arange(n, device=q.device)
+    k = k_cache[rows].float() * _per_head(k_scale, num_kv_heads, q.device)  # [n, max_len, kv_heads, d]
+    v = v_cache[rows].float() * _per_head(v_scale, num_kv_heads, q.device)
+    group = num_heads // num_kv_heads
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("nhd,nthd->nht", q.float(), k) * scale
+    keep = torch.arange(k.shape[1], device=q.device)[None, :] < seq_lens.to(q.device)[:, None]
+    scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
+    return torch.einsum("nht,nthd->nhd", torch.softmax(scores, dim=-1), v).to(q.dtype)
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """x [..., kv_heads, head_dim] -> float8_e4m3fn x / scale (scale: a float or one per KV head), saturated."""
+    s = scale if not isinstance(scale, torch.Tensor) else scale.to(x.device, torch.float32).reshape(-1, 1)
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_kv_scale(x: torch.Tensor, per_head: bool = True) -> torch.Tensor:
+    """A calibration scale for x [..., kv_heads, head_dim]: absmax / 448, per KV head or for the whole tensor."""
+    magnitude = x.detach().abs().float()
+    amax = magnitude.transpose(-2, -1).flatten(end_dim=-2).amax(dim=0) if per_head else magnitude.amax()
+    return (amax / FP8_MAX).clamp(min=math.ldexp(1.0, -20)).reshape(-1)

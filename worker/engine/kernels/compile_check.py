@@ -1,0 +1,57 @@
+"""Compiles every kernel to a cubin for a GPU architecture without a GPU (Triton's bundled ptxas), with the
+constexpr choices the engine launches: a compile error shows here instead of on the first GPU run.
+
+    python -m batchgen.worker.engine.kernels.compile_check [ARCH]     # default 90 (Hopper); prints JSON
+"""
+
+import json
+import sys
+
+from batchgen.worker.engine.kernels import attention, int8_ops
+from triton import compile as triton_compile
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16", "Out": "*fp16"}
+SPLIT_INTS = ["stride_qn", "stride_qh", "stride_kr", "stride_kt", "stride_kh", "stride_vr", "stride_vt", "stride_vh",
+              "stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "scale_stride"]
+
+
+def build(kernel, arch: int, pointers: dict[str, str], ints: list[str], floats: list[str], constexprs: dict,
+          **options):
+    signature = dict(pointers) | {n: "i32" for n in ints} | {n: "fp32" for n in floats}
+    signature |= {n: "constexpr" for n in constexprs}
+    return triton_compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
+                          options=options)
+
+
+def compile_all(arch: int = 90) -> dict[str, dict]:
+    out = {}
+    for name, kv in (("split fp16", "*fp16"), ("split fp8", "*fp8e4nv")):
+        k = build(attention._split_kernel, arch, {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32",
+                                                  "CacheRows": "*i32", "KScale": "*fp32", "VScale": "*fp32",
+                                                  "MidO": "*fp32", "MidLse": "*fp32"},
+                  SPLIT_INTS, ["qk_scale"], dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64,
+                                                 NUM_SPLITS=2, HAS_ROWS=True, DOT_F32=False), num_warps=4, num_stages=2)
+        out[name] = {"shared_bytes": k.metadata.shared}
+    k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
+              ["stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh"], [],
+              dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=3, BLOCK_S=4), num_warps=4)
+    out["merge"] = {"shared_bytes": k.metadata.shared}
+    k = build(int8_ops._quantize_kernel, arch, {"X": "*fp16", "Xq": "*i8", "Absmax": "*fp32", "Outliers": "*u8"},
+              ["stride_xm", "stride_qm", "K"], [], dict(BLOCK_K=16384, HAS_OUTLIERS=True, INTERPRETED=False),
+              num_warps=16)
+    out["quantize"] = {"round_half_even": "cvt.rni.f32.f32" in k.asm["ptx"]}  # torch.round's rounding
+    k = build(int8_ops._dequantize_kernel, arch, {"Acc": "*i32"} | EPILOGUE,
+              ["M", "N", "stride_cm", "stride_am", "stride_om"], ["inv_sq"],
+              dict(BLOCK_M=8, BLOCK_N=512, HAS_BIAS=True, HAS_ADDEND=True), num_warps=4)
+    out["dequantize"] = {"shared_bytes": k.metadata.shared}
+    k = build(int8_ops._int8_mm_kernel, arch, {"A": "*i8", "B": "*i8"} | EPILOGUE,
+              ["M", "N", "K", "stride_am_", "stride_bn", "stride_add", "stride_om"], ["inv_sq"],
+              dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, HAS_BIAS=True, HAS_ADDEND=False), num_warps=4, num_stages=4)
+    out["int8 gemm"] = {"int8_tensor_cores": "s32.s8.s8" in k.asm["ptx"], "shared_bytes": k.metadata.shared}
+    return out
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_all(int(sys.argv[1]) if len(sys.argv) > 1 else 90)))

@@ -1,0 +1,182 @@
+"""The pieces of a W8A8 projection, fused: y = int_mm(q(x), W) · absmax_x · scb / 127² (+ bias) (+ addend).
+
+- quantize_rows: one kernel per token row: absmax, scale, round, int8 cast; optionally zeroing a fixed set
+  of outlier columns first (an outlier-aware linear computes those columns densely and passes the result as
+  `addend`).
+- dequantize_acc: the epilogue after torch._int_mm in one pass: int32 acc · absmax · scb / 127² + bias +
+  addend, cast to the output dtype.
+- int8_matmul_dequant: a Triton int8 GEMM (int32 accumulation on the tensor cores) with that epilogue in
+  its last step, so the int32 result never goes to memory.
+
+Arithmetic equals int8_linear's quantize_rows/dequantize (bnb's): fp16 activations, round half to even,
+the same 1/127² constant, float32 epilogue in the same order.
+"""
+
+import torch
+from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, triton_available
+
+INV_127_SQ = 6.200124e-05  # bnb's 1/127² as int8_linear uses it (kept equal so results match bit for bit)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def _quantize_kernel(X, Xq, Absmax, Outliers, stride_xm, stride_qm, K,
+                         BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr, INTERPRETED: tl.constexpr):
+        row = tl.program_id(0)
+        k = tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        x = tl.load(X + row.to(tl.int64) * stride_xm + k, mask=k_mask, other=0.0).to(tl.float16)
+        if HAS_OUTLIERS:
+            x = tl.where(tl.load(Outliers + k, mask=k_mask, other=0) != 0, 0.0, x).to(tl.float16)
+        absmax = tl.max(tl.abs(x), 0).to(tl.float32)
+        inv = 127.0 / absmax
+        inv = tl.where(absmax > 0.0, inv, 0.0)  # an all-zero row quantises to zeros, not NaN
+        scaled = x.to(tl.float32) * inv
+        if INTERPRETED:  # noqa: SIM108  (no libdevice there; adding 1.5·2^23 leaves no fraction bits: |scaled| <= 127)
+            xq = (scaled + 12582912.0) - 12582912.0
+        else:
+            xq = libdevice.rint(scaled)  # round half to even, as torch.round
+        tl.store(Xq + row.to(tl.int64) * stride_qm + k, xq.to(tl.int8), mask=k_mask)
+        tl.store(Absmax + row, absmax)
+
+    @triton.jit
+    def _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, stride_am, stride_om, inv_sq,
+                  HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr):
+        m_mask = rm < M
+        n_mask = rn < N
+        mask = m_mask[:, None] & n_mask[None, :]
+        absmax = tl.load(Absmax + rm, mask=m_mask, other=0.0)
+        scb = tl.load(Scb + rn, mask=n_mask, other=0.0)
+        out = acc.to(tl.float32) * (absmax[:, None] * scb[None, :]) * inv_sq
+        if HAS_BIAS:
+            out = out + tl.load(Bias + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_ADDEND:
+            out = out + tl.load(Addend + rm[:, None].to(tl.int64) * stride_am + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(Out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dequantize_kernel(Acc, Absmax, Scb, Bias, Addend, Out, M, N, stride_cm, stride_am, stride_om, inv_sq,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           HAS_ADDEND: tl.constexpr):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.load(Acc + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :],
+                      other=0)
+        _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, stride_am, stride_om, inv_sq, HAS_BIAS, HAS_ADDEND)
+
+    @triton.jit
+    def _int8_mm_kernel(A, B, Absmax, Scb, Bias, Addend, Out, M, N, K, stride_am_, stride_bn, stride_add, stride_om,
+                        inv_sq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr):
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        a_ptr = A + rm[:, None].to(tl.int64) * stride_am_ + rk[None, :]
+        b_ptr = B + rn[None, :].to(tl.int64) * stride_bn + rk[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = (k0 + rk) < K
+            a = tl.load(a_ptr, mask=(rm < M)[:, None] & k_mask[None, :], other=0)
+            b = tl.load(b_ptr, mask=k_mask[:, None] & (rn < N)[None, :], other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            a_ptr += BLOCK_K
+            b_ptr += BLOCK_K
+        _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, stride_add, stride_om, inv_sq, HAS_BIAS, HAS_ADDEND)
+
+
+def outlier_mask(cols: torch.Tensor, in_features: int) -> torch.Tensor:
+    """uint8 [in_features], 1 at the outlier columns: made once per layer, passed to every quantize_rows."""
+    mask = torch.zeros(in_features, dtype=torch.uint8, device=cols.device)
+    mask[cols.long()] = 1
+    return mask
+
+
+def quantize_rows_reference(x: torch.Tensor, outliers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [m, k] -> (int8 [m, k], absmax float32 [m, 1]); int8_linear.quantize_rows with outlier columns zeroed."""
+    x16 = x.to(torch.float16)
+    if outliers is not None:
+        x16 = x16.masked_fill(outliers.bool(), 0.0)
+    absmax = x16.abs().amax(dim=-1, keepdim=True).float()
+    inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    return torch.round(x16 * inv).to(torch.int8), absmax
+
+
+def quantize_rows(x: torch.Tensor, outliers: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [m, k] (unit stride over k) -> (int8 [m, k], absmax float32 [m, 1]) in one kernel; outliers: uint8/bool
+    [k] (outlier_mask), 1 where the column is left out of the quantised input (zeroed)."""
+    if not triton_available(x):
+        return quantize_rows_reference(x, outliers)
+    m, k = x.shape
+    xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    absmax = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    block_k = triton.next_power_of_2(k)
+    mask_arg = outliers.view(torch.uint8) if outliers is not None else xq
+    _quantize_kernel[(m,)](x, xq, absmax, mask_arg, x.stride(0), xq.stride(0), k, BLOCK_K=block_k,
+                           HAS_OUTLIERS=outliers is not None, INTERPRETED=interpreting(),
+                           num_warps=max(4, min(16, block_k // 1024)))
+    return xq, absmax
+
+
+def dequantize_acc_reference(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+                             dtype: torch.dtype, addend: torch.Tensor | None = None, *,
+                             inv_sq: float = INV_127_SQ) -> torch.Tensor:
+    """int8_linear.dequantize (+ addend)."""
+    out = acc * (absmax * scb) * inv_sq
+    if bias is not None:
+        out = out + bias
+    if addend is not None:
+        out = out + addend.float()
+    return out.to(dtype)
+
+
+def _launch_args(absmax: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, addend: torch.Tensor | None,
+                 out: torch.Tensor) -> tuple:
+    return (absmax, scb, bias if bias is not None else scb, addend if addend is not None else out)
+
+
+def dequantize_acc(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
+                   dtype: torch.dtype, addend: torch.Tensor | None = None, *, inv_sq: float = INV_127_SQ) -> torch.Tensor:
+    """acc int32 [m, n] (torch._int_mm's), absmax float32 [m, 1] contiguous, scb float32 [n] (weight row absmax),
+    bias [n] or None, addend [m, n] or None (e.g. the outlier columns' dense product) -> [m, n] dtype, one pass:
+    acc · absmax · scb · inv_sq (+ bias) (+ addend). With scales instead of absmaxes (absmax / 127), inv_sq=1."""
+    if not triton_available(acc):
+        return dequantize_acc_reference(acc, absmax, scb, bias, dtype, addend, inv_sq=inv_sq)
+    m, n = acc.shape
+    out = torch.empty(m, n, dtype=dtype, device=acc.device)
+    block_m, block_n = 8, 512
+    args = _launch_args(absmax, scb, bias, addend, out)
+    _dequantize_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        acc, *args, out, m, n, acc.stride(0), addend.stride(0) if addend is not None else 0, out.stride(0), inv_sq,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, num_warps=4)
+    return out
+
+
+def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
+                        bias: torch.Tensor | None, dtype: torch.dtype, addend: torch.Tensor | None = None, *,
+                        inv_sq: float = INV_127_SQ, block_m: int | None = None, block_n: int = 128, block_k: int = 128,
+                        num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+    """xq int8 [m, k] @ cb int8 [n, k].T with dequantize_acc's epilogue fused: -> [m, n] dtype. No padding for
+    small m (unlike cuBLASLt's torch._int_mm). Falls back to torch._int_mm + the reference epilogue."""
+    if not triton_available(xq):
+        return dequantize_acc_reference(torch._int_mm(xq, cb.t()), absmax, scb, bias, dtype, addend, inv_sq=inv_sq)
+    m, k = xq.shape
+    n = cb.shape[0]
+    if block_m is None:
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    out = torch.empty(m, n, dtype=dtype, device=xq.device)
+    args = _launch_args(absmax, scb, bias, addend, out)
+    _int8_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+        xq, cb, *args, out, m, n, k, xq.stride(0), cb.stride(0), addend.stride(0) if addend is not None else 0,
+        out.stride(0), inv_sq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+        HAS_ADDEND=addend is not None, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None, *,
+                outliers: torch.Tensor | None = None, addend: torch.Tensor | None = None) -> torch.Tensor:
+    """x [m, k] -> [m, n] in x's dtype: quantize_rows, then the int8 GEMM with its dequantising epilogue."""
+    xq, absmax = quantize_rows(x, outliers)
+    return int8_matmul_dequant(xq, absmax, cb, scb, bias, x.dtype, addend)
