@@ -8,7 +8,6 @@ whole here, once, and every problem is named by its field path ("body.messages.0
 
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
 # A valid request nests about 6 deep (envelope, body, messages, message, content parts, part); the
@@ -16,6 +15,7 @@ from typing import Any
 MAX_DEPTH = 32
 MAX_SHOWN_PARTS = 8  # of a field path in a message; past that it is "…"
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_Node = tuple[Any, str | int, int, Any]  # (parent node or None, key or index in it, depth, value)
 
 
 class StrictJsonError(ValueError):
@@ -47,21 +47,38 @@ def loads(text: str) -> Any:
 
 
 def check(value: Any, max_depth: int = MAX_DEPTH) -> None:
-    """Raise for the first repeated key, lone surrogate or nesting past max_depth, in document order."""
-    for path, depth, item in _walk(value):
+    """Raise for a repeated key, a lone surrogate, or objects and arrays nested more than max_depth deep.
+
+    An explicit stack of containers (no RecursionError); a node links to its parent, so the field path is
+    only spelled out for an error, and the strings of a container are checked where it is visited.
+    """
+    stack: list[_Node] = [(None, "", 1, value)]
+    while stack:
+        node = stack.pop()
+        _, _, depth, item = node
         if depth > max_depth:
-            raise StrictJsonError("nesting_too_deep", f"{_field(path)}: nested deeper than {max_depth} levels")
+            raise StrictJsonError("nesting_too_deep", f"{_field(node)}: nested deeper than {max_depth} levels")
         if isinstance(item, _DuplicatedKeys):
-            where = _field([*path, item.duplicate])
+            where = _field((node, item.duplicate, depth + 1, None))
             raise StrictJsonError("duplicate_key", f"{where}: the key appears twice (JSON keys must be unique)")
-        if isinstance(item, str) and not is_encodable(item):
-            raise StrictJsonError("invalid_encoding", f"{_field(path)}: contains a lone surrogate "
-                                                      "(\\ud800-\\udfff escape), which is not UTF-8 text")
-        if isinstance(item, dict):
-            bad_key = next((k for k in item if not is_encodable(k)), None)
-            if bad_key is not None:
-                raise StrictJsonError("invalid_encoding", f"{_field([*path, bad_key])}: the key contains a lone "
-                                                          "surrogate (\\ud800-\\udfff escape)")
+        if isinstance(item, str):  # only a line that is one string: the strings of containers are checked below
+            if not is_encodable(item):
+                raise StrictJsonError("invalid_encoding", _surrogate_message(node))
+            continue
+        children = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        for key, child in children:
+            if type(key) is str and not key.isascii() and _SURROGATE.search(key):
+                raise StrictJsonError("invalid_encoding", f"{_field((node, key, depth + 1, None))}: the key "
+                                                          "contains a lone surrogate (\\ud800-\\udfff escape)")
+            if type(child) is str:  # inline is_encodable: this loop runs for every string of every line
+                if not child.isascii() and _SURROGATE.search(child):
+                    raise StrictJsonError("invalid_encoding", _surrogate_message((node, key, depth + 1, child)))
+            elif isinstance(child, dict | list):
+                stack.append((node, key, depth + 1, child))
+
+
+def _surrogate_message(node: "_Node") -> str:
+    return f"{_field(node)}: contains a lone surrogate (\\ud800-\\udfff escape), which is not UTF-8 text"
 
 
 def is_encodable(text: str) -> bool:
@@ -74,19 +91,12 @@ def escape(text: str) -> str:
     return text if is_encodable(text) else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _walk(value: Any) -> Iterator[tuple[list[str], int, Any]]:
-    """(path, depth, value) for every value, depth-first, without recursion (so no RecursionError)."""
-    stack: list[tuple[list[str], int, Any]] = [([], 0, value)]
-    while stack:
-        path, depth, item = stack.pop()
-        yield path, depth, item  # lazily: check() stops at the first item past its bound
-        if isinstance(item, dict):
-            stack.extend(([*path, key], depth + 1, child) for key, child in reversed(item.items()))
-        elif isinstance(item, list):
-            stack.extend(([*path, str(i)], depth + 1, child) for i, child in reversed(list(enumerate(item))))
-
-
-def _field(path: list[str]) -> str:
+def _field(node: "_Node") -> str:
+    path = []
+    while node[0] is not None:
+        path.append(str(node[1]))
+        node = node[0]
+    path.reverse()
     shown = ".".join(path[:MAX_SHOWN_PARTS]) + (".…" if len(path) > MAX_SHOWN_PARTS else "")
     return escape(shown) if path else "the line"
 
