@@ -7,7 +7,7 @@ too many requests), arrives as a ParsedLine with an error, so the CLI reports al
 
 Formats, chosen per path: "-" is stdin; a directory holds one prompt per *.txt file; .jsonl/.json/
 .ndjson files hold OpenAI batch lines or simple lines; .txt files hold one prompt per line; any other
-file is JSONL when its first non-blank character is "{", else text (the same rule as stdin).
+file is JSONL when its first non-blank line starts a JSON object or array, else text (as stdin).
 """
 
 import sys
@@ -18,15 +18,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from batchgen.jobs import defaults as limits_default
-from batchgen.jobs import input_paths, strict_json
-from batchgen.jobs.formats import (
-    LineError,
-    identity,
-    object_request,
-    parse_json,
-    prompt_request,
-    pydantic_error,
-)
+from batchgen.jobs import formats, input_paths, strict_json
+from batchgen.jobs.formats import LineError, identity, object_request, prompt_request, pydantic_error
 from batchgen.jobs.schema import ErrorInfo, Request, SamplingParams
 from pydantic import ValidationError
 
@@ -269,7 +262,7 @@ def _parse_line(ctx: _Context, n: int, raw: bytes | None, kind: str) -> ParsedLi
         return _build(ctx, n, ctx.default_id(n), None, lambda: prompt_request(
             text, custom_id=ctx.default_id(n), line=n, fill=ctx.fill, max_tokens=ctx.limits.max_tokens))
     try:
-        obj = parse_json(text)
+        obj = formats.parse_json(text)
     except LineError as exc:
         return _error(ctx, n, exc.code, exc.message, ctx.unreadable_id(n))
     custom_id, model = identity(obj, ctx.default_id(n), ctx.unreadable_id(n))
