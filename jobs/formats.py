@@ -3,12 +3,16 @@
 Every way a record can be wrong becomes a LineError with a stable code, so the CLI can print
 "line 12: invalid_value: body.temperature: must be <= 2" and the batch error file can say the same.
 Both line shapes are accepted: OpenAI batch lines ({"custom_id", "method", "url", "body"}) and
-simple lines ({"prompt" | "messages", params at top level}).
+simple lines ({"prompt" | "messages", params at top level}). Whatever is accepted here is stored,
+serialised and run as it is, so nothing the engine would drop or the worker could not encode passes:
+unknown keys at any level, repeated keys, lone surrogates, deep nesting and empty prompts are errors.
 """
 
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
+from batchgen.jobs import strict_json
 from batchgen.jobs.schema import CHAT_URL, COMPLETIONS_URL, ChatMessage, Request, SamplingParams
 from pydantic import ValidationError
 
@@ -35,7 +39,9 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
 }
 KNOWN_KEYS = frozenset({"model", "prompt", "messages", "max_completion_tokens", *PARAM_KEYS})
 BATCH_KEYS = frozenset({"custom_id", "method", "url", "body"})
+MESSAGE_KEYS = frozenset(ChatMessage.model_fields)
 MAX_CUSTOM_ID_CHARS = 512
+_BLANK_CATEGORIES = frozenset({"Cc", "Cf"})  # control and format characters (NUL, zero-width space, BOM)
 
 
 class LineError(Exception):
@@ -45,6 +51,19 @@ class LineError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+
+
+def parse_json(text: str) -> Any:
+    """One line's JSON value; repeated keys are remembered for object_request to reject by path."""
+    try:
+        return strict_json.loads(text)
+    except strict_json.StrictJsonError as exc:
+        raise LineError(exc.code, exc.message) from None
+
+
+def is_blank(text: str) -> bool:
+    """The one rule for empty prompts: nothing but whitespace and control or format characters."""
+    return all(ch.isspace() or unicodedata.category(ch) in _BLANK_CATEGORIES for ch in text.strip())
 
 
 def is_batch_line(obj: Mapping[str, Any]) -> bool:
@@ -58,20 +77,27 @@ def identity(obj: Any, default_id: str, unreadable_id: str) -> tuple[str, str | 
         return unreadable_id, None
     batch = is_batch_line(obj)
     custom_id = obj.get("custom_id")
-    if not (isinstance(custom_id, str) and 0 < len(custom_id) <= MAX_CUSTOM_ID_CHARS):
+    if not (isinstance(custom_id, str) and 0 < len(custom_id) <= MAX_CUSTOM_ID_CHARS
+            and strict_json.is_encodable(custom_id)):  # error lines echo it: it must be storable
         custom_id = unreadable_id if batch else default_id
     body = obj.get("body") if batch else obj
     model = body.get("model") if isinstance(body, dict) else None
-    return custom_id, model if isinstance(model, str) and model else None
+    return custom_id, model if isinstance(model, str) and model and strict_json.is_encodable(model) else None
 
 
 def object_request(
     obj: Any, *, line: int, default_id: str, fill: Mapping[str, Any], max_tokens: int
 ) -> Request:
     """Validate a parsed JSON line (either shape) and build its Request."""
+    try:
+        strict_json.check(obj)
+    except strict_json.StrictJsonError as exc:
+        raise LineError(exc.code, exc.message) from None
     if not isinstance(obj, dict):
-        raise LineError("invalid_type", f"each line must be a JSON object, not {_json_type(obj)}")
+        hint = " (JSONL holds one object per line, not an array of them)" if isinstance(obj, list) else ""
+        raise LineError("invalid_type", f"each line must be a JSON object, not {_json_type(obj)}{hint}")
     if is_batch_line(obj):
+        _check_envelope_keys(obj)
         custom_id = _custom_id(obj, "custom_id", required=True) or default_id
         url = _envelope_url(obj)
         body = obj.get("body")
@@ -95,10 +121,9 @@ def prompt_request(
     prompt: str, *, custom_id: str, line: int, fill: Mapping[str, Any], max_tokens: int
 ) -> Request:
     """A bare prompt (text-file line or .txt file) as a completions Request with the CLI defaults."""
-    if not prompt:
-        raise LineError("invalid_value", "prompt: must not be empty")
+    _not_blank(prompt, "prompt")
     params = sampling_params({}, fill, max_tokens=max_tokens, prefix="")
-    return Request(custom_id=custom_id, url=COMPLETIONS_URL, prompt=_text(prompt, "prompt"), params=params, line=line)
+    return Request(custom_id=custom_id, url=COMPLETIONS_URL, prompt=prompt, params=params, line=line)
 
 
 def sampling_params(
@@ -155,7 +180,7 @@ def _custom_id(obj: Mapping[str, Any], key: str, *, required: bool) -> str | Non
         raise LineError("invalid_value", f"{key}: must not be empty")
     if len(value) > MAX_CUSTOM_ID_CHARS:
         raise LineError("invalid_value", f"{key}: at most {MAX_CUSTOM_ID_CHARS} characters")
-    return _text(value, key)
+    return value
 
 
 def _envelope_url(obj: Mapping[str, Any]) -> str:
@@ -168,6 +193,17 @@ def _envelope_url(obj: Mapping[str, Any]) -> str:
     if url not in (CHAT_URL, COMPLETIONS_URL):
         raise LineError("unknown_url", f"url: must be {CHAT_URL} or {COMPLETIONS_URL}, not {url!r}"[:300])
     return url
+
+
+def _check_envelope_keys(obj: Mapping[str, Any]) -> None:
+    """A request parameter next to body instead of inside it would be silently ignored: say where it goes."""
+    for key in obj:
+        if key in BATCH_KEYS:
+            continue
+        if key in KNOWN_KEYS or key in NEUTRAL_VALUES or key in IGNORED_KEYS:
+            raise LineError("misplaced_parameter", f"{key}: belongs inside body (body.{key}), not next to it")
+        raise LineError("unsupported_parameter", f"{key}: unknown field; a batch line has only "
+                                                 "custom_id, method, url and body"[:300])
 
 
 def _check_keys(body: Mapping[str, Any], prefix: str, extra_keys: frozenset[str]) -> None:
@@ -218,9 +254,7 @@ def _prompt(prompt: Any, field: str) -> str:
         raise LineError("invalid_value", f"{field}: one prompt per line, not a list of {len(prompt)}")
     if not isinstance(prompt, str):
         raise LineError("invalid_type", f"{field}: must be a string (token-id prompts are not supported)")
-    if not prompt:
-        raise LineError("invalid_value", f"{field}: must not be empty")
-    return _text(prompt, field)
+    return _not_blank(prompt, field)
 
 
 def _messages(messages: Any, field: str) -> tuple[ChatMessage, ...]:
@@ -232,6 +266,10 @@ def _messages(messages: Any, field: str) -> tuple[ChatMessage, ...]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise LineError("invalid_type", f"{field}.{i}: must be an object, not {_json_type(message)}")
+        for key in message:  # name, tool_calls, tool_call_id, refusal...: the engine would drop them
+            if key not in MESSAGE_KEYS:
+                raise LineError("unsupported_parameter", f"{field}.{i}.{key}: not supported; a message has "
+                                                         "only role and content"[:300])
         content = message.get("content")
         if isinstance(content, list):
             message = {**message, "content": _join_parts(content, f"{field}.{i}.content")}
@@ -239,7 +277,7 @@ def _messages(messages: Any, field: str) -> tuple[ChatMessage, ...]:
             parsed = ChatMessage.model_validate(message, strict=True)
         except ValidationError as exc:
             raise pydantic_error(exc, f"{field}.{i}.") from None
-        _text(parsed.content, f"{field}.{i}.content")
+        _not_blank(parsed.content, f"{field}.{i}.content")
         result.append(parsed)
     return tuple(result)
 
@@ -248,8 +286,14 @@ def _join_parts(parts: list[Any], field: str) -> str:
     """OpenAI content-part lists: we take text parts only (no images, audio or files)."""
     texts = []
     for j, part in enumerate(parts):
-        if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-            raise LineError("invalid_value", f"{field}.{j}: only {{\"type\": \"text\", \"text\": str}} parts are supported")
+        if not isinstance(part, dict):
+            raise LineError("invalid_type", f"{field}.{j}: must be an object, not {_json_type(part)}")
+        kind = part.get("type")
+        if kind != "text" and isinstance(kind, str) and kind:
+            raise LineError("unsupported_parameter", f"{field}.{j}: {kind} parts are not supported "
+                                                     "(text parts only)"[:300])
+        if kind != "text" or set(part) != {"type", "text"} or not isinstance(part["text"], str):
+            raise LineError("invalid_value", f"{field}.{j}: must be {{\"type\": \"text\", \"text\": str}}")
         texts.append(part["text"])
     return "\n".join(texts)
 
@@ -267,17 +311,16 @@ def _given_params(body: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     if isinstance(stop, list):
         if any(s == "" for s in stop):
             raise LineError("invalid_value", f"{prefix}stop: stop strings must not be empty")
-        given["stop"] = tuple(_text(s, f"{prefix}stop") if isinstance(s, str) else s for s in stop)
+        given["stop"] = tuple(stop)
     return given
 
 
-def _text(value: str, field: str) -> str:
-    """JSON escapes can produce lone surrogates, which no tokenizer or Redis client can encode."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise LineError("invalid_encoding", f"{field}: contains a lone surrogate (\\ud800-\\udfff escape)") from None
-    return value
+def _not_blank(text: str, field: str) -> str:
+    if not text:
+        raise LineError("invalid_value", f"{field}: must not be empty")
+    if is_blank(text):
+        raise LineError("invalid_value", f"{field}: must not be empty (it has only whitespace or control characters)")
+    return text
 
 
 def _json_type(value: Any) -> str:

@@ -7,11 +7,9 @@ too many requests), arrives as a ParsedLine with an error, so the CLI reports al
 
 Formats, chosen per path: "-" is stdin; a directory holds one prompt per *.txt file; .jsonl/.json/
 .ndjson files hold OpenAI batch lines or simple lines; .txt files hold one prompt per line; any other
-file is JSONL when its first non-blank character is "{", else text (the same rule as stdin).
+file is JSONL when its first non-blank line starts a JSON object or array, else text (as stdin).
 """
 
-import json
-import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from batchgen.jobs import defaults as limits_default
+from batchgen.jobs import formats, input_paths, strict_json
 from batchgen.jobs.formats import LineError, identity, object_request, prompt_request, pydantic_error
 from batchgen.jobs.schema import ErrorInfo, Request, SamplingParams, error_line
 from pydantic import ValidationError
@@ -96,6 +95,7 @@ def read_inputs(
         return
     seen: dict[str, tuple[str, int]] = {}
     num_lines = 0
+    paths = input_paths.unique_paths(paths)  # "d" and "d/" must not submit the same prompts twice
     for path, prefix in zip(paths, _id_prefixes(paths), strict=True):
         ctx = _Context(path, prefix, defaults.fill(), limits)
         num_in_source = 0
@@ -184,6 +184,9 @@ def _read_path(ctx: _Context, stdin: BinaryIO | None) -> Iterator[ParsedLine]:
     if ctx.source == "-":
         yield from _read_stream(stdin or sys.stdin.buffer, ctx, kind=None)
         return
+    if (problem := input_paths.name_problem(ctx.source)) is not None:
+        yield _whole_input_error(input_paths.shown_name(ctx.source), "invalid_file_name", problem)
+        return
     path = Path(ctx.source)
     try:
         if path.is_dir():
@@ -228,13 +231,17 @@ def _iter_lines(stream: BinaryIO, max_line_bytes: int) -> Iterator[tuple[int, by
 
 
 def _sniff(lines: Iterator[tuple[int, bytes | None]]) -> tuple[str, Iterator[tuple[int, bytes | None]]]:
-    """JSONL when the first non-blank character is "{", else text; the peeked lines are replayed."""
+    """JSONL when the first non-blank line is a JSON object or array (refused there), else text.
+
+    The lines peeked at are replayed.
+    """
     peeked = []
     for item in lines:
         peeked.append(item)
         content = item[1].lstrip() if item[1] is not None else b""
         if content:
-            return ("jsonl" if content.startswith(b"{") else "text"), chain(peeked, lines)
+            jsonl = content.startswith(b"{") or strict_json.opens_array(content)
+            return ("jsonl" if jsonl else "text"), chain(peeked, lines)
     return "text", iter(peeked)
 
 
@@ -253,9 +260,9 @@ def _parse_line(ctx: _Context, n: int, raw: bytes | None, kind: str) -> ParsedLi
         return _build(ctx, n, ctx.default_id(n), None, lambda: prompt_request(
             text, custom_id=ctx.default_id(n), line=n, fill=ctx.fill, max_tokens=ctx.limits.max_tokens))
     try:
-        obj = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        return _error(ctx, n, "invalid_json", f"not valid JSON: {str(exc)[:200]}", ctx.unreadable_id(n))
+        obj = formats.parse_json(text)
+    except LineError as exc:
+        return _error(ctx, n, exc.code, exc.message, ctx.unreadable_id(n))
     custom_id, model = identity(obj, ctx.default_id(n), ctx.unreadable_id(n))
     return _build(ctx, n, custom_id, model, lambda: object_request(
         obj, line=n, default_id=ctx.default_id(n), fill=ctx.fill, max_tokens=ctx.limits.max_tokens))
@@ -279,14 +286,15 @@ def _decode(raw: bytes) -> str:
 
 
 def _read_directory(path: Path, ctx: _Context) -> Iterator[ParsedLine]:
-    """Each *.txt file (sorted, not recursive, no hidden files) is one prompt named by its file name."""
-    names = sorted(e.name for e in os.scandir(path) if e.name.endswith(".txt") and not e.name.startswith(".")
-                   and e.is_file())
+    """Each *.txt file (see input_paths.prompt_files) is one prompt named by its file name."""
     dir_prefix = ctx.prefix[:-1] + "/" if ctx.prefix else ""  # "prompts/a.txt" rather than "prompts:a.txt"
-    for name in names:
-        custom_id = dir_prefix + name
-        file_ctx = _Context(str(path / name), ctx.prefix, ctx.fill, ctx.limits)
-        yield _read_prompt_file(path / name, custom_id, file_ctx)
+    for entry in input_paths.prompt_files(path):
+        custom_id = dir_prefix + entry.shown
+        file_ctx = _Context(str(path / entry.shown), ctx.prefix, ctx.fill, ctx.limits)
+        if entry.code is not None and entry.problem is not None:
+            yield _error(file_ctx, 1, entry.code, entry.problem, custom_id)
+            continue
+        yield _read_prompt_file(entry.path, custom_id, file_ctx)
 
 
 def _read_prompt_file(path: Path, custom_id: str, ctx: _Context) -> ParsedLine:

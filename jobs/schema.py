@@ -35,7 +35,9 @@ class SamplingParams(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    """Role and content only: the engine hands the chat template nothing else, so nothing else is accepted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str

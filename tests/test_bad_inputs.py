@@ -84,6 +84,9 @@ def check_invariants(lines: list[ParsedLine]) -> None:
     for parsed in lines:
         assert (parsed.request is None) != (parsed.error is None)
         assert parsed.custom_id
+        # everything stored or echoed must encode, or one bad line makes the batch unexportable
+        (parsed.source + parsed.custom_id + (parsed.model or "")).encode("utf-8")
+        (parsed.error or parsed.request).model_dump_json()
         if parsed.error is not None:
             assert parsed.error.code and parsed.error.line == parsed.line
         else:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from batchgen.jobs.formats import is_blank
 from batchgen.jobs.inputs import (
     InputLimits,
     ModelResolver,
@@ -220,7 +221,8 @@ params = st.fixed_dictionaries({}, optional={
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.text(min_size=1, max_size=30), params), min_size=1, max_size=10))
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=30).filter(lambda t: not is_blank(t)), params),
+                min_size=1, max_size=10))
 def test_valid_simple_lines_keep_their_values(lines):
     data = "\n".join(json.dumps({"prompt": prompt, **p}) for prompt, p in lines).encode()
     parsed = list(read_inputs(["-"], stdin=io.BytesIO(data)))
