@@ -274,13 +274,14 @@ def speed_model(device: torch.device, num_layers: int = SPEED_LAYERS):
 
 def time_kernel(model, kernel: str, device: torch.device, calibration: torch.Tensor) -> dict[str, float]:
     from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, convert_model
-    from batchgen.worker.engine.model_runner import ModelRunner, flash_works
+    from batchgen.worker.engine.llama import LlamaParts, flash_works
+    from batchgen.worker.engine.model_runner import ModelRunner
 
     convert_model(model, kernel, threshold=THRESHOLD, calibration_ids=calibration if kernel == OUTLIER_KERNEL else None)
     dtype = model.get_input_embeddings().weight.dtype
     attention = "flash" if device.type == "cuda" and flash_works(device, dtype) else "sdpa"
     n_prompts, prompt_len = SPEED_PREFILL
-    runner = ModelRunner(model, device=device, dtype=dtype, max_model_len=2 * prompt_len,
+    runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=2 * prompt_len,
                          attention=attention, cuda_graphs=True)
     runner.allocate_kv(SPEED_ROWS)
     gen, vocab = torch.Generator().manual_seed(0), model.config.vocab_size

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from batchgen.jobs.inputs import InputLimits, ModelResolver, read_inputs
+from batchgen.jobs.inputs import InputLimits, ModelResolver, read_inputs, validate_batch
 
 MAX_LINE_ERRORS = 100
 
@@ -24,14 +24,13 @@ class FileCheck:
 def check_file(path: Path, limits: InputLimits) -> FileCheck:
     check = FileCheck()
     resolver = ModelResolver(None)
-    for parsed in read_inputs([str(path)], limits=limits):
-        error = parsed.error or resolver.see(parsed)
-        if error is not None:
-            check.add(parsed.line, error.code, error.message)
+    for parsed in validate_batch(read_inputs([str(path)], limits=limits), resolver):
+        if parsed.error is not None:
+            check.add(parsed.line, parsed.error.code, parsed.error.message)
             continue
         assert parsed.request is not None
         check.num_lines += 1
         check.endpoints.add(parsed.request.url)
-    if check.num_lines and not check.num_errors and (missing := resolver.missing_error()):
-        check.add(0, missing.code, "no model given: set body.model in the input lines")
+    if check.num_lines and not check.num_errors and resolver.model is None:
+        check.add(0, "missing_model", "no model given: set body.model in the input lines")
     return check

@@ -29,7 +29,6 @@ from batchgen.worker.engine.int8_outliers import OutlierColumns, OutlierGuard, c
 log = logging.getLogger("batchgen.int8")
 
 OUTLIER_KERNEL = "int_mm_outliers"
-INT8_KERNELS = ("bnb", "int_mm", OUTLIER_KERNEL, "weight_only")
 _FAST_KERNELS = ("int_mm", OUTLIER_KERNEL, "weight_only")  # what Int8Linear runs
 _INV_127 = 7.874015718698502e-3  # bnb's int8_vectorwise_dequant constant: the dense rows equal bnb's subB
 _INV_127_SQ = 6.200124e-05  # bnb's constant for 1/127² (which is 6.2000124e-05): kept, so we equal bnb exactly
