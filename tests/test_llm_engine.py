@@ -120,7 +120,7 @@ def test_eos_stops_the_completion_unless_ignore_eos(engine, monkeypatch):
     # The random demo model almost never picks its real EOS, so declare a token it does emit to be EOS.
     prompt_ids = engine.tokenizer(PROMPTS[6])["input_ids"]
     eos = hf_generate_ids(engine, prompt_ids, 32)[5]
-    monkeypatch.setattr(engine, "eos_ids", frozenset({eos}))
+    monkeypatch.setattr(engine.finisher, "eos_ids", frozenset({eos}))
     results = run(engine, [completion("eos", PROMPTS[6], max_tokens=32),
                            completion("ignore", PROMPTS[6], max_tokens=32, ignore_eos=True)])
     got = results["eos"]

@@ -9,8 +9,6 @@ The scheduler, sampler and request rules are the fast path's; an OOM halves the 
 """
 
 import logging
-import time
-from collections import deque
 from collections.abc import Iterable
 
 import torch
@@ -20,7 +18,14 @@ from batchgen.worker.engine.families import Family
 from batchgen.worker.engine.loader import load_model, resolve_device, resolve_dtype
 from batchgen.worker.engine.padded_batch import ModelCalls, PaddedBatch, decode, prefill
 from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, GenerationResult
-from batchgen.worker.engine.requests import Finisher, Rejected, eos_ids, error_result, make_sequence
+from batchgen.worker.engine.requests import (
+    Finisher,
+    Rejected,
+    TokenRate,
+    eos_ids,
+    error_result,
+    make_sequence,
+)
 from batchgen.worker.engine.sampler import sample
 from batchgen.worker.engine.scheduler import Scheduler
 from batchgen.worker.engine.sequence import Sequence
@@ -57,7 +62,7 @@ class GenericEngine:
         self._last_batch = 0
         self._num_ooms = 0
         self._num_joins = 0  # rows that joined a batch already decoding: continuous batching at work
-        self._num_generated: deque[tuple[float, int]] = deque()
+        self._rate = TokenRate(TOKENS_PER_S_WINDOW_S)
         self.fault = _install_fault_injector(model, cfg.inject_oom, device)
 
     @classmethod
@@ -110,7 +115,7 @@ class GenericEngine:
             if admitted:
                 self._merge(admitted, new_batch)
         self._last_batch = len(seqs)
-        self._count_tokens(len(seqs))
+        self._rate.add(len(seqs))
         results = [r for seq, token in zip(seqs, tokens, strict=True) if (r := self._append(seq, token))]
         self._drop_finished()
         return results
@@ -134,7 +139,7 @@ class GenericEngine:
         extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, num_joins=self._num_joins,
                      device=str(self.device),
                      engine_path="generic", kv_bytes=self.batch.kv_bytes() if self.batch else 0)
-        return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._tokens_per_s(),
+        return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._rate.per_s(),
                            self.num_unfinished, used, free, None, extra)
 
     # -- internals --------------------------------------------------------------------------------
@@ -192,17 +197,6 @@ class GenericEngine:
         self._drop_finished()
         return results
 
-    def _count_tokens(self, n: int) -> None:
-        now = time.monotonic()
-        self._num_generated.append((now, n))
-        while self._num_generated and now - self._num_generated[0][0] > TOKENS_PER_S_WINDOW_S:
-            self._num_generated.popleft()
-
-    def _tokens_per_s(self) -> float:
-        if len(self._num_generated) < 2:
-            return 0.0
-        elapsed = self._num_generated[-1][0] - self._num_generated[0][0]
-        return sum(n for _, n in list(self._num_generated)[1:]) / elapsed if elapsed > 0 else 0.0
 
 
 def kv_bytes_per_token(config, dtype_bytes: int) -> int:

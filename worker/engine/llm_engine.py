@@ -8,15 +8,12 @@ max batch size and restarts the evicted rows from scratch; nothing is lost.
 
 import json
 import logging
-import random
 import time
-from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from batchgen.jobs.schema import ErrorInfo, Request
 from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.int8_linear import Int8Runtime
@@ -24,6 +21,14 @@ from batchgen.worker.engine.llama import LlamaParts
 from batchgen.worker.engine.loader import load_model
 from batchgen.worker.engine.model_runner import ModelRunner
 from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, GenerationResult
+from batchgen.worker.engine.requests import (
+    Finisher,
+    Rejected,
+    TokenRate,
+    eos_ids,
+    error_result,
+    make_sequence,
+)
 from batchgen.worker.engine.sampler import sample
 from batchgen.worker.engine.scheduler import Scheduler
 from batchgen.worker.engine.sequence import Sequence
@@ -40,9 +45,6 @@ STEP_LOG_INTERVAL_S = 30.0
 
 log = logging.getLogger("batchgen.engine")
 
-
-def _error(key: str, code: str, message: str) -> GenerationResult:
-    return GenerationResult(key, error=ErrorInfo(code=code, message=message))
 
 
 class Reporter(Protocol):
@@ -73,11 +75,6 @@ class Runner(Reporter, Protocol):
     def memory_info(self) -> tuple[int, int]: ...
 
 
-class _Rejected(Exception):
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
 
 class LLMEngine:
     """Continuous batching over a runner (which holds the KV cache) within a budget (how many rows fit).
@@ -97,7 +94,7 @@ class LLMEngine:
         self.reporters = tuple(reporters)
         self.int8 = int8  # the int8 kernel's runtime: its outlier guard is polled after each step
         self.device, self.max_model_len, self.attention = runner.device, runner.max_model_len, runner.attention
-        self.eos_ids = self._eos_ids()
+        self.finisher = Finisher(tokenizer, eos_ids(model, tokenizer))
         with torch.inference_mode():
             runner.allocate_kv(budget.max_rows)
             self.graph_capture_s = runner.capture_graphs()
@@ -106,7 +103,7 @@ class LLMEngine:
         self._keys: set[str] = set()
         self._last_batch = 0
         self._num_ooms = 0
-        self._num_generated: deque[tuple[float, int]] = deque()
+        self._rate = TokenRate(TOKENS_PER_S_WINDOW_S)
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
@@ -133,11 +130,6 @@ class LLMEngine:
         budget = resident_budget(cfg, runner, model.config, weights_bytes, max_prefill)
         return cls(cfg, model, tokenizer, runner, budget, max_prefill_tokens=max_prefill, int8=int8)
 
-    def _eos_ids(self) -> frozenset[int]:
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = self.tokenizer.eos_token_id
-        return frozenset([] if eos is None else [eos] if isinstance(eos, int) else eos)
 
     # -- Engine protocol ----------------------------------------------------------------------------
 
@@ -146,10 +138,10 @@ class LLMEngine:
         for r in requests:
             try:
                 seq = self._make_sequence(r)
-            except _Rejected as exc:
-                rejected.append(_error(r.key, exc.code, str(exc)))
+            except Rejected as exc:
+                rejected.append(error_result(r.key, exc.code, str(exc)))
             except Exception as exc:  # a poison request must not take the worker down
-                rejected.append(_error(r.key, "invalid_request", f"{type(exc).__name__}: {exc}"))
+                rejected.append(error_result(r.key, "invalid_request", f"{type(exc).__name__}: {exc}"))
             else:
                 self._keys.add(r.key)
                 self.scheduler.add(seq)
@@ -174,7 +166,7 @@ class LLMEngine:
         if self.int8 is not None:  # sampling synced: reading the outlier guard costs no GPU time
             self.int8.poll()
         self._last_batch = len(seqs)
-        self._count_tokens(len(seqs))
+        self._rate.add(len(seqs))
         results = []
         for seq, token in zip(seqs, tokens, strict=True):
             result = self._append(seq, token)
@@ -206,7 +198,7 @@ class LLMEngine:
             extra.update(source.stats())
         if self.int8 is not None:
             extra.update(self.int8.stats())
-        return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._tokens_per_s(),
+        return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._rate.per_s(),
                            self.num_unfinished, used, free, _gpu_temperature_c(self.device), extra)
 
     def reset_timing(self) -> None:
@@ -218,27 +210,9 @@ class LLMEngine:
 
     def _make_sequence(self, r: GenerationRequest) -> Sequence:
         if r.key in self._keys:
-            raise _Rejected("duplicate_key", f"request key {r.key!r} is already in the engine")
-        prompt_ids = self._prompt_ids(r.request)
-        params = r.request.params
-        if not prompt_ids:
-            raise _Rejected("invalid_prompt", "the prompt encodes to zero tokens")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise _Rejected("context_length_exceeded",
-                            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                          f"model's context length of {self.max_model_len} tokens")
-        seed = params.seed if params.seed is not None else random.getrandbits(63)
-        return Sequence(r.key, prompt_ids, params, seed)
+            raise Rejected("duplicate_key", f"request key {r.key!r} is already in the engine")
+        return make_sequence(r, self.tokenizer, model_name=self.model_name, max_model_len=self.max_model_len)
 
-    def _prompt_ids(self, request: Request) -> list[int]:
-        if request.messages is None:
-            return list(self.tokenizer(request.prompt)["input_ids"])
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise _Rejected("no_chat_template", f"model {self.model_name!r} has no chat template; "
-                            "send a prompt to /v1/completions instead")
-        messages = [m.model_dump() for m in request.messages]
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _forward(self, admitted: list[Sequence]) -> torch.Tensor:
         if admitted:
@@ -263,56 +237,23 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.finish(seq, None)
             self._keys.discard(seq.key)
-            results.append(_error(seq.key, "out_of_memory",
+            results.append(error_result(seq.key, "out_of_memory",
                                   "out of GPU memory even at batch size 1; try a shorter prompt or max_tokens"))
         return results
 
     def _append(self, seq: Sequence, token: int) -> GenerationResult | None:
         try:
-            seq.output_ids.append(token)
-            is_eos = token in self.eos_ids and not seq.params.ignore_eos
-            reason = None
-            if is_eos or (seq.params.stop and self._truncate_at_stop(seq)):
-                reason = "stop"
-            elif len(seq.output_ids) >= seq.params.max_tokens:
-                reason = "length"
+            reason = self.finisher.append(seq, token)
             if reason is None:
                 return None
-            if seq.text is None:
-                seq.text = self._decode(seq.output_ids[:-1] if is_eos else seq.output_ids)
             self.scheduler.finish(seq, reason)
             self._keys.discard(seq.key)
-            return GenerationResult(seq.key, seq.text, reason, seq.num_prompt_tokens, len(seq.output_ids))
+            return self.finisher.result(seq, reason)
         except Exception as exc:  # e.g. a detokenizer error: fail this request only
             self.scheduler.finish(seq, None)
             self._keys.discard(seq.key)
-            return _error(seq.key, "internal_error", f"{type(exc).__name__}: {exc}")
+            return error_result(seq.key, "internal_error", f"{type(exc).__name__}: {exc}")
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _truncate_at_stop(self, seq: Sequence) -> bool:
-        """Sets seq.text to the output before the earliest stop string, if one has appeared."""
-        # Detokenizing the whole output each step is O(n²) in the output length; fine for the usual
-        # few-hundred-token outputs, incremental detokenization is the fix if stop strings get hot.
-        text = self._decode(seq.output_ids)
-        hits = [i for i in (text.find(s) for s in seq.params.stop if s) if i >= 0]
-        if not hits:
-            return False
-        seq.text = text[: min(hits)]
-        return True
-
-    def _count_tokens(self, n: int) -> None:
-        now = time.monotonic()
-        self._num_generated.append((now, n))
-        while self._num_generated and now - self._num_generated[0][0] > TOKENS_PER_S_WINDOW_S:
-            self._num_generated.popleft()
-
-    def _tokens_per_s(self) -> float:
-        if len(self._num_generated) < 2:
-            return 0.0
-        elapsed = self._num_generated[-1][0] - self._num_generated[0][0]
-        return sum(n for _, n in list(self._num_generated)[1:]) / elapsed if elapsed > 0 else 0.0
 
 
 @dataclass

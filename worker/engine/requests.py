@@ -3,6 +3,8 @@ prompt tokens (chat template), EOS ids (generation_config may list several), sto
 """
 
 import random
+import time
+from collections import deque
 
 from batchgen.jobs.schema import ErrorInfo, Request
 from batchgen.worker.engine.protocol import GenerationRequest, GenerationResult
@@ -86,3 +88,23 @@ class Finisher:
             return False
         seq.text = text[: min(hits)]
         return True
+
+
+class TokenRate:
+    """Generated tokens per second over a sliding window: what `batchgen workers` shows."""
+
+    def __init__(self, window_s: float = 30.0):
+        self.window_s = window_s
+        self._counts: deque[tuple[float, int]] = deque()
+
+    def add(self, n: int) -> None:
+        now = time.monotonic()
+        self._counts.append((now, n))
+        while self._counts and now - self._counts[0][0] > self.window_s:
+            self._counts.popleft()
+
+    def per_s(self) -> float:
+        if len(self._counts) < 2:
+            return 0.0
+        elapsed = self._counts[-1][0] - self._counts[0][0]
+        return sum(n for _, n in list(self._counts)[1:]) / elapsed if elapsed > 0 else 0.0
