@@ -21,7 +21,7 @@ from redis.client import Pipeline
 # its final status atomically with the outcome that completes it.
 # KEYS: record, outcomes. ARGV: now, ttl, then (index, line, counter field) triples.
 # Returns the indexes that were newly recorded.
-_RECORD_OUTCOMES = """
+_RECORD_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
 local accepted = {}
 for i = 3, #ARGV, 3 do
@@ -73,7 +73,7 @@ class BatchStore:
     def __init__(self, connection: Redis, result_ttl_s: int = defaults.RESULT_TTL_S):
         self.connection = connection
         self.result_ttl_s = result_ttl_s
-        self._record = connection.register_script(_RECORD_OUTCOMES)
+        self._record = connection.register_script(_RECORD_SCRIPT)
         self._transition = connection.register_script(_TRANSITION)
 
     # -- producer side -------------------------------------------------------------------------------

@@ -29,10 +29,9 @@ from batchgen.worker.engine.requests import (
 from batchgen.worker.engine.sampler import sample
 from batchgen.worker.engine.scheduler import Scheduler
 from batchgen.worker.engine.sequence import Sequence
+from batchgen.worker.engine.setup import CUDA_ALLOCATOR_SLACK, plan_rows
 
 DEFAULT_MAX_MODEL_LEN = 4096
-CPU_MAX_BATCH_SIZE = 64  # without a cap, CPU batches are limited by cores long before memory
-CUDA_ALLOCATOR_SLACK = 0.03
 TOKENS_PER_S_WINDOW_S = 30.0
 
 log = logging.getLogger("batchgen.engine")
@@ -153,17 +152,7 @@ class GenericEngine:
         self.rows += admitted
 
     def _append(self, seq: Sequence, token: int) -> GenerationResult | None:
-        try:
-            reason = self.finisher.append(seq, token)
-            if reason is None:
-                return None
-            self.scheduler.finish(seq, reason)
-            self._keys.discard(seq.key)
-            return self.finisher.result(seq, reason)
-        except Exception as exc:  # e.g. a detokenizer error: fail this request only
-            self.scheduler.finish(seq, None)
-            self._keys.discard(seq.key)
-            return error_result(seq.key, "internal_error", f"{type(exc).__name__}: {exc}")
+        return self.finisher.finish_step(seq, token, self.scheduler, self._keys)
 
     def _drop_finished(self) -> None:
         """Drops rows no longer running (finished, aborted, evicted) from the batch."""
@@ -232,13 +221,8 @@ def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dt
         weights_bytes = torch.cuda.memory_allocated(device)
     else:
         free = budget_math.available_ram_bytes()
-    total = budget_math.budget_bytes(free_bytes=free, reserve_bytes=cfg.vram_reserve_bytes,
-                                     max_bytes=cfg.max_vram_bytes, weights_bytes=weights_bytes)
-    cap = cfg.max_batch_size
-    if cap is None and device.type != "cuda":
-        cap = CPU_MAX_BATCH_SIZE
-    return budget_math.plan(budget_bytes=total, kv_bytes_per_token=kv_token, max_model_len=max_model_len,
-                            activation_bytes_per_row=activation, prefill_bytes=prefill_bytes, max_batch_size=cap)
+    return plan_rows(cfg, device, free_bytes=free, weights_bytes=weights_bytes, kv_bytes_per_token=kv_token,
+                     max_model_len=max_model_len, activation_bytes_per_row=activation, prefill_bytes=prefill_bytes)
 
 
 def _memory_info(device: torch.device) -> tuple[int, int]:

@@ -242,17 +242,7 @@ class LLMEngine:
         return results
 
     def _append(self, seq: Sequence, token: int) -> GenerationResult | None:
-        try:
-            reason = self.finisher.append(seq, token)
-            if reason is None:
-                return None
-            self.scheduler.finish(seq, reason)
-            self._keys.discard(seq.key)
-            return self.finisher.result(seq, reason)
-        except Exception as exc:  # e.g. a detokenizer error: fail this request only
-            self.scheduler.finish(seq, None)
-            self._keys.discard(seq.key)
-            return error_result(seq.key, "internal_error", f"{type(exc).__name__}: {exc}")
+        return self.finisher.finish_step(seq, token, self.scheduler, self._keys)
 
 
 

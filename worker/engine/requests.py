@@ -73,6 +73,21 @@ class Finisher:
             seq.text = self.decode(seq.output_ids[:-1] if is_eos else seq.output_ids)
         return reason
 
+    def finish_step(self, seq: Sequence, token: int, scheduler, keys: set[str]) -> GenerationResult | None:
+        """append(), and for an ended sequence: frees its row and key and returns its result (a detokenizer
+        error fails this request only)."""
+        try:
+            reason = self.append(seq, token)
+            if reason is None:
+                return None
+            scheduler.finish(seq, reason)
+            keys.discard(seq.key)
+            return self.result(seq, reason)
+        except Exception as exc:
+            scheduler.finish(seq, None)
+            keys.discard(seq.key)
+            return error_result(seq.key, "internal_error", f"{type(exc).__name__}: {exc}")
+
     def result(self, seq: Sequence, reason: str) -> GenerationResult:
         return GenerationResult(seq.key, seq.text or "", reason, seq.num_prompt_tokens, len(seq.output_ids))
 

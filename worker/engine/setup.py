@@ -77,10 +77,20 @@ def resident_budget(cfg: EngineConfig, runner: ModelRunner, config, weights_byte
             config, head_dim=parts.head_dim, max_model_len=runner.max_model_len, prefill_tokens=max_prefill_tokens,
             dtype_bytes=runner.kv_dtype_bytes, scores=True)
         free = budget_math.available_ram_bytes()
-    total = budget_math.budget_bytes(free_bytes=free, reserve_bytes=cfg.vram_reserve_bytes,
+    return plan_rows(cfg, device, free_bytes=free, weights_bytes=weights_bytes, kv_bytes_per_token=kv_per_token,
+                     max_model_len=runner.max_model_len, activation_bytes_per_row=act_per_row,
+                     prefill_bytes=prefill_bytes)
+
+
+def plan_rows(cfg: EngineConfig, device: torch.device, *, free_bytes: int | None, weights_bytes: int,
+              kv_bytes_per_token: int, max_model_len: int, activation_bytes_per_row: int,
+              prefill_bytes: int) -> budget_math.Budget:
+    """The rows that fit what is free, within the user's caps: the last step of every engine path's budget."""
+    total = budget_math.budget_bytes(free_bytes=free_bytes, reserve_bytes=cfg.vram_reserve_bytes,
                                      max_bytes=cfg.max_vram_bytes, weights_bytes=weights_bytes)
     cap = cfg.max_batch_size
     if cap is None and device.type != "cuda":
         cap = CPU_MAX_BATCH_SIZE
-    return budget_math.plan(budget_bytes=total, kv_bytes_per_token=kv_per_token, max_model_len=runner.max_model_len,
-                            activation_bytes_per_row=act_per_row, prefill_bytes=prefill_bytes, max_batch_size=cap)
+    return budget_math.plan(budget_bytes=total, kv_bytes_per_token=kv_bytes_per_token, max_model_len=max_model_len,
+                            activation_bytes_per_row=activation_bytes_per_row, prefill_bytes=prefill_bytes,
+                            max_batch_size=cap)
