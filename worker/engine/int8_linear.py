@@ -12,7 +12,7 @@ Linear8bitLt for an `Int8Linear` that runs one of:
   fixed outlier columns (int8_outliers): out = int_mm(q(x with the outlier columns zeroed)) dequantised
   + x[:, idx] @ W[idx] in the compute dtype, W[idx] being the dequantised int8 rows of those columns, as
   bnb does. Fixed shapes and no host sync, so decode steps stay in CUDA graphs; a guard catches new outliers.
-- "weight_only": out = (x @ CB.T) · SCB/127 in the compute dtype; exact in the weights, 2× the traffic.
+- "weight_only": out = x @ (CB · SCB/127).T in the compute dtype; exact in the weights, 2× the traffic.
 
 `fuse_projections` concatenates q/k/v and gate/up of each layer into one int8 matrix (one quantisation
 and one matmul instead of three or two); the per-projection modules keep working as views of it.
@@ -99,16 +99,17 @@ def dequantize_plus(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, 
     return (out + dense.float()).to(dtype)
 
 
-def weight_only_scale(out: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = out * (scb * (1.0 / 127.0)).to(out.dtype)
-    return out if bias is None else out + bias.to(out.dtype)
+def dequantize_weight(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 [out, in] -> the weight in dtype (bnb's dequantisation); scaled before the matmul, since x @ CB.T
+    in fp16 overflows once |x| reaches a few tens (CB is the weight times 127 / its row's absmax)."""
+    return (cb.float() * (scb * _INV_127).view(-1, 1)).to(dtype)
 
 
 class _Kernels:
     """The small elementwise functions around the matmul; compiled on CUDA so each is one fused kernel."""
 
     def __init__(self) -> None:
-        self.quantize, self.dequantize, self.weight_only_scale = quantize_rows, dequantize, weight_only_scale
+        self.quantize, self.dequantize, self.dequantize_weight = quantize_rows, dequantize, dequantize_weight
         self.quantize_outliers, self.dequantize_plus = quantize_outliers, dequantize_plus
         self.compiled = False
 
@@ -117,7 +118,7 @@ class _Kernels:
             return
         self.quantize = torch.compile(quantize_rows, dynamic=True)
         self.dequantize = torch.compile(dequantize, dynamic=True)
-        self.weight_only_scale = torch.compile(weight_only_scale, dynamic=True)
+        self.dequantize_weight = torch.compile(dequantize_weight, dynamic=True)
         self.quantize_outliers = torch.compile(quantize_outliers, dynamic=True)
         self.dequantize_plus = torch.compile(dequantize_plus, dynamic=True)
         self.compiled = True
@@ -167,7 +168,8 @@ class Int8Linear(torch.nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
     def _forward_weight_only(self, x2: torch.Tensor) -> torch.Tensor:
-        return KERNELS.weight_only_scale(F.linear(x2, self.cb.to(x2.dtype)), self.scb, self.bias)
+        bias = None if self.bias is None else self.bias.to(x2.dtype)
+        return F.linear(x2, KERNELS.dequantize_weight(self.cb, self.scb, x2.dtype), bias)
 
     def _forward_outliers(self, x2: torch.Tensor) -> torch.Tensor:
         o = self.outliers
@@ -294,6 +296,7 @@ def _find_outliers(model: torch.nn.Module, threshold: float, ids: torch.Tensor |
             torch.cuda.empty_cache()
     for owner, o, cols in zip(owners, inputs, found, strict=True):
         o.seen.zero_()
+        o.hits.zero_()
         o.resize(slots_for(len(cols)))
         owner.attach(o, dtype)
         o.add(cols)
@@ -386,9 +389,9 @@ class Int8Runtime:
         log.info("int8 kernel: %s", runtime.describe(threshold))
         return runtime
 
-    def poll(self) -> None:
+    def poll(self, num_tokens: int) -> None:
         if self.guard is not None:
-            self.guard.poll()
+            self.guard.poll(num_tokens)
 
     def describe(self, threshold: float) -> str:
         if self.guard is None:

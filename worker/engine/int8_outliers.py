@@ -3,14 +3,21 @@
 LLM.int8() runs every activation column holding an |x| of at least the threshold through fp16 weights and
 the rest through int8. bitsandbytes finds those columns anew in every batch (a host sync and a
 data-dependent shape); in real models they are the same few hidden channels in most tokens (Dettmers et
-al., 2022), so here a calibration pass at load finds them per linear input and they stay fixed:
+al., 2022), so here a calibration pass at load finds them per linear input and they stay fixed. A column
+counts as an outlier feature as the paper defines one: it reaches the threshold systematically (on at least
+SYSTEMATIC_RATE of the tokens), or it ever reaches MASSIVE_FACTOR × the threshold (the "massive activations"
+a few tokens such as BOS carry). A column that crosses the threshold only now and then stays in int8: it
+coarsens that one token's quantisation a little (benchmarks/quality.py measures it), while decomposing every
+such column would send most of a wide input through the dense weights (a random model's down_proj input
+crosses 6 somewhere in most of its columns, none of them systematically).
 
 - `OutlierColumns`: one input's columns in fixed-size device buffers (a 0/1 keep mask, the column indices,
   and per owning linear the dequantised weight rows of those columns). Free slots point at column 0 with
   zero weights; adding a column writes the buffers in place, so captured graphs see it on their next replay.
 - `OutlierGuard`: every forward records, per token, the largest |x| among the int8 columns and where it is
-  (a scatter into one flat device buffer: no sync, fixed shapes). `poll()` reads it after a step that
-  already synced, adds the columns that reached the threshold for later steps and logs them.
+  (scatters into flat device buffers: the column's max and how many tokens had it at or above the
+  threshold; no sync, fixed shapes). `poll(num_tokens)` reads them after a step that already synced, adds
+  the columns that became outlier features for later steps and logs them.
 """
 
 import bisect
@@ -23,7 +30,10 @@ import torch
 log = logging.getLogger("batchgen.int8")
 
 OUTLIER_SLACK = 8  # free slots per input for columns the guard finds after calibration
-MAX_CALIBRATED_FRACTION = 1 / 8  # beyond this share of an input's columns, the largest ones only: bounds memory
+SYSTEMATIC_RATE = 0.02  # outlier features reach the threshold on >= 2% of the tokens (the paper counts 6%; 2% measured closer to bnb)
+MASSIVE_FACTOR = 4.0  # |x| >= 4x the threshold: dense after a single token
+GUARD_WINDOW_TOKENS = 4096  # the guard's rate is counted over windows of this many tokens
+MAX_CALIBRATED_FRACTION = 1 / 4  # beyond this share of an input's columns, the largest ones only: bounds memory
 SLOT_MULTIPLE = 8  # slot count rounded up: tensor-core friendly inner dimension for the dense matmul
 
 # Prose, code, numbers and other scripts: outlier features show up on most tokens, a few hundred are plenty.
@@ -71,6 +81,8 @@ class OutlierColumns:
         self.keep = torch.ones(in_features, dtype=torch.float16, device=device)  # 0 where the column is dense
         self.idx = torch.zeros(0, dtype=torch.long, device=device)
         self.seen = torch.zeros(in_features, dtype=torch.float32, device=device)  # max |x| in the int8 columns
+        self.hits = torch.zeros(in_features, dtype=torch.float32, device=device)  # tokens with |x| >= threshold
+        self.num_tokens = 0  # calibration: the tokens observed
         self.columns: list[int] = []
         self.owners: list[DenseOwner] = []
         self.calibrating = False
@@ -87,12 +99,19 @@ class OutlierColumns:
         self.columns = []
 
     def observe(self, x: torch.Tensor) -> None:
-        """Calibration: the largest |x| of every column over x [m, in_features]."""
-        torch.maximum(self.seen, x.detach().abs().amax(dim=0).float(), out=self.seen)
+        """Calibration: the largest |x| of every column over x [m, in_features] and how often it reaches the
+        threshold."""
+        ax = x.detach().abs().float()
+        torch.maximum(self.seen, ax.amax(dim=0), out=self.seen)
+        self.hits += (ax >= self.threshold).sum(dim=0)
+        self.num_tokens += ax.shape[0]
 
     def record(self, absmax: torch.Tensor, argmax: torch.Tensor) -> None:
-        """The guard, per forward: each token's largest int8-column |x| at its column (capturable, no sync)."""
-        self.seen.scatter_reduce_(0, argmax.reshape(-1), absmax.reshape(-1), reduce="amax")
+        """The guard, per forward: each token's largest int8-column |x| at its column, and a hit there when it
+        reaches the threshold (capturable, no sync)."""
+        cols, absmax = argmax.reshape(-1), absmax.reshape(-1)
+        self.seen.scatter_reduce_(0, cols, absmax, reduce="amax")
+        self.hits.scatter_add_(0, cols, (absmax >= self.threshold).float())
 
     def add(self, columns: Iterable[int]) -> list[int]:
         """Routes columns through the dense weights from now on (in place); returns those that fit."""
@@ -116,14 +135,19 @@ class OutlierColumns:
         return new
 
     def calibrated_columns(self) -> list[int]:
-        """The columns whose |x| reached the threshold while calibrating, largest first."""
-        cols = torch.nonzero(self.seen >= self.threshold).flatten()
+        """The outlier features seen while calibrating (systematic or massive), largest first."""
+        cols = torch.nonzero(outlier_features(self.seen, self.hits, max(1, self.num_tokens), self.threshold)).flatten()
         cols = cols[self.seen[cols].argsort(descending=True)].tolist()
         limit = max(1, int(self.in_features * MAX_CALIBRATED_FRACTION))
         if len(cols) > limit:
-            log.warning("int8: %d of %d input columns reached the threshold while calibrating; the %d largest go "
-                        "through the dense weights", len(cols), self.in_features, limit)
+            log.warning("int8: %d of %d input columns are outlier features; the %d largest go through the dense "
+                        "weights", len(cols), self.in_features, limit)
         return cols[:limit]
+
+
+def outlier_features(seen: torch.Tensor, hits: torch.Tensor, num_tokens: int, threshold: float) -> torch.Tensor:
+    """Bool mask of the columns that are outlier features over num_tokens tokens."""
+    return (hits >= max(1.0, SYSTEMATIC_RATE * num_tokens)) | (seen >= MASSIVE_FACTOR * threshold)
 
 
 def slots_for(num_columns: int) -> int:
@@ -131,8 +155,9 @@ def slots_for(num_columns: int) -> int:
 
 
 class OutlierGuard:
-    """Every input's `seen` as views of one flat buffer: one comparison and one sync tell whether any int8
-    column of any linear reached the threshold since the last poll."""
+    """Every input's `seen` and `hits` as views of two flat buffers: one comparison and one sync tell whether
+    any int8 column of any linear became an outlier feature: massive since the last poll, or systematic over
+    the current window of GUARD_WINDOW_TOKENS tokens."""
 
     def __init__(self, inputs: list[OutlierColumns], threshold: float):
         self.inputs, self.threshold = inputs, threshold
@@ -141,21 +166,35 @@ class OutlierGuard:
             self.offsets.append(self.offsets[-1] + o.in_features)
         device = inputs[0].keep.device if inputs else torch.device("cpu")
         self.seen = torch.zeros(self.offsets[-1], dtype=torch.float32, device=device)
+        self.hits = torch.zeros(self.offsets[-1], dtype=torch.float32, device=device)
         for o, start in zip(inputs, self.offsets, strict=False):
-            self.seen[start:start + o.in_features].copy_(o.seen)
             o.seen = self.seen[start:start + o.in_features]
+            o.hits = self.hits[start:start + o.in_features]
+        self.num_tokens = 0  # in the current window
         self.num_added = 0
 
     @property
     def num_columns(self) -> int:
         return sum(len(o.columns) for o in self.inputs)
 
-    def poll(self) -> int:
-        """After a step: adds the int8 columns that reached the threshold; returns how many were added."""
+    def poll(self, num_tokens: int) -> int:
+        """After a step over num_tokens tokens: adds the int8 columns that became outlier features; returns how
+        many were added. A systematic column is judged once its window is full."""
         if not self.inputs:
             return 0
-        hits = torch.nonzero(self.seen >= self.threshold).flatten().tolist()
+        self.num_tokens += num_tokens
+        window_full = self.num_tokens >= GUARD_WINDOW_TOKENS
+        if window_full:
+            found = outlier_features(self.seen, self.hits, self.num_tokens, self.threshold)
+        else:
+            found = self.seen >= MASSIVE_FACTOR * self.threshold
+        hits = torch.nonzero(found).flatten().tolist()
+        if window_full:
+            self.hits.zero_()
+            self.num_tokens = 0
         if not hits:
+            if window_full:
+                self.seen.zero_()
             return 0
         self.seen.zero_()
         by_input: dict[int, list[int]] = {}

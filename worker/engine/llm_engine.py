@@ -161,10 +161,10 @@ class LLMEngine:
                                 [len(s.output_ids) for s in seqs])
             except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
                 return self._on_oom(seqs, prefill=bool(admitted))
-        self.step_stats.add(time.perf_counter() - start, len(seqs),
-                            sum(s.num_prompt_tokens for s in admitted) if admitted else 0)
+        prompt_tokens = sum(s.num_prompt_tokens for s in admitted) if admitted else 0
+        self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens)
         if self.int8 is not None:  # sampling synced: reading the outlier guard costs no GPU time
-            self.int8.poll()
+            self.int8.poll(prompt_tokens or len(seqs))
         self._last_batch = len(seqs)
         self._rate.add(len(seqs))
         results = []
