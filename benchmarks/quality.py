@@ -10,8 +10,9 @@ MASSIVE_TOKENS) carrying |x| in the hundreds in two down_proj input channels; lm
 is confident. Each variant is teacher-forced over the same tokens and compared with the fp32 model: mean
 KL(fp32 ‖ variant), top-1 agreement, and the share of greedy tokens equal to fp32's.
 
-Variants: default (batchgen's auto kernel: int_mm_outliers, calibrated as the engine does), bnb_t6 (bitsandbytes'
-Linear8bitLt, LLM.int8() at threshold 6), bnb_t0, int_mm (batchgen at threshold 0) and weight_only.
+Variants: default (batchgen's auto kernel: int_mm_outliers, calibrated as the engine does), default_fp16_ends (the
+same with the first and last decoder layers in fp16: --fp16-modules), bnb_t6 (bitsandbytes' Linear8bitLt, LLM.int8()
+at threshold 6), bnb_t0, int_mm (batchgen at threshold 0) and weight_only.
 
 --speed (CUDA): a random Llama-3-8B-shape model of SPEED_LAYERS layers through the engine's ModelRunner: the
 decode step at SPEED_ROWS rows (CUDA graphs) and the prefill tok/s, default vs int_mm, with the issue's bounds.
@@ -39,8 +40,9 @@ MASSIVE_EVERY = 32
 MASSIVE_LAYER = 1
 LOGIT_STD = 4.0  # lm_head scaled to this logit spread: a confident model, so int8 noise shows as flips
 THRESHOLD = 6.0
-VARIANTS = ("default", "bnb_t6", "bnb_t0", "int_mm", "weight_only")
-CPU_VARIANTS = ("default", "bnb_t6", "int_mm", "weight_only")  # bnb_t0 is int_mm's arithmetic, and bnb is slow here
+# default_fp16_ends: the default with the first and last decoder layers kept in fp16 (--fp16-modules)
+VARIANTS = ("default", "default_fp16_ends", "bnb_t6", "bnb_t0", "int_mm", "weight_only")
+CPU_VARIANTS = ("default", "default_fp16_ends", "bnb_t6", "int_mm", "weight_only")  # bnb_t0 is int_mm's arithmetic, and bnb is slow here
 SPEED_LAYERS = 16
 SPEED_ROWS = 256
 SPEED_PREFILL = (16, 256)  # prompts x tokens
@@ -62,7 +64,7 @@ class Shape:
 
 
 GPU_SHAPE = Shape(1024, 4, 16, 4, 2816, 8192, 32, 128, 16, 16, 32)
-CPU_SHAPE = Shape(256, 2, 4, 2, 704, 1024, 8, 32, 4, 8, 12)  # a few minutes on two busy cores
+CPU_SHAPE = Shape(256, 4, 4, 2, 704, 1024, 8, 32, 4, 8, 12)  # a few minutes on two busy cores
 
 
 def build_planted(shape: Shape, strength: float | str, *, seed: int = 0, device: torch.device | None = None):
@@ -145,14 +147,20 @@ def eval_ids(shape: Shape, *, seed: int, num_seqs: int | None = None, seq_len: i
 
 def load_variant(model_dir: Path, variant: str, device: torch.device, dtype: torch.dtype, calibration: torch.Tensor):
     from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, convert_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from batchgen.worker.engine.loader import skip_modules
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    threshold = THRESHOLD if variant in ("default", "bnb_t6") else 0.0
+    default = variant in ("default", "default_fp16_ends")
+    threshold = THRESHOLD if default or variant == "bnb_t6" else 0.0
+    fp16_modules = ()
+    if variant == "default_fp16_ends":
+        fp16_modules = ("model.layers.0", f"model.layers.{AutoConfig.from_pretrained(model_dir).num_hidden_layers - 1}")
     # as loader.load_model loads it (the planted model has no tokenizer to load)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, device_map={"": device},
-        quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold)).eval()
-    if variant == "default":  # what LLMEngine.from_config does, with random ids for the calibration text
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold,
+                                               llm_int8_skip_modules=skip_modules(str(model_dir), fp16_modules))).eval()
+    if default:  # what LLMEngine.from_config does, with random ids for the calibration text
         convert_model(model, OUTLIER_KERNEL, threshold=THRESHOLD, calibration_ids=calibration.to(device))
     elif variant in ("int_mm", "weight_only"):
         convert_model(model, variant)
@@ -201,7 +209,7 @@ def run_strength(shape: Shape, strength: float | str, device: torch.device, dtyp
                    **compare(ref_logits, logits_of(model, ids, device), ref_greedy,
                              greedy(model, prompts, shape.new_tokens, device)),
                    "fp32_mean_max_prob": round(confidence, 3)}
-            if variant == "default":
+            if variant.startswith("default"):
                 row["outlier_columns"] = _num_outlier_columns(model)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -278,6 +278,9 @@ engine_options = shared_options(
     click.option("--no-8bit", is_flag=True, help="Load in the compute dtype instead of bnb int8."),
     click.option("--int8-threshold", type=float, envvar="BATCHGEN_INT8_THRESHOLD", default=6.0,
                  show_default=True),
+    click.option("--fp16-modules", envvar="BATCHGEN_FP16_MODULES", default="",
+                 help="Comma-separated modules kept in the compute dtype instead of int8 (bnb's "
+                      "llm_int8_skip_modules), e.g. model.layers.0,model.layers.31; the output head always is."),
     # Plain strings, not click.Choice: the choices live in the worker's EngineConfig, which validates them
     # (the producer CLI does not import the worker at load time).
     click.option("--int8-kernel", envvar="BATCHGEN_INT8_KERNEL", default="auto", show_default=True,
@@ -305,6 +308,7 @@ def engine_config(kw: dict[str, Any]):
         max_model_len=kw["max_model_len"], int8_threshold=kw["int8_threshold"], int8_kernel=kw["int8_kernel"],
         attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], host_kv_dtype=kw["host_kv_dtype"],
         inject_oom=kw["inject_oom"] or None,
+        fp16_modules=tuple(name.strip() for name in kw["fp16_modules"].split(",") if name.strip()),
     )
 
 

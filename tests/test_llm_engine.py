@@ -232,3 +232,19 @@ def test_oom_hook_spec(spec, expected):
     assert parse_oom_spec(spec) == expected
     with pytest.raises(ValueError):
         parse_oom_spec("when=3")
+
+
+def test_fp16_modules_stay_in_the_compute_dtype_and_output_equals_hf_generate(demo_model_dir):
+    from batchgen.worker.engine.int8_linear import Int8Linear
+
+    engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), max_batch_size=3,
+                                                fp16_modules=("model.layers.0",)))
+    first, second = engine.model.model.layers[0], engine.model.model.layers[1]
+    assert type(first.self_attn.q_proj) is torch.nn.Linear and type(first.mlp.down_proj) is torch.nn.Linear
+    assert isinstance(second.self_attn.q_proj, Int8Linear)  # the other layers stay int8
+    assert type(engine.model.lm_head) is torch.nn.Linear  # as bnb keeps it, though naming modules drops its defaults
+    results = run(engine, [completion(f"h{i}", PROMPTS[i], max_tokens=MAX_TOKENS[i]) for i in range(4)])
+    for i in range(4):
+        got = results[f"h{i}"]
+        expected = hf_greedy(engine, engine.tokenizer(PROMPTS[i])["input_ids"], MAX_TOKENS[i])
+        assert (got.text, got.finish_reason, got.completion_tokens) == expected

@@ -26,6 +26,9 @@ class EngineConfig:
     max_prefill_tokens: int | None = None  # tokens per packed prefill; None: max_model_len
     int8_threshold: float = 6.0  # bnb's outlier threshold; only the "bnb" kernel has outlier columns
     int8_kernel: str = "auto"  # auto: int_mm where torch._int_mm runs (CUDA, CPU), else bnb
+    # bnb's llm_int8_skip_modules: modules kept in the compute dtype (the output head always is), e.g.
+    # ("model.layers.0", "model.layers.31"); matched as transformers matches them (prefix, regex or suffix)
+    fp16_modules: tuple[str, ...] = ()
     attention: str = "auto"  # one of ATTENTIONS
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
     inject_oom: str | None = None  # test hook, see model_runner.FaultInjector
@@ -51,5 +54,7 @@ class EngineConfig:
             raise ValueError(f"int8_kernel must be auto or one of {INT8_KERNELS}, got {self.int8_kernel!r}")
         if self.host_kv_dtype not in HOST_KV_DTYPES:
             raise ValueError(f"host_kv_dtype must be one of {HOST_KV_DTYPES}, got {self.host_kv_dtype!r}")
+        if any(not name.strip() for name in self.fp16_modules):
+            raise ValueError("fp16_modules: empty module name")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")

@@ -72,7 +72,8 @@ class GenericEngine:
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.compute_dtype, device)
         loaded = load_model(cfg.model, device=device, dtype=dtype, load_in_8bit=cfg.load_in_8bit,
-                            int8_threshold=cfg.int8_threshold)
+                            int8_threshold=cfg.int8_threshold,
+                            fp16_modules=cfg.fp16_modules)
         return cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
                    weights_bytes=loaded.weights_bytes)
 

@@ -110,7 +110,8 @@ class LLMEngine:
         """The resident engine: the model loaded on the device."""
         device, dtype = resolve_device_dtype(cfg)
         loaded = load_model(cfg.model, device=device, dtype=dtype, load_in_8bit=cfg.load_in_8bit,
-                            int8_threshold=cfg.int8_threshold)
+                            int8_threshold=cfg.int8_threshold,
+                            fp16_modules=cfg.fp16_modules)
         int8 = None
         if cfg.load_in_8bit:  # converts the model's linears (calibrating the outlier columns) and logs the kernel
             int8 = Int8Runtime.load(loaded.model, cfg.int8_kernel, threshold=cfg.int8_threshold, device=device,

@@ -34,8 +34,26 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def skip_modules(model: str, fp16_modules: tuple[str, ...]) -> list[str] | None:
+    """bnb's llm_int8_skip_modules for fp16_modules: naming any replaces transformers' default list, so the
+    defaults (the output head, e.g. lm_head or embed_out) are added back, read off a weightless copy."""
+    if not fp16_modules:
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:  # transformers 5
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:  # transformers 4
+        from transformers.integrations import get_keys_to_not_convert
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model))
+    return sorted({*get_keys_to_not_convert(skeleton), *fp16_modules})
+
+
 def load_model(
-    model: str, *, device: torch.device, dtype: torch.dtype, load_in_8bit: bool, int8_threshold: float
+    model: str, *, device: torch.device, dtype: torch.dtype, load_in_8bit: bool, int8_threshold: float,
+    fp16_modules: tuple[str, ...] = (),
 ) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
@@ -43,7 +61,9 @@ def load_model(
     tokenizer.padding_side = "left"
     kwargs: dict = {"dtype": dtype}
     if load_in_8bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=int8_threshold)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=int8_threshold,
+            llm_int8_skip_modules=skip_modules(model, fp16_modules))
         kwargs["device_map"] = {"": device}
         if dtype != torch.float16:
             # bnb casts every non-fp16 input to fp16 and logs a warning per matmul call; the cast is expected here.

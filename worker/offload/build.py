@@ -139,6 +139,8 @@ def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num
     the planner's choice (tests, benchmarks)."""
     if not cfg.load_in_8bit:
         raise ValueError("small-VRAM mode streams int8 weights: load_in_8bit must be on")
+    if cfg.fp16_modules:  # the stream's stage slots are sized for int8 layers
+        raise ValueError("small-VRAM mode streams int8 layers: --fp16-modules is not supported there yet")
     from transformers import AutoConfig
 
     device, dtype = resolve_device_dtype(cfg, streaming=True)
@@ -151,7 +153,8 @@ def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num
             pending = pool.submit(Kernel.build, host_kv_dtype(cfg, dtype), num_kv_heads=c.num_key_value_heads,
                                   group=c.num_attention_heads // c.num_key_value_heads, head_dim=head_dim_of(c))
         loaded = load_model(cfg.model, device=torch.device("cpu"), dtype=dtype, load_in_8bit=True,
-                            int8_threshold=cfg.int8_threshold)
+                            int8_threshold=cfg.int8_threshold,
+                            fp16_modules=cfg.fp16_modules)
         if pending is not None:
             cpu_kernel = pending.result()
     model = loaded.model
