@@ -174,3 +174,30 @@ def test_kernels_compile_for_hopper():
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(compiled) == {"split fp16", "split fp8", "merge", "quantize", "dequantize", "int8 gemm"}
     assert compiled["quantize"]["round_half_even"] and compiled["int8 gemm"]["int8_tensor_cores"]
+
+
+def test_the_runners_triton_decode_step_equals_masked_attention():
+    """decode_step with attention="triton" (what auto picks on CUDA where Triton runs) against "sdpa" on the same
+    cache: the same logits and K/V written, rows of different lengths in one step."""
+    from batchgen.worker.engine.llama import LlamaParts, decode_step
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LEN)
+    model = LlamaForCausalLM(config).eval().to(torch.float16)
+    parts = LlamaParts.from_hf(model)
+    rows, head_dim = 5, 64 // 4
+    g = torch.Generator().manual_seed(3)
+    cache = torch.randn(2, 2, rows + 1, MAX_LEN, 2, head_dim, generator=g).to(torch.float16)  # one spare row
+    ids = torch.randint(0, 128, (rows,), generator=g)
+    positions = torch.tensor([0, 5, 17, MAX_LEN - 1, 63])
+    out = {}
+    with torch.inference_mode():
+        for attention in ("triton", "sdpa"):
+            k, v = cache[0].clone(), cache[1].clone()
+            out[attention] = decode_step(parts, ids, positions, k, v, MAX_LEN, attention), k, v
+    torch.testing.assert_close(out["triton"][0].float(), out["sdpa"][0].float(), atol=2e-2, rtol=2e-2)
+    for t, s in ((out["triton"][1], out["sdpa"][1]), (out["triton"][2], out["sdpa"][2])):
+        assert torch.equal(t[0], s[0])  # layer 0's new K/V come before any attention
+        torch.testing.assert_close(t[1].float(), s[1].float(), atol=2e-2, rtol=2e-2)
+        assert not torch.equal(t[1], cache[0][1])  # written

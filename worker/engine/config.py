@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from batchgen.jobs import defaults
 
 INT8_KERNELS = ("bnb", "int_mm", "int_mm_outliers", "weight_only")  # int8_linear's kernels, named here so the config needs no torch
-ATTENTIONS = ("auto", "flash", "sdpa")  # auto: flash on CUDA in fp16/bf16, else sdpa (masked)
+# auto: triton (flash prefill + the split-KV Triton decode kernel) on CUDA in fp16/bf16 where Triton runs, else
+# flash there, else sdpa (masked)
+ATTENTIONS = ("auto", "flash", "triton", "sdpa")
 HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the model's compute dtype
 
 

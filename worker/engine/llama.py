@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits
+
+PREFILL_FLASH = ("flash", "triton")  # attentions whose prefill is FlashAttention varlen ("triton" decodes in Triton)
 
 
 @dataclass
@@ -129,8 +132,9 @@ def decode_step(
 
     Row r writes its K/V at positions[r] and attends to keys [0, positions[r]] of its own cache row
     (cache [layers, rows, max_model_len, kv_heads, head_dim]). "flash": FlashAttention varlen reading
-    positions[r] + 1 keys per row; "sdpa": masked attention over keys [0, kv_len) (GQA without copying
-    K/V: the query heads sharing a KV head become that head's query "sequence").
+    positions[r] + 1 keys per row; "triton": the split-KV Triton kernel (kernels/attention.py) reading the
+    same keys; "sdpa": masked attention over keys [0, kv_len) (GQA without copying K/V: the query heads
+    sharing a KV head become that head's query "sequence").
     """
     return decode_logits(parts, input_ids, positions, CacheAttention(parts, k_cache, v_cache, positions, kv_len, attention))
 
@@ -150,6 +154,9 @@ class CacheAttention:
             self.cu_q = torch.arange(n + 1, device=device, dtype=torch.int32)
             self.cu_k = self.cu_q * k_cache.shape[2]
             self.used = (positions + 1).to(torch.int32)
+        elif attention == "triton":
+            self.used = (positions + 1).to(torch.int32)
+            self.splits = num_kv_splits(k_cache.shape[2], n, parts.num_kv_heads)  # from shapes: fixed per graph
         else:
             self.mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
 
@@ -162,6 +169,10 @@ class CacheAttention:
             values = self.v_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
             o = flash_varlen(q[:, :, 0], keys, values, self.cu_q, self.cu_k, 1, self.kv_len, causal=False,
                              scale=p.scaling, seqused_k=self.used)
+            return o[:, :, None]
+        if self.attention == "triton":
+            o = decode_attention(q[:, :, 0], self.k_cache[layer], self.v_cache[layer], self.used, p.scaling,
+                                 num_splits=self.splits)
             return o[:, :, None]
         keys = self.k_cache[layer, :n, :self.kv_len].transpose(1, 2)
         values = self.v_cache[layer, :n, :self.kv_len].transpose(1, 2)
@@ -225,7 +236,8 @@ def _prefill_attention(parts: LlamaParts, positions: torch.Tensor, seq_starts: l
     """Causal attention within each of a group's packed prompts (positions/seq_starts: the group's own)."""
     num_tokens, device = positions.shape[0], positions.device
     lengths = [end - start for start, end in zip(seq_starts, seq_starts[1:], strict=False)]
-    if attention == "flash":
+    flash = attention in PREFILL_FLASH
+    if flash:
         cu = torch.tensor(seq_starts, device=device, dtype=torch.int32)
         max_len = max(lengths)
     else:
@@ -237,7 +249,7 @@ def _prefill_attention(parts: LlamaParts, positions: torch.Tensor, seq_starts: l
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_tokens, v_tokens = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, kv_heads, head_dim]
         store(layer, tokens, k_tokens, v_tokens)
-        if attention == "flash":
+        if flash:
             o = flash_varlen(q[0].transpose(0, 1).contiguous(), k_tokens.contiguous(), v_tokens.contiguous(), cu, cu,
                              max_len, max_len, causal=True, scale=parts.scaling)
             return o.transpose(0, 1)[None]

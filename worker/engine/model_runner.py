@@ -35,7 +35,8 @@ def free_cached_memory(device: torch.device) -> None:
 class ModelRunner:
     """Owns the slot KV cache on the device; runs prefill and decode for the engine.
 
-    attention: "flash" (FlashAttention varlen, CUDA fp16/bf16) or "sdpa" (masked, any device).
+    attention: "flash" (FlashAttention varlen, CUDA fp16/bf16), "triton" (flash prefill, the split-KV Triton
+    decode kernel) or "sdpa" (masked, any device).
     cuda_graphs: replay decode steps from CUDA graphs (cuda_graphs.DecodeGraphs).
     prefill_group_tokens: run each layer over groups of whole prompts of at most that many tokens (None: all at once).
     """
@@ -43,8 +44,8 @@ class ModelRunner:
     def __init__(self, parts: LlamaParts, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
                  inject_oom: str | None = None, attention: str = "sdpa", cuda_graphs: bool = False,
                  prefill_group_tokens: int | None = None):
-        if attention not in ("flash", "sdpa"):
-            raise ValueError(f"unknown attention {attention!r}: use flash or sdpa")
+        if attention not in ("flash", "triton", "sdpa"):
+            raise ValueError(f"unknown attention {attention!r}: use flash, triton or sdpa")
         self.parts = parts
         self.device, self.dtype, self.max_model_len = device, dtype, max_model_len
         self.attention = attention
@@ -107,7 +108,7 @@ class ModelRunner:
     def _kv_len(self, needed: int) -> int:
         """Keys a decode step covers. Flash reads each row's own length (kv_len only sizes the launch); masked
         attention reads [0, kv_len) of every row, so graphs bucket it to bound how many get captured."""
-        if self.attention == "flash":
+        if self.attention in ("flash", "triton"):
             return self.max_model_len
         if self.use_graphs:
             return min(self.max_model_len, -(-needed // KV_LEN_BUCKET) * KV_LEN_BUCKET)

@@ -4,6 +4,7 @@ length, attention kernel; and the resident engine's budget (measured on CUDA, es
 import torch
 from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.kernels.backend import HAS_TRITON
 from batchgen.worker.engine.llama import flash_works
 from batchgen.worker.engine.loader import SUPPORTED_MODEL_TYPES, resolve_device, resolve_dtype
 from batchgen.worker.engine.model_runner import ModelRunner
@@ -42,7 +43,7 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> st
     if name != "auto":
         return name
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_works(device, dtype):
-        return "flash"
+        return "triton" if HAS_TRITON else "flash"
     return "sdpa"
 
 

@@ -160,6 +160,8 @@ def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num
     model = loaded.model
     max_model_len = max_model_len_for(cfg, model.config)
     attention = resolve_attention(cfg.attention, device, dtype)
+    if attention == "triton":  # the streamed runners decode with FlashAttention (the slot cache's Triton kernel is the resident engine's)
+        attention = "flash"
     dtype_bytes = torch.empty(0, dtype=dtype).element_size()
     max_prefill = cfg.max_prefill_tokens or streaming_prefill_tokens(model.config, dtype_bytes,
                                                                      budget_math.available_ram_bytes())
