@@ -15,6 +15,7 @@ from batchgen.worker.engine.int8_linear import (
     OUTLIER_KERNEL,
     FusedInt8Linear,
     Int8Linear,
+    Int8Runtime,
     Int8State,
     convert_model,
     int_mm_works,
@@ -253,3 +254,19 @@ def test_weight_only_in_fp16_survives_large_activations(bnb_model):
     exact = x.double() @ (fast.cb.double() * fast.scb.double()[:, None] / 127).T
     assert torch.isfinite(out).all()
     assert (out.double() - exact).norm() / exact.norm() < 1e-2
+
+
+def test_an_input_without_columns_is_int_mm_until_the_guard_opens_it(demo_model_dir):
+    guard, qkv = _guarded_linear(demo_model_dir)
+    plain = Int8Linear(qkv.state, "int_mm")
+    x = torch.randn(6, qkv.in_features, generator=torch.Generator().manual_seed(8)).clamp(-4, 4)
+    with torch.inference_mode():
+        assert torch.equal(qkv(x), plain(x))  # no dense part while the input has no outlier column
+        x[:, 2] = 40.0  # massive: the guard opens the input at once
+        qkv(x)
+        runtime = Int8Runtime(OUTLIER_KERNEL, guard)
+        assert runtime.poll(6) is True and qkv.outliers.columns == [2]
+        assert not torch.equal(qkv(x), plain(x))  # column 2 goes through the dense weights now
+        x[:, 3] = 40.0
+        qkv(x)
+        assert runtime.poll(6) is False and qkv.outliers.columns == [2, 3]  # in place: graphs stay valid

@@ -91,6 +91,14 @@ def quantize_outliers(x: torch.Tensor, keep: torch.Tensor, idx: torch.Tensor
     return torch.round(x16 * (127.0 / absmax)).to(torch.int8), absmax, argmax, x.index_select(1, idx)
 
 
+def quantize_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_rows plus where each row's absmax is (the guard's input): an outlier input with no column yet."""
+    x16 = x.to(torch.float16)
+    absmax, argmax = x16.abs().max(dim=-1, keepdim=True)
+    absmax = absmax.float()
+    return torch.round(x16 * (127.0 / absmax)).to(torch.int8), absmax, argmax
+
+
 def dequantize_plus(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
                     dense: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = acc * (absmax * scb) * _INV_127_SQ
@@ -111,6 +119,7 @@ class _Kernels:
     def __init__(self) -> None:
         self.quantize, self.dequantize, self.dequantize_weight = quantize_rows, dequantize, dequantize_weight
         self.quantize_outliers, self.dequantize_plus = quantize_outliers, dequantize_plus
+        self.quantize_argmax = quantize_argmax
         self.compiled = False
 
     def compile(self) -> None:
@@ -120,6 +129,7 @@ class _Kernels:
         self.dequantize = torch.compile(dequantize, dynamic=True)
         self.dequantize_weight = torch.compile(dequantize_weight, dynamic=True)
         self.quantize_outliers = torch.compile(quantize_outliers, dynamic=True)
+        self.quantize_argmax = torch.compile(quantize_argmax, dynamic=True)
         self.dequantize_plus = torch.compile(dequantize_plus, dynamic=True)
         self.compiled = True
 
@@ -178,6 +188,10 @@ class Int8Linear(torch.nn.Module):
         if o.calibrating:  # exact activations while the calibration pass looks at them
             o.observe(x2)
             return self._forward_weight_only(x2)
+        if not o.columns:  # int_mm plus the guard (the engine recaptures its graphs once a column is added)
+            xq, absmax, argmax = KERNELS.quantize_argmax(x2)
+            o.record(absmax, argmax)
+            return KERNELS.dequantize(int_mm(xq, self.cb), absmax, self.scb, self.bias, x2.dtype)
         xq, absmax, argmax, x_dense = KERNELS.quantize_outliers(x2, o.keep, o.idx)
         o.record(absmax, argmax)
         dense = x_dense @ self.dense
@@ -389,9 +403,14 @@ class Int8Runtime:
         log.info("int8 kernel: %s", runtime.describe(threshold))
         return runtime
 
-    def poll(self, num_tokens: int) -> None:
-        if self.guard is not None:
-            self.guard.poll(num_tokens)
+    def poll(self, num_tokens: int) -> bool:
+        """Runs the guard after a step; True when an input got its first outlier column: its linears take
+        the dense path from now on, so captured decode graphs (which skipped it) are stale."""
+        if self.guard is None:
+            return False
+        opened = self.guard.num_opened
+        self.guard.poll(num_tokens)
+        return self.guard.num_opened > opened
 
     def describe(self, threshold: float) -> str:
         if self.guard is None:

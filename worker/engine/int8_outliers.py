@@ -172,6 +172,7 @@ class OutlierGuard:
             o.hits = self.hits[start:start + o.in_features]
         self.num_tokens = 0  # in the current window
         self.num_added = 0
+        self.num_opened = 0  # inputs that got their first column from the guard
 
     @property
     def num_columns(self) -> int:
@@ -203,6 +204,7 @@ class OutlierGuard:
             by_input.setdefault(i, []).append(flat - self.offsets[i])
         added = 0
         for i, cols in by_input.items():
+            self.num_opened += not self.inputs[i].columns
             new = self.inputs[i].add(cols)
             if new:
                 log.info("int8: new outlier columns %s at input %d of %d; %d kept in %s now",

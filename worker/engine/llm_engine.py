@@ -66,6 +66,8 @@ class Runner(Reporter, Protocol):
 
     def capture_graphs(self) -> float: ...
 
+    def drop_graphs(self) -> None: ...
+
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor: ...
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor: ...
@@ -164,8 +166,8 @@ class LLMEngine:
                 return self._on_oom(seqs, prefill=bool(admitted))
         prompt_tokens = sum(s.num_prompt_tokens for s in admitted) if admitted else 0
         self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens)
-        if self.int8 is not None:  # sampling synced: reading the outlier guard costs no GPU time
-            self.int8.poll(prompt_tokens or len(seqs))
+        if self.int8 is not None and self.int8.poll(prompt_tokens or len(seqs)):  # sampling synced: no GPU time
+            self.runner.drop_graphs()
         self._last_batch = len(seqs)
         self._rate.add(len(seqs))
         results = []

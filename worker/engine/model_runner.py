@@ -93,6 +93,11 @@ class ModelRunner:
         return decode_step(self.parts, ids, pos, self.k_cache, self.v_cache,
                            kv_len or self._kv_len(max(positions) + 1), self.attention)
 
+    def drop_graphs(self) -> None:
+        """The model's kernels changed shape (a new int8 outlier input): decode graphs are captured again on
+        first use, which is safe mid-run (the capture's warm-up writes the K/V its replay writes)."""
+        self.graphs = None
+
     def capture_graphs(self) -> float:
         """Captures every decode graph now (only while no row is running: warm-ups write K/V at position 0);
         returns the seconds it took."""

@@ -50,6 +50,9 @@ class HostAttentionRunner:
     def capture_graphs(self) -> float:
         return 0.0 if self.piecewise is None else self.piecewise.capture_all()
 
+    def drop_graphs(self) -> None:
+        """Small-VRAM mode's int8 kernel has no outlier guard: nothing it captured goes stale."""
+
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         token_rows = [r for r, p in zip(rows, prompts, strict=True) for _ in p]
         positions = [i for p in prompts for i in range(len(p))]
