@@ -10,6 +10,8 @@ Formats, chosen per path: "-" is stdin; a directory holds one prompt per *.txt f
 file is JSONL when its first non-blank line starts a JSON object or array, else text (as stdin).
 """
 
+import logging
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ BOM = b"\xef\xbb\xbf"
 JSONL_SUFFIXES = frozenset({".jsonl", ".json", ".ndjson"})
 TEXT_SUFFIXES = frozenset({".txt"})
 SKIP_CHUNK_BYTES = 1 << 16
+log = logging.getLogger("batchgen.inputs")
+PARAM = re.compile(r"([A-Za-z_][\w]*(?:\.[\w]+)*): ")  # formats.py's messages start with the field at fault
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,7 @@ class ModelResolver:
     def __init__(self, cli_model: str | None) -> None:
         self.cli_model = cli_model
         self._first: tuple[str, str, int] | None = None  # model, source, line
+        self.num_overridden = 0  # valid lines whose body.model --model replaced
 
     @property
     def model(self) -> str | None:
@@ -125,8 +130,11 @@ class ModelResolver:
 
     def see(self, parsed: ParsedLine) -> ErrorInfo | None:
         """An error when this line names a different model than the first line that named one."""
-        if self.cli_model or parsed.model is None or parsed.error is not None:
+        if parsed.model is None or parsed.error is not None:
             return None  # an invalid line's model must not become the batch's model
+        if self.cli_model:
+            self.num_overridden += int(parsed.model != self.cli_model)
+            return None
         if self._first is None:
             self._first = (parsed.model, parsed.source, parsed.line)
             return None
@@ -136,7 +144,7 @@ class ModelResolver:
         where = f"line {line}" if source == parsed.source else f"{source} line {line}"
         msg = (f"body.model: {parsed.model!r} differs from {first!r} ({where}); "
                "a batch runs one model (pass --model to override the lines)")
-        return ErrorInfo(code="mixed_models", message=msg, line=parsed.line)
+        return ErrorInfo(code="mixed_models", message=msg, line=parsed.line, param="body.model")
 
 
 def validate_batch(lines: Iterable[ParsedLine], resolver: ModelResolver) -> Iterator[ParsedLine]:
@@ -148,12 +156,21 @@ def validate_batch(lines: Iterable[ParsedLine], resolver: ModelResolver) -> Iter
             yield parsed
         else:
             yield ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model)
+    if resolver.num_overridden:  # a user moving a file between models should hear that its lines were rewritten
+        log.warning("--model %s overrides body.model on %d line(s)", resolver.cli_model, resolver.num_overridden)
 
 
 def invalid_output_line(parsed: ParsedLine) -> dict[str, Any]:
     """The output error line of an invalid input line (what --skip-invalid writes and `run` reports)."""
     assert parsed.error is not None
-    return error_line(parsed.custom_id, parsed.error.code, f"line {parsed.line}: {parsed.error.message}")
+    return error_line(parsed.custom_id, parsed.error.code, f"line {parsed.line}: {parsed.error.message}",
+                      param=parsed.error.param)
+
+
+def param_of(message: str) -> str | None:
+    """The field a line error names ("body.top_p: must be <= 1" -> "body.top_p"); None when it names none."""
+    match = PARAM.match(message)
+    return match[1] if match else None
 
 
 @dataclass(frozen=True)
@@ -324,12 +341,13 @@ def _check_duplicate(parsed: ParsedLine, seen: dict[str, tuple[str, int]]) -> Pa
         return parsed
     where = f"line {first[1]}" if first[0] == parsed.source else f"{first[0]} line {first[1]}"
     msg = f"custom_id {parsed.custom_id!r} was already used on {where}"
-    error = ErrorInfo(code="duplicate_custom_id", message=msg, line=parsed.line)
+    error = ErrorInfo(code="duplicate_custom_id", message=msg, line=parsed.line, param="custom_id")
     return ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model)
 
 
 def _error(ctx: _Context, n: int, code: str, message: str, custom_id: str, model: str | None = None) -> ParsedLine:
-    return ParsedLine(ctx.source, n, None, ErrorInfo(code=code, message=message, line=n), custom_id, model)
+    error = ErrorInfo(code=code, message=message, line=n, param=param_of(message))
+    return ParsedLine(ctx.source, n, None, error, custom_id, model)
 
 
 def _whole_input_error(source: str, code: str, message: str) -> ParsedLine:

@@ -362,34 +362,45 @@ def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Output JSONL.")
-@click.option("--errors", type=click.Path(dir_okay=False), help="Error lines (default: in the output).")
+@click.option("--errors", type=click.Path(dir_okay=False),
+              help="Error lines (default: in the output); created even when no line fails.")
+@click.option("--ordered/--no-ordered", default=True, show_default=True,
+              help="Write in input order, as vLLM's run-batch does; --no-ordered writes lines as they finish.")
 @engine_options
 @sampling_options
 @click.option("--skip-invalid", is_flag=True)
 @json_option
 @handles_errors
-def run(inputs, output, errors, skip_invalid, as_json, max_tokens, temperature, top_p, seed, max_line_bytes,
+def run(inputs, output, errors, ordered, skip_invalid, as_json, max_tokens, temperature, top_p, seed, max_line_bytes,
         max_requests, max_tokens_limit, **kw):
     """Run INPUTS in-process, no Redis (like `vllm run-batch`); same engine and output format."""
     from batchgen.jobs.inputs import InputLimits
     from batchgen.worker.config import WorkerConfig
-    from batchgen.worker.factory import build_engine
-    from batchgen.worker.local_run import run_local
+    from batchgen.worker.local_run import read_local, run_local
 
+    handler = logging.StreamHandler()  # stderr: the start-up block, the --model override note, engine lines
+    handler.setFormatter(JsonLogFormatter() if as_json else logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     cfg = WorkerConfig(engine_config(kw), engine=kw["engine"])
     limits = InputLimits(max_requests=max_requests, max_line_bytes=max_line_bytes, max_tokens=max_tokens_limit)
     t0 = time.monotonic()
-    summary = run_local(inputs, output, errors, build_engine(cfg), model=cfg.served_name,
-                        params=param_defaults(max_tokens, temperature, top_p, seed), limits=limits,
-                        skip_invalid=skip_invalid, progress=not as_json)
-    summary["elapsed_s"] = round(time.monotonic() - t0, 3)
-    if summary["invalid"] and not skip_invalid:
-        for err in summary["errors"][:50]:
-            click.echo(f"error: {err}", err=True)
-        click.echo(f"{summary['invalid']} invalid line(s); nothing was run", err=True)
+    # Validate before the model loads: a rejected file should cost seconds, not a model load.
+    local = read_local(inputs, model=cfg.served_name, params=param_defaults(max_tokens, temperature, top_p, seed),
+                       limits=limits)
+    if local.invalid and not skip_invalid:
+        for message in local.messages[:50]:
+            click.echo(f"error: {message}", err=True)
+        click.echo(f"{len(local.invalid)} invalid line(s); nothing was run", err=True)
         if as_json:
-            click.echo(json.dumps(summary))
+            click.echo(json.dumps(local.summary(output)))
         sys.exit(EXIT_INVALID)
+    from batchgen.worker.factory import build_engine
+    from batchgen.worker.startup import log_startup
+
+    engine = build_engine(cfg)
+    log_startup(engine, cfg)
+    summary = run_local(local, output, errors, engine, model=cfg.served_name, ordered=ordered, progress=not as_json)
+    summary["elapsed_s"] = round(time.monotonic() - t0, 3)
     emit(as_json, summary, f"{summary['succeeded']} succeeded, {summary['errored']} errored -> {output}")
 
 

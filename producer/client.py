@@ -24,7 +24,7 @@ from batchgen.jobs.inputs import (
     read_inputs,
     validate_batch,
 )
-from batchgen.jobs.schema import Request
+from batchgen.jobs.schema import Request, outcome_of
 from batchgen.jobs.states import BatchStatus, Outcome
 from batchgen.jobs.store import BatchStore, now_s
 from batchgen.jobs.workers import WorkerRegistry
@@ -220,7 +220,7 @@ class BatchClient:
         n_ok = n_err = 0
         for line in self.results(batch_id, ordered=ordered):
             text = json.dumps(line, ensure_ascii=False) + "\n"
-            if line.get("error"):
+            if outcome_of(line) != "succeeded":
                 n_err += 1
                 (errors or out).write(text)
             else:
