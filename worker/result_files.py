@@ -76,6 +76,9 @@ class LineSink:
         self.held.clear()
 
     def _write(self, lines: list[dict[str, Any]]) -> None:
+        if self.output == self.errors:  # one file: keep the lines' own order
+            append_lines(self.output, lines)
+            return
         ok, failed = split_lines(lines)
         append_lines(self.output, ok)
         append_lines(self.errors, failed)

@@ -15,7 +15,7 @@ GIB = 2**30
 
 
 def startup_facts(stats: EngineStats, cfg: WorkerConfig) -> dict[str, Any]:
-    """The start-up facts as plain values (the block's content; `--json` logs carry the same)."""
+    """The start-up facts as plain values: the block's content."""
     extra, ecfg = stats.extra, cfg.engine_config
     if cfg.engine == "echo":
         return {"engine_path": "echo (no model)", "device": "none", "max_rows": stats.max_batch_size}
@@ -46,10 +46,10 @@ def startup_block(stats: EngineStats, cfg: WorkerConfig) -> str:
              f"  device         {f['device']}"]
     if cfg.engine != "echo":
         vram = "n/a (not a GPU)" if not f["vram_total_bytes"] else (
-            f"total {f['vram_total_bytes'] / GIB:.1f} GiB, free {f['vram_free_bytes'] / GIB:.1f} GiB")
-        vram += f", reserve {f['vram_reserve_bytes'] / GIB:.2f} GiB"
+            f"total {_size(f['vram_total_bytes'])}, free {_size(f['vram_free_bytes'])}")
+        vram += f", reserve {_size(f['vram_reserve_bytes'])}"
         if f["max_vram_bytes"]:
-            vram += f", cap {f['max_vram_bytes'] / GIB:.1f} GiB"
+            vram += f", cap {_size(f['max_vram_bytes'])}"
         lines += [f"  compute dtype  {f['compute_dtype']}", f"  int8 kernel    {f['int8_kernel']}",
                   f"  VRAM           {vram}", f"  KV bytes/token {_or_dash(f['kv_bytes_per_token'])}",
                   f"  max_model_len  {_or_dash(f['max_model_len'])}"]
@@ -59,6 +59,10 @@ def startup_block(stats: EngineStats, cfg: WorkerConfig) -> str:
 
 def log_startup(engine: Engine, cfg: WorkerConfig) -> None:
     log.info("%s", startup_block(engine.stats(), cfg))
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / GIB:.1f} GiB" if num_bytes >= GIB else f"{num_bytes / 2**20:.0f} MiB"
 
 
 def _or_dash(value: Any) -> str:
