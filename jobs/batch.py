@@ -49,17 +49,6 @@ class Batch(BaseModel):
         completed = self.counts.get(Outcome.SUCCEEDED.counter, 0)
         return {"total": self.total, "completed": completed, "failed": self.num_done - completed}
 
-    def to_api(self) -> dict[str, Any]:
-        """The batch object as `status --json` prints it: OpenAI's Batch (openai_batch.render), plus our fields."""
-        from batchgen.jobs.openai_batch import render
-
-        return render(self) | {
-            "priority": self.priority,
-            "input_file": self.input_file,
-            "output_dir": self.output_dir,
-            "outcome_counts": {o.value: self.counts.get(o.counter, 0) for o in Outcome},
-        }
-
     def to_hash(self) -> dict[str, str | int]:
         data: dict[str, str | int] = {
             "id": self.id,

@@ -8,15 +8,14 @@ What the HTTP API alone knows (the uploaded input_file_id, the window as the cli
 import json
 import re
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from batchgen.jobs import keys
+from batchgen.jobs.batch import TIMESTAMP_FIELDS, Batch
 from batchgen.jobs.files import errors_file_id, output_file_id
 from batchgen.jobs.inputs import param_of
+from batchgen.jobs.states import Outcome
 from redis import Redis
-
-if TYPE_CHECKING:
-    from batchgen.jobs.batch import Batch
 
 API_FIELDS = ("api.input_file_id", "api.completion_window")
 ERRORS_FIELD = "api.errors"
@@ -64,7 +63,7 @@ def load_api_fields(connection: Redis, batch_ids: list[str]) -> dict[str, dict[s
     return out
 
 
-def completion_window_of(batch: "Batch") -> str:
+def completion_window_of(batch: Batch) -> str:
     """As the API client wrote it, else the window expires_at was set from."""
     if batch.completion_window:
         return batch.completion_window
@@ -72,12 +71,10 @@ def completion_window_of(batch: "Batch") -> str:
     return format_window(expires - created) if created and expires else DEFAULT_COMPLETION_WINDOW
 
 
-def render(batch: "Batch", api_fields: dict[str, str] | None = None) -> dict[str, Any]:
+def render(batch: Batch, api_fields: dict[str, str] | None = None) -> dict[str, Any]:
     """The OpenAI `Batch` dict. The output (error) file id is set once a request succeeded (failed); both are
     views over the recorded outcomes, readable while the batch runs. A batch mixing chat and completion
     lines (accepted by submit and run, as vLLM does) lists both urls as its endpoint."""
-    from batchgen.jobs.batch import TIMESTAMP_FIELDS
-
     api_fields = api_fields or {}
     counts = batch.request_counts
     out: dict[str, Any] = {
@@ -98,3 +95,13 @@ def render(batch: "Batch", api_fields: dict[str, str] | None = None) -> dict[str
     out.update({f: batch.timestamps.get(f) for f in TIMESTAMP_FIELDS})
     out["created_at"] = batch.timestamps.get("created_at", 0)
     return out
+
+
+def status_object(batch: Batch) -> dict[str, Any]:
+    """What `status --json` (and submit, wait, cancel, list) print: OpenAI's Batch plus our own fields."""
+    return render(batch) | {
+        "priority": batch.priority,
+        "input_file": batch.input_file,
+        "output_dir": batch.output_dir,
+        "outcome_counts": {o.value: batch.counts.get(o.counter, 0) for o in Outcome},
+    }

@@ -17,6 +17,7 @@ import click
 import redis
 from batchgen.jobs import defaults
 from batchgen.jobs.batch import Batch
+from batchgen.jobs.openai_batch import status_object
 from batchgen.jobs.states import BatchStatus
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_REDIS = range(7)
@@ -167,7 +168,7 @@ def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, 
         sys.exit(EXIT_INVALID)
     for err in result.errors[:20]:
         click.echo(f"skipped: {err}", err=True)
-    emit(as_json, result.batch.to_api(), result.batch.id)
+    emit(as_json, status_object(result.batch), result.batch.id)
 
 
 @main.command()
@@ -178,7 +179,7 @@ def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, 
 def status(batch_id, redis_url, as_json):
     """Show a batch's status and request counts."""
     batch = client_for(redis_url).get(batch_id)
-    emit(as_json, batch.to_api(), describe(batch))
+    emit(as_json, status_object(batch), describe(batch))
 
 
 @main.command()
@@ -207,7 +208,7 @@ def wait(batch_id, timeout_s, poll_s, redis_url, as_json):
 
     batch = client.wait(batch_id, timeout_s=timeout_s, poll_s=poll_s, on_poll=on_poll, on_unavailable=on_unavailable)
     bar.close()
-    emit(as_json, batch.to_api(), describe(batch))
+    emit(as_json, status_object(batch), describe(batch))
     if not batch.status.is_terminal:
         sys.exit(EXIT_TIMEOUT)
     sys.exit(EXIT_OK if batch.status == BatchStatus.COMPLETED else EXIT_FAILED)
@@ -238,7 +239,7 @@ def results(batch_id, output, errors, ordered, redis_url, as_json):
 def cancel(batch_id, redis_url, as_json):
     """Cancel a batch; results already written are kept."""
     batch = client_for(redis_url).cancel(batch_id)
-    emit(as_json, batch.to_api(), describe(batch))
+    emit(as_json, status_object(batch), describe(batch))
 
 
 @main.command("list")
@@ -249,7 +250,7 @@ def cancel(batch_id, redis_url, as_json):
 def list_(limit, redis_url, as_json):
     """Recent batches, newest first."""
     batches = client_for(redis_url).recent(limit)
-    emit(as_json, [b.to_api() for b in batches], "\n".join(describe(b) for b in batches) or "no batches")
+    emit(as_json, [status_object(b) for b in batches], "\n".join(describe(b) for b in batches) or "no batches")
 
 
 WORKER_TEXT_FIELDS = frozenset({"name", "model", "engine", "queues", "device", "device_name", "cuda_visible_devices",

@@ -9,7 +9,7 @@ import signal
 import openai.types
 import pytest
 from batchgen.jobs.batch import Batch
-from batchgen.jobs.openai_batch import format_window, parse_window
+from batchgen.jobs.openai_batch import format_window, parse_window, status_object
 from batchgen.jobs.schema import error_line, error_of, outcome_of
 from batchgen.jobs.states import BatchStatus
 from batchgen.producer.client import BatchClient
@@ -106,19 +106,19 @@ def test_a_bad_completion_window_is_a_usage_error(text, redis_url, redis_conn, t
 def test_the_completion_window_drives_expiry(redis_conn, tmp_path):
     client = BatchClient(ProducerConfig(completion_window_s=parse_window("1s")), connection=redis_conn)
     batch = client.submit([write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])], model="nobody").batch
-    assert batch.to_api()["completion_window"] == "1s"
+    assert status_object(batch)["completion_window"] == "1s"
     eventually(lambda: client.get(batch.id).status == BatchStatus.EXPIRED, "the batch to expire", timeout_s=10)
     (line,) = client.results(batch.id)
     check_line(line)
     assert line["response"] is None and line["error"]["code"] == "batch_expired"
-    assert openai.types.Batch.model_validate(client.get(batch.id).to_api()).error_file_id
+    assert openai.types.Batch.model_validate(status_object(client.get(batch.id))).error_file_id
 
 
 def test_a_file_mixing_chat_and_completion_lines_is_accepted_by_submit_and_run(redis_conn, tmp_path):
     rows = [{"custom_id": "p", "prompt": "one two"}, {"custom_id": "m", "messages": [{"role": "user", "content": "hi"}]}]
     src = write_jsonl(tmp_path / "mixed.jsonl", rows)
     batch = BatchClient(connection=redis_conn).submit([src], model="echo-m").batch
-    shown = openai.types.Batch.model_validate(batch.to_api())
+    shown = openai.types.Batch.model_validate(status_object(batch))
     assert shown.endpoint == "/v1/chat/completions,/v1/completions"  # both named, neither dropped
     out = tmp_path / "out.jsonl"
     batchgen("run", src, "-o", str(out), "--model", "echo-m", "--engine", "echo", redis_url="redis://unused", check=True)
