@@ -13,6 +13,7 @@ file is JSONL when its first non-blank line starts a JSON object or array, else 
 import logging
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -73,6 +74,7 @@ class ParsedLine:
     error: ErrorInfo | None
     custom_id: str  # the line's custom_id, else its default id, else "line-N" when unreadable
     model: str | None = None  # body.model, when the line names one
+    ignored: tuple[str, ...] = ()  # accepted fields without effect here (formats.IGNORED_KEYS) that the line sets
 
     @property
     def ok(self) -> bool:
@@ -150,12 +152,17 @@ class ModelResolver:
 def validate_batch(lines: Iterable[ParsedLine], resolver: ModelResolver) -> Iterator[ParsedLine]:
     """The lines with the batch-level check added (one model a batch); submit and run share it, so both
     accept exactly the same inputs. A line that fails it comes back as an error line."""
+    ignored: Counter[str] = Counter()
     for parsed in lines:
         error = parsed.error or resolver.see(parsed)
         if error is parsed.error:
+            ignored.update(parsed.ignored if error is None else ())
             yield parsed
         else:
             yield ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model)
+    if ignored:  # accepted for OpenAI compatibility, but the user should know they change nothing here
+        shown = ", ".join(f"{key} ({n} line{'s' if n > 1 else ''})" for key, n in sorted(ignored.items()))
+        log.warning("ignored (no effect on generation): %s", shown)
     if resolver.num_overridden:  # a user moving a file between models should hear that its lines were rewritten
         log.warning("--model %s overrides body.model on %d line(s)", resolver.cli_model, resolver.num_overridden)
 
@@ -282,15 +289,22 @@ def _parse_line(ctx: _Context, n: int, raw: bytes | None, kind: str) -> ParsedLi
         return _error(ctx, n, exc.code, exc.message, ctx.unreadable_id(n))
     custom_id, model = identity(obj, ctx.default_id(n), ctx.unreadable_id(n))
     return _build(ctx, n, custom_id, model, lambda: object_request(
-        obj, line=n, default_id=ctx.default_id(n), fill=ctx.fill, max_tokens=ctx.limits.max_tokens))
+        obj, line=n, default_id=ctx.default_id(n), fill=ctx.fill, max_tokens=ctx.limits.max_tokens),
+        ignored=_ignored_keys(obj))
 
 
-def _build(ctx: _Context, n: int, custom_id: str, model: str | None, make: Callable[[], Request]) -> ParsedLine:
+def _build(ctx: _Context, n: int, custom_id: str, model: str | None, make: Callable[[], Request],
+           ignored: tuple[str, ...] = ()) -> ParsedLine:
     try:
         request = make()
     except LineError as exc:
         return _error(ctx, n, exc.code, exc.message, custom_id, model)
-    return ParsedLine(ctx.source, n, request, None, request.custom_id, model)
+    return ParsedLine(ctx.source, n, request, None, request.custom_id, model, ignored)
+
+
+def _ignored_keys(obj: Any) -> tuple[str, ...]:
+    body = obj.get("body") if isinstance(obj, dict) and formats.is_batch_line(obj) else obj
+    return tuple(sorted(formats.IGNORED_KEYS.intersection(body))) if isinstance(body, dict) else ()
 
 
 def _decode(raw: bytes) -> str:

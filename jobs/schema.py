@@ -121,8 +121,11 @@ def error_line(custom_id: str, code: str, message: str, *, status_code: int | No
 
     A request that ran and failed answers like the API would: `response` holds the HTTP status and an
     error body, `error` is null. status_code None is a batch-level failure (cancelled, expired, lost):
-    the request never ran, so `response` is null and `error` says why.
+    the request never ran, so `response` is null and `error` says why. A failure of ours rather than the
+    request's (out of memory, an engine fault) answers 500, so a script retries it as it would OpenAI's.
     """
+    if status_code == 400 and code in ("out_of_memory", "internal_error"):
+        status_code = 500
     if status_code is None:
         return {"id": _new_id("batch_req"), "custom_id": custom_id, "response": None,
                 "error": {"code": code, "message": message}}

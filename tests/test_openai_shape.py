@@ -47,8 +47,9 @@ def check_line(line: dict) -> None:
     if line["response"]["status_code"] == 200:
         (ChatCompletion if body["object"] == "chat.completion" else Completion).model_validate(body)
     else:
-        assert line["response"]["status_code"] == 400 and set(body["error"]) == ERROR_BODY_KEYS
-        assert body["error"]["type"] == "invalid_request_error"
+        assert set(body["error"]) == ERROR_BODY_KEYS
+        kind = "server_error" if line["response"]["status_code"] >= 500 else "invalid_request_error"
+        assert line["response"]["status_code"] in (400, 500) and body["error"]["type"] == kind
 
 
 # -- the batch object ---------------------------------------------------------------------------------------
@@ -142,8 +143,8 @@ def test_error_lines_put_a_failed_request_in_the_response_and_a_batch_failure_in
     assert failed["response"]["body"]["error"] == {"message": "temperature: must be <= 2", "param": "temperature",
                                                    "type": "invalid_request_error", "code": "invalid_value"}
     assert outcome_of(failed) == "errored" and error_of(failed)["code"] == "invalid_value"
-    server = error_line("r2", "out_of_memory", "no room", status_code=500)
-    assert server["response"]["body"]["error"]["type"] == "server_error"
+    server = error_line("r2", "out_of_memory", "no room")  # ours, not the request's: a 500
+    assert server["response"]["status_code"] == 500 and server["response"]["body"]["error"]["type"] == "server_error"
     expired = error_line("r3", "batch_expired", "window ended", status_code=None)
     assert expired["response"] is None and expired["error"] == {"code": "batch_expired", "message": "window ended"}
     assert outcome_of(expired) == "expired"
@@ -294,3 +295,13 @@ def test_the_start_up_block_of_the_8bit_engine_names_what_runs_where(demo_model_
     assert shown == {"engine", "device", "compute", "int8", "VRAM", "KV", "max_model_len", "rows"}
     assert f"  KV bytes/token {stats.extra['kv_bytes_per_token']:,}" in block
     assert "  VRAM           n/a (not a GPU), reserve 500 MiB" in block
+
+
+def test_fields_accepted_without_effect_are_named_in_one_log_line(tmp_path):
+    rows = [{"prompt": "a", "user": "u1"}, {"prompt": "b", "user": "u2", "metadata": {"k": "v"}}, {"prompt": "c"},
+            {"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"prompt": "d", "store": False}}]
+    ran = batchgen("run", write_jsonl(tmp_path / "in.jsonl", rows), "-o", str(tmp_path / "out.jsonl"), "--model", "m",
+                   "--engine", "echo", redis_url="x", check=True)
+    stderr = ran.stderr.decode()
+    assert "ignored (no effect on generation): metadata (1 line), store (1 line), user (2 lines)" in stderr
+    assert stderr.count("ignored (no effect") == 1
