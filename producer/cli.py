@@ -196,7 +196,7 @@ def wait(batch_id, timeout_s, poll_s, redis_url, as_json):
 
     client = client_for(redis_url)
     bar = tqdm(total=client.get(batch_id).total, unit="req", disable=as_json or not sys.stderr.isatty(),
-               file=sys.stderr)
+               file=sys.stderr, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]")
 
     def on_poll(b: Batch) -> None:
         bar.update(b.num_done - bar.n)

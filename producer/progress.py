@@ -1,5 +1,8 @@
 """What `batchgen wait` shows beside its bar: the batch's request rate, token rate and ETA.
 
+Rates count from the batch's start, not from when `wait` began (a bar joining a running batch would
+otherwise see its first poll as a burst).
+
 Tokens are not counted per batch: the workers' heartbeats carry tok/s, and the batch gets the sum over
 workers serving its queue (as the dashboard shows it; batches sharing a queue share that figure).
 """
@@ -29,12 +32,11 @@ def batch_rates(batch: Batch, workers: list[dict[str, Any]], now: float) -> Batc
 
 
 def postfix(batch: Batch, rates: BatchRates) -> str:
-    """e.g. "in_progress  1,234 tok/s  0.8 req/s  ETA 12m05s"."""
-    parts = [batch.status.value, f"{rates.tokens_per_s:,.0f} tok/s"]
-    if rates.requests_per_s is not None:
-        parts.append(f"{rates.requests_per_s:.2f} req/s")
-    parts.append(f"ETA {format_eta(rates.eta_s)}")
-    return "  ".join(parts)
+    """e.g. "in_progress, 0.80 req/s, 1,234 tok/s, ETA 12m05s"; an ended batch shows its status alone."""
+    if batch.status.is_terminal:
+        return batch.status.value
+    rate = "? req/s" if rates.requests_per_s is None else f"{rates.requests_per_s:.2f} req/s"
+    return f"{batch.status.value}, {rate}, {rates.tokens_per_s:,.0f} tok/s, ETA {format_eta(rates.eta_s)}"
 
 
 def format_eta(seconds: float | None) -> str:

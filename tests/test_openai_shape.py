@@ -246,9 +246,10 @@ def test_wait_shows_tokens_per_second_and_an_eta_from_the_batch_and_its_workers(
                {"queues": "batchgen:other:default", "tokens_per_s": "999"}]
     rates = batch_rates(batch, workers, now=1020.0)
     assert (rates.requests_per_s, rates.tokens_per_s, rates.eta_s) == (0.5, 120.5, 40.0)
-    assert postfix(batch, rates) == "in_progress  120 tok/s  0.50 req/s  ETA 0m40s"
+    assert postfix(batch, rates) == "in_progress, 0.50 req/s, 120 tok/s, ETA 0m40s"
     ended = batch.model_copy(update={"status": BatchStatus.COMPLETED})
     assert batch_rates(ended, workers, now=1020.0).tokens_per_s == 0.0
+    assert postfix(ended, batch_rates(ended, workers, now=1020.0)) == "completed"
 
 
 def test_workers_json_has_numbers_as_numbers_and_names_the_device(redis_url, redis_conn, tmp_path):
@@ -305,3 +306,35 @@ def test_fields_accepted_without_effect_are_named_in_one_log_line(tmp_path):
     stderr = ran.stderr.decode()
     assert "ignored (no effect on generation): metadata (1 line), store (1 line), user (2 lines)" in stderr
     assert stderr.count("ignored (no effect") == 1
+
+
+def test_wait_on_a_terminal_draws_req_s_tok_s_and_eta_beside_the_bar(redis_url, redis_conn, tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    from tests.cli import BATCHGEN, cli_env
+
+    rows = [{"prompt": "a b c d e f", "max_tokens": 3} for _ in range(24)]
+    sub = batchgen("submit", write_jsonl(tmp_path / "in.jsonl", rows), "--model", "echo-m", redis_url=redis_url,
+                   check=True)
+    batch_id = sub.stdout.decode().strip()
+    worker = start_worker("--model", "echo-m", "--engine", "echo", "--burst", "--max-batch", "2", "--echo-step-delay",
+                          "0.2", "--heartbeat-interval", "0.2", redis_url=redis_url, log=tmp_path / "worker.log")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: `batchgen wait` on a terminal 120 columns wide
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.execve(BATCHGEN[0], [*BATCHGEN, "wait", batch_id, "--poll", "0.2"], cli_env(redis_url))
+    out = b""
+    try:
+        while chunk := os.read(fd, 4096):
+            out += chunk
+    except OSError:  # the child closed the terminal
+        pass
+    assert os.waitpid(pid, 0)[1] == 0
+    assert worker.wait(timeout=60) == 0
+    frames = [f for f in out.decode(errors="replace").replace("\r", "\n").splitlines() if f.strip()]
+    assert any("req/s" in f and "tok/s" in f and "ETA" in f and "in_progress" in f for f in frames), frames[-5:]
+    assert frames[-1].startswith(f"{batch_id}  completed")
