@@ -2,7 +2,8 @@
 
 Each line goes out in one O_APPEND write, so a crash leaves no torn line, and only after Redis
 accepted the outcome (HSETNX), so a line is written at most once. Redis stays the source of truth:
-`batchgen results` exports the complete set from there.
+`batchgen results` exports the complete set from there. `batchgen run` (no Redis) writes its two files
+through a LineSink, in input order by default.
 """
 
 import json
