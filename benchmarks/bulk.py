@@ -293,6 +293,7 @@ def _write_jsonl(path: Path, reqs: list[Req]) -> None:
 
 
 def _run_batch(client, path: Path, vram: PeakVram | None = None) -> dict:
+    from batchgen.jobs.schema import outcome_of
     from batchgen.jobs.states import BatchStatus
 
     start = time.perf_counter()
@@ -303,8 +304,9 @@ def _run_batch(client, path: Path, vram: PeakVram | None = None) -> dict:
     lines = list(client.results(batch.id))
     tokens = sum((line.get("response") or {}).get("body", {}).get("usage", {}).get("completion_tokens", 0)
                  for line in lines)
-    errors = [line for line in lines if line.get("error")]
-    texts = {line["custom_id"]: line["response"]["body"]["choices"][0]["text"] for line in lines if not line.get("error")}
+    errors = [line for line in lines if outcome_of(line) != "succeeded"]
+    texts = {line["custom_id"]: line["response"]["body"]["choices"][0]["text"] for line in lines
+             if outcome_of(line) == "succeeded"}
     return {"batch_id": batch.id, "status": batch.status.value, "completed": batch.status == BatchStatus.COMPLETED,
             "num_requests": len(lines), "num_errors": len(errors), "first_error": errors[0] if errors else None,
             "tokens": tokens, "submit_s": round(submit_s, 2), "wall_s": round(wall, 2),

@@ -56,6 +56,7 @@ def check_once(client, batch_id: str, ids: list[str], output_dir: Path) -> dict:
 
 
 def run_phase(gpus: list[int], reqs, url: str, tmp: Path) -> dict:
+    from batchgen.jobs.schema import outcome_of
     from batchgen.producer.client import BatchClient
     from batchgen.producer.config import ProducerConfig
 
@@ -72,7 +73,7 @@ def run_phase(gpus: list[int], reqs, url: str, tmp: Path) -> dict:
         batch = client.wait(batch.id, timeout_s=1800, poll_s=0.05)
         wall = time.perf_counter() - start
         tokens = sum(line["response"]["body"]["usage"]["completion_tokens"]
-                     for line in client.results(batch.id) if not line.get("error"))
+                     for line in client.results(batch.id) if outcome_of(line) == "succeeded")
         once = check_once(client, batch.id, [r.custom_id for r in reqs], out_dir)
         return {"gpus": len(gpus), "requests": len(reqs), "status": batch.status.value, "tokens": tokens,
                 "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 1), **once}

@@ -1,5 +1,6 @@
 """The batch record: an OpenAI-style batch object, stored flat in one Redis hash."""
 
+import json
 from typing import Any
 
 from batchgen.jobs.states import BatchStatus, Outcome
@@ -34,6 +35,9 @@ class Batch(BaseModel):
     counts: dict[str, int] = {}
     timestamps: dict[str, int] = {}
     metadata: dict[str, str] = {}
+    input_file_id: str = ""  # the uploaded file a batch made through serve reads
+    completion_window: str = ""  # as an API client wrote it; else it follows from expires_at
+    errors: list[dict[str, Any]] = []  # lines --skip-invalid rejected, as OpenAI BatchErrors
 
     @property
     def num_done(self) -> int:
@@ -44,24 +48,6 @@ class Batch(BaseModel):
         """OpenAI's {total, completed, failed}; failed covers errored, cancelled and expired requests."""
         completed = self.counts.get(Outcome.SUCCEEDED.counter, 0)
         return {"total": self.total, "completed": completed, "failed": self.num_done - completed}
-
-    def to_api(self) -> dict[str, Any]:
-        """The batch object as `status --json` prints it."""
-        out: dict[str, Any] = {
-            "id": self.id,
-            "object": "batch",
-            "endpoint": self.endpoint,
-            "model": self.model,
-            "status": self.status.value,
-            "priority": self.priority,
-            "input_file": self.input_file,
-            "output_dir": self.output_dir,
-            "request_counts": self.request_counts,
-            "outcome_counts": {o.value: self.counts.get(o.counter, 0) for o in Outcome},
-            "metadata": self.metadata,
-        }
-        out.update({f: self.timestamps.get(f) for f in TIMESTAMP_FIELDS})
-        return out
 
     def to_hash(self) -> dict[str, str | int]:
         data: dict[str, str | int] = {
@@ -99,4 +85,7 @@ class Batch(BaseModel):
             counts={f: int(raw.get(f, 0)) for f in COUNTER_FIELDS},
             timestamps={f: int(raw[f]) for f in TIMESTAMP_FIELDS if raw.get(f)},
             metadata={k[5:]: v for k, v in raw.items() if k.startswith("meta.")},
+            input_file_id=raw.get("api.input_file_id", ""),
+            completion_window=raw.get("api.completion_window", ""),
+            errors=json.loads(raw["api.errors"]) if raw.get("api.errors") else [],
         )

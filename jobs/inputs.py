@@ -10,7 +10,10 @@ Formats, chosen per path: "-" is stdin; a directory holds one prompt per *.txt f
 file is JSONL when its first non-blank line starts a JSON object or array, else text (as stdin).
 """
 
+import logging
+import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -27,6 +30,8 @@ BOM = b"\xef\xbb\xbf"
 JSONL_SUFFIXES = frozenset({".jsonl", ".json", ".ndjson"})
 TEXT_SUFFIXES = frozenset({".txt"})
 SKIP_CHUNK_BYTES = 1 << 16
+log = logging.getLogger("batchgen.inputs")
+PARAM = re.compile(r"([A-Za-z_][\w]*(?:\.[\w]+)*): ")  # formats.py's messages start with the field at fault
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class ParsedLine:
     error: ErrorInfo | None
     custom_id: str  # the line's custom_id, else its default id, else "line-N" when unreadable
     model: str | None = None  # body.model, when the line names one
+    ignored: tuple[str, ...] = ()  # accepted fields without effect here (formats.IGNORED_KEYS) that the line sets
 
     @property
     def ok(self) -> bool:
@@ -118,6 +124,7 @@ class ModelResolver:
     def __init__(self, cli_model: str | None) -> None:
         self.cli_model = cli_model
         self._first: tuple[str, str, int] | None = None  # model, source, line
+        self.num_overridden = 0  # valid lines whose body.model --model replaced
 
     @property
     def model(self) -> str | None:
@@ -125,8 +132,11 @@ class ModelResolver:
 
     def see(self, parsed: ParsedLine) -> ErrorInfo | None:
         """An error when this line names a different model than the first line that named one."""
-        if self.cli_model or parsed.model is None or parsed.error is not None:
+        if parsed.model is None or parsed.error is not None:
             return None  # an invalid line's model must not become the batch's model
+        if self.cli_model:
+            self.num_overridden += int(parsed.model != self.cli_model)
+            return None
         if self._first is None:
             self._first = (parsed.model, parsed.source, parsed.line)
             return None
@@ -136,24 +146,38 @@ class ModelResolver:
         where = f"line {line}" if source == parsed.source else f"{source} line {line}"
         msg = (f"body.model: {parsed.model!r} differs from {first!r} ({where}); "
                "a batch runs one model (pass --model to override the lines)")
-        return ErrorInfo(code="mixed_models", message=msg, line=parsed.line)
+        return ErrorInfo(code="mixed_models", message=msg, line=parsed.line, param="body.model")
 
 
 def validate_batch(lines: Iterable[ParsedLine], resolver: ModelResolver) -> Iterator[ParsedLine]:
     """The lines with the batch-level check added (one model a batch); submit and run share it, so both
     accept exactly the same inputs. A line that fails it comes back as an error line."""
+    ignored: Counter[str] = Counter()
     for parsed in lines:
         error = parsed.error or resolver.see(parsed)
         if error is parsed.error:
+            ignored.update(parsed.ignored if error is None else ())
             yield parsed
         else:
             yield ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model)
+    if ignored:  # accepted for OpenAI compatibility, but the user should know they change nothing here
+        shown = ", ".join(f"{key} ({n} line{'s' if n > 1 else ''})" for key, n in sorted(ignored.items()))
+        log.warning("ignored (no effect on generation): %s", shown)
+    if resolver.num_overridden:  # a user moving a file between models should hear that its lines were rewritten
+        log.warning("--model %s overrides body.model on %d line(s)", resolver.cli_model, resolver.num_overridden)
 
 
 def invalid_output_line(parsed: ParsedLine) -> dict[str, Any]:
     """The output error line of an invalid input line (what --skip-invalid writes and `run` reports)."""
     assert parsed.error is not None
-    return error_line(parsed.custom_id, parsed.error.code, f"line {parsed.line}: {parsed.error.message}")
+    return error_line(parsed.custom_id, parsed.error.code, f"line {parsed.line}: {parsed.error.message}",
+                      param=parsed.error.param)
+
+
+def param_of(message: str) -> str | None:
+    """The field a line error names ("body.top_p: must be <= 1" -> "body.top_p"); None when it names none."""
+    match = PARAM.match(message)
+    return match[1] if match else None
 
 
 @dataclass(frozen=True)
@@ -265,15 +289,22 @@ def _parse_line(ctx: _Context, n: int, raw: bytes | None, kind: str) -> ParsedLi
         return _error(ctx, n, exc.code, exc.message, ctx.unreadable_id(n))
     custom_id, model = identity(obj, ctx.default_id(n), ctx.unreadable_id(n))
     return _build(ctx, n, custom_id, model, lambda: object_request(
-        obj, line=n, default_id=ctx.default_id(n), fill=ctx.fill, max_tokens=ctx.limits.max_tokens))
+        obj, line=n, default_id=ctx.default_id(n), fill=ctx.fill, max_tokens=ctx.limits.max_tokens),
+        ignored=_ignored_keys(obj))
 
 
-def _build(ctx: _Context, n: int, custom_id: str, model: str | None, make: Callable[[], Request]) -> ParsedLine:
+def _build(ctx: _Context, n: int, custom_id: str, model: str | None, make: Callable[[], Request],
+           ignored: tuple[str, ...] = ()) -> ParsedLine:
     try:
         request = make()
     except LineError as exc:
         return _error(ctx, n, exc.code, exc.message, custom_id, model)
-    return ParsedLine(ctx.source, n, request, None, request.custom_id, model)
+    return ParsedLine(ctx.source, n, request, None, request.custom_id, model, ignored)
+
+
+def _ignored_keys(obj: Any) -> tuple[str, ...]:
+    body = obj.get("body") if isinstance(obj, dict) and formats.is_batch_line(obj) else obj
+    return tuple(sorted(formats.IGNORED_KEYS.intersection(body))) if isinstance(body, dict) else ()
 
 
 def _decode(raw: bytes) -> str:
@@ -324,12 +355,13 @@ def _check_duplicate(parsed: ParsedLine, seen: dict[str, tuple[str, int]]) -> Pa
         return parsed
     where = f"line {first[1]}" if first[0] == parsed.source else f"{first[0]} line {first[1]}"
     msg = f"custom_id {parsed.custom_id!r} was already used on {where}"
-    error = ErrorInfo(code="duplicate_custom_id", message=msg, line=parsed.line)
+    error = ErrorInfo(code="duplicate_custom_id", message=msg, line=parsed.line, param="custom_id")
     return ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model)
 
 
 def _error(ctx: _Context, n: int, code: str, message: str, custom_id: str, model: str | None = None) -> ParsedLine:
-    return ParsedLine(ctx.source, n, None, ErrorInfo(code=code, message=message, line=n), custom_id, model)
+    error = ErrorInfo(code=code, message=message, line=n, param=param_of(message))
+    return ParsedLine(ctx.source, n, None, error, custom_id, model)
 
 
 def _whole_input_error(source: str, code: str, message: str) -> ParsedLine:

@@ -67,9 +67,12 @@ class Request(BaseModel):
 
 
 class ErrorInfo(BaseModel):
+    """A rejected input line or a failed request; the fields of OpenAI's BatchError (param: the field at fault)."""
+
     code: str
     message: str
     line: int | None = None
+    param: str | None = None
 
 
 def _new_id(prefix: str, sep: str = "_") -> str:
@@ -112,18 +115,38 @@ def success_line(
     }
 
 
-def error_line(custom_id: str, code: str, message: str, *, status_code: int | None = 400) -> dict[str, Any]:
-    """An OpenAI batch error-file line; status_code None when the request never ran (cancelled, expired)."""
-    error = {"code": code, "message": message}
-    response = None
-    if status_code is not None:
-        response = {"status_code": status_code, "request_id": _new_id("req"), "body": {"error": error}}
-    return {"id": _new_id("batch_req"), "custom_id": custom_id, "response": response, "error": error}
+def error_line(custom_id: str, code: str, message: str, *, status_code: int | None = 400,
+               param: str | None = None) -> dict[str, Any]:
+    """An OpenAI batch error-file line, in OpenAI's (and vLLM's) two shapes.
+
+    A request that ran and failed answers like the API would: `response` holds the HTTP status and an
+    error body, `error` is null. status_code None is a batch-level failure (cancelled, expired, lost):
+    the request never ran, so `response` is null and `error` says why. A failure of ours rather than the
+    request's (out of memory, an engine fault) answers 500, so a script retries it as it would OpenAI's.
+    """
+    if status_code == 400 and code in ("out_of_memory", "internal_error"):
+        status_code = 500
+    if status_code is None:
+        return {"id": _new_id("batch_req"), "custom_id": custom_id, "response": None,
+                "error": {"code": code, "message": message}}
+    body = {"error": {"message": message, "type": "server_error" if status_code >= 500 else "invalid_request_error",
+                      "param": param, "code": code}}
+    response = {"status_code": status_code, "request_id": _new_id("req"), "body": body}
+    return {"id": _new_id("batch_req"), "custom_id": custom_id, "response": response, "error": None}
 
 
 def outcome_of(line: dict[str, Any]) -> str:
-    """The Outcome value recorded in an output line (success lines have no error)."""
+    """The Outcome value of an output line: batch-level errors by code, else the response's status."""
     error = line.get("error")
-    if not error:
-        return "succeeded"
-    return {"batch_cancelled": "cancelled", "batch_expired": "expired"}.get(error["code"], "errored")
+    if error:
+        return {"batch_cancelled": "cancelled", "batch_expired": "expired"}.get(error["code"], "errored")
+    response = line.get("response") or {}
+    return "succeeded" if response.get("status_code") == 200 else "errored"
+
+
+def error_of(line: dict[str, Any]) -> dict[str, Any] | None:
+    """A failed line's error object ({code, message, ...}) whichever shape it has; None for a success."""
+    if line.get("error"):
+        return line["error"]
+    response = line.get("response") or {}
+    return None if response.get("status_code") == 200 else response.get("body", {}).get("error")

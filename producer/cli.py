@@ -17,6 +17,7 @@ import click
 import redis
 from batchgen.jobs import defaults
 from batchgen.jobs.batch import Batch
+from batchgen.jobs.openai_batch import status_object
 from batchgen.jobs.states import BatchStatus
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_REDIS = range(7)
@@ -135,23 +136,25 @@ def report_invalid(result, as_json: bool) -> None:
 @click.option("--skip-invalid", is_flag=True, help="Enqueue the valid lines; invalid ones go to the error output.")
 @click.option("--chunk-size", type=int, envvar="BATCHGEN_CHUNK_SIZE", default=defaults.CHUNK_SIZE,
               show_default=True, help="Requests per RQ chunk job.")
-@click.option("--completion-window", "completion_window_s", type=int, envvar="BATCHGEN_COMPLETION_WINDOW_S",
-              default=defaults.COMPLETION_WINDOW_S, show_default=True,
-              help="Seconds after which the batch expires (its unfinished requests fail).")
+@click.option("--completion-window", envvar=["BATCHGEN_COMPLETION_WINDOW", "BATCHGEN_COMPLETION_WINDOW_S"],
+              default="24h", show_default=True,
+              help="How long the batch may run (24h, 1h, 30m; bare numbers are seconds): it sets expires_at, and "
+                   "requests unfinished then end as expired.")
 @click.option("--metadata", multiple=True, help="key=value, stored on the batch.")
 @redis_url_option
 @json_option
 @handles_errors
 def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, max_requests, max_tokens_limit,
-           priority, output_dir, skip_invalid, chunk_size, completion_window_s, metadata, redis_url, as_json):
+           priority, output_dir, skip_invalid, chunk_size, completion_window, metadata, redis_url, as_json):
     """Validate INPUTS (JSONL, text files, a directory of .txt, or -) and enqueue them as one batch."""
+    from batchgen.jobs.openai_batch import parse_window
     from batchgen.producer.client import BatchClient
     from batchgen.producer.config import ProducerConfig
     from tqdm import tqdm
 
     cfg = ProducerConfig(redis_url=redis_url, max_line_bytes=max_line_bytes, max_requests=max_requests,
                          max_tokens_limit=max_tokens_limit, chunk_size=chunk_size,
-                         completion_window_s=completion_window_s)
+                         completion_window_s=parse_window(completion_window))
     meta = dict(m.split("=", 1) for m in metadata if "=" in m)
     # a million-line batch takes a while to validate and store: show it going (on a terminal, not with --json)
     with tqdm(desc="validating", unit=" lines", disable=as_json or not sys.stderr.isatty(), leave=False) as bar:
@@ -165,7 +168,7 @@ def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, 
         sys.exit(EXIT_INVALID)
     for err in result.errors[:20]:
         click.echo(f"skipped: {err}", err=True)
-    emit(as_json, result.batch.to_api(), result.batch.id)
+    emit(as_json, status_object(result.batch), result.batch.id)
 
 
 @main.command()
@@ -176,7 +179,7 @@ def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, 
 def status(batch_id, redis_url, as_json):
     """Show a batch's status and request counts."""
     batch = client_for(redis_url).get(batch_id)
-    emit(as_json, batch.to_api(), describe(batch))
+    emit(as_json, status_object(batch), describe(batch))
 
 
 @main.command()
@@ -188,22 +191,24 @@ def status(batch_id, redis_url, as_json):
 @handles_errors
 def wait(batch_id, timeout_s, poll_s, redis_url, as_json):
     """Wait for a batch to end, with a progress bar; exit 0 only if it completed."""
+    from batchgen.producer.progress import batch_rates, postfix
     from tqdm import tqdm
 
     client = client_for(redis_url)
     bar = tqdm(total=client.get(batch_id).total, unit="req", disable=as_json or not sys.stderr.isatty(),
-               file=sys.stderr)
+               file=sys.stderr, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]")
 
     def on_poll(b: Batch) -> None:
         bar.update(b.num_done - bar.n)
-        bar.set_postfix_str(b.status.value)
+        if not bar.disable:  # tok/s comes from the workers' heartbeats: one more read, only when it shows
+            bar.set_postfix_str(postfix(b, batch_rates(b, client.workers(), time.time())))
 
     def on_unavailable(exc: Exception, retry_in_s: float) -> None:
         click.echo(f"warning: Redis unavailable ({exc}); retrying in {retry_in_s:.1f}s", err=True)
 
     batch = client.wait(batch_id, timeout_s=timeout_s, poll_s=poll_s, on_poll=on_poll, on_unavailable=on_unavailable)
     bar.close()
-    emit(as_json, batch.to_api(), describe(batch))
+    emit(as_json, status_object(batch), describe(batch))
     if not batch.status.is_terminal:
         sys.exit(EXIT_TIMEOUT)
     sys.exit(EXIT_OK if batch.status == BatchStatus.COMPLETED else EXIT_FAILED)
@@ -211,8 +216,9 @@ def wait(batch_id, timeout_s, poll_s, redis_url, as_json):
 
 @main.command()
 @click.argument("batch_id")
-@click.option("-o", "--output", type=click.File("w"), default="-", show_default=True)
-@click.option("--errors", type=click.File("w"), help="Error lines go here (default: with the output).")
+@click.option("-o", "--output", type=click.File("w", lazy=False), default="-", show_default=True)
+@click.option("--errors", type=click.File("w", lazy=False),  # not lazy: the file exists even with no error line
+              help="Error lines go here (default: with the output); created even when empty.")
 @click.option("--ordered", is_flag=True, help="In input order (default: completion order).")
 @redis_url_option
 @click.option("--json", "as_json", is_flag=True,
@@ -233,7 +239,7 @@ def results(batch_id, output, errors, ordered, redis_url, as_json):
 def cancel(batch_id, redis_url, as_json):
     """Cancel a batch; results already written are kept."""
     batch = client_for(redis_url).cancel(batch_id)
-    emit(as_json, batch.to_api(), describe(batch))
+    emit(as_json, status_object(batch), describe(batch))
 
 
 @main.command("list")
@@ -244,7 +250,35 @@ def cancel(batch_id, redis_url, as_json):
 def list_(limit, redis_url, as_json):
     """Recent batches, newest first."""
     batches = client_for(redis_url).recent(limit)
-    emit(as_json, [b.to_api() for b in batches], "\n".join(describe(b) for b in batches) or "no batches")
+    emit(as_json, [status_object(b) for b in batches], "\n".join(describe(b) for b in batches) or "no batches")
+
+
+WORKER_TEXT_FIELDS = frozenset({"name", "model", "engine", "queues", "device", "device_name", "cuda_visible_devices",
+                                "state"})
+
+
+def worker_view(info: dict[str, str]) -> dict[str, Any]:
+    """A heartbeat hash (Redis keeps only strings) with its numbers as numbers ("" as null) and the device named:
+    the worker's own device name when it writes one, else what its flag and its VRAM reading say."""
+    out: dict[str, Any] = {}
+    for key, value in info.items():
+        if key in WORKER_TEXT_FIELDS:
+            out[key] = value
+        elif value == "":
+            out[key] = None
+        else:
+            try:
+                number = float(value)
+                out[key] = int(number) if number.is_integer() and "." not in value else number
+            except ValueError:
+                out[key] = value
+    device = out.pop("device_name", None) or out.get("device") or "auto"
+    if device == "auto":
+        on_gpu = (out.get("vram_used_bytes") or 0) + (out.get("vram_free_bytes") or 0) > 0
+        device = "cuda" if on_gpu else "cpu"
+    visible = out.get("cuda_visible_devices")
+    out["device"] = f"{device} (CUDA_VISIBLE_DEVICES={visible})" if visible and device.startswith("cuda") else device
+    return out
 
 
 @main.command()
@@ -253,12 +287,12 @@ def list_(limit, redis_url, as_json):
 @handles_errors
 def workers(redis_url, as_json):
     """Live workers: model, batch size, tok/s, VRAM, GPU temperature."""
-    infos = client_for(redis_url).workers()
+    infos = [worker_view(w) for w in client_for(redis_url).workers()]
     lines = [
         f"{w['name']}  {w['state']:<8} model={w['model']} batch={w['batch_size']}/{w['max_batch_size']} "
-        f"tok/s={w['tokens_per_s']} vram_used={int(w['vram_used_bytes']) / 2**30:.1f}GiB "
-        f"free={int(w['vram_free_bytes']) / 2**30:.1f}GiB temp={w['gpu_temperature_c'] or '-'}C "
-        f"done={w['requests_done']} gpu={w.get('cuda_visible_devices') or '-'}"
+        f"tok/s={w['tokens_per_s']} vram_used={(w['vram_used_bytes'] or 0) / 2**30:.1f}GiB "
+        f"free={(w['vram_free_bytes'] or 0) / 2**30:.1f}GiB temp={w['gpu_temperature_c'] or '-'}C "
+        f"done={w['requests_done']} device={w['device']} gpu={w.get('cuda_visible_devices') or '-'}"
         for w in infos
     ]
     emit(as_json, infos, "\n".join(lines) or "no live workers")
@@ -366,34 +400,45 @@ def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Output JSONL.")
-@click.option("--errors", type=click.Path(dir_okay=False), help="Error lines (default: in the output).")
+@click.option("--errors", type=click.Path(dir_okay=False),
+              help="Error lines (default: in the output); created even when no line fails.")
+@click.option("--ordered/--no-ordered", default=True, show_default=True,
+              help="Write in input order, as vLLM's run-batch does; --no-ordered writes lines as they finish.")
 @engine_options
 @sampling_options
 @click.option("--skip-invalid", is_flag=True)
 @json_option
 @handles_errors
-def run(inputs, output, errors, skip_invalid, as_json, max_tokens, temperature, top_p, seed, max_line_bytes,
+def run(inputs, output, errors, ordered, skip_invalid, as_json, max_tokens, temperature, top_p, seed, max_line_bytes,
         max_requests, max_tokens_limit, **kw):
     """Run INPUTS in-process, no Redis (like `vllm run-batch`); same engine and output format."""
     from batchgen.jobs.inputs import InputLimits
     from batchgen.worker.config import WorkerConfig
-    from batchgen.worker.factory import build_engine
-    from batchgen.worker.local_run import run_local
+    from batchgen.worker.local_run import read_local, run_local
 
+    handler = logging.StreamHandler()  # stderr: the start-up block, the --model override note, engine lines
+    handler.setFormatter(JsonLogFormatter() if as_json else logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     cfg = WorkerConfig(engine_config(kw), engine=kw["engine"])
     limits = InputLimits(max_requests=max_requests, max_line_bytes=max_line_bytes, max_tokens=max_tokens_limit)
     t0 = time.monotonic()
-    summary = run_local(inputs, output, errors, build_engine(cfg), model=cfg.served_name,
-                        params=param_defaults(max_tokens, temperature, top_p, seed), limits=limits,
-                        skip_invalid=skip_invalid, progress=not as_json)
-    summary["elapsed_s"] = round(time.monotonic() - t0, 3)
-    if summary["invalid"] and not skip_invalid:
-        for err in summary["errors"][:50]:
-            click.echo(f"error: {err}", err=True)
-        click.echo(f"{summary['invalid']} invalid line(s); nothing was run", err=True)
+    # Validate before the model loads: a rejected file should cost seconds, not a model load.
+    local = read_local(inputs, model=cfg.served_name, params=param_defaults(max_tokens, temperature, top_p, seed),
+                       limits=limits)
+    if local.invalid and not skip_invalid:
+        for message in local.messages[:50]:
+            click.echo(f"error: {message}", err=True)
+        click.echo(f"{len(local.invalid)} invalid line(s); nothing was run", err=True)
         if as_json:
-            click.echo(json.dumps(summary))
+            click.echo(json.dumps(local.summary(output)))
         sys.exit(EXIT_INVALID)
+    from batchgen.worker.factory import build_engine
+    from batchgen.worker.startup import log_startup
+
+    engine = build_engine(cfg)
+    log_startup(engine, cfg)
+    summary = run_local(local, output, errors, engine, model=cfg.served_name, ordered=ordered, progress=not as_json)
+    summary["elapsed_s"] = round(time.monotonic() - t0, 3)
     emit(as_json, summary, f"{summary['succeeded']} succeeded, {summary['errored']} errored -> {output}")
 
 

@@ -24,7 +24,8 @@ from batchgen.jobs.inputs import (
     read_inputs,
     validate_batch,
 )
-from batchgen.jobs.schema import Request
+from batchgen.jobs.openai_batch import save_errors
+from batchgen.jobs.schema import Request, outcome_of
 from batchgen.jobs.states import BatchStatus, Outcome
 from batchgen.jobs.store import BatchStore, now_s
 from batchgen.jobs.workers import WorkerRegistry
@@ -112,7 +113,7 @@ class BatchClient:
         page: list[Request] = []
         invalid: list[tuple[int, dict[str, Any]]] = []
         endpoints: set[str] = set()
-        index = 0
+        index = first = 0
         for parsed in lines:
             if on_line:
                 on_line(parsed.line)
@@ -122,6 +123,9 @@ class BatchClient:
                     result.errors.append(SourceError(parsed.source, parsed.line, parsed.custom_id,
                                                      parsed.error.code, parsed.error.message))
                 if skip_invalid:
+                    if page:  # a page is stored at contiguous indexes: the skipped line ends it
+                        self.store.add_requests(batch.id, first, page, ttl_s=VALIDATING_TTL_S)
+                        page = []
                     invalid.append((index, invalid_output_line(parsed)))
                     index += 1
                 continue
@@ -153,6 +157,7 @@ class BatchClient:
         queue = chunks.make_queue(batch.model, batch.priority, self.connection)
         batch.queue = queue.name
         self.store.route(batch)
+        save_errors(self.connection, batch.id, result.errors)  # --skip-invalid's rejects: the object's errors.data
         for start in range(0, len(invalid), PAGE):
             self.store.record(batch.id, invalid[start:start + PAGE])
         with chunks.rq_connection(self.connection).pipeline() as pipe:
@@ -220,7 +225,7 @@ class BatchClient:
         n_ok = n_err = 0
         for line in self.results(batch_id, ordered=ordered):
             text = json.dumps(line, ensure_ascii=False) + "\n"
-            if line.get("error"):
+            if outcome_of(line) != "succeeded":
                 n_err += 1
                 (errors or out).write(text)
             else:

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/redis_server.py: the private redis-server helper
 
 from batchgen.jobs.inputs import ParamDefaults  # noqa: E402
+from batchgen.jobs.schema import error_of  # noqa: E402
 from batchgen.jobs.states import BatchStatus  # noqa: E402
 from batchgen.producer.client import BatchClient  # noqa: E402
 from batchgen.producer.config import ProducerConfig  # noqa: E402
@@ -110,8 +111,8 @@ def llm_rows(n: int) -> list[dict]:
 
 def comparable(line: dict) -> tuple:
     """What must equal the uninterrupted run: text, finish reason, token counts (ids and timestamps differ)."""
-    if line.get("error"):
-        return ("error", line["error"]["code"])
+    if (error := error_of(line)) is not None:
+        return ("error", error["code"])
     body = line["response"]["body"]
     choice = body["choices"][0]
     text = choice["message"]["content"] if "message" in choice else choice["text"]

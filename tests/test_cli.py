@@ -77,8 +77,8 @@ def test_skip_invalid_puts_bad_lines_in_the_error_output(redis_url, redis_conn, 
     batchgen("results", batch["id"], "-o", str(tmp_path / "ok.jsonl"), "--errors", str(errors),
              redis_url=redis_url, check=True)
     (err_line,) = [json.loads(x) for x in errors.read_text().splitlines()]
-    assert err_line["custom_id"] == "bad" and err_line["error"]["code"] == "invalid_value"
-    assert "line 2" in err_line["error"]["message"]
+    assert err_line["custom_id"] == "bad" and err_line["response"]["body"]["error"]["code"] == "invalid_value"
+    assert "line 2" in err_line["response"]["body"]["error"]["message"]
 
 
 def test_exit_codes_for_scripts(redis_url, redis_conn, tmp_path):

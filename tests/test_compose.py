@@ -22,3 +22,18 @@ def test_compose_has_durable_redis_and_a_gpu_worker():
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert (ROOT / worker["build"] / "Dockerfile").exists()
     assert "dashboard" in compose["services"]
+
+
+def test_rq_dashboard_reads_our_json_jobs():
+    """Our RQ jobs are JSON, not pickles: rq-dashboard must be told, or its job views fail on every job."""
+    dashboard = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["dashboard"]
+    env = dashboard["environment"]
+    assert env["RQ_DASHBOARD_REDIS_URL"].startswith("redis://redis:")
+    # rq-dashboard's CLI reads flags from RQ_DASHBOARD_<FLAG> (--json); its app factory reads ..._JSON_SERIALIZER
+    assert env["RQ_DASHBOARD_JSON"] == "true" and env["RQ_DASHBOARD_JSON_SERIALIZER"] == "true"
+    assert all(p.startswith("127.0.0.1:") for p in dashboard["ports"])
+
+
+def test_the_worker_can_serve_a_plain_model_name_for_clean_queue_names():
+    worker = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["worker"]
+    assert "BATCHGEN_SERVED_MODEL_NAME" in worker["environment"]

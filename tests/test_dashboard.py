@@ -62,7 +62,7 @@ def test_the_dashboard_shows_a_running_batch_and_its_worker(server, browser, red
         eventually(lambda: read(browser, f"{row} .status") == "completed", "completed status", timeout_s=30)
         eventually(lambda: read(browser, "tr.worker svg.spark polyline", "points"), "a chart with two samples",
                    timeout_s=30)
-        assert read(browser, f"{row} a.file-link", "href") == f"/v1/files/{batch.output_file_id}/content"
+        assert read(browser, f"{row} a.file-link", "href") == f"/v1/files/file-output-{batch.id}/content"
         assert "demo" in read(browser, "tr.worker")
         shot = tmp_path / "dashboard.png"
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 1000

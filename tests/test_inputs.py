@@ -175,7 +175,7 @@ def test_lines_must_agree_on_the_model(tmp_path):
     assert [p.error for p in lines[:3]] == [None, None, None]
     assert (lines[3].error.code, lines[3].error.line, lines[3].request) == ("mixed_models", 4, None)
     assert "'m2' differs from 'm1' (line 2)" in lines[3].error.message
-    assert invalid_output_line(lines[3])["error"]["code"] == "mixed_models"
+    assert invalid_output_line(lines[3])["response"]["body"]["error"]["code"] == "mixed_models"
     assert resolver.model == "m1"
 
 

@@ -227,10 +227,10 @@ def test_poison_requests_get_an_error_line_and_the_rest_of_the_batch_runs(demo_m
     lines = {ln["custom_id"]: ln for ln in client.results(batch.id)}
     # The corrupted line's custom_id cannot be read back: its input index stands in for it.
     assert sorted(lines) == sorted(["ok-1", "too-long", "ok-2", "bad-params", "4", "ok-3"])
-    assert lines["too-long"]["error"]["code"] == "context_length_exceeded"
-    assert lines["bad-params"]["error"]["code"] == "invalid_request"
-    assert "max_tokens" in lines["bad-params"]["error"]["message"]
-    assert lines["4"]["error"]["code"] == "invalid_request"
+    assert lines["too-long"]["response"]["body"]["error"]["code"] == "context_length_exceeded"
+    assert lines["bad-params"]["response"]["body"]["error"]["code"] == "invalid_request"
+    assert "max_tokens" in lines["bad-params"]["response"]["body"]["error"]["message"]
+    assert lines["4"]["response"]["body"]["error"]["code"] == "invalid_request"
     for ok in ("ok-1", "ok-2", "ok-3"):
         assert lines[ok]["error"] is None and lines[ok]["response"]["status_code"] == 200
     final = client.get(batch.id)
@@ -252,5 +252,5 @@ def test_echo_engine_poison_prompt_errors_alone(redis_conn, tmp_path):
     cfg = WorkerConfig(EngineConfig(model="echo-m"), engine="echo", burst=True, redis_url="unused")
     assert BatchWorker(cfg, EchoEngine("echo-m"), redis_conn).run() == 3
     lines = {ln["custom_id"]: ln for ln in client.results(batch.id)}
-    assert lines["nul"]["error"]["code"] == "invalid_prompt"
+    assert lines["nul"]["response"]["body"]["error"]["code"] == "invalid_prompt"
     assert lines["a"]["error"] is None and lines["b"]["error"] is None

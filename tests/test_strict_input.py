@@ -59,8 +59,8 @@ def test_a_surrogate_custom_id_leaves_run_skip_invalid_results_writable(tmp_path
     assert proc.returncode == 0, proc.stderr
     assert [line["custom_id"] for line in read_jsonl(out)] == ["1"]
     [error] = read_jsonl(errors)
-    assert error["error"]["code"] == "invalid_encoding"
-    assert error["error"]["message"].startswith("line 2: custom_id: contains a lone surrogate (\\ud800")
+    assert error["response"]["body"]["error"]["code"] == "invalid_encoding"
+    assert error["response"]["body"]["error"]["message"].startswith("line 2: custom_id: contains a lone surrogate (\\ud800")
 
 
 def test_a_surrogate_custom_id_leaves_a_queued_batch_exportable(redis_url, redis_conn, tmp_path):
@@ -76,7 +76,7 @@ def test_a_surrogate_custom_id_leaves_a_queued_batch_exportable(redis_url, redis
     assert exported.returncode == 0, exported.stderr
     assert json.loads(exported.stdout)["results"] == 1
     assert [line["custom_id"] for line in read_jsonl(out)] == ["1"]
-    assert [line["error"]["code"] for line in read_jsonl(errors)] == ["invalid_encoding"]
+    assert [line["response"]["body"]["error"]["code"] for line in read_jsonl(errors)] == ["invalid_encoding"]
 
 
 # -- 6: one validator, one answer, with a line number -----------------------------------------------------
@@ -117,7 +117,7 @@ def test_deep_nesting_and_surrogates_get_one_verdict_from_submit_run_and_the_wor
     batchgen("results", batch_id, "-o", str(out), "--errors", str(errors), "--ordered", redis_url=redis_url,
              check=True)
     assert [line["custom_id"] for line in read_jsonl(out)] == ["ok"]
-    assert [(e["custom_id"], e["error"]["code"], e["error"]["message"].split(":")[0]) for e in read_jsonl(errors)] == [
+    assert [(e["custom_id"], e["response"]["body"]["error"]["code"], e["response"]["body"]["error"]["message"].split(":")[0]) for e in read_jsonl(errors)] == [
         ("d250", "nesting_too_deep", "line 2"), ("d400", "nesting_too_deep", "line 3"),
         ("model-surrogate", "invalid_encoding", "line 4"), ("content-surrogate", "invalid_encoding", "line 5")]
 

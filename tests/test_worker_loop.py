@@ -156,7 +156,7 @@ def test_chunk_on_the_wrong_models_queue_fails_loudly_instead_of_running(redis_c
     assert make_worker(redis_conn).run() == 0
     lines = list(client.results(batch.id, ordered=True))
     assert [ln["custom_id"] for ln in lines] == [f"c{i}" for i in range(6)]
-    assert {ln["error"]["code"] for ln in lines} == {"model_mismatch"}
+    assert {ln["response"]["body"]["error"]["code"] for ln in lines} == {"model_mismatch"}
     assert client.get(batch.id).request_counts == {"total": 6, "completed": 0, "failed": 6}
 
 

@@ -1,6 +1,10 @@
-"""`batchgen run`: one batch in-process, no Redis, same engine and output lines as the queue path."""
+"""`batchgen run`: one batch in-process, no Redis, same engine and output lines as the queue path.
+
+Reading and validating come first (`read_local`, no engine needed), so a rejected file costs no model load.
+"""
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,53 +17,70 @@ from batchgen.jobs.inputs import (
     read_inputs,
     validate_batch,
 )
+from batchgen.jobs.schema import Request, outcome_of
 from batchgen.jobs.states import BatchStatus
 from batchgen.worker.engine.protocol import Engine, GenerationRequest
-from batchgen.worker.result_files import append_lines
+from batchgen.worker.result_files import LineSink
 from batchgen.worker.worker import InFlight, result_line
 from tqdm import tqdm
 
 
-def run_local(
-    inputs: Sequence[str], output: str, errors: str | None, engine: Engine, *, model: str,
-    params: ParamDefaults, limits: InputLimits, skip_invalid: bool, progress: bool = True,
-) -> dict[str, Any]:
-    """Validates everything first (nothing runs on bad input unless skip_invalid), then generates."""
-    valid: list[GenerationRequest] = []
-    invalid: list[dict[str, Any]] = []
-    messages: list[str] = []
-    for parsed in validate_batch(read_inputs(inputs, defaults=params, limits=limits), ModelResolver(model)):
+@dataclass
+class LocalBatch:
+    """A run's validated input: the requests and the rejected lines, each at its input position."""
+
+    requests: list[tuple[int, Request]] = field(default_factory=list)
+    invalid: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)  # one "source:line: code: message" per rejected line
+    num_overridden: int = 0  # lines whose body.model --model replaced
+
+    @property
+    def total(self) -> int:
+        return len(self.requests) + len(self.invalid)
+
+    def summary(self, output: str) -> dict[str, Any]:
+        return {"total": self.total, "invalid": len(self.invalid), "errors": self.messages, "succeeded": 0,
+                "errored": 0, "output": output, "model_overridden": self.num_overridden}
+
+
+def read_local(inputs: Sequence[str], *, model: str, params: ParamDefaults, limits: InputLimits) -> LocalBatch:
+    """Every input line validated exactly as `submit` validates it."""
+    local = LocalBatch()
+    resolver = ModelResolver(model)
+    for position, parsed in enumerate(validate_batch(read_inputs(inputs, defaults=params, limits=limits), resolver)):
         if parsed.error is not None:
-            messages.append(f"{parsed.source}:{parsed.line}: {parsed.error.code}: {parsed.error.message}")
-            invalid.append(invalid_output_line(parsed))
+            local.messages.append(f"{parsed.source}:{parsed.line}: {parsed.error.code}: {parsed.error.message}")
+            local.invalid.append((position, invalid_output_line(parsed)))
         else:
-            valid.append(GenerationRequest(str(len(valid)), parsed.request))
-    summary: dict[str, Any] = {"total": len(valid) + len(invalid), "invalid": len(invalid), "errors": messages,
-                               "succeeded": 0, "errored": 0, "output": output}
-    if invalid and not skip_invalid:
-        return summary
-    out_path, err_path = Path(output), Path(errors) if errors else Path(output)
-    for p in {out_path, err_path}:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text("")
-    append_lines(err_path, invalid)
+            assert parsed.request is not None
+            local.requests.append((position, parsed.request))
+    local.num_overridden = resolver.num_overridden
+    return local
+
+
+def run_local(local: LocalBatch, output: str, errors: str | None, engine: Engine, *, model: str,
+              ordered: bool = True, progress: bool = True) -> dict[str, Any]:
+    """Generates every request of local and writes its lines (the rejected ones too, at their positions)."""
+    summary = local.summary(output)
+    sink = LineSink(Path(output), Path(errors) if errors else Path(output), ordered=ordered)
+    sink.put(local.invalid)
+    summary["errored"] = len(local.invalid)
     batch = Batch(id="local", status=BatchStatus.IN_PROGRESS, model=model)
-    flights = {g.key: InFlight(batch, int(g.key), g.request, "local") for g in valid}
-    pending = list(reversed(valid))
-    bar = tqdm(total=len(valid), unit="req", disable=not progress)
-    results = []
+    flights = {str(pos): InFlight(batch, pos, request, "local") for pos, request in local.requests}
+    pending = [GenerationRequest(str(pos), request) for pos, request in reversed(local.requests)]
+    bar = tqdm(total=len(local.requests), unit="req", disable=not progress)
     while pending or engine.num_unfinished:
         take = max(engine.num_wanted, 0 if engine.num_unfinished else 1)
         batch_in = [pending.pop() for _ in range(min(take, len(pending)))]
         results = engine.add(batch_in) if batch_in else []
         if engine.num_unfinished:
             results += engine.step()
-        lines = [result_line(flights[r.key], r) for r in results]
-        append_lines(out_path, [ln for ln in lines if not ln["error"]])
-        append_lines(err_path, [ln for ln in lines if ln["error"]])
-        summary["succeeded"] += sum(1 for ln in lines if not ln["error"])
-        summary["errored"] += sum(1 for ln in lines if ln["error"])
+        lines = [(flights[r.key].index, result_line(flights[r.key], r)) for r in results]
+        sink.put(lines)
+        num_ok = sum(1 for _, line in lines if outcome_of(line) == "succeeded")
+        summary["succeeded"] += num_ok
+        summary["errored"] += len(lines) - num_ok
         bar.update(len(lines))
     bar.close()
-    summary["errored"] += len(invalid)
+    sink.close()
     return summary

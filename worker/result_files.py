@@ -2,13 +2,16 @@
 
 Each line goes out in one O_APPEND write, so a crash leaves no torn line, and only after Redis
 accepted the outcome (HSETNX), so a line is written at most once. Redis stays the source of truth:
-`batchgen results` exports the complete set from there.
+`batchgen results` exports the complete set from there. `batchgen run` (no Redis) writes its two files
+through a LineSink, in input order by default.
 """
 
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+from batchgen.jobs.schema import outcome_of
 
 
 def result_paths(output_dir: str | Path, batch_id: str) -> tuple[Path, Path]:
@@ -30,5 +33,53 @@ def append_lines(path: Path, lines: list[dict[str, Any]]) -> None:
 
 def write_results(output_dir: str | Path, batch_id: str, lines: list[dict[str, Any]]) -> None:
     ok_path, err_path = result_paths(output_dir, batch_id)
-    append_lines(ok_path, [line for line in lines if not line.get("error")])
-    append_lines(err_path, [line for line in lines if line.get("error")])
+    ok, failed = split_lines(lines)
+    append_lines(ok_path, ok)
+    append_lines(err_path, failed)
+
+
+def split_lines(lines: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(successes, failures): a failed request answers with a non-200 response or a batch-level error."""
+    ok = [line for line in lines if outcome_of(line) == "succeeded"]
+    return ok, [line for line in lines if outcome_of(line) != "succeeded"]
+
+
+class LineSink:
+    """`batchgen run`'s two files, created (truncated) up front so both exist even when one stays empty.
+
+    Ordered (vLLM's run-batch order): a line waits until every line before it in the input is written,
+    so memory holds only the lines that finished ahead of a slower one. Unordered: lines go out as they finish.
+    """
+
+    def __init__(self, output: Path, errors: Path, ordered: bool):
+        self.output, self.errors, self.ordered = output, errors, ordered
+        self.held: dict[int, dict[str, Any]] = {}
+        self.next_position = 0
+        for path in {output, errors}:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def put(self, lines: list[tuple[int, dict[str, Any]]]) -> None:
+        """(input position, output line) pairs; positions count from 0 over every input line, valid or not."""
+        if not self.ordered:
+            self._write([line for _, line in lines])
+            return
+        self.held.update(lines)
+        ready = []
+        while self.next_position in self.held:
+            ready.append(self.held.pop(self.next_position))
+            self.next_position += 1
+        self._write(ready)
+
+    def close(self) -> None:
+        """Writes what is still held (a position that never finished must not hide the lines after it)."""
+        self._write([self.held[p] for p in sorted(self.held)])
+        self.held.clear()
+
+    def _write(self, lines: list[dict[str, Any]]) -> None:
+        if self.output == self.errors:  # one file: keep the lines' own order
+            append_lines(self.output, lines)
+            return
+        ok, failed = split_lines(lines)
+        append_lines(self.output, ok)
+        append_lines(self.errors, failed)

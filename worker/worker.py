@@ -26,6 +26,7 @@ from batchgen.worker.config import WorkerConfig
 from batchgen.worker.engine.protocol import Engine, GenerationRequest, GenerationResult
 from batchgen.worker.reaper import Reaper
 from batchgen.worker.result_files import write_results
+from batchgen.worker.startup import log_startup
 from rq import SimpleWorker
 from rq.executions import Execution
 from rq.job import Job
@@ -117,6 +118,7 @@ class BatchWorker:
         self._heartbeat(force=True)
         log.info("worker %s serving %r on %s", self.cfg.name, self.cfg.served_name,
                  ", ".join(q.name for q in self.queues))
+        log_startup(self.engine, self.cfg)
         backoff = Backoff()
         try:
             while not self._should_exit():

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from batchgen.jobs.files import FileStore, result_file_of
 from batchgen.jobs.inputs import InputLimits
+from batchgen.jobs.schema import outcome_of
 from batchgen.producer.client import BatchClient, BatchNotFound
 from batchgen.producer.serve.errors import ApiError, not_found
 from batchgen.producer.serve.validate import check_file
@@ -20,7 +21,7 @@ def result_lines(client: BatchClient, batch_id: str, errors: bool) -> Iterator[b
     block: list[bytes] = []
     size = 0
     for line in client.results(batch_id):
-        if bool(line.get("error")) != errors:
+        if (outcome_of(line) != "succeeded") != errors:
             continue
         data = (json.dumps(line, ensure_ascii=False) + "\n").encode()
         block.append(data)
