@@ -354,3 +354,13 @@ def test_a_model_that_is_not_there_has_its_own_exit_code(redis_url, tmp_path):
                     redis_url=redis_url, HF_HUB_OFFLINE="1")
     assert proc.returncode == 10, proc.stderr
     assert error_json(proc)["code"] == "model_not_found"
+
+
+def test_a_requests_key_of_the_wrong_type_does_not_stop_the_worker(redis_conn, tmp_path):
+    _, broken = submit(redis_conn, tmp_path / "a.jsonl", echo_rows(2))
+    client, fine = submit(redis_conn, tmp_path / "b.jsonl", echo_rows(3))
+    redis_conn.delete(keys.BatchKeys(broken.id).requests)
+    redis_conn.set(keys.BatchKeys(broken.id).requests, "not a hash")  # WRONGTYPE on every read
+    assert make_worker(redis_conn).run() == 3
+    assert client.get(fine.id).status == BatchStatus.COMPLETED
+    assert redis_conn.hlen(keys.claims_key()) == 0

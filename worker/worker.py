@@ -271,19 +271,24 @@ class BatchWorker:
             self._fail_chunk_job(job, queue, exc)
 
     def _fail_chunk_job(self, job: Job, queue: Queue, exc: Exception) -> None:
+        """Fails one chunk job that cannot run: its unfinished requests get error lines, its claim goes."""
         log.error("chunk job %s cannot run (%s: %s); it fails, the worker goes on",
                   job.id, type(exc).__name__, exc)
         held = self._drop(job.id)
-        batch = self._batch(job.id.rpartition("-")[0], refresh=True)
-        chunk = held.chunk if held else (batch and chunks.Chunk.from_job_id(job.id, batch.total, batch.chunk_size))
-        if batch is not None and chunk and batch.status in ACTIVE:
-            self.num_requests_done += self.store.fail(
-                chunk.batch_id, self.store.pending(chunk.batch_id, chunk.start, chunk.end), "invalid_chunk_job",
-                f"the chunk job could not run: {type(exc).__name__}", status_code=None)
         try:
+            batch = self._batch(job.id.rpartition("-")[0], refresh=True)
+            chunk = held.chunk if held is not None else None
+            if chunk is None and batch is not None:
+                chunk = chunks.Chunk.from_job_id(job.id, batch.total, batch.chunk_size)
+            if batch is not None and chunk is not None and batch.status in ACTIVE:
+                self.num_requests_done += self.store.fail(
+                    chunk.batch_id, self.store.pending(chunk.batch_id, chunk.start, chunk.end), "invalid_chunk_job",
+                    f"the chunk job could not run: {type(exc).__name__}", status_code=None)
             self.rq.handle_job_failure(job, queue, exc_string=f"{type(exc).__name__}: {exc}")
-        except Exception as rq_exc:  # noqa: BLE001 - bookkeeping for `rq info` only; the claim must still go
-            log.warning("could not mark chunk job %s failed in RQ: %s", job.id, rq_exc)
+        except UNAVAILABLE + REFUSED:
+            raise  # the claim stays: the loop backs off and reconciliation requeues it
+        except Exception as fail_exc:  # noqa: BLE001 - the batch's own keys are unreadable too: log, go on
+            log.error("could not record the failure of chunk job %s: %s", job.id, fail_exc)
         self.claims.release(job.id)
 
     def _start_chunk_unguarded(self, job: Job, queue: Queue) -> None:
