@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from batchgen.jobs import defaults, keys
+from batchgen.jobs.states import BatchStatus
+from batchgen.jobs.store import BatchStore
 from batchgen.jobs.tasks import RUN_CHUNK
 from redis import ConnectionPool, Redis
 from redis.client import Pipeline
@@ -115,6 +117,20 @@ def make_queue(model: str, priority: str, connection: Redis) -> Queue:
 def queues_for(model: str, connection: Redis, priorities: Sequence[str] = defaults.PRIORITIES) -> list[Queue]:
     """The model's queues, highest priority first."""
     return [make_queue(model, p, connection) for p in priorities]
+
+
+def fail_lost_chunk(store: BatchStore, job_id: str) -> int:
+    """A chunk whose job hash is gone (evicted, deleted) while its batch runs: its unfinished requests get
+    `request_lost` lines, so the batch still ends. Returns how many; 0 when the batch is over or gone."""
+    batch = store.get(job_id.rpartition("-")[0])
+    if batch is None or batch.status not in (BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING):
+        return 0  # cancelled or ended: nothing is owed
+    chunk = Chunk.from_job_id(job_id, batch.total, batch.chunk_size)
+    if chunk is None:
+        return 0
+    return store.fail(chunk.batch_id, store.pending(chunk.batch_id, chunk.start, chunk.end), "request_lost",
+                      "the chunk job holding this request is missing from Redis (evicted or deleted)",
+                      status_code=None)
 
 
 def waiting_by_model(connection: Redis, prefix: str = defaults.KEY_PREFIX) -> dict[str, int]:

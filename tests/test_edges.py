@@ -94,6 +94,19 @@ def test_a_missing_request_gets_a_request_lost_line_and_the_batch_ends(redis_con
     assert redis_conn.hlen(keys.claims_key()) == 0
 
 
+def test_a_dead_workers_claim_whose_job_hash_is_gone_fails_its_requests_instead_of_vanishing(redis_conn, tmp_path):
+    client, batch = submit(redis_conn, tmp_path / "in.jsonl", echo_rows(4), chunk_size=2)
+    claimed = chunks.ChunkClaims(redis_conn).claim(chunks.queues_for("echo-m", redis_conn), "dead-worker")
+    assert claimed is not None  # a worker that claimed a chunk and died (no heartbeat key at all)
+    redis_conn.delete(Job.key_for(claimed[0].id))  # and the chunk's job hash was evicted
+    make_worker(redis_conn).reaper.reap()
+    assert redis_conn.hlen(keys.claims_key()) == 0
+    make_worker(redis_conn).run()
+    final = client.get(batch.id)
+    assert final.status == BatchStatus.COMPLETED and final.request_counts["failed"] == 2
+    assert {ln["error"]["code"] for ln in client.results(batch.id) if ln["error"]} == {"request_lost"}
+
+
 def test_a_submit_that_fails_after_enqueueing_removes_its_keys_and_chunk_jobs(redis_conn, tmp_path, monkeypatch):
     """The old `KeyError: 'id'` of a large submit on an evicting Redis left its rq:job keys behind."""
 

@@ -247,18 +247,10 @@ class BatchWorker:
             self._drop(job_id)
 
     def _chunk_job_lost(self, job_id: str) -> None:
-        """A queued chunk whose job hash is gone (evicted, deleted) of a running batch: its requests fail."""
-        batch = self._batch(job_id.rpartition("-")[0], refresh=True)
-        if batch is None or batch.status not in ACTIVE:
-            return  # cancelled or ended: nothing is owed
-        chunk = chunks.Chunk.from_job_id(job_id, batch.total, batch.chunk_size)
-        if chunk is None:
-            return
-        pending = self.store.pending(chunk.batch_id, chunk.start, chunk.end)
-        log.error("chunk job %s is missing from Redis: its %d unfinished request(s) fail", job_id, len(pending))
-        self.num_requests_done += self.store.fail(chunk.batch_id, pending, "request_lost",
-                                                  "the chunk job holding this request is missing from Redis "
-                                                  "(evicted or deleted)", status_code=None)
+        num_failed = chunks.fail_lost_chunk(self.store, job_id)
+        if num_failed:
+            log.error("chunk job %s is missing from Redis: its %d unfinished request(s) fail", job_id, num_failed)
+        self.num_requests_done += num_failed
 
     def _start_chunk(self, job: Job, queue: Queue) -> None:
         try:
