@@ -340,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         src.write_text("".join(json.dumps(r) + "\n" for r in llm_rows(args.requests)))
         llm = (src, llm_baseline(src, args, work))
     totals = Totals()
-    eviction_ok = check_evicting_policy(redis_url, work)
+    # it flips the server's policy for a moment: only on the private server this script owns
+    eviction_ok = check_evicting_policy(redis_url, work) if server is not None else True
     try:
         for trial in range(args.trials):
             run_trial(trial, args, rng, totals, redis_url, server, work, llm)
