@@ -410,13 +410,13 @@ class BatchWorker:
 
     # -- cancellation, heartbeat ---------------------------------------------------------------------
     def _check_cancelled(self) -> None:
-        """Drops in-flight requests of batches that were cancelled or expired (their outcomes are set)."""
+        """Drops in-flight requests of batches that were cancelled, expired or failed (their outcomes are set)."""
         if time.monotonic() - self._last_cancel_check < 1.0 or not self.held:
             return
         self._last_cancel_check = time.monotonic()
         statuses = self.store.statuses(sorted({h.chunk.batch_id for h in self.held.values()}))
         for batch_id, status in statuses.items():
-            if status in (None, BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.EXPIRED):
+            if status in (None, BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.EXPIRED, BatchStatus.FAILED):
                 log.info("batch %s is %s: dropping its in-flight requests", batch_id, status and status.value)
                 for job_id in [j for j, h in self.held.items() if h.chunk.batch_id == batch_id]:
                     self._finish_chunk(job_id)
