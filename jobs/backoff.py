@@ -16,11 +16,14 @@ REFUSED = (OutOfMemoryError, ReadOnlyError, NoPermissionError)
 
 def refusal_reason(exc: redis.RedisError) -> str:
     """One line naming what Redis refused and what fixes it."""
+    # redis-py prefixes a pipeline's error with the whole command ("Command # 1 (HSET ...) of pipeline
+    # caused error: ..."): keep Redis's own words.
+    said = str(exc).split(" caused error: ", 1)[-1].rstrip(".")
     if isinstance(exc, OutOfMemoryError):
-        return f"Redis is out of memory (maxmemory reached under noeviction): {exc}; free memory or raise maxmemory"
+        return f"Redis is out of memory ({said}); free memory or raise maxmemory"
     if isinstance(exc, ReadOnlyError):
-        return f"Redis is a read-only replica: {exc}; point REDIS_URL at the primary"
-    return f"the Redis user lacks a permission: {exc}; grant it in the ACL (see docs/reliability.md)"
+        return f"Redis is a read-only replica ({said}); point REDIS_URL at the primary"
+    return f"the Redis user lacks a permission ({said}); grant it in the ACL"
 
 
 class Backoff:

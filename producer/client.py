@@ -131,8 +131,8 @@ class BatchClient:
             if batch.num_chunks:
                 chunks.remove_jobs(chunks.make_queue(batch.model, batch.priority, self.connection),
                                    chunks.split(batch.id, batch.total, batch.chunk_size))
-        except redis.RedisError as exc:
-            log.warning("could not remove the keys of failed submit %s: %s", batch.id, exc)
+        except redis.RedisError as exc:  # e.g. a read-only replica, which took none of them either
+            log.debug("could not remove the keys of failed submit %s: %s", batch.id, exc)
 
     def _check_output_dir(self, batch: Batch) -> None:
         """With no --results-root given, the roots the model's live workers advertise decide."""

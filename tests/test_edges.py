@@ -47,7 +47,7 @@ def submit(conn: Redis, path: Path, rows: list[dict], chunk_size: int = 64, **kw
 
 def error_json(proc: subprocess.CompletedProcess) -> dict:
     """The --json error object on stdout, and exactly one `error:` line on stderr."""
-    assert [ln for ln in proc.stderr.decode().splitlines() if ln.startswith("error:")], proc.stderr
+    assert len([ln for ln in proc.stderr.decode().splitlines() if ln.startswith("error:")]) == 1, proc.stderr
     assert b"Traceback" not in proc.stderr, proc.stderr
     return json.loads(proc.stdout)["error"]
 
