@@ -1,11 +1,29 @@
-"""Back-off while Redis is unreachable (restart, failover), shared by the worker loop and `wait`."""
+"""Back-off while Redis is unreachable (restart, failover) or refuses writes (OOM, READONLY, NOPERM),
+shared by the worker loop and `wait`."""
 
 import time
 
 import redis
+from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError
 
 # AuthenticationError is a ConnectionError too: callers that must not retry bad credentials catch it first.
 UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
+
+# Redis answered but said no: full under noeviction, a replica, an ACL user lacking a command or key.
+# An operator can fix each without restarting us, so a worker waits; a one-shot command exits.
+REFUSED = (OutOfMemoryError, ReadOnlyError, NoPermissionError)
+
+
+def refusal_reason(exc: redis.RedisError) -> str:
+    """One line naming what Redis refused and what fixes it."""
+    # redis-py prefixes a pipeline's error with the whole command ("Command # 1 (HSET ...) of pipeline
+    # caused error: ..."): keep Redis's own words.
+    said = str(exc).split(" caused error: ", 1)[-1].rstrip(".")
+    if isinstance(exc, OutOfMemoryError):
+        return f"Redis is out of memory ({said}); free memory or raise maxmemory"
+    if isinstance(exc, ReadOnlyError):
+        return f"Redis is a read-only replica ({said}); point REDIS_URL at the primary"
+    return f"the Redis user lacks a permission ({said}); grant it in the ACL"
 
 
 class Backoff:

@@ -9,10 +9,12 @@ A claim pops the job id and records it in the claims hash in one Lua script, so 
 any instant leaves every chunk either queued or claimed; the reaper requeues claims of dead workers.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from batchgen.jobs import defaults, keys
+from batchgen.jobs.states import BatchStatus
+from batchgen.jobs.store import BatchStore
 from batchgen.jobs.tasks import RUN_CHUNK
 from redis import ConnectionPool, Redis
 from redis.client import Pipeline
@@ -65,8 +67,20 @@ class Chunk:
 
     @classmethod
     def from_args(cls, args: Sequence) -> "Chunk":
+        """ValueError/TypeError for anything but (batch_id, start, end) with start <= end."""
         batch_id, start, end = args
-        return cls(str(batch_id), int(start), int(end))
+        chunk = cls(str(batch_id), int(start), int(end))
+        if not 0 <= chunk.start <= chunk.end:
+            raise ValueError(f"bad chunk range [{start}:{end})")
+        return chunk
+
+    @classmethod
+    def from_job_id(cls, job_id: str, total: int, chunk_size: int) -> "Chunk | None":
+        """The chunk a job id names, given its batch's size: for a chunk whose job hash is gone."""
+        batch_id, _, start = job_id.rpartition("-")
+        if not batch_id or not start.isdigit() or chunk_size <= 0:
+            return None
+        return cls(batch_id, int(start), min(total, int(start) + chunk_size))
 
 
 def split(batch_id: str, total: int, chunk_size: int) -> list[Chunk]:
@@ -105,6 +119,46 @@ def queues_for(model: str, connection: Redis, priorities: Sequence[str] = defaul
     return [make_queue(model, p, connection) for p in priorities]
 
 
+def fail_lost_chunk(store: BatchStore, job_id: str) -> int:
+    """A chunk whose job hash is gone (evicted, deleted) while its batch runs: its unfinished requests get
+    `request_lost` lines, so the batch still ends. Returns how many; 0 when the batch is over or gone."""
+    batch = store.get(job_id.rpartition("-")[0])
+    if batch is None or batch.status not in (BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING):
+        return 0  # cancelled or ended: nothing is owed
+    chunk = Chunk.from_job_id(job_id, batch.total, batch.chunk_size)
+    if chunk is None:
+        return 0
+    return store.fail(chunk.batch_id, store.pending(chunk.batch_id, chunk.start, chunk.end), "request_lost",
+                      "the chunk job holding this request is missing from Redis (evicted or deleted)",
+                      status_code=None)
+
+
+def waiting_by_model(connection: Redis, prefix: str = defaults.KEY_PREFIX) -> dict[str, int]:
+    """Queued chunk jobs per model, over every batchgen queue RQ knows: what an idle worker reports."""
+    conn = rq_connection(connection)
+    queue_keys = sorted(k.decode() if isinstance(k, bytes) else k for k in conn.smembers(Queue.redis_queues_keys))
+    mine = [k for k in queue_keys if k.startswith(f"{Queue.redis_queue_namespace_prefix}{prefix}:")]
+    with conn.pipeline(transaction=False) as pipe:
+        for key in mine:
+            pipe.llen(key)
+        lengths = pipe.execute()
+    waiting: dict[str, int] = {}
+    for key, n in zip(mine, lengths, strict=True):
+        model = key.removeprefix(f"{Queue.redis_queue_namespace_prefix}{prefix}:").rpartition(":")[0]
+        if n:
+            waiting[model] = waiting.get(model, 0) + n
+    return waiting
+
+
+def remove_jobs(queue: Queue, chunks: Sequence[Chunk]) -> None:
+    """Undoes `enqueue` for a submit that failed after it: the job hashes and their queue entries."""
+    with queue.connection.pipeline(transaction=False) as pipe:
+        for c in chunks:
+            pipe.lrem(queue.key, 0, c.job_id)
+            pipe.delete(Job.key_for(c.job_id))
+        pipe.execute()
+
+
 def enqueue(queue: Queue, chunks: Sequence[Chunk], pipeline: Pipeline) -> None:
     """Creates every chunk job; the first WINDOW go on the queue, the rest wait in the batch's list."""
     pipeline.sadd(queue.redis_queues_keys, queue.key)  # registers the queue, so `rq info` lists it
@@ -130,7 +184,9 @@ class ChunkClaims:
         self._claim = connection.register_script(_CLAIM)
         self._requeue = connection.register_script(_REQUEUE)
 
-    def claim(self, queues: Sequence[Queue], worker_name: str) -> tuple[Job, Queue] | None:
+    def claim(self, queues: Sequence[Queue], worker_name: str,
+              on_lost: Callable[[str], None] | None = None) -> tuple[Job, Queue] | None:
+        """Claims the next chunk job; a job whose hash is gone is released and named to on_lost(job_id)."""
         by_key = {q.key: q for q in queues}
         prefix = f"{defaults.KEY_PREFIX}:batch:"
         got = self._claim(keys=[self.key, *by_key], args=[worker_name, prefix])
@@ -143,6 +199,8 @@ class ChunkClaims:
         except (NoSuchJobError, DeserializationError):  # job hash expired or deleted (cancelled batch)
             # Only then: a Redis error here must not drop a claim whose chunk is still owed.
             self.release(job_id)
+            if on_lost is not None:
+                on_lost(job_id if isinstance(job_id, str) else job_id.decode())
             return None
         return job, queue
 

@@ -69,6 +69,19 @@ def now_s() -> int:
     return int(time.time())
 
 
+def stored_custom_id(raw: str | None, index: int) -> str:
+    """The custom_id of a stored request, or its index when the entry is missing or unreadable.
+
+    Never raises: a hand-written or corrupted entry (invalid JSON, not an object, nested past the
+    parser's recursion limit) must fail alone, not crash the worker that reads it.
+    """
+    try:
+        custom_id = json.loads(raw)["custom_id"] if raw else None
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+        custom_id = None
+    return custom_id if isinstance(custom_id, str) and custom_id else str(index)
+
+
 class BatchStore:
     def __init__(self, connection: Redis, result_ttl_s: int = defaults.RESULT_TTL_S):
         self.connection = connection
@@ -122,9 +135,12 @@ class BatchStore:
                              mapping={"model": batch.model, "endpoint": batch.endpoint, "queue": batch.queue})
 
     def discard(self, batch_id: str) -> None:
-        self.connection.delete(*keys.BatchKeys(batch_id).all())
-        self.connection.zrem(keys.batches_index(), batch_id)
-        self.connection.zrem(keys.expiries_index(), batch_id)
+        """Deletes a batch's keys; DEL and ZREM are allowed even when Redis is out of memory."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.delete(*keys.BatchKeys(batch_id).all())
+            pipe.zrem(keys.batches_index(), batch_id)
+            pipe.zrem(keys.expiries_index(), batch_id)
+            pipe.execute()
 
     def expire_overdue(self, now: int | None = None) -> list[str]:
         """Ends batches whose completion window passed: status expired, unfinished requests expired.
@@ -145,14 +161,15 @@ class BatchStore:
     # -- reads ---------------------------------------------------------------------------------------
     def get(self, batch_id: str) -> Batch | None:
         raw = self.connection.hgetall(keys.BatchKeys(batch_id).record)
-        return Batch.from_hash(raw) if raw else None
+        # A record without its id was evicted and partly re-written (a field set after eviction): gone.
+        return Batch.from_hash(raw) if raw and "id" in raw and "status" in raw else None
 
     def recent(self, limit: int = 100) -> list[Batch]:
         ids = self.connection.zrevrange(keys.batches_index(), 0, limit - 1)
         pipe = self.connection.pipeline(transaction=False)
         for batch_id in ids:
             pipe.hgetall(keys.BatchKeys(batch_id).record)
-        return [Batch.from_hash(raw) for raw in pipe.execute() if raw]
+        return [Batch.from_hash(raw) for raw in pipe.execute() if raw and "id" in raw and "status" in raw]
 
     def statuses(self, batch_ids: Sequence[str]) -> dict[str, BatchStatus | None]:
         """Each batch's status in one round trip; None for a batch that is gone."""
@@ -209,13 +226,21 @@ class BatchStore:
 
     def close_remaining(self, batch_id: str, outcome: Outcome, message: str) -> int:
         """Marks every request without an outcome as cancelled or expired; returns how many."""
+        code = {Outcome.CANCELLED: "batch_cancelled", Outcome.EXPIRED: "batch_expired"}[outcome]
+        return self.fail(batch_id, self._without_outcome(batch_id), code, message, status_code=None)
+
+    def fail_batch(self, batch_id: str, code: str, message: str) -> int:
+        """Ends an active batch `failed`: every request without an outcome gets this error line."""
+        self.transition(batch_id, BatchStatus.FAILED, "failed_at",
+                        [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING])
+        return self.fail(batch_id, self._without_outcome(batch_id), code, message)
+
+    def _without_outcome(self, batch_id: str) -> list[int]:
         batch = self.get(batch_id)
         if batch is None:
-            return 0
-        code = {Outcome.CANCELLED: "batch_cancelled", Outcome.EXPIRED: "batch_expired"}[outcome]
+            return []
         done = {int(i) for i in self.connection.hkeys(keys.BatchKeys(batch_id).outcomes)}
-        missing = [i for i in range(batch.total) if i not in done]
-        return self.fail(batch_id, missing, code, message, status_code=None)
+        return [i for i in range(batch.total) if i not in done]
 
     def fail(self, batch_id: str, indexes: Sequence[int], code: str, message: str,
              status_code: int | None = 400) -> int:
@@ -223,10 +248,10 @@ class BatchStore:
         recorded = 0
         for page_start in range(0, len(indexes), PAGE):
             page = indexes[page_start : page_start + PAGE]
-            reqs = self.requests(batch_id, page)
+            raws = self.raw_requests(batch_id, page)  # unparsed: one corrupted entry must not stop the rest
             lines = [
-                (i, error_line(r.custom_id if r else str(i), code, message, status_code=status_code))
-                for i, r in zip(page, reqs, strict=True)
+                (i, error_line(stored_custom_id(raw, i), code, message, status_code=status_code))
+                for i, raw in zip(page, raws, strict=True)
             ]
             recorded += len(self.record(batch_id, lines))
         return recorded

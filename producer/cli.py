@@ -2,7 +2,10 @@
 
 Exit codes (stable, for scripts): 0 ok / batch completed; 1 batch ended failed, cancelled or expired;
 2 usage error; 3 invalid input (nothing enqueued); 4 batch not found; 5 wait timed out;
-6 Redis unreachable.
+6 Redis unreachable or refused the credentials; 7 Redis refused a command (out of memory under
+noeviction, READONLY replica, NOPERM ACL); 8 Redis may evict keys (maxmemory-policy not noeviction);
+9 the worker extra is not installed (torch missing); 10 model not found.
+With --json, every error is also one object on stdout: {"error": {"code": ..., "message": ...}}.
 """
 
 import json
@@ -11,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import redis
@@ -20,7 +23,10 @@ from batchgen.jobs.batch import Batch
 from batchgen.jobs.openai_batch import status_object
 from batchgen.jobs.states import BatchStatus
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_REDIS = range(7)
+(EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_TIMEOUT, EXIT_REDIS, EXIT_REDIS_REFUSED,
+ EXIT_REDIS_EVICTS, EXIT_NO_WORKER_EXTRA, EXIT_MODEL_NOT_FOUND) = range(11)
+# What `pip install batchgen[worker]` adds; importing one of them on a producer-only host is that error.
+WORKER_EXTRA_MODULES = frozenset({"torch", "transformers", "accelerate", "bitsandbytes", "tokenizers", "safetensors"})
 
 redis_url_option = click.option("--redis-url", envvar="REDIS_URL", default=defaults.REDIS_URL, show_default=True,
                                  help="Redis to use (env REDIS_URL); rediss:// for TLS, user:password@ for ACL.")
@@ -42,29 +48,76 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+def error_object(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def fail(as_json: bool, code: str, message: str, exit_code: int) -> NoReturn:
+    """One line on stderr; with --json also {"error": {"code", "message"}} on stdout; then the exit code."""
+    click.echo(f"error: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps(error_object(code, message)))
+    sys.exit(exit_code)
+
+
+def _is_model_not_found(exc: ValueError) -> bool:
+    # Looked up, not imported: the families module (and torch) is loaded only if it raised this.
+    families = sys.modules.get("batchgen.worker.engine.families")
+    return families is not None and isinstance(exc, families.ModelNotFound)
+
+
 def handles_errors(fn: Callable) -> Callable:
     """Maps the failures scripts care about onto exit codes, with one clear line on stderr."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from batchgen.producer.client import BatchNotFound
+        from batchgen.jobs.backoff import REFUSED, refusal_reason
+        from batchgen.jobs.redis_checks import EvictingRedis
+        from batchgen.producer.client import BatchNotFound, OutputDirRefused
 
+        as_json = bool(kwargs.get("as_json"))
         try:
             return fn(*args, **kwargs)
         except BatchNotFound as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_NOT_FOUND)
+            fail(as_json, "not_found", str(exc), EXIT_NOT_FOUND)
         except redis.AuthenticationError as exc:
-            click.echo(f"error: Redis refused the credentials in REDIS_URL ({exc})", err=True)
-            sys.exit(EXIT_REDIS)
+            fail(as_json, "redis_auth", f"Redis refused the credentials in REDIS_URL ({exc})", EXIT_REDIS)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            click.echo(f"error: cannot reach Redis ({exc}); is it running? set REDIS_URL", err=True)
-            sys.exit(EXIT_REDIS)
+            fail(as_json, "redis_unreachable", f"cannot reach Redis ({exc}); is it running? set REDIS_URL",
+                 EXIT_REDIS)
+        except REFUSED as exc:
+            fail(as_json, "redis_refused", refusal_reason(exc), EXIT_REDIS_REFUSED)
+        except EvictingRedis as exc:
+            fail(as_json, "redis_evicts", str(exc), EXIT_REDIS_EVICTS)
+        except OutputDirRefused as exc:
+            fail(as_json, "output_dir_not_allowed", str(exc), EXIT_USAGE)
+        except ImportError as exc:
+            if (exc.name or "").split(".")[0] not in WORKER_EXTRA_MODULES:
+                raise
+            fail(as_json, "worker_extra_missing",
+                 f"this command needs the worker extra ({exc.name} is not installed): "
+                 "pip install 'batchgen[worker]'", EXIT_NO_WORKER_EXTRA)
         except ValueError as exc:  # a bad flag value (e.g. --top-p 0, --vram-reserve 5XB)
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_USAGE)
+            if _is_model_not_found(exc):
+                fail(as_json, "model_not_found", str(exc), EXIT_MODEL_NOT_FOUND)
+            fail(as_json, "usage", str(exc), EXIT_USAGE)
 
     return wrapper
+
+
+class Commands(click.Group):
+    """The command group; with --json among a command's arguments, a usage error is a JSON object too."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        wants_json = "--json" in [*getattr(ctx, "_protected_args", []), *ctx.args]  # cleared by invoke
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            if not wants_json:
+                raise
+            exc.show()
+            click.echo(json.dumps(error_object("usage", exc.format_message())))
+            sys.exit(EXIT_USAGE)
 
 
 def client_for(redis_url: str):
@@ -80,7 +133,7 @@ def describe(batch: Batch) -> str:
             f"{c['completed']}/{c['total']} completed, {c['failed']} failed")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="batchgen")
 def main() -> None:
     """Bulk LLM generation on your own GPU: submit JSONL batches to Redis, a resident 8-bit worker runs them."""
@@ -124,7 +177,8 @@ def report_invalid(result, as_json: bool) -> None:
     if result.num_errors > 50:
         click.echo(f"... and {result.num_errors - 50} more invalid lines", err=True)
     if as_json:
-        click.echo(json.dumps({"errors": [vars(e) for e in result.errors], "num_errors": result.num_errors}))
+        click.echo(json.dumps({**error_object("invalid_input", f"{result.num_errors} invalid line(s); nothing was enqueued"),
+                               "errors": [vars(e) for e in result.errors], "num_errors": result.num_errors}))
 
 
 @main.command()
@@ -141,11 +195,14 @@ def report_invalid(result, as_json: bool) -> None:
               help="How long the batch may run (24h, 1h, 30m; bare numbers are seconds): it sets expires_at, and "
                    "requests unfinished then end as expired.")
 @click.option("--metadata", multiple=True, help="key=value, stored on the batch.")
+@click.option("--results-root", envvar="BATCHGEN_RESULTS_ROOT",
+              help="Refuse an --output-dir outside this directory (default: the roots live workers advertise).")
 @redis_url_option
 @json_option
 @handles_errors
 def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, max_requests, max_tokens_limit,
-           priority, output_dir, skip_invalid, chunk_size, completion_window, metadata, redis_url, as_json):
+           priority, output_dir, skip_invalid, chunk_size, completion_window, metadata, results_root, redis_url,
+           as_json):
     """Validate INPUTS (JSONL, text files, a directory of .txt, or -) and enqueue them as one batch."""
     from batchgen.jobs.openai_batch import parse_window
     from batchgen.producer.client import BatchClient
@@ -156,11 +213,13 @@ def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, 
                          max_tokens_limit=max_tokens_limit, chunk_size=chunk_size,
                          completion_window_s=parse_window(completion_window))
     meta = dict(m.split("=", 1) for m in metadata if "=" in m)
+    client = BatchClient(cfg)
     # a million-line batch takes a while to validate and store: show it going (on a terminal, not with --json)
     with tqdm(desc="validating", unit=" lines", disable=as_json or not sys.stderr.isatty(), leave=False) as bar:
-        result = BatchClient(cfg).submit(
+        result = client.submit(
             inputs, model=model, params=param_defaults(max_tokens, temperature, top_p, seed), priority=priority,
             output_dir=output_dir, skip_invalid=skip_invalid, metadata=meta, on_line=lambda _line: bar.update(),
+            results_root=results_root,
         )
     if result.batch is None:
         report_invalid(result, as_json)
@@ -168,7 +227,16 @@ def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, 
         sys.exit(EXIT_INVALID)
     for err in result.errors[:20]:
         click.echo(f"skipped: {err}", err=True)
-    emit(as_json, status_object(result.batch), result.batch.id)
+    emit(as_json, with_idle_warning(client, result.batch), result.batch.id)
+
+
+def with_idle_warning(client, batch: Batch) -> dict[str, Any]:
+    """The batch object; when no live worker serves its model, a warning on stderr and in the object."""
+    data = status_object(batch)
+    if (warning := client.idle_warning(batch)) is not None:
+        click.echo(f"warning: {warning}", err=True)
+        data["warning"] = warning
+    return data
 
 
 @main.command()
@@ -178,8 +246,9 @@ def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, 
 @handles_errors
 def status(batch_id, redis_url, as_json):
     """Show a batch's status and request counts."""
-    batch = client_for(redis_url).get(batch_id)
-    emit(as_json, status_object(batch), describe(batch))
+    client = client_for(redis_url)
+    batch = client.get(batch_id)
+    emit(as_json, with_idle_warning(client, batch), describe(batch))
 
 
 @main.command()
@@ -195,7 +264,11 @@ def wait(batch_id, timeout_s, poll_s, redis_url, as_json):
     from tqdm import tqdm
 
     client = client_for(redis_url)
-    bar = tqdm(total=client.get(batch_id).total, unit="req", disable=as_json or not sys.stderr.isatty(),
+    first = client.get(batch_id)
+    warning = client.idle_warning(first)
+    if warning is not None:
+        click.echo(f"warning: {warning}", err=True)
+    bar = tqdm(total=first.total, unit="req", disable=as_json or not sys.stderr.isatty(),
                file=sys.stderr, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {postfix}]")
 
     def on_poll(b: Batch) -> None:
@@ -208,7 +281,8 @@ def wait(batch_id, timeout_s, poll_s, redis_url, as_json):
 
     batch = client.wait(batch_id, timeout_s=timeout_s, poll_s=poll_s, on_poll=on_poll, on_unavailable=on_unavailable)
     bar.close()
-    emit(as_json, status_object(batch), describe(batch))
+    emit(as_json, {**status_object(batch), **({"warning": warning} if warning and not batch.status.is_terminal else {})},
+         describe(batch))
     if not batch.status.is_terminal:
         sys.exit(EXIT_TIMEOUT)
     sys.exit(EXIT_OK if batch.status == BatchStatus.COMPLETED else EXIT_FAILED)
@@ -360,6 +434,8 @@ def engine_config(kw: dict[str, Any]):
               help="Seconds between heartbeats (must be under half the worker TTL).")
 @click.option("--echo-step-delay", type=float, envvar="BATCHGEN_ECHO_STEP_DELAY", default=0.0,
               help="echo engine: seconds each step takes (simulates GPU time; chaos tests).")
+@click.option("--results-root", type=click.Path(file_okay=False), envvar="BATCHGEN_RESULTS_ROOT",
+              help="Batches' --output-dir must lie inside it, else the batch fails (default: anywhere).")
 @click.option("--name", help="Worker name (default: host.pid.random; with --gpus: NAME.gpuN).")
 @click.option("--gpus", envvar="BATCHGEN_GPUS",
               help="One worker process per GPU, e.g. 0,1,2,3 (each gets CUDA_VISIBLE_DEVICES=N).")
@@ -368,9 +444,10 @@ def engine_config(kw: dict[str, Any]):
 @click.option("--json", "as_json", is_flag=True,
               help="Log lines as JSON objects (stderr) and a JSON summary on stdout at exit.")
 @handles_errors
-def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step_delay, name, gpus, redis_url, burst,
-           verbose, as_json, **kw):
+def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step_delay, results_root, name, gpus,
+           redis_url, burst, verbose, as_json, **kw):
     """Run a worker: load the model once (8-bit), then serve its queues until stopped."""
+    from batchgen.jobs.redis_checks import refuse_evicting
     from batchgen.worker.config import WorkerConfig
     from batchgen.worker.factory import build_engine
     from batchgen.worker.worker import BatchWorker
@@ -383,15 +460,16 @@ def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step
         engine_config(kw), redis_url=redis_url, engine=kw["engine"], burst=burst,
         priorities=tuple(p for p in defaults.PRIORITIES if p in priorities) if priorities else defaults.PRIORITIES,
         worker_ttl_s=worker_ttl, heartbeat_interval_s=heartbeat_interval, shutdown_grace_s=shutdown_grace,
-        echo_step_delay_s=echo_step_delay, **({"name": name} if name else {}),
+        echo_step_delay_s=echo_step_delay, results_root=results_root, **({"name": name} if name else {}),
     )
     if gpus:  # this process only supervises: see worker/launcher.py
         from batchgen.worker.launcher import command_line_args, launch
 
         worker_argv = [sys.executable, "-m", "batchgen.producer.cli", "worker", *command_line_args(click.get_current_context())]
         sys.exit(launch(gpus, worker_argv, name))
-    engine = build_engine(cfg)
     conn = redis.Redis.from_url(cfg.redis_url, decode_responses=True, health_check_interval=30)
+    refuse_evicting(conn)  # before the model loads: an evicting or unreachable Redis fails in a second
+    engine = build_engine(cfg)
     done = BatchWorker(cfg, engine, conn).run()
     summary = {"name": cfg.name, "requests_done": done}  # one line, like the JSON log lines before it
     click.echo(json.dumps(summary) if as_json else f"{cfg.name}: {done} requests done")
@@ -430,7 +508,8 @@ def run(inputs, output, errors, ordered, skip_invalid, as_json, max_tokens, temp
             click.echo(f"error: {message}", err=True)
         click.echo(f"{len(local.invalid)} invalid line(s); nothing was run", err=True)
         if as_json:
-            click.echo(json.dumps(local.summary(output)))
+            click.echo(json.dumps({**error_object("invalid_input", f"{len(local.invalid)} invalid line(s)"),
+                                   **local.summary(output)}))
         sys.exit(EXIT_INVALID)
     from batchgen.worker.factory import build_engine
     from batchgen.worker.startup import log_startup
@@ -445,6 +524,7 @@ def run(inputs, output, errors, ordered, skip_invalid, as_json, max_tokens, temp
 @main.command("demo-model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @json_option
+@handles_errors
 def demo_model(out_dir, as_json):
     """Write a tiny RANDOMLY INITIALISED model + tokenizer to OUT_DIR (offline demo; output is gibberish)."""
     from batchgen.worker.demo_model import write_demo_model

@@ -4,6 +4,7 @@ The CLI is a thin layer over it. It imports no torch, so a producer host needs o
 """
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import redis
-from batchgen.jobs import chunks, defaults
+from batchgen.jobs import chunks, defaults, input_paths
 from batchgen.jobs.backoff import UNAVAILABLE, Backoff
 from batchgen.jobs.batch import Batch
 from batchgen.jobs.inputs import (
@@ -25,6 +26,8 @@ from batchgen.jobs.inputs import (
     validate_batch,
 )
 from batchgen.jobs.openai_batch import save_errors
+from batchgen.jobs.redis_checks import refuse_evicting
+from batchgen.jobs.results_root import outside_root
 from batchgen.jobs.schema import Request, outcome_of
 from batchgen.jobs.states import BatchStatus, Outcome
 from batchgen.jobs.store import BatchStore, now_s
@@ -32,6 +35,7 @@ from batchgen.jobs.workers import WorkerRegistry
 from batchgen.producer.config import ProducerConfig
 from redis import Redis
 
+log = logging.getLogger("batchgen.client")
 PAGE = 1000
 VALIDATING_TTL_S = 3600  # a submit that dies mid-way leaves nothing behind for long
 MAX_ERRORS_KEPT = 1000
@@ -39,6 +43,10 @@ MAX_ERRORS_KEPT = 1000
 
 class BatchNotFound(LookupError):
     pass
+
+
+class OutputDirRefused(ValueError):
+    """--output-dir lies outside the results root the workers (or --results-root) allow."""
 
 
 @dataclass
@@ -84,31 +92,59 @@ class BatchClient:
         metadata: dict[str, str] | None = None,
         stdin: IO[bytes] | None = None,
         on_line: Callable[[int], None] | None = None,
+        results_root: str | None = None,
     ) -> SubmitResult:
-        """Validates every line, then enqueues; with errors and no skip_invalid, nothing is enqueued."""
+        """Validates every line, then enqueues; with errors and no skip_invalid, nothing is enqueued.
+
+        A submit that fails part-way (Redis out of memory, refused, gone) removes what it wrote.
+        results_root: refuse an output_dir outside it (else the live workers' advertised roots decide).
+        """
         if priority not in defaults.PRIORITIES:
             raise ValueError(f"priority must be one of {defaults.PRIORITIES}")
+        if output_dir and results_root and (problem := outside_root(output_dir, results_root)):
+            raise OutputDirRefused(problem)
+        refuse_evicting(self.connection)
         limits = InputLimits(self.cfg.max_requests, self.cfg.max_line_bytes, self.cfg.max_tokens_limit)
         batch = Batch(
             id=new_batch_id(), status=BatchStatus.VALIDATING, model=model or "", priority=priority,
             output_dir=str(Path(output_dir).resolve()) if output_dir else None,
-            input_file=",".join(paths), metadata=metadata or {},
+            # undecodable bytes in a file name as \\xNN: the record must be encodable to be stored
+            input_file=",".join(input_paths.shown_name(p) for p in paths), metadata=metadata or {},
             timestamps={"created_at": now_s(), "expires_at": now_s() + self.cfg.completion_window_s},
         )
-        self.store.create(batch, ttl_s=VALIDATING_TTL_S)
         resolver = ModelResolver(model)
-        lines = read_inputs(paths, defaults=params or ParamDefaults(), limits=limits, stdin=stdin)
         try:
-            result = self._ingest(batch, validate_batch(lines, resolver), resolver, skip_invalid, on_line)
+            self.store.create(batch, ttl_s=VALIDATING_TTL_S)
+            lines = read_inputs(paths, defaults=params or ParamDefaults(), limits=limits, stdin=stdin)
+            result = self._ingest(batch, validate_batch(lines, resolver), resolver, skip_invalid, on_line,
+                                  results_root)
         except BaseException:
-            self.store.discard(batch.id)
+            self._undo(batch)
             raise
         if result.batch is None:
             self.store.discard(batch.id)
         return result
 
+    def _undo(self, batch: Batch) -> None:
+        """Removes a failed submit's keys and chunk jobs; never hides the error that made it fail."""
+        try:
+            self.store.discard(batch.id)
+            if batch.num_chunks:
+                chunks.remove_jobs(chunks.make_queue(batch.model, batch.priority, self.connection),
+                                   chunks.split(batch.id, batch.total, batch.chunk_size))
+        except redis.RedisError as exc:  # e.g. a read-only replica, which took none of them either
+            log.debug("could not remove the keys of failed submit %s: %s", batch.id, exc)
+
+    def _check_output_dir(self, batch: Batch) -> None:
+        """With no --results-root given, the roots the model's live workers advertise decide."""
+        if not batch.output_dir:
+            return
+        roots = [w["results_root"] for w in self.serving_workers(batch.model) if w.get("results_root")]
+        if roots and all(outside_root(batch.output_dir, root) for root in roots):
+            raise OutputDirRefused(outside_root(batch.output_dir, roots[0]))
+
     def _ingest(self, batch: Batch, lines: Iterator[ParsedLine], resolver: ModelResolver, skip_invalid: bool,
-                on_line: Callable[[int], None] | None) -> SubmitResult:
+                on_line: Callable[[int], None] | None, results_root: str | None = None) -> SubmitResult:
         result = SubmitResult(batch=None)
         page: list[Request] = []
         invalid: list[tuple[int, dict[str, Any]]] = []
@@ -149,6 +185,8 @@ class BatchClient:
             result.num_errors += 1
             return result
         batch.model = resolver.model
+        if not results_root:
+            self._check_output_dir(batch)
         batch.endpoint = ",".join(sorted(endpoints))
         batch.total = index
         batch.chunk_size = self.cfg.chunk_size
@@ -253,3 +291,13 @@ class BatchClient:
     def workers(self) -> list[dict[str, str]]:
         """Live workers (their heartbeat key has not expired) with model, batch size, tok/s, VRAM."""
         return WorkerRegistry(self.connection).live()
+
+    def serving_workers(self, model: str) -> list[dict[str, str]]:
+        return [w for w in self.workers() if w.get("model") == model]
+
+    def idle_warning(self, batch: Batch) -> str | None:
+        """"no live worker serves model X" for an unfinished batch nobody can run; else None."""
+        if batch.status.is_terminal or not batch.model or self.serving_workers(batch.model):
+            return None
+        return (f"no live worker serves model {batch.model!r}; the batch waits until one starts "
+                f"(batchgen worker --model ... --served-model-name {batch.model})")

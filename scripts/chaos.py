@@ -9,6 +9,11 @@ and its baseline is an uninterrupted `batchgen run` of the same file).
     python scripts/chaos.py --trials 100                                  # echo engine
     python scripts/chaos.py --trials 10 --engine llm --model demo-model --inject-oom
     python scripts/chaos.py --trials 20 --redis-restarts                  # also SIGTERM/restart Redis
+    python scripts/chaos.py --trials 20 --redis-oom                       # Redis refuses writes a while
+
+--redis-oom sets `maxmemory 1` (every write refused with OOM under noeviction) for 0.5-3 s at a random
+moment in half the trials; workers must wait it out and lose nothing. Before the trials, the script
+checks that `submit` and `worker` both refuse a Redis whose maxmemory-policy evicts (exit 8).
 
 The last line is exactly `trials=N lost=L duplicated=D mismatched=X`; the exit status is 1 if any is
 non-zero. Without --redis-url a private redis-server (AOF, appendfsync always) is started in a temp dir.
@@ -59,6 +64,7 @@ class Totals:
     kills: int = 0
     terms: int = 0
     redis_restarts: int = 0
+    redis_ooms: int = 0
     file_missing: int = 0
     torn: int = 0
 
@@ -167,6 +173,29 @@ def check(client: BatchClient, batch_id: str, expected: dict[str, tuple], output
             "file_missing": sum(1 for cid in expected if file_ids[cid] == 0)}
 
 
+def check_evicting_policy(redis_url: str, work: Path) -> bool:
+    """submit and worker must both refuse an allkeys-lru Redis with exit 8 and write nothing."""
+    conn = Redis.from_url(redis_url, decode_responses=True)
+    before = conn.config_get("maxmemory-policy")["maxmemory-policy"]
+    src = work / "evict.jsonl"
+    src.write_text('{"prompt": "hello"}\n')
+    env = {**os.environ, "REDIS_URL": redis_url}
+    conn.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        keys_before = conn.dbsize()
+        sub = subprocess.run([*BATCHGEN, "submit", str(src), "--model", "chaos-evict"], capture_output=True, env=env)
+        wrk = subprocess.run([*BATCHGEN, "worker", "--engine", "echo", "--model", "chaos-evict", "--burst"],
+                             capture_output=True, env=env)
+        wrote = conn.dbsize() - keys_before
+    finally:
+        conn.config_set("maxmemory-policy", before)
+        conn.close()
+    ok = sub.returncode == 8 and wrk.returncode == 8 and wrote == 0
+    print(f"evicting-policy check: submit exit {sub.returncode}, worker exit {wrk.returncode}, keys written {wrote}"
+          f" -> {'ok' if ok else 'FAILED'}", flush=True)
+    return ok
+
+
 def run_trial(trial: int, args: argparse.Namespace, rng: random.Random, totals: Totals, redis_url: str,
               server: RedisServer | None, work: Path, llm: tuple[Path, dict] | None) -> None:
     tdir = work / f"trial-{trial}"
@@ -195,10 +224,13 @@ def run_trial(trial: int, args: argparse.Namespace, rng: random.Random, totals: 
     num_workers = rng.randint(1, args.workers)
     kills_left = rng.randint(1, args.kills)
     restarts_left = 1 if server is not None and args.redis_restarts and rng.random() < 0.5 else 0
+    ooms_left = 1 if args.redis_oom and rng.random() < 0.5 else 0
     t0 = time.monotonic()
     next_kill = t0 + rng.uniform(0.0, args.kill_window)
     next_restart = t0 + rng.uniform(0.0, args.kill_window * 2)
-    kills = terms = restarts = 0
+    next_oom = t0 + rng.uniform(0.0, args.kill_window * 2)
+    oom_ends = None
+    kills = terms = restarts = ooms = 0
     status = None
     while time.monotonic() - t0 < args.trial_timeout:
         while len(fleet.alive()) < num_workers:
@@ -215,6 +247,14 @@ def run_trial(trial: int, args: argparse.Namespace, rng: random.Random, totals: 
                 kills += 1
             kills_left -= 1
             next_kill = now + rng.uniform(0.0, args.kill_window)
+        if ooms_left and now >= next_oom:
+            conn.config_set("maxmemory", 1)  # under noeviction every write is refused with OOM
+            oom_ends = now + rng.uniform(0.5, 3.0)
+            ooms_left -= 1
+            ooms += 1
+        if oom_ends is not None and now >= oom_ends:
+            conn.config_set("maxmemory", 0)
+            oom_ends = None
         if restarts_left and now >= next_restart:
             server.restart(down_s=rng.uniform(0.0, 2.0))
             restarts_left -= 1
@@ -226,11 +266,13 @@ def run_trial(trial: int, args: argparse.Namespace, rng: random.Random, totals: 
         if status and BatchStatus(status).is_terminal:
             break
         time.sleep(0.05)
+    if oom_ends is not None:
+        conn.config_set("maxmemory", 0)
     fleet.stop_all()
     res = check(client, batch.id, expected, tdir / "out")
     elapsed = time.monotonic() - t0
     print(f"trial {trial}: status={status} workers={num_workers} started={fleet.started} sigkill={kills} "
-          f"sigterm={terms} redis_restarts={restarts} elapsed={elapsed:.1f}s "
+          f"sigterm={terms} redis_restarts={restarts} redis_ooms={ooms} elapsed={elapsed:.1f}s "
           + " ".join(f"{k}={v}" for k, v in res.items()), flush=True)
     if res["lost"] or res["duplicated"] or res["mismatched"] or res["torn"]:
         print(f"  logs kept in {tdir}", flush=True)
@@ -239,6 +281,7 @@ def run_trial(trial: int, args: argparse.Namespace, rng: random.Random, totals: 
     totals.kills += kills
     totals.terms += terms
     totals.redis_restarts += restarts
+    totals.redis_ooms += ooms
     for k in ("lost", "duplicated", "mismatched", "torn", "file_missing"):
         setattr(totals, k, getattr(totals, k) + res[k])
     conn.close()
@@ -254,6 +297,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                        "default: a private redis-server with AOF")
     p.add_argument("--redis-restarts", action="store_true",
                    help="also restart the private redis-server at a random moment in half the trials")
+    p.add_argument("--redis-oom", action="store_true",
+                   help="also make Redis refuse every write (maxmemory 1) for 0.5-3 s in half the trials")
     p.add_argument("--inject-oom", action="store_true", help="llm: each worker OOMs at two random forward calls")
     p.add_argument("--workers", type=int, default=2, help="at most this many workers at once (1..N per trial)")
     p.add_argument("--kills", type=int, default=3, help="at most this many kills per trial (1..N)")
@@ -296,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         src.write_text("".join(json.dumps(r) + "\n" for r in llm_rows(args.requests)))
         llm = (src, llm_baseline(src, args, work))
     totals = Totals()
+    # it flips the server's policy for a moment: only on the private server this script owns
+    eviction_ok = check_evicting_policy(redis_url, work) if server is not None else True
     try:
         for trial in range(args.trials):
             run_trial(trial, args, rng, totals, redis_url, server, work, llm)
@@ -303,11 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.stop()
     print(f"sigkill={totals.kills} sigterm={totals.terms} redis_restarts={totals.redis_restarts} "
+          f"redis_ooms={totals.redis_ooms} "
           f"torn={totals.torn} file_missing={totals.file_missing} (file lines are at-most-once; Redis is exact)")
     print(f"trials={totals.trials} lost={totals.lost} duplicated={totals.duplicated} mismatched={totals.mismatched}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    return 1 if (totals.lost or totals.duplicated or totals.mismatched or totals.torn) else 0
+    return 1 if (totals.lost or totals.duplicated or totals.mismatched or totals.torn or not eviction_ok) else 0
 
 
 if __name__ == "__main__":

@@ -115,9 +115,12 @@ def test_submit_shows_validation_progress_on_a_terminal_only(redis_url, redis_co
     import struct
     import termios
 
+    from batchgen.jobs.workers import WorkerRegistry
+
     from tests.cli import BATCHGEN, cli_env
 
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"p {i}", "max_tokens": 2} for i in range(500)])
+    WorkerRegistry(redis_conn).heartbeat("w", {"name": "w", "model": "m"}, ttl_s=60)  # else: "no live worker" warning
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # a new pty is 0 columns wide
     proc = subprocess.run([*BATCHGEN, "submit", src, "--model", "m"], stderr=terminal, capture_output=False,

@@ -238,7 +238,7 @@ def test_a_missing_local_model_is_a_one_line_error(tmp_path, redis_url):
     (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
     run = batchgen("run", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "o.jsonl"), "--model", str(missing),
                    redis_url=redis_url, timeout=120)
-    assert run.returncode == 2
+    assert run.returncode == 10  # EXIT_MODEL_NOT_FOUND
     assert run.stderr.decode().strip().splitlines() == [f"error: {exc.value}"]
 
 

@@ -25,6 +25,7 @@ class WorkerConfig:
     heartbeat_interval_s: float = defaults.HEARTBEAT_INTERVAL_S
     shutdown_grace_s: float = defaults.SHUTDOWN_GRACE_S
     echo_step_delay_s: float = 0.0
+    results_root: str | None = None  # batches' --output-dir must lie inside it; None: anywhere (trusted submitters)
 
     def __post_init__(self) -> None:
         if self.engine not in ("llm", "echo"):

@@ -8,7 +8,7 @@ outcome yet, so a dead worker costs at most what it had in flight.
 import logging
 import time
 
-from batchgen.jobs.chunks import ChunkClaims, fetch_job
+from batchgen.jobs.chunks import ChunkClaims, fail_lost_chunk, fetch_job
 from batchgen.jobs.store import BatchStore
 from batchgen.jobs.workers import WorkerRegistry
 from redis import Redis
@@ -53,7 +53,10 @@ class Reaper:
                 continue
             try:
                 origin = fetch_job(job_id, self.connection).origin
-            except (NoSuchJobError, DeserializationError):  # job hash gone (batch expired/cancelled): drop the claim
+            except (NoSuchJobError, DeserializationError):  # job hash gone (batch ended, or evicted): drop the claim
+                if num_failed := fail_lost_chunk(self.store, job_id):
+                    log.error("chunk job %s of dead worker %s is missing from Redis: %d request(s) fail",
+                              job_id, worker, num_failed)
                 self.claims.release(job_id)
                 continue
             if self.claims.requeue(job_id, origin):

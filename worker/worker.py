@@ -1,29 +1,36 @@
 """BatchWorker: the resident-model work loop (SimpleWorker-style: never forks, one process per GPU).
 
-Each turn of the loop: heartbeat, reap dead workers' chunks, claim chunk jobs while the engine
+Each turn of the loop: reap dead workers' chunks, claim chunk jobs while the engine
 wants more requests, run one engine step, write the results that finished in it. Holding several
 chunks at once is what lets finished rows be refilled across chunk boundaries. RQ's own worker
 registry, StartedJobRegistry and job results are kept up to date, so `rq info` shows the work.
+The heartbeat runs on its own thread (worker/heartbeat.py), so a long engine step cannot outlast it.
+
+Nothing read from Redis stops the loop: an unreadable request fails alone, a malformed chunk job
+fails alone, and Redis refusing writes (OOM, READONLY, NOPERM) is waited out like an outage.
 """
 
-import json
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 from batchgen.jobs import chunks
-from batchgen.jobs.backoff import UNAVAILABLE, Backoff
+from batchgen.jobs.backoff import REFUSED, UNAVAILABLE, Backoff, refusal_reason
 from batchgen.jobs.batch import Batch
+from batchgen.jobs.redis_checks import refuse_evicting
+from batchgen.jobs.results_root import outside_root
 from batchgen.jobs.schema import Request, error_line, success_line
 from batchgen.jobs.states import BatchStatus
-from batchgen.jobs.store import BatchStore
+from batchgen.jobs.store import BatchStore, stored_custom_id
 from batchgen.jobs.workers import WorkerRegistry
 from batchgen.worker.config import WorkerConfig
 from batchgen.worker.engine.protocol import Engine, GenerationRequest, GenerationResult
+from batchgen.worker.heartbeat import HeartbeatThread
 from batchgen.worker.reaper import Reaper
 from batchgen.worker.result_files import write_results
 from batchgen.worker.startup import log_startup
@@ -36,6 +43,8 @@ from rq.utils import now
 
 log = logging.getLogger("batchgen.worker")
 MAX_IDLE_SLEEP_S = 0.1
+IDLE_REPORT_INTERVAL_S = 60.0
+ACTIVE = (BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)
 
 
 @dataclass
@@ -66,23 +75,17 @@ def result_line(flight: InFlight, res: GenerationResult) -> dict[str, Any]:
     )
 
 
-def parse_stored_request(raw: str | None) -> tuple[Request | None, str]:
-    """A request as stored by submit, or None and why (hand-written or corrupted hash entries)."""
+def parse_stored_request(raw: str | None) -> tuple[Request | None, str, str]:
+    """A request as stored by submit, or None with an error code and why (missing, corrupted, hand-written)."""
     if raw is None:
-        return None, "the request is missing from Redis"
+        return None, "request_lost", "the stored request is missing from Redis (evicted or deleted)"
     try:
-        return Request.model_validate_json(raw), ""
+        return Request.model_validate_json(raw), "", ""
+    except RecursionError:
+        return None, "invalid_request", "the stored request is nested too deep to read"
     except ValueError as exc:  # pydantic's ValidationError, also for invalid JSON
         detail = "; ".join(" ".join(line.split()) for line in str(exc).splitlines()[1:3]) or str(exc)
-        return None, f"the stored request is invalid: {detail}"
-
-
-def stored_custom_id(raw: str | None, index: int) -> str:
-    try:
-        custom_id = json.loads(raw)["custom_id"] if raw else None
-    except (ValueError, TypeError, KeyError):
-        custom_id = None
-    return custom_id if isinstance(custom_id, str) and custom_id else str(index)
+        return None, "invalid_request", f"the stored request is invalid: {detail}"
 
 
 class BatchWorker:
@@ -98,27 +101,32 @@ class BatchWorker:
                                worker_ttl=cfg.worker_ttl_s)
         self.reaper = Reaper(connection, self.claims, interval_s=cfg.worker_ttl_s / 2)
         self.held: dict[str, HeldChunk] = {}
+        self._held_lock = threading.RLock()  # the heartbeat thread reads held chunks while the loop ends them
         self.inflight: dict[str, InFlight] = {}
         self.unwritten: list[tuple[InFlight, dict[str, Any]]] = []
         self.batches: dict[str, Batch] = {}
         self.stop_requested_at: float | None = None
         self.shutdown_grace_s = cfg.shutdown_grace_s  # a second stop signal cuts it to 0; the config stays as built
         self.num_requests_done = 0
-        self._last_heartbeat = 0.0
         self._last_cancel_check = 0.0
         self._idle_sleep_s = 0.05
         self._reconcile_needed = False
+        self._last_idle_report = 0.0
+        self._last_stats = engine.stats()
+        self._heartbeats = HeartbeatThread(self._heartbeat, cfg.heartbeat_interval_s)
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def run(self) -> int:
         """Works until stopped (or, with burst, until the queues are empty); returns requests finished."""
         self._install_signal_handlers()
+        refuse_evicting(self.connection)  # EvictingRedis: the CLI exits with its own code
         self.rq.register_birth()
         self.workers.register(self.cfg.name)
-        self._heartbeat(force=True)
+        self._heartbeat()
         log.info("worker %s serving %r on %s", self.cfg.name, self.cfg.served_name,
                  ", ".join(q.name for q in self.queues))
         log_startup(self.engine, self.cfg)
+        self._heartbeats.start()
         backoff = Backoff()
         try:
             while not self._should_exit():
@@ -129,7 +137,12 @@ class BatchWorker:
                     log.warning("Redis unavailable (%s); retrying in %.1fs, engine state kept", exc, backoff.delay_s)
                     self._reconcile_needed = True
                     backoff.sleep()
+                except REFUSED as exc:  # results stay unwritten and are flushed once Redis accepts them
+                    log.warning("%s; retrying in %.1fs, engine state kept", refusal_reason(exc), backoff.delay_s)
+                    self._reconcile_needed = True
+                    backoff.sleep()
         finally:
+            self._heartbeats.stop()
             self._shutdown()
         return self.num_requests_done
 
@@ -143,7 +156,6 @@ class BatchWorker:
         if self._reconcile_needed:
             self._reconcile_claims()
             self._reconcile_needed = False
-        self._heartbeat()
         self._flush()
         if self.stop_requested_at is None:
             self.reaper.maybe_reap(self.cfg.name)
@@ -157,9 +169,12 @@ class BatchWorker:
                     self.reaper.reap(self.cfg.name)
                     time.sleep(min(0.5, self.cfg.heartbeat_interval_s))
                     return
+                self._report_idle()
                 log.info("worker %s: queues empty, burst done", self.cfg.name)
                 self.stop_requested_at = time.monotonic()
                 return
+            if not self.held:
+                self._report_idle()
             time.sleep(self._idle_sleep_s)
             # Idle polling is one Lua call per turn; capping the back-off at 0.1 s keeps a lone request's
             # queue latency small next to its generation time.
@@ -195,10 +210,23 @@ class BatchWorker:
         except redis.RedisError as exc:
             log.error("could not hand back held chunks (%s); the reaper will requeue them", exc)
 
+    def _report_idle(self) -> None:
+        """Says what this worker serves and what waits for other models, so a name typo is not a silent idle."""
+        if self._last_idle_report and time.monotonic() - self._last_idle_report < IDLE_REPORT_INTERVAL_S:
+            return
+        self._last_idle_report = time.monotonic()
+        waiting = chunks.waiting_by_model(self.connection)
+        others = {m: n for m, n in waiting.items() if m != self.cfg.served_name}
+        if waiting.get(self.cfg.served_name) or not others:
+            return
+        log.warning("worker %s serves model %r: nothing is queued for it; waiting for other models: %s",
+                    self.cfg.name, self.cfg.served_name,
+                    ", ".join(f"{m!r} ({n} chunk{'s' * (n != 1)})" for m, n in sorted(others.items())))
+
     # -- claiming ------------------------------------------------------------------------------------
     def _claim_while_wanted(self) -> None:
         while self.engine.num_wanted > 0:
-            got = self.claims.claim(self.queues, self.cfg.name)
+            got = self.claims.claim(self.queues, self.cfg.name, on_lost=self._chunk_job_lost)
             if got is None:
                 return
             self._start_chunk(*got)
@@ -220,13 +248,42 @@ class BatchWorker:
             log.warning("chunk %s was reaped during the outage; leaving it to its new holder", job_id)
             self._drop(job_id)
 
+    def _chunk_job_lost(self, job_id: str) -> None:
+        num_failed = chunks.fail_lost_chunk(self.store, job_id)
+        if num_failed:
+            log.error("chunk job %s is missing from Redis: its %d unfinished request(s) fail", job_id, num_failed)
+        self.num_requests_done += num_failed
+
     def _start_chunk(self, job: Job, queue: Queue) -> None:
         try:
             self._start_chunk_unguarded(job, queue)
-        except UNAVAILABLE:
+        except UNAVAILABLE + REFUSED:
             # Half-started: forget it here; the claim stays in Redis and _reconcile_claims requeues it.
             self._drop(job.id)
             raise
+        except Exception as exc:  # a malformed job or a stored payload nothing can read: fail it, keep serving
+            self._fail_chunk_job(job, queue, exc)
+
+    def _fail_chunk_job(self, job: Job, queue: Queue, exc: Exception) -> None:
+        """Fails one chunk job that cannot run: its unfinished requests get error lines, its claim goes."""
+        log.error("chunk job %s cannot run (%s: %s); it fails, the worker goes on",
+                  job.id, type(exc).__name__, exc)
+        held = self._drop(job.id)
+        try:
+            batch = self._batch(job.id.rpartition("-")[0], refresh=True)
+            chunk = held.chunk if held is not None else None
+            if chunk is None and batch is not None:
+                chunk = chunks.Chunk.from_job_id(job.id, batch.total, batch.chunk_size)
+            if batch is not None and chunk is not None and batch.status in ACTIVE:
+                self.num_requests_done += self.store.fail(
+                    chunk.batch_id, self.store.pending(chunk.batch_id, chunk.start, chunk.end), "invalid_chunk_job",
+                    f"the chunk job could not run: {type(exc).__name__}", status_code=None)
+            self.rq.handle_job_failure(job, queue, exc_string=f"{type(exc).__name__}: {exc}")
+        except UNAVAILABLE + REFUSED:
+            raise  # the claim stays: the loop backs off and reconciliation requeues it
+        except Exception as fail_exc:  # noqa: BLE001 - the batch's own keys are unreadable too: log, go on
+            log.error("could not record the failure of chunk job %s: %s", job.id, fail_exc)
+        self.claims.release(job.id)
 
     def _start_chunk_unguarded(self, job: Job, queue: Queue) -> None:
         chunk = chunks.Chunk.from_args(job.args)
@@ -246,6 +303,13 @@ class BatchWorker:
                             "model_mismatch", msg)
             self._finish_chunk(job.id)
             return
+        root = self.cfg.results_root
+        if batch.output_dir and root and (problem := outside_root(batch.output_dir, root)):
+            # The submitter does not choose where this host writes: the batch fails, nothing is written.
+            log.error("batch %s: %s; the batch fails", chunk.batch_id, problem)
+            self.num_requests_done += self.store.fail_batch(chunk.batch_id, "output_dir_not_allowed", problem)
+            self._finish_chunk(job.id)
+            return
         if batch.timestamps.get("expires_at", 0) and time.time() > batch.timestamps["expires_at"]:
             self.store.expire_overdue()
             self._finish_chunk(job.id)
@@ -254,17 +318,17 @@ class BatchWorker:
         raws = self.store.raw_requests(chunk.batch_id, pending)
         gen, poison = [], []
         for index, raw in zip(pending, raws, strict=True):
-            request, problem = parse_stored_request(raw)
+            request, code, problem = parse_stored_request(raw)
             if request is None:
                 # Unreadable or missing in Redis: an error line, never a crash loop over the same chunk.
-                poison.append((index, error_line(stored_custom_id(raw, index), "invalid_request", problem)))
+                poison.append((index, error_line(stored_custom_id(raw, index), code, problem)))
                 continue
             key = f"{chunk.batch_id}:{index}"
             self.inflight[key] = InFlight(batch, index, request, job.id)
             held.open.add(index)
             gen.append(GenerationRequest(key, request))
         if poison:
-            log.warning("chunk %s: %d stored request(s) could not be parsed; they get error lines",
+            log.warning("chunk %s: %d stored request(s) are missing or unreadable; they get error lines",
                         job.id, len(poison))
             self.num_requests_done += len(self.store.record(chunk.batch_id, poison))
         log.info("claimed %s: %d of %d requests still to do", job.id, len(gen), chunk.end - chunk.start)
@@ -317,14 +381,15 @@ class BatchWorker:
                 self._finish_chunk(flight.job_id)
 
     def _finish_chunk(self, job_id: str) -> None:
-        held = self.held.get(job_id)
-        if held is None:
-            return
-        job = held.job
-        job.ended_at = now()
-        job._result = {"requests": held.chunk.end - held.chunk.start}
-        self.rq.handle_job_success(job, held.queue, held.queue.started_job_registry, held.execution)
-        self._forget(job_id)
+        with self._held_lock:
+            held = self.held.get(job_id)
+            if held is None:
+                return
+            job = held.job
+            job.ended_at = now()
+            job._result = {"requests": held.chunk.end - held.chunk.start}
+            self.rq.handle_job_success(job, held.queue, held.queue.started_job_registry, held.execution)
+            self._forget(job_id)
 
     def _forget(self, job_id: str) -> None:
         """Drops a held chunk here and releases its claim in Redis."""
@@ -333,7 +398,8 @@ class BatchWorker:
 
     def _drop(self, job_id: str) -> HeldChunk | None:
         """Drops a held chunk here only: its engine rows, in-flight entries and unwritten results."""
-        held = self.held.pop(job_id, None)
+        with self._held_lock:
+            held = self.held.pop(job_id, None)
         if held is None:
             return None
         keys_open = [f"{held.chunk.batch_id}:{i}" for i in held.open]
@@ -346,25 +412,28 @@ class BatchWorker:
 
     # -- cancellation, heartbeat ---------------------------------------------------------------------
     def _check_cancelled(self) -> None:
-        """Drops in-flight requests of batches that were cancelled or expired (their outcomes are set)."""
+        """Drops in-flight requests of batches that were cancelled, expired or failed (their outcomes are set)."""
         if time.monotonic() - self._last_cancel_check < 1.0 or not self.held:
             return
         self._last_cancel_check = time.monotonic()
         statuses = self.store.statuses(sorted({h.chunk.batch_id for h in self.held.values()}))
         for batch_id, status in statuses.items():
-            if status in (None, BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.EXPIRED):
+            if status in (None, BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.EXPIRED, BatchStatus.FAILED):
                 log.info("batch %s is %s: dropping its in-flight requests", batch_id, status and status.value)
                 for job_id in [j for j, h in self.held.items() if h.chunk.batch_id == batch_id]:
                     self._finish_chunk(job_id)
 
-    def _heartbeat(self, force: bool = False) -> None:
-        if not force and time.monotonic() - self._last_heartbeat < self.cfg.heartbeat_interval_s:
-            return
-        self._last_heartbeat = time.monotonic()
-        for held in self.held.values():
-            self.rq.maintain_heartbeats(held.job, held.execution)
+    def _heartbeat(self) -> None:
+        """One heartbeat; runs on the heartbeat thread, so it reads held chunks under the lock."""
+        with self._held_lock:
+            for held in list(self.held.values()):
+                self.rq.maintain_heartbeats(held.job, held.execution)
         self.rq.heartbeat()
-        stats = self.engine.stats()
+        try:
+            stats = self._last_stats = self.engine.stats()
+        except Exception:  # noqa: BLE001 - read while the loop steps; a failed read must not stop the beat
+            log.debug("engine stats unavailable this beat", exc_info=True)
+            stats = self._last_stats
         info = {
             "name": self.cfg.name, "model": self.cfg.served_name, "engine": self.cfg.engine,
             "queues": ",".join(q.name for q in self.queues), "device": self.cfg.engine_config.device,
@@ -375,6 +444,6 @@ class BatchWorker:
             "gpu_temperature_c": "" if stats.gpu_temperature_c is None else stats.gpu_temperature_c,
             "requests_done": self.num_requests_done, "chunks_held": len(self.held),
             "state": "stopping" if self.stop_requested_at else ("busy" if self.held else "idle"),
-            "last_heartbeat": int(time.time()),
+            "last_heartbeat": int(time.time()), "results_root": self.cfg.results_root or "",
         }
         self.workers.heartbeat(self.cfg.name, info, self.cfg.worker_ttl_s)
