@@ -30,6 +30,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 from transformers import LogitsProcessor, LogitsProcessorList, MinPLogitsWarper, TopKLogitsWarper
 
+from tests.cli import batchgen
 from tests.models import write_tiny_model
 
 PROMPT = "write a short poem about the sea and the stars"
@@ -347,3 +348,30 @@ def test_a_schema_the_compiler_refuses_and_an_out_of_vocabulary_token_fail_that_
     assert {r.key: r.error.code for r in rejected} == {"schema": "invalid_value", "token": "invalid_value"}
     assert "response_format.json_schema" in rejected[0].error.message
     assert run(engine, [])["ok"].completion_tokens == 2
+
+
+@pytest.mark.slow
+def test_batchgen_run_writes_every_feature_in_openai_types(demo_model_dir, redis_url, tmp_path):
+    schema = {"name": "pick", "strict": True, "schema": SCHEMA}
+    lines = [
+        chat_line(n=2, seed=1, max_tokens=80, logprobs=True, top_logprobs=2,
+                  response_format={"type": "json_schema", "json_schema": schema}),
+        {**completion_line(n=3, seed=2, max_tokens=6, logprobs=1, presence_penalty=1.0, top_k=5, min_p=0.05,
+                           repetition_penalty=1.2, min_tokens=2, logit_bias={"5": -100}, stop=["zz"]),
+         "custom_id": "b"},
+    ]
+    src, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run_ = batchgen("run", str(src), "-o", str(out), "--model", str(demo_model_dir), "--served-model-name", "demo",
+                    "--max-batch", "4", "--json", redis_url=redis_url, timeout=300)
+    assert run_.returncode == 0, run_.stderr[-3000:]
+    written = {line["custom_id"]: line["response"]["body"] for line in map(json.loads, out.read_text().splitlines())}
+    chat, plain = ChatCompletion.model_validate(written["a"]), Completion.model_validate(written["b"])
+    assert [c.index for c in chat.choices] == [0, 1] and [c.index for c in plain.choices] == [0, 1, 2]
+    for choice in chat.choices:
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+        assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
+    assert chat.usage.completion_tokens == sum(len(c.logprobs.content) + 1 for c in chat.choices)  # + each EOS
+    for choice in plain.choices:
+        assert len(choice.logprobs.tokens) == 6 and choice.finish_reason == "length" and choice.stop_reason is None
+        assert "".join(choice.logprobs.tokens) == choice.text
