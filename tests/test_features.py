@@ -153,16 +153,22 @@ def test_top_k_and_min_p_keep_what_transformers_warpers_keep():
 
 # -- both engine paths, against HF generate ---------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["fast", "generic"])
-def engine(request, demo_model_dir, tmp_path_factory):
-    if request.param == "fast":
-        built = build_llm_engine(EngineConfig(model=str(demo_model_dir), max_batch_size=4))
-        assert isinstance(built, LLMEngine)
-    else:
-        path = write_tiny_model(tmp_path_factory.mktemp("gpt2"), "gpt2", demo_model_dir)
-        built = build_llm_engine(EngineConfig(model=str(path), max_batch_size=4))
-        assert isinstance(built, GenericEngine)
+@pytest.fixture(scope="module")
+def model_paths(demo_model_dir, tmp_path_factory) -> dict[str, str]:
+    """Engine path -> a model it serves: the demo Llama (fast path), a tiny GPT-2 (generic path)."""
+    return {"fast": str(demo_model_dir),
+            "generic": str(write_tiny_model(tmp_path_factory.mktemp("gpt2"), "gpt2", demo_model_dir))}
+
+
+def build(path: str, **cfg):
+    built = build_llm_engine(EngineConfig(model=path, **cfg))
+    assert isinstance(built, LLMEngine if "demo" in path else GenericEngine)
     return built
+
+
+@pytest.fixture(scope="module", params=["fast", "generic"])
+def engine(request, model_paths):
+    return build(model_paths[request.param], max_batch_size=4)
 
 
 def completion(key: str, prompt: str = PROMPT, **params) -> GenerationRequest:
@@ -375,3 +381,40 @@ def test_batchgen_run_writes_every_feature_in_openai_types(demo_model_dir, redis
     for choice in plain.choices:
         assert len(choice.logprobs.tokens) == 6 and choice.finish_reason == "length" and choice.stop_reason is None
         assert "".join(choice.logprobs.tokens) == choice.text
+
+
+def mixed_features() -> list[GenerationRequest]:
+    schema = json.dumps(SCHEMA)
+    return [completion("n", n=3, seed=11, temperature=1.0, max_tokens=12, logprobs=2),
+            completion("json", seed=12, temperature=1.0, max_tokens=80, response_format="json_schema",
+                       json_schema=schema),
+            completion("pen", OTHER, repetition_penalty=1.5, presence_penalty=1.0, min_tokens=4, max_tokens=10),
+            completion("plain", OTHER, max_tokens=14)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["fast", "generic"])
+def test_an_oom_restarts_choices_grammars_and_penalties_and_changes_nothing(kind, model_paths):
+    baseline = run(build(model_paths[kind], max_batch_size=4), mixed_features())
+    engine = build(model_paths[kind], max_batch_size=4, inject_oom="steps=3,9")
+    results = run(engine, mixed_features())
+    assert engine.stats().extra["num_ooms"] == 2 and engine.stats().max_batch_size == 1
+    assert {k: outline(r) for k, r in results.items()} == {k: outline(r) for k, r in baseline.items()}
+    assert len(results["n"].choices) == 3
+    for got, expected in zip(results["n"].choices, baseline["n"].choices, strict=True):  # other batch mates:
+        assert [t.logprob for t in got.logprobs] == pytest.approx([t.logprob for t in expected.logprobs], abs=1e-4)
+
+
+def outline(result: GenerationResult) -> list:
+    """Each choice as text, finish, stop reason, tokens and the tokens its logprobs name (numbers apart)."""
+    return [(c.text, c.finish_reason, c.stop_reason, c.num_tokens,
+             c.logprobs and [(t.token, [s for s, _ in t.top]) for t in c.logprobs]) for c in result.choices]
+
+
+@pytest.mark.slow
+def test_an_oom_at_one_row_fails_a_request_once_with_all_its_choices(model_paths):
+    engine = build(model_paths["fast"], max_batch_size=1, inject_oom="steps=2")
+    results = run(engine, [completion("pair", n=2, seed=1, temperature=1.0, max_tokens=6),
+                           completion("solo", max_tokens=3)])
+    assert results["pair"].error.code == "out_of_memory" and results["solo"].completion_tokens == 3
+    assert engine.num_unfinished == 0
