@@ -30,7 +30,7 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion
 from transformers import LogitsProcessor, LogitsProcessorList, MinPLogitsWarper, TopKLogitsWarper
 
-from tests.cli import batchgen
+from tests.cli import batchgen, start_worker
 from tests.models import write_tiny_model
 
 PROMPT = "write a short poem about the sea and the stars"
@@ -357,7 +357,9 @@ def test_a_schema_the_compiler_refuses_and_an_out_of_vocabulary_token_fail_that_
 
 
 @pytest.mark.slow
-def test_batchgen_run_writes_every_feature_in_openai_types(demo_model_dir, redis_url, tmp_path):
+@pytest.mark.parametrize("how", ["run", "queue"])
+def test_run_and_a_queue_worker_write_every_feature_in_openai_types(how, demo_model_dir, redis_url, redis_conn,
+                                                                    tmp_path):
     schema = {"name": "pick", "strict": True, "schema": SCHEMA}
     lines = [
         chat_line(n=2, seed=1, max_tokens=80, logprobs=True, top_logprobs=2,
@@ -368,9 +370,16 @@ def test_batchgen_run_writes_every_feature_in_openai_types(demo_model_dir, redis
     ]
     src, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    run_ = batchgen("run", str(src), "-o", str(out), "--model", str(demo_model_dir), "--served-model-name", "demo",
-                    "--max-batch", "4", "--json", redis_url=redis_url, timeout=300)
-    assert run_.returncode == 0, run_.stderr[-3000:]
+    serve = ("--model", str(demo_model_dir), "--served-model-name", "demo", "--max-batch", "4")
+    if how == "run":
+        run_ = batchgen("run", str(src), "-o", str(out), *serve, "--json", redis_url=redis_url, timeout=300)
+        assert run_.returncode == 0, run_.stderr[-3000:]
+    else:  # stored in Redis as submitted, read back by the worker
+        batch_id = json.loads(batchgen("submit", str(src), "--model", "demo", "--json", redis_url=redis_url,
+                                       check=True).stdout)["id"]
+        worker = start_worker(*serve, "--burst", redis_url=redis_url, log=tmp_path / "worker.log")
+        assert worker.wait(timeout=300) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+        batchgen("results", batch_id, "-o", str(out), redis_url=redis_url, check=True)
     written = {line["custom_id"]: line["response"]["body"] for line in map(json.loads, out.read_text().splitlines())}
     chat, plain = ChatCompletion.model_validate(written["a"]), Completion.model_validate(written["b"])
     assert [c.index for c in chat.choices] == [0, 1] and [c.index for c in plain.choices] == [0, 1, 2]
