@@ -182,7 +182,7 @@ def _floor(logprob: float) -> float:
 
 
 def _token_entry(token: str, logprob: float) -> dict[str, Any]:
-    return {"token": token, "logprob": _floor(logprob), "bytes": list(token.encode("utf-8"))}
+    return {"token": token, "logprob": _floor(logprob), "bytes": list(token.encode("utf-8", errors="replace"))}
 
 
 def _chat_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
