@@ -8,36 +8,41 @@ serialised and run as it is, so nothing the engine would drop or the worker coul
 unknown keys at any level, repeated keys, lone surrogates, deep nesting and empty prompts are errors.
 """
 
+import json
 import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
 from batchgen.jobs import strict_json
-from batchgen.jobs.schema import CHAT_URL, COMPLETIONS_URL, ChatMessage, Request, SamplingParams
+from batchgen.jobs.schema import (
+    CHAT_URL,
+    COMPLETIONS_URL,
+    MAX_LOGIT_BIAS,
+    MAX_TOP_LOGPROBS,
+    ChatMessage,
+    Request,
+    SamplingParams,
+)
 from pydantic import ValidationError
 
 # Our own sampling parameters; null means "not given" (OpenAI accepts null for all of them).
-PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")
+PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos", "n", "presence_penalty",
+              "frequency_penalty", "repetition_penalty", "top_k", "min_p", "min_tokens", "stop_token_ids")
+# Ours too, but their JSON shape differs from the stored one (or by endpoint): _given_params converts them.
+SHAPED_KEYS = ("logprobs", "top_logprobs", "logit_bias", "response_format")
 # Accepted and ignored: they change bookkeeping on OpenAI's side, never the generated text.
 IGNORED_KEYS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"})
 # Accepted only with the value that means "feature off", since we cannot honour anything else.
 NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
-    "n": (1, None),
-    "frequency_penalty": (0, 0.0, None),
-    "presence_penalty": (0, 0.0, None),
-    "logprobs": (False, None),
-    "top_logprobs": (0, None),
-    "logit_bias": ({}, None),
     "stream": (False, None),
     "echo": (False, None),
     "best_of": (1, None),
     "suffix": ("", None),
-    "response_format": ({"type": "text"}, None),
     "tools": ([], None),
     "tool_choice": ("none", None),
     "modalities": (["text"], None),
 }
-KNOWN_KEYS = frozenset({"model", "prompt", "messages", "max_completion_tokens", *PARAM_KEYS})
+KNOWN_KEYS = frozenset({"model", "prompt", "messages", "max_completion_tokens", *PARAM_KEYS, *SHAPED_KEYS})
 BATCH_KEYS = frozenset({"custom_id", "method", "url", "body"})
 MESSAGE_KEYS = frozenset(ChatMessage.model_fields)
 MAX_CUSTOM_ID_CHARS = 512
@@ -113,7 +118,7 @@ def object_request(
     _check_keys(body, prefix, extra_keys)
     _model(body, prefix)
     prompt, messages = _content(body, url, prefix)
-    params = sampling_params(_given_params(body, prefix), fill, max_tokens=max_tokens, prefix=prefix)
+    params = sampling_params(_given_params(body, url, prefix), fill, max_tokens=max_tokens, prefix=prefix)
     return Request(custom_id=custom_id, url=url, prompt=prompt, messages=messages, params=params, line=line)
 
 
@@ -138,6 +143,8 @@ def sampling_params(
         raise pydantic_error(exc, prefix) from None
     if params.max_tokens > max_tokens:
         raise LineError("invalid_value", f"{prefix}max_tokens: must be <= {max_tokens}")
+    if params.min_tokens > params.max_tokens:
+        raise LineError("invalid_value", f"{prefix}min_tokens: must be <= max_tokens ({params.max_tokens})")
     return params
 
 
@@ -212,8 +219,6 @@ def _check_keys(body: Mapping[str, Any], prefix: str, extra_keys: frozenset[str]
             continue
         if key in NEUTRAL_VALUES:
             if not any(_same(value, ok) for ok in NEUTRAL_VALUES[key]):
-                if key == "n" and isinstance(value, int) and not isinstance(value, bool) and value < 1:
-                    raise LineError("invalid_value", f"{prefix}n: must be >= 1")
                 raise LineError("unsupported_parameter", f"{prefix}{key}: only {NEUTRAL_VALUES[key][0]!r} is supported")
             continue
         raise LineError("unsupported_parameter", f"{prefix}{key}: unknown parameter"[:300])
@@ -298,7 +303,7 @@ def _join_parts(parts: list[Any], field: str) -> str:
     return "\n".join(texts)
 
 
-def _given_params(body: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def _given_params(body: Mapping[str, Any], url: str, prefix: str) -> dict[str, Any]:
     given = {key: body[key] for key in PARAM_KEYS if body.get(key) is not None}
     alias = body.get("max_completion_tokens")
     if alias is not None:
@@ -312,7 +317,96 @@ def _given_params(body: Mapping[str, Any], prefix: str) -> dict[str, Any]:
         if any(s == "" for s in stop):
             raise LineError("invalid_value", f"{prefix}stop: stop strings must not be empty")
         given["stop"] = tuple(stop)
+    if isinstance(given.get("stop_token_ids"), list):
+        given["stop_token_ids"] = tuple(given["stop_token_ids"])
+    logprobs = _logprobs(body, url, prefix)
+    if logprobs is not None:
+        given["logprobs"] = logprobs
+    if body.get("logit_bias") is not None:
+        given["logit_bias"] = _logit_bias(body["logit_bias"], prefix + "logit_bias")
+    if body.get("response_format") is not None:
+        given.update(_response_format(body["response_format"], prefix + "response_format"))
     return given
+
+
+def _logprobs(body: Mapping[str, Any], url: str, prefix: str) -> int | None:
+    """Alternatives per token, or None for no logprobs. Chat says `logprobs: true, top_logprobs: k`;
+    completions say `logprobs: k`."""
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if url == COMPLETIONS_URL:
+        if top is not None:
+            raise LineError("unsupported_parameter", f"{prefix}top_logprobs: chat only; completions take "
+                                                     f"{prefix}logprobs: k")
+        return None if logprobs is None else _count(logprobs, prefix + "logprobs", MAX_TOP_LOGPROBS)
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise LineError("invalid_type", f"{prefix}logprobs: must be true or false")
+    if top is not None:
+        top = _count(top, prefix + "top_logprobs", MAX_TOP_LOGPROBS)
+        if not logprobs:
+            raise LineError("invalid_value", f"{prefix}top_logprobs: needs {prefix}logprobs: true")
+    return (top or 0) if logprobs else None
+
+
+def _count(value: Any, field: str, most: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise LineError("invalid_type", f"{field}: must be an integer")
+    if not 0 <= value <= most:
+        raise LineError("invalid_value", f"{field}: must be between 0 and {most}")
+    return value
+
+
+def _logit_bias(bias: Any, field: str) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} object as sorted (id, bias) pairs; the bounds are SamplingParams'."""
+    if not isinstance(bias, dict):
+        raise LineError("invalid_type", f"{field}: must be an object mapping token ids to biases")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise LineError("invalid_value", f"{field}: at most {MAX_LOGIT_BIAS} tokens")
+    pairs = []
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()):
+            raise LineError("invalid_value", f"{field}.{key}: keys must be token ids (non-negative integers)"[:300])
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise LineError("invalid_type", f"{field}.{key}: must be a number")
+        if not -100 <= value <= 100:
+            raise LineError("invalid_value", f"{field}.{key}: must be between -100 and 100")
+        pairs.append((int(key), float(value)))
+    return tuple(sorted(pairs))
+
+
+RESPONSE_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+JSON_SCHEMA_KEYS = frozenset({"name", "description", "schema", "strict"})
+
+
+def _response_format(fmt: Any, field: str) -> dict[str, Any]:
+    """{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema", ...}} as the stored
+    response_format and json_schema (the schema's JSON text). Whether the schema compiles is the worker's check."""
+    if not isinstance(fmt, dict):
+        raise LineError("invalid_type", f"{field}: must be an object, not {_json_type(fmt)}")
+    kind = fmt.get("type")
+    if kind not in RESPONSE_FORMAT_KEYS:
+        raise LineError("invalid_value", f"{field}.type: must be one of 'text', 'json_object', 'json_schema'")
+    for key in fmt:
+        if key not in RESPONSE_FORMAT_KEYS[kind]:
+            raise LineError("unsupported_parameter", f"{field}.{key}: not supported with type {kind!r}"[:300])
+    if kind != "json_schema":
+        return {"response_format": kind}
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict):
+        raise LineError("missing_field" if spec is None else "invalid_type", f"{field}.json_schema: must be an object")
+    for key in spec:
+        if key not in JSON_SCHEMA_KEYS:
+            raise LineError("unsupported_parameter", f"{field}.json_schema.{key}: unknown field"[:300])
+    name = spec.get("name")
+    if not (isinstance(name, str) and name):
+        raise LineError("missing_field" if name is None else "invalid_value",
+                        f"{field}.json_schema.name: required, a non-empty string")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise LineError("invalid_type", f"{field}.json_schema.strict: must be true or false")
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        raise LineError("missing_field" if schema is None else "invalid_type",
+                        f"{field}.json_schema.schema: must be an object (a JSON Schema)")
+    return {"response_format": kind, "json_schema": json.dumps(schema, ensure_ascii=False)}
 
 
 def _not_blank(text: str, field: str) -> str:

@@ -6,6 +6,8 @@ directory all become the same shape). Output lines follow the OpenAI Batch API o
 
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from batchgen.jobs import defaults
@@ -15,10 +17,16 @@ CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 Url = Literal["/v1/chat/completions", "/v1/completions"]
 CustomId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
+TokenId = Annotated[int, Field(ge=0)]
+MAX_CHOICES = 16  # n: each choice is its own row, so n multiplies a request's cost
+MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit (completions: 5); vLLM's default max_logprobs
+MAX_LOGIT_BIAS = 300
+MAX_STOP_TOKEN_IDS = 16
+ResponseFormat = Literal["text", "json_object", "json_schema"]
 
 
 class SamplingParams(BaseModel):
-    """Per-request generation parameters. temperature 0 means greedy."""
+    """Per-request generation parameters. temperature 0 means greedy; every other default means "off"."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -28,10 +36,33 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: tuple[str, ...] = Field((), max_length=defaults.MAX_STOP_SEQUENCES)
     ignore_eos: bool = False  # benchmarks: fixed output lengths on random weights
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token; None: no logprobs
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    top_k: int = Field(0, ge=-1)  # 0 or -1 (vLLM's spelling): every token
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(0, ge=0, le=defaults.MAX_TOKENS_LIMIT)
+    stop_token_ids: tuple[TokenId, ...] = Field((), max_length=MAX_STOP_TOKEN_IDS)
+    logit_bias: tuple[tuple[TokenId, Annotated[float, Field(ge=-100.0, le=100.0)]], ...] = Field(
+        (), max_length=MAX_LOGIT_BIAS)  # (token id, bias) pairs: a tuple keeps the model hashable
+    response_format: ResponseFormat = "text"
+    json_schema: str | None = None  # the schema as JSON text, with response_format "json_schema"
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @model_validator(mode="after")
+    def _schema_with_its_format(self) -> "SamplingParams":
+        if (self.response_format == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema goes with response_format json_schema, and only with it")
+        return self
 
 
 class ChatMessage(BaseModel):
@@ -79,28 +110,51 @@ def _new_id(prefix: str, sep: str = "_") -> str:
     return f"{prefix}{sep}{uuid.uuid4().hex}"
 
 
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM reports impossible tokens at this floor too
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability (of the model's raw distribution) and the top alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a request's n completions. stop_reason is vLLM's: the stop string or stop token id that ended it,
+    None for EOS or length. finish_reason is "stop" or "length": nothing filters content, so never
+    "content_filter"."""
+
+    text: str
+    finish_reason: str
+    stop_reason: str | int | None = None
+    num_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
 def success_line(
     request: Request,
     *,
     model: str,
-    text: str,
-    finish_reason: str,
+    text: str = "",
+    finish_reason: str = "length",
     prompt_tokens: int,
     completion_tokens: int,
+    choices: Sequence[Choice] = (),
 ) -> dict[str, Any]:
-    """An OpenAI batch output line for a request that produced a completion."""
+    """An OpenAI batch output line for a request that produced its completions (choices; without them, the one
+    choice of text and finish_reason)."""
     chat = request.url == CHAT_URL
-    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason, "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
+    choices = choices or (Choice(text, finish_reason, num_tokens=completion_tokens),)
     body = {
         "id": _new_id("chatcmpl" if chat else "cmpl", "-"),
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": [_choice_body(i, c, chat) for i, c in enumerate(choices)],
         "usage": {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -112,6 +166,45 @@ def success_line(
         "custom_id": request.custom_id,
         "response": {"status_code": 200, "request_id": _new_id("req"), "body": body},
         "error": None,
+    }
+
+
+def _choice_body(index: int, choice: Choice, chat: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"index": index, "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
+    if chat:
+        body["message"] = {"role": "assistant", "content": choice.text}
+        body["logprobs"] = None if choice.logprobs is None else _chat_logprobs(choice.logprobs)
+    else:
+        body["text"] = choice.text
+        body["logprobs"] = None if choice.logprobs is None else _completion_logprobs(choice.logprobs)
+    return body
+
+
+def _floor(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+def _token_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": _floor(logprob), "bytes": list(token.encode("utf-8", errors="replace"))}
+
+
+def _chat_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
+    content = [{**_token_entry(t.token, t.logprob), "top_logprobs": [_token_entry(s, lp) for s, lp in t.top]}
+               for t in tokens]
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """The legacy shape: parallel lists; top_logprobs also holds the sampled token (up to logprobs + 1 entries)."""
+    offsets, offset = [], 0
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t.token)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [_floor(t.logprob) for t in tokens],
+        "top_logprobs": [{**{s: _floor(lp) for s, lp in t.top}, t.token: _floor(t.logprob)} for t in tokens],
+        "text_offset": offsets,
     }
 
 

@@ -71,7 +71,7 @@ def result_line(flight: InFlight, res: GenerationResult) -> dict[str, Any]:
         return error_line(flight.request.custom_id, res.error.code, res.error.message)
     return success_line(
         flight.request, model=flight.batch.model, text=res.text, finish_reason=res.finish_reason,
-        prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
+        prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens, choices=res.choices,
     )
 
 

@@ -20,11 +20,12 @@ from batchgen.worker.engine.padded_batch import ModelCalls, PaddedBatch, decode,
 from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, GenerationResult
 from batchgen.worker.engine.requests import (
     Finisher,
+    Intake,
     Rejected,
     TokenRate,
     eos_ids,
     error_result,
-    make_sequence,
+    vocab_size_of,
 )
 from batchgen.worker.engine.sampler import sample
 from batchgen.worker.engine.scheduler import Scheduler
@@ -48,6 +49,8 @@ class GenericEngine:
         # No window clamp: HF's attention masks apply a sliding window, the context stays max_position_embeddings.
         self.max_model_len = min(cfg.max_model_len or min(max_pos, DEFAULT_MAX_MODEL_LEN), max_pos)
         self.finisher = Finisher(tokenizer, eos_ids(model, tokenizer))
+        self.intake = Intake(tokenizer, model_name=self.model_name, max_model_len=self.max_model_len,
+                             eos=self.finisher.eos_ids, vocab_size=vocab_size_of(model))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.calls = ModelCalls.of(model, pad)
         max_prefill = cfg.max_prefill_tokens or self.max_model_len
@@ -85,14 +88,15 @@ class GenericEngine:
             try:
                 if r.key in self._keys:
                     raise Rejected("duplicate_key", f"request key {r.key!r} is already in the engine")
-                seq = make_sequence(r, self.tokenizer, model_name=self.model_name, max_model_len=self.max_model_len)
+                seqs = self.intake.sequences(r)
             except Rejected as exc:
                 rejected.append(error_result(r.key, exc.code, str(exc)))
             except Exception as exc:  # a poison request must not take the worker down
                 rejected.append(error_result(r.key, "invalid_request", f"{type(exc).__name__}: {exc}"))
             else:
                 self._keys.add(r.key)
-                self.scheduler.add(seq)
+                for seq in seqs:  # n choices: n rows, batched like any others
+                    self.scheduler.add(seq)
         return rejected
 
     def step(self) -> list[GenerationResult]:
@@ -108,15 +112,15 @@ class GenericEngine:
                     logits, new_batch = prefill(self.model, self.calls, [s.prompt_ids for s in admitted], self.device)
                 else:
                     logits = decode(self.model, self.calls, self.batch, [s.output_ids[-1] for s in self.rows])
-                tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs],
-                                [len(s.output_ids) for s in seqs])
+                sampled = sample(logits, seqs, self.intake.structured)
             except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
                 return self._on_oom(seqs, prefill=bool(admitted))
             if admitted:
                 self._merge(admitted, new_batch)
         self._last_batch = len(seqs)
         self._rate.add(len(seqs))
-        results = [r for seq, token in zip(seqs, tokens, strict=True) if (r := self._append(seq, token))]
+        results = [r for seq, token, logprobs in zip(seqs, sampled.tokens, sampled.logprobs, strict=True)
+                   if (r := self._append(seq, token, logprobs))]
         self._drop_finished()
         return results
 
@@ -152,8 +156,8 @@ class GenericEngine:
             self._num_joins += len(admitted)
         self.rows += admitted
 
-    def _append(self, seq: Sequence, token: int) -> GenerationResult | None:
-        return self.finisher.finish_step(seq, token, self.scheduler, self._keys)
+    def _append(self, seq: Sequence, token: int, logprobs) -> GenerationResult | None:
+        return self.finisher.finish_step(seq, token, self.scheduler, self._keys, logprobs)
 
     def _drop_finished(self) -> None:
         """Drops rows no longer running (finished, aborted, evicted) from the batch."""
@@ -178,12 +182,8 @@ class GenericEngine:
             self.scheduler.shrink(also_requeue=seqs if prefill else ())
             self._drop_finished()
             return []
-        results = []
-        for seq in seqs:
-            self.scheduler.finish(seq, None)
-            self._keys.discard(seq.key)
-            results.append(error_result(seq.key, "out_of_memory",
-                                        "out of GPU memory even at batch size 1; try a shorter prompt or max_tokens"))
+        results = self.finisher.fail(seqs, self.scheduler, self._keys, "out_of_memory",
+                                     "out of GPU memory even at batch size 1; try a shorter prompt or max_tokens")
         self._drop_finished()
         return results
 

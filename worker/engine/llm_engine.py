@@ -23,11 +23,12 @@ from batchgen.worker.engine.model_runner import ModelRunner
 from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, GenerationResult
 from batchgen.worker.engine.requests import (
     Finisher,
+    Intake,
     Rejected,
     TokenRate,
     eos_ids,
     error_result,
-    make_sequence,
+    vocab_size_of,
 )
 from batchgen.worker.engine.sampler import sample
 from batchgen.worker.engine.scheduler import Scheduler
@@ -97,6 +98,8 @@ class LLMEngine:
         self.int8 = int8  # the int8 kernel's runtime: its outlier guard is polled after each step
         self.device, self.max_model_len, self.attention = runner.device, runner.max_model_len, runner.attention
         self.finisher = Finisher(tokenizer, eos_ids(model, tokenizer))
+        self.intake = Intake(tokenizer, model_name=self.model_name, max_model_len=self.max_model_len,
+                             eos=self.finisher.eos_ids, vocab_size=vocab_size_of(model))
         with torch.inference_mode():
             runner.allocate_kv(budget.max_rows)
             self.graph_capture_s = runner.capture_graphs()
@@ -140,14 +143,15 @@ class LLMEngine:
         rejected = []
         for r in requests:
             try:
-                seq = self._make_sequence(r)
+                seqs = self._sequences(r)
             except Rejected as exc:
                 rejected.append(error_result(r.key, exc.code, str(exc)))
             except Exception as exc:  # a poison request must not take the worker down
                 rejected.append(error_result(r.key, "invalid_request", f"{type(exc).__name__}: {exc}"))
             else:
                 self._keys.add(r.key)
-                self.scheduler.add(seq)
+                for seq in seqs:  # n choices: n rows, batched like any others
+                    self.scheduler.add(seq)
         return rejected
 
     def step(self) -> list[GenerationResult]:
@@ -160,8 +164,7 @@ class LLMEngine:
             start = time.perf_counter()
             try:
                 logits = self._forward(admitted)
-                tokens = sample(logits, [s.params for s in seqs], [s.seed for s in seqs],
-                                [len(s.output_ids) for s in seqs])
+                sampled = sample(logits, seqs, self.intake.structured)
             except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
                 return self._on_oom(seqs, prefill=bool(admitted))
         prompt_tokens = sum(s.num_prompt_tokens for s in admitted) if admitted else 0
@@ -171,8 +174,8 @@ class LLMEngine:
         self._last_batch = len(seqs)
         self._rate.add(len(seqs))
         results = []
-        for seq, token in zip(seqs, tokens, strict=True):
-            result = self._append(seq, token)
+        for seq, token, logprobs in zip(seqs, sampled.tokens, sampled.logprobs, strict=True):
+            result = self._append(seq, token, logprobs)
             if result is not None:
                 results.append(result)
         if not self.num_unfinished:  # drained: say where the time went (benchmarks read this line)
@@ -211,10 +214,10 @@ class LLMEngine:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _make_sequence(self, r: GenerationRequest) -> Sequence:
+    def _sequences(self, r: GenerationRequest) -> list[Sequence]:
         if r.key in self._keys:
             raise Rejected("duplicate_key", f"request key {r.key!r} is already in the engine")
-        return make_sequence(r, self.tokenizer, model_name=self.model_name, max_model_len=self.max_model_len)
+        return self.intake.sequences(r)
 
 
     def _forward(self, admitted: list[Sequence]) -> torch.Tensor:
@@ -236,16 +239,11 @@ class LLMEngine:
             # Prefilled sequences may have half-written K/V: they start again too.
             self.scheduler.shrink(also_requeue=seqs if prefill else ())
             return []
-        results = []
-        for seq in seqs:
-            self.scheduler.finish(seq, None)
-            self._keys.discard(seq.key)
-            results.append(error_result(seq.key, "out_of_memory",
-                                  "out of GPU memory even at batch size 1; try a shorter prompt or max_tokens"))
-        return results
+        return self.finisher.fail(seqs, self.scheduler, self._keys, "out_of_memory",
+                                  "out of GPU memory even at batch size 1; try a shorter prompt or max_tokens")
 
-    def _append(self, seq: Sequence, token: int) -> GenerationResult | None:
-        return self.finisher.finish_step(seq, token, self.scheduler, self._keys)
+    def _append(self, seq: Sequence, token: int, logprobs) -> GenerationResult | None:
+        return self.finisher.finish_step(seq, token, self.scheduler, self._keys, logprobs)
 
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from batchgen.jobs.schema import ErrorInfo, Request
+from batchgen.jobs.schema import Choice, ErrorInfo, Request
 
 
 @dataclass
@@ -21,12 +21,21 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
+    """A finished request. text and finish_reason are choice 0's; completion_tokens counts every choice's."""
+
     key: str
     text: str = ""
     finish_reason: str = "length"  # "stop" | "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: ErrorInfo | None = None  # a per-request failure (poison request); the rest carry on
+    choices: list[Choice] = field(default_factory=list)  # all n, in index order (engines without them: none)
+
+    @classmethod
+    def of_choices(cls, key: str, prompt_tokens: int, choices: list[Choice]) -> "GenerationResult":
+        first = choices[0]
+        return cls(key, first.text, first.finish_reason, prompt_tokens, sum(c.num_tokens for c in choices),
+                   choices=choices)
 
 
 @dataclass

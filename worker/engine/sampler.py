@@ -1,20 +1,38 @@
-"""Next-token choice per row: greedy argmax, or temperature + top-p sampling with per-request seeded noise.
+"""Next-token choice per row: greedy argmax, or temperature + top-k + top-p + min-p sampling with per-request
+seeded noise, after the rows' logits processors and grammar masks; plus the raw logprobs rows asked for.
 
 Sampling uses the exponential race (argmax of probs / E, E ~ Exp(1) i.i.d.), which draws exactly from
 probs. The noise comes from a CPU generator seeded by (request seed, output index), so a seeded request
 samples the same tokens whatever its batch mates, row, or how often it was restarted after an OOM.
+Every stage runs over the rows that need it only: a batch of plain greedy rows is one argmax.
 """
 
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
-from batchgen.jobs.schema import SamplingParams
+from batchgen.worker.engine import logits_processors
+from batchgen.worker.engine.sequence import Sequence, TokenLogprobs
+from batchgen.worker.engine.structured import StructuredOutput
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio increment: neighbouring (seed, index) pairs get unrelated streams
+_CHOICE_MIX = 0xD1B54A32D192ED03  # a second odd constant: choice seeds never collide with noise seeds
 
 
 def noise_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + (index + 1) * _MIX) % (2**63)
+
+
+def choice_seed(seed: int, choice: int) -> int:
+    """Choice i of a request with n > 1 samples under its own seed, a pure function of (seed, i); choice 0 keeps
+    the request's seed, so n = 1 and the first of n choices agree."""
+    return seed if choice == 0 else (seed * 0x2545F4914F6CDD1D + choice * _CHOICE_MIX) % (2**63)
+
+
+@dataclass
+class Sampled:
+    tokens: list[int]
+    logprobs: list[TokenLogprobs | None]  # per row: set where params.logprobs is not None
 
 
 def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -23,6 +41,20 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     sorted_probs = sorted_probs.masked_fill(mass_before >= top_p.unsqueeze(-1), 0.0)
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keeps each row's top_k logits (ties with the k-th kept, as HF's TopKLogitsWarper); top_k 0 keeps all."""
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
+    kth = logits.sort(dim=-1, descending=True).values.gather(-1, (k - 1).unsqueeze(-1))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def min_p_filter(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zeroes tokens less likely than min_p times the row's top probability (min_p 0 keeps all)."""
+    top = probs.max(dim=-1, keepdim=True).values
+    return probs.masked_fill(probs < min_p.unsqueeze(-1) * top, 0.0)
 
 
 def exponential_noise(seeds: Seq[int], indices: Seq[int], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -34,20 +66,49 @@ def exponential_noise(seeds: Seq[int], indices: Seq[int], vocab_size: int, devic
     return torch.stack(rows).to(device)
 
 
-def sample(
-    logits: torch.Tensor, params: Seq[SamplingParams], seeds: Seq[int], indices: Seq[int]
-) -> list[int]:
-    """logits [n, vocab] (any float dtype) -> one token id per row; indices = output position of the token."""
+def sample(logits: torch.Tensor, seqs: Seq[Sequence], grammar: StructuredOutput | None = None) -> Sampled:
+    """logits [rows, vocab] (any float dtype), one row per sequence -> one token id per row (and logprobs)."""
     logits = logits.float()
+    want_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+    raw = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None  # OpenAI reports the raw model's
+    if logits_processors.needed(seqs) or (grammar is not None and any(s.matcher is not None for s in seqs)):
+        logits = logits.clone()
+        logits_processors.apply(logits, seqs)
+        if grammar is not None:
+            grammar.mask(logits, seqs)
     tokens = logits.argmax(dim=-1)
-    rows = [i for i, p in enumerate(params) if not p.greedy]
+    rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if rows:
-        idx = torch.tensor(rows, device=logits.device)
-        temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)
-        top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
-        probs = torch.softmax(logits[idx] / temps.unsqueeze(-1), dim=-1)
-        probs = top_p_filter(probs, top_p)
-        noise = exponential_noise([seeds[i] for i in rows], [indices[i] for i in rows], logits.shape[-1],
-                                  logits.device)
-        tokens[idx] = (probs / noise).argmax(dim=-1)
-    return tokens.tolist()
+        tokens[rows] = _draw(logits[rows], [seqs[i] for i in rows])
+    token_list = tokens.tolist()
+    logprobs: list[TokenLogprobs | None] = [None] * len(seqs)
+    if raw is not None:
+        for i, lp in zip(want_logprobs, _logprobs(raw, [token_list[i] for i in want_logprobs],
+                                                  [seqs[i].params.logprobs for i in want_logprobs]), strict=True):
+            logprobs[i] = lp
+    return Sampled(token_list, logprobs)
+
+
+def _draw(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
+    """HF's warper order: temperature, top-k, top-p, min-p; then the seeded exponential race."""
+    device = logits.device
+    params = [s.params for s in seqs]
+    logits = logits / torch.tensor([p.temperature for p in params], device=device).unsqueeze(-1)
+    if any(p.top_k > 0 for p in params):
+        logits = top_k_filter(logits, torch.tensor([p.top_k for p in params], device=device))
+    probs = torch.softmax(logits, dim=-1)
+    probs = top_p_filter(probs, torch.tensor([p.top_p for p in params], device=device))
+    if any(p.min_p > 0 for p in params):
+        probs = min_p_filter(probs, torch.tensor([p.min_p for p in params], device=device))
+    noise = exponential_noise([s.seed for s in seqs], [len(s.output_ids) for s in seqs], logits.shape[-1], device)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _logprobs(raw: torch.Tensor, tokens: list[int], num_top: list[int]) -> list[TokenLogprobs]:
+    """The sampled tokens' logprobs and each row's top alternatives, in one transfer to the host."""
+    chosen = raw.gather(-1, torch.tensor(tokens, device=raw.device).unsqueeze(-1)).squeeze(-1)
+    top = raw.topk(max(num_top), dim=-1) if max(num_top) else None
+    chosen_list = chosen.tolist()
+    top_values = top.values.tolist() if top is not None else [[] for _ in tokens]
+    top_ids = top.indices.tolist() if top is not None else [[] for _ in tokens]
+    return [TokenLogprobs(chosen_list[i], top_ids[i][:k], top_values[i][:k]) for i, k in enumerate(num_top)]
