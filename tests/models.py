@@ -37,7 +37,9 @@ def _configs() -> dict:
         "falcon": lambda: FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                        max_position_embeddings=MAX_POS),
         "gemma": lambda: GemmaConfig(head_dim=16, **llama_like),
-        "gemma2": lambda: Gemma2Config(head_dim=16, sliding_window=WINDOW, **llama_like),
+        # soft caps small enough to bend these tiny models' scores and logits (the defaults, 50 and 30, never bite)
+        "gemma2": lambda: Gemma2Config(head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=0.02,
+                                       final_logit_softcapping=2.0, **llama_like),
         "phi3": lambda: Phi3Config(**llama_like),
         "qwen3": lambda: Qwen3Config(head_dim=16, **llama_like),
         "mixtral": lambda: MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **llama_like),
