@@ -152,10 +152,10 @@ def rope_types(config) -> set[str]:
 
 def _not_found_message(model: str, exc: BaseException) -> str:
     causes = {type(e).__name__ for e in _chain(exc)}
+    if os.path.isdir(model):  # before the path test below: an existing absolute directory is not "no such"
+        return f"model {model!r} not found: the local directory {os.path.abspath(model)!r} has no readable config.json"
     if os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model:
         return f"model {model!r} not found: no such local directory (and not a hub id)"
-    if os.path.isdir(model):
-        return f"model {model!r} not found: the local directory {os.path.abspath(model)!r} has no readable config.json"
     if "GatedRepoError" in causes:
         why = "the hub repo is gated: accept its licence on huggingface.co and set HF_TOKEN"
     elif "RepositoryNotFoundError" in causes:
