@@ -1,6 +1,7 @@
 """Small-VRAM mode on the generic path: a model's decoder layers live in host tensors and forward pre-hooks copy
 each one into a working slot before it runs (on CPU the "device" slots are host tensors too, so the copies are
-plain copies). The streamed model answers exactly like the same model resident."""
+plain copies). The streamed model answers exactly like the same model resident. The models have one layer more
+than there are slots, so every forward copies every layer in again."""
 
 import pytest
 import torch
@@ -10,8 +11,10 @@ from batchgen.worker.engine.loader import load_model
 from batchgen.worker.factory import build_llm_engine
 from batchgen.worker.offload.hook_stream import NUM_SLOTS, decoder_layers, int8_model_bytes, stream_layers
 
-from tests.models import LAYERS, write_tiny_model
+from tests.models import write_tiny_model
 from tests.test_models import requests, run_engine
+
+NUM_LAYERS = NUM_SLOTS + 1
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +23,7 @@ def model_dir(demo_model_dir, tmp_path_factory):
 
     def get(arch: str):
         if arch not in built:
-            built[arch] = write_tiny_model(tmp_path_factory.mktemp(arch), arch, demo_model_dir)
+            built[arch] = write_tiny_model(tmp_path_factory.mktemp(arch), arch, demo_model_dir, num_layers=NUM_LAYERS)
         return built[arch]
 
     return get
@@ -41,15 +44,18 @@ def test_streamed_layers_answer_like_the_resident_model(arch, int8, model_dir):
     for slot in streamer.slots:  # what a slot holds before the first copy must not matter
         for t in slot:
             t.zero_()
+    forwards = []
+    engine.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     assert run_engine(engine, requests()) == resident_texts(path, int8=int8)
-    assert streamer.num_copies > LAYERS  # every layer of every forward came in by a copy
+    # every forward copies each layer in once; the first also the second forward's first layer
+    assert streamer.num_copies == NUM_LAYERS * len(forwards) + 1 and len(forwards) > 1
 
 
 def test_a_layer_reads_its_weights_from_a_slot_not_the_host_copy(model_dir):
     loaded = load_model(str(model_dir("opt")), device=torch.device("cpu"), dtype=torch.float32, load_in_8bit=True,
                         int8_threshold=6.0)
     streamer = stream_layers(loaded.model, torch.device("cpu"))
-    assert len(streamer.layers) == LAYERS and len(streamer.slots) == NUM_SLOTS
+    assert len(streamer.layers) == NUM_LAYERS and len(streamer.slots) == NUM_SLOTS
     slot_ptrs = {t.data_ptr() for slot in streamer.slots for t in slot}
     host_ptrs = {t.data_ptr() for layer in streamer.host for t in layer}
     seen = []
@@ -61,14 +67,15 @@ def test_a_layer_reads_its_weights_from_a_slot_not_the_host_copy(model_dir):
         layer.register_forward_pre_hook(record)  # runs after the streamer's hook
     with torch.inference_mode():
         loaded.model(torch.tensor([[1, 2, 3]]))
-    assert len(seen) == LAYERS
+    assert len(seen) == NUM_LAYERS
     for ptrs in seen:
         assert ptrs <= slot_ptrs and not ptrs & host_ptrs
-    assert streamer.holding == [0, 1]  # layer 1 ran from slot 1, and the next forward's layer 0 is in slot 0
+    assert seen[0] == seen[2] != seen[1]  # layers take turns in the two slots
+    assert streamer.holding == [2, 0]  # the last layer ran from slot 0; the next forward's first is in slot 1
 
 
 def test_the_layer_list_is_found_past_an_expert_list(model_dir):
-    """Mixtral's tiny model has more experts (4) than layers (2): the layer list is the one holding the most."""
+    """Mixtral's tiny model has more experts (4) than layers (3): the layer list is the one holding the most."""
     loaded = load_model(str(model_dir("mixtral")), device=torch.device("cpu"), dtype=torch.float32,
                         load_in_8bit=False, int8_threshold=6.0)
     assert decoder_layers(loaded.model) is loaded.model.model.layers

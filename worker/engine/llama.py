@@ -129,7 +129,7 @@ def layer_output(layer: torch.nn.Module, h: torch.Tensor, o: torch.Tensor,
     """The rest of a decoder layer, from its attention output o [B, heads, T, d]: the new residual stream."""
     batch, num_tokens, _ = h.shape
     attended = layer.self_attn.o_proj(o.transpose(1, 2).reshape(batch, num_tokens, -1))
-    if spec is not None and spec.post_norms:  # Gemma2: post_attention_layernorm normalises the attention output, not the MLP input
+    if spec is not None and spec.post_norms:  # Gemma2: post_attention_layernorm acts on the attention output
         h = h + layer.post_attention_layernorm(attended)
         return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
     h = h + attended

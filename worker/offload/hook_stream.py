@@ -88,21 +88,23 @@ class HookStreamer:
         self.layers, self.device = layers, device
         self.cuda = device.type == "cuda"
         self.entries = [_entries(layer) for layer in layers]
-        self.host = [[self._to_host(e.get()) for e in entries] for entries in self.entries]
-        signatures = {str(_signature(h)) for h in self.host}
-        if len(signatures) != 1:
-            raise ValueError("small-VRAM streaming on the generic path needs decoder layers of one shape; "
-                             f"{type(layers[0]).__name__} layers differ")
-        self.slots = [[torch.empty_like(t, device=device) for t in self.host[0]] for _ in range(NUM_SLOTS)]
+        first = [e.get() for e in self.entries[0]]
+        self.slots = [[torch.empty_like(t, device=device) for t in first] for _ in range(NUM_SLOTS)]
+        self.host = []
+        for i, entries in enumerate(self.entries):
+            if _signature([e.get() for e in entries]) != _signature(first):
+                raise ValueError("small-VRAM streaming on the generic path needs decoder layers of one shape; "
+                                 f"layer {i} differs from layer 0")
+            self.host.append([self._to_host(e.get()) for e in entries])
+            for entry, tensor in zip(entries, self.slots[0], strict=True):
+                entry.point(tensor)  # the loaded tensor is freed now: host memory holds one copy of the layers
         self.holding: list[int | None] = [None] * NUM_SLOTS  # which layer each slot holds (or is receiving)
         self.copied: list[torch.cuda.Event | None] = [None] * NUM_SLOTS
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.current = NUM_SLOTS - 1  # the slot the running layer uses: the first layer takes slot 0
         self.num_copies = 0
         self.copied_bytes = 0
-        for i, layer in enumerate(layers):
-            for entry, tensor in zip(self.entries[i], self.slots[0], strict=True):
-                entry.point(tensor)  # nothing points at the host copies: the layer always reads a slot
+        for i, layer in enumerate(layers):  # nothing points at the host copies: a layer always reads a slot
             layer.register_forward_pre_hook(self._hook(i))
 
     @property
@@ -223,7 +225,9 @@ def build_hook_streaming_engine(cfg: EngineConfig, family: Family) -> GenericEng
     loaded = load_model(cfg.model, device=torch.device("cpu"), dtype=dtype, load_in_8bit=cfg.load_in_8bit,
                         int8_threshold=cfg.int8_threshold)
     streamer = stream_layers(loaded.model, device)
-    log.info("engine path: %s, small-VRAM: decoder layers streamed through forward pre-hooks", family.describe())
+    log.info("engine path: model %r (%s): generic path in small-VRAM mode (decoder layers streamed through "
+             "forward pre-hooks)%s", family.model, family.model_type,
+             "" if family.path != "fast" else "; its fast path's layer streamer rebuilds plain Llama layers only")
     engine = GenericEngine(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
                            weights_bytes=loaded.weights_bytes)
     engine.streamer = streamer  # kept alive with the engine (the hooks hold it too); tests and benchmarks read it
