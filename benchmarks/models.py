@@ -7,12 +7,14 @@ written once to /tmp on the GPU, each configuration in its own process so NVML's
             prompts of the workload's mean length; tok/s over --hf-tokens new tokens; the best batch counts
   batchgen  the engine the worker builds (`build_llm_engine`: fast or generic path, as config.json decides)
             over the workload: --num-requests requests, prompts 32-256 tokens, 32-128 new, greedy, EOS ignored
-  small     a BLOOM-13B shape under a 6 GiB cap (`--max-vram 6GiB`), against the PCIe bound
+  small     --small-vram: `batchgen run --max-vram 6GiB` on a BLOOM-13B shape (generic path: its decoder layers
+            stream through forward pre-hooks), 64 requests x 128 prompt tokens x 64 new; tok/s over the run minus
+            a one-token run's time (the load), against the PCIe bound
             64 rows x pinned H2D bandwidth / (int8 model bytes - 6 GiB), as benchmarks/small_vram.py computes it
 
     python3 -m benchmarks.models --out $OUT                              # the three 7-8B shapes
-    python3 -m benchmarks.models --out $OUT --only small                 # BLOOM-13B shape under 6 GiB
-    python3 -m benchmarks.models --smoke                                 # tiny shapes on CPU, batchgen only
+    python3 -m benchmarks.models --out $OUT --small-vram                 # BLOOM-13B shape under 6 GiB
+    python3 -m benchmarks.models --tiny [--small-vram]                   # tiny shapes on CPU, end to end
 """
 
 import argparse
@@ -36,11 +38,14 @@ SHAPES = {
                                      num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                                      max_position_embeddings=40960)),
     "bloom-13b": ("BloomConfig", dict(hidden_size=5120, n_layer=40, n_head=40)),
-    # --smoke: the same code on CPU in seconds
+    # --tiny: the same code on CPU in seconds
     "tiny-bloom": ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4)),
+    "tiny-gemma": ("GemmaConfig", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=4, head_dim=16)),
     "tiny-qwen3": ("Qwen3Config", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
 }
+TINY_MODELS = ["tiny-bloom", "tiny-gemma", "tiny-qwen3"]
 CAP_BYTES = 6 * GIB
 MAX_MODEL_LEN = 512
 SMALL_ROWS, SMALL_PROMPT, SMALL_NEW = 64, 128, 64
@@ -142,25 +147,61 @@ def phase_batchgen(name: str, device: str, num_requests: int) -> dict:
         elapsed, tokens = _drain(engine, [r.prompt_ids for r in reqs], [r.max_tokens for r in reqs])
     assert tokens == sum(r.max_tokens for r in reqs), tokens
     extra = engine.stats().extra
-    return {"engine": type(engine).__name__, "path": extra.get("engine_path"), "load_s": load_s,
+    return {"engine": type(engine).__name__, "path": extra.get("engine_path", "fast"), "load_s": load_s,
             "elapsed_s": round(elapsed, 2), "tok_s": round(tokens / elapsed, 1), "tokens": tokens,
             "rows": engine.stats().max_batch_size, "peak_vram_gib": vram.peak_gib,
             "int8_kernel": extra.get("int8_kernel"), "stats": extra}
 
 
-def phase_small(name: str, device: str) -> dict:
-    """Under a 6 GiB cap, as `batchgen worker --max-vram 6GiB` runs it on a 6 GiB card."""
-    import torch
+def _batchgen_run(name: str, device: str, lines: list[dict], work: Path) -> dict:
+    """`batchgen run --max-vram 6GiB` over lines: its --json summary and the completion tokens it wrote."""
+    src, out = work / "in.jsonl", work / "out.jsonl"
+    src.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cmd = [sys.executable, "-m", "batchgen.producer.cli", "run", str(src), "-o", str(out), "--model",
+           str(model_dir(name)), "--device", device, "--max-vram", "6GiB", "--max-batch", str(SMALL_ROWS),
+           # rows are sized for a whole context: this workload's own length lets the most rows fit the cap
+           "--max-model-len", str(SMALL_PROMPT + SMALL_NEW), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"batchgen run exited {proc.returncode}: {proc.stderr[-1500:]}")
+    summary = json.loads(proc.stdout)
+    tokens = sum(json.loads(row)["response"]["body"]["usage"]["completion_tokens"]
+                 for row in out.read_text().splitlines())
+    return summary | {"completion_tokens": tokens, "log_tail": proc.stderr[-600:]}
 
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(CAP_BYTES / total)
-    engine, load_s = _engine(name, device, max_vram_bytes=CAP_BYTES, max_batch_size=SMALL_ROWS)
+
+def phase_small(name: str, device: str) -> dict:
+    """Under a 6 GiB cap, as `batchgen run --max-vram 6GiB` runs it: a one-token run first, whose time (load,
+    warm-up, one step) is taken off the measured run's."""
+    import tempfile
+
     prompts = [[3 + (7919 * i + 104729 * j) % (VOCAB_SIZE - 3) for j in range(SMALL_PROMPT)] for i in range(SMALL_ROWS)]
-    _drain(engine, prompts, [2] * SMALL_ROWS)
-    with PeakVram() as vram:
-        elapsed, tokens = _drain(engine, prompts, [SMALL_NEW] * SMALL_ROWS)
-    return {"engine": type(engine).__name__, "load_s": load_s, "elapsed_s": round(elapsed, 2),
-            "tok_s": round(tokens / elapsed, 1), "peak_vram_gib": vram.peak_gib, "stats": engine.stats().extra}
+
+    def lines(max_tokens: int, count: int) -> list[dict]:
+        return [{"custom_id": f"s{i}", "prompt": text(ids), "max_tokens": max_tokens, "temperature": 0,
+                 "ignore_eos": True} for i, ids in enumerate(prompts[:count])]
+
+    with tempfile.TemporaryDirectory() as work, PeakVram() if device == "cuda" else _NoVram() as vram:
+        base = _batchgen_run(name, device, lines(1, 1), Path(work))
+        run = _batchgen_run(name, device, lines(SMALL_NEW, SMALL_ROWS), Path(work))
+    generate_s = max(1e-3, run["elapsed_s"] - base["elapsed_s"])
+    assert run["completion_tokens"] == SMALL_ROWS * SMALL_NEW, run["completion_tokens"]
+    return {"load_s": base["elapsed_s"], "elapsed_s": run["elapsed_s"], "generate_s": round(generate_s, 2),
+            "tok_s": round(run["completion_tokens"] / generate_s, 1), "tokens": run["completion_tokens"],
+            "nvml_peak_gib": vram.peak_gib, "log_tail": run["log_tail"]}
+
+
+def small_vram_bound(name: str, h2d_gb_s: float | None) -> dict:
+    """The PCIe bound as benchmarks/small_vram.py computes it: 64 rows per step x pinned H2D bandwidth /
+    (int8 model bytes - 6 GiB): each step streams at least what does not fit the cap."""
+    from batchgen.worker.offload.hook_stream import int8_model_bytes
+    from transformers import AutoConfig
+
+    model_bytes = int8_model_bytes(AutoConfig.from_pretrained(model_dir(name)), 2)
+    out: dict = {"model_int8_gb": round(model_bytes / 1e9, 2)}
+    if h2d_gb_s and model_bytes > CAP_BYTES:
+        out["bound_tok_s"] = round(SMALL_ROWS * h2d_gb_s * 1e9 / (model_bytes - CAP_BYTES), 1)
+    return out
 
 
 def phase_prepare(names: list[str], device: str) -> dict:
@@ -187,11 +228,10 @@ class _NoVram:
 PeakVram.peak_gib = property(lambda self: round(self.peak_bytes / GIB, 2))
 
 
-def run_phase(out_dir: Path, phase: str, *args: str, timeout_s: float = 580) -> dict:
-    """One configuration in a fresh process; its JSON (or its error) comes back."""
+def run_phase(out_dir: Path, phase: str, *args: str, child: tuple[str, ...] = (), timeout_s: float = 580) -> dict:
+    """One configuration in a fresh process (child: the parent's options it reads); its JSON or error comes back."""
     path = out_dir / f"{phase}-{'-'.join(args)}.json"
-    cmd = [sys.executable, "-m", "benchmarks.models", "--phase", phase, "--phase-args", ",".join(args),
-           "--phase-out", str(path)]
+    cmd = [sys.executable, "-m", "benchmarks.models", *phase_options(path, phase, args, child)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0 or not path.exists():
@@ -199,71 +239,76 @@ def run_phase(out_dir: Path, phase: str, *args: str, timeout_s: float = 580) -> 
     return json.loads(path.read_text()) | {"wall_s": round(time.perf_counter() - start, 1)}
 
 
-def main() -> None:
+def phase_options(path: Path, phase: str, args: tuple[str, ...], child: tuple[str, ...]) -> list[str]:
+    """A child's command-line options: its phase, the phase's arguments, and the parent's options it reads."""
+    return ["--phase", phase, "--phase-args", ",".join(args), "--phase-out", str(path), *child]
+
+
+def child_options(args: argparse.Namespace) -> tuple[str, ...]:
+    return ("--hf-batches", args.hf_batches, "--hf-tokens", str(args.hf_tokens))
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
-    parser.add_argument("--only", default="fast", help="fast: the three 7-8B shapes; small: BLOOM-13B under 6 GiB")
+    parser.add_argument("--small-vram", action="store_true",
+                        help="BLOOM-13B shape under `batchgen run --max-vram 6GiB`, against the PCIe bound")
     parser.add_argument("--models", default="bloom-7b1,gemma-7b,qwen3-8b")
     parser.add_argument("--num-requests", type=int, default=512)
     parser.add_argument("--hf-batches", default="32,64,128")
     parser.add_argument("--hf-tokens", type=int, default=64)
-    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--tiny", "--smoke", dest="tiny", action="store_true",
+                        help="tiny shapes on CPU: the whole harness end to end in seconds (no HF baseline)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--phase-args", default="", help=argparse.SUPPRESS)
     parser.add_argument("--phase-out", type=Path, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     if args.phase:  # a child: one configuration
         a = args.phase_args.split(",")
         result = {"prepare": lambda: phase_prepare(a[1:], a[0]),
                   "hf": lambda: phase_hf(a[0], [int(b) for b in args.hf_batches.split(",")], args.hf_tokens),
                   "batchgen": lambda: phase_batchgen(a[0], a[1], int(a[2])),
-                  "small": lambda: phase_small(a[0], "cuda")}[args.phase]()
+                  "small": lambda: phase_small(a[0], a[1])}[args.phase]()
         write_json(args.phase_out, result)
         return
 
-    device = "cpu" if args.smoke else "cuda"
-    names = ["tiny-bloom", "tiny-qwen3"] if args.smoke else (
-        ["bloom-13b"] if args.only == "small" else args.models.split(","))
+    device = "cpu" if args.tiny else "cuda"
+    if args.small_vram:
+        names = ["tiny-bloom"] if args.tiny else ["bloom-13b"]
+    else:
+        names = TINY_MODELS if args.tiny else args.models.split(",")
+    child = child_options(args)
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
                     "prepare": run_phase(args.out, "prepare", device, *names), "models": {}}
     print(json.dumps(report["prepare"])[:400], flush=True)
     for name in names:
         row: dict = {}
-        if args.only == "small":
-            row["batchgen_6gib"] = run_phase(args.out, "small", name)
-            h2d = report["prepare"].get("h2d", {}).get("pinned_gb_s")
-            stats = row["batchgen_6gib"].get("stats", {})
-            weights = stats.get("weights_bytes") or _int8_bytes(name)
-            if h2d and weights:
-                bound = SMALL_ROWS * h2d * 1e9 / max(1, weights - CAP_BYTES)
-                row["bound_tok_s"] = round(bound, 1)
-                if "tok_s" in row["batchgen_6gib"]:
-                    row["fraction_of_bound"] = round(row["batchgen_6gib"]["tok_s"] / bound, 3)
+        if args.small_vram:
+            row["batchgen_6gib"] = run_phase(args.out, "small", name, device)
+            row |= small_vram_bound(name, report["prepare"].get("h2d", {}).get("pinned_gb_s"))
+            if "bound_tok_s" in row and "tok_s" in row["batchgen_6gib"]:
+                row["fraction_of_bound"] = round(row["batchgen_6gib"]["tok_s"] / row["bound_tok_s"], 3)
         else:
-            row["batchgen"] = run_phase(args.out, "batchgen", name, device, str(args.num_requests if not args.smoke else 16))
-            if not args.smoke:
-                row["hf_int8"] = run_phase(args.out, "hf", name)
+            row["batchgen"] = run_phase(args.out, "batchgen", name, device, str(args.num_requests if not args.tiny else 16))
+            if not args.tiny:
+                row["hf_int8"] = run_phase(args.out, "hf", name, child=child)
                 best = (row["hf_int8"].get("best") or {}).get("tok_s")
                 if best and "tok_s" in row["batchgen"]:
                     row["ratio_vs_hf_best"] = round(row["batchgen"]["tok_s"] / best, 2)
         report["models"][name] = row
         print(name, json.dumps({k: (v if not isinstance(v, dict) else {kk: v.get(kk) for kk in (
             "tok_s", "rows", "path", "peak_vram_gib", "best", "error")}) for k, v in row.items()}), flush=True)
-    write_json(args.out / f"models-{args.only if not args.smoke else 'smoke'}.json", report)
-
-
-def _int8_bytes(name: str) -> int | None:
-    """int8 weights of the decoder (+ fp16 embeddings and head), from the config: what must cross the bus."""
-    try:
-        from transformers import AutoConfig
-
-        c = AutoConfig.from_pretrained(model_dir(name))
-        h, n = c.hidden_size, c.num_hidden_layers
-        return n * 12 * h * h + 2 * 2 * c.vocab_size * h
-    except Exception:
-        return None
+        if args.small_vram:
+            print(f"{name} under 6 GiB: {row['batchgen_6gib'].get('tok_s')} tok/s; PCIe bound "
+                  f"{row.get('bound_tok_s', 'n/a (no GPU)')} tok/s", flush=True)
+    kind = "small-vram" if args.small_vram else "models"
+    write_json(args.out / f"{kind}{'-tiny' if args.tiny else ''}.json", report)
 
 
 if __name__ == "__main__":

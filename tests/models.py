@@ -37,7 +37,9 @@ def _configs() -> dict:
         "falcon": lambda: FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                        max_position_embeddings=MAX_POS),
         "gemma": lambda: GemmaConfig(head_dim=16, **llama_like),
-        "gemma2": lambda: Gemma2Config(head_dim=16, sliding_window=WINDOW, **llama_like),
+        # soft caps small enough to bend these tiny models' scores and logits (the defaults, 50 and 30, never bite)
+        "gemma2": lambda: Gemma2Config(head_dim=16, sliding_window=WINDOW, attn_logit_softcapping=0.02,
+                                       final_logit_softcapping=2.0, **llama_like),
         "phi3": lambda: Phi3Config(**llama_like),
         "qwen3": lambda: Qwen3Config(head_dim=16, **llama_like),
         "mixtral": lambda: MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **llama_like),
@@ -51,8 +53,9 @@ ARCHITECTURES = [name for name in _configs() if name != "bert"]
 
 
 def write_tiny_model(out_dir: str | Path, arch: str, tokenizer_dir: str | Path, *, weights: bool = True,
-                     seed: int = 0) -> Path:
-    """config.json + tokenizer (+ random weights unless weights=False) of `arch` in out_dir."""
+                     seed: int = 0, num_layers: int | None = None) -> Path:
+    """config.json + tokenizer (+ random weights unless weights=False) of `arch` in out_dir; num_layers: other
+    than LAYERS (streaming tests need more layers than stage slots)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,6 +65,10 @@ def write_tiny_model(out_dir: str | Path, arch: str, tokenizer_dir: str | Path, 
     tok.save_pretrained(out)
     config = _configs()[arch]()
     config.vocab_size = len(tok)
+    if num_layers is not None:
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = (config.layer_types * num_layers)[:num_layers]
     config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     if not weights:
         config.save_pretrained(out)

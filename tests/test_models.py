@@ -2,7 +2,9 @@
 engine, `batchgen run` and a real queue worker, against HF `generate` (greedy, one prompt at a time, same model).
 
 The path (fast or generic) is chosen from config.json before any weight loads; encoders are refused and a
-missing model is a one-line error, both before any engine work.
+missing model is a one-line error, both before any engine work. Qwen3, Gemma, Gemma2, Phi-3 and windowed
+Mistral run on the fast path (Llama's forward plus a FamilySpec); the fast path's int8 oracle is HF generate
+on the engine's own converted model (its linears run the engine's int8 kernels), the fp32 one a fresh load.
 """
 
 import json
@@ -13,6 +15,7 @@ from batchgen.jobs.schema import CHAT_URL, ChatMessage, Request, SamplingParams
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.families import FAST, GENERIC, ModelNotFound, UnsupportedModel, choose_family
 from batchgen.worker.engine.generic import GenericEngine
+from batchgen.worker.engine.llm_engine import LLMEngine
 from batchgen.worker.engine.protocol import GenerationRequest
 from batchgen.worker.factory import build_llm_engine
 
@@ -29,6 +32,7 @@ PROMPTS = [
     "batch generation keeps the gpu busy",
 ]
 CHAT = [{"role": "user", "content": "translate hello world into french"}]
+FAST_ARCHITECTURES = {"qwen3", "gemma", "gemma2", "phi3", "mistral_window"}  # the rest take the generic path
 
 
 def max_tokens(i: int) -> int:
@@ -48,13 +52,15 @@ def model_dir(demo_model_dir, tmp_path_factory):
     return get
 
 
-def hf_greedy(path, *, int8: bool) -> dict[str, str]:
-    """The oracle: HF generate per prompt (and the chat), greedy, on the model loaded as the engine loads it."""
+def hf_greedy(path, *, int8: bool, model=None) -> dict[str, str]:
+    """The oracle: HF generate per prompt (and the chat), greedy, on the model loaded as the engine loads it
+    (or on `model` itself: the fast path's int8 model, whose linears run the engine's int8 kernels)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     kwargs = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": "cpu"} if int8 else {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
     tok = AutoTokenizer.from_pretrained(path)
     eos = model.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos or ())
@@ -90,24 +96,58 @@ def run_engine(engine, reqs: list[GenerationRequest]) -> dict[str, str]:
     return texts
 
 
+def oracle(path, engine) -> dict[str, str]:
+    """HF generate on the same model: the fast path's own int8 model, else a fresh load as the engine loads it."""
+    int8 = engine.cfg.load_in_8bit
+    return hf_greedy(path, int8=int8, model=engine.model if int8 and isinstance(engine, LLMEngine) else None)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_each_architecture_answers_like_hf_generate(arch, model_dir):
     path = model_dir(arch)
     for int8 in (True, False):  # fp32: exact equality even where int8 batch shapes could flip a near-tie
         engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=int8, max_batch_size=3))
-        assert isinstance(engine, GenericEngine)
-        assert run_engine(engine, requests()) == hf_greedy(path, int8=int8), f"int8={int8}"
-        assert engine.stats().extra["num_joins"] > 0  # rows were refilled while others decoded
+        assert isinstance(engine, LLMEngine if arch in FAST_ARCHITECTURES else GenericEngine)
+        assert run_engine(engine, requests()) == oracle(path, engine), f"int8={int8}"
+        extra = engine.stats().extra
+        if isinstance(engine, GenericEngine):
+            assert extra["num_joins"] > 0  # rows were refilled while others decoded
+        else:
+            assert extra["num_prefill_steps"] > 1 and extra["num_decode_steps"] > 0
 
 
 def test_a_sliding_window_limits_attention_not_the_prompt_length(model_dir):
     path = model_dir("mistral_window")
     family = choose_family(str(path))
-    assert (family.model_type, family.path) == ("mistral", GENERIC)
-    assert "sliding window" in family.reason
-    engine = build_llm_engine(EngineConfig(model=str(path), max_batch_size=3))
+    assert (family.model_type, family.path) == ("mistral", FAST)
+    assert f"window {WINDOW}" in family.reason
+    engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_batch_size=3))
     assert len(engine.tokenizer(PROMPTS[0])["input_ids"]) > WINDOW
     assert engine.max_model_len > WINDOW
+    assert engine.runner.parts.spec.sliding_layers == {0, 1}
+    assert run_engine(engine, requests()[:1]) == {"p0": oracle(path, engine)["p0"]}
+
+
+def test_gemma2_alternates_sliding_and_full_layers(model_dir):
+    engine = build_llm_engine(EngineConfig(model=str(model_dir("gemma2")), load_in_8bit=False))
+    spec = engine.runner.parts.spec
+    assert (spec.window, spec.sliding_layers, spec.post_norms) == (WINDOW, {0}, True)
+    assert spec.attn_softcap and spec.final_softcap
+
+
+def test_batch_dependent_rope_takes_the_generic_path_with_the_reason(demo_model_dir, tmp_path):
+    """Phi-3's longrope switches frequencies on the batch's longest sequence: the packed fast path cannot match."""
+    path = write_tiny_model(tmp_path / "phi3", "phi3", demo_model_dir, weights=False)
+    config = json.loads((path / "config.json").read_text())
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * (head_dim // 2),
+            "long_factor": [2.0] * (head_dim // 2), "original_max_position_embeddings": 64}
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = rope
+    (path / "config.json").write_text(json.dumps(config))
+    family = choose_family(str(path))
+    assert (family.model_type, family.path) == ("phi3", GENERIC)
+    assert "longrope RoPE scaling" in family.reason
 
 
 def test_the_path_is_chosen_from_config_and_logged_in_one_line(demo_model_dir, model_dir, caplog):
@@ -195,8 +235,13 @@ def texts_of(path) -> dict[str, str]:
     return out
 
 
+def int8_oracle(path) -> dict[str, str]:
+    """HF generate on the 8-bit model as a worker process loads it (on the fast path: with its int8 kernels)."""
+    return oracle(path, build_llm_engine(EngineConfig(model=str(path), max_batch_size=3)))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["bloom", "gemma2", "mixtral"])
+@pytest.mark.parametrize("arch", ["bloom", "gemma2", "mixtral", "phi3", "mistral_window"])
 def test_batchgen_run_answers_like_hf_generate(arch, model_dir, redis_url, tmp_path):
     path = model_dir(arch)
     src, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
@@ -204,12 +249,14 @@ def test_batchgen_run_answers_like_hf_generate(arch, model_dir, redis_url, tmp_p
     run = batchgen("run", str(src), "-o", str(out), "--model", str(path), "--served-model-name", "tiny",
                    "--max-batch", "3", "--json", redis_url=redis_url, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert texts_of(out) == hf_greedy(path, int8=True)
+    assert texts_of(out) == int8_oracle(path)
 
 
 @pytest.mark.slow
-def test_a_queue_worker_serves_a_generic_model(model_dir, redis_url, redis_conn, tmp_path):
-    path = model_dir("opt")
+@pytest.mark.parametrize(("arch", "line"), [("opt", "(opt): generic path"), ("gemma", "(gemma): fast path"),
+                                            ("qwen3", "(qwen3): fast path")])
+def test_a_queue_worker_serves_each_path(arch, line, model_dir, redis_url, redis_conn, tmp_path):
+    path = model_dir(arch)
     src = tmp_path / "batch.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in batch_lines("tiny")))
     sub = batchgen("submit", str(src), "--json", redis_url=redis_url, check=True, BATCHGEN_CHUNK_SIZE="3")
@@ -217,10 +264,10 @@ def test_a_queue_worker_serves_a_generic_model(model_dir, redis_url, redis_conn,
     worker = start_worker("--model", str(path), "--served-model-name", "tiny", "--max-batch", "3", "--burst",
                           redis_url=redis_url, log=tmp_path / "worker.log")
     assert worker.wait(timeout=300) == 0, (tmp_path / "worker.log").read_text()[-3000:]
-    assert "(opt): generic path" in (tmp_path / "worker.log").read_text()
+    assert line in (tmp_path / "worker.log").read_text()
     out = tmp_path / "results.jsonl"
     batchgen("results", batch_id, "-o", str(out), redis_url=redis_url, check=True)
-    assert texts_of(out) == hf_greedy(path, int8=True)
+    assert texts_of(out) == int8_oracle(path)
 
 
 def test_an_encoder_is_refused_before_any_weight_loads(demo_model_dir, tmp_path):

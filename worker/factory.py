@@ -14,21 +14,29 @@ def build_engine(cfg: WorkerConfig) -> Engine:
 
 
 def build_llm_engine(cfg) -> Engine:
-    """The resident engine, or the small-VRAM one when the int8 weights do not fit the VRAM cap."""
-    from batchgen.worker.engine.families import GENERIC, choose_family
+    """The resident engine, or the small-VRAM one when the int8 weights do not fit the VRAM cap: the fast path's
+    layer streamer for plain Llama layers, the generic path's layer hooks for every other model."""
+    from batchgen.worker.engine.families import GENERIC, STREAMABLE_MODEL_TYPES, FamilySpec, choose_family
+    from batchgen.worker.engine.setup import resolve_device_dtype
 
     family = choose_family(cfg.model)  # config.json only: not found / not a causal LM fail here, before weights
+    device, dtype = resolve_device_dtype(cfg)
+    may_stream = cfg.offload or (cfg.offload is None and cfg.max_vram_bytes is not None and device.type == "cuda")
+    streamable = family.model_type in STREAMABLE_MODEL_TYPES and FamilySpec.of(family.config).is_llama
+    if may_stream and (family.path == GENERIC or not streamable):
+        from batchgen.worker.offload.hook_stream import build_hook_streaming_engine, wants_hook_streaming
+
+        if wants_hook_streaming(cfg, family.config, device, dtype):
+            return build_hook_streaming_engine(cfg, family)
+    elif may_stream:
+        from batchgen.worker.offload.build import build_streaming_engine, wants_streaming
+
+        if wants_streaming(cfg, device, dtype):
+            return build_streaming_engine(cfg)
     if family.path == GENERIC:
         from batchgen.worker.engine.generic import GenericEngine
 
         return GenericEngine.from_config(cfg, family)
     from batchgen.worker.engine.llm_engine import LLMEngine
-    from batchgen.worker.engine.setup import resolve_device_dtype
 
-    device, dtype = resolve_device_dtype(cfg)
-    if cfg.offload or (cfg.offload is None and cfg.max_vram_bytes is not None and device.type == "cuda"):
-        from batchgen.worker.offload.build import build_streaming_engine, wants_streaming
-
-        if wants_streaming(cfg, device, dtype):
-            return build_streaming_engine(cfg)
     return LLMEngine.from_config(cfg)

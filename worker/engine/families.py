@@ -8,11 +8,17 @@ so a user learns it in one line instead of after a long weight load.
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-# Model types whose decoder layer is exactly Llama's (pre-norm, RoPE, q/k/v/o projections, gated MLP):
-# the model runner drives their HF submodules with its own slot-KV-cache forward.
-SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+# Model types whose decoder layer is Llama's up to a FamilySpec (pre-norm, RoPE, q/k/v/o projections, gated
+# MLP): the model runner drives their HF submodules with its own slot-KV-cache forward.
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"})
+# Those small-VRAM streaming (worker/offload/layer_stream.py) rebuilds on the device: exactly Llama's layer,
+# named q/k/v and gate/up, no window. Other fast-path families stream on the generic path's layer hooks.
+STREAMABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+# RoPE whose frequencies depend on the longest position in the batch: a packed batch would rope a row
+# differently from generate on that row alone.
+BATCH_DEPENDENT_ROPE = frozenset({"longrope", "su", "dynamic"})
 
 FAST, GENERIC = "fast", "generic"
 
@@ -26,6 +32,35 @@ class ModelNotFound(ValueError):
 
 class UnsupportedModel(ValueError):
     """A model neither engine path can serve (not a causal LM), refused before its weights load."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """How a fast-path family's decoder differs from Llama's, read from config.json. What the HF submodules the
+    forward reuses already do (Gemma's sqrt(hidden) embedding scale and (1 + w) RMSNorm, GeGLU's tanh gelu, a
+    tied lm_head, Phi-3's chunked gate_up MLP, llama3/yarn/linear RoPE) needs no option here."""
+
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k, before RoPE
+    post_norms: bool = False  # Gemma2: norms after attention and after the MLP, a separate pre-MLP norm
+    attn_softcap: float | None = None  # Gemma2: scores -> tanh(scores / c) * c before the mask
+    final_softcap: float | None = None  # Gemma2: the same on the logits
+    window: int | None = None  # a sliding layer attends to the last `window` positions (itself included)
+    sliding_layers: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def of(cls, config) -> "FamilySpec":
+        window = sliding_window(config)
+        return cls(qk_norm=config.model_type == "qwen3", post_norms=config.model_type == "gemma2",
+                   attn_softcap=getattr(config, "attn_logit_softcapping", None),
+                   final_softcap=getattr(config, "final_logit_softcapping", None),
+                   window=window, sliding_layers=_sliding_layers(config) if window else frozenset())
+
+    def window_of(self, layer: int) -> int | None:
+        return self.window if layer in self.sliding_layers else None
+
+    @property
+    def is_llama(self) -> bool:
+        return self == FamilySpec()
 
 
 @dataclass(frozen=True)
@@ -75,12 +110,18 @@ def classify(model: str, config) -> Family:
     # bert & co. have a causal head class, but as encoders (is_decoder unset) they attend both ways.
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
         raise UnsupportedModel(f"model {model!r} ({model_type}) is an encoder (masked LM), not a text generator")
-    window = sliding_window(config)
-    if model_type in SUPPORTED_MODEL_TYPES and window is not None and window < _context_length(config):
-        return Family(model, model_type, GENERIC, f"sliding window {window} < context {_context_length(config)}: "
-                      "the fast path attends to whole rows, HF's attention applies the window", config)
+    rope = rope_types(config)
+    if model_type in SUPPORTED_MODEL_TYPES and rope & BATCH_DEPENDENT_ROPE:
+        return Family(model, model_type, GENERIC, f"{'/'.join(sorted(rope & BATCH_DEPENDENT_ROPE))} RoPE scaling "
+                      "depends on the batch's longest sequence, which the packed fast path cannot reproduce per "
+                      "row", config)
     if model_type in SUPPORTED_MODEL_TYPES:
-        return Family(model, model_type, FAST, "its decoder layer is Llama's (slot-KV forward)", config)
+        spec = FamilySpec.of(config)
+        differences = [name for name, on in (("q/k norms", spec.qk_norm), ("post norms", spec.post_norms),
+                                             ("softcaps", spec.attn_softcap or spec.final_softcap),
+                                             (f"window {spec.window}", spec.window)) if on]
+        return Family(model, model_type, FAST, "its decoder layer is Llama's" +
+                      (f" with {', '.join(differences)}" if differences else "") + " (slot-KV forward)", config)
     return Family(model, model_type, GENERIC,
                   f"no fast path for {model_type!r} (fast: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}); "
                   "HF forward with a left-padded KV cache", config)
@@ -93,16 +134,28 @@ def sliding_window(config) -> int | None:
     return int(window)
 
 
-def _context_length(config) -> int:
-    return getattr(config, "max_position_embeddings", None) or 0
+def _sliding_layers(config) -> frozenset[int]:
+    """The layers a window applies to: config.layer_types where the model has them (Gemma2 alternates, Qwen2
+    from max_window_layers on), else every layer (Mistral)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return frozenset(i for i, t in enumerate(types) if t == "sliding_attention")
+    return frozenset(range(config.num_hidden_layers))
+
+
+def rope_types(config) -> set[str]:
+    """The RoPE variants a config names (rope_parameters, or the older rope_scaling; per layer type or not)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    nested = [p for p in params.values() if isinstance(p, dict)] or [params]
+    return {p.get("rope_type") or p.get("type") or "default" for p in nested}
 
 
 def _not_found_message(model: str, exc: BaseException) -> str:
     causes = {type(e).__name__ for e in _chain(exc)}
+    if os.path.isdir(model):  # before the path test below: an existing absolute directory is not "no such"
+        return f"model {model!r} not found: the local directory {os.path.abspath(model)!r} has no readable config.json"
     if os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model:
         return f"model {model!r} not found: no such local directory (and not a hub id)"
-    if os.path.isdir(model):
-        return f"model {model!r} not found: the local directory {os.path.abspath(model)!r} has no readable config.json"
     if "GatedRepoError" in causes:
         why = "the hub repo is gated: accept its licence on huggingface.co and set HF_TOKEN"
     elif "RepositoryNotFoundError" in causes:

@@ -3,14 +3,17 @@
 It reuses the loaded HF model's submodules (embeddings, norms, the int8 projections, the MLP, lm_head, rotary)
 and replaces only the attention bookkeeping: `decode_step` is a pure function over the cache tensors (so a CUDA
 graph can hold it); `prefill_step` packs prompts into one sequence (FlashAttention varlen on the GPU, a
-block-diagonal causal mask elsewhere) and hands each layer's K/V to a store.
+block-diagonal causal mask elsewhere) and hands each layer's K/V to a store. The families that join this path
+(Qwen3, Gemma, Gemma2, Phi-3, windowed Mistral) differ from Llama only by a FamilySpec, which this one forward
+reads: q/k norms, post norms, soft-capping, sliding-window layers.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from batchgen.worker.engine.families import FamilySpec
 from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits
 
 PREFILL_FLASH = ("flash", "triton")  # attentions whose prefill is FlashAttention varlen ("triton" decodes in Triton)
@@ -31,6 +34,7 @@ class LlamaParts:
     scaling: float
     # Small-VRAM mode (layer_stream.LayerStreamer): iter_layers() yields each decoder layer with its weights on the device.
     layer_executor: object | None = None
+    spec: FamilySpec = field(default_factory=FamilySpec)
 
     @classmethod
     def from_hf(cls, model: torch.nn.Module) -> "LlamaParts":
@@ -38,7 +42,13 @@ class LlamaParts:
         head_dim = head_dim_of(cfg)
         inner = model.model
         return cls(inner.embed_tokens, list(inner.layers), inner.norm, model.lm_head, inner.rotary_emb,
-                   cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, inner.layers[0].self_attn.scaling)
+                   cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, inner.layers[0].self_attn.scaling,
+                   spec=FamilySpec.of(cfg))
+
+    @property
+    def qkv_sizes(self) -> list[int]:
+        """Where q, k and v sit in a fused qkv_proj's output (int8_linear's, or Phi-3's own checkpoint weight)."""
+        return [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim]
 
     @property
     def num_layers(self) -> int:
@@ -56,6 +66,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:  # partial rotary (Phi-3's partial_rotary_factor): the rest of each head passes
+        return torch.cat((_apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
     return x * cos + _rotate_half(x) * sin
 
 
@@ -71,15 +84,23 @@ def forward_layers(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor,
     every token."""
     cos, sin = rope_tables(parts, h, positions)
     layers = parts.layers if parts.layer_executor is None else parts.layer_executor.iter_layers()
+    spec = parts.spec
     for i, layer in enumerate(layers):
         if len(groups) == 1:
-            h = layer_output(layer, h, groups[0][1](i, *attention_inputs(parts, layer, h, cos, sin)))
+            h = layer_output(layer, h, groups[0][1](i, *attention_inputs(parts, layer, h, cos, sin)), spec)
             continue
         for tokens, attend in groups:
             part = h[:, tokens]
             c, s = cos[:, :, tokens], sin[:, :, tokens]
-            h[:, tokens] = layer_output(layer, part, attend(i, *attention_inputs(parts, layer, part, c, s)))
+            h[:, tokens] = layer_output(layer, part, attend(i, *attention_inputs(parts, layer, part, c, s)), spec)
     return parts.norm(h)
+
+
+def logits_of(parts: LlamaParts, h: torch.Tensor) -> torch.Tensor:
+    """lm_head over normed hidden states, soft-capped where the family caps its logits (Gemma2)."""
+    logits = parts.lm_head(h)
+    cap = parts.spec.final_softcap
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def rope_tables(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,29 +115,52 @@ def attention_inputs(parts: LlamaParts, layer: torch.nn.Module, h: torch.Tensor,
     batch, num_tokens, _ = h.shape
     x = layer.input_layernorm(h)
     attn = layer.self_attn
-    qkv_proj = getattr(attn, "qkv_proj", None)  # int8_linear's fused q/k/v, when converted
+    qkv_proj = getattr(attn, "qkv_proj", None)  # int8_linear's fused q/k/v, or the checkpoint's own (Phi-3)
     if qkv_proj is not None:
-        q, k, v = qkv_proj(x).split(qkv_proj.split_sizes, dim=-1)
+        q, k, v = qkv_proj(x).split(parts.qkv_sizes, dim=-1)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    q, k, v = (t.view(batch, num_tokens, -1, parts.head_dim).transpose(1, 2) for t in (q, k, v))
+    q, k, v = (t.view(batch, num_tokens, -1, parts.head_dim) for t in (q, k, v))
+    if parts.spec.qk_norm:  # per head, before RoPE
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
 
 
-def layer_output(layer: torch.nn.Module, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+def layer_output(layer: torch.nn.Module, h: torch.Tensor, o: torch.Tensor,
+                 spec: FamilySpec | None = None) -> torch.Tensor:
     """The rest of a decoder layer, from its attention output o [B, heads, T, d]: the new residual stream."""
     batch, num_tokens, _ = h.shape
-    h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(batch, num_tokens, -1))
+    attended = layer.self_attn.o_proj(o.transpose(1, 2).reshape(batch, num_tokens, -1))
+    if spec is not None and spec.post_norms:  # Gemma2: post_attention_layernorm acts on the attention output
+        h = h + layer.post_attention_layernorm(attended)
+        return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+    h = h + attended
     return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, scale: float,
+                     softcap: float | None = None) -> torch.Tensor:
+    """Attention with a boolean mask over heads that line up (q's heads grouped per KV head, or equal counts).
+    Soft-capping is not in SDPA: then HF's eager math (scores capped before the mask, softmax in float32)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                  cu_seqlens_k: torch.Tensor, max_q: int, max_k: int, *, causal: bool, scale: float,
-                 seqused_k: torch.Tensor | None = None) -> torch.Tensor:
+                 seqused_k: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """FlashAttention-2 over packed sequences (q [Tq, H, D], k/v [Tk, Hkv, D], int32 offsets); with seqused_k
-    only the first seqused_k[i] keys of sequence i are read: decode reads each row's own length, no padding."""
+    only the first seqused_k[i] keys of sequence i are read: decode reads each row's own length, no padding.
+    window: each query attends to the last `window` keys up to its own position (itself included)."""
+    left, right = (None, None) if window is None else (window - 1, 0)
     return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, 0.0, causal,
-                                                   False, scale=scale, seqused_k=seqused_k)[0]
+                                                   False, scale=scale, seqused_k=seqused_k, window_size_left=left,
+                                                   window_size_right=right)[0]
 
 
 def decode_step(
@@ -131,44 +175,54 @@ def decode_step(
     """One token for rows [0, n): input_ids/positions [n] -> logits [n, vocab].
 
     Row r writes its K/V at positions[r] and attends to keys [0, positions[r]] of its own cache row
-    (cache [layers, rows, max_model_len, kv_heads, head_dim]). "flash": FlashAttention varlen reading
-    positions[r] + 1 keys per row; "triton": the split-KV Triton kernel (kernels/attention.py) reading the
-    same keys; "sdpa": masked attention over keys [0, kv_len) (GQA without copying K/V: the query heads
-    sharing a KV head become that head's query "sequence").
+    (cache [layers, rows, max_model_len, kv_heads, head_dim]); a sliding layer only to its last window keys.
+    "flash": FlashAttention varlen reading positions[r] + 1 keys per row; "triton": the split-KV Triton kernel
+    (kernels/attention.py) reading the same keys (flash where the model has a window: the kernel has none);
+    "sdpa": masked attention over keys [0, kv_len) (GQA without copying K/V: the query heads sharing a KV head
+    become that head's query "sequence"). Soft-capped attention (Gemma2) always takes the masked path:
+    FlashAttention here has no soft-cap.
     """
     return decode_logits(parts, input_ids, positions, CacheAttention(parts, k_cache, v_cache, positions, kv_len, attention))
 
 
 class CacheAttention:
     """decode_step's Attend over a device cache [layers, rows, max_len, kv_heads, head_dim]: row r writes its new
-    K/V at positions[r] and attends to keys [0, positions[r]] of its own row. The per-step index tensors are made
-    once here, not per layer; only device ops, so a CUDA graph can hold it."""
+    K/V at positions[r] and attends to keys [0, positions[r]] of its own row (a sliding layer: the last window of
+    them). The per-step index tensors are made once here, not per layer; only device ops, so a CUDA graph can
+    hold it."""
 
     def __init__(self, parts: LlamaParts, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                  kv_len: int, attention: str):
         n, device = positions.shape[0], positions.device
         self.parts, self.k_cache, self.v_cache, self.positions = parts, k_cache, v_cache, positions
-        self.kv_len, self.attention = kv_len, attention
+        self.kv_len = kv_len
+        self.attention = "sdpa" if parts.spec.attn_softcap is not None else attention
+        if self.attention == "triton" and parts.spec.window is not None:
+            self.attention = "flash"
         self.rows = torch.arange(n, device=device)
-        if attention == "flash":
+        if self.attention == "flash":
             self.cu_q = torch.arange(n + 1, device=device, dtype=torch.int32)
             self.cu_k = self.cu_q * k_cache.shape[2]
             self.used = (positions + 1).to(torch.int32)
-        elif attention == "triton":
+        elif self.attention == "triton":
             self.used = (positions + 1).to(torch.int32)
             self.splits = num_kv_splits(k_cache.shape[2], n, parts.num_kv_heads)  # from shapes: fixed per graph
         else:
-            self.mask = (torch.arange(kv_len, device=device)[None, :] <= positions[:, None])[:, None, None, :]
+            keys = torch.arange(kv_len, device=device)[None, :]
+            self.mask = (keys <= positions[:, None])[:, None, None, :]
+            if parts.spec.window is not None:
+                self.window_mask = self.mask & (keys > positions[:, None] - parts.spec.window)[:, None, None, :]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p, n = self.parts, q.shape[0]
+        window = p.spec.window_of(layer)
         self.k_cache[layer][self.rows, self.positions] = k[:, :, 0]
         self.v_cache[layer][self.rows, self.positions] = v[:, :, 0]
         if self.attention == "flash":
             keys = self.k_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
             values = self.v_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
             o = flash_varlen(q[:, :, 0], keys, values, self.cu_q, self.cu_k, 1, self.kv_len, causal=False,
-                             scale=p.scaling, seqused_k=self.used)
+                             scale=p.scaling, seqused_k=self.used, window=window)
             return o[:, :, None]
         if self.attention == "triton":
             o = decode_attention(q[:, :, 0], self.k_cache[layer], self.v_cache[layer], self.used, p.scaling,
@@ -177,14 +231,15 @@ class CacheAttention:
         keys = self.k_cache[layer, :n, :self.kv_len].transpose(1, 2)
         values = self.v_cache[layer, :n, :self.kv_len].transpose(1, 2)
         q = q.reshape(n, p.num_kv_heads, p.num_heads // p.num_kv_heads, p.head_dim)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, scale=p.scaling)
+        o = masked_attention(q, keys, values, self.mask if window is None else self.window_mask, scale=p.scaling,
+                             softcap=p.spec.attn_softcap)
         return o.reshape(n, p.num_heads, 1, p.head_dim)
 
 
 def decode_logits(parts: LlamaParts, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
     """One new token per row through every layer and lm_head; attend(layer, q, k, v) owns the KV cache."""
     h = forward_layers(parts, parts.embed(input_ids[:, None]), positions[:, None], [(slice(None), attend)])
-    return parts.lm_head(h[:, 0])
+    return logits_of(parts, h[:, 0])
 
 
 def cache_store(k_cache: torch.Tensor, v_cache: torch.Tensor, token_rows: torch.Tensor,
@@ -228,14 +283,18 @@ def prefill_step(
     # (small VRAM: putting each finished layer's K/V into the host cache)
     last = torch.tensor(seq_starts[1:], device=input_ids.device) - 1
     h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], groups)
-    return parts.lm_head(h[0, last])
+    return logits_of(parts, h[0, last])
 
 
 def _prefill_attention(parts: LlamaParts, positions: torch.Tensor, seq_starts: list[int], tokens: slice,
                        store: KVStore, attention: str) -> Attend:
-    """Causal attention within each of a group's packed prompts (positions/seq_starts: the group's own)."""
+    """Causal attention within each of a group's packed prompts (positions/seq_starts: the group's own); a
+    sliding layer's queries see only the last window positions of their prompt."""
     num_tokens, device = positions.shape[0], positions.device
+    spec = parts.spec
     lengths = [end - start for start, end in zip(seq_starts, seq_starts[1:], strict=False)]
+    if spec.attn_softcap is not None:
+        attention = "sdpa"
     flash = attention in PREFILL_FLASH
     if flash:
         cu = torch.tensor(seq_starts, device=device, dtype=torch.int32)
@@ -245,15 +304,23 @@ def _prefill_attention(parts: LlamaParts, positions: torch.Tensor, seq_starts: l
                                           torch.tensor(lengths, device=device), output_size=num_tokens)
         causal = positions[None, :] <= positions[:, None]
         mask = (causal & (segment[None, :] == segment[:, None]))[None, None]
+        if spec.window is not None:
+            window_mask = mask & (positions[None, :] > positions[:, None] - spec.window)[None, None]
 
     def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_tokens, v_tokens = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, kv_heads, head_dim]
         store(layer, tokens, k_tokens, v_tokens)
+        window = spec.window_of(layer)
         if flash:
             o = flash_varlen(q[0].transpose(0, 1).contiguous(), k_tokens.contiguous(), v_tokens.contiguous(), cu, cu,
-                             max_len, max_len, causal=True, scale=parts.scaling)
+                             max_len, max_len, causal=True, scale=parts.scaling, window=window)
             return o.transpose(0, 1)[None]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=parts.scaling, enable_gqa=True)
+        layer_mask = mask if window is None else window_mask
+        if spec.attn_softcap is None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=layer_mask, scale=parts.scaling, enable_gqa=True)
+        group = parts.num_heads // parts.num_kv_heads
+        return masked_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), layer_mask,
+                                scale=parts.scaling, softcap=spec.attn_softcap)
 
     return attend
 

@@ -32,11 +32,8 @@ def max_model_len_for(cfg: EngineConfig, config) -> int:
         raise ValueError(f"model type {config.model_type!r} is not supported "
                          f"(supported: {sorted(SUPPORTED_MODEL_TYPES)})")
     max_pos = config.max_position_embeddings
-    max_model_len = min(cfg.max_model_len or min(max_pos, DEFAULT_MAX_MODEL_LEN), max_pos)
-    window = _sliding_window(config)
-    if window is not None:  # the runner attends to the whole row: stay inside the window, where that is exact
-        max_model_len = min(max_model_len, window)
-    return max_model_len
+    # No window clamp: the forward applies each sliding layer's window (FamilySpec), the context stays max_pos.
+    return min(cfg.max_model_len or min(max_pos, DEFAULT_MAX_MODEL_LEN), max_pos)
 
 
 def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -45,13 +42,6 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> st
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_works(device, dtype):
         return "triton" if HAS_TRITON else "flash"
     return "sdpa"
-
-
-def _sliding_window(config) -> int | None:
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return None
-    return int(window)
 
 
 def resident_max_prefill_tokens(cfg: EngineConfig, device: torch.device, max_model_len: int) -> int:

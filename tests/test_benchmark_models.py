@@ -1,0 +1,30 @@
+"""benchmarks/models.py: each configuration runs in a child process, which must see the options it reads, and
+the whole harness runs end to end on CPU with tiny shapes (--tiny), small-VRAM case included."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.models import build_parser, child_options, phase_options
+
+
+def test_the_hf_child_reads_the_batches_and_tokens_it_was_given(tmp_path):
+    parent = build_parser().parse_args(["--hf-batches", "8,16", "--hf-tokens", "12"])
+    child = build_parser().parse_args(phase_options(tmp_path / "hf.json", "hf", ("bloom-7b1",),
+                                                    child_options(parent)))
+    assert (child.phase, child.phase_args) == ("hf", "bloom-7b1")
+    assert (child.hf_batches, child.hf_tokens) == ("8,16", 12)
+
+
+@pytest.mark.slow
+def test_the_tiny_small_vram_case_runs_end_to_end_on_cpu(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.models", "--tiny", "--small-vram", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads((tmp_path / "small-vram-tiny.json").read_text())["models"]["tiny-bloom"]
+    run = row["batchgen_6gib"]
+    assert "error" not in run, run
+    assert run["tokens"] == 64 * 64 and run["tok_s"] > 0
+    assert "under 6 GiB" in proc.stdout

@@ -1,0 +1,234 @@
+"""Small-VRAM mode for the generic path: any HF causal LM whose int8 weights do not fit the VRAM cap.
+
+Everything but the decoder layers moves to the device; the layers' tensors (int8 weights, their scales, norms,
+biases) stay in pinned host memory. A forward pre-hook on each layer of the model's layer list points the layer
+at one of two device stage slots, after the side CUDA stream has copied it in, and starts copying the next
+layer into the other slot, so the copy of layer i + 1 overlaps the compute of layer i (double buffering). The
+HF forward runs unchanged; the generic engine's large batches amortise each layer's copy over many rows. On
+CPU the "device" slots are host tensors too and the copies are plain copies (the tests).
+
+Chosen over accelerate's offload, which copies each weight in on the compute stream when it is first used: the
+bus and the compute then take turns instead of overlapping.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.families import Family
+from batchgen.worker.engine.generic import GenericEngine
+from batchgen.worker.engine.loader import load_model, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+NUM_SLOTS = 2
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's list of decoder layers: the ModuleList holding the most parameters (an expert list lives
+    inside a layer, so the layer list always holds more)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no list of decoder layers to stream")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a layer: module._parameters[name], module._buffers[name], or a bnb 8-bit state's SCB."""
+
+    module: torch.nn.Module
+    kind: str  # "param" | "buffer" | "scb"
+    name: str
+
+    def get(self) -> torch.Tensor:
+        if self.kind == "scb":
+            return self.module.state.SCB
+        return (self.module._parameters if self.kind == "param" else self.module._buffers)[self.name]
+
+    def point(self, tensor: torch.Tensor) -> None:
+        if self.kind == "scb":
+            self.module.state.SCB = tensor
+        elif self.kind == "param":
+            self.module._parameters[self.name].data = tensor
+            if _is_bnb_int8(self.module) and self.name == "weight":
+                self.module.state.CB = tensor  # bnb's matmul reads the weight from its state
+        else:
+            self.module._buffers[self.name] = tensor
+
+
+def _is_bnb_int8(module: torch.nn.Module) -> bool:
+    return type(module).__name__ == "Linear8bitLt"
+
+
+def _entries(layer: torch.nn.Module) -> list[_Entry]:
+    out = []
+    for module in layer.modules():
+        if _is_bnb_int8(module) and getattr(module.weight, "CB", None) is not None:
+            module.init_8bit_state()  # what its first forward does: the int8 weight and scales move to its state
+        out += [_Entry(module, "param", n) for n, p in module._parameters.items() if p is not None]
+        out += [_Entry(module, "buffer", n) for n, b in module._buffers.items() if b is not None]
+        if _is_bnb_int8(module) and module.state.SCB is not None:
+            out.append(_Entry(module, "scb", "SCB"))
+    return out
+
+
+def _signature(tensors: list[torch.Tensor]) -> list[tuple]:
+    return [(tuple(t.shape), t.dtype) for t in tensors]
+
+
+class HookStreamer:
+    """Streams `layers` (each with the same tensor shapes) through NUM_SLOTS device slots from host copies.
+
+    host: each layer's tensors in host memory (pinned on CUDA); slots: device tensors shaped like one layer's.
+    A layer's module always points at a slot while it runs and at nothing the host must keep otherwise."""
+
+    def __init__(self, layers: torch.nn.ModuleList, device: torch.device):
+        self.layers, self.device = layers, device
+        self.cuda = device.type == "cuda"
+        self.entries = [_entries(layer) for layer in layers]
+        first = [e.get() for e in self.entries[0]]
+        self.slots = [[torch.empty_like(t, device=device) for t in first] for _ in range(NUM_SLOTS)]
+        self.host = []
+        for i, entries in enumerate(self.entries):
+            if _signature([e.get() for e in entries]) != _signature(first):
+                raise ValueError("small-VRAM streaming on the generic path needs decoder layers of one shape; "
+                                 f"layer {i} differs from layer 0")
+            self.host.append([self._to_host(e.get()) for e in entries])
+            for entry, tensor in zip(entries, self.slots[0], strict=True):
+                entry.point(tensor)  # the loaded tensor is freed now: host memory holds one copy of the layers
+        self.holding: list[int | None] = [None] * NUM_SLOTS  # which layer each slot holds (or is receiving)
+        self.copied: list[torch.cuda.Event | None] = [None] * NUM_SLOTS
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.current = NUM_SLOTS - 1  # the slot the running layer uses: the first layer takes slot 0
+        self.num_copies = 0
+        self.copied_bytes = 0
+        for i, layer in enumerate(layers):  # nothing points at the host copies: a layer always reads a slot
+            layer.register_forward_pre_hook(self._hook(i))
+
+    @property
+    def layer_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.host[0])
+
+    @property
+    def slot_bytes(self) -> int:
+        return NUM_SLOTS * self.layer_bytes
+
+    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to("cpu")
+        return t.pin_memory() if self.cuda else t.clone()  # a copy of its own: the slot never aliases the host
+
+    def _hook(self, i: int):
+        def before_layer(module, args):
+            self.before(i)
+        return before_layer
+
+    def before(self, i: int) -> None:
+        """Layer i is about to run: point it at the slot holding it (copying it now if no prefetch did), then
+        start copying the next layer into the other slot."""
+        slot = self.holding.index(i) if i in self.holding else None
+        if slot is None:
+            slot = (self.current + 1) % NUM_SLOTS
+            self._copy(i, slot)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
+        for entry, tensor in zip(self.entries[i], self.slots[slot], strict=True):
+            entry.point(tensor)
+        self.current = slot
+        following = (i + 1) % len(self.layers)  # after the last layer: the next forward's first
+        other = (slot + 1) % NUM_SLOTS
+        if self.holding[other] != following:
+            self._copy(following, other)
+
+    def _copy(self, i: int, slot: int) -> None:
+        """Layer i's host tensors into slot, on the side stream, after all compute queued so far (the layer that
+        used the slot last is queued before this one)."""
+        self.holding[slot] = i
+        if not self.cuda:
+            for dst, src in zip(self.slots[slot], self.host[i], strict=True):
+                dst.copy_(src)
+        else:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                for dst, src in zip(self.slots[slot], self.host[i], strict=True):
+                    dst.copy_(src, non_blocking=True)
+                self.copied[slot] = self.copy_stream.record_event()
+        self.num_copies += 1
+        self.copied_bytes += self.layer_bytes
+
+    def stats(self) -> dict[str, int | float]:
+        return {"offload_layer_copies": self.num_copies, "offload_copied_gib": round(self.copied_bytes / 2**30, 3),
+                "offload_slot_bytes": self.slot_bytes}
+
+
+def move_all_but_layers(model: torch.nn.Module, layers: torch.nn.ModuleList, device: torch.device) -> None:
+    """Embeddings, final norm, lm_head and every other tensor outside the layer list onto the device."""
+    inside = {id(m) for m in layers.modules()}
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        for param in module._parameters.values():
+            if param is not None:
+                param.data = param.data.to(device)
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+        if _is_bnb_int8(module):
+            state = module.state
+            state.CB = None if state.CB is None else module.weight.data
+            state.SCB = None if state.SCB is None else state.SCB.to(device)
+
+
+def stream_layers(model: torch.nn.Module, device: torch.device) -> HookStreamer:
+    """Turns a host-loaded model into a streamed one: the rest on the device, the layers hooked."""
+    layers = decoder_layers(model)
+    move_all_but_layers(model, layers, device)
+    streamer = HookStreamer(layers, device)
+    log.info("small-VRAM (generic path): %d %s layers streamed through %d slots of %.1f MiB", len(layers),
+             type(layers[0]).__name__, NUM_SLOTS, streamer.layer_bytes / 2**20)
+    return streamer
+
+
+def int8_model_bytes(config, dtype_bytes: int) -> int:
+    """What a causal LM weighs loaded in 8-bit, from its config alone: the model built on the meta device, the
+    decoder layers' 2-D weights at one byte plus a float32 scale per row, everything else in the compute dtype."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = decoder_layers(model)
+    inside = {id(p) for p in layers.parameters()}
+    total = 0
+    for p in {id(p): p for p in model.parameters()}.values():
+        if id(p) in inside and p.dim() == 2:
+            total += p.numel() + 4 * p.shape[0]
+        else:
+            total += p.numel() * dtype_bytes
+    return total
+
+
+def wants_hook_streaming(cfg: EngineConfig, config, device: torch.device, dtype: torch.dtype) -> bool:
+    """offload=None (auto): stream when the model's int8 weights plus the reserve exceed max_vram_bytes on CUDA."""
+    if cfg.offload is not None:
+        return cfg.offload
+    if cfg.max_vram_bytes is None or device.type != "cuda":
+        return False
+    weights = int8_model_bytes(config, torch.empty(0, dtype=dtype).element_size())
+    return weights + cfg.vram_reserve_bytes > cfg.max_vram_bytes
+
+
+def build_hook_streaming_engine(cfg: EngineConfig, family: Family) -> GenericEngine:
+    """The generic engine over a host-loaded model whose decoder layers stream in through hooks."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.compute_dtype, device)
+    loaded = load_model(cfg.model, device=torch.device("cpu"), dtype=dtype, load_in_8bit=cfg.load_in_8bit,
+                        int8_threshold=cfg.int8_threshold)
+    streamer = stream_layers(loaded.model, device)
+    log.info("engine path: model %r (%s): generic path in small-VRAM mode (decoder layers streamed through "
+             "forward pre-hooks)%s", family.model, family.model_type,
+             "" if family.path != "fast" else "; its fast path's layer streamer rebuilds plain Llama layers only")
+    engine = GenericEngine(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
+                           weights_bytes=loaded.weights_bytes)
+    engine.streamer = streamer  # kept alive with the engine (the hooks hold it too); tests and benchmarks read it
+    return engine
