@@ -233,7 +233,7 @@ class BatchStore:
         """Ends an active batch `failed`: every request without an outcome gets this error line."""
         self.transition(batch_id, BatchStatus.FAILED, "failed_at",
                         [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING])
-        return self.fail(batch_id, self._without_outcome(batch_id), code, message)
+        return self.fail(batch_id, self._without_outcome(batch_id), code, message, status_code=None)  # never ran
 
     def _without_outcome(self, batch_id: str) -> list[int]:
         batch = self.get(batch_id)

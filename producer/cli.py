@@ -392,9 +392,9 @@ engine_options = shared_options(
     # Plain strings, not click.Choice: the choices live in the worker's EngineConfig, which validates them
     # (the producer CLI does not import the worker at load time).
     click.option("--int8-kernel", envvar="BATCHGEN_INT8_KERNEL", default="auto", show_default=True,
-                 help="int8 matmul kernel: auto, bnb, int_mm or weight_only (auto: int_mm where it runs)."),
+                 help="int8 matmul kernel: auto, int_mm_outliers, int_mm, weight_only or bnb (auto: int_mm_outliers where int_mm runs and the threshold is > 0)."),
     click.option("--attention", envvar="BATCHGEN_ATTENTION", default="auto", show_default=True,
-                 help="Attention kernel: auto, flash or sdpa (auto: flash on CUDA in fp16/bf16)."),
+                 help="Attention kernel: auto, triton, flash or sdpa (auto on CUDA in fp16/bf16: flash prefill, Triton decode)."),
     click.option("--cuda-graphs/--no-cuda-graphs", envvar="BATCHGEN_CUDA_GRAPHS", default=True, show_default=True,
                  help="Replay decode steps as CUDA graphs (CUDA only)."),
     click.option("--host-kv-dtype", envvar="BATCHGEN_HOST_KV_DTYPE", default="auto", show_default=True,

@@ -3,8 +3,12 @@
 import os
 from pathlib import Path
 
-import pytest
-from redis import Redis
+# Triton decides at a kernel's @triton.jit whether it is interpreted, so the CPU run of the Triton kernels
+# (tests/test_kernels.py) needs this before anything imports them (the engine's llama.py does).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from redis import Redis  # noqa: E402
 
 LOCK_KEY = "__batchgen_test_session__"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from batchgen.jobs import chunks, keys
 from batchgen.jobs.redis_checks import EvictingRedis
+from batchgen.jobs.schema import error_of
 from batchgen.jobs.states import BatchStatus
 from batchgen.jobs.store import BatchStore
 from batchgen.jobs.workers import WorkerRegistry
@@ -89,7 +90,7 @@ def test_a_missing_request_gets_a_request_lost_line_and_the_batch_ends(redis_con
     final = client.get(batch.id)
     assert final.status.is_terminal and final.request_counts == {"total": 6, "completed": 3, "failed": 3}
     lines = {ln["custom_id"]: ln for ln in client.results(batch.id)}
-    lost = {cid for cid, ln in lines.items() if ln["error"] and ln["error"]["code"] == "request_lost"}
+    lost = {cid for cid, ln in lines.items() if error_of(ln) and error_of(ln)["code"] == "request_lost"}
     assert lost == {"1", "r4", "r5"}  # a missing entry is named by its index: its custom_id went with it
     assert redis_conn.hlen(keys.claims_key()) == 0
 
@@ -104,7 +105,7 @@ def test_a_dead_workers_claim_whose_job_hash_is_gone_fails_its_requests_instead_
     make_worker(redis_conn).run()
     final = client.get(batch.id)
     assert final.status == BatchStatus.COMPLETED and final.request_counts["failed"] == 2
-    assert {ln["error"]["code"] for ln in client.results(batch.id) if ln["error"]} == {"request_lost"}
+    assert {error_of(ln)["code"] for ln in client.results(batch.id) if error_of(ln)} == {"request_lost"}
 
 
 def test_a_submit_that_fails_after_enqueueing_removes_its_keys_and_chunk_jobs(redis_conn, tmp_path, monkeypatch):
@@ -191,8 +192,8 @@ def test_a_request_nested_10000_deep_fails_alone_and_the_worker_goes_on(redis_co
     redis_conn.hset(keys.BatchKeys(batch.id).requests, 2, deep)
     assert make_worker(redis_conn).run() == 4
     lines = {ln["custom_id"]: ln for ln in client.results(batch.id)}
-    assert lines["2"]["error"]["code"] == "invalid_request"  # named by its index: its custom_id is unreadable
-    assert [cid for cid, ln in lines.items() if ln["error"] is None] and len(lines) == 4
+    assert error_of(lines["2"])["code"] == "invalid_request"  # named by its index: its custom_id is unreadable
+    assert [cid for cid, ln in lines.items() if error_of(ln) is None] and len(lines) == 4
     assert client.get(batch.id).status == BatchStatus.COMPLETED
 
 
@@ -205,8 +206,8 @@ def test_a_chunk_job_with_the_wrong_arguments_fails_alone_and_its_claim_is_relea
     job.save()
     assert make_worker(redis_conn).run() == 6
     lines = {ln["custom_id"]: ln for ln in client.results(batch.id)}
-    assert {cid for cid, ln in lines.items() if ln["error"]} == {"r0", "r1"}
-    assert lines["r0"]["error"]["code"] == "invalid_chunk_job"
+    assert {cid for cid, ln in lines.items() if error_of(ln)} == {"r0", "r1"}
+    assert error_of(lines["r0"])["code"] == "invalid_chunk_job"
     assert client.get(batch.id).status == BatchStatus.COMPLETED
     assert redis_conn.hlen(keys.claims_key()) == 0
     queue = chunks.make_queue("echo-m", "default", redis_conn)
@@ -229,7 +230,7 @@ def test_worker_fails_a_batch_whose_output_dir_is_outside_its_results_root(redis
     make_worker(redis_conn, results_root=str(root)).run()
     for refused in (bad, linked):
         assert client.get(refused.id).status == BatchStatus.FAILED
-        codes = {ln["error"]["code"] for ln in client.results(refused.id)}
+        codes = {error_of(ln)["code"] for ln in client.results(refused.id)}
         assert codes == {"output_dir_not_allowed"}
     assert not (tmp_path / "elsewhere").exists() or not any((tmp_path / "elsewhere").rglob("*.jsonl"))
     assert client.get(good.id).status == BatchStatus.COMPLETED

@@ -27,7 +27,7 @@ log = logging.getLogger("batchgen.engine")
 
 class ModelNotFound(ValueError):
     """The model's config.json could not be read: no such local directory, no network, unknown or gated repo.
-    A ValueError so the CLI reports it in one line (exit 2, a usage error) rather than a traceback."""
+    The CLI reports it in one line with its own exit code (10) rather than a traceback."""
 
 
 class UnsupportedModel(ValueError):
