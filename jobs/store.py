@@ -12,21 +12,23 @@ from typing import Any
 
 from batchgen.jobs import defaults, keys
 from batchgen.jobs.batch import Batch
-from batchgen.jobs.schema import Request, error_line, outcome_of
+from batchgen.jobs.schema import Request, error_line, error_of, outcome_of
 from batchgen.jobs.states import BatchStatus, Outcome
 from redis import Redis
 from redis.client import Pipeline
 
 # Records terminal outcomes: HSETNX makes each request terminal exactly once, and the batch moves to
-# its final status atomically with the outcome that completes it.
-# KEYS: record, outcomes. ARGV: now, ttl, then (index, line, counter field) triples.
+# its final status atomically with the outcome that completes it: `failed` when any request was lost from
+# Redis (data loss is not a completed batch), else `completed`.
+# KEYS: record, outcomes. ARGV: now, ttl, then (index, line, counter field, lost 0/1) quadruples.
 # Returns the indexes that were newly recorded.
 _RECORD_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
 local accepted = {}
-for i = 3, #ARGV, 3 do
+for i = 3, #ARGV, 4 do
   if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
     redis.call('HINCRBY', KEYS[1], ARGV[i + 2], 1)
+    if ARGV[i + 3] == '1' then redis.call('HINCRBY', KEYS[1], 'num_lost', 1) end
     accepted[#accepted + 1] = ARGV[i]
   end
 end
@@ -35,6 +37,8 @@ if #accepted > 0 and redis.call('HLEN', KEYS[2]) >= total then
   local status = redis.call('HGET', KEYS[1], 'status')
   if status == 'cancelling' then
     redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1])
+  elseif (status == 'in_progress' or status == 'finalizing') and redis.call('HEXISTS', KEYS[1], 'num_lost') == 1 then
+    redis.call('HSET', KEYS[1], 'status', 'failed', 'finalizing_at', ARGV[1], 'failed_at', ARGV[1])
   elseif status == 'in_progress' or status == 'finalizing' then
     redis.call('HSET', KEYS[1], 'status', 'completed', 'finalizing_at', ARGV[1], 'completed_at', ARGV[1])
   end
@@ -63,6 +67,7 @@ return 0
 """
 
 PAGE = 500
+LOST_CODE = "request_lost"  # a request or chunk job that vanished from Redis: its batch ends failed
 
 
 def now_s() -> int:
@@ -213,7 +218,8 @@ class BatchStore:
         k = keys.BatchKeys(batch_id)
         argv: list[Any] = [now_s(), self.result_ttl_s]
         for index, line in lines:
-            argv += [index, json.dumps(line, separators=(",", ":")), Outcome(outcome_of(line)).counter]
+            lost = (error_of(line) or {}).get("code") == LOST_CODE
+            argv += [index, json.dumps(line, separators=(",", ":")), Outcome(outcome_of(line)).counter, int(lost)]
         accepted = self._record(keys=[k.record, k.outcomes, k.requests], args=argv, client=pipeline)
         return [int(i) for i in accepted] if pipeline is None else []
 
