@@ -32,6 +32,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, MinPLogitsWarper,
 
 from tests.cli import batchgen, start_worker
 from tests.models import write_tiny_model
+from tests.test_llm_engine import run
 
 PROMPT = "write a short poem about the sea and the stars"
 OTHER = "the quick brown fox jumps over the lazy dog"
@@ -175,17 +176,6 @@ def completion(key: str, prompt: str = PROMPT, **params) -> GenerationRequest:
     params.setdefault("temperature", 0.0)
     params.setdefault("max_tokens", 16)
     return GenerationRequest(key, Request(custom_id=key, prompt=prompt, params=SamplingParams(**params)))
-
-
-def run(engine, requests: list[GenerationRequest]) -> dict[str, GenerationResult]:
-    results = {r.key: r for r in engine.add(requests)}
-    for _ in range(2000):
-        if not engine.num_unfinished:
-            return results
-        for r in engine.step():
-            assert r.key not in results, f"{r.key} returned twice"
-            results[r.key] = r
-    raise AssertionError("engine did not finish")
 
 
 def ids_of(engine, prompt: str = PROMPT) -> list[int]:
