@@ -328,7 +328,7 @@ def list_(limit, redis_url, as_json):
 
 
 WORKER_TEXT_FIELDS = frozenset({"name", "model", "engine", "queues", "device", "device_name", "cuda_visible_devices",
-                                "state"})
+                                "state", "int8_kernel", "results_root"})
 
 
 def worker_view(info: dict[str, str]) -> dict[str, Any]:
@@ -367,6 +367,8 @@ def workers(redis_url, as_json):
         f"tok/s={w['tokens_per_s']} vram_used={(w['vram_used_bytes'] or 0) / 2**30:.1f}GiB "
         f"free={(w['vram_free_bytes'] or 0) / 2**30:.1f}GiB temp={w['gpu_temperature_c'] or '-'}C "
         f"done={w['requests_done']} device={w['device']} gpu={w.get('cuda_visible_devices') or '-'}"
+        + (f" int8={w['int8_kernel']}" if w.get("int8_kernel") else "")
+        + (f" outlier_columns={w['int8_outlier_columns']}" if w.get("int8_outlier_columns") else "")
         for w in infos
     ]
     emit(as_json, infos, "\n".join(lines) or "no live workers")

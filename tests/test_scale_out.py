@@ -108,6 +108,10 @@ def test_tiny_model_workers_share_a_batch_and_survive_a_kill(demo_model_dir, red
         # Submit once every model is loaded (a worker registers after its load), so all three share it.
         eventually(lambda: all(redis_conn.exists(keys.worker_key(n)) for n in names), "three loaded workers",
                    timeout_s=240, poll_s=0.2)
+        listed = json.loads(batchgen("workers", "--json", redis_url=redis_url, check=True).stdout)
+        # `batchgen workers` says which int8 kernel runs and how many outlier columns it keeps (the demo
+        # model's activations stay below the threshold: none)
+        assert {(w["int8_kernel"], w["int8_outlier_columns"]) for w in listed} == {("int_mm_outliers", 0)}
         client = BatchClient(ProducerConfig(redis_url=redis_url, chunk_size=2), connection=redis_conn)
         rows = [{"custom_id": f"t-{i}", "prompt": f"tell me about the number {i}", "max_tokens": 12,
                  "temperature": 0} for i in range(24)]

@@ -445,5 +445,8 @@ class BatchWorker:
             "requests_done": self.num_requests_done, "chunks_held": len(self.held),
             "state": "stopping" if self.stop_requested_at else ("busy" if self.held else "idle"),
             "last_heartbeat": int(time.time()), "results_root": self.cfg.results_root or "",
+            # which int8 kernel runs, and how many LLM.int8() outlier columns it keeps in the compute dtype
+            "int8_kernel": stats.extra.get("int8_kernel") or "",
+            "int8_outlier_columns": stats.extra.get("int8_outlier_columns", ""),
         }
         self.workers.heartbeat(self.cfg.name, info, self.cfg.worker_ttl_s)
