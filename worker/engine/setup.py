@@ -36,12 +36,18 @@ def max_model_len_for(cfg: EngineConfig, config) -> int:
     return min(cfg.max_model_len or min(max_pos, DEFAULT_MAX_MODEL_LEN), max_pos)
 
 
-def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_works(device, dtype):
-        return "triton" if HAS_TRITON else "flash"
-    return "sdpa"
+def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> str:
+    """The attention kernel for cfg.attention; an fp8 KV cache decodes with triton or sdpa, never flash."""
+    attention = name
+    if name == "auto":
+        attention = "sdpa"
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_works(device, dtype):
+            attention = "triton" if HAS_TRITON else "flash"
+    if kv_cache_dtype == "fp8" and attention == "flash":
+        why = "Triton is not installed here" if name == "auto" else "FlashAttention reads no fp8 cache"
+        raise ValueError(f"--kv-cache-dtype fp8 decodes with the Triton kernel (or sdpa), and {why}: use "
+                         "--attention sdpa or --kv-cache-dtype auto")
+    return attention
 
 
 def resident_max_prefill_tokens(cfg: EngineConfig, device: torch.device, max_model_len: int) -> int:
@@ -66,7 +72,7 @@ def resident_budget(cfg: EngineConfig, runner: ModelRunner, config, weights_byte
     else:
         act_per_row, prefill_bytes = budget_math.estimate_activations(
             config, head_dim=parts.head_dim, max_model_len=runner.max_model_len, prefill_tokens=max_prefill_tokens,
-            dtype_bytes=runner.kv_dtype_bytes, scores=True)
+            dtype_bytes=torch.empty(0, dtype=runner.dtype).element_size(), scores=True)  # activations: compute dtype
         free = budget_math.available_ram_bytes()
     return plan_rows(cfg, device, free_bytes=free, weights_bytes=weights_bytes, kv_bytes_per_token=kv_per_token,
                      max_model_len=runner.max_model_len, activation_bytes_per_row=act_per_row,

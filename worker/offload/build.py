@@ -139,6 +139,9 @@ def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num
     the planner's choice (tests, benchmarks)."""
     if not cfg.load_in_8bit:
         raise ValueError("small-VRAM mode streams int8 weights: load_in_8bit must be on")
+    if cfg.kv_cache_dtype != "auto":
+        raise ValueError("--kv-cache-dtype fp8 is the resident engine's; small-VRAM mode's host KV cache has its "
+                         "own --host-kv-dtype")
     if cfg.fp16_modules:  # the stream's stage slots are sized for int8 layers
         raise ValueError("small-VRAM mode streams int8 layers: --fp16-modules is not supported there yet")
     from transformers import AutoConfig
