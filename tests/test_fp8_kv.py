@@ -108,6 +108,19 @@ def test_fp8_with_flash_attention_is_refused_at_start_up():
     assert resolve_attention("auto", CPU, torch.float32, "fp8") == "sdpa"
 
 
+def test_auto_attention_on_cuda_takes_triton_for_fp8_and_refuses_it_without_triton(monkeypatch):
+    from batchgen.worker.engine import setup
+
+    cuda = torch.device("cuda")  # only resolved here, never used
+    monkeypatch.setattr(setup, "flash_works", lambda device, dtype: True)
+    monkeypatch.setattr(setup, "HAS_TRITON", True)
+    assert resolve_attention("auto", cuda, torch.float16, "fp8") == "triton"
+    monkeypatch.setattr(setup, "HAS_TRITON", False)
+    assert resolve_attention("auto", cuda, torch.float16, "auto") == "flash"
+    with pytest.raises(ValueError, match="Triton is not installed"):
+        resolve_attention("auto", cuda, torch.float16, "fp8")
+
+
 def test_small_vram_mode_refuses_fp8_and_names_its_own_host_kv_flag(demo_model_dir):
     from batchgen.worker.offload.build import build_streaming_engine
 
