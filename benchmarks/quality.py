@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.quality --device cuda --out docs/benchmarks/quality.json          # + --speed on a GPU
     .venv/bin/python -m benchmarks.quality --device cpu --out docs/benchmarks/quality_cpu.json
+    .venv/bin/python -m benchmarks.quality --device cpu --kv-only --out /tmp/quality_kv_cpu.json    # KV cache only
 
 Random weights only produce near-tie noise, so the model gets what real LLMs above ~6.7B carry (Dettmers et
 al., 2022): NUM_OUTLIER_CHANNELS residual channels whose input-norm weights are scaled so that their mean |x|

@@ -149,3 +149,16 @@ def test_models_off_the_fast_path_refuse_fp8_before_loading(demo_model_dir, tmp_
     gpt2 = write_tiny_model(tmp_path / "gpt2", "gpt2", demo_model_dir, weights=False)
     with pytest.raises(ValueError, match="generic path"):
         build_llm_engine(EngineConfig(model=str(gpt2), kv_cache_dtype="fp8"))
+
+
+def test_the_quality_benchmarks_kv_section_runs_on_cpu():
+    """benchmarks/quality.py --kv on a tiny planted model: the runner's drift from fp32 with each cache dtype."""
+    from benchmarks.quality import Shape, run_kv
+
+    tiny = Shape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=512, num_seqs=2, seq_len=16,
+                 num_prompts=1, prompt_len=4, new_tokens=2)
+    auto, fp8 = run_kv(tiny, 20, CPU, torch.float32)
+    assert (auto["kv_cache_dtype"], fp8["kv_cache_dtype"]) == ("auto", "fp8")
+    assert auto["attention"] == fp8["attention"] == "sdpa"
+    assert auto["kl_vs_auto"] == 0 < fp8["kl_vs_auto"]
+    assert auto["kl"] > 0 and fp8["kl"] > 0 and 0 <= fp8["top1"] <= 1

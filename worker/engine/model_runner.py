@@ -9,9 +9,9 @@ from batchgen.worker.engine.llama import LlamaParts, cache_store, decode_step, p
 KV_LEN_BUCKET = 256
 # An fp8 cache's scale is the calibration's absmax per layer and KV head times this: K/V up to twice what the
 # calibration text produced stay inside e4m3's range (448); e4m3's relative rounding (3 mantissa bits) is the same
-# at any scale, so the margin costs precision only in the subnormals (values under 2^-6 of the largest).
+# at any scale, so the margin costs precision only in the subnormals (values under 2^-6 / 224 of that largest).
 KV_SCALE_MARGIN = 2.0
-KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}  # None: the compute dtype
+KV_TORCH_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}  # None: the compute dtype
 
 
 def pack_prompts(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -54,14 +54,14 @@ class ModelRunner:
                  prefill_group_tokens: int | None = None, kv_cache_dtype: str = "auto"):
         if attention not in ("flash", "triton", "sdpa"):
             raise ValueError(f"unknown attention {attention!r}: use flash, triton or sdpa")
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}: use {' or '.join(KV_CACHE_DTYPES)}")
+        if kv_cache_dtype not in KV_TORCH_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}: use {' or '.join(KV_TORCH_DTYPES)}")
         if kv_cache_dtype == "fp8" and attention == "flash":
             raise ValueError("an fp8 KV cache decodes with triton or sdpa: FlashAttention reads no fp8 cache")
         self.parts = parts
         self.device, self.dtype, self.max_model_len = device, dtype, max_model_len
         self.kv_cache_dtype = kv_cache_dtype
-        self.kv_dtype = KV_CACHE_DTYPES[kv_cache_dtype] or dtype
+        self.kv_dtype = KV_TORCH_DTYPES[kv_cache_dtype] or dtype
         self.k_scale = self.v_scale = None
         if kv_cache_dtype == "fp8":  # filled in place by calibrate_kv: captured graphs read them where they are
             self.k_scale = torch.ones(parts.num_layers, parts.num_kv_heads, dtype=torch.float32, device=device)
@@ -112,8 +112,7 @@ class ModelRunner:
         token_rows = torch.tensor([r for r, p in zip(rows, prompts, strict=True) for _ in p], device=self.device)
         return prefill_step(self.parts, ids, positions, starts,
                             cache_store(self.k_cache, self.v_cache, token_rows, positions, self.k_scale, self.v_scale),
-                            self.attention,
-                            self.prefill_group_tokens)
+                            self.attention, self.prefill_group_tokens)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """tokens/positions for rows [0, len(tokens)); holes carry token 0 at position 0 and are ignored."""
