@@ -108,13 +108,18 @@ def test_fp8_with_flash_attention_is_refused_at_start_up():
     assert resolve_attention("auto", CPU, torch.float32, "fp8") == "sdpa"
 
 
-def test_auto_attention_on_cuda_takes_triton_for_fp8_and_refuses_it_without_triton(monkeypatch):
+def test_auto_attention_on_cuda_takes_triton_for_fp8_and_refuses_it_where_triton_cannot(monkeypatch):
     from batchgen.worker.engine import setup
 
     cuda = torch.device("cuda")  # only resolved here, never used
     monkeypatch.setattr(setup, "flash_works", lambda device, dtype: True)
     monkeypatch.setattr(setup, "HAS_TRITON", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
     assert resolve_attention("auto", cuda, torch.float16, "fp8") == "triton"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))  # A100: no e4m3 in Triton
+    with pytest.raises(ValueError, match="sm89"):
+        resolve_attention("auto", cuda, torch.float16, "fp8")
+    assert resolve_attention("sdpa", cuda, torch.float16, "fp8") == "sdpa"
     monkeypatch.setattr(setup, "HAS_TRITON", False)
     assert resolve_attention("auto", cuda, torch.float16, "auto") == "flash"
     with pytest.raises(ValueError, match="Triton is not installed"):

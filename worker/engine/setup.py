@@ -12,7 +12,8 @@ from batchgen.worker.engine.model_runner import ModelRunner
 DEFAULT_MAX_MODEL_LEN = 4096
 CUDA_ALLOCATOR_SLACK = 0.03
 CUDA_MIN_PREFILL_TOKENS = 4096  # a packed prefill of a few thousand tokens keeps the tensor cores busy
-CPU_MAX_BATCH_SIZE = 64  # without a cap, CPU batches are limited by cores long before memory
+CPU_MAX_BATCH_SIZE = 64
+FP8_MIN_CAPABILITY = (8, 9)  # Triton's float8_e4m3fn (fp8e4nv) needs Ada or Hopper  # without a cap, CPU batches are limited by cores long before memory
 
 
 def resolve_device_dtype(cfg: EngineConfig, *, streaming: bool = False) -> tuple[torch.device, torch.dtype]:
@@ -47,6 +48,10 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, kv_ca
         why = "Triton is not installed here" if name == "auto" else "FlashAttention reads no fp8 cache"
         raise ValueError(f"--kv-cache-dtype fp8 decodes with the Triton kernel (or sdpa), and {why}: use "
                          "--attention sdpa or --kv-cache-dtype auto")
+    if (kv_cache_dtype == "fp8" and attention == "triton" and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY):
+        raise ValueError("--kv-cache-dtype fp8: Triton reads e4m3 on sm89+ (Ada, Hopper) only: use --attention sdpa "
+                         "(dequantised, slower) or --kv-cache-dtype auto")
     return attention
 
 
