@@ -61,8 +61,8 @@ def test_writing_then_reading_the_cache_reproduces_kv_within_e4m3_rounding(fp8_e
         runner.prefill([0, 1], prompts)
     for layer, (k, v) in seen.items():
         for cache, scale, exact in ((runner.k_cache, runner.k_scale, k), (runner.v_cache, runner.v_scale, v)):
-            # the calibration text's own absmax sits at 448 / KV_SCALE_MARGIN: well inside e4m3's range
-            assert (exact.abs().amax(dim=(0, 2)) / scale[layer]).max() <= 448 / KV_SCALE_MARGIN * 1.01
+            # text like the calibration's stays inside e4m3's range (448), with room to spare: nothing saturates
+            assert (exact.abs().amax(dim=(0, 2)) / scale[layer]).max() <= 448 / KV_SCALE_MARGIN * 1.5
             read = from_cache(cache[layer, :2, :48], scale[layer], torch.float32).reshape(exact.shape)
             bound = E4M3_RELATIVE * exact.abs() + E4M3_SUBNORMAL_STEP / 2 * scale[layer][:, None]
             assert ((read - exact).abs() <= bound * 1.001).all()
