@@ -48,6 +48,17 @@ def test_the_fp8_cache_takes_one_byte_per_value_and_the_budget_counts_it(fp8_eng
     assert not torch.equal(runner.k_scale[:, 0], runner.k_scale[:, 1])  # heads of their own ranges
 
 
+def test_the_same_memory_budget_holds_more_fp8_rows(demo_model_dir):
+    """Per row: a quarter of the float32 K/V bytes, the same activations (on CPU their estimate includes the
+    dequantised copy masked attention reads)."""
+    budgets = {kv: LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), kv_cache_dtype=kv, vram_reserve_bytes=0,
+                                                      max_vram_bytes=32 * 2**20)).budget for kv in ("auto", "fp8")}
+    auto, fp8 = budgets["auto"], budgets["fp8"]
+    assert fp8.kv_bytes_per_row * 4 == auto.kv_bytes_per_row
+    assert fp8.activation_bytes_per_row == auto.activation_bytes_per_row
+    assert auto.max_rows < fp8.max_rows < 64  # 64: the CPU row cap, not reached
+
+
 def test_writing_then_reading_the_cache_reproduces_kv_within_e4m3_rounding(fp8_engine):
     """The prompt's own K/V (captured from a prefill) against what the fp8 cache gives back for them."""
     runner = fp8_engine.runner
