@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.quality --device cuda --out docs/benchmarks/quality.json          # + --speed on a GPU
     .venv/bin/python -m benchmarks.quality --device cpu --out docs/benchmarks/quality_cpu.json
+    .venv/bin/python -m benchmarks.quality --device cpu --kv-only --out /tmp/quality_kv_cpu.json    # KV cache only
 
 Random weights only produce near-tie noise, so the model gets what real LLMs above ~6.7B carry (Dettmers et
 al., 2022): NUM_OUTLIER_CHANNELS residual channels whose input-norm weights are scaled so that their mean |x|
@@ -13,6 +14,13 @@ KL(fp32 ‖ variant), top-1 agreement, and the share of greedy tokens equal to f
 Variants: default (batchgen's auto kernel: int_mm_outliers, calibrated as the engine does), default_fp16_ends (the
 same with the first and last decoder layers in fp16: --fp16-modules), bnb_t6 (bitsandbytes' Linear8bitLt, LLM.int8()
 at threshold 6), bnb_t0, int_mm (batchgen at threshold 0) and weight_only.
+
+--kv (on by default on CUDA; --kv-only skips the int8 variants): the KV cache's own drift, at S in KV_STRENGTHS. The
+default int8 model runs through the engine's ModelRunner, teacher-forced: each sequence's first half prefilled,
+the second half decoded one token a step on the true tokens, so every logit after the first comes from a decode
+step reading the cache. KL(fp32 ‖ runner) and top-1 for kv_cache_dtype auto (the compute dtype) and fp8 (e4m3,
+scales calibrated on the calibration ids as the engine does); kl_vs_auto is KL(auto runner ‖ fp8 runner). On
+CUDA the runner decodes with the Triton kernel, on CPU with masked sdpa.
 
 --speed (CUDA): a random Llama-3-8B-shape model of SPEED_LAYERS layers through the engine's ModelRunner: the
 decode step at SPEED_ROWS rows (CUDA graphs) and the prefill tok/s, default vs int_mm, with the issue's bounds.
@@ -43,6 +51,8 @@ THRESHOLD = 6.0
 # default_fp16_ends: the default with the first and last decoder layers kept in fp16 (--fp16-modules)
 VARIANTS = ("default", "default_fp16_ends", "bnb_t6", "bnb_t0", "int_mm", "weight_only")
 CPU_VARIANTS = ("default", "default_fp16_ends", "bnb_t6", "int_mm", "weight_only")  # bnb_t0 is int_mm's arithmetic, and bnb is slow here
+KV_STRENGTHS: tuple[float, ...] = (0, 20)
+KV_CACHE_DTYPES = ("auto", "fp8")
 SPEED_LAYERS = 16
 SPEED_ROWS = 256
 SPEED_PREFILL = (16, 256)  # prompts x tokens
@@ -183,11 +193,16 @@ def greedy(model, prompts: torch.Tensor, new_tokens: int, device: torch.device) 
     return torch.cat(tokens, dim=1).cpu()
 
 
-def compare(ref_logits: torch.Tensor, logits: torch.Tensor, ref_greedy: torch.Tensor, out_greedy: torch.Tensor
-            ) -> dict[str, float]:
+def kl_top1(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """Mean KL(ref ‖ logits) over positions and the share of positions with the same argmax."""
     logp, logq = ref_logits.double().log_softmax(-1), logits.double().log_softmax(-1)
     kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
-    top1 = (ref_logits.argmax(-1) == logits.argmax(-1)).double().mean().item()
+    return kl, (ref_logits.argmax(-1) == logits.argmax(-1)).double().mean().item()
+
+
+def compare(ref_logits: torch.Tensor, logits: torch.Tensor, ref_greedy: torch.Tensor, out_greedy: torch.Tensor
+            ) -> dict[str, float]:
+    kl, top1 = kl_top1(ref_logits, logits)
     return {"kl": round(kl, 6), "top1": round(top1, 4), "greedy": round((ref_greedy == out_greedy).double().mean().item(), 4)}
 
 
@@ -217,6 +232,71 @@ def run_strength(shape: Shape, strength: float | str, device: torch.device, dtyp
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+@torch.inference_mode()
+def teacher_forced(runner, ids: torch.Tensor) -> torch.Tensor:
+    """ids [num_seqs, seq_len] through a ModelRunner: the first half of each row prefilled, then one decode step
+    per later token, fed the true token. Logits [num_seqs, seq_len - seq_len // 2, vocab] for positions
+    seq_len // 2 - 1 .. seq_len - 2 (the first from the prefill, the rest from decode steps). The runner's cache
+    is sized to the rows and then back to what it had (its contents are not kept)."""
+    num_seqs, seq_len = ids.shape
+    half, previous_rows = seq_len // 2, runner.max_rows
+    runner.allocate_kv(num_seqs)
+    rows = list(range(num_seqs))
+    out = [runner.prefill(rows, ids[:, :half].tolist())]
+    for pos in range(half, seq_len - 1):
+        out.append(runner.decode(ids[:, pos].tolist(), [pos] * num_seqs))
+    runner.allocate_kv(previous_rows)
+    return torch.stack(out, dim=1).float().cpu()
+
+
+def kv_runner(model, kv_cache_dtype: str, device: torch.device, dtype: torch.dtype, max_model_len: int,
+              calibration: torch.Tensor):
+    """The engine's ModelRunner over model, its attention picked as the engine picks it, an fp8 cache calibrated."""
+    from batchgen.worker.engine.llama import LlamaParts
+    from batchgen.worker.engine.model_runner import ModelRunner
+    from batchgen.worker.engine.setup import resolve_attention
+
+    runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=max_model_len,
+                         attention=resolve_attention("auto", device, dtype, kv_cache_dtype),
+                         kv_cache_dtype=kv_cache_dtype)
+    runner.calibrate_kv(calibration.to(device))
+    return runner
+
+
+def run_kv(shape: Shape, strength: float, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """KL(fp32 ‖ runner) with the default int8 kernel for each KV cache dtype (the module docstring's --kv)."""
+    ref = build_planted(shape, strength, device=device)
+    ids = eval_ids(shape, seed=2)
+    calibration = eval_ids(shape, seed=4, num_seqs=4, seq_len=shape.seq_len)
+    half = shape.seq_len // 2
+    ref_logits = logits_of(ref, ids, device)[:, half - 1:-1]
+    rows, logits = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ref.save_pretrained(tmp)
+        del ref
+        model = load_variant(Path(tmp), "default", device, dtype, calibration)
+        for kv in KV_CACHE_DTYPES:
+            runner = kv_runner(model, kv, device, dtype, shape.seq_len, calibration)
+            logits[kv] = teacher_forced(runner, ids)
+            kl, top1 = kl_top1(ref_logits, logits[kv])
+            row = {"strength": strength, "kv_cache_dtype": kv, "attention": runner.attention, "kl": round(kl, 6),
+                   "top1": round(top1, 4), "kl_vs_auto": round(kl_top1(logits["auto"], logits[kv])[0], 6)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del runner
+        del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def kv_table(rows: list[dict]) -> str:
+    lines = ["| S | KV cache | attention | KL(fp32 ‖ runner) | top-1 | KL(auto ‖ fp8) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['strength']} | {r['kv_cache_dtype']} | {r['attention']} | {r['kl']:.4f} | {r['top1']:.3f} | "
+              f"{r['kl_vs_auto']:.5f} |" for r in rows]
+    return "\n".join(lines)
 
 
 def _num_outlier_columns(model) -> int:
@@ -351,6 +431,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/quality.json"))
     parser.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
                         help="time default vs int_mm (default: on for CUDA)")
+    parser.add_argument("--kv", action=argparse.BooleanOptionalAction, default=None,
+                        help="KV cache dtypes auto vs fp8 through the ModelRunner (default: on for CUDA)")
+    parser.add_argument("--kv-only", action="store_true", help="only the --kv section (no int8 variants)")
     args = parser.parse_args()
     device = torch.device(args.device)
     shape = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
@@ -360,14 +443,18 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="MatMul8bitLt")
     variants = VARIANTS if device.type == "cuda" else CPU_VARIANTS
     start = time.perf_counter()
-    rows = [r for s in STRENGTHS for r in run_strength(shape, s, device, dtype, variants)]
+    rows = [] if args.kv_only else [r for s in STRENGTHS for r in run_strength(shape, s, device, dtype, variants)]
     goal_rows = goals(rows)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
            "shape": asdict(shape), "threshold": THRESHOLD, "num_outlier_channels": NUM_OUTLIER_CHANNELS,
            "massive": {"base_strength": MASSIVE_BASE_STRENGTH, "value": MASSIVE_VALUE, "layer": MASSIVE_LAYER},
            "compute_dtype": str(dtype).removeprefix("torch."), "rows": rows, "goals": goal_rows}
-    print(table(rows, goal_rows))
+    if rows:
+        print(table(rows, goal_rows))
+    if args.kv_only or args.kv or (args.kv is None and device.type == "cuda"):
+        out["kv"] = [r for s in KV_STRENGTHS for r in run_kv(shape, s, device, dtype)]
+        print(kv_table(out["kv"]))
     if args.speed or (args.speed is None and device.type == "cuda"):
         out["speed"] = run_speed(device)
     out["wall_s"] = round(time.perf_counter() - start, 1)

@@ -201,3 +201,39 @@ def test_the_runners_triton_decode_step_equals_masked_attention():
         assert torch.equal(t[0], s[0])  # layer 0's new K/V come before any attention
         torch.testing.assert_close(t[1].float(), s[1].float(), atol=2e-2, rtol=2e-2)
         assert not torch.equal(t[1], cache[0][1])  # written
+
+
+def test_the_runners_triton_decode_step_over_an_fp8_cache_equals_masked_attention_over_it():
+    """--kv-cache-dtype fp8: decode_step with attention="triton" reads the e4m3 cache with its per-head scales
+    in the kernel; "sdpa" dequantises the slice it reads. Same logits, same quantised K/V written."""
+    from batchgen.worker.engine.llama import LlamaParts, decode_step
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LEN)
+    model = LlamaForCausalLM(config).eval().to(torch.float16)
+    parts = LlamaParts.from_hf(model)
+    rows, head_dim = 5, 64 // 4
+    g = torch.Generator().manual_seed(4)
+    exact = torch.randn(2, 2, rows, MAX_LEN, 2, head_dim, generator=g)
+    exact[:, :, :, :, 1] *= 6  # KV heads of different ranges: a scale per layer and head
+    scales = exact.abs().amax(dim=(2, 3, 5)) / 224  # [k/v, layers, kv_heads]: what calibration's 2x margin leaves
+    cache = torch.stack([torch.stack([quantize_kv(exact[i, layer], scales[i, layer]) for layer in range(2)])
+                         for i in range(2)])
+    assert cache.dtype == torch.float8_e4m3fn
+    ids = torch.randint(0, 128, (rows,), generator=g)
+    positions = torch.tensor([0, 5, 17, MAX_LEN - 1, 63])
+    out = {}
+    with torch.inference_mode():
+        for attention in ("triton", "sdpa"):
+            k, v = cache[0].clone(), cache[1].clone()
+            out[attention] = decode_step(parts, ids, positions, k, v, MAX_LEN, attention, scales[0], scales[1]), k, v
+    torch.testing.assert_close(out["triton"][0].float(), out["sdpa"][0].float(), atol=2e-2, rtol=2e-2)
+    for t, s, before in ((out["triton"][1], out["sdpa"][1], cache[0]), (out["triton"][2], out["sdpa"][2], cache[1])):
+        assert t.dtype == torch.float8_e4m3fn and torch.equal(t[0].float(), s[0].float())  # layer 0: same inputs
+        assert not torch.equal(t[0].float(), before[0].float())  # written
+    # and both equal masked attention over the dequantised cache in fp16 (the new token's K/V there unrounded)
+    dequantised = (cache.float() * scales[:, :, None, None, :, None]).to(torch.float16)
+    with torch.inference_mode():
+        plain = decode_step(parts, ids, positions, dequantised[0].clone(), dequantised[1].clone(), MAX_LEN, "sdpa")
+    torch.testing.assert_close(out["sdpa"][0].float(), plain.float(), atol=2e-2, rtol=2e-2)

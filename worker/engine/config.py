@@ -12,6 +12,9 @@ INT8_KERNELS = ("bnb", "int_mm", "int_mm_outliers", "weight_only")  # int8_linea
 # flash there, else sdpa (masked)
 ATTENTIONS = ("auto", "flash", "triton", "sdpa")
 HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the model's compute dtype
+# The resident engine's slot KV cache: auto is the compute dtype; fp8 is float8_e4m3fn with a calibrated scale per
+# layer and KV head (half the bytes of fp16, so about twice the rows; decoded by the Triton kernel or masked sdpa)
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass
@@ -40,6 +43,7 @@ class EngineConfig:
     # Its host KV cache when attention runs on the CPU: "auto" is the compute dtype, which holds the K/V
     # exactly; int8 (a scale per token and head) reads about half the bytes at int8 rounding.
     host_kv_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -60,3 +64,8 @@ class EngineConfig:
             raise ValueError("fp16_modules: empty module name")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "fp8" and self.attention == "flash":
+            raise ValueError("kv_cache_dtype fp8 needs attention triton or sdpa (or auto): FlashAttention reads no fp8 "
+                             "cache")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from batchgen.worker.engine.families import FamilySpec
-from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits
+from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits, quantize_kv
 
 PREFILL_FLASH = ("flash", "triton")  # attentions whose prefill is FlashAttention varlen ("triton" decodes in Triton)
 
@@ -171,6 +171,8 @@ def decode_step(
     v_cache: torch.Tensor,
     kv_len: int,
     attention: str = "sdpa",
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token for rows [0, n): input_ids/positions [n] -> logits [n, vocab].
 
@@ -181,8 +183,31 @@ def decode_step(
     "sdpa": masked attention over keys [0, kv_len) (GQA without copying K/V: the query heads sharing a KV head
     become that head's query "sequence"). Soft-capped attention (Gemma2) always takes the masked path:
     FlashAttention here has no soft-cap.
+    A float8_e4m3fn cache holds K/V divided by k_scale/v_scale [layers, kv_heads] (kv_scales): "triton" reads it
+    as it is, "sdpa" dequantises the slice it reads; "flash" has no fp8 (a windowed model decodes it with "sdpa").
     """
-    return decode_logits(parts, input_ids, positions, CacheAttention(parts, k_cache, v_cache, positions, kv_len, attention))
+    return decode_logits(parts, input_ids, positions,
+                         CacheAttention(parts, k_cache, v_cache, positions, kv_len, attention, k_scale, v_scale))
+
+
+def is_fp8(cache: torch.Tensor) -> bool:
+    return cache.dtype == torch.float8_e4m3fn
+
+
+def to_cache(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """K or V [..., kv_heads, head_dim] as the cache stores it: quantised by its per-head scale where it is fp8."""
+    if not is_fp8(cache):
+        return x
+    if scale is None:
+        raise ValueError("an fp8 KV cache needs its scales (ModelRunner.calibrate_kv)")
+    return quantize_kv(x, scale)
+
+
+def from_cache(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A slice [..., kv_heads, head_dim] read from the cache in the compute dtype (dequantised where it is fp8)."""
+    if not is_fp8(x):
+        return x
+    return (x.float() * scale.to(x.device, torch.float32)[:, None]).to(dtype)
 
 
 class CacheAttention:
@@ -192,13 +217,18 @@ class CacheAttention:
     hold it."""
 
     def __init__(self, parts: LlamaParts, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                 kv_len: int, attention: str):
+                 kv_len: int, attention: str, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None):
         n, device = positions.shape[0], positions.device
         self.parts, self.k_cache, self.v_cache, self.positions = parts, k_cache, v_cache, positions
+        self.k_scale, self.v_scale = k_scale, v_scale  # [layers, kv_heads], for an fp8 cache
         self.kv_len = kv_len
+        fp8 = is_fp8(k_cache)
+        if fp8 and attention == "flash":
+            raise ValueError("FlashAttention reads no fp8 KV cache: decode it with triton or sdpa")
         self.attention = "sdpa" if parts.spec.attn_softcap is not None else attention
-        if self.attention == "triton" and parts.spec.window is not None:
-            self.attention = "flash"
+        if self.attention == "triton" and parts.spec.window is not None:  # the Triton kernel has no window
+            self.attention = "sdpa" if fp8 else "flash"
         self.rows = torch.arange(n, device=device)
         if self.attention == "flash":
             self.cu_q = torch.arange(n + 1, device=device, dtype=torch.int32)
@@ -216,8 +246,10 @@ class CacheAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p, n = self.parts, q.shape[0]
         window = p.spec.window_of(layer)
-        self.k_cache[layer][self.rows, self.positions] = k[:, :, 0]
-        self.v_cache[layer][self.rows, self.positions] = v[:, :, 0]
+        k_scale = None if self.k_scale is None else self.k_scale[layer]
+        v_scale = None if self.v_scale is None else self.v_scale[layer]
+        self.k_cache[layer][self.rows, self.positions] = to_cache(k[:, :, 0], self.k_cache, k_scale)
+        self.v_cache[layer][self.rows, self.positions] = to_cache(v[:, :, 0], self.v_cache, v_scale)
         if self.attention == "flash":
             keys = self.k_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
             values = self.v_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
@@ -226,10 +258,10 @@ class CacheAttention:
             return o[:, :, None]
         if self.attention == "triton":
             o = decode_attention(q[:, :, 0], self.k_cache[layer], self.v_cache[layer], self.used, p.scaling,
-                                 num_splits=self.splits)
+                                 k_scale=k_scale, v_scale=v_scale, num_splits=self.splits)
             return o[:, :, None]
-        keys = self.k_cache[layer, :n, :self.kv_len].transpose(1, 2)
-        values = self.v_cache[layer, :n, :self.kv_len].transpose(1, 2)
+        keys = from_cache(self.k_cache[layer, :n, :self.kv_len], k_scale, q.dtype).transpose(1, 2)
+        values = from_cache(self.v_cache[layer, :n, :self.kv_len], v_scale, q.dtype).transpose(1, 2)
         q = q.reshape(n, p.num_kv_heads, p.num_heads // p.num_kv_heads, p.head_dim)
         o = masked_attention(q, keys, values, self.mask if window is None else self.window_mask, scale=p.scaling,
                              softcap=p.spec.attn_softcap)
@@ -243,12 +275,15 @@ def decode_logits(parts: LlamaParts, input_ids: torch.Tensor, positions: torch.T
 
 
 def cache_store(k_cache: torch.Tensor, v_cache: torch.Tensor, token_rows: torch.Tensor,
-                positions: torch.Tensor) -> KVStore:
+                positions: torch.Tensor, k_scale: torch.Tensor | None = None,
+                v_scale: torch.Tensor | None = None) -> KVStore:
     """Prefill's K/V writes into a [layers, rows, max_len, kv_heads, head_dim] cache: token t of the packed
-    prompts goes to row token_rows[t], position positions[t]."""
+    prompts goes to row token_rows[t], position positions[t]; an fp8 cache's by its scales [layers, kv_heads]."""
     def store(layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
-        k_cache[layer][token_rows[tokens], positions[tokens]] = k
-        v_cache[layer][token_rows[tokens], positions[tokens]] = v
+        k_layer = None if k_scale is None else k_scale[layer]
+        v_layer = None if v_scale is None else v_scale[layer]
+        k_cache[layer][token_rows[tokens], positions[tokens]] = to_cache(k, k_cache, k_layer)
+        v_cache[layer][token_rows[tokens], positions[tokens]] = to_cache(v, v_cache, v_layer)
     return store
 
 

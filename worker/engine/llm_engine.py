@@ -17,6 +17,7 @@ import torch
 from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.int8_linear import Int8Runtime
+from batchgen.worker.engine.int8_outliers import calibration_ids
 from batchgen.worker.engine.llama import LlamaParts
 from batchgen.worker.engine.loader import load_model
 from batchgen.worker.engine.model_runner import ModelRunner
@@ -129,9 +130,14 @@ class LLMEngine:
                  dtype: torch.dtype, weights_bytes: int, int8: Int8Runtime | None = None) -> "LLMEngine":
         """The engine over a model already loaded on the device: a ModelRunner and the budget it measures."""
         max_model_len = max_model_len_for(cfg, model.config)
+        attention = resolve_attention(cfg.attention, device, dtype, cfg.kv_cache_dtype)
         runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=max_model_len,
-                             inject_oom=cfg.inject_oom, attention=resolve_attention(cfg.attention, device, dtype),
-                             cuda_graphs=cfg.cuda_graphs)
+                             inject_oom=cfg.inject_oom, attention=attention, cuda_graphs=cfg.cuda_graphs,
+                             kv_cache_dtype=cfg.kv_cache_dtype)
+        if cfg.kv_cache_dtype == "fp8":  # before the budget's warm-up, which already writes the cache
+            runner.calibrate_kv(calibration_ids(tokenizer, device))
+            log.info("fp8 KV cache: scales per layer and KV head calibrated, K %.3g-%.3g, V %.3g-%.3g",
+                     runner.k_scale.min(), runner.k_scale.max(), runner.v_scale.min(), runner.v_scale.max())
         max_prefill = resident_max_prefill_tokens(cfg, device, max_model_len)
         budget = resident_budget(cfg, runner, model.config, weights_bytes, max_prefill)
         return cls(cfg, model, tokenizer, runner, budget, max_prefill_tokens=max_prefill, int8=int8)

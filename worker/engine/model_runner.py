@@ -3,9 +3,15 @@
 import torch
 from batchgen.worker.engine.cuda_graphs import DecodeGraphs
 from batchgen.worker.engine.faults import FaultInjector
+from batchgen.worker.engine.kernels.attention import fp8_kv_scale
 from batchgen.worker.engine.llama import LlamaParts, cache_store, decode_step, prefill_step
 
 KV_LEN_BUCKET = 256
+# An fp8 cache's scale is the calibration's absmax per layer and KV head times this: K/V up to twice what the
+# calibration text produced stay inside e4m3's range (448); e4m3's relative rounding (3 mantissa bits) is the same
+# at any scale, so the margin costs precision only in the subnormals (values under 2^-6 / 224 of that largest).
+KV_SCALE_MARGIN = 2.0
+KV_TORCH_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}  # None: the compute dtype
 
 
 def pack_prompts(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -39,15 +45,27 @@ class ModelRunner:
     decode kernel) or "sdpa" (masked, any device).
     cuda_graphs: replay decode steps from CUDA graphs (cuda_graphs.DecodeGraphs).
     prefill_group_tokens: run each layer over groups of whole prompts of at most that many tokens (None: all at once).
+    kv_cache_dtype: "auto" (the compute dtype) or "fp8": float8_e4m3fn K/V divided by a scale per layer and KV
+    head (k_scale/v_scale [layers, kv_heads]; 1 until calibrate_kv sets them), decoded by "triton" or "sdpa".
     """
 
     def __init__(self, parts: LlamaParts, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
                  inject_oom: str | None = None, attention: str = "sdpa", cuda_graphs: bool = False,
-                 prefill_group_tokens: int | None = None):
+                 prefill_group_tokens: int | None = None, kv_cache_dtype: str = "auto"):
         if attention not in ("flash", "triton", "sdpa"):
             raise ValueError(f"unknown attention {attention!r}: use flash, triton or sdpa")
+        if kv_cache_dtype not in KV_TORCH_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}: use {' or '.join(KV_TORCH_DTYPES)}")
+        if kv_cache_dtype == "fp8" and attention == "flash":
+            raise ValueError("an fp8 KV cache decodes with triton or sdpa: FlashAttention reads no fp8 cache")
         self.parts = parts
         self.device, self.dtype, self.max_model_len = device, dtype, max_model_len
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_dtype = KV_TORCH_DTYPES[kv_cache_dtype] or dtype
+        self.k_scale = self.v_scale = None
+        if kv_cache_dtype == "fp8":  # filled in place by calibrate_kv: captured graphs read them where they are
+            self.k_scale = torch.ones(parts.num_layers, parts.num_kv_heads, dtype=torch.float32, device=device)
+            self.v_scale = torch.ones_like(self.k_scale)
         self.attention = attention
         self.k_cache = self.v_cache = torch.empty(0)
         self.max_rows = 0
@@ -61,22 +79,40 @@ class ModelRunner:
 
     @property
     def kv_dtype_bytes(self) -> int:
-        return torch.empty(0, dtype=self.dtype).element_size()
+        return torch.empty(0, dtype=self.kv_dtype).element_size()
+
+    def calibrate_kv(self, ids: torch.Tensor) -> None:
+        """Sets an fp8 cache's scales from a prefill of ids [num_seqs, seq_len] (the int8 calibration text): each
+        layer's K and V absmax per KV head / 448, times KV_SCALE_MARGIN. Nothing to do for an "auto" cache."""
+        if self.k_scale is None:
+            return
+        prompts = ids[:, :self.max_model_len].tolist()
+        amax = torch.zeros(2, *self.k_scale.shape, dtype=torch.float32, device=self.device)
+
+        def probe(layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
+            amax[0, layer] = torch.maximum(amax[0, layer], fp8_kv_scale(k, per_head=True))
+            amax[1, layer] = torch.maximum(amax[1, layer], fp8_kv_scale(v, per_head=True))
+
+        packed, positions, starts = pack_prompts(prompts, self.device)
+        with torch.inference_mode():
+            prefill_step(self.parts, packed, positions, starts, probe, self.attention, self.prefill_group_tokens)
+            self.k_scale.copy_(amax[0] * KV_SCALE_MARGIN)
+            self.v_scale.copy_(amax[1] * KV_SCALE_MARGIN)
 
     def allocate_kv(self, max_rows: int) -> None:
         self.graphs = None  # captured graphs point into the old cache
         self.k_cache = self.v_cache = torch.empty(0)
         shape = (self.parts.num_layers, max_rows, self.max_model_len, self.parts.num_kv_heads, self.parts.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.max_rows = max_rows
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         ids, positions, starts = pack_prompts(prompts, self.device)
         token_rows = torch.tensor([r for r, p in zip(rows, prompts, strict=True) for _ in p], device=self.device)
         return prefill_step(self.parts, ids, positions, starts,
-                            cache_store(self.k_cache, self.v_cache, token_rows, positions), self.attention,
-                            self.prefill_group_tokens)
+                            cache_store(self.k_cache, self.v_cache, token_rows, positions, self.k_scale, self.v_scale),
+                            self.attention, self.prefill_group_tokens)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """tokens/positions for rows [0, len(tokens)); holes carry token 0 at position 0 and are ignored."""
@@ -91,7 +127,7 @@ class ModelRunner:
         ids = torch.tensor(tokens, dtype=torch.long).to(self.device)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device)
         return decode_step(self.parts, ids, pos, self.k_cache, self.v_cache,
-                           kv_len or self._kv_len(max(positions) + 1), self.attention)
+                           kv_len or self._kv_len(max(positions) + 1), self.attention, self.k_scale, self.v_scale)
 
     def drop_graphs(self) -> None:
         """The model's kernels changed shape (a new int8 outlier input): decode graphs are captured again on
@@ -108,7 +144,8 @@ class ModelRunner:
         return self.graphs.capture_s
 
     def _decode_static(self, ids: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        return decode_step(self.parts, ids, positions, self.k_cache, self.v_cache, kv_len, self.attention)
+        return decode_step(self.parts, ids, positions, self.k_cache, self.v_cache, kv_len, self.attention,
+                           self.k_scale, self.v_scale)
 
     def _kv_len(self, needed: int) -> int:
         """Keys a decode step covers. Flash reads each row's own length (kv_len only sizes the launch); masked
@@ -125,8 +162,8 @@ class ModelRunner:
     def memory_info(self) -> tuple[int, int]:
         return memory_info(self.device)
 
-    def stats(self) -> dict[str, float | int]:
-        return {}
+    def stats(self) -> dict[str, float | int | str]:
+        return {"kv_cache_dtype": self.kv_cache_dtype}
 
     def reset_timing(self) -> None:
         """Nothing timed here: the engine's StepStats time the steps."""

@@ -12,7 +12,8 @@ from batchgen.worker.engine.model_runner import ModelRunner
 DEFAULT_MAX_MODEL_LEN = 4096
 CUDA_ALLOCATOR_SLACK = 0.03
 CUDA_MIN_PREFILL_TOKENS = 4096  # a packed prefill of a few thousand tokens keeps the tensor cores busy
-CPU_MAX_BATCH_SIZE = 64  # without a cap, CPU batches are limited by cores long before memory
+CPU_MAX_BATCH_SIZE = 64
+FP8_MIN_CAPABILITY = (8, 9)  # Triton's float8_e4m3fn (fp8e4nv) needs Ada or Hopper  # without a cap, CPU batches are limited by cores long before memory
 
 
 def resolve_device_dtype(cfg: EngineConfig, *, streaming: bool = False) -> tuple[torch.device, torch.dtype]:
@@ -36,12 +37,22 @@ def max_model_len_for(cfg: EngineConfig, config) -> int:
     return min(cfg.max_model_len or min(max_pos, DEFAULT_MAX_MODEL_LEN), max_pos)
 
 
-def resolve_attention(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_works(device, dtype):
-        return "triton" if HAS_TRITON else "flash"
-    return "sdpa"
+def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> str:
+    """The attention kernel for cfg.attention; an fp8 KV cache decodes with triton or sdpa, never flash."""
+    attention = name
+    if name == "auto":
+        attention = "sdpa"
+        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_works(device, dtype):
+            attention = "triton" if HAS_TRITON else "flash"
+    if kv_cache_dtype == "fp8" and attention == "flash":
+        why = "Triton is not installed here" if name == "auto" else "FlashAttention reads no fp8 cache"
+        raise ValueError(f"--kv-cache-dtype fp8 decodes with the Triton kernel (or sdpa), and {why}: use "
+                         "--attention sdpa or --kv-cache-dtype auto")
+    if (kv_cache_dtype == "fp8" and attention == "triton" and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY):
+        raise ValueError("--kv-cache-dtype fp8: Triton reads e4m3 on sm89+ (Ada, Hopper) only: use --attention sdpa "
+                         "(dequantised, slower) or --kv-cache-dtype auto")
+    return attention
 
 
 def resident_max_prefill_tokens(cfg: EngineConfig, device: torch.device, max_model_len: int) -> int:
@@ -66,7 +77,7 @@ def resident_budget(cfg: EngineConfig, runner: ModelRunner, config, weights_byte
     else:
         act_per_row, prefill_bytes = budget_math.estimate_activations(
             config, head_dim=parts.head_dim, max_model_len=runner.max_model_len, prefill_tokens=max_prefill_tokens,
-            dtype_bytes=runner.kv_dtype_bytes, scores=True)
+            dtype_bytes=torch.empty(0, dtype=runner.dtype).element_size(), scores=True)  # activations: compute dtype
         free = budget_math.available_ram_bytes()
     return plan_rows(cfg, device, free_bytes=free, weights_bytes=weights_bytes, kv_bytes_per_token=kv_per_token,
                      max_model_len=runner.max_model_len, activation_bytes_per_row=act_per_row,

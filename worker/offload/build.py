@@ -132,6 +132,13 @@ class Offload:
         self.streamer.reset_timing()
 
 
+def refuse_kv_cache_dtype(cfg: EngineConfig) -> None:
+    """Small-VRAM mode (either streamer) keeps its KV cache in the compute dtype or in --host-kv-dtype."""
+    if cfg.kv_cache_dtype != "auto":
+        raise ValueError(f"--kv-cache-dtype {cfg.kv_cache_dtype} is the resident engine's; small-VRAM mode's host KV "
+                         "cache has its own --host-kv-dtype")
+
+
 def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num_resident: int | None = None,
                            num_device_kv_layers: int | None = None, num_slots: int = STAGE_SLOTS,
                            cpu_kernel: Kernel | None = None) -> LLMEngine:
@@ -139,6 +146,7 @@ def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num
     the planner's choice (tests, benchmarks)."""
     if not cfg.load_in_8bit:
         raise ValueError("small-VRAM mode streams int8 weights: load_in_8bit must be on")
+    refuse_kv_cache_dtype(cfg)
     if cfg.fp16_modules:  # the stream's stage slots are sized for int8 layers
         raise ValueError("small-VRAM mode streams int8 layers: --fp16-modules is not supported there yet")
     from transformers import AutoConfig
