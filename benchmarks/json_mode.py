@@ -191,12 +191,14 @@ def with_ratios(runs: dict) -> dict:
 def table(summary: dict) -> str:
     lines = [f"JSON mode, {summary['device']}, {summary['model_shape']}: {summary['num_requests']} requests x "
              f"{summary['max_tokens']} max tokens, temperature {TEMPERATURE}, rows {summary['max_rows']}", "",
-             "| variant | tok/s | x plain | decode ms/step | x plain | mean rows | mean tokens | parse | valid |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | tok/s | x plain | decode ms/step | x plain | mean rows | mean tokens | stopped | parse | valid |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in summary["variants"].items():
         lines.append(f"| {name} | {r['tok_s']:,.1f} | {r['tok_s_vs_plain']} | {r['decode_ms_per_step']} | "
-                     f"{r['decode_ms_vs_plain']} | {r['mean_rows']} | {r['mean_completion_tokens']} | "
+                     f"{r['decode_ms_vs_plain']} | {r['mean_rows']} | {r['mean_completion_tokens']} | {r['stopped_rate']} | "
                      f"{r['parse_rate']} | {r.get('schema_valid_rate', '–')} |")
+    lines.append("stopped: ended by EOS (a constrained row may end only once its JSON is complete); the rest hit "
+                 "max_tokens. Rows and output lengths differ per variant: compare decode ms/step at its mean rows.")
     return "\n".join(lines)
 
 
