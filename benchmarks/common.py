@@ -5,6 +5,7 @@ import json
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,8 +50,10 @@ def write_tokenizer(out: Path) -> None:
     hf.save_pretrained(out)
 
 
-def build_llama7b(out: Path) -> dict:
-    """Llama-2-7B config, random fp16 weights initialised on the GPU, saved once (skipped if present)."""
+def build_llama7b(out: Path, *, vocab_size: int = VOCAB_SIZE,
+                  write_tok: Callable[[Path], None] = write_tokenizer) -> dict:
+    """Llama-2-7B config, random fp16 weights initialised on the GPU, saved once (skipped if present).
+    vocab_size and write_tok: another tokenizer (ids 1 and 2 stay BOS and EOS)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -58,7 +61,7 @@ def build_llama7b(out: Path) -> dict:
         return {"build_s": 0.0, "cached": True}
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                          rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          tie_word_embeddings=False)
@@ -67,7 +70,7 @@ def build_llama7b(out: Path) -> dict:
         model = LlamaForCausalLM(config).to(torch.float16)
     model.generation_config.pad_token_id = 0
     model.save_pretrained(out)
-    write_tokenizer(out)
+    write_tok(out)
     del model
     torch.cuda.empty_cache()
     return {"build_s": round(time.perf_counter() - start, 1), "cached": False}

@@ -1,12 +1,13 @@
 """The echo engine: a real Engine with no model. It answers each prompt with its own words, up to
-max_tokens of them, so queue tests, chaos runs and the queue benchmark run in milliseconds.
+max_tokens of them (as each of n choices, in the LLM engines' result shape), so queue tests, chaos runs and the
+queue benchmark run in milliseconds.
 """
 
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from batchgen.jobs.schema import ErrorInfo
+from batchgen.jobs.schema import Choice, ErrorInfo
 from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, GenerationResult
 
 
@@ -45,9 +46,10 @@ class EchoEngine:
             req = self._pending.pop(k).request
             prompt = req.prompt if req.prompt is not None else "\n".join(m.content for m in req.messages or ())
             text, reason = echo_text(prompt, req.params.max_tokens)
-            n_prompt, n_out = len(prompt.split()), len(text.split())
-            self._tokens += n_out
-            results.append(GenerationResult(k, text, reason, n_prompt, n_out))
+            choices = [Choice(text, reason, num_tokens=len(text.split())) for _ in range(req.params.n)]
+            result = GenerationResult.of_choices(k, len(prompt.split()), choices)
+            self._tokens += result.completion_tokens
+            results.append(result)
         return results
 
     def abort(self, keys: Iterable[str]) -> None:
