@@ -277,8 +277,10 @@ def test_a_piece_waits_for_the_qkv_of_its_second_layer_and_all_of_its_first(mode
     no-ops here: a recording stream object stands in for them; the GPU test replays the same schedule.)"""
     cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True)
     streamer = offload(build_streaming_engine(cfg, kv_placement="cpu", num_resident=0)).streamer
-    assert [s.name for s in streamer.specs[:3]] == list(LINEARS[:3])
-    assert streamer.head_cb == sum(s.shape[0] * s.shape[1] for s in streamer.specs[:3]) < streamer.stages[0][0].numel()
+    specs = streamer.specs[0]
+    assert [s.name for s in specs[:3]] == list(LINEARS[:3])  # q/k/v, with their scales, lead the layer's buffer
+    assert streamer.head_bytes[0] == specs[3].offset < streamer.stages[0].numel()
+    assert all(s.offset + s.shape[0] * s.shape[1] <= specs[0].scb_offset for s in specs[:3])
     log = []
 
     class Recording(type(streamer.streams)):
@@ -387,7 +389,7 @@ def test_piecewise_cuda_graphs_replay_what_the_eager_pieces_compute(model_dir, h
         assert engine.runner.parts.embed.weight.device.type == "cpu"  # the table stays on the host
         out[graphs] = greedy(engine)
         stats = engine.stats().extra  # the weight copies, timed on the GPU: 4 streamed layers a forward at least
-        assert stats["offload_copy_bytes"] >= 4 * engine.runner.streamer.layer_bytes
+        assert stats["offload_copy_bytes"] >= 4 * min(engine.runner.streamer.layer_bytes)
         assert stats["offload_copy_busy_s"] > 0 and stats["offload_copy_gb_s_while_busy"] > 0
         streamed = {str(i) for i in range(engine.runner.parts.num_layers) if engine.runner.streamer.host[i] is not None}
         assert set(stats["offload_copy_gap_s_by_layer"]) <= streamed and stats["offload_copy_gap_s"] >= 0
