@@ -80,18 +80,20 @@ def test_the_layer_list_is_found_past_an_expert_list(model_dir):
     assert decoder_layers(loaded.model) is loaded.model.model.layers
 
 
-def test_the_int8_size_estimate_is_what_the_8bit_load_weighs(model_dir):
+@pytest.mark.parametrize("fp16_modules", [(), ("transformer.h.0", "transformer.h.2.mlp.dense_4h_to_h")])
+def test_the_int8_size_estimate_is_what_the_8bit_load_weighs(model_dir, fp16_modules):
+    """Also with --fp16-modules: what they name weighs the compute dtype (auto small-VRAM counts it)."""
     from transformers import AutoConfig
 
     path = model_dir("bloom")
     loaded = load_model(str(path), device=torch.device("cpu"), dtype=torch.float32, load_in_8bit=True,
-                        int8_threshold=6.0)
+                        int8_threshold=6.0, fp16_modules=fp16_modules)
     layers = decoder_layers(loaded.model)
     inside = {id(p) for p in layers.parameters()}
     measured = sum(p.numel() * p.element_size() + (4 * p.shape[0] if p.dtype == torch.int8 else 0)
                    for p in {id(p): p for p in loaded.model.parameters()}.values()
                    if id(p) in inside or p.dtype != torch.int8)
-    assert int8_model_bytes(AutoConfig.from_pretrained(path), 4) == measured
+    assert int8_model_bytes(AutoConfig.from_pretrained(path), 4, fp16_modules) == measured
 
 
 @pytest.mark.parametrize("fp16_module", ["transformer.h.1", "transformer.h.0.mlp.dense_4h_to_h"])

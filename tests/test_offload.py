@@ -468,3 +468,14 @@ def test_the_plan_counts_each_layers_own_bytes_and_sizes_the_slots_for_the_large
     assert everything.num_resident == 40 and everything.slot_bytes == 0 and everything.streamed_bytes_per_step == 0
     with pytest.raises(ValueError, match="sizes"):
         plan_13b(layer_bytes=sizes[:-1])
+
+
+def test_auto_offload_counts_fp16_modules_at_the_compute_dtype(model_dir):
+    """A cap the int8 weights fit under but not with a layer kept in fp16: --fp16-modules turns streaming on."""
+    from transformers import AutoConfig
+
+    int8 = int8_weights_bytes(AutoConfig.from_pretrained(model_dir), 2)
+    cap = dict(model=str(model_dir), max_vram_bytes=int8 + 1024, vram_reserve_bytes=0)
+    cuda = torch.device("cuda:0")
+    assert not wants_streaming(EngineConfig(**cap), cuda, torch.float16)
+    assert wants_streaming(EngineConfig(**cap, fp16_modules=("model.layers.0",)), cuda, torch.float16)

@@ -22,6 +22,7 @@ from batchgen.worker.engine.llm_engine import LLMEngine
 from batchgen.worker.engine.loader import load_model
 from batchgen.worker.engine.model_runner import ModelRunner, memory_info
 from batchgen.worker.engine.setup import max_model_len_for, resolve_attention, resolve_device_dtype
+from batchgen.worker.offload.hook_stream import int8_model_bytes
 from batchgen.worker.offload.host_attention import Kernel, cache_bytes
 from batchgen.worker.offload.host_kv import measure_cpu_attention_cost
 from batchgen.worker.offload.host_runner import HostAttentionRunner
@@ -42,14 +43,18 @@ LATE_OVERHEAD_BYTES = 700 * 2**20
 
 
 def wants_streaming(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> bool:
-    """offload=None (auto): stream when the int8 weights plus the reserve exceed max_vram_bytes on CUDA."""
+    """offload=None (auto): stream when the int8 weights (--fp16-modules' in the compute dtype) plus the reserve
+    exceed max_vram_bytes on CUDA."""
     if cfg.offload is not None:
         return cfg.offload
     if cfg.max_vram_bytes is None or device.type != "cuda":
         return False
     from transformers import AutoConfig
 
-    weights = int8_weights_bytes(AutoConfig.from_pretrained(cfg.model), torch.empty(0, dtype=dtype).element_size())
+    config, dtype_bytes = AutoConfig.from_pretrained(cfg.model), torch.empty(0, dtype=dtype).element_size()
+    weights = int8_weights_bytes(config, dtype_bytes)
+    if cfg.fp16_modules:  # what they name weighs the compute dtype: counted on the model built weightless
+        weights = int8_model_bytes(config, dtype_bytes, cfg.fp16_modules)
     return weights + cfg.vram_reserve_bytes > cfg.max_vram_bytes
 
 

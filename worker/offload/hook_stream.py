@@ -216,18 +216,20 @@ def stream_layers(model: torch.nn.Module, device: torch.device) -> HookStreamer:
     return streamer
 
 
-def int8_model_bytes(config, dtype_bytes: int) -> int:
+def int8_model_bytes(config, dtype_bytes: int, fp16_modules: tuple[str, ...] = ()) -> int:
     """What a causal LM weighs loaded in 8-bit, from its config alone: the model built on the meta device, the
-    decoder layers' 2-D weights at one byte plus a float32 scale per row, everything else in the compute dtype."""
+    decoder layers' 2-D weights at one byte plus a float32 scale per row, everything else (and what fp16_modules
+    names, with all inside it) in the compute dtype."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layers = decoder_layers(model)
     inside = {id(p) for p in layers.parameters()}
+    kept = {id(p) for name, p in model.named_parameters() if any(name.startswith(m + ".") for m in fp16_modules)}
     total = 0
     for p in {id(p): p for p in model.parameters()}.values():
-        if id(p) in inside and p.dim() == 2:
+        if id(p) in inside and p.dim() == 2 and id(p) not in kept:
             total += p.numel() + 4 * p.shape[0]
         else:
             total += p.numel() * dtype_bytes
@@ -240,7 +242,7 @@ def wants_hook_streaming(cfg: EngineConfig, config, device: torch.device, dtype:
         return cfg.offload
     if cfg.max_vram_bytes is None or device.type != "cuda":
         return False
-    weights = int8_model_bytes(config, torch.empty(0, dtype=dtype).element_size())
+    weights = int8_model_bytes(config, torch.empty(0, dtype=dtype).element_size(), cfg.fp16_modules)
     return weights + cfg.vram_reserve_bytes > cfg.max_vram_bytes
 
 
