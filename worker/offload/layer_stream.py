@@ -211,15 +211,19 @@ def _views(specs: list[_LinearSpec], flat: torch.Tensor, dtype: torch.dtype,
     out = {}
     for group in groups:
         members = [by_name[n] for n in group]
-        if not all(s.int8 for s in members):
-            for s in members:
-                out |= _views(specs, flat, dtype, ((s.name,),)) if s.int8 else {(s.name,): (_dense_view(s, flat, dtype),)}
+        if all(s.int8 for s in members):
+            out[group] = _int8_view(members, flat)
             continue
-        first, rows = members[0], sum(s.shape[0] for s in members)
-        cb = flat[first.offset: first.offset + rows * first.shape[1]].view(rows, first.shape[1])
-        scb = flat[first.scb_offset: first.scb_offset + 4 * rows].view(torch.float32)
-        out[group] = (cb, scb)
+        for s in members:
+            out[(s.name,)] = _int8_view([s], flat) if s.int8 else (_dense_view(s, flat, dtype),)
     return out
+
+
+def _int8_view(members: list[_LinearSpec], flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB [sum(out), in], SCB [sum(out)]) of int8 linears laid out adjacent, the first leading."""
+    first, rows = members[0], sum(s.shape[0] for s in members)
+    cb = flat[first.offset: first.offset + rows * first.shape[1]].view(rows, first.shape[1])
+    return cb, flat[first.scb_offset: first.scb_offset + 4 * rows].view(torch.float32)
 
 
 def _dense_view(spec: _LinearSpec, flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
