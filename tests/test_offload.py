@@ -402,27 +402,29 @@ def resident_with(model_dir):
     """The resident engine's greedy output with some modules kept in the compute dtype (--fp16-modules)."""
     outputs = {}
 
-    def get(fp16_modules: tuple[str, ...]):
-        if fp16_modules not in outputs:
-            cfg = EngineConfig(model=str(model_dir), max_batch_size=4, fp16_modules=fp16_modules)
-            outputs[fp16_modules] = greedy(LLMEngine.from_config(cfg))
-        return outputs[fp16_modules]
+    def get(fp16_modules: tuple[str, ...], kernel: str = "auto"):
+        if (fp16_modules, kernel) not in outputs:
+            cfg = EngineConfig(model=str(model_dir), max_batch_size=4, fp16_modules=fp16_modules, int8_kernel=kernel)
+            outputs[fp16_modules, kernel] = greedy(LLMEngine.from_config(cfg))
+        return outputs[fp16_modules, kernel]
 
     return get
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fp16_modules, kv_placement, num_resident, layer, linear", [
-    (("model.layers.0",), "device", 2, 0, "self_attn.q_proj"),  # a whole layer, streamed
-    (("model.layers.1.mlp.down_proj",), "cpu", 0, 1, "mlp.down_proj"),  # one linear, streamed
-    (("model.layers.1.mlp.down_proj",), "device", 2, 1, "mlp.down_proj"),  # one linear of a resident layer
+@pytest.mark.parametrize("fp16_modules, kv_placement, num_resident, layer, linear, kernel", [
+    (("model.layers.0",), "device", 2, 0, "self_attn.q_proj", "auto"),  # a whole layer, streamed
+    (("model.layers.1.mlp.down_proj",), "cpu", 0, 1, "mlp.down_proj", "auto"),  # one linear, streamed
+    (("model.layers.1.mlp.down_proj",), "device", 2, 1, "mlp.down_proj", "auto"),  # one linear of a resident layer
+    (("model.layers.0",), "device", 0, 0, "self_attn.q_proj", "bnb"),  # bnb's kernel: no fused groups
 ])
 def test_fp16_modules_stream_at_their_own_size_with_the_resident_engines_output(
-        model_dir, resident_with, fp16_modules, kv_placement, num_resident, layer, linear):
+        model_dir, resident_with, fp16_modules, kv_placement, num_resident, layer, linear, kernel):
     """--fp16-modules in small-VRAM mode: the named linears stay in the compute dtype, their layer streams (or
     stays resident) at its own, larger size, the stage slots hold the largest streamed layer, and the greedy
     output is the resident engine's with the same modules kept."""
-    cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True, fp16_modules=fp16_modules)
+    cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True, fp16_modules=fp16_modules,
+                       int8_kernel=kernel)
     engine = build_streaming_engine(cfg, kv_placement=kv_placement, num_resident=num_resident)
     plan, streamer = offload(engine).plan, offload(engine).streamer
     dense = {(i, s.name) for i, specs in enumerate(streamer.specs) for s in specs if not s.int8}
@@ -449,7 +451,7 @@ def test_fp16_modules_stream_at_their_own_size_with_the_resident_engines_output(
     assert largest_streamed == (max(streamer.layer_bytes) if streamed else others[0])
     assert plan.streamed_bytes_per_step == sum(b for i, b in enumerate(streamer.layer_bytes)
                                                if i not in streamer.resident)
-    assert greedy(engine) == resident_with(fp16_modules)
+    assert greedy(engine) == resident_with(fp16_modules, kernel)
 
 
 def test_the_plan_counts_each_layers_own_bytes_and_sizes_the_slots_for_the_largest_streamed_one():
