@@ -42,8 +42,7 @@ def test_streamed_layers_answer_like_the_resident_model(arch, int8, model_dir):
     assert isinstance(engine, GenericEngine)
     streamer = engine.streamer
     for slot in streamer.slots:  # what a slot holds before the first copy must not matter
-        for t in slot:
-            t.zero_()
+        slot.zero_()
     forwards = []
     engine.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     assert run_engine(engine, requests()) == resident_texts(path, int8=int8)
@@ -56,8 +55,8 @@ def test_a_layer_reads_its_weights_from_a_slot_not_the_host_copy(model_dir):
                         int8_threshold=6.0)
     streamer = stream_layers(loaded.model, torch.device("cpu"))
     assert len(streamer.layers) == NUM_LAYERS and len(streamer.slots) == NUM_SLOTS
-    slot_ptrs = {t.data_ptr() for slot in streamer.slots for t in slot}
-    host_ptrs = {t.data_ptr() for layer in streamer.host for t in layer}
+    slots = [range(s.data_ptr(), s.data_ptr() + s.numel()) for s in streamer.slots]
+    hosts = [range(h.data_ptr(), h.data_ptr() + h.numel()) for h in streamer.host]
     seen = []
 
     def record(module, args):
@@ -68,9 +67,9 @@ def test_a_layer_reads_its_weights_from_a_slot_not_the_host_copy(model_dir):
     with torch.inference_mode():
         loaded.model(torch.tensor([[1, 2, 3]]))
     assert len(seen) == NUM_LAYERS
-    for ptrs in seen:
-        assert ptrs <= slot_ptrs and not ptrs & host_ptrs
-    assert seen[0] == seen[2] != seen[1]  # layers take turns in the two slots
+    inside = [[next((k for k, r in enumerate(slots) if p in r), None) for p in sorted(ptrs)] for ptrs in seen]
+    assert all(not any(p in r for r in hosts) for ptrs in seen for p in ptrs)
+    assert [set(slot) for slot in inside] == [{0}, {1}, {0}]  # every tensor in a slot; layers take turns
     assert streamer.holding == [2, 0]  # the last layer ran from slot 0; the next forward's first is in slot 1
 
 
@@ -81,15 +80,39 @@ def test_the_layer_list_is_found_past_an_expert_list(model_dir):
     assert decoder_layers(loaded.model) is loaded.model.model.layers
 
 
-def test_the_int8_size_estimate_is_what_the_8bit_load_weighs(model_dir):
+@pytest.mark.parametrize("fp16_modules", [(), ("transformer.h.0", "transformer.h.2.mlp.dense_4h_to_h")])
+def test_the_int8_size_estimate_is_what_the_8bit_load_weighs(model_dir, fp16_modules):
+    """Also with --fp16-modules: what they name weighs the compute dtype (auto small-VRAM counts it)."""
     from transformers import AutoConfig
 
     path = model_dir("bloom")
     loaded = load_model(str(path), device=torch.device("cpu"), dtype=torch.float32, load_in_8bit=True,
-                        int8_threshold=6.0)
+                        int8_threshold=6.0, fp16_modules=fp16_modules)
     layers = decoder_layers(loaded.model)
     inside = {id(p) for p in layers.parameters()}
     measured = sum(p.numel() * p.element_size() + (4 * p.shape[0] if p.dtype == torch.int8 else 0)
                    for p in {id(p): p for p in loaded.model.parameters()}.values()
                    if id(p) in inside or p.dtype != torch.int8)
-    assert int8_model_bytes(AutoConfig.from_pretrained(path), 4) == measured
+    assert int8_model_bytes(AutoConfig.from_pretrained(path), 4, fp16_modules) == measured
+
+
+@pytest.mark.parametrize("fp16_module", ["transformer.h.1", "transformer.h.0.mlp.dense_4h_to_h"])
+def test_fp16_modules_stream_at_their_own_size_and_answer_like_the_resident_model(fp16_module, model_dir):
+    """--fp16-modules on the generic path: the named linears stay in the compute dtype, their layer streams at its
+    own, larger size through slots that hold the largest layer, and the output is the resident model's with the
+    same modules kept."""
+    cfg = dict(model=str(model_dir("bloom")), load_in_8bit=True, max_batch_size=3, fp16_modules=(fp16_module,))
+    engine = build_llm_engine(EngineConfig(**cfg, offload=True))
+    streamer, index = engine.streamer, int(fp16_module.split(".")[2])
+    kept = [m for m in engine.model.get_submodule(fp16_module).modules() if isinstance(m, torch.nn.Linear)]
+    assert kept and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.float32 for m in kept)
+    others = [m for i, layer in enumerate(streamer.layers) if i != index for m in layer.modules()
+              if isinstance(m, torch.nn.Linear)]
+    assert others and all(type(m).__name__ == "Linear8bitLt" for m in others)
+    sizes = streamer.layer_bytes
+    assert sizes[index] == max(sizes) > max(b for i, b in enumerate(sizes) if i != index)
+    assert all(slot.numel() == max(sizes) for slot in streamer.slots)
+    assert run_engine(engine, requests()) == run_engine(build_llm_engine(EngineConfig(**cfg, offload=False)),
+                                                        requests())
+    slots = [range(s.data_ptr(), s.data_ptr() + s.numel()) for s in streamer.slots]
+    assert all(any(m.weight.data_ptr() in r for r in slots) for m in kept)  # it ran from a slot

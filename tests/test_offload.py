@@ -27,6 +27,7 @@ from batchgen.worker.offload.build import (
 )
 from batchgen.worker.offload.layer_stream import (
     LINEARS,
+    DenseLinear,
     LayerStreamer,
     _chunks,
     _next_in_slot,
@@ -277,8 +278,10 @@ def test_a_piece_waits_for_the_qkv_of_its_second_layer_and_all_of_its_first(mode
     no-ops here: a recording stream object stands in for them; the GPU test replays the same schedule.)"""
     cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True)
     streamer = offload(build_streaming_engine(cfg, kv_placement="cpu", num_resident=0)).streamer
-    assert [s.name for s in streamer.specs[:3]] == list(LINEARS[:3])
-    assert streamer.head_cb == sum(s.shape[0] * s.shape[1] for s in streamer.specs[:3]) < streamer.stages[0][0].numel()
+    specs = streamer.specs[0]
+    assert [s.name for s in specs[:3]] == list(LINEARS[:3])  # q/k/v, with their scales, lead the layer's buffer
+    assert streamer.head_bytes[0] == specs[3].offset < streamer.stages[0].numel()
+    assert all(s.offset + s.shape[0] * s.shape[1] <= specs[0].scb_offset for s in specs[:3])
     log = []
 
     class Recording(type(streamer.streams)):
@@ -387,8 +390,94 @@ def test_piecewise_cuda_graphs_replay_what_the_eager_pieces_compute(model_dir, h
         assert engine.runner.parts.embed.weight.device.type == "cpu"  # the table stays on the host
         out[graphs] = greedy(engine)
         stats = engine.stats().extra  # the weight copies, timed on the GPU: 4 streamed layers a forward at least
-        assert stats["offload_copy_bytes"] >= 4 * engine.runner.streamer.layer_bytes
+        assert stats["offload_copy_bytes"] >= 4 * min(engine.runner.streamer.layer_bytes)
         assert stats["offload_copy_busy_s"] > 0 and stats["offload_copy_gb_s_while_busy"] > 0
         streamed = {str(i) for i in range(engine.runner.parts.num_layers) if engine.runner.streamer.host[i] is not None}
         assert set(stats["offload_copy_gap_s_by_layer"]) <= streamed and stats["offload_copy_gap_s"] >= 0
     assert out[True] == out[False]
+
+
+@pytest.fixture(scope="module")
+def resident_with(model_dir):
+    """The resident engine's greedy output with some modules kept in the compute dtype (--fp16-modules)."""
+    outputs = {}
+
+    def get(fp16_modules: tuple[str, ...], kernel: str = "auto"):
+        if (fp16_modules, kernel) not in outputs:
+            cfg = EngineConfig(model=str(model_dir), max_batch_size=4, fp16_modules=fp16_modules, int8_kernel=kernel)
+            outputs[fp16_modules, kernel] = greedy(LLMEngine.from_config(cfg))
+        return outputs[fp16_modules, kernel]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fp16_modules, kv_placement, num_resident, layer, linear, kernel", [
+    (("model.layers.0",), "device", 2, 0, "self_attn.q_proj", "auto"),  # a whole layer, streamed
+    (("model.layers.1.mlp.down_proj",), "cpu", 0, 1, "mlp.down_proj", "auto"),  # one linear, streamed
+    (("model.layers.1.mlp.down_proj",), "device", 2, 1, "mlp.down_proj", "auto"),  # one linear of a resident layer
+    (("model.layers.0",), "device", 0, 0, "self_attn.q_proj", "bnb"),  # bnb's kernel: no fused groups
+])
+def test_fp16_modules_stream_at_their_own_size_with_the_resident_engines_output(
+        model_dir, resident_with, fp16_modules, kv_placement, num_resident, layer, linear, kernel):
+    """--fp16-modules in small-VRAM mode: the named linears stay in the compute dtype, their layer streams (or
+    stays resident) at its own, larger size, the stage slots hold the largest streamed layer, and the greedy
+    output is the resident engine's with the same modules kept."""
+    cfg = EngineConfig(model=str(model_dir), max_batch_size=4, offload=True, fp16_modules=fp16_modules,
+                       int8_kernel=kernel)
+    engine = build_streaming_engine(cfg, kv_placement=kv_placement, num_resident=num_resident)
+    plan, streamer = offload(engine).plan, offload(engine).streamer
+    dense = {(i, s.name) for i, specs in enumerate(streamer.specs) for s in specs if not s.int8}
+    names = LINEARS if fp16_modules == ("model.layers.0",) else ("mlp.down_proj",)
+    assert dense == {(layer, name) for name in names}
+    others = [b for i, b in enumerate(streamer.layer_bytes) if i != layer]
+    assert len(set(others)) == 1 and streamer.layer_bytes[layer] > others[0]
+    # the device copy runs the dense linear in the compute dtype, over a view of its layer's buffer
+    device_layer = streamer.layers[layer]
+    module = device_layer.self_attn.q_proj if linear == "self_attn.q_proj" else device_layer._down
+    assert isinstance(module, DenseLinear) and module.weight.dtype == engine.runner.dtype
+    on_hf = engine.model.model.layers[layer].get_submodule(linear)
+    assert type(on_hf) is torch.nn.Linear  # loaded as bnb's skip modules are
+    streamed = layer not in streamer.resident
+    assert streamed == (num_resident == 0 or layer == 0)
+    if streamed:
+        slot = streamer.stages[streamer.slot_of[layer]]
+        assert slot.data_ptr() <= module.weight.data_ptr() < slot.data_ptr() + slot.numel()
+        assert on_hf.weight.data_ptr() == streamer.host[layer].data_ptr() + streamer.specs[layer][
+            [s.name for s in streamer.specs[layer]].index(linear)].offset  # the host copy is the only one
+    largest_streamed = max(b for i, b in enumerate(streamer.layer_bytes) if i not in streamer.resident)
+    assert streamer.slot_bytes == largest_streamed == plan.slot_bytes
+    assert all(stage.numel() == largest_streamed for stage in streamer.stages)
+    assert largest_streamed == (max(streamer.layer_bytes) if streamed else others[0])
+    assert plan.streamed_bytes_per_step == sum(b for i, b in enumerate(streamer.layer_bytes)
+                                               if i not in streamer.resident)
+    assert greedy(engine) == resident_with(fp16_modules, kernel)
+
+
+def test_the_plan_counts_each_layers_own_bytes_and_sizes_the_slots_for_the_largest_streamed_one():
+    """Layers kept in the compute dtype weigh about twice an int8 one: the plan counts each layer at its size
+    (the resident ones where LayerStreamer puts them) and leaves its stage slots room for the largest streamed."""
+    sizes = [2 * LAYER_13B] + [LAYER_13B] * 38 + [2 * LAYER_13B]
+    cpu = dict(kv_placement="cpu", cpu_attention_cost=0.3)  # the KV on the host: the device holds weights
+    plan, uniform = plan_13b(layer_bytes=sizes, **cpu), plan_13b(**cpu)
+    resident = resident_layers(40, plan.num_resident)
+    assert 0 < plan.num_resident < uniform.num_resident and not {0, 39} & resident
+    assert plan.slot_bytes == 2 * LAYER_13B and uniform.slot_bytes == LAYER_13B
+    assert plan.streamed_bytes_per_step == sum(b for i, b in enumerate(sizes) if i not in resident)
+    assert plan.device_bytes == (300 * 10**6 + plan.max_rows * 2 * 10**6
+                                 + sum(sizes[i] for i in resident) + 2 * 2 * LAYER_13B) <= 5 * GB
+    everything = plan_13b(layer_bytes=sizes, budget_bytes=40 * GB)
+    assert everything.num_resident == 40 and everything.slot_bytes == 0 and everything.streamed_bytes_per_step == 0
+    with pytest.raises(ValueError, match="sizes"):
+        plan_13b(layer_bytes=sizes[:-1])
+
+
+def test_auto_offload_counts_fp16_modules_at_the_compute_dtype(model_dir):
+    """A cap the int8 weights fit under but not with a layer kept in fp16: --fp16-modules turns streaming on."""
+    from transformers import AutoConfig
+
+    int8 = int8_weights_bytes(AutoConfig.from_pretrained(model_dir), 2)
+    cap = dict(model=str(model_dir), max_vram_bytes=int8 + 1024, vram_reserve_bytes=0)
+    cuda = torch.device("cuda:0")
+    assert not wants_streaming(EngineConfig(**cap), cuda, torch.float16)
+    assert wants_streaming(EngineConfig(**cap, fp16_modules=("model.layers.0",)), cuda, torch.float16)

@@ -22,10 +22,11 @@ from batchgen.worker.engine.llm_engine import LLMEngine
 from batchgen.worker.engine.loader import load_model
 from batchgen.worker.engine.model_runner import ModelRunner, memory_info
 from batchgen.worker.engine.setup import max_model_len_for, resolve_attention, resolve_device_dtype
+from batchgen.worker.offload.hook_stream import int8_model_bytes
 from batchgen.worker.offload.host_attention import Kernel, cache_bytes
 from batchgen.worker.offload.host_kv import measure_cpu_attention_cost
 from batchgen.worker.offload.host_runner import HostAttentionRunner
-from batchgen.worker.offload.layer_stream import LayerStreamer, int8_layer_bytes
+from batchgen.worker.offload.layer_stream import LayerStreamer, layer_bytes
 from batchgen.worker.offload.plan import STAGE_SLOTS, StreamPlan, int8_weights_bytes, plan_streaming
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,18 @@ LATE_OVERHEAD_BYTES = 700 * 2**20
 
 
 def wants_streaming(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> bool:
-    """offload=None (auto): stream when the int8 weights plus the reserve exceed max_vram_bytes on CUDA."""
+    """offload=None (auto): stream when the int8 weights (--fp16-modules' in the compute dtype) plus the reserve
+    exceed max_vram_bytes on CUDA."""
     if cfg.offload is not None:
         return cfg.offload
     if cfg.max_vram_bytes is None or device.type != "cuda":
         return False
     from transformers import AutoConfig
 
-    weights = int8_weights_bytes(AutoConfig.from_pretrained(cfg.model), torch.empty(0, dtype=dtype).element_size())
+    config, dtype_bytes = AutoConfig.from_pretrained(cfg.model), torch.empty(0, dtype=dtype).element_size()
+    weights = int8_weights_bytes(config, dtype_bytes)
+    if cfg.fp16_modules:  # what they name weighs the compute dtype: counted on the model built weightless
+        weights = int8_model_bytes(config, dtype_bytes, cfg.fp16_modules)
     return weights + cfg.vram_reserve_bytes > cfg.max_vram_bytes
 
 
@@ -147,8 +152,6 @@ def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num
     if not cfg.load_in_8bit:
         raise ValueError("small-VRAM mode streams int8 weights: load_in_8bit must be on")
     refuse_kv_cache_dtype(cfg)
-    if cfg.fp16_modules:  # the stream's stage slots are sized for int8 layers
-        raise ValueError("small-VRAM mode streams int8 layers: --fp16-modules is not supported there yet")
     from transformers import AutoConfig
 
     device, dtype = resolve_device_dtype(cfg, streaming=True)
@@ -207,7 +210,7 @@ def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num
                                           group=parts.num_heads // parts.num_kv_heads, head_dim=parts.head_dim)
         log.info("CPU attention costs %.2f streamed bytes per host KV byte", cost)
     plan = plan_streaming(
-        budget_bytes=total, layer_bytes=int8_layer_bytes(parts.layers[0]), num_layers=parts.num_layers,
+        budget_bytes=total, layer_bytes=[layer_bytes(layer, dtype) for layer in parts.layers], num_layers=parts.num_layers,
         kv_bytes_per_token_layer=2 * parts.num_kv_heads * parts.head_dim * dtype_bytes, max_model_len=max_model_len,
         activation_bytes_per_row=act_per_row, prefill_bytes=prefill_bytes,
         max_rows=cfg.max_batch_size or budget_math.MAX_ROWS_CEILING, host_bytes=None if host is None else host // 2,

@@ -1,8 +1,9 @@
 """Small-VRAM mode for the generic path: any HF causal LM whose int8 weights do not fit the VRAM cap.
 
 Everything but the decoder layers moves to the device; the layers' tensors (int8 weights, their scales, norms,
-biases) stay in pinned host memory. A forward pre-hook on each layer of the model's layer list points the layer
-at one of two device stage slots, after the side CUDA stream has copied it in, and starts copying the next
+biases, whatever their dtype: --fp16-modules keeps some in the compute dtype) stay in pinned host memory, each
+layer packed in one buffer of its own size. A forward pre-hook on each layer of the model's layer list points the
+layer at one of two device stage slots, after the side CUDA stream has copied it in, and starts copying the next
 layer into the other slot, so the copy of layer i + 1 overlaps the compute of layer i (double buffering). The
 HF forward runs unchanged; the generic engine's large batches amortise each layer's copy over many rows. On
 CPU the "device" slots are host tensors too and the copies are plain copies (the tests).
@@ -74,29 +75,63 @@ def _entries(layer: torch.nn.Module) -> list[_Entry]:
     return out
 
 
-def _signature(tensors: list[torch.Tensor]) -> list[tuple]:
-    return [(tuple(t.shape), t.dtype) for t in tensors]
+# Each tensor of a layer's flat buffer starts on this many bytes, so its view is aligned as an allocation's would be.
+ALIGN = 16
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """Where one tensor of a layer sits in the layer's flat byte buffer."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.dtype.itemsize * torch.Size(self.shape).numel()
+
+    def view(self, flat: torch.Tensor) -> torch.Tensor:
+        return flat[self.offset: self.offset + self.nbytes].view(self.dtype).view(self.shape)
+
+
+def _layout(tensors: list[torch.Tensor]) -> tuple[list[_Slice], int]:
+    """The tensors packed one after the other (each aligned) and the buffer's size in bytes."""
+    slices, at = [], 0
+    for t in tensors:
+        at = -(-at // ALIGN) * ALIGN
+        slices.append(_Slice(at, tuple(t.shape), t.dtype))
+        at += slices[-1].nbytes
+    return slices, at
 
 
 class HookStreamer:
-    """Streams `layers` (each with the same tensor shapes) through NUM_SLOTS device slots from host copies.
+    """Streams `layers` through NUM_SLOTS device slots from host copies, each layer at its own size (layers
+    differ where --fp16-modules keeps some linears in the compute dtype; a slot holds the largest).
 
-    host: each layer's tensors in host memory (pinned on CUDA); slots: device tensors shaped like one layer's.
-    A layer's module always points at a slot while it runs and at nothing the host must keep otherwise."""
+    host: each layer's tensors packed in one flat host buffer (pinned on CUDA), copied in as one; slots: flat
+    device buffers. A layer's module always points at views of a slot while it runs and at nothing the host must
+    keep otherwise."""
 
     def __init__(self, layers: torch.nn.ModuleList, device: torch.device):
         self.layers, self.device = layers, device
         self.cuda = device.type == "cuda"
         self.entries = [_entries(layer) for layer in layers]
-        first = [e.get() for e in self.entries[0]]
-        self.slots = [[torch.empty_like(t, device=device) for t in first] for _ in range(NUM_SLOTS)]
-        self.host = []
-        for i, entries in enumerate(self.entries):
-            if _signature([e.get() for e in entries]) != _signature(first):
-                raise ValueError("small-VRAM streaming on the generic path needs decoder layers of one shape; "
-                                 f"layer {i} differs from layer 0")
-            self.host.append([self._to_host(e.get()) for e in entries])
-            for entry, tensor in zip(entries, self.slots[0], strict=True):
+        self.host: list[torch.Tensor] = []
+        slices = []
+        for entries in self.entries:
+            tensors = [e.get() for e in entries]
+            layout, nbytes = _layout(tensors)
+            flat = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+            for piece, tensor in zip(layout, tensors, strict=True):
+                piece.view(flat).copy_(tensor.detach())
+            self.host.append(flat)
+            slices.append(layout)
+        self.layer_bytes = [flat.numel() for flat in self.host]
+        self.slots = [torch.empty(max(self.layer_bytes), dtype=torch.uint8, device=device) for _ in range(NUM_SLOTS)]
+        self.views = [[[piece.view(slot) for piece in layout] for slot in self.slots] for layout in slices]
+        for entries, views in zip(self.entries, self.views, strict=True):
+            for entry, tensor in zip(entries, views[0], strict=True):
                 entry.point(tensor)  # the loaded tensor is freed now: host memory holds one copy of the layers
         self.holding: list[int | None] = [None] * NUM_SLOTS  # which layer each slot holds (or is receiving)
         self.copied: list[torch.cuda.Event | None] = [None] * NUM_SLOTS
@@ -108,16 +143,8 @@ class HookStreamer:
             layer.register_forward_pre_hook(self._hook(i))
 
     @property
-    def layer_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.host[0])
-
-    @property
     def slot_bytes(self) -> int:
-        return NUM_SLOTS * self.layer_bytes
-
-    def _to_host(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach().to("cpu")
-        return t.pin_memory() if self.cuda else t.clone()  # a copy of its own: the slot never aliases the host
+        return NUM_SLOTS * self.slots[0].numel()
 
     def _hook(self, i: int):
         def before_layer(module, args):
@@ -133,7 +160,7 @@ class HookStreamer:
             self._copy(i, slot)
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_event(self.copied[slot])
-        for entry, tensor in zip(self.entries[i], self.slots[slot], strict=True):
+        for entry, tensor in zip(self.entries[i], self.views[i][slot], strict=True):
             entry.point(tensor)
         self.current = slot
         following = (i + 1) % len(self.layers)  # after the last layer: the next forward's first
@@ -142,20 +169,19 @@ class HookStreamer:
             self._copy(following, other)
 
     def _copy(self, i: int, slot: int) -> None:
-        """Layer i's host tensors into slot, on the side stream, after all compute queued so far (the layer that
+        """Layer i's host buffer into slot, on the side stream, after all compute queued so far (the layer that
         used the slot last is queued before this one)."""
         self.holding[slot] = i
+        dst = self.slots[slot][: self.layer_bytes[i]]
         if not self.cuda:
-            for dst, src in zip(self.slots[slot], self.host[i], strict=True):
-                dst.copy_(src)
+            dst.copy_(self.host[i])
         else:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.copy_stream):
-                for dst, src in zip(self.slots[slot], self.host[i], strict=True):
-                    dst.copy_(src, non_blocking=True)
+                dst.copy_(self.host[i], non_blocking=True)
                 self.copied[slot] = self.copy_stream.record_event()
         self.num_copies += 1
-        self.copied_bytes += self.layer_bytes
+        self.copied_bytes += self.layer_bytes[i]
 
     def stats(self) -> dict[str, int | float]:
         return {"offload_layer_copies": self.num_copies, "offload_copied_gib": round(self.copied_bytes / 2**30, 3),
@@ -186,22 +212,24 @@ def stream_layers(model: torch.nn.Module, device: torch.device) -> HookStreamer:
     move_all_but_layers(model, layers, device)
     streamer = HookStreamer(layers, device)
     log.info("small-VRAM (generic path): %d %s layers streamed through %d slots of %.1f MiB", len(layers),
-             type(layers[0]).__name__, NUM_SLOTS, streamer.layer_bytes / 2**20)
+             type(layers[0]).__name__, NUM_SLOTS, streamer.slots[0].numel() / 2**20)
     return streamer
 
 
-def int8_model_bytes(config, dtype_bytes: int) -> int:
+def int8_model_bytes(config, dtype_bytes: int, fp16_modules: tuple[str, ...] = ()) -> int:
     """What a causal LM weighs loaded in 8-bit, from its config alone: the model built on the meta device, the
-    decoder layers' 2-D weights at one byte plus a float32 scale per row, everything else in the compute dtype."""
+    decoder layers' 2-D weights at one byte plus a float32 scale per row, everything else (and what fp16_modules
+    names, with all inside it) in the compute dtype."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     layers = decoder_layers(model)
     inside = {id(p) for p in layers.parameters()}
+    kept = {id(p) for name, p in model.named_parameters() if any(name.startswith(m + ".") for m in fp16_modules)}
     total = 0
     for p in {id(p): p for p in model.parameters()}.values():
-        if id(p) in inside and p.dim() == 2:
+        if id(p) in inside and p.dim() == 2 and id(p) not in kept:
             total += p.numel() + 4 * p.shape[0]
         else:
             total += p.numel() * dtype_bytes
@@ -214,7 +242,7 @@ def wants_hook_streaming(cfg: EngineConfig, config, device: torch.device, dtype:
         return cfg.offload
     if cfg.max_vram_bytes is None or device.type != "cuda":
         return False
-    weights = int8_model_bytes(config, torch.empty(0, dtype=dtype).element_size())
+    weights = int8_model_bytes(config, torch.empty(0, dtype=dtype).element_size(), cfg.fp16_modules)
     return weights + cfg.vram_reserve_bytes > cfg.max_vram_bytes
 
 
@@ -223,7 +251,7 @@ def build_hook_streaming_engine(cfg: EngineConfig, family: Family) -> GenericEng
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.compute_dtype, device)
     loaded = load_model(cfg.model, device=torch.device("cpu"), dtype=dtype, load_in_8bit=cfg.load_in_8bit,
-                        int8_threshold=cfg.int8_threshold)
+                        int8_threshold=cfg.int8_threshold, fp16_modules=cfg.fp16_modules)
     streamer = stream_layers(loaded.model, device)
     log.info("engine path: model %r (%s): generic path in small-VRAM mode (decoder layers streamed through "
              "forward pre-hooks)%s", family.model, family.model_type,

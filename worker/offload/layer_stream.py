@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import torch
 from batchgen.worker.engine.int8_linear import FusedInt8Linear, Int8Linear, Int8State
+from batchgen.worker.offload.plan import resident_layers
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -114,23 +115,47 @@ class BnbInt8Linear:
 
 @dataclass(frozen=True)
 class _LinearSpec:
+    """Where one linear's weights sit in its layer's flat byte buffer: int8 (CB at offset, its float32 row scales
+    at scb_offset), or dense, kept in the compute dtype by --fp16-modules (the weight at offset, scb_offset None)."""
+
     name: str
     shape: tuple[int, int]
-    cb_offset: int
-    scb_offset: int
+    offset: int
+    scb_offset: int | None = None
+
+    @property
+    def int8(self) -> bool:
+        return self.scb_offset is not None
 
 
-def _int8_of(linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(CB, SCB) of a loaded Linear8bitLt, before or after its first forward."""
+# Each run of a layer's flat buffer (a group's CBs, their scales, a dense weight) starts on this many bytes, so a
+# view in any dtype is aligned as an allocation's would be for its kernels.
+ALIGN = 16
+
+
+def _align(at: int) -> int:
+    return -(-at // ALIGN) * ALIGN
+
+
+def _int8_of(linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(CB, SCB) of a loaded Linear8bitLt, before or after its first forward; None for a dense nn.Linear (one
+    --fp16-modules kept in the compute dtype)."""
     try:
         state = Int8State.from_bnb(linear)
     except (ValueError, AttributeError) as exc:
-        raise ValueError(f"small-VRAM mode streams bnb int8 weights; {type(linear).__name__} has none") from exc
+        if type(linear) is torch.nn.Linear and linear.weight.is_floating_point():
+            return None
+        raise ValueError(f"small-VRAM mode streams bnb int8 or dense weights; {type(linear).__name__} has neither"
+                         ) from exc
     return state.cb, state.scb
 
 
-def _repoint(linear: torch.nn.Module, cb: torch.Tensor, scb: torch.Tensor) -> None:
+def _repoint(linear: torch.nn.Module, spec: _LinearSpec, weights: dict[str, tuple[torch.Tensor, ...]]) -> None:
     """The HF module keeps working on the host copy, so its memory is not held twice."""
+    if not spec.int8:
+        linear.weight.data = weights[spec.name][0]
+        return
+    cb, scb = weights[spec.name]
     linear.weight.data = cb
     if getattr(linear.weight, "CB", None) is not None:
         linear.weight.CB = cb
@@ -142,70 +167,123 @@ def _repoint(linear: torch.nn.Module, cb: torch.Tensor, scb: torch.Tensor) -> No
         linear.state.SCB = scb
 
 
-def _layer_specs(layer: torch.nn.Module) -> list[_LinearSpec]:
-    specs, cb_at, scb_at = [], 0, 0
-    for name in LINEARS:
-        cb, _ = _int8_of(layer.get_submodule(name))
-        specs.append(_LinearSpec(name, tuple(cb.shape), cb_at, scb_at))
-        cb_at += cb.numel()
-        scb_at += cb.shape[0]
-    return specs
+def _layer_specs(layer: torch.nn.Module, dtype: torch.dtype) -> tuple[list[_LinearSpec], int]:
+    """A layer's flat layout and its size in bytes. Group by group (FUSED: q/k/v lead, so a copy can put them in
+    first): an all-int8 group's CBs, then their scales, each run adjacent (the group is one [sum(out), in]
+    matrix); in a group with a dense member each linear on its own. Dense weights take the compute dtype."""
+    specs, at = [], 0
+    for group in FUSED:
+        int8 = {name: _int8_of(layer.get_submodule(name)) for name in group}
+        shapes = {name: tuple(layer.get_submodule(name).weight.shape) for name in group}
+        if all(v is not None for v in int8.values()):
+            cb_at = _align(at)
+            scb_at = _align(cb_at + sum(r * c for r, c in shapes.values()))
+            for name in group:
+                rows, cols = shapes[name]
+                specs.append(_LinearSpec(name, (rows, cols), cb_at, scb_at))
+                cb_at, scb_at = cb_at + rows * cols, scb_at + 4 * rows
+            at = scb_at
+            continue
+        for name in group:
+            rows, cols = shapes[name]
+            if int8[name] is None:
+                specs.append(_LinearSpec(name, (rows, cols), _align(at)))
+                at = _align(at) + rows * cols * dtype.itemsize
+            else:
+                scb_at = _align(_align(at) + rows * cols)
+                specs.append(_LinearSpec(name, (rows, cols), _align(at), scb_at))
+                at = scb_at + 4 * rows
+    return specs, at
 
 
-def int8_layer_bytes(layer: torch.nn.Module) -> int:
-    """A decoder layer's int8 weights and float32 row scales: what its pinned host copy and a stage slot hold."""
-    return sum(s.shape[0] * s.shape[1] + 4 * s.shape[0] for s in _layer_specs(layer))
+def layer_bytes(layer: torch.nn.Module, dtype: torch.dtype) -> int:
+    """A decoder layer's weights as streamed: int8 weights with float32 row scales, dense ones (--fp16-modules) in
+    the compute dtype; what its pinned host copy holds and what a stage slot holding it needs."""
+    return _layer_specs(layer, dtype)[1]
 
 
-def _views(specs: list[_LinearSpec], cb_flat: torch.Tensor, scb_flat: torch.Tensor,
-           groups: tuple[tuple[str, ...], ...]) -> dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]:
-    """Views of the flat buffers for each group of consecutive linears with the same input (q/k/v,
-    gate/up): their rows are adjacent in the flat layout, so a group is one [sum(out), in] matrix."""
+def _views(specs: list[_LinearSpec], flat: torch.Tensor, dtype: torch.dtype,
+           groups: tuple[tuple[str, ...], ...]) -> dict[tuple[str, ...], tuple[torch.Tensor, ...]]:
+    """Views of a layer's flat byte buffer: (CB, SCB) of an int8 linear or of a fused all-int8 group (its rows are
+    adjacent, so a group is one [sum(out), in] matrix), (weight,) of a dense linear. A group with a dense member
+    is viewed linear by linear."""
     by_name = {s.name: s for s in specs}
     out = {}
     for group in groups:
-        first, rows = by_name[group[0]], sum(by_name[n].shape[0] for n in group)
-        cb = cb_flat[first.cb_offset: first.cb_offset + rows * first.shape[1]].view(rows, first.shape[1])
-        out[group] = (cb, scb_flat[first.scb_offset: first.scb_offset + rows])
+        members = [by_name[n] for n in group]
+        if all(s.int8 for s in members):
+            out[group] = _int8_view(members, flat)
+            continue
+        for s in members:
+            out[(s.name,)] = _int8_view([s], flat) if s.int8 else (_dense_view(s, flat, dtype),)
     return out
+
+
+def _int8_view(members: list[_LinearSpec], flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CB [sum(out), in], SCB [sum(out)]) of int8 linears laid out adjacent, the first leading."""
+    first, rows = members[0], sum(s.shape[0] for s in members)
+    cb = flat[first.offset: first.offset + rows * first.shape[1]].view(rows, first.shape[1])
+    return cb, flat[first.scb_offset: first.scb_offset + 4 * rows].view(torch.float32)
+
+
+def _dense_view(spec: _LinearSpec, flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    nbytes = spec.shape[0] * spec.shape[1] * dtype.itemsize
+    return flat[spec.offset: spec.offset + nbytes].view(dtype).view(spec.shape)
 
 
 SINGLE = tuple((n,) for n in LINEARS)
 FUSED = (LINEARS[:3], LINEARS[3:4], LINEARS[4:6], LINEARS[6:])
 
 
-class _DeviceLayer:
-    """Duck-types an HF decoder layer for llama.forward_layers, over int8 buffers on the device,
-    with the same int8 kernels as the resident engine (int8_linear's fused q/k/v and gate/up, or bnb)."""
+class DenseLinear:
+    """A linear --fp16-modules keeps in the compute dtype, over a view of its layer's buffer: nn.Linear's math."""
 
-    def __init__(self, hf_layer: torch.nn.Module, specs: list[_LinearSpec], cb: torch.Tensor, scb: torch.Tensor,
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class _DeviceLayer:
+    """Duck-types an HF decoder layer for llama.forward_layers, over a layer's flat buffer on the device, with
+    the same int8 kernels as the resident engine (int8_linear's fused q/k/v and gate/up, or bnb); dense linears
+    (--fp16-modules) run as nn.Linear does, and a group with one runs linear by linear."""
+
+    def __init__(self, hf_layer: torch.nn.Module, specs: list[_LinearSpec], flat: torch.Tensor,
                  *, device: torch.device, dtype: torch.dtype, kernel: str, threshold: float):
         self.input_layernorm = copy.deepcopy(hf_layer.input_layernorm).to(device, dtype)
         self.post_attention_layernorm = copy.deepcopy(hf_layer.post_attention_layernorm).to(device, dtype)
         self._act = hf_layer.mlp.act_fn
         fused = kernel != "bnb"
+        by_name = {s.name: s for s in specs}
         mods = {}
-        for group, (cb_view, scb_view) in _views(specs, cb, scb, FUSED if fused else SINGLE).items():
+        for group, views in _views(specs, flat, dtype, FUSED if fused else SINGLE).items():
+            members = [by_name[n] for n in group]
             biases = [hf_layer.get_submodule(n).bias for n in group]
+            if not members[0].int8:
+                bias = None if biases[0] is None else biases[0].detach().to(device, dtype)
+                mods[group[0]] = DenseLinear(views[0], bias)
+                continue
             bias = None
             if any(b is not None for b in biases):
                 bias = torch.cat([b.detach().float() if b is not None else torch.zeros(s.shape[0])
-                                  for b, s in zip(biases, [x for x in specs if x.name in group], strict=True)])
+                                  for b, s in zip(biases, members, strict=True)])
                 bias = bias.to(device)
-            state = Int8State(cb_view, scb_view, bias)
+            state = Int8State(*views, bias)
             if not fused:
                 mods[group[0]] = BnbInt8Linear(state, threshold)
             elif len(group) > 1:
-                mods[group] = FusedInt8Linear(state, [s.shape[0] for s in specs if s.name in group], kernel)
+                mods[group] = FusedInt8Linear(state, [s.shape[0] for s in members], kernel)
             else:
                 mods[group[0]] = Int8Linear(state, kernel)
-        if fused:
-            self.self_attn = SimpleNamespace(qkv_proj=mods[FUSED[0]], o_proj=mods[LINEARS[3]])
-            self._gate_up, self._down = mods[FUSED[2]], mods[LINEARS[6]]
-        else:
-            self.self_attn = SimpleNamespace(**{n.split(".")[1]: mods[n] for n in LINEARS[:4]})
-            self._gate, self._up, self._down = (mods[n] for n in LINEARS[4:])
-            self._gate_up = None
+        attn = {n.split(".")[1]: mods[n] for n in LINEARS[:4] if n in mods}
+        if FUSED[0] in mods:
+            attn["qkv_proj"] = mods[FUSED[0]]
+        self.self_attn = SimpleNamespace(**attn)
+        self._gate_up = mods.get(FUSED[2])
+        self._gate, self._up = mods.get(LINEARS[4]), mods.get(LINEARS[5])
+        self._down = mods[LINEARS[6]]
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         if self._gate_up is not None:
@@ -223,22 +301,18 @@ class LayerStreamer:
     layers are spread evenly between the streamed ones and the slots alternate over the streamed layers,
     cyclically, so the bus never idles: during a resident layer the next streamed one is already copying, and
     the last layers of a forward prefetch the first of the next (weights do not change between steps).
+    A layer streams at its own size (one with --fp16-modules linears weighs more); the slots hold the largest.
     num_slots: how many stage buffers the streamed layers take turns in (plan.STAGE_SLOTS).
     """
 
     def __init__(self, hf_layers: list[torch.nn.Module], *, device: torch.device, dtype: torch.dtype,
                  num_resident: int, kernel: str, threshold: float, num_slots: int = 2):
         self.num_layers = len(hf_layers)
-        self.specs = _layer_specs(hf_layers[0])
-        pin = device.type == "cuda"
-        self.host: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        self.layers: list[_DeviceLayer] = []
-        num_cb = sum(s.shape[0] * s.shape[1] for s in self.specs)
-        num_scb = sum(s.shape[0] for s in self.specs)
-        scb_dtype = _int8_of(hf_layers[0].get_submodule(LINEARS[0]))[1].dtype
-        self.layer_bytes = num_cb + num_scb * torch.empty(0, dtype=scb_dtype).element_size()
-        # q/k/v lead a layer's flat buffer (LINEARS' order): copied first, they let its first piece start
-        self.head_cb = sum(s.shape[0] * s.shape[1] for s in self.specs[:3])
+        layouts = [_layer_specs(layer, dtype) for layer in hf_layers]
+        self.specs = [specs for specs, _ in layouts]
+        self.layer_bytes = [nbytes for _, nbytes in layouts]
+        # q/k/v lead a layer's flat buffer (FUSED's order): copied first, they let its first piece start
+        self.head_bytes = [min(s.offset for s in specs if s.name == LINEARS[3]) for specs in self.specs]
         self.resident = resident_layers(self.num_layers, num_resident)
         streamed = [i for i in range(self.num_layers) if i not in self.resident]
         num_slots = max(1, min(num_slots, len(streamed)))  # no slot without a layer to hold
@@ -248,26 +322,28 @@ class LayerStreamer:
         self.first_in_slot = [next(i for i in streamed if self.slot_of[i] == slot)
                               for slot in sorted(set(self.slot_of.values()))]
         self._pending: set[int] = set()  # streamed layers the previous forward already prefetched
-        self.stages = [(torch.empty(num_cb, dtype=torch.int8, device=device),
-                        torch.empty(num_scb, dtype=scb_dtype, device=device)) for _ in range(num_slots if streamed else 0)]
+        self.slot_bytes = max((self.layer_bytes[i] for i in streamed), default=0)
+        self.stages = [torch.empty(self.slot_bytes, dtype=torch.int8, device=device)
+                       for _ in range(num_slots if streamed else 0)]
+        pin = device.type == "cuda"
+        self.host: list[torch.Tensor | None] = []
+        self.layers: list[_DeviceLayer] = []
         for i, hf_layer in enumerate(hf_layers):
-            if _layer_specs(hf_layer) != self.specs:
-                raise ValueError(f"decoder layer {i} has other shapes than layer 0; cannot share stage buffers")
-            cb = torch.empty(num_cb, dtype=torch.int8, pin_memory=pin)
-            scb = torch.empty(num_scb, dtype=scb_dtype, pin_memory=pin)
-            for (name,), (cb_view, scb_view) in _views(self.specs, cb, scb, SINGLE).items():
-                src_cb, src_scb = _int8_of(hf_layer.get_submodule(name))
-                cb_view.copy_(src_cb)
-                scb_view.copy_(src_scb)
-                _repoint(hf_layer.get_submodule(name), cb_view, scb_view)
+            flat = torch.empty(self.layer_bytes[i], dtype=torch.int8, pin_memory=pin)
+            views = _views(self.specs[i], flat, dtype, SINGLE)
+            for spec in self.specs[i]:
+                linear, dst = hf_layer.get_submodule(spec.name), views[(spec.name,)]
+                for d, src in zip(dst, _int8_of(linear) or (linear.weight.detach(),), strict=True):
+                    d.copy_(src)
+                _repoint(linear, spec, {spec.name: dst})
             if i in self.resident:
-                buffers = (cb.to(device), scb.to(device))
+                buffer = flat.to(device)
                 self.host.append(None)
             else:
-                buffers = self.stages[self.slot_of[i]]
-                self.host.append((cb, scb))
-            self.layers.append(_DeviceLayer(hf_layer, self.specs, *buffers, device=device, dtype=dtype, kernel=kernel,
-                                            threshold=threshold))
+                buffer = self.stages[self.slot_of[i]]
+                self.host.append(flat)
+            self.layers.append(_DeviceLayer(hf_layer, self.specs[i], buffer, device=device, dtype=dtype,
+                                            kernel=kernel, threshold=threshold))
 
     def iter_layers(self) -> Iterator[_DeviceLayer]:
         for i in self.schedule():
@@ -325,15 +401,14 @@ class LayerStreamer:
         with self.streams.copying():
             self.streams.copy_waits_for_compute(slot)
             start = self.streams.start_timing()
-            head, stage = self.head_cb, self.stages[slot][0]
-            self.stages[slot][1].copy_(host[1], non_blocking=True)
+            head, stage = self.head_bytes[i], self.stages[slot]
             for a, b in _chunks(0, head):
-                stage[a:b].copy_(host[0][a:b], non_blocking=True)
+                stage[a:b].copy_(host[a:b], non_blocking=True)
             self.streams.record_copied(slot, head=True)
-            for a, b in _chunks(head, stage.numel()):
-                stage[a:b].copy_(host[0][a:b], non_blocking=True)
+            for a, b in _chunks(head, host.numel()):
+                stage[a:b].copy_(host[a:b], non_blocking=True)
             self.streams.record_copied(slot)
-            self.streams.end_timing(i, start, self.layer_bytes)
+            self.streams.end_timing(i, start, host.numel())
 
 
 # A layer's weights cross in copies of at most this many bytes: the step's small host→device copies (the host's
@@ -346,13 +421,6 @@ def _chunks(start: int, end: int, size: int | None = None) -> list[tuple[int, in
     """[start, end) in consecutive (a, b) ranges of at most size elements (int8: bytes; COPY_CHUNK_BYTES)."""
     size = size or COPY_CHUNK_BYTES
     return [(a, min(a + size, end)) for a in range(start, end, size)]
-
-
-def resident_layers(num_layers: int, num_resident: int) -> set[int]:
-    """Which layers stay on the device: evenly spread, so streamed copies keep running through them."""
-    if num_resident >= num_layers:
-        return set(range(num_resident))
-    return {(2 * k + 1) * num_layers // (2 * num_resident) for k in range(num_resident)}
 
 
 def device_kv_layers(num_layers: int, resident: set[int], count: int) -> tuple[int, ...]:

@@ -3,6 +3,8 @@ many rows a step takes. Pure arithmetic on sizes the builder measures or reads f
 is tested without a GPU.
 """
 
+import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from batchgen.worker.engine.llama import head_dim_of
@@ -41,6 +43,7 @@ class StreamPlan:
     device_bytes: int  # stage buffers + resident layers + KV on the device + activations
     num_device_kv_layers: int = 0  # "cpu": layers whose KV stays on the device, attended there
     num_slots: int = STAGE_SLOTS  # stage buffers the streamed layers take turns in
+    slot_bytes: int = 0  # one stage buffer: the largest streamed layer (0: every layer resident)
 
     @property
     def kv_on_host(self) -> bool:
@@ -59,7 +62,7 @@ class StreamPlan:
 def plan_streaming(
     *,
     budget_bytes: int,
-    layer_bytes: int,
+    layer_bytes: int | Sequence[int],
     num_layers: int,
     kv_bytes_per_token_layer: int,
     max_model_len: int,
@@ -88,11 +91,20 @@ def plan_streaming(
     (docs/benchmarks.md). What is left holds resident layers; num_slots stage buffers hold the streamed ones.
     attention_bytes_per_row: the share of activation_bytes_per_row that only attention on the device takes,
     spared where the CPU attends every layer.
+    layer_bytes: one decoder layer's weights, or each layer's where they differ (--fp16-modules keeps some linears
+    in the compute dtype); the stage buffers then hold the largest streamed layer.
     """
     if kv_placement not in KV_PLACEMENTS:
         raise ValueError(f"kv_placement must be one of {KV_PLACEMENTS}, got {kv_placement!r}")
     placements = {"auto": ("device",) + (("cpu",) if cpu_attention_cost else ()),
                   "device": ("device",), "cpu": ("cpu",)}[kv_placement]
+    sizes = [layer_bytes] * num_layers if isinstance(layer_bytes, int) else list(layer_bytes)
+    if len(sizes) != num_layers:
+        raise ValueError(f"layer_bytes has {len(sizes)} sizes for {num_layers} layers")
+    layouts = [_Layout.of(sizes, r, num_slots) for r in range(num_layers + 1)]
+    # the most resident layers whose layout fits: bisect over each count's cheapest layout with at least as many
+    cheapest = [min(lay.device_bytes for lay in layouts[r:]) for r in range(num_layers + 1)]
+    total_bytes = sum(sizes)
     kv_row_layer = kv_bytes_per_token_layer * max_model_len
     host_row_layer = (cpu_kv_bytes_per_token_layer or kv_bytes_per_token_layer) * max_model_len
     best, best_score = None, -1.0
@@ -116,24 +128,49 @@ def plan_streaming(
                 kv_device = rows * kv_row_layer * (x if cpu else num_layers)
                 act_row = activation_bytes_per_row - (attention_bytes_per_row if cpu and x == 0 else 0)
                 left = budget_bytes - prefill_bytes - rows * act_row - kv_device
-                resident = min(num_layers, max(0, left) // layer_bytes)  # every layer resident: no stage buffers
-                if resident < num_layers:
-                    resident = (left - num_slots * layer_bytes) // layer_bytes
-                if left < 0 or resident < 0 or (num_resident is not None and num_resident > resident):
+                if num_resident is None:
+                    resident = bisect.bisect_right(cheapest, left) - 1
+                else:
+                    fits = num_resident <= num_layers and layouts[num_resident].device_bytes <= left
+                    resident = num_resident if fits else -1
+                if resident < 0:
                     continue
-                resident, feasible = resident if num_resident is None else num_resident, True
-                stages = 0 if resident == num_layers else num_slots * layer_bytes
-                streamed = step = (num_layers - resident) * layer_bytes
+                layout, feasible = layouts[resident], True
+                streamed = step = layout.streamed_bytes
                 if cpu:  # the kernel reads every row up to the step's longest while the weights stream
                     reads = rows * host_row_layer * num_layers * CPU_ATTENTION_LENGTH * (cpu_attention_cost or 1.0)
                     step = max(streamed, reads * (num_layers - x) / num_layers)
-                score = rows / (step + COMPUTE_BYTES_RATIO * num_layers * layer_bytes)
+                score = rows / (step + COMPUTE_BYTES_RATIO * total_bytes)
                 if score > best_score:
-                    used = prefill_bytes + rows * act_row + kv_device + resident * layer_bytes + stages
+                    used = prefill_bytes + rows * act_row + kv_device + layout.device_bytes
                     best, best_score = StreamPlan(rows, placement, int(resident), int(streamed), int(used), x,
-                                                  num_slots), score
+                                                  num_slots, layout.slot_bytes), score
                 if cpu:
                     break  # the fewest device-KV layers
             if cpu and feasible:
                 break
     return best
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What the weights take on the device and across the bus with num_resident layers kept there."""
+
+    device_bytes: int  # the resident layers and the stage buffers
+    streamed_bytes: int  # the other layers, copied in once per forward
+    slot_bytes: int  # one stage buffer: the largest streamed layer
+
+    @classmethod
+    def of(cls, sizes: list[int], num_resident: int, num_slots: int) -> "_Layout":
+        resident = resident_layers(len(sizes), num_resident)
+        streamed = [b for i, b in enumerate(sizes) if i not in resident]
+        slot = max(streamed, default=0)
+        slots = min(num_slots, len(streamed))  # LayerStreamer makes no slot without a layer to hold
+        return cls(sum(sizes[i] for i in resident) + slots * slot, sum(streamed), slot)
+
+
+def resident_layers(num_layers: int, num_resident: int) -> set[int]:
+    """Which layers stay on the device: evenly spread, so streamed copies keep running through them."""
+    if num_resident >= num_layers:
+        return set(range(num_resident))
+    return {(2 * k + 1) * num_layers // (2 * num_resident) for k in range(num_resident)}
