@@ -176,17 +176,22 @@ def test_kernels_compile_for_hopper():
     assert compiled["quantize"]["round_half_even"] and compiled["int8 gemm"]["int8_tensor_cores"]
 
 
-def test_the_runners_triton_decode_step_equals_masked_attention():
-    """decode_step with attention="triton" (what auto picks on CUDA where Triton runs) against "sdpa" on the same
-    cache: the same logits and K/V written, rows of different lengths in one step."""
-    from batchgen.worker.engine.llama import LlamaParts, decode_step
+def _tiny_parts(rows: int = 5):
+    """A 2-layer fp16 Llama's LlamaParts (4 heads over 2 KV heads of 16), and the rows and head_dim a step uses."""
+    from batchgen.worker.engine.llama import LlamaParts
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LEN)
-    model = LlamaForCausalLM(config).eval().to(torch.float16)
-    parts = LlamaParts.from_hf(model)
-    rows, head_dim = 5, 64 // 4
+    return LlamaParts.from_hf(LlamaForCausalLM(config).eval().to(torch.float16)), rows, 64 // 4
+
+
+def test_the_runners_triton_decode_step_equals_masked_attention():
+    """decode_step with attention="triton" (what auto picks on CUDA where Triton runs) against "sdpa" on the same
+    cache: the same logits and K/V written, rows of different lengths in one step."""
+    from batchgen.worker.engine.llama import decode_step
+
+    parts, rows, head_dim = _tiny_parts()
     g = torch.Generator().manual_seed(3)
     cache = torch.randn(2, 2, rows + 1, MAX_LEN, 2, head_dim, generator=g).to(torch.float16)  # one spare row
     ids = torch.randint(0, 128, (rows,), generator=g)
@@ -206,14 +211,9 @@ def test_the_runners_triton_decode_step_equals_masked_attention():
 def test_the_runners_triton_decode_step_over_an_fp8_cache_equals_masked_attention_over_it():
     """--kv-cache-dtype fp8: decode_step with attention="triton" reads the e4m3 cache with its per-head scales
     in the kernel; "sdpa" dequantises the slice it reads. Same logits, same quantised K/V written."""
-    from batchgen.worker.engine.llama import LlamaParts, decode_step
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from batchgen.worker.engine.llama import decode_step
 
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LEN)
-    model = LlamaForCausalLM(config).eval().to(torch.float16)
-    parts = LlamaParts.from_hf(model)
-    rows, head_dim = 5, 64 // 4
+    parts, rows, head_dim = _tiny_parts()
     g = torch.Generator().manual_seed(4)
     exact = torch.randn(2, 2, rows, MAX_LEN, 2, head_dim, generator=g)
     exact[:, :, :, :, 1] *= 6  # KV heads of different ranges: a scale per layer and head
