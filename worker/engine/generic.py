@@ -21,10 +21,8 @@ from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, Gene
 from batchgen.worker.engine.requests import (
     Finisher,
     Intake,
-    Rejected,
     TokenRate,
     eos_ids,
-    error_result,
     vocab_size_of,
 )
 from batchgen.worker.engine.sampler import sample
@@ -83,21 +81,7 @@ class GenericEngine:
     # -- Engine protocol ----------------------------------------------------------------------------
 
     def add(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
-        rejected = []
-        for r in requests:
-            try:
-                if r.key in self._keys:
-                    raise Rejected("duplicate_key", f"request key {r.key!r} is already in the engine")
-                seqs = self.intake.sequences(r)
-            except Rejected as exc:
-                rejected.append(error_result(r.key, exc.code, str(exc)))
-            except Exception as exc:  # a poison request must not take the worker down
-                rejected.append(error_result(r.key, "invalid_request", f"{type(exc).__name__}: {exc}"))
-            else:
-                self._keys.add(r.key)
-                for seq in seqs:  # n choices: n rows, batched like any others
-                    self.scheduler.add(seq)
-        return rejected
+        return self.intake.admit(requests, self._keys, self.scheduler)
 
     def step(self) -> list[GenerationResult]:
         with torch.inference_mode():

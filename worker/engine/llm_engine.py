@@ -25,10 +25,8 @@ from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, Gene
 from batchgen.worker.engine.requests import (
     Finisher,
     Intake,
-    Rejected,
     TokenRate,
     eos_ids,
-    error_result,
     vocab_size_of,
 )
 from batchgen.worker.engine.sampler import sample
@@ -146,19 +144,7 @@ class LLMEngine:
     # -- Engine protocol ----------------------------------------------------------------------------
 
     def add(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
-        rejected = []
-        for r in requests:
-            try:
-                seqs = self._sequences(r)
-            except Rejected as exc:
-                rejected.append(error_result(r.key, exc.code, str(exc)))
-            except Exception as exc:  # a poison request must not take the worker down
-                rejected.append(error_result(r.key, "invalid_request", f"{type(exc).__name__}: {exc}"))
-            else:
-                self._keys.add(r.key)
-                for seq in seqs:  # n choices: n rows, batched like any others
-                    self.scheduler.add(seq)
-        return rejected
+        return self.intake.admit(requests, self._keys, self.scheduler)
 
     def step(self) -> list[GenerationResult]:
         with torch.inference_mode():
@@ -219,11 +205,6 @@ class LLMEngine:
             source.reset_timing()
 
     # -- internals --------------------------------------------------------------------------------
-
-    def _sequences(self, r: GenerationRequest) -> list[Sequence]:
-        if r.key in self._keys:
-            raise Rejected("duplicate_key", f"request key {r.key!r} is already in the engine")
-        return self.intake.sequences(r)
 
 
     def _forward(self, admitted: list[Sequence]) -> torch.Tensor:

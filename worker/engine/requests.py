@@ -6,6 +6,7 @@ response_format grammars, stop strings and stop token ids, max_tokens, logprobs.
 import random
 import time
 from collections import deque
+from collections.abc import Iterable
 
 from batchgen.jobs.schema import Choice, ErrorInfo, Request, SamplingParams, TokenLogprob
 from batchgen.worker.engine.protocol import GenerationRequest, GenerationResult
@@ -56,6 +57,25 @@ class Intake:
         self.tokenizer, self.model_name, self.max_model_len = tokenizer, model_name, max_model_len
         self.eos, self.vocab_size = eos, vocab_size
         self.structured: StructuredOutput | None = None  # built on the first response_format request
+
+    def admit(self, requests: Iterable[GenerationRequest], keys: set[str], scheduler) -> list[GenerationResult]:
+        """Both engines' add(): each request's sequences go to the scheduler, its key into keys; a request that
+        cannot run comes back as an error result at once (a poison request must not take the worker down)."""
+        rejected = []
+        for r in requests:
+            try:
+                if r.key in keys:
+                    raise Rejected("duplicate_key", f"request key {r.key!r} is already in the engine")
+                seqs = self.sequences(r)
+            except Rejected as exc:
+                rejected.append(error_result(r.key, exc.code, str(exc)))
+            except Exception as exc:  # noqa: BLE001
+                rejected.append(error_result(r.key, "invalid_request", f"{type(exc).__name__}: {exc}"))
+            else:
+                keys.add(r.key)
+                for seq in seqs:  # n choices: n rows, batched like any others
+                    scheduler.add(seq)
+        return rejected
 
     def sequences(self, r: GenerationRequest) -> list[Sequence]:
         ids = prompt_ids(self.tokenizer, r.request, self.model_name)
