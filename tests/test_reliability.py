@@ -128,10 +128,14 @@ def test_redis_restart_mid_run_loses_nothing_and_worker_and_wait_reconnect(tmp_p
         rows = echo_rows(80)
         client = BatchClient(ProducerConfig(chunk_size=4), connection=conn)
         batch = client.submit([write_jsonl(tmp_path / "in.jsonl", rows)], model="echo-m").batch
-        worker = echo_worker(server.url, tmp_path / "worker.log", delay=0.05)
+        num_clients = len(conn.client_list())
         waiter = subprocess.Popen([sys.executable, "-m", "batchgen.producer.cli", "wait", batch.id, "--timeout", "90",
                                    "--poll", "0.2"], env={**os.environ, "REDIS_URL": server.url},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # `wait` fails fast when Redis is down at its first poll (a wrong URL); it rides out outages after it.
+        # A slow start on a busy machine must not land that first poll in the restart below.
+        eventually(lambda: len(conn.client_list()) > num_clients, "the waiter's first poll", 60, 0.05)
+        worker = echo_worker(server.url, tmp_path / "worker.log", delay=0.05)
         eventually(lambda: conn.hlen(keys.BatchKeys(batch.id).outcomes) >= 8, "first results", 30)
         server.restart(down_s=1.5)  # SIGTERM: AOF fsynced; the script cache is empty after the restart
         num_before = conn.hlen(keys.BatchKeys(batch.id).outcomes)  # reconnects after the restart
