@@ -119,18 +119,23 @@ def queues_for(model: str, connection: Redis, priorities: Sequence[str] = defaul
     return [make_queue(model, p, connection) for p in priorities]
 
 
-def fail_lost_chunk(store: BatchStore, job_id: str) -> int:
-    """A chunk whose job hash is gone (evicted, deleted) while its batch runs: its unfinished requests get
-    `request_lost` lines, so the batch still ends. Returns how many; 0 when the batch is over or gone."""
+def fail_chunk(store: BatchStore, job_id: str, code: str, message: str) -> int:
+    """A chunk that cannot run while its batch does: its unfinished requests get batch-level error lines (they
+    never ran), so the batch still ends. Returns how many; 0 when the batch is over or gone."""
     batch = store.get(job_id.rpartition("-")[0])
     if batch is None or batch.status not in (BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING):
         return 0  # cancelled or ended: nothing is owed
     chunk = Chunk.from_job_id(job_id, batch.total, batch.chunk_size)
     if chunk is None:
         return 0
-    return store.fail(chunk.batch_id, store.pending(chunk.batch_id, chunk.start, chunk.end), "request_lost",
-                      "the chunk job holding this request is missing from Redis (evicted or deleted)",
+    return store.fail(chunk.batch_id, store.pending(chunk.batch_id, chunk.start, chunk.end), code, message,
                       status_code=None)
+
+
+def fail_lost_chunk(store: BatchStore, job_id: str) -> int:
+    """A chunk whose job hash is gone (evicted, deleted): `request_lost` lines, and the batch ends failed."""
+    return fail_chunk(store, job_id, "request_lost",
+                      "the chunk job holding this request is missing from Redis (evicted or deleted)")
 
 
 def waiting_by_model(connection: Redis, prefix: str = defaults.KEY_PREFIX) -> dict[str, int]:

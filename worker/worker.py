@@ -44,7 +44,6 @@ from rq.utils import now
 log = logging.getLogger("batchgen.worker")
 MAX_IDLE_SLEEP_S = 0.1
 IDLE_REPORT_INTERVAL_S = 60.0
-ACTIVE = (BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)
 
 
 @dataclass
@@ -268,16 +267,10 @@ class BatchWorker:
         """Fails one chunk job that cannot run: its unfinished requests get error lines, its claim goes."""
         log.error("chunk job %s cannot run (%s: %s); it fails, the worker goes on",
                   job.id, type(exc).__name__, exc)
-        held = self._drop(job.id)
+        self._drop(job.id)
         try:
-            batch = self._batch(job.id.rpartition("-")[0], refresh=True)
-            chunk = held.chunk if held is not None else None
-            if chunk is None and batch is not None:
-                chunk = chunks.Chunk.from_job_id(job.id, batch.total, batch.chunk_size)
-            if batch is not None and chunk is not None and batch.status in ACTIVE:
-                self.num_requests_done += self.store.fail(
-                    chunk.batch_id, self.store.pending(chunk.batch_id, chunk.start, chunk.end), "invalid_chunk_job",
-                    f"the chunk job could not run: {type(exc).__name__}", status_code=None)
+            self.num_requests_done += chunks.fail_chunk(self.store, job.id, "invalid_chunk_job",
+                                                        f"the chunk job could not run: {type(exc).__name__}")
             self.rq.handle_job_failure(job, queue, exc_string=f"{type(exc).__name__}: {exc}")
         except UNAVAILABLE + REFUSED:
             raise  # the claim stays: the loop backs off and reconciliation requeues it
