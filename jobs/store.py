@@ -37,10 +37,12 @@ if #accepted > 0 and redis.call('HLEN', KEYS[2]) >= total then
   local status = redis.call('HGET', KEYS[1], 'status')
   if status == 'cancelling' then
     redis.call('HSET', KEYS[1], 'status', 'cancelled', 'cancelled_at', ARGV[1])
-  elseif (status == 'in_progress' or status == 'finalizing') and redis.call('HEXISTS', KEYS[1], 'num_lost') == 1 then
-    redis.call('HSET', KEYS[1], 'status', 'failed', 'finalizing_at', ARGV[1], 'failed_at', ARGV[1])
   elseif status == 'in_progress' or status == 'finalizing' then
-    redis.call('HSET', KEYS[1], 'status', 'completed', 'finalizing_at', ARGV[1], 'completed_at', ARGV[1])
+    if redis.call('HEXISTS', KEYS[1], 'num_lost') == 1 then
+      redis.call('HSET', KEYS[1], 'status', 'failed', 'finalizing_at', ARGV[1], 'failed_at', ARGV[1])
+    else
+      redis.call('HSET', KEYS[1], 'status', 'completed', 'finalizing_at', ARGV[1], 'completed_at', ARGV[1])
+    end
   end
   local ttl = tonumber(ARGV[2])
   if ttl > 0 then
@@ -85,6 +87,11 @@ def stored_custom_id(raw: str | None, index: int) -> str:
     except (ValueError, TypeError, KeyError, IndexError, RecursionError):
         custom_id = None
     return custom_id if isinstance(custom_id, str) and custom_id else str(index)
+
+
+def _batch_of(raw: dict[str, str]) -> Batch | None:
+    """A record read back; one without its id was evicted and partly re-written (a field set after): gone."""
+    return Batch.from_hash(raw) if raw and "id" in raw and "status" in raw else None
 
 
 class BatchStore:
@@ -166,15 +173,14 @@ class BatchStore:
     # -- reads ---------------------------------------------------------------------------------------
     def get(self, batch_id: str) -> Batch | None:
         raw = self.connection.hgetall(keys.BatchKeys(batch_id).record)
-        # A record without its id was evicted and partly re-written (a field set after eviction): gone.
-        return Batch.from_hash(raw) if raw and "id" in raw and "status" in raw else None
+        return _batch_of(raw)
 
     def recent(self, limit: int = 100) -> list[Batch]:
         ids = self.connection.zrevrange(keys.batches_index(), 0, limit - 1)
         pipe = self.connection.pipeline(transaction=False)
         for batch_id in ids:
             pipe.hgetall(keys.BatchKeys(batch_id).record)
-        return [Batch.from_hash(raw) for raw in pipe.execute() if raw and "id" in raw and "status" in raw]
+        return [batch for raw in pipe.execute() if (batch := _batch_of(raw)) is not None]
 
     def statuses(self, batch_ids: Sequence[str]) -> dict[str, BatchStatus | None]:
         """Each batch's status in one round trip; None for a batch that is gone."""
