@@ -193,11 +193,10 @@ class OutlierGuard:
         if window_full:
             self.hits.zero_()
             self.num_tokens = 0
+        if window_full or hits:
+            self.seen.zero_()
         if not hits:
-            if window_full:
-                self.seen.zero_()
             return 0
-        self.seen.zero_()
         by_input: dict[int, list[int]] = {}
         for flat in hits:
             i = bisect.bisect_right(self.offsets, flat) - 1

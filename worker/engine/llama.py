@@ -230,12 +230,12 @@ class CacheAttention:
         if self.attention == "triton" and parts.spec.window is not None:  # the Triton kernel has no window
             self.attention = "sdpa" if fp8 else "flash"
         self.rows = torch.arange(n, device=device)
+        if self.attention in PREFILL_FLASH:  # both read each row's own length
+            self.used = (positions + 1).to(torch.int32)
         if self.attention == "flash":
             self.cu_q = torch.arange(n + 1, device=device, dtype=torch.int32)
             self.cu_k = self.cu_q * k_cache.shape[2]
-            self.used = (positions + 1).to(torch.int32)
         elif self.attention == "triton":
-            self.used = (positions + 1).to(torch.int32)
             self.splits = num_kv_splits(k_cache.shape[2], n, parts.num_kv_heads)  # from shapes: fixed per graph
         else:
             keys = torch.arange(kv_len, device=device)[None, :]
