@@ -80,7 +80,8 @@ def test_the_layer_list_is_found_past_an_expert_list(model_dir):
     assert decoder_layers(loaded.model) is loaded.model.model.layers
 
 
-@pytest.mark.parametrize("fp16_modules", [(), ("transformer.h.0", "transformer.h.2.mlp.dense_4h_to_h")])
+@pytest.mark.parametrize("fp16_modules", [(), ("transformer.h.0", "transformer.h.2.mlp.dense_4h_to_h"),
+                                          ("dense_4h_to_h",)])  # a suffix, as transformers matches it
 def test_the_int8_size_estimate_is_what_the_8bit_load_weighs(model_dir, fp16_modules):
     """Also with --fp16-modules: what they name weighs the compute dtype (auto small-VRAM counts it)."""
     from transformers import AutoConfig

@@ -51,6 +51,16 @@ def skip_modules(model: str, fp16_modules: tuple[str, ...]) -> list[str] | None:
     return sorted({*get_keys_to_not_convert(skeleton), *fp16_modules})
 
 
+def kept_in_fp16(module_name: str, fp16_modules: tuple[str, ...]) -> bool:
+    """Whether llm_int8_skip_modules=fp16_modules leaves this module unquantised, matched as transformers matches
+    them when it loads (prefix at a module boundary, regex, or suffix), so size estimates agree with the load."""
+    try:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:  # transformers 4: prefixes
+        return any(module_name == m or module_name.startswith(m + ".") for m in fp16_modules)
+    return bool(fp16_modules) and not should_convert_module(module_name, list(fp16_modules))
+
+
 def load_model(
     model: str, *, device: torch.device, dtype: torch.dtype, load_in_8bit: bool, int8_threshold: float,
     fp16_modules: tuple[str, ...] = (),

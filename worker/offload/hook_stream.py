@@ -19,7 +19,7 @@ import torch
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.families import Family
 from batchgen.worker.engine.generic import GenericEngine
-from batchgen.worker.engine.loader import load_model, resolve_device, resolve_dtype
+from batchgen.worker.engine.loader import kept_in_fp16, load_model, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def int8_model_bytes(config, dtype_bytes: int, fp16_modules: tuple[str, ...] = (
         model = AutoModelForCausalLM.from_config(config)
     layers = decoder_layers(model)
     inside = {id(p) for p in layers.parameters()}
-    kept = {id(p) for name, p in model.named_parameters() if any(name.startswith(m + ".") for m in fp16_modules)}
+    kept = {id(p) for name, p in model.named_parameters() if kept_in_fp16(name.rpartition(".")[0], fp16_modules)}
     total = 0
     for p in {id(p): p for p in model.parameters()}.values():
         if id(p) in inside and p.dim() == 2 and id(p) not in kept:
