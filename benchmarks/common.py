@@ -120,6 +120,7 @@ class PeakVram:
         self.total_bytes = pynvml.nvmlDeviceGetMemoryInfo(self._handle).total
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.peak_by_pid: dict[int, int] = {}  # each process's own peak: a stray process on the card shows here
         self.util_samples: list[int] = []  # NVML "GPU busy" percent: a kernel was running during the sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -130,6 +131,12 @@ class PeakVram:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.peak_bytes = max(self.peak_bytes, self.used())
+            try:
+                for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+                    used = proc.usedGpuMemory or 0
+                    self.peak_by_pid[proc.pid] = max(self.peak_by_pid.get(proc.pid, 0), used)
+            except self._nvml.NVMLError:  # not every driver or container reports processes
+                pass
             self.util_samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
             time.sleep(self.interval_s)
 

@@ -167,7 +167,9 @@ def _batchgen_run(name: str, device: str, lines: list[dict], work: Path) -> dict
     summary = json.loads(proc.stdout)
     tokens = sum(json.loads(row)["response"]["body"]["usage"]["completion_tokens"]
                  for row in out.read_text().splitlines())
-    return summary | {"completion_tokens": tokens, "log_tail": proc.stderr[-600:]}
+    startup = [json.loads(line)["message"] for line in proc.stderr.splitlines()
+               if line.startswith("{") and "engine up" in line]
+    return summary | {"completion_tokens": tokens, "log_tail": proc.stderr[-600:], "startup": startup[-1:]}
 
 
 def phase_small(name: str, device: str) -> dict:
@@ -188,7 +190,9 @@ def phase_small(name: str, device: str) -> dict:
     assert run["completion_tokens"] == SMALL_ROWS * SMALL_NEW, run["completion_tokens"]
     return {"load_s": base["elapsed_s"], "elapsed_s": run["elapsed_s"], "generate_s": round(generate_s, 2),
             "tok_s": round(run["completion_tokens"] / generate_s, 1), "tokens": run["completion_tokens"],
-            "nvml_peak_gib": vram.peak_gib, "log_tail": run["log_tail"]}
+            "nvml_peak_gib": vram.peak_gib, "nvml_peak_gib_by_pid": {pid: round(b / GIB, 2) for pid, b in
+                                                                     vram.peak_by_pid.items()},
+            "startup": run["startup"], "log_tail": run["log_tail"]}
 
 
 def small_vram_bound(name: str, h2d_gb_s: float | None) -> dict:
@@ -217,6 +221,7 @@ def phase_prepare(names: list[str], device: str) -> dict:
 
 class _NoVram:
     peak_gib = None
+    peak_by_pid: dict[int, int] = {}
 
     def __enter__(self):
         return self

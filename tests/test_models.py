@@ -3,7 +3,7 @@ engine, `batchgen run` and a real queue worker, against HF `generate` (greedy, o
 
 The path (fast or generic) is chosen from config.json before any weight loads; encoders are refused and a
 missing model is a one-line error, both before any engine work. Qwen3, Gemma, Gemma2, Phi-3 and windowed
-Mistral run on the fast path (Llama's forward plus a FamilySpec); the fast path's int8 oracle is HF generate
+Mistral run on the fast path (Llama's forward plus a FamilySpec); the int8 oracle is HF generate
 on the engine's own converted model (its linears run the engine's int8 kernels), the fp32 one a fresh load.
 """
 
@@ -97,9 +97,10 @@ def run_engine(engine, reqs: list[GenerationRequest]) -> dict[str, str]:
 
 
 def oracle(path, engine) -> dict[str, str]:
-    """HF generate on the same model: the fast path's own int8 model, else a fresh load as the engine loads it."""
+    """HF generate on the same model: the engine's own int8 model (its linears run the engine's int8 kernels on
+    either path), else a fresh load as the engine loads it."""
     int8 = engine.cfg.load_in_8bit
-    return hf_greedy(path, int8=int8, model=engine.model if int8 and isinstance(engine, LLMEngine) else None)
+    return hf_greedy(path, int8=int8, model=engine.model if int8 else None)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -236,7 +237,7 @@ def texts_of(path) -> dict[str, str]:
 
 
 def int8_oracle(path) -> dict[str, str]:
-    """HF generate on the 8-bit model as a worker process loads it (on the fast path: with its int8 kernels)."""
+    """HF generate on the 8-bit model as a worker process loads it (its linears run the engine's int8 kernels)."""
     return oracle(path, build_llm_engine(EngineConfig(model=str(path), max_batch_size=3)))
 
 

@@ -15,6 +15,7 @@ import torch
 from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.families import Family
+from batchgen.worker.engine.int8_linear import Int8Runtime
 from batchgen.worker.engine.loader import load_model, resolve_device, resolve_dtype
 from batchgen.worker.engine.padded_batch import ModelCalls, PaddedBatch, decode, prefill
 from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, GenerationResult
@@ -28,7 +29,7 @@ from batchgen.worker.engine.requests import (
 from batchgen.worker.engine.sampler import sample
 from batchgen.worker.engine.scheduler import Scheduler
 from batchgen.worker.engine.sequence import Sequence
-from batchgen.worker.engine.setup import CUDA_ALLOCATOR_SLACK, plan_rows
+from batchgen.worker.engine.setup import CUDA_ALLOCATOR_SLACK, plan_rows, resident_max_prefill_tokens
 
 DEFAULT_MAX_MODEL_LEN = 4096
 TOKENS_PER_S_WINDOW_S = 30.0
@@ -38,8 +39,9 @@ log = logging.getLogger("batchgen.engine")
 
 class GenericEngine:
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
-                 dtype: torch.dtype, weights_bytes: int):
+                 dtype: torch.dtype, weights_bytes: int, int8: Int8Runtime | None = None):
         self.cfg = cfg
+        self.int8 = int8  # the fast path's int8 kernels on this model's linears; its outlier guard is polled per step
         self.model_name = cfg.served_model_name or cfg.model
         self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
         text_config = model.config.get_text_config()
@@ -51,7 +53,9 @@ class GenericEngine:
                              eos=self.finisher.eos_ids, vocab_size=vocab_size_of(model))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.calls = ModelCalls.of(model, pad)
-        max_prefill = cfg.max_prefill_tokens or self.max_model_len
+        # As the fast path packs its prefills: a prefill of one or two prompts per forward would spend each
+        # forward's fixed cost (a whole weight stream, in small-VRAM mode) on a few hundred tokens.
+        max_prefill = resident_max_prefill_tokens(cfg, device, self.max_model_len)
         self.budget = plan_budget(cfg, text_config, device, dtype, weights_bytes, self.max_model_len, max_prefill)
         if self.budget.max_rows < 1:
             raise ValueError(f"not enough memory for one row of {self.max_model_len} tokens: {self.budget}")
@@ -75,8 +79,12 @@ class GenericEngine:
         loaded = load_model(cfg.model, device=device, dtype=dtype, load_in_8bit=cfg.load_in_8bit,
                             int8_threshold=cfg.int8_threshold,
                             fp16_modules=cfg.fp16_modules)
+        int8 = None
+        if cfg.load_in_8bit:  # bnb's Linear8bitLt swapped for the fast path's kernels: they know no architecture
+            int8 = Int8Runtime.load(loaded.model, cfg.int8_kernel, threshold=cfg.int8_threshold, device=device,
+                                    tokenizer=loaded.tokenizer)
         return cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
-                   weights_bytes=loaded.weights_bytes)
+                   weights_bytes=loaded.weights_bytes, int8=int8)
 
     # -- Engine protocol ----------------------------------------------------------------------------
 
@@ -101,6 +109,8 @@ class GenericEngine:
                 return self._on_oom(seqs, prefill=bool(admitted))
             if admitted:
                 self._merge(admitted, new_batch)
+        if self.int8 is not None:  # sampling synced: the guard's reduction costs no GPU wait
+            self.int8.poll(sum(s.num_prompt_tokens for s in admitted) if admitted else len(seqs))
         self._last_batch = len(seqs)
         self._rate.add(len(seqs))
         results = [r for seq, token, logprobs in zip(seqs, sampled.tokens, sampled.logprobs, strict=True)
@@ -127,6 +137,8 @@ class GenericEngine:
         extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, num_joins=self._num_joins,
                      device=str(self.device),
                      engine_path="generic", kv_bytes=self.batch.kv_bytes() if self.batch else 0)
+        if self.int8 is not None:
+            extra.update(self.int8.stats())
         return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._rate.per_s(),
                            self.num_unfinished, used, free, None, extra)
 
@@ -197,9 +209,11 @@ def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dt
         max_model_len=max_model_len, dtype_bytes=dtype_bytes, head_dim=getattr(config, "head_dim", None))
     # DynamicLayer.update concatenates: one layer's K/V exists twice for a moment each step.
     activation += kv_token * max_model_len // max(1, config.num_hidden_layers)
+    # Prompts are padded per row, not packed: their scores are [rows, heads, len, len], each len <= max_model_len.
     prefill_bytes = budget_math.estimate_prefill_bytes(hidden_size=hidden, intermediate_size=intermediate,
                                                        num_heads=heads, num_tokens=max_prefill_tokens,
-                                                       dtype_bytes=dtype_bytes)
+                                                       dtype_bytes=dtype_bytes, scores=False)
+    prefill_bytes += max_prefill_tokens * min(max_model_len, max_prefill_tokens) * (1 + 2 * heads * 4)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         free -= int(CUDA_ALLOCATOR_SLACK * free)

@@ -19,6 +19,7 @@ and one matmul instead of three or two); the per-projection modules keep working
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -158,6 +159,8 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("bias", state.bias, persistent=False)
         self.register_buffer("dense", None, persistent=False)  # [slots, out]: weight rows of the outlier columns
         self.outliers: OutlierColumns | None = None
+        # Where fill_dense reads cb and scb when the buffers are only a streaming slot's view (small VRAM).
+        self.host_weights: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.kernel = kernel
         self.out_features, self.in_features = self.cb.shape
 
@@ -205,8 +208,10 @@ class Int8Linear(torch.nn.Module):
             outliers.owners.append(self)
 
     def fill_dense(self, slots: torch.Tensor, columns: torch.Tensor) -> None:
-        rows = (self.cb[:, columns].float() * self.scb.view(-1, 1) * _INV_127).to(self.dense.dtype).t()
-        self.dense[slots] = rows
+        cb, scb = self.host_weights() if self.host_weights is not None else (self.cb, self.scb)
+        columns = columns.to(cb.device)
+        rows = (cb[:, columns].float() * scb.view(-1, 1) * _INV_127).to(self.dense.dtype).t()
+        self.dense[slots] = rows.to(self.dense.device)
 
     def extra_repr(self) -> str:
         num = f", outlier_columns={len(self.outliers.columns)}" if self.outliers is not None else ""
@@ -247,12 +252,13 @@ def _state_of(module: torch.nn.Module) -> Int8State:
 
 def convert_model(model: torch.nn.Module, kernel: str, *, fuse_projections: bool = True,
                   compile_kernels: bool | None = None, threshold: float = 6.0,
-                  calibration_ids: torch.Tensor | None = None) -> int:
+                  calibration_ids: torch.Tensor | None = None, calibrate: bool = True) -> int:
     """Swaps every bnb Linear8bitLt (or Int8Linear) in model for an Int8Linear running `kernel`; returns
     how many were swapped. With fuse_projections, Llama-style layers also get self_attn.qkv_proj and
     mlp.gate_up_proj (the separate projections become views of them, so memory stays the same).
     int_mm_outliers: the columns of each input whose |x| reaches threshold while the model runs over
-    calibration_ids [batch, tokens] go through dense weights (without calibration ids, only the guard finds them)."""
+    calibration_ids [batch, tokens] go through dense weights (without calibration ids, only the guard finds them).
+    calibrate=False leaves that to a later find_outliers call (small VRAM: once the layers stream on the device)."""
     if kernel not in _FAST_KERNELS:
         raise ValueError(f"convert_model runs {_FAST_KERNELS}, not {kernel!r}")
     first = next((m for m in model.modules() if _is_bnb_int8(m) or isinstance(m, Int8Linear)), None)
@@ -273,8 +279,8 @@ def convert_model(model: torch.nn.Module, kernel: str, *, fuse_projections: bool
                 child.kernel = kernel
     if fuse_projections:
         _fuse(model, kernel)
-    if kernel == OUTLIER_KERNEL:
-        _find_outliers(model, threshold, calibration_ids, device)
+    if kernel == OUTLIER_KERNEL and calibrate:
+        find_outliers(model, threshold, calibration_ids, device)
     return num_swapped
 
 
@@ -289,7 +295,7 @@ def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
-def _find_outliers(model: torch.nn.Module, threshold: float, ids: torch.Tensor | None, device: torch.device) -> None:
+def find_outliers(model: torch.nn.Module, threshold: float, ids: torch.Tensor | None, device: torch.device) -> None:
     """Calibration: one OutlierColumns per input, its columns those that reached the threshold over ids."""
     owners, dtype = _owners(model), _compute_dtype(model)
     inputs = [OutlierColumns(m.in_features, threshold, device) for m in owners]
@@ -392,16 +398,27 @@ class Int8Runtime:
     @classmethod
     def load(cls, model: torch.nn.Module, name: str, *, threshold: float, device: torch.device,
              tokenizer) -> "Int8Runtime":
-        kernel = resolve_int8_kernel(name, device, threshold)
-        guard = None
-        if kernel != "bnb":
-            ids = calibration_ids(tokenizer, device) if kernel == OUTLIER_KERNEL else None
-            convert_model(model, kernel, threshold=threshold, calibration_ids=ids)
-        if kernel == OUTLIER_KERNEL:
-            guard = outlier_guard(model, threshold)
-        runtime = cls(kernel, guard)
-        log.info("int8 kernel: %s", runtime.describe(threshold))
+        runtime = cls.convert(model, name, threshold=threshold, device=device)
+        runtime.calibrate(model, threshold=threshold, device=device, tokenizer=tokenizer)
         return runtime
+
+    @classmethod
+    def convert(cls, model: torch.nn.Module, name: str, *, threshold: float, device: torch.device,
+                fuse_projections: bool = True) -> "Int8Runtime":
+        """Swaps the model's bnb linears for the kernel `name` resolves to; an outlier kernel runs only after
+        calibrate. Small VRAM converts on the host, streams the layers, then calibrates on the device."""
+        kernel = resolve_int8_kernel(name, device, threshold)
+        if kernel != "bnb":
+            convert_model(model, kernel, threshold=threshold, fuse_projections=fuse_projections,
+                          compile_kernels=device.type == "cuda", calibrate=False)
+        return cls(kernel)
+
+    def calibrate(self, model: torch.nn.Module, *, threshold: float, device: torch.device, tokenizer) -> None:
+        """The outlier kernel's columns from a pass over calibration text on `device`, and its guard; logs the kernel."""
+        if self.kernel == OUTLIER_KERNEL:
+            find_outliers(model, threshold, calibration_ids(tokenizer, device), device)
+            self.guard = outlier_guard(model, threshold)
+        log.info("int8 kernel: %s", self.describe(threshold))
 
     def poll(self, num_tokens: int) -> bool:
         """Runs the guard after a step; True when an input got its first outlier column: its linears take

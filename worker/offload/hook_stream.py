@@ -13,17 +13,20 @@ bus and the compute then take turns instead of overlapping.
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.families import Family
 from batchgen.worker.engine.generic import GenericEngine
+from batchgen.worker.engine.int8_linear import Int8Linear, Int8Runtime
 from batchgen.worker.engine.loader import kept_in_fp16, load_model, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 NUM_SLOTS = 2
+STREAMING_PREFILL_TOKENS = 2048
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -61,6 +64,21 @@ class _Entry:
 
 def _is_bnb_int8(module: torch.nn.Module) -> bool:
     return type(module).__name__ == "Linear8bitLt"
+
+
+def _point_int8_at_host(entries: list[_Entry], host_views: list[torch.Tensor]) -> None:
+    """An Int8Linear's cb/scb are a slot's view, which holds another layer most of the time: the outlier kernel
+    reads the weight rows of a newly found outlier column from the layer's host copy instead."""
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for entry, view in zip(entries, host_views, strict=True):
+        if isinstance(entry.module, Int8Linear) and entry.name in ("cb", "scb"):
+            found.setdefault(id(entry.module), {"module": entry.module})[entry.name] = view
+    for tensors in found.values():
+        tensors["module"].host_weights = partial(_pair, tensors["cb"], tensors["scb"])
+
+
+def _pair(cb: torch.Tensor, scb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return cb, scb
 
 
 def _entries(layer: torch.nn.Module) -> list[_Entry]:
@@ -130,9 +148,10 @@ class HookStreamer:
         self.layer_bytes = [flat.numel() for flat in self.host]
         self.slots = [torch.empty(max(self.layer_bytes), dtype=torch.uint8, device=device) for _ in range(NUM_SLOTS)]
         self.views = [[[piece.view(slot) for piece in layout] for slot in self.slots] for layout in slices]
-        for entries, views in zip(self.entries, self.views, strict=True):
+        for entries, views, layout, flat in zip(self.entries, self.views, slices, self.host, strict=True):
             for entry, tensor in zip(entries, views[0], strict=True):
                 entry.point(tensor)  # the loaded tensor is freed now: host memory holds one copy of the layers
+            _point_int8_at_host(entries, [piece.view(flat) for piece in layout])
         self.holding: list[int | None] = [None] * NUM_SLOTS  # which layer each slot holds (or is receiving)
         self.copied: list[torch.cuda.Event | None] = [None] * NUM_SLOTS
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
@@ -252,11 +271,20 @@ def build_hook_streaming_engine(cfg: EngineConfig, family: Family) -> GenericEng
     dtype = resolve_dtype(cfg.compute_dtype, device)
     loaded = load_model(cfg.model, device=torch.device("cpu"), dtype=dtype, load_in_8bit=cfg.load_in_8bit,
                         int8_threshold=cfg.int8_threshold, fp16_modules=cfg.fp16_modules)
+    int8 = None
+    if cfg.load_in_8bit:  # unfused: each linear's own tensors stream with its layer
+        int8 = Int8Runtime.convert(loaded.model, cfg.int8_kernel, threshold=cfg.int8_threshold, device=device,
+                                   fuse_projections=False)
     streamer = stream_layers(loaded.model, device)
+    if int8 is not None:  # outlier columns found on the device, through the streamed layers
+        int8.calibrate(loaded.model, threshold=cfg.int8_threshold, device=device, tokenizer=loaded.tokenizer)
     log.info("engine path: model %r (%s): generic path in small-VRAM mode (decoder layers streamed through "
              "forward pre-hooks)%s", family.model, family.model_type,
              "" if family.path != "fast" else "; its fast path's layer streamer rebuilds plain Llama layers only")
+    # Each prefill streams every layer once: pack a few thousand prompt tokens into it, but not so many that
+    # its activations take the rows' KV room under the cap.
+    cfg = replace(cfg, max_prefill_tokens=cfg.max_prefill_tokens or STREAMING_PREFILL_TOKENS)
     engine = GenericEngine(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
-                           weights_bytes=loaded.weights_bytes)
+                           weights_bytes=loaded.weights_bytes, int8=int8)
     engine.streamer = streamer  # kept alive with the engine (the hooks hold it too); tests and benchmarks read it
     return engine
