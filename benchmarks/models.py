@@ -18,8 +18,10 @@ written once to /tmp on the GPU, each configuration in its own process so NVML's
 """
 
 import argparse
+import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -188,24 +190,41 @@ def phase_small(name: str, device: str) -> dict:
         run = _batchgen_run(name, device, lines(SMALL_NEW, SMALL_ROWS), Path(work))
     generate_s = max(1e-3, run["elapsed_s"] - base["elapsed_s"])
     assert run["completion_tokens"] == SMALL_ROWS * SMALL_NEW, run["completion_tokens"]
-    return {"load_s": base["elapsed_s"], "elapsed_s": run["elapsed_s"], "generate_s": round(generate_s, 2),
+    rows = re.search(r"rows\s+(\d+)", run["startup"][0]) if run["startup"] else None
+    return {"rows": int(rows.group(1)) if rows else None,"load_s": base["elapsed_s"], "elapsed_s": run["elapsed_s"], "generate_s": round(generate_s, 2),
             "tok_s": round(run["completion_tokens"] / generate_s, 1), "tokens": run["completion_tokens"],
             "nvml_peak_gib": vram.peak_gib, "nvml_peak_gib_by_pid": {pid: round(b / GIB, 2) for pid, b in
                                                                      vram.peak_by_pid.items()},
             "startup": run["startup"], "log_tail": run["log_tail"]}
 
 
-def small_vram_bound(name: str, h2d_gb_s: float | None) -> dict:
+def small_vram_bound(name: str, h2d_gb_s: float | None, rows: int | None = None) -> dict:
     """The PCIe bound as benchmarks/small_vram.py computes it: 64 rows per step x pinned H2D bandwidth /
     (int8 model bytes - 6 GiB): each step streams at least what does not fit the cap."""
     from batchgen.worker.offload.hook_stream import int8_model_bytes
     from transformers import AutoConfig
 
-    model_bytes = int8_model_bytes(AutoConfig.from_pretrained(model_dir(name)), 2)
+    config = AutoConfig.from_pretrained(model_dir(name))
+    model_bytes = int8_model_bytes(config, 2)
     out: dict = {"model_int8_gb": round(model_bytes / 1e9, 2)}
     if h2d_gb_s and model_bytes > CAP_BYTES:
         out["bound_tok_s"] = round(SMALL_ROWS * h2d_gb_s * 1e9 / (model_bytes - CAP_BYTES), 1)
+        # What the generic path's streamer can reach: it copies every layer in each step (the K/V of its rows
+        # takes the room that would keep layers resident), at the rows that fit the cap.
+        out["streamed_gb_per_step"] = round(decoder_layer_bytes(config) / 1e9, 2)
+        if rows:
+            out["bound_at_rows_that_fit"] = round(rows * h2d_gb_s / out["streamed_gb_per_step"], 1)
     return out
+
+
+def decoder_layer_bytes(config) -> int:
+    """The int8 bytes of the decoder layers alone: one layer's (the same model with two layers minus with one)
+    times their number."""
+    from batchgen.worker.offload.hook_stream import int8_model_bytes
+
+    one, two = copy.deepcopy(config), copy.deepcopy(config)
+    one.num_hidden_layers, two.num_hidden_layers = 1, 2
+    return (int8_model_bytes(two, 2) - int8_model_bytes(one, 2)) * config.num_hidden_layers
 
 
 def phase_prepare(names: list[str], device: str) -> dict:
@@ -296,9 +315,12 @@ def main() -> None:
         row: dict = {}
         if args.small_vram:
             row["batchgen_6gib"] = run_phase(args.out, "small", name, device)
-            row |= small_vram_bound(name, report["prepare"].get("h2d", {}).get("pinned_gb_s"))
+            row |= small_vram_bound(name, report["prepare"].get("h2d", {}).get("pinned_gb_s"),
+                                    row["batchgen_6gib"].get("rows"))
             if "bound_tok_s" in row and "tok_s" in row["batchgen_6gib"]:
                 row["fraction_of_bound"] = round(row["batchgen_6gib"]["tok_s"] / row["bound_tok_s"], 3)
+            if "bound_at_rows_that_fit" in row and "tok_s" in row["batchgen_6gib"]:
+                row["fraction_of_rows_bound"] = round(row["batchgen_6gib"]["tok_s"] / row["bound_at_rows_that_fit"], 3)
         else:
             row["batchgen"] = run_phase(args.out, "batchgen", name, device, str(args.num_requests if not args.tiny else 16))
             if not args.tiny:
