@@ -14,6 +14,11 @@ Linear8bitLt for an `Int8Linear` that runs one of:
   bnb does. Fixed shapes and no host sync, so decode steps stay in CUDA graphs; a guard catches new outliers.
 - "weight_only": out = x @ (CB · SCB/127).T in the compute dtype; exact in the weights, 2× the traffic.
 
+At a few rows (decode of a small batch, the tail of a bulk run) every kernel takes kernels.int8_gemv instead:
+weight-only arithmetic (exact in the weights, float32 accumulation) reading the int8 weights once, where
+cuBLASLt's int8 GEMM pads to 17 rows and does not stream the weights at the bus rate. The outlier guard
+still records those rows' activations, so the columns it opens serve the larger batches.
+
 `fuse_projections` concatenates q/k/v and gate/up of each layer into one int8 matrix (one quantisation
 and one matmul instead of three or two); the per-projection modules keep working as views of it.
 """
@@ -25,6 +30,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from batchgen.worker.engine.int8_outliers import OutlierColumns, OutlierGuard, calibration_ids, slots_for
+from batchgen.worker.engine.kernels.backend import HAS_TRITON, triton_available
+from batchgen.worker.engine.kernels.int8_gemv import MAX_ROWS as GEMV_MAX_ROWS
+from batchgen.worker.engine.kernels.int8_gemv import int8_gemv
 
 log = logging.getLogger("batchgen.int8")
 
@@ -33,6 +41,10 @@ _FAST_KERNELS = ("int_mm", OUTLIER_KERNEL, "weight_only")  # what Int8Linear run
 _INV_127 = 7.874015718698502e-3  # bnb's int8_vectorwise_dequant constant: the dense rows equal bnb's subB
 _INV_127_SQ = 6.200124e-05  # bnb's constant for 1/127² (which is 6.2000124e-05): kept, so we equal bnb exactly
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLASLt int8 through torch._int_mm wants more than 16 rows
+# The small-row GEMV: None runs it on CUDA (fp16/bf16 inputs) wherever Triton imports; True wherever Triton
+# runs, its interpreter included (how the CPU tests force it); False never.
+USE_GEMV: bool | None = None
+_GEMV_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -99,6 +111,13 @@ def quantize_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return torch.round(x16 * (127.0 / absmax)).to(torch.int8), absmax, argmax
 
 
+def column_absmax(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guard's input without the quantisation: each row's largest |x| among the int8 columns (float32
+    [m, 1], as quantize_outliers computes it) and where it is [m, 1]."""
+    absmax, argmax = (x.to(torch.float16) * keep).abs().max(dim=-1, keepdim=True)
+    return absmax.float(), argmax
+
+
 def dequantize_plus(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
                     dense: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = acc * (absmax * scb) * _INV_127_SQ
@@ -119,7 +138,7 @@ class _Kernels:
     def __init__(self) -> None:
         self.quantize, self.dequantize, self.dequantize_weight = quantize_rows, dequantize, dequantize_weight
         self.quantize_outliers, self.dequantize_plus = quantize_outliers, dequantize_plus
-        self.quantize_argmax = quantize_argmax
+        self.quantize_argmax, self.column_absmax = quantize_argmax, column_absmax
         self.compiled = False
 
     def compile(self) -> None:
@@ -131,6 +150,7 @@ class _Kernels:
         self.quantize_outliers = torch.compile(quantize_outliers, dynamic=True)
         self.quantize_argmax = torch.compile(quantize_argmax, dynamic=True)
         self.dequantize_plus = torch.compile(dequantize_plus, dynamic=True)
+        self.column_absmax = torch.compile(column_absmax, dynamic=True)
         self.compiled = True
 
 
@@ -144,6 +164,15 @@ def int_mm(xq: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
         xq = F.pad(xq, (0, 0, 0, _CUDA_INT_MM_MIN_ROWS - m))
         return torch._int_mm(xq, cb.t())[:m]
     return torch._int_mm(xq, cb.t())
+
+
+def takes_gemv(x2: torch.Tensor) -> bool:
+    """Whether the flattened input x2 [m, k] goes through the small-row GEMV (see USE_GEMV)."""
+    if not 0 < x2.shape[0] <= GEMV_MAX_ROWS or x2.stride(-1) != 1:
+        return False
+    if USE_GEMV is None:
+        return HAS_TRITON and x2.is_cuda and x2.dtype in _GEMV_DTYPES
+    return USE_GEMV and triton_available(x2)
 
 
 class Int8Linear(torch.nn.Module):
@@ -170,6 +199,8 @@ class Int8Linear(torch.nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.kernel == OUTLIER_KERNEL:
             out = self._forward_outliers(x2)
+        elif takes_gemv(x2):
+            out = int8_gemv(x2, self.cb, self.scb, self.bias)
         elif self.kernel == "int_mm":
             xq, absmax = KERNELS.quantize(x2)
             out = KERNELS.dequantize(int_mm(xq, self.cb), absmax, self.scb, self.bias, x.dtype)
@@ -188,6 +219,9 @@ class Int8Linear(torch.nn.Module):
         if o.calibrating:  # exact activations while the calibration pass looks at them
             o.observe(x2)
             return self._forward_weight_only(x2)
+        if takes_gemv(x2):  # every column exact here; the guard still sees the rows (it serves larger batches)
+            o.record(*KERNELS.column_absmax(x2, o.keep))
+            return int8_gemv(x2, self.cb, self.scb, self.bias)
         if not o.columns:  # int_mm plus the guard (the engine recaptures its graphs once a column is added)
             xq, absmax, argmax = KERNELS.quantize_argmax(x2)
             o.record(absmax, argmax)

@@ -1,0 +1,152 @@
+"""Weight-only int8 GEMV for a few rows: y [m, n] = x [m, k] @ (cb [n, k] · scb[n] / 127).T (+ bias), m <= 16.
+
+Decode at small batches is bound by reading the weights once; torch._int_mm (cuBLASLt wants m > 16, so tiny
+batches are padded) does not stream them at the bus rate there. Here the activations stay in their dtype,
+each int8 weight tile is widened in registers and multiplied in float32 accumulation, and the per-row scale
+is applied once after the K sum (it factors out): the weight arithmetic is exact, so no outlier decomposition
+is needed on this path.
+
+- One row (m == 1): a multiply-add into a [BLOCK_N, BLOCK_K] float32 accumulator reduced once at the end.
+- More rows: tl.dot of the rows (padded to 16, the smallest dot) with the widened tile.
+- Split-K: SPLIT_K programs share an output tile's K range and write float32 partials; a second kernel sums
+  them in a fixed order (deterministic) and applies scale and bias. The grid comes from the shapes only and
+  nothing syncs with the host, so a CUDA graph can hold the launch.
+"""
+
+import functools
+
+import torch
+from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, triton_available
+
+INV_127 = 7.874015718698502e-3  # bnb's int8_vectorwise_dequant constant, as int8_linear.dequantize_weight uses it
+MAX_ROWS = 16  # the dot path pads the rows to 16: beyond that a GEMM is the better kernel
+DOT_ROWS = 16  # tl.dot's smallest M
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gemv_kernel(X, W, Scb, Bias, Out, Partial, M, N, K, stride_xm, stride_wn, stride_om, inv_127,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        n_mask = rn < N
+        k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # whole blocks per split
+        k_start = pid_k * k_len
+        k_end = tl.minimum(k_start + k_len, K)
+        w_ptr = W + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K]: k contiguous
+        if BLOCK_M == 1:
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k0 in range(k_start, k_end, BLOCK_K):
+                k_mask = (k0 + rk) < k_end
+                x = tl.load(X + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + k0, mask=n_mask[:, None] & k_mask[None, :], other=0)
+                acc2 += w.to(tl.float32) * x[None, :]
+            acc = tl.sum(acc2, 1)[None, :]  # [1, BLOCK_N]
+        else:
+            rm = tl.arange(0, BLOCK_M)
+            m_mask = rm < M
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(k_start, k_end, BLOCK_K):
+                k_mask = (k0 + rk) < k_end
+                x = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + (k0 + rk)[None, :],
+                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                w = tl.load(w_ptr + k0, mask=n_mask[:, None] & k_mask[None, :], other=0)
+                if DOT_F32:  # float32 rows, or bf16 under the interpreter (which multiplies bf16 bits as integers)
+                    acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+                else:  # |cb| <= 127: exact in fp16 and bf16
+                    acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        rm = tl.arange(0, BLOCK_M)
+        mask = (rm < M)[:, None] & n_mask[None, :]
+        if SPLIT_K == 1:
+            scale = tl.load(Scb + rn, mask=n_mask, other=0.0) * inv_127
+            out = acc * scale[None, :]
+            if HAS_BIAS:
+                out = out + tl.load(Bias + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(Out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
+        else:
+            part = Partial + (pid_k * M + rm[:, None]).to(tl.int64) * N + rn[None, :]
+            tl.store(part, acc, mask=mask)
+
+    @triton.jit
+    def _split_sum_kernel(Partial, Scb, Bias, Out, M, N, stride_om, inv_127, BLOCK_N: tl.constexpr,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr):
+        row = tl.program_id(0)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = rn < N
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for s in range(SPLIT_K):  # fixed order: the same sum on every run
+            acc += tl.load(Partial + (s * M + row).to(tl.int64) * N + rn, mask=n_mask, other=0.0)
+        out = acc * (tl.load(Scb + rn, mask=n_mask, other=0.0) * inv_127)
+        if HAS_BIAS:
+            out = out + tl.load(Bias + rn, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(Out + row.to(tl.int64) * stride_om + rn, out.to(Out.dtype.element_ty), mask=n_mask)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: any count; shapes the tests' splits like a large GPU's
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gemv_config(m: int, n: int, k: int, num_sms: int) -> dict[str, int]:
+    """A launch for these shapes, no autotuner: narrow output tiles (each program streams whole weight rows),
+    and split-K only when the tiles alone leave the SMs short of two programs each."""
+    block_n = 16 if m > 1 else 32
+    block_k = 256 if m > 1 else 128
+    tiles = -(-n // block_n)
+    split_k = 1
+    while tiles * split_k < 2 * num_sms and k >= 2 * split_k * 4 * block_k and split_k < 16:
+        split_k *= 2
+    return {"block_n": block_n, "block_k": block_k, "split_k": split_k, "num_warps": 4}
+
+
+def int8_gemv_reference(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (cb · scb / 127).T (+ bias) in float32, cast to x's dtype."""
+    out = (x.float() @ cb.float().t()) * (scb.float() * INV_127)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def int8_gemv(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None, *,
+              block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
+              num_warps: int | None = None, num_stages: int = 4) -> torch.Tensor:
+    """x [m, k] (m <= MAX_ROWS; fp16, bf16 or float32, unit stride over k), cb int8 [n, k] (unit stride over k;
+    a row slice of a fused matrix is fine), scb float32 [n] (each row's absmax), bias [n] or None -> [m, n] in
+    x's dtype. Tuning arguments left None come from gemv_config."""
+    m, k = x.shape
+    n = cb.shape[0]
+    if m > MAX_ROWS:
+        raise ValueError(f"int8_gemv takes at most {MAX_ROWS} rows, got {m}")
+    if not triton_available(x):
+        return int8_gemv_reference(x, cb, scb, bias)
+    if x.stride(-1) != 1 or cb.stride(-1) != 1:
+        raise ValueError("int8_gemv wants a unit stride over k")
+    cfg = gemv_config(m, n, k, _num_sms(x.device))
+    block_n = block_n or cfg["block_n"]
+    block_k = block_k or cfg["block_k"]
+    split_k = split_k or cfg["split_k"]
+    num_warps = num_warps or cfg["num_warps"]
+    block_m = 1 if m == 1 else DOT_ROWS
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    scb = scb if scb.dtype == torch.float32 else scb.float()
+    bias_arg = bias if bias is not None else scb
+    dot_f32 = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
+    _gemv_kernel[(triton.cdiv(n, block_n), split_k)](
+        x, cb, scb, bias_arg, out, partial, m, n, k, x.stride(0), cb.stride(0), out.stride(0), INV_127,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, HAS_BIAS=bias is not None,
+        DOT_F32=dot_f32, num_warps=num_warps, num_stages=num_stages)
+    if split_k > 1:
+        sum_block = min(1024, triton.next_power_of_2(n))
+        _split_sum_kernel[(m, triton.cdiv(n, sum_block))](
+            partial, scb, bias_arg, out, m, n, out.stride(0), INV_127, BLOCK_N=sum_block, SPLIT_K=split_k,
+            HAS_BIAS=bias is not None, num_warps=4)
+    return out
