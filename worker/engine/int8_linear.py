@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from batchgen.worker.engine.int8_outliers import OutlierColumns, OutlierGuard, calibration_ids, slots_for
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, triton_available
 from batchgen.worker.engine.kernels.int8_gemv import MAX_ROWS as GEMV_MAX_ROWS
-from batchgen.worker.engine.kernels.int8_gemv import int8_gemv
+from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, int8_gemv
 
 log = logging.getLogger("batchgen.int8")
 
@@ -111,13 +111,6 @@ def quantize_argmax(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return torch.round(x16 * (127.0 / absmax)).to(torch.int8), absmax, argmax
 
 
-def column_absmax(x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The guard's input without the quantisation: each row's largest |x| among the int8 columns (float32
-    [m, 1], as quantize_outliers computes it) and where it is [m, 1]."""
-    absmax, argmax = (x.to(torch.float16) * keep).abs().max(dim=-1, keepdim=True)
-    return absmax.float(), argmax
-
-
 def dequantize_plus(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
                     dense: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = acc * (absmax * scb) * _INV_127_SQ
@@ -138,7 +131,7 @@ class _Kernels:
     def __init__(self) -> None:
         self.quantize, self.dequantize, self.dequantize_weight = quantize_rows, dequantize, dequantize_weight
         self.quantize_outliers, self.dequantize_plus = quantize_outliers, dequantize_plus
-        self.quantize_argmax, self.column_absmax = quantize_argmax, column_absmax
+        self.quantize_argmax = quantize_argmax
         self.compiled = False
 
     def compile(self) -> None:
@@ -150,7 +143,6 @@ class _Kernels:
         self.quantize_outliers = torch.compile(quantize_outliers, dynamic=True)
         self.quantize_argmax = torch.compile(quantize_argmax, dynamic=True)
         self.dequantize_plus = torch.compile(dequantize_plus, dynamic=True)
-        self.column_absmax = torch.compile(column_absmax, dynamic=True)
         self.compiled = True
 
 
@@ -220,8 +212,7 @@ class Int8Linear(torch.nn.Module):
             o.observe(x2)
             return self._forward_weight_only(x2)
         if takes_gemv(x2):  # every column exact here; the guard still sees the rows (it serves larger batches)
-            o.record(*KERNELS.column_absmax(x2, o.keep))
-            return int8_gemv(x2, self.cb, self.scb, self.bias)
+            return int8_gemv(x2, self.cb, self.scb, self.bias, GuardBuffers(o.keep, o.seen, o.hits, o.threshold))
         if not o.columns:  # int_mm plus the guard (the engine recaptures its graphs once a column is added)
             xq, absmax, argmax = KERNELS.quantize_argmax(x2)
             o.record(absmax, argmax)

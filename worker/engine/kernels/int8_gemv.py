@@ -8,12 +8,15 @@ is needed on this path.
 
 - One row (m == 1): a multiply-add into a [BLOCK_N, BLOCK_K] float32 accumulator reduced once at the end.
 - More rows: tl.dot of the rows (padded to 16, the smallest dot) with the widened tile.
+- The outlier guard (int8_outliers): given its buffers, the first programs also fold each row's largest |x|
+  among the int8 columns into the guard's seen/hits (what OutlierColumns.record does), in the same launch.
 - Split-K: SPLIT_K programs share an output tile's K range and write float32 partials; a second kernel sums
   them in a fixed order (deterministic) and applies scale and bias. The grid comes from the shapes only and
   nothing syncs with the host, so a CUDA graph can hold the launch.
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, triton_available
@@ -27,11 +30,37 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _gemv_kernel(X, W, Scb, Bias, Out, Partial, M, N, K, stride_xm, stride_wn, stride_om, inv_127,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr):
+    def _record_rows(X, Keep, Seen, Hits, first, step, M, K, stride_xm, threshold, BLOCK: tl.constexpr):
+        """Rows first, first + step, ...: the largest |x| among the int8 columns (in fp16, as the quantiser sees
+        it) into seen at its column (max), and a hit there when it reaches the threshold."""
+        rk = tl.arange(0, BLOCK)
+        for row in range(first, M, step):
+            best = tl.zeros([BLOCK], dtype=tl.float32)  # a running max per lane: one reduction at the end
+            best_k = tl.zeros([BLOCK], dtype=tl.int32)
+            for k0 in range(0, K, BLOCK):
+                k = k0 + rk
+                k_mask = k < K
+                x = tl.load(X + row * stride_xm + k, mask=k_mask, other=0.0).to(tl.float16)
+                keep = tl.load(Keep + k, mask=k_mask, other=0.0)
+                a = tl.abs(x * keep).to(tl.float32)
+                better = a > best
+                best = tl.where(better, a, best)
+                best_k = tl.where(better, k, best_k)
+            absmax = tl.max(best, 0)
+            col = tl.min(tl.where(best == absmax, best_k, K), 0)  # the first column holding it
+            tl.atomic_max(Seen + col, absmax)
+            tl.atomic_add(Hits + col, (absmax >= threshold).to(tl.float32))
+
+    @triton.jit
+    def _gemv_kernel(X, W, Scb, Bias, Out, Partial, Keep, Seen, Hits, M, N, K, stride_xm, stride_wn, stride_om,
+                     inv_127, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, GUARD: tl.constexpr,
+                     GUARD_BLOCK: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
+        if GUARD:  # noqa: SIM102  (constexpr: without a guard the branch is not compiled)
+            if pid_k == 0:
+                _record_rows(X, Keep, Seen, Hits, pid_n, tl.num_programs(0), M, K, stride_xm, threshold, GUARD_BLOCK)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         n_mask = rn < N
@@ -106,27 +135,48 @@ def gemv_config(m: int, n: int, k: int, num_sms: int) -> dict[str, int]:
     return {"block_n": block_n, "block_k": block_k, "split_k": split_k, "num_warps": 4}
 
 
-def int8_gemv_reference(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
+class GuardBuffers(NamedTuple):
+    """An outlier guard's view of one linear input (int8_outliers.OutlierColumns): keep (fp16 [k], 0 at the
+    dense columns), seen and hits (float32 [k]) and the threshold."""
+
+    keep: torch.Tensor
+    seen: torch.Tensor
+    hits: torch.Tensor
+    threshold: float
+
+
+def record_reference(x: torch.Tensor, guard: GuardBuffers) -> None:
+    """OutlierColumns.record of quantize_outliers' absmax and argmax, in torch."""
+    absmax, argmax = (x.to(torch.float16) * guard.keep).abs().max(dim=-1)
+    absmax = absmax.float()
+    guard.seen.scatter_reduce_(0, argmax, absmax, reduce="amax")
+    guard.hits.scatter_add_(0, argmax, (absmax >= guard.threshold).float())
+
+
+def int8_gemv_reference(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None,
+                        guard: GuardBuffers | None = None) -> torch.Tensor:
     """x @ (cb · scb / 127).T (+ bias) in float32, cast to x's dtype."""
+    if guard is not None:
+        record_reference(x, guard)
     out = (x.float() @ cb.float().t()) * (scb.float() * INV_127)
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
 
 
-def int8_gemv(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None, *,
-              block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
+def int8_gemv(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None,
+              guard: GuardBuffers | None = None, *, block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
               num_warps: int | None = None, num_stages: int = 4) -> torch.Tensor:
     """x [m, k] (m <= MAX_ROWS; fp16, bf16 or float32, unit stride over k), cb int8 [n, k] (unit stride over k;
     a row slice of a fused matrix is fine), scb float32 [n] (each row's absmax), bias [n] or None -> [m, n] in
-    x's dtype. Tuning arguments left None come from gemv_config."""
+    x's dtype. guard: also record the rows for that outlier guard. Tuning arguments left None come from
+    gemv_config."""
     m, k = x.shape
     n = cb.shape[0]
     if m > MAX_ROWS:
         raise ValueError(f"int8_gemv takes at most {MAX_ROWS} rows, got {m}")
     if not triton_available(x):
-        return int8_gemv_reference(x, cb, scb, bias)
+        return int8_gemv_reference(x, cb, scb, bias, guard)
     if x.stride(-1) != 1 or cb.stride(-1) != 1:
         raise ValueError("int8_gemv wants a unit stride over k")
     cfg = gemv_config(m, n, k, _num_sms(x.device))
@@ -140,10 +190,12 @@ def int8_gemv(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
     scb = scb if scb.dtype == torch.float32 else scb.float()
     bias_arg = bias if bias is not None else scb
     dot_f32 = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
+    keep, seen, hits, threshold = guard if guard is not None else (scb, scb, scb, 0.0)
     _gemv_kernel[(triton.cdiv(n, block_n), split_k)](
-        x, cb, scb, bias_arg, out, partial, m, n, k, x.stride(0), cb.stride(0), out.stride(0), INV_127,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, HAS_BIAS=bias is not None,
-        DOT_F32=dot_f32, num_warps=num_warps, num_stages=num_stages)
+        x, cb, scb, bias_arg, out, partial, keep, seen, hits, m, n, k, x.stride(0), cb.stride(0), out.stride(0),
+        INV_127, float(threshold), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        HAS_BIAS=bias is not None, DOT_F32=dot_f32, GUARD=guard is not None,
+        GUARD_BLOCK=min(1024, triton.next_power_of_2(k)), num_warps=num_warps, num_stages=num_stages)
     if split_k > 1:
         sum_block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, sum_block))](
