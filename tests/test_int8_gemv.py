@@ -55,6 +55,18 @@ def test_gemv_equals_the_dequantised_matmul(dtype, m):
         torch.testing.assert_close(out, int8_gemv_reference(x, cb, scb, b), **TOL[dtype])
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_whole_tiles_and_both_ways_of_widening_the_weights(m):
+    n, k = 32, 128  # multiples of the blocks: the unmasked loads
+    cb = torch.randint(-128, 128, (n, k), generator=torch.Generator().manual_seed(30), dtype=torch.int8)
+    cb[0, :2] = torch.tensor([-128, 127], dtype=torch.int8)  # the ends of the int8 range
+    scb = torch.rand(n, generator=torch.Generator().manual_seed(31)) + 0.5
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(32)).half()
+    for bits in (True, False):
+        out = int8_gemv(x, cb, scb, block_n=16, block_k=64, bits=bits)
+        torch.testing.assert_close(out.double(), _expected(x, cb, scb, None), **TOL[torch.float16])
+
+
 def test_gemv_default_launch_and_float32_rows():
     n, k = 33, 130
     cb, scb, bias = _weights(n, k, seed=4)

@@ -52,10 +52,22 @@ if HAS_TRITON:
             tl.atomic_add(Hits + col, (absmax >= threshold).to(tl.float32))
 
     @triton.jit
+    def _widen(w, dtype: tl.constexpr, BITS: tl.constexpr):
+        """int8 -> dtype. BITS: by exponent bits instead of a conversion instruction (which runs at a fraction
+        of the ALU rate, too slow to keep up with the bus): 2^23 + 128 + w is exact in float32, 1024 + 128 + w
+        in fp16, so one integer add and one subtraction give w."""
+        if BITS and dtype == tl.float32:
+            return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        elif BITS and dtype == tl.float16:
+            return (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+        else:
+            return w.to(dtype)
+
+    @triton.jit
     def _gemv_kernel(X, W, Scb, Bias, Out, Partial, Keep, Seen, Hits, M, N, K, stride_xm, stride_wn, stride_om,
                      inv_127, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, GUARD: tl.constexpr,
-                     GUARD_BLOCK: tl.constexpr):
+                     GUARD_BLOCK: tl.constexpr, EVEN: tl.constexpr, BITS: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         if GUARD:  # noqa: SIM102  (constexpr: without a guard the branch is not compiled)
@@ -71,24 +83,32 @@ if HAS_TRITON:
         if BLOCK_M == 1:
             acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             for k0 in range(k_start, k_end, BLOCK_K):
-                k_mask = (k0 + rk) < k_end
-                x = tl.load(X + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + k0, mask=n_mask[:, None] & k_mask[None, :], other=0)
-                acc2 += w.to(tl.float32) * x[None, :]
+                if EVEN:  # whole tiles: unmasked loads
+                    x = tl.load(X + k0 + rk).to(tl.float32)
+                    w = tl.load(w_ptr + k0)
+                else:
+                    k_mask = (k0 + rk) < k_end
+                    x = tl.load(X + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
+                    w = tl.load(w_ptr + k0, mask=n_mask[:, None] & k_mask[None, :], other=0)
+                acc2 += _widen(w, tl.float32, BITS) * x[None, :]
             acc = tl.sum(acc2, 1)[None, :]  # [1, BLOCK_N]
         else:
             rm = tl.arange(0, BLOCK_M)
             m_mask = rm < M
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            x_ptr = X + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
             for k0 in range(k_start, k_end, BLOCK_K):
-                k_mask = (k0 + rk) < k_end
-                x = tl.load(X + rm[:, None].to(tl.int64) * stride_xm + (k0 + rk)[None, :],
-                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                w = tl.load(w_ptr + k0, mask=n_mask[:, None] & k_mask[None, :], other=0)
+                if EVEN:
+                    x = tl.load(x_ptr + k0, mask=m_mask[:, None], other=0.0)
+                    w = tl.load(w_ptr + k0)
+                else:
+                    k_mask = (k0 + rk) < k_end
+                    x = tl.load(x_ptr + k0, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                    w = tl.load(w_ptr + k0, mask=n_mask[:, None] & k_mask[None, :], other=0)
                 if DOT_F32:  # float32 rows, or bf16 under the interpreter (which multiplies bf16 bits as integers)
                     acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
                 else:  # |cb| <= 127: exact in fp16 and bf16
-                    acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+                    acc = tl.dot(x, tl.trans(_widen(w, x.dtype, BITS)), acc)
         rm = tl.arange(0, BLOCK_M)
         mask = (rm < M)[:, None] & n_mask[None, :]
         if SPLIT_K == 1:
@@ -126,8 +146,8 @@ def _num_sms(device: torch.device) -> int:
 def gemv_config(m: int, n: int, k: int, num_sms: int) -> dict[str, int]:
     """A launch for these shapes, no autotuner: narrow output tiles (each program streams whole weight rows),
     and split-K only when the tiles alone leave the SMs short of two programs each."""
-    block_n = 16 if m > 1 else 32
-    block_k = 256 if m > 1 else 128
+    block_n = 16 if m == 1 and n >= 8192 else 32
+    block_k = 256
     tiles = -(-n // block_n)
     split_k = 1
     while tiles * split_k < 2 * num_sms and k >= 2 * split_k * 4 * block_k and split_k < 16:
@@ -166,11 +186,11 @@ def int8_gemv_reference(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bi
 
 def int8_gemv(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None,
               guard: GuardBuffers | None = None, *, block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-              num_warps: int | None = None, num_stages: int = 4) -> torch.Tensor:
+              num_warps: int | None = None, num_stages: int = 4, bits: bool = True) -> torch.Tensor:
     """x [m, k] (m <= MAX_ROWS; fp16, bf16 or float32, unit stride over k), cb int8 [n, k] (unit stride over k;
     a row slice of a fused matrix is fine), scb float32 [n] (each row's absmax), bias [n] or None -> [m, n] in
     x's dtype. guard: also record the rows for that outlier guard. Tuning arguments left None come from
-    gemv_config."""
+    gemv_config; bits=False widens the weights with conversion instructions instead of exponent bits."""
     m, k = x.shape
     n = cb.shape[0]
     if m > MAX_ROWS:
@@ -195,7 +215,8 @@ def int8_gemv(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
         x, cb, scb, bias_arg, out, partial, keep, seen, hits, m, n, k, x.stride(0), cb.stride(0), out.stride(0),
         INV_127, float(threshold), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         HAS_BIAS=bias is not None, DOT_F32=dot_f32, GUARD=guard is not None,
-        GUARD_BLOCK=min(1024, triton.next_power_of_2(k)), num_warps=num_warps, num_stages=num_stages)
+        GUARD_BLOCK=min(1024, triton.next_power_of_2(k)), EVEN=k % block_k == 0 and n % block_n == 0, BITS=bits,
+        num_warps=num_warps, num_stages=num_stages)
     if split_k > 1:
         sum_block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, sum_block))](
