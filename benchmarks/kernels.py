@@ -10,11 +10,17 @@
     with the dequantise in its epilogue). Run back to back as in a layer, so 202 MB of weights stream through
     L2 instead of sitting in it.
 (c) the device's bandwidth: a large device-to-device copy (bytes read + written).
+(d) --gemv: the int8 projections of Llama-7B (q/k/v fused, o, gate/up fused, down) at 1, 2, 4, 8, 16 rows:
+    the small-row GEMV (kernels.int8_gemv; its default launch and a sweep of others) against Int8Linear as the
+    engine ran it before (int_mm_outliers and int_mm, the GEMV off) and an fp16 torch.matmul; each replayed
+    from a CUDA graph over enough copies of the weights that they stream from memory, not from L2. GB/s of
+    the weight bytes read, and its share of the measured copy rate.
 
 Each kernel's output is checked against the plain-torch reference first (max abs error in the JSON).
 
     python3 -m benchmarks.kernels --out $OUT          # on the GPU: torch + triton, nothing else
     .venv/bin/python -m benchmarks.kernels --smoke    # here: tiny shapes on the CPU under Triton's interpreter
+    python3 -m benchmarks.kernels --gemv --out $OUT   # (c) and (d) only, to $OUT/gemv.json
 """
 
 import argparse
@@ -45,6 +51,11 @@ class Shape:
 LLAMA2_7B = Shape(heads=32, kv_heads=32, head_dim=128, hidden=4096, intermediate=11008)
 SMOKE = Shape(heads=4, kv_heads=2, head_dim=64, hidden=128, intermediate=256)
 ATTENTION_CONFIGS = [(32, 4, 2), (128, 4, 2), (64, 8, 3)]  # (block_n, num_warps, num_stages) besides (64, 4, 2)
+GEMV_ROWS = (1, 2, 4, 8, 16)
+GEMV_CONFIGS = [  # (block_n, block_k, split_k, num_warps) besides gemv_config's: a hand sweep
+    (16, 256, 1, 4), (16, 256, 2, 4), (32, 256, 1, 4), (32, 256, 2, 4), (32, 256, 4, 4), (32, 512, 1, 4),
+    (64, 256, 1, 8), (32, 128, 1, 2), (32, 256, 8, 4)]
+ROTATE_BYTES = 512 * 2**20  # weights cycled through per timed replay: well past any L2
 GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages): a hand sweep, not an autotuner
     (64, 128, 128, 4, 4), (32, 128, 256, 4, 3), (64, 64, 256, 4, 3), (128, 128, 128, 8, 3)]
 
@@ -330,6 +341,136 @@ def projections(args, shape: Shape, device: str, deadline: float) -> dict:
     return out
 
 
+# -- (d) the small-row GEMV -------------------------------------------------------------------------------
+def gemv(args, shape: Shape, device: str, bandwidth_gb_s: float | None) -> dict:
+    torch = _torch()
+    from batchgen.worker.engine import int8_linear
+    from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, Int8Linear, Int8State
+    from batchgen.worker.engine.int8_outliers import OutlierColumns, slots_for
+    from batchgen.worker.engine.kernels.int8_gemv import _num_sms, gemv_config, int8_gemv, int8_gemv_reference
+
+    on_gpu = device == "cuda"
+    if on_gpu:
+        int8_linear.KERNELS.compile()  # as convert_model does on CUDA
+    g = torch.Generator(device=device).manual_seed(2)
+    rows = GEMV_ROWS if on_gpu else (1, 3)
+    out: dict = {"rows": list(rows), "copy_gb_s": bandwidth_gb_s, "num_sms": _num_sms(torch.device(device)),
+                 "projections": {}, "per_layer": {}}
+
+    def measured(calls, copies: int, nbytes: int) -> dict:
+        def all_copies():
+            for i in range(copies):
+                calls(i)
+        ms = (graph_ms(all_copies, device) if on_gpu else time_ms(all_copies, device)) / copies
+        gb_s = nbytes / ms / 1e6
+        pct = round(100 * gb_s / bandwidth_gb_s, 1) if bandwidth_gb_s else None
+        return {"ms": round(ms, 5), "gb_s": round(gb_s, 1), "pct_of_copy": pct}
+
+    def with_gemv(setting: bool | None, fn):
+        def run():  # the dispatch is decided while the graph is captured
+            saved, int8_linear.USE_GEMV = int8_linear.USE_GEMV, setting
+            try:
+                return fn()
+            finally:
+                int8_linear.USE_GEMV = saved
+        return run
+
+    def one_projection(n: int, k: int) -> dict:
+        nbytes = n * k + 4 * n  # int8 weights and their float32 row scales
+        copies = max(1, -(-ROTATE_BYTES // nbytes)) if on_gpu else 1
+        cbs = [torch.randint(-127, 128, (n, k), generator=g, device=device, dtype=torch.int8) for _ in range(copies)]
+        scbs = [torch.rand(n, generator=g, device=device) + 0.5 for _ in range(copies)]
+        w16 = [int8_linear.dequantize_weight(cb, scb, torch.float16) for cb, scb in zip(cbs, scbs, strict=True)]
+        guarded = []
+        for cb, scb in zip(cbs, scbs, strict=True):  # int_mm_outliers with no column yet (random weights have none)
+            lin = Int8Linear(Int8State(cb, scb, None), OUTLIER_KERNEL)
+            cols = OutlierColumns(k, 6.0, torch.device(device))
+            cols.resize(slots_for(0))
+            lin.attach(cols, torch.float16)
+            guarded.append(lin)
+        plain = [Int8Linear(Int8State(cb, scb, None), "int_mm") for cb, scb in zip(cbs, scbs, strict=True)]
+        proj: dict = {"out_features": n, "in_features": k, "weight_bytes": nbytes, "copies": copies, "rows": {}}
+        for m in rows:
+            x = torch.randn(m, k, generator=g, device=device, dtype=torch.float16)
+            ref = int8_gemv_reference(x, cbs[0], scbs[0]).float()
+            res: dict = {"default_config": gemv_config(m, n, k, out["num_sms"]),
+                         "max_abs_err": round(float((int8_gemv(x, cbs[0], scbs[0]).float() - ref).abs().max()), 5),
+                         "ref_abs_max": round(float(ref.abs().max()), 2), "variants": {}}
+            variants = res["variants"]
+            _try(variants, "gemv", lambda x=x: measured(lambda i: int8_gemv(x, cbs[i], scbs[i]), copies, nbytes))
+            for bn, bk, sk, w in GEMV_CONFIGS:
+                tune = dict(block_n=bn, block_k=bk, split_k=sk, num_warps=w)
+                _try(variants, f"gemv {bn}x{bk} split {sk} warps {w}", lambda x=x, t=tune: measured(
+                    lambda i: int8_gemv(x, cbs[i], scbs[i], **t), copies, nbytes))
+            _try(variants, "gemv, weights widened by conversion instructions", lambda x=x: measured(
+                lambda i: int8_gemv(x, cbs[i], scbs[i], bits=False), copies, nbytes))
+            on = True if not on_gpu else None
+            _try(variants, "Int8Linear int_mm_outliers, gemv", lambda x=x, on=on: measured(
+                lambda i: with_gemv(on, lambda: guarded[i](x))(), copies, nbytes))
+            _try(variants, "Int8Linear int_mm_outliers, no gemv (before)", lambda x=x: measured(
+                lambda i: with_gemv(False, lambda: guarded[i](x))(), copies, nbytes))
+            _try(variants, "Int8Linear int_mm, no gemv (before)", lambda x=x: measured(
+                lambda i: with_gemv(False, lambda: plain[i](x))(), copies, nbytes))
+            _try(variants, "fp16 torch.matmul (2x the bytes)", lambda x=x: measured(
+                lambda i: torch.matmul(x, w16[i].t()), copies, 2 * n * k))
+            ok = {v: r["ms"] for v, r in variants.items() if v.startswith("gemv ") and "ms" in r}
+            ok["gemv"] = variants.get("gemv", {}).get("ms", float("inf"))
+            if ok:
+                best = min(ok, key=ok.get)
+                res["best_gemv"] = {"variant": best, **variants[best]}
+            proj["rows"][m] = res
+        return proj
+
+    for name, (n, k) in shape.projections().items():
+        out["projections"][name] = one_projection(n, k)
+        if on_gpu:
+            torch.cuda.empty_cache()  # that projection's weight copies went with its frame
+
+    def layer_ms(m: int, variant: str) -> float | None:
+        try:
+            return sum(p["rows"][m]["variants"][variant]["ms"] for p in out["projections"].values())
+        except (KeyError, TypeError):
+            return None
+
+    bytes_per_layer = sum(p["weight_bytes"] for p in out["projections"].values())
+    for m in rows:
+        best = [p["rows"][m].get("best_gemv", {}).get("ms") for p in out["projections"].values()]
+        summary = {v: layer_ms(m, v) for v in ("gemv", "Int8Linear int_mm_outliers, gemv",
+                                               "Int8Linear int_mm_outliers, no gemv (before)",
+                                               "fp16 torch.matmul (2x the bytes)")}
+        summary["gemv, best config per projection"] = sum(best) if None not in best else None
+        # a decode step's linears alone over 32 layers: the step rate they allow at this batch
+        out["per_layer"][m] = {v: {"ms": round(ms, 4), "weights_gb_s": round(bytes_per_layer / ms / 1e6, 1),
+                                   "steps_per_s_32_layers": round(1000 / (32 * ms), 1)} if ms else None
+                               for v, ms in summary.items()}
+    return out
+
+
+def gemv_table(res: dict) -> str:
+    g = res.get("gemv") or {}
+    lines = [f"(d) small-row GEMV; copy rate {g.get('copy_gb_s')} GB/s, {g.get('num_sms')} SMs",
+             "| proj | rows | gemv ms | GB/s | % copy | best config (ms, %) | int_mm_outliers before ms | "
+             "Int8Linear now ms | fp16 matmul ms | err |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, p in (g.get("projections") or {}).items():
+        for m, r in p["rows"].items():
+            v = r["variants"]
+
+            def ms(key: str, v=v) -> str:
+                return f"{v[key]['ms']:.4f}" if "ms" in v.get(key, {}) else "–"
+
+            d, b = v.get("gemv", {}), r.get("best_gemv", {})
+            lines.append(f"| {name} | {m} | {ms('gemv')} | {d.get('gb_s', '–')} | {d.get('pct_of_copy', '–')} | "
+                         f"{b.get('variant', '–')} ({b.get('ms', '–')}, {b.get('pct_of_copy', '–')}) | "
+                         f"{ms('Int8Linear int_mm_outliers, no gemv (before)')} | "
+                         f"{ms('Int8Linear int_mm_outliers, gemv')} | {ms('fp16 torch.matmul (2x the bytes)')} | "
+                         f"{r['max_abs_err']} |")
+    lines += ["", "per layer (4 projections), steps/s of 32 layers' linears:"]
+    for m, s in (g.get("per_layer") or {}).items():
+        lines.append(f"  rows {m}: " + "; ".join(f"{k}: {v['ms']} ms, {v['weights_gb_s']} GB/s, "
+                                                 f"{v['steps_per_s_32_layers']}/s" for k, v in s.items() if v))
+    return "\n".join(lines)
+
+
 def table(res: dict) -> str:
     bw = (res.get("bandwidth") or {}).get("gb_s")
     lines = [f"device {res.get('device')}, torch {res.get('torch')}, triton {res.get('triton')}; D2D copy {bw} GB/s", ""]
@@ -366,6 +507,8 @@ def main() -> None:
     parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the torch.compile'd quantise/dequantise the engine runs (skipped past 45 s)")
     parser.add_argument("--only", default="bandwidth,attention,projections")
+    parser.add_argument("--gemv", action="store_true", help="the small-row GEMV section alone (with the copy "
+                        "rate), to gemv.json under --out (or to --out itself when it ends in .json)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under Triton's interpreter: checks the script, measures nothing")
     args = parser.parse_args()
@@ -374,6 +517,8 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels module is first imported, below
         shape, device = SMOKE, "cpu"
         args.rows, args.mean_ctx, args.max_len, args.compiled = 6, 50, 96, False
+    if args.gemv:
+        args.only = "bandwidth,gemv"
     torch = _torch()
     import triton
 
@@ -381,15 +526,17 @@ def main() -> None:
     res: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke)",
                  "torch": torch.__version__, "triton": triton.__version__, "shape": asdict(shape)}
     phases = {"bandwidth": lambda: copy_bandwidth(device, 2**32 if device == "cuda" else 2**24), "attention": lambda: attention(args, shape, device),
-              "projections": lambda: projections(args, shape, device, start + 45)}
+              "projections": lambda: projections(args, shape, device, start + 45),
+              "gemv": lambda: gemv(args, shape, device, (res.get("bandwidth") or {}).get("gb_s"))}
     for phase in args.only.split(","):
         _try(res, phase, phases[phase])
         if device == "cuda":
             torch.cuda.empty_cache()  # the phase's tensors went with its frame
     res["wall_s"] = round(time.monotonic() - start, 1)
-    write_json(args.out / "kernels.json", res)
-    print(table(res))
-    print(f"wall {res['wall_s']} s; wrote {args.out / 'kernels.json'}")
+    path = args.out if args.out.suffix == ".json" else args.out / ("gemv.json" if args.gemv else "kernels.json")
+    write_json(path, res)
+    print(gemv_table(res) if args.gemv else table(res))
+    print(f"wall {res['wall_s']} s; wrote {path}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ Linear8bitLt for an `Int8Linear` that runs one of:
   bnb does. Fixed shapes and no host sync, so decode steps stay in CUDA graphs; a guard catches new outliers.
 - "weight_only": out = x @ (CB · SCB/127).T in the compute dtype; exact in the weights, 2× the traffic.
 
+At a few rows (decode of a small batch, the tail of a bulk run) every kernel takes kernels.int8_gemv instead:
+weight-only arithmetic (exact in the weights, float32 accumulation) reading the int8 weights once, where
+cuBLASLt's int8 GEMM pads to 17 rows and does not stream the weights at the bus rate. The outlier guard
+still records those rows' activations, so the columns it opens serve the larger batches.
+
 `fuse_projections` concatenates q/k/v and gate/up of each layer into one int8 matrix (one quantisation
 and one matmul instead of three or two); the per-projection modules keep working as views of it.
 """
@@ -26,6 +31,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from batchgen.worker.engine.int8_outliers import OutlierColumns, OutlierGuard, calibration_ids, slots_for
+from batchgen.worker.engine.kernels.backend import HAS_TRITON, triton_available
+from batchgen.worker.engine.kernels.int8_gemv import MAX_ROWS as GEMV_MAX_ROWS
+from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, int8_gemv
 
 log = logging.getLogger("batchgen.int8")
 
@@ -34,6 +42,10 @@ _FAST_KERNELS = ("int_mm", OUTLIER_KERNEL, "weight_only")  # what Int8Linear run
 _INV_127 = 7.874015718698502e-3  # bnb's int8_vectorwise_dequant constant: the dense rows equal bnb's subB
 _INV_127_SQ = 6.200124e-05  # bnb's constant for 1/127² (which is 6.2000124e-05): kept, so we equal bnb exactly
 _CUDA_INT_MM_MIN_ROWS = 17  # cuBLASLt int8 through torch._int_mm wants more than 16 rows
+# The small-row GEMV: None runs it on CUDA (fp16/bf16 inputs) wherever Triton imports; True wherever Triton
+# runs, its interpreter included (how the CPU tests force it); False never.
+USE_GEMV: bool | None = None
+_GEMV_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -147,6 +159,15 @@ def int_mm(xq: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(xq, cb.t())
 
 
+def takes_gemv(x2: torch.Tensor) -> bool:
+    """Whether the flattened input x2 [m, k] goes through the small-row GEMV (see USE_GEMV)."""
+    if not 0 < x2.shape[0] <= GEMV_MAX_ROWS or x2.stride(-1) != 1:
+        return False
+    if USE_GEMV is None:
+        return HAS_TRITON and x2.is_cuda and x2.dtype in _GEMV_DTYPES
+    return USE_GEMV and triton_available(x2)
+
+
 class Int8Linear(torch.nn.Module):
     """A Linear8bitLt replacement over the same int8 tensors."""
 
@@ -173,6 +194,8 @@ class Int8Linear(torch.nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if self.kernel == OUTLIER_KERNEL:
             out = self._forward_outliers(x2)
+        elif takes_gemv(x2):
+            out = int8_gemv(x2, self.cb, self.scb, self.bias)
         elif self.kernel == "int_mm":
             xq, absmax = KERNELS.quantize(x2)
             out = KERNELS.dequantize(int_mm(xq, self.cb), absmax, self.scb, self.bias, x.dtype)
@@ -191,6 +214,8 @@ class Int8Linear(torch.nn.Module):
         if o.calibrating:  # exact activations while the calibration pass looks at them
             o.observe(x2)
             return self._forward_weight_only(x2)
+        if takes_gemv(x2):  # every column exact here; the guard still sees the rows (it serves larger batches)
+            return int8_gemv(x2, self.cb, self.scb, self.bias, GuardBuffers(o.keep, o.seen, o.hits, o.threshold))
         if not o.columns:  # int_mm plus the guard (the engine recaptures its graphs once a column is added)
             xq, absmax, argmax = KERNELS.quantize_argmax(x2)
             o.record(absmax, argmax)
