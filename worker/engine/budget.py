@@ -144,9 +144,9 @@ def plan_paged(
     max_batch_size: int | None = None,
 ) -> Budget:
     """A paged cache: row slots as plan() would give rows of max_model_len // PAGED_ROW_TOKENS_DIVISOR tokens
-    (within the cap), then KV blocks of block_size tokens from what the slots' activations leave, plus the
-    scratch block; fewer slots where the blocks would not hold one row of max_model_len tokens, none where even
-    one slot leaves too little."""
+    (within the cap), then KV blocks of block_size tokens from what the slots' activations leave (no more than
+    every slot at max_model_len holds), plus the scratch block. Fewer slots where the blocks would not hold one
+    row of max_model_len tokens; none where even one slot leaves too little."""
     slots = plan(budget_bytes=budget_bytes, kv_bytes_per_token=kv_bytes_per_token,
                  max_model_len=max(1, max_model_len // PAGED_ROW_TOKENS_DIVISOR),
                  activation_bytes_per_row=activation_bytes_per_row, prefill_bytes=prefill_bytes,
@@ -159,6 +159,7 @@ def plan_paged(
                    // activation_bytes_per_row)
     left = budget_bytes - prefill_bytes - rows * activation_bytes_per_row
     num_blocks = max(0, left // block_bytes - 1) if block_bytes > 0 else 0
+    num_blocks = min(num_blocks, rows * row_blocks)  # more than every row at max_model_len would never be used
     rows = min(rows, num_blocks)  # a row holds at least one block
     if num_blocks < row_blocks:
         rows = 0
