@@ -26,7 +26,7 @@ from batchgen.worker.engine.model_runner import KV_BLOCK_SIZE, ModelRunner
 from batchgen.worker.engine.scheduler import Scheduler
 from batchgen.worker.engine.sequence import Sequence
 
-from tests.test_llm_engine import MAX_TOKENS, PROMPTS, completion, hf_greedy, run
+from tests.test_llm_engine import MAX_TOKENS, PROMPTS, completion, hf_greedy
 
 BS = KV_BLOCK_SIZE
 
@@ -238,6 +238,7 @@ def run_checked(engine: LLMEngine, requests, max_steps: int = 2000) -> dict:
     raise AssertionError("engine did not finish")
 
 
+@pytest.mark.slow
 def test_the_engine_pages_by_default_on_the_fast_path(base):
     assert base.runner.block_size == BS and base.blocks is not None
     stats = base.stats().extra
@@ -245,6 +246,7 @@ def test_the_engine_pages_by_default_on_the_fast_path(base):
     assert base.runner.k_cache.shape[1:3] == (1 + base.blocks.num_blocks, BS)
 
 
+@pytest.mark.slow
 def test_more_rows_run_at_once_than_slots_allow_and_greedy_output_equals_hf(base):
     engine = paged_engine(base, num_blocks=engine_blocks(base))
     per_row = engine.blocks.max_blocks_per_row
@@ -268,6 +270,7 @@ def engine_blocks(base: LLMEngine) -> int:
     return base.runner.max_blocks_per_row  # the KV of exactly one max_model_len row
 
 
+@pytest.mark.slow
 def test_abort_returns_the_blocks(base):
     engine = paged_engine(base, num_blocks=engine_blocks(base))
     engine.add([completion(f"a{i}", PROMPTS[i], max_tokens=20, ignore_eos=True) for i in range(6)])
@@ -282,6 +285,7 @@ def test_abort_returns_the_blocks(base):
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
+@pytest.mark.slow
 def test_an_oom_requeue_returns_the_blocks_and_loses_nothing(base):
     requests = [completion(f"o{i}", PROMPTS[i], max_tokens=MAX_TOKENS[i]) for i in range(8)]
     baseline = run_checked(paged_engine(base, num_blocks=engine_blocks(base)), requests)
