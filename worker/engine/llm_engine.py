@@ -122,7 +122,7 @@ class LLMEngine:
                 runner.allocate_kv(budget.max_rows)
             self.graph_capture_s = runner.capture_graphs()
         self.scheduler = Scheduler(budget.max_rows, max_prefill_tokens=max_prefill_tokens, blocks=self.blocks)
-        self.step_stats = StepStats()
+        self.step_stats = StepStats(num_kv_blocks=0 if self.blocks is None else self.blocks.num_blocks)
         self._keys: set[str] = set()
         self._last_batch = 0
         self._num_ooms = 0
@@ -269,14 +269,16 @@ class StepStats:
     num_prefill_tokens: int = 0
     num_decode_rows: int = 0
     # What rows held over the run: the widest decode step, KV tokens and blocks in use summed over decode steps
-    max_decode_batch: int = 0
-    num_kv_tokens: int = 0
+    # (of num_kv_blocks in the pool: 0 without paging)
     num_kv_blocks: int = 0
-    max_kv_blocks: int = 0
+    max_decode_batch: int = 0
+    sum_kv_tokens: int = 0
+    sum_kv_blocks_used: int = 0
+    max_kv_blocks_used: int = 0
     last_log: float = field(default_factory=time.monotonic)
 
     def add(self, seconds: float, num_rows: int, num_prefill_tokens: int, num_kv_tokens: int = 0,
-            num_kv_blocks: int = 0) -> None:
+            num_kv_blocks_used: int = 0) -> None:
         """One step: its rows; a decode step's KV tokens held (the rows' tokens) and blocks in use (paged)."""
         if num_prefill_tokens:
             self.num_prefill_steps += 1
@@ -287,9 +289,9 @@ class StepStats:
             self.decode_s += seconds
             self.num_decode_rows += num_rows
             self.max_decode_batch = max(self.max_decode_batch, num_rows)
-            self.num_kv_tokens += num_kv_tokens
-            self.num_kv_blocks += num_kv_blocks
-            self.max_kv_blocks = max(self.max_kv_blocks, num_kv_blocks)
+            self.sum_kv_tokens += num_kv_tokens
+            self.sum_kv_blocks_used += num_kv_blocks_used
+            self.max_kv_blocks_used = max(self.max_kv_blocks_used, num_kv_blocks_used)
         if time.monotonic() - self.last_log > STEP_LOG_INTERVAL_S:
             self.last_log = time.monotonic()
             log.info("engine steps: %s", json.dumps(self.as_stats()))
@@ -302,9 +304,9 @@ class StepStats:
             "num_prefill_tokens": self.num_prefill_tokens,
             "mean_decode_batch": round(self.num_decode_rows / steps, 1),
             "max_decode_batch": self.max_decode_batch,
-            "mean_kv_tokens": round(self.num_kv_tokens / steps, 1),
-            "mean_kv_blocks_used": round(self.num_kv_blocks / steps, 1),
-            "max_kv_blocks_used": self.max_kv_blocks,
+            "mean_kv_tokens": round(self.sum_kv_tokens / steps, 1),
+            "mean_kv_blocks_used": round(self.sum_kv_blocks_used / steps, 1),
+            "max_kv_blocks_used": self.max_kv_blocks_used, "num_kv_blocks": self.num_kv_blocks,
             "decode_ms_per_step": round(1000 * self.decode_s / max(1, self.num_decode_steps), 2),
         }
 

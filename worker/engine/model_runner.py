@@ -135,10 +135,12 @@ class ModelRunner:
     def set_blocks(self, rows: dict[int, list[int]]) -> None:
         """Rows' new blocks ([]: none, its writes go to the scratch block) into the device block table, in place:
         captured graphs read it where it is."""
-        for row, blocks in rows.items():
-            self.host_table[row] = SCRATCH_BLOCK
-            self.host_table[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        if rows:
+        if not rows:
+            return
+        with torch.inference_mode():  # the tables were made in it (LLMEngine's allocate_kv)
+            for row, blocks in rows.items():
+                self.host_table[row] = SCRATCH_BLOCK
+                self.host_table[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
             self.block_table.copy_(self.host_table)
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
