@@ -325,9 +325,11 @@ def _diff(after: dict, before: dict | None) -> dict:
     if before is None:
         return after
     d = {k: (round(v - before.get(k, 0), 3) if isinstance(v, (int, float)) else v) for k, v in after.items()}
-    d["mean_decode_batch"] = round((after["mean_decode_batch"] * after["num_decode_steps"]
-                                    - before["mean_decode_batch"] * before["num_decode_steps"])
-                                   / max(1, d["num_decode_steps"]), 1)
+    for key in (k for k in after if k.startswith("mean_")):  # per decode step: this run's steps only
+        d[key] = round((after[key] * after["num_decode_steps"] - before.get(key, 0) * before["num_decode_steps"])
+                       / max(1, d["num_decode_steps"]), 1)
+    for key in (k for k in after if k.startswith("max_") or k == "num_kv_blocks"):  # peaks (the worker's life so
+        d[key] = after[key]  # far) and the pool's size
     d["decode_ms_per_step"] = round(1000 * d["decode_s"] / max(1, d["num_decode_steps"]), 2)
     return d
 
@@ -774,6 +776,9 @@ def merge(dirs: list[Path], out_path: Path) -> dict:
         "peak_vram_gib": main.get("peak_vram_gib"), "total_vram_gib": bg.get("total_vram_gib"),
         "chosen_rows": rows, "largest_fit_rows": (bg.get("fit") or {}).get("largest_fit_rows"),
         "mean_decode_batch": (main.get("engine") or {}).get("mean_decode_batch"),
+        # rows held over the run (a paged KV cache admits by the tokens rows can reach, not max_model_len)
+        **{key: main_engine.get(key) for key in ("max_decode_batch", "mean_kv_tokens", "mean_kv_blocks_used",
+                                                 "max_kv_blocks_used", "num_kv_blocks")},
         "engine_busy": main.get("engine_busy"), "gpu_busy": main.get("gpu_busy"),
         "agreement": bg.get("agreement"), "engine_in_process": (parts.get("levers") or {}).get("engine"),
         "phases": parts,
@@ -811,7 +816,10 @@ def table(s: dict) -> str:
 
     row("**batchgen end to end** (2,048 requests, submit → Redis → worker → results)", s.get("batchgen_tok_s"),
         s.get("peak_vram_gib"), f"rows {s.get('chosen_rows')} (largest that fits {s.get('largest_fit_rows')}), "
-        f"mean decode batch {s.get('mean_decode_batch')}, engine busy {s.get('engine_busy')}, NVML GPU busy {s.get('gpu_busy')}")
+        f"mean decode batch {s.get('mean_decode_batch')} (peak {s.get('max_decode_batch')}), "
+        f"mean KV tokens held {s.get('mean_kv_tokens')}, KV blocks used mean {s.get('mean_kv_blocks_used')} / peak "
+        f"{s.get('max_kv_blocks_used')} of {s.get('num_kv_blocks')}, "
+        f"engine busy {s.get('engine_busy')}, NVML GPU busy {s.get('gpu_busy')}")
     row("batchgen end to end, 512 requests", s.get("batchgen_512_tok_s"))
     row("batchgen, one request (128-token prompt, 256 tokens)", s.get("batchgen_single_tok_s"), None,
         f"bs1 bound ≈ {f(s.get('bound_bs1_tok_s'))}")

@@ -10,7 +10,7 @@ import torch
 from batchgen.jobs.schema import Request, SamplingParams
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.int8_outliers import calibration_ids
-from batchgen.worker.engine.llama import from_cache, prefill_step
+from batchgen.worker.engine.llama import from_cache, gather_rows, prefill_step
 from batchgen.worker.engine.llm_engine import LLMEngine
 from batchgen.worker.engine.model_runner import KV_SCALE_MARGIN, ModelRunner, pack_prompts
 from batchgen.worker.engine.protocol import GenerationRequest
@@ -49,14 +49,15 @@ def test_the_fp8_cache_takes_one_byte_per_value_and_the_budget_counts_it(fp8_eng
 
 
 def test_the_same_memory_budget_holds_more_fp8_rows(demo_model_dir):
-    """Per row: a quarter of the float32 K/V bytes, the same activations (on CPU their estimate includes the
-    dequantised copy masked attention reads)."""
+    """Per token: a quarter of the float32 K/V bytes, the same activations per row (on CPU their estimate includes
+    the dequantised copy masked attention reads); the paged cache's blocks take what the row slots leave."""
     budgets = {kv: LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), kv_cache_dtype=kv, vram_reserve_bytes=0,
                                                       max_vram_bytes=32 * 2**20)).budget for kv in ("auto", "fp8")}
     auto, fp8 = budgets["auto"], budgets["fp8"]
     assert fp8.kv_bytes_per_row * 4 == auto.kv_bytes_per_row
     assert fp8.activation_bytes_per_row == auto.activation_bytes_per_row
-    assert auto.max_rows < fp8.max_rows < 64  # 64: the CPU row cap, not reached
+    assert auto.max_rows <= fp8.max_rows <= 64  # 64: the CPU row cap
+    assert auto.num_kv_blocks * 2 < fp8.num_kv_blocks  # the same memory, more blocks
 
 
 def test_writing_then_reading_the_cache_reproduces_kv_within_e4m3_rounding(fp8_engine):
@@ -66,15 +67,24 @@ def test_writing_then_reading_the_cache_reproduces_kv_within_e4m3_rounding(fp8_e
     prompts = ids.tolist()
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     packed, positions, starts = pack_prompts(prompts, CPU)
+    blocks = fp8_engine.blocks  # rows 0 and 1 hold blocks for the prompts while the test writes them
+    for row in (0, 1):
+        blocks.reserve(row, 48)
+    runner.set_blocks(blocks.take_changes())
     with torch.inference_mode():
         prefill_step(runner.parts, packed, positions, starts,
                      lambda layer, tokens, k, v: seen.__setitem__(layer, (k.clone(), v.clone())), runner.attention)
         runner.prefill([0, 1], prompts)
+    caches = {name: torch.stack([gather_rows(c[layer], runner.block_table, 2, 48) for layer in range(c.shape[0])])
+              for name, c in (("k", runner.k_cache), ("v", runner.v_cache))}
+    for row in (0, 1):
+        blocks.release(row)
+    runner.set_blocks(blocks.take_changes())
     for layer, (k, v) in seen.items():
-        for cache, scale, exact in ((runner.k_cache, runner.k_scale, k), (runner.v_cache, runner.v_scale, v)):
+        for cache, scale, exact in ((caches["k"], runner.k_scale, k), (caches["v"], runner.v_scale, v)):
             # text like the calibration's stays inside e4m3's range (448), with room to spare: nothing saturates
             assert (exact.abs().amax(dim=(0, 2)) / scale[layer]).max() <= 448 / KV_SCALE_MARGIN * 1.5
-            read = from_cache(cache[layer, :2, :48], scale[layer], torch.float32).reshape(exact.shape)
+            read = from_cache(cache[layer], scale[layer], torch.float32).reshape(exact.shape)
             bound = E4M3_RELATIVE * exact.abs() + E4M3_SUBNORMAL_STEP / 2 * scale[layer][:, None]
             assert ((read - exact).abs() <= bound * 1.001).all()
             assert not torch.equal(read, exact)  # rounded, not stored exactly

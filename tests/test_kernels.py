@@ -172,7 +172,7 @@ def test_kernels_compile_for_hopper():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(compiled) == {"split fp16", "split fp8", "merge", "quantize", "dequantize", "int8 gemm"}
+    assert set(compiled) == {"split fp16", "split fp8", "split paged fp16", "split paged fp8", "merge", "quantize", "dequantize", "int8 gemm"}
     assert compiled["quantize"]["round_half_even"] and compiled["int8 gemm"]["int8_tensor_cores"]
 
 

@@ -3,12 +3,18 @@
 A row holds one sequence of up to max_model_len tokens. Memory = weights (already loaded) + one
 prefill peak (fixed: prefill runs one packed batch of at most max_prefill_tokens) + per row
 (KV for max_model_len tokens + decode activations) + a reserve for the allocator and other processes.
+
+A paged cache (plan_paged) splits the same memory between row slots (decode activations) and KV blocks that
+rows hold by the tokens they can really reach, so rows are sized generously and blocks take the rest.
 """
 
 import os
 from dataclasses import dataclass
 
 MAX_ROWS_CEILING = 1024  # beyond this a decode step is launch/bandwidth bound anyway; more rows only add latency
+# A paged cache's row slots: as many as fit if each row held max_model_len // this many tokens (requests are
+# mostly far shorter than the context); the blocks, not the slots, then limit admission.
+PAGED_ROW_TOKENS_DIVISOR = 4
 
 
 @dataclass(frozen=True)
@@ -19,6 +25,8 @@ class Budget:
     activation_bytes_per_row: int
     prefill_bytes: int
     max_rows: int
+    num_kv_blocks: int = 0  # a paged cache's blocks (0: slots of max_model_len tokens per row)
+    kv_block_size: int = 0
 
     def as_stats(self) -> dict[str, int]:
         return {
@@ -27,6 +35,8 @@ class Budget:
             "activation_bytes_per_row": self.activation_bytes_per_row,
             "prefill_bytes": self.prefill_bytes,
             "max_rows": self.max_rows,
+            "num_kv_blocks": self.num_kv_blocks,
+            "kv_block_size": self.kv_block_size,
         }
 
 
@@ -121,6 +131,40 @@ def plan(
     cap = MAX_ROWS_CEILING if max_batch_size is None else max_batch_size
     return Budget(budget_bytes, kv_bytes_per_token, kv_row, activation_bytes_per_row, prefill_bytes,
                   int(min(cap, fits)))
+
+
+def plan_paged(
+    *,
+    budget_bytes: int,
+    kv_bytes_per_token: int,
+    max_model_len: int,
+    activation_bytes_per_row: int,
+    prefill_bytes: int,
+    block_size: int,
+    max_batch_size: int | None = None,
+) -> Budget:
+    """A paged cache: row slots as plan() would give rows of max_model_len // PAGED_ROW_TOKENS_DIVISOR tokens
+    (within the cap), then KV blocks of block_size tokens from what the slots' activations leave (no more than
+    every slot at max_model_len holds), plus the scratch block. Fewer slots where the blocks would not hold one
+    row of max_model_len tokens; none where even one slot leaves too little."""
+    slots = plan(budget_bytes=budget_bytes, kv_bytes_per_token=kv_bytes_per_token,
+                 max_model_len=max(1, max_model_len // PAGED_ROW_TOKENS_DIVISOR),
+                 activation_bytes_per_row=activation_bytes_per_row, prefill_bytes=prefill_bytes,
+                 max_batch_size=max_batch_size)
+    block_bytes = kv_bytes_per_token * block_size
+    row_blocks = -(-max_model_len // block_size)
+    rows = slots.max_rows
+    if activation_bytes_per_row > 0:  # never so many slots that the blocks cannot hold one whole row
+        rows = min(rows, max(0, budget_bytes - prefill_bytes - (1 + row_blocks) * block_bytes)
+                   // activation_bytes_per_row)
+    left = budget_bytes - prefill_bytes - rows * activation_bytes_per_row
+    num_blocks = max(0, left // block_bytes - 1) if block_bytes > 0 else 0
+    num_blocks = min(num_blocks, rows * row_blocks)  # more than every row at max_model_len would never be used
+    rows = min(rows, num_blocks)  # a row holds at least one block
+    if num_blocks < row_blocks:
+        rows = 0
+    return Budget(budget_bytes, kv_bytes_per_token, kv_bytes_per_token * max_model_len, activation_bytes_per_row,
+                  prefill_bytes, int(rows), int(num_blocks), block_size)
 
 
 def available_ram_bytes() -> int | None:

@@ -1,4 +1,6 @@
-"""The functional Llama-family forward over a slot KV cache [layers, rows, max_model_len, kv_heads, head_dim].
+"""The functional Llama-family forward over a KV cache: slots [layers, rows, max_model_len, kv_heads, head_dim], or
+blocks [layers, num_blocks, block_size, kv_heads, head_dim] that a block table [rows, max_blocks] maps each
+row's positions to (token t of row r: block block_table[r, t // block_size], slot t % block_size).
 
 It reuses the loaded HF model's submodules (embeddings, norms, the int8 projections, the MLP, lm_head, rotary)
 and replaces only the attention bookkeeping: `decode_step` is a pure function over the cache tensors (so a CUDA
@@ -173,6 +175,7 @@ def decode_step(
     attention: str = "sdpa",
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token for rows [0, n): input_ids/positions [n] -> logits [n, vocab].
 
@@ -185,9 +188,31 @@ def decode_step(
     FlashAttention here has no soft-cap.
     A float8_e4m3fn cache holds K/V divided by k_scale/v_scale [layers, kv_heads] (kv_scales): "triton" reads it
     as it is, "sdpa" dequantises the slice it reads; "flash" has no fp8 (a windowed model decodes it with "sdpa").
+    block_table [rows, max_blocks] int32: a paged cache (see the module docstring); "triton" reads it in the
+    kernel, "sdpa" gathers each row's blocks; "flash" wants each row contiguous (decode_path says which runs).
     """
     return decode_logits(parts, input_ids, positions,
-                         CacheAttention(parts, k_cache, v_cache, positions, kv_len, attention, k_scale, v_scale))
+                         CacheAttention(parts, k_cache, v_cache, positions, kv_len, attention, k_scale, v_scale,
+                                        block_table))
+
+
+def decode_path(spec: FamilySpec, attention: str, fp8: bool) -> str:
+    """The attention a decode step really runs: soft-capping only in the masked path; the Triton kernel has no
+    sliding window (a windowed model decodes with flash, or sdpa where the cache is fp8)."""
+    if spec.attn_softcap is not None:
+        return "sdpa"
+    if attention == "triton" and spec.window is not None:
+        return "sdpa" if fp8 else "flash"
+    return attention
+
+
+def gather_rows(cache: torch.Tensor, block_table: torch.Tensor | None, n: int, num_tokens: int) -> torch.Tensor:
+    """One layer's cache as rows [n, num_tokens, kv_heads, head_dim]: a slice of a slot cache, or each row's
+    first blocks side by side (a copy) from a paged one."""
+    if block_table is None:
+        return cache[:n, :num_tokens]
+    num_blocks = -(-num_tokens // cache.shape[1])
+    return cache[block_table[:n, :num_blocks].long()].flatten(1, 2)[:, :num_tokens]
 
 
 def is_fp8(cache: torch.Tensor) -> bool:
@@ -211,32 +236,39 @@ def from_cache(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) 
 
 
 class CacheAttention:
-    """decode_step's Attend over a device cache [layers, rows, max_len, kv_heads, head_dim]: row r writes its new
-    K/V at positions[r] and attends to keys [0, positions[r]] of its own row (a sliding layer: the last window of
-    them). The per-step index tensors are made once here, not per layer; only device ops, so a CUDA graph can
-    hold it."""
+    """decode_step's Attend over a device cache (slots [layers, rows, max_len, kv_heads, head_dim], or blocks with
+    a block table): row r writes its new K/V at positions[r] and attends to keys [0, positions[r]] of its own row
+    (a sliding layer: the last window of them). The per-step index tensors are made once here, not per layer;
+    only device ops, so a CUDA graph can hold it (a block table is read where it is, updated in place)."""
 
     def __init__(self, parts: LlamaParts, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                  kv_len: int, attention: str, k_scale: torch.Tensor | None = None,
-                 v_scale: torch.Tensor | None = None):
+                 v_scale: torch.Tensor | None = None, block_table: torch.Tensor | None = None):
         n, device = positions.shape[0], positions.device
         self.parts, self.k_cache, self.v_cache, self.positions = parts, k_cache, v_cache, positions
         self.k_scale, self.v_scale = k_scale, v_scale  # [layers, kv_heads], for an fp8 cache
-        self.kv_len = kv_len
+        self.kv_len, self.block_table = kv_len, block_table
         fp8 = is_fp8(k_cache)
         if fp8 and attention == "flash":
             raise ValueError("FlashAttention reads no fp8 KV cache: decode it with triton or sdpa")
-        self.attention = "sdpa" if parts.spec.attn_softcap is not None else attention
-        if self.attention == "triton" and parts.spec.window is not None:  # the Triton kernel has no window
-            self.attention = "sdpa" if fp8 else "flash"
-        self.rows = torch.arange(n, device=device)
+        self.attention = decode_path(parts.spec, attention, fp8)
+        if block_table is not None and self.attention == "flash":
+            raise ValueError("FlashAttention decodes rows that are contiguous: no paged KV cache")
+        rows = torch.arange(n, device=device)
+        if block_table is None:  # where row r's new K/V go: its slot, or its block's
+            self.write_at = (rows, positions)
+            max_len = k_cache.shape[2]
+        else:
+            block_size = k_cache.shape[2]
+            self.write_at = (block_table[rows, positions // block_size].long(), positions % block_size)
+            max_len = block_table.shape[1] * block_size
         if self.attention in PREFILL_FLASH:  # both read each row's own length
             self.used = (positions + 1).to(torch.int32)
         if self.attention == "flash":
             self.cu_q = torch.arange(n + 1, device=device, dtype=torch.int32)
             self.cu_k = self.cu_q * k_cache.shape[2]
         elif self.attention == "triton":
-            self.splits = num_kv_splits(k_cache.shape[2], n, parts.num_kv_heads)  # from shapes: fixed per graph
+            self.splits = num_kv_splits(max_len, n, parts.num_kv_heads)  # from shapes: fixed per graph
         else:
             keys = torch.arange(kv_len, device=device)[None, :]
             self.mask = (keys <= positions[:, None])[:, None, None, :]
@@ -248,8 +280,8 @@ class CacheAttention:
         window = p.spec.window_of(layer)
         k_scale = None if self.k_scale is None else self.k_scale[layer]
         v_scale = None if self.v_scale is None else self.v_scale[layer]
-        self.k_cache[layer][self.rows, self.positions] = to_cache(k[:, :, 0], self.k_cache, k_scale)
-        self.v_cache[layer][self.rows, self.positions] = to_cache(v[:, :, 0], self.v_cache, v_scale)
+        self.k_cache[layer][self.write_at] = to_cache(k[:, :, 0], self.k_cache, k_scale)
+        self.v_cache[layer][self.write_at] = to_cache(v[:, :, 0], self.v_cache, v_scale)
         if self.attention == "flash":
             keys = self.k_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
             values = self.v_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
@@ -258,10 +290,13 @@ class CacheAttention:
             return o[:, :, None]
         if self.attention == "triton":
             o = decode_attention(q[:, :, 0], self.k_cache[layer], self.v_cache[layer], self.used, p.scaling,
-                                 k_scale=k_scale, v_scale=v_scale, num_splits=self.splits)
+                                 k_scale=k_scale, v_scale=v_scale, block_table=self.block_table,
+                                 num_splits=self.splits)
             return o[:, :, None]
-        keys = from_cache(self.k_cache[layer, :n, :self.kv_len], k_scale, q.dtype).transpose(1, 2)
-        values = from_cache(self.v_cache[layer, :n, :self.kv_len], v_scale, q.dtype).transpose(1, 2)
+        keys = gather_rows(self.k_cache[layer], self.block_table, n, self.kv_len)
+        values = gather_rows(self.v_cache[layer], self.block_table, n, self.kv_len)
+        keys = from_cache(keys, k_scale, q.dtype).transpose(1, 2)
+        values = from_cache(values, v_scale, q.dtype).transpose(1, 2)
         q = q.reshape(n, p.num_kv_heads, p.num_heads // p.num_kv_heads, p.head_dim)
         o = masked_attention(q, keys, values, self.mask if window is None else self.window_mask, scale=p.scaling,
                              softcap=p.spec.attn_softcap)
@@ -276,9 +311,15 @@ def decode_logits(parts: LlamaParts, input_ids: torch.Tensor, positions: torch.T
 
 def cache_store(k_cache: torch.Tensor, v_cache: torch.Tensor, token_rows: torch.Tensor,
                 positions: torch.Tensor, k_scale: torch.Tensor | None = None,
-                v_scale: torch.Tensor | None = None) -> KVStore:
+                v_scale: torch.Tensor | None = None, block_table: torch.Tensor | None = None) -> KVStore:
     """Prefill's K/V writes into a [layers, rows, max_len, kv_heads, head_dim] cache: token t of the packed
-    prompts goes to row token_rows[t], position positions[t]; an fp8 cache's by its scales [layers, kv_heads]."""
+    prompts goes to row token_rows[t], position positions[t]; an fp8 cache's by its scales [layers, kv_heads].
+    With a block table the cache is [layers, num_blocks, block_size, kv_heads, head_dim] and the row's block
+    for that position takes it."""
+    if block_table is not None:
+        block_size = k_cache.shape[2]
+        token_rows, positions = block_table[token_rows, positions // block_size].long(), positions % block_size
+
     def store(layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
         k_layer = None if k_scale is None else k_scale[layer]
         v_layer = None if v_scale is None else v_scale[layer]

@@ -1,9 +1,11 @@
-"""The LLM engine: continuous batching over a slot KV cache, on an (8-bit) HF model.
+"""The LLM engine: continuous batching over a KV cache (paged where the runner pages it), on an (8-bit) HF model.
 
 Step loop (nano-vllm's): the scheduler admits pending sequences into free rows (refilling rows that
 finished last step), the model runner prefills them or runs one decode step over the running rows,
 the sampler picks tokens, and the engine checks EOS / stop strings / max_tokens. An OOM halves the
-max batch size and restarts the evicted rows from scratch; nothing is lost.
+max batch size and restarts the evicted rows from scratch; nothing is lost. With a paged cache the scheduler
+admits a sequence only when KV blocks for its prompt + max_tokens are free (kv_blocks.BlockPool), and the
+engine copies rows' block changes into the runner's block table before each forward.
 """
 
 import json
@@ -18,6 +20,7 @@ from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.int8_linear import Int8Runtime
 from batchgen.worker.engine.int8_outliers import calibration_ids
+from batchgen.worker.engine.kv_blocks import BlockPool
 from batchgen.worker.engine.llama import LlamaParts
 from batchgen.worker.engine.loader import load_model
 from batchgen.worker.engine.model_runner import ModelRunner
@@ -61,6 +64,7 @@ class Runner(Reporter, Protocol):
     max_model_len: int
     attention: str
     use_graphs: bool
+    block_size: int | None  # a paged cache's tokens per block (see PagedRunner); None: slots of max_model_len
 
     def allocate_kv(self, max_rows: int) -> None: ...
 
@@ -75,6 +79,16 @@ class Runner(Reporter, Protocol):
     def free_cached_memory(self) -> None: ...
 
     def memory_info(self) -> tuple[int, int]: ...
+
+
+class PagedRunner(Runner, Protocol):
+    """A runner whose cache is KV blocks behind a block table (ModelRunner with paged=True)."""
+
+    max_blocks_per_row: int
+
+    def allocate_kv(self, max_rows: int, num_blocks: int | None = None) -> None: ...
+
+    def set_blocks(self, rows: dict[int, list[int]]) -> None: ...
 
 
 
@@ -99,11 +113,16 @@ class LLMEngine:
         self.finisher = Finisher(tokenizer, eos_ids(model, tokenizer))
         self.intake = Intake(tokenizer, model_name=self.model_name, max_model_len=self.max_model_len,
                              eos=self.finisher.eos_ids, vocab_size=vocab_size_of(model))
+        self.blocks: BlockPool | None = None
         with torch.inference_mode():
-            runner.allocate_kv(budget.max_rows)
+            if runner.block_size and budget.num_kv_blocks:
+                self.blocks = BlockPool(budget.num_kv_blocks, runner.block_size, runner.max_blocks_per_row)
+                runner.allocate_kv(budget.max_rows, num_blocks=budget.num_kv_blocks)
+            else:
+                runner.allocate_kv(budget.max_rows)
             self.graph_capture_s = runner.capture_graphs()
-        self.scheduler = Scheduler(budget.max_rows, max_prefill_tokens=max_prefill_tokens)
-        self.step_stats = StepStats()
+        self.scheduler = Scheduler(budget.max_rows, max_prefill_tokens=max_prefill_tokens, blocks=self.blocks)
+        self.step_stats = StepStats(num_kv_blocks=0 if self.blocks is None else self.blocks.num_blocks)
         self._keys: set[str] = set()
         self._last_batch = 0
         self._num_ooms = 0
@@ -131,7 +150,7 @@ class LLMEngine:
         attention = resolve_attention(cfg.attention, device, dtype, cfg.kv_cache_dtype)
         runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=max_model_len,
                              inject_oom=cfg.inject_oom, attention=attention, cuda_graphs=cfg.cuda_graphs,
-                             kv_cache_dtype=cfg.kv_cache_dtype)
+                             kv_cache_dtype=cfg.kv_cache_dtype, paged=True)
         if cfg.kv_cache_dtype == "fp8":  # before the budget's warm-up, which already writes the cache
             runner.calibrate_kv(calibration_ids(tokenizer, device))
             log.info("fp8 KV cache: scales per layer and KV head calibrated, K %.3g-%.3g, V %.3g-%.3g",
@@ -150,6 +169,8 @@ class LLMEngine:
         with torch.inference_mode():
             admitted = self.scheduler.admit()
             seqs = admitted or self.scheduler.running_seqs()
+            if self.blocks is not None:  # rows admitted, finished, aborted or requeued since the last forward
+                self.runner.set_blocks(self.blocks.take_changes())
             if not seqs:
                 self._last_batch = 0
                 return []
@@ -160,7 +181,9 @@ class LLMEngine:
             except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
                 return self._on_oom(seqs, prefill=bool(admitted))
         prompt_tokens = sum(s.num_prompt_tokens for s in admitted) if admitted else 0
-        self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens)
+        kv_tokens = 0 if admitted else sum(s.num_tokens for s in seqs)  # held in the cache during this decode
+        self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens, kv_tokens,
+                            0 if self.blocks is None else self.blocks.num_used)
         if self.int8 is not None and self.int8.poll(prompt_tokens or len(seqs)):  # sampling synced: no GPU time
             self.runner.drop_graphs()
         self._last_batch = len(seqs)
@@ -245,9 +268,18 @@ class StepStats:
     decode_s: float = 0.0
     num_prefill_tokens: int = 0
     num_decode_rows: int = 0
+    # What rows held over the run: the widest decode step, KV tokens and blocks in use summed over decode steps
+    # (of num_kv_blocks in the pool: 0 without paging)
+    num_kv_blocks: int = 0
+    max_decode_batch: int = 0
+    sum_kv_tokens: int = 0
+    sum_kv_blocks_used: int = 0
+    max_kv_blocks_used: int = 0
     last_log: float = field(default_factory=time.monotonic)
 
-    def add(self, seconds: float, num_rows: int, num_prefill_tokens: int) -> None:
+    def add(self, seconds: float, num_rows: int, num_prefill_tokens: int, num_kv_tokens: int = 0,
+            num_kv_blocks_used: int = 0) -> None:
+        """One step: its rows; a decode step's KV tokens held (the rows' tokens) and blocks in use (paged)."""
         if num_prefill_tokens:
             self.num_prefill_steps += 1
             self.prefill_s += seconds
@@ -256,16 +288,25 @@ class StepStats:
             self.num_decode_steps += 1
             self.decode_s += seconds
             self.num_decode_rows += num_rows
+            self.max_decode_batch = max(self.max_decode_batch, num_rows)
+            self.sum_kv_tokens += num_kv_tokens
+            self.sum_kv_blocks_used += num_kv_blocks_used
+            self.max_kv_blocks_used = max(self.max_kv_blocks_used, num_kv_blocks_used)
         if time.monotonic() - self.last_log > STEP_LOG_INTERVAL_S:
             self.last_log = time.monotonic()
             log.info("engine steps: %s", json.dumps(self.as_stats()))
 
     def as_stats(self) -> dict[str, float | int]:
+        steps = max(1, self.num_decode_steps)
         return {
             "num_prefill_steps": self.num_prefill_steps, "num_decode_steps": self.num_decode_steps,
             "prefill_s": round(self.prefill_s, 3), "decode_s": round(self.decode_s, 3),
             "num_prefill_tokens": self.num_prefill_tokens,
-            "mean_decode_batch": round(self.num_decode_rows / max(1, self.num_decode_steps), 1),
+            "mean_decode_batch": round(self.num_decode_rows / steps, 1),
+            "max_decode_batch": self.max_decode_batch,
+            "mean_kv_tokens": round(self.sum_kv_tokens / steps, 1),
+            "mean_kv_blocks_used": round(self.sum_kv_blocks_used / steps, 1),
+            "max_kv_blocks_used": self.max_kv_blocks_used, "num_kv_blocks": self.num_kv_blocks,
             "decode_ms_per_step": round(1000 * self.decode_s / max(1, self.num_decode_steps), 2),
         }
 

@@ -1,10 +1,12 @@
-"""The runner: owns the slot KV cache on the device and runs prefill and decode (eager or from CUDA graphs)."""
+"""The runner: owns the KV cache on the device (slots, or blocks behind a block table) and runs prefill and decode
+(eager or from CUDA graphs)."""
 
 import torch
 from batchgen.worker.engine.cuda_graphs import DecodeGraphs
 from batchgen.worker.engine.faults import FaultInjector
-from batchgen.worker.engine.kernels.attention import fp8_kv_scale
-from batchgen.worker.engine.llama import LlamaParts, cache_store, decode_step, prefill_step
+from batchgen.worker.engine.kernels.attention import BLOCK_N, fp8_kv_scale
+from batchgen.worker.engine.kv_blocks import SCRATCH_BLOCK
+from batchgen.worker.engine.llama import LlamaParts, cache_store, decode_path, decode_step, prefill_step
 
 KV_LEN_BUCKET = 256
 # An fp8 cache's scale is the calibration's absmax per layer and KV head times this: K/V up to twice what the
@@ -12,6 +14,7 @@ KV_LEN_BUCKET = 256
 # at any scale, so the margin costs precision only in the subnormals (values under 2^-6 / 224 of that largest).
 KV_SCALE_MARGIN = 2.0
 KV_TORCH_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}  # None: the compute dtype
+KV_BLOCK_SIZE = BLOCK_N  # tokens per block of a paged cache: one inner step of the Triton kernel reads one block
 
 
 def pack_prompts(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -39,7 +42,7 @@ def free_cached_memory(device: torch.device) -> None:
 
 
 class ModelRunner:
-    """Owns the slot KV cache on the device; runs prefill and decode for the engine.
+    """Owns the KV cache on the device; runs prefill and decode for the engine.
 
     attention: "flash" (FlashAttention varlen, CUDA fp16/bf16), "triton" (flash prefill, the split-KV Triton
     decode kernel) or "sdpa" (masked, any device).
@@ -47,11 +50,13 @@ class ModelRunner:
     prefill_group_tokens: run each layer over groups of whole prompts of at most that many tokens (None: all at once).
     kv_cache_dtype: "auto" (the compute dtype) or "fp8": float8_e4m3fn K/V divided by a scale per layer and KV
     head (k_scale/v_scale [layers, kv_heads]; 1 until calibrate_kv sets them), decoded by "triton" or "sdpa".
+    paged: keep K/V in blocks of KV_BLOCK_SIZE tokens behind a block table (block_size says whether it does: a
+    decode that runs FlashAttention wants each row contiguous, so it keeps slots of max_model_len tokens).
     """
 
     def __init__(self, parts: LlamaParts, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
                  inject_oom: str | None = None, attention: str = "sdpa", cuda_graphs: bool = False,
-                 prefill_group_tokens: int | None = None, kv_cache_dtype: str = "auto"):
+                 prefill_group_tokens: int | None = None, kv_cache_dtype: str = "auto", paged: bool = False):
         if attention not in ("flash", "triton", "sdpa"):
             raise ValueError(f"unknown attention {attention!r}: use flash, triton or sdpa")
         if kv_cache_dtype not in KV_TORCH_DTYPES:
@@ -67,7 +72,12 @@ class ModelRunner:
             self.k_scale = torch.ones(parts.num_layers, parts.num_kv_heads, dtype=torch.float32, device=device)
             self.v_scale = torch.ones_like(self.k_scale)
         self.attention = attention
+        self.block_size: int | None = None  # None: a slot cache
+        if paged and decode_path(parts.spec, attention, kv_cache_dtype == "fp8") != "flash":
+            self.block_size = KV_BLOCK_SIZE
         self.k_cache = self.v_cache = torch.empty(0)
+        self.block_table: torch.Tensor | None = None  # [max_rows, max_blocks_per_row] int32, updated in place
+        self.host_table = torch.empty(0, dtype=torch.int32)  # its host copy, where set_blocks edits rows
         self.max_rows = 0
         self.fault = None
         self.use_graphs = cuda_graphs and device.type == "cuda" and not inject_oom  # the fault hook is Python
@@ -99,20 +109,46 @@ class ModelRunner:
             self.k_scale.copy_(amax[0] * KV_SCALE_MARGIN)
             self.v_scale.copy_(amax[1] * KV_SCALE_MARGIN)
 
-    def allocate_kv(self, max_rows: int) -> None:
+    @property
+    def max_blocks_per_row(self) -> int:
+        return -(-self.max_model_len // self.block_size) if self.block_size else 0
+
+    def allocate_kv(self, max_rows: int, num_blocks: int | None = None) -> None:
+        """A cache for max_rows rows. Paged: num_blocks blocks (plus the scratch block) that set_blocks hands to
+        rows; without num_blocks every row gets max_model_len tokens of its own, as a slot cache would."""
         self.graphs = None  # captured graphs point into the old cache
         self.k_cache = self.v_cache = torch.empty(0)
-        shape = (self.parts.num_layers, max_rows, self.max_model_len, self.parts.num_kv_heads, self.parts.head_dim)
+        p = self.parts
+        shape = (p.num_layers, max_rows, self.max_model_len, p.num_kv_heads, p.head_dim)
+        if self.block_size:
+            per_row = self.max_blocks_per_row
+            shape = (p.num_layers, 1 + (max_rows * per_row if num_blocks is None else num_blocks), self.block_size,
+                     p.num_kv_heads, p.head_dim)
+            self.host_table = torch.full((max_rows, per_row), SCRATCH_BLOCK, dtype=torch.int32)
+            if num_blocks is None:
+                self.host_table.copy_(torch.arange(max_rows * per_row, dtype=torch.int32).view(max_rows, per_row) + 1)
+            self.block_table = self.host_table.to(self.device)
         self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.max_rows = max_rows
 
+    def set_blocks(self, rows: dict[int, list[int]]) -> None:
+        """Rows' new blocks ([]: none, its writes go to the scratch block) into the device block table, in place:
+        captured graphs read it where it is."""
+        if not rows:
+            return
+        with torch.inference_mode():  # the tables were made in it (LLMEngine's allocate_kv)
+            for row, blocks in rows.items():
+                self.host_table[row] = SCRATCH_BLOCK
+                self.host_table[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            self.block_table.copy_(self.host_table)
+
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         ids, positions, starts = pack_prompts(prompts, self.device)
         token_rows = torch.tensor([r for r, p in zip(rows, prompts, strict=True) for _ in p], device=self.device)
-        return prefill_step(self.parts, ids, positions, starts,
-                            cache_store(self.k_cache, self.v_cache, token_rows, positions, self.k_scale, self.v_scale),
-                            self.attention, self.prefill_group_tokens)
+        store = cache_store(self.k_cache, self.v_cache, token_rows, positions, self.k_scale, self.v_scale,
+                            self.block_table)
+        return prefill_step(self.parts, ids, positions, starts, store, self.attention, self.prefill_group_tokens)
 
     def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """tokens/positions for rows [0, len(tokens)); holes carry token 0 at position 0 and are ignored."""
@@ -127,7 +163,8 @@ class ModelRunner:
         ids = torch.tensor(tokens, dtype=torch.long).to(self.device)
         pos = torch.tensor(positions, dtype=torch.long).to(self.device)
         return decode_step(self.parts, ids, pos, self.k_cache, self.v_cache,
-                           kv_len or self._kv_len(max(positions) + 1), self.attention, self.k_scale, self.v_scale)
+                           kv_len or self._kv_len(max(positions) + 1), self.attention, self.k_scale, self.v_scale,
+                           self.block_table)
 
     def drop_graphs(self) -> None:
         """The model's kernels changed shape (a new int8 outlier input): decode graphs are captured again on
@@ -145,7 +182,7 @@ class ModelRunner:
 
     def _decode_static(self, ids: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         return decode_step(self.parts, ids, positions, self.k_cache, self.v_cache, kv_len, self.attention,
-                           self.k_scale, self.v_scale)
+                           self.k_scale, self.v_scale, self.block_table)
 
     def _kv_len(self, needed: int) -> int:
         """Keys a decode step covers. Flash reads each row's own length (kv_len only sizes the launch); masked

@@ -4,18 +4,25 @@ Rows are slots of the preallocated KV cache. Each step admits pending sequences 
 rows (so active rows stay packed at the front and a decode step runs over rows [0, hi)), up to the
 current max batch size and a prefill token budget. An OOM halves the max batch size and sends the
 rows at or above the new limit back to the front of the pending queue.
+
+With a block pool (a paged KV cache) a sequence is admitted only if the blocks for its prompt + max_tokens
+are free, so admission is limited by the tokens rows can really reach, not by max_model_len × rows; a row
+gives its blocks back when it finishes, is aborted or requeued.
 """
 
 from collections import deque
 from collections.abc import Iterable
+from itertools import islice
 
+from batchgen.worker.engine.kv_blocks import BlockPool
 from batchgen.worker.engine.sequence import SeqStatus, Sequence
 
 ADMIT_GROUP_DIVISOR = 8  # prefill once 1/8 of the rows are free
 
 
 class Scheduler:
-    def __init__(self, max_rows: int, *, max_prefill_tokens: int, prefetch: int | None = None):
+    def __init__(self, max_rows: int, *, max_prefill_tokens: int, prefetch: int | None = None,
+                 blocks: BlockPool | None = None):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if max_prefill_tokens < 1:
@@ -26,6 +33,7 @@ class Scheduler:
         self.prefetch = prefetch if prefetch is not None else max(2, max_rows // 4)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # row -> sequence
+        self.blocks = blocks  # None: every row holds max_model_len tokens of its own
         self._num_added = 0
 
     def add(self, seq: Sequence) -> None:
@@ -42,9 +50,22 @@ class Scheduler:
         return max(0, self.max_batch_size - len(self.running))
 
     @property
+    def num_admittable(self) -> int:
+        """Sequences a prefill could take now: free rows; with a block pool, no more than its free blocks hold
+        at the running rows' mean reservation (a full row's while none runs)."""
+        if self.blocks is None:
+            return self.num_free_rows
+        per_row = self.blocks.num_used / len(self.running) if self.running else self.blocks.max_blocks_per_row
+        return min(self.num_free_rows, int(self.blocks.num_free / max(1.0, per_row)))
+
+    @property
     def num_wanted(self) -> int:
-        """Free rows plus a small prefetch margin, minus what is already pending."""
-        return max(0, self.num_free_rows + self.prefetch - len(self.waiting))
+        """Admittable sequences plus a small prefetch margin, minus what is already pending."""
+        return max(0, self.num_admittable + self.prefetch - len(self.waiting))
+
+    def num_kv_tokens(self, seq: Sequence) -> int:
+        """Tokens a sequence can reach: what its blocks are reserved for."""
+        return seq.num_prompt_tokens + seq.params.max_tokens
 
     def free_rows(self) -> list[int]:
         return [r for r in range(self.max_batch_size) if r not in self.running]
@@ -59,7 +80,8 @@ class Scheduler:
         """Moves pending sequences into free rows, lowest row first, within the prefill token budget
         (the first one is always admitted, so a long prompt cannot starve). While rows are decoding, waits
         until min_admit rows (or every pending sequence) can be admitted together."""
-        if self.running and self.num_free_rows < min(len(self.waiting), self.min_admit):
+        if self.running and (self.num_free_rows < min(len(self.waiting), self.min_admit)
+                             or not self._enough_free_blocks()):
             return []
         admitted: list[Sequence] = []
         num_tokens = 0
@@ -69,12 +91,30 @@ class Scheduler:
             seq = self.waiting[0]
             if admitted and num_tokens + seq.num_prompt_tokens > self.max_prefill_tokens:
                 break
+            if self.blocks is not None:
+                if not self.blocks.can_reserve(self.num_kv_tokens(seq)):
+                    break
+                self.blocks.reserve(row, self.num_kv_tokens(seq))
             self.waiting.popleft()
             seq.row, seq.status = row, SeqStatus.RUNNING
             self.running[row] = seq
             admitted.append(seq)
             num_tokens += seq.num_prompt_tokens
         return admitted
+
+    def _enough_free_blocks(self) -> bool:
+        """A block pool's share of min_admit: free blocks for the next min_admit pending sequences, or for
+        1/ADMIT_GROUP_DIVISOR of the pool, whichever is less."""
+        if self.blocks is None:
+            return True
+        head = islice(self.waiting, self.min_admit)
+        needed = sum(self.blocks.blocks_for(self.num_kv_tokens(s)) for s in head)
+        return self.blocks.num_free >= min(needed, self.blocks.num_blocks // ADMIT_GROUP_DIVISOR)
+
+    def _release(self, row: int) -> None:
+        del self.running[row]
+        if self.blocks is not None:
+            self.blocks.release(row)
 
     def running_seqs(self) -> list[Sequence]:
         return [self.running[r] for r in sorted(self.running)]
@@ -85,8 +125,8 @@ class Scheduler:
         return max(self.running) + 1 if self.running else 0
 
     def finish(self, seq: Sequence, reason: str | None) -> None:
-        if seq.row is not None:
-            self.running.pop(seq.row, None)
+        if seq.row is not None and self.running.get(seq.row) is seq:
+            self._release(seq.row)
         seq.row, seq.status, seq.finish_reason = None, SeqStatus.FINISHED, reason
 
     def requeue(self, seqs: Iterable[Sequence]) -> None:
@@ -94,7 +134,7 @@ class Scheduler:
         (they arrived before anything still pending, so in practice: at the front)."""
         for seq in seqs:
             if seq.row is not None and self.running.get(seq.row) is seq:
-                del self.running[seq.row]
+                self._release(seq.row)
             seq.restart()
             self.waiting.append(seq)
         self.waiting = deque(sorted(self.waiting, key=lambda s: s.arrival))
@@ -114,7 +154,7 @@ class Scheduler:
         self.waiting = deque(s for s in self.waiting if s.key not in keys)
         for row, seq in list(self.running.items()):
             if seq.key in keys:
-                del self.running[row]
+                self._release(row)
                 dropped.append(seq)
         for seq in dropped:
             seq.row, seq.status = None, SeqStatus.FINISHED

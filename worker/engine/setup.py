@@ -63,7 +63,8 @@ def resident_max_prefill_tokens(cfg: EngineConfig, device: torch.device, max_mod
 
 def resident_budget(cfg: EngineConfig, runner: ModelRunner, config, weights_bytes: int,
                     max_prefill_tokens: int) -> budget_math.Budget:
-    """Rows for a model resident on the device: the warm-up's allocator peaks on CUDA, estimates on CPU."""
+    """Rows (and a paged runner's KV blocks) for a model resident on the device: the warm-up's allocator peaks on
+    CUDA, estimates on CPU."""
     parts, device = runner.parts, runner.device
     kv_per_token = budget_math.kv_bytes_per_token(parts.num_layers, parts.num_kv_heads, parts.head_dim,
                                                   runner.kv_dtype_bytes)
@@ -81,18 +82,23 @@ def resident_budget(cfg: EngineConfig, runner: ModelRunner, config, weights_byte
         free = budget_math.available_ram_bytes()
     return plan_rows(cfg, device, free_bytes=free, weights_bytes=weights_bytes, kv_bytes_per_token=kv_per_token,
                      max_model_len=runner.max_model_len, activation_bytes_per_row=act_per_row,
-                     prefill_bytes=prefill_bytes)
+                     prefill_bytes=prefill_bytes, block_size=runner.block_size)
 
 
 def plan_rows(cfg: EngineConfig, device: torch.device, *, free_bytes: int | None, weights_bytes: int,
               kv_bytes_per_token: int, max_model_len: int, activation_bytes_per_row: int,
-              prefill_bytes: int) -> budget_math.Budget:
-    """The rows that fit what is free, within the user's caps: the last step of every engine path's budget."""
+              prefill_bytes: int, block_size: int | None = None) -> budget_math.Budget:
+    """The rows that fit what is free, within the user's caps: the last step of every engine path's budget.
+    block_size: a paged cache's, whose KV blocks then take what the rows' activations leave."""
     total = budget_math.budget_bytes(free_bytes=free_bytes, reserve_bytes=cfg.vram_reserve_bytes,
                                      max_bytes=cfg.max_vram_bytes, weights_bytes=weights_bytes)
     cap = cfg.max_batch_size
     if cap is None and device.type != "cuda":
         cap = CPU_MAX_BATCH_SIZE
+    if block_size:
+        return budget_math.plan_paged(budget_bytes=total, kv_bytes_per_token=kv_bytes_per_token,
+                                      max_model_len=max_model_len, activation_bytes_per_row=activation_bytes_per_row,
+                                      prefill_bytes=prefill_bytes, block_size=block_size, max_batch_size=cap)
     return budget_math.plan(budget_bytes=total, kv_bytes_per_token=kv_bytes_per_token, max_model_len=max_model_len,
                             activation_bytes_per_row=activation_bytes_per_row, prefill_bytes=prefill_bytes,
                             max_batch_size=cap)

@@ -17,6 +17,8 @@ class HostAttentionRunner:
     and the layers whose KV the plan keeps on the device (num_device_kv_layers) use; graphs: capture the pieces
     (not with bnb's int8 kernel, whose outlier columns have data-dependent shapes)."""
 
+    block_size: int | None = None  # no paged KV: the host cache keeps a slot of max_model_len tokens per row
+
     def __init__(self, parts: LlamaParts, streamer: LayerStreamer, *, device: torch.device, dtype: torch.dtype,
                  max_model_len: int, attention: str, kv_dtype: torch.dtype, kernel: Kernel | None,
                  num_device_kv_layers: int, max_prefill_tokens: int, prefill_group_tokens: int, graphs: bool):

@@ -1,7 +1,9 @@
-"""Split-KV decode attention (FlashDecoding) over the slot KV cache: one query token per row.
+"""Split-KV decode attention (FlashDecoding) over the KV cache: one query token per row.
 
-Cache layout is the runner's per layer: k/v [rows, max_len, kv_heads, head_dim]; query row i reads cache
-row i (or cache_rows[i]) and its first seq_lens[i] keys. Stage one: one program per (row, kv head, split)
+Cache layout is the runner's per layer: slots k/v [rows, max_len, kv_heads, head_dim], query row i reading
+cache row i (or cache_rows[i]) and its first seq_lens[i] keys; or blocks k/v [num_blocks, BLOCK_N, kv_heads,
+head_dim] with a block table [rows, max_blocks]: key t of cache row r is block_table[r, t // BLOCK_N], slot
+t % BLOCK_N (one inner step reads one block). Stage one: one program per (row, kv head, split)
 runs every query head of that KV group against its share of the row's keys (GQA without copying K/V) and
 writes a partial output and its log-sum-exp; stage two merges the splits. The grid depends only on the row
 count and the split count (chosen from max_len), and each row's split length is computed on the device
@@ -28,11 +30,12 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _split_kernel(Q, K, V, SeqLens, CacheRows, KScale, VScale, MidO, MidLse,
+    def _split_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, MidLse,
                       stride_qn, stride_qh, stride_kr, stride_kt, stride_kh, stride_vr, stride_vt, stride_vh,
-                      stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, scale_stride, qk_scale,
+                      stride_bt, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, scale_stride, qk_scale,
                       GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr, DOT_F32: tl.constexpr):
+                      BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr,
+                      HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -56,6 +59,9 @@ if HAS_TRITON:
         s_scale = qk_scale * k_scale  # qk_scale already holds log2(e): exp2 below
         k_base = K + cache_row.to(tl.int64) * stride_kr + kv_head * stride_kh
         v_base = V + cache_row.to(tl.int64) * stride_vr + kv_head * stride_vh
+        if HAS_BLOCKS:  # cache_row is a row of the block table; the cache's first dimension counts blocks
+            k_base = K + kv_head * stride_kh
+            v_base = V + kv_head * stride_vh
 
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_H], tl.float32)
@@ -63,7 +69,13 @@ if HAS_TRITON:
         for block in range(start, end, BLOCK_N):
             t = block + tl.arange(0, BLOCK_N)
             t_mask = t < end
-            k = tl.load(k_base + t[None, :] * stride_kt + d[:, None], mask=d_mask[:, None] & t_mask[None, :], other=0.0)
+            k_ptr = k_base + t * stride_kt
+            v_ptr = v_base + t * stride_vt
+            if HAS_BLOCKS:  # start is a multiple of BLOCK_N: this step's keys are one whole block
+                page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // BLOCK_N).to(tl.int64)
+                k_ptr = k_base + page * stride_kr + (t - block) * stride_kt
+                v_ptr = v_base + page * stride_vr + (t - block) * stride_vt
+            k = tl.load(k_ptr[None, :] + d[:, None], mask=d_mask[:, None] & t_mask[None, :], other=0.0)
             if DOT_F32:
                 s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * s_scale
             else:
@@ -73,7 +85,7 @@ if HAS_TRITON:
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + t[:, None] * stride_vt + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+            v = tl.load(v_ptr[:, None] + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
             if DOT_F32:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
@@ -128,24 +140,31 @@ def _scale_tensor(scale: torch.Tensor | float | None, num_kv_heads: int, device:
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, *, k_scale: torch.Tensor | float | None = None,
                      v_scale: torch.Tensor | float | None = None, cache_rows: torch.Tensor | None = None,
-                     num_splits: int | None = None, out: torch.Tensor | None = None, block_n: int = BLOCK_N,
-                     num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                     block_table: torch.Tensor | None = None, num_splits: int | None = None,
+                     out: torch.Tensor | None = None, block_n: int = BLOCK_N, num_warps: int = 4,
+                     num_stages: int = 2) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype or float8_e4m3fn), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
     k_scale/v_scale: dequantisation scales of an fp8 cache (a float, or a tensor of 1 or kv_heads values).
     cache_rows [n] int32: the cache row of each query row (default: row i reads cache row i).
+    block_table [rows, max_blocks] int32: a paged cache, k/v_cache [num_blocks, block_size, kv_heads, head_dim]
+    (block_size is the kernel's block_n): key t of cache row r lives in block block_table[r, t // block_size].
     num_splits: default num_kv_splits(max_len, n, kv_heads); fix it per captured graph.
     block_n / num_warps / num_stages: keys per inner step and the launch's tuning (a power of two >= 16)."""
     n, num_heads, head_dim = q.shape
     rows, max_len, num_kv_heads, _ = k_cache.shape
+    if block_table is not None:
+        block_n, max_len = max_len, block_table.shape[1] * max_len
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
     if not triton_available(q):
         return decode_attention_reference(q, k_cache, v_cache, seq_lens, scale, k_scale=k_scale, v_scale=v_scale,
-                                          cache_rows=cache_rows)
+                                          cache_rows=cache_rows, block_table=block_table)
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("decode_attention wants a unit stride over head_dim")
+    if block_table is not None and (block_table.dtype != torch.int32 or block_table.stride(-1) != 1):
+        raise ValueError("decode_attention wants an int32 block table with a unit stride over blocks")
     splits = num_splits or num_kv_splits(max_len, n, num_kv_heads)
     group = num_heads // num_kv_heads
     block_h = max(MIN_BLOCK, triton.next_power_of_2(group))
@@ -160,13 +179,14 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out is None:
         out = torch.empty(n, num_heads, head_dim, dtype=q.dtype, device=q.device)
     rows_arg = cache_rows if cache_rows is not None else seq_lens  # unread when HAS_ROWS is False
+    table_arg = block_table if block_table is not None else seq_lens  # unread when HAS_BLOCKS is False
     _split_kernel[(n, num_kv_heads, splits)](
-        q, k_cache, v_cache, seq_lens, rows_arg, ks, vs, mid_o, mid_lse,
+        q, k_cache, v_cache, seq_lens, rows_arg, table_arg, ks, vs, mid_o, mid_lse,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table_arg.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1), scale_stride,
         scale * _LOG2E, GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        NUM_SPLITS=splits, HAS_ROWS=cache_rows is not None,
+        NUM_SPLITS=splits, HAS_ROWS=cache_rows is not None, HAS_BLOCKS=block_table is not None,
         DOT_F32=interpreting() and q.dtype == torch.bfloat16,  # Triton's interpreter multiplies bf16 bits as integers
         num_warps=num_warps, num_stages=num_stages)
     _merge_kernel[(n, num_heads)](
@@ -184,11 +204,14 @@ def _per_head(scale: torch.Tensor | float | None, num_kv_heads: int, device: tor
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                                scale: float, *, k_scale: torch.Tensor | float | None = None,
                                v_scale: torch.Tensor | float | None = None,
-                               cache_rows: torch.Tensor | None = None) -> torch.Tensor:
+                               cache_rows: torch.Tensor | None = None,
+                               block_table: torch.Tensor | None = None) -> torch.Tensor:
     """decode_attention in plain torch (float32 softmax over the padded rows, keys past seq_lens masked)."""
     n, num_heads, _ = q.shape
     num_kv_heads = k_cache.shape[2]
     rows = cache_rows.long() if cache_rows is not None else torch.arange(n, device=q.device)
+    if block_table is not None:  # each row's blocks side by side: the padded rows of a slot cache
+        k_cache, v_cache = (c[block_table.long()].flatten(1, 2) for c in (k_cache, v_cache))
     k = k_cache[rows].float() * _per_head(k_scale, num_kv_heads, q.device)  # [n, max_len, kv_heads, d]
     v = v_cache[rows].float() * _per_head(v_scale, num_kv_heads, q.device)
     group = num_heads // num_kv_heads

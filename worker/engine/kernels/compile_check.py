@@ -14,7 +14,7 @@ from triton.compiler import ASTSource
 
 EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16", "Out": "*fp16"}
 SPLIT_INTS = ["stride_qn", "stride_qh", "stride_kr", "stride_kt", "stride_kh", "stride_vr", "stride_vt", "stride_vh",
-              "stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "scale_stride"]
+              "stride_bt", "stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "scale_stride"]
 
 
 def build(kernel, arch: int, pointers: dict[str, str], ints: list[str], floats: list[str], constexprs: dict,
@@ -27,12 +27,14 @@ def build(kernel, arch: int, pointers: dict[str, str], ints: list[str], floats: 
 
 def compile_all(arch: int = 90) -> dict[str, dict]:
     out = {}
-    for name, kv in (("split fp16", "*fp16"), ("split fp8", "*fp8e4nv")):
+    for name, kv, paged in (("split fp16", "*fp16", False), ("split fp8", "*fp8e4nv", False),
+                            ("split paged fp16", "*fp16", True), ("split paged fp8", "*fp8e4nv", True)):
         k = build(attention._split_kernel, arch, {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32",
-                                                  "CacheRows": "*i32", "KScale": "*fp32", "VScale": "*fp32",
-                                                  "MidO": "*fp32", "MidLse": "*fp32"},
+                                                  "CacheRows": "*i32", "BlockTable": "*i32", "KScale": "*fp32",
+                                                  "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32"},
                   SPLIT_INTS, ["qk_scale"], dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64,
-                                                 NUM_SPLITS=2, HAS_ROWS=True, DOT_F32=False), num_warps=4, num_stages=2)
+                                                 NUM_SPLITS=2, HAS_ROWS=not paged, HAS_BLOCKS=paged, DOT_F32=False),
+                  num_warps=4, num_stages=2)
         out[name] = {"shared_bytes": k.metadata.shared}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
               ["stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh"], [],
