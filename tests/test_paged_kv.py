@@ -247,6 +247,21 @@ def test_the_engine_pages_by_default_on_the_fast_path(base):
 
 
 @pytest.mark.slow
+def test_kv_layout_slots_turns_paging_off_and_the_startup_block_names_the_blocks(base, demo_model_dir):
+    from batchgen.worker.config import WorkerConfig
+    from batchgen.worker.startup import startup_block
+
+    slots = LLMEngine.from_config(dataclasses.replace(base.cfg, kv_layout="slots"))
+    assert slots.runner.block_size is None and slots.blocks is None and slots.scheduler.blocks is None
+    assert slots.stats().extra["num_kv_blocks"] == 0
+    with pytest.raises(ValueError, match="kv_layout"):
+        dataclasses.replace(base.cfg, kv_layout="blocks")
+    cfg = WorkerConfig(engine_config=base.cfg)
+    assert f"KV blocks      {base.blocks.num_blocks:,} of {BS} tokens (paged)" in startup_block(base.stats(), cfg)
+    assert "KV blocks" not in startup_block(slots.stats(), cfg)
+
+
+@pytest.mark.slow
 def test_more_rows_run_at_once_than_slots_allow_and_greedy_output_equals_hf(base):
     engine = paged_engine(base, num_blocks=engine_blocks(base))
     per_row = engine.blocks.max_blocks_per_row

@@ -33,6 +33,8 @@ def startup_facts(stats: EngineStats, cfg: WorkerConfig) -> dict[str, Any]:
         "kv_bytes_per_token": extra.get("kv_bytes_per_token"),
         "max_rows": extra.get("max_rows", stats.max_batch_size),
         "max_model_len": extra.get("max_model_len"),
+        "num_kv_blocks": extra.get("num_kv_blocks"),
+        "kv_block_size": extra.get("kv_block_size"),
     }
     if device.startswith("cuda"):
         facts["device"] = f"{device} ({_gpu_name(device)})"
@@ -53,6 +55,8 @@ def startup_block(stats: EngineStats, cfg: WorkerConfig) -> str:
         lines += [f"  compute dtype  {f['compute_dtype']}", f"  int8 kernel    {f['int8_kernel']}",
                   f"  VRAM           {vram}", f"  KV bytes/token {_or_dash(f['kv_bytes_per_token'])}",
                   f"  max_model_len  {_or_dash(f['max_model_len'])}"]
+        if f["num_kv_blocks"]:  # a paged cache: rows reserve blocks for what they reach, not max_model_len each
+            lines.append(f"  KV blocks      {f['num_kv_blocks']:,} of {f['kv_block_size']} tokens (paged)")
     lines.append(f"  rows           {f['max_rows']} (max batch size)")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the
 # The resident engine's slot KV cache: auto is the compute dtype; fp8 is float8_e4m3fn with a calibrated scale per
 # layer and KV head (half the bytes of fp16, so about twice the rows; decoded by the Triton kernel or masked sdpa)
 KV_CACHE_DTYPES = ("auto", "fp8")
+KV_LAYOUTS = ("paged", "slots")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class EngineConfig:
     # exactly; int8 (a scale per token and head) reads about half the bytes at int8 rounding.
     host_kv_dtype: str = "auto"
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
+    # "paged": the resident cache is KV blocks, a row reserving what its prompt + max_tokens reach (FlashAttention
+    # decode keeps slots); "slots": every row holds max_model_len tokens of its own.
+    kv_layout: str = "paged"
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -64,6 +68,8 @@ class EngineConfig:
             raise ValueError("fp16_modules: empty module name")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.kv_layout not in KV_LAYOUTS:
+            raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_dtype == "fp8" and self.attention == "flash":

@@ -150,7 +150,7 @@ class LLMEngine:
         attention = resolve_attention(cfg.attention, device, dtype, cfg.kv_cache_dtype)
         runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=max_model_len,
                              inject_oom=cfg.inject_oom, attention=attention, cuda_graphs=cfg.cuda_graphs,
-                             kv_cache_dtype=cfg.kv_cache_dtype, paged=True)
+                             kv_cache_dtype=cfg.kv_cache_dtype, paged=cfg.kv_layout == "paged")
         if cfg.kv_cache_dtype == "fp8":  # before the budget's warm-up, which already writes the cache
             runner.calibrate_kv(calibration_ids(tokenizer, device))
             log.info("fp8 KV cache: scales per layer and KV head calibrated, K %.3g-%.3g, V %.3g-%.3g",
