@@ -90,14 +90,16 @@ def estimate_decode_attention_bytes(*, num_heads: int, head_dim: int, max_model_
 
 def estimate_prefill_bytes(
     *, hidden_size: int, intermediate_size: int, num_heads: int, num_tokens: int, dtype_bytes: int,
-    scores: bool = True,
+    scores: bool = True, keys_per_token: int | None = None,
 ) -> int:
     """Peak of one packed prefill of num_tokens tokens: per-token activations (with the int8 matmuls' 32-bit
     accumulators of the fused gate/up projection) plus, where attention is masked (scores=True: sdpa), the T×T
     mask and fp32 scores. FlashAttention (scores=False) works tile by tile and keeps only a float per token and
-    head."""
+    head. keys_per_token: the keys each token's scores span where prompts are padded per row instead of packed
+    (the generic path: at most its longest prompt); default num_tokens."""
     per_token = (8 * hidden_size + 3 * intermediate_size) * dtype_bytes + 2 * intermediate_size * 4
-    quadratic = num_tokens * num_tokens * (1 + 2 * num_heads * 4) if scores else num_tokens * num_heads * 4
+    keys = num_tokens if keys_per_token is None else keys_per_token
+    quadratic = num_tokens * keys * (1 + 2 * num_heads * 4) if scores else num_tokens * num_heads * 4
     return num_tokens * per_token + quadratic
 
 

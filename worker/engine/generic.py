@@ -212,8 +212,8 @@ def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dt
     # Prompts are padded per row, not packed: their scores are [rows, heads, len, len], each len <= max_model_len.
     prefill_bytes = budget_math.estimate_prefill_bytes(hidden_size=hidden, intermediate_size=intermediate,
                                                        num_heads=heads, num_tokens=max_prefill_tokens,
-                                                       dtype_bytes=dtype_bytes, scores=False)
-    prefill_bytes += max_prefill_tokens * min(max_model_len, max_prefill_tokens) * (1 + 2 * heads * 4)
+                                                       dtype_bytes=dtype_bytes,
+                                                       keys_per_token=min(max_model_len, max_prefill_tokens))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         free -= int(CUDA_ALLOCATOR_SLACK * free)

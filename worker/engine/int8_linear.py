@@ -24,7 +24,6 @@ and one matmul instead of three or two); the per-projection modules keep working
 """
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -180,8 +179,8 @@ class Int8Linear(torch.nn.Module):
         self.register_buffer("bias", state.bias, persistent=False)
         self.register_buffer("dense", None, persistent=False)  # [slots, out]: weight rows of the outlier columns
         self.outliers: OutlierColumns | None = None
-        # Where fill_dense reads cb and scb when the buffers are only a streaming slot's view (small VRAM).
-        self.host_weights: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+        # (cb, scb) where fill_dense reads them when the buffers are only a streaming slot's view (small VRAM).
+        self.host_weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self.kernel = kernel
         self.out_features, self.in_features = self.cb.shape
 
@@ -233,7 +232,7 @@ class Int8Linear(torch.nn.Module):
             outliers.owners.append(self)
 
     def fill_dense(self, slots: torch.Tensor, columns: torch.Tensor) -> None:
-        cb, scb = self.host_weights() if self.host_weights is not None else (self.cb, self.scb)
+        cb, scb = self.host_weights or (self.cb, self.scb)
         columns = columns.to(cb.device)
         rows = (cb[:, columns].float() * scb.view(-1, 1) * _INV_127).to(self.dense.dtype).t()
         self.dense[slots] = rows.to(self.dense.device)

@@ -14,7 +14,6 @@ bus and the compute then take turns instead of overlapping.
 
 import logging
 from dataclasses import dataclass, replace
-from functools import partial
 
 import torch
 from batchgen.worker.engine.config import EngineConfig
@@ -69,16 +68,9 @@ def _is_bnb_int8(module: torch.nn.Module) -> bool:
 def _point_int8_at_host(entries: list[_Entry], host_views: list[torch.Tensor]) -> None:
     """An Int8Linear's cb/scb are a slot's view, which holds another layer most of the time: the outlier kernel
     reads the weight rows of a newly found outlier column from the layer's host copy instead."""
-    found: dict[int, dict[str, torch.Tensor]] = {}
-    for entry, view in zip(entries, host_views, strict=True):
-        if isinstance(entry.module, Int8Linear) and entry.name in ("cb", "scb"):
-            found.setdefault(id(entry.module), {"module": entry.module})[entry.name] = view
-    for tensors in found.values():
-        tensors["module"].host_weights = partial(_pair, tensors["cb"], tensors["scb"])
-
-
-def _pair(cb: torch.Tensor, scb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return cb, scb
+    views = {(id(e.module), e.name): view for e, view in zip(entries, host_views, strict=True)}
+    for module in {id(e.module): e.module for e in entries if isinstance(e.module, Int8Linear)}.values():
+        module.host_weights = (views[id(module), "cb"], views[id(module), "scb"])
 
 
 def _entries(layer: torch.nn.Module) -> list[_Entry]:
