@@ -1,7 +1,10 @@
 """The paged KV cache on the GPU: the Triton decode kernel through a shuffled block table against the slot layout
 (the same output, and its time), then the resident engine paged against the same engine over slots on a tiny
 model (the same greedy tokens, also with a pool so small that blocks are recycled under CUDA graphs), with the
-rows-held stats of each.
+rows-held stats of each. Three engine configurations: fp16 compute with an fp16 ("auto") and an fp8 KV cache, and
+fp32 compute over masked sdpa, where paged, small pool and slots should agree exactly or nearly (few near-ties). For
+each request that differs from slots it records where: the first differing output token, both token counts and the
+prompt's length (so a difference can be placed against 64-token block boundaries).
 
     python3 -m benchmarks.paged_kv --out $OUT/paged     # on the device (after scripts/device-setup.sh)
 """
@@ -15,6 +18,16 @@ from pathlib import Path
 from benchmarks.common import write_json
 
 ROWS, MAX_LEN, KV_HEADS, HEADS, HEAD_DIM = 256, 768, 32, 32, 128  # a 7B-shape decode step
+# Engine configurations: EngineConfig fields over the demo model. fp32 runs attention "sdpa" (what "auto" resolves
+# to in float32 anyway): the Triton decode kernel is for fp16/bf16 q (its tl.dot takes float32 as TF32, not exact
+# fp32) and its prefill is FlashAttention, which has no float32. So fp32 checks the block table, its recycling under
+# CUDA graphs and the paged writes through the sdpa path (it gathers each row's blocks), not the Triton kernel's
+# paged reads (kernel_rows checks those).
+ENGINE_CONFIGS = {
+    "auto": {"kv_cache_dtype": "auto"},
+    "fp8": {"kv_cache_dtype": "fp8"},
+    "fp32": {"compute_dtype": "float32", "kv_cache_dtype": "auto", "attention": "sdpa"},
+}
 ROW_STATS = ("max_rows", "num_kv_blocks", "max_decode_batch", "mean_decode_batch", "mean_kv_tokens",
              "mean_kv_blocks_used", "max_kv_blocks_used")
 
@@ -91,11 +104,46 @@ def greedy_requests(num: int) -> list:
     return out
 
 
-def run(engine, requests) -> dict:
+def run(engine, requests) -> tuple[dict, dict]:
+    """Each request's (text, completion tokens, error code), and its output token ids (read off the finisher as each
+    sequence ends: results carry text only)."""
+    ids = {}
+    choice = engine.finisher.choice
+
+    def recording_choice(seq, reason):
+        ids[seq.key] = list(seq.output_ids)
+        return choice(seq, reason)
+
+    engine.finisher.choice = recording_choice
     results = {r.key: r for r in engine.add(requests)}
     while engine.num_unfinished:
         results.update({r.key: r for r in engine.step()})
-    return {k: (r.text, r.completion_tokens, r.error and r.error.code) for k, r in results.items()}
+    out = {k: (r.text, r.completion_tokens, r.error and r.error.code) for k, r in results.items()}
+    prompt_tokens = {k: r.prompt_tokens for k, r in results.items()}
+    return out, {"ids": ids, "prompt_tokens": prompt_tokens}
+
+
+def first_difference(a: list, b: list) -> int | None:
+    """Index of the first output token where a and b differ (the shorter length if one is a prefix of the other);
+    None where they are equal."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def differing(out: dict, tokens: dict, slots_out: dict, slots_tokens: dict) -> list[dict]:
+    """The requests whose output differs from the slot engine's, each with where: the first differing output token,
+    both token counts (this engine's, the slot engine's) and the prompt's length."""
+    rows = []
+    for key in sorted(slots_out, key=lambda k: int(k[1:])):
+        if out.get(key) == slots_out[key]:
+            continue
+        a, b = tokens["ids"].get(key, []), slots_tokens["ids"].get(key, [])
+        rows.append({"request": key, "first_differing_token": first_difference(a, b),
+                     "completion_tokens": [out[key][1] if key in out else None, slots_out[key][1]],
+                     "prompt_tokens": slots_tokens["prompt_tokens"].get(key)})
+    return rows
 
 
 def slot_engine(paged, cfg):
@@ -122,25 +170,29 @@ def engine_rows(num_requests: int) -> dict:
     model_dir = write_demo_model(tempfile.mkdtemp())
     requests = greedy_requests(num_requests)
     out = {}
-    for kv in ("auto", "fp8"):
-        cfg = EngineConfig(model=str(model_dir), load_in_8bit=False, kv_cache_dtype=kv, max_model_len=512)
+    for name, fields in ENGINE_CONFIGS.items():
+        cfg = EngineConfig(model=str(model_dir), load_in_8bit=False, max_model_len=512, **fields)
         paged = LLMEngine.from_config(cfg)
-        paged_out = run(paged, requests)
-        row = {"attention": paged.attention, "cuda_graphs": paged.runner.use_graphs,
+        paged_out, paged_tokens = run(paged, requests)
+        row = {"compute_dtype": str(paged.runner.dtype).removeprefix("torch."), "kv_cache_dtype": cfg.kv_cache_dtype,
+               "attention": paged.attention, "cuda_graphs": paged.runner.use_graphs,
                "paged": {k: paged.stats().extra.get(k) for k in ROW_STATS}}
         small = LLMEngine(cfg, paged.model, paged.tokenizer, paged.runner,
                           dataclasses.replace(paged.budget, max_rows=24, num_kv_blocks=16),
                           max_prefill_tokens=paged.scheduler.max_prefill_tokens)
-        small_out = run(small, requests)
+        small_out, small_tokens = run(small, requests)
         row["small_pool"] = {k: small.stats().extra.get(k) for k in ROW_STATS}
         slots = slot_engine(paged, cfg)
-        slots_out = run(slots, requests)
+        slots_out, slots_tokens = run(slots, requests)
+        differ = differing(paged_out, paged_tokens, slots_out, slots_tokens)
+        differ_small = differing(small_out, small_tokens, slots_out, slots_tokens)
         row.update(slots_max_rows=slots.budget.max_rows,
                    num_differ=sum(paged_out[k] != slots_out[k] for k in slots_out),
                    num_differ_small_pool=sum(small_out[k] != slots_out[k] for k in slots_out),
-                   num_errors=sum(bool(v[2]) for v in paged_out.values()))
-        out[kv] = row
-        print(kv, json.dumps(row), flush=True)
+                   num_errors=sum(bool(v[2]) for v in paged_out.values()),
+                   differ=differ, differ_small_pool=differ_small)
+        out[name] = row
+        print(name, json.dumps(row), flush=True)
     return out
 
 
