@@ -1,8 +1,8 @@
 """The generic engine: any causal LM that transformers + bitsandbytes load in 8-bit, driven by its own HF forward.
 
 Continuous batching the TGI CausalLM way (padded_batch.py): admitted requests are prefilled apart and their K/V
-concatenated into the running batch; finished rows leave at once and their slots are refilled from the next
-chunk. Chosen over transformers' paged continuous batching because that one needs the attention-interface
+copied into the running batch's preallocated row slots (slot_batch.py); finished rows leave at once and their slots
+are refilled from the next chunk. Chosen over transformers' paged continuous batching because that one needs the attention-interface
 kernels (BLOOM's ALiBi and other older attentions are not on it), and over static caches because those fix one
 write position for all rows; a DynamicCache with a 2-D mask runs every architecture transformers generates with.
 The scheduler, sampler and request rules are the fast path's; an OOM halves the rows and requeues the evicted.
@@ -30,6 +30,7 @@ from batchgen.worker.engine.sampler import sample
 from batchgen.worker.engine.scheduler import Scheduler
 from batchgen.worker.engine.sequence import Sequence
 from batchgen.worker.engine.setup import CUDA_ALLOCATOR_SLACK, plan_rows, resident_max_prefill_tokens
+from batchgen.worker.engine.slot_batch import SLACK_COLUMNS, SlotBatch
 
 DEFAULT_MAX_MODEL_LEN = 4096
 TOKENS_PER_S_WINDOW_S = 30.0
@@ -60,7 +61,7 @@ class GenericEngine:
         if self.budget.max_rows < 1:
             raise ValueError(f"not enough memory for one row of {self.max_model_len} tokens: {self.budget}")
         self.scheduler = Scheduler(self.budget.max_rows, max_prefill_tokens=max_prefill)
-        self.batch: PaddedBatch | None = None
+        self.batch: SlotBatch | PaddedBatch | None = None
         self.rows: list[Sequence] = []  # the batch's rows, in cache order
         self._keys: set[str] = set()
         self._last_batch = 0
@@ -146,7 +147,8 @@ class GenericEngine:
 
     def _merge(self, admitted: list[Sequence], new_batch: PaddedBatch) -> None:
         if self.batch is None:
-            self.batch = new_batch
+            self.batch = (SlotBatch(new_batch, max_rows=self.budget.max_rows, max_model_len=self.max_model_len)
+                          if SlotBatch.fits(new_batch) else new_batch)
         else:
             self.batch.extend(new_batch)
             self._num_joins += len(admitted)
@@ -160,11 +162,11 @@ class GenericEngine:
         keep = [i for i, s in enumerate(self.rows) if self.scheduler.running.get(s.row) is s]
         if len(keep) == len(self.rows):
             return
-        self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.batch = None
-        else:
-            self.batch.select(keep)
+            self.rows, self.batch = [], None
+            return
+        with torch.inference_mode():  # the slots are inference tensors
+            self.rows = [self.rows[i] for i in self.batch.select(keep)]
 
     def _on_oom(self, seqs: list[Sequence], *, prefill: bool) -> list[GenerationResult]:
         """Halve the batch and restart the rows that no longer fit; at one row, the failed forward's sequences
@@ -197,7 +199,7 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
 
 def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dtype, weights_bytes: int,
                 max_model_len: int, max_prefill_tokens: int) -> budget_math.Budget:
-    """Rows whose full-length K/V and decode activations fit what is free, after one prefill peak."""
+    """Rows whose full-length K/V slots and decode activations fit what is free, after one prefill peak."""
     dtype_bytes = torch.finfo(dtype).bits // 8
     kv_token = kv_bytes_per_token(config, dtype_bytes)
     hidden, heads = config.hidden_size, config.num_attention_heads
@@ -207,7 +209,7 @@ def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dt
     activation = budget_math.estimate_decode_activation_bytes(
         hidden_size=hidden, intermediate_size=intermediate, vocab_size=config.vocab_size, num_heads=heads,
         max_model_len=max_model_len, dtype_bytes=dtype_bytes, head_dim=getattr(config, "head_dim", None))
-    # DynamicLayer.update concatenates: one layer's K/V exists twice for a moment each step.
+    # Moving the slots' window copies one layer's active K/V through a temporary.
     activation += kv_token * max_model_len // max(1, config.num_hidden_layers)
     # Prompts are padded per row, not packed: their scores are [rows, heads, len, len], each len <= max_model_len.
     prefill_bytes = budget_math.estimate_prefill_bytes(hidden_size=hidden, intermediate_size=intermediate,
@@ -221,7 +223,8 @@ def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dt
     else:
         free = budget_math.available_ram_bytes()
     return plan_rows(cfg, device, free_bytes=free, weights_bytes=weights_bytes, kv_bytes_per_token=kv_token,
-                     max_model_len=max_model_len, activation_bytes_per_row=activation, prefill_bytes=prefill_bytes)
+                     max_model_len=max_model_len + SLACK_COLUMNS, activation_bytes_per_row=activation,
+                     prefill_bytes=prefill_bytes)
 
 
 def _memory_info(device: torch.device) -> tuple[int, int]:

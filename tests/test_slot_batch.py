@@ -1,0 +1,103 @@
+"""The generic path's K/V slots: rows join and leave without copying the batch, the active columns move back when
+they reach the slots' edge, the slots grow on the host, and greedy output stays HF generate's (fp32, exact)."""
+
+import pytest
+import torch
+from batchgen.jobs.schema import Request, SamplingParams
+from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.generic import GenericEngine
+from batchgen.worker.engine.padded_batch import PaddedBatch
+from batchgen.worker.engine.protocol import GenerationRequest
+from batchgen.worker.engine.slot_batch import CPU_INITIAL_ROWS, SLACK_COLUMNS, SlotBatch
+from batchgen.worker.factory import build_llm_engine
+from transformers import DynamicCache
+
+from tests.models import write_tiny_model
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "batch", "generation", "keeps", "every", "gpu", "busy", "at", "night"]
+MAX_MODEL_LEN = 160
+
+
+def prompt(i: int) -> str:
+    return " ".join(WORDS[(3 * i + j) % len(WORDS)] for j in range(1 + (7 * i) % 20))
+
+
+def wanted(i: int) -> int:
+    return 12 + (29 * i) % 60  # up to 71 tokens: more decode steps than SLACK_COLUMNS, rows finishing apart
+
+
+def hf_greedy(path, ids: list[int], n: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("arch", ["bloom", "gpt2"])  # ALiBi from the 2-D mask; learned absolute positions
+def test_rows_join_leave_and_move_in_slots_with_hf_generate_output(arch, demo_model_dir, tmp_path):
+    path = write_tiny_model(tmp_path, arch, demo_model_dir)
+    engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_batch_size=12,
+                                           max_model_len=MAX_MODEL_LEN, max_prefill_tokens=96))
+    assert isinstance(engine, GenericEngine)
+    num = 30
+    reqs = [GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=prompt(i), params=SamplingParams(
+        max_tokens=wanted(i), temperature=0, ignore_eos=True))) for i in range(num)]
+    assert engine.add(reqs) == []
+    texts, moves, grown = {}, 0, False
+    while engine.num_unfinished:
+        for r in engine.step():
+            assert r.error is None, r.error
+            texts[r.key] = r.text
+        batch = engine.batch
+        if isinstance(batch, SlotBatch):
+            moves = max(moves, batch.num_window_moves)
+            grown |= batch.layers[0].key_slots.shape[0] > CPU_INITIAL_ROWS
+            assert batch.layers[0].keys.shape[2] == batch.mask.shape[1] <= MAX_MODEL_LEN
+    assert moves >= 1 and grown and engine.stats().extra["num_joins"] > 0
+    for i in range(num):
+        ids = engine.tokenizer(prompt(i))["input_ids"]
+        expected = engine.tokenizer.decode(hf_greedy(path, ids, wanted(i)), skip_special_tokens=True)
+        assert texts[f"r{i}"] == expected, i
+
+
+def fresh(rows: int, lengths: list[int], heads: int = 2, dim: int = 4) -> PaddedBatch:
+    """A left-padded prefill's batch whose K/V values name their row and column (row * 1000 + column)."""
+    width = max(lengths)
+    cache = DynamicCache()
+    keys = torch.arange(width, dtype=torch.float32).repeat(rows, 1) + 1000 * torch.arange(rows)[:, None] + 1
+    keys = keys[:, None, :, None].expand(rows, heads, width, dim).contiguous()
+    cache.update(keys, -keys, 0)
+    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+    return PaddedBatch(cache, mask, torch.tensor(lengths))
+
+
+def test_select_moves_only_the_rows_past_the_new_count_into_the_freed_slots():
+    batch = SlotBatch(fresh(6, [3, 5, 2, 4, 1, 5]), max_rows=8, max_model_len=16)
+    before = batch.layers[0].keys.clone()
+    order = batch.select([0, 2, 4, 5])
+    assert order == [0, 4, 2, 5]  # slots 1 and 3 freed: rows 4 and 5 (past the new count) fill them
+    assert batch.num_row_moves == 2
+    keys = batch.layers[0].keys
+    assert keys.shape[2] == batch.mask.shape[1] == 5  # the longest row kept spans 5 columns: nothing to trim
+    for slot, old in enumerate(order):
+        assert torch.equal(keys[slot], before[old])
+    assert torch.equal(batch.next_positions, torch.tensor([3, 1, 2, 5]))
+    assert batch.select([1, 2]) == [2, 1]  # rows of 2 and 1 tokens left: the 3 columns padding in both go
+    assert batch.mask.tolist() == [[1, 1], [0, 1]] and batch.layers[0].keys.shape[2] == 2
+
+
+def test_the_window_moves_back_to_end_at_max_model_len_and_keeps_every_row():
+    max_model_len = 80
+    batch = SlotBatch(fresh(2, [3, 2]), max_rows=2, max_model_len=max_model_len)
+    layer = batch.layers[0]
+    for step in range(SLACK_COLUMNS):
+        layer.update(torch.full((2, 2, 1, 4), -7.0 - step), torch.zeros(2, 2, 1, 4))
+        batch.advance(torch.cat([batch.mask, batch.mask.new_ones(2, 1)], dim=1))
+    assert batch.num_window_moves == 1
+    assert (batch.start, batch.end) == (max_model_len - 3 - SLACK_COLUMNS, max_model_len)
+    keys = layer.keys[:, 0, :, 0]
+    assert keys[0, :3].tolist() == [1, 2, 3] and keys[1, 1:3].tolist() == [1002, 1003]
+    assert keys[:, 3:].tolist() == [[-7.0 - s for s in range(SLACK_COLUMNS)]] * 2

@@ -1,0 +1,170 @@
+"""The generic path's running batch in preallocated row slots: K/V written in place, rows joining and leaving
+without copying the others.
+
+A transformers DynamicCache concatenates every layer's K/V each decode step, and TGI's filter/concatenate copies
+the whole cache again whenever a row leaves or joins: at a few hundred rows three passes over tens of GB per
+step, against the one that attention needs. Here each layer owns buffers [rows, kv_heads, columns, head_dim];
+the model sees views of the active columns [start, end), so its own forward (masks, ALiBi, windows) runs
+unchanged. Every row's tokens are contiguous and end at column end (left padding, as HF's batches): a decode
+writes column end of every row, a new row's prompt lands in columns [end - p, end) of a free slot, a finished
+row's slot is refilled by the last row (one row copied, not the batch). Columns run max_model_len + SLACK_COLUMNS
+wide; when end reaches the right edge the active columns move back so that end = max_model_len (every
+SLACK_COLUMNS steps), which keeps room for any prompt to the left of end.
+"""
+
+import torch
+from batchgen.worker.engine.padded_batch import PaddedBatch
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+SLACK_COLUMNS = 64  # decode columns between two moves of the active window
+CPU_INITIAL_ROWS = 8  # host RAM budgets are large: grow the slots on demand there, allocate them at once on CUDA
+
+
+class SlotLayer(DynamicLayer):
+    """One layer's K/V slots; keys/values are the views [rows, heads, start:end] the model attends over."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.key_slots, self.value_slots = keys, values
+        self.device = keys.device
+        self.is_initialized = True
+        self.num_rows = self.start = self.end = 0
+
+    def show(self, num_rows: int, start: int, end: int) -> None:
+        self.num_rows, self.start, self.end = num_rows, start, end
+        self.keys = self.key_slots[:num_rows, :, start:end]
+        self.values = self.value_slots[:num_rows, :, start:end]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        q = key_states.shape[-2]
+        self.key_slots[: self.num_rows, :, self.end : self.end + q] = key_states
+        self.value_slots[: self.num_rows, :, self.end : self.end + q] = value_states
+        self.show(self.num_rows, self.start, self.end + q)
+        return self.keys, self.values
+
+
+class SlotBatch:
+    """n rows in slots [0, n): each layer's K/V, the mask [n, end - start] and each row's next position.
+    Same interface as PaddedBatch (the fallback for caches whose layers cannot be slotted)."""
+
+    mergeable = True
+
+    def __init__(self, first: PaddedBatch, *, max_rows: int, max_model_len: int):
+        self.max_rows, self.max_model_len = max_rows, max_model_len
+        self.columns = max_model_len + SLACK_COLUMNS
+        device = first.mask.device
+        rows = max_rows if device.type == "cuda" else min(max_rows, max(CPU_INITIAL_ROWS, first.num_rows))
+        self.layers = [SlotLayer(*(_zeros(t, rows, self.columns) for t in (layer.keys, layer.values)))
+                       for layer in first.cache.layers]
+        self.cache = DynamicCache()
+        self.cache.layers = self.layers
+        self.start = self.end = max_model_len
+        self.num_row_moves = self.num_window_moves = 0  # rows copied into freed slots; window moves
+        self.mask = first.mask[:0, :0]
+        self.next_positions = first.next_positions[:0]
+        self.extend(first)
+
+    @staticmethod
+    def fits(batch: PaddedBatch) -> bool:
+        """Whether every layer is a plain growing one holding [rows, heads, length, head_dim] K/V."""
+        return all(type(layer) is DynamicLayer and layer.keys is not None and layer.keys.dim() == 4
+                   for layer in batch.cache.layers)
+
+    @property
+    def num_rows(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def kv_bytes(self) -> int:
+        """The slots' bytes (allocated, not only the active columns)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.key_slots, layer.value_slots))
+
+    def extend(self, other: PaddedBatch) -> None:
+        """Appends other's rows (a fresh prefill) in the next slots, their last prompt token at column end - 1."""
+        n, m, p = self.num_rows, other.num_rows, other.length
+        if n + m > self.layers[0].key_slots.shape[0]:
+            self._grow(n + m)
+        start = min(self.start, self.end - p)
+        for mine, theirs in zip(self.layers, other.cache.layers, strict=True):
+            mine.key_slots[n : n + m, :, self.end - p : self.end] = theirs.keys
+            mine.value_slots[n : n + m, :, self.end - p : self.end] = theirs.values
+        self.mask = torch.cat([_pad_left(self.mask, self.end - start), _pad_left(other.mask, self.end - start)])
+        self.next_positions = torch.cat([self.next_positions, other.next_positions])
+        self.start = start
+        self._show()
+
+    def advance(self, mask: torch.Tensor) -> None:
+        """A decode step succeeded: its column is in every layer; move the window back if the edge is reached."""
+        self.mask, self.next_positions = mask, self.next_positions + 1
+        self.end += 1
+        if self.end == self.columns:
+            self._move_window()
+        self._show()
+
+    def select(self, rows: list[int]) -> list[int]:
+        """Keeps these rows: kept rows past the new count move into the freed slots below it. Returns the old
+        index of each row in its new slot order."""
+        keep = set(rows)
+        holes = [i for i in range(len(rows)) if i not in keep]
+        movers = [i for i in rows if i >= len(rows)]
+        order = list(range(len(rows)))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        self.num_row_moves += len(movers)
+        if movers:
+            src = torch.tensor(movers, device=self.mask.device)
+            dst = torch.tensor(holes, device=self.mask.device)
+            for layer in self.layers:
+                for slots in (layer.key_slots, layer.value_slots):
+                    slots[dst, :, self.start : self.end] = slots[src, :, self.start : self.end]
+        index = torch.tensor(order, dtype=torch.long, device=self.mask.device)
+        self.mask, self.next_positions = self.mask[index], self.next_positions[index]
+        trim = int((self.mask.cumsum(-1) == 0).sum(-1).min()) if order else 0
+        self.mask = self.mask[:, trim:]
+        self.start += trim
+        self._show()
+        return order
+
+    def crop(self) -> None:
+        """Undoes the columns a failed forward wrote in some layers and not others."""
+        self._show()
+
+    def _show(self) -> None:
+        for layer in self.layers:
+            layer.show(self.num_rows, self.start, self.end)
+
+    def _move_window(self) -> None:
+        """Copies the active columns to end at max_model_len (a row never spans more, so they fit)."""
+        width = self.end - self.start
+        to = self.max_model_len - width
+        for layer in self.layers:
+            for slots in (layer.key_slots, layer.value_slots):
+                active = slots[: self.num_rows, :, self.start : self.end].clone()  # the ranges may overlap
+                slots[: self.num_rows, :, to : self.max_model_len] = active
+        self.start, self.end = to, self.max_model_len
+        self.num_window_moves += 1
+
+    def _grow(self, needed: int) -> None:
+        rows = min(self.max_rows, max(needed, 2 * self.layers[0].key_slots.shape[0]))
+        if needed > rows:
+            raise ValueError(f"{needed} rows exceed the budget's {self.max_rows}")
+        for layer in self.layers:  # one layer at a time: the peak is one layer's old slots beside the new ones
+            for name in ("key_slots", "value_slots"):
+                old = getattr(layer, name)
+                new = _zeros(old, rows, self.columns)
+                new[: self.num_rows] = old[: self.num_rows]
+                setattr(layer, name, new)
+
+
+def _zeros(like: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+    """Zeros, not empty: padding columns are masked, and a masked NaN would still poison eager softmax sums."""
+    _, heads, _, head_dim = like.shape
+    return torch.zeros(rows, heads, columns, head_dim, dtype=like.dtype, device=like.device)
+
+
+def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - t.shape[1]
+    return t if missing == 0 else torch.cat([t.new_zeros(t.shape[0], missing), t], dim=1)
