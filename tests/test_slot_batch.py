@@ -8,7 +8,7 @@ from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.generic import GenericEngine
 from batchgen.worker.engine.padded_batch import PaddedBatch
 from batchgen.worker.engine.protocol import GenerationRequest
-from batchgen.worker.engine.slot_batch import CPU_INITIAL_ROWS, SLACK_COLUMNS, SlotBatch
+from batchgen.worker.engine.slot_batch import CPU_INITIAL_ROWS, SlotBatch, slot_columns
 from batchgen.worker.factory import build_llm_engine
 from transformers import DynamicCache
 
@@ -23,7 +23,7 @@ def prompt(i: int) -> str:
 
 
 def wanted(i: int) -> int:
-    return 12 + (29 * i) % 60  # up to 71 tokens: more decode steps than SLACK_COLUMNS, rows finishing apart
+    return 12 + (29 * i) % 60  # up to 71 tokens: several moves of the window, rows finishing apart
 
 
 def hf_greedy(path, ids: list[int], n: int) -> list[int]:
@@ -93,11 +93,12 @@ def test_the_window_moves_back_to_end_at_max_model_len_and_keeps_every_row():
     max_model_len = 80
     batch = SlotBatch(fresh(2, [3, 2]), max_rows=2, max_model_len=max_model_len)
     layer = batch.layers[0]
-    for step in range(SLACK_COLUMNS):
+    slack = slot_columns(max_model_len) - max_model_len
+    for step in range(slack):
         layer.update(torch.full((2, 2, 1, 4), -7.0 - step), torch.zeros(2, 2, 1, 4))
         batch.advance(torch.cat([batch.mask, batch.mask.new_ones(2, 1)], dim=1))
     assert batch.num_window_moves == 1
-    assert (batch.start, batch.end) == (max_model_len - 3 - SLACK_COLUMNS, max_model_len)
+    assert (batch.start, batch.end) == (max_model_len - 3 - slack, max_model_len)
     keys = layer.keys[:, 0, :, 0]
     assert keys[0, :3].tolist() == [1, 2, 3] and keys[1, 1:3].tolist() == [1002, 1003]
-    assert keys[:, 3:].tolist() == [[-7.0 - s for s in range(SLACK_COLUMNS)]] * 2
+    assert keys[:, 3:].tolist() == [[-7.0 - s for s in range(slack)]] * 2

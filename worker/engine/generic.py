@@ -30,7 +30,7 @@ from batchgen.worker.engine.sampler import sample
 from batchgen.worker.engine.scheduler import Scheduler
 from batchgen.worker.engine.sequence import Sequence
 from batchgen.worker.engine.setup import CUDA_ALLOCATOR_SLACK, plan_rows, resident_max_prefill_tokens
-from batchgen.worker.engine.slot_batch import SLACK_COLUMNS, SlotBatch
+from batchgen.worker.engine.slot_batch import SlotBatch, slot_columns
 
 DEFAULT_MAX_MODEL_LEN = 4096
 TOKENS_PER_S_WINDOW_S = 30.0
@@ -223,7 +223,7 @@ def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dt
     else:
         free = budget_math.available_ram_bytes()
     return plan_rows(cfg, device, free_bytes=free, weights_bytes=weights_bytes, kv_bytes_per_token=kv_token,
-                     max_model_len=max_model_len + SLACK_COLUMNS, activation_bytes_per_row=activation,
+                     max_model_len=slot_columns(max_model_len), activation_bytes_per_row=activation,
                      prefill_bytes=prefill_bytes)
 
 

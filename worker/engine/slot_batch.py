@@ -7,17 +7,22 @@ step, against the one that attention needs. Here each layer owns buffers [rows, 
 the model sees views of the active columns [start, end), so its own forward (masks, ALiBi, windows) runs
 unchanged. Every row's tokens are contiguous and end at column end (left padding, as HF's batches): a decode
 writes column end of every row, a new row's prompt lands in columns [end - p, end) of a free slot, a finished
-row's slot is refilled by the last row (one row copied, not the batch). Columns run max_model_len + SLACK_COLUMNS
-wide; when end reaches the right edge the active columns move back so that end = max_model_len (every
-SLACK_COLUMNS steps), which keeps room for any prompt to the left of end.
+row's slot is refilled by the last row (one row copied, not the batch). Columns run max_model_len plus a slack of
+1/16 wide; when end reaches the right edge the active columns move back so that end = max_model_len (once per
+slack's worth of steps), which keeps room for any prompt to the left of end.
 """
 
 import torch
 from batchgen.worker.engine.padded_batch import PaddedBatch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-SLACK_COLUMNS = 64  # decode columns between two moves of the active window
+SLACK_DIVISOR = 16  # a row's slot is 1/16 longer than its context: one move of the window per that many steps
 CPU_INITIAL_ROWS = 8  # host RAM budgets are large: grow the slots on demand there, allocate them at once on CUDA
+
+
+def slot_columns(max_model_len: int) -> int:
+    """A row slot's columns: its context plus the decode steps between two moves of the window."""
+    return max_model_len + max(8, max_model_len // SLACK_DIVISOR)
 
 
 class SlotLayer(DynamicLayer):
@@ -51,7 +56,7 @@ class SlotBatch:
 
     def __init__(self, first: PaddedBatch, *, max_rows: int, max_model_len: int):
         self.max_rows, self.max_model_len = max_rows, max_model_len
-        self.columns = max_model_len + SLACK_COLUMNS
+        self.columns = slot_columns(max_model_len)
         device = first.mask.device
         rows = max_rows if device.type == "cuda" else min(max_rows, max(CPU_INITIAL_ROWS, first.num_rows))
         self.layers = [SlotLayer(*(_zeros(t, rows, self.columns) for t in (layer.keys, layer.values)))
