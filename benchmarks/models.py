@@ -155,14 +155,14 @@ def phase_batchgen(name: str, device: str, num_requests: int) -> dict:
             "int8_kernel": extra.get("int8_kernel"), "stats": extra}
 
 
-def _batchgen_run(name: str, device: str, lines: list[dict], work: Path) -> dict:
+def _batchgen_run(name: str, device: str, lines: list[dict], work: Path, kv_cache_dtype: str = "auto") -> dict:
     """`batchgen run --max-vram 6GiB` over lines: its --json summary and the completion tokens it wrote."""
     src, out = work / "in.jsonl", work / "out.jsonl"
     src.write_text("".join(json.dumps(line) + "\n" for line in lines))
     cmd = [sys.executable, "-m", "batchgen.producer.cli", "run", str(src), "-o", str(out), "--model",
            str(model_dir(name)), "--device", device, "--max-vram", "6GiB", "--max-batch", str(SMALL_ROWS),
            # rows are sized for a whole context: this workload's own length lets the most rows fit the cap
-           "--max-model-len", str(SMALL_PROMPT + SMALL_NEW), "--json"]
+           "--max-model-len", str(SMALL_PROMPT + SMALL_NEW), "--kv-cache-dtype", kv_cache_dtype, "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"batchgen run exited {proc.returncode}: {proc.stderr[-1500:]}")
@@ -174,7 +174,7 @@ def _batchgen_run(name: str, device: str, lines: list[dict], work: Path) -> dict
     return summary | {"completion_tokens": tokens, "log_tail": proc.stderr[-600:], "startup": startup[-1:]}
 
 
-def phase_small(name: str, device: str) -> dict:
+def phase_small(name: str, device: str, kv_cache_dtype: str = "auto") -> dict:
     """Under a 6 GiB cap, as `batchgen run --max-vram 6GiB` runs it: a one-token run first, whose time (load,
     warm-up, one step) is taken off the measured run's."""
     import tempfile
@@ -186,8 +186,8 @@ def phase_small(name: str, device: str) -> dict:
                  "ignore_eos": True} for i, ids in enumerate(prompts[:count])]
 
     with tempfile.TemporaryDirectory() as work, PeakVram() if device == "cuda" else _NoVram() as vram:
-        base = _batchgen_run(name, device, lines(1, 1), Path(work))
-        run = _batchgen_run(name, device, lines(SMALL_NEW, SMALL_ROWS), Path(work))
+        base = _batchgen_run(name, device, lines(1, 1), Path(work), kv_cache_dtype)
+        run = _batchgen_run(name, device, lines(SMALL_NEW, SMALL_ROWS), Path(work), kv_cache_dtype)
     generate_s = max(1e-3, run["elapsed_s"] - base["elapsed_s"])
     assert run["completion_tokens"] == SMALL_ROWS * SMALL_NEW, run["completion_tokens"]
     rows = re.search(r"rows\s+(\d+)", run["startup"][0]) if run["startup"] else None
@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--small-vram", action="store_true",
                         help="BLOOM-13B shape under `batchgen run --max-vram 6GiB`, against the PCIe bound")
+    parser.add_argument("--small-vram-kv", default="auto,fp8",
+                        help="--small-vram: the --kv-cache-dtype of each run (auto: the compute dtype)")
     parser.add_argument("--models", default="bloom-7b1,gemma-7b,qwen3-8b")
     parser.add_argument("--num-requests", type=int, default=512)
     parser.add_argument("--hf-batches", default="32,64,128")
@@ -297,7 +299,7 @@ def main() -> None:
         result = {"prepare": lambda: phase_prepare(a[1:], a[0]),
                   "hf": lambda: phase_hf(a[0], [int(b) for b in args.hf_batches.split(",")], args.hf_tokens),
                   "batchgen": lambda: phase_batchgen(a[0], a[1], int(a[2])),
-                  "small": lambda: phase_small(a[0], a[1])}[args.phase]()
+                  "small": lambda: phase_small(a[0], a[1], a[2] if len(a) > 2 else "auto")}[args.phase]()
         write_json(args.phase_out, result)
         return
 
@@ -314,13 +316,17 @@ def main() -> None:
     for name in names:
         row: dict = {}
         if args.small_vram:
-            row["batchgen_6gib"] = run_phase(args.out, "small", name, device)
-            row |= small_vram_bound(name, report["prepare"].get("h2d", {}).get("pinned_gb_s"),
-                                    row["batchgen_6gib"].get("rows"))
-            if "bound_tok_s" in row and "tok_s" in row["batchgen_6gib"]:
-                row["fraction_of_bound"] = round(row["batchgen_6gib"]["tok_s"] / row["bound_tok_s"], 3)
-            if "bound_at_rows_that_fit" in row and "tok_s" in row["batchgen_6gib"]:
-                row["fraction_of_rows_bound"] = round(row["batchgen_6gib"]["tok_s"] / row["bound_at_rows_that_fit"], 3)
+            h2d = report["prepare"].get("h2d", {}).get("pinned_gb_s")
+            for kv in args.small_vram_kv.split(","):  # batchgen_6gib: the default K/V; batchgen_6gib_fp8: fp8 K/V
+                run = row[f"batchgen_6gib{'' if kv == 'auto' else '_' + kv}"] = run_phase(args.out, "small", name,
+                                                                                          device, kv)
+                bound = small_vram_bound(name, h2d, run.get("rows"))
+                row |= {k: v for k, v in bound.items() if k != "bound_at_rows_that_fit"}
+                if "bound_tok_s" in bound and "tok_s" in run:
+                    run["fraction_of_bound"] = round(run["tok_s"] / bound["bound_tok_s"], 3)
+                if "bound_at_rows_that_fit" in bound and "tok_s" in run:
+                    run["bound_at_rows_that_fit"] = bound["bound_at_rows_that_fit"]
+                    run["fraction_of_rows_bound"] = round(run["tok_s"] / bound["bound_at_rows_that_fit"], 3)
         else:
             row["batchgen"] = run_phase(args.out, "batchgen", name, device, str(args.num_requests if not args.tiny else 16))
             if not args.tiny:
@@ -332,8 +338,9 @@ def main() -> None:
         print(name, json.dumps({k: (v if not isinstance(v, dict) else {kk: v.get(kk) for kk in (
             "tok_s", "rows", "path", "peak_vram_gib", "best", "error")}) for k, v in row.items()}), flush=True)
         if args.small_vram:
-            print(f"{name} under 6 GiB: {row['batchgen_6gib'].get('tok_s')} tok/s; PCIe bound "
-                  f"{row.get('bound_tok_s', 'n/a (no GPU)')} tok/s", flush=True)
+            runs = {k: v.get("tok_s") for k, v in row.items() if k.startswith("batchgen_6gib")}
+            print(f"{name} under 6 GiB: {runs} tok/s; PCIe bound {row.get('bound_tok_s', 'n/a (no GPU)')} tok/s",
+                  flush=True)
     kind = "small-vram" if args.small_vram else "models"
     write_json(args.out / f"{kind}{'-tiny' if args.tiny else ''}.json", report)
 

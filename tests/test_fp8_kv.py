@@ -166,17 +166,6 @@ def test_the_kv_cache_dtype_is_a_flag_with_its_env_name(monkeypatch):
     assert engine_config(params()).kv_cache_dtype == "fp8"
 
 
-def test_models_off_the_fast_path_refuse_fp8_before_loading(demo_model_dir, tmp_path):
-    """GPT-2 runs on the generic path (HF's own cache): no slot cache to keep in fp8, so no silent ignore."""
-    from batchgen.worker.factory import build_llm_engine
-
-    from tests.models import write_tiny_model
-
-    gpt2 = write_tiny_model(tmp_path / "gpt2", "gpt2", demo_model_dir, weights=False)
-    with pytest.raises(ValueError, match="generic path"):
-        build_llm_engine(EngineConfig(model=str(gpt2), kv_cache_dtype="fp8"))
-
-
 def test_the_quality_benchmarks_kv_section_runs_on_cpu():
     """benchmarks/quality.py --kv on a tiny planted model: the runner's drift from fp32 with each cache dtype."""
     from benchmarks.quality import Shape, run_kv

@@ -102,3 +102,34 @@ def test_the_window_moves_back_to_end_at_max_model_len_and_keeps_every_row():
     keys = layer.keys[:, 0, :, 0]
     assert keys[0, :3].tolist() == [1, 2, 3] and keys[1, 1:3].tolist() == [1002, 1003]
     assert keys[:, 3:].tolist() == [[-7.0 - s for s in range(slack)]] * 2
+
+
+def test_fp8_slots_store_e4m3_and_attend_over_a_dequantized_copy():
+    batch = SlotBatch(fresh(3, [4, 2, 3]), max_rows=4, max_model_len=32, fp8=True)
+    layer = batch.layers[0]
+    assert layer.key_slots.dtype == torch.float8_e4m3fn and layer.scales[0].shape == (1, 2, 1, 1)
+    new = torch.randn(3, 2, 1, 4) * 500  # the prefill's keys run to ~3,000: these stay inside the scale's range
+    keys, values = layer.update(new, -new)
+    assert keys.dtype == values.dtype == torch.float32 and keys.shape == (3, 2, 5, 4)
+    assert torch.allclose(keys[:, :, -1:], new, rtol=1 / 16, atol=layer.scales[0].max().item())
+    assert torch.allclose(keys[0, :, :4, 0], torch.arange(1, 5.0).expand(2, 4), rtol=1 / 16)
+    assert layer.keys.dtype == torch.float8_e4m3fn  # what stays between steps: one byte per value
+
+
+def test_the_generic_path_runs_with_an_fp8_kv_cache_in_half_the_bytes(demo_model_dir, tmp_path):
+    path = write_tiny_model(tmp_path, "bloom", demo_model_dir)
+    engines = {kv: build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_batch_size=4,
+                                                 max_model_len=MAX_MODEL_LEN, kv_cache_dtype=kv))
+               for kv in ("auto", "fp8")}
+    # fp32 compute on the CPU: an fp8 slot takes a quarter of an auto one's bytes
+    assert engines["fp8"].budget.kv_bytes_per_token * 4 == engines["auto"].budget.kv_bytes_per_token
+    engine = engines["fp8"]
+    reqs = [GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=prompt(i), params=SamplingParams(
+        max_tokens=wanted(i), temperature=0, ignore_eos=True))) for i in range(8)]
+    assert engine.add(reqs) == []
+    done, fp8_seen = {}, False
+    while engine.num_unfinished:
+        done.update({r.key: r for r in engine.step()})
+        fp8_seen |= isinstance(engine.batch, SlotBatch) and engine.batch.layers[0].key_slots.dtype == torch.float8_e4m3fn
+    assert fp8_seen and engine.stats().extra["kv_cache_dtype"] == "fp8"
+    assert all(r.error is None and r.completion_tokens == wanted(int(k[1:])) for k, r in done.items()) and len(done) == 8

@@ -20,19 +20,13 @@ def build_llm_engine(cfg) -> Engine:
     from batchgen.worker.engine.setup import resolve_device_dtype
 
     family = choose_family(cfg.model)  # config.json only: not found / not a causal LM fail here, before weights
-    if cfg.kv_cache_dtype != "auto" and family.path == GENERIC:
-        raise ValueError(f"--kv-cache-dtype {cfg.kv_cache_dtype} is the fast path's slot cache; {cfg.model!r} runs on "
-                         "the generic path")
     device, dtype = resolve_device_dtype(cfg)
     may_stream = cfg.offload or (cfg.offload is None and cfg.max_vram_bytes is not None and device.type == "cuda")
     streamable = family.model_type in STREAMABLE_MODEL_TYPES and FamilySpec.of(family.config).is_llama
     if may_stream and (family.path == GENERIC or not streamable):
         from batchgen.worker.offload.hook_stream import build_hook_streaming_engine, wants_hook_streaming
 
-        if wants_hook_streaming(cfg, family.config, device, dtype):
-            from batchgen.worker.offload.build import refuse_kv_cache_dtype
-
-            refuse_kv_cache_dtype(cfg)
+        if wants_hook_streaming(cfg, family.config, device, dtype):  # its K/V slots on the device, fp8 or not
             return build_hook_streaming_engine(cfg, family)
     elif may_stream:
         from batchgen.worker.offload.build import build_streaming_engine, wants_streaming

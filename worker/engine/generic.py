@@ -137,7 +137,7 @@ class GenericEngine:
         extra: dict[str, float | int | str] = dict(self.budget.as_stats())
         extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, num_joins=self._num_joins,
                      device=str(self.device),
-                     engine_path="generic", kv_bytes=self.batch.kv_bytes() if self.batch else 0)
+                     engine_path="generic", kv_cache_dtype=self.cfg.kv_cache_dtype, kv_bytes=self.batch.kv_bytes() if self.batch else 0)
         if self.int8 is not None:
             extra.update(self.int8.stats())
         return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._rate.per_s(),
@@ -147,7 +147,8 @@ class GenericEngine:
 
     def _merge(self, admitted: list[Sequence], new_batch: PaddedBatch) -> None:
         if self.batch is None:
-            self.batch = (SlotBatch(new_batch, max_rows=self.budget.max_rows, max_model_len=self.max_model_len)
+            self.batch = (SlotBatch(new_batch, max_rows=self.budget.max_rows, max_model_len=self.max_model_len,
+                                    fp8=self.cfg.kv_cache_dtype == "fp8")
                           if SlotBatch.fits(new_batch) else new_batch)
         else:
             self.batch.extend(new_batch)
@@ -201,7 +202,7 @@ def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dt
                 max_model_len: int, max_prefill_tokens: int) -> budget_math.Budget:
     """Rows whose full-length K/V slots and decode activations fit what is free, after one prefill peak."""
     dtype_bytes = torch.finfo(dtype).bits // 8
-    kv_token = kv_bytes_per_token(config, dtype_bytes)
+    kv_token = kv_bytes_per_token(config, 1 if cfg.kv_cache_dtype == "fp8" else dtype_bytes)
     hidden, heads = config.hidden_size, config.num_attention_heads
     intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
                     or getattr(config, "n_inner", None) or 4 * hidden)
@@ -209,8 +210,9 @@ def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dt
     activation = budget_math.estimate_decode_activation_bytes(
         hidden_size=hidden, intermediate_size=intermediate, vocab_size=config.vocab_size, num_heads=heads,
         max_model_len=max_model_len, dtype_bytes=dtype_bytes, head_dim=getattr(config, "head_dim", None))
-    # Moving the slots' window copies one layer's active K/V through a temporary.
-    activation += kv_token * max_model_len // max(1, config.num_hidden_layers)
+    # Moving the slots' window copies one layer's active K/V through a temporary (fp8 slots: each layer's forward
+    # attends over a dequantized copy of it too).
+    activation += kv_bytes_per_token(config, dtype_bytes) * max_model_len // max(1, config.num_hidden_layers)
     # Prompts are padded per row, not packed: their scores are [rows, heads, len, len], each len <= max_model_len.
     prefill_bytes = budget_math.estimate_prefill_bytes(hidden_size=hidden, intermediate_size=intermediate,
                                                        num_heads=heads, num_tokens=max_prefill_tokens,

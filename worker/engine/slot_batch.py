@@ -10,9 +10,16 @@ writes column end of every row, a new row's prompt lands in columns [end - p, en
 row's slot is refilled by the last row (one row copied, not the batch). Columns run max_model_len plus a slack of
 1/16 wide; when end reaches the right edge the active columns move back so that end = max_model_len (once per
 slack's worth of steps), which keeps room for any prompt to the left of end.
+
+kv_cache_dtype fp8: the slots hold float8_e4m3fn K/V divided by a scale per layer and KV head, set from the first
+prefill's absmax (times the fast path's margin; larger values saturate); each layer's forward attends over a
+dequantized copy of its active columns, which lives only while that layer runs: half the bytes per row, so about
+twice the rows where memory bounds them (small-VRAM mode), for one extra pass over one layer's K/V per step.
 """
 
 import torch
+from batchgen.worker.engine.kernels.attention import FP8_MAX, fp8_kv_scale
+from batchgen.worker.engine.model_runner import KV_SCALE_MARGIN
 from batchgen.worker.engine.padded_batch import PaddedBatch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -26,11 +33,13 @@ def slot_columns(max_model_len: int) -> int:
 
 
 class SlotLayer(DynamicLayer):
-    """One layer's K/V slots; keys/values are the views [rows, heads, start:end] the model attends over."""
+    """One layer's K/V slots; keys/values are the views [rows, heads, start:end] the model attends over (the
+    stored ones: fp8 slots hand the forward a dequantized copy instead). scales: (K, V) [1, heads, 1, 1] for fp8."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None,
+                 dtype: torch.dtype):
         super().__init__()
-        self.key_slots, self.value_slots = keys, values
+        self.key_slots, self.value_slots, self.scales, self.dtype = keys, values, scales, dtype
         self.device = keys.device
         self.is_initialized = True
         self.num_rows = self.start = self.end = 0
@@ -40,12 +49,19 @@ class SlotLayer(DynamicLayer):
         self.keys = self.key_slots[:num_rows, :, start:end]
         self.values = self.value_slots[:num_rows, :, start:end]
 
+    def store(self, slots: torch.Tensor, which: int, x: torch.Tensor) -> None:
+        """x into the slots' region (a view), quantized where the slots are fp8."""
+        slots.copy_(x if self.scales is None else _to_fp8(x, self.scales[which]))
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         q = key_states.shape[-2]
-        self.key_slots[: self.num_rows, :, self.end : self.end + q] = key_states
-        self.value_slots[: self.num_rows, :, self.end : self.end + q] = value_states
+        self.store(self.key_slots[: self.num_rows, :, self.end : self.end + q], 0, key_states)
+        self.store(self.value_slots[: self.num_rows, :, self.end : self.end + q], 1, value_states)
         self.show(self.num_rows, self.start, self.end + q)
-        return self.keys, self.values
+        if self.scales is None:
+            return self.keys, self.values
+        return tuple(t.to(self.dtype) * s.to(self.dtype) for t, s in zip((self.keys, self.values), self.scales,
+                                                                             strict=True))
 
 
 class SlotBatch:
@@ -54,12 +70,14 @@ class SlotBatch:
 
     mergeable = True
 
-    def __init__(self, first: PaddedBatch, *, max_rows: int, max_model_len: int):
+    def __init__(self, first: PaddedBatch, *, max_rows: int, max_model_len: int, fp8: bool = False):
         self.max_rows, self.max_model_len = max_rows, max_model_len
         self.columns = slot_columns(max_model_len)
         device = first.mask.device
         rows = max_rows if device.type == "cuda" else min(max_rows, max(CPU_INITIAL_ROWS, first.num_rows))
-        self.layers = [SlotLayer(*(_zeros(t, rows, self.columns) for t in (layer.keys, layer.values)))
+        kv_dtype = torch.float8_e4m3fn if fp8 else None
+        self.layers = [SlotLayer(*(_zeros(t, rows, self.columns, kv_dtype) for t in (layer.keys, layer.values)),
+                                 _calibrate(layer) if fp8 else None, layer.keys.dtype)
                        for layer in first.cache.layers]
         self.cache = DynamicCache()
         self.cache.layers = self.layers
@@ -94,8 +112,8 @@ class SlotBatch:
             self._grow(n + m)
         start = min(self.start, self.end - p)
         for mine, theirs in zip(self.layers, other.cache.layers, strict=True):
-            mine.key_slots[n : n + m, :, self.end - p : self.end] = theirs.keys
-            mine.value_slots[n : n + m, :, self.end - p : self.end] = theirs.values
+            mine.store(mine.key_slots[n : n + m, :, self.end - p : self.end], 0, theirs.keys)
+            mine.store(mine.value_slots[n : n + m, :, self.end - p : self.end], 1, theirs.values)
         self.mask = torch.cat([_pad_left(self.mask, self.end - start), _pad_left(other.mask, self.end - start)])
         self.next_positions = torch.cat([self.next_positions, other.next_positions])
         self.start = start
@@ -159,15 +177,25 @@ class SlotBatch:
         for layer in self.layers:  # one layer at a time: the peak is one layer's old slots beside the new ones
             for name in ("key_slots", "value_slots"):
                 old = getattr(layer, name)
-                new = _zeros(old, rows, self.columns)
+                new = _zeros(old, rows, self.columns, old.dtype)
                 new[: self.num_rows] = old[: self.num_rows]
                 setattr(layer, name, new)
 
 
-def _zeros(like: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
+def _zeros(like: torch.Tensor, rows: int, columns: int, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Zeros, not empty: padding columns are masked, and a masked NaN would still poison eager softmax sums."""
     _, heads, _, head_dim = like.shape
-    return torch.zeros(rows, heads, columns, head_dim, dtype=like.dtype, device=like.device)
+    return torch.zeros(rows, heads, columns, head_dim, dtype=dtype or like.dtype, device=like.device)
+
+
+def _calibrate(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V scales [1, kv_heads, 1, 1] from a prefill's K/V [rows, kv_heads, length, head_dim]."""
+    return tuple((fp8_kv_scale(t.transpose(1, 2)) * KV_SCALE_MARGIN).view(1, -1, 1, 1)
+                 for t in (layer.keys, layer.values))
+
+
+def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def _pad_left(t: torch.Tensor, length: int) -> torch.Tensor:

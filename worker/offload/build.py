@@ -138,10 +138,10 @@ class Offload:
 
 
 def refuse_kv_cache_dtype(cfg: EngineConfig) -> None:
-    """Small-VRAM mode (either streamer) keeps its KV cache in the compute dtype or in --host-kv-dtype."""
+    """The fast path's small-VRAM mode keeps its KV cache in the compute dtype or in --host-kv-dtype."""
     if cfg.kv_cache_dtype != "auto":
-        raise ValueError(f"--kv-cache-dtype {cfg.kv_cache_dtype} is the resident engine's; small-VRAM mode's host KV "
-                         "cache has its own --host-kv-dtype")
+        raise ValueError(f"--kv-cache-dtype {cfg.kv_cache_dtype} is the resident engine's and the generic path's; "
+                         "the fast path's small-VRAM host KV cache has its own --host-kv-dtype")
 
 
 def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num_resident: int | None = None,
