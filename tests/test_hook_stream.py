@@ -10,6 +10,7 @@ from batchgen.worker.engine.generic import GenericEngine
 from batchgen.worker.engine.int8_linear import Int8Linear
 from batchgen.worker.engine.loader import load_model
 from batchgen.worker.factory import build_llm_engine
+from batchgen.worker.offload import host_head
 from batchgen.worker.offload.hook_stream import NUM_SLOTS, decoder_layers, int8_model_bytes, stream_layers
 
 from tests.models import write_tiny_model
@@ -54,6 +55,23 @@ def test_streamed_layers_answer_like_the_resident_model(arch, int8, model_dir):
     # calibration pass already did)
     copies = streamer.num_copies - calibration_copies
     assert copies == NUM_LAYERS * len(forwards) + (0 if calibration_copies else 1) and len(forwards) > 1
+
+
+def test_the_output_head_streams_in_chunks_and_the_embeddings_run_on_the_host(model_dir, monkeypatch):
+    """BLOOM ties its head to its input embeddings: one host tensor serves the host gather and the chunked head."""
+    path = model_dir("bloom")
+    monkeypatch.setattr(host_head, "CHUNK_BYTES", 4096)  # a handful of vocabulary rows per chunk
+    engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=True, max_batch_size=3, offload=True))
+    head, embedding = engine.model.get_output_embeddings(), engine.model.get_input_embeddings()
+    assert isinstance(head, host_head.StreamedHead) and isinstance(embedding, host_head.HostEmbedding)
+    assert head.inner.weight is embedding.inner.weight
+    vocab = head.inner.weight.shape[0]
+    assert vocab > 4 * head.rows_per_chunk
+    hidden = torch.randn(2, 1, head.inner.weight.shape[1])
+    assert torch.allclose(head(hidden), head.inner(hidden), rtol=1e-5, atol=1e-5)
+    before = head.copied_bytes
+    assert run_engine(engine, requests()) == resident_texts(path, int8=True)
+    assert (head.copied_bytes - before) % head.num_bytes == 0 and head.copied_bytes > before
 
 
 def test_a_layer_reads_its_weights_from_a_slot_not_the_host_copy(model_dir):

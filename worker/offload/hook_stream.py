@@ -1,6 +1,7 @@
 """Small-VRAM mode for the generic path: any HF causal LM whose int8 weights do not fit the VRAM cap.
 
-Everything but the decoder layers moves to the device; the layers' tensors (int8 weights, their scales, norms,
+The embeddings and output head stay on the host (host_head.py: the head streams in chunks), everything else but the
+decoder layers moves to the device; the layers' tensors (int8 weights, their scales, norms,
 biases, whatever their dtype: --fp16-modules keeps some in the compute dtype) stay in pinned host memory, each
 layer packed in one buffer of its own size. A forward pre-hook on each layer of the model's layer list points the
 layer at one of two device stage slots, after the side CUDA stream has copied it in, and starts copying the next
@@ -21,6 +22,7 @@ from batchgen.worker.engine.families import Family
 from batchgen.worker.engine.generic import GenericEngine
 from batchgen.worker.engine.int8_linear import Int8Linear, Int8Runtime
 from batchgen.worker.engine.loader import kept_in_fp16, load_model, resolve_device, resolve_dtype
+from batchgen.worker.offload.host_head import keep_head_on_host
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +201,10 @@ class HookStreamer:
                 "offload_slot_bytes": self.slot_bytes}
 
 
-def move_all_but_layers(model: torch.nn.Module, layers: torch.nn.ModuleList, device: torch.device) -> None:
-    """Embeddings, final norm, lm_head and every other tensor outside the layer list onto the device."""
-    inside = {id(m) for m in layers.modules()}
+def move_all_but_layers(model: torch.nn.Module, layers: torch.nn.ModuleList, device: torch.device,
+                        host: list[torch.nn.Module] = ()) -> None:
+    """The final norm and every other tensor outside the layer list (and outside host's modules) onto the device."""
+    inside = {id(m) for m in layers.modules()} | {id(m) for module in host for m in module.modules()}
     for module in model.modules():
         if id(module) in inside:
             continue
@@ -218,9 +221,14 @@ def move_all_but_layers(model: torch.nn.Module, layers: torch.nn.ModuleList, dev
 
 
 def stream_layers(model: torch.nn.Module, device: torch.device) -> HookStreamer:
-    """Turns a host-loaded model into a streamed one: the rest on the device, the layers hooked."""
+    """Turns a host-loaded model into a streamed one: the layers hooked, the embeddings and output head on the host
+    (host_head.py), the rest on the device."""
     layers = decoder_layers(model)
-    move_all_but_layers(model, layers, device)
+    host = keep_head_on_host(model, device)
+    move_all_but_layers(model, layers, device, host=host)
+    log.info("small-VRAM (generic path): %s on the host (%.2f GiB)", " and ".join(type(m).__name__ for m in host),
+             sum(p.numel() * p.element_size() for p in {id(p): p for m in host for p in m.parameters()}.values())
+             / 2**30)
     streamer = HookStreamer(layers, device)
     log.info("small-VRAM (generic path): %d %s layers streamed through %d slots of %.1f MiB", len(layers),
              type(layers[0]).__name__, NUM_SLOTS, streamer.slots[0].numel() / 2**20)
