@@ -29,7 +29,13 @@ from batchgen.worker.engine.requests import (
 from batchgen.worker.engine.sampler import sample
 from batchgen.worker.engine.scheduler import Scheduler
 from batchgen.worker.engine.sequence import Sequence
-from batchgen.worker.engine.setup import CUDA_ALLOCATOR_SLACK, plan_rows, resident_max_prefill_tokens
+from batchgen.worker.engine.setup import (
+    CUDA_ALLOCATOR_SLACK,
+    LATE_OVERHEAD_BYTES,
+    plan_rows,
+    process_overhead_bytes,
+    resident_max_prefill_tokens,
+)
 from batchgen.worker.engine.slot_batch import SlotBatch, slot_columns
 
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -222,6 +228,8 @@ def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dt
         free, _ = torch.cuda.mem_get_info(device)
         free -= int(CUDA_ALLOCATOR_SLACK * free)
         weights_bytes = torch.cuda.memory_allocated(device)
+        if cfg.max_vram_bytes is not None:  # a cap models a whole card: what PyTorch does not allocate counts too
+            weights_bytes += process_overhead_bytes(device) + LATE_OVERHEAD_BYTES
     else:
         free = budget_math.available_ram_bytes()
     return plan_rows(cfg, device, free_bytes=free, weights_bytes=weights_bytes, kv_bytes_per_token=kv_token,

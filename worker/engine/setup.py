@@ -13,7 +13,19 @@ DEFAULT_MAX_MODEL_LEN = 4096
 CUDA_ALLOCATOR_SLACK = 0.03
 CUDA_MIN_PREFILL_TOKENS = 4096  # a packed prefill of a few thousand tokens keeps the tensor cores busy
 CPU_MAX_BATCH_SIZE = 64
+# Device memory taken after the plan is made, outside PyTorch's allocator: kernels loaded on first use (cuBLAS,
+# FlashAttention, the Triton int8 kernels) and the piecewise decode's CUDA graph execs. Counted up front under a
+# --max-vram cap, or it comes out of the reserve (docs/benchmarks.md has the measurement; the small-VRAM stats
+# report it as offload_overhead_*).
+LATE_OVERHEAD_BYTES = 700 * 2**20
 FP8_MIN_CAPABILITY = (8, 9)  # Triton's float8_e4m3fn (fp8e4nv) needs Ada or Hopper  # without a cap, CPU batches are limited by cores long before memory
+
+
+def process_overhead_bytes(device: torch.device) -> int:
+    """Device memory in use outside PyTorch's allocator (CUDA context, library workspaces, other processes): a
+    --max-vram cap models a whole card, so it counts against it too (on a shared GPU it errs on the safe side)."""
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0, (total - free) - torch.cuda.memory_reserved(device))
 
 
 def resolve_device_dtype(cfg: EngineConfig, *, streaming: bool = False) -> tuple[torch.device, torch.dtype]:

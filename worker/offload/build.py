@@ -21,7 +21,13 @@ from batchgen.worker.engine.llama import LlamaParts, head_dim_of
 from batchgen.worker.engine.llm_engine import LLMEngine
 from batchgen.worker.engine.loader import load_model
 from batchgen.worker.engine.model_runner import ModelRunner, memory_info
-from batchgen.worker.engine.setup import max_model_len_for, resolve_attention, resolve_device_dtype
+from batchgen.worker.engine.setup import (
+    LATE_OVERHEAD_BYTES,
+    max_model_len_for,
+    process_overhead_bytes,
+    resolve_attention,
+    resolve_device_dtype,
+)
 from batchgen.worker.offload.hook_stream import int8_model_bytes
 from batchgen.worker.offload.host_attention import Kernel, cache_bytes
 from batchgen.worker.offload.host_kv import measure_cpu_attention_cost
@@ -36,10 +42,6 @@ log = logging.getLogger(__name__)
 # STREAMING_PREFILL_GROUP_TOKENS, which bounds its activations on the device.
 STREAMING_MAX_PREFILL_TOKENS = 8192
 STREAMING_PREFILL_GROUP_TOKENS = 1024
-# Device memory taken after the plan is made, outside PyTorch's allocator: kernels loaded on first use (cuBLAS,
-# FlashAttention, the Triton int8 kernels) and the piecewise decode's CUDA graph execs. Counted up front, or it
-# comes out of the reserve (docs/benchmarks.md has the measurement; stats report it as offload_overhead_*).
-LATE_OVERHEAD_BYTES = 700 * 2**20
 
 
 def wants_streaming(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> bool:
@@ -56,13 +58,6 @@ def wants_streaming(cfg: EngineConfig, device: torch.device, dtype: torch.dtype)
     if cfg.fp16_modules:  # what they name weighs the compute dtype: counted on the model built weightless
         weights = int8_model_bytes(config, dtype_bytes, cfg.fp16_modules)
     return weights + cfg.vram_reserve_bytes > cfg.max_vram_bytes
-
-
-def process_overhead_bytes(device: torch.device) -> int:
-    """Device memory in use outside PyTorch's allocator (CUDA context, library workspaces, other processes): a
-    --max-vram cap models a whole card, so it counts against it too (on a shared GPU it errs on the safe side)."""
-    free, total = torch.cuda.mem_get_info(device)
-    return max(0, (total - free) - torch.cuda.memory_reserved(device))
 
 
 def host_kv_dtype(cfg: EngineConfig, dtype: torch.dtype) -> torch.dtype:

@@ -27,7 +27,7 @@ from batchgen.worker.offload.host_head import keep_head_on_host
 log = logging.getLogger(__name__)
 
 NUM_SLOTS = 2
-STREAMING_PREFILL_TOKENS = 2048
+STREAMING_PREFILL_TOKENS = 1024
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -281,7 +281,7 @@ def build_hook_streaming_engine(cfg: EngineConfig, family: Family) -> GenericEng
     log.info("engine path: model %r (%s): generic path in small-VRAM mode (decoder layers streamed through "
              "forward pre-hooks)%s", family.model, family.model_type,
              "" if family.path != "fast" else "; its fast path's layer streamer rebuilds plain Llama layers only")
-    # Each prefill streams every layer once: pack a few thousand prompt tokens into it, but not so many that
+    # Each prefill streams every layer once: pack a thousand prompt tokens into it, but not so many that
     # its activations take the rows' KV room under the cap.
     cfg = replace(cfg, max_prefill_tokens=cfg.max_prefill_tokens or STREAMING_PREFILL_TOKENS)
     engine = GenericEngine(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
