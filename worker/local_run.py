@@ -3,6 +3,7 @@
 Reading and validating come first (`read_local`, no engine needed), so a rejected file costs no model load.
 """
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,7 @@ def run_local(local: LocalBatch, output: str, errors: str | None, engine: Engine
     flights = {str(pos): InFlight(batch, pos, request, "local") for pos, request in local.requests}
     pending = [GenerationRequest(str(pos), request) for pos, request in reversed(local.requests)]
     bar = tqdm(total=len(local.requests), unit="req", disable=not progress)
+    start = time.monotonic()
     while pending or engine.num_unfinished:
         take = max(engine.num_wanted, 0 if engine.num_unfinished else 1)
         batch_in = [pending.pop() for _ in range(min(take, len(pending)))]
@@ -83,4 +85,5 @@ def run_local(local: LocalBatch, output: str, errors: str | None, engine: Engine
         bar.update(len(lines))
     bar.close()
     sink.close()
+    summary["generate_s"] = round(time.monotonic() - start, 3)  # elapsed_s less the model's load
     return summary
