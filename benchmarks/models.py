@@ -208,9 +208,10 @@ def small_vram_bound(name: str, h2d_gb_s: float | None, rows: int | None = None)
     out: dict = {"model_int8_gb": round(model_bytes / 1e9, 2)}
     if h2d_gb_s and model_bytes > CAP_BYTES:
         out["bound_tok_s"] = round(SMALL_ROWS * h2d_gb_s * 1e9 / (model_bytes - CAP_BYTES), 1)
-        # What the generic path's streamer can reach: it copies every layer in each step (the K/V of its rows
-        # takes the room that would keep layers resident), at the rows that fit the cap.
-        out["streamed_gb_per_step"] = round(decoder_layer_bytes(config) / 1e9, 2)
+        # What the generic path's streamer can reach: it copies every layer and the output head in each step (the
+        # K/V of its rows takes the room that would keep layers resident), at the rows that fit the cap.
+        head = config.vocab_size * config.hidden_size * 2
+        out["streamed_gb_per_step"] = round((decoder_layer_bytes(config) + head) / 1e9, 2)
         if rows:
             out["bound_at_rows_that_fit"] = round(rows * h2d_gb_s / out["streamed_gb_per_step"], 1)
     return out
