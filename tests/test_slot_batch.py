@@ -133,3 +133,29 @@ def test_the_generic_path_runs_with_an_fp8_kv_cache_in_half_the_bytes(demo_model
         fp8_seen |= isinstance(engine.batch, SlotBatch) and engine.batch.layers[0].key_slots.dtype == torch.float8_e4m3fn
     assert fp8_seen and engine.stats().extra["kv_cache_dtype"] == "fp8"
     assert all(r.error is None and r.completion_tokens == wanted(int(k[1:])) for k, r in done.items()) and len(done) == 8
+
+
+def test_an_oom_allocating_the_slots_halves_the_rows_and_loses_nothing(demo_model_dir, tmp_path, monkeypatch):
+    """The first prefill after a drain allocates the slots: an OOM there is the engine's usual back-off."""
+    from batchgen.worker.engine import slot_batch
+
+    path = write_tiny_model(tmp_path, "gpt2", demo_model_dir)
+    engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_batch_size=8,
+                                           max_model_len=MAX_MODEL_LEN))
+    zeros = slot_batch._zeros
+
+    def small_card(like, rows, columns, dtype=None):
+        if rows > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return zeros(like, rows, columns, dtype)
+
+    monkeypatch.setattr(slot_batch, "_zeros", small_card)
+    reqs = [GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=prompt(i), params=SamplingParams(
+        max_tokens=wanted(i) // 4, temperature=0, ignore_eos=True))) for i in range(10)]
+    assert engine.add(reqs) == []
+    done = {}
+    while engine.num_unfinished:
+        done.update({r.key: r for r in engine.step()})
+    assert engine.stats().extra["num_ooms"] >= 1 and engine.scheduler.max_batch_size <= 4
+    assert sorted(done) == sorted(r.key for r in reqs)
+    assert all(r.error is None and r.completion_tokens == wanted(int(k[1:])) // 4 for k, r in done.items())

@@ -112,10 +112,10 @@ class GenericEngine:
                 else:
                     logits = decode(self.model, self.calls, self.batch, [s.output_ids[-1] for s in self.rows])
                 sampled = sample(logits, seqs, self.intake.structured)
+                if admitted:  # the first prefill after a drain allocates the K/V slots
+                    self._merge(admitted, new_batch)
             except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
                 return self._on_oom(seqs, prefill=bool(admitted))
-            if admitted:
-                self._merge(admitted, new_batch)
         if self.int8 is not None:  # sampling synced: the guard's reduction costs no GPU wait
             self.int8.poll(sum(s.num_prompt_tokens for s in admitted) if admitted else len(seqs))
         self._last_batch = len(seqs)
@@ -143,7 +143,8 @@ class GenericEngine:
         extra: dict[str, float | int | str] = dict(self.budget.as_stats())
         extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, num_joins=self._num_joins,
                      device=str(self.device),
-                     engine_path="generic", kv_cache_dtype=self.cfg.kv_cache_dtype, kv_bytes=self.batch.kv_bytes() if self.batch else 0)
+                     engine_path="generic", kv_cache_dtype=self.cfg.kv_cache_dtype,
+                     kv_bytes=self.batch.kv_bytes() if self.batch else 0)
         if self.int8 is not None:
             extra.update(self.int8.stats())
         return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._rate.per_s(),
@@ -153,7 +154,7 @@ class GenericEngine:
 
     def _merge(self, admitted: list[Sequence], new_batch: PaddedBatch) -> None:
         if self.batch is None:
-            self.batch = (SlotBatch(new_batch, max_rows=self.budget.max_rows, max_model_len=self.max_model_len,
+            self.batch = (SlotBatch(new_batch, max_rows=self.scheduler.max_batch_size, max_model_len=self.max_model_len,
                                     fp8=self.cfg.kv_cache_dtype == "fp8")
                           if SlotBatch.fits(new_batch) else new_batch)
         else:
