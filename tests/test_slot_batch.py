@@ -42,6 +42,9 @@ def test_rows_join_leave_and_move_in_slots_with_hf_generate_output(arch, demo_mo
     engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_batch_size=12,
                                            max_model_len=MAX_MODEL_LEN, max_prefill_tokens=96))
     assert isinstance(engine, GenericEngine)
+    shapes = []  # each prefill forward's [prompts, padded length]
+    engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
     num = 30
     reqs = [GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=prompt(i), params=SamplingParams(
         max_tokens=wanted(i), temperature=0, ignore_eos=True))) for i in range(num)]
@@ -57,6 +60,9 @@ def test_rows_join_leave_and_move_in_slots_with_hf_generate_output(arch, demo_mo
             grown |= batch.layers[0].key_slots.shape[0] > CPU_INITIAL_ROWS
             assert batch.layers[0].keys.shape[2] == batch.mask.shape[1] <= MAX_MODEL_LEN
     assert moves >= 1 and grown and engine.stats().extra["num_joins"] > 0
+    prefills = [(n, length) for n, length in shapes if length > 1]
+    # grouped by length: no forward pads past the 96-token budget unless one prompt alone is that long
+    assert all(n * length <= 96 or n == 1 for n, length in prefills) and max(n for n, _ in prefills) > 1
     for i in range(num):
         ids = engine.tokenizer(prompt(i))["input_ids"]
         expected = engine.tokenizer.decode(hf_greedy(path, ids, wanted(i)), skip_special_tokens=True)

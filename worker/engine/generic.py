@@ -68,6 +68,7 @@ class GenericEngine:
             raise ValueError(f"not enough memory for one row of {self.max_model_len} tokens: {self.budget}")
         self.scheduler = Scheduler(self.budget.max_rows, max_prefill_tokens=max_prefill)
         self.batch: SlotBatch | PaddedBatch | None = None
+        self._slotted: bool | None = None  # whether this model's cache goes into slots: known after its first prefill
         self.rows: list[Sequence] = []  # the batch's rows, in cache order
         self._keys: set[str] = set()
         self._last_batch = 0
@@ -102,18 +103,22 @@ class GenericEngine:
         with torch.inference_mode():
             # A cache that cannot take rows in (rolling or recurrent layers) runs its batch to the end first.
             admitted = self.scheduler.admit() if self.batch is None or self.batch.mergeable else []
+            groups = self._prefill_groups(admitted) if admitted else []
+            admitted = [s for group in groups for s in group]
             seqs = admitted or self.rows
             if not seqs:
                 self._last_batch = 0
                 return []
             try:
                 if admitted:
-                    logits, new_batch = prefill(self.model, self.calls, [s.prompt_ids for s in admitted], self.device)
+                    prefilled = [prefill(self.model, self.calls, [s.prompt_ids for s in group], self.device)
+                                 for group in groups]
+                    logits = torch.cat([group_logits for group_logits, _ in prefilled])
                 else:
                     logits = decode(self.model, self.calls, self.batch, [s.output_ids[-1] for s in self.rows])
                 sampled = sample(logits, seqs, self.intake.structured)
                 if admitted:  # the first prefill after a drain allocates the K/V slots
-                    self._merge(admitted, new_batch)
+                    self._merge(groups, [batch for _, batch in prefilled])
             except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
                 return self._on_oom(seqs, prefill=bool(admitted))
         if self.int8 is not None:  # sampling synced: the guard's reduction costs no GPU wait
@@ -152,15 +157,37 @@ class GenericEngine:
 
     # -- internals --------------------------------------------------------------------------------
 
-    def _merge(self, admitted: list[Sequence], new_batch: PaddedBatch) -> None:
-        if self.batch is None:
-            self.batch = (SlotBatch(new_batch, max_rows=self.scheduler.max_batch_size, max_model_len=self.max_model_len,
-                                    fp8=self.cfg.kv_cache_dtype == "fp8")
-                          if SlotBatch.fits(new_batch) else new_batch)
-        else:
-            self.batch.extend(new_batch)
-            self._num_joins += len(admitted)
-        self.rows += admitted
+    def _prefill_groups(self, admitted: list[Sequence]) -> list[list[Sequence]]:
+        """The admitted prompts by length, in groups whose left-padded size stays within the prefill's token budget
+        (a prompt longer than it alone): one short prompt beside a long one would otherwise pad to the long one's
+        length, past what the budget set aside. A cache that cannot take rows in gets every prompt in one forward;
+        before the first prefill shows which kind this model's is, the rest waits a step."""
+        if self._slotted is False:
+            return [admitted]
+        groups: list[list[Sequence]] = []
+        for seq in sorted(admitted, key=lambda s: -s.num_prompt_tokens):
+            if groups and (len(groups[-1]) + 1) * groups[-1][0].num_prompt_tokens <= self.scheduler.max_prefill_tokens:
+                groups[-1].append(seq)
+            else:
+                groups.append([seq])
+        if self._slotted is None and len(groups) > 1:
+            self.scheduler.requeue([s for group in groups[1:] for s in group])
+            groups = groups[:1]
+        return groups
+
+    def _merge(self, groups: list[list[Sequence]], batches: list[PaddedBatch]) -> None:
+        """Each group's rows into the running batch, the rows list kept in step (an OOM may stop it midway)."""
+        decoding = self.batch is not None
+        for group, new_batch in zip(groups, batches, strict=True):
+            if self.batch is None:
+                self._slotted = SlotBatch.fits(new_batch)
+                self.batch = (SlotBatch(new_batch, max_rows=self.scheduler.max_batch_size,
+                                        max_model_len=self.max_model_len, fp8=self.cfg.kv_cache_dtype == "fp8")
+                              if self._slotted else new_batch)
+            else:
+                self.batch.extend(new_batch)
+                self._num_joins += len(group) if decoding else 0
+            self.rows += group
 
     def _append(self, seq: Sequence, token: int, logprobs) -> GenerationResult | None:
         return self.finisher.finish_step(seq, token, self.scheduler, self._keys, logprobs)
