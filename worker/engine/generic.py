@@ -180,6 +180,10 @@ class GenericEngine:
         decoding = self.batch is not None
         for group, new_batch in zip(groups, batches, strict=True):
             if self.batch is None:
+                if self._slotted is None and not SlotBatch.fits(new_batch):
+                    log.warning("this model's cache (%s) cannot go into K/V slots: rows join only between drains%s",
+                                ", ".join(sorted({type(layer).__name__ for layer in new_batch.cache.layers})),
+                                "; --kv-cache-dtype fp8 does not apply" if self.cfg.kv_cache_dtype == "fp8" else "")
                 self._slotted = SlotBatch.fits(new_batch)
                 self.batch = (SlotBatch(new_batch, max_rows=self.scheduler.max_batch_size,
                                         max_model_len=self.max_model_len, fp8=self.cfg.kv_cache_dtype == "fp8")
