@@ -29,3 +29,17 @@ def test_the_tiny_small_vram_case_runs_end_to_end_on_cpu(tmp_path):
         assert "error" not in run, run
         assert run["tokens"] == 64 * 64 and run["tok_s"] > 0
     assert "under 6 GiB" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_step_profiler_runs_end_to_end_on_cpu(tmp_path):
+    """benchmarks/profile_steps.py --tiny: each scenario profiled, on the generic and the fast path."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_steps", "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "profile-tiny.json").read_text())["models"]
+    assert {row["engine"] for row in report.values()} == {"GenericEngine", "LLMEngine"}
+    for row in report.values():
+        assert row["decode"]["rows"] == 8 and row["prefill"]["prompts"] > 1
+        for name in ("single", "decode", "prefill"):
+            assert row[name]["wall_ms_per_step"] > 0 and row[name]["top_host_ops"], name

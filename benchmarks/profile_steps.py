@@ -1,0 +1,147 @@
+"""Where an engine step's time goes, from torch.profiler: one request alone, a steady decode of many rows, and one
+packed prefill. For each: wall ms per step, device (kernel) ms per step, the idle share between them, and the top
+kernels and host ops. Any model `benchmarks/models.py` builds (bloom-7b1: the generic path; qwen3-8b: the fast
+path), or `llama7b`, the bulk benchmark's shape; --tiny: a tiny model on CPU (the harness end to end).
+
+    python3 -m benchmarks.profile_steps --out $OUT/profile --models llama7b,bloom-7b1      # on the device
+    python3 -m benchmarks.profile_steps --tiny --out /tmp/profile                         # CPU smoke
+"""
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from benchmarks.common import write_json
+
+TOP = 15
+MAX_MODEL_LEN = 1024
+
+
+def _requests(prompt_ids: list[list[int]], max_tokens: int, tag: str) -> list:
+    from batchgen.jobs.schema import Request, SamplingParams
+    from batchgen.worker.engine.protocol import GenerationRequest
+
+    from benchmarks.models import text
+
+    return [GenerationRequest(f"{tag}{i}", Request(custom_id=f"{tag}{i}", prompt=text(ids), params=SamplingParams(
+        temperature=0.0, max_tokens=max_tokens, ignore_eos=True))) for i, ids in enumerate(prompt_ids)]
+
+
+def _prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    return [[3 + (7919 * (i + seed) + 104729 * j) % (vocab - 3) for j in range(length)] for i in range(num)]
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def profile(engine, num_steps: int) -> dict:
+    """num_steps engine steps under the profiler: per-step wall and kernel time, the top kernels and host ops."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    _sync()
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(num_steps):
+            engine.step()
+        _sync()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+
+    def device_us(e) -> float:
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0) or 0.0
+
+    kernels = sorted((e for e in events if device_us(e) > 0), key=device_us, reverse=True)
+    device_ms = sum(device_us(e) for e in kernels) / 1e3 / num_steps
+    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    wall_ms = wall * 1e3 / num_steps
+    return {"steps": num_steps, "wall_ms_per_step": round(wall_ms, 3), "device_ms_per_step": round(device_ms, 3),
+            "device_busy": round(device_ms / wall_ms, 3) if device_ms else None,
+            "top_kernels": [{"name": e.key[:120], "ms_per_step": round(device_us(e) / 1e3 / num_steps, 4),
+                             "calls_per_step": round(e.count / num_steps, 2)} for e in kernels[:TOP]],
+            "top_host_ops": [{"name": e.key[:120], "ms_per_step": round(e.self_cpu_time_total / 1e3 / num_steps, 4),
+                              "calls_per_step": round(e.count / num_steps, 2)} for e in host[:TOP]]}
+
+
+def _add(engine, reqs: list) -> None:
+    rejected = engine.add(reqs)
+    assert not rejected, rejected[0].error
+
+
+def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int, steps: int) -> dict:
+    out = {}
+    # one request alone: its prefill and a few decode steps first (kernels compiled, graphs captured)
+    _add(engine, _requests(_prompts(1, 128, vocab, 0), MAX_MODEL_LEN - 128, "s"))
+    for _ in range(4):
+        engine.step()
+    out["single"] = profile(engine, steps)
+    engine.abort(["s0"])
+    # a steady decode: every row admitted and prefilled before the profile
+    _add(engine, _requests(_prompts(rows, prompt, vocab, 1), MAX_MODEL_LEN - prompt, "d"))
+    while engine.scheduler.waiting or any(not s.output_ids for s in engine.scheduler.running.values()):
+        engine.step()
+    engine.step()
+    out["decode"] = profile(engine, steps) | {"rows": len(engine.scheduler.running)}
+    engine.abort([f"d{i}" for i in range(rows)])
+    # one packed prefill (the scheduler's token budget), after a warm-up one of the same shape
+    per = max(1, min(prompt, prefill_tokens))
+    count = max(1, prefill_tokens // per)
+    for tag in ("w", "p"):
+        _add(engine, _requests(_prompts(count, per, vocab, 2), 1, tag))
+        out["prefill"] = profile(engine, 1) | {"prompts": count, "prompt_tokens": per}
+        while engine.num_unfinished:
+            engine.step()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--models", default="llama7b,bloom-7b1")
+    parser.add_argument("--rows", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--tiny", action="store_true", help="the tiny BLOOM and Qwen3 shapes on CPU")
+    args = parser.parse_args()
+
+    from batchgen.worker.engine.config import EngineConfig
+    from batchgen.worker.factory import build_llm_engine
+
+    from benchmarks import bulk, models
+    from benchmarks.common import VOCAB_SIZE, build_llama7b
+
+    device = "cpu" if args.tiny else "cuda"
+    names = ["tiny-bloom", "tiny-qwen3"] if args.tiny else args.models.split(",")
+    rows, prompt, steps = (8, 16, 2) if args.tiny else (args.rows, args.prompt, args.steps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"device": device, "models": {}}
+    for name in names:
+        if name == "llama7b":
+            if not (bulk.MODEL_DIR / "config.json").exists():
+                build_llama7b(bulk.MODEL_DIR)
+            path = bulk.MODEL_DIR
+        else:
+            models.build(name, device)
+            path = models.model_dir(name)
+        start = time.perf_counter()
+        engine = build_llm_engine(EngineConfig(model=str(path), device=device, max_model_len=MAX_MODEL_LEN))
+        load_s = round(time.perf_counter() - start, 1)
+        prefill_tokens = engine.scheduler.max_prefill_tokens
+        row = {"engine": type(engine).__name__, "load_s": load_s, "max_prefill_tokens": prefill_tokens}
+        row |= scenarios(engine, VOCAB_SIZE, rows=rows, prompt=prompt, prefill_tokens=prefill_tokens, steps=steps)
+        report["models"][name] = row
+        print(name, json.dumps({k: ({kk: v[kk] for kk in ("wall_ms_per_step", "device_ms_per_step", "device_busy")}
+                                    if isinstance(v, dict) else v) for k, v in row.items()}), flush=True)
+        del engine
+    write_json(args.out / f"profile{'-tiny' if args.tiny else ''}.json", report)
+
+
+if __name__ == "__main__":
+    main()
