@@ -119,6 +119,15 @@ def test_the_fp8_engine_serves_greedy_requests(fp8_engine):
     assert all(r.error is None and r.completion_tokens == 6 for r in results.values())
 
 
+def test_the_startup_block_names_an_fp8_kv_cache(fp8_engine, demo_model_dir):
+    from batchgen.worker.config import WorkerConfig
+    from batchgen.worker.startup import startup_block
+
+    cfg = WorkerConfig(engine_config=EngineConfig(model=str(demo_model_dir), kv_cache_dtype="fp8"))
+    bytes_per_token = fp8_engine.stats().extra["kv_bytes_per_token"]
+    assert f"  KV bytes/token {bytes_per_token:,} (fp8)" in startup_block(fp8_engine.stats(), cfg).splitlines()
+
+
 def test_fp8_with_flash_attention_is_refused_at_start_up():
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         EngineConfig(model="m", kv_cache_dtype="int4")

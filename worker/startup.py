@@ -31,6 +31,7 @@ def startup_facts(stats: EngineStats, cfg: WorkerConfig) -> dict[str, Any]:
         "vram_reserve_bytes": ecfg.vram_reserve_bytes,
         "max_vram_bytes": ecfg.max_vram_bytes,
         "kv_bytes_per_token": extra.get("kv_bytes_per_token"),
+        "kv_cache_dtype": extra.get("kv_cache_dtype"),
         "max_rows": extra.get("max_rows", stats.max_batch_size),
         "max_model_len": extra.get("max_model_len"),
         "num_kv_blocks": extra.get("num_kv_blocks"),
@@ -53,7 +54,9 @@ def startup_block(stats: EngineStats, cfg: WorkerConfig) -> str:
         if f["max_vram_bytes"]:
             vram += f", cap {_size(f['max_vram_bytes'])}"
         lines += [f"  compute dtype  {f['compute_dtype']}", f"  int8 kernel    {f['int8_kernel']}",
-                  f"  VRAM           {vram}", f"  KV bytes/token {_or_dash(f['kv_bytes_per_token'])}",
+                  f"  VRAM           {vram}",
+                  f"  KV bytes/token {_or_dash(f['kv_bytes_per_token'])}"
+                  + (f" ({f['kv_cache_dtype']})" if f["kv_cache_dtype"] not in (None, "auto") else ""),
                   f"  max_model_len  {_or_dash(f['max_model_len'])}"]
         if f["num_kv_blocks"]:  # a paged cache: rows reserve blocks for what they reach, not max_model_len each
             lines.append(f"  KV blocks      {f['num_kv_blocks']:,} of {f['kv_block_size']} tokens (paged)")
