@@ -155,14 +155,16 @@ def phase_batchgen(name: str, device: str, num_requests: int) -> dict:
             "int8_kernel": extra.get("int8_kernel"), "stats": extra}
 
 
-def _batchgen_run(name: str, device: str, lines: list[dict], work: Path, kv_cache_dtype: str = "auto") -> dict:
+def _batchgen_run(name: str, device: str, lines: list[dict], work: Path, kv: str = "auto") -> dict:
+    """kv: a --kv-cache-dtype, "+stream" appended for --stream-kv (e.g. fp8+stream)."""
     """`batchgen run --max-vram 6GiB` over lines: its --json summary and the completion tokens it wrote."""
     src, out = work / "in.jsonl", work / "out.jsonl"
     src.write_text("".join(json.dumps(line) + "\n" for line in lines))
     cmd = [sys.executable, "-m", "batchgen.producer.cli", "run", str(src), "-o", str(out), "--model",
            str(model_dir(name)), "--device", device, "--max-vram", "6GiB", "--max-batch", str(SMALL_ROWS),
            # rows are sized for a whole context: this workload's own length lets the most rows fit the cap
-           "--max-model-len", str(SMALL_PROMPT + SMALL_NEW), "--kv-cache-dtype", kv_cache_dtype, "--json"]
+           "--max-model-len", str(SMALL_PROMPT + SMALL_NEW), "--kv-cache-dtype", kv.partition("+")[0],
+           *(["--stream-kv"] if kv.endswith("+stream") else []), "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"batchgen run exited {proc.returncode}: {proc.stderr[-1500:]}")
@@ -281,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--small-vram", action="store_true",
                         help="BLOOM-13B shape under `batchgen run --max-vram 6GiB`, against the PCIe bound")
     parser.add_argument("--small-vram-kv", default="auto,fp8",
-                        help="--small-vram: the --kv-cache-dtype of each run (auto: the compute dtype)")
+                        help="--small-vram: the --kv-cache-dtype of each run (auto: the compute dtype), +stream "
+                             "for --stream-kv (e.g. auto,fp8,fp8+stream)")
     parser.add_argument("--models", default="bloom-7b1,gemma-7b,qwen3-8b")
     parser.add_argument("--num-requests", type=int, default=512)
     parser.add_argument("--hf-batches", default="32,64,128")
@@ -321,8 +324,8 @@ def main() -> None:
         if args.small_vram:
             h2d = report["prepare"].get("h2d", {}).get("pinned_gb_s")
             for kv in args.small_vram_kv.split(","):  # batchgen_6gib: the default K/V; batchgen_6gib_fp8: fp8 K/V
-                run = row[f"batchgen_6gib{'' if kv == 'auto' else '_' + kv}"] = run_phase(args.out, "small", name,
-                                                                                          device, kv)
+                key = "batchgen_6gib" + ("" if kv == "auto" else "_" + kv.replace("+", "_"))
+                run = row[key] = run_phase(args.out, "small", name, device, kv)
                 bound = small_vram_bound(name, h2d, run.get("rows"))
                 row |= {k: v for k, v in bound.items() if k != "bound_at_rows_that_fit"}
                 if "bound_tok_s" in bound and "tok_s" in run:

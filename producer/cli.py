@@ -304,6 +304,9 @@ engine_options = shared_options(
     click.option("--kv-layout", envvar="BATCHGEN_KV_LAYOUT", default="paged", show_default=True,
                  help="The resident engine's KV cache layout: paged (64-token blocks; a row reserves what its "
                       "prompt + max_tokens reach, so more rows fit) or slots (every row holds max_model_len)."),
+    click.option("--stream-kv/--no-stream-kv", envvar="BATCHGEN_STREAM_KV", default=False, show_default=True,
+                 help="The generic path's small-VRAM mode: keep the rows' K/V in pinned host memory and stream each "
+                      "layer's in with its weights (rows bounded by host memory, not the card; experimental)."),
     click.option("--inject-oom", envvar="BATCHGEN_INJECT_OOM", hidden=True,
                  help="Test hook: raise OOM in chosen forward calls (steps=…, p=…, seed=…)."),
 )
@@ -319,7 +322,8 @@ def engine_config(kw: dict[str, Any]):
         max_vram_bytes=parse_bytes(kw["max_vram"]) if kw["max_vram"] else None, max_batch_size=kw["max_batch"],
         max_model_len=kw["max_model_len"], int8_threshold=kw["int8_threshold"], int8_kernel=kw["int8_kernel"],
         attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], host_kv_dtype=kw["host_kv_dtype"],
-        kv_cache_dtype=kw["kv_cache_dtype"], kv_layout=kw["kv_layout"], inject_oom=kw["inject_oom"] or None,
+        kv_cache_dtype=kw["kv_cache_dtype"], kv_layout=kw["kv_layout"], stream_kv=kw["stream_kv"],
+        inject_oom=kw["inject_oom"] or None,
         fp16_modules=tuple(name.strip() for name in kw["fp16_modules"].split(",") if name.strip()),
     )
 

@@ -141,3 +141,42 @@ def test_fp16_modules_stream_at_their_own_size_and_answer_like_the_resident_mode
                                                         requests())
     slots = [range(s.data_ptr(), s.data_ptr() + s.numel()) for s in streamer.slots]
     assert all(any(m.weight.data_ptr() in r for r in slots) for m in kept)  # it ran from a slot
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_stream_kv_keeps_the_slots_on_the_host_and_answers_like_device_slots(kv, model_dir):
+    """--stream-kv: each layer's K/V copied into a stage before it runs, new columns landed in the host slots;
+    rows join, leave and the window moves as with device slots, and the output is the same."""
+    from batchgen.jobs.schema import Request, SamplingParams
+    from batchgen.worker.engine.protocol import GenerationRequest
+    from batchgen.worker.engine.slot_batch import SlotBatch
+
+    from tests.test_slot_batch import WORDS
+
+    path = model_dir("bloom")
+    reqs = [GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=" ".join(WORDS[: 1 + (5 * i) % 14]),
+                                               params=SamplingParams(max_tokens=6 + (7 * i) % 30, temperature=0,
+                                                                     ignore_eos=True))) for i in range(14)]
+
+    def texts(stream_kv: bool) -> tuple[dict, object]:
+        engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_batch_size=10, offload=True,
+                                               max_model_len=80, max_prefill_tokens=48, kv_cache_dtype=kv,
+                                               stream_kv=stream_kv))
+        assert engine.add(reqs) == []
+        out, hosted = {}, False
+        while engine.num_unfinished:
+            out.update({r.key: r.text for r in engine.step()})
+            if isinstance(engine.batch, SlotBatch):
+                hosted |= engine.batch.host and engine.batch.num_window_moves > 0
+        assert hosted == stream_kv
+        return out, engine
+
+    streamed, engine = texts(True)
+    assert engine.stats().extra["kv_stream_copied_gib"] > 0 and engine.stats().extra["num_joins"] > 0
+    assert streamed == texts(False)[0]
+
+
+def test_stream_kv_is_refused_where_nothing_streams(model_dir):
+    with pytest.raises(ValueError, match="stream-kv"):
+        build_llm_engine(EngineConfig(model=str(model_dir("bloom")), load_in_8bit=False, offload=False,
+                                      stream_kv=True))

@@ -150,10 +150,10 @@ def test_an_oom_allocating_the_slots_halves_the_rows_and_loses_nothing(demo_mode
                                            max_model_len=MAX_MODEL_LEN))
     zeros = slot_batch._zeros
 
-    def small_card(like, rows, columns, dtype=None):
+    def small_card(like, rows, columns, dtype=None, host=False):
         if rows > 4:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return zeros(like, rows, columns, dtype)
+        return zeros(like, rows, columns, dtype, host)
 
     monkeypatch.setattr(slot_batch, "_zeros", small_card)
     reqs = [GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=prompt(i), params=SamplingParams(

@@ -13,6 +13,11 @@ def build_engine(cfg: WorkerConfig) -> Engine:
     return build_llm_engine(cfg.engine_config)
 
 
+def refuse_stream_kv(cfg, why: str) -> None:
+    if cfg.stream_kv:
+        raise ValueError(f"--stream-kv is the generic path's small-VRAM mode; here {why}")
+
+
 def build_llm_engine(cfg) -> Engine:
     """The resident engine, or the small-VRAM one when the int8 weights do not fit the VRAM cap: the fast path's
     layer streamer for plain Llama layers, the generic path's layer hooks for every other model."""
@@ -32,7 +37,9 @@ def build_llm_engine(cfg) -> Engine:
         from batchgen.worker.offload.build import build_streaming_engine, wants_streaming
 
         if wants_streaming(cfg, device, dtype):
+            refuse_stream_kv(cfg, "the fast path's small-VRAM mode has its own host KV cache (--host-kv-dtype)")
             return build_streaming_engine(cfg)
+    refuse_stream_kv(cfg, "the model's int8 weights fit the card: its K/V stays there")
     if family.path == GENERIC:
         from batchgen.worker.engine.generic import GenericEngine
 

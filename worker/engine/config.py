@@ -48,6 +48,9 @@ class EngineConfig:
     # "paged": the resident cache is KV blocks, a row reserving what its prompt + max_tokens reach (FlashAttention
     # decode keeps slots); "slots": every row holds max_model_len tokens of its own.
     kv_layout: str = "paged"
+    # The generic path's small-VRAM mode: the rows' K/V in pinned host memory, each layer's streamed in with its
+    # weights (worker/offload/kv_stream.py), so rows are bounded by host memory rather than the card.
+    stream_kv: bool = False
 
     def __post_init__(self) -> None:
         if not self.model:

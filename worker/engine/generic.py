@@ -10,6 +10,7 @@ The scheduler, sampler and request rules are the fast path's; an OOM halves the 
 
 import logging
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from batchgen.worker.engine import budget as budget_math
@@ -39,6 +40,7 @@ from batchgen.worker.engine.setup import (
 from batchgen.worker.engine.slot_batch import SlotBatch, slot_columns
 
 DEFAULT_MAX_MODEL_LEN = 4096
+HOST_KV_SHARE = 0.5  # --stream-kv: the share of free host memory the K/V slots may take (pinned)
 TOKENS_PER_S_WINDOW_S = 30.0
 
 log = logging.getLogger("batchgen.engine")
@@ -46,8 +48,9 @@ log = logging.getLogger("batchgen.engine")
 
 class GenericEngine:
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
-                 dtype: torch.dtype, weights_bytes: int, int8: Int8Runtime | None = None):
+                 dtype: torch.dtype, weights_bytes: int, int8: Int8Runtime | None = None, kv_stream=None):
         self.cfg = cfg
+        self.kv_stream = kv_stream  # small-VRAM --stream-kv: the rows' K/V in host slots, streamed per layer
         self.int8 = int8  # the fast path's int8 kernels on this model's linears; its outlier guard is polled per step
         self.model_name = cfg.served_model_name or cfg.model
         self.model, self.tokenizer, self.device, self.dtype = model, tokenizer, device, dtype
@@ -63,7 +66,8 @@ class GenericEngine:
         # As the fast path packs its prefills: a prefill of one or two prompts per forward would spend each
         # forward's fixed cost (a whole weight stream, in small-VRAM mode) on a few hundred tokens.
         max_prefill = resident_max_prefill_tokens(cfg, device, self.max_model_len)
-        self.budget = plan_budget(cfg, text_config, device, dtype, weights_bytes, self.max_model_len, max_prefill)
+        self.budget = plan_budget(cfg, text_config, device, dtype, weights_bytes, self.max_model_len, max_prefill,
+                                  host_kv=kv_stream is not None)
         if self.budget.max_rows < 1:
             raise ValueError(f"not enough memory for one row of {self.max_model_len} tokens: {self.budget}")
         self.scheduler = Scheduler(self.budget.max_rows, max_prefill_tokens=max_prefill)
@@ -152,6 +156,8 @@ class GenericEngine:
                      kv_bytes=self.batch.kv_bytes() if self.batch else 0)
         if self.int8 is not None:
             extra.update(self.int8.stats())
+        if self.kv_stream is not None:
+            extra.update(self.kv_stream.stats())
         return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._rate.per_s(),
                            self.num_unfinished, used, free, None, extra)
 
@@ -183,10 +189,15 @@ class GenericEngine:
                 if self._slotted is None and not SlotBatch.fits(new_batch):
                     log.warning("this model's cache (%s) cannot go into K/V slots: rows join only between drains%s",
                                 ", ".join(sorted({type(layer).__name__ for layer in new_batch.cache.layers})),
-                                "; --kv-cache-dtype fp8 does not apply" if self.cfg.kv_cache_dtype == "fp8" else "")
+                                "; --kv-cache-dtype fp8 and --stream-kv do not apply"
+                                if self.cfg.kv_cache_dtype == "fp8" or self.kv_stream else "")
                 self._slotted = SlotBatch.fits(new_batch)
+                stream = self.kv_stream if self._slotted and SlotBatch.uniform(new_batch) else None
+                if self.kv_stream is not None and stream is None and self._slotted:
+                    log.warning("--stream-kv: this model's layers differ in K/V shape; its K/V stays on the device")
                 self.batch = (SlotBatch(new_batch, max_rows=self.scheduler.max_batch_size,
-                                        max_model_len=self.max_model_len, fp8=self.cfg.kv_cache_dtype == "fp8")
+                                        max_model_len=self.max_model_len, fp8=self.cfg.kv_cache_dtype == "fp8",
+                                        stream=stream)
                               if self._slotted else new_batch)
             else:
                 self.batch.extend(new_batch)
@@ -237,8 +248,10 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
 
 
 def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dtype, weights_bytes: int,
-                max_model_len: int, max_prefill_tokens: int) -> budget_math.Budget:
-    """Rows whose full-length K/V slots and decode activations fit what is free, after one prefill peak."""
+                max_model_len: int, max_prefill_tokens: int, host_kv: bool = False) -> budget_math.Budget:
+    """Rows whose full-length K/V slots and decode activations fit what is free, after one prefill peak.
+    host_kv (--stream-kv): the slots are in host memory, of which they may take HOST_KV_SHARE; the device holds
+    two layers' worth of them (the stages)."""
     dtype_bytes = torch.finfo(dtype).bits // 8
     kv_token = kv_bytes_per_token(config, 1 if cfg.kv_cache_dtype == "fp8" else dtype_bytes)
     hidden, heads = config.hidden_size, config.num_attention_heads
@@ -264,9 +277,16 @@ def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dt
             weights_bytes += process_overhead_bytes(device) + LATE_OVERHEAD_BYTES
     else:
         free = budget_math.available_ram_bytes()
-    return plan_rows(cfg, device, free_bytes=free, weights_bytes=weights_bytes, kv_bytes_per_token=kv_token,
-                     max_model_len=slot_columns(max_model_len), activation_bytes_per_row=activation,
-                     prefill_bytes=prefill_bytes)
+    columns = slot_columns(max_model_len, host_kv)
+    on_device = 2 * kv_token // max(1, config.num_hidden_layers) if host_kv else kv_token
+    budget = plan_rows(cfg, device, free_bytes=free, weights_bytes=weights_bytes, kv_bytes_per_token=on_device,
+                       max_model_len=columns, activation_bytes_per_row=activation, prefill_bytes=prefill_bytes)
+    if not host_kv:
+        return budget
+    host = budget_math.available_ram_bytes()
+    host_rows = budget.max_rows if host is None else int(HOST_KV_SHARE * host) // (columns * kv_token)
+    return replace(budget, kv_bytes_per_token=kv_token, kv_bytes_per_row=columns * kv_token,
+                   max_rows=min(budget.max_rows, host_rows))
 
 
 def _memory_info(device: torch.device) -> tuple[int, int]:

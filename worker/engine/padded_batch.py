@@ -51,6 +51,9 @@ class PaddedBatch:
         return sum(t.numel() * t.element_size() for layer in self.cache.layers for t in (layer.keys, layer.values)
                    if isinstance(t, torch.Tensor))
 
+    def before_decode(self) -> None:
+        pass
+
     def advance(self, mask: torch.Tensor) -> None:
         self.mask, self.next_positions = mask, self.next_positions + 1
 
@@ -90,6 +93,7 @@ def decode(model: torch.nn.Module, calls: ModelCalls, batch, tokens: list[int]) 
     """One token per row: next-token logits [n, vocab]. The batch grows by one column only if the forward succeeds."""
     ids = torch.tensor(tokens, device=batch.mask.device).unsqueeze(-1)
     mask = torch.cat([batch.mask, batch.mask.new_ones(batch.num_rows, 1)], dim=1)
+    batch.before_decode()
     logits = _forward(model, calls, ids, mask, batch.next_positions.unsqueeze(-1), batch.cache)
     batch.advance(mask)
     return logits

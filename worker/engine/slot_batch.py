@@ -15,6 +15,10 @@ kv_cache_dtype fp8: the slots hold float8_e4m3fn K/V divided by a scale per laye
 prefill's absmax (times the fast path's margin; larger values saturate); each layer's forward attends over a
 dequantized copy of its active columns, which lives only while that layer runs: half the bytes per row, so about
 twice the rows where memory bounds them (small-VRAM mode), for one extra pass over one layer's K/V per step.
+
+With a KVStream (--stream-kv, small-VRAM mode) the slots live in pinned host memory and each layer attends over a
+device stage the stream filled ahead of it (worker/offload/kv_stream.py); a decode's new column goes to the stage
+and out to a pinned buffer, landing in the host slots once the step has synced.
 """
 
 import torch
@@ -24,12 +28,13 @@ from batchgen.worker.engine.padded_batch import PaddedBatch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 SLACK_DIVISOR = 16  # a row's slot is 1/16 longer than its context: one move of the window per that many steps
+HOST_SLACK_DIVISOR = 4  # host slots: memory is cheap there, and a window move is a host copy
 CPU_INITIAL_ROWS = 8  # host RAM budgets are large: grow the slots on demand there, allocate them at once on CUDA
 
 
-def slot_columns(max_model_len: int) -> int:
+def slot_columns(max_model_len: int, host: bool = False) -> int:
     """A row slot's columns: its context plus the decode steps between two moves of the window."""
-    return max_model_len + max(8, max_model_len // SLACK_DIVISOR)
+    return max_model_len + max(8, max_model_len // (HOST_SLACK_DIVISOR if host else SLACK_DIVISOR))
 
 
 class SlotLayer(DynamicLayer):
@@ -43,6 +48,8 @@ class SlotLayer(DynamicLayer):
         self.device = keys.device
         self.is_initialized = True
         self.num_rows = self.start = self.end = 0
+        self.stage: tuple[torch.Tensor, torch.Tensor] | None = None  # host slots: this decode's device copy
+        self.columns_out: tuple[torch.Tensor, torch.Tensor] | None = None  # host slots: the new column, pinned
 
     def show(self, num_rows: int, start: int, end: int) -> None:
         self.num_rows, self.start, self.end = num_rows, start, end
@@ -54,10 +61,14 @@ class SlotLayer(DynamicLayer):
         slots.copy_(x if self.scales is None else _to_fp8(x, self.scales[which]))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        q = key_states.shape[-2]
-        self.store(self.key_slots[: self.num_rows, :, self.end : self.end + q], 0, key_states)
-        self.store(self.value_slots[: self.num_rows, :, self.end : self.end + q], 1, value_states)
-        self.show(self.num_rows, self.start, self.end + q)
+        q, n, end = key_states.shape[-2], self.num_rows, self.end
+        slots = (self.key_slots, self.value_slots) if self.stage is None else self.stage
+        for which, (target, x) in enumerate(zip(slots, (key_states, value_states), strict=True)):
+            self.store(target[:n, :, end : end + q], which, x)
+            if self.stage is not None:  # one decode column (q = 1) out to the host, landed after the step syncs
+                self.columns_out[which][:n].copy_(target[:n, :, end : end + q], non_blocking=True)
+        self.end = end + q
+        self.keys, self.values = (t[:n, :, self.start : self.end] for t in slots)
         if self.scales is None:
             return self.keys, self.values
         return tuple(t.to(self.dtype) * s.to(self.dtype) for t, s in zip((self.keys, self.values), self.scales,
@@ -70,15 +81,20 @@ class SlotBatch:
 
     mergeable = True
 
-    def __init__(self, first: PaddedBatch, *, max_rows: int, max_model_len: int, fp8: bool = False):
-        self.max_rows, self.max_model_len = max_rows, max_model_len
-        self.columns = slot_columns(max_model_len)
+    def __init__(self, first: PaddedBatch, *, max_rows: int, max_model_len: int, fp8: bool = False,
+                 stream=None):
+        self.max_rows, self.max_model_len, self.stream = max_rows, max_model_len, stream
+        self.host = stream is not None
+        self.columns = slot_columns(max_model_len, self.host)
         device = first.mask.device
-        rows = max_rows if device.type == "cuda" else min(max_rows, max(CPU_INITIAL_ROWS, first.num_rows))
+        grow = device.type != "cuda" or self.host
+        rows = min(max_rows, max(CPU_INITIAL_ROWS, first.num_rows)) if grow else max_rows
         kv_dtype = torch.float8_e4m3fn if fp8 else None
-        self.layers = [SlotLayer(*(_zeros(t, rows, self.columns, kv_dtype) for t in (layer.keys, layer.values)),
+        self.layers = [SlotLayer(*(_zeros(t, rows, self.columns, kv_dtype, self.host) for t in (layer.keys,
+                                                                                                  layer.values)),
                                  _calibrate(layer) if fp8 else None, layer.keys.dtype)
                        for layer in first.cache.layers]
+        self._host_buffers()
         self.cache = DynamicCache()
         self.cache.layers = self.layers
         self.start = self.end = max_model_len
@@ -92,6 +108,12 @@ class SlotBatch:
         """Whether every layer is a plain growing one holding [rows, heads, length, head_dim] K/V."""
         return all(type(layer) is DynamicLayer and layer.keys is not None and layer.keys.dim() == 4
                    for layer in batch.cache.layers)
+
+    @staticmethod
+    def uniform(batch: PaddedBatch) -> bool:
+        """Whether every layer's K/V has the same heads, head size and dtype (what one pair of stages holds)."""
+        return len({(t.shape[1], t.shape[3], t.dtype) for layer in batch.cache.layers
+                    for t in (layer.keys, layer.values)}) == 1
 
     @property
     def num_rows(self) -> int:
@@ -119,8 +141,14 @@ class SlotBatch:
         self.start = start
         self._show()
 
+    def before_decode(self) -> None:
+        if self.stream is not None:
+            self.stream.start(self)
+
     def advance(self, mask: torch.Tensor) -> None:
         """A decode step succeeded: its column is in every layer; move the window back if the edge is reached."""
+        if self.stream is not None:
+            self._land_columns()
         self.mask, self.next_positions = mask, self.next_positions + 1
         self.end += 1
         if self.end == self.columns:
@@ -138,8 +166,8 @@ class SlotBatch:
             order[hole] = mover
         self.num_row_moves += len(movers)
         if movers:
-            src = torch.tensor(movers, device=self.mask.device)
-            dst = torch.tensor(holes, device=self.mask.device)
+            src = torch.tensor(movers, device=self.layers[0].key_slots.device)
+            dst = torch.tensor(holes, device=src.device)
             for layer in self.layers:
                 for slots in (layer.key_slots, layer.value_slots):
                     slots[dst, :, self.start : self.end] = slots[src, :, self.start : self.end]
@@ -153,7 +181,31 @@ class SlotBatch:
 
     def crop(self) -> None:
         """Undoes the columns a failed forward wrote in some layers and not others."""
+        if self.stream is not None:
+            self.stream.stop()
+            for layer in self.layers:
+                layer.stage = None
         self._show()
+
+    def _land_columns(self) -> None:
+        """Host slots: the step's new column of every layer, from the pinned buffers into the slots."""
+        if torch.cuda.is_available():
+            torch.cuda.current_stream().synchronize()  # the column copies out are asynchronous
+        self.stream.stop()
+        n = self.num_rows
+        for layer in self.layers:
+            for slots, column in zip((layer.key_slots, layer.value_slots), layer.columns_out, strict=True):
+                slots[:n, :, self.end : self.end + 1] = column[:n]
+            layer.stage = None
+
+    def _host_buffers(self) -> None:
+        """Host slots: the pinned column buffers and the stream's device stages, sized to the slots."""
+        if self.stream is None:
+            return
+        for layer in self.layers:
+            layer.columns_out = tuple(_zeros(t, t.shape[0], 1, t.dtype, True) for t in (layer.key_slots,
+                                                                                       layer.value_slots))
+        self.stream.allocate((self.layers[0].key_slots, self.layers[0].value_slots))
 
     def _show(self) -> None:
         for layer in self.layers:
@@ -177,15 +229,20 @@ class SlotBatch:
         for layer in self.layers:  # one layer at a time: the peak is one layer's old slots beside the new ones
             for name in ("key_slots", "value_slots"):
                 old = getattr(layer, name)
-                new = _zeros(old, rows, self.columns, old.dtype)
+                new = _zeros(old, rows, self.columns, old.dtype, self.host)
                 new[: self.num_rows] = old[: self.num_rows]
                 setattr(layer, name, new)
+        self._host_buffers()
 
 
-def _zeros(like: torch.Tensor, rows: int, columns: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Zeros, not empty: padding columns are masked, and a masked NaN would still poison eager softmax sums."""
+def _zeros(like: torch.Tensor, rows: int, columns: int, dtype: torch.dtype | None = None,
+           host: bool = False) -> torch.Tensor:
+    """Zeros, not empty: padding columns are masked, and a masked NaN would still poison eager softmax sums.
+    host: in host memory, pinned where there is a GPU to copy to."""
     _, heads, _, head_dim = like.shape
-    return torch.zeros(rows, heads, columns, head_dim, dtype=dtype or like.dtype, device=like.device)
+    device = "cpu" if host else like.device
+    out = torch.zeros(rows, heads, columns, head_dim, dtype=dtype or like.dtype, device=device)
+    return out.pin_memory() if host and torch.cuda.is_available() else out
 
 
 def _calibrate(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:

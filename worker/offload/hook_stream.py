@@ -23,6 +23,7 @@ from batchgen.worker.engine.generic import GenericEngine
 from batchgen.worker.engine.int8_linear import Int8Linear, Int8Runtime
 from batchgen.worker.engine.loader import kept_in_fp16, load_model, resolve_device, resolve_dtype
 from batchgen.worker.offload.host_head import keep_head_on_host
+from batchgen.worker.offload.kv_stream import KVStream
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,8 @@ def build_hook_streaming_engine(cfg: EngineConfig, family: Family) -> GenericEng
     # Each prefill streams every layer once: pack a thousand prompt tokens into it, but not so many that
     # its activations take the rows' KV room under the cap.
     cfg = replace(cfg, max_prefill_tokens=cfg.max_prefill_tokens or STREAMING_PREFILL_TOKENS)
+    kv_stream = KVStream(decoder_layers(loaded.model), device) if cfg.stream_kv else None
     engine = GenericEngine(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
-                           weights_bytes=loaded.weights_bytes, int8=int8)
+                           weights_bytes=loaded.weights_bytes, int8=int8, kv_stream=kv_stream)
     engine.streamer = streamer  # kept alive with the engine (the hooks hold it too); tests and benchmarks read it
     return engine

@@ -1,0 +1,77 @@
+"""Small-VRAM mode's K/V on the host for the generic path (--stream-kv): each layer's K/V streams in beside its
+weights, so rows are no longer capped by what their K/V takes of the card.
+
+Under a 6 GiB cap the rows' device K/V is what bounds the generic streamer (BLOOM-13B: ~20 rows in fp16, while
+every step streams 15 GB of layers whatever the rows). Here the slots (slot_batch.py) live in pinned host memory;
+two device stages each hold one layer's slots. A forward pre-hook on each decoder layer points that layer at its
+stage and starts copying the next layer's slots into the other stage on a side stream, as the layer streamer does
+with weights; a decode writes its new column into the stage and copies it out to a pinned column buffer, which the
+batch writes into the host slots once the step has synced. A step then moves rows × columns × K/V bytes more over
+the bus, small beside the weights at short contexts, and the rows are bounded by host memory.
+
+The copies move whole rows (every column of the first n slots, one contiguous block) rather than the active
+columns alone: a strided host-to-device copy would be staged through the CPU.
+"""
+
+import torch
+
+
+class KVStream:
+    """Two device stages for the layers' K/V, filled from the decoding batch's host slots ahead of each layer."""
+
+    def __init__(self, layers: torch.nn.ModuleList, device: torch.device):
+        self.device, self.num_layers = device, len(layers)
+        self.cuda = device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.stages: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.ready: list[torch.cuda.Event | None] = [None, None]
+        self.batch = None  # the SlotBatch whose decode forward is running; None in prefills
+        self.copied_bytes = 0
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(self._hook(i))
+
+    def allocate(self, like: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Two stages shaped like one layer's host slots (K, V), on the device."""
+        if not self.stages or self.stages[0][0].shape != like[0].shape or self.stages[0][0].dtype != like[0].dtype:
+            self.stages = [tuple(torch.zeros_like(t, device=self.device) for t in like) for _ in range(2)]
+
+    def start(self, batch) -> None:
+        """A decode forward over batch begins: layer 0's K/V starts copying into stage 0."""
+        self.batch = batch
+        self._prefetch(0)
+
+    def stop(self) -> None:
+        self.batch = None
+
+    def _hook(self, i: int):
+        def before_layer(module, args):
+            if self.batch is not None:
+                self._before(i)
+        return before_layer
+
+    def _before(self, i: int) -> None:
+        stage = i % 2
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[stage])
+        self.batch.layers[i].stage = self.stages[stage]
+        if i + 1 < self.num_layers:  # the next forward's layer 0 waits for this step's columns: start() copies it
+            self._prefetch(i + 1)
+
+    def _prefetch(self, i: int) -> None:
+        """Layer i's first n host slots (every column) into stage i % 2, after the compute queued so far (the
+        layer that read that stage last is queued before this copy)."""
+        layer, n = self.batch.layers[i], self.batch.num_rows
+        stage = self.stages[i % 2]
+        if not self.cuda:
+            for dst, src in zip(stage, (layer.key_slots, layer.value_slots), strict=True):
+                dst[:n].copy_(src[:n])
+        else:
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.copy_stream):
+                for dst, src in zip(stage, (layer.key_slots, layer.value_slots), strict=True):
+                    dst[:n].copy_(src[:n], non_blocking=True)
+                self.ready[i % 2] = self.copy_stream.record_event()
+        self.copied_bytes += 2 * layer.key_slots[:n].numel() * layer.key_slots.element_size()
+
+    def stats(self) -> dict[str, float]:
+        return {"kv_stream_copied_gib": round(self.copied_bytes / 2**30, 3)}
