@@ -1,7 +1,7 @@
 """Small-VRAM mode's K/V on the host for the generic path (--stream-kv): each layer's K/V streams in beside its
 weights, so rows are no longer capped by what their K/V takes of the card.
 
-Under a 6 GiB cap the rows' device K/V is what bounds the generic streamer (BLOOM-13B: ~20 rows in fp16, while
+Under a 6 GiB cap the rows' device K/V is what bounds the generic streamer (a 13B shape: a few dozen rows, while
 every step streams 15 GB of layers whatever the rows). Here the slots (slot_batch.py) live in pinned host memory;
 two device stages each hold one layer's slots. A forward pre-hook on each decoder layer points that layer at its
 stage and starts copying the next layer's slots into the other stage on a side stream, as the layer streamer does
