@@ -158,10 +158,10 @@ def test_stream_kv_keeps_the_slots_on_the_host_and_answers_like_device_slots(kv,
                                                params=SamplingParams(max_tokens=6 + (7 * i) % 30, temperature=0,
                                                                      ignore_eos=True))) for i in range(14)]
 
-    def texts(stream_kv: bool) -> tuple[dict, object]:
+    def texts(stream_kv: bool, inject_oom: str | None = None) -> tuple[dict, object]:
         engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_batch_size=10, offload=True,
                                                max_model_len=80, max_prefill_tokens=48, kv_cache_dtype=kv,
-                                               stream_kv=stream_kv))
+                                               stream_kv=stream_kv, inject_oom=inject_oom))
         assert engine.add(reqs) == []
         out, hosted = {}, False
         while engine.num_unfinished:
@@ -174,6 +174,9 @@ def test_stream_kv_keeps_the_slots_on_the_host_and_answers_like_device_slots(kv,
     streamed, engine = texts(True)
     assert engine.stats().extra["kv_stream_copied_gib"] > 0 and engine.stats().extra["num_joins"] > 0
     assert streamed == texts(False)[0]
+    # an OOM mid-decode (after some layers wrote their stage) is the usual back-off: nothing lost, nothing changed
+    recovered, engine = texts(True, inject_oom="steps=12,30")
+    assert engine.stats().extra["num_ooms"] == 2 and recovered == streamed
 
 
 def test_stream_kv_is_refused_where_nothing_streams(model_dir):
