@@ -65,6 +65,7 @@ def test_the_output_head_streams_in_chunks_and_the_embeddings_run_on_the_host(mo
     head, embedding = engine.model.get_output_embeddings(), engine.model.get_input_embeddings()
     assert isinstance(head, host_head.StreamedHead) and isinstance(embedding, host_head.HostEmbedding)
     assert head.inner.weight is embedding.inner.weight
+    assert head.weight is embedding.weight is head.inner.weight  # forwards that read the modules' weight dtype
     vocab = head.inner.weight.shape[0]
     assert vocab > 4 * head.rows_per_chunk
     hidden = torch.randn(2, 1, head.inner.weight.shape[1])

@@ -21,6 +21,10 @@ class HostEmbedding(torch.nn.Module):
         super().__init__()
         self.inner, self.device = inner, device
 
+    @property
+    def weight(self) -> torch.Tensor:  # what forwards read off the module (its dtype, e.g.); it stays on the host
+        return self.inner.weight
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.inner(input_ids.cpu()).to(self.device, non_blocking=True)
 
@@ -40,6 +44,10 @@ class StreamedHead(torch.nn.Module):
         self.copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self.num_bytes = weight.numel() * weight.element_size()
         self.copied_bytes = 0
+
+    @property
+    def weight(self) -> torch.Tensor:  # e.g. Mamba casts its input to lm_head.weight.dtype; it stays on the host
+        return self.inner.weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.inner.weight.data
