@@ -270,3 +270,16 @@ def test_an_input_without_columns_is_int_mm_until_the_guard_opens_it(demo_model_
         x[:, 3] = 40.0
         qkv(x)
         assert runtime.poll(6) is False and qkv.outliers.columns == [2, 3]  # in place: graphs stay valid
+
+
+def test_a_converted_linear_still_has_a_weight_for_forwards_that_read_it(bnb_model):
+    """Some HF forwards multiply by a linear's weight themselves or read its dtype: the dequantized weight, in
+    the model's compute dtype, serves them."""
+    import copy
+
+    model = copy.deepcopy(bnb_model)
+    convert_model(model, "int_mm", compile_kernels=False)
+    linear = next(m for m in model.modules() if isinstance(m, Int8Linear))
+    assert linear.weight.dtype == model.dtype == torch.float32
+    x = torch.randn(3, linear.in_features)
+    torch.testing.assert_close(x @ linear.weight.t(), linear._forward_weight_only(x))

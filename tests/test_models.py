@@ -278,6 +278,15 @@ def test_an_encoder_is_refused_before_any_weight_loads(demo_model_dir, tmp_path)
         build_llm_engine(EngineConfig(model=str(path)))
 
 
+def test_an_attention_free_model_is_refused_before_any_weight_loads(tmp_path):
+    """Mamba is a causal LM transformers loads, but its rows hold a recurrent state, not a K/V cache."""
+    from transformers import MambaConfig
+
+    MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModel, match=r"\(mamba\) has no attention heads"):
+        build_llm_engine(EngineConfig(model=str(tmp_path)))
+
+
 def test_a_missing_local_model_is_a_one_line_error(tmp_path, redis_url):
     missing = tmp_path / "no-such-model"
     with pytest.raises(ModelNotFound) as exc:

@@ -110,6 +110,9 @@ def classify(model: str, config) -> Family:
     # bert & co. have a causal head class, but as encoders (is_decoder unset) they attend both ways.
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
         raise UnsupportedModel(f"model {model!r} ({model_type}) is an encoder (masked LM), not a text generator")
+    if getattr(config.get_text_config(), "num_attention_heads", None) is None:
+        raise UnsupportedModel(f"model {model!r} ({model_type}) has no attention heads (a state-space or recurrent "
+                               "model): batchgen sizes and batches rows by their K/V cache")
     rope = rope_types(config)
     if model_type in SUPPORTED_MODEL_TYPES and rope & BATCH_DEPENDENT_ROPE:
         return Family(model, model_type, GENERIC, f"{'/'.join(sorted(rope & BATCH_DEPENDENT_ROPE))} RoPE scaling "

@@ -170,8 +170,9 @@ def takes_gemv(x2: torch.Tensor) -> bool:
 class Int8Linear(torch.nn.Module):
     """A Linear8bitLt replacement over the same int8 tensors."""
 
-    def __init__(self, state: Int8State, kernel: str = "int_mm"):
+    def __init__(self, state: Int8State, kernel: str = "int_mm", dtype: torch.dtype | None = None):
         super().__init__()
+        self.dtype = dtype  # the model's compute dtype, for `weight`
         if kernel not in _FAST_KERNELS:
             raise ValueError(f"unknown int8 kernel {kernel!r}")
         self.register_buffer("cb", state.cb, persistent=False)
@@ -187,6 +188,12 @@ class Int8Linear(torch.nn.Module):
     @property
     def state(self) -> Int8State:
         return Int8State(self.cb, self.scb, self.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight dequantized, made on each read: for forwards that multiply by a linear's weight themselves
+        (Mamba's dt_proj) or read its dtype."""
+        return KERNELS.dequantize_weight(self.cb, self.scb, self.dtype or torch.float16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -289,6 +296,7 @@ def convert_model(model: torch.nn.Module, kernel: str, *, fuse_projections: bool
     if first is None:
         return 0
     device = _state_of(first).cb.device
+    compute_dtype = getattr(model, "dtype", None)  # a transformers model's: its first floating parameter's
     if compile_kernels is None:
         compile_kernels = device.type == "cuda"
     if compile_kernels:
@@ -303,6 +311,9 @@ def convert_model(model: torch.nn.Module, kernel: str, *, fuse_projections: bool
                 child.kernel = kernel
     if fuse_projections:
         _fuse(model, kernel)
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.dtype = compute_dtype
     if kernel == OUTLIER_KERNEL and calibrate:
         find_outliers(model, threshold, calibration_ids, device)
     return num_swapped
