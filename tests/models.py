@@ -15,13 +15,16 @@ def _configs() -> dict:
         BloomConfig,
         FalconConfig,
         Gemma2Config,
+        Gemma3TextConfig,
         GemmaConfig,
         GPT2Config,
+        GPTBigCodeConfig,
         GPTNeoXConfig,
         MistralConfig,
         MixtralConfig,
         OPTConfig,
         Phi3Config,
+        Qwen2MoeConfig,
         Qwen3Config,
     )
 
@@ -43,6 +46,12 @@ def _configs() -> dict:
         "phi3": lambda: Phi3Config(**llama_like),
         "qwen3": lambda: Qwen3Config(head_dim=16, **llama_like),
         "mixtral": lambda: MixtralConfig(num_local_experts=4, num_experts_per_tok=2, **llama_like),
+        # beyond the issue's list: multi-query attention, MoE with a shared expert, Gemma 3's scaled-embedding module
+        # with alternating sliding layers (all on the generic path)
+        "gpt_bigcode": lambda: GPTBigCodeConfig(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=MAX_POS),
+        "qwen2_moe": lambda: Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                            shared_expert_intermediate_size=32, **llama_like),
+        "gemma3_text": lambda: Gemma3TextConfig(head_dim=16, sliding_window=WINDOW, **llama_like),
         "mistral_window": lambda: MistralConfig(sliding_window=WINDOW, **llama_like),
         "bert": lambda: BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                    intermediate_size=FFN, max_position_embeddings=MAX_POS),
