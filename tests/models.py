@@ -52,9 +52,34 @@ def _configs() -> dict:
         "qwen2_moe": lambda: Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                             shared_expert_intermediate_size=32, **llama_like),
         "gemma3_text": lambda: Gemma3TextConfig(head_dim=16, sliding_window=WINDOW, **llama_like),
+        **_more_generic(llama_like),
         "mistral_window": lambda: MistralConfig(sliding_window=WINDOW, **llama_like),
         "bert": lambda: BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                                    intermediate_size=FFN, max_position_embeddings=MAX_POS),
+    }
+
+
+def _more_generic(llama_like: dict) -> dict:
+    """More architectures the generic path runs unchanged (rotary variants, parallel blocks, fused qkv, ALiBi in
+    MPT, local attention in GPT-Neo, Granite's multipliers): each answers like HF generate."""
+    import transformers as t
+
+    no_gqa = {k: v for k, v in llama_like.items() if k != "num_key_value_heads"}
+    gpt = dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=MAX_POS)
+    return {
+        "gptj": lambda: t.GPTJConfig(rotary_dim=8, **gpt),
+        "codegen": lambda: t.CodeGenConfig(rotary_dim=8, **gpt),
+        "stablelm": lambda: t.StableLmConfig(**llama_like),
+        "olmo2": lambda: t.Olmo2Config(**llama_like),
+        "starcoder2": lambda: t.Starcoder2Config(**llama_like),
+        "cohere": lambda: t.CohereConfig(**llama_like),
+        "phi": lambda: t.PhiConfig(**no_gqa),
+        "gpt_neo": lambda: t.GPTNeoConfig(hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
+                                          max_position_embeddings=MAX_POS, window_size=WINDOW,
+                                          attention_types=[[["global", "local"], 1]]),
+        "mpt": lambda: t.MptConfig(d_model=HIDDEN, n_layers=LAYERS, n_heads=HEADS, max_seq_len=MAX_POS),
+        "persimmon": lambda: t.PersimmonConfig(**no_gqa),
+        "granite": lambda: t.GraniteConfig(**llama_like),
     }
 
 
