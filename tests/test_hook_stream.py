@@ -36,9 +36,11 @@ def resident_texts(path, *, int8: bool) -> dict[str, str]:
     return run_engine(engine, requests())
 
 
-@pytest.mark.parametrize(("arch", "int8"), [("bloom", True), ("bloom", False), ("mixtral", True), ("gemma2", True)])
+@pytest.mark.parametrize(("arch", "int8"), [("bloom", True), ("bloom", False), ("mixtral", True), ("gemma2", True),
+                                           ("gpt_bigcode", True), ("mpt", True)])
 def test_streamed_layers_answer_like_the_resident_model(arch, int8, model_dir):
-    """BLOOM and Mixtral (generic path) and Gemma2 (a fast-path family the fast streamer does not rebuild)."""
+    """BLOOM, Mixtral, GPTBigCode (multi-query) and MPT (generic path) and Gemma2 (a fast-path family the fast
+    streamer does not rebuild)."""
     path = model_dir(arch)
     engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=int8, max_batch_size=3, offload=True))
     assert isinstance(engine, GenericEngine)
