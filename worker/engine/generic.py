@@ -186,12 +186,13 @@ class GenericEngine:
         decoding = self.batch is not None
         for group, new_batch in zip(groups, batches, strict=True):
             if self.batch is None:
-                if self._slotted is None and not SlotBatch.fits(new_batch):
+                fits = SlotBatch.fits(new_batch)
+                if self._slotted is None and not fits:
                     log.warning("this model's cache (%s) cannot go into K/V slots: rows join only between drains%s",
                                 ", ".join(sorted({type(layer).__name__ for layer in new_batch.cache.layers})),
                                 "; --kv-cache-dtype fp8 and --stream-kv do not apply"
                                 if self.cfg.kv_cache_dtype == "fp8" or self.kv_stream else "")
-                self._slotted = SlotBatch.fits(new_batch)
+                self._slotted = fits
                 stream = self.kv_stream if self._slotted and SlotBatch.uniform(new_batch) else None
                 if self.kv_stream is not None and stream is None and self._slotted:
                     log.warning("--stream-kv: this model's layers differ in K/V shape; its K/V stays on the device")

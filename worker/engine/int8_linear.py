@@ -170,9 +170,9 @@ def takes_gemv(x2: torch.Tensor) -> bool:
 class Int8Linear(torch.nn.Module):
     """A Linear8bitLt replacement over the same int8 tensors."""
 
-    def __init__(self, state: Int8State, kernel: str = "int_mm", dtype: torch.dtype | None = None):
+    def __init__(self, state: Int8State, kernel: str = "int_mm"):
         super().__init__()
-        self.dtype = dtype  # the model's compute dtype, for `weight`
+        self.dtype: torch.dtype | None = None  # the model's compute dtype, for `weight` (convert_model sets it)
         if kernel not in _FAST_KERNELS:
             raise ValueError(f"unknown int8 kernel {kernel!r}")
         self.register_buffer("cb", state.cb, persistent=False)
