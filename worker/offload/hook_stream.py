@@ -24,6 +24,7 @@ from batchgen.worker.engine.int8_linear import Int8Linear, Int8Runtime
 from batchgen.worker.engine.loader import kept_in_fp16, load_model, resolve_device, resolve_dtype
 from batchgen.worker.offload.host_head import keep_head_on_host
 from batchgen.worker.offload.kv_stream import KVStream
+from batchgen.worker.offload.side_copy import copy_ahead
 
 log = logging.getLogger(__name__)
 
@@ -186,14 +187,8 @@ class HookStreamer:
         """Layer i's host buffer into slot, on the side stream, after all compute queued so far (the layer that
         used the slot last is queued before this one)."""
         self.holding[slot] = i
-        dst = self.slots[slot][: self.layer_bytes[i]]
-        if not self.cuda:
-            dst.copy_(self.host[i])
-        else:
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.copy_stream):
-                dst.copy_(self.host[i], non_blocking=True)
-                self.copied[slot] = self.copy_stream.record_event()
+        self.copied[slot] = copy_ahead(self.copy_stream, self.device,
+                                       [(self.slots[slot][: self.layer_bytes[i]], self.host[i])])
         self.num_copies += 1
         self.copied_bytes += self.layer_bytes[i]
 

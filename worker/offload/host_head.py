@@ -10,6 +10,7 @@ and frees its memory for rows.
 """
 
 import torch
+from batchgen.worker.offload.side_copy import copy_ahead
 
 CHUNK_BYTES = 64 * 2**20  # one chunk's weight rows: small next to the cap, large enough to run at the copy rate
 
@@ -68,14 +69,7 @@ class StreamedHead(torch.nn.Module):
     def _copy(self, weight: torch.Tensor, start: int, slot: int):
         """Rows [start, start + chunk) into buffer slot, after everything queued so far (its last reader)."""
         rows = weight[start : start + self.rows_per_chunk]
-        dst = self.buffers[slot][: rows.shape[0]]
-        if not self.cuda:
-            dst.copy_(rows)
-            return None
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.copy_stream):
-            dst.copy_(rows, non_blocking=True)
-            return self.copy_stream.record_event()
+        return copy_ahead(self.copy_stream, self.device, [(self.buffers[slot][: rows.shape[0]], rows)])
 
 
 def keep_head_on_host(model: torch.nn.Module, device: torch.device) -> list[torch.nn.Module]:

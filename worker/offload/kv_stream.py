@@ -14,6 +14,7 @@ columns alone: a strided host-to-device copy would be staged through the CPU.
 """
 
 import torch
+from batchgen.worker.offload.side_copy import copy_ahead
 
 
 class KVStream:
@@ -61,16 +62,9 @@ class KVStream:
         """Layer i's first n host slots (every column) into stage i % 2, after the compute queued so far (the
         layer that read that stage last is queued before this copy)."""
         layer, n = self.batch.layers[i], self.batch.num_rows
-        stage = self.stages[i % 2]
-        if not self.cuda:
-            for dst, src in zip(stage, (layer.key_slots, layer.value_slots), strict=True):
-                dst[:n].copy_(src[:n])
-        else:
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.copy_stream):
-                for dst, src in zip(stage, (layer.key_slots, layer.value_slots), strict=True):
-                    dst[:n].copy_(src[:n], non_blocking=True)
-                self.ready[i % 2] = self.copy_stream.record_event()
+        pairs = [(dst[:n], src[:n]) for dst, src in zip(self.stages[i % 2], (layer.key_slots, layer.value_slots),
+                                                        strict=True)]
+        self.ready[i % 2] = copy_ahead(self.copy_stream, self.device, pairs)
         self.copied_bytes += 2 * layer.key_slots[:n].numel() * layer.key_slots.element_size()
 
     def stats(self) -> dict[str, float]:
