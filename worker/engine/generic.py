@@ -38,6 +38,7 @@ from batchgen.worker.engine.setup import (
     resident_max_prefill_tokens,
 )
 from batchgen.worker.engine.slot_batch import SlotBatch, slot_columns
+from batchgen.worker.engine.slot_graphs import SlotDecodeGraphs, graphable
 
 DEFAULT_MAX_MODEL_LEN = 4096
 HOST_KV_SHARE = 0.5  # --stream-kv: the share of free host memory the K/V slots may take (pinned)
@@ -72,6 +73,7 @@ class GenericEngine:
             raise ValueError(f"not enough memory for one row of {self.max_model_len} tokens: {self.budget}")
         self.scheduler = Scheduler(self.budget.max_rows, max_prefill_tokens=max_prefill)
         self.batch: SlotBatch | PaddedBatch | None = None
+        self._idle: SlotBatch | None = None  # a drained batch, whose slots the next first prefill takes
         self._slotted: bool | None = None  # whether this model's cache goes into slots: known after its first prefill
         self.rows: list[Sequence] = []  # the batch's rows, in cache order
         self._keys: set[str] = set()
@@ -80,6 +82,9 @@ class GenericEngine:
         self._num_joins = 0  # rows that joined a batch already decoding: continuous batching at work
         self._rate = TokenRate(TOKENS_PER_S_WINDOW_S)
         self.fault = _install_fault_injector(model, cfg.inject_oom, device)
+        self.streamer = None  # small-VRAM mode: the layer streamer (hook_stream.py) whose hooks copy each step
+        self.graphs: SlotDecodeGraphs | None = None  # the current SlotBatch's decode graphs
+        self._eager_reason: str | None = None  # why decode steps are not replayed from CUDA graphs; None: unknown
 
     @classmethod
     def from_config(cls, cfg: EngineConfig, family: Family | None = None) -> "GenericEngine":
@@ -119,7 +124,7 @@ class GenericEngine:
                                  for group in groups]
                     logits = torch.cat([group_logits for group_logits, _ in prefilled])
                 else:
-                    logits = decode(self.model, self.calls, self.batch, [s.output_ids[-1] for s in self.rows])
+                    logits = self._decode([s.output_ids[-1] for s in self.rows])
                 sampled = sample(logits, seqs, self.intake.structured)
                 if admitted:  # the first prefill after a drain allocates the K/V slots
                     self._merge(groups, [batch for _, batch in prefilled])
@@ -153,6 +158,8 @@ class GenericEngine:
         extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, num_joins=self._num_joins,
                      device=str(self.device),
                      engine_path="generic", kv_cache_dtype=self.cfg.kv_cache_dtype,
+                     decode_steps=("CUDA graphs" if self._eager_reason == "" else
+                                   f"eager ({self._eager_reason or 'no decode yet'})"),
                      kv_bytes=self.batch.kv_bytes() if self.batch else 0)
         if self.int8 is not None:
             extra.update(self.int8.stats())
@@ -185,7 +192,10 @@ class GenericEngine:
         """Each group's rows into the running batch, the rows list kept in step (an OOM may stop it midway)."""
         decoding = self.batch is not None
         for group, new_batch in zip(groups, batches, strict=True):
-            if self.batch is None:
+            if self.batch is None and self._idle is not None and SlotBatch.fits(new_batch):
+                self.batch, self._idle = self._idle, None  # the drained batch's slots (and decode graphs) again
+                self.batch.restart(new_batch)
+            elif self.batch is None:
                 fits = SlotBatch.fits(new_batch)
                 if self._slotted is None and not fits:
                     log.warning("this model's cache (%s) cannot go into K/V slots: rows join only between drains%s",
@@ -205,6 +215,39 @@ class GenericEngine:
                 self._num_joins += len(group) if decoding else 0
             self.rows += group
 
+    def _decode(self, tokens: list[int]) -> torch.Tensor:
+        """One decode step, replayed from CUDA graphs where this model and batch allow it."""
+        if self._eager_reason is None:
+            self._eager_reason = self._why_eager()
+            log.info("generic decode: %s", "CUDA graphs" if not self._eager_reason else
+                     f"eager ({self._eager_reason})")
+        if self._eager_reason or not isinstance(self.batch, SlotBatch):
+            return decode(self.model, self.calls, self.batch, tokens)
+        if self.graphs is None or self.graphs.batch is not self.batch:
+            self.graphs = SlotDecodeGraphs(self.model, self.calls, self.batch, capture=self.device.type == "cuda")
+        try:
+            return self.graphs.run(tokens)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a forward that cannot be captured (a host sync inside): eager from now on
+            self._eager_reason = f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"
+            log.warning("generic decode: CUDA graph capture failed, eager from now on (%s)", self._eager_reason)
+            self.graphs = None
+            torch.cuda.synchronize(self.device)
+            return decode(self.model, self.calls, self.batch, tokens)
+
+    def _why_eager(self) -> str:
+        """Why decode steps run eagerly; empty where they can be captured."""
+        if self.device.type != "cuda" or not self.cfg.cuda_graphs:
+            return "CUDA graphs off" if self.device.type == "cuda" else "no CUDA"
+        if self.fault is not None:
+            return "fault injection"
+        if self.streamer is not None or self.kv_stream is not None:
+            return "streamed layers"
+        if self.cfg.kv_cache_dtype == "fp8":
+            return "fp8 K/V"
+        return graphable(self.model.config.get_text_config()) or ""
+
     def _append(self, seq: Sequence, token: int, logprobs) -> GenerationResult | None:
         return self.finisher.finish_step(seq, token, self.scheduler, self._keys, logprobs)
 
@@ -214,6 +257,7 @@ class GenericEngine:
         if len(keep) == len(self.rows):
             return
         if not keep:
+            self._idle = self.batch if isinstance(self.batch, SlotBatch) else None
             self.rows, self.batch = [], None
             return
         with torch.inference_mode():  # the slots are inference tensors

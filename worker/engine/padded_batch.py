@@ -85,7 +85,7 @@ def prefill(model: torch.nn.Module, calls: ModelCalls, prompts: list[list[int]],
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     # No config: every layer a plain growing one, which rows can be concatenated into (the masks do the windows).
     cache = DynamicCache()
-    logits = _forward(model, calls, ids, mask, positions, cache)
+    logits = forward(model, calls, ids, mask, positions, cache)
     return logits, PaddedBatch(cache, mask, positions[:, -1] + 1)
 
 
@@ -94,12 +94,12 @@ def decode(model: torch.nn.Module, calls: ModelCalls, batch, tokens: list[int]) 
     ids = torch.tensor(tokens, device=batch.mask.device).unsqueeze(-1)
     mask = torch.cat([batch.mask, batch.mask.new_ones(batch.num_rows, 1)], dim=1)
     batch.before_decode()
-    logits = _forward(model, calls, ids, mask, batch.next_positions.unsqueeze(-1), batch.cache)
+    logits = forward(model, calls, ids, mask, batch.next_positions.unsqueeze(-1), batch.cache)
     batch.advance(mask)
     return logits
 
 
-def _forward(model, calls: ModelCalls, ids, mask, positions, cache) -> torch.Tensor:
+def forward(model, calls: ModelCalls, ids, mask, positions, cache) -> torch.Tensor:
     kwargs = {"input_ids": ids, "attention_mask": mask, calls.cache_arg: cache, "use_cache": True}
     if calls.takes_position_ids:
         kwargs["position_ids"] = positions

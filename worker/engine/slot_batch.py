@@ -50,6 +50,7 @@ class SlotLayer(DynamicLayer):
         self.num_rows = self.start = self.end = 0
         self.stage: tuple[torch.Tensor, torch.Tensor] | None = None  # host slots: this decode's device copy
         self.columns_out: tuple[torch.Tensor, torch.Tensor] | None = None  # host slots: the new column, pinned
+        self.static: tuple[int, int, torch.Tensor] | None = None  # (rows, width, column) in a static-shape decode
 
     def show(self, num_rows: int, start: int, end: int) -> None:
         self.num_rows, self.start, self.end = num_rows, start, end
@@ -60,7 +61,21 @@ class SlotLayer(DynamicLayer):
         """x into the slots' region (a view), quantized where the slots are fp8."""
         slots.copy_(x if self.scales is None else _to_fp8(x, self.scales[which]))
 
+    def show_static(self, rows: int, width: int, column: torch.Tensor) -> None:
+        """A static-shape decode (slot_graphs.py) follows: it attends over the last `width` columns of the first
+        `rows` slots and writes its column at the device index `column`; until then the model sees width - 1."""
+        self.static = (rows, width, column)
+        edge = self.key_slots.shape[2]
+        self.keys = self.key_slots[:rows, :, edge - width : edge - 1]
+        self.values = self.value_slots[:rows, :, edge - width : edge - 1]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.static is not None:  # every shape and address fixed, the column a tensor: a CUDA graph can hold it
+            rows, width, column = self.static
+            edge = self.key_slots.shape[2]
+            for slots, x in ((self.key_slots, key_states), (self.value_slots, value_states)):
+                slots[:rows].index_copy_(2, column, x)
+            return self.key_slots[:rows, :, edge - width :], self.value_slots[:rows, :, edge - width :]
         q, n, end = key_states.shape[-2], self.num_rows, self.end
         slots = (self.key_slots, self.value_slots) if self.stage is None else self.stage
         for which, (target, x) in enumerate(zip(slots, (key_states, value_states), strict=True)):
@@ -101,6 +116,13 @@ class SlotBatch:
         self.num_row_moves = self.num_window_moves = 0  # rows copied into freed slots; window moves
         self.mask = first.mask[:0, :0]
         self.next_positions = first.next_positions[:0]
+        self.extend(first)
+
+    def restart(self, first: PaddedBatch) -> None:
+        """This drained batch takes a fresh prefill's rows into its slots: no new allocation, and the decode graphs
+        captured over these slots stay valid."""
+        self.start = self.end = self.max_model_len
+        self.mask, self.next_positions = first.mask[:0, :0], first.next_positions[:0]
         self.extend(first)
 
     @staticmethod
