@@ -141,9 +141,9 @@ def _drain(engine, prompts: list[list[int]], max_tokens: list[int]) -> tuple[flo
     return time.perf_counter() - start, tokens
 
 
-def phase_batchgen(name: str, device: str, num_requests: int) -> dict:
+def phase_batchgen(name: str, device: str, num_requests: int, cuda_graphs: bool = True) -> dict:
     reqs = workload(num_requests, prompt_len=(32, 256), max_tokens=(32, 128))
-    engine, load_s = _engine(name, device)
+    engine, load_s = _engine(name, device, cuda_graphs=cuda_graphs)
     _drain(engine, [r.prompt_ids for r in reqs[:8]], [4] * 8)  # kernels compiled, allocator grown
     with PeakVram() if device == "cuda" else _NoVram() as vram:
         elapsed, tokens = _drain(engine, [r.prompt_ids for r in reqs], [r.max_tokens for r in reqs])
@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiny", "--smoke", dest="tiny", action="store_true",
                         help="tiny shapes on CPU: the whole harness end to end in seconds (no HF baseline)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("--eager", action="store_true",
+                        help="also run batchgen with CUDA graphs off (batchgen_eager), in its own process")
     parser.add_argument("--phase-args", default="", help=argparse.SUPPRESS)
     parser.add_argument("--phase-out", type=Path, help=argparse.SUPPRESS)
     return parser
@@ -304,7 +306,7 @@ def main() -> None:
         a = args.phase_args.split(",")
         result = {"prepare": lambda: phase_prepare(a[1:], a[0]),
                   "hf": lambda: phase_hf(a[0], [int(b) for b in args.hf_batches.split(",")], args.hf_tokens),
-                  "batchgen": lambda: phase_batchgen(a[0], a[1], int(a[2])),
+                  "batchgen": lambda: phase_batchgen(a[0], a[1], int(a[2]), cuda_graphs=a[3:] != ["eager"]),
                   "small": lambda: phase_small(a[0], a[1], a[2] if len(a) > 2 else "auto")}[args.phase]()
         write_json(args.phase_out, result)
         return
@@ -334,7 +336,10 @@ def main() -> None:
                     run["bound_at_rows_that_fit"] = bound["bound_at_rows_that_fit"]
                     run["fraction_of_rows_bound"] = round(run["tok_s"] / bound["bound_at_rows_that_fit"], 3)
         else:
-            row["batchgen"] = run_phase(args.out, "batchgen", name, device, str(args.num_requests if not args.tiny else 16))
+            num = str(args.num_requests if not args.tiny else 16)
+            row["batchgen"] = run_phase(args.out, "batchgen", name, device, num)
+            if args.eager:  # the same engine with decode steps launched op by op: what CUDA graphs buy
+                row["batchgen_eager"] = run_phase(args.out, "batchgen", name, device, num, "eager")
             if not args.tiny:
                 row["hf_int8"] = run_phase(args.out, "hf", name, child=child)
                 best = (row["hf_int8"].get("best") or {}).get("tok_s")

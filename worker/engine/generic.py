@@ -161,6 +161,9 @@ class GenericEngine:
                      decode_steps=("CUDA graphs" if self._eager_reason == "" else
                                    f"eager ({self._eager_reason or 'no decode yet'})"),
                      kv_bytes=self.batch.kv_bytes() if self.batch else 0)
+        if self.graphs is not None and self.graphs.graphs is not None:
+            extra.update(decode_graphs=len(self.graphs.graphs.graphs),
+                         graph_capture_s=round(self.graphs.graphs.capture_s, 2))
         if self.int8 is not None:
             extra.update(self.int8.stats())
         if self.kv_stream is not None:
