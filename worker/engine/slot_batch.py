@@ -262,9 +262,10 @@ def _zeros(like: torch.Tensor, rows: int, columns: int, dtype: torch.dtype | Non
     """Zeros, not empty: padding columns are masked, and a masked NaN would still poison eager softmax sums.
     host: in host memory, pinned where there is a GPU to copy to."""
     _, heads, _, head_dim = like.shape
-    device = "cpu" if host else like.device
-    out = torch.zeros(rows, heads, columns, head_dim, dtype=dtype or like.dtype, device=device)
-    return out.pin_memory() if host and torch.cuda.is_available() else out
+    if host:  # allocated pinned: a pageable tensor then pinned would be written twice
+        return torch.zeros(rows, heads, columns, head_dim, dtype=dtype or like.dtype,
+                           pin_memory=torch.cuda.is_available())
+    return torch.zeros(rows, heads, columns, head_dim, dtype=dtype or like.dtype, device=like.device)
 
 
 def _calibrate(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
