@@ -10,7 +10,9 @@ from batchgen.worker.engine.generic import GenericEngine
 from batchgen.worker.engine.protocol import GenerationRequest
 from batchgen.worker.engine.slot_graphs import SlotDecodeGraphs, graphable
 from batchgen.worker.factory import build_llm_engine
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig
+from transformers.utils import import_utils
 
 from tests.models import write_tiny_model
 from tests.test_slot_batch import MAX_MODEL_LEN, hf_greedy, prompt, wanted
@@ -62,3 +64,69 @@ def test_cpu_engine_decodes_eagerly(demo_model_dir, tmp_path):
     while engine.num_unfinished:
         engine.step()
     assert engine._eager_reason == "no CUDA" and engine.graphs is None
+
+
+# What breaks a CUDA graph capture, seen on CPU: a host read of a device value, or a tensor made from Python data
+# (on CUDA a copy from pageable memory).
+CAPTURE_BREAKERS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal", "aten::lift_fresh"}
+
+
+class _CaptureBreakers(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in CAPTURE_BREAKERS:
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch,breakers", [(arch, []) for arch in ("bloom", "gpt2", "opt", "gpt_neox", "gpt_bigcode",
+                                                                   "mpt", "gptj")]
+                         + [("falcon", ["aten::lift_fresh"] * 4)])  # its K/V split indexes with Python lists
+def test_static_decode_forward_is_capturable(arch, breakers, demo_model_dir, tmp_path, monkeypatch):
+    """The static forward, int8 kernels included, neither syncs with the host nor copies Python data in (Falcon's
+    does: its capture fails on CUDA, and the engine decodes eagerly)."""
+    path = write_tiny_model(tmp_path, arch, demo_model_dir)
+    monkeypatch.setattr(GenericEngine, "_why_eager", lambda self: "")
+    spies = []
+    forward = SlotDecodeGraphs._forward
+
+    def spied(self, ids, positions, width):
+        # transformers skips its data-dependent mask shortcuts while a CUDA stream captures: as it would be then
+        with monkeypatch.context() as capturing, _CaptureBreakers() as spy:
+            capturing.setattr(import_utils, "is_cuda_stream_capturing", lambda: True)
+            out = forward(self, ids, positions, width)
+        spies.append(spy.seen)
+        return out
+
+    monkeypatch.setattr(SlotDecodeGraphs, "_forward", spied)
+    engine = build_llm_engine(EngineConfig(model=str(path), max_model_len=64, int8_threshold=0.5))
+    engine.add([GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=prompt(i), params=SamplingParams(
+        max_tokens=3, temperature=0, ignore_eos=True))) for i in range(3)])
+    while engine.num_unfinished:
+        engine.step()
+    assert engine.int8 is not None and len(spies) == 2
+    assert spies == [breakers, breakers], spies
+
+
+def test_failed_capture_goes_on_eagerly(demo_model_dir, tmp_path, monkeypatch):
+    """A forward that cannot be captured costs one warning: that step and the rest run eagerly, output unchanged."""
+    path = write_tiny_model(tmp_path, "gpt2", demo_model_dir)
+    monkeypatch.setattr(GenericEngine, "_why_eager", lambda self: "")
+
+    def fails(self, tokens):
+        raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+
+    monkeypatch.setattr(SlotDecodeGraphs, "run", fails)
+    engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_model_len=MAX_MODEL_LEN))
+    engine.add([GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=prompt(i), params=SamplingParams(
+        max_tokens=wanted(i), temperature=0, ignore_eos=True))) for i in range(4)])
+    texts = {}
+    while engine.num_unfinished:
+        texts |= {r.key: r.text for r in engine.step()}
+    assert engine.stats().extra["decode_steps"].startswith("eager (capture failed: RuntimeError: Cannot copy")
+    for i in range(4):
+        ids = engine.tokenizer(prompt(i))["input_ids"]
+        assert texts[f"r{i}"] == engine.tokenizer.decode(hf_greedy(path, ids, wanted(i)), skip_special_tokens=True)

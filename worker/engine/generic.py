@@ -236,7 +236,8 @@ class GenericEngine:
             self._eager_reason = f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"
             log.warning("generic decode: CUDA graph capture failed, eager from now on (%s)", self._eager_reason)
             self.graphs = None
-            torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             return decode(self.model, self.calls, self.batch, tokens)
 
     def _why_eager(self) -> str:
