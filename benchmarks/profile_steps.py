@@ -89,16 +89,17 @@ def _add(engine, reqs: list) -> None:
     assert not rejected, rejected[0].error
 
 
-def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int, steps: int) -> dict:
+def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int, steps: int,
+              max_model_len: int = MAX_MODEL_LEN) -> dict:
     out = {}
     # one request alone: its prefill and a few decode steps first (kernels compiled, graphs captured)
-    _add(engine, _requests(_prompts(1, 128, vocab, 0), MAX_MODEL_LEN - 128, "s"))
+    _add(engine, _requests(_prompts(1, min(128, max_model_len // 2), vocab, 0), max_model_len - min(128, max_model_len // 2), "s"))
     for _ in range(4):
         engine.step()
     out["single"] = profile(engine, steps)
     engine.abort(["s0"])
     # a steady decode: every row admitted and prefilled before the profile
-    _add(engine, _requests(_prompts(rows, prompt, vocab, 1), MAX_MODEL_LEN - prompt, "d"))
+    _add(engine, _requests(_prompts(rows, prompt, vocab, 1), max_model_len - prompt, "d"))
     target = min(rows, engine.scheduler.max_batch_size)
     for _ in range(10 * rows):  # bounded: an admission rule that holds rows back must not hang the benchmark
         if len(engine.scheduler.running) >= target and all(s.output_ids for s in engine.scheduler.running.values()):
@@ -128,6 +129,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="the tiny BLOOM and Qwen3 shapes on CPU")
+    parser.add_argument("--small-vram", default="",
+                        help="small-VRAM mode under a 6 GiB cap, with these engine options as key=value pairs "
+                             "(e.g. kv_cache_dtype=fp8,stream_kv=1); use with --models bloom-13b --rows 64 "
+                             "--prompt 128 --max-model-len 192")
+    parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
     args = parser.parse_args()
 
     from batchgen.worker.engine.config import EngineConfig
@@ -150,11 +156,19 @@ def main() -> None:
             models.build(name, device)
             path = models.model_dir(name)
         start = time.perf_counter()
-        engine = build_llm_engine(EngineConfig(model=str(path), device=device, max_model_len=MAX_MODEL_LEN))
+        options: dict = {}
+        if args.small_vram:
+            options = {"max_vram_bytes": models.CAP_BYTES, "offload": True}
+            for pair in args.small_vram.split(","):
+                key, _, value = pair.partition("=")
+                options[key] = bool(int(value)) if key == "stream_kv" else value
+        engine = build_llm_engine(EngineConfig(model=str(path), device=device, max_model_len=args.max_model_len,
+                                               **options))
         load_s = round(time.perf_counter() - start, 1)
         prefill_tokens = engine.scheduler.max_prefill_tokens
         row = {"engine": type(engine).__name__, "load_s": load_s, "max_prefill_tokens": prefill_tokens}
-        row |= scenarios(engine, VOCAB_SIZE, rows=rows, prompt=prompt, prefill_tokens=prefill_tokens, steps=steps)
+        row |= scenarios(engine, VOCAB_SIZE, rows=rows, prompt=prompt, prefill_tokens=prefill_tokens, steps=steps,
+                         max_model_len=args.max_model_len)
         row["decode_steps"] = engine.stats().extra.get("decode_steps", "CUDA graphs (fast path)")
         report["models"][name] = row
         print(name, json.dumps({k: ({kk: v[kk] for kk in ("wall_ms_per_step", "device_ms_per_step", "device_busy")}
