@@ -100,10 +100,13 @@ def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int
     engine.abort(["s0"])
     # a steady decode: every row admitted and prefilled before the profile
     _add(engine, _requests(_prompts(rows, prompt, vocab, 1), max_model_len - prompt, "d"))
-    target = min(rows, engine.scheduler.max_batch_size)
-    for _ in range(10 * rows):  # bounded: an admission rule that holds rows back must not hang the benchmark
-        if len(engine.scheduler.running) >= target and all(s.output_ids for s in engine.scheduler.running.values()):
+    # until a step admits no one (the batch as full as the admission rule lets it get) and every row has decoded
+    before = -1
+    for _ in range(10 * rows):
+        running = engine.scheduler.running
+        if len(running) == before and all(s.output_ids for s in running.values()):
             break
+        before = len(running)
         engine.step()
     engine.step()
     out["decode"] = profile(engine, steps) | {"rows": len(engine.scheduler.running),
