@@ -130,3 +130,21 @@ def test_failed_capture_goes_on_eagerly(demo_model_dir, tmp_path, monkeypatch):
     for i in range(4):
         ids = engine.tokenizer(prompt(i))["input_ids"]
         assert texts[f"r{i}"] == engine.tokenizer.decode(hf_greedy(path, ids, wanted(i)), skip_special_tokens=True)
+
+
+def test_a_new_outlier_path_drops_the_decode_graphs(demo_model_dir, tmp_path, monkeypatch):
+    """An input's first outlier column sends its linears down the dense path, which graphs captured before skip."""
+    path = write_tiny_model(tmp_path, "bloom", demo_model_dir)
+    monkeypatch.setattr(GenericEngine, "_why_eager", lambda self: "")
+    engine = build_llm_engine(EngineConfig(model=str(path), max_model_len=64))
+    opened = iter([False, False, True])  # the guard opens a column after the second decode step
+    monkeypatch.setattr(engine.int8, "poll", lambda num_tokens: next(opened, False))
+    engine.add([GenerationRequest("a", Request(custom_id="a", prompt="the quick fox", params=SamplingParams(
+        max_tokens=6, temperature=0, ignore_eos=True)))])
+    seen = []
+    while engine.num_unfinished:
+        engine.step()
+        seen.append(engine.graphs)
+    # the prefill (no graphs yet), a decode on the first graphs, the one after which the guard opens, a recapture
+    assert seen[0] is None and seen[1] is not None and seen[2] is None
+    assert seen[3] is not None and seen[3] is not seen[1]

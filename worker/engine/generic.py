@@ -130,8 +130,11 @@ class GenericEngine:
                     self._merge(groups, [batch for _, batch in prefilled])
             except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
                 return self._on_oom(seqs, prefill=bool(admitted))
-        if self.int8 is not None:  # sampling synced: the guard's reduction costs no GPU wait
-            self.int8.poll(sum(s.num_prompt_tokens for s in admitted) if admitted else len(seqs))
+        # sampling synced: the guard's reduction costs no GPU wait; an input's first outlier column changes its
+        # linears' path, which captured decode graphs skipped: they are captured again
+        if self.int8 is not None and self.int8.poll(sum(s.num_prompt_tokens for s in admitted) if admitted
+                                                    else len(seqs)):
+            self.graphs = None
         self._last_batch = len(seqs)
         self._rate.add(len(seqs))
         results = [r for seq, token, logprobs in zip(seqs, sampled.tokens, sampled.logprobs, strict=True)
