@@ -30,6 +30,7 @@ from batchgen.worker.engine.setup import (
 )
 from batchgen.worker.offload.hook_stream import int8_model_bytes
 from batchgen.worker.offload.host_attention import Kernel, cache_bytes
+from batchgen.worker.offload.host_head import HostEmbedding
 from batchgen.worker.offload.host_kv import measure_cpu_attention_cost
 from batchgen.worker.offload.host_runner import HostAttentionRunner
 from batchgen.worker.offload.layer_stream import LayerStreamer, layer_bytes
@@ -75,21 +76,6 @@ def streaming_prefill_tokens(config, dtype_bytes: int, host_bytes: int | None) -
     return max(STREAMING_PREFILL_GROUP_TOKENS, min(STREAMING_MAX_PREFILL_TOKENS, host_bytes // 8 // per_token))
 
 
-class HostEmbedding(torch.nn.Module):
-    """The token embedding table in host memory, its looked-up rows sent to the device: a step reads a few rows,
-    so on a small card the table would take a resident decoder layer's room for nothing. CUDA token ids cost one
-    sync (prefill and eager decode; the piecewise decode passes host ids)."""
-
-    def __init__(self, embed: torch.nn.Embedding, device: torch.device, dtype: torch.dtype):
-        super().__init__()
-        self.weight = torch.nn.Parameter(embed.weight.detach().to("cpu", dtype), requires_grad=False)
-        self.padding_idx, self.device = embed.padding_idx, device
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = torch.nn.functional.embedding(ids.cpu(), self.weight, self.padding_idx)
-        return rows.to(self.device, non_blocking=True)
-
-
 def streamed_parts(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> LlamaParts:
     """The forward's parts of a host-loaded model: final norm and lm_head copied to the device (in the compute dtype
     whatever the loader left them in: a CPU-attention kernel compiling in another thread can race with
@@ -97,7 +83,9 @@ def streamed_parts(model: torch.nn.Module, device: torch.device, dtype: torch.dt
     streamer (set as layer_executor)."""
     parts = LlamaParts.from_hf(model)
     parts.norm, parts.lm_head = (copy.deepcopy(m).to(device, dtype) for m in (parts.norm, parts.lm_head))
-    parts.embed = HostEmbedding(parts.embed, device, dtype)
+    # the table stays in host memory: a step reads a few rows, which on a small card would take a resident
+    # decoder layer's room for nothing (the piecewise decode passes host ids: no sync there)
+    parts.embed = HostEmbedding(parts.embed.to("cpu", dtype), device)
     parts.rotary = copy.deepcopy(parts.rotary).to(device)  # its inverse frequencies stay float32
     return parts
 

@@ -16,7 +16,8 @@ CHUNK_BYTES = 64 * 2**20  # one chunk's weight rows: small next to the cap, larg
 
 
 class HostEmbedding(torch.nn.Module):
-    """The model's own input embedding module, run on the host (scaled embeddings keep their scale)."""
+    """An input embedding module run on the host, its looked-up rows sent to the device (scaled embeddings keep
+    their scale): both small-VRAM paths keep the table off the card. CUDA token ids cost one sync."""
 
     def __init__(self, inner: torch.nn.Module, device: torch.device):
         super().__init__()

@@ -82,7 +82,7 @@ class PiecewiseDecode:
         pad = [0] * (halves[-1][0] + halves[-1][2] - n)
         inputs = torch.tensor([tokens + pad, positions + pad])
         self.inputs[:, :inputs.shape[1], 0].copy_(inputs)
-        # outside the graphs: the table may live on the host (offload.HostEmbedding), which a graph cannot read
+        # outside the graphs: the table may live on the host (host_head.HostEmbedding), which a graph cannot read
         self.embedded[:inputs.shape[1]].copy_(self.parts.embed(inputs[0, :, None].to(self.parts.embed.weight.device)))
         pieces = iter(schedule)
         i = next(pieces, None)
