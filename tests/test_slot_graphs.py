@@ -4,6 +4,7 @@ must stay HF generate's (fp32, exact) through joins, leaves and window moves, fo
 positions, multi-query and parallel-attention layers."""
 
 import pytest
+import torch
 from batchgen.jobs.schema import Request, SamplingParams
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.generic import GenericEngine
@@ -148,3 +149,24 @@ def test_a_new_outlier_path_drops_the_decode_graphs(demo_model_dir, tmp_path, mo
     # the prefill (no graphs yet), a decode on the first graphs, the one after which the guard opens, a recapture
     assert seen[0] is None and seen[1] is not None and seen[2] is None
     assert seen[3] is not None and seen[3] is not seen[1]
+
+
+@pytest.mark.parametrize("arch", ["bloom", "gpt2"])
+def test_static_decode_with_fp8_slots_answers_like_the_eager_one(arch, demo_model_dir, tmp_path, monkeypatch):
+    """fp8 slots: the new column quantized into place (as bytes), the attended width dequantized; same tokens as the
+    eager step over the same fp8 slots."""
+    path = write_tiny_model(tmp_path, arch, demo_model_dir)
+    texts = {}
+    for mode in ("eager", "static"):
+        if mode == "static":
+            monkeypatch.setattr(GenericEngine, "_why_eager", lambda self: "")
+        engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_batch_size=12,
+                                               max_model_len=MAX_MODEL_LEN, kv_cache_dtype="fp8"))
+        engine.add([GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=prompt(i), params=SamplingParams(
+            max_tokens=wanted(i), temperature=0, ignore_eos=True))) for i in range(16)])
+        texts[mode] = {}
+        while engine.num_unfinished:
+            texts[mode] |= {r.key: r.text for r in engine.step()}
+        assert (engine.graphs is not None) == (mode == "static")
+        assert engine.batch is None and engine._idle.layers[0].key_slots.dtype == torch.float8_e4m3fn
+    assert texts["static"] == texts["eager"]

@@ -251,8 +251,6 @@ class GenericEngine:
             return "fault injection"
         if self.streamer is not None or self.kv_stream is not None:
             return "streamed layers"
-        if self.cfg.kv_cache_dtype == "fp8":
-            return "fp8 K/V"
         return graphable(self.model.config.get_text_config()) or ""
 
     def _append(self, seq: Sequence, token: int, logprobs) -> GenerationResult | None:

@@ -73,9 +73,12 @@ class SlotLayer(DynamicLayer):
         if self.static is not None:  # every shape and address fixed, the column a tensor: a CUDA graph can hold it
             rows, width, column = self.static
             edge = self.key_slots.shape[2]
-            for slots, x in ((self.key_slots, key_states), (self.value_slots, value_states)):
+            for which, (slots, x) in enumerate(((self.key_slots, key_states), (self.value_slots, value_states))):
+                if self.scales is not None:  # fp8: index_copy_ has no float8 kernel; the bytes are the same
+                    slots, x = slots.view(torch.uint8), _to_fp8(x, self.scales[which]).view(torch.uint8)
                 slots[:rows].index_copy_(2, column, x)
-            return self.key_slots[:rows, :, edge - width :], self.value_slots[:rows, :, edge - width :]
+            self.keys, self.values = self.key_slots[:rows, :, edge - width :], self.value_slots[:rows, :, edge - width :]
+            return self._attended()
         q, n, end = key_states.shape[-2], self.num_rows, self.end
         slots = (self.key_slots, self.value_slots) if self.stage is None else self.stage
         for which, (target, x) in enumerate(zip(slots, (key_states, value_states), strict=True)):
@@ -84,6 +87,10 @@ class SlotLayer(DynamicLayer):
                 self.columns_out[which][:n].copy_(target[:n, :, end : end + q], non_blocking=True)
         self.end = end + q
         self.keys, self.values = (t[:n, :, self.start : self.end] for t in slots)
+        return self._attended()
+
+    def _attended(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the forward attends over: the stored views, or fp8 ones dequantized."""
         if self.scales is None:
             return self.keys, self.values
         return tuple(t.to(self.dtype) * s.to(self.dtype) for t, s in zip((self.keys, self.values), self.scales,

@@ -10,7 +10,7 @@ here the HF forward itself is captured, which needs every shape and address fixe
   the new one); the new K/V column is written at a device index (SlotLayer.show_static).
 The mask and the rows' positions go in as tensors, so ALiBi (from the mask), rotary and learned positions (from
 position ids) come out as in the eager step. A sliding window or local attention is measured from the last
-column, which is not the new one here: such models stay eager, as do fp8 and host-streamed slots. A forward that
+column, which is not the new one here: such models stay eager, as do host-streamed slots. A forward that
 reads a device value on the host or indexes with Python data (Falcon's multi-query split) fails to capture and
 the engine goes on eagerly.
 """
