@@ -145,7 +145,7 @@ def _drain(engine, prompts: list[list[int]], max_tokens: list[int]) -> tuple[flo
 def phase_batchgen(name: str, device: str, num_requests: int, cuda_graphs: bool = True) -> dict:
     reqs = workload(num_requests, prompt_len=(32, 256), max_tokens=(32, 128))
     engine, load_s = _engine(name, device, cuda_graphs=cuda_graphs)
-    _drain(engine, [r.prompt_ids for r in reqs[:8]], [4] * 8)  # kernels compiled, allocator grown
+    _drain(engine, [r.prompt_ids for r in reqs[:8]], [4] * len(reqs[:8]))  # kernels compiled, allocator grown
     with PeakVram() if device == "cuda" else _NoVram() as vram:
         elapsed, tokens = _drain(engine, [r.prompt_ids for r in reqs], [r.max_tokens for r in reqs])
         # the same workload again on the same engine: the generic path's decode graphs are captured by now
@@ -352,7 +352,8 @@ def main() -> None:
                     row["warm_ratio_vs_hf_best"] = round(row["batchgen"]["tok_s_warm"] / best, 2)
         report["models"][name] = row
         print(name, json.dumps({k: (v if not isinstance(v, dict) else {kk: v.get(kk) for kk in (
-            "tok_s", "rows", "path", "peak_vram_gib", "best", "error", "cap_held")}) for k, v in row.items()}), flush=True)
+            "tok_s", "tok_s_warm", "rows", "path", "peak_vram_gib", "best", "error", "cap_held")})
+            for k, v in row.items()}), flush=True)
         if args.small_vram:
             runs = {k: v.get("tok_s") for k, v in row.items() if k.startswith("batchgen_6gib")}
             print(f"{name} under 6 GiB: {runs} tok/s; PCIe bound {row.get('bound_tok_s', 'n/a (no GPU)')} tok/s",

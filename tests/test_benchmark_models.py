@@ -43,3 +43,14 @@ def test_the_step_profiler_runs_end_to_end_on_cpu(tmp_path):
         assert row["decode"]["rows"] == 8 and row["prefill"]["prompts"] > 1
         for name in ("single", "decode", "prefill"):
             assert row[name]["wall_ms_per_step"] > 0 and row[name]["top_host_ops"], name
+
+
+def test_the_batchgen_phase_reports_a_cold_and_a_warm_run(tmp_path, monkeypatch):
+    """The same workload twice on one engine: the second run's tok/s (the generic path's graphs captured) apart."""
+    from benchmarks import models
+
+    monkeypatch.setattr(models, "model_dir", lambda name: tmp_path / name)
+    models.build("tiny-bloom", "cpu")
+    run = models.phase_batchgen("tiny-bloom", "cpu", 6)
+    assert run["path"] == "generic" and run["tokens"] > 6 * 31
+    assert run["tok_s"] > 0 and run["tok_s_warm"] > 0 and run["warm_elapsed_s"] > 0
