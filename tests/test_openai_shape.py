@@ -293,7 +293,8 @@ def test_the_start_up_block_of_the_8bit_engine_names_what_runs_where(demo_model_
     block = startup_block(stats, cfg).splitlines()
     assert block[0] == f"engine up: 'demo' ({demo_model_dir})"
     shown = {line.split(maxsplit=1)[0] for line in block[1:]}
-    assert shown == {"engine", "device", "compute", "int8", "VRAM", "KV", "max_model_len", "rows"}
+    assert shown == {"engine", "device", "compute", "int8", "VRAM", "KV", "max_model_len", "decode", "rows"}
+    assert "  decode steps   eager" in block  # CUDA graphs need a GPU
     assert f"  KV bytes/token {stats.extra['kv_bytes_per_token']:,}" in block
     assert "  VRAM           n/a (not a GPU), reserve 500 MiB" in block
 

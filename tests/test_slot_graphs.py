@@ -6,11 +6,13 @@ positions, multi-query and parallel-attention layers."""
 import pytest
 import torch
 from batchgen.jobs.schema import Request, SamplingParams
+from batchgen.worker.config import WorkerConfig
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.generic import GenericEngine
 from batchgen.worker.engine.protocol import GenerationRequest
 from batchgen.worker.engine.slot_graphs import SlotDecodeGraphs, graphable
 from batchgen.worker.factory import build_llm_engine
+from batchgen.worker.startup import startup_block
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig
 from transformers.utils import import_utils
@@ -65,6 +67,8 @@ def test_cpu_engine_decodes_eagerly(demo_model_dir, tmp_path):
     while engine.num_unfinished:
         engine.step()
     assert engine._eager_reason == "no CUDA" and engine.graphs is None
+    cfg = WorkerConfig(EngineConfig(model=str(path)))
+    assert "  decode steps   eager (no CUDA)" in startup_block(engine.stats(), cfg).splitlines()
 
 
 # What breaks a CUDA graph capture, seen on CPU: a host read of a device value, or a tensor made from Python data

@@ -36,6 +36,8 @@ def startup_facts(stats: EngineStats, cfg: WorkerConfig) -> dict[str, Any]:
         "max_model_len": extra.get("max_model_len"),
         "num_kv_blocks": extra.get("num_kv_blocks"),
         "kv_block_size": extra.get("kv_block_size"),
+        "decode_steps": extra.get("decode_steps") or (
+            None if "cuda_graphs" not in extra else "CUDA graphs" if extra["cuda_graphs"] else "eager"),
     }
     if device.startswith("cuda"):
         facts["device"] = f"{device} ({_gpu_name(device)})"
@@ -58,6 +60,8 @@ def startup_block(stats: EngineStats, cfg: WorkerConfig) -> str:
                   f"  KV bytes/token {_or_dash(f['kv_bytes_per_token'])}"
                   + (f" ({f['kv_cache_dtype']})" if f["kv_cache_dtype"] not in (None, "auto") else ""),
                   f"  max_model_len  {_or_dash(f['max_model_len'])}"]
+        if f["decode_steps"]:
+            lines.append(f"  decode steps   {f['decode_steps']}")
         if f["num_kv_blocks"]:  # a paged cache: rows reserve blocks for what they reach, not max_model_len each
             lines.append(f"  KV blocks      {f['num_kv_blocks']:,} of {f['kv_block_size']} tokens (paged)")
     lines.append(f"  rows           {f['max_rows']} (max batch size)")

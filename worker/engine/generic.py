@@ -161,8 +161,7 @@ class GenericEngine:
         extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, num_joins=self._num_joins,
                      device=str(self.device),
                      engine_path="generic", kv_cache_dtype=self.cfg.kv_cache_dtype,
-                     decode_steps=("CUDA graphs" if self._eager_reason == "" else
-                                   f"eager ({self._eager_reason or 'no decode yet'})"),
+                     decode_steps=self.decode_steps(),
                      kv_bytes=self.batch.kv_bytes() if self.batch else 0)
         if self.graphs is not None and self.graphs.graphs is not None:
             extra.update(decode_graphs=len(self.graphs.graphs.graphs),
@@ -242,6 +241,11 @@ class GenericEngine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             return decode(self.model, self.calls, self.batch, tokens)
+
+    def decode_steps(self) -> str:
+        """How decode steps run: "CUDA graphs", or "eager (why)"."""
+        reason = self._why_eager() if self._eager_reason is None else self._eager_reason
+        return "CUDA graphs" if not reason else f"eager ({reason})"
 
     def _why_eager(self) -> str:
         """Why decode steps run eagerly; empty where they can be captured."""
