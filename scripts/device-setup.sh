@@ -2,6 +2,9 @@
 # On the lent GPU machine (see ../shared/GPU.md): install the carried wheels (.whl) into /tmp/site and
 # make `batchgen.*` importable from this checkout. Use as:
 #   source scripts/device-setup.sh && python3 -m benchmarks.bulk ...
+# WHEELS=<dir> installs another carried set instead: e.g. one with a newer transformers than the image's (the
+# generic path's CUDA graphs need >= 5.24 for BLOOM) in place of the wheels a benchmark does not import (valkey,
+# xgrammar, jsonschema), to stay within the 64 MiB a call carries.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS:-.whl}"/*.whl || return 1
 mkdir -p .devpkg/batchgen
 for part in jobs producer worker; do ln -sfn "$PWD/$part" ".devpkg/batchgen/$part"; done
