@@ -15,16 +15,12 @@ reads a device value on the host or indexes with Python data (Falcon's multi-que
 the engine goes on eagerly.
 """
 
-import logging
-
 import torch
 from batchgen.worker.engine.cuda_graphs import DecodeGraphs
 from batchgen.worker.engine.padded_batch import ModelCalls, forward
 from batchgen.worker.engine.slot_batch import SlotBatch
 
 WIDTH_BUCKETS = 8  # attended columns: multiples of 1/8 of the slots, so at most 1/8 of them is read in vain
-
-log = logging.getLogger("batchgen.engine")
 
 
 def graphable(config) -> str | None:
