@@ -20,6 +20,7 @@ written once to /tmp on the GPU, each configuration in its own process so NVML's
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import re
@@ -124,7 +125,10 @@ def _engine(name: str, device: str, **kwargs):
     return engine, round(time.perf_counter() - start, 1)
 
 
-def _drain(engine, prompts: list[list[int]], max_tokens: list[int]) -> tuple[float, int]:
+def _drain(engine, prompts: list[list[int]], max_tokens: list[int],
+           texts: dict[str, str] | None = None) -> tuple[float, int]:
+    """Runs the requests through the engine (fed as it asks); seconds and completion tokens. texts: each
+    request's output text by key, when given."""
     from batchgen.jobs.schema import Request, SamplingParams
     from batchgen.worker.engine.protocol import GenerationRequest
 
@@ -139,6 +143,8 @@ def _drain(engine, prompts: list[list[int]], max_tokens: list[int]) -> tuple[flo
         for r in engine.step():
             assert r.error is None, r.error
             tokens += r.completion_tokens
+            if texts is not None:
+                texts[r.key] = r.text
     return time.perf_counter() - start, tokens
 
 
@@ -147,7 +153,8 @@ def phase_batchgen(name: str, device: str, num_requests: int, cuda_graphs: bool 
     engine, load_s = _engine(name, device, cuda_graphs=cuda_graphs)
     _drain(engine, [r.prompt_ids for r in reqs[:8]], [4] * len(reqs[:8]))  # kernels compiled, allocator grown
     with PeakVram() if device == "cuda" else _NoVram() as vram:
-        elapsed, tokens = _drain(engine, [r.prompt_ids for r in reqs], [r.max_tokens for r in reqs])
+        texts: dict[str, str] = {}
+        elapsed, tokens = _drain(engine, [r.prompt_ids for r in reqs], [r.max_tokens for r in reqs], texts)
         # the same workload again on the same engine: the generic path's decode graphs are captured by now
         warm_s, _ = _drain(engine, [r.prompt_ids for r in reqs], [r.max_tokens for r in reqs])
     assert tokens == sum(r.max_tokens for r in reqs), tokens
@@ -155,6 +162,8 @@ def phase_batchgen(name: str, device: str, num_requests: int, cuda_graphs: bool 
     return {"engine": type(engine).__name__, "path": extra.get("engine_path", "fast"), "load_s": load_s,
             "elapsed_s": round(elapsed, 2), "tok_s": round(tokens / elapsed, 1), "tokens": tokens,
             "warm_elapsed_s": round(warm_s, 2), "tok_s_warm": round(tokens / warm_s, 1),
+            # each output's digest: the graphs and eager runs compared request by request
+            "digests": {k: hashlib.sha256(v.encode()).hexdigest()[:16] for k, v in sorted(texts.items())},
             "rows": engine.stats().max_batch_size, "peak_vram_gib": vram.peak_gib,
             "int8_kernel": extra.get("int8_kernel"), "stats": extra}
 
@@ -344,6 +353,11 @@ def main() -> None:
             row["batchgen"] = run_phase(args.out, "batchgen", name, device, num)
             if args.eager:  # the same engine with decode steps launched op by op: what CUDA graphs buy
                 row["batchgen_eager"] = run_phase(args.out, "batchgen", name, device, num, "eager")
+                graphs, eager = (row[k].get("digests", {}) for k in ("batchgen", "batchgen_eager"))
+                # int8 batches near a tie may flip a token whatever the kernels; most outputs should match
+                row["graphs_equal_eager"] = f"{sum(graphs.get(k) == d for k, d in eager.items())} of {len(eager)}"
+            for run in (row["batchgen"], row.get("batchgen_eager", {})):
+                run.pop("digests", None)  # compared; the report keeps the count
             if not args.tiny:
                 row["hf_int8"] = run_phase(args.out, "hf", name, child=child)
                 best = (row["hf_int8"].get("best") or {}).get("tok_s")

@@ -54,3 +54,4 @@ def test_the_batchgen_phase_reports_a_cold_and_a_warm_run(tmp_path, monkeypatch)
     run = models.phase_batchgen("tiny-bloom", "cpu", 6)
     assert run["path"] == "generic" and run["tokens"] > 6 * 31
     assert run["tok_s"] > 0 and run["tok_s_warm"] > 0 and run["warm_elapsed_s"] > 0
+    assert len(run["digests"]) == 6  # each output's digest, for the graphs-vs-eager comparison
