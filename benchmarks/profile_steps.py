@@ -40,15 +40,19 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def profile(engine, num_steps: int) -> dict:
-    """num_steps engine steps under the profiler: per-step wall and kernel time, the top kernels and host ops."""
+STACK_DEPTH = 4  # --stacks: the Python frames that tell one caller of an op from another
+
+
+def profile(engine, num_steps: int, stacks: bool = False) -> dict:
+    """num_steps engine steps under the profiler: per-step wall and kernel time, the top kernels and host ops;
+    stacks: also the top host ops by their Python call site (which copy_ blocks the host, say)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     _sync()
-    with torch.profiler.profile(activities=activities) as prof:
+    with torch.profiler.profile(activities=activities, with_stack=stacks) as prof:
         start = time.perf_counter()
         for _ in range(num_steps):
             engine.step()
@@ -65,12 +69,36 @@ def profile(engine, num_steps: int) -> dict:
     device_ms = sum(device_us(e) for e in kernels) / 1e3 / num_steps
     host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
     wall_ms = wall * 1e3 / num_steps
-    return {"steps": num_steps, "wall_ms_per_step": round(wall_ms, 3), "device_ms_per_step": round(device_ms, 3),
+    out = {"top_host_sites": _call_sites(prof.events(), num_steps)} if stacks else {}
+    return out | {"steps": num_steps, "wall_ms_per_step": round(wall_ms, 3), "device_ms_per_step": round(device_ms, 3),
             "device_busy": round(device_ms / wall_ms, 3) if device_ms else None,
             "top_kernels": [{"name": e.key[:120], "ms_per_step": round(device_us(e) / 1e3 / num_steps, 4),
                              "calls_per_step": round(e.count / num_steps, 2)} for e in kernels[:TOP]],
             "top_host_ops": [{"name": e.key[:120], "ms_per_step": round(e.self_cpu_time_total / 1e3 / num_steps, 4),
                               "calls_per_step": round(e.count / num_steps, 2)} for e in host[:TOP]]}
+
+
+def _call_sites(events, num_steps: int) -> list[dict]:
+    """Host time of each op by its Python call site: the op and the first STACK_DEPTH Python frames above it
+    (with_stack records frames as parent events)."""
+    from collections import defaultdict
+
+    time_us: dict[tuple, float] = defaultdict(float)
+    calls: dict[tuple, int] = defaultdict(int)
+    for e in events:
+        if ".py(" in e.name or e.name.startswith("<built-in"):
+            continue  # a Python frame itself
+        frames, parent = [], e.cpu_parent
+        while parent is not None and len(frames) < STACK_DEPTH:
+            if ".py(" in parent.name:
+                frames.append(parent.name)
+            parent = parent.cpu_parent
+        key = (e.name, *frames)
+        time_us[key] += e.self_cpu_time_total
+        calls[key] += 1
+    top = sorted(time_us, key=time_us.get, reverse=True)[:TOP]
+    return [{"name": key[0][:120], "stack": list(key[1:]), "ms_per_step": round(time_us[key] / 1e3 / num_steps, 4),
+             "calls_per_step": round(calls[key] / num_steps, 2)} for key in top]
 
 
 def _free() -> None:
@@ -90,13 +118,13 @@ def _add(engine, reqs: list) -> None:
 
 
 def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int, steps: int,
-              max_model_len: int = MAX_MODEL_LEN) -> dict:
+              max_model_len: int = MAX_MODEL_LEN, stacks: bool = False) -> dict:
     out = {}
     # one request alone: its prefill and a few decode steps first (kernels compiled, graphs captured)
     _add(engine, _requests(_prompts(1, min(128, max_model_len // 2), vocab, 0), max_model_len - min(128, max_model_len // 2), "s"))
     for _ in range(4):
         engine.step()
-    out["single"] = profile(engine, steps)
+    out["single"] = profile(engine, steps, stacks)
     engine.abort(["s0"])
     # a steady decode: every row admitted and prefilled before the profile
     _add(engine, _requests(_prompts(rows, prompt, vocab, 1), max_model_len - prompt, "d"))
@@ -109,7 +137,7 @@ def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int
         before = len(running)
         engine.step()
     engine.step()
-    out["decode"] = profile(engine, steps) | {"rows": len(engine.scheduler.running),
+    out["decode"] = profile(engine, steps, stacks) | {"rows": len(engine.scheduler.running),
                                               "max_rows": engine.scheduler.max_batch_size,
                                               "waiting": len(engine.scheduler.waiting)}
     engine.abort([f"d{i}" for i in range(rows)])
@@ -118,7 +146,7 @@ def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int
     count = max(1, prefill_tokens // per)
     for tag in ("w", "p"):
         _add(engine, _requests(_prompts(count, per, vocab, 2), 1, tag))
-        out["prefill"] = profile(engine, 1) | {"prompts": count, "prompt_tokens": per}
+        out["prefill"] = profile(engine, 1, stacks) | {"prompts": count, "prompt_tokens": per}
         while engine.num_unfinished:
             engine.step()
     return out
@@ -137,6 +165,8 @@ def main() -> None:
                              "(e.g. kv_cache_dtype=fp8,stream_kv=1); use with --models bloom-13b --rows 64 "
                              "--prompt 128 --max-model-len 192")
     parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
+    parser.add_argument("--stacks", action="store_true",
+                        help="also group host ops by Python call site (with_stack; slower, for finding who blocks)")
     args = parser.parse_args()
 
     from batchgen.worker.engine.config import EngineConfig
@@ -171,7 +201,7 @@ def main() -> None:
         prefill_tokens = engine.scheduler.max_prefill_tokens
         row = {"engine": type(engine).__name__, "load_s": load_s, "max_prefill_tokens": prefill_tokens}
         row |= scenarios(engine, VOCAB_SIZE, rows=rows, prompt=prompt, prefill_tokens=prefill_tokens, steps=steps,
-                         max_model_len=args.max_model_len)
+                         max_model_len=args.max_model_len, stacks=args.stacks)
         row["decode_steps"] = engine.stats().extra.get("decode_steps", "CUDA graphs (fast path)")
         report["models"][name] = row
         print(name, json.dumps({k: ({kk: v[kk] for kk in ("wall_ms_per_step", "device_ms_per_step", "device_busy")}

@@ -33,9 +33,9 @@ def test_the_tiny_small_vram_case_runs_end_to_end_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_the_step_profiler_runs_end_to_end_on_cpu(tmp_path):
-    """benchmarks/profile_steps.py --tiny: each scenario profiled, on the generic and the fast path."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_steps", "--tiny", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    """benchmarks/profile_steps.py --tiny --stacks: each scenario profiled, on the generic and the fast path."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.profile_steps", "--tiny", "--stacks", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "profile-tiny.json").read_text())["models"]
     assert {row["engine"] for row in report.values()} == {"GenericEngine", "LLMEngine"}
@@ -43,6 +43,8 @@ def test_the_step_profiler_runs_end_to_end_on_cpu(tmp_path):
         assert row["decode"]["rows"] == 8 and row["prefill"]["prompts"] > 1
         for name in ("single", "decode", "prefill"):
             assert row[name]["wall_ms_per_step"] > 0 and row[name]["top_host_ops"], name
+            # --stacks: host time by call site, each with the Python frames above the op
+            assert any(site["stack"] for site in row[name]["top_host_sites"]), name
 
 
 def test_the_batchgen_phase_reports_a_cold_and_a_warm_run(tmp_path, monkeypatch):
