@@ -1,7 +1,7 @@
 """The generic path's static-shape decode (what its CUDA graphs capture): fixed rows and attended columns, the new
-column at a device index, free rows attending to themselves. On CPU the same forward runs eagerly; greedy output
-must stay HF generate's (fp32, exact) through joins, leaves and window moves, for ALiBi, learned and rotary
-positions, multi-query and parallel-attention layers."""
+column at a device index and as the cache's query offset, free rows attending to themselves. On CPU the same
+forward runs eagerly; greedy output must stay HF generate's (fp32, exact) through joins, leaves and window moves,
+for ALiBi, learned and rotary positions, multi-query, parallel-attention, MoE and sliding-window layers."""
 
 import pytest
 import torch
@@ -15,13 +15,17 @@ from batchgen.worker.factory import build_llm_engine
 from batchgen.worker.startup import startup_block
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoConfig
+from transformers.cache_utils import Cache
 from transformers.utils import import_utils
 
 from tests.models import write_tiny_model
 from tests.test_slot_batch import MAX_MODEL_LEN, hf_greedy, prompt, wanted
 
 
-@pytest.mark.parametrize("arch", ["bloom", "gpt2", "opt", "gpt_neox", "falcon", "gpt_bigcode", "mpt", "gptj"])
+@pytest.mark.parametrize("arch", ["bloom", "gpt2", "opt", "gpt_neox", "falcon", "gpt_bigcode", "mpt", "gptj",
+                                  "gemma3_text",  # sliding layers (window 8) beside full ones, prompts past it
+                                  "mixtral", "qwen2_moe", "starcoder2", "cohere", "phi", "persimmon", "granite",
+                                  "olmo2", "stablelm", "codegen"])  # every other generic-path architecture tested
 def test_static_decode_answers_like_hf_generate(arch, demo_model_dir, tmp_path, monkeypatch):
     path = write_tiny_model(tmp_path, arch, demo_model_dir)
     monkeypatch.setattr(GenericEngine, "_why_eager", lambda self: "")  # CPU: the static forward, uncaptured
@@ -50,13 +54,17 @@ def test_static_decode_answers_like_hf_generate(arch, demo_model_dir, tmp_path, 
         assert texts[f"r{i}"] == expected, (arch, i)
 
 
-@pytest.mark.parametrize("arch,reason", [("mistral_window", "sliding-window attention"),
-                                         ("gemma3_text", "sliding-window attention"),
+@pytest.mark.parametrize("arch,reason", [("mistral_window", None), ("gemma3_text", None),
                                          ("gpt_neo", "local attention layers"), ("bloom", None)])
-def test_windowed_attention_stays_eager(arch, reason, demo_model_dir, tmp_path):
-    """A window is measured from the last attended column, which the static decode's new column is not."""
+def test_only_attention_counted_from_the_last_key_stays_eager(arch, reason, demo_model_dir, tmp_path, monkeypatch):
+    """Sliding windows count from the cache's query offset (the new column); GPT-Neo's local attention from the
+    last key, which the static decode's new column is not. Without the offset hook, windows stay eager too."""
     path = write_tiny_model(tmp_path, arch, demo_model_dir, weights=False)
-    assert graphable(AutoConfig.from_pretrained(path).get_text_config()) == reason
+    config = AutoConfig.from_pretrained(path).get_text_config()
+    assert graphable(config) == reason
+    monkeypatch.delattr(Cache, "get_query_offset")
+    assert graphable(config) == ("sliding-window attention (CUDA graphs of it need transformers >= 5.24)"
+                                 if arch in ("mistral_window", "gemma3_text") else reason)
 
 
 def test_cpu_engine_decodes_eagerly(demo_model_dir, tmp_path):
@@ -88,7 +96,7 @@ class _CaptureBreakers(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("arch,breakers", [(arch, []) for arch in ("bloom", "gpt2", "opt", "gpt_neox", "gpt_bigcode",
-                                                                   "mpt", "gptj")]
+                                                                   "mpt", "gptj", "gemma3_text")]
                          + [("falcon", ["aten::lift_fresh"] * 4)])  # its K/V split indexes with Python lists
 def test_static_decode_forward_is_capturable(arch, breakers, demo_model_dir, tmp_path, monkeypatch):
     """The static forward, int8 kernels included, neither syncs with the host nor copies Python data in (Falcon's

@@ -37,6 +37,17 @@ def slot_columns(max_model_len: int, host: bool = False) -> int:
     return max_model_len + max(8, max_model_len // (HOST_SLACK_DIVISOR if host else SLACK_DIVISOR))
 
 
+class SlotCache(DynamicCache):
+    """The layers' cache as the model sees it. In a static-shape decode the new token's column within the attended
+    width is a device tensor (query_offset), which transformers' mask functions (>= 5.24) read through
+    get_query_offset: causality and sliding windows then count from the new column, not the width's last."""
+
+    query_offset: torch.Tensor | None = None
+
+    def get_query_offset(self, layer_idx: int = 0):
+        return super().get_query_offset(layer_idx) if self.query_offset is None else self.query_offset
+
+
 class SlotLayer(DynamicLayer):
     """One layer's K/V slots; keys/values are the views [rows, heads, start:end] the model attends over (the
     stored ones: fp8 slots hand the forward a dequantized copy instead). scales: (K, V) [1, heads, 1, 1] for fp8."""
@@ -117,7 +128,7 @@ class SlotBatch:
                                  _calibrate(layer) if fp8 else None, layer.keys.dtype)
                        for layer in first.cache.layers]
         self._host_buffers()
-        self.cache = DynamicCache()
+        self.cache = SlotCache()
         self.cache.layers = self.layers
         self.start = self.end = max_model_len
         self.num_row_moves = self.num_window_moves = 0  # rows copied into freed slots; window moves

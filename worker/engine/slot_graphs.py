@@ -9,8 +9,9 @@ here the HF forward itself is captured, which needs every shape and address fixe
   that holds the active window, and a static 2-D mask hides the columns outside each row's tokens (and right of
   the new one); the new K/V column is written at a device index (SlotLayer.show_static).
 The mask and the rows' positions go in as tensors, so ALiBi (from the mask), rotary and learned positions (from
-position ids) come out as in the eager step. A sliding window or local attention is measured from the last
-column, which is not the new one here: such models stay eager, as do host-streamed slots. A forward that
+position ids) come out as in the eager step; the new column's place in the width goes in as the cache's query
+offset, from which transformers' masks count causality and sliding windows. GPT-Neo's local attention, counted
+from the last key whatever the cache says, stays eager, as do host-streamed slots. A forward that
 reads a device value on the host or indexes with Python data (Falcon's multi-query split) fails to capture and
 the engine goes on eagerly.
 """
@@ -19,6 +20,7 @@ import torch
 from batchgen.worker.engine.cuda_graphs import DecodeGraphs
 from batchgen.worker.engine.padded_batch import ModelCalls, forward
 from batchgen.worker.engine.slot_batch import SlotBatch
+from transformers.cache_utils import Cache
 
 WIDTH_BUCKETS = 8  # attended columns: multiples of 1/8 of the slots, so at most 1/8 of them is read in vain
 
@@ -26,12 +28,12 @@ WIDTH_BUCKETS = 8  # attended columns: multiples of 1/8 of the slots, so at most
 def graphable(config) -> str | None:
     """None where the static decode answers as the eager one; else why not."""
     window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True):
-        return "sliding-window attention"
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
-        return "layers with windowed attention"
+    windowed = (bool(window) and getattr(config, "use_sliding_window", True)) or any(
+        t != "full_attention" for t in getattr(config, "layer_types", None) or ())
+    if windowed and not hasattr(Cache, "get_query_offset"):  # the hook SlotCache answers through
+        return "sliding-window attention (CUDA graphs of it need transformers >= 5.24)"
     if any(t != "global" for t in getattr(config, "attention_layers", None) or ()):
-        return "local attention layers"
+        return "local attention layers"  # GPT-Neo's: a bias counted from the last key, whatever the cache says
     return None
 
 
@@ -45,6 +47,7 @@ class SlotDecodeGraphs:
         rows, device = batch.max_rows, batch.layers[0].key_slots.device
         self.mask = torch.zeros(rows, self.columns, dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.offset = torch.zeros((), dtype=torch.long, device=device)  # the new column within the attended width
         step = -(-self.columns // WIDTH_BUCKETS)
         self.widths = sorted({min(self.columns, step * i) for i in range(1, WIDTH_BUCKETS + 1)})
         self.graphs = DecodeGraphs(self._forward, rows, device) if capture else None
@@ -62,6 +65,7 @@ class SlotDecodeGraphs:
         self.column.fill_(end)
         positions = batch.next_positions.tolist()
         width = self.width()
+        self.offset.fill_(end - (self.columns - width))
         if self.graphs is not None:
             stream = torch.cuda.current_stream(self.mask.device)
             try:
@@ -80,10 +84,12 @@ class SlotDecodeGraphs:
         layers = self.batch.layers
         for layer in layers:
             layer.show_static(rows, width, self.column)
+        self.batch.cache.query_offset = self.offset
         try:
             return forward(self.model, self.calls, ids.unsqueeze(-1), self.mask[:rows, self.columns - width :],
                            positions.unsqueeze(-1), self.batch.cache)
         finally:  # the eager views back (advance() moves them on once the step has succeeded)
+            self.batch.cache.query_offset = None
             for layer in layers:
                 layer.static = None
                 layer.show(self.batch.num_rows, self.batch.start, self.batch.end)
