@@ -10,6 +10,7 @@ from batchgen.worker.config import WorkerConfig
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.generic import GenericEngine
 from batchgen.worker.engine.protocol import GenerationRequest
+from batchgen.worker.engine.slot_batch import SlotBatch
 from batchgen.worker.engine.slot_graphs import SlotDecodeGraphs, graphable
 from batchgen.worker.factory import build_llm_engine
 from batchgen.worker.startup import startup_block
@@ -19,7 +20,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import import_utils
 
 from tests.models import write_tiny_model
-from tests.test_slot_batch import MAX_MODEL_LEN, hf_greedy, prompt, wanted
+from tests.test_slot_batch import MAX_MODEL_LEN, fresh, hf_greedy, prompt, wanted
 
 
 @pytest.mark.parametrize("arch", ["bloom", "gpt2", "opt", "gpt_neox", "falcon", "gpt_bigcode", "mpt", "gptj",
@@ -182,3 +183,17 @@ def test_static_decode_with_fp8_slots_answers_like_the_eager_one(arch, demo_mode
         assert (engine.graphs is not None) == (mode == "static")
         assert engine.batch is None and engine._idle.layers[0].key_slots.dtype == torch.float8_e4m3fn
     assert texts["static"] == texts["eager"]
+
+
+def test_a_draining_batch_reuses_a_captured_bucket_up_to_twice_its_rows():
+    """Rows falling from 64 to 1 would cross every bucket below 64, a capture each; a bucket already held at this
+    width serves down to half its size."""
+    batch = SlotBatch(fresh(3, [4, 2, 3]), max_rows=64, max_model_len=32)
+    graphs = SlotDecodeGraphs(torch.nn.Identity(), None, batch, capture=False)
+    assert graphs.buckets == [1, 2, 4, 8, 16, 32, 48, 64]
+    width = graphs.width()
+    assert graphs.rows_bucket(40, width) == 48  # nothing held: the smallest bucket that fits
+    graphs.used |= {(48, width), (16, width + 1)}
+    assert graphs.rows_bucket(30, width) == graphs.rows_bucket(24, width) == 48  # held, at most twice the rows
+    assert graphs.rows_bucket(23, width) == 32  # 48 rows for 23: a capture of its own
+    assert graphs.rows_bucket(10, width) == 16  # 16 is held at another width only

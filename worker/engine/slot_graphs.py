@@ -17,7 +17,7 @@ the engine goes on eagerly.
 """
 
 import torch
-from batchgen.worker.engine.cuda_graphs import DecodeGraphs
+from batchgen.worker.engine.cuda_graphs import DecodeGraphs, batch_buckets
 from batchgen.worker.engine.padded_batch import ModelCalls, forward
 from batchgen.worker.engine.slot_batch import SlotBatch
 from transformers.cache_utils import Cache
@@ -51,9 +51,18 @@ class SlotDecodeGraphs:
         step = -(-self.columns // WIDTH_BUCKETS)
         self.widths = sorted({min(self.columns, step * i) for i in range(1, WIDTH_BUCKETS + 1)})
         self.graphs = DecodeGraphs(self._forward, rows, device) if capture else None
+        self.buckets = batch_buckets(rows)
+        self.used: set[tuple[int, int]] = set()  # (rows bucket, width) of the steps run: the graphs captured
 
     def width(self) -> int:
         return next(w for w in self.widths if w >= self.columns - self.batch.start)
+
+    def rows_bucket(self, n: int, width: int) -> int:
+        """The rows a step of n runs: a bucket already captured at this width if at most twice n (as a batch
+        drains, its rows cross every smaller bucket; a capture costs several steps), else the smallest >= n."""
+        smallest = next(b for b in self.buckets if b >= n)
+        held = [b for b, w in self.used if w == width and smallest <= b <= 2 * n]
+        return min(held, default=smallest)
 
     def run(self, tokens: list[int]) -> torch.Tensor:
         """One decode step of the batch: next-token logits [rows, vocab]; the batch advances as decode() does."""
@@ -63,8 +72,12 @@ class SlotDecodeGraphs:
         self.mask[:n, start:end] = batch.mask
         self.mask[:, end] = 1  # every row sees its new column; free rows see only it
         self.column.fill_(end)
-        positions = batch.next_positions.tolist()
         width = self.width()
+        rows = self.rows_bucket(n, width)
+        self.used.add((rows, width))
+        # free rows up to the bucket: token 0 at position 0, attending to their own new column
+        tokens = tokens + [0] * (rows - n)
+        positions = batch.next_positions.tolist() + [0] * (rows - n)
         self.offset.fill_(end - (self.columns - width))
         if self.graphs is not None:
             stream = torch.cuda.current_stream(self.mask.device)
