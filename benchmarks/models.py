@@ -9,8 +9,8 @@ written once to /tmp on the GPU, each configuration in its own process so NVML's
             over the workload: --num-requests requests, prompts 32-256 tokens, 32-128 new, greedy, EOS ignored;
             then the same workload again on the same engine (tok_s_warm: decode graphs already captured)
   small     --small-vram: `batchgen run --max-vram 6GiB` on a BLOOM-13B shape (generic path: its decoder layers
-            stream through forward pre-hooks), 64 requests x 128 prompt tokens x 64 new; tok/s over the run minus
-            a one-token run's time (the load), against the PCIe bound
+            stream through forward pre-hooks), 64 requests x 128 prompt tokens x 64 new; tok/s over the run's own
+            generate_s (the run less the model's load), against the PCIe bound
             64 rows x pinned H2D bandwidth / (int8 model bytes - 6 GiB), as benchmarks/small_vram.py computes it
 
     python3 -m benchmarks.models --out $OUT                              # the three 7-8B shapes
@@ -169,8 +169,8 @@ def phase_batchgen(name: str, device: str, num_requests: int, cuda_graphs: bool 
 
 
 def _batchgen_run(name: str, device: str, lines: list[dict], work: Path, kv: str = "auto") -> dict:
-    """kv: a --kv-cache-dtype, "+stream" appended for --stream-kv (e.g. fp8+stream)."""
-    """`batchgen run --max-vram 6GiB` over lines: its --json summary and the completion tokens it wrote."""
+    """`batchgen run --max-vram 6GiB` over lines: its --json summary and the completion tokens it wrote. kv: a
+    --kv-cache-dtype, "+stream" appended for --stream-kv (e.g. fp8+stream)."""
     src, out = work / "in.jsonl", work / "out.jsonl"
     src.write_text("".join(json.dumps(line) + "\n" for line in lines))
     cmd = [sys.executable, "-m", "batchgen.producer.cli", "run", str(src), "-o", str(out), "--model",

@@ -163,9 +163,8 @@ class GenericEngine:
                      engine_path="generic", kv_cache_dtype=self.cfg.kv_cache_dtype,
                      decode_steps=self.decode_steps(),
                      kv_bytes=self.batch.kv_bytes() if self.batch else 0)
-        if self.graphs is not None and self.graphs.graphs is not None:
-            extra.update(decode_graphs=len(self.graphs.graphs.graphs),
-                         graph_capture_s=round(self.graphs.graphs.capture_s, 2))
+        if self.graphs is not None:
+            extra.update(self.graphs.stats())
         if self.int8 is not None:
             extra.update(self.int8.stats())
         if self.kv_stream is not None:
@@ -197,11 +196,11 @@ class GenericEngine:
         """Each group's rows into the running batch, the rows list kept in step (an OOM may stop it midway)."""
         decoding = self.batch is not None
         for group, new_batch in zip(groups, batches, strict=True):
-            if self.batch is None and self._idle is not None and SlotBatch.fits(new_batch):
+            fits = self.batch is None and SlotBatch.fits(new_batch)
+            if fits and self._idle is not None:
                 self.batch, self._idle = self._idle, None  # the drained batch's slots (and decode graphs) again
                 self.batch.restart(new_batch)
             elif self.batch is None:
-                fits = SlotBatch.fits(new_batch)
                 if self._slotted is None and not fits:
                     log.warning("this model's cache (%s) cannot go into K/V slots: rows join only between drains%s",
                                 ", ".join(sorted({type(layer).__name__ for layer in new_batch.cache.layers})),
@@ -224,8 +223,7 @@ class GenericEngine:
         """One decode step, replayed from CUDA graphs where this model and batch allow it."""
         if self._eager_reason is None:
             self._eager_reason = self._why_eager()
-            log.info("generic decode: %s", "CUDA graphs" if not self._eager_reason else
-                     f"eager ({self._eager_reason})")
+            log.info("generic decode: %s", self.decode_steps())
         if self._eager_reason or not isinstance(self.batch, SlotBatch):
             return decode(self.model, self.calls, self.batch, tokens)
         if self.graphs is None or self.graphs.batch is not self.batch:

@@ -68,9 +68,13 @@ class SlotLayer(DynamicLayer):
         self.keys = self.key_slots[:num_rows, :, start:end]
         self.values = self.value_slots[:num_rows, :, start:end]
 
+    def stored(self, which: int, x: torch.Tensor) -> torch.Tensor:
+        """x as the slots hold it: quantized where they are fp8 (which: 0 for K, 1 for V)."""
+        return x if self.scales is None else _to_fp8(x, self.scales[which])
+
     def store(self, slots: torch.Tensor, which: int, x: torch.Tensor) -> None:
-        """x into the slots' region (a view), quantized where the slots are fp8."""
-        slots.copy_(x if self.scales is None else _to_fp8(x, self.scales[which]))
+        """x into the slots' region (a view)."""
+        slots.copy_(self.stored(which, x))
 
     def show_static(self, rows: int, width: int, column: torch.Tensor) -> None:
         """A static-shape decode (slot_graphs.py) follows: it attends over the last `width` columns of the first
@@ -85,8 +89,9 @@ class SlotLayer(DynamicLayer):
             rows, width, column = self.static
             edge = self.key_slots.shape[2]
             for which, (slots, x) in enumerate(((self.key_slots, key_states), (self.value_slots, value_states))):
+                x = self.stored(which, x)
                 if self.scales is not None:  # fp8: index_copy_ has no float8 kernel; the bytes are the same
-                    slots, x = slots.view(torch.uint8), _to_fp8(x, self.scales[which]).view(torch.uint8)
+                    slots, x = slots.view(torch.uint8), x.view(torch.uint8)
                 slots[:rows].index_copy_(2, column, x)
             self.keys, self.values = self.key_slots[:rows, :, edge - width :], self.value_slots[:rows, :, edge - width :]
             return self._attended()

@@ -54,6 +54,12 @@ class SlotDecodeGraphs:
         self.buckets = batch_buckets(rows)
         self.used: set[tuple[int, int]] = set()  # (rows bucket, width) of the steps run: the graphs captured
 
+    def stats(self) -> dict[str, int | float]:
+        """The graphs captured so far and the seconds their captures took (none without CUDA)."""
+        if self.graphs is None:
+            return {}
+        return {"decode_graphs": len(self.graphs.graphs), "graph_capture_s": round(self.graphs.capture_s, 2)}
+
     def width(self) -> int:
         return next(w for w in self.widths if w >= self.columns - self.batch.start)
 
