@@ -23,6 +23,28 @@ def batch_buckets(max_rows: int) -> list[int]:
     return sorted({s for s in sizes if s < max_rows} | {max_rows})
 
 
+def capture(fn: Callable[[], torch.Tensor | None], stream: torch.cuda.Stream,
+            pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
+    """fn run once on stream (compiles kernels, creates cuBLAS workspaces), then captured there into pool; returns
+    the graph and fn's output (static: each replay rewrites it). Without torch.cuda.graph's per-capture cache
+    flushes (device and pinned host), which would cost more than the capture and make the next steps allocate
+    afresh."""
+    current = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.synchronize(stream.device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            out = fn()
+        finally:
+            graph.capture_end()
+    current.wait_stream(stream)
+    return graph, out
+
+
 class DecodeGraphs:
     def __init__(self, decode: DecodeFn, max_rows: int, device: torch.device):
         self.decode = decode
@@ -31,6 +53,7 @@ class DecodeGraphs:
         self.device = device
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.stream: torch.cuda.Stream | None = None  # every capture on one side stream: its blocks are reused
         self.capture_s = 0.0
 
     def bucket(self, n: int) -> int:
@@ -50,19 +73,14 @@ class DecodeGraphs:
         return logits[:n]
 
     def _capture(self, key: tuple[int, int]) -> None:
-        """Warm-up once (compiles kernels, creates cuBLAS workspaces), then capture. The warm-up runs the
-        step for real on the current inputs: it writes exactly the K/V the replay will write again."""
+        """Warm-up once, then capture. The warm-up runs the step for real on the current inputs: it writes
+        exactly the K/V the replay will write again."""
         start = time.perf_counter()
         b, kv_len = key
         ids, positions = self.inputs[0, :b], self.inputs[1, :b]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self.decode(ids, positions, kv_len)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.decode(ids, positions, kv_len)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
+        graph, logits = capture(lambda: self.decode(ids, positions, kv_len), self.stream, self.pool)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[key] = (graph, logits)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 
 import torch
-from batchgen.worker.engine.cuda_graphs import batch_buckets
+from batchgen.worker.engine.cuda_graphs import batch_buckets, capture
 from batchgen.worker.engine.llama import (
     CacheAttention,
     LlamaParts,
@@ -162,21 +162,7 @@ class PiecewiseDecode:
         return out
 
     def _capture(self, i: int, lo: int, b: int) -> None:
-        """Warm-up once on a side stream (compiles kernels, creates cuBLAS workspaces), then capture; without
-        torch.cuda.graph's gc.collect/empty_cache per graph, which would cost more than the captures."""
-        current, side = torch.cuda.current_stream(self.device), self.capture_stream  # one stream: blocks are reused
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
-            self.piece(i, lo, b)
-        current.wait_stream(side)
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(side):
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-            try:
-                out = self.piece(i, lo, b)
-            finally:
-                graph.capture_end()
+        graph, out = capture(lambda: self.piece(i, lo, b), self.capture_stream, self.pool)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[(b, i, lo)] = (graph, out)
