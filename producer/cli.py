@@ -294,6 +294,10 @@ engine_options = shared_options(
                  help="Attention kernel: auto, triton, flash or sdpa (auto on CUDA in fp16/bf16: flash prefill, Triton decode)."),
     click.option("--cuda-graphs/--no-cuda-graphs", envvar="BATCHGEN_CUDA_GRAPHS", default=True, show_default=True,
                  help="Replay decode steps as CUDA graphs (CUDA only)."),
+    click.option("--overlap-decode/--no-overlap-decode", envvar="BATCHGEN_OVERLAP_DECODE", default=True,
+                 show_default=True,
+                 help="Fast path: queue the next greedy decode step before reading this one's tokens, so the "
+                      "host's bookkeeping overlaps the GPU."),
     click.option("--host-kv-dtype", envvar="BATCHGEN_HOST_KV_DTYPE", default="auto", show_default=True,
                  help="Small-VRAM mode's host KV cache: auto (the compute dtype), float32, float16, bfloat16 "
                       "or int8 (about half the bytes, at int8 rounding)."),
@@ -321,7 +325,8 @@ def engine_config(kw: dict[str, Any]):
         load_in_8bit=not kw["no_8bit"], vram_reserve_bytes=parse_bytes(kw["vram_reserve"]),
         max_vram_bytes=parse_bytes(kw["max_vram"]) if kw["max_vram"] else None, max_batch_size=kw["max_batch"],
         max_model_len=kw["max_model_len"], int8_threshold=kw["int8_threshold"], int8_kernel=kw["int8_kernel"],
-        attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], host_kv_dtype=kw["host_kv_dtype"],
+        attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], overlap_decode=kw["overlap_decode"],
+        host_kv_dtype=kw["host_kv_dtype"],
         kv_cache_dtype=kw["kv_cache_dtype"], kv_layout=kw["kv_layout"], stream_kv=kw["stream_kv"],
         inject_oom=kw["inject_oom"] or None,
         fp16_modules=tuple(name.strip() for name in kw["fp16_modules"].split(",") if name.strip()),

@@ -37,6 +37,8 @@ class EngineConfig:
     fp16_modules: tuple[str, ...] = ()
     attention: str = "auto"  # one of ATTENTIONS
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
+    # the fast path queues the next greedy decode step before reading this one (llm_engine.py)
+    overlap_decode: bool = True
     inject_oom: str | None = None  # test hook, see model_runner.FaultInjector
     # Small-VRAM mode (worker/offload/): stream decoder layers from host memory. None: when the int8
     # weights do not fit max_vram_bytes on CUDA.

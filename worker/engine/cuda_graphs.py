@@ -23,6 +23,13 @@ def batch_buckets(max_rows: int) -> list[int]:
     return sorted({s for s in sizes if s < max_rows} | {max_rows})
 
 
+def to_device_ints(values: list, device: torch.device) -> torch.Tensor:
+    """A host list of ints on the device without waiting for the device: staged through pinned memory and copied
+    asynchronously (a pageable copy would wait for all work queued before it)."""
+    host = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 def capture(fn: Callable[[], torch.Tensor | None], stream: torch.cuda.Stream,
             pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
     """fn run once on stream (compiles kernels, creates cuBLAS workspaces), then captured there into pool; returns
@@ -59,12 +66,17 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def run(self, tokens: list[int], positions: list[int], kv_len: int) -> torch.Tensor:
-        n = len(tokens)
+    def run(self, tokens: list[int] | torch.Tensor, positions: list[int], kv_len: int) -> torch.Tensor:
+        """tokens: host ids, or the device's [>= len(positions)] (a step fed by the previous one's picks)."""
+        n = len(positions)
         b = self.bucket(n)
         pad = [0] * (b - n)
-        host = torch.tensor([tokens + pad, positions + pad], dtype=torch.long)
-        self.inputs[:, :b].copy_(host)
+        if isinstance(tokens, torch.Tensor):
+            self.inputs[1, :b].copy_(to_device_ints(positions + pad, self.device))
+            self.inputs[0, :n].copy_(tokens[:n])
+            self.inputs[0, n:b].zero_()
+        else:
+            self.inputs[:, :b].copy_(to_device_ints([tokens + pad, positions + pad], self.device))
         key = (b, kv_len)
         if key not in self.graphs:
             self._capture(key)

@@ -6,6 +6,11 @@ the sampler picks tokens, and the engine checks EOS / stop strings / max_tokens.
 max batch size and restarts the evicted rows from scratch; nothing is lost. With a paged cache the scheduler
 admits a sequence only when KV blocks for its prompt + max_tokens are free (kv_blocks.BlockPool), and the
 engine copies rows' block changes into the runner's block table before each forward.
+
+Overlapped decode (SGLang's overlap scheduling): while every row is plain greedy and nothing waits for admission,
+the engine queues the next decode step, fed on the device with this step's picks, before it reads this step's
+tokens, so the host's bookkeeping (reading tokens, stop checks, results) runs while the GPU computes. A row that
+ends on EOS or a stop string meanwhile has computed one token too many, dropped unread.
 """
 
 import json
@@ -17,6 +22,7 @@ from typing import Protocol
 
 import torch
 from batchgen.worker.engine import budget as budget_math
+from batchgen.worker.engine import logits_processors
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.int8_linear import Int8Runtime
 from batchgen.worker.engine.int8_outliers import calibration_ids
@@ -34,7 +40,7 @@ from batchgen.worker.engine.requests import (
 )
 from batchgen.worker.engine.sampler import sample
 from batchgen.worker.engine.scheduler import Scheduler
-from batchgen.worker.engine.sequence import Sequence
+from batchgen.worker.engine.sequence import SeqStatus, Sequence
 from batchgen.worker.engine.setup import (
     max_model_len_for,
     resident_budget,
@@ -45,6 +51,9 @@ from batchgen.worker.engine.setup import (
 
 TOKENS_PER_S_WINDOW_S = 30.0
 STEP_LOG_INTERVAL_S = 30.0
+# Queued decode steps skip the int8 outlier guard's poll (it reads the device): every this many, one step runs
+# synchronously and polls for all of them.
+GUARD_POLL_STEPS = 16
 
 log = logging.getLogger("batchgen.engine")
 
@@ -127,6 +136,10 @@ class LLMEngine:
         self._last_batch = 0
         self._num_ooms = 0
         self._rate = TokenRate(TOKENS_PER_S_WINDOW_S)
+        self._queued: QueuedDecode | None = None  # a decode step launched and not yet read
+        self._unpolled_tokens = 0  # tokens of queued steps since the guard's last poll
+        self._unpolled_steps = 0
+        self._last_read = 0.0
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
@@ -167,6 +180,8 @@ class LLMEngine:
 
     def step(self) -> list[GenerationResult]:
         with torch.inference_mode():
+            if self._queued is not None:
+                return self._step_queued()
             admitted = self.scheduler.admit()
             seqs = admitted or self.scheduler.running_seqs()
             if self.blocks is not None:  # rows admitted, finished, aborted or requeued since the last forward
@@ -180,22 +195,94 @@ class LLMEngine:
                 sampled = sample(logits, seqs, self.intake.structured)
             except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
                 return self._on_oom(seqs, prefill=bool(admitted))
-        prompt_tokens = sum(s.num_prompt_tokens for s in admitted) if admitted else 0
-        kv_tokens = 0 if admitted else sum(s.num_tokens for s in seqs)  # held in the cache during this decode
-        self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens, kv_tokens,
-                            0 if self.blocks is None else self.blocks.num_used)
-        if self.int8 is not None and self.int8.poll(prompt_tokens or len(seqs)):  # sampling synced: no GPU time
-            self.runner.drop_graphs()
+            prompt_tokens = sum(s.num_prompt_tokens for s in admitted) if admitted else 0
+            kv_tokens = 0 if admitted else sum(s.num_tokens for s in seqs)  # held in the cache during this decode
+            self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens, kv_tokens,
+                                0 if self.blocks is None else self.blocks.num_used)
+            self._poll_int8(prompt_tokens or len(seqs))  # sampling synced: no GPU time
+            results = self._finish_step(seqs, sampled.tokens, sampled.logprobs)
+            self._queue_decode(None)
+        return results
+
+    def _finish_step(self, seqs: list[Sequence], tokens: list[int], logprobs: list) -> list[GenerationResult]:
         self._last_batch = len(seqs)
         self._rate.add(len(seqs))
         results = []
-        for seq, token, logprobs in zip(seqs, sampled.tokens, sampled.logprobs, strict=True):
-            result = self._append(seq, token, logprobs)
+        for seq, token, lp in zip(seqs, tokens, logprobs, strict=True):
+            result = self._append(seq, token, lp)
             if result is not None:
                 results.append(result)
         if not self.num_unfinished:  # drained: say where the time went (benchmarks read this line)
             log.info("engine steps: %s", json.dumps(self.step_stats.as_stats()))
+        self._last_read = time.perf_counter()
         return results
+
+    def _poll_int8(self, num_tokens: int) -> None:
+        """The outlier guard over the tokens since its last poll; an input's first outlier column changes its
+        linears' path, which captured graphs skipped: they are captured again."""
+        num_tokens += self._unpolled_tokens
+        self._unpolled_tokens = self._unpolled_steps = 0
+        if self.int8 is not None and self.int8.poll(num_tokens):
+            self.runner.drop_graphs()
+
+    # -- overlapped decode --------------------------------------------------------------------------
+
+    def _can_queue(self, ahead: int) -> bool:
+        """Whether the next decode step may be queued before the unread one (ahead = 1; 0: none) is read: the
+        runner takes device tokens, no row needs more than the argmax (sampling, logprobs, processors and grammars
+        read the host), nothing waits for admission once the rows the unread step ends by length are free (that
+        changes the rows) and the outlier guard is not due."""
+        if not self.cfg.overlap_decode or not getattr(self.runner, "takes_device_tokens", False):
+            return False
+        seqs = list(self.scheduler.running.values())
+        if not seqs or self.scheduler.wants_admission(sum(self._ends_by_length(s, ahead) for s in seqs)):
+            return False
+        if self.int8 is not None and self.int8.guard is not None and self._unpolled_steps >= GUARD_POLL_STEPS:
+            return False
+        return (all(s.params.greedy and s.params.logprobs is None and s.matcher is None for s in seqs)
+                and not logits_processors.needed(seqs))
+
+    @staticmethod
+    def _ends_by_length(seq: Sequence, ahead: int) -> bool:
+        """Whether seq reaches max_tokens with the `ahead` tokens it has beyond its output_ids."""
+        return len(seq.output_ids) + ahead >= seq.params.max_tokens
+
+    def _queue_decode(self, picks: torch.Tensor | None) -> None:
+        """Launches the next decode step without waiting for it, where _can_queue allows. picks: the unread step's
+        tokens per row on the device (None: the rows' last tokens are on the host, already appended)."""
+        ahead = 0 if picks is None else 1  # tokens each row has beyond its output_ids
+        if not self._can_queue(ahead):
+            return
+        n = self.scheduler.num_decode_rows
+        tokens, positions, seqs = [0] * n, [0] * n, []
+        for seq in self.scheduler.running_seqs():
+            if self._ends_by_length(seq, ahead):
+                continue  # its last token is the unread step's: a hole here
+            seqs.append(seq)
+            positions[seq.row] = seq.last_position + ahead
+            if picks is None:
+                tokens[seq.row] = seq.output_ids[-1]
+        if not seqs:
+            return
+        start = time.perf_counter()
+        try:
+            logits = self.runner.decode(tokens if picks is None else picks, positions)
+        except torch.OutOfMemoryError:  # the synchronous step that follows meets it again and backs off
+            return
+        self._queued = QueuedDecode.launch(seqs, logits.argmax(dim=-1), start)
+
+    def _step_queued(self) -> list[GenerationResult]:
+        """Queues the step after the unread one (fed its picks), then reads the unread one."""
+        queued, self._queued = self._queued, None
+        self._queue_decode(queued.picks)
+        tokens = queued.read()
+        live = [s for s in queued.seqs if s.status == SeqStatus.RUNNING and self.scheduler.running.get(s.row) is s]
+        start = max(queued.start, self._last_read)
+        self.step_stats.add(time.perf_counter() - start, len(queued.seqs), 0, sum(s.num_tokens for s in live),
+                            0 if self.blocks is None else self.blocks.num_used)
+        self._unpolled_tokens += len(queued.seqs)
+        self._unpolled_steps += 1
+        return self._finish_step(live, [tokens[s.row] for s in live], [None] * len(live))
 
     def abort(self, keys: Iterable[str]) -> None:
         for seq in self.scheduler.abort(keys):
@@ -255,6 +342,32 @@ class LLMEngine:
     def _append(self, seq: Sequence, token: int, logprobs) -> GenerationResult | None:
         return self.finisher.finish_step(seq, token, self.scheduler, self._keys, logprobs)
 
+
+
+@dataclass
+class QueuedDecode:
+    """A decode step launched and not read: its rows' sequences and each row's greedy pick, on its way to pinned
+    host memory."""
+
+    seqs: list[Sequence]
+    picks: torch.Tensor  # [rows] on the device: the next step's input
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+    start: float
+
+    @classmethod
+    def launch(cls, seqs: list[Sequence], picks: torch.Tensor, start: float) -> "QueuedDecode":
+        cuda = picks.device.type == "cuda"
+        host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=cuda)
+        host.copy_(picks, non_blocking=True)
+        done = torch.cuda.current_stream(picks.device).record_event() if cuda else None
+        return cls(seqs, picks, host, done, start)
+
+    def read(self) -> list[int]:
+        """Waits for this step only (not for one queued after it)."""
+        if self.done is not None:
+            self.done.synchronize()
+        return self.host.tolist()
 
 
 @dataclass

@@ -2,7 +2,7 @@
 (eager or from CUDA graphs)."""
 
 import torch
-from batchgen.worker.engine.cuda_graphs import DecodeGraphs
+from batchgen.worker.engine.cuda_graphs import DecodeGraphs, to_device_ints
 from batchgen.worker.engine.faults import FaultInjector
 from batchgen.worker.engine.kernels.attention import BLOCK_N, fp8_kv_scale
 from batchgen.worker.engine.kv_blocks import SCRATCH_BLOCK
@@ -82,6 +82,7 @@ class ModelRunner:
         self.fault = None
         self.use_graphs = cuda_graphs and device.type == "cuda" and not inject_oom  # the fault hook is Python
         self.graphs: DecodeGraphs | None = None
+        self.takes_device_tokens = not inject_oom  # decode() fed the previous step's picks (overlapped decode)
         self.prefill_group_tokens = prefill_group_tokens
         if inject_oom:
             self.fault = FaultInjector(inject_oom, device)
@@ -150,8 +151,9 @@ class ModelRunner:
                             self.block_table)
         return prefill_step(self.parts, ids, positions, starts, store, self.attention, self.prefill_group_tokens)
 
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """tokens/positions for rows [0, len(tokens)); holes carry token 0 at position 0 and are ignored."""
+    def decode(self, tokens: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """tokens/positions for rows [0, len(positions)); holes carry token 0 at position 0 and are ignored.
+        tokens may be the device's (the previous step's picks per row: a step queued before that one is read)."""
         kv_len = self._kv_len(max(positions) + 1)
         if self.use_graphs:
             if self.graphs is None:
@@ -159,9 +161,10 @@ class ModelRunner:
             return self.graphs.run(tokens, positions, kv_len)
         return self.decode_eager(tokens, positions, kv_len)
 
-    def decode_eager(self, tokens: list[int], positions: list[int], kv_len: int | None = None) -> torch.Tensor:
-        ids = torch.tensor(tokens, dtype=torch.long).to(self.device)
-        pos = torch.tensor(positions, dtype=torch.long).to(self.device)
+    def decode_eager(self, tokens: list[int] | torch.Tensor, positions: list[int],
+                     kv_len: int | None = None) -> torch.Tensor:
+        ids = tokens[:len(positions)] if isinstance(tokens, torch.Tensor) else to_device_ints(tokens, self.device)
+        pos = to_device_ints(positions, self.device)
         return decode_step(self.parts, ids, pos, self.k_cache, self.v_cache,
                            kv_len or self._kv_len(max(positions) + 1), self.attention, self.k_scale, self.v_scale,
                            self.block_table)

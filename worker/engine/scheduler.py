@@ -76,12 +76,19 @@ class Scheduler:
         size, so refilling one freed row per step would spend most of the time there."""
         return max(1, self.max_batch_size // ADMIT_GROUP_DIVISOR)
 
+    def wants_admission(self, freeing: int = 0) -> bool:
+        """Whether admit() would take anything in now (its rule, without moving anything), or once `freeing` of
+        the running rows have ended."""
+        if not self.waiting:
+            return False
+        return len(self.running) <= freeing or (self.num_free_rows + freeing >= min(len(self.waiting), self.min_admit)
+                                                and self._enough_free_blocks())
+
     def admit(self) -> list[Sequence]:
         """Moves pending sequences into free rows, lowest row first, within the prefill token budget
         (the first one is always admitted, so a long prompt cannot starve). While rows are decoding, waits
         until min_admit rows (or every pending sequence) can be admitted together."""
-        if self.running and (self.num_free_rows < min(len(self.waiting), self.min_admit)
-                             or not self._enough_free_blocks()):
+        if not self.wants_admission():
             return []
         admitted: list[Sequence] = []
         num_tokens = 0
