@@ -279,7 +279,7 @@ class LLMEngine:
         live = [s for s in queued.seqs if s.status == SeqStatus.RUNNING and self.scheduler.running.get(s.row) is s]
         start = max(queued.start, self._last_read)
         self.step_stats.add(time.perf_counter() - start, len(queued.seqs), 0, sum(s.num_tokens for s in live),
-                            0 if self.blocks is None else self.blocks.num_used)
+                            0 if self.blocks is None else self.blocks.num_used, overlapped=True)
         self._unpolled_tokens += len(queued.seqs)
         self._unpolled_steps += 1
         return self._finish_step(live, [tokens[s.row] for s in live], [None] * len(live))
@@ -381,6 +381,7 @@ class StepStats:
     decode_s: float = 0.0
     num_prefill_tokens: int = 0
     num_decode_rows: int = 0
+    num_overlapped_steps: int = 0  # decode steps queued before the previous one was read
     # What rows held over the run: the widest decode step, KV tokens and blocks in use summed over decode steps
     # (of num_kv_blocks in the pool: 0 without paging)
     num_kv_blocks: int = 0
@@ -391,7 +392,7 @@ class StepStats:
     last_log: float = field(default_factory=time.monotonic)
 
     def add(self, seconds: float, num_rows: int, num_prefill_tokens: int, num_kv_tokens: int = 0,
-            num_kv_blocks_used: int = 0) -> None:
+            num_kv_blocks_used: int = 0, overlapped: bool = False) -> None:
         """One step: its rows; a decode step's KV tokens held (the rows' tokens) and blocks in use (paged)."""
         if num_prefill_tokens:
             self.num_prefill_steps += 1
@@ -401,6 +402,7 @@ class StepStats:
             self.num_decode_steps += 1
             self.decode_s += seconds
             self.num_decode_rows += num_rows
+            self.num_overlapped_steps += overlapped
             self.max_decode_batch = max(self.max_decode_batch, num_rows)
             self.sum_kv_tokens += num_kv_tokens
             self.sum_kv_blocks_used += num_kv_blocks_used
@@ -413,6 +415,7 @@ class StepStats:
         steps = max(1, self.num_decode_steps)
         return {
             "num_prefill_steps": self.num_prefill_steps, "num_decode_steps": self.num_decode_steps,
+            "num_overlapped_steps": self.num_overlapped_steps,
             "prefill_s": round(self.prefill_s, 3), "decode_s": round(self.decode_s, 3),
             "num_prefill_tokens": self.num_prefill_tokens,
             "mean_decode_batch": round(self.num_decode_rows / steps, 1),
