@@ -45,7 +45,8 @@ STACK_DEPTH = 4  # --stacks: the Python frames that tell one caller of an op fro
 
 def profile(engine, num_steps: int, stacks: bool = False) -> dict:
     """num_steps engine steps under the profiler: per-step wall and kernel time, the top kernels and host ops;
-    stacks: also the top host ops by their Python call site (which copy_ blocks the host, say)."""
+    stacks: also the top host ops by their Python call site (which copy_ blocks the host, say), and one more step
+    under torch's sync debug mode: where the host waits for the device (the line of each synchronizing call)."""
     import torch
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
@@ -59,6 +60,7 @@ def profile(engine, num_steps: int, stacks: bool = False) -> dict:
         _sync()
         wall = time.perf_counter() - start
     events = prof.key_averages()
+    syncs = _sync_sites(engine) if stacks and torch.cuda.is_available() else None
 
     def device_us(e) -> float:
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0) or 0.0
@@ -70,12 +72,33 @@ def profile(engine, num_steps: int, stacks: bool = False) -> dict:
     host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
     wall_ms = wall * 1e3 / num_steps
     out = {"top_host_sites": _call_sites(prof.events(), num_steps)} if stacks else {}
+    if syncs is not None:
+        out["sync_sites"] = syncs
     return out | {"steps": num_steps, "wall_ms_per_step": round(wall_ms, 3), "device_ms_per_step": round(device_ms, 3),
             "device_busy": round(device_ms / wall_ms, 3) if device_ms else None,
             "top_kernels": [{"name": e.key[:120], "ms_per_step": round(device_us(e) / 1e3 / num_steps, 4),
                              "calls_per_step": round(e.count / num_steps, 2)} for e in kernels[:TOP]],
             "top_host_ops": [{"name": e.key[:120], "ms_per_step": round(e.self_cpu_time_total / 1e3 / num_steps, 4),
                               "calls_per_step": round(e.count / num_steps, 2)} for e in host[:TOP]]}
+
+
+def _sync_sites(engine) -> list[dict]:
+    """One engine step with torch.cuda's sync debug mode on: each synchronizing call's Python line, counted."""
+    import warnings
+    from collections import Counter
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = Counter(f"{w.filename}:{w.lineno}: {str(w.message)[:80]}" for w in caught
+                    if "synchroniz" in str(w.message))
+    return [{"site": site, "calls": n} for site, n in sites.most_common(TOP)]
 
 
 def _call_sites(events, num_steps: int) -> list[dict]:
@@ -152,6 +175,20 @@ def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int
     return out
 
 
+def _options(pairs: str) -> dict:
+    """key=value,... as EngineConfig fields, booleans as 0/1."""
+    from dataclasses import fields
+
+    from batchgen.worker.engine.config import EngineConfig
+
+    kinds = {f.name: f.default for f in fields(EngineConfig)}
+    out = {}
+    for pair in filter(None, pairs.split(",")):
+        key, _, value = pair.partition("=")
+        out[key] = bool(int(value)) if isinstance(kinds[key], bool) else value
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
@@ -164,6 +201,8 @@ def main() -> None:
                         help="small-VRAM mode under a 6 GiB cap, with these engine options as key=value pairs "
                              "(e.g. kv_cache_dtype=fp8,stream_kv=1); use with --models bloom-13b --rows 64 "
                              "--prompt 128 --max-model-len 192")
+    parser.add_argument("--engine-options", default="",
+                        help="EngineConfig fields as key=value pairs, e.g. overlap_decode=0,cuda_graphs=0")
     parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
     parser.add_argument("--stacks", action="store_true",
                         help="also group host ops by Python call site (with_stack; slower, for finding who blocks)")
@@ -189,12 +228,9 @@ def main() -> None:
             models.build(name, device)
             path = models.model_dir(name)
         start = time.perf_counter()
-        options: dict = {}
+        options: dict = _options(args.engine_options)
         if args.small_vram:
-            options = {"max_vram_bytes": models.CAP_BYTES, "offload": True}
-            for pair in args.small_vram.split(","):
-                key, _, value = pair.partition("=")
-                options[key] = bool(int(value)) if key == "stream_kv" else value
+            options |= {"max_vram_bytes": models.CAP_BYTES, "offload": True} | _options(args.small_vram)
         engine = build_llm_engine(EngineConfig(model=str(path), device=device, max_model_len=args.max_model_len,
                                                **options))
         load_s = round(time.perf_counter() - start, 1)
