@@ -53,6 +53,8 @@ def profile(engine, num_steps: int, stacks: bool = False) -> dict:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     _sync()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     with torch.profiler.profile(activities=activities, with_stack=stacks) as prof:
         start = time.perf_counter()
         for _ in range(num_steps):
@@ -74,6 +76,8 @@ def profile(engine, num_steps: int, stacks: bool = False) -> dict:
     out = {"top_host_sites": _call_sites(prof.events(), num_steps)} if stacks else {}
     if syncs is not None:
         out["sync_sites"] = syncs
+    if torch.cuda.is_available():  # what the allocator held at most over these steps (the cap's share of them)
+        out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return out | {"steps": num_steps, "wall_ms_per_step": round(wall_ms, 3), "device_ms_per_step": round(device_ms, 3),
             "device_busy": round(device_ms / wall_ms, 3) if device_ms else None,
             "top_kernels": [{"name": e.key[:120], "ms_per_step": round(device_us(e) / 1e3 / num_steps, 4),
