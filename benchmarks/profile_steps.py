@@ -159,7 +159,7 @@ def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int
     before = -1
     for _ in range(10 * rows):
         running = engine.scheduler.running
-        if len(running) == before and all(s.output_ids for s in running.values()):
+        if running and len(running) == before and all(s.output_ids for s in running.values()):
             break
         before = len(running)
         engine.step()
