@@ -56,4 +56,9 @@ def test_the_batchgen_phase_reports_a_cold_and_a_warm_run(tmp_path, monkeypatch)
     run = models.phase_batchgen("tiny-bloom", "cpu", 6)
     assert run["path"] == "generic" and run["tokens"] > 6 * 31
     assert run["tok_s"] > 0 and run["tok_s_warm"] > 0 and run["warm_elapsed_s"] > 0
-    assert len(run["digests"]) == 6  # each output's digest, for the graphs-vs-eager comparison
+    assert len(run["texts"]) == 6  # each output, for the graphs-vs-eager comparison
+    assert models.compare_texts(run["texts"], run["texts"]) == {"equal": "6 of 6",
+                                                               "median_share_before_first_difference": None}
+    changed = {k: v[: len(v) // 2] + "\x00" * (len(v) - len(v) // 2) for k, v in run["texts"].items()}
+    compared = models.compare_texts(changed, run["texts"])
+    assert compared["equal"] == "0 of 6" and 0.4 < compared["median_share_before_first_difference"] <= 0.5
