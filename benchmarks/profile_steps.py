@@ -76,6 +76,7 @@ def profile(engine, num_steps: int, stacks: bool = False) -> dict:
     out = {"top_host_sites": _call_sites(prof.events(), num_steps)} if stacks else {}
     if syncs is not None:
         out["sync_sites"] = syncs
+        print("sync sites:", json.dumps(syncs), flush=True)  # before a later scenario could run out of time
     if torch.cuda.is_available():  # what the allocator held at most over these steps (the cap's share of them)
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return out | {"steps": num_steps, "wall_ms_per_step": round(wall_ms, 3), "device_ms_per_step": round(device_ms, 3),
