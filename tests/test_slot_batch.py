@@ -95,6 +95,20 @@ def test_select_moves_only_the_rows_past_the_new_count_into_the_freed_slots():
     assert batch.mask.tolist() == [[1, 1], [0, 1]] and batch.layers[0].keys.shape[2] == 2
 
 
+def test_growing_slots_take_the_rows_in_sight_at_once():
+    """Where slots grow (host RAM, --stream-kv's pinned slots), the first batch allocates the rows already running
+    or pending, up to max_rows: each growth would allocate and copy every layer's slots again."""
+    grown = SlotBatch(fresh(2, [3, 2]), max_rows=64, max_model_len=16)
+    hinted = SlotBatch(fresh(2, [3, 2]), max_rows=64, max_model_len=16, expected_rows=40)
+    capped = SlotBatch(fresh(2, [3, 2]), max_rows=24, max_model_len=16, expected_rows=40)
+    assert [b.layers[0].key_slots.shape[0] for b in (grown, hinted, capped)] == [CPU_INITIAL_ROWS, 40, 24]
+    slots = hinted.layers[0].key_slots
+    for _ in range(19):  # 2 + 38 rows: no growth, the same tensors
+        hinted.extend(fresh(2, [4, 1]))
+    assert hinted.num_rows == 40 and hinted.layers[0].key_slots is slots
+    assert torch.equal(hinted.layers[0].keys[-2:, :, -4:], fresh(2, [4, 1]).cache.layers[0].keys)
+
+
 def test_the_window_moves_back_to_end_at_max_model_len_and_keeps_every_row():
     max_model_len = 80
     batch = SlotBatch(fresh(2, [3, 2]), max_rows=2, max_model_len=max_model_len)

@@ -212,7 +212,8 @@ class GenericEngine:
                     log.warning("--stream-kv: this model's layers differ in K/V shape; its K/V stays on the device")
                 self.batch = (SlotBatch(new_batch, max_rows=self.scheduler.max_batch_size,
                                         max_model_len=self.max_model_len, fp8=self.cfg.kv_cache_dtype == "fp8",
-                                        stream=stream)
+                                        stream=stream, expected_rows=len(self.scheduler.running)
+                                        + len(self.scheduler.waiting))
                               if self._slotted else new_batch)
             else:
                 self.batch.extend(new_batch)

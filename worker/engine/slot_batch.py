@@ -120,13 +120,15 @@ class SlotBatch:
     mergeable = True
 
     def __init__(self, first: PaddedBatch, *, max_rows: int, max_model_len: int, fp8: bool = False,
-                 stream=None):
+                 stream=None, expected_rows: int = 0):
         self.max_rows, self.max_model_len, self.stream = max_rows, max_model_len, stream
         self.host = stream is not None
         self.columns = slot_columns(max_model_len, self.host)
         device = first.mask.device
         grow = device.type != "cuda" or self.host
-        rows = min(max_rows, max(CPU_INITIAL_ROWS, first.num_rows)) if grow else max_rows
+        # where slots grow: as many as the rows already in sight (running and pending) at once, since each growth
+        # allocates (pinned, for host slots) and copies every layer's slots again
+        rows = min(max_rows, max(CPU_INITIAL_ROWS, first.num_rows, expected_rows)) if grow else max_rows
         kv_dtype = torch.float8_e4m3fn if fp8 else None
         self.layers = [SlotLayer(*(_zeros(t, rows, self.columns, kv_dtype, self.host) for t in (layer.keys,
                                                                                                   layer.values)),
