@@ -277,9 +277,10 @@ class LLMEngine:
         self._queue_decode(queued.picks)
         tokens = queued.read()
         live = [s for s in queued.seqs if s.status == SeqStatus.RUNNING and self.scheduler.running.get(s.row) is s]
-        start = max(queued.start, self._last_read)
-        self.step_stats.add(time.perf_counter() - start, len(queued.seqs), 0, sum(s.num_tokens for s in live),
-                            0 if self.blocks is None else self.blocks.num_used, overlapped=True)
+        if live:  # else every row ended at the step before (the engine may have idled since): nothing to time
+            start = max(queued.start, self._last_read)
+            self.step_stats.add(time.perf_counter() - start, len(queued.seqs), 0, sum(s.num_tokens for s in live),
+                                0 if self.blocks is None else self.blocks.num_used, overlapped=True)
         self._unpolled_tokens += len(queued.seqs)
         self._unpolled_steps += 1
         return self._finish_step(live, [tokens[s.row] for s in live], [None] * len(live))
