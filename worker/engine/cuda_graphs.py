@@ -33,9 +33,8 @@ def to_device_ints(values: list, device: torch.device) -> torch.Tensor:
 def capture(fn: Callable[[], torch.Tensor | None], stream: torch.cuda.Stream,
             pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
     """fn run once on stream (compiles kernels, creates cuBLAS workspaces), then captured there into pool; returns
-    the graph and fn's output (static: each replay rewrites it). Without torch.cuda.graph's per-capture cache
-    flushes (device and pinned host), which would cost more than the capture and make the next steps allocate
-    afresh."""
+    the graph and fn's output (static: each replay rewrites it). Without torch.cuda.graph's per-capture flushes of
+    the device and pinned-host caches, after which the next steps would allocate afresh."""
     current = torch.cuda.current_stream(stream.device)
     stream.wait_stream(current)
     with torch.cuda.stream(stream):
