@@ -163,20 +163,33 @@ def compare_texts(a: dict[str, str], b: dict[str, str]) -> dict:
             "median_share_before_first_difference": round(statistics.median(shares), 3) if shares else None}
 
 
+def _fresh_steps(engine) -> dict:
+    """The engine's step timings so far, then zeroed: each pass of a phase timed apart."""
+    from batchgen.worker.engine.step_stats import StepStats
+
+    done = engine.step_stats.as_stats()
+    engine.step_stats = StepStats(num_kv_blocks=engine.step_stats.num_kv_blocks)
+    return done
+
+
 def phase_batchgen(name: str, device: str, num_requests: int, cuda_graphs: bool = True) -> dict:
     reqs = workload(num_requests, prompt_len=(32, 256), max_tokens=(32, 128))
     engine, load_s = _engine(name, device, cuda_graphs=cuda_graphs)
     _drain(engine, [r.prompt_ids for r in reqs[:8]], [4] * len(reqs[:8]))  # kernels compiled, allocator grown
     with PeakVram() if device == "cuda" else _NoVram() as vram:
         texts: dict[str, str] = {}
+        _fresh_steps(engine)
         elapsed, tokens = _drain(engine, [r.prompt_ids for r in reqs], [r.max_tokens for r in reqs], texts)
+        steps = _fresh_steps(engine)
         # the same workload again on the same engine: the generic path's decode graphs are captured by now
         warm_s, _ = _drain(engine, [r.prompt_ids for r in reqs], [r.max_tokens for r in reqs])
+        warm_steps = _fresh_steps(engine)
     assert tokens == sum(r.max_tokens for r in reqs), tokens
     extra = engine.stats().extra
     return {"engine": type(engine).__name__, "path": extra.get("engine_path", "fast"), "load_s": load_s,
             "elapsed_s": round(elapsed, 2), "tok_s": round(tokens / elapsed, 1), "tokens": tokens,
             "warm_elapsed_s": round(warm_s, 2), "tok_s_warm": round(tokens / warm_s, 1),
+            "steps": steps, "warm_steps": warm_steps,  # each pass's prefill and decode time, from the engine
             # each output: the graphs and eager runs compared request by request (then dropped from the report)
             "texts": dict(sorted(texts.items())),
             "rows": engine.stats().max_batch_size, "peak_vram_gib": vram.peak_gib,

@@ -56,6 +56,10 @@ def test_the_batchgen_phase_reports_a_cold_and_a_warm_run(tmp_path, monkeypatch)
     run = models.phase_batchgen("tiny-bloom", "cpu", 6)
     assert run["path"] == "generic" and run["tokens"] > 6 * 31
     assert run["tok_s"] > 0 and run["tok_s_warm"] > 0 and run["warm_elapsed_s"] > 0
+    cold, warm = run["steps"], run["warm_steps"]  # each pass timed apart: the same prompts, 31+ decode steps each
+    assert cold["num_prefill_tokens"] == warm["num_prefill_tokens"] > 6 * 32
+    for steps in (cold, warm):
+        assert steps["num_decode_steps"] >= 31 and steps["prefill_s"] > 0 and steps["decode_s"] > 0
     assert len(run["texts"]) == 6  # each output, for the graphs-vs-eager comparison
     assert models.compare_texts(run["texts"], run["texts"]) == {"equal": "6 of 6",
                                                                "median_share_before_first_difference": None}

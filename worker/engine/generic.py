@@ -8,7 +8,9 @@ write position for all rows; a DynamicCache with a 2-D mask runs every architect
 The scheduler, sampler and request rules are the fast path's; an OOM halves the rows and requeues the evicted.
 """
 
+import json
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -39,6 +41,7 @@ from batchgen.worker.engine.setup import (
 )
 from batchgen.worker.engine.slot_batch import SlotBatch, slot_columns
 from batchgen.worker.engine.slot_graphs import SlotDecodeGraphs, graphable
+from batchgen.worker.engine.step_stats import StepStats
 
 DEFAULT_MAX_MODEL_LEN = 4096
 HOST_KV_SHARE = 0.5  # --stream-kv: the share of free host memory the K/V slots may take (pinned)
@@ -81,6 +84,7 @@ class GenericEngine:
         self._num_ooms = 0
         self._num_joins = 0  # rows that joined a batch already decoding: continuous batching at work
         self._rate = TokenRate(TOKENS_PER_S_WINDOW_S)
+        self.step_stats = StepStats()
         self.fault = _install_fault_injector(model, cfg.inject_oom, device)
         self.streamer = None  # small-VRAM mode: the layer streamer (hook_stream.py) whose hooks copy each step
         self.graphs: SlotDecodeGraphs | None = None  # the current SlotBatch's decode graphs
@@ -118,6 +122,7 @@ class GenericEngine:
             if not seqs:
                 self._last_batch = 0
                 return []
+            start = time.perf_counter()
             try:
                 if admitted:
                     prefilled = [prefill(self.model, self.calls, [s.prompt_ids for s in group], self.device)
@@ -130,16 +135,21 @@ class GenericEngine:
                     self._merge(groups, [batch for _, batch in prefilled])
             except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
                 return self._on_oom(seqs, prefill=bool(admitted))
-        # sampling synced: the guard's reduction costs no GPU wait; an input's first outlier column changes its
-        # linears' path, which captured decode graphs skipped: they are captured again
-        if self.int8 is not None and self.int8.poll(sum(s.num_prompt_tokens for s in admitted) if admitted
-                                                    else len(seqs)):
+        prompt_tokens = sum(s.num_prompt_tokens for s in admitted) if admitted else 0
+        # Sampling synced, so the step's time is its GPU time plus launches, and the guard's reduction costs no GPU
+        # wait; an input's first outlier column changes its linears' path, which captured decode graphs skipped:
+        # they are captured again.
+        self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens,
+                            0 if admitted else sum(s.num_tokens for s in seqs))
+        if self.int8 is not None and self.int8.poll(prompt_tokens or len(seqs)):
             self.graphs = None
         self._last_batch = len(seqs)
         self._rate.add(len(seqs))
         results = [r for seq, token, logprobs in zip(seqs, sampled.tokens, sampled.logprobs, strict=True)
                    if (r := self._append(seq, token, logprobs))]
         self._drop_finished()
+        if not self.num_unfinished:  # drained: say where the time went (benchmarks read this line)
+            log.info("engine steps: %s", json.dumps(self.step_stats.as_stats()))
         return results
 
     def abort(self, keys: Iterable[str]) -> None:
@@ -162,7 +172,7 @@ class GenericEngine:
                      device=str(self.device),
                      engine_path="generic", kv_cache_dtype=self.cfg.kv_cache_dtype,
                      decode_steps=self.decode_steps(),
-                     kv_bytes=self.batch.kv_bytes() if self.batch else 0)
+                     kv_bytes=self.batch.kv_bytes() if self.batch else 0, **self.step_stats.as_stats())
         if self.graphs is not None:
             extra.update(self.graphs.stats())
         if self.int8 is not None:
