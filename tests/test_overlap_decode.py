@@ -1,7 +1,8 @@
 """Overlapped decode (llm_engine.py): the next greedy step is queued, fed on the device with the unread step's picks,
 before that step is read. Against the same engine with it off (and HF generate, in test_llm_engine.py): the same
-tokens, rows ending on a stop token or string mid-queue without the extra token leaking, newcomers admitted, sampled
-rows served synchronously, and the int8 outlier guard polled for every token (CPU, the tiny 8-bit demo Llama)."""
+tokens, rows ending on a stop token or string mid-queue without the extra token leaking, newcomers admitted, seeded
+samples drawn alike, rows needing the host (logprobs) served synchronously, and the int8 outlier guard polled for
+every token (CPU, the tiny 8-bit demo Llama)."""
 
 import pytest
 from batchgen.worker.engine.config import EngineConfig
@@ -67,10 +68,23 @@ def test_newcomers_are_admitted_during_queued_steps(engines):
     assert outputs(results) == outputs(want)
 
 
-def test_sampled_rows_step_synchronously(engines):
+def test_sampled_rows_draw_the_same_tokens_queued(engines):
+    """Seeded sampling (temperature, top-k, top-p, min-p) picks on the device in queued steps: the same draws as
+    the synchronous sampler's, whose noise is a function of (seed, output index)."""
+    on, off = engines
+    reqs = [completion("t", PROMPTS[2], max_tokens=20, temperature=0.9, seed=3),
+            completion("k", PROMPTS[5], max_tokens=18, temperature=1.3, top_k=5, seed=4),
+            completion("p", PROMPTS[7], max_tokens=22, temperature=0.8, top_p=0.7, min_p=0.05, seed=5),
+            completion("g", PROMPTS[8], max_tokens=16)]
+    before = overlapped(on)
+    assert outputs(run(on, reqs)) == outputs(run(off, reqs))
+    assert overlapped(on) > before
+
+
+def test_rows_needing_the_host_step_synchronously(engines):
     on, _ = engines
     before = overlapped(on)
-    reqs = [completion("s", PROMPTS[2], max_tokens=12, temperature=0.9, seed=3),
+    reqs = [completion("l", PROMPTS[2], max_tokens=12, logprobs=2),
             completion("g", PROMPTS[5], max_tokens=12)]
     results = run(on, reqs)
     assert overlapped(on) == before and all(r.error is None for r in results.values())

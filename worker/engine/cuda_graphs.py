@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from batchgen.worker.engine.host_copy import to_device
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]  # (ids [b], positions [b], kv_len) -> logits
 
@@ -21,13 +22,6 @@ def batch_buckets(max_rows: int) -> list[int]:
         sizes.append(size)
         size += 16 if size < 64 else 32 if size < 256 else 64
     return sorted({s for s in sizes if s < max_rows} | {max_rows})
-
-
-def to_device_ints(values: list, device: torch.device) -> torch.Tensor:
-    """A host list of ints on the device without waiting for the device: staged through pinned memory and copied
-    asynchronously (a pageable copy would wait for all work queued before it)."""
-    host = torch.tensor(values, dtype=torch.long, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
 
 
 def capture(fn: Callable[[], torch.Tensor | None], stream: torch.cuda.Stream,
@@ -71,11 +65,11 @@ class DecodeGraphs:
         b = self.bucket(n)
         pad = [0] * (b - n)
         if isinstance(tokens, torch.Tensor):
-            self.inputs[1, :b].copy_(to_device_ints(positions + pad, self.device))
+            self.inputs[1, :b].copy_(to_device(positions + pad, self.device))
             self.inputs[0, :n].copy_(tokens[:n])
             self.inputs[0, n:b].zero_()
         else:
-            self.inputs[:, :b].copy_(to_device_ints([tokens + pad, positions + pad], self.device))
+            self.inputs[:, :b].copy_(to_device([tokens + pad, positions + pad], self.device))
         key = (b, kv_len)
         if key not in self.graphs:
             self._capture(key)

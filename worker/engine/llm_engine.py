@@ -7,7 +7,9 @@ max batch size and restarts the evicted rows from scratch; nothing is lost. With
 admits a sequence only when KV blocks for its prompt + max_tokens are free (kv_blocks.BlockPool), and the
 engine copies rows' block changes into the runner's block table before each forward.
 
-Overlapped decode (SGLang's overlap scheduling): while every row is plain greedy and nothing waits for admission,
+Overlapped decode (SGLang's overlap scheduling): while no row needs the host to choose its token (greedy and
+sampling rows do not: their noise is a function of seed and index; logprobs, logits processors and grammars do)
+and nothing waits for admission,
 the engine queues the next decode step, fed on the device with this step's picks, before it reads this step's
 tokens, so the host's bookkeeping (reading tokens, stop checks, results) runs while the GPU computes. A row that
 ends on EOS or a stop string meanwhile has computed one token too many, dropped unread.
@@ -38,7 +40,7 @@ from batchgen.worker.engine.requests import (
     eos_ids,
     vocab_size_of,
 )
-from batchgen.worker.engine.sampler import sample
+from batchgen.worker.engine.sampler import pick, sample
 from batchgen.worker.engine.scheduler import Scheduler
 from batchgen.worker.engine.sequence import SeqStatus, Sequence
 from batchgen.worker.engine.setup import (
@@ -229,8 +231,8 @@ class LLMEngine:
 
     def _can_queue(self, ahead: int) -> bool:
         """Whether the next decode step may be queued before the unread one (ahead = 1; 0: none) is read: the
-        runner takes device tokens, no row needs more than the argmax (sampling, logprobs, processors and grammars
-        read the host), nothing waits for admission once the rows the unread step ends by length are free (that
+        runner takes device tokens, no row needs the host to choose its token (logprobs, processors and grammars
+        do; greedy and sampling rows do not), nothing waits for admission once the rows the unread step ends by length are free (that
         changes the rows) and the outlier guard is not due."""
         if not self.cfg.overlap_decode or not getattr(self.runner, "takes_device_tokens", False):
             return False
@@ -239,7 +241,7 @@ class LLMEngine:
             return False
         if self.int8 is not None and self.int8.guard is not None and self._unpolled_steps >= GUARD_POLL_STEPS:
             return False
-        return (all(s.params.greedy and s.params.logprobs is None and s.matcher is None for s in seqs)
+        return (all(s.params.logprobs is None and s.matcher is None for s in seqs)
                 and not logits_processors.needed(seqs))
 
     @staticmethod
@@ -269,7 +271,7 @@ class LLMEngine:
             logits = self.runner.decode(tokens if picks is None else picks, positions)
         except torch.OutOfMemoryError:  # the synchronous step that follows meets it again and backs off
             return
-        self._queued = QueuedDecode.launch(seqs, logits.argmax(dim=-1), start)
+        self._queued = QueuedDecode.launch(seqs, pick(logits, seqs, ahead), start)
 
     def _step_queued(self) -> list[GenerationResult]:
         """Queues the step after the unread one (fed its picks), then reads the unread one."""
@@ -347,8 +349,8 @@ class LLMEngine:
 
 @dataclass
 class QueuedDecode:
-    """A decode step launched and not read: its rows' sequences and each row's greedy pick, on its way to pinned
-    host memory."""
+    """A decode step launched and not read: its rows' sequences and each row's pick (sampler.pick), on its way to
+    pinned host memory."""
 
     seqs: list[Sequence]
     picks: torch.Tensor  # [rows] on the device: the next step's input

@@ -2,8 +2,9 @@
 (eager or from CUDA graphs)."""
 
 import torch
-from batchgen.worker.engine.cuda_graphs import DecodeGraphs, to_device_ints
+from batchgen.worker.engine.cuda_graphs import DecodeGraphs
 from batchgen.worker.engine.faults import FaultInjector
+from batchgen.worker.engine.host_copy import to_device
 from batchgen.worker.engine.kernels.attention import BLOCK_N, fp8_kv_scale
 from batchgen.worker.engine.kv_blocks import SCRATCH_BLOCK
 from batchgen.worker.engine.llama import LlamaParts, cache_store, decode_path, decode_step, prefill_step
@@ -163,8 +164,8 @@ class ModelRunner:
 
     def decode_eager(self, tokens: list[int] | torch.Tensor, positions: list[int],
                      kv_len: int | None = None) -> torch.Tensor:
-        ids = tokens[:len(positions)] if isinstance(tokens, torch.Tensor) else to_device_ints(tokens, self.device)
-        pos = to_device_ints(positions, self.device)
+        ids = tokens[:len(positions)] if isinstance(tokens, torch.Tensor) else to_device(tokens, self.device)
+        pos = to_device(positions, self.device)
         return decode_step(self.parts, ids, pos, self.k_cache, self.v_cache,
                            kv_len or self._kv_len(max(positions) + 1), self.attention, self.k_scale, self.v_scale,
                            self.block_table)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from batchgen.worker.engine import logits_processors
+from batchgen.worker.engine.host_copy import to_device
 from batchgen.worker.engine.sequence import Sequence, TokenLogprobs
 from batchgen.worker.engine.structured import StructuredOutput
 
@@ -63,7 +64,7 @@ def exponential_noise(seeds: Seq[int], indices: Seq[int], vocab_size: int, devic
     for seed, index in zip(seeds, indices, strict=True):
         gen.manual_seed(noise_seed(seed, index))
         rows.append(torch.empty(vocab_size, dtype=torch.float32).exponential_(generator=gen))
-    return torch.stack(rows).to(device)
+    return to_device(torch.stack(rows), device, torch.float32)
 
 
 def sample(logits: torch.Tensor, seqs: Seq[Sequence], grammar: StructuredOutput | None = None) -> Sampled:
@@ -89,18 +90,33 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], grammar: StructuredOutput 
     return Sampled(token_list, logprobs)
 
 
-def _draw(logits: torch.Tensor, seqs: Seq[Sequence]) -> torch.Tensor:
-    """HF's warper order: temperature, top-k, top-p, min-p; then the seeded exponential race."""
+def pick(logits: torch.Tensor, seqs: Seq[Sequence], ahead: int) -> torch.Tensor:
+    """The next token of each row of logits [rows, vocab] on the device, without reading it: argmax, and for the
+    sampled rows among seqs (each at logits[seq.row]) the draw sample() makes, their `ahead` tokens beyond
+    output_ids counted in the noise index. Rows needing more (logprobs, processors, grammars) use sample()."""
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)
+    drawn = [s for s in seqs if not s.params.greedy]
+    if drawn:
+        rows = to_device([s.row for s in drawn], logits.device)
+        tokens[rows] = _draw(logits[rows], drawn, ahead)
+    return tokens
+
+
+def _draw(logits: torch.Tensor, seqs: Seq[Sequence], ahead: int = 0) -> torch.Tensor:
+    """HF's warper order: temperature, top-k, top-p, min-p; then the seeded exponential race. Each parameter
+    reaches the device without waiting for it (pick() runs while an earlier step is still queued)."""
     device = logits.device
     params = [s.params for s in seqs]
-    logits = logits / torch.tensor([p.temperature for p in params], device=device).unsqueeze(-1)
+    logits = logits / to_device([p.temperature for p in params], device, torch.float32).unsqueeze(-1)
     if any(p.top_k > 0 for p in params):
-        logits = top_k_filter(logits, torch.tensor([p.top_k for p in params], device=device))
+        logits = top_k_filter(logits, to_device([p.top_k for p in params], device))
     probs = torch.softmax(logits, dim=-1)
-    probs = top_p_filter(probs, torch.tensor([p.top_p for p in params], device=device))
+    probs = top_p_filter(probs, to_device([p.top_p for p in params], device, torch.float32))
     if any(p.min_p > 0 for p in params):
-        probs = min_p_filter(probs, torch.tensor([p.min_p for p in params], device=device))
-    noise = exponential_noise([s.seed for s in seqs], [len(s.output_ids) for s in seqs], logits.shape[-1], device)
+        probs = min_p_filter(probs, to_device([p.min_p for p in params], device, torch.float32))
+    noise = exponential_noise([s.seed for s in seqs], [len(s.output_ids) + ahead for s in seqs], logits.shape[-1],
+                              device)
     return (probs / noise).argmax(dim=-1)
 
 
