@@ -48,14 +48,38 @@ class SlotCache(DynamicCache):
         return super().get_query_offset(layer_idx) if self.query_offset is None else self.query_offset
 
 
+class DequantScratch:
+    """fp8 slots' dequantized K and V for the layer attending now, in buffers every layer of a batch shares (a
+    layer's copy is dead once its attention has run): no allocation per layer and step, whose width grows a column
+    a step and would leave the allocator a trail of segments just too small to reuse."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def dequantize(self, which: int, stored: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """stored (fp8, [rows, heads, width, head_dim], a view of slots shaped like `like`) times scale, in the
+        compute dtype, as a view of buffer `which`."""
+        key = (tuple(like.shape[1:]), like.device)
+        held = self.buffers.get(key)
+        if held is None or held[0].shape[0] < like.shape[0]:  # new, or the slots grew
+            held = tuple(torch.empty(like.shape, dtype=self.dtype, device=like.device) for _ in range(2))
+            self.buffers[key] = held
+        rows, _, width, _ = stored.shape
+        out = held[which][:rows, :, :width]
+        out.copy_(stored)
+        return out.mul_(scale.to(self.dtype))
+
+
 class SlotLayer(DynamicLayer):
     """One layer's K/V slots; keys/values are the views [rows, heads, start:end] the model attends over (the
     stored ones: fp8 slots hand the forward a dequantized copy instead). scales: (K, V) [1, heads, 1, 1] for fp8."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, scratch: DequantScratch | None = None):
         super().__init__()
         self.key_slots, self.value_slots, self.scales, self.dtype = keys, values, scales, dtype
+        self.scratch = scratch if scratch is not None else DequantScratch(dtype)
         self.device = keys.device
         self.is_initialized = True
         self.num_rows = self.start = self.end = 0
@@ -109,8 +133,9 @@ class SlotLayer(DynamicLayer):
         """What the forward attends over: the stored views, or fp8 ones dequantized."""
         if self.scales is None:
             return self.keys, self.values
-        return tuple(t.to(self.dtype) * s.to(self.dtype) for t, s in zip((self.keys, self.values), self.scales,
-                                                                             strict=True))
+        like = self.key_slots if self.stage is None else self.stage[0]  # where the attended views point
+        return tuple(self.scratch.dequantize(which, t, scale, like)
+                     for which, (t, scale) in enumerate(zip((self.keys, self.values), self.scales, strict=True)))
 
 
 class SlotBatch:
@@ -130,9 +155,10 @@ class SlotBatch:
         # allocates (pinned, for host slots) and copies every layer's slots again
         rows = min(max_rows, max(CPU_INITIAL_ROWS, first.num_rows, expected_rows)) if grow else max_rows
         kv_dtype = torch.float8_e4m3fn if fp8 else None
+        scratch = DequantScratch(first.cache.layers[0].keys.dtype)  # shared by the layers (fp8 slots use it)
         self.layers = [SlotLayer(*(_zeros(t, rows, self.columns, kv_dtype, self.host) for t in (layer.keys,
                                                                                                   layer.values)),
-                                 _calibrate(layer) if fp8 else None, layer.keys.dtype)
+                                 _calibrate(layer) if fp8 else None, layer.keys.dtype, scratch)
                        for layer in first.cache.layers]
         self._host_buffers()
         self.cache = SlotCache()
