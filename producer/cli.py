@@ -296,8 +296,9 @@ engine_options = shared_options(
                  help="Replay decode steps as CUDA graphs (CUDA only)."),
     click.option("--overlap-decode/--no-overlap-decode", envvar="BATCHGEN_OVERLAP_DECODE", default=True,
                  show_default=True,
-                 help="Fast path: queue the next greedy decode step before reading this one's tokens, so the "
-                      "host's bookkeeping overlaps the GPU."),
+                 help="Fast path: queue the next decode step (its tokens picked on the device) before reading this "
+                      "one's tokens, so the host's bookkeeping overlaps the GPU; rows with logprobs, logit_bias, "
+                      "penalties, min_tokens or a grammar step synchronously."),
     click.option("--host-kv-dtype", envvar="BATCHGEN_HOST_KV_DTYPE", default="auto", show_default=True,
                  help="Small-VRAM mode's host KV cache: auto (the compute dtype), float32, float16, bfloat16 "
                       "or int8 (about half the bytes, at int8 rounding)."),

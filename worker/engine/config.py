@@ -37,7 +37,7 @@ class EngineConfig:
     fp16_modules: tuple[str, ...] = ()
     attention: str = "auto"  # one of ATTENTIONS
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
-    # the fast path queues the next greedy decode step before reading this one (llm_engine.py)
+    # the fast path queues the next decode step before reading this one's tokens (llm_engine.py)
     overlap_decode: bool = True
     inject_oom: str | None = None  # test hook, see model_runner.FaultInjector
     # Small-VRAM mode (worker/offload/): stream decoder layers from host memory. None: when the int8

@@ -9,10 +9,10 @@ engine copies rows' block changes into the runner's block table before each forw
 
 Overlapped decode (SGLang's overlap scheduling): while no row needs the host to choose its token (greedy and
 sampling rows do not: their noise is a function of seed and index; logprobs, logits processors and grammars do)
-and nothing waits for admission,
-the engine queues the next decode step, fed on the device with this step's picks, before it reads this step's
-tokens, so the host's bookkeeping (reading tokens, stop checks, results) runs while the GPU computes. A row that
-ends on EOS or a stop string meanwhile has computed one token too many, dropped unread.
+and nothing waits for admission, the engine queues the next decode step, fed on the device with this step's
+picks, before it reads this step's tokens, so the host's bookkeeping (reading tokens, stop checks, results) runs
+while the GPU computes. A row that ends on EOS or a stop string meanwhile has computed one token too many,
+dropped unread.
 """
 
 import json
@@ -232,8 +232,8 @@ class LLMEngine:
     def _can_queue(self, ahead: int) -> bool:
         """Whether the next decode step may be queued before the unread one (ahead = 1; 0: none) is read: the
         runner takes device tokens, no row needs the host to choose its token (logprobs, processors and grammars
-        do; greedy and sampling rows do not), nothing waits for admission once the rows the unread step ends by length are free (that
-        changes the rows) and the outlier guard is not due."""
+        do; greedy and sampling rows do not), nothing waits for admission once the rows the unread step ends by
+        length are free (that changes the rows) and the outlier guard is not due."""
         if not self.cfg.overlap_decode or not getattr(self.runner, "takes_device_tokens", False):
             return False
         seqs = list(self.scheduler.running.values())

@@ -94,12 +94,11 @@ def pick(logits: torch.Tensor, seqs: Seq[Sequence], ahead: int) -> torch.Tensor:
     """The next token of each row of logits [rows, vocab] on the device, without reading it: argmax, and for the
     sampled rows among seqs (each at logits[seq.row]) the draw sample() makes, their `ahead` tokens beyond
     output_ids counted in the noise index. Rows needing more (logprobs, processors, grammars) use sample()."""
-    logits = logits.float()
-    tokens = logits.argmax(dim=-1)
+    tokens = logits.argmax(dim=-1)  # as sample()'s over float32: the cast is exact and keeps the order
     drawn = [s for s in seqs if not s.params.greedy]
     if drawn:
         rows = to_device([s.row for s in drawn], logits.device)
-        tokens[rows] = _draw(logits[rows], drawn, ahead)
+        tokens[rows] = _draw(logits[rows].float(), drawn, ahead)  # only the sampled rows cast, as sample() draws
     return tokens
 
 

@@ -76,10 +76,10 @@ class SlotLayer(DynamicLayer):
     stored ones: fp8 slots hand the forward a dequantized copy instead). scales: (K, V) [1, heads, 1, 1] for fp8."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, scales: tuple[torch.Tensor, torch.Tensor] | None,
-                 dtype: torch.dtype, scratch: DequantScratch | None = None):
+                 dtype: torch.dtype, scratch: DequantScratch):
         super().__init__()
         self.key_slots, self.value_slots, self.scales, self.dtype = keys, values, scales, dtype
-        self.scratch = scratch if scratch is not None else DequantScratch(dtype)
+        self.scratch = scratch
         self.device = keys.device
         self.is_initialized = True
         self.num_rows = self.start = self.end = 0
