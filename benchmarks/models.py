@@ -11,7 +11,9 @@ written once to /tmp on the GPU, each configuration in its own process so NVML's
   small     --small-vram: `batchgen run --max-vram 6GiB` on a BLOOM-13B shape (generic path: its decoder layers
             stream through forward pre-hooks), 64 requests x 128 prompt tokens x 64 new; tok/s over the run's own
             generate_s (the run less the model's load), against the PCIe bound
-            64 rows x pinned H2D bandwidth / (int8 model bytes - 6 GiB), as benchmarks/small_vram.py computes it
+            64 rows x pinned H2D bandwidth / (int8 model bytes - 6 GiB), as benchmarks/small_vram.py computes it;
+            where generate_s went, from the engine's last "engine steps" log line (steps: its StepStats):
+            prefill_s + decode_s + the host phases timed between steps (host_s) + unaccounted_s
 
     python3 -m benchmarks.models --out $OUT                              # the three 7-8B shapes
     python3 -m benchmarks.models --out $OUT --small-vram                 # BLOOM-13B shape under 6 GiB
@@ -214,7 +216,40 @@ def _batchgen_run(name: str, device: str, lines: list[dict], work: Path, kv: str
                  for row in out.read_text().splitlines())
     startup = [json.loads(line)["message"] for line in proc.stderr.splitlines()
                if line.startswith("{") and "engine up" in line]
-    return summary | {"completion_tokens": tokens, "log_tail": proc.stderr[-600:], "startup": startup[-1:]}
+    return summary | {"completion_tokens": tokens, "log_tail": proc.stderr[-600:], "startup": startup[-1:],
+                      "steps": engine_steps(proc.stderr)}
+
+
+STEPS_PREFIX = "engine steps: "
+
+
+def engine_steps(log: str) -> dict | None:
+    """The engine's StepStats from the last "engine steps: {json}" line of a --json log (the one it logs once
+    drained, at the run's end); None where there is none."""
+    for line in reversed(log.splitlines()):
+        if not line.startswith("{"):
+            continue
+        try:
+            message = json.loads(line).get("message", "")
+        except json.JSONDecodeError:
+            continue
+        if message.startswith(STEPS_PREFIX):
+            return json.loads(message[len(STEPS_PREFIX):])
+    return None
+
+
+def time_breakdown(generate_s: float, steps: dict | None) -> dict:
+    """Where generate_s went: the steps (prefill_s, decode_s, whose step_host_s is a part of them), the host
+    phases between steps (host_s), and what none of those timed; outside_engine_s: the run's time outside the
+    engine's calls (writing result lines), where the engine reports engine_s."""
+    if steps is None:
+        return {"unaccounted_s": None}
+    host = sum(steps.get("host_s", {}).values())
+    out = {"host_s_total": round(host, 3),
+           "unaccounted_s": round(generate_s - steps["prefill_s"] - steps["decode_s"] - host, 3)}
+    if "engine_s" in steps:
+        out["outside_engine_s"] = round(generate_s - steps["engine_s"], 3)
+    return out
 
 
 def phase_small(name: str, device: str, kv_cache_dtype: str = "auto") -> dict:
@@ -240,7 +275,22 @@ def phase_small(name: str, device: str, kv_cache_dtype: str = "auto") -> dict:
             "nvml_peak_gib": vram.peak_gib, "nvml_peak_gib_by_pid": by_pid,
             # the promise is a 6 GiB card: the run's process (the one process here) must stay within it
             "cap_held": max(by_pid.values()) <= CAP_BYTES / GIB if by_pid else None,
-            "startup": run["startup"], "log_tail": run["log_tail"]}
+            "startup": run["startup"], "log_tail": run["log_tail"],
+            "steps": run["steps"], **time_breakdown(generate_s, run["steps"])}
+
+
+def describe_breakdown(run: dict) -> str:
+    """One line: generate_s split into prefill, decode, host phases (largest first) and the rest."""
+    steps = run.get("steps")
+    if not steps or "generate_s" not in run:
+        return "no engine steps line"
+    host = ", ".join(f"{name} {s:.2f}/{steps['host_n'].get(name, 0)}" for name, s in
+                     sorted(steps.get("host_s", {}).items(), key=lambda kv: -kv[1]))
+    in_steps = ", ".join(f"{name} {s:.2f}/{steps['step_host_n'].get(name, 0)}" for name, s in
+                         sorted(steps.get("step_host_s", {}).items(), key=lambda kv: -kv[1]))
+    return (f"generate {run['generate_s']:.2f} s = prefill {steps['prefill_s']:.2f} ({steps['num_prefill_steps']}) + "
+            f"decode {steps['decode_s']:.2f} ({steps['num_decode_steps']}) + host {run['host_s_total']:.2f} "
+            f"[{host}] + unaccounted {run['unaccounted_s']:.2f}; within the steps (s/count): [{in_steps}]")
 
 
 def small_vram_bound(name: str, h2d_gb_s: float | None, rows: int | None = None) -> dict:
@@ -393,12 +443,15 @@ def main() -> None:
                     row["warm_ratio_vs_hf_best"] = round(row["batchgen"]["tok_s_warm"] / best, 2)
         report["models"][name] = row
         print(name, json.dumps({k: (v if not isinstance(v, dict) else {kk: v.get(kk) for kk in (
-            "tok_s", "tok_s_warm", "rows", "path", "peak_vram_gib", "best", "error", "cap_held")})
+            "tok_s", "tok_s_warm", "rows", "path", "peak_vram_gib", "best", "error", "cap_held", "unaccounted_s")})
             for k, v in row.items()}), flush=True)
         if args.small_vram:
             runs = {k: v.get("tok_s") for k, v in row.items() if k.startswith("batchgen_6gib")}
             print(f"{name} under 6 GiB: {runs} tok/s; PCIe bound {row.get('bound_tok_s', 'n/a (no GPU)')} tok/s",
                   flush=True)
+            for key, run in row.items():
+                if key.startswith("batchgen_6gib"):
+                    print(f"  {key}: {describe_breakdown(run)}", flush=True)
     kind = "small-vram" if args.small_vram else "models"
     write_json(args.out / f"{kind}{'-tiny' if args.tiny else ''}.json", report)
 

@@ -28,7 +28,14 @@ def test_the_tiny_small_vram_case_runs_end_to_end_on_cpu(tmp_path):
         run = row[key]
         assert "error" not in run, run
         assert run["tokens"] == 64 * 64 and run["tok_s"] > 0
-    assert "under 6 GiB" in proc.stdout
+        # where generate_s went, from the engine's drained "engine steps" line
+        steps = run["steps"]
+        assert steps["num_decode_steps"] >= 63 and steps["host_n"]["finish_rows"] > 0
+        assert run["host_s_total"] == pytest.approx(sum(steps["host_s"].values()), abs=1e-3)
+        assert run["unaccounted_s"] == pytest.approx(
+            run["generate_s"] - steps["prefill_s"] - steps["decode_s"] - run["host_s_total"], abs=0.02)
+        assert run["unaccounted_s"] >= -0.02 and 0 < steps["engine_s"] <= run["generate_s"] + 0.02
+    assert "under 6 GiB" in proc.stdout and "unaccounted" in proc.stdout
 
 
 @pytest.mark.slow

@@ -110,46 +110,62 @@ class GenericEngine:
     # -- Engine protocol ----------------------------------------------------------------------------
 
     def add(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
-        return self.intake.admit(requests, self._keys, self.scheduler)
+        with self.step_stats.engine_call(), self.step_stats.timed("intake"):
+            return self.intake.admit(requests, self._keys, self.scheduler)
 
     def step(self) -> list[GenerationResult]:
+        with self.step_stats.engine_call():
+            results = self._step()
+        if self._last_batch and not self.num_unfinished:  # drained: say where the time went (benchmarks read this)
+            log.info("engine steps: %s", json.dumps(self.step_stats.as_stats()))
+        return results
+
+    def _step(self) -> list[GenerationResult]:
         with torch.inference_mode():
             # A cache that cannot take rows in (rolling or recurrent layers) runs its batch to the end first.
-            admitted = self.scheduler.admit() if self.batch is None or self.batch.mergeable else []
-            groups = self._prefill_groups(admitted) if admitted else []
+            with self.step_stats.timed("admit"):
+                admitted = self.scheduler.admit() if self.batch is None or self.batch.mergeable else []
+                groups = self._prefill_groups(admitted) if admitted else []
             admitted = [s for group in groups for s in group]
             seqs = admitted or self.rows
             if not seqs:
                 self._last_batch = 0
                 return []
             start = time.perf_counter()
-            try:
-                if admitted:
-                    prefilled = [prefill(self.model, self.calls, [s.prompt_ids for s in group], self.device)
-                                 for group in groups]
-                    logits = torch.cat([group_logits for group_logits, _ in prefilled])
-                else:
-                    logits = self._decode([s.output_ids[-1] for s in self.rows])
-                sampled = sample(logits, seqs, self.intake.structured)
-                if admitted:  # the first prefill after a drain allocates the K/V slots
-                    self._merge(groups, [batch for _, batch in prefilled])
-            except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
-                return self._on_oom(seqs, prefill=bool(admitted))
+            failed = False
+            with self.step_stats.stepping():
+                try:
+                    if admitted:
+                        prefilled = [prefill(self.model, self.calls, [s.prompt_ids for s in group], self.device)
+                                     for group in groups]
+                        logits = torch.cat([group_logits for group_logits, _ in prefilled])
+                    else:
+                        logits = self._decode([s.output_ids[-1] for s in self.rows])
+                    sampled = sample(logits, seqs, self.intake.structured)
+                    if admitted:  # the first prefill after a drain allocates the K/V slots
+                        self._merge(groups, [batch for _, batch in prefilled])
+                except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
+                    failed = True
+            if failed:  # no step to count it in: the failed forward and the back-off are host phases
+                self.step_stats.add_host("oom_step", time.perf_counter() - start)
+                with self.step_stats.timed("oom_backoff"):
+                    return self._on_oom(seqs, prefill=bool(admitted))
         prompt_tokens = sum(s.num_prompt_tokens for s in admitted) if admitted else 0
         # Sampling synced, so the step's time is its GPU time plus launches, and the guard's reduction costs no GPU
         # wait; an input's first outlier column changes its linears' path, which captured decode graphs skipped:
         # they are captured again.
         self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens,
                             0 if admitted else sum(s.num_tokens for s in seqs))
-        if self.int8 is not None and self.int8.poll(prompt_tokens or len(seqs)):
-            self.graphs = None
+        if self.int8 is not None:
+            with self.step_stats.timed("outlier_guard"):
+                if self.int8.poll(prompt_tokens or len(seqs)):
+                    self.graphs = None
         self._last_batch = len(seqs)
         self._rate.add(len(seqs))
-        results = [r for seq, token, logprobs in zip(seqs, sampled.tokens, sampled.logprobs, strict=True)
-                   if (r := self._append(seq, token, logprobs))]
+        with self.step_stats.timed("finish_rows"):  # stop checks, detokenizing, results
+            results = [r for seq, token, logprobs in zip(seqs, sampled.tokens, sampled.logprobs, strict=True)
+                       if (r := self._append(seq, token, logprobs))]
         self._drop_finished()
-        if not self.num_unfinished:  # drained: say where the time went (benchmarks read this line)
-            log.info("engine steps: %s", json.dumps(self.step_stats.as_stats()))
         return results
 
     def abort(self, keys: Iterable[str]) -> None:
@@ -167,7 +183,7 @@ class GenericEngine:
 
     def stats(self) -> EngineStats:
         used, free = _memory_info(self.device)
-        extra: dict[str, float | int | str] = dict(self.budget.as_stats())
+        extra: dict[str, float | int | str | dict] = dict(self.budget.as_stats())
         extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, num_joins=self._num_joins,
                      device=str(self.device),
                      engine_path="generic", kv_cache_dtype=self.cfg.kv_cache_dtype,
@@ -209,6 +225,7 @@ class GenericEngine:
             fits = self.batch is None and SlotBatch.fits(new_batch)
             if fits and self._idle is not None:
                 self.batch, self._idle = self._idle, None  # the drained batch's slots (and decode graphs) again
+                self.batch.stats = self.step_stats  # which a benchmark may have replaced since
                 self.batch.restart(new_batch)
             elif self.batch is None:
                 if self._slotted is None and not fits:
@@ -223,7 +240,7 @@ class GenericEngine:
                 self.batch = (SlotBatch(new_batch, max_rows=self.scheduler.max_batch_size,
                                         max_model_len=self.max_model_len, fp8=self.cfg.kv_cache_dtype == "fp8",
                                         stream=stream, expected_rows=len(self.scheduler.running)
-                                        + len(self.scheduler.waiting))
+                                        + len(self.scheduler.waiting), stats=self.step_stats)
                               if self._slotted else new_batch)
             else:
                 self.batch.extend(new_batch)
@@ -238,9 +255,14 @@ class GenericEngine:
         if self._eager_reason or not isinstance(self.batch, SlotBatch):
             return decode(self.model, self.calls, self.batch, tokens)
         if self.graphs is None or self.graphs.batch is not self.batch:
-            self.graphs = SlotDecodeGraphs(self.model, self.calls, self.batch, capture=self.device.type == "cuda")
+            with self.step_stats.timed("graph_setup"):
+                self.graphs = SlotDecodeGraphs(self.model, self.calls, self.batch, capture=self.device.type == "cuda")
         try:
-            return self.graphs.run(tokens)
+            captured = self.graphs.capture_s
+            logits = self.graphs.run(tokens)
+            if self.graphs.capture_s > captured:  # this step captured a graph (new rows bucket or width, or stale)
+                self.step_stats.add_host("graph_capture", self.graphs.capture_s - captured)
+            return logits
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # a forward that cannot be captured (a host sync inside): eager from now on

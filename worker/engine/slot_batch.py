@@ -19,12 +19,16 @@ twice the rows where memory bounds them (small-VRAM mode), for one extra pass ov
 With a KVStream (--stream-kv, small-VRAM mode) the slots live in pinned host memory and each layer attends over a
 device stage the stream filled ahead of it (worker/offload/kv_stream.py); a decode's new column goes to the stage
 and out to a pinned buffer, landing in the host slots once the step has synced.
+
+The host work a batch does (allocating and growing slots, joins, window moves, landing columns, row moves) is timed
+by name in the engine's StepStats (`stats`).
 """
 
 import torch
 from batchgen.worker.engine.kernels.attention import FP8_MAX, fp8_kv_scale
 from batchgen.worker.engine.model_runner import KV_SCALE_MARGIN
 from batchgen.worker.engine.padded_batch import PaddedBatch
+from batchgen.worker.engine.step_stats import StepStats
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 SLACK_DIVISOR = 16  # a row's slot is 1/16 longer than its context: one move of the window per that many steps
@@ -145,8 +149,9 @@ class SlotBatch:
     mergeable = True
 
     def __init__(self, first: PaddedBatch, *, max_rows: int, max_model_len: int, fp8: bool = False,
-                 stream=None, expected_rows: int = 0):
+                 stream=None, expected_rows: int = 0, stats: StepStats | None = None):
         self.max_rows, self.max_model_len, self.stream = max_rows, max_model_len, stream
+        self.stats = stats if stats is not None else StepStats()  # the engine's: where the host phases are timed
         self.host = stream is not None
         self.columns = slot_columns(max_model_len, self.host)
         device = first.mask.device
@@ -156,10 +161,15 @@ class SlotBatch:
         rows = min(max_rows, max(CPU_INITIAL_ROWS, first.num_rows, expected_rows)) if grow else max_rows
         kv_dtype = torch.float8_e4m3fn if fp8 else None
         scratch = DequantScratch(first.cache.layers[0].keys.dtype)  # shared by the layers (fp8 slots use it)
-        self.layers = [SlotLayer(*(_zeros(t, rows, self.columns, kv_dtype, self.host) for t in (layer.keys,
-                                                                                                  layer.values)),
-                                 _calibrate(layer) if fp8 else None, layer.keys.dtype, scratch)
-                       for layer in first.cache.layers]
+        with self.stats.timed("slot_alloc"):  # device slots: the zero fills are queued, not timed
+            slots = [tuple(_zeros(t, rows, self.columns, kv_dtype, self.host) for t in (layer.keys, layer.values))
+                     for layer in first.cache.layers]
+        scales = [None] * len(first.cache.layers)
+        if fp8:
+            with self.stats.timed("fp8_calibrate"):  # queued on the device: its launches only
+                scales = [_calibrate(layer) for layer in first.cache.layers]
+        self.layers = [SlotLayer(*kv, scale, layer.keys.dtype, scratch)
+                       for kv, scale, layer in zip(slots, scales, first.cache.layers, strict=True)]
         self._host_buffers()
         self.cache = SlotCache()
         self.cache.layers = self.layers
@@ -206,9 +216,11 @@ class SlotBatch:
         if n + m > self.layers[0].key_slots.shape[0]:
             self._grow(n + m)
         start = min(self.start, self.end - p)
-        for mine, theirs in zip(self.layers, other.cache.layers, strict=True):
-            mine.store(mine.key_slots[n : n + m, :, self.end - p : self.end], 0, theirs.keys)
-            mine.store(mine.value_slots[n : n + m, :, self.end - p : self.end], 1, theirs.values)
+        # into device slots the copies are queued (launches timed); into host slots they wait for the device
+        with self.stats.timed("slot_join"):
+            for mine, theirs in zip(self.layers, other.cache.layers, strict=True):
+                mine.store(mine.key_slots[n : n + m, :, self.end - p : self.end], 0, theirs.keys)
+                mine.store(mine.value_slots[n : n + m, :, self.end - p : self.end], 1, theirs.values)
         self.mask = torch.cat([_pad_left(self.mask, self.end - start), _pad_left(other.mask, self.end - start)])
         self.next_positions = torch.cat([self.next_positions, other.next_positions])
         self.start = start
@@ -231,6 +243,11 @@ class SlotBatch:
     def select(self, rows: list[int]) -> list[int]:
         """Keeps these rows: kept rows past the new count move into the freed slots below it. Returns the old
         index of each row in its new slot order."""
+        # timed up to the trim's read of the mask, which waits for the queued row copies on a device
+        with self.stats.timed("row_select"):
+            return self._select(rows)
+
+    def _select(self, rows: list[int]) -> list[int]:
         keep = set(rows)
         holes = [i for i in range(len(rows)) if i not in keep]
         movers = [i for i in rows if i >= len(rows)]
@@ -266,19 +283,21 @@ class SlotBatch:
             torch.cuda.current_stream().synchronize()  # the column copies out are asynchronous
         self.stream.stop()
         n = self.num_rows
-        for layer in self.layers:
-            for slots, column in zip((layer.key_slots, layer.value_slots), layer.columns_out, strict=True):
-                slots[:n, :, self.end : self.end + 1] = column[:n]
-            layer.stage = None
+        with self.stats.timed("kv_land"):  # after the sync above, which waits for the whole forward: not counted
+            for layer in self.layers:
+                for slots, column in zip((layer.key_slots, layer.value_slots), layer.columns_out, strict=True):
+                    slots[:n, :, self.end : self.end + 1] = column[:n]
+                layer.stage = None
 
     def _host_buffers(self) -> None:
         """Host slots: the pinned column buffers and the stream's device stages, sized to the slots."""
         if self.stream is None:
             return
-        for layer in self.layers:
-            layer.columns_out = tuple(_zeros(t, t.shape[0], 1, t.dtype, True) for t in (layer.key_slots,
-                                                                                       layer.value_slots))
-        self.stream.allocate((self.layers[0].key_slots, self.layers[0].value_slots))
+        with self.stats.timed("kv_buffers"):
+            for layer in self.layers:
+                layer.columns_out = tuple(_zeros(t, t.shape[0], 1, t.dtype, True) for t in (layer.key_slots,
+                                                                                           layer.value_slots))
+            self.stream.allocate((self.layers[0].key_slots, self.layers[0].value_slots))
 
     def _show(self) -> None:
         for layer in self.layers:
@@ -288,10 +307,11 @@ class SlotBatch:
         """Copies the active columns to end at max_model_len (a row never spans more, so they fit)."""
         width = self.end - self.start
         to = self.max_model_len - width
-        for layer in self.layers:
-            for slots in (layer.key_slots, layer.value_slots):
-                active = slots[: self.num_rows, :, self.start : self.end].clone()  # the ranges may overlap
-                slots[: self.num_rows, :, to : self.max_model_len] = active
+        with self.stats.timed("window_move"):  # device slots: queued copies, their launches timed; host: the copies
+            for layer in self.layers:
+                for slots in (layer.key_slots, layer.value_slots):
+                    active = slots[: self.num_rows, :, self.start : self.end].clone()  # the ranges may overlap
+                    slots[: self.num_rows, :, to : self.max_model_len] = active
         self.start, self.end = to, self.max_model_len
         self.num_window_moves += 1
 
@@ -299,12 +319,13 @@ class SlotBatch:
         rows = min(self.max_rows, max(needed, 2 * self.layers[0].key_slots.shape[0]))
         if needed > rows:
             raise ValueError(f"{needed} rows exceed the budget's {self.max_rows}")
-        for layer in self.layers:  # one layer at a time: the peak is one layer's old slots beside the new ones
-            for name in ("key_slots", "value_slots"):
-                old = getattr(layer, name)
-                new = _zeros(old, rows, self.columns, old.dtype, self.host)
-                new[: self.num_rows] = old[: self.num_rows]
-                setattr(layer, name, new)
+        with self.stats.timed("slot_grow"):  # allocation (pinned for host slots) and the old rows copied over
+            for layer in self.layers:  # one layer at a time: the peak is one layer's old slots beside the new ones
+                for name in ("key_slots", "value_slots"):
+                    old = getattr(layer, name)
+                    new = _zeros(old, rows, self.columns, old.dtype, self.host)
+                    new[: self.num_rows] = old[: self.num_rows]
+                    setattr(layer, name, new)
         self._host_buffers()
 
 

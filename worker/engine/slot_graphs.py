@@ -60,6 +60,11 @@ class SlotDecodeGraphs:
             return {}
         return {"decode_graphs": len(self.graphs.graphs), "graph_capture_s": round(self.graphs.capture_s, 2)}
 
+    @property
+    def capture_s(self) -> float:
+        """The seconds captures took so far (0 without CUDA): the engine times each capture as a host phase."""
+        return 0.0 if self.graphs is None else self.graphs.capture_s
+
     def width(self) -> int:
         return next(w for w in self.widths if w >= self.columns - self.batch.start)
 

@@ -3,6 +3,8 @@
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 STEP_LOG_INTERVAL_S = 30.0
@@ -29,7 +31,17 @@ class StepStats:
     sum_kv_tokens: int = 0
     sum_kv_blocks_used: int = 0
     max_kv_blocks_used: int = 0
+    # Named host phases (timed(), add_host()): seconds and counts by name. Those run inside a step are part of its
+    # prefill_s/decode_s and kept apart (step_host_*), so a run's wall time less prefill_s, decode_s and host_s is
+    # what nothing timed.
+    host_s: dict[str, float] = field(default_factory=dict)
+    host_n: dict[str, int] = field(default_factory=dict)
+    step_host_s: dict[str, float] = field(default_factory=dict)
+    step_host_n: dict[str, int] = field(default_factory=dict)
+    engine_s: float = 0.0  # inside the engine's add() and step() calls (where the engine times it)
     last_log: float = field(default_factory=time.monotonic)
+    _in_step: bool = field(default=False, init=False, repr=False)
+    _nested: list[float] = field(default_factory=list, init=False, repr=False)  # open phases' inner seconds
 
     def add(self, seconds: float, num_rows: int, num_prefill_tokens: int, num_kv_tokens: int = 0,
             num_kv_blocks_used: int = 0, overlapped: bool = False) -> None:
@@ -51,7 +63,46 @@ class StepStats:
             self.last_log = time.monotonic()
             log.info("engine steps: %s", json.dumps(self.as_stats()))
 
-    def as_stats(self) -> dict[str, float | int]:
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Times a named phase of host work, less the phases nested in it (so the names never overlap). Host time
+        only: perf_counter and no device sync, so a phase that queues GPU work counts its launches, not that work."""
+        self._nested.append(0.0)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.add_host(name, elapsed - self._nested.pop(), nested=elapsed)
+
+    def add_host(self, name: str, seconds: float, *, nested: float | None = None) -> None:
+        """seconds of phase `name` (measured elsewhere, e.g. a graph capture); nested: the time an enclosing phase
+        should not count again (default: seconds)."""
+        if self._nested:
+            self._nested[-1] += seconds if nested is None else nested
+        total, count = (self.step_host_s, self.step_host_n) if self._in_step else (self.host_s, self.host_n)
+        total[name] = total.get(name, 0.0) + seconds
+        count[name] = count.get(name, 0) + 1
+
+    @contextmanager
+    def stepping(self) -> Iterator[None]:
+        """A step's timed region: the phases inside it go to step_host_* (its prefill_s/decode_s hold them)."""
+        self._in_step = True
+        try:
+            yield
+        finally:
+            self._in_step = False
+
+    @contextmanager
+    def engine_call(self) -> Iterator[None]:
+        """One call into the engine (add, step): engine_s, what a caller's wall time less it spent outside."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.engine_s += time.perf_counter() - start
+
+    def as_stats(self) -> dict[str, float | int | dict[str, float | int]]:
         steps = max(1, self.num_decode_steps)
         return {
             "num_prefill_steps": self.num_prefill_steps, "num_decode_steps": self.num_decode_steps,
@@ -64,4 +115,11 @@ class StepStats:
             "mean_kv_blocks_used": round(self.sum_kv_blocks_used / steps, 1),
             "max_kv_blocks_used": self.max_kv_blocks_used, "num_kv_blocks": self.num_kv_blocks,
             "decode_ms_per_step": round(1000 * self.decode_s / max(1, self.num_decode_steps), 2),
+            "host_s": _rounded(self.host_s), "host_n": dict(self.host_n),
+            "step_host_s": _rounded(self.step_host_s), "step_host_n": dict(self.step_host_n),
+            **({"engine_s": round(self.engine_s, 3)} if self.engine_s else {}),
         }
+
+
+def _rounded(seconds: dict[str, float]) -> dict[str, float]:
+    return {name: round(s, 4) for name, s in sorted(seconds.items())}
