@@ -9,7 +9,9 @@ Phases (each writes OUT/<phase>.json; one device call may run several):
     levers     engine pieces on the GPU, in-process: decode-step ms and prefill tok/s per int8 kernel,
                attention and CUDA graphs; then the engine alone over the whole workload
     batchgen   end to end: valkey-server, a `batchgen worker` subprocess, a 512- and the 2,048-request batch,
-               one single request; then token agreement with HF int8 generate, and the largest batch that fits
+               one single request; then token agreement with HF int8 generate, and the largest batch that fits;
+               each batch's texts as short hashes (OUT/<batch>_digests.json), to compare two runs' outputs.
+               --sampled: every request samples (temperature 0.8, top-p 0.95, seeded by its index)
     baselines  HF generate: int8 bs1 (seed recipe), int8 static batches (bs x threshold), fp16 dynamic and
                static cache, generate_batch
     peer       transformers' own continuous batching (init_continuous_batching, bf16, per-request
@@ -32,6 +34,7 @@ wall time; host overhead vs idle needs the in-process engine run (--engine-reque
 
 import argparse
 import gc
+import hashlib
 import inspect
 import json
 import os
@@ -285,11 +288,20 @@ def _start_valkey(port: int) -> None:
     raise RuntimeError("valkey-server did not start")
 
 
-def _write_jsonl(path: Path, reqs: list[Req]) -> None:
+SAMPLED = {"temperature": 0.8, "top_p": 0.95}  # --sampled: each request also gets seed = its index
+
+
+def _write_jsonl(path: Path, reqs: list[Req], sampled: bool = False) -> None:
     with path.open("w") as f:
-        for r in reqs:
+        for i, r in enumerate(reqs):
+            sampling = {**SAMPLED, "seed": i} if sampled else {"temperature": 0}
             f.write(json.dumps({"custom_id": r.custom_id, "prompt": r.prompt, "max_tokens": r.max_tokens,
-                                "temperature": 0, "ignore_eos": True}) + "\n")
+                                **sampling, "ignore_eos": True}) + "\n")
+
+
+def text_digests(texts: dict[str, str]) -> dict[str, str]:
+    """custom_id -> a short hash of its text: two runs' outputs compared without carrying the texts."""
+    return {k: hashlib.sha1(v.encode()).hexdigest()[:12] for k, v in sorted(texts.items())}
 
 
 def _run_batch(client, path: Path, vram: PeakVram | None = None) -> dict:
@@ -343,7 +355,7 @@ def phase_batchgen(args, reqs: list[Req], out_dir: Path) -> dict:
     url = f"redis://127.0.0.1:{port}/0"
     env = dict(os.environ, REDIS_URL=url, BATCHGEN_MAX_MODEL_LEN=str(MAX_MODEL_LEN))
     log_path = out_dir / "worker.log"
-    result: dict = {"max_model_len": MAX_MODEL_LEN}
+    result: dict = {"max_model_len": MAX_MODEL_LEN, "sampling": {**SAMPLED, "seed": "index"} if args.sampled else "greedy"}
     with PeakVram() as vram:
         start = time.perf_counter()
         with log_path.open("w") as log:
@@ -368,7 +380,7 @@ def phase_batchgen(args, reqs: list[Req], out_dir: Path) -> dict:
             before = None
             texts: dict = {}
             for name, subset in runs.items():
-                _write_jsonl(tmp / f"{name}.jsonl", subset)
+                _write_jsonl(tmp / f"{name}.jsonl", subset, args.sampled)
                 vram.peak_bytes = 0
                 vram.util_samples.clear()
                 run = _run_batch(client, tmp / f"{name}.jsonl")
@@ -381,6 +393,7 @@ def phase_batchgen(args, reqs: list[Req], out_dir: Path) -> dict:
                 if run["engine"]:
                     run["engine_busy"] = round((run["engine"]["prefill_s"] + run["engine"]["decode_s"]) / run["wall_s"], 3)
                 texts = run.pop("_texts")
+                write_json(out_dir / f"{name}_digests.json", text_digests(texts))
                 print(name, json.dumps(run), flush=True)
                 result[name] = run
             single = Req("single", reqs[0].prompt_ids[:128], 256)
@@ -394,7 +407,7 @@ def phase_batchgen(args, reqs: list[Req], out_dir: Path) -> dict:
         finally:
             stop_process(worker, 60)
         result["total_vram_gib"] = round(vram.total_bytes / GIB, 2)
-    if args.agree_requests:
+    if args.agree_requests and not args.sampled:  # HF's greedy tokens are no oracle for sampled rows
         result["agreement"] = agreement(reqs[: args.agree_requests], texts, args.agree_tokens)
     if args.fit:
         result["fit"] = fit_search(args)
@@ -875,6 +888,8 @@ def main() -> None:
     parser.add_argument("--fp16", type=lambda s: [(int(b), None if c == "dynamic" else c) for b, c in
                                                   (x.split(":") for x in s.split(","))],
                         default=[(64, None), (128, None), (128, "static")], help="bs:cache,... e.g. 128:dynamic")
+    parser.add_argument("--sampled", action="store_true",
+                        help=f"batchgen phase: requests sample ({SAMPLED}, seed = the request's index) instead of greedy")
     parser.add_argument("--agree-requests", type=int, default=8)
     parser.add_argument("--agree-tokens", type=int, default=32)
     parser.add_argument("--probe-steps", type=int, default=16)

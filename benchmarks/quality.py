@@ -9,7 +9,8 @@ al., 2022): NUM_OUTLIER_CHANNELS residual channels whose input-norm weights are 
 at the q/k/v and gate/up inputs is S, for S in STRENGTHS; "massive" adds, on S = 20, a few tokens (BOS and
 MASSIVE_TOKENS) carrying |x| in the hundreds in two down_proj input channels; lm_head is scaled so the model
 is confident. Each variant is teacher-forced over the same tokens and compared with the fp32 model: mean
-KL(fp32 ‖ variant), top-1 agreement, and the share of greedy tokens equal to fp32's.
+KL(fp32 ‖ variant), top-1 agreement, and the share of greedy tokens equal to fp32's. --seeds N builds N planted
+models per strength (other random weights, the same outlier channels) and reports each metric's mean.
 
 Variants: default (batchgen's auto kernel: int_mm_outliers, calibrated as the engine does), default_fp16_ends (the
 same with the first and last decoder layers in fp16: --fp16-modules), bnb_t6 (bitsandbytes' Linear8bitLt, LLM.int8()
@@ -207,8 +208,8 @@ def compare(ref_logits: torch.Tensor, logits: torch.Tensor, ref_greedy: torch.Te
 
 
 def run_strength(shape: Shape, strength: float | str, device: torch.device, dtype: torch.dtype,
-                 variants: tuple[str, ...] = VARIANTS) -> list[dict]:
-    ref = build_planted(shape, strength, device=device)
+                 variants: tuple[str, ...] = VARIANTS, seed: int = 0) -> list[dict]:
+    ref = build_planted(shape, strength, seed=seed, device=device)
     ids = eval_ids(shape, seed=2)
     prompts = eval_ids(shape, seed=3, num_seqs=shape.num_prompts, seq_len=shape.prompt_len)
     calibration = eval_ids(shape, seed=4, num_seqs=4, seq_len=shape.seq_len)
@@ -220,7 +221,7 @@ def run_strength(shape: Shape, strength: float | str, device: torch.device, dtyp
         del ref
         for variant in variants:
             model = load_variant(Path(tmp), variant, device, dtype, calibration)
-            row = {"strength": strength, "variant": variant,
+            row = {"strength": strength, "variant": variant, "seed": seed,
                    **compare(ref_logits, logits_of(model, ids, device), ref_greedy,
                              greedy(model, prompts, shape.new_tokens, device)),
                    "fp32_mean_max_prob": round(confidence, 3)}
@@ -303,6 +304,23 @@ def _num_outlier_columns(model) -> int:
     from batchgen.worker.engine.int8_linear import outlier_guard
 
     return outlier_guard(model, THRESHOLD).num_columns
+
+
+def mean_over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per (strength, variant): each metric's mean over the seeded models, each seed's KL kept. One
+    random model is one sample of the ratios; the goals read the means."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["strength"], r["variant"]), []).append(r)
+    out = []
+    for (strength, variant), group in groups.items():
+        row = {"strength": strength, "variant": variant}
+        for key in ("kl", "top1", "greedy", "fp32_mean_max_prob", "outlier_columns"):
+            if key in group[0]:
+                row[key] = round(sum(g[key] for g in group) / len(group), 6)
+        row["kl_by_seed"] = [g["kl"] for g in group]
+        out.append(row)
+    return out
 
 
 def goals(rows: list[dict]) -> list[dict]:
@@ -435,6 +453,8 @@ def main() -> None:
     parser.add_argument("--kv", action=argparse.BooleanOptionalAction, default=None,
                         help="KV cache dtypes auto vs fp8 through the ModelRunner (default: on for CUDA)")
     parser.add_argument("--kv-only", action="store_true", help="only the --kv section (no int8 variants)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="planted models per strength (seeds 0..N-1); rows and goals are their means")
     args = parser.parse_args()
     device = torch.device(args.device)
     shape = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
@@ -444,13 +464,16 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="MatMul8bitLt")
     variants = VARIANTS if device.type == "cuda" else CPU_VARIANTS
     start = time.perf_counter()
-    rows = [] if args.kv_only else [r for s in STRENGTHS for r in run_strength(shape, s, device, dtype, variants)]
+    seed_rows = [] if args.kv_only else [r for s in STRENGTHS for seed in range(args.seeds)
+                                         for r in run_strength(shape, s, device, dtype, variants, seed)]
+    rows = mean_over_seeds(seed_rows)
     goal_rows = goals(rows)
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "torch": torch.__version__,
            "shape": asdict(shape), "threshold": THRESHOLD, "num_outlier_channels": NUM_OUTLIER_CHANNELS,
            "massive": {"base_strength": MASSIVE_BASE_STRENGTH, "value": MASSIVE_VALUE, "layer": MASSIVE_LAYER},
-           "compute_dtype": str(dtype).removeprefix("torch."), "rows": rows, "goals": goal_rows}
+           "compute_dtype": str(dtype).removeprefix("torch."), "seeds": args.seeds, "rows": rows,
+           "seed_rows": seed_rows, "goals": goal_rows}
     if rows:
         print(table(rows, goal_rows))
     if args.kv_only or args.kv or (args.kv is None and device.type == "cuda"):
