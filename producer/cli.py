@@ -299,6 +299,10 @@ engine_options = shared_options(
                  help="Fast path: queue the next decode step (its tokens picked on the device) before reading this "
                       "one's tokens, so the host's bookkeeping overlaps the GPU; rows with logprobs, logit_bias, "
                       "penalties, min_tokens or a grammar step synchronously."),
+    click.option("--fused-elementwise/--no-fused-elementwise", envvar="BATCHGEN_FUSED_ELEMENTWISE", default=True,
+                 show_default=True,
+                 help="Fast path on CUDA: each RMSNorm (with the residual add before it), RoPE and the gated MLP "
+                      "activation run as one compiled kernel instead of several."),
     click.option("--host-kv-dtype", envvar="BATCHGEN_HOST_KV_DTYPE", default="auto", show_default=True,
                  help="Small-VRAM mode's host KV cache: auto (the compute dtype), float32, float16, bfloat16 "
                       "or int8 (about half the bytes, at int8 rounding)."),
@@ -327,6 +331,7 @@ def engine_config(kw: dict[str, Any]):
         max_vram_bytes=parse_bytes(kw["max_vram"]) if kw["max_vram"] else None, max_batch_size=kw["max_batch"],
         max_model_len=kw["max_model_len"], int8_threshold=kw["int8_threshold"], int8_kernel=kw["int8_kernel"],
         attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], overlap_decode=kw["overlap_decode"],
+        fused_elementwise=kw["fused_elementwise"],
         host_kv_dtype=kw["host_kv_dtype"],
         kv_cache_dtype=kw["kv_cache_dtype"], kv_layout=kw["kv_layout"], stream_kv=kw["stream_kv"],
         inject_oom=kw["inject_oom"] or None,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from batchgen.worker.engine.families import FamilySpec
+from batchgen.worker.engine.fused import FUSED, add_norm
 from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits, quantize_kv
 
 PREFILL_FLASH = ("flash", "triton")  # attentions whose prefill is FlashAttention varlen ("triton" decodes in Triton)
@@ -60,18 +61,6 @@ class LlamaParts:
 def head_dim_of(config) -> int:
     """A Llama-family HF config's head size (explicit head_dim where the model sets one)."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    rotary = cos.shape[-1]
-    if rotary < x.shape[-1]:  # partial rotary (Phi-3's partial_rotary_factor): the rest of each head passes
-        return torch.cat((_apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]), dim=-1)
-    return x * cos + _rotate_half(x) * sin
 
 
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -126,7 +115,8 @@ def attention_inputs(parts: LlamaParts, layer: torch.nn.Module, h: torch.Tensor,
     if parts.spec.qk_norm:  # per head, before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-    return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
+    q, k = FUSED.rope_qk(q, k, cos, sin)
+    return q, k, v
 
 
 def layer_output(layer: torch.nn.Module, h: torch.Tensor, o: torch.Tensor,
@@ -137,8 +127,8 @@ def layer_output(layer: torch.nn.Module, h: torch.Tensor, o: torch.Tensor,
     if spec is not None and spec.post_norms:  # Gemma2: post_attention_layernorm acts on the attention output
         h = h + layer.post_attention_layernorm(attended)
         return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
-    h = h + attended
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    h, x = add_norm(layer.post_attention_layernorm, h, attended)
+    return h + layer.mlp(x)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, scale: float,

@@ -26,6 +26,7 @@ import torch
 from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine import logits_processors
 from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.fused import fuse_layers
 from batchgen.worker.engine.int8_linear import Int8Runtime
 from batchgen.worker.engine.int8_outliers import calibration_ids
 from batchgen.worker.engine.kv_blocks import BlockPool
@@ -163,6 +164,8 @@ class LLMEngine:
         """The engine over a model already loaded on the device: a ModelRunner and the budget it measures."""
         max_model_len = max_model_len_for(cfg, model.config)
         attention = resolve_attention(cfg.attention, device, dtype, cfg.kv_cache_dtype)
+        if cfg.fused_elementwise:
+            fuse_layers(model, compile_kernels=device.type == "cuda")
         runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=max_model_len,
                              inject_oom=cfg.inject_oom, attention=attention, cuda_graphs=cfg.cuda_graphs,
                              kv_cache_dtype=cfg.kv_cache_dtype, paged=cfg.kv_layout == "paged")

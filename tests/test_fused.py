@@ -1,0 +1,109 @@
+"""The fused elementwise functions (worker/engine/fused.py) compute what the HF modules they stand in for compute,
+and modules whose arithmetic differs keep their own forward."""
+
+import torch
+from batchgen.worker.engine import fused
+from batchgen.worker.engine.fused import (
+    FUSED,
+    NORM_KIND_ATTR,
+    activation_name,
+    add_norm,
+    fuse_norms,
+    norm_kind,
+    rms_norm,
+    rope_qk,
+)
+from transformers.activations import ACT2FN
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+
+class ScaledNorm(LlamaRMSNorm):
+    """An RMSNorm-like module with other arithmetic: the probe must leave it alone."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def _norms(dtype: torch.dtype) -> list[torch.nn.Module]:
+    torch.manual_seed(0)
+    out = [LlamaRMSNorm(64, eps=1e-5), GemmaRMSNorm(64, eps=1e-6)]
+    for m in out:
+        m.weight.data = torch.randn(64) * 0.5 + 0.1
+    return [m.to(dtype) for m in out]
+
+
+def test_fused_norms_equal_the_hf_modules_exactly():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        llama, gemma = _norms(dtype)
+        x = (torch.randn(5, 7, 64) * 3).to(dtype)
+        want = [llama(x), gemma(x)]
+        assert norm_kind(llama) == fused.NormKind(1e-5, gemma=False)
+        assert norm_kind(gemma) == fused.NormKind(1e-6, gemma=True)
+        assert fuse_norms([llama, gemma]) == 2
+        for module, expected in zip((llama, gemma), want, strict=True):
+            got = module(x)  # the fused forward now
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+            delta = (torch.randn(5, 7, 64)).to(dtype)
+            h, normed = add_norm(module, x, delta)
+            assert torch.equal(h, x + delta) and torch.equal(normed, module(x + delta))
+
+
+def test_a_norm_with_other_arithmetic_keeps_its_forward():
+    odd = ScaledNorm(64)
+    odd.weight.data = torch.randn(64)  # (with ones, 2 * w * x is Gemma's (1 + w) * x, and fusing it would be right)
+    x = torch.randn(3, 64)
+    want = odd(x)
+    assert norm_kind(odd) is None
+    assert fuse_norms([odd]) == 0
+    assert getattr(odd, NORM_KIND_ATTR, None) is None
+    assert torch.equal(odd(x), want)
+    h, normed = add_norm(odd, x, x)  # the unfused fallback
+    assert torch.equal(h, 2 * x) and torch.equal(normed, odd(2 * x))
+
+
+def test_rope_qk_is_hf_apply_rotary_pos_emb_with_partial_rotary():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    torch.manual_seed(1)
+    q, k = torch.randn(2, 8, 5, 32), torch.randn(2, 2, 5, 32)
+    cos, sin = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin)  # unsqueezes dim 1 itself
+    got_q, got_k = rope_qk(q, k, cos.unsqueeze(1), sin.unsqueeze(1))
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    # partial rotary: the first 16 of each head rotate, the rest pass through
+    got_q, _ = rope_qk(q, k, cos[..., :16].unsqueeze(1), sin[..., :16].unsqueeze(1))
+    assert torch.equal(got_q[..., 16:], q[..., 16:])
+    assert torch.equal(got_q[..., :16], apply_rotary_pos_emb(q[..., :16], k[..., :16], cos[..., :16], sin[..., :16])[0])
+
+
+def test_activation_probe_and_gated():
+    assert activation_name(ACT2FN["silu"]) is not None
+    assert activation_name(ACT2FN["gelu_pytorch_tanh"]) is not None
+    assert activation_name(torch.nn.Tanh()) is None  # not in the table: the MLP keeps its own forward
+    gate_up = torch.randn(4, 2 * 24)
+    got = fused.gated(gate_up, 24, activation_name(ACT2FN["silu"]))
+    assert torch.equal(got, ACT2FN["silu"](gate_up[:, :24]) * gate_up[:, 24:])
+
+
+def test_compiled_functions_agree_with_eager_on_cpu():
+    """The CUDA path compiles these with inductor; here inductor's CPU backend runs the same graphs."""
+    llama, gemma = _norms(torch.float32)
+    x, delta = torch.randn(3, 64), torch.randn(3, 64)
+    compiled = fused._Fused()
+    compiled.compile()
+    for module in (llama, gemma):
+        kind = norm_kind(module)
+        want = rms_norm(x, module.weight, kind.eps, kind.gemma)
+        torch.testing.assert_close(compiled.rms_norm(x, module.weight, kind.eps, kind.gemma), want)
+        h, normed = compiled.add_rms_norm(x, delta, module.weight, kind.eps, kind.gemma)
+        torch.testing.assert_close(h, x + delta)
+        torch.testing.assert_close(normed, rms_norm(x + delta, module.weight, kind.eps, kind.gemma))
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 1, 16)
+    cos, sin = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+    for got, want in zip(compiled.rope_qk(q, k, cos, sin), rope_qk(q, k, cos, sin), strict=True):
+        torch.testing.assert_close(got, want)
+    gate_up = torch.randn(3, 48)
+    torch.testing.assert_close(compiled.gated(gate_up, 24, "SiLUActivation"),
+                               fused.gated(gate_up, 24, "SiLUActivation"))
+    assert not FUSED.compiled  # the process-wide functions stay eager on CPU
