@@ -2,8 +2,8 @@
 seeded noise, after the rows' logits processors and grammar masks; plus the raw logprobs rows asked for.
 
 Sampling uses the exponential race (argmax of probs / E, E ~ Exp(1) i.i.d.), which draws exactly from
-probs. The noise comes from a CPU generator seeded by (request seed, output index), so a seeded request
-samples the same tokens whatever its batch mates, row, or how often it was restarted after an OOM.
+probs. The noise is a counter-based hash of (request seed, output index, token id) computed on the device, so a
+seeded request samples the same tokens whatever its batch mates, row, or how often it was restarted after an OOM.
 Every stage runs over the rows that need it only: a batch of plain greedy rows is one argmax.
 """
 
@@ -58,13 +58,35 @@ def min_p_filter(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill(probs < min_p.unsqueeze(-1) * top, 0.0)
 
 
+def _to_signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_SPLITMIX = [_to_signed(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)]
+_NOISE_CHUNK = 1 << 23  # elements per pass: the int64 temporaries stay a few hundred MB at any vocab
+
+
+def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform_hash(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """keys [rows] int64 -> [rows, vocab] float32 in (0, 1): splitmix64 of (key, token id), a counter-based
+    generator (as Philox is) in plain integer ops, so every device computes the same bits (int64 products wrap)."""
+    z = keys.unsqueeze(-1) + (torch.arange(1, vocab_size + 1, device=keys.device) * _SPLITMIX[0])
+    z = (z ^ _shr(z, 30)) * _SPLITMIX[1]
+    z = (z ^ _shr(z, 27)) * _SPLITMIX[2]
+    z = z ^ _shr(z, 31)
+    return (_shr(z, 40).float() + 0.5) * (1.0 / (1 << 24))  # the top 24 bits, centred: never 0 or 1
+
+
 def exponential_noise(seeds: Seq[int], indices: Seq[int], vocab_size: int, device: torch.device) -> torch.Tensor:
-    gen = torch.Generator(device="cpu")
-    rows = []
-    for seed, index in zip(seeds, indices, strict=True):
-        gen.manual_seed(noise_seed(seed, index))
-        rows.append(torch.empty(vocab_size, dtype=torch.float32).exponential_(generator=gen))
-    return to_device(torch.stack(rows), device, torch.float32)
+    """Exp(1) noise [rows, vocab] on the device, each row a pure function of (seed, index): one transfer of the
+    row keys, the draws made where they are used (a host generator took ~1 ms a row at a 32k vocabulary)."""
+    keys = to_device([_to_signed(noise_seed(s, i)) for s, i in zip(seeds, indices, strict=True)], device)
+    rows = max(1, _NOISE_CHUNK // vocab_size)
+    return torch.cat([-torch.log(uniform_hash(keys[i:i + rows], vocab_size)) for i in range(0, len(keys), rows)])
 
 
 def sample(logits: torch.Tensor, seqs: Seq[Sequence], grammar: StructuredOutput | None = None) -> Sampled:
