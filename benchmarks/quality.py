@@ -254,11 +254,14 @@ def teacher_forced(runner, ids: torch.Tensor) -> torch.Tensor:
 
 def kv_runner(model, kv_cache_dtype: str, device: torch.device, dtype: torch.dtype, max_model_len: int,
               calibration: torch.Tensor):
-    """The engine's ModelRunner over model, its attention picked as the engine picks it, an fp8 cache calibrated."""
+    """The engine's ModelRunner over model, its attention picked as the engine picks it, its elementwise kernels
+    fused as the engine's (compiled on CUDA), an fp8 cache calibrated."""
+    from batchgen.worker.engine.fused import fuse_layers
     from batchgen.worker.engine.llama import LlamaParts
     from batchgen.worker.engine.model_runner import ModelRunner
     from batchgen.worker.engine.setup import resolve_attention
 
+    fuse_layers(model, compile_kernels=device.type == "cuda")
     runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=max_model_len,
                          attention=resolve_attention("auto", device, dtype, kv_cache_dtype),
                          kv_cache_dtype=kv_cache_dtype)

@@ -146,40 +146,73 @@ def test_fp16_modules_stream_at_their_own_size_and_answer_like_the_resident_mode
     assert all(any(m.weight.data_ptr() in r for r in slots) for m in kept)  # it ran from a slot
 
 
-@pytest.mark.parametrize("kv", ["auto", "fp8"])
-def test_stream_kv_keeps_the_slots_on_the_host_and_answers_like_device_slots(kv, model_dir):
-    """--stream-kv: each layer's K/V copied into a stage before it runs, new columns landed in the host slots;
-    rows join, leave and the window moves as with device slots, and the output is the same."""
+def _stream_kv_texts(path, kv: str, stream_kv: bool, inject_oom: str | None = None,
+                     reserve: bool = False) -> tuple[dict, object]:
+    """14 requests through a small-VRAM engine (on CPU) with at most 10 rows: joins, leaves and window moves."""
     from batchgen.jobs.schema import Request, SamplingParams
     from batchgen.worker.engine.protocol import GenerationRequest
     from batchgen.worker.engine.slot_batch import SlotBatch
 
     from tests.test_slot_batch import WORDS
 
-    path = model_dir("bloom")
     reqs = [GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=" ".join(WORDS[: 1 + (5 * i) % 14]),
                                                params=SamplingParams(max_tokens=6 + (7 * i) % 30, temperature=0,
                                                                      ignore_eos=True))) for i in range(14)]
+    engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_batch_size=10, offload=True,
+                                           max_model_len=80, max_prefill_tokens=48, kv_cache_dtype=kv,
+                                           stream_kv=stream_kv, inject_oom=inject_oom))
+    if reserve:  # what build_llm_engine does on CUDA
+        engine.reserve_host_slots()
+    assert engine.add(reqs) == []
+    out, hosted = {}, False
+    while engine.num_unfinished:
+        out.update({r.key: r.text for r in engine.step()})
+        if isinstance(engine.batch, SlotBatch):
+            hosted |= engine.batch.host and engine.batch.num_window_moves > 0
+    assert hosted == stream_kv
+    return out, engine
 
-    def texts(stream_kv: bool, inject_oom: str | None = None) -> tuple[dict, object]:
-        engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_batch_size=10, offload=True,
-                                               max_model_len=80, max_prefill_tokens=48, kv_cache_dtype=kv,
-                                               stream_kv=stream_kv, inject_oom=inject_oom))
-        assert engine.add(reqs) == []
-        out, hosted = {}, False
-        while engine.num_unfinished:
-            out.update({r.key: r.text for r in engine.step()})
-            if isinstance(engine.batch, SlotBatch):
-                hosted |= engine.batch.host and engine.batch.num_window_moves > 0
-        assert hosted == stream_kv
-        return out, engine
 
-    streamed, engine = texts(True)
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_stream_kv_keeps_the_slots_on_the_host_and_answers_like_device_slots(kv, model_dir):
+    """--stream-kv: each layer's K/V copied into a stage before it runs, new columns landed in the host slots;
+    rows join, leave and the window moves as with device slots, and the output is the same."""
+    path = model_dir("bloom")
+    streamed, engine = _stream_kv_texts(path, kv, True)
     assert engine.stats().extra["kv_stream_copied_gib"] > 0 and engine.stats().extra["num_joins"] > 0
-    assert streamed == texts(False)[0]
+    assert streamed == _stream_kv_texts(path, kv, False)[0]
     # an OOM mid-decode (after some layers wrote their stage) is the usual back-off: nothing lost, nothing changed
-    recovered, engine = texts(True, inject_oom="steps=12,30")
+    recovered, engine = _stream_kv_texts(path, kv, True, inject_oom="steps=12,30")
     assert engine.stats().extra["num_ooms"] == 2 and recovered == streamed
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_stream_kv_host_slots_reserved_at_load_are_the_batchs(kv, model_dir):
+    """As on CUDA: every row's host slots allocated at load from a one-token probe's cache shape; the first prefill
+    takes them (no growth inside the steps), and the output is that of slots grown on demand."""
+    path = model_dir("bloom")
+    grown, _ = _stream_kv_texts(path, kv, True)
+    reserved, engine = _stream_kv_texts(path, kv, True, reserve=True)
+    assert reserved == grown
+    assert engine.kv_stream.reserved == []  # handed over to the batch
+    slots = engine._idle.layers[0].key_slots
+    assert slots.shape[0] == engine.scheduler.max_batch_size == 10
+    assert slots.dtype == (torch.float8_e4m3fn if kv == "fp8" else torch.float32)
+    stats = engine.step_stats
+    assert stats.step_host_n["slot_alloc"] == 1 and "slot_grow" not in stats.step_host_n
+
+
+def test_reserved_host_slots_that_do_not_fit_are_left_alone():
+    from batchgen.worker.offload.kv_stream import KVStream
+
+    stream = KVStream(torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()]), torch.device("cpu"))
+    assert stream.reserve(2, rows=4, heads=3, columns=20, head_dim=8, dtype=torch.float16) == 2 * 2 * 4 * 3 * 20 * 8 * 2
+    assert stream.take_slots(5, [(3, 20, 8)] * 2, torch.float16) is None  # more rows than reserved
+    assert stream.take_slots(4, [(3, 20, 8)] * 2, torch.float32) is None  # another dtype
+    assert stream.take_slots(4, [(3, 24, 8)] * 2, torch.float16) is None  # other columns
+    slots = stream.take_slots(2, [(3, 20, 8)] * 2, torch.float16)
+    assert len(slots) == 2 and slots[0][0].shape == (4, 3, 20, 8) and not slots[0][0].any()
+    assert stream.take_slots(2, [(3, 20, 8)] * 2, torch.float16) is None  # handed over once
 
 
 def test_stream_kv_is_refused_where_nothing_streams(model_dir):

@@ -107,6 +107,24 @@ class GenericEngine:
         return cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
                    weights_bytes=loaded.weights_bytes, int8=int8)
 
+    def reserve_host_slots(self) -> None:
+        """--stream-kv: the host K/V slots for every row the budget allows, pinned at load rather than in the first
+        prefill (seconds for GBs). Their shape comes from a one-token forward's cache; a cache that cannot go into
+        slots (or whose layers differ) reserves nothing."""
+        with torch.inference_mode():  # the engine's own prefill of one token: the cache its batches will hold
+            _, probe = prefill(self.model, self.calls, [[self.tokenizer.bos_token_id or 0]], self.device)
+        if not (SlotBatch.fits(probe) and SlotBatch.uniform(probe)):
+            return
+        keys = probe.cache.layers[0].keys
+        heads, head_dim, dtype = keys.shape[1], keys.shape[3], keys.dtype
+        layers = probe.cache.layers
+        start = time.perf_counter()
+        num_bytes = self.kv_stream.reserve(len(layers), self.scheduler.max_batch_size, heads,
+                                           slot_columns(self.max_model_len, host=True), head_dim,
+                                           torch.float8_e4m3fn if self.cfg.kv_cache_dtype == "fp8" else dtype)
+        log.info("--stream-kv: host K/V slots for %d rows reserved at load: %.2f GiB in %.2f s",
+                 self.scheduler.max_batch_size, num_bytes / 2**30, time.perf_counter() - start)
+
     # -- Engine protocol ----------------------------------------------------------------------------
 
     def add(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:

@@ -50,7 +50,7 @@ class EngineStats:
     vram_used_bytes: int = 0
     vram_free_bytes: int = 0
     gpu_temperature_c: int | None = None
-    extra: dict[str, float | int | str] = field(default_factory=dict)
+    extra: dict[str, float | int | str | dict] = field(default_factory=dict)  # StepStats' host phases are dicts
 
 
 class Engine(Protocol):

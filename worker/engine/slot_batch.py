@@ -162,8 +162,9 @@ class SlotBatch:
         kv_dtype = torch.float8_e4m3fn if fp8 else None
         scratch = DequantScratch(first.cache.layers[0].keys.dtype)  # shared by the layers (fp8 slots use it)
         with self.stats.timed("slot_alloc"):  # device slots: the zero fills are queued, not timed
-            slots = [tuple(_zeros(t, rows, self.columns, kv_dtype, self.host) for t in (layer.keys, layer.values))
-                     for layer in first.cache.layers]
+            slots = self._reserved(first, rows, kv_dtype) or [
+                tuple(_zeros(t, rows, self.columns, kv_dtype, self.host) for t in (layer.keys, layer.values))
+                for layer in first.cache.layers]
         scales = [None] * len(first.cache.layers)
         if fp8:
             with self.stats.timed("fp8_calibrate"):  # queued on the device: its launches only
@@ -178,6 +179,15 @@ class SlotBatch:
         self.mask = first.mask[:0, :0]
         self.next_positions = first.next_positions[:0]
         self.extend(first)
+
+    def _reserved(self, first: PaddedBatch, rows: int, kv_dtype: torch.dtype | None
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Host slots the KVStream pinned at load (every row the budget allows), where their shapes fit."""
+        if not self.host or not hasattr(self.stream, "take_slots"):
+            return None
+        keys = [layer.keys for layer in first.cache.layers]
+        return self.stream.take_slots(rows, [(k.shape[1], self.columns, k.shape[3]) for k in keys],
+                                      kv_dtype or keys[0].dtype)
 
     def restart(self, first: PaddedBatch) -> None:
         """This drained batch takes a fresh prefill's rows into its slots: no new allocation, and the decode graphs

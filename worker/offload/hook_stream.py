@@ -284,4 +284,6 @@ def build_hook_streaming_engine(cfg: EngineConfig, family: Family) -> GenericEng
     engine = GenericEngine(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
                            weights_bytes=loaded.weights_bytes, int8=int8, kv_stream=kv_stream)
     engine.streamer = streamer  # kept alive with the engine (the hooks hold it too); tests and benchmarks read it
+    if kv_stream is not None and device.type == "cuda":  # on CPU (tests) host slots grow on demand instead
+        engine.reserve_host_slots()
     return engine

@@ -28,8 +28,28 @@ class KVStream:
         self.ready: list[torch.cuda.Event | None] = [None, None]
         self.batch = None  # the SlotBatch whose decode forward is running; None in prefills
         self.copied_bytes = 0
+        self.reserved: list[tuple[torch.Tensor, torch.Tensor]] = []  # host slots made at load (reserve)
         for i, layer in enumerate(layers):
             layer.register_forward_pre_hook(self._hook(i))
+
+    def reserve(self, num_layers: int, rows: int, heads: int, columns: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Every layer's host slots (K, V) for `rows` rows, zeroed and pinned now, at load: pinning GBs of host
+        memory takes seconds, which the first prefill would otherwise spend. Returns their bytes."""
+        self.reserved = [tuple(torch.zeros(rows, heads, columns, head_dim, dtype=dtype, pin_memory=self.cuda)
+                               for _ in range(2)) for _ in range(num_layers)]
+        return 2 * num_layers * self.reserved[0][0].numel() * self.reserved[0][0].element_size()
+
+    def take_slots(self, rows: int, shapes: list[tuple[int, ...]], dtype: torch.dtype
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The reserved slots, handed over once, where they fit: the same per-row shape (heads, columns, head_dim)
+        for every layer, the dtype, and at least `rows` rows. None: the caller allocates its own."""
+        fits = (len(self.reserved) == len(shapes) and all(
+            k.dtype == dtype and k.shape[0] >= rows and tuple(k.shape[1:]) == shape
+            for (k, _), shape in zip(self.reserved, shapes, strict=True)))
+        if not fits:
+            return None
+        slots, self.reserved = self.reserved, []
+        return slots
 
     def allocate(self, like: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Two stages shaped like one layer's host slots (K, V), on the device."""
