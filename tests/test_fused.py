@@ -90,7 +90,7 @@ def test_compiled_functions_agree_with_eager_on_cpu():
     """The CUDA path compiles these with inductor; here inductor's CPU backend runs the same graphs."""
     llama, gemma = _norms(torch.float32)
     x, delta = torch.randn(3, 64), torch.randn(3, 64)
-    compiled = fused._Fused()
+    compiled = fused.fused_functions()
     compiled.compile()
     for module in (llama, gemma):
         kind = norm_kind(module)

@@ -17,6 +17,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from batchgen.worker.engine.kernels.compiled import Compilable
 
 log = logging.getLogger("batchgen.engine")
 
@@ -72,24 +73,12 @@ def gated(gate_up: torch.Tensor, gate_size: int, act: str) -> torch.Tensor:
     return ACTIVATIONS[act](gate) * up
 
 
-class _Fused:
+def fused_functions() -> Compilable:
     """The functions the forward calls: eager, or compiled (CUDA) so each is one kernel."""
-
-    def __init__(self) -> None:
-        self.rms_norm, self.add_rms_norm, self.rope_qk, self.gated = rms_norm, add_rms_norm, rope_qk, gated
-        self.compiled = False
-
-    def compile(self) -> None:
-        if self.compiled:
-            return
-        self.rms_norm = torch.compile(rms_norm, dynamic=True)
-        self.add_rms_norm = torch.compile(add_rms_norm, dynamic=True)
-        self.rope_qk = torch.compile(rope_qk, dynamic=True)
-        self.gated = torch.compile(gated, dynamic=True)
-        self.compiled = True
+    return Compilable(rms_norm=rms_norm, add_rms_norm=add_rms_norm, rope_qk=rope_qk, gated=gated)
 
 
-FUSED = _Fused()
+FUSED = fused_functions()
 
 
 def norm_kind(module: torch.nn.Module) -> NormKind | None:

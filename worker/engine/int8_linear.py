@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from batchgen.worker.engine.int8_outliers import OutlierColumns, OutlierGuard, calibration_ids, slots_for
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, triton_available
+from batchgen.worker.engine.kernels.compiled import Compilable
 from batchgen.worker.engine.kernels.int8_gemv import MAX_ROWS as GEMV_MAX_ROWS
 from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, int8_gemv
 
@@ -125,28 +126,10 @@ def dequantize_weight(cb: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -
     return (cb.float() * (scb * _INV_127).view(-1, 1)).to(dtype)
 
 
-class _Kernels:
-    """The small elementwise functions around the matmul; compiled on CUDA so each is one fused kernel."""
-
-    def __init__(self) -> None:
-        self.quantize, self.dequantize, self.dequantize_weight = quantize_rows, dequantize, dequantize_weight
-        self.quantize_outliers, self.dequantize_plus = quantize_outliers, dequantize_plus
-        self.quantize_argmax = quantize_argmax
-        self.compiled = False
-
-    def compile(self) -> None:
-        if self.compiled:
-            return
-        self.quantize = torch.compile(quantize_rows, dynamic=True)
-        self.dequantize = torch.compile(dequantize, dynamic=True)
-        self.dequantize_weight = torch.compile(dequantize_weight, dynamic=True)
-        self.quantize_outliers = torch.compile(quantize_outliers, dynamic=True)
-        self.quantize_argmax = torch.compile(quantize_argmax, dynamic=True)
-        self.dequantize_plus = torch.compile(dequantize_plus, dynamic=True)
-        self.compiled = True
-
-
-KERNELS = _Kernels()
+# The small elementwise functions around the matmul; compiled on CUDA so each is one fused kernel.
+KERNELS = Compilable(quantize=quantize_rows, dequantize=dequantize, dequantize_weight=dequantize_weight,
+                     quantize_outliers=quantize_outliers, quantize_argmax=quantize_argmax,
+                     dequantize_plus=dequantize_plus)
 
 
 def int_mm(xq: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
