@@ -301,8 +301,9 @@ engine_options = shared_options(
                       "penalties, min_tokens or a grammar step synchronously."),
     click.option("--fused-elementwise/--no-fused-elementwise", envvar="BATCHGEN_FUSED_ELEMENTWISE", default=True,
                  show_default=True,
-                 help="Fast path on CUDA: each RMSNorm (with the residual add before it), RoPE and the gated MLP "
-                      "activation run as one compiled kernel instead of several."),
+                 help="On CUDA: each RMSNorm (with the residual add before it), RoPE and the gated MLP activation "
+                      "of the fast path, and the tanh GELUs of generic-path models (BLOOM, GPT-2), run as one "
+                      "compiled kernel instead of several."),
     click.option("--host-kv-dtype", envvar="BATCHGEN_HOST_KV_DTYPE", default="auto", show_default=True,
                  help="Small-VRAM mode's host KV cache: auto (the compute dtype), float32, float16, bfloat16 "
                       "or int8 (about half the bytes, at int8 rounding)."),

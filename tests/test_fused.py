@@ -107,3 +107,22 @@ def test_compiled_functions_agree_with_eager_on_cpu():
     torch.testing.assert_close(compiled.gated(gate_up, 24, "SiLUActivation"),
                                fused.gated(gate_up, 24, "SiLUActivation"))
     assert not FUSED.compiled  # the process-wide functions stay eager on CPU
+
+
+def test_chained_activations_of_a_generic_model_compile_once_per_class(tmp_path, demo_model_dir):
+    """BLOOM's GELU (eight elementwise kernels eagerly) runs as one compiled function shared by every layer; the
+    model's logits stay those of the eager modules (inductor's CPU backend here, Triton on CUDA)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.models import write_tiny_model
+
+    path = write_tiny_model(tmp_path, "bloom", demo_model_dir, num_layers=3)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 9, 13, 2, 7, 11]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert fused.fuse_activations(model) == 3
+        forwards = {id(m.forward) for m in model.modules() if type(m).__name__ == "BloomGelu"}
+        assert len(forwards) == 1  # one compiled function for the class
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    assert fused.fuse_activations(torch.nn.Sequential(torch.nn.GELU(), torch.nn.Linear(2, 2))) == 0

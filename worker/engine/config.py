@@ -39,7 +39,8 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
     # the fast path queues the next decode step before reading this one's tokens (llm_engine.py)
     overlap_decode: bool = True
-    # the fast path's norms, RoPE and gated activation as one compiled kernel each (fused.py; CUDA only)
+    # the fast path's norms, RoPE and gated activation, and the generic path's chained GELUs, as one compiled kernel
+    # each (fused.py; CUDA only)
     fused_elementwise: bool = True
     inject_oom: str | None = None  # test hook, see model_runner.FaultInjector
     # Small-VRAM mode (worker/offload/): stream decoder layers from host memory. None: when the int8

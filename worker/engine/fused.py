@@ -168,6 +168,31 @@ def fuse_layers(model: torch.nn.Module, *, compile_kernels: bool) -> None:
              "" if compile_kernels else " (eager: nothing to compile on this device)")
 
 
+# Stateless activation modules of generic-path models whose eager forward is a chain of elementwise ops (BLOOM's
+# and GPT-2's tanh GELUs: about eight kernels each over the MLP's widest activation); PyTorch's own GELU and SiLU are
+# one kernel already.
+CHAINED_ACTIVATIONS = frozenset({"BloomGelu", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation"})
+
+
+def fuse_activations(model: torch.nn.Module) -> int:
+    """The generic path's model: each chained activation module runs its own forward compiled into one kernel
+    (one compiled function per class, bound to its first instance: the modules hold no state). Returns how many."""
+    compiled: dict[type, object] = {}
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ not in CHAINED_ACTIVATIONS or module._parameters or module._buffers:
+            continue
+        fn = compiled.get(type(module))
+        if fn is None:
+            fn = compiled[type(module)] = torch.compile(type(module).forward.__get__(module), dynamic=True)
+        module.forward = fn
+        count += 1
+    if count:
+        log.info("fused elementwise kernels: %d activation modules (%s) compiled", count,
+                 ", ".join(sorted(t.__name__ for t in compiled)))
+    return count
+
+
 def add_norm(module: torch.nn.Module, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(h + delta, module(h + delta)): one kernel where the norm is fused."""
     kind: NormKind | None = getattr(module, NORM_KIND_ATTR, None)

@@ -18,6 +18,7 @@ import torch
 from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.families import Family
+from batchgen.worker.engine.fused import fuse_activations
 from batchgen.worker.engine.int8_linear import Int8Runtime
 from batchgen.worker.engine.loader import load_model, resolve_device, resolve_dtype
 from batchgen.worker.engine.padded_batch import ModelCalls, PaddedBatch, decode, prefill
@@ -67,6 +68,8 @@ class GenericEngine:
                              eos=self.finisher.eos_ids, vocab_size=vocab_size_of(model))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.calls = ModelCalls.of(model, pad)
+        if cfg.fused_elementwise and device.type == "cuda":  # eagerly they would compute the same, in more kernels
+            fuse_activations(model)
         # As the fast path packs its prefills: a prefill of one or two prompts per forward would spend each
         # forward's fixed cost (a whole weight stream, in small-VRAM mode) on a few hundred tokens.
         max_prefill = resident_max_prefill_tokens(cfg, device, self.max_model_len)
