@@ -86,29 +86,6 @@ def test_activation_probe_and_gated():
     assert torch.equal(got, ACT2FN["silu"](gate_up[:, :24]) * gate_up[:, 24:])
 
 
-def test_compiled_functions_agree_with_eager_on_cpu():
-    """The CUDA path compiles these with inductor; here inductor's CPU backend runs the same graphs."""
-    llama, gemma = _norms(torch.float32)
-    x, delta = torch.randn(3, 64), torch.randn(3, 64)
-    compiled = fused.fused_functions()
-    compiled.compile()
-    for module in (llama, gemma):
-        kind = norm_kind(module)
-        want = rms_norm(x, module.weight, kind.eps, kind.gemma)
-        torch.testing.assert_close(compiled.rms_norm(x, module.weight, kind.eps, kind.gemma), want)
-        h, normed = compiled.add_rms_norm(x, delta, module.weight, kind.eps, kind.gemma)
-        torch.testing.assert_close(h, x + delta)
-        torch.testing.assert_close(normed, rms_norm(x + delta, module.weight, kind.eps, kind.gemma))
-    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 1, 16)
-    cos, sin = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
-    for got, want in zip(compiled.rope_qk(q, k, cos, sin), rope_qk(q, k, cos, sin), strict=True):
-        torch.testing.assert_close(got, want)
-    gate_up = torch.randn(3, 48)
-    torch.testing.assert_close(compiled.gated(gate_up, 24, "SiLUActivation"),
-                               fused.gated(gate_up, 24, "SiLUActivation"))
-    assert not FUSED.compiled  # the process-wide functions stay eager on CPU
-
-
 def test_chained_activations_of_a_generic_model_compile_once_per_class(tmp_path, demo_model_dir):
     """BLOOM's GELU (eight elementwise kernels eagerly) runs as one compiled function shared by every layer; the
     model's logits stay those of the eager modules (inductor's CPU backend here, Triton on CUDA)."""
@@ -126,3 +103,26 @@ def test_chained_activations_of_a_generic_model_compile_once_per_class(tmp_path,
         assert len(forwards) == 1  # one compiled function for the class
         torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
     assert fused.fuse_activations(torch.nn.Sequential(torch.nn.GELU(), torch.nn.Linear(2, 2))) == 0
+
+
+def test_the_fast_path_with_compiled_kernels_answers_like_hf_generate(tmp_path, demo_model_dir, monkeypatch):
+    """What CUDA runs, on inductor's CPU backend: the fused functions compiled (Qwen3's per-head q/k norms, Phi-3's
+    partial rotary, Gemma's (1 + w) norms and tanh-GELU gated MLP), fp32, against HF generate token for token."""
+    from batchgen.worker.engine.config import EngineConfig
+    from batchgen.worker.engine.llm_engine import LLMEngine
+    from batchgen.worker.factory import build_llm_engine
+
+    from tests.models import write_tiny_model
+    from tests.test_models import hf_greedy, requests, run_engine
+
+    compiled = fused.fused_functions()
+    compiled.compile()
+    for name in ("rms_norm", "add_rms_norm", "rope_qk", "gated"):
+        monkeypatch.setattr(FUSED, name, getattr(compiled, name))
+    for arch in ("qwen3", "phi3", "gemma"):
+        path = write_tiny_model(tmp_path / arch, arch, demo_model_dir)
+        engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_batch_size=3))
+        assert isinstance(engine, LLMEngine)
+        norms = [m for m in engine.model.modules() if type(m).__name__.endswith("RMSNorm")]
+        assert norms and all(getattr(m, NORM_KIND_ATTR, None) is not None for m in norms), arch
+        assert run_engine(engine, requests()) == hf_greedy(path, int8=False), arch
