@@ -10,7 +10,6 @@ from batchgen.worker.engine.fused import (
     add_norm,
     fuse_norms,
     norm_kind,
-    rms_norm,
     rope_qk,
 )
 from transformers.activations import ACT2FN
