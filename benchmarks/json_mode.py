@@ -151,7 +151,8 @@ def json_checks(variant: str, texts: list[str]) -> dict:
 
 def step_counts(engine) -> dict:
     stats = engine.step_stats
-    return {f.name: getattr(stats, f.name) for f in fields(stats) if f.name != "last_log"}
+    return {f.name: getattr(stats, f.name) for f in fields(stats)
+            if isinstance(getattr(stats, f.name), int | float) and f.name != "last_log"}  # counters, not the phase dicts
 
 
 def measure(engine, variant: str, texts: list[str], max_tokens: int, bias: tuple[tuple[int, float], ...],
