@@ -30,22 +30,3 @@ def test_the_noise_is_exponential_and_the_race_draws_from_probs():
         freq = torch.bincount(tokens, minlength=4).double() / n
         # 5 standard errors of each frequency: a biased or correlated stream fails, sampling noise does not
         assert ((freq - probs).abs() <= 5 * (probs * (1 - probs) / n).sqrt()).all(), freq
-
-
-def test_the_hash_is_splitmix64_bit_for_bit():
-    """The int64 tensor ops (products wrapping, logical shifts emulated) compute splitmix64 exactly, as Python's
-    unbounded ints mod 2^64 do: the bits any device must reproduce."""
-    from batchgen.worker.engine.sampler import _to_signed, noise_seed, uniform_hash
-
-    mask = (1 << 64) - 1
-
-    def splitmix(key: int, token: int) -> int:
-        z = (key + (token + 1) * 0x9E3779B97F4A7C15) & mask
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-        return z ^ (z >> 31)
-
-    keys = [noise_seed(s, i) for s, i in ((0, 0), (7, 3), (2**40 + 5, 1000), (123456789, 0))]
-    got = uniform_hash(torch.tensor([_to_signed(k) for k in keys]), 50)
-    want = torch.tensor([[((splitmix(k, t) >> 40) + 0.5) / (1 << 24) for t in range(50)] for k in keys])
-    assert torch.equal(got, want.float())
