@@ -12,7 +12,7 @@ The mask and the rows' positions go in as tensors, so ALiBi (from the mask), rot
 position ids) come out as in the eager step; the new column's place in the width goes in as the cache's query
 offset, from which transformers' masks count causality and sliding windows. GPT-Neo's local attention, counted
 from the last key whatever the cache says, stays eager, as do host-streamed slots. A forward that
-reads a device value on the host or indexes with Python data (Falcon's multi-query split) fails to capture and
+reads a device value on the host or indexes with Python data (Falcon's K/V split before transformers 5.25) fails to capture and
 the engine goes on eagerly.
 """
 
