@@ -152,7 +152,8 @@ def gemv_config(m: int, n: int, k: int, num_sms: int) -> dict[str, int]:
     split_k = 1
     while tiles * split_k < 2 * num_sms and k >= 2 * split_k * 4 * block_k and split_k < 16:
         split_k *= 2
-    return {"block_n": block_n, "block_k": block_k, "split_k": split_k, "num_warps": 4}
+    return {"block_n": block_n, "block_k": block_k, "split_k": split_k, "num_warps": 4, "num_stages": 4,
+            "dot": False}
 
 
 class GuardBuffers(NamedTuple):
@@ -186,11 +187,13 @@ def int8_gemv_reference(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bi
 
 def int8_gemv(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None,
               guard: GuardBuffers | None = None, *, block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
-              num_warps: int | None = None, num_stages: int = 4, bits: bool = True) -> torch.Tensor:
+              num_warps: int | None = None, num_stages: int | None = None, dot: bool | None = None,
+              bits: bool = True) -> torch.Tensor:
     """x [m, k] (m <= MAX_ROWS; fp16, bf16 or float32, unit stride over k), cb int8 [n, k] (unit stride over k;
     a row slice of a fused matrix is fine), scb float32 [n] (each row's absmax), bias [n] or None -> [m, n] in
     x's dtype. guard: also record the rows for that outlier guard. Tuning arguments left None come from
-    gemv_config; bits=False widens the weights with conversion instructions instead of exponent bits."""
+    gemv_config (dot: one row through the padded tl.dot path too); bits=False widens the weights with conversion
+    instructions instead of exponent bits."""
     m, k = x.shape
     n = cb.shape[0]
     if m > MAX_ROWS:
@@ -204,7 +207,8 @@ def int8_gemv(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
     block_k = block_k or cfg["block_k"]
     split_k = split_k or cfg["split_k"]
     num_warps = num_warps or cfg["num_warps"]
-    block_m = 1 if m == 1 else DOT_ROWS
+    num_stages = num_stages or cfg["num_stages"]
+    block_m = DOT_ROWS if m > 1 or (cfg["dot"] if dot is None else dot) else 1
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
     scb = scb if scb.dtype == torch.float32 else scb.float()
