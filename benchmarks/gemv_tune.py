@@ -4,7 +4,9 @@ path. A coordinate search from gemv_config's launch (as inductor's coordinate-de
 timed replayed from a CUDA graph over enough weight copies that they come from memory, not L2.
 
 Shapes: the four int8 projections of a Llama-2-7B and a Llama-2-13B layer (q/k/v and gate/up fused), at 1, 4
-and 16 rows. Writes the default's and the best launch's GB/s (and share of the measured copy rate) per shape.
+and 16 rows. Writes the default's and the best launch's GB/s (and share of the measured copy rate) per shape,
+and the table int8_gemv reads (kernels/gemv_tables/<device>.json): the best launch of each shape and row count
+that beat the rule's by more than 3 %. Copy it there to use it.
 
     python3 -m benchmarks.gemv_tune --out $OUT           # on the GPU
     .venv/bin/python -m benchmarks.gemv_tune --smoke     # here: tiny shapes under Triton's interpreter
@@ -83,7 +85,7 @@ def main() -> None:
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    from batchgen.worker.engine.kernels.int8_gemv import int8_gemv, int8_gemv_reference
+    from batchgen.worker.engine.kernels.int8_gemv import int8_gemv, int8_gemv_reference, table_path
 
     from benchmarks.kernels import graph_ms, time_ms
 
@@ -135,7 +137,12 @@ def main() -> None:
     res["wall_s"] = round(time.monotonic() - began, 1)
     path = args.out if args.out.suffix == ".json" else args.out / "gemv_tune.json"
     write_json(path, res)
-    print(f"wall {res['wall_s']} s; wrote {path}")
+    launches = [{"n": p["n"], "k": p["k"], "rows": m, "launch": r["best"]}
+                for shape in res["shapes"].values() for p in shape.values() for m, r in p["rows"].items()
+                if r["best_ms"] < 0.97 * r["default_ms"]]
+    table = path.parent / table_path(res["device"]).name
+    write_json(table, {"device": res["device"], "tuned_by": "benchmarks.gemv_tune", "launches": launches})
+    print(f"wall {res['wall_s']} s; wrote {path} and {table} ({len(launches)} launches)")
 
 
 if __name__ == "__main__":

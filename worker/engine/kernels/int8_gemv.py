@@ -16,12 +16,16 @@ is needed on this path.
 """
 
 import functools
+import json
+import re
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, triton_available
 
 INV_127 = 7.874015718698502e-3  # bnb's int8_vectorwise_dequant constant, as int8_linear.dequantize_weight uses it
+TABLES = Path(__file__).with_name("gemv_tables")  # benchmarks.gemv_tune's launches, one JSON per device name
 MAX_ROWS = 16  # the dot path pads the rows to 16: beyond that a GEMM is the better kernel
 DOT_ROWS = 16  # tl.dot's smallest M
 
@@ -143,17 +147,46 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def gemv_config(m: int, n: int, k: int, num_sms: int) -> dict[str, int]:
-    """A launch for these shapes, no autotuner: narrow output tiles (each program streams whole weight rows),
-    and split-K only when the tiles alone leave the SMs short of two programs each."""
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def table_path(device_name: str) -> Path:
+    return TABLES / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+@functools.cache
+def tuned_launches(device_name: str) -> dict[tuple[int, int], list[tuple[int, dict]]]:
+    """The launches benchmarks.gemv_tune measured best on this device (as vLLM ships its MoE kernel configs per
+    device): (n, k) -> [(up to rows, launch)] by rows; empty where the device was never tuned."""
+    path = table_path(device_name)
+    if not path.is_file():
+        return {}
+    table: dict[tuple[int, int], list[tuple[int, dict]]] = {}
+    for entry in json.loads(path.read_text())["launches"]:
+        table.setdefault((entry["n"], entry["k"]), []).append((entry["rows"], entry["launch"]))
+    return {shape: sorted(launches, key=lambda e: e[0]) for shape, launches in table.items()}
+
+
+def gemv_config(m: int, n: int, k: int, num_sms: int,
+                tuned: dict[tuple[int, int], list[tuple[int, dict]]] | None = None) -> dict:
+    """A launch for these shapes: the tuned one for the smallest tuned row count >= m where this (n, k) was
+    tuned, else the rule: narrow output tiles (each program streams whole weight rows), and split-K only when the
+    tiles alone leave the SMs short of two programs each."""
     block_n = 16 if m == 1 and n >= 8192 else 32
     block_k = 256
     tiles = -(-n // block_n)
     split_k = 1
     while tiles * split_k < 2 * num_sms and k >= 2 * split_k * 4 * block_k and split_k < 16:
         split_k *= 2
-    return {"block_n": block_n, "block_k": block_k, "split_k": split_k, "num_warps": 4, "num_stages": 4,
+    rule = {"block_n": block_n, "block_k": block_k, "split_k": split_k, "num_warps": 4, "num_stages": 4,
             "dot": False}
+    launches = (tuned or {}).get((n, k), [])
+    for rows, launch in launches:
+        if m <= rows:
+            return {**rule, **launch}
+    return {**rule, **launches[-1][1]} if launches else rule
 
 
 class GuardBuffers(NamedTuple):
@@ -202,7 +235,7 @@ def int8_gemv(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
         return int8_gemv_reference(x, cb, scb, bias, guard)
     if x.stride(-1) != 1 or cb.stride(-1) != 1:
         raise ValueError("int8_gemv wants a unit stride over k")
-    cfg = gemv_config(m, n, k, _num_sms(x.device))
+    cfg = gemv_config(m, n, k, _num_sms(x.device), tuned_launches(_device_name(x.device)))
     block_n = block_n or cfg["block_n"]
     block_k = block_k or cfg["block_k"]
     split_k = split_k or cfg["split_k"]
