@@ -24,8 +24,6 @@ from batchgen.worker.engine.kernels.int8_gemv import (
     gemv_config,
     int8_gemv,
     int8_gemv_reference,
-    table_path,
-    tuned_launches,
 )
 
 TOL = {torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
@@ -119,37 +117,40 @@ def test_the_default_launch_fills_a_large_gpu():
         assert k // cfg["split_k"] >= cfg["block_k"]  # every split has work
 
 
-def test_a_tuned_table_picks_the_launch_by_shape_and_rows(tmp_path, monkeypatch):
-    """benchmarks.gemv_tune's table: the launch of the smallest tuned row count that holds m, the largest past
-    them all, the rule for shapes never tuned; what int8_gemv then runs still computes the same product."""
+def test_a_tuned_table_sets_the_launch_near_the_rows_it_was_timed_at(tmp_path, monkeypatch):
+    """benchmarks.int8_tune's table (kernels.tuned): the launch timed at the row count nearest m, within a factor
+    of two (the larger on a tie); the rule elsewhere and for shapes never tuned; what int8_gemv then runs still
+    computes the same product, one row through the padded dot path included."""
     import json
 
-    from batchgen.worker.engine.kernels import int8_gemv as gemv_module
+    from batchgen.worker.engine.kernels import tuned
 
     n, k = 64, 96
-    launches = [{"n": n, "k": k, "rows": 4, "launch": {"block_n": 16, "block_k": 32, "split_k": 2, "dot": True}},
-                {"n": n, "k": k, "rows": 1, "launch": {"block_n": 8, "block_k": 64, "num_warps": 2}}]
-    monkeypatch.setattr(gemv_module, "TABLES", tmp_path)
-    table_path("Some GPU (80GB)").write_text(json.dumps({"launches": launches}))
-    assert table_path("Some GPU (80GB)").name == "Some_GPU_80GB.json"
-    tuned_launches.cache_clear()
-    tuned = tuned_launches("Some GPU (80GB)")
+    entries = [{"n": n, "k": k, "rows": 4, "launch": {"block_n": 16, "block_k": 32, "split_k": 2, "dot": True}},
+               {"n": n, "k": k, "rows": 1, "launch": {"block_n": 8, "block_k": 64, "num_warps": 2, "pipeline": 3}}]
+    monkeypatch.setattr(tuned, "TABLES", tmp_path)
+    path = tuned.table_path("Some GPU (80GB)")
+    assert path.name == "Some_GPU_80GB.json"
+    path.write_text(json.dumps(tuned.merge(path, "Some GPU (80GB)", "gemv", entries)))
+    path.write_text(json.dumps(tuned.merge(path, "Some GPU (80GB)", "gemm", [])))  # another kernel's section
+    tuned.launches.cache_clear()
+    table = tuned.launches("Some GPU (80GB)", "gemv")
     rule = gemv_config(1, n, k, 132)
-    assert gemv_config(1, n, k, 132, tuned) == {**rule, "block_n": 8, "block_k": 64, "num_warps": 2}
-    for m in (2, 4, 9):  # 9: past every tuned count, the largest's launch
-        assert gemv_config(m, n, k, 132, tuned) == {**gemv_config(m, n, k, 132), "block_n": 16, "block_k": 32,
-                                                    "split_k": 2, "dot": True}
-    assert gemv_config(1, n, 2 * k, 132, tuned) == gemv_config(1, n, 2 * k, 132)  # not tuned: the rule
-    assert tuned_launches("Never Tuned") == {}
+    assert gemv_config(1, n, k, 132, tuned.pick(table, 1, n, k)) == {**rule, "block_n": 8, "block_k": 64,
+                                                                      "num_warps": 2, "pipeline": 3}
+    for m in (2, 3, 8):  # 2: as near 1 as 4, the larger wins
+        assert tuned.pick(table, m, n, k) == entries[0]["launch"]
+    assert tuned.pick(table, 9, n, k) is None  # more than twice the rows it was timed at
+    assert tuned.pick(table, 1, n, 2 * k) is None and tuned.launches("Never Tuned", "gemv") == {}
     cb, scb, bias = _weights(n, k, seed=40)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(41)).half()
     for m in (1, 3):
         xm = x.expand(m, k).contiguous()
-        out = int8_gemv(xm, cb, scb, bias, **gemv_config(m, n, k, 132, tuned))
+        out = int8_gemv(xm, cb, scb, bias, **gemv_config(m, n, k, 132, tuned.pick(table, m, n, k)))
         torch.testing.assert_close(out.double(), _expected(xm, cb, scb, bias), **TOL[torch.float16])
     one_row_by_dot = int8_gemv(x, cb, scb, bias, dot=True, block_n=16, block_k=32)  # padded to 16 rows
     torch.testing.assert_close(one_row_by_dot.double(), _expected(x, cb, scb, bias), **TOL[torch.float16])
-    tuned_launches.cache_clear()
+    tuned.launches.cache_clear()
 
 
 # -- Int8Linear's dispatch --------------------------------------------------------------------------------

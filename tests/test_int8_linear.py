@@ -283,3 +283,37 @@ def test_a_converted_linear_still_has_a_weight_for_forwards_that_read_it(bnb_mod
     assert linear.weight.dtype == model.dtype == torch.float32
     x = torch.randn(3, linear.in_features)
     torch.testing.assert_close(x @ linear.weight.t(), linear._forward_weight_only(x))
+
+
+def test_a_tuned_triton_gemm_computes_what_int_mm_and_its_epilogue_do(bnb_model, tmp_path, monkeypatch):
+    """Where benchmarks.int8_tune's table has a GEMM launch for a linear's shape near the batch's rows, Int8Linear
+    runs the Triton int8 GEMM with the epilogue fused (here under Triton's interpreter) and gets the same numbers
+    bit for bit, with and without outlier columns; batches more than twice the tuned rows away keep torch._int_mm."""
+    import json
+
+    from batchgen.worker.engine import int8_linear
+    from batchgen.worker.engine.kernels import tuned
+
+    module = bnb_linears(bnb_model)[0]
+    n, k = module.out_features, module.in_features
+    launch = {"block_m": 32, "block_n": 32, "block_k": 32, "group_m": 2, "num_warps": 4, "num_stages": 2}
+    monkeypatch.setattr(tuned, "TABLES", tmp_path)
+    tuned.table_path("cpu").write_text(json.dumps({"gemm": [{"n": n, "k": k, "rows": 40, "launch": launch}]}))
+    tuned.launches.cache_clear()
+    calls = []
+    fused = int8_linear.int8_matmul_dequant
+    monkeypatch.setattr(int8_linear, "int8_matmul_dequant", lambda *a, **kw: calls.append(a[0].shape[0]) or fused(*a, **kw))
+    plain = Int8Linear(Int8State.from_bnb(module), "int_mm")
+    outliers = _with_outliers(module, [3, 17])
+    for m in (40, 25, 90):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).clamp(-5.9, 5.9)
+        x[:, 3] = 30.0
+        for linear in (plain, outliers):
+            with torch.inference_mode():
+                monkeypatch.setattr(int8_linear, "USE_TUNED_GEMM", False)
+                want = linear(x)
+                monkeypatch.setattr(int8_linear, "USE_TUNED_GEMM", True)
+                got = linear(x)
+            assert torch.equal(got, want), (m, linear.kernel)
+    assert calls == [40, 40, 25, 25]  # 90 rows: more than twice the 40 it was tuned at
+    tuned.launches.cache_clear()

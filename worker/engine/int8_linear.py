@@ -30,10 +30,12 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from batchgen.worker.engine.int8_outliers import OutlierColumns, OutlierGuard, calibration_ids, slots_for
+from batchgen.worker.engine.kernels import tuned
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, triton_available
 from batchgen.worker.engine.kernels.compiled import Compilable
 from batchgen.worker.engine.kernels.int8_gemv import MAX_ROWS as GEMV_MAX_ROWS
 from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, int8_gemv
+from batchgen.worker.engine.kernels.int8_ops import int8_matmul_dequant
 
 log = logging.getLogger("batchgen.int8")
 
@@ -45,6 +47,10 @@ _CUDA_INT_MM_MIN_ROWS = 17  # cuBLASLt int8 through torch._int_mm wants more tha
 # The small-row GEMV: None runs it on CUDA (fp16/bf16 inputs) wherever Triton imports; True wherever Triton
 # runs, its interpreter included (how the CPU tests force it); False never.
 USE_GEMV: bool | None = None
+# The Triton int8 GEMM with its epilogue fused, at a launch benchmarks.int8_tune found faster than torch._int_mm +
+# the epilogue for that shape on this GPU (kernels/tuned/<device>.json). None: on CUDA where the table has one;
+# True: wherever Triton runs (the CPU tests); False: never.
+USE_TUNED_GEMM: bool | None = None
 _GEMV_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -141,6 +147,27 @@ def int_mm(xq: torch.Tensor, cb: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(xq, cb.t())
 
 
+def tuned_gemm(xq: torch.Tensor, cb: torch.Tensor) -> dict | None:
+    """The tuned Triton GEMM launch for xq [m, k] @ cb [n, k].T here, or None (see USE_TUNED_GEMM)."""
+    if USE_TUNED_GEMM is False or not (xq.is_cuda or USE_TUNED_GEMM) or not triton_available(xq):
+        return None
+    table = tuned.launches(tuned.device_name(xq.device), "gemm")
+    return tuned.pick(table, xq.shape[0], cb.shape[0], cb.shape[1]) if table else None
+
+
+def matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
+                   bias: torch.Tensor | None, dtype: torch.dtype, dense: torch.Tensor | None = None) -> torch.Tensor:
+    """The int8 product dequantised (+ bias, + the outlier columns' dense product): one Triton GEMM with the
+    epilogue fused where a launch was tuned for this shape, else torch._int_mm, then the compiled epilogue."""
+    launch = tuned_gemm(xq, cb)
+    if launch is not None:
+        return int8_matmul_dequant(xq, absmax, cb, scb, bias, dtype, dense, **launch)
+    acc = int_mm(xq, cb)
+    if dense is None:
+        return KERNELS.dequantize(acc, absmax, scb, bias, dtype)
+    return KERNELS.dequantize_plus(acc, absmax, scb, bias, dense, dtype)
+
+
 def takes_gemv(x2: torch.Tensor) -> bool:
     """Whether the flattened input x2 [m, k] goes through the small-row GEMV (see USE_GEMV)."""
     if not 0 < x2.shape[0] <= GEMV_MAX_ROWS or x2.stride(-1) != 1:
@@ -187,7 +214,7 @@ class Int8Linear(torch.nn.Module):
             out = int8_gemv(x2, self.cb, self.scb, self.bias)
         elif self.kernel == "int_mm":
             xq, absmax = KERNELS.quantize(x2)
-            out = KERNELS.dequantize(int_mm(xq, self.cb), absmax, self.scb, self.bias, x.dtype)
+            out = matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x.dtype)
         else:
             out = self._forward_weight_only(x2)
         return out.reshape(*shape[:-1], self.out_features)
@@ -208,11 +235,10 @@ class Int8Linear(torch.nn.Module):
         if not o.columns:  # int_mm plus the guard (the engine recaptures its graphs once a column is added)
             xq, absmax, argmax = KERNELS.quantize_argmax(x2)
             o.record(absmax, argmax)
-            return KERNELS.dequantize(int_mm(xq, self.cb), absmax, self.scb, self.bias, x2.dtype)
+            return matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype)
         xq, absmax, argmax, x_dense = KERNELS.quantize_outliers(x2, o.keep, o.idx)
         o.record(absmax, argmax)
-        dense = x_dense @ self.dense
-        return KERNELS.dequantize_plus(int_mm(xq, self.cb), absmax, self.scb, self.bias, dense, x2.dtype)
+        return matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype, x_dense @ self.dense)
 
     def attach(self, outliers: OutlierColumns, dtype: torch.dtype) -> None:
         """Gives this linear (the owner of its weights) dense rows for outliers' slots."""

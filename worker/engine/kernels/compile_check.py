@@ -7,22 +7,28 @@ constexpr choices the engine launches: a compile error shows here instead of on 
 import json
 import sys
 
-from batchgen.worker.engine.kernels import attention, int8_ops
+from batchgen.worker.engine.kernels import attention, int8_gemv, int8_ops
 from triton import compile as triton_compile
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16", "Out": "*fp16"}
+GEMV_POINTERS = {"X": "*fp16", "W": "*i8", "Scb": "*fp32", "Bias": "*fp16", "Out": "*fp16", "Partial": "*fp32",
+                 "Keep": "*fp16", "Seen": "*fp32", "Hits": "*fp32"}
 SPLIT_INTS = ["stride_qn", "stride_qh", "stride_kr", "stride_kt", "stride_kh", "stride_vr", "stride_vt", "stride_vh",
               "stride_bt", "stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "scale_stride"]
 
 
 def build(kernel, arch: int, pointers: dict[str, str], ints: list[str], floats: list[str], constexprs: dict,
-          **options):
+          aligned: tuple[str, ...] = (), **options):
+    """aligned: the ints that are multiples of 16 (as a launch's are where Triton specialises them), besides the
+    pointers (allocations are): without the hint the compiler cannot vectorise or pipeline those loads."""
     signature = dict(pointers) | {n: "i32" for n in ints} | {n: "fp32" for n in floats}
     signature |= {n: "constexpr" for n in constexprs}
-    return triton_compile(ASTSource(kernel, signature, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                          options=options)
+    names = list(signature)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*pointers, *aligned)}
+    return triton_compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def compile_all(arch: int = 90) -> dict[str, dict]:
@@ -50,8 +56,19 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
     out["dequantize"] = {"shared_bytes": k.metadata.shared}
     k = build(int8_ops._int8_mm_kernel, arch, {"A": "*i8", "B": "*i8"} | EPILOGUE,
               ["M", "N", "K", "stride_am_", "stride_bn", "stride_add", "stride_om"], ["inv_sq"],
-              dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, HAS_BIAS=True, HAS_ADDEND=False), num_warps=4, num_stages=4)
-    out["int8 gemm"] = {"int8_tensor_cores": "s32.s8.s8" in k.asm["ptx"], "shared_bytes": k.metadata.shared}
+              dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, EVEN_K=True, HAS_BIAS=True, HAS_ADDEND=True),
+              aligned=("N", "K", "stride_am_", "stride_bn", "stride_add", "stride_om"), num_warps=8, num_stages=4)
+    ptx = k.asm["ptx"]
+    out["int8 gemm"] = {"int8_tensor_cores": "s32.s8.s8" in ptx, "wgmma": "wgmma.mma_async" in ptx,
+                        "pipelined": "cp.async" in ptx, "shared_bytes": k.metadata.shared}
+    for rows, block_m, block_n in ((1, 1, 16), (16, 16, 32)):  # one row's multiply-add path, and the dot path
+        k = build(int8_gemv._gemv_kernel, arch, GEMV_POINTERS, ["M", "N", "K", "stride_xm", "stride_wn", "stride_om"],
+                  ["inv_127", "threshold"],
+                  dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=256, SPLIT_K=1, HAS_BIAS=False, DOT_F32=False,
+                       GUARD=True, GUARD_BLOCK=1024, EVEN=True, BITS=True, PIPELINE=4),
+                  aligned=("N", "K", "stride_xm", "stride_wn", "stride_om"), num_warps=4, num_stages=4)
+        out[f"gemv {rows} row{'s' if rows > 1 else ''}"] = {"pipelined": "cp.async" in k.asm["ptx"],
+                                                            "shared_bytes": k.metadata.shared}
     return out
 
 

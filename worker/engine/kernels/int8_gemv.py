@@ -16,16 +16,13 @@ is needed on this path.
 """
 
 import functools
-import json
-import re
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from batchgen.worker.engine.kernels import tuned
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, triton_available
 
 INV_127 = 7.874015718698502e-3  # bnb's int8_vectorwise_dequant constant, as int8_linear.dequantize_weight uses it
-TABLES = Path(__file__).with_name("gemv_tables")  # benchmarks.gemv_tune's launches, one JSON per device name
 MAX_ROWS = 16  # the dot path pads the rows to 16: beyond that a GEMM is the better kernel
 DOT_ROWS = 16  # tl.dot's smallest M
 
@@ -71,7 +68,7 @@ if HAS_TRITON:
     def _gemv_kernel(X, W, Scb, Bias, Out, Partial, Keep, Seen, Hits, M, N, K, stride_xm, stride_wn, stride_om,
                      inv_127, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, GUARD: tl.constexpr,
-                     GUARD_BLOCK: tl.constexpr, EVEN: tl.constexpr, BITS: tl.constexpr):
+                     GUARD_BLOCK: tl.constexpr, EVEN: tl.constexpr, BITS: tl.constexpr, PIPELINE: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         if GUARD:  # noqa: SIM102  (constexpr: without a guard the branch is not compiled)
@@ -86,7 +83,9 @@ if HAS_TRITON:
         w_ptr = W + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]  # [BLOCK_N, BLOCK_K]: k contiguous
         if BLOCK_M == 1:
             acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for k0 in range(k_start, k_end, BLOCK_K):
+            # pipelined only when asked (PIPELINE > 1): the launch's num_stages multi-buffers only loops that feed a
+            # tl.dot, and without cp.async few weight bytes are in flight (whether that wins: benchmarks.int8_tune)
+            for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=PIPELINE):
                 if EVEN:  # whole tiles: unmasked loads
                     x = tl.load(X + k0 + rk).to(tl.float32)
                     w = tl.load(w_ptr + k0)
@@ -147,46 +146,18 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.cache
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-
-
-def table_path(device_name: str) -> Path:
-    return TABLES / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
-
-
-@functools.cache
-def tuned_launches(device_name: str) -> dict[tuple[int, int], list[tuple[int, dict]]]:
-    """The launches benchmarks.gemv_tune measured best on this device (as vLLM ships its MoE kernel configs per
-    device): (n, k) -> [(up to rows, launch)] by rows; empty where the device was never tuned."""
-    path = table_path(device_name)
-    if not path.is_file():
-        return {}
-    table: dict[tuple[int, int], list[tuple[int, dict]]] = {}
-    for entry in json.loads(path.read_text())["launches"]:
-        table.setdefault((entry["n"], entry["k"]), []).append((entry["rows"], entry["launch"]))
-    return {shape: sorted(launches, key=lambda e: e[0]) for shape, launches in table.items()}
-
-
-def gemv_config(m: int, n: int, k: int, num_sms: int,
-                tuned: dict[tuple[int, int], list[tuple[int, dict]]] | None = None) -> dict:
-    """A launch for these shapes: the tuned one for the smallest tuned row count >= m where this (n, k) was
-    tuned, else the rule: narrow output tiles (each program streams whole weight rows), and split-K only when the
-    tiles alone leave the SMs short of two programs each."""
+def gemv_config(m: int, n: int, k: int, num_sms: int, launch: dict | None = None) -> dict:
+    """A launch for these shapes: the rule (narrow output tiles, each program streaming whole weight rows, and
+    split-K only when the tiles alone leave the SMs short of two programs each), with what a tuned launch
+    (kernels.tuned) sets in its place."""
     block_n = 16 if m == 1 and n >= 8192 else 32
     block_k = 256
     tiles = -(-n // block_n)
     split_k = 1
     while tiles * split_k < 2 * num_sms and k >= 2 * split_k * 4 * block_k and split_k < 16:
         split_k *= 2
-    rule = {"block_n": block_n, "block_k": block_k, "split_k": split_k, "num_warps": 4, "num_stages": 4,
-            "dot": False}
-    launches = (tuned or {}).get((n, k), [])
-    for rows, launch in launches:
-        if m <= rows:
-            return {**rule, **launch}
-    return {**rule, **launches[-1][1]} if launches else rule
+    return {"block_n": block_n, "block_k": block_k, "split_k": split_k, "num_warps": 4, "num_stages": 4,
+            "dot": False, "pipeline": 1, **(launch or {})}
 
 
 class GuardBuffers(NamedTuple):
@@ -221,12 +192,12 @@ def int8_gemv_reference(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bi
 def int8_gemv(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None,
               guard: GuardBuffers | None = None, *, block_n: int | None = None, block_k: int | None = None, split_k: int | None = None,
               num_warps: int | None = None, num_stages: int | None = None, dot: bool | None = None,
-              bits: bool = True) -> torch.Tensor:
+              pipeline: int | None = None, bits: bool = True) -> torch.Tensor:
     """x [m, k] (m <= MAX_ROWS; fp16, bf16 or float32, unit stride over k), cb int8 [n, k] (unit stride over k;
     a row slice of a fused matrix is fine), scb float32 [n] (each row's absmax), bias [n] or None -> [m, n] in
     x's dtype. guard: also record the rows for that outlier guard. Tuning arguments left None come from
-    gemv_config (dot: one row through the padded tl.dot path too); bits=False widens the weights with conversion
-    instructions instead of exponent bits."""
+    gemv_config (dot: one row through the padded tl.dot path too; pipeline: the one-row loop's cp.async stages);
+    bits=False widens the weights with conversion instructions instead of exponent bits."""
     m, k = x.shape
     n = cb.shape[0]
     if m > MAX_ROWS:
@@ -235,12 +206,14 @@ def int8_gemv(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
         return int8_gemv_reference(x, cb, scb, bias, guard)
     if x.stride(-1) != 1 or cb.stride(-1) != 1:
         raise ValueError("int8_gemv wants a unit stride over k")
-    cfg = gemv_config(m, n, k, _num_sms(x.device), tuned_launches(_device_name(x.device)))
+    table = tuned.launches(tuned.device_name(x.device), "gemv")
+    cfg = gemv_config(m, n, k, _num_sms(x.device), tuned.pick(table, m, n, k))
     block_n = block_n or cfg["block_n"]
     block_k = block_k or cfg["block_k"]
     split_k = split_k or cfg["split_k"]
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
+    pipeline = pipeline or cfg["pipeline"]
     block_m = DOT_ROWS if m > 1 or (cfg["dot"] if dot is None else dot) else 1
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
@@ -253,7 +226,7 @@ def int8_gemv(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
         INV_127, float(threshold), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         HAS_BIAS=bias is not None, DOT_F32=dot_f32, GUARD=guard is not None,
         GUARD_BLOCK=min(1024, triton.next_power_of_2(k)), EVEN=k % block_k == 0 and n % block_n == 0, BITS=bits,
-        num_warps=num_warps, num_stages=num_stages)
+        PIPELINE=pipeline, num_warps=num_warps, num_stages=num_stages)
     if split_k > 1:
         sum_block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, sum_block))](

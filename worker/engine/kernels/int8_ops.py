@@ -70,17 +70,32 @@ if HAS_TRITON:
     @triton.jit
     def _int8_mm_kernel(A, B, Absmax, Scb, Bias, Addend, Out, M, N, K, stride_am_, stride_bn, stride_add, stride_om,
                         inv_sq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr):
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        HAS_ADDEND: tl.constexpr):
+        # programs walk GROUP_M row blocks down one column block before the next: the weight tiles they share
+        # are still in L2 (Triton's matmul tutorial)
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        first_m = (pid // group) * GROUP_M
+        size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+        pid_m = first_m + (pid % group) % size_m
+        pid_n = (pid % group) // size_m
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        a_ptr = A + rm[:, None].to(tl.int64) * stride_am_ + rk[None, :]
-        b_ptr = B + rn[None, :].to(tl.int64) * stride_bn + rk[:, None]
+        # rows and columns past the ends wrap (and are masked at the store): the loads need no M/N mask
+        a_ptr = A + (rm % M)[:, None].to(tl.int64) * stride_am_ + rk[None, :]
+        b_ptr = B + (rn % N)[None, :].to(tl.int64) * stride_bn + rk[:, None]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + rk) < K
-            a = tl.load(a_ptr, mask=(rm < M)[:, None] & k_mask[None, :], other=0)
-            b = tl.load(b_ptr, mask=k_mask[:, None] & (rn < N)[None, :], other=0)
+            if EVEN_K:
+                a = tl.load(a_ptr)
+                b = tl.load(b_ptr)
+            else:
+                k_mask = (k0 + rk) < K
+                a = tl.load(a_ptr, mask=k_mask[None, :], other=0)
+                b = tl.load(b_ptr, mask=k_mask[:, None], other=0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             a_ptr += BLOCK_K
             b_ptr += BLOCK_K
@@ -157,7 +172,7 @@ def dequantize_acc(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, b
 def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
                         bias: torch.Tensor | None, dtype: torch.dtype, addend: torch.Tensor | None = None, *,
                         inv_sq: float = INV_127_SQ, block_m: int | None = None, block_n: int = 128, block_k: int = 128,
-                        num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+                        group_m: int = 8, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
     """xq int8 [m, k] @ cb int8 [n, k].T with dequantize_acc's epilogue fused: -> [m, n] dtype. No padding for
     small m (unlike cuBLASLt's torch._int_mm). Falls back to torch._int_mm + the reference epilogue."""
     if not triton_available(xq):
@@ -168,10 +183,11 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     out = torch.empty(m, n, dtype=dtype, device=xq.device)
     args = _launch_args(absmax, scb, bias, addend, out)
-    _int8_mm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+    _int8_mm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
         xq, cb, *args, out, m, n, k, xq.stride(0), cb.stride(0), addend.stride(0) if addend is not None else 0,
-        out.stride(0), inv_sq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        HAS_ADDEND=addend is not None, num_warps=num_warps, num_stages=num_stages)
+        out.stride(0), inv_sq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, num_warps=num_warps,
+        num_stages=num_stages)
     return out
 
 

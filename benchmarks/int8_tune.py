@@ -1,0 +1,196 @@
+"""Tunes the int8 kernels' launches per shape on this GPU and writes the table the engine reads
+(worker/engine/kernels/tuned/<device>.json; commit it to use it):
+
+- gemv: the small-row GEMV (kernels.int8_gemv) at 1, 4 and 16 rows: block sizes, split-K, warps, pipeline stages
+  (and the one-row loop's own cp.async stages), and whether one row is better through the padded tl.dot path;
+  against the rule's launch (gemv_config).
+- gemm: the Triton int8 GEMM with its dequantising epilogue fused (kernels.int8_matmul_dequant) at 256 to 16,384
+  rows (a large decode batch to a prefill group): tile sizes, grouped order, warps, stages; against what the engine
+  runs without a table, torch._int_mm then the compiled epilogue. Int8Linear takes a tuned launch only where it won.
+
+A coordinate search from a starting launch (as inductor's coordinate-descent tuner walks): each axis in turn moved
+to its best value with the others held, until a pass improves nothing by more than 2 % or the search's share of
+--budget-s is spent. Every point is checked against the reference first, then timed replayed from a CUDA graph over
+enough weight copies that they come from memory, not L2. Shapes: the four int8 projections of a Llama-2-7B and a
+Llama-2-13B layer (q/k/v and gate/up fused). The JSON holds each search's default and best ms, GB/s of the weights
+and TOPS, with the share of the copy rate measured in the same run.
+
+    python3 -m benchmarks.int8_tune --out $OUT [--kernels gemv,gemm]   # on the GPU
+    .venv/bin/python -m benchmarks.int8_tune --smoke                   # here: tiny shapes under Triton's interpreter
+"""
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from benchmarks.common import copy_bandwidth, write_json
+
+SHAPES = {"llama7b": (4096, 11008, 4096 * 3), "llama13b": (5120, 13824, 5120 * 3)}  # hidden, intermediate, qkv
+ROWS = {"gemv": (1, 4, 16), "gemm": (256, 1024, 4096, 16384)}
+AXES = {
+    "gemv": {"block_n": (8, 16, 32, 64, 128), "block_k": (64, 128, 256, 512, 1024), "split_k": (1, 2, 4, 8),
+             "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4, 6), "dot": (False, True),
+             "pipeline": (1, 2, 3, 4, 6)},
+    "gemm": {"block_m": (64, 128, 256), "block_n": (64, 128, 256), "block_k": (64, 128, 256), "group_m": (1, 8, 16),
+             "num_warps": (4, 8), "num_stages": (2, 3, 4, 5)},
+}
+ROTATE_BYTES = 512 * 2**20
+WIN = 0.97  # a tuned launch goes in the table only where it beat the default by more than 3 %
+
+
+def projections(hidden: int, intermediate: int, qkv: int) -> dict[str, tuple[int, int]]:
+    return {"qkv": (qkv, hidden), "o": (hidden, hidden), "gate_up": (2 * intermediate, hidden),
+            "down": (hidden, intermediate)}
+
+
+def valid(kind: str, launch: dict, m: int, k: int) -> bool:
+    if kind == "gemm":  # what fits Hopper's 227 KiB of shared memory, int8 operands
+        return (launch["block_m"] + launch["block_n"]) * launch["block_k"] * launch["num_stages"] <= 227 * 1024
+    dot = m > 1 or launch["dot"]
+    return ((not dot or launch["block_n"] >= 16) and launch["block_n"] * launch["block_k"] <= 65536
+            and k >= launch["split_k"] * launch["block_k"])
+
+
+def search(kind: str, start: dict, m: int, k: int, cost_of: Callable[[dict], float], deadline: float) -> dict:
+    tried: dict[str, float | None] = {}
+
+    def cost(launch: dict) -> float:
+        key = json.dumps(launch, sort_keys=True)
+        if key not in tried:
+            try:
+                tried[key] = cost_of(launch)
+            except Exception as exc:  # a launch that does not compile or fit is just not a candidate
+                print("  failed", key, type(exc).__name__, str(exc)[:160], flush=True)
+                tried[key] = None
+        return tried[key] if tried[key] is not None else float("inf")
+
+    best, best_ms = dict(start), cost(start)
+    improved = True
+    while improved and time.monotonic() < deadline:
+        improved = False
+        for axis, values in AXES[kind].items():
+            if axis in ("dot", "pipeline") and m > 1:  # more rows always take the dot path
+                continue
+            for value in values:
+                cand = {**best, axis: value}
+                if cand == best or not valid(kind, cand, m, k) or time.monotonic() > deadline:
+                    continue
+                ms = cost(cand)
+                if ms < best_ms * 0.98:
+                    best, best_ms, improved = cand, ms, True
+    return {"best": best, "best_ms": best_ms, "points": len(tried)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--kernels", default="gemv,gemm")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--budget-s", type=float, default=420, help="the whole search's wall-clock budget")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under Triton's interpreter")
+    args = parser.parse_args()
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+    from batchgen.worker.engine import int8_linear
+    from batchgen.worker.engine.kernels import int8_matmul_dequant, quantize_rows, tuned
+    from batchgen.worker.engine.kernels.int8_gemv import _num_sms, gemv_config, int8_gemv, int8_gemv_reference
+
+    from benchmarks.kernels import graph_ms, time_ms
+
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda":
+        int8_linear.KERNELS.compile()  # the engine's epilogue, as convert_model compiles it on CUDA
+    began = time.monotonic()
+    deadline = began + args.budget_s
+    bw = copy_bandwidth(device, 2**32 if device == "cuda" else 2**20)
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke)"
+    res: dict = {"device": name, "torch": torch.__version__, "bandwidth": bw, "kernels": {}}
+    g = torch.Generator(device=device).manual_seed(3)
+    shapes = {"smoke": (64, 96, 192)} if args.smoke else {s: SHAPES[s] for s in args.shapes.split(",")}
+    kinds = args.kernels.split(",")
+    rows_of = {"gemv": (1, 3), "gemm": (40,)} if args.smoke else ROWS
+    searches = sum(len(rows_of[kind]) for kind in kinds) * 4 * len(shapes)
+    sms = _num_sms(torch.device(device))
+
+    def timed(call, copies: int) -> float:
+        def all_copies():
+            for i in range(copies):
+                call(i)
+        return (graph_ms(all_copies, device) if device == "cuda" else time_ms(all_copies, device)) / copies
+
+    for shape, dims in shapes.items():
+        for proj, (n, k) in projections(*dims).items():
+            nbytes = n * k + 4 * n
+            copies = max(1, -(-ROTATE_BYTES // nbytes)) if device == "cuda" else 1
+            cbs = [torch.randint(-127, 128, (n, k), generator=g, device=device, dtype=torch.int8)
+                   for _ in range(copies)]
+            scbs = [torch.rand(n, generator=g, device=device) + 0.5 for _ in range(copies)]
+            for kind in kinds:
+                for m in rows_of[kind]:
+                    x = torch.randn(m, k, generator=g, device=device, dtype=torch.float16)
+                    if kind == "gemv":
+                        ref = int8_gemv_reference(x, cbs[0], scbs[0]).float()
+                        start = gemv_config(m, n, k, sms)
+
+                        def run(launch: dict, i: int, x=x, cbs=cbs, scbs=scbs):
+                            return int8_gemv(x, cbs[i], scbs[i], **launch)
+
+                        default_ms = None
+                    else:
+                        xq, absmax = quantize_rows(x)
+
+                        def engine(i: int, xq=xq, absmax=absmax, cbs=cbs, scbs=scbs):
+                            acc = int8_linear.int_mm(xq, cbs[i])
+                            return int8_linear.KERNELS.dequantize(acc, absmax, scbs[i], None, torch.float16)
+
+                        ref = engine(0).float()
+                        start = {"block_m": 128 if m >= 128 else 64, "block_n": 128, "block_k": 128, "group_m": 8,
+                                 "num_warps": 8, "num_stages": 4}
+
+                        def run(launch: dict, i: int, xq=xq, absmax=absmax, cbs=cbs, scbs=scbs):
+                            return int8_matmul_dequant(xq, absmax, cbs[i], scbs[i], None, torch.float16, **launch)
+
+                        default_ms = timed(engine, copies)
+                    tol = 1e-2 * float(ref.abs().max())
+
+                    def cost_of(launch: dict, run=run, ref=ref, tol=tol, copies=copies) -> float:
+                        err = float((run(launch, 0).float() - ref).abs().max())
+                        if err > tol:
+                            raise ValueError(f"wrong result: max abs error {err}")
+                        return timed(lambda i: run(launch, i), copies)
+
+                    # each search gets an equal share of what is left of the budget
+                    r = search(kind, start, m, k, cost_of, time.monotonic() + (deadline - time.monotonic()) / searches)
+                    searches -= 1
+                    r["default"] = start if kind == "gemv" else "torch._int_mm + compiled epilogue"
+                    r["default_ms"] = cost_of(start) if default_ms is None else default_ms
+                    for key in ("default", "best"):
+                        ms = r[f"{key}_ms"]
+                        r[f"{key}_gb_s"] = round(nbytes / ms / 1e6, 1)
+                        r[f"{key}_pct_of_copy"] = round(100 * nbytes / ms / 1e6 / bw["gb_s"], 1)
+                        r[f"{key}_tops"] = round(2 * m * n * k / ms / 1e9, 1)
+                        r[f"{key}_ms"] = round(ms, 5)
+                    res["kernels"].setdefault(kind, {}).setdefault(shape, {}).setdefault(
+                        proj, {"n": n, "k": k, "rows": {}})["rows"][m] = r
+                    print(kind, shape, proj, m, json.dumps(r), flush=True)
+            del cbs, scbs
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    res["wall_s"] = round(time.monotonic() - began, 1)
+    path = args.out if args.out.suffix == ".json" else args.out / "int8_tune.json"
+    write_json(path, res)
+    table_file = path.parent / tuned.table_path(name).name
+    for kind, by_shape in res["kernels"].items():
+        entries = [{"n": p["n"], "k": p["k"], "rows": m, "launch": r["best"]} for shape in by_shape.values()
+                   for p in shape.values() for m, r in p["rows"].items() if r["best_ms"] < WIN * r["default_ms"]]
+        write_json(table_file, tuned.merge(table_file, name, kind, entries))
+        print(f"{kind}: {len(entries)} tuned launches")
+    print(f"wall {res['wall_s']} s; wrote {path} and {table_file}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Kernel launches measured best on a device, read from kernels/tuned/<device name>.json (as vLLM ships its fused-MoE
+configs per device). benchmarks.int8_tune writes the file: one section per kernel ("gemv": the small-row GEMV,
+"gemm": the int8 GEMM with its dequantising epilogue), each a list of {n, k, rows, launch}: the launch that won at
+that output/input size and row count. A shape never tuned on a device has no launch there and keeps its default.
+"""
+
+import functools
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+TABLES = Path(__file__).with_name("tuned")
+Launches = dict[tuple[int, int], list[tuple[int, dict]]]  # (n, k) -> [(rows, launch)] by rows
+
+
+def table_path(device_name: str) -> Path:
+    return TABLES / (re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json")
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+@functools.cache
+def launches(device: str, kind: str) -> Launches:
+    """The tuned launches of one kernel on the device named device; empty where it was never tuned."""
+    path = table_path(device)
+    if not path.is_file():
+        return {}
+    table: Launches = {}
+    for entry in json.loads(path.read_text()).get(kind, []):
+        table.setdefault((entry["n"], entry["k"]), []).append((entry["rows"], entry["launch"]))
+    return {shape: sorted(found, key=lambda e: e[0]) for shape, found in table.items()}
+
+
+def pick(table: Launches, m: int, n: int, k: int) -> dict | None:
+    """The launch tuned at the row count nearest m (on a log scale, the larger on a tie), if that is within a factor
+    of two of m: a launch is not carried to batches it was never timed near."""
+    best, best_distance = None, 1.0 + 1e-9
+    for rows, launch in table.get((n, k), []):
+        distance = abs(math.log2(m / rows))
+        if distance <= best_distance:
+            best, best_distance = launch, distance
+    return best
+
+
+def merge(path: Path, device: str, kind: str, entries: list[dict]) -> dict:
+    """The table at path with kind's section replaced by entries (the other kernels' sections kept)."""
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    table.update({"device": device, kind: entries})
+    return table
