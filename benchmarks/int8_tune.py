@@ -11,8 +11,9 @@
 A coordinate search from a starting launch (as inductor's coordinate-descent tuner walks): each axis in turn moved
 to its best value with the others held, until a pass improves nothing by more than 2 % or the search's share of
 --budget-s is spent. Every point is checked against the reference first, then timed replayed from a CUDA graph over
-enough weight copies that they come from memory, not L2. Shapes: the four int8 projections of a Llama-2-7B and a
-Llama-2-13B layer (q/k/v and gate/up fused). The JSON holds each search's default and best ms, GB/s of the weights
+enough weight copies that they come from memory, not L2 (one copy from 1,024 rows on: compute-bound). Shapes: the
+four int8 projections (q/k/v and gate/up fused) of a Llama-2-7B and a Llama-3-8B layer, or of the model whose
+config.json --config names (launches are looked up by exact shape: tune the model you run). The JSON holds each search's default and best ms, GB/s of the weights
 and TOPS, with the share of the copy rate measured in the same run.
 
     python3 -m benchmarks.int8_tune --out $OUT [--kernels gemv,gemm]   # on the GPU
@@ -28,7 +29,8 @@ from pathlib import Path
 
 from benchmarks.common import copy_bandwidth, write_json
 
-SHAPES = {"llama7b": (4096, 11008, 4096 * 3), "llama13b": (5120, 13824, 5120 * 3)}  # hidden, intermediate, qkv
+# hidden, intermediate, fused q/k/v width: the benchmarks' Llama-2-7B and a GQA model (Llama-3-8B)
+SHAPES = {"llama7b": (4096, 11008, 4096 * 3), "llama3_8b": (4096, 14336, 4096 + 2 * 1024)}
 ROWS = {"gemv": (1, 4, 16), "gemm": (256, 1024, 4096, 16384)}
 AXES = {
     "gemv": {"block_n": (8, 16, 32, 64, 128), "block_k": (64, 128, 256, 512, 1024), "split_k": (1, 2, 4, 8),
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--kernels", default="gemv,gemm")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--config", type=Path, help="a model's config.json: tune its shapes instead of --shapes")
     parser.add_argument("--budget-s", type=float, default=420, help="the whole search's wall-clock budget")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under Triton's interpreter")
     args = parser.parse_args()
@@ -99,7 +102,7 @@ def main() -> None:
     from batchgen.worker.engine.kernels import int8_matmul_dequant, quantize_rows, tuned
     from batchgen.worker.engine.kernels.int8_gemv import _num_sms, gemv_config, int8_gemv, int8_gemv_reference
 
-    from benchmarks.kernels import graph_ms, time_ms
+    from benchmarks.kernels import capture, time_ms
 
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda":
@@ -111,6 +114,13 @@ def main() -> None:
     res: dict = {"device": name, "torch": torch.__version__, "bandwidth": bw, "kernels": {}}
     g = torch.Generator(device=device).manual_seed(3)
     shapes = {"smoke": (64, 96, 192)} if args.smoke else {s: SHAPES[s] for s in args.shapes.split(",")}
+    if args.config:
+        c = json.loads(args.config.read_text())
+        c = c.get("text_config", c)
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+        kv_heads = c.get("num_key_value_heads") or c["num_attention_heads"]
+        shapes = {args.config.parent.name or "model": (c["hidden_size"], c["intermediate_size"],
+                                                       (c["num_attention_heads"] + 2 * kv_heads) * head_dim)}
     kinds = args.kernels.split(",")
     rows_of = {"gemv": (1, 3), "gemm": (40,)} if args.smoke else ROWS
     searches = sum(len(rows_of[kind]) for kind in kinds) * 4 * len(shapes)
@@ -120,17 +130,24 @@ def main() -> None:
         def all_copies():
             for i in range(copies):
                 call(i)
-        return (graph_ms(all_copies, device) if device == "cuda" else time_ms(all_copies, device)) / copies
+        if device != "cuda":
+            return time_ms(all_copies, device) / copies
+        graph = capture(all_copies)
+        graph.replay()
+        once = time_ms(graph.replay, device, warmup=0, iters=1)
+        iters = max(3, min(50, int(20 / max(once, 1e-3))))  # about 20 ms of replays per point
+        return time_ms(graph.replay, device, warmup=0, iters=iters) / copies
 
     for shape, dims in shapes.items():
         for proj, (n, k) in projections(*dims).items():
             nbytes = n * k + 4 * n
-            copies = max(1, -(-ROTATE_BYTES // nbytes)) if device == "cuda" else 1
+            rotate = max(1, -(-ROTATE_BYTES // nbytes)) if device == "cuda" else 1
             cbs = [torch.randint(-127, 128, (n, k), generator=g, device=device, dtype=torch.int8)
-                   for _ in range(copies)]
-            scbs = [torch.rand(n, generator=g, device=device) + 0.5 for _ in range(copies)]
+                   for _ in range(rotate)]
+            scbs = [torch.rand(n, generator=g, device=device) + 0.5 for _ in range(rotate)]
             for kind in kinds:
                 for m in rows_of[kind]:
+                    copies = 1 if m >= 1024 else rotate
                     x = torch.randn(m, k, generator=g, device=device, dtype=torch.float16)
                     if kind == "gemv":
                         ref = int8_gemv_reference(x, cbs[0], scbs[0]).float()

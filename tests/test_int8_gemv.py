@@ -265,3 +265,27 @@ def test_engine_greedy_output_with_the_gemv_equals_weight_only(demo_model_dir, m
     assert calls == []
     assert outputs(True) == plain
     assert calls and max(calls) <= 3  # the decode steps of up to 3 rows took it; prefills did not
+
+
+def test_the_tuner_writes_the_table_the_engine_reads(tmp_path, monkeypatch):
+    """benchmarks.int8_tune --smoke (tiny shapes, Triton's interpreter): its table loads through kernels.tuned, and
+    each launch in it runs and computes the product."""
+    import subprocess
+    import sys
+
+    from batchgen.worker.engine.kernels import tuned
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.int8_tune", "--smoke", "--kernels", "gemv", "--budget-s",
+                           "20", "--out", str(tmp_path / "int8_tune.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    monkeypatch.setattr(tuned, "TABLES", tmp_path)
+    tuned.launches.cache_clear()
+    table = tuned.launches("cpu (smoke)", "gemv")
+    assert table, proc.stdout[-2000:]  # on the interpreter some launch always beats the rule's by far
+    for (n, k), found in table.items():
+        cb, scb, bias = _weights(n, k, seed=50)
+        for rows, launch in found:
+            x = torch.randn(rows, k, generator=torch.Generator().manual_seed(51)).half()
+            out = int8_gemv(x, cb, scb, bias, **gemv_config(rows, n, k, 132, launch))
+            torch.testing.assert_close(out.double(), _expected(x, cb, scb, bias), **TOL[torch.float16])
+    tuned.launches.cache_clear()
