@@ -5,8 +5,9 @@
   (and the one-row loop's own cp.async stages), and whether one row is better through the padded tl.dot path;
   against the rule's launch (gemv_config).
 - gemm: the Triton int8 GEMM with its dequantising epilogue fused (kernels.int8_matmul_dequant) at 256 to 16,384
-  rows (a large decode batch to a prefill group): tile sizes, grouped order, warps, stages; against what the engine
-  runs without a table, torch._int_mm then the compiled epilogue. Int8Linear takes a tuned launch only where it won.
+  rows (a large decode batch to a prefill group), after Triton's quantising kernel: tile sizes, grouped order, warps,
+  stages; against what the engine runs without a table, the compiled quantise, torch._int_mm and the compiled
+  epilogue (the parts timed alone too). Int8Linear takes the Triton chain only where a launch of it won.
 
 A coordinate search from a starting launch (as inductor's coordinate-descent tuner walks): each axis in turn moved
 to its best value with the others held, until a pass improves nothing by more than 2 % or the search's share of
@@ -99,8 +100,10 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
     import torch
     from batchgen.worker.engine import int8_linear
-    from batchgen.worker.engine.kernels import int8_matmul_dequant, quantize_rows, tuned
+    from batchgen.worker.engine.int8_linear import KERNELS
+    from batchgen.worker.engine.kernels import int8_matmul_dequant, tuned
     from batchgen.worker.engine.kernels.int8_gemv import _num_sms, gemv_config, int8_gemv, int8_gemv_reference
+    from batchgen.worker.engine.kernels.int8_ops import quantize_argmax
 
     from benchmarks.kernels import capture, time_ms
 
@@ -157,21 +160,26 @@ def main() -> None:
                             return int8_gemv(x, cbs[i], scbs[i], **launch)
 
                         default_ms = None
-                    else:
-                        xq, absmax = quantize_rows(x)
+                    else:  # the default kernel's chain with no outlier column yet (random weights have none)
+                        def engine(i: int, x=x, cbs=cbs, scbs=scbs):
+                            xq, absmax, _ = KERNELS.quantize_argmax(x)
+                            return KERNELS.dequantize(int8_linear.int_mm(xq, cbs[i]), absmax, scbs[i], None, torch.float16)
 
-                        def engine(i: int, xq=xq, absmax=absmax, cbs=cbs, scbs=scbs):
-                            acc = int8_linear.int_mm(xq, cbs[i])
-                            return int8_linear.KERNELS.dequantize(acc, absmax, scbs[i], None, torch.float16)
+                        def run(launch: dict, i: int, x=x, cbs=cbs, scbs=scbs):
+                            xq, absmax, _ = quantize_argmax(x)
+                            return int8_matmul_dequant(xq, absmax, cbs[i], scbs[i], None, torch.float16, **launch)
 
                         ref = engine(0).float()
                         start = {"block_m": 128 if m >= 128 else 64, "block_n": 128, "block_k": 128, "group_m": 8,
                                  "num_warps": 8, "num_stages": 4}
-
-                        def run(launch: dict, i: int, xq=xq, absmax=absmax, cbs=cbs, scbs=scbs):
-                            return int8_matmul_dequant(xq, absmax, cbs[i], scbs[i], None, torch.float16, **launch)
-
                         default_ms = timed(engine, copies)
+                        xq0, absmax0, _ = quantize_argmax(x)
+                        def int_mm_epilogue(i: int, q=xq0, a=absmax0, cbs=cbs, scbs=scbs):
+                            return KERNELS.dequantize(int8_linear.int_mm(q, cbs[i]), a, scbs[i], None, torch.float16)
+
+                        parts = {"compiled quantise": timed(lambda i, x=x: KERNELS.quantize_argmax(x), 1),
+                                 "triton quantise": timed(lambda i, x=x: quantize_argmax(x), 1),
+                                 "int_mm + compiled epilogue": timed(int_mm_epilogue, copies)}
                     tol = 1e-2 * float(ref.abs().max())
 
                     def cost_of(launch: dict, run=run, ref=ref, tol=tol, copies=copies) -> float:
@@ -183,7 +191,9 @@ def main() -> None:
                     # each search gets an equal share of what is left of the budget
                     r = search(kind, start, m, k, cost_of, time.monotonic() + (deadline - time.monotonic()) / searches)
                     searches -= 1
-                    r["default"] = start if kind == "gemv" else "torch._int_mm + compiled epilogue"
+                    r["default"] = start if kind == "gemv" else "compiled quantise + torch._int_mm + compiled epilogue"
+                    if kind == "gemm":
+                        r["parts_ms"] = {name: round(ms, 5) for name, ms in parts.items()}
                     r["default_ms"] = cost_of(start) if default_ms is None else default_ms
                     for key in ("default", "best"):
                         ms = r[f"{key}_ms"]

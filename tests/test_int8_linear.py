@@ -287,8 +287,9 @@ def test_a_converted_linear_still_has_a_weight_for_forwards_that_read_it(bnb_mod
 
 def test_a_tuned_triton_gemm_computes_what_int_mm_and_its_epilogue_do(bnb_model, tmp_path, monkeypatch):
     """Where benchmarks.int8_tune's table has a GEMM launch for a linear's shape near the batch's rows, Int8Linear
-    runs the Triton int8 GEMM with the epilogue fused (here under Triton's interpreter) and gets the same numbers
-    bit for bit, with and without outlier columns; batches more than twice the tuned rows away keep torch._int_mm."""
+    quantises in one Triton kernel and runs the Triton int8 GEMM with the epilogue fused (here under Triton's
+    interpreter): the same numbers bit for bit and the same guard records, with and without outlier columns;
+    batches more than twice the tuned rows away keep torch._int_mm."""
     import json
 
     from batchgen.worker.engine import int8_linear
@@ -302,18 +303,24 @@ def test_a_tuned_triton_gemm_computes_what_int_mm_and_its_epilogue_do(bnb_model,
     tuned.launches.cache_clear()
     calls = []
     fused = int8_linear.int8_matmul_dequant
-    monkeypatch.setattr(int8_linear, "int8_matmul_dequant", lambda *a, **kw: calls.append(a[0].shape[0]) or fused(*a, **kw))
-    plain = Int8Linear(Int8State.from_bnb(module), "int_mm")
-    outliers = _with_outliers(module, [3, 17])
+    monkeypatch.setattr(int8_linear, "int8_matmul_dequant",
+                        lambda *a, **kw: calls.append(a[0].shape[0]) or fused(*a, **kw))
+    pairs = [(Int8Linear(Int8State.from_bnb(module), "int_mm"), Int8Linear(Int8State.from_bnb(module), "int_mm")),
+             (_with_outliers(module, []), _with_outliers(module, [])),  # the guard only
+             (_with_outliers(module, [3, 17]), _with_outliers(module, [3, 17]))]
     for m in (40, 25, 90):
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).clamp(-5.9, 5.9)
-        x[:, 3] = 30.0
-        for linear in (plain, outliers):
+        x[:, 3], x[m // 2, 40] = 30.0, -9.0
+        for untuned, tuned_linear in pairs:
             with torch.inference_mode():
                 monkeypatch.setattr(int8_linear, "USE_TUNED_GEMM", False)
-                want = linear(x)
+                want = untuned(x)
                 monkeypatch.setattr(int8_linear, "USE_TUNED_GEMM", True)
-                got = linear(x)
-            assert torch.equal(got, want), (m, linear.kernel)
-    assert calls == [40, 40, 25, 25]  # 90 rows: more than twice the 40 it was tuned at
+                got = tuned_linear(x)
+            assert torch.equal(got, want), (m, untuned.kernel)
+    for untuned, tuned_linear in pairs[1:]:
+        assert torch.equal(untuned.outliers.seen, tuned_linear.outliers.seen)
+        assert torch.equal(untuned.outliers.hits, tuned_linear.outliers.hits)
+    assert pairs[1][1].outliers.hits[3] > 0 and pairs[2][1].outliers.seen[40] == 9.0  # what each guard saw
+    assert calls == [40, 40, 40, 25, 25, 25]  # 90 rows: more than twice the 40 it was tuned at
     tuned.launches.cache_clear()

@@ -145,6 +145,25 @@ def test_quantize_rows_leaves_outlier_columns_out():
     assert (xq[:, [5, 9]] == 0).all() and (absmax < 100).all()
 
 
+def test_quantize_argmax_equals_the_guarded_quantisers_bit_for_bit():
+    """One kernel for int8_linear.quantize_argmax and quantize_outliers' int8/absmax/argmax: x16 · keep, its row
+    absmax and the first column holding it (a tie between two columns goes to the first, as torch's max does)."""
+    from batchgen.worker.engine.kernels.int8_ops import quantize_argmax
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(7, 80, generator=g) * 3
+    x[0, [5, 9]] = torch.tensor([-11.0, 11.0])  # a tie
+    x[1, 70] = 40.0  # an outlier column, left out below
+    keep = torch.ones(80, dtype=torch.float16)
+    keep[70] = 0
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        xd = x.to(dtype)
+        assert all(torch.equal(a, b) for a, b in zip(quantize_argmax(xd), int8_linear.quantize_argmax(xd), strict=True))
+        ref = int8_linear.quantize_outliers(xd, keep, torch.tensor([70]))[:3]
+        assert all(torch.equal(a, b) for a, b in zip(quantize_argmax(xd, keep), ref, strict=True))
+    assert quantize_argmax(x)[2][0, 0] == 5 and quantize_argmax(x, keep)[2][1, 0] != 70
+
+
 def test_dequantize_and_int8_gemm_equal_int8_linear():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(20, 96, generator=g).to(torch.float16)

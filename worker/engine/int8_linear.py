@@ -30,7 +30,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from batchgen.worker.engine.int8_outliers import OutlierColumns, OutlierGuard, calibration_ids, slots_for
-from batchgen.worker.engine.kernels import tuned
+from batchgen.worker.engine.kernels import int8_ops, tuned
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, triton_available
 from batchgen.worker.engine.kernels.compiled import Compilable
 from batchgen.worker.engine.kernels.int8_gemv import MAX_ROWS as GEMV_MAX_ROWS
@@ -47,9 +47,9 @@ _CUDA_INT_MM_MIN_ROWS = 17  # cuBLASLt int8 through torch._int_mm wants more tha
 # The small-row GEMV: None runs it on CUDA (fp16/bf16 inputs) wherever Triton imports; True wherever Triton
 # runs, its interpreter included (how the CPU tests force it); False never.
 USE_GEMV: bool | None = None
-# The Triton int8 GEMM with its epilogue fused, at a launch benchmarks.int8_tune found faster than torch._int_mm +
-# the epilogue for that shape on this GPU (kernels/tuned/<device>.json). None: on CUDA where the table has one;
-# True: wherever Triton runs (the CPU tests); False: never.
+# Triton's quantising kernel and int8 GEMM with the epilogue fused, at a launch benchmarks.int8_tune found faster
+# than the compiled quantise + torch._int_mm + epilogue for that shape on this GPU (kernels/tuned/<device>.json).
+# None: on CUDA where the table has one; True: wherever Triton runs (the CPU tests); False: never.
 USE_TUNED_GEMM: bool | None = None
 _GEMV_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -155,19 +155,6 @@ def tuned_gemm(xq: torch.Tensor, cb: torch.Tensor) -> dict | None:
     return tuned.pick(table, xq.shape[0], cb.shape[0], cb.shape[1]) if table else None
 
 
-def matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
-                   bias: torch.Tensor | None, dtype: torch.dtype, dense: torch.Tensor | None = None) -> torch.Tensor:
-    """The int8 product dequantised (+ bias, + the outlier columns' dense product): one Triton GEMM with the
-    epilogue fused where a launch was tuned for this shape, else torch._int_mm, then the compiled epilogue."""
-    launch = tuned_gemm(xq, cb)
-    if launch is not None:
-        return int8_matmul_dequant(xq, absmax, cb, scb, bias, dtype, dense, **launch)
-    acc = int_mm(xq, cb)
-    if dense is None:
-        return KERNELS.dequantize(acc, absmax, scb, bias, dtype)
-    return KERNELS.dequantize_plus(acc, absmax, scb, bias, dense, dtype)
-
-
 def takes_gemv(x2: torch.Tensor) -> bool:
     """Whether the flattened input x2 [m, k] goes through the small-row GEMV (see USE_GEMV)."""
     if not 0 < x2.shape[0] <= GEMV_MAX_ROWS or x2.stride(-1) != 1:
@@ -213,8 +200,13 @@ class Int8Linear(torch.nn.Module):
         elif takes_gemv(x2):
             out = int8_gemv(x2, self.cb, self.scb, self.bias)
         elif self.kernel == "int_mm":
-            xq, absmax = KERNELS.quantize(x2)
-            out = matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x.dtype)
+            launch = tuned_gemm(x2, self.cb)
+            if launch is not None:  # one quantising kernel, one GEMM with the epilogue fused
+                xq, absmax = int8_ops.quantize_rows(x2)
+                out = int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x.dtype, **launch)
+            else:
+                xq, absmax = KERNELS.quantize(x2)
+                out = KERNELS.dequantize(int_mm(xq, self.cb), absmax, self.scb, self.bias, x.dtype)
         else:
             out = self._forward_weight_only(x2)
         return out.reshape(*shape[:-1], self.out_features)
@@ -232,13 +224,20 @@ class Int8Linear(torch.nn.Module):
             return self._forward_weight_only(x2)
         if takes_gemv(x2):  # every column exact here; the guard still sees the rows (it serves larger batches)
             return int8_gemv(x2, self.cb, self.scb, self.bias, GuardBuffers(o.keep, o.seen, o.hits, o.threshold))
+        launch = tuned_gemm(x2, self.cb)
+        if launch is not None:  # one quantising kernel (guard input too), one GEMM with the epilogue fused
+            xq, absmax, argmax = int8_ops.quantize_argmax(x2, o.keep if o.columns else None)
+            o.record(absmax, argmax)
+            dense = x2.index_select(1, o.idx) @ self.dense if o.columns else None
+            return int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype, dense, **launch)
         if not o.columns:  # int_mm plus the guard (the engine recaptures its graphs once a column is added)
             xq, absmax, argmax = KERNELS.quantize_argmax(x2)
             o.record(absmax, argmax)
-            return matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype)
+            return KERNELS.dequantize(int_mm(xq, self.cb), absmax, self.scb, self.bias, x2.dtype)
         xq, absmax, argmax, x_dense = KERNELS.quantize_outliers(x2, o.keep, o.idx)
         o.record(absmax, argmax)
-        return matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype, x_dense @ self.dense)
+        dense = x_dense @ self.dense
+        return KERNELS.dequantize_plus(int_mm(xq, self.cb), absmax, self.scb, self.bias, dense, x2.dtype)
 
     def attach(self, outliers: OutlierColumns, dtype: torch.dtype) -> None:
         """Gives this linear (the owner of its weights) dense rows for outliers' slots."""

@@ -46,9 +46,10 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
               ["stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh"], [],
               dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=3, BLOCK_S=4), num_warps=4)
     out["merge"] = {"shared_bytes": k.metadata.shared}
-    k = build(int8_ops._quantize_kernel, arch, {"X": "*fp16", "Xq": "*i8", "Absmax": "*fp32", "Outliers": "*u8"},
-              ["stride_xm", "stride_qm", "K"], [], dict(BLOCK_K=16384, HAS_OUTLIERS=True, INTERPRETED=False),
-              num_warps=16)
+    k = build(int8_ops._quantize_kernel, arch, {"X": "*fp16", "Xq": "*i8", "Absmax": "*fp32", "Outliers": "*fp16",
+                                                "Argmax": "*i64"},
+              ["stride_xm", "stride_qm", "K"], [], dict(BLOCK_K=16384, HAS_OUTLIERS=True, KEEP=True, HAS_ARGMAX=True,
+                                                        INTERPRETED=False), num_warps=16)
     out["quantize"] = {"round_half_even": "cvt.rni.f32.f32" in k.asm["ptx"]}  # torch.round's rounding
     k = build(int8_ops._dequantize_kernel, arch, {"Acc": "*i32"} | EPILOGUE,
               ["M", "N", "stride_cm", "stride_am", "stride_om"], ["inv_sq"],

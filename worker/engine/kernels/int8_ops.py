@@ -23,15 +23,22 @@ if HAS_TRITON:
     from triton.language.extra import libdevice
 
     @triton.jit
-    def _quantize_kernel(X, Xq, Absmax, Outliers, stride_xm, stride_qm, K,
-                         BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr, INTERPRETED: tl.constexpr):
+    def _quantize_kernel(X, Xq, Absmax, Outliers, Argmax, stride_xm, stride_qm, K,
+                         BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr, KEEP: tl.constexpr,
+                         HAS_ARGMAX: tl.constexpr, INTERPRETED: tl.constexpr):
         row = tl.program_id(0)
         k = tl.arange(0, BLOCK_K)
         k_mask = k < K
         x = tl.load(X + row.to(tl.int64) * stride_xm + k, mask=k_mask, other=0.0).to(tl.float16)
         if HAS_OUTLIERS:
-            x = tl.where(tl.load(Outliers + k, mask=k_mask, other=0) != 0, 0.0, x).to(tl.float16)
-        absmax = tl.max(tl.abs(x), 0).to(tl.float32)
+            if KEEP:  # an fp16 multiplier, 0 at the outlier columns (int8_outliers' keep): x * keep as torch does
+                x = (x * tl.load(Outliers + k, mask=k_mask, other=0.0)).to(tl.float16)
+            else:
+                x = tl.where(tl.load(Outliers + k, mask=k_mask, other=0) != 0, 0.0, x).to(tl.float16)
+        a = tl.abs(x)
+        absmax = tl.max(a, 0).to(tl.float32)
+        if HAS_ARGMAX:  # where the absmax is, the first such column (what the outlier guard records)
+            tl.store(Argmax + row, tl.min(tl.where(a == absmax.to(tl.float16), k, BLOCK_K), 0).to(tl.int64))
         inv = 127.0 / absmax
         inv = tl.where(absmax > 0.0, inv, 0.0)  # an all-zero row quantises to zeros, not NaN
         scaled = x.to(tl.float32) * inv
@@ -124,15 +131,35 @@ def quantize_rows(x: torch.Tensor, outliers: torch.Tensor | None = None) -> tupl
     [k] (outlier_mask), 1 where the column is left out of the quantised input (zeroed)."""
     if not triton_available(x):
         return quantize_rows_reference(x, outliers)
+    xq, absmax, _ = _quantize(x, outliers.view(torch.uint8) if outliers is not None else None, keep=False,
+                              argmax=False)
+    return xq, absmax
+
+
+def quantize_argmax(x: torch.Tensor, keep: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8_linear.quantize_argmax (keep None) or quantize_outliers' first three (keep: fp16 [k], 0 at the outlier
+    columns) in one kernel: (int8 [m, k] of x16 · keep, its row absmax float32 [m, 1], where that is int64 [m, 1])."""
+    if not triton_available(x):
+        x16 = x.to(torch.float16) if keep is None else x.to(torch.float16) * keep
+        absmax, argmax = x16.abs().max(dim=-1, keepdim=True)
+        absmax = absmax.float()
+        return torch.round(x16 * (127.0 / absmax)).to(torch.int8), absmax, argmax
+    return _quantize(x, keep, keep=True, argmax=True)
+
+
+def _quantize(x: torch.Tensor, columns: torch.Tensor | None, *, keep: bool, argmax: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     m, k = x.shape
     xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
     absmax = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    where = torch.empty(m, 1, dtype=torch.int64, device=x.device) if argmax else None
     block_k = triton.next_power_of_2(k)
-    mask_arg = outliers.view(torch.uint8) if outliers is not None else xq
-    _quantize_kernel[(m,)](x, xq, absmax, mask_arg, x.stride(0), xq.stride(0), k, BLOCK_K=block_k,
-                           HAS_OUTLIERS=outliers is not None, INTERPRETED=interpreting(),
+    _quantize_kernel[(m,)](x, xq, absmax, columns if columns is not None else xq, where if argmax else absmax,
+                           x.stride(0), xq.stride(0), k, BLOCK_K=block_k, HAS_OUTLIERS=columns is not None,
+                           KEEP=keep, HAS_ARGMAX=argmax, INTERPRETED=interpreting(),
                            num_warps=max(4, min(16, block_k // 1024)))
-    return xq, absmax
+    return xq, absmax, where
 
 
 def dequantize_acc_reference(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
