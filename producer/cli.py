@@ -304,6 +304,10 @@ engine_options = shared_options(
                  help="On CUDA: each RMSNorm (with the residual add before it), RoPE and the gated MLP activation "
                       "of the fast path, and the tanh GELUs of generic-path models (BLOOM, GPT-2), run as one "
                       "compiled kernel instead of several."),
+    click.option("--tuned-kernels/--no-tuned-kernels", envvar="BATCHGEN_TUNED_KERNELS", default=True,
+                 show_default=True,
+                 help="On CUDA: int8 GEMV and GEMM launches measured best on this GPU model (benchmarks.int8_tune's "
+                      "table) where it holds the layer's shape; off: the default launches."),
     click.option("--host-kv-dtype", envvar="BATCHGEN_HOST_KV_DTYPE", default="auto", show_default=True,
                  help="Small-VRAM mode's host KV cache: auto (the compute dtype), float32, float16, bfloat16 "
                       "or int8 (about half the bytes, at int8 rounding)."),
@@ -332,7 +336,7 @@ def engine_config(kw: dict[str, Any]):
         max_vram_bytes=parse_bytes(kw["max_vram"]) if kw["max_vram"] else None, max_batch_size=kw["max_batch"],
         max_model_len=kw["max_model_len"], int8_threshold=kw["int8_threshold"], int8_kernel=kw["int8_kernel"],
         attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], overlap_decode=kw["overlap_decode"],
-        fused_elementwise=kw["fused_elementwise"],
+        fused_elementwise=kw["fused_elementwise"], tuned_kernels=kw["tuned_kernels"],
         host_kv_dtype=kw["host_kv_dtype"],
         kv_cache_dtype=kw["kv_cache_dtype"], kv_layout=kw["kv_layout"], stream_kv=kw["stream_kv"],
         inject_oom=kw["inject_oom"] or None,

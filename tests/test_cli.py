@@ -160,17 +160,17 @@ def test_engine_knobs_are_flags_with_their_env_names(monkeypatch):
 
     default = engine_config(worker_params())
     assert (default.int8_kernel, default.attention, default.cuda_graphs, default.host_kv_dtype,
-            default.inject_oom) == ("auto", "auto", True, "auto", None)
+            default.inject_oom, default.tuned_kernels) == ("auto", "auto", True, "auto", None, True)
     flags = engine_config(worker_params("--int8-kernel", "weight_only", "--attention", "sdpa", "--no-cuda-graphs",
-                                        "--host-kv-dtype", "int8", "--inject-oom", "steps=2"))
+                                        "--host-kv-dtype", "int8", "--inject-oom", "steps=2", "--no-tuned-kernels"))
     assert (flags.int8_kernel, flags.attention, flags.cuda_graphs, flags.host_kv_dtype,
-            flags.inject_oom) == ("weight_only", "sdpa", False, "int8", "steps=2")
+            flags.inject_oom, flags.tuned_kernels) == ("weight_only", "sdpa", False, "int8", "steps=2", False)
     for name, value in {"INT8_KERNEL": "bnb", "ATTENTION": "flash", "CUDA_GRAPHS": "0", "HOST_KV_DTYPE": "bfloat16",
-                        "INJECT_OOM": "p=0.5", "MAX_BATCH": "3", "VRAM_RESERVE": "1GiB"}.items():
+                        "INJECT_OOM": "p=0.5", "MAX_BATCH": "3", "VRAM_RESERVE": "1GiB", "TUNED_KERNELS": "0"}.items():
         monkeypatch.setenv(f"BATCHGEN_{name}", value)
     env = engine_config(worker_params())
     assert (env.int8_kernel, env.attention, env.cuda_graphs, env.host_kv_dtype, env.inject_oom, env.max_batch_size,
-            env.vram_reserve_bytes) == ("bnb", "flash", False, "bfloat16", "p=0.5", 3, 2**30)
+            env.vram_reserve_bytes, env.tuned_kernels) == ("bnb", "flash", False, "bfloat16", "p=0.5", 3, 2**30, False)
 
 
 def test_a_bad_engine_knob_is_a_usage_error_before_any_model_loads(tmp_path):

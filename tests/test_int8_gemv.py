@@ -133,7 +133,7 @@ def test_a_tuned_table_sets_the_launch_near_the_rows_it_was_timed_at(tmp_path, m
     assert path.name == "Some_GPU_80GB.json"
     path.write_text(json.dumps(tuned.merge(path, "Some GPU (80GB)", "gemv", entries)))
     path.write_text(json.dumps(tuned.merge(path, "Some GPU (80GB)", "gemm", [])))  # another kernel's section
-    tuned.launches.cache_clear()
+    tuned.forget()
     table = tuned.launches("Some GPU (80GB)", "gemv")
     rule = gemv_config(1, n, k, 132)
     assert gemv_config(1, n, k, 132, tuned.pick(table, 1, n, k)) == {**rule, "block_n": 8, "block_k": 64,
@@ -150,7 +150,7 @@ def test_a_tuned_table_sets_the_launch_near_the_rows_it_was_timed_at(tmp_path, m
         torch.testing.assert_close(out.double(), _expected(xm, cb, scb, bias), **TOL[torch.float16])
     one_row_by_dot = int8_gemv(x, cb, scb, bias, dot=True, block_n=16, block_k=32)  # padded to 16 rows
     torch.testing.assert_close(one_row_by_dot.double(), _expected(x, cb, scb, bias), **TOL[torch.float16])
-    tuned.launches.cache_clear()
+    tuned.forget()
 
 
 # -- Int8Linear's dispatch --------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def test_the_tuner_writes_the_table_the_engine_reads(tmp_path, monkeypatch):
                            "20", "--out", str(tmp_path / "int8_tune.json")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     monkeypatch.setattr(tuned, "TABLES", tmp_path)
-    tuned.launches.cache_clear()
+    tuned.forget()
     table = tuned.launches("cpu (smoke)", "gemv")
     assert table, proc.stdout[-2000:]  # on the interpreter some launch always beats the rule's by far
     for (n, k), found in table.items():
@@ -288,4 +288,4 @@ def test_the_tuner_writes_the_table_the_engine_reads(tmp_path, monkeypatch):
             x = torch.randn(rows, k, generator=torch.Generator().manual_seed(51)).half()
             out = int8_gemv(x, cb, scb, bias, **gemv_config(rows, n, k, 132, launch))
             torch.testing.assert_close(out.double(), _expected(x, cb, scb, bias), **TOL[torch.float16])
-    tuned.launches.cache_clear()
+    tuned.forget()

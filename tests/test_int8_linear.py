@@ -300,7 +300,7 @@ def test_a_tuned_triton_gemm_computes_what_int_mm_and_its_epilogue_do(bnb_model,
     launch = {"block_m": 32, "block_n": 32, "block_k": 32, "group_m": 2, "num_warps": 4, "num_stages": 2}
     monkeypatch.setattr(tuned, "TABLES", tmp_path)
     tuned.table_path("cpu").write_text(json.dumps({"gemm": [{"n": n, "k": k, "rows": 40, "launch": launch}]}))
-    tuned.launches.cache_clear()
+    tuned.forget()
     calls = []
     fused = int8_linear.int8_matmul_dequant
     monkeypatch.setattr(int8_linear, "int8_matmul_dequant",
@@ -323,4 +323,10 @@ def test_a_tuned_triton_gemm_computes_what_int_mm_and_its_epilogue_do(bnb_model,
         assert torch.equal(untuned.outliers.hits, tuned_linear.outliers.hits)
     assert pairs[1][1].outliers.hits[3] > 0 and pairs[2][1].outliers.seen[40] == 9.0  # what each guard saw
     assert calls == [40, 40, 40, 25, 25, 25]  # 90 rows: more than twice the 40 it was tuned at
-    tuned.launches.cache_clear()
+    monkeypatch.setattr(tuned, "ENABLED", False)  # --no-tuned-kernels
+    with torch.inference_mode():
+        pairs[0][1](torch.randn(40, k))
+    assert len(calls) == 6 and tuned.describe("cpu") == "off (--no-tuned-kernels)"
+    monkeypatch.setattr(tuned, "ENABLED", True)
+    assert tuned.describe("cpu") == "cpu.json: gemv 0, gemm 1"
+    tuned.forget()

@@ -42,6 +42,9 @@ class EngineConfig:
     # the fast path's norms, RoPE and gated activation, and the generic path's chained GELUs, as one compiled kernel
     # each (fused.py; CUDA only)
     fused_elementwise: bool = True
+    # int8 kernel launches benchmarks.int8_tune measured best on this GPU model (kernels/tuned/<device>.json), where
+    # a table holds the shape; off: every kernel keeps its default launch
+    tuned_kernels: bool = True
     inject_oom: str | None = None  # test hook, see model_runner.FaultInjector
     # Small-VRAM mode (worker/offload/): stream decoder layers from host memory. None: when the int8
     # weights do not fit max_vram_bytes on CUDA.

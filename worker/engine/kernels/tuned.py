@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 TABLES = Path(__file__).with_name("tuned")
+ENABLED = True  # EngineConfig.tuned_kernels (--no-tuned-kernels): False leaves every kernel at its default launch
 Launches = dict[tuple[int, int], list[tuple[int, dict]]]  # (n, k) -> [(rows, launch)] by rows
 
 
@@ -25,9 +26,29 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
-@functools.cache
 def launches(device: str, kind: str) -> Launches:
-    """The tuned launches of one kernel on the device named device; empty where it was never tuned."""
+    """The tuned launches of one kernel on the device named device; empty where it was never tuned (or tuning is
+    switched off)."""
+    return _read(device, kind) if ENABLED else {}
+
+
+def describe(device: str) -> str:
+    """For the start-up log: which table serves this device and how many launches of each kernel it holds."""
+    if not ENABLED:
+        return "off (--no-tuned-kernels)"
+    kinds = {kind: sum(len(v) for v in _read(device, kind).values()) for kind in ("gemv", "gemm")}
+    if not any(kinds.values()):
+        return f"none for {device} (defaults; benchmarks.int8_tune writes {table_path(device).name})"
+    return f"{table_path(device).name}: " + ", ".join(f"{kind} {n}" for kind, n in kinds.items())
+
+
+def forget() -> None:
+    """Read the tables again on the next lookup (after a tuner or a test wrote one)."""
+    _read.cache_clear()
+
+
+@functools.cache
+def _read(device: str, kind: str) -> Launches:
     path = table_path(device)
     if not path.is_file():
         return {}
