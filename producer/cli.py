@@ -321,6 +321,8 @@ engine_options = shared_options(
     click.option("--stream-kv/--no-stream-kv", envvar="BATCHGEN_STREAM_KV", default=False, show_default=True,
                  help="The generic path's small-VRAM mode: keep the rows' K/V in pinned host memory and stream each "
                       "layer's in with its weights (rows bounded by host memory, not the card; experimental)."),
+    click.option("--compile-shapes", envvar="BATCHGEN_COMPILE_SHAPES", default="dynamic", hidden=True,
+                 help="Benchmarks: how the fused elementwise functions compile (dynamic or static-features)."),
     click.option("--inject-oom", envvar="BATCHGEN_INJECT_OOM", hidden=True,
                  help="Test hook: raise OOM in chosen forward calls (steps=…, p=…, seed=…)."),
 )
@@ -337,6 +339,7 @@ def engine_config(kw: dict[str, Any]):
         max_model_len=kw["max_model_len"], int8_threshold=kw["int8_threshold"], int8_kernel=kw["int8_kernel"],
         attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], overlap_decode=kw["overlap_decode"],
         fused_elementwise=kw["fused_elementwise"], tuned_kernels=kw["tuned_kernels"],
+        compile_shapes=kw["compile_shapes"],
         host_kv_dtype=kw["host_kv_dtype"],
         kv_cache_dtype=kw["kv_cache_dtype"], kv_layout=kw["kv_layout"], stream_kv=kw["stream_kv"],
         inject_oom=kw["inject_oom"] or None,

@@ -1,6 +1,7 @@
 """The fused elementwise functions (worker/engine/fused.py) compute what the HF modules they stand in for compute,
 and modules whose arithmetic differs keep their own forward."""
 
+import pytest
 import torch
 from batchgen.worker.engine import fused
 from batchgen.worker.engine.fused import (
@@ -104,9 +105,21 @@ def test_chained_activations_of_a_generic_model_compile_once_per_class(tmp_path,
     assert fused.fuse_activations(torch.nn.Sequential(torch.nn.GELU(), torch.nn.Linear(2, 2))) == 0
 
 
-def test_the_fast_path_with_compiled_kernels_answers_like_hf_generate(tmp_path, demo_model_dir, monkeypatch):
+@pytest.fixture
+def dynamo_config_restored():
+    """compile_shapes="static-features" sets two dynamo options process-wide: as they were after the test."""
+    config = torch._dynamo.config
+    with config.patch(automatic_dynamic_shapes=config.automatic_dynamic_shapes, recompile_limit=config.recompile_limit):
+        yield
+
+
+@pytest.mark.parametrize("shapes,archs", [("dynamic", ("qwen3", "phi3", "gemma")),
+                                          ("static-features", ("qwen3",))])  # its q/k norms: a second feature size
+def test_the_fast_path_with_compiled_kernels_answers_like_hf_generate(shapes, archs, tmp_path, demo_model_dir,
+                                                                      monkeypatch, dynamo_config_restored):
     """What CUDA runs, on inductor's CPU backend: the fused functions compiled (Qwen3's per-head q/k norms, Phi-3's
-    partial rotary, Gemma's (1 + w) norms and tanh-GELU gated MLP), fp32, against HF generate token for token."""
+    partial rotary, Gemma's (1 + w) norms and tanh-GELU gated MLP), fp32, against HF generate token for token; with
+    every dimension symbolic, and with only the token dimensions symbolic (EngineConfig.compile_shapes)."""
     from batchgen.worker.engine.config import EngineConfig
     from batchgen.worker.engine.llm_engine import LLMEngine
     from batchgen.worker.factory import build_llm_engine
@@ -115,10 +128,10 @@ def test_the_fast_path_with_compiled_kernels_answers_like_hf_generate(tmp_path, 
     from tests.test_models import hf_greedy, requests, run_engine
 
     compiled = fused.fused_functions()
-    compiled.compile()
+    compiled.compile(shapes)
     for name in ("rms_norm", "add_rms_norm", "rope_qk", "gated"):
         monkeypatch.setattr(FUSED, name, getattr(compiled, name))
-    for arch in ("qwen3", "phi3", "gemma"):
+    for arch in archs:
         path = write_tiny_model(tmp_path / arch, arch, demo_model_dir)
         engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_batch_size=3))
         assert isinstance(engine, LLMEngine)

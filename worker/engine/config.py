@@ -16,6 +16,7 @@ HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the
 # layer and KV head (half the bytes of fp16, so about twice the rows; decoded by the Triton kernel or masked sdpa)
 KV_CACHE_DTYPES = ("auto", "fp8")
 KV_LAYOUTS = ("paged", "slots")
+COMPILE_SHAPES = ("dynamic", "static-features")  # kernels/compiled.py
 
 
 @dataclass
@@ -45,6 +46,9 @@ class EngineConfig:
     # int8 kernel launches benchmarks.int8_tune measured best on this GPU model (kernels/tuned/<device>.json), where
     # a table holds the shape; off: every kernel keeps its default launch
     tuned_kernels: bool = True
+    # how the fused and int8 elementwise functions compile (kernels/compiled.py): "dynamic" (every dimension
+    # symbolic) or "static-features" (only the token/row dimensions)
+    compile_shapes: str = "dynamic"
     inject_oom: str | None = None  # test hook, see model_runner.FaultInjector
     # Small-VRAM mode (worker/offload/): stream decoder layers from host memory. None: when the int8
     # weights do not fit max_vram_bytes on CUDA.
@@ -79,6 +83,8 @@ class EngineConfig:
             raise ValueError("fp16_modules: empty module name")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.compile_shapes not in COMPILE_SHAPES:
+            raise ValueError(f"compile_shapes must be one of {COMPILE_SHAPES}, got {self.compile_shapes!r}")
         if self.kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

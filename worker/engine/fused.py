@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from batchgen.worker.engine.kernels.compiled import Compilable
+from batchgen.worker.engine.kernels.compiled import Compilable, compile_function
 
 log = logging.getLogger("batchgen.engine")
 
@@ -184,7 +184,7 @@ def fuse_activations(model: torch.nn.Module) -> int:
             continue
         fn = compiled.get(type(module))
         if fn is None:
-            fn = compiled[type(module)] = torch.compile(type(module).forward.__get__(module), dynamic=True)
+            fn = compiled[type(module)] = compile_function(type(module).forward.__get__(module))
         module.forward = fn
         count += 1
     if count:
