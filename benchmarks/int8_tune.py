@@ -13,8 +13,8 @@ A coordinate search from a starting launch (as inductor's coordinate-descent tun
 to its best value with the others held, until a pass improves nothing by more than 2 % or the search's share of
 --budget-s is spent. Every point is checked against the reference first, then timed replayed from a CUDA graph over
 enough weight copies that they come from memory, not L2 (one copy from 1,024 rows on: compute-bound). Shapes: the
-four int8 projections (q/k/v and gate/up fused) of a Llama-2-7B and a Llama-3-8B layer, or of the model whose
-config.json --config names (launches are looked up by exact shape: tune the model you run). The JSON holds each search's default and best ms, GB/s of the weights
+four int8 projections (q/k/v and gate/up fused) of a Llama-2-7B layer (the benchmarks' model), of --shapes, or of
+the model whose config.json --config names (launches are looked up by exact shape: tune the model you run). The JSON holds each search's default and best ms, GB/s of the weights
 and TOPS, with the share of the copy rate measured in the same run.
 
     python3 -m benchmarks.int8_tune --out $OUT [--kernels gemv,gemm]   # on the GPU
@@ -91,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--kernels", default="gemv,gemm")
-    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--shapes", default="llama7b", help=f"of {', '.join(SHAPES)}")
     parser.add_argument("--config", type=Path, help="a model's config.json: tune its shapes instead of --shapes")
     parser.add_argument("--budget-s", type=float, default=420, help="the whole search's wall-clock budget")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under Triton's interpreter")
