@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU measurements pending since the last run, as stages that each fit one device call (10 min): every command
+# runs under its own timeout so that the results of the others come back, all under $OUT/round, tarred at the end.
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh tune     # int8_tune, then profile tuned vs not
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh ab       # bulk: defaults vs tuned + static shapes
+# The table `tune` writes lands in $OUT/round/tuned/; commit it as worker/engine/kernels/tuned/<device>.json.
+set -u
+out="${OUT:?run on the device machine}/round"
+mkdir -p "$out/tuned"
+log() { echo "[$(date +%T)] $*" | tee -a "$out/round.log"; }
+run() {  # run SECONDS NAME CMD...: output to NAME.log, its exit status in round.log
+    local limit=$1 name=$2
+    shift 2
+    log "start $name: $*"
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    log "end $name: exit $?"
+}
+profile() {  # profile NAME ENGINE_OPTIONS
+    run 150 "profile_$1" python3 -m benchmarks.profile_steps --models llama7b --steps 16 --out "$out/profile_$1" \
+        --engine-options "$2"
+}
+
+case "${1:?stage: tune or ab}" in
+  tune)
+    run 330 int8_tune python3 -m benchmarks.int8_tune --out "$out/tuned/int8_tune.json" --budget-s 280
+    cp "$out"/tuned/NVIDIA*.json worker/engine/kernels/tuned/ 2>/dev/null && log "table in use: $(ls worker/engine/kernels/tuned)"
+    profile untuned tuned_kernels=0
+    profile tuned tuned_kernels=1
+    ;;
+  ab)
+    cp "$out"/tuned/NVIDIA*.json worker/engine/kernels/tuned/ 2>/dev/null || true  # a table committed since, or none
+    profile static compile_shapes=static-features
+    for cfg in "0 dynamic" "1 static-features"; do
+        set -- $cfg
+        BATCHGEN_TUNED_KERNELS=$1 BATCHGEN_COMPILE_SHAPES=$2 run 200 "bulk_tuned$1_$2" \
+            python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_tuned$1_$2"
+    done
+    ;;
+  *) echo "unknown stage $1" >&2; exit 2 ;;
+esac
+tar czf "$OUT/round-$1.tgz" -C "$OUT" round && log "tarred $OUT/round-$1.tgz"
