@@ -13,9 +13,10 @@ A coordinate search from a starting launch (as inductor's coordinate-descent tun
 to its best value with the others held, until a pass improves nothing by more than 2 % or the search's share of
 --budget-s is spent. Every point is checked against the reference first, then timed replayed from a CUDA graph over
 enough weight copies that they come from memory, not L2 (one copy from 1,024 rows on: compute-bound). Shapes: the
-four int8 projections (q/k/v and gate/up fused) of a Llama-2-7B layer (the benchmarks' model), of --shapes, or of
-the model whose config.json --config names (launches are looked up by exact shape: tune the model you run). The JSON holds each search's default and best ms, GB/s of the weights
-and TOPS, with the share of the copy rate measured in the same run.
+four int8 projections (q/k/v and gate/up fused) of a Llama-2-7B layer (the benchmarks' model), of --shapes
+(llama3_8b, bloom7b1; a shape two models share is searched once), or of the Llama-like model whose config.json
+--config names (launches are looked up by exact shape: tune the model you run). The JSON holds each search's
+default and best ms, GB/s of the weights and TOPS, with the share of the copy rate measured in the same run.
 
     python3 -m benchmarks.int8_tune --out $OUT [--kernels gemv,gemm]   # on the GPU
     .venv/bin/python -m benchmarks.int8_tune --smoke                   # here: tiny shapes under Triton's interpreter
@@ -30,8 +31,17 @@ from pathlib import Path
 
 from benchmarks.common import copy_bandwidth, write_json
 
-# hidden, intermediate, fused q/k/v width: the benchmarks' Llama-2-7B and a GQA model (Llama-3-8B)
-SHAPES = {"llama7b": (4096, 11008, 4096 * 3), "llama3_8b": (4096, 14336, 4096 + 2 * 1024)}
+
+def projections(hidden: int, intermediate: int, qkv: int, gated: bool = True) -> dict[str, tuple[int, int]]:
+    """A decoder layer's int8 matmuls as (out_features, in_features): q/k/v fused, o, gate/up fused (or BLOOM's
+    dense_h_to_4h), down."""
+    return {"qkv": (qkv, hidden), "o": (hidden, hidden),
+            "gate_up": ((2 if gated else 1) * intermediate, hidden), "down": (hidden, intermediate)}
+
+
+# the benchmarks' Llama-2-7B, a GQA model (Llama-3-8B), and BLOOM-7b1 (the generic path's benchmark model)
+SHAPES = {"llama7b": projections(4096, 11008, 3 * 4096), "llama3_8b": projections(4096, 14336, 4096 + 2 * 1024),
+          "bloom7b1": projections(4096, 16384, 3 * 4096, gated=False)}
 ROWS = {"gemv": (1, 4, 16), "gemm": (256, 1024, 4096, 16384)}
 AXES = {
     "gemv": {"block_n": (8, 16, 32, 64, 128), "block_k": (64, 128, 256, 512, 1024), "split_k": (1, 2, 4, 8),
@@ -42,11 +52,6 @@ AXES = {
 }
 ROTATE_BYTES = 512 * 2**20
 WIN = 0.97  # a tuned launch goes in the table only where it beat the default by more than 3 %
-
-
-def projections(hidden: int, intermediate: int, qkv: int) -> dict[str, tuple[int, int]]:
-    return {"qkv": (qkv, hidden), "o": (hidden, hidden), "gate_up": (2 * intermediate, hidden),
-            "down": (hidden, intermediate)}
 
 
 def valid(kind: str, launch: dict, m: int, k: int) -> bool:
@@ -116,17 +121,17 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke)"
     res: dict = {"device": name, "torch": torch.__version__, "bandwidth": bw, "kernels": {}}
     g = torch.Generator(device=device).manual_seed(3)
-    shapes = {"smoke": (64, 96, 192)} if args.smoke else {s: SHAPES[s] for s in args.shapes.split(",")}
+    shapes = {"smoke": projections(64, 96, 192)} if args.smoke else {s: SHAPES[s] for s in args.shapes.split(",")}
     if args.config:
         c = json.loads(args.config.read_text())
         c = c.get("text_config", c)
         head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
         kv_heads = c.get("num_key_value_heads") or c["num_attention_heads"]
-        shapes = {args.config.parent.name or "model": (c["hidden_size"], c["intermediate_size"],
-                                                       (c["num_attention_heads"] + 2 * kv_heads) * head_dim)}
+        shapes = {args.config.parent.name or "model": projections(
+            c["hidden_size"], c["intermediate_size"], (c["num_attention_heads"] + 2 * kv_heads) * head_dim)}
     kinds = args.kernels.split(",")
     rows_of = {"gemv": (1, 3), "gemm": (40,)} if args.smoke else ROWS
-    searches = sum(len(rows_of[kind]) for kind in kinds) * 4 * len(shapes)
+    searches = sum(len(rows_of[kind]) for kind in kinds) * len({nk for p in shapes.values() for nk in p.values()})
     sms = _num_sms(torch.device(device))
 
     def timed(call, copies: int) -> float:
@@ -141,8 +146,12 @@ def main() -> None:
         iters = max(3, min(50, int(20 / max(once, 1e-3))))  # about 20 ms of replays per point
         return time_ms(graph.replay, device, warmup=0, iters=iters) / copies
 
-    for shape, dims in shapes.items():
-        for proj, (n, k) in projections(*dims).items():
+    seen: set[tuple[int, int]] = set()
+    for shape, projs in shapes.items():
+        for proj, (n, k) in projs.items():
+            if (n, k) in seen:
+                continue
+            seen.add((n, k))
             nbytes = n * k + 4 * n
             rotate = max(1, -(-ROTATE_BYTES // nbytes)) if device == "cuda" else 1
             cbs = [torch.randint(-127, 128, (n, k), generator=g, device=device, dtype=torch.int8)
