@@ -22,7 +22,8 @@ profile() {  # profile NAME ENGINE_OPTIONS
 
 case "${1:?stage: tune or ab}" in
   tune)
-    run 330 int8_tune python3 -m benchmarks.int8_tune --out "$out/tuned/int8_tune.json" --budget-s 280
+    run 330 int8_tune python3 -m benchmarks.int8_tune --shapes llama7b,bloom7b1 --out "$out/tuned/int8_tune.json" \
+        --budget-s 280
     cp "$out"/tuned/NVIDIA*.json worker/engine/kernels/tuned/ 2>/dev/null && log "table in use: $(ls worker/engine/kernels/tuned)"
     profile untuned tuned_kernels=0
     profile tuned tuned_kernels=1
