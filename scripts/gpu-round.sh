@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU measurements pending since the last run, as stages that each fit one device call (10 min): every command
 # runs under its own timeout so that the results of the others come back, all under $OUT/round, tarred at the end.
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh tune     # int8_tune, then profile tuned vs not
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh ab       # bulk: defaults vs tuned + static shapes
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh tune   # int8_tune, then profile_steps with its table
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh ab     # profile without it and with static compile
+#                                                                      # shapes; bulk: defaults vs tuned + static
 # The table `tune` writes lands in $OUT/round/tuned/; commit it as worker/engine/kernels/tuned/<device>.json.
 set -u
 out="${OUT:?run on the device machine}/round"
@@ -16,20 +17,20 @@ run() {  # run SECONDS NAME CMD...: output to NAME.log, its exit status in round
     log "end $name: exit $?"
 }
 profile() {  # profile NAME ENGINE_OPTIONS
-    run 150 "profile_$1" python3 -m benchmarks.profile_steps --models llama7b --steps 16 --out "$out/profile_$1" \
+    run 130 "profile_$1" python3 -m benchmarks.profile_steps --models llama7b --steps 16 --out "$out/profile_$1" \
         --engine-options "$2"
 }
 
 case "${1:?stage: tune or ab}" in
   tune)
     run 330 int8_tune python3 -m benchmarks.int8_tune --shapes llama7b,bloom7b1 --out "$out/tuned/int8_tune.json" \
-        --budget-s 280
+        --budget-s 300
     cp "$out"/tuned/NVIDIA*.json worker/engine/kernels/tuned/ 2>/dev/null && log "table in use: $(ls worker/engine/kernels/tuned)"
-    profile untuned tuned_kernels=0
-    profile tuned tuned_kernels=1
+    profile tuned tuned_kernels=1  # the llama7b model is built here, once per machine
     ;;
   ab)
     cp "$out"/tuned/NVIDIA*.json worker/engine/kernels/tuned/ 2>/dev/null || true  # a table committed since, or none
+    profile untuned tuned_kernels=0
     profile static compile_shapes=static-features
     for cfg in "0 dynamic" "1 static-features"; do
         set -- $cfg
