@@ -4,6 +4,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh tune   # int8_tune, then profile_steps with its table
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh ab     # profile without it and with static compile
 #                                                                      # shapes; bulk: defaults vs tuned + static
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh mixed  # bulk with and without --mixed-steps
 # The table `tune` writes lands in $OUT/round/tuned/; commit it as worker/engine/kernels/tuned/<device>.json.
 set -u
 out="${OUT:?run on the device machine}/round"
@@ -21,7 +22,7 @@ profile() {  # profile NAME ENGINE_OPTIONS
         --engine-options "$2"
 }
 
-case "${1:?stage: tune or ab}" in
+case "${1:?stage: tune, ab or mixed}" in
   tune)
     run 330 int8_tune python3 -m benchmarks.int8_tune --shapes llama7b,bloom7b1 --out "$out/tuned/int8_tune.json" \
         --budget-s 300
@@ -36,6 +37,13 @@ case "${1:?stage: tune or ab}" in
         set -- $cfg
         BATCHGEN_TUNED_KERNELS=$1 BATCHGEN_COMPILE_SHAPES=$2 run 200 "bulk_tuned$1_$2" \
             python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_tuned$1_$2"
+    done
+    ;;
+  mixed)
+    cp "$out"/tuned/NVIDIA*.json worker/engine/kernels/tuned/ 2>/dev/null || true
+    for m in 1 0; do
+        BATCHGEN_MIXED_STEPS=$m run 240 "bulk_mixed$m" \
+            python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_mixed$m"
     done
     ;;
   *) echo "unknown stage $1" >&2; exit 2 ;;

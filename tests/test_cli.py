@@ -160,11 +160,14 @@ def test_engine_knobs_are_flags_with_their_env_names(monkeypatch):
 
     default = engine_config(worker_params())
     assert (default.int8_kernel, default.attention, default.cuda_graphs, default.host_kv_dtype,
-            default.inject_oom, default.tuned_kernels) == ("auto", "auto", True, "auto", None, True)
+            default.inject_oom, default.tuned_kernels, default.mixed_steps) == ("auto", "auto", True, "auto", None, True,
+                                                                                False)
     flags = engine_config(worker_params("--int8-kernel", "weight_only", "--attention", "sdpa", "--no-cuda-graphs",
-                                        "--host-kv-dtype", "int8", "--inject-oom", "steps=2", "--no-tuned-kernels"))
+                                        "--host-kv-dtype", "int8", "--inject-oom", "steps=2", "--no-tuned-kernels",
+                                        "--mixed-steps"))
     assert (flags.int8_kernel, flags.attention, flags.cuda_graphs, flags.host_kv_dtype,
-            flags.inject_oom, flags.tuned_kernels) == ("weight_only", "sdpa", False, "int8", "steps=2", False)
+            flags.inject_oom, flags.tuned_kernels, flags.mixed_steps) == ("weight_only", "sdpa", False, "int8",
+                                                                          "steps=2", False, True)
     for name, value in {"INT8_KERNEL": "bnb", "ATTENTION": "flash", "CUDA_GRAPHS": "0", "HOST_KV_DTYPE": "bfloat16",
                         "INJECT_OOM": "p=0.5", "MAX_BATCH": "3", "VRAM_RESERVE": "1GiB", "TUNED_KERNELS": "0"}.items():
         monkeypatch.setenv(f"BATCHGEN_{name}", value)

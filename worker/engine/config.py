@@ -40,6 +40,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
     # the fast path queues the next decode step before reading this one's tokens (llm_engine.py)
     overlap_decode: bool = True
+    # the fast path decodes its running rows in the forward that prefills newly admitted prompts (llama.mixed_step),
+    # instead of a prefill step and then a decode step
+    mixed_steps: bool = False
     # the fast path's norms, RoPE and gated activation, and the generic path's chained GELUs, as one compiled kernel
     # each (fused.py; CUDA only)
     fused_elementwise: bool = True

@@ -391,6 +391,35 @@ def _prefill_attention(parts: LlamaParts, positions: torch.Tensor, seq_starts: l
     return attend
 
 
+def mixed_step(
+    parts: LlamaParts,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    num_decode: int,
+    decode: Attend,
+    seq_starts: list[int],
+    store: KVStore,
+    attention: str = "sdpa",
+) -> torch.Tensor:
+    """Decode rows and packed prompts in one forward: input_ids/positions [n + T], the first n one new token for
+    each of rows [0, n) (decode(layer, q, k, v) owns their cache, as in decode_step), the rest packed prompts
+    (seq_starts relative to them, store writing their K/V, as in prefill_step). Each layer's projections run once
+    over all n + T tokens, so the decode rows ride on the prefill's weight reads; only attention is split.
+    -> logits [n + num_prompts, vocab]: each row's, then each prompt's last token's."""
+    n = num_decode
+    prefill = _prefill_attention(parts, positions[n:], seq_starts, slice(0, input_ids.shape[0] - n), store, attention)
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # the rows first (a hole's write at its position 0 is overwritten by a prompt admitted into that row)
+        rows = decode(layer, *(t[0, :, :n].transpose(0, 1).unsqueeze(2) for t in (q, k, v)))  # [n, heads, 1, d]
+        prompts = prefill(layer, q[:, :, n:], k[:, :, n:], v[:, :, n:])  # [1, heads, T, d]
+        return torch.cat([rows[:, :, 0].transpose(0, 1).unsqueeze(0), prompts], dim=2)
+
+    last = torch.tensor([n + s - 1 for s in seq_starts[1:]], device=input_ids.device)
+    h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], [(slice(None), attend)])
+    return logits_of(parts, torch.cat([h[0, :n], h[0, last]]))
+
+
 def flash_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether FlashAttention varlen with seqused_k runs here and agrees with plain attention."""
     try:

@@ -138,6 +138,7 @@ class LLMEngine:
         self._keys: set[str] = set()
         self._last_batch = 0
         self._num_ooms = 0
+        self._num_mixed_steps = 0
         self._rate = TokenRate(TOKENS_PER_S_WINDOW_S)
         self._queued: QueuedDecode | None = None  # a decode step launched and not yet read
         self._unpolled_tokens = 0  # tokens of queued steps since the guard's last poll
@@ -187,8 +188,13 @@ class LLMEngine:
         with torch.inference_mode():
             if self._queued is not None:
                 return self._step_queued()
-            admitted = self.scheduler.admit()
-            seqs = admitted or self.scheduler.running_seqs()
+            # a mixed step decodes the running rows [0, n) in the prefill's forward: the prompts get what is
+            # left of the prefill token budget
+            decoding = self.scheduler.running_seqs() if self._mixes else []
+            n = self.scheduler.num_decode_rows if decoding else 0
+            admitted = self.scheduler.admit(max(1, self.scheduler.max_prefill_tokens - n) if n else None)
+            decoding = decoding if admitted else []
+            seqs = decoding + admitted if admitted else self.scheduler.running_seqs()
             if self.blocks is not None:  # rows admitted, finished, aborted or requeued since the last forward
                 self.runner.set_blocks(self.blocks.take_changes())
             if not seqs:
@@ -196,15 +202,16 @@ class LLMEngine:
                 return []
             start = time.perf_counter()
             try:
-                logits = self._forward(admitted)
+                logits = self._forward(admitted, decoding)
                 sampled = sample(logits, seqs, self.intake.structured)
             except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
-                return self._on_oom(seqs, prefill=bool(admitted))
+                return self._on_oom(admitted or seqs, prefill=bool(admitted))
             prompt_tokens = sum(s.num_prompt_tokens for s in admitted) if admitted else 0
             kv_tokens = 0 if admitted else sum(s.num_tokens for s in seqs)  # held in the cache during this decode
             self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens, kv_tokens,
                                 0 if self.blocks is None else self.blocks.num_used)
-            self._poll_int8(prompt_tokens or len(seqs))  # sampling synced: no GPU time
+            self._num_mixed_steps += bool(decoding)
+            self._poll_int8(prompt_tokens + len(decoding) or len(seqs))  # sampling synced: no GPU time
             results = self._finish_step(seqs, sampled.tokens, sampled.logprobs)
             self._queue_decode(None)
         return results
@@ -305,7 +312,8 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         used, free = self.runner.memory_info()
         extra: dict = dict(self.budget.as_stats())
-        extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, device=str(self.device),
+        extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, num_mixed_steps=self._num_mixed_steps,
+                     device=str(self.device),
                      attention=self.attention, cuda_graphs=int(self.runner.use_graphs),
                      graph_capture_s=round(self.graph_capture_s, 2), **self.step_stats.as_stats())
         for source in (self.runner, *self.reporters):
@@ -323,15 +331,25 @@ class LLMEngine:
     # -- internals --------------------------------------------------------------------------------
 
 
-    def _forward(self, admitted: list[Sequence]) -> torch.Tensor:
-        if admitted:
-            return self.runner.prefill([s.row for s in admitted], [s.prompt_ids for s in admitted])
-        n = self.scheduler.num_decode_rows
+    def _forward(self, admitted: list[Sequence], decoding: list[Sequence]) -> torch.Tensor:
+        """Logits of the step's sequences in order: decoding rows (a mixed step's) then admitted prompts; or the
+        running rows of a decode step."""
+        rows, prompts = [s.row for s in admitted], [s.prompt_ids for s in admitted]
+        if admitted and not decoding:
+            return self.runner.prefill(rows, prompts)
+        running = decoding or self.scheduler.running_seqs()
+        n = max(s.row for s in running) + 1  # rows [0, n): holes (admitted rows among them) are computed, ignored
         tokens, positions = [0] * n, [0] * n
-        for seq in self.scheduler.running_seqs():
+        for seq in running:
             tokens[seq.row], positions[seq.row] = seq.output_ids[-1], seq.last_position
-        logits = self.runner.decode(tokens, positions)
-        return logits[[s.row for s in self.scheduler.running_seqs()]]
+        picks = [s.row for s in running]
+        if not admitted:
+            return self.runner.decode(tokens, positions)[picks]
+        return self.runner.mixed(tokens, positions, rows, prompts)[picks + list(range(n, n + len(admitted)))]
+
+    @property
+    def _mixes(self) -> bool:
+        return self.cfg.mixed_steps and hasattr(self.runner, "mixed")
 
     def _on_oom(self, seqs: list[Sequence], *, prefill: bool) -> list[GenerationResult]:
         """Free cached memory, halve the batch, restart the rows that no longer fit; at batch size 1 the

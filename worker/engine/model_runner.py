@@ -7,7 +7,15 @@ from batchgen.worker.engine.faults import FaultInjector
 from batchgen.worker.engine.host_copy import to_device
 from batchgen.worker.engine.kernels.attention import BLOCK_N, fp8_kv_scale
 from batchgen.worker.engine.kv_blocks import SCRATCH_BLOCK
-from batchgen.worker.engine.llama import LlamaParts, cache_store, decode_path, decode_step, prefill_step
+from batchgen.worker.engine.llama import (
+    CacheAttention,
+    LlamaParts,
+    cache_store,
+    decode_path,
+    decode_step,
+    mixed_step,
+    prefill_step,
+)
 
 KV_LEN_BUCKET = 256
 # An fp8 cache's scale is the calibration's absmax per layer and KV head times this: K/V up to twice what the
@@ -151,6 +159,21 @@ class ModelRunner:
         store = cache_store(self.k_cache, self.v_cache, token_rows, positions, self.k_scale, self.v_scale,
                             self.block_table)
         return prefill_step(self.parts, ids, positions, starts, store, self.attention, self.prefill_group_tokens)
+
+    def mixed(self, tokens: list[int], positions: list[int], rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """A decode step of rows [0, len(positions)) (as decode_eager) and a prefill of prompts into rows (as
+        prefill) in one forward (llama.mixed_step) -> logits [len(positions) + len(prompts), vocab]."""
+        n = len(positions)
+        ids, prompt_positions, starts = pack_prompts(prompts, self.device)
+        token_rows = torch.tensor([r for r, p in zip(rows, prompts, strict=True) for _ in p], device=self.device)
+        store = cache_store(self.k_cache, self.v_cache, token_rows, prompt_positions, self.k_scale, self.v_scale,
+                            self.block_table)
+        decode_positions = to_device(positions, self.device)
+        attend = CacheAttention(self.parts, self.k_cache, self.v_cache, decode_positions,
+                                self._kv_len(max(positions) + 1), self.attention, self.k_scale, self.v_scale,
+                                self.block_table)
+        return mixed_step(self.parts, torch.cat([to_device(tokens, self.device), ids]),
+                          torch.cat([decode_positions, prompt_positions]), n, attend, starts, store, self.attention)
 
     def decode(self, tokens: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
         """tokens/positions for rows [0, len(positions)); holes carry token 0 at position 0 and are ignored.

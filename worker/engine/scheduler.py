@@ -84,19 +84,21 @@ class Scheduler:
         return len(self.running) <= freeing or (self.num_free_rows + freeing >= min(len(self.waiting), self.min_admit)
                                                 and self._enough_free_blocks())
 
-    def admit(self) -> list[Sequence]:
-        """Moves pending sequences into free rows, lowest row first, within the prefill token budget
-        (the first one is always admitted, so a long prompt cannot starve). While rows are decoding, waits
-        until min_admit rows (or every pending sequence) can be admitted together."""
+    def admit(self, max_tokens: int | None = None) -> list[Sequence]:
+        """Moves pending sequences into free rows, lowest row first, within the prefill token budget (max_tokens:
+        a smaller one, e.g. what a mixed step's decode rows leave of it; the first one is always admitted, so a
+        long prompt cannot starve). While rows are decoding, waits until min_admit rows (or every pending
+        sequence) can be admitted together."""
         if not self.wants_admission():
             return []
+        budget = self.max_prefill_tokens if max_tokens is None else max_tokens
         admitted: list[Sequence] = []
         num_tokens = 0
         for row in self.free_rows():
             if not self.waiting:
                 break
             seq = self.waiting[0]
-            if admitted and num_tokens + seq.num_prompt_tokens > self.max_prefill_tokens:
+            if admitted and num_tokens + seq.num_prompt_tokens > budget:
                 break
             if self.blocks is not None:
                 if not self.blocks.can_reserve(self.num_kv_tokens(seq)):

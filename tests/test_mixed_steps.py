@@ -1,0 +1,55 @@
+"""Mixed steps (--mixed-steps): the fast path decodes its running rows in the forward that prefills newly admitted
+prompts. Greedy output must stay HF generate's (fp32, exact) with rows joining while others decode, on both KV
+layouts, for sliding windows, soft-capping and q/k norms; the prompts get what the decode rows leave of the prefill
+token budget."""
+
+import pytest
+from batchgen.jobs.schema import SamplingParams
+from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.llm_engine import LLMEngine
+from batchgen.worker.engine.scheduler import Scheduler
+from batchgen.worker.engine.sequence import Sequence
+from batchgen.worker.factory import build_llm_engine
+
+from tests.models import write_tiny_model
+from tests.test_models import hf_greedy, oracle, requests, run_engine
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("arch,layout", [("llama", "paged"), ("llama", "slots"), ("mistral_window", "paged"),
+                                         ("gemma2", "paged"), ("qwen3", "slots")])
+def test_mixed_steps_answer_like_hf_generate(arch, layout, demo_model_dir, tmp_path):
+    path = demo_model_dir if arch == "llama" else write_tiny_model(tmp_path, arch, demo_model_dir)
+    engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_batch_size=3, mixed_steps=True,
+                                           kv_layout=layout))
+    assert isinstance(engine, LLMEngine)
+    texts = run_engine(engine, requests())
+    stats = engine.stats().extra
+    assert stats["num_mixed_steps"] > 0, stats  # rows joined while others decoded, in the same forward
+    assert stats["num_prefill_steps"] > stats["num_mixed_steps"]  # the first prefill had no rows to decode
+    assert texts == hf_greedy(path, int8=False), arch
+
+
+def test_mixed_steps_on_the_int8_default_kernel(demo_model_dir):
+    """The default int8 kernel (int_mm with the outlier guard) over a mixed forward: rows quantise per token, so
+    HF generate on the engine's own int8 model is still the oracle."""
+    engine = build_llm_engine(EngineConfig(model=str(demo_model_dir), max_batch_size=3, mixed_steps=True))
+    texts = run_engine(engine, requests())
+    assert engine.int8 is not None and engine.stats().extra["num_mixed_steps"] > 0
+    assert texts == oracle(demo_model_dir, engine)
+
+
+def test_without_mixed_steps_prefill_and_decode_stay_apart(demo_model_dir):
+    engine = build_llm_engine(EngineConfig(model=str(demo_model_dir), load_in_8bit=False, max_batch_size=3))
+    run_engine(engine, requests())
+    assert engine.stats().extra["num_mixed_steps"] == 0
+
+
+def test_the_decode_rows_take_their_share_of_the_prefill_budget():
+    sched = Scheduler(4, max_prefill_tokens=10)
+    for i in range(3):
+        sched.add(Sequence(f"s{i}", list(range(4)), SamplingParams(max_tokens=2), seed=i))
+    assert [s.key for s in sched.admit(max_tokens=9)] == ["s0", "s1"]  # 8 of 9 tokens; a third would need 12
+    assert [s.key for s in sched.admit(max_tokens=1)] == ["s2"]  # the first always goes in: no starving
+
