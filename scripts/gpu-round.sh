@@ -24,7 +24,7 @@ profile() {  # profile NAME ENGINE_OPTIONS
 
 case "${1:?stage: tune, ab or mixed}" in
   tune)
-    run 330 int8_tune python3 -m benchmarks.int8_tune --shapes llama7b,bloom7b1 --out "$out/tuned/int8_tune.json" \
+    run 330 int8_tune python3 -m benchmarks.int8_tune --shapes llama7b --out "$out/tuned/int8_tune.json" \
         --budget-s 300
     cp "$out"/tuned/NVIDIA*.json worker/engine/kernels/tuned/ 2>/dev/null && log "table in use: $(ls worker/engine/kernels/tuned)"
     profile tuned tuned_kernels=1  # the llama7b model is built here, once per machine
