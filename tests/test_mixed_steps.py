@@ -53,3 +53,19 @@ def test_the_decode_rows_take_their_share_of_the_prefill_budget():
     assert [s.key for s in sched.admit(max_tokens=9)] == ["s0", "s1"]  # 8 of 9 tokens; a third would need 12
     assert [s.key for s in sched.admit(max_tokens=1)] == ["s2"]  # the first always goes in: no starving
 
+
+
+def test_a_streamed_model_mixes_its_rows_in_as_one_more_prompt_group(tmp_path, monkeypatch):
+    """Small VRAM (layers streamed, K/V on the device): the rows run as a group of their own inside each streamed
+    layer, beside prompt groups of at most the streamer's group size; output as the resident engine's."""
+    from batchgen.worker.demo_model import write_demo_model
+    from batchgen.worker.offload import build
+
+    model = write_demo_model(tmp_path / "demo4", num_layers=4)
+    want = run_engine(LLMEngine.from_config(EngineConfig(model=str(model), max_batch_size=3)), requests())
+    monkeypatch.setattr(build, "STREAMING_PREFILL_GROUP_TOKENS", 8)  # several prompt groups per prefill
+    engine = build.build_streaming_engine(EngineConfig(model=str(model), max_batch_size=3, offload=True,
+                                                       mixed_steps=True), kv_placement="device", num_resident=0)
+    assert engine.runner.prefill_group_tokens == 8 and engine.runner.parts.layer_executor is not None
+    assert run_engine(engine, requests()) == want
+    assert engine.stats().extra["num_mixed_steps"] > 0

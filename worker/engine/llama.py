@@ -340,16 +340,24 @@ def prefill_step(
     """Packed prompts: input_ids/positions [T] (positions restart at 0 per prompt), seq_starts the offset of
     each prompt (plus T at the end) -> logits [num_prompts, vocab] of each prompt's last token. store writes
     each layer's K/V; group_tokens: run each layer over groups of whole prompts of at most that many tokens."""
-    groups = []
-    for first, end in prompt_groups(seq_starts, group_tokens or input_ids.shape[0]):
-        tokens = slice(seq_starts[first], seq_starts[end])
-        starts = [s - seq_starts[first] for s in seq_starts[first:end + 1]]
-        groups.append((tokens, _prefill_attention(parts, positions[tokens], starts, tokens, store, attention)))
+    groups = _prompt_groups(parts, positions, seq_starts, store, attention, group_tokens or input_ids.shape[0])
     # made before the layers run: a list → device copy waits for the GPU, and the host has work to do meanwhile
     # (small VRAM: putting each finished layer's K/V into the host cache)
     last = torch.tensor(seq_starts[1:], device=input_ids.device) - 1
     h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], groups)
     return logits_of(parts, h[0, last])
+
+
+def _prompt_groups(parts: LlamaParts, positions: torch.Tensor, seq_starts: list[int], store: KVStore, attention: str,
+                   group_tokens: int, offset: int = 0) -> list[tuple[slice, Attend]]:
+    """forward_layers' groups for packed prompts (their tokens from offset on in the forward's sequence)."""
+    groups = []
+    for first, end in prompt_groups(seq_starts, group_tokens):
+        tokens = slice(seq_starts[first], seq_starts[end])
+        starts = [s - seq_starts[first] for s in seq_starts[first:end + 1]]
+        attend = _prefill_attention(parts, positions[tokens], starts, tokens, store, attention)
+        groups.append((slice(offset + tokens.start, offset + tokens.stop), attend))
+    return groups
 
 
 def _prefill_attention(parts: LlamaParts, positions: torch.Tensor, seq_starts: list[int], tokens: slice,
@@ -400,24 +408,40 @@ def mixed_step(
     seq_starts: list[int],
     store: KVStore,
     attention: str = "sdpa",
+    group_tokens: int | None = None,
 ) -> torch.Tensor:
     """Decode rows and packed prompts in one forward: input_ids/positions [n + T], the first n one new token for
     each of rows [0, n) (decode(layer, q, k, v) owns their cache, as in decode_step), the rest packed prompts
-    (seq_starts relative to them, store writing their K/V, as in prefill_step). Each layer's projections run once
-    over all n + T tokens, so the decode rows ride on the prefill's weight reads; only attention is split.
+    (seq_starts relative to them, store writing their K/V, as in prefill_step). Without group_tokens each layer's
+    projections run once over all n + T tokens, so the rows ride on the prefill's weight reads, and only attention
+    is split; with it (small VRAM), the rows are one more group, within the same streamed layer.
     -> logits [n + num_prompts, vocab]: each row's, then each prompt's last token's."""
     n = num_decode
-    prefill = _prefill_attention(parts, positions[n:], seq_starts, slice(0, input_ids.shape[0] - n), store, attention)
+    rows = _rows_attention(decode)  # first in each layer: a hole's write at its position 0 is overwritten by a
+    # prompt admitted into that row
+    if group_tokens is None:
+        prompts = _prefill_attention(parts, positions[n:], seq_starts, slice(0, input_ids.shape[0] - n), store,
+                                     attention)
 
-    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # the rows first (a hole's write at its position 0 is overwritten by a prompt admitted into that row)
-        rows = decode(layer, *(t[0, :, :n].transpose(0, 1).unsqueeze(2) for t in (q, k, v)))  # [n, heads, 1, d]
-        prompts = prefill(layer, q[:, :, n:], k[:, :, n:], v[:, :, n:])  # [1, heads, T, d]
-        return torch.cat([rows[:, :, 0].transpose(0, 1).unsqueeze(0), prompts], dim=2)
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.cat([rows(layer, q[:, :, :n], k[:, :, :n], v[:, :, :n]),
+                              prompts(layer, q[:, :, n:], k[:, :, n:], v[:, :, n:])], dim=2)
 
+        groups = [(slice(None), attend)]
+    else:
+        groups = [(slice(0, n), rows)] + _prompt_groups(parts, positions[n:], seq_starts, store, attention,
+                                                        group_tokens, offset=n)
     last = torch.tensor([n + s - 1 for s in seq_starts[1:]], device=input_ids.device)
-    h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], [(slice(None), attend)])
+    h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], groups)
     return logits_of(parts, torch.cat([h[0, :n], h[0, last]]))
+
+
+def _rows_attention(decode: Attend) -> Attend:
+    """decode's Attend (q [rows, heads, 1, d]) over tokens packed as one sequence (q [1, heads, rows, d])."""
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        o = decode(layer, *(t[0].transpose(0, 1).unsqueeze(2) for t in (q, k, v)))  # [rows, heads, 1, d]
+        return o[:, :, 0].transpose(0, 1).unsqueeze(0)
+    return attend
 
 
 def flash_works(device: torch.device, dtype: torch.dtype) -> bool:

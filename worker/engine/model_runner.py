@@ -173,7 +173,8 @@ class ModelRunner:
                                 self._kv_len(max(positions) + 1), self.attention, self.k_scale, self.v_scale,
                                 self.block_table)
         return mixed_step(self.parts, torch.cat([to_device(tokens, self.device), ids]),
-                          torch.cat([decode_positions, prompt_positions]), n, attend, starts, store, self.attention)
+                          torch.cat([decode_positions, prompt_positions]), n, attend, starts, store, self.attention,
+                          self.prefill_group_tokens)
 
     def decode(self, tokens: list[int] | torch.Tensor, positions: list[int]) -> torch.Tensor:
         """tokens/positions for rows [0, len(positions)); holes carry token 0 at position 0 and are ignored.
