@@ -69,3 +69,25 @@ def test_a_streamed_model_mixes_its_rows_in_as_one_more_prompt_group(tmp_path, m
     assert engine.runner.prefill_group_tokens == 8 and engine.runner.parts.layer_executor is not None
     assert run_engine(engine, requests()) == want
     assert engine.stats().extra["num_mixed_steps"] > 0
+
+
+def test_an_oom_in_a_mixed_step_requeues_its_prompts_and_loses_nothing(demo_model_dir):
+    """The prompts of a failed mixed forward may have half-written K/V: they start again (the batch halves, as
+    after any OOM); the rows it decoded rewrite their position on the next step. Output unchanged."""
+    import torch
+
+    engine = build_llm_engine(EngineConfig(model=str(demo_model_dir), load_in_8bit=False, max_batch_size=4,
+                                           mixed_steps=True))
+    calls, mixed = [], engine.runner.mixed
+
+    def first_fails(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("injected")
+        return mixed(*args, **kwargs)
+
+    engine.runner.mixed = first_fails
+    assert run_engine(engine, requests()) == hf_greedy(demo_model_dir, int8=False)
+    stats = engine.stats().extra
+    assert stats["num_ooms"] == 1 and engine.scheduler.max_batch_size == 2
+    assert len(calls) > 1 and stats["num_mixed_steps"] == len(calls) - 1
