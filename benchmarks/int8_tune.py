@@ -120,6 +120,8 @@ def main() -> None:
     bw = copy_bandwidth(device, 2**32 if device == "cuda" else 2**20)
     name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu (smoke)"
     res: dict = {"device": name, "torch": torch.__version__, "bandwidth": bw, "kernels": {}}
+    path = args.out if args.out.suffix == ".json" else args.out / "int8_tune.json"
+    table_file = path.parent / tuned.table_path(name).name
     g = torch.Generator(device=device).manual_seed(3)
     shapes = {"smoke": projections(64, 96, 192)} if args.smoke else {s: SHAPES[s] for s in args.shapes.split(",")}
     if args.config:
@@ -213,20 +215,27 @@ def main() -> None:
                     res["kernels"].setdefault(kind, {}).setdefault(shape, {}).setdefault(
                         proj, {"n": n, "k": k, "rows": {}})["rows"][m] = r
                     print(kind, shape, proj, m, json.dumps(r), flush=True)
+                    write_outputs(res, path, table_file, name, began)
             del cbs, scbs
             if device == "cuda":
                 torch.cuda.empty_cache()
+    write_outputs(res, path, table_file, name, began, final=True)
+
+
+def write_outputs(res: dict, path: Path, table_file: Path, device: str, began: float, *, final: bool = False) -> None:
+    """The JSON and the table so far: written after every search, so a run cut short keeps what it found."""
+    from batchgen.worker.engine.kernels import tuned
+
     res["wall_s"] = round(time.monotonic() - began, 1)
-    path = args.out if args.out.suffix == ".json" else args.out / "int8_tune.json"
     write_json(path, res)
-    table_file = path.parent / tuned.table_path(name).name
     for kind, by_shape in res["kernels"].items():
         entries = [{"n": p["n"], "k": p["k"], "rows": m, "launch": r["best"]} for shape in by_shape.values()
                    for p in shape.values() for m, r in p["rows"].items() if r["best_ms"] < WIN * r["default_ms"]]
-        write_json(table_file, tuned.merge(table_file, name, kind, entries))
-        print(f"{kind}: {len(entries)} tuned launches")
-    print(f"wall {res['wall_s']} s; wrote {path} and {table_file}")
-
+        write_json(table_file, tuned.merge(table_file, device, kind, entries))
+        if final:
+            print(f"{kind}: {len(entries)} tuned launches")
+    if final:
+        print(f"wall {res['wall_s']} s; wrote {path} and {table_file}")
 
 if __name__ == "__main__":
     main()
