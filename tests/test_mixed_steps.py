@@ -5,11 +5,13 @@ token budget."""
 
 import pytest
 from batchgen.jobs.schema import SamplingParams
+from batchgen.worker.config import WorkerConfig
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.llm_engine import LLMEngine
 from batchgen.worker.engine.scheduler import Scheduler
 from batchgen.worker.engine.sequence import Sequence
 from batchgen.worker.factory import build_llm_engine
+from batchgen.worker.startup import startup_block
 
 from tests.models import write_tiny_model
 from tests.test_models import hf_greedy, oracle, requests, run_engine
@@ -38,6 +40,8 @@ def test_mixed_steps_on_the_int8_default_kernel(demo_model_dir):
     texts = run_engine(engine, requests())
     assert engine.int8 is not None and engine.stats().extra["num_mixed_steps"] > 0
     assert texts == oracle(demo_model_dir, engine)
+    block = startup_block(engine.stats(), WorkerConfig(engine.cfg)).splitlines()
+    assert "  decode steps   eager, mixed into prefills" in block  # eager: CUDA graphs need a GPU
 
 
 def test_without_mixed_steps_prefill_and_decode_stay_apart(demo_model_dir):

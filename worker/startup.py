@@ -39,8 +39,11 @@ def startup_facts(stats: EngineStats, cfg: WorkerConfig) -> dict[str, Any]:
         "decode_steps": extra.get("decode_steps") or (
             None if "cuda_graphs" not in extra else "CUDA graphs" if extra["cuda_graphs"] else "eager"),
     }
+    if facts["decode_steps"] and extra.get("mixed_steps"):
+        facts["decode_steps"] += ", mixed into prefills"
     if device.startswith("cuda"):
         facts["device"] = f"{device} ({_gpu_name(device)})"
+        facts["tuned_launches"] = _tuned_launches(device)
     return facts
 
 
@@ -62,6 +65,8 @@ def startup_block(stats: EngineStats, cfg: WorkerConfig) -> str:
                   f"  max_model_len  {_or_dash(f['max_model_len'])}"]
         if f["decode_steps"]:
             lines.append(f"  decode steps   {f['decode_steps']}")
+        if f.get("tuned_launches"):
+            lines.append(f"  int8 launches  {f['tuned_launches']}")
         if f["num_kv_blocks"]:  # a paged cache: rows reserve blocks for what they reach, not max_model_len each
             lines.append(f"  KV blocks      {f['num_kv_blocks']:,} of {f['kv_block_size']} tokens (paged)")
     lines.append(f"  rows           {f['max_rows']} (max batch size)")
@@ -70,6 +75,14 @@ def startup_block(stats: EngineStats, cfg: WorkerConfig) -> str:
 
 def log_startup(engine: Engine, cfg: WorkerConfig) -> None:
     log.info("%s", startup_block(engine.stats(), cfg))
+
+
+def _tuned_launches(device: str) -> str:
+    """Which table of tuned int8 launches serves this GPU (kernels.tuned, as the engine's build set it)."""
+    import torch
+    from batchgen.worker.engine.kernels import tuned
+
+    return tuned.describe(tuned.device_name(torch.device(device)))
 
 
 def _size(num_bytes: int) -> str:

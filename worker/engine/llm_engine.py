@@ -312,7 +312,8 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         used, free = self.runner.memory_info()
         extra: dict = dict(self.budget.as_stats())
-        extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, num_mixed_steps=self._num_mixed_steps,
+        extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, mixed_steps=int(self._mixes),
+                     num_mixed_steps=self._num_mixed_steps,
                      device=str(self.device), attention=self.attention, cuda_graphs=int(self.runner.use_graphs),
                      graph_capture_s=round(self.graph_capture_s, 2), **self.step_stats.as_stats())
         for source in (self.runner, *self.reporters):
