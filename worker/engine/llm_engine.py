@@ -138,7 +138,6 @@ class LLMEngine:
         self._keys: set[str] = set()
         self._last_batch = 0
         self._num_ooms = 0
-        self._num_mixed_steps = 0
         self._rate = TokenRate(TOKENS_PER_S_WINDOW_S)
         self._queued: QueuedDecode | None = None  # a decode step launched and not yet read
         self._unpolled_tokens = 0  # tokens of queued steps since the guard's last poll
@@ -209,8 +208,7 @@ class LLMEngine:
             prompt_tokens = sum(s.num_prompt_tokens for s in admitted) if admitted else 0
             kv_tokens = 0 if admitted else sum(s.num_tokens for s in seqs)  # held in the cache during this decode
             self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens, kv_tokens,
-                                0 if self.blocks is None else self.blocks.num_used)
-            self._num_mixed_steps += bool(decoding)
+                                0 if self.blocks is None else self.blocks.num_used, num_mixed_rows=len(decoding))
             self._poll_int8(prompt_tokens + len(decoding) or len(seqs))  # sampling synced: no GPU time
             results = self._finish_step(seqs, sampled.tokens, sampled.logprobs)
             self._queue_decode(None)
@@ -313,7 +311,6 @@ class LLMEngine:
         used, free = self.runner.memory_info()
         extra: dict = dict(self.budget.as_stats())
         extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, mixed_steps=int(self._mixes),
-                     num_mixed_steps=self._num_mixed_steps,
                      device=str(self.device), attention=self.attention, cuda_graphs=int(self.runner.use_graphs),
                      graph_capture_s=round(self.graph_capture_s, 2), **self.step_stats.as_stats())
         for source in (self.runner, *self.reporters):

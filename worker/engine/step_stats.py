@@ -24,6 +24,8 @@ class StepStats:
     num_prefill_tokens: int = 0
     num_decode_rows: int = 0
     num_overlapped_steps: int = 0  # decode steps queued before the previous one was read
+    num_mixed_steps: int = 0  # prefill steps that also decoded the running rows (--mixed-steps), and those rows
+    num_mixed_rows: int = 0
     # What rows held over the run: the widest decode step, KV tokens and blocks in use summed over decode steps
     # (of num_kv_blocks in the pool: 0 without paging)
     num_kv_blocks: int = 0
@@ -44,12 +46,15 @@ class StepStats:
     _nested: list[float] = field(default_factory=list, init=False, repr=False)  # open phases' inner seconds
 
     def add(self, seconds: float, num_rows: int, num_prefill_tokens: int, num_kv_tokens: int = 0,
-            num_kv_blocks_used: int = 0, overlapped: bool = False) -> None:
-        """One step: its rows; a decode step's KV tokens held (the rows' tokens) and blocks in use (paged)."""
+            num_kv_blocks_used: int = 0, overlapped: bool = False, num_mixed_rows: int = 0) -> None:
+        """One step: its rows; a decode step's KV tokens held (the rows' tokens) and blocks in use (paged); a
+        prefill step's rows decoded in the same forward (a mixed step)."""
         if num_prefill_tokens:
             self.num_prefill_steps += 1
             self.prefill_s += seconds
             self.num_prefill_tokens += num_prefill_tokens
+            self.num_mixed_steps += bool(num_mixed_rows)
+            self.num_mixed_rows += num_mixed_rows
         else:
             self.num_decode_steps += 1
             self.decode_s += seconds
@@ -107,6 +112,7 @@ class StepStats:
         return {
             "num_prefill_steps": self.num_prefill_steps, "num_decode_steps": self.num_decode_steps,
             "num_overlapped_steps": self.num_overlapped_steps,
+            "num_mixed_steps": self.num_mixed_steps, "num_mixed_rows": self.num_mixed_rows,
             "prefill_s": round(self.prefill_s, 3), "decode_s": round(self.decode_s, 3),
             "num_prefill_tokens": self.num_prefill_tokens,
             "mean_decode_batch": round(self.num_decode_rows / steps, 1),
