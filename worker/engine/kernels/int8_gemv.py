@@ -6,8 +6,10 @@ each int8 weight tile is widened in registers and multiplied in float32 accumula
 is applied once after the K sum (it factors out): the weight arithmetic is exact, so no outlier decomposition
 is needed on this path.
 
-- One row (m == 1): a multiply-add into a [BLOCK_N, BLOCK_K] float32 accumulator reduced once at the end.
+- One row (m == 1): a multiply-add into a [BLOCK_N, BLOCK_K] float32 accumulator reduced once at the end; its
+  loop's weight loads can be multi-buffered with cp.async (`pipeline` stages), or the row can take the dot path.
 - More rows: tl.dot of the rows (padded to 16, the smallest dot) with the widened tile.
+- Launch: gemv_config's rule, or the launch benchmarks.int8_tune measured best on this GPU (kernels.tuned).
 - The outlier guard (int8_outliers): given its buffers, the first programs also fold each row's largest |x|
   among the int8 columns into the guard's seen/hits (what OutlierColumns.record does), in the same launch.
 - Split-K: SPLIT_K programs share an output tile's K range and write float32 partials; a second kernel sums
