@@ -95,3 +95,30 @@ def test_an_oom_in_a_mixed_step_requeues_its_prompts_and_loses_nothing(demo_mode
     stats = engine.stats().extra
     assert stats["num_ooms"] == 1 and engine.scheduler.max_batch_size == 2
     assert len(calls) > 1 and stats["num_mixed_steps"] == len(calls) - 1
+
+
+def test_rows_with_logprobs_penalties_and_a_grammar_mix_like_the_rest(demo_model_dir):
+    """Rows whose tokens the host picks (logprobs, a repetition penalty, JSON mode) sample from a mixed step's
+    logits as from a decode step's: the same texts and logprob tokens with and without mixing."""
+    from batchgen.jobs.schema import Request
+    from batchgen.worker.engine.protocol import GenerationRequest
+
+    features = [dict(logprobs=2), dict(frequency_penalty=1.5), dict(response_format="json_object"), {}]
+    reqs = [GenerationRequest(f"f{i}", Request(custom_id=f"f{i}", prompt=f"the quick fox {i} jumps",
+                                               params=SamplingParams(max_tokens=6 + i % 5, temperature=0,
+                                                                     **features[i % 4])))
+            for i in range(12)]
+    results = {}
+    for mixed in (False, True):
+        engine = build_llm_engine(EngineConfig(model=str(demo_model_dir), load_in_8bit=False, max_batch_size=3,
+                                               mixed_steps=mixed))
+        assert engine.add(reqs) == []
+        out = {}
+        while engine.num_unfinished:
+            for r in engine.step():
+                assert r.error is None, r.error
+                out[r.key] = (r.text, [t.token for t in r.choices[0].logprobs or ()])
+        results[mixed] = out
+        assert (engine.stats().extra["num_mixed_steps"] > 0) == mixed
+    assert results[True] == results[False]
+    assert all(tokens for key, (_, tokens) in results[True].items() if int(key[1:]) % 4 == 0)
