@@ -276,7 +276,7 @@ def test_the_tuner_writes_the_table_the_engine_reads(tmp_path, monkeypatch):
     from batchgen.worker.engine.kernels import tuned
 
     proc = subprocess.run([sys.executable, "-m", "benchmarks.int8_tune", "--smoke", "--kernels", "gemv", "--budget-s",
-                           "20", "--out", str(tmp_path / "int8_tune.json")], capture_output=True, text=True, timeout=300)
+                           "10", "--out", str(tmp_path / "int8_tune.json")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     monkeypatch.setattr(tuned, "TABLES", tmp_path)
     tuned.forget()
