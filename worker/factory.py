@@ -1,11 +1,7 @@
 """Builds the engine a WorkerConfig asks for; the only place the worker side picks an implementation."""
 
-import logging
-
 from batchgen.worker.config import WorkerConfig
 from batchgen.worker.engine.protocol import Engine
-
-log = logging.getLogger("batchgen.engine")
 
 
 def build_engine(cfg: WorkerConfig) -> Engine:
@@ -32,9 +28,7 @@ def build_llm_engine(cfg) -> Engine:
     family = choose_family(cfg.model)  # config.json only: not found / not a causal LM fail here, before weights
     device, dtype = resolve_device_dtype(cfg)
     tuned.ENABLED = cfg.tuned_kernels  # process-wide, as the kernels read them: one engine per worker
-    compiled.SHAPES = cfg.compile_shapes
-    if device.type == "cuda":
-        log.info("tuned int8 launches: %s", tuned.describe(tuned.device_name(device)))
+    compiled.SHAPES = cfg.compile_shapes  # the start-up block names the table of tuned launches
     may_stream = cfg.offload or (cfg.offload is None and cfg.max_vram_bytes is not None and device.type == "cuda")
     streamable = family.model_type in STREAMABLE_MODEL_TYPES and FamilySpec.of(family.config).is_llama
     if may_stream and (family.path == GENERIC or not streamable):

@@ -154,20 +154,22 @@ class ModelRunner:
             self.block_table.copy_(self.host_table)
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        ids, positions, starts, store = self._packed(rows, prompts)
+        return prefill_step(self.parts, ids, positions, starts, store, self.attention, self.prefill_group_tokens)
+
+    def _packed(self, rows: list[int], prompts: list[list[int]]):
+        """Prompts packed (pack_prompts) and the store that writes their K/V into their rows."""
         ids, positions, starts = pack_prompts(prompts, self.device)
         token_rows = torch.tensor([r for r, p in zip(rows, prompts, strict=True) for _ in p], device=self.device)
         store = cache_store(self.k_cache, self.v_cache, token_rows, positions, self.k_scale, self.v_scale,
                             self.block_table)
-        return prefill_step(self.parts, ids, positions, starts, store, self.attention, self.prefill_group_tokens)
+        return ids, positions, starts, store
 
     def mixed(self, tokens: list[int], positions: list[int], rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """A decode step of rows [0, len(positions)) (as decode_eager) and a prefill of prompts into rows (as
         prefill) in one forward (llama.mixed_step) -> logits [len(positions) + len(prompts), vocab]."""
         n = len(positions)
-        ids, prompt_positions, starts = pack_prompts(prompts, self.device)
-        token_rows = torch.tensor([r for r, p in zip(rows, prompts, strict=True) for _ in p], device=self.device)
-        store = cache_store(self.k_cache, self.v_cache, token_rows, prompt_positions, self.k_scale, self.v_scale,
-                            self.block_table)
+        ids, prompt_positions, starts, store = self._packed(rows, prompts)
         decode_positions = to_device(positions, self.device)
         attend = CacheAttention(self.parts, self.k_cache, self.v_cache, decode_positions,
                                 self._kv_len(max(positions) + 1), self.attention, self.k_scale, self.v_scale,

@@ -30,10 +30,7 @@ class Compilable:
             raise ValueError(f"compile shapes must be one of {COMPILE_SHAPES}, got {shapes!r}")
         if self.compiled == shapes:
             return
-        if shapes == "dynamic":
-            self.__dict__.update({name: torch.compile(fn, dynamic=True) for name, fn in self._eager.items()})
-        else:
-            self.__dict__.update({name: compile_static_features(fn) for name, fn in self._eager.items()})
+        self.__dict__.update({name: compile_function(fn, shapes) for name, fn in self._eager.items()})
         self.compiled = shapes
 
 
@@ -47,9 +44,9 @@ def compile_static_features(fn: Callable) -> Callable:
     return _leading_dims_dynamic(torch.compile(fn, dynamic=None))
 
 
-def compile_function(fn: Callable) -> Callable:
-    """fn compiled as SHAPES says."""
-    return torch.compile(fn, dynamic=True) if SHAPES == "dynamic" else compile_static_features(fn)
+def compile_function(fn: Callable, shapes: str | None = None) -> Callable:
+    """fn compiled as shapes (default SHAPES) says."""
+    return torch.compile(fn, dynamic=True) if (shapes or SHAPES) == "dynamic" else compile_static_features(fn)
 
 
 def _leading_dims_dynamic(compiled: Callable) -> Callable:
