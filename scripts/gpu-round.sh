@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The GPU measurements pending since the last run, as stages that each fit one device call (10 min): every command
 # runs under its own timeout so that the results of the others come back, all under $OUT/round, tarred at the end.
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh tune   # int8_tune, then profile_steps with its table
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh ab     # profile without it and with static compile
-#                                                                      # shapes; bulk: defaults vs tuned + static
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh mixed  # bulk with and without --mixed-steps
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh tune     # int8_tune, then bulk with its table
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh ab       # bulk: no table; table + mixed steps;
+#                                                                        # table + static compile shapes
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
-# so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `mixed`, which read it from the checkout.
+# so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
 set -u
-stage="${1:?stage: tune, ab or mixed}"
+stage="${1:?stage: tune, ab or profile}"
 out="${OUT:?run on the device machine}/round"
 tables=worker/engine/kernels/tuned  # where the engine reads the table (kernels/tuned.py)
 mkdir -p "$out/tuned" "$tables"
@@ -25,29 +25,26 @@ profile() {  # profile NAME ENGINE_OPTIONS
         --engine-options "$2"
 }
 
+bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS
+    BATCHGEN_TUNED_KERNELS=$2 BATCHGEN_COMPILE_SHAPES=$3 BATCHGEN_MIXED_STEPS=$4 run 190 "bulk_$1" \
+        python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_$1"
+}
+
 case "$stage" in
   tune)
-    run 330 int8_tune python3 -m benchmarks.int8_tune --shapes llama7b --out "$out/tuned/int8_tune.json" \
-        --budget-s 300
+    run 300 int8_tune python3 -m benchmarks.int8_tune --shapes llama7b --out "$out/tuned/int8_tune.json" \
+        --budget-s 270
     cp "$out"/tuned/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
-    profile tuned tuned_kernels=1  # the llama7b model is built here, once per machine
+    bulk tuned 1 dynamic 0  # the llama7b model is built here, once per machine
     ;;
-  ab)
-    cp "$out"/tuned/NVIDIA*.json "$tables"/ 2>/dev/null || true  # else a table committed since, or none
+  ab)  # reads the table committed since `tune`
+    bulk untuned 0 dynamic 0
+    bulk mixed 1 dynamic 1
+    bulk static 1 static-features 0
+    ;;
+  profile)
     profile untuned tuned_kernels=0
-    profile static compile_shapes=static-features
-    for cfg in "0 dynamic" "1 static-features"; do
-        set -- $cfg
-        BATCHGEN_TUNED_KERNELS=$1 BATCHGEN_COMPILE_SHAPES=$2 run 200 "bulk_tuned$1_$2" \
-            python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_tuned$1_$2"
-    done
-    ;;
-  mixed)
-    cp "$out"/tuned/NVIDIA*.json "$tables"/ 2>/dev/null || true
-    for m in 1 0; do
-        BATCHGEN_MIXED_STEPS=$m run 240 "bulk_mixed$m" \
-            python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_mixed$m"
-    done
+    profile tuned tuned_kernels=1
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
