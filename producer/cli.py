@@ -324,8 +324,9 @@ engine_options = shared_options(
     click.option("--stream-kv/--no-stream-kv", envvar="BATCHGEN_STREAM_KV", default=False, show_default=True,
                  help="The generic path's small-VRAM mode: keep the rows' K/V in pinned host memory and stream each "
                       "layer's in with its weights (rows bounded by host memory, not the card; experimental)."),
-    click.option("--compile-shapes", envvar="BATCHGEN_COMPILE_SHAPES", default="dynamic", hidden=True,
-                 help="Benchmarks: how the fused elementwise functions compile (dynamic or static-features)."),
+    click.option("--compile-shapes", envvar="BATCHGEN_COMPILE_SHAPES", default="static-features", hidden=True,
+                 help="Benchmarks: how the fused elementwise functions compile (static-features: only the "
+                      "token/row dimensions symbolic; dynamic: every dimension)."),
     click.option("--inject-oom", envvar="BATCHGEN_INJECT_OOM", hidden=True,
                  help="Test hook: raise OOM in chosen forward calls (steps=…, p=…, seed=…)."),
 )

@@ -4,6 +4,10 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh tune     # int8_tune, then bulk with its table
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh ab       # bulk: no table; table + mixed steps;
 #                                                                        # table + static compile shapes
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh combined # bulk: table + static shapes ± mixed steps
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh bloom-prep  # tune BLOOM-7b1's shapes; bulk; profile
+#   WHEELS=.whl-peer source scripts/device-setup.sh && bash scripts/gpu-round.sh bloom  # right after: BLOOM-7b1
+#                                                                        # against HF int8
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -41,6 +45,25 @@ case "$stage" in
     bulk untuned 0 dynamic 0
     bulk mixed 1 dynamic 1
     bulk static 1 static-features 0
+    ;;
+  combined)  # the table with static compile shapes, mixed steps on and off; the profile of that engine
+    bulk static_mixed 1 static-features 1
+    profile static "tuned_kernels=1,compile_shapes=static-features"
+    bulk static_again 1 static-features 0
+    ;;
+  bloom-prep)  # the BLOOM-7b1 shapes added to the committed table (kept in /tmp for `bloom`); bulk and profile
+    cp "$tables"/NVIDIA*.json "$out/tuned/"
+    run 150 int8_tune python3 -m benchmarks.int8_tune --shapes bloom7b1 --out "$out/tuned/int8_tune.json" \
+        --budget-s 120
+    cp "$out"/tuned/NVIDIA*.json "$tables"/ && mkdir -p /tmp/tuned && cp "$out"/tuned/NVIDIA*.json /tmp/tuned/
+    bulk defaults 1 static-features 0
+    profile defaults ""
+    ;;
+  bloom)  # on the machine `bloom-prep` set up, with .whl-peer carried and installed over it (WHEELS=.whl-peer):
+    # transformers >= 5.24, which BLOOM's decode graphs need
+    cp /tmp/tuned/NVIDIA*.json "$tables"/ 2>/dev/null || true
+    run 400 models_bloom python3 -m benchmarks.models --out "$out/models" \
+        --models bloom-7b1 --num-requests 256 --hf-batches 64,128,256
     ;;
   profile)
     profile untuned tuned_kernels=0

@@ -192,12 +192,33 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(compiled) == {"split fp16", "split fp8", "split paged fp16", "split paged fp8", "merge", "quantize",
-                             "dequantize", "int8 gemm", "gemv 1 row", "gemv 16 rows"}
+                             "dequantize", "int8 gemm", "gemv 1 row", "gemv 16 rows", "kv store fp16", "kv store fp8"}
+    assert compiled["kv store fp16"]["vectorised"] and compiled["kv store fp8"]["vectorised"]
     assert compiled["quantize"]["round_half_even"] and compiled["int8 gemm"]["int8_tensor_cores"]
     # Hopper's warpgroup MMA, and weight tiles loaded asynchronously a few steps ahead (cp.async): the GEMV has no
     # tl.dot at one row, so its loop asks for that itself
     assert compiled["int8 gemm"]["wgmma"]
     assert all(compiled[name]["pipelined"] for name in ("int8 gemm", "gemv 1 row", "gemv 16 rows"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn])
+@pytest.mark.parametrize("triton_kernel", [True, False])
+def test_kv_store_writes_each_token_to_its_slot_and_nothing_else(dtype, triton_kernel):
+    """store_kv (Triton under the interpreter, index_copy_ otherwise): tokens of a strided K (a view of a wider
+    projection, as the runner's are) land at their flat slots of a paged layer [blocks, block_size, heads, dim],
+    the rest of the cache untouched; 3 heads of 24 pad to blocks of 4 and 32."""
+    from batchgen.worker.engine.kernels.kv_store import flat_slots, store_kv
+
+    g = torch.Generator().manual_seed(5)
+    cache = torch.randn(6, 8, 3, 24, generator=g).to(dtype)
+    before = cache.clone()
+    wide = torch.randn(5, 3, 40, generator=g).to(dtype)
+    x = wide[:, :, 8:32]  # last dim contiguous, rows strided
+    blocks, offsets = torch.tensor([4, 0, 4, 2, 5]), torch.tensor([7, 0, 1, 3, 6])
+    store_kv(cache, flat_slots(cache, blocks, offsets), x, triton_kernel=triton_kernel)
+    expected = before.clone()
+    expected.view(torch.uint8)[blocks, offsets] = x.contiguous().view(torch.uint8)  # bytes: fp8 has no index_put
+    assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
 
 
 def _tiny_parts(rows: int = 5):

@@ -49,9 +49,9 @@ class EngineConfig:
     # int8 kernel launches benchmarks.int8_tune measured best on this GPU model (kernels/tuned/<device>.json), where
     # a table holds the shape; off: every kernel keeps its default launch
     tuned_kernels: bool = True
-    # how the fused and int8 elementwise functions compile (kernels/compiled.py): "dynamic" (every dimension
-    # symbolic) or "static-features" (only the token/row dimensions)
-    compile_shapes: str = "dynamic"
+    # how the fused and int8 elementwise functions compile (kernels/compiled.py): "static-features" (only the
+    # token/row dimensions symbolic: the measured faster one) or "dynamic" (every dimension symbolic)
+    compile_shapes: str = "static-features"
     inject_oom: str | None = None  # test hook, see model_runner.FaultInjector
     # Small-VRAM mode (worker/offload/): stream decoder layers from host memory. None: when the int8
     # weights do not fit max_vram_bytes on CUDA.

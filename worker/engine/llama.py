@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from batchgen.worker.engine.families import FamilySpec
 from batchgen.worker.engine.fused import FUSED, add_norm
 from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits, quantize_kv
+from batchgen.worker.engine.kernels.kv_store import flat_slots, store_kv
 
 PREFILL_FLASH = ("flash", "triton")  # attentions whose prefill is FlashAttention varlen ("triton" decodes in Triton)
 
@@ -246,11 +247,11 @@ class CacheAttention:
             raise ValueError("FlashAttention decodes rows that are contiguous: no paged KV cache")
         rows = torch.arange(n, device=device)
         if block_table is None:  # where row r's new K/V go: its slot, or its block's
-            self.write_at = (rows, positions)
+            self.write_at = flat_slots(k_cache[0], rows, positions)
             max_len = k_cache.shape[2]
         else:
             block_size = k_cache.shape[2]
-            self.write_at = (block_table[rows, positions // block_size].long(), positions % block_size)
+            self.write_at = flat_slots(k_cache[0], block_table[rows, positions // block_size], positions % block_size)
             max_len = block_table.shape[1] * block_size
         if self.attention in PREFILL_FLASH:  # both read each row's own length
             self.used = (positions + 1).to(torch.int32)
@@ -270,8 +271,8 @@ class CacheAttention:
         window = p.spec.window_of(layer)
         k_scale = None if self.k_scale is None else self.k_scale[layer]
         v_scale = None if self.v_scale is None else self.v_scale[layer]
-        self.k_cache[layer][self.write_at] = to_cache(k[:, :, 0], self.k_cache, k_scale)
-        self.v_cache[layer][self.write_at] = to_cache(v[:, :, 0], self.v_cache, v_scale)
+        store_kv(self.k_cache[layer], self.write_at, to_cache(k[:, :, 0], self.k_cache, k_scale))
+        store_kv(self.v_cache[layer], self.write_at, to_cache(v[:, :, 0], self.v_cache, v_scale))
         if self.attention == "flash":
             keys = self.k_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
             values = self.v_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
@@ -309,12 +310,13 @@ def cache_store(k_cache: torch.Tensor, v_cache: torch.Tensor, token_rows: torch.
     if block_table is not None:
         block_size = k_cache.shape[2]
         token_rows, positions = block_table[token_rows, positions // block_size].long(), positions % block_size
+    slots = flat_slots(k_cache[0], token_rows, positions)
 
     def store(layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
         k_layer = None if k_scale is None else k_scale[layer]
         v_layer = None if v_scale is None else v_scale[layer]
-        k_cache[layer][token_rows[tokens], positions[tokens]] = to_cache(k, k_cache, k_layer)
-        v_cache[layer][token_rows[tokens], positions[tokens]] = to_cache(v, v_cache, v_layer)
+        store_kv(k_cache[layer], slots[tokens], to_cache(k, k_cache, k_layer))
+        store_kv(v_cache[layer], slots[tokens], to_cache(v, v_cache, v_layer))
     return store
 
 

@@ -7,7 +7,7 @@ constexpr choices the engine launches: a compile error shows here instead of on 
 import json
 import sys
 
-from batchgen.worker.engine.kernels import attention, int8_gemv, int8_ops
+from batchgen.worker.engine.kernels import attention, int8_gemv, int8_ops, kv_store
 from triton import compile as triton_compile
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -70,6 +70,11 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                   aligned=("N", "K", "stride_xm", "stride_wn", "stride_om"), num_warps=4, num_stages=4)
         out[f"gemv {rows} row{'s' if rows > 1 else ''}"] = {"pipelined": "cp.async" in k.asm["ptx"],
                                                             "shared_bytes": k.metadata.shared}
+    for name, dtype in (("kv store fp16", "*fp16"), ("kv store fp8", "*u8")):
+        k = build(kv_store._store_kernel, arch, {"Dest": dtype, "Slots": "*i64", "Src": dtype}, ["stride_t", "stride_h"],
+                  [], dict(HEADS=32, HEAD_DIM=128, BLOCK_H=32, BLOCK_D=128), aligned=("stride_t", "stride_h"),
+                  num_warps=4)
+        out[name] = {"vectorised": "v4" in k.asm["ptx"]}  # 16-byte loads and stores
     return out
 
 

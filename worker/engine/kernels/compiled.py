@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from batchgen.worker.engine.config import COMPILE_SHAPES
 
-SHAPES = "dynamic"  # EngineConfig.compile_shapes, set where the engine is built (process-wide, as USE_GEMV is)
+SHAPES = "static-features"  # EngineConfig.compile_shapes, set where the engine is built (process-wide, as USE_GEMV is)
 _RECOMPILE_LIMIT = 64  # static-features: a graph per feature size and per 0/1-specialised leading dimension
 
 

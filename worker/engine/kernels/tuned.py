@@ -70,7 +70,10 @@ def pick(table: Launches, m: int, n: int, k: int) -> dict | None:
 
 
 def merge(path: Path, device: str, kind: str, entries: list[dict]) -> dict:
-    """The table at path with kind's section replaced by entries (the other kernels' sections kept)."""
+    """The table at path with entries in kind's section: each replaces the one at its (n, k, rows); the other
+    shapes' launches and the other kernels' sections are kept (one model's tuning adds to another's)."""
     table = json.loads(path.read_text()) if path.is_file() else {}
-    table.update({"device": device, kind: entries})
+    new = {(e["n"], e["k"], e["rows"]) for e in entries}
+    kept = [e for e in table.get(kind, []) if (e["n"], e["k"], e["rows"]) not in new]
+    table.update({"device": device, kind: sorted(kept + entries, key=lambda e: (e["n"], e["k"], e["rows"]))})
     return table
