@@ -83,7 +83,7 @@ def forward_layers(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor,
             continue
         for tokens, attend in groups:
             part = h[:, tokens]
-            c, s = cos[:, :, tokens], sin[:, :, tokens]
+            c, s = cos[:, tokens], sin[:, tokens]
             h[:, tokens] = layer_output(layer, part, attend(i, *attention_inputs(parts, layer, part, c, s)), spec)
     return parts.norm(h)
 
@@ -96,9 +96,9 @@ def logits_of(parts: LlamaParts, h: torch.Tensor) -> torch.Tensor:
 
 
 def rope_tables(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, 1, T, head_dim] for h [B, T, hidden] at positions [B, T]."""
+    """cos, sin [B, T, 1, head_dim] for h [B, T, hidden] at positions [B, T]."""
     cos, sin = parts.rotary(h, positions)
-    return cos.unsqueeze(1), sin.unsqueeze(1)
+    return cos.unsqueeze(2), sin.unsqueeze(2)
 
 
 def attention_inputs(parts: LlamaParts, layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor,
@@ -115,9 +115,10 @@ def attention_inputs(parts: LlamaParts, layer: torch.nn.Module, h: torch.Tensor,
     q, k, v = (t.view(batch, num_tokens, -1, parts.head_dim) for t in (q, k, v))
     if parts.spec.qk_norm:  # per head, before RoPE
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    # roped token-major: the rotated q and k come out [B, T, heads, d], as the prefill's attention and KV store
+    # read them, so neither is copied again to that layout
     q, k = FUSED.rope_qk(q, k, cos, sin)
-    return q, k, v
+    return tuple(t.transpose(1, 2) for t in (q, k, v))
 
 
 def layer_output(layer: torch.nn.Module, h: torch.Tensor, o: torch.Tensor,
