@@ -62,6 +62,19 @@ def valid(kind: str, launch: dict, m: int, k: int) -> bool:
             and k >= launch["split_k"] * launch["block_k"])
 
 
+def fitted(kind: str, launch: dict, m: int, k: int) -> dict | None:
+    """launch, or for a GEMM tile too big for shared memory the same tile with fewer stages, else a shorter
+    block_k: one coordinate step can then reach a tile (256 × 256) that fits only with both changed."""
+    if kind == "gemm":
+        for block_k in sorted({v for v in AXES["gemm"]["block_k"] if v <= launch["block_k"]}, reverse=True):
+            for stages in sorted({v for v in AXES["gemm"]["num_stages"] if v <= launch["num_stages"]}, reverse=True):
+                cand = {**launch, "block_k": block_k, "num_stages": stages}
+                if valid(kind, cand, m, k):
+                    return cand
+        return None
+    return launch if valid(kind, launch, m, k) else None
+
+
 def search(kind: str, start: dict, m: int, k: int, cost_of: Callable[[dict], float], deadline: float) -> dict:
     tried: dict[str, float | None] = {}
 
@@ -83,8 +96,8 @@ def search(kind: str, start: dict, m: int, k: int, cost_of: Callable[[dict], flo
             if axis in ("dot", "pipeline") and m > 1:  # more rows always take the dot path
                 continue
             for value in values:
-                cand = {**best, axis: value}
-                if cand == best or not valid(kind, cand, m, k) or time.monotonic() > deadline:
+                cand = fitted(kind, {**best, axis: value}, m, k)
+                if cand is None or cand == best or time.monotonic() > deadline:
                     continue
                 ms = cost(cand)
                 if ms < best_ms * 0.98:

@@ -8,6 +8,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh bloom-prep  # tune BLOOM-7b1's shapes; bulk; profile
 #   WHEELS=.whl-peer source scripts/device-setup.sh && bash scripts/gpu-round.sh bloom  # right after: BLOOM-7b1
 #                                                                        # against HF int8
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh verify   # the defaults: bulk ×2, profile; retune
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -64,6 +65,14 @@ case "$stage" in
     cp /tmp/tuned/NVIDIA*.json "$tables"/ 2>/dev/null || true
     run 400 models_bloom python3 -m benchmarks.models --out "$out/models" \
         --models bloom-7b1 --num-requests 256 --hf-batches 64,128,256
+    ;;
+  verify)  # the checkout's defaults: bulk twice (machines and runs differ by a few %), the profile, and the
+    # retune with tiles the coordinate steps could not reach before (fitted), kept apart in $out/retune
+    bulk defaults 1 static-features 0
+    profile defaults ""
+    bulk defaults_again 1 static-features 0
+    run 200 int8_tune_retune python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm \
+        --out "$out/retune/int8_tune.json" --budget-s 170
     ;;
   profile)
     profile untuned tuned_kernels=0

@@ -293,3 +293,15 @@ def test_the_tuner_writes_the_table_the_engine_reads(tmp_path, monkeypatch):
             out = int8_gemv(x, cb, scb, bias, **gemv_config(rows, n, k, 132, launch))
             torch.testing.assert_close(out.double(), _expected(x, cb, scb, bias), **TOL[torch.float16])
     tuned.forget()
+
+
+def test_the_tuners_gemm_steps_shrink_a_tile_until_it_fits_shared_memory():
+    """A coordinate step to a tile too big for Hopper's shared memory keeps its tile with fewer stages (or a
+    shorter block_k), so 256 × 256 is reachable from 256 × 128 in one step; a fitting launch is unchanged."""
+    from benchmarks.int8_tune import fitted, valid
+
+    start = {"block_m": 256, "block_n": 128, "block_k": 128, "group_m": 8, "num_warps": 8, "num_stages": 4}
+    assert fitted("gemm", start, 4096, 4096) == start
+    wide = fitted("gemm", {**start, "block_n": 256}, 4096, 4096)
+    assert wide == {**start, "block_n": 256, "num_stages": 3} and valid("gemm", wide, 4096, 4096)
+    assert not valid("gemm", {**start, "block_n": 256}, 4096, 4096)
