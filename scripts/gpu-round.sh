@@ -71,8 +71,8 @@ case "$stage" in
     bulk defaults 1 static-features 0
     profile defaults ""
     bulk defaults_again 1 static-features 0
-    run 200 int8_tune_retune python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm \
-        --out "$out/retune/int8_tune.json" --budget-s 170
+    run 150 int8_tune_retune python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm \
+        --out "$out/retune/int8_tune.json" --budget-s 120  # the call ends at 600 s: results so far come back
     ;;
   profile)
     profile untuned tuned_kernels=0
