@@ -242,9 +242,12 @@ def write_outputs(res: dict, path: Path, table_file: Path, device: str, began: f
     res["wall_s"] = round(time.monotonic() - began, 1)
     write_json(path, res)
     for kind, by_shape in res["kernels"].items():
-        entries = [{"n": p["n"], "k": p["k"], "rows": m, "launch": r["best"]} for shape in by_shape.values()
-                   for p in shape.values() for m, r in p["rows"].items() if r["best_ms"] < WIN * r["default_ms"]]
-        write_json(table_file, tuned.merge(table_file, device, kind, entries))
+        timed = [(p["n"], p["k"], m, r) for shape in by_shape.values() for p in shape.values()
+                 for m, r in p["rows"].items()]
+        entries = [{"n": n, "k": k, "rows": m, "launch": r["best"]} for n, k, m, r in timed
+                   if r["best_ms"] < WIN * r["default_ms"]]
+        searched = {(n, k, m) for n, k, m, _ in timed}
+        write_json(table_file, tuned.merge(table_file, device, kind, entries, searched))
         if final:
             print(f"{kind}: {len(entries)} tuned launches")
     if final:

@@ -137,6 +137,8 @@ def test_a_tuned_table_sets_the_launch_near_the_rows_it_was_timed_at(tmp_path, m
     retuned = {**entries[1], "launch": {"block_n": 8, "block_k": 64, "num_warps": 2, "pipeline": 3}}
     path.write_text(json.dumps(tuned.merge(path, "Some GPU (80GB)", "gemv", [other, retuned])))
     assert len(json.loads(path.read_text())["gemv"]) == 3  # added to, and the same (n, k, rows) replaced
+    path.write_text(json.dumps(tuned.merge(path, "Some GPU (80GB)", "gemv", [], {(2 * n, k, 1)})))
+    assert len(json.loads(path.read_text())["gemv"]) == 2  # timed again without a win: the default serves it
     tuned.forget()
     table = tuned.launches("Some GPU (80GB)", "gemv")
     rule = gemv_config(1, n, k, 132)

@@ -207,7 +207,7 @@ def test_kv_store_writes_each_token_to_its_slot_and_nothing_else(dtype, triton_k
     """store_kv (Triton under the interpreter, index_copy_ otherwise): tokens of a strided K (a view of a wider
     projection, as the runner's are) land at their flat slots of a paged layer [blocks, block_size, heads, dim],
     the rest of the cache untouched; 3 heads of 24 pad to blocks of 4 and 32."""
-    from batchgen.worker.engine.kernels.kv_store import flat_slots, store_kv
+    from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
 
     g = torch.Generator().manual_seed(5)
     cache = torch.randn(6, 8, 3, 24, generator=g).to(dtype)
@@ -215,7 +215,7 @@ def test_kv_store_writes_each_token_to_its_slot_and_nothing_else(dtype, triton_k
     wide = torch.randn(5, 3, 40, generator=g).to(dtype)
     x = wide[:, :, 8:32]  # last dim contiguous, rows strided
     blocks, offsets = torch.tensor([4, 0, 4, 2, 5]), torch.tensor([7, 0, 1, 3, 6])
-    store_kv(cache, flat_slots(cache, blocks, offsets), x, triton_kernel=triton_kernel)
+    store_kv(cache, cache_slots(cache, blocks, offsets), x, triton_kernel=triton_kernel)
     expected = before.clone()
     expected.view(torch.uint8)[blocks, offsets] = x.contiguous().view(torch.uint8)  # bytes: fp8 has no index_put
     assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))

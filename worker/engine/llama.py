@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from batchgen.worker.engine.families import FamilySpec
 from batchgen.worker.engine.fused import FUSED, add_norm
 from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits, quantize_kv
-from batchgen.worker.engine.kernels.kv_store import flat_slots, store_kv
+from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
 
 PREFILL_FLASH = ("flash", "triton")  # attentions whose prefill is FlashAttention varlen ("triton" decodes in Triton)
 
@@ -246,14 +246,9 @@ class CacheAttention:
         self.attention = decode_path(parts.spec, attention, fp8)
         if block_table is not None and self.attention == "flash":
             raise ValueError("FlashAttention decodes rows that are contiguous: no paged KV cache")
-        rows = torch.arange(n, device=device)
-        if block_table is None:  # where row r's new K/V go: its slot, or its block's
-            self.write_at = flat_slots(k_cache[0], rows, positions)
-            max_len = k_cache.shape[2]
-        else:
-            block_size = k_cache.shape[2]
-            self.write_at = flat_slots(k_cache[0], block_table[rows, positions // block_size], positions % block_size)
-            max_len = block_table.shape[1] * block_size
+        # where row r's new K/V go: its slot, or its block's
+        self.write_at = cache_slots(k_cache[0], torch.arange(n, device=device), positions, block_table)
+        max_len = k_cache.shape[2] * (1 if block_table is None else block_table.shape[1])
         if self.attention in PREFILL_FLASH:  # both read each row's own length
             self.used = (positions + 1).to(torch.int32)
         if self.attention == "flash":
@@ -308,10 +303,7 @@ def cache_store(k_cache: torch.Tensor, v_cache: torch.Tensor, token_rows: torch.
     prompts goes to row token_rows[t], position positions[t]; an fp8 cache's by its scales [layers, kv_heads].
     With a block table the cache is [layers, num_blocks, block_size, kv_heads, head_dim] and the row's block
     for that position takes it."""
-    if block_table is not None:
-        block_size = k_cache.shape[2]
-        token_rows, positions = block_table[token_rows, positions // block_size].long(), positions % block_size
-    slots = flat_slots(k_cache[0], token_rows, positions)
+    slots = cache_slots(k_cache[0], token_rows, positions, block_table)
 
     def store(layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
         k_layer = None if k_scale is None else k_scale[layer]

@@ -24,13 +24,18 @@ if HAS_TRITON:
         tl.store(Dest + slot * (HEADS * HEAD_DIM) + h * HEAD_DIM + d, x, mask=mask)
 
 
-def flat_slots(cache: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """The slot index of (first, second) in a layer's cache [first, second, kv_heads, head_dim]."""
-    return first.long() * cache.shape[1] + second.long()
+def cache_slots(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """Where (row, position) lives in a layer's cache: row slots [rows, max_len, kv_heads, head_dim], or with a
+    block table blocks [num_blocks, block_size, kv_heads, head_dim], the row's block for that position."""
+    width = cache.shape[1]
+    if block_table is None:
+        return rows.long() * width + positions.long()
+    return block_table[rows, positions // width].long() * width + positions % width
 
 
 def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, triton_kernel: bool | None = None) -> None:
-    """cache [.., .., kv_heads, head_dim] (one layer, contiguous) at slots [T] (flat_slots) = x [T, kv_heads,
+    """cache [.., .., kv_heads, head_dim] (one layer, contiguous) at slots [T] (cache_slots) = x [T, kv_heads,
     head_dim] of the cache's dtype. triton_kernel: None runs Triton on CUDA and index_copy_ elsewhere (the CPU
     tests' interpreter would run a program per token); True forces Triton (its tests)."""
     heads, head_dim = cache.shape[-2:]

@@ -69,11 +69,13 @@ def pick(table: Launches, m: int, n: int, k: int) -> dict | None:
     return best
 
 
-def merge(path: Path, device: str, kind: str, entries: list[dict]) -> dict:
-    """The table at path with entries in kind's section: each replaces the one at its (n, k, rows); the other
-    shapes' launches and the other kernels' sections are kept (one model's tuning adds to another's)."""
+def merge(path: Path, device: str, kind: str, entries: list[dict],
+          searched: set[tuple[int, int, int]] = frozenset()) -> dict:
+    """The table at path with entries in kind's section: they replace the launches at their (n, k, rows) and at
+    every (n, k, rows) in searched (timed again, no launch beat the default there); the other shapes' launches
+    and the other kernels' sections are kept (one model's tuning adds to another's)."""
     table = json.loads(path.read_text()) if path.is_file() else {}
-    new = {(e["n"], e["k"], e["rows"]) for e in entries}
+    new = {(e["n"], e["k"], e["rows"]) for e in entries} | set(searched)
     kept = [e for e in table.get(kind, []) if (e["n"], e["k"], e["rows"]) not in new]
     table.update({"device": device, kind: sorted(kept + entries, key=lambda e: (e["n"], e["k"], e["rows"]))})
     return table
