@@ -228,14 +228,14 @@ def main() -> None:
                     res["kernels"].setdefault(kind, {}).setdefault(shape, {}).setdefault(
                         proj, {"n": n, "k": k, "rows": {}})["rows"][m] = r
                     print(kind, shape, proj, m, json.dumps(r), flush=True)
-                    write_outputs(res, path, table_file, name, began)
+                    write_outputs(res, path, table_file, began)
             del cbs, scbs
             if device == "cuda":
                 torch.cuda.empty_cache()
-    write_outputs(res, path, table_file, name, began, final=True)
+    write_outputs(res, path, table_file, began, final=True)
 
 
-def write_outputs(res: dict, path: Path, table_file: Path, device: str, began: float, *, final: bool = False) -> None:
+def write_outputs(res: dict, path: Path, table_file: Path, began: float, *, final: bool = False) -> None:
     """The JSON and the table so far: written after every search, so a run cut short keeps what it found."""
     from batchgen.worker.engine.kernels import tuned
 
@@ -247,7 +247,7 @@ def write_outputs(res: dict, path: Path, table_file: Path, device: str, began: f
         entries = [{"n": n, "k": k, "rows": m, "launch": r["best"]} for n, k, m, r in timed
                    if r["best_ms"] < WIN * r["default_ms"]]
         searched = {(n, k, m) for n, k, m, _ in timed}
-        write_json(table_file, tuned.merge(table_file, device, kind, entries, searched))
+        write_json(table_file, tuned.merge(table_file, kind, entries, searched))
         if final:
             print(f"{kind}: {len(entries)} tuned launches")
     if final:

@@ -131,13 +131,13 @@ def test_a_tuned_table_sets_the_launch_near_the_rows_it_was_timed_at(tmp_path, m
     monkeypatch.setattr(tuned, "TABLES", tmp_path)
     path = tuned.table_path("Some GPU (80GB)")
     assert path.name == "Some_GPU_80GB.json"
-    path.write_text(json.dumps(tuned.merge(path, "Some GPU (80GB)", "gemv", entries)))
-    path.write_text(json.dumps(tuned.merge(path, "Some GPU (80GB)", "gemm", [])))  # another kernel's section
+    path.write_text(json.dumps(tuned.merge(path, "gemv", entries)))
+    path.write_text(json.dumps(tuned.merge(path, "gemm", [])))  # another kernel's section
     other = {"n": 2 * n, "k": k, "rows": 1, "launch": {"block_n": 32}}  # another model's shape, tuned later
     retuned = {**entries[1], "launch": {"block_n": 8, "block_k": 64, "num_warps": 2, "pipeline": 3}}
-    path.write_text(json.dumps(tuned.merge(path, "Some GPU (80GB)", "gemv", [other, retuned])))
+    path.write_text(json.dumps(tuned.merge(path, "gemv", [other, retuned])))
     assert len(json.loads(path.read_text())["gemv"]) == 3  # added to, and the same (n, k, rows) replaced
-    path.write_text(json.dumps(tuned.merge(path, "Some GPU (80GB)", "gemv", [], {(2 * n, k, 1)})))
+    path.write_text(json.dumps(tuned.merge(path, "gemv", [], {(2 * n, k, 1)})))
     assert len(json.loads(path.read_text())["gemv"]) == 2  # timed again without a win: the default serves it
     tuned.forget()
     table = tuned.launches("Some GPU (80GB)", "gemv")

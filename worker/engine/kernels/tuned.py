@@ -69,7 +69,7 @@ def pick(table: Launches, m: int, n: int, k: int) -> dict | None:
     return best
 
 
-def merge(path: Path, device: str, kind: str, entries: list[dict],
+def merge(path: Path, kind: str, entries: list[dict],
           searched: set[tuple[int, int, int]] = frozenset()) -> dict:
     """The table at path with entries in kind's section: they replace the launches at their (n, k, rows) and at
     every (n, k, rows) in searched (timed again, no launch beat the default there); the other shapes' launches
@@ -77,5 +77,5 @@ def merge(path: Path, device: str, kind: str, entries: list[dict],
     table = json.loads(path.read_text()) if path.is_file() else {}
     new = {(e["n"], e["k"], e["rows"]) for e in entries} | set(searched)
     kept = [e for e in table.get(kind, []) if (e["n"], e["k"], e["rows"]) not in new]
-    table.update({"device": device, kind: sorted(kept + entries, key=lambda e: (e["n"], e["k"], e["rows"]))})
+    table.update({kind: sorted(kept + entries, key=lambda e: (e["n"], e["k"], e["rows"]))})
     return table
