@@ -140,10 +140,11 @@ def test_chunk_queue_is_registered_for_rq_info(redis_conn, tmp_path):
 def test_status_expires_an_overdue_batch_even_with_no_worker(redis_conn, tmp_path):
     import time
 
-    client = BatchClient(ProducerConfig(completion_window_s=1), connection=redis_conn)
+    # Timestamps are whole seconds: a 2 s window ends at least 1 s after submit, and at most 2 s after
+    client = BatchClient(ProducerConfig(completion_window_s=2), connection=redis_conn)
     batch = client.submit([write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}] * 3)], model="nobody").batch
     assert client.get(batch.id).status == BatchStatus.IN_PROGRESS
-    time.sleep(2.1)
+    time.sleep(3.1)
     expired = client.get(batch.id)
     assert expired.status == BatchStatus.EXPIRED and expired.counts["num_expired"] == 3
 
