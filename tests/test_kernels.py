@@ -164,6 +164,34 @@ def test_quantize_argmax_equals_the_guarded_quantisers_bit_for_bit():
     assert quantize_argmax(x)[2][0, 0] == 5 and quantize_argmax(x, keep)[2][1, 0] != 70
 
 
+def test_the_guarded_quantiser_records_what_the_guard_would_after_it():
+    """quantize_guarded: quantize_argmax's int8 and absmax, and the guard's seen (max) and hits at each row's argmax
+    column folded in by atomics, equal to OutlierColumns.record of the separate quantiser's outputs, rows sharing a
+    column included; keep=False quantises every column."""
+    from batchgen.worker.engine.int8_outliers import OutlierColumns
+    from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers
+    from batchgen.worker.engine.kernels.int8_ops import quantize_argmax, quantize_guarded
+
+    g = torch.Generator().manual_seed(13)
+    x = (torch.randn(9, 80, generator=g) * 2).to(torch.float16)
+    x[[0, 3, 4], 11] = torch.tensor([7.0, -9.0, 5.0], dtype=torch.float16)  # three rows' max in one column
+    x[1, 70] = 40.0  # a dense column: left out when keep applies
+    for keep in (True, False):
+        ours, ref = OutlierColumns(80, 6.0, x.device), OutlierColumns(80, 6.0, x.device)
+        for o in (ours, ref):
+            o.resize(8)
+            o.add([70]) if keep else None
+            o.seen.fill_(0.5)
+            o.hits.fill_(2.0)
+        xq, absmax = quantize_guarded(x, GuardBuffers(ours.keep, ours.seen, ours.hits, 6.0), keep=keep)
+        want_q, want_absmax, argmax = quantize_argmax(x, ref.keep if keep else None)
+        ref.record(want_absmax, argmax)
+        assert torch.equal(xq, want_q) and torch.equal(absmax, want_absmax)
+        assert torch.equal(ours.seen, ref.seen) and torch.equal(ours.hits, ref.hits), keep
+        assert ours.seen[11] == 9.0 and ours.hits[11] == 4.0  # 2 before, two rows at or above 6 (7 and -9)
+        assert (ours.seen[70] == 40.0) != keep
+
+
 def test_dequantize_and_int8_gemm_equal_int8_linear():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(20, 96, generator=g).to(torch.float16)
@@ -195,6 +223,7 @@ def test_kernels_compile_for_hopper():
                              "dequantize", "int8 gemm", "gemv 1 row", "gemv 16 rows", "kv store fp16", "kv store fp8"}
     assert compiled["kv store fp16"]["vectorised"] and compiled["kv store fp8"]["vectorised"]
     assert compiled["quantize"]["round_half_even"] and compiled["int8 gemm"]["int8_tensor_cores"]
+    assert compiled["quantize"]["guard_atomics"]
     # Hopper's warpgroup MMA, and weight tiles loaded asynchronously a few steps ahead (cp.async): the GEMV has no
     # tl.dot at one row, so its loop asks for that itself
     assert compiled["int8 gemm"]["wgmma"]

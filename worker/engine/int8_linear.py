@@ -225,9 +225,9 @@ class Int8Linear(torch.nn.Module):
         if takes_gemv(x2):  # every column exact here; the guard still sees the rows (it serves larger batches)
             return int8_gemv(x2, self.cb, self.scb, self.bias, GuardBuffers(o.keep, o.seen, o.hits, o.threshold))
         launch = tuned_gemm(x2, self.cb)
-        if launch is not None:  # one quantising kernel (guard input too), one GEMM with the epilogue fused
-            xq, absmax, argmax = int8_ops.quantize_argmax(x2, o.keep if o.columns else None)
-            o.record(absmax, argmax)
+        if launch is not None:  # one quantising kernel (recording for the guard too), one GEMM with the epilogue fused
+            guard = GuardBuffers(o.keep, o.seen, o.hits, o.threshold)
+            xq, absmax = int8_ops.quantize_guarded(x2, guard, keep=bool(o.columns))
             dense = x2.index_select(1, o.idx) @ self.dense if o.columns else None
             return int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype, dense, **launch)
         if not o.columns:  # int_mm plus the guard (the engine recaptures its graphs once a column is added)

@@ -47,10 +47,12 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
               dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=3, BLOCK_S=4), num_warps=4)
     out["merge"] = {"shared_bytes": k.metadata.shared}
     k = build(int8_ops._quantize_kernel, arch, {"X": "*fp16", "Xq": "*i8", "Absmax": "*fp32", "Outliers": "*fp16",
-                                                "Argmax": "*i64"},
-              ["stride_xm", "stride_qm", "K"], [], dict(BLOCK_K=16384, HAS_OUTLIERS=True, KEEP=True, HAS_ARGMAX=True,
-                                                        INTERPRETED=False), num_warps=16)
-    out["quantize"] = {"round_half_even": "cvt.rni.f32.f32" in k.asm["ptx"]}  # torch.round's rounding
+                                                "Argmax": "*i64", "Seen": "*fp32", "Hits": "*fp32"},
+              ["stride_xm", "stride_qm", "K"], ["threshold"],
+              dict(BLOCK_K=16384, HAS_OUTLIERS=True, KEEP=True, HAS_ARGMAX=False, GUARD=True, INTERPRETED=False),
+              num_warps=16)
+    ptx = k.asm["ptx"]  # torch.round's rounding; the guard's max and hit count as atomics
+    out["quantize"] = {"round_half_even": "cvt.rni.f32.f32" in ptx, "guard_atomics": "atom.global" in ptx}
     k = build(int8_ops._dequantize_kernel, arch, {"Acc": "*i32"} | EPILOGUE,
               ["M", "N", "stride_cm", "stride_am", "stride_om"], ["inv_sq"],
               dict(BLOCK_M=8, BLOCK_N=512, HAS_BIAS=True, HAS_ADDEND=True), num_warps=4)

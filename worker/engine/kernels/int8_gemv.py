@@ -175,7 +175,12 @@ class GuardBuffers(NamedTuple):
 def record_reference(x: torch.Tensor, guard: GuardBuffers) -> None:
     """OutlierColumns.record of quantize_outliers' absmax and argmax, in torch."""
     absmax, argmax = (x.to(torch.float16) * guard.keep).abs().max(dim=-1)
-    absmax = absmax.float()
+    fold(guard, absmax.float(), argmax)
+
+
+def fold(guard: GuardBuffers, absmax: torch.Tensor, argmax: torch.Tensor) -> None:
+    """Each row's largest |x| into seen at its column (max), and a hit there when it reaches the threshold."""
+    absmax, argmax = absmax.reshape(-1), argmax.reshape(-1)
     guard.seen.scatter_reduce_(0, argmax, absmax, reduce="amax")
     guard.hits.scatter_add_(0, argmax, (absmax >= guard.threshold).float())
 

@@ -2,7 +2,8 @@
 
 - quantize_rows: one kernel per token row: absmax, scale, round, int8 cast; optionally zeroing a fixed set
   of outlier columns first (an outlier-aware linear computes those columns densely and passes the result as
-  `addend`).
+  `addend`). quantize_guarded also folds each row's absmax into the outlier guard's buffers (atomics), where
+  the guard would otherwise take three more launches per linear input.
 - dequantize_acc: the epilogue after torch._int_mm in one pass: int32 acc · absmax · scb / 127² + bias +
   addend, cast to the output dtype.
 - int8_matmul_dequant: a Triton int8 GEMM (int32 accumulation on the tensor cores) with that epilogue in
@@ -14,6 +15,7 @@ the same 1/127² constant, float32 epilogue in the same order.
 
 import torch
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, triton_available
+from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, fold
 
 INV_127_SQ = 6.200124e-05  # bnb's 1/127² as int8_linear uses it (kept equal so results match bit for bit)
 
@@ -23,9 +25,9 @@ if HAS_TRITON:
     from triton.language.extra import libdevice
 
     @triton.jit
-    def _quantize_kernel(X, Xq, Absmax, Outliers, Argmax, stride_xm, stride_qm, K,
+    def _quantize_kernel(X, Xq, Absmax, Outliers, Argmax, Seen, Hits, stride_xm, stride_qm, K, threshold,
                          BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr, KEEP: tl.constexpr,
-                         HAS_ARGMAX: tl.constexpr, INTERPRETED: tl.constexpr):
+                         HAS_ARGMAX: tl.constexpr, GUARD: tl.constexpr, INTERPRETED: tl.constexpr):
         row = tl.program_id(0)
         k = tl.arange(0, BLOCK_K)
         k_mask = k < K
@@ -37,8 +39,13 @@ if HAS_TRITON:
                 x = tl.where(tl.load(Outliers + k, mask=k_mask, other=0) != 0, 0.0, x).to(tl.float16)
         a = tl.abs(x)
         absmax = tl.max(a, 0).to(tl.float32)
-        if HAS_ARGMAX:  # where the absmax is, the first such column (what the outlier guard records)
-            tl.store(Argmax + row, tl.min(tl.where(a == absmax.to(tl.float16), k, BLOCK_K), 0).to(tl.int64))
+        if HAS_ARGMAX or GUARD:  # where the absmax is, the first such column (what the outlier guard records)
+            col = tl.min(tl.where(a == absmax.to(tl.float16), k, BLOCK_K), 0)
+            if HAS_ARGMAX:
+                tl.store(Argmax + row, col.to(tl.int64))
+            if GUARD:  # OutlierColumns.record in this launch: no argmax tensor, no scatters after it
+                tl.atomic_max(Seen + col, absmax)
+                tl.atomic_add(Hits + col, (absmax >= threshold).to(tl.float32))
         inv = 127.0 / absmax
         inv = tl.where(absmax > 0.0, inv, 0.0)  # an all-zero row quantises to zeros, not NaN
         scaled = x.to(tl.float32) * inv
@@ -148,17 +155,30 @@ def quantize_argmax(x: torch.Tensor, keep: torch.Tensor | None = None
     return _quantize(x, keep, keep=True, argmax=True)
 
 
-def _quantize(x: torch.Tensor, columns: torch.Tensor | None, *, keep: bool, argmax: bool
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def quantize_guarded(x: torch.Tensor, guard: GuardBuffers, *, keep: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_argmax followed by OutlierColumns.record of its absmax and argmax into guard's seen and hits, in
+    one kernel: (int8 [m, k] of x16 · guard.keep, its row absmax float32 [m, 1]). keep=False: every column is
+    quantised (an input with no outlier column yet, whose keep is all ones: the same numbers, one load fewer)."""
+    if not triton_available(x):
+        xq, absmax, argmax = quantize_argmax(x, guard.keep if keep else None)
+        fold(guard, absmax, argmax)
+        return xq, absmax
+    xq, absmax, _ = _quantize(x, guard.keep if keep else None, keep=True, argmax=False, guard=guard)
+    return xq, absmax
+
+
+def _quantize(x: torch.Tensor, columns: torch.Tensor | None, *, keep: bool, argmax: bool,
+              guard: GuardBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     m, k = x.shape
     xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
     absmax = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     where = torch.empty(m, 1, dtype=torch.int64, device=x.device) if argmax else None
+    seen, hits, threshold = (guard.seen, guard.hits, guard.threshold) if guard is not None else (absmax, absmax, 0.0)
     block_k = triton.next_power_of_2(k)
     _quantize_kernel[(m,)](x, xq, absmax, columns if columns is not None else xq, where if argmax else absmax,
-                           x.stride(0), xq.stride(0), k, BLOCK_K=block_k, HAS_OUTLIERS=columns is not None,
-                           KEEP=keep, HAS_ARGMAX=argmax, INTERPRETED=interpreting(),
-                           num_warps=max(4, min(16, block_k // 1024)))
+                           seen, hits, x.stride(0), xq.stride(0), k, float(threshold), BLOCK_K=block_k,
+                           HAS_OUTLIERS=columns is not None, KEEP=keep, HAS_ARGMAX=argmax, GUARD=guard is not None,
+                           INTERPRETED=interpreting(), num_warps=max(4, min(16, block_k // 1024)))
     return xq, absmax, where
 
 
