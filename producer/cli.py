@@ -299,6 +299,11 @@ engine_options = shared_options(
                  help="Fast path: queue the next decode step (its tokens picked on the device) before reading this "
                       "one's tokens, so the host's bookkeeping overlaps the GPU; rows with logprobs, logit_bias, "
                       "penalties, min_tokens or a grammar step synchronously."),
+    click.option("--overlap-prefill/--no-overlap-prefill", envvar="BATCHGEN_OVERLAP_PREFILL", default=False,
+                 show_default=True,
+                 help="Fast path: launch the next prefill before reading this one's first tokens, so packing and "
+                      "launching prompts overlaps the GPU across consecutive prefill steps; prompts with "
+                      "logprobs, logit_bias, penalties, min_tokens or a grammar prefill synchronously."),
     click.option("--mixed-steps/--no-mixed-steps", envvar="BATCHGEN_MIXED_STEPS", default=False, show_default=True,
                  help="Fast path: decode the running rows in the same forward that prefills newly admitted prompts "
                       "(their projections share one weight read) instead of a prefill step, then a decode step."),
@@ -342,6 +347,7 @@ def engine_config(kw: dict[str, Any]):
         max_vram_bytes=parse_bytes(kw["max_vram"]) if kw["max_vram"] else None, max_batch_size=kw["max_batch"],
         max_model_len=kw["max_model_len"], int8_threshold=kw["int8_threshold"], int8_kernel=kw["int8_kernel"],
         attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], overlap_decode=kw["overlap_decode"],
+        overlap_prefill=kw["overlap_prefill"],
         mixed_steps=kw["mixed_steps"], fused_elementwise=kw["fused_elementwise"], tuned_kernels=kw["tuned_kernels"],
         compile_shapes=kw["compile_shapes"],
         host_kv_dtype=kw["host_kv_dtype"],

@@ -8,7 +8,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh bloom-prep  # tune BLOOM-7b1's shapes; bulk; profile
 #   WHEELS=.whl-peer source scripts/device-setup.sh && bash scripts/gpu-round.sh bloom  # right after: BLOOM-7b1
 #                                                                        # against HF int8
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh verify   # the defaults: bulk ×2, profile; retune
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh verify   # the defaults ±overlapped prefill ×2; profile
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh retune   # int8_tune's GEMMs with the wider tiles
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -30,8 +31,9 @@ profile() {  # profile NAME ENGINE_OPTIONS
         --engine-options "$2"
 }
 
-bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS
-    BATCHGEN_TUNED_KERNELS=$2 BATCHGEN_COMPILE_SHAPES=$3 BATCHGEN_MIXED_STEPS=$4 run 190 "bulk_$1" \
+bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS [OVERLAP_PREFILL]
+    BATCHGEN_TUNED_KERNELS=$2 BATCHGEN_COMPILE_SHAPES=$3 BATCHGEN_MIXED_STEPS=$4 BATCHGEN_OVERLAP_PREFILL=${5:-0} \
+        run 190 "bulk_$1" \
         python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_$1"
 }
 
@@ -66,13 +68,17 @@ case "$stage" in
     run 400 models_bloom python3 -m benchmarks.models --out "$out/models" \
         --models bloom-7b1 --num-requests 256 --hf-batches 64,128,256
     ;;
-  verify)  # the checkout's defaults: bulk twice (machines and runs differ by a few %), the profile, and the
-    # retune with tiles the coordinate steps could not reach before (fitted), kept apart in $out/retune
+  verify)  # the checkout's defaults (the guard recorded in the quantiser: the profile's decode kernels show it),
+    # A/B overlapped prefill on the same machine, twice each way (runs differ by a few %), and the profile
     bulk defaults 1 static-features 0
+    bulk overlap_prefill 1 static-features 0 1
     profile defaults ""
     bulk defaults_again 1 static-features 0
-    run 150 int8_tune_retune python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm \
-        --out "$out/retune/int8_tune.json" --budget-s 120  # the call ends at 600 s: results so far come back
+    bulk overlap_prefill_again 1 static-features 0 1  # the call ends at 600 s: results so far come back
+    ;;
+  retune)  # the GEMM retune with tiles the coordinate steps could not reach before (fitted), kept apart
+    run 300 int8_tune_retune python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm \
+        --out "$out/retune/int8_tune.json" --budget-s 270
     ;;
   profile)
     profile untuned tuned_kernels=0

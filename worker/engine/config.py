@@ -40,6 +40,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decode steps as CUDA graphs (CUDA only)
     # the fast path queues the next decode step before reading this one's tokens (llm_engine.py)
     overlap_decode: bool = True
+    # the fast path launches the next prefill (newly admitted prompts) before reading this one's first tokens, so
+    # the host's packing and launches overlap the GPU across a run of prefill steps (llm_engine.py)
+    overlap_prefill: bool = False
     # the fast path decodes its running rows in the forward that prefills newly admitted prompts (llama.mixed_step),
     # instead of a prefill step and then a decode step
     mixed_steps: bool = False

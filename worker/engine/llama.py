@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from batchgen.worker.engine.families import FamilySpec
 from batchgen.worker.engine.fused import FUSED, add_norm
+from batchgen.worker.engine.host_copy import to_device
 from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits, quantize_kv
 from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
 
@@ -336,9 +337,8 @@ def prefill_step(
     each prompt (plus T at the end) -> logits [num_prompts, vocab] of each prompt's last token. store writes
     each layer's K/V; group_tokens: run each layer over groups of whole prompts of at most that many tokens."""
     groups = _prompt_groups(parts, positions, seq_starts, store, attention, group_tokens or input_ids.shape[0])
-    # made before the layers run: a list → device copy waits for the GPU, and the host has work to do meanwhile
-    # (small VRAM: putting each finished layer's K/V into the host cache)
-    last = torch.tensor(seq_starts[1:], device=input_ids.device) - 1
+    # each prompt's last token, staged before the layers run (small VRAM: the host has work to do meanwhile)
+    last = to_device(seq_starts[1:], input_ids.device) - 1
     h = forward_layers(parts, parts.embed(input_ids[None]), positions[None], groups)
     return logits_of(parts, h[0, last])
 
@@ -366,11 +366,11 @@ def _prefill_attention(parts: LlamaParts, positions: torch.Tensor, seq_starts: l
         attention = "sdpa"
     flash = attention in PREFILL_FLASH
     if flash:
-        cu = torch.tensor(seq_starts, device=device, dtype=torch.int32)
+        cu = to_device(seq_starts, device, torch.int32)
         max_len = max(lengths)
     else:
         segment = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                          torch.tensor(lengths, device=device), output_size=num_tokens)
+                                          to_device(lengths, device), output_size=num_tokens)
         causal = positions[None, :] <= positions[:, None]
         mask = (causal & (segment[None, :] == segment[:, None]))[None, None]
         if spec.window is not None:

@@ -13,6 +13,10 @@ and nothing waits for admission, the engine queues the next decode step, fed on 
 picks, before it reads this step's tokens, so the host's bookkeeping (reading tokens, stop checks, results) runs
 while the GPU computes. A row that ends on EOS or a stop string meanwhile has computed one token too many,
 dropped unread.
+
+Overlapped prefill (--overlap-prefill): a prefill step whose prompts need nothing from the host to choose their
+first token is launched and queued the same way; reading it first launches the next prefill when admission wants
+one, so across a run of prefill steps the host packs and launches step N+1 while the GPU computes step N.
 """
 
 import json
@@ -139,7 +143,7 @@ class LLMEngine:
         self._last_batch = 0
         self._num_ooms = 0
         self._rate = TokenRate(TOKENS_PER_S_WINDOW_S)
-        self._queued: QueuedDecode | None = None  # a decode step launched and not yet read
+        self._queued: QueuedStep | None = None  # a step launched and not yet read
         self._unpolled_tokens = 0  # tokens of queued steps since the guard's last poll
         self._unpolled_steps = 0
         self._last_read = 0.0
@@ -199,6 +203,10 @@ class LLMEngine:
             if not seqs:
                 self._last_batch = 0
                 return []
+            if admitted and not decoding and self._can_queue_prefill(admitted):
+                if not self._launch_prefill(admitted):
+                    return self._on_oom(admitted, prefill=True)
+                return self._step_queued()
             start = time.perf_counter()
             try:
                 logits = self._forward(admitted, decoding)
@@ -237,6 +245,44 @@ class LLMEngine:
 
     # -- overlapped decode --------------------------------------------------------------------------
 
+    def _host_free(self, seqs: list[Sequence]) -> bool:
+        """Whether every row's next token can be picked on the device (sampler.pick): no logprobs, logits processors
+        or grammars; and the outlier guard is not due (queued steps skip its poll, which reads the device)."""
+        if self.int8 is not None and self.int8.guard is not None and self._unpolled_steps >= GUARD_POLL_STEPS:
+            return False
+        return (all(s.params.logprobs is None and s.matcher is None for s in seqs)
+                and not logits_processors.needed(seqs))
+
+    def _can_queue_prefill(self, admitted: list[Sequence]) -> bool:
+        return (self.cfg.overlap_prefill and not self._mixes and getattr(self.runner, "takes_device_tokens", False)
+                and self._host_free(admitted))
+
+    def _launch_prefill(self, admitted: list[Sequence]) -> bool:
+        """Prefills the admitted prompts and queues their first tokens' picks unread; False on OOM."""
+        start = time.perf_counter()
+        try:
+            logits = self.runner.prefill([s.row for s in admitted], [s.prompt_ids for s in admitted])
+            picks = pick(logits, admitted, 0, by_row=False)
+        except torch.OutOfMemoryError:
+            return False
+        self._queued = QueuedStep.launch(admitted, picks, start, sum(s.num_prompt_tokens for s in admitted))
+        return True
+
+    def _queue_prefill(self) -> None:
+        """While a prefill is queued: launches the next one when admission wants it and its prompts allow."""
+        if not self.scheduler.wants_admission():
+            return
+        admitted = self.scheduler.admit()
+        if not admitted:
+            return
+        if self._can_queue_prefill(admitted):
+            if self.blocks is not None:
+                self.runner.set_blocks(self.blocks.take_changes())
+            if self._launch_prefill(admitted):
+                return
+        # the next synchronous step prefills them (and meets an OOM again, and backs off, if it was one)
+        self.scheduler.requeue(admitted)
+
     def _can_queue(self, ahead: int) -> bool:
         """Whether the next decode step may be queued before the unread one (ahead = 1; 0: none) is read: the
         runner takes device tokens, no row needs the host to choose its token (logprobs, processors and grammars
@@ -247,10 +293,7 @@ class LLMEngine:
         seqs = list(self.scheduler.running.values())
         if not seqs or self.scheduler.wants_admission(sum(self._ends_by_length(s, ahead) for s in seqs)):
             return False
-        if self.int8 is not None and self.int8.guard is not None and self._unpolled_steps >= GUARD_POLL_STEPS:
-            return False
-        return (all(s.params.logprobs is None and s.matcher is None for s in seqs)
-                and not logits_processors.needed(seqs))
+        return self._host_free(seqs)
 
     @staticmethod
     def _ends_by_length(seq: Sequence, ahead: int) -> bool:
@@ -279,21 +322,27 @@ class LLMEngine:
             logits = self.runner.decode(tokens if picks is None else picks, positions)
         except torch.OutOfMemoryError:  # the synchronous step that follows meets it again and backs off
             return
-        self._queued = QueuedDecode.launch(seqs, pick(logits, seqs, ahead), start)
+        self._queued = QueuedStep.launch(seqs, pick(logits, seqs, ahead), start)
 
     def _step_queued(self) -> list[GenerationResult]:
-        """Queues the step after the unread one (fed its picks), then reads the unread one."""
+        """Queues the step after the unread one (a decode fed its picks, or after a prefill the next prefill),
+        then reads the unread one."""
         queued, self._queued = self._queued, None
-        self._queue_decode(queued.picks)
+        if queued.prompt_tokens:
+            self._queue_prefill()
+        else:
+            self._queue_decode(queued.picks)
         tokens = queued.read()
-        live = [s for s in queued.seqs if s.status == SeqStatus.RUNNING and self.scheduler.running.get(s.row) is s]
+        live = [(s, t) for s, t in zip(queued.seqs, tokens, strict=True)
+                if s.status == SeqStatus.RUNNING and self.scheduler.running.get(s.row) is s]
         if live:  # else every row ended at the step before (the engine may have idled since): nothing to time
             start = max(queued.start, self._last_read)
-            self.step_stats.add(time.perf_counter() - start, len(queued.seqs), 0, sum(s.num_tokens for s in live),
+            kv_tokens = 0 if queued.prompt_tokens else sum(s.num_tokens for s, _ in live)
+            self.step_stats.add(time.perf_counter() - start, len(queued.seqs), queued.prompt_tokens, kv_tokens,
                                 0 if self.blocks is None else self.blocks.num_used, overlapped=True)
-        self._unpolled_tokens += len(queued.seqs)
+        self._unpolled_tokens += queued.prompt_tokens or len(queued.seqs)
         self._unpolled_steps += 1
-        return self._finish_step(live, [tokens[s.row] for s in live], [None] * len(live))
+        return self._finish_step([s for s, _ in live], [t for _, t in live], [None] * len(live))
 
     def abort(self, keys: Iterable[str]) -> None:
         for seq in self.scheduler.abort(keys):
@@ -366,29 +415,34 @@ class LLMEngine:
 
 
 @dataclass
-class QueuedDecode:
-    """A decode step launched and not read: its rows' sequences and each row's pick (sampler.pick), on its way to
-    pinned host memory."""
+class QueuedStep:
+    """A step launched and not read: its sequences and their picks (sampler.pick), on their way to pinned host
+    memory. A decode step's picks are per row (the next step's input); a prefill's (prompt_tokens > 0) per
+    sequence, in order."""
 
     seqs: list[Sequence]
-    picks: torch.Tensor  # [rows] on the device: the next step's input
+    picks: torch.Tensor
     host: torch.Tensor
     done: torch.cuda.Event | None
     start: float
+    index: list[int]  # where each sequence's pick is: its row (decode) or its place (prefill)
+    prompt_tokens: int = 0
 
     @classmethod
-    def launch(cls, seqs: list[Sequence], picks: torch.Tensor, start: float) -> "QueuedDecode":
+    def launch(cls, seqs: list[Sequence], picks: torch.Tensor, start: float, prompt_tokens: int = 0) -> "QueuedStep":
         cuda = picks.device.type == "cuda"
         host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=cuda)
         host.copy_(picks, non_blocking=True)
         done = torch.cuda.current_stream(picks.device).record_event() if cuda else None
-        return cls(seqs, picks, host, done, start)
+        index = list(range(len(seqs))) if prompt_tokens else [s.row for s in seqs]
+        return cls(seqs, picks, host, done, start, index, prompt_tokens)
 
     def read(self) -> list[int]:
-        """Waits for this step only (not for one queued after it)."""
+        """Each sequence's token; waits for this step only (not for one queued after it)."""
         if self.done is not None:
             self.done.synchronize()
-        return self.host.tolist()
+        tokens = self.host.tolist()
+        return [tokens[i] for i in self.index]
 
 
 def _gpu_temperature_c(device: torch.device) -> int | None:

@@ -32,8 +32,8 @@ def pack_prompts(prompts: list[list[int]], device: torch.device) -> tuple[torch.
     starts = [0]
     for p in prompts:
         starts.append(starts[-1] + len(p))
-    ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(device)
-    positions = torch.cat([torch.arange(len(p)) for p in prompts]).to(device)
+    ids = to_device([t for p in prompts for t in p], device)  # pinned, asynchronous: no wait for queued steps
+    positions = to_device([i for p in prompts for i in range(len(p))], device)
     return ids, positions, starts
 
 
@@ -151,7 +151,9 @@ class ModelRunner:
             for row, blocks in rows.items():
                 self.host_table[row] = SCRATCH_BLOCK
                 self.host_table[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-            self.block_table.copy_(self.host_table)
+            # through a fresh pinned copy, asynchronously: a pageable copy would wait for the steps still queued
+            staged = self.host_table.pin_memory() if self.block_table.is_cuda else self.host_table
+            self.block_table.copy_(staged, non_blocking=True)
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         ids, positions, starts, store = self._packed(rows, prompts)
@@ -160,7 +162,7 @@ class ModelRunner:
     def _packed(self, rows: list[int], prompts: list[list[int]]):
         """Prompts packed (pack_prompts) and the store that writes their K/V into their rows."""
         ids, positions, starts = pack_prompts(prompts, self.device)
-        token_rows = torch.tensor([r for r, p in zip(rows, prompts, strict=True) for _ in p], device=self.device)
+        token_rows = to_device([r for r, p in zip(rows, prompts, strict=True) for _ in p], self.device)
         store = cache_store(self.k_cache, self.v_cache, token_rows, positions, self.k_scale, self.v_scale,
                             self.block_table)
         return ids, positions, starts, store

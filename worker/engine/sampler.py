@@ -112,15 +112,16 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], grammar: StructuredOutput 
     return Sampled(token_list, logprobs)
 
 
-def pick(logits: torch.Tensor, seqs: Seq[Sequence], ahead: int) -> torch.Tensor:
+def pick(logits: torch.Tensor, seqs: Seq[Sequence], ahead: int, *, by_row: bool = True) -> torch.Tensor:
     """The next token of each row of logits [rows, vocab] on the device, without reading it: argmax, and for the
-    sampled rows among seqs (each at logits[seq.row]) the draw sample() makes, their `ahead` tokens beyond
-    output_ids counted in the noise index. Rows needing more (logprobs, processors, grammars) use sample()."""
+    sampled rows among seqs (each at logits[seq.row]; by_row=False: at logits[i] for seqs[i], as a prefill's
+    logits are) the draw sample() makes, their `ahead` tokens beyond output_ids counted in the noise index. Rows
+    needing more (logprobs, processors, grammars) use sample()."""
     tokens = logits.argmax(dim=-1)  # as sample()'s over float32: the cast is exact and keeps the order
-    drawn = [s for s in seqs if not s.params.greedy]
+    drawn = [(s.row if by_row else i, s) for i, s in enumerate(seqs) if not s.params.greedy]
     if drawn:
-        rows = to_device([s.row for s in drawn], logits.device)
-        tokens[rows] = _draw(logits[rows].float(), drawn, ahead)  # only the sampled rows cast, as sample() draws
+        rows = to_device([r for r, _ in drawn], logits.device)
+        tokens[rows] = _draw(logits[rows].float(), [s for _, s in drawn], ahead)  # only the sampled rows cast
     return tokens
 
 
