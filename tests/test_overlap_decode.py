@@ -90,18 +90,25 @@ def test_rows_needing_the_host_step_synchronously(engines):
     assert overlapped(on) == before and all(r.error is None for r in results.values())
 
 
+def guard_accounting(engine: LLMEngine, monkeypatch, requests) -> tuple[list[int], int]:
+    """Runs requests with the outlier guard's polls recorded: (each poll's token count, the tokens the steps ran
+    over less those polled, which must be 0: every token counted once, the unpolled ones still owed)."""
+    assert engine.int8 is not None and engine.int8.guard is not None
+    polled = []
+    poll = engine.int8.poll
+    monkeypatch.setattr(engine.int8, "poll", lambda num_tokens: polled.append(num_tokens) or poll(num_tokens))
+    stats = engine.step_stats
+    tokens_before, unpolled_before = stats.num_prefill_tokens + stats.num_decode_rows, engine._unpolled_tokens
+    run(engine, requests)
+    tokens = stats.num_prefill_tokens + stats.num_decode_rows - tokens_before
+    return polled, tokens + unpolled_before - sum(polled) - engine._unpolled_tokens
+
+
 def test_outlier_guard_polls_every_token(engines, monkeypatch):
     on, _ = engines
-    assert on.int8 is not None and on.int8.guard is not None
-    polled = []
-    poll = on.int8.poll
-    monkeypatch.setattr(on.int8, "poll", lambda num_tokens: polled.append(num_tokens) or poll(num_tokens))
-    stats = on.step_stats
-    tokens_before, queued_before = stats.num_prefill_tokens + stats.num_decode_rows, overlapped(on)
-    unpolled_before = on._unpolled_tokens
-    run(on, [completion("g", PROMPTS[5], max_tokens=60)])
+    queued_before = overlapped(on)
+    polled, unaccounted = guard_accounting(on, monkeypatch, [completion("g", PROMPTS[5], max_tokens=60)])
     queued = overlapped(on) - queued_before
     assert queued > GUARD_POLL_STEPS  # so the guard was due while steps ran ahead
-    tokens = stats.num_prefill_tokens + stats.num_decode_rows - tokens_before
-    assert sum(polled) + on._unpolled_tokens == tokens + unpolled_before
+    assert unaccounted == 0
     assert len(polled) >= queued // GUARD_POLL_STEPS

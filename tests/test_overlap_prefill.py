@@ -9,7 +9,7 @@ from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.llm_engine import LLMEngine
 
 from tests.test_llm_engine import MAX_TOKENS, PROMPTS, completion, hf_generate_ids, run
-from tests.test_overlap_decode import outputs
+from tests.test_overlap_decode import guard_accounting, outputs
 
 pytestmark = pytest.mark.slow
 
@@ -61,14 +61,7 @@ def test_prompts_needing_the_host_prefill_synchronously(engines):
 
 def test_the_outlier_guard_sees_every_prompt_token(engines, monkeypatch):
     on, _ = engines
-    assert on.int8 is not None and on.int8.guard is not None
-    polled = []
-    poll = on.int8.poll
-    monkeypatch.setattr(on.int8, "poll", lambda num_tokens: polled.append(num_tokens) or poll(num_tokens))
-    stats = on.step_stats
-    tokens_before, unpolled_before, queued_before = (stats.num_prefill_tokens + stats.num_decode_rows,
-                                                     on._unpolled_tokens, queued(on))
-    run(on, [completion(f"g{i}", p, max_tokens=3) for i, p in enumerate(PROMPTS)])
-    assert queued(on) > queued_before
-    tokens = stats.num_prefill_tokens + stats.num_decode_rows - tokens_before
-    assert sum(polled) + on._unpolled_tokens == tokens + unpolled_before
+    queued_before = queued(on)
+    polled, unaccounted = guard_accounting(on, monkeypatch, [completion(f"g{i}", p, max_tokens=3)
+                                                             for i, p in enumerate(PROMPTS)])
+    assert queued(on) > queued_before and polled and unaccounted == 0
