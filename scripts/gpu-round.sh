@@ -8,7 +8,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh bloom-prep  # tune BLOOM-7b1's shapes; bulk; profile
 #   WHEELS=.whl-peer source scripts/device-setup.sh && bash scripts/gpu-round.sh bloom  # right after: BLOOM-7b1
 #                                                                        # against HF int8
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh verify   # the defaults ±overlapped prefill ×2; profile
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh verify   # the defaults ±overlapped prefill; profile
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh again    # fp8 KV; the same A/B once more, other order
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh retune   # int8_tune's GEMMs with the wider tiles
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
@@ -31,9 +32,9 @@ profile() {  # profile NAME ENGINE_OPTIONS
         --engine-options "$2"
 }
 
-bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS [OVERLAP_PREFILL]
+bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS [OVERLAP_PREFILL [KV_CACHE_DTYPE]]
     BATCHGEN_TUNED_KERNELS=$2 BATCHGEN_COMPILE_SHAPES=$3 BATCHGEN_MIXED_STEPS=$4 BATCHGEN_OVERLAP_PREFILL=${5:-0} \
-        run 190 "bulk_$1" \
+        BATCHGEN_KV_CACHE_DTYPE=${6:-auto} run 190 "bulk_$1" \
         python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_$1"
 }
 
@@ -69,12 +70,16 @@ case "$stage" in
         --models bloom-7b1 --num-requests 256 --hf-batches 64,128,256
     ;;
   verify)  # the checkout's defaults (the guard recorded in the quantiser: the profile's decode kernels show it),
-    # A/B overlapped prefill on the same machine, twice each way (runs differ by a few %), and the profile
+    # A/B overlapped prefill on the same machine, and the profile; `again` repeats the A/B (runs differ by a few %)
     bulk defaults 1 static-features 0
     bulk overlap_prefill 1 static-features 0 1
     profile defaults ""
+    ;;
+  again)  # and the fp8 KV cache's throughput (opt-in for its quality; never measured end to end): half the K/V
+    # bytes a decode step reads, which are most of them at the bulk run's ~380 rows
+    bulk fp8_kv 1 static-features 0 1 fp8
+    bulk overlap_prefill_again 1 static-features 0 1
     bulk defaults_again 1 static-features 0
-    bulk overlap_prefill_again 1 static-features 0 1  # the call ends at 600 s: results so far come back
     ;;
   retune)  # the GEMM retune with tiles the coordinate steps could not reach before (fitted), kept apart
     run 300 int8_tune_retune python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm \
