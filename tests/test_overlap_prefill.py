@@ -65,3 +65,17 @@ def test_the_outlier_guard_sees_every_prompt_token(engines, monkeypatch):
     polled, unaccounted = guard_accounting(on, monkeypatch, [completion(f"g{i}", p, max_tokens=3)
                                                              for i, p in enumerate(PROMPTS)])
     assert queued(on) > queued_before and polled and unaccounted == 0
+
+
+def test_the_decode_after_a_queued_prefill_is_queued_too(engines):
+    """A lone prompt: the step that prefills it queues it, finds nothing more to admit, reads it and queues its
+    first decode step, as a synchronous prefill step does."""
+    on, off = engines
+    req = [completion("lone", PROMPTS[4], max_tokens=9)]
+    want = run(off, req)
+    prefills, results = queued(on), {r.key: r for r in on.add(req)}
+    results.update({r.key: r for r in on.step()})
+    assert queued(on) == prefills + 1
+    assert on._queued is not None and not on._queued.prompt_tokens and [s.key for s in on._queued.seqs] == ["lone"]
+    results.update(run(on, []))
+    assert outputs(results) == outputs(want)

@@ -342,7 +342,10 @@ class LLMEngine:
                                 0 if self.blocks is None else self.blocks.num_used, overlapped=True)
         self._unpolled_tokens += queued.prompt_tokens or len(queued.seqs)
         self._unpolled_steps += 1
-        return self._finish_step([s for s, _ in live], [t for _, t in live], [None] * len(live))
+        results = self._finish_step([s for s, _ in live], [t for _, t in live], [None] * len(live))
+        if queued.prompt_tokens and self._queued is None:  # the run of prefills ended: decode, queued as after a sync step
+            self._queue_decode(None)
+        return results
 
     def abort(self, keys: Iterable[str]) -> None:
         for seq in self.scheduler.abort(keys):
