@@ -10,6 +10,7 @@
 #                                                                        # against HF int8
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh verify   # the defaults ±overlapped prefill; profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh again    # fp8 KV; the same A/B once more, other order
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile-bulk  # decode at the bulk run's mean state
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh retune   # int8_tune's GEMMs with the wider tiles
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
@@ -27,9 +28,11 @@ run() {  # run SECONDS NAME CMD...: output to NAME.log, its exit status in round
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     log "end $name: exit $?"
 }
-profile() {  # profile NAME ENGINE_OPTIONS
-    run 130 "profile_$1" python3 -m benchmarks.profile_steps --models llama7b --steps 16 --out "$out/profile_$1" \
-        --engine-options "$2"
+profile() {  # profile NAME ENGINE_OPTIONS [PROFILE_STEPS OPTIONS...]
+    local name=$1 options=$2
+    shift 2
+    run 130 "profile_$name" python3 -m benchmarks.profile_steps --models llama7b --steps 16 --out "$out/profile_$name" \
+        --engine-options "$options" "$@"
 }
 
 bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS [OVERLAP_PREFILL [KV_CACHE_DTYPE]]
@@ -80,6 +83,12 @@ case "$stage" in
     bulk fp8_kv 1 static-features 0 1 fp8
     bulk overlap_prefill_again 1 static-features 0 1
     bulk defaults_again 1 static-features 0
+    ;;
+  profile-bulk)  # a decode step as the bulk run's are on average (~384 rows, ~357 tokens of context: ~79 GB a step,
+    # ~72 of it K/V), where stop 34's profile had 224 rows of 256-token prompts; fp8 K/V at the same state. Rows
+    # reserve max_model_len (prompt + max_tokens) of paged K/V: 416 lets 384 rows in, as the bulk run's mix does
+    profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
+    profile bulk_state_fp8 "kv_cache_dtype=fp8" --rows 384 --prompt 352 --max-model-len 416
     ;;
   retune)  # the GEMM retune with tiles the coordinate steps could not reach before (fitted), kept apart
     run 300 int8_tune_retune python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm \
