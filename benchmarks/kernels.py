@@ -181,6 +181,14 @@ def attention(args, shape: Shape, device: str) -> dict:
         _try(variants, f"triton fp8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
             lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale, **t), "fp8")
             | {"max_abs_err": checked(k8, v8, k_scale=k_scale, v_scale=v_scale, **t)})
+    if shape.heads == shape.kv_heads:  # attention.decode_attention's multiply-add path (fma): no GQA only
+        for block_n, warps, stages in ((64, 4, 2), *ATTENTION_CONFIGS):
+            tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, fma=True)
+            _try(variants, f"triton fp16 fma, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+                lambda: decode_attention(q, k, v, lens, scale, **t), "fp16") | {"max_abs_err": checked(k, v, **t)})
+            _try(variants, f"triton fp8 fma, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+                lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale, **t), "fp8")
+                | {"max_abs_err": checked(k8, v8, k_scale=k_scale, v_scale=v_scale, **t)})
     _try(variants, "triton fp8 per-head scale", lambda: row(
         lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale), "fp8"))
     _try(variants, "triton fp8 per-head scale, graph", lambda: row(

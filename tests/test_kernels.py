@@ -115,6 +115,33 @@ def test_fp8_kv_equals_the_dequantised_reference(per_head):
     assert relative < 0.07  # e4m3 rounds each value within 2^-4 of itself (3 mantissa bits); fp16 adds a little
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+def test_the_multiply_add_path_equals_the_reference_for_one_query_head_per_kv_head(dtype):
+    """fma=True (no GQA): slots and a paged cache whose blocks lie out of order, fp16/bf16 and fp8 with per-head
+    scales, rows of 1, 2, 37 and all 80 keys, one split and three."""
+    k, v = _cache(4, 4, 64, torch.float16 if dtype.itemsize == 1 else dtype)
+    q = torch.randn(4, 4, 64, generator=torch.Generator().manual_seed(5)).to(k.dtype)
+    lengths = torch.tensor([1, 2, 37, MAX_LEN], dtype=torch.int32)
+    scales = {}
+    if dtype.itemsize == 1:
+        scales = {"k_scale": fp8_kv_scale(k), "v_scale": fp8_kv_scale(v)}
+        k, v = quantize_kv(k, scales["k_scale"]), quantize_kv(v, scales["v_scale"])
+    ref = decode_attention_reference(q, k, v, lengths, 0.125, **scales)
+    per_row = MAX_LEN // 16
+    order = torch.randperm(4 * per_row, generator=torch.Generator().manual_seed(6))
+    paged = [torch.empty_like(c).view(4 * per_row, 16, 4, 64) for c in (k, v)]
+    for page, c in zip(paged, (k, v), strict=True):
+        page.view(torch.uint8 if dtype.itemsize == 1 else c.dtype)[order] = c.reshape(4 * per_row, 16, 4, 64).view(
+            torch.uint8 if dtype.itemsize == 1 else c.dtype)
+    table = order.view(4, per_row).to(torch.int32)
+    for splits in (1, 3):
+        _close(decode_attention(q, k, v, lengths, 0.125, num_splits=splits, fma=True, **scales), ref, q.dtype)
+        _close(decode_attention(q, *paged, lengths, 0.125, block_table=table, num_splits=splits, fma=True, **scales),
+               ref, q.dtype)
+    with pytest.raises(ValueError, match="one query head per KV head"):
+        decode_attention(q.repeat(1, 2, 1), k, v, lengths, 0.125, fma=True, **scales)
+
+
 def test_split_count_comes_from_shapes_and_fills_small_batches():
     assert num_kv_splits(768, 260, 32) == 1
     assert num_kv_splits(768, 1, 32) == 12  # 768 / 64 key blocks
@@ -219,7 +246,8 @@ def test_kernels_compile_for_hopper():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(compiled) == {"split fp16", "split fp8", "split paged fp16", "split paged fp8", "merge", "quantize",
+    assert set(compiled) == {"split fp16", "split fp8", "split paged fp16", "split paged fp8", "split paged fp8 fma",
+                             "merge", "quantize",
                              "dequantize", "int8 gemm", "gemv 1 row", "gemv 16 rows", "kv store fp16", "kv store fp8"}
     assert compiled["kv store fp16"]["vectorised"] and compiled["kv store fp8"]["vectorised"]
     assert compiled["quantize"]["round_half_even"] and compiled["int8 gemm"]["int8_tensor_cores"]

@@ -33,13 +33,15 @@ def build(kernel, arch: int, pointers: dict[str, str], ints: list[str], floats: 
 
 def compile_all(arch: int = 90) -> dict[str, dict]:
     out = {}
-    for name, kv, paged in (("split fp16", "*fp16", False), ("split fp8", "*fp8e4nv", False),
-                            ("split paged fp16", "*fp16", True), ("split paged fp8", "*fp8e4nv", True)):
+    for name, kv, paged, fma in (("split fp16", "*fp16", False, False), ("split fp8", "*fp8e4nv", False, False),
+                                 ("split paged fp16", "*fp16", True, False), ("split paged fp8", "*fp8e4nv", True, False),
+                                 ("split paged fp8 fma", "*fp8e4nv", True, True)):
         k = build(attention._split_kernel, arch, {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32",
                                                   "CacheRows": "*i32", "BlockTable": "*i32", "KScale": "*fp32",
                                                   "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32"},
-                  SPLIT_INTS, ["qk_scale"], dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64,
-                                                 NUM_SPLITS=2, HAS_ROWS=not paged, HAS_BLOCKS=paged, DOT_F32=False),
+                  SPLIT_INTS, ["qk_scale"], dict(GROUP=1 if fma else 4, BLOCK_H=1 if fma else 16, HEAD_DIM=128,
+                                                 BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=2, HAS_ROWS=not paged,
+                                                 HAS_BLOCKS=paged, DOT_F32=False, FMA=fma),
                   num_warps=4, num_stages=2)
         out[name] = {"shared_bytes": k.metadata.shared}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
