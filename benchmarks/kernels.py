@@ -49,7 +49,7 @@ class Shape:
 
 
 LLAMA2_7B = Shape(heads=32, kv_heads=32, head_dim=128, hidden=4096, intermediate=11008)
-SMOKE = Shape(heads=4, kv_heads=2, head_dim=64, hidden=128, intermediate=256)
+SMOKE = Shape(heads=4, kv_heads=4, head_dim=64, hidden=128, intermediate=256)  # no GQA: the fma variants run too
 ATTENTION_CONFIGS = [(32, 4, 2), (128, 4, 2), (64, 8, 3)]  # (block_n, num_warps, num_stages) besides (64, 4, 2)
 GEMV_ROWS = (1, 2, 4, 8, 16)
 GEMV_CONFIGS = [  # (block_n, block_k, split_k, num_warps) besides gemv_config's: a hand sweep

@@ -339,3 +339,16 @@ def test_the_runners_triton_decode_step_over_an_fp8_cache_equals_masked_attentio
     with torch.inference_mode():
         plain = decode_step(parts, ids, positions, dequantised[0].clone(), dequantised[1].clone(), MAX_LEN, "sdpa")
     torch.testing.assert_close(out["sdpa"][0].float(), plain.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_the_kernel_benchmark_smoke_runs_every_triton_attention_variant(tmp_path):
+    """benchmarks.kernels --smoke (tiny shapes, the interpreter): each Triton decode attention variant it times on a
+    GPU, the dot and fma paths, fp16 and fp8, runs and agrees with the reference; only the CUDA-only rows fail."""
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--smoke", "--only", "attention", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    variants = json.loads(out.read_text())["attention"]["variants"]
+    triton = {name: v for name, v in variants.items() if name.startswith("triton") and "graph" not in name}
+    assert sum("fma" in name for name in triton) == 8 and all("error" not in v for v in triton.values()), triton
+    assert all(v["max_abs_err"] < 1e-3 for name, v in triton.items() if "max_abs_err" in v)
