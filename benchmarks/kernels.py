@@ -174,21 +174,19 @@ def attention(args, shape: Shape, device: str) -> dict:
         _try(variants, f"triton fp16, splits {splits}",
              lambda s=splits: row(lambda: decode_attention(q, k, v, lens, scale, num_splits=s), "fp16"))
     _try(variants, "triton fp16, graph", lambda: row(lambda: decode_attention(q, k, v, lens, scale), "fp16", graph=True))
-    for block_n, warps, stages in ATTENTION_CONFIGS:
-        tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
-        _try(variants, f"triton fp16, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+    # the dot path's default launch is timed above; decode_attention's multiply-add path (fma: no GQA only) at
+    # every launch
+    launches = [(False, c) for c in ATTENTION_CONFIGS]
+    if shape.heads == shape.kv_heads:
+        launches += [(True, c) for c in ((64, 4, 2), *ATTENTION_CONFIGS)]
+    for fma, (block_n, warps, stages) in launches:
+        tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, fma=fma)
+        path = " fma" if fma else ""
+        _try(variants, f"triton fp16{path}, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
             lambda: decode_attention(q, k, v, lens, scale, **t), "fp16") | {"max_abs_err": checked(k, v, **t)})
-        _try(variants, f"triton fp8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+        _try(variants, f"triton fp8{path}, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
             lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale, **t), "fp8")
             | {"max_abs_err": checked(k8, v8, k_scale=k_scale, v_scale=v_scale, **t)})
-    if shape.heads == shape.kv_heads:  # attention.decode_attention's multiply-add path (fma): no GQA only
-        for block_n, warps, stages in ((64, 4, 2), *ATTENTION_CONFIGS):
-            tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, fma=True)
-            _try(variants, f"triton fp16 fma, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
-                lambda: decode_attention(q, k, v, lens, scale, **t), "fp16") | {"max_abs_err": checked(k, v, **t)})
-            _try(variants, f"triton fp8 fma, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
-                lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale, **t), "fp8")
-                | {"max_abs_err": checked(k8, v8, k_scale=k_scale, v_scale=v_scale, **t)})
     _try(variants, "triton fp8 per-head scale", lambda: row(
         lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale), "fp8"))
     _try(variants, "triton fp8 per-head scale, graph", lambda: row(

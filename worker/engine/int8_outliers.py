@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 import torch
+from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, fold
 
 log = logging.getLogger("batchgen.int8")
 
@@ -109,9 +110,7 @@ class OutlierColumns:
     def record(self, absmax: torch.Tensor, argmax: torch.Tensor) -> None:
         """The guard, per forward: each token's largest int8-column |x| at its column, and a hit there when it
         reaches the threshold (capturable, no sync)."""
-        cols, absmax = argmax.reshape(-1), absmax.reshape(-1)
-        self.seen.scatter_reduce_(0, cols, absmax, reduce="amax")
-        self.hits.scatter_add_(0, cols, (absmax >= self.threshold).float())
+        fold(GuardBuffers(self.keep, self.seen, self.hits, self.threshold), absmax, argmax)
 
     def add(self, columns: Iterable[int]) -> list[int]:
         """Routes columns through the dense weights from now on (in place); returns those that fit."""
