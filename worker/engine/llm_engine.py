@@ -261,8 +261,7 @@ class LLMEngine:
         """Prefills the admitted prompts and queues their first tokens' picks unread; False on OOM."""
         start = time.perf_counter()
         try:
-            logits = self.runner.prefill([s.row for s in admitted], [s.prompt_ids for s in admitted])
-            picks = pick(logits, admitted, 0, by_row=False)
+            picks = pick(self._forward(admitted, []), admitted, 0, by_row=False)
         except torch.OutOfMemoryError:
             return False
         self._queued = QueuedStep.launch(admitted, picks, start, sum(s.num_prompt_tokens for s in admitted))
@@ -270,9 +269,7 @@ class LLMEngine:
 
     def _queue_prefill(self) -> None:
         """While a prefill is queued: launches the next one when admission wants it and its prompts allow."""
-        if not self.scheduler.wants_admission():
-            return
-        admitted = self.scheduler.admit()
+        admitted = self.scheduler.admit()  # nothing unless admission wants it
         if not admitted:
             return
         if self._can_queue_prefill(admitted):
