@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="llama7b", help=f"of {', '.join(SHAPES)}")
     parser.add_argument("--config", type=Path, help="a model's config.json: tune its shapes instead of --shapes")
     parser.add_argument("--budget-s", type=float, default=420, help="the whole search's wall-clock budget")
+    parser.add_argument("--rows", help=f"the GEMM's row counts to tune (default {','.join(map(str, ROWS['gemm']))});"
+                        " a search starts from the launch the table holds nearest them")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under Triton's interpreter")
     args = parser.parse_args()
     if args.smoke:
@@ -145,7 +147,10 @@ def main() -> None:
         shapes = {args.config.parent.name or "model": projections(
             c["hidden_size"], c["intermediate_size"], (c["num_attention_heads"] + 2 * kv_heads) * head_dim)}
     kinds = args.kernels.split(",")
-    rows_of = {"gemv": (1, 3), "gemm": (40,)} if args.smoke else ROWS
+    rows_of = {"gemv": (1, 3), "gemm": (40,)} if args.smoke else dict(ROWS)
+    if args.rows:
+        rows_of["gemm"] = tuple(int(r) for r in args.rows.split(","))
+    table = tuned.launches(name, "gemm")  # the committed table: each search starts from its nearest launch
     searches = sum(len(rows_of[kind]) for kind in kinds) * len({nk for p in shapes.values() for nk in p.values()})
     sms = _num_sms(torch.device(device))
 
@@ -194,8 +199,9 @@ def main() -> None:
                             return int8_matmul_dequant(xq, absmax, cbs[i], scbs[i], None, torch.float16, **launch)
 
                         ref = engine(0).float()
-                        start = {"block_m": 128 if m >= 128 else 64, "block_n": 128, "block_k": 128, "group_m": 8,
-                                 "num_warps": 8, "num_stages": 4}
+                        start = tuned.pick(table, m, n, k) or {
+                            "block_m": 128 if m >= 128 else 64, "block_n": 128, "block_k": 128, "group_m": 8,
+                            "num_warps": 8, "num_stages": 4}
                         default_ms = timed(engine, copies)
                         xq0, absmax0, _ = quantize_argmax(x)
                         def int_mm_epilogue(i: int, q=xq0, a=absmax0, cbs=cbs, scbs=scbs):

@@ -13,6 +13,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile-bulk  # decode at the bulk run's mean state
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh kernels  # decode attention: tl.dot vs multiply-add
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh retune   # int8_tune's GEMMs with the wider tiles
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh rows     # int8_tune at 384 rows; bulk with, without
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -38,7 +39,7 @@ profile() {  # profile NAME ENGINE_OPTIONS [PROFILE_STEPS OPTIONS...]
 
 bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS [OVERLAP_PREFILL [KV_CACHE_DTYPE]]
     BATCHGEN_TUNED_KERNELS=$2 BATCHGEN_COMPILE_SHAPES=$3 BATCHGEN_MIXED_STEPS=$4 BATCHGEN_OVERLAP_PREFILL=${5:-0} \
-        BATCHGEN_KV_CACHE_DTYPE=${6:-auto} run 190 "bulk_$1" \
+        BATCHGEN_KV_CACHE_DTYPE=${6:-auto} run "${BULK_S:-190}" "bulk_$1" \
         python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_$1"
 }
 
@@ -99,6 +100,17 @@ case "$stage" in
   retune)  # the GEMM retune with tiles the coordinate steps could not reach before (fitted), kept apart
     run 300 int8_tune_retune python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm \
         --out "$out/retune/int8_tune.json" --budget-s 270
+    ;;
+  rows)  # the GEMM at the bulk run's decode batches: 384 rows (the table has 256 and 1024; 384's launch serves
+    # 314-627 rows, where the bulk run's mean of 384 and max of 532 lie), each search started from the table's launch;
+    # bulk with that table, then with the committed one on the same machine
+    mkdir -p "$out/rows" && cp "$tables"/NVIDIA*.json "$out/rows/" && cp "$tables"/NVIDIA*.json /tmp/committed.json
+    run 140 int8_tune_rows python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 384 \
+        --out "$out/rows/int8_tune.json" --budget-s 115
+    cp "$out"/rows/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
+    BULK_S=225 bulk rows 1 static-features 0  # builds the llama7b model (once per machine)
+    cp /tmp/committed.json "$tables"/NVIDIA_H200.json
+    bulk committed 1 static-features 0
     ;;
   profile)
     profile untuned tuned_kernels=0
