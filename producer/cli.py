@@ -299,7 +299,7 @@ engine_options = shared_options(
                  help="Fast path: queue the next decode step (its tokens picked on the device) before reading this "
                       "one's tokens, so the host's bookkeeping overlaps the GPU; rows with logprobs, logit_bias, "
                       "penalties, min_tokens or a grammar step synchronously."),
-    click.option("--overlap-prefill/--no-overlap-prefill", envvar="BATCHGEN_OVERLAP_PREFILL", default=False,
+    click.option("--overlap-prefill/--no-overlap-prefill", envvar="BATCHGEN_OVERLAP_PREFILL", default=True,
                  show_default=True,
                  help="Fast path: launch the next prefill before reading this one's first tokens, so packing and "
                       "launching prompts overlaps the GPU across consecutive prefill steps; prompts with "

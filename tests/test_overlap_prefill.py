@@ -20,7 +20,7 @@ PREFILL_TOKENS = 24  # a prompt or two per prefill step
 def engines(demo_model_dir) -> tuple[LLMEngine, LLMEngine]:
     common = dict(model=str(demo_model_dir), max_batch_size=6, max_prefill_tokens=PREFILL_TOKENS)
     return (LLMEngine.from_config(EngineConfig(**common, overlap_prefill=True)),
-            LLMEngine.from_config(EngineConfig(**common)))
+            LLMEngine.from_config(EngineConfig(**common, overlap_prefill=False)))
 
 
 def queued(engine: LLMEngine) -> int:

@@ -42,7 +42,7 @@ class EngineConfig:
     overlap_decode: bool = True
     # the fast path launches the next prefill (newly admitted prompts) before reading this one's first tokens, so
     # the host's packing and launches overlap the GPU across a run of prefill steps (llm_engine.py)
-    overlap_prefill: bool = False
+    overlap_prefill: bool = True
     # the fast path decodes its running rows in the forward that prefills newly admitted prompts (llama.mixed_step),
     # instead of a prefill step and then a decode step
     mixed_steps: bool = False
