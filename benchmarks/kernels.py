@@ -49,7 +49,7 @@ class Shape:
 
 
 LLAMA2_7B = Shape(heads=32, kv_heads=32, head_dim=128, hidden=4096, intermediate=11008)
-SMOKE = Shape(heads=4, kv_heads=4, head_dim=64, hidden=128, intermediate=256)  # no GQA: the fma variants run too
+SMOKE = Shape(heads=4, kv_heads=4, head_dim=64, hidden=128, intermediate=256)  # no GQA, as Llama-2-7B
 ATTENTION_CONFIGS = [(32, 4, 2), (128, 4, 2), (64, 8, 3)]  # (block_n, num_warps, num_stages) besides (64, 4, 2)
 GEMV_ROWS = (1, 2, 4, 8, 16)
 GEMV_CONFIGS = [  # (block_n, block_k, split_k, num_warps) besides gemv_config's: a hand sweep
@@ -174,17 +174,11 @@ def attention(args, shape: Shape, device: str) -> dict:
         _try(variants, f"triton fp16, splits {splits}",
              lambda s=splits: row(lambda: decode_attention(q, k, v, lens, scale, num_splits=s), "fp16"))
     _try(variants, "triton fp16, graph", lambda: row(lambda: decode_attention(q, k, v, lens, scale), "fp16", graph=True))
-    # the dot path's default launch is timed above; decode_attention's multiply-add path (fma: no GQA only) at
-    # every launch
-    launches = [(False, c) for c in ATTENTION_CONFIGS]
-    if shape.heads == shape.kv_heads:
-        launches += [(True, c) for c in ((64, 4, 2), *ATTENTION_CONFIGS)]
-    for fma, (block_n, warps, stages) in launches:
-        tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, fma=fma)
-        path = " fma" if fma else ""
-        _try(variants, f"triton fp16{path}, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+    for block_n, warps, stages in ATTENTION_CONFIGS:  # the default launch is timed above
+        tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+        _try(variants, f"triton fp16, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
             lambda: decode_attention(q, k, v, lens, scale, **t), "fp16") | {"max_abs_err": checked(k, v, **t)})
-        _try(variants, f"triton fp8{path}, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+        _try(variants, f"triton fp8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
             lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale, **t), "fp8")
             | {"max_abs_err": checked(k8, v8, k_scale=k_scale, v_scale=v_scale, **t)})
     _try(variants, "triton fp8 per-head scale", lambda: row(

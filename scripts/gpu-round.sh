@@ -11,7 +11,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh verify   # the defaults ±overlapped prefill; profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh again    # fp8 KV; the same A/B once more, other order
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile-bulk  # decode at the bulk run's mean state
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh kernels  # decode attention: tl.dot vs multiply-add
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh kernels  # decode attention, fp16 and fp8 K/V
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh retune   # int8_tune's GEMMs with the wider tiles
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh rows     # int8_tune at 384 rows; bulk with, without
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
@@ -92,8 +92,8 @@ case "$stage" in
     profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
     profile bulk_state_fp8 "kv_cache_dtype=fp8" --rows 384 --prompt 352 --max-model-len 416
     ;;
-  kernels)  # decode attention alone at the bulk run's mean state: the tl.dot path against the multiply-add one (fma),
-    # fp16 and fp8 K/V (fp8 read 2.1-2.4 TB/s of its bytes through tl.dot, fp16 4.1)
+  kernels)  # decode attention alone at the bulk run's mean state, each launch with fp16 and fp8 K/V (fp8 read 2.0-2.4
+    # TB/s of its bytes, fp16 4.1)
     run 240 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 384 --mean-ctx 357 --max-len 768 \
         --out "$out/kernels"
     ;;

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from batchgen.worker.engine.families import FamilySpec
 from batchgen.worker.engine.fused import FUSED, add_norm
 from batchgen.worker.engine.host_copy import to_device
-from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits, quantize_kv
+from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits
 from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
 
 PREFILL_FLASH = ("flash", "triton")  # attentions whose prefill is FlashAttention varlen ("triton" decodes in Triton)
@@ -212,15 +212,6 @@ def is_fp8(cache: torch.Tensor) -> bool:
     return cache.dtype == torch.float8_e4m3fn
 
 
-def to_cache(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """K or V [..., kv_heads, head_dim] as the cache stores it: quantised by its per-head scale where it is fp8."""
-    if not is_fp8(cache):
-        return x
-    if scale is None:
-        raise ValueError("an fp8 KV cache needs its scales (ModelRunner.calibrate_kv)")
-    return quantize_kv(x, scale)
-
-
 def from_cache(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """A slice [..., kv_heads, head_dim] read from the cache in the compute dtype (dequantised where it is fp8)."""
     if not is_fp8(x):
@@ -268,8 +259,8 @@ class CacheAttention:
         window = p.spec.window_of(layer)
         k_scale = None if self.k_scale is None else self.k_scale[layer]
         v_scale = None if self.v_scale is None else self.v_scale[layer]
-        store_kv(self.k_cache[layer], self.write_at, to_cache(k[:, :, 0], self.k_cache, k_scale))
-        store_kv(self.v_cache[layer], self.write_at, to_cache(v[:, :, 0], self.v_cache, v_scale))
+        store_kv(self.k_cache[layer], self.write_at, k[:, :, 0], k_scale)
+        store_kv(self.v_cache[layer], self.write_at, v[:, :, 0], v_scale)
         if self.attention == "flash":
             keys = self.k_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
             values = self.v_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
@@ -309,8 +300,8 @@ def cache_store(k_cache: torch.Tensor, v_cache: torch.Tensor, token_rows: torch.
     def store(layer: int, tokens: slice, k: torch.Tensor, v: torch.Tensor) -> None:
         k_layer = None if k_scale is None else k_scale[layer]
         v_layer = None if v_scale is None else v_scale[layer]
-        store_kv(k_cache[layer], slots[tokens], to_cache(k, k_cache, k_layer))
-        store_kv(v_cache[layer], slots[tokens], to_cache(v, v_cache, v_layer))
+        store_kv(k_cache[layer], slots[tokens], k, k_layer)
+        store_kv(v_cache[layer], slots[tokens], v, v_layer)
     return store
 
 

@@ -35,7 +35,7 @@ if HAS_TRITON:
                       stride_bt, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, scale_stride, qk_scale,
                       GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr,
-                      HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, FMA: tl.constexpr):
+                      HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -75,24 +75,18 @@ if HAS_TRITON:
                 page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // BLOCK_N).to(tl.int64)
                 k_ptr = k_base + page * stride_kr + (t - block) * stride_kt
                 v_ptr = v_base + page * stride_vr + (t - block) * stride_vt
-            if FMA:  # [BLOCK_H, BLOCK_N, BLOCK_D] products on the CUDA cores: K read key-major, no dot layouts
-                k = tl.load(k_ptr[:, None] + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
-                s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2) * s_scale
+            k = tl.load(k_ptr[None, :] + d[:, None], mask=d_mask[:, None] & t_mask[None, :], other=0.0)
+            if DOT_F32:
+                s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * s_scale
             else:
-                k = tl.load(k_ptr[None, :] + d[:, None], mask=d_mask[:, None] & t_mask[None, :], other=0.0)
-                if DOT_F32:
-                    s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * s_scale
-                else:
-                    s = tl.dot(q, k.to(q.dtype)) * s_scale
+                s = tl.dot(q, k.to(q.dtype)) * s_scale
             s = tl.where(t_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr[:, None] + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
-            if FMA:
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-            elif DOT_F32:
+            if DOT_F32:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
@@ -148,7 +142,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      v_scale: torch.Tensor | float | None = None, cache_rows: torch.Tensor | None = None,
                      block_table: torch.Tensor | None = None, num_splits: int | None = None,
                      out: torch.Tensor | None = None, block_n: int = BLOCK_N, num_warps: int = 4,
-                     num_stages: int = 2, fma: bool = False) -> torch.Tensor:
+                     num_stages: int = 2) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype or float8_e4m3fn), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
@@ -157,11 +151,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_table [rows, max_blocks] int32: a paged cache, k/v_cache [num_blocks, block_size, kv_heads, head_dim]
     (block_size is the kernel's block_n): key t of cache row r lives in block block_table[r, t // block_size].
     num_splits: default num_kv_splits(max_len, n, kv_heads); fix it per captured graph.
-    block_n / num_warps / num_stages: keys per inner step and the launch's tuning (a power of two >= 16).
-    fma: where each KV head serves one query head (no GQA), scores and the weighted sum as multiply-adds on the
-    CUDA cores instead of tl.dot over 16 padded query rows: K is read key-major and no dot-operand layout
-    conversion runs, which may matter where the fp8 path upcasts every K/V tile (a candidate, measured by
-    benchmarks.kernels; not the engine's default)."""
+    block_n / num_warps / num_stages: keys per inner step and the launch's tuning (a power of two >= 16)."""
     n, num_heads, head_dim = q.shape
     rows, max_len, num_kv_heads, _ = k_cache.shape
     if block_table is not None:
@@ -177,9 +167,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("decode_attention wants an int32 block table with a unit stride over blocks")
     splits = num_splits or num_kv_splits(max_len, n, num_kv_heads)
     group = num_heads // num_kv_heads
-    if fma and group != 1:
-        raise ValueError(f"fma decode attention is for one query head per KV head, not {group}")
-    block_h = 1 if fma else max(MIN_BLOCK, triton.next_power_of_2(group))
+    block_h = max(MIN_BLOCK, triton.next_power_of_2(group))
     block_d = max(MIN_BLOCK, triton.next_power_of_2(head_dim))
     ks, scale_stride = _scale_tensor(k_scale, num_kv_heads, q.device)
     vs, v_stride = _scale_tensor(v_scale, num_kv_heads, q.device)
@@ -200,7 +188,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         scale * _LOG2E, GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         NUM_SPLITS=splits, HAS_ROWS=cache_rows is not None, HAS_BLOCKS=block_table is not None,
         DOT_F32=interpreting() and q.dtype == torch.bfloat16,  # Triton's interpreter multiplies bf16 bits as integers
-        FMA=fma, num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages)
     _merge_kernel[(n, num_heads)](
         mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,

@@ -33,15 +33,13 @@ def build(kernel, arch: int, pointers: dict[str, str], ints: list[str], floats: 
 
 def compile_all(arch: int = 90) -> dict[str, dict]:
     out = {}
-    for name, kv, paged, fma in (("split fp16", "*fp16", False, False), ("split fp8", "*fp8e4nv", False, False),
-                                 ("split paged fp16", "*fp16", True, False), ("split paged fp8", "*fp8e4nv", True, False),
-                                 ("split paged fp8 fma", "*fp8e4nv", True, True)):
+    for name, kv, paged in (("split fp16", "*fp16", False), ("split fp8", "*fp8e4nv", False),
+                            ("split paged fp16", "*fp16", True), ("split paged fp8", "*fp8e4nv", True)):
         k = build(attention._split_kernel, arch, {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32",
                                                   "CacheRows": "*i32", "BlockTable": "*i32", "KScale": "*fp32",
                                                   "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32"},
-                  SPLIT_INTS, ["qk_scale"], dict(GROUP=1 if fma else 4, BLOCK_H=1 if fma else 16, HEAD_DIM=128,
-                                                 BLOCK_D=128, BLOCK_N=64, NUM_SPLITS=2, HAS_ROWS=not paged,
-                                                 HAS_BLOCKS=paged, DOT_F32=False, FMA=fma),
+                  SPLIT_INTS, ["qk_scale"], dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64,
+                                                 NUM_SPLITS=2, HAS_ROWS=not paged, HAS_BLOCKS=paged, DOT_F32=False),
                   num_warps=4, num_stages=2)
         out[name] = {"shared_bytes": k.metadata.shared}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
@@ -74,11 +72,15 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                   aligned=("N", "K", "stride_xm", "stride_wn", "stride_om"), num_warps=4, num_stages=4)
         out[f"gemv {rows} row{'s' if rows > 1 else ''}"] = {"pipelined": "cp.async" in k.asm["ptx"],
                                                             "shared_bytes": k.metadata.shared}
-    for name, dtype in (("kv store fp16", "*fp16"), ("kv store fp8", "*u8")):
-        k = build(kv_store._store_kernel, arch, {"Dest": dtype, "Slots": "*i64", "Src": dtype}, ["stride_t", "stride_h"],
-                  [], dict(HEADS=32, HEAD_DIM=128, BLOCK_H=32, BLOCK_D=128), aligned=("stride_t", "stride_h"),
-                  num_warps=4)
-        out[name] = {"vectorised": "v4" in k.asm["ptx"]}  # 16-byte loads and stores
+    for name, dest, quant in (("kv store fp16", "*fp16", False), ("kv store fp8", "*u8", True)):
+        k = build(kv_store._store_kernel, arch, {"Dest": dest, "Slots": "*i64", "Src": "*fp16", "Scale": "*fp32"},
+                  ["stride_t", "stride_h", "scale_stride"], [],
+                  dict(HEADS=32, HEAD_DIM=128, BLOCK_H=32, BLOCK_D=128, QUANT=quant),
+                  aligned=("stride_t", "stride_h"), num_warps=4)
+        ptx = k.asm["ptx"]
+        out[name] = {"vectorised": "v4" in ptx}  # 16-byte loads (and stores)
+        if quant:  # IEEE division by the scale, as torch's, not the approximate one
+            out[name]["div_rn"] = "div.rn.f32" in ptx
     return out
 
 

@@ -6,21 +6,48 @@ element and reached a tenth of the copy rate in prefills.
 """
 
 import torch
+from batchgen.worker.engine.kernels.attention import FP8_MAX, quantize_kv
 from batchgen.worker.engine.kernels.backend import HAS_TRITON
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    _FP8_MAX = tl.constexpr(FP8_MAX)  # a Triton function reads module globals only as constexpr
+
     @triton.jit
-    def _store_kernel(Dest, Slots, Src, stride_t, stride_h, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    def _e4m3_bits(v):
+        """float32 v (|v| <= 448) -> its float8_e4m3fn byte, rounded half to even as torch's cast. Integer
+        arithmetic on the float's bits rather than Triton's fp8 cast: the interpreter's cast rounds half up and
+        drops the carry into the exponent (126.5 became 64), so the CPU tests could not check the real one."""
+        bits = v.to(tl.int32, bitcast=True)
+        sign = (bits >> 24) & 0x80
+        a = bits & 0x7FFFFFFF
+        # normal (>= 2^-6): keep 3 mantissa bits, round half to even (a carry moves the exponent up), rebias 127 -> 7
+        normal = ((a + 0x7FFFF + ((a >> 20) & 1)) >> 20) - (120 << 3)
+        # below 2^-6, steps of 2^-9 (8 is 2^-6, the first normal): the 24-bit significand shifted right, half to even
+        shift = tl.minimum(tl.maximum(141 - (a >> 23), 1), 31)
+        significand = (a & 0x7FFFFF) | 0x800000
+        q = significand >> shift
+        rem = significand - (q << shift)
+        half = 1 << (shift - 1)
+        subnormal = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
+        code = tl.where(a >= 0x3C800000, normal, subnormal)
+        code = tl.where(a > 0x7F800000, 0x7F, code)  # NaN
+        return (code | sign).to(tl.uint8)
+
+    @triton.jit
+    def _store_kernel(Dest, Slots, Src, Scale, stride_t, stride_h, scale_stride, HEADS: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr):
         t = tl.program_id(0)
         slot = tl.load(Slots + t).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < HEADS) & (d < HEAD_DIM)
         x = tl.load(Src + t.to(tl.int64) * stride_t + h * stride_h + d, mask=mask)
+        if QUANT:  # an fp8 cache (Dest its bytes): x / its head's scale, saturated, as float8_e4m3fn bits
+            scale = tl.load(Scale + h * scale_stride, mask=h < HEADS, other=1.0)
+            x = _e4m3_bits(tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -_FP8_MAX, _FP8_MAX))
         tl.store(Dest + slot * (HEADS * HEAD_DIM) + h * HEAD_DIM + d, x, mask=mask)
 
 
@@ -34,19 +61,30 @@ def cache_slots(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
     return block_table[rows, positions // width].long() * width + positions % width
 
 
-def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, triton_kernel: bool | None = None) -> None:
+def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None,
+             triton_kernel: bool | None = None) -> None:
     """cache [.., .., kv_heads, head_dim] (one layer, contiguous) at slots [T] (cache_slots) = x [T, kv_heads,
-    head_dim] of the cache's dtype. triton_kernel: None runs Triton on CUDA and index_copy_ elsewhere (the CPU
+    head_dim]. An fp8 cache takes x / scale (its per-head scales [kv_heads], or one) saturated to float8_e4m3fn,
+    quantised inside the store's own launch on the Triton path (a prefill's separate divide, clamp and cast
+    kernels cost more than the store). triton_kernel: None runs Triton on CUDA and index_copy_ elsewhere (the CPU
     tests' interpreter would run a program per token); True forces Triton (its tests)."""
     heads, head_dim = cache.shape[-2:]
-    x = x.to(cache.dtype)
-    if x.dtype.itemsize == 1:  # fp8: the bytes are what move (index_copy_ has no float8 kernel)
-        cache, x = cache.view(torch.uint8), x.view(torch.uint8)
     use_triton = HAS_TRITON and (x.is_cuda if triton_kernel is None else triton_kernel)
+    quant = cache.dtype == torch.float8_e4m3fn and x.dtype != cache.dtype
+    if quant and scale is None:
+        raise ValueError("an fp8 KV cache needs its scales (ModelRunner.calibrate_kv)")
+    if not use_triton or not quant:
+        x = quantize_kv(x, scale) if quant else x.to(cache.dtype)
+    if cache.dtype.itemsize == 1:  # fp8: the bytes are what move (index_copy_ has no float8 kernel)
+        cache = cache.view(torch.uint8)
+        x = x if quant and use_triton else x.view(torch.uint8)
     if not use_triton:
         cache.view(-1, heads * head_dim).index_copy_(0, slots, x.reshape(-1, heads * head_dim))
         return
     if x.stride(-1) != 1:
         x = x.contiguous()
-    _store_kernel[(x.shape[0],)](cache, slots, x, x.stride(0), x.stride(1), HEADS=heads, HEAD_DIM=head_dim,
-                                 BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(head_dim))
+    scale = (scale.to(device=x.device, dtype=torch.float32).reshape(-1) if quant else cache)  # unread without QUANT
+    _store_kernel[(x.shape[0],)](cache, slots, x, scale, x.stride(0), x.stride(1),
+                                 1 if quant and scale.numel() > 1 else 0, HEADS=heads, HEAD_DIM=head_dim,
+                                 BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(head_dim),
+                                 QUANT=quant)
