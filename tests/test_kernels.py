@@ -63,6 +63,22 @@ def test_decode_attention_reads_each_rows_own_length(num_heads, num_kv_heads, he
         _close(decode_attention(q, k, v, lengths, head_dim**-0.5, num_splits=splits), ref, dtype)
 
 
+def test_one_split_writes_the_output_itself_and_an_empty_row_reads_zeros():
+    """At one split (every batch of more than 32 rows) stage one stores the output and no merge runs: the result
+    equals the merged three-split one, a row of no keys (a graph's padding row) is zeros either way, and out=
+    is filled in place."""
+    lengths = torch.tensor([0, 5, MAX_LEN], dtype=torch.int32)
+    k, v = _cache(3, 2, 64, torch.float16)
+    q = torch.randn(3, 8, 64).to(torch.float16)
+    out = torch.full((3, 8, 64), float("nan"), dtype=torch.float16)
+    one = decode_attention(q, k, v, lengths, 0.125, num_splits=1, out=out)
+    three = decode_attention(q, k, v, lengths, 0.125, num_splits=3)
+    assert one.data_ptr() == out.data_ptr() and not out.isnan().any()
+    assert torch.equal(one[0], torch.zeros_like(one[0])) and torch.equal(three[0], torch.zeros_like(three[0]))
+    _close(one[1:], three[1:], torch.float16)
+    _close(one[1:], decode_attention_reference(q, k, v, lengths, 0.125)[1:], torch.float16)
+
+
 def test_decode_attention_tuning_keeps_the_result():
     lengths = torch.tensor([1, 33, MAX_LEN], dtype=torch.int32)
     k, v = _cache(3, 2, 64, torch.float16)
@@ -219,7 +235,8 @@ def test_kernels_compile_for_hopper():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(compiled) == {"split fp16", "split fp8", "split paged fp16", "split paged fp8", "merge", "quantize",
+    assert set(compiled) == {"split fp16", "split fp8", "split paged fp16", "split paged fp8", "one split paged fp16",
+                             "one split paged fp8", "merge", "quantize",
                              "dequantize", "int8 gemm", "gemv 1 row", "gemv 16 rows", "kv store fp16", "kv store fp8"}
     assert compiled["kv store fp16"]["vectorised"] and compiled["kv store fp8"]["vectorised"]
     assert compiled["kv store fp8"]["div_rn"]  # the quantising store divides as torch does

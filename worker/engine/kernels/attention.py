@@ -5,7 +5,8 @@ cache row i (or cache_rows[i]) and its first seq_lens[i] keys; or blocks k/v [nu
 head_dim] with a block table [rows, max_blocks]: key t of cache row r is block_table[r, t // BLOCK_N], slot
 t % BLOCK_N (one inner step reads one block). Stage one: one program per (row, kv head, split)
 runs every query head of that KV group against its share of the row's keys (GQA without copying K/V) and
-writes a partial output and its log-sum-exp; stage two merges the splits. The grid depends only on the row
+writes a partial output and its log-sum-exp; stage two merges the splits (at one split, as large batches have,
+stage one writes the output and no merge runs). The grid depends only on the row
 count and the split count (chosen from max_len), and each row's split length is computed on the device
 from seq_lens, so the launch is the same every step and a CUDA graph can hold it.
 
@@ -30,9 +31,10 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _split_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, MidLse,
+    def _split_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, MidLse, Out,
                       stride_qn, stride_qh, stride_kr, stride_kt, stride_kh, stride_vr, stride_vt, stride_vh,
-                      stride_bt, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, scale_stride, qk_scale,
+                      stride_bt, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, stride_on, stride_oh,
+                      scale_stride, qk_scale,
                       GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr,
                       HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr):
@@ -94,10 +96,14 @@ if HAS_TRITON:
 
         has_keys = l_sum > 0.0  # an empty split (short row) contributes nothing to the merge
         out = acc * (v_scale / tl.where(has_keys, l_sum, 1.0))[:, None]
-        lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, l_sum, 1.0)), float("-inf"))
-        tl.store(MidO + row * stride_mn + heads[:, None] * stride_mh + split * stride_ms + d[None, :], out,
-                 mask=h_mask[:, None] & d_mask[None, :])
-        tl.store(MidLse + row * stride_ln + heads * stride_lh + split, lse, mask=h_mask)
+        if NUM_SPLITS == 1:  # nothing to merge (large batches): the output itself, as the merge would write it
+            tl.store(Out + row * stride_on + heads[:, None] * stride_oh + d[None, :], out.to(Out.dtype.element_ty),
+                     mask=h_mask[:, None] & d_mask[None, :])
+        else:
+            lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, l_sum, 1.0)), float("-inf"))
+            tl.store(MidO + row * stride_mn + heads[:, None] * stride_mh + split * stride_ms + d[None, :], out,
+                     mask=h_mask[:, None] & d_mask[None, :])
+            tl.store(MidLse + row * stride_ln + heads * stride_lh + split, lse, mask=h_mask)
 
     @triton.jit
     def _merge_kernel(MidO, MidLse, Out, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, stride_on, stride_oh,
@@ -174,21 +180,25 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if v_stride != scale_stride:  # one stride serves both: widen the per-tensor one
         ks, vs = ks.expand(num_kv_heads).contiguous(), vs.expand(num_kv_heads).contiguous()
         scale_stride = 1
-    mid_o = torch.empty(n, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(n, num_heads, splits, dtype=torch.float32, device=q.device)
+    parts = n if splits > 1 else 1  # one split writes out itself: no partials (a stub for the pointer), no merge
+    mid_o = torch.empty(parts, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(parts, num_heads, splits, dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty(n, num_heads, head_dim, dtype=q.dtype, device=q.device)
     rows_arg = cache_rows if cache_rows is not None else seq_lens  # unread when HAS_ROWS is False
     table_arg = block_table if block_table is not None else seq_lens  # unread when HAS_BLOCKS is False
     _split_kernel[(n, num_kv_heads, splits)](
-        q, k_cache, v_cache, seq_lens, rows_arg, table_arg, ks, vs, mid_o, mid_lse,
+        q, k_cache, v_cache, seq_lens, rows_arg, table_arg, ks, vs, mid_o, mid_lse, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table_arg.stride(0),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1), scale_stride,
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1), out.stride(0),
+        out.stride(1), scale_stride,
         scale * _LOG2E, GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         NUM_SPLITS=splits, HAS_ROWS=cache_rows is not None, HAS_BLOCKS=block_table is not None,
         DOT_F32=interpreting() and q.dtype == torch.bfloat16,  # Triton's interpreter multiplies bf16 bits as integers
         num_warps=num_warps, num_stages=num_stages)
+    if splits == 1:
+        return out
     _merge_kernel[(n, num_heads)](
         mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,

@@ -16,7 +16,8 @@ EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16
 GEMV_POINTERS = {"X": "*fp16", "W": "*i8", "Scb": "*fp32", "Bias": "*fp16", "Out": "*fp16", "Partial": "*fp32",
                  "Keep": "*fp16", "Seen": "*fp32", "Hits": "*fp32"}
 SPLIT_INTS = ["stride_qn", "stride_qh", "stride_kr", "stride_kt", "stride_kh", "stride_vr", "stride_vt", "stride_vh",
-              "stride_bt", "stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "scale_stride"]
+              "stride_bt", "stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh",
+              "scale_stride"]
 
 
 def build(kernel, arch: int, pointers: dict[str, str], ints: list[str], floats: list[str], constexprs: dict,
@@ -33,13 +34,17 @@ def build(kernel, arch: int, pointers: dict[str, str], ints: list[str], floats: 
 
 def compile_all(arch: int = 90) -> dict[str, dict]:
     out = {}
-    for name, kv, paged in (("split fp16", "*fp16", False), ("split fp8", "*fp8e4nv", False),
-                            ("split paged fp16", "*fp16", True), ("split paged fp8", "*fp8e4nv", True)):
+    for name, kv, paged, splits in (("split fp16", "*fp16", False, 2), ("split fp8", "*fp8e4nv", False, 2),
+                                    ("split paged fp16", "*fp16", True, 2), ("split paged fp8", "*fp8e4nv", True, 2),
+                                    ("one split paged fp16", "*fp16", True, 1),
+                                    ("one split paged fp8", "*fp8e4nv", True, 1)):
         k = build(attention._split_kernel, arch, {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32",
                                                   "CacheRows": "*i32", "BlockTable": "*i32", "KScale": "*fp32",
-                                                  "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32"},
+                                                  "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32",
+                                                  "Out": "*fp16"},
                   SPLIT_INTS, ["qk_scale"], dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64,
-                                                 NUM_SPLITS=2, HAS_ROWS=not paged, HAS_BLOCKS=paged, DOT_F32=False),
+                                                 NUM_SPLITS=splits, HAS_ROWS=not paged, HAS_BLOCKS=paged,
+                                                 DOT_F32=False),
                   num_warps=4, num_stages=2)
         out[name] = {"shared_bytes": k.metadata.shared}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
