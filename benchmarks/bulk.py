@@ -116,9 +116,14 @@ def decode_efficiency(engine: dict, reqs: list[Req], bandwidth: float,
         return None
     total = steps * weights_bytes + decode_kv_bytes(reqs)
     rate = total / decode_s
-    return {"bytes_per_step_gb": round(total / steps / 1e9, 2), "step_ms": round(1000 * decode_s / steps, 2),
-            "achieved_gb_s": round(rate / 1e9), "bus_gb_s": round(bandwidth / 1e9),
-            "fraction_of_bus": round(rate / bandwidth, 3)}
+    out = {"bytes_per_step_gb": round(total / steps / 1e9, 2), "step_ms": round(1000 * decode_s / steps, 2),
+           "achieved_gb_s": round(rate / 1e9), "bus_gb_s": round(bandwidth / 1e9),
+           "fraction_of_bus": round(rate / bandwidth, 3)}
+    if engine.get("decode_device_s"):  # the same bytes over the steps' device time (StepClock): the kernels' share
+        device_s = engine["decode_device_s"]
+        out.update(device_step_ms=round(1000 * device_s / steps, 2),
+                   device_fraction_of_bus=round(total / device_s / bandwidth, 3))
+    return out
 
 
 def time_breakdown(wall_s: float, engine: dict, host_s_per_step: float | None = None) -> dict:
@@ -136,6 +141,12 @@ def time_breakdown(wall_s: float, engine: dict, host_s_per_step: float | None = 
         out.update(host_s=round(host, 2), idle_s=round(outside - host, 2))
     out["fractions"] = {k: round(out[k] / wall_s, 3) if out[k] is not None and wall_s else None
                         for k in ("prefill_s", "decode_s", "host_s", "idle_s")}
+    if "decode_device_s" in engine:  # the engine's StepClock: what the device itself spent, and its idle time
+        busy = engine["prefill_device_s"] + engine["decode_device_s"]
+        out["device"] = {"prefill_s": engine["prefill_device_s"], "decode_s": engine["decode_device_s"],
+                         "gaps_s": engine["device_gap_s"],  # idle between steps while requests were in the engine
+                         "rest_s": round(max(0.0, wall_s - busy - engine["device_gap_s"]), 2),  # no request there
+                         "busy_fraction": round(busy / wall_s, 3) if wall_s else None}
     return out
 
 
@@ -865,9 +876,16 @@ def table(s: dict) -> str:
                      f"= {eff['achieved_gb_s']} GB/s, {100 * eff['fraction_of_bus']:.0f} % of the {eff['bus_gb_s']} GB/s "
                      "bus. HF fp16 static at its largest batch: "
                      f"{s.get('hf_fp16_largest_bus_fraction')} of the bus")
+        if "device_step_ms" in eff:
+            lines.append(f"decode on the device: {eff['device_step_ms']} ms/step, "
+                         f"{100 * eff['device_fraction_of_bus']:.0f} % of the bus")
     if br:
         lines.append(f"time: wall {br['wall_s']} s = prefill {br['prefill_s']} + decode {br['decode_s']} + host "
                      f"{br['host_s']} + idle {br['idle_s']} (host + idle {br['host_and_idle_s']})")
+        if br.get("device"):
+            d = br["device"]
+            lines.append(f"device: prefill {d['prefill_s']} + decode {d['decode_s']} s busy ({d['busy_fraction']} of "
+                         f"the wall), idle between steps {d['gaps_s']} s, with no request {d['rest_s']} s")
     lines.append(f"best HF int8: {i8.get('bs')} rows, threshold {i8.get('threshold')}; best HF fp16: {f16.get('cache')} "
                  f"cache, {f16.get('bs')} rows. Agreement with HF int8 generate: {s.get('agreement')}")
     return "\n".join(lines)

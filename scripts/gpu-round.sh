@@ -14,6 +14,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh kernels  # decode attention, fp16 and fp8 K/V
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh retune   # int8_tune's GEMMs with the wider tiles
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh rows     # int8_tune at 384 rows; bulk with, without
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh next     # bulk and profile: one-split attention,
+#                                                                        # the fp8 store
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -37,8 +39,8 @@ profile() {  # profile NAME ENGINE_OPTIONS [PROFILE_STEPS OPTIONS...]
         --engine-options "$options" "$@"
 }
 
-bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS [OVERLAP_PREFILL [KV_CACHE_DTYPE]]
-    BATCHGEN_TUNED_KERNELS=$2 BATCHGEN_COMPILE_SHAPES=$3 BATCHGEN_MIXED_STEPS=$4 BATCHGEN_OVERLAP_PREFILL=${5:-0} \
+bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS [OVERLAP_PREFILL (default 1) [KV_CACHE_DTYPE]]
+    BATCHGEN_TUNED_KERNELS=$2 BATCHGEN_COMPILE_SHAPES=$3 BATCHGEN_MIXED_STEPS=$4 BATCHGEN_OVERLAP_PREFILL=${5:-1} \
         BATCHGEN_KV_CACHE_DTYPE=${6:-auto} run "${BULK_S:-190}" "bulk_$1" \
         python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_$1"
 }
@@ -48,24 +50,24 @@ case "$stage" in
     run 300 int8_tune python3 -m benchmarks.int8_tune --shapes llama7b --out "$out/tuned/int8_tune.json" \
         --budget-s 270
     cp "$out"/tuned/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
-    bulk tuned 1 dynamic 0  # the llama7b model is built here, once per machine
+    bulk tuned 1 dynamic 0 0  # the llama7b model is built here, once per machine
     ;;
   ab)  # reads the table committed since `tune`
-    bulk untuned 0 dynamic 0
-    bulk mixed 1 dynamic 1
-    bulk static 1 static-features 0
+    bulk untuned 0 dynamic 0 0
+    bulk mixed 1 dynamic 1 0
+    bulk static 1 static-features 0 0
     ;;
   combined)  # the table with static compile shapes, mixed steps on and off; the profile of that engine
-    bulk static_mixed 1 static-features 1
+    bulk static_mixed 1 static-features 1 0
     profile static "tuned_kernels=1,compile_shapes=static-features"
-    bulk static_again 1 static-features 0
+    bulk static_again 1 static-features 0 0
     ;;
   bloom-prep)  # the BLOOM-7b1 shapes added to the committed table (kept in /tmp for `bloom`); bulk and profile
     cp "$tables"/NVIDIA*.json "$out/tuned/"
     run 150 int8_tune python3 -m benchmarks.int8_tune --shapes bloom7b1 --out "$out/tuned/int8_tune.json" \
         --budget-s 120
     cp "$out"/tuned/NVIDIA*.json "$tables"/ && mkdir -p /tmp/tuned && cp "$out"/tuned/NVIDIA*.json /tmp/tuned/
-    bulk defaults 1 static-features 0
+    bulk defaults 1 static-features 0 0
     profile defaults ""
     ;;
   bloom)  # on the machine `bloom-prep` set up, with .whl-peer carried and installed over it (WHEELS=.whl-peer):
@@ -76,7 +78,7 @@ case "$stage" in
     ;;
   verify)  # the checkout's defaults (the guard recorded in the quantiser: the profile's decode kernels show it),
     # A/B overlapped prefill on the same machine, and the profile; `again` repeats the A/B (runs differ by a few %)
-    bulk defaults 1 static-features 0
+    bulk defaults 1 static-features 0 0
     bulk overlap_prefill 1 static-features 0 1
     profile defaults ""
     ;;
@@ -84,7 +86,7 @@ case "$stage" in
     # bytes a decode step reads, which are most of them at the bulk run's ~380 rows
     bulk fp8_kv 1 static-features 0 1 fp8
     bulk overlap_prefill_again 1 static-features 0 1
-    bulk defaults_again 1 static-features 0
+    bulk defaults_again 1 static-features 0 0
     ;;
   profile-bulk)  # a decode step as the bulk run's are on average (~384 rows, ~357 tokens of context: ~79 GB a step,
     # ~72 of it K/V), where stop 34's profile had 224 rows of 256-token prompts; fp8 K/V at the same state. Rows
@@ -108,9 +110,17 @@ case "$stage" in
     run 140 int8_tune_rows python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 384 \
         --out "$out/rows/int8_tune.json" --budget-s 115
     cp "$out"/rows/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
-    BULK_S=225 bulk rows 1 static-features 0  # builds the llama7b model (once per machine)
+    BULK_S=225 bulk rows 1 static-features 0 0  # builds the llama7b model (once per machine)
     cp /tmp/committed.json "$tables"/NVIDIA_H200.json
-    bulk committed 1 static-features 0
+    bulk committed 1 static-features 0 0
+    ;;
+  next)  # the levers CPU-tested after the 2026-12-04 run, at the bulk state: attention at one split launches no
+    # merge (the profile's 0.30 ms), the fp8 cache quantised in the store's launch (the fp8 prefill's ~8.5 ms of
+    # divide/clamp/cast/copy kernels); against that day's rows in docs/benchmarks.md
+    BULK_S=225 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    BULK_S=160 bulk fp8_kv 1 static-features 0 1 fp8
+    profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
+    profile bulk_state_fp8 "kv_cache_dtype=fp8" --rows 384 --prompt 352 --max-model-len 416
     ;;
   profile)
     profile untuned tuned_kernels=0

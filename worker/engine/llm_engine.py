@@ -55,6 +55,7 @@ from batchgen.worker.engine.setup import (
     resolve_attention,
     resolve_device_dtype,
 )
+from batchgen.worker.engine.step_clock import Mark, StepClock
 from batchgen.worker.engine.step_stats import StepStats
 
 TOKENS_PER_S_WINDOW_S = 30.0
@@ -139,6 +140,7 @@ class LLMEngine:
             self.graph_capture_s = runner.capture_graphs()
         self.scheduler = Scheduler(budget.max_rows, max_prefill_tokens=max_prefill_tokens, blocks=self.blocks)
         self.step_stats = StepStats(num_kv_blocks=0 if self.blocks is None else self.blocks.num_blocks)
+        self.clock = StepClock(self.device)  # device time per step and the device's gaps between steps
         self._keys: set[str] = set()
         self._last_batch = 0
         self._num_ooms = 0
@@ -202,14 +204,16 @@ class LLMEngine:
                 self.runner.set_blocks(self.blocks.take_changes())
             if not seqs:
                 self._last_batch = 0
+                self.clock.idle()
                 return []
             if admitted and not decoding and self._can_queue_prefill(admitted):
                 if not self._launch_prefill(admitted):
                     return self._on_oom(admitted, prefill=True)
                 return self._step_queued()
-            start = time.perf_counter()
+            start, began = time.perf_counter(), self.clock.mark()
             try:
                 logits = self._forward(admitted, decoding)
+                ended = self.clock.mark()
                 sampled = sample(logits, seqs, self.intake.structured)
             except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
                 return self._on_oom(admitted or seqs, prefill=bool(admitted))
@@ -217,6 +221,7 @@ class LLMEngine:
             kv_tokens = 0 if admitted else sum(s.num_tokens for s in seqs)  # held in the cache during this decode
             self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens, kv_tokens,
                                 0 if self.blocks is None else self.blocks.num_used, num_mixed_rows=len(decoding))
+            self.clock.settle(began, ended, prefill=bool(admitted))
             self._poll_int8(prompt_tokens + len(decoding) or len(seqs))  # sampling synced: no GPU time
             results = self._finish_step(seqs, sampled.tokens, sampled.logprobs)
             self._queue_decode(None)
@@ -231,7 +236,8 @@ class LLMEngine:
             if result is not None:
                 results.append(result)
         if not self.num_unfinished:  # drained: say where the time went (benchmarks read this line)
-            log.info("engine steps: %s", json.dumps(self.step_stats.as_stats()))
+            self.clock.idle()
+            log.info("engine steps: %s", json.dumps(self.step_stats.as_stats() | self.clock.as_stats()))
         self._last_read = time.perf_counter()
         return results
 
@@ -259,12 +265,13 @@ class LLMEngine:
 
     def _launch_prefill(self, admitted: list[Sequence]) -> bool:
         """Prefills the admitted prompts and queues their first tokens' picks unread; False on OOM."""
-        start = time.perf_counter()
+        start, began = time.perf_counter(), self.clock.mark()
         try:
             picks = pick(self._forward(admitted, []), admitted, 0, by_row=False)
         except torch.OutOfMemoryError:
             return False
-        self._queued = QueuedStep.launch(admitted, picks, start, sum(s.num_prompt_tokens for s in admitted))
+        self._queued = QueuedStep.launch(admitted, picks, start, began, self.clock,
+                                         sum(s.num_prompt_tokens for s in admitted))
         return True
 
     def _queue_prefill(self) -> None:
@@ -314,12 +321,12 @@ class LLMEngine:
                 tokens[seq.row] = seq.output_ids[-1]
         if not seqs:
             return
-        start = time.perf_counter()
+        start, began = time.perf_counter(), self.clock.mark()
         try:
             logits = self.runner.decode(tokens if picks is None else picks, positions)
         except torch.OutOfMemoryError:  # the synchronous step that follows meets it again and backs off
             return
-        self._queued = QueuedStep.launch(seqs, pick(logits, seqs, ahead), start)
+        self._queued = QueuedStep.launch(seqs, pick(logits, seqs, ahead), start, began, self.clock)
 
     def _step_queued(self) -> list[GenerationResult]:
         """Queues the step after the unread one (a decode fed its picks, or after a prefill the next prefill),
@@ -330,6 +337,7 @@ class LLMEngine:
         else:
             self._queue_decode(queued.picks)
         tokens = queued.read()
+        self.clock.settle(queued.began, queued.done, prefill=bool(queued.prompt_tokens))
         live = [(s, t) for s, t in zip(queued.seqs, tokens, strict=True)
                 if s.status == SeqStatus.RUNNING and self.scheduler.running.get(s.row) is s]
         if live:  # else every row ended at the step before (the engine may have idled since): nothing to time
@@ -361,7 +369,8 @@ class LLMEngine:
         extra: dict = dict(self.budget.as_stats())
         extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, mixed_steps=int(self._mixes),
                      device=str(self.device), attention=self.attention, cuda_graphs=int(self.runner.use_graphs),
-                     graph_capture_s=round(self.graph_capture_s, 2), **self.step_stats.as_stats())
+                     graph_capture_s=round(self.graph_capture_s, 2), **self.step_stats.as_stats(),
+                     **self.clock.as_stats())
         for source in (self.runner, *self.reporters):
             extra.update(source.stats())
         if self.int8 is not None:
@@ -418,29 +427,28 @@ class LLMEngine:
 class QueuedStep:
     """A step launched and not read: its sequences and their picks (sampler.pick), on their way to pinned host
     memory. A decode step's picks are per row (the next step's input); a prefill's (prompt_tokens > 0) per
-    sequence, in order."""
+    sequence, in order. began/done: the StepClock's marks before its launches and after its copy."""
 
     seqs: list[Sequence]
     picks: torch.Tensor
     host: torch.Tensor
-    done: torch.cuda.Event | None
+    began: Mark
+    done: Mark
     start: float
     index: list[int]  # where each sequence's pick is: its row (decode) or its place (prefill)
     prompt_tokens: int = 0
 
     @classmethod
-    def launch(cls, seqs: list[Sequence], picks: torch.Tensor, start: float, prompt_tokens: int = 0) -> "QueuedStep":
-        cuda = picks.device.type == "cuda"
-        host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=cuda)
+    def launch(cls, seqs: list[Sequence], picks: torch.Tensor, start: float, began: Mark, clock: StepClock,
+               prompt_tokens: int = 0) -> "QueuedStep":
+        host = torch.empty(picks.shape, dtype=picks.dtype, pin_memory=picks.device.type == "cuda")
         host.copy_(picks, non_blocking=True)
-        done = torch.cuda.current_stream(picks.device).record_event() if cuda else None
         index = list(range(len(seqs))) if prompt_tokens else [s.row for s in seqs]
-        return cls(seqs, picks, host, done, start, index, prompt_tokens)
+        return cls(seqs, picks, host, began, clock.mark(), start, index, prompt_tokens)
 
     def read(self) -> list[int]:
         """Each sequence's token; waits for this step only (not for one queued after it)."""
-        if self.done is not None:
-            self.done.synchronize()
+        self.done.synchronize()
         tokens = self.host.tolist()
         return [tokens[i] for i in self.index]
 
