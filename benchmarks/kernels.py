@@ -51,6 +51,9 @@ class Shape:
 LLAMA2_7B = Shape(heads=32, kv_heads=32, head_dim=128, hidden=4096, intermediate=11008)
 SMOKE = Shape(heads=4, kv_heads=4, head_dim=64, hidden=128, intermediate=256)  # no GQA, as Llama-2-7B
 ATTENTION_CONFIGS = [(32, 4, 2), (128, 4, 2), (64, 8, 3)]  # (block_n, num_warps, num_stages) besides (64, 4, 2)
+# fp8 K/V alone: its tiles carry half the bytes (2.0-2.4 TB/s at the default launch): deeper pipelines, fewer warps,
+# longer tiles, more splits
+FP8_CONFIGS = [(64, 4, 3), (64, 4, 4), (64, 2, 2), (128, 4, 3), (256, 4, 2), (256, 8, 3)]
 GEMV_ROWS = (1, 2, 4, 8, 16)
 GEMV_CONFIGS = [  # (block_n, block_k, split_k, num_warps) besides gemv_config's: a hand sweep
     (16, 256, 1, 4), (16, 256, 2, 4), (32, 256, 1, 4), (32, 256, 2, 4), (32, 256, 4, 4), (32, 512, 1, 4),
@@ -174,6 +177,14 @@ def attention(args, shape: Shape, device: str) -> dict:
         _try(variants, f"triton fp16, splits {splits}",
              lambda s=splits: row(lambda: decode_attention(q, k, v, lens, scale, num_splits=s), "fp16"))
     _try(variants, "triton fp16, graph", lambda: row(lambda: decode_attention(q, k, v, lens, scale), "fp16", graph=True))
+    fp8 = dict(k_scale=k_scale, v_scale=v_scale)
+    for splits in (2, 4):
+        _try(variants, f"triton fp8, splits {splits}",
+             lambda s=splits: row(lambda: decode_attention(q, k8, v8, lens, scale, num_splits=s, **fp8), "fp8"))
+    for block_n, warps, stages in FP8_CONFIGS:
+        tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+        _try(variants, f"triton fp8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+            lambda: decode_attention(q, k8, v8, lens, scale, **fp8, **t), "fp8") | {"max_abs_err": checked(k8, v8, **fp8, **t)})
     for block_n, warps, stages in ATTENTION_CONFIGS:  # the default launch is timed above
         tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
         _try(variants, f"triton fp16, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
