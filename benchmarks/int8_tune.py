@@ -6,7 +6,7 @@
   against the rule's launch (gemv_config).
 - gemm: the Triton int8 GEMM with its dequantising epilogue fused (kernels.int8_matmul_dequant) at 256 to 16,384
   rows (a large decode batch to a prefill group), after Triton's quantising kernel: tile sizes, grouped order, warps,
-  stages; against what the engine runs without a table, the compiled quantise, torch._int_mm and the compiled
+  stages, and whether the persistent kernel with TMA-loaded tiles serves it (tma); against what the engine runs without a table, the compiled quantise, torch._int_mm and the compiled
   epilogue (the parts timed alone too). Int8Linear takes the Triton chain only where a launch of it won.
 
 A coordinate search from a starting launch (as inductor's coordinate-descent tuner walks): each axis in turn moved
@@ -48,7 +48,7 @@ AXES = {
              "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4, 6), "dot": (False, True),
              "pipeline": (1, 2, 3, 4, 6)},
     "gemm": {"block_m": (64, 128, 256), "block_n": (64, 128, 256), "block_k": (64, 128, 256), "group_m": (1, 8, 16),
-             "num_warps": (4, 8), "num_stages": (2, 3, 4, 5)},
+             "num_warps": (4, 8), "num_stages": (2, 3, 4, 5), "tma": (False, True)},  # tma: the persistent kernel
 }
 ROTATE_BYTES = 512 * 2**20
 WIN = 0.97  # a tuned launch goes in the table only where it beat the default by more than 3 %

@@ -16,6 +16,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh rows     # int8_tune at 384 rows; bulk with, without
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh next     # bulk and profile: one-split attention,
 #                                                                        # the fp8 store
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh retune-tma  # int8_tune with the TMA kernel; bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -121,6 +122,15 @@ case "$stage" in
     BULK_S=160 bulk fp8_kv 1 static-features 0 1 fp8
     profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
     profile bulk_state_fp8 "kv_cache_dtype=fp8" --rows 384 --prompt 352 --max-model-len 416
+    ;;
+  retune-tma)  # right after `next` on the same machine (its bulk is the baseline): the GEMM searched again at the bulk
+    # run's decode (384) and prefill (4,096) rows and at 1,024, the persistent TMA-loading kernel among the choices
+    mkdir -p "$out/retune_tma" && cp "$tables"/NVIDIA*.json "$out/retune_tma/"
+    run 270 int8_tune_tma python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 384,1024,4096 \
+        --out "$out/retune_tma/int8_tune.json" --budget-s 240
+    cp "$out"/retune_tma/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
+    BULK_S=225 bulk retuned_tma 1 static-features 0
+    profile retuned_tma ""
     ;;
   profile)
     profile untuned tuned_kernels=0

@@ -227,6 +227,26 @@ def test_dequantize_and_int8_gemm_equal_int8_linear():
     assert torch.equal(fused_int8_linear(x, cb, scb, bias, addend=dense), ref)
 
 
+def test_the_tma_persistent_gemm_equals_the_pointer_one():
+    """int8_matmul_dequant(tma=True): tiles loaded through tensor descriptors (zero-filled past every edge: 37 rows,
+    80 columns and 176 inputs, none a multiple of its block), 132 programs walking the 3 × 3 tiles (grouped
+    order, fewer tiles than programs), bias and addend: bit-equal to the pointer-loading kernel and int8_linear's."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(37, 176, generator=g).to(torch.float16)
+    cb = torch.randint(-127, 128, (80, 176), dtype=torch.int8, generator=g)
+    scb = torch.rand(80, generator=g) + 0.5
+    bias = torch.randn(80, generator=g).to(torch.float16)
+    dense = torch.randn(37, 80, generator=g).to(torch.float16)
+    xq, absmax = quantize_rows(x)
+    acc = torch._int_mm(torch.nn.functional.pad(xq, (0, 0, 0, 3)), cb.t())[:37]  # _int_mm wants rows > 16, even
+    launch = dict(block_m=16, block_n=32, block_k=64, group_m=2)
+    for b, add in ((None, None), (bias, dense)):
+        ref = int8_matmul_dequant(xq, absmax, cb, scb, b, torch.float16, add, **launch)
+        tma = int8_matmul_dequant(xq, absmax, cb, scb, b, torch.float16, add, tma=True, **launch)
+        assert torch.equal(tma, ref)
+    assert torch.equal(tma, dequantize_acc(acc, absmax, scb, bias, torch.float16, dense))
+
+
 def test_kernels_compile_for_hopper():
     """The interpreter runs the kernels' Python, not Triton's compiler: compile each for sm_90 (Triton's own
     ptxas, no GPU) in a process without TRITON_INTERPRET, so a GPU run does not meet a compile error first."""

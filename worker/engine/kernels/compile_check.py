@@ -69,6 +69,14 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
     ptx = k.asm["ptx"]
     out["int8 gemm"] = {"int8_tensor_cores": "s32.s8.s8" in ptx, "wgmma": "wgmma.mma_async" in ptx,
                         "pipelined": "cp.async" in ptx, "shared_bytes": k.metadata.shared}
+    k = build(int8_ops._int8_mm_tma_kernel, arch,
+              {"ADesc": "tensordesc<i8[256, 128]>", "BDesc": "tensordesc<i8[128, 128]>"} | EPILOGUE,
+              ["M", "N", "K", "stride_add", "stride_om"], ["inv_sq"],
+              dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, NUM_SMS=132, HAS_BIAS=True, HAS_ADDEND=True),
+              aligned=("N", "K", "stride_add", "stride_om"), num_warps=8, num_stages=4)
+    ptx = k.asm["ptx"]  # the operand tiles as bulk tensor copies into shared memory
+    out["int8 gemm tma"] = {"tma": "cp.async.bulk.tensor" in ptx, "wgmma": "wgmma.mma_async" in ptx,
+                            "shared_bytes": k.metadata.shared}
     for rows, block_m, block_n in ((1, 1, 16), (16, 16, 32)):  # one row's multiply-add path, and the dot path
         k = build(int8_gemv._gemv_kernel, arch, GEMV_POINTERS, ["M", "N", "K", "stride_xm", "stride_wn", "stride_om"],
                   ["inv_127", "threshold"],

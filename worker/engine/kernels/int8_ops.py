@@ -15,7 +15,7 @@ the same 1/127² constant, float32 epilogue in the same order.
 
 import torch
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, triton_available
-from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, fold
+from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, _num_sms, fold
 
 INV_127_SQ = 6.200124e-05  # bnb's 1/127² as int8_linear uses it (kept equal so results match bit for bit)
 
@@ -23,6 +23,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     @triton.jit
     def _quantize_kernel(X, Xq, Absmax, Outliers, Argmax, Seen, Hits, stride_xm, stride_qm, K, threshold,
@@ -114,6 +115,32 @@ if HAS_TRITON:
             a_ptr += BLOCK_K
             b_ptr += BLOCK_K
         _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, stride_add, stride_om, inv_sq, HAS_BIAS, HAS_ADDEND)
+
+    @triton.jit
+    def _int8_mm_tma_kernel(ADesc, BDesc, Absmax, Scb, Bias, Addend, Out, M, N, K, stride_add, stride_om, inv_sq,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            HAS_ADDEND: tl.constexpr):
+        # Persistent (one program per SM walking tiles in the grouped order) with the operand tiles brought in by
+        # Hopper's tensor memory accelerator: the loads are bulk copies that zero-fill past the edges, not address
+        # arithmetic per thread (Triton's persistent-matmul tutorial). The epilogue is _int8_mm_kernel's.
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * num_n
+        for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
+            first_m = (tile // group) * GROUP_M
+            size_m = tl.minimum(num_m - first_m, GROUP_M)
+            pid_m = first_m + (tile % group) % size_m
+            pid_n = (tile % group) // size_m
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            for k0 in range(0, K, BLOCK_K):
+                a = ADesc.load([pid_m * BLOCK_M, k0])
+                b = BDesc.load([pid_n * BLOCK_N, k0])
+                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+            rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, stride_add, stride_om, inv_sq, HAS_BIAS,
+                      HAS_ADDEND)
 
 
 def outlier_mask(cols: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -219,9 +246,11 @@ def dequantize_acc(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, b
 def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
                         bias: torch.Tensor | None, dtype: torch.dtype, addend: torch.Tensor | None = None, *,
                         inv_sq: float = INV_127_SQ, block_m: int | None = None, block_n: int = 128, block_k: int = 128,
-                        group_m: int = 8, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
+                        group_m: int = 8, num_warps: int = 4, num_stages: int = 4, tma: bool = False) -> torch.Tensor:
     """xq int8 [m, k] @ cb int8 [n, k].T with dequantize_acc's epilogue fused: -> [m, n] dtype. No padding for
-    small m (unlike cuBLASLt's torch._int_mm). Falls back to torch._int_mm + the reference epilogue."""
+    small m (unlike cuBLASLt's torch._int_mm). Falls back to torch._int_mm + the reference epilogue.
+    tma: the persistent kernel whose tiles Hopper's TMA loads (xq and cb contiguous, k a multiple of 16), a
+    launch benchmarks.int8_tune weighs against the pointer-loading one."""
     if not triton_available(xq):
         return dequantize_acc_reference(torch._int_mm(xq, cb.t()), absmax, scb, bias, dtype, addend, inv_sq=inv_sq)
     m, k = xq.shape
@@ -230,6 +259,15 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     out = torch.empty(m, n, dtype=dtype, device=xq.device)
     args = _launch_args(absmax, scb, bias, addend, out)
+    if tma:
+        num_sms = _num_sms(xq.device)
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        _int8_mm_tma_kernel[(min(num_sms, tiles),)](
+            TensorDescriptor.from_tensor(xq, [block_m, block_k]), TensorDescriptor.from_tensor(cb, [block_n, block_k]),
+            *args, out, m, n, k, addend.stride(0) if addend is not None else 0, out.stride(0), inv_sq,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, NUM_SMS=num_sms,
+            HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, num_warps=num_warps, num_stages=num_stages)
+        return out
     _int8_mm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
         xq, cb, *args, out, m, n, k, xq.stride(0), cb.stride(0), addend.stride(0) if addend is not None else 0,
         out.stride(0), inv_sq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
