@@ -256,7 +256,7 @@ def test_kernels_compile_for_hopper():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(compiled) == {"split fp16", "split fp8", "split paged fp16", "split paged fp8", "one split paged fp16",
-                             "one split paged fp8", "merge", "quantize",
+                             "one split paged fp8", "merge", "quantize", "int8 gemm tma",
                              "dequantize", "int8 gemm", "gemv 1 row", "gemv 16 rows", "kv store fp16", "kv store fp8"}
     assert compiled["kv store fp16"]["vectorised"] and compiled["kv store fp8"]["vectorised"]
     assert compiled["kv store fp8"]["div_rn"]  # the quantising store divides as torch does
@@ -265,6 +265,7 @@ def test_kernels_compile_for_hopper():
     # Hopper's warpgroup MMA, and weight tiles loaded asynchronously a few steps ahead (cp.async): the GEMV has no
     # tl.dot at one row, so its loop asks for that itself
     assert compiled["int8 gemm"]["wgmma"]
+    assert compiled["int8 gemm tma"]["wgmma"] and compiled["int8 gemm tma"]["tma"]  # tiles as bulk tensor copies
     assert all(compiled[name]["pipelined"] for name in ("int8 gemm", "gemv 1 row", "gemv 16 rows"))
 
 
