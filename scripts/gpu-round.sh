@@ -14,8 +14,9 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh kernels  # decode attention, fp16 and fp8 K/V
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh retune   # int8_tune's GEMMs with the wider tiles
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh rows     # int8_tune at 384 rows; bulk with, without
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh next     # bulk and profile: one-split attention,
-#                                                                        # the fp8 store
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh next     # bulk fp16 and fp8 K/V: one-split
+#                                                                        # attention, the fp8 store, StepClock
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh next-profile  # profiles at the bulk state
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh retune-tma  # int8_tune with the TMA kernel; bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
@@ -120,8 +121,12 @@ case "$stage" in
     # divide/clamp/cast/copy kernels); against that day's rows in docs/benchmarks.md
     BULK_S=225 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     BULK_S=160 bulk fp8_kv 1 static-features 0 1 fp8
+    ;;
+  next-profile)  # the step profiles at the bulk state, fp16 and fp8 K/V, and one with call sites (--stacks: which
+    # ops make the host wait inside a step; a prefill's wall exceeded its kernels by ~23 ms)
     profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
     profile bulk_state_fp8 "kv_cache_dtype=fp8" --rows 384 --prompt 352 --max-model-len 416
+    profile bulk_state_stacks "" --rows 384 --prompt 352 --max-model-len 416 --stacks
     ;;
   retune-tma)  # right after `next` on the same machine (its bulk is the baseline): the GEMM searched again at the bulk
     # run's decode (384) and prefill (4,096) rows and at 1,024, the persistent TMA-loading kernel among the choices
