@@ -285,11 +285,12 @@ def test_a_converted_linear_still_has_a_weight_for_forwards_that_read_it(bnb_mod
     torch.testing.assert_close(x @ linear.weight.t(), linear._forward_weight_only(x))
 
 
-def test_a_tuned_triton_gemm_computes_what_int_mm_and_its_epilogue_do(bnb_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tma", [False, True])
+def test_a_tuned_triton_gemm_computes_what_int_mm_and_its_epilogue_do(bnb_model, tmp_path, monkeypatch, tma):
     """Where benchmarks.int8_tune's table has a GEMM launch for a linear's shape near the batch's rows, Int8Linear
     quantises in one Triton kernel and runs the Triton int8 GEMM with the epilogue fused (here under Triton's
-    interpreter): the same numbers bit for bit and the same guard records, with and without outlier columns;
-    batches more than twice the tuned rows away keep torch._int_mm."""
+    interpreter; tma: the persistent kernel the launch may name): the same numbers bit for bit and the same guard
+    records, with and without outlier columns; batches more than twice the tuned rows away keep torch._int_mm."""
     import json
 
     from batchgen.worker.engine import int8_linear
@@ -297,7 +298,7 @@ def test_a_tuned_triton_gemm_computes_what_int_mm_and_its_epilogue_do(bnb_model,
 
     module = bnb_linears(bnb_model)[0]
     n, k = module.out_features, module.in_features
-    launch = {"block_m": 32, "block_n": 32, "block_k": 32, "group_m": 2, "num_warps": 4, "num_stages": 2}
+    launch = {"block_m": 32, "block_n": 32, "block_k": 32, "group_m": 2, "num_warps": 4, "num_stages": 2, "tma": tma}
     monkeypatch.setattr(tuned, "TABLES", tmp_path)
     tuned.table_path("cpu").write_text(json.dumps({"gemm": [{"n": n, "k": k, "rows": 40, "launch": launch}]}))
     tuned.forget()
