@@ -145,6 +145,8 @@ def time_breakdown(wall_s: float, engine: dict, host_s_per_step: float | None = 
         busy = engine["prefill_device_s"] + engine["decode_device_s"]
         out["device"] = {"prefill_s": engine["prefill_device_s"], "decode_s": engine["decode_device_s"],
                          "gaps_s": engine["device_gap_s"],  # idle between steps while requests were in the engine
+                         "gaps_by_transition_s": engine.get("device_gaps_s"),  # decode>prefill: a refill, ...
+                         "gaps_by_transition_n": engine.get("device_gaps_n"),
                          "rest_s": round(max(0.0, wall_s - busy - engine["device_gap_s"]), 2),  # no request there
                          "busy_fraction": round(busy / wall_s, 3) if wall_s else None}
     return out
@@ -885,7 +887,8 @@ def table(s: dict) -> str:
         if br.get("device"):
             d = br["device"]
             lines.append(f"device: prefill {d['prefill_s']} + decode {d['decode_s']} s busy ({d['busy_fraction']} of "
-                         f"the wall), idle between steps {d['gaps_s']} s, with no request {d['rest_s']} s")
+                         f"the wall), idle between steps {d['gaps_s']} s ({d.get('gaps_by_transition_s')}), "
+                         f"with no request {d['rest_s']} s")
     lines.append(f"best HF int8: {i8.get('bs')} rows, threshold {i8.get('threshold')}; best HF fp16: {f16.get('cache')} "
                  f"cache, {f16.get('bs')} rows. Agreement with HF int8 generate: {s.get('agreement')}")
     return "\n".join(lines)

@@ -33,12 +33,12 @@ def test_the_clock_counts_gaps_only_between_steps_with_work_pending():
     e, f = clock.mark(), clock.mark()
     clock.settle(e, f, prefill=False)
     stats = clock.as_stats()
-    assert stats["num_device_gaps"] == 1
+    assert stats["num_device_gaps"] == 1 and stats["device_gaps_n"] == {"prefill>decode": 1}
     assert 0.03 <= stats["device_gap_s"] < 0.03 + 0.01 + 0.005
     assert 0.02 <= stats["prefill_device_s"] < 0.03 and 0.01 <= stats["decode_device_s"] < 0.02
     clock.reset()
     assert clock.as_stats() == {"prefill_device_s": 0.0, "decode_device_s": 0.0, "device_gap_s": 0.0,
-                                "num_device_gaps": 0}
+                                "num_device_gaps": 0, "device_gaps_s": {}, "device_gaps_n": {}}
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -58,6 +58,9 @@ def test_device_time_and_gaps_fit_in_the_engines_wall_time(demo_model_dir, overl
     # the run: device time and gaps add up to at most the wall time
     assert clock["num_device_gaps"] == steps["num_prefill_steps"] + steps["num_decode_steps"] - 1
     assert clock["device_gap_s"] >= 0
+    assert sum(clock["device_gaps_n"].values()) == clock["num_device_gaps"]  # by transition: decode>prefill, ...
+    assert abs(sum(clock["device_gaps_s"].values()) - clock["device_gap_s"]) < 1e-3
+    assert {"prefill>decode", "decode>decode"} <= set(clock["device_gaps_n"])
     assert clock["prefill_device_s"] + clock["decode_device_s"] + clock["device_gap_s"] <= wall
     if not overlap:  # a synchronous step's forward is inside its timed region
         assert clock["decode_device_s"] <= steps["decode_s"] and clock["prefill_device_s"] <= steps["prefill_s"]

@@ -29,9 +29,13 @@ class StepClock:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self._last_end: Mark | None = None  # the previous step's end, while the engine has had work since
+        self._last_kind = ""
         self.device_s = {"prefill": 0.0, "decode": 0.0}
         self.gap_s = 0.0
         self.num_gaps = 0
+        # the gaps by transition ("decode>prefill": a refill's prompts launched after the last decode drained)
+        self.gaps_by_kind: dict[str, float] = {}
+        self.gaps_n_by_kind: dict[str, int] = {}
 
     def mark(self) -> Mark:
         """A mark recorded now on the current stream (after the work launched so far)."""
@@ -46,11 +50,16 @@ class StepClock:
         from the previous step's end to its start. A step launched before the previous one ended starts when
         that one ends (stream order): no gap."""
         end.synchronize()
-        self.device_s["prefill" if prefill else "decode"] += start.elapsed_time(end) / 1000.0
+        kind = "prefill" if prefill else "decode"
+        self.device_s[kind] += start.elapsed_time(end) / 1000.0
         if self._last_end is not None:
-            self.gap_s += max(0.0, self._last_end.elapsed_time(start) / 1000.0)
+            gap = max(0.0, self._last_end.elapsed_time(start) / 1000.0)
+            self.gap_s += gap
             self.num_gaps += 1
-        self._last_end = end
+            transition = f"{self._last_kind}>{kind}"
+            self.gaps_by_kind[transition] = self.gaps_by_kind.get(transition, 0.0) + gap
+            self.gaps_n_by_kind[transition] = self.gaps_n_by_kind.get(transition, 0) + 1
+        self._last_end, self._last_kind = end, kind
 
     def idle(self) -> None:
         """The engine ran out of work: the time until its next step is waiting for requests, not a gap."""
@@ -59,8 +68,11 @@ class StepClock:
     def reset(self) -> None:
         self.device_s = {"prefill": 0.0, "decode": 0.0}
         self.gap_s, self.num_gaps, self._last_end = 0.0, 0, None
+        self.gaps_by_kind, self.gaps_n_by_kind = {}, {}
 
     def as_stats(self) -> dict[str, float | int]:
         return {"prefill_device_s": round(self.device_s["prefill"], 3),
                 "decode_device_s": round(self.device_s["decode"], 3),
-                "device_gap_s": round(self.gap_s, 3), "num_device_gaps": self.num_gaps}
+                "device_gap_s": round(self.gap_s, 3), "num_device_gaps": self.num_gaps,
+                "device_gaps_s": {k: round(v, 4) for k, v in sorted(self.gaps_by_kind.items())},
+                "device_gaps_n": dict(sorted(self.gaps_n_by_kind.items()))}
