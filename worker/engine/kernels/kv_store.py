@@ -69,21 +69,22 @@ def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: t
     kernels cost more than the store). triton_kernel: None runs Triton on CUDA and index_copy_ elsewhere (the CPU
     tests' interpreter would run a program per token); True forces Triton (its tests)."""
     heads, head_dim = cache.shape[-2:]
-    use_triton = HAS_TRITON and (x.is_cuda if triton_kernel is None else triton_kernel)
     quant = cache.dtype == torch.float8_e4m3fn and x.dtype != cache.dtype
     if quant and scale is None:
         raise ValueError("an fp8 KV cache needs its scales (ModelRunner.calibrate_kv)")
-    if not use_triton or not quant:
+    if not (HAS_TRITON and (x.is_cuda if triton_kernel is None else triton_kernel)):
         x = quantize_kv(x, scale) if quant else x.to(cache.dtype)
-    if cache.dtype.itemsize == 1:  # fp8: the bytes are what move (index_copy_ has no float8 kernel)
-        cache = cache.view(torch.uint8)
-        x = x if quant and use_triton else x.view(torch.uint8)
-    if not use_triton:
+        if x.dtype.itemsize == 1:  # index_copy_ has no float8 kernel: the bytes are what move
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
         cache.view(-1, heads * head_dim).index_copy_(0, slots, x.reshape(-1, heads * head_dim))
         return
+    if not quant:
+        x = x.to(cache.dtype)
+    if cache.dtype.itemsize == 1:  # fp8: the kernel writes bytes (the e4m3 bits it computed, or x's own)
+        cache, x = cache.view(torch.uint8), x if quant else x.view(torch.uint8)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    scale = (scale.to(device=x.device, dtype=torch.float32).reshape(-1) if quant else cache)  # unread without QUANT
+    scale = scale.to(device=x.device, dtype=torch.float32).reshape(-1) if quant else cache  # unread without QUANT
     _store_kernel[(x.shape[0],)](cache, slots, x, scale, x.stride(0), x.stride(1),
                                  1 if quant and scale.numel() > 1 else 0, HEADS=heads, HEAD_DIM=head_dim,
                                  BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(head_dim),
