@@ -23,7 +23,11 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
     from triton.language.extra import libdevice
-    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    try:  # host-side TMA descriptors (Triton >= 3.3); without them the tma launch is refused, the rest runs
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        TensorDescriptor = None
 
     @triton.jit
     def _quantize_kernel(X, Xq, Absmax, Outliers, Argmax, Seen, Hits, stride_xm, stride_qm, K, threshold,
@@ -260,6 +264,8 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
     out = torch.empty(m, n, dtype=dtype, device=xq.device)
     args = _launch_args(absmax, scb, bias, addend, out)
     if tma:
+        if TensorDescriptor is None:
+            raise RuntimeError(f"this Triton ({triton.__version__}) has no host tensor descriptors: no tma launch")
         num_sms = _num_sms(xq.device)
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         _int8_mm_tma_kernel[(min(num_sms, tiles),)](
