@@ -27,6 +27,7 @@ Mark = torch.cuda.Event | _HostMark
 
 class StepClock:
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
         self._last_end: Mark | None = None  # the previous step's end, while the engine has had work since
         self._last_kind = ""
@@ -38,11 +39,12 @@ class StepClock:
         self.gaps_n_by_kind: dict[str, int] = {}
 
     def mark(self) -> Mark:
-        """A mark recorded now on the current stream (after the work launched so far)."""
+        """A mark recorded now on the device's current stream (after the work launched so far): reading a step
+        waits on its end mark, so the mark must follow the step's copies on their stream."""
         if not self.cuda:
             return _HostMark()
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def settle(self, start: Mark, end: Mark, *, prefill: bool) -> None:
