@@ -804,7 +804,8 @@ def merge(dirs: list[Path], out_path: Path) -> dict:
         "mean_decode_batch": (main.get("engine") or {}).get("mean_decode_batch"),
         # rows held over the run (a paged KV cache admits by the tokens rows can reach, not max_model_len)
         **{key: main_engine.get(key) for key in ("max_decode_batch", "mean_kv_tokens", "mean_kv_blocks_used",
-                                                 "max_kv_blocks_used", "num_kv_blocks")},
+                                                 "max_kv_blocks_used", "num_kv_blocks",
+                                                 "mean_decode_rows_computed")},  # running rows and holes
         "engine_busy": main.get("engine_busy"), "gpu_busy": main.get("gpu_busy"),
         "agreement": bg.get("agreement"), "engine_in_process": (parts.get("levers") or {}).get("engine"),
         "phases": parts,
@@ -842,7 +843,8 @@ def table(s: dict) -> str:
 
     row("**batchgen end to end** (2,048 requests, submit → Redis → worker → results)", s.get("batchgen_tok_s"),
         s.get("peak_vram_gib"), f"rows {s.get('chosen_rows')} (largest that fits {s.get('largest_fit_rows')}), "
-        f"mean decode batch {s.get('mean_decode_batch')} (peak {s.get('max_decode_batch')}), "
+        f"mean decode batch {s.get('mean_decode_batch')} (peak {s.get('max_decode_batch')}; rows computed "
+        f"{s.get('mean_decode_rows_computed')}), "
         f"mean KV tokens held {s.get('mean_kv_tokens')}, KV blocks used mean {s.get('mean_kv_blocks_used')} / peak "
         f"{s.get('max_kv_blocks_used')} of {s.get('num_kv_blocks')}, "
         f"engine busy {s.get('engine_busy')}, NVML GPU busy {s.get('gpu_busy')}")

@@ -304,6 +304,11 @@ engine_options = shared_options(
                  help="Fast path: launch the next prefill before reading this one's first tokens, so packing and "
                       "launching prompts overlaps the GPU across consecutive prefill steps; prompts with "
                       "logprobs, logit_bias, penalties, min_tokens or a grammar prefill synchronously."),
+    click.option("--compact-rows/--no-compact-rows", envvar="BATCHGEN_COMPACT_ROWS", default=True,
+                 show_default=True,
+                 help="Fast path, paged KV: move running rows down into the rows finished requests freed (their "
+                      "block-table rows only), so a decode step computes the running rows and not every row up "
+                      "to the highest one still running."),
     click.option("--mixed-steps/--no-mixed-steps", envvar="BATCHGEN_MIXED_STEPS", default=False, show_default=True,
                  help="Fast path: decode the running rows in the same forward that prefills newly admitted prompts "
                       "(their projections share one weight read) instead of a prefill step, then a decode step."),
@@ -347,7 +352,7 @@ def engine_config(kw: dict[str, Any]):
         max_vram_bytes=parse_bytes(kw["max_vram"]) if kw["max_vram"] else None, max_batch_size=kw["max_batch"],
         max_model_len=kw["max_model_len"], int8_threshold=kw["int8_threshold"], int8_kernel=kw["int8_kernel"],
         attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], overlap_decode=kw["overlap_decode"],
-        overlap_prefill=kw["overlap_prefill"],
+        overlap_prefill=kw["overlap_prefill"], compact_rows=kw["compact_rows"],
         mixed_steps=kw["mixed_steps"], fused_elementwise=kw["fused_elementwise"], tuned_kernels=kw["tuned_kernels"],
         compile_shapes=kw["compile_shapes"],
         host_kv_dtype=kw["host_kv_dtype"],

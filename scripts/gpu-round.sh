@@ -42,6 +42,7 @@ profile() {  # profile NAME ENGINE_OPTIONS [PROFILE_STEPS OPTIONS...]
 }
 
 bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS [OVERLAP_PREFILL (default 1) [KV_CACHE_DTYPE]]
+    BATCHGEN_COMPACT_ROWS=${COMPACT:-1} \
     BATCHGEN_TUNED_KERNELS=$2 BATCHGEN_COMPILE_SHAPES=$3 BATCHGEN_MIXED_STEPS=$4 BATCHGEN_OVERLAP_PREFILL=${5:-1} \
         BATCHGEN_KV_CACHE_DTYPE=${6:-auto} run "${BULK_S:-190}" "bulk_$1" \
         python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_$1"
@@ -116,10 +117,12 @@ case "$stage" in
     cp /tmp/committed.json "$tables"/NVIDIA_H200.json
     bulk committed 1 static-features 0 0
     ;;
-  next)  # the levers CPU-tested after the 2026-12-04 run, at the bulk state: attention at one split launches no
-    # merge (the profile's 0.30 ms), the fp8 cache quantised in the store's launch (the fp8 prefill's ~8.5 ms of
-    # divide/clamp/cast/copy kernels); against that day's rows in docs/benchmarks.md
+  next)  # the levers CPU-tested after the 2026-12-04 run: row compaction (a simulation of the bulk workload's
+    # scheduling computes 533 graph rows a decode step for 386 running; 413 with it), attention at one split
+    # launching no merge (the profile's 0.30 ms), the fp8 cache quantised in the store's launch (the fp8 prefill's
+    # ~8.5 ms of divide/clamp/cast/copy kernels), StepClock's device breakdown; against that day's rows
     BULK_S=225 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    BULK_S=160 COMPACT=0 bulk no_compact 1 static-features 0  # row compaction's A/B (the rows computed a step)
     BULK_S=160 bulk fp8_kv 1 static-features 0 1 fp8
     ;;
   next-profile)  # the step profiles at the bulk state, fp16 and fp8 K/V, and one with call sites (--stacks: which

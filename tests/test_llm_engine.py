@@ -90,9 +90,9 @@ def test_finished_rows_are_refilled_while_others_run(engine):
     while not first:
         first = engine.step()
     assert [r.key for r in first] == ["r0"]
-    engine.step()  # admits r4 into r0's row
-    assert engine.stats().batch_size == 1 and engine.scheduler.running_seqs()[0].key == "r4"
-    assert engine.scheduler.running[0].key == "r4"
+    engine.step()  # admits r4 (a prefill of one) after r3, the highest row, moved down into r0's (--compact-rows)
+    assert engine.stats().batch_size == 1 and engine.scheduler.running[0].key == "r3"
+    assert sorted(engine.scheduler.running) == [0, 1, 2, 3] and engine.scheduler.running[3].key == "r4"
     run(engine, [])
 
 

@@ -43,6 +43,9 @@ class EngineConfig:
     # the fast path launches the next prefill (newly admitted prompts) before reading this one's first tokens, so
     # the host's packing and launches overlap the GPU across a run of prefill steps (llm_engine.py)
     overlap_prefill: bool = True
+    # the fast path moves running rows down into the rows finished sequences freed (paged KV: block-table rows
+    # only), so a decode step computes its running rows and not the holes up to the highest one (llm_engine.py)
+    compact_rows: bool = True
     # the fast path decodes its running rows in the forward that prefills newly admitted prompts (llama.mixed_step),
     # instead of a prefill step and then a decode step
     mixed_steps: bool = False

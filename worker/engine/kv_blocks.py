@@ -43,6 +43,13 @@ class BlockPool:
             self.free.extend(blocks)
             self.changes[row] = []
 
+    def move(self, src: int, dst: int) -> None:
+        """Row src's blocks become row dst's (a free row): the K/V stays where it is, only the table rows change."""
+        if dst in self.rows:
+            raise ValueError(f"row {dst} already holds blocks")
+        self.rows[dst] = self.changes[dst] = self.rows.pop(src)
+        self.changes[src] = []
+
     def take_changes(self) -> dict[int, list[int]]:
         """Rows whose blocks changed since the last call (a released row: []), for the device block table."""
         changes, self.changes = self.changes, {}

@@ -31,6 +31,7 @@ from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine import logits_processors
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.fused import fuse_layers
+from batchgen.worker.engine.host_copy import to_device
 from batchgen.worker.engine.int8_linear import Int8Runtime
 from batchgen.worker.engine.int8_outliers import calibration_ids
 from batchgen.worker.engine.kv_blocks import BlockPool
@@ -195,6 +196,7 @@ class LLMEngine:
                 return self._step_queued()
             # a mixed step decodes the running rows [0, n) in the prefill's forward: the prompts get what is
             # left of the prefill token budget
+            self._compact()
             decoding = self.scheduler.running_seqs() if self._mixes else []
             n = self.scheduler.num_decode_rows if decoding else 0
             admitted = self.scheduler.admit(max(1, self.scheduler.max_prefill_tokens - n) if n else None)
@@ -310,6 +312,7 @@ class LLMEngine:
         ahead = 0 if picks is None else 1  # tokens each row has beyond its output_ids
         if not self._can_queue(ahead):
             return
+        moves = self._compact()
         n = self.scheduler.num_decode_rows
         tokens, positions, seqs = [0] * n, [0] * n, []
         for seq in self.scheduler.running_seqs():
@@ -321,12 +324,28 @@ class LLMEngine:
                 tokens[seq.row] = seq.output_ids[-1]
         if not seqs:
             return
+        if picks is not None and moves:  # a moved row's token is its old row's pick
+            source = list(range(n))
+            for old, new in moves.items():
+                source[new] = old
+            picks = picks.index_select(0, to_device(source, picks.device))
+        self.step_stats.num_rows_computed += n
         start, began = time.perf_counter(), self.clock.mark()
         try:
             logits = self.runner.decode(tokens if picks is None else picks, positions)
         except torch.OutOfMemoryError:  # the synchronous step that follows meets it again and backs off
             return
         self._queued = QueuedStep.launch(seqs, pick(logits, seqs, ahead), start, began, self.clock)
+
+    def _compact(self) -> dict[int, int]:
+        """Running rows moved down into the rows finished sequences left (--compact-rows, paged KV: block-table rows
+        only), so a decode step computes len(running) rows, not every row up to the highest one still running."""
+        if not self.cfg.compact_rows or self.blocks is None:
+            return {}
+        moves = self.scheduler.compact()
+        if moves:  # before the next launch, in stream order after the steps already queued (which read the old rows)
+            self.runner.set_blocks(self.blocks.take_changes())
+        return moves
 
     def _step_queued(self) -> list[GenerationResult]:
         """Queues the step after the unread one (a decode fed its picks, or after a prefill the next prefill),
@@ -394,6 +413,8 @@ class LLMEngine:
             return self.runner.prefill(rows, prompts)
         running = decoding or self.scheduler.running_seqs()
         n = max(s.row for s in running) + 1  # rows [0, n): holes (admitted rows among them) are computed, ignored
+        if not admitted:
+            self.step_stats.num_rows_computed += n
         tokens, positions = [0] * n, [0] * n
         for seq in running:
             tokens[seq.row], positions[seq.row] = seq.output_ids[-1], seq.last_position

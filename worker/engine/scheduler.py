@@ -125,6 +125,24 @@ class Scheduler:
         if self.blocks is not None:
             self.blocks.release(row)
 
+    def compact(self) -> dict[int, int]:
+        """With a block pool: moves the sequences of the highest rows into the lowest free ones, so that the running
+        rows are [0, len(running)) again and a decode step computes no holes (the rows finished since the last
+        step leave them anywhere). Only block-table rows move. Returns {old row: new row}."""
+        moves: dict[int, int] = {}
+        if self.blocks is None:
+            return moves
+        holes = iter(self.free_rows())
+        for top in sorted(self.running, reverse=True):
+            if top < len(self.running):
+                break
+            hole = next(holes)
+            seq = self.running.pop(top)
+            self.blocks.move(top, hole)
+            seq.row, self.running[hole] = hole, seq
+            moves[top] = hole
+        return moves
+
     def running_seqs(self) -> list[Sequence]:
         return [self.running[r] for r in sorted(self.running)]
 

@@ -32,6 +32,7 @@ class StepStats:
     num_kv_blocks: int = 0
     max_decode_batch: int = 0
     sum_kv_tokens: int = 0
+    num_rows_computed: int = 0  # rows the decode steps computed: the running ones and the holes below the highest
     sum_kv_blocks_used: int = 0
     max_kv_blocks_used: int = 0
     # Named host phases (timed(), add_host()): seconds and counts by name. Those run inside a step are part of its
@@ -119,6 +120,7 @@ class StepStats:
             "prefill_s": round(self.prefill_s, 3), "decode_s": round(self.decode_s, 3),
             "num_prefill_tokens": self.num_prefill_tokens,
             "mean_decode_batch": round(self.num_decode_rows / steps, 1),
+            "mean_decode_rows_computed": round(self.num_rows_computed / steps, 1),
             "max_decode_batch": self.max_decode_batch,
             "mean_kv_tokens": round(self.sum_kv_tokens / steps, 1),
             "mean_kv_blocks_used": round(self.sum_kv_blocks_used / steps, 1),
