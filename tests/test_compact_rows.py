@@ -85,3 +85,14 @@ def test_same_tokens_fewer_rows_computed(engines, overlap, monkeypatch):
     assert on.blocks.num_used == 0 and off.blocks.num_used == 0
     for engine in engines:
         engine.cfg.overlap_decode = True
+
+
+def test_the_bulk_workloads_scheduling_computes_only_running_rows_with_compaction():
+    """benchmarks.rows_sim (the engine's Scheduler and BlockPool on the bulk workload, no model): the same steps
+    either way; without compaction the steps compute holes above the running rows, with it exactly those rows."""
+    from benchmarks.rows_sim import simulate
+
+    without, with_ = (simulate(1024, 4023, 64, 4096, 768, compact) for compact in (False, True))
+    assert without["decode_steps"] == with_["decode_steps"] and without["prefill_steps"] == with_["prefill_steps"]
+    assert with_["mean_rows_computed"] == with_["mean_running_rows"] < without["mean_rows_computed"]
+    assert with_["mean_graph_rows"] < without["mean_graph_rows"]

@@ -1,0 +1,67 @@
+"""The rows a decode step computes on the bulk workload, without a model or a GPU: the engine's own Scheduler and
+BlockPool replay benchmarks.bulk's 2,048 requests (each prefill fills what admission takes, each decode step adds
+a token to every running row, rows end at max_tokens), with and without row compaction.
+
+A decode step computes rows [0, highest running row] (holes included) and replays the graph of the next bucket
+(cuda_graphs.batch_buckets), so rows above the running ones cost GEMM, norm and LM-head work.
+
+    .venv/bin/python -m benchmarks.rows_sim [--rows 1024 --blocks 4023 --block-size 64 --max-prefill-tokens 4096]
+"""
+
+import argparse
+import json
+
+from batchgen.worker.engine.cuda_graphs import batch_buckets
+from batchgen.worker.engine.kv_blocks import BlockPool
+from batchgen.worker.engine.scheduler import Scheduler
+from batchgen.worker.engine.sequence import SamplingParams, Sequence
+
+from benchmarks.common import workload
+
+
+def simulate(rows: int, num_blocks: int, block_size: int, max_prefill_tokens: int, max_model_len: int,
+             compact: bool) -> dict:
+    blocks = BlockPool(num_blocks, block_size, -(-max_model_len // block_size))
+    scheduler = Scheduler(rows, max_prefill_tokens=max_prefill_tokens, blocks=blocks)
+    for i, req in enumerate(workload()):
+        scheduler.add(Sequence(req.custom_id, list(req.prompt_ids), SamplingParams(max_tokens=req.max_tokens), seed=i))
+    buckets = batch_buckets(rows)
+    steps = prefills = running = computed = replayed = 0
+    while scheduler.num_unfinished:
+        if compact:
+            scheduler.compact()
+        admitted = scheduler.admit()
+        if admitted:  # a prefill: each prompt's first token
+            prefills += 1
+            for seq in admitted:
+                seq.output_ids.append(0)
+            continue
+        n = scheduler.num_decode_rows
+        steps += 1
+        running += len(scheduler.running)
+        computed += n
+        replayed += next(b for b in buckets if b >= n)
+        for seq in list(scheduler.running.values()):
+            seq.output_ids.append(0)
+            if len(seq.output_ids) >= seq.params.max_tokens:
+                scheduler.finish(seq, "length")
+    return {"compact_rows": compact, "decode_steps": steps, "prefill_steps": prefills,
+            "mean_running_rows": round(running / steps, 1), "mean_rows_computed": round(computed / steps, 1),
+            "mean_graph_rows": round(replayed / steps, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1024, help="the engine's max rows (the bulk run's: 1,024)")
+    parser.add_argument("--blocks", type=int, default=4023, help="KV blocks in the pool (the bulk run's: 4,023)")
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--max-prefill-tokens", type=int, default=4096)
+    parser.add_argument("--max-model-len", type=int, default=768)
+    args = parser.parse_args()
+    for compact in (False, True):
+        print(json.dumps(simulate(args.rows, args.blocks, args.block_size, args.max_prefill_tokens,
+                                  args.max_model_len, compact)))
+
+
+if __name__ == "__main__":
+    main()
