@@ -36,11 +36,14 @@ def test_same_tokens_as_synchronous_prefills(engines):
     first_token = hf_generate_ids(off, off.tokenizer(PROMPTS[0])["input_ids"], 1)[0]
     reqs[0] = completion("p0", PROMPTS[0], max_tokens=MAX_TOKENS[0], stop_token_ids=[first_token])
     before_on, before_off = queued(on), queued(off)
+    refills = on.step_stats.num_queued_refills
     want, got = run(off, reqs), run(on, reqs)
     assert outputs(got) == outputs(want)
     assert got["p3"].completion_tokens == 1 and got["p3"].finish_reason == "length"
     assert got["p0"].finish_reason == "stop" and got["p0"].completion_tokens <= 1  # its first token stops it
     assert queued(on) - before_on >= 3 and queued(off) == before_off == 0  # 12 prompts, 6 rows, ~2 per prefill
+    # rows freed mid-run were refilled by prefills launched behind the decode step then running
+    assert on.step_stats.num_queued_refills > refills and off.step_stats.num_queued_refills == 0
     assert on.step_stats.num_prefill_tokens == off.step_stats.num_prefill_tokens
     for engine in (on, off):
         assert not engine.scheduler.running and (engine.blocks is None or engine.blocks.num_used == 0)

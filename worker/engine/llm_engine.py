@@ -16,7 +16,11 @@ dropped unread.
 
 Overlapped prefill (--overlap-prefill): a prefill step whose prompts need nothing from the host to choose their
 first token is launched and queued the same way; reading it first launches the next prefill when admission wants
-one, so across a run of prefill steps the host packs and launches step N+1 while the GPU computes step N.
+one, so across a run of prefill steps the host packs and launches step N+1 while the GPU computes step N. A
+refill (the prefill of the prompts admitted into rows finished sequences freed) is launched the same way behind
+the decode step still running, instead of after the queue of decode steps has drained. Row compaction
+(--compact-rows, paged KV): before each decode launch the highest running rows move down into freed rows (their
+block-table rows only), so the step computes the running rows and no holes.
 """
 
 import json
@@ -147,6 +151,7 @@ class LLMEngine:
         self._num_ooms = 0
         self._rate = TokenRate(TOKENS_PER_S_WINDOW_S)
         self._queued: QueuedStep | None = None  # a step launched and not yet read
+        self._admit_here = False  # prompts a queued prefill could not take: the next synchronous step admits them
         self._unpolled_tokens = 0  # tokens of queued steps since the guard's last poll
         self._unpolled_steps = 0
         self._last_read = 0.0
@@ -200,6 +205,8 @@ class LLMEngine:
             decoding = self.scheduler.running_seqs() if self._mixes else []
             n = self.scheduler.num_decode_rows if decoding else 0
             admitted = self.scheduler.admit(max(1, self.scheduler.max_prefill_tokens - n) if n else None)
+            if admitted:
+                self._admit_here = False
             decoding = decoding if admitted else []
             seqs = decoding + admitted if admitted else self.scheduler.running_seqs()
             if self.blocks is not None:  # rows admitted, finished, aborted or requeued since the last forward
@@ -276,18 +283,23 @@ class LLMEngine:
                                          sum(s.num_prompt_tokens for s in admitted))
         return True
 
-    def _queue_prefill(self) -> None:
-        """While a prefill is queued: launches the next one when admission wants it and its prompts allow."""
+    def _queue_prefill(self) -> bool:
+        """While a step is queued (a prefill, or a decode with rows freed since it was launched): launches the next
+        prefill behind it when admission wants one and its prompts allow; whether it did. The host admits, packs
+        and launches while the GPU runs the queued step."""
         admitted = self.scheduler.admit()  # nothing unless admission wants it
         if not admitted:
-            return
+            return False
         if self._can_queue_prefill(admitted):
             if self.blocks is not None:
                 self.runner.set_blocks(self.blocks.take_changes())
             if self._launch_prefill(admitted):
-                return
-        # the next synchronous step prefills them (and meets an OOM again, and backs off, if it was one)
+                return True
+        # the next synchronous step prefills them (and meets an OOM again, and backs off, if it was one): until
+        # then no decode is queued, so that step comes
         self.scheduler.requeue(admitted)
+        self._admit_here = True
+        return False
 
     def _can_queue(self, ahead: int) -> bool:
         """Whether the next decode step may be queued before the unread one (ahead = 1; 0: none) is read: the
@@ -297,9 +309,19 @@ class LLMEngine:
         if not self.cfg.overlap_decode or not getattr(self.runner, "takes_device_tokens", False):
             return False
         seqs = list(self.scheduler.running.values())
-        if not seqs or self.scheduler.wants_admission(sum(self._ends_by_length(s, ahead) for s in seqs)):
+        if not seqs or self._admit_here:
+            return False
+        # where refills can be queued, admission waits for the next read instead: its prefill is then launched
+        # behind the decode step queued now (_step_queued), not after the queue has drained
+        if not self._refills_queue() and self.scheduler.wants_admission(sum(self._ends_by_length(s, ahead)
+                                                                             for s in seqs)):
             return False
         return self._host_free(seqs)
+
+    def _refills_queue(self) -> bool:
+        """Whether a refill's prefill can be launched behind a queued decode step (_queue_prefill)."""
+        return (self.cfg.overlap_prefill and not self._mixes and getattr(self.runner, "takes_device_tokens", False)
+                and not self._admit_here)
 
     @staticmethod
     def _ends_by_length(seq: Sequence, ahead: int) -> bool:
@@ -348,12 +370,15 @@ class LLMEngine:
         return moves
 
     def _step_queued(self) -> list[GenerationResult]:
-        """Queues the step after the unread one (a decode fed its picks, or after a prefill the next prefill),
-        then reads the unread one."""
+        """Queues the step after the unread one, then reads the unread one. After a prefill: the next prefill, if
+        admission wants one. After a decode: a prefill into the rows finished sequences freed, if admission wants
+        one (a refill, launched while this decode still runs), else the next decode fed this one's picks."""
         queued, self._queued = self._queued, None
-        if queued.prompt_tokens:
-            self._queue_prefill()
-        else:
+        if queued.prompt_tokens or self._refills_queue():
+            # after a decode: the rows its predecessors freed, refilled behind it
+            if self._queue_prefill() and not queued.prompt_tokens:
+                self.step_stats.num_queued_refills += 1
+        if not queued.prompt_tokens and self._queued is None:
             self._queue_decode(queued.picks)
         tokens = queued.read()
         self.clock.settle(queued.began, queued.done, prefill=bool(queued.prompt_tokens))

@@ -25,6 +25,7 @@ class StepStats:
     num_decode_rows: int = 0
     num_overlapped_steps: int = 0  # decode steps queued before the previous one was read
     num_overlapped_prefills: int = 0  # prefill steps launched before being read (--overlap-prefill)
+    num_queued_refills: int = 0  # of those, launched behind a decode step still running (a refill of freed rows)
     num_mixed_steps: int = 0  # prefill steps that also decoded the running rows (--mixed-steps), and those rows
     num_mixed_rows: int = 0
     # What rows held over the run: the widest decode step, KV tokens and blocks in use summed over decode steps
@@ -115,7 +116,7 @@ class StepStats:
         return {
             "num_prefill_steps": self.num_prefill_steps, "num_decode_steps": self.num_decode_steps,
             "num_overlapped_steps": self.num_overlapped_steps,
-            "num_overlapped_prefills": self.num_overlapped_prefills,
+            "num_overlapped_prefills": self.num_overlapped_prefills, "num_queued_refills": self.num_queued_refills,
             "num_mixed_steps": self.num_mixed_steps, "num_mixed_rows": self.num_mixed_rows,
             "prefill_s": round(self.prefill_s, 3), "decode_s": round(self.decode_s, 3),
             "num_prefill_tokens": self.num_prefill_tokens,
