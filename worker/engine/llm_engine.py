@@ -374,10 +374,9 @@ class LLMEngine:
         admission wants one. After a decode: a prefill into the rows finished sequences freed, if admission wants
         one (a refill, launched while this decode still runs), else the next decode fed this one's picks."""
         queued, self._queued = self._queued, None
-        if queued.prompt_tokens or self._refills_queue():
-            # after a decode: the rows its predecessors freed, refilled behind it
-            if self._queue_prefill() and not queued.prompt_tokens:
-                self.step_stats.num_queued_refills += 1
+        # after a decode: the rows its predecessors freed, refilled behind it
+        refill = (queued.prompt_tokens or self._refills_queue()) and self._queue_prefill()
+        self.step_stats.num_queued_refills += bool(refill and not queued.prompt_tokens)
         if not queued.prompt_tokens and self._queued is None:
             self._queue_decode(queued.picks)
         tokens = queued.read()
