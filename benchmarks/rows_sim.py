@@ -3,7 +3,8 @@ BlockPool replay benchmarks.bulk's 2,048 requests (each prefill fills what admis
 a token to every running row, rows end at max_tokens), with and without row compaction.
 
 A decode step computes rows [0, highest running row] (holes included) and replays the graph of the next bucket
-(cuda_graphs.batch_buckets), so rows above the running ones cost GEMM, norm and LM-head work.
+(cuda_graphs.batch_buckets), so rows above the running ones cost GEMM, norm and LM-head work. prefill_runs: the
+runs of prefill steps between decode steps (the first fill, then refills), each a transition the GPU may idle at.
 
     .venv/bin/python -m benchmarks.rows_sim [--rows 1024 --blocks 4023 --block-size 64 --max-prefill-tokens 4096]
 """
@@ -26,17 +27,21 @@ def simulate(rows: int, num_blocks: int, block_size: int, max_prefill_tokens: in
     for i, req in enumerate(workload()):
         scheduler.add(Sequence(req.custom_id, list(req.prompt_ids), SamplingParams(max_tokens=req.max_tokens), seed=i))
     buckets = batch_buckets(rows)
-    steps = prefills = running = computed = replayed = 0
+    steps = prefills = runs = running = computed = replayed = 0
+    last_prefill = False
     while scheduler.num_unfinished:
         if compact:
             scheduler.compact()
         admitted = scheduler.admit()
         if admitted:  # a prefill: each prompt's first token
             prefills += 1
+            runs += not last_prefill  # a run of prefills between decode steps: a refill, or the first fill
+            last_prefill = True
             for seq in admitted:
                 seq.output_ids.append(0)
             continue
         n = scheduler.num_decode_rows
+        last_prefill = False
         steps += 1
         running += len(scheduler.running)
         computed += n
@@ -45,7 +50,7 @@ def simulate(rows: int, num_blocks: int, block_size: int, max_prefill_tokens: in
             seq.output_ids.append(0)
             if len(seq.output_ids) >= seq.params.max_tokens:
                 scheduler.finish(seq, "length")
-    return {"compact_rows": compact, "decode_steps": steps, "prefill_steps": prefills,
+    return {"compact_rows": compact, "decode_steps": steps, "prefill_steps": prefills, "prefill_runs": runs,
             "mean_running_rows": round(running / steps, 1), "mean_rows_computed": round(computed / steps, 1),
             "mean_graph_rows": round(replayed / steps, 1)}
 
