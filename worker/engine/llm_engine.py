@@ -268,9 +268,12 @@ class LLMEngine:
         return (all(s.params.logprobs is None and s.matcher is None for s in seqs)
                 and not logits_processors.needed(seqs))
 
+    def _queues_prefills(self) -> bool:
+        """--overlap-prefill, where the runner takes device tokens and prefills are not mixed into decode steps."""
+        return self.cfg.overlap_prefill and not self._mixes and getattr(self.runner, "takes_device_tokens", False)
+
     def _can_queue_prefill(self, admitted: list[Sequence]) -> bool:
-        return (self.cfg.overlap_prefill and not self._mixes and getattr(self.runner, "takes_device_tokens", False)
-                and self._host_free(admitted))
+        return self._queues_prefills() and self._host_free(admitted)
 
     def _launch_prefill(self, admitted: list[Sequence]) -> bool:
         """Prefills the admitted prompts and queues their first tokens' picks unread; False on OOM."""
@@ -320,8 +323,7 @@ class LLMEngine:
 
     def _refills_queue(self) -> bool:
         """Whether a refill's prefill can be launched behind a queued decode step (_queue_prefill)."""
-        return (self.cfg.overlap_prefill and not self._mixes and getattr(self.runner, "takes_device_tokens", False)
-                and not self._admit_here)
+        return self._queues_prefills() and not self._admit_here
 
     @staticmethod
     def _ends_by_length(seq: Sequence, ahead: int) -> bool:

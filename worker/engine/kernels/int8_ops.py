@@ -87,19 +87,20 @@ if HAS_TRITON:
         _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, stride_am, stride_om, inv_sq, HAS_BIAS, HAS_ADDEND)
 
     @triton.jit
+    def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+        """Tile number -> (row block, column block), walking GROUP_M row blocks down one column block before the
+        next: the weight tiles they share are still in L2 (Triton's matmul tutorial)."""
+        group = GROUP_M * num_n
+        first_m = (tile // group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        return first_m + (tile % group) % size_m, (tile % group) // size_m
+
+    @triton.jit
     def _int8_mm_kernel(A, B, Absmax, Scb, Bias, Addend, Out, M, N, K, stride_am_, stride_bn, stride_add, stride_om,
                         inv_sq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                         HAS_ADDEND: tl.constexpr):
-        # programs walk GROUP_M row blocks down one column block before the next: the weight tiles they share
-        # are still in L2 (Triton's matmul tutorial)
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(N, BLOCK_N)
-        group = GROUP_M * num_n
-        first_m = (pid // group) * GROUP_M
-        size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
@@ -130,12 +131,8 @@ if HAS_TRITON:
         # arithmetic per thread (Triton's persistent-matmul tutorial). The epilogue is _int8_mm_kernel's.
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
-        group = GROUP_M * num_n
         for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
-            first_m = (tile // group) * GROUP_M
-            size_m = tl.minimum(num_m - first_m, GROUP_M)
-            pid_m = first_m + (tile % group) % size_m
-            pid_n = (tile % group) // size_m
+            pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
             for k0 in range(0, K, BLOCK_K):
                 a = ADesc.load([pid_m * BLOCK_M, k0])
