@@ -156,11 +156,16 @@ def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int
     engine.abort(["s0"])
     # a steady decode: every row admitted and prefilled before the profile
     _add(engine, _requests(_prompts(rows, prompt, vocab, 1), max_model_len - prompt, "d"))
-    # until a step admits no one (the batch as full as the admission rule lets it get) and every row has decoded
-    before = -1
+    # until every row is admitted and has decoded, or the batch stays as full as admission lets it get for a few
+    # steps (overlapped prefill admits a step late: one step without admission does not mean the batch is full)
+    before, stable = -1, 0
     for _ in range(10 * rows):
         running = engine.scheduler.running
-        if running and len(running) == before and all(s.output_ids for s in running.values()):
+        decoded = bool(running) and all(s.output_ids for s in running.values())
+        if decoded and not engine.scheduler.waiting:
+            break
+        stable = stable + 1 if decoded and len(running) == before else 0
+        if stable >= 8:
             break
         before = len(running)
         engine.step()

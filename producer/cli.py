@@ -280,6 +280,9 @@ engine_options = shared_options(
     click.option("--max-vram", envvar="BATCHGEN_MAX_VRAM", help="Hard VRAM cap, e.g. 6GiB."),
     click.option("--max-batch", type=int, envvar="BATCHGEN_MAX_BATCH", help="Cap on rows per step."),
     click.option("--max-model-len", type=int, envvar="BATCHGEN_MAX_MODEL_LEN"),
+    click.option("--max-prefill-tokens", type=int, envvar="BATCHGEN_MAX_PREFILL_TOKENS",
+                 help="Prompt tokens per packed prefill step (vLLM's --max-num-batched-tokens); default: "
+                      "max(max_model_len, 4096) on CUDA, max_model_len on CPU. Larger: fewer, longer prefill steps."),
     click.option("--no-8bit", is_flag=True, help="Load in the compute dtype instead of bnb int8."),
     click.option("--int8-threshold", type=float, envvar="BATCHGEN_INT8_THRESHOLD", default=6.0,
                  show_default=True),
@@ -350,7 +353,7 @@ def engine_config(kw: dict[str, Any]):
         model=kw["model"], served_model_name=kw["served_model_name"], device=kw["device"],
         load_in_8bit=not kw["no_8bit"], vram_reserve_bytes=parse_bytes(kw["vram_reserve"]),
         max_vram_bytes=parse_bytes(kw["max_vram"]) if kw["max_vram"] else None, max_batch_size=kw["max_batch"],
-        max_model_len=kw["max_model_len"], int8_threshold=kw["int8_threshold"], int8_kernel=kw["int8_kernel"],
+        max_model_len=kw["max_model_len"], max_prefill_tokens=kw["max_prefill_tokens"], int8_threshold=kw["int8_threshold"], int8_kernel=kw["int8_kernel"],
         attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], overlap_decode=kw["overlap_decode"],
         overlap_prefill=kw["overlap_prefill"], compact_rows=kw["compact_rows"],
         mixed_steps=kw["mixed_steps"], fused_elementwise=kw["fused_elementwise"], tuned_kernels=kw["tuned_kernels"],

@@ -18,6 +18,8 @@
 #                                                                        # attention, the fp8 store, StepClock
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh next-profile  # profiles at the bulk state
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh retune-tma  # int8_tune with the TMA kernel; bulk
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh prefill  # bulk at 4,096/8,192/16,384 prefill tokens
+#   PREFILL=N source scripts/device-setup.sh && bash scripts/gpu-round.sh same-run  # fp8 K/V; HF baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -42,7 +44,8 @@ profile() {  # profile NAME ENGINE_OPTIONS [PROFILE_STEPS OPTIONS...]
 }
 
 bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS [OVERLAP_PREFILL (default 1) [KV_CACHE_DTYPE]]
-    BATCHGEN_COMPACT_ROWS=${COMPACT:-1} \
+    # PREFILL=N: N prompt tokens per prefill step (--max-prefill-tokens; unset: the engine's default)
+    BATCHGEN_MAX_PREFILL_TOKENS=${PREFILL:-} BATCHGEN_COMPACT_ROWS=${COMPACT:-1} \
     BATCHGEN_TUNED_KERNELS=$2 BATCHGEN_COMPILE_SHAPES=$3 BATCHGEN_MIXED_STEPS=$4 BATCHGEN_OVERLAP_PREFILL=${5:-1} \
         BATCHGEN_KV_CACHE_DTYPE=${6:-auto} run "${BULK_S:-190}" "bulk_$1" \
         python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_$1"
@@ -139,6 +142,19 @@ case "$stage" in
     cp "$out"/retune_tma/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
     BULK_S=225 bulk retuned_tma 1 static-features 0
     profile retuned_tma ""
+    ;;
+  prefill)  # the device's prefill time in the bulk run (84 ms a step of ~3,900 tokens, 12.1 s in all) exceeds a
+    # profiled 4,096-token step's kernels (64-69 ms): fewer, longer prefill steps, against the defaults on the same
+    # machine; and the bulk-state decode profile (its fill loop now waits for every row to be admitted)
+    BULK_S=225 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    PREFILL=8192 BULK_S=160 bulk prefill_8192 1 static-features 0
+    PREFILL=16384 BULK_S=160 bulk prefill_16384 1 static-features 0
+    profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
+    ;;
+  same-run)  # right after `prefill` (PREFILL=the better budget): fp8 K/V with it, and HF's baselines in the same
+    # machine's run: int8 bs 1 and 256, fp16 static at 256 and at the most rows that fit
+    BULK_S=160 bulk fp8_kv 1 static-features 0 1 fp8
+    run 360 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
     ;;
   profile)
     profile untuned tuned_kernels=0

@@ -160,20 +160,22 @@ def test_engine_knobs_are_flags_with_their_env_names(monkeypatch):
 
     default = engine_config(worker_params())
     assert (default.int8_kernel, default.attention, default.cuda_graphs, default.host_kv_dtype,
-            default.inject_oom, default.tuned_kernels, default.mixed_steps) == ("auto", "auto", True, "auto", None, True,
-                                                                                False)
+            default.inject_oom, default.tuned_kernels, default.mixed_steps,
+            default.max_prefill_tokens) == ("auto", "auto", True, "auto", None, True, False, None)
     flags = engine_config(worker_params("--int8-kernel", "weight_only", "--attention", "sdpa", "--no-cuda-graphs",
                                         "--host-kv-dtype", "int8", "--inject-oom", "steps=2", "--no-tuned-kernels",
-                                        "--mixed-steps"))
+                                        "--mixed-steps", "--max-prefill-tokens", "8192"))
     assert (flags.int8_kernel, flags.attention, flags.cuda_graphs, flags.host_kv_dtype,
-            flags.inject_oom, flags.tuned_kernels, flags.mixed_steps) == ("weight_only", "sdpa", False, "int8",
-                                                                          "steps=2", False, True)
+            flags.inject_oom, flags.tuned_kernels, flags.mixed_steps,
+            flags.max_prefill_tokens) == ("weight_only", "sdpa", False, "int8", "steps=2", False, True, 8192)
     for name, value in {"INT8_KERNEL": "bnb", "ATTENTION": "flash", "CUDA_GRAPHS": "0", "HOST_KV_DTYPE": "bfloat16",
-                        "INJECT_OOM": "p=0.5", "MAX_BATCH": "3", "VRAM_RESERVE": "1GiB", "TUNED_KERNELS": "0"}.items():
+                        "INJECT_OOM": "p=0.5", "MAX_BATCH": "3", "VRAM_RESERVE": "1GiB", "TUNED_KERNELS": "0",
+                        "MAX_PREFILL_TOKENS": "16384"}.items():
         monkeypatch.setenv(f"BATCHGEN_{name}", value)
     env = engine_config(worker_params())
     assert (env.int8_kernel, env.attention, env.cuda_graphs, env.host_kv_dtype, env.inject_oom, env.max_batch_size,
-            env.vram_reserve_bytes, env.tuned_kernels) == ("bnb", "flash", False, "bfloat16", "p=0.5", 3, 2**30, False)
+            env.vram_reserve_bytes, env.tuned_kernels, env.max_prefill_tokens) == ("bnb", "flash", False, "bfloat16",
+                                                                                   "p=0.5", 3, 2**30, False, 16384)
 
 
 def test_a_bad_engine_knob_is_a_usage_error_before_any_model_loads(tmp_path):
