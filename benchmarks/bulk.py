@@ -322,10 +322,12 @@ def _run_batch(client, path: Path, vram: PeakVram | None = None) -> dict:
     from batchgen.jobs.states import BatchStatus
 
     start = time.perf_counter()
+    first_sample = len(vram.clock_samples) if vram is not None else 0
     batch = client.submit([str(path)], model=SERVED).batch
     submit_s = time.perf_counter() - start
     batch = client.wait(batch.id, timeout_s=900, poll_s=0.02)
     wall = time.perf_counter() - start
+    clocks = vram.clocks(first_sample) if vram is not None else None
     lines = list(client.results(batch.id))
     tokens = sum((line.get("response") or {}).get("body", {}).get("usage", {}).get("completion_tokens", 0)
                  for line in lines)
@@ -335,7 +337,7 @@ def _run_batch(client, path: Path, vram: PeakVram | None = None) -> dict:
     return {"batch_id": batch.id, "status": batch.status.value, "completed": batch.status == BatchStatus.COMPLETED,
             "num_requests": len(lines), "num_errors": len(errors), "first_error": errors[0] if errors else None,
             "tokens": tokens, "submit_s": round(submit_s, 2), "wall_s": round(wall, 2),
-            "tok_s": round(tokens / wall, 1), "_texts": texts}
+            "tok_s": round(tokens / wall, 1), "clocks": clocks, "_texts": texts}
 
 
 def _engine_stats_lines(log_path: Path) -> list[dict]:
@@ -396,7 +398,7 @@ def phase_batchgen(args, reqs: list[Req], out_dir: Path) -> dict:
                 _write_jsonl(tmp / f"{name}.jsonl", subset, args.sampled)
                 vram.peak_bytes = 0
                 vram.util_samples.clear()
-                run = _run_batch(client, tmp / f"{name}.jsonl")
+                run = _run_batch(client, tmp / f"{name}.jsonl", vram)
                 time.sleep(0.3)  # the worker logs its step stats once drained
                 stats = _engine_stats_lines(log_path)
                 run["engine"] = _diff(stats[-1], before) if stats else None
@@ -807,6 +809,7 @@ def merge(dirs: list[Path], out_path: Path) -> dict:
                                                  "max_kv_blocks_used", "num_kv_blocks",
                                                  "mean_decode_rows_computed")},  # running rows and holes
         "engine_busy": main.get("engine_busy"), "gpu_busy": main.get("gpu_busy"),
+        "clocks": main.get("clocks"),  # SM clock and power over the batch
         "agreement": bg.get("agreement"), "engine_in_process": (parts.get("levers") or {}).get("engine"),
         "phases": parts,
     }
@@ -891,6 +894,11 @@ def table(s: dict) -> str:
             lines.append(f"device: prefill {d['prefill_s']} + decode {d['decode_s']} s busy ({d['busy_fraction']} of "
                          f"the wall), idle between steps {d['gaps_s']} s ({d.get('gaps_by_transition_s')}), "
                          f"with no request {d['rest_s']} s")
+    if s.get("clocks"):
+        c = s["clocks"]
+        lines.append(f"clocks over the batch: SM {c['sm_mhz_mean']} MHz mean, {c['sm_mhz_min']} lowest, of "
+                     f"{c['sm_mhz_max_card']}; {c['power_w_mean']} W mean; power-capped in {c['power_capped']} of the "
+                     f"samples, thermal {c['thermal']}")
     lines.append(f"best HF int8: {i8.get('bs')} rows, threshold {i8.get('threshold')}; best HF fp16: {f16.get('cache')} "
                  f"cache, {f16.get('bs')} rows. Agreement with HF int8 generate: {s.get('agreement')}")
     return "\n".join(lines)

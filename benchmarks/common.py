@@ -1,6 +1,7 @@
 """Shared by the GPU benchmarks: the random 7B-shape model, an exact word-level tokenizer, the workload,
 and measuring helpers (device sync timing, peak VRAM sampled through NVML)."""
 
+import contextlib
 import json
 import random
 import threading
@@ -122,6 +123,12 @@ class PeakVram:
         self.peak_bytes = 0
         self.peak_by_pid: dict[int, int] = {}  # each process's own peak: a stray process on the card shows here
         self.util_samples: list[int] = []  # NVML "GPU busy" percent: a kernel was running during the sample
+        # the SM clock, the board's power and whether a power or thermal limit held the clock down: a long
+        # tensor-core phase (a bulk run's prefills) may run at a lower clock than a short profile's
+        self.clock_samples: list[tuple[int, float, int]] = []  # (SM MHz, watts, clock-event reason bits)
+        self.max_sm_mhz = pynvml.nvmlDeviceGetMaxClockInfo(self._handle, pynvml.NVML_CLOCK_SM)
+        self._reasons = getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or getattr(
+            pynvml, "nvmlDeviceGetCurrentClocksThrottleReasons", lambda handle: 0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -138,7 +145,27 @@ class PeakVram:
             except self._nvml.NVMLError:  # not every driver or container reports processes
                 pass
             self.util_samples.append(self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu)
+            with contextlib.suppress(self._nvml.NVMLError):  # a driver that reports none of them: no clock figures
+                self.clock_samples.append((self._nvml.nvmlDeviceGetClockInfo(self._handle, self._nvml.NVML_CLOCK_SM),
+                                           self._nvml.nvmlDeviceGetPowerUsage(self._handle) / 1000.0,
+                                           self._reasons(self._handle)))
             time.sleep(self.interval_s)
+
+    def clocks(self, since: int = 0) -> dict | None:
+        """The SM clock and power over the samples from index `since` (len(clock_samples) when a phase began):
+        mean and lowest MHz against the card's maximum, mean watts, and the share of samples a power cap
+        (software 0x4, hardware brake 0x80) or a thermal limit (0x20, 0x40) or hardware slowdown (0x8) held."""
+        samples = self.clock_samples[since:]
+        if not samples:
+            return None
+        mhz = [m for m, _, _ in samples]
+
+        def share(bits: int) -> float:
+            return round(sum(1 for _, _, r in samples if r & bits) / len(samples), 3)
+        return {"sm_mhz_mean": round(sum(mhz) / len(mhz)), "sm_mhz_min": min(mhz), "sm_mhz_max_card": self.max_sm_mhz,
+                "power_w_mean": round(sum(w for _, w, _ in samples) / len(samples), 1),
+                "power_w_max": round(max(w for _, w, _ in samples), 1), "power_capped": share(0x4 | 0x80),
+                "thermal": share(0x20 | 0x40), "hw_slowdown": share(0x8), "samples": len(samples)}
 
     @property
     def busy_fraction(self) -> float | None:

@@ -20,6 +20,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh retune-tma  # int8_tune with the TMA kernel; bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh prefill  # bulk at 4,096/8,192/16,384 prefill tokens
 #   PREFILL=N source scripts/device-setup.sh && bash scripts/gpu-round.sh same-run  # fp8 K/V; HF baselines
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh rope     # bulk (clocks sampled) and profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -155,6 +156,11 @@ case "$stage" in
     # machine's run: int8 bs 1 and 256, fp16 static at 256 and at the most rows that fit
     BULK_S=160 bulk fp8_kv 1 static-features 0 1 fp8
     run 360 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
+    ;;
+  rope)  # the Triton RoPE kernel (the compiled RoPE took 5.67 ms of a 64 ms 4,096-token prefill and 0.65 ms of a
+    # 25.6 ms decode step at the bulk state): bulk with the SM clock and power sampled; the bulk-state profile
+    BULK_S=210 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
     ;;
   profile)
     profile untuned tuned_kernels=0

@@ -257,7 +257,9 @@ def test_kernels_compile_for_hopper():
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(compiled) == {"split fp16", "split fp8", "split paged fp16", "split paged fp8", "one split paged fp16",
                              "one split paged fp8", "merge", "quantize", "int8 gemm tma",
-                             "dequantize", "int8 gemm", "gemv 1 row", "gemv 16 rows", "kv store fp16", "kv store fp8"}
+                             "dequantize", "int8 gemm", "gemv 1 row", "gemv 16 rows", "kv store fp16", "kv store fp8",
+                             "rope"}
+    assert compiled["rope"]["vectorised"]
     assert compiled["kv store fp16"]["vectorised"] and compiled["kv store fp8"]["vectorised"]
     assert compiled["kv store fp8"]["div_rn"]  # the quantising store divides as torch does
     assert compiled["quantize"]["round_half_even"] and compiled["int8 gemm"]["int8_tensor_cores"]
@@ -267,6 +269,38 @@ def test_kernels_compile_for_hopper():
     assert compiled["int8 gemm"]["wgmma"]
     assert compiled["int8 gemm tma"]["wgmma"] and compiled["int8 gemm tma"]["tma"]  # tiles as bulk tensor copies
     assert all(compiled[name]["pipelined"] for name in ("int8 gemm", "gemv 1 row", "gemv 16 rows"))
+
+
+@pytest.mark.parametrize("batch,tokens,q_heads,k_heads,head_dim,dtype", [
+    (1, 37, 8, 2, 64, torch.float16),  # a packed prefill: one sequence of tokens, GQA
+    (5, 1, 4, 4, 128, torch.float16),  # a decode step: a token per row
+    (2, 3, 6, 3, 80, torch.bfloat16)])  # a head size that is no power of two (masked lanes)
+def test_rope_kernel_rotates_views_of_the_fused_projection_as_its_reference(batch, tokens, q_heads, k_heads,
+                                                                            head_dim, dtype):
+    from batchgen.worker.engine.fused import rope_qk as compiled_function
+    from batchgen.worker.engine.kernels.rope import rope_qk, rope_qk_reference
+
+    g = torch.Generator().manual_seed(3)
+    width = (q_heads + 2 * k_heads) * head_dim
+    qkv = (torch.randn(batch, tokens, width, generator=g) * 3).to(dtype)  # q, k, v side by side, as qkv_proj gives
+    q, k, _ = qkv.split([q_heads * head_dim, k_heads * head_dim, k_heads * head_dim], dim=-1)
+    q, k = q.view(batch, tokens, q_heads, head_dim), k.view(batch, tokens, k_heads, head_dim)
+    angles = torch.randn(batch, tokens, head_dim // 2, generator=g) * 4
+    cos = torch.cat([angles.cos()] * 2, dim=-1).to(dtype)[:, :, None]
+    sin = torch.cat([angles.sin()] * 2, dim=-1).to(dtype)[:, :, None]
+    got_q, got_k = rope_qk(q, k, cos, sin)
+    want_q, want_k = rope_qk_reference(q, k, cos, sin)
+    assert got_q.is_contiguous() and got_q.shape == q.shape and got_k.shape == k.shape
+    if dtype == torch.float16:  # float32 arithmetic, one rounding
+        assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    else:  # the interpreter casts float32 to bfloat16 by truncation, the GPU to nearest: an ulp apart
+        _close(got_q, want_q, dtype)
+        _close(got_k, want_k, dtype)
+    eager_q, eager_k = compiled_function(q, k, cos, sin)  # the fused function's eager form rounds each op: a few
+    ulp = torch.finfo(dtype).eps * qkv.abs().max().float()  # ulps of the inputs' size apart
+    torch.testing.assert_close(got_q.float(), eager_q.float(), atol=4 * ulp, rtol=0)
+    torch.testing.assert_close(got_k.float(), eager_k.float(), atol=4 * ulp, rtol=0)
+    assert not torch.equal(got_q, q.contiguous())  # it rotated
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float8_e4m3fn])

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from batchgen.worker.engine.families import FamilySpec
-from batchgen.worker.engine.fused import FUSED, add_norm
+from batchgen.worker.engine.fused import add_norm, rope
 from batchgen.worker.engine.host_copy import to_device
 from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits
 from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
@@ -118,7 +118,7 @@ def attention_inputs(parts: LlamaParts, layer: torch.nn.Module, h: torch.Tensor,
         q, k = attn.q_norm(q), attn.k_norm(k)
     # roped token-major: the rotated q and k come out [B, T, heads, d], as the prefill's attention and KV store
     # read them, so neither is copied again to that layout
-    q, k = FUSED.rope_qk(q, k, cos, sin)
+    q, k = rope(q, k, cos, sin)
     return tuple(t.transpose(1, 2) for t in (q, k, v))
 
 

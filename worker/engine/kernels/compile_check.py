@@ -7,7 +7,7 @@ constexpr choices the engine launches: a compile error shows here instead of on 
 import json
 import sys
 
-from batchgen.worker.engine.kernels import attention, int8_gemv, int8_ops, kv_store
+from batchgen.worker.engine.kernels import attention, int8_gemv, int8_ops, kv_store, rope
 from triton import compile as triton_compile
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -94,6 +94,12 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
         out[name] = {"vectorised": "v4" in ptx}  # 16-byte loads (and stores)
         if quant:  # IEEE division by the scale, as torch's, not the approximate one
             out[name]["div_rn"] = "div.rn.f32" in ptx
+    k = build(rope._rope_kernel, arch, {"Q": "*fp16", "K": "*fp16", "Cos": "*fp16", "Sin": "*fp16", "QOut": "*fp16",
+                                        "KOut": "*fp16"},
+              ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_ct"], [],
+              dict(Q_HEADS=32, K_HEADS=8, HALF=64, BLOCK_QH=32, BLOCK_KH=8, BLOCK_D=64),
+              aligned=("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_ct"), num_warps=4)
+    out["rope"] = {"vectorised": "v4" in k.asm["ptx"]}
     return out
 
 
