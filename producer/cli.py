@@ -317,7 +317,7 @@ engine_options = shared_options(
                       "(their projections share one weight read) instead of a prefill step, then a decode step."),
     click.option("--fused-elementwise/--no-fused-elementwise", envvar="BATCHGEN_FUSED_ELEMENTWISE", default=True,
                  show_default=True,
-                 help="On CUDA: each RMSNorm (with the residual add before it), RoPE and the gated MLP activation "
+                 help="On CUDA: each RMSNorm (with the residual add before it), RoPE (a Triton kernel) and the gated MLP activation "
                       "of the fast path, and the tanh GELUs of generic-path models (BLOOM, GPT-2), run as one "
                       "compiled kernel instead of several."),
     click.option("--tuned-kernels/--no-tuned-kernels", envvar="BATCHGEN_TUNED_KERNELS", default=True,
