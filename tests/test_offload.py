@@ -87,7 +87,9 @@ def test_streamed_greedy_output_equals_the_resident_engine(model_dir, resident, 
     stats = engine.stats().extra
     assert stats["offload_resident_layers"] == num_resident and stats["max_rows"] == 4
     assert stats["offload_cpu_attention"] == (kv_placement == "cpu")
+    assert stats["prefill_device_s"] > 0 and stats["decode_device_s"] > 0  # StepClock timed the steps
     engine.reset_timing()  # whatever the placement: a benchmark's timed run apart from its warm-up
+    assert engine.stats().extra["prefill_device_s"] == engine.stats().extra["decode_device_s"] == 0
     if kv_placement == "cpu":  # the native host kernel (this host has a compiler), not the inductor fallback
         assert stats["offload_cpu_attention_native"] == 1
         assert stats["offload_piecewise_graphs"] == stats["offload_piecewise_graph_count"] == 0  # no CUDA here

@@ -424,9 +424,11 @@ class LLMEngine:
                            self.num_unfinished, used, free, _gpu_temperature_c(self.device), extra)
 
     def reset_timing(self) -> None:
-        """Zeroes the runner's and reporters' cumulative timings (a benchmark's timed run apart from its warm-up)."""
+        """Zeroes the runner's, reporters' and StepClock's cumulative timings (a benchmark's timed run apart from its
+        warm-up)."""
         for source in (self.runner, *self.reporters):
             source.reset_timing()
+        self.clock.reset()
 
     # -- internals --------------------------------------------------------------------------------
 
