@@ -3,6 +3,7 @@
 - attention.decode_attention: split-KV (FlashDecoding) attention of one new token per row over the slot KV cache,
   each row reading only its own length; fp16/bf16 or fp8-e4m3 K/V with a per-tensor or per-head scale.
 - kv_store.store_kv: new K/V into their cache slots, a contiguous row copied per token.
+- rope.rope_qk: RoPE on a token's query and key heads in one program (the fast path's, on CUDA).
 - int8_ops: the pieces around an int8 GEMM: fused per-token activation quantisation (optionally zeroing
   outlier columns), the fused dequantise epilogue, and a Triton int8 GEMM with that epilogue built in.
 
