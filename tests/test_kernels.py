@@ -247,6 +247,40 @@ def test_the_tma_persistent_gemm_equals_the_pointer_one():
     assert torch.equal(tma, dequantize_acc(acc, absmax, scb, bias, torch.float16, dense))
 
 
+def test_the_gemms_epilogue_computes_the_outlier_columns_dense_part():
+    """int8_matmul_dequant(dense=...): the pointer kernel computes the activations' outlier columns times their
+    weight rows in its epilogue, equal to the dense product added to the reference epilogue in float32: 24 slots
+    (16 used, the free ones at column 0 with zero weights), the weight rows a view of a wider buffer (a fused
+    projection's), 37 rows. The persistent TMA kernel has no shared memory left for them: it adds the fp16 product
+    computed apart, bit for bit as the untuned path does."""
+    from batchgen.worker.engine.kernels.int8_ops import DenseColumns, dense_product
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 176, generator=g).to(torch.float16)
+    cb = torch.randint(-127, 128, (80, 176), dtype=torch.int8, generator=g)
+    scb = torch.rand(80, generator=g) + 0.5
+    bias = torch.randn(80, generator=g).to(torch.float16)
+    idx = torch.zeros(24, dtype=torch.long)
+    idx[:16] = torch.randperm(176, generator=g)[:16]
+    wide = torch.zeros(24, 200, dtype=torch.float16)
+    wide[:16, 40:120] = torch.randn(16, 80, generator=g).to(torch.float16)
+    dense = DenseColumns(x, idx, wide[:, 40:120])
+    xq, absmax = quantize_rows(x, outlier_mask(idx[:16], 176))
+    launch = dict(block_m=16, block_n=32, block_k=64, group_m=2)
+    product = dense_product(dense)
+    acc = torch._int_mm(torch.nn.functional.pad(xq, (0, 0, 0, 3)), cb.t())[:37]
+    got = int8_matmul_dequant(xq, absmax, cb, scb, bias, torch.float16, dense=dense, **launch)
+    _close(got, dequantize_acc(acc, absmax, scb, bias, torch.float16, product), torch.float16)
+    tma = int8_matmul_dequant(xq, absmax, cb, scb, bias, torch.float16, dense=dense, tma=True, **launch)
+    apart = x.index_select(1, idx) @ dense.weights
+    assert torch.equal(tma, dequantize_acc(acc, absmax, scb, bias, torch.float16, apart))
+    # the dense part is there: without it the result moves by the product
+    plain = int8_matmul_dequant(xq, absmax, cb, scb, bias, torch.float16, **launch)
+    assert (got.float() - plain.float() - product).abs().max() < 0.05 * product.abs().max()
+    with pytest.raises(ValueError, match="not both"):
+        int8_matmul_dequant(xq, absmax, cb, scb, bias, torch.float16, product, dense=dense)
+
+
 def test_kernels_compile_for_hopper():
     """The interpreter runs the kernels' Python, not Triton's compiler: compile each for sm_90 (Triton's own
     ptxas, no GPU) in a process without TRITON_INTERPRET, so a GPU run does not meet a compile error first."""
@@ -257,8 +291,8 @@ def test_kernels_compile_for_hopper():
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(compiled) == {"split fp16", "split fp8", "split paged fp16", "split paged fp8", "one split paged fp16",
                              "one split paged fp8", "merge", "quantize", "int8 gemm tma",
-                             "dequantize", "int8 gemm", "gemv 1 row", "gemv 16 rows", "kv store fp16", "kv store fp8",
-                             "rope"}
+                             "dequantize", "int8 gemm", "int8 gemm 256x64", "int8 gemm 256x64 dense", "gemv 1 row",
+                             "gemv 16 rows", "kv store fp16", "kv store fp8", "rope"}
     assert compiled["rope"]["vectorised"]
     assert compiled["kv store fp16"]["vectorised"] and compiled["kv store fp8"]["vectorised"]
     assert compiled["kv store fp8"]["div_rn"]  # the quantising store divides as torch does
@@ -269,6 +303,9 @@ def test_kernels_compile_for_hopper():
     assert compiled["int8 gemm"]["wgmma"]
     assert compiled["int8 gemm tma"]["wgmma"] and compiled["int8 gemm tma"]["tma"]  # tiles as bulk tensor copies
     assert all(compiled[name]["pipelined"] for name in ("int8 gemm", "gemv 1 row", "gemv 16 rows"))
+    # the dense columns' operands reuse the main loop's shared memory: the launch fits where it did without them
+    assert compiled["int8 gemm 256x64 dense"]["shared_bytes"] == compiled["int8 gemm 256x64"]["shared_bytes"]
+    assert compiled["int8 gemm 256x64 dense"]["wgmma"]
 
 
 @pytest.mark.parametrize("batch,tokens,q_heads,k_heads,head_dim,dtype", [

@@ -225,11 +225,12 @@ class Int8Linear(torch.nn.Module):
         if takes_gemv(x2):  # every column exact here; the guard still sees the rows (it serves larger batches)
             return int8_gemv(x2, self.cb, self.scb, self.bias, GuardBuffers(o.keep, o.seen, o.hits, o.threshold))
         launch = tuned_gemm(x2, self.cb)
-        if launch is not None:  # one quantising kernel (recording for the guard too), one GEMM with the epilogue fused
+        if launch is not None:  # one quantising kernel (recording for the guard too), one GEMM whose epilogue
+            # dequantises and adds the outlier columns' dense product (no [m, out] product written and read back)
             guard = GuardBuffers(o.keep, o.seen, o.hits, o.threshold)
             xq, absmax = int8_ops.quantize_guarded(x2, guard, keep=bool(o.columns))
-            dense = x2.index_select(1, o.idx) @ self.dense if o.columns else None
-            return int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype, dense, **launch)
+            dense = int8_ops.DenseColumns(x2, o.idx, self.dense) if o.columns else None
+            return int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype, dense=dense, **launch)
         if not o.columns:  # int_mm plus the guard (the engine recaptures its graphs once a column is added)
             xq, absmax, argmax = KERNELS.quantize_argmax(x2)
             o.record(absmax, argmax)

@@ -13,6 +13,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16", "Out": "*fp16"}
+# the GEMMs' epilogue also takes an outlier-aware linear's dense columns (activations, their columns, weight rows)
+GEMM_EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16", "X": "*fp16", "Idx": "*i64",
+                 "Dense": "*fp16", "Out": "*fp16"}
 GEMV_POINTERS = {"X": "*fp16", "W": "*i8", "Scb": "*fp32", "Bias": "*fp16", "Out": "*fp16", "Partial": "*fp32",
                  "Keep": "*fp16", "Seen": "*fp32", "Hits": "*fp32"}
 SPLIT_INTS = ["stride_qn", "stride_qh", "stride_kr", "stride_kt", "stride_kh", "stride_vr", "stride_vt", "stride_vh",
@@ -62,18 +65,26 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
               ["M", "N", "stride_cm", "stride_am", "stride_om"], ["inv_sq"],
               dict(BLOCK_M=8, BLOCK_N=512, HAS_BIAS=True, HAS_ADDEND=True), num_warps=4)
     out["dequantize"] = {"shared_bytes": k.metadata.shared}
-    k = build(int8_ops._int8_mm_kernel, arch, {"A": "*i8", "B": "*i8"} | EPILOGUE,
-              ["M", "N", "K", "stride_am_", "stride_bn", "stride_add", "stride_om"], ["inv_sq"],
-              dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, EVEN_K=True, HAS_BIAS=True, HAS_ADDEND=True),
-              aligned=("N", "K", "stride_am_", "stride_bn", "stride_add", "stride_om"), num_warps=8, num_stages=4)
-    ptx = k.asm["ptx"]
-    out["int8 gemm"] = {"int8_tensor_cores": "s32.s8.s8" in ptx, "wgmma": "wgmma.mma_async" in ptx,
-                        "pipelined": "cp.async" in ptx, "shared_bytes": k.metadata.shared}
+    gemm_ints = ["stride_add", "stride_xm", "stride_dn", "S", "stride_om"]
+    # dense: 128 slots (the most an input gets) at the table's largest pointer launch: its operand tiles reuse the
+    # shared memory the main loop's stages held, so the launch needs no more than without
+    for name, dense, block_m, block_n, stages in (("int8 gemm", False, 128, 128, 4), ("int8 gemm 256x64", False, 256, 64, 5),
+                                                  ("int8 gemm 256x64 dense", True, 256, 64, 5)):
+        k = build(int8_ops._int8_mm_kernel, arch, {"A": "*i8", "B": "*i8"} | GEMM_EPILOGUE,
+                  ["M", "N", "K", "stride_am_", "stride_bn", *gemm_ints], ["inv_sq"],
+                  dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, EVEN_K=True, HAS_BIAS=True,
+                       HAS_ADDEND=not dense, HAS_DENSE=dense, BLOCK_S=128),
+                  aligned=("N", "K", "stride_am_", "stride_bn", "stride_add", "stride_xm", "stride_dn", "stride_om"),
+                  num_warps=8, num_stages=stages)
+        ptx = k.asm["ptx"]
+        out[name] = {"int8_tensor_cores": "s32.s8.s8" in ptx, "wgmma": "wgmma.mma_async" in ptx,
+                     "pipelined": "cp.async" in ptx, "shared_bytes": k.metadata.shared}
     k = build(int8_ops._int8_mm_tma_kernel, arch,
-              {"ADesc": "tensordesc<i8[256, 128]>", "BDesc": "tensordesc<i8[128, 128]>"} | EPILOGUE,
-              ["M", "N", "K", "stride_add", "stride_om"], ["inv_sq"],
-              dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, NUM_SMS=132, HAS_BIAS=True, HAS_ADDEND=True),
-              aligned=("N", "K", "stride_add", "stride_om"), num_warps=8, num_stages=4)
+              {"ADesc": "tensordesc<i8[256, 128]>", "BDesc": "tensordesc<i8[128, 128]>"} | GEMM_EPILOGUE,
+              ["M", "N", "K", *gemm_ints], ["inv_sq"],
+              dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, NUM_SMS=132, HAS_BIAS=True, HAS_ADDEND=True,
+                   HAS_DENSE=False, BLOCK_S=16),
+              aligned=("N", "K", "stride_add", "stride_xm", "stride_dn", "stride_om"), num_warps=8, num_stages=4)
     ptx = k.asm["ptx"]  # the operand tiles as bulk tensor copies into shared memory
     out["int8 gemm tma"] = {"tma": "cp.async.bulk.tensor" in ptx, "wgmma": "wgmma.mma_async" in ptx,
                             "shared_bytes": k.metadata.shared}

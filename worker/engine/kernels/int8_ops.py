@@ -7,11 +7,14 @@
 - dequantize_acc: the epilogue after torch._int_mm in one pass: int32 acc · absmax · scb / 127² + bias +
   addend, cast to the output dtype.
 - int8_matmul_dequant: a Triton int8 GEMM (int32 accumulation on the tensor cores) with that epilogue in
-  its last step, so the int32 result never goes to memory.
+  its last step, so the int32 result never goes to memory; the epilogue can also compute an outlier-aware
+  linear's dense part itself (DenseColumns: the activations' outlier columns times their fp16 weight rows).
 
 Arithmetic equals int8_linear's quantize_rows/dequantize (bnb's): fp16 activations, round half to even,
 the same 1/127² constant, float32 epilogue in the same order.
 """
+
+from typing import NamedTuple
 
 import torch
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, triton_available
@@ -62,8 +65,20 @@ if HAS_TRITON:
         tl.store(Absmax + row, absmax)
 
     @triton.jit
-    def _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, stride_am, stride_om, inv_sq,
-                  HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr):
+    def _dense_columns(rm, rn, M, N, X, Idx, Dense, stride_xm, stride_dn, S, BLOCK_S: tl.constexpr):
+        """The outlier columns' product X[rm, Idx] @ Dense[:, rn] in float32: the activations gathered by column
+        and the dequantised weight rows, S slots of them (free slots: column 0, zero weights)."""
+        rs = tl.arange(0, BLOCK_S)
+        s_mask = rs < S
+        cols = tl.load(Idx + rs, mask=s_mask, other=0)
+        xd = tl.load(X + (rm % M)[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=s_mask[None, :], other=0.0)
+        wd = tl.load(Dense + rs[:, None].to(tl.int64) * stride_dn + (rn % N)[None, :], mask=s_mask[:, None], other=0.0)
+        return tl.dot(xd, wd, out_dtype=tl.float32)
+
+    @triton.jit
+    def _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, stride_am, stride_xm, stride_dn,
+                  S, stride_om, inv_sq, HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_DENSE: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
         m_mask = rm < M
         n_mask = rn < N
         mask = m_mask[:, None] & n_mask[None, :]
@@ -74,6 +89,8 @@ if HAS_TRITON:
             out = out + tl.load(Bias + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_ADDEND:
             out = out + tl.load(Addend + rm[:, None].to(tl.int64) * stride_am + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_DENSE:
+            out = out + _dense_columns(rm, rn, M, N, X, Idx, Dense, stride_xm, stride_dn, S, BLOCK_S)
         tl.store(Out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -84,7 +101,8 @@ if HAS_TRITON:
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.load(Acc + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :],
                       other=0)
-        _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, stride_am, stride_om, inv_sq, HAS_BIAS, HAS_ADDEND)
+        _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, Out, Out, Out, stride_am, 0, 0, 0, stride_om,
+                  inv_sq, HAS_BIAS, HAS_ADDEND, False, 16)
 
     @triton.jit
     def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
@@ -96,10 +114,11 @@ if HAS_TRITON:
         return first_m + (tile % group) % size_m, (tile % group) // size_m
 
     @triton.jit
-    def _int8_mm_kernel(A, B, Absmax, Scb, Bias, Addend, Out, M, N, K, stride_am_, stride_bn, stride_add, stride_om,
-                        inv_sq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        HAS_ADDEND: tl.constexpr):
+    def _int8_mm_kernel(A, B, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, M, N, K, stride_am_, stride_bn,
+                        stride_add, stride_xm, stride_dn, S, stride_om, inv_sq, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_DENSE: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
         pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -119,13 +138,15 @@ if HAS_TRITON:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             a_ptr += BLOCK_K
             b_ptr += BLOCK_K
-        _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, stride_add, stride_om, inv_sq, HAS_BIAS, HAS_ADDEND)
+        _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, stride_add, stride_xm, stride_dn, S,
+                  stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, HAS_DENSE, BLOCK_S)
 
     @triton.jit
-    def _int8_mm_tma_kernel(ADesc, BDesc, Absmax, Scb, Bias, Addend, Out, M, N, K, stride_add, stride_om, inv_sq,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            HAS_ADDEND: tl.constexpr):
+    def _int8_mm_tma_kernel(ADesc, BDesc, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, M, N, K, stride_add,
+                            stride_xm, stride_dn, S, stride_om, inv_sq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_DENSE: tl.constexpr,
+                            BLOCK_S: tl.constexpr):
         # Persistent (one program per SM walking tiles in the grouped order) with the operand tiles brought in by
         # Hopper's tensor memory accelerator: the loads are bulk copies that zero-fill past the edges, not address
         # arithmetic per thread (Triton's persistent-matmul tutorial). The epilogue is _int8_mm_kernel's.
@@ -140,8 +161,8 @@ if HAS_TRITON:
                 acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
             rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, stride_add, stride_om, inv_sq, HAS_BIAS,
-                      HAS_ADDEND)
+            _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, stride_add, stride_xm,
+                      stride_dn, S, stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, HAS_DENSE, BLOCK_S)
 
 
 def outlier_mask(cols: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -222,9 +243,34 @@ def dequantize_acc_reference(acc: torch.Tensor, absmax: torch.Tensor, scb: torch
     return out.to(dtype)
 
 
+class DenseColumns(NamedTuple):
+    """An outlier-aware linear's dense part, which the GEMM's epilogue adds: the activations x [m, k] at the columns
+    idx [S] (int64; a free slot points at column 0) times weights [S, n], the dequantised weight rows of those
+    columns (a fused projection's view may have wider rows)."""
+
+    x: torch.Tensor
+    idx: torch.Tensor
+    weights: torch.Tensor
+
+
+def dense_product(dense: DenseColumns) -> torch.Tensor:
+    """The dense part in float32, as the epilogue computes it (fp16 operands, float32 accumulation)."""
+    return dense.x.index_select(1, dense.idx).float() @ dense.weights.float()
+
+
 def _launch_args(absmax: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None, addend: torch.Tensor | None,
                  out: torch.Tensor) -> tuple:
     return (absmax, scb, bias if bias is not None else scb, addend if addend is not None else out)
+
+
+def _dense_args(dense: DenseColumns | None, out: torch.Tensor) -> tuple[tuple, tuple, dict]:
+    """The GEMM's dense pointers (X, Idx, Dense), their ints (stride_xm, stride_dn, S) and constexprs."""
+    if dense is None:
+        return (out, out, out), (0, 0, 0), dict(HAS_DENSE=False, BLOCK_S=16)
+    x, idx, weights = (t if t.stride(-1) == 1 else t.contiguous() for t in dense)
+    slots = idx.numel()
+    return ((x, idx, weights), (x.stride(0), weights.stride(0), slots),
+            dict(HAS_DENSE=True, BLOCK_S=max(16, triton.next_power_of_2(slots))))
 
 
 def dequantize_acc(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None,
@@ -246,20 +292,30 @@ def dequantize_acc(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, b
 
 def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
                         bias: torch.Tensor | None, dtype: torch.dtype, addend: torch.Tensor | None = None, *,
-                        inv_sq: float = INV_127_SQ, block_m: int | None = None, block_n: int = 128, block_k: int = 128,
-                        group_m: int = 8, num_warps: int = 4, num_stages: int = 4, tma: bool = False) -> torch.Tensor:
+                        dense: DenseColumns | None = None, inv_sq: float = INV_127_SQ, block_m: int | None = None,
+                        block_n: int = 128, block_k: int = 128, group_m: int = 8, num_warps: int = 4,
+                        num_stages: int = 4, tma: bool = False) -> torch.Tensor:
     """xq int8 [m, k] @ cb int8 [n, k].T with dequantize_acc's epilogue fused: -> [m, n] dtype. No padding for
     small m (unlike cuBLASLt's torch._int_mm). Falls back to torch._int_mm + the reference epilogue.
+    dense: the outlier columns' product, computed in the epilogue (no [m, n] fp16 product written and read back).
     tma: the persistent kernel whose tiles Hopper's TMA loads (xq and cb contiguous, k a multiple of 16), a
     launch benchmarks.int8_tune weighs against the pointer-loading one."""
+    if addend is not None and dense is not None:
+        raise ValueError("an addend or the dense columns, not both")
     if not triton_available(xq):
+        addend = dense_product(dense) if dense is not None else addend
         return dequantize_acc_reference(torch._int_mm(xq, cb.t()), absmax, scb, bias, dtype, addend, inv_sq=inv_sq)
     m, k = xq.shape
     n = cb.shape[0]
     if block_m is None:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+    if tma and dense is not None:  # the persistent kernel keeps its stages' shared memory across tiles, so the dense
+        # operands would come on top: 288 KiB at its largest launch, over the 227 KiB a block may have
+        # (compile_check); there the product is computed apart, as the untuned path does
+        addend, dense = dense.x.index_select(1, dense.idx) @ dense.weights, None
     out = torch.empty(m, n, dtype=dtype, device=xq.device)
     args = _launch_args(absmax, scb, bias, addend, out)
+    dense_pointers, dense_ints, dense_flags = _dense_args(dense, out)
     if tma:
         if TensorDescriptor is None:
             raise RuntimeError(f"this Triton ({triton.__version__}) has no host tensor descriptors: no tma launch")
@@ -267,15 +323,16 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         _int8_mm_tma_kernel[(min(num_sms, tiles),)](
             TensorDescriptor.from_tensor(xq, [block_m, block_k]), TensorDescriptor.from_tensor(cb, [block_n, block_k]),
-            *args, out, m, n, k, addend.stride(0) if addend is not None else 0, out.stride(0), inv_sq,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, NUM_SMS=num_sms,
-            HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, num_warps=num_warps, num_stages=num_stages)
+            *args, *dense_pointers, out, m, n, k, addend.stride(0) if addend is not None else 0, *dense_ints,
+            out.stride(0), inv_sq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+            NUM_SMS=num_sms, HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, **dense_flags,
+            num_warps=num_warps, num_stages=num_stages)
         return out
     _int8_mm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
-        xq, cb, *args, out, m, n, k, xq.stride(0), cb.stride(0), addend.stride(0) if addend is not None else 0,
-        out.stride(0), inv_sq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, num_warps=num_warps,
-        num_stages=num_stages)
+        xq, cb, *args, *dense_pointers, out, m, n, k, xq.stride(0), cb.stride(0),
+        addend.stride(0) if addend is not None else 0, *dense_ints, out.stride(0), inv_sq, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None,
+        HAS_ADDEND=addend is not None, **dense_flags, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
