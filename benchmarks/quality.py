@@ -25,6 +25,8 @@ CUDA the runner decodes with the Triton kernel, on CPU with masked sdpa.
 
 --speed (CUDA): a random Llama-3-8B-shape model of SPEED_LAYERS layers through the engine's ModelRunner: the
 decode step at SPEED_ROWS rows (CUDA graphs) and the prefill tok/s, default vs int_mm, with the issue's bounds.
+--speed-outliers F plants outlier channels in it (norm weights × F), so the default keeps columns at the q/k/v and
+gate/up inputs as well, as real models make it.
 """
 
 import argparse
@@ -354,15 +356,19 @@ def table(rows: list[dict], goal_rows: list[dict]) -> str:
 # -- speed (CUDA) ---------------------------------------------------------------------------------------------
 
 
-def speed_model(device: torch.device, num_layers: int = SPEED_LAYERS):
+def speed_model(device: torch.device, num_layers: int = SPEED_LAYERS, outliers: float = 0.0, *, hidden: int = 4096,
+                intermediate: int = 14336):
     """A random Llama-3-8B-shape model of num_layers layers in fp16, its projections as Int8Linear over their
-    own row-wise int8 quantisation (what bnb stores), built on the GPU without a checkpoint."""
+    own row-wise int8 quantisation (what bnb stores), built on the GPU without a checkpoint. outliers > 0: every
+    input and post-attention norm scales NUM_OUTLIER_CHANNELS channels by it, so the q/k/v and gate/up inputs carry
+    outlier features in most tokens (|x| about 0.8 × outliers), as real models above ~6.7B do; the random model's
+    own go to the down projection only."""
     from batchgen.worker.engine.int8_linear import Int8Linear, Int8State
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=num_layers,
-                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=1024,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=num_layers, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=1024, tie_word_embeddings=False)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
     try:
@@ -370,7 +376,12 @@ def speed_model(device: torch.device, num_layers: int = SPEED_LAYERS):
             model = LlamaForCausalLM(config).eval()
     finally:
         torch.set_default_dtype(default_dtype)
+    channels = torch.randperm(hidden, generator=torch.Generator().manual_seed(OUTLIER_CHANNELS_SEED))
     for layer in model.model.layers:
+        if outliers > 0:
+            with torch.no_grad():
+                for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                    norm.weight[channels[:NUM_OUTLIER_CHANNELS]] *= outliers
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
@@ -420,20 +431,21 @@ def time_kernel(model, kernel: str, device: torch.device, calibration: torch.Ten
     return {"decode_ms": round(1000 * decode_s, 3), "prefill_tok_s": round(n_prompts * prompt_len / prefill_s, 1)}
 
 
-def run_speed(device: torch.device) -> dict:
+def run_speed(device: torch.device, outliers: float = 0.0) -> dict:
     from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, outlier_guard
 
     torch.manual_seed(0)  # the same random weights whichever sections ran before: their outlier columns set the cost
-    model = speed_model(device)
+    model = speed_model(device, outliers=outliers)
     calibration = torch.randint(8, 32000, (4, 128), generator=torch.Generator().manual_seed(4)).to(device)
     calibration[:, 0] = 1
-    res: dict = {"layers": SPEED_LAYERS, "rows": SPEED_ROWS, "prefill": list(SPEED_PREFILL)}
+    res: dict = {"layers": SPEED_LAYERS, "rows": SPEED_ROWS, "prefill": list(SPEED_PREFILL), "planted": outliers}
     for kernel in ("int_mm", OUTLIER_KERNEL, "int_mm", OUTLIER_KERNEL):  # twice each, interleaved: drift shows
         res.setdefault(kernel, []).append(time_kernel(model, kernel, device, calibration))
         print(kernel, json.dumps(res[kernel][-1]), flush=True)
     guard = outlier_guard(model, THRESHOLD)
     res["outlier_columns"] = guard.num_columns
     res["outlier_slots"] = sum(o.capacity for o in guard.inputs)
+    res["inputs_with_columns"] = sum(1 for o in guard.inputs if o.columns)  # of 4 a layer: q/k/v, o, gate/up, down
     best = {k: {"decode_ms": min(r["decode_ms"] for r in res[k]), "prefill_tok_s": max(r["prefill_tok_s"] for r in res[k])}
             for k in ("int_mm", OUTLIER_KERNEL)}
     decode_ratio = best[OUTLIER_KERNEL]["decode_ms"] / best["int_mm"]["decode_ms"]
@@ -453,13 +465,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/quality.json"))
     parser.add_argument("--speed", action=argparse.BooleanOptionalAction, default=None,
                         help="time default vs int_mm (default: on for CUDA)")
+    parser.add_argument("--speed-outliers", type=float, default=0.0,
+                        help="--speed: plant outlier channels at the q/k/v and gate/up inputs, their norm weights "
+                             "times this (e.g. 20), so the default kernel keeps columns at every input")
     parser.add_argument("--kv", action=argparse.BooleanOptionalAction, default=None,
                         help="KV cache dtypes auto vs fp8 through the ModelRunner (default: on for CUDA)")
     parser.add_argument("--kv-only", action="store_true", help="only the --kv section (no int8 variants)")
+    parser.add_argument("--speed-only", action="store_true", help="only the --speed section")
     parser.add_argument("--seeds", type=int, default=1,
                         help="planted models per strength (seeds 0..N-1); rows and goals are their means")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if (args.speed or args.speed_only) and device.type != "cuda":
+        parser.error("--speed times CUDA kernels: it needs --device cuda")
     shape = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
     dtype = torch.float16 if device.type == "cuda" else torch.float32  # the engine's compute dtype
     # bnb casts float32 inputs to float16 and warns on every call: expected here, as in the loader
@@ -467,7 +485,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="MatMul8bitLt")
     variants = VARIANTS if device.type == "cuda" else CPU_VARIANTS
     start = time.perf_counter()
-    seed_rows = [] if args.kv_only else [r for s in STRENGTHS for seed in range(args.seeds)
+    seed_rows = [] if args.kv_only or args.speed_only else [r for s in STRENGTHS for seed in range(args.seeds)
                                          for r in run_strength(shape, s, device, dtype, variants, seed)]
     rows = mean_over_seeds(seed_rows)
     goal_rows = goals(rows)
@@ -479,11 +497,11 @@ def main() -> None:
            "seed_rows": seed_rows, "goals": goal_rows}
     if rows:
         print(table(rows, goal_rows))
-    if args.kv_only or args.kv or (args.kv is None and device.type == "cuda"):
+    if not args.speed_only and (args.kv_only or args.kv or (args.kv is None and device.type == "cuda")):
         out["kv"] = [r for s in KV_STRENGTHS for r in run_kv(shape, s, device, dtype)]
         print(kv_table(out["kv"]))
-    if args.speed or (args.speed is None and device.type == "cuda"):
-        out["speed"] = run_speed(device)
+    if args.speed_only or args.speed or (args.speed is None and device.type == "cuda" and not args.kv_only):
+        out["speed"] = run_speed(device, args.speed_outliers)
     out["wall_s"] = round(time.perf_counter() - start, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")

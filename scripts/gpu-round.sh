@@ -21,6 +21,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh prefill  # bulk at 4,096/8,192/16,384 prefill tokens
 #   PREFILL=N source scripts/device-setup.sh && bash scripts/gpu-round.sh same-run  # fp8 K/V; HF baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh rope     # bulk (clocks sampled) and profile
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh dense    # default vs int_mm with planted outliers
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -161,6 +162,12 @@ case "$stage" in
     # 25.6 ms decode step at the bulk state): bulk with the SM clock and power sampled; the bulk-state profile
     BULK_S=210 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
+    ;;
+  dense)  # #20's speed bounds with the default keeping columns at every input, as real models make it (the random
+    # model keeps them at down_proj only): the dense product in the GEMM's epilogue; then without planted channels
+    run 280 quality_speed_outliers python3 -m benchmarks.quality --device cuda --speed-only --speed-outliers 20 \
+        --out "$out/quality_speed_outliers.json"
+    run 200 quality_speed python3 -m benchmarks.quality --device cuda --speed-only --out "$out/quality_speed.json"
     ;;
   profile)
     profile untuned tuned_kernels=0

@@ -52,3 +52,25 @@ def test_the_default_is_closer_to_fp32_than_threshold_zero(planted):
     bnb_t6 = kl(ref, logits_of(load_variant(model_dir, "bnb_t6", CPU, torch.float32, ids), ids, CPU))
     assert default < 0.5 * threshold_zero
     assert default <= 1.5 * bnb_t6
+
+
+def test_the_speed_models_planted_channels_give_the_default_columns_at_the_qkv_and_gate_up_inputs():
+    """benchmarks/quality.py --speed-outliers: with the norms' planted channels, calibration keeps outlier columns
+    at the q/k/v and gate/up inputs (the random model alone keeps them at most at down_proj's), so the speed run
+    times the default kernel as a real model makes it work."""
+    from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, outlier_guard
+
+    from benchmarks.quality import NUM_OUTLIER_CHANNELS, speed_model
+
+    calibration = torch.randint(8, 32000, (2, 32), generator=torch.Generator().manual_seed(4))
+    kept = {}
+    for strength in (0.0, 20.0):
+        torch.manual_seed(0)
+        model = speed_model(CPU, num_layers=1, outliers=strength, hidden=256, intermediate=512).float()
+        convert_model(model, OUTLIER_KERNEL, threshold=6.0, calibration_ids=calibration)
+        guard = outlier_guard(model, 6.0)
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+        kept[strength] = [len(linear.outliers.columns) for linear in (attn.qkv_proj, mlp.gate_up_proj)]
+        assert len(guard.inputs) >= 2
+    assert kept[0.0] == [0, 0]
+    assert kept[20.0] == [NUM_OUTLIER_CHANNELS, NUM_OUTLIER_CHANNELS]
