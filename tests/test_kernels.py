@@ -279,6 +279,15 @@ def test_the_gemms_epilogue_computes_the_outlier_columns_dense_part():
     assert (got.float() - plain.float() - product).abs().max() < 0.05 * product.abs().max()
     with pytest.raises(ValueError, match="not both"):
         int8_matmul_dequant(xq, absmax, cb, scb, bias, torch.float16, product, dense=dense)
+    # more slots than the epilogue takes: the product computed apart, as for the TMA kernel
+    from batchgen.worker.engine.kernels.int8_ops import MAX_FUSED_SLOTS
+
+    many = DenseColumns(x, torch.zeros(MAX_FUSED_SLOTS + 8, dtype=torch.long),
+                        torch.zeros(MAX_FUSED_SLOTS + 8, 80, dtype=torch.float16))
+    many.idx[:16], many.weights[:16] = idx[:16], dense.weights[:16]
+    got = int8_matmul_dequant(xq, absmax, cb, scb, bias, torch.float16, dense=many, **launch)
+    apart = x.index_select(1, many.idx) @ many.weights
+    assert torch.equal(got, dequantize_acc(acc, absmax, scb, bias, torch.float16, apart))
 
 
 def test_kernels_compile_for_hopper():

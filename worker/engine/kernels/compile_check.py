@@ -66,14 +66,14 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
               dict(BLOCK_M=8, BLOCK_N=512, HAS_BIAS=True, HAS_ADDEND=True), num_warps=4)
     out["dequantize"] = {"shared_bytes": k.metadata.shared}
     gemm_ints = ["stride_add", "stride_xm", "stride_dn", "S", "stride_om"]
-    # dense: 128 slots (the most an input gets) at the table's largest pointer launch: its operand tiles reuse the
+    # dense: MAX_FUSED_SLOTS slots at the table's largest pointer launch: its operand tiles reuse the
     # shared memory the main loop's stages held, so the launch needs no more than without
     for name, dense, block_m, block_n, stages in (("int8 gemm", False, 128, 128, 4), ("int8 gemm 256x64", False, 256, 64, 5),
                                                   ("int8 gemm 256x64 dense", True, 256, 64, 5)):
         k = build(int8_ops._int8_mm_kernel, arch, {"A": "*i8", "B": "*i8"} | GEMM_EPILOGUE,
                   ["M", "N", "K", "stride_am_", "stride_bn", *gemm_ints], ["inv_sq"],
                   dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, EVEN_K=True, HAS_BIAS=True,
-                       HAS_ADDEND=not dense, HAS_DENSE=dense, BLOCK_S=128),
+                       HAS_ADDEND=not dense, HAS_DENSE=dense, BLOCK_S=int8_ops.MAX_FUSED_SLOTS),
                   aligned=("N", "K", "stride_am_", "stride_bn", "stride_add", "stride_xm", "stride_dn", "stride_om"),
                   num_warps=8, num_stages=stages)
         ptx = k.asm["ptx"]

@@ -21,6 +21,7 @@ from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, tri
 from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, _num_sms, fold
 
 INV_127_SQ = 6.200124e-05  # bnb's 1/127² as int8_linear uses it (kept equal so results match bit for bit)
+MAX_FUSED_SLOTS = 128  # the most outlier slots the GEMM's epilogue takes (compile_check builds its largest launch so)
 
 if HAS_TRITON:
     import triton
@@ -309,9 +310,10 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
     n = cb.shape[0]
     if block_m is None:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    if tma and dense is not None:  # the persistent kernel keeps its stages' shared memory across tiles, so the dense
-        # operands would come on top: 288 KiB at its largest launch, over the 227 KiB a block may have
-        # (compile_check); there the product is computed apart, as the untuned path does
+    if dense is not None and (tma or dense.idx.numel() > MAX_FUSED_SLOTS):
+        # the persistent kernel keeps its stages' shared memory across tiles, so the dense operands would come on
+        # top: 288 KiB at its largest launch, over the 227 KiB a block may have (compile_check); and more slots than
+        # compile_check builds may not fit either. There the product is computed apart, as the untuned path does
         addend, dense = dense.x.index_select(1, dense.idx) @ dense.weights, None
     out = torch.empty(m, n, dtype=dtype, device=xq.device)
     args = _launch_args(absmax, scb, bias, addend, out)
