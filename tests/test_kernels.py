@@ -300,8 +300,9 @@ def test_kernels_compile_for_hopper():
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(compiled) == {"split fp16", "split fp8", "split paged fp16", "split paged fp8", "one split paged fp16",
                              "one split paged fp8", "merge", "quantize", "int8 gemm tma",
-                             "dequantize", "int8 gemm", "int8 gemm 256x64", "int8 gemm 256x64 dense", "gemv 1 row",
-                             "gemv 16 rows", "kv store fp16", "kv store fp8", "rope"}
+                             "dequantize", "int8 gemm", "int8 gemm 256x128", "int8 gemm 256x128 dense",
+                             "int8 gemm 256x64", "int8 gemm 256x64 dense", "gemv 1 row", "gemv 16 rows",
+                             "kv store fp16", "kv store fp8", "rope"}
     assert compiled["rope"]["vectorised"]
     assert compiled["kv store fp16"]["vectorised"] and compiled["kv store fp8"]["vectorised"]
     assert compiled["kv store fp8"]["div_rn"]  # the quantising store divides as torch does
@@ -312,9 +313,14 @@ def test_kernels_compile_for_hopper():
     assert compiled["int8 gemm"]["wgmma"]
     assert compiled["int8 gemm tma"]["wgmma"] and compiled["int8 gemm tma"]["tma"]  # tiles as bulk tensor copies
     assert all(compiled[name]["pipelined"] for name in ("int8 gemm", "gemv 1 row", "gemv 16 rows"))
-    # the dense columns' operands reuse the main loop's shared memory: the launch fits where it did without them
-    assert compiled["int8 gemm 256x64 dense"]["shared_bytes"] == compiled["int8 gemm 256x64"]["shared_bytes"]
-    assert compiled["int8 gemm 256x64 dense"]["wgmma"]
+    # the dense columns' operands reuse the main loop's shared memory: each launch fits where it did without them.
+    # At MAX_FUSED_SLOTS the epilogue may spill a few registers once per tile (stored and loaded back): under half
+    # the bytes the [m, n] fp16 product computed apart writes and reads back for that tile (128 slots: 4× more)
+    for tile in ("256x128", "256x64"):
+        plain, dense = compiled[f"int8 gemm {tile}"], compiled[f"int8 gemm {tile} dense"]
+        assert dense["shared_bytes"] == plain["shared_bytes"] and dense["wgmma"] and plain["spill_bytes"] == 0
+        block_m, block_n = dense["tile"]
+        assert 2 * dense["spill_bytes"] * dense["threads"] < (2 * block_m * block_n * 2) / 2
 
 
 @pytest.mark.parametrize("batch,tokens,q_heads,k_heads,head_dim,dtype", [

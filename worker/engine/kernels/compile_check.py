@@ -5,11 +5,16 @@ constexpr choices the engine launches: a compile error shows here instead of on 
 """
 
 import json
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from batchgen.worker.engine.kernels import attention, int8_gemv, int8_ops, kv_store, rope
 from triton import compile as triton_compile
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16", "Out": "*fp16"}
@@ -33,6 +38,19 @@ def build(kernel, arch: int, pointers: dict[str, str], ints: list[str], floats: 
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*pointers, *aligned)}
     return triton_compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def spill_bytes(ptx: str, arch: int) -> int | None:
+    """The bytes of registers a kernel spills (stores to local memory), as Triton's own ptxas reports them with -v;
+    None where ptxas does not say."""
+    ptxas = get_ptxas(arch)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        proc = subprocess.run([getattr(ptxas, "path", ptxas), "-v", f"--gpu-name=sm_{arch}a", str(source), "-o",
+                               str(Path(tmp) / "kernel.o")], capture_output=True, text=True)
+    found = re.search(r"(\d+) bytes spill stores", proc.stdout + proc.stderr)
+    return int(found.group(1)) if found else None
 
 
 def compile_all(arch: int = 90) -> dict[str, dict]:
@@ -66,9 +84,12 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
               dict(BLOCK_M=8, BLOCK_N=512, HAS_BIAS=True, HAS_ADDEND=True), num_warps=4)
     out["dequantize"] = {"shared_bytes": k.metadata.shared}
     gemm_ints = ["stride_add", "stride_xm", "stride_dn", "S", "stride_om"]
-    # dense: MAX_FUSED_SLOTS slots at the table's largest pointer launch: its operand tiles reuse the
-    # shared memory the main loop's stages held, so the launch needs no more than without
-    for name, dense, block_m, block_n, stages in (("int8 gemm", False, 128, 128, 4), ("int8 gemm 256x64", False, 256, 64, 5),
+    # dense: MAX_FUSED_SLOTS slots at the table's largest pointer launches (256 × 128 and 256 × 64 tiles): the
+    # operand tiles reuse the shared memory the main loop's stages held; what the epilogue spills is reported
+    for name, dense, block_m, block_n, stages in (("int8 gemm", False, 128, 128, 4),
+                                                  ("int8 gemm 256x128", False, 256, 128, 4),
+                                                  ("int8 gemm 256x128 dense", True, 256, 128, 4),
+                                                  ("int8 gemm 256x64", False, 256, 64, 5),
                                                   ("int8 gemm 256x64 dense", True, 256, 64, 5)):
         k = build(int8_ops._int8_mm_kernel, arch, {"A": "*i8", "B": "*i8"} | GEMM_EPILOGUE,
                   ["M", "N", "K", "stride_am_", "stride_bn", *gemm_ints], ["inv_sq"],
@@ -78,7 +99,8 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                   num_warps=8, num_stages=stages)
         ptx = k.asm["ptx"]
         out[name] = {"int8_tensor_cores": "s32.s8.s8" in ptx, "wgmma": "wgmma.mma_async" in ptx,
-                     "pipelined": "cp.async" in ptx, "shared_bytes": k.metadata.shared}
+                     "pipelined": "cp.async" in ptx, "shared_bytes": k.metadata.shared,
+                     "spill_bytes": spill_bytes(ptx, arch), "tile": [block_m, block_n], "threads": 8 * 32}
     k = build(int8_ops._int8_mm_tma_kernel, arch,
               {"ADesc": "tensordesc<i8[256, 128]>", "BDesc": "tensordesc<i8[128, 128]>"} | GEMM_EPILOGUE,
               ["M", "N", "K", *gemm_ints], ["inv_sq"],

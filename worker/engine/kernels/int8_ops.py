@@ -21,7 +21,11 @@ from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, tri
 from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, _num_sms, fold
 
 INV_127_SQ = 6.200124e-05  # bnb's 1/127² as int8_linear uses it (kept equal so results match bit for bit)
-MAX_FUSED_SLOTS = 128  # the most outlier slots the GEMM's epilogue takes (compile_check builds its largest launch so)
+# The most outlier slots the GEMM's epilogue takes. The table's largest pointer launch (256 × 128, 8 warps, 251
+# registers without them) then spills 60 bytes a thread once per tile (ptxas -v, with a bias; 976 at 128 slots):
+# under half the bytes the [m, n] product computed apart writes and reads back (compile_check builds it, its
+# test compares the two). An input with more slots (8 more than its columns, rounded up to 8) keeps the product apart.
+MAX_FUSED_SLOTS = 32
 
 if HAS_TRITON:
     import triton
@@ -66,15 +70,16 @@ if HAS_TRITON:
         tl.store(Absmax + row, absmax)
 
     @triton.jit
-    def _dense_columns(rm, rn, M, N, X, Idx, Dense, stride_xm, stride_dn, S, BLOCK_S: tl.constexpr):
-        """The outlier columns' product X[rm, Idx] @ Dense[:, rn] in float32: the activations gathered by column
-        and the dequantised weight rows, S slots of them (free slots: column 0, zero weights)."""
+    def _plus_dense_columns(out, rm, rn, M, N, X, Idx, Dense, stride_xm, stride_dn, S, BLOCK_S: tl.constexpr):
+        """out + the outlier columns' product X[rm, Idx] @ Dense[:, rn], accumulated into out itself (float32; no
+        second tile of registers beside it): the activations gathered by column and the dequantised weight rows,
+        S slots of them (free slots: column 0, zero weights)."""
         rs = tl.arange(0, BLOCK_S)
         s_mask = rs < S
         cols = tl.load(Idx + rs, mask=s_mask, other=0)
         xd = tl.load(X + (rm % M)[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=s_mask[None, :], other=0.0)
         wd = tl.load(Dense + rs[:, None].to(tl.int64) * stride_dn + (rn % N)[None, :], mask=s_mask[:, None], other=0.0)
-        return tl.dot(xd, wd, out_dtype=tl.float32)
+        return tl.dot(xd, wd, out)
 
     @triton.jit
     def _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, stride_am, stride_xm, stride_dn,
@@ -91,7 +96,7 @@ if HAS_TRITON:
         if HAS_ADDEND:
             out = out + tl.load(Addend + rm[:, None].to(tl.int64) * stride_am + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_DENSE:
-            out = out + _dense_columns(rm, rn, M, N, X, Idx, Dense, stride_xm, stride_dn, S, BLOCK_S)
+            out = _plus_dense_columns(out, rm, rn, M, N, X, Idx, Dense, stride_xm, stride_dn, S, BLOCK_S)
         tl.store(Out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
