@@ -438,16 +438,16 @@ def run_speed(device: torch.device, outliers: float = 0.0) -> dict:
     model = speed_model(device, outliers=outliers)
     calibration = torch.randint(8, 32000, (4, 128), generator=torch.Generator().manual_seed(4)).to(device)
     calibration[:, 0] = 1
-    from batchgen.worker.engine import int8_linear
+    from batchgen.worker.engine.kernels import int8_ops
 
     res: dict = {"layers": SPEED_LAYERS, "rows": SPEED_ROWS, "prefill": list(SPEED_PREFILL), "planted": outliers}
     # twice each, interleaved: drift shows; "apart": the default with its dense product computed outside the GEMM
     for name in ("int_mm", OUTLIER_KERNEL, f"{OUTLIER_KERNEL}_apart") * 2:
-        int8_linear.FUSE_DENSE = not name.endswith("_apart")
+        int8_ops.FUSE_DENSE = not name.endswith("_apart")
         try:
             res.setdefault(name, []).append(time_kernel(model, name.removesuffix("_apart"), device, calibration))
         finally:
-            int8_linear.FUSE_DENSE = True
+            int8_ops.FUSE_DENSE = True
         print(name, json.dumps(res[name][-1]), flush=True)
     guard = outlier_guard(model, THRESHOLD)
     res["outlier_columns"] = guard.num_columns

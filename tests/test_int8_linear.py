@@ -319,14 +319,16 @@ def test_a_tuned_triton_gemm_computes_what_int_mm_and_its_epilogue_do(bnb_model,
                 monkeypatch.setattr(int8_linear, "USE_TUNED_GEMM", True)
                 got = tuned_linear(x)
             assert torch.equal(got, want), (m, untuned.kernel)
-    monkeypatch.setattr(int8_linear, "FUSE_DENSE", False)  # the dense product computed apart: the same numbers
+    from batchgen.worker.engine.kernels import int8_ops
+
+    monkeypatch.setattr(int8_ops, "FUSE_DENSE", False)  # the dense product computed apart: the same numbers
     x = torch.randn(40, k, generator=torch.Generator().manual_seed(7)).clamp(-5.9, 5.9)
     with torch.inference_mode():
         monkeypatch.setattr(int8_linear, "USE_TUNED_GEMM", False)
         want = pairs[2][0](x)
         monkeypatch.setattr(int8_linear, "USE_TUNED_GEMM", True)
         assert torch.equal(pairs[2][1](x), want)
-    monkeypatch.setattr(int8_linear, "FUSE_DENSE", True)
+    monkeypatch.setattr(int8_ops, "FUSE_DENSE", True)
     calls.pop()
     for untuned, tuned_linear in pairs[1:]:
         assert torch.equal(untuned.outliers.seen, tuned_linear.outliers.seen)

@@ -51,9 +51,6 @@ USE_GEMV: bool | None = None
 # than the compiled quantise + torch._int_mm + epilogue for that shape on this GPU (kernels/tuned/<device>.json).
 # None: on CUDA where the table has one; True: wherever Triton runs (the CPU tests); False: never.
 USE_TUNED_GEMM: bool | None = None
-# An outlier-aware linear's dense product added in the tuned GEMM's epilogue where its launch has room (the pointer
-# kernel); False: computed apart and added as an [m, out] addend, as before (benchmarks/quality.py's A/B).
-FUSE_DENSE = True
 _GEMV_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -232,13 +229,8 @@ class Int8Linear(torch.nn.Module):
             # dequantises and adds the outlier columns' dense product (no [m, out] product written and read back)
             guard = GuardBuffers(o.keep, o.seen, o.hits, o.threshold)
             xq, absmax = int8_ops.quantize_guarded(x2, guard, keep=bool(o.columns))
-            if not o.columns:
-                return int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype, **launch)
-            if FUSE_DENSE:
-                dense = int8_ops.DenseColumns(x2, o.idx, self.dense)
-                return int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype, dense=dense, **launch)
-            addend = x2.index_select(1, o.idx) @ self.dense
-            return int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype, addend, **launch)
+            dense = int8_ops.DenseColumns(x2, o.idx, self.dense) if o.columns else None
+            return int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype, dense=dense, **launch)
         if not o.columns:  # int_mm plus the guard (the engine recaptures its graphs once a column is added)
             xq, absmax, argmax = KERNELS.quantize_argmax(x2)
             o.record(absmax, argmax)

@@ -102,11 +102,10 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                      "pipelined": "cp.async" in ptx, "shared_bytes": k.metadata.shared,
                      "spill_bytes": spill_bytes(ptx, arch), "tile": [block_m, block_n], "threads": 8 * 32}
     k = build(int8_ops._int8_mm_tma_kernel, arch,
-              {"ADesc": "tensordesc<i8[256, 128]>", "BDesc": "tensordesc<i8[128, 128]>"} | GEMM_EPILOGUE,
-              ["M", "N", "K", *gemm_ints], ["inv_sq"],
-              dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, NUM_SMS=132, HAS_BIAS=True, HAS_ADDEND=True,
-                   HAS_DENSE=False, BLOCK_S=16),
-              aligned=("N", "K", "stride_add", "stride_xm", "stride_dn", "stride_om"), num_warps=8, num_stages=4)
+              {"ADesc": "tensordesc<i8[256, 128]>", "BDesc": "tensordesc<i8[128, 128]>"} | EPILOGUE,
+              ["M", "N", "K", "stride_add", "stride_om"], ["inv_sq"],
+              dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, NUM_SMS=132, HAS_BIAS=True, HAS_ADDEND=True),
+              aligned=("N", "K", "stride_add", "stride_om"), num_warps=8, num_stages=4)
     ptx = k.asm["ptx"]  # the operand tiles as bulk tensor copies into shared memory
     out["int8 gemm tma"] = {"tma": "cp.async.bulk.tensor" in ptx, "wgmma": "wgmma.mma_async" in ptx,
                             "shared_bytes": k.metadata.shared}

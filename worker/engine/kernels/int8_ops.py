@@ -26,6 +26,8 @@ INV_127_SQ = 6.200124e-05  # bnb's 1/127² as int8_linear uses it (kept equal so
 # under half the bytes the [m, n] product computed apart writes and reads back (compile_check builds it, its
 # test compares the two). An input with more slots (8 more than its columns, rounded up to 8) keeps the product apart.
 MAX_FUSED_SLOTS = 32
+# False: every dense product computed apart and added as an [m, n] addend (benchmarks/quality.py's A/B)
+FUSE_DENSE = True
 
 if HAS_TRITON:
     import triton
@@ -148,14 +150,14 @@ if HAS_TRITON:
                   stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, HAS_DENSE, BLOCK_S)
 
     @triton.jit
-    def _int8_mm_tma_kernel(ADesc, BDesc, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, M, N, K, stride_add,
-                            stride_xm, stride_dn, S, stride_om, inv_sq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_DENSE: tl.constexpr,
-                            BLOCK_S: tl.constexpr):
+    def _int8_mm_tma_kernel(ADesc, BDesc, Absmax, Scb, Bias, Addend, Out, M, N, K, stride_add, stride_om, inv_sq,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                            GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            HAS_ADDEND: tl.constexpr):
         # Persistent (one program per SM walking tiles in the grouped order) with the operand tiles brought in by
         # Hopper's tensor memory accelerator: the loads are bulk copies that zero-fill past the edges, not address
-        # arithmetic per thread (Triton's persistent-matmul tutorial). The epilogue is _int8_mm_kernel's.
+        # arithmetic per thread (Triton's persistent-matmul tutorial). The epilogue is _int8_mm_kernel's, without
+        # the dense columns: the stages' shared memory stays allocated across tiles, leaving no room for them.
         num_m = tl.cdiv(M, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
@@ -167,8 +169,8 @@ if HAS_TRITON:
                 acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
             rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, stride_add, stride_xm,
-                      stride_dn, S, stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, HAS_DENSE, BLOCK_S)
+            _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, Out, Out, Out, stride_add, 0, 0, 0,
+                      stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, False, 16)
 
 
 def outlier_mask(cols: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -303,7 +305,8 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
                         num_stages: int = 4, tma: bool = False) -> torch.Tensor:
     """xq int8 [m, k] @ cb int8 [n, k].T with dequantize_acc's epilogue fused: -> [m, n] dtype. No padding for
     small m (unlike cuBLASLt's torch._int_mm). Falls back to torch._int_mm + the reference epilogue.
-    dense: the outlier columns' product, computed in the epilogue (no [m, n] fp16 product written and read back).
+    dense: the outlier columns' product, computed in the pointer kernel's epilogue (no [m, n] fp16 product written
+    and read back); apart for the TMA kernel, past MAX_FUSED_SLOTS, or without FUSE_DENSE.
     tma: the persistent kernel whose tiles Hopper's TMA loads (xq and cb contiguous, k a multiple of 16), a
     launch benchmarks.int8_tune weighs against the pointer-loading one."""
     if addend is not None and dense is not None:
@@ -315,14 +318,13 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
     n = cb.shape[0]
     if block_m is None:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    if dense is not None and (tma or dense.idx.numel() > MAX_FUSED_SLOTS):
+    if dense is not None and (tma or dense.idx.numel() > MAX_FUSED_SLOTS or not FUSE_DENSE):
         # the persistent kernel keeps its stages' shared memory across tiles, so the dense operands would come on
-        # top: 288 KiB at its largest launch, over the 227 KiB a block may have (compile_check); and more slots than
-        # compile_check builds may not fit either. There the product is computed apart, as the untuned path does
+        # top: 288 KiB at its largest launch, over the 227 KiB a block may have; more slots spill registers. There
+        # the product is computed apart, as the untuned path does
         addend, dense = dense.x.index_select(1, dense.idx) @ dense.weights, None
     out = torch.empty(m, n, dtype=dtype, device=xq.device)
     args = _launch_args(absmax, scb, bias, addend, out)
-    dense_pointers, dense_ints, dense_flags = _dense_args(dense, out)
     if tma:
         if TensorDescriptor is None:
             raise RuntimeError(f"this Triton ({triton.__version__}) has no host tensor descriptors: no tma launch")
@@ -330,11 +332,11 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         _int8_mm_tma_kernel[(min(num_sms, tiles),)](
             TensorDescriptor.from_tensor(xq, [block_m, block_k]), TensorDescriptor.from_tensor(cb, [block_n, block_k]),
-            *args, *dense_pointers, out, m, n, k, addend.stride(0) if addend is not None else 0, *dense_ints,
-            out.stride(0), inv_sq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-            NUM_SMS=num_sms, HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, **dense_flags,
-            num_warps=num_warps, num_stages=num_stages)
+            *args, out, m, n, k, addend.stride(0) if addend is not None else 0, out.stride(0), inv_sq,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, NUM_SMS=num_sms,
+            HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, num_warps=num_warps, num_stages=num_stages)
         return out
+    dense_pointers, dense_ints, dense_flags = _dense_args(dense, out)
     _int8_mm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
         xq, cb, *args, *dense_pointers, out, m, n, k, xq.stride(0), cb.stride(0),
         addend.stride(0) if addend is not None else 0, *dense_ints, out.stride(0), inv_sq, BLOCK_M=block_m,
