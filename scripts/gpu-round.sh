@@ -168,12 +168,12 @@ case "$stage" in
     # without planted channels. The speed model is Llama-3-8B's shape: its GEMM launches are tuned first (the
     # committed table has Llama-2-7B's and BLOOM-7b1's), into $OUT/round/dense (commit the table if kept)
     mkdir -p "$out/dense" && cp "$tables"/NVIDIA*.json "$out/dense/"
-    run 200 int8_tune_llama3 python3 -m benchmarks.int8_tune --shapes llama3_8b --kernels gemm --rows 256,4096 \
-        --out "$out/dense/int8_tune.json" --budget-s 170
+    run 140 int8_tune_llama3 python3 -m benchmarks.int8_tune --shapes llama3_8b --kernels gemm --rows 256,4096 \
+        --out "$out/dense/int8_tune.json" --budget-s 110
     cp "$out"/dense/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
-    run 280 quality_speed_outliers python3 -m benchmarks.quality --device cuda --speed-only --speed-outliers 20 \
+    run 250 quality_speed_outliers python3 -m benchmarks.quality --device cuda --speed-only --speed-outliers 20 \
         --out "$out/quality_speed_outliers.json"
-    run 200 quality_speed python3 -m benchmarks.quality --device cuda --speed-only --out "$out/quality_speed.json"
+    run 170 quality_speed python3 -m benchmarks.quality --device cuda --speed-only --out "$out/quality_speed.json"
     ;;
   profile)
     profile untuned tuned_kernels=0
