@@ -361,8 +361,8 @@ def speed_model(device: torch.device, num_layers: int = SPEED_LAYERS, outliers: 
     """A random Llama-3-8B-shape model of num_layers layers in fp16, its projections as Int8Linear over their
     own row-wise int8 quantisation (what bnb stores), built on the GPU without a checkpoint. outliers > 0: every
     input and post-attention norm scales NUM_OUTLIER_CHANNELS channels by it, so the q/k/v and gate/up inputs carry
-    outlier features in most tokens (|x| about 0.8 × outliers), as real models above ~6.7B do; the random model's
-    own go to the down projection only."""
+    outlier features in most tokens (|x| about 0.8 × outliers), as real models above ~6.7B do, and the weight
+    columns reading them shrink by as much; the random model's own go to the down projection only."""
     from batchgen.worker.engine.int8_linear import Int8Linear, Int8State
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -377,11 +377,17 @@ def speed_model(device: torch.device, num_layers: int = SPEED_LAYERS, outliers: 
     finally:
         torch.set_default_dtype(default_dtype)
     channels = torch.randperm(hidden, generator=torch.Generator().manual_seed(OUTLIER_CHANNELS_SEED))
+    planted = channels[:NUM_OUTLIER_CHANNELS].to(device)
     for layer in model.model.layers:
         if outliers > 0:
             with torch.no_grad():
                 for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                    norm.weight[channels[:NUM_OUTLIER_CHANNELS]] *= outliers
+                    norm.weight[planted] *= outliers
+                # the weight columns that read them shrink as much: each layer computes what it did unplanted, so
+                # the down projection's input is not inflated past the threshold (random-model MLPs sit near it)
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                             layer.mlp.gate_proj, layer.mlp.up_proj):
+                    proj.weight[:, planted] /= outliers
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):
