@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 NUM_SLOTS = 2
 STREAMING_PREFILL_TOKENS = 1024
+STREAM_KV_PREFILL_TOKENS = 2048  # --stream-kv: the rows' K/V lives on the host, so a prefill may take their room
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -278,8 +279,9 @@ def build_hook_streaming_engine(cfg: EngineConfig, family: Family) -> GenericEng
              "forward pre-hooks)%s", family.model, family.model_type,
              "" if family.path != "fast" else "; its fast path's layer streamer rebuilds plain Llama layers only")
     # Each prefill streams every layer once: pack a thousand prompt tokens into it, but not so many that
-    # its activations take the rows' KV room under the cap.
-    cfg = replace(cfg, max_prefill_tokens=cfg.max_prefill_tokens or STREAMING_PREFILL_TOKENS)
+    # its activations (and its own K/V, on the device until the join) take the rows' KV room under the cap.
+    default_prefill = STREAM_KV_PREFILL_TOKENS if cfg.stream_kv else STREAMING_PREFILL_TOKENS
+    cfg = replace(cfg, max_prefill_tokens=cfg.max_prefill_tokens or default_prefill)
     kv_stream = KVStream(decoder_layers(loaded.model), device) if cfg.stream_kv else None
     engine = GenericEngine(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
                            weights_bytes=loaded.weights_bytes, int8=int8, kv_stream=kv_stream)
