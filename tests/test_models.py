@@ -160,23 +160,6 @@ def test_the_path_is_chosen_from_config_and_logged_in_one_line(demo_model_dir, m
     assert "(llama): fast path" in lines[0] and "(bloom): generic path" in lines[1]
 
 
-def test_the_load_time_warm_up_leaves_answers_and_stats_as_fresh(model_dir, caplog):
-    """The warm-up (on CUDA at load: it builds the compiled activations' graphs) runs real steps, one prompt alone
-    and two together, then the engine answers as HF does and counts only the batch's own steps."""
-    path = model_dir("bloom")
-    engine = build_llm_engine(EngineConfig(model=str(path), max_batch_size=3))
-    with caplog.at_level(logging.INFO, logger="batchgen.engine"):
-        engine.warm_up()
-    warm = [json.loads(r.getMessage().removeprefix("engine steps: ")) for r in caplog.records
-            if r.getMessage().startswith("engine steps: ")]
-    assert warm[-1]["num_prefill_steps"] == 2 and warm[-1]["max_decode_batch"] == 2
-    assert engine.num_unfinished == 0 and not engine._keys
-    extra = engine.stats().extra
-    assert (extra["num_prefill_steps"], extra["num_decode_steps"], extra["num_joins"]) == (0, 0, 0)
-    assert run_engine(engine, requests()) == oracle(path, engine)
-    assert engine.stats().extra["num_prefill_steps"] > 0
-
-
 def test_continuous_batching_refills_rows_and_survives_an_oom(model_dir):
     """Seven requests through three rows, an OOM injected in the middle of a forward: same answers as HF."""
     path = model_dir("gpt2")

@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 import torch
-from batchgen.jobs.schema import Request, SamplingParams
 from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.families import Family
@@ -48,7 +47,6 @@ from batchgen.worker.engine.step_stats import StepStats
 DEFAULT_MAX_MODEL_LEN = 4096
 HOST_KV_SHARE = 0.5  # --stream-kv: the share of free host memory the K/V slots may take (pinned)
 TOKENS_PER_S_WINDOW_S = 30.0
-WARM_UP_PROMPT_WORDS, WARM_UP_TOKENS = 8, 3  # a prefill of several tokens and decode steps after it
 
 log = logging.getLogger("batchgen.engine")
 
@@ -109,11 +107,8 @@ class GenericEngine:
         if cfg.load_in_8bit:  # bnb's Linear8bitLt swapped for the fast path's kernels: they know no architecture
             int8 = Int8Runtime.load(loaded.model, cfg.int8_kernel, threshold=cfg.int8_threshold, device=device,
                                     tokenizer=loaded.tokenizer)
-        engine = cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
-                     weights_bytes=loaded.weights_bytes, int8=int8)
-        if device.type == "cuda":  # where the activations compile (on CPU they run eagerly: nothing to build)
-            engine.warm_up()
-        return engine
+        return cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
+                   weights_bytes=loaded.weights_bytes, int8=int8)
 
     def reserve_host_slots(self) -> None:
         """--stream-kv: the host K/V slots for every row the budget allows, pinned at load rather than in the first
@@ -132,22 +127,6 @@ class GenericEngine:
                                            torch.float8_e4m3fn if self.cfg.kv_cache_dtype == "fp8" else dtype)
         log.info("--stream-kv: host K/V slots for %d rows reserved at load: %.2f GiB in %.2f s",
                  self.scheduler.max_batch_size, num_bytes / 2**30, time.perf_counter() - start)
-
-    def warm_up(self) -> None:
-        """The engine's own steps on throwaway requests at load, as vLLM compiles and captures at start-up: one
-        prompt alone, then two together, so each compiled activation's graphs (its leading dimensions specialise
-        at 1) and the Triton kernels are built before the first batch's clock starts; the stats start afresh."""
-        prompt = " ".join(["hello"] * WARM_UP_PROMPT_WORDS)
-        params = SamplingParams(max_tokens=WARM_UP_TOKENS, temperature=0.0, ignore_eos=True)
-        start = time.perf_counter()
-        for num in (1, 2):
-            requests = [GenerationRequest(f"warm-up:{num}:{i}", Request(custom_id=f"warm-up-{i}", prompt=prompt,
-                                                                        params=params)) for i in range(num)]
-            self.add(requests)
-            while self.num_unfinished:
-                self.step()
-        self.step_stats, self._rate, self._num_joins = StepStats(), TokenRate(TOKENS_PER_S_WINDOW_S), 0
-        log.info("warm-up at load: %.2f s", time.perf_counter() - start)
 
     # -- Engine protocol ----------------------------------------------------------------------------
 

@@ -288,6 +288,4 @@ def build_hook_streaming_engine(cfg: EngineConfig, family: Family) -> GenericEng
     engine.streamer = streamer  # kept alive with the engine (the hooks hold it too); tests and benchmarks read it
     if kv_stream is not None and device.type == "cuda":  # on CPU (tests) host slots grow on demand instead
         engine.reserve_host_slots()
-    if device.type == "cuda":
-        engine.warm_up()
     return engine
