@@ -21,6 +21,10 @@ def test_compose_has_durable_redis_and_a_gpu_worker():
     (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert (ROOT / worker["build"] / "Dockerfile").exists()
+    # compiled kernels outlive the container, on a named volume
+    cache_dirs = {worker["environment"][k] for k in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")}
+    (cache,) = [v.split(":")[1] for v in worker["volumes"] if v.startswith("kernel-cache:")]
+    assert all(d.startswith(cache + "/") for d in cache_dirs) and "kernel-cache" in compose["volumes"]
     assert "dashboard" in compose["services"]
 
 
