@@ -11,11 +11,13 @@ import json
 import logging
 
 import pytest
+import torch
 from batchgen.jobs.schema import CHAT_URL, ChatMessage, Request, SamplingParams
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.families import FAST, GENERIC, ModelNotFound, UnsupportedModel, choose_family
-from batchgen.worker.engine.generic import GenericEngine
+from batchgen.worker.engine.generic import GenericEngine, prefill_cache_bytes
 from batchgen.worker.engine.llm_engine import LLMEngine
+from batchgen.worker.engine.padded_batch import prefill
 from batchgen.worker.engine.protocol import GenerationRequest
 from batchgen.worker.factory import build_llm_engine
 
@@ -158,6 +160,26 @@ def test_the_path_is_chosen_from_config_and_logged_in_one_line(demo_model_dir, m
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("engine path:")]
     assert len(lines) == 2 and all("\n" not in ln for ln in lines)
     assert "(llama): fast path" in lines[0] and "(bloom): generic path" in lines[1]
+
+
+def test_the_budget_holds_the_prefills_own_cache_under_a_cap(model_dir):
+    """A prefill keeps every layer's K/V of its tokens on the device until the join: the budget counts what a real
+    prefill's cache holds, and a cap leaves rows only beyond it."""
+    path, tokens = model_dir("bloom"), 96
+    base = dict(model=str(path), load_in_8bit=False, max_model_len=64, max_prefill_tokens=tokens, vram_reserve_bytes=0)
+    engine = build_llm_engine(EngineConfig(**base))
+    with torch.inference_mode():
+        _, batch = prefill(engine.model, engine.calls, [[5] * 32] * (tokens // 32), engine.device)
+    held = sum(t.numel() * t.element_size() for layer in batch.cache.layers for t in (layer.keys, layer.values))
+    assert prefill_cache_bytes(engine.model.config, 4, tokens) == held
+    b = engine.budget
+    assert b.prefill_bytes > held
+    weights = sum(t.numel() * t.element_size() for t in (*engine.model.parameters(), *engine.model.buffers()))
+    row = b.kv_bytes_per_row + b.activation_bytes_per_row
+    capped = build_llm_engine(EngineConfig(**base, max_vram_bytes=weights + b.prefill_bytes + 2 * row))
+    assert capped.budget.max_rows == 2
+    with pytest.raises(ValueError, match="not enough memory for one row"):
+        build_llm_engine(EngineConfig(**base, max_vram_bytes=weights + b.prefill_bytes + row // 2))
 
 
 def test_continuous_batching_refills_rows_and_survives_an_oom(model_dir):

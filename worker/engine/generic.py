@@ -353,6 +353,12 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
     return budget_math.kv_bytes_per_token(config.num_hidden_layers, kv_heads, head_dim, dtype_bytes)
 
 
+def prefill_cache_bytes(config, dtype_bytes: int, num_tokens: int) -> int:
+    """A prefill's own cache: every layer's K/V of its tokens in the compute dtype, on the device until the join
+    (uncounted, 4,096-token prefills took a BLOOM-13B past its 6 GiB cap)."""
+    return kv_bytes_per_token(config, dtype_bytes) * num_tokens
+
+
 def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dtype, weights_bytes: int,
                 max_model_len: int, max_prefill_tokens: int, host_kv: bool = False) -> budget_math.Budget:
     """Rows whose full-length K/V slots and decode activations fit what is free, after one prefill peak.
@@ -375,6 +381,7 @@ def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dt
                                                        num_heads=heads, num_tokens=max_prefill_tokens,
                                                        dtype_bytes=dtype_bytes,
                                                        keys_per_token=min(max_model_len, max_prefill_tokens))
+    prefill_bytes += prefill_cache_bytes(config, dtype_bytes, max_prefill_tokens)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         free -= int(CUDA_ALLOCATOR_SLACK * free)
