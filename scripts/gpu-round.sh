@@ -22,6 +22,8 @@
 #   PREFILL=N source scripts/device-setup.sh && bash scripts/gpu-round.sh same-run  # fp8 K/V; HF baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh rope     # bulk (clocks sampled) and profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh dense    # default vs int_mm with planted outliers
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-bulk  # bulk: the default against int_mm
+#   WHEELS=.whl-bloom source scripts/device-setup.sh && bash scripts/gpu-round.sh models-check  # BLOOM-7b1, BLOOM-13B
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -174,6 +176,19 @@ case "$stage" in
     run 250 quality_speed_outliers python3 -m benchmarks.quality --device cuda --speed-only --speed-outliers 20 \
         --out "$out/quality_speed_outliers.json"
     run 170 quality_speed python3 -m benchmarks.quality --device cuda --speed-only --out "$out/quality_speed.json"
+    ;;
+  int8-bulk)  # #20's third speed bound on today's code: bulk end to end, the default against int_mm (threshold 0)
+    BULK_S=225 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    BATCHGEN_INT8_KERNEL=int_mm BULK_S=170 bulk int_mm 1 static-features 0
+    ;;
+  models-check)  # WHEELS=.whl-bloom (transformers 5.24 with the benchmark's wheels): the generic budget now counts
+    # the prefill's own cache; BLOOM-7b1 against HF int8, then BLOOM-13B under 6 GiB twice (the second process finds
+    # Triton's kernel cache warm: the first pays the int8 launches' JIT)
+    run 260 models_bloom python3 -m benchmarks.models --out "$out/models" --models bloom-7b1 --num-requests 256 \
+        --hf-batches 256
+    run 160 small_vram_first python3 -m benchmarks.models --out "$out/sv_first" --small-vram --small-vram-kv fp8+stream
+    run 130 small_vram_second python3 -m benchmarks.models --out "$out/sv_second" --small-vram \
+        --small-vram-kv fp8+stream
     ;;
   profile)
     profile untuned tuned_kernels=0
