@@ -355,7 +355,7 @@ def kv_bytes_per_token(config, dtype_bytes: int) -> int:
 
 def prefill_cache_bytes(config, dtype_bytes: int, num_tokens: int) -> int:
     """A prefill's own cache: every layer's K/V of its tokens in the compute dtype, on the device until the join
-    (uncounted, 4,096-token prefills took a BLOOM-13B past its 6 GiB cap)."""
+    (uncounted, a small-VRAM cap did not hold for long prefills)."""
     return kv_bytes_per_token(config, dtype_bytes) * num_tokens
 
 
