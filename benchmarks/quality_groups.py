@@ -1,0 +1,83 @@
+"""What finer activation scales would buy the default int8 kernel (issue #20's ≤ 2× weight-only goal), simulated.
+
+The default quantises each token's activations to int8 with one scale over its columns (LLM.int8()'s outlier
+columns left exact). Against weight-only that is about 2× the KL on quality.py's planted model: the activation
+noise is about the size of the weight noise. This benchmark replaces the default's product with a simulation of
+per-group scales (each token's columns in groups of G, one absmax each; kept columns exact; the same int8 weights),
+to see how far each G lands from weight-only before any kernel is written. G = 0: one scale a token, which must
+reproduce the real default's KL (the check that the simulation is right).
+
+    .venv/bin/python -m benchmarks.quality_groups --out docs/benchmarks/quality_groups_cpu.json   # CPU, fp32
+
+The model is quality.py's GPU shape (hidden 1,024) in fp32: on it the CPU gives the GPU's ratios.
+"""
+
+import argparse
+import datetime
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from benchmarks import quality
+
+GROUPS = (0, 128, 32)
+STRENGTHS = (0.0, 10.0, 20.0)
+
+
+def simulate_groups(group: int):
+    """Int8Linear's outlier-aware forward as per-group fake quantisation times the dequantised weight."""
+    from batchgen.worker.engine import int8_linear
+
+    real = int8_linear.Int8Linear._forward_outliers
+
+    def forward(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.outliers.calibrating:
+            return real(self, x2)
+        keep = self.outliers.keep.to(torch.bool)
+        size = group if group and x2.shape[1] % group == 0 else x2.shape[1]
+        rest = torch.where(keep, x2, torch.zeros_like(x2)).float().view(x2.shape[0], -1, size)
+        scale = rest.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127
+        quantised = (torch.round(rest / scale) * scale).view_as(x2).to(x2.dtype)
+        return self._forward_weight_only(torch.where(keep, quantised, x2))
+
+    return real, forward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/quality_groups.json"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    from batchgen.worker.engine import int8_linear
+
+    device, rows = torch.device("cpu"), []
+    for strength in STRENGTHS:
+        rows += quality.run_strength(quality.GPU_SHAPE, strength, device, torch.float32, ("default", "weight_only"),
+                                     args.seed)
+        for group in GROUPS:
+            real, forward = simulate_groups(group)
+            int8_linear.Int8Linear._forward_outliers = forward
+            try:
+                (row,) = quality.run_strength(quality.GPU_SHAPE, strength, device, torch.float32, ("default",),
+                                              args.seed)
+            finally:
+                int8_linear.Int8Linear._forward_outliers = real
+            rows.append({**row, "variant": f"simulated_groups_{group or 'token'}"})
+    weight_only = {r["strength"]: r["kl"] for r in rows if r["variant"] == "weight_only"}
+    for r in rows:
+        r["vs_weight_only"] = round(r["kl"] / weight_only[r["strength"]], 3)
+    print("| S | variant | KL | ÷ weight-only |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['strength']:g} | {r['variant']} | {r['kl']:.4f} | {r['vs_weight_only']:.2f} |")
+    args.out.write_text(json.dumps({"device": "cpu", "date": datetime.date.today().isoformat(),
+                                    "shape": "quality.GPU_SHAPE", "compute_dtype": "float32", "seed": args.seed,
+                                    "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
