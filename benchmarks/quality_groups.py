@@ -17,6 +17,7 @@ import datetime
 import json
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,8 +28,9 @@ GROUPS = (0, 128, 32)
 STRENGTHS = (0.0, 10.0, 20.0)
 
 
-def simulate_groups(group: int):
-    """Int8Linear's outlier-aware forward as per-group fake quantisation times the dequantised weight."""
+@contextmanager
+def simulated_groups(group: int):
+    """Within it, Int8Linear's outlier-aware forward is per-group fake quantisation times the dequantised weight."""
     from batchgen.worker.engine import int8_linear
 
     real = int8_linear.Int8Linear._forward_outliers
@@ -43,7 +45,11 @@ def simulate_groups(group: int):
         quantised = (torch.round(rest / scale) * scale).view_as(x2).to(x2.dtype)
         return self._forward_weight_only(torch.where(keep, quantised, x2))
 
-    return real, forward
+    int8_linear.Int8Linear._forward_outliers = forward
+    try:
+        yield
+    finally:
+        int8_linear.Int8Linear._forward_outliers = real
 
 
 def main() -> None:
@@ -53,20 +59,14 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    from batchgen.worker.engine import int8_linear
-
     device, rows = torch.device("cpu"), []
     for strength in STRENGTHS:
         rows += quality.run_strength(quality.GPU_SHAPE, strength, device, torch.float32, ("default", "weight_only"),
                                      args.seed)
         for group in GROUPS:
-            real, forward = simulate_groups(group)
-            int8_linear.Int8Linear._forward_outliers = forward
-            try:
+            with simulated_groups(group):
                 (row,) = quality.run_strength(quality.GPU_SHAPE, strength, device, torch.float32, ("default",),
                                               args.seed)
-            finally:
-                int8_linear.Int8Linear._forward_outliers = real
             rows.append({**row, "variant": f"simulated_groups_{group or 'token'}"})
     weight_only = {r["strength"]: r["kl"] for r in rows if r["variant"] == "weight_only"}
     for r in rows:

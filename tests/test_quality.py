@@ -79,20 +79,14 @@ def test_the_speed_models_planted_channels_give_the_default_columns_at_the_qkv_a
 def test_the_group_simulation_at_one_scale_a_token_is_the_default_and_finer_groups_drift_less(planted):
     """benchmarks/quality_groups.py: its simulated product with one scale a token drifts from fp32 as the real
     default does (their roundings differ, so logits differ a little), and groups of 32 columns drift less."""
-    from batchgen.worker.engine import int8_linear
-
-    from benchmarks.quality_groups import simulate_groups
+    from benchmarks.quality_groups import simulated_groups
 
     model_dir, ref, ids = planted
     real_logits = default_logits(model_dir, ids)
     simulated = {}
     for group in (0, 32):
-        real, forward = simulate_groups(group)
-        int8_linear.Int8Linear._forward_outliers = forward
-        try:
+        with simulated_groups(group):
             simulated[group] = default_logits(model_dir, ids)
-        finally:
-            int8_linear.Int8Linear._forward_outliers = real
     default, token = kl(ref, real_logits), kl(ref, simulated[0])
     assert 0.75 * default < token < 1.25 * default
     assert kl(ref, simulated[32]) < 0.9 * min(default, token)
