@@ -22,6 +22,7 @@
 #   PREFILL=N source scripts/device-setup.sh && bash scripts/gpu-round.sh same-run  # fp8 K/V; HF baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh rope     # bulk (clocks sampled) and profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh dense    # default vs int_mm with planted outliers
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh groups   # per-group activation scales' GEMM cost
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-bulk  # bulk: the default against int_mm
 #   WHEELS=.whl-bloom source scripts/device-setup.sh && bash scripts/gpu-round.sh models-check  # BLOOM-7b1, BLOOM-13B
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
@@ -176,6 +177,9 @@ case "$stage" in
     run 250 quality_speed_outliers python3 -m benchmarks.quality --device cuda --speed-only --speed-outliers 20 \
         --out "$out/quality_speed_outliers.json"
     run 170 quality_speed python3 -m benchmarks.quality --device cuda --speed-only --out "$out/quality_speed.json"
+    ;;
+  groups)  # #20: what a scale per group of 128 activation columns costs the int8 GEMM (benchmarks/int8_groups.py)
+    run 300 int8_groups python3 -m benchmarks.int8_groups --out "$out/int8_groups.json"
     ;;
   int8-bulk)  # #20's third speed bound on today's code: bulk end to end, the default against int_mm (threshold 0)
     BULK_S=225 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)

@@ -72,6 +72,30 @@ if HAS_TRITON:
         tl.store(Absmax + row, absmax)
 
     @triton.jit
+    def _quantize_groups_kernel(X, Xq, Scales, Outliers, stride_xm, stride_qm, stride_sm, NUM_GROUPS,
+                                GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+                                INTERPRETED: tl.constexpr):
+        # one program per token row, BLOCK_G groups of GROUP columns at a time: each group's absmax, then its int8
+        row = tl.program_id(0)
+        rg = tl.arange(0, BLOCK_G)
+        rc = tl.arange(0, GROUP)
+        for g0 in range(0, NUM_GROUPS, BLOCK_G):
+            g_mask = (g0 + rg) < NUM_GROUPS
+            cols = (g0 + rg)[:, None] * GROUP + rc[None, :]
+            x = tl.load(X + row.to(tl.int64) * stride_xm + cols, mask=g_mask[:, None], other=0.0).to(tl.float16)
+            if HAS_OUTLIERS:
+                x = tl.where(tl.load(Outliers + cols, mask=g_mask[:, None], other=0) != 0, 0.0, x).to(tl.float16)
+            absmax = tl.max(tl.abs(x), 1).to(tl.float32)
+            inv = tl.where(absmax > 0.0, 127.0 / absmax, 0.0)
+            scaled = x.to(tl.float32) * inv[:, None]
+            if INTERPRETED:  # noqa: SIM108  (as _quantize_kernel)
+                xq = (scaled + 12582912.0) - 12582912.0
+            else:
+                xq = libdevice.rint(scaled)
+            tl.store(Xq + row.to(tl.int64) * stride_qm + cols, xq.to(tl.int8), mask=g_mask[:, None])
+            tl.store(Scales + row.to(tl.int64) * stride_sm + g0 + rg, absmax, mask=g_mask)
+
+    @triton.jit
     def _plus_dense_columns(out, rm, rn, M, N, X, Idx, Dense, stride_xm, stride_dn, S, BLOCK_S: tl.constexpr):
         """out + the outlier columns' product X[rm, Idx] @ Dense[:, rn], accumulated into out itself (float32; no
         second tile of registers beside it): the activations gathered by column and the dequantised weight rows,
@@ -86,13 +110,16 @@ if HAS_TRITON:
     @triton.jit
     def _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, stride_am, stride_xm, stride_dn,
                   S, stride_om, inv_sq, HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_DENSE: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
+                  BLOCK_S: tl.constexpr, ROW_SCALE: tl.constexpr = True):
         m_mask = rm < M
         n_mask = rn < N
         mask = m_mask[:, None] & n_mask[None, :]
-        absmax = tl.load(Absmax + rm, mask=m_mask, other=0.0)
         scb = tl.load(Scb + rn, mask=n_mask, other=0.0)
-        out = acc.to(tl.float32) * (absmax[:, None] * scb[None, :]) * inv_sq
+        if ROW_SCALE:
+            absmax = tl.load(Absmax + rm, mask=m_mask, other=0.0)
+            out = acc.to(tl.float32) * (absmax[:, None] * scb[None, :]) * inv_sq
+        else:  # per-group scales: acc already holds them (float32)
+            out = acc * scb[None, :] * inv_sq
         if HAS_BIAS:
             out = out + tl.load(Bias + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         if HAS_ADDEND:
@@ -126,7 +153,7 @@ if HAS_TRITON:
                         stride_add, stride_xm, stride_dn, S, stride_om, inv_sq, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_DENSE: tl.constexpr,
-                        BLOCK_S: tl.constexpr):
+                        BLOCK_S: tl.constexpr, GROUP_K: tl.constexpr = 0, stride_sm=0):
         pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -134,26 +161,37 @@ if HAS_TRITON:
         # rows and columns past the ends wrap (and are masked at the store): the loads need no M/N mask
         a_ptr = A + (rm % M)[:, None].to(tl.int64) * stride_am_ + rk[None, :]
         b_ptr = B + (rn % N)[None, :].to(tl.int64) * stride_bn + rk[:, None]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
+        if GROUP_K:  # a scale per token and group of GROUP_K columns: each block's int32 product scaled into float32
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            s_ptr = Absmax + (rm % M).to(tl.int64) * stride_sm
+            for k0 in range(0, K, BLOCK_K):
                 a = tl.load(a_ptr)
                 b = tl.load(b_ptr)
-            else:
-                k_mask = (k0 + rk) < K
-                a = tl.load(a_ptr, mask=k_mask[None, :], other=0)
-                b = tl.load(b_ptr, mask=k_mask[:, None], other=0)
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-            a_ptr += BLOCK_K
-            b_ptr += BLOCK_K
+                part = tl.dot(a, b, out_dtype=tl.int32)
+                acc += part.to(tl.float32) * tl.load(s_ptr + k0 // GROUP_K)[:, None]
+                a_ptr += BLOCK_K
+                b_ptr += BLOCK_K
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptr)
+                    b = tl.load(b_ptr)
+                else:
+                    k_mask = (k0 + rk) < K
+                    a = tl.load(a_ptr, mask=k_mask[None, :], other=0)
+                    b = tl.load(b_ptr, mask=k_mask[:, None], other=0)
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+                a_ptr += BLOCK_K
+                b_ptr += BLOCK_K
         _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, stride_add, stride_xm, stride_dn, S,
-                  stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, HAS_DENSE, BLOCK_S)
+                  stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, HAS_DENSE, BLOCK_S, GROUP_K == 0)
 
     @triton.jit
     def _int8_mm_tma_kernel(ADesc, BDesc, Absmax, Scb, Bias, Addend, Out, M, N, K, stride_add, stride_om, inv_sq,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            HAS_ADDEND: tl.constexpr):
+                            HAS_ADDEND: tl.constexpr, GROUP_K: tl.constexpr = 0, stride_sm=0):
         # Persistent (one program per SM walking tiles in the grouped order) with the operand tiles brought in by
         # Hopper's tensor memory accelerator: the loads are bulk copies that zero-fill past the edges, not address
         # arithmetic per thread (Triton's persistent-matmul tutorial). The epilogue is _int8_mm_kernel's, without
@@ -162,15 +200,24 @@ if HAS_TRITON:
         num_n = tl.cdiv(N, BLOCK_N)
         for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
             pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-            for k0 in range(0, K, BLOCK_K):
-                a = ADesc.load([pid_m * BLOCK_M, k0])
-                b = BDesc.load([pid_n * BLOCK_N, k0])
-                acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
             rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            if GROUP_K:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                s_ptr = Absmax + (rm % M).to(tl.int64) * stride_sm
+                for k0 in range(0, K, BLOCK_K):
+                    a = ADesc.load([pid_m * BLOCK_M, k0])
+                    b = BDesc.load([pid_n * BLOCK_N, k0])
+                    part = tl.dot(a, b.T, out_dtype=tl.int32)
+                    acc += part.to(tl.float32) * tl.load(s_ptr + k0 // GROUP_K)[:, None]
+            else:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+                for k0 in range(0, K, BLOCK_K):
+                    a = ADesc.load([pid_m * BLOCK_M, k0])
+                    b = BDesc.load([pid_n * BLOCK_N, k0])
+                    acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
             _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, Out, Out, Out, stride_add, 0, 0, 0,
-                      stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, False, 16)
+                      stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, False, 16, GROUP_K == 0)
 
 
 def outlier_mask(cols: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -197,6 +244,37 @@ def quantize_rows(x: torch.Tensor, outliers: torch.Tensor | None = None) -> tupl
         return quantize_rows_reference(x, outliers)
     xq, absmax, _ = _quantize(x, outliers.view(torch.uint8) if outliers is not None else None, keep=False,
                               argmax=False)
+    return xq, absmax
+
+
+def quantize_groups_reference(x: torch.Tensor, group: int, outliers: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [m, k] -> (int8 [m, k], absmax float32 [m, k // group]): quantize_rows_reference per group of columns."""
+    x16 = x.to(torch.float16)
+    if outliers is not None:
+        x16 = x16.masked_fill(outliers.bool(), 0.0)
+    m, k = x16.shape
+    grouped = x16.view(m, k // group, group)
+    absmax = grouped.abs().amax(dim=-1, keepdim=True).float()
+    inv = torch.where(absmax > 0, 127.0 / absmax, torch.zeros_like(absmax))
+    return torch.round(grouped * inv).to(torch.int8).view(m, k), absmax.view(m, k // group)
+
+
+def quantize_groups(x: torch.Tensor, group: int, outliers: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [m, k] (k a multiple of group, a power of two) -> (int8 [m, k], absmax float32 [m, k // group]): one scale
+    per token and group of columns, the scales int8_matmul_dequant(group_k=group) takes; outliers as quantize_rows."""
+    m, k = x.shape
+    if k % group:
+        raise ValueError(f"{k} columns are not groups of {group}")
+    if not triton_available(x):
+        return quantize_groups_reference(x, group, outliers)
+    xq = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    absmax = torch.empty(m, k // group, dtype=torch.float32, device=x.device)
+    block_g = max(1, min(triton.next_power_of_2(k // group), 4096 // group))
+    _quantize_groups_kernel[(m,)](x, xq, absmax, outliers.view(torch.uint8) if outliers is not None else xq,
+                                  x.stride(0), xq.stride(0), absmax.stride(0), k // group, GROUP=group, BLOCK_G=block_g,
+                                  HAS_OUTLIERS=outliers is not None, INTERPRETED=interpreting(), num_warps=4)
     return xq, absmax
 
 
@@ -302,20 +380,29 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
                         bias: torch.Tensor | None, dtype: torch.dtype, addend: torch.Tensor | None = None, *,
                         dense: DenseColumns | None = None, inv_sq: float = INV_127_SQ, block_m: int | None = None,
                         block_n: int = 128, block_k: int = 128, group_m: int = 8, num_warps: int = 4,
-                        num_stages: int = 4, tma: bool = False) -> torch.Tensor:
+                        num_stages: int = 4, tma: bool = False, group_k: int = 0) -> torch.Tensor:
     """xq int8 [m, k] @ cb int8 [n, k].T with dequantize_acc's epilogue fused: -> [m, n] dtype. No padding for
     small m (unlike cuBLASLt's torch._int_mm). Falls back to torch._int_mm + the reference epilogue.
     dense: the outlier columns' product, computed in the pointer kernel's epilogue (no [m, n] fp16 product written
     and read back); apart for the TMA kernel, past MAX_FUSED_SLOTS, or without FUSE_DENSE.
     tma: the persistent kernel whose tiles Hopper's TMA loads (xq and cb contiguous, k a multiple of 16), a
-    launch benchmarks.int8_tune weighs against the pointer-loading one."""
+    launch benchmarks.int8_tune weighs against the pointer-loading one.
+    group_k: absmax is [m, k // group_k] (quantize_groups'), one scale per token and group of columns, applied to
+    each block's int32 product in the main loop (block_k must divide group_k)."""
     if addend is not None and dense is not None:
         raise ValueError("an addend or the dense columns, not both")
-    if not triton_available(xq):
-        addend = dense_product(dense) if dense is not None else addend
-        return dequantize_acc_reference(torch._int_mm(xq, cb.t()), absmax, scb, bias, dtype, addend, inv_sq=inv_sq)
     m, k = xq.shape
     n = cb.shape[0]
+    if group_k and (k % group_k or group_k % block_k):
+        raise ValueError(f"groups of {group_k} need k ({k}) a multiple of it and block_k ({block_k}) dividing it")
+    if not triton_available(xq):
+        addend = dense_product(dense) if dense is not None else addend
+        if group_k:  # exact: each group's int8 product fits float64's mantissa many times over
+            parts = torch.einsum("mgk,ngk->mng", xq.view(m, -1, group_k).double(), cb.view(n, -1, group_k).double())
+            acc = (parts * absmax.double()[:, None, :]).sum(-1).float()
+            return dequantize_acc_reference(acc, torch.ones_like(absmax[:, :1]), scb, bias, dtype, addend,
+                                            inv_sq=inv_sq)
+        return dequantize_acc_reference(torch._int_mm(xq, cb.t()), absmax, scb, bias, dtype, addend, inv_sq=inv_sq)
     if block_m is None:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if dense is not None and (tma or dense.idx.numel() > MAX_FUSED_SLOTS or not FUSE_DENSE):
@@ -334,14 +421,16 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
             TensorDescriptor.from_tensor(xq, [block_m, block_k]), TensorDescriptor.from_tensor(cb, [block_n, block_k]),
             *args, out, m, n, k, addend.stride(0) if addend is not None else 0, out.stride(0), inv_sq,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, NUM_SMS=num_sms,
-            HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, num_warps=num_warps, num_stages=num_stages)
+            HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, GROUP_K=group_k, stride_sm=absmax.stride(0),
+            num_warps=num_warps, num_stages=num_stages)
         return out
     dense_pointers, dense_ints, dense_flags = _dense_args(dense, out)
     _int8_mm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
         xq, cb, *args, *dense_pointers, out, m, n, k, xq.stride(0), cb.stride(0),
         addend.stride(0) if addend is not None else 0, *dense_ints, out.stride(0), inv_sq, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None,
-        HAS_ADDEND=addend is not None, **dense_flags, num_warps=num_warps, num_stages=num_stages)
+        HAS_ADDEND=addend is not None, **dense_flags, GROUP_K=group_k, stride_sm=absmax.stride(0),
+        num_warps=num_warps, num_stages=num_stages)
     return out
 
 
