@@ -145,8 +145,42 @@ def _add(engine, reqs: list) -> None:
     assert not rejected, rejected[0].error
 
 
+def prefill_run(engine, vocab: int, *, prompt: int, prefill_tokens: int, steps: int) -> dict:
+    """`steps` full prefill steps back to back, as a bulk run's admissions make them (each request wants one
+    token, so no decode step comes between): prompt tokens a second, the engine's device time per step (its
+    StepClock: first kernel to last, idle inside a step included) against the host's wall time, and the SM clock
+    and board power over the run (NVML). Shows whether a long prefill is held by the card's power cap (a lower
+    clock) or by the host (device idle inside the steps)."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from benchmarks.common import PeakVram
+
+    per = max(1, min(prompt, prefill_tokens))
+    count = max(1, prefill_tokens // per)
+    before = engine.stats().extra
+    _add(engine, _requests(_prompts(count * steps, per, vocab, 3), 1, "r"))
+    _sync()
+    with PeakVram() if torch.cuda.is_available() else nullcontext() as vram:
+        start = time.perf_counter()
+        while engine.num_unfinished:
+            engine.step()
+        _sync()
+        wall = time.perf_counter() - start
+    after = engine.stats().extra
+    device_s = after.get("prefill_device_s", 0) - before.get("prefill_device_s", 0)  # CUDA only
+    done = after["num_prefill_steps"] - before["num_prefill_steps"]
+    tokens = count * steps * per
+    return {"steps": done, "prompt_tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall),
+            "wall_ms_per_step": round(1e3 * wall / max(done, 1), 2),
+            "device_ms_per_step": round(1e3 * device_s / max(done, 1), 2),
+            "device_gap_s": round(after.get("device_gap_s", 0) - before.get("device_gap_s", 0), 3),
+            "clocks": vram.clocks() if vram is not None else None}
+
+
 def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int, steps: int,
-              max_model_len: int = MAX_MODEL_LEN, stacks: bool = False) -> dict:
+              max_model_len: int = MAX_MODEL_LEN, stacks: bool = False, prefill_steps: int = 0) -> dict:
     out = {}
     # one request alone: its prefill and a few decode steps first (kernels compiled, graphs captured)
     _add(engine, _requests(_prompts(1, min(128, max_model_len // 2), vocab, 0), max_model_len - min(128, max_model_len // 2), "s"))
@@ -182,6 +216,10 @@ def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int
         out["prefill"] = profile(engine, 1, stacks) | {"prompts": count, "prompt_tokens": per}
         while engine.num_unfinished:
             engine.step()
+    if prefill_steps:
+        out["prefill_run"] = prefill_run(engine, vocab, prompt=prompt, prefill_tokens=prefill_tokens,
+                                         steps=prefill_steps)
+        print("prefill_run", json.dumps(out["prefill_run"]), flush=True)
     return out
 
 
@@ -214,6 +252,8 @@ def main() -> None:
     parser.add_argument("--engine-options", default="",
                         help="EngineConfig fields as key=value pairs, e.g. overlap_decode=0,cuda_graphs=0")
     parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
+    parser.add_argument("--prefill-steps", type=int, default=0,
+                        help="then this many full prefill steps back to back, unprofiled (prefill_run)")
     parser.add_argument("--stacks", action="store_true",
                         help="also group host ops by Python call site (with_stack; slower, for finding who blocks)")
     args = parser.parse_args()
@@ -247,10 +287,11 @@ def main() -> None:
         prefill_tokens = engine.scheduler.max_prefill_tokens
         row = {"engine": type(engine).__name__, "load_s": load_s, "max_prefill_tokens": prefill_tokens}
         row |= scenarios(engine, VOCAB_SIZE, rows=rows, prompt=prompt, prefill_tokens=prefill_tokens, steps=steps,
-                         max_model_len=args.max_model_len, stacks=args.stacks)
+                         max_model_len=args.max_model_len, stacks=args.stacks,
+                         prefill_steps=args.prefill_steps)
         row["decode_steps"] = engine.stats().extra.get("decode_steps", "CUDA graphs (fast path)")
         report["models"][name] = row
-        print(name, json.dumps({k: ({kk: v[kk] for kk in ("wall_ms_per_step", "device_ms_per_step", "device_busy")}
+        print(name, json.dumps({k: ({kk: v.get(kk) for kk in ("wall_ms_per_step", "device_ms_per_step", "device_busy")}
                                     if isinstance(v, dict) else v) for k, v in row.items()}), flush=True)
         # written after each model: a later model's failure keeps the earlier ones
         write_json(args.out / f"profile{'-tiny' if args.tiny else ''}.json", report)

@@ -23,6 +23,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh rope     # bulk (clocks sampled) and profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh dense    # default vs int_mm with planted outliers
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh groups   # per-group activation scales' GEMM cost
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh prefill-run  # strided v; a long prefill's clock
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-bulk  # bulk: the default against int_mm
 #   WHEELS=.whl-bloom source scripts/device-setup.sh && bash scripts/gpu-round.sh models-check  # BLOOM-7b1, BLOOM-13B
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
@@ -180,6 +181,20 @@ case "$stage" in
     ;;
   groups)  # #20: what a scale per group of 128 activation columns costs the int8 GEMM (benchmarks/int8_groups.py)
     run 300 int8_groups python3 -m benchmarks.int8_groups --out "$out/int8_groups.json"
+    ;;
+  prefill-run)  # #22: FlashAttention reads v strided (no copy); is a long prefill held by the power cap or the host?
+    run 60 flash_strided python3 -c "
+import torch
+from batchgen.worker.engine.llama import flash_varlen
+t, h, d = 4096, 32, 128
+qkv = torch.randn(t, 3 * h * d, device='cuda', dtype=torch.float16)
+q, k, v = (x.view(t, h, d) for x in qkv.split(h * d, dim=-1))
+cu = torch.tensor([0, 1000, 2500, t], device='cuda', dtype=torch.int32)
+a = flash_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, 1500, 1500, causal=True, scale=0.088)
+b = flash_varlen(q, k, v, cu, cu, 1500, 1500, causal=True, scale=0.088)
+print('strided v equal:', torch.equal(a, b), v.stride())"
+    BULK_S=210 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    profile prefill_run "" --rows 384 --prompt 352 --max-model-len 416 --prefill-steps 40
     ;;
   int8-bulk)  # #20's third speed bound on today's code: bulk end to end, the default against int_mm (threshold 0)
     BULK_S=225 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)

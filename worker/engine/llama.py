@@ -146,6 +146,11 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
+def unit_last(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy where its last dimension is strided (FlashAttention reads any row and head stride)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                  cu_seqlens_k: torch.Tensor, max_q: int, max_k: int, *, causal: bool, scale: float,
                  seqused_k: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
@@ -372,7 +377,8 @@ def _prefill_attention(parts: LlamaParts, positions: torch.Tensor, seq_starts: l
         store(layer, tokens, k_tokens, v_tokens)
         window = spec.window_of(layer)
         if flash:
-            o = flash_varlen(q[0].transpose(0, 1).contiguous(), k_tokens.contiguous(), v_tokens.contiguous(), cu, cu,
+            # FlashAttention wants unit stride over head_dim only: v stays a view of the fused q/k/v output
+            o = flash_varlen(*(unit_last(t) for t in (q[0].transpose(0, 1), k_tokens, v_tokens)), cu, cu,
                              max_len, max_len, causal=True, scale=parts.scaling, window=window)
             return o.transpose(0, 1)[None]
         layer_mask = mask if window is None else window_mask
