@@ -179,6 +179,48 @@ def prefill_run(engine, vocab: int, *, prompt: int, prefill_tokens: int, steps: 
             "clocks": vram.clocks() if vram is not None else None}
 
 
+def workload_run(engine, num_requests: int) -> dict:
+    """The bulk benchmark's workload (its first num_requests) through this engine in-process, no queue: tok/s and
+    the engine's device time per prefill and decode step, the host's prefill launch time, clocks. Against the
+    bulk run's worker process: what the queue side's threads cost the steps."""
+    from contextlib import nullcontext
+
+    import torch
+    from batchgen.jobs.schema import Request, SamplingParams
+    from batchgen.worker.engine.protocol import GenerationRequest
+
+    from benchmarks.common import PeakVram, workload
+
+    reqs = workload(num_requests)
+    gen = [GenerationRequest(r.custom_id, Request(custom_id=r.custom_id, prompt=r.prompt, params=SamplingParams(
+        max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True))) for r in reqs]
+    before = engine.stats().extra
+    _sync()
+    with PeakVram() if torch.cuda.is_available() else nullcontext() as vram:
+        start = time.perf_counter()
+        _add(engine, gen)
+        tokens = 0
+        while engine.num_unfinished:
+            tokens += sum(r.completion_tokens for r in engine.step())
+        _sync()
+        wall = time.perf_counter() - start
+    after = engine.stats().extra
+
+    def delta(key: str) -> float:
+        return after.get(key, 0) - before.get(key, 0)
+
+    prefills, decodes = delta("num_prefill_steps"), delta("num_decode_steps")
+    launch_s = after.get("step_host_s", {}).get("prefill_launch", 0) - before.get("step_host_s", {}).get(
+        "prefill_launch", 0)
+    return {"requests": num_requests, "tokens": tokens, "wall_s": round(wall, 2), "tok_s": round(tokens / wall),
+            "prefill_steps": prefills, "decode_steps": decodes,
+            "prefill_device_ms_per_step": round(1e3 * delta("prefill_device_s") / max(prefills, 1), 2),
+            "prefill_launch_ms_per_step": round(1e3 * launch_s / max(prefills, 1), 2),
+            "decode_device_ms_per_step": round(1e3 * delta("decode_device_s") / max(decodes, 1), 2),
+            "device_gap_s": round(delta("device_gap_s"), 3),
+            "clocks": vram.clocks() if vram is not None else None}
+
+
 def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int, steps: int,
               max_model_len: int = MAX_MODEL_LEN, stacks: bool = False, prefill_steps: int = 0) -> dict:
     out = {}
@@ -220,6 +262,8 @@ def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int
         out["prefill_run"] = prefill_run(engine, vocab, prompt=prompt, prefill_tokens=prefill_tokens,
                                          steps=prefill_steps)
         print("prefill_run", json.dumps(out["prefill_run"]), flush=True)
+        launch_s = engine.stats().extra.get("step_host_s", {}).get("prefill_launch")
+        out["prefill_run"]["prefill_launch_s_total"] = launch_s
     return out
 
 
@@ -254,6 +298,8 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=MAX_MODEL_LEN)
     parser.add_argument("--prefill-steps", type=int, default=0,
                         help="then this many full prefill steps back to back, unprofiled (prefill_run)")
+    parser.add_argument("--workload", type=int, default=0,
+                        help="then the bulk benchmark's first N requests in-process (workload_run)")
     parser.add_argument("--stacks", action="store_true",
                         help="also group host ops by Python call site (with_stack; slower, for finding who blocks)")
     args = parser.parse_args()
@@ -289,6 +335,9 @@ def main() -> None:
         row |= scenarios(engine, VOCAB_SIZE, rows=rows, prompt=prompt, prefill_tokens=prefill_tokens, steps=steps,
                          max_model_len=args.max_model_len, stacks=args.stacks,
                          prefill_steps=args.prefill_steps)
+        if args.workload:
+            row["workload_run"] = workload_run(engine, args.workload)
+            print("workload_run", json.dumps(row["workload_run"]), flush=True)
         row["decode_steps"] = engine.stats().extra.get("decode_steps", "CUDA graphs (fast path)")
         report["models"][name] = row
         print(name, json.dumps({k: ({kk: v.get(kk) for kk in ("wall_ms_per_step", "device_ms_per_step", "device_busy")}

@@ -24,6 +24,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh dense    # default vs int_mm with planted outliers
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh groups   # per-group activation scales' GEMM cost
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh prefill-run  # strided v; a long prefill's clock
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh workload  # the bulk workload in-process; bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-bulk  # bulk: the default against int_mm
 #   WHEELS=.whl-bloom source scripts/device-setup.sh && bash scripts/gpu-round.sh models-check  # BLOOM-7b1, BLOOM-13B
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
@@ -190,11 +191,16 @@ t, h, d = 4096, 32, 128
 qkv = torch.randn(t, 3 * h * d, device='cuda', dtype=torch.float16)
 q, k, v = (x.view(t, h, d) for x in qkv.split(h * d, dim=-1))
 cu = torch.tensor([0, 1000, 2500, t], device='cuda', dtype=torch.int32)
-a = flash_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, 1500, 1500, causal=True, scale=0.088)
-b = flash_varlen(q, k, v, cu, cu, 1500, 1500, causal=True, scale=0.088)
+a = flash_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, 1596, 1596, causal=True, scale=0.088)
+b = flash_varlen(q, k, v, cu, cu, 1596, 1596, causal=True, scale=0.088)
 print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=210 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     profile prefill_run "" --rows 384 --prompt 352 --max-model-len 416 --prefill-steps 40
+    ;;
+  workload)  # #22: the bulk run's prefill steps (76-80 ms of device time for ~3,900 tokens) against a run of prefill
+    # steps alone (62 ms): the same workload in-process (no queue side), with the host's prefill launch time; bulk again
+    BULK_S=210 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352
     ;;
   int8-bulk)  # #20's third speed bound on today's code: bulk end to end, the default against int_mm (threshold 0)
     BULK_S=225 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)

@@ -278,8 +278,9 @@ class LLMEngine:
     def _launch_prefill(self, admitted: list[Sequence]) -> bool:
         """Prefills the admitted prompts and queues their first tokens' picks unread; False on OOM."""
         start, began = time.perf_counter(), self.clock.mark()
-        try:
-            picks = pick(self._forward(admitted, []), admitted, 0, by_row=False)
+        try:  # the host's launch time apart: a prefill is hundreds of launches, a decode step one graph
+            with self.step_stats.timed("prefill_launch"):
+                picks = pick(self._forward(admitted, []), admitted, 0, by_row=False)
         except torch.OutOfMemoryError:
             return False
         self._queued = QueuedStep.launch(admitted, picks, start, began, self.clock,
