@@ -179,7 +179,12 @@ def prefill_run(engine, vocab: int, *, prompt: int, prefill_tokens: int, steps: 
             "clocks": vram.clocks() if vram is not None else None}
 
 
-def workload_run(engine, num_requests: int) -> dict:
+def _launch_s(stats: dict) -> float:
+    """The engine's prefill launch seconds so far (timed inside or outside a step)."""
+    return sum(stats.get(key, {}).get("prefill_launch", 0.0) for key in ("host_s", "step_host_s"))
+
+
+def workload_run(engine, num_requests: int, profile_steps: int = 0) -> dict:
     """The bulk benchmark's workload (its first num_requests) through this engine in-process, no queue: tok/s and
     the engine's device time per prefill and decode step, the host's prefill launch time, clocks. Against the
     bulk run's worker process: what the queue side's threads cost the steps."""
@@ -199,9 +204,12 @@ def workload_run(engine, num_requests: int) -> dict:
     with PeakVram() if torch.cuda.is_available() else nullcontext() as vram:
         start = time.perf_counter()
         _add(engine, gen)
-        tokens = 0
-        while engine.num_unfinished:
-            tokens += sum(r.completion_tokens for r in engine.step())
+        window, step = None, 0
+        while engine.num_unfinished:  # EOS ignored: every request makes its max_tokens
+            if profile_steps and step == 200:  # a window in the middle of the run (refills, decode steps), its
+                window = profile(engine, profile_steps)  # steps slowed by the profiler
+            engine.step()
+            step += 1
         _sync()
         wall = time.perf_counter() - start
     after = engine.stats().extra
@@ -209,10 +217,10 @@ def workload_run(engine, num_requests: int) -> dict:
     def delta(key: str) -> float:
         return after.get(key, 0) - before.get(key, 0)
 
+    tokens = sum(r.max_tokens for r in reqs)
     prefills, decodes = delta("num_prefill_steps"), delta("num_decode_steps")
-    launch_s = after.get("step_host_s", {}).get("prefill_launch", 0) - before.get("step_host_s", {}).get(
-        "prefill_launch", 0)
-    return {"requests": num_requests, "tokens": tokens, "wall_s": round(wall, 2), "tok_s": round(tokens / wall),
+    launch_s = _launch_s(after) - _launch_s(before)
+    return {"profile_window": window} | {"requests": num_requests, "tokens": tokens, "wall_s": round(wall, 2), "tok_s": round(tokens / wall),
             "prefill_steps": prefills, "decode_steps": decodes,
             "prefill_device_ms_per_step": round(1e3 * delta("prefill_device_s") / max(prefills, 1), 2),
             "prefill_launch_ms_per_step": round(1e3 * launch_s / max(prefills, 1), 2),
@@ -262,8 +270,7 @@ def scenarios(engine, vocab: int, *, rows: int, prompt: int, prefill_tokens: int
         out["prefill_run"] = prefill_run(engine, vocab, prompt=prompt, prefill_tokens=prefill_tokens,
                                          steps=prefill_steps)
         print("prefill_run", json.dumps(out["prefill_run"]), flush=True)
-        launch_s = engine.stats().extra.get("step_host_s", {}).get("prefill_launch")
-        out["prefill_run"]["prefill_launch_s_total"] = launch_s
+        out["prefill_run"]["prefill_launch_s_total"] = round(_launch_s(engine.stats().extra), 3)
     return out
 
 
@@ -300,6 +307,8 @@ def main() -> None:
                         help="then this many full prefill steps back to back, unprofiled (prefill_run)")
     parser.add_argument("--workload", type=int, default=0,
                         help="then the bulk benchmark's first N requests in-process (workload_run)")
+    parser.add_argument("--workload-profile-steps", type=int, default=0,
+                        help="profile this many steps of the workload run from its 200th")
     parser.add_argument("--stacks", action="store_true",
                         help="also group host ops by Python call site (with_stack; slower, for finding who blocks)")
     args = parser.parse_args()
@@ -336,8 +345,9 @@ def main() -> None:
                          max_model_len=args.max_model_len, stacks=args.stacks,
                          prefill_steps=args.prefill_steps)
         if args.workload:
-            row["workload_run"] = workload_run(engine, args.workload)
-            print("workload_run", json.dumps(row["workload_run"]), flush=True)
+            row["workload_run"] = workload_run(engine, args.workload, args.workload_profile_steps)
+            print("workload_run", json.dumps({k: v for k, v in row["workload_run"].items() if k != "profile_window"}),
+                  flush=True)
         row["decode_steps"] = engine.stats().extra.get("decode_steps", "CUDA graphs (fast path)")
         report["models"][name] = row
         print(name, json.dumps({k: ({kk: v.get(kk) for kk in ("wall_ms_per_step", "device_ms_per_step", "device_busy")}

@@ -197,10 +197,15 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=210 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     profile prefill_run "" --rows 384 --prompt 352 --max-model-len 416 --prefill-steps 40
     ;;
+  workload-only)  # the in-process half of `workload`, with a profiled window of the run
+    profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352 \
+        --workload-profile-steps 40
+    ;;
   workload)  # #22: the bulk run's prefill steps (76-80 ms of device time for ~3,900 tokens) against a run of prefill
     # steps alone (62 ms): the same workload in-process (no queue side), with the host's prefill launch time; bulk again
     BULK_S=210 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
-    profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352
+    profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352 \
+        --workload-profile-steps 40
     ;;
   int8-bulk)  # #20's third speed bound on today's code: bulk end to end, the default against int_mm (threshold 0)
     BULK_S=225 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
