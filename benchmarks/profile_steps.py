@@ -207,7 +207,7 @@ def workload_run(engine, num_requests: int, profile_steps: int = 0) -> dict:
         window, step = None, 0
         while engine.num_unfinished:  # EOS ignored: every request makes its max_tokens
             if profile_steps and step == 200:  # a window in the middle of the run (refills, decode steps), its
-                window = profile(engine, profile_steps)  # steps slowed by the profiler
+                window = profile(engine, profile_steps, stacks=True)  # steps slowed by the profiler
             engine.step()
             step += 1
         _sync()

@@ -46,7 +46,7 @@ run() {  # run SECONDS NAME CMD...: output to NAME.log, its exit status in round
 profile() {  # profile NAME ENGINE_OPTIONS [PROFILE_STEPS OPTIONS...]
     local name=$1 options=$2
     shift 2
-    run 130 "profile_$name" python3 -m benchmarks.profile_steps --models llama7b --steps 16 --out "$out/profile_$name" \
+    run "${PROFILE_S:-130}" "profile_$name" python3 -m benchmarks.profile_steps --models llama7b --steps 16 --out "$out/profile_$name" \
         --engine-options "$options" "$@"
 }
 
