@@ -201,6 +201,7 @@ def workload_run(engine, num_requests: int, profile_steps: int = 0) -> dict:
         max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True))) for r in reqs]
     before = engine.stats().extra
     _sync()
+    allocator = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
     with PeakVram() if torch.cuda.is_available() else nullcontext() as vram:
         start = time.perf_counter()
         _add(engine, gen)
@@ -213,6 +214,10 @@ def workload_run(engine, num_requests: int, profile_steps: int = 0) -> dict:
         _sync()
         wall = time.perf_counter() - start
     after = engine.stats().extra
+    # the caching allocator over the run: a retry frees cached blocks (synchronising the device), a device
+    # alloc or free is a cudaMalloc or cudaFree (a prefill's activations where the KV cache leaves little room)
+    allocator = {key: torch.cuda.memory_stats().get(key, 0) - value for key, value in allocator.items()
+                 if key in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
 
     def delta(key: str) -> float:
         return after.get(key, 0) - before.get(key, 0)
@@ -225,7 +230,7 @@ def workload_run(engine, num_requests: int, profile_steps: int = 0) -> dict:
             "prefill_device_ms_per_step": round(1e3 * delta("prefill_device_s") / max(prefills, 1), 2),
             "prefill_launch_ms_per_step": round(1e3 * launch_s / max(prefills, 1), 2),
             "decode_device_ms_per_step": round(1e3 * delta("decode_device_s") / max(decodes, 1), 2),
-            "device_gap_s": round(delta("device_gap_s"), 3),
+            "device_gap_s": round(delta("device_gap_s"), 3), "allocator": allocator,
             "clocks": vram.clocks() if vram is not None else None}
 
 
@@ -307,6 +312,8 @@ def main() -> None:
                         help="then this many full prefill steps back to back, unprofiled (prefill_run)")
     parser.add_argument("--workload", type=int, default=0,
                         help="then the bulk benchmark's first N requests in-process (workload_run)")
+    parser.add_argument("--scenarios", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-scenarios: only the workload run")
     parser.add_argument("--workload-profile-steps", type=int, default=0,
                         help="profile this many steps of the workload run from its 200th")
     parser.add_argument("--stacks", action="store_true",
@@ -341,9 +348,10 @@ def main() -> None:
         load_s = round(time.perf_counter() - start, 1)
         prefill_tokens = engine.scheduler.max_prefill_tokens
         row = {"engine": type(engine).__name__, "load_s": load_s, "max_prefill_tokens": prefill_tokens}
-        row |= scenarios(engine, VOCAB_SIZE, rows=rows, prompt=prompt, prefill_tokens=prefill_tokens, steps=steps,
-                         max_model_len=args.max_model_len, stacks=args.stacks,
-                         prefill_steps=args.prefill_steps)
+        if args.scenarios:
+            row |= scenarios(engine, VOCAB_SIZE, rows=rows, prompt=prompt, prefill_tokens=prefill_tokens, steps=steps,
+                             max_model_len=args.max_model_len, stacks=args.stacks,
+                             prefill_steps=args.prefill_steps)
         if args.workload:
             row["workload_run"] = workload_run(engine, args.workload, args.workload_profile_steps)
             print("workload_run", json.dumps({k: v for k, v in row["workload_run"].items() if k != "profile_window"}),

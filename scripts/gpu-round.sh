@@ -25,6 +25,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh groups   # per-group activation scales' GEMM cost
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh prefill-run  # strided v; a long prefill's clock
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh workload  # the bulk workload in-process; bulk
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh alloc    # the workload in-process: allocator
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-bulk  # bulk: the default against int_mm
 #   WHEELS=.whl-bloom source scripts/device-setup.sh && bash scripts/gpu-round.sh models-check  # BLOOM-7b1, BLOOM-13B
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
@@ -196,6 +197,12 @@ b = flash_varlen(q, k, v, cu, cu, 1596, 1596, causal=True, scale=0.088)
 print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=210 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     profile prefill_run "" --rows 384 --prompt 352 --max-model-len 416 --prefill-steps 40
+    ;;
+  alloc)  # the workload in-process alone, twice: the caching allocator's retries and cudaMalloc/cudaFree over the
+    # run (a prefill's activations where the KV cache leaves little room), then with expandable segments
+    PROFILE_S=175 profile alloc_default "" --no-scenarios --max-model-len 768 --workload 2048
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PROFILE_S=160 profile alloc_expandable "" --no-scenarios \
+        --max-model-len 768 --workload 2048
     ;;
   workload-only)  # the in-process half of `workload`, with a profiled window of the run
     profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352 \
