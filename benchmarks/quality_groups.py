@@ -5,7 +5,9 @@ columns left exact). Against weight-only that is about 2× the KL on quality.py'
 noise is about the size of the weight noise. This benchmark replaces the default's product with a simulation of
 per-group scales (each token's columns in groups of G, one absmax each; kept columns exact; the same int8 weights),
 to see how far each G lands from weight-only before any kernel is written. G = 0: one scale a token, which must
-reproduce the real default's KL (the check that the simulation is right).
+reproduce the real default's KL (the check that the simulation is right). A variant may group only the inputs of
+one width (the down projection's, `intermediate` columns): there the activations are heavy-tailed, and there a
+grouped GEMM costs least (benchmarks/int8_groups.py times it).
 
     .venv/bin/python -m benchmarks.quality_groups --out docs/benchmarks/quality_groups_cpu.json   # CPU, fp32
 
@@ -24,13 +26,16 @@ import torch
 
 from benchmarks import quality
 
-GROUPS = (0, 128, 32)
+# (name, G, the input width grouped: None for every input)
+VARIANTS = (("token", 0, None), ("128", 128, None), ("32", 32, None), ("256", 256, None),
+            ("128_down", 128, quality.GPU_SHAPE.intermediate), ("256_down", 256, quality.GPU_SHAPE.intermediate))
 STRENGTHS = (0.0, 10.0, 20.0)
 
 
 @contextmanager
-def simulated_groups(group: int):
-    """Within it, Int8Linear's outlier-aware forward is per-group fake quantisation times the dequantised weight."""
+def simulated_groups(group: int, only_width: int | None = None):
+    """Within it, Int8Linear's outlier-aware forward is per-group fake quantisation times the dequantised weight
+    (only_width: at the inputs of that many columns; the others keep one scale a token)."""
     from batchgen.worker.engine import int8_linear
 
     real = int8_linear.Int8Linear._forward_outliers
@@ -39,7 +44,8 @@ def simulated_groups(group: int):
         if self.outliers.calibrating:
             return real(self, x2)
         keep = self.outliers.keep.to(torch.bool)
-        size = group if group and x2.shape[1] % group == 0 else x2.shape[1]
+        grouped = group and x2.shape[1] % group == 0 and only_width in (None, x2.shape[1])
+        size = group if grouped else x2.shape[1]
         rest = torch.where(keep, x2, torch.zeros_like(x2)).float().view(x2.shape[0], -1, size)
         scale = rest.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 127
         quantised = (torch.round(rest / scale) * scale).view_as(x2).to(x2.dtype)
@@ -63,11 +69,11 @@ def main() -> None:
     for strength in STRENGTHS:
         rows += quality.run_strength(quality.GPU_SHAPE, strength, device, torch.float32, ("default", "weight_only"),
                                      args.seed)
-        for group in GROUPS:
-            with simulated_groups(group):
+        for name, group, width in VARIANTS:
+            with simulated_groups(group, width):
                 (row,) = quality.run_strength(quality.GPU_SHAPE, strength, device, torch.float32, ("default",),
                                               args.seed)
-            rows.append({**row, "variant": f"simulated_groups_{group or 'token'}"})
+            rows.append({**row, "variant": f"simulated_groups_{name}"})
     weight_only = {r["strength"]: r["kl"] for r in rows if r["variant"] == "weight_only"}
     for r in rows:
         r["vs_weight_only"] = round(r["kl"] / weight_only[r["strength"]], 3)

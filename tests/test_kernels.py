@@ -479,3 +479,30 @@ def test_the_kernel_benchmark_smoke_runs_every_triton_attention_variant(tmp_path
     triton = {name: v for name, v in variants.items() if name.startswith("triton") and "graph" not in name}
     assert sum("block_n" in name for name in triton) == 12 and all("error" not in v for v in triton.values()), triton
     assert all(v["max_abs_err"] < 1e-3 for name, v in triton.items() if "max_abs_err" in v)
+
+
+def test_per_group_activation_scales_quantise_and_multiply_as_their_reference():
+    """quantize_groups (one absmax per token and group of columns, outlier columns zeroed) equals its torch
+    reference; int8_matmul_dequant(group_k=...) scales each block's int32 product by its group's absmax in the main
+    loop (pointer and TMA kernels, a block the size of the group or half of it): the float64 sum of the exact group
+    products, to float32 rounding. benchmarks/int8_groups.py times what that costs against one scale a token."""
+    from batchgen.worker.engine.kernels.int8_ops import quantize_groups, quantize_groups_reference
+
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(37, 256, generator=g) * (torch.rand(256, generator=g) * 4)).to(torch.float16)
+    cb = torch.randint(-127, 128, (80, 256), dtype=torch.int8, generator=g)
+    scb = torch.rand(80, generator=g) + 0.5
+    mask = outlier_mask(torch.tensor([3, 130]), 256)
+    xq, absmax = quantize_groups(x, 128, mask)
+    want_q, want_absmax = quantize_groups_reference(x, 128, mask)
+    assert torch.equal(xq, want_q) and torch.equal(absmax, want_absmax)
+    assert absmax.shape == (37, 2) and (xq[:, [3, 130]] == 0).all()
+    parts = torch.einsum("mgk,ngk->mng", xq.view(37, 2, 128).double(), cb.view(80, 2, 128).double())
+    ref = ((parts * absmax.double()[:, None, :]).sum(-1) * scb.double() * 6.200124e-05).to(torch.float16)
+    for block_k in (64, 128):
+        for tma in (False, True):
+            got = int8_matmul_dequant(xq, absmax, cb, scb, None, torch.float16, group_k=128, block_m=16, block_n=32,
+                                      block_k=block_k, group_m=2, tma=tma)
+            _close(got, ref, torch.float16)
+    with pytest.raises(ValueError, match="groups of 128"):
+        int8_matmul_dequant(xq, absmax, cb, scb, None, torch.float16, group_k=128, block_k=256)

@@ -83,7 +83,7 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
               ["M", "N", "stride_cm", "stride_am", "stride_om"], ["inv_sq"],
               dict(BLOCK_M=8, BLOCK_N=512, HAS_BIAS=True, HAS_ADDEND=True), num_warps=4)
     out["dequantize"] = {"shared_bytes": k.metadata.shared}
-    gemm_ints = ["stride_add", "stride_xm", "stride_dn", "S", "stride_om"]
+    gemm_ints = ["stride_add", "stride_xm", "stride_dn", "S", "stride_om", "stride_sm"]
     # dense: MAX_FUSED_SLOTS slots at the table's largest pointer launches (256 × 128 and 256 × 64 tiles): the
     # operand tiles reuse the shared memory the main loop's stages held; what the epilogue spills is reported
     for name, dense, block_m, block_n, stages in (("int8 gemm", False, 128, 128, 4),
@@ -94,7 +94,7 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
         k = build(int8_ops._int8_mm_kernel, arch, {"A": "*i8", "B": "*i8"} | GEMM_EPILOGUE,
                   ["M", "N", "K", "stride_am_", "stride_bn", *gemm_ints], ["inv_sq"],
                   dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, EVEN_K=True, HAS_BIAS=True,
-                       HAS_ADDEND=not dense, HAS_DENSE=dense, BLOCK_S=int8_ops.MAX_FUSED_SLOTS),
+                       HAS_ADDEND=not dense, HAS_DENSE=dense, BLOCK_S=int8_ops.MAX_FUSED_SLOTS, GROUP_K=0),
                   aligned=("N", "K", "stride_am_", "stride_bn", "stride_add", "stride_xm", "stride_dn", "stride_om"),
                   num_warps=8, num_stages=stages)
         ptx = k.asm["ptx"]
@@ -103,8 +103,9 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                      "spill_bytes": spill_bytes(ptx, arch), "tile": [block_m, block_n], "threads": 8 * 32}
     k = build(int8_ops._int8_mm_tma_kernel, arch,
               {"ADesc": "tensordesc<i8[256, 128]>", "BDesc": "tensordesc<i8[128, 128]>"} | EPILOGUE,
-              ["M", "N", "K", "stride_add", "stride_om"], ["inv_sq"],
-              dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, NUM_SMS=132, HAS_BIAS=True, HAS_ADDEND=True),
+              ["M", "N", "K", "stride_add", "stride_om", "stride_sm"], ["inv_sq"],
+              dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, NUM_SMS=132, HAS_BIAS=True, HAS_ADDEND=True,
+                   GROUP_K=0),
               aligned=("N", "K", "stride_add", "stride_om"), num_warps=8, num_stages=4)
     ptx = k.asm["ptx"]  # the operand tiles as bulk tensor copies into shared memory
     out["int8 gemm tma"] = {"tma": "cp.async.bulk.tensor" in ptx, "wgmma": "wgmma.mma_async" in ptx,

@@ -110,7 +110,7 @@ if HAS_TRITON:
     @triton.jit
     def _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, stride_am, stride_xm, stride_dn,
                   S, stride_om, inv_sq, HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_DENSE: tl.constexpr,
-                  BLOCK_S: tl.constexpr, ROW_SCALE: tl.constexpr = True):
+                  BLOCK_S: tl.constexpr, ROW_SCALE: tl.constexpr):
         m_mask = rm < M
         n_mask = rn < N
         mask = m_mask[:, None] & n_mask[None, :]
@@ -137,7 +137,7 @@ if HAS_TRITON:
         acc = tl.load(Acc + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :],
                       other=0)
         _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, Out, Out, Out, stride_am, 0, 0, 0, stride_om,
-                  inv_sq, HAS_BIAS, HAS_ADDEND, False, 16)
+                  inv_sq, HAS_BIAS, HAS_ADDEND, False, 16, True)
 
     @triton.jit
     def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
@@ -150,10 +150,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _int8_mm_kernel(A, B, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, M, N, K, stride_am_, stride_bn,
-                        stride_add, stride_xm, stride_dn, S, stride_om, inv_sq, BLOCK_M: tl.constexpr,
+                        stride_add, stride_xm, stride_dn, S, stride_om, stride_sm, inv_sq, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_DENSE: tl.constexpr,
-                        BLOCK_S: tl.constexpr, GROUP_K: tl.constexpr = 0, stride_sm=0):
+                        BLOCK_S: tl.constexpr, GROUP_K: tl.constexpr):
         pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,10 +188,11 @@ if HAS_TRITON:
                   stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, HAS_DENSE, BLOCK_S, GROUP_K == 0)
 
     @triton.jit
-    def _int8_mm_tma_kernel(ADesc, BDesc, Absmax, Scb, Bias, Addend, Out, M, N, K, stride_add, stride_om, inv_sq,
+    def _int8_mm_tma_kernel(ADesc, BDesc, Absmax, Scb, Bias, Addend, Out, M, N, K, stride_add, stride_om, stride_sm,
+                            inv_sq,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                             GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            HAS_ADDEND: tl.constexpr, GROUP_K: tl.constexpr = 0, stride_sm=0):
+                            HAS_ADDEND: tl.constexpr, GROUP_K: tl.constexpr):
         # Persistent (one program per SM walking tiles in the grouped order) with the operand tiles brought in by
         # Hopper's tensor memory accelerator: the loads are bulk copies that zero-fill past the edges, not address
         # arithmetic per thread (Triton's persistent-matmul tutorial). The epilogue is _int8_mm_kernel's, without
@@ -419,18 +420,18 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         _int8_mm_tma_kernel[(min(num_sms, tiles),)](
             TensorDescriptor.from_tensor(xq, [block_m, block_k]), TensorDescriptor.from_tensor(cb, [block_n, block_k]),
-            *args, out, m, n, k, addend.stride(0) if addend is not None else 0, out.stride(0), inv_sq,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, NUM_SMS=num_sms,
-            HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, GROUP_K=group_k, stride_sm=absmax.stride(0),
-            num_warps=num_warps, num_stages=num_stages)
+            *args, out, m, n, k, addend.stride(0) if addend is not None else 0, out.stride(0), absmax.stride(0),
+            inv_sq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, NUM_SMS=num_sms,
+            HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, GROUP_K=group_k, num_warps=num_warps,
+            num_stages=num_stages)
         return out
     dense_pointers, dense_ints, dense_flags = _dense_args(dense, out)
     _int8_mm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
         xq, cb, *args, *dense_pointers, out, m, n, k, xq.stride(0), cb.stride(0),
-        addend.stride(0) if addend is not None else 0, *dense_ints, out.stride(0), inv_sq, BLOCK_M=block_m,
+        addend.stride(0) if addend is not None else 0, *dense_ints, out.stride(0), absmax.stride(0), inv_sq,
+        BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None,
-        HAS_ADDEND=addend is not None, **dense_flags, GROUP_K=group_k, stride_sm=absmax.stride(0),
-        num_warps=num_warps, num_stages=num_stages)
+        HAS_ADDEND=addend is not None, **dense_flags, GROUP_K=group_k, num_warps=num_warps, num_stages=num_stages)
     return out
 
 
