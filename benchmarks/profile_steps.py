@@ -184,6 +184,17 @@ def _launch_s(stats: dict) -> float:
     return sum(stats.get(key, {}).get("prefill_launch", 0.0) for key in ("host_s", "step_host_s"))
 
 
+def _prefill_by_predecessor(trace: list) -> dict:
+    """StepClock's trace of prefill steps grouped by the step before them: count, mean device ms, mean µs a token."""
+    out = {}
+    for before in sorted({b for kind, b, _, _, _ in trace if kind == "prefill"}):
+        steps = [(tokens, ms) for kind, b, tokens, ms, _ in trace if kind == "prefill" and b == before]
+        out[before or "none"] = {"steps": len(steps), "ms_mean": round(sum(ms for _, ms in steps) / len(steps), 2),
+                                 "us_per_token": round(1e3 * sum(ms for _, ms in steps)
+                                                       / max(1, sum(t for t, _ in steps)), 2)}
+    return out
+
+
 def workload_run(engine, num_requests: int, profile_steps: int = 0) -> dict:
     """The bulk benchmark's workload (its first num_requests) through this engine in-process, no queue: tok/s and
     the engine's device time per prefill and decode step, the host's prefill launch time, clocks. Against the
@@ -200,6 +211,9 @@ def workload_run(engine, num_requests: int, profile_steps: int = 0) -> dict:
     gen = [GenerationRequest(r.custom_id, Request(custom_id=r.custom_id, prompt=r.prompt, params=SamplingParams(
         max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True))) for r in reqs]
     before = engine.stats().extra
+    clock = getattr(engine, "clock", None)
+    if clock is not None:
+        clock.trace = []  # every step's device time, to see which prefill steps are slow (after a decode or not)
     _sync()
     allocator = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
     with PeakVram() if torch.cuda.is_available() else nullcontext() as vram:
@@ -225,7 +239,10 @@ def workload_run(engine, num_requests: int, profile_steps: int = 0) -> dict:
     tokens = sum(r.max_tokens for r in reqs)
     prefills, decodes = delta("num_prefill_steps"), delta("num_decode_steps")
     launch_s = _launch_s(after) - _launch_s(before)
-    return {"profile_window": window} | {"requests": num_requests, "tokens": tokens, "wall_s": round(wall, 2), "tok_s": round(tokens / wall),
+    trace = clock.trace if clock is not None else None
+    if clock is not None:
+        clock.trace = None
+    return {"profile_window": window, "trace": trace, "prefill_by_predecessor": _prefill_by_predecessor(trace or [])} | {"requests": num_requests, "tokens": tokens, "wall_s": round(wall, 2), "tok_s": round(tokens / wall),
             "prefill_steps": prefills, "decode_steps": decodes,
             "prefill_device_ms_per_step": round(1e3 * delta("prefill_device_s") / max(prefills, 1), 2),
             "prefill_launch_ms_per_step": round(1e3 * launch_s / max(prefills, 1), 2),
@@ -354,8 +371,8 @@ def main() -> None:
                              prefill_steps=args.prefill_steps)
         if args.workload:
             row["workload_run"] = workload_run(engine, args.workload, args.workload_profile_steps)
-            print("workload_run", json.dumps({k: v for k, v in row["workload_run"].items() if k != "profile_window"}),
-                  flush=True)
+            print("workload_run", json.dumps({k: v for k, v in row["workload_run"].items()
+                                              if k not in ("profile_window", "trace")}), flush=True)
         row["decode_steps"] = engine.stats().extra.get("decode_steps", "CUDA graphs (fast path)")
         report["models"][name] = row
         print(name, json.dumps({k: ({kk: v.get(kk) for kk in ("wall_ms_per_step", "device_ms_per_step", "device_busy")}

@@ -71,3 +71,18 @@ def test_device_time_and_gaps_fit_in_the_engines_wall_time(demo_model_dir, overl
     device = time_breakdown(wall, steps | clock)["device"]
     assert device["prefill_s"] == clock["prefill_device_s"] and device["gaps_s"] == clock["device_gap_s"]
     assert 0 < device["busy_fraction"] * wall <= wall + 0.002 and device["rest_s"] >= 0  # stats in whole ms
+
+
+def test_the_clock_keeps_each_steps_time_where_asked():
+    """StepClock.trace: (kind, the kind before it, tokens, device ms, gap ms) per settled step; none kept by default."""
+    clock = StepClock(torch.device("cpu"))
+    a, b = clock.mark(), clock.mark()
+    clock.settle(a, b, prefill=True, tokens=7)
+    assert clock.trace is None
+    clock.trace = []
+    a = clock.mark()
+    time.sleep(0.01)
+    b = clock.mark()
+    clock.settle(a, b, prefill=False, tokens=3)
+    (kind, before, tokens, device_ms, gap_ms), = clock.trace
+    assert (kind, before, tokens) == ("decode", "prefill", 3) and 10 <= device_ms < 30 and gap_ms >= 0

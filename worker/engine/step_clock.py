@@ -37,6 +37,9 @@ class StepClock:
         # the gaps by transition ("decode>prefill": a refill's prompts launched after the last decode drained)
         self.gaps_by_kind: dict[str, float] = {}
         self.gaps_n_by_kind: dict[str, int] = {}
+        # a list to record every step in: (kind, the kind before it, its tokens, device ms, gap ms before it); None:
+        # not kept (a benchmark sets it to see which steps are slow, not only their sum)
+        self.trace: list[tuple[str, str, int, float, float]] | None = None
 
     def mark(self) -> Mark:
         """A mark recorded now on the device's current stream (after the work launched so far): reading a step
@@ -47,13 +50,15 @@ class StepClock:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def settle(self, start: Mark, end: Mark, *, prefill: bool) -> None:
+    def settle(self, start: Mark, end: Mark, *, prefill: bool, tokens: int = 0) -> None:
         """A step whose launches lie between start and end, read (end completed): its device seconds, and the gap
         from the previous step's end to its start. A step launched before the previous one ended starts when
         that one ends (stream order): no gap."""
         end.synchronize()
         kind = "prefill" if prefill else "decode"
-        self.device_s[kind] += start.elapsed_time(end) / 1000.0
+        device_s = start.elapsed_time(end) / 1000.0
+        self.device_s[kind] += device_s
+        gap = 0.0
         if self._last_end is not None:
             gap = max(0.0, self._last_end.elapsed_time(start) / 1000.0)
             self.gap_s += gap
@@ -61,6 +66,9 @@ class StepClock:
             transition = f"{self._last_kind}>{kind}"
             self.gaps_by_kind[transition] = self.gaps_by_kind.get(transition, 0.0) + gap
             self.gaps_n_by_kind[transition] = self.gaps_n_by_kind.get(transition, 0) + 1
+        if self.trace is not None:
+            self.trace.append((kind, self._last_kind if self._last_end is not None else "", tokens,
+                               round(1e3 * device_s, 3), round(1e3 * gap, 3)))
         self._last_end, self._last_kind = end, kind
 
     def idle(self) -> None:
