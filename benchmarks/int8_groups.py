@@ -34,22 +34,13 @@ def main() -> None:
     import torch
     from batchgen.worker.engine.kernels import int8_ops, tuned
 
-    from benchmarks.kernels import capture, time_ms
+    from benchmarks.kernels import copies_ms
 
     name = torch.cuda.get_device_name(0)
     table = tuned.launches(name, "gemm")
     g = torch.Generator(device="cuda").manual_seed(3)
     AXES["gemm"]["block_k"] = (64, GROUP)  # a block never straddles two groups
     res: dict = {"device": name, "torch": torch.__version__, "group": GROUP, "rows": []}
-
-    def timed(call, copies: int) -> float:
-        def all_copies():
-            for i in range(copies):
-                call(i)
-        graph = capture(all_copies)
-        graph.replay()
-        once = time_ms(graph.replay, "cuda", warmup=0, iters=1)
-        return time_ms(graph.replay, "cuda", warmup=0, iters=max(3, min(50, int(20 / max(once, 1e-3))))) / copies
 
     for shape in args.shapes.split(","):
         for proj, (n, k) in SHAPES[shape].items():
@@ -80,9 +71,9 @@ def main() -> None:
                     err = float((grouped(lc, 0).float() - ref).abs().max())
                     if err > tol:
                         raise ValueError(f"wrong result: max abs error {err}")
-                    return timed(lambda i: grouped(lc, i), copies)
+                    return copies_ms(lambda i: grouped(lc, i), copies, "cuda")
 
-                token_ms = timed(per_token, copies)
+                token_ms = copies_ms(per_token, copies, "cuda")
                 start = fitted("gemm", {**launch, "block_k": min(launch["block_k"], GROUP)}, m, k) or launch
                 found = search("gemm", start, m, k, cost_of, time.monotonic() + args.search_s)
                 row = {"shape": shape, "proj": proj, "n": n, "k": k, "m": m, "token_launch": launch,

@@ -125,7 +125,7 @@ def main() -> None:
     from batchgen.worker.engine.kernels.int8_gemv import _num_sms, gemv_config, int8_gemv, int8_gemv_reference
     from batchgen.worker.engine.kernels.int8_ops import quantize_argmax
 
-    from benchmarks.kernels import capture, time_ms
+    from benchmarks.kernels import copies_ms
 
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda":
@@ -153,18 +153,6 @@ def main() -> None:
     table = tuned.launches(name, "gemm")  # the committed table: each search starts from its nearest launch
     searches = sum(len(rows_of[kind]) for kind in kinds) * len({nk for p in shapes.values() for nk in p.values()})
     sms = _num_sms(torch.device(device))
-
-    def timed(call, copies: int) -> float:
-        def all_copies():
-            for i in range(copies):
-                call(i)
-        if device != "cuda":
-            return time_ms(all_copies, device) / copies
-        graph = capture(all_copies)
-        graph.replay()
-        once = time_ms(graph.replay, device, warmup=0, iters=1)
-        iters = max(3, min(50, int(20 / max(once, 1e-3))))  # about 20 ms of replays per point
-        return time_ms(graph.replay, device, warmup=0, iters=iters) / copies
 
     seen: set[tuple[int, int]] = set()
     for shape, projs in shapes.items():
@@ -202,21 +190,21 @@ def main() -> None:
                         start = tuned.pick(table, m, n, k) or {
                             "block_m": 128 if m >= 128 else 64, "block_n": 128, "block_k": 128, "group_m": 8,
                             "num_warps": 8, "num_stages": 4}
-                        default_ms = timed(engine, copies)
+                        default_ms = copies_ms(engine, copies, device)
                         xq0, absmax0, _ = quantize_argmax(x)
                         def int_mm_epilogue(i: int, q=xq0, a=absmax0, cbs=cbs, scbs=scbs):
                             return KERNELS.dequantize(int8_linear.int_mm(q, cbs[i]), a, scbs[i], None, torch.float16)
 
-                        parts = {"compiled quantise": timed(lambda i, x=x: KERNELS.quantize_argmax(x), 1),
-                                 "triton quantise": timed(lambda i, x=x: quantize_argmax(x), 1),
-                                 "int_mm + compiled epilogue": timed(int_mm_epilogue, copies)}
+                        parts = {"compiled quantise": copies_ms(lambda i, x=x: KERNELS.quantize_argmax(x), 1, device),
+                                 "triton quantise": copies_ms(lambda i, x=x: quantize_argmax(x), 1, device),
+                                 "int_mm + compiled epilogue": copies_ms(int_mm_epilogue, copies, device)}
                     tol = 1e-2 * float(ref.abs().max())
 
                     def cost_of(launch: dict, run=run, ref=ref, tol=tol, copies=copies) -> float:
                         err = float((run(launch, 0).float() - ref).abs().max())
                         if err > tol:
                             raise ValueError(f"wrong result: max abs error {err}")
-                        return timed(lambda i: run(launch, i), copies)
+                        return copies_ms(lambda i: run(launch, i), copies, device)
 
                     # each search gets an equal share of what is left of the budget
                     r = search(kind, start, m, k, cost_of, time.monotonic() + (deadline - time.monotonic()) / searches)

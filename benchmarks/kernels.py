@@ -114,6 +114,21 @@ def capture(fn):
     return graph
 
 
+def copies_ms(call, copies: int, device: str) -> float:
+    """Mean device ms of call(i) over i < copies (each call reading its own copy of the weights, so that they come
+    from memory, not L2), replayed from one CUDA graph for about 20 ms (timed eagerly off CUDA)."""
+    def all_copies():
+        for i in range(copies):
+            call(i)
+    if device != "cuda":
+        return time_ms(all_copies, device) / copies
+    graph = capture(all_copies)
+    graph.replay()
+    once = time_ms(graph.replay, device, warmup=0, iters=1)
+    iters = max(3, min(50, int(20 / max(once, 1e-3))))
+    return time_ms(graph.replay, device, warmup=0, iters=iters) / copies
+
+
 def graph_ms(fn, device: str) -> float:
     """fn captured in a CUDA graph and replayed: proves it captures (no host sync) and drops launch overhead."""
     if device != "cuda":

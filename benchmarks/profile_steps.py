@@ -151,32 +151,40 @@ def prefill_run(engine, vocab: int, *, prompt: int, prefill_tokens: int, steps: 
     StepClock: first kernel to last, idle inside a step included) against the host's wall time, and the SM clock
     and board power over the run (NVML). Shows whether a long prefill is held by the card's power cap (a lower
     clock) or by the host (device idle inside the steps)."""
+    per = max(1, min(prompt, prefill_tokens))
+    count = max(1, prefill_tokens // per)
+    before = engine.stats().extra
+    _add(engine, _requests(_prompts(count * steps, per, vocab, 3), 1, "r"))
+    _sync()
+    with _clock_sampler() as vram:
+        start = time.perf_counter()
+        while engine.num_unfinished:
+            engine.step()
+        _sync()
+        wall = time.perf_counter() - start
+    delta = _delta(before, engine.stats().extra)
+    done = delta("num_prefill_steps")
+    tokens = count * steps * per
+    return {"steps": done, "prompt_tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall),
+            "wall_ms_per_step": round(1e3 * wall / max(done, 1), 2),
+            "device_ms_per_step": round(1e3 * delta("prefill_device_s") / max(done, 1), 2),  # CUDA only
+            "device_gap_s": round(delta("device_gap_s"), 3), "clocks": vram.clocks() if vram is not None else None}
+
+
+def _clock_sampler():
+    """NVML's sampler of the SM clock and power (benchmarks.common.PeakVram) on CUDA; elsewhere nothing (None)."""
     from contextlib import nullcontext
 
     import torch
 
     from benchmarks.common import PeakVram
 
-    per = max(1, min(prompt, prefill_tokens))
-    count = max(1, prefill_tokens // per)
-    before = engine.stats().extra
-    _add(engine, _requests(_prompts(count * steps, per, vocab, 3), 1, "r"))
-    _sync()
-    with PeakVram() if torch.cuda.is_available() else nullcontext() as vram:
-        start = time.perf_counter()
-        while engine.num_unfinished:
-            engine.step()
-        _sync()
-        wall = time.perf_counter() - start
-    after = engine.stats().extra
-    device_s = after.get("prefill_device_s", 0) - before.get("prefill_device_s", 0)  # CUDA only
-    done = after["num_prefill_steps"] - before["num_prefill_steps"]
-    tokens = count * steps * per
-    return {"steps": done, "prompt_tokens": tokens, "wall_s": round(wall, 3), "tok_s": round(tokens / wall),
-            "wall_ms_per_step": round(1e3 * wall / max(done, 1), 2),
-            "device_ms_per_step": round(1e3 * device_s / max(done, 1), 2),
-            "device_gap_s": round(after.get("device_gap_s", 0) - before.get("device_gap_s", 0), 3),
-            "clocks": vram.clocks() if vram is not None else None}
+    return PeakVram() if torch.cuda.is_available() else nullcontext()
+
+
+def _delta(before: dict, after: dict):
+    """key -> how much the engine's stat `key` grew from before to after (0 where the engine has none)."""
+    return lambda key: after.get(key, 0) - before.get(key, 0)
 
 
 def _launch_s(stats: dict) -> float:
@@ -199,13 +207,11 @@ def workload_run(engine, num_requests: int, profile_steps: int = 0) -> dict:
     """The bulk benchmark's workload (its first num_requests) through this engine in-process, no queue: tok/s and
     the engine's device time per prefill and decode step, the host's prefill launch time, clocks. Against the
     bulk run's worker process: what the queue side's threads cost the steps."""
-    from contextlib import nullcontext
-
     import torch
     from batchgen.jobs.schema import Request, SamplingParams
     from batchgen.worker.engine.protocol import GenerationRequest
 
-    from benchmarks.common import PeakVram, workload
+    from benchmarks.common import workload
 
     reqs = workload(num_requests)
     gen = [GenerationRequest(r.custom_id, Request(custom_id=r.custom_id, prompt=r.prompt, params=SamplingParams(
@@ -216,7 +222,7 @@ def workload_run(engine, num_requests: int, profile_steps: int = 0) -> dict:
         clock.trace = []  # every step's device time, to see which prefill steps are slow (after a decode or not)
     _sync()
     allocator = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
-    with PeakVram() if torch.cuda.is_available() else nullcontext() as vram:
+    with _clock_sampler() as vram:
         start = time.perf_counter()
         _add(engine, gen)
         window, step = None, 0
@@ -232,17 +238,15 @@ def workload_run(engine, num_requests: int, profile_steps: int = 0) -> dict:
     # alloc or free is a cudaMalloc or cudaFree (a prefill's activations where the KV cache leaves little room)
     allocator = {key: torch.cuda.memory_stats().get(key, 0) - value for key, value in allocator.items()
                  if key in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")}
-
-    def delta(key: str) -> float:
-        return after.get(key, 0) - before.get(key, 0)
-
+    delta = _delta(before, after)
     tokens = sum(r.max_tokens for r in reqs)
     prefills, decodes = delta("num_prefill_steps"), delta("num_decode_steps")
     launch_s = _launch_s(after) - _launch_s(before)
     trace = clock.trace if clock is not None else None
     if clock is not None:
         clock.trace = None
-    return {"profile_window": window, "trace": trace, "prefill_by_predecessor": _prefill_by_predecessor(trace or [])} | {"requests": num_requests, "tokens": tokens, "wall_s": round(wall, 2), "tok_s": round(tokens / wall),
+    return {"profile_window": window, "trace": trace, "prefill_by_predecessor": _prefill_by_predecessor(trace or []),
+            "requests": num_requests, "tokens": tokens, "wall_s": round(wall, 2), "tok_s": round(tokens / wall),
             "prefill_steps": prefills, "decode_steps": decodes,
             "prefill_device_ms_per_step": round(1e3 * delta("prefill_device_s") / max(prefills, 1), 2),
             "prefill_launch_ms_per_step": round(1e3 * launch_s / max(prefills, 1), 2),

@@ -58,17 +58,16 @@ class StepClock:
         kind = "prefill" if prefill else "decode"
         device_s = start.elapsed_time(end) / 1000.0
         self.device_s[kind] += device_s
-        gap = 0.0
+        gap, before = 0.0, ""
         if self._last_end is not None:
-            gap = max(0.0, self._last_end.elapsed_time(start) / 1000.0)
+            gap, before = max(0.0, self._last_end.elapsed_time(start) / 1000.0), self._last_kind
             self.gap_s += gap
             self.num_gaps += 1
-            transition = f"{self._last_kind}>{kind}"
+            transition = f"{before}>{kind}"
             self.gaps_by_kind[transition] = self.gaps_by_kind.get(transition, 0.0) + gap
             self.gaps_n_by_kind[transition] = self.gaps_n_by_kind.get(transition, 0) + 1
         if self.trace is not None:
-            self.trace.append((kind, self._last_kind if self._last_end is not None else "", tokens,
-                               round(1e3 * device_s, 3), round(1e3 * gap, 3)))
+            self.trace.append((kind, before, tokens, round(1e3 * device_s, 3), round(1e3 * gap, 3)))
         self._last_end, self._last_kind = end, kind
 
     def idle(self) -> None:
