@@ -195,8 +195,8 @@ def _launch_s(stats: dict) -> float:
 def _prefill_by_predecessor(trace: list) -> dict:
     """StepClock's trace of prefill steps grouped by the step before them: count, mean device ms, mean µs a token."""
     out = {}
-    for before in sorted({b for kind, b, _, _, _ in trace if kind == "prefill"}):
-        steps = [(tokens, ms) for kind, b, tokens, ms, _ in trace if kind == "prefill" and b == before]
+    for before in sorted({b for kind, b, *_ in trace if kind == "prefill"}):
+        steps = [(tokens, ms) for kind, b, tokens, _, ms, _ in trace if kind == "prefill" and b == before]
         out[before or "none"] = {"steps": len(steps), "ms_mean": round(sum(ms for _, ms in steps) / len(steps), 2),
                                  "us_per_token": round(1e3 * sum(ms for _, ms in steps)
                                                        / max(1, sum(t for t, _ in steps)), 2)}
@@ -335,6 +335,8 @@ def main() -> None:
                         help="then the bulk benchmark's first N requests in-process (workload_run)")
     parser.add_argument("--scenarios", action=argparse.BooleanOptionalAction, default=True,
                         help="--no-scenarios: only the workload run")
+    parser.add_argument("--workload-warmup", type=int, default=0,
+                        help="before it, the workload's first N requests once, unmeasured (compiles; with --no-scenarios)")
     parser.add_argument("--workload-profile-steps", type=int, default=0,
                         help="profile this many steps of the workload run from its 200th")
     parser.add_argument("--stacks", action="store_true",
@@ -373,7 +375,14 @@ def main() -> None:
             row |= scenarios(engine, VOCAB_SIZE, rows=rows, prompt=prompt, prefill_tokens=prefill_tokens, steps=steps,
                              max_model_len=args.max_model_len, stacks=args.stacks,
                              prefill_steps=args.prefill_steps)
+        elif args.prefill_steps:  # twice: the first compiles this prompt length's shapes
+            for _ in range(2):
+                row["prefill_run"] = prefill_run(engine, VOCAB_SIZE, prompt=prompt, prefill_tokens=prefill_tokens,
+                                                 steps=args.prefill_steps)
+            print("prefill_run", json.dumps(row["prefill_run"]), flush=True)
         if args.workload:
+            if args.workload_warmup:
+                workload_run(engine, args.workload_warmup)
             row["workload_run"] = workload_run(engine, args.workload, args.workload_profile_steps)
             print("workload_run", json.dumps({k: v for k, v in row["workload_run"].items()
                                               if k not in ("profile_window", "trace")}), flush=True)

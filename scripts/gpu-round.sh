@@ -25,6 +25,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh groups   # per-group activation scales' GEMM cost
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh prefill-run  # strided v; a long prefill's clock
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh workload  # the bulk workload in-process; bulk
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh trace    # the workload in-process, step by step
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh alloc    # the workload in-process: allocator
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-bulk  # bulk: the default against int_mm
 #   WHEELS=.whl-bloom source scripts/device-setup.sh && bash scripts/gpu-round.sh models-check  # BLOOM-7b1, BLOOM-13B
@@ -203,6 +204,13 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     PROFILE_S=175 profile alloc_default "" --no-scenarios --max-model-len 768 --workload 2048
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PROFILE_S=160 profile alloc_expandable "" --no-scenarios \
         --max-model-len 768 --workload 2048
+    ;;
+  trace)  # #22: the workload in-process with every step traced (kind, the step before, tokens, rows, device ms),
+    # overlapped prefill on and off; prefill steps alone at two prompt lengths
+    profile trace "" --no-scenarios --max-model-len 768 --workload 2048 --workload-warmup 256
+    profile trace_no_overlap "overlap_prefill=0" --no-scenarios --max-model-len 768 --workload 2048 --workload-warmup 256
+    profile prefill_short "" --no-scenarios --max-model-len 768 --prefill-steps 20 --prompt 64
+    profile prefill_long "" --no-scenarios --max-model-len 768 --prefill-steps 20 --prompt 352
     ;;
   workload-only)  # the in-process half of `workload`, with a profiled window of the run
     profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352 \

@@ -74,7 +74,7 @@ def test_device_time_and_gaps_fit_in_the_engines_wall_time(demo_model_dir, overl
 
 
 def test_the_clock_keeps_each_steps_time_where_asked():
-    """StepClock.trace: (kind, the kind before it, tokens, device ms, gap ms) per settled step; none kept by default."""
+    """StepClock.trace: (kind, the kind before it, tokens, rows, device ms, gap ms) per settled step; none kept by default."""
     clock = StepClock(torch.device("cpu"))
     a, b = clock.mark(), clock.mark()
     clock.settle(a, b, prefill=True, tokens=7)
@@ -83,6 +83,6 @@ def test_the_clock_keeps_each_steps_time_where_asked():
     a = clock.mark()
     time.sleep(0.01)
     b = clock.mark()
-    clock.settle(a, b, prefill=False, tokens=3)
-    (kind, before, tokens, device_ms, gap_ms), = clock.trace
-    assert (kind, before, tokens) == ("decode", "prefill", 3) and 10 <= device_ms < 30 and gap_ms >= 0
+    clock.settle(a, b, prefill=False, tokens=3, rows=3)
+    (kind, before, tokens, rows, device_ms, gap_ms), = clock.trace
+    assert (kind, before, tokens, rows) == ("decode", "prefill", 3, 3) and 10 <= device_ms < 30 and gap_ms >= 0

@@ -230,7 +230,7 @@ class LLMEngine:
             kv_tokens = 0 if admitted else sum(s.num_tokens for s in seqs)  # held in the cache during this decode
             self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens, kv_tokens,
                                 0 if self.blocks is None else self.blocks.num_used, num_mixed_rows=len(decoding))
-            self.clock.settle(began, ended, prefill=bool(admitted), tokens=prompt_tokens or len(seqs))
+            self.clock.settle(began, ended, prefill=bool(admitted), tokens=prompt_tokens or len(seqs), rows=len(seqs))
             self._poll_int8(prompt_tokens + len(decoding) or len(seqs))  # sampling synced: no GPU time
             results = self._finish_step(seqs, sampled.tokens, sampled.logprobs)
             self._queue_decode(None)
@@ -384,7 +384,7 @@ class LLMEngine:
             self._queue_decode(queued.picks)
         tokens = queued.read()
         self.clock.settle(queued.began, queued.done, prefill=bool(queued.prompt_tokens),
-                          tokens=queued.prompt_tokens or len(queued.seqs))
+                          tokens=queued.prompt_tokens or len(queued.seqs), rows=len(queued.seqs))
         live = [(s, t) for s, t in zip(queued.seqs, tokens, strict=True)
                 if s.status == SeqStatus.RUNNING and self.scheduler.running.get(s.row) is s]
         if live:  # else every row ended at the step before (the engine may have idled since): nothing to time

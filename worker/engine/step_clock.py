@@ -37,9 +37,9 @@ class StepClock:
         # the gaps by transition ("decode>prefill": a refill's prompts launched after the last decode drained)
         self.gaps_by_kind: dict[str, float] = {}
         self.gaps_n_by_kind: dict[str, int] = {}
-        # a list to record every step in: (kind, the kind before it, its tokens, device ms, gap ms before it); None:
-        # not kept (a benchmark sets it to see which steps are slow, not only their sum)
-        self.trace: list[tuple[str, str, int, float, float]] | None = None
+        # a list to record every step in: (kind, the kind before it, its tokens, its rows, device ms, gap ms before
+        # it); None: not kept (a benchmark sets it to see which steps are slow, not only their sum)
+        self.trace: list[tuple[str, str, int, int, float, float]] | None = None
 
     def mark(self) -> Mark:
         """A mark recorded now on the device's current stream (after the work launched so far): reading a step
@@ -50,7 +50,7 @@ class StepClock:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def settle(self, start: Mark, end: Mark, *, prefill: bool, tokens: int = 0) -> None:
+    def settle(self, start: Mark, end: Mark, *, prefill: bool, tokens: int = 0, rows: int = 0) -> None:
         """A step whose launches lie between start and end, read (end completed): its device seconds, and the gap
         from the previous step's end to its start. A step launched before the previous one ended starts when
         that one ends (stream order): no gap."""
@@ -67,7 +67,7 @@ class StepClock:
             self.gaps_by_kind[transition] = self.gaps_by_kind.get(transition, 0.0) + gap
             self.gaps_n_by_kind[transition] = self.gaps_n_by_kind.get(transition, 0) + 1
         if self.trace is not None:
-            self.trace.append((kind, before, tokens, round(1e3 * device_s, 3), round(1e3 * gap, 3)))
+            self.trace.append((kind, before, tokens, rows, round(1e3 * device_s, 3), round(1e3 * gap, 3)))
         self._last_end, self._last_kind = end, kind
 
     def idle(self) -> None:
