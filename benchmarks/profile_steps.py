@@ -252,6 +252,7 @@ def workload_run(engine, num_requests: int, profile_steps: int = 0) -> dict:
             "prefill_launch_ms_per_step": round(1e3 * launch_s / max(prefills, 1), 2),
             "decode_device_ms_per_step": round(1e3 * delta("decode_device_s") / max(decodes, 1), 2),
             "device_gap_s": round(delta("device_gap_s"), 3), "allocator": allocator,
+            "int8_outlier_columns": [before.get("int8_outlier_columns"), after.get("int8_outlier_columns")],
             "clocks": vram.clocks() if vram is not None else None}
 
 
@@ -381,8 +382,10 @@ def main() -> None:
                                                  steps=args.prefill_steps)
             print("prefill_run", json.dumps(row["prefill_run"]), flush=True)
         if args.workload:
-            if args.workload_warmup:
-                workload_run(engine, args.workload_warmup)
+            if args.workload_warmup:  # kept: a first run's steps against the warm run's
+                row["workload_warmup"] = workload_run(engine, args.workload_warmup)
+                print("workload_warmup", json.dumps({k: v for k, v in row["workload_warmup"].items()
+                                                     if k not in ("profile_window", "trace")}), flush=True)
             row["workload_run"] = workload_run(engine, args.workload, args.workload_profile_steps)
             print("workload_run", json.dumps({k: v for k, v in row["workload_run"].items()
                                               if k not in ("profile_window", "trace")}), flush=True)

@@ -212,6 +212,10 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     profile prefill_short "" --no-scenarios --max-model-len 768 --prefill-steps 20 --prompt 64
     profile prefill_long "" --no-scenarios --max-model-len 768 --prefill-steps 20 --prompt 352
     ;;
+  cold)  # #22: the workload's first run in a process (JIT, compiles, the outlier guard's first columns) against a
+    # second run in the same process, every step traced
+    profile cold "" --no-scenarios --max-model-len 768 --workload 2048 --workload-warmup 2048
+    ;;
   workload-only)  # the in-process half of `workload`, with a profiled window of the run
     profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352 \
         --workload-profile-steps 40
