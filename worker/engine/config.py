@@ -58,6 +58,9 @@ class EngineConfig:
     # how the fused and int8 elementwise functions compile (kernels/compiled.py): "static-features" (only the
     # token/row dimensions symbolic: the measured faster one) or "dynamic" (every dimension symbolic)
     compile_shapes: str = "static-features"
+    # CUDA, resident engine: prompts of the calibration text through the engine's steps before its first job, so
+    # that job does not pay the first run's Triton compiles at new row counts (warm_up.py)
+    warm_up: bool = True
     inject_oom: str | None = None  # test hook, see model_runner.FaultInjector
     # Small-VRAM mode (worker/offload/): stream decoder layers from host memory. None: when the int8
     # weights do not fit max_vram_bytes on CUDA.

@@ -62,6 +62,7 @@ from batchgen.worker.engine.setup import (
 )
 from batchgen.worker.engine.step_clock import Mark, StepClock
 from batchgen.worker.engine.step_stats import StepStats
+from batchgen.worker.engine.warm_up import run as run_warm_up
 
 TOKENS_PER_S_WINDOW_S = 30.0
 # Queued decode steps skip the int8 outlier guard's poll (it reads the device): every this many, one step runs
@@ -155,6 +156,7 @@ class LLMEngine:
         self._unpolled_tokens = 0  # tokens of queued steps since the guard's last poll
         self._unpolled_steps = 0
         self._last_read = 0.0
+        self.warm_up_s = 0.0
 
     @classmethod
     def from_config(cls, cfg: EngineConfig) -> "LLMEngine":
@@ -187,7 +189,10 @@ class LLMEngine:
                      runner.k_scale.min(), runner.k_scale.max(), runner.v_scale.min(), runner.v_scale.max())
         max_prefill = resident_max_prefill_tokens(cfg, device, max_model_len)
         budget = resident_budget(cfg, runner, model.config, weights_bytes, max_prefill)
-        return cls(cfg, model, tokenizer, runner, budget, max_prefill_tokens=max_prefill, int8=int8)
+        engine = cls(cfg, model, tokenizer, runner, budget, max_prefill_tokens=max_prefill, int8=int8)
+        if cfg.warm_up and device.type == "cuda":
+            engine.warm_up()
+        return engine
 
 
     # -- Engine protocol ----------------------------------------------------------------------------
@@ -416,7 +421,7 @@ class LLMEngine:
         extra: dict = dict(self.budget.as_stats())
         extra.update(max_model_len=self.max_model_len, num_ooms=self._num_ooms, mixed_steps=int(self._mixes),
                      device=str(self.device), attention=self.attention, cuda_graphs=int(self.runner.use_graphs),
-                     graph_capture_s=round(self.graph_capture_s, 2), **self.step_stats.as_stats(),
+                     graph_capture_s=round(self.graph_capture_s, 2), warm_up_s=round(self.warm_up_s, 2), **self.step_stats.as_stats(),
                      **self.clock.as_stats())
         for source in (self.runner, *self.reporters):
             extra.update(source.stats())
@@ -424,6 +429,18 @@ class LLMEngine:
             extra.update(self.int8.stats())
         return EngineStats(self.model_name, self._last_batch, self.scheduler.max_batch_size, self._rate.per_s(),
                            self.num_unfinished, used, free, _gpu_temperature_c(self.device), extra)
+
+    def warm_up(self) -> float:
+        """Runs the warm-up's prompts through this engine's steps (warm_up.py), then starts its statistics afresh:
+        they count jobs only. Returns the seconds it took."""
+        seconds = run_warm_up(self)
+        self.step_stats = StepStats(num_kv_blocks=0 if self.blocks is None else self.blocks.num_blocks)
+        self._rate = TokenRate(TOKENS_PER_S_WINDOW_S)
+        self._last_batch = 0
+        self.reset_timing()
+        self.warm_up_s = seconds
+        log.info("warm-up: %.1f s", seconds)
+        return seconds
 
     def reset_timing(self) -> None:
         """Zeroes the runner's, reporters' and StepClock's cumulative timings (a benchmark's timed run apart from its
