@@ -26,6 +26,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh prefill-run  # strided v; a long prefill's clock
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh workload  # the bulk workload in-process; bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh trace    # the workload in-process, step by step
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh cold     # the workload's first run and its second
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh warm     # with the engine's warm-up: bulk; cold
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh alloc    # the workload in-process: allocator
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-bulk  # bulk: the default against int_mm
 #   WHEELS=.whl-bloom source scripts/device-setup.sh && bash scripts/gpu-round.sh models-check  # BLOOM-7b1, BLOOM-13B
@@ -215,6 +217,10 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   cold)  # #22: the workload's first run in a process (JIT, compiles, the outlier guard's first columns) against a
     # second run in the same process, every step traced
     profile cold "" --no-scenarios --max-model-len 768 --workload 2048 --workload-warmup 2048
+    ;;
+  warm)  # #22 with the engine's warm-up: bulk on a fresh worker; the workload's first and second runs in-process
+    BULK_S=240 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    PROFILE_S=${PROFILE_S:-200} profile cold "" --no-scenarios --max-model-len 768 --workload 2048 --workload-warmup 2048
     ;;
   workload-only)  # the in-process half of `workload`, with a profiled window of the run
     profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352 \
