@@ -222,6 +222,11 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=240 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     PROFILE_S=${PROFILE_S:-200} profile cold "" --no-scenarios --max-model-len 768 --workload 2048 --workload-warmup 2048
     ;;
+  prefill-ab)  # #22 with the warm-up: bulk at the default 4,096 prefill tokens a step, then at 8,192 (half the host
+    # launches a prompt token; the warm-up now covers the budget's own row counts)
+    BULK_S=230 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    PREFILL=8192 BULK_S=230 bulk p8192 1 static-features 0
+    ;;
   workload-only)  # the in-process half of `workload`, with a profiled window of the run
     profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352 \
         --workload-profile-steps 40
