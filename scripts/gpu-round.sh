@@ -227,6 +227,10 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=230 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     PREFILL=8192 BULK_S=230 bulk p8192 1 static-features 0
     ;;
+  prefill-big)  # after prefill-ab: 16,384 prefill tokens a step, then 8,192 again
+    PREFILL=16384 BULK_S=200 bulk p16384 1 static-features 0  # builds the llama7b model (once per machine)
+    PREFILL=8192 BULK_S=170 bulk p8192 1 static-features 0
+    ;;
   workload-only)  # the in-process half of `workload`, with a profiled window of the run
     profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352 \
         --workload-profile-steps 40
