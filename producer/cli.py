@@ -282,7 +282,7 @@ engine_options = shared_options(
     click.option("--max-model-len", type=int, envvar="BATCHGEN_MAX_MODEL_LEN"),
     click.option("--max-prefill-tokens", type=int, envvar="BATCHGEN_MAX_PREFILL_TOKENS",
                  help="Prompt tokens per packed prefill step (vLLM's --max-num-batched-tokens); default: "
-                      "max(max_model_len, 4096) on CUDA, max_model_len on CPU. Larger: fewer, longer prefill steps."),
+                      "max(max_model_len, 8192) on CUDA (4096 on the generic path), max_model_len on CPU. Larger: fewer, longer prefill steps."),
     click.option("--no-8bit", is_flag=True, help="Load in the compute dtype instead of bnb int8."),
     click.option("--int8-threshold", type=float, envvar="BATCHGEN_INT8_THRESHOLD", default=6.0,
                  show_default=True),

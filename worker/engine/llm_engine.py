@@ -54,6 +54,7 @@ from batchgen.worker.engine.sampler import pick, sample
 from batchgen.worker.engine.scheduler import Scheduler
 from batchgen.worker.engine.sequence import SeqStatus, Sequence
 from batchgen.worker.engine.setup import (
+    FAST_CUDA_MIN_PREFILL_TOKENS,
     max_model_len_for,
     resident_budget,
     resident_max_prefill_tokens,
@@ -187,7 +188,7 @@ class LLMEngine:
             runner.calibrate_kv(calibration_ids(tokenizer, device))
             log.info("fp8 KV cache: scales per layer and KV head calibrated, K %.3g-%.3g, V %.3g-%.3g",
                      runner.k_scale.min(), runner.k_scale.max(), runner.v_scale.min(), runner.v_scale.max())
-        max_prefill = resident_max_prefill_tokens(cfg, device, max_model_len)
+        max_prefill = resident_max_prefill_tokens(cfg, device, max_model_len, FAST_CUDA_MIN_PREFILL_TOKENS)
         budget = resident_budget(cfg, runner, model.config, weights_bytes, max_prefill)
         engine = cls(cfg, model, tokenizer, runner, budget, max_prefill_tokens=max_prefill, int8=int8)
         if cfg.warm_up and device.type == "cuda":

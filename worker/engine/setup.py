@@ -12,6 +12,9 @@ from batchgen.worker.engine.model_runner import ModelRunner
 DEFAULT_MAX_MODEL_LEN = 4096
 CUDA_ALLOCATOR_SLACK = 0.03
 CUDA_MIN_PREFILL_TOKENS = 4096  # a packed prefill of a few thousand tokens keeps the tensor cores busy
+# the fast path's: a step's host launches are the same at any token count, and with its warm-up (warm_up.py) twice the
+# tokens a step measured faster end to end on the bulk workload (docs/benchmarks.md; 16,384 was slower again)
+FAST_CUDA_MIN_PREFILL_TOKENS = 8192
 CPU_MAX_BATCH_SIZE = 64
 # Device memory taken after the plan is made, outside PyTorch's allocator: kernels loaded on first use (cuBLAS,
 # FlashAttention, the Triton int8 kernels) and the piecewise decode's CUDA graph execs. Counted up front under a
@@ -67,10 +70,11 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, kv_ca
     return attention
 
 
-def resident_max_prefill_tokens(cfg: EngineConfig, device: torch.device, max_model_len: int) -> int:
+def resident_max_prefill_tokens(cfg: EngineConfig, device: torch.device, max_model_len: int,
+                                cuda_min: int = CUDA_MIN_PREFILL_TOKENS) -> int:
     if cfg.max_prefill_tokens:
         return cfg.max_prefill_tokens
-    return max(max_model_len, CUDA_MIN_PREFILL_TOKENS) if device.type == "cuda" else max_model_len
+    return max(max_model_len, cuda_min) if device.type == "cuda" else max_model_len
 
 
 def resident_budget(cfg: EngineConfig, runner: ModelRunner, config, weights_bytes: int,
