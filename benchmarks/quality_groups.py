@@ -58,13 +58,31 @@ def simulated_groups(group: int, only_width: int | None = None):
         int8_linear.Int8Linear._forward_outliers = real
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/quality_groups.json"))
+def parse_args(doc: str, out: str) -> argparse.Namespace:
+    """--out and --seed, and the quiet logging of a CPU simulation (this one and quality_smooth)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
+    return parser.parse_args()
+
+
+def report(rows: list[dict], out: Path, seed: int) -> None:
+    """Each row's KL ÷ its strength's weight-only, printed as a table and written to out."""
+    weight_only = {r["strength"]: r["kl"] for r in rows if r["variant"] == "weight_only"}
+    for r in rows:
+        r["vs_weight_only"] = round(r["kl"] / weight_only[r["strength"]], 3)
+    print("| S | variant | KL | ÷ weight-only | outlier columns |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['strength']:g} | {r['variant']} | {r['kl']:.4f} | {r['vs_weight_only']:.2f} | "
+              f"{r.get('outlier_columns', '')} |")
+    out.write_text(json.dumps({"device": "cpu", "date": datetime.date.today().isoformat(), "shape": "quality.GPU_SHAPE",
+                               "compute_dtype": "float32", "seed": seed, "rows": rows}, indent=1))
+
+
+def main() -> None:
+    args = parse_args(__doc__, "/tmp/quality_groups.json")
     device, rows = torch.device("cpu"), []
     for strength in STRENGTHS:
         rows += quality.run_strength(quality.GPU_SHAPE, strength, device, torch.float32, ("default", "weight_only"),
@@ -74,15 +92,7 @@ def main() -> None:
                 (row,) = quality.run_strength(quality.GPU_SHAPE, strength, device, torch.float32, ("default",),
                                               args.seed)
             rows.append({**row, "variant": f"simulated_groups_{name}"})
-    weight_only = {r["strength"]: r["kl"] for r in rows if r["variant"] == "weight_only"}
-    for r in rows:
-        r["vs_weight_only"] = round(r["kl"] / weight_only[r["strength"]], 3)
-    print("| S | variant | KL | ÷ weight-only |\n|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['strength']:g} | {r['variant']} | {r['kl']:.4f} | {r['vs_weight_only']:.2f} |")
-    args.out.write_text(json.dumps({"device": "cpu", "date": datetime.date.today().isoformat(),
-                                    "shape": "quality.GPU_SHAPE", "compute_dtype": "float32", "seed": args.seed,
-                                    "rows": rows}, indent=1))
+    report(rows, args.out, args.seed)
 
 
 if __name__ == "__main__":

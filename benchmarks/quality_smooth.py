@@ -11,18 +11,14 @@ with its calibration as usual; KL is against the unsmoothed fp32 model.
     .venv/bin/python -m benchmarks.quality_smooth --out docs/benchmarks/quality_smooth_cpu.json   # CPU, fp32
 """
 
-import argparse
 import copy
-import datetime
 import json
-import logging
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 
-from benchmarks import quality
+from benchmarks import quality, quality_groups
 
 # (α, the inputs smoothed: qkv = q/k/v's, gu = gate/up's, down = the down projection's)
 VARIANTS = ((0.5, ("qkv", "gu", "down")), (0.5, ("down",)), (0.3, ("qkv", "gu", "down")))
@@ -103,23 +99,9 @@ def run_strength(shape: quality.Shape, strength: float, seed: int) -> list[dict]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/quality_smooth.json"))
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
-    rows = [r for s in STRENGTHS for r in run_strength(quality.GPU_SHAPE, s, args.seed)]
-    weight_only = {r["strength"]: r["kl"] for r in rows if r["variant"] == "weight_only"}
-    for r in rows:
-        r["vs_weight_only"] = round(r["kl"] / weight_only[r["strength"]], 3)
-    print("| S | variant | KL | ÷ weight-only | outlier columns |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['strength']:g} | {r['variant']} | {r['kl']:.4f} | {r['vs_weight_only']:.2f} | "
-              f"{r.get('outlier_columns', '')} |")
-    args.out.write_text(json.dumps({"device": "cpu", "date": datetime.date.today().isoformat(),
-                                    "shape": "quality.GPU_SHAPE", "compute_dtype": "float32", "seed": args.seed,
-                                    "rows": rows}, indent=1))
+    args = quality_groups.parse_args(__doc__, "/tmp/quality_smooth.json")
+    quality_groups.report([r for s in STRENGTHS for r in run_strength(quality.GPU_SHAPE, s, args.seed)], args.out,
+                          args.seed)
 
 
 if __name__ == "__main__":
