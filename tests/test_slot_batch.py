@@ -1,6 +1,8 @@
 """The generic path's K/V slots: rows join and leave without copying the batch, the active columns move back when
 they reach the slots' edge, the slots grow on the host, and greedy output stays HF generate's (fp32, exact)."""
 
+import functools
+
 import pytest
 import torch
 from batchgen.jobs.schema import Request, SamplingParams
@@ -26,10 +28,16 @@ def wanted(i: int) -> int:
     return 12 + (29 * i) % 60  # up to 71 tokens: several moves of the window, rows finishing apart
 
 
-def hf_greedy(path, ids: list[int], n: int) -> list[int]:
+@functools.lru_cache(maxsize=1)
+def hf_model(path):
+    """The HF model at path in float32, loaded once for the prompts a test checks against it."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(path, ids: list[int], n: int) -> list[int]:
+    model = hf_model(path)
     with torch.inference_mode():
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
