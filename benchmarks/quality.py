@@ -3,6 +3,8 @@
     python3 -m benchmarks.quality --device cuda --out docs/benchmarks/quality.json          # + --speed on a GPU
     .venv/bin/python -m benchmarks.quality --device cpu --out docs/benchmarks/quality_cpu.json
     .venv/bin/python -m benchmarks.quality --device cpu --kv-only --out /tmp/quality_kv_cpu.json    # KV cache only
+    .venv/bin/python -m benchmarks.quality --device cpu --shape gpu --no-kv \
+        --variants default,default_rotated,weight_only --out docs/benchmarks/quality_rotated_cpu.json
 
 Random weights only produce near-tie noise, so the model gets what real LLMs above ~6.7B carry (Dettmers et
 al., 2022): NUM_OUTLIER_CHANNELS residual channels whose input-norm weights are scaled so that their mean |x|
@@ -12,7 +14,8 @@ is confident. Each variant is teacher-forced over the same tokens and compared w
 KL(fp32 ‖ variant), top-1 agreement, and the share of greedy tokens equal to fp32's. --seeds N builds N planted
 models per strength (other random weights, the same outlier channels) and reports each metric's mean.
 
-Variants: default (batchgen's auto kernel: int_mm_outliers, calibrated as the engine does), default_fp16_ends (the
+Variants: default (batchgen's auto kernel: int_mm_outliers, calibrated as the engine does), default_rotated (the
+same with --int8-rotate down: the down projections' inputs rotated by block Hadamard matrices), default_fp16_ends (the
 same with the first and last decoder layers in fp16: --fp16-modules), bnb_t6 (bitsandbytes' Linear8bitLt, LLM.int8()
 at threshold 6), bnb_t0, int_mm (batchgen at threshold 0) and weight_only.
 
@@ -52,8 +55,9 @@ MASSIVE_LAYER = 1
 LOGIT_STD = 4.0  # lm_head scaled to this logit spread: a confident model, so int8 noise shows as flips
 THRESHOLD = 6.0
 # default_fp16_ends: the default with the first and last decoder layers kept in fp16 (--fp16-modules)
-VARIANTS = ("default", "default_fp16_ends", "bnb_t6", "bnb_t0", "int_mm", "weight_only")
-CPU_VARIANTS = ("default", "default_fp16_ends", "bnb_t6", "int_mm", "weight_only")  # bnb_t0 is int_mm's arithmetic, and bnb is slow here
+# default_rotated: the default with --int8-rotate down (the down projections' inputs rotated, rotation.py)
+VARIANTS = ("default", "default_rotated", "default_fp16_ends", "bnb_t6", "bnb_t0", "int_mm", "weight_only")
+CPU_VARIANTS = ("default", "default_rotated", "default_fp16_ends", "bnb_t6", "int_mm", "weight_only")  # bnb_t0 is int_mm's arithmetic, and bnb is slow here
 KV_STRENGTHS: tuple[float, ...] = (0, 20)
 KV_CACHE_DTYPES = ("auto", "fp8")
 SPEED_LAYERS = 16
@@ -163,7 +167,7 @@ def load_variant(model_dir: Path, variant: str, device: torch.device, dtype: tor
     from batchgen.worker.engine.loader import skip_modules
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    default = variant in ("default", "default_fp16_ends")
+    default = variant in ("default", "default_rotated", "default_fp16_ends")
     threshold = THRESHOLD if default or variant == "bnb_t6" else 0.0
     fp16_modules = ()
     if variant == "default_fp16_ends":
@@ -174,7 +178,8 @@ def load_variant(model_dir: Path, variant: str, device: torch.device, dtype: tor
         quantization_config=BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold,
                                                llm_int8_skip_modules=skip_modules(str(model_dir), fp16_modules))).eval()
     if default:  # what LLMEngine.from_config does, with random ids for the calibration text
-        convert_model(model, OUTLIER_KERNEL, threshold=THRESHOLD, calibration_ids=calibration.to(device))
+        convert_model(model, OUTLIER_KERNEL, threshold=THRESHOLD, calibration_ids=calibration.to(device),
+                      rotate="down" if variant == "default_rotated" else "none")
     elif variant in ("int_mm", "weight_only"):
         convert_model(model, variant)
     return model
@@ -328,15 +333,16 @@ def mean_over_seeds(rows: list[dict]) -> list[dict]:
     return out
 
 
-def goals(rows: list[dict]) -> list[dict]:
-    """The issue's goal per strength: default KL <= 1.25x bnb threshold 6's and <= 2x weight-only's."""
+def goals(rows: list[dict], variant: str = "default") -> list[dict]:
+    """The issue's goal per strength: the variant's KL <= 1.25x bnb threshold 6's and <= 2x weight-only's (the
+    keys say default_ for every variant, so tables read the same)."""
     out = []
     for strength in dict.fromkeys(r["strength"] for r in rows):
         kl = {r["variant"]: r["kl"] for r in rows if r["strength"] == strength}
-        if not {"default", "bnb_t6", "weight_only"} <= kl.keys():
+        if not {variant, "bnb_t6", "weight_only"} <= kl.keys():
             continue
-        vs_bnb = kl["default"] / max(kl["bnb_t6"], 1e-12)
-        vs_wo = kl["default"] / max(kl["weight_only"], 1e-12)
+        vs_bnb = kl[variant] / max(kl["bnb_t6"], 1e-12)
+        vs_wo = kl[variant] / max(kl["weight_only"], 1e-12)
         out.append({"strength": strength, "default_vs_bnb_t6": round(vs_bnb, 3), "default_vs_weight_only":
                     round(vs_wo, 3), "met": vs_bnb <= 1.25 and vs_wo <= 2.0})
     return out
@@ -489,18 +495,21 @@ def main() -> None:
                         help="KV cache dtypes auto vs fp8 through the ModelRunner (default: on for CUDA)")
     parser.add_argument("--kv-only", action="store_true", help="only the --kv section (no int8 variants)")
     parser.add_argument("--speed-only", action="store_true", help="only the --speed section")
+    parser.add_argument("--shape", choices=("auto", "cpu", "gpu"), default="auto",
+                        help="the planted model's shape (auto: the device's; gpu on the CPU gives the GPU's ratios)")
+    parser.add_argument("--variants", default="", help="comma-separated, of VARIANTS (default: the device's set)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="planted models per strength (seeds 0..N-1); rows and goals are their means")
     args = parser.parse_args()
     device = torch.device(args.device)
     if (args.speed or args.speed_only) and device.type != "cuda":
         parser.error("--speed times CUDA kernels: it needs --device cuda")
-    shape = GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
+    shape = GPU_SHAPE if (device.type == "cuda" if args.shape == "auto" else args.shape == "gpu") else CPU_SHAPE
     dtype = torch.float16 if device.type == "cuda" else torch.float32  # the engine's compute dtype
     # bnb casts float32 inputs to float16 and warns on every call: expected here, as in the loader
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="MatMul8bitLt")
-    variants = VARIANTS if device.type == "cuda" else CPU_VARIANTS
+    variants = tuple(args.variants.split(",")) if args.variants else VARIANTS if device.type == "cuda" else CPU_VARIANTS
     start = time.perf_counter()
     seed_rows = [] if args.kv_only or args.speed_only else [r for s in STRENGTHS for seed in range(args.seeds)
                                          for r in run_strength(shape, s, device, dtype, variants, seed)]
@@ -511,9 +520,10 @@ def main() -> None:
            "shape": asdict(shape), "threshold": THRESHOLD, "num_outlier_channels": NUM_OUTLIER_CHANNELS,
            "massive": {"base_strength": MASSIVE_BASE_STRENGTH, "value": MASSIVE_VALUE, "layer": MASSIVE_LAYER},
            "compute_dtype": str(dtype).removeprefix("torch."), "seeds": args.seeds, "rows": rows,
-           "seed_rows": seed_rows, "goals": goal_rows}
+           "seed_rows": seed_rows, "goals": goal_rows, "goals_rotated": goals(rows, "default_rotated")}
     if rows:
         print(table(rows, goal_rows))
+        print("default_rotated (--int8-rotate down):\n" + table([], out["goals_rotated"]))
     if not args.speed_only and (args.kv_only or args.kv or (args.kv is None and device.type == "cuda")):
         out["kv"] = [r for s in KV_STRENGTHS for r in run_kv(shape, s, device, dtype)]
         print(kv_table(out["kv"]))

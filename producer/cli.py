@@ -293,6 +293,11 @@ engine_options = shared_options(
     # (the producer CLI does not import the worker at load time).
     click.option("--int8-kernel", envvar="BATCHGEN_INT8_KERNEL", default="auto", show_default=True,
                  help="int8 matmul kernel: auto, int_mm_outliers, int_mm, weight_only or bnb (auto: int_mm_outliers where int_mm runs and the threshold is > 0)."),
+    click.option("--int8-rotate", envvar="BATCHGEN_INT8_ROTATE", type=click.Choice(["none", "down"]),
+                 default="none", show_default=True,
+                 help="down: each gated MLP's down projection rotates its input by block Hadamard matrices folded "
+                      "into its int8 weights, a finer int8 scale on that heavy-tailed input (less drift from fp16 "
+                      "than LLM.int8(); not in small-VRAM mode's fast path). none: LLM.int8()'s arithmetic."),
     click.option("--attention", envvar="BATCHGEN_ATTENTION", default="auto", show_default=True,
                  help="Attention kernel: auto, triton, flash or sdpa (auto on CUDA in fp16/bf16: flash prefill, Triton decode)."),
     click.option("--cuda-graphs/--no-cuda-graphs", envvar="BATCHGEN_CUDA_GRAPHS", default=True, show_default=True,
@@ -357,6 +362,7 @@ def engine_config(kw: dict[str, Any]):
         load_in_8bit=not kw["no_8bit"], vram_reserve_bytes=parse_bytes(kw["vram_reserve"]),
         max_vram_bytes=parse_bytes(kw["max_vram"]) if kw["max_vram"] else None, max_batch_size=kw["max_batch"],
         max_model_len=kw["max_model_len"], max_prefill_tokens=kw["max_prefill_tokens"], int8_threshold=kw["int8_threshold"], int8_kernel=kw["int8_kernel"],
+        int8_rotate=kw["int8_rotate"],
         attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], overlap_decode=kw["overlap_decode"],
         overlap_prefill=kw["overlap_prefill"], compact_rows=kw["compact_rows"],
         mixed_steps=kw["mixed_steps"], fused_elementwise=kw["fused_elementwise"], tuned_kernels=kw["tuned_kernels"],

@@ -28,6 +28,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh trace    # the workload in-process, step by step
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh cold     # the workload's first run and its second
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh warm     # with the engine's warm-up: bulk; cold
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh rotate   # --int8-rotate down: quality, bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh alloc    # the workload in-process: allocator
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-bulk  # bulk: the default against int_mm
 #   WHEELS=.whl-bloom source scripts/device-setup.sh && bash scripts/gpu-round.sh models-check  # BLOOM-7b1, BLOOM-13B
@@ -230,6 +231,12 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   prefill-big)  # after prefill-ab: 16,384 prefill tokens a step, then 8,192 again
     PREFILL=16384 BULK_S=200 bulk p16384 1 static-features 0  # builds the llama7b model (once per machine)
     PREFILL=8192 BULK_S=170 bulk p8192 1 static-features 0
+    ;;
+  rotate)  # #20 with --int8-rotate down (not yet run on a GPU): quality of every variant at three seeds; bulk with
+    # the default and with the down projections' inputs rotated
+    run 300 quality python3 -m benchmarks.quality --device cuda --no-speed --no-kv --seeds 3 --out "$out/quality.json"
+    BULK_S=150 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    BATCHGEN_INT8_ROTATE=down BULK_S=150 bulk rotated 1 static-features 0
     ;;
   workload-only)  # the in-process half of `workload`, with a profiled window of the run
     profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352 \

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from batchgen.jobs import defaults
 
+INT8_ROTATE = ("none", "down")  # int8_linear.ROTATE_INPUTS, named here so the config needs no torch
 INT8_KERNELS = ("bnb", "int_mm", "int_mm_outliers", "weight_only")  # int8_linear's kernels, named here so the config needs no torch
 # auto: triton (flash prefill + the split-KV Triton decode kernel) on CUDA in fp16/bf16 where Triton runs, else
 # flash there, else sdpa (masked)
@@ -33,6 +34,9 @@ class EngineConfig:
     max_prefill_tokens: int | None = None  # tokens per packed prefill; None: max_model_len
     int8_threshold: float = 6.0  # bnb's outlier threshold; only the "bnb" kernel has outlier columns
     int8_kernel: str = "auto"  # auto: int_mm where torch._int_mm runs (CUDA, CPU), else bnb
+    # "down": each gated MLP's down projection rotates its input by block Hadamard matrices, folded into its int8
+    # weights (rotation.py): a finer int8 scale on that heavy-tailed input; "none": LLM.int8()'s arithmetic
+    int8_rotate: str = "none"
     # bnb's llm_int8_skip_modules: modules kept in the compute dtype (the output head always is), e.g.
     # ("model.layers.0", "model.layers.31"); matched as transformers matches them (prefix, regex or suffix)
     fp16_modules: tuple[str, ...] = ()
@@ -95,6 +99,8 @@ class EngineConfig:
             raise ValueError("fp16_modules: empty module name")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.int8_rotate not in INT8_ROTATE:
+            raise ValueError(f"int8_rotate must be one of {INT8_ROTATE}, got {self.int8_rotate!r}")
         if self.compile_shapes not in COMPILE_SHAPES:
             raise ValueError(f"compile_shapes must be one of {COMPILE_SHAPES}, got {self.compile_shapes!r}")
         if self.kv_layout not in KV_LAYOUTS:

@@ -106,7 +106,7 @@ class GenericEngine:
         int8 = None
         if cfg.load_in_8bit:  # bnb's Linear8bitLt swapped for the fast path's kernels: they know no architecture
             int8 = Int8Runtime.load(loaded.model, cfg.int8_kernel, threshold=cfg.int8_threshold, device=device,
-                                    tokenizer=loaded.tokenizer)
+                                    tokenizer=loaded.tokenizer, rotate=cfg.int8_rotate)
         return cls(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
                    weights_bytes=loaded.weights_bytes, int8=int8)
 

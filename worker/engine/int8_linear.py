@@ -29,6 +29,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from batchgen.worker.engine import rotation
 from batchgen.worker.engine.int8_outliers import OutlierColumns, OutlierGuard, calibration_ids, slots_for
 from batchgen.worker.engine.kernels import int8_ops, tuned
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, triton_available
@@ -38,6 +39,8 @@ from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, int8_gemv
 from batchgen.worker.engine.kernels.int8_ops import int8_matmul_dequant
 
 log = logging.getLogger("batchgen.int8")
+
+ROTATE_INPUTS = ("none", "down")  # EngineConfig.int8_rotate
 
 OUTLIER_KERNEL = "int_mm_outliers"
 _FAST_KERNELS = ("int_mm", OUTLIER_KERNEL, "weight_only")  # what Int8Linear runs
@@ -181,6 +184,7 @@ class Int8Linear(torch.nn.Module):
         self.host_weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self.kernel = kernel
         self.out_features, self.in_features = self.cb.shape
+        self.rotate_block = 0  # > 0: the weights are rotated (rotation.py) and each input is rotated on the way in
 
     @property
     def state(self) -> Int8State:
@@ -190,9 +194,12 @@ class Int8Linear(torch.nn.Module):
     def weight(self) -> torch.Tensor:
         """The weight dequantized, made on each read: for forwards that multiply by a linear's weight themselves
         (Mamba's dt_proj) or read its dtype."""
-        return KERNELS.dequantize_weight(self.cb, self.scb, self.dtype or torch.float16)
+        weight = KERNELS.dequantize_weight(self.cb, self.scb, self.dtype or torch.float16)
+        return rotation.rotate(weight, self.rotate_block) if self.rotate_block else weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rotate_block:
+            x = rotation.rotate(x, self.rotate_block)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.kernel == OUTLIER_KERNEL:
@@ -255,7 +262,16 @@ class Int8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         num = f", outlier_columns={len(self.outliers.columns)}" if self.outliers is not None else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}{num}"
+        rotated = f", rotated={self.rotate_block}" if self.rotate_block else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}{num}{rotated}"
+
+    def rotate_input(self, block: int = rotation.BLOCK) -> None:
+        """Rotates the weight rows once (before calibration: the outlier columns are found on rotated inputs);
+        every forward then rotates its input."""
+        if self.rotate_block:
+            return
+        cb, scb = rotation.rotated_rows(self.cb, self.scb, block)
+        self.cb, self.scb, self.rotate_block = cb, scb.to(self.scb.dtype), block
 
 
 class FusedInt8Linear(Int8Linear):
@@ -292,13 +308,14 @@ def _state_of(module: torch.nn.Module) -> Int8State:
 
 def convert_model(model: torch.nn.Module, kernel: str, *, fuse_projections: bool = True,
                   compile_kernels: bool | None = None, threshold: float = 6.0,
-                  calibration_ids: torch.Tensor | None = None, calibrate: bool = True) -> int:
+                  calibration_ids: torch.Tensor | None = None, calibrate: bool = True, rotate: str = "none") -> int:
     """Swaps every bnb Linear8bitLt (or Int8Linear) in model for an Int8Linear running `kernel`; returns
     how many were swapped. With fuse_projections, Llama-style layers also get self_attn.qkv_proj and
     mlp.gate_up_proj (the separate projections become views of them, so memory stays the same).
     int_mm_outliers: the columns of each input whose |x| reaches threshold while the model runs over
     calibration_ids [batch, tokens] go through dense weights (without calibration ids, only the guard finds them).
-    calibrate=False leaves that to a later find_outliers call (small VRAM: once the layers stream on the device)."""
+    calibrate=False leaves that to a later find_outliers call (small VRAM: once the layers stream on the device).
+    rotate="down": each gated MLP's down projection rotates its input (rotation.py), where its width allows."""
     if kernel not in _FAST_KERNELS:
         raise ValueError(f"convert_model runs {_FAST_KERNELS}, not {kernel!r}")
     first = next((m for m in model.modules() if _is_bnb_int8(m) or isinstance(m, Int8Linear)), None)
@@ -314,10 +331,19 @@ def convert_model(model: torch.nn.Module, kernel: str, *, fuse_projections: bool
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if _is_bnb_int8(child) or (isinstance(child, Int8Linear) and not isinstance(child, FusedInt8Linear)):
-                setattr(parent, name, Int8Linear(_state_of(child), kernel))
+                swapped = Int8Linear(_state_of(child), kernel)
+                swapped.rotate_block = getattr(child, "rotate_block", 0)
+                setattr(parent, name, swapped)
                 num_swapped += 1
             elif isinstance(child, FusedInt8Linear):
                 child.kernel = kernel
+    if rotate not in ROTATE_INPUTS:
+        raise ValueError(f"rotate must be one of {ROTATE_INPUTS}, not {rotate!r}")
+    if rotate == "down":
+        for module in model.modules():
+            down = getattr(module, "down_proj", None)
+            if isinstance(down, Int8Linear) and hasattr(module, "up_proj") and rotation.block_for(down.in_features):
+                down.rotate_input(rotation.block_for(down.in_features))
     if fuse_projections:
         _fuse(model, kernel)
     for module in model.modules():
@@ -438,24 +464,27 @@ class Int8Runtime:
 
     kernel: str
     guard: OutlierGuard | None = None
+    num_rotated: int = 0  # linears whose input is rotated (--int8-rotate)
 
     @classmethod
     def load(cls, model: torch.nn.Module, name: str, *, threshold: float, device: torch.device,
-             tokenizer) -> "Int8Runtime":
-        runtime = cls.convert(model, name, threshold=threshold, device=device)
+             tokenizer, rotate: str = "none") -> "Int8Runtime":
+        runtime = cls.convert(model, name, threshold=threshold, device=device, rotate=rotate)
         runtime.calibrate(model, threshold=threshold, device=device, tokenizer=tokenizer)
         return runtime
 
     @classmethod
     def convert(cls, model: torch.nn.Module, name: str, *, threshold: float, device: torch.device,
-                fuse_projections: bool = True) -> "Int8Runtime":
+                fuse_projections: bool = True, rotate: str = "none") -> "Int8Runtime":
         """Swaps the model's bnb linears for the kernel `name` resolves to; an outlier kernel runs only after
         calibrate. Small VRAM converts on the host, streams the layers, then calibrates on the device."""
         kernel = resolve_int8_kernel(name, device, threshold)
         if kernel != "bnb":
             convert_model(model, kernel, threshold=threshold, fuse_projections=fuse_projections,
-                          compile_kernels=device.type == "cuda", calibrate=False)
-        return cls(kernel)
+                          compile_kernels=device.type == "cuda", calibrate=False, rotate=rotate)
+        elif rotate != "none":
+            raise ValueError("--int8-rotate needs the fast int8 kernels (torch._int_mm), not bnb's")
+        return cls(kernel, num_rotated=sum(isinstance(m, Int8Linear) and m.rotate_block > 0 for m in model.modules()))
 
     def calibrate(self, model: torch.nn.Module, *, threshold: float, device: torch.device, tokenizer) -> None:
         """The outlier kernel's columns from a pass over calibration text on `device`, and its guard; logs the kernel."""
@@ -474,10 +503,12 @@ class Int8Runtime:
         return self.guard.num_opened > opened
 
     def describe(self, threshold: float) -> str:
+        rotated = f", {self.num_rotated} down projections' inputs rotated" if self.num_rotated else ""
         if self.guard is None:
-            return self.kernel
+            return self.kernel + rotated
         return (f"{self.kernel} (threshold {threshold:g}: {self.guard.num_columns} outlier columns kept in the "
-                f"compute dtype over {len(self.guard.inputs)} linear inputs)")
+                f"compute dtype over {len(self.guard.inputs)} linear inputs{rotated})")
 
     def stats(self) -> dict[str, int | str]:
-        return {"int8_kernel": self.kernel, "int8_outlier_columns": self.guard.num_columns if self.guard else 0}
+        return {"int8_kernel": self.kernel, "int8_outlier_columns": self.guard.num_columns if self.guard else 0,
+                "int8_rotated_inputs": self.num_rotated}

@@ -169,7 +169,7 @@ class LLMEngine:
         int8 = None
         if cfg.load_in_8bit:  # converts the model's linears (calibrating the outlier columns) and logs the kernel
             int8 = Int8Runtime.load(loaded.model, cfg.int8_kernel, threshold=cfg.int8_threshold, device=device,
-                                    tokenizer=loaded.tokenizer)
+                                    tokenizer=loaded.tokenizer, rotate=cfg.int8_rotate)
         return cls.resident(cfg, loaded.model, loaded.tokenizer, device=device, dtype=dtype,
                             weights_bytes=loaded.weights_bytes, int8=int8)
 

@@ -271,7 +271,7 @@ def build_hook_streaming_engine(cfg: EngineConfig, family: Family) -> GenericEng
     int8 = None
     if cfg.load_in_8bit:  # unfused: each linear's own tensors stream with its layer
         int8 = Int8Runtime.convert(loaded.model, cfg.int8_kernel, threshold=cfg.int8_threshold, device=device,
-                                   fuse_projections=False)
+                                   fuse_projections=False, rotate=cfg.int8_rotate)
     streamer = stream_layers(loaded.model, device)
     if int8 is not None:  # outlier columns found on the device, through the streamed layers
         int8.calibrate(loaded.model, threshold=cfg.int8_threshold, device=device, tokenizer=loaded.tokenizer)
