@@ -192,6 +192,11 @@ def _launch_s(stats: dict) -> float:
     return sum(stats.get(key, {}).get("prefill_launch", 0.0) for key in ("host_s", "step_host_s"))
 
 
+def _print_summary(name: str, run: dict) -> None:
+    """A workload run's figures on one line, without its profile window and per-step trace."""
+    print(name, json.dumps({k: v for k, v in run.items() if k not in ("profile_window", "trace")}), flush=True)
+
+
 def _prefill_by_predecessor(trace: list) -> dict:
     """StepClock's trace of prefill steps grouped by the step before them: count, mean device ms, mean µs a token."""
     out = {}
@@ -384,11 +389,9 @@ def main() -> None:
         if args.workload:
             if args.workload_warmup:  # kept: a first run's steps against the warm run's
                 row["workload_warmup"] = workload_run(engine, args.workload_warmup)
-                print("workload_warmup", json.dumps({k: v for k, v in row["workload_warmup"].items()
-                                                     if k not in ("profile_window", "trace")}), flush=True)
+                _print_summary("workload_warmup", row["workload_warmup"])
             row["workload_run"] = workload_run(engine, args.workload, args.workload_profile_steps)
-            print("workload_run", json.dumps({k: v for k, v in row["workload_run"].items()
-                                              if k not in ("profile_window", "trace")}), flush=True)
+            _print_summary("workload_run", row["workload_run"])
         row["decode_steps"] = engine.stats().extra.get("decode_steps", "CUDA graphs (fast path)")
         report["models"][name] = row
         print(name, json.dumps({k: ({kk: v.get(kk) for kk in ("wall_ms_per_step", "device_ms_per_step", "device_busy")}

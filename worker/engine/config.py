@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from batchgen.jobs import defaults
 
-INT8_ROTATE = ("none", "down")  # int8_linear.ROTATE_INPUTS, named here so the config needs no torch
+INT8_ROTATE = ("none", "down")  # EngineConfig.int8_rotate, and int8_linear.convert_model's rotate
 INT8_KERNELS = ("bnb", "int_mm", "int_mm_outliers", "weight_only")  # int8_linear's kernels, named here so the config needs no torch
 # auto: triton (flash prefill + the split-KV Triton decode kernel) on CUDA in fp16/bf16 where Triton runs, else
 # flash there, else sdpa (masked)

@@ -30,6 +30,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from batchgen.worker.engine import rotation
+from batchgen.worker.engine.config import INT8_ROTATE
 from batchgen.worker.engine.int8_outliers import OutlierColumns, OutlierGuard, calibration_ids, slots_for
 from batchgen.worker.engine.kernels import int8_ops, tuned
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, triton_available
@@ -39,8 +40,6 @@ from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, int8_gemv
 from batchgen.worker.engine.kernels.int8_ops import int8_matmul_dequant
 
 log = logging.getLogger("batchgen.int8")
-
-ROTATE_INPUTS = ("none", "down")  # EngineConfig.int8_rotate
 
 OUTLIER_KERNEL = "int_mm_outliers"
 _FAST_KERNELS = ("int_mm", OUTLIER_KERNEL, "weight_only")  # what Int8Linear runs
@@ -270,8 +269,11 @@ class Int8Linear(torch.nn.Module):
         every forward then rotates its input."""
         if self.rotate_block:
             return
-        cb, scb = rotation.rotated_rows(self.cb, self.scb, block)
-        self.cb, self.scb, self.rotate_block = cb, scb.to(self.scb.dtype), block
+        # bnb's rows dequantised, rotated, and quantised again per row as bnb quantises them
+        w = rotation.rotate(dequantize_weight(self.cb, self.scb, torch.float32), block)
+        absmax = w.abs().amax(dim=1).clamp_min(1e-8)
+        self.cb = torch.round(w * (127.0 / absmax[:, None])).to(torch.int8)
+        self.scb, self.rotate_block = absmax.to(self.scb.dtype), block
 
 
 class FusedInt8Linear(Int8Linear):
@@ -318,6 +320,8 @@ def convert_model(model: torch.nn.Module, kernel: str, *, fuse_projections: bool
     rotate="down": each gated MLP's down projection rotates its input (rotation.py), where its width allows."""
     if kernel not in _FAST_KERNELS:
         raise ValueError(f"convert_model runs {_FAST_KERNELS}, not {kernel!r}")
+    if rotate not in INT8_ROTATE:
+        raise ValueError(f"rotate must be one of {INT8_ROTATE}, not {rotate!r}")
     first = next((m for m in model.modules() if _is_bnb_int8(m) or isinstance(m, Int8Linear)), None)
     if first is None:
         return 0
@@ -337,13 +341,12 @@ def convert_model(model: torch.nn.Module, kernel: str, *, fuse_projections: bool
                 num_swapped += 1
             elif isinstance(child, FusedInt8Linear):
                 child.kernel = kernel
-    if rotate not in ROTATE_INPUTS:
-        raise ValueError(f"rotate must be one of {ROTATE_INPUTS}, not {rotate!r}")
     if rotate == "down":
         for module in model.modules():
             down = getattr(module, "down_proj", None)
-            if isinstance(down, Int8Linear) and hasattr(module, "up_proj") and rotation.block_for(down.in_features):
-                down.rotate_input(rotation.block_for(down.in_features))
+            block = rotation.block_for(down.in_features) if isinstance(down, Int8Linear) else 0
+            if block and hasattr(module, "up_proj"):
+                down.rotate_input(block)
     if fuse_projections:
         _fuse(model, kernel)
     for module in model.modules():

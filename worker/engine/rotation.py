@@ -2,14 +2,14 @@
 
 For an orthonormal, symmetric H (Sylvester's, scaled by 1/√n), (x·H)(W·H)ᵀ = x·Wᵀ, so a linear computes the same
 function with its weight rows rotated once at load and each input rotated on the way in (H block-diagonal: one
-H over each run of BLOCK columns, or of the largest power of two under it that divides the width). The product is exact; what changes is what int8 rounds. A gated MLP's
-down projection reads act(gate)·up, a heavy-tailed input whose per-token absmax sits far above its typical value.
+H over each run of BLOCK columns, or of the largest power of two under it that divides the width). The product is
+exact; what changes is what int8 rounds. A gated MLP's down projection reads act(gate)·up, a heavy-tailed input whose per-token absmax sits far above its typical value.
 Rotated, every column is a mix of BLOCK of them, so the tails spread out and the per-token int8 scale shrinks.
 That is QuaRot's (Ashkboos et al., 2024) online rotation of that input, with block-diagonal Hadamard blocks.
 benchmarks/quality.py measures it (variant default_rotated).
 
-The weights are rotated from bnb's int8 rows (dequantised, rotated, quantised again per row), so they are rounded
-twice. The CPU simulation measured that cost within the ≤ 2× weight-only goal (docs/benchmarks.md).
+The weights are rotated from bnb's int8 rows (Int8Linear.rotate_input: dequantised, rotated, quantised again per
+row), so they are rounded twice. The CPU simulation measured that cost within the ≤ 2× weight-only goal (docs/benchmarks.md).
 """
 
 import functools
@@ -46,9 +46,3 @@ def rotate(x: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
     h = hadamard(block, x.device, x.dtype)
     return (x.reshape(*x.shape[:-1], -1, block) @ h).reshape(x.shape)
 
-
-def rotated_rows(cb: torch.Tensor, scb: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """bnb's int8 rows (cb [out, in], scb [out] absmax) rotated: W·H quantised again per row, as bnb quantises."""
-    w = rotate(cb.float() * (scb.float()[:, None] / 127.0), block)
-    absmax = w.abs().amax(dim=1).clamp_min(1e-8)
-    return torch.round(w * (127.0 / absmax[:, None])).to(torch.int8), absmax
