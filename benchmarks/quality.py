@@ -404,12 +404,14 @@ def speed_model(device: torch.device, num_layers: int = SPEED_LAYERS, outliers: 
     return model
 
 
-def time_kernel(model, kernel: str, device: torch.device, calibration: torch.Tensor) -> dict[str, float]:
+def time_kernel(model, kernel: str, device: torch.device, calibration: torch.Tensor, rotate: str = "none"
+                ) -> dict[str, float]:
     from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, convert_model
     from batchgen.worker.engine.llama import LlamaParts, flash_works
     from batchgen.worker.engine.model_runner import ModelRunner
 
-    convert_model(model, kernel, threshold=THRESHOLD, calibration_ids=calibration if kernel == OUTLIER_KERNEL else None)
+    convert_model(model, kernel, threshold=THRESHOLD, calibration_ids=calibration if kernel == OUTLIER_KERNEL else None,
+                  rotate=rotate)
     dtype = model.get_input_embeddings().weight.dtype
     attention = "flash" if device.type == "cuda" and flash_works(device, dtype) else "sdpa"
     n_prompts, prompt_len = SPEED_PREFILL
@@ -446,18 +448,27 @@ def time_kernel(model, kernel: str, device: torch.device, calibration: torch.Ten
 def run_speed(device: torch.device, outliers: float = 0.0) -> dict:
     from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, outlier_guard
 
-    torch.manual_seed(0)  # the same random weights whichever sections ran before: their outlier columns set the cost
-    model = speed_model(device, outliers=outliers)
+    def fresh_model():  # the same random weights whichever sections ran before: their outlier columns set the cost
+        torch.manual_seed(0)
+        return speed_model(device, outliers=outliers)
+
+    model = fresh_model()
+    rotated = fresh_model()  # its down projections' weights are rotated once, at its first conversion
     calibration = torch.randint(8, 32000, (4, 128), generator=torch.Generator().manual_seed(4)).to(device)
     calibration[:, 0] = 1
     from batchgen.worker.engine.kernels import int8_ops
 
+    rot = f"{OUTLIER_KERNEL}_rotated"
     res: dict = {"layers": SPEED_LAYERS, "rows": SPEED_ROWS, "prefill": list(SPEED_PREFILL), "planted": outliers}
-    # twice each, interleaved: drift shows; "apart": the default with its dense product computed outside the GEMM
-    for name in ("int_mm", OUTLIER_KERNEL, f"{OUTLIER_KERNEL}_apart") * 2:
+    # twice each, interleaved: drift shows; "apart": the default with its dense product computed outside the GEMM;
+    # "rotated": the default with --int8-rotate down
+    for name in ("int_mm", OUTLIER_KERNEL, f"{OUTLIER_KERNEL}_apart", rot) * 2:
         int8_ops.FUSE_DENSE = not name.endswith("_apart")
         try:
-            res.setdefault(name, []).append(time_kernel(model, name.removesuffix("_apart"), device, calibration))
+            kernel = name.removesuffix("_apart").removesuffix("_rotated")
+            timed = time_kernel(rotated, kernel, device, calibration, rotate="down") if name == rot else \
+                time_kernel(model, kernel, device, calibration)
+            res.setdefault(name, []).append(timed)
         finally:
             int8_ops.FUSE_DENSE = True
         print(name, json.dumps(res[name][-1]), flush=True)
@@ -465,20 +476,23 @@ def run_speed(device: torch.device, outliers: float = 0.0) -> dict:
     res["outlier_columns"] = guard.num_columns
     res["outlier_slots"] = sum(o.capacity for o in guard.inputs)
     res["inputs_with_columns"] = sum(1 for o in guard.inputs if o.columns)  # of 4 a layer: q/k/v, o, gate/up, down
+    res["outlier_columns_rotated"] = outlier_guard(rotated, THRESHOLD).num_columns
     best = {k: {"decode_ms": min(r["decode_ms"] for r in res[k]), "prefill_tok_s": max(r["prefill_tok_s"] for r in res[k])}
-            for k in ("int_mm", OUTLIER_KERNEL, f"{OUTLIER_KERNEL}_apart")}
+            for k in ("int_mm", OUTLIER_KERNEL, f"{OUTLIER_KERNEL}_apart", rot)}
     res["best"] = best
-    decode_ratio = best[OUTLIER_KERNEL]["decode_ms"] / best["int_mm"]["decode_ms"]
-    prefill_ratio = best[OUTLIER_KERNEL]["prefill_tok_s"] / best["int_mm"]["prefill_tok_s"]
-    res.update(decode_ratio=round(decode_ratio, 3), prefill_ratio=round(prefill_ratio, 3),
-               decode_bound_met=decode_ratio <= 1.15, prefill_bound_met=prefill_ratio >= 0.85)
-    print(f"decode step at {SPEED_ROWS} rows: default {best[OUTLIER_KERNEL]['decode_ms']:.2f} ms, int_mm "
-          f"{best['int_mm']['decode_ms']:.2f} ms -> {decode_ratio:.3f}x (bound <= 1.15)")
-    print(f"prefill: default {best[OUTLIER_KERNEL]['prefill_tok_s']:.0f} tok/s, int_mm "
-          f"{best['int_mm']['prefill_tok_s']:.0f} tok/s -> {prefill_ratio:.3f}x (bound >= 0.85)")
+    for key, variant in (("", OUTLIER_KERNEL), ("rotated_", rot)):
+        decode_ratio = best[variant]["decode_ms"] / best["int_mm"]["decode_ms"]
+        prefill_ratio = best[variant]["prefill_tok_s"] / best["int_mm"]["prefill_tok_s"]
+        res.update({f"{key}decode_ratio": round(decode_ratio, 3), f"{key}prefill_ratio": round(prefill_ratio, 3),
+                    f"{key}decode_bound_met": decode_ratio <= 1.15, f"{key}prefill_bound_met": prefill_ratio >= 0.85})
+        print(f"decode step at {SPEED_ROWS} rows: {variant} {best[variant]['decode_ms']:.2f} ms, int_mm "
+              f"{best['int_mm']['decode_ms']:.2f} ms -> {decode_ratio:.3f}x (bound <= 1.15)")
+        print(f"prefill: {variant} {best[variant]['prefill_tok_s']:.0f} tok/s, int_mm "
+              f"{best['int_mm']['prefill_tok_s']:.0f} tok/s -> {prefill_ratio:.3f}x (bound >= 0.85)")
     apart = best[f"{OUTLIER_KERNEL}_apart"]
     print(f"dense product apart: decode {apart['decode_ms']:.2f} ms, prefill {apart['prefill_tok_s']:.0f} tok/s "
-          f"({res['inputs_with_columns']} inputs with outlier columns)")
+          f"({res['inputs_with_columns']} inputs with outlier columns; rotated: {res['outlier_columns_rotated']} "
+          f"columns against {res['outlier_columns']})")
     return res
 
 

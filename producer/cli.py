@@ -264,6 +264,7 @@ def workers(redis_url, as_json):
         f"done={w['requests_done']} device={w['device']} gpu={w.get('cuda_visible_devices') or '-'}"
         + (f" int8={w['int8_kernel']}" if w.get("int8_kernel") else "")
         + (f" outlier_columns={w['int8_outlier_columns']}" if w.get("int8_outlier_columns") else "")
+        + (f" rotated={w['int8_rotated_inputs']}" if w.get("int8_rotated_inputs") else "")
         for w in infos
     ]
     emit(as_json, infos, "\n".join(lines) or "no live workers")
@@ -293,11 +294,12 @@ engine_options = shared_options(
     # (the producer CLI does not import the worker at load time).
     click.option("--int8-kernel", envvar="BATCHGEN_INT8_KERNEL", default="auto", show_default=True,
                  help="int8 matmul kernel: auto, int_mm_outliers, int_mm, weight_only or bnb (auto: int_mm_outliers where int_mm runs and the threshold is > 0)."),
-    click.option("--int8-rotate", envvar="BATCHGEN_INT8_ROTATE", type=click.Choice(["none", "down"]),
-                 default="none", show_default=True,
+    click.option("--int8-rotate", envvar="BATCHGEN_INT8_ROTATE", type=click.Choice(["auto", "none", "down"]),
+                 default="auto", show_default=True,
                  help="down: each gated MLP's down projection rotates its input by block Hadamard matrices folded "
                       "into its int8 weights, a finer int8 scale on that heavy-tailed input (less drift from fp16 "
-                      "than LLM.int8(); not in small-VRAM mode's fast path). none: LLM.int8()'s arithmetic."),
+                      "than LLM.int8(); not in small-VRAM mode's fast path). none: LLM.int8()'s arithmetic. "
+                      "auto: down wherever the int_mm_outliers kernel runs and the path allows it, else none."),
     click.option("--attention", envvar="BATCHGEN_ATTENTION", default="auto", show_default=True,
                  help="Attention kernel: auto, triton, flash or sdpa (auto on CUDA in fp16/bf16: flash prefill, Triton decode)."),
     click.option("--cuda-graphs/--no-cuda-graphs", envvar="BATCHGEN_CUDA_GRAPHS", default=True, show_default=True,

@@ -28,7 +28,11 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh trace    # the workload in-process, step by step
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh cold     # the workload's first run and its second
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh warm     # with the engine's warm-up: bulk; cold
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh rotate   # --int8-rotate down: quality, bulk
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh rotate   # --int8-rotate down: quality, speed
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh defaults-twice  # bulk on the defaults, twice
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh baselines  # HF's baselines
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh same-machine  # bulk, then HF's baselines
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh rotate-bulk  # the default, rotated, int_mm: bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh alloc    # the workload in-process: allocator
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-bulk  # bulk: the default against int_mm
 #   WHEELS=.whl-bloom source scripts/device-setup.sh && bash scripts/gpu-round.sh models-check  # BLOOM-7b1, BLOOM-13B
@@ -232,11 +236,28 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     PREFILL=16384 BULK_S=200 bulk p16384 1 static-features 0  # builds the llama7b model (once per machine)
     PREFILL=8192 BULK_S=170 bulk p8192 1 static-features 0
     ;;
-  rotate)  # #20 with --int8-rotate down (not yet run on a GPU): quality of every variant at three seeds; bulk with
-    # the default and with the down projections' inputs rotated
-    run 300 quality python3 -m benchmarks.quality --device cuda --no-speed --no-kv --seeds 3 --out "$out/quality.json"
-    BULK_S=150 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+  rotate)  # #20 with --int8-rotate down: quality of the goal's variants at three seeds; the speed bounds (decode
+    # step, prefill) of the default and the rotated default against int_mm, outliers planted as a real model has them
+    run 380 quality python3 -m benchmarks.quality --device cuda --no-speed --no-kv --seeds 3 \
+        --variants default,default_rotated,bnb_t6,weight_only --out "$out/quality.json"
+    run 170 speed python3 -m benchmarks.quality --device cuda --speed-only --speed-outliers 20 --out "$out/speed.json"
+    ;;
+  rotate-bulk)  # #20's third bound, bulk end to end: the default, the rotated default and int_mm
+    BULK_S=170 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     BATCHGEN_INT8_ROTATE=down BULK_S=150 bulk rotated 1 static-features 0
+    BATCHGEN_INT8_KERNEL=int_mm BULK_S=150 bulk int_mm 1 static-features 0
+    ;;
+  defaults-twice)  # #22 on the checkout's defaults (--int8-rotate auto rotates the down projections), twice
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    BULK_S=150 bulk defaults_again 1 static-features 0
+    ;;
+  baselines)  # HF's baselines on the machine `defaults-twice` ran on: int8 bs 1 and 256, fp16 static at 256 and at
+    # the most rows that fit
+    run 420 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
+    ;;
+  same-machine)  # #22's table from one machine: bulk on the defaults, then HF's baselines
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    run 270 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
     ;;
   workload-only)  # the in-process half of `workload`, with a profiled window of the run
     profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352 \

@@ -56,15 +56,30 @@ def test_convert_model_rotates_the_down_projections_only():
     assert model.model.layers[0].mlp.down_proj.rotate_block == 256
 
 
+def test_auto_rotates_for_the_outlier_kernel_only():
+    """--int8-rotate auto (the default): the outlier kernel's down projections rotate; int_mm, the threshold-0
+    baseline, keeps LLM.int8()'s arithmetic."""
+    from benchmarks.quality import speed_model
+
+    def converted(kernel: str):
+        torch.manual_seed(0)
+        model = speed_model(torch.device("cpu"), num_layers=1, hidden=256, intermediate=512).float()
+        convert_model(model, kernel, threshold=6.0, calibration_ids=torch.randint(8, 32000, (2, 16)), rotate="auto")
+        return model.model.layers[0].mlp.down_proj.rotate_block
+
+    assert converted(OUTLIER_KERNEL) == 256
+    assert converted("int_mm") == 0
+
+
 def test_an_engine_with_rotated_down_projections_answers_like_hf_generate_on_its_model(demo_model_dir):
-    """The CPU engine with --int8-rotate down: every down projection rotated (the demo model's 128-wide input: one
-    128 block), and its greedy output equals HF generate over the same converted model."""
+    """The CPU engine with its default --int8-rotate auto: every down projection rotated (the demo model's
+    128-wide input: one 128 block), and its greedy output equals HF generate over the same converted model."""
     from batchgen.worker.engine.config import EngineConfig
     from batchgen.worker.engine.llm_engine import LLMEngine
 
     from tests.test_llm_engine import PROMPTS, completion, hf_greedy, run
 
-    engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), max_batch_size=4, int8_rotate="down"))
+    engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), max_batch_size=4))
     layers = engine.model.model.layers
     assert engine.int8.num_rotated == len(layers) and engine.stats().extra["int8_rotated_inputs"] == len(layers)
     assert all(layer.mlp.down_proj.rotate_block == 128 for layer in layers)
@@ -73,3 +88,5 @@ def test_an_engine_with_rotated_down_projections_answers_like_hf_generate_on_its
         want = hf_greedy(engine, engine.tokenizer(PROMPTS[i])["input_ids"], 10)
         got = results[f"p{i}"]
         assert (got.text, got.finish_reason, got.completion_tokens) == want, PROMPTS[i]
+    plain = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), max_batch_size=4, int8_rotate="none"))
+    assert plain.int8.num_rotated == 0 and plain.model.model.layers[0].mlp.down_proj.rotate_block == 0

@@ -109,9 +109,11 @@ def test_tiny_model_workers_share_a_batch_and_survive_a_kill(demo_model_dir, red
         eventually(lambda: all(redis_conn.exists(keys.worker_key(n)) for n in names), "three loaded workers",
                    timeout_s=240, poll_s=0.2)
         listed = json.loads(batchgen("workers", "--json", redis_url=redis_url, check=True).stdout)
-        # `batchgen workers` says which int8 kernel runs and how many outlier columns it keeps (the demo
-        # model's activations stay below the threshold: none)
-        assert {(w["int8_kernel"], w["int8_outlier_columns"]) for w in listed} == {("int_mm_outliers", 0)}
+        # `batchgen workers` says which int8 kernel runs, how many outlier columns it keeps (the demo model's
+        # activations stay below the threshold: none) and how many inputs it rotates (each layer's down projection)
+        num_layers = json.loads((demo_model_dir / "config.json").read_text())["num_hidden_layers"]
+        assert {(w["int8_kernel"], w["int8_outlier_columns"], w["int8_rotated_inputs"]) for w in listed} == {
+            ("int_mm_outliers", 0, num_layers)}
         client = BatchClient(ProducerConfig(redis_url=redis_url, chunk_size=2), connection=redis_conn)
         rows = [{"custom_id": f"t-{i}", "prompt": f"tell me about the number {i}", "max_tokens": 12,
                  "temperature": 0} for i in range(24)]

@@ -438,8 +438,10 @@ class BatchWorker:
             "requests_done": self.num_requests_done, "chunks_held": len(self.held),
             "state": "stopping" if self.stop_requested_at else ("busy" if self.held else "idle"),
             "last_heartbeat": int(time.time()), "results_root": self.cfg.results_root or "",
-            # which int8 kernel runs, and how many LLM.int8() outlier columns it keeps in the compute dtype
+            # which int8 kernel runs, how many LLM.int8() outlier columns it keeps in the compute dtype, and how
+            # many linears rotate their input (--int8-rotate)
             "int8_kernel": stats.extra.get("int8_kernel") or "",
             "int8_outlier_columns": stats.extra.get("int8_outlier_columns", ""),
+            "int8_rotated_inputs": stats.extra.get("int8_rotated_inputs", ""),
         }
         self.workers.heartbeat(self.cfg.name, info, self.cfg.worker_ttl_s)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from batchgen.jobs import defaults
 
-INT8_ROTATE = ("none", "down")  # EngineConfig.int8_rotate, and int8_linear.convert_model's rotate
+INT8_ROTATE = ("auto", "none", "down")  # EngineConfig.int8_rotate, and int8_linear.convert_model's rotate
 INT8_KERNELS = ("bnb", "int_mm", "int_mm_outliers", "weight_only")  # int8_linear's kernels, named here so the config needs no torch
 # auto: triton (flash prefill + the split-KV Triton decode kernel) on CUDA in fp16/bf16 where Triton runs, else
 # flash there, else sdpa (masked)
@@ -35,8 +35,9 @@ class EngineConfig:
     int8_threshold: float = 6.0  # bnb's outlier threshold; only the "bnb" kernel has outlier columns
     int8_kernel: str = "auto"  # auto: int_mm where torch._int_mm runs (CUDA, CPU), else bnb
     # "down": each gated MLP's down projection rotates its input by block Hadamard matrices, folded into its int8
-    # weights (rotation.py): a finer int8 scale on that heavy-tailed input; "none": LLM.int8()'s arithmetic
-    int8_rotate: str = "none"
+    # weights (rotation.py): a finer int8 scale on that heavy-tailed input; "none": LLM.int8()'s arithmetic;
+    # "auto": down where the outlier kernel (int_mm_outliers) runs and the path rotates, else none
+    int8_rotate: str = "auto"
     # bnb's llm_int8_skip_modules: modules kept in the compute dtype (the output head always is), e.g.
     # ("model.layers.0", "model.layers.31"); matched as transformers matches them (prefix, regex or suffix)
     fp16_modules: tuple[str, ...] = ()

@@ -317,11 +317,13 @@ def convert_model(model: torch.nn.Module, kernel: str, *, fuse_projections: bool
     int_mm_outliers: the columns of each input whose |x| reaches threshold while the model runs over
     calibration_ids [batch, tokens] go through dense weights (without calibration ids, only the guard finds them).
     calibrate=False leaves that to a later find_outliers call (small VRAM: once the layers stream on the device).
-    rotate="down": each gated MLP's down projection rotates its input (rotation.py), where its width allows."""
+    rotate="down": each gated MLP's down projection rotates its input (rotation.py), where its width allows;
+    "auto": down for the outlier kernel (the default's: measured closer to fp16 than LLM.int8() at its speed), else none."""
     if kernel not in _FAST_KERNELS:
         raise ValueError(f"convert_model runs {_FAST_KERNELS}, not {kernel!r}")
     if rotate not in INT8_ROTATE:
         raise ValueError(f"rotate must be one of {INT8_ROTATE}, not {rotate!r}")
+    rotate = resolve_rotate(rotate, kernel)
     first = next((m for m in model.modules() if _is_bnb_int8(m) or isinstance(m, Int8Linear)), None)
     if first is None:
         return 0
@@ -460,6 +462,14 @@ def resolve_int8_kernel(name: str, device: torch.device, threshold: float = 0.0)
     return OUTLIER_KERNEL if threshold > 0 else "int_mm"
 
 
+def resolve_rotate(rotate: str, kernel: str) -> str:
+    """auto: down for the outlier kernel (docs/benchmarks.md, "int8 quality"), none for the others (int_mm stays
+    the threshold-0 baseline the speed bounds are measured against)."""
+    if rotate != "auto":
+        return rotate
+    return "down" if kernel == OUTLIER_KERNEL else "none"
+
+
 @dataclass
 class Int8Runtime:
     """What the engine keeps of its int8 path: the kernel's name and, for int_mm_outliers, the guard that
@@ -485,8 +495,8 @@ class Int8Runtime:
         if kernel != "bnb":
             convert_model(model, kernel, threshold=threshold, fuse_projections=fuse_projections,
                           compile_kernels=device.type == "cuda", calibrate=False, rotate=rotate)
-        elif rotate != "none":
-            raise ValueError("--int8-rotate needs the fast int8 kernels (torch._int_mm), not bnb's")
+        elif rotate == "down":
+            raise ValueError("--int8-rotate down needs the fast int8 kernels (torch._int_mm), not bnb's")
         return cls(kernel, num_rotated=sum(isinstance(m, Int8Linear) and m.rotate_block > 0 for m in model.modules()))
 
     def calibrate(self, model: torch.nn.Module, *, threshold: float, device: torch.device, tokenizer) -> None:

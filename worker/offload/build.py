@@ -161,8 +161,8 @@ def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num
                                                                      budget_math.available_ram_bytes())
     if cfg.inject_oom:
         log.warning("BATCHGEN_INJECT_OOM is ignored in small-VRAM mode")
-    if cfg.int8_rotate != "none":  # its layer streamer copies bnb's own rows; rotated ones are not built there
-        raise ValueError("--int8-rotate is not available in small-VRAM mode on the fast path")
+    if cfg.int8_rotate == "down":  # its layer streamer copies bnb's own rows; rotated ones are not built there
+        raise ValueError("--int8-rotate down is not available in small-VRAM mode on the fast path")
     int8_kernel = resolve_int8_kernel(cfg.int8_kernel, device)
     if int8_kernel != "bnb" and device.type == "cuda":
         KERNELS.compile()
