@@ -14,8 +14,9 @@ is confident. Each variant is teacher-forced over the same tokens and compared w
 KL(fp32 ‖ variant), top-1 agreement, and the share of greedy tokens equal to fp32's. --seeds N builds N planted
 models per strength (other random weights, the same outlier channels) and reports each metric's mean.
 
-Variants: default (batchgen's auto kernel: int_mm_outliers, calibrated as the engine does), default_rotated (the
-same with --int8-rotate down: the down projections' inputs rotated by block Hadamard matrices), default_fp16_ends (the
+Variants: default (batchgen's auto kernel: int_mm_outliers, calibrated as the engine does, with --int8-rotate none:
+LLM.int8()'s arithmetic), default_rotated (the same with --int8-rotate down, the down projections' inputs rotated by
+block Hadamard matrices: the engine's default, --int8-rotate auto, since it met #20 here), default_fp16_ends (the
 same with the first and last decoder layers in fp16: --fp16-modules), bnb_t6 (bitsandbytes' Linear8bitLt, LLM.int8()
 at threshold 6), bnb_t0, int_mm (batchgen at threshold 0) and weight_only.
 
@@ -27,7 +28,8 @@ scales calibrated on the calibration ids as the engine does); kl_vs_auto is KL(a
 CUDA the runner decodes with the Triton kernel, on CPU with masked sdpa.
 
 --speed (CUDA): a random Llama-3-8B-shape model of SPEED_LAYERS layers through the engine's ModelRunner: the
-decode step at SPEED_ROWS rows (CUDA graphs) and the prefill tok/s, default vs int_mm, with the issue's bounds.
+decode step at SPEED_ROWS rows (CUDA graphs) and the prefill tok/s, default and default_rotated vs int_mm, with the
+issue's bounds.
 --speed-outliers F plants outlier channels in it (norm weights × F), so the default keeps columns at the q/k/v and
 gate/up inputs as well, as real models make it.
 """
