@@ -26,13 +26,14 @@ CHAT = [{"role": "user", "content": "translate hello world into french"}]
 
 @pytest.fixture(scope="module")
 def oracle(demo_model_dir):
-    """Greedy HF generate, one prompt at a time, on the same model in 8-bit."""
+    """Greedy HF generate, one prompt at a time, on the same model in 8-bit as the engine converts it (its int8
+    kernels, the down projections' inputs rotated by default)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from batchgen.worker.engine.config import EngineConfig
+    from batchgen.worker.engine.llm_engine import LLMEngine
 
-    model = AutoModelForCausalLM.from_pretrained(
-        demo_model_dir, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu")
-    tok = AutoTokenizer.from_pretrained(demo_model_dir)
+    engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), max_batch_size=1))
+    model, tok = engine.model, engine.tokenizer
 
     def generate(ids: list[int], max_tokens: int) -> str:
         with torch.inference_mode():
