@@ -90,3 +90,26 @@ def test_an_engine_with_rotated_down_projections_answers_like_hf_generate_on_its
         assert (got.text, got.finish_reason, got.completion_tokens) == want, PROMPTS[i]
     plain = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), max_batch_size=4, int8_rotate="none"))
     assert plain.int8.num_rotated == 0 and plain.model.model.layers[0].mlp.down_proj.rotate_block == 0
+
+
+def test_a_checkpoint_fused_gate_up_mlp_rotates_its_down_projection_too():
+    """Phi-3's checkpoint holds gate and up as one gate_up_proj; act(gate)·up still feeds down_proj, which rotates
+    (auto, the outlier kernel); the int8 model's logits stay near the float model's."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
+    ids = torch.randint(8, 256, (2, 16))
+    with torch.no_grad():
+        want = model(ids).logits
+    mlp = model.model.layers[0].mlp
+    for parent in (model.model.layers[0].self_attn, mlp):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, Int8Linear(_int8(child.weight.detach()), "int_mm"))
+    convert_model(model, OUTLIER_KERNEL, threshold=6.0, calibration_ids=ids, rotate="auto")
+    assert mlp.down_proj.rotate_block == 256 and not hasattr(mlp, "up_proj")
+    with torch.no_grad():
+        got = model(ids).logits
+    assert ((got - want).abs().mean() / want.abs().mean()).item() < 0.05

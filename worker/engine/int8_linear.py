@@ -347,7 +347,9 @@ def convert_model(model: torch.nn.Module, kernel: str, *, fuse_projections: bool
         for module in model.modules():
             down = getattr(module, "down_proj", None)
             block = rotation.block_for(down.in_features) if isinstance(down, Int8Linear) else 0
-            if block and hasattr(module, "up_proj"):
+            # a gated MLP: act(gate)·up feeds its down projection, whether gate and up are two linears or one
+            # (Phi-3's checkpoint fuses them)
+            if block and (hasattr(module, "up_proj") or hasattr(module, "gate_up_proj")):
                 down.rotate_input(block)
     if fuse_projections:
         _fuse(model, kernel)
