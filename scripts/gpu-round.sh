@@ -32,6 +32,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh defaults-twice  # bulk on the defaults, twice
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh baselines  # HF's baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh same-machine  # bulk, then HF's baselines
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh fp8v  # fp8v K/V: its drift; bulk against fp16, fp8
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh rotate-bulk  # the default, rotated, int_mm: bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh alloc    # the workload in-process: allocator
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-bulk  # bulk: the default against int_mm
@@ -258,6 +259,12 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   same-machine)  # #22's table from one machine: bulk on the defaults, then HF's baselines
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     run 270 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
+    ;;
+  fp8v)  # --kv-cache-dtype fp8v (V in e4m3, K exact): its drift on the GPU, and bulk against the defaults and fp8
+    run 200 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --out "$out/quality_kv.json"
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    BULK_S=150 bulk fp8v 1 static-features 0 1 fp8v
+    BULK_S=150 bulk fp8 1 static-features 0 1 fp8
     ;;
   workload-only)  # the in-process half of `workload`, with a profiled window of the run
     profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352 \

@@ -181,8 +181,37 @@ def test_the_quality_benchmarks_kv_section_runs_on_cpu():
 
     tiny = Shape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=512, num_seqs=2, seq_len=16,
                  num_prompts=1, prompt_len=4, new_tokens=2)
-    auto, fp8 = run_kv(tiny, 20, CPU, torch.float32)
-    assert (auto["kv_cache_dtype"], fp8["kv_cache_dtype"]) == ("auto", "fp8")
-    assert auto["attention"] == fp8["attention"] == "sdpa"
-    assert auto["kl_vs_auto"] == 0 < fp8["kl_vs_auto"]
+    auto, fp8, fp8v = run_kv(tiny, 20, CPU, torch.float32)
+    assert (auto["kv_cache_dtype"], fp8["kv_cache_dtype"], fp8v["kv_cache_dtype"]) == ("auto", "fp8", "fp8v")
+    assert auto["attention"] == fp8["attention"] == fp8v["attention"] == "sdpa"
+    assert auto["kl_vs_auto"] == 0 < fp8v["kl_vs_auto"] and fp8["kl_vs_auto"] > 0
     assert auto["kl"] > 0 and fp8["kl"] > 0 and 0 <= fp8["top1"] <= 1
+
+
+def test_fp8v_keeps_k_exact_and_v_in_e4m3_at_three_quarters_of_the_bytes(fp8_engine, demo_model_dir):
+    """--kv-cache-dtype fp8v: V in e4m3 with its calibrated scales, K in the compute dtype (scale 1); the budget
+    counts the mean element; its decode logits drift from the unquantised cache's less than all-fp8's do."""
+    engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), max_batch_size=4, kv_cache_dtype="fp8v"))
+    runner = engine.runner
+    assert runner.k_cache.dtype == torch.float32 and runner.v_cache.dtype == torch.float8_e4m3fn
+    assert runner.kv_dtype_bytes == 2.5  # (float32 K + e4m3 V) / 2
+    assert engine.stats().extra["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2.5
+    assert torch.equal(runner.k_scale, torch.ones_like(runner.k_scale))
+    assert not torch.equal(runner.v_scale, torch.ones_like(runner.v_scale))  # calibrated at load
+    ids = calibration_ids(engine.tokenizer, CPU, num_seqs=3, seq_len=40)
+    ids[:, 1:] = ids[:, 1:].roll(7, dims=1)
+    auto = teacher_forced(auto_runner(fp8_engine), ids)
+    v_only, both = teacher_forced(runner, ids), teacher_forced(fp8_engine.runner, ids)
+    assert not torch.equal(v_only[:, 1:], auto[:, 1:])  # the decode steps read rounded V
+    assert 0 < kl_top1(auto, v_only)[0] < kl_top1(auto, both)[0]
+    test_the_fp8_engine_serves_greedy_requests(engine)
+
+
+def test_the_generic_path_refuses_fp8v(tmp_path, demo_model_dir):
+    from batchgen.worker.factory import build_llm_engine
+
+    from tests.models import write_tiny_model
+
+    path = write_tiny_model(tmp_path, "bloom", demo_model_dir)  # a generic-path architecture
+    with pytest.raises(ValueError, match="fp8v runs on the resident fast path only"):
+        build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, kv_cache_dtype="fp8v"))

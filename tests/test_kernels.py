@@ -506,3 +506,17 @@ def test_per_group_activation_scales_quantise_and_multiply_as_their_reference():
             _close(got, ref, torch.float16)
     with pytest.raises(ValueError, match="groups of 128"):
         int8_matmul_dequant(xq, absmax, cb, scb, None, torch.float16, group_k=128, block_k=256)
+
+
+def test_the_kernel_reads_exact_keys_beside_e4m3_values():
+    """--kv-cache-dtype fp8v: K in fp16 (its scale 1), V in e4m3 with per-head scales, one launch."""
+    k, v = _cache(4, 2, 128, torch.float16)
+    q = torch.randn(4, 8, 128, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+    lengths = torch.tensor([1, 2, 37, MAX_LEN], dtype=torch.int32)
+    v_scale = fp8_kv_scale(v, True)
+    v8 = quantize_kv(v, v_scale)
+    ref = decode_attention_reference(q, k, v8, lengths, 128**-0.5, v_scale=v_scale)
+    _close(decode_attention(q, k, v8, lengths, 128**-0.5, v_scale=v_scale, num_splits=2), ref, torch.float16)
+    exact = decode_attention_reference(q, k, v, lengths, 128**-0.5)
+    assert not torch.equal(ref, exact)
+    assert (ref.float() - exact.float()).abs().max() / exact.float().abs().max() < 0.07

@@ -40,9 +40,9 @@ class Budget:
         }
 
 
-def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
-    """K and V for one token across all layers."""
-    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: float) -> int:
+    """K and V for one token across all layers (dtype_bytes: their mean element size, 1.5 for fp16 K + fp8 V)."""
+    return round(2 * num_layers * num_kv_heads * head_dim * dtype_bytes)
 
 
 def budget_bytes(

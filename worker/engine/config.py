@@ -15,7 +15,7 @@ ATTENTIONS = ("auto", "flash", "triton", "sdpa")
 HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the model's compute dtype
 # The resident engine's slot KV cache: auto is the compute dtype; fp8 is float8_e4m3fn with a calibrated scale per
 # layer and KV head (half the bytes of fp16, so about twice the rows; decoded by the Triton kernel or masked sdpa)
-KV_CACHE_DTYPES = ("auto", "fp8")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8v")
 KV_LAYOUTS = ("paged", "slots")
 COMPILE_SHAPES = ("dynamic", "static-features")  # kernels/compiled.py
 
@@ -108,6 +108,6 @@ class EngineConfig:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        if self.kv_cache_dtype == "fp8" and self.attention == "flash":
-            raise ValueError("kv_cache_dtype fp8 needs attention triton or sdpa (or auto): FlashAttention reads no fp8 "
-                             "cache")
+        if self.kv_cache_dtype != "auto" and self.attention == "flash":
+            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} needs attention triton or sdpa (or auto): "
+                             "FlashAttention reads no fp8 cache")

@@ -54,6 +54,8 @@ log = logging.getLogger("batchgen.engine")
 class GenericEngine:
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
                  dtype: torch.dtype, weights_bytes: int, int8: Int8Runtime | None = None, kv_stream=None):
+        if cfg.kv_cache_dtype == "fp8v":  # its slot batches keep K and V in one dtype
+            raise ValueError("--kv-cache-dtype fp8v runs on the resident fast path only: use auto or fp8 here")
         self.cfg = cfg
         self.kv_stream = kv_stream  # small-VRAM --stream-kv: the rows' K/V in host slots, streamed per layer
         self.int8 = int8  # the fast path's int8 kernels on this model's linears; its outlier guard is polled per step

@@ -237,7 +237,7 @@ class CacheAttention:
         self.parts, self.k_cache, self.v_cache, self.positions = parts, k_cache, v_cache, positions
         self.k_scale, self.v_scale = k_scale, v_scale  # [layers, kv_heads], for an fp8 cache
         self.kv_len, self.block_table = kv_len, block_table
-        fp8 = is_fp8(k_cache)
+        fp8 = is_fp8(k_cache) or is_fp8(v_cache)  # fp8v: V only
         if fp8 and attention == "flash":
             raise ValueError("FlashAttention reads no fp8 KV cache: decode it with triton or sdpa")
         self.attention = decode_path(parts.spec, attention, fp8)

@@ -22,7 +22,10 @@ KV_LEN_BUCKET = 256
 # calibration text produced stay inside e4m3's range (448); e4m3's relative rounding (3 mantissa bits) is the same
 # at any scale, so the margin costs precision only in the subnormals (values under 2^-6 / 224 of that largest).
 KV_SCALE_MARGIN = 2.0
-KV_TORCH_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}  # None: the compute dtype
+# (K, V) cache dtypes; None: the compute dtype. fp8v: V only in e4m3, K exact (K carries the outlier channels that
+# make an fp8 K drift: docs/benchmarks.md, "fp8 KV cache").
+KV_TORCH_DTYPES = {"auto": (None, None), "fp8": (torch.float8_e4m3fn, torch.float8_e4m3fn),
+                   "fp8v": (None, torch.float8_e4m3fn)}
 KV_BLOCK_SIZE = BLOCK_N  # tokens per block of a paged cache: one inner step of the Triton kernel reads one block
 
 
@@ -58,7 +61,8 @@ class ModelRunner:
     cuda_graphs: replay decode steps from CUDA graphs (cuda_graphs.DecodeGraphs).
     prefill_group_tokens: run each layer over groups of whole prompts of at most that many tokens (None: all at once).
     kv_cache_dtype: "auto" (the compute dtype) or "fp8": float8_e4m3fn K/V divided by a scale per layer and KV
-    head (k_scale/v_scale [layers, kv_heads]; 1 until calibrate_kv sets them), decoded by "triton" or "sdpa".
+    head (k_scale/v_scale [layers, kv_heads]; 1 until calibrate_kv sets them), decoded by "triton" or "sdpa";
+    "fp8v": V so, K in the compute dtype (its scale stays 1).
     paged: keep K/V in blocks of KV_BLOCK_SIZE tokens behind a block table (block_size says whether it does: a
     decode that runs FlashAttention wants each row contiguous, so it keeps slots of max_model_len tokens).
     """
@@ -70,19 +74,19 @@ class ModelRunner:
             raise ValueError(f"unknown attention {attention!r}: use flash, triton or sdpa")
         if kv_cache_dtype not in KV_TORCH_DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}: use {' or '.join(KV_TORCH_DTYPES)}")
-        if kv_cache_dtype == "fp8" and attention == "flash":
+        if kv_cache_dtype != "auto" and attention == "flash":
             raise ValueError("an fp8 KV cache decodes with triton or sdpa: FlashAttention reads no fp8 cache")
         self.parts = parts
         self.device, self.dtype, self.max_model_len = device, dtype, max_model_len
         self.kv_cache_dtype = kv_cache_dtype
-        self.kv_dtype = KV_TORCH_DTYPES[kv_cache_dtype] or dtype
+        self.k_dtype, self.v_dtype = (d or dtype for d in KV_TORCH_DTYPES[kv_cache_dtype])
         self.k_scale = self.v_scale = None
-        if kv_cache_dtype == "fp8":  # filled in place by calibrate_kv: captured graphs read them where they are
+        if kv_cache_dtype != "auto":  # filled in place by calibrate_kv: captured graphs read them where they are
             self.k_scale = torch.ones(parts.num_layers, parts.num_kv_heads, dtype=torch.float32, device=device)
             self.v_scale = torch.ones_like(self.k_scale)
         self.attention = attention
         self.block_size: int | None = None  # None: a slot cache
-        if paged and decode_path(parts.spec, attention, kv_cache_dtype == "fp8") != "flash":
+        if paged and decode_path(parts.spec, attention, kv_cache_dtype != "auto") != "flash":
             self.block_size = KV_BLOCK_SIZE
         self.k_cache = self.v_cache = torch.empty(0)
         self.block_table: torch.Tensor | None = None  # [max_rows, max_blocks_per_row] int32, updated in place
@@ -98,12 +102,14 @@ class ModelRunner:
             self.parts.layers[-1].mlp.register_forward_pre_hook(self.fault)
 
     @property
-    def kv_dtype_bytes(self) -> int:
-        return torch.empty(0, dtype=self.kv_dtype).element_size()
+    def kv_dtype_bytes(self) -> float:
+        """Bytes a cached K or V element takes, on average over the two (fp8v: 1.5)."""
+        return (self.k_dtype.itemsize + self.v_dtype.itemsize) / 2
 
     def calibrate_kv(self, ids: torch.Tensor) -> None:
         """Sets an fp8 cache's scales from a prefill of ids [num_seqs, seq_len] (the int8 calibration text): each
-        layer's K and V absmax per KV head / 448, times KV_SCALE_MARGIN. Nothing to do for an "auto" cache."""
+        layer's K and V absmax per KV head / 448, times KV_SCALE_MARGIN (fp8v: V's only; K's stays 1). Nothing to
+        do for an "auto" cache."""
         if self.k_scale is None:
             return
         prompts = ids[:, :self.max_model_len].tolist()
@@ -116,7 +122,8 @@ class ModelRunner:
         packed, positions, starts = pack_prompts(prompts, self.device)
         with torch.inference_mode():
             prefill_step(self.parts, packed, positions, starts, probe, self.attention, self.prefill_group_tokens)
-            self.k_scale.copy_(amax[0] * KV_SCALE_MARGIN)
+            if self.k_dtype.itemsize == 1:
+                self.k_scale.copy_(amax[0] * KV_SCALE_MARGIN)
             self.v_scale.copy_(amax[1] * KV_SCALE_MARGIN)
 
     @property
@@ -138,8 +145,8 @@ class ModelRunner:
             if num_blocks is None:
                 self.host_table.copy_(torch.arange(max_rows * per_row, dtype=torch.int32).view(max_rows, per_row) + 1)
             self.block_table = self.host_table.to(self.device)
-        self.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+        self.k_cache = torch.zeros(shape, dtype=self.k_dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=self.v_dtype, device=self.device)
         self.max_rows = max_rows
 
     def set_blocks(self, rows: dict[int, list[int]]) -> None:

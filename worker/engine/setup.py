@@ -59,14 +59,14 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, kv_ca
         attention = "sdpa"
         if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_works(device, dtype):
             attention = "triton" if HAS_TRITON else "flash"
-    if kv_cache_dtype == "fp8" and attention == "flash":
+    if kv_cache_dtype != "auto" and attention == "flash":
         why = "Triton is not installed here" if name == "auto" else "FlashAttention reads no fp8 cache"
-        raise ValueError(f"--kv-cache-dtype fp8 decodes with the Triton kernel (or sdpa), and {why}: use "
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} decodes with the Triton kernel (or sdpa), and {why}: use "
                          "--attention sdpa or --kv-cache-dtype auto")
-    if (kv_cache_dtype == "fp8" and attention == "triton" and device.type == "cuda"
+    if (kv_cache_dtype != "auto" and attention == "triton" and device.type == "cuda"
             and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY):
-        raise ValueError("--kv-cache-dtype fp8: Triton reads e4m3 on sm89+ (Ada, Hopper) only: use --attention sdpa "
-                         "(dequantised, slower) or --kv-cache-dtype auto")
+        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: Triton reads e4m3 on sm89+ (Ada, Hopper) only: use "
+                         "--attention sdpa (dequantised, slower) or --kv-cache-dtype auto")
     return attention
 
 
