@@ -22,8 +22,8 @@ KV_LEN_BUCKET = 256
 # calibration text produced stay inside e4m3's range (448); e4m3's relative rounding (3 mantissa bits) is the same
 # at any scale, so the margin costs precision only in the subnormals (values under 2^-6 / 224 of that largest).
 KV_SCALE_MARGIN = 2.0
-# (K, V) cache dtypes; None: the compute dtype. fp8v: V only in e4m3, K exact (K carries the outlier channels that
-# make an fp8 K drift: docs/benchmarks.md, "fp8 KV cache").
+# (K, V) cache dtypes; None: the compute dtype. fp8v: V only in e4m3, K exact (where activations carry outlier
+# channels, K holds about half of fp8's drift: docs/benchmarks.md, "fp8 KV cache").
 KV_TORCH_DTYPES = {"auto": (None, None), "fp8": (torch.float8_e4m3fn, torch.float8_e4m3fn),
                    "fp8v": (None, torch.float8_e4m3fn)}
 KV_BLOCK_SIZE = BLOCK_N  # tokens per block of a paged cache: one inner step of the Triton kernel reads one block
