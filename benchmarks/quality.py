@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from batchgen.worker.engine.config import KV_CACHE_DTYPES  # each the engine offers: run_kv measures them all
 
 NUM_OUTLIER_CHANNELS = 6
 OUTLIER_CHANNELS_SEED = 7
@@ -61,7 +62,6 @@ THRESHOLD = 6.0
 VARIANTS = ("default", "default_rotated", "default_fp16_ends", "bnb_t6", "bnb_t0", "int_mm", "weight_only")
 CPU_VARIANTS = ("default", "default_rotated", "default_fp16_ends", "bnb_t6", "int_mm", "weight_only")  # bnb_t0 is int_mm's arithmetic, and bnb is slow here
 KV_STRENGTHS: tuple[float, ...] = (0, 20)
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8v")
 SPEED_LAYERS = 16
 SPEED_ROWS = 256
 SPEED_PREFILL = (16, 256)  # prompts x tokens

@@ -3,8 +3,9 @@
 For an orthonormal, symmetric H (Sylvester's, scaled by 1/√n), (x·H)(W·H)ᵀ = x·Wᵀ, so a linear computes the same
 function with its weight rows rotated once at load and each input rotated on the way in (H block-diagonal: one
 H over each run of BLOCK columns, or of the largest power of two under it that divides the width). The product is
-exact; what changes is what int8 rounds. A gated MLP's down projection reads act(gate)·up, a heavy-tailed input whose per-token absmax sits far above its typical value.
-Rotated, every column is a mix of BLOCK of them, so the tails spread out and the per-token int8 scale shrinks.
+exact; what changes is what int8 rounds. A gated MLP's down projection reads act(gate)·up, a heavy-tailed input
+whose per-token absmax sits far above its typical value. Rotated, every column is a mix of BLOCK of them, so the
+tails spread out and the per-token int8 scale shrinks.
 That is QuaRot's (Ashkboos et al., 2024) online rotation of that input, with block-diagonal Hadamard blocks.
 benchmarks/quality.py measures it (variant default_rotated).
 

@@ -4,9 +4,9 @@ job, so that job does not pay the one-time costs of a step's first run.
 Those costs are the host's, and a step's device time waits on them: Triton compiles a kernel again for a row count
 that is not a multiple of 16 (it specialises integer arguments on that), and compiled functions make their first
 dynamic-shape graphs. The budget's measurement and the graph capture run prefills of other sizes only, so the first
-job's first prefill step held the device while the host compiled (docs/benchmarks.md). So two prefills here: one of an odd token count at the prefill budget, one of a multiple of
-16 at half of it, each prompt wanting two tokens so a decode step follows, with the engine's own admission,
-overlap and sampling.
+job's first prefill step held the device while the host compiled (docs/benchmarks.md). So two prefills here: one
+of an odd token count at the prefill budget, one of a multiple of 16 at half of it, each prompt wanting two tokens
+so a decode step follows, with the engine's own admission, overlap and sampling.
 """
 
 import time
