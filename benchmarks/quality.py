@@ -371,7 +371,6 @@ def speed_model(device: torch.device, num_layers: int = SPEED_LAYERS, outliers: 
     input and post-attention norm scales NUM_OUTLIER_CHANNELS channels by it, so the q/k/v and gate/up inputs carry
     outlier features in most tokens (|x| about 0.8 × outliers), as real models above ~6.7B do, and the weight
     columns reading them shrink by as much; the random model's own go to the down projection only."""
-    from batchgen.worker.engine.int8_linear import Int8Linear, Int8State
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=intermediate,
@@ -396,14 +395,27 @@ def speed_model(device: torch.device, num_layers: int = SPEED_LAYERS, outliers: 
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
                              layer.mlp.gate_proj, layer.mlp.up_proj):
                     proj.weight[:, planted] /= outliers
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, torch.nn.Linear):
-                    w = child.weight.detach().float()
-                    scb = w.abs().amax(dim=1).clamp_min(1e-8)
-                    cb = torch.round(w * (127.0 / scb[:, None])).to(torch.int8)
-                    setattr(parent, name, Int8Linear(Int8State(cb, scb, None), "int_mm"))
+        int8_linears(layer.self_attn, layer.mlp)
     return model
+
+
+def int8_state(w: torch.Tensor):
+    """A weight's row-wise int8 quantisation, what bnb stores (CB, SCB)."""
+    from batchgen.worker.engine.int8_linear import Int8State
+
+    w = w.detach().float()
+    scb = w.abs().amax(dim=1).clamp_min(1e-8)
+    return Int8State(torch.round(w * (127.0 / scb[:, None])).to(torch.int8), scb, None)
+
+
+def int8_linears(*parents: torch.nn.Module) -> None:
+    """Each nn.Linear child of parents swapped for an int_mm Int8Linear over its own int8_state."""
+    from batchgen.worker.engine.int8_linear import Int8Linear
+
+    for parent in parents:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(parent, name, Int8Linear(int8_state(child.weight), "int_mm"))
 
 
 def time_kernel(model, kernel: str, device: torch.device, calibration: torch.Tensor, rotate: str = "none"

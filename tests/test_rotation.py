@@ -5,7 +5,9 @@ drifts less from fp32 than the default does (benchmarks/quality.py's default_rot
 import pytest
 import torch
 from batchgen.worker.engine import rotation
-from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, Int8Linear, Int8State, convert_model
+from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, Int8Linear, convert_model
+
+from benchmarks.quality import int8_linears, int8_state, speed_model
 
 
 def test_the_hadamard_block_is_orthonormal_and_its_own_inverse():
@@ -18,17 +20,12 @@ def test_the_hadamard_block_is_orthonormal_and_its_own_inverse():
     assert [rotation.block_for(n) for n in (11008, 14336, 128, 2816, 96, 4097)] == [256, 256, 128, 256, 0, 0]
 
 
-def _int8(w: torch.Tensor) -> Int8State:
-    scb = w.abs().amax(dim=1)
-    return Int8State(torch.round(w * (127 / scb[:, None])).to(torch.int8), scb, None)
-
-
 @pytest.mark.parametrize("kernel", ["weight_only", "int_mm"])
 def test_a_rotated_linear_computes_what_the_plain_one_does_up_to_int8_rounding(kernel):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 512, generator=g)
     x = torch.randn(40, 512, generator=g) * torch.randn(40, 512, generator=g)  # a gated MLP's heavy tails
-    plain, rotated = Int8Linear(_int8(w), kernel), Int8Linear(_int8(w), kernel)
+    plain, rotated = Int8Linear(int8_state(w), kernel), Int8Linear(int8_state(w), kernel)
     rotated.rotate_input()
     rotated.rotate_input()  # once only: a second call leaves the weights as they are
     assert rotated.rotate_block == 256 and not torch.equal(rotated.cb, plain.cb)
@@ -42,8 +39,6 @@ def test_a_rotated_linear_computes_what_the_plain_one_does_up_to_int8_rounding(k
 
 
 def test_convert_model_rotates_the_down_projections_only():
-    from benchmarks.quality import speed_model
-
     torch.manual_seed(0)
     model = speed_model(torch.device("cpu"), num_layers=1, hidden=256, intermediate=512).float()
     with pytest.raises(ValueError):
@@ -59,8 +54,6 @@ def test_convert_model_rotates_the_down_projections_only():
 def test_auto_rotates_for_the_outlier_kernel_only():
     """--int8-rotate auto (the default): the outlier kernel's down projections rotate; int_mm, the threshold-0
     baseline, keeps LLM.int8()'s arithmetic."""
-    from benchmarks.quality import speed_model
-
     def converted(kernel: str):
         torch.manual_seed(0)
         model = speed_model(torch.device("cpu"), num_layers=1, hidden=256, intermediate=512).float()
@@ -104,10 +97,7 @@ def test_a_checkpoint_fused_gate_up_mlp_rotates_its_down_projection_too():
     with torch.no_grad():
         want = model(ids).logits
     mlp = model.model.layers[0].mlp
-    for parent in (model.model.layers[0].self_attn, mlp):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                setattr(parent, name, Int8Linear(_int8(child.weight.detach()), "int_mm"))
+    int8_linears(model.model.layers[0].self_attn, mlp)
     convert_model(model, OUTLIER_KERNEL, threshold=6.0, calibration_ids=ids, rotate="auto")
     assert mlp.down_proj.rotate_block == 256 and not hasattr(mlp, "up_proj")
     with torch.no_grad():
