@@ -1,6 +1,6 @@
 """The decode step's kernels alone, one Llama-2-7B layer at the engine's batch: are they at the memory bound?
 
-(a) decode attention over the slot cache [rows, max_len, kv_heads, head_dim]: ours (Triton split-KV, fp16 and
+(a) decode attention over the slot cache [rows, max_len, kv_heads, head_dim]: ours (Triton split-KV, fp16, int8 and
     fp8-e4m3 K/V; eager and replayed from a CUDA graph) against what the engine runs today (aten's
     FlashAttention varlen with seqused_k), flash_attn's flash_attn_with_kvcache when that package imports, and
     SDPA over the padded cache; ms per layer and GB/s of the K/V bytes each row actually needs.
@@ -154,7 +154,7 @@ def attention(args, shape: Shape, device: str) -> dict:
         num_kv_splits,
         quantize_kv,
     )
-    from batchgen.worker.engine.kernels.attention import fp8_kv_scale
+    from batchgen.worker.engine.kernels.attention import fp8_kv_scale, quantize_kv_int8
 
     g = torch.Generator(device=device).manual_seed(0)
     rows, max_len, kv_heads, head_dim = args.rows, args.max_len, shape.kv_heads, shape.head_dim
@@ -167,10 +167,14 @@ def attention(args, shape: Shape, device: str) -> dict:
     scale = head_dim**-0.5
     k_scale, v_scale = fp8_kv_scale(k), fp8_kv_scale(v)
     k8, v8 = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
+    (ki8, k_tokens), (vi8, v_tokens) = quantize_kv_int8(k), quantize_kv_int8(v)
+    int8 = dict(k_scale=k_tokens.transpose(1, 2).contiguous(), v_scale=v_tokens.transpose(1, 2).contiguous())
     num_tokens = int(lens.sum())
-    needed = {"fp16": num_tokens * kv_heads * head_dim * 2 * 2, "fp8": num_tokens * kv_heads * head_dim * 2 * 1}
+    needed = {"fp16": num_tokens * kv_heads * head_dim * 2 * 2, "fp8": num_tokens * kv_heads * head_dim * 2 * 1,
+              "int8": num_tokens * kv_heads * (head_dim + 4) * 2}  # a float32 scale per token and head
     out: dict = {"rows": rows, "max_len": max_len, "mean_ctx": round(num_tokens / rows, 1),
                  "kv_bytes_needed_fp16": needed["fp16"], "kv_bytes_needed_fp8": needed["fp8"],
+                 "kv_bytes_needed_int8": needed["int8"],
                  "default_splits": num_kv_splits(max_len, rows, kv_heads), "variants": {}}
     variants = out["variants"]
 
@@ -181,13 +185,20 @@ def attention(args, shape: Shape, device: str) -> dict:
     check = slice(0, min(rows, 32))  # the float32 reference over every row would need ~10 GB
 
     def checked(kv_k, kv_v, k_scale=None, v_scale=None, **tune) -> float:
-        scales = dict(k_scale=k_scale, v_scale=v_scale)
+        scales = {name: s[check] if isinstance(s, torch.Tensor) and s.dim() == 3 else s  # int8's, per row
+                  for name, s in (("k_scale", k_scale), ("v_scale", v_scale))}
         ours = decode_attention(q[check], kv_k[check], kv_v[check], lens[check], scale, **scales, **tune)
         ref = decode_attention_reference(q[check], kv_k[check], kv_v[check], lens[check], scale, **scales)
         return round(float((ours.float() - ref.float()).abs().max()), 5)
 
     out["max_abs_err_fp16"] = checked(k, v)
     out["max_abs_err_fp8"] = checked(k8, v8, k_scale=k_scale, v_scale=v_scale)
+    out["max_abs_err_int8"] = checked(ki8, vi8, **int8)
+    for splits in sorted({out["default_splits"], 1, 2}):
+        _try(variants, f"triton int8, splits {splits}",
+             lambda s=splits: row(lambda: decode_attention(q, ki8, vi8, lens, scale, num_splits=s, **int8), "int8"))
+    _try(variants, "triton int8, graph",
+         lambda: row(lambda: decode_attention(q, ki8, vi8, lens, scale, **int8), "int8", graph=True))
     for splits in sorted({out["default_splits"], 1, 2, 4}):
         _try(variants, f"triton fp16, splits {splits}",
              lambda s=splits: row(lambda: decode_attention(q, k, v, lens, scale, num_splits=s), "fp16"))

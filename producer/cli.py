@@ -338,7 +338,8 @@ engine_options = shared_options(
                  help="The resident engine's and the generic path's KV cache (small-VRAM included): auto (the "
                       "compute dtype) or fp8 (e4m3 with calibrated per-head scales: half the bytes, about twice the "
                       "rows; not with --attention flash); fp8v (the resident fast path only: V in e4m3, K exact, "
-                      "three quarters of the bytes)."),
+                      "three quarters of the bytes); int8 (the resident fast path only: K and V rounded per token "
+                      "and KV head, a float32 scale each, about half the bytes)."),
     click.option("--kv-layout", envvar="BATCHGEN_KV_LAYOUT", default="paged", show_default=True,
                  help="The resident engine's KV cache layout: paged (64-token blocks; a row reserves what its "
                       "prompt + max_tokens reach, so more rows fit) or slots (every row holds max_model_len)."),

@@ -133,7 +133,7 @@ def test_fp8_with_flash_attention_is_refused_at_start_up():
         EngineConfig(model="m", kv_cache_dtype="int4")
     with pytest.raises(ValueError, match="fp8 needs attention triton or sdpa"):
         EngineConfig(model="m", kv_cache_dtype="fp8", attention="flash")
-    with pytest.raises(ValueError, match="FlashAttention reads no fp8 cache"):
+    with pytest.raises(ValueError, match="FlashAttention reads no quantised cache"):
         resolve_attention("flash", CPU, torch.float16, "fp8")
     assert resolve_attention("auto", CPU, torch.float32, "fp8") == "sdpa"
 
@@ -181,10 +181,10 @@ def test_the_quality_benchmarks_kv_section_runs_on_cpu():
 
     tiny = Shape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=512, num_seqs=2, seq_len=16,
                  num_prompts=1, prompt_len=4, new_tokens=2)
-    auto, fp8, fp8v = run_kv(tiny, 20, CPU, torch.float32)
-    assert (auto["kv_cache_dtype"], fp8["kv_cache_dtype"], fp8v["kv_cache_dtype"]) == ("auto", "fp8", "fp8v")
-    assert auto["attention"] == fp8["attention"] == fp8v["attention"] == "sdpa"
-    assert auto["kl_vs_auto"] == 0 < fp8v["kl_vs_auto"] and fp8["kl_vs_auto"] > 0
+    auto, fp8, fp8v, int8 = run_kv(tiny, 20, CPU, torch.float32)
+    assert [r["kv_cache_dtype"] for r in (auto, fp8, fp8v, int8)] == ["auto", "fp8", "fp8v", "int8"]
+    assert auto["attention"] == fp8["attention"] == fp8v["attention"] == int8["attention"] == "sdpa"
+    assert auto["kl_vs_auto"] == 0 < fp8v["kl_vs_auto"] and fp8["kl_vs_auto"] > 0 and int8["kl_vs_auto"] > 0
     assert auto["kl"] > 0 and fp8["kl"] > 0 and 0 <= fp8["top1"] <= 1
 
 

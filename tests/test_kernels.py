@@ -1,7 +1,7 @@
 """The decode step's Triton kernels equal their plain-torch references: run on the CPU by Triton's interpreter.
 
 Decode attention over a ragged slot cache (rows of length 1, 2, odd and max), GQA ratios 1/4/8, head_dim 64 and
-128, fp16/bf16, fp8-e4m3 K/V against the dequantised reference; the fused int8 quantise / dequantise / GEMM
+128, fp16/bf16, fp8-e4m3 K/V and int8 K/V (a scale per token) against the dequantised reference; the fused int8 quantise / dequantise / GEMM
 against int8_linear's own arithmetic, bit for bit.
 """
 
@@ -302,10 +302,12 @@ def test_kernels_compile_for_hopper():
                              "one split paged fp8", "merge", "quantize", "int8 gemm tma",
                              "dequantize", "int8 gemm", "int8 gemm 256x128", "int8 gemm 256x128 dense",
                              "int8 gemm 256x64", "int8 gemm 256x64 dense", "gemv 1 row", "gemv 16 rows",
-                             "kv store fp16", "kv store fp8", "rope"}
+                             "kv store fp16", "kv store fp8", "rope", "split int8", "one split paged int8",
+                             "kv store int8"}
     assert compiled["rope"]["vectorised"]
-    assert compiled["kv store fp16"]["vectorised"] and compiled["kv store fp8"]["vectorised"]
-    assert compiled["kv store fp8"]["div_rn"]  # the quantising store divides as torch does
+    assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8"))
+    assert compiled["kv store fp8"]["div_rn"] and compiled["kv store int8"]["div_rn"]  # the quantising stores
+    # divide as torch does (int8: 127 by the absmax, as quantize_kv_int8)
     assert compiled["quantize"]["round_half_even"] and compiled["int8 gemm"]["int8_tensor_cores"]
     assert compiled["quantize"]["guard_atomics"]
     # Hopper's warpgroup MMA, and weight tiles loaded asynchronously a few steps ahead (cp.async): the GEMV has no
@@ -520,3 +522,108 @@ def test_the_kernel_reads_exact_keys_beside_e4m3_values():
     exact = decode_attention_reference(q, k, v, lengths, 128**-0.5)
     assert not torch.equal(ref, exact)
     assert (ref.float() - exact.float()).abs().max() / exact.float().abs().max() < 0.07
+
+
+def _int8_cache(k: torch.Tensor, v: torch.Tensor):
+    """K/V [rows, len, kv_heads, d] as an int8 cache: the values, and scales [rows, kv_heads, len] as the runner
+    lays them out."""
+    from batchgen.worker.engine.kernels.attention import quantize_kv_int8
+
+    (kq, ks), (vq, vs) = quantize_kv_int8(k), quantize_kv_int8(v)
+    return kq, vq, ks.transpose(1, 2).contiguous(), vs.transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_int8_kv_with_a_scale_per_token_equals_the_dequantised_reference(splits):
+    """--kv-cache-dtype int8: each token's head rounded on its own absmax; the kernel scales a key's score column and
+    a value's row by that token's scale. Within an output ulp of the reference, and within int8 rounding of exact."""
+    k, v = _cache(4, 2, 128, torch.float16)
+    v[:, :, 1] *= 8  # heads of different ranges
+    k[:, 5] *= 30  # a token far larger than the rest: its scale is its own
+    q = torch.randn(4, 8, 128, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+    lengths = torch.tensor([1, 2, 37, MAX_LEN], dtype=torch.int32)
+    kq, vq, ks, vs = _int8_cache(k, v)
+    assert kq.dtype == torch.int8 and ks.shape == (4, 2, MAX_LEN)
+    ref = decode_attention_reference(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs)
+    out = decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs, num_splits=splits)
+    ulp = 2.0**-10 * ref.float().abs().amax(dim=-1, keepdim=True)  # V dequantised to fp16 before the product
+    assert ((out.float() - ref.float()).abs() <= 2 * ulp + 1e-3).all()
+    exact = decode_attention_reference(q, k, v, lengths, 128**-0.5)
+    relative = (ref.float() - exact.float()).abs().max() / exact.float().abs().max()
+    assert 0 < relative < 0.02  # a step of absmax / 127 per value; fp8's bound above is 0.07
+    with pytest.raises(ValueError, match="float32 scales"):
+        decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks[:, :, :8], v_scale=vs, num_splits=splits)
+
+
+def test_int8_kv_in_blocks_reads_each_rows_blocks_as_the_slot_cache():
+    """A paged int8 cache (64-token blocks behind a block table, scales [blocks, kv_heads, 64]) written by store_kv's
+    Triton launch gives the slot cache's output: the same values and scales at each row's blocks."""
+    from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
+
+    k, v = _cache(4, 2, 64, torch.float16, seed=9)
+    q = torch.randn(4, 4, 64, generator=torch.Generator().manual_seed(2)).to(torch.float16)
+    lengths = torch.tensor([70, 50, 80, 10], dtype=torch.int32)
+    table = torch.tensor([[1, 2], [3, 0], [4, 5], [6, 0]], dtype=torch.int32)
+    kp, vp = torch.zeros(7, 64, 2, 64, dtype=torch.int8), torch.zeros(7, 64, 2, 64, dtype=torch.int8)
+    ksp, vsp = torch.zeros(7, 2, 64), torch.zeros(7, 2, 64)
+    rows, positions = torch.arange(4).repeat_interleave(MAX_LEN), torch.arange(MAX_LEN).repeat(4)
+    keep = positions < lengths[rows]
+    slots = cache_slots(kp, rows[keep], positions[keep], table)
+    store_kv(kp, slots, k.reshape(-1, 2, 64)[keep], ksp, triton_kernel=True)
+    store_kv(vp, slots, v.reshape(-1, 2, 64)[keep], vsp, triton_kernel=True)
+    kq, vq, ks, vs = _int8_cache(k, v)
+    slot_ref = decode_attention_reference(q, kq, vq, lengths, 0.125, k_scale=ks, v_scale=vs)
+    paged_ref = decode_attention_reference(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table)
+    assert torch.equal(paged_ref, slot_ref)  # the store quantised as quantize_kv_int8, into the right slots
+    out = decode_attention(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table, num_splits=2)
+    _close(out, paged_ref, torch.float16)
+
+
+@pytest.mark.parametrize("triton_kernel", [True, False])
+def test_kv_store_rounds_each_tokens_heads_into_an_int8_cache(triton_kernel):
+    """store_kv into an int8 cache: the values equal quantize_kv_int8's (127 / absmax correctly rounded, half to
+    even) at each token's slot, its scales at [slot // width, head, slot % width]; an all-zero head stores zeros and
+    scale 0; the rest of the cache untouched."""
+    from batchgen.worker.engine.kernels.attention import quantize_kv_int8
+    from batchgen.worker.engine.kernels.kv_store import store_kv
+
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(40, 3, 24, generator=g) * torch.exp2(torch.randint(-8, 8, (40, 3, 1), generator=g))).half()
+    x[3, 1] = 0
+    cache, scales = torch.full((6, 8, 3, 24), 5, dtype=torch.int8), torch.full((6, 3, 8), -1.0)
+    slots = torch.randperm(48, generator=g)[:40]
+    store_kv(cache, slots, x, scales, triton_kernel=triton_kernel)
+    want, want_scale = quantize_kv_int8(x)
+    assert torch.equal(cache.view(48, 3, 24)[slots], want)
+    assert torch.equal(scales.transpose(1, 2).reshape(48, 3)[slots], want_scale)
+    assert want_scale[3, 1] == 0 and (want[3, 1] == 0).all()
+    untouched = torch.ones(48, dtype=torch.bool)
+    untouched[slots] = False
+    assert (cache.view(48, 3, 24)[untouched] == 5).all() and (scales.transpose(1, 2).reshape(48, 3)[untouched] == -1).all()
+    with pytest.raises(ValueError, match="scales"):
+        store_kv(cache, slots, x, triton_kernel=triton_kernel)
+
+
+def test_the_runners_triton_decode_step_over_an_int8_cache_equals_masked_attention_over_it():
+    """--kv-cache-dtype int8: decode_step with attention="triton" reads the int8 cache and its per-token scales in
+    the kernel; "sdpa" dequantises the slice it reads. Same logits, same K/V and scales written."""
+    from batchgen.worker.engine.llama import decode_step
+
+    parts, rows, head_dim = _tiny_parts()
+    g = torch.Generator().manual_seed(4)
+    exact = torch.randn(2, 2, rows, MAX_LEN, 2, head_dim, generator=g)
+    exact[:, :, :, :, 1] *= 6
+    quantised = [[_int8_cache(exact[0, layer], exact[1, layer]) for layer in range(2)]]
+    cache = torch.stack([torch.stack([quantised[0][layer][i] for layer in range(2)]) for i in range(2)])
+    scales = torch.stack([torch.stack([quantised[0][layer][2 + i] for layer in range(2)]) for i in range(2)])
+    ids = torch.randint(0, 128, (rows,), generator=g)
+    positions = torch.tensor([0, 5, 17, MAX_LEN - 1, 63])
+    out = {}
+    with torch.inference_mode():
+        for attention in ("triton", "sdpa"):
+            k, v, ks, vs = cache[0].clone(), cache[1].clone(), scales[0].clone(), scales[1].clone()
+            out[attention] = decode_step(parts, ids, positions, k, v, MAX_LEN, attention, ks, vs), k, v, ks, vs
+    torch.testing.assert_close(out["triton"][0].float(), out["sdpa"][0].float(), atol=2e-2, rtol=2e-2)
+    for i in (1, 2, 3, 4):  # layer 0's K/V and scales: the same inputs, written the same
+        assert torch.equal(out["triton"][i][0], out["sdpa"][i][0])
+        assert not torch.equal(out["triton"][i][0], (cache if i < 3 else scales)[(i - 1) % 2][0])

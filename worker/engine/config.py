@@ -14,8 +14,9 @@ INT8_KERNELS = ("bnb", "int_mm", "int_mm_outliers", "weight_only")  # int8_linea
 ATTENTIONS = ("auto", "flash", "triton", "sdpa")
 HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the model's compute dtype
 # The resident engine's slot KV cache: auto is the compute dtype; fp8 is float8_e4m3fn with a calibrated scale per
-# layer and KV head (half the bytes of fp16, so about twice the rows; decoded by the Triton kernel or masked sdpa)
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8v")
+# layer and KV head (half the bytes of fp16, so about twice the rows; decoded by the Triton kernel or masked sdpa);
+# fp8v: V only; int8: K and V rounded per token and KV head on their own absmax (the fast path only)
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8v", "int8")
 KV_LAYOUTS = ("paged", "slots")
 COMPILE_SHAPES = ("dynamic", "static-features")  # kernels/compiled.py
 
@@ -110,4 +111,4 @@ class EngineConfig:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.kv_cache_dtype != "auto" and self.attention == "flash":
             raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} needs attention triton or sdpa (or auto): "
-                             "FlashAttention reads no fp8 cache")
+                             "FlashAttention reads no quantised cache")

@@ -54,8 +54,9 @@ log = logging.getLogger("batchgen.engine")
 class GenericEngine:
     def __init__(self, cfg: EngineConfig, model: torch.nn.Module, tokenizer, *, device: torch.device,
                  dtype: torch.dtype, weights_bytes: int, int8: Int8Runtime | None = None, kv_stream=None):
-        if cfg.kv_cache_dtype == "fp8v":  # its slot batches keep K and V in one dtype
-            raise ValueError("--kv-cache-dtype fp8v runs on the resident fast path only: use auto or fp8 here")
+        if cfg.kv_cache_dtype in ("fp8v", "int8"):  # its slot batches keep K and V in one dtype, and no scales
+            raise ValueError(f"--kv-cache-dtype {cfg.kv_cache_dtype} runs on the resident fast path only: use auto "
+                             "or fp8 here")
         self.cfg = cfg
         self.kv_stream = kv_stream  # small-VRAM --stream-kv: the rows' K/V in host slots, streamed per layer
         self.int8 = int8  # the fast path's int8 kernels on this model's linears; its outlier guard is polled per step

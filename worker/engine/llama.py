@@ -184,8 +184,10 @@ def decode_step(
     "sdpa": masked attention over keys [0, kv_len) (GQA without copying K/V: the query heads sharing a KV head
     become that head's query "sequence"). Soft-capped attention (Gemma2) always takes the masked path:
     FlashAttention here has no soft-cap.
-    A float8_e4m3fn cache holds K/V divided by k_scale/v_scale [layers, kv_heads] (kv_scales): "triton" reads it
-    as it is, "sdpa" dequantises the slice it reads; "flash" has no fp8 (a windowed model decodes it with "sdpa").
+    A float8_e4m3fn cache holds K/V divided by k_scale/v_scale [layers, kv_heads] (kv_scales); an int8 cache
+    holds them quantised per token and KV head, k_scale/v_scale [layers, rows or blocks, kv_heads, tokens] their
+    scales: "triton" reads either as it is, "sdpa" dequantises the slice it reads; "flash" reads neither (a
+    windowed model decodes them with "sdpa").
     block_table [rows, max_blocks] int32: a paged cache (see the module docstring); "triton" reads it in the
     kernel, "sdpa" gathers each row's blocks; "flash" wants each row contiguous (decode_path says which runs).
     """
@@ -194,13 +196,13 @@ def decode_step(
                                         block_table))
 
 
-def decode_path(spec: FamilySpec, attention: str, fp8: bool) -> str:
+def decode_path(spec: FamilySpec, attention: str, quantised: bool) -> str:
     """The attention a decode step really runs: soft-capping only in the masked path; the Triton kernel has no
-    sliding window (a windowed model decodes with flash, or sdpa where the cache is fp8)."""
+    sliding window (a windowed model decodes with flash, or sdpa where the cache is fp8 or int8)."""
     if spec.attn_softcap is not None:
         return "sdpa"
     if attention == "triton" and spec.window is not None:
-        return "sdpa" if fp8 else "flash"
+        return "sdpa" if quantised else "flash"
     return attention
 
 
@@ -217,11 +219,25 @@ def is_fp8(cache: torch.Tensor) -> bool:
     return cache.dtype == torch.float8_e4m3fn
 
 
+def is_quantised(cache: torch.Tensor) -> bool:
+    """An fp8 or int8 cache: FlashAttention reads neither."""
+    return cache.dtype in (torch.float8_e4m3fn, torch.int8)
+
+
 def from_cache(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """A slice [..., kv_heads, head_dim] read from the cache in the compute dtype (dequantised where it is fp8)."""
+    """A slice [..., kv_heads, head_dim] read from the cache in the compute dtype, dequantised where it is fp8
+    (scale [kv_heads]) or int8 (scale [..., kv_heads]: the slice's own tokens' scales, gather_scales)."""
+    if x.dtype == torch.int8:
+        return (x.float() * scale[..., None]).to(dtype)
     if not is_fp8(x):
         return x
     return (x.float() * scale.to(x.device, torch.float32)[:, None]).to(dtype)
+
+
+def gather_scales(scale: torch.Tensor, block_table: torch.Tensor | None, n: int, num_tokens: int) -> torch.Tensor:
+    """An int8 cache layer's per-token scales [rows or blocks, kv_heads, tokens] as gather_rows reads its
+    values: [n, num_tokens, kv_heads]."""
+    return gather_rows(scale.transpose(1, 2), block_table, n, num_tokens)
 
 
 class CacheAttention:
@@ -237,10 +253,10 @@ class CacheAttention:
         self.parts, self.k_cache, self.v_cache, self.positions = parts, k_cache, v_cache, positions
         self.k_scale, self.v_scale = k_scale, v_scale  # [layers, kv_heads], for an fp8 cache
         self.kv_len, self.block_table = kv_len, block_table
-        fp8 = is_fp8(k_cache) or is_fp8(v_cache)  # fp8v: V only
-        if fp8 and attention == "flash":
-            raise ValueError("FlashAttention reads no fp8 KV cache: decode it with triton or sdpa")
-        self.attention = decode_path(parts.spec, attention, fp8)
+        quantised = is_quantised(k_cache) or is_quantised(v_cache)  # fp8v: V only
+        if quantised and attention == "flash":
+            raise ValueError("FlashAttention reads no fp8 or int8 KV cache: decode it with triton or sdpa")
+        self.attention = decode_path(parts.spec, attention, quantised)
         if block_table is not None and self.attention == "flash":
             raise ValueError("FlashAttention decodes rows that are contiguous: no paged KV cache")
         # where row r's new K/V go: its slot, or its block's
@@ -279,6 +295,9 @@ class CacheAttention:
             return o[:, :, None]
         keys = gather_rows(self.k_cache[layer], self.block_table, n, self.kv_len)
         values = gather_rows(self.v_cache[layer], self.block_table, n, self.kv_len)
+        if keys.dtype == torch.int8:
+            k_scale = gather_scales(k_scale, self.block_table, n, self.kv_len)
+            v_scale = gather_scales(v_scale, self.block_table, n, self.kv_len)
         keys = from_cache(keys, k_scale, q.dtype).transpose(1, 2)
         values = from_cache(values, v_scale, q.dtype).transpose(1, 2)
         q = q.reshape(n, p.num_kv_heads, p.num_heads // p.num_kv_heads, p.head_dim)
@@ -297,7 +316,8 @@ def cache_store(k_cache: torch.Tensor, v_cache: torch.Tensor, token_rows: torch.
                 positions: torch.Tensor, k_scale: torch.Tensor | None = None,
                 v_scale: torch.Tensor | None = None, block_table: torch.Tensor | None = None) -> KVStore:
     """Prefill's K/V writes into a [layers, rows, max_len, kv_heads, head_dim] cache: token t of the packed
-    prompts goes to row token_rows[t], position positions[t]; an fp8 cache's by its scales [layers, kv_heads].
+    prompts goes to row token_rows[t], position positions[t]; an fp8 cache's by its scales [layers, kv_heads], an
+    int8 cache's quantised per token with its scales written into k_scale/v_scale.
     With a block table the cache is [layers, num_blocks, block_size, kv_heads, head_dim] and the row's block
     for that position takes it."""
     slots = cache_slots(k_cache[0], token_rows, positions, block_table)

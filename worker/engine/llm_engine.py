@@ -184,7 +184,9 @@ class LLMEngine:
         runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=max_model_len,
                              inject_oom=cfg.inject_oom, attention=attention, cuda_graphs=cfg.cuda_graphs,
                              kv_cache_dtype=cfg.kv_cache_dtype, paged=cfg.kv_layout == "paged")
-        if cfg.kv_cache_dtype != "auto":  # before the budget's warm-up, which already writes the cache
+        if cfg.kv_cache_dtype == "int8":
+            log.info("int8 KV cache: K and V rounded per token and KV head, a float32 scale each")
+        elif cfg.kv_cache_dtype != "auto":  # before the budget's warm-up, which already writes the cache
             runner.calibrate_kv(calibration_ids(tokenizer, device))
             log.info("%s KV cache: scales per layer and KV head calibrated, K %.3g-%.3g, V %.3g-%.3g", cfg.kv_cache_dtype,
                      runner.k_scale.min(), runner.k_scale.max(), runner.v_scale.min(), runner.v_scale.max())

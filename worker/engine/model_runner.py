@@ -24,8 +24,10 @@ KV_LEN_BUCKET = 256
 KV_SCALE_MARGIN = 2.0
 # (K, V) cache dtypes; None: the compute dtype. fp8v: V only in e4m3, K exact (where activations carry outlier
 # channels, K holds about half of fp8's drift: docs/benchmarks.md, "fp8 KV cache").
+# int8: K and V rounded per token and KV head on their own absmax, a float32 scale each beside them.
 KV_TORCH_DTYPES = {"auto": (None, None), "fp8": (torch.float8_e4m3fn, torch.float8_e4m3fn),
-                   "fp8v": (None, torch.float8_e4m3fn)}
+                   "fp8v": (None, torch.float8_e4m3fn), "int8": (torch.int8, torch.int8)}
+TOKEN_SCALE_BYTES = 4  # an int8 cache's float32 scale per token and KV head
 KV_BLOCK_SIZE = BLOCK_N  # tokens per block of a paged cache: one inner step of the Triton kernel reads one block
 
 
@@ -62,7 +64,8 @@ class ModelRunner:
     prefill_group_tokens: run each layer over groups of whole prompts of at most that many tokens (None: all at once).
     kv_cache_dtype: "auto" (the compute dtype) or "fp8": float8_e4m3fn K/V divided by a scale per layer and KV
     head (k_scale/v_scale [layers, kv_heads]; 1 until calibrate_kv sets them), decoded by "triton" or "sdpa";
-    "fp8v": V so, K in the compute dtype (its scale stays 1).
+    "fp8v": V so, K in the compute dtype (its scale stays 1); "int8": K/V rounded to int8 per token and KV head,
+    k_scale/v_scale their scales [layers, rows or blocks, kv_heads, tokens] (allocate_kv makes them).
     paged: keep K/V in blocks of KV_BLOCK_SIZE tokens behind a block table (block_size says whether it does: a
     decode that runs FlashAttention wants each row contiguous, so it keeps slots of max_model_len tokens).
     """
@@ -75,13 +78,15 @@ class ModelRunner:
         if kv_cache_dtype not in KV_TORCH_DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}: use {' or '.join(KV_TORCH_DTYPES)}")
         if kv_cache_dtype != "auto" and attention == "flash":
-            raise ValueError("an fp8 KV cache decodes with triton or sdpa: FlashAttention reads no fp8 cache")
+            raise ValueError(f"a {kv_cache_dtype} KV cache decodes with triton or sdpa: FlashAttention reads no "
+                             "quantised cache")
         self.parts = parts
         self.device, self.dtype, self.max_model_len = device, dtype, max_model_len
         self.kv_cache_dtype = kv_cache_dtype
         self.k_dtype, self.v_dtype = (d or dtype for d in KV_TORCH_DTYPES[kv_cache_dtype])
         self.k_scale = self.v_scale = None
-        if kv_cache_dtype != "auto":  # filled in place by calibrate_kv: captured graphs read them where they are
+        self.token_scales = kv_cache_dtype == "int8"  # allocate_kv makes them with the cache
+        if kv_cache_dtype != "auto" and not self.token_scales:  # calibrate_kv fills them in place (graphs read them)
             self.k_scale = torch.ones(parts.num_layers, parts.num_kv_heads, dtype=torch.float32, device=device)
             self.v_scale = torch.ones_like(self.k_scale)
         self.attention = attention
@@ -103,14 +108,15 @@ class ModelRunner:
 
     @property
     def kv_dtype_bytes(self) -> float:
-        """Bytes a cached K or V element takes, on average over the two (fp8v: 1.5)."""
-        return (self.k_dtype.itemsize + self.v_dtype.itemsize) / 2
+        """Bytes a cached K or V element takes, on average over the two (fp8v: 1.5; int8: 1 + its scale's share)."""
+        scale = TOKEN_SCALE_BYTES / self.parts.head_dim if self.token_scales else 0.0
+        return (self.k_dtype.itemsize + self.v_dtype.itemsize) / 2 + scale
 
     def calibrate_kv(self, ids: torch.Tensor) -> None:
         """Sets an fp8 cache's scales from a prefill of ids [num_seqs, seq_len] (the int8 calibration text): each
         layer's K and V absmax per KV head / 448, times KV_SCALE_MARGIN (fp8v: V's only; K's stays 1). Nothing to
-        do for an "auto" cache."""
-        if self.k_scale is None:
+        do for an "auto" or int8 cache."""
+        if self.k_scale is None or self.token_scales:
             return
         prompts = ids[:, :self.max_model_len].tolist()
         amax = torch.zeros(2, *self.k_scale.shape, dtype=torch.float32, device=self.device)
@@ -135,6 +141,8 @@ class ModelRunner:
         rows; without num_blocks every row gets max_model_len tokens of its own, as a slot cache would."""
         self.graphs = None  # captured graphs point into the old cache
         self.k_cache = self.v_cache = torch.empty(0)
+        if self.token_scales:
+            self.k_scale = self.v_scale = None
         p = self.parts
         shape = (p.num_layers, max_rows, self.max_model_len, p.num_kv_heads, p.head_dim)
         if self.block_size:
@@ -147,6 +155,10 @@ class ModelRunner:
             self.block_table = self.host_table.to(self.device)
         self.k_cache = torch.zeros(shape, dtype=self.k_dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=self.v_dtype, device=self.device)
+        if self.token_scales:  # one per token and KV head; a head's tokens side by side (one load per key block)
+            scales = (shape[0], shape[1], shape[3], shape[2])
+            self.k_scale = torch.zeros(scales, dtype=torch.float32, device=self.device)
+            self.v_scale = torch.zeros(scales, dtype=torch.float32, device=self.device)
         self.max_rows = max_rows
 
     def set_blocks(self, rows: dict[int, list[int]]) -> None:

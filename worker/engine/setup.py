@@ -53,17 +53,17 @@ def max_model_len_for(cfg: EngineConfig, config) -> int:
 
 
 def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> str:
-    """The attention kernel for cfg.attention; an fp8 KV cache decodes with triton or sdpa, never flash."""
+    """The attention kernel for cfg.attention; an fp8 or int8 KV cache decodes with triton or sdpa, never flash."""
     attention = name
     if name == "auto":
         attention = "sdpa"
         if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_works(device, dtype):
             attention = "triton" if HAS_TRITON else "flash"
     if kv_cache_dtype != "auto" and attention == "flash":
-        why = "Triton is not installed here" if name == "auto" else "FlashAttention reads no fp8 cache"
+        why = "Triton is not installed here" if name == "auto" else "FlashAttention reads no quantised cache"
         raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} decodes with the Triton kernel (or sdpa), and {why}: use "
                          "--attention sdpa or --kv-cache-dtype auto")
-    if (kv_cache_dtype != "auto" and attention == "triton" and device.type == "cuda"
+    if (kv_cache_dtype.startswith("fp8") and attention == "triton" and device.type == "cuda"
             and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY):
         raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: Triton reads e4m3 on sm89+ (Ada, Hopper) only: use "
                          "--attention sdpa (dequantised, slower) or --kv-cache-dtype auto")

@@ -12,6 +12,10 @@ from seq_lens, so the launch is the same every step and a CUDA graph can hold it
 
 fp8-e4m3 K/V: the cache holds x / scale (quantize_kv); the scale, one per tensor or per KV head, is a
 scalar inside a program, so it multiplies the scores (K) and the output (V) instead of every element.
+int8 K/V: the cache holds round(x · 127 / absmax) per token and KV head (quantize_kv_int8), the scales absmax / 127
+beside it as [rows or blocks, kv_heads, tokens] (a block's 64 scales of one head are one contiguous load); a key's
+scale multiplies its score column, a value's scale its row of V before the product (p · scale would fall into
+fp16's subnormals).
 
 Follows the structure of SGLang's triton_ops/decode_attention.py (grouped stage 1 + softmax-merge stage 2).
 """
@@ -34,10 +38,10 @@ if HAS_TRITON:
     def _split_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, MidLse, Out,
                       stride_qn, stride_qh, stride_kr, stride_kt, stride_kh, stride_vr, stride_vt, stride_vh,
                       stride_bt, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, stride_on, stride_oh,
-                      scale_stride, qk_scale,
+                      scale_stride, stride_sr, stride_sh, qk_scale,
                       GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr,
-                      HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr):
+                      HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, TOKEN_SCALES: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -56,9 +60,14 @@ if HAS_TRITON:
         heads = kv_head * GROUP + h
         q = tl.load(Q + row * stride_qn + heads[:, None] * stride_qh + d[None, :],
                     mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-        k_scale = tl.load(KScale + kv_head * scale_stride)
-        v_scale = tl.load(VScale + kv_head * scale_stride)
-        s_scale = qk_scale * k_scale  # qk_scale already holds log2(e): exp2 below
+        if TOKEN_SCALES:  # int8: a scale per token, read with its keys
+            v_scale = 1.0
+            s_scale = qk_scale
+            ks_base = KScale + cache_row.to(tl.int64) * stride_sr + kv_head * stride_sh
+            vs_base = VScale + cache_row.to(tl.int64) * stride_sr + kv_head * stride_sh
+        else:
+            v_scale = tl.load(VScale + kv_head * scale_stride)
+            s_scale = qk_scale * tl.load(KScale + kv_head * scale_stride)  # qk_scale holds log2(e): exp2 below
         k_base = K + cache_row.to(tl.int64) * stride_kr + kv_head * stride_kh
         v_base = V + cache_row.to(tl.int64) * stride_vr + kv_head * stride_vh
         if HAS_BLOCKS:  # cache_row is a row of the block table; the cache's first dimension counts blocks
@@ -82,12 +91,23 @@ if HAS_TRITON:
                 s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * s_scale
             else:
                 s = tl.dot(q, k.to(q.dtype)) * s_scale
+            if TOKEN_SCALES:
+                if HAS_BLOCKS:
+                    at = page * stride_sr + kv_head * stride_sh + (t - block)
+                    ks = tl.load(KScale + at, mask=t_mask, other=0.0)
+                    vs = tl.load(VScale + at, mask=t_mask, other=0.0)
+                else:
+                    ks = tl.load(ks_base + t, mask=t_mask, other=0.0)
+                    vs = tl.load(vs_base + t, mask=t_mask, other=0.0)
+                s = s * ks[None, :]
             s = tl.where(t_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr[:, None] + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+            if TOKEN_SCALES:
+                v = v.to(tl.float32) * vs[:, None]
             if DOT_F32:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
             else:
@@ -143,6 +163,18 @@ def _scale_tensor(scale: torch.Tensor | float | None, num_kv_heads: int, device:
     return scale, 0 if scale.numel() == 1 else 1
 
 
+def _token_scales(k_scale, v_scale, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 cache's scales: float32 [rows or blocks, kv_heads, tokens] each, unit stride over tokens, as
+    k_cache [rows or blocks, tokens, kv_heads, head_dim] lays them out (the kernel reads both with k's strides)."""
+    want = (k_cache.shape[0], k_cache.shape[2], k_cache.shape[1])
+    for s in (k_scale, v_scale):
+        if not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or tuple(s.shape) != want or s.stride(-1) != 1:
+            raise ValueError(f"an int8 KV cache wants float32 scales {list(want)} with a unit stride over tokens")
+    if k_scale.stride() != v_scale.stride():
+        raise ValueError("an int8 KV cache's K and V scales want the same strides")
+    return k_scale, v_scale
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
                      scale: float, *, k_scale: torch.Tensor | float | None = None,
                      v_scale: torch.Tensor | float | None = None, cache_rows: torch.Tensor | None = None,
@@ -150,9 +182,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      out: torch.Tensor | None = None, block_n: int = BLOCK_N, num_warps: int = 4,
                      num_stages: int = 2) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
-    head_dim] (q's dtype or float8_e4m3fn), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
+    head_dim] (q's dtype, float8_e4m3fn or int8), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
-    k_scale/v_scale: dequantisation scales of an fp8 cache (a float, or a tensor of 1 or kv_heads values).
+    k_scale/v_scale: dequantisation scales of an fp8 cache (a float, or a tensor of 1 or kv_heads values); of an
+    int8 cache, one per token and KV head ([rows or blocks, kv_heads, max_len or block_size] float32).
     cache_rows [n] int32: the cache row of each query row (default: row i reads cache row i).
     block_table [rows, max_blocks] int32: a paged cache, k/v_cache [num_blocks, block_size, kv_heads, head_dim]
     (block_size is the kernel's block_n): key t of cache row r lives in block block_table[r, t // block_size].
@@ -175,11 +208,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = num_heads // num_kv_heads
     block_h = max(MIN_BLOCK, triton.next_power_of_2(group))
     block_d = max(MIN_BLOCK, triton.next_power_of_2(head_dim))
-    ks, scale_stride = _scale_tensor(k_scale, num_kv_heads, q.device)
-    vs, v_stride = _scale_tensor(v_scale, num_kv_heads, q.device)
-    if v_stride != scale_stride:  # one stride serves both: widen the per-tensor one
-        ks, vs = ks.expand(num_kv_heads).contiguous(), vs.expand(num_kv_heads).contiguous()
-        scale_stride = 1
+    token_scales = k_cache.dtype == torch.int8
+    if token_scales:
+        (ks, vs), scale_stride = _token_scales(k_scale, v_scale, k_cache), 0
+    else:
+        ks, scale_stride = _scale_tensor(k_scale, num_kv_heads, q.device)
+        vs, v_stride = _scale_tensor(v_scale, num_kv_heads, q.device)
+        if v_stride != scale_stride:  # one stride serves both: widen the per-tensor one
+            ks, vs = ks.expand(num_kv_heads).contiguous(), vs.expand(num_kv_heads).contiguous()
+            scale_stride = 1
     parts = n if splits > 1 else 1  # one split writes out itself: no partials (a stub for the pointer), no merge
     mid_o = torch.empty(parts, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(parts, num_heads, splits, dtype=torch.float32, device=q.device)
@@ -192,11 +229,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table_arg.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1), out.stride(0),
-        out.stride(1), scale_stride,
+        out.stride(1), scale_stride, ks.stride(0) if token_scales else 0, ks.stride(1) if token_scales else 0,
         scale * _LOG2E, GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         NUM_SPLITS=splits, HAS_ROWS=cache_rows is not None, HAS_BLOCKS=block_table is not None,
         DOT_F32=interpreting() and q.dtype == torch.bfloat16,  # Triton's interpreter multiplies bf16 bits as integers
-        num_warps=num_warps, num_stages=num_stages)
+        TOKEN_SCALES=token_scales, num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out
     _merge_kernel[(n, num_heads)](
@@ -220,10 +257,18 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     n, num_heads, _ = q.shape
     num_kv_heads = k_cache.shape[2]
     rows = cache_rows.long() if cache_rows is not None else torch.arange(n, device=q.device)
+    if k_cache.dtype == torch.int8:  # per-token scales, laid out as the cache: [.., tokens, kv_heads, 1]
+        k_scale, v_scale = (s.transpose(1, 2)[..., None] for s in _token_scales(k_scale, v_scale, k_cache))
+    else:
+        k_scale, v_scale = _per_head(k_scale, num_kv_heads, q.device), _per_head(v_scale, num_kv_heads, q.device)
     if block_table is not None:  # each row's blocks side by side: the padded rows of a slot cache
         k_cache, v_cache = (c[block_table.long()].flatten(1, 2) for c in (k_cache, v_cache))
-    k = k_cache[rows].float() * _per_head(k_scale, num_kv_heads, q.device)  # [n, max_len, kv_heads, d]
-    v = v_cache[rows].float() * _per_head(v_scale, num_kv_heads, q.device)
+        if k_scale.dim() == 4:
+            k_scale, v_scale = (s[block_table.long()].flatten(1, 2) for s in (k_scale, v_scale))
+    if k_scale.dim() == 4:
+        k_scale, v_scale = k_scale[rows], v_scale[rows]
+    k = k_cache[rows].float() * k_scale  # [n, max_len, kv_heads, d]
+    v = v_cache[rows].float() * v_scale
     group = num_heads // num_kv_heads
     k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
     scores = torch.einsum("nhd,nthd->nht", q.float(), k) * scale
@@ -236,6 +281,15 @@ def quantize_kv(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """x [..., kv_heads, head_dim] -> float8_e4m3fn x / scale (scale: a float or one per KV head), saturated."""
     s = scale if not isinstance(scale, torch.Tensor) else scale.to(x.device, torch.float32).reshape(-1, 1)
     return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def quantize_kv_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., kv_heads, head_dim] -> (int8 round(x · 127 / absmax), float32 absmax / 127 [..., kv_heads]) with one
+    absmax per token and KV head, rounded half to even (an all-zero head: zeros, scale 0)."""
+    absmax = x.float().abs().amax(dim=-1)
+    # 127 / absmax correctly rounded, as the store kernel's div_rn (torch's CPU division can be an ulp off)
+    inv = torch.where(absmax > 0, (127.0 / absmax.double()).float(), torch.zeros_like(absmax))
+    return torch.round(x.float() * inv[..., None]).to(torch.int8), absmax / 127.0
 
 
 def fp8_kv_scale(x: torch.Tensor, per_head: bool = True) -> torch.Tensor:

@@ -25,7 +25,7 @@ GEMV_POINTERS = {"X": "*fp16", "W": "*i8", "Scb": "*fp32", "Bias": "*fp16", "Out
                  "Keep": "*fp16", "Seen": "*fp32", "Hits": "*fp32"}
 SPLIT_INTS = ["stride_qn", "stride_qh", "stride_kr", "stride_kt", "stride_kh", "stride_vr", "stride_vt", "stride_vh",
               "stride_bt", "stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh",
-              "scale_stride"]
+              "scale_stride", "stride_sr", "stride_sh"]
 
 
 def build(kernel, arch: int, pointers: dict[str, str], ints: list[str], floats: list[str], constexprs: dict,
@@ -58,14 +58,15 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
     for name, kv, paged, splits in (("split fp16", "*fp16", False, 2), ("split fp8", "*fp8e4nv", False, 2),
                                     ("split paged fp16", "*fp16", True, 2), ("split paged fp8", "*fp8e4nv", True, 2),
                                     ("one split paged fp16", "*fp16", True, 1),
-                                    ("one split paged fp8", "*fp8e4nv", True, 1)):
+                                    ("one split paged fp8", "*fp8e4nv", True, 1),
+                                    ("split int8", "*i8", False, 2), ("one split paged int8", "*i8", True, 1)):
         k = build(attention._split_kernel, arch, {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32",
                                                   "CacheRows": "*i32", "BlockTable": "*i32", "KScale": "*fp32",
                                                   "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32",
                                                   "Out": "*fp16"},
                   SPLIT_INTS, ["qk_scale"], dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64,
                                                  NUM_SPLITS=splits, HAS_ROWS=not paged, HAS_BLOCKS=paged,
-                                                 DOT_F32=False),
+                                                 DOT_F32=False, TOKEN_SCALES=kv == "*i8"),
                   num_warps=4, num_stages=2)
         out[name] = {"shared_bytes": k.metadata.shared}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
@@ -118,14 +119,16 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                   aligned=("N", "K", "stride_xm", "stride_wn", "stride_om"), num_warps=4, num_stages=4)
         out[f"gemv {rows} row{'s' if rows > 1 else ''}"] = {"pipelined": "cp.async" in k.asm["ptx"],
                                                             "shared_bytes": k.metadata.shared}
-    for name, dest, quant in (("kv store fp16", "*fp16", False), ("kv store fp8", "*u8", True)):
+    for name, dest, quant in (("kv store fp16", "*fp16", False), ("kv store fp8", "*u8", True),
+                              ("kv store int8", "*i8", False)):
         k = build(kv_store._store_kernel, arch, {"Dest": dest, "Slots": "*i64", "Src": "*fp16", "Scale": "*fp32"},
-                  ["stride_t", "stride_h", "scale_stride"], [],
-                  dict(HEADS=32, HEAD_DIM=128, BLOCK_H=32, BLOCK_D=128, QUANT=quant),
+                  ["stride_t", "stride_h", "scale_stride", "width"], [],
+                  dict(HEADS=32, HEAD_DIM=128, BLOCK_H=32, BLOCK_D=128, QUANT=quant, INT8=dest == "*i8",
+                       INTERPRETED=False),
                   aligned=("stride_t", "stride_h"), num_warps=4)
         ptx = k.asm["ptx"]
         out[name] = {"vectorised": "v4" in ptx}  # 16-byte loads (and stores)
-        if quant:  # IEEE division by the scale, as torch's, not the approximate one
+        if quant or dest == "*i8":  # IEEE division (by the scale; 127 by the absmax), as torch's, not approximate
             out[name]["div_rn"] = "div.rn.f32" in ptx
     k = build(rope._rope_kernel, arch, {"Q": "*fp16", "K": "*fp16", "Cos": "*fp16", "Sin": "*fp16", "QOut": "*fp16",
                                         "KOut": "*fp16"},

@@ -2,16 +2,18 @@
 [kv_heads, head_dim] entry of a layer's cache seen as [slots, kv_heads, head_dim] (row × max_len for row slots,
 block × block_size for blocks). One program per token copies its contiguous row (as vLLM's reshape_and_cache
 does): advanced-index assignment over two index tensors runs an element-wise kernel that computes an offset per
-element and reached a tenth of the copy rate in prefills.
+element and reached a tenth of the copy rate in prefills. An int8 cache quantises each token's head in the same
+program and writes its scale beside it (attention.quantize_kv_int8's arithmetic).
 """
 
 import torch
-from batchgen.worker.engine.kernels.attention import FP8_MAX, quantize_kv
-from batchgen.worker.engine.kernels.backend import HAS_TRITON
+from batchgen.worker.engine.kernels.attention import FP8_MAX, quantize_kv, quantize_kv_int8
+from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     _FP8_MAX = tl.constexpr(FP8_MAX)  # a Triton function reads module globals only as constexpr
 
@@ -37,15 +39,27 @@ if HAS_TRITON:
         return (code | sign).to(tl.uint8)
 
     @triton.jit
-    def _store_kernel(Dest, Slots, Src, Scale, stride_t, stride_h, scale_stride, HEADS: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr):
+    def _store_kernel(Dest, Slots, Src, Scale, stride_t, stride_h, scale_stride, width, HEADS: tl.constexpr,
+                      HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
+                      INT8: tl.constexpr, INTERPRETED: tl.constexpr):
         t = tl.program_id(0)
         slot = tl.load(Slots + t).to(tl.int64)
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK_D)[None, :]
         mask = (h < HEADS) & (d < HEAD_DIM)
         x = tl.load(Src + t.to(tl.int64) * stride_t + h * stride_h + d, mask=mask)
-        if QUANT:  # an fp8 cache (Dest its bytes): x / its head's scale, saturated, as float8_e4m3fn bits
+        if INT8:  # each head's absmax -> 127, rounded half to even; its scale to [slot // width, head, slot % width]
+            xf = tl.where(mask, x.to(tl.float32), 0.0)
+            absmax = tl.max(tl.abs(xf), 1)[:, None]
+            inv = tl.where(absmax > 0.0, tl.math.div_rn(tl.full(absmax.shape, 127.0, tl.float32), absmax), 0.0)
+            scaled = xf * inv
+            if INTERPRETED:  # noqa: SIM108  (as int8_ops' quantiser: no libdevice in the interpreter)
+                x = ((scaled + 12582912.0) - 12582912.0).to(tl.int8)
+            else:
+                x = libdevice.rint(scaled).to(tl.int8)
+            at = (slot // width) * (HEADS * width) + h * width + slot % width
+            tl.store(Scale + at, absmax / 127.0, mask=h < HEADS)
+        elif QUANT:  # an fp8 cache (Dest its bytes): x / its head's scale, saturated, as float8_e4m3fn bits
             scale = tl.load(Scale + h * scale_stride, mask=h < HEADS, other=1.0)
             x = _e4m3_bits(tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -_FP8_MAX, _FP8_MAX))
         tl.store(Dest + slot * (HEADS * HEAD_DIM) + h * HEAD_DIM + d, x, mask=mask)
@@ -66,26 +80,38 @@ def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: t
     """cache [.., .., kv_heads, head_dim] (one layer, contiguous) at slots [T] (cache_slots) = x [T, kv_heads,
     head_dim]. An fp8 cache takes x / scale (its per-head scales [kv_heads], or one) saturated to float8_e4m3fn,
     quantised inside the store's own launch on the Triton path (a prefill's separate divide, clamp and cast
-    kernels cost more than the store). triton_kernel: None runs Triton on CUDA and index_copy_ elsewhere (the CPU
-    tests' interpreter would run a program per token); True forces Triton (its tests)."""
+    kernels cost more than the store). An int8 cache takes each token's heads quantised on their own absmax
+    (quantize_kv_int8), their scales written into scale [.., kv_heads, ..] (the layer's, contiguous, as
+    attention._token_scales). triton_kernel: None runs Triton on CUDA and index_copy_ elsewhere (the CPU tests'
+    interpreter would run a program per token); True forces Triton (its tests)."""
     heads, head_dim = cache.shape[-2:]
+    int8 = cache.dtype == torch.int8
     quant = cache.dtype == torch.float8_e4m3fn and x.dtype != cache.dtype
-    if quant and scale is None:
-        raise ValueError("an fp8 KV cache needs its scales (ModelRunner.calibrate_kv)")
+    if (quant or int8) and scale is None:
+        raise ValueError("a quantised KV cache needs its scales (ModelRunner.calibrate_kv, or an int8 cache's own)")
+    width = cache.shape[1]
     if not (HAS_TRITON and (x.is_cuda if triton_kernel is None else triton_kernel)):
-        x = quantize_kv(x, scale) if quant else x.to(cache.dtype)
+        if int8:
+            x, token_scale = quantize_kv_int8(x)
+            at = (slots // width)[:, None] * (heads * width) + torch.arange(heads, device=x.device) * width
+            scale.view(-1).index_copy_(0, (at + (slots % width)[:, None]).reshape(-1), token_scale.reshape(-1))
+        else:
+            x = quantize_kv(x, scale) if quant else x.to(cache.dtype)
         if x.dtype.itemsize == 1:  # index_copy_ has no float8 kernel: the bytes are what move
             cache, x = cache.view(torch.uint8), x.view(torch.uint8)
         cache.view(-1, heads * head_dim).index_copy_(0, slots, x.reshape(-1, heads * head_dim))
         return
-    if not quant:
+    if not (quant or int8):
         x = x.to(cache.dtype)
-    if cache.dtype.itemsize == 1:  # fp8: the kernel writes bytes (the e4m3 bits it computed, or x's own)
+    if cache.dtype.itemsize == 1 and not int8:  # fp8: the kernel writes bytes (the e4m3 bits it computed, or x's own)
         cache, x = cache.view(torch.uint8), x if quant else x.view(torch.uint8)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    scale = scale.to(device=x.device, dtype=torch.float32).reshape(-1) if quant else cache  # unread without QUANT
+    if quant:
+        scale = scale.to(device=x.device, dtype=torch.float32).reshape(-1)
+    elif not int8:
+        scale = cache  # unread without QUANT or INT8
     _store_kernel[(x.shape[0],)](cache, slots, x, scale, x.stride(0), x.stride(1),
-                                 1 if quant and scale.numel() > 1 else 0, HEADS=heads, HEAD_DIM=head_dim,
+                                 1 if quant and scale.numel() > 1 else 0, width, HEADS=heads, HEAD_DIM=head_dim,
                                  BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(head_dim),
-                                 QUANT=quant)
+                                 QUANT=quant, INT8=int8, INTERPRETED=interpreting())

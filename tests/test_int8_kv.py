@@ -1,0 +1,127 @@
+"""--kv-cache-dtype int8: the resident engine keeps K/V as int8, each token's KV head rounded on its own absmax
+with a float32 scale beside it (1 + 4 / head_dim bytes an element: about half of fp16's).
+
+On CPU the engine decodes through masked sdpa, which dequantises the slice it reads; tests/test_kernels.py checks
+the Triton kernel and the store over the same cache. The quality benchmark measures the drift on planted-outlier
+models (benchmarks/quality.py --kv)."""
+
+import pytest
+import torch
+from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.int8_outliers import calibration_ids
+from batchgen.worker.engine.llama import from_cache, gather_rows, gather_scales, prefill_step
+from batchgen.worker.engine.llm_engine import LLMEngine
+from batchgen.worker.engine.model_runner import pack_prompts
+from batchgen.worker.engine.setup import resolve_attention
+
+from benchmarks.quality import kl_top1, teacher_forced
+from tests.test_fp8_kv import auto_runner
+from tests.test_fp8_kv import test_the_fp8_engine_serves_greedy_requests as serves_greedy_requests
+
+pytestmark = pytest.mark.slow
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def int8_engine(demo_model_dir) -> LLMEngine:
+    return LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), max_batch_size=4, kv_cache_dtype="int8"))
+
+
+def test_the_int8_cache_takes_a_byte_a_value_and_a_scale_a_token_and_head(int8_engine):
+    runner = int8_engine.runner
+    assert runner.attention == "sdpa" and runner.k_cache.dtype == runner.v_cache.dtype == torch.int8
+    layers, blocks, block_size, kv_heads, head_dim = runner.k_cache.shape
+    assert runner.k_scale.shape == runner.v_scale.shape == (layers, blocks, kv_heads, block_size)
+    assert runner.k_scale.dtype == torch.float32
+    assert runner.kv_dtype_bytes == 1 + 4 / head_dim  # the demo model's head_dim is 16: 1.25
+    assert int8_engine.stats().extra["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 1.25
+    assert int8_engine.stats().extra["kv_cache_dtype"] == "int8"
+
+
+def test_the_same_memory_budget_holds_more_int8_rows_than_auto_and_fewer_than_fp8(demo_model_dir):
+    budgets = {kv: LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), kv_cache_dtype=kv,
+                                                      vram_reserve_bytes=0, max_vram_bytes=32 * 2**20)).budget
+               for kv in ("auto", "int8", "fp8")}
+    assert budgets["int8"].kv_bytes_per_row * 4 == budgets["auto"].kv_bytes_per_row * 1.25
+    assert budgets["auto"].num_kv_blocks * 2 < budgets["int8"].num_kv_blocks < budgets["fp8"].num_kv_blocks
+
+
+def test_writing_then_reading_the_cache_reproduces_kv_within_half_an_int8_step(int8_engine):
+    """The prompt's own K/V (captured from a prefill) against what the int8 cache gives back: each value within
+    half a step (absmax / 254) of its token and head's absmax, and each head's largest value exact."""
+    runner = int8_engine.runner
+    ids = calibration_ids(int8_engine.tokenizer, CPU, num_seqs=2, seq_len=48)
+    prompts = ids.tolist()
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    packed, positions, starts = pack_prompts(prompts, CPU)
+    blocks = int8_engine.blocks
+    for row in (0, 1):
+        blocks.reserve(row, 48)
+    runner.set_blocks(blocks.take_changes())
+    with torch.inference_mode():
+        prefill_step(runner.parts, packed, positions, starts,
+                     lambda layer, tokens, k, v: seen.__setitem__(layer, (k.clone(), v.clone())), runner.attention)
+        runner.prefill([0, 1], prompts)
+    read = {}
+    for name, cache, scale in (("k", runner.k_cache, runner.k_scale), ("v", runner.v_cache, runner.v_scale)):
+        read[name] = [from_cache(gather_rows(cache[layer], runner.block_table, 2, 48),
+                                 gather_scales(scale[layer], runner.block_table, 2, 48), torch.float32)
+                      for layer in range(cache.shape[0])]
+    for row in (0, 1):
+        blocks.release(row)
+    runner.set_blocks(blocks.take_changes())
+    for layer, (k, v) in seen.items():
+        for got, exact in ((read["k"][layer], k), (read["v"][layer], v)):
+            got = got.reshape(exact.shape)
+            half_step = exact.abs().amax(dim=-1, keepdim=True) / 254
+            assert ((got - exact).abs() <= half_step * 1.0001 + 1e-7).all()
+            assert not torch.equal(got, exact)
+            peak = exact.abs().argmax(dim=-1, keepdim=True)
+            torch.testing.assert_close(got.gather(-1, peak), exact.gather(-1, peak), rtol=1e-6, atol=0)
+
+
+def test_teacher_forced_decode_logits_drift_less_than_with_fp8(int8_engine, demo_model_dir):
+    """Prefill half of each sequence, then decode the rest on the true tokens: the decode steps read the rounded
+    cache. int8 with a scale per token drifts from the unquantised cache's logits less than fp8 does."""
+    ids = calibration_ids(int8_engine.tokenizer, CPU, num_seqs=3, seq_len=40)
+    ids[:, 1:] = ids[:, 1:].roll(7, dims=1)
+    auto = teacher_forced(auto_runner(int8_engine), ids)
+    int8 = teacher_forced(int8_engine.runner, ids)
+    fp8_engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), max_batch_size=4, kv_cache_dtype="fp8"))
+    fp8 = teacher_forced(fp8_engine.runner, ids)
+    assert not torch.equal(int8[:, 1:], auto[:, 1:])  # the decode steps read rounded K/V
+    torch.testing.assert_close(int8[:, 0], auto[:, 0])  # the prefill attends over its own fresh K/V
+    assert 0 < kl_top1(auto, int8)[0] < kl_top1(auto, fp8)[0]
+    assert kl_top1(auto, int8)[0] < 1e-3
+
+
+def test_the_int8_engine_serves_greedy_requests(int8_engine):
+    serves_greedy_requests(int8_engine)
+
+
+def test_int8_is_refused_with_flash_and_off_the_fast_path(tmp_path, demo_model_dir):
+    from batchgen.worker.factory import build_llm_engine
+    from batchgen.worker.offload.build import build_streaming_engine
+
+    from tests.models import write_tiny_model
+
+    with pytest.raises(ValueError, match="int8 needs attention triton or sdpa"):
+        EngineConfig(model="m", kv_cache_dtype="int8", attention="flash")
+    with pytest.raises(ValueError, match="FlashAttention reads no quantised cache"):
+        resolve_attention("flash", CPU, torch.float16, "int8")
+    path = write_tiny_model(tmp_path, "bloom", demo_model_dir)  # a generic-path architecture
+    with pytest.raises(ValueError, match="int8 runs on the resident fast path only"):
+        build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, kv_cache_dtype="int8"))
+    with pytest.raises(ValueError, match="--host-kv-dtype"):
+        build_streaming_engine(EngineConfig(model=str(demo_model_dir), offload=True, kv_cache_dtype="int8"))
+
+
+def test_auto_attention_on_cuda_takes_triton_for_int8_on_any_card(monkeypatch):
+    """int8 needs no e4m3: Triton reads it below sm89 too (fp8 is refused there)."""
+    from batchgen.worker.engine import setup
+
+    monkeypatch.setattr(setup, "flash_works", lambda device, dtype: True)
+    monkeypatch.setattr(setup, "HAS_TRITON", True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    assert resolve_attention("auto", torch.device("cuda"), torch.float16, "int8") == "triton"
