@@ -24,6 +24,7 @@ and one matmul instead of three or two); the per-projection modules keep working
 """
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -509,12 +510,24 @@ class Int8Runtime:
         log.info("int8 kernel: %s", self.describe(threshold))
 
     def poll(self, num_tokens: int) -> bool:
-        """Runs the guard after a step; True when an input got its first outlier column: its linears take
-        the dense path from now on, so captured decode graphs (which skipped it) are stale."""
+        """Runs the guard after a step was launched (OutlierGuard.poll: no sync on CUDA); True when an input got its
+        first outlier column: its linears take the dense path from now on, so captured decode graphs (which
+        skipped it) are stale."""
+        return self._opens(lambda guard: guard.poll(num_tokens))
+
+    def collect(self) -> bool:
+        """The guard's pending snapshot read if the device has reached it, none queued; True as poll's."""
+        return self._opens(OutlierGuard.read)
+
+    def flush(self) -> bool:
+        """The guard's pending snapshot read, waiting for the device; True as poll's."""
+        return self._opens(OutlierGuard.flush)
+
+    def _opens(self, step: Callable[[OutlierGuard], int]) -> bool:
         if self.guard is None:
             return False
         opened = self.guard.num_opened
-        self.guard.poll(num_tokens)
+        step(self.guard)
         return self.guard.num_opened > opened
 
     def describe(self, threshold: float) -> str:

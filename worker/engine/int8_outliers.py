@@ -16,8 +16,9 @@ crosses 6 somewhere in most of its columns, none of them systematically).
   zero weights; adding a column writes the buffers in place, so captured graphs see it on their next replay.
 - `OutlierGuard`: every forward records, per token, the largest |x| among the int8 columns and where it is
   (scatters into flat device buffers: the column's max and how many tokens had it at or above the
-  threshold; no sync, fixed shapes). `poll(num_tokens)` reads them after a step that already synced, adds
-  the columns that became outlier features for later steps and logs them.
+  threshold; no sync, fixed shapes). `poll(num_tokens)`, after a step is launched, queues a snapshot of
+  which columns became outlier features (copied to the host, no sync) and adds those of an earlier snapshot the
+  device has finished, for later steps, and logs them.
 """
 
 import bisect
@@ -154,9 +155,14 @@ def slots_for(num_columns: int) -> int:
 
 
 class OutlierGuard:
-    """Every input's `seen` and `hits` as views of two flat buffers: one comparison and one sync tell whether
-    any int8 column of any linear became an outlier feature: massive since the last poll, or systematic over
-    the current window of GUARD_WINDOW_TOKENS tokens."""
+    """Every input's `seen` and `hits` as views of two flat buffers: one comparison tells whether any int8 column of
+    any linear became an outlier feature: massive since the last snapshot, or systematic over the current window of
+    GUARD_WINDOW_TOKENS tokens.
+
+    The comparison is a snapshot queued on the current stream (the mask and whether it holds any column, copied to
+    pinned host memory, then the counters reset), read once the device has reached it: on CUDA nothing waits for
+    the device, so columns are added a poll or more after the step that showed them. At most one snapshot is
+    pending; off CUDA every copy is synchronous and a snapshot is read at once."""
 
     def __init__(self, inputs: list[OutlierColumns], threshold: float):
         self.inputs, self.threshold = inputs, threshold
@@ -169,6 +175,11 @@ class OutlierGuard:
         for o, start in zip(inputs, self.offsets, strict=False):
             o.seen = self.seen[start:start + o.in_features]
             o.hits = self.hits[start:start + o.in_features]
+        pin = device.type == "cuda"  # non_blocking copies into pageable memory would sync
+        self.found_host = torch.zeros(self.offsets[-1], dtype=torch.bool, pin_memory=pin)  # the last snapshot's mask
+        self.any_host = torch.zeros((), dtype=torch.bool, pin_memory=pin)
+        self.event: torch.cuda.Event | None = torch.cuda.Event() if pin else None  # recorded after the copies
+        self.pending = False  # a snapshot queued and not read
         self.num_tokens = 0  # in the current window
         self.num_added = 0
         self.num_opened = 0  # inputs that got their first column from the guard
@@ -178,24 +189,57 @@ class OutlierGuard:
         return sum(len(o.columns) for o in self.inputs)
 
     def poll(self, num_tokens: int) -> int:
-        """After a step over num_tokens tokens: adds the int8 columns that became outlier features; returns how
-        many were added. A systematic column is judged once its window is full."""
+        """After a step over num_tokens tokens was launched: adds the columns of the pending snapshot if the device
+        has reached it, then queues the next snapshot if none is pending. Returns how many columns were added (off
+        CUDA, this call's own snapshot's). A systematic column is judged once its window is full."""
         if not self.inputs:
             return 0
         self.num_tokens += num_tokens
+        added = self.read()
+        if not self.pending:
+            self.snapshot()
+            added += self.read()  # off CUDA it is there already
+        return added
+
+    def snapshot(self) -> None:
+        """Queues on the current stream, without a sync: the columns found since the last snapshot (massive) or over
+        the window once it is full (systematic), copied to the host; then the counters reset for what follows."""
         window_full = self.num_tokens >= GUARD_WINDOW_TOKENS
         if window_full:
             found = outlier_features(self.seen, self.hits, self.num_tokens, self.threshold)
         else:
             found = self.seen >= MASSIVE_FACTOR * self.threshold
-        hits = torch.nonzero(found).flatten().tolist()
+        self.found_host.copy_(found, non_blocking=True)
+        self.any_host.copy_(found.any(), non_blocking=True)
+        if self.event is not None:
+            self.event.record()
+        self.pending = True
         if window_full:
             self.hits.zero_()
             self.num_tokens = 0
-        if window_full or hits:
-            self.seen.zero_()
-        if not hits:
+        self.seen.zero_()
+
+    def read(self, *, wait: bool = False) -> int:
+        """Adds the pending snapshot's columns if the device has reached it (wait: waits until it has); returns how
+        many were added."""
+        if not self.pending:
             return 0
+        if self.event is not None:
+            if wait:
+                self.event.synchronize()
+            elif not self.event.query():
+                return 0
+        self.pending = False
+        if not self.any_host.item():
+            return 0
+        return self._add(torch.nonzero(self.found_host).flatten().tolist())
+
+    def flush(self) -> int:
+        """Reads the pending snapshot, waiting for the device (tests; callers that want the columns in place now)."""
+        return self.read(wait=True)
+
+    def _add(self, hits: list[int]) -> int:
+        """The flat column indices found, added to their inputs; logs them and returns how many were added."""
         by_input: dict[int, list[int]] = {}
         for flat in hits:
             i = bisect.bisect_right(self.offsets, flat) - 1

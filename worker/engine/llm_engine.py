@@ -66,8 +66,9 @@ from batchgen.worker.engine.step_stats import StepStats
 from batchgen.worker.engine.warm_up import run as run_warm_up
 
 TOKENS_PER_S_WINDOW_S = 30.0
-# Queued decode steps skip the int8 outlier guard's poll (it reads the device): every this many, one step runs
-# synchronously and polls for all of them.
+# The int8 outlier guard snapshots its counters (a few small kernels and a copy of a byte per int8 input column, no
+# sync) after every synchronous step and every this many queued steps; the queued steps between only read a snapshot
+# the device has finished.
 GUARD_POLL_STEPS = 16
 
 log = logging.getLogger("batchgen.engine")
@@ -154,7 +155,7 @@ class LLMEngine:
         self._rate = TokenRate(TOKENS_PER_S_WINDOW_S)
         self._queued: QueuedStep | None = None  # a step launched and not yet read
         self._admit_here = False  # prompts a queued prefill could not take: the next synchronous step admits them
-        self._unpolled_tokens = 0  # tokens of queued steps since the guard's last poll
+        self._unpolled_tokens = 0  # tokens of queued steps launched since the guard's last snapshot
         self._unpolled_steps = 0
         self._last_read = 0.0
         self.warm_up_s = 0.0
@@ -239,7 +240,7 @@ class LLMEngine:
             self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens, kv_tokens,
                                 0 if self.blocks is None else self.blocks.num_used, num_mixed_rows=len(decoding))
             self.clock.settle(began, ended, prefill=bool(admitted), tokens=prompt_tokens or len(seqs), rows=len(seqs))
-            self._poll_int8(prompt_tokens + len(decoding) or len(seqs))  # sampling synced: no GPU time
+            self._poll_int8(prompt_tokens + len(decoding) or len(seqs))
             results = self._finish_step(seqs, sampled.tokens, sampled.logprobs)
             self._queue_decode(None)
         return results
@@ -253,26 +254,47 @@ class LLMEngine:
             if result is not None:
                 results.append(result)
         if not self.num_unfinished:  # drained: say where the time went (benchmarks read this line)
+            if self._queued is None:
+                self._flush_int8()
             self.clock.idle()
             log.info("engine steps: %s", json.dumps(self.step_stats.as_stats() | self.clock.as_stats()))
         self._last_read = time.perf_counter()
         return results
 
-    def _poll_int8(self, num_tokens: int) -> None:
-        """The outlier guard over the tokens since its last poll; an input's first outlier column changes its
-        linears' path, which captured graphs skipped: they are captured again."""
-        num_tokens += self._unpolled_tokens
-        self._unpolled_tokens = self._unpolled_steps = 0
-        if self.int8 is not None and self.int8.poll(num_tokens):
+    def _poll_int8(self, num_tokens: int, *, queued: bool = False) -> None:
+        """The outlier guard after a step over num_tokens tokens was launched (in stream order before the next
+        one): a snapshot after a synchronous step or every GUARD_POLL_STEPS queued ones, else only a finished
+        snapshot read; neither waits for the device. An input's first outlier column changes its linears' path,
+        which captured graphs skipped: they are dropped here, before the next replay, and captured again."""
+        if self.int8 is None:
+            return
+        self._unpolled_tokens += num_tokens
+        self._unpolled_steps += 1
+        if queued and self._unpolled_steps < GUARD_POLL_STEPS:
+            opened = self.int8.collect()
+        else:
+            opened = self.int8.poll(self._unpolled_tokens)
+            self._unpolled_tokens = self._unpolled_steps = 0
+        if opened:
+            self.runner.drop_graphs()
+
+    def _flush_int8(self) -> None:
+        """Drained with nothing in flight: the guard judges the last steps' tokens now, waiting for its snapshot
+        only, so the columns they found are in place before the next run."""
+        if self.int8 is None:
+            return
+        opened = self.int8.flush()
+        if self._unpolled_steps:
+            opened = self.int8.poll(self._unpolled_tokens) | self.int8.flush() | opened
+            self._unpolled_tokens = self._unpolled_steps = 0
+        if opened:
             self.runner.drop_graphs()
 
     # -- overlapped decode --------------------------------------------------------------------------
 
     def _host_free(self, seqs: list[Sequence]) -> bool:
         """Whether every row's next token can be picked on the device (sampler.pick): no logprobs, logits processors
-        or grammars; and the outlier guard is not due (queued steps skip its poll, which reads the device)."""
-        if self.int8 is not None and self.int8.guard is not None and self._unpolled_steps >= GUARD_POLL_STEPS:
-            return False
+        or grammars."""
         return (all(s.params.logprobs is None and s.matcher is None for s in seqs)
                 and not logits_processors.needed(seqs))
 
@@ -293,6 +315,7 @@ class LLMEngine:
             return False
         self._queued = QueuedStep.launch(admitted, picks, start, began, self.clock,
                                          sum(s.num_prompt_tokens for s in admitted))
+        self._poll_int8(self._queued.prompt_tokens, queued=True)
         return True
 
     def _queue_prefill(self) -> bool:
@@ -316,8 +339,8 @@ class LLMEngine:
     def _can_queue(self, ahead: int) -> bool:
         """Whether the next decode step may be queued before the unread one (ahead = 1; 0: none) is read: the
         runner takes device tokens, no row needs the host to choose its token (logprobs, processors and grammars
-        do; greedy and sampling rows do not), nothing waits for admission once the rows the unread step ends by
-        length are free (that changes the rows) and the outlier guard is not due."""
+        do; greedy and sampling rows do not) and nothing waits for admission once the rows the unread step ends by
+        length are free (that changes the rows)."""
         if not self.cfg.overlap_decode or not getattr(self.runner, "takes_device_tokens", False):
             return False
         seqs = list(self.scheduler.running.values())
@@ -369,6 +392,7 @@ class LLMEngine:
         except torch.OutOfMemoryError:  # the synchronous step that follows meets it again and backs off
             return
         self._queued = QueuedStep.launch(seqs, pick(logits, seqs, ahead), start, began, self.clock)
+        self._poll_int8(len(seqs), queued=True)
 
     def _compact(self) -> dict[int, int]:
         """Running rows moved down into the rows finished sequences left (--compact-rows, paged KV: block-table rows
@@ -400,8 +424,6 @@ class LLMEngine:
             kv_tokens = 0 if queued.prompt_tokens else sum(s.num_tokens for s, _ in live)
             self.step_stats.add(time.perf_counter() - start, len(queued.seqs), queued.prompt_tokens, kv_tokens,
                                 0 if self.blocks is None else self.blocks.num_used, overlapped=True)
-        self._unpolled_tokens += queued.prompt_tokens or len(queued.seqs)
-        self._unpolled_steps += 1
         results = self._finish_step([s for s, _ in live], [t for _, t in live], [None] * len(live))
         if queued.prompt_tokens and self._queued is None:  # the run of prefills ended: decode, queued as after a sync step
             self._queue_decode(None)
