@@ -21,6 +21,14 @@ KV_LAYOUTS = ("paged", "slots")
 COMPILE_SHAPES = ("dynamic", "static-features")  # kernels/compiled.py
 
 
+def refuse_flash_with(kv_cache_dtype: str, attention: str, why: str = "FlashAttention reads no quantised cache") -> None:
+    """A quantised KV cache decodes with the Triton kernel or sdpa: the one check the config, the runner and
+    resolve_attention make."""
+    if kv_cache_dtype != "auto" and attention == "flash":
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype} needs attention triton or sdpa (or auto), and {why}: use "
+                         "--attention sdpa or --kv-cache-dtype auto")
+
+
 @dataclass
 class EngineConfig:
     model: str  # HF id or local path
@@ -109,6 +117,4 @@ class EngineConfig:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
-        if self.kv_cache_dtype != "auto" and self.attention == "flash":
-            raise ValueError(f"kv_cache_dtype {self.kv_cache_dtype} needs attention triton or sdpa (or auto): "
-                             "FlashAttention reads no quantised cache")
+        refuse_flash_with(self.kv_cache_dtype, self.attention)

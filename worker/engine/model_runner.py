@@ -2,6 +2,7 @@
 (eager or from CUDA graphs)."""
 
 import torch
+from batchgen.worker.engine.config import refuse_flash_with
 from batchgen.worker.engine.cuda_graphs import DecodeGraphs
 from batchgen.worker.engine.faults import FaultInjector
 from batchgen.worker.engine.host_copy import to_device
@@ -77,9 +78,7 @@ class ModelRunner:
             raise ValueError(f"unknown attention {attention!r}: use flash, triton or sdpa")
         if kv_cache_dtype not in KV_TORCH_DTYPES:
             raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}: use {' or '.join(KV_TORCH_DTYPES)}")
-        if kv_cache_dtype != "auto" and attention == "flash":
-            raise ValueError(f"a {kv_cache_dtype} KV cache decodes with triton or sdpa: FlashAttention reads no "
-                             "quantised cache")
+        refuse_flash_with(kv_cache_dtype, attention)
         self.parts = parts
         self.device, self.dtype, self.max_model_len = device, dtype, max_model_len
         self.kv_cache_dtype = kv_cache_dtype

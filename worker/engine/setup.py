@@ -3,7 +3,7 @@ length, attention kernel; and the resident engine's budget (measured on CUDA, es
 
 import torch
 from batchgen.worker.engine import budget as budget_math
-from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.config import EngineConfig, refuse_flash_with
 from batchgen.worker.engine.kernels.backend import HAS_TRITON
 from batchgen.worker.engine.llama import flash_works
 from batchgen.worker.engine.loader import SUPPORTED_MODEL_TYPES, resolve_device, resolve_dtype
@@ -59,10 +59,7 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, kv_ca
         attention = "sdpa"
         if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_works(device, dtype):
             attention = "triton" if HAS_TRITON else "flash"
-    if kv_cache_dtype != "auto" and attention == "flash":
-        why = "Triton is not installed here" if name == "auto" else "FlashAttention reads no quantised cache"
-        raise ValueError(f"--kv-cache-dtype {kv_cache_dtype} decodes with the Triton kernel (or sdpa), and {why}: use "
-                         "--attention sdpa or --kv-cache-dtype auto")
+    refuse_flash_with(kv_cache_dtype, attention, *(["Triton is not installed here"] if name == "auto" else []))
     if (kv_cache_dtype.startswith("fp8") and attention == "triton" and device.type == "cuda"
             and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY):
         raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: Triton reads e4m3 on sm89+ (Ada, Hopper) only: use "
