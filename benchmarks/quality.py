@@ -23,8 +23,9 @@ at threshold 6), bnb_t0, int_mm (batchgen at threshold 0) and weight_only.
 --kv (on by default on CUDA; --kv-only skips the int8 variants): the KV cache's own drift, at S in KV_STRENGTHS. The
 default int8 model runs through the engine's ModelRunner, teacher-forced: each sequence's first half prefilled,
 the second half decoded one token a step on the true tokens, so every logit after the first comes from a decode
-step reading the cache. KL(fp32 ‖ runner) and top-1 for kv_cache_dtype auto (the compute dtype) and fp8 (e4m3,
-scales calibrated on the calibration ids as the engine does); kl_vs_auto is KL(auto runner ‖ fp8 runner). On
+step reading the cache. KL(fp32 ‖ runner) and top-1 for each kv_cache_dtype of config.KV_CACHE_DTYPES: auto (the
+compute dtype), fp8 and fp8v (e4m3, scales calibrated on the calibration ids as the engine does) and int8 (a scale
+per token and KV head); kl_vs_auto is KL(auto runner ‖ that runner). On
 CUDA the runner decodes with the Triton kernel, on CPU with masked sdpa.
 
 --speed (CUDA): a random Llama-3-8B-shape model of SPEED_LAYERS layers through the engine's ModelRunner: the
@@ -264,7 +265,7 @@ def teacher_forced(runner, ids: torch.Tensor) -> torch.Tensor:
 def kv_runner(model, kv_cache_dtype: str, device: torch.device, dtype: torch.dtype, max_model_len: int,
               calibration: torch.Tensor):
     """The engine's ModelRunner over model, its attention picked as the engine picks it, its elementwise kernels
-    fused as the engine's (compiled on CUDA), an fp8 cache calibrated."""
+    fused as the engine's (compiled on CUDA), an fp8 cache calibrated (an int8 cache needs none)."""
     from batchgen.worker.engine.fused import fuse_layers
     from batchgen.worker.engine.llama import LlamaParts
     from batchgen.worker.engine.model_runner import ModelRunner
@@ -306,7 +307,7 @@ def run_kv(shape: Shape, strength: float, device: torch.device, dtype: torch.dty
 
 
 def kv_table(rows: list[dict]) -> str:
-    lines = ["| S | KV cache | attention | KL(fp32 ‖ runner) | top-1 | KL(auto ‖ fp8) |", "|---|---|---|---|---|---|"]
+    lines = ["| S | KV cache | attention | KL(fp32 ‖ runner) | top-1 | KL(auto ‖ cache) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['strength']} | {r['kv_cache_dtype']} | {r['attention']} | {r['kl']:.4f} | {r['top1']:.3f} | "
               f"{r['kl_vs_auto']:.5f} |" for r in rows]
     return "\n".join(lines)
@@ -520,7 +521,7 @@ def main() -> None:
                         help="--speed: plant outlier channels at the q/k/v and gate/up inputs, their norm weights "
                              "times this (e.g. 20), so the default kernel keeps columns at every input")
     parser.add_argument("--kv", action=argparse.BooleanOptionalAction, default=None,
-                        help="KV cache dtypes auto vs fp8 through the ModelRunner (default: on for CUDA)")
+                        help="each KV cache dtype against auto through the ModelRunner (default: on for CUDA)")
     parser.add_argument("--kv-only", action="store_true", help="only the --kv section (no int8 variants)")
     parser.add_argument("--speed-only", action="store_true", help="only the --speed section")
     parser.add_argument("--shape", choices=("auto", "cpu", "gpu"), default="auto",
