@@ -114,7 +114,8 @@ def decode_efficiency(engine: dict, reqs: list[Req], bandwidth: float,
     steps, decode_s = engine.get("num_decode_steps"), engine.get("decode_s")
     if not steps or not decode_s:
         return None
-    total = steps * weights_bytes + decode_kv_bytes(reqs)
+    # the run's own cache (fp8: 1 byte an element, int8: 1 + its scale's share); fp16's where the line predates it
+    total = steps * weights_bytes + decode_kv_bytes(reqs, engine.get("kv_bytes_per_token") or KV_BYTES_PER_TOKEN)
     rate = total / decode_s
     out = {"bytes_per_step_gb": round(total / steps / 1e9, 2), "step_ms": round(1000 * decode_s / steps, 2),
            "achieved_gb_s": round(rate / 1e9), "bus_gb_s": round(bandwidth / 1e9),
@@ -355,8 +356,8 @@ def _diff(after: dict, before: dict | None) -> dict:
     for key in (k for k in after if k.startswith("mean_")):  # per decode step: this run's steps only
         d[key] = round((after[key] * after["num_decode_steps"] - before.get(key, 0) * before["num_decode_steps"])
                        / max(1, d["num_decode_steps"]), 1)
-    for key in (k for k in after if k.startswith("max_") or k == "num_kv_blocks"):  # peaks (the worker's life so
-        d[key] = after[key]  # far) and the pool's size
+    for key in (k for k in after if k.startswith("max_") or k in ("num_kv_blocks", "kv_bytes_per_token")):  # peaks
+        d[key] = after[key]  # (the worker's life so far), the pool's size, the cache's bytes a token
     d["decode_ms_per_step"] = round(1000 * d["decode_s"] / max(1, d["num_decode_steps"]), 2)
     return d
 

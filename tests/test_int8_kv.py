@@ -125,3 +125,25 @@ def test_auto_attention_on_cuda_takes_triton_for_int8_on_any_card(monkeypatch):
     monkeypatch.setattr(setup, "HAS_TRITON", True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
     assert resolve_attention("auto", torch.device("cuda"), torch.float16, "int8") == "triton"
+
+
+def test_the_engines_drain_line_names_its_cache_bytes_and_the_bulk_report_counts_them(int8_engine, caplog):
+    """The `engine steps:` line a drained engine logs carries the cache's bytes a token (int8: 1 + 4 / head_dim an
+    element), so benchmarks.bulk's decode efficiency counts the bytes this cache really reads, not fp16's."""
+    import json
+    import logging
+
+    from benchmarks.bulk import KV_BYTES_PER_TOKEN, decode_efficiency
+    from benchmarks.common import Req
+
+    caplog.set_level(logging.INFO, logger="batchgen.engine")
+    serves_greedy_requests(int8_engine)
+    lines = [r.getMessage().split("engine steps: ", 1)[1] for r in caplog.records if "engine steps: " in r.getMessage()]
+    engine = json.loads(lines[-1])
+    assert engine["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 1.25
+    reqs = [Req("a", [1] * 2000, 500)]  # Llama-7B's fp16 K/V: about 1.2 GB a decode step
+    line = {"num_decode_steps": 499, "decode_s": 1.0}
+    fp16 = decode_efficiency(line, reqs, 1e12, weights_bytes=0)
+    int8 = decode_efficiency(line | {"kv_bytes_per_token": KV_BYTES_PER_TOKEN * 1.03125 / 2}, reqs, 1e12,
+                             weights_bytes=0)
+    assert int8["bytes_per_step_gb"] == pytest.approx(fp16["bytes_per_step_gb"] * 1.03125 / 2, rel=0.01)

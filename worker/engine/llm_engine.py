@@ -257,7 +257,8 @@ class LLMEngine:
             if self._queued is None:
                 self._flush_int8()
             self.clock.idle()
-            log.info("engine steps: %s", json.dumps(self.step_stats.as_stats() | self.clock.as_stats()))
+            log.info("engine steps: %s", json.dumps(self.step_stats.as_stats() | self.clock.as_stats()
+                                                    | {"kv_bytes_per_token": self.budget.kv_bytes_per_token}))
         self._last_read = time.perf_counter()
         return results
 
