@@ -60,14 +60,14 @@ def test_the_same_memory_budget_holds_more_fp8_rows(demo_model_dir):
     assert auto.num_kv_blocks * 2 < fp8.num_kv_blocks  # the same memory, more blocks
 
 
-def test_writing_then_reading_the_cache_reproduces_kv_within_e4m3_rounding(fp8_engine):
-    """The prompt's own K/V (captured from a prefill) against what the fp8 cache gives back for them."""
-    runner = fp8_engine.runner
-    ids = calibration_ids(fp8_engine.tokenizer, CPU, num_seqs=2, seq_len=48)
-    prompts = ids.tolist()
+def prefilled(engine: LLMEngine, read):
+    """Two 48-token prompts of calibration text prefilled into rows 0 and 1 (their blocks held meanwhile): the K/V
+    each layer computed for them ({layer: (k, v)}), and read(runner) of the cache they were written into."""
+    runner = engine.runner
+    prompts = calibration_ids(engine.tokenizer, CPU, num_seqs=2, seq_len=48).tolist()
     seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     packed, positions, starts = pack_prompts(prompts, CPU)
-    blocks = fp8_engine.blocks  # rows 0 and 1 hold blocks for the prompts while the test writes them
+    blocks = engine.blocks  # rows 0 and 1 hold blocks for the prompts while the test writes them
     for row in (0, 1):
         blocks.reserve(row, 48)
     runner.set_blocks(blocks.take_changes())
@@ -75,11 +75,19 @@ def test_writing_then_reading_the_cache_reproduces_kv_within_e4m3_rounding(fp8_e
         prefill_step(runner.parts, packed, positions, starts,
                      lambda layer, tokens, k, v: seen.__setitem__(layer, (k.clone(), v.clone())), runner.attention)
         runner.prefill([0, 1], prompts)
-    caches = {name: torch.stack([gather_rows(c[layer], runner.block_table, 2, 48) for layer in range(c.shape[0])])
-              for name, c in (("k", runner.k_cache), ("v", runner.v_cache))}
+    cached = read(runner)
     for row in (0, 1):
         blocks.release(row)
     runner.set_blocks(blocks.take_changes())
+    return seen, cached
+
+
+def test_writing_then_reading_the_cache_reproduces_kv_within_e4m3_rounding(fp8_engine):
+    """The prompt's own K/V (captured from a prefill) against what the fp8 cache gives back for them."""
+    runner = fp8_engine.runner
+    seen, caches = prefilled(fp8_engine, lambda runner: {
+        name: torch.stack([gather_rows(c[layer], runner.block_table, 2, 48) for layer in range(c.shape[0])])
+        for name, c in (("k", runner.k_cache), ("v", runner.v_cache))})
     for layer, (k, v) in seen.items():
         for cache, scale, exact in ((caches["k"], runner.k_scale, k), (caches["v"], runner.v_scale, v)):
             # text like the calibration's stays inside e4m3's range (448), with room to spare: nothing saturates

@@ -9,13 +9,12 @@ import pytest
 import torch
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.int8_outliers import calibration_ids
-from batchgen.worker.engine.llama import from_cache, gather_rows, gather_scales, prefill_step
+from batchgen.worker.engine.llama import from_cache, gather_rows, gather_scales
 from batchgen.worker.engine.llm_engine import LLMEngine
-from batchgen.worker.engine.model_runner import pack_prompts
 from batchgen.worker.engine.setup import resolve_attention
 
 from benchmarks.quality import kl_top1, teacher_forced
-from tests.test_fp8_kv import auto_runner
+from tests.test_fp8_kv import auto_runner, prefilled
 from tests.test_fp8_kv import test_the_fp8_engine_serves_greedy_requests as serves_greedy_requests
 
 pytestmark = pytest.mark.slow
@@ -50,27 +49,14 @@ def test_the_same_memory_budget_holds_more_int8_rows_than_auto_and_fewer_than_fp
 def test_writing_then_reading_the_cache_reproduces_kv_within_half_an_int8_step(int8_engine):
     """The prompt's own K/V (captured from a prefill) against what the int8 cache gives back: each value within
     half a step (absmax / 254) of its token and head's absmax, and each head's largest value exact."""
-    runner = int8_engine.runner
-    ids = calibration_ids(int8_engine.tokenizer, CPU, num_seqs=2, seq_len=48)
-    prompts = ids.tolist()
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    packed, positions, starts = pack_prompts(prompts, CPU)
-    blocks = int8_engine.blocks
-    for row in (0, 1):
-        blocks.reserve(row, 48)
-    runner.set_blocks(blocks.take_changes())
-    with torch.inference_mode():
-        prefill_step(runner.parts, packed, positions, starts,
-                     lambda layer, tokens, k, v: seen.__setitem__(layer, (k.clone(), v.clone())), runner.attention)
-        runner.prefill([0, 1], prompts)
-    read = {}
-    for name, cache, scale in (("k", runner.k_cache, runner.k_scale), ("v", runner.v_cache, runner.v_scale)):
-        read[name] = [from_cache(gather_rows(cache[layer], runner.block_table, 2, 48),
-                                 gather_scales(scale[layer], runner.block_table, 2, 48), torch.float32)
-                      for layer in range(cache.shape[0])]
-    for row in (0, 1):
-        blocks.release(row)
-    runner.set_blocks(blocks.take_changes())
+
+    def dequantised(runner):
+        return {name: [from_cache(gather_rows(cache[layer], runner.block_table, 2, 48),
+                                  gather_scales(scale[layer], runner.block_table, 2, 48), torch.float32)
+                       for layer in range(cache.shape[0])]
+                for name, cache, scale in (("k", runner.k_cache, runner.k_scale), ("v", runner.v_cache, runner.v_scale))}
+
+    seen, read = prefilled(int8_engine, dequantised)
     for layer, (k, v) in seen.items():
         for got, exact in ((read["k"][layer], k), (read["v"][layer], v)):
             got = got.reshape(exact.shape)
