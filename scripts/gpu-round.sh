@@ -32,8 +32,9 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh defaults-twice  # bulk on the defaults, twice
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh baselines  # HF's baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh same-machine  # bulk, then HF's baselines
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv  # int8 K/V: kernel, drift, bulk
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-ab  # bulk: defaults, int8 again, fp8v
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv  # bulk: int8 K/V, the defaults
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-ab  # HF's baselines; bulk int8 again
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-quality  # int8 K/V: drift, kernel
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh fp8v  # fp8v K/V: its drift; bulk against fp16, fp8
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh rotate-bulk  # the default, rotated, int_mm: bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh alloc    # the workload in-process: allocator
@@ -268,17 +269,18 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=150 bulk fp8v 1 static-features 0 1 fp8v
     BULK_S=150 bulk fp8 1 static-features 0 1 fp8
     ;;
-  int8kv)  # --kv-cache-dtype int8 (a scale per token and KV head): the kernel at the bulk state against fp16 and fp8,
-    # its drift on the GPU beside fp8 and fp8v, and bulk end to end
+  int8kv)  # --kv-cache-dtype int8 (a scale per token and KV head) end to end, then the defaults on the same machine
+    BULK_S=210 bulk int8 1 static-features 0 1 int8  # builds the llama7b model (once per machine)
+    BULK_S=160 bulk defaults 1 static-features 0
+    ;;
+  int8kv-ab)  # right after int8kv on the same machine: HF's baselines (the 3x goal), then int8 K/V again
+    run 270 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
+    BULK_S=160 bulk int8_again 1 static-features 0 1 int8
+    ;;
+  int8kv-quality)  # int8 K/V's drift on the GPU beside fp8 and fp8v; its kernel at the bulk state against fp16, fp8
+    run 200 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --out "$out/quality_kv.json"
     run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 384 --mean-ctx 357 --max-len 768 \
         --out "$out/kernels"
-    run 200 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --out "$out/quality_kv.json"
-    BULK_S=210 bulk int8 1 static-features 0 1 int8  # builds the llama7b model (once per machine)
-    ;;
-  int8kv-ab)  # right after int8kv on the same machine: the defaults, int8 K/V again, fp8v
-    BULK_S=160 bulk defaults 1 static-features 0
-    BULK_S=160 bulk int8_again 1 static-features 0 1 int8
-    BULK_S=160 bulk fp8v 1 static-features 0 1 fp8v
     ;;
   workload-only)  # the in-process half of `workload`, with a profiled window of the run
     profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352 \
