@@ -199,6 +199,11 @@ def attention(args, shape: Shape, device: str) -> dict:
              lambda s=splits: row(lambda: decode_attention(q, ki8, vi8, lens, scale, num_splits=s, **int8), "int8"))
     _try(variants, "triton int8, graph",
          lambda: row(lambda: decode_attention(q, ki8, vi8, lens, scale, **int8), "int8", graph=True))
+    for block_n, warps, stages in FP8_CONFIGS:  # int8 tiles carry fp8's bytes (plus a scale a key): the same sweep
+        tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+        _try(variants, f"triton int8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+            lambda: decode_attention(q, ki8, vi8, lens, scale, **int8, **t), "int8")
+            | {"max_abs_err": checked(ki8, vi8, **int8, **t)})
     for splits in sorted({out["default_splits"], 1, 2, 4}):
         _try(variants, f"triton fp16, splits {splits}",
              lambda s=splits: row(lambda: decode_attention(q, k, v, lens, scale, num_splits=s), "fp16"))

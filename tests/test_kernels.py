@@ -472,14 +472,14 @@ def test_the_runners_triton_decode_step_over_an_fp8_cache_equals_masked_attentio
 
 def test_the_kernel_benchmark_smoke_runs_every_triton_attention_variant(tmp_path):
     """benchmarks.kernels --smoke (tiny shapes, the interpreter): each Triton decode attention variant it times on a
-    GPU, each launch with fp16 and fp8 K/V, runs and agrees with the reference; only the CUDA-only rows fail."""
+    GPU, each launch with fp16, fp8 and int8 K/V, runs and agrees with the reference; only the CUDA-only rows fail."""
     out = tmp_path / "kernels.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.kernels", "--smoke", "--only", "attention", "--out",
                            str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     variants = json.loads(out.read_text())["attention"]["variants"]
     triton = {name: v for name, v in variants.items() if name.startswith("triton") and "graph" not in name}
-    assert sum("block_n" in name for name in triton) == 12 and all("error" not in v for v in triton.values()), triton
+    assert sum("block_n" in name for name in triton) == 18 and all("error" not in v for v in triton.values()), triton
     assert all(v["max_abs_err"] < 1e-3 for name, v in triton.items() if "max_abs_err" in v)
 
 
