@@ -199,6 +199,9 @@ def attention(args, shape: Shape, device: str) -> dict:
              lambda s=splits: row(lambda: decode_attention(q, ki8, vi8, lens, scale, num_splits=s, **int8), "int8"))
     _try(variants, "triton int8, graph",
          lambda: row(lambda: decode_attention(q, ki8, vi8, lens, scale, **int8), "int8", graph=True))
+    _try(variants, "triton int8, V scales in p", lambda: row(
+        lambda: decode_attention(q, ki8, vi8, lens, scale, **int8, scales_in_p=True), "int8")
+        | {"max_abs_err": checked(ki8, vi8, **int8, scales_in_p=True)})
     for block_n, warps, stages in FP8_CONFIGS:  # int8 tiles carry fp8's bytes (plus a scale a key): the same sweep
         tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
         _try(variants, f"triton int8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(

@@ -303,7 +303,7 @@ def test_kernels_compile_for_hopper():
                              "dequantize", "int8 gemm", "int8 gemm 256x128", "int8 gemm 256x128 dense",
                              "int8 gemm 256x64", "int8 gemm 256x64 dense", "gemv 1 row", "gemv 16 rows",
                              "kv store fp16", "kv store fp8", "rope", "split int8", "one split paged int8",
-                             "kv store int8"}
+                             "one split paged int8 scales in p", "kv store int8"}
     assert compiled["rope"]["vectorised"]
     assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8"))
     assert compiled["kv store fp8"]["div_rn"] and compiled["kv store int8"]["div_rn"]  # the quantising stores
@@ -533,8 +533,9 @@ def _int8_cache(k: torch.Tensor, v: torch.Tensor):
     return kq, vq, ks.transpose(1, 2).contiguous(), vs.transpose(1, 2).contiguous()
 
 
+@pytest.mark.parametrize("scales_in_p", [False, True])
 @pytest.mark.parametrize("splits", [1, 2])
-def test_int8_kv_with_a_scale_per_token_equals_the_dequantised_reference(splits):
+def test_int8_kv_with_a_scale_per_token_equals_the_dequantised_reference(splits, scales_in_p):
     """--kv-cache-dtype int8: each token's head rounded on its own absmax; the kernel scales a key's score column and
     a value's row by that token's scale. Within an output ulp of the reference, and within int8 rounding of exact."""
     k, v = _cache(4, 2, 128, torch.float16)
@@ -545,8 +546,9 @@ def test_int8_kv_with_a_scale_per_token_equals_the_dequantised_reference(splits)
     kq, vq, ks, vs = _int8_cache(k, v)
     assert kq.dtype == torch.int8 and ks.shape == (4, 2, MAX_LEN)
     ref = decode_attention_reference(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs)
-    out = decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs, num_splits=splits)
-    ulp = 2.0**-10 * ref.float().abs().amax(dim=-1, keepdim=True)  # V dequantised to fp16 before the product
+    out = decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs, num_splits=splits,
+                           scales_in_p=scales_in_p)
+    ulp = 2.0**-10 * ref.float().abs().amax(dim=-1, keepdim=True)  # V (or p) rounded to fp16 before the product
     assert ((out.float() - ref.float()).abs() <= 2 * ulp + 1e-3).all()
     exact = decode_attention_reference(q, k, v, lengths, 128**-0.5)
     relative = (ref.float() - exact.float()).abs().max() / exact.float().abs().max()

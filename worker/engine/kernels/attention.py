@@ -41,7 +41,8 @@ if HAS_TRITON:
                       scale_stride, stride_sr, stride_sh, qk_scale,
                       GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr,
-                      HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, TOKEN_SCALES: tl.constexpr):
+                      HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, TOKEN_SCALES: tl.constexpr,
+                      SCALES_IN_P: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -106,12 +107,22 @@ if HAS_TRITON:
             p = tl.exp2(s - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr[:, None] + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
-            if TOKEN_SCALES:
-                v = v.to(tl.float32) * vs[:, None]
-            if DOT_F32:
-                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            if TOKEN_SCALES and SCALES_IN_P:  # p · scale / the block's largest scale (in [0, 1]: no fp16 subnormals
+                top = tl.max(vs, 0)  # for the weights that matter), the product times that largest scale after
+                top = tl.where(top > 0.0, top, 1.0)
+                pv = p * (vs / top)[None, :]
+                if DOT_F32:
+                    pv = tl.dot(pv, v.to(tl.float32), input_precision="ieee")
+                else:
+                    pv = tl.dot(pv.to(q.dtype), v.to(q.dtype))
+                acc = acc * alpha[:, None] + pv * top
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+                if TOKEN_SCALES:
+                    v = v.to(tl.float32) * vs[:, None]
+                if DOT_F32:
+                    acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
             m = m_new
 
         has_keys = l_sum > 0.0  # an empty split (short row) contributes nothing to the merge
@@ -180,7 +191,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      v_scale: torch.Tensor | float | None = None, cache_rows: torch.Tensor | None = None,
                      block_table: torch.Tensor | None = None, num_splits: int | None = None,
                      out: torch.Tensor | None = None, block_n: int = BLOCK_N, num_warps: int = 4,
-                     num_stages: int = 2) -> torch.Tensor:
+                     num_stages: int = 2, scales_in_p: bool = False) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype, float8_e4m3fn or int8), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
@@ -190,7 +201,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_table [rows, max_blocks] int32: a paged cache, k/v_cache [num_blocks, block_size, kv_heads, head_dim]
     (block_size is the kernel's block_n): key t of cache row r lives in block block_table[r, t // block_size].
     num_splits: default num_kv_splits(max_len, n, kv_heads); fix it per captured graph.
-    block_n / num_warps / num_stages: keys per inner step and the launch's tuning (a power of two >= 16)."""
+    block_n / num_warps / num_stages: keys per inner step and the launch's tuning (a power of two >= 16).
+    scales_in_p: an int8 cache's V scales multiply the softmax weights (normalised by the block's largest) instead of
+    each V element: fewer multiplies a block, the same result within fp16 rounding (benchmarks.kernels times both)."""
     n, num_heads, head_dim = q.shape
     rows, max_len, num_kv_heads, _ = k_cache.shape
     if block_table is not None:
@@ -233,7 +246,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         scale * _LOG2E, GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         NUM_SPLITS=splits, HAS_ROWS=cache_rows is not None, HAS_BLOCKS=block_table is not None,
         DOT_F32=interpreting() and q.dtype == torch.bfloat16,  # Triton's interpreter multiplies bf16 bits as integers
-        TOKEN_SCALES=token_scales, num_warps=num_warps, num_stages=num_stages)
+        TOKEN_SCALES=token_scales, SCALES_IN_P=scales_in_p, num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out
     _merge_kernel[(n, num_heads)](

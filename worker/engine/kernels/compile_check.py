@@ -59,14 +59,16 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                                     ("split paged fp16", "*fp16", True, 2), ("split paged fp8", "*fp8e4nv", True, 2),
                                     ("one split paged fp16", "*fp16", True, 1),
                                     ("one split paged fp8", "*fp8e4nv", True, 1),
-                                    ("split int8", "*i8", False, 2), ("one split paged int8", "*i8", True, 1)):
+                                    ("split int8", "*i8", False, 2), ("one split paged int8", "*i8", True, 1),
+                                    ("one split paged int8 scales in p", "*i8", True, 1)):
         k = build(attention._split_kernel, arch, {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32",
                                                   "CacheRows": "*i32", "BlockTable": "*i32", "KScale": "*fp32",
                                                   "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32",
                                                   "Out": "*fp16"},
                   SPLIT_INTS, ["qk_scale"], dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64,
                                                  NUM_SPLITS=splits, HAS_ROWS=not paged, HAS_BLOCKS=paged,
-                                                 DOT_F32=False, TOKEN_SCALES=kv == "*i8"),
+                                                 DOT_F32=False, TOKEN_SCALES=kv == "*i8",
+                                                 SCALES_IN_P=name.endswith("in p")),
                   num_warps=4, num_stages=2)
         out[name] = {"shared_bytes": k.metadata.shared}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
