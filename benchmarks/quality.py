@@ -23,9 +23,11 @@ at threshold 6), bnb_t0, int_mm (batchgen at threshold 0) and weight_only.
 --kv (on by default on CUDA; --kv-only skips the int8 variants): the KV cache's own drift, at S in KV_STRENGTHS. The
 default int8 model runs through the engine's ModelRunner, teacher-forced: each sequence's first half prefilled,
 the second half decoded one token a step on the true tokens, so every logit after the first comes from a decode
-step reading the cache. KL(fp32 ‖ runner) and top-1 for each kv_cache_dtype of config.KV_CACHE_DTYPES: auto (the
-compute dtype), fp8 and fp8v (e4m3, scales calibrated on the calibration ids as the engine does) and int8 (a scale
-per token and KV head); kl_vs_auto is KL(auto runner ‖ that runner). On
+step reading the cache. KL(fp32 ‖ runner) and top-1 for the default int8 weights (rotated, KV_WEIGHTS) under each
+kv_cache_dtype of config.KV_CACHE_DTYPES: auto (the compute dtype), fp8 and fp8v (e4m3, scales calibrated on the
+calibration ids as the engine does) and int8 (a scale per token and KV head); kl_vs_auto is KL(auto runner ‖ that
+runner). #20's references (bnb threshold 6, weight-only) run with the auto cache, and each default row gives its
+KL's ratio to theirs: whether a cache dtype keeps the default inside #20's bounds. On
 CUDA the runner decodes with the Triton kernel, on CPU with masked sdpa.
 
 --speed (CUDA): a random Llama-3-8B-shape model of SPEED_LAYERS layers through the engine's ModelRunner: the
@@ -63,6 +65,8 @@ THRESHOLD = 6.0
 VARIANTS = ("default", "default_rotated", "default_fp16_ends", "bnb_t6", "bnb_t0", "int_mm", "weight_only")
 CPU_VARIANTS = ("default", "default_rotated", "default_fp16_ends", "bnb_t6", "int_mm", "weight_only")  # bnb_t0 is int_mm's arithmetic, and bnb is slow here
 KV_STRENGTHS: tuple[float, ...] = (0, 20)
+KV_WEIGHTS = "default_rotated"  # the engine's default int8 weights, under each KV cache dtype
+KV_REFERENCES = ("bnb_t6", "weight_only")  # #20's bounds, teacher-forced through the same runner (auto cache)
 SPEED_LAYERS = 16
 SPEED_ROWS = 256
 SPEED_PREFILL = (16, 256)  # prompts x tokens
@@ -280,7 +284,9 @@ def kv_runner(model, kv_cache_dtype: str, device: torch.device, dtype: torch.dty
 
 
 def run_kv(shape: Shape, strength: float, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """KL(fp32 ‖ runner) with the default int8 kernel for each KV cache dtype (the module docstring's --kv)."""
+    """KL(fp32 ‖ runner) with the default int8 weights (rotated, as the engine's) for each KV cache dtype, and with
+    #20's references (KV_REFERENCES) over the auto cache; each default row's ratios to them (the module docstring's
+    --kv)."""
     ref = build_planted(shape, strength, device=device)
     ids = eval_ids(shape, seed=2)
     calibration = eval_ids(shape, seed=4, num_seqs=4, seq_len=shape.seq_len)
@@ -290,26 +296,37 @@ def run_kv(shape: Shape, strength: float, device: torch.device, dtype: torch.dty
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
         del ref
-        model = load_variant(Path(tmp), "default", device, dtype, calibration)
-        for kv in KV_CACHE_DTYPES:
-            runner = kv_runner(model, kv, device, dtype, shape.seq_len, calibration)
-            logits[kv] = teacher_forced(runner, ids)
-            kl, top1 = kl_top1(ref_logits, logits[kv])
-            row = {"strength": strength, "kv_cache_dtype": kv, "attention": runner.attention, "kl": round(kl, 6),
-                   "top1": round(top1, 4), "kl_vs_auto": round(kl_top1(logits["auto"], logits[kv])[0], 6)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del runner
-        del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+        for variant in (KV_WEIGHTS, *KV_REFERENCES):
+            model = load_variant(Path(tmp), variant, device, dtype, calibration)
+            for kv in KV_CACHE_DTYPES if variant == KV_WEIGHTS else ("auto",):
+                runner = kv_runner(model, kv, device, dtype, shape.seq_len, calibration)
+                out = teacher_forced(runner, ids)
+                logits.setdefault(kv, out)
+                kl, top1 = kl_top1(ref_logits, out)
+                rows.append({"strength": strength, "variant": variant, "kv_cache_dtype": kv,
+                             "attention": runner.attention, "kl": round(kl, 6), "top1": round(top1, 4),
+                             "kl_vs_auto": round(kl_top1(logits["auto"], out)[0], 6) if variant == KV_WEIGHTS
+                             else None})
+                print(json.dumps(rows[-1]), flush=True)
+                del runner
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    references = {r["variant"]: r["kl"] for r in rows if r["variant"] in KV_REFERENCES}
+    for r in rows:
+        if r["variant"] == KV_WEIGHTS:
+            r.update({f"vs_{name}": round(r["kl"] / max(kl, 1e-12), 3) for name, kl in references.items()})
     return rows
 
 
 def kv_table(rows: list[dict]) -> str:
-    lines = ["| S | KV cache | attention | KL(fp32 ‖ runner) | top-1 | KL(auto ‖ cache) |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['strength']} | {r['kv_cache_dtype']} | {r['attention']} | {r['kl']:.4f} | {r['top1']:.3f} | "
-              f"{r['kl_vs_auto']:.5f} |" for r in rows]
+    lines = ["| S | weights | KV cache | attention | KL(fp32 ‖ runner) | top-1 | KL(auto ‖ cache) | ÷ bnb t6 (≤ 1.25) | "
+             "÷ weight-only (≤ 2) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [f"{r['kl_vs_auto']:.5f}" if r["kl_vs_auto"] is not None else "",
+                 *(f"{r[key]:.2f}" if key in r else "" for key in ("vs_bnb_t6", "vs_weight_only"))]
+        lines.append(f"| {r['strength']} | {r['variant']} | {r['kv_cache_dtype']} | {r['attention']} | {r['kl']:.4f} | "
+                     f"{r['top1']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -184,16 +184,24 @@ def test_the_kv_cache_dtype_is_a_flag_with_its_env_name(monkeypatch):
 
 
 def test_the_quality_benchmarks_kv_section_runs_on_cpu():
-    """benchmarks/quality.py --kv on a tiny planted model: the runner's drift from fp32 with each cache dtype."""
+    """benchmarks/quality.py --kv on a tiny planted model: the runner's drift from fp32 with each cache dtype, and
+    #20's references through the same runner."""
     from benchmarks.quality import Shape, run_kv
 
     tiny = Shape(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=256, vocab=512, num_seqs=2, seq_len=16,
                  num_prompts=1, prompt_len=4, new_tokens=2)
-    auto, fp8, fp8v, int8 = run_kv(tiny, 20, CPU, torch.float32)
+    auto, fp8, fp8v, int8, bnb, weight_only = run_kv(tiny, 20, CPU, torch.float32)
     assert [r["kv_cache_dtype"] for r in (auto, fp8, fp8v, int8)] == ["auto", "fp8", "fp8v", "int8"]
+    assert {r["variant"] for r in (auto, fp8, fp8v, int8)} == {"default_rotated"}
     assert auto["attention"] == fp8["attention"] == fp8v["attention"] == int8["attention"] == "sdpa"
     assert auto["kl_vs_auto"] == 0 < fp8v["kl_vs_auto"] and fp8["kl_vs_auto"] > 0 and int8["kl_vs_auto"] > 0
     assert auto["kl"] > 0 and fp8["kl"] > 0 and 0 <= fp8["top1"] <= 1
+    # #20's references over the auto cache, and each default row's ratio to them
+    assert (bnb["variant"], weight_only["variant"]) == ("bnb_t6", "weight_only")
+    assert bnb["kv_cache_dtype"] == weight_only["kv_cache_dtype"] == "auto" and bnb["kl"] > 0 < weight_only["kl"]
+    for row in (auto, int8):
+        assert row["vs_bnb_t6"] == pytest.approx(row["kl"] / bnb["kl"], rel=1e-2)
+        assert row["vs_weight_only"] == pytest.approx(row["kl"] / weight_only["kl"], rel=1e-2)
 
 
 def test_fp8v_keeps_k_exact_and_v_in_e4m3_at_three_quarters_of_the_bytes(fp8_engine, demo_model_dir):
