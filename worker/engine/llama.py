@@ -251,7 +251,8 @@ class CacheAttention:
                  v_scale: torch.Tensor | None = None, block_table: torch.Tensor | None = None):
         n, device = positions.shape[0], positions.device
         self.parts, self.k_cache, self.v_cache, self.positions = parts, k_cache, v_cache, positions
-        self.k_scale, self.v_scale = k_scale, v_scale  # [layers, kv_heads], for an fp8 cache
+        # an fp8 cache's [layers, kv_heads]; an int8 cache's per token, [layers, rows or blocks, kv_heads, tokens]
+        self.k_scale, self.v_scale = k_scale, v_scale
         self.kv_len, self.block_table = kv_len, block_table
         quantised = is_quantised(k_cache) or is_quantised(v_cache)  # fp8v: V only
         if quantised and attention == "flash":
