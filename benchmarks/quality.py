@@ -301,7 +301,8 @@ def run_kv(shape: Shape, strength: float, device: torch.device, dtype: torch.dty
             for kv in KV_CACHE_DTYPES if variant == KV_WEIGHTS else ("auto",):
                 runner = kv_runner(model, kv, device, dtype, shape.seq_len, calibration)
                 out = teacher_forced(runner, ids)
-                logits.setdefault(kv, out)
+                if variant == KV_WEIGHTS:
+                    logits[kv] = out
                 kl, top1 = kl_top1(ref_logits, out)
                 rows.append({"strength": strength, "variant": variant, "kv_cache_dtype": kv,
                              "attention": runner.attention, "kl": round(kl, 6), "top1": round(top1, 4),

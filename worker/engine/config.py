@@ -21,12 +21,13 @@ KV_LAYOUTS = ("paged", "slots")
 COMPILE_SHAPES = ("dynamic", "static-features")  # kernels/compiled.py
 
 
-def refuse_flash_with(kv_cache_dtype: str, attention: str, why: str = "FlashAttention reads no quantised cache") -> None:
+def refuse_flash_with(kv_cache_dtype: str, attention: str, why: str | None = None) -> None:
     """A quantised KV cache decodes with the Triton kernel or sdpa: the one check the config, the runner and
-    resolve_attention make."""
+    resolve_attention make (why: what the error gives as the reason flash was reached)."""
     if kv_cache_dtype != "auto" and attention == "flash":
-        raise ValueError(f"kv_cache_dtype {kv_cache_dtype} needs attention triton or sdpa (or auto), and {why}: use "
-                         "--attention sdpa or --kv-cache-dtype auto")
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype} needs attention triton or sdpa (or auto), and "
+                         f"{why or 'FlashAttention reads no quantised cache'}: use --attention sdpa or "
+                         "--kv-cache-dtype auto")
 
 
 @dataclass

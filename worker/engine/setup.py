@@ -59,7 +59,7 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, kv_ca
         attention = "sdpa"
         if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_works(device, dtype):
             attention = "triton" if HAS_TRITON else "flash"
-    refuse_flash_with(kv_cache_dtype, attention, *(["Triton is not installed here"] if name == "auto" else []))
+    refuse_flash_with(kv_cache_dtype, attention, "Triton is not installed here" if name == "auto" else None)
     if (kv_cache_dtype.startswith("fp8") and attention == "triton" and device.type == "cuda"
             and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY):
         raise ValueError(f"--kv-cache-dtype {kv_cache_dtype}: Triton reads e4m3 on sm89+ (Ada, Hopper) only: use "

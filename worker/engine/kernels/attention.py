@@ -64,8 +64,6 @@ if HAS_TRITON:
         if TOKEN_SCALES:  # int8: a scale per token, read with its keys
             v_scale = 1.0
             s_scale = qk_scale
-            ks_base = KScale + cache_row.to(tl.int64) * stride_sr + kv_head * stride_sh
-            vs_base = VScale + cache_row.to(tl.int64) * stride_sr + kv_head * stride_sh
         else:
             v_scale = tl.load(VScale + kv_head * scale_stride)
             s_scale = qk_scale * tl.load(KScale + kv_head * scale_stride)  # qk_scale holds log2(e): exp2 below
@@ -92,14 +90,13 @@ if HAS_TRITON:
                 s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * s_scale
             else:
                 s = tl.dot(q, k.to(q.dtype)) * s_scale
-            if TOKEN_SCALES:
+            if TOKEN_SCALES:  # laid out as the keys: [rows or blocks, kv_heads, tokens]
                 if HAS_BLOCKS:
                     at = page * stride_sr + kv_head * stride_sh + (t - block)
-                    ks = tl.load(KScale + at, mask=t_mask, other=0.0)
-                    vs = tl.load(VScale + at, mask=t_mask, other=0.0)
                 else:
-                    ks = tl.load(ks_base + t, mask=t_mask, other=0.0)
-                    vs = tl.load(vs_base + t, mask=t_mask, other=0.0)
+                    at = cache_row.to(tl.int64) * stride_sr + kv_head * stride_sh + t
+                ks = tl.load(KScale + at, mask=t_mask, other=0.0)
+                vs = tl.load(VScale + at, mask=t_mask, other=0.0)
                 s = s * ks[None, :]
             s = tl.where(t_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))

@@ -40,6 +40,15 @@ if HAS_TRITON:
         TensorDescriptor = None
 
     @triton.jit
+    def round_half_even(x, INTERPRETED: tl.constexpr):
+        """float32 x (|x| <= 127 where it is used) rounded half to even, as torch.round."""
+        if INTERPRETED:  # noqa: SIM108  (no libdevice there; adding 1.5·2^23 leaves no fraction bits)
+            out = (x + 12582912.0) - 12582912.0
+        else:
+            out = libdevice.rint(x)
+        return out
+
+    @triton.jit
     def _quantize_kernel(X, Xq, Absmax, Outliers, Argmax, Seen, Hits, stride_xm, stride_qm, K, threshold,
                          BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr, KEEP: tl.constexpr,
                          HAS_ARGMAX: tl.constexpr, GUARD: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -63,11 +72,7 @@ if HAS_TRITON:
                 tl.atomic_add(Hits + col, (absmax >= threshold).to(tl.float32))
         inv = 127.0 / absmax
         inv = tl.where(absmax > 0.0, inv, 0.0)  # an all-zero row quantises to zeros, not NaN
-        scaled = x.to(tl.float32) * inv
-        if INTERPRETED:  # noqa: SIM108  (no libdevice there; adding 1.5·2^23 leaves no fraction bits: |scaled| <= 127)
-            xq = (scaled + 12582912.0) - 12582912.0
-        else:
-            xq = libdevice.rint(scaled)  # round half to even, as torch.round
+        xq = round_half_even(x.to(tl.float32) * inv, INTERPRETED)
         tl.store(Xq + row.to(tl.int64) * stride_qm + k, xq.to(tl.int8), mask=k_mask)
         tl.store(Absmax + row, absmax)
 
@@ -87,11 +92,7 @@ if HAS_TRITON:
                 x = tl.where(tl.load(Outliers + cols, mask=g_mask[:, None], other=0) != 0, 0.0, x).to(tl.float16)
             absmax = tl.max(tl.abs(x), 1).to(tl.float32)
             inv = tl.where(absmax > 0.0, 127.0 / absmax, 0.0)
-            scaled = x.to(tl.float32) * inv[:, None]
-            if INTERPRETED:  # noqa: SIM108  (as _quantize_kernel)
-                xq = (scaled + 12582912.0) - 12582912.0
-            else:
-                xq = libdevice.rint(scaled)
+            xq = round_half_even(x.to(tl.float32) * inv[:, None], INTERPRETED)
             tl.store(Xq + row.to(tl.int64) * stride_qm + cols, xq.to(tl.int8), mask=g_mask[:, None])
             tl.store(Scales + row.to(tl.int64) * stride_sm + g0 + rg, absmax, mask=g_mask)
 

@@ -13,7 +13,7 @@ from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from triton.language.extra import libdevice
+    from batchgen.worker.engine.kernels.int8_ops import round_half_even
 
     _FP8_MAX = tl.constexpr(FP8_MAX)  # a Triton function reads module globals only as constexpr
 
@@ -52,11 +52,7 @@ if HAS_TRITON:
             xf = tl.where(mask, x.to(tl.float32), 0.0)
             absmax = tl.max(tl.abs(xf), 1)[:, None]
             inv = tl.where(absmax > 0.0, tl.math.div_rn(tl.full(absmax.shape, 127.0, tl.float32), absmax), 0.0)
-            scaled = xf * inv
-            if INTERPRETED:  # noqa: SIM108  (as int8_ops' quantiser: no libdevice in the interpreter)
-                x = ((scaled + 12582912.0) - 12582912.0).to(tl.int8)
-            else:
-                x = libdevice.rint(scaled).to(tl.int8)
+            x = round_half_even(xf * inv, INTERPRETED).to(tl.int8)
             at = (slot // width) * (HEADS * width) + h * width + slot % width
             tl.store(Scale + at, absmax / 127.0, mask=h < HEADS)
         elif QUANT:  # an fp8 cache (Dest its bytes): x / its head's scale, saturated, as float8_e4m3fn bits
@@ -92,9 +88,7 @@ def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: t
     width = cache.shape[1]
     if not (HAS_TRITON and (x.is_cuda if triton_kernel is None else triton_kernel)):
         if int8:
-            x, token_scale = quantize_kv_int8(x)
-            at = (slots // width)[:, None] * (heads * width) + torch.arange(heads, device=x.device) * width
-            scale.view(-1).index_copy_(0, (at + (slots % width)[:, None]).reshape(-1), token_scale.reshape(-1))
+            x, scale.transpose(1, 2)[slots // width, slots % width] = quantize_kv_int8(x)
         else:
             x = quantize_kv(x, scale) if quant else x.to(cache.dtype)
         if x.dtype.itemsize == 1:  # index_copy_ has no float8 kernel: the bytes are what move
