@@ -218,6 +218,7 @@ class BatchClient:
         return batch
 
     def recent(self, limit: int = 100) -> list[Batch]:
+        self.store.expire_overdue()  # as get(): a listed batch must not show in_progress past its window
         return self.store.recent(limit)
 
     def wait(self, batch_id: str, timeout_s: float | None = None, poll_s: float = 1.0,

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from tests.cli import batchgen, start_worker
+from tests.cli import batchgen, eventually, start_worker
 from tests.conftest import data_keys
 
 
@@ -97,6 +97,19 @@ def test_stdin_and_text_inputs(redis_url, redis_conn, tmp_path):
     proc = batchgen("submit", "-", "--model", "m", "--json", redis_url=redis_url, check=True,
                     input=b"first prompt\nsecond prompt\n")
     assert json.loads(proc.stdout)["request_counts"]["total"] == 2
+
+
+def test_list_shows_an_overdue_batch_as_expired_as_status_does(redis_url, redis_conn, tmp_path):
+    sub = batchgen("submit", write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}]), "--model", "nobody-serves",
+                   "--completion-window", "1s", redis_url=redis_url, check=True)
+    batch_id = sub.stdout.decode().strip()
+
+    def listed_expired() -> bool:
+        (listed,) = json.loads(batchgen("list", "--json", redis_url=redis_url, check=True).stdout)
+        return listed["status"] == "expired" and listed["request_counts"]["failed"] == 1
+
+    eventually(listed_expired, "list to show the overdue batch as expired", timeout_s=10, poll_s=0.2)
+    assert json.loads(batchgen("status", batch_id, "--json", redis_url=redis_url).stdout)["status"] == "expired"
 
 
 def test_demo_model_json_names_a_loadable_model(tmp_path):
