@@ -189,6 +189,14 @@ def test_a_bad_file_is_refused_with_its_line_errors_and_nothing_is_stored(server
     assert list(sdk.files.list()) == [] and list((tmp_path / "files").iterdir()) == []
 
 
+def test_an_empty_upload_is_refused_by_its_own_name_not_the_servers_staging_path(server, tmp_path):
+    with pytest.raises(openai.BadRequestError) as err:
+        server.sdk().files.create(file=("empty.jsonl", b"\n"), purpose="batch")
+    (line_error,) = err.value.body["errors"]["data"]
+    assert line_error["code"] == "empty_input" and line_error["message"].startswith("empty.jsonl: ")
+    assert str(tmp_path) not in err.value.body["message"] and ".part" not in err.value.body["message"]
+
+
 def test_the_batch_endpoint_must_match_every_line(server, tmp_path):
     sdk = server.sdk()
     with open(write_jsonl(tmp_path / "b.jsonl", completion_lines("m")), "rb") as fh:

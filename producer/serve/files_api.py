@@ -57,7 +57,7 @@ def files_router(client: BatchClient, files: FileStore) -> APIRouter:
             raise ApiError(400, f"purpose must be 'batch', got {purpose!r}", code="invalid_value", param="purpose")
         file_id, staged = files.stage(file.file)
         try:
-            check = check_file(staged, limits)
+            check = check_file(staged, limits, file.filename or file_id)
         except BaseException:
             staged.unlink(missing_ok=True)
             raise

@@ -21,12 +21,13 @@ class FileCheck:
             self.line_errors.append({"code": code, "line": line, "message": message, "param": None})
 
 
-def check_file(path: Path, limits: InputLimits) -> FileCheck:
+def check_file(path: Path, limits: InputLimits, name: str) -> FileCheck:
+    """name: the client's file name, shown in messages in place of the server's staging path."""
     check = FileCheck()
     resolver = ModelResolver(None)
     for parsed in validate_batch(read_inputs([str(path)], limits=limits), resolver):
         if parsed.error is not None:
-            check.add(parsed.line, parsed.error.code, parsed.error.message)
+            check.add(parsed.line, parsed.error.code, parsed.error.message.replace(str(path), name))
             continue
         assert parsed.request is not None
         check.num_lines += 1
