@@ -20,9 +20,11 @@ from batchgen.producer.errors import (
     EXIT_INVALID,
     EXIT_OK,
     EXIT_TIMEOUT,
+    EXIT_USAGE,
     Commands,
     emit,
     error_object,
+    fail,
     handles_errors,
 )
 from batchgen.producer.worker_view import worker_view
@@ -450,7 +452,7 @@ def run(inputs, output, errors, ordered, skip_invalid, as_json, max_tokens, temp
     """Run INPUTS in-process, no Redis (like `vllm run-batch`); same engine and output format."""
     from batchgen.jobs.inputs import InputLimits
     from batchgen.worker.config import WorkerConfig
-    from batchgen.worker.local_run import read_local, run_local
+    from batchgen.worker.local_run import check_writable, read_local, run_local
 
     handler = logging.StreamHandler()  # stderr: the start-up block, the --model override note, engine lines
     handler.setFormatter(JsonLogFormatter() if as_json else logging.Formatter("%(message)s"))
@@ -469,6 +471,10 @@ def run(inputs, output, errors, ordered, skip_invalid, as_json, max_tokens, temp
             click.echo(json.dumps({**error_object("invalid_input", f"{len(local.invalid)} invalid line(s)"),
                                    **local.summary(output)}))
         sys.exit(EXIT_INVALID)
+    try:
+        check_writable([output, errors])
+    except OSError as exc:
+        fail(as_json, "unwritable_output", f"cannot write {exc.filename or output}: {exc.strerror or exc}", EXIT_USAGE)
     from batchgen.worker.factory import build_engine
     from batchgen.worker.startup import log_startup
 

@@ -222,6 +222,18 @@ def test_run_rejects_a_bad_file_before_loading_any_model(tmp_path):
     assert "top_p" in stderr and "engine path" not in stderr and not (tmp_path / "out.jsonl").exists()
 
 
+def test_run_refuses_an_unwritable_output_before_loading_any_model(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    out = tmp_path / "in.jsonl" / "out.jsonl"  # its directory is a file
+    proc = batchgen("run", src, "-o", str(out), "--model", str(tmp_path / "no-such-model"), "--json", redis_url="x")
+    assert proc.returncode == 2, proc.stderr  # a usage error, found before the model was looked for
+    assert json.loads(proc.stdout)["error"]["code"] == "unwritable_output"
+    assert b"Traceback" not in proc.stderr and b"engine path" not in proc.stderr
+    ok = batchgen("run", src, "-o", str(tmp_path / "new" / "out.jsonl"), "--model", str(tmp_path / "no-such-model"),
+                  redis_url="x")
+    assert ok.returncode == 10 and not (tmp_path / "new" / "out.jsonl").exists()  # the test left no empty file
+
+
 def test_model_overriding_body_model_is_logged_with_a_count(redis_url, redis_conn, tmp_path):
     rows = [{"prompt": "a", "model": "gpt-4o"}, {"prompt": "b", "model": "gpt-4o"}, {"prompt": "c", "model": "m"},
             {"prompt": "d"}]

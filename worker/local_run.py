@@ -59,6 +59,17 @@ def read_local(inputs: Sequence[str], *, model: str, params: ParamDefaults, limi
     return local
 
 
+def check_writable(paths: Sequence[str | None]) -> None:
+    """Opens each output file as LineSink will, so an unwritable -o fails before the model loads (OSError)."""
+    for path in map(Path, filter(None, paths)):
+        existed = path.exists()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+        if not existed:  # only a test: a run that fails to load its model leaves no empty file behind
+            path.unlink()
+
+
 def run_local(local: LocalBatch, output: str, errors: str | None, engine: Engine, *, model: str,
               ordered: bool = True, progress: bool = True) -> dict[str, Any]:
     """Generates every request of local and writes its lines (the rejected ones too, at their positions)."""
