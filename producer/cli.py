@@ -137,7 +137,9 @@ def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, 
     cfg = ProducerConfig(redis_url=redis_url, max_line_bytes=max_line_bytes, max_requests=max_requests,
                          max_tokens_limit=max_tokens_limit, chunk_size=chunk_size,
                          completion_window_s=parse_window(completion_window))
-    meta = dict(m.split("=", 1) for m in metadata if "=" in m)
+    if bad := [m for m in metadata if "=" not in m]:
+        raise click.BadParameter(f"{bad[0]!r} is not key=value", param_hint="'--metadata'")
+    meta = dict(m.split("=", 1) for m in metadata)
     client = BatchClient(cfg)
     # a million-line batch takes a while to validate and store: show it going (on a terminal, not with --json)
     with tqdm(desc="validating", unit=" lines", disable=as_json or not sys.stderr.isatty(), leave=False) as bar:

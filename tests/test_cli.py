@@ -81,6 +81,16 @@ def test_skip_invalid_puts_bad_lines_in_the_error_output(redis_url, redis_conn, 
     assert "line 2" in err_line["response"]["body"]["error"]["message"]
 
 
+def test_a_metadata_flag_without_a_value_is_a_usage_error_not_dropped(redis_url, redis_conn, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    proc = batchgen("submit", src, "--model", "m", "--metadata", "team", "--json", redis_url=redis_url)
+    assert proc.returncode == 2 and b"'team' is not key=value" in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[0])["error"]["code"] == "usage"
+    assert data_keys(redis_conn) == []
+    kept = batchgen("submit", src, "--model", "m", "--metadata", "a=b=c", "--json", redis_url=redis_url, check=True)
+    assert json.loads(kept.stdout)["metadata"] == {"a": "b=c"}
+
+
 def test_exit_codes_for_scripts(redis_url, redis_conn, tmp_path):
     assert batchgen("status", "batch_nope", redis_url=redis_url).returncode == 4
     sub = batchgen("submit", write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}]), "--model", "nobody-serves",
