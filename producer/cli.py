@@ -244,7 +244,7 @@ def cancel(batch_id, redis_url, as_json):
 
 
 @main.command("list")
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @redis_url_option
 @json_option
 @handles_errors

@@ -91,6 +91,15 @@ def test_a_metadata_flag_without_a_value_is_a_usage_error_not_dropped(redis_url,
     assert json.loads(kept.stdout)["metadata"] == {"a": "b=c"}
 
 
+def test_list_limit_below_one_is_a_usage_error_not_every_batch(redis_url, redis_conn, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    for _ in range(2):
+        batchgen("submit", src, "--model", "m", redis_url=redis_url, check=True)
+    assert len(json.loads(batchgen("list", "--limit", "1", "--json", redis_url=redis_url, check=True).stdout)) == 1
+    for limit in ("0", "-1"):
+        assert batchgen("list", "--limit", limit, redis_url=redis_url).returncode == 2
+
+
 def test_exit_codes_for_scripts(redis_url, redis_conn, tmp_path):
     assert batchgen("status", "batch_nope", redis_url=redis_url).returncode == 4
     sub = batchgen("submit", write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}]), "--model", "nobody-serves",
