@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -206,6 +207,21 @@ def test_the_batch_endpoint_must_match_every_line(server, tmp_path):
     assert err.value.body["param"] == "endpoint"
     with pytest.raises(openai.NotFoundError):
         sdk.batches.retrieve("batch_doesnotexist")
+
+
+def test_a_wrong_url_and_a_malformed_body_get_openais_error_shape(server):
+    wrong = openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0)  # "/v1" left out
+    with pytest.raises(openai.NotFoundError) as err:
+        wrong.batches.list()
+    assert err.value.body == {"message": "Invalid URL (GET /batches)", "type": "invalid_request_error",
+                              "param": None, "code": None}
+    request = urllib.request.Request(server.base + "/v1/batches", data=b'{"input_file_id": "f"', method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        urllib.request.urlopen(request, timeout=30)
+    error = json.load(bad.value)["error"]
+    assert bad.value.code == 400 and error["param"] is None and error["code"] == "invalid_json"
+    assert error["message"].startswith("the request body is not valid JSON")
 
 
 def test_api_keys_are_required_when_set(redis_url, redis_conn, tmp_path):

@@ -11,13 +11,19 @@ from batchgen.producer.client import BatchClient
 from batchgen.producer.serve.auth import key_checker
 from batchgen.producer.serve.batches_api import batches_router
 from batchgen.producer.serve.dashboard import WorkerHistory, dashboard_state
-from batchgen.producer.serve.errors import ApiError, api_error_handler, validation_error_handler
+from batchgen.producer.serve.errors import (
+    ApiError,
+    api_error_handler,
+    http_error_handler,
+    validation_error_handler,
+)
 from batchgen.producer.serve.files_api import files_router
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger(__name__)
@@ -44,6 +50,7 @@ def create_app(client: BatchClient, files: FileStore, api_keys: Sequence[str] = 
     app = FastAPI(title="batchgen", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(ApiError, api_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     auth = [Depends(key_checker(api_keys))]
     app.include_router(files_router(client, files), prefix="/v1", dependencies=auth)
     app.include_router(batches_router(client, files), prefix="/v1", dependencies=auth)
