@@ -120,7 +120,9 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     copy chunk MiB (0: a copy per part of a layer)[/resident layers]]]]]] ("auto": the engine's), e.g. "device",
     "cpu/int8", "auto/int8", "cpu/auto/auto/6", "cpu/auto/auto/0/3", "cpu/auto/auto/0/auto/0", "cpu/auto/auto/0/auto/auto/8";
     run_phase also takes a
-    "+passive" suffix: OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning between parallel regions)."""
+    "+passive" suffix: OMP_WAIT_POLICY=PASSIVE (OpenMP threads sleep instead of spinning between parallel regions).
+    ":KERNEL" after it all: --int8-kernel KERNEL (e.g. "auto:int_mm", threshold 0's arithmetic; the default streams
+    the outlier kernel)."""
     import torch
     from batchgen.jobs.schema import Request, SamplingParams
     from batchgen.worker.engine.config import EngineConfig
@@ -129,7 +131,8 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     cuda = device == "cuda"
     if cuda:
         cap_memory()
-    parts = variant.split("/")
+    levers, _, int8_kernel = variant.partition(":")
+    parts = levers.split("/")
     kv_placement, kv_dtype, prefill, device_kv, slots, chunk, resident = parts + ["auto"] * (7 - len(parts))
     if chunk != "auto":  # another: how the weight stream cuts a layer's copies
         from batchgen.worker.offload import layer_stream
@@ -138,7 +141,7 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
     cfg = EngineConfig(model=model, device=device, max_vram_bytes=CAP_BYTES if cuda else None, offload=None if cuda else True,
                        max_model_len=256, max_prefill_tokens=None if prefill == "auto" else int(prefill),
                        max_batch_size=NUM_REQUESTS,
-                       host_kv_dtype=kv_dtype)
+                       host_kv_dtype=kv_dtype, int8_kernel=int8_kernel or "auto")
     start = time.perf_counter()
     if (kv_placement, device_kv, slots, resident) == ("auto",) * 4:
         from batchgen.worker.factory import build_llm_engine
@@ -189,6 +192,7 @@ def phase_batchgen(model: str, device: str, variant: str = "auto") -> dict:
         "plan": None if plan is None else vars(plan) | {"tokens_per_streamed_gb": round(plan.tokens_per_streamed_gb, 2)},
         "steps": engine.step_stats.as_stats(), "attention": engine.attention, "dtype": str(engine.runner.dtype),
         "offload": {k: v for k, v in engine.stats().extra.items() if k.startswith("offload_") or k == "graph_capture_s"},
+        "int8": {k: v for k, v in engine.stats().extra.items() if k.startswith("int8_")},
     }
     steps = out["steps"]
     if steps["num_decode_steps"]:

@@ -35,6 +35,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv  # bulk: int8 K/V, the defaults
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-ab  # HF's baselines; bulk int8 again
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-quality  # int8 K/V: drift, kernel
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh small-vram-int8  # 13B under 6 GiB: the streamed
+#                                                                        # outlier kernel against int_mm
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh fp8v  # fp8v K/V: its drift; bulk against fp16, fp8
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh rotate-bulk  # the default, rotated, int_mm: bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh alloc    # the workload in-process: allocator
@@ -281,6 +283,10 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     run 200 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --out "$out/quality_kv.json"
     run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 384 --mean-ctx 357 --max-len 768 \
         --out "$out/kernels"
+    ;;
+  small-vram-int8)  # small VRAM's streamed layers on the resident default's arithmetic (outlier kernel calibrated
+    # through the stream, rotated down projections) against threshold 0's int_mm, which they ran before: 13B, 6 GiB
+    run 570 small_vram python3 -m benchmarks.small_vram --out-dir "$out/small_vram" --skip-baselines --levers "auto:int_mm"
     ;;
   workload-only)  # the in-process half of `workload`, with a profiled window of the run
     profile workload "" --max-model-len 768 --workload 2048 --prefill-steps 40 --prompt 352 \

@@ -66,9 +66,8 @@ def test_a_streamed_model_mixes_its_rows_in_as_one_more_prompt_group(tmp_path, m
     from batchgen.worker.offload import build
 
     model = write_demo_model(tmp_path / "demo4", num_layers=4)
-    # the resident engine unrotated: the streamed fast path's int8 arithmetic (tests/test_offload.py's `resident`)
-    want = run_engine(LLMEngine.from_config(EngineConfig(model=str(model), max_batch_size=3, int8_rotate="none")),
-                      requests())
+    # the resident engine: the streamed fast path runs its int8 arithmetic (tests/test_offload.py's `resident`)
+    want = run_engine(LLMEngine.from_config(EngineConfig(model=str(model), max_batch_size=3)), requests())
     monkeypatch.setattr(build, "STREAMING_PREFILL_GROUP_TOKENS", 8)  # several prompt groups per prefill
     engine = build.build_streaming_engine(EngineConfig(model=str(model), max_batch_size=3, offload=True,
                                                        mixed_steps=True), kv_placement="device", num_resident=0)

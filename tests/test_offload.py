@@ -70,9 +70,9 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resident(model_dir):
-    """The resident engine with the streamed fast path's arithmetic: int8 unrotated (--int8-rotate auto rotates
-    only where the outlier kernel runs; the streamer runs int_mm, which the demo model's activations make equal)."""
-    return greedy(LLMEngine.from_config(EngineConfig(model=str(model_dir), max_batch_size=4, int8_rotate="none")))
+    """The resident engine's default: the streamed one runs the same int8 arithmetic (outlier kernel, rotated down
+    projections; tests/test_offload_int8.py plants outliers)."""
+    return greedy(LLMEngine.from_config(EngineConfig(model=str(model_dir), max_batch_size=4)))
 
 
 @pytest.mark.slow
@@ -403,14 +403,12 @@ def test_piecewise_cuda_graphs_replay_what_the_eager_pieces_compute(model_dir, h
 
 @pytest.fixture(scope="module")
 def resident_with(model_dir):
-    """The resident engine's greedy output with some modules kept in the compute dtype (--fp16-modules), unrotated
-    as the streamed fast path runs (see `resident`)."""
+    """The resident engine's greedy output with some modules kept in the compute dtype (--fp16-modules)."""
     outputs = {}
 
     def get(fp16_modules: tuple[str, ...], kernel: str = "auto"):
         if (fp16_modules, kernel) not in outputs:
-            cfg = EngineConfig(model=str(model_dir), max_batch_size=4, fp16_modules=fp16_modules, int8_kernel=kernel,
-                               int8_rotate="none")
+            cfg = EngineConfig(model=str(model_dir), max_batch_size=4, fp16_modules=fp16_modules, int8_kernel=kernel)
             outputs[fp16_modules, kernel] = greedy(LLMEngine.from_config(cfg))
         return outputs[fp16_modules, kernel]
 

@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 from batchgen.worker.engine import rotation
 from batchgen.worker.engine.config import INT8_ROTATE
-from batchgen.worker.engine.int8_outliers import OutlierColumns, OutlierGuard, calibration_ids, slots_for
+from batchgen.worker.engine.int8_outliers import (
+    OUTLIER_SLACK,
+    OutlierColumns,
+    OutlierGuard,
+    calibration_ids,
+    slots_for,
+)
 from batchgen.worker.engine.kernels import int8_ops, tuned
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, triton_available
 from batchgen.worker.engine.kernels.compiled import Compilable
@@ -235,10 +241,10 @@ class Int8Linear(torch.nn.Module):
         if launch is not None:  # one quantising kernel (recording for the guard too), one GEMM whose epilogue
             # dequantises and adds the outlier columns' dense product (no [m, out] product written and read back)
             guard = GuardBuffers(o.keep, o.seen, o.hits, o.threshold)
-            xq, absmax = int8_ops.quantize_guarded(x2, guard, keep=bool(o.columns))
-            dense = int8_ops.DenseColumns(x2, o.idx, self.dense) if o.columns else None
+            xq, absmax = int8_ops.quantize_guarded(x2, guard, keep=o.dense_path)
+            dense = int8_ops.DenseColumns(x2, o.idx, self.dense) if o.dense_path else None
             return int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype, dense=dense, **launch)
-        if not o.columns:  # int_mm plus the guard (the engine recaptures its graphs once a column is added)
+        if not o.dense_path:  # int_mm plus the guard (the engine recaptures its graphs once a column is added)
             xq, absmax, argmax = KERNELS.quantize_argmax(x2)
             o.record(absmax, argmax)
             return KERNELS.dequantize(int_mm(xq, self.cb), absmax, self.scb, self.bias, x2.dtype)
@@ -295,6 +301,8 @@ class FusedInt8Linear(Int8Linear):
 
     def attach(self, outliers: OutlierColumns, dtype: torch.dtype) -> None:
         super().attach(outliers, dtype)
+        if not self.view_modules:  # small VRAM's streamed layers keep no per-projection modules
+            return
         start = 0
         for view, size in zip(self.view_modules, self.split_sizes, strict=True):
             view.outliers, view.dense = outliers, self.dense[:, start:start + size]
@@ -375,17 +383,25 @@ def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
 
 def find_outliers(model: torch.nn.Module, threshold: float, ids: torch.Tensor | None, device: torch.device) -> None:
     """Calibration: one OutlierColumns per input, its columns those that reached the threshold over ids."""
-    owners, dtype = _owners(model), _compute_dtype(model)
+    run = None if ids is None else lambda: model(input_ids=ids.to(device), use_cache=False)
+    calibrate_owners(_owners(model), threshold, device, _compute_dtype(model), run)
+
+
+def calibrate_owners(owners: list[Int8Linear], threshold: float, device: torch.device, dtype: torch.dtype,
+                     run: Callable[[], object] | None, *, capacity: int | None = None) -> list[OutlierColumns]:
+    """One OutlierColumns per owner's input, its columns those that reached the threshold while run() ran the
+    owners (None: none found, only the guard adds them). capacity: a fixed slot count (a budget counted it
+    beforehand), keeping the largest columns that leave OUTLIER_SLACK free; else slots_for the columns found."""
     inputs = [OutlierColumns(m.in_features, threshold, device) for m in owners]
     for owner, o in zip(owners, inputs, strict=True):
         owner.attach(o, dtype)
     found = [[] for _ in inputs]
-    if ids is not None:
+    if run is not None:
         for o in inputs:
             o.calibrating = True
         try:
             with torch.inference_mode():
-                model(input_ids=ids.to(device), use_cache=False)
+                run()
         finally:
             for o in inputs:
                 o.calibrating = False
@@ -393,11 +409,16 @@ def find_outliers(model: torch.nn.Module, threshold: float, ids: torch.Tensor | 
         if device.type == "cuda":  # the pass's activations and dequantised weights: not the engine's to keep
             torch.cuda.empty_cache()
     for owner, o, cols in zip(owners, inputs, found, strict=True):
+        if capacity is not None and len(cols) > capacity - OUTLIER_SLACK:
+            log.warning("int8: %d outlier columns at an input of %d; the %d largest fit its fixed slots", len(cols),
+                        o.in_features, capacity - OUTLIER_SLACK)
+            cols = cols[:capacity - OUTLIER_SLACK]
         o.seen.zero_()
         o.hits.zero_()
-        o.resize(slots_for(len(cols)))
+        o.resize(capacity or slots_for(len(cols)))
         owner.attach(o, dtype)
         o.add(cols)
+    return inputs
 
 
 def outlier_guard(model: torch.nn.Module, threshold: float) -> OutlierGuard:
@@ -507,6 +528,10 @@ class Int8Runtime:
         if self.kernel == OUTLIER_KERNEL:
             find_outliers(model, threshold, calibration_ids(tokenizer, device), device)
             self.guard = outlier_guard(model, threshold)
+        self.announce(threshold)
+
+    def announce(self, threshold: float) -> None:
+        """The start-up log line that names the kernel (stats() carries the same numbers)."""
         log.info("int8 kernel: %s", self.describe(threshold))
 
     def poll(self, num_tokens: int) -> bool:

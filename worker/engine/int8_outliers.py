@@ -89,6 +89,14 @@ class OutlierColumns:
         self.owners: list[DenseOwner] = []
         self.calibrating = False
         self.warned_full = False
+        # the dense product runs before the first column too (over zero rows): the linears' path never changes, so
+        # graphs captured once stay valid (small VRAM's piecewise graphs cannot be captured again mid-run)
+        self.fixed_path = False
+
+    @property
+    def dense_path(self) -> bool:
+        """Whether the linears add the outlier columns' dense product."""
+        return self.fixed_path or bool(self.columns)
 
     @property
     def capacity(self) -> int:

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 import torch
 from batchgen.worker.engine import budget as budget_math
 from batchgen.worker.engine.config import EngineConfig
-from batchgen.worker.engine.int8_linear import KERNELS, resolve_int8_kernel
-from batchgen.worker.engine.llama import LlamaParts, head_dim_of
+from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, Int8Runtime, calibrate_owners
+from batchgen.worker.engine.int8_outliers import OutlierGuard, calibration_ids
+from batchgen.worker.engine.llama import LlamaParts, head_dim_of, prefill_step
 from batchgen.worker.engine.llm_engine import LLMEngine
 from batchgen.worker.engine.loader import load_model
-from batchgen.worker.engine.model_runner import ModelRunner, memory_info
+from batchgen.worker.engine.model_runner import ModelRunner, memory_info, pack_prompts
 from batchgen.worker.engine.setup import (
     LATE_OVERHEAD_BYTES,
     max_model_len_for,
@@ -33,7 +34,7 @@ from batchgen.worker.offload.host_attention import Kernel, cache_bytes
 from batchgen.worker.offload.host_head import HostEmbedding
 from batchgen.worker.offload.host_kv import measure_cpu_attention_cost
 from batchgen.worker.offload.host_runner import HostAttentionRunner
-from batchgen.worker.offload.layer_stream import LayerStreamer, layer_bytes
+from batchgen.worker.offload.layer_stream import LayerStreamer, layer_bytes, outlier_bytes
 from batchgen.worker.offload.plan import STAGE_SLOTS, StreamPlan, int8_weights_bytes, plan_streaming
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ log = logging.getLogger(__name__)
 # STREAMING_PREFILL_GROUP_TOKENS, which bounds its activations on the device.
 STREAMING_MAX_PREFILL_TOKENS = 8192
 STREAMING_PREFILL_GROUP_TOKENS = 1024
+# Dense rows per int8 input for the outlier kernel's columns, fixed before the plan (which counts them): calibration
+# keeps the largest columns that leave int8_outliers.OUTLIER_SLACK of them for the guard.
+OUTLIER_SLOTS = 16
 
 
 def wants_streaming(cfg: EngineConfig, device: torch.device, dtype: torch.dtype) -> bool:
@@ -120,6 +124,23 @@ class Offload:
         self.streamer.reset_timing()
 
 
+def calibrate_streamed(int8: Int8Runtime, parts: LlamaParts, streamer: LayerStreamer, tokenizer, *, threshold: float,
+                       slots: int, attention: str, device: torch.device, dtype: torch.dtype) -> None:
+    """The outlier kernel's columns from a prefill of the calibration text through the streamed layers (their K/V
+    dropped), `slots` per input; every input takes the dense path from the start, so piecewise graphs captured
+    once stay valid as the guard adds columns. Sets int8's guard and logs the kernel."""
+    ids, positions, starts = pack_prompts(calibration_ids(tokenizer, device).tolist(), device)
+
+    def run() -> torch.Tensor:
+        return prefill_step(parts, ids, positions, starts, lambda *_: None, attention, STREAMING_PREFILL_GROUP_TOKENS)
+
+    inputs = calibrate_owners(streamer.owners(), threshold, device, dtype, run, capacity=slots)
+    for o in inputs:
+        o.fixed_path = True
+    int8.guard = OutlierGuard(inputs, threshold)
+    int8.announce(threshold)
+
+
 def refuse_kv_cache_dtype(cfg: EngineConfig) -> None:
     """The fast path's small-VRAM mode keeps its KV cache in the compute dtype or in --host-kv-dtype."""
     if cfg.kv_cache_dtype != "auto":
@@ -161,12 +182,13 @@ def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num
                                                                      budget_math.available_ram_bytes())
     if cfg.inject_oom:
         log.warning("BATCHGEN_INJECT_OOM is ignored in small-VRAM mode")
-    if cfg.int8_rotate == "down":  # its layer streamer copies bnb's own rows; rotated ones are not built there
-        raise ValueError("--int8-rotate down is not available in small-VRAM mode on the fast path")
-    int8_kernel = resolve_int8_kernel(cfg.int8_kernel, device)
-    if int8_kernel != "bnb" and device.type == "cuda":
-        KERNELS.compile()
+    # on the host: the int8 kernel the resident engine would run, down projections rotated where it rotates them;
+    # the streamer copies those rows, and the outlier columns are found once the layers stream on the device
+    int8 = Int8Runtime.convert(model, cfg.int8_kernel, threshold=cfg.int8_threshold, device=device,
+                               fuse_projections=False, rotate=cfg.int8_rotate)
     parts = streamed_parts(model, device, dtype)
+    slots = OUTLIER_SLOTS if int8.kernel == OUTLIER_KERNEL else 0
+    outliers = sum(outlier_bytes(layer, dtype, slots) for layer in parts.layers) if slots else 0
     kv_dtype = host_kv_dtype(cfg, dtype)
 
     # -- what the plan is made from
@@ -183,9 +205,9 @@ def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num
     if device.type == "cuda":
         _, free = memory_info(device)
         overhead = process_overhead_bytes(device)
-        fixed = torch.cuda.memory_allocated(device) + overhead + LATE_OVERHEAD_BYTES
+        fixed = torch.cuda.memory_allocated(device) + overhead + LATE_OVERHEAD_BYTES + outliers
     else:
-        free, fixed = budget_math.available_ram_bytes(), device_fixed_bytes(parts)
+        free, fixed = budget_math.available_ram_bytes(), device_fixed_bytes(parts) + outliers
     total = budget_math.budget_bytes(free_bytes=free, reserve_bytes=cfg.vram_reserve_bytes,
                                      max_bytes=cfg.max_vram_bytes, weights_bytes=fixed)
     host = budget_math.available_ram_bytes()
@@ -211,16 +233,21 @@ def build_streaming_engine(cfg: EngineConfig, *, kv_placement: str = "auto", num
 
     # -- what the plan says
     streamer = LayerStreamer(parts.layers, device=device, dtype=dtype, num_resident=plan.num_resident,
-                             kernel=int8_kernel, threshold=cfg.int8_threshold, num_slots=plan.num_slots)
+                             kernel=int8.kernel, threshold=cfg.int8_threshold, num_slots=plan.num_slots)
     parts.layer_executor = streamer
     if plan.kv_placement == "cpu":
         runner = HostAttentionRunner(
             parts, streamer, device=device, dtype=dtype, max_model_len=max_model_len, attention=attention,
             kv_dtype=kv_dtype, kernel=cpu_kernel, num_device_kv_layers=plan.num_device_kv_layers,
             max_prefill_tokens=max_prefill, prefill_group_tokens=STREAMING_PREFILL_GROUP_TOKENS,
-            graphs=cfg.cuda_graphs and int8_kernel != "bnb")
+            graphs=cfg.cuda_graphs and int8.kernel != "bnb")
     else:
         runner = ModelRunner(parts, device=device, dtype=dtype, max_model_len=max_model_len, attention=attention,
                              prefill_group_tokens=STREAMING_PREFILL_GROUP_TOKENS)
-    return LLMEngine(cfg, model, loaded.tokenizer, runner, budget, max_prefill_tokens=max_prefill,
+    if slots:  # before the engine's KV cache takes the room the calibration pass uses
+        calibrate_streamed(int8, parts, streamer, loaded.tokenizer, threshold=cfg.int8_threshold, slots=slots,
+                           attention=attention, device=device, dtype=dtype)
+    else:
+        int8.announce(cfg.int8_threshold)
+    return LLMEngine(cfg, model, loaded.tokenizer, runner, budget, max_prefill_tokens=max_prefill, int8=int8,
                      reporters=[Offload(plan, streamer, device, cost, overhead)])

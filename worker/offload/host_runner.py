@@ -53,7 +53,8 @@ class HostAttentionRunner:
         return 0.0 if self.piecewise is None else self.piecewise.capture_all()
 
     def drop_graphs(self) -> None:
-        """Small-VRAM mode's int8 kernel has no outlier guard: nothing it captured goes stale."""
+        """Nothing captured goes stale: small-VRAM mode's outlier inputs add their dense product from the start
+        (OutlierColumns.fixed_path), so a column the guard adds changes buffers, not the captured work."""
 
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         token_rows = [r for r, p in zip(rows, prompts, strict=True) for _ in p]

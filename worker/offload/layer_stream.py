@@ -139,7 +139,9 @@ def _align(at: int) -> int:
 
 def _int8_of(linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(CB, SCB) of a loaded Linear8bitLt, before or after its first forward; None for a dense nn.Linear (one
-    --fp16-modules kept in the compute dtype)."""
+    --fp16-modules kept in the compute dtype). An Int8Linear (Int8Runtime.convert's, rotated where asked) gives its own."""
+    if isinstance(linear, Int8Linear):
+        return linear.cb, linear.scb
     try:
         state = Int8State.from_bnb(linear)
     except (ValueError, AttributeError) as exc:
@@ -156,6 +158,9 @@ def _repoint(linear: torch.nn.Module, spec: _LinearSpec, weights: dict[str, tupl
         linear.weight.data = weights[spec.name][0]
         return
     cb, scb = weights[spec.name]
+    if isinstance(linear, Int8Linear):
+        linear.cb, linear.scb = cb, scb
+        return
     linear.weight.data = cb
     if getattr(linear.weight, "CB", None) is not None:
         linear.weight.CB = cb
@@ -200,6 +205,21 @@ def layer_bytes(layer: torch.nn.Module, dtype: torch.dtype) -> int:
     """A decoder layer's weights as streamed: int8 weights with float32 row scales, dense ones (--fp16-modules) in
     the compute dtype; what its pinned host copy holds and what a stage slot holding it needs."""
     return _layer_specs(layer, dtype)[1]
+
+
+def outlier_bytes(layer: torch.nn.Module, dtype: torch.dtype, slots: int) -> int:
+    """Device bytes the outlier kernel keeps for a layer beside its weights, which do not stream: per input (a fused
+    group, or an int8 linear of a group with a dense member) `slots` dense rows of its outputs in the compute dtype
+    and their column indices, its keep mask (fp16) and the guard's two float32 counters."""
+    specs, _ = _layer_specs(layer, dtype)
+    by_name, total = {s.name: s for s in specs}, 0
+    for group in FUSED:
+        members = [by_name[n] for n in group]
+        inputs = [members] if all(s.int8 for s in members) else [[s] for s in members if s.int8]
+        for owner in inputs:
+            out, width = sum(s.shape[0] for s in owner), owner[0].shape[1]
+            total += slots * (out * dtype.itemsize + 8) + width * (2 + 4 + 4)
+    return total
 
 
 def _views(specs: list[_LinearSpec], flat: torch.Tensor, dtype: torch.dtype,
@@ -248,17 +268,23 @@ class DenseLinear:
 class _DeviceLayer:
     """Duck-types an HF decoder layer for llama.forward_layers, over a layer's flat buffer on the device, with
     the same int8 kernels as the resident engine (int8_linear's fused q/k/v and gate/up, or bnb); dense linears
-    (--fp16-modules) run as nn.Linear does, and a group with one runs linear by linear."""
+    (--fp16-modules) run as nn.Linear does, and a group with one runs linear by linear. host_flat: a streamed
+    layer's pinned copy, where the outlier kernel reads the weight rows of the columns it adds (the stage slot
+    holds another layer most of the time)."""
 
     def __init__(self, hf_layer: torch.nn.Module, specs: list[_LinearSpec], flat: torch.Tensor,
-                 *, device: torch.device, dtype: torch.dtype, kernel: str, threshold: float):
+                 *, device: torch.device, dtype: torch.dtype, kernel: str, threshold: float,
+                 host_flat: torch.Tensor | None = None):
         self.input_layernorm = copy.deepcopy(hf_layer.input_layernorm).to(device, dtype)
         self.post_attention_layernorm = copy.deepcopy(hf_layer.post_attention_layernorm).to(device, dtype)
         self._act = hf_layer.mlp.act_fn
         fused = kernel != "bnb"
         by_name = {s.name: s for s in specs}
+        groups = FUSED if fused else SINGLE
+        host = None if host_flat is None else _views(specs, host_flat, dtype, groups)
         mods = {}
-        for group, views in _views(specs, flat, dtype, FUSED if fused else SINGLE).items():
+        self.owners: list[Int8Linear] = []  # the Int8Linears, one per input: what the outlier kernel calibrates
+        for group, views in _views(specs, flat, dtype, groups).items():
             members = [by_name[n] for n in group]
             biases = [hf_layer.get_submodule(n).bias for n in group]
             if not members[0].int8:
@@ -273,10 +299,14 @@ class _DeviceLayer:
             state = Int8State(*views, bias)
             if not fused:
                 mods[group[0]] = BnbInt8Linear(state, threshold)
-            elif len(group) > 1:
-                mods[group] = FusedInt8Linear(state, [s.shape[0] for s in members], kernel)
-            else:
-                mods[group[0]] = Int8Linear(state, kernel)
+                continue
+            linear = (FusedInt8Linear(state, [s.shape[0] for s in members], kernel) if len(group) > 1
+                      else Int8Linear(state, kernel))
+            # members share an input, so a rotated one (Int8Runtime.convert's --int8-rotate) is rotated alone
+            linear.rotate_block = getattr(hf_layer.get_submodule(group[0]), "rotate_block", 0)
+            linear.dtype, linear.host_weights = dtype, None if host is None else host[group]
+            mods[group if len(group) > 1 else group[0]] = linear
+            self.owners.append(linear)
         attn = {n.split(".")[1]: mods[n] for n in LINEARS[:4] if n in mods}
         if FUSED[0] in mods:
             attn["qkv_proj"] = mods[FUSED[0]]
@@ -343,7 +373,11 @@ class LayerStreamer:
                 buffer = self.stages[self.slot_of[i]]
                 self.host.append(flat)
             self.layers.append(_DeviceLayer(hf_layer, self.specs[i], buffer, device=device, dtype=dtype,
-                                            kernel=kernel, threshold=threshold))
+                                            kernel=kernel, threshold=threshold, host_flat=self.host[i]))
+
+    def owners(self) -> list[Int8Linear]:
+        """Every layer's int8 linears, one per input, in layer order (none for the bnb kernel)."""
+        return [linear for layer in self.layers for linear in layer.owners]
 
     def iter_layers(self) -> Iterator[_DeviceLayer]:
         for i in self.schedule():
