@@ -239,6 +239,13 @@ def test_api_keys_are_required_when_set(redis_url, redis_conn, tmp_path):
         srv.stop()
 
 
+def test_serve_without_redis_exits_6_with_one_line(tmp_path):
+    proc = batchgen("serve", "--port", str(free_port()), "--files-dir", str(tmp_path / "files"),
+                    redis_url=f"redis://127.0.0.1:{free_port()}/0", timeout=60)
+    assert proc.returncode == 6, proc.stderr  # README: 6 is "Redis unreachable", as for every other command
+    assert b"Traceback" not in proc.stderr and b"cannot reach Redis" in proc.stderr
+
+
 def test_without_a_key_it_refuses_to_listen_beyond_this_machine(redis_url):
     proc = batchgen("serve", "--host", "0.0.0.0", "--port", str(free_port()), redis_url=redis_url, timeout=60)
     assert proc.returncode == 2 and b"--api-key" in proc.stderr

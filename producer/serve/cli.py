@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 from batchgen.jobs import defaults
+from batchgen.producer.errors import handles_errors
 
 
 def default_files_dir() -> str:
@@ -25,6 +26,7 @@ def default_files_dir() -> str:
               help="Seconds between samples of the workers' stats for the dashboard's charts.")
 @click.option("--redis-url", envvar="REDIS_URL", default=defaults.REDIS_URL, show_default=True,
               help="Redis to use (env REDIS_URL).")
+@handles_errors
 def serve(host, port, api_keys, allow_unauthenticated_remote, files_dir, history_interval, redis_url):
     """The OpenAI Files + Batches API at /v1 and a live dashboard at /, over the same Redis."""
     import uvicorn
