@@ -18,8 +18,10 @@ import pytest
 import yaml
 from batchgen.jobs.states import BatchStatus
 from openai.types import Batch, FileObject
+from redis import Redis
 
 from tests.cli import BATCHGEN, batchgen, cli_env, eventually, start_worker
+from tests.redis_server import RedisServer
 
 PROMPTS = [
     "the quick brown fox",
@@ -244,6 +246,15 @@ def test_serve_without_redis_exits_6_with_one_line(tmp_path):
                     redis_url=f"redis://127.0.0.1:{free_port()}/0", timeout=60)
     assert proc.returncode == 6, proc.stderr  # README: 6 is "Redis unreachable", as for every other command
     assert b"Traceback" not in proc.stderr and b"cannot reach Redis" in proc.stderr
+
+
+def test_serve_refuses_an_evicting_redis_at_start_as_submit_does(tmp_path):
+    with RedisServer(tmp_path / "redis") as redis_server:
+        Redis.from_url(redis_server.url).config_set("maxmemory-policy", "allkeys-lru")
+        proc = batchgen("serve", "--port", str(free_port()), "--files-dir", str(tmp_path / "files"),
+                        redis_url=redis_server.url, timeout=20)  # before the check it served on
+    assert proc.returncode == 8, proc.stderr  # not a server whose every batches.create is a bare 500
+    assert b"maxmemory-policy" in proc.stderr and b"Traceback" not in proc.stderr
 
 
 def test_without_a_key_it_refuses_to_listen_beyond_this_machine(redis_url):

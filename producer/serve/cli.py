@@ -31,6 +31,7 @@ def serve(host, port, api_keys, allow_unauthenticated_remote, files_dir, history
     """The OpenAI Files + Batches API at /v1 and a live dashboard at /, over the same Redis."""
     import uvicorn
     from batchgen.jobs.files import FileStore
+    from batchgen.jobs.redis_checks import refuse_evicting
     from batchgen.producer.client import BatchClient
     from batchgen.producer.config import ProducerConfig
     from batchgen.producer.serve.app import create_app
@@ -41,7 +42,7 @@ def serve(host, port, api_keys, allow_unauthenticated_remote, files_dir, history
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     client = BatchClient(ProducerConfig(redis_url=redis_url))
-    client.connection.ping()
+    refuse_evicting(client.connection)  # as submit and worker: else every batches.create would be a bare 500
     app = create_app(client, FileStore(client.connection, files_dir), api_keys, history_interval)
     click.echo(f"batchgen serve: http://{host}:{port}/  (API at /v1, {'keys required' if api_keys else 'no key'})",
                err=True)
