@@ -188,6 +188,7 @@ def test_a_bad_file_is_refused_with_its_line_errors_and_nothing_is_stored(server
     body = err.value.body
     assert body["code"] == "invalid_file" and body["type"] == "invalid_request_error"
     assert [e["line"] for e in body["errors"]["data"]] == [2, 3]
+    assert [e["param"] for e in body["errors"]["data"]] == [None, "custom_id"]  # the field, as `submit` names it
     assert "line 2" in body["message"]
     assert list(sdk.files.list()) == [] and list((tmp_path / "files").iterdir()) == []
 

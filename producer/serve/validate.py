@@ -15,10 +15,10 @@ class FileCheck:
     endpoints: set[str] = field(default_factory=set)
     line_errors: list[dict] = field(default_factory=list)  # OpenAI BatchError shape: code, line, message, param
 
-    def add(self, line: int, code: str, message: str) -> None:
+    def add(self, line: int, code: str, message: str, param: str | None = None) -> None:
         self.num_errors += 1
         if len(self.line_errors) < MAX_LINE_ERRORS:
-            self.line_errors.append({"code": code, "line": line, "message": message, "param": None})
+            self.line_errors.append({"code": code, "line": line, "message": message, "param": param})
 
 
 def check_file(path: Path, limits: InputLimits, name: str) -> FileCheck:
@@ -27,7 +27,8 @@ def check_file(path: Path, limits: InputLimits, name: str) -> FileCheck:
     resolver = ModelResolver(None)
     for parsed in validate_batch(read_inputs([str(path)], limits=limits), resolver):
         if parsed.error is not None:
-            check.add(parsed.line, parsed.error.code, parsed.error.message.replace(str(path), name))
+            check.add(parsed.line, parsed.error.code, parsed.error.message.replace(str(path), name),
+                      parsed.error.param)
             continue
         assert parsed.request is not None
         check.num_lines += 1
