@@ -50,8 +50,12 @@ def test_same_tokens_as_synchronous_steps_with_rows_ending_mid_queue(engines):
     assert overlapped(on) > before and overlapped(off) == 0
 
 
-def test_newcomers_are_admitted_during_queued_steps(engines):
-    on, off = engines
+def test_newcomers_are_admitted_during_queued_steps(demo_model_dir):
+    """In float32: the newcomers join the long row at other steps than in the synchronous run, and int8 rounding
+    could turn other batch mates into a flip where two tokens all but tie (test_llm_engine.py's docstring)."""
+    fp32 = {"model": str(demo_model_dir), "max_batch_size": 4, "load_in_8bit": False}
+    on = LLMEngine.from_config(EngineConfig(**fp32))
+    off = LLMEngine.from_config(EngineConfig(**fp32, overlap_decode=False))
     long = [completion("long", PROMPTS[4], max_tokens=40)]
     later = [completion(f"n{i}", PROMPTS[i], max_tokens=10 + i) for i in range(3)]
     want = run(off, long + later)
