@@ -31,6 +31,8 @@ JSONL_SUFFIXES = frozenset({".jsonl", ".json", ".ndjson"})
 TEXT_SUFFIXES = frozenset({".txt"})
 SKIP_CHUNK_BYTES = 1 << 16
 log = logging.getLogger("batchgen.inputs")
+LINE_NUMBER = "its line number"  # ParsedLine.default_id: where a custom_id the line did not set came from
+FILE_NAME = "its file name"
 PARAM = re.compile(r"([A-Za-z_][\w]*(?:\.[\w]+)*): ")  # formats.py's messages start with the field at fault
 
 
@@ -75,6 +77,7 @@ class ParsedLine:
     custom_id: str  # the line's custom_id, else its default id, else "line-N" when unreadable
     model: str | None = None  # body.model, when the line names one
     ignored: tuple[str, ...] = ()  # accepted fields without effect here (formats.IGNORED_KEYS) that the line sets
+    default_id: str | None = None  # how custom_id was derived ("its line number") when the line set none
 
     @property
     def ok(self) -> bool:
@@ -99,7 +102,7 @@ def read_inputs(
     if not paths:
         yield _whole_input_error("-", "empty_input", "no input given")
         return
-    seen: dict[str, tuple[str, int]] = {}
+    seen: dict[str, ParsedLine] = {}
     num_lines = 0
     paths = input_paths.unique_paths(paths)  # "d" and "d/" must not submit the same prompts twice
     for path, prefix in zip(paths, _id_prefixes(paths), strict=True):
@@ -282,7 +285,8 @@ def _parse_line(ctx: _Context, n: int, raw: bytes | None, kind: str) -> ParsedLi
         return None
     if kind == "text":
         return _build(ctx, n, ctx.default_id(n), None, lambda: prompt_request(
-            text, custom_id=ctx.default_id(n), line=n, fill=ctx.fill, max_tokens=ctx.limits.max_tokens))
+            text, custom_id=ctx.default_id(n), line=n, fill=ctx.fill, max_tokens=ctx.limits.max_tokens),
+            default_id=LINE_NUMBER)
     try:
         obj = formats.parse_json(text)
     except LineError as exc:
@@ -290,16 +294,21 @@ def _parse_line(ctx: _Context, n: int, raw: bytes | None, kind: str) -> ParsedLi
     custom_id, model = identity(obj, ctx.default_id(n), ctx.unreadable_id(n))
     return _build(ctx, n, custom_id, model, lambda: object_request(
         obj, line=n, default_id=ctx.default_id(n), fill=ctx.fill, max_tokens=ctx.limits.max_tokens),
-        ignored=_ignored_keys(obj))
+        ignored=_ignored_keys(obj), default_id=_default_id_rule(obj))
+
+
+def _default_id_rule(obj: Any) -> str | None:
+    """LINE_NUMBER when a valid line's custom_id is its default one (only simple lines may omit it)."""
+    return LINE_NUMBER if isinstance(obj, dict) and obj.get("custom_id") is None else None
 
 
 def _build(ctx: _Context, n: int, custom_id: str, model: str | None, make: Callable[[], Request],
-           ignored: tuple[str, ...] = ()) -> ParsedLine:
+           ignored: tuple[str, ...] = (), default_id: str | None = None) -> ParsedLine:
     try:
         request = make()
     except LineError as exc:
         return _error(ctx, n, exc.code, exc.message, custom_id, model)
-    return ParsedLine(ctx.source, n, request, None, request.custom_id, model, ignored)
+    return ParsedLine(ctx.source, n, request, None, request.custom_id, model, ignored, default_id)
 
 
 def _ignored_keys(obj: Any) -> tuple[str, ...]:
@@ -343,20 +352,33 @@ def _read_prompt_file(path: Path, custom_id: str, ctx: _Context) -> ParsedLine:
     except LineError as exc:
         return _error(ctx, 1, exc.code, exc.message, custom_id)
     return _build(ctx, 1, custom_id, None, lambda: prompt_request(
-        prompt, custom_id=custom_id, line=1, fill=ctx.fill, max_tokens=ctx.limits.max_tokens))
+        prompt, custom_id=custom_id, line=1, fill=ctx.fill, max_tokens=ctx.limits.max_tokens),
+        default_id=FILE_NAME)
 
 
-def _check_duplicate(parsed: ParsedLine, seen: dict[str, tuple[str, int]]) -> ParsedLine:
+def _check_duplicate(parsed: ParsedLine, seen: dict[str, ParsedLine]) -> ParsedLine:
     """custom_ids name results, so a second use is an error; the message points at the first."""
     if parsed.error is not None:  # invalid lines never run, so their ids reserve nothing
         return parsed
-    first = seen.setdefault(parsed.custom_id, (parsed.source, parsed.line))
-    if first == (parsed.source, parsed.line):
+    first = seen.setdefault(parsed.custom_id, parsed)
+    if first is parsed:
         return parsed
-    where = f"line {first[1]}" if first[0] == parsed.source else f"{first[0]} line {first[1]}"
-    msg = f"custom_id {parsed.custom_id!r} was already used on {where}"
-    error = ErrorInfo(code="duplicate_custom_id", message=msg, line=parsed.line, param="custom_id")
+    error = ErrorInfo(code="duplicate_custom_id", message=_duplicate_message(parsed, first), line=parsed.line,
+                      param="custom_id")
     return ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model)
+
+
+def _duplicate_message(parsed: ParsedLine, first: ParsedLine) -> str:
+    """Names a default custom_id as one: a user who set no custom_id must see where the id came from."""
+    where = f"line {first.line}" if first.source == parsed.source else f"{first.source} line {first.line}"
+    if parsed.default_id:
+        msg = (f"custom_id {parsed.custom_id!r}, this line's default custom_id ({parsed.default_id}: "
+               f"the line sets none), was already used on {where}")
+    else:
+        msg = f"custom_id {parsed.custom_id!r} was already used on {where}"
+    if first.default_id:
+        msg += f" as that line's default custom_id ({first.default_id}: {where} sets none)"
+    return msg
 
 
 def _error(ctx: _Context, n: int, code: str, message: str, custom_id: str, model: str | None = None) -> ParsedLine:

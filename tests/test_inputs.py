@@ -152,6 +152,20 @@ def test_same_file_names_in_different_folders_use_the_path(tmp_path):
     assert len(set(ids)) == 6 and ids[0] == f"{tmp_path / 'x' / 'prompts.txt'}:1"
 
 
+def test_a_duplicate_of_a_default_custom_id_says_it_is_the_line_number(tmp_path):
+    """A line without custom_id is named by its line number; a clash with it must not read as if that line set one."""
+    path = tmp_path / "lines.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "c", "custom_id": "2"}\n'
+                    '{"prompt": "d", "custom_id": "5"}\n{"prompt": "e"}\n')
+    errors = {p.line: p.error.message for p in read_inputs([str(path)]) if p.error}
+    assert errors == {
+        3: "custom_id '2' was already used on line 2 as that line's default custom_id "
+           "(its line number: line 2 sets none)",
+        5: "custom_id '5', this line's default custom_id (its line number: the line sets none), "
+           "was already used on line 4",
+    }
+
+
 def test_empty_inputs_are_reported_per_source(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     lines = list(read_inputs([str(GOOD / "prompts.txt"), str(tmp_path / "empty.txt")]))
