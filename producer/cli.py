@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import click
@@ -439,9 +440,10 @@ def worker(priorities, shutdown_grace, worker_ttl, heartbeat_interval, echo_step
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Output JSONL.")
-@click.option("--errors", type=click.Path(dir_okay=False),
-              help="Error lines (default: in the output); created even when no line fails.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), required=True,
+              help="Output JSONL; '-' writes the lines to stdout (logs and progress stay on stderr; not with --json).")
+@click.option("--errors", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Error lines (default: in the output; '-': stdout); created even when no line fails.")
 @click.option("--ordered/--no-ordered", default=True, show_default=True,
               help="Write in input order, as vLLM's run-batch does; --no-ordered writes lines as they finish.")
 @engine_options
@@ -454,8 +456,12 @@ def run(inputs, output, errors, ordered, skip_invalid, as_json, max_tokens, temp
     """Run INPUTS in-process, no Redis (like `vllm run-batch`); same engine and output format."""
     from batchgen.jobs.inputs import InputLimits
     from batchgen.worker.config import WorkerConfig
-    from batchgen.worker.local_run import check_writable, read_local, run_local
+    from batchgen.worker.local_run import STDOUT, check_writable, read_local, results_stdout, run_local
 
+    to_stdout = STDOUT in (output, errors)
+    if to_stdout and as_json:  # stdout holds either the result lines or the --json summary, never both
+        fail(as_json, "usage", "-o - (or --errors -) writes the result lines to stdout, where --json writes its "
+             "summary; drop --json or write the lines to a file", EXIT_USAGE)
     handler = logging.StreamHandler()  # stderr: the start-up block, the --model override note, engine lines
     handler.setFormatter(JsonLogFormatter() if as_json else logging.Formatter("%(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
@@ -480,11 +486,15 @@ def run(inputs, output, errors, ordered, skip_invalid, as_json, max_tokens, temp
     from batchgen.worker.factory import build_engine
     from batchgen.worker.startup import log_startup
 
-    engine = build_engine(cfg)
-    log_startup(engine, cfg)
-    summary = run_local(local, output, errors, engine, model=cfg.served_name, ordered=ordered, progress=not as_json)
+    with results_stdout() if to_stdout else nullcontext() as stdout:
+        engine = build_engine(cfg)
+        log_startup(engine, cfg)
+        summary = run_local(local, output, errors, engine, model=cfg.served_name, ordered=ordered,
+                            progress=not as_json, stdout=stdout)
     summary["elapsed_s"] = round(time.monotonic() - t0, 3)
-    emit(as_json, summary, f"{summary['succeeded']} succeeded, {summary['errored']} errored -> {output}")
+    shown = "stdout" if output == STDOUT else output
+    emit(as_json, summary, f"{summary['succeeded']} succeeded, {summary['errored']} errored -> {shown}",
+         err=to_stdout)
 
 
 @main.command("demo-model")

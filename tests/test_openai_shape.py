@@ -5,6 +5,7 @@ CLI says what it is doing (wait's rates, `workers --json`, the engine's start-up
 import json
 import logging
 import signal
+import subprocess
 
 import openai.types
 import pytest
@@ -22,7 +23,7 @@ from batchgen.worker.worker import BatchWorker
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from tests.cli import batchgen, eventually, start_worker
+from tests.cli import BATCHGEN, batchgen, cli_env, eventually, start_worker
 
 ERROR_BODY_KEYS = {"message", "type", "param", "code"}
 
@@ -180,6 +181,31 @@ def test_run_writes_in_input_order_by_default_and_as_finished_with_no_ordered(tm
     assert [ln["custom_id"] for ln in read_jsonl(unordered)] == ["nul", "a", "b"]
     for line in read_jsonl(ordered):
         check_line(line)
+
+
+def test_run_output_dash_writes_the_result_lines_to_stdout_and_nothing_else(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "a", "prompt": "one"},
+                                               {"custom_id": "bad", "prompt": "x", "top_p": 7},
+                                               {"custom_id": "b", "prompt": "two"}])
+
+    def run(*args: str) -> subprocess.CompletedProcess:  # in tmp_path: a file named "-" must not appear
+        return subprocess.run([*BATCHGEN, "run", src, *args, "--model", "m", "--engine", "echo"], cwd=tmp_path,
+                              capture_output=True, text=True, env=cli_env("x"), timeout=120)
+
+    proc = run("-o", "-", "--skip-invalid")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert [ln["custom_id"] for ln in lines] == ["a", "bad", "b"]
+    for line in lines:
+        check_line(line)
+    assert "2 succeeded, 1 errored -> stdout" in proc.stderr and not (tmp_path / "-").exists()
+    # --json's summary object owns stdout, so it cannot share it with the lines: one line on stderr, exit 2
+    refused = run("-o", "-", "--json")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "--json" in refused.stderr
+    assert json.loads(refused.stdout)["error"]["code"] == "usage" and not (tmp_path / "-").exists()
+    errors_only = run("-o", str(tmp_path / "out.jsonl"), "--errors", "-", "--skip-invalid")
+    assert [json.loads(x)["custom_id"] for x in errors_only.stdout.splitlines()] == ["bad"]
+    assert [ln["custom_id"] for ln in read_jsonl(tmp_path / "out.jsonl")] == ["a", "b"]
 
 
 def test_run_skip_invalid_keeps_rejected_lines_at_their_input_position(tmp_path):

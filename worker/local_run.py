@@ -3,11 +3,14 @@
 Reading and validating come first (`read_local`, no engine needed), so a rejected file costs no model load.
 """
 
+import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from batchgen.jobs.batch import Batch
 from batchgen.jobs.inputs import (
@@ -24,6 +27,8 @@ from batchgen.worker.engine.protocol import Engine, GenerationRequest
 from batchgen.worker.result_files import LineSink
 from batchgen.worker.worker import InFlight, result_line
 from tqdm import tqdm
+
+STDOUT = "-"  # -o - / --errors -: the lines go to stdout, as `batchgen results -o -` writes them
 
 
 @dataclass
@@ -61,7 +66,7 @@ def read_local(inputs: Sequence[str], *, model: str, params: ParamDefaults, limi
 
 def check_writable(paths: Sequence[str | None]) -> None:
     """Opens each output file as LineSink will, so an unwritable -o fails before the model loads (OSError)."""
-    for path in map(Path, filter(None, paths)):
+    for path in map(Path, (p for p in paths if p and p != STDOUT)):
         existed = path.exists()
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a"):
@@ -70,11 +75,32 @@ def check_writable(paths: Sequence[str | None]) -> None:
             path.unlink()
 
 
+@contextmanager
+def results_stdout() -> Iterator[TextIO]:
+    """A stream on the process's stdout for the result lines, with file descriptor 1 pointed at stderr meanwhile:
+    whatever else writes to stdout (a library's print, a compiler's output) cannot mix with the JSON lines."""
+    sys.stdout.flush()
+    stream = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    try:
+        yield stream
+    finally:
+        stream.flush()
+        sys.stdout.flush()
+        os.dup2(stream.fileno(), 1)
+        stream.close()
+
+
 def run_local(local: LocalBatch, output: str, errors: str | None, engine: Engine, *, model: str,
-              ordered: bool = True, progress: bool = True) -> dict[str, Any]:
-    """Generates every request of local and writes its lines (the rejected ones too, at their positions)."""
+              ordered: bool = True, progress: bool = True, stdout: TextIO | None = None) -> dict[str, Any]:
+    """Generates every request of local and writes its lines (the rejected ones too, at their positions);
+    an output or errors of STDOUT goes to the stream stdout."""
     summary = local.summary(output)
-    sink = LineSink(Path(output), Path(errors) if errors else Path(output), ordered=ordered)
+
+    def target(path: str) -> Path | TextIO:
+        return (stdout or sys.stdout) if path == STDOUT else Path(path)
+
+    sink = LineSink(target(output), target(errors or output), ordered=ordered)
     sink.put(local.invalid)
     summary["errored"] = len(local.invalid)
     batch = Batch(id="local", status=BatchStatus.IN_PROGRESS, model=model)

@@ -9,7 +9,7 @@ through a LineSink, in input order by default.
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from batchgen.jobs.schema import outcome_of
 
@@ -23,12 +23,25 @@ def append_lines(path: Path, lines: list[dict[str, Any]]) -> None:
     if not lines:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = "".join(json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n" for line in lines)
+    data = _jsonl(lines)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.write(fd, data.encode())
     finally:
         os.close(fd)
+
+
+def _jsonl(lines: list[dict[str, Any]]) -> str:
+    return "".join(json.dumps(line, separators=(",", ":"), ensure_ascii=False) + "\n" for line in lines)
+
+
+def write_lines(target: Path | TextIO, lines: list[dict[str, Any]]) -> None:
+    """A file gets whole-line appends; a stream (`run -o -`) gets the lines flushed at once, for a reader piping them."""
+    if isinstance(target, Path):
+        append_lines(target, lines)
+    elif lines:
+        target.write(_jsonl(lines))
+        target.flush()
 
 
 def write_results(output_dir: str | Path, batch_id: str, lines: list[dict[str, Any]]) -> None:
@@ -45,19 +58,21 @@ def split_lines(lines: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list
 
 
 class LineSink:
-    """`batchgen run`'s two files, created (truncated) up front so both exist even when one stays empty.
+    """`batchgen run`'s two files, created (truncated) up front so both exist even when one stays empty;
+    either may be a stream instead (stdout, for `-o -`).
 
     Ordered (vLLM's run-batch order): a line waits until every line before it in the input is written,
     so memory holds only the lines that finished ahead of a slower one. Unordered: lines go out as they finish.
     """
 
-    def __init__(self, output: Path, errors: Path, ordered: bool):
+    def __init__(self, output: Path | TextIO, errors: Path | TextIO, ordered: bool):
         self.output, self.errors, self.ordered = output, errors, ordered
         self.held: dict[int, dict[str, Any]] = {}
         self.next_position = 0
         for path in {output, errors}:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            if isinstance(path, Path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("")
 
     def put(self, lines: list[tuple[int, dict[str, Any]]]) -> None:
         """(input position, output line) pairs; positions count from 0 over every input line, valid or not."""
@@ -78,8 +93,8 @@ class LineSink:
 
     def _write(self, lines: list[dict[str, Any]]) -> None:
         if self.output == self.errors:  # one file: keep the lines' own order
-            append_lines(self.output, lines)
+            write_lines(self.output, lines)
             return
         ok, failed = split_lines(lines)
-        append_lines(self.output, ok)
-        append_lines(self.errors, failed)
+        write_lines(self.output, ok)
+        write_lines(self.errors, failed)
