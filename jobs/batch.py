@@ -1,8 +1,10 @@
 """The batch record: an OpenAI-style batch object, stored flat in one Redis hash."""
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
+from batchgen.jobs.defaults import MAX_METADATA_KEY_CHARS, MAX_METADATA_PAIRS, MAX_METADATA_VALUE_CHARS
 from batchgen.jobs.states import BatchStatus, Outcome
 from pydantic import BaseModel
 
@@ -18,6 +20,19 @@ TIMESTAMP_FIELDS = (
     "expires_at",
 )
 COUNTER_FIELDS = tuple(o.counter for o in Outcome)
+
+
+def metadata_problem(metadata: Mapping[str, str]) -> str | None:
+    """What breaks OpenAI's metadata limits, else None; the one check of submit (CLI, Python API) and serve."""
+    if len(metadata) > MAX_METADATA_PAIRS:
+        return f"metadata: at most {MAX_METADATA_PAIRS} key-value pairs, not {len(metadata)}"
+    for key, value in metadata.items():
+        shown = repr(key) if len(key) <= MAX_METADATA_KEY_CHARS else f"{key[:MAX_METADATA_KEY_CHARS]!r}..."
+        if len(key) > MAX_METADATA_KEY_CHARS:
+            return f"metadata: key {shown} has {len(key)} characters; at most {MAX_METADATA_KEY_CHARS}"
+        if len(value) > MAX_METADATA_VALUE_CHARS:
+            return f"metadata: the value of {shown} has {len(value)} characters; at most {MAX_METADATA_VALUE_CHARS}"
+    return None
 
 
 class Batch(BaseModel):

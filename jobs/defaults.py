@@ -15,6 +15,9 @@ CHUNK_SIZE = 64  # requests per RQ job: small enough for fairness, large enough 
 COMPLETION_WINDOW_S = 24 * 3600
 PRIORITIES = ("high", "default", "low")
 RESULT_TTL_S = 7 * 24 * 3600  # batch keys expire this long after the batch ends
+MAX_METADATA_PAIRS = 16  # OpenAI's limits on a batch's metadata
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
 
 # Worker
 VRAM_RESERVE_BYTES = 500 * 1024**2

@@ -15,7 +15,7 @@ from typing import IO, Any
 import redis
 from batchgen.jobs import chunks, defaults, input_paths
 from batchgen.jobs.backoff import UNAVAILABLE, Backoff
-from batchgen.jobs.batch import Batch
+from batchgen.jobs.batch import Batch, metadata_problem
 from batchgen.jobs.inputs import (
     InputLimits,
     ModelResolver,
@@ -101,6 +101,8 @@ class BatchClient:
         """
         if priority not in defaults.PRIORITIES:
             raise ValueError(f"priority must be one of {defaults.PRIORITIES}")
+        if metadata and (problem := metadata_problem(metadata)):
+            raise ValueError(problem)
         if output_dir and results_root and (problem := outside_root(output_dir, results_root)):
             raise OutputDirRefused(problem)
         refuse_evicting(self.connection)

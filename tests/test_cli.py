@@ -91,6 +91,20 @@ def test_a_metadata_flag_without_a_value_is_a_usage_error_not_dropped(redis_url,
     assert json.loads(kept.stdout)["metadata"] == {"a": "b=c"}
 
 
+def test_submit_metadata_keeps_openais_limits_as_serve_does(redis_url, redis_conn, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    too_many = [arg for i in range(17) for arg in ("--metadata", f"k{i}=v")]
+    for args, what in [(too_many, "16 key-value pairs"), (["--metadata", "k" * 65 + "=v"], "at most 64"),
+                       (["--metadata", "k=" + "v" * 513], "at most 512")]:
+        proc = batchgen("submit", src, "--model", "m", *args, "--json", redis_url=redis_url)
+        assert proc.returncode == 2 and what.encode() in proc.stderr, proc.stderr
+        assert json.loads(proc.stdout)["error"]["code"] == "usage"
+    assert data_keys(redis_conn) == []
+    kept = batchgen("submit", src, "--model", "m", "--metadata", "k" * 64 + "=" + "v" * 512, "--json",
+                    redis_url=redis_url, check=True)
+    assert json.loads(kept.stdout)["metadata"] == {"k" * 64: "v" * 512}
+
+
 def test_list_limit_below_one_is_a_usage_error_not_every_batch(redis_url, redis_conn, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
     for _ in range(2):

@@ -212,6 +212,23 @@ def test_the_batch_endpoint_must_match_every_line(server, tmp_path):
         sdk.batches.retrieve("batch_doesnotexist")
 
 
+def test_metadata_over_openais_limits_is_refused_and_at_them_accepted(server, tmp_path):
+    sdk = server.sdk()
+    with open(write_jsonl(tmp_path / "b.jsonl", completion_lines("m", PROMPTS[:1])), "rb") as fh:
+        file_id = sdk.files.create(file=fh, purpose="batch").id
+    create = {"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"}
+    for metadata, what in [({"k" * 65: "v"}, "at most 64"), ({"k": "v" * 513}, "at most 512"),
+                           ({f"k{i}": "v" for i in range(17)}, "16 key-value pairs")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            sdk.batches.create(**create, metadata=metadata)
+        body = err.value.body
+        assert (body["type"], body["param"], body["code"]) == ("invalid_request_error", "metadata", "invalid_value")
+        assert what in body["message"]
+    assert list(sdk.batches.list()) == []
+    at_limits = {"k" * 64: "v" * 512, **{f"k{i}": "v" for i in range(15)}}
+    assert sdk.batches.create(**create, metadata=at_limits).metadata == at_limits
+
+
 def test_a_wrong_url_and_a_malformed_body_get_openais_error_shape(server):
     wrong = openai.OpenAI(base_url=server.base, api_key="unused", max_retries=0)  # "/v1" left out
     with pytest.raises(openai.NotFoundError) as err:

@@ -5,12 +5,13 @@ import re
 from typing import Annotated, Any
 
 from batchgen.jobs import keys
+from batchgen.jobs.batch import metadata_problem
 from batchgen.jobs.files import FileStore, page_of_index
 from batchgen.jobs.openai_batch import load_api_fields, render, save_api_fields
 from batchgen.producer.client import BatchClient, BatchNotFound
 from batchgen.producer.serve.errors import ApiError, not_found
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 WINDOW = re.compile(r"^(\d+)h$")
 
@@ -19,7 +20,7 @@ class CreateBatch(BaseModel):
     input_file_id: str
     endpoint: str
     completion_window: str = "24h"
-    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    metadata: dict[str, str] | None = None  # its limits: metadata_problem, shared with submit
 
 
 def batches_router(client: BatchClient, files: FileStore) -> APIRouter:
@@ -47,6 +48,8 @@ def batches_router(client: BatchClient, files: FileStore) -> APIRouter:
         window = WINDOW.match(body.completion_window)
         if window is None or int(window[1]) < 1:
             raise ApiError(400, "completion_window must be like '24h'", code="invalid_value", param="completion_window")
+        if body.metadata and (problem := metadata_problem(body.metadata)):
+            raise ApiError(400, problem, code="invalid_value", param="metadata")
         stored = files.get(body.input_file_id)
         if stored is None:
             raise not_found("file", body.input_file_id)
