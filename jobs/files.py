@@ -8,7 +8,7 @@ over its recorded outcomes (see `output_file_id`), readable while the batch runs
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -106,12 +106,12 @@ class FileStore:
         raw = self.connection.hgetall(file_key(file_id))
         return StoredFile.from_hash(raw) if raw else None
 
-    def list(self, limit: int, after: str | None = None, newest_first: bool = True) -> tuple[list[StoredFile], bool]:
-        ids, has_more = page_of_index(self.connection, files_index(), limit, after, newest_first)
+    def all(self) -> list[StoredFile]:
+        """Every uploaded file (GET /v1/files merges them with the batches' result files before paging)."""
         pipe = self.connection.pipeline(transaction=False)
-        for file_id in ids:
+        for file_id in self.connection.zrange(files_index(), 0, -1):
             pipe.hgetall(file_key(file_id))
-        return [StoredFile.from_hash(raw) for raw in pipe.execute() if raw], has_more
+        return [StoredFile.from_hash(raw) for raw in pipe.execute() if raw]
 
     def read(self, file_id: str) -> Iterator[bytes]:
         with open(self.path(file_id), "rb") as fh:
@@ -125,6 +125,16 @@ class FileStore:
             existed = pipe.execute()[0]
         self.path(file_id).unlink(missing_ok=True)
         return bool(existed)
+
+
+def page_after(ids: Sequence[str], limit: int, after: str | None) -> tuple[list[str], bool]:
+    """One cursor page of ids already in list order: up to limit ids after the id `after`, and whether more follow."""
+    start = 0
+    if after:
+        if after not in ids:
+            return [], False
+        start = ids.index(after) + 1
+    return list(ids[start:start + limit]), len(ids) > start + limit
 
 
 def page_of_index(connection: Redis, index: str, limit: int, after: str | None,

@@ -178,6 +178,32 @@ def test_batches_and_files_page_with_a_cursor(server, tmp_path):
     assert [f.id for f in sdk.files.list()] == [file_id]
 
 
+def test_files_list_shows_a_batchs_output_and_error_files_once_they_exist(server, redis_url, tmp_path):
+    sdk = server.sdk()
+    rows = completion_lines("echo-m", ["fine", "bad\u0000byte"])  # the echo engine fails a NUL prompt
+    with open(write_jsonl(tmp_path / "b.jsonl", rows), "rb") as fh:
+        upload = sdk.files.create(file=fh, purpose="batch").id
+    batch = sdk.batches.create(input_file_id=upload, endpoint="/v1/completions", completion_window="24h")
+    assert [f.id for f in sdk.files.list()] == [upload]  # nothing has run: no result file yet
+    worker = start_worker("--engine", "echo", "--model", "echo-m", "--burst", redis_url=redis_url,
+                          log=tmp_path / "worker.log")
+    assert worker.wait(timeout=120) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    batch = sdk.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.output_file_id and batch.error_file_id
+    results = {batch.output_file_id, batch.error_file_id}
+
+    assert {f.id for f in sdk.files.list()} == {upload, *results}
+    listed = sdk.files.list(purpose="batch_output").data
+    assert {f.id for f in listed} == results and {f.purpose for f in listed} == {"batch_output"}
+    for f in listed:  # strict, not the SDK's lenient build; bytes as the content has them
+        assert FileObject.model_validate(f.model_dump()).bytes == len(sdk.files.content(f.id).content) > 0
+    assert [f.id for f in sdk.files.list(purpose="batch")] == [upload]
+    assert len([f.id for f in sdk.files.list(limit=1)]) == 3  # the SDK pages through them with `after`
+    pages = {order: server.get_json(f"/v1/files?order={order}") for order in ("asc", "desc")}
+    ids = {order: [FileObject.model_validate(f).id for f in page["data"]] for order, page in pages.items()}
+    assert ids["asc"] == ids["desc"][::-1] and ids["asc"][0] == upload and not pages["asc"]["has_more"]
+
+
 def test_a_bad_file_is_refused_with_its_line_errors_and_nothing_is_stored(server, tmp_path):
     sdk = server.sdk()
     rows = completion_lines("m", PROMPTS[:3])

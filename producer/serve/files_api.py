@@ -4,7 +4,16 @@ import json
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from batchgen.jobs.files import FileStore, result_file_of
+from batchgen.jobs import keys
+from batchgen.jobs.batch import Batch
+from batchgen.jobs.files import (
+    FileStore,
+    StoredFile,
+    errors_file_id,
+    output_file_id,
+    page_after,
+    result_file_of,
+)
 from batchgen.jobs.inputs import InputLimits
 from batchgen.jobs.schema import outcome_of
 from batchgen.producer.client import BatchClient, BatchNotFound
@@ -33,6 +42,22 @@ def result_lines(client: BatchClient, batch_id: str, errors: bool) -> Iterator[b
         yield b"".join(block)
 
 
+def result_file_object(client: BatchClient, batch: Batch, errors: bool) -> dict[str, Any]:
+    """A batch's output (error) file as OpenAI's FileObject; its bytes are those its content streams now."""
+    size = sum(len(b) for b in result_lines(client, batch.id, errors))
+    return {"id": errors_file_id(batch.id) if errors else output_file_id(batch.id), "object": "file", "bytes": size,
+            "created_at": batch.timestamps.get("created_at", 0),
+            "filename": f"{batch.id}_{'error' if errors else 'output'}.jsonl", "purpose": "batch_output",
+            "status": "processed", "expires_at": None, "status_details": None}
+
+
+def result_file_ids(batch: Batch) -> list[str]:
+    """The result files a batch has: those its rendered Batch names (openai_batch.render)."""
+    counts = batch.request_counts
+    return [file_id for file_id, n in ((output_file_id(batch.id), counts["completed"]),
+                                       (errors_file_id(batch.id), counts["failed"])) if n]
+
+
 def files_router(client: BatchClient, files: FileStore) -> APIRouter:
     router = APIRouter()
     limits = InputLimits(client.cfg.max_requests, client.cfg.max_line_bytes, client.cfg.max_tokens_limit)
@@ -46,10 +71,18 @@ def files_router(client: BatchClient, files: FileStore) -> APIRouter:
             batch = client.get(batch_id)
         except BatchNotFound:
             raise not_found("file", file_id) from None
-        size = sum(len(b) for b in result_lines(client, batch_id, errors))
-        return {"id": file_id, "object": "file", "bytes": size, "created_at": batch.timestamps.get("created_at", 0),
-                "filename": f"{batch_id}_{'error' if errors else 'output'}.jsonl", "purpose": "batch_output",
-                "status": "processed", "expires_at": None, "status_details": None}
+        return result_file_object(client, batch, errors)
+
+    def listed_files(purpose: str | None) -> dict[str, tuple[int, StoredFile | Batch]]:
+        """Every file GET /v1/files can show, by id: (created_at, the upload's record or the result file's batch)."""
+        client.store.expire_overdue()  # as GET /v1/batches does: an overdue batch's error file appears with it
+        out: dict[str, tuple[int, StoredFile | Batch]] = {
+            f.id: (f.created_at, f) for f in files.all() if purpose in (None, f.purpose)}
+        if purpose in (None, "batch_output"):
+            batches = client.store.recent(limit=max(1, client.connection.zcard(keys.batches_index())))
+            out.update({file_id: (batch.timestamps.get("created_at", 0), batch)
+                        for batch in batches for file_id in result_file_ids(batch)})
+        return out
 
     @router.post("/files")
     def create_file(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict[str, Any]:
@@ -73,10 +106,18 @@ def files_router(client: BatchClient, files: FileStore) -> APIRouter:
     @router.get("/files")
     def list_files(limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, after: str | None = None,
                    order: str = "desc", purpose: str | None = None) -> dict[str, Any]:
-        page, has_more = files.list(limit, after, newest_first=order != "asc")
-        data = [f.to_api() for f in page if purpose in (None, f.purpose)]
+        listed = listed_files(purpose)
+        ids = sorted(listed, key=lambda file_id: (listed[file_id][0], result_file_of(file_id) is not None, file_id),
+                     reverse=order != "asc")  # in one second, an upload comes before the results it led to
+        page, has_more = page_after(ids, limit, after)
+        data = [render_listed(file_id, listed[file_id][1]) for file_id in page]
         return {"object": "list", "data": data, "has_more": has_more,
                 "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+    def render_listed(file_id: str, source: StoredFile | Batch) -> dict[str, Any]:
+        if isinstance(source, Batch):
+            return result_file_object(client, source, file_id == errors_file_id(source.id))
+        return source.to_api()
 
     @router.get("/files/{file_id}")
     def retrieve_file(file_id: str) -> dict[str, Any]:
