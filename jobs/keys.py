@@ -34,8 +34,13 @@ class BatchKeys:
         """LIST: job ids of chunks not yet fed to the queue (see jobs/chunks.py)."""
         return f"{self._base}:chunks"
 
+    @property
+    def sizes(self) -> str:
+        """HASH: result file ("output", "errors") -> its bytes, kept once the batch is final (GET /v1/files)."""
+        return f"{self._base}:sizes"
+
     def all(self) -> list[str]:
-        return [self.record, self.requests, self.outcomes, self.chunks]
+        return [self.record, self.requests, self.outcomes, self.chunks, self.sizes]
 
 
 def batches_index(prefix: str = defaults.KEY_PREFIX) -> str:

@@ -7,7 +7,7 @@ convention), so callers can compose several writes into one round trip.
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from batchgen.jobs import defaults, keys
@@ -206,6 +206,23 @@ class BatchStore:
             return []
         done = self.connection.hmget(keys.BatchKeys(batch_id).outcomes, indexes)
         return [i for i, d in zip(indexes, done, strict=True) if d is None]
+
+    def file_size(self, batch: Batch, name: str, measure: Callable[[], int]) -> int:
+        """A result file's bytes (name: "output" or "errors"), from measure(). Once the batch is final its lines no
+        longer change, so the size is kept (expiring with the record) and listing files does not read them again."""
+        k = keys.BatchKeys(batch.id)
+        kept = self.connection.hget(k.sizes, name)
+        if kept is not None:
+            return int(kept)
+        size = measure()
+        if batch.status.is_terminal:
+            ttl_ms = self.connection.pttl(k.record)
+            pipe = self.connection.pipeline()
+            pipe.hset(k.sizes, name, size)
+            if ttl_ms > 0:
+                pipe.pexpire(k.sizes, ttl_ms)
+            pipe.execute()
+        return size
 
     def iter_outcomes(self, batch_id: str, ordered: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
         """(index, output line) pairs; ordered sorts by input position (memory ~ batch size)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
+from batchgen.jobs.keys import BatchKeys
 from batchgen.jobs.states import BatchStatus
 from openai.types import Batch, FileObject
 from redis import Redis
@@ -202,6 +203,30 @@ def test_files_list_shows_a_batchs_output_and_error_files_once_they_exist(server
     pages = {order: server.get_json(f"/v1/files?order={order}") for order in ("asc", "desc")}
     ids = {order: [FileObject.model_validate(f).id for f in page["data"]] for order, page in pages.items()}
     assert ids["asc"] == ids["desc"][::-1] and ids["asc"][0] == upload and not pages["asc"]["has_more"]
+
+
+def test_a_final_batchs_result_file_sizes_are_kept_so_listing_does_not_read_its_lines_again(server, redis_url,
+                                                                                            redis_conn, tmp_path):
+    sdk = server.sdk()
+    with open(write_jsonl(tmp_path / "b.jsonl", completion_lines("echo-m", ["fine", "bad\u0000byte"])), "rb") as fh:
+        upload = sdk.files.create(file=fh, purpose="batch").id
+    batch = sdk.batches.create(input_file_id=upload, endpoint="/v1/completions", completion_window="24h")
+    worker = start_worker("--engine", "echo", "--model", "echo-m", "--burst", redis_url=redis_url,
+                          log=tmp_path / "worker.log")
+    assert worker.wait(timeout=120) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    batch = sdk.batches.retrieve(batch.id)
+    assert batch.status == "completed"
+    sizes = BatchKeys(batch.id).sizes
+    assert not redis_conn.exists(sizes)
+    listed = {f.id: f.bytes for f in sdk.files.list(purpose="batch_output")}
+    content = {file_id: len(sdk.files.content(file_id).content) for file_id in listed}
+    assert listed == content and min(content.values()) > 0
+    assert {k: int(v) for k, v in redis_conn.hgetall(sizes).items()} == {
+        "output": content[batch.output_file_id], "errors": content[batch.error_file_id]}
+    record_ttl = redis_conn.ttl(BatchKeys(batch.id).record)
+    assert record_ttl > 0 and abs(redis_conn.ttl(sizes) - record_ttl) <= 1  # gone with the batch
+    redis_conn.hset(sizes, "output", 7)  # what a later listing shows is the kept size, not the lines read again
+    assert {f.id: f.bytes for f in sdk.files.list(purpose="batch_output")}[batch.output_file_id] == 7
 
 
 def test_a_bad_file_is_refused_with_its_line_errors_and_nothing_is_stored(server, tmp_path):

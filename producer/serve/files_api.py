@@ -43,8 +43,10 @@ def result_lines(client: BatchClient, batch_id: str, errors: bool) -> Iterator[b
 
 
 def result_file_object(client: BatchClient, batch: Batch, errors: bool) -> dict[str, Any]:
-    """A batch's output (error) file as OpenAI's FileObject; its bytes are those its content streams now."""
-    size = sum(len(b) for b in result_lines(client, batch.id, errors))
+    """A batch's output (error) file as OpenAI's FileObject; its bytes are those its content streams now (read
+    once the batch is final: the store keeps them)."""
+    size = client.store.file_size(batch, "errors" if errors else "output",
+                                  lambda: sum(len(b) for b in result_lines(client, batch.id, errors)))
     return {"id": errors_file_id(batch.id) if errors else output_file_id(batch.id), "object": "file", "bytes": size,
             "created_at": batch.timestamps.get("created_at", 0),
             "filename": f"{batch.id}_{'error' if errors else 'output'}.jsonl", "purpose": "batch_output",
