@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from batchgen.jobs import defaults, keys
+from batchgen.jobs.batch import Batch
 from batchgen.jobs.states import BatchStatus
 from batchgen.jobs.store import BatchStore
 from batchgen.jobs.tasks import RUN_CHUNK
@@ -228,9 +229,26 @@ class ChunkClaims:
         return True
 
     def remove_queued(self, batch_id: str, queue: Queue, job_ids: Sequence[str]) -> None:
-        """Cancel: takes a batch's chunks off its queue and its pending list."""
+        """Cancel, expiry: takes a batch's chunks off its queue and its pending list."""
         with self.connection.pipeline() as pipe:
             for job_id in job_ids:
                 pipe.lrem(queue.key, 0, job_id)
             pipe.delete(pending_chunks_key(batch_id))
             pipe.execute()
+
+
+def unqueue(batch: Batch, connection: Redis) -> None:
+    """Takes an ended batch's chunks off its queue (cancel, expiry): a worker would only skip them, and `rq info`
+    and idle workers would count them as waiting."""
+    if not batch.queue:
+        return
+    job_ids = [c.job_id for c in split(batch.id, batch.total, max(1, batch.chunk_size))]
+    ChunkClaims(connection).remove_queued(batch.id, make_queue(batch.model, batch.priority, connection), job_ids)
+
+
+def expire_overdue(store: BatchStore, now: int | None = None) -> list[str]:
+    """store.expire_overdue, the expired batches' chunks taken off their queues; returns the ids it expired."""
+    expired = store.expire_overdue(now)
+    for batch in filter(None, map(store.get, expired)):
+        unqueue(batch, store.connection)
+    return expired

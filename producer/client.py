@@ -213,14 +213,14 @@ class BatchClient:
     def get(self, batch_id: str) -> Batch:
         # Expiry must not depend on a worker being alive (OpenAI expires batches server-side too):
         # whoever looks first ends overdue batches. One ZRANGEBYSCORE when nothing is overdue.
-        self.store.expire_overdue()
+        self.expire_overdue()
         batch = self.store.get(batch_id)
         if batch is None:
             raise BatchNotFound(f"no batch {batch_id!r} (expired or never submitted)")
         return batch
 
     def recent(self, limit: int = 100) -> list[Batch]:
-        self.store.expire_overdue()  # as get(): a listed batch must not show in_progress past its window
+        self.expire_overdue()  # as get(): a listed batch must not show in_progress past its window
         return self.store.recent(limit)
 
     def wait(self, batch_id: str, timeout_s: float | None = None, poll_s: float = 1.0,
@@ -274,6 +274,10 @@ class BatchClient:
                 out.write(text)
         return n_ok, n_err
 
+    def expire_overdue(self) -> list[str]:
+        """Ends the batches whose completion window passed (their chunks off the queues); returns their ids."""
+        return chunks.expire_overdue(self.store)
+
     def cancel(self, batch_id: str) -> Batch:
         """Stops a batch: queued requests become cancelled at once; finished results are kept."""
         batch = self.get(batch_id)
@@ -281,10 +285,7 @@ class BatchClient:
             return batch
         self.store.transition(batch_id, BatchStatus.CANCELLING, "cancelling_at",
                               [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING])
-        if batch.queue:
-            queue = chunks.make_queue(batch.model, batch.priority, self.connection)
-            job_ids = [c.job_id for c in chunks.split(batch_id, batch.total, max(1, batch.chunk_size))]
-            chunks.ChunkClaims(self.connection).remove_queued(batch_id, queue, job_ids)
+        chunks.unqueue(batch, self.connection)
         self.store.close_remaining(batch_id, Outcome.CANCELLED, "the batch was cancelled")
         batch = self.get(batch_id)
         if batch.status == BatchStatus.CANCELLING and batch.num_done >= batch.total:

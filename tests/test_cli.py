@@ -145,6 +145,21 @@ def test_list_shows_an_overdue_batch_as_expired_as_status_does(redis_url, redis_
     assert json.loads(batchgen("status", batch_id, "--json", redis_url=redis_url).stdout)["status"] == "expired"
 
 
+def test_an_expired_batch_leaves_no_chunk_on_its_queue_as_a_cancelled_one(redis_url, redis_conn, tmp_path):
+    """Nothing would run the chunks, but `rq info` and idle workers counted them as waiting."""
+    from batchgen.jobs.chunks import make_queue, pending_chunks_key
+
+    rows = [{"prompt": f"p{i}"} for i in range(5)]
+    sub = batchgen("submit", write_jsonl(tmp_path / "in.jsonl", rows), "--model", "nobody-serves", "--chunk-size",
+                   "1", "--completion-window", "1s", redis_url=redis_url, check=True)
+    batch_id = sub.stdout.decode().strip()
+    queue = make_queue("nobody-serves", "default", redis_conn)
+    assert redis_conn.llen(queue.key) == 2 and redis_conn.llen(pending_chunks_key(batch_id)) == 3  # the window
+    eventually(lambda: json.loads(batchgen("status", batch_id, "--json", redis_url=redis_url).stdout)["status"]
+               == "expired", "the batch to expire", timeout_s=10, poll_s=0.2)
+    assert redis_conn.llen(queue.key) == 0 and not redis_conn.exists(pending_chunks_key(batch_id))
+
+
 def test_demo_model_json_names_a_loadable_model(tmp_path):
     made = batchgen("demo-model", str(tmp_path / "demo"), "--json", redis_url="redis://unused", check=True)
     path = json.loads(made.stdout)["path"]

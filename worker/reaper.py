@@ -8,7 +8,7 @@ outcome yet, so a dead worker costs at most what it had in flight.
 import logging
 import time
 
-from batchgen.jobs.chunks import ChunkClaims, fail_lost_chunk, fetch_job
+from batchgen.jobs.chunks import ChunkClaims, expire_overdue, fail_lost_chunk, fetch_job
 from batchgen.jobs.store import BatchStore
 from batchgen.jobs.workers import WorkerRegistry
 from redis import Redis
@@ -33,7 +33,7 @@ class Reaper:
         return self.reap(self_name)
 
     def reap(self, self_name: str = "") -> int:
-        self.store.expire_overdue()
+        expire_overdue(self.store)
         return self.requeue_dead(self_name)
 
     def num_stale_claims(self, self_name: str, stale_after_s: float) -> int:

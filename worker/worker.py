@@ -304,7 +304,7 @@ class BatchWorker:
             self._finish_chunk(job.id)
             return
         if batch.timestamps.get("expires_at", 0) and time.time() > batch.timestamps["expires_at"]:
-            self.store.expire_overdue()
+            chunks.expire_overdue(self.store)
             self._finish_chunk(job.id)
             return
         pending = self.store.pending(chunk.batch_id, chunk.start, chunk.end)

@@ -71,7 +71,7 @@ def batches_router(client: BatchClient, files: FileStore) -> APIRouter:
 
     @router.get("/batches")
     def list_batches(limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None) -> dict[str, Any]:
-        client.store.expire_overdue()
+        client.expire_overdue()
         ids, has_more = page_of_index(client.connection, keys.batches_index(), limit, after)
         data = rendered(ids)
         return {"object": "list", "data": data, "has_more": has_more,

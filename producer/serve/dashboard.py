@@ -61,7 +61,7 @@ def batch_row(batch, api_fields: dict[str, str], workers: list[dict[str, str]], 
 
 def dashboard_state(client: BatchClient, history: WorkerHistory, limit: int = 50) -> dict[str, Any]:
     now = time.time()
-    client.store.expire_overdue()
+    client.expire_overdue()
     workers = client.workers()
     batches = client.recent(limit)
     fields = load_api_fields(client.connection, [b.id for b in batches])

@@ -77,7 +77,7 @@ def files_router(client: BatchClient, files: FileStore) -> APIRouter:
 
     def listed_files(purpose: str | None) -> dict[str, tuple[int, StoredFile | Batch]]:
         """Every file GET /v1/files can show, by id: (created_at, the upload's record or the result file's batch)."""
-        client.store.expire_overdue()  # as GET /v1/batches does: an overdue batch's error file appears with it
+        client.expire_overdue()  # as GET /v1/batches does: an overdue batch's error file appears with it
         out: dict[str, tuple[int, StoredFile | Batch]] = {
             f.id: (f.created_at, f) for f in files.all() if purpose in (None, f.purpose)}
         if purpose in (None, "batch_output"):
