@@ -19,6 +19,7 @@ from batchgen.jobs.schema import (
     COMPLETIONS_URL,
     MAX_LOGIT_BIAS,
     MAX_TOP_LOGPROBS,
+    RESPONSES_URL,
     ChatMessage,
     Request,
     SamplingParams,
@@ -44,6 +45,16 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
 }
 KNOWN_KEYS = frozenset({"model", "prompt", "messages", "max_completion_tokens", *PARAM_KEYS, *SHAPED_KEYS})
 BATCH_KEYS = frozenset({"custom_id", "method", "url", "body"})
+URLS = (CHAT_URL, COMPLETIONS_URL, RESPONSES_URL)
+# The Responses API's request fields we honour: input and instructions become chat messages, max_output_tokens
+# max_tokens, text.format response_format's JSON modes; the rest of its fields are refused (or ignored, as above).
+RESPONSES_KEYS = frozenset({"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "text"})
+RESPONSES_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "stream": (False, None), "background": (False, None), "tools": ([], None), "tool_choice": ("none", None),
+    "truncation": ("disabled", None),
+}
+INPUT_ROLES = ("user", "system", "developer", "assistant")
+INPUT_PART_TYPES = ("input_text", "output_text")
 MESSAGE_KEYS = frozenset(ChatMessage.model_fields)
 MAX_CUSTOM_ID_CHARS = 512
 _BLANK_CATEGORIES = frozenset({"Cc", "Cf"})  # control and format characters (NUL, zero-width space, BOM)
@@ -111,6 +122,8 @@ def object_request(
         if not isinstance(body, dict):
             raise LineError("invalid_type", f"body: must be an object, not {_json_type(body)}")
         prefix, extra_keys = "body.", frozenset()
+        if url == RESPONSES_URL:
+            return _responses_request(body, custom_id=custom_id, line=line, fill=fill, max_tokens=max_tokens)
     else:
         custom_id = _custom_id(obj, "custom_id", required=False) or default_id
         url = CHAT_URL if "messages" in obj else COMPLETIONS_URL
@@ -197,8 +210,8 @@ def _envelope_url(obj: Mapping[str, Any]) -> str:
     if "url" not in obj:
         raise LineError("missing_field", "url: required")
     url = obj["url"]
-    if url not in (CHAT_URL, COMPLETIONS_URL):
-        raise LineError("unknown_url", f"url: must be {CHAT_URL} or {COMPLETIONS_URL}, not {url!r}"[:300])
+    if url not in URLS:
+        raise LineError("unknown_url", f"url: must be one of {', '.join(URLS)}, not {url!r}"[:300])
     return url
 
 
@@ -213,13 +226,14 @@ def _check_envelope_keys(obj: Mapping[str, Any]) -> None:
                                                  "custom_id, method, url and body"[:300])
 
 
-def _check_keys(body: Mapping[str, Any], prefix: str, extra_keys: frozenset[str]) -> None:
+def _check_keys(body: Mapping[str, Any], prefix: str, extra_keys: frozenset[str], known: frozenset[str] = KNOWN_KEYS,
+                neutral: Mapping[str, tuple[Any, ...]] = NEUTRAL_VALUES) -> None:
     for key, value in body.items():
-        if key in KNOWN_KEYS or key in extra_keys or key in IGNORED_KEYS:
+        if key in known or key in extra_keys or key in IGNORED_KEYS:
             continue
-        if key in NEUTRAL_VALUES:
-            if not any(_same(value, ok) for ok in NEUTRAL_VALUES[key]):
-                raise LineError("unsupported_parameter", f"{prefix}{key}: only {NEUTRAL_VALUES[key][0]!r} is supported")
+        if key in neutral:
+            if not any(_same(value, ok) for ok in neutral[key]):
+                raise LineError("unsupported_parameter", f"{prefix}{key}: only {neutral[key][0]!r} is supported")
             continue
         raise LineError("unsupported_parameter", f"{prefix}{key}: unknown parameter"[:300])
 
@@ -250,6 +264,92 @@ def _content(body: Mapping[str, Any], url: str, prefix: str) -> tuple[str | None
         hint = f" ({url} takes prompt, not messages)" if messages is not None else ""
         raise LineError("missing_field", f"{prefix}prompt: required{hint}")
     return _prompt(prompt, prefix + "prompt"), None
+
+
+def _responses_request(body: Mapping[str, Any], *, custom_id: str, line: int, fill: Mapping[str, Any],
+                       max_tokens: int) -> Request:
+    """A /v1/responses body as the chat Request it amounts to: instructions a system message ahead of input."""
+    prefix = "body."
+    _check_keys(body, prefix, frozenset(), RESPONSES_KEYS, RESPONSES_NEUTRAL)
+    _model(body, prefix)
+    if body.get("input") is None:
+        raise LineError("missing_field", f"{prefix}input: required")
+    messages = _input_messages(body["input"], prefix + "input")
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise LineError("invalid_type", f"{prefix}instructions: must be a string")
+        messages = [ChatMessage(role="system", content=_not_blank(instructions, prefix + "instructions")), *messages]
+    given = {key: body[key] for key in ("temperature", "top_p") if body.get(key) is not None}
+    limit = body.get("max_output_tokens")
+    if limit is not None:  # checked here: sampling_params would name it max_tokens
+        if not isinstance(limit, int) or isinstance(limit, bool):
+            raise LineError("invalid_type", f"{prefix}max_output_tokens: must be an integer")
+        if not 1 <= limit <= max_tokens:
+            raise LineError("invalid_value", f"{prefix}max_output_tokens: must be between 1 and {max_tokens}")
+        given["max_tokens"] = limit
+    if body.get("text") is not None:
+        given.update(_text_format(body["text"], prefix + "text"))
+    params = sampling_params(given, fill, max_tokens=max_tokens, prefix=prefix)
+    return Request(custom_id=custom_id, url=RESPONSES_URL, messages=tuple(messages), params=params, line=line)
+
+
+def _input_messages(value: Any, field: str) -> list[ChatMessage]:
+    """input: a string (one user message) or a list of message items, each content a string or text parts."""
+    if isinstance(value, str):
+        return [ChatMessage(role="user", content=_not_blank(value, field))]
+    if not isinstance(value, list):
+        raise LineError("invalid_type", f"{field}: must be a string or a list of messages, not {_json_type(value)}")
+    if not value:
+        raise LineError("invalid_value", f"{field}: must not be empty")
+    messages = []
+    for i, item in enumerate(value):
+        at = f"{field}.{i}"
+        if not isinstance(item, dict):
+            raise LineError("invalid_type", f"{at}: must be an object, not {_json_type(item)}")
+        for key in item:
+            if key not in ("type", "role", "content"):
+                raise LineError("unsupported_parameter", f"{at}.{key}: not supported; an input message has only "
+                                                         "type, role and content"[:300])
+        if item.get("type", "message") != "message":
+            raise LineError("unsupported_parameter", f"{at}.type: only message items are supported, not "
+                                                     f"{item.get('type')!r}"[:300])
+        role, content = item.get("role"), item.get("content")
+        if role not in INPUT_ROLES:
+            raise LineError("invalid_value", f"{at}.role: must be one of {', '.join(INPUT_ROLES)}")
+        if isinstance(content, list):
+            content = _join_parts(content, f"{at}.content", INPUT_PART_TYPES)
+        if not isinstance(content, str):
+            raise LineError("missing_field" if content is None else "invalid_type",
+                            f"{at}.content: must be a string or a list of text parts")
+        messages.append(ChatMessage(role=role, content=_not_blank(content, f"{at}.content")))
+    return messages
+
+
+def _text_format(text: Any, field: str) -> dict[str, Any]:
+    """text: {"format": {"type": "text" | "json_object"} | {"type": "json_schema", "name", "schema", ...}}, the
+    Responses API's flat form of response_format."""
+    if not isinstance(text, dict):
+        raise LineError("invalid_type", f"{field}: must be an object, not {_json_type(text)}")
+    for key in text:
+        if key != "format":
+            raise LineError("unsupported_parameter", f"{field}.{key}: not supported"[:300])
+    fmt = text.get("format")
+    if fmt is None:
+        return {}
+    if not isinstance(fmt, dict):
+        raise LineError("invalid_type", f"{field}.format: must be an object, not {_json_type(fmt)}")
+    if fmt.get("type") != "json_schema":
+        return _response_format(fmt, field + ".format")
+    spec = {k: v for k, v in fmt.items() if k != "type"}
+    for key in spec:
+        if key not in JSON_SCHEMA_KEYS:
+            raise LineError("unsupported_parameter", f"{field}.format.{key}: unknown field"[:300])
+    for key, kind in (("name", str), ("schema", dict)):
+        if not isinstance(spec.get(key), kind) or not spec[key]:
+            raise LineError("missing_field" if spec.get(key) is None else "invalid_value",
+                            f"{field}.format.{key}: required, a non-empty {'string' if kind is str else 'object'}")
+    return _response_format({"type": "json_schema", "json_schema": spec}, field + ".format")
 
 
 def _prompt(prompt: Any, field: str) -> str:
@@ -287,18 +387,19 @@ def _messages(messages: Any, field: str) -> tuple[ChatMessage, ...]:
     return tuple(result)
 
 
-def _join_parts(parts: list[Any], field: str) -> str:
-    """OpenAI content-part lists: we take text parts only (no images, audio or files)."""
+def _join_parts(parts: list[Any], field: str, kinds: tuple[str, ...] = ("text",)) -> str:
+    """OpenAI content-part lists: we take text parts only (no images, audio or files). kinds: the text parts' type
+    names (chat's "text"; the Responses API's "input_text", and "output_text" in an assistant turn)."""
     texts = []
     for j, part in enumerate(parts):
         if not isinstance(part, dict):
             raise LineError("invalid_type", f"{field}.{j}: must be an object, not {_json_type(part)}")
         kind = part.get("type")
-        if kind != "text" and isinstance(kind, str) and kind:
+        if kind not in kinds and isinstance(kind, str) and kind:
             raise LineError("unsupported_parameter", f"{field}.{j}: {kind} parts are not supported "
-                                                     "(text parts only)"[:300])
-        if kind != "text" or set(part) != {"type", "text"} or not isinstance(part["text"], str):
-            raise LineError("invalid_value", f"{field}.{j}: must be {{\"type\": \"text\", \"text\": str}}")
+                                                     f"({kinds[0]} parts only)"[:300])
+        if kind not in kinds or set(part) != {"type", "text"} or not isinstance(part["text"], str):
+            raise LineError("invalid_value", f"{field}.{j}: must be {{\"type\": \"{kinds[0]}\", \"text\": str}}")
         texts.append(part["text"])
     return "\n".join(texts)
 

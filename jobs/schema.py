@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
-Url = Literal["/v1/chat/completions", "/v1/completions"]
+RESPONSES_URL = "/v1/responses"  # OpenAI's Responses API: messages in, one output message out
+Url = Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
 CustomId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 TokenId = Annotated[int, Field(ge=0)]
 MAX_CHOICES = 16  # n: each choice is its own row, so n multiplies a request's cost
@@ -90,8 +91,8 @@ class Request(BaseModel):
     def _one_input(self) -> "Request":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("exactly one of prompt and messages is required")
-        if self.messages is not None and self.url != CHAT_URL:
-            raise ValueError(f"messages need url {CHAT_URL}")
+        if self.messages is not None and self.url not in (CHAT_URL, RESPONSES_URL):
+            raise ValueError(f"messages need url {CHAT_URL} or {RESPONSES_URL}")
         if self.prompt is not None and self.url != COMPLETIONS_URL:
             raise ValueError(f"prompt needs url {COMPLETIONS_URL}")
         return self
@@ -149,7 +150,21 @@ def success_line(
     choice of text and finish_reason)."""
     chat = request.url == CHAT_URL
     choices = choices or (Choice(text, finish_reason, num_tokens=completion_tokens),)
-    body = {
+    if request.url == RESPONSES_URL:
+        body = _response_body(request, model, choices[0], prompt_tokens, completion_tokens)
+    else:
+        body = _completion_body(chat, model, choices, prompt_tokens, completion_tokens)
+    return {
+        "id": _new_id("batch_req"),
+        "custom_id": request.custom_id,
+        "response": {"status_code": 200, "request_id": _new_id("req"), "body": body},
+        "error": None,
+    }
+
+
+def _completion_body(chat: bool, model: str, choices: Sequence[Choice], prompt_tokens: int,
+                     completion_tokens: int) -> dict[str, Any]:
+    return {
         "id": _new_id("chatcmpl" if chat else "cmpl", "-"),
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
@@ -161,11 +176,27 @@ def success_line(
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+
+
+def _response_body(request: Request, model: str, choice: Choice, prompt_tokens: int,
+                   completion_tokens: int) -> dict[str, Any]:
+    """The Responses API's response object: one assistant message holding the text; a length stop is an
+    incomplete response (max_output_tokens), as OpenAI reports it."""
+    done = choice.finish_reason == "stop"
+    params = request.params
+    message = {"type": "message", "id": _new_id("msg"), "status": "completed" if done else "incomplete",
+               "role": "assistant", "content": [{"type": "output_text", "text": choice.text, "annotations": []}]}
     return {
-        "id": _new_id("batch_req"),
-        "custom_id": request.custom_id,
-        "response": {"status_code": 200, "request_id": _new_id("req"), "body": body},
-        "error": None,
+        "id": _new_id("resp"), "object": "response", "created_at": int(time.time()), "model": model,
+        "status": "completed" if done else "incomplete",
+        "incomplete_details": None if done else {"reason": "max_output_tokens"},
+        "error": None, "instructions": None, "metadata": None, "output": [message],
+        "parallel_tool_calls": False, "tool_choice": "none", "tools": [],
+        "temperature": params.temperature, "top_p": params.top_p, "max_output_tokens": params.max_tokens,
+        "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens,
+                  "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                  "output_tokens_details": {"reasoning_tokens": 0}},
     }
 
 

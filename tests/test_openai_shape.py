@@ -22,6 +22,7 @@ from batchgen.worker.engine.echo import EchoEngine, echo_text
 from batchgen.worker.worker import BatchWorker
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
 
 from tests.cli import BATCHGEN, batchgen, cli_env, eventually, start_worker
 
@@ -46,7 +47,8 @@ def check_line(line: dict) -> None:
     assert line["error"] is None
     body = line["response"]["body"]
     if line["response"]["status_code"] == 200:
-        (ChatCompletion if body["object"] == "chat.completion" else Completion).model_validate(body)
+        kinds = {"chat.completion": ChatCompletion, "text_completion": Completion, "response": Response}
+        kinds[body["object"]].model_validate(body)
     else:
         assert set(body["error"]) == ERROR_BODY_KEYS
         kind = "server_error" if line["response"]["status_code"] >= 500 else "invalid_request_error"
@@ -181,6 +183,37 @@ def test_run_writes_in_input_order_by_default_and_as_finished_with_no_ordered(tm
     assert [ln["custom_id"] for ln in read_jsonl(unordered)] == ["nul", "a", "b"]
     for line in read_jsonl(ordered):
         check_line(line)
+
+
+@pytest.mark.slow
+def test_a_responses_line_answers_as_the_responses_api_with_its_chat_twins_text(demo_model_dir, tmp_path):
+    """/v1/responses on the 8-bit demo model: the output line's body validates as the openai package's Response,
+    and its text and usage are those of the same request sent as chat (instructions a system message)."""
+    ask = {"instructions": "Answer briefly.", "input": "the quick brown fox"}
+    chat = [{"role": "system", "content": ask["instructions"]}, {"role": "user", "content": ask["input"]}]
+    rows = [{"custom_id": f"r{n}", "method": "POST", "url": "/v1/responses",
+             "body": {**ask, "max_output_tokens": n, "temperature": 0}} for n in (1, 12)]
+    rows += [{"custom_id": f"c{n}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"messages": chat, "max_tokens": n, "temperature": 0}} for n in (1, 12)]
+    out = tmp_path / "out.jsonl"
+    batchgen("run", write_jsonl(tmp_path / "in.jsonl", rows), "-o", str(out), "--model", str(demo_model_dir),
+             redis_url="x", check=True)
+    lines = {line["custom_id"]: line for line in read_jsonl(out)}
+    for line in lines.values():
+        check_line(line)
+    for n in (1, 12):
+        response = Response.model_validate(lines[f"r{n}"]["response"]["body"])
+        twin = ChatCompletion.model_validate(lines[f"c{n}"]["response"]["body"])
+        assert response.object == "response" and response.output_text == twin.choices[0].message.content
+        assert (response.usage.input_tokens, response.usage.output_tokens) == (
+            twin.usage.prompt_tokens, twin.usage.completion_tokens)
+        assert response.max_output_tokens == n and response.temperature == 0
+        (message,) = response.output
+        stopped = twin.choices[0].finish_reason == "stop"
+        assert response.status == message.status == ("completed" if stopped else "incomplete")
+        assert (None if stopped else "max_output_tokens") == (
+            response.incomplete_details and response.incomplete_details.reason)
+    assert lines["r1"]["response"]["body"]["status"] == "incomplete"  # one token: the limit, not EOS, ends it
 
 
 def test_run_output_dash_writes_the_result_lines_to_stdout_and_nothing_else(tmp_path):

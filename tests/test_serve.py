@@ -19,6 +19,7 @@ import yaml
 from batchgen.jobs.keys import BatchKeys
 from batchgen.jobs.states import BatchStatus
 from openai.types import Batch, FileObject
+from openai.types.responses import Response as ResponseObject
 from redis import Redis
 
 from tests.cli import BATCHGEN, batchgen, cli_env, eventually, start_worker
@@ -203,6 +204,31 @@ def test_files_list_shows_a_batchs_output_and_error_files_once_they_exist(server
     pages = {order: server.get_json(f"/v1/files?order={order}") for order in ("asc", "desc")}
     ids = {order: [FileObject.model_validate(f).id for f in page["data"]] for order, page in pages.items()}
     assert ids["asc"] == ids["desc"][::-1] and ids["asc"][0] == upload and not pages["asc"]["has_more"]
+
+
+def test_a_responses_batch_runs_through_the_sdk_and_answers_as_responses(server, redis_url, tmp_path):
+    """endpoint /v1/responses, as the OpenAI SDK creates it: every line must use it, and each output line's body
+    validates as the openai package's Response (the echo engine answers with the input's first words)."""
+    sdk = server.sdk()
+    rows = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses",
+             "body": {"model": "echo-m", "input": prompt, "max_output_tokens": 3}} for i, prompt in enumerate(PROMPTS)]
+    with open(write_jsonl(tmp_path / "r.jsonl", rows), "rb") as fh:
+        upload = sdk.files.create(file=fh, purpose="batch").id
+    with pytest.raises(openai.BadRequestError):  # OpenAI's rule: the batch's endpoint is every line's url
+        sdk.batches.create(input_file_id=upload, endpoint="/v1/chat/completions", completion_window="24h")
+    batch = sdk.batches.create(input_file_id=upload, endpoint="/v1/responses", completion_window="24h")
+    assert batch.endpoint == "/v1/responses"
+    worker = start_worker("--engine", "echo", "--model", "echo-m", "--burst", redis_url=redis_url,
+                          log=tmp_path / "worker.log")
+    assert worker.wait(timeout=120) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    batch = sdk.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.completed == len(PROMPTS)
+    lines = [json.loads(x) for x in sdk.files.content(batch.output_file_id).text.splitlines()]
+    by_id = {line["custom_id"]: ResponseObject.model_validate(line["response"]["body"]) for line in lines}
+    for i, prompt in enumerate(PROMPTS):
+        words = prompt.split()
+        assert by_id[f"r{i}"].output_text == " ".join(words[:3])
+        assert by_id[f"r{i}"].status == ("incomplete" if len(words) > 3 else "completed")
 
 
 def test_a_final_batchs_result_file_sizes_are_kept_so_listing_does_not_read_its_lines_again(server, redis_url,

@@ -268,3 +268,62 @@ def test_run_names_an_undecodable_file_instead_of_failing_on_a_codec(tmp_path):
                     str(tmp_path / "out.jsonl"), redis_url="redis://unused")
     assert proc.returncode == 3, proc.stderr
     assert b"invalid_file_name: \\xfe.txt: the file name is not valid UTF-8" in proc.stderr
+
+
+RESPONSES = "/v1/responses"
+
+
+def test_a_responses_line_is_the_chat_request_it_amounts_to():
+    """OpenAI's Responses API: instructions become a system message ahead of input, max_output_tokens max_tokens,
+    text.format response_format's JSON modes."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    [line, parts] = parse(
+        batch_line({"model": "m", "input": "Say hi", "instructions": "Be brief", "max_output_tokens": 20,
+                    "temperature": 0.5, "top_p": 0.9, "store": True,
+                    "text": {"format": {"type": "json_schema", "name": "a", "schema": schema, "strict": True}}},
+                   url=RESPONSES),
+        batch_line({"input": [{"role": "user", "content": [{"type": "input_text", "text": "a"},
+                                                            {"type": "input_text", "text": "b"}]},
+                              {"type": "message", "role": "assistant", "content": "ok"},
+                              {"role": "developer", "content": "go on"}]}, custom_id="r2", url=RESPONSES))
+    request = line.request
+    assert request.url == RESPONSES and [(m.role, m.content) for m in request.messages] == [
+        ("system", "Be brief"), ("user", "Say hi")]
+    params = request.params
+    assert (params.max_tokens, params.temperature, params.top_p) == (20, 0.5, 0.9)
+    assert params.response_format == "json_schema" and json.loads(params.json_schema) == schema
+    assert [(m.role, m.content) for m in parts.request.messages] == [
+        ("user", "a\nb"), ("assistant", "ok"), ("developer", "go on")]
+
+
+@pytest.mark.parametrize(("body", "code", "message"), [
+    ({"model": "m"}, "missing_field", "body.input: required"),
+    ({"input": "x", "n": 2}, "unsupported_parameter", "body.n: unknown parameter"),
+    ({"input": "x", "max_tokens": 5}, "unsupported_parameter", "body.max_tokens: unknown parameter"),
+    ({"input": "x", "max_output_tokens": 0}, "invalid_value", "body.max_output_tokens: must be between 1 and 32768"),
+    ({"input": "x", "stream": True}, "unsupported_parameter", "body.stream: only False is supported"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "unsupported_parameter", "body.tools: only [] is supported"),
+    ({"input": " "}, "invalid_value",
+     "body.input: must not be empty (it has only whitespace or control characters)"),
+    ({"input": []}, "invalid_value", "body.input: must not be empty"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]},
+     "unsupported_parameter", "body.input.0.content.0: input_image parts are not supported (input_text parts only)"),
+    ({"input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]}, "unsupported_parameter",
+     "body.input.0.call_id: not supported; an input message has only type, role and content"),
+    ({"input": [{"role": "tool", "content": "4"}]}, "invalid_value",
+     "body.input.0.role: must be one of user, system, developer, assistant"),
+    ({"input": "x", "instructions": 3}, "invalid_type", "body.instructions: must be a string"),
+    ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, "missing_field",
+     "body.text.format.name: required, a non-empty string"),
+    ({"input": "x", "text": {"verbosity": "low"}}, "unsupported_parameter", "body.text.verbosity: not supported"),
+    ({"input": "x", "temperature": 3}, "invalid_value", "body.temperature: must be <= 2"),
+])
+def test_a_bad_responses_line_is_refused_by_its_own_field_names(body, code, message):
+    [ok, refused] = parse('{"prompt": "fine"}', batch_line(body, url=RESPONSES))
+    assert ok.ok and (refused.line, refused.error.code, refused.error.message) == (2, code, message)
+
+
+def test_an_unknown_url_names_the_three_endpoints():
+    [refused] = parse(batch_line({"input": "x"}, url="/v1/embeddings"))
+    assert refused.error.code == "unknown_url" and refused.error.message == (
+        "url: must be one of /v1/chat/completions, /v1/completions, /v1/responses, not '/v1/embeddings'")
