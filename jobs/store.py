@@ -55,17 +55,25 @@ return accepted
 """
 
 # Moves a batch to a new status only from one of the allowed ones; returns 1 if it moved.
-# KEYS: record. ARGV: new status, timestamp field, now, allowed statuses...
+# KEYS: record. ARGV: new status, timestamp field ('' for none), now, allowed statuses...
 _TRANSITION = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 0 end
 for i = 4, #ARGV do
   if status == ARGV[i] then
-    redis.call('HSET', KEYS[1], 'status', ARGV[1], ARGV[2], ARGV[3])
+    redis.call('HSET', KEYS[1], 'status', ARGV[1])
+    if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[2], ARGV[3]) end
     return 1
   end
 end
 return 0
+"""
+
+# Stamps in_progress_at once, when a worker first starts a chunk of a batch still in progress (OpenAI's
+# "started processing"); a gone, cancelled or expired batch is left without it. KEYS: record. ARGV: now.
+_STARTED = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
+return redis.call('HSETNX', KEYS[1], 'in_progress_at', ARGV[1])
 """
 
 PAGE = 500
@@ -100,6 +108,7 @@ class BatchStore:
         self.result_ttl_s = result_ttl_s
         self._record = connection.register_script(_RECORD_SCRIPT)
         self._transition = connection.register_script(_TRANSITION)
+        self._started = connection.register_script(_STARTED)
 
     # -- producer side -------------------------------------------------------------------------------
     def create(self, batch: Batch, ttl_s: int | None = None, pipeline: Pipeline | None = None) -> None:
@@ -127,7 +136,10 @@ class BatchStore:
             pipe.execute()
 
     def activate(self, batch: Batch, pipeline: Pipeline | None = None) -> None:
-        """validating -> in_progress; the keys stop expiring and the batch shows in `list`."""
+        """validating -> in_progress; the keys stop expiring and the batch shows in `list`.
+
+        in_progress_at waits for the first chunk a worker starts (`mark_started`): queued is not processing.
+        """
         pipe = pipeline if pipeline is not None else self.connection.pipeline()
         k = keys.BatchKeys(batch.id)
         for key in k.all():
@@ -137,7 +149,7 @@ class BatchStore:
         pipe.zadd(keys.batches_index(), {batch.id: batch.timestamps.get("created_at", now_s())})
         if batch.timestamps.get("expires_at"):
             pipe.zadd(keys.expiries_index(), {batch.id: batch.timestamps["expires_at"]})
-        self.transition(batch.id, BatchStatus.IN_PROGRESS, "in_progress_at", [BatchStatus.VALIDATING], pipe)
+        self.transition(batch.id, BatchStatus.IN_PROGRESS, None, [BatchStatus.VALIDATING], pipe)
         if pipeline is None:
             pipe.execute()
 
@@ -247,11 +259,15 @@ class BatchStore:
         return [int(i) for i in accepted] if pipeline is None else []
 
     def transition(
-        self, batch_id: str, to: BatchStatus, stamp_field: str, allowed: Iterable[BatchStatus],
+        self, batch_id: str, to: BatchStatus, stamp_field: str | None, allowed: Iterable[BatchStatus],
         pipeline: Pipeline | None = None,
     ) -> bool:
-        args = [to.value, stamp_field, now_s(), *[s.value for s in allowed]]
+        args = [to.value, stamp_field or "", now_s(), *[s.value for s in allowed]]
         return bool(self._transition(keys=[keys.BatchKeys(batch_id).record], args=args, client=pipeline))
+
+    def mark_started(self, batch_id: str) -> bool:
+        """Stamps in_progress_at if the batch is in progress and has none yet; True if this call stamped it."""
+        return bool(self._started(keys=[keys.BatchKeys(batch_id).record], args=[now_s()]))
 
     def close_remaining(self, batch_id: str, outcome: Outcome, message: str) -> int:
         """Marks every request without an outcome as cancelled or expired; returns how many."""

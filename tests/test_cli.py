@@ -160,6 +160,53 @@ def test_an_expired_batch_leaves_no_chunk_on_its_queue_as_a_cancelled_one(redis_
     assert redis_conn.llen(queue.key) == 0 and not redis_conn.exists(pending_chunks_key(batch_id))
 
 
+def test_in_progress_at_is_when_a_worker_starts_the_batch_not_when_it_is_queued(redis_url, redis_conn, tmp_path):
+    """OpenAI's in_progress_at is "when the batch started processing": a queued batch has none, so no rate or ETA."""
+    from batchgen.jobs.store import BatchStore
+    from batchgen.producer.progress import batch_rates, postfix
+
+    rows = [{"custom_id": f"id-{i}", "prompt": f"p {i}"} for i in range(3)]
+    sub = batchgen("submit", write_jsonl(tmp_path / "in.jsonl", rows), "--model", "echo-m", "--json",
+                   redis_url=redis_url, check=True)
+    batch_id = json.loads(sub.stdout)["id"]
+    queued = json.loads(batchgen("status", batch_id, "--json", redis_url=redis_url, check=True).stdout)
+    (listed,) = json.loads(batchgen("list", "--json", redis_url=redis_url, check=True).stdout)
+    assert queued["status"] == listed["status"] == "in_progress"
+    assert json.loads(sub.stdout)["in_progress_at"] is None
+    assert "in_progress_at" in queued and queued["in_progress_at"] is None and listed["in_progress_at"] is None
+    waiting = BatchStore(redis_conn).get(batch_id)
+    rates = batch_rates(waiting, [], now=queued["created_at"] + 60.0)
+    assert rates.requests_per_s is None and rates.eta_s is None
+    assert postfix(waiting, rates).startswith("in_progress, ? req/s")
+
+    worker = start_worker("--engine", "echo", "--model", "echo-m", "--burst", redis_url=redis_url,
+                          log=tmp_path / "worker.log")
+    assert worker.wait(timeout=60) == 0, (tmp_path / "worker.log").read_text()
+    done = json.loads(batchgen("status", batch_id, "--json", redis_url=redis_url, check=True).stdout)
+    assert done["status"] == "completed"
+    assert queued["created_at"] <= done["in_progress_at"] <= done["completed_at"]
+
+
+def test_a_batch_cancelled_or_expired_before_any_worker_ran_never_started(redis_url, redis_conn, tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    cancelled_id = batchgen("submit", src, "--model", "echo-m", redis_url=redis_url, check=True).stdout.decode().strip()
+    cancelled = json.loads(batchgen("cancel", cancelled_id, "--json", redis_url=redis_url, check=True).stdout)
+    assert cancelled["status"] == "cancelled" and cancelled["in_progress_at"] is None
+    expiring_id = batchgen("submit", src, "--model", "echo-m", "--completion-window", "1s", redis_url=redis_url,
+                           check=True).stdout.decode().strip()
+
+    def expired() -> dict | None:
+        shown = json.loads(batchgen("status", expiring_id, "--json", redis_url=redis_url).stdout)
+        return shown if shown["status"] == "expired" else None
+
+    assert eventually(expired, "the batch to expire", timeout_s=10, poll_s=0.2)["in_progress_at"] is None
+    worker = start_worker("--engine", "echo", "--model", "echo-m", "--burst", redis_url=redis_url,
+                          log=tmp_path / "worker.log")
+    assert worker.wait(timeout=60) == 0, (tmp_path / "worker.log").read_text()
+    for batch_id in (cancelled_id, expiring_id):  # a worker coming later does not start an ended batch
+        assert json.loads(batchgen("status", batch_id, "--json", redis_url=redis_url).stdout)["in_progress_at"] is None
+
+
 def test_demo_model_json_names_a_loadable_model(tmp_path):
     made = batchgen("demo-model", str(tmp_path / "demo"), "--json", redis_url="redis://unused", check=True)
     path = json.loads(made.stdout)["path"]

@@ -153,6 +153,7 @@ def test_cancel_closes_every_request_and_lists_them_in_the_error_file(server, tm
     batch = upload_and_create(sdk, write_jsonl(tmp_path / "b.jsonl", completion_lines("nobody-serves-this")))
     cancelled = sdk.batches.cancel(batch.id)
     assert cancelled.status == "cancelled" and cancelled.cancelled_at and cancelled.cancelling_at
+    assert cancelled.in_progress_at is None  # no worker ever started it
     assert cancelled.request_counts.failed == len(PROMPTS) and cancelled.request_counts.completed == 0
     errors = [json.loads(x) for x in sdk.files.content(cancelled.error_file_id).text.splitlines()]
     assert sorted(e["custom_id"] for e in errors) == [f"p{i}" for i in range(len(PROMPTS))]
@@ -187,11 +188,13 @@ def test_files_list_shows_a_batchs_output_and_error_files_once_they_exist(server
         upload = sdk.files.create(file=fh, purpose="batch").id
     batch = sdk.batches.create(input_file_id=upload, endpoint="/v1/completions", completion_window="24h")
     assert [f.id for f in sdk.files.list()] == [upload]  # nothing has run: no result file yet
+    assert sdk.batches.retrieve(batch.id).in_progress_at is None  # queued, not started processing
     worker = start_worker("--engine", "echo", "--model", "echo-m", "--burst", redis_url=redis_url,
                           log=tmp_path / "worker.log")
     assert worker.wait(timeout=120) == 0, (tmp_path / "worker.log").read_text()[-3000:]
     batch = sdk.batches.retrieve(batch.id)
     assert batch.status == "completed" and batch.output_file_id and batch.error_file_id
+    assert batch.created_at <= batch.in_progress_at <= batch.completed_at
     results = {batch.output_file_id, batch.error_file_id}
 
     assert {f.id for f in sdk.files.list()} == {upload, *results}

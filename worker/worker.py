@@ -307,6 +307,8 @@ class BatchWorker:
             chunks.expire_overdue(self.store)
             self._finish_chunk(job.id)
             return
+        if "in_progress_at" not in batch.timestamps:  # the batch's first chunk to run: it starts processing now
+            self.store.mark_started(chunk.batch_id)
         pending = self.store.pending(chunk.batch_id, chunk.start, chunk.end)
         raws = self.store.raw_requests(chunk.batch_id, pending)
         gen, poison = [], []
