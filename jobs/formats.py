@@ -2,8 +2,8 @@
 
 Every way a record can be wrong becomes a LineError with a stable code, so the CLI can print
 "line 12: invalid_value: body.temperature: must be <= 2" and the batch error file can say the same.
-Both line shapes are accepted: OpenAI batch lines ({"custom_id", "method", "url", "body"}) and
-simple lines ({"prompt" | "messages", params at top level}). Whatever is accepted here is stored,
+Three line shapes are accepted: OpenAI batch lines ({"custom_id", "method", "url", "body"}), Anthropic
+Message Batches requests ({"custom_id", "params"}) and simple lines ({"prompt" | "messages", params at top level}). Whatever is accepted here is stored,
 serialised and run as it is, so nothing the engine would drop or the worker could not encode passes:
 unknown keys at any level, repeated keys, lone surrogates, deep nesting and empty prompts are errors.
 """
@@ -19,6 +19,7 @@ from batchgen.jobs.schema import (
     COMPLETIONS_URL,
     MAX_LOGIT_BIAS,
     MAX_TOP_LOGPROBS,
+    MESSAGES_URL,
     RESPONSES_URL,
     ChatMessage,
     Request,
@@ -53,6 +54,16 @@ RESPONSES_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "stream": (False, None), "background": (False, None), "tools": ([], None), "tool_choice": ("none", None),
     "truncation": ("disabled", None),
 }
+# Anthropic's Messages API: the params we honour (system a leading system message, stop_sequences stop,
+# output_config.format the JSON schema mode); its bookkeeping fields are ignored, its features refused unless off.
+MESSAGES_KEYS = frozenset({"model", "max_tokens", "messages", "system", "temperature", "top_p", "top_k",
+                           "stop_sequences", "output_config"})
+MESSAGES_IGNORED = frozenset({"metadata", "service_tier", "cache_control", "inference_geo", "speed"})
+MESSAGES_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "stream": (False, None), "tools": ([], None), "tool_choice": ({"type": "none"}, {"type": "auto"}, None),
+    "thinking": ({"type": "disabled"}, None),
+}
+MESSAGE_BATCH_KEYS = frozenset({"custom_id", "params"})
 INPUT_ROLES = ("user", "system", "developer", "assistant")
 INPUT_PART_TYPES = ("input_text", "output_text")
 MESSAGE_KEYS = frozenset(ChatMessage.model_fields)
@@ -87,16 +98,21 @@ def is_batch_line(obj: Mapping[str, Any]) -> bool:
     return bool(BATCH_KEYS.intersection(obj) - {"custom_id"})
 
 
+def is_message_batch_line(obj: Mapping[str, Any]) -> bool:
+    """Anthropic's Message Batches request: {"custom_id", "params"}, without OpenAI's envelope keys."""
+    return "params" in obj and not is_batch_line(obj)
+
+
 def identity(obj: Any, default_id: str, unreadable_id: str) -> tuple[str, str | None]:
     """Best-effort (custom_id, model) of a record, for naming it even when it is invalid."""
     if not isinstance(obj, dict):
         return unreadable_id, None
-    batch = is_batch_line(obj)
+    batch, anthropic = is_batch_line(obj), is_message_batch_line(obj)
     custom_id = obj.get("custom_id")
     if not (isinstance(custom_id, str) and 0 < len(custom_id) <= MAX_CUSTOM_ID_CHARS
             and strict_json.is_encodable(custom_id)):  # error lines echo it: it must be storable
-        custom_id = unreadable_id if batch else default_id
-    body = obj.get("body") if batch else obj
+        custom_id = unreadable_id if batch or anthropic else default_id
+    body = obj.get("body") if batch else obj.get("params") if anthropic else obj
     model = body.get("model") if isinstance(body, dict) else None
     return custom_id, model if isinstance(model, str) and model and strict_json.is_encodable(model) else None
 
@@ -112,6 +128,8 @@ def object_request(
     if not isinstance(obj, dict):
         hint = " (JSONL holds one object per line, not an array of them)" if isinstance(obj, list) else ""
         raise LineError("invalid_type", f"each line must be a JSON object, not {_json_type(obj)}{hint}")
+    if is_message_batch_line(obj):
+        return _message_batch_request(obj, line=line, fill=fill, max_tokens=max_tokens)
     if is_batch_line(obj):
         _check_envelope_keys(obj)
         custom_id = _custom_id(obj, "custom_id", required=True) or default_id
@@ -227,9 +245,9 @@ def _check_envelope_keys(obj: Mapping[str, Any]) -> None:
 
 
 def _check_keys(body: Mapping[str, Any], prefix: str, extra_keys: frozenset[str], known: frozenset[str] = KNOWN_KEYS,
-                neutral: Mapping[str, tuple[Any, ...]] = NEUTRAL_VALUES) -> None:
+                neutral: Mapping[str, tuple[Any, ...]] = NEUTRAL_VALUES, ignored: frozenset[str] = IGNORED_KEYS) -> None:
     for key, value in body.items():
-        if key in known or key in extra_keys or key in IGNORED_KEYS:
+        if key in known or key in extra_keys or key in ignored:
             continue
         if key in neutral:
             if not any(_same(value, ok) for ok in neutral[key]):
@@ -292,6 +310,110 @@ def _responses_request(body: Mapping[str, Any], *, custom_id: str, line: int, fi
         given.update(_text_format(body["text"], prefix + "text"))
     params = sampling_params(given, fill, max_tokens=max_tokens, prefix=prefix)
     return Request(custom_id=custom_id, url=RESPONSES_URL, messages=tuple(messages), params=params, line=line)
+
+
+def _message_batch_request(obj: Mapping[str, Any], *, line: int, fill: Mapping[str, Any],
+                           max_tokens: int) -> Request:
+    """An Anthropic Message Batches request: params is a Messages API body; system leads as a system message,
+    and a final assistant message is a prefill the reply continues."""
+    for key in obj:
+        if key in MESSAGE_BATCH_KEYS:
+            continue
+        if key in MESSAGES_KEYS or key in MESSAGES_NEUTRAL or key in MESSAGES_IGNORED:
+            raise LineError("misplaced_parameter", f"{key}: belongs inside params (params.{key}), not next to it")
+        raise LineError("unsupported_parameter", f"{key}: unknown field; a Message Batches request has only "
+                                                 "custom_id and params"[:300])
+    custom_id = _custom_id(obj, "custom_id", required=True)
+    params, prefix = obj["params"], "params."
+    if not isinstance(params, dict):
+        raise LineError("invalid_type", f"params: must be an object, not {_json_type(params)}")
+    _check_keys(params, prefix, frozenset(), MESSAGES_KEYS, MESSAGES_NEUTRAL, MESSAGES_IGNORED)
+    _model(params, prefix)
+    if params.get("messages") is None:
+        raise LineError("missing_field", f"{prefix}messages: required")
+    messages = _anthropic_messages(params["messages"], prefix + "messages")
+    if params.get("system") is not None:
+        system = params["system"]
+        if isinstance(system, list):
+            system = _join_parts(_text_blocks(system), prefix + "system")
+        if not isinstance(system, str):
+            raise LineError("invalid_type", f"{prefix}system: must be a string or a list of text blocks")
+        messages.insert(0, ChatMessage(role="system", content=_not_blank(system, prefix + "system")))
+    if params.get("max_tokens") is None:  # Anthropic's API requires it, so a line written for it has one
+        raise LineError("missing_field", f"{prefix}max_tokens: required")
+    given = {key: params[key] for key in ("max_tokens", "temperature", "top_p", "top_k") if params.get(key) is not None}
+    temperature = given.get("temperature")
+    if isinstance(temperature, int | float) and not isinstance(temperature, bool) and temperature > 1:
+        raise LineError("invalid_value", f"{prefix}temperature: must be <= 1")  # Anthropic's range is 0 to 1
+    stop = params.get("stop_sequences")
+    if stop is not None:
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise LineError("invalid_type", f"{prefix}stop_sequences: must be a list of strings")
+        if any(not s for s in stop):
+            raise LineError("invalid_value", f"{prefix}stop_sequences: stop sequences must not be empty")
+        given["stop"] = tuple(stop)
+    if params.get("output_config") is not None:
+        given.update(_output_config(params["output_config"], prefix + "output_config"))
+    sampled = sampling_params(given, fill, max_tokens=max_tokens, prefix=prefix)
+    return Request(custom_id=custom_id, url=MESSAGES_URL, messages=tuple(messages), params=sampled, line=line)
+
+
+def _anthropic_messages(value: Any, field: str) -> list[ChatMessage]:
+    """Messages API turns: user and assistant only (system is its own field), content a string or text blocks."""
+    if not isinstance(value, list):
+        raise LineError("invalid_type", f"{field}: must be a list, not {_json_type(value)}")
+    if not value:
+        raise LineError("invalid_value", f"{field}: must not be empty")
+    messages = []
+    for i, item in enumerate(value):
+        at = f"{field}.{i}"
+        if not isinstance(item, dict):
+            raise LineError("invalid_type", f"{at}: must be an object, not {_json_type(item)}")
+        for key in item:
+            if key not in ("role", "content"):
+                raise LineError("unsupported_parameter", f"{at}.{key}: not supported; a message has only role and "
+                                                         "content"[:300])
+        role, content = item.get("role"), item.get("content")
+        if role not in ("user", "assistant"):
+            hint = " (the system prompt is params.system)" if role == "system" else ""
+            raise LineError("invalid_value", f"{at}.role: must be 'user' or 'assistant'{hint}")
+        if isinstance(content, list):
+            content = _join_parts(_text_blocks(content), f"{at}.content")
+        if not isinstance(content, str):
+            raise LineError("missing_field" if content is None else "invalid_type",
+                            f"{at}.content: must be a string or a list of text blocks")
+        messages.append(ChatMessage(role=role, content=_not_blank(content, f"{at}.content")))
+    return messages
+
+
+def _text_blocks(blocks: list[Any]) -> list[Any]:
+    """Anthropic text blocks without what never changes the text: cache_control marks, empty citations."""
+    dropped = ("cache_control", "citations")
+    return [{k: v for k, v in b.items() if k not in dropped or (k == "citations" and v)} if isinstance(b, dict) else b
+            for b in blocks]
+
+
+def _output_config(config: Any, field: str) -> dict[str, Any]:
+    """output_config: {"format": {"type": "json_schema", "schema": {...}}}, Anthropic's structured outputs."""
+    if not isinstance(config, dict):
+        raise LineError("invalid_type", f"{field}: must be an object, not {_json_type(config)}")
+    for key, value in config.items():
+        if key != "format" and value is not None:
+            raise LineError("unsupported_parameter", f"{field}.{key}: not supported"[:300])
+    fmt = config.get("format")
+    if fmt is None:
+        return {}
+    if not isinstance(fmt, dict):
+        raise LineError("invalid_type", f"{field}.format: must be an object, not {_json_type(fmt)}")
+    for key in fmt:
+        if key not in ("type", "schema"):
+            raise LineError("unsupported_parameter", f"{field}.format.{key}: unknown field"[:300])
+    if fmt.get("type") != "json_schema":
+        raise LineError("invalid_value", f"{field}.format.type: must be 'json_schema'")
+    if not isinstance(fmt.get("schema"), dict):
+        raise LineError("missing_field" if fmt.get("schema") is None else "invalid_type",
+                        f"{field}.format.schema: must be an object (a JSON Schema)")
+    return {"response_format": "json_schema", "json_schema": json.dumps(fmt["schema"], ensure_ascii=False)}
 
 
 def _input_messages(value: Any, field: str) -> list[ChatMessage]:

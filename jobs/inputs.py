@@ -78,6 +78,7 @@ class ParsedLine:
     model: str | None = None  # body.model, when the line names one
     ignored: tuple[str, ...] = ()  # accepted fields without effect here (formats.IGNORED_KEYS) that the line sets
     default_id: str | None = None  # how custom_id was derived ("its line number") when the line set none
+    result_id: str | None = None  # the custom_id its error line carries when an earlier line owns custom_id
 
     @property
     def ok(self) -> bool:
@@ -114,11 +115,13 @@ def read_inputs(
             if num_lines > limits.max_requests:
                 msg = f"more than {limits.max_requests} requests; split the input into several batches"
                 error = ErrorInfo(code="too_many_requests", message=msg, line=parsed.line)
-                yield ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model)
+                yield _check_duplicate(ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id,
+                                                  parsed.model), seen, ctx.unreadable_id(parsed.line))
                 return
-            yield _check_duplicate(parsed, seen)
+            yield _check_duplicate(parsed, seen, ctx.unreadable_id(parsed.line))
         if num_in_source == 0:
-            yield _whole_input_error(path, "empty_input", f"{path}: no requests (empty input)")
+            empty = _whole_input_error(path, "empty_input", f"{path}: no requests (empty input)")
+            yield _check_duplicate(empty, seen, empty.custom_id)
 
 
 class ModelResolver:
@@ -171,10 +174,11 @@ def validate_batch(lines: Iterable[ParsedLine], resolver: ModelResolver) -> Iter
 
 
 def invalid_output_line(parsed: ParsedLine) -> dict[str, Any]:
-    """The output error line of an invalid input line (what --skip-invalid writes and `run` reports)."""
+    """The output error line of an invalid input line (what --skip-invalid writes and `run` reports); one whose
+    custom_id an earlier line owns is named by its result_id (its message names the custom_id)."""
     assert parsed.error is not None
-    return error_line(parsed.custom_id, parsed.error.code, f"line {parsed.line}: {parsed.error.message}",
-                      param=parsed.error.param)
+    return error_line(parsed.result_id or parsed.custom_id, parsed.error.code,
+                      f"line {parsed.line}: {parsed.error.message}", param=parsed.error.param)
 
 
 def param_of(message: str) -> str | None:
@@ -312,8 +316,13 @@ def _build(ctx: _Context, n: int, custom_id: str, model: str | None, make: Calla
 
 
 def _ignored_keys(obj: Any) -> tuple[str, ...]:
-    body = obj.get("body") if isinstance(obj, dict) and formats.is_batch_line(obj) else obj
-    return tuple(sorted(formats.IGNORED_KEYS.intersection(body))) if isinstance(body, dict) else ()
+    if not isinstance(obj, dict):
+        return ()
+    if formats.is_message_batch_line(obj):
+        body, ignored = obj.get("params"), formats.MESSAGES_IGNORED
+    else:
+        body, ignored = obj.get("body") if formats.is_batch_line(obj) else obj, formats.IGNORED_KEYS
+    return tuple(sorted(ignored.intersection(body))) if isinstance(body, dict) else ()
 
 
 def _decode(raw: bytes) -> str:
@@ -356,16 +365,33 @@ def _read_prompt_file(path: Path, custom_id: str, ctx: _Context) -> ParsedLine:
         default_id=FILE_NAME)
 
 
-def _check_duplicate(parsed: ParsedLine, seen: dict[str, ParsedLine]) -> ParsedLine:
-    """custom_ids name results, so a second use is an error; the message points at the first."""
-    if parsed.error is not None:  # invalid lines never run, so their ids reserve nothing
-        return parsed
+def _check_duplicate(parsed: ParsedLine, seen: dict[str, ParsedLine], line_id: str) -> ParsedLine:
+    """custom_ids name results, so each names one line's: the first line with an id owns it, an invalid one too
+    (--skip-invalid gives it an error line under that id). A later valid line with it is a duplicate_custom_id
+    error (the message points at the first); any later line's error line is named after its line (line_id,
+    unused so far), so a script mapping custom_id -> result never finds two results for one id."""
     first = seen.setdefault(parsed.custom_id, parsed)
     if first is parsed:
         return parsed
-    error = ErrorInfo(code="duplicate_custom_id", message=_duplicate_message(parsed, first), line=parsed.line,
-                      param="custom_id")
-    return ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model)
+    error = parsed.error
+    if error is None:
+        error = ErrorInfo(code="duplicate_custom_id", message=_duplicate_message(parsed, first), line=parsed.line,
+                          param="custom_id")
+    elif parsed.custom_id != line_id:  # its own error stays; told too, as its error line cannot carry that id
+        error = error.model_copy(update={"message": f"{error.message}; and {_duplicate_message(parsed, first)}"})
+    result_id = _unused_id(line_id, seen)
+    seen[result_id] = parsed
+    return ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model,
+                      result_id=result_id)
+
+
+def _unused_id(base: str, seen: dict[str, ParsedLine]) -> str:
+    """base, else base#2, base#3, ...: the first that no line's result is named by yet."""
+    result_id, n = base, 1
+    while result_id in seen:
+        n += 1
+        result_id = f"{base}#{n}"
+    return result_id
 
 
 def _duplicate_message(parsed: ParsedLine, first: ParsedLine) -> str:
@@ -378,6 +404,8 @@ def _duplicate_message(parsed: ParsedLine, first: ParsedLine) -> str:
         msg = f"custom_id {parsed.custom_id!r} was already used on {where}"
     if first.default_id:
         msg += f" as that line's default custom_id ({first.default_id}: {where} sets none)"
+    elif first.result_id == parsed.custom_id:
+        msg += " to name that skipped line's error line"
     return msg
 
 

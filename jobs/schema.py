@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 RESPONSES_URL = "/v1/responses"  # OpenAI's Responses API: messages in, one output message out
-Url = Literal["/v1/chat/completions", "/v1/completions", "/v1/responses"]
+MESSAGES_URL = "/v1/messages"  # Anthropic's Messages API, as its Message Batches send it
+Url = Literal["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"]
+MESSAGE_URLS = (CHAT_URL, RESPONSES_URL, MESSAGES_URL)  # the urls whose requests hold messages
 CustomId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 TokenId = Annotated[int, Field(ge=0)]
 MAX_CHOICES = 16  # n: each choice is its own row, so n multiplies a request's cost
@@ -91,8 +93,8 @@ class Request(BaseModel):
     def _one_input(self) -> "Request":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("exactly one of prompt and messages is required")
-        if self.messages is not None and self.url not in (CHAT_URL, RESPONSES_URL):
-            raise ValueError(f"messages need url {CHAT_URL} or {RESPONSES_URL}")
+        if self.messages is not None and self.url not in MESSAGE_URLS:
+            raise ValueError(f"messages need url {', '.join(MESSAGE_URLS)}")
         if self.prompt is not None and self.url != COMPLETIONS_URL:
             raise ValueError(f"prompt needs url {COMPLETIONS_URL}")
         return self
@@ -152,6 +154,8 @@ def success_line(
     choices = choices or (Choice(text, finish_reason, num_tokens=completion_tokens),)
     if request.url == RESPONSES_URL:
         body = _response_body(request, model, choices[0], prompt_tokens, completion_tokens)
+    elif request.url == MESSAGES_URL:
+        body = _message_body(model, choices[0], prompt_tokens, completion_tokens)
     else:
         body = _completion_body(chat, model, choices, prompt_tokens, completion_tokens)
     return {
@@ -197,6 +201,23 @@ def _response_body(request: Request, model: str, choice: Choice, prompt_tokens: 
                   "total_tokens": prompt_tokens + completion_tokens,
                   "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                   "output_tokens_details": {"reasoning_tokens": 0}},
+    }
+
+
+def _message_body(model: str, choice: Choice, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """Anthropic's Message: one text block; a stop string is its stop_sequence, EOS its end_turn."""
+    if choice.finish_reason == "length":
+        stop_reason, sequence = "max_tokens", None
+    elif isinstance(choice.stop_reason, str):
+        stop_reason, sequence = "stop_sequence", choice.stop_reason
+    else:
+        stop_reason, sequence = "end_turn", None
+    return {
+        "id": _new_id("msg"), "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": choice.text, "citations": None}],
+        "stop_reason": stop_reason, "stop_sequence": sequence,
+        "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens,
+                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
     }
 
 

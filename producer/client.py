@@ -25,6 +25,7 @@ from batchgen.jobs.inputs import (
     read_inputs,
     validate_batch,
 )
+from batchgen.jobs.message_batch import result_view
 from batchgen.jobs.openai_batch import save_errors
 from batchgen.jobs.redis_checks import refuse_evicting
 from batchgen.jobs.results_root import outside_root
@@ -264,8 +265,9 @@ class BatchClient:
     def export(self, batch_id: str, out: IO[str], errors: IO[str] | None = None, ordered: bool = False) -> tuple[int, int]:
         """Writes output lines to out and error lines to errors (or to out when None); returns counts."""
         n_ok = n_err = 0
+        view = result_view(self.get(batch_id).endpoint)
         for line in self.results(batch_id, ordered=ordered):
-            text = json.dumps(line, ensure_ascii=False) + "\n"
+            text = json.dumps(view(line), ensure_ascii=False) + "\n"
             if outcome_of(line) != "succeeded":
                 n_err += 1
                 (errors or out).write(text)

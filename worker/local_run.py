@@ -21,6 +21,7 @@ from batchgen.jobs.inputs import (
     read_inputs,
     validate_batch,
 )
+from batchgen.jobs.message_batch import result_view
 from batchgen.jobs.schema import Request, outcome_of
 from batchgen.jobs.states import BatchStatus
 from batchgen.worker.engine.protocol import Engine, GenerationRequest
@@ -100,7 +101,8 @@ def run_local(local: LocalBatch, output: str, errors: str | None, engine: Engine
     def target(path: str) -> Path | TextIO:
         return (stdout or sys.stdout) if path == STDOUT else Path(path)
 
-    sink = LineSink(target(output), target(errors or output), ordered=ordered)
+    endpoint = ",".join(sorted({request.url for _, request in local.requests}))  # as submit records it
+    sink = LineSink(target(output), target(errors or output), ordered=ordered, view=result_view(endpoint))
     sink.put(local.invalid)
     summary["errored"] = len(local.invalid)
     batch = Batch(id="local", status=BatchStatus.IN_PROGRESS, model=model)

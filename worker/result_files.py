@@ -8,6 +8,7 @@ through a LineSink, in input order by default.
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -44,11 +45,14 @@ def write_lines(target: Path | TextIO, lines: list[dict[str, Any]]) -> None:
         target.flush()
 
 
-def write_results(output_dir: str | Path, batch_id: str, lines: list[dict[str, Any]]) -> None:
+View = Callable[[dict[str, Any]], dict[str, Any]]  # a stored line as it leaves us (message_batch.result_view)
+
+
+def write_results(output_dir: str | Path, batch_id: str, lines: list[dict[str, Any]], view: View) -> None:
     ok_path, err_path = result_paths(output_dir, batch_id)
     ok, failed = split_lines(lines)
-    append_lines(ok_path, ok)
-    append_lines(err_path, failed)
+    append_lines(ok_path, list(map(view, ok)))
+    append_lines(err_path, list(map(view, failed)))
 
 
 def split_lines(lines: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -65,8 +69,8 @@ class LineSink:
     so memory holds only the lines that finished ahead of a slower one. Unordered: lines go out as they finish.
     """
 
-    def __init__(self, output: Path | TextIO, errors: Path | TextIO, ordered: bool):
-        self.output, self.errors, self.ordered = output, errors, ordered
+    def __init__(self, output: Path | TextIO, errors: Path | TextIO, ordered: bool, view: View):
+        self.output, self.errors, self.ordered, self.view = output, errors, ordered, view
         self.held: dict[int, dict[str, Any]] = {}
         self.next_position = 0
         for path in {output, errors}:
@@ -93,8 +97,8 @@ class LineSink:
 
     def _write(self, lines: list[dict[str, Any]]) -> None:
         if self.output == self.errors:  # one file: keep the lines' own order
-            write_lines(self.output, lines)
+            write_lines(self.output, list(map(self.view, lines)))
             return
         ok, failed = split_lines(lines)
-        write_lines(self.output, ok)
-        write_lines(self.errors, failed)
+        write_lines(self.output, list(map(self.view, ok)))
+        write_lines(self.errors, list(map(self.view, failed)))

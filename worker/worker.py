@@ -22,6 +22,7 @@ import redis
 from batchgen.jobs import chunks
 from batchgen.jobs.backoff import REFUSED, UNAVAILABLE, Backoff, refusal_reason
 from batchgen.jobs.batch import Batch
+from batchgen.jobs.message_batch import result_view
 from batchgen.jobs.redis_checks import refuse_evicting
 from batchgen.jobs.results_root import outside_root
 from batchgen.jobs.schema import Request, error_line, success_line
@@ -358,7 +359,8 @@ class BatchWorker:
             output_dir = items[0][0].batch.output_dir
             if output_dir:
                 try:
-                    write_results(output_dir, batch_id, [line for f, line in items if f.index in accepted])
+                    write_results(output_dir, batch_id, [line for f, line in items if f.index in accepted],
+                                  result_view(items[0][0].batch.endpoint))
                 except OSError as exc:
                     log.error("could not append results of %s to %s: %s (they are in Redis)",
                               batch_id, output_dir, exc)

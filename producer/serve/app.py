@@ -1,4 +1,5 @@
-"""The ASGI app: /v1 (OpenAI Files + Batches), / (the dashboard), /dashboard/state (its data)."""
+"""The ASGI app: /v1 (OpenAI Files + Batches, Anthropic Message Batches), / (the dashboard), /dashboard/state
+(its data)."""
 
 import asyncio
 import contextlib
@@ -18,6 +19,7 @@ from batchgen.producer.serve.errors import (
     validation_error_handler,
 )
 from batchgen.producer.serve.files_api import files_router
+from batchgen.producer.serve.message_batches_api import message_batches_router
 from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse
@@ -54,6 +56,7 @@ def create_app(client: BatchClient, files: FileStore, api_keys: Sequence[str] = 
     auth = [Depends(key_checker(api_keys))]
     app.include_router(files_router(client, files), prefix="/v1", dependencies=auth)
     app.include_router(batches_router(client, files), prefix="/v1", dependencies=auth)
+    app.include_router(message_batches_router(client), prefix="/v1", dependencies=auth)
 
     @app.get("/dashboard/state", dependencies=auth)
     def state() -> dict:

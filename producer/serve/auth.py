@@ -1,4 +1,5 @@
-"""Bearer API keys: required when any is configured; refusals in OpenAI's 401 shape."""
+"""API keys: required when any is configured, as OpenAI's SDK sends them (Authorization: Bearer) or Anthropic's
+(x-api-key); refusals in the caller's 401 shape (errors.error_response)."""
 
 import hmac
 from collections.abc import Callable, Sequence
@@ -17,10 +18,12 @@ def key_checker(api_keys: Sequence[str]) -> Callable[[Request], None]:
         if not keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = [token.strip()] if scheme.lower() == "bearer" else []
+        given += [request.headers["x-api-key"].strip()] if "x-api-key" in request.headers else []
         # compare_digest against every key: the time taken does not tell how much of a key matched
-        if scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip().encode(), k) for k in keys):
+        if any(hmac.compare_digest(g.encode(), k) for g in given for k in keys):
             return
-        raise ApiError(401, "Incorrect API key provided. Pass one as 'Authorization: Bearer KEY'.",
+        raise ApiError(401, "Incorrect API key provided. Pass one as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.",
                        code="invalid_api_key")
 
     return require_key

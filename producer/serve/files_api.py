@@ -15,6 +15,7 @@ from batchgen.jobs.files import (
     result_file_of,
 )
 from batchgen.jobs.inputs import InputLimits
+from batchgen.jobs.message_batch import result_view
 from batchgen.jobs.schema import outcome_of
 from batchgen.producer.client import BatchClient, BatchNotFound
 from batchgen.producer.serve.errors import ApiError, not_found
@@ -29,10 +30,11 @@ def result_lines(client: BatchClient, batch_id: str, errors: bool) -> Iterator[b
     """A batch's output (or error) file, in blocks, from what is recorded so far."""
     block: list[bytes] = []
     size = 0
+    view = result_view(client.get(batch_id).endpoint)
     for line in client.results(batch_id):
         if (outcome_of(line) != "succeeded") != errors:
             continue
-        data = (json.dumps(line, ensure_ascii=False) + "\n").encode()
+        data = (json.dumps(view(line), ensure_ascii=False) + "\n").encode()
         block.append(data)
         size += len(data)
         if size >= BLOCK_BYTES:

@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from batchgen.jobs.schema import Choice, ErrorInfo, Request, SamplingParams, TokenLogprob
+from batchgen.jobs.schema import MESSAGES_URL, Choice, ErrorInfo, Request, SamplingParams, TokenLogprob
 from batchgen.worker.engine.protocol import GenerationRequest, GenerationResult
 from batchgen.worker.engine.sampler import choice_seed
 from batchgen.worker.engine.sequence import SeqStatus, Sequence
@@ -41,7 +41,10 @@ def prompt_ids(tokenizer, request: Request, model_name: str) -> list[int]:
         raise Rejected("no_chat_template", f"model {model_name!r} has no chat template; "
                        "send a prompt to /v1/completions instead")
     messages = [m.model_dump() for m in request.messages]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # Anthropic's prefill: a Messages request ending on an assistant turn is continued, not answered
+    prefill = request.url == MESSAGES_URL and messages[-1]["role"] == "assistant"
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=not prefill, continue_final_message=prefill,
+                                         tokenize=False)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -1,0 +1,100 @@
+"""/v1/messages/batches: Anthropic's Message Batches API over the same BatchClient, so its SDK runs a batch here.
+
+A create validates every request with the validator `submit` uses (the requests are the lines of a Message
+Batches file) and enqueues nothing unless all pass. Results stream in Anthropic's shape (message_batch).
+"""
+
+import io
+import json
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from batchgen.jobs import keys
+from batchgen.jobs.files import page_of_index
+from batchgen.jobs.message_batch import render, result_line
+from batchgen.jobs.schema import MESSAGES_URL
+from batchgen.producer.client import BatchClient, BatchNotFound
+from batchgen.producer.serve.errors import ApiError, not_found
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+MAX_SHOWN_ERRORS = 5
+
+
+class CreateMessageBatch(BaseModel):
+    requests: list[Any]
+
+
+def message_batches_router(client: BatchClient) -> APIRouter:
+    router = APIRouter()
+
+    def one(batch_id: str, request: Request) -> dict[str, Any]:
+        try:
+            batch = client.get(batch_id)  # also expires overdue batches
+        except BatchNotFound:
+            raise not_found("message batch", batch_id) from None
+        return render(batch, f"{request.base_url}v1/messages/batches/{batch_id}/results")
+
+    @router.post("/messages/batches")
+    def create(body: CreateMessageBatch, request: Request) -> dict[str, Any]:
+        if not body.requests:
+            raise ApiError(400, "requests: must not be empty", param="requests")
+        for i, item in enumerate(body.requests):  # an OpenAI line here would be read as one: say what is expected
+            if not (isinstance(item, dict) and "params" in item):
+                raise ApiError(400, f"requests.{i}: must be an object with custom_id and params",
+                               param=f"requests.{i}")
+        data = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in body.requests).encode()
+        result = client.submit(["-"], stdin=io.BytesIO(data))
+        if result.batch is None:
+            shown = "; ".join(f"requests.{e.line - 1}: {e.code}: {e.message}" if e.line else e.message
+                              for e in result.errors[:MAX_SHOWN_ERRORS])
+            raise ApiError(400, f"{result.num_errors} invalid request(s): {shown}", code="invalid_request",
+                           param="requests")
+        return one(result.batch.id, request)
+
+    @router.get("/messages/batches/{batch_id}")
+    def retrieve(batch_id: str, request: Request) -> dict[str, Any]:
+        return one(batch_id, request)
+
+    @router.get("/messages/batches")
+    def list_(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+              after_id: str | None = None) -> dict[str, Any]:
+        """Newest first, Message Batches only (a batch of OpenAI lines is /v1/batches')."""
+        client.expire_overdue()
+        data: list[dict[str, Any]] = []
+        cursor, more = after_id, True
+        while more and len(data) <= limit:  # one beyond limit tells has_more
+            ids, more = page_of_index(client.connection, keys.batches_index(), limit, cursor)
+            batches = [b for b in map(client.store.get, ids) if b is not None and b.endpoint == MESSAGES_URL]
+            data += [render(b, f"{request.base_url}v1/messages/batches/{b.id}/results") for b in batches]
+            cursor = ids[-1] if ids else None
+        page = data[:limit]
+        return {"data": page, "has_more": len(data) > limit,
+                "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None}
+
+    @router.post("/messages/batches/{batch_id}/cancel")
+    def cancel(batch_id: str, request: Request) -> dict[str, Any]:
+        try:
+            client.cancel(batch_id)
+        except BatchNotFound:
+            raise not_found("message batch", batch_id) from None
+        return one(batch_id, request)
+
+    @router.get("/messages/batches/{batch_id}/results")
+    def results(batch_id: str) -> StreamingResponse:
+        try:
+            batch = client.get(batch_id)
+        except BatchNotFound:
+            raise not_found("message batch", batch_id) from None
+        if not batch.status.is_terminal:  # as Anthropic: results once every request has ended
+            raise ApiError(400, f"message batch {batch_id} is still {batch.status.value}; its results are "
+                           "available once processing has ended", param="message_batch_id")
+        return StreamingResponse(_lines(client, batch_id), media_type="application/binary")
+
+    return router
+
+
+def _lines(client: BatchClient, batch_id: str) -> Iterator[bytes]:
+    for line in client.results(batch_id):
+        yield (json.dumps(result_line(line), ensure_ascii=False) + "\n").encode()
