@@ -20,6 +20,7 @@ TIMESTAMP_FIELDS = (
     "expires_at",
 )
 COUNTER_FIELDS = tuple(o.counter for o in Outcome)
+USAGE_FIELDS = ("usage.input_tokens", "usage.output_tokens")  # summed over succeeded requests as they are recorded
 
 
 def metadata_problem(metadata: Mapping[str, str]) -> str | None:
@@ -53,6 +54,8 @@ class Batch(BaseModel):
     input_file_id: str = ""  # the uploaded file a batch made through serve reads
     completion_window: str = ""  # as an API client wrote it; else it follows from expires_at
     errors: list[dict[str, Any]] = []  # lines --skip-invalid rejected, as OpenAI BatchErrors
+    input_tokens: int = 0  # of the succeeded requests so far
+    output_tokens: int = 0
 
     @property
     def num_done(self) -> int:
@@ -63,6 +66,13 @@ class Batch(BaseModel):
         """OpenAI's {total, completed, failed}; failed covers errored, cancelled and expired requests."""
         completed = self.counts.get(Outcome.SUCCEEDED.counter, 0)
         return {"total": self.total, "completed": completed, "failed": self.num_done - completed}
+
+    @property
+    def usage(self) -> dict[str, Any]:
+        """OpenAI's BatchUsage; no prompt cache and no reasoning tokens here, so their details are 0."""
+        return {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": self.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": self.input_tokens + self.output_tokens}
 
     def to_hash(self) -> dict[str, str | int]:
         data: dict[str, str | int] = {
@@ -103,4 +113,6 @@ class Batch(BaseModel):
             input_file_id=raw.get("api.input_file_id", ""),
             completion_window=raw.get("api.completion_window", ""),
             errors=json.loads(raw["api.errors"]) if raw.get("api.errors") else [],
+            input_tokens=int(raw.get(USAGE_FIELDS[0], 0)),
+            output_tokens=int(raw.get(USAGE_FIELDS[1], 0)),
         )

@@ -90,6 +90,7 @@ def render(batch: Batch, api_fields: dict[str, str] | None = None) -> dict[str, 
         "output_file_id": output_file_id(batch.id) if counts["completed"] else None,
         "error_file_id": errors_file_id(batch.id) if counts["failed"] else None,
         "request_counts": counts,
+        "usage": batch.usage,
         "metadata": batch.metadata or None,
     }
     out.update({f: batch.timestamps.get(f) for f in TIMESTAMP_FIELDS})

@@ -280,6 +280,16 @@ def error_line(custom_id: str, code: str, message: str, *, status_code: int | No
     return {"id": _new_id("batch_req"), "custom_id": custom_id, "response": response, "error": None}
 
 
+def usage_of(line: dict[str, Any]) -> tuple[int, int]:
+    """(input, output) tokens of a success line, whichever API's usage its body has; (0, 0) for a failure."""
+    response = line.get("response") or {}
+    if response.get("status_code") != 200:
+        return 0, 0
+    usage = response.get("body", {}).get("usage") or {}
+    return (int(usage.get("prompt_tokens", usage.get("input_tokens", 0))),
+            int(usage.get("completion_tokens", usage.get("output_tokens", 0))))
+
+
 def outcome_of(line: dict[str, Any]) -> str:
     """The Outcome value of an output line: batch-level errors by code, else the response's status."""
     error = line.get("error")

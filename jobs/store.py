@@ -12,7 +12,7 @@ from typing import Any
 
 from batchgen.jobs import defaults, keys
 from batchgen.jobs.batch import Batch
-from batchgen.jobs.schema import Request, error_line, error_of, outcome_of
+from batchgen.jobs.schema import Request, error_line, error_of, outcome_of, usage_of
 from batchgen.jobs.states import BatchStatus, Outcome
 from redis import Redis
 from redis.client import Pipeline
@@ -20,15 +20,18 @@ from redis.client import Pipeline
 # Records terminal outcomes: HSETNX makes each request terminal exactly once, and the batch moves to
 # its final status atomically with the outcome that completes it: `failed` when any request was lost from
 # Redis (data loss is not a completed batch), else `completed`.
-# KEYS: record, outcomes. ARGV: now, ttl, then (index, line, counter field, lost 0/1) quadruples.
+# Each newly recorded success adds its tokens to the batch's usage (OpenAI's Batch.usage).
+# KEYS: record, outcomes. ARGV: now, ttl, then (index, line, counter field, lost 0/1, input tokens, output tokens).
 # Returns the indexes that were newly recorded.
 _RECORD_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
 local accepted = {}
-for i = 3, #ARGV, 4 do
+for i = 3, #ARGV, 6 do
   if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
     redis.call('HINCRBY', KEYS[1], ARGV[i + 2], 1)
     if ARGV[i + 3] == '1' then redis.call('HINCRBY', KEYS[1], 'num_lost', 1) end
+    if ARGV[i + 4] ~= '0' then redis.call('HINCRBY', KEYS[1], 'usage.input_tokens', ARGV[i + 4]) end
+    if ARGV[i + 5] ~= '0' then redis.call('HINCRBY', KEYS[1], 'usage.output_tokens', ARGV[i + 5]) end
     accepted[#accepted + 1] = ARGV[i]
   end
 end
@@ -254,7 +257,8 @@ class BatchStore:
         argv: list[Any] = [now_s(), self.result_ttl_s]
         for index, line in lines:
             lost = (error_of(line) or {}).get("code") == LOST_CODE
-            argv += [index, json.dumps(line, separators=(",", ":")), Outcome(outcome_of(line)).counter, int(lost)]
+            argv += [index, json.dumps(line, separators=(",", ":")), Outcome(outcome_of(line)).counter, int(lost),
+                     *usage_of(line)]
         accepted = self._record(keys=[k.record, k.outcomes, k.requests], args=argv, client=pipeline)
         return [int(i) for i in accepted] if pipeline is None else []
 
