@@ -379,10 +379,10 @@ def _check_duplicate(parsed: ParsedLine, seen: dict[str, ParsedLine], line_id: s
                           param="custom_id")
     elif parsed.custom_id != line_id:  # its own error stays; told too, as its error line cannot carry that id
         error = error.model_copy(update={"message": f"{error.message}; and {_duplicate_message(parsed, first)}"})
-    result_id = _unused_id(line_id, seen)
-    seen[result_id] = parsed
-    return ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model,
-                      result_id=result_id)
+    renamed = ParsedLine(parsed.source, parsed.line, None, error, parsed.custom_id, parsed.model,
+                         result_id=_unused_id(line_id, seen))
+    seen[renamed.result_id] = renamed
+    return renamed
 
 
 def _unused_id(base: str, seen: dict[str, ParsedLine]) -> str:

@@ -81,6 +81,50 @@ def test_skip_invalid_puts_bad_lines_in_the_error_output(redis_url, redis_conn, 
     assert "line 2" in err_line["response"]["body"]["error"]["message"]
 
 
+def test_skip_invalid_gives_each_custom_id_one_result_line(redis_url, redis_conn, tmp_path):
+    """A skipped line whose custom_id an earlier line owns gets an error line named after its line number."""
+    rows = [{"custom_id": "a", "prompt": "one two"},
+            {"custom_id": "a", "prompt": "three"},  # a duplicate of line 1
+            {"custom_id": "b", "prompt": ""},  # invalid: it owns b all the same (its error line carries it)
+            {"custom_id": "b", "prompt": "four"},
+            {"custom_id": "line-2", "prompt": "five"},  # the name line 2's error line took
+            {"custom_id": "a", "prompt": "six", "temperature": 5}]  # its own error, and a duplicate
+    sub = batchgen("submit", write_jsonl(tmp_path / "in.jsonl", rows), "--model", "echo-m", "--skip-invalid",
+                   "--json", redis_url=redis_url, check=True)
+    batch = json.loads(sub.stdout)
+    assert batch["request_counts"] == {"total": 6, "completed": 0, "failed": 5}
+    assert [(e["line"], e["code"]) for e in batch["errors"]["data"]] == [
+        (2, "duplicate_custom_id"), (3, "invalid_value"), (4, "duplicate_custom_id"), (5, "duplicate_custom_id"),
+        (6, "invalid_value")]
+    worker = start_worker("--engine", "echo", "--model", "echo-m", "--burst", redis_url=redis_url,
+                          log=tmp_path / "worker.log")
+    assert worker.wait(timeout=60) == 0, (tmp_path / "worker.log").read_text()
+    out, errors = tmp_path / "ok.jsonl", tmp_path / "err.jsonl"
+    batchgen("results", batch["id"], "-o", str(out), "--errors", str(errors), redis_url=redis_url, check=True)
+    (ok,) = [json.loads(x) for x in out.read_text().splitlines()]
+    failed = {e["custom_id"]: e["response"]["body"]["error"] for e in map(json.loads, errors.read_text().splitlines())}
+    assert ok["custom_id"] == "a" and ok["response"]["body"]["choices"][0]["text"] == "one two"
+    assert sorted(failed) == ["b", "line-2", "line-4", "line-5", "line-6"]  # no id twice, none beside "a"'s
+    assert failed["b"]["code"] == "invalid_value" and failed["b"]["message"].startswith("line 3: ")
+    assert failed["line-2"] == {"code": "duplicate_custom_id", "param": "custom_id", "type": "invalid_request_error",
+                                "message": "line 2: custom_id 'a' was already used on line 1"}
+    assert failed["line-4"]["message"] == "line 4: custom_id 'b' was already used on line 3"
+    assert failed["line-5"]["message"] == ("line 5: custom_id 'line-2' was already used on line 2 to name that "
+                                           "skipped line's error line")
+    assert failed["line-6"]["code"] == "invalid_value" and failed["line-6"]["param"] == "temperature"
+    assert failed["line-6"]["message"].endswith("; and custom_id 'a' was already used on line 1")
+
+
+def test_run_skip_invalid_names_a_duplicates_error_line_after_its_line(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"custom_id": "a", "prompt": "x y"}, {"custom_id": "a", "prompt": "z"}])
+    out = tmp_path / "out.jsonl"
+    batchgen("run", src, "-o", str(out), "--model", "m", "--engine", "echo", "--skip-invalid", redis_url="x",
+             check=True)
+    lines = {ln["custom_id"]: ln for ln in map(json.loads, out.read_text().splitlines())}
+    assert sorted(lines) == ["a", "line-2"] and lines["a"]["response"]["status_code"] == 200
+    assert lines["line-2"]["response"]["body"]["error"]["code"] == "duplicate_custom_id"
+
+
 def test_a_metadata_flag_without_a_value_is_a_usage_error_not_dropped(redis_url, redis_conn, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
     proc = batchgen("submit", src, "--model", "m", "--metadata", "team", "--json", redis_url=redis_url)
