@@ -29,9 +29,22 @@ from pydantic import ValidationError
 
 # Our own sampling parameters; null means "not given" (OpenAI accepts null for all of them).
 PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos", "n", "presence_penalty",
-              "frequency_penalty", "repetition_penalty", "top_k", "min_p", "min_tokens", "stop_token_ids")
+              "frequency_penalty", "repetition_penalty", "top_k", "min_p", "min_tokens", "stop_token_ids",
+              "include_stop_str_in_output", "skip_special_tokens")
+# vLLM's structured outputs: the older guided_* fields and the newer structured_outputs object.
+STRUCTURED_KEYS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+GUIDE_KINDS = ("json", "regex", "choice", "grammar")
+MAX_GUIDED_CHOICES = 1000
+# vLLM's chat fields: how the chat template renders the messages.
+CHAT_TEMPLATE_KEYS = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+# apply_chat_template's own parameters: passed as template variables they would change how it runs, not what the
+# template sees (a template of the request's own is refused, as `chat_template`).
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
 # Ours too, but their JSON shape differs from the stored one (or by endpoint): _given_params converts them.
-SHAPED_KEYS = ("logprobs", "top_logprobs", "logit_bias", "response_format")
+SHAPED_KEYS = ("logprobs", "top_logprobs", "logit_bias", "response_format", *STRUCTURED_KEYS, *CHAT_TEMPLATE_KEYS)
 # Accepted and ignored: they change bookkeeping on OpenAI's side, never the generated text.
 IGNORED_KEYS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"})
 # Accepted only with the value that means "feature off", since we cannot honour anything else.
@@ -150,7 +163,8 @@ def object_request(
     _model(body, prefix)
     prompt, messages = _content(body, url, prefix)
     params = sampling_params(_given_params(body, url, prefix), fill, max_tokens=max_tokens, prefix=prefix)
-    return Request(custom_id=custom_id, url=url, prompt=prompt, messages=messages, params=params, line=line)
+    return Request(custom_id=custom_id, url=url, prompt=prompt, messages=messages, params=params, line=line,
+                   **_chat_options(body, url, prefix, messages))
 
 
 def prompt_request(
@@ -355,7 +369,9 @@ def _message_batch_request(obj: Mapping[str, Any], *, line: int, fill: Mapping[s
     if params.get("output_config") is not None:
         given.update(_output_config(params["output_config"], prefix + "output_config"))
     sampled = sampling_params(given, fill, max_tokens=max_tokens, prefix=prefix)
-    return Request(custom_id=custom_id, url=MESSAGES_URL, messages=tuple(messages), params=sampled, line=line)
+    prefill = messages[-1].role == "assistant"
+    return Request(custom_id=custom_id, url=MESSAGES_URL, messages=tuple(messages), params=sampled, line=line,
+                   continue_final_message=prefill, add_generation_prompt=not prefill)
 
 
 def _anthropic_messages(value: Any, field: str) -> list[ChatMessage]:
@@ -549,7 +565,97 @@ def _given_params(body: Mapping[str, Any], url: str, prefix: str) -> dict[str, A
         given["logit_bias"] = _logit_bias(body["logit_bias"], prefix + "logit_bias")
     if body.get("response_format") is not None:
         given.update(_response_format(body["response_format"], prefix + "response_format"))
+    structured = _structured(body, prefix)
+    if structured and given.get("response_format", "text") != "text":
+        raise LineError("invalid_value", f"{prefix}response_format, {prefix}{structured.pop('field')}: give only one")
+    structured.pop("field", None)
+    given.update(structured)
     return given
+
+
+def _structured(body: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """vLLM's structured outputs as the stored response_format and its json_schema or guide; one per request."""
+    keys = [key for key in STRUCTURED_KEYS if body.get(key) is not None]
+    if not keys:
+        return {}
+    if len(keys) > 1:
+        raise LineError("invalid_value", f"{', '.join(prefix + key for key in keys)}: give only one")
+    key, field = keys[0], prefix + keys[0]
+    if key != "structured_outputs":
+        return {**_guide(key.removeprefix("guided_"), body[key], field), "field": key}
+    spec = body[key]
+    if not isinstance(spec, dict):
+        raise LineError("invalid_type", f"{field}: must be an object, not {_json_type(spec)}")
+    set_keys = [k for k, v in spec.items() if v is not None]
+    for k in set_keys:
+        if k not in GUIDE_KINDS:
+            raise LineError("unsupported_parameter", f"{field}.{k}: not supported"[:300])
+    if len(set_keys) != 1:
+        raise LineError("invalid_value", f"{field}: give exactly one of {', '.join(GUIDE_KINDS)}")
+    kind = set_keys[0]
+    return {**_guide(kind, spec[kind], f"{field}.{kind}"), "field": key}
+
+
+def _guide(kind: str, value: Any, field: str) -> dict[str, Any]:
+    if kind == "json":
+        if isinstance(value, str):  # vLLM takes the schema as JSON text too
+            try:
+                value = strict_json.loads(value)
+            except strict_json.StrictJsonError as exc:
+                raise LineError("invalid_value", f"{field}: not valid JSON ({exc.message})"[:300]) from None
+        if not isinstance(value, dict):
+            raise LineError("invalid_type", f"{field}: must be an object (a JSON Schema)")
+        return {"response_format": "json_schema", "json_schema": json.dumps(value, ensure_ascii=False)}
+    if kind == "choice":
+        if not (isinstance(value, list) and value and all(isinstance(c, str) and c for c in value)):
+            raise LineError("invalid_value", f"{field}: must be a non-empty list of non-empty strings")
+        if len(value) > MAX_GUIDED_CHOICES:
+            raise LineError("invalid_value", f"{field}: at most {MAX_GUIDED_CHOICES} choices")
+        return {"response_format": "choice", "guide": json.dumps(value, ensure_ascii=False)}
+    if not isinstance(value, str) or not value:
+        raise LineError("invalid_type", f"{field}: must be a non-empty string")
+    return {"response_format": kind, "guide": value}
+
+
+def _chat_options(body: Mapping[str, Any], url: str, prefix: str,
+                  messages: tuple[ChatMessage, ...] | None) -> dict[str, Any]:
+    """vLLM's chat template fields. continue_final_message implies no generation prompt unless one is asked for
+    (vLLM makes the caller say add_generation_prompt: false; a line that does is accepted too)."""
+    given = {key: body[key] for key in CHAT_TEMPLATE_KEYS if body.get(key) is not None}
+    if not given:
+        return {}
+    if url != CHAT_URL or messages is None:
+        raise LineError("unsupported_parameter", f"{prefix}{next(iter(given))}: chat only")
+    for key in ("add_generation_prompt", "continue_final_message"):
+        if key in given and not isinstance(given[key], bool):
+            raise LineError("invalid_type", f"{prefix}{key}: must be true or false")
+    options: dict[str, Any] = {}
+    if given.get("continue_final_message"):
+        if given.get("add_generation_prompt"):
+            raise LineError("invalid_value", f"{prefix}add_generation_prompt, {prefix}continue_final_message: "
+                                             "give only one")
+        if messages[-1].role != "assistant":
+            raise LineError("invalid_value", f"{prefix}continue_final_message: needs a final assistant message to "
+                                             "continue")
+        options.update(continue_final_message=True, add_generation_prompt=False)
+    elif "add_generation_prompt" in given:
+        options["add_generation_prompt"] = given["add_generation_prompt"]
+    if "chat_template_kwargs" in given:
+        options["chat_template_kwargs"] = _template_kwargs(given["chat_template_kwargs"], prefix + "chat_template_kwargs")
+    return options
+
+
+def _template_kwargs(kwargs: Any, field: str) -> str:
+    """Extra chat template variables (e.g. Qwen3's enable_thinking) as JSON text, the stored form."""
+    if not isinstance(kwargs, dict):
+        raise LineError("invalid_type", f"{field}: must be an object, not {_json_type(kwargs)}")
+    for key in kwargs:
+        if not key.isidentifier():
+            raise LineError("invalid_value", f"{field}.{key}: must be a template variable name"[:300])
+        if key in RESERVED_TEMPLATE_KWARGS:
+            raise LineError("unsupported_parameter", f"{field}.{key}: not a template variable (it is "
+                                                     "apply_chat_template's own parameter)"[:300])
+    return json.dumps(kwargs, ensure_ascii=False)
 
 
 def _logprobs(body: Mapping[str, Any], url: str, prefix: str) -> int | None:

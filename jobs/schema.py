@@ -25,7 +25,9 @@ MAX_CHOICES = 16  # n: each choice is its own row, so n multiplies a request's c
 MAX_TOP_LOGPROBS = 20  # OpenAI's chat limit (completions: 5); vLLM's default max_logprobs
 MAX_LOGIT_BIAS = 300
 MAX_STOP_TOKEN_IDS = 16
-ResponseFormat = Literal["text", "json_object", "json_schema"]
+# OpenAI's response_format kinds, and vLLM's structured outputs (guided_regex / _choice / _grammar)
+ResponseFormat = Literal["text", "json_object", "json_schema", "regex", "choice", "grammar"]
+GUIDED_FORMATS = ("regex", "choice", "grammar")
 
 
 class SamplingParams(BaseModel):
@@ -52,6 +54,9 @@ class SamplingParams(BaseModel):
         (), max_length=MAX_LOGIT_BIAS)  # (token id, bias) pairs: a tuple keeps the model hashable
     response_format: ResponseFormat = "text"
     json_schema: str | None = None  # the schema as JSON text, with response_format "json_schema"
+    guide: str | None = None  # the regex, the EBNF grammar or the choices (a JSON list), with those formats
+    include_stop_str_in_output: bool = False  # vLLM's: a stop string that ended the text stays in it
+    skip_special_tokens: bool = True  # vLLM's: special tokens are left out of the text
 
     @property
     def greedy(self) -> bool:
@@ -65,6 +70,8 @@ class SamplingParams(BaseModel):
     def _schema_with_its_format(self) -> "SamplingParams":
         if (self.response_format == "json_schema") != (self.json_schema is not None):
             raise ValueError("json_schema goes with response_format json_schema, and only with it")
+        if (self.response_format in GUIDED_FORMATS) != (self.guide is not None):
+            raise ValueError(f"guide goes with response_format {', '.join(GUIDED_FORMATS)}, and only with them")
         return self
 
 
@@ -88,11 +95,19 @@ class Request(BaseModel):
     messages: tuple[ChatMessage, ...] | None = None
     params: SamplingParams = SamplingParams()
     line: int = 0  # input line number (1-based), for error messages
+    # How the chat template renders messages (vLLM's chat fields): extra template variables as a JSON object,
+    # the assistant turn opened after them, or the final assistant message continued (a prefill).
+    chat_template_kwargs: str | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> "Request":
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("exactly one of prompt and messages is required")
+        if self.continue_final_message and (self.add_generation_prompt or not self.messages
+                                            or self.messages[-1].role != "assistant"):
+            raise ValueError("continue_final_message needs a final assistant message and no generation prompt")
         if self.messages is not None and self.url not in MESSAGE_URLS:
             raise ValueError(f"messages need url {', '.join(MESSAGE_URLS)}")
         if self.prompt is not None and self.url != COMPLETIONS_URL:

@@ -3,12 +3,13 @@ prompt tokens (chat template), EOS ids (generation_config may list several), n c
 response_format grammars, stop strings and stop token ids, max_tokens, logprobs.
 """
 
+import json
 import random
 import time
 from collections import deque
 from collections.abc import Iterable
 
-from batchgen.jobs.schema import MESSAGES_URL, Choice, ErrorInfo, Request, SamplingParams, TokenLogprob
+from batchgen.jobs.schema import Choice, ErrorInfo, Request, SamplingParams, TokenLogprob
 from batchgen.worker.engine.protocol import GenerationRequest, GenerationResult
 from batchgen.worker.engine.sampler import choice_seed
 from batchgen.worker.engine.sequence import SeqStatus, Sequence
@@ -41,10 +42,10 @@ def prompt_ids(tokenizer, request: Request, model_name: str) -> list[int]:
         raise Rejected("no_chat_template", f"model {model_name!r} has no chat template; "
                        "send a prompt to /v1/completions instead")
     messages = [m.model_dump() for m in request.messages]
-    # Anthropic's prefill: a Messages request ending on an assistant turn is continued, not answered
-    prefill = request.url == MESSAGES_URL and messages[-1]["role"] == "assistant"
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=not prefill, continue_final_message=prefill,
-                                         tokenize=False)
+    variables = json.loads(request.chat_template_kwargs) if request.chat_template_kwargs else {}
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=request.add_generation_prompt,
+                                         continue_final_message=request.continue_final_message, tokenize=False,
+                                         **variables)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -112,7 +113,8 @@ class Intake:
         try:
             return self.structured.matcher(params)
         except InvalidSchema as exc:
-            raise Rejected("invalid_value", f"response_format.json_schema: {exc}") from None
+            field = {"json_schema": "response_format.json_schema"}.get(params.response_format, params.response_format)
+            raise Rejected("invalid_value", f"{field}: {exc}") from None
 
 
 class Finisher:
@@ -141,7 +143,7 @@ class Finisher:
         elif len(seq.output_ids) >= params.max_tokens:
             reason = "length"
         if reason is not None and seq.text is None:
-            seq.text = self.decode(seq.output_ids[:-1] if is_eos or is_stop_token else seq.output_ids)
+            seq.text = self.decode(seq.output_ids[:-1] if is_eos or is_stop_token else seq.output_ids, params)
         return reason
 
     def finish_step(self, seq: Sequence, token: int, scheduler, keys: set[str],
@@ -187,8 +189,8 @@ class Finisher:
             logprobs = tuple(self._token_logprob(seq.output_ids[i], lp) for i, lp in enumerate(kept))
         return Choice(seq.text or "", reason, seq.stop_reason, len(seq.output_ids), logprobs)
 
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], params: SamplingParams) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
 
     def _token_logprob(self, token: int, lp) -> TokenLogprob:
         return TokenLogprob(self.tokenizer.decode([token]), lp.logprob,
@@ -198,12 +200,12 @@ class Finisher:
     def _truncate_at_stop(self, seq: Sequence) -> bool:
         """Sets seq.text to the output before the earliest stop string, if one has appeared."""
         # Whole-output detokenization each step is O(n²) in the output length; fine for few-hundred-token outputs.
-        text = self.decode(seq.output_ids)
+        text = self.decode(seq.output_ids, seq.params)
         hits = [(i, s) for s in seq.params.stop if s and (i := text.find(s)) >= 0]
         if not hits:
             return False
         index, seq.stop_reason = min(hits)
-        seq.text = text[:index]
+        seq.text = text[:index + len(seq.stop_reason) if seq.params.include_stop_str_in_output else index]
         return True
 
 

@@ -1,10 +1,12 @@
-"""Structured output (response_format json_object / json_schema) with xgrammar: a grammar matcher per row, and
+"""Structured output (response_format json_object / json_schema; vLLM's regex, choice and grammar) with xgrammar: a grammar matcher per row, and
 one batched bitmask fill + apply per step over the rows that have one.
 
 The compiler is built once per tokenizer, on the first request that needs it (a worker that never sees JSON mode
 never imports xgrammar), and caches compiled grammars, so a batch of lines sharing a schema compiles it once.
 """
 
+import json
+import re
 from collections.abc import Sequence as Seq
 
 import torch
@@ -15,7 +17,7 @@ JSON_OBJECT_SCHEMA = '{"type": "object"}'  # OpenAI's JSON mode: the output is o
 
 
 class InvalidSchema(ValueError):
-    """A json_schema the grammar compiler refuses."""
+    """A json_schema, regex or grammar the grammar compiler refuses."""
 
 
 class StructuredOutput:
@@ -31,12 +33,23 @@ class StructuredOutput:
     def matcher(self, params: SamplingParams):
         """A fresh matcher for params' response_format. Compact separators: whitespace is the one thing a grammar
         lets a weak model repeat until max_tokens."""
-        schema = params.json_schema if params.response_format == "json_schema" else JSON_OBJECT_SCHEMA
         try:
-            compiled = self.compiler.compile_json_schema(schema, any_whitespace=False)
+            compiled = self._compile(params)
         except Exception as exc:  # xgrammar raises RuntimeError/ValueError subclasses with the reason
-            raise InvalidSchema(str(exc).splitlines()[0][:300]) from None
+            raise InvalidSchema(_reason(exc)) from None
         return self._xgr.GrammarMatcher(compiled)
+
+    def _compile(self, params: SamplingParams):
+        kind, guide = params.response_format, params.guide or ""
+        if kind == "regex":
+            return self.compiler.compile_regex(guide)
+        if kind == "grammar":  # xgrammar's EBNF (GBNF's dialect: root ::= ...)
+            return self.compiler.compile_grammar(guide)
+        if kind == "choice":  # each choice a string literal; JSON's escapes are EBNF's
+            literals = " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(guide))
+            return self.compiler.compile_grammar(f"root ::= {literals}")
+        schema = params.json_schema if kind == "json_schema" else JSON_OBJECT_SCHEMA
+        return self.compiler.compile_json_schema(schema, any_whitespace=False)
 
     def mask(self, logits: torch.Tensor, seqs: Seq[Sequence]) -> None:
         """Sets to -inf every token the row's grammar cannot take next (rows without a matcher are untouched)."""
@@ -47,3 +60,8 @@ class StructuredOutput:
         self.batch.batch_fill_next_token_bitmask([seqs[i].matcher for i in rows], bitmask, indices=rows)
         self._xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
                                               indices=rows)
+
+
+def _reason(exc: Exception) -> str:
+    """xgrammar's first message line without its "[time] file.cc:line: " prefix."""
+    return re.sub(r"^\[[^\]]*\] \S+:\d+: ", "", str(exc).splitlines()[0])[:300]
