@@ -108,7 +108,14 @@ def test_list_pages_through_message_batches_only_newest_first(server, tmp_path):
     rows = [{"custom_id": "o", "method": "POST", "url": "/v1/completions", "body": {"model": "echo-m", "prompt": "x"}}]
     with open(write_jsonl(tmp_path / "o.jsonl", rows), "rb") as fh:
         upload = openai_sdk.files.create(file=fh, purpose="batch").id
-    openai_sdk.batches.create(input_file_id=upload, endpoint="/v1/completions", completion_window="24h")
+    other = openai_sdk.batches.create(input_file_id=upload, endpoint="/v1/completions", completion_window="24h").id
+    for call in (sdk.messages.batches.retrieve, sdk.messages.batches.cancel):  # not a Message Batch: not found here
+        with pytest.raises(anthropic.NotFoundError):
+            call(other)
+    with pytest.raises(anthropic.BadRequestError, match="before_id"):
+        sdk.messages.batches.list(before_id=made[0])
+    with pytest.raises(anthropic.BadRequestError, match="requests_per_minute"):
+        sdk.messages.batches.create(requests=requests_for("echo-m")[:1], extra_body={"requests_per_minute": 5})
     page = sdk.messages.batches.list(limit=2)
     assert len(page.data) == 2 and set(b.id for b in page.data) < set(made) and page.has_more
     listed = list(sdk.messages.batches.list(limit=2))  # the SDK follows after_id to the last page

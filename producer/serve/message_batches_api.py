@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from batchgen.jobs import keys
+from batchgen.jobs.batch import Batch
 from batchgen.jobs.files import page_of_index
 from batchgen.jobs.message_batch import render, result_line
 from batchgen.jobs.schema import MESSAGES_URL
@@ -17,24 +18,32 @@ from batchgen.producer.client import BatchClient, BatchNotFound
 from batchgen.producer.serve.errors import ApiError, not_found
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 MAX_SHOWN_ERRORS = 5
 
 
 class CreateMessageBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field we do not know is refused by name, not dropped
+
     requests: list[Any]
 
 
 def message_batches_router(client: BatchClient) -> APIRouter:
     router = APIRouter()
 
-    def one(batch_id: str, request: Request) -> dict[str, Any]:
+    def message_batch(batch_id: str) -> Batch:
+        """The batch, if it is a Message Batch: a batch of OpenAI lines has no Anthropic results to show."""
         try:
             batch = client.get(batch_id)  # also expires overdue batches
         except BatchNotFound:
-            raise not_found("message batch", batch_id) from None
-        return render(batch, f"{request.base_url}v1/messages/batches/{batch_id}/results")
+            batch = None
+        if batch is None or batch.endpoint != MESSAGES_URL:
+            raise not_found("message batch", batch_id)
+        return batch
+
+    def one(batch_id: str, request: Request) -> dict[str, Any]:
+        return render(message_batch(batch_id), f"{request.base_url}v1/messages/batches/{batch_id}/results")
 
     @router.post("/messages/batches")
     def create(body: CreateMessageBatch, request: Request) -> dict[str, Any]:
@@ -59,8 +68,10 @@ def message_batches_router(client: BatchClient) -> APIRouter:
 
     @router.get("/messages/batches")
     def list_(request: Request, limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-              after_id: str | None = None) -> dict[str, Any]:
+              after_id: str | None = None, before_id: str | None = None) -> dict[str, Any]:
         """Newest first, Message Batches only (a batch of OpenAI lines is /v1/batches')."""
+        if before_id is not None:
+            raise ApiError(400, "before_id: paging backwards is not supported; page with after_id", param="before_id")
         client.expire_overdue()
         data: list[dict[str, Any]] = []
         cursor, more = after_id, True
@@ -75,18 +86,12 @@ def message_batches_router(client: BatchClient) -> APIRouter:
 
     @router.post("/messages/batches/{batch_id}/cancel")
     def cancel(batch_id: str, request: Request) -> dict[str, Any]:
-        try:
-            client.cancel(batch_id)
-        except BatchNotFound:
-            raise not_found("message batch", batch_id) from None
+        client.cancel(message_batch(batch_id).id)
         return one(batch_id, request)
 
     @router.get("/messages/batches/{batch_id}/results")
     def results(batch_id: str) -> StreamingResponse:
-        try:
-            batch = client.get(batch_id)
-        except BatchNotFound:
-            raise not_found("message batch", batch_id) from None
+        batch = message_batch(batch_id)
         if not batch.status.is_terminal:  # as Anthropic: results once every request has ended
             raise ApiError(400, f"message batch {batch_id} is still {batch.status.value}; its results are "
                            "available once processing has ended", param="message_batch_id")
