@@ -21,6 +21,7 @@ TIMESTAMP_FIELDS = (
 )
 COUNTER_FIELDS = tuple(o.counter for o in Outcome)
 USAGE_FIELDS = ("usage.input_tokens", "usage.output_tokens")  # summed over succeeded requests as they are recorded
+RESULT_TTL_FIELD = "result_ttl_s"  # read by the store's record script, which prefers it to the default TTL
 
 
 def metadata_problem(metadata: Mapping[str, str]) -> str | None:
@@ -56,6 +57,7 @@ class Batch(BaseModel):
     errors: list[dict[str, Any]] = []  # lines --skip-invalid rejected, as OpenAI BatchErrors
     input_tokens: int = 0  # of the succeeded requests so far
     output_tokens: int = 0
+    result_ttl_s: int = 0  # the API's output_expires_after: its keys' TTL once it ends; 0: the store's default
 
     @property
     def num_done(self) -> int:
@@ -91,6 +93,8 @@ class Batch(BaseModel):
         data.update({f: self.counts.get(f, 0) for f in COUNTER_FIELDS})
         data.update(self.timestamps)
         data.update({f"meta.{k}": v for k, v in self.metadata.items()})
+        if self.result_ttl_s:
+            data[RESULT_TTL_FIELD] = self.result_ttl_s
         return data
 
     @classmethod
@@ -115,4 +119,5 @@ class Batch(BaseModel):
             errors=json.loads(raw["api.errors"]) if raw.get("api.errors") else [],
             input_tokens=int(raw.get(USAGE_FIELDS[0], 0)),
             output_tokens=int(raw.get(USAGE_FIELDS[1], 0)),
+            result_ttl_s=int(raw.get(RESULT_TTL_FIELD, 0)),
         )

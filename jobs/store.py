@@ -21,7 +21,10 @@ from redis.client import Pipeline
 # its final status atomically with the outcome that completes it: `failed` when any request was lost from
 # Redis (data loss is not a completed batch), else `completed`.
 # Each newly recorded success adds its tokens to the batch's usage (OpenAI's Batch.usage).
-# KEYS: record, outcomes. ARGV: now, ttl, then (index, line, counter field, lost 0/1, input tokens, output tokens).
+# Once every request has one, the keys expire after the record's result_ttl_s (the batch's own, from the API's
+# output_expires_after) when it has one, else after ARGV's ttl.
+# KEYS: record, outcomes, requests. ARGV: now, ttl, then (index, line, counter field, lost 0/1, input tokens,
+# output tokens).
 # Returns the indexes that were newly recorded.
 _RECORD_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
@@ -47,7 +50,7 @@ if #accepted > 0 and redis.call('HLEN', KEYS[2]) >= total then
       redis.call('HSET', KEYS[1], 'status', 'completed', 'finalizing_at', ARGV[1], 'completed_at', ARGV[1])
     end
   end
-  local ttl = tonumber(ARGV[2])
+  local ttl = tonumber(redis.call('HGET', KEYS[1], 'result_ttl_s') or ARGV[2])
   if ttl > 0 then
     redis.call('EXPIRE', KEYS[1], ttl)
     redis.call('EXPIRE', KEYS[2], ttl)

@@ -94,11 +94,13 @@ class BatchClient:
         stdin: IO[bytes] | None = None,
         on_line: Callable[[int], None] | None = None,
         results_root: str | None = None,
+        result_ttl_s: int = 0,
     ) -> SubmitResult:
         """Validates every line, then enqueues; with errors and no skip_invalid, nothing is enqueued.
 
         A submit that fails part-way (Redis out of memory, refused, gone) removes what it wrote.
         results_root: refuse an output_dir outside it (else the live workers' advertised roots decide).
+        result_ttl_s: how long the batch's results are kept once it ends (0: the store's default).
         """
         if priority not in defaults.PRIORITIES:
             raise ValueError(f"priority must be one of {defaults.PRIORITIES}")
@@ -114,6 +116,7 @@ class BatchClient:
             # undecodable bytes in a file name as \\xNN: the record must be encodable to be stored
             input_file=",".join(input_paths.shown_name(p) for p in paths), metadata=metadata or {},
             timestamps={"created_at": now_s(), "expires_at": now_s() + self.cfg.completion_window_s},
+            result_ttl_s=result_ttl_s,  # on the record from the start: a fast worker may end the batch at once
         )
         resolver = ModelResolver(model)
         try:

@@ -10,17 +10,20 @@ from batchgen.jobs.files import FileStore, page_of_index
 from batchgen.jobs.openai_batch import load_api_fields, render, save_api_fields
 from batchgen.producer.client import BatchClient, BatchNotFound
 from batchgen.producer.serve.errors import ApiError, not_found
+from batchgen.producer.serve.expiry import ExpiresAfter, expiry_seconds
 from fastapi import APIRouter, Query
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 WINDOW = re.compile(r"^(\d+)h$")
 
 
 class CreateBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a field we do not serve is refused by name, not dropped
     input_file_id: str
     endpoint: str
     completion_window: str = "24h"
     metadata: dict[str, str] | None = None  # its limits: metadata_problem, shared with submit
+    output_expires_after: ExpiresAfter | None = None  # how long its results stay once it ends
 
 
 def batches_router(client: BatchClient, files: FileStore) -> APIRouter:
@@ -50,6 +53,8 @@ def batches_router(client: BatchClient, files: FileStore) -> APIRouter:
             raise ApiError(400, "completion_window must be like '24h'", code="invalid_value", param="completion_window")
         if body.metadata and (problem := metadata_problem(body.metadata)):
             raise ApiError(400, problem, code="invalid_value", param="metadata")
+        expiry = body.output_expires_after
+        result_ttl_s = expiry_seconds(expiry.anchor, expiry.seconds, "output_expires_after") if expiry else 0
         stored = files.get(body.input_file_id)
         if stored is None:
             raise not_found("file", body.input_file_id)
@@ -57,7 +62,8 @@ def batches_router(client: BatchClient, files: FileStore) -> APIRouter:
             raise ApiError(400, f"the batch endpoint is {body.endpoint!r} but the file's lines use "
                            f"{', '.join(stored.endpoints)}", code="invalid_value", param="endpoint")
         cfg = dataclasses.replace(client.cfg, completion_window_s=int(window[1]) * 3600)
-        result = BatchClient(cfg, client.connection).submit([str(files.path(stored.id))], metadata=body.metadata)
+        result = BatchClient(cfg, client.connection).submit([str(files.path(stored.id))], metadata=body.metadata,
+                                                            result_ttl_s=result_ttl_s)
         if result.batch is None:  # the file changed on disk, or the limits did since upload
             shown = "; ".join(f"line {e.line}: {e.code}: {e.message}" for e in result.errors[:5])
             raise ApiError(400, f"{result.num_errors} invalid line(s): {shown}", code="invalid_file",

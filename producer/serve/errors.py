@@ -21,6 +21,11 @@ def not_found(kind: str, object_id: str) -> ApiError:
     return ApiError(404, f"No {kind} found with id '{object_id}'.", code="not_found")
 
 
+def unknown_parameter(param: str) -> ApiError:
+    """A field we do not serve: refused by name, never silently dropped."""
+    return ApiError(400, f"Unknown parameter: '{param}'.", code="unknown_parameter", param=param)
+
+
 ANTHROPIC_PREFIX = "/v1/messages"
 ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error"}
@@ -52,6 +57,8 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
                                                         f"{where}", "type": "invalid_request_error", "param": None,
                                              "code": "invalid_json"})
     param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    if first.get("type") == "extra_forbidden" and param:
+        return error_response(request, 400, unknown_parameter(param).body)
     body = {"message": f"{param or 'request'}: {first.get('msg', 'invalid request')}",
             "type": "invalid_request_error", "param": param, "code": "invalid_value"}
     return error_response(request, 400, body)

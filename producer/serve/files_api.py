@@ -1,6 +1,7 @@
 """/v1/files: uploads stream to disk and are validated like `submit`; batch output/error files stream from Redis."""
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -18,12 +19,30 @@ from batchgen.jobs.inputs import InputLimits
 from batchgen.jobs.message_batch import result_view
 from batchgen.jobs.schema import outcome_of
 from batchgen.producer.client import BatchClient, BatchNotFound
-from batchgen.producer.serve.errors import ApiError, not_found
+from batchgen.producer.serve.errors import ApiError, not_found, unknown_parameter
+from batchgen.producer.serve.expiry import expiry_seconds
 from batchgen.producer.serve.validate import check_file
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 
 BLOCK_BYTES = 1 << 16
+EXPIRES_ANCHOR = "expires_after[anchor]"  # how the OpenAI SDK sends expires_after in a multipart form
+EXPIRES_SECONDS = "expires_after[seconds]"
+UPLOAD_FIELDS = frozenset({"file", "purpose", EXPIRES_ANCHOR, EXPIRES_SECONDS})
+
+
+async def only_upload_fields(request: Request) -> None:
+    """Refuses an upload's form field we do not serve by name (FastAPI would drop it); the form is parsed once."""
+    for name in await request.form():
+        if name not in UPLOAD_FIELDS:
+            raise unknown_parameter(name)
+
+
+def upload_expiry_s(anchor: str | None, seconds: str | None) -> int:
+    """expires_after's seconds, or 0 when the upload has none."""
+    if anchor is None and seconds is None:
+        return 0
+    return expiry_seconds(anchor, seconds, "expires_after")
 
 
 def result_lines(client: BatchClient, batch_id: str, errors: bool) -> Iterator[bytes]:
@@ -44,6 +63,14 @@ def result_lines(client: BatchClient, batch_id: str, errors: bool) -> Iterator[b
         yield b"".join(block)
 
 
+def results_expire_at(client: BatchClient, batch: Batch) -> int | None:
+    """When a final batch's results, and so its output and error files, expire (its keys' TTL); None while it runs."""
+    if not batch.status.is_terminal:
+        return None
+    ttl_ms = client.connection.pttl(keys.BatchKeys(batch.id).record)
+    return int(time.time() + ttl_ms / 1000) if ttl_ms > 0 else None
+
+
 def result_file_object(client: BatchClient, batch: Batch, errors: bool) -> dict[str, Any]:
     """A batch's output (error) file as OpenAI's FileObject; its bytes are those its content streams now (read
     once the batch is final: the store keeps them)."""
@@ -52,7 +79,7 @@ def result_file_object(client: BatchClient, batch: Batch, errors: bool) -> dict[
     return {"id": errors_file_id(batch.id) if errors else output_file_id(batch.id), "object": "file", "bytes": size,
             "created_at": batch.timestamps.get("created_at", 0),
             "filename": f"{batch.id}_{'error' if errors else 'output'}.jsonl", "purpose": "batch_output",
-            "status": "processed", "expires_at": None, "status_details": None}
+            "status": "processed", "expires_at": results_expire_at(client, batch), "status_details": None}
 
 
 def result_file_ids(batch: Batch) -> list[str]:
@@ -88,10 +115,13 @@ def files_router(client: BatchClient, files: FileStore) -> APIRouter:
                         for batch in batches for file_id in result_file_ids(batch)})
         return out
 
-    @router.post("/files")
-    def create_file(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict[str, Any]:
+    @router.post("/files", dependencies=[Depends(only_upload_fields)])
+    def create_file(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()],
+                    expires_anchor: Annotated[str | None, Form(alias=EXPIRES_ANCHOR)] = None,
+                    expires_seconds: Annotated[str | None, Form(alias=EXPIRES_SECONDS)] = None) -> dict[str, Any]:
         if purpose != "batch":
             raise ApiError(400, f"purpose must be 'batch', got {purpose!r}", code="invalid_value", param="purpose")
+        expires_after_s = upload_expiry_s(expires_anchor, expires_seconds)
         file_id, staged = files.stage(file.file)
         try:
             check = check_file(staged, limits, file.filename or file_id)
@@ -104,7 +134,8 @@ def files_router(client: BatchClient, files: FileStore) -> APIRouter:
             raise ApiError(400, f"{file.filename}: {check.num_errors} invalid line(s): {shown}",
                            code="invalid_file", param="file",
                            errors={"object": "list", "data": check.line_errors})
-        stored = files.commit(file_id, staged, file.filename or file_id, purpose, check.endpoints, check.num_lines)
+        stored = files.commit(file_id, staged, file.filename or file_id, purpose, check.endpoints, check.num_lines,
+                              expires_after_s)
         return stored.to_api()
 
     @router.get("/files")
