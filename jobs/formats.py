@@ -10,7 +10,7 @@ unknown keys at any level, repeated keys, lone surrogates, deep nesting and empt
 
 import json
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from batchgen.jobs import strict_json
@@ -247,15 +247,16 @@ def _envelope_url(obj: Mapping[str, Any]) -> str:
     return url
 
 
-def _check_envelope_keys(obj: Mapping[str, Any]) -> None:
-    """A request parameter next to body instead of inside it would be silently ignored: say where it goes."""
+def _check_envelope_keys(obj: Mapping[str, Any], envelope: frozenset[str] = BATCH_KEYS, inner: str = "body",
+                         request_keys: Collection[str] = (*KNOWN_KEYS, *NEUTRAL_VALUES, *IGNORED_KEYS),
+                         what: str = "a batch line has only custom_id, method, url and body") -> None:
+    """A request parameter next to body (params) instead of inside it would be silently ignored: say where it goes."""
     for key in obj:
-        if key in BATCH_KEYS:
+        if key in envelope:
             continue
-        if key in KNOWN_KEYS or key in NEUTRAL_VALUES or key in IGNORED_KEYS:
-            raise LineError("misplaced_parameter", f"{key}: belongs inside body (body.{key}), not next to it")
-        raise LineError("unsupported_parameter", f"{key}: unknown field; a batch line has only "
-                                                 "custom_id, method, url and body"[:300])
+        if key in request_keys:
+            raise LineError("misplaced_parameter", f"{key}: belongs inside {inner} ({inner}.{key}), not next to it")
+        raise LineError("unsupported_parameter", f"{key}: unknown field; {what}"[:300])
 
 
 def _check_keys(body: Mapping[str, Any], prefix: str, extra_keys: frozenset[str], known: frozenset[str] = KNOWN_KEYS,
@@ -330,13 +331,8 @@ def _message_batch_request(obj: Mapping[str, Any], *, line: int, fill: Mapping[s
                            max_tokens: int) -> Request:
     """An Anthropic Message Batches request: params is a Messages API body; system leads as a system message,
     and a final assistant message is a prefill the reply continues."""
-    for key in obj:
-        if key in MESSAGE_BATCH_KEYS:
-            continue
-        if key in MESSAGES_KEYS or key in MESSAGES_NEUTRAL or key in MESSAGES_IGNORED:
-            raise LineError("misplaced_parameter", f"{key}: belongs inside params (params.{key}), not next to it")
-        raise LineError("unsupported_parameter", f"{key}: unknown field; a Message Batches request has only "
-                                                 "custom_id and params"[:300])
+    _check_envelope_keys(obj, MESSAGE_BATCH_KEYS, "params", (*MESSAGES_KEYS, *MESSAGES_NEUTRAL, *MESSAGES_IGNORED),
+                         "a Message Batches request has only custom_id and params")
     custom_id = _custom_id(obj, "custom_id", required=True)
     params, prefix = obj["params"], "params."
     if not isinstance(params, dict):
@@ -376,19 +372,8 @@ def _message_batch_request(obj: Mapping[str, Any], *, line: int, fill: Mapping[s
 
 def _anthropic_messages(value: Any, field: str) -> list[ChatMessage]:
     """Messages API turns: user and assistant only (system is its own field), content a string or text blocks."""
-    if not isinstance(value, list):
-        raise LineError("invalid_type", f"{field}: must be a list, not {_json_type(value)}")
-    if not value:
-        raise LineError("invalid_value", f"{field}: must not be empty")
     messages = []
-    for i, item in enumerate(value):
-        at = f"{field}.{i}"
-        if not isinstance(item, dict):
-            raise LineError("invalid_type", f"{at}: must be an object, not {_json_type(item)}")
-        for key in item:
-            if key not in ("role", "content"):
-                raise LineError("unsupported_parameter", f"{at}.{key}: not supported; a message has only role and "
-                                                         "content"[:300])
+    for at, item in _message_items(value, field, ("role", "content")):
         role, content = item.get("role"), item.get("content")
         if role not in ("user", "assistant"):
             hint = " (the system prompt is params.system)" if role == "system" else ""
@@ -436,19 +421,9 @@ def _input_messages(value: Any, field: str) -> list[ChatMessage]:
     """input: a string (one user message) or a list of message items, each content a string or text parts."""
     if isinstance(value, str):
         return [ChatMessage(role="user", content=_not_blank(value, field))]
-    if not isinstance(value, list):
-        raise LineError("invalid_type", f"{field}: must be a string or a list of messages, not {_json_type(value)}")
-    if not value:
-        raise LineError("invalid_value", f"{field}: must not be empty")
     messages = []
-    for i, item in enumerate(value):
-        at = f"{field}.{i}"
-        if not isinstance(item, dict):
-            raise LineError("invalid_type", f"{at}: must be an object, not {_json_type(item)}")
-        for key in item:
-            if key not in ("type", "role", "content"):
-                raise LineError("unsupported_parameter", f"{at}.{key}: not supported; an input message has only "
-                                                         "type, role and content"[:300])
+    for at, item in _message_items(value, field, ("type", "role", "content"), "a string or a list of messages",
+                                   "an input message has only type, role and content"):
         if item.get("type", "message") != "message":
             raise LineError("unsupported_parameter", f"{at}.type: only message items are supported, not "
                                                      f"{item.get('type')!r}"[:300])
@@ -500,27 +475,34 @@ def _prompt(prompt: Any, field: str) -> str:
     return _not_blank(prompt, field)
 
 
-def _messages(messages: Any, field: str) -> tuple[ChatMessage, ...]:
-    if not isinstance(messages, list):
-        raise LineError("invalid_type", f"{field}: must be a list, not {_json_type(messages)}")
-    if not messages:
+def _message_items(value: Any, field: str, keys: Collection[str], what: str = "a list",
+                   holds: str = "a message has only role and content") -> Iterator[tuple[str, dict[str, Any]]]:
+    """(field path, object) of each item of a non-empty message list whose items have only keys."""
+    if not isinstance(value, list):
+        raise LineError("invalid_type", f"{field}: must be {what}, not {_json_type(value)}")
+    if not value:
         raise LineError("invalid_value", f"{field}: must not be empty")
+    for i, item in enumerate(value):
+        at = f"{field}.{i}"
+        if not isinstance(item, dict):
+            raise LineError("invalid_type", f"{at}: must be an object, not {_json_type(item)}")
+        for key in item:  # name, tool_calls, tool_call_id, refusal...: the engine would drop them
+            if key not in keys:
+                raise LineError("unsupported_parameter", f"{at}.{key}: not supported; {holds}"[:300])
+        yield at, item
+
+
+def _messages(messages: Any, field: str) -> tuple[ChatMessage, ...]:
     result = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise LineError("invalid_type", f"{field}.{i}: must be an object, not {_json_type(message)}")
-        for key in message:  # name, tool_calls, tool_call_id, refusal...: the engine would drop them
-            if key not in MESSAGE_KEYS:
-                raise LineError("unsupported_parameter", f"{field}.{i}.{key}: not supported; a message has "
-                                                         "only role and content"[:300])
+    for at, message in _message_items(messages, field, MESSAGE_KEYS):
         content = message.get("content")
         if isinstance(content, list):
-            message = {**message, "content": _join_parts(content, f"{field}.{i}.content")}
+            message = {**message, "content": _join_parts(content, f"{at}.content")}
         try:
             parsed = ChatMessage.model_validate(message, strict=True)
         except ValidationError as exc:
-            raise pydantic_error(exc, f"{field}.{i}.") from None
-        _not_blank(parsed.content, f"{field}.{i}.content")
+            raise pydantic_error(exc, f"{at}.") from None
+        _not_blank(parsed.content, f"{at}.content")
         result.append(parsed)
     return tuple(result)
 
