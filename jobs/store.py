@@ -159,6 +159,17 @@ class BatchStore:
         if pipeline is None:
             pipe.execute()
 
+    def expire_results(self, batch_id: str) -> None:
+        """The TTL the record script gives an ended batch's keys, for a batch that ended without it (every line
+        rejected by --skip-invalid: recorded before `activate` persisted its keys)."""
+        k = keys.BatchKeys(batch_id)
+        ttl = int(self.connection.hget(k.record, "result_ttl_s") or self.result_ttl_s)
+        if ttl > 0:
+            pipe = self.connection.pipeline()
+            for key in (k.record, k.outcomes, k.requests):
+                pipe.expire(key, ttl)
+            pipe.execute()
+
     def route(self, batch: Batch) -> None:
         """Writes what validation settled: the batch's model, endpoints and queue."""
         self.connection.hset(keys.BatchKeys(batch.id).record,

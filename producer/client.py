@@ -210,6 +210,7 @@ class BatchClient:
             pipe.execute()
         if invalid and len(invalid) == batch.total:  # nothing left to run
             self.store.transition(batch.id, BatchStatus.COMPLETED, "completed_at", [BatchStatus.IN_PROGRESS])
+            self.store.expire_results(batch.id)
         result.batch = self.get(batch.id)
         return result
 

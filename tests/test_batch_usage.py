@@ -3,6 +3,7 @@
 import json
 
 import openai.types
+from batchgen.jobs.keys import BatchKeys
 from batchgen.jobs.openai_batch import render
 from batchgen.jobs.schema import usage_of
 from batchgen.producer.client import BatchClient
@@ -45,3 +46,14 @@ def test_a_failed_or_cancelled_request_uses_no_tokens(redis_conn, tmp_path):
     client.cancel(batch.id)
     assert [usage_of(line) for line in client.results(batch.id)] == [(0, 0)]
     assert client.get(batch.id).usage["total_tokens"] == 0
+
+
+def test_a_batch_whose_every_line_was_skipped_still_expires_with_its_results(redis_conn, tmp_path):
+    """Its outcomes are recorded before the keys are made persistent, so the record script's TTL was undone."""
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "x", "top_p": 7}) + "\n" + json.dumps({"prompt": ""}) + "\n")
+    client = BatchClient(connection=redis_conn)
+    batch = client.submit([str(src)], model="echo-m", skip_invalid=True).batch
+    assert batch.status == "completed" and batch.request_counts["failed"] == 2
+    k = BatchKeys(batch.id)
+    assert all(0 < redis_conn.ttl(key) <= client.store.result_ttl_s for key in (k.record, k.outcomes))
