@@ -24,11 +24,11 @@ WINDOW = re.compile(r"^(\d+)([hms]?)$")
 UNIT_S = {"h": 3600, "m": 60, "s": 1, "": 1}
 
 
-def parse_window(text: str) -> int:
-    """A completion window in seconds: "24h", "1h", "30m", "90s", or bare seconds."""
+def parse_window(text: str, option: str = "--completion-window") -> int:
+    """A completion window (or another duration) in seconds: "24h", "1h", "30m", "90s", or bare seconds."""
     match = WINDOW.match(text.strip())
     if match is None or int(match[1]) < 1:
-        raise ValueError(f"--completion-window: {text!r} is not a duration like 24h, 1h or 30m")
+        raise ValueError(f"{option}: {text!r} is not a duration like 24h, 1h or 30m")
     return int(match[1]) * UNIT_S[match[2]]
 
 

@@ -123,12 +123,14 @@ def report_invalid(result, as_json: bool) -> None:
 @click.option("--metadata", multiple=True, help="key=value, stored on the batch.")
 @click.option("--results-root", envvar="BATCHGEN_RESULTS_ROOT",
               help="Refuse an --output-dir outside this directory (default: the roots live workers advertise).")
+@click.option("--results-ttl", help="How long Redis keeps the batch's results once it ends (2h, 720h; default: "
+                                    "the store's, 7 days): OpenAI's output_expires_after.")
 @redis_url_option
 @json_option
 @handles_errors
 def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, max_requests, max_tokens_limit,
-           priority, output_dir, skip_invalid, chunk_size, completion_window, metadata, results_root, redis_url,
-           as_json):
+           priority, output_dir, skip_invalid, chunk_size, completion_window, metadata, results_root, results_ttl,
+           redis_url, as_json):
     """Validate INPUTS (JSONL, text files, a directory of .txt, or -) and enqueue them as one batch."""
     from batchgen.jobs.openai_batch import parse_window
     from batchgen.producer.client import BatchClient
@@ -147,7 +149,7 @@ def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, 
         result = client.submit(
             inputs, model=model, params=param_defaults(max_tokens, temperature, top_p, seed), priority=priority,
             output_dir=output_dir, skip_invalid=skip_invalid, metadata=meta, on_line=lambda _line: bar.update(),
-            results_root=results_root,
+            results_root=results_root, result_ttl_s=parse_window(results_ttl, "--results-ttl") if results_ttl else 0,
         )
     if result.batch is None:
         report_invalid(result, as_json)
@@ -155,6 +157,29 @@ def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, 
         sys.exit(EXIT_INVALID)
     for err in result.errors[:20]:
         click.echo(f"skipped: {err}", err=True)
+    emit(as_json, with_idle_warning(client, result.batch), result.batch.id)
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("--outcome", "outcomes", multiple=True, type=click.Choice(["errored", "expired", "cancelled"]),
+              help="Which requests to run again (repeatable; default: every one that did not succeed).")
+@click.option("--priority", type=click.Choice(defaults.PRIORITIES), help="Default: the batch's own.")
+@redis_url_option
+@json_option
+@handles_errors
+def retry(batch_id, outcomes, priority, redis_url, as_json):
+    """Run an ended batch's failed requests again, as a new batch (same custom_ids, model and output dir;
+    metadata retry_of=BATCH_ID). Prints its id."""
+    from batchgen.producer.client import RETRIED_OUTCOMES
+
+    client = client_for(redis_url)
+    result, num_unstored = client.retry(batch_id, outcomes or RETRIED_OUTCOMES, priority)
+    if num_unstored:
+        click.echo(f"skipped: {num_unstored} request(s) rejected at submit have nothing stored to run again", err=True)
+    if result.batch is None:
+        fail(as_json, "nothing_to_retry", f"batch {batch_id} has no {'/'.join(outcomes or RETRIED_OUTCOMES)} "
+             "request to run again", EXIT_INVALID)
     emit(as_json, with_idle_warning(client, result.batch), result.batch.id)
 
 

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -44,6 +44,13 @@ MAX_ERRORS_KEPT = 1000
 
 class BatchNotFound(LookupError):
     pass
+
+
+RETRIED_OUTCOMES = ("errored", "expired", "cancelled")
+
+
+class BatchNotEnded(ValueError):
+    """retry of a batch that still runs: its failures are not final yet."""
 
 
 class OutputDirRefused(ValueError):
@@ -108,7 +115,6 @@ class BatchClient:
             raise ValueError(problem)
         if output_dir and results_root and (problem := outside_root(output_dir, results_root)):
             raise OutputDirRefused(problem)
-        refuse_evicting(self.connection)
         limits = InputLimits(self.cfg.max_requests, self.cfg.max_line_bytes, self.cfg.max_tokens_limit)
         batch = Batch(
             id=new_batch_id(), status=BatchStatus.VALIDATING, model=model or "", priority=priority,
@@ -119,17 +125,47 @@ class BatchClient:
             result_ttl_s=result_ttl_s,  # on the record from the start: a fast worker may end the batch at once
         )
         resolver = ModelResolver(model)
+        return self._submit(batch, lambda: validate_batch(read_inputs(
+            paths, defaults=params or ParamDefaults(), limits=limits, stdin=stdin), resolver), resolver,
+            skip_invalid, on_line, results_root)
+
+    def _submit(self, batch: Batch, lines: Callable[[], Iterator[ParsedLine]], resolver: ModelResolver,
+                skip_invalid: bool, on_line: Callable[[int], None] | None, results_root: str | None) -> SubmitResult:
+        """Stores and enqueues the lines as batch; with a failure part-way, nothing of it is left."""
+        refuse_evicting(self.connection)
         try:
             self.store.create(batch, ttl_s=VALIDATING_TTL_S)
-            lines = read_inputs(paths, defaults=params or ParamDefaults(), limits=limits, stdin=stdin)
-            result = self._ingest(batch, validate_batch(lines, resolver), resolver, skip_invalid, on_line,
-                                  results_root)
+            result = self._ingest(batch, lines(), resolver, skip_invalid, on_line, results_root)
         except BaseException:
             self._undo(batch)
             raise
         if result.batch is None:
             self.store.discard(batch.id)
         return result
+
+    def retry(self, batch_id: str, outcomes: Collection[str] = RETRIED_OUTCOMES,
+              priority: str | None = None) -> tuple[SubmitResult, int]:
+        """A new batch of an ended batch's requests whose outcome is one of outcomes (same custom_ids, model,
+        output dir and metadata, with retry_of); also how many such requests had nothing stored to run again
+        (lines --skip-invalid rejected)."""
+        old = self.get(batch_id)
+        if not old.status.is_terminal:
+            raise BatchNotEnded(f"batch {batch_id} is {old.status.value}: retry it once it has ended")
+        indexes = sorted(i for i, line in self.store.iter_outcomes(batch_id) if outcome_of(line) in outcomes)
+        requests = [r for page in range(0, len(indexes), PAGE)
+                    for r in self.store.requests(batch_id, indexes[page:page + PAGE])]
+        metadata = {**old.metadata, "retry_of": batch_id}
+        if len(metadata) > defaults.MAX_METADATA_PAIRS:
+            metadata = {"retry_of": batch_id}
+        batch = Batch(
+            id=new_batch_id(), status=BatchStatus.VALIDATING, model=old.model, priority=priority or old.priority,
+            output_dir=old.output_dir, input_file=f"retry of {batch_id}", metadata=metadata,
+            timestamps={"created_at": now_s(), "expires_at": now_s() + self.cfg.completion_window_s},
+            result_ttl_s=old.result_ttl_s, endpoint=old.endpoint)
+        resolver = ModelResolver(old.model)
+        lines = [ParsedLine(batch_id, r.line, r, None, r.custom_id) for r in requests if r is not None]
+        result = self._submit(batch, lambda: iter(lines), resolver, False, None, None)
+        return result, len(requests) - len(lines)
 
     def _undo(self, batch: Batch) -> None:
         """Removes a failed submit's keys and chunk jobs; never hides the error that made it fail."""

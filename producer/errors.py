@@ -51,7 +51,7 @@ def handles_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from batchgen.jobs.backoff import REFUSED, refusal_reason
         from batchgen.jobs.redis_checks import EvictingRedis
-        from batchgen.producer.client import BatchNotFound, OutputDirRefused
+        from batchgen.producer.client import BatchNotEnded, BatchNotFound, OutputDirRefused
 
         as_json = bool(kwargs.get("as_json"))
         try:
@@ -69,6 +69,8 @@ def handles_errors(fn: Callable) -> Callable:
             fail(as_json, "redis_evicts", str(exc), EXIT_REDIS_EVICTS)
         except OutputDirRefused as exc:
             fail(as_json, "output_dir_not_allowed", str(exc), EXIT_USAGE)
+        except BatchNotEnded as exc:
+            fail(as_json, "batch_not_ended", str(exc), EXIT_USAGE)
         except ImportError as exc:
             if (exc.name or "").split(".")[0] not in WORKER_EXTRA_MODULES:
                 raise
