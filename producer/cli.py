@@ -56,7 +56,8 @@ def client_for(redis_url: str):
 def describe(batch: Batch) -> str:
     c = batch.request_counts
     return (f"{batch.id}  {batch.status.value:<11} model={batch.model}  "
-            f"{c['completed']}/{c['total']} completed, {c['failed']} failed")
+            f"{c['completed']}/{c['total']} completed, {c['failed']} failed, "
+            f"{batch.input_tokens:,} in / {batch.output_tokens:,} out tokens")
 
 
 @click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})

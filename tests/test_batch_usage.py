@@ -6,6 +6,7 @@ import openai.types
 from batchgen.jobs.keys import BatchKeys
 from batchgen.jobs.openai_batch import render
 from batchgen.jobs.schema import usage_of
+from batchgen.producer.cli import describe
 from batchgen.producer.client import BatchClient
 from batchgen.worker.config import WorkerConfig
 from batchgen.worker.engine.config import EngineConfig
@@ -36,6 +37,7 @@ def test_usage_sums_the_succeeded_requests_tokens_once_each(redis_conn, tmp_path
 
     client.store.record(batch.id, [(0, lines[0])])  # a second delivery of a recorded outcome adds nothing
     assert client.get(batch.id).usage["input_tokens"] == expected[0]
+    assert describe(client.get(batch.id)).endswith(f"{expected[0]:,} in / {expected[1]:,} out tokens")  # status
 
 
 def test_a_failed_or_cancelled_request_uses_no_tokens(redis_conn, tmp_path):
