@@ -9,14 +9,19 @@ unknown keys at any level, repeated keys, lone surrogates, deep nesting and empt
 """
 
 import json
-import unicodedata
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from batchgen.jobs import strict_json
+from batchgen.jobs.embeddings import embeddings_request
+from batchgen.jobs.line_error import LineError, is_blank  # noqa: F401 - is_blank: callers read the rule from here
+from batchgen.jobs.line_error import check_model as _model
+from batchgen.jobs.line_error import json_type as _json_type
+from batchgen.jobs.line_error import not_blank as _not_blank
 from batchgen.jobs.schema import (
     CHAT_URL,
     COMPLETIONS_URL,
+    EMBEDDINGS_URL,
     MAX_LOGIT_BIAS,
     MAX_TOP_LOGPROBS,
     MESSAGES_URL,
@@ -59,7 +64,7 @@ NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
 }
 KNOWN_KEYS = frozenset({"model", "prompt", "messages", "max_completion_tokens", *PARAM_KEYS, *SHAPED_KEYS})
 BATCH_KEYS = frozenset({"custom_id", "method", "url", "body"})
-URLS = (CHAT_URL, COMPLETIONS_URL, RESPONSES_URL)
+URLS = (CHAT_URL, COMPLETIONS_URL, RESPONSES_URL, EMBEDDINGS_URL)
 # The Responses API's request fields we honour: input and instructions become chat messages, max_output_tokens
 # max_tokens, text.format response_format's JSON modes; the rest of its fields are refused (or ignored, as above).
 RESPONSES_KEYS = frozenset({"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "text"})
@@ -81,16 +86,6 @@ INPUT_ROLES = ("user", "system", "developer", "assistant")
 INPUT_PART_TYPES = ("input_text", "output_text")
 MESSAGE_KEYS = frozenset(ChatMessage.model_fields)
 MAX_CUSTOM_ID_CHARS = 512
-_BLANK_CATEGORIES = frozenset({"Cc", "Cf"})  # control and format characters (NUL, zero-width space, BOM)
-
-
-class LineError(Exception):
-    """A record that cannot become a Request; code is one of the documented error codes."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 def parse_json(text: str) -> Any:
@@ -99,11 +94,6 @@ def parse_json(text: str) -> Any:
         return strict_json.loads(text)
     except strict_json.StrictJsonError as exc:
         raise LineError(exc.code, exc.message) from None
-
-
-def is_blank(text: str) -> bool:
-    """The one rule for empty prompts: nothing but whitespace and control or format characters."""
-    return all(ch.isspace() or unicodedata.category(ch) in _BLANK_CATEGORIES for ch in text.strip())
 
 
 def is_batch_line(obj: Mapping[str, Any]) -> bool:
@@ -155,6 +145,8 @@ def object_request(
         prefix, extra_keys = "body.", frozenset()
         if url == RESPONSES_URL:
             return _responses_request(body, custom_id=custom_id, line=line, fill=fill, max_tokens=max_tokens)
+        if url == EMBEDDINGS_URL:
+            return embeddings_request(body, custom_id=custom_id, line=line)
     else:
         custom_id = _custom_id(obj, "custom_id", required=False) or default_id
         url = CHAT_URL if "messages" in obj else COMPLETIONS_URL
@@ -274,14 +266,6 @@ def _check_keys(body: Mapping[str, Any], prefix: str, extra_keys: frozenset[str]
 def _same(value: Any, ok: Any) -> bool:
     """JSON equality: in Python False == 0 == 0.0, but a JSON false is not the number 0."""
     return value == ok and isinstance(value, bool) == isinstance(ok, bool)
-
-
-def _model(body: Mapping[str, Any], prefix: str) -> None:
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise LineError("invalid_type", f"{prefix}model: must be a string")
-    if model == "":
-        raise LineError("invalid_value", f"{prefix}model: must not be empty")
 
 
 def _content(body: Mapping[str, Any], url: str, prefix: str) -> tuple[str | None, tuple[ChatMessage, ...] | None]:
@@ -719,15 +703,3 @@ def _response_format(fmt: Any, field: str) -> dict[str, Any]:
                         f"{field}.json_schema.schema: must be an object (a JSON Schema)")
     return {"response_format": kind, "json_schema": json.dumps(schema, ensure_ascii=False)}
 
-
-def _not_blank(text: str, field: str) -> str:
-    if not text:
-        raise LineError("invalid_value", f"{field}: must not be empty")
-    if is_blank(text):
-        raise LineError("invalid_value", f"{field}: must not be empty (it has only whitespace or control characters)")
-    return text
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")

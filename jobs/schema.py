@@ -4,6 +4,8 @@ A stored Request is already validated and normalised (OpenAI batch line, simple 
 directory all become the same shape). Output lines follow the OpenAI Batch API output file format.
 """
 
+import base64
+import struct
 import time
 import uuid
 from collections.abc import Sequence
@@ -17,8 +19,12 @@ CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 RESPONSES_URL = "/v1/responses"  # OpenAI's Responses API: messages in, one output message out
 MESSAGES_URL = "/v1/messages"  # Anthropic's Messages API, as its Message Batches send it
-Url = Literal["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"]
+EMBEDDINGS_URL = "/v1/embeddings"  # one vector per input text, from an embedding model
+Url = Literal["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/v1/embeddings"]
 MESSAGE_URLS = (CHAT_URL, RESPONSES_URL, MESSAGES_URL)  # the urls whose requests hold messages
+GENERATION_URLS = (CHAT_URL, COMPLETIONS_URL, RESPONSES_URL, MESSAGES_URL)  # the urls a text generator answers
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per embeddings request
+EncodingFormat = Literal["float", "base64"]
 CustomId = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 TokenId = Annotated[int, Field(ge=0)]
 MAX_CHOICES = 16  # n: each choice is its own row, so n multiplies a request's cost
@@ -100,11 +106,19 @@ class Request(BaseModel):
     chat_template_kwargs: str | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # /v1/embeddings: the texts to embed, how their vectors are written, and the length they are cut to
+    inputs: tuple[str, ...] | None = Field(None, min_length=1, max_length=MAX_EMBEDDING_INPUTS)
+    encoding_format: EncodingFormat = "float"
+    dimensions: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _one_input(self) -> "Request":
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("exactly one of prompt and messages is required")
+        if sum(x is not None for x in (self.prompt, self.messages, self.inputs)) != 1:
+            raise ValueError("exactly one of prompt, messages and inputs is required")
+        if (self.inputs is not None) != (self.url == EMBEDDINGS_URL):
+            raise ValueError(f"inputs go with url {EMBEDDINGS_URL}, and only with it")
+        if self.url != EMBEDDINGS_URL and (self.encoding_format != "float" or self.dimensions is not None):
+            raise ValueError(f"encoding_format and dimensions need url {EMBEDDINGS_URL}")
         if self.continue_final_message and (self.add_generation_prompt or not self.messages
                                             or self.messages[-1].role != "assistant"):
             raise ValueError("continue_final_message needs a final assistant message and no generation prompt")
@@ -162,12 +176,15 @@ def success_line(
     prompt_tokens: int,
     completion_tokens: int,
     choices: Sequence[Choice] = (),
+    embeddings: Sequence[bytes] = (),
 ) -> dict[str, Any]:
     """An OpenAI batch output line for a request that produced its completions (choices; without them, the one
-    choice of text and finish_reason)."""
+    choice of text and finish_reason), or, for an embeddings request, its vectors (little-endian float32 each)."""
     chat = request.url == CHAT_URL
     choices = choices or (Choice(text, finish_reason, num_tokens=completion_tokens),)
-    if request.url == RESPONSES_URL:
+    if request.url == EMBEDDINGS_URL:
+        body = _embeddings_body(request, model, embeddings, prompt_tokens)
+    elif request.url == RESPONSES_URL:
         body = _response_body(request, model, choices[0], prompt_tokens, completion_tokens)
     elif request.url == MESSAGES_URL:
         body = _message_body(model, choices[0], prompt_tokens, completion_tokens)
@@ -234,6 +251,22 @@ def _message_body(model: str, choice: Choice, prompt_tokens: int, completion_tok
         "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens,
                   "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
     }
+
+
+def _embeddings_body(request: Request, model: str, vectors: Sequence[bytes], prompt_tokens: int) -> dict[str, Any]:
+    """OpenAI's CreateEmbeddingResponse: one embedding per input, in input order."""
+    data = [{"object": "embedding", "index": i, "embedding": encode_embedding(v, request.encoding_format)}
+            for i, v in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
+def encode_embedding(vector: bytes, encoding_format: str) -> list[float] | str:
+    """base64: the float32 bytes, as OpenAI sends them. float: each value to 9 significant digits, which read back as
+    the same float32 (a third shorter than the double's 17)."""
+    if encoding_format == "base64":
+        return base64.b64encode(vector).decode("ascii")
+    return [float(f"{x:.9g}") for x in struct.unpack(f"<{len(vector) // 4}f", vector)]
 
 
 def _choice_body(index: int, choice: Choice, chat: bool) -> dict[str, Any]:

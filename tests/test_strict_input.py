@@ -323,7 +323,8 @@ def test_a_bad_responses_line_is_refused_by_its_own_field_names(body, code, mess
     assert ok.ok and (refused.line, refused.error.code, refused.error.message) == (2, code, message)
 
 
-def test_an_unknown_url_names_the_three_endpoints():
-    [refused] = parse(batch_line({"input": "x"}, url="/v1/embeddings"))
+def test_an_unknown_url_names_the_four_endpoints():
+    [refused] = parse(batch_line({"input": "x"}, url="/v1/moderations"))
     assert refused.error.code == "unknown_url" and refused.error.message == (
-        "url: must be one of /v1/chat/completions, /v1/completions, /v1/responses, not '/v1/embeddings'")
+        "url: must be one of /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings, not "
+        "'/v1/moderations'")
