@@ -307,6 +307,9 @@ engine_options = shared_options(
                  help="Name batches use for this model (default: --model)."),
     click.option("--engine", type=click.Choice(["llm", "echo"]), envvar="BATCHGEN_ENGINE", default="llm",
                  show_default=True, help="echo: no model, answers with the prompt (tests, benchmarks)."),
+    click.option("--task", type=click.Choice(["auto", "generate", "embed"]), envvar="BATCHGEN_TASK", default="auto",
+                 show_default=True, help="generate text, or embed it (/v1/embeddings lines); auto: embed when the "
+                 "model ships sentence-transformers' modules.json, is an encoder, or is a base model without an LM head."),
     click.option("--device", envvar="BATCHGEN_DEVICE", default="auto", show_default=True),
     click.option("--vram-reserve", envvar="BATCHGEN_VRAM_RESERVE", default="500MiB", show_default=True),
     click.option("--max-vram", envvar="BATCHGEN_MAX_VRAM", help="Hard VRAM cap, e.g. 6GiB."),
@@ -393,7 +396,7 @@ def engine_config(kw: dict[str, Any]):
     from batchgen.worker.engine.config import EngineConfig
 
     return EngineConfig(
-        model=kw["model"], served_model_name=kw["served_model_name"], device=kw["device"],
+        model=kw["model"], served_model_name=kw["served_model_name"], task=kw["task"], device=kw["device"],
         load_in_8bit=not kw["no_8bit"], vram_reserve_bytes=parse_bytes(kw["vram_reserve"]),
         max_vram_bytes=parse_bytes(kw["max_vram"]) if kw["max_vram"] else None, max_batch_size=kw["max_batch"],
         max_model_len=kw["max_model_len"], max_prefill_tokens=kw["max_prefill_tokens"], int8_threshold=kw["int8_threshold"], int8_kernel=kw["int8_kernel"],

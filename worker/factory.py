@@ -1,16 +1,31 @@
 """Builds the engine a WorkerConfig asks for; the only place the worker side picks an implementation."""
 
+from batchgen.jobs.schema import EMBEDDINGS_URL, GENERATION_URLS
 from batchgen.worker.config import WorkerConfig
+from batchgen.worker.engine.endpoints import ServedEndpoints
 from batchgen.worker.engine.protocol import Engine
+
+EMBEDDINGS_ONLY = ("model {model!r} is served for embeddings (task embed): it answers /v1/embeddings only; send "
+                   "generation requests to a generation worker's model name")
+GENERATION_ONLY = ("model {model!r} is served for text generation (task generate): embeddings need a worker "
+                   "started with --task embed")
 
 
 def build_engine(cfg: WorkerConfig) -> Engine:
+    """The engine for cfg's task, behind the urls it answers."""
     if cfg.engine == "echo":
         from batchgen.worker.engine.echo import EchoEngine
 
-        return EchoEngine(cfg.served_name, max_batch_size=cfg.engine_config.max_batch_size or 64,
+        echo = EchoEngine(cfg.served_name, max_batch_size=cfg.engine_config.max_batch_size or 64,
                           step_delay_s=cfg.echo_step_delay_s)
-    return build_llm_engine(cfg.engine_config)
+        return ServedEndpoints(echo, GENERATION_URLS, GENERATION_ONLY)
+    from batchgen.worker.engine.task import EMBED, choose_task
+
+    if choose_task(cfg.engine_config) == EMBED:
+        from batchgen.worker.engine.embedding import EmbeddingEngine
+
+        return ServedEndpoints(EmbeddingEngine.from_config(cfg.engine_config), (EMBEDDINGS_URL,), EMBEDDINGS_ONLY)
+    return ServedEndpoints(build_llm_engine(cfg.engine_config), GENERATION_URLS, GENERATION_ONLY)
 
 
 def refuse_stream_kv(cfg, why: str) -> None:

@@ -36,6 +36,7 @@ def startup_facts(stats: EngineStats, cfg: WorkerConfig) -> dict[str, Any]:
         "max_model_len": extra.get("max_model_len"),
         "num_kv_blocks": extra.get("num_kv_blocks"),
         "kv_block_size": extra.get("kv_block_size"),
+        "pooling": extra.get("pooling"),  # the embedding engine's: how a text's token states become its vector
         "decode_steps": extra.get("decode_steps") or (
             None if "cuda_graphs" not in extra else "CUDA graphs" if extra["cuda_graphs"] else "eager"),
     }
@@ -43,7 +44,8 @@ def startup_facts(stats: EngineStats, cfg: WorkerConfig) -> dict[str, Any]:
         facts["decode_steps"] += ", mixed into prefills"
     if device.startswith("cuda"):
         facts["device"] = f"{device} ({_gpu_name(device)})"
-        facts["tuned_launches"] = _tuned_launches(device)
+        if not facts["pooling"]:  # the embedding engine runs bnb's own kernels
+            facts["tuned_launches"] = _tuned_launches(device)
     return facts
 
 
@@ -59,10 +61,13 @@ def startup_block(stats: EngineStats, cfg: WorkerConfig) -> str:
         if f["max_vram_bytes"]:
             vram += f", cap {_size(f['max_vram_bytes'])}"
         lines += [f"  compute dtype  {f['compute_dtype']}", f"  int8 kernel    {f['int8_kernel']}",
-                  f"  VRAM           {vram}",
-                  f"  KV bytes/token {_or_dash(f['kv_bytes_per_token'])}"
-                  + (f" ({f['kv_cache_dtype']})" if f["kv_cache_dtype"] not in (None, "auto") else ""),
-                  f"  max_model_len  {_or_dash(f['max_model_len'])}"]
+                  f"  VRAM           {vram}"]
+        if f["pooling"]:  # embeddings keep no KV cache
+            lines.append(f"  pooling        {f['pooling']}")
+        else:
+            lines.append(f"  KV bytes/token {_or_dash(f['kv_bytes_per_token'])}"
+                         + (f" ({f['kv_cache_dtype']})" if f["kv_cache_dtype"] not in (None, "auto") else ""))
+        lines.append(f"  max_model_len  {_or_dash(f['max_model_len'])}")
         if f["decode_steps"]:
             lines.append(f"  decode steps   {f['decode_steps']}")
         if f.get("tuned_launches"):

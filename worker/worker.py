@@ -72,6 +72,7 @@ def result_line(flight: InFlight, res: GenerationResult) -> dict[str, Any]:
     return success_line(
         flight.request, model=flight.batch.model, text=res.text, finish_reason=res.finish_reason,
         prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens, choices=res.choices,
+        embeddings=res.embeddings,
     )
 
 

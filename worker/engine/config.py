@@ -19,6 +19,7 @@ HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8v", "int8")
 KV_LAYOUTS = ("paged", "slots")
 COMPILE_SHAPES = ("dynamic", "static-features")  # kernels/compiled.py
+TASKS = ("auto", "generate", "embed")  # what the model does with a request (task.py decides auto)
 
 
 def refuse_flash_with(kv_cache_dtype: str, attention: str, why: str | None = None) -> None:
@@ -34,6 +35,7 @@ def refuse_flash_with(kv_cache_dtype: str, attention: str, why: str | None = Non
 class EngineConfig:
     model: str  # HF id or local path
     served_model_name: str | None = None
+    task: str = "auto"  # one of TASKS: generate text, or embed it (/v1/embeddings)
     device: str = "auto"  # "cuda" if available else "cpu"
     load_in_8bit: bool = True
     compute_dtype: str | None = None  # None: "float16" on CUDA ("bfloat16" in small-VRAM mode), "float32" on CPU
@@ -114,6 +116,8 @@ class EngineConfig:
             raise ValueError(f"int8_rotate must be one of {INT8_ROTATE}, got {self.int8_rotate!r}")
         if self.compile_shapes not in COMPILE_SHAPES:
             raise ValueError(f"compile_shapes must be one of {COMPILE_SHAPES}, got {self.compile_shapes!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.kv_layout not in KV_LAYOUTS:
             raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {self.kv_layout!r}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

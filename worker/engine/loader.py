@@ -65,22 +65,34 @@ def load_model(
     model: str, *, device: torch.device, dtype: torch.dtype, load_in_8bit: bool, int8_threshold: float,
     fp16_modules: tuple[str, ...] = (),
 ) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.padding_side = "left"
+    skip = skip_modules(model, fp16_modules) if load_in_8bit else None
+    hf_model = load_weights(AutoModelForCausalLM, model, device=device, dtype=dtype, load_in_8bit=load_in_8bit,
+                            int8_threshold=int8_threshold, skip=skip)
+    return LoadedModel(hf_model, tokenizer, device, dtype, weights_bytes(hf_model))
+
+
+def load_weights(auto_class, model: str, *, device: torch.device, dtype: torch.dtype, load_in_8bit: bool,
+                 int8_threshold: float, skip: list[str] | None) -> torch.nn.Module:
+    """auto_class's model on device in eval mode: bnb 8-bit linears (skip: modules kept in dtype) or dtype whole."""
+    from transformers import BitsAndBytesConfig
+
     kwargs: dict = {"dtype": dtype}
     if load_in_8bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_threshold=int8_threshold,
-            llm_int8_skip_modules=skip_modules(model, fp16_modules))
+            load_in_8bit=True, llm_int8_threshold=int8_threshold, llm_int8_skip_modules=skip)
         kwargs["device_map"] = {"": device}
         if dtype != torch.float16:
             # bnb casts every non-fp16 input to fp16 and logs a warning per matmul call; the cast is expected here.
             logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
-    hf_model = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    hf_model = auto_class.from_pretrained(model, **kwargs)
     if not load_in_8bit:
         hf_model = hf_model.to(device)
-    hf_model.eval()
-    weights_bytes = sum(t.numel() * t.element_size() for t in (*hf_model.parameters(), *hf_model.buffers()))
-    return LoadedModel(hf_model, tokenizer, device, dtype, weights_bytes)
+    return hf_model.eval()
+
+
+def weights_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))

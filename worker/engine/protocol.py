@@ -30,6 +30,7 @@ class GenerationResult:
     completion_tokens: int = 0
     error: ErrorInfo | None = None  # a per-request failure (poison request); the rest carry on
     choices: list[Choice] = field(default_factory=list)  # all n, in index order (engines without them: none)
+    embeddings: list[bytes] = field(default_factory=list)  # an embeddings request's vectors: float32, little-endian
 
     @classmethod
     def of_choices(cls, key: str, prompt_tokens: int, choices: list[Choice]) -> "GenerationResult":
