@@ -86,3 +86,13 @@ def demo_model_dir(tmp_path_factory) -> Path:
     from batchgen.worker.demo_model import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("demo-model"))
+
+
+@pytest.fixture
+def server(redis_url, redis_conn, tmp_path):
+    """A `batchgen serve` subprocess on a free port, on this test's Redis database."""
+    from tests.test_serve import Server
+
+    srv = Server(redis_url, tmp_path / "files", tmp_path / "serve.log").start()
+    yield srv
+    srv.stop()

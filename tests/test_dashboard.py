@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.cli import eventually, start_worker
-from tests.test_serve import Server, completion_lines, server, upload_and_create, write_jsonl  # noqa: F401 - server is a fixture
+from tests.test_serve import Server, completion_lines, upload_and_create, write_jsonl
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 

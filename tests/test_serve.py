@@ -79,13 +79,6 @@ class Server:
             return json.load(res)
 
 
-@pytest.fixture
-def server(redis_url, redis_conn, tmp_path):
-    srv = Server(redis_url, tmp_path / "files", tmp_path / "serve.log").start()
-    yield srv
-    srv.stop()
-
-
 def completion_lines(model: str, prompts=PROMPTS) -> list[dict]:
     return [{"custom_id": f"p{i}", "method": "POST", "url": "/v1/completions",
              "body": {"model": model, "prompt": p, "max_tokens": 4 + 3 * (i % 4), "temperature": 0}}

@@ -10,16 +10,9 @@ from batchgen.jobs.keys import BatchKeys
 from openai.types import FileObject
 
 from tests.cli import eventually, start_worker
-from tests.test_serve import PROMPTS, Server, completion_lines, write_jsonl
+from tests.test_serve import PROMPTS, completion_lines, write_jsonl
 
 HOUR = 3600
-
-
-@pytest.fixture
-def server(redis_url, redis_conn, tmp_path):
-    srv = Server(redis_url, tmp_path / "files", tmp_path / "serve.log").start()
-    yield srv
-    srv.stop()
 
 
 def upload(sdk: openai.OpenAI, tmp_path, model: str = "echo-m", **kw) -> FileObject:

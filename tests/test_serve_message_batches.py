@@ -13,13 +13,6 @@ from tests.cli import BATCHGEN, cli_env, start_worker
 from tests.test_serve import PROMPTS, Server, write_jsonl
 
 
-@pytest.fixture
-def server(redis_url, redis_conn, tmp_path):
-    srv = Server(redis_url, tmp_path / "files", tmp_path / "serve.log").start()
-    yield srv
-    srv.stop()
-
-
 def requests_for(model: str, prompts=PROMPTS) -> list[dict]:
     return [{"custom_id": f"m{i}", "params": {"model": model, "max_tokens": 4 + 3 * (i % 4), "temperature": 0,
                                               "system": "Answer briefly.",
