@@ -383,6 +383,9 @@ engine_options = shared_options(
     click.option("--warm-up/--no-warm-up", envvar="BATCHGEN_WARM_UP", default=True, show_default=True,
                  help="On CUDA: before the first job, run prompts of the calibration text through the engine's "
                       "steps once, so the first job does not pay the kernels' first-run compiles."),
+    click.option("--int8-kv-scales", envvar="BATCHGEN_INT8_KV_SCALES", type=click.Choice(["v", "p"]), default="v",
+                 hidden=True, help="Benchmarks: with --kv-cache-dtype int8, the decode attention scales each V "
+                                   "element (v) or the softmax weights (p)."),
     click.option("--compile-shapes", envvar="BATCHGEN_COMPILE_SHAPES", default="static-features", hidden=True,
                  help="Benchmarks: how the fused elementwise functions compile (static-features: only the "
                       "token/row dimensions symbolic; dynamic: every dimension)."),
@@ -404,7 +407,7 @@ def engine_config(kw: dict[str, Any]):
         attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], overlap_decode=kw["overlap_decode"],
         overlap_prefill=kw["overlap_prefill"], compact_rows=kw["compact_rows"],
         mixed_steps=kw["mixed_steps"], fused_elementwise=kw["fused_elementwise"], tuned_kernels=kw["tuned_kernels"],
-        compile_shapes=kw["compile_shapes"], warm_up=kw["warm_up"],
+        compile_shapes=kw["compile_shapes"], warm_up=kw["warm_up"], int8_kv_scales=kw["int8_kv_scales"],
         host_kv_dtype=kw["host_kv_dtype"],
         kv_cache_dtype=kw["kv_cache_dtype"], kv_layout=kw["kv_layout"], stream_kv=kw["stream_kv"],
         inject_oom=kw["inject_oom"] or None,

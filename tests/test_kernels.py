@@ -557,6 +557,29 @@ def test_int8_kv_with_a_scale_per_token_equals_the_dequantised_reference(splits,
         decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks[:, :, :8], v_scale=vs, num_splits=splits)
 
 
+def test_the_engines_int8_v_scales_choose_the_kernels_variant(monkeypatch, demo_model_dir):
+    """--int8-kv-scales p: a call that does not say scales the softmax weights, as scales_in_p=True does (the two
+    variants differ in their fp16 rounding, so the default is told apart from it)."""
+    from batchgen.worker.engine.config import EngineConfig
+    from batchgen.worker.engine.kernels import attention
+    from batchgen.worker.factory import build_llm_engine
+
+    k, v = _cache(4, 2, 128, torch.float16)
+    v[:, :, 1] *= 8
+    q = torch.randn(4, 8, 128, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+    lengths = torch.tensor([1, 2, 37, MAX_LEN], dtype=torch.int32)
+    kq, vq, ks, vs = _int8_cache(k, v)
+    run = {flag: decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs, scales_in_p=flag)
+           for flag in (False, True)}
+    assert not torch.equal(run[False], run[True])
+    monkeypatch.setattr(attention, "INT8_V_SCALES", "v")
+    build_llm_engine(EngineConfig(model=str(demo_model_dir), int8_kv_scales="p"))
+    assert attention.INT8_V_SCALES == "p"
+    assert torch.equal(decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs), run[True])
+    with pytest.raises(ValueError, match="int8_kv_scales"):
+        EngineConfig(model="m", int8_kv_scales="q")
+
+
 def test_int8_kv_in_blocks_reads_each_rows_blocks_as_the_slot_cache():
     """A paged int8 cache (64-token blocks behind a block table, scales [blocks, kv_heads, 64]) written by store_kv's
     Triton launch gives the slot cache's output: the same values and scales at each row's blocks."""

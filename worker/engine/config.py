@@ -72,6 +72,9 @@ class EngineConfig:
     # int8 kernel launches benchmarks.int8_tune measured best on this GPU model (kernels/tuned/<device>.json), where
     # a table holds the shape; off: every kernel keeps its default launch
     tuned_kernels: bool = True
+    # an int8 KV cache's V scales in the Triton decode attention: "v" on each V element, "p" on the softmax weights
+    # (kernels/attention.py; benchmarks.kernels times both)
+    int8_kv_scales: str = "v"
     # how the fused and int8 elementwise functions compile (kernels/compiled.py): "static-features" (only the
     # token/row dimensions symbolic: the measured faster one) or "dynamic" (every dimension symbolic)
     compile_shapes: str = "static-features"
@@ -114,6 +117,8 @@ class EngineConfig:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.int8_rotate not in INT8_ROTATE:
             raise ValueError(f"int8_rotate must be one of {INT8_ROTATE}, got {self.int8_rotate!r}")
+        if self.int8_kv_scales not in ("v", "p"):
+            raise ValueError(f"int8_kv_scales must be 'v' or 'p', got {self.int8_kv_scales!r}")
         if self.compile_shapes not in COMPILE_SHAPES:
             raise ValueError(f"compile_shapes must be one of {COMPILE_SHAPES}, got {self.compile_shapes!r}")
         if self.task not in TASKS:

@@ -28,6 +28,9 @@ from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, tri
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per inner step
+# How an int8 cache's V scales apply when a call does not say (process-wide, set from the engine's config as
+# tuned.ENABLED is): "v" multiplies each V element, "p" the softmax weights (scales_in_p).
+INT8_V_SCALES = "v"
 MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 
 if HAS_TRITON:
@@ -188,7 +191,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      v_scale: torch.Tensor | float | None = None, cache_rows: torch.Tensor | None = None,
                      block_table: torch.Tensor | None = None, num_splits: int | None = None,
                      out: torch.Tensor | None = None, block_n: int = BLOCK_N, num_warps: int = 4,
-                     num_stages: int = 2, scales_in_p: bool = False) -> torch.Tensor:
+                     num_stages: int = 2, scales_in_p: bool | None = None) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype, float8_e4m3fn or int8), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
@@ -200,7 +203,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_splits: default num_kv_splits(max_len, n, kv_heads); fix it per captured graph.
     block_n / num_warps / num_stages: keys per inner step and the launch's tuning (a power of two >= 16).
     scales_in_p: an int8 cache's V scales multiply the softmax weights (normalised by the block's largest) instead of
-    each V element: fewer multiplies a block, the same result within fp16 rounding (benchmarks.kernels times both)."""
+    each V element: fewer multiplies a block, the same result within fp16 rounding (benchmarks.kernels times both);
+    None: as INT8_V_SCALES says."""
     n, num_heads, head_dim = q.shape
     rows, max_len, num_kv_heads, _ = k_cache.shape
     if block_table is not None:
@@ -243,7 +247,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         scale * _LOG2E, GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         NUM_SPLITS=splits, HAS_ROWS=cache_rows is not None, HAS_BLOCKS=block_table is not None,
         DOT_F32=interpreting() and q.dtype == torch.bfloat16,  # Triton's interpreter multiplies bf16 bits as integers
-        TOKEN_SCALES=token_scales, SCALES_IN_P=scales_in_p, num_warps=num_warps, num_stages=num_stages)
+        TOKEN_SCALES=token_scales, SCALES_IN_P=INT8_V_SCALES == "p" if scales_in_p is None else scales_in_p,
+        num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out
     _merge_kernel[(n, num_heads)](
