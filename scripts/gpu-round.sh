@@ -36,6 +36,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-ab  # HF's baselines; bulk int8 again
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-quality  # int8 K/V: drift, kernel
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-final  # after int8kv: HF's baselines; drift
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-kernel  # int8 K/V, V scales in p; kernels
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh small-vram-int8  # 13B under 6 GiB: the streamed
 #                                                                        # outlier kernel against int_mm
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh fp8v  # fp8v K/V: its drift; bulk against fp16, fp8
@@ -284,6 +285,13 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # then int8 K/V's drift on the GPU beside fp8 and fp8v (#20's bounds)
     run 270 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
     run 200 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --out "$out/quality_kv.json"
+    ;;
+  int8kv-kernel)  # int8 K/V's slow decode attention (1.0 TB/s at the bulk state against fp16's 2.5): bulk with its V
+    # scales on the softmax weights (--int8-kv-scales p), then the defaults; the kernel's variants at 614 rows
+    BATCHGEN_INT8_KV_SCALES=p BULK_S=200 bulk int8_p 1 static-features 0 1 int8  # builds the llama7b model
+    BULK_S=150 bulk defaults 1 static-features 0
+    run 150 kernels python3 -m benchmarks.kernels --only attention --rows 614 --mean-ctx 360 --max-len 768 \
+        --out "$out/kernels"
     ;;
   int8kv-quality)  # int8 K/V's drift on the GPU beside fp8 and fp8v; its kernel at the bulk state against fp16, fp8
     run 200 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --out "$out/quality_kv.json"
