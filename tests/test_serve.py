@@ -95,6 +95,21 @@ def texts(jsonl: str) -> dict[str, str]:
             for ln in map(json.loads, jsonl.splitlines())}
 
 
+def run_until_done(poll, worker: subprocess.Popen, oracle: subprocess.Popen, log: Path):
+    """poll() every half second until it returns the ended batch, the worker up all along; then the worker and the
+    oracle run (`batchgen run` on the same file) must exit cleanly."""
+    try:
+        while (done := poll()) is None:
+            assert worker.poll() in (None, 0), log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert worker.wait(timeout=120) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert oracle.wait(timeout=300) == 0, oracle.stderr.read()[-2000:]
+    return done
+
+
 def upload_and_create(sdk: openai.OpenAI, path: Path, **kw) -> Batch:
     with open(path, "rb") as fh:
         uploaded = sdk.files.create(file=fh, purpose="batch")
@@ -119,18 +134,15 @@ def test_an_sdk_batch_script_runs_to_completion_and_matches_the_oracle(server, d
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     worker = start_worker("--model", str(demo_model_dir), "--served-model-name", "demo", "--max-batch", "2",
                           "--burst", redis_url=redis_url, log=tmp_path / "worker.log")
-    try:
-        while (batch := sdk.batches.retrieve(batch.id)).status not in ("completed", "failed", "expired", "cancelled"):
-            Batch.model_validate(server.get_json(f"/v1/batches/{batch.id}"))  # strict, not the SDK's lenient build
-            if batch.output_file_id:  # readable while the batch runs
-                assert set(texts(sdk.files.content(batch.output_file_id).text)) <= {f"p{i}" for i in range(len(PROMPTS))}
-            assert worker.poll() in (None, 0), (tmp_path / "worker.log").read_text()[-3000:]
-            time.sleep(0.5)
-        assert worker.wait(timeout=120) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-    assert oracle.wait(timeout=300) == 0, oracle.stderr.read()[-2000:]
+
+    def poll() -> Batch | None:
+        now = sdk.batches.retrieve(batch.id)
+        Batch.model_validate(server.get_json(f"/v1/batches/{batch.id}"))  # strict, not the SDK's lenient build
+        if now.output_file_id:  # readable while the batch runs
+            assert set(texts(sdk.files.content(now.output_file_id).text)) <= {f"p{i}" for i in range(len(PROMPTS))}
+        return now if now.status in ("completed", "failed", "expired", "cancelled") else None
+
+    batch = run_until_done(poll, worker, oracle, tmp_path / "worker.log")
 
     assert batch.status == "completed", batch
     final = Batch.model_validate(server.get_json(f"/v1/batches/{batch.id}"))

@@ -3,14 +3,13 @@ against a real server subprocess, a real Redis and real worker subprocesses."""
 
 import json
 import subprocess
-import time
 
 import anthropic
 import pytest
 from anthropic.types.messages import MessageBatch, MessageBatchIndividualResponse
 
 from tests.cli import BATCHGEN, cli_env, start_worker
-from tests.test_serve import PROMPTS, Server, write_jsonl
+from tests.test_serve import PROMPTS, Server, run_until_done, write_jsonl
 
 
 def requests_for(model: str, prompts=PROMPTS) -> list[dict]:
@@ -43,18 +42,15 @@ def test_an_anthropic_sdk_batch_script_runs_to_completion_and_matches_run(server
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     worker = start_worker("--model", str(demo_model_dir), "--served-model-name", "demo", "--max-batch", "2",
                           "--burst", redis_url=redis_url, log=tmp_path / "worker.log")
-    try:
-        while (batch := sdk.messages.batches.retrieve(batch.id)).processing_status != "ended":
-            MessageBatch.model_validate(server.get_json(f"/v1/messages/batches/{batch.id}"))
-            counts = batch.request_counts
-            assert counts.processing + counts.succeeded == len(PROMPTS) and not counts.errored
-            assert worker.poll() in (None, 0), (tmp_path / "worker.log").read_text()[-3000:]
-            time.sleep(0.5)
-        assert worker.wait(timeout=120) == 0
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-    assert oracle.wait(timeout=300) == 0, oracle.stderr.read()[-2000:]
+
+    def poll() -> MessageBatch | None:
+        now = sdk.messages.batches.retrieve(batch.id)
+        MessageBatch.model_validate(server.get_json(f"/v1/messages/batches/{batch.id}"))
+        counts = now.request_counts
+        assert counts.processing + counts.succeeded == len(PROMPTS) and not counts.errored
+        return now if now.processing_status == "ended" else None
+
+    batch = run_until_done(poll, worker, oracle, tmp_path / "worker.log")
 
     assert batch.request_counts.succeeded == len(PROMPTS) and batch.ended_at is not None and batch.results_url
     results = {r.custom_id: r.result for r in sdk.messages.batches.results(batch.id)}
