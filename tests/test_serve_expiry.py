@@ -66,8 +66,9 @@ def test_output_expires_after_sets_how_long_a_batchs_results_stay_once_it_ends(s
 
 def test_an_uploads_expires_after_sets_expires_at_and_bad_ones_are_refused_by_name(server, redis_conn, tmp_path):
     sdk = server.sdk()
-    kept = upload(sdk, tmp_path)
-    assert kept.expires_at is None and redis_conn.ttl(file_key(kept.id)) == -1  # no policy: kept until deleted
+    kept = upload(sdk, tmp_path)  # no policy: OpenAI's default for batch files, 30 days
+    assert kept.expires_at == kept.created_at + 30 * 24 * HOUR
+    assert 30 * 24 * HOUR - 60 < redis_conn.ttl(file_key(kept.id)) <= 30 * 24 * HOUR
     expiring = upload(sdk, tmp_path, expires_after={"anchor": "created_at", "seconds": HOUR})
     assert expiring.expires_at == expiring.created_at + HOUR
     assert sdk.files.retrieve(expiring.id).expires_at == expiring.expires_at

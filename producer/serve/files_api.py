@@ -29,6 +29,7 @@ BLOCK_BYTES = 1 << 16
 EXPIRES_ANCHOR = "expires_after[anchor]"  # how the OpenAI SDK sends expires_after in a multipart form
 EXPIRES_SECONDS = "expires_after[seconds]"
 UPLOAD_FIELDS = frozenset({"file", "purpose", EXPIRES_ANCHOR, EXPIRES_SECONDS})
+BATCH_FILE_EXPIRY_S = 30 * 24 * 3600
 
 
 async def only_upload_fields(request: Request) -> None:
@@ -39,9 +40,9 @@ async def only_upload_fields(request: Request) -> None:
 
 
 def upload_expiry_s(anchor: str | None, seconds: str | None) -> int:
-    """expires_after's seconds, or 0 when the upload has none."""
+    """expires_after's seconds; without one, OpenAI's default for batch files (they expire after 30 days)."""
     if anchor is None and seconds is None:
-        return 0
+        return BATCH_FILE_EXPIRY_S
     return expiry_seconds(anchor, seconds, "expires_after")
 
 
