@@ -380,16 +380,9 @@ def _text_blocks(blocks: list[Any]) -> list[Any]:
 
 def _output_config(config: Any, field: str) -> dict[str, Any]:
     """output_config: {"format": {"type": "json_schema", "schema": {...}}}, Anthropic's structured outputs."""
-    if not isinstance(config, dict):
-        raise LineError("invalid_type", f"{field}: must be an object, not {_json_type(config)}")
-    for key, value in config.items():
-        if key != "format" and value is not None:
-            raise LineError("unsupported_parameter", f"{field}.{key}: not supported"[:300])
-    fmt = config.get("format")
+    fmt = _wrapped_format(config, field, nulls_ok=True)
     if fmt is None:
         return {}
-    if not isinstance(fmt, dict):
-        raise LineError("invalid_type", f"{field}.format: must be an object, not {_json_type(fmt)}")
     for key in fmt:
         if key not in ("type", "schema"):
             raise LineError("unsupported_parameter", f"{field}.format.{key}: unknown field"[:300])
@@ -399,6 +392,20 @@ def _output_config(config: Any, field: str) -> dict[str, Any]:
         raise LineError("missing_field" if fmt.get("schema") is None else "invalid_type",
                         f"{field}.format.schema: must be an object (a JSON Schema)")
     return {"response_format": "json_schema", "json_schema": json.dumps(fmt["schema"], ensure_ascii=False)}
+
+
+def _wrapped_format(wrapper: Any, field: str, *, nulls_ok: bool) -> dict[str, Any] | None:
+    """The format object of Anthropic's output_config or the Responses API's text: {"format": {...}}, where a
+    sibling key is refused (nulls_ok: unless it is null); None when no format is given."""
+    if not isinstance(wrapper, dict):
+        raise LineError("invalid_type", f"{field}: must be an object, not {_json_type(wrapper)}")
+    for key, value in wrapper.items():
+        if key != "format" and not (nulls_ok and value is None):
+            raise LineError("unsupported_parameter", f"{field}.{key}: not supported"[:300])
+    fmt = wrapper.get("format")
+    if fmt is not None and not isinstance(fmt, dict):
+        raise LineError("invalid_type", f"{field}.format: must be an object, not {_json_type(fmt)}")
+    return fmt
 
 
 def _input_messages(value: Any, field: str) -> list[ChatMessage]:
@@ -426,16 +433,9 @@ def _input_messages(value: Any, field: str) -> list[ChatMessage]:
 def _text_format(text: Any, field: str) -> dict[str, Any]:
     """text: {"format": {"type": "text" | "json_object"} | {"type": "json_schema", "name", "schema", ...}}, the
     Responses API's flat form of response_format."""
-    if not isinstance(text, dict):
-        raise LineError("invalid_type", f"{field}: must be an object, not {_json_type(text)}")
-    for key in text:
-        if key != "format":
-            raise LineError("unsupported_parameter", f"{field}.{key}: not supported"[:300])
-    fmt = text.get("format")
+    fmt = _wrapped_format(text, field, nulls_ok=False)
     if fmt is None:
         return {}
-    if not isinstance(fmt, dict):
-        raise LineError("invalid_type", f"{field}.format: must be an object, not {_json_type(fmt)}")
     if fmt.get("type") != "json_schema":
         return _response_format(fmt, field + ".format")
     spec = {k: v for k, v in fmt.items() if k != "type"}

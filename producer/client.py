@@ -305,8 +305,8 @@ class BatchClient:
     def export(self, batch_id: str, out: IO[str], errors: IO[str] | None = None, ordered: bool = False) -> tuple[int, int]:
         """Writes output lines to out and error lines to errors (or to out when None); returns counts."""
         n_ok = n_err = 0
-        view = result_view(self.get(batch_id).endpoint)
-        for line in self.results(batch_id, ordered=ordered):
+        view = result_view(self.get(batch_id).endpoint)  # get: as results() does, the batch must exist
+        for _, line in self.store.iter_outcomes(batch_id, ordered=ordered):
             text = json.dumps(view(line), ensure_ascii=False) + "\n"
             if outcome_of(line) != "succeeded":
                 n_err += 1

@@ -50,8 +50,8 @@ def result_lines(client: BatchClient, batch_id: str, errors: bool) -> Iterator[b
     """A batch's output (or error) file, in blocks, from what is recorded so far."""
     block: list[bytes] = []
     size = 0
-    view = result_view(client.get(batch_id).endpoint)
-    for line in client.results(batch_id):
+    view = result_view(client.get(batch_id).endpoint)  # get: as client.results does, the batch must exist
+    for _, line in client.store.iter_outcomes(batch_id):
         if (outcome_of(line) != "succeeded") != errors:
             continue
         data = (json.dumps(view(line), ensure_ascii=False) + "\n").encode()
