@@ -6,8 +6,8 @@ so counting, cancelling and the reaper know one shape. A batch whose every line 
 writes, `batchgen results`, `batchgen run -o`, and serve's /v1/messages/batches.
 """
 
+import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from batchgen.jobs.batch import Batch
@@ -73,4 +73,4 @@ def render(batch: Batch, results_url: str) -> dict[str, Any]:
 
 
 def _rfc3339(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat().replace("+00:00", "Z")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))

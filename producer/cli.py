@@ -172,14 +172,14 @@ def submit(inputs, model, max_tokens, temperature, top_p, seed, max_line_bytes, 
 def retry(batch_id, outcomes, priority, redis_url, as_json):
     """Run an ended batch's failed requests again, as a new batch (same custom_ids, model and output dir;
     metadata retry_of=BATCH_ID). Prints its id."""
-    from batchgen.producer.client import RETRIED_OUTCOMES
+    from batchgen.producer.client import RETRIED
 
     client = client_for(redis_url)
-    result, num_unstored = client.retry(batch_id, outcomes or RETRIED_OUTCOMES, priority)
+    result, num_unstored = client.retry(batch_id, outcomes or RETRIED, priority)
     if num_unstored:
         click.echo(f"skipped: {num_unstored} request(s) rejected at submit have nothing stored to run again", err=True)
     if result.batch is None:
-        fail(as_json, "nothing_to_retry", f"batch {batch_id} has no {'/'.join(outcomes or RETRIED_OUTCOMES)} "
+        fail(as_json, "nothing_to_retry", f"batch {batch_id} has no {'/'.join(outcomes or RETRIED)} "
              "request to run again", EXIT_INVALID)
     emit(as_json, with_idle_warning(client, result.batch), result.batch.id)
 

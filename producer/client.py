@@ -46,7 +46,7 @@ class BatchNotFound(LookupError):
     pass
 
 
-RETRIED_OUTCOMES = ("errored", "expired", "cancelled")
+RETRIED = ("errored", "expired", "cancelled")
 
 
 class BatchNotEnded(ValueError):
@@ -143,7 +143,7 @@ class BatchClient:
             self.store.discard(batch.id)
         return result
 
-    def retry(self, batch_id: str, outcomes: Collection[str] = RETRIED_OUTCOMES,
+    def retry(self, batch_id: str, outcomes: Collection[str] = RETRIED,
               priority: str | None = None) -> tuple[SubmitResult, int]:
         """A new batch of an ended batch's requests whose outcome is one of outcomes (same custom_ids, model,
         output dir and metadata, with retry_of); also how many such requests had nothing stored to run again
