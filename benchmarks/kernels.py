@@ -54,6 +54,8 @@ ATTENTION_CONFIGS = [(32, 4, 2), (128, 4, 2), (64, 8, 3)]  # (block_n, num_warps
 # fp8 K/V alone: its tiles carry half the bytes (2.0-2.4 TB/s at the default launch): deeper pipelines, fewer warps,
 # longer tiles, more splits
 FP8_CONFIGS = [(64, 4, 3), (64, 4, 4), (64, 2, 2), (128, 4, 3), (256, 4, 2), (256, 8, 3)]
+INT8_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (64, 8, 3), (32, 4, 2)]
+INT8_MATHS = [("fp16", False), ("fp16", True), ("fp32", False), ("fp32", True)]  # v, p, v32, p32
 GEMV_ROWS = (1, 2, 4, 8, 16)
 GEMV_CONFIGS = [  # (block_n, block_k, split_k, num_warps) besides gemv_config's: a hand sweep
     (16, 256, 1, 4), (16, 256, 2, 4), (32, 256, 1, 4), (32, 256, 2, 4), (32, 256, 4, 4), (32, 512, 1, 4),
@@ -199,14 +201,14 @@ def attention(args, shape: Shape, device: str) -> dict:
              lambda s=splits: row(lambda: decode_attention(q, ki8, vi8, lens, scale, num_splits=s, **int8), "int8"))
     _try(variants, "triton int8, graph",
          lambda: row(lambda: decode_attention(q, ki8, vi8, lens, scale, **int8), "int8", graph=True))
-    _try(variants, "triton int8, V scales in p", lambda: row(
-        lambda: decode_attention(q, ki8, vi8, lens, scale, **int8, scales_in_p=True), "int8")
-        | {"max_abs_err": checked(ki8, vi8, **int8, scales_in_p=True)})
-    for block_n, warps, stages in FP8_CONFIGS:  # int8 tiles carry fp8's bytes (plus a scale a key): the same sweep
-        tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
-        _try(variants, f"triton int8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
-            lambda: decode_attention(q, ki8, vi8, lens, scale, **int8, **t), "int8")
-            | {"max_abs_err": checked(ki8, vi8, **int8, **t)})
+    for math, in_p in INT8_MATHS:  # the V scales' variants (--int8-kv-scales), each at int8's launches
+        for block_n, warps, stages in INT8_CONFIGS:
+            tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, f16_int8=math == "fp16",
+                        scales_in_p=in_p)
+            _try(variants, f"triton int8 {math}, V scales in {'p' if in_p else 'v'}, block_n {block_n}, "
+                           f"warps {warps}, stages {stages}", lambda t=tune: row(
+                lambda: decode_attention(q, ki8, vi8, lens, scale, **int8, **t), "int8")
+                | {"max_abs_err": checked(ki8, vi8, **int8, **t)})
     for splits in sorted({out["default_splits"], 1, 2, 4}):
         _try(variants, f"triton fp16, splits {splits}",
              lambda s=splits: row(lambda: decode_attention(q, k, v, lens, scale, num_splits=s), "fp16"))

@@ -36,6 +36,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-ab  # HF's baselines; bulk int8 again
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-quality  # int8 K/V: drift, kernel
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-final  # after int8kv: HF's baselines; drift
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-fast  # int8 K/V's fp16 path: kernel, bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-kernel  # int8 K/V, V scales in p; kernels
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh small-vram-int8  # 13B under 6 GiB: the streamed
 #                                                                        # outlier kernel against int_mm
@@ -292,6 +293,14 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=150 bulk defaults 1 static-features 0
     run 150 kernels python3 -m benchmarks.kernels --only attention --rows 614 --mean-ctx 360 --max-len 768 \
         --out "$out/kernels"
+    ;;
+  int8kv-fast)  # int8 K/V made fp16 by ALU instructions instead of conversions (its kernel was conversion-bound):
+    # the kernel's variants at the int8 bulk state first (a broken asm shows in max_abs_err), then bulk int8 and the
+    # defaults on the same machine
+    run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 \
+        --out "$out/kernels"
+    BULK_S=200 bulk int8_fast 1 static-features 0 1 int8  # builds the llama7b model
+    BULK_S=160 bulk defaults 1 static-features 0
     ;;
   int8kv-quality)  # int8 K/V's drift on the GPU beside fp8 and fp8v; its kernel at the bulk state against fp16, fp8
     run 200 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --out "$out/quality_kv.json"

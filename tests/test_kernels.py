@@ -533,11 +533,13 @@ def _int8_cache(k: torch.Tensor, v: torch.Tensor):
     return kq, vq, ks.transpose(1, 2).contiguous(), vs.transpose(1, 2).contiguous()
 
 
+@pytest.mark.parametrize("f16_int8", [False, True])
 @pytest.mark.parametrize("scales_in_p", [False, True])
 @pytest.mark.parametrize("splits", [1, 2])
-def test_int8_kv_with_a_scale_per_token_equals_the_dequantised_reference(splits, scales_in_p):
+def test_int8_kv_with_a_scale_per_token_equals_the_dequantised_reference(splits, scales_in_p, f16_int8):
     """--kv-cache-dtype int8: each token's head rounded on its own absmax; the kernel scales a key's score column and
-    a value's row by that token's scale. Within an output ulp of the reference, and within int8 rounding of exact."""
+    a value's row by that token's scale, through float32 or in fp16 (f16_int8: K and V made fp16 exactly, V's scale
+    applied there). Within an output ulp of the reference, and within int8 rounding of exact."""
     k, v = _cache(4, 2, 128, torch.float16)
     v[:, :, 1] *= 8  # heads of different ranges
     k[:, 5] *= 30  # a token far larger than the rest: its scale is its own
@@ -547,7 +549,7 @@ def test_int8_kv_with_a_scale_per_token_equals_the_dequantised_reference(splits,
     assert kq.dtype == torch.int8 and ks.shape == (4, 2, MAX_LEN)
     ref = decode_attention_reference(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs)
     out = decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs, num_splits=splits,
-                           scales_in_p=scales_in_p)
+                           scales_in_p=scales_in_p, f16_int8=f16_int8)
     ulp = 2.0**-10 * ref.float().abs().amax(dim=-1, keepdim=True)  # V (or p) rounded to fp16 before the product
     assert ((out.float() - ref.float()).abs() <= 2 * ulp + 1e-3).all()
     exact = decode_attention_reference(q, k, v, lengths, 128**-0.5)
@@ -572,6 +574,10 @@ def test_the_engines_int8_v_scales_choose_the_kernels_variant(monkeypatch, demo_
     run = {flag: decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs, scales_in_p=flag)
            for flag in (False, True)}
     assert not torch.equal(run[False], run[True])
+    through_f32 = decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs, f16_int8=False)
+    assert not torch.equal(run[False], through_f32)  # the default scales V in fp16
+    monkeypatch.setattr(attention, "INT8_V_SCALES", "v32")
+    assert torch.equal(decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs), through_f32)
     monkeypatch.setattr(attention, "INT8_V_SCALES", "v")
     build_llm_engine(EngineConfig(model=str(demo_model_dir), int8_kv_scales="p"))
     assert attention.INT8_V_SCALES == "p"

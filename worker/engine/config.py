@@ -19,6 +19,7 @@ HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8v", "int8")
 KV_LAYOUTS = ("paged", "slots")
 COMPILE_SHAPES = ("dynamic", "static-features")  # kernels/compiled.py
+INT8_KV_SCALES = ("v", "p", "v32", "p32")  # EngineConfig.int8_kv_scales: kernels/attention.py's INT8_V_SCALES
 TASKS = ("auto", "generate", "embed")  # what the model does with a request (task.py decides auto)
 
 
@@ -72,8 +73,8 @@ class EngineConfig:
     # int8 kernel launches benchmarks.int8_tune measured best on this GPU model (kernels/tuned/<device>.json), where
     # a table holds the shape; off: every kernel keeps its default launch
     tuned_kernels: bool = True
-    # an int8 KV cache's V scales in the Triton decode attention: "v" on each V element, "p" on the softmax weights
-    # (kernels/attention.py; benchmarks.kernels times both)
+    # an int8 KV cache's V scales in the Triton decode attention: "v" on each V element, "p" on the softmax weights,
+    # in fp16; "v32"/"p32" the same through float32 (kernels/attention.py; benchmarks.kernels times them)
     int8_kv_scales: str = "v"
     # how the fused and int8 elementwise functions compile (kernels/compiled.py): "static-features" (only the
     # token/row dimensions symbolic: the measured faster one) or "dynamic" (every dimension symbolic)
@@ -117,8 +118,8 @@ class EngineConfig:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.int8_rotate not in INT8_ROTATE:
             raise ValueError(f"int8_rotate must be one of {INT8_ROTATE}, got {self.int8_rotate!r}")
-        if self.int8_kv_scales not in ("v", "p"):
-            raise ValueError(f"int8_kv_scales must be 'v' or 'p', got {self.int8_kv_scales!r}")
+        if self.int8_kv_scales not in INT8_KV_SCALES:
+            raise ValueError(f"int8_kv_scales must be one of {INT8_KV_SCALES}, got {self.int8_kv_scales!r}")
         if self.compile_shapes not in COMPILE_SHAPES:
             raise ValueError(f"compile_shapes must be one of {COMPILE_SHAPES}, got {self.compile_shapes!r}")
         if self.task not in TASKS:

@@ -29,13 +29,32 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per inner step
 # How an int8 cache's V scales apply when a call does not say (process-wide, set from the engine's config as
-# tuned.ENABLED is): "v" multiplies each V element, "p" the softmax weights (scales_in_p).
+# tuned.ENABLED is): "v" multiplies each V element, "p" the softmax weights (scales_in_p); both in fp16 after an
+# exact conversion, or with "32" (v32, p32) through float32 as the first kernel did (f16_int8=False).
 INT8_V_SCALES = "v"
 MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _int8_to_f16(x, ASM: tl.constexpr):
+        """int8 -> fp16, exact. ASM: four values a time in five ALU instructions instead of four conversions (a
+        quarter-rate unit on the SMs, which bounds an int8 cache's kernel): each byte, its sign bit flipped, under
+        an 0x64 high byte is the fp16 1024 + x + 128, and 1152 is subtracted (FasterTransformer's conversion)."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                "{\n.reg .b32 b, lo, hi, m;\n"
+                "xor.b32 b, $2, 0x80808080;\n"
+                "prmt.b32 lo, b, 0x64646464, 0x4140;\n"
+                "prmt.b32 hi, b, 0x64646464, 0x4342;\n"
+                "mov.b32 m, 0x64806480;\n"
+                "sub.f16x2 $0, lo, m;\n"
+                "sub.f16x2 $1, hi, m;\n}",
+                "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+        else:
+            return x.to(tl.float16)
 
     @triton.jit
     def _split_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, MidLse, Out,
@@ -45,7 +64,7 @@ if HAS_TRITON:
                       GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr,
                       HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, TOKEN_SCALES: tl.constexpr,
-                      SCALES_IN_P: tl.constexpr):
+                      SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -91,6 +110,8 @@ if HAS_TRITON:
             k = tl.load(k_ptr[None, :] + d[:, None], mask=d_mask[:, None] & t_mask[None, :], other=0.0)
             if DOT_F32:
                 s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * s_scale
+            elif F16_INT8:
+                s = tl.dot(q, _int8_to_f16(k, ASM_CVT)) * s_scale
             else:
                 s = tl.dot(q, k.to(q.dtype)) * s_scale
             if TOKEN_SCALES:  # laid out as the keys: [rows or blocks, kv_heads, tokens]
@@ -107,7 +128,15 @@ if HAS_TRITON:
             p = tl.exp2(s - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr[:, None] + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
-            if TOKEN_SCALES and SCALES_IN_P:  # p · scale / the block's largest scale (in [0, 1]: no fp16 subnormals
+            if F16_INT8:  # V exact in fp16, its scale applied there: no conversion through float32
+                v = _int8_to_f16(v, ASM_CVT)
+                if SCALES_IN_P:
+                    top = tl.max(vs, 0)
+                    top = tl.where(top > 0.0, top, 1.0)
+                    acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(tl.float16), v) * top
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v * vs.to(tl.float16)[:, None])
+            elif TOKEN_SCALES and SCALES_IN_P:  # p · scale / the block's largest scale (in [0, 1]: no fp16 subnormals
                 top = tl.max(vs, 0)  # for the weights that matter), the product times that largest scale after
                 top = tl.where(top > 0.0, top, 1.0)
                 pv = p * (vs / top)[None, :]
@@ -191,7 +220,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      v_scale: torch.Tensor | float | None = None, cache_rows: torch.Tensor | None = None,
                      block_table: torch.Tensor | None = None, num_splits: int | None = None,
                      out: torch.Tensor | None = None, block_n: int = BLOCK_N, num_warps: int = 4,
-                     num_stages: int = 2, scales_in_p: bool | None = None) -> torch.Tensor:
+                     num_stages: int = 2, scales_in_p: bool | None = None,
+                     f16_int8: bool | None = None) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype, float8_e4m3fn or int8), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
@@ -204,7 +234,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_n / num_warps / num_stages: keys per inner step and the launch's tuning (a power of two >= 16).
     scales_in_p: an int8 cache's V scales multiply the softmax weights (normalised by the block's largest) instead of
     each V element: fewer multiplies a block, the same result within fp16 rounding (benchmarks.kernels times both);
-    None: as INT8_V_SCALES says."""
+    None: as INT8_V_SCALES says.
+    f16_int8: an int8 cache's K and V become fp16 exactly (on CUDA by ALU instructions rather than conversions) and
+    their scales apply in fp16; False: through float32. None: as INT8_V_SCALES says (fp16 unless it ends in 32).
+    An fp16 q only: bf16 takes the float32 path."""
     n, num_heads, head_dim = q.shape
     rows, max_len, num_kv_heads, _ = k_cache.shape
     if block_table is not None:
@@ -247,7 +280,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         scale * _LOG2E, GROUP=group, BLOCK_H=block_h, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         NUM_SPLITS=splits, HAS_ROWS=cache_rows is not None, HAS_BLOCKS=block_table is not None,
         DOT_F32=interpreting() and q.dtype == torch.bfloat16,  # Triton's interpreter multiplies bf16 bits as integers
-        TOKEN_SCALES=token_scales, SCALES_IN_P=INT8_V_SCALES == "p" if scales_in_p is None else scales_in_p,
+        TOKEN_SCALES=token_scales,
+        SCALES_IN_P=INT8_V_SCALES.startswith("p") if scales_in_p is None else scales_in_p,
+        F16_INT8=token_scales and q.dtype == torch.float16 and (
+            not INT8_V_SCALES.endswith("32") if f16_int8 is None else f16_int8),
+        ASM_CVT=not interpreting(),
         num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out
