@@ -303,7 +303,13 @@ def test_kernels_compile_for_hopper():
                              "dequantize", "int8 gemm", "int8 gemm 256x128", "int8 gemm 256x128 dense",
                              "int8 gemm 256x64", "int8 gemm 256x64 dense", "gemv 1 row", "gemv 16 rows",
                              "kv store fp16", "kv store fp8", "rope", "split int8", "one split paged int8",
-                             "one split paged int8 scales in p", "kv store int8"}
+                             "one split paged int8 scales in p", "one split paged int8 f32",
+                             "one split paged int8 f32 scales in p", "kv store int8"}
+    # the int8 cache's fp16 path converts by byte permutes (none of the quarter-rate s8 conversions), the
+    # float32 path by conversions
+    for name in ("split int8", "one split paged int8", "one split paged int8 scales in p"):
+        assert compiled[name]["prmt"] > 0 and compiled[name]["cvt_from_s8"] == 0, (name, compiled[name])
+    assert all(compiled[f"one split paged int8 f32{p}"]["cvt_from_s8"] > 0 for p in ("", " scales in p"))
     assert compiled["rope"]["vectorised"]
     assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8"))
     assert compiled["kv store fp8"]["div_rn"] and compiled["kv store int8"]["div_rn"]  # the quantising stores

@@ -60,7 +60,9 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                                     ("one split paged fp16", "*fp16", True, 1),
                                     ("one split paged fp8", "*fp8e4nv", True, 1),
                                     ("split int8", "*i8", False, 2), ("one split paged int8", "*i8", True, 1),
-                                    ("one split paged int8 scales in p", "*i8", True, 1)):
+                                    ("one split paged int8 scales in p", "*i8", True, 1),
+                                    ("one split paged int8 f32", "*i8", True, 1),
+                                    ("one split paged int8 f32 scales in p", "*i8", True, 1)):
         k = build(attention._split_kernel, arch, {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32",
                                                   "CacheRows": "*i32", "BlockTable": "*i32", "KScale": "*fp32",
                                                   "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32",
@@ -68,9 +70,13 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                   SPLIT_INTS, ["qk_scale"], dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64,
                                                  NUM_SPLITS=splits, HAS_ROWS=not paged, HAS_BLOCKS=paged,
                                                  DOT_F32=False, TOKEN_SCALES=kv == "*i8",
-                                                 SCALES_IN_P=name.endswith("in p")),
+                                                 SCALES_IN_P=name.endswith("in p"),
+                                                 F16_INT8=kv == "*i8" and "f32" not in name, ASM_CVT=True),
                   num_warps=4, num_stages=2)
         out[name] = {"shared_bytes": k.metadata.shared}
+        if kv == "*i8":  # fp16 from int8 by byte permutes, not conversion instructions (f32: the float32 path's)
+            ptx = k.asm["ptx"]
+            out[name] |= {"prmt": ptx.count("prmt.b32"), "cvt_from_s8": ptx.count(".s8")}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
               ["stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh"], [],
               dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=3, BLOCK_S=4), num_warps=4)
