@@ -37,6 +37,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-quality  # int8 K/V: drift, kernel
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-final  # after int8kv: HF's baselines; drift
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-fast  # int8 K/V's fp16 path: kernel, bulk
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-fast-final  # its drift; HF; profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-kernel  # int8 K/V, V scales in p; kernels
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh small-vram-int8  # 13B under 6 GiB: the streamed
 #                                                                        # outlier kernel against int_mm
@@ -301,6 +302,12 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
         --out "$out/kernels"
     BULK_S=200 bulk int8_fast 1 static-features 0 1 int8  # builds the llama7b model
     BULK_S=160 bulk defaults 1 static-features 0
+    ;;
+  int8kv-fast-final)  # right after int8kv-fast on the same machine: the fp16 path's drift (#20's bounds), HF's
+    # baselines (the 3x goal), a decode step at the int8 bulk state (614 rows)
+    run 200 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --out "$out/quality_kv.json"
+    run 270 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
+    profile int8_state "kv_cache_dtype=int8" --rows 614 --prompt 352 --max-model-len 416
     ;;
   int8kv-quality)  # int8 K/V's drift on the GPU beside fp8 and fp8v; its kernel at the bulk state against fp16, fp8
     run 200 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --out "$out/quality_kv.json"
