@@ -56,6 +56,8 @@ ATTENTION_CONFIGS = [(32, 4, 2), (128, 4, 2), (64, 8, 3)]  # (block_n, num_warps
 FP8_CONFIGS = [(64, 4, 3), (64, 4, 4), (64, 2, 2), (128, 4, 3), (256, 4, 2), (256, 8, 3)]
 INT8_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (64, 8, 3), (32, 4, 2)]
 INT8_MATHS = [("fp16", False), ("fp16", True), ("fp32", False), ("fp32", True)]  # v, p, v32, p32
+PAGED_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 4, 2),
+                 (256, 4, 3), (256, 8, 3)]
 GEMV_ROWS = (1, 2, 4, 8, 16)
 GEMV_CONFIGS = [  # (block_n, block_k, split_k, num_warps) besides gemv_config's: a hand sweep
     (16, 256, 1, 4), (16, 256, 2, 4), (32, 256, 1, 4), (32, 256, 2, 4), (32, 256, 4, 4), (32, 512, 1, 4),
@@ -209,6 +211,48 @@ def attention(args, shape: Shape, device: str) -> dict:
                            f"warps {warps}, stages {stages}", lambda t=tune: row(
                 lambda: decode_attention(q, ki8, vi8, lens, scale, **int8, **t), "int8")
                 | {"max_abs_err": checked(ki8, vi8, **int8, **t)})
+    # the engine's paged cache: 64-token blocks behind a block table, the blocks shuffled over the pool
+    page = 64 if max_len % 64 == 0 else 32  # (--smoke's max_len: 96)
+    if max_len % page == 0:
+        blocks_per_row = max_len // page
+        perm = torch.randperm(rows * blocks_per_row, generator=g, device=device)
+        table = perm.view(rows, blocks_per_row).to(torch.int32)
+
+        def paged(x):  # [rows, max_len, ...] -> [blocks, page, ...] with row r's block j at table[r, j]
+            pool = torch.empty_like(x).view(rows * blocks_per_row, page, *x.shape[2:])
+            pool[perm] = x.view(rows * blocks_per_row, page, *x.shape[2:])
+            return pool
+
+        def paged_scales(sc):  # [rows, kv_heads, max_len] -> [blocks, kv_heads, page]
+            by_block = sc.view(rows, kv_heads, blocks_per_row, page).permute(0, 2, 1, 3).reshape(-1, kv_heads, page)
+            pool = torch.empty_like(by_block)
+            pool[perm] = by_block
+            return pool
+
+        kp, vp, kip, vip = paged(k), paged(v), paged(ki8), paged(vi8)
+        int8_paged = dict(k_scale=paged_scales(int8["k_scale"]), v_scale=paged_scales(int8["v_scale"]))
+        check_rows = perm.new_tensor(range(min(rows, 32)))
+        ref16 = decode_attention_reference(q[check], k[check], v[check], lens[check], scale)
+        ref8 = decode_attention_reference(q[check], ki8[check], vi8[check], lens[check], scale, **{
+            n: t[check] for n, t in int8.items()})
+
+        def paged_err(kc, vc, ref, **kw) -> float:
+            got = decode_attention(q, kc, vc, lens, scale, block_table=table, **kw)[check_rows]
+            return round(float((got.float() - ref.float()).abs().max()), 5)
+
+        for block_n, warps, stages in PAGED_CONFIGS:
+            tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+            _try(variants, f"paged fp16, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+                lambda: decode_attention(q, kp, vp, lens, scale, block_table=table, **t), "fp16")
+                | {"max_abs_err": paged_err(kp, vp, ref16, **t)})
+            _try(variants, f"paged int8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+                lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t), "int8")
+                | {"max_abs_err": paged_err(kip, vip, ref8, **int8_paged, **t)})
+        _try(variants, "paged int8, the default launch", lambda: row(
+            lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged), "int8"))
+        _try(variants, "paged fp16, the default launch", lambda: row(
+            lambda: decode_attention(q, kp, vp, lens, scale, block_table=table), "fp16"))
+        del kp, vp, kip, vip
     for splits in sorted({out["default_splits"], 1, 2, 4}):
         _try(variants, f"triton fp16, splits {splits}",
              lambda s=splits: row(lambda: decode_attention(q, k, v, lens, scale, num_splits=s), "fp16"))

@@ -38,6 +38,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-final  # after int8kv: HF's baselines; drift
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-fast  # int8 K/V's fp16 path: kernel, bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-fast-final  # its drift; HF; profile
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-paged  # int8 K/V, several blocks a step
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-kernel  # int8 K/V, V scales in p; kernels
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh small-vram-int8  # 13B under 6 GiB: the streamed
 #                                                                        # outlier kernel against int_mm
@@ -301,6 +302,13 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 \
         --out "$out/kernels"
     BULK_S=200 bulk int8_fast 1 static-features 0 1 int8  # builds the llama7b model
+    BULK_S=160 bulk defaults 1 static-features 0
+    ;;
+  int8kv-paged)  # int8 K/V's kernel over the engine's paged cache (1.18 ms a layer at 614 rows in the profile,
+    # 1.6 TB/s): several blocks an inner step, a deeper pipeline (INT8_LAUNCH); bulk int8, then the defaults
+    run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 \
+        --out "$out/kernels"
+    BULK_S=200 bulk int8_paged 1 static-features 0 1 int8  # builds the llama7b model
     BULK_S=160 bulk defaults 1 static-features 0
     ;;
   int8kv-fast-final)  # right after int8kv-fast on the same machine: the fp16 path's drift (#20's bounds), HF's

@@ -485,7 +485,14 @@ def test_the_kernel_benchmark_smoke_runs_every_triton_attention_variant(tmp_path
     assert proc.returncode == 0, proc.stdout + proc.stderr
     variants = json.loads(out.read_text())["attention"]["variants"]
     triton = {name: v for name, v in variants.items() if name.startswith("triton") and "graph" not in name}
-    assert sum("block_n" in name for name in triton) == 18 and all("error" not in v for v in triton.values()), triton
+    from benchmarks.kernels import ATTENTION_CONFIGS, FP8_CONFIGS, INT8_CONFIGS, INT8_MATHS, PAGED_CONFIGS
+
+    launches = 2 * len(ATTENTION_CONFIGS) + len(FP8_CONFIGS) + len(INT8_MATHS) * len(INT8_CONFIGS)
+    assert sum("block_n" in name for name in triton) == launches and all("error" not in v for v in triton.values()), \
+        triton
+    paged = {name: v for name, v in variants.items() if name.startswith("paged")}
+    assert len(paged) == 2 * len(PAGED_CONFIGS) + 2 and all("error" not in v for v in paged.values()), paged
+    assert all(v["max_abs_err"] < 1e-3 for v in paged.values() if "max_abs_err" in v)
     assert all(v["max_abs_err"] < 1e-3 for name, v in triton.items() if "max_abs_err" in v)
 
 
@@ -594,7 +601,8 @@ def test_the_engines_int8_v_scales_choose_the_kernels_variant(monkeypatch, demo_
 
 def test_int8_kv_in_blocks_reads_each_rows_blocks_as_the_slot_cache():
     """A paged int8 cache (64-token blocks behind a block table, scales [blocks, kv_heads, 64]) written by store_kv's
-    Triton launch gives the slot cache's output: the same values and scales at each row's blocks."""
+    Triton launch gives the slot cache's output: the same values and scales at each row's blocks, read one block
+    an inner step or several (block_n a multiple of the block size), as a paged fp16 cache is."""
     from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
 
     k, v = _cache(4, 2, 64, torch.float16, seed=9)
@@ -612,8 +620,19 @@ def test_int8_kv_in_blocks_reads_each_rows_blocks_as_the_slot_cache():
     slot_ref = decode_attention_reference(q, kq, vq, lengths, 0.125, k_scale=ks, v_scale=vs)
     paged_ref = decode_attention_reference(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table)
     assert torch.equal(paged_ref, slot_ref)  # the store quantised as quantize_kv_int8, into the right slots
-    out = decode_attention(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table, num_splits=2)
-    _close(out, paged_ref, torch.float16)
+    for block_n in (64, 128, 256):  # one block a step, or several, each key at its own block (128: the default)
+        out = decode_attention(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table, num_splits=2,
+                               block_n=block_n)
+        _close(out, paged_ref, torch.float16)
+    fp16_cache = (torch.zeros(7, 64, 2, 64, dtype=torch.float16), torch.zeros(7, 64, 2, 64, dtype=torch.float16))
+    for cache, x in zip(fp16_cache, (k, v)):
+        store_kv(cache, slots, x.reshape(-1, 2, 64)[keep], triton_kernel=True)
+    fp16_ref = decode_attention_reference(q, k, v, lengths, 0.125)
+    for block_n in (64, 128):
+        _close(decode_attention(q, *fp16_cache, lengths, 0.125, block_table=table, block_n=block_n), fp16_ref,
+               torch.float16)
+    with pytest.raises(ValueError, match="multiple"):
+        decode_attention(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table, block_n=96)
 
 
 @pytest.mark.parametrize("triton_kernel", [True, False])

@@ -33,6 +33,10 @@ BLOCK_N = 64  # keys per inner step
 # exact conversion, or with "32" (v32, p32) through float32 as the first kernel did (f16_int8=False).
 INT8_V_SCALES = "v"
 MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
+# (block_n, num_warps, num_stages) when a call does not say. An int8 tile carries half fp16's bytes: a wider block
+# and a deeper pipeline keep as many bytes in flight (benchmarks.kernels times the sweep)
+LAUNCH = (BLOCK_N, 4, 2)
+INT8_LAUNCH = (128, 4, 3)
 
 if HAS_TRITON:
     import triton
@@ -64,7 +68,8 @@ if HAS_TRITON:
                       GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                       BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr,
                       HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, TOKEN_SCALES: tl.constexpr,
-                      SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr):
+                      SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr,
+                      PAGE: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -103,10 +108,14 @@ if HAS_TRITON:
             t_mask = t < end
             k_ptr = k_base + t * stride_kt
             v_ptr = v_base + t * stride_vt
-            if HAS_BLOCKS:  # start is a multiple of BLOCK_N: this step's keys are one whole block
-                page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // BLOCK_N).to(tl.int64)
-                k_ptr = k_base + page * stride_kr + (t - block) * stride_kt
-                v_ptr = v_base + page * stride_vr + (t - block) * stride_vt
+            if HAS_BLOCKS:  # start is a multiple of BLOCK_N, itself a multiple of PAGE: whole blocks of the cache
+                if PAGE == BLOCK_N:  # one block a step
+                    page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // PAGE).to(tl.int64)
+                else:  # BLOCK_N // PAGE blocks a step: each key's own
+                    page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + t // PAGE, mask=t_mask,
+                                   other=0).to(tl.int64)
+                k_ptr = k_base + page * stride_kr + (t % PAGE) * stride_kt
+                v_ptr = v_base + page * stride_vr + (t % PAGE) * stride_vt
             k = tl.load(k_ptr[None, :] + d[:, None], mask=d_mask[:, None] & t_mask[None, :], other=0.0)
             if DOT_F32:
                 s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * s_scale
@@ -116,7 +125,7 @@ if HAS_TRITON:
                 s = tl.dot(q, k.to(q.dtype)) * s_scale
             if TOKEN_SCALES:  # laid out as the keys: [rows or blocks, kv_heads, tokens]
                 if HAS_BLOCKS:
-                    at = page * stride_sr + kv_head * stride_sh + (t - block)
+                    at = page * stride_sr + kv_head * stride_sh + (t % PAGE)
                 else:
                     at = cache_row.to(tl.int64) * stride_sr + kv_head * stride_sh + t
                 ks = tl.load(KScale + at, mask=t_mask, other=0.0)
@@ -219,8 +228,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      scale: float, *, k_scale: torch.Tensor | float | None = None,
                      v_scale: torch.Tensor | float | None = None, cache_rows: torch.Tensor | None = None,
                      block_table: torch.Tensor | None = None, num_splits: int | None = None,
-                     out: torch.Tensor | None = None, block_n: int = BLOCK_N, num_warps: int = 4,
-                     num_stages: int = 2, scales_in_p: bool | None = None,
+                     out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None, scales_in_p: bool | None = None,
                      f16_int8: bool | None = None) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype, float8_e4m3fn or int8), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
@@ -231,7 +240,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_table [rows, max_blocks] int32: a paged cache, k/v_cache [num_blocks, block_size, kv_heads, head_dim]
     (block_size is the kernel's block_n): key t of cache row r lives in block block_table[r, t // block_size].
     num_splits: default num_kv_splits(max_len, n, kv_heads); fix it per captured graph.
-    block_n / num_warps / num_stages: keys per inner step and the launch's tuning (a power of two >= 16).
+    block_n / num_warps / num_stages: keys per inner step (a power of two >= 16; over a paged cache a multiple of
+    its block size) and the launch's tuning; None: LAUNCH's, or INT8_LAUNCH's for an int8 cache.
     scales_in_p: an int8 cache's V scales multiply the softmax weights (normalised by the block's largest) instead of
     each V element: fewer multiplies a block, the same result within fp16 rounding (benchmarks.kernels times both);
     None: as INT8_V_SCALES says.
@@ -240,8 +250,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     An fp16 q only: bf16 takes the float32 path."""
     n, num_heads, head_dim = q.shape
     rows, max_len, num_kv_heads, _ = k_cache.shape
+    launch = INT8_LAUNCH if k_cache.dtype == torch.int8 else LAUNCH
+    block_n, num_warps, num_stages = (given or default for given, default in zip((block_n, num_warps, num_stages),
+                                                                                 launch))
+    page = block_n
     if block_table is not None:
-        block_n, max_len = max_len, block_table.shape[1] * max_len
+        page, max_len = max_len, block_table.shape[1] * max_len
+        block_n = max(block_n, page)
+        if block_n % page:
+            raise ValueError(f"block_n {block_n} is not a multiple of the cache's {page}-token blocks")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
     if not triton_available(q):
@@ -284,7 +301,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         SCALES_IN_P=INT8_V_SCALES.startswith("p") if scales_in_p is None else scales_in_p,
         F16_INT8=token_scales and q.dtype == torch.float16 and (
             not INT8_V_SCALES.endswith("32") if f16_int8 is None else f16_int8),
-        ASM_CVT=not interpreting(),
+        ASM_CVT=not interpreting(), PAGE=page,
         num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out

@@ -71,7 +71,8 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                                                  NUM_SPLITS=splits, HAS_ROWS=not paged, HAS_BLOCKS=paged,
                                                  DOT_F32=False, TOKEN_SCALES=kv == "*i8",
                                                  SCALES_IN_P=name.endswith("in p"),
-                                                 F16_INT8=kv == "*i8" and "f32" not in name, ASM_CVT=True),
+                                                 F16_INT8=kv == "*i8" and "f32" not in name, ASM_CVT=True,
+                                                 PAGE=32 if paged and kv == "*i8" else 64),
                   num_warps=4, num_stages=2)
         out[name] = {"shared_bytes": k.metadata.shared}
         if kv == "*i8":  # fp16 from int8 by byte permutes, not conversion instructions (f32: the float32 path's)
