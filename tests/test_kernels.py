@@ -625,7 +625,7 @@ def test_int8_kv_in_blocks_reads_each_rows_blocks_as_the_slot_cache():
                                block_n=block_n)
         _close(out, paged_ref, torch.float16)
     fp16_cache = (torch.zeros(7, 64, 2, 64, dtype=torch.float16), torch.zeros(7, 64, 2, 64, dtype=torch.float16))
-    for cache, x in zip(fp16_cache, (k, v)):
+    for cache, x in zip(fp16_cache, (k, v), strict=True):
         store_kv(cache, slots, x.reshape(-1, 2, 64)[keep], triton_kernel=True)
     fp16_ref = decode_attention_reference(q, k, v, lengths, 0.125)
     for block_n in (64, 128):

@@ -252,7 +252,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     rows, max_len, num_kv_heads, _ = k_cache.shape
     launch = INT8_LAUNCH if k_cache.dtype == torch.int8 else LAUNCH
     block_n, num_warps, num_stages = (given or default for given, default in zip((block_n, num_warps, num_stages),
-                                                                                 launch))
+                                                                                 launch, strict=True))
     page = block_n
     if block_table is not None:
         page, max_len = max_len, block_table.shape[1] * max_len
