@@ -67,6 +67,17 @@ GEMM_CONFIGS = [  # (block_m, block_n, block_k, num_warps, num_stages): a hand s
     (64, 128, 128, 4, 4), (32, 128, 256, 4, 3), (64, 64, 256, 4, 3), (128, 128, 128, 8, 3)]
 
 
+def by_block_n(configs: list, smoke: bool) -> list:
+    """The launches to time; under the interpreter (--smoke) the first of each block_n, the only parameter it runs
+    differently (warps and stages are the compiler's)."""
+    if not smoke:
+        return configs
+    first: dict = {}
+    for config in configs:
+        first.setdefault(config[0], config)
+    return list(first.values())
+
+
 def _torch():
     import torch
 
@@ -204,7 +215,7 @@ def attention(args, shape: Shape, device: str) -> dict:
     _try(variants, "triton int8, graph",
          lambda: row(lambda: decode_attention(q, ki8, vi8, lens, scale, **int8), "int8", graph=True))
     for math, in_p in INT8_MATHS:  # the V scales' variants (--int8-kv-scales), each at int8's launches
-        for block_n, warps, stages in INT8_CONFIGS:
+        for block_n, warps, stages in by_block_n(INT8_CONFIGS, args.smoke):
             tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, f16_int8=math == "fp16",
                         scales_in_p=in_p)
             _try(variants, f"triton int8 {math}, V scales in {'p' if in_p else 'v'}, block_n {block_n}, "
@@ -240,7 +251,7 @@ def attention(args, shape: Shape, device: str) -> dict:
             got = decode_attention(q, kc, vc, lens, scale, block_table=table, **kw)[check_rows]
             return round(float((got.float() - ref.float()).abs().max()), 5)
 
-        for block_n, warps, stages in PAGED_CONFIGS:
+        for block_n, warps, stages in by_block_n(PAGED_CONFIGS, args.smoke):
             tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
             _try(variants, f"paged fp16, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
                 lambda: decode_attention(q, kp, vp, lens, scale, block_table=table, **t), "fp16")

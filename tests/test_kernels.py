@@ -487,11 +487,15 @@ def test_the_kernel_benchmark_smoke_runs_every_triton_attention_variant(tmp_path
     triton = {name: v for name, v in variants.items() if name.startswith("triton") and "graph" not in name}
     from benchmarks.kernels import ATTENTION_CONFIGS, FP8_CONFIGS, INT8_CONFIGS, INT8_MATHS, PAGED_CONFIGS
 
-    launches = 2 * len(ATTENTION_CONFIGS) + len(FP8_CONFIGS) + len(INT8_MATHS) * len(INT8_CONFIGS)
+    int8_launches = {config[0] for config in INT8_CONFIGS}  # one per block_n under the interpreter
+    paged_launches = {config[0] for config in PAGED_CONFIGS}
+    assert len(int8_launches) == 3 and len(paged_launches) == 3
+    launches = 2 * len(ATTENTION_CONFIGS) + len(FP8_CONFIGS) + len(INT8_MATHS) * len(int8_launches)
     assert sum("block_n" in name for name in triton) == launches and all("error" not in v for v in triton.values()), \
         triton
     paged = {name: v for name, v in variants.items() if name.startswith("paged")}
-    assert len(paged) == 2 * len(PAGED_CONFIGS) + 2 and all("error" not in v for v in paged.values()), paged
+    assert len(paged) == 2 * len(paged_launches) + 2 and all("error" not in v for v in paged.values()), paged
+    assert {int(name.split("block_n ")[1].split(",")[0]) for name in paged if "block_n" in name} == paged_launches
     assert all(v["max_abs_err"] < 1e-3 for v in paged.values() if "max_abs_err" in v)
     assert all(v["max_abs_err"] < 1e-3 for name, v in triton.items() if "max_abs_err" in v)
 
