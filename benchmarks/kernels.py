@@ -56,6 +56,7 @@ ATTENTION_CONFIGS = [(32, 4, 2), (128, 4, 2), (64, 8, 3)]  # (block_n, num_warps
 FP8_CONFIGS = [(64, 4, 3), (64, 4, 4), (64, 2, 2), (128, 4, 3), (256, 4, 2), (256, 8, 3)]
 INT8_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (64, 8, 3), (32, 4, 2)]
 INT8_MATHS = [("fp16", False), ("fp16", True), ("fp32", False), ("fp32", True)]  # v, p, v32, p32
+EARLY_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
 PAGED_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 4, 2),
                  (256, 4, 3), (256, 8, 3)]
 GEMV_ROWS = (1, 2, 4, 8, 16)
@@ -257,6 +258,11 @@ def attention(args, shape: Shape, device: str) -> dict:
                 lambda: decode_attention(q, kp, vp, lens, scale, block_table=table, **t), "fp16")
                 | {"max_abs_err": paged_err(kp, vp, ref16, **t)})
             _try(variants, f"paged int8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+                lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t), "int8")
+                | {"max_abs_err": paged_err(kip, vip, ref8, **int8_paged, **t)})
+        for block_n, warps, stages in by_block_n(EARLY_CONFIGS, args.smoke):  # int8 converted where it is loaded
+            tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, cvt_early=True)
+            _try(variants, f"paged int8 early, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
                 lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t), "int8")
                 | {"max_abs_err": paged_err(kip, vip, ref8, **int8_paged, **t)})
         _try(variants, "paged int8, the default launch", lambda: row(

@@ -39,6 +39,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-fast  # int8 K/V's fp16 path: kernel, bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-fast-final  # its drift; HF; profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-paged  # int8 K/V, several blocks a step
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-early  # int8 tiles converted where loaded
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-kernel  # int8 K/V, V scales in p; kernels
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh small-vram-int8  # 13B under 6 GiB: the streamed
 #                                                                        # outlier kernel against int_mm
@@ -310,6 +311,11 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
         --out "$out/kernels"
     BULK_S=200 bulk int8_paged 1 static-features 0 1 int8  # builds the llama7b model
     BULK_S=160 bulk defaults 1 static-features 0
+    ;;
+  int8kv-early)  # int8 K/V converted where each tile is loaded (cvt_early: ldmatrix of fp16 instead of the int8
+    # tile read from shared memory a byte at a time): the paged launches against the default, at the int8 bulk state
+    run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 \
+        --out "$out/kernels"
     ;;
   int8kv-fast-final)  # right after int8kv-fast on the same machine: the fp16 path's drift (#20's bounds), HF's
     # baselines (the 3x goal), a decode step at the int8 bulk state (614 rows)

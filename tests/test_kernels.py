@@ -304,12 +304,17 @@ def test_kernels_compile_for_hopper():
                              "int8 gemm 256x64", "int8 gemm 256x64 dense", "gemv 1 row", "gemv 16 rows",
                              "kv store fp16", "kv store fp8", "rope", "split int8", "one split paged int8",
                              "one split paged int8 scales in p", "one split paged int8 f32",
-                             "one split paged int8 f32 scales in p", "kv store int8"}
+                             "one split paged int8 f32 scales in p", "one split paged int8 early", "kv store int8"}
     # the int8 cache's fp16 path converts by byte permutes (none of the quarter-rate s8 conversions), the
     # float32 path by conversions
     for name in ("split int8", "one split paged int8", "one split paged int8 scales in p"):
         assert compiled[name]["prmt"] > 0 and compiled[name]["cvt_from_s8"] == 0, (name, compiled[name])
     assert all(compiled[f"one split paged int8 f32{p}"]["cvt_from_s8"] > 0 for p in ("", " scales in p"))
+    # converted where it was loaded (cvt_early), the fp16 tile reaches the dot by ldmatrix; converted late, the int8
+    # tile is read from shared memory a byte at a time
+    early, late = compiled["one split paged int8 early"], compiled["one split paged int8"]
+    assert early["byte_shared_loads"] == 0 < late["byte_shared_loads"] and early["ldmatrix"] > late["ldmatrix"]
+    assert early["prmt"] > 0 and early["cvt_from_s8"] == 0
     assert compiled["rope"]["vectorised"]
     assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8"))
     assert compiled["kv store fp8"]["div_rn"] and compiled["kv store int8"]["div_rn"]  # the quantising stores
@@ -485,7 +490,14 @@ def test_the_kernel_benchmark_smoke_runs_every_triton_attention_variant(tmp_path
     assert proc.returncode == 0, proc.stdout + proc.stderr
     variants = json.loads(out.read_text())["attention"]["variants"]
     triton = {name: v for name, v in variants.items() if name.startswith("triton") and "graph" not in name}
-    from benchmarks.kernels import ATTENTION_CONFIGS, FP8_CONFIGS, INT8_CONFIGS, INT8_MATHS, PAGED_CONFIGS
+    from benchmarks.kernels import (
+        ATTENTION_CONFIGS,
+        EARLY_CONFIGS,
+        FP8_CONFIGS,
+        INT8_CONFIGS,
+        INT8_MATHS,
+        PAGED_CONFIGS,
+    )
 
     int8_launches = {config[0] for config in INT8_CONFIGS}  # one per block_n under the interpreter
     paged_launches = {config[0] for config in PAGED_CONFIGS}
@@ -494,7 +506,9 @@ def test_the_kernel_benchmark_smoke_runs_every_triton_attention_variant(tmp_path
     assert sum("block_n" in name for name in triton) == launches and all("error" not in v for v in triton.values()), \
         triton
     paged = {name: v for name, v in variants.items() if name.startswith("paged")}
-    assert len(paged) == 2 * len(paged_launches) + 2 and all("error" not in v for v in paged.values()), paged
+    early_launches = {config[0] for config in EARLY_CONFIGS}
+    assert len(paged) == 2 * len(paged_launches) + len(early_launches) + 2
+    assert all("error" not in v for v in paged.values()), paged
     assert {int(name.split("block_n ")[1].split(",")[0]) for name in paged if "block_n" in name} == paged_launches
     assert all(v["max_abs_err"] < 1e-3 for v in paged.values() if "max_abs_err" in v)
     assert all(v["max_abs_err"] < 1e-3 for name, v in triton.items() if "max_abs_err" in v)
@@ -625,9 +639,10 @@ def test_int8_kv_in_blocks_reads_each_rows_blocks_as_the_slot_cache():
     paged_ref = decode_attention_reference(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table)
     assert torch.equal(paged_ref, slot_ref)  # the store quantised as quantize_kv_int8, into the right slots
     for block_n in (64, 128, 256):  # one block a step, or several, each key at its own block (128: the default)
-        out = decode_attention(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table, num_splits=2,
-                               block_n=block_n)
-        _close(out, paged_ref, torch.float16)
+        for early in (False, True):
+            out = decode_attention(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table,
+                                   num_splits=2, block_n=block_n, cvt_early=early)
+            _close(out, paged_ref, torch.float16)
     fp16_cache = (torch.zeros(7, 64, 2, 64, dtype=torch.float16), torch.zeros(7, 64, 2, 64, dtype=torch.float16))
     for cache, x in zip(fp16_cache, (k, v), strict=True):
         store_kv(cache, slots, x.reshape(-1, 2, 64)[keep], triton_kernel=True)

@@ -42,21 +42,25 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    _I8_TO_F16 = tl.constexpr("{\n.reg .b32 b, lo, hi, m;\n"
+                  "xor.b32 b, $2, 0x80808080;\n"
+                  "prmt.b32 lo, b, 0x64646464, 0x4140;\n"
+                  "prmt.b32 hi, b, 0x64646464, 0x4342;\n"
+                  "mov.b32 m, 0x64806480;\n"
+                  "sub.f16x2 $0, lo, m;\n"
+                  "sub.f16x2 $1, hi, m;\n}")
+
     @triton.jit
-    def _int8_to_f16(x, ASM: tl.constexpr):
+    def _int8_to_f16(x, ASM: tl.constexpr, EARLY: tl.constexpr):
         """int8 -> fp16, exact. ASM: four values a time in five ALU instructions instead of four conversions (a
         quarter-rate unit on the SMs, which bounds an int8 cache's kernel): each byte, its sign bit flipped, under
-        an 0x64 high byte is the fp16 1024 + x + 128, and 1152 is subtracted (FasterTransformer's conversion)."""
+        an 0x64 high byte is the fp16 1024 + x + 128, and 1152 is subtracted (FasterTransformer's conversion).
+        EARLY: convert where the tile was loaded (declared impure, so the compiler cannot move the conversion past
+        the layout change to the dot's operand): the fp16 tile then reaches the dot by ldmatrix as an fp16 cache's
+        does, where a pure conversion has the int8 tile read from shared memory a byte at a time."""
         if ASM:
-            return tl.inline_asm_elementwise(
-                "{\n.reg .b32 b, lo, hi, m;\n"
-                "xor.b32 b, $2, 0x80808080;\n"
-                "prmt.b32 lo, b, 0x64646464, 0x4140;\n"
-                "prmt.b32 hi, b, 0x64646464, 0x4342;\n"
-                "mov.b32 m, 0x64806480;\n"
-                "sub.f16x2 $0, lo, m;\n"
-                "sub.f16x2 $1, hi, m;\n}",
-                "=r,=r,r", [x], dtype=tl.float16, is_pure=True, pack=4)
+            return tl.inline_asm_elementwise(_I8_TO_F16, "=r,=r,r", [x], dtype=tl.float16, is_pure=not EARLY,
+                                             pack=4)
         else:
             return x.to(tl.float16)
 
@@ -69,7 +73,7 @@ if HAS_TRITON:
                       BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr,
                       HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, TOKEN_SCALES: tl.constexpr,
                       SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr,
-                      PAGE: tl.constexpr):
+                      PAGE: tl.constexpr, CVT_EARLY: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -120,7 +124,7 @@ if HAS_TRITON:
             if DOT_F32:
                 s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * s_scale
             elif F16_INT8:
-                s = tl.dot(q, _int8_to_f16(k, ASM_CVT)) * s_scale
+                s = tl.dot(q, _int8_to_f16(k, ASM_CVT, CVT_EARLY)) * s_scale
             else:
                 s = tl.dot(q, k.to(q.dtype)) * s_scale
             if TOKEN_SCALES:  # laid out as the keys: [rows or blocks, kv_heads, tokens]
@@ -138,7 +142,7 @@ if HAS_TRITON:
             l_sum = l_sum * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr[:, None] + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
             if F16_INT8:  # V exact in fp16, its scale applied there: no conversion through float32
-                v = _int8_to_f16(v, ASM_CVT)
+                v = _int8_to_f16(v, ASM_CVT, CVT_EARLY)
                 if SCALES_IN_P:
                     top = tl.max(vs, 0)
                     top = tl.where(top > 0.0, top, 1.0)
@@ -230,7 +234,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_table: torch.Tensor | None = None, num_splits: int | None = None,
                      out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, scales_in_p: bool | None = None,
-                     f16_int8: bool | None = None) -> torch.Tensor:
+                     f16_int8: bool | None = None, cvt_early: bool = False) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype, float8_e4m3fn or int8), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
@@ -247,7 +251,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     None: as INT8_V_SCALES says.
     f16_int8: an int8 cache's K and V become fp16 exactly (on CUDA by ALU instructions rather than conversions) and
     their scales apply in fp16; False: through float32. None: as INT8_V_SCALES says (fp16 unless it ends in 32).
-    An fp16 q only: bf16 takes the float32 path."""
+    An fp16 q only: bf16 takes the float32 path.
+    cvt_early: with f16_int8 on CUDA, convert each int8 tile where it was loaded (see _int8_to_f16); the same
+    values (benchmarks.kernels times it)."""
     n, num_heads, head_dim = q.shape
     rows, max_len, num_kv_heads, _ = k_cache.shape
     launch = INT8_LAUNCH if k_cache.dtype == torch.int8 else LAUNCH
@@ -301,7 +307,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         SCALES_IN_P=INT8_V_SCALES.startswith("p") if scales_in_p is None else scales_in_p,
         F16_INT8=token_scales and q.dtype == torch.float16 and (
             not INT8_V_SCALES.endswith("32") if f16_int8 is None else f16_int8),
-        ASM_CVT=not interpreting(), PAGE=page,
+        ASM_CVT=not interpreting(), PAGE=page, CVT_EARLY=cvt_early,
         num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out
