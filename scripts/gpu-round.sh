@@ -313,9 +313,12 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=160 bulk defaults 1 static-features 0
     ;;
   int8kv-early)  # int8 K/V converted where each tile is loaded (cvt_early: ldmatrix of fp16 instead of the int8
-    # tile read from shared memory a byte at a time): the paged launches against the default, at the int8 bulk state
+    # tile read from shared memory a byte at a time): the paged launches against the default, at the int8 bulk state;
+    # bulk int8 with it (--int8-kv-scales v-early), then the defaults
     run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 \
         --out "$out/kernels"
+    BATCHGEN_INT8_KV_SCALES=v-early BULK_S=200 bulk int8_early 1 static-features 0 1 int8  # builds the llama7b model
+    BULK_S=160 bulk defaults 1 static-features 0
     ;;
   int8kv-fast-final)  # right after int8kv-fast on the same machine: the fp16 path's drift (#20's bounds), HF's
     # baselines (the 3x goal), a decode step at the int8 bulk state (614 rows)

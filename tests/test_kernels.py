@@ -615,6 +615,22 @@ def test_the_engines_int8_v_scales_choose_the_kernels_variant(monkeypatch, demo_
     assert torch.equal(decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs), run[True])
     with pytest.raises(ValueError, match="int8_kv_scales"):
         EngineConfig(model="m", int8_kv_scales="q")
+    # "-early": the kernel converts each tile where it is loaded (on CUDA; the interpreter computes the same values)
+    launches, split_kernel = [], attention._split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return split_kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(attention, "_split_kernel", Spy())
+    build_llm_engine(EngineConfig(model=str(demo_model_dir), int8_kv_scales="p-early"))
+    assert torch.equal(decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs), run[True])
+    assert launches[-1]["CVT_EARLY"] and launches[-1]["SCALES_IN_P"] and launches[-1]["F16_INT8"]
+    decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs, cvt_early=False)
+    assert not launches[-1]["CVT_EARLY"]
 
 
 def test_int8_kv_in_blocks_reads_each_rows_blocks_as_the_slot_cache():

@@ -19,7 +19,8 @@ HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8v", "int8")
 KV_LAYOUTS = ("paged", "slots")
 COMPILE_SHAPES = ("dynamic", "static-features")  # kernels/compiled.py
-INT8_KV_SCALES = ("v", "p", "v32", "p32")  # EngineConfig.int8_kv_scales: kernels/attention.py's INT8_V_SCALES
+# EngineConfig.int8_kv_scales: kernels/attention.py's INT8_V_SCALES
+INT8_KV_SCALES = ("v", "p", "v32", "p32", "v-early", "p-early")
 TASKS = ("auto", "generate", "embed")  # what the model does with a request (task.py decides auto)
 
 
@@ -74,7 +75,8 @@ class EngineConfig:
     # a table holds the shape; off: every kernel keeps its default launch
     tuned_kernels: bool = True
     # an int8 KV cache's V scales in the Triton decode attention: "v" on each V element, "p" on the softmax weights,
-    # in fp16; "v32"/"p32" the same through float32 (kernels/attention.py; benchmarks.kernels times them)
+    # in fp16; "v32"/"p32" the same through float32; "v-early"/"p-early" in fp16 with each tile converted where it
+    # is loaded (cvt_early) (kernels/attention.py; benchmarks.kernels times them)
     int8_kv_scales: str = "v"
     # how the fused and int8 elementwise functions compile (kernels/compiled.py): "static-features" (only the
     # token/row dimensions symbolic: the measured faster one) or "dynamic" (every dimension symbolic)

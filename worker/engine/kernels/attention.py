@@ -30,7 +30,8 @@ _LOG2E = 1.4426950408889634
 BLOCK_N = 64  # keys per inner step
 # How an int8 cache's V scales apply when a call does not say (process-wide, set from the engine's config as
 # tuned.ENABLED is): "v" multiplies each V element, "p" the softmax weights (scales_in_p); both in fp16 after an
-# exact conversion, or with "32" (v32, p32) through float32 as the first kernel did (f16_int8=False).
+# exact conversion, or with "32" (v32, p32) through float32 as the first kernel did (f16_int8=False), or with
+# "-early" (v-early, p-early) converted where each tile is loaded (cvt_early).
 INT8_V_SCALES = "v"
 MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # (block_n, num_warps, num_stages) when a call does not say. An int8 tile carries half fp16's bytes: a wider block
@@ -234,7 +235,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_table: torch.Tensor | None = None, num_splits: int | None = None,
                      out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, scales_in_p: bool | None = None,
-                     f16_int8: bool | None = None, cvt_early: bool = False) -> torch.Tensor:
+                     f16_int8: bool | None = None, cvt_early: bool | None = None) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype, float8_e4m3fn or int8), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
@@ -253,7 +254,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     their scales apply in fp16; False: through float32. None: as INT8_V_SCALES says (fp16 unless it ends in 32).
     An fp16 q only: bf16 takes the float32 path.
     cvt_early: with f16_int8 on CUDA, convert each int8 tile where it was loaded (see _int8_to_f16); the same
-    values (benchmarks.kernels times it)."""
+    values (benchmarks.kernels times it). None: as INT8_V_SCALES says (its "-early" variants)."""
     n, num_heads, head_dim = q.shape
     rows, max_len, num_kv_heads, _ = k_cache.shape
     launch = INT8_LAUNCH if k_cache.dtype == torch.int8 else LAUNCH
@@ -307,7 +308,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         SCALES_IN_P=INT8_V_SCALES.startswith("p") if scales_in_p is None else scales_in_p,
         F16_INT8=token_scales and q.dtype == torch.float16 and (
             not INT8_V_SCALES.endswith("32") if f16_int8 is None else f16_int8),
-        ASM_CVT=not interpreting(), PAGE=page, CVT_EARLY=cvt_early,
+        ASM_CVT=not interpreting(), PAGE=page,
+        CVT_EARLY=INT8_V_SCALES.endswith("-early") if cvt_early is None else cvt_early,
         num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out
