@@ -3,7 +3,7 @@
 Cache layout is the runner's per layer: slots k/v [rows, max_len, kv_heads, head_dim], query row i reading
 cache row i (or cache_rows[i]) and its first seq_lens[i] keys; or blocks k/v [num_blocks, BLOCK_N, kv_heads,
 head_dim] with a block table [rows, max_blocks]: key t of cache row r is block_table[r, t // BLOCK_N], slot
-t % BLOCK_N (one inner step reads one block). Stage one: one program per (row, kv head, split)
+t % BLOCK_N (one inner step reads block_n // BLOCK_N blocks, each key at its own). Stage one: one program per (row, kv head, split)
 runs every query head of that KV group against its share of the row's keys (GQA without copying K/V) and
 writes a partial output and its log-sum-exp; stage two merges the splits (at one split, as large batches have,
 stage one writes the output and no merge runs). The grid depends only on the row
@@ -44,12 +44,12 @@ if HAS_TRITON:
     import triton.language as tl
 
     _I8_TO_F16 = tl.constexpr("{\n.reg .b32 b, lo, hi, m;\n"
-                  "xor.b32 b, $2, 0x80808080;\n"
-                  "prmt.b32 lo, b, 0x64646464, 0x4140;\n"
-                  "prmt.b32 hi, b, 0x64646464, 0x4342;\n"
-                  "mov.b32 m, 0x64806480;\n"
-                  "sub.f16x2 $0, lo, m;\n"
-                  "sub.f16x2 $1, hi, m;\n}")
+                              "xor.b32 b, $2, 0x80808080;\n"
+                              "prmt.b32 lo, b, 0x64646464, 0x4140;\n"
+                              "prmt.b32 hi, b, 0x64646464, 0x4342;\n"
+                              "mov.b32 m, 0x64806480;\n"
+                              "sub.f16x2 $0, lo, m;\n"
+                              "sub.f16x2 $1, hi, m;\n}")
 
     @triton.jit
     def _int8_to_f16(x, ASM: tl.constexpr, EARLY: tl.constexpr):
@@ -243,7 +243,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     int8 cache, one per token and KV head ([rows or blocks, kv_heads, max_len or block_size] float32).
     cache_rows [n] int32: the cache row of each query row (default: row i reads cache row i).
     block_table [rows, max_blocks] int32: a paged cache, k/v_cache [num_blocks, block_size, kv_heads, head_dim]
-    (block_size is the kernel's block_n): key t of cache row r lives in block block_table[r, t // block_size].
+    (block_n a multiple of block_size): key t of cache row r lives in block block_table[r, t // block_size].
     num_splits: default num_kv_splits(max_len, n, kv_heads); fix it per captured graph.
     block_n / num_warps / num_stages: keys per inner step (a power of two >= 16; over a paged cache a multiple of
     its block size) and the launch's tuning; None: LAUNCH's, or INT8_LAUNCH's for an int8 cache.
