@@ -122,10 +122,10 @@ if HAS_TRITON:
                 k_ptr = k_base + page * stride_kr + (t % PAGE) * stride_kt
                 v_ptr = v_base + page * stride_vr + (t % PAGE) * stride_vt
             k = tl.load(k_ptr[None, :] + d[:, None], mask=d_mask[:, None] & t_mask[None, :], other=0.0)
+            if F16_INT8:  # int8 K exact in fp16 (q's dtype), without conversion instructions
+                k = _int8_to_f16(k, ASM_CVT, CVT_EARLY)
             if DOT_F32:
                 s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * s_scale
-            elif F16_INT8:
-                s = tl.dot(q, _int8_to_f16(k, ASM_CVT, CVT_EARLY)) * s_scale
             else:
                 s = tl.dot(q, k.to(q.dtype)) * s_scale
             if TOKEN_SCALES:  # laid out as the keys: [rows or blocks, kv_heads, tokens]
@@ -142,15 +142,9 @@ if HAS_TRITON:
             p = tl.exp2(s - m_new[:, None])
             l_sum = l_sum * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr[:, None] + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
-            if F16_INT8:  # V exact in fp16, its scale applied there: no conversion through float32
+            if F16_INT8:  # V exact in fp16, its scale applied there (below): no conversion through float32
                 v = _int8_to_f16(v, ASM_CVT, CVT_EARLY)
-                if SCALES_IN_P:
-                    top = tl.max(vs, 0)
-                    top = tl.where(top > 0.0, top, 1.0)
-                    acc = acc * alpha[:, None] + tl.dot((p * (vs / top)[None, :]).to(tl.float16), v) * top
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v * vs.to(tl.float16)[:, None])
-            elif TOKEN_SCALES and SCALES_IN_P:  # p · scale / the block's largest scale (in [0, 1]: no fp16 subnormals
+            if TOKEN_SCALES and SCALES_IN_P:  # p · scale / the block's largest scale (in [0, 1]: no fp16 subnormals
                 top = tl.max(vs, 0)  # for the weights that matter), the product times that largest scale after
                 top = tl.where(top > 0.0, top, 1.0)
                 pv = p * (vs / top)[None, :]
@@ -160,7 +154,9 @@ if HAS_TRITON:
                     pv = tl.dot(pv.to(q.dtype), v.to(q.dtype))
                 acc = acc * alpha[:, None] + pv * top
             else:
-                if TOKEN_SCALES:
+                if F16_INT8:
+                    v = v * vs.to(tl.float16)[:, None]
+                elif TOKEN_SCALES:
                     v = v.to(tl.float32) * vs[:, None]
                 if DOT_F32:
                     acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
