@@ -264,6 +264,15 @@ def attention(args, shape: Shape, device: str) -> dict:
             _try(variants, f"paged int8 early, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
                 lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t), "int8")
                 | {"max_abs_err": paged_err(kip, vip, ref8, **int8_paged, **t)})
+        # the split's block ids read ahead of its loop (the default at 3 stages or more) against read each step
+        for name, tune in (("paged int8, the default launch, ids in the loop", dict(preload=False)),
+                           ("paged fp16, the default launch at 3 stages, ids ahead", dict(num_stages=3)),
+                           ("paged fp16, the default launch at 3 stages, ids in the loop",
+                            dict(num_stages=3, preload=False))):
+            cache, ref, kw = ((kip, vip), ref8, int8_paged) if "int8" in name else ((kp, vp), ref16, {})
+            _try(variants, name, lambda c=cache, r=ref, kw=kw, t=tune: row(
+                lambda: decode_attention(q, *c, lens, scale, block_table=table, **kw, **t), "int8" if kw else "fp16")
+                | {"max_abs_err": paged_err(*c, r, **kw, **t)})
         _try(variants, "paged int8, the default launch", lambda: row(
             lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged), "int8"))
         _try(variants, "paged fp16, the default launch", lambda: row(

@@ -39,6 +39,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-fast  # int8 K/V's fp16 path: kernel, bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-fast-final  # its drift; HF; profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-paged  # int8 K/V, several blocks a step
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-preload  # paged block ids ahead of the loop
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-early  # int8 tiles converted where loaded
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-kernel  # int8 K/V, V scales in p; kernels
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh small-vram-int8  # 13B under 6 GiB: the streamed
@@ -310,6 +311,14 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 \
         --out "$out/kernels"
     BULK_S=200 bulk int8_paged 1 static-features 0 1 int8  # builds the llama7b model
+    BULK_S=160 bulk defaults 1 static-features 0
+    ;;
+  int8kv-preload)  # the paged kernel with each split's block ids read ahead of its loop (the default at 3 stages:
+    # its K/V loads then pipeline as over a slot cache): the kernel sweep at the int8 bulk state (ids ahead against
+    # in the loop), bulk int8 K/V with it, then the defaults
+    run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 \
+        --out "$out/kernels"
+    BULK_S=200 bulk int8 1 static-features 0 1 int8  # builds the llama7b model
     BULK_S=160 bulk defaults 1 static-features 0
     ;;
   int8kv-early)  # int8 K/V converted where each tile is loaded (cvt_early: ldmatrix of fp16 instead of the int8

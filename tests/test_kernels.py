@@ -138,6 +138,40 @@ def test_split_count_comes_from_shapes_and_fills_small_batches():
     assert num_kv_splits(64, 1, 1) == 1
 
 
+def test_a_paged_launch_preloads_a_splits_block_ids_where_it_pipelines_deeper(monkeypatch):
+    """The split's block ids are held ahead of the loop at 3 stages or more (the compiler then pipelines the K/V
+    loads that deep, compile_check asserts it), as many as a split spans rounded up to a power of two; a split past
+    MAX_PRELOAD blocks reads them per step. Every choice gives the reference's output."""
+    from batchgen.worker.engine.kernels import attention
+
+    assert attention.preload_pages(768, 1, 128, 64) == 16  # 12 blocks
+    assert attention.preload_pages(768, 12, 64, 64) == 1
+    assert attention.preload_pages(770, 3, 128, 64) == 8  # 257 keys a split -> three 128-key steps: 6 blocks
+    assert attention.preload_pages(1 << 17, 1, 128, 64) == 0  # 2,048 blocks: past MAX_PRELOAD
+    launches, split_kernel = [], attention._split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return split_kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(attention, "_split_kernel", Spy())
+    g = torch.Generator().manual_seed(4)
+    k, v = (torch.randn(9, 16, 2, 64, generator=g).half() for _ in range(2))
+    q = torch.randn(3, 4, 64, generator=g).half()
+    table = torch.tensor([[3, 1, 4, 0, 0], [8, 2, 6, 5, 7], [1, 0, 0, 0, 0]], dtype=torch.int32)
+    lengths = torch.tensor([40, 80, 9], dtype=torch.int32)
+    ref = decode_attention_reference(q, k, v, lengths, 0.125, block_table=table)
+    for stages, limit, want in ((2, 1024, 0), (3, 1024, 8), (3, 4, 0)):  # 5 blocks of 16 keys at one split
+        monkeypatch.setattr(attention, "MAX_PRELOAD", limit)
+        out = decode_attention(q, k, v, lengths, 0.125, block_table=table, num_splits=1, block_n=16,
+                               num_stages=stages)
+        assert launches[-1]["PRELOAD"] == want
+        _close(out, ref, torch.float16)
+
+
 def test_quantize_rows_equals_int8_linear_bit_for_bit():
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(7, 300, generator=g) * 4).to(torch.float16)
@@ -304,7 +338,9 @@ def test_kernels_compile_for_hopper():
                              "int8 gemm 256x64", "int8 gemm 256x64 dense", "gemv 1 row", "gemv 16 rows",
                              "kv store fp16", "kv store fp8", "rope", "split int8", "one split paged int8",
                              "one split paged int8 scales in p", "one split paged int8 f32",
-                             "one split paged int8 f32 scales in p", "one split paged int8 early", "kv store int8"}
+                             "one split paged int8 f32 scales in p", "one split paged int8 early", "kv store int8",
+                             "paged int8 launch", "paged int8 launch, ids ahead", "paged int8 launch early, ids ahead",
+                             "paged fp16 3 stages", "paged fp16 3 stages, ids ahead"}
     # the int8 cache's fp16 path converts by byte permutes (none of the quarter-rate s8 conversions), the
     # float32 path by conversions
     for name in ("split int8", "one split paged int8", "one split paged int8 scales in p"):
@@ -315,6 +351,13 @@ def test_kernels_compile_for_hopper():
     early, late = compiled["one split paged int8 early"], compiled["one split paged int8"]
     assert early["byte_shared_loads"] == 0 < late["byte_shared_loads"] and early["ldmatrix"] > late["ldmatrix"]
     assert early["prmt"] > 0 and early["cvt_from_s8"] == 0
+    # over the paged cache, block ids read in the loop make each step wait for all of its loads; read ahead of it,
+    # the K/V tiles (16-byte copies) are in flight num_stages - 1 steps ahead, as over a slot cache
+    for launch in ("paged int8 launch", "paged fp16 3 stages"):
+        inline, ahead = compiled[launch], compiled[f"{launch}, ids ahead"]
+        assert inline["loads_in_flight"] == 0 < ahead["loads_in_flight"], (launch, inline, ahead)
+        assert ahead["vector_loads"] > 0 and ahead["shared_bytes"] > inline["shared_bytes"]  # a buffer a stage
+    assert compiled["paged int8 launch early, ids ahead"]["loads_in_flight"] > 0
     assert compiled["rope"]["vectorised"]
     assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8"))
     assert compiled["kv store fp8"]["div_rn"] and compiled["kv store int8"]["div_rn"]  # the quantising stores
@@ -507,7 +550,7 @@ def test_the_kernel_benchmark_smoke_runs_every_triton_attention_variant(tmp_path
         triton
     paged = {name: v for name, v in variants.items() if name.startswith("paged")}
     early_launches = {config[0] for config in EARLY_CONFIGS}
-    assert len(paged) == 2 * len(paged_launches) + len(early_launches) + 2
+    assert len(paged) == 2 * len(paged_launches) + len(early_launches) + 5
     assert all("error" not in v for v in paged.values()), paged
     assert {int(name.split("block_n ")[1].split(",")[0]) for name in paged if "block_n" in name} == paged_launches
     assert all(v["max_abs_err"] < 1e-3 for v in paged.values() if "max_abs_err" in v)
@@ -655,17 +698,17 @@ def test_int8_kv_in_blocks_reads_each_rows_blocks_as_the_slot_cache():
     paged_ref = decode_attention_reference(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table)
     assert torch.equal(paged_ref, slot_ref)  # the store quantised as quantize_kv_int8, into the right slots
     for block_n in (64, 128, 256):  # one block a step, or several, each key at its own block (128: the default)
-        for early in (False, True):
+        for early, preload in ((False, False), (False, True), (True, True)):
             out = decode_attention(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table,
-                                   num_splits=2, block_n=block_n, cvt_early=early)
+                                   num_splits=2, block_n=block_n, cvt_early=early, preload=preload)
             _close(out, paged_ref, torch.float16)
     fp16_cache = (torch.zeros(7, 64, 2, 64, dtype=torch.float16), torch.zeros(7, 64, 2, 64, dtype=torch.float16))
     for cache, x in zip(fp16_cache, (k, v), strict=True):
         store_kv(cache, slots, x.reshape(-1, 2, 64)[keep], triton_kernel=True)
     fp16_ref = decode_attention_reference(q, k, v, lengths, 0.125)
-    for block_n in (64, 128):
-        _close(decode_attention(q, *fp16_cache, lengths, 0.125, block_table=table, block_n=block_n), fp16_ref,
-               torch.float16)
+    for block_n, preload in ((64, False), (64, True), (128, True)):
+        _close(decode_attention(q, *fp16_cache, lengths, 0.125, block_table=table, block_n=block_n,
+                                preload=preload), fp16_ref, torch.float16)
     with pytest.raises(ValueError, match="multiple"):
         decode_attention(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table, block_n=96)
 

@@ -129,9 +129,10 @@ def test_the_triton_kernel_reads_keys_through_a_shuffled_block_table(fp8):
                                            v_scale=v_scale, block_table=table)
     assert torch.equal(paged_ref, slots)  # the same logical K/V
     for splits in (1, 2, 3):
-        out = decode_attention(q, blocks_k, blocks_v, lengths, 0.125, k_scale=k_scale, v_scale=v_scale,
-                               block_table=table, num_splits=splits)
-        torch.testing.assert_close(out.float(), slots.float(), atol=2e-3, rtol=2e-3)
+        for preload in (False, True):  # each step's block ids read in the loop, or the split's all ahead of it
+            out = decode_attention(q, blocks_k, blocks_v, lengths, 0.125, k_scale=k_scale, v_scale=v_scale,
+                                   block_table=table, num_splits=splits, preload=preload)
+            torch.testing.assert_close(out.float(), slots.float(), atol=2e-3, rtol=2e-3)
     blocks_k[SCRATCH_BLOCK], blocks_v[SCRATCH_BLOCK] = 100, -100  # a block no row holds is never read
     again = decode_attention(q, blocks_k, blocks_v, lengths, 0.125, k_scale=k_scale, v_scale=v_scale,
                              block_table=table, num_splits=2)

@@ -3,7 +3,9 @@
 Cache layout is the runner's per layer: slots k/v [rows, max_len, kv_heads, head_dim], query row i reading
 cache row i (or cache_rows[i]) and its first seq_lens[i] keys; or blocks k/v [num_blocks, BLOCK_N, kv_heads,
 head_dim] with a block table [rows, max_blocks]: key t of cache row r is block_table[r, t // BLOCK_N], slot
-t % BLOCK_N (one inner step reads block_n // BLOCK_N blocks, each key at its own). Stage one: one program per (row, kv head, split)
+t % BLOCK_N (one inner step reads block_n // BLOCK_N blocks, each key at its own; a split's block ids are read
+once ahead of its loop, so the K/V loads' addresses come from registers and the compiler pipelines them num_stages
+deep, as over a slot cache, where ids read inside the loop make it wait for every load each step). Stage one: one program per (row, kv head, split)
 runs every query head of that KV group against its share of the row's keys (GQA without copying K/V) and
 writes a partial output and its log-sum-exp; stage two merges the splits (at one split, as large batches have,
 stage one writes the output and no merge runs). The grid depends only on the row
@@ -38,6 +40,7 @@ MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # and a deeper pipeline keep as many bytes in flight (benchmarks.kernels times the sweep)
 LAUNCH = (BLOCK_N, 4, 2)
 INT8_LAUNCH = (128, 4, 3)
+MAX_PRELOAD = 1024  # block ids of a split held ahead of its loop (64k keys at 64-key blocks); longer: read per step
 
 if HAS_TRITON:
     import triton
@@ -74,7 +77,7 @@ if HAS_TRITON:
                       BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr,
                       HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, TOKEN_SCALES: tl.constexpr,
                       SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr,
-                      PAGE: tl.constexpr, CVT_EARLY: tl.constexpr):
+                      PAGE: tl.constexpr, CVT_EARLY: tl.constexpr, PRELOAD: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -105,6 +108,12 @@ if HAS_TRITON:
             k_base = K + kv_head * stride_kh
             v_base = V + kv_head * stride_vh
 
+        if PRELOAD:  # the split's block ids, once: each step's then come from shared memory (tl.gather), not a load
+            first = start // PAGE
+            ids = first + tl.arange(0, PRELOAD)
+            pages = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + ids, mask=ids < tl.cdiv(end, PAGE),
+                            other=0)
+
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -114,7 +123,9 @@ if HAS_TRITON:
             k_ptr = k_base + t * stride_kt
             v_ptr = v_base + t * stride_vt
             if HAS_BLOCKS:  # start is a multiple of BLOCK_N, itself a multiple of PAGE: whole blocks of the cache
-                if PAGE == BLOCK_N:  # one block a step
+                if PRELOAD:
+                    page = tl.gather(pages, (t - start) // PAGE, 0).to(tl.int64)
+                elif PAGE == BLOCK_N:  # one block a step
                     page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // PAGE).to(tl.int64)
                 else:  # BLOCK_N // PAGE blocks a step: each key's own
                     page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + t // PAGE, mask=t_mask,
@@ -201,6 +212,14 @@ def num_kv_splits(max_len: int, num_rows: int, num_kv_heads: int, target_program
     return max(1, min(wanted, -(-max_len // BLOCK_N), 64))
 
 
+def preload_pages(max_len: int, splits: int, block_n: int, page: int) -> int:
+    """The block ids a split of a paged cache reads ahead of its loop: the most a split spans (its keys rounded up to
+    whole steps, as the kernel splits them), as a power of two; 0 past MAX_PRELOAD (the kernel reads them per step)."""
+    split_len = math.ceil(math.ceil(max_len / splits) / block_n) * block_n
+    pages = 1 << (math.ceil(split_len / page) - 1).bit_length()
+    return pages if pages <= MAX_PRELOAD else 0
+
+
 def _scale_tensor(scale: torch.Tensor | float | None, num_kv_heads: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """A float32 scale on the device and its stride over KV heads (0: one scale for every head)."""
     if scale is None:
@@ -231,7 +250,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      block_table: torch.Tensor | None = None, num_splits: int | None = None,
                      out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, scales_in_p: bool | None = None,
-                     f16_int8: bool | None = None, cvt_early: bool | None = None) -> torch.Tensor:
+                     f16_int8: bool | None = None, cvt_early: bool | None = None,
+                     preload: bool | None = None) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype, float8_e4m3fn or int8), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
@@ -250,7 +270,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     their scales apply in fp16; False: through float32. None: as INT8_V_SCALES says (fp16 unless it ends in 32).
     An fp16 q only: bf16 takes the float32 path.
     cvt_early: with f16_int8 on CUDA, convert each int8 tile where it was loaded (see _int8_to_f16); the same
-    values (benchmarks.kernels times it). None: as INT8_V_SCALES says (its "-early" variants)."""
+    values (benchmarks.kernels times it). None: as INT8_V_SCALES says (its "-early" variants).
+    preload: over a paged cache, read each split's block ids once ahead of its loop (see preload_pages); None: where
+    num_stages >= 3 (a deeper pipeline is what it buys) and a split spans at most MAX_PRELOAD blocks."""
     n, num_heads, head_dim = q.shape
     rows, max_len, num_kv_heads, _ = k_cache.shape
     launch = INT8_LAUNCH if k_cache.dtype == torch.int8 else LAUNCH
@@ -284,6 +306,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if v_stride != scale_stride:  # one stride serves both: widen the per-tensor one
             ks, vs = ks.expand(num_kv_heads).contiguous(), vs.expand(num_kv_heads).contiguous()
             scale_stride = 1
+    pages = 0
+    if block_table is not None and (num_stages >= 3 if preload is None else preload):
+        pages = preload_pages(max_len, splits, block_n, page)
     parts = n if splits > 1 else 1  # one split writes out itself: no partials (a stub for the pointer), no merge
     mid_o = torch.empty(parts, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(parts, num_heads, splits, dtype=torch.float32, device=q.device)
@@ -305,7 +330,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         F16_INT8=token_scales and q.dtype == torch.float16 and (
             not INT8_V_SCALES.endswith("32") if f16_int8 is None else f16_int8),
         ASM_CVT=not interpreting(), PAGE=page,
-        CVT_EARLY=INT8_V_SCALES.endswith("-early") if cvt_early is None else cvt_early,
+        CVT_EARLY=INT8_V_SCALES.endswith("-early") if cvt_early is None else cvt_early, PRELOAD=pages,
         num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out

@@ -79,13 +79,37 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                                                  SCALES_IN_P=name.endswith("in p"),
                                                  F16_INT8=kv == "*i8" and "f32" not in name, ASM_CVT=True,
                                                  PAGE=32 if paged and kv == "*i8" else 64,
-                                                 CVT_EARLY=name.endswith("early")),
+                                                 CVT_EARLY=name.endswith("early"), PRELOAD=0),
                   aligned=SPLIT_ALIGNED, num_warps=4, num_stages=2)
         out[name] = {"shared_bytes": k.metadata.shared}
         if kv == "*i8":  # fp16 from int8 by byte permutes, not conversion instructions (f32: the float32 path's)
             ptx = k.asm["ptx"]
             out[name] |= {"prmt": ptx.count("prmt.b32"), "cvt_from_s8": ptx.count(".s8"),
                           "byte_shared_loads": ptx.count("ld.shared.b8"), "ldmatrix": ptx.count("ldmatrix")}
+    # the engine's launches over its paged cache (64-key blocks, 768 keys a row, one split), the split's block ids
+    # read in the loop or ahead of it: how deep the compiler pipelines the K/V loads (the largest count a
+    # cp.async.wait_group leaves in flight; 0: each step waits for all of its loads)
+    for name, kv, (block_n, warps, stages), early, preload in (
+            ("paged int8 launch", "*i8", attention.INT8_LAUNCH, False, False),
+            ("paged int8 launch, ids ahead", "*i8", attention.INT8_LAUNCH, False, True),
+            ("paged int8 launch early, ids ahead", "*i8", attention.INT8_LAUNCH, True, True),
+            ("paged fp16 3 stages", "*fp16", (attention.LAUNCH[0], attention.LAUNCH[1], 3), False, False),
+            ("paged fp16 3 stages, ids ahead", "*fp16", (attention.LAUNCH[0], attention.LAUNCH[1], 3), False, True)):
+        page = attention.BLOCK_N
+        k = build(attention._split_kernel, arch, {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32",
+                                                  "CacheRows": "*i32", "BlockTable": "*i32", "KScale": "*fp32",
+                                                  "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32",
+                                                  "Out": "*fp16"},
+                  SPLIT_INTS, ["qk_scale"], dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=block_n,
+                                                 NUM_SPLITS=1, HAS_ROWS=False, HAS_BLOCKS=True, DOT_F32=False,
+                                                 TOKEN_SCALES=kv == "*i8", SCALES_IN_P=False, F16_INT8=kv == "*i8",
+                                                 ASM_CVT=True, PAGE=page, CVT_EARLY=early,
+                                                 PRELOAD=attention.preload_pages(768, 1, block_n, page) * preload),
+                  aligned=SPLIT_ALIGNED, num_warps=warps, num_stages=stages)
+        ptx = k.asm["ptx"]
+        out[name] = {"shared_bytes": k.metadata.shared, "stages": stages,
+                     "loads_in_flight": max(map(int, re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)), default=0),
+                     "vector_loads": len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*0x10", ptx))}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
               ["stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh"], [],
               dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=3, BLOCK_S=4), num_warps=4)
