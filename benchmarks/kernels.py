@@ -56,6 +56,8 @@ ATTENTION_CONFIGS = [(32, 4, 2), (128, 4, 2), (64, 8, 3)]  # (block_n, num_warps
 FP8_CONFIGS = [(64, 4, 3), (64, 4, 4), (64, 2, 2), (128, 4, 3), (256, 4, 2), (256, 8, 3)]
 INT8_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (64, 8, 3), (32, 4, 2)]
 INT8_MATHS = [("fp16", False), ("fp16", True), ("fp32", False), ("fp32", True)]  # v, p, v32, p32
+BIAS_CONFIGS = [(128, 4, 2), (128, 4, 3), (256, 4, 2), (64, 2, 3), (128, 2, 2), (128, 2, 3)]  # early, biased: the
+# fewest instructions a KB (two warps need fewer: a program's row reductions cross fewer warps)
 EARLY_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
 PAGED_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 4, 2),
                  (256, 4, 3), (256, 8, 3)]
@@ -170,7 +172,7 @@ def attention(args, shape: Shape, device: str) -> dict:
         num_kv_splits,
         quantize_kv,
     )
-    from batchgen.worker.engine.kernels.attention import fp8_kv_scale, quantize_kv_int8
+    from batchgen.worker.engine.kernels.attention import INT8_LAUNCH, fp8_kv_scale, quantize_kv_int8
 
     g = torch.Generator(device=device).manual_seed(0)
     rows, max_len, kv_heads, head_dim = args.rows, args.max_len, shape.kv_heads, shape.head_dim
@@ -264,6 +266,15 @@ def attention(args, shape: Shape, device: str) -> dict:
             _try(variants, f"paged int8 early, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
                 lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t), "int8")
                 | {"max_abs_err": paged_err(kip, vip, ref8, **int8_paged, **t)})
+        # early, left 1152 over the values; and with the V scales in p at int8's launch
+        for (block_n, warps, stages), in_p in ([(c, False) for c in by_block_n(BIAS_CONFIGS, args.smoke)]
+                                               + [(INT8_LAUNCH, True)]):
+            tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, cvt_early=True, bias=True,
+                        scales_in_p=in_p)
+            _try(variants, f"paged int8 {'p' if in_p else 'v'}-bias, block_n {block_n}, warps {warps}, "
+                 f"stages {stages}", lambda t=tune: row(
+                     lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t),
+                     "int8") | {"max_abs_err": paged_err(kip, vip, ref8, **int8_paged, **t)})
         # the split's block ids read ahead of its loop (the default at 3 stages or more) against read each step
         for name, tune in (("paged int8, the default launch, ids in the loop", dict(preload=False)),
                            ("paged fp16, the default launch at 3 stages, ids ahead", dict(num_stages=3)),

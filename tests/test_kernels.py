@@ -340,7 +340,8 @@ def test_kernels_compile_for_hopper():
                              "one split paged int8 scales in p", "one split paged int8 f32",
                              "one split paged int8 f32 scales in p", "one split paged int8 early", "kv store int8",
                              "paged int8 launch", "paged int8 launch, ids ahead", "paged int8 launch early, ids ahead",
-                             "paged fp16 3 stages", "paged fp16 3 stages, ids ahead"}
+                             "paged int8 launch biased, ids ahead", "paged fp16 launch", "paged fp16 3 stages",
+                             "paged fp16 3 stages, ids ahead"}
     # the int8 cache's fp16 path converts by byte permutes (none of the quarter-rate s8 conversions), the
     # float32 path by conversions
     for name in ("split int8", "one split paged int8", "one split paged int8 scales in p"):
@@ -358,6 +359,13 @@ def test_kernels_compile_for_hopper():
         assert inline["loads_in_flight"] == 0 < ahead["loads_in_flight"], (launch, inline, ahead)
         assert ahead["vector_loads"] > 0 and ahead["shared_bytes"] > inline["shared_bytes"]  # a buffer a stage
     assert compiled["paged int8 launch early, ids ahead"]["loads_in_flight"] > 0
+    # the int8 kernel is bound by instruction issue: converted early, then left biased, each needs fewer a KB of K/V
+    # (fp16's, bound by its bytes, needs a third of those)
+    per_kb = {name: compiled[name]["warp_instructions_per_kb"] for name in compiled if "launch" in name}
+    assert all(per_kb.values()), per_kb  # nvdisasm found the loop of each
+    assert (per_kb["paged int8 launch biased, ids ahead"] < per_kb["paged int8 launch early, ids ahead"]
+            < per_kb["paged int8 launch, ids ahead"]), per_kb
+    assert per_kb["paged fp16 launch"] * 2 < per_kb["paged int8 launch early, ids ahead"], per_kb
     assert compiled["rope"]["vectorised"]
     assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8"))
     assert compiled["kv store fp8"]["div_rn"] and compiled["kv store int8"]["div_rn"]  # the quantising stores
@@ -535,6 +543,7 @@ def test_the_kernel_benchmark_smoke_runs_every_triton_attention_variant(tmp_path
     triton = {name: v for name, v in variants.items() if name.startswith("triton") and "graph" not in name}
     from benchmarks.kernels import (
         ATTENTION_CONFIGS,
+        BIAS_CONFIGS,
         EARLY_CONFIGS,
         FP8_CONFIGS,
         INT8_CONFIGS,
@@ -550,7 +559,8 @@ def test_the_kernel_benchmark_smoke_runs_every_triton_attention_variant(tmp_path
         triton
     paged = {name: v for name, v in variants.items() if name.startswith("paged")}
     early_launches = {config[0] for config in EARLY_CONFIGS}
-    assert len(paged) == 2 * len(paged_launches) + len(early_launches) + 5
+    bias_launches = {config[0] for config in BIAS_CONFIGS} | {"p"}  # and p-bias at the int8 launch
+    assert len(paged) == 2 * len(paged_launches) + len(early_launches) + len(bias_launches) + 5
     assert all("error" not in v for v in paged.values()), paged
     assert {int(name.split("block_n ")[1].split(",")[0]) for name in paged if "block_n" in name} == paged_launches
     assert all(v["max_abs_err"] < 1e-3 for v in paged.values() if "max_abs_err" in v)
@@ -607,13 +617,14 @@ def _int8_cache(k: torch.Tensor, v: torch.Tensor):
     return kq, vq, ks.transpose(1, 2).contiguous(), vs.transpose(1, 2).contiguous()
 
 
-@pytest.mark.parametrize("f16_int8", [False, True])
+@pytest.mark.parametrize("math", ["f32", "f16", "bias"])
 @pytest.mark.parametrize("scales_in_p", [False, True])
 @pytest.mark.parametrize("splits", [1, 2])
-def test_int8_kv_with_a_scale_per_token_equals_the_dequantised_reference(splits, scales_in_p, f16_int8):
+def test_int8_kv_with_a_scale_per_token_equals_the_dequantised_reference(splits, scales_in_p, math):
     """--kv-cache-dtype int8: each token's head rounded on its own absmax; the kernel scales a key's score column and
-    a value's row by that token's scale, through float32 or in fp16 (f16_int8: K and V made fp16 exactly, V's scale
-    applied there). Within an output ulp of the reference, and within int8 rounding of exact."""
+    a value's row by that token's scale, through float32 or in fp16 (f16: K and V made fp16 exactly, V's scale
+    applied there; bias: K, and V under scales_in_p, 1152 over their values, each dot corrected by the other
+    operand's sum). Within an output ulp of the reference, and within int8 rounding of exact."""
     k, v = _cache(4, 2, 128, torch.float16)
     v[:, :, 1] *= 8  # heads of different ranges
     k[:, 5] *= 30  # a token far larger than the rest: its scale is its own
@@ -623,7 +634,7 @@ def test_int8_kv_with_a_scale_per_token_equals_the_dequantised_reference(splits,
     assert kq.dtype == torch.int8 and ks.shape == (4, 2, MAX_LEN)
     ref = decode_attention_reference(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs)
     out = decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs, num_splits=splits,
-                           scales_in_p=scales_in_p, f16_int8=f16_int8)
+                           scales_in_p=scales_in_p, f16_int8=math != "f32", bias=math == "bias")
     ulp = 2.0**-10 * ref.float().abs().amax(dim=-1, keepdim=True)  # V (or p) rounded to fp16 before the product
     assert ((out.float() - ref.float()).abs() <= 2 * ulp + 1e-3).all()
     exact = decode_attention_reference(q, k, v, lengths, 128**-0.5)
@@ -673,7 +684,11 @@ def test_the_engines_int8_v_scales_choose_the_kernels_variant(monkeypatch, demo_
     assert torch.equal(decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs), run[True])
     assert launches[-1]["CVT_EARLY"] and launches[-1]["SCALES_IN_P"] and launches[-1]["F16_INT8"]
     decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs, cvt_early=False)
-    assert not launches[-1]["CVT_EARLY"]
+    assert not launches[-1]["CVT_EARLY"] and not launches[-1]["BIAS"]
+    # "-bias": converted early and left biased, each dot corrected (equal within float32 rounding, not bit for bit)
+    build_llm_engine(EngineConfig(model=str(demo_model_dir), int8_kv_scales="p-bias"))
+    _close(decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs), run[True], torch.float16)
+    assert launches[-1]["BIAS"] and launches[-1]["CVT_EARLY"] and launches[-1]["SCALES_IN_P"]
 
 
 def test_int8_kv_in_blocks_reads_each_rows_blocks_as_the_slot_cache():
@@ -698,10 +713,13 @@ def test_int8_kv_in_blocks_reads_each_rows_blocks_as_the_slot_cache():
     paged_ref = decode_attention_reference(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table)
     assert torch.equal(paged_ref, slot_ref)  # the store quantised as quantize_kv_int8, into the right slots
     for block_n in (64, 128, 256):  # one block a step, or several, each key at its own block (128: the default)
-        for early, preload in ((False, False), (False, True), (True, True)):
-            out = decode_attention(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table,
-                                   num_splits=2, block_n=block_n, cvt_early=early, preload=preload)
-            _close(out, paged_ref, torch.float16)
+        for early, preload, bias in ((False, False, False), (False, True, False), (True, True, False),
+                                     (True, True, True)):
+            for in_p in (False, True) if bias else (False,):
+                out = decode_attention(q, kp, vp, lengths, 0.125, k_scale=ksp, v_scale=vsp, block_table=table,
+                                       num_splits=2, block_n=block_n, cvt_early=early, preload=preload, bias=bias,
+                                       scales_in_p=in_p)
+                _close(out, paged_ref, torch.float16)
     fp16_cache = (torch.zeros(7, 64, 2, 64, dtype=torch.float16), torch.zeros(7, 64, 2, 64, dtype=torch.float16))
     for cache, x in zip(fp16_cache, (k, v), strict=True):
         store_kv(cache, slots, x.reshape(-1, 2, 64)[keep], triton_kernel=True)

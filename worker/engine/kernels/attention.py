@@ -33,7 +33,8 @@ BLOCK_N = 64  # keys per inner step
 # How an int8 cache's V scales apply when a call does not say (process-wide, set from the engine's config as
 # tuned.ENABLED is): "v" multiplies each V element, "p" the softmax weights (scales_in_p); both in fp16 after an
 # exact conversion, or with "32" (v32, p32) through float32 as the first kernel did (f16_int8=False), or with
-# "-early" (v-early, p-early) converted where each tile is loaded (cvt_early).
+# "-early" (v-early, p-early) converted where each tile is loaded (cvt_early), or with "-bias" (v-bias, p-bias) as
+# "-early" and left 1152 over their values (biased).
 INT8_V_SCALES = "v"
 MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # (block_n, num_warps, num_stages) when a call does not say. An int8 tile carries half fp16's bytes: a wider block
@@ -53,20 +54,105 @@ if HAS_TRITON:
                               "mov.b32 m, 0x64806480;\n"
                               "sub.f16x2 $0, lo, m;\n"
                               "sub.f16x2 $1, hi, m;\n}")
+    _I8_TO_F16_BIASED = tl.constexpr("{\n.reg .b32 b;\n"  # the same without the subtraction: 1152 + x
+                                     "xor.b32 b, $2, 0x80808080;\n"
+                                     "prmt.b32 $0, b, 0x64646464, 0x4140;\n"
+                                     "prmt.b32 $1, b, 0x64646464, 0x4342;\n}")
+    I8_BIAS = tl.constexpr(1152.0)
 
     @triton.jit
-    def _int8_to_f16(x, ASM: tl.constexpr, EARLY: tl.constexpr):
+    def _int8_to_f16(x, ASM: tl.constexpr, EARLY: tl.constexpr, BIASED: tl.constexpr):
         """int8 -> fp16, exact. ASM: four values a time in five ALU instructions instead of four conversions (a
         quarter-rate unit on the SMs, which bounds an int8 cache's kernel): each byte, its sign bit flipped, under
         an 0x64 high byte is the fp16 1024 + x + 128, and 1152 is subtracted (FasterTransformer's conversion).
         EARLY: convert where the tile was loaded (declared impure, so the compiler cannot move the conversion past
         the layout change to the dot's operand): the fp16 tile then reaches the dot by ldmatrix as an fp16 cache's
-        does, where a pure conversion has the int8 tile read from shared memory a byte at a time."""
+        does, where a pure conversion has the int8 tile read from shared memory a byte at a time.
+        BIASED: 1152 + x, exact too, two fewer instructions per four values: the caller subtracts 1152 times the
+        other operand's sum from the dot's result (the kernel is bound by instruction issue, not by its bytes)."""
         if ASM:
-            return tl.inline_asm_elementwise(_I8_TO_F16, "=r,=r,r", [x], dtype=tl.float16, is_pure=not EARLY,
-                                             pack=4)
+            return tl.inline_asm_elementwise(_I8_TO_F16_BIASED if BIASED else _I8_TO_F16, "=r,=r,r", [x],
+                                             dtype=tl.float16, is_pure=not EARLY, pack=4)
+        elif BIASED:
+            return x.to(tl.float16) + I8_BIAS
         else:
             return x.to(tl.float16)
+
+    @triton.jit
+    def _attend(block, start, end, q, q_bias, m, l_sum, acc, k_base, v_base, pages, BlockTable, KScale, VScale,
+                cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh, s_scale,
+                d, d_mask, BLOCK_N: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr,
+                TOKEN_SCALES: tl.constexpr, SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr,
+                PAGE: tl.constexpr, CVT_EARLY: tl.constexpr, PRELOAD: tl.constexpr, BIAS: tl.constexpr,
+                MASKED: tl.constexpr):
+        """One inner step of _split_kernel: keys block .. block + BLOCK_N of the split start .. end, folded into the
+        running max m, sum l_sum and output acc. MASKED: the split's last, ragged step (keys from end on are masked);
+        the others read whole steps without masks."""
+        t = block + tl.arange(0, BLOCK_N)
+        # unmasked, a constant: the compiler drops the masks and the select below
+        t_mask = t < end if MASKED else tl.full([BLOCK_N], 1, tl.int1)
+        k_ptr = k_base + t * stride_kt
+        v_ptr = v_base + t * stride_vt
+        if HAS_BLOCKS:  # start is a multiple of BLOCK_N, itself a multiple of PAGE: whole blocks of the cache
+            if PRELOAD:
+                page = tl.gather(pages, (t - start) // PAGE, 0).to(tl.int64)
+            elif PAGE == BLOCK_N:  # one block a step
+                page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // PAGE).to(tl.int64)
+            else:  # BLOCK_N // PAGE blocks a step: each key's own
+                page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + t // PAGE, mask=t_mask,
+                               other=0).to(tl.int64)
+            k_ptr = k_base + page * stride_kr + (t % PAGE) * stride_kt
+            v_ptr = v_base + page * stride_vr + (t % PAGE) * stride_vt
+        k = tl.load(k_ptr[None, :] + d[:, None], mask=d_mask[:, None] & t_mask[None, :], other=0.0)
+        if F16_INT8:  # int8 K exact in fp16 (q's dtype), without conversion instructions
+            k = _int8_to_f16(k, ASM_CVT, CVT_EARLY, BIAS)
+        if DOT_F32:
+            s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
+        else:
+            s = tl.dot(q, k.to(q.dtype))
+        if BIAS:
+            s = s - q_bias[:, None]
+        s = s * s_scale
+        if TOKEN_SCALES:  # laid out as the keys: [rows or blocks, kv_heads, tokens]
+            if HAS_BLOCKS:
+                at = page * stride_sr + kv_head * stride_sh + (t % PAGE)
+            else:
+                at = cache_row.to(tl.int64) * stride_sr + kv_head * stride_sh + t
+            ks = tl.load(KScale + at, mask=t_mask, other=0.0)
+            vs = tl.load(VScale + at, mask=t_mask, other=0.0)
+            s = s * ks[None, :]
+        s = tl.where(t_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr[:, None] + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+        if F16_INT8:  # V exact in fp16, its scale applied there (below): no conversion through float32
+            v = _int8_to_f16(v, ASM_CVT, CVT_EARLY, BIAS and SCALES_IN_P)  # biased only under unscaled V
+        if TOKEN_SCALES and SCALES_IN_P:  # p · scale / the block's largest scale (in [0, 1]: no fp16 subnormals
+            top = tl.max(vs, 0)  # for the weights that matter), the product times that largest scale after
+            top = tl.where(top > 0.0, top, 1.0)
+            pv = p * (vs / top)[None, :]
+            if BIAS:  # the weights' sum as the dot reads them (in fp16): V's 1152 out of the product
+                pv = pv.to(q.dtype)
+                pv_bias = I8_BIAS * tl.sum(pv.to(tl.float32), 1)
+            if DOT_F32:
+                pv = tl.dot(pv.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(pv.to(q.dtype), v.to(q.dtype))
+            if BIAS:
+                pv = pv - pv_bias[:, None]
+            acc = acc * alpha[:, None] + pv * top
+        else:
+            if F16_INT8:
+                v = v * vs.to(tl.float16)[:, None]
+            elif TOKEN_SCALES:
+                v = v.to(tl.float32) * vs[:, None]
+            if DOT_F32:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        return m_new, l_sum, acc
 
     @triton.jit
     def _split_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, MidLse, Out,
@@ -77,7 +163,7 @@ if HAS_TRITON:
                       BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr,
                       HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, TOKEN_SCALES: tl.constexpr,
                       SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr,
-                      PAGE: tl.constexpr, CVT_EARLY: tl.constexpr, PRELOAD: tl.constexpr):
+                      PAGE: tl.constexpr, CVT_EARLY: tl.constexpr, PRELOAD: tl.constexpr, BIAS: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -102,12 +188,16 @@ if HAS_TRITON:
         else:
             v_scale = tl.load(VScale + kv_head * scale_stride)
             s_scale = qk_scale * tl.load(KScale + kv_head * scale_stride)  # qk_scale holds log2(e): exp2 below
+        q_bias = 0.0
+        if BIAS:  # K is 1152 + its values: q · k is the dot less 1152 · Σ q (V likewise, with its weights' sums)
+            q_bias = I8_BIAS * tl.sum(q.to(tl.float32), 1)
         k_base = K + cache_row.to(tl.int64) * stride_kr + kv_head * stride_kh
         v_base = V + cache_row.to(tl.int64) * stride_vr + kv_head * stride_vh
         if HAS_BLOCKS:  # cache_row is a row of the block table; the cache's first dimension counts blocks
             k_base = K + kv_head * stride_kh
             v_base = V + kv_head * stride_vh
 
+        pages = 0
         if PRELOAD:  # the split's block ids, once: each step's then come from shared memory (tl.gather), not a load
             first = start // PAGE
             ids = first + tl.arange(0, PRELOAD)
@@ -117,63 +207,20 @@ if HAS_TRITON:
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-        for block in range(start, end, BLOCK_N):
-            t = block + tl.arange(0, BLOCK_N)
-            t_mask = t < end
-            k_ptr = k_base + t * stride_kt
-            v_ptr = v_base + t * stride_vt
-            if HAS_BLOCKS:  # start is a multiple of BLOCK_N, itself a multiple of PAGE: whole blocks of the cache
-                if PRELOAD:
-                    page = tl.gather(pages, (t - start) // PAGE, 0).to(tl.int64)
-                elif PAGE == BLOCK_N:  # one block a step
-                    page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // PAGE).to(tl.int64)
-                else:  # BLOCK_N // PAGE blocks a step: each key's own
-                    page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + t // PAGE, mask=t_mask,
-                                   other=0).to(tl.int64)
-                k_ptr = k_base + page * stride_kr + (t % PAGE) * stride_kt
-                v_ptr = v_base + page * stride_vr + (t % PAGE) * stride_vt
-            k = tl.load(k_ptr[None, :] + d[:, None], mask=d_mask[:, None] & t_mask[None, :], other=0.0)
-            if F16_INT8:  # int8 K exact in fp16 (q's dtype), without conversion instructions
-                k = _int8_to_f16(k, ASM_CVT, CVT_EARLY)
-            if DOT_F32:
-                s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee") * s_scale
-            else:
-                s = tl.dot(q, k.to(q.dtype)) * s_scale
-            if TOKEN_SCALES:  # laid out as the keys: [rows or blocks, kv_heads, tokens]
-                if HAS_BLOCKS:
-                    at = page * stride_sr + kv_head * stride_sh + (t % PAGE)
-                else:
-                    at = cache_row.to(tl.int64) * stride_sr + kv_head * stride_sh + t
-                ks = tl.load(KScale + at, mask=t_mask, other=0.0)
-                vs = tl.load(VScale + at, mask=t_mask, other=0.0)
-                s = s * ks[None, :]
-            s = tl.where(t_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr[:, None] + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
-            if F16_INT8:  # V exact in fp16, its scale applied there (below): no conversion through float32
-                v = _int8_to_f16(v, ASM_CVT, CVT_EARLY)
-            if TOKEN_SCALES and SCALES_IN_P:  # p · scale / the block's largest scale (in [0, 1]: no fp16 subnormals
-                top = tl.max(vs, 0)  # for the weights that matter), the product times that largest scale after
-                top = tl.where(top > 0.0, top, 1.0)
-                pv = p * (vs / top)[None, :]
-                if DOT_F32:
-                    pv = tl.dot(pv, v.to(tl.float32), input_precision="ieee")
-                else:
-                    pv = tl.dot(pv.to(q.dtype), v.to(q.dtype))
-                acc = acc * alpha[:, None] + pv * top
-            else:
-                if F16_INT8:
-                    v = v * vs.to(tl.float16)[:, None]
-                elif TOKEN_SCALES:
-                    v = v.to(tl.float32) * vs[:, None]
-                if DOT_F32:
-                    acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-            m = m_new
+        # whole steps without masks (fewer instructions: the int8 kernel is bound by their issue), then the ragged one
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+        for block in range(start, full_end, BLOCK_N):
+            m, l_sum, acc = _attend(block, start, end, q, q_bias, m, l_sum, acc, k_base, v_base, pages, BlockTable,
+                                    KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vt,
+                                    stride_bt, stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N, HAS_BLOCKS, DOT_F32,
+                                    TOKEN_SCALES, SCALES_IN_P, F16_INT8, ASM_CVT, PAGE, CVT_EARLY, PRELOAD, BIAS,
+                                    False)
+        if full_end < end:
+            m, l_sum, acc = _attend(full_end, start, end, q, q_bias, m, l_sum, acc, k_base, v_base, pages,
+                                    BlockTable, KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr,
+                                    stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N,
+                                    HAS_BLOCKS, DOT_F32, TOKEN_SCALES, SCALES_IN_P, F16_INT8, ASM_CVT, PAGE,
+                                    CVT_EARLY, PRELOAD, BIAS, True)
 
         has_keys = l_sum > 0.0  # an empty split (short row) contributes nothing to the merge
         out = acc * (v_scale / tl.where(has_keys, l_sum, 1.0))[:, None]
@@ -251,7 +298,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, scales_in_p: bool | None = None,
                      f16_int8: bool | None = None, cvt_early: bool | None = None,
-                     preload: bool | None = None) -> torch.Tensor:
+                     preload: bool | None = None, bias: bool | None = None) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype, float8_e4m3fn or int8), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
@@ -270,7 +317,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     their scales apply in fp16; False: through float32. None: as INT8_V_SCALES says (fp16 unless it ends in 32).
     An fp16 q only: bf16 takes the float32 path.
     cvt_early: with f16_int8 on CUDA, convert each int8 tile where it was loaded (see _int8_to_f16); the same
-    values (benchmarks.kernels times it). None: as INT8_V_SCALES says (its "-early" variants).
+    values (benchmarks.kernels times it). None: as INT8_V_SCALES says (its "-early" and "-bias" variants).
+    bias: with f16_int8, K (and V where scales_in_p leaves it unscaled) stay 1152 over their values in fp16 and each
+    dot's result is corrected by the other operand's sum: fewer instructions a step, equal within float32 rounding.
+    None: as INT8_V_SCALES says (its "-bias" variants).
     preload: over a paged cache, read each split's block ids once ahead of its loop (see preload_pages); None: where
     num_stages >= 3 (a deeper pipeline is what it buys) and a split spans at most MAX_PRELOAD blocks."""
     n, num_heads, head_dim = q.shape
@@ -309,6 +359,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     pages = 0
     if block_table is not None and (num_stages >= 3 if preload is None else preload):
         pages = preload_pages(max_len, splits, block_n, page)
+    f16 = token_scales and q.dtype == torch.float16 and (
+        not INT8_V_SCALES.endswith("32") if f16_int8 is None else f16_int8)
     parts = n if splits > 1 else 1  # one split writes out itself: no partials (a stub for the pointer), no merge
     mid_o = torch.empty(parts, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(parts, num_heads, splits, dtype=torch.float32, device=q.device)
@@ -327,10 +379,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         DOT_F32=interpreting() and q.dtype == torch.bfloat16,  # Triton's interpreter multiplies bf16 bits as integers
         TOKEN_SCALES=token_scales,
         SCALES_IN_P=INT8_V_SCALES.startswith("p") if scales_in_p is None else scales_in_p,
-        F16_INT8=token_scales and q.dtype == torch.float16 and (
-            not INT8_V_SCALES.endswith("32") if f16_int8 is None else f16_int8),
-        ASM_CVT=not interpreting(), PAGE=page,
-        CVT_EARLY=INT8_V_SCALES.endswith("-early") if cvt_early is None else cvt_early, PRELOAD=pages,
+        F16_INT8=f16, ASM_CVT=not interpreting(), PAGE=page,
+        CVT_EARLY=INT8_V_SCALES.endswith(("-early", "-bias")) if cvt_early is None else cvt_early, PRELOAD=pages,
+        BIAS=f16 and (INT8_V_SCALES.endswith("-bias") if bias is None else bias),
         num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out

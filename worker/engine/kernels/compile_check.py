@@ -58,6 +58,28 @@ def spill_bytes(ptx: str, arch: int) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def loop_instructions(cubin: bytes, arch: int) -> int | None:
+    """The SASS instructions of a kernel's longest loop body, one warp's pass (nvdisasm beside Triton's ptxas);
+    None where nvdisasm is not there. Over a K/V step, per KB: the int8 decode kernel's measured bandwidths fit a
+    constant instruction issue rate (docs/benchmarks.md), so fewer of them is what speeds it up."""
+    nvdisasm = Path(getattr(get_ptxas(arch), "path", get_ptxas(arch))).parent / "nvdisasm"
+    if not nvdisasm.exists():
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = Path(tmp) / "kernel.cubin"
+        binary.write_bytes(cubin)
+        lines = subprocess.run([str(nvdisasm), "-c", "-g", str(binary)], capture_output=True, text=True).stdout
+    lines = lines.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", line))}
+    is_instruction = [bool(re.search(r"/\*[0-9a-f]{4,}\*/", line)) for line in lines]
+    longest = 0
+    for i, line in enumerate(lines):  # a branch back to a label above it closes a loop
+        target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
+        if target and labels.get(target.group(1), i) < i:
+            longest = max(longest, sum(is_instruction[labels[target.group(1)]:i + 1]))
+    return longest
+
+
 def compile_all(arch: int = 90) -> dict[str, dict]:
     out = {}
     for name, kv, paged, splits in (("split fp16", "*fp16", False, 2), ("split fp8", "*fp8e4nv", False, 2),
@@ -79,7 +101,7 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                                                  SCALES_IN_P=name.endswith("in p"),
                                                  F16_INT8=kv == "*i8" and "f32" not in name, ASM_CVT=True,
                                                  PAGE=32 if paged and kv == "*i8" else 64,
-                                                 CVT_EARLY=name.endswith("early"), PRELOAD=0),
+                                                 CVT_EARLY=name.endswith("early"), PRELOAD=0, BIAS=False),
                   aligned=SPLIT_ALIGNED, num_warps=4, num_stages=2)
         out[name] = {"shared_bytes": k.metadata.shared}
         if kv == "*i8":  # fp16 from int8 by byte permutes, not conversion instructions (f32: the float32 path's)
@@ -89,12 +111,15 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
     # the engine's launches over its paged cache (64-key blocks, 768 keys a row, one split), the split's block ids
     # read in the loop or ahead of it: how deep the compiler pipelines the K/V loads (the largest count a
     # cp.async.wait_group leaves in flight; 0: each step waits for all of its loads)
-    for name, kv, (block_n, warps, stages), early, preload in (
-            ("paged int8 launch", "*i8", attention.INT8_LAUNCH, False, False),
-            ("paged int8 launch, ids ahead", "*i8", attention.INT8_LAUNCH, False, True),
-            ("paged int8 launch early, ids ahead", "*i8", attention.INT8_LAUNCH, True, True),
-            ("paged fp16 3 stages", "*fp16", (attention.LAUNCH[0], attention.LAUNCH[1], 3), False, False),
-            ("paged fp16 3 stages, ids ahead", "*fp16", (attention.LAUNCH[0], attention.LAUNCH[1], 3), False, True)):
+    for name, kv, (block_n, warps, stages), early, preload, bias in (
+            ("paged int8 launch", "*i8", attention.INT8_LAUNCH, False, False, False),
+            ("paged int8 launch, ids ahead", "*i8", attention.INT8_LAUNCH, False, True, False),
+            ("paged int8 launch early, ids ahead", "*i8", attention.INT8_LAUNCH, True, True, False),
+            ("paged int8 launch biased, ids ahead", "*i8", attention.INT8_LAUNCH, True, True, True),
+            ("paged fp16 launch", "*fp16", attention.LAUNCH, False, False, False),
+            ("paged fp16 3 stages", "*fp16", (attention.LAUNCH[0], attention.LAUNCH[1], 3), False, False, False),
+            ("paged fp16 3 stages, ids ahead", "*fp16", (attention.LAUNCH[0], attention.LAUNCH[1], 3), False, True,
+             False)):
         page = attention.BLOCK_N
         k = build(attention._split_kernel, arch, {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32",
                                                   "CacheRows": "*i32", "BlockTable": "*i32", "KScale": "*fp32",
@@ -104,12 +129,16 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                                                  NUM_SPLITS=1, HAS_ROWS=False, HAS_BLOCKS=True, DOT_F32=False,
                                                  TOKEN_SCALES=kv == "*i8", SCALES_IN_P=False, F16_INT8=kv == "*i8",
                                                  ASM_CVT=True, PAGE=page, CVT_EARLY=early,
-                                                 PRELOAD=attention.preload_pages(768, 1, block_n, page) * preload),
+                                                 PRELOAD=attention.preload_pages(768, 1, block_n, page) * preload,
+                                                 BIAS=bias),
                   aligned=SPLIT_ALIGNED, num_warps=warps, num_stages=stages)
         ptx = k.asm["ptx"]
+        kv_kb = block_n * 128 * 2 * (1 if kv == "*i8" else 2) / 1024  # K and V bytes an inner step reads
+        body = loop_instructions(k.asm["cubin"], arch)
         out[name] = {"shared_bytes": k.metadata.shared, "stages": stages,
                      "loads_in_flight": max(map(int, re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)), default=0),
-                     "vector_loads": len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*0x10", ptx))}
+                     "vector_loads": len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*0x10", ptx)),
+                     "warp_instructions_per_kb": body and round(body * warps / kv_kb, 1)}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
               ["stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh"], [],
               dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=3, BLOCK_S=4), num_warps=4)
