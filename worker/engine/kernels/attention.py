@@ -88,21 +88,25 @@ if HAS_TRITON:
         """One inner step of _split_kernel: keys block .. block + BLOCK_N of the split start .. end, folded into the
         running max m, sum l_sum and output acc. MASKED: the split's last, ragged step (keys from end on are masked);
         the others read whole steps without masks."""
-        t = block + tl.arange(0, BLOCK_N)
+        j = tl.arange(0, BLOCK_N)
+        t = block + j
+        # block is a multiple of PAGE: a key's block and slot from j, constants a thread holds, not a signed division
+        # and remainder of t each (the instructions this kernel is bound by)
+        slot = j % PAGE
         # unmasked, a constant: the compiler drops the masks and the select below
         t_mask = t < end if MASKED else tl.full([BLOCK_N], 1, tl.int1)
         k_ptr = k_base + t * stride_kt
         v_ptr = v_base + t * stride_vt
         if HAS_BLOCKS:  # start is a multiple of BLOCK_N, itself a multiple of PAGE: whole blocks of the cache
             if PRELOAD:
-                page = tl.gather(pages, (t - start) // PAGE, 0).to(tl.int64)
+                page = tl.gather(pages, (block - start) // PAGE + j // PAGE, 0).to(tl.int64)
             elif PAGE == BLOCK_N:  # one block a step
                 page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // PAGE).to(tl.int64)
             else:  # BLOCK_N // PAGE blocks a step: each key's own
-                page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + t // PAGE, mask=t_mask,
+                page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // PAGE + j // PAGE, mask=t_mask,
                                other=0).to(tl.int64)
-            k_ptr = k_base + page * stride_kr + (t % PAGE) * stride_kt
-            v_ptr = v_base + page * stride_vr + (t % PAGE) * stride_vt
+            k_ptr = k_base + page * stride_kr + slot * stride_kt
+            v_ptr = v_base + page * stride_vr + slot * stride_vt
         k = tl.load(k_ptr[None, :] + d[:, None], mask=d_mask[:, None] & t_mask[None, :], other=0.0)
         if F16_INT8:  # int8 K exact in fp16 (q's dtype), without conversion instructions
             k = _int8_to_f16(k, ASM_CVT, CVT_EARLY, BIAS)
@@ -112,15 +116,16 @@ if HAS_TRITON:
             s = tl.dot(q, k.to(q.dtype))
         if BIAS:
             s = s - q_bias[:, None]
-        s = s * s_scale
         if TOKEN_SCALES:  # laid out as the keys: [rows or blocks, kv_heads, tokens]
             if HAS_BLOCKS:
-                at = page * stride_sr + kv_head * stride_sh + (t % PAGE)
+                at = page * stride_sr + kv_head * stride_sh + slot
             else:
                 at = cache_row.to(tl.int64) * stride_sr + kv_head * stride_sh + t
             ks = tl.load(KScale + at, mask=t_mask, other=0.0)
             vs = tl.load(VScale + at, mask=t_mask, other=0.0)
-            s = s * ks[None, :]
+            s = s * (ks * s_scale)[None, :]  # a key's scale and the softmax's: one multiply an element
+        else:
+            s = s * s_scale
         s = tl.where(t_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
