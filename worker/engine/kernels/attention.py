@@ -46,37 +46,7 @@ MAX_PRELOAD = 1024  # block ids of a split held ahead of its loop (64k keys at 6
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    _I8_TO_F16 = tl.constexpr("{\n.reg .b32 b, lo, hi, m;\n"
-                              "xor.b32 b, $2, 0x80808080;\n"
-                              "prmt.b32 lo, b, 0x64646464, 0x4140;\n"
-                              "prmt.b32 hi, b, 0x64646464, 0x4342;\n"
-                              "mov.b32 m, 0x64806480;\n"
-                              "sub.f16x2 $0, lo, m;\n"
-                              "sub.f16x2 $1, hi, m;\n}")
-    _I8_TO_F16_BIASED = tl.constexpr("{\n.reg .b32 b;\n"  # the same without the subtraction: 1152 + x
-                                     "xor.b32 b, $2, 0x80808080;\n"
-                                     "prmt.b32 $0, b, 0x64646464, 0x4140;\n"
-                                     "prmt.b32 $1, b, 0x64646464, 0x4342;\n}")
-    I8_BIAS = tl.constexpr(1152.0)
-
-    @triton.jit
-    def _int8_to_f16(x, ASM: tl.constexpr, EARLY: tl.constexpr, BIASED: tl.constexpr):
-        """int8 -> fp16, exact. ASM: four values a time in five ALU instructions instead of four conversions (a
-        quarter-rate unit on the SMs, which bounds an int8 cache's kernel): each byte, its sign bit flipped, under
-        an 0x64 high byte is the fp16 1024 + x + 128, and 1152 is subtracted (FasterTransformer's conversion).
-        EARLY: convert where the tile was loaded (declared impure, so the compiler cannot move the conversion past
-        the layout change to the dot's operand): the fp16 tile then reaches the dot by ldmatrix as an fp16 cache's
-        does, where a pure conversion has the int8 tile read from shared memory a byte at a time.
-        BIASED: 1152 + x, exact too, two fewer instructions per four values: the caller subtracts 1152 times the
-        other operand's sum from the dot's result (the kernel is bound by instruction issue, not by its bytes)."""
-        if ASM:
-            return tl.inline_asm_elementwise(_I8_TO_F16_BIASED if BIASED else _I8_TO_F16, "=r,=r,r", [x],
-                                             dtype=tl.float16, is_pure=not EARLY, pack=4)
-        elif BIASED:
-            return x.to(tl.float16) + I8_BIAS
-        else:
-            return x.to(tl.float16)
+    from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16
 
     @triton.jit
     def _attend(block, start, end, q, q_bias, m, l_sum, acc, k_base, v_base, pages, BlockTable, KScale, VScale,
@@ -109,7 +79,7 @@ if HAS_TRITON:
             v_ptr = v_base + page * stride_vr + slot * stride_vt
         k = tl.load(k_ptr[None, :] + d[:, None], mask=d_mask[:, None] & t_mask[None, :], other=0.0)
         if F16_INT8:  # int8 K exact in fp16 (q's dtype), without conversion instructions
-            k = _int8_to_f16(k, ASM_CVT, CVT_EARLY, BIAS)
+            k = int8_to_f16(k, ASM_CVT, CVT_EARLY, BIAS)
         if DOT_F32:
             s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
         else:
@@ -133,7 +103,7 @@ if HAS_TRITON:
         l_sum = l_sum * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr[:, None] + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
         if F16_INT8:  # V exact in fp16, its scale applied there (below): no conversion through float32
-            v = _int8_to_f16(v, ASM_CVT, CVT_EARLY, BIAS and SCALES_IN_P)  # biased only under unscaled V
+            v = int8_to_f16(v, ASM_CVT, CVT_EARLY, BIAS and SCALES_IN_P)  # biased only under unscaled V
         if TOKEN_SCALES and SCALES_IN_P:  # p · scale / the block's largest scale (in [0, 1]: no fp16 subnormals
             top = tl.max(vs, 0)  # for the weights that matter), the product times that largest scale after
             top = tl.where(top > 0.0, top, 1.0)
@@ -321,7 +291,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     f16_int8: an int8 cache's K and V become fp16 exactly (on CUDA by ALU instructions rather than conversions) and
     their scales apply in fp16; False: through float32. None: as INT8_V_SCALES says (fp16 unless it ends in 32).
     An fp16 q only: bf16 takes the float32 path.
-    cvt_early: with f16_int8 on CUDA, convert each int8 tile where it was loaded (see _int8_to_f16); the same
+    cvt_early: with f16_int8 on CUDA, convert each int8 tile where it was loaded (see int8_cvt.int8_to_f16); the same
     values (benchmarks.kernels times it). None: as INT8_V_SCALES says (its "-early" and "-bias" variants).
     bias: with f16_int8, K (and V where scales_in_p leaves it unscaled) stay 1152 over their values in fp16 and each
     dot's result is corrected by the other operand's sum: fewer instructions a step, equal within float32 rounding.

@@ -59,8 +59,8 @@ def spill_bytes(ptx: str, arch: int) -> int | None:
 
 
 def loop_instructions(cubin: bytes, arch: int) -> int | None:
-    """The SASS instructions of a kernel's longest loop body, one warp's pass (nvdisasm beside Triton's ptxas);
-    None where nvdisasm is not there. Over a K/V step, per KB: the int8 decode kernel's measured bandwidths fit a
+    """The SASS instructions of a kernel's main loop body, one warp's pass (nvdisasm beside Triton's ptxas): the
+    longest loop with tensor-core MMAs, else the longest; None where nvdisasm is not there. Over a K/V step, per KB: the int8 decode kernel's measured bandwidths fit a
     constant instruction issue rate (docs/benchmarks.md), so fewer of them is what speeds it up."""
     nvdisasm = Path(getattr(get_ptxas(arch), "path", get_ptxas(arch))).parent / "nvdisasm"
     if not nvdisasm.exists():
@@ -72,12 +72,13 @@ def loop_instructions(cubin: bytes, arch: int) -> int | None:
     lines = lines.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", line))}
     is_instruction = [bool(re.search(r"/\*[0-9a-f]{4,}\*/", line)) for line in lines]
-    longest = 0
+    loops = []  # (has MMAs, instructions)
     for i, line in enumerate(lines):  # a branch back to a label above it closes a loop
         target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
         if target and labels.get(target.group(1), i) < i:
-            longest = max(longest, sum(is_instruction[labels[target.group(1)]:i + 1]))
-    return longest
+            start = labels[target.group(1)]
+            loops.append((any("MMA" in x for x in lines[start:i + 1]), sum(is_instruction[start:i + 1])))
+    return max(loops, default=(False, 0))[1]
 
 
 def compile_all(arch: int = 90) -> dict[str, dict]:
@@ -185,10 +186,14 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
         k = build(int8_gemv._gemv_kernel, arch, GEMV_POINTERS, ["M", "N", "K", "stride_xm", "stride_wn", "stride_om"],
                   ["inv_127", "threshold"],
                   dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=256, SPLIT_K=1, HAS_BIAS=False, DOT_F32=False,
-                       GUARD=True, GUARD_BLOCK=1024, EVEN=True, BITS=True, PIPELINE=4),
+                       GUARD=True, GUARD_BLOCK=1024, EVEN=True, BITS=True, PIPELINE=4, ASM_CVT=True),
                   aligned=("N", "K", "stride_xm", "stride_wn", "stride_om"), num_warps=4, num_stages=4)
-        out[f"gemv {rows} row{'s' if rows > 1 else ''}"] = {"pipelined": "cp.async" in k.asm["ptx"],
-                                                            "shared_bytes": k.metadata.shared}
+        ptx = k.asm["ptx"]  # the dot path (16 rows) widens the weights to fp16 by byte permutes
+        out[f"gemv {rows} row{'s' if rows > 1 else ''}"] = {
+            "pipelined": "cp.async" in ptx, "shared_bytes": k.metadata.shared, "prmt": ptx.count("prmt.b32"),
+            "byte_shared_loads": ptx.count("ld.shared.b8"),
+            "warp_instructions_per_kb": round(loop_instructions(k.asm["cubin"], arch) * 4 / (block_n * 256 / 1024), 1)
+            if rows > 1 else None}  # one row's loop has no MMA to tell it from the guard's
     for name, dest, quant in (("kv store fp16", "*fp16", False), ("kv store fp8", "*u8", True),
                               ("kv store int8", "*i8", False)):
         k = build(kv_store._store_kernel, arch, {"Dest": dest, "Slots": "*i64", "Src": "*fp16", "Scale": "*fp32"},

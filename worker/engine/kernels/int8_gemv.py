@@ -31,6 +31,7 @@ DOT_ROWS = 16  # tl.dot's smallest M
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from batchgen.worker.engine.kernels.int8_cvt import int8_to_f16, int8_to_f32
 
     @triton.jit
     def _record_rows(X, Keep, Seen, Hits, first, step, M, K, stride_xm, threshold, BLOCK: tl.constexpr):
@@ -55,12 +56,15 @@ if HAS_TRITON:
             tl.atomic_add(Hits + col, (absmax >= threshold).to(tl.float32))
 
     @triton.jit
-    def _widen(w, dtype: tl.constexpr, BITS: tl.constexpr):
+    def _widen(w, dtype: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
         """int8 -> dtype. BITS: by exponent bits instead of a conversion instruction (which runs at a fraction
         of the ALU rate, too slow to keep up with the bus): 2^23 + 128 + w is exact in float32, 1024 + 128 + w
-        in fp16, so one integer add and one subtraction give w."""
+        in fp16, so one integer add and one subtraction give w. ASM (CUDA): those words by byte permutes instead
+        (int8_cvt), fewer instructions; fp16 converted where the tile was loaded."""
         if BITS and dtype == tl.float32:
-            return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            return int8_to_f32(w, ASM)
+        elif BITS and ASM and dtype == tl.float16:
+            return int8_to_f16(w, True, True, False)
         elif BITS and dtype == tl.float16:
             return (w.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
         else:
@@ -70,7 +74,8 @@ if HAS_TRITON:
     def _gemv_kernel(X, W, Scb, Bias, Out, Partial, Keep, Seen, Hits, M, N, K, stride_xm, stride_wn, stride_om,
                      inv_127, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, GUARD: tl.constexpr,
-                     GUARD_BLOCK: tl.constexpr, EVEN: tl.constexpr, BITS: tl.constexpr, PIPELINE: tl.constexpr):
+                     GUARD_BLOCK: tl.constexpr, EVEN: tl.constexpr, BITS: tl.constexpr, PIPELINE: tl.constexpr,
+                     ASM_CVT: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         if GUARD:  # noqa: SIM102  (constexpr: without a guard the branch is not compiled)
@@ -95,7 +100,7 @@ if HAS_TRITON:
                     k_mask = (k0 + rk) < k_end
                     x = tl.load(X + k0 + rk, mask=k_mask, other=0.0).to(tl.float32)
                     w = tl.load(w_ptr + k0, mask=n_mask[:, None] & k_mask[None, :], other=0)
-                acc2 += _widen(w, tl.float32, BITS) * x[None, :]
+                acc2 += _widen(w, tl.float32, BITS, ASM_CVT) * x[None, :]
             acc = tl.sum(acc2, 1)[None, :]  # [1, BLOCK_N]
         else:
             rm = tl.arange(0, BLOCK_M)
@@ -113,7 +118,7 @@ if HAS_TRITON:
                 if DOT_F32:  # float32 rows, or bf16 under the interpreter (which multiplies bf16 bits as integers)
                     acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
                 else:  # |cb| <= 127: exact in fp16 and bf16
-                    acc = tl.dot(x, tl.trans(_widen(w, x.dtype, BITS)), acc)
+                    acc = tl.dot(x, tl.trans(_widen(w, x.dtype, BITS, ASM_CVT)), acc)
         rm = tl.arange(0, BLOCK_M)
         mask = (rm < M)[:, None] & n_mask[None, :]
         if SPLIT_K == 1:
@@ -233,7 +238,7 @@ def int8_gemv(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.
         INV_127, float(threshold), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         HAS_BIAS=bias is not None, DOT_F32=dot_f32, GUARD=guard is not None,
         GUARD_BLOCK=min(1024, triton.next_power_of_2(k)), EVEN=k % block_k == 0 and n % block_n == 0, BITS=bits,
-        PIPELINE=pipeline, num_warps=num_warps, num_stages=num_stages)
+        PIPELINE=pipeline, ASM_CVT=not interpreting(), num_warps=num_warps, num_stages=num_stages)
     if split_k > 1:
         sum_block = min(1024, triton.next_power_of_2(n))
         _split_sum_kernel[(m, triton.cdiv(n, sum_block))](
