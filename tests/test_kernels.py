@@ -138,16 +138,8 @@ def test_split_count_comes_from_shapes_and_fills_small_batches():
     assert num_kv_splits(64, 1, 1) == 1
 
 
-def test_a_paged_launch_preloads_a_splits_block_ids_where_it_pipelines_deeper(monkeypatch):
-    """The split's block ids are held ahead of the loop at 3 stages or more (the compiler then pipelines the K/V
-    loads that deep, compile_check asserts it), as many as a split spans rounded up to a power of two; a split past
-    MAX_PRELOAD blocks reads them per step. Every choice gives the reference's output."""
-    from batchgen.worker.engine.kernels import attention
-
-    assert attention.preload_pages(768, 1, 128, 64) == 16  # 12 blocks
-    assert attention.preload_pages(768, 12, 64, 64) == 1
-    assert attention.preload_pages(770, 3, 128, 64) == 8  # 257 keys a split -> three 128-key steps: 6 blocks
-    assert attention.preload_pages(1 << 17, 1, 128, 64) == 0  # 2,048 blocks: past MAX_PRELOAD
+def _spy_launches(monkeypatch, attention) -> list[dict]:
+    """The constexprs and arguments of each split-kernel launch from here on (the launch itself still runs)."""
     launches, split_kernel = [], attention._split_kernel
 
     class Spy:
@@ -158,6 +150,20 @@ def test_a_paged_launch_preloads_a_splits_block_ids_where_it_pipelines_deeper(mo
             return launch
 
     monkeypatch.setattr(attention, "_split_kernel", Spy())
+    return launches
+
+
+def test_a_paged_launch_preloads_a_splits_block_ids_where_it_pipelines_deeper(monkeypatch):
+    """The split's block ids are held ahead of the loop at 3 stages or more (the compiler then pipelines the K/V
+    loads that deep, compile_check asserts it), as many as a split spans rounded up to a power of two; a split past
+    MAX_PRELOAD blocks reads them per step. Every choice gives the reference's output."""
+    from batchgen.worker.engine.kernels import attention
+
+    assert attention.preload_pages(768, 1, 128, 64) == 16  # 12 blocks
+    assert attention.preload_pages(768, 12, 64, 64) == 1
+    assert attention.preload_pages(770, 3, 128, 64) == 8  # 257 keys a split -> three 128-key steps: 6 blocks
+    assert attention.preload_pages(1 << 17, 1, 128, 64) == 0  # 2,048 blocks: past MAX_PRELOAD
+    launches = _spy_launches(monkeypatch, attention)
     g = torch.Generator().manual_seed(4)
     k, v = (torch.randn(9, 16, 2, 64, generator=g).half() for _ in range(2))
     q = torch.randn(3, 4, 64, generator=g).half()
@@ -674,16 +680,7 @@ def test_the_engines_int8_v_scales_choose_the_kernels_variant(monkeypatch, demo_
     with pytest.raises(ValueError, match="int8_kv_scales"):
         EngineConfig(model="m", int8_kv_scales="q")
     # "-early": the kernel converts each tile where it is loaded (on CUDA; the interpreter computes the same values)
-    launches, split_kernel = [], attention._split_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launches.append(kwargs)
-                return split_kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(attention, "_split_kernel", Spy())
+    launches = _spy_launches(monkeypatch, attention)
     build_llm_engine(EngineConfig(model=str(demo_model_dir), int8_kv_scales="p-early"))
     assert torch.equal(decode_attention(q, kq, vq, lengths, 128**-0.5, k_scale=ks, v_scale=vs), run[True])
     assert launches[-1]["CVT_EARLY"] and launches[-1]["SCALES_IN_P"] and launches[-1]["F16_INT8"]
