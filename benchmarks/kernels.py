@@ -164,6 +164,38 @@ def _try(results: dict, name: str, fn) -> None:
 
 
 # -- (a) attention -----------------------------------------------------------------------------------------
+def loop_instructions_per_kb(fn) -> float | None:
+    """Warp instructions a KB of K/V in the inner loop of the split kernel fn launches (compile_check's SASS
+    count, with the launch's block_n, warps and cache dtype): beside each bandwidth, what the fit of the two in
+    docs/benchmarks.md predicts. None where fn launches no compiled split kernel (the interpreter, aten)."""
+    import torch
+    from batchgen.worker.engine.kernels import attention as kernels
+    from batchgen.worker.engine.kernels.compile_check import loop_instructions
+
+    seen, split_kernel = [], kernels._split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                compiled = split_kernel[grid](*args, **kwargs)
+                seen.append((compiled, args, kwargs))
+                return compiled
+            return launch
+
+    kernels._split_kernel = Spy()
+    try:
+        fn()
+    finally:
+        kernels._split_kernel = split_kernel
+    if not seen or not hasattr(seen[0][0], "asm"):
+        return None
+    compiled, args, kwargs = seen[0]
+    major, minor = torch.cuda.get_device_capability()
+    body = loop_instructions(compiled.asm["cubin"], 10 * major + minor)
+    step_kb = kwargs["BLOCK_N"] * args[0].shape[-1] * 2 * args[1].element_size() / 1024  # K and V a step
+    return round(body * kwargs["num_warps"] / step_kb, 1) if body else None
+
+
 def attention(args, shape: Shape, device: str) -> dict:
     torch = _torch()
     from batchgen.worker.engine.kernels import (
@@ -198,7 +230,9 @@ def attention(args, shape: Shape, device: str) -> dict:
 
     def row(fn, kv: str, *, graph: bool = False) -> dict:
         ms = graph_ms(fn, device) if graph else time_ms(fn, device)
-        return {"ms": round(ms, 4), "kv_gb_s": round(needed[kv] / ms / 1e6, 1), "layers_32_ms": round(32 * ms, 2)}
+        timed = {"ms": round(ms, 4), "kv_gb_s": round(needed[kv] / ms / 1e6, 1), "layers_32_ms": round(32 * ms, 2)}
+        per_kb = None if graph else loop_instructions_per_kb(fn)
+        return timed | ({"warp_instructions_per_kb": per_kb} if per_kb else {})
 
     check = slice(0, min(rows, 32))  # the float32 reference over every row would need ~10 GB
 
