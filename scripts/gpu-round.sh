@@ -39,8 +39,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-fast  # int8 K/V's fp16 path: kernel, bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-fast-final  # its drift; HF; profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-paged  # int8 K/V, several blocks a step
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-preload  # paged block ids ahead of the loop
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-bias  # then: bulk int8 v-bias, 1,536 rows
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-issue  # kernels; bulk int8 v-bias, defaults
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-issue-2  # then: int8 v, 1,536 rows, profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-early  # int8 tiles converted where loaded
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8kv-kernel  # int8 K/V, V scales in p; kernels
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh small-vram-int8  # 13B under 6 GiB: the streamed
@@ -314,19 +314,18 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=200 bulk int8_paged 1 static-features 0 1 int8  # builds the llama7b model
     BULK_S=160 bulk defaults 1 static-features 0
     ;;
-  int8kv-preload)  # the paged kernel with each split's block ids read ahead of its loop (the default at 3 stages:
-    # its K/V loads then pipeline as over a slot cache): the kernel sweep at the int8 bulk state (ids ahead against
-    # in the loop), bulk int8 K/V with it, then the defaults
+  int8kv-issue)  # the int8 decode kernel with fewer instructions a KB (it is bound by their issue): the kernel sweep
+    # at the int8 bulk state (every variant's instruction count beside its bandwidth), bulk int8 K/V with the
+    # biased kernel, then the defaults: whether int8 K/V passes them end to end
     run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 \
         --out "$out/kernels"
-    BULK_S=200 bulk int8 1 static-features 0 1 int8  # builds the llama7b model
+    BATCHGEN_INT8_KV_SCALES=v-bias BULK_S=200 bulk int8_bias 1 static-features 0 1 int8  # builds the llama7b model
     BULK_S=160 bulk defaults 1 static-features 0
     ;;
-  int8kv-bias)  # right after int8kv-preload on the same machine (its model in /tmp): bulk int8 K/V with the
-    # kernel that needs the fewest instructions a KB (converted early and left biased), then with more rows than
-    # the 1,024 ceiling (int8 K/V held 221k of its 497k tokens' blocks at 614 mean rows: rows, not blocks, bound
-    # it), and a decode step at the int8 bulk state with the biased kernel
-    BATCHGEN_INT8_KV_SCALES=v-bias BULK_S=200 bulk int8_bias 1 static-features 0 1 int8
+  int8kv-issue-2)  # right after int8kv-issue on the same machine (its model in /tmp): bulk int8 K/V with the default
+    # kernel, then the biased one at more rows than the 1,024 ceiling (int8 K/V held 221k of its 497k tokens'
+    # blocks at 614 mean rows: rows, not blocks, bound it), and a decode step at the int8 bulk state
+    BULK_S=170 bulk int8 1 static-features 0 1 int8
     BATCHGEN_MAX_BATCH=1536 BATCHGEN_INT8_KV_SCALES=v-bias BULK_S=170 bulk int8_bias_1536 1 static-features 0 1 int8
     profile int8_bias "kv_cache_dtype=int8,int8_kv_scales=v-bias" --rows 614 --prompt 352 --max-model-len 416
     ;;
