@@ -4,11 +4,12 @@ Cache layout is the runner's per layer: slots k/v [rows, max_len, kv_heads, head
 cache row i (or cache_rows[i]) and its first seq_lens[i] keys; or blocks k/v [num_blocks, BLOCK_N, kv_heads,
 head_dim] with a block table [rows, max_blocks]: key t of cache row r is block_table[r, t // BLOCK_N], slot
 t % BLOCK_N (one inner step reads block_n // BLOCK_N blocks, each key at its own; a split's block ids are read
-once ahead of its loop, so the K/V loads' addresses come from registers and the compiler pipelines them num_stages
-deep, as over a slot cache, where ids read inside the loop make it wait for every load each step). Stage one: one program per (row, kv head, split)
-runs every query head of that KV group against its share of the row's keys (GQA without copying K/V) and
-writes a partial output and its log-sum-exp; stage two merges the splits (at one split, as large batches have,
-stage one writes the output and no merge runs). The grid depends only on the row
+once ahead of its loop, so the K/V loads' addresses come from registers and the compiler pipelines them
+num_stages deep, as over a slot cache, where ids read inside the loop make it wait for every load each step).
+Stage one: one program per (row, kv head, split) runs every query head of that KV group against its share of the
+row's keys (GQA without copying K/V), whole steps without masks and the ragged last one masked, and writes a
+partial output and its log-sum-exp; stage two merges the splits (at one split, as large batches have, stage one
+writes the output and no merge runs). The grid depends only on the row
 count and the split count (chosen from max_len), and each row's split length is computed on the device
 from seq_lens, so the launch is the same every step and a CUDA graph can hold it.
 
