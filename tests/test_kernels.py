@@ -330,6 +330,39 @@ def test_the_gemms_epilogue_computes_the_outlier_columns_dense_part():
     assert torch.equal(got, dequantize_acc(acc, absmax, scb, bias, torch.float16, apart))
 
 
+_PER_KB_SCRIPT = """
+import json, torch
+from batchgen.worker.engine.kernels import attention
+from batchgen.worker.engine.kernels.compile_check import SPLIT_ALIGNED, SPLIT_INTS, build, loop_instructions
+import benchmarks.kernels as bench
+kernel = build(attention._split_kernel, 90, {"Q": "*fp16", "K": "*i8", "V": "*i8", "SeqLens": "*i32",
+               "CacheRows": "*i32", "BlockTable": "*i32", "KScale": "*fp32", "VScale": "*fp32", "MidO": "*fp32",
+               "MidLse": "*fp32", "Out": "*fp16"}, SPLIT_INTS, ["qk_scale"],
+               dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=128, NUM_SPLITS=1, HAS_ROWS=False,
+                    HAS_BLOCKS=True, DOT_F32=False, TOKEN_SCALES=True, SCALES_IN_P=False, F16_INT8=True, ASM_CVT=True,
+                    PAGE=64, CVT_EARLY=True, PRELOAD=16, BIAS=True), aligned=SPLIT_ALIGNED, num_warps=4, num_stages=3)
+class Launcher:  # what a CUDA launch of the split kernel returns: the compiled kernel
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: kernel
+attention._split_kernel = Launcher()
+torch.cuda.get_device_capability = lambda: (9, 0)
+q, cache = torch.zeros(2, 8, 128, dtype=torch.float16), torch.zeros(2, 64, 2, 128, dtype=torch.int8)
+per_kb = bench.loop_instructions_per_kb(lambda: attention._split_kernel[(1,)](q, cache, BLOCK_N=128, num_warps=4))
+print(json.dumps({"bench": per_kb, "body": loop_instructions(kernel.asm["cubin"], 90)}))
+"""
+
+
+def test_the_kernel_benchmark_counts_a_launchs_loop_instructions_a_kb():
+    """benchmarks.kernels' instruction count beside each bandwidth: the loop of the kernel a variant launched (here
+    the biased int8 launch, compiled for sm_90 as on the GPU) times its warps, over the K/V bytes of one step."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _PER_KB_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["body"] > 0 and got["bench"] == round(got["body"] * 4 / (128 * 128 * 2 / 1024), 1), got
+
+
 def test_kernels_compile_for_hopper():
     """The interpreter runs the kernels' Python, not Triton's compiler: compile each for sm_90 (Triton's own
     ptxas, no GPU) in a process without TRITON_INTERPRET, so a GPU run does not meet a compile error first."""
