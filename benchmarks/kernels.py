@@ -174,7 +174,7 @@ def loop_instructions_per_kb(fn) -> float | None:
 
     if interpreting() or not torch.cuda.is_available():  # nothing compiled: not worth another interpreted run
         return None
-    from batchgen.worker.engine.kernels.compile_check import loop_instructions
+    from batchgen.worker.engine.kernels.compile_check import instructions_per_kb
 
     seen, split_kernel = [], kernels._split_kernel
 
@@ -195,9 +195,8 @@ def loop_instructions_per_kb(fn) -> float | None:
         return None
     compiled, args, kwargs = seen[0]
     major, minor = torch.cuda.get_device_capability()
-    body = loop_instructions(compiled.asm["cubin"], 10 * major + minor)
-    step_kb = kwargs["BLOCK_N"] * args[0].shape[-1] * 2 * args[1].element_size() / 1024  # K and V a step
-    return round(body * kwargs["num_warps"] / step_kb, 1) if body else None
+    step_bytes = kwargs["BLOCK_N"] * args[0].shape[-1] * 2 * args[1].element_size()  # K and V a step
+    return instructions_per_kb(compiled.asm["cubin"], 10 * major + minor, kwargs["num_warps"], step_bytes)
 
 
 def attention(args, shape: Shape, device: str) -> dict:

@@ -333,14 +333,12 @@ def test_the_gemms_epilogue_computes_the_outlier_columns_dense_part():
 _PER_KB_SCRIPT = """
 import json, torch
 from batchgen.worker.engine.kernels import attention
-from batchgen.worker.engine.kernels.compile_check import SPLIT_ALIGNED, SPLIT_INTS, build, loop_instructions
+from batchgen.worker.engine.kernels.compile_check import build_split, loop_instructions
 import benchmarks.kernels as bench
-kernel = build(attention._split_kernel, 90, {"Q": "*fp16", "K": "*i8", "V": "*i8", "SeqLens": "*i32",
-               "CacheRows": "*i32", "BlockTable": "*i32", "KScale": "*fp32", "VScale": "*fp32", "MidO": "*fp32",
-               "MidLse": "*fp32", "Out": "*fp16"}, SPLIT_INTS, ["qk_scale"],
-               dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=128, NUM_SPLITS=1, HAS_ROWS=False,
-                    HAS_BLOCKS=True, DOT_F32=False, TOKEN_SCALES=True, SCALES_IN_P=False, F16_INT8=True, ASM_CVT=True,
-                    PAGE=64, CVT_EARLY=True, PRELOAD=16, BIAS=True), aligned=SPLIT_ALIGNED, num_warps=4, num_stages=3)
+kernel = build_split(90, "*i8", dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=128, NUM_SPLITS=1,
+                                     HAS_ROWS=False, HAS_BLOCKS=True, DOT_F32=False, TOKEN_SCALES=True,
+                                     SCALES_IN_P=False, F16_INT8=True, ASM_CVT=True, PAGE=64, CVT_EARLY=True,
+                                     PRELOAD=16, BIAS=True), num_warps=4, num_stages=3)
 class Launcher:  # what a CUDA launch of the split kernel returns: the compiled kernel
     def __getitem__(self, grid):
         return lambda *args, **kwargs: kernel

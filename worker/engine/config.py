@@ -76,7 +76,8 @@ class EngineConfig:
     tuned_kernels: bool = True
     # an int8 KV cache's V scales in the Triton decode attention: "v" on each V element, "p" on the softmax weights,
     # in fp16; "v32"/"p32" the same through float32; "v-early"/"p-early" in fp16 with each tile converted where it
-    # is loaded (cvt_early) (kernels/attention.py; benchmarks.kernels times them)
+    # is loaded (cvt_early); "v-bias"/"p-bias" as those, K (and V under "p") left 1152 over its values and each dot
+    # corrected (bias) (kernels/attention.py; benchmarks.kernels times them)
     int8_kv_scales: str = "v"
     # how the fused and int8 elementwise functions compile (kernels/compiled.py): "static-features" (only the
     # token/row dimensions symbolic: the measured faster one) or "dynamic" (every dimension symbolic)

@@ -58,10 +58,18 @@ def spill_bytes(ptx: str, arch: int) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def build_split(arch: int, kv: str, constexprs: dict, **options):
+    """attention._split_kernel compiled with kv ("*fp16", "*fp8e4nv" or "*i8") as its cache's pointer type, the
+    strides a launch over the engine's caches passes as multiples of 16, the other pointers fp16/fp32/int32."""
+    pointers = {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32", "CacheRows": "*i32", "BlockTable": "*i32",
+                "KScale": "*fp32", "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32", "Out": "*fp16"}
+    return build(attention._split_kernel, arch, pointers, SPLIT_INTS, ["qk_scale"], constexprs, aligned=SPLIT_ALIGNED,
+                 **options)
+
+
 def loop_instructions(cubin: bytes, arch: int) -> int | None:
     """The SASS instructions of a kernel's main loop body, one warp's pass (nvdisasm beside Triton's ptxas): the
-    longest loop with tensor-core MMAs, else the longest; None where nvdisasm is not there. Over a K/V step, per KB: the int8 decode kernel's measured bandwidths fit a
-    constant instruction issue rate (docs/benchmarks.md), so fewer of them is what speeds it up."""
+    longest loop with tensor-core MMAs, else the longest; None where nvdisasm is not there."""
     nvdisasm = Path(getattr(get_ptxas(arch), "path", get_ptxas(arch))).parent / "nvdisasm"
     if not nvdisasm.exists():
         return None
@@ -81,6 +89,14 @@ def loop_instructions(cubin: bytes, arch: int) -> int | None:
     return max(loops, default=(False, 0))[1]
 
 
+def instructions_per_kb(cubin: bytes, arch: int, num_warps: int, step_bytes: int) -> float | None:
+    """Warp instructions per KB a loop step reads: loop_instructions times the program's warps, over its bytes. The
+    int8 decode kernel's measured bandwidths fit a constant instruction issue rate (docs/benchmarks.md), so fewer of
+    these is what speeds it up. None where nvdisasm is not there."""
+    body = loop_instructions(cubin, arch)
+    return round(body * num_warps / (step_bytes / 1024), 1) if body else None
+
+
 def compile_all(arch: int = 90) -> dict[str, dict]:
     out = {}
     for name, kv, paged, splits in (("split fp16", "*fp16", False, 2), ("split fp8", "*fp8e4nv", False, 2),
@@ -92,18 +108,12 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                                     ("one split paged int8 f32", "*i8", True, 1),
                                     ("one split paged int8 f32 scales in p", "*i8", True, 1),
                                     ("one split paged int8 early", "*i8", True, 1)):
-        k = build(attention._split_kernel, arch, {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32",
-                                                  "CacheRows": "*i32", "BlockTable": "*i32", "KScale": "*fp32",
-                                                  "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32",
-                                                  "Out": "*fp16"},
-                  SPLIT_INTS, ["qk_scale"], dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64,
-                                                 NUM_SPLITS=splits, HAS_ROWS=not paged, HAS_BLOCKS=paged,
-                                                 DOT_F32=False, TOKEN_SCALES=kv == "*i8",
-                                                 SCALES_IN_P=name.endswith("in p"),
-                                                 F16_INT8=kv == "*i8" and "f32" not in name, ASM_CVT=True,
-                                                 PAGE=32 if paged and kv == "*i8" else 64,
-                                                 CVT_EARLY=name.endswith("early"), PRELOAD=0, BIAS=False),
-                  aligned=SPLIT_ALIGNED, num_warps=4, num_stages=2)
+        k = build_split(arch, kv, dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=64,
+                                       NUM_SPLITS=splits, HAS_ROWS=not paged, HAS_BLOCKS=paged, DOT_F32=False,
+                                       TOKEN_SCALES=kv == "*i8", SCALES_IN_P=name.endswith("in p"),
+                                       F16_INT8=kv == "*i8" and "f32" not in name, ASM_CVT=True,
+                                       PAGE=32 if paged and kv == "*i8" else 64, CVT_EARLY=name.endswith("early"),
+                                       PRELOAD=0, BIAS=False), num_warps=4, num_stages=2)
         out[name] = {"shared_bytes": k.metadata.shared}
         if kv == "*i8":  # fp16 from int8 by byte permutes, not conversion instructions (f32: the float32 path's)
             ptx = k.asm["ptx"]
@@ -122,24 +132,18 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
             ("paged fp16 3 stages, ids ahead", "*fp16", (attention.LAUNCH[0], attention.LAUNCH[1], 3), False, True,
              False)):
         page = attention.BLOCK_N
-        k = build(attention._split_kernel, arch, {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32",
-                                                  "CacheRows": "*i32", "BlockTable": "*i32", "KScale": "*fp32",
-                                                  "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32",
-                                                  "Out": "*fp16"},
-                  SPLIT_INTS, ["qk_scale"], dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=block_n,
-                                                 NUM_SPLITS=1, HAS_ROWS=False, HAS_BLOCKS=True, DOT_F32=False,
-                                                 TOKEN_SCALES=kv == "*i8", SCALES_IN_P=False, F16_INT8=kv == "*i8",
-                                                 ASM_CVT=True, PAGE=page, CVT_EARLY=early,
-                                                 PRELOAD=attention.preload_pages(768, 1, block_n, page) * preload,
-                                                 BIAS=bias),
-                  aligned=SPLIT_ALIGNED, num_warps=warps, num_stages=stages)
+        k = build_split(arch, kv, dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=block_n,
+                                       NUM_SPLITS=1, HAS_ROWS=False, HAS_BLOCKS=True, DOT_F32=False,
+                                       TOKEN_SCALES=kv == "*i8", SCALES_IN_P=False, F16_INT8=kv == "*i8",
+                                       ASM_CVT=True, PAGE=page, CVT_EARLY=early,
+                                       PRELOAD=attention.preload_pages(768, 1, block_n, page) * preload, BIAS=bias),
+                        num_warps=warps, num_stages=stages)
         ptx = k.asm["ptx"]
-        kv_kb = block_n * 128 * 2 * (1 if kv == "*i8" else 2) / 1024  # K and V bytes an inner step reads
-        body = loop_instructions(k.asm["cubin"], arch)
+        step_bytes = block_n * 128 * 2 * (1 if kv == "*i8" else 2)  # K and V an inner step reads
         out[name] = {"shared_bytes": k.metadata.shared, "stages": stages,
                      "loads_in_flight": max(map(int, re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)), default=0),
                      "vector_loads": len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*0x10", ptx)),
-                     "warp_instructions_per_kb": body and round(body * warps / kv_kb, 1)}
+                     "warp_instructions_per_kb": instructions_per_kb(k.asm["cubin"], arch, warps, step_bytes)}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
               ["stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh"], [],
               dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=3, BLOCK_S=4), num_warps=4)
@@ -192,7 +196,7 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
         out[f"gemv {rows} row{'s' if rows > 1 else ''}"] = {
             "pipelined": "cp.async" in ptx, "shared_bytes": k.metadata.shared, "prmt": ptx.count("prmt.b32"),
             "byte_shared_loads": ptx.count("ld.shared.b8"),
-            "warp_instructions_per_kb": round(loop_instructions(k.asm["cubin"], arch) * 4 / (block_n * 256 / 1024), 1)
+            "warp_instructions_per_kb": instructions_per_kb(k.asm["cubin"], arch, 4, block_n * 256)
             if rows > 1 else None}  # one row's loop has no MMA to tell it from the guard's
     for name, dest, quant in (("kv store fp16", "*fp16", False), ("kv store fp8", "*u8", True),
                               ("kv store int8", "*i8", False)):
