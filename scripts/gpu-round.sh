@@ -51,6 +51,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh alloc    # the workload in-process: allocator
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-bulk  # bulk: the default against int_mm
 #   WHEELS=.whl-bloom source scripts/device-setup.sh && bash scripts/gpu-round.sh models-check  # BLOOM-7b1, BLOOM-13B
+#   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh regress  # defaults: this tree, OLD's
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -384,6 +385,16 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     run 160 small_vram_first python3 -m benchmarks.models --out "$out/sv_first" --small-vram --small-vram-kv fp8+stream
     run 130 small_vram_second python3 -m benchmarks.models --out "$out/sv_second" --small-vram \
         --small-vram-kv fp8+stream
+    ;;
+  regress)  # #22: the defaults measured 9,910-10,115 tok/s at 76f430e (sixth session, three machines) and
+    # 8,675-8,917 since (ninth and tenth, three machines), prefill and decode device time both ~16 % longer on the
+    # same 70 + 756 steps: OLD=<a tree of an earlier commit> against this checkout on one machine
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
+    mkdir -p "$old/.devpkg/batchgen"
+    for part in jobs producer worker; do ln -sfn "$old/$part" "$old/.devpkg/batchgen/$part"; done
+    (cd "$old" && export PYTHONPATH="/tmp/site:$old/.devpkg:$old" && BULK_S=160 bulk old 1 static-features 0)
+    BULK_S=150 bulk defaults_again 1 static-features 0
     ;;
   profile)
     profile untuned tuned_kernels=0
