@@ -1,5 +1,6 @@
 """The engine's warm-up (worker/engine/warm_up.py): two prefills of the sizes it picks, then nothing left behind."""
 
+import pytest
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.llm_engine import LLMEngine
 from batchgen.worker.engine.warm_up import prefill_sizes, prompts
@@ -38,3 +39,31 @@ def test_warm_up_runs_its_prefills_and_leaves_the_engine_as_new(demo_model_dir):
     results = run(engine, [completion("a", PROMPTS[3], max_tokens=9)])
     text, reason, num_tokens = hf_greedy(engine, engine.tokenizer(PROMPTS[3])["input_ids"], 9)
     assert (results["a"].text, results["a"].finish_reason, results["a"].completion_tokens) == (text, reason, num_tokens)
+
+
+@pytest.mark.slow
+def test_the_warm_up_opens_no_outlier_column_and_leaves_the_guard_fresh(demo_model_dir):
+    """Its prompts repeat the calibration text: judged, their rates opened two columns of a random 7B model on the
+    GPU, and every later step paid for them (docs/benchmarks.md). A column massive in every warm-up token opens
+    none; the same column in a job does."""
+    engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), max_batch_size=4, max_prefill_tokens=48))
+    guard = engine.int8.guard
+    assert not guard.seen.any() and not guard.hits.any() and guard.num_tokens == 0  # start-up passes forgotten
+    qkv = next(layer.self_attn.qkv_proj for layer in engine.model.model.layers
+               if not layer.self_attn.qkv_proj.outliers.columns)
+    column = 13
+
+    def plant(module, args):
+        x = args[0].clone()
+        x[..., column] = 40.0
+        return (x,)
+
+    handle = qkv.register_forward_pre_hook(plant)
+    try:
+        engine.warm_up()
+        assert column not in qkv.outliers.columns and guard.num_opened == 0
+        assert not guard.pending and guard.num_tokens == 0 and not guard.seen.any() and not guard.hits.any()
+        results = run(engine, [completion("a", PROMPTS[3], max_tokens=4)])
+    finally:
+        handle.remove()
+    assert results["a"].error is None and column in qkv.outliers.columns and guard.num_opened == 1

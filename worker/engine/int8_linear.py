@@ -548,6 +548,11 @@ class Int8Runtime:
         """The guard's pending snapshot read, waiting for the device; True as poll's."""
         return self._opens(OutlierGuard.flush)
 
+    def restart(self) -> None:
+        """The guard starts afresh (OutlierGuard.restart): what the engine's start-up ran is not judged."""
+        if self.guard is not None:
+            self.guard.restart()
+
     def _opens(self, step: Callable[[OutlierGuard], int]) -> bool:
         if self.guard is None:
             return False

@@ -246,6 +246,15 @@ class OutlierGuard:
         """Reads the pending snapshot, waiting for the device (tests; callers that want the columns in place now)."""
         return self.read(wait=True)
 
+    def restart(self) -> None:
+        """Forgets every record and any snapshot not read: an engine's start-up passes (the budget's measurement,
+        graph captures over placeholder rows, the warm-up's prompts cut from the calibration text that calibration
+        already judged) are not traffic. A stale copy still in flight lands before the next snapshot's (one stream)."""
+        self.pending = False
+        self.seen.zero_()
+        self.hits.zero_()
+        self.num_tokens = 0
+
     def _add(self, hits: list[int]) -> int:
         """The flat column indices found, added to their inputs; logs them and returns how many were added."""
         by_input: dict[int, list[int]] = {}

@@ -157,6 +157,8 @@ class LLMEngine:
         self._admit_here = False  # prompts a queued prefill could not take: the next synchronous step admits them
         self._unpolled_tokens = 0  # tokens of queued steps launched since the guard's last snapshot
         self._unpolled_steps = 0
+        self._guarding = True  # off while the warm-up steps its calibration text
+        self._restart_guard()  # the budget's passes and the graph captures recorded placeholder rows
         self._last_read = 0.0
         self.warm_up_s = 0.0
 
@@ -262,12 +264,18 @@ class LLMEngine:
         self._last_read = time.perf_counter()
         return results
 
+    def _restart_guard(self) -> None:
+        """The outlier guard judges what follows only (Int8Runtime.restart)."""
+        self._unpolled_tokens = self._unpolled_steps = 0
+        if self.int8 is not None:
+            self.int8.restart()
+
     def _poll_int8(self, num_tokens: int, *, queued: bool = False) -> None:
         """The outlier guard after a step over num_tokens tokens was launched (in stream order before the next
         one): a snapshot after a synchronous step or every GUARD_POLL_STEPS queued ones, else only a finished
         snapshot read; neither waits for the device. An input's first outlier column changes its linears' path,
         which captured graphs skipped: they are dropped here, before the next replay, and captured again."""
-        if self.int8 is None:
+        if self.int8 is None or not self._guarding:
             return
         self._unpolled_tokens += num_tokens
         self._unpolled_steps += 1
@@ -282,7 +290,7 @@ class LLMEngine:
     def _flush_int8(self) -> None:
         """Drained with nothing in flight: the guard judges the last steps' tokens now, waiting for its snapshot
         only, so the columns they found are in place before the next run."""
-        if self.int8 is None:
+        if self.int8 is None or not self._guarding:
             return
         opened = self.int8.flush()
         if self._unpolled_steps:
@@ -459,7 +467,14 @@ class LLMEngine:
     def warm_up(self) -> float:
         """Runs the warm-up's prompts through this engine's steps (warm_up.py), then starts its statistics afresh:
         they count jobs only. Returns the seconds it took."""
-        seconds = run_warm_up(self)
+        # Its prompts repeat the calibration text, which calibration judged: judged again, their rates can open
+        # columns that every later step pays for, with the decode graphs captured again mid-job.
+        self._guarding = False
+        try:
+            seconds = run_warm_up(self)
+        finally:
+            self._guarding = True
+        self._restart_guard()
         self.step_stats = StepStats(num_kv_blocks=0 if self.blocks is None else self.blocks.num_blocks)
         self._rate = TokenRate(TOKENS_PER_S_WINDOW_S)
         self._last_batch = 0
