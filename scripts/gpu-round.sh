@@ -52,6 +52,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-bulk  # bulk: the default against int_mm
 #   WHEELS=.whl-bloom source scripts/device-setup.sh && bash scripts/gpu-round.sh models-check  # BLOOM-7b1, BLOOM-13B
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh regress  # defaults: this tree, OLD's
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh fixed  # #22's table: bulk, HF's baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -385,6 +386,13 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     run 160 small_vram_first python3 -m benchmarks.models --out "$out/sv_first" --small-vram --small-vram-kv fp8+stream
     run 130 small_vram_second python3 -m benchmarks.models --out "$out/sv_second" --small-vram \
         --small-vram-kv fp8+stream
+    ;;
+  fixed)  # #22's table on one machine after the warm-up fix (4076976: no outlier column opened by the warm-up):
+    # bulk on the defaults (its worker log must show no "new outlier columns"), then HF's baselines; `defaults-twice`
+    # after it on the same machine for a second figure
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    log "outlier columns opened: $(grep -c "new outlier columns" "$out/bulk_defaults/worker.log")"
+    run 270 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
     ;;
   regress)  # #22: the defaults measured 9,910-10,115 tok/s at 76f430e (sixth session, three machines) and
     # 8,675-8,917 since (ninth and tenth, three machines), prefill and decode device time both ~16 % longer on the
