@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 
 from batchgen.worker.engine import int8_linear  # noqa: E402
 from batchgen.worker.engine.kernels import (  # noqa: E402
+    attention,
     decode_attention,
     decode_attention_reference,
     dequantize_acc,
@@ -396,6 +397,8 @@ def test_kernels_compile_for_hopper():
         assert inline["loads_in_flight"] == 0 < ahead["loads_in_flight"], (launch, inline, ahead)
         assert ahead["vector_loads"] > 0 and ahead["shared_bytes"] > inline["shared_bytes"]  # a buffer a stage
     assert compiled["paged int8 launch early, ids ahead"]["loads_in_flight"] > 0
+    # default_launch's count of PAGED_LAUNCH's shared memory covers what the compiler gives it
+    assert compiled["paged fp16 3 stages, ids ahead"]["shared_bytes"] <= attention.paged_launch_bytes(128)
     # the int8 kernel is bound by instruction issue: converted early, then left biased, each needs fewer a KB of K/V
     # (fp16's, bound by its bytes, needs a third of those)
     per_kb = {name: compiled[name]["warp_instructions_per_kb"] for name in compiled if "launch" in name}
@@ -810,3 +813,16 @@ def test_the_runners_triton_decode_step_over_an_int8_cache_equals_masked_attenti
     for i in (1, 2, 3, 4):  # layer 0's K/V and scales: the same inputs, written the same
         assert torch.equal(out["triton"][i][0], out["sdpa"][i][0])
         assert not torch.equal(out["triton"][i][0], (cache if i < 3 else scales)[(i - 1) % 2][0])
+
+
+def test_the_default_launch_takes_a_third_stage_where_a_program_holds_its_tiles():
+    h200, sm86, sm75 = 232448, 101376, 65536  # shared memory a program may opt into
+    launch = attention.default_launch
+    assert launch(torch.float16, True, 128, h200) == attention.PAGED_LAUNCH
+    assert launch(torch.bfloat16, True, 128, sm86) == attention.PAGED_LAUNCH
+    assert launch(torch.float16, True, 128, sm75) == attention.LAUNCH
+    assert launch(torch.float16, True, 256, sm86) == attention.LAUNCH  # twice the tiles
+    assert launch(torch.float16, False, 128, h200) == attention.LAUNCH  # a slot cache pipelines at 2 stages already
+    assert launch(torch.float8_e4m3fn, True, 128, h200) == attention.LAUNCH
+    assert launch(torch.int8, True, 128, h200) == attention.INT8_LAUNCH
+    assert launch(torch.float16, True, 128, attention.shared_per_program(torch.device("cpu"))) == attention.LAUNCH

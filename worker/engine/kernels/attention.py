@@ -23,6 +23,7 @@ fp16's subnormals).
 Follows the structure of SGLang's triton_ops/decode_attention.py (grouped stage 1 + softmax-merge stage 2).
 """
 
+import functools
 import math
 
 import torch
@@ -42,6 +43,11 @@ MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # and a deeper pipeline keep as many bytes in flight (benchmarks.kernels times the sweep)
 LAUNCH = (BLOCK_N, 4, 2)
 INT8_LAUNCH = (128, 4, 3)
+# A 2-byte cache over blocks, where an SM gives a program the shared memory: a third stage, with the split's block ids
+# read ahead of its loop (preload), keeps a step's K/V copies in flight (0.876 against LAUNCH's 0.918 ms a layer on
+# the H200, docs/benchmarks.md). It holds two steps' K and V tiles (sm_75 gives a program 64 KB, sm_86 99 KB).
+PAGED_LAUNCH = (BLOCK_N, 4, 3)
+PAGED_LAUNCH_SLACK = 8192  # bytes beside the tiles: the block ids, the softmax's scratch (compile_check: 6,144)
 MAX_PRELOAD = 1024  # block ids of a split held ahead of its loop (64k keys at 64-key blocks); longer: read per step
 
 if HAS_TRITON:
@@ -235,6 +241,32 @@ def num_kv_splits(max_len: int, num_rows: int, num_kv_heads: int, target_program
     return max(1, min(wanted, -(-max_len // BLOCK_N), 64))
 
 
+def default_launch(kv_dtype: torch.dtype, paged: bool, head_dim: int, shared_per_program: int) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) where a call does not say: INT8_LAUNCH for an int8 cache; PAGED_LAUNCH for a
+    2-byte one over blocks where shared_per_program (the device's opt-in bytes a program) holds its tiles; else
+    LAUNCH."""
+    if kv_dtype == torch.int8:
+        return INT8_LAUNCH
+    if paged and kv_dtype.itemsize == 2 and paged_launch_bytes(head_dim) <= shared_per_program:
+        return PAGED_LAUNCH
+    return LAUNCH
+
+
+def paged_launch_bytes(head_dim: int) -> int:
+    """The shared memory a program of PAGED_LAUNCH over a 2-byte cache wants: K and V tiles for the steps in flight,
+    and PAGED_LAUNCH_SLACK."""
+    block_n, _, stages = PAGED_LAUNCH
+    return (stages - 1) * 2 * block_n * (1 << (head_dim - 1).bit_length()) * 2 + PAGED_LAUNCH_SLACK
+
+
+@functools.cache
+def shared_per_program(device: torch.device) -> int:
+    """The shared memory a program may opt into on device; 0 off CUDA (the interpreter, the CPU reference)."""
+    if device.type != "cuda":
+        return 0
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+
+
 def preload_pages(max_len: int, splits: int, block_n: int, page: int) -> int:
     """The block ids a split of a paged cache reads ahead of its loop: the most a split spans (its keys rounded up to
     whole steps, as the kernel splits them), as a power of two; 0 past MAX_PRELOAD (the kernel reads them per step)."""
@@ -285,7 +317,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     (block_n a multiple of block_size): key t of cache row r lives in block block_table[r, t // block_size].
     num_splits: default num_kv_splits(max_len, n, kv_heads); fix it per captured graph.
     block_n / num_warps / num_stages: keys per inner step (a power of two >= 16; over a paged cache a multiple of
-    its block size) and the launch's tuning; None: LAUNCH's, or INT8_LAUNCH's for an int8 cache.
+    its block size) and the launch's tuning; None: default_launch's for the cache and device.
     scales_in_p: an int8 cache's V scales multiply the softmax weights (normalised by the block's largest) instead of
     each V element: fewer multiplies a block, the same result within fp16 rounding (benchmarks.kernels times both);
     None: as INT8_V_SCALES says.
@@ -301,7 +333,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_stages >= 3 (a deeper pipeline is what it buys) and a split spans at most MAX_PRELOAD blocks."""
     n, num_heads, head_dim = q.shape
     rows, max_len, num_kv_heads, _ = k_cache.shape
-    launch = INT8_LAUNCH if k_cache.dtype == torch.int8 else LAUNCH
+    kv_dtype = k_cache.dtype if v_cache.dtype.itemsize >= k_cache.dtype.itemsize else v_cache.dtype  # fp8v: V's
+    launch = default_launch(kv_dtype, block_table is not None, head_dim, shared_per_program(q.device))
     block_n, num_warps, num_stages = (given or default for given, default in zip((block_n, num_warps, num_stages),
                                                                                  launch, strict=True))
     page = block_n
