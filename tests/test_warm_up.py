@@ -43,9 +43,9 @@ def test_warm_up_runs_its_prefills_and_leaves_the_engine_as_new(demo_model_dir):
 
 @pytest.mark.slow
 def test_the_warm_up_opens_no_outlier_column_and_leaves_the_guard_fresh(demo_model_dir):
-    """Its prompts repeat the calibration text: judged, their rates opened two columns of a random 7B model on the
-    GPU, and every later step paid for them (docs/benchmarks.md). A column massive in every warm-up token opens
-    none; the same column in a job does."""
+    """Its prompts repeat the calibration text: judged, their rates opened two columns of a random 7B model, and
+    every later step paid for them (docs/benchmarks.md). A column massive in every warm-up token opens none; the same
+    column in a job does."""
     engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), max_batch_size=4, max_prefill_tokens=48))
     guard = engine.int8.guard
     assert not guard.seen.any() and not guard.hits.any() and guard.num_tokens == 0  # start-up passes forgotten

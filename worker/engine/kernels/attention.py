@@ -44,8 +44,8 @@ MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 LAUNCH = (BLOCK_N, 4, 2)
 INT8_LAUNCH = (128, 4, 3)
 # A 2-byte cache over blocks, where an SM gives a program the shared memory: a third stage, with the split's block ids
-# read ahead of its loop (preload), keeps a step's K/V copies in flight (0.876 against LAUNCH's 0.918 ms a layer on
-# the H200, docs/benchmarks.md). It holds two steps' K and V tiles (sm_75 gives a program 64 KB, sm_86 99 KB).
+# read ahead of its loop (preload), keeps a step's K/V copies in flight (faster a layer than LAUNCH: docs/benchmarks.md,
+# "The warm-up's outlier columns"). It holds two steps' K and V tiles (sm_75 gives a program 64 KB, sm_86 99 KB).
 PAGED_LAUNCH = (BLOCK_N, 4, 3)
 PAGED_LAUNCH_SLACK = 8192  # bytes beside the tiles (Triton 3.6: 6,144 at 16 block ids ahead, 8,192 at MAX_PRELOAD)
 MAX_PRELOAD = 1024  # block ids of a split held ahead of its loop (64k keys at 64-key blocks); longer: read per step
