@@ -166,8 +166,8 @@ def _try(results: dict, name: str, fn) -> None:
 # -- (a) attention -----------------------------------------------------------------------------------------
 def loop_instructions_per_kb(fn) -> float | None:
     """Warp instructions a KB of K/V in the inner loop of the split kernel fn launches (compile_check's SASS
-    count, with the launch's block_n, warps and cache dtype): beside each bandwidth, what the fit of the two in
-    docs/benchmarks.md predicts. None where fn launches no compiled split kernel (the interpreter, aten)."""
+    count, with the launch's block_n, warps and cache dtype): beside each bandwidth (docs/benchmarks.md sets the
+    two side by side). None where fn launches no compiled split kernel (the interpreter, aten)."""
     import torch
     from batchgen.worker.engine.kernels import attention as kernels
     from batchgen.worker.engine.kernels.backend import interpreting

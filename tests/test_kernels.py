@@ -399,8 +399,7 @@ def test_kernels_compile_for_hopper():
     assert compiled["paged int8 launch early, ids ahead"]["loads_in_flight"] > 0
     # default_launch's count of PAGED_LAUNCH's shared memory covers what the compiler gives it
     assert compiled["paged fp16 3 stages, ids ahead"]["shared_bytes"] <= attention.paged_launch_bytes(128)
-    # the int8 kernel is bound by instruction issue: converted early, then left biased, each needs fewer a KB of K/V
-    # (fp16's, bound by its bytes, needs a third of those)
+    # converted early, then left biased, the int8 kernel needs fewer instructions a KB of K/V (fp16's a third of those)
     per_kb = {name: compiled[name]["warp_instructions_per_kb"] for name in compiled if "launch" in name}
     assert all(per_kb.values()), per_kb  # nvdisasm found the loop of each
     assert (per_kb["paged int8 launch biased, ids ahead"] < per_kb["paged int8 launch early, ids ahead"]

@@ -90,9 +90,9 @@ def loop_instructions(cubin: bytes, arch: int) -> int | None:
 
 
 def instructions_per_kb(cubin: bytes, arch: int, num_warps: int, step_bytes: int) -> float | None:
-    """Warp instructions per KB a loop step reads: loop_instructions times the program's warps, over its bytes. The
-    int8 decode kernel's measured bandwidths fit a constant instruction issue rate (docs/benchmarks.md), so fewer of
-    these is what speeds it up. None where nvdisasm is not there."""
+    """Warp instructions per KB a loop step reads: loop_instructions times the program's warps, over its bytes, to set
+    beside a measured bandwidth (docs/benchmarks.md: the int8 decode kernel's variants with a third fewer were no
+    faster). None where nvdisasm is not there."""
     body = loop_instructions(cubin, arch)
     return round(body * num_warps / (step_bytes / 1024), 1) if body else None
 

@@ -1,5 +1,5 @@
 """int8 -> fp16 inside a Triton kernel without conversion instructions (the SMs convert int8 at a quarter of
-their arithmetic rate, and the kernels that widen int8 tiles are bound by instruction issue): FasterTransformer's
+their arithmetic rate): FasterTransformer's
 byte permutes, shared by the decode attention over an int8 cache and the small-row int8 GEMV."""
 
 from batchgen.worker.engine.kernels.backend import HAS_TRITON
