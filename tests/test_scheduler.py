@@ -74,6 +74,20 @@ def test_num_wanted_is_free_rows_plus_prefetch_minus_pending():
     assert sched.num_unfinished == 8
 
 
+def test_the_next_prefill_is_full_at_its_token_budget_or_at_every_row_it_could_admit():
+    sched = Scheduler(8, max_prefill_tokens=10, prefetch=2)
+    assert not sched.next_prefill_is_full
+    sched.add(seq("a", 4))
+    sched.add(seq("b", 4))
+    assert not sched.next_prefill_is_full and sched.num_wanted > 0  # 8 tokens of 10: one more chunk fits
+    sched.add(seq("c", 2))
+    assert sched.next_prefill_is_full  # the budget
+    sched.admit()
+    for k in "defgh":
+        sched.add(seq(k, 1))
+    assert sched.num_admittable == 5 and sched.next_prefill_is_full  # 5 tokens, but every free row
+
+
 def test_oom_shrink_halves_the_batch_and_requeues_the_rows_that_no_longer_fit_in_arrival_order():
     sched, seqs = scheduler_with("abcdef")
     sched.admit()

@@ -183,3 +183,33 @@ def test_a_stopped_worker_leaves_the_registry_at_once(redis_conn):
     assert make_worker(redis_conn, name="leaver").run() == 0
     assert WorkerRegistry(redis_conn).live() == []
     assert not WorkerRegistry(redis_conn).is_alive("leaver")
+
+
+
+def test_the_worker_steps_once_the_next_step_is_full_and_claims_the_rest_between_steps(redis_conn, tmp_path):
+    """The first step waits for the chunks that fill it (2 of 4 rows each for the echo engine's 8 rows), not for all
+    the engine wants (16 requests): the GPU starts sooner and the other claims (Redis round trips, tokenising) run
+    between steps."""
+    rows = [{"custom_id": f"r{i}", "prompt": "a b c", "max_tokens": 3} for i in range(24)]
+    client = BatchClient(ProducerConfig(chunk_size=4), connection=redis_conn)
+    batch = client.submit([write_jsonl(tmp_path / "in.jsonl", rows)], model="echo-model").batch
+    worker = make_worker(redis_conn)
+    claims: list[object] = []
+    claimed_before_step: list[int] = []
+    claim, step = worker.claims.claim, worker.engine.step
+
+    def counting_claim(*args, **kwargs):
+        got = claim(*args, **kwargs)
+        claims.extend([got] if got is not None else [])
+        return got
+
+    def counting_step():
+        claimed_before_step.append(len(claims))
+        return step()
+
+    worker.claims.claim, worker.engine.step = counting_claim, counting_step
+    assert worker.engine.num_wanted == 16  # four chunks wanted before the first step
+    assert worker.run() == 24
+    # each echo step takes all 8 pending rows, so each turn claims the two chunks that fill the next one
+    assert claimed_before_step == [2, 4, 6], claimed_before_step
+    assert client.get(batch.id).status == BatchStatus.COMPLETED

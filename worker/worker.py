@@ -226,11 +226,15 @@ class BatchWorker:
 
     # -- claiming ------------------------------------------------------------------------------------
     def _claim_while_wanted(self) -> None:
+        # Once the next step is full, the rest is claimed a chunk a turn while steps run: each claim is Redis round
+        # trips and tokenising, and an engine that waited for all it wants left the GPU idle meanwhile.
         while self.engine.num_wanted > 0:
             got = self.claims.claim(self.queues, self.cfg.name, on_lost=self._chunk_job_lost)
             if got is None:
                 return
             self._start_chunk(*got)
+            if self.engine.next_step_is_full:
+                return
 
     def _reconcile_claims(self) -> None:
         """After a Redis outage: the claims hash, not our memory, says which chunks we hold.

@@ -64,6 +64,10 @@ class EchoEngine:
     def num_wanted(self) -> int:
         return max(0, 2 * self.max_batch_size - len(self._pending))
 
+    @property
+    def next_step_is_full(self) -> bool:
+        return len(self._pending) >= self.max_batch_size
+
     def stats(self) -> EngineStats:
         elapsed = max(1e-9, time.monotonic() - self._started)
         return EngineStats(self.model_name, self._last_batch, self.max_batch_size, self._tokens / elapsed,

@@ -168,6 +168,10 @@ class EmbeddingEngine:
     def num_wanted(self) -> int:
         return max(0, 2 * self.max_rows - len(self.waiting))
 
+    @property
+    def next_step_is_full(self) -> bool:
+        return len(self.waiting) >= self.max_rows
+
     def stats(self) -> EngineStats:
         used, free = 0, 0
         if self.device.type == "cuda":

@@ -36,5 +36,9 @@ class ServedEndpoints:
     def num_wanted(self) -> int:
         return self.engine.num_wanted
 
+    @property
+    def next_step_is_full(self) -> bool:
+        return self.engine.next_step_is_full
+
     def stats(self) -> EngineStats:
         return self.engine.stats()

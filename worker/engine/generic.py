@@ -205,6 +205,10 @@ class GenericEngine:
     def num_wanted(self) -> int:
         return self.scheduler.num_wanted
 
+    @property
+    def next_step_is_full(self) -> bool:
+        return self.scheduler.next_prefill_is_full
+
     def stats(self) -> EngineStats:
         used, free = _memory_info(self.device)
         extra: dict[str, float | int | str | dict] = dict(self.budget.as_stats())

@@ -450,6 +450,10 @@ class LLMEngine:
     def num_wanted(self) -> int:
         return self.scheduler.num_wanted
 
+    @property
+    def next_step_is_full(self) -> bool:
+        return self.scheduler.next_prefill_is_full
+
     def stats(self) -> EngineStats:
         used, free = self.runner.memory_info()
         extra: dict = dict(self.budget.as_stats())

@@ -77,4 +77,10 @@ class Engine(Protocol):
         """How many more requests the engine could use right now (free rows + a small pending pool)."""
         ...
 
+    @property
+    def next_step_is_full(self) -> bool:
+        """Whether the pending requests already fill the next step: the loop then claims one chunk a turn, between
+        steps, instead of all it wants before one."""
+        ...
+
     def stats(self) -> EngineStats: ...

@@ -63,6 +63,13 @@ class Scheduler:
         """Admittable sequences plus a small prefetch margin, minus what is already pending."""
         return max(0, self.num_admittable + self.prefetch - len(self.waiting))
 
+    @property
+    def next_prefill_is_full(self) -> bool:
+        """Whether the pending sequences fill a prefill step: every row it could admit, or its token budget."""
+        if len(self.waiting) >= self.num_admittable:
+            return True
+        return sum(s.num_prompt_tokens for s in self.waiting) >= self.max_prefill_tokens
+
     def num_kv_tokens(self, seq: Sequence) -> int:
         """Tokens a sequence can reach: what its blocks are reserved for."""
         return seq.num_prompt_tokens + seq.params.max_tokens
