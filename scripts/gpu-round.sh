@@ -52,6 +52,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-bulk  # bulk: the default against int_mm
 #   WHEELS=.whl-bloom source scripts/device-setup.sh && bash scripts/gpu-round.sh models-check  # BLOOM-7b1, BLOOM-13B
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh regress  # defaults: this tree, OLD's
+#   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh claims  # this tree, OLD's, again; HF's
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh fixed  # #22's table: bulk, HF's baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
@@ -393,6 +394,17 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     log "outlier columns opened: $(grep -c "new outlier columns" "$out/bulk_defaults/worker.log")"
     run 270 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
+    ;;
+  claims)  # #22 after the claim change (19db0a4: a worker steps once its next step is full and claims the rest between
+    # steps; before, the first step waited for ~10 claims): this checkout, OLD's tree (the commit before), this
+    # checkout again, then HF's baselines (the 3x goal) on the same machine
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
+    mkdir -p "$old/.devpkg/batchgen"
+    for part in jobs producer worker; do ln -sfn "$old/$part" "$old/.devpkg/batchgen/$part"; done
+    (cd "$old" && export PYTHONPATH="/tmp/site:$old/.devpkg:$old" && BULK_S=120 bulk old 1 static-features 0)
+    BULK_S=120 bulk defaults_again 1 static-features 0
+    run 230 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
     ;;
   regress)  # #22: the defaults measured 9,910-10,115 tok/s at 76f430e (sixth session, three machines) and
     # 8,675-8,917 since (ninth and tenth, three machines), prefill and decode device time both ~16 % longer on the
