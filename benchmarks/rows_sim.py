@@ -6,6 +6,10 @@ A decode step computes rows [0, highest running row] (holes included) and replay
 (cuda_graphs.batch_buckets), so rows above the running ones cost GEMM, norm and LM-head work. prefill_runs: the
 runs of prefill steps between decode steps (the first fill, then refills), each a transition the GPU may idle at.
 
+decode_model_s: the decode's time under a cost model fitted to the 384-row step profile (STEP_MS a step, ROW_MS a
+row computed, KV_MS a K/V token read), split into those three terms. --longest-first admits the pending sequences
+with the most max_tokens first (all of the workload pending: the order's best case) instead of in arrival order.
+
     .venv/bin/python -m benchmarks.rows_sim [--rows 1024 --blocks 4023 --block-size 64 --max-prefill-tokens 4096]
 """
 
@@ -19,15 +23,19 @@ from batchgen.worker.engine.sequence import SamplingParams, Sequence
 
 from benchmarks.common import workload
 
+STEP_MS, ROW_MS, KV_MS = 3.2, 0.0146, 1.3e-4  # a one-row step; (25.2 - 17.8 - 3.2) / 384; attention 17.8 / 137k
+
 
 def simulate(rows: int, num_blocks: int, block_size: int, max_prefill_tokens: int, max_model_len: int,
-             compact: bool) -> dict:
+             compact: bool, longest_first: bool = False) -> dict:
     blocks = BlockPool(num_blocks, block_size, -(-max_model_len // block_size))
     scheduler = Scheduler(rows, max_prefill_tokens=max_prefill_tokens, blocks=blocks)
     for i, req in enumerate(workload()):
         scheduler.add(Sequence(req.custom_id, list(req.prompt_ids), SamplingParams(max_tokens=req.max_tokens), seed=i))
+    if longest_first:
+        scheduler.waiting = type(scheduler.waiting)(sorted(scheduler.waiting, key=lambda s: -s.params.max_tokens))
     buckets = batch_buckets(rows)
-    steps = prefills = runs = running = computed = replayed = 0
+    steps = prefills = runs = running = computed = replayed = kv_read = 0
     last_prefill = False
     while scheduler.num_unfinished:
         if compact:
@@ -46,13 +54,17 @@ def simulate(rows: int, num_blocks: int, block_size: int, max_prefill_tokens: in
         running += len(scheduler.running)
         computed += n
         replayed += next(b for b in buckets if b >= n)
+        kv_read += sum(seq.num_prompt_tokens + len(seq.output_ids) for seq in scheduler.running.values())
         for seq in list(scheduler.running.values()):
             seq.output_ids.append(0)
             if len(seq.output_ids) >= seq.params.max_tokens:
                 scheduler.finish(seq, "length")
     return {"compact_rows": compact, "decode_steps": steps, "prefill_steps": prefills, "prefill_runs": runs,
             "mean_running_rows": round(running / steps, 1), "mean_rows_computed": round(computed / steps, 1),
-            "mean_graph_rows": round(replayed / steps, 1)}
+            "mean_graph_rows": round(replayed / steps, 1), "longest_first": longest_first,
+            "decode_model_s": {"steps": round(steps * STEP_MS / 1e3, 2), "rows": round(computed * ROW_MS / 1e3, 2),
+                               "kv": round(kv_read * KV_MS / 1e3, 2),
+                               "total": round((steps * STEP_MS + computed * ROW_MS + kv_read * KV_MS) / 1e3, 2)}}
 
 
 def main() -> None:
@@ -62,10 +74,11 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--max-prefill-tokens", type=int, default=4096)
     parser.add_argument("--max-model-len", type=int, default=768)
+    parser.add_argument("--longest-first", action="store_true", help="admit the most max_tokens first")
     args = parser.parse_args()
     for compact in (False, True):
         print(json.dumps(simulate(args.rows, args.blocks, args.block_size, args.max_prefill_tokens,
-                                  args.max_model_len, compact)))
+                                  args.max_model_len, compact, args.longest_first)))
 
 
 if __name__ == "__main__":

@@ -96,3 +96,15 @@ def test_the_bulk_workloads_scheduling_computes_only_running_rows_with_compactio
     assert without["decode_steps"] == with_["decode_steps"] and without["prefill_steps"] == with_["prefill_steps"]
     assert with_["mean_rows_computed"] == with_["mean_running_rows"] < without["mean_rows_computed"]
     assert with_["mean_graph_rows"] < without["mean_graph_rows"]
+
+
+def test_the_cost_model_reads_the_same_kv_in_any_admission_order():
+    """rows_sim's decode model: the K/V a workload reads is fixed by its requests, whatever the order; admitting the
+    longest first (the whole workload pending) takes fewer, fuller steps."""
+    from benchmarks.rows_sim import simulate
+
+    fifo, longest = (simulate(1024, 4007, 64, 8192, 768, True, first) for first in (False, True))
+    assert fifo["decode_model_s"]["kv"] == longest["decode_model_s"]["kv"] > 0
+    assert longest["decode_steps"] < fifo["decode_steps"] and longest["mean_running_rows"] > fifo["mean_running_rows"]
+    model = fifo["decode_model_s"]
+    assert abs(model["total"] - (model["steps"] + model["rows"] + model["kv"])) <= 0.02  # three rounded terms
