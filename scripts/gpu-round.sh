@@ -85,6 +85,14 @@ bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS [OVERLAP_PREFILL 
         python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_$1"
 }
 
+bulk_old() {  # bulk on the defaults from OLD's tree (its own batchgen.* and benchmarks), as bulk_old
+    local old
+    old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
+    mkdir -p "$old/.devpkg/batchgen"
+    for part in jobs producer worker; do ln -sfn "$old/$part" "$old/.devpkg/batchgen/$part"; done
+    (cd "$old" && export PYTHONPATH="/tmp/site:$old/.devpkg:$old" && bulk old 1 static-features 0)
+}
+
 case "$stage" in
   tune)
     cp "$tables"/*.json "$out"/tuned/ 2>/dev/null  # int8_tune merges into the table it finds: the other shapes stay
@@ -399,10 +407,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # steps; before, the first step waited for ~10 claims): this checkout, OLD's tree (the commit before), this
     # checkout again, then HF's baselines (the 3x goal) on the same machine
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
-    old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
-    mkdir -p "$old/.devpkg/batchgen"
-    for part in jobs producer worker; do ln -sfn "$old/$part" "$old/.devpkg/batchgen/$part"; done
-    (cd "$old" && export PYTHONPATH="/tmp/site:$old/.devpkg:$old" && BULK_S=120 bulk old 1 static-features 0)
+    BULK_S=120 bulk_old
     BULK_S=120 bulk defaults_again 1 static-features 0
     run 230 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
     ;;
@@ -410,10 +415,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # 8,675-8,917 since (ninth and tenth, three machines), prefill and decode device time both ~16 % longer on the
     # same 70 + 756 steps: OLD=<a tree of an earlier commit> against this checkout on one machine
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
-    old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
-    mkdir -p "$old/.devpkg/batchgen"
-    for part in jobs producer worker; do ln -sfn "$old/$part" "$old/.devpkg/batchgen/$part"; done
-    (cd "$old" && export PYTHONPATH="/tmp/site:$old/.devpkg:$old" && BULK_S=160 bulk old 1 static-features 0)
+    BULK_S=160 bulk_old
     BULK_S=150 bulk defaults_again 1 static-features 0
     ;;
   profile)
