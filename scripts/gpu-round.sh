@@ -53,7 +53,7 @@
 #   WHEELS=.whl-bloom source scripts/device-setup.sh && bash scripts/gpu-round.sh models-check  # BLOOM-7b1, BLOOM-13B
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh regress  # defaults: this tree, OLD's
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh claims  # this tree, OLD's, again; HF's
-#   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh claims-ab  # OLD's tree, then this one
+#   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh claims-ab  # this tree, then OLD's
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh fixed  # #22's table: bulk, HF's baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
@@ -412,10 +412,10 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=120 bulk defaults_again 1 static-features 0
     run 230 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
     ;;
-  claims-ab)  # `claims` when device time is short: OLD's tree first (it builds the model; a fresh machine's first
-    # run favours nobody: tok/s counts the batch alone), then this checkout
-    BULK_S=200 bulk_old
-    BULK_S=130 bulk defaults 1 static-features 0
+  claims-ab)  # `claims` when device time is short: this checkout first (it builds the model; tok/s counts the batch
+    # alone, so going first favours neither), then OLD's tree
+    BULK_S=180 bulk defaults 1 static-features 0
+    BULK_S=110 bulk_old
     ;;
   regress)  # #22: the defaults measured 9,910-10,115 tok/s at 76f430e (sixth session, three machines) and
     # 8,675-8,917 since (ninth and tenth, three machines), prefill and decode device time both ~16 % longer on the
