@@ -185,7 +185,6 @@ def test_a_stopped_worker_leaves_the_registry_at_once(redis_conn):
     assert not WorkerRegistry(redis_conn).is_alive("leaver")
 
 
-
 def test_the_worker_steps_once_the_next_step_is_full_and_claims_the_rest_between_steps(redis_conn, tmp_path):
     """The first step waits for the chunks that fill it (2 of 4 rows each for the echo engine's 8 rows), not for all
     the engine wants (16 requests): the GPU starts sooner and the other claims (Redis round trips, tokenising) run
