@@ -148,6 +148,8 @@ def test_a_tuned_table_sets_the_launch_near_the_rows_it_was_timed_at(tmp_path, m
         assert tuned.pick(table, m, n, k) == entries[0]["launch"]
     assert tuned.pick(table, 9, n, k) is None  # more than twice the rows it was timed at
     assert tuned.pick(table, 1, n, 2 * k) is None and tuned.launches("Never Tuned", "gemv") == {}
+    # every device's table, by file: where the tuner starts a search on another device
+    assert tuned.every_device("gemv") == {path.stem: table} and tuned.every_device("gemm") == {path.stem: {}}
     cb, scb, bias = _weights(n, k, seed=40)
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(41)).half()
     for m in (1, 3):

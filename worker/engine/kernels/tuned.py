@@ -32,6 +32,12 @@ def launches(device: str, kind: str) -> Launches:
     return _read(device, kind) if ENABLED else {}
 
 
+def every_device(kind: str) -> dict[str, Launches]:
+    """One kernel's launches in every table here, by the table's file name: where a tuner may start a search on a
+    device from what won on another."""
+    return {path.stem: _read_path(path, kind) for path in sorted(TABLES.glob("*.json"))} if ENABLED else {}
+
+
 def describe(device: str) -> str:
     """For the start-up log: which table serves this device and how many launches of each kernel it holds."""
     if not ENABLED:
@@ -49,7 +55,10 @@ def forget() -> None:
 
 @functools.cache
 def _read(device: str, kind: str) -> Launches:
-    path = table_path(device)
+    return _read_path(table_path(device), kind)
+
+
+def _read_path(path: Path, kind: str) -> Launches:
     if not path.is_file():
         return {}
     table: Launches = {}
