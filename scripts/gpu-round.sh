@@ -55,9 +55,8 @@
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh claims  # this tree, OLD's, again; HF's
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh claims-ab  # this tree, then OLD's
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh fixed  # #22's table: bulk, HF's baselines
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh splitk  # int8_tune with split-K at 384/512 rows; bulk
-#                                                                        # with that table, then the committed one
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh splitk-2  # then: HF's baselines; bulk again
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh final  # int8_tune at 384 rows; bulk; HF's baselines
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh final-2  # then: bulk, committed tables and final's
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -427,21 +426,21 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=160 bulk_old
     BULK_S=150 bulk defaults_again 1 static-features 0
     ;;
-  splitk)  # #22's decode GEMMs at ~384 rows (47 % of the int8 peak; o and down have 48-96 output tiles for 132 SMs):
-    # int8_tune with the split-K axis at 384 and 512 rows, each search from the table's launch; bulk with that
-    # table, then with the committed one on the same machine (the table kept in /tmp for `splitk-2`)
-    mkdir -p "$out/rows" && cp "$tables"/NVIDIA*.json "$out/rows/" && cp "$tables"/NVIDIA*.json /tmp/committed.json
-    run 165 int8_tune_splitk python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 384,512 \
-        --out "$out/rows/int8_tune.json" --budget-s 135
-    cp "$out"/rows/NVIDIA*.json "$tables"/ && mkdir -p /tmp/tuned && cp "$out"/rows/NVIDIA*.json /tmp/tuned/
-    BULK_S=200 bulk splitk 1 static-features 0  # builds the llama7b model (once per machine)
-    cp /tmp/committed.json "$tables"/NVIDIA_H200.json
-    BULK_S=120 bulk committed 1 static-features 0
-    ;;
-  splitk-2)  # right after `splitk` on the same machine: HF's baselines (the 3x goal), then bulk with its table again
+  final)  # #22 on one machine: int8_tune's GEMMs at 384 rows (each search from the best launch any device's table
+    # holds there, split-K searched), bulk with that table, then HF's baselines (the 3x goal)
+    mkdir -p "$out/rows" /tmp/committed /tmp/tuned && cp "$tables"/NVIDIA*.json "$out/rows/" \
+        && cp "$tables"/NVIDIA*.json /tmp/committed/
+    run 100 int8_tune_384 python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 384 \
+        --out "$out/rows/int8_tune.json" --budget-s 70
+    cp "$out"/rows/NVIDIA*.json "$tables"/ && cp "$out"/rows/NVIDIA*.json /tmp/tuned/
+    BULK_S=200 bulk tuned 1 static-features 0  # builds the llama7b model (once per machine)
     run 230 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
-    cp /tmp/tuned/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
-    BULK_S=120 bulk splitk_again 1 static-features 0
+    ;;
+  final-2)  # right after `final` on the same machine: bulk with the committed tables, then with final's again
+    cp /tmp/committed/NVIDIA*.json "$tables"/
+    BULK_S=120 bulk committed 1 static-features 0
+    cp /tmp/tuned/NVIDIA*.json "$tables"/
+    BULK_S=120 bulk tuned_again 1 static-features 0
     ;;
   profile)
     profile untuned tuned_kernels=0
