@@ -6,9 +6,10 @@
   against the rule's launch (gemv_config).
 - gemm: the Triton int8 GEMM with its dequantising epilogue fused (kernels.int8_matmul_dequant) at 256 to 16,384
   rows (a large decode batch to a prefill group), after Triton's quantising kernel: tile sizes, grouped order, warps,
-  stages, whether the persistent kernel with TMA-loaded tiles serves it (tma) and split-K (split_k); against what
-  the engine runs without a table, the compiled quantise, torch._int_mm and the compiled epilogue (the parts timed
-  alone too). Int8Linear takes the Triton chain only where a launch of it won.
+  stages, and whether the persistent kernel with TMA-loaded tiles serves it (tma); against what the engine runs
+  without a table, the compiled quantise, torch._int_mm and the compiled epilogue (the parts timed alone too).
+  Int8Linear takes the Triton chain only where a launch of it won. Each search starts from the best of the
+  launches near its rows in every device's table.
 
 A coordinate search from a starting launch (as inductor's coordinate-descent tuner walks): each axis in turn moved
 to its best value with the others held, until a pass improves nothing by more than 2 % or the search's share of
@@ -49,30 +50,23 @@ AXES = {
              "num_warps": (1, 2, 4, 8), "num_stages": (1, 2, 3, 4, 6), "dot": (False, True),
              "pipeline": (1, 2, 3, 4, 6)},
     "gemm": {"block_m": (64, 128, 256), "block_n": (64, 128, 256), "block_k": (64, 128, 256), "group_m": (1, 8, 16),
-             "num_warps": (4, 8), "num_stages": (2, 3, 4, 5), "tma": (False, True),  # tma: the persistent kernel
-             "split_k": (1, 2, 3, 4)},  # the pointer kernel's K blocks shared among programs (not with tma)
+             "num_warps": (4, 8), "num_stages": (2, 3, 4, 5), "tma": (False, True)},  # tma: the persistent kernel
 }
 ROTATE_BYTES = 512 * 2**20
 WIN = 0.97  # a tuned launch goes in the table only where it beat the default by more than 3 %
 
 
 def valid(kind: str, launch: dict, m: int, k: int) -> bool:
-    if kind == "gemm":  # what fits Hopper's 227 KiB of shared memory, int8 operands; split-K without tma, each
-        # share at least one K block
-        split_k = launch.get("split_k", 1)
-        return ((launch["block_m"] + launch["block_n"]) * launch["block_k"] * launch["num_stages"] <= 227 * 1024
-                and (split_k == 1 or (not launch.get("tma") and k >= split_k * launch["block_k"])))
+    if kind == "gemm":  # what fits Hopper's 227 KiB of shared memory, int8 operands
+        return (launch["block_m"] + launch["block_n"]) * launch["block_k"] * launch["num_stages"] <= 227 * 1024
     dot = m > 1 or launch["dot"]
     return ((not dot or launch["block_n"] >= 16) and launch["block_n"] * launch["block_k"] <= 65536
             and k >= launch["split_k"] * launch["block_k"])
 
 
-def fitted(kind: str, launch: dict, m: int, k: int, axis: str = "") -> dict | None:
+def fitted(kind: str, launch: dict, m: int, k: int) -> dict | None:
     """launch, or for a GEMM tile too big for shared memory the same tile with fewer stages, else a shorter
-    block_k: one coordinate step can then reach a tile (256 × 256) that fits only with both changed. A step onto
-    split-K from a tma launch leaves tma, a step onto tma leaves split-K (the persistent kernel does not split)."""
-    if kind == "gemm" and launch.get("tma") and launch.get("split_k", 1) > 1:
-        launch = {**launch, "tma": False} if axis == "split_k" else {**launch, "split_k": 1}
+    block_k: one coordinate step can then reach a tile (256 × 256) that fits only with both changed."""
     if kind == "gemm":
         for block_k in sorted({v for v in AXES["gemm"]["block_k"] if v <= launch["block_k"]}, reverse=True):
             for stages in sorted({v for v in AXES["gemm"]["num_stages"] if v <= launch["num_stages"]}, reverse=True):
@@ -104,7 +98,7 @@ def search(kind: str, start: dict, m: int, k: int, cost_of: Callable[[dict], flo
             if axis in ("dot", "pipeline") and m > 1:  # more rows always take the dot path
                 continue
             for value in values:
-                cand = fitted(kind, {**best, axis: value}, m, k, axis)
+                cand = fitted(kind, {**best, axis: value}, m, k)
                 if cand is None or cand == best or time.monotonic() > deadline:
                     continue
                 ms = cost(cand)
@@ -198,9 +192,9 @@ def main() -> None:
                         # the search starts from the best of the launches near these rows in this device's table and
                         # in every other device's (a coordinate search stays near where it starts)
                         starts = [tuned.pick(t, m, n, k) for t in (table, *tuned.every_device("gemm").values())]
-                        starts = [{"split_k": 1} | s for s in starts if s] or [{
-                            "split_k": 1, "block_m": 128 if m >= 128 else 64, "block_n": 128, "block_k": 128,
-                            "group_m": 8, "num_warps": 8, "num_stages": 4}]
+                        starts = [s for s in starts if s] or [{
+                            "block_m": 128 if m >= 128 else 64, "block_n": 128, "block_k": 128, "group_m": 8,
+                            "num_warps": 8, "num_stages": 4}]
                         default_ms = copies_ms(engine, copies, device)
                         xq0, absmax0, _ = quantize_argmax(x)
                         def int_mm_epilogue(i: int, q=xq0, a=absmax0, cbs=cbs, scbs=scbs):

@@ -309,9 +309,3 @@ def test_the_tuners_gemm_steps_shrink_a_tile_until_it_fits_shared_memory():
     wide = fitted("gemm", {**start, "block_n": 256}, 4096, 4096)
     assert wide == {**start, "block_n": 256, "num_stages": 3} and valid("gemm", wide, 4096, 4096)
     assert not valid("gemm", {**start, "block_n": 256}, 4096, 4096)
-    # split-K is the pointer kernel's: a step onto it from a tma launch leaves tma, a step onto tma leaves it
-    tma = {**start, "tma": True, "split_k": 1}
-    assert fitted("gemm", {**tma, "split_k": 2}, 384, 4096, "split_k") == {**tma, "tma": False, "split_k": 2}
-    assert fitted("gemm", {**start, "split_k": 2, "tma": True}, 384, 4096, "tma") == tma
-    assert not valid("gemm", {**start, "split_k": 4, "tma": True}, 384, 4096)
-    assert not valid("gemm", {**start, "split_k": 4}, 384, 384)  # a share without a K block

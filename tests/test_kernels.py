@@ -288,37 +288,6 @@ def test_the_tma_persistent_gemm_equals_the_pointer_one():
     assert torch.equal(tma, dequantize_acc(acc, absmax, scb, bias, torch.float16, dense))
 
 
-def test_split_k_equals_the_unsplit_gemm_and_leaves_its_workspace_clear():
-    """int8_matmul_dequant(split_k=...): each output tile's K blocks shared among programs whose int32 partials meet
-    in a workspace: bit-equal to the unsplit kernel (integer sums), with bias, addend or the dense columns, K not a
-    multiple of the block (176 = 2 × 64 + 48) and splits that get no block (4 splits of 3 blocks); the last share
-    clears the workspace and the tickets, so the next launch, smaller or larger, starts from zeros."""
-    from batchgen.worker.engine.kernels import int8_ops
-    from batchgen.worker.engine.kernels.int8_ops import DenseColumns
-
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(37, 176, generator=g).to(torch.float16)
-    cb = torch.randint(-127, 128, (80, 176), dtype=torch.int8, generator=g)
-    scb = torch.rand(80, generator=g) + 0.5
-    bias = torch.randn(80, generator=g).to(torch.float16)
-    add = torch.randn(37, 80, generator=g).to(torch.float16)
-    idx = torch.zeros(16, dtype=torch.long)
-    idx[:5] = torch.randperm(176, generator=g)[:5]
-    dense = DenseColumns(x, idx, torch.randn(16, 80, generator=g).to(torch.float16))
-    xq, absmax = quantize_rows(x)
-    launch = dict(block_m=16, block_n=32, block_k=64, group_m=2)
-    for rows, split_k in ((37, 2), (37, 3), (37, 4), (9, 2)):
-        for extra in ({}, {"bias": bias, "addend": add[:rows]}, {"bias": bias, "dense": dense._replace(x=x[:rows])}):
-            args = (xq[:rows], absmax[:rows], cb, scb, extra.get("bias"), torch.float16, extra.get("addend"))
-            want = int8_matmul_dequant(*args, dense=extra.get("dense"), **launch)
-            got = int8_matmul_dequant(*args, dense=extra.get("dense"), split_k=split_k, **launch)
-            assert torch.equal(got, want), (rows, split_k, sorted(extra))
-            partial, tickets = int8_ops._SPLIT_K_SPACES[torch.device("cpu")]
-            assert not partial.any() and not tickets.any()
-    with pytest.raises(ValueError, match="split_k"):
-        int8_matmul_dequant(xq, absmax, cb, scb, None, torch.float16, split_k=2, tma=True, **launch)
-
-
 def test_the_gemms_epilogue_computes_the_outlier_columns_dense_part():
     """int8_matmul_dequant(dense=...): the pointer kernel computes the activations' outlier columns times their
     weight rows in its epilogue, equal to the dense product added to the reference epilogue in float32: 24 slots
@@ -404,8 +373,7 @@ def test_kernels_compile_for_hopper():
     assert set(compiled) == {"split fp16", "split fp8", "split paged fp16", "split paged fp8", "one split paged fp16",
                              "one split paged fp8", "merge", "quantize", "int8 gemm tma",
                              "dequantize", "int8 gemm", "int8 gemm 256x128", "int8 gemm 256x128 dense",
-                             "int8 gemm 256x64", "int8 gemm 256x64 dense", "int8 gemm 128x128 split-k dense",
-                             "gemv 1 row", "gemv 16 rows",
+                             "int8 gemm 256x64", "int8 gemm 256x64 dense", "gemv 1 row", "gemv 16 rows",
                              "kv store fp16", "kv store fp8", "rope", "split int8", "one split paged int8",
                              "one split paged int8 scales in p", "one split paged int8 f32",
                              "one split paged int8 f32 scales in p", "one split paged int8 early", "kv store int8",
@@ -447,10 +415,6 @@ def test_kernels_compile_for_hopper():
     # tl.dot at one row, so its loop asks for that itself
     assert compiled["int8 gemm"]["wgmma"]
     assert compiled["int8 gemm tma"]["wgmma"] and compiled["int8 gemm tma"]["tma"]  # tiles as bulk tensor copies
-    # split-K: the partials as unordered reductions, then a barrier and the ticket with acquire-release at GPU scope,
-    # so the share that draws the last ticket sees every other share's partial
-    assert compiled["int8 gemm 128x128 split-k dense"]["split_k"] == {"relaxed_adds": True, "acq_rel_ticket": True,
-                                                                    "barrier": True}
     assert all(compiled[name]["pipelined"] for name in ("int8 gemm", "gemv 1 row", "gemv 16 rows"))
     # the GEMV's dot path widens its weights to fp16 by byte permutes, converted where loaded (no byte reads), in
     # about 60 % of the instructions the exponent-bit widening took (177 a KB at this 32 x 256 tile)

@@ -162,28 +162,21 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
     gemm_ints = ["stride_add", "stride_xm", "stride_dn", "S", "stride_om", "stride_sm"]
     # dense: MAX_FUSED_SLOTS slots at the table's largest pointer launches (256 × 128 and 256 × 64 tiles): the
     # operand tiles reuse the shared memory the main loop's stages held; what the epilogue spills is reported
-    for name, dense, block_m, block_n, stages, split_k in (("int8 gemm", False, 128, 128, 4, 1),
-                                                           ("int8 gemm 256x128", False, 256, 128, 4, 1),
-                                                           ("int8 gemm 256x128 dense", True, 256, 128, 4, 1),
-                                                           ("int8 gemm 256x64", False, 256, 64, 5, 1),
-                                                           ("int8 gemm 256x64 dense", True, 256, 64, 5, 1),
-                                                           ("int8 gemm 128x128 split-k dense", True, 128, 128, 4, 2)):
-        k = build(int8_ops._int8_mm_kernel, arch,
-                  {"A": "*i8", "B": "*i8"} | GEMM_EPILOGUE | {"Partial": "*i32", "Tickets": "*i32"},
+    for name, dense, block_m, block_n, stages in (("int8 gemm", False, 128, 128, 4),
+                                                  ("int8 gemm 256x128", False, 256, 128, 4),
+                                                  ("int8 gemm 256x128 dense", True, 256, 128, 4),
+                                                  ("int8 gemm 256x64", False, 256, 64, 5),
+                                                  ("int8 gemm 256x64 dense", True, 256, 64, 5)):
+        k = build(int8_ops._int8_mm_kernel, arch, {"A": "*i8", "B": "*i8"} | GEMM_EPILOGUE,
                   ["M", "N", "K", "stride_am_", "stride_bn", *gemm_ints], ["inv_sq"],
                   dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, EVEN_K=True, HAS_BIAS=True,
-                       HAS_ADDEND=not dense, HAS_DENSE=dense, BLOCK_S=int8_ops.MAX_FUSED_SLOTS, GROUP_K=0,
-                       SPLIT_K=split_k),
+                       HAS_ADDEND=not dense, HAS_DENSE=dense, BLOCK_S=int8_ops.MAX_FUSED_SLOTS, GROUP_K=0),
                   aligned=("N", "K", "stride_am_", "stride_bn", "stride_add", "stride_xm", "stride_dn", "stride_om"),
                   num_warps=8, num_stages=stages)
         ptx = k.asm["ptx"]
         out[name] = {"int8_tensor_cores": "s32.s8.s8" in ptx, "wgmma": "wgmma.mma_async" in ptx,
                      "pipelined": "cp.async" in ptx, "shared_bytes": k.metadata.shared,
                      "spill_bytes": spill_bytes(ptx, arch), "tile": [block_m, block_n], "threads": 8 * 32}
-        if split_k > 1:  # the partials added without ordering, the ticket taken with it (acquire-release, GPU scope)
-            out[name]["split_k"] = {"relaxed_adds": "red.global.gpu.relaxed.add" in ptx,
-                                    "acq_rel_ticket": "atom.global.gpu.acq_rel.add" in ptx,
-                                    "barrier": "bar.sync" in ptx or "barrier.sync" in ptx}
     k = build(int8_ops._int8_mm_tma_kernel, arch,
               {"ADesc": "tensordesc<i8[256, 128]>", "BDesc": "tensordesc<i8[128, 128]>"} | EPILOGUE,
               ["M", "N", "K", "stride_add", "stride_om", "stride_sm"], ["inv_sq"],

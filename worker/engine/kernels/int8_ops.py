@@ -150,25 +150,18 @@ if HAS_TRITON:
         return first_m + (tile % group) % size_m, (tile % group) // size_m
 
     @triton.jit
-    def _int8_mm_kernel(A, B, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, Partial, Tickets, M, N, K, stride_am_,
-                        stride_bn, stride_add, stride_xm, stride_dn, S, stride_om, stride_sm, inv_sq,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                        EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr,
-                        HAS_DENSE: tl.constexpr, BLOCK_S: tl.constexpr, GROUP_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    def _int8_mm_kernel(A, B, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, M, N, K, stride_am_, stride_bn,
+                        stride_add, stride_xm, stride_dn, S, stride_om, stride_sm, inv_sq, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_DENSE: tl.constexpr,
+                        BLOCK_S: tl.constexpr, GROUP_K: tl.constexpr):
         pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        if SPLIT_K == 1:
-            k_first = 0
-            k_end = K
-        else:  # this program's share of the K blocks (the last share may be shorter, or empty)
-            per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-            k_first = tl.program_id(1) * per_split
-            k_end = tl.minimum(k_first + per_split, K)
         # rows and columns past the ends wrap (and are masked at the store): the loads need no M/N mask
-        a_ptr = A + (rm % M)[:, None].to(tl.int64) * stride_am_ + (k_first + rk)[None, :]
-        b_ptr = B + (rn % N)[None, :].to(tl.int64) * stride_bn + (k_first + rk)[:, None]
+        a_ptr = A + (rm % M)[:, None].to(tl.int64) * stride_am_ + rk[None, :]
+        b_ptr = B + (rn % N)[None, :].to(tl.int64) * stride_bn + rk[:, None]
         if GROUP_K:  # a scale per token and group of GROUP_K columns: each block's int32 product scaled into float32
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             s_ptr = Absmax + (rm % M).to(tl.int64) * stride_sm
@@ -181,7 +174,7 @@ if HAS_TRITON:
                 b_ptr += BLOCK_K
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-            for k0 in range(k_first, k_end, BLOCK_K):
+            for k0 in range(0, K, BLOCK_K):
                 if EVEN_K:
                     a = tl.load(a_ptr)
                     b = tl.load(b_ptr)
@@ -192,25 +185,8 @@ if HAS_TRITON:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
                 a_ptr += BLOCK_K
                 b_ptr += BLOCK_K
-        if SPLIT_K == 1:
-            _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, stride_add, stride_xm,
-                      stride_dn, S, stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, HAS_DENSE, BLOCK_S, GROUP_K == 0)
-        else:
-            # Serial split-K: every share adds its int32 partial into the tile's workspace (integer sums: the same
-            # result in any order), then takes a ticket; the share that draws the last ticket reads the sum, clears
-            # the tile and its ticket for the next launch, and runs the epilogue.
-            tile = tl.program_id(0)
-            offs = (rm % M)[:, None].to(tl.int64) * N + rn[None, :]
-            mask = (rm < M)[:, None] & (rn < N)[None, :]
-            tl.atomic_add(Partial + offs, acc, mask=mask, sem="relaxed")
-            tl.debug_barrier()  # every thread's partial is in before the ticket is taken (release, gpu scope)
-            ticket = tl.atomic_add(Tickets + tile, 1, sem="acq_rel")
-            if ticket == SPLIT_K - 1:
-                tl.debug_barrier()
-                total = tl.atomic_xchg(Partial + offs, tl.zeros_like(acc), mask=mask, sem="relaxed")
-                tl.atomic_xchg(Tickets + tile, 0, sem="relaxed")
-                _epilogue(total, rm, rn, M, N, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, stride_add, stride_xm,
-                          stride_dn, S, stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, HAS_DENSE, BLOCK_S, True)
+        _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, stride_add, stride_xm, stride_dn, S,
+                  stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, HAS_DENSE, BLOCK_S, GROUP_K == 0)
 
     @triton.jit
     def _int8_mm_tma_kernel(ADesc, BDesc, Absmax, Scb, Bias, Addend, Out, M, N, K, stride_add, stride_om, stride_sm,
@@ -406,7 +382,7 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
                         bias: torch.Tensor | None, dtype: torch.dtype, addend: torch.Tensor | None = None, *,
                         dense: DenseColumns | None = None, inv_sq: float = INV_127_SQ, block_m: int | None = None,
                         block_n: int = 128, block_k: int = 128, group_m: int = 8, num_warps: int = 4,
-                        num_stages: int = 4, tma: bool = False, group_k: int = 0, split_k: int = 1) -> torch.Tensor:
+                        num_stages: int = 4, tma: bool = False, group_k: int = 0) -> torch.Tensor:
     """xq int8 [m, k] @ cb int8 [n, k].T with dequantize_acc's epilogue fused: -> [m, n] dtype. No padding for
     small m (unlike cuBLASLt's torch._int_mm). Falls back to torch._int_mm + the reference epilogue.
     dense: the outlier columns' product, computed in the pointer kernel's epilogue (no [m, n] fp16 product written
@@ -414,13 +390,9 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
     tma: the persistent kernel whose tiles Hopper's TMA loads (xq and cb contiguous, k a multiple of 16), a
     launch benchmarks.int8_tune weighs against the pointer-loading one.
     group_k: absmax is [m, k // group_k] (quantize_groups'), one scale per token and group of columns, applied to
-    each block's int32 product in the main loop (block_k must divide group_k).
-    split_k: the pointer kernel's K blocks shared among that many programs per output tile, their int32 partials
-    summed in a workspace (split_k_space): more programs than tiles where few rows and outputs leave SMs idle."""
+    each block's int32 product in the main loop (block_k must divide group_k)."""
     if addend is not None and dense is not None:
         raise ValueError("an addend or the dense columns, not both")
-    if split_k > 1 and (tma or group_k):
-        raise ValueError("split_k is the pointer kernel's, with one scale per row (no tma, no group_k)")
     m, k = xq.shape
     n = cb.shape[0]
     if group_k and (k % group_k or group_k % block_k):
@@ -455,42 +427,13 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
             num_stages=num_stages)
         return out
     dense_pointers, dense_ints, dense_flags = _dense_args(dense, out)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    space = split_k_space(xq.device, m * n, tiles) if split_k > 1 else None
-    split_k = split_k if space is not None else 1
-    partial, tickets = space if space is not None else (out, out)
-    _int8_mm_kernel[(tiles, split_k)](
-        xq, cb, *args, *dense_pointers, out, partial, tickets, m, n, k, xq.stride(0), cb.stride(0),
+    _int8_mm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
+        xq, cb, *args, *dense_pointers, out, m, n, k, xq.stride(0), cb.stride(0),
         addend.stride(0) if addend is not None else 0, *dense_ints, out.stride(0), absmax.stride(0), inv_sq,
         BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None,
-        HAS_ADDEND=addend is not None, **dense_flags, GROUP_K=group_k, SPLIT_K=split_k, num_warps=num_warps,
-        num_stages=num_stages)
+        HAS_ADDEND=addend is not None, **dense_flags, GROUP_K=group_k, num_warps=num_warps, num_stages=num_stages)
     return out
-
-
-# Per device: the int32 workspace split-K launches accumulate into and their tiles' tickets, zero between launches
-# (each launch's last share per tile clears what it used). Launches run in one stream's order, so one serves all.
-_SPLIT_K_SPACES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-_RETIRED_SPACES: list[tuple[torch.Tensor, torch.Tensor]] = []  # outgrown, kept: a queued launch may still use them
-
-
-def split_k_space(device: torch.device, elements: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The zeroed workspace (int32 [>= elements]) and tickets (int32 [>= tiles]) for a split-K launch on device;
-    grown outside CUDA graph captures only (a capture records the zeroing without running it), so None where a
-    capture needs more than exists: that launch runs unsplit. A graph's warm-up pass, run before its capture,
-    grows it."""
-    space = _SPLIT_K_SPACES.get(device)
-    if space is not None and space[0].numel() >= elements and space[1].numel() >= tiles:
-        return space
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    if space is not None:
-        _RETIRED_SPACES.append(space)
-        elements, tiles = max(elements, space[0].numel()), max(tiles, space[1].numel())
-    space = (torch.zeros(elements, dtype=torch.int32, device=device), torch.zeros(tiles, dtype=torch.int32, device=device))
-    _SPLIT_K_SPACES[device] = space
-    return space
 
 
 def int8_linear(x: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor, bias: torch.Tensor | None = None, *,
