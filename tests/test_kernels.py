@@ -379,7 +379,7 @@ def test_kernels_compile_for_hopper():
                              "one split paged int8 f32 scales in p", "one split paged int8 early", "kv store int8",
                              "paged int8 launch", "paged int8 launch, ids ahead", "paged int8 launch early, ids ahead",
                              "paged int8 launch biased, ids ahead", "paged fp16 launch", "paged fp16 3 stages",
-                             "paged fp16 3 stages, ids ahead"}
+                             "paged fp16 3 stages, ids ahead", "norm quantize", "norm quantize gemma"}
     # the int8 cache's fp16 path converts by byte permutes (none of the quarter-rate s8 conversions), the
     # float32 path by conversions
     for name in ("split int8", "one split paged int8", "one split paged int8 scales in p"):
@@ -411,6 +411,10 @@ def test_kernels_compile_for_hopper():
     # divide as torch does (int8: 127 by the absmax, as quantize_kv_int8)
     assert compiled["quantize"]["round_half_even"] and compiled["int8 gemm"]["int8_tensor_cores"]
     assert compiled["quantize"]["guard_atomics"]
+    for name in ("norm quantize", "norm quantize gemma"):  # the quantiser's rounding and guard after the norm
+        found = compiled[name]
+        assert all(found[key] for key in ("round_half_even", "guard_atomics", "rsqrt", "vectorised")), found
+        assert found["spill_bytes"] in (0, None), found
     # Hopper's warpgroup MMA, and weight tiles loaded asynchronously a few steps ahead (cp.async): the GEMV has no
     # tl.dot at one row, so its loop asks for that itself
     assert compiled["int8 gemm"]["wgmma"]

@@ -140,8 +140,17 @@ def activation_name(act_fn: torch.nn.Module) -> str | None:
         return name if torch.equal(ACTIVATIONS[name](probe), act_fn(probe)) else None
 
 
-def _gated_mlp_forward(mlp: torch.nn.Module, act: str, x: torch.Tensor) -> torch.Tensor:
-    return mlp.down_proj(FUSED.gated(mlp.gate_up_proj(x), mlp.gate_up_proj.split_sizes[0], act))
+GATED_ACT_ATTR = "batchgen_gated_act"  # set on an MLP that fuse_gated_mlps gave the fused activation: its name
+
+
+def gated_down(mlp: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """The rest of a fused gated MLP from its gate_up_proj output: down_proj(act(gate) * up)."""
+    act = getattr(mlp, GATED_ACT_ATTR)
+    return mlp.down_proj(FUSED.gated(gate_up, mlp.gate_up_proj.split_sizes[0], act))
+
+
+def _gated_mlp_forward(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return gated_down(mlp, mlp.gate_up_proj(x))
 
 
 def fuse_gated_mlps(modules: list[torch.nn.Module]) -> int:
@@ -154,7 +163,8 @@ def fuse_gated_mlps(modules: list[torch.nn.Module]) -> int:
             continue
         name = activation_name(act)
         if name is not None:
-            mlp.forward = partial(_gated_mlp_forward, mlp, name)
+            setattr(mlp, GATED_ACT_ATTR, name)
+            mlp.forward = partial(_gated_mlp_forward, mlp)
             count += 1
     return count
 

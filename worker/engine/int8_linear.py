@@ -63,6 +63,17 @@ USE_TUNED_GEMM: bool | None = None
 _GEMV_DTYPES = (torch.float16, torch.bfloat16)
 
 
+@dataclass(frozen=True)
+class InputPlan:
+    """How an Int8Linear quantises its input for the tuned Triton GEMM: the launch, the outlier guard that records
+    each row (None for int_mm), and whether the dense path runs (the outlier columns zeroed in the int8 input and
+    their product added in the epilogue)."""
+
+    launch: dict
+    guard: GuardBuffers | None
+    dense: bool
+
+
 @dataclass
 class Int8State:
     cb: torch.Tensor  # int8 [out, in]
@@ -208,21 +219,50 @@ class Int8Linear(torch.nn.Module):
             x = rotation.rotate(x, self.rotate_block)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.kernel == OUTLIER_KERNEL:
+        plan = self._plan(x2)
+        if plan is not None:  # one quantising kernel (recording for the guard too), one GEMM with the epilogue fused
+            if plan.guard is not None:
+                xq, absmax = int8_ops.quantize_guarded(x2, plan.guard, keep=plan.dense)
+            else:
+                xq, absmax = int8_ops.quantize_rows(x2)
+            out = self.forward_quantized(xq, absmax, plan, x2.dtype, x2)
+        elif self.kernel == OUTLIER_KERNEL:
             out = self._forward_outliers(x2)
         elif takes_gemv(x2):
             out = int8_gemv(x2, self.cb, self.scb, self.bias)
         elif self.kernel == "int_mm":
-            launch = tuned_gemm(x2, self.cb)
-            if launch is not None:  # one quantising kernel, one GEMM with the epilogue fused
-                xq, absmax = int8_ops.quantize_rows(x2)
-                out = int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x.dtype, **launch)
-            else:
-                xq, absmax = KERNELS.quantize(x2)
-                out = KERNELS.dequantize(int_mm(xq, self.cb), absmax, self.scb, self.bias, x.dtype)
+            xq, absmax = KERNELS.quantize(x2)
+            out = KERNELS.dequantize(int_mm(xq, self.cb), absmax, self.scb, self.bias, x.dtype)
         else:
             out = self._forward_weight_only(x2)
         return out.reshape(*shape[:-1], self.out_features)
+
+    def input_plan(self, x2: torch.Tensor) -> InputPlan | None:
+        """How this linear would quantise the input x2 [m, in_features] for the tuned Triton GEMM, where a kernel
+        before it (int8_ops.norm_quantize) may do that instead; None where it takes another path (a rotated input,
+        the small-row GEMV, calibration, no tuned launch)."""
+        return None if self.rotate_block else self._plan(x2)
+
+    def _plan(self, x2: torch.Tensor) -> InputPlan | None:
+        if self.kernel not in ("int_mm", OUTLIER_KERNEL) or takes_gemv(x2):
+            return None
+        o = self.outliers
+        if self.kernel == OUTLIER_KERNEL and (o is None or o.calibrating):
+            return None
+        launch = tuned_gemm(x2, self.cb)
+        if launch is None:
+            return None
+        if self.kernel == "int_mm":
+            return InputPlan(launch, None, dense=False)
+        return InputPlan(launch, GuardBuffers(o.keep, o.seen, o.hits, o.threshold), dense=o.dense_path)
+
+    def forward_quantized(self, xq: torch.Tensor, absmax: torch.Tensor, plan: InputPlan, dtype: torch.dtype,
+                          x2: torch.Tensor | None = None) -> torch.Tensor:
+        """The tuned GEMM over an input quantised as plan says, out in dtype; the epilogue dequantises and, on the
+        dense path, adds the outlier columns' product from the input x2 (no [m, out] product written and read
+        back)."""
+        dense = int8_ops.DenseColumns(x2, self.outliers.idx, self.dense) if plan.dense else None
+        return int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, dtype, dense=dense, **plan.launch)
 
     def _forward_weight_only(self, x2: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x2.dtype)
@@ -237,13 +277,6 @@ class Int8Linear(torch.nn.Module):
             return self._forward_weight_only(x2)
         if takes_gemv(x2):  # every column exact here; the guard still sees the rows (it serves larger batches)
             return int8_gemv(x2, self.cb, self.scb, self.bias, GuardBuffers(o.keep, o.seen, o.hits, o.threshold))
-        launch = tuned_gemm(x2, self.cb)
-        if launch is not None:  # one quantising kernel (recording for the guard too), one GEMM whose epilogue
-            # dequantises and adds the outlier columns' dense product (no [m, out] product written and read back)
-            guard = GuardBuffers(o.keep, o.seen, o.hits, o.threshold)
-            xq, absmax = int8_ops.quantize_guarded(x2, guard, keep=o.dense_path)
-            dense = int8_ops.DenseColumns(x2, o.idx, self.dense) if o.dense_path else None
-            return int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, x2.dtype, dense=dense, **launch)
         if not o.dense_path:  # int_mm plus the guard (the engine recaptures its graphs once a column is added)
             xq, absmax, argmax = KERNELS.quantize_argmax(x2)
             o.record(absmax, argmax)

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from batchgen.worker.engine.families import FamilySpec
-from batchgen.worker.engine.fused import add_norm, rope
+from batchgen.worker.engine.fused import GATED_ACT_ATTR, add_norm, gated_down, rope
 from batchgen.worker.engine.host_copy import to_device
 from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits
 from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
+from batchgen.worker.engine.norm_linear import hooked, norm_linear
 
 PREFILL_FLASH = ("flash", "triton")  # attentions whose prefill is FlashAttention varlen ("triton" decodes in Triton)
 
@@ -106,12 +107,12 @@ def attention_inputs(parts: LlamaParts, layer: torch.nn.Module, h: torch.Tensor,
                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A decoder layer up to its attention: h [B, T, hidden] -> q [B, heads, T, d], k/v [B, kv_heads, T, d], roped."""
     batch, num_tokens, _ = h.shape
-    x = layer.input_layernorm(h)
     attn = layer.self_attn
     qkv_proj = getattr(attn, "qkv_proj", None)  # int8_linear's fused q/k/v, or the checkpoint's own (Phi-3)
-    if qkv_proj is not None:
-        q, k, v = qkv_proj(x).split(parts.qkv_sizes, dim=-1)
+    if qkv_proj is not None:  # the norm and the projection's input quantisation one kernel where they can be
+        q, k, v = norm_linear(layer.input_layernorm, qkv_proj, h)[1].split(parts.qkv_sizes, dim=-1)
     else:
+        x = layer.input_layernorm(h)
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     q, k, v = (t.view(batch, num_tokens, -1, parts.head_dim) for t in (q, k, v))
     if parts.spec.qk_norm:  # per head, before RoPE
@@ -130,8 +131,12 @@ def layer_output(layer: torch.nn.Module, h: torch.Tensor, o: torch.Tensor,
     if spec is not None and spec.post_norms:  # Gemma2: post_attention_layernorm acts on the attention output
         h = h + layer.post_attention_layernorm(attended)
         return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+    mlp = layer.mlp
+    if getattr(mlp, GATED_ACT_ATTR, None) is not None and not hooked(mlp):  # add, norm and quantisation in one
+        h, gate_up = norm_linear(layer.post_attention_layernorm, mlp.gate_up_proj, h, attended)
+        return h + gated_down(mlp, gate_up)
     h, x = add_norm(layer.post_attention_layernorm, h, attended)
-    return h + layer.mlp(x)
+    return h + mlp(x)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, scale: float,

@@ -155,6 +155,18 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
               num_warps=16)
     ptx = k.asm["ptx"]  # torch.round's rounding; the guard's max and hit count as atomics
     out["quantize"] = {"round_half_even": "cvt.rni.f32.f32" in ptx, "guard_atomics": "atom.global" in ptx}
+    for gemma in (False, True):  # the residual add, the norm and the quantiser (with the guard) in one kernel
+        k = build(int8_ops._norm_quantize_kernel, arch,
+                  {"H": "*fp16", "Delta": "*fp16", "HOut": "*fp16", "W": "*fp16", "X": "*fp16", "Xq": "*i8",
+                   "Absmax": "*fp32", "Outliers": "*fp16", "Seen": "*fp32", "Hits": "*fp32"},
+                  ["stride_hm", "stride_dm", "stride_om", "stride_xm", "stride_qm", "K"], ["eps", "threshold"],
+                  dict(BLOCK_K=4096, ADD=True, GEMMA=gemma, STORE_X=True, HAS_OUTLIERS=True, GUARD=True,
+                       INTERPRETED=False),
+                  aligned=("stride_hm", "stride_dm", "stride_om", "stride_xm", "stride_qm"), num_warps=4)
+        ptx = k.asm["ptx"]
+        out[f"norm quantize{' gemma' if gemma else ''}"] = {
+            "round_half_even": "cvt.rni.f32.f32" in ptx, "guard_atomics": "atom.global" in ptx,
+            "rsqrt": "rsqrt" in ptx, "vectorised": "v4" in ptx, "spill_bytes": spill_bytes(ptx, arch)}
     k = build(int8_ops._dequantize_kernel, arch, {"Acc": "*i32"} | EPILOGUE,
               ["M", "N", "stride_cm", "stride_am", "stride_om"], ["inv_sq"],
               dict(BLOCK_M=8, BLOCK_N=512, HAS_BIAS=True, HAS_ADDEND=True), num_warps=4)

@@ -49,13 +49,10 @@ if HAS_TRITON:
         return out
 
     @triton.jit
-    def _quantize_kernel(X, Xq, Absmax, Outliers, Argmax, Seen, Hits, stride_xm, stride_qm, K, threshold,
-                         BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr, KEEP: tl.constexpr,
-                         HAS_ARGMAX: tl.constexpr, GUARD: tl.constexpr, INTERPRETED: tl.constexpr):
-        row = tl.program_id(0)
-        k = tl.arange(0, BLOCK_K)
-        k_mask = k < K
-        x = tl.load(X + row.to(tl.int64) * stride_xm + k, mask=k_mask, other=0.0).to(tl.float16)
+    def _quantize_row(x, row, k, k_mask, Xq, Absmax, Outliers, Argmax, Seen, Hits, stride_qm, threshold,
+                      BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr, KEEP: tl.constexpr,
+                      HAS_ARGMAX: tl.constexpr, GUARD: tl.constexpr, INTERPRETED: tl.constexpr):
+        """One token row x (fp16 [BLOCK_K], zero past K) quantised: its absmax, int8 values and the guard's record."""
         if HAS_OUTLIERS:
             if KEEP:  # an fp16 multiplier, 0 at the outlier columns (int8_outliers' keep): x * keep as torch does
                 x = (x * tl.load(Outliers + k, mask=k_mask, other=0.0)).to(tl.float16)
@@ -75,6 +72,47 @@ if HAS_TRITON:
         xq = round_half_even(x.to(tl.float32) * inv, INTERPRETED)
         tl.store(Xq + row.to(tl.int64) * stride_qm + k, xq.to(tl.int8), mask=k_mask)
         tl.store(Absmax + row, absmax)
+
+    @triton.jit
+    def _quantize_kernel(X, Xq, Absmax, Outliers, Argmax, Seen, Hits, stride_xm, stride_qm, K, threshold,
+                         BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr, KEEP: tl.constexpr,
+                         HAS_ARGMAX: tl.constexpr, GUARD: tl.constexpr, INTERPRETED: tl.constexpr):
+        row = tl.program_id(0)
+        k = tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        x = tl.load(X + row.to(tl.int64) * stride_xm + k, mask=k_mask, other=0.0).to(tl.float16)
+        _quantize_row(x, row, k, k_mask, Xq, Absmax, Outliers, Argmax, Seen, Hits, stride_qm, threshold, BLOCK_K,
+                      HAS_OUTLIERS, KEEP, HAS_ARGMAX, GUARD, INTERPRETED)
+
+    @triton.jit
+    def _norm_quantize_kernel(H, Delta, HOut, W, X, Xq, Absmax, Outliers, Seen, Hits, stride_hm, stride_dm,
+                              stride_om, stride_xm, stride_qm, K, eps, threshold, BLOCK_K: tl.constexpr,
+                              ADD: tl.constexpr, GEMMA: tl.constexpr, STORE_X: tl.constexpr,
+                              HAS_OUTLIERS: tl.constexpr, GUARD: tl.constexpr, INTERPRETED: tl.constexpr):
+        """fused.add_rms_norm (ADD) or fused.rms_norm, then _quantize_kernel's row, from one read of the row."""
+        row = tl.program_id(0).to(tl.int64)
+        k = tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        h = tl.load(H + row * stride_hm + k, mask=k_mask, other=0.0)
+        if ADD:  # the residual stream's add in its dtype, as torch's (one rounding of the float32 sum)
+            h = (h.to(tl.float32) + tl.load(Delta + row * stride_dm + k, mask=k_mask, other=0.0).to(tl.float32))
+            h = h.to(HOut.dtype.element_ty)
+            tl.store(HOut + row * stride_om + k, h, mask=k_mask)
+        hf = h.to(tl.float32)
+        mean_sq = tl.sum(hf * hf, 0) / K
+        if INTERPRETED:  # noqa: SIM108  (no libdevice there)
+            inv_rms = 1.0 / tl.sqrt(mean_sq + eps)
+        else:
+            inv_rms = libdevice.rsqrt(mean_sq + eps)
+        w = tl.load(W + k, mask=k_mask, other=0.0).to(tl.float32)
+        if GEMMA:  # (x · (1 + w)) in float32, then the cast
+            x = (hf * inv_rms * (1.0 + w)).to(X.dtype.element_ty)
+        else:  # the cast, then w times it in the dtype
+            x = (w * (hf * inv_rms).to(X.dtype.element_ty).to(tl.float32)).to(X.dtype.element_ty)
+        if STORE_X:
+            tl.store(X + row * stride_xm + k, x, mask=k_mask)
+        _quantize_row(x.to(tl.float16), row, k, k_mask, Xq, Absmax, Outliers, Absmax, Seen, Hits, stride_qm,
+                      threshold, BLOCK_K, HAS_OUTLIERS, True, False, GUARD, INTERPRETED)
 
     @triton.jit
     def _quantize_groups_kernel(X, Xq, Scales, Outliers, stride_xm, stride_qm, stride_sm, NUM_GROUPS,
@@ -302,6 +340,44 @@ def quantize_guarded(x: torch.Tensor, guard: GuardBuffers, *, keep: bool = True)
         return xq, absmax
     xq, absmax, _ = _quantize(x, guard.keep if keep else None, keep=True, argmax=False, guard=guard)
     return xq, absmax
+
+
+class NormedInput(NamedTuple):
+    """norm_quantize's results: the residual stream (h + delta, or h), the normed rows (None unless asked for), and
+    their int8 values and row absmax as quantize_rows / quantize_guarded give them."""
+
+    h: torch.Tensor
+    x: torch.Tensor | None
+    xq: torch.Tensor
+    absmax: torch.Tensor
+
+
+def norm_quantize(h: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool, delta: torch.Tensor | None = None,
+                  guard: GuardBuffers | None = None, *, keep: bool = False, store_x: bool = False) -> NormedInput:
+    """fused.add_rms_norm(h, delta, ...) (or fused.rms_norm(h, ...) without delta) and the quantisation of its
+    output in one kernel: quantize_guarded(x, guard, keep=keep) with a guard, else quantize_rows(x). h, delta [m, k]
+    with unit stride over k, weight [k] in h's dtype. Where Triton does not run: the same functions one by one."""
+    if not triton_available(h):
+        from batchgen.worker.engine.fused import add_rms_norm, rms_norm
+
+        h, x = add_rms_norm(h, delta, weight, eps, gemma) if delta is not None else (h, rms_norm(h, weight, eps, gemma))
+        xq, absmax = quantize_guarded(x, guard, keep=keep) if guard is not None else quantize_rows(x)
+        return NormedInput(h, x if store_x else None, xq, absmax)
+    m, k = h.shape
+    h_out = torch.empty_like(h) if delta is not None else h
+    x = torch.empty_like(h) if store_x else h_out
+    xq = torch.empty(m, k, dtype=torch.int8, device=h.device)
+    absmax = torch.empty(m, 1, dtype=torch.float32, device=h.device)
+    keep_cols, seen, hits, threshold = ((guard.keep, guard.seen, guard.hits, guard.threshold) if guard is not None
+                                        else (absmax, absmax, absmax, 0.0))
+    block_k = triton.next_power_of_2(k)
+    _norm_quantize_kernel[(m,)](
+        h, delta if delta is not None else h, h_out, weight, x, xq, absmax, keep_cols, seen, hits, h.stride(0),
+        delta.stride(0) if delta is not None else 0, h_out.stride(0), x.stride(0), xq.stride(0), k, float(eps),
+        float(threshold), BLOCK_K=block_k, ADD=delta is not None, GEMMA=gemma, STORE_X=store_x,
+        HAS_OUTLIERS=guard is not None and keep, GUARD=guard is not None, INTERPRETED=interpreting(),
+        num_warps=max(4, min(16, block_k // 1024)))
+    return NormedInput(h_out, x if store_x else None, xq, absmax)
 
 
 def _quantize(x: torch.Tensor, columns: torch.Tensor | None, *, keep: bool, argmax: bool,
