@@ -57,7 +57,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh fixed  # #22's table: bulk, HF's baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh final  # int8_tune at 384 rows; bulk; HF's baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh final-2  # then: bulk, committed tables and final's
-#   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh fused-norm  # this tree, OLD's; HF's
+#   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh fused-norm  # this tree, then OLD's
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -443,11 +443,11 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     cp /tmp/tuned/NVIDIA*.json "$tables"/
     BULK_S=120 bulk tuned_again 1 static-features 0
     ;;
-  fused-norm)  # #22 with the norm and the int8 input quantisation as one kernel (norm_linear.py): this checkout,
-    # OLD's tree (the commit before it), then HF's baselines (the 3x goal), on one machine
+  fused-norm)  # #22 with the norm and the int8 input quantisation as one kernel (norm_linear.py): this checkout, then
+    # OLD's tree (the commit before it; its first bulk compiles afresh: 120 s cut it on an H100); `baselines` after
+    # it on the same machine for the 3x goal
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
-    BULK_S=120 bulk_old
-    run 230 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
+    BULK_S=170 bulk_old
     ;;
   profile)
     profile untuned tuned_kernels=0
