@@ -428,7 +428,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=150 bulk defaults_again 1 static-features 0
     ;;
   final)  # #22 on one machine: int8_tune's GEMMs at 384 rows (each search from the best launch any device's table
-    # holds there, split-K searched), bulk with that table, then HF's baselines (the 3x goal)
+    # holds there), bulk with that table, then HF's baselines (the 3x goal)
     mkdir -p "$out/rows" /tmp/committed /tmp/tuned && cp "$tables"/NVIDIA*.json "$out/rows/" \
         && cp "$tables"/NVIDIA*.json /tmp/committed/
     run 100 int8_tune_384 python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 384 \
