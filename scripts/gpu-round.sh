@@ -58,6 +58,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh final  # int8_tune at 384 rows; bulk; HF's baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh final-2  # then: bulk, committed tables and final's
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh fused-norm  # this tree, then OLD's
+#   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh gated  # the MLP tail's kernel; bulk
+#                                                                        # this tree, then OLD's
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -446,6 +448,13 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   fused-norm)  # #22 with the norm and the int8 input quantisation as one kernel (norm_linear.py): this checkout, then
     # OLD's tree (the commit before it; its first bulk compiles afresh: 120 s cut it on an H100); `baselines` after
     # it on the same machine for the 3x goal
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    BULK_S=170 bulk_old
+    ;;
+  gated)  # the MLP's tail as one kernel and the residual in the down GEMM's epilogue (gated_linear.py): the kernel
+    # alone against the pieces, then bulk on this checkout and on OLD's tree (the commit before it); `baselines`
+    # after it on the same machine for the 3x goal
+    run 120 gated python3 -m benchmarks.gated --out "$out/gated"
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     BULK_S=170 bulk_old
     ;;

@@ -373,13 +373,15 @@ def test_kernels_compile_for_hopper():
     assert set(compiled) == {"split fp16", "split fp8", "split paged fp16", "split paged fp8", "one split paged fp16",
                              "one split paged fp8", "merge", "quantize", "int8 gemm tma",
                              "dequantize", "int8 gemm", "int8 gemm 256x128", "int8 gemm 256x128 dense",
-                             "int8 gemm 256x64", "int8 gemm 256x64 dense", "gemv 1 row", "gemv 16 rows",
+                             "int8 gemm 256x128 residual", "int8 gemm 256x64", "int8 gemm 256x64 dense",
+                             "gemv 1 row", "gemv 16 rows",
                              "kv store fp16", "kv store fp8", "rope", "split int8", "one split paged int8",
                              "one split paged int8 scales in p", "one split paged int8 f32",
                              "one split paged int8 f32 scales in p", "one split paged int8 early", "kv store int8",
                              "paged int8 launch", "paged int8 launch, ids ahead", "paged int8 launch early, ids ahead",
                              "paged int8 launch biased, ids ahead", "paged fp16 launch", "paged fp16 3 stages",
-                             "paged fp16 3 stages, ids ahead", "norm quantize", "norm quantize gemma"}
+                             "paged fp16 3 stages, ids ahead", "norm quantize", "norm quantize gemma",
+                             "gated quantize", "gated quantize rotated"}
     # the int8 cache's fp16 path converts by byte permutes (none of the quarter-rate s8 conversions), the
     # float32 path by conversions
     for name in ("split int8", "one split paged int8", "one split paged int8 scales in p"):
@@ -415,6 +417,11 @@ def test_kernels_compile_for_hopper():
         found = compiled[name]
         assert all(found[key] for key in ("round_half_even", "guard_atomics", "rsqrt", "vectorised")), found
         assert found["spill_bytes"] in (0, None), found
+    for name in ("gated quantize", "gated quantize rotated"):  # act · up (rotated), quantised, recorded by the guard
+        found = compiled[name]
+        assert all(found[key] for key in ("round_half_even", "guard_atomics", "vectorised")), found
+        assert found["spill_bytes"] in (0, None), found
+    assert compiled["gated quantize rotated"]["tf32_mma"] > 0 == compiled["gated quantize"]["tf32_mma"]
     # Hopper's warpgroup MMA, and weight tiles loaded asynchronously a few steps ahead (cp.async): the GEMV has no
     # tl.dot at one row, so its loop asks for that itself
     assert compiled["int8 gemm"]["wgmma"]
@@ -432,6 +439,10 @@ def test_kernels_compile_for_hopper():
         assert dense["shared_bytes"] == plain["shared_bytes"] and dense["wgmma"] and plain["spill_bytes"] == 0
         block_m, block_n = dense["tile"]
         assert 2 * dense["spill_bytes"] * dense["threads"] < (2 * block_m * block_n * 2) / 2
+    # likewise the residual: what its load spills is under half of the bytes the add apart reads and writes
+    residual = compiled["int8 gemm 256x128 residual"]
+    assert residual["shared_bytes"] == compiled["int8 gemm 256x128"]["shared_bytes"], residual
+    assert 2 * residual["spill_bytes"] * residual["threads"] < (3 * 256 * 128 * 2) / 2, residual
 
 
 @pytest.mark.parametrize("batch,tokens,q_heads,k_heads,head_dim,dtype", [

@@ -76,30 +76,39 @@ def _tune_every_int8_linear(model: torch.nn.Module, tables, monkeypatch) -> None
     monkeypatch.setattr(int8_linear, "USE_TUNED_GEMM", True)
 
 
-def test_the_fast_path_runs_norm_and_quantiser_as_one_kernel_and_answers_like_hf_generate(demo_model_dir, tmp_path,
-                                                                                            monkeypatch):
-    """The int8 fast path with a tuned launch for every linear: each layer's two norms (the input norm, the residual
-    add with the post-attention norm) quantise the q/k/v and gate/up inputs in their own kernel, and the engine
-    answers as HF generate on the same model does (HF's forward runs the norm and the quantiser apart). With
-    norm_linear off, no norm quantises."""
+def test_the_fast_path_runs_norms_and_gated_mlps_with_their_quantisers_and_answers_like_hf_generate(tmp_path,
+                                                                                                    monkeypatch):
+    """The int8 fast path with a tuned launch for every linear, on a model whose MLP is 256 wide (the rotation's
+    block): each layer's two norms (the input norm, the residual add with the post-attention norm) quantise the
+    q/k/v and gate/up inputs in their own kernel, the MLP's activation, rotation and quantiser run as one
+    (gated_linear) with the residual added in the down GEMM's epilogue, and the engine answers as HF generate on the
+    same model does (HF's forward runs every piece apart). With both off, neither kernel runs, and the answer stays."""
+    from batchgen.worker.demo_model import write_demo_model
+    from batchgen.worker.engine import gated_linear
     from batchgen.worker.engine.config import EngineConfig
     from batchgen.worker.factory import build_llm_engine
 
     from tests.test_models import oracle, requests, run_engine
 
-    path = demo_model_dir
+    path = write_demo_model(tmp_path / "model", intermediate_size=256)
     engine = build_llm_engine(EngineConfig(model=str(path), max_batch_size=3))
+    assert all(m.down_proj.rotate_block == 256 for m in engine.model.modules() if hasattr(m, "gate_up_proj"))
     _tune_every_int8_linear(engine.model, tmp_path / "tables", monkeypatch)
-    calls = []
-    real = int8_ops.norm_quantize
+    calls, gated = [], []
+    norm_real, gated_real = int8_ops.norm_quantize, int8_ops.gated_quantize
     monkeypatch.setattr(int8_ops, "norm_quantize", lambda h, *a, **kw: calls.append((h.shape[0], a[3] is not None))
-                        or real(h, *a, **kw))
+                        or norm_real(h, *a, **kw))
+    monkeypatch.setattr(int8_ops, "gated_quantize", lambda g, *a, **kw: gated.append((g.shape[0], a[2]))
+                        or gated_real(g, *a, **kw))
     got = run_engine(engine, requests())
     layers = engine.model.config.num_hidden_layers
     assert calls and len(calls) % (2 * layers) == 0  # two a layer, in every forward
     assert sum(add for _, add in calls) == len(calls) // 2  # one of them after the residual add
+    assert len(gated) == len(calls) // 2 and all(block == 256 for _, block in gated)  # one a layer, rotating
     assert got == oracle(path, engine)
     calls.clear()
+    gated.clear()
     monkeypatch.setattr(norm_linear, "ENABLED", False)
+    monkeypatch.setattr(gated_linear, "ENABLED", False)
     first = requests()[:1]
-    assert run_engine(engine, first) == {first[0].key: got[first[0].key]} and calls == []
+    assert run_engine(engine, first) == {first[0].key: got[first[0].key]} and calls == [] and gated == []

@@ -237,11 +237,11 @@ class Int8Linear(torch.nn.Module):
             out = self._forward_weight_only(x2)
         return out.reshape(*shape[:-1], self.out_features)
 
-    def input_plan(self, x2: torch.Tensor) -> InputPlan | None:
+    def input_plan(self, x2: torch.Tensor, *, rotates: bool = False) -> InputPlan | None:
         """How this linear would quantise the input x2 [m, in_features] for the tuned Triton GEMM, where a kernel
-        before it (int8_ops.norm_quantize) may do that instead; None where it takes another path (a rotated input,
-        the small-row GEMV, calibration, no tuned launch)."""
-        return None if self.rotate_block else self._plan(x2)
+        before it (int8_ops.norm_quantize, gated_quantize) may do that instead; None where it takes another path
+        (the small-row GEMV, calibration, no tuned launch; a rotated input unless that kernel `rotates` it)."""
+        return None if self.rotate_block and not rotates else self._plan(x2)
 
     def _plan(self, x2: torch.Tensor) -> InputPlan | None:
         if self.kernel not in ("int_mm", OUTLIER_KERNEL) or takes_gemv(x2):
@@ -257,12 +257,13 @@ class Int8Linear(torch.nn.Module):
         return InputPlan(launch, GuardBuffers(o.keep, o.seen, o.hits, o.threshold), dense=o.dense_path)
 
     def forward_quantized(self, xq: torch.Tensor, absmax: torch.Tensor, plan: InputPlan, dtype: torch.dtype,
-                          x2: torch.Tensor | None = None) -> torch.Tensor:
+                          x2: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """The tuned GEMM over an input quantised as plan says, out in dtype; the epilogue dequantises and, on the
         dense path, adds the outlier columns' product from the input x2 (no [m, out] product written and read
-        back)."""
+        back); with residual [m, out], residual + the output."""
         dense = int8_ops.DenseColumns(x2, self.outliers.idx, self.dense) if plan.dense else None
-        return int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, dtype, dense=dense, **plan.launch)
+        return int8_matmul_dequant(xq, absmax, self.cb, self.scb, self.bias, dtype, dense=dense, residual=residual,
+                                   **plan.launch)
 
     def _forward_weight_only(self, x2: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x2.dtype)

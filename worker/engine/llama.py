@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from batchgen.worker.engine.families import FamilySpec
-from batchgen.worker.engine.fused import GATED_ACT_ATTR, add_norm, gated_down, rope
+from batchgen.worker.engine.fused import GATED_ACT_ATTR, add_norm, rope
+from batchgen.worker.engine.gated_linear import gated_linear
 from batchgen.worker.engine.host_copy import to_device
 from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits
 from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
@@ -134,7 +135,7 @@ def layer_output(layer: torch.nn.Module, h: torch.Tensor, o: torch.Tensor,
     mlp = layer.mlp
     if getattr(mlp, GATED_ACT_ATTR, None) is not None and not hooked(mlp):  # add, norm and quantisation in one
         h, gate_up = norm_linear(layer.post_attention_layernorm, mlp.gate_up_proj, h, attended)
-        return h + gated_down(mlp, gate_up)
+        return gated_linear(mlp, gate_up, h)
     h, x = add_norm(layer.post_attention_layernorm, h, attended)
     return h + mlp(x)
 

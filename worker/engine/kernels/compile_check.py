@@ -19,8 +19,10 @@ from triton.compiler import ASTSource
 
 EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16", "Out": "*fp16"}
 # the GEMMs' epilogue also takes an outlier-aware linear's dense columns (activations, their columns, weight rows)
-GEMM_EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16", "X": "*fp16", "Idx": "*i64",
-                 "Dense": "*fp16", "Out": "*fp16"}
+GEMM_EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16", "Residual": "*fp16",
+                 "X": "*fp16", "Idx": "*i64", "Dense": "*fp16", "Out": "*fp16"}
+TMA_EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16", "Residual": "*fp16",
+                "Out": "*fp16"}
 GEMV_POINTERS = {"X": "*fp16", "W": "*i8", "Scb": "*fp32", "Bias": "*fp16", "Out": "*fp16", "Partial": "*fp32",
                  "Keep": "*fp16", "Seen": "*fp32", "Hits": "*fp32"}
 SPLIT_INTS = ["stride_qn", "stride_qh", "stride_kr", "stride_kt", "stride_kh", "stride_vr", "stride_vt", "stride_vh",
@@ -167,34 +169,50 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
         out[f"norm quantize{' gemma' if gemma else ''}"] = {
             "round_half_even": "cvt.rni.f32.f32" in ptx, "guard_atomics": "atom.global" in ptx,
             "rsqrt": "rsqrt" in ptx, "vectorised": "v4" in ptx, "spill_bytes": spill_bytes(ptx, arch)}
+    for name, rotate in (("gated quantize", False), ("gated quantize rotated", True)):  # act · up, the rotation
+        k = build(int8_ops._gated_quantize_kernel, arch,
+                  {"GateUp": "*fp16", "X": "*fp16", "Xq": "*i8", "Absmax": "*fp32", "Outliers": "*fp16",
+                   "Seen": "*fp32", "Hits": "*fp32"},
+                  ["stride_gm", "stride_xm", "stride_qm", "K"], ["threshold"],
+                  dict(BLOCK_K=16384, ACT=0, ROTATE=rotate, STORE_X=True, HAS_OUTLIERS=True, GUARD=True,
+                       INTERPRETED=False),
+                  aligned=("stride_gm", "stride_xm", "stride_qm", "K"), num_warps=16)
+        ptx = k.asm["ptx"]  # the rotation's two dots on the tensor cores (tf32), no registers spilled
+        out[name] = {"round_half_even": "cvt.rni.f32.f32" in ptx, "guard_atomics": "atom.global" in ptx,
+                     "tf32_mma": ptx.count(".tf32.tf32"), "vectorised": "v4" in ptx,
+                     "shared_bytes": k.metadata.shared, "spill_bytes": spill_bytes(ptx, arch)}
     k = build(int8_ops._dequantize_kernel, arch, {"Acc": "*i32"} | EPILOGUE,
               ["M", "N", "stride_cm", "stride_am", "stride_om"], ["inv_sq"],
               dict(BLOCK_M=8, BLOCK_N=512, HAS_BIAS=True, HAS_ADDEND=True), num_warps=4)
     out["dequantize"] = {"shared_bytes": k.metadata.shared}
-    gemm_ints = ["stride_add", "stride_xm", "stride_dn", "S", "stride_om", "stride_sm"]
+    gemm_ints = ["stride_add", "stride_rm", "stride_xm", "stride_dn", "S", "stride_om", "stride_sm"]
     # dense: MAX_FUSED_SLOTS slots at the table's largest pointer launches (256 × 128 and 256 × 64 tiles): the
     # operand tiles reuse the shared memory the main loop's stages held; what the epilogue spills is reported
+    # residual: the residual stream's add (gated_linear's down projection) in the largest launch's epilogue
     for name, dense, block_m, block_n, stages in (("int8 gemm", False, 128, 128, 4),
                                                   ("int8 gemm 256x128", False, 256, 128, 4),
                                                   ("int8 gemm 256x128 dense", True, 256, 128, 4),
+                                                  ("int8 gemm 256x128 residual", False, 256, 128, 4),
                                                   ("int8 gemm 256x64", False, 256, 64, 5),
                                                   ("int8 gemm 256x64 dense", True, 256, 64, 5)):
         k = build(int8_ops._int8_mm_kernel, arch, {"A": "*i8", "B": "*i8"} | GEMM_EPILOGUE,
                   ["M", "N", "K", "stride_am_", "stride_bn", *gemm_ints], ["inv_sq"],
                   dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128, GROUP_M=8, EVEN_K=True, HAS_BIAS=True,
-                       HAS_ADDEND=not dense, HAS_DENSE=dense, BLOCK_S=int8_ops.MAX_FUSED_SLOTS, GROUP_K=0),
-                  aligned=("N", "K", "stride_am_", "stride_bn", "stride_add", "stride_xm", "stride_dn", "stride_om"),
+                       HAS_ADDEND=not dense, HAS_RESIDUAL=name.endswith("residual"), HAS_DENSE=dense, BLOCK_S=int8_ops.MAX_FUSED_SLOTS,
+                       GROUP_K=0),
+                  aligned=("N", "K", "stride_am_", "stride_bn", "stride_add", "stride_rm", "stride_xm", "stride_dn",
+                           "stride_om"),
                   num_warps=8, num_stages=stages)
         ptx = k.asm["ptx"]
         out[name] = {"int8_tensor_cores": "s32.s8.s8" in ptx, "wgmma": "wgmma.mma_async" in ptx,
                      "pipelined": "cp.async" in ptx, "shared_bytes": k.metadata.shared,
                      "spill_bytes": spill_bytes(ptx, arch), "tile": [block_m, block_n], "threads": 8 * 32}
     k = build(int8_ops._int8_mm_tma_kernel, arch,
-              {"ADesc": "tensordesc<i8[256, 128]>", "BDesc": "tensordesc<i8[128, 128]>"} | EPILOGUE,
-              ["M", "N", "K", "stride_add", "stride_om", "stride_sm"], ["inv_sq"],
+              {"ADesc": "tensordesc<i8[256, 128]>", "BDesc": "tensordesc<i8[128, 128]>"} | TMA_EPILOGUE,
+              ["M", "N", "K", "stride_add", "stride_rm", "stride_om", "stride_sm"], ["inv_sq"],
               dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, NUM_SMS=132, HAS_BIAS=True, HAS_ADDEND=True,
-                   GROUP_K=0),
-              aligned=("N", "K", "stride_add", "stride_om"), num_warps=8, num_stages=4)
+                   HAS_RESIDUAL=True, GROUP_K=0),
+              aligned=("N", "K", "stride_add", "stride_rm", "stride_om"), num_warps=8, num_stages=4)
     ptx = k.asm["ptx"]  # the operand tiles as bulk tensor copies into shared memory
     out["int8 gemm tma"] = {"tma": "cp.async.bulk.tensor" in ptx, "wgmma": "wgmma.mma_async" in ptx,
                             "shared_bytes": k.metadata.shared}

@@ -115,6 +115,49 @@ if HAS_TRITON:
                       threshold, BLOCK_K, HAS_OUTLIERS, True, False, GUARD, INTERPRETED)
 
     @triton.jit
+    def _hadamard_256(x, BLOCK_K: tl.constexpr):
+        """x [BLOCK_K] (float32 holding values of the compute dtype) times the block-diagonal 256-wide Sylvester
+        Hadamard matrix (rotation.rotate's), as H16 ⊗ H16: each 256-run seen as a 16 × 16 tile X becomes
+        H16ᵀ·X·H16, two tf32 dots with K = 16 against a ±1/4 matrix made in registers. fp16 and bf16 values are
+        exact in tf32, so the first dot is exact up to its float32 sums; the second takes its operand as a tf32
+        part and the float32 rest (tf32x3's split, two dots: the ±1/4 are exact), ~21 bits in all."""
+        CHUNKS: tl.constexpr = BLOCK_K // 256
+        i = tl.arange(0, 16)[:, None] & tl.arange(0, 16)[None, :]
+        parity = (i ^ (i >> 1) ^ (i >> 2) ^ (i >> 3)) & 1
+        h = 0.25 - 0.5 * parity.to(tl.float32)  # H16 / 4
+        y = tl.dot(tl.reshape(x, [CHUNKS * 16, 16]), h, input_precision="tf32")  # X·H16 / 4, rows (chunk, i)
+        y = tl.reshape(tl.permute(tl.reshape(y, [CHUNKS, 16, 16]), (0, 2, 1)), [CHUNKS * 16, 16])  # rows (chunk, l)
+        hi = (y.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # the 10 bits tf32 keeps
+        z = tl.dot(y - hi, h, tl.dot(hi, h, input_precision="tf32"), input_precision="tf32")  # (H16ᵀ·X·H16)ᵀ / 16
+        return tl.reshape(tl.permute(tl.reshape(z, [CHUNKS, 16, 16]), (0, 2, 1)), [BLOCK_K])
+
+    @triton.jit
+    def _gated_quantize_kernel(GateUp, X, Xq, Absmax, Outliers, Seen, Hits, stride_gm, stride_xm, stride_qm, K,
+                               threshold, BLOCK_K: tl.constexpr, ACT: tl.constexpr, ROTATE: tl.constexpr,
+                               STORE_X: tl.constexpr, HAS_OUTLIERS: tl.constexpr, GUARD: tl.constexpr,
+                               INTERPRETED: tl.constexpr):
+        """fused.gated (act(gate) · up over a gate_up row [2K]), rotation.rotate where ROTATE, then
+        _quantize_kernel's row, from one read of the row."""
+        row = tl.program_id(0).to(tl.int64)
+        k = tl.arange(0, BLOCK_K)
+        k_mask = k < K
+        dtype = GateUp.dtype.element_ty
+        gate = tl.load(GateUp + row * stride_gm + k, mask=k_mask, other=0.0).to(tl.float32)
+        up = tl.load(GateUp + row * stride_gm + K + k, mask=k_mask, other=0.0).to(tl.float32)
+        if ACT == 0:  # SiLU
+            act = gate / (1.0 + tl.exp(-gate))
+        else:  # tanh GELU, its tanh(u) as 1 - 2 / (1 + e^2u)
+            u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+            act = 0.5 * gate * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
+        x = (act.to(dtype).to(tl.float32) * up).to(dtype)  # as eager: the activation rounded, then the product
+        if ROTATE:
+            x = _hadamard_256(x.to(tl.float32), BLOCK_K).to(dtype)
+        if STORE_X:
+            tl.store(X + row * stride_xm + k, x, mask=k_mask)
+        _quantize_row(x.to(tl.float16), row, k, k_mask, Xq, Absmax, Outliers, Absmax, Seen, Hits, stride_qm,
+                      threshold, BLOCK_K, HAS_OUTLIERS, True, False, GUARD, INTERPRETED)
+
+    @triton.jit
     def _quantize_groups_kernel(X, Xq, Scales, Outliers, stride_xm, stride_qm, stride_sm, NUM_GROUPS,
                                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
                                 INTERPRETED: tl.constexpr):
@@ -147,9 +190,10 @@ if HAS_TRITON:
         return tl.dot(xd, wd, out)
 
     @triton.jit
-    def _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, stride_am, stride_xm, stride_dn,
-                  S, stride_om, inv_sq, HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_DENSE: tl.constexpr,
-                  BLOCK_S: tl.constexpr, ROW_SCALE: tl.constexpr):
+    def _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Residual, X, Idx, Dense, Out, stride_am, stride_rm,
+                  stride_xm, stride_dn, S, stride_om, inv_sq, HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr,
+                  HAS_RESIDUAL: tl.constexpr, HAS_DENSE: tl.constexpr, BLOCK_S: tl.constexpr,
+                  ROW_SCALE: tl.constexpr):
         m_mask = rm < M
         n_mask = rn < N
         mask = m_mask[:, None] & n_mask[None, :]
@@ -165,6 +209,9 @@ if HAS_TRITON:
             out = out + tl.load(Addend + rm[:, None].to(tl.int64) * stride_am + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         if HAS_DENSE:
             out = _plus_dense_columns(out, rm, rn, M, N, X, Idx, Dense, stride_xm, stride_dn, S, BLOCK_S)
+        if HAS_RESIDUAL:  # residual + the linear's output as torch adds them: the output rounded to its dtype first
+            out = out.to(Out.dtype.element_ty).to(tl.float32) + tl.load(
+                Residual + rm[:, None].to(tl.int64) * stride_rm + rn[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(Out + rm[:, None].to(tl.int64) * stride_om + rn[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -175,8 +222,8 @@ if HAS_TRITON:
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.load(Acc + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :],
                       other=0)
-        _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, Out, Out, Out, stride_am, 0, 0, 0, stride_om,
-                  inv_sq, HAS_BIAS, HAS_ADDEND, False, 16, True)
+        _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, Out, Out, Out, Out, stride_am, 0, 0, 0, 0,
+                  stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, False, False, 16, True)
 
     @triton.jit
     def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
@@ -188,11 +235,12 @@ if HAS_TRITON:
         return first_m + (tile % group) % size_m, (tile % group) // size_m
 
     @triton.jit
-    def _int8_mm_kernel(A, B, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, M, N, K, stride_am_, stride_bn,
-                        stride_add, stride_xm, stride_dn, S, stride_om, stride_sm, inv_sq, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_DENSE: tl.constexpr,
-                        BLOCK_S: tl.constexpr, GROUP_K: tl.constexpr):
+    def _int8_mm_kernel(A, B, Absmax, Scb, Bias, Addend, Residual, X, Idx, Dense, Out, M, N, K, stride_am_,
+                        stride_bn, stride_add, stride_rm, stride_xm, stride_dn, S, stride_om, stride_sm, inv_sq,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                        EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr, HAS_DENSE: tl.constexpr, BLOCK_S: tl.constexpr,
+                        GROUP_K: tl.constexpr):
         pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -223,15 +271,16 @@ if HAS_TRITON:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
                 a_ptr += BLOCK_K
                 b_ptr += BLOCK_K
-        _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, X, Idx, Dense, Out, stride_add, stride_xm, stride_dn, S,
-                  stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, HAS_DENSE, BLOCK_S, GROUP_K == 0)
+        _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Residual, X, Idx, Dense, Out, stride_add, stride_rm,
+                  stride_xm, stride_dn, S, stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, HAS_RESIDUAL, HAS_DENSE, BLOCK_S,
+                  GROUP_K == 0)
 
     @triton.jit
-    def _int8_mm_tma_kernel(ADesc, BDesc, Absmax, Scb, Bias, Addend, Out, M, N, K, stride_add, stride_om, stride_sm,
-                            inv_sq,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                            HAS_ADDEND: tl.constexpr, GROUP_K: tl.constexpr):
+    def _int8_mm_tma_kernel(ADesc, BDesc, Absmax, Scb, Bias, Addend, Residual, Out, M, N, K, stride_add, stride_rm,
+                            stride_om, stride_sm, inv_sq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                            GROUP_K: tl.constexpr):
         # Persistent (one program per SM walking tiles in the grouped order) with the operand tiles brought in by
         # Hopper's tensor memory accelerator: the loads are bulk copies that zero-fill past the edges, not address
         # arithmetic per thread (Triton's persistent-matmul tutorial). The epilogue is _int8_mm_kernel's, without
@@ -256,8 +305,8 @@ if HAS_TRITON:
                     a = ADesc.load([pid_m * BLOCK_M, k0])
                     b = BDesc.load([pid_n * BLOCK_N, k0])
                     acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
-            _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Out, Out, Out, Out, stride_add, 0, 0, 0,
-                      stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, False, 16, GROUP_K == 0)
+            _epilogue(acc, rm, rn, M, N, Absmax, Scb, Bias, Addend, Residual, Out, Out, Out, Out, stride_add,
+                      stride_rm, 0, 0, 0, stride_om, inv_sq, HAS_BIAS, HAS_ADDEND, HAS_RESIDUAL, False, 16, GROUP_K == 0)
 
 
 def outlier_mask(cols: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -380,6 +429,52 @@ def norm_quantize(h: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool
     return NormedInput(h_out, x if store_x else None, xq, absmax)
 
 
+GATED_ACTS = {"SiLU": 0, "SiLUActivation": 0, "GELUTanh": 1, "PytorchGELUTanh": 1}  # fused.ACTIVATIONS' names
+ROTATE_BLOCK = 256  # the one rotation block the kernel builds (H16 ⊗ H16)
+
+
+class GatedInput(NamedTuple):
+    """gated_quantize's results: the activations (rotated where asked; None unless asked for), their int8 values
+    and row absmax as quantize_rows / quantize_guarded give them."""
+
+    x: torch.Tensor | None
+    xq: torch.Tensor
+    absmax: torch.Tensor
+
+
+def gated_quantize(gate_up: torch.Tensor, gate_size: int, act: str, rotate_block: int = 0,
+                   guard: GuardBuffers | None = None, *, keep: bool = False, store_x: bool = False) -> GatedInput:
+    """fused.gated(gate_up, gate_size, act), rotation.rotate(·, rotate_block) where rotate_block, and the
+    quantisation of the result (quantize_guarded(x, guard, keep=keep) with a guard, else quantize_rows(x)) in one
+    kernel. gate_up [m, 2 * gate_size] with unit stride over its columns; act one of GATED_ACTS; rotate_block 0 or
+    ROTATE_BLOCK. Where Triton does not run: the same functions one by one."""
+    if act not in GATED_ACTS or rotate_block not in (0, ROTATE_BLOCK) or gate_up.shape[-1] != 2 * gate_size:
+        raise ValueError(f"gated_quantize takes {sorted(GATED_ACTS)}, rotation 0 or {ROTATE_BLOCK} and gate = up; "
+                         f"got {act}, {rotate_block}, {gate_size} of {gate_up.shape[-1]}")
+    if not triton_available(gate_up):
+        from batchgen.worker.engine import rotation
+        from batchgen.worker.engine.fused import gated
+
+        x = gated(gate_up, gate_size, act)
+        x = rotation.rotate(x, rotate_block) if rotate_block else x
+        xq, absmax = quantize_guarded(x, guard, keep=keep) if guard is not None else quantize_rows(x)
+        return GatedInput(x if store_x else None, xq, absmax)
+    m = gate_up.shape[0]
+    k = gate_size
+    x = torch.empty(m, k, dtype=gate_up.dtype, device=gate_up.device) if store_x else None
+    xq = torch.empty(m, k, dtype=torch.int8, device=gate_up.device)
+    absmax = torch.empty(m, 1, dtype=torch.float32, device=gate_up.device)
+    keep_cols, seen, hits, threshold = ((guard.keep, guard.seen, guard.hits, guard.threshold) if guard is not None
+                                        else (absmax, absmax, absmax, 0.0))
+    block_k = max(triton.next_power_of_2(k), ROTATE_BLOCK if rotate_block else 16)
+    _gated_quantize_kernel[(m,)](
+        gate_up, x if store_x else xq, xq, absmax, keep_cols, seen, hits, gate_up.stride(0),
+        x.stride(0) if store_x else 0, xq.stride(0), k, float(threshold), BLOCK_K=block_k, ACT=GATED_ACTS[act],
+        ROTATE=bool(rotate_block), STORE_X=store_x, HAS_OUTLIERS=guard is not None and keep, GUARD=guard is not None,
+        INTERPRETED=interpreting(), num_warps=max(4, min(16, block_k // 1024)))
+    return GatedInput(x, xq, absmax)
+
+
 def _quantize(x: torch.Tensor, columns: torch.Tensor | None, *, keep: bool, argmax: bool,
               guard: GuardBuffers | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     m, k = x.shape
@@ -456,7 +551,7 @@ def dequantize_acc(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, b
 
 def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
                         bias: torch.Tensor | None, dtype: torch.dtype, addend: torch.Tensor | None = None, *,
-                        dense: DenseColumns | None = None, inv_sq: float = INV_127_SQ, block_m: int | None = None,
+                        dense: DenseColumns | None = None, residual: torch.Tensor | None = None, inv_sq: float = INV_127_SQ, block_m: int | None = None,
                         block_n: int = 128, block_k: int = 128, group_m: int = 8, num_warps: int = 4,
                         num_stages: int = 4, tma: bool = False, group_k: int = 0) -> torch.Tensor:
     """xq int8 [m, k] @ cb int8 [n, k].T with dequantize_acc's epilogue fused: -> [m, n] dtype. No padding for
@@ -466,7 +561,9 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
     tma: the persistent kernel whose tiles Hopper's TMA loads (xq and cb contiguous, k a multiple of 16), a
     launch benchmarks.int8_tune weighs against the pointer-loading one.
     group_k: absmax is [m, k // group_k] (quantize_groups'), one scale per token and group of columns, applied to
-    each block's int32 product in the main loop (block_k must divide group_k)."""
+    each block's int32 product in the main loop (block_k must divide group_k).
+    residual: [m, n] in dtype (unit stride over n): the result is residual + the product, added as torch adds two
+    tensors of dtype (the product rounded first), in the epilogue: the residual stream's add without a launch."""
     if addend is not None and dense is not None:
         raise ValueError("an addend or the dense columns, not both")
     m, k = xq.shape
@@ -478,9 +575,11 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
         if group_k:  # exact: each group's int8 product fits float64's mantissa many times over
             parts = torch.einsum("mgk,ngk->mng", xq.view(m, -1, group_k).double(), cb.view(n, -1, group_k).double())
             acc = (parts * absmax.double()[:, None, :]).sum(-1).float()
-            return dequantize_acc_reference(acc, torch.ones_like(absmax[:, :1]), scb, bias, dtype, addend,
-                                            inv_sq=inv_sq)
-        return dequantize_acc_reference(torch._int_mm(xq, cb.t()), absmax, scb, bias, dtype, addend, inv_sq=inv_sq)
+            out = dequantize_acc_reference(acc, torch.ones_like(absmax[:, :1]), scb, bias, dtype, addend,
+                                           inv_sq=inv_sq)
+        else:
+            out = dequantize_acc_reference(torch._int_mm(xq, cb.t()), absmax, scb, bias, dtype, addend, inv_sq=inv_sq)
+        return out if residual is None else residual + out
     if block_m is None:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     if dense is not None and (tma or dense.idx.numel() > MAX_FUSED_SLOTS or not FUSE_DENSE):
@@ -489,7 +588,9 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
         # the product is computed apart, as the untuned path does
         addend, dense = dense.x.index_select(1, dense.idx) @ dense.weights, None
     out = torch.empty(m, n, dtype=dtype, device=xq.device)
-    args = _launch_args(absmax, scb, bias, addend, out)
+    args = (*_launch_args(absmax, scb, bias, addend, out), residual if residual is not None else out)
+    strides = (addend.stride(0) if addend is not None else 0, residual.stride(0) if residual is not None else 0)
+    flags = dict(HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, HAS_RESIDUAL=residual is not None)
     if tma:
         if TensorDescriptor is None:
             raise RuntimeError(f"this Triton ({triton.__version__}) has no host tensor descriptors: no tma launch")
@@ -497,18 +598,15 @@ def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
         _int8_mm_tma_kernel[(min(num_sms, tiles),)](
             TensorDescriptor.from_tensor(xq, [block_m, block_k]), TensorDescriptor.from_tensor(cb, [block_n, block_k]),
-            *args, out, m, n, k, addend.stride(0) if addend is not None else 0, out.stride(0), absmax.stride(0),
-            inv_sq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, NUM_SMS=num_sms,
-            HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, GROUP_K=group_k, num_warps=num_warps,
-            num_stages=num_stages)
+            *args, out, m, n, k, *strides, out.stride(0), absmax.stride(0), inv_sq, BLOCK_M=block_m,
+            BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, NUM_SMS=num_sms, **flags, GROUP_K=group_k,
+            num_warps=num_warps, num_stages=num_stages)
         return out
     dense_pointers, dense_ints, dense_flags = _dense_args(dense, out)
     _int8_mm_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
-        xq, cb, *args, *dense_pointers, out, m, n, k, xq.stride(0), cb.stride(0),
-        addend.stride(0) if addend is not None else 0, *dense_ints, out.stride(0), absmax.stride(0), inv_sq,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None,
-        HAS_ADDEND=addend is not None, **dense_flags, GROUP_K=group_k, num_warps=num_warps, num_stages=num_stages)
+        xq, cb, *args, *dense_pointers, out, m, n, k, xq.stride(0), cb.stride(0), *strides, *dense_ints,
+        out.stride(0), absmax.stride(0), inv_sq, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        EVEN_K=k % block_k == 0, **flags, **dense_flags, GROUP_K=group_k, num_warps=num_warps, num_stages=num_stages)
     return out
 
 

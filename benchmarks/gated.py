@@ -1,0 +1,95 @@
+"""A Llama-2-7B MLP's tail alone (gate_up output [rows, 2 × 11008] → residual + down(·)): the pieces as the engine ran
+them (the compiled act · up, the rotation's batched matmul, the guarded quantiser, the tuned GEMM, the residual add)
+against worker/engine/gated_linear's (int8_ops.gated_quantize, the GEMM with the residual in its epilogue).
+
+Each variant is replayed from a CUDA graph; outputs are checked against the pieces first (max abs difference in
+the JSON). Rows: a decode step's (384) and a prefill step's (8,192).
+
+    python3 -m benchmarks.gated --out $OUT      # on the GPU
+    .venv/bin/python -m benchmarks.gated --smoke  # here: a narrow MLP on the CPU under Triton's interpreter
+"""
+
+import argparse
+import os
+from pathlib import Path
+
+from benchmarks.common import write_json
+from benchmarks.kernels import graph_ms, time_ms
+
+HIDDEN, INNER = 4096, 11008
+
+
+def run(rows: int, hidden: int, inner: int, device: str) -> dict:
+    import torch
+    from batchgen.worker.engine import fused, rotation
+    from batchgen.worker.engine.int8_linear import tuned_gemm
+    from batchgen.worker.engine.kernels import int8_ops
+    from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers
+
+    g = torch.Generator(device=device).manual_seed(0)
+    gate_up = torch.randn(rows, 2 * inner, generator=g, device=device).half()
+    residual = torch.randn(rows, hidden, generator=g, device=device).half()
+    cb = torch.randint(-127, 128, (hidden, inner), generator=g, device=device, dtype=torch.int8)
+    scb = torch.rand(hidden, generator=g, device=device) * 2
+    keep = torch.ones(inner, dtype=torch.float16, device=device)
+    guard = GuardBuffers(keep, torch.zeros(inner, device=device), torch.zeros(inner, device=device), 6.0)
+    launch = tuned_gemm(torch.empty(rows, inner, dtype=torch.int8, device=device), cb) or {}
+    if device == "cuda":
+        fused.FUSED.compile()
+
+    def pieces() -> torch.Tensor:
+        x = rotation.rotate(fused.FUSED.gated(gate_up, inner, "SiLU"), rotation.BLOCK)
+        xq, absmax = int8_ops.quantize_guarded(x, guard, keep=False)
+        return residual + int8_ops.int8_matmul_dequant(xq, absmax, cb, scb, None, torch.float16, **launch)
+
+    def fused_tail() -> torch.Tensor:
+        gated = int8_ops.gated_quantize(gate_up, inner, "SiLU", rotation.BLOCK, guard)
+        return int8_ops.int8_matmul_dequant(gated.xq, gated.absmax, cb, scb, None, torch.float16, residual=residual,
+                                            **launch)
+
+    def pre_gemm() -> None:  # the activation, rotation and quantiser only
+        x = rotation.rotate(fused.FUSED.gated(gate_up, inner, "SiLU"), rotation.BLOCK)
+        int8_ops.quantize_guarded(x, guard, keep=False)
+
+    def pre_gemm_fused() -> None:
+        int8_ops.gated_quantize(gate_up, inner, "SiLU", rotation.BLOCK, guard)
+
+    want, got = pieces(), fused_tail()
+    x = rotation.rotate(fused.FUSED.gated(gate_up, inner, "SiLU"), rotation.BLOCK)
+    gx = int8_ops.gated_quantize(gate_up, inner, "SiLU", rotation.BLOCK, store_x=True).x
+    timer = graph_ms if device == "cuda" else time_ms
+    out = {"rows": rows, "launch": launch or "default",
+           "max_abs_diff_x": (gx.float() - x.float()).abs().max().item(),
+           "max_abs_diff_out": (got.float() - want.float()).abs().max().item(),
+           "out_abs_max": want.float().abs().max().item()}
+    for name, fn in (("pieces_ms", pieces), ("fused_ms", fused_tail), ("pre_gemm_pieces_ms", pre_gemm),
+                     ("pre_gemm_fused_ms", pre_gemm_fused)):
+        out[name] = round(timer(fn, device), 4)
+    # bytes the fused pre-GEMM kernel must move: gate_up read, int8 written
+    out["pre_gemm_fused_gb_s"] = round(rows * inner * (4 + 1) / out["pre_gemm_fused_ms"] / 1e6, 1)
+    out["speedup"] = round(out["pieces_ms"] / out["fused_ms"], 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
+    parser.add_argument("--rows", default="384,8192")
+    parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, a 512-wide MLP")
+    args = parser.parse_args()
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    hidden, inner = (64, 512) if args.smoke else (HIDDEN, INNER)
+    rows = [8] if args.smoke else [int(r) for r in args.rows.split(",")]
+    res = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "hidden": hidden, "inner": inner,
+           "runs": [run(m, hidden, inner, device) for m in rows]}
+    for r in res["runs"]:
+        print(r)
+    write_json(args.out / "gated.json", res)
+
+
+if __name__ == "__main__":
+    main()
