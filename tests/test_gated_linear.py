@@ -29,15 +29,15 @@ def _gate_up(dtype: torch.dtype, m: int, k: int) -> torch.Tensor:
 def test_gated_quantize_equals_the_activation_then_the_quantiser(dtype, act):
     """fused.gated, then quantize_rows (int_mm) or quantize_guarded with and without the dense columns zeroed: the
     activations to an ulp of the activation's exp (bf16: the interpreter's truncating casts), and from those
-    activations the int8 values, absmax and the guard's records bit for bit. 320 columns: the block is masked
-    past them."""
+    activations the int8 values, absmax and the guard's records bit for bit. 320 columns, in one tile of 1,024 and
+    in three of 128 (the last masked past them)."""
     m, k = 7, 320
     gate_up = _gate_up(dtype, m, k)
     want = fused.gated(gate_up, k, act)
     for dense_cols, keep in (([], False), ([3, 10], True), ([3, 10], False)):
         for guarded in (True, False):
             guard = _guard(k, dense_cols) if guarded else None
-            got = gated_quantize(gate_up, k, act, 0, guard, keep=keep, store_x=True)
+            got = gated_quantize(gate_up, k, act, 0, guard, keep=keep, store_x=True, tile=128 if guarded else 1024)
             ulp = 2**-10 if dtype == torch.float16 else 2**-6
             torch.testing.assert_close(got.x, want, rtol=ulp, atol=1e-4)
             if guard is not None:
@@ -59,19 +59,20 @@ def test_gated_quantize_rotates_as_the_block_hadamard(dtype):
     """With the 256-wide rotation (two tf32 dots over H16 ⊗ H16): the rotated activations equal rotation.rotate of
     the kernel's own unrotated ones, computed in float64 and rounded once, to an ulp (the kernel's sums keep ~21
     bits); the int8 values, absmax and guard records equal quantize_guarded's of those rotated rows."""
-    m, k = 5, 768  # three blocks; the kernel pads the row to four
+    m, k = 5, 768  # three blocks: one a tile, or tiles of two (the second masked past its first block)
     gate_up = _gate_up(dtype, m, k)
     plain = gated_quantize(gate_up, k, "SiLU", 0, store_x=True).x
     want = rotation.rotate(plain.double(), 256).to(dtype)
     assert not torch.allclose(want.float(), plain.float(), atol=1e-2)  # the rotation moves every value
-    guard = _guard(k, [5])
-    got = gated_quantize(gate_up, k, "SiLU", 256, guard, keep=True, store_x=True)
-    torch.testing.assert_close(got.x, want, rtol=2**-10 if dtype == torch.float16 else 2**-7, atol=1e-4)
-    ref = _guard(k, [5])
-    assert torch.equal(torch.cat([*quantize_guarded(got.x, ref, keep=True)], 1).float(),
-                       torch.cat([got.xq, got.absmax], 1).float())
-    assert torch.equal(guard.seen, ref.seen) and torch.equal(guard.hits, ref.hits)
-    assert not got.xq[2].any() and got.absmax[2] == 0
+    for tile in (256, 512):
+        guard = _guard(k, [5])
+        got = gated_quantize(gate_up, k, "SiLU", 256, guard, keep=True, store_x=True, tile=tile)
+        torch.testing.assert_close(got.x, want, rtol=2**-10 if dtype == torch.float16 else 2**-7, atol=1e-4)
+        ref = _guard(k, [5])
+        assert torch.equal(torch.cat([*quantize_guarded(got.x, ref, keep=True)], 1).float(),
+                           torch.cat([got.xq, got.absmax], 1).float())
+        assert torch.equal(guard.seen, ref.seen) and torch.equal(guard.hits, ref.hits)
+        assert not got.xq[2].any() and got.absmax[2] == 0
 
 
 def test_gated_quantize_refuses_what_it_does_not_build():
@@ -103,3 +104,25 @@ def test_the_gemm_adds_the_residual_as_torch_does(dense):
                                        **launch)
     assert torch.equal(got, residual + plain)
     assert not torch.equal(got, plain)
+
+
+def test_the_engine_takes_the_tuned_launch_of_the_gated_kernel(tmp_path, monkeypatch):
+    """gated_linear.gated_launch: the "gated" section's launch nearest the rows (within a factor of two), else the
+    kernel's defaults; the launch it picks computes the same int8 values."""
+    import json
+
+    from batchgen.worker.engine.gated_linear import gated_launch
+    from batchgen.worker.engine.kernels import tuned
+
+    monkeypatch.setattr(tuned, "TABLES", tmp_path)
+    launch = {"tile": 256, "num_warps": 2}
+    tuned.table_path("cpu").write_text(json.dumps({"gated": [{"n": 512, "k": 512, "rows": 64, "launch": launch}]}))
+    tuned.forget()
+    try:
+        assert gated_launch(100, 512, "cpu") == launch and gated_launch(200, 512, "cpu") == {}
+        assert gated_launch(64, 1024, "cpu") == {}  # another width
+        gate_up = _gate_up(torch.float16, 5, 512)
+        assert torch.equal(gated_quantize(gate_up, 512, "SiLU", 256, **gated_launch(64, 512, "cpu")).xq,
+                           gated_quantize(gate_up, 512, "SiLU", 256).xq)
+    finally:
+        tuned.forget()

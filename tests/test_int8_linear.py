@@ -347,5 +347,5 @@ def test_a_tuned_triton_gemm_computes_what_int_mm_and_its_epilogue_do(bnb_model,
         pairs[0][1](torch.randn(40, k))
     assert len(calls) == 6 and tuned.describe("cpu") == "off (--no-tuned-kernels)"
     monkeypatch.setattr(tuned, "ENABLED", True)
-    assert tuned.describe("cpu") == "cpu.json: gemv 0, gemm 1"
+    assert tuned.describe("cpu") == "cpu.json: gemv 0, gemm 1, gated 0"
     tuned.forget()

@@ -11,7 +11,7 @@ does not build, a module with hooks) the pieces run as they do alone.
 import torch
 from batchgen.worker.engine.fused import GATED_ACT_ATTR, gated_down
 from batchgen.worker.engine.int8_linear import InputPlan, Int8Linear
-from batchgen.worker.engine.kernels import int8_ops
+from batchgen.worker.engine.kernels import int8_ops, tuned
 from batchgen.worker.engine.norm_linear import hooked
 
 ENABLED = True  # False: the activation, rotation, quantiser and residual add as separate kernels (benchmarks' A/B)
@@ -27,6 +27,13 @@ def _plan(mlp: torch.nn.Module, gate_up: torch.Tensor) -> InputPlan | None:
     return down.input_plan(gate_up2[:, :down.in_features], rotates=True)
 
 
+def gated_launch(rows: int, inner: int, device: torch.device | str) -> dict:
+    """gated_quantize's launch for rows of an MLP inner wide: the tuned table's "gated" section
+    (benchmarks/gated.py --table), else its defaults."""
+    table = tuned.launches(tuned.device_name(torch.device(device)), "gated")
+    return tuned.pick(table, rows, inner, inner) or {} if table else {}
+
+
 def gated_linear(mlp: torch.nn.Module, gate_up: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """residual + mlp.down_proj(act(gate) · up) from mlp's fused gate_up projection's output [..., 2 * inner]."""
     plan = _plan(mlp, gate_up)
@@ -35,7 +42,9 @@ def gated_linear(mlp: torch.nn.Module, gate_up: torch.Tensor, residual: torch.Te
     down: Int8Linear = mlp.down_proj
     gated = int8_ops.gated_quantize(gate_up.view(-1, gate_up.shape[-1]), down.in_features,
                                     getattr(mlp, GATED_ACT_ATTR), down.rotate_block, plan.guard, keep=plan.dense,
-                                    store_x=plan.dense)  # the dense path's epilogue reads the activations
+                                    store_x=plan.dense,  # the dense path's epilogue reads the activations
+                                    **gated_launch(gate_up.numel() // gate_up.shape[-1], down.in_features,
+                                                   gate_up.device))
     out = down.forward_quantized(gated.xq, gated.absmax, plan, residual.dtype, gated.x,
                                  residual=residual.reshape(-1, residual.shape[-1]))
     return out.view(residual.shape)

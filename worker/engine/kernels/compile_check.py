@@ -174,9 +174,9 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                   {"GateUp": "*fp16", "X": "*fp16", "Xq": "*i8", "Absmax": "*fp32", "Outliers": "*fp16",
                    "Seen": "*fp32", "Hits": "*fp32"},
                   ["stride_gm", "stride_xm", "stride_qm", "K"], ["threshold"],
-                  dict(BLOCK_K=16384, ACT=0, ROTATE=rotate, STORE_X=True, HAS_OUTLIERS=True, GUARD=True,
+                  dict(TILE=int8_ops.GATED_TILE, ACT=0, ROTATE=rotate, HAS_OUTLIERS=True, GUARD=True,
                        INTERPRETED=False),
-                  aligned=("stride_gm", "stride_xm", "stride_qm", "K"), num_warps=16)
+                  aligned=("stride_gm", "stride_xm", "stride_qm", "K"), num_warps=int8_ops.GATED_WARPS)
         ptx = k.asm["ptx"]  # the rotation's two dots on the tensor cores (tf32), no registers spilled
         out[name] = {"round_half_even": "cvt.rni.f32.f32" in ptx, "guard_atomics": "atom.global" in ptx,
                      "tf32_mma": ptx.count(".tf32.tf32"), "vectorised": "v4" in ptx,

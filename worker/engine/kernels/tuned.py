@@ -1,6 +1,7 @@
 """Kernel launches measured best on a device, read from kernels/tuned/<device name>.json (as vLLM ships its fused-MoE
 configs per device). benchmarks.int8_tune writes the file: one section per kernel ("gemv": the small-row GEMV,
-"gemm": the int8 GEMM with its dequantising epilogue), each a list of {n, k, rows, launch}: the launch that won at
+"gemm": the int8 GEMM with its dequantising epilogue; benchmarks.gated adds "gated", int8_ops.gated_quantize's
+launch at n = k = the MLP's width), each a list of {n, k, rows, launch}: the launch that won at
 that output/input size and row count. A shape never tuned on a device has no launch there and keeps its default.
 """
 
@@ -42,7 +43,7 @@ def describe(device: str) -> str:
     """For the start-up log: which table serves this device and how many launches of each kernel it holds."""
     if not ENABLED:
         return "off (--no-tuned-kernels)"
-    kinds = {kind: sum(len(v) for v in _read(device, kind).values()) for kind in ("gemv", "gemm")}
+    kinds = {kind: sum(len(v) for v in _read(device, kind).values()) for kind in ("gemv", "gemm", "gated")}
     if not any(kinds.values()):
         return f"none for {device} (defaults; benchmarks.int8_tune writes {table_path(device).name})"
     return f"{table_path(device).name}: " + ", ".join(f"{kind} {n}" for kind, n in kinds.items())
