@@ -467,7 +467,8 @@ class GatedInput(NamedTuple):
     absmax: torch.Tensor
 
 
-GATED_TILE, GATED_WARPS = 1024, 4  # gated_quantize's launch: columns a step, warps a program (benchmarks/gated.py)
+GATED_TILE, GATED_WARPS = 2048, 8  # gated_quantize's launch: columns a step, warps a program (near the best of
+# benchmarks/gated.py's launches at every row count it timed; kernels/tuned/<device>.json may hold better)
 
 
 def gated_quantize(gate_up: torch.Tensor, gate_size: int, act: str, rotate_block: int = 0,
