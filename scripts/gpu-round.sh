@@ -60,6 +60,7 @@
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh fused-norm  # this tree, then OLD's
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh gated  # the MLP tail's kernel; bulk
 #                                                                        # this tree, then OLD's
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh gated-final  # its launches; bulk; HF's baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -458,6 +459,12 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     cp "$tables"/NVIDIA*.json "$out/tuned/"
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     BULK_S=170 bulk_old
+    ;;
+  gated-final)  # #22's table with gated_linear: its launches tuned into the table, bulk, then HF's baselines
+    run 150 gated python3 -m benchmarks.gated --out "$out/gated" --table "$tables"
+    cp "$tables"/NVIDIA*.json "$out/tuned/"
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    run 270 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
     ;;
   profile)
     profile untuned tuned_kernels=0
