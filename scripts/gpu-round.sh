@@ -460,8 +460,10 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     BULK_S=170 bulk_old
     ;;
-  gated-final)  # #22's table with gated_linear: its launches tuned into the table, bulk, then HF's baselines
+  gated-final)  # #22's table with gated_linear and rope_store: the gated launches tuned into the table, rope_store
+    # against the rope and the stores apart, bulk, then HF's baselines
     run 150 gated python3 -m benchmarks.gated --out "$out/gated" --table "$tables"
+    run 60 rope_store python3 -m benchmarks.rope_store --out "$out/rope_store"
     cp "$tables"/NVIDIA*.json "$out/tuned/"
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     run 270 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"

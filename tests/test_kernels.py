@@ -375,7 +375,7 @@ def test_kernels_compile_for_hopper():
                              "dequantize", "int8 gemm", "int8 gemm 256x128", "int8 gemm 256x128 dense",
                              "int8 gemm 256x128 residual", "int8 gemm 256x64", "int8 gemm 256x64 dense",
                              "gemv 1 row", "gemv 16 rows",
-                             "kv store fp16", "kv store fp8", "rope", "split int8", "one split paged int8",
+                             "kv store fp16", "kv store fp8", "rope", "rope store", "split int8", "one split paged int8",
                              "one split paged int8 scales in p", "one split paged int8 f32",
                              "one split paged int8 f32 scales in p", "one split paged int8 early", "kv store int8",
                              "paged int8 launch", "paged int8 launch, ids ahead", "paged int8 launch early, ids ahead",
@@ -407,7 +407,7 @@ def test_kernels_compile_for_hopper():
     assert (per_kb["paged int8 launch biased, ids ahead"] < per_kb["paged int8 launch early, ids ahead"]
             < per_kb["paged int8 launch, ids ahead"]), per_kb
     assert per_kb["paged fp16 launch"] * 2 < per_kb["paged int8 launch early, ids ahead"], per_kb
-    assert compiled["rope"]["vectorised"]
+    assert compiled["rope"]["vectorised"] and compiled["rope store"]["vectorised"]
     assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8"))
     assert compiled["kv store fp8"]["div_rn"] and compiled["kv store int8"]["div_rn"]  # the quantising stores
     # divide as torch does (int8: 127 by the absmax, as quantize_kv_int8)

@@ -20,10 +20,15 @@ from batchgen.worker.engine.fused import GATED_ACT_ATTR, add_norm, rope
 from batchgen.worker.engine.gated_linear import gated_linear
 from batchgen.worker.engine.host_copy import to_device
 from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits
+from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting
 from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
+from batchgen.worker.engine.kernels.rope import rope_store
 from batchgen.worker.engine.norm_linear import hooked, norm_linear
 
 PREFILL_FLASH = ("flash", "triton")  # attentions whose prefill is FlashAttention varlen ("triton" decodes in Triton)
+# A decode step's RoPE and K/V store as one launch (rope.rope_store): None on CUDA, True also under Triton's
+# interpreter (the CPU tests), False never
+ROPE_STORE: bool | None = None
 
 
 @dataclass
@@ -80,9 +85,11 @@ def forward_layers(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor,
     cos, sin = rope_tables(parts, h, positions)
     layers = parts.layers if parts.layer_executor is None else parts.layer_executor.iter_layers()
     spec = parts.spec
+    # an attend that ropes q and k itself (CacheAttention.take_rope: with its K/V store) gets them unroped
+    rope = not (len(groups) == 1 and getattr(groups[0][1], "take_rope", lambda c, s: False)(cos, sin))
     for i, layer in enumerate(layers):
         if len(groups) == 1:
-            h = layer_output(layer, h, groups[0][1](i, *attention_inputs(parts, layer, h, cos, sin)), spec)
+            h = layer_output(layer, h, groups[0][1](i, *attention_inputs(parts, layer, h, cos, sin, rope)), spec)
             continue
         for tokens, attend in groups:
             part = h[:, tokens]
@@ -105,8 +112,9 @@ def rope_tables(parts: LlamaParts, h: torch.Tensor, positions: torch.Tensor) -> 
 
 
 def attention_inputs(parts: LlamaParts, layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decoder layer up to its attention: h [B, T, hidden] -> q [B, heads, T, d], k/v [B, kv_heads, T, d], roped."""
+                     sin: torch.Tensor, rope_qk: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decoder layer up to its attention: h [B, T, hidden] -> q [B, heads, T, d], k/v [B, kv_heads, T, d], roped
+    (rope_qk=False: not roped, for an attend that ropes them itself)."""
     batch, num_tokens, _ = h.shape
     attn = layer.self_attn
     qkv_proj = getattr(attn, "qkv_proj", None)  # int8_linear's fused q/k/v, or the checkpoint's own (Phi-3)
@@ -120,7 +128,8 @@ def attention_inputs(parts: LlamaParts, layer: torch.nn.Module, h: torch.Tensor,
         q, k = attn.q_norm(q), attn.k_norm(k)
     # roped token-major: the rotated q and k come out [B, T, heads, d], as the prefill's attention and KV store
     # read them, so neither is copied again to that layout
-    q, k = rope(q, k, cos, sin)
+    if rope_qk:
+        q, k = rope(q, k, cos, sin)
     return tuple(t.transpose(1, 2) for t in (q, k, v))
 
 
@@ -260,6 +269,7 @@ class CacheAttention:
         # an fp8 cache's [layers, kv_heads]; an int8 cache's per token, [layers, rows or blocks, kv_heads, tokens]
         self.k_scale, self.v_scale = k_scale, v_scale
         self.kv_len, self.block_table = kv_len, block_table
+        self.cos = self.sin = None  # take_rope's tables: q and k come unroped, rope_store ropes and stores them
         quantised = is_quantised(k_cache) or is_quantised(v_cache)  # fp8v: V only
         if quantised and attention == "flash":
             raise ValueError("FlashAttention reads no fp8 or int8 KV cache: decode it with triton or sdpa")
@@ -282,13 +292,29 @@ class CacheAttention:
             if parts.spec.window is not None:
                 self.window_mask = self.mask & (keys > positions[:, None] - parts.spec.window)[:, None, None, :]
 
+    def take_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        """Whether this step ropes q and k itself, in one launch with the K/V store (kernels/rope.rope_store): on
+        CUDA (or with ROPE_STORE forced), an unquantised cache of q's dtype, whole-head rotary. cos/sin
+        [n, 1, 1, head_dim] as rope_tables gives them for a decode step."""
+        head_dim = self.parts.head_dim
+        if (ROPE_STORE is False or not HAS_TRITON or not (cos.is_cuda or (ROPE_STORE and interpreting()))
+                or self.k_cache.dtype != cos.dtype or self.v_cache.dtype != cos.dtype
+                or cos.shape[-1] != head_dim or head_dim % 2 or cos.numel() != self.positions.shape[0] * head_dim):
+            return False
+        self.cos, self.sin = cos.reshape(-1, head_dim), sin.reshape(-1, head_dim)
+        return True
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         p, n = self.parts, q.shape[0]
         window = p.spec.window_of(layer)
         k_scale = None if self.k_scale is None else self.k_scale[layer]
         v_scale = None if self.v_scale is None else self.v_scale[layer]
-        store_kv(self.k_cache[layer], self.write_at, k[:, :, 0], k_scale)
-        store_kv(self.v_cache[layer], self.write_at, v[:, :, 0], v_scale)
+        if self.cos is not None:  # q and k came unroped (take_rope)
+            q = rope_store(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.cos, self.sin, self.k_cache[layer],
+                           self.v_cache[layer], self.write_at)[:, :, None]
+        else:
+            store_kv(self.k_cache[layer], self.write_at, k[:, :, 0], k_scale)
+            store_kv(self.v_cache[layer], self.write_at, v[:, :, 0], v_scale)
         if self.attention == "flash":
             keys = self.k_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
             values = self.v_cache[layer].view(-1, p.num_kv_heads, p.head_dim)

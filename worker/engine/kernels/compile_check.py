@@ -245,6 +245,13 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
               dict(Q_HEADS=32, K_HEADS=8, HALF=64, BLOCK_QH=32, BLOCK_KH=8, BLOCK_D=64),
               aligned=("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_ct"), num_warps=4)
     out["rope"] = {"vectorised": "v4" in k.asm["ptx"]}
+    k = build(rope._rope_store_kernel, arch, {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "Cos": "*fp16", "Sin": "*fp16",
+                                              "QOut": "*fp16", "KCache": "*fp16", "VCache": "*fp16", "Slots": "*i64"},
+              ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ct"], [],
+              dict(Q_HEADS=32, K_HEADS=8, HALF=64, BLOCK_QH=32, BLOCK_KH=8, BLOCK_D=64),
+              aligned=("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ct"),
+              num_warps=4)
+    out["rope store"] = {"vectorised": "v4" in k.asm["ptx"]}  # q, the cache's k and v: 16-byte loads and stores
     return out
 
 

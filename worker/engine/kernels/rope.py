@@ -3,7 +3,8 @@ half-head and the token's cos/sin row once, computing in float32 and rounding on
 `fused.rope_qk` does), and writing q and k token-major and contiguous, the layout the prefill's attention and KV
 store read. The compiled function's element-wise index math (four dimensions, broadcast cos/sin, the rotated
 half's cat) ran at about a fifth of the copy rate in a 4,096-token prefill; here each program's offsets are a
-token stride, a head stride and the lane.
+token stride, a head stride and the lane. rope_store does a decode step's q the same way and writes its roped k
+and its v straight into their cache slots (the rotation and the two stores as one launch a layer).
 """
 
 import torch
@@ -14,14 +15,15 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rotate(X, Out, t, stride_t, stride_h, c1, c2, s1, s2, d, HEADS: tl.constexpr, HALF: tl.constexpr,
+    def _rotate(X, Out, t, out_t, stride_t, stride_h, c1, c2, s1, s2, d, HEADS: tl.constexpr, HALF: tl.constexpr,
                 BLOCK_H: tl.constexpr):
+        """Token t's heads of X rotated into entry out_t of Out, seen as [entries, HEADS, 2 * HALF]."""
         h = tl.arange(0, BLOCK_H)[:, None]
         mask = (h < HEADS) & (d < HALF)
         src = X + t * stride_t + h * stride_h + d
         x1 = tl.load(src, mask=mask).to(tl.float32)
         x2 = tl.load(src + HALF, mask=mask).to(tl.float32)
-        dst = Out + t * (HEADS * 2 * HALF) + h * (2 * HALF) + d
+        dst = Out + out_t * (HEADS * 2 * HALF) + h * (2 * HALF) + d
         tl.store(dst, (x1 * c1 - x2 * s1).to(Out.dtype.element_ty), mask=mask)  # rotate_half: (-x2, x1)
         tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(Out.dtype.element_ty), mask=mask)
 
@@ -36,8 +38,31 @@ if HAS_TRITON:
         c2 = tl.load(Cos + table + HALF, mask=d < HALF).to(tl.float32)
         s1 = tl.load(Sin + table, mask=d < HALF).to(tl.float32)
         s2 = tl.load(Sin + table + HALF, mask=d < HALF).to(tl.float32)
-        _rotate(Q, QOut, t, stride_qt, stride_qh, c1, c2, s1, s2, d, Q_HEADS, HALF, BLOCK_QH)
-        _rotate(K, KOut, t, stride_kt, stride_kh, c1, c2, s1, s2, d, K_HEADS, HALF, BLOCK_KH)
+        _rotate(Q, QOut, t, t, stride_qt, stride_qh, c1, c2, s1, s2, d, Q_HEADS, HALF, BLOCK_QH)
+        _rotate(K, KOut, t, t, stride_kt, stride_kh, c1, c2, s1, s2, d, K_HEADS, HALF, BLOCK_KH)
+
+    @triton.jit
+    def _rope_store_kernel(Q, K, V, Cos, Sin, QOut, KCache, VCache, Slots, stride_qt, stride_qh, stride_kt, stride_kh,
+                           stride_vt, stride_vh, stride_ct, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr,
+                           HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+        """_rope_kernel's q, with k rotated straight into its cache slot and v copied into its own (kv_store's
+        _store_kernel for an unquantised cache): one launch where a decode step's layer took three."""
+        t = tl.program_id(0).to(tl.int64)
+        slot = tl.load(Slots + t).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)[None, :]
+        table = t * stride_ct + d
+        c1 = tl.load(Cos + table, mask=d < HALF).to(tl.float32)
+        c2 = tl.load(Cos + table + HALF, mask=d < HALF).to(tl.float32)
+        s1 = tl.load(Sin + table, mask=d < HALF).to(tl.float32)
+        s2 = tl.load(Sin + table + HALF, mask=d < HALF).to(tl.float32)
+        _rotate(Q, QOut, t, t, stride_qt, stride_qh, c1, c2, s1, s2, d, Q_HEADS, HALF, BLOCK_QH)
+        _rotate(K, KCache, t, slot, stride_kt, stride_kh, c1, c2, s1, s2, d, K_HEADS, HALF, BLOCK_KH)
+        h = tl.arange(0, BLOCK_KH)[:, None]
+        e = tl.arange(0, 2 * BLOCK_D)[None, :]
+        mask = (h < K_HEADS) & (e < 2 * HALF)
+        v = tl.load(V + t * stride_vt + h * stride_vh + e, mask=mask)
+        tl.store(VCache + slot * (K_HEADS * 2 * HALF) + h * (2 * HALF) + e, v, mask=mask)
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor | None:
@@ -76,6 +101,26 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
                                      BLOCK_QH=triton.next_power_of_2(q_heads),
                                      BLOCK_KH=triton.next_power_of_2(k_heads), BLOCK_D=triton.next_power_of_2(half))
     return q_out, k_out
+
+
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """A decode step's RoPE and K/V store in one launch: q [n, heads, d], k and v [n, kv_heads, d] (unit stride over
+    d: views of the fused projection are fine), cos/sin [n, d] -> roped q [n, heads, d], contiguous; roped k and v
+    written into k_cache/v_cache (one layer, contiguous [.., .., kv_heads, d], unquantised, q's dtype) at slots [n]
+    (kv_store.cache_slots). The values rope_qk and kv_store.store_kv would write."""
+    n, q_heads, head_dim = q.shape
+    k_heads = k.shape[1]
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("rope_store writes an unquantised, contiguous cache of q's dtype")
+    q_out = torch.empty(n, q_heads, head_dim, dtype=q.dtype, device=q.device)
+    if n:
+        half = head_dim // 2
+        _rope_store_kernel[(n,)](q, k, v, cos, sin, q_out, k_cache, v_cache, slots, q.stride(0), q.stride(1),
+                                 k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), Q_HEADS=q_heads,
+                                 K_HEADS=k_heads, HALF=half, BLOCK_QH=triton.next_power_of_2(q_heads),
+                                 BLOCK_KH=triton.next_power_of_2(k_heads), BLOCK_D=triton.next_power_of_2(half))
+    return q_out
 
 
 def rope_qk_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
