@@ -6,14 +6,9 @@ import pytest
 import torch
 from batchgen.worker.engine import fused, rotation
 from batchgen.worker.engine.kernels import int8_ops
-from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers
-from batchgen.worker.engine.kernels.int8_ops import gated_quantize, quantize_guarded, quantize_rows
+from batchgen.worker.engine.kernels.int8_ops import gated_quantize
 
-
-def _guard(k: int, dense_cols: list[int]) -> GuardBuffers:
-    keep = torch.ones(k, dtype=torch.float16)
-    keep[dense_cols] = 0
-    return GuardBuffers(keep, torch.zeros(k), torch.zeros(k), 6.0)
+from tests.test_norm_linear import assert_quantised_from_x, guard_buffers
 
 
 def _gate_up(dtype: torch.dtype, m: int, k: int) -> torch.Tensor:
@@ -36,20 +31,13 @@ def test_gated_quantize_equals_the_activation_then_the_quantiser(dtype, act):
     want = fused.gated(gate_up, k, act)
     for dense_cols, keep in (([], False), ([3, 10], True), ([3, 10], False)):
         for guarded in (True, False):
-            guard = _guard(k, dense_cols) if guarded else None
+            guard = guard_buffers(k, dense_cols) if guarded else None
             got = gated_quantize(gate_up, k, act, 0, guard, keep=keep, store_x=True, tile=128 if guarded else 1024)
             ulp = 2**-10 if dtype == torch.float16 else 2**-6
             torch.testing.assert_close(got.x, want, rtol=ulp, atol=1e-4)
+            assert_quantised_from_x(got, guard, dense_cols, keep)
             if guard is not None:
-                ref = _guard(k, dense_cols)
-                assert torch.equal(torch.cat([*quantize_guarded(got.x, ref, keep=keep)], 1).float(),
-                                   torch.cat([got.xq, got.absmax], 1).float())
-                assert torch.equal(guard.seen, ref.seen) and torch.equal(guard.hits, ref.hits)
                 assert guard.hits[10] == (0 if keep else 1)  # zeroed where the dense path runs
-            else:
-                xq, absmax = quantize_rows(got.x)
-                assert torch.equal(got.xq, xq) and torch.equal(got.absmax, absmax)
-            assert not got.xq[2].any() and got.absmax[2] == 0
     without_x = gated_quantize(gate_up, k, act, 0)
     assert without_x.x is None and torch.equal(without_x.xq, got.xq)
 
@@ -65,14 +53,10 @@ def test_gated_quantize_rotates_as_the_block_hadamard(dtype):
     want = rotation.rotate(plain.double(), 256).to(dtype)
     assert not torch.allclose(want.float(), plain.float(), atol=1e-2)  # the rotation moves every value
     for tile in (256, 512):
-        guard = _guard(k, [5])
+        guard = guard_buffers(k, [5])
         got = gated_quantize(gate_up, k, "SiLU", 256, guard, keep=True, store_x=True, tile=tile)
         torch.testing.assert_close(got.x, want, rtol=2**-10 if dtype == torch.float16 else 2**-7, atol=1e-4)
-        ref = _guard(k, [5])
-        assert torch.equal(torch.cat([*quantize_guarded(got.x, ref, keep=True)], 1).float(),
-                           torch.cat([got.xq, got.absmax], 1).float())
-        assert torch.equal(guard.seen, ref.seen) and torch.equal(guard.hits, ref.hits)
-        assert not got.xq[2].any() and got.absmax[2] == 0
+        assert_quantised_from_x(got, guard, [5], True)
 
 
 def test_gated_quantize_refuses_what_it_does_not_build():

@@ -11,10 +11,24 @@ from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers
 from batchgen.worker.engine.kernels.int8_ops import norm_quantize, quantize_guarded, quantize_rows
 
 
-def _guard(k: int, dense_cols: list[int]) -> GuardBuffers:
+def guard_buffers(k: int, dense_cols: list[int]) -> GuardBuffers:
     keep = torch.ones(k, dtype=torch.float16)
     keep[dense_cols] = 0
     return GuardBuffers(keep, torch.zeros(k), torch.zeros(k), 6.0)
+
+
+def assert_quantised_from_x(got, guard: GuardBuffers | None, dense_cols: list[int], keep: bool) -> None:
+    """A fused kernel's got.xq and got.absmax are quantize_guarded's (with a guard, its records too) or
+    quantize_rows' of its own got.x, bit for bit; row 2 (zeros) quantised to zeros, not NaN."""
+    if guard is not None:
+        ref = guard_buffers(got.x.shape[1], dense_cols)
+        assert torch.equal(torch.cat([*quantize_guarded(got.x, ref, keep=keep)], 1).float(),
+                           torch.cat([got.xq, got.absmax], 1).float())
+        assert torch.equal(guard.seen, ref.seen) and torch.equal(guard.hits, ref.hits)
+    else:
+        xq, absmax = quantize_rows(got.x)
+        assert torch.equal(got.xq, xq) and torch.equal(got.absmax, absmax)
+    assert not got.xq[2].any() and got.absmax[2] == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -39,7 +53,7 @@ def test_norm_quantize_equals_the_norm_then_the_quantiser(dtype, gemma):
                           else (h, fused.rms_norm(h, weight, eps, gemma)))
         for dense_cols, keep in (([], False), ([3, 10], True), ([3, 10], False)):
             for guarded in (True, False):
-                guard = _guard(k, dense_cols) if guarded else None
+                guard = guard_buffers(k, dense_cols) if guarded else None
                 got = norm_quantize(h, weight, eps, gemma, add, guard, keep=keep, store_x=True)
                 if dtype == torch.float16:
                     assert torch.equal(got.h, want_h)
@@ -48,18 +62,11 @@ def test_norm_quantize_equals_the_norm_then_the_quantiser(dtype, gemma):
                     # each cast (2^-7 at most, relative), the add's one and the norm's two
                     torch.testing.assert_close(got.h, want_h, rtol=2**-7, atol=0)
                     torch.testing.assert_close(got.x, want_x, rtol=2**-5, atol=1e-3)
+                assert_quantised_from_x(got, guard, dense_cols, keep)
                 if guard is not None:
-                    ref = _guard(k, dense_cols)
-                    assert torch.equal(torch.cat([*quantize_guarded(got.x, ref, keep=keep)], 1).float(),
-                                       torch.cat([got.xq, got.absmax], 1).float())
-                    assert torch.equal(guard.seen, ref.seen) and torch.equal(guard.hits, ref.hits)
                     assert guard.hits[10] == (0 if keep else 1)  # zeroed where the dense path runs
-                else:
-                    xq, absmax = quantize_rows(got.x)
-                    assert torch.equal(got.xq, xq) and torch.equal(got.absmax, absmax)
-                assert not got.xq[2].any() and got.absmax[2] == 0
-                without_x = norm_quantize(h, weight, eps, gemma, add, _guard(k, dense_cols) if guarded else None,
-                                          keep=keep)
+                without_x = norm_quantize(h, weight, eps, gemma, add,
+                                          guard_buffers(k, dense_cols) if guarded else None, keep=keep)
                 assert without_x.x is None and torch.equal(without_x.xq, got.xq)
 
 

@@ -28,16 +28,22 @@ if HAS_TRITON:
         tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rope_kernel(Q, K, Cos, Sin, QOut, KOut, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
-                     Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_QH: tl.constexpr,
-                     BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr):
-        t = tl.program_id(0).to(tl.int64)
-        d = tl.arange(0, BLOCK_D)[None, :]
+    def _cos_sin(Cos, Sin, t, stride_ct, d, HALF: tl.constexpr):
+        """Token t's cos and sin halves (float32), for _rotate."""
         table = t * stride_ct + d
         c1 = tl.load(Cos + table, mask=d < HALF).to(tl.float32)
         c2 = tl.load(Cos + table + HALF, mask=d < HALF).to(tl.float32)
         s1 = tl.load(Sin + table, mask=d < HALF).to(tl.float32)
         s2 = tl.load(Sin + table + HALF, mask=d < HALF).to(tl.float32)
+        return c1, c2, s1, s2
+
+    @triton.jit
+    def _rope_kernel(Q, K, Cos, Sin, QOut, KOut, stride_qt, stride_qh, stride_kt, stride_kh, stride_ct,
+                     Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_QH: tl.constexpr,
+                     BLOCK_KH: tl.constexpr, BLOCK_D: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)[None, :]
+        c1, c2, s1, s2 = _cos_sin(Cos, Sin, t, stride_ct, d, HALF)
         _rotate(Q, QOut, t, t, stride_qt, stride_qh, c1, c2, s1, s2, d, Q_HEADS, HALF, BLOCK_QH)
         _rotate(K, KOut, t, t, stride_kt, stride_kh, c1, c2, s1, s2, d, K_HEADS, HALF, BLOCK_KH)
 
@@ -51,11 +57,7 @@ if HAS_TRITON:
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(Slots + t).to(tl.int64)
         d = tl.arange(0, BLOCK_D)[None, :]
-        table = t * stride_ct + d
-        c1 = tl.load(Cos + table, mask=d < HALF).to(tl.float32)
-        c2 = tl.load(Cos + table + HALF, mask=d < HALF).to(tl.float32)
-        s1 = tl.load(Sin + table, mask=d < HALF).to(tl.float32)
-        s2 = tl.load(Sin + table + HALF, mask=d < HALF).to(tl.float32)
+        c1, c2, s1, s2 = _cos_sin(Cos, Sin, t, stride_ct, d, HALF)
         _rotate(Q, QOut, t, t, stride_qt, stride_qh, c1, c2, s1, s2, d, Q_HEADS, HALF, BLOCK_QH)
         _rotate(K, KCache, t, slot, stride_kt, stride_kh, c1, c2, s1, s2, d, K_HEADS, HALF, BLOCK_KH)
         h = tl.arange(0, BLOCK_KH)[:, None]
