@@ -66,3 +66,21 @@ def test_the_engine_ropes_and_stores_in_one_launch_and_answers_like_hf_generate(
     monkeypatch.setattr(llama, "ROPE_STORE", False)
     first = requests()[:1]
     assert run_engine(engine, first) == {first[0].key: got[first[0].key]} and calls == []
+
+
+def test_a_quantised_cache_keeps_the_rope_and_its_own_store(demo_model_dir, monkeypatch):
+    """An int8 K/V cache quantises in its store (kv_store), so take_rope declines it even when forced: no
+    rope_store call, and the engine still answers every request."""
+    from batchgen.worker.engine.config import EngineConfig
+    from batchgen.worker.factory import build_llm_engine
+
+    from tests.test_models import requests, run_engine
+
+    engine = build_llm_engine(EngineConfig(model=str(demo_model_dir), max_batch_size=3, kv_cache_dtype="int8"))
+    calls = []
+    real = llama.rope_store
+    monkeypatch.setattr(llama, "rope_store", lambda q, *a: calls.append(q.shape[0]) or real(q, *a))
+    monkeypatch.setattr(llama, "ROPE_STORE", True)
+    reqs = requests()[:2]
+    got = run_engine(engine, reqs)
+    assert calls == [] and set(got) == {r.key for r in reqs} and all(got.values())
