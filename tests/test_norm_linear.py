@@ -73,7 +73,7 @@ def test_norm_quantize_equals_the_norm_then_the_quantiser(dtype, gemma):
 def _tune_every_int8_linear(model: torch.nn.Module, tables, monkeypatch) -> None:
     """A table for this CPU with a launch for every int8 linear's shape at 1 to 512 rows: every batch takes the
     tuned Triton GEMM (under the interpreter), as a GPU with a table does."""
-    launch = {"block_m": 16, "block_n": 32, "block_k": 32, "group_m": 2, "num_warps": 4, "num_stages": 2}
+    launch = {"block_m": 16, "block_n": 128, "block_k": 128, "group_m": 2, "num_warps": 4, "num_stages": 2}
     shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, int8_linear.Int8Linear)}
     entries = [{"n": n, "k": k, "rows": 2 ** i, "launch": launch} for n, k in shapes for i in range(10)]
     tables.mkdir()
