@@ -17,13 +17,12 @@ from batchgen.worker.engine.norm_linear import hooked
 ENABLED = True  # False: the activation, rotation, quantiser and residual add as separate kernels (benchmarks' A/B)
 
 
-def _plan(mlp: torch.nn.Module, gate_up: torch.Tensor) -> InputPlan | None:
+def _plan(mlp: torch.nn.Module, gate_up2: torch.Tensor) -> InputPlan | None:
     down = mlp.down_proj
     if (not ENABLED or not isinstance(down, Int8Linear) or hooked(down) or hooked(mlp)
             or getattr(mlp, GATED_ACT_ATTR) not in int8_ops.GATED_ACTS
-            or down.rotate_block not in (0, int8_ops.ROTATE_BLOCK) or gate_up.stride(-1) != 1):
+            or down.rotate_block not in (0, int8_ops.ROTATE_BLOCK) or gate_up2.stride(-1) != 1):
         return None
-    gate_up2 = gate_up.view(-1, gate_up.shape[-1])
     return down.input_plan(gate_up2[:, :down.in_features], rotates=True)
 
 
@@ -36,15 +35,15 @@ def gated_launch(rows: int, inner: int, device: torch.device | str) -> dict:
 
 def gated_linear(mlp: torch.nn.Module, gate_up: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """residual + mlp.down_proj(act(gate) · up) from mlp's fused gate_up projection's output [..., 2 * inner]."""
-    plan = _plan(mlp, gate_up)
+    gate_up2 = gate_up.view(-1, gate_up.shape[-1])
+    plan = _plan(mlp, gate_up2)
     if plan is None:
         return residual + gated_down(mlp, gate_up)
     down: Int8Linear = mlp.down_proj
-    gated = int8_ops.gated_quantize(gate_up.view(-1, gate_up.shape[-1]), down.in_features,
-                                    getattr(mlp, GATED_ACT_ATTR), down.rotate_block, plan.guard, keep=plan.dense,
+    gated = int8_ops.gated_quantize(gate_up2, down.in_features, getattr(mlp, GATED_ACT_ATTR), down.rotate_block,
+                                    plan.guard, keep=plan.dense,
                                     store_x=plan.dense,  # the dense path's epilogue reads the activations
-                                    **gated_launch(gate_up.numel() // gate_up.shape[-1], down.in_features,
-                                                   gate_up.device))
+                                    **gated_launch(gate_up2.shape[0], down.in_features, gate_up.device))
     out = down.forward_quantized(gated.xq, gated.absmax, plan, residual.dtype, gated.x,
                                  residual=residual.reshape(-1, residual.shape[-1]))
     return out.view(residual.shape)

@@ -221,10 +221,7 @@ class Int8Linear(torch.nn.Module):
         x2 = x.reshape(-1, shape[-1])
         plan = self._plan(x2)
         if plan is not None:  # one quantising kernel (recording for the guard too), one GEMM with the epilogue fused
-            if plan.guard is not None:
-                xq, absmax = int8_ops.quantize_guarded(x2, plan.guard, keep=plan.dense)
-            else:
-                xq, absmax = int8_ops.quantize_rows(x2)
+            xq, absmax = int8_ops.quantize_input(x2, plan.guard, keep=plan.dense)
             out = self.forward_quantized(xq, absmax, plan, x2.dtype, x2)
         elif self.kernel == OUTLIER_KERNEL:
             out = self._forward_outliers(x2)

@@ -21,8 +21,8 @@ EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16
 # the GEMMs' epilogue also takes an outlier-aware linear's dense columns (activations, their columns, weight rows)
 GEMM_EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16", "Residual": "*fp16",
                  "X": "*fp16", "Idx": "*i64", "Dense": "*fp16", "Out": "*fp16"}
-TMA_EPILOGUE = {"Absmax": "*fp32", "Scb": "*fp32", "Bias": "*fp16", "Addend": "*fp16", "Residual": "*fp16",
-                "Out": "*fp16"}
+# the persistent TMA kernel's: the pointer kernel's without the dense columns
+TMA_EPILOGUE = {name: kind for name, kind in GEMM_EPILOGUE.items() if name not in ("X", "Idx", "Dense")}
 GEMV_POINTERS = {"X": "*fp16", "W": "*i8", "Scb": "*fp32", "Bias": "*fp16", "Out": "*fp16", "Partial": "*fp32",
                  "Keep": "*fp16", "Seen": "*fp32", "Hits": "*fp32"}
 SPLIT_INTS = ["stride_qn", "stride_qh", "stride_kr", "stride_kt", "stride_kh", "stride_vr", "stride_vt", "stride_vh",

@@ -416,6 +416,12 @@ def quantize_guarded(x: torch.Tensor, guard: GuardBuffers, *, keep: bool = True)
     return xq, absmax
 
 
+def quantize_input(x: torch.Tensor, guard: GuardBuffers | None, *, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 linear's input quantised as its plan asks: quantize_guarded(x, guard, keep=keep) with an outlier
+    guard, else quantize_rows(x)."""
+    return quantize_guarded(x, guard, keep=keep) if guard is not None else quantize_rows(x)
+
+
 class NormedInput(NamedTuple):
     """norm_quantize's results: the residual stream (h + delta, or h), the normed rows (None unless asked for), and
     their int8 values and row absmax as quantize_rows / quantize_guarded give them."""
@@ -435,15 +441,14 @@ def norm_quantize(h: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool
         from batchgen.worker.engine.fused import add_rms_norm, rms_norm
 
         h, x = add_rms_norm(h, delta, weight, eps, gemma) if delta is not None else (h, rms_norm(h, weight, eps, gemma))
-        xq, absmax = quantize_guarded(x, guard, keep=keep) if guard is not None else quantize_rows(x)
+        xq, absmax = quantize_input(x, guard, keep=keep)
         return NormedInput(h, x if store_x else None, xq, absmax)
     m, k = h.shape
     h_out = torch.empty_like(h) if delta is not None else h
     x = torch.empty_like(h) if store_x else h_out
     xq = torch.empty(m, k, dtype=torch.int8, device=h.device)
     absmax = torch.empty(m, 1, dtype=torch.float32, device=h.device)
-    keep_cols, seen, hits, threshold = ((guard.keep, guard.seen, guard.hits, guard.threshold) if guard is not None
-                                        else (absmax, absmax, absmax, 0.0))
+    keep_cols, seen, hits, threshold = guard if guard is not None else (absmax, absmax, absmax, 0.0)
     block_k = triton.next_power_of_2(k)
     _norm_quantize_kernel[(m,)](
         h, delta if delta is not None else h, h_out, weight, x, xq, absmax, keep_cols, seen, hits, h.stride(0),
@@ -488,15 +493,14 @@ def gated_quantize(gate_up: torch.Tensor, gate_size: int, act: str, rotate_block
 
         x = gated(gate_up, gate_size, act)
         x = rotation.rotate(x, rotate_block) if rotate_block else x
-        xq, absmax = quantize_guarded(x, guard, keep=keep) if guard is not None else quantize_rows(x)
+        xq, absmax = quantize_input(x, guard, keep=keep)
         return GatedInput(x if store_x else None, xq, absmax)
     m = gate_up.shape[0]
     k = gate_size
     x = torch.empty(m, k, dtype=gate_up.dtype, device=gate_up.device)  # the second pass reads it back
     xq = torch.empty(m, k, dtype=torch.int8, device=gate_up.device)
     absmax = torch.empty(m, 1, dtype=torch.float32, device=gate_up.device)
-    keep_cols, seen, hits, threshold = ((guard.keep, guard.seen, guard.hits, guard.threshold) if guard is not None
-                                        else (absmax, absmax, absmax, 0.0))
+    keep_cols, seen, hits, threshold = guard if guard is not None else (absmax, absmax, absmax, 0.0)
     tile = max(tile, ROTATE_BLOCK) if rotate_block else tile
     _gated_quantize_kernel[(m,)](
         gate_up, x, xq, absmax, keep_cols, seen, hits, gate_up.stride(0), x.stride(0), xq.stride(0), k,
@@ -583,7 +587,8 @@ def dequantize_acc(acc: torch.Tensor, absmax: torch.Tensor, scb: torch.Tensor, b
 
 def int8_matmul_dequant(xq: torch.Tensor, absmax: torch.Tensor, cb: torch.Tensor, scb: torch.Tensor,
                         bias: torch.Tensor | None, dtype: torch.dtype, addend: torch.Tensor | None = None, *,
-                        dense: DenseColumns | None = None, residual: torch.Tensor | None = None, inv_sq: float = INV_127_SQ, block_m: int | None = None,
+                        dense: DenseColumns | None = None, residual: torch.Tensor | None = None,
+                        inv_sq: float = INV_127_SQ, block_m: int | None = None,
                         block_n: int = 128, block_k: int = 128, group_m: int = 8, num_warps: int = 4,
                         num_stages: int = 4, tma: bool = False, group_k: int = 0) -> torch.Tensor:
     """xq int8 [m, k] @ cb int8 [n, k].T with dequantize_acc's epilogue fused: -> [m, n] dtype. No padding for
