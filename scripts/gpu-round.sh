@@ -61,6 +61,8 @@
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh gated  # the MLP tail's kernel; bulk
 #                                                                        # this tree, then OLD's
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh gated-final  # its launches; bulk; HF's baselines
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh card     # gated-final on an H200; else prefill's
+#                                                                        # GEMM rows tuned, rope_store, bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -467,6 +469,19 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     cp "$tables"/NVIDIA*.json "$out/tuned/"
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     run 270 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
+    ;;
+  card)  # whichever card came: on an H200 `gated-final` (#22's table); elsewhere the GEMM tuned at prefill's row
+    # counts (the H100's table has launches at 384 and 512 rows only, so its prefill runs int_mm and the MLP's tail
+    # apart), rope_store against the rope and the stores apart, then bulk with that table
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+        exec bash "$0" gated-final
+    fi
+    cp "$tables"/*.json "$out"/tuned/
+    run 200 int8_tune_prefill python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 4096,16384 \
+        --out "$out/tuned/int8_tune.json" --budget-s 170
+    cp "$out"/tuned/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
+    run 60 rope_store python3 -m benchmarks.rope_store --out "$out/rope_store"
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     ;;
   profile)
     profile untuned tuned_kernels=0
