@@ -61,7 +61,7 @@
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh gated  # the MLP tail's kernel; bulk
 #                                                                        # this tree, then OLD's
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh gated-final  # its launches; bulk; HF's baselines
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh card     # gated-final on an H200; else prefill's
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh card     # H200: bulk, HF's baselines, gated; else prefill's
 #                                                                        # GEMM rows tuned, rope_store, bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
@@ -78,6 +78,7 @@ run() {  # run SECONDS NAME CMD...: output to NAME.log, its exit status in round
     log "start $name: $*"
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
     log "end $name: exit $?"
+    tar czf "$OUT/round-$stage.tgz" -C "$OUT" round  # what ran so far comes back if the call is cut
 }
 profile() {  # profile NAME ENGINE_OPTIONS [PROFILE_STEPS OPTIONS...]
     local name=$1 options=$2
@@ -470,11 +471,19 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     run 270 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static --out "$out/baselines"
     ;;
-  card)  # whichever card came: on an H200 `gated-final` (#22's table); elsewhere the GEMM tuned at prefill's row
+  card)  # whichever card came: on an H200 #22's table (bulk, HF's baselines), then the gated launches into the
+    # table and rope_store against the rope and the stores apart; elsewhere the GEMM tuned at prefill's row
     # counts (the H100's table has launches at 384 and 512 rows only, so its prefill runs int_mm and the MLP's tail
     # apart), rope_store against the rope and the stores apart, then bulk with that table
-    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-        exec bash "$0" gated-final
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then  # #22's figures first
+        BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+        run 270 baselines python3 -m benchmarks.bulk --only baselines --int8-bs 256 --fp16 256:static \
+            --out "$out/baselines"
+        run 100 gated python3 -m benchmarks.gated --out "$out/gated" --table "$tables"
+        cp "$tables"/NVIDIA*.json "$out/tuned/"
+        run 40 rope_store python3 -m benchmarks.rope_store --out "$out/rope_store"
+        tar czf "$OUT/round-$stage.tgz" -C "$OUT" round && log "tarred $OUT/round-$stage.tgz"
+        exit 0
     fi
     cp "$tables"/*.json "$out"/tuned/
     run 200 int8_tune_prefill python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 4096,16384 \
