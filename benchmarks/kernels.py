@@ -26,6 +26,7 @@ Each kernel's output is checked against the plain-torch reference first (max abs
 import argparse
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -231,6 +232,10 @@ def attention(args, shape: Shape, device: str) -> dict:
                  "default_splits": num_kv_splits(max_len, rows, kv_heads), "variants": {}}
     variants = out["variants"]
 
+    def attempt(name: str, fn) -> None:  # --match: only the variants named so (a short call on a borrowed GPU)
+        if args.match is None or re.search(args.match, name):
+            _try(variants, name, fn)
+
     def row(fn, kv: str, *, graph: bool = False) -> dict:
         ms = graph_ms(fn, device) if graph else time_ms(fn, device)
         timed = {"ms": round(ms, 4), "kv_gb_s": round(needed[kv] / ms / 1e6, 1), "layers_32_ms": round(32 * ms, 2)}
@@ -250,15 +255,15 @@ def attention(args, shape: Shape, device: str) -> dict:
     out["max_abs_err_fp8"] = checked(k8, v8, k_scale=k_scale, v_scale=v_scale)
     out["max_abs_err_int8"] = checked(ki8, vi8, **int8)
     for splits in sorted({out["default_splits"], 1, 2}):
-        _try(variants, f"triton int8, splits {splits}",
+        attempt(f"triton int8, splits {splits}",
              lambda s=splits: row(lambda: decode_attention(q, ki8, vi8, lens, scale, num_splits=s, **int8), "int8"))
-    _try(variants, "triton int8, graph",
+    attempt("triton int8, graph",
          lambda: row(lambda: decode_attention(q, ki8, vi8, lens, scale, **int8), "int8", graph=True))
     for math, in_p in INT8_MATHS:  # the V scales' variants (--int8-kv-scales), each at int8's launches
         for block_n, warps, stages in by_block_n(INT8_CONFIGS, args.smoke):
             tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, f16_int8=math == "fp16",
                         scales_in_p=in_p)
-            _try(variants, f"triton int8 {math}, V scales in {'p' if in_p else 'v'}, block_n {block_n}, "
+            attempt(f"triton int8 {math}, V scales in {'p' if in_p else 'v'}, block_n {block_n}, "
                            f"warps {warps}, stages {stages}", lambda t=tune: row(
                 lambda: decode_attention(q, ki8, vi8, lens, scale, **int8, **t), "int8")
                 | {"max_abs_err": checked(ki8, vi8, **int8, **t)})
@@ -292,15 +297,15 @@ def attention(args, shape: Shape, device: str) -> dict:
 
         for block_n, warps, stages in by_block_n(PAGED_CONFIGS, args.smoke):
             tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
-            _try(variants, f"paged fp16, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+            attempt(f"paged fp16, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
                 lambda: decode_attention(q, kp, vp, lens, scale, block_table=table, **t), "fp16")
                 | {"max_abs_err": paged_err(kp, vp, ref16, **t)})
-            _try(variants, f"paged int8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+            attempt(f"paged int8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
                 lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t), "int8")
                 | {"max_abs_err": paged_err(kip, vip, ref8, **int8_paged, **t)})
         for block_n, warps, stages in by_block_n(EARLY_CONFIGS, args.smoke):  # int8 converted where it is loaded
             tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, cvt_early=True)
-            _try(variants, f"paged int8 early, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+            attempt(f"paged int8 early, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
                 lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t), "int8")
                 | {"max_abs_err": paged_err(kip, vip, ref8, **int8_paged, **t)})
         # early, left 1152 over the values; and with the V scales in p at int8's launch
@@ -309,7 +314,7 @@ def attention(args, shape: Shape, device: str) -> dict:
                                                + [(INT8_LAUNCH, True)]):
             tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, cvt_early=True, bias=True,
                         scales_in_p=in_p)
-            _try(variants, f"paged int8 {'p' if in_p else 'v'}-bias, block_n {block_n}, warps {warps}, "
+            attempt(f"paged int8 {'p' if in_p else 'v'}-bias, block_n {block_n}, warps {warps}, "
                  f"stages {stages}", lambda t=tune: row(
                      lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t),
                      "int8") | {"max_abs_err": paged_err(kip, vip, ref8, **int8_paged, **t)})
@@ -321,36 +326,45 @@ def attention(args, shape: Shape, device: str) -> dict:
                            ("paged fp16, 3 stages, ids in the loop", dict(num_stages=3, preload=False)),
                            *([] if args.smoke else [("paged fp16, 2 stages", dict(num_stages=2))])):
             cache, ref, kw = ((kip, vip), ref8, int8_paged) if "int8" in name else ((kp, vp), ref16, {})
-            _try(variants, name, lambda c=cache, r=ref, kw=kw, t=tune: row(
+            attempt(name, lambda c=cache, r=ref, kw=kw, t=tune: row(
                 lambda: decode_attention(q, *c, lens, scale, block_table=table, **kw, **t), "int8" if kw else "fp16")
                 | {"max_abs_err": paged_err(*c, r, **kw, **t)})
-        _try(variants, "paged int8, the default launch", lambda: row(
+        # the int8 cache's bytes read by the fp16 kernel (as fp16 at half the head size: the same bytes a key, no
+        # conversion, 2-byte tiles): at the bus, the int8 kernel is held by what its 1-byte tiles cost; near the
+        # int8 kernel's rate, by what a key costs whatever its bytes
+        q_half, kh, vh = q[..., :head_dim // 2].contiguous(), kip.view(torch.float16), vip.view(torch.float16)
+        for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (64, 4, 2)):
+            tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
+            attempt(f"paged int8 bytes as fp16, block_n {block_n}, warps {warps}, stages {stages}",
+                 lambda t=tune: row(lambda: decode_attention(q_half, kh, vh, lens, scale, block_table=table, **t),
+                                    "fp8"))
+        attempt("paged int8, the default launch", lambda: row(
             lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged), "int8"))
-        _try(variants, "paged fp16, the default launch", lambda: row(
+        attempt("paged fp16, the default launch", lambda: row(
             lambda: decode_attention(q, kp, vp, lens, scale, block_table=table), "fp16"))
         del kp, vp, kip, vip
     for splits in sorted({out["default_splits"], 1, 2, 4}):
-        _try(variants, f"triton fp16, splits {splits}",
+        attempt(f"triton fp16, splits {splits}",
              lambda s=splits: row(lambda: decode_attention(q, k, v, lens, scale, num_splits=s), "fp16"))
-    _try(variants, "triton fp16, graph", lambda: row(lambda: decode_attention(q, k, v, lens, scale), "fp16", graph=True))
+    attempt("triton fp16, graph", lambda: row(lambda: decode_attention(q, k, v, lens, scale), "fp16", graph=True))
     fp8 = dict(k_scale=k_scale, v_scale=v_scale)
     for splits in (2, 4):
-        _try(variants, f"triton fp8, splits {splits}",
+        attempt(f"triton fp8, splits {splits}",
              lambda s=splits: row(lambda: decode_attention(q, k8, v8, lens, scale, num_splits=s, **fp8), "fp8"))
     for block_n, warps, stages in FP8_CONFIGS:
         tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
-        _try(variants, f"triton fp8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+        attempt(f"triton fp8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
             lambda: decode_attention(q, k8, v8, lens, scale, **fp8, **t), "fp8") | {"max_abs_err": checked(k8, v8, **fp8, **t)})
     for block_n, warps, stages in ATTENTION_CONFIGS:  # the default launch is timed above
         tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
-        _try(variants, f"triton fp16, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+        attempt(f"triton fp16, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
             lambda: decode_attention(q, k, v, lens, scale, **t), "fp16") | {"max_abs_err": checked(k, v, **t)})
-        _try(variants, f"triton fp8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
+        attempt(f"triton fp8, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
             lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale, **t), "fp8")
             | {"max_abs_err": checked(k8, v8, k_scale=k_scale, v_scale=v_scale, **t)})
-    _try(variants, "triton fp8 per-head scale", lambda: row(
+    attempt("triton fp8 per-head scale", lambda: row(
         lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale), "fp8"))
-    _try(variants, "triton fp8 per-head scale, graph", lambda: row(
+    attempt("triton fp8 per-head scale, graph", lambda: row(
         lambda: decode_attention(q, k8, v8, lens, scale, k_scale=k_scale, v_scale=v_scale), "fp8", graph=True))
 
     cu_q = torch.arange(rows + 1, device=device, dtype=torch.int32)
@@ -361,8 +375,8 @@ def attention(args, shape: Shape, device: str) -> dict:
         return torch.ops.aten._flash_attention_forward(q, keys, values, cu_q, cu_k, 1, max_len, 0.0, False, False,
                                                        scale=scale, seqused_k=lens)[0]
 
-    _try(variants, "aten flash varlen seqused_k (engine today)", lambda: row(aten_flash, "fp16"))
-    _try(variants, "aten flash varlen seqused_k, graph", lambda: row(aten_flash, "fp16", graph=True))
+    attempt("aten flash varlen seqused_k (engine today)", lambda: row(aten_flash, "fp16"))
+    attempt("aten flash varlen seqused_k, graph", lambda: row(aten_flash, "fp16", graph=True))
 
     def flash_attn_kvcache():
         from flash_attn import flash_attn_with_kvcache
@@ -371,7 +385,7 @@ def attention(args, shape: Shape, device: str) -> dict:
 
     try:
         fa = flash_attn_kvcache()
-        _try(variants, "flash_attn with_kvcache", lambda: row(fa, "fp16"))
+        attempt("flash_attn with_kvcache", lambda: row(fa, "fp16"))
     except ImportError:
         variants["flash_attn with_kvcache"] = {"error": "flash_attn does not import"}
 
@@ -383,7 +397,7 @@ def attention(args, shape: Shape, device: str) -> dict:
                                                                 attn_mask=mask, scale=scale,
                                                                 enable_gqa=shape.heads != kv_heads)
 
-    _try(variants, "sdpa padded cache + mask", lambda: row(sdpa, "fp16"))
+    attempt("sdpa padded cache + mask", lambda: row(sdpa, "fp16"))
     return out
 
 
@@ -679,6 +693,7 @@ def main() -> None:
     parser.add_argument("--compiled", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the torch.compile'd quantise/dequantise the engine runs (skipped past 45 s)")
     parser.add_argument("--only", default="bandwidth,attention,projections")
+    parser.add_argument("--match", help="a regular expression: time only the attention variants it finds in their name")
     parser.add_argument("--gemv", action="store_true", help="the small-row GEMV section alone (with the copy "
                         "rate), to gemv.json under --out (or to --out itself when it ends in .json)")
     parser.add_argument("--smoke", action="store_true",

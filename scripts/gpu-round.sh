@@ -63,6 +63,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh gated-final  # its launches; bulk; HF's baselines
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh card     # H200: bulk, HF's baselines, gated; else prefill's
 #                                                                        # GEMM rows tuned, rope_store, bulk
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh probe    # int8 K/V's bytes through the fp16
+#                                                                        # kernel; a decode step's profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -491,6 +493,14 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     cp "$out"/tuned/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
     run 60 rope_store python3 -m benchmarks.rope_store --out "$out/rope_store"
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    ;;
+  probe)  # after `card` on the same machine: where the int8 K/V kernel's time goes (the int8 cache's bytes read by
+    # the fp16 kernel at half the head size: at the bus, 1-byte tiles hold it; near int8's rate, a key's own cost
+    # does), at the int8 bulk state; then a decode step's profile at the bulk state with this tree's kernels
+    run 200 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
+        --max-len 768 --out "$out/kernels" \
+        --match 'bytes as fp16|the default launch|paged fp16, 3 stages, ids ahead|v-bias, block_n 64, warps 2'
+    profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
     ;;
   profile)
     profile untuned tuned_kernels=0
