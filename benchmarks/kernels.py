@@ -59,6 +59,9 @@ INT8_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 4, 4), (128, 4, 3), (64, 8, 3), (32
 INT8_MATHS = [("fp16", False), ("fp16", True), ("fp32", False), ("fp32", True)]  # v, p, v32, p32
 BIAS_CONFIGS = [(128, 4, 2), (128, 4, 3), (256, 4, 2), (64, 2, 3), (128, 2, 2), (128, 2, 3)]  # early, biased: the
 # fewest instructions a KB (two warps need fewer: a program's row reductions cross fewer warps)
+# q rounded to int8, K unconverted (qk_int8; V converted late or early): the launches compile_check finds with more
+# programs an SM (fewer registers or less shared memory a program) besides int8's default
+Q8_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 2, 3), (128, 4, 2), (32, 4, 3)]
 EARLY_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
 PAGED_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3), (256, 4, 2),
                  (256, 4, 3), (256, 8, 3)]
@@ -308,6 +311,13 @@ def attention(args, shape: Shape, device: str) -> dict:
             attempt(f"paged int8 early, block_n {block_n}, warps {warps}, stages {stages}", lambda t=tune: row(
                 lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t), "int8")
                 | {"max_abs_err": paged_err(kip, vip, ref8, **int8_paged, **t)})
+        q8_launches = Q8_CONFIGS[:1] if args.smoke else Q8_CONFIGS  # (the interpreter: the block_n sweeps run above)
+        for (block_n, warps, stages), early in [(c, e) for c in q8_launches for e in (False, True)]:
+            tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, cvt_early=early, qk_int8=True)
+            attempt(f"paged int8 q8{' early' if early else ''}, block_n {block_n}, warps {warps}, stages {stages}",
+                    lambda t=tune: row(
+                        lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t),
+                        "int8") | {"max_abs_err_vs_int8": paged_err(kip, vip, ref8, **int8_paged, **t)})
         # early, left 1152 over the values; and with the V scales in p at int8's launch
         # (under the interpreter one launch of each: the other sweeps run every block_n there already)
         for (block_n, warps, stages), in_p in ([(c, False) for c in BIAS_CONFIGS[:1 if args.smoke else None]]
@@ -333,7 +343,7 @@ def attention(args, shape: Shape, device: str) -> dict:
         # conversion, 2-byte tiles): at the bus, the int8 kernel is held by what its 1-byte tiles cost; near the
         # int8 kernel's rate, by what a key costs whatever its bytes
         q_half, kh, vh = q[..., :head_dim // 2].contiguous(), kip.view(torch.float16), vip.view(torch.float16)
-        for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (64, 4, 2)):
+        for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (64, 4, 2))[:1 if args.smoke else None]:
             tune = dict(block_n=block_n, num_warps=warps, num_stages=stages)
             attempt(f"paged int8 bytes as fp16, block_n {block_n}, warps {warps}, stages {stages}",
                  lambda t=tune: row(lambda: decode_attention(q_half, kh, vh, lens, scale, block_table=table, **t),

@@ -38,9 +38,11 @@ gate/up inputs as well, as real models make it.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -267,7 +269,7 @@ def teacher_forced(runner, ids: torch.Tensor) -> torch.Tensor:
 
 
 def kv_runner(model, kv_cache_dtype: str, device: torch.device, dtype: torch.dtype, max_model_len: int,
-              calibration: torch.Tensor):
+              calibration: torch.Tensor, attention: str = "auto"):
     """The engine's ModelRunner over model, its attention picked as the engine picks it, its elementwise kernels
     fused as the engine's (compiled on CUDA), an fp8 cache calibrated (an int8 cache needs none)."""
     from batchgen.worker.engine.fused import fuse_layers
@@ -277,16 +279,47 @@ def kv_runner(model, kv_cache_dtype: str, device: torch.device, dtype: torch.dty
 
     fuse_layers(model, compile_kernels=device.type == "cuda")
     runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=max_model_len,
-                         attention=resolve_attention("auto", device, dtype, kv_cache_dtype),
+                         attention=resolve_attention(attention, device, dtype, kv_cache_dtype),
                          kv_cache_dtype=kv_cache_dtype)
     runner.calibrate_kv(calibration.to(device))
     return runner
 
 
-def run_kv(shape: Shape, strength: float, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    """KL(fp32 ‖ runner) with the default int8 weights (rotated, as the engine's) for each KV cache dtype, and with
-    #20's references (KV_REFERENCES) over the auto cache; each default row's ratios to them (the module docstring's
-    --kv)."""
+@contextlib.contextmanager
+def rounded_q(mode: str | None, attention: str):
+    """Where the runner decodes an int8 cache without the Triton kernel (sdpa on the CPU), a "-q8" mode's arithmetic
+    over it: each head's q rounded to int8 over its absmax before the scores, as qk_int8 rounds it (the kernel equals
+    attention over that rounded q within float32 rounding: tests/test_kernels.py). The kernel itself does it."""
+    from batchgen.worker.engine import llama
+
+    if not mode or "-q8" not in mode or attention == "triton":
+        yield
+        return
+    attend = llama.CacheAttention.__call__
+
+    def call(self, layer, q, k, v):
+        if self.k_cache.dtype == torch.int8:
+            absmax = q.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
+            q = (torch.round(q.float() * (127.0 / absmax)) * (absmax / 127.0)).to(q.dtype)
+        return attend(self, layer, q, k, v)
+
+    llama.CacheAttention.__call__ = call
+    try:
+        yield
+    finally:
+        llama.CacheAttention.__call__ = attend
+
+
+def run_kv(shape: Shape, strength: float, device: torch.device, dtype: torch.dtype,
+           kv_dtypes: tuple[str, ...] = KV_CACHE_DTYPES, attention: str = "auto",
+           int8_modes: tuple[str, ...] = ("v",)) -> list[dict]:
+    """KL(fp32 ‖ runner) with the default int8 weights (rotated, as the engine's) for each KV cache dtype of
+    kv_dtypes (an int8 cache once per kernel mode of int8_modes, --int8-kv-scales), and with #20's references
+    (KV_REFERENCES) over the auto cache; each default row's ratios to them (the module docstring's --kv)."""
+    from batchgen.worker.engine.kernels import attention as kernels
+
+    runs = [(kv, mode) for kv in dict.fromkeys(("auto", *kv_dtypes))
+            for mode in (int8_modes if kv == "int8" else (None,))]
     ref = build_planted(shape, strength, device=device)
     ids = eval_ids(shape, seed=2)
     calibration = eval_ids(shape, seed=4, num_seqs=4, seq_len=shape.seq_len)
@@ -298,13 +331,17 @@ def run_kv(shape: Shape, strength: float, device: torch.device, dtype: torch.dty
         del ref
         for variant in (KV_WEIGHTS, *KV_REFERENCES):
             model = load_variant(Path(tmp), variant, device, dtype, calibration)
-            for kv in KV_CACHE_DTYPES if variant == KV_WEIGHTS else ("auto",):
-                runner = kv_runner(model, kv, device, dtype, shape.seq_len, calibration)
-                out = teacher_forced(runner, ids)
-                if variant == KV_WEIGHTS:
+            for kv, mode in runs if variant == KV_WEIGHTS else (("auto", None),):
+                kernels.INT8_V_SCALES = mode or "v"
+                runner = kv_runner(model, kv, device, dtype, shape.seq_len, calibration, attention)
+                with rounded_q(mode, runner.attention):
+                    out = teacher_forced(runner, ids)
+                kernels.INT8_V_SCALES = "v"
+                if variant == KV_WEIGHTS and kv == "auto":
                     logits[kv] = out
                 kl, top1 = kl_top1(ref_logits, out)
                 rows.append({"strength": strength, "variant": variant, "kv_cache_dtype": kv,
+                             **({"int8_kv_scales": mode} if mode else {}),
                              "attention": runner.attention, "kl": round(kl, 6), "top1": round(top1, 4),
                              "kl_vs_auto": round(kl_top1(logits["auto"], out)[0], 6) if variant == KV_WEIGHTS
                              else None})
@@ -326,7 +363,8 @@ def kv_table(rows: list[dict]) -> str:
     for r in rows:
         cells = [f"{r['kl_vs_auto']:.5f}" if r["kl_vs_auto"] is not None else "",
                  *(f"{r[key]:.2f}" if key in r else "" for key in ("vs_bnb_t6", "vs_weight_only"))]
-        lines.append(f"| {r['strength']} | {r['variant']} | {r['kv_cache_dtype']} | {r['attention']} | {r['kl']:.4f} | "
+        cache = r["kv_cache_dtype"] + (f" ({r['int8_kv_scales']})" if r.get("int8_kv_scales") else "")
+        lines.append(f"| {r['strength']} | {r['variant']} | {cache} | {r['attention']} | {r['kl']:.4f} | "
                      f"{r['top1']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -541,6 +579,11 @@ def main() -> None:
     parser.add_argument("--kv", action=argparse.BooleanOptionalAction, default=None,
                         help="each KV cache dtype against auto through the ModelRunner (default: on for CUDA)")
     parser.add_argument("--kv-only", action="store_true", help="only the --kv section (no int8 variants)")
+    parser.add_argument("--kv-dtypes", default=",".join(KV_CACHE_DTYPES), help="--kv: the cache dtypes (auto always)")
+    parser.add_argument("--kv-attention", default="auto", choices=("auto", "triton", "sdpa"),
+                        help="--kv: the decode attention (triton on the CPU: the Triton kernels under the interpreter)")
+    parser.add_argument("--int8-kv-scales", default="v",
+                        help="--kv: the int8 cache's kernel modes, comma-separated (the engine's --int8-kv-scales)")
     parser.add_argument("--speed-only", action="store_true", help="only the --speed section")
     parser.add_argument("--shape", choices=("auto", "cpu", "gpu"), default="auto",
                         help="the planted model's shape (auto: the device's; gpu on the CPU gives the GPU's ratios)")
@@ -549,6 +592,8 @@ def main() -> None:
                         help="planted models per strength (seeds 0..N-1); rows and goals are their means")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.kv_attention == "triton" and device.type != "cuda":
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported (run_kv's import)
     if (args.speed or args.speed_only) and device.type != "cuda":
         parser.error("--speed times CUDA kernels: it needs --device cuda")
     shape = GPU_SHAPE if (device.type == "cuda" if args.shape == "auto" else args.shape == "gpu") else CPU_SHAPE
@@ -572,7 +617,8 @@ def main() -> None:
         print(table(rows, goal_rows))
         print("default_rotated (--int8-rotate down):\n" + table([], out["goals_rotated"]))
     if not args.speed_only and (args.kv_only or args.kv or (args.kv is None and device.type == "cuda")):
-        out["kv"] = [r for s in KV_STRENGTHS for r in run_kv(shape, s, device, dtype)]
+        out["kv"] = [r for s in KV_STRENGTHS for r in run_kv(shape, s, device, dtype, tuple(args.kv_dtypes.split(",")),
+                                                             args.kv_attention, tuple(args.int8_kv_scales.split(",")))]
         print(kv_table(out["kv"]))
     if args.speed_only or args.speed or (args.speed is None and device.type == "cuda" and not args.kv_only):
         out["speed"] = run_speed(device, args.speed_outliers)

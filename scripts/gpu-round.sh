@@ -496,10 +496,11 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     ;;
   probe)  # after `card` on the same machine: where the int8 K/V kernel's time goes (the int8 cache's bytes read by
     # the fp16 kernel at half the head size: at the bus, 1-byte tiles hold it; near int8's rate, a key's own cost
-    # does), at the int8 bulk state; then a decode step's profile at the bulk state with this tree's kernels
+    # does) and q rounded to int8 against K unconverted (qk_int8) at launches with more programs an SM, at the int8
+    # bulk state; then a decode step's profile at the bulk state with this tree's kernels
     run 200 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
         --max-len 768 --out "$out/kernels" \
-        --match 'bytes as fp16|the default launch|paged fp16, 3 stages, ids ahead|v-bias, block_n 64, warps 2'
+        --match 'bytes as fp16|the default launch|paged fp16, 3 stages, ids ahead|v-bias, block_n 64, warps 2|q8'
     profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
     ;;
   profile)

@@ -413,7 +413,7 @@ def _prefill_attention(parts: LlamaParts, positions: torch.Tensor, seq_starts: l
     lengths = [end - start for start, end in zip(seq_starts, seq_starts[1:], strict=False)]
     if spec.attn_softcap is not None:
         attention = "sdpa"
-    flash = attention in PREFILL_FLASH
+    flash = attention in PREFILL_FLASH and positions.is_cuda  # off CUDA (Triton's interpreter decoding) sdpa prefills
     if flash:
         cu = to_device(seq_starts, device, torch.int32)
         max_len = max(lengths)

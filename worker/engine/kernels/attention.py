@@ -36,7 +36,8 @@ BLOCK_N = 64  # keys per inner step
 # tuned.ENABLED is): "v" multiplies each V element, "p" the softmax weights (scales_in_p); both in fp16 after an
 # exact conversion, or with "32" (v32, p32) through float32 as the first kernel did (f16_int8=False), or with
 # "-early" (v-early, p-early) converted where each tile is loaded (cvt_early), or with "-bias" (v-bias, p-bias) as
-# "-early" and left 1152 over their values (biased).
+# "-early" and left 1152 over their values (biased); "v-q8": K unconverted against q rounded to int8 per head, on
+# the int8 tensor cores (qk_int8), V as "v" ("v-q8-early": V converted where it is loaded).
 INT8_V_SCALES = "v"
 MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # (block_n, num_warps, num_stages) when a call does not say. An int8 tile carries half fp16's bytes: a wider block
@@ -54,14 +55,15 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
     from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16
+    from batchgen.worker.engine.kernels.int8_ops import round_half_even
 
     @triton.jit
-    def _attend(block, start, end, q, q_bias, m, l_sum, acc, k_base, v_base, pages, BlockTable, KScale, VScale,
-                cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh, s_scale,
-                d, d_mask, BLOCK_N: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr,
+    def _attend(block, start, end, q, q_bias, q8, q_scale, m, l_sum, acc, k_base, v_base, pages, BlockTable, KScale,
+                VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh,
+                s_scale, d, d_mask, BLOCK_N: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr,
                 TOKEN_SCALES: tl.constexpr, SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr,
                 PAGE: tl.constexpr, CVT_EARLY: tl.constexpr, PRELOAD: tl.constexpr, BIAS: tl.constexpr,
-                MASKED: tl.constexpr):
+                QK_INT8: tl.constexpr, MASKED: tl.constexpr):
         """One inner step of _split_kernel: keys block .. block + BLOCK_N of the split start .. end, folded into the
         running max m, sum l_sum and output acc. MASKED: the split's last, ragged step (keys from end on are masked);
         the others read whole steps without masks."""
@@ -85,9 +87,11 @@ if HAS_TRITON:
             k_ptr = k_base + page * stride_kr + slot * stride_kt
             v_ptr = v_base + page * stride_vr + slot * stride_vt
         k = tl.load(k_ptr[None, :] + d[:, None], mask=d_mask[:, None] & t_mask[None, :], other=0.0)
-        if F16_INT8:  # int8 K exact in fp16 (q's dtype), without conversion instructions
+        if F16_INT8 and not QK_INT8:  # int8 K exact in fp16 (q's dtype), without conversion instructions
             k = int8_to_f16(k, ASM_CVT, CVT_EARLY, BIAS)
-        if DOT_F32:
+        if QK_INT8:  # q in int8 (q_scale: its scale per head): K unconverted, on the int8 tensor cores
+            s = tl.dot(q8, k).to(tl.float32) * q_scale[:, None]
+        elif DOT_F32:
             s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
         else:
             s = tl.dot(q, k.to(q.dtype))
@@ -145,7 +149,8 @@ if HAS_TRITON:
                       BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr,
                       HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, TOKEN_SCALES: tl.constexpr,
                       SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr,
-                      PAGE: tl.constexpr, CVT_EARLY: tl.constexpr, PRELOAD: tl.constexpr, BIAS: tl.constexpr):
+                      PAGE: tl.constexpr, CVT_EARLY: tl.constexpr, PRELOAD: tl.constexpr, BIAS: tl.constexpr,
+                      QK_INT8: tl.constexpr, INTERPRETED: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -170,6 +175,14 @@ if HAS_TRITON:
         else:
             v_scale = tl.load(VScale + kv_head * scale_stride)
             s_scale = qk_scale * tl.load(KScale + kv_head * scale_stride)  # qk_scale holds log2(e): exp2 below
+        q8 = q
+        q_scale = tl.full([BLOCK_H], 1.0, tl.float32)
+        if QK_INT8:  # each head's q rounded to int8 over its absmax, as the cache holds K
+            qf = q.to(tl.float32)
+            q_absmax = tl.max(tl.abs(qf), 1)
+            q_scale = q_absmax / 127.0
+            q8 = round_half_even(qf * (127.0 / tl.where(q_absmax > 0.0, q_absmax, 1.0))[:, None],
+                                 INTERPRETED).to(tl.int8)
         q_bias = 0.0
         if BIAS:  # K is 1152 + its values: q · k is the dot less 1152 · Σ q (V likewise, with its weights' sums)
             q_bias = I8_BIAS * tl.sum(q.to(tl.float32), 1)
@@ -192,17 +205,17 @@ if HAS_TRITON:
         # whole steps without masks (fewer instructions: the int8 kernel is bound by their issue), then the ragged one
         full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
         for block in range(start, full_end, BLOCK_N):
-            m, l_sum, acc = _attend(block, start, end, q, q_bias, m, l_sum, acc, k_base, v_base, pages, BlockTable,
-                                    KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vt,
-                                    stride_bt, stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N, HAS_BLOCKS, DOT_F32,
-                                    TOKEN_SCALES, SCALES_IN_P, F16_INT8, ASM_CVT, PAGE, CVT_EARLY, PRELOAD, BIAS,
-                                    False)
-        if full_end < end:
-            m, l_sum, acc = _attend(full_end, start, end, q, q_bias, m, l_sum, acc, k_base, v_base, pages,
+            m, l_sum, acc = _attend(block, start, end, q, q_bias, q8, q_scale, m, l_sum, acc, k_base, v_base, pages,
                                     BlockTable, KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr,
                                     stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N,
                                     HAS_BLOCKS, DOT_F32, TOKEN_SCALES, SCALES_IN_P, F16_INT8, ASM_CVT, PAGE,
-                                    CVT_EARLY, PRELOAD, BIAS, True)
+                                    CVT_EARLY, PRELOAD, BIAS, QK_INT8, False)
+        if full_end < end:
+            m, l_sum, acc = _attend(full_end, start, end, q, q_bias, q8, q_scale, m, l_sum, acc, k_base, v_base, pages,
+                                    BlockTable, KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr,
+                                    stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N,
+                                    HAS_BLOCKS, DOT_F32, TOKEN_SCALES, SCALES_IN_P, F16_INT8, ASM_CVT, PAGE,
+                                    CVT_EARLY, PRELOAD, BIAS, QK_INT8, True)
 
         has_keys = l_sum > 0.0  # an empty split (short row) contributes nothing to the merge
         out = acc * (v_scale / tl.where(has_keys, l_sum, 1.0))[:, None]
@@ -306,7 +319,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      out: torch.Tensor | None = None, block_n: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None, scales_in_p: bool | None = None,
                      f16_int8: bool | None = None, cvt_early: bool | None = None,
-                     preload: bool | None = None, bias: bool | None = None) -> torch.Tensor:
+                     preload: bool | None = None, bias: bool | None = None,
+                     qk_int8: bool | None = None) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype, float8_e4m3fn or int8), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
@@ -329,6 +343,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     bias: with f16_int8, K (and V where scales_in_p leaves it unscaled) stay 1152 over their values in fp16 and each
     dot's result is corrected by the other operand's sum: fewer instructions a step, equal within float32 rounding.
     None: as INT8_V_SCALES says (its "-bias" variants).
+    qk_int8: an int8 cache's scores as int8 · int8 on the tensor cores: each head's q rounded to int8 over its absmax
+    (as the cache holds K), K used as it is stored, with no conversion; V as without it. Not bit-equal to the fp16 path:
+    q carries int8's error as K does (benchmarks.quality --kv measures it). None: as INT8_V_SCALES says ("v-q8",
+    "v-q8-early").
     preload: over a paged cache, read each split's block ids once ahead of its loop (see preload_pages); None: where
     num_stages >= 3 (a deeper pipeline is what it buys) and a split spans at most MAX_PRELOAD blocks."""
     n, num_heads, head_dim = q.shape
@@ -370,6 +388,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         pages = preload_pages(max_len, splits, block_n, page)
     f16 = token_scales and q.dtype == torch.float16 and (
         not INT8_V_SCALES.endswith("32") if f16_int8 is None else f16_int8)
+    qk8 = token_scales and ("-q8" in INT8_V_SCALES if qk_int8 is None else qk_int8)
     parts = n if splits > 1 else 1  # one split writes out itself: no partials (a stub for the pointer), no merge
     mid_o = torch.empty(parts, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(parts, num_heads, splits, dtype=torch.float32, device=q.device)
@@ -390,7 +409,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         SCALES_IN_P=INT8_V_SCALES.startswith("p") if scales_in_p is None else scales_in_p,
         F16_INT8=f16, ASM_CVT=not interpreting(), PAGE=page,
         CVT_EARLY=INT8_V_SCALES.endswith(("-early", "-bias")) if cvt_early is None else cvt_early, PRELOAD=pages,
-        BIAS=f16 and (INT8_V_SCALES.endswith("-bias") if bias is None else bias),
+        BIAS=f16 and not qk8 and (INT8_V_SCALES.endswith("-bias") if bias is None else bias),
+        QK_INT8=qk8, INTERPRETED=interpreting(),
         num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out

@@ -47,17 +47,33 @@ def build(kernel, arch: int, pointers: dict[str, str], ints: list[str], floats: 
                           target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def spill_bytes(ptx: str, arch: int) -> int | None:
-    """The bytes of registers a kernel spills (stores to local memory), as Triton's own ptxas reports them with -v;
-    None where ptxas does not say."""
+def _ptxas_report(ptx: str, arch: int) -> str:
+    """What Triton's own ptxas says of a kernel with -v (registers, spills)."""
     ptxas = get_ptxas(arch)
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "kernel.ptx"
         source.write_text(ptx)
         proc = subprocess.run([getattr(ptxas, "path", ptxas), "-v", f"--gpu-name=sm_{arch}a", str(source), "-o",
                                str(Path(tmp) / "kernel.o")], capture_output=True, text=True)
-    found = re.search(r"(\d+) bytes spill stores", proc.stdout + proc.stderr)
+    return proc.stdout + proc.stderr
+
+
+def spill_bytes(ptx: str, arch: int) -> int | None:
+    """The bytes of registers a kernel spills (stores to local memory); None where ptxas does not say."""
+    found = re.search(r"(\d+) bytes spill stores", _ptxas_report(ptx, arch))
     return int(found.group(1)) if found else None
+
+
+def programs_per_sm(ptx: str, arch: int, num_warps: int, shared_bytes: int) -> dict:
+    """A thread's registers and the programs an SM holds at once (Hopper: 64k registers allocated 8 a thread at a
+    time, 227 KB of shared memory with 1 KB reserved a program, 64 warps): the latency a decode kernel can hide."""
+    found = re.search(r"Used (\d+) registers", _ptxas_report(ptx, arch))
+    if not found:
+        return {}
+    registers = int(found.group(1))
+    fit = min(65536 // (-(-registers // 8) * 8 * 32 * num_warps), (227 * 1024) // (shared_bytes + 1024),
+              64 // num_warps)
+    return {"registers": registers, "programs_per_sm": fit}
 
 
 def build_split(arch: int, kv: str, constexprs: dict, **options):
@@ -65,6 +81,7 @@ def build_split(arch: int, kv: str, constexprs: dict, **options):
     strides a launch over the engine's caches passes as multiples of 16, the other pointers fp16/fp32/int32."""
     pointers = {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32", "CacheRows": "*i32", "BlockTable": "*i32",
                 "KScale": "*fp32", "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32", "Out": "*fp16"}
+    constexprs = {"QK_INT8": False, "INTERPRETED": False} | constexprs
     return build(attention._split_kernel, arch, pointers, SPLIT_INTS, ["qk_scale"], constexprs, aligned=SPLIT_ALIGNED,
                  **options)
 
@@ -124,28 +141,33 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
     # the engine's launches over its paged cache (64-key blocks, 768 keys a row, one split), the split's block ids
     # read in the loop or ahead of it: how deep the compiler pipelines the K/V loads (the largest count a
     # cp.async.wait_group leaves in flight; 0: each step waits for all of its loads)
-    for name, kv, (block_n, warps, stages), early, preload, bias in (
-            ("paged int8 launch", "*i8", attention.INT8_LAUNCH, False, False, False),
-            ("paged int8 launch, ids ahead", "*i8", attention.INT8_LAUNCH, False, True, False),
-            ("paged int8 launch early, ids ahead", "*i8", attention.INT8_LAUNCH, True, True, False),
-            ("paged int8 launch biased, ids ahead", "*i8", attention.INT8_LAUNCH, True, True, True),
-            ("paged fp16 launch", "*fp16", attention.LAUNCH, False, False, False),
-            ("paged fp16 3 stages", "*fp16", (attention.LAUNCH[0], attention.LAUNCH[1], 3), False, False, False),
-            ("paged fp16 3 stages, ids ahead", "*fp16", (attention.LAUNCH[0], attention.LAUNCH[1], 3), False, True,
-             False)):
+    fp16_3 = (attention.LAUNCH[0], attention.LAUNCH[1], 3)
+    for name, kv, (block_n, warps, stages), early, preload, bias, q8 in (
+            ("paged int8 launch", "*i8", attention.INT8_LAUNCH, False, False, False, False),
+            ("paged int8 launch, ids ahead", "*i8", attention.INT8_LAUNCH, False, True, False, False),
+            ("paged int8 launch early, ids ahead", "*i8", attention.INT8_LAUNCH, True, True, False, False),
+            ("paged int8 launch biased, ids ahead", "*i8", attention.INT8_LAUNCH, True, True, True, False),
+            ("paged int8 launch q8, ids ahead", "*i8", attention.INT8_LAUNCH, False, True, False, True),
+            ("paged int8 launch q8 early 64x4x3, ids ahead", "*i8", (64, 4, 3), True, True, False, True),
+            ("paged fp16 launch", "*fp16", attention.LAUNCH, False, False, False, False),
+            ("paged fp16 3 stages", "*fp16", fp16_3, False, False, False, False),
+            ("paged fp16 3 stages, ids ahead", "*fp16", fp16_3, False, True, False, False)):
         page = attention.BLOCK_N
         k = build_split(arch, kv, dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=block_n,
                                        NUM_SPLITS=1, HAS_ROWS=False, HAS_BLOCKS=True, DOT_F32=False,
                                        TOKEN_SCALES=kv == "*i8", SCALES_IN_P=False, F16_INT8=kv == "*i8",
                                        ASM_CVT=True, PAGE=page, CVT_EARLY=early,
-                                       PRELOAD=attention.preload_pages(768, 1, block_n, page) * preload, BIAS=bias),
+                                       PRELOAD=attention.preload_pages(768, 1, block_n, page) * preload, BIAS=bias,
+                                       QK_INT8=q8),
                         num_warps=warps, num_stages=stages)
         ptx = k.asm["ptx"]
         step_bytes = block_n * 128 * 2 * (1 if kv == "*i8" else 2)  # K and V an inner step reads
         out[name] = {"shared_bytes": k.metadata.shared, "stages": stages,
                      "loads_in_flight": max(map(int, re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)), default=0),
                      "vector_loads": len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*0x10", ptx)),
-                     "warp_instructions_per_kb": instructions_per_kb(k.asm["cubin"], arch, warps, step_bytes)}
+                     "int8_mma": len(re.findall(r"mma\.sync[^;]*\.s8", ptx)), "prmt": ptx.count("prmt.b32"),
+                     "warp_instructions_per_kb": instructions_per_kb(k.asm["cubin"], arch, warps, step_bytes),
+                     **programs_per_sm(ptx, arch, warps, k.metadata.shared)}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
               ["stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh"], [],
               dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=3, BLOCK_S=4), num_warps=4)
