@@ -13,11 +13,11 @@ import os
 from pathlib import Path
 
 MEASURED = Path(__file__).parents[1] / "docs/benchmarks/bulk_guard_warm_up.json"
-# (name, cvt_early, bias, qk_int8, launches): the kernel's int8 variants (--int8-kv-scales v, v-early, v-bias, v-q8,
-# v-q8-early) at the launches benchmarks.kernels times
-VARIANTS = [("paged int8", False, False, False), ("paged int8 early", True, False, False),
-            ("paged int8 v-bias", True, True, False), ("paged int8 q8", False, False, True),
-            ("paged int8 q8 early", True, False, True)]
+# (name, cvt_early, bias, qk_int8): the kernel's int8 variants (--int8-kv-scales v, v-early, v-bias, v-q8,
+# v-q8-early, v-q16-early), each at the launches benchmarks.kernels times
+VARIANTS = [("paged int8", False, False, 0), ("paged int8 early", True, False, 0),
+            ("paged int8 v-bias", True, True, 0), ("paged int8 q8", False, False, 1),
+            ("paged int8 q8 early", True, False, 1), ("paged int8 q16 early", True, False, 2)]
 LAUNCHES = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 2, 3), (128, 2, 2), (32, 4, 3), (128, 8, 3)]
 
 

@@ -312,9 +312,11 @@ def attention(args, shape: Shape, device: str) -> dict:
                 lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t), "int8")
                 | {"max_abs_err": paged_err(kip, vip, ref8, **int8_paged, **t)})
         q8_launches = Q8_CONFIGS[:1] if args.smoke else Q8_CONFIGS  # (the interpreter: the block_n sweeps run above)
-        for (block_n, warps, stages), early in [(c, e) for c in q8_launches for e in (False, True)]:
-            tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, cvt_early=early, qk_int8=True)
-            attempt(f"paged int8 q8{' early' if early else ''}, block_n {block_n}, warps {warps}, stages {stages}",
+        q8_runs = [(c, e, 1) for c in q8_launches for e in (False, True)] + [(c, True, 2) for c in q8_launches[:2]]
+        for (block_n, warps, stages), early, terms in q8_runs:  # q in one int8 term (q8) or two (q16)
+            tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, cvt_early=early, qk_int8=terms)
+            attempt(f"paged int8 q{8 * terms}{' early' if early else ''}, block_n {block_n}, warps {warps}, "
+                    f"stages {stages}",
                     lambda t=tune: row(
                         lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t),
                         "int8") | {"max_abs_err_vs_int8": paged_err(kip, vip, ref8, **int8_paged, **t)})

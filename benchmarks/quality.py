@@ -285,22 +285,33 @@ def kv_runner(model, kv_cache_dtype: str, device: torch.device, dtype: torch.dty
     return runner
 
 
+def int8_terms(x: torch.Tensor, terms: int) -> torch.Tensor:
+    """x (float32) as qk_int8 holds it: rounded to int8 over each last-dim row's absmax, then (terms 2) what that
+    left rounded over its own absmax and added back."""
+    out, rest = torch.zeros_like(x), x
+    for _ in range(terms):
+        absmax = rest.abs().amax(dim=-1, keepdim=True)
+        rounded = torch.round(rest * (127.0 / absmax.clamp(min=1e-30))) * (absmax / 127.0)
+        out, rest = out + rounded, rest - rounded
+    return out
+
+
 @contextlib.contextmanager
 def rounded_q(mode: str | None, attention: str):
-    """Where the runner decodes an int8 cache without the Triton kernel (sdpa on the CPU), a "-q8" mode's arithmetic
-    over it: each head's q rounded to int8 over its absmax before the scores, as qk_int8 rounds it (the kernel equals
-    attention over that rounded q within float32 rounding: tests/test_kernels.py). The kernel itself does it."""
+    """Where the runner decodes an int8 cache without the Triton kernel (sdpa on the CPU), a "-q8" or "-q16" mode's
+    arithmetic over it: each head's q as qk_int8 holds it (int8_terms) before the scores (the kernel equals attention
+    over that q within float32 rounding: tests/test_kernels.py). The kernel itself does it."""
     from batchgen.worker.engine import llama
 
-    if not mode or "-q8" not in mode or attention == "triton":
+    terms = 1 if mode and "-q8" in mode else 2 if mode and "-q16" in mode else 0
+    if not terms or attention == "triton":
         yield
         return
     attend = llama.CacheAttention.__call__
 
     def call(self, layer, q, k, v):
         if self.k_cache.dtype == torch.int8:
-            absmax = q.float().abs().amax(dim=-1, keepdim=True).clamp(min=1e-30)
-            q = (torch.round(q.float() * (127.0 / absmax)) * (absmax / 127.0)).to(q.dtype)
+            q = int8_terms(q.float(), terms).to(q.dtype)
         return attend(self, layer, q, k, v)
 
     llama.CacheAttention.__call__ = call

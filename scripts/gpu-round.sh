@@ -500,7 +500,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # bulk state; then a decode step's profile at the bulk state with this tree's kernels
     run 200 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
         --max-len 768 --out "$out/kernels" \
-        --match 'bytes as fp16|the default launch|paged fp16, 3 stages, ids ahead|v-bias, block_n 64, warps 2|q8'
+        --match 'bytes as fp16|the default launch|paged fp16, 3 stages, ids ahead|v-bias, block_n 64, warps 2|q8|q16'
     profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
     ;;
   profile)

@@ -37,7 +37,8 @@ BLOCK_N = 64  # keys per inner step
 # exact conversion, or with "32" (v32, p32) through float32 as the first kernel did (f16_int8=False), or with
 # "-early" (v-early, p-early) converted where each tile is loaded (cvt_early), or with "-bias" (v-bias, p-bias) as
 # "-early" and left 1152 over their values (biased); "v-q8": K unconverted against q rounded to int8 per head, on
-# the int8 tensor cores (qk_int8), V as "v" ("v-q8-early": V converted where it is loaded).
+# the int8 tensor cores (qk_int8), V as "v"; "v-q16": q as two int8 terms, its rounding error the second; with
+# "-early" (v-q8-early, v-q16-early) V converted where it is loaded.
 INT8_V_SCALES = "v"
 MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # (block_n, num_warps, num_stages) when a call does not say. An int8 tile carries half fp16's bytes: a wider block
@@ -58,7 +59,7 @@ if HAS_TRITON:
     from batchgen.worker.engine.kernels.int8_ops import round_half_even
 
     @triton.jit
-    def _attend(block, start, end, q, q_bias, q8, q_scale, m, l_sum, acc, k_base, v_base, pages, BlockTable, KScale,
+    def _attend(block, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc, k_base, v_base, pages, BlockTable, KScale,
                 VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh,
                 s_scale, d, d_mask, BLOCK_N: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr,
                 TOKEN_SCALES: tl.constexpr, SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr,
@@ -91,6 +92,8 @@ if HAS_TRITON:
             k = int8_to_f16(k, ASM_CVT, CVT_EARLY, BIAS)
         if QK_INT8:  # q in int8 (q_scale: its scale per head): K unconverted, on the int8 tensor cores
             s = tl.dot(q8, k).to(tl.float32) * q_scale[:, None]
+            if QK_INT8 == 2:  # q's rounding error, itself in int8, against the same K
+                s += tl.dot(q_lo, k).to(tl.float32) * lo_scale[:, None]
         elif DOT_F32:
             s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
         else:
@@ -176,13 +179,21 @@ if HAS_TRITON:
             v_scale = tl.load(VScale + kv_head * scale_stride)
             s_scale = qk_scale * tl.load(KScale + kv_head * scale_stride)  # qk_scale holds log2(e): exp2 below
         q8 = q
+        q_lo = q
         q_scale = tl.full([BLOCK_H], 1.0, tl.float32)
+        lo_scale = q_scale
         if QK_INT8:  # each head's q rounded to int8 over its absmax, as the cache holds K
             qf = q.to(tl.float32)
             q_absmax = tl.max(tl.abs(qf), 1)
             q_scale = q_absmax / 127.0
-            q8 = round_half_even(qf * (127.0 / tl.where(q_absmax > 0.0, q_absmax, 1.0))[:, None],
-                                 INTERPRETED).to(tl.int8)
+            hi = round_half_even(qf * (127.0 / tl.where(q_absmax > 0.0, q_absmax, 1.0))[:, None], INTERPRETED)
+            q8 = hi.to(tl.int8)
+            if QK_INT8 == 2:  # and what that left, rounded over its own absmax: q to ~14 bits in two int8 terms
+                rest = qf - hi * q_scale[:, None]
+                rest_max = tl.max(tl.abs(rest), 1)
+                lo_scale = rest_max / 127.0
+                q_lo = round_half_even(rest * (127.0 / tl.where(rest_max > 0.0, rest_max, 1.0))[:, None],
+                                       INTERPRETED).to(tl.int8)
         q_bias = 0.0
         if BIAS:  # K is 1152 + its values: q · k is the dot less 1152 · Σ q (V likewise, with its weights' sums)
             q_bias = I8_BIAS * tl.sum(q.to(tl.float32), 1)
@@ -205,13 +216,13 @@ if HAS_TRITON:
         # whole steps without masks (fewer instructions: the int8 kernel is bound by their issue), then the ragged one
         full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
         for block in range(start, full_end, BLOCK_N):
-            m, l_sum, acc = _attend(block, start, end, q, q_bias, q8, q_scale, m, l_sum, acc, k_base, v_base, pages,
+            m, l_sum, acc = _attend(block, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc, k_base, v_base, pages,
                                     BlockTable, KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr,
                                     stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N,
                                     HAS_BLOCKS, DOT_F32, TOKEN_SCALES, SCALES_IN_P, F16_INT8, ASM_CVT, PAGE,
                                     CVT_EARLY, PRELOAD, BIAS, QK_INT8, False)
         if full_end < end:
-            m, l_sum, acc = _attend(full_end, start, end, q, q_bias, q8, q_scale, m, l_sum, acc, k_base, v_base, pages,
+            m, l_sum, acc = _attend(full_end, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc, k_base, v_base, pages,
                                     BlockTable, KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr,
                                     stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N,
                                     HAS_BLOCKS, DOT_F32, TOKEN_SCALES, SCALES_IN_P, F16_INT8, ASM_CVT, PAGE,
@@ -320,7 +331,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_stages: int | None = None, scales_in_p: bool | None = None,
                      f16_int8: bool | None = None, cvt_early: bool | None = None,
                      preload: bool | None = None, bias: bool | None = None,
-                     qk_int8: bool | None = None) -> torch.Tensor:
+                     qk_int8: int | None = None) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype, float8_e4m3fn or int8), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
@@ -343,10 +354,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     bias: with f16_int8, K (and V where scales_in_p leaves it unscaled) stay 1152 over their values in fp16 and each
     dot's result is corrected by the other operand's sum: fewer instructions a step, equal within float32 rounding.
     None: as INT8_V_SCALES says (its "-bias" variants).
-    qk_int8: an int8 cache's scores as int8 · int8 on the tensor cores: each head's q rounded to int8 over its absmax
-    (as the cache holds K), K used as it is stored, with no conversion; V as without it. Not bit-equal to the fp16 path:
-    q carries int8's error as K does (benchmarks.quality --kv measures it). None: as INT8_V_SCALES says ("v-q8",
-    "v-q8-early").
+    qk_int8: an int8 cache's scores as int8 · int8 on the tensor cores, K used as it is stored, with no conversion; V
+    as without it. 1: each head's q rounded to int8 over its absmax (as the cache holds K), so q carries int8's error
+    as K does (benchmarks.quality --kv measures it); 2: q as two int8 terms (the second its rounding error, rounded
+    over its own absmax: ~14 bits), two MMAs against each K tile. 0: off. None: as INT8_V_SCALES says ("-q8": 1,
+    "-q16": 2).
     preload: over a paged cache, read each split's block ids once ahead of its loop (see preload_pages); None: where
     num_stages >= 3 (a deeper pipeline is what it buys) and a split spans at most MAX_PRELOAD blocks."""
     n, num_heads, head_dim = q.shape
@@ -388,7 +400,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         pages = preload_pages(max_len, splits, block_n, page)
     f16 = token_scales and q.dtype == torch.float16 and (
         not INT8_V_SCALES.endswith("32") if f16_int8 is None else f16_int8)
-    qk8 = token_scales and ("-q8" in INT8_V_SCALES if qk_int8 is None else qk_int8)
+    if qk_int8 is None:
+        qk_int8 = 1 if "-q8" in INT8_V_SCALES else 2 if "-q16" in INT8_V_SCALES else 0
+    qk8 = int(qk_int8) if token_scales else 0
     parts = n if splits > 1 else 1  # one split writes out itself: no partials (a stub for the pointer), no merge
     mid_o = torch.empty(parts, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(parts, num_heads, splits, dtype=torch.float32, device=q.device)

@@ -81,7 +81,7 @@ def build_split(arch: int, kv: str, constexprs: dict, **options):
     strides a launch over the engine's caches passes as multiples of 16, the other pointers fp16/fp32/int32."""
     pointers = {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32", "CacheRows": "*i32", "BlockTable": "*i32",
                 "KScale": "*fp32", "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32", "Out": "*fp16"}
-    constexprs = {"QK_INT8": False, "INTERPRETED": False} | constexprs
+    constexprs = {"QK_INT8": 0, "INTERPRETED": False} | constexprs
     return build(attention._split_kernel, arch, pointers, SPLIT_INTS, ["qk_scale"], constexprs, aligned=SPLIT_ALIGNED,
                  **options)
 
@@ -142,23 +142,23 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
     # read in the loop or ahead of it: how deep the compiler pipelines the K/V loads (the largest count a
     # cp.async.wait_group leaves in flight; 0: each step waits for all of its loads)
     fp16_3 = (attention.LAUNCH[0], attention.LAUNCH[1], 3)
-    for name, kv, (block_n, warps, stages), early, preload, bias, q8 in (
-            ("paged int8 launch", "*i8", attention.INT8_LAUNCH, False, False, False, False),
-            ("paged int8 launch, ids ahead", "*i8", attention.INT8_LAUNCH, False, True, False, False),
-            ("paged int8 launch early, ids ahead", "*i8", attention.INT8_LAUNCH, True, True, False, False),
-            ("paged int8 launch biased, ids ahead", "*i8", attention.INT8_LAUNCH, True, True, True, False),
-            ("paged int8 launch q8, ids ahead", "*i8", attention.INT8_LAUNCH, False, True, False, True),
-            ("paged int8 launch q8 early 64x4x3, ids ahead", "*i8", (64, 4, 3), True, True, False, True),
-            ("paged fp16 launch", "*fp16", attention.LAUNCH, False, False, False, False),
-            ("paged fp16 3 stages", "*fp16", fp16_3, False, False, False, False),
-            ("paged fp16 3 stages, ids ahead", "*fp16", fp16_3, False, True, False, False)):
+    for name, kv, (block_n, warps, stages), early, preload, bias, q_terms in (  # q_terms: qk_int8
+            ("paged int8 launch", "*i8", attention.INT8_LAUNCH, False, False, False, 0),
+            ("paged int8 launch, ids ahead", "*i8", attention.INT8_LAUNCH, False, True, False, 0),
+            ("paged int8 launch early, ids ahead", "*i8", attention.INT8_LAUNCH, True, True, False, 0),
+            ("paged int8 launch biased, ids ahead", "*i8", attention.INT8_LAUNCH, True, True, True, 0),
+            ("paged int8 launch q8, ids ahead", "*i8", attention.INT8_LAUNCH, False, True, False, 1),
+            ("paged int8 launch q16 early 64x4x3, ids ahead", "*i8", (64, 4, 3), True, True, False, 2),
+            ("paged fp16 launch", "*fp16", attention.LAUNCH, False, False, False, 0),
+            ("paged fp16 3 stages", "*fp16", fp16_3, False, False, False, 0),
+            ("paged fp16 3 stages, ids ahead", "*fp16", fp16_3, False, True, False, 0)):
         page = attention.BLOCK_N
         k = build_split(arch, kv, dict(GROUP=4, BLOCK_H=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=block_n,
                                        NUM_SPLITS=1, HAS_ROWS=False, HAS_BLOCKS=True, DOT_F32=False,
                                        TOKEN_SCALES=kv == "*i8", SCALES_IN_P=False, F16_INT8=kv == "*i8",
                                        ASM_CVT=True, PAGE=page, CVT_EARLY=early,
                                        PRELOAD=attention.preload_pages(768, 1, block_n, page) * preload, BIAS=bias,
-                                       QK_INT8=q8),
+                                       QK_INT8=q_terms),
                         num_warps=warps, num_stages=stages)
         ptx = k.asm["ptx"]
         step_bytes = block_n * 128 * 2 * (1 if kv == "*i8" else 2)  # K and V an inner step reads
