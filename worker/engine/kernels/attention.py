@@ -59,9 +59,17 @@ if HAS_TRITON:
     from batchgen.worker.engine.kernels.int8_ops import round_half_even
 
     @triton.jit
-    def _attend(block, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc, k_base, v_base, pages, BlockTable, KScale,
-                VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh,
-                s_scale, d, d_mask, BLOCK_N: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr,
+    def _round_over_absmax(x, INTERPRETED: tl.constexpr):
+        """Each row of float32 x rounded to int8's steps over its absmax (as the cache rounds a key), and the scale
+        that takes them back (absmax / 127; an all-zero row: zeros, scale 0)."""
+        absmax = tl.max(tl.abs(x), 1)
+        rounded = round_half_even(x * (127.0 / tl.where(absmax > 0.0, absmax, 1.0))[:, None], INTERPRETED)
+        return rounded, absmax / 127.0
+
+    @triton.jit
+    def _attend(block, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc, k_base, v_base, pages,
+                BlockTable, KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vt, stride_bt,
+                stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr,
                 TOKEN_SCALES: tl.constexpr, SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr,
                 PAGE: tl.constexpr, CVT_EARLY: tl.constexpr, PRELOAD: tl.constexpr, BIAS: tl.constexpr,
                 QK_INT8: tl.constexpr, MASKED: tl.constexpr):
@@ -184,16 +192,11 @@ if HAS_TRITON:
         lo_scale = q_scale
         if QK_INT8:  # each head's q rounded to int8 over its absmax, as the cache holds K
             qf = q.to(tl.float32)
-            q_absmax = tl.max(tl.abs(qf), 1)
-            q_scale = q_absmax / 127.0
-            hi = round_half_even(qf * (127.0 / tl.where(q_absmax > 0.0, q_absmax, 1.0))[:, None], INTERPRETED)
+            hi, q_scale = _round_over_absmax(qf, INTERPRETED)
             q8 = hi.to(tl.int8)
             if QK_INT8 == 2:  # and what that left, rounded over its own absmax: q to ~14 bits in two int8 terms
-                rest = qf - hi * q_scale[:, None]
-                rest_max = tl.max(tl.abs(rest), 1)
-                lo_scale = rest_max / 127.0
-                q_lo = round_half_even(rest * (127.0 / tl.where(rest_max > 0.0, rest_max, 1.0))[:, None],
-                                       INTERPRETED).to(tl.int8)
+                lo, lo_scale = _round_over_absmax(qf - hi * q_scale[:, None], INTERPRETED)
+                q_lo = lo.to(tl.int8)
         q_bias = 0.0
         if BIAS:  # K is 1152 + its values: q · k is the dot less 1152 · Σ q (V likewise, with its weights' sums)
             q_bias = I8_BIAS * tl.sum(q.to(tl.float32), 1)
@@ -216,14 +219,14 @@ if HAS_TRITON:
         # whole steps without masks (fewer instructions: the int8 kernel is bound by their issue), then the ragged one
         full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
         for block in range(start, full_end, BLOCK_N):
-            m, l_sum, acc = _attend(block, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc, k_base, v_base, pages,
-                                    BlockTable, KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr,
-                                    stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N,
+            m, l_sum, acc = _attend(block, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc, k_base,
+                                    v_base, pages, BlockTable, KScale, VScale, cache_row, kv_head, stride_kr,
+                                    stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N,
                                     HAS_BLOCKS, DOT_F32, TOKEN_SCALES, SCALES_IN_P, F16_INT8, ASM_CVT, PAGE,
                                     CVT_EARLY, PRELOAD, BIAS, QK_INT8, False)
         if full_end < end:
-            m, l_sum, acc = _attend(full_end, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc, k_base, v_base, pages,
-                                    BlockTable, KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr,
+            m, l_sum, acc = _attend(full_end, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc,
+                                    k_base, v_base, pages, BlockTable, KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr,
                                     stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N,
                                     HAS_BLOCKS, DOT_F32, TOKEN_SCALES, SCALES_IN_P, F16_INT8, ASM_CVT, PAGE,
                                     CVT_EARLY, PRELOAD, BIAS, QK_INT8, True)
