@@ -603,39 +603,40 @@ def phase_baselines(args, reqs: list[Req]) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GenerationConfig
 
     out: dict = {"probe_steps": args.probe_steps, "int8": [], "fp16": []}
-    model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float16, device_map={"": "cuda:0"},
-                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
-    # (a) seed recipe: int8 default, one request at a time
-    one = hf_static_batch(model, [reqs[0]], args.probe_steps)
-    per_req_s = [one["prefill_s"] * len(r.prompt_ids) / len(reqs[0].prompt_ids) + (r.max_tokens - 1) * one["step_ms"] / 1000
-                 for r in reqs]
-    out["int8_bs1"] = dict(one, workload_s_extrapolated=round(sum(per_req_s)),
-                           tok_s_workload=round(useful_tokens(reqs) / sum(per_req_s), 2))
-    print("hf int8 bs1", json.dumps(out["int8_bs1"]), flush=True)
-    # (b) static batches, thresholds 6 and 0 (the same model: bnb reads the threshold per call)
-    for threshold in (6.0, 0.0):
+    if args.int8_rows:  # HF int8 (the seed recipe, static batches): not #22's comparison, the slowest rows
+        model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float16, device_map={"": "cuda:0"},
+                                                     quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+        # (a) seed recipe: int8 default, one request at a time
+        one = hf_static_batch(model, [reqs[0]], args.probe_steps)
+        per_req_s = [one["prefill_s"] * len(r.prompt_ids) / len(reqs[0].prompt_ids) + (r.max_tokens - 1) * one["step_ms"] / 1000
+                     for r in reqs]
+        out["int8_bs1"] = dict(one, workload_s_extrapolated=round(sum(per_req_s)),
+                               tok_s_workload=round(useful_tokens(reqs) / sum(per_req_s), 2))
+        print("hf int8 bs1", json.dumps(out["int8_bs1"]), flush=True)
+        # (b) static batches, thresholds 6 and 0 (the same model: bnb reads the threshold per call)
+        for threshold in (6.0, 0.0):
+            for module in model.modules():
+                if type(module).__name__ == "Linear8bitLt":
+                    module.state.threshold = threshold
+            for bs in args.int8_bs:
+                batch = reqs[:bs]
+                fits, need_gib = kv_fits(batch)
+                row: dict = {"threshold": threshold, "bs": bs, "kv_need_gib": need_gib, "fits": fits}
+                if fits:
+                    torch.cuda.reset_peak_memory_stats()
+                    try:
+                        row.update(hf_static_batch(model, batch, args.probe_steps))
+                    except torch.OutOfMemoryError:
+                        row["fits"] = False
+                    torch.cuda.empty_cache()
+                print("hf int8", json.dumps(row), flush=True)
+                out["int8"].append(row)
         for module in model.modules():
             if type(module).__name__ == "Linear8bitLt":
-                module.state.threshold = threshold
-        for bs in args.int8_bs:
-            batch = reqs[:bs]
-            fits, need_gib = kv_fits(batch)
-            row: dict = {"threshold": threshold, "bs": bs, "kv_need_gib": need_gib, "fits": fits}
-            if fits:
-                torch.cuda.reset_peak_memory_stats()
-                try:
-                    row.update(hf_static_batch(model, batch, args.probe_steps))
-                except torch.OutOfMemoryError:
-                    row["fits"] = False
-                torch.cuda.empty_cache()
-            print("hf int8", json.dumps(row), flush=True)
-            out["int8"].append(row)
-    for module in model.modules():
-        if type(module).__name__ == "Linear8bitLt":
-            module.state.threshold = 6.0
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+                module.state.threshold = 6.0
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
     # (c) fp16: dynamic cache, and static cache (generate compiles the decode step)
     model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float16, device_map={"": "cuda:0"})
     for bs, cache in args.fp16:
@@ -662,25 +663,26 @@ def phase_baselines(args, reqs: list[Req]) -> dict:
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float16, device_map={"": "cuda:0"},
-                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
-    # (d) generate_batch (continuous batching), int8 default, on a sample; its max_new_tokens is per call
-    sample = reqs[: args.gb_requests]
-    try:
-        if not sample:
-            raise RuntimeError("skipped (--gb-requests 0)")
-        cfg = GenerationConfig(max_new_tokens=args.gb_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-        with torch.no_grad():  # generate_batch updates its own tensors in place: not inference mode
-            wall, res = timed(model.generate_batch, inputs=[r.prompt_ids for r in sample], generation_config=cfg)
-        tokens = sum(len(v.generated_tokens) for v in res.values())
-        out["generate_batch"] = {"num_requests": len(sample), "max_new_tokens": args.gb_tokens, "tokens": tokens,
-                                 "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 1)}
-    except Exception as exc:
-        out["generate_batch"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    print("hf generate_batch", json.dumps(out["generate_batch"]), flush=True)
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
+    if args.int8_rows:
+        model = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float16, device_map={"": "cuda:0"},
+                                                     quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+        # (d) generate_batch (continuous batching), int8 default, on a sample; its max_new_tokens is per call
+        sample = reqs[: args.gb_requests]
+        try:
+            if not sample:
+                raise RuntimeError("skipped (--gb-requests 0)")
+            cfg = GenerationConfig(max_new_tokens=args.gb_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+            with torch.no_grad():  # generate_batch updates its own tensors in place: not inference mode
+                wall, res = timed(model.generate_batch, inputs=[r.prompt_ids for r in sample], generation_config=cfg)
+            tokens = sum(len(v.generated_tokens) for v in res.values())
+            out["generate_batch"] = {"num_requests": len(sample), "max_new_tokens": args.gb_tokens, "tokens": tokens,
+                                     "wall_s": round(wall, 2), "tok_s": round(tokens / wall, 1)}
+        except Exception as exc:
+            out["generate_batch"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        print("hf generate_batch", json.dumps(out["generate_batch"]), flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
     return out
 
 
@@ -916,6 +918,8 @@ def main() -> None:
     parser.add_argument("--skip-bnb-levers", action="store_true")
     parser.add_argument("--skip-512", action="store_true")
     parser.add_argument("--fit", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--int8-rows", action=argparse.BooleanOptionalAction, default=True,
+                        help="baselines: HF int8 at bs 1, --int8-bs and generate_batch")
     parser.add_argument("--int8-bs", type=lambda s: [int(x) for x in s.split(",")], default=[64, 128, 256])
     parser.add_argument("--fp16", type=lambda s: [(int(b), None if c == "dynamic" else c) for b, c in
                                                   (x.split(":") for x in s.split(","))],
