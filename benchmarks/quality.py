@@ -302,8 +302,9 @@ def rounded_q(mode: str | None, attention: str):
     arithmetic over it: each head's q as qk_int8 holds it (int8_terms) before the scores (the kernel equals attention
     over that q within float32 rounding: tests/test_kernels.py). The kernel itself does it."""
     from batchgen.worker.engine import llama
+    from batchgen.worker.engine.kernels.attention import qk_int8_terms
 
-    terms = 1 if mode and "-q8" in mode else 2 if mode and "-q16" in mode else 0
+    terms = qk_int8_terms(mode or "")
     if not terms or attention == "triton":
         yield
         return

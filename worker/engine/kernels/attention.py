@@ -69,7 +69,8 @@ if HAS_TRITON:
     @triton.jit
     def _attend(block, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc, k_base, v_base, pages,
                 BlockTable, KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vt, stride_bt,
-                stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N: tl.constexpr, HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr,
+                stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N: tl.constexpr, HAS_BLOCKS: tl.constexpr,
+                DOT_F32: tl.constexpr,
                 TOKEN_SCALES: tl.constexpr, SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr,
                 PAGE: tl.constexpr, CVT_EARLY: tl.constexpr, PRELOAD: tl.constexpr, BIAS: tl.constexpr,
                 QK_INT8: tl.constexpr, MASKED: tl.constexpr):
@@ -221,15 +222,15 @@ if HAS_TRITON:
         for block in range(start, full_end, BLOCK_N):
             m, l_sum, acc = _attend(block, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc, k_base,
                                     v_base, pages, BlockTable, KScale, VScale, cache_row, kv_head, stride_kr,
-                                    stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N,
-                                    HAS_BLOCKS, DOT_F32, TOKEN_SCALES, SCALES_IN_P, F16_INT8, ASM_CVT, PAGE,
-                                    CVT_EARLY, PRELOAD, BIAS, QK_INT8, False)
+                                    stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d,
+                                    d_mask, BLOCK_N, HAS_BLOCKS, DOT_F32, TOKEN_SCALES, SCALES_IN_P, F16_INT8,
+                                    ASM_CVT, PAGE, CVT_EARLY, PRELOAD, BIAS, QK_INT8, False)
         if full_end < end:
             m, l_sum, acc = _attend(full_end, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc,
-                                    k_base, v_base, pages, BlockTable, KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr,
-                                    stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d, d_mask, BLOCK_N,
-                                    HAS_BLOCKS, DOT_F32, TOKEN_SCALES, SCALES_IN_P, F16_INT8, ASM_CVT, PAGE,
-                                    CVT_EARLY, PRELOAD, BIAS, QK_INT8, True)
+                                    k_base, v_base, pages, BlockTable, KScale, VScale, cache_row, kv_head, stride_kr,
+                                    stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d,
+                                    d_mask, BLOCK_N, HAS_BLOCKS, DOT_F32, TOKEN_SCALES, SCALES_IN_P, F16_INT8,
+                                    ASM_CVT, PAGE, CVT_EARLY, PRELOAD, BIAS, QK_INT8, True)
 
         has_keys = l_sum > 0.0  # an empty split (short row) contributes nothing to the merge
         out = acc * (v_scale / tl.where(has_keys, l_sum, 1.0))[:, None]
@@ -300,6 +301,12 @@ def preload_pages(max_len: int, splits: int, block_n: int, page: int) -> int:
     split_len = math.ceil(math.ceil(max_len / splits) / block_n) * block_n
     pages = 1 << (math.ceil(split_len / page) - 1).bit_length()
     return pages if pages <= MAX_PRELOAD else 0
+
+
+def qk_int8_terms(mode: str) -> int:
+    """How many int8 terms an --int8-kv-scales mode holds q in (decode_attention's qk_int8): "-q8" 1, "-q16" 2,
+    else 0."""
+    return 1 if "-q8" in mode else 2 if "-q16" in mode else 0
 
 
 def _scale_tensor(scale: torch.Tensor | float | None, num_kv_heads: int, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -404,7 +411,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     f16 = token_scales and q.dtype == torch.float16 and (
         not INT8_V_SCALES.endswith("32") if f16_int8 is None else f16_int8)
     if qk_int8 is None:
-        qk_int8 = 1 if "-q8" in INT8_V_SCALES else 2 if "-q16" in INT8_V_SCALES else 0
+        qk_int8 = qk_int8_terms(INT8_V_SCALES)
     qk8 = int(qk_int8) if token_scales else 0
     parts = n if splits > 1 else 1  # one split writes out itself: no partials (a stub for the pointer), no merge
     mid_o = torch.empty(parts, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
