@@ -198,7 +198,8 @@ def test_an_expired_batch_leaves_no_chunk_on_its_queue_as_a_cancelled_one(redis_
                    "1", "--completion-window", "4s", redis_url=redis_url, check=True)
     batch_id = sub.stdout.decode().strip()
     queue = make_queue("nobody-serves", "default", redis_conn)
-    # whole seconds: a 1s window could end before submit returned on a slow host, and its status call swept it
+    # whole seconds: a 1s window could end before submit returned on a slow host, and submit's own closing read
+    # (client.get expires overdue batches) swept it
     assert redis_conn.llen(queue.key) == 2 and redis_conn.llen(pending_chunks_key(batch_id)) == 3  # the window
     eventually(lambda: json.loads(batchgen("status", batch_id, "--json", redis_url=redis_url).stdout)["status"]
                == "expired", "the batch to expire", timeout_s=20, poll_s=0.3)
