@@ -45,6 +45,9 @@ MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # and a deeper pipeline keep as many bytes in flight (benchmarks.kernels times the sweep)
 LAUNCH = (BLOCK_N, 4, 2)
 INT8_LAUNCH = (128, 4, 3)
+# q rounded to int8 (qk_int8): no K conversion left a key, so two warps a program and half the keys a step let four
+# programs share an SM (on an H200, 0.68-0.70 ms a layer at the bulk state against 0.78-0.85 at INT8_LAUNCH)
+INT8_QK_LAUNCH = (64, 2, 3)
 # A 2-byte cache over blocks, where an SM gives a program the shared memory: a third stage, with the split's block ids
 # read ahead of its loop (preload), keeps a step's K/V copies in flight (faster a layer than LAUNCH: docs/benchmarks.md,
 # "The warm-up's outlier columns"). It holds two steps' K and V tiles (sm_75 gives a program 64 KB, sm_86 99 KB).
@@ -269,12 +272,13 @@ def num_kv_splits(max_len: int, num_rows: int, num_kv_heads: int, target_program
     return max(1, min(wanted, -(-max_len // BLOCK_N), 64))
 
 
-def default_launch(kv_dtype: torch.dtype, paged: bool, head_dim: int, shared_per_program: int) -> tuple[int, int, int]:
-    """(block_n, num_warps, num_stages) where a call does not say: INT8_LAUNCH for an int8 cache; PAGED_LAUNCH for a
-    2-byte one over blocks where shared_per_program (the device's opt-in bytes a program) holds its tiles; else
-    LAUNCH."""
+def default_launch(kv_dtype: torch.dtype, paged: bool, head_dim: int, shared_per_program: int,
+                   qk_int8: int = 0) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages) where a call does not say: INT8_LAUNCH for an int8 cache (INT8_QK_LAUNCH with
+    q rounded to int8); PAGED_LAUNCH for a 2-byte one over blocks where shared_per_program (the device's opt-in bytes
+    a program) holds its tiles; else LAUNCH."""
     if kv_dtype == torch.int8:
-        return INT8_LAUNCH
+        return INT8_QK_LAUNCH if qk_int8 else INT8_LAUNCH
     if paged and kv_dtype.itemsize == 2 and paged_launch_bytes(head_dim) <= shared_per_program:
         return PAGED_LAUNCH
     return LAUNCH
@@ -374,7 +378,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     n, num_heads, head_dim = q.shape
     rows, max_len, num_kv_heads, _ = k_cache.shape
     kv_dtype = k_cache.dtype if v_cache.dtype.itemsize >= k_cache.dtype.itemsize else v_cache.dtype  # fp8v: V's
-    launch = default_launch(kv_dtype, block_table is not None, head_dim, shared_per_program(q.device))
+    token_scales = k_cache.dtype == torch.int8
+    if qk_int8 is None:
+        qk_int8 = qk_int8_terms(INT8_V_SCALES)
+    qk8 = int(qk_int8) if token_scales else 0
+    launch = default_launch(kv_dtype, block_table is not None, head_dim, shared_per_program(q.device), qk8)
     block_n, num_warps, num_stages = (given or default for given, default in zip((block_n, num_warps, num_stages),
                                                                                  launch, strict=True))
     page = block_n
@@ -396,7 +404,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = num_heads // num_kv_heads
     block_h = max(MIN_BLOCK, triton.next_power_of_2(group))
     block_d = max(MIN_BLOCK, triton.next_power_of_2(head_dim))
-    token_scales = k_cache.dtype == torch.int8
     if token_scales:
         (ks, vs), scale_stride = _token_scales(k_scale, v_scale, k_cache), 0
     else:
@@ -410,9 +417,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         pages = preload_pages(max_len, splits, block_n, page)
     f16 = token_scales and q.dtype == torch.float16 and (
         not INT8_V_SCALES.endswith("32") if f16_int8 is None else f16_int8)
-    if qk_int8 is None:
-        qk_int8 = qk_int8_terms(INT8_V_SCALES)
-    qk8 = int(qk_int8) if token_scales else 0
     parts = n if splits > 1 else 1  # one split writes out itself: no partials (a stub for the pointer), no merge
     mid_o = torch.empty(parts, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
     mid_lse = torch.empty(parts, num_heads, splits, dtype=torch.float32, device=q.device)
