@@ -318,11 +318,17 @@ def _scale_tensor(scale: torch.Tensor | float | None, num_kv_heads: int, device:
     if scale is None:
         scale = 1.0
     if not isinstance(scale, torch.Tensor):
-        return torch.full((1,), float(scale), dtype=torch.float32, device=device), 0
+        return _constant_scale(float(scale), device), 0
     scale = scale.to(device=device, dtype=torch.float32).reshape(-1)
     if scale.numel() not in (1, num_kv_heads):
         raise ValueError(f"KV scale has {scale.numel()} values: use one, or one per KV head ({num_kv_heads})")
     return scale, 0 if scale.numel() == 1 else 1
+
+
+@functools.lru_cache(maxsize=64)
+def _constant_scale(value: float, device: torch.device) -> torch.Tensor:
+    """A float scale as a float32 [1] tensor, made once per device: not a fill in every layer of a captured step."""
+    return torch.full((1,), value, dtype=torch.float32, device=device)
 
 
 def _token_scales(k_scale, v_scale, k_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
