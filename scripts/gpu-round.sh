@@ -65,8 +65,8 @@
 #                                                                        # GEMM rows tuned, rope_store, bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh probe    # int8 K/V's bytes through the fp16
 #                                                                        # kernel; a decode step's profile
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh confirm  # H200: bulk, HF's baselines, bulk; int8
-#                                                                        # launches at two warps; bulk int8 q8
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh confirm  # H200: bulk, HF's baselines; the GEMM at
+#                                                                        # 448/512 rows, bulk with it; bulk int8 q8
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -497,15 +497,17 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     run 60 rope_store python3 -m benchmarks.rope_store --out "$out/rope_store"
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     ;;
-  confirm)  # H200, after `card` and `probe`: #22's table again (bulk, HF's baselines, bulk), the int8 launches at
-    # two warps (plain and q16), then bulk over an int8 cache with q in int8 (v-q8-early) at its own launch
+  confirm)  # H200: #22's table again (bulk, HF's baselines), the GEMM tuned at the decode's larger graph buckets
+    # (448 and 512 rows; the table's nearest were 384 and 1,024), bulk with that table, then bulk over an int8 cache
+    # with q in int8 (v-q8-early) at its own launch
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     run 200 baselines python3 -m benchmarks.bulk --only baselines --no-int8-rows --fp16 256:static \
         --no-fp16-largest --out "$out/baselines"
-    BULK_S=130 bulk defaults_2 1 static-features 0
-    run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
-        --max-len 768 --out "$out/kernels" \
-        --match 'paged fp16, the default launch|paged int8, block_n 64, warps 2|paged int8, the default launch|q8 early, block_n 64, warps 2|q16 early'
+    cp "$tables"/*.json "$out"/tuned/
+    run 120 int8_tune_decode python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 448,512 \
+        --out "$out/tuned/int8_tune.json" --budget-s 100
+    cp "$out"/tuned/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
+    BULK_S=130 bulk defaults_tuned 1 static-features 0
     BATCHGEN_INT8_KV_SCALES=v-q8-early BULK_S=140 bulk int8_q8 1 static-features 0 1 int8
     ;;
   probe)  # after `card` on the same machine: where the int8 K/V kernel's time goes (the int8 cache's bytes read by
