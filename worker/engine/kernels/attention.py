@@ -46,7 +46,7 @@ MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 LAUNCH = (BLOCK_N, 4, 2)
 INT8_LAUNCH = (128, 4, 3)
 # q rounded to int8 (qk_int8): no K conversion left a key, so two warps a program and half the keys a step let four
-# programs share an SM (on an H200, 0.68-0.70 ms a layer at the bulk state against 0.78-0.85 at INT8_LAUNCH)
+# programs share an SM (faster a layer than INT8_LAUNCH: docs/benchmarks.md, "#22's table again")
 INT8_QK_LAUNCH = (64, 2, 3)
 # A 2-byte cache over blocks, where an SM gives a program the shared memory: a third stage, with the split's block ids
 # read ahead of its loop (preload), keeps a step's K/V copies in flight (faster a layer than LAUNCH: docs/benchmarks.md,
