@@ -33,6 +33,7 @@ wall time; host overhead vs idle needs the in-process engine run (--engine-reque
 """
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import inspect
@@ -563,6 +564,24 @@ def hf_static_batch(model, batch: list[Req], probe_steps: int, **gen_kwargs) -> 
             "peak_gib": round(torch.cuda.max_memory_allocated() / GIB, 2)}
 
 
+def repeated(run, times: int) -> dict:
+    """run() `times` times with the card's clocks sampled over each: the median run's row, with every run's tok/s,
+    step time and clocks beside it (a 16-step probe moves with the clock the card is held at when it runs)."""
+    sampler = PeakVram() if times > 1 else contextlib.nullcontext()
+    rows = []
+    with sampler as vram:
+        for _ in range(times):
+            since = len(vram.clock_samples) if vram is not None else 0
+            rows.append(run())
+            if vram is not None:
+                rows[-1]["clocks"] = vram.clocks(since)
+    if times == 1:
+        return rows[0]
+    median = sorted(rows, key=lambda r: r["tok_s"])[len(rows) // 2]
+    return {**median, "tok_s_runs": [r["tok_s"] for r in rows], "step_ms_runs": [r["step_ms"] for r in rows],
+            "clocks_runs": [r.get("clocks") for r in rows]}
+
+
 def kv_fits(batch: list[Req], extra_gib: float = 3.0) -> tuple[bool, float]:
     torch = _torch()
     width = max(len(r.prompt_ids) for r in batch) + max(r.max_tokens for r in batch)
@@ -650,7 +669,8 @@ def phase_baselines(args, reqs: list[Req]) -> dict:
                 if cache:  # first call compiles
                     compile_s, _ = timed(hf_static_batch, model, batch, args.probe_steps, **kwargs)
                     row["first_call_s"] = round(compile_s, 1)
-                row.update(hf_static_batch(model, batch, args.probe_steps, **kwargs))
+                row.update(repeated(lambda b=batch, kw=kwargs: hf_static_batch(model, b, args.probe_steps, **kw),
+                                    args.fp16_repeats))
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {exc}"[:500]
             torch.cuda.empty_cache()
@@ -924,6 +944,8 @@ def main() -> None:
     parser.add_argument("--fp16", type=lambda s: [(int(b), None if c == "dynamic" else c) for b, c in
                                                   (x.split(":") for x in s.split(","))],
                         default=[(64, None), (128, None), (128, "static")], help="bs:cache,... e.g. 128:dynamic")
+    parser.add_argument("--fp16-repeats", type=int, default=1,
+                        help="baselines: time each fp16 row this many times, clocks sampled; the median run is the row")
     parser.add_argument("--sampled", action="store_true",
                         help=f"batchgen phase: requests sample ({SAMPLED}, seed = the request's index) instead of greedy")
     parser.add_argument("--agree-requests", type=int, default=8)

@@ -67,6 +67,7 @@
 #                                                                        # kernel; a decode step's profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh confirm  # H200: bulk, HF's baselines; the GEMM at
 #                                                                        # 448/512 rows, bulk with it; bulk int8 q8
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh ratio    # H200: HF x3, bulk x2, HF x3, bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -509,6 +510,17 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     cp "$out"/tuned/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
     BULK_S=130 bulk defaults_tuned 1 static-features 0
     BATCHGEN_INT8_KV_SCALES=v-q8-early BULK_S=140 bulk int8_q8 1 static-features 0 1 int8
+    ;;
+  ratio)  # H200: #22's 3x on a baseline that moves with the card's clock: the card idle a minute, then HF fp16 static
+    # (three runs, clocks sampled), bulk twice, HF again, bulk once more; each side's median and first run
+    sleep 60
+    run 220 baselines python3 -m benchmarks.bulk --only baselines --no-int8-rows --fp16 256:static \
+        --no-fp16-largest --fp16-repeats 3 --out "$out/baselines"  # builds the llama7b model (once per machine)
+    BULK_S=130 bulk defaults 1 static-features 0
+    BULK_S=130 bulk defaults_2 1 static-features 0
+    run 120 baselines_2 python3 -m benchmarks.bulk --only baselines --no-int8-rows --fp16 256:static \
+        --no-fp16-largest --fp16-repeats 3 --out "$out/baselines_2"
+    BULK_S=130 bulk defaults_3 1 static-features 0
     ;;
   probe)  # after `card` on the same machine: where the int8 K/V kernel's time goes (the int8 cache's bytes read by
     # the fp16 kernel at half the head size: at the bus, 1-byte tiles hold it; near int8's rate, a key's own cost
