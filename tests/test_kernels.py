@@ -901,6 +901,7 @@ def test_the_default_launch_takes_a_third_stage_where_a_program_holds_its_tiles(
     assert launch(torch.float16, False, 128, h200) == attention.LAUNCH  # a slot cache pipelines at 2 stages already
     assert launch(torch.float8_e4m3fn, True, 128, h200) == attention.LAUNCH
     assert launch(torch.int8, True, 128, h200) == attention.INT8_LAUNCH
-    assert launch(torch.int8, True, 128, h200, 1) == launch(torch.int8, True, 128, h200, 2) == attention.INT8_QK_LAUNCH
+    assert launch(torch.int8, True, 128, h200, 1) == attention.INT8_QK_LAUNCHES[1] == (64, 2, 3)
+    assert launch(torch.int8, True, 128, h200, 2) == attention.INT8_QK_LAUNCHES[2] == (64, 4, 3)
     assert launch(torch.float16, True, 128, h200, 1) == attention.PAGED_LAUNCH  # q8 rounds q against an int8 K only
     assert launch(torch.float16, True, 128, attention.shared_per_program(torch.device("cpu"))) == attention.LAUNCH

@@ -45,9 +45,9 @@ MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # and a deeper pipeline keep as many bytes in flight (benchmarks.kernels times the sweep)
 LAUNCH = (BLOCK_N, 4, 2)
 INT8_LAUNCH = (128, 4, 3)
-# q rounded to int8 (qk_int8): no K conversion left a key, so two warps a program and half the keys a step let four
-# programs share an SM (faster a layer than INT8_LAUNCH: docs/benchmarks.md, "#22's table again")
-INT8_QK_LAUNCH = (64, 2, 3)
+# q rounded to int8 (qk_int8), by its number of int8 terms: no K conversion left a key, so smaller programs share an
+# SM; the fastest of the launches timed (docs/benchmarks.md, "#22's table again"; q16 at 64 x 2 x 3 was not timed)
+INT8_QK_LAUNCHES = {1: (64, 2, 3), 2: (64, 4, 3)}
 # A 2-byte cache over blocks, where an SM gives a program the shared memory: a third stage, with the split's block ids
 # read ahead of its loop (preload), keeps a step's K/V copies in flight (faster a layer than LAUNCH: docs/benchmarks.md,
 # "The warm-up's outlier columns"). It holds two steps' K and V tiles (sm_75 gives a program 64 KB, sm_86 99 KB).
@@ -274,11 +274,11 @@ def num_kv_splits(max_len: int, num_rows: int, num_kv_heads: int, target_program
 
 def default_launch(kv_dtype: torch.dtype, paged: bool, head_dim: int, shared_per_program: int,
                    qk_int8: int = 0) -> tuple[int, int, int]:
-    """(block_n, num_warps, num_stages) where a call does not say: INT8_LAUNCH for an int8 cache (INT8_QK_LAUNCH with
-    q rounded to int8); PAGED_LAUNCH for a 2-byte one over blocks where shared_per_program (the device's opt-in bytes
-    a program) holds its tiles; else LAUNCH."""
+    """(block_n, num_warps, num_stages) where a call does not say: INT8_LAUNCH for an int8 cache (INT8_QK_LAUNCHES'
+    with q rounded to int8); PAGED_LAUNCH for a 2-byte one over blocks where shared_per_program (the device's opt-in
+    bytes a program) holds its tiles; else LAUNCH."""
     if kv_dtype == torch.int8:
-        return INT8_QK_LAUNCH if qk_int8 else INT8_LAUNCH
+        return INT8_QK_LAUNCHES.get(qk_int8, INT8_LAUNCH)
     if paged and kv_dtype.itemsize == 2 and paged_launch_bytes(head_dim) <= shared_per_program:
         return PAGED_LAUNCH
     return LAUNCH
