@@ -67,7 +67,7 @@
 #                                                                        # kernel; a decode step's profile
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh confirm  # H200: bulk, HF's baselines; the GEMM at
 #                                                                        # 448/512 rows, bulk with it; bulk int8 q8
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh ratio    # H200: HF x3, bulk x2, HF x3, bulk
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh ratio    # H200: idle; HF x3, bulk x2, HF x3, bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -511,12 +511,13 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=130 bulk defaults_tuned 1 static-features 0
     BATCHGEN_INT8_KV_SCALES=v-q8-early BULK_S=140 bulk int8_q8 1 static-features 0 1 int8
     ;;
-  ratio)  # H200: #22's 3x on a baseline that moves with the card's clock: the card idle a minute, then HF fp16 static
-    # (three runs, clocks sampled), bulk twice, HF again, bulk once more; each side's median and first run
-    sleep 60
-    run 220 baselines python3 -m benchmarks.bulk --only baselines --no-int8-rows --fp16 256:static \
+  ratio)  # H200: #22's 3x on a baseline that moves with the card's clock: the card idle 30 s, then HF fp16 static
+    # (three runs, clocks sampled), bulk twice, HF again, bulk once more; each side's median and first run. The first
+    # bulk compiles the engine's kernels (~150 s on a fresh machine), the later ones ~90 s
+    sleep 30
+    run 160 baselines python3 -m benchmarks.bulk --only baselines --no-int8-rows --fp16 256:static \
         --no-fp16-largest --fp16-repeats 3 --out "$out/baselines"  # builds the llama7b model (once per machine)
-    BULK_S=130 bulk defaults 1 static-features 0
+    BULK_S=180 bulk defaults 1 static-features 0
     BULK_S=130 bulk defaults_2 1 static-features 0
     run 120 baselines_2 python3 -m benchmarks.bulk --only baselines --no-int8-rows --fp16 256:static \
         --no-fp16-largest --fp16-repeats 3 --out "$out/baselines_2"
