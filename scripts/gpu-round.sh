@@ -68,6 +68,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh confirm  # H200: bulk, HF's baselines; the GEMM at
 #                                                                        # 448/512 rows, bulk with it; bulk int8 q8
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh ratio    # H200: idle; HF x3, bulk x2, HF x3, bulk
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh q16      # int8 K/V, q16: launches; bulk; defaults
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -522,6 +523,13 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     run 120 baselines_2 python3 -m benchmarks.bulk --only baselines --no-int8-rows --fp16 256:static \
         --no-fp16-largest --fp16-repeats 3 --out "$out/baselines_2"
     BULK_S=130 bulk defaults_3 1 static-features 0
+    ;;
+  q16)  # an int8 cache with q as two int8 terms (the plain int8 cache's drift): its launches at the int8 bulk state,
+    # 64 x 2 x 3 among them, then bulk with it (INT8_QK_LAUNCHES[2]) and the defaults on the same machine
+    run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
+        --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|paged int8, the default launch|q16'
+    BATCHGEN_INT8_KV_SCALES=v-q16-early BULK_S=200 bulk int8_q16 1 static-features 0 1 int8  # builds llama7b
+    BULK_S=130 bulk defaults 1 static-features 0
     ;;
   probe)  # after `card` on the same machine: where the int8 K/V kernel's time goes (the int8 cache's bytes read by
     # the fp16 kernel at half the head size: at the bus, 1-byte tiles hold it; near int8's rate, a key's own cost
