@@ -148,7 +148,7 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
             ("paged int8 launch early, ids ahead", "*i8", attention.INT8_LAUNCH, True, True, False, 0),
             ("paged int8 launch biased, ids ahead", "*i8", attention.INT8_LAUNCH, True, True, True, 0),
             ("paged int8 launch q8, ids ahead", "*i8", attention.INT8_QK_LAUNCHES[1], False, True, False, 1),
-            ("paged int8 launch q16 early 64x4x3, ids ahead", "*i8", (64, 4, 3), True, True, False, 2),
+            ("paged int8 launch q16 early, ids ahead", "*i8", attention.INT8_QK_LAUNCHES[2], True, True, False, 2),
             ("paged fp16 launch", "*fp16", attention.LAUNCH, False, False, False, 0),
             ("paged fp16 3 stages", "*fp16", fp16_3, False, False, False, 0),
             ("paged fp16 3 stages, ids ahead", "*fp16", fp16_3, False, True, False, 0)):
