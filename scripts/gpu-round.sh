@@ -101,6 +101,14 @@ bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS [OVERLAP_PREFILL 
         python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_$1"
 }
 
+hf_static() {  # hf_static NAME SECONDS [ARGS...]: HF fp16 static at 256 rows, #22's baseline (the most rows its
+    # largest-fit search found: 288 do not fit on an H200), no int8 rows; ARGS go to benchmarks.bulk
+    local name=$1 limit=$2
+    shift 2
+    run "$limit" "$name" python3 -m benchmarks.bulk --only baselines --no-int8-rows --fp16 256:static \
+        --no-fp16-largest --out "$out/$name" "$@"
+}
+
 bulk_old() {  # bulk on the defaults from OLD's tree (its own batchgen.* and benchmarks), as bulk_old
     local old
     old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
@@ -483,9 +491,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # apart), rope_store against the rope and the stores apart, then bulk with that table
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then  # #22's figures first
         BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
-        # HF fp16 static at 256 rows, the most its largest-fit search found (288 do not fit); no int8 rows
-        run 200 baselines python3 -m benchmarks.bulk --only baselines --no-int8-rows --fp16 256:static \
-            --no-fp16-largest --out "$out/baselines"
+        hf_static baselines 200
         run 100 gated python3 -m benchmarks.gated --out "$out/gated" --table "$tables"
         cp "$tables"/NVIDIA*.json "$out/tuned/"
         run 40 rope_store python3 -m benchmarks.rope_store --out "$out/rope_store"
@@ -503,8 +509,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # (448 and 512 rows; the table's nearest were 384 and 1,024), bulk with that table, then bulk over an int8 cache
     # with q in int8 (v-q8-early) at its own launch
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
-    run 200 baselines python3 -m benchmarks.bulk --only baselines --no-int8-rows --fp16 256:static \
-        --no-fp16-largest --out "$out/baselines"
+    hf_static baselines 200
     cp "$tables"/*.json "$out"/tuned/
     run 120 int8_tune_decode python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 448,512 \
         --out "$out/tuned/int8_tune.json" --budget-s 100
@@ -516,12 +521,10 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # (three runs, clocks sampled), bulk twice, HF again, bulk once more; each side's median and first run. The first
     # bulk compiles the engine's kernels (~150 s on a fresh machine), the later ones ~90 s
     sleep 30
-    run 160 baselines python3 -m benchmarks.bulk --only baselines --no-int8-rows --fp16 256:static \
-        --no-fp16-largest --fp16-repeats 3 --out "$out/baselines"  # builds the llama7b model (once per machine)
+    hf_static baselines 160 --fp16-repeats 3  # builds the llama7b model (once per machine)
     BULK_S=180 bulk defaults 1 static-features 0
     BULK_S=130 bulk defaults_2 1 static-features 0
-    run 120 baselines_2 python3 -m benchmarks.bulk --only baselines --no-int8-rows --fp16 256:static \
-        --no-fp16-largest --fp16-repeats 3 --out "$out/baselines_2"
+    hf_static baselines_2 120 --fp16-repeats 3
     BULK_S=130 bulk defaults_3 1 static-features 0
     ;;
   q16)  # an int8 cache with q as two int8 terms (the plain int8 cache's drift): its launches at the int8 bulk state,
