@@ -69,6 +69,7 @@
 #                                                                        # 448/512 rows, bulk with it; bulk int8 q8
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh ratio    # H200: idle; HF x3, bulk x2, HF x3, bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh q16      # int8 K/V, q16: launches; bulk; defaults
+#   Q16="64, 2, 3" source scripts/device-setup.sh && bash scripts/gpu-round.sh q16-ab  # then: HF; drift; bulk q16
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -107,6 +108,13 @@ hf_static() {  # hf_static NAME SECONDS [ARGS...]: HF fp16 static at 256 rows, #
     shift 2
     run "$limit" "$name" python3 -m benchmarks.bulk --only baselines --no-int8-rows --fp16 256:static \
         --no-fp16-largest --out "$out/$name" "$@"
+}
+
+q16_launch() {  # q16_launch "BLOCK_N, WARPS, STAGES": INT8_QK_LAUNCHES[2] of this copy set to it (empty: as committed)
+    [ -n "$1" ] || return 0
+    sed -i -E "s/^(INT8_QK_LAUNCHES = \{1: \([0-9, ]+\), 2: )\([0-9, ]+\)\}/\1($1)}/" \
+        worker/engine/kernels/attention.py
+    log "q16 launch: $(grep '^INT8_QK_LAUNCHES' worker/engine/kernels/attention.py)"
 }
 
 bulk_old() {  # bulk on the defaults from OLD's tree (its own batchgen.* and benchmarks), as bulk_old
@@ -528,11 +536,21 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=130 bulk defaults_3 1 static-features 0
     ;;
   q16)  # an int8 cache with q as two int8 terms (the plain int8 cache's drift): its launches at the int8 bulk state,
-    # 64 x 2 x 3 among them, then bulk with it (INT8_QK_LAUNCHES[2]) and the defaults on the same machine
+    # 64 x 2 x 3 among them, then bulk with the fastest (written into INT8_QK_LAUNCHES[2] of this copy: q16_launch)
+    # and the defaults on the same machine
     run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
         --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|paged int8, the default launch|q16'
+    q16_launch "$(python3 scripts/fastest_launch.py "$out/kernels.log" 'paged int8 q16 early')"
     BATCHGEN_INT8_KV_SCALES=v-q16-early BULK_S=200 bulk int8_q16 1 static-features 0 1 int8  # builds llama7b
     BULK_S=130 bulk defaults 1 static-features 0
+    ;;
+  q16-ab)  # right after q16 on the same machine (Q16=the launch it chose, e.g. "64, 2, 3"): HF's baseline (three
+    # runs), the int8 cache's drift with q16 on the GPU's kernels beside the plain int8 cache, bulk int8 q16 again
+    q16_launch "${Q16:-}"
+    hf_static baselines 160 --fp16-repeats 3
+    run 150 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --kv-dtypes int8 \
+        --int8-kv-scales v,v-q16-early --kv-attention triton --out "$out/quality_kv.json"
+    BATCHGEN_INT8_KV_SCALES=v-q16-early BULK_S=130 bulk int8_q16_2 1 static-features 0 1 int8
     ;;
   probe)  # after `card` on the same machine: where the int8 K/V kernel's time goes (the int8 cache's bytes read by
     # the fp16 kernel at half the head size: at the bus, 1-byte tiles hold it; near int8's rate, a key's own cost
