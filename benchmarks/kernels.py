@@ -62,6 +62,8 @@ BIAS_CONFIGS = [(128, 4, 2), (128, 4, 3), (256, 4, 2), (64, 2, 3), (128, 2, 2), 
 # q rounded to int8, K unconverted (qk_int8; V converted late or early): the launches compile_check finds with more
 # programs an SM (fewer registers or less shared memory a program) besides int8's default
 Q8_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 2, 3), (128, 4, 2), (32, 4, 3)]
+# q16 early (the int8 cache's default): fewer warps a program were faster (4 -> 2), so one warp too
+Q16_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 2, 3), (64, 1, 3), (32, 1, 3), (64, 2, 4), (32, 2, 3), (128, 2, 3)]
 EARLY_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
 PAGED_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 2, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3),
                  (256, 4, 2), (256, 4, 3), (256, 8, 3)]
@@ -312,7 +314,8 @@ def attention(args, shape: Shape, device: str) -> dict:
                 lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t), "int8")
                 | {"max_abs_err": paged_err(kip, vip, ref8, **int8_paged, **t)})
         q8_launches = Q8_CONFIGS[:1] if args.smoke else Q8_CONFIGS  # (the interpreter: the block_n sweeps run above)
-        q8_runs = [(c, e, 1) for c in q8_launches for e in (False, True)] + [(c, True, 2) for c in q8_launches[:3]]
+        q16_launches = Q16_CONFIGS[:1] if args.smoke else Q16_CONFIGS
+        q8_runs = [(c, e, 1) for c in q8_launches for e in (False, True)] + [(c, True, 2) for c in q16_launches]
         for (block_n, warps, stages), early, terms in q8_runs:  # q in one int8 term (q8) or two (q16)
             tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, cvt_early=early, qk_int8=terms)
             attempt(f"paged int8 q{8 * terms}{' early' if early else ''}, block_n {block_n}, warps {warps}, "

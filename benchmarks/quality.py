@@ -24,7 +24,7 @@ at threshold 6), bnb_t0, int_mm (batchgen at threshold 0) and weight_only.
 default int8 model runs through the engine's ModelRunner, teacher-forced: each sequence's first half prefilled,
 the second half decoded one token a step on the true tokens, so every logit after the first comes from a decode
 step reading the cache. KL(fp32 ‖ runner) and top-1 for the default int8 weights (rotated, KV_WEIGHTS) under each
-kv_cache_dtype of config.KV_CACHE_DTYPES: auto (the compute dtype), fp8 and fp8v (e4m3, scales calibrated on the
+kv_cache_dtype of model_runner.KV_TORCH_DTYPES (the runner's names): auto (the compute dtype), fp8 and fp8v (e4m3, scales calibrated on the
 calibration ids as the engine does) and int8 (a scale per token and KV head); kl_vs_auto is KL(auto runner ‖ that
 runner). #20's references (bnb threshold 6, weight-only) run with the auto cache, and each default row gives its
 KL's ratio to theirs: whether a cache dtype keeps the default inside #20's bounds. On
@@ -50,7 +50,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from batchgen.worker.engine.config import KV_CACHE_DTYPES  # each the engine offers: run_kv measures them all
+from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.model_runner import KV_TORCH_DTYPES
 
 NUM_OUTLIER_CHANNELS = 6
 OUTLIER_CHANNELS_SEED = 7
@@ -323,7 +324,7 @@ def rounded_q(mode: str | None, attention: str):
 
 
 def run_kv(shape: Shape, strength: float, device: torch.device, dtype: torch.dtype,
-           kv_dtypes: tuple[str, ...] = KV_CACHE_DTYPES, attention: str = "auto",
+           kv_dtypes: tuple[str, ...] = tuple(KV_TORCH_DTYPES), attention: str = "auto",
            int8_modes: tuple[str, ...] = ("v",)) -> list[dict]:
     """KL(fp32 ‖ runner) with the default int8 weights (rotated, as the engine's) for each KV cache dtype of
     kv_dtypes (an int8 cache once per kernel mode of int8_modes, --int8-kv-scales), and with #20's references
@@ -591,10 +592,10 @@ def main() -> None:
     parser.add_argument("--kv", action=argparse.BooleanOptionalAction, default=None,
                         help="each KV cache dtype against auto through the ModelRunner (default: on for CUDA)")
     parser.add_argument("--kv-only", action="store_true", help="only the --kv section (no int8 variants)")
-    parser.add_argument("--kv-dtypes", default=",".join(KV_CACHE_DTYPES), help="--kv: the cache dtypes (auto always)")
+    parser.add_argument("--kv-dtypes", default=",".join(KV_TORCH_DTYPES), help="--kv: the cache dtypes (auto always)")
     parser.add_argument("--kv-attention", default="auto", choices=("auto", "triton", "sdpa"),
                         help="--kv: the decode attention (triton on the CPU: the Triton kernels under the interpreter)")
-    parser.add_argument("--int8-kv-scales", default="v",
+    parser.add_argument("--int8-kv-scales", default=EngineConfig.int8_kv_scales,
                         help="--kv: the int8 cache's kernel modes, comma-separated (the engine's --int8-kv-scales)")
     parser.add_argument("--speed-only", action="store_true", help="only the --speed section")
     parser.add_argument("--shape", choices=("auto", "cpu", "gpu"), default="auto",

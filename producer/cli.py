@@ -369,11 +369,13 @@ engine_options = shared_options(
                  help="Small-VRAM mode's host KV cache: auto (the compute dtype), float32, float16, bfloat16 "
                       "or int8 (about half the bytes, at int8 rounding)."),
     click.option("--kv-cache-dtype", envvar="BATCHGEN_KV_CACHE_DTYPE", default="auto", show_default=True,
-                 help="The resident engine's and the generic path's KV cache (small-VRAM included): auto (the "
-                      "compute dtype) or fp8 (e4m3 with calibrated per-head scales: half the bytes, about twice the "
-                      "rows; not with --attention flash); fp8v (the resident fast path only: V in e4m3, K exact, "
-                      "three quarters of the bytes); int8 (the resident fast path only: K and V rounded per token "
-                      "and KV head, a float32 scale each, about half the bytes)."),
+                 help="The resident engine's and the generic path's KV cache (small-VRAM included): auto (int8 "
+                      "where the resident fast path decodes with the Triton kernel on CUDA in float16, else the "
+                      "compute dtype); compute (the compute dtype, exact); fp8 (e4m3 with calibrated per-head "
+                      "scales: half the bytes, about twice the rows; not with --attention flash); fp8v (the "
+                      "resident fast path only: V in e4m3, K exact, three quarters of the bytes); int8 (the "
+                      "resident fast path only: K and V rounded per token and KV head, a float32 scale each, about "
+                      "half the bytes, within the int8 weights' fidelity bounds)."),
     click.option("--kv-layout", envvar="BATCHGEN_KV_LAYOUT", default="paged", show_default=True,
                  help="The resident engine's KV cache layout: paged (64-token blocks; a row reserves what its "
                       "prompt + max_tokens reach, so more rows fit) or slots (every row holds max_model_len)."),
@@ -385,13 +387,14 @@ engine_options = shared_options(
                       "steps once, so the first job does not pay the kernels' first-run compiles."),
     click.option("--int8-kv-scales", envvar="BATCHGEN_INT8_KV_SCALES",
                  type=click.Choice(["v", "p", "v32", "p32", "v-early", "p-early", "v-bias", "p-bias", "v-q8",
-                                    "v-q8-early", "v-q16", "v-q16-early"]), default="v",
+                                    "v-q8-early", "v-q16", "v-q16-early"]), default="v-q16-early",
                  hidden=True,
                  help="Benchmarks: with --kv-cache-dtype int8, the decode attention scales each V element (v) or the "
                       "softmax weights (p) in fp16, or the same through float32 (v32, p32), or in fp16 with each "
                       "tile converted where it is loaded (v-early, p-early), and left 1152 over its values, each "
                       "dot corrected after (v-bias, p-bias), or with q rounded to int8 against K on the int8 tensor "
-                      "cores, V as v (v-q8; v-q16: q as two int8 terms; -early: V converted where it is loaded)."),
+                      "cores, V as v (v-q8; v-q16: q as two int8 terms, the default; -early: V converted where it "
+                      "is loaded)."),
     click.option("--compile-shapes", envvar="BATCHGEN_COMPILE_SHAPES", default="static-features", hidden=True,
                  help="Benchmarks: how the fused elementwise functions compile (static-features: only the "
                       "token/row dimensions symbolic; dynamic: every dimension)."),

@@ -70,6 +70,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh ratio    # H200: idle; HF x3, bulk x2, HF x3, bulk
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh q16      # int8 K/V, q16: launches; bulk; defaults
 #   Q16="64, 2, 3" source scripts/device-setup.sh && bash scripts/gpu-round.sh q16-ab  # then: HF; drift; bulk q16
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-default  # q16 launches; bulk; HF; bulk; exact
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -551,6 +552,17 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     run 150 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --kv-dtypes int8 \
         --int8-kv-scales v,v-q16-early --kv-attention triton --out "$out/quality_kv.json"
     BATCHGEN_INT8_KV_SCALES=v-q16-early BULK_S=130 bulk int8_q16_2 1 static-features 0 1 int8
+    ;;
+  int8-default)  # #22 with the int8 cache by default (auto: int8, q16 early): q16's launches at the int8 bulk state
+    # (one warp a program among them), bulk with the fastest, HF's baseline (three runs), bulk again, then the exact
+    # cache (compute) on the same machine
+    run 60 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
+        --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|q16'
+    q16_launch "$(python3 scripts/fastest_launch.py "$out/kernels.log" 'paged int8 q16 early')"
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    hf_static baselines 110 --fp16-repeats 3
+    BULK_S=110 bulk defaults_2 1 static-features 0
+    BULK_S=120 bulk compute 1 static-features 0 1 compute
     ;;
   probe)  # after `card` on the same machine: where the int8 K/V kernel's time goes (the int8 cache's bytes read by
     # the fp16 kernel at half the head size: at the bus, 1-byte tiles hold it; near int8's rate, a key's own cost

@@ -133,3 +133,35 @@ def test_the_engines_drain_line_names_its_cache_bytes_and_the_bulk_report_counts
     int8 = decode_efficiency(line | {"kv_bytes_per_token": KV_BYTES_PER_TOKEN * 1.03125 / 2}, reqs, 1e12,
                              weights_bytes=0)
     assert int8["bytes_per_step_gb"] == pytest.approx(fp16["bytes_per_step_gb"] * 1.03125 / 2, rel=0.01)
+
+
+def test_auto_is_the_int8_cache_where_the_triton_kernel_decodes_fp16_on_cuda():
+    """--kv-cache-dtype auto: int8 (its drift inside #20's bounds, measured on the GPU) only where the fast path
+    decodes with the Triton kernel on CUDA in float16; the compute dtype elsewhere; compute is that dtype always."""
+    from batchgen.worker.engine.setup import resolve_kv_cache_dtype
+
+    cuda = torch.device("cuda")
+    assert resolve_kv_cache_dtype("auto", cuda, torch.float16, "triton") == "int8"
+    assert resolve_kv_cache_dtype("auto", cuda, torch.bfloat16, "triton") == "auto"  # bf16 q: the float32 path
+    assert resolve_kv_cache_dtype("auto", cuda, torch.float16, "sdpa") == "auto"  # windows, soft-capping
+    assert resolve_kv_cache_dtype("auto", cuda, torch.float16, "flash") == "auto"
+    assert resolve_kv_cache_dtype("auto", CPU, torch.float16, "triton") == "auto"
+    assert resolve_kv_cache_dtype("compute", cuda, torch.float16, "triton") == "auto"
+    for named in ("int8", "fp8", "fp8v"):
+        assert resolve_kv_cache_dtype(named, CPU, torch.float32, "sdpa") == named
+
+
+def test_compute_is_the_exact_cache_everywhere_a_quantised_one_is_refused(demo_model_dir):
+    """compute names the exact cache: accepted with flash and on the paths that refuse a quantised one."""
+    from batchgen.worker.engine.embedding import refuse_generation_flags
+    from batchgen.worker.offload.build import refuse_kv_cache_dtype
+
+    cfg = EngineConfig(model=str(demo_model_dir), kv_cache_dtype="compute", attention="flash")
+    refuse_kv_cache_dtype(cfg)
+    refuse_generation_flags(cfg)
+    assert resolve_attention("flash", CPU, torch.float16, "compute") == "flash"
+    with pytest.raises(ValueError, match="--host-kv-dtype"):
+        refuse_kv_cache_dtype(EngineConfig(model="m", kv_cache_dtype="int8"))
+    engine = LLMEngine.from_config(EngineConfig(model=str(demo_model_dir), max_batch_size=2,
+                                                kv_cache_dtype="compute"))
+    assert engine.runner.k_cache.dtype == torch.float32 and engine.stats().extra["kv_cache_dtype"] == "auto"

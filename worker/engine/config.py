@@ -13,10 +13,13 @@ INT8_KERNELS = ("bnb", "int_mm", "int_mm_outliers", "weight_only")  # int8_linea
 # flash there, else sdpa (masked)
 ATTENTIONS = ("auto", "flash", "triton", "sdpa")
 HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the model's compute dtype
-# The resident engine's slot KV cache: auto is the compute dtype; fp8 is float8_e4m3fn with a calibrated scale per
-# layer and KV head (half the bytes of fp16, so about twice the rows; decoded by the Triton kernel or masked sdpa);
-# fp8v: V only; int8: K and V rounded per token and KV head on their own absmax (the fast path only)
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8v", "int8")
+# The resident engine's KV cache: auto is int8 where the fast path decodes with the Triton kernel on CUDA in fp16
+# (its drift inside the fidelity bounds, more rows and a faster run: docs/benchmarks.md, "The int8 cache by default")
+# and the compute dtype elsewhere; compute is the compute dtype always (exact); fp8 is float8_e4m3fn with a
+# calibrated scale per layer and KV head (half the bytes of fp16, so about twice the rows; decoded by the Triton
+# kernel or masked sdpa); fp8v: V only; int8: K and V rounded per token and KV head on their own absmax (the fast
+# path only)
+KV_CACHE_DTYPES = ("auto", "compute", "fp8", "fp8v", "int8")
 KV_LAYOUTS = ("paged", "slots")
 COMPILE_SHAPES = ("dynamic", "static-features")  # kernels/compiled.py
 # EngineConfig.int8_kv_scales: kernels/attention.py's INT8_V_SCALES
@@ -25,10 +28,15 @@ INT8_KV_SCALES = ("v", "p", "v32", "p32", "v-early", "p-early", "v-bias", "p-bia
 TASKS = ("auto", "generate", "embed")  # what the model does with a request (task.py decides auto)
 
 
+def kv_cache_quantised(kv_cache_dtype: str) -> bool:
+    """A quantised KV cache asked for by name (auto is the compute dtype wherever a quantised one cannot run)."""
+    return kv_cache_dtype not in ("auto", "compute")
+
+
 def refuse_flash_with(kv_cache_dtype: str, attention: str, why: str | None = None) -> None:
     """A quantised KV cache decodes with the Triton kernel or sdpa: the one check the config, the runner and
     resolve_attention make (why: what the error gives as the reason flash was reached)."""
-    if kv_cache_dtype != "auto" and attention == "flash":
+    if kv_cache_quantised(kv_cache_dtype) and attention == "flash":
         raise ValueError(f"kv_cache_dtype {kv_cache_dtype} needs attention triton or sdpa (or auto), and "
                          f"{why or 'FlashAttention reads no quantised cache'}: use --attention sdpa or "
                          "--kv-cache-dtype auto")
@@ -78,8 +86,9 @@ class EngineConfig:
     # an int8 KV cache's V scales in the Triton decode attention: "v" on each V element, "p" on the softmax weights,
     # in fp16; "v32"/"p32" the same through float32; "v-early"/"p-early" in fp16 with each tile converted where it
     # is loaded (cvt_early); "v-bias"/"p-bias" as those, K (and V under "p") left 1152 over its values and each dot
-    # corrected (bias) (kernels/attention.py; benchmarks.kernels times them)
-    int8_kv_scales: str = "v"
+    # corrected (bias); "v-q16-early" (the default: the plain cache's drift in fewer instructions a key) scores q as
+    # two int8 terms against K on the int8 tensor cores (kernels/attention.py; benchmarks.kernels times them)
+    int8_kv_scales: str = "v-q16-early"
     # how the fused and int8 elementwise functions compile (kernels/compiled.py): "static-features" (only the
     # token/row dimensions symbolic: the measured faster one) or "dynamic" (every dimension symbolic)
     compile_shapes: str = "static-features"

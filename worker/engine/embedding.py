@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from batchgen.jobs.schema import EMBEDDINGS_URL, ErrorInfo, Request
-from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.config import EngineConfig, kv_cache_quantised
 from batchgen.worker.engine.embed_planner import plan
 from batchgen.worker.engine.loader import load_weights, resolve_device, resolve_dtype, weights_bytes
 from batchgen.worker.engine.pooling import Pooling, normalise, pool, read_pooling
@@ -261,7 +261,7 @@ class EmbeddingEngine:
 def refuse_generation_flags(cfg: EngineConfig) -> None:
     """Flags of the generation engines that would silently do nothing here."""
     for flag, on in (("--max-vram", cfg.max_vram_bytes is not None), ("--stream-kv", cfg.stream_kv),
-                     ("--kv-cache-dtype", cfg.kv_cache_dtype != "auto")):
+                     ("--kv-cache-dtype", kv_cache_quantised(cfg.kv_cache_dtype))):
         if on:
             raise ValueError(f"{flag} is for generation: the embedding engine keeps the model resident and no KV cache")
 

@@ -39,7 +39,7 @@ from batchgen.worker.engine.host_copy import to_device
 from batchgen.worker.engine.int8_linear import Int8Runtime
 from batchgen.worker.engine.int8_outliers import calibration_ids
 from batchgen.worker.engine.kv_blocks import BlockPool
-from batchgen.worker.engine.llama import LlamaParts
+from batchgen.worker.engine.llama import LlamaParts, decode_path
 from batchgen.worker.engine.loader import load_model
 from batchgen.worker.engine.model_runner import ModelRunner
 from batchgen.worker.engine.protocol import EngineStats, GenerationRequest, GenerationResult
@@ -60,6 +60,7 @@ from batchgen.worker.engine.setup import (
     resident_max_prefill_tokens,
     resolve_attention,
     resolve_device_dtype,
+    resolve_kv_cache_dtype,
 )
 from batchgen.worker.engine.step_clock import Mark, StepClock
 from batchgen.worker.engine.step_stats import StepStats
@@ -184,14 +185,17 @@ class LLMEngine:
         attention = resolve_attention(cfg.attention, device, dtype, cfg.kv_cache_dtype)
         if cfg.fused_elementwise:
             fuse_layers(model, compile_kernels=device.type == "cuda")
-        runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=max_model_len,
+        parts = LlamaParts.from_hf(model)
+        kv = resolve_kv_cache_dtype(cfg.kv_cache_dtype, device, dtype, decode_path(parts.spec, attention, True))
+        runner = ModelRunner(parts, device=device, dtype=dtype, max_model_len=max_model_len,
                              inject_oom=cfg.inject_oom, attention=attention, cuda_graphs=cfg.cuda_graphs,
-                             kv_cache_dtype=cfg.kv_cache_dtype, paged=cfg.kv_layout == "paged")
-        if cfg.kv_cache_dtype == "int8":
-            log.info("int8 KV cache: K and V rounded per token and KV head, a float32 scale each")
-        elif cfg.kv_cache_dtype != "auto":  # before the budget's warm-up, which already writes the cache
+                             kv_cache_dtype=kv, paged=cfg.kv_layout == "paged")
+        if kv == "int8":
+            log.info("int8 KV cache%s: K and V rounded per token and KV head, a float32 scale each (%s)",
+                     " (--kv-cache-dtype auto)" if cfg.kv_cache_dtype == "auto" else "", cfg.int8_kv_scales)
+        elif kv != "auto":  # before the budget's warm-up, which already writes the cache
             runner.calibrate_kv(calibration_ids(tokenizer, device))
-            log.info("%s KV cache: scales per layer and KV head calibrated, K %.3g-%.3g, V %.3g-%.3g", cfg.kv_cache_dtype,
+            log.info("%s KV cache: scales per layer and KV head calibrated, K %.3g-%.3g, V %.3g-%.3g", kv,
                      runner.k_scale.min(), runner.k_scale.max(), runner.v_scale.min(), runner.v_scale.max())
         max_prefill = resident_max_prefill_tokens(cfg, device, max_model_len, FAST_CUDA_MIN_PREFILL_TOKENS)
         budget = resident_budget(cfg, runner, model.config, weights_bytes, max_prefill)

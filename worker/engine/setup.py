@@ -67,6 +67,17 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, kv_ca
     return attention
 
 
+def resolve_kv_cache_dtype(name: str, device: torch.device, dtype: torch.dtype, decode: str) -> str:
+    """The resident fast path's KV cache for cfg.kv_cache_dtype, as ModelRunner names it ("auto": the compute
+    dtype). decode: the attention its decode steps run over a quantised cache (llama.decode_path). auto is int8
+    where that is the Triton kernel on CUDA with an fp16 q (the int8 scores' path), else the compute dtype."""
+    if name == "compute":
+        return "auto"
+    if name == "auto" and device.type == "cuda" and dtype == torch.float16 and decode == "triton":
+        return "int8"
+    return name
+
+
 def resident_max_prefill_tokens(cfg: EngineConfig, device: torch.device, max_model_len: int,
                                 cuda_min: int = CUDA_MIN_PREFILL_TOKENS) -> int:
     if cfg.max_prefill_tokens:

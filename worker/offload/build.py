@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from batchgen.worker.engine import budget as budget_math
-from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.config import EngineConfig, kv_cache_quantised
 from batchgen.worker.engine.int8_linear import OUTLIER_KERNEL, Int8Runtime, calibrate_owners
 from batchgen.worker.engine.int8_outliers import OutlierGuard, calibration_ids
 from batchgen.worker.engine.llama import LlamaParts, head_dim_of, prefill_step
@@ -143,7 +143,7 @@ def calibrate_streamed(int8: Int8Runtime, parts: LlamaParts, streamer: LayerStre
 
 def refuse_kv_cache_dtype(cfg: EngineConfig) -> None:
     """The fast path's small-VRAM mode keeps its KV cache in the compute dtype or in --host-kv-dtype."""
-    if cfg.kv_cache_dtype != "auto":
+    if kv_cache_quantised(cfg.kv_cache_dtype):
         raise ValueError(f"--kv-cache-dtype {cfg.kv_cache_dtype} is the resident engine's and the generic path's; "
                          "the fast path's small-VRAM host KV cache has its own --host-kv-dtype")
 

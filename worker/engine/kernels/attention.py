@@ -39,15 +39,15 @@ BLOCK_N = 64  # keys per inner step
 # "-early" and left 1152 over their values (biased); "v-q8": K unconverted against q rounded to int8 per head, on
 # the int8 tensor cores (qk_int8), V as "v"; "v-q16": q as two int8 terms, its rounding error the second; with
 # "-early" (v-q8-early, v-q16-early) V converted where it is loaded.
-INT8_V_SCALES = "v"
+INT8_V_SCALES = "v-q16-early"
 MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # (block_n, num_warps, num_stages) when a call does not say. An int8 tile carries half fp16's bytes: a wider block
 # and a deeper pipeline keep as many bytes in flight (benchmarks.kernels times the sweep)
 LAUNCH = (BLOCK_N, 4, 2)
 INT8_LAUNCH = (128, 4, 3)
 # q rounded to int8 (qk_int8), by its number of int8 terms: no K conversion left a key, so smaller programs share an
-# SM; the fastest of the launches timed (docs/benchmarks.md, "#22's table again"; q16 at 64 x 2 x 3 was not timed)
-INT8_QK_LAUNCHES = {1: (64, 2, 3), 2: (64, 4, 3)}
+# SM; the fastest of the launches timed (docs/benchmarks.md, "#22's table again", "The int8 cache by default")
+INT8_QK_LAUNCHES = {1: (64, 2, 3), 2: (64, 2, 3)}
 # A 2-byte cache over blocks, where an SM gives a program the shared memory: a third stage, with the split's block ids
 # read ahead of its loop (preload), keeps a step's K/V copies in flight (faster a layer than LAUNCH: docs/benchmarks.md,
 # "The warm-up's outlier columns"). It holds two steps' K and V tiles (sm_75 gives a program 64 KB, sm_86 99 KB).
