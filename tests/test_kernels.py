@@ -763,6 +763,8 @@ def test_the_engines_int8_v_scales_choose_the_kernels_variant(monkeypatch, demo_
     from batchgen.worker.engine.kernels import attention
     from batchgen.worker.factory import build_llm_engine
 
+    assert attention.INT8_V_SCALES == EngineConfig.int8_kv_scales == "v-q16-early"  # the engine's default
+    monkeypatch.setattr(attention, "INT8_V_SCALES", "v")  # exact q: the variants below differ in fp16 rounding only
     k, v = _cache(4, 2, 128, torch.float16)
     v[:, :, 1] *= 8
     q = torch.randn(4, 8, 128, generator=torch.Generator().manual_seed(3)).to(torch.float16)
@@ -902,6 +904,6 @@ def test_the_default_launch_takes_a_third_stage_where_a_program_holds_its_tiles(
     assert launch(torch.float8_e4m3fn, True, 128, h200) == attention.LAUNCH
     assert launch(torch.int8, True, 128, h200) == attention.INT8_LAUNCH
     assert launch(torch.int8, True, 128, h200, 1) == attention.INT8_QK_LAUNCHES[1] == (64, 2, 3)
-    assert launch(torch.int8, True, 128, h200, 2) == attention.INT8_QK_LAUNCHES[2] == (64, 4, 3)
+    assert launch(torch.int8, True, 128, h200, 2) == attention.INT8_QK_LAUNCHES[2] == (64, 2, 3)
     assert launch(torch.float16, True, 128, h200, 1) == attention.PAGED_LAUNCH  # q8 rounds q against an int8 K only
     assert launch(torch.float16, True, 128, attention.shared_per_program(torch.device("cpu"))) == attention.LAUNCH
