@@ -554,15 +554,14 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BATCHGEN_INT8_KV_SCALES=v-q16-early BULK_S=130 bulk int8_q16_2 1 static-features 0 1 int8
     ;;
   int8-default)  # #22 with the int8 cache by default (auto: int8, q16 early): q16's launches at the int8 bulk state
-    # (one warp a program among them), bulk with the fastest, on an H200 HF's baseline (three runs) and bulk again,
-    # then the exact cache (compute) on the same machine
+    # (one warp a program among them), bulk with the fastest, on an H200 HF's baseline (three runs), then the exact
+    # cache (compute) on the same machine
     run 60 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
         --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|q16'
     q16_launch "$(python3 scripts/fastest_launch.py "$out/kernels.log" 'paged int8 q16 early')"
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then  # HF's bs 256 fits an H200 only
         hf_static baselines 110 --fp16-repeats 3
-        BULK_S=110 bulk defaults_2 1 static-features 0
     fi
     BULK_S=120 bulk compute 1 static-features 0 1 compute
     ;;
