@@ -26,9 +26,9 @@ the second half decoded one token a step on the true tokens, so every logit afte
 step reading the cache. KL(fp32 ‖ runner) and top-1 for the default int8 weights (rotated, KV_WEIGHTS) under each
 kv_cache_dtype of model_runner.KV_TORCH_DTYPES (the runner's names): auto (the compute dtype), fp8 and fp8v (e4m3,
 scales calibrated on the calibration ids as the engine does) and int8 (a scale per token and KV head); kl_vs_auto
-is KL(auto runner ‖ that runner). #20's references (bnb threshold 6, weight-only) run with the auto cache, and each default row gives its
-KL's ratio to theirs: whether a cache dtype keeps the default inside #20's bounds. On
-CUDA the runner decodes with the Triton kernel, on CPU with masked sdpa.
+is KL(auto runner ‖ that runner). #20's references (bnb threshold 6, weight-only) run with the auto cache, and each
+default row gives its KL's ratio to theirs: whether a cache dtype keeps the default inside #20's bounds. On CUDA the
+runner decodes with the Triton kernel, on CPU with masked sdpa.
 
 --speed (CUDA): a random Llama-3-8B-shape model of SPEED_LAYERS layers through the engine's ModelRunner: the
 decode step at SPEED_ROWS rows (CUDA graphs) and the prefill tok/s, default and default_rotated vs int_mm, with the
