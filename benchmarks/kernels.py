@@ -64,10 +64,6 @@ BIAS_CONFIGS = [(128, 4, 2), (128, 4, 3), (256, 4, 2), (64, 2, 3), (128, 2, 2), 
 Q8_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 2, 3), (128, 4, 2), (32, 4, 3)]
 # q16 early (the int8 cache's default): fewer warps a program were faster (4 -> 2), so one warp too
 Q16_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 2, 3), (64, 1, 3), (32, 1, 3), (64, 2, 4), (32, 2, 3), (128, 2, 3)]
-# one query head a KV head, sixteen heads a program (int8_heads, v-q16-heads): (keys a step, warps, stages), each
-# with the running max moved every step and lazily (LAZY_SWEEP's slack)
-HEADS_CONFIGS = [(4, 2, 3), (4, 2, 2), (4, 4, 3), (8, 4, 3), (8, 2, 2), (16, 4, 2), (4, 1, 3)]
-LAZY_SWEEP = (0, 8)
 EARLY_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
 PAGED_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 2, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3),
                  (256, 4, 2), (256, 4, 3), (256, 8, 3)]
@@ -327,24 +323,6 @@ def attention(args, shape: Shape, device: str) -> dict:
                     lambda t=tune: row(
                         lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t),
                         "int8") | {"max_abs_err_vs_int8": paged_err(kip, vip, ref8, **int8_paged, **t)})
-        from batchgen.worker.engine.kernels.attention import INT8_QK_LAUNCHES
-        from batchgen.worker.engine.kernels.int8_heads import heads_per_program
-
-        for lazy in LAZY_SWEEP[1:]:  # the default kernel (q16 early at its launch) with the max moved lazily
-            block_n, warps, stages = INT8_QK_LAUNCHES[2]
-            tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, cvt_early=True, qk_int8=2, lazy=lazy)
-            attempt(f"paged int8 q16 early, lazy {lazy}, block_n {block_n}, warps {warps}, stages {stages}",
-                    lambda t=tune: row(
-                        lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t),
-                        "int8") | {"max_abs_err_vs_int8": paged_err(kip, vip, ref8, **int8_paged, **t)})
-        if heads_per_program(shape.heads, kv_heads, head_dim):
-            for (block_n, warps, stages), lazy in [(c, z) for c in HEADS_CONFIGS[:1 if args.smoke else None]
-                                                  for z in LAZY_SWEEP]:
-                tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, lazy=lazy, heads=True)
-                attempt(f"paged int8 heads, lazy {lazy}, block_n {block_n}, warps {warps}, stages {stages}",
-                        lambda t=tune: row(
-                            lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t),
-                            "int8") | {"max_abs_err_vs_int8": paged_err(kip, vip, ref8, **int8_paged, **t)})
         # early, left 1152 over the values; and with the V scales in p at int8's launch
         # (under the interpreter one launch of each: the other sweeps run every block_n there already)
         for (block_n, warps, stages), in_p in ([(c, False) for c in BIAS_CONFIGS[:1 if args.smoke else None]]

@@ -118,13 +118,6 @@ q16_launch() {  # q16_launch "BLOCK_N, WARPS, STAGES": INT8_QK_LAUNCHES[2] of th
     log "q16 launch: $(grep '^INT8_QK_LAUNCHES' worker/engine/kernels/attention.py)"
 }
 
-heads_launch() {  # heads_launch "LAZY|BLOCK_N, WARPS, STAGES": this copy's LAZY_RESCALE and HEADS_LAUNCH set to it
-    [ -n "$1" ] || return 0
-    sed -i -E "s/^LAZY_RESCALE = [0-9]+/LAZY_RESCALE = ${1%%|*}/; s/^HEADS_LAUNCH = \([0-9, ]+\)/HEADS_LAUNCH = (${1#*|})/" \
-        worker/engine/kernels/attention.py
-    log "heads launch: $(grep -E '^(LAZY_RESCALE|HEADS_LAUNCH) =' worker/engine/kernels/attention.py | tr '\n' ' ')"
-}
-
 bulk_old() {  # bulk on the defaults from OLD's tree (its own batchgen.* and benchmarks), as bulk_old
     local old
     old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
@@ -571,16 +564,6 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
         hf_static baselines 110 --fp16-repeats 3
     fi
     BULK_S=120 bulk compute 1 static-features 0 1 compute
-    ;;
-  heads)  # the int8 cache's decode kernels at the int8 bulk state: q16 early at its launch, the same with the running
-    # max moved lazily, int8_heads' kernel (sixteen heads a program) at its launches, each max eager and lazy; bulk on
-    # the defaults, then with the fastest heads launch and its slack (written into this copy: heads_launch)
-    run 120 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
-        --max-len 768 --out "$out/kernels" \
-        --match 'paged fp16, the default launch|q16 early, block_n 64, warps 2, stages 3|lazy|heads'
-    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
-    heads_launch "$(python3 scripts/fastest_launch.py "$out/kernels.log" 'paged int8 heads' --lazy)"
-    BATCHGEN_INT8_KV_SCALES=v-q16-heads BULK_S=130 bulk heads 1 static-features 0
     ;;
   probe)  # after `card` on the same machine: where the int8 K/V kernel's time goes (the int8 cache's bytes read by
     # the fp16 kernel at half the head size: at the bus, 1-byte tiles hold it; near int8's rate, a key's own cost

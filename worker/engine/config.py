@@ -24,7 +24,7 @@ KV_LAYOUTS = ("paged", "slots")
 COMPILE_SHAPES = ("dynamic", "static-features")  # kernels/compiled.py
 # EngineConfig.int8_kv_scales: kernels/attention.py's INT8_V_SCALES
 INT8_KV_SCALES = ("v", "p", "v32", "p32", "v-early", "p-early", "v-bias", "p-bias", "v-q8", "v-q8-early",
-                  "v-q16", "v-q16-early", "v-q16-heads")
+                  "v-q16", "v-q16-early")
 TASKS = ("auto", "generate", "embed")  # what the model does with a request (task.py decides auto)
 
 

@@ -38,13 +38,8 @@ BLOCK_N = 64  # keys per inner step
 # "-early" (v-early, p-early) converted where each tile is loaded (cvt_early), or with "-bias" (v-bias, p-bias) as
 # "-early" and left 1152 over their values (biased); "v-q8": K unconverted against q rounded to int8 per head, on
 # the int8 tensor cores (qk_int8), V as "v"; "v-q16": q as two int8 terms, its rounding error the second; with
-# "-early" (v-q8-early, v-q16-early) V converted where it is loaded; "v-q16-heads": as v-q16-early, by int8_heads'
-# kernel (sixteen heads a program) where each query head has its own KV head.
+# "-early" (v-q8-early, v-q16-early) V converted where it is loaded.
 INT8_V_SCALES = "v-q16-early"
-# The online softmax's running max moves only where a step's passes it by this many (log2 units), so the output is
-# rescaled only then; its weights stay <= 2^LAZY_RESCALE, exact in fp16. 0: every step (FlashAttention-2's)
-LAZY_RESCALE = 0
-HEADS_LAUNCH = (4, 2, 3)  # int8_heads' (keys a step, warps, stages) where a call does not say
 MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # (block_n, num_warps, num_stages) when a call does not say. An int8 tile carries half fp16's bytes: a wider block
 # and a deeper pipeline keep as many bytes in flight (benchmarks.kernels times the sweep)
@@ -64,8 +59,15 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
     from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16
-    from batchgen.worker.engine.kernels.int8_heads import _heads_kernel, heads_per_program
-    from batchgen.worker.engine.kernels.int8_heads import round_over_absmax as _round_over_absmax
+    from batchgen.worker.engine.kernels.int8_ops import round_half_even
+
+    @triton.jit
+    def _round_over_absmax(x, INTERPRETED: tl.constexpr):
+        """Each row of float32 x rounded to int8's steps over its absmax (as the cache rounds a key), and the scale
+        that takes them back (absmax / 127; an all-zero row: zeros, scale 0)."""
+        absmax = tl.max(tl.abs(x), 1)
+        rounded = round_half_even(x * (127.0 / tl.where(absmax > 0.0, absmax, 1.0))[:, None], INTERPRETED)
+        return rounded, absmax / 127.0
 
     @triton.jit
     def _attend(block, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc, k_base, v_base, pages,
@@ -74,7 +76,7 @@ if HAS_TRITON:
                 DOT_F32: tl.constexpr,
                 TOKEN_SCALES: tl.constexpr, SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr,
                 PAGE: tl.constexpr, CVT_EARLY: tl.constexpr, PRELOAD: tl.constexpr, BIAS: tl.constexpr,
-                QK_INT8: tl.constexpr, LAZY: tl.constexpr, MASKED: tl.constexpr):
+                QK_INT8: tl.constexpr, MASKED: tl.constexpr):
         """One inner step of _split_kernel: keys block .. block + BLOCK_N of the split start .. end, folded into the
         running max m, sum l_sum and output acc. MASKED: the split's last, ragged step (keys from end on are masked);
         the others read whole steps without masks."""
@@ -108,7 +110,7 @@ if HAS_TRITON:
             s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision="ieee")
         else:
             s = tl.dot(q, k.to(q.dtype))
-        if BIAS and not QK_INT8:  # K unconverted under QK_INT8: V alone is biased there
+        if BIAS:
             s = s - q_bias[:, None]
         if TOKEN_SCALES:  # laid out as the keys: [rows or blocks, kv_heads, tokens]
             if HAS_BLOCKS:
@@ -121,13 +123,8 @@ if HAS_TRITON:
         else:
             s = s * s_scale
         s = tl.where(t_mask[None, :], s, float("-inf"))
-        m_step = tl.max(s, 1)
-        if LAZY:  # noqa: SIM108  (the running max moves only where a step passes it by LAZY, log2: weights <= 2^LAZY)
-            m_new = tl.where(m_step > m + LAZY, m_step, m)
-        else:
-            m_new = tl.maximum(m, m_step)
+        m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp2(m - m_new)
-        moved = tl.max(m_new - m, 0) > 0.0  # (a row's first step: from -inf)
         p = tl.exp2(s - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr[:, None] + d[None, :], mask=t_mask[:, None] & d_mask[None, :], other=0.0)
@@ -146,12 +143,7 @@ if HAS_TRITON:
                 pv = tl.dot(pv.to(q.dtype), v.to(q.dtype))
             if BIAS:
                 pv = pv - pv_bias[:, None]
-            if LAZY:
-                if moved:
-                    acc = acc * alpha[:, None]
-                acc += pv * top
-            else:
-                acc = acc * alpha[:, None] + pv * top
+            acc = acc * alpha[:, None] + pv * top
         else:
             if F16_INT8:
                 v = v * vs.to(tl.float16)[:, None]
@@ -159,10 +151,6 @@ if HAS_TRITON:
                 v = v.to(tl.float32) * vs[:, None]
             if DOT_F32:
                 acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            elif LAZY:  # acc rescaled only when a max moved, the product accumulated in the MMA
-                if moved:
-                    acc = acc * alpha[:, None]
-                acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc)
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         return m_new, l_sum, acc
@@ -177,7 +165,7 @@ if HAS_TRITON:
                       HAS_BLOCKS: tl.constexpr, DOT_F32: tl.constexpr, TOKEN_SCALES: tl.constexpr,
                       SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr,
                       PAGE: tl.constexpr, CVT_EARLY: tl.constexpr, PRELOAD: tl.constexpr, BIAS: tl.constexpr,
-                      QK_INT8: tl.constexpr, LAZY: tl.constexpr, INTERPRETED: tl.constexpr):
+                      QK_INT8: tl.constexpr, INTERPRETED: tl.constexpr):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -214,7 +202,7 @@ if HAS_TRITON:
                 lo, lo_scale = _round_over_absmax(qf - hi * q_scale[:, None], INTERPRETED)
                 q_lo = lo.to(tl.int8)
         q_bias = 0.0
-        if BIAS and not QK_INT8:  # K is 1152 + its values: q · k is the dot less 1152 · Σ q (V likewise, with its weights' sums)
+        if BIAS:  # K is 1152 + its values: q · k is the dot less 1152 · Σ q (V likewise, with its weights' sums)
             q_bias = I8_BIAS * tl.sum(q.to(tl.float32), 1)
         k_base = K + cache_row.to(tl.int64) * stride_kr + kv_head * stride_kh
         v_base = V + cache_row.to(tl.int64) * stride_vr + kv_head * stride_vh
@@ -239,13 +227,13 @@ if HAS_TRITON:
                                     v_base, pages, BlockTable, KScale, VScale, cache_row, kv_head, stride_kr,
                                     stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d,
                                     d_mask, BLOCK_N, HAS_BLOCKS, DOT_F32, TOKEN_SCALES, SCALES_IN_P, F16_INT8,
-                                    ASM_CVT, PAGE, CVT_EARLY, PRELOAD, BIAS, QK_INT8, LAZY, False)
+                                    ASM_CVT, PAGE, CVT_EARLY, PRELOAD, BIAS, QK_INT8, False)
         if full_end < end:
             m, l_sum, acc = _attend(full_end, start, end, q, q_bias, q8, q_lo, q_scale, lo_scale, m, l_sum, acc,
                                     k_base, v_base, pages, BlockTable, KScale, VScale, cache_row, kv_head, stride_kr,
                                     stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d,
                                     d_mask, BLOCK_N, HAS_BLOCKS, DOT_F32, TOKEN_SCALES, SCALES_IN_P, F16_INT8,
-                                    ASM_CVT, PAGE, CVT_EARLY, PRELOAD, BIAS, QK_INT8, LAZY, True)
+                                    ASM_CVT, PAGE, CVT_EARLY, PRELOAD, BIAS, QK_INT8, True)
 
         has_keys = l_sum > 0.0  # an empty split (short row) contributes nothing to the merge
         out = acc * (v_scale / tl.where(has_keys, l_sum, 1.0))[:, None]
@@ -363,8 +351,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_stages: int | None = None, scales_in_p: bool | None = None,
                      f16_int8: bool | None = None, cvt_early: bool | None = None,
                      preload: bool | None = None, bias: bool | None = None,
-                     qk_int8: int | None = None, lazy: int | None = None,
-                     heads: bool | None = None) -> torch.Tensor:
+                     qk_int8: int | None = None) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype, float8_e4m3fn or int8), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
@@ -392,9 +379,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     as K does (benchmarks.quality --kv measures it); 2: q as two int8 terms (the second its rounding error, rounded
     over its own absmax: ~14 bits), two MMAs against each K tile. 0: off. None: as INT8_V_SCALES says ("-q8": 1,
     "-q16": 2).
-    lazy: the running max's slack (LAZY_RESCALE's); None: LAZY_RESCALE.
-    heads: an int8 cache with one fp16 query head a KV head through int8_heads' kernel (q as two int8 terms, V as
-    v-q16-early; block_n etc. its own, HEADS_LAUNCH where not given); None: as INT8_V_SCALES says ("-heads").
     preload: over a paged cache, read each split's block ids once ahead of its loop (see preload_pages); None: where
     num_stages >= 3 (a deeper pipeline is what it buys) and a split spans at most MAX_PRELOAD blocks."""
     n, num_heads, head_dim = q.shape
@@ -404,12 +388,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if qk_int8 is None:
         qk_int8 = qk_int8_terms(INT8_V_SCALES)
     qk8 = int(qk_int8) if token_scales else 0
-    per_program = heads_per_program(num_heads, num_kv_heads, head_dim) if token_scales else 0
-    if ("-heads" in INT8_V_SCALES if heads is None else heads) and per_program and q.dtype == torch.float16:
-        return _heads_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cache_rows, block_table,
-                                num_splits, out, per_program, *(given or default for given, default in zip(
-                                    (block_n, num_warps, num_stages), HEADS_LAUNCH, strict=True)),
-                                LAZY_RESCALE if lazy is None else lazy)
     launch = default_launch(kv_dtype, block_table is not None, head_dim, shared_per_program(q.device), qk8)
     block_n, num_warps, num_stages = (given or default for given, default in zip((block_n, num_warps, num_stages),
                                                                                  launch, strict=True))
@@ -466,7 +444,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         F16_INT8=f16, ASM_CVT=not interpreting(), PAGE=page,
         CVT_EARLY=INT8_V_SCALES.endswith(("-early", "-bias")) if cvt_early is None else cvt_early, PRELOAD=pages,
         BIAS=f16 and not qk8 and (INT8_V_SCALES.endswith("-bias") if bias is None else bias),
-        QK_INT8=qk8, LAZY=LAZY_RESCALE if lazy is None else lazy, INTERPRETED=interpreting(),
+        QK_INT8=qk8, INTERPRETED=interpreting(),
         num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return out
@@ -474,46 +452,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
         BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
-    return out
-
-
-def _heads_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cache_rows, block_table, num_splits,
-                     out, per_program, block_n, num_warps, num_stages, lazy) -> torch.Tensor:
-    """decode_attention through int8_heads' kernel: programs (row, head group of per_program, split), each split
-    starting on a cache block, and _split_kernel's merge."""
-    n, num_heads, head_dim = q.shape
-    _, page, num_kv_heads, _ = k_cache.shape
-    max_len = page if block_table is None else block_table.shape[1] * page
-    if block_table is not None and page % block_n:
-        raise ValueError(f"block_n {block_n} does not divide the cache's {page}-token blocks")
-    if not triton_available(q):
-        return decode_attention_reference(q, k_cache, v_cache, seq_lens, scale, k_scale=k_scale, v_scale=v_scale,
-                                          cache_rows=cache_rows, block_table=block_table)
-    groups = num_kv_heads // per_program
-    splits = num_splits or num_kv_splits(max_len, n, groups)
-    ks, vs = _token_scales(k_scale, v_scale, k_cache)
-    pages = preload_pages(max_len, splits, page, page) if block_table is not None else 0
-    parts = n if splits > 1 else 1
-    mid_o = torch.empty(parts, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(parts, num_heads, splits, dtype=torch.float32, device=q.device)
-    if out is None:
-        out = torch.empty(n, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    rows_arg = cache_rows if cache_rows is not None else seq_lens
-    table_arg = block_table if block_table is not None else seq_lens
-    _heads_kernel[(n, groups, splits)](
-        q, k_cache, v_cache, seq_lens, rows_arg, table_arg, ks, vs, mid_o, mid_lse, out,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table_arg.stride(0),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1), out.stride(0),
-        out.stride(1), ks.stride(0), ks.stride(1), scale * _LOG2E, PER_PROGRAM=per_program, HEAD_DIM=head_dim,
-        BLOCK_N=block_n, NUM_SPLITS=splits, HAS_ROWS=cache_rows is not None, HAS_BLOCKS=block_table is not None,
-        PAGE=page, PRELOAD=pages, TERMS=2, LAZY=lazy, ASM=not interpreting(), INTERPRETED=interpreting(),
-        num_warps=num_warps, num_stages=num_stages)
-    if splits > 1:
-        _merge_kernel[(n, num_heads)](
-            mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
-            mid_lse.stride(1), out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=head_dim,
-            NUM_SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
 
 

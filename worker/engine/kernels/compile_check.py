@@ -81,7 +81,7 @@ def build_split(arch: int, kv: str, constexprs: dict, **options):
     strides a launch over the engine's caches passes as multiples of 16, the other pointers fp16/fp32/int32."""
     pointers = {"Q": "*fp16", "K": kv, "V": kv, "SeqLens": "*i32", "CacheRows": "*i32", "BlockTable": "*i32",
                 "KScale": "*fp32", "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32", "Out": "*fp16"}
-    constexprs = {"QK_INT8": 0, "LAZY": 0, "INTERPRETED": False} | constexprs
+    constexprs = {"QK_INT8": 0, "INTERPRETED": False} | constexprs
     return build(attention._split_kernel, arch, pointers, SPLIT_INTS, ["qk_scale"], constexprs, aligned=SPLIT_ALIGNED,
                  **options)
 

@@ -58,30 +58,3 @@ if HAS_TRITON:
         else:
             bits = (x.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True)
         return bits - 8388736.0
-
-    @triton.jit
-    def _byte(x, j: tl.constexpr):
-        """Byte j of each int32 word of x, sign-extended."""
-        return (x << (24 - 8 * j)) >> 24
-
-    @triton.jit
-    def dot4(a, b, ASM: tl.constexpr):
-        """Each int32 word of a and b as four int8 values: their four products summed, in int32 (dp4a; the
-        interpreter runs no PTX: the bytes sign-extended by shifts)."""
-        if ASM:
-            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, 0;", "=r,r,r", [a, b], dtype=tl.int32,
-                                             is_pure=True, pack=1)
-        else:
-            return (_byte(a, 0) * _byte(b, 0) + _byte(a, 1) * _byte(b, 1) + _byte(a, 2) * _byte(b, 2)
-                    + _byte(a, 3) * _byte(b, 3))
-
-    @triton.jit
-    def _or(a, b):
-        return a | b
-
-    @triton.jit
-    def pack_int8(x, WORDS: tl.constexpr):
-        """float x [rows, 4 · WORDS] holding integers in [-127, 127] -> int32 [rows, WORDS], four bytes a word,
-        little-endian (as an int8 tensor's view as int32 holds them)."""
-        b = tl.reshape(x.to(tl.int32) & 0xFF, [x.shape[0], WORDS, 4])
-        return tl.reduce(b << (8 * tl.arange(0, 4))[None, None, :], 2, _or)
