@@ -565,6 +565,12 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     fi
     BULK_S=120 bulk compute 1 static-features 0 1 compute
     ;;
+  committed)  # #22 on the checkout as committed (no launch written into the copy): bulk on the defaults, HF's baseline
+    # (three runs; bs 256 fits an H200 only), bulk again
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    hf_static baselines 120 --fp16-repeats 3
+    BULK_S=130 bulk defaults_2 1 static-features 0
+    ;;
   probe)  # after `card` on the same machine: where the int8 K/V kernel's time goes (the int8 cache's bytes read by
     # the fp16 kernel at half the head size: at the bus, 1-byte tiles hold it; near int8's rate, a key's own cost
     # does) and q rounded to int8 against K unconverted (qk_int8) at launches with more programs an SM, at the int8
