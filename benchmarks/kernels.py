@@ -63,6 +63,8 @@ BIAS_CONFIGS = [(128, 4, 2), (128, 4, 3), (256, 4, 2), (64, 2, 3), (128, 2, 2), 
 # programs an SM (fewer registers or less shared memory a program) besides int8's default
 Q8_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 2, 3), (128, 4, 2), (32, 4, 3)]
 # q16 early (the int8 cache's default): fewer warps a program were faster (4 -> 2), so one warp too
+# the keys on the tiles' rows (int8_keys, v-q16-keys), one query head a KV head
+KEYS_CONFIGS = [(64, 2, 3), (64, 2, 2), (64, 2, 4), (32, 2, 3), (64, 4, 3), (128, 4, 3), (128, 4, 2), (128, 8, 3)]
 Q16_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 2, 3), (64, 1, 3), (32, 1, 3), (64, 2, 4), (32, 2, 3), (128, 2, 3)]
 EARLY_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
 PAGED_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 2, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3),
@@ -214,6 +216,7 @@ def attention(args, shape: Shape, device: str) -> dict:
         quantize_kv,
     )
     from batchgen.worker.engine.kernels.attention import INT8_LAUNCH, fp8_kv_scale, quantize_kv_int8
+    from batchgen.worker.engine.kernels.int8_keys import keys_apply
 
     g = torch.Generator(device=device).manual_seed(0)
     rows, max_len, kv_heads, head_dim = args.rows, args.max_len, shape.kv_heads, shape.head_dim
@@ -323,6 +326,13 @@ def attention(args, shape: Shape, device: str) -> dict:
                     lambda t=tune: row(
                         lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t),
                         "int8") | {"max_abs_err_vs_int8": paged_err(kip, vip, ref8, **int8_paged, **t)})
+        if keys_apply(shape.heads, kv_heads, head_dim):
+            for block_n, warps, stages in KEYS_CONFIGS[:1] if args.smoke else KEYS_CONFIGS:
+                tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, keys=True)
+                attempt(f"paged int8 keys, block_n {block_n}, warps {warps}, stages {stages}",
+                        lambda t=tune: row(
+                            lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t),
+                            "int8") | {"max_abs_err_vs_int8": paged_err(kip, vip, ref8, **int8_paged, **t)})
         # early, left 1152 over the values; and with the V scales in p at int8's launch
         # (under the interpreter one launch of each: the other sweeps run every block_n there already)
         for (block_n, warps, stages), in_p in ([(c, False) for c in BIAS_CONFIGS[:1 if args.smoke else None]]

@@ -46,7 +46,7 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -600,6 +600,8 @@ def main() -> None:
     parser.add_argument("--speed-only", action="store_true", help="only the --speed section")
     parser.add_argument("--shape", choices=("auto", "cpu", "gpu"), default="auto",
                         help="the planted model's shape (auto: the device's; gpu on the CPU gives the GPU's ratios)")
+    parser.add_argument("--mha", action="store_true",
+                        help="a KV head for each query head (Llama-2's layout, where --int8-kv-scales v-q16-keys applies)")
     parser.add_argument("--variants", default="", help="comma-separated, of VARIANTS (default: the device's set)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="planted models per strength (seeds 0..N-1); rows and goals are their means")
@@ -610,6 +612,8 @@ def main() -> None:
     if (args.speed or args.speed_only) and device.type != "cuda":
         parser.error("--speed times CUDA kernels: it needs --device cuda")
     shape = GPU_SHAPE if (device.type == "cuda" if args.shape == "auto" else args.shape == "gpu") else CPU_SHAPE
+    if args.mha:
+        shape = replace(shape, kv_heads=shape.heads)
     dtype = torch.float16 if device.type == "cuda" else torch.float32  # the engine's compute dtype
     # bnb casts float32 inputs to float16 and warns on every call: expected here, as in the loader
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)

@@ -118,6 +118,12 @@ q16_launch() {  # q16_launch "BLOCK_N, WARPS, STAGES": INT8_QK_LAUNCHES[2] of th
     log "q16 launch: $(grep '^INT8_QK_LAUNCHES' worker/engine/kernels/attention.py)"
 }
 
+keys_launch() {  # keys_launch "BLOCK_N, WARPS, STAGES": KEYS_LAUNCH of this copy set to it (empty: as committed)
+    [ -n "$1" ] || return 0
+    sed -i -E "s/^KEYS_LAUNCH = \([0-9, ]+\)/KEYS_LAUNCH = ($1)/" worker/engine/kernels/attention.py
+    log "keys launch: $(grep '^KEYS_LAUNCH' worker/engine/kernels/attention.py)"
+}
+
 bulk_old() {  # bulk on the defaults from OLD's tree (its own batchgen.* and benchmarks), as bulk_old
     local old
     old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
@@ -564,6 +570,18 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
         hf_static baselines 110 --fp16-repeats 3
     fi
     BULK_S=120 bulk compute 1 static-features 0 1 compute
+    ;;
+  keys)  # int8_keys (the keys on the tiles' rows, v-q16-keys) at the int8 bulk state beside q16 early's default launch;
+    # bulk on the defaults, then v-q16-keys at its fastest launch (written into this copy: keys_launch); last, the
+    # drift of both on the GPU's kernels with a KV head a query head (quality --mha)
+    run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
+        --max-len 768 --out "$out/kernels" \
+        --match 'paged fp16, the default launch|q16 early, block_n 64, warps 2, stages 3|keys'
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    keys_launch "$(python3 scripts/fastest_launch.py "$out/kernels.log" 'paged int8 keys')"
+    BATCHGEN_INT8_KV_SCALES=v-q16-keys BULK_S=130 bulk keys 1 static-features 0
+    run 120 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --mha --kv-dtypes int8 \
+        --int8-kv-scales v-q16-early,v-q16-keys --kv-attention triton --out "$out/quality_kv.json"
     ;;
   committed)  # #22 on the checkout as committed (no launch written into the copy): bulk on the defaults, HF's baseline
     # (three runs; bs 256 fits an H200 only), bulk again

@@ -139,9 +139,10 @@ def test_split_count_comes_from_shapes_and_fills_small_batches():
     assert num_kv_splits(64, 1, 1) == 1
 
 
-def _spy_launches(monkeypatch, attention) -> list[dict]:
-    """The constexprs and arguments of each split-kernel launch from here on (the launch itself still runs)."""
-    launches, split_kernel = [], attention._split_kernel
+def _spy_launches(monkeypatch, attention, kernel: str = "_split_kernel") -> list[dict]:
+    """The constexprs and arguments of each launch of attention's kernel (the split kernel's unless named) from here
+    on (the launch itself still runs)."""
+    launches, split_kernel = [], getattr(attention, kernel)
 
     class Spy:
         def __getitem__(self, grid):
@@ -150,7 +151,7 @@ def _spy_launches(monkeypatch, attention) -> list[dict]:
                 return split_kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(attention, "_split_kernel", Spy())
+    monkeypatch.setattr(attention, kernel, Spy())
     return launches
 
 
@@ -381,7 +382,8 @@ def test_kernels_compile_for_hopper():
                              "paged int8 launch", "paged int8 launch, ids ahead", "paged int8 launch early, ids ahead",
                              "paged int8 launch biased, ids ahead", "paged int8 launch q8, ids ahead",
                              "paged int8 launch q16 early, ids ahead", "paged fp16 launch", "paged fp16 3 stages",
-                             "paged fp16 3 stages, ids ahead", "norm quantize", "norm quantize gemma",
+                             "paged fp16 3 stages, ids ahead", "paged int8 keys launch, ids ahead",
+                             "norm quantize", "norm quantize gemma",
                              "gated quantize", "gated quantize rotated"}
     # the int8 cache's fp16 path converts by byte permutes (none of the quarter-rate s8 conversions), the
     # float32 path by conversions
@@ -414,6 +416,11 @@ def test_kernels_compile_for_hopper():
     assert per_kb["paged int8 launch q8, ids ahead"] < per_kb["paged int8 launch, ids ahead"], per_kb
     q16 = compiled["paged int8 launch q16 early, ids ahead"]  # q's second term: a second MMA, the same K
     assert q16["loads_in_flight"] > 0 and q16["int8_mma"] > 0, q16
+    # the keys on the tiles' rows (int8_keys): one int8 MMA for both of q's terms, no padded rows' softmax, V's scale
+    # in the weights and V left biased: fewer instructions a KB than q16 early's, pipelined, nothing spilled
+    keys = compiled["paged int8 keys launch, ids ahead"]
+    assert keys["loads_in_flight"] > 0 and keys["int8_mma"] > 0 and keys["spill_bytes"] in (0, None), keys
+    assert keys["warp_instructions_per_kb"] < per_kb["paged int8 launch q16 early, ids ahead"], (keys, per_kb)
     assert compiled["rope"]["vectorised"] and compiled["rope store"]["vectorised"]
     assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8"))
     assert compiled["kv store fp8"]["div_rn"] and compiled["kv store int8"]["div_rn"]  # the quantising stores
@@ -625,9 +632,10 @@ def test_the_kernel_benchmark_smoke_runs_every_triton_attention_variant(tmp_path
     early_launches = {config[0] for config in EARLY_CONFIGS}
     bias_launches = 2  # v-bias at BIAS_CONFIGS' first launch, p-bias at the int8 one
     # and the defaults (int8, fp16), int8's ids in the loop, fp16 at 3 stages (ids ahead, in the loop); int8's
-    # bytes through the fp16 kernel, and q8 (late, early) and q16 (early) at one launch
-    assert len(paged) == 2 * len(paged_launches) + len(early_launches) + bias_launches + 5 + 4
+    # bytes through the fp16 kernel, q8 (late, early) and q16 (early) at one launch, and int8_keys at one
+    assert len(paged) == 2 * len(paged_launches) + len(early_launches) + bias_launches + 5 + 5
     assert sum("q8" in name for name in paged) == 2 and sum("q16" in name for name in paged) == 1
+    assert sum("keys" in name for name in paged) == 1
     assert sum("bytes as fp16" in name for name in paged) == 1
     assert all("error" not in v for v in paged.values()), paged
     assert {int(name.split("block_n ")[1].split(",")[0]) for name in paged if "block_n" in name} == paged_launches
@@ -907,3 +915,62 @@ def test_the_default_launch_takes_a_third_stage_where_a_program_holds_its_tiles(
     assert launch(torch.int8, True, 128, h200, 2) == attention.INT8_QK_LAUNCHES[2] == (64, 2, 3)
     assert launch(torch.float16, True, 128, h200, 1) == attention.PAGED_LAUNCH  # q8 rounds q against an int8 K only
     assert launch(torch.float16, True, 128, attention.shared_per_program(torch.device("cpu"))) == attention.LAUNCH
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_int8_kv_with_the_keys_on_the_tiles_rows_equals_the_reference_with_q_rounded(paged):
+    """int8_keys (--int8-kv-scales v-q16-keys): one query head a KV head, the step's keys on the tensor-core tiles'
+    rows, q as two int8 terms (the second in 1/128 of the first's step), V's scale in the running max: the reference
+    over that q within an output ulp, over a slot cache (1, 2 or 3 splits, several keys a step) and a paged one
+    (one block a step, several, or a part of one; the block ids ahead or in the loop); a head of zeros, and a
+    token whose V is all zeros (its scale 0). Close to the fp16 q's output, as q16's two terms are."""
+    from batchgen.worker.engine.kernels.int8_keys import keys_q
+    from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
+
+    k, v = _cache(4, 2, 128, torch.float16, seed=5)
+    k[:, 5] *= 30
+    v[:, :, 1] *= 8
+    v[2, 7] = 0  # scale 0: its weight is kept in the sum, its product is zero
+    q = torch.randn(4, 2, 128, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+    q[1, 0] = 0
+    lengths = torch.tensor([1, 2, 37, MAX_LEN], dtype=torch.int32)
+    kq, vq, ks, vs = _int8_cache(k, v)
+    cache, scales, tunes = (kq, vq), dict(k_scale=ks, v_scale=vs), [dict(block_n=n) for n in (16, 64)]
+    if paged:
+        table = torch.tensor([[1, 2], [3, 0], [4, 5], [6, 7]], dtype=torch.int32)
+        blocks = [torch.zeros(8, 64, 2, 128, dtype=torch.int8) for _ in range(2)]
+        block_scales = [torch.zeros(8, 2, 64) for _ in range(2)]
+        rows, positions = torch.arange(4).repeat_interleave(MAX_LEN), torch.arange(MAX_LEN).repeat(4)
+        keep = positions < lengths[rows]
+        slots = cache_slots(blocks[0], rows[keep], positions[keep], table)
+        for c, sc, x in zip(blocks, block_scales, (k, v), strict=True):
+            store_kv(c, slots, x.reshape(-1, 2, 128)[keep], sc, triton_kernel=True)
+        cache, scales = tuple(blocks), dict(k_scale=block_scales[0], v_scale=block_scales[1], block_table=table)
+        tunes = [dict(block_n=n, preload=ahead) for n in (32, 64, 128) for ahead in (False, True)]
+    ref = decode_attention_reference(keys_q(q), *cache, lengths, 128**-0.5, **scales)
+    for tune in tunes:
+        for splits in (1, 2, 3):
+            out = decode_attention(q, *cache, lengths, 128**-0.5, num_splits=splits, keys=True, **tune, **scales)
+            _close(out, ref.to(torch.float16), torch.float16)
+    plain = decode_attention_reference(q, *cache, lengths, 128**-0.5, **scales)
+    drift = (out.float() - plain.float()).abs().max() / plain.float().abs().max()
+    assert drift < 0.004, drift
+    assert not torch.equal(keys_q(q), q.float())  # q's rounding is what the reference holds the kernel to
+
+
+def test_the_keys_mode_takes_one_query_head_a_kv_head_and_leaves_groups_to_q16(monkeypatch):
+    """--int8-kv-scales v-q16-keys: int8_keys' kernel where heads == kv_heads (Llama-2's layout), the split kernel
+    with q16 early where query heads share a KV head."""
+    from batchgen.worker.engine.kernels import attention
+
+    k, v = _cache(2, 2, 64, torch.float16)
+    kq, vq, ks, vs = _int8_cache(k, v)
+    lengths = torch.tensor([5, MAX_LEN], dtype=torch.int32)
+    monkeypatch.setattr(attention, "INT8_V_SCALES", "v-q16-keys")
+    launches = _spy_launches(monkeypatch, attention)
+    keys_launches = _spy_launches(monkeypatch, attention, "_keys_kernel")
+    for heads in (2, 4):
+        q = torch.randn(2, heads, 64, generator=torch.Generator().manual_seed(heads)).to(torch.float16)
+        decode_attention(q, kq, vq, lengths, 0.125, k_scale=ks, v_scale=vs)
+    assert len(keys_launches) == 1 and keys_launches[0]["BLOCK_N"] == attention.KEYS_LAUNCH[0]
+    assert len(launches) == 1 and launches[0]["QK_INT8"] == 2 and launches[0]["CVT_EARLY"]

@@ -24,7 +24,7 @@ KV_LAYOUTS = ("paged", "slots")
 COMPILE_SHAPES = ("dynamic", "static-features")  # kernels/compiled.py
 # EngineConfig.int8_kv_scales: kernels/attention.py's INT8_V_SCALES
 INT8_KV_SCALES = ("v", "p", "v32", "p32", "v-early", "p-early", "v-bias", "p-bias", "v-q8", "v-q8-early",
-                  "v-q16", "v-q16-early")
+                  "v-q16", "v-q16-early", "v-q16-keys")
 TASKS = ("auto", "generate", "embed")  # what the model does with a request (task.py decides auto)
 
 
@@ -87,7 +87,8 @@ class EngineConfig:
     # in fp16; "v32"/"p32" the same through float32; "v-early"/"p-early" in fp16 with each tile converted where it
     # is loaded (cvt_early); "v-bias"/"p-bias" as those, K (and V under "p") left 1152 over its values and each dot
     # corrected (bias); "v-q16-early" (the default: the plain cache's drift in fewer instructions a key) scores q as
-    # two int8 terms against K on the int8 tensor cores (kernels/attention.py; benchmarks.kernels times them)
+    # two int8 terms against K on the int8 tensor cores; "v-q16-keys" puts the keys on the tiles' rows where each
+    # query head has its own KV head (kernels/int8_keys.py) (kernels/attention.py; benchmarks.kernels times them)
     int8_kv_scales: str = "v-q16-early"
     # how the fused and int8 elementwise functions compile (kernels/compiled.py): "static-features" (only the
     # token/row dimensions symbolic: the measured faster one) or "dynamic" (every dimension symbolic)

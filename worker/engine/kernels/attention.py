@@ -38,8 +38,10 @@ BLOCK_N = 64  # keys per inner step
 # "-early" (v-early, p-early) converted where each tile is loaded (cvt_early), or with "-bias" (v-bias, p-bias) as
 # "-early" and left 1152 over their values (biased); "v-q8": K unconverted against q rounded to int8 per head, on
 # the int8 tensor cores (qk_int8), V as "v"; "v-q16": q as two int8 terms, its rounding error the second; with
-# "-early" (v-q8-early, v-q16-early) V converted where it is loaded.
+# "-early" (v-q8-early, v-q16-early) V converted where it is loaded; "v-q16-keys": int8_keys' kernel (the keys on the
+# tiles' rows) where each query head has its own KV head, else as v-q16-early.
 INT8_V_SCALES = "v-q16-early"
+KEYS_LAUNCH = (64, 2, 3)  # int8_keys' (block_n, num_warps, num_stages) where a call does not say
 MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # (block_n, num_warps, num_stages) when a call does not say. An int8 tile carries half fp16's bytes: a wider block
 # and a deeper pipeline keep as many bytes in flight (benchmarks.kernels times the sweep)
@@ -59,6 +61,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
     from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16
+    from batchgen.worker.engine.kernels.int8_keys import _keys_kernel, keys_apply
     from batchgen.worker.engine.kernels.int8_ops import round_half_even
 
     @triton.jit
@@ -351,7 +354,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      num_stages: int | None = None, scales_in_p: bool | None = None,
                      f16_int8: bool | None = None, cvt_early: bool | None = None,
                      preload: bool | None = None, bias: bool | None = None,
-                     qk_int8: int | None = None) -> torch.Tensor:
+                     qk_int8: int | None = None, keys: bool | None = None) -> torch.Tensor:
     """q [n, heads, head_dim] (fp16/bf16; any strides with a unit last one), k/v_cache [rows, max_len, kv_heads,
     head_dim] (q's dtype, float8_e4m3fn or int8), seq_lens [n] int32 keys per row -> [n, heads, head_dim] in q's dtype.
 
@@ -379,6 +382,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     as K does (benchmarks.quality --kv measures it); 2: q as two int8 terms (the second its rounding error, rounded
     over its own absmax: ~14 bits), two MMAs against each K tile. 0: off. None: as INT8_V_SCALES says ("-q8": 1,
     "-q16": 2).
+    keys: an int8 cache with one fp16 query head a KV head through int8_keys' kernel (KEYS_LAUNCH where the launch is
+    not given); None: as INT8_V_SCALES says ("-keys").
     preload: over a paged cache, read each split's block ids once ahead of its loop (see preload_pages); None: where
     num_stages >= 3 (a deeper pipeline is what it buys) and a split spans at most MAX_PRELOAD blocks."""
     n, num_heads, head_dim = q.shape
@@ -388,6 +393,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if qk_int8 is None:
         qk_int8 = qk_int8_terms(INT8_V_SCALES)
     qk8 = int(qk_int8) if token_scales else 0
+    if (token_scales and q.dtype == torch.float16 and ("-keys" in INT8_V_SCALES if keys is None else keys)
+            and keys_apply(num_heads, num_kv_heads, head_dim)):
+        return _keys_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cache_rows, block_table,
+                               num_splits, out, *(given or default for given, default in zip(
+                                   (block_n, num_warps, num_stages), KEYS_LAUNCH, strict=True)), preload)
     launch = default_launch(kv_dtype, block_table is not None, head_dim, shared_per_program(q.device), qk8)
     block_n, num_warps, num_stages = (given or default for given, default in zip((block_n, num_warps, num_stages),
                                                                                  launch, strict=True))
@@ -442,7 +452,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         TOKEN_SCALES=token_scales,
         SCALES_IN_P=INT8_V_SCALES.startswith("p") if scales_in_p is None else scales_in_p,
         F16_INT8=f16, ASM_CVT=not interpreting(), PAGE=page,
-        CVT_EARLY=INT8_V_SCALES.endswith(("-early", "-bias")) if cvt_early is None else cvt_early, PRELOAD=pages,
+        CVT_EARLY=INT8_V_SCALES.endswith(("-early", "-bias", "-keys")) if cvt_early is None else cvt_early, PRELOAD=pages,
         BIAS=f16 and not qk8 and (INT8_V_SCALES.endswith("-bias") if bias is None else bias),
         QK_INT8=qk8, INTERPRETED=interpreting(),
         num_warps=num_warps, num_stages=num_stages)
@@ -452,6 +462,50 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
         out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
         BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return out
+
+
+def _keys_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cache_rows, block_table, num_splits,
+                    out, block_n, num_warps, num_stages, preload) -> torch.Tensor:
+    """decode_attention through int8_keys' kernel: programs (row, head, split), each split starting on a cache block
+    and a step, and _split_kernel's merge."""
+    n, num_heads, head_dim = q.shape
+    _, page, _, _ = k_cache.shape
+    max_len = page if block_table is None else block_table.shape[1] * page
+    if block_table is not None and block_n % page and page % block_n:
+        raise ValueError(f"block_n {block_n} and the cache's {page}-token blocks: one must divide the other")
+    if not triton_available(q):
+        return decode_attention_reference(q, k_cache, v_cache, seq_lens, scale, k_scale=k_scale, v_scale=v_scale,
+                                          cache_rows=cache_rows, block_table=block_table)
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("decode_attention wants a unit stride over head_dim")
+    splits = num_splits or num_kv_splits(max_len, n, num_heads)
+    ks, vs = _token_scales(k_scale, v_scale, k_cache)
+    whole = max(page, block_n) if block_table is not None else block_n
+    pages = 0
+    if block_table is not None and (num_stages >= 3 if preload is None else preload):
+        pages = preload_pages(max_len, splits, whole, page)
+    parts = n if splits > 1 else 1
+    mid_o = torch.empty(parts, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(parts, num_heads, splits, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(n, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    rows_arg = cache_rows if cache_rows is not None else seq_lens
+    table_arg = block_table if block_table is not None else seq_lens
+    _keys_kernel[(n, num_heads, splits)](
+        q, k_cache, v_cache, seq_lens, rows_arg, table_arg, ks, vs, mid_o, mid_lse, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), table_arg.stride(0),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1), out.stride(0),
+        out.stride(1), ks.stride(0), ks.stride(1), scale * _LOG2E, HEAD_DIM=head_dim, BLOCK_N=block_n,
+        NUM_SPLITS=splits, HAS_ROWS=cache_rows is not None, HAS_BLOCKS=block_table is not None, PAGE=page,
+        WHOLE=whole, PRELOAD=pages, ASM=not interpreting(), INTERPRETED=interpreting(),
+        num_warps=num_warps, num_stages=num_stages)
+    if splits > 1:
+        _merge_kernel[(n, num_heads)](
+            mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
+            mid_lse.stride(1), out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=head_dim,
+            NUM_SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
 
 

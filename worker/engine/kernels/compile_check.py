@@ -11,7 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from batchgen.worker.engine.kernels import attention, int8_gemv, int8_ops, kv_store, rope
+from batchgen.worker.engine.kernels import attention, int8_gemv, int8_keys, int8_ops, kv_store, rope
 from triton import compile as triton_compile
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
@@ -84,6 +84,16 @@ def build_split(arch: int, kv: str, constexprs: dict, **options):
     constexprs = {"QK_INT8": 0, "INTERPRETED": False} | constexprs
     return build(attention._split_kernel, arch, pointers, SPLIT_INTS, ["qk_scale"], constexprs, aligned=SPLIT_ALIGNED,
                  **options)
+
+
+def build_keys(arch: int, constexprs: dict, **options):
+    """int8_keys._keys_kernel compiled as build_split compiles the split kernel (its arguments less the scale
+    stride)."""
+    pointers = {"Q": "*fp16", "K": "*i8", "V": "*i8", "SeqLens": "*i32", "CacheRows": "*i32", "BlockTable": "*i32",
+                "KScale": "*fp32", "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32", "Out": "*fp16"}
+    ints = [name for name in SPLIT_INTS if name != "scale_stride"]
+    return build(int8_keys._keys_kernel, arch, pointers, ints, ["qk_scale"], {"INTERPRETED": False} | constexprs,
+                 aligned=SPLIT_ALIGNED, **options)
 
 
 def loop_instructions(cubin: bytes, arch: int) -> int | None:
@@ -168,6 +178,18 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                      "int8_mma": len(re.findall(r"mma\.sync[^;]*\.s8", ptx)), "prmt": ptx.count("prmt.b32"),
                      "warp_instructions_per_kb": instructions_per_kb(k.asm["cubin"], arch, warps, step_bytes),
                      **programs_per_sm(ptx, arch, warps, k.metadata.shared)}
+    # the keys on the tiles' rows (int8_keys) at its launch, over the same cache (Llama-2's heads: one a KV head)
+    block_n, warps, stages = attention.KEYS_LAUNCH
+    page = attention.BLOCK_N
+    k = build_keys(arch, dict(HEAD_DIM=128, BLOCK_N=block_n, NUM_SPLITS=1, HAS_ROWS=False, HAS_BLOCKS=True,
+                              PAGE=page, WHOLE=max(page, block_n), PRELOAD=attention.preload_pages(768, 1, block_n, page),
+                              ASM=True), num_warps=warps, num_stages=stages)
+    ptx = k.asm["ptx"]
+    out["paged int8 keys launch, ids ahead"] = {
+        "shared_bytes": k.metadata.shared, "loads_in_flight": max(map(int, re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)), default=0),
+        "int8_mma": len(re.findall(r"mma\.sync[^;]*\.s8", ptx)), "spill_bytes": spill_bytes(ptx, arch),
+        "warp_instructions_per_kb": instructions_per_kb(k.asm["cubin"], arch, warps, block_n * 128 * 2),
+        **programs_per_sm(ptx, arch, warps, k.metadata.shared)}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
               ["stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh"], [],
               dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=3, BLOCK_S=4), num_warps=4)

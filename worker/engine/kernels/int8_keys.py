@@ -1,0 +1,159 @@
+"""Decode attention over an int8 K/V cache where each query head has its own KV head (GROUP 1), with the keys on
+the tensor-core tiles' rows: the split kernel puts the one query row of such a program on a 16-row tile, so its
+scores, softmax and weights run 16 times over. Here a step's keys are the rows instead:
+
+- scores: K [keys, head_dim] (int8, as stored) times q's two int8 terms as B's first two columns (of the 16 a tile
+  wants), on the int8 tensor cores. q's second term is its rounding error over a fixed 1/128 of the first's step,
+  so each score is 128 · hi + lo exactly in int32 before one conversion;
+- the softmax on one value a key: the running max is over the score plus log2 of the key's V scale, so the weights
+  the product takes (p times V's scale) are <= 1 and never fp16 subnormals where they matter; the sum of the
+  weights without V's scale is kept alongside, per key slot, and reduced once after the loop;
+- P · V on the fp16 tensor cores: the weights broadcast over the 16 rows of A, V converted to fp16 by byte permutes
+  and left 1152 over its values (the weights' sum times 1152 comes off once at the end).
+
+attention.decode_attention launches it (and the split kernel's merge) under --int8-kv-scales v-q16-keys.
+"""
+
+from batchgen.worker.engine.kernels.backend import HAS_TRITON
+
+LO_STEPS = 128  # q's second term counts in 1/LO_STEPS of the first's step: a score is LO_STEPS · hi + lo in int32
+TINY_LOG2 = -100.0  # log2 of a zero V scale (an all-zero head) in the running max: finite, so no inf - inf
+
+
+def keys_q(q):
+    """q (a torch tensor [..., head_dim]) as _keys_kernel rounds it, in float32: each head's int8 steps over its absmax,
+    plus the remainder in steps LO_STEPS times finer (the reference the CPU tests hold the kernel to)."""
+    qf = q.float()
+    absmax = qf.abs().amax(dim=-1, keepdim=True)
+    step = absmax.where(absmax > 0, 1.0) / 127.0
+    hi = (qf / step).round()
+    return hi * step + ((qf - hi * step) * (LO_STEPS / step)).round() * step / LO_STEPS
+
+
+def keys_apply(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether _keys_kernel takes a model: one query head a KV head, a head_dim that is a power of two >= 16."""
+    return num_heads == num_kv_heads and head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+    from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16
+    from batchgen.worker.engine.kernels.int8_ops import round_half_even
+
+    _LO = tl.constexpr(LO_STEPS)  # a Triton function reads module globals only as constexpr
+    _TINY = tl.constexpr(TINY_LOG2)
+
+    @triton.jit
+    def _keys_step(block, start, end, qcols, m, l_vec, w_vec, acc, k_base, v_base, pages, BlockTable, KScale, VScale,
+                   cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh,
+                   s_scale, d, BLOCK_N: tl.constexpr, HAS_BLOCKS: tl.constexpr, PAGE: tl.constexpr,
+                   PRELOAD: tl.constexpr, ASM: tl.constexpr, MASKED: tl.constexpr):
+        """Keys block .. block + BLOCK_N of the split start .. end folded into the running max m, the per-slot sums
+        l_vec (weights) and w_vec (weights times V's scale, as fp16 rounds them) and acc [16, HEAD_DIM] (every row
+        the same). MASKED: the split's ragged last step."""
+        j = tl.arange(0, BLOCK_N)
+        t = block + j
+        t_mask = t < end if MASKED else tl.full([BLOCK_N], 1, tl.int1)
+        if HAS_BLOCKS:  # block is a multiple of PAGE or BLOCK_N a divisor of it: slots and ids from j's constants
+            slot = block % PAGE + j % PAGE
+            if PRELOAD:
+                page = tl.gather(pages, (block - start) // PAGE + j // PAGE, 0).to(tl.int64)
+            else:
+                page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // PAGE + j // PAGE,
+                               mask=t_mask, other=0).to(tl.int64)
+            k_at = k_base + page * stride_kr + slot * stride_kt
+            v_at = v_base + page * stride_vr + slot * stride_vt
+            s_at = page * stride_sr + kv_head * stride_sh + slot
+        else:
+            k_at = k_base + t * stride_kt
+            v_at = v_base + t * stride_vt
+            s_at = cache_row.to(tl.int64) * stride_sr + kv_head * stride_sh + t
+        k = tl.load(k_at[:, None] + d[None, :], mask=t_mask[:, None], other=0)
+        # column 0: LO_STEPS times the first term's products, column 1 the second's, the rest zero
+        cols = tl.arange(0, 16)
+        weight = tl.where(cols == 0, _LO, tl.where(cols == 1, 1, 0))
+        s = tl.sum(tl.dot(k, qcols) * weight[None, :], 1).to(tl.float32)
+        ks = tl.load(KScale + s_at, mask=t_mask, other=0.0)
+        vs = tl.load(VScale + s_at, mask=t_mask, other=0.0)
+        s = tl.where(t_mask, s * (ks * s_scale), float("-inf"))
+        sv = s + tl.maximum(tl.log2(vs), _TINY)  # the weight the product takes, in log2, before the max
+        m_new = tl.maximum(m, tl.max(sv, 0))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new)
+        pv = tl.exp2(sv - m_new).to(tl.float16)  # <= 1
+        l_vec = l_vec * alpha + p
+        w_vec = w_vec * alpha + pv.to(tl.float32)
+        v = tl.load(v_at[:, None] + d[None, :], mask=t_mask[:, None], other=0)
+        v = int8_to_f16(v, ASM, True, True)  # 1152 + v, exact: the weights' sum times 1152 comes off at the end
+        rows = tl.broadcast_to(pv[None, :], [16, BLOCK_N])
+        acc = tl.dot(rows, v, acc * alpha)
+        return m_new, l_vec, w_vec, acc
+
+    @triton.jit
+    def _keys_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, MidLse, Out,
+                     stride_qn, stride_qh, stride_kr, stride_kt, stride_kh, stride_vr, stride_vt, stride_vh,
+                     stride_bt, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, stride_on, stride_oh,
+                     stride_sr, stride_sh, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                     NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_BLOCKS: tl.constexpr, PAGE: tl.constexpr,
+                     WHOLE: tl.constexpr, PRELOAD: tl.constexpr, ASM: tl.constexpr, INTERPRETED: tl.constexpr):
+        """Program (row, head, split); the grid, splits, block ids ahead (PRELOAD) and outputs are
+        attention._split_kernel's."""
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(SeqLens + row)
+        cache_row = row
+        if HAS_ROWS:
+            cache_row = tl.load(CacheRows + row)
+        split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), WHOLE) * WHOLE  # WHOLE: a split starts on a block, a step
+        start = split * split_len
+        end = tl.minimum(start + split_len, seq_len)
+
+        d = tl.arange(0, HEAD_DIM)
+        qf = tl.load(Q + row * stride_qn + kv_head * stride_qh + d).to(tl.float32)
+        absmax = tl.max(tl.abs(qf), 0)
+        step = tl.where(absmax > 0.0, absmax, 1.0) / 127.0
+        hi = round_half_even(qf / step, INTERPRETED)
+        lo = round_half_even((qf - hi * step) * (_LO / step), INTERPRETED)  # |lo| <= LO_STEPS / 2
+        cols = tl.arange(0, 16)
+        qcols = tl.where(cols[None, :] == 0, hi[:, None], tl.where(cols[None, :] == 1, lo[:, None], 0.0)).to(tl.int8)
+        s_scale = qk_scale * step / _LO  # qk_scale holds log2(e): exp2 below
+        k_base = K + kv_head * stride_kh
+        v_base = V + kv_head * stride_vh
+        if not HAS_BLOCKS:
+            k_base += cache_row.to(tl.int64) * stride_kr
+            v_base += cache_row.to(tl.int64) * stride_vr
+        pages = 0
+        if PRELOAD:
+            ids = start // PAGE + tl.arange(0, PRELOAD)
+            pages = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + ids, mask=ids < tl.cdiv(end, PAGE),
+                            other=0)
+
+        m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+        l_vec = tl.zeros([BLOCK_N], tl.float32)
+        w_vec = tl.zeros([BLOCK_N], tl.float32)
+        acc = tl.zeros([16, HEAD_DIM], tl.float32)
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+        for block in range(start, full_end, BLOCK_N):
+            m, l_vec, w_vec, acc = _keys_step(block, start, end, qcols, m, l_vec, w_vec, acc, k_base, v_base, pages,
+                                              BlockTable, KScale, VScale, cache_row, kv_head, stride_kr, stride_kt,
+                                              stride_vr, stride_vt, stride_bt, stride_sr, stride_sh, s_scale, d,
+                                              BLOCK_N, HAS_BLOCKS, PAGE, PRELOAD, ASM, False)
+        if full_end < end:
+            m, l_vec, w_vec, acc = _keys_step(full_end, start, end, qcols, m, l_vec, w_vec, acc, k_base, v_base,
+                                              pages, BlockTable, KScale, VScale, cache_row, kv_head, stride_kr,
+                                              stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh,
+                                              s_scale, d, BLOCK_N, HAS_BLOCKS, PAGE, PRELOAD, ASM, True)
+
+        l_sum = tl.sum(l_vec, 0)
+        has_keys = l_sum > 0.0  # an empty split (short row) contributes nothing to the merge
+        first = tl.arange(0, 16)[:, None] == 0  # every row of acc is the same: take the first
+        o = tl.sum(tl.where(first, acc, 0.0), 0) - I8_BIAS * tl.sum(w_vec, 0)
+        out = o / tl.where(has_keys, l_sum, 1.0)
+        if NUM_SPLITS == 1:
+            tl.store(Out + row * stride_on + kv_head * stride_oh + d, out.to(Out.dtype.element_ty))
+        else:
+            lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, l_sum, 1.0)), float("-inf"))
+            tl.store(MidO + row * stride_mn + kv_head * stride_mh + split * stride_ms + d, out)
+            tl.store(MidLse + row * stride_ln + kv_head * stride_lh + split, lse)
