@@ -41,7 +41,7 @@ BLOCK_N = 64  # keys per inner step
 # "-early" (v-q8-early, v-q16-early) V converted where it is loaded; "v-q16-keys": int8_keys' kernel (the keys on the
 # tiles' rows) where each query head has its own KV head, else as v-q16-early.
 INT8_V_SCALES = "v-q16-early"
-KEYS_LAUNCH = (64, 2, 3)  # int8_keys' (block_n, num_warps, num_stages) where a call does not say
+KEYS_LAUNCH = (32, 2, 3)  # int8_keys' (block_n, num_warps, num_stages) where a call does not say
 MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # (block_n, num_warps, num_stages) when a call does not say. An int8 tile carries half fp16's bytes: a wider block
 # and a deeper pipeline keep as many bytes in flight (benchmarks.kernels times the sweep)
