@@ -62,10 +62,10 @@ BIAS_CONFIGS = [(128, 4, 2), (128, 4, 3), (256, 4, 2), (64, 2, 3), (128, 2, 2), 
 # q rounded to int8, K unconverted (qk_int8; V converted late or early): the launches compile_check finds with more
 # programs an SM (fewer registers or less shared memory a program) besides int8's default
 Q8_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 2, 3), (128, 4, 2), (32, 4, 3)]
-# q16 early (the int8 cache's default): fewer warps a program were faster (4 -> 2), so one warp too
-# the keys on the tiles' rows (int8_keys, v-q16-keys), one query head a KV head
+# the keys on the tiles' rows (int8_keys, v-q16-keys, the default where a query head has its own KV head)
 KEYS_CONFIGS = [(32, 2, 3), (16, 1, 3), (16, 1, 4), (16, 1, 5), (32, 1, 3), (32, 1, 4), (32, 2, 4), (16, 2, 3), (16, 2, 4),
                 (64, 2, 3), (64, 4, 3)]
+# q16 early (the int8 cache's default under GQA): fewer warps a program were faster (4 -> 2), so one warp too
 Q16_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 2, 3), (64, 1, 3), (32, 1, 3), (64, 2, 4), (32, 2, 3), (128, 2, 3)]
 EARLY_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
 PAGED_CONFIGS = [(64, 4, 2), (64, 4, 3), (64, 2, 3), (128, 4, 2), (128, 4, 3), (128, 4, 4), (128, 8, 3),

@@ -387,15 +387,15 @@ engine_options = shared_options(
                       "steps once, so the first job does not pay the kernels' first-run compiles."),
     click.option("--int8-kv-scales", envvar="BATCHGEN_INT8_KV_SCALES",
                  type=click.Choice(["v", "p", "v32", "p32", "v-early", "p-early", "v-bias", "p-bias", "v-q8",
-                                    "v-q8-early", "v-q16", "v-q16-early", "v-q16-keys"]), default="v-q16-early",
+                                    "v-q8-early", "v-q16", "v-q16-early", "v-q16-keys"]), default="v-q16-keys",
                  hidden=True,
                  help="Benchmarks: with --kv-cache-dtype int8, the decode attention scales each V element (v) or the "
                       "softmax weights (p) in fp16, or the same through float32 (v32, p32), or in fp16 with each "
                       "tile converted where it is loaded (v-early, p-early), and left 1152 over its values, each "
                       "dot corrected after (v-bias, p-bias), or with q rounded to int8 against K on the int8 tensor "
-                      "cores, V as v (v-q8; v-q16: q as two int8 terms, the default; -early: V converted where it "
-                      "is loaded; v-q16-keys: the keys on the tensor-core tiles' rows where each query head has its "
-                      "own KV head, else as v-q16-early)."),
+                      "cores, V as v (v-q8; v-q16: q as two int8 terms; -early: V converted where it is loaded; "
+                      "v-q16-keys, the default: the keys on the tensor-core tiles' rows where each query head has "
+                      "its own KV head, else as v-q16-early)."),
     click.option("--compile-shapes", envvar="BATCHGEN_COMPILE_SHAPES", default="static-features", hidden=True,
                  help="Benchmarks: how the fused elementwise functions compile (static-features: only the "
                       "token/row dimensions symbolic; dynamic: every dimension)."),

@@ -86,10 +86,11 @@ class EngineConfig:
     # an int8 KV cache's V scales in the Triton decode attention: "v" on each V element, "p" on the softmax weights,
     # in fp16; "v32"/"p32" the same through float32; "v-early"/"p-early" in fp16 with each tile converted where it
     # is loaded (cvt_early); "v-bias"/"p-bias" as those, K (and V under "p") left 1152 over its values and each dot
-    # corrected (bias); "v-q16-early" (the default: the plain cache's drift in fewer instructions a key) scores q as
-    # two int8 terms against K on the int8 tensor cores; "v-q16-keys" puts the keys on the tiles' rows where each
-    # query head has its own KV head (kernels/int8_keys.py) (kernels/attention.py; benchmarks.kernels times them)
-    int8_kv_scales: str = "v-q16-early"
+    # corrected (bias); "v-q16-early" (the plain cache's drift in fewer instructions a key) scores q as two int8
+    # terms against K on the int8 tensor cores; "v-q16-keys" (the default) puts the keys on the tiles' rows where each
+    # query head has its own KV head (kernels/int8_keys.py), else is v-q16-early (kernels/attention.py;
+    # benchmarks.kernels times them)
+    int8_kv_scales: str = "v-q16-keys"
     # how the fused and int8 elementwise functions compile (kernels/compiled.py): "static-features" (only the
     # token/row dimensions symbolic: the measured faster one) or "dynamic" (every dimension symbolic)
     compile_shapes: str = "static-features"

@@ -38,10 +38,12 @@ BLOCK_N = 64  # keys per inner step
 # "-early" (v-early, p-early) converted where each tile is loaded (cvt_early), or with "-bias" (v-bias, p-bias) as
 # "-early" and left 1152 over their values (biased); "v-q8": K unconverted against q rounded to int8 per head, on
 # the int8 tensor cores (qk_int8), V as "v"; "v-q16": q as two int8 terms, its rounding error the second; with
-# "-early" (v-q8-early, v-q16-early) V converted where it is loaded; "v-q16-keys": int8_keys' kernel (the keys on the
-# tiles' rows) where each query head has its own KV head, else as v-q16-early.
-INT8_V_SCALES = "v-q16-early"
-KEYS_LAUNCH = (32, 2, 3)  # int8_keys' (block_n, num_warps, num_stages) where a call does not say
+# "-early" (v-q8-early, v-q16-early) V converted where it is loaded; "v-q16-keys" (the default): int8_keys' kernel
+# (the keys on the tiles' rows) where each query head has its own KV head, else as v-q16-early.
+INT8_V_SCALES = "v-q16-keys"
+# int8_keys' (block_n, num_warps, num_stages) where a call does not say: the fastest timed (docs/benchmarks.md, "The
+# keys on the tiles' rows")
+KEYS_LAUNCH = (32, 1, 4)
 MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # (block_n, num_warps, num_stages) when a call does not say. An int8 tile carries half fp16's bytes: a wider block
 # and a deeper pipeline keep as many bytes in flight (benchmarks.kernels times the sweep)
@@ -383,18 +385,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     over its own absmax: ~14 bits), two MMAs against each K tile. 0: off. None: as INT8_V_SCALES says ("-q8": 1,
     "-q16": 2).
     keys: an int8 cache with one fp16 query head a KV head through int8_keys' kernel (KEYS_LAUNCH where the launch is
-    not given); None: as INT8_V_SCALES says ("-keys").
+    not given); None: as INT8_V_SCALES says ("-keys"), unless qk_int8 (other than 2), scales_in_p, f16_int8 or bias
+    is given (the split kernel's variants).
     preload: over a paged cache, read each split's block ids once ahead of its loop (see preload_pages); None: where
     num_stages >= 3 (a deeper pipeline is what it buys) and a split spans at most MAX_PRELOAD blocks."""
     n, num_heads, head_dim = q.shape
     rows, max_len, num_kv_heads, _ = k_cache.shape
     kv_dtype = k_cache.dtype if v_cache.dtype.itemsize >= k_cache.dtype.itemsize else v_cache.dtype  # fp8v: V's
     token_scales = k_cache.dtype == torch.int8
+    if keys is None:  # the mode's kernel unless the call asks for the split kernel's arithmetic
+        keys = "-keys" in INT8_V_SCALES and qk_int8 in (None, 2) and all(
+            given is None for given in (scales_in_p, f16_int8, bias))
     if qk_int8 is None:
         qk_int8 = qk_int8_terms(INT8_V_SCALES)
     qk8 = int(qk_int8) if token_scales else 0
-    if (token_scales and q.dtype == torch.float16 and ("-keys" in INT8_V_SCALES if keys is None else keys)
-            and keys_apply(num_heads, num_kv_heads, head_dim)):
+    if token_scales and q.dtype == torch.float16 and keys and keys_apply(num_heads, num_kv_heads, head_dim):
         return _keys_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cache_rows, block_table,
                                num_splits, out, *(given or default for given, default in zip(
                                    (block_n, num_warps, num_stages), KEYS_LAUNCH, strict=True)), preload)
