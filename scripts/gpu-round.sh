@@ -583,6 +583,20 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     run 120 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --mha --kv-dtypes int8 \
         --int8-kv-scales v-q16-early,v-q16-keys --kv-attention triton --out "$out/quality_kv.json"
     ;;
+  stalls)  # where the int8 decode kernels' warps wait, by Nsight Compute where the image has it: int8_keys at its
+    # launch and q16 early at its, one launch each at the int8 bulk state (warp states, scheduler, occupancy, memory)
+    ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    log "ncu: ${ncu:-none}"
+    for pattern in 'keys, block_n 32, warps 1, stages 4' 'q16 early, block_n 64, warps 2, stages 3'; do
+        [ -n "$ncu" ] || break
+        name=ncu_$(echo "${pattern%%,*}" | tr ' ' _)
+        run 200 "$name" "$ncu" --kernel-name regex:'_keys_kernel|_split_kernel' --launch-skip 5 --launch-count 1 \
+            --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
+            --section MemoryWorkloadAnalysis --section SpeedOfLight \
+            python3 -m benchmarks.kernels --only attention --rows 614 --mean-ctx 360 --max-len 768 \
+            --out "$out/$name" --match "$pattern"
+    done
+    ;;
   committed)  # #22 on the checkout as committed (no launch written into the copy): bulk on the defaults, HF's baseline
     # (three runs; bs 256 fits an H200 only), bulk again
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
