@@ -587,12 +587,16 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # launch and q16 early at its, one launch each at the int8 bulk state (warp states, scheduler, occupancy, memory)
     ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     log "ncu: ${ncu:-none}"
-    for pattern in 'keys, block_n 32, warps 1, stages 4' 'q16 early, block_n 64, warps 2, stages 3'; do
+    # STALL_LAUNCHES: the launches to profile, as benchmarks.kernels names them (default: the two defaults); each
+    # with its warps' stall reasons a issued instruction
+    IFS='|' read -r -a patterns <<< "${STALL_LAUNCHES:-keys, block_n 32, warps 1, stages 4|q16 early, block_n 64, warps 2, stages 3}"
+    for pattern in "${patterns[@]}"; do
         [ -n "$ncu" ] || break
-        name=ncu_$(echo "${pattern%%,*}" | tr ' ' _)
+        name=ncu_$(echo "$pattern" | tr -c 'a-z0-9\n' _ | tr -s _)
         run 200 "$name" "$ncu" --kernel-name regex:'_keys_kernel|_split_kernel' --launch-skip 5 --launch-count 1 \
             --section WarpStateStats --section SchedulerStats --section Occupancy --section LaunchStats \
             --section MemoryWorkloadAnalysis --section SpeedOfLight \
+            --metrics 'regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio' \
             python3 -m benchmarks.kernels --only attention --rows 614 --mean-ctx 360 --max-len 768 \
             --out "$out/$name" --match "$pattern"
     done
