@@ -601,8 +601,12 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
             --out "$out/$name" --match "$pattern"
     done
     ;;
-  committed)  # #22 on the checkout as committed (no launch written into the copy): bulk on the defaults, HF's baseline
-    # (three runs; bs 256 fits an H200 only), bulk again
+  committed)  # #22 on the checkout as committed (no launch written into the copy): the int8 cache's kernels at their
+    # default launches at the int8 bulk state, bulk on the defaults, HF's baseline (three runs; bs 256 fits an H200
+    # only), bulk again
+    run 60 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
+        --max-len 768 --out "$out/kernels" \
+        --match 'paged fp16, the default launch|q16 early, block_n 64, warps 2, stages 3|keys, block_n 32, warps 1, stages 4'
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     hf_static baselines 120 --fp16-repeats 3
     BULK_S=130 bulk defaults_2 1 static-features 0
