@@ -65,6 +65,7 @@ if HAS_TRITON:
     from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16
     from batchgen.worker.engine.kernels.int8_keys import _keys_kernel, keys_apply
     from batchgen.worker.engine.kernels.int8_ops import round_half_even
+    from batchgen.worker.engine.kernels.splits import split_bounds
 
     @triton.jit
     def _round_over_absmax(x, INTERPRETED: tl.constexpr):
@@ -171,16 +172,7 @@ if HAS_TRITON:
                       SCALES_IN_P: tl.constexpr, F16_INT8: tl.constexpr, ASM_CVT: tl.constexpr,
                       PAGE: tl.constexpr, CVT_EARLY: tl.constexpr, PRELOAD: tl.constexpr, BIAS: tl.constexpr,
                       QK_INT8: tl.constexpr, INTERPRETED: tl.constexpr):
-        row = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        split = tl.program_id(2)
-        seq_len = tl.load(SeqLens + row)
-        cache_row = row
-        if HAS_ROWS:
-            cache_row = tl.load(CacheRows + row)
-        split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N  # whole blocks: no ragged block inside
-        start = split * split_len
-        end = tl.minimum(start + split_len, seq_len)
+        row, kv_head, split, cache_row, start, end = split_bounds(SeqLens, CacheRows, HAS_ROWS, NUM_SPLITS, BLOCK_N)
 
         h = tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
@@ -414,11 +406,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             raise ValueError(f"block_n {block_n} is not a multiple of the cache's {page}-token blocks")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
-    if not triton_available(q):
+    if not _triton_runs(q, k_cache, v_cache):
         return decode_attention_reference(q, k_cache, v_cache, seq_lens, scale, k_scale=k_scale, v_scale=v_scale,
                                           cache_rows=cache_rows, block_table=block_table)
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("decode_attention wants a unit stride over head_dim")
     if block_table is not None and (block_table.dtype != torch.int32 or block_table.stride(-1) != 1):
         raise ValueError("decode_attention wants an int32 block table with a unit stride over blocks")
     splits = num_splits or num_kv_splits(max_len, n, num_kv_heads)
@@ -470,6 +460,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+def _triton_runs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """Whether decode_attention's kernels run on q (else its reference does), checking the unit strides they want."""
+    if not triton_available(q):
+        return False
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("decode_attention wants a unit stride over head_dim")
+    return True
+
+
 def _keys_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cache_rows, block_table, num_splits,
                     out, block_n, num_warps, num_stages, preload) -> torch.Tensor:
     """decode_attention through int8_keys' kernel: programs (row, head, split), each split starting on a cache block
@@ -479,11 +478,9 @@ def _keys_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cach
     max_len = page if block_table is None else block_table.shape[1] * page
     if block_table is not None and block_n % page and page % block_n:
         raise ValueError(f"block_n {block_n} and the cache's {page}-token blocks: one must divide the other")
-    if not triton_available(q):
+    if not _triton_runs(q, k_cache, v_cache):
         return decode_attention_reference(q, k_cache, v_cache, seq_lens, scale, k_scale=k_scale, v_scale=v_scale,
                                           cache_rows=cache_rows, block_table=block_table)
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("decode_attention wants a unit stride over head_dim")
     splits = num_splits or num_kv_splits(max_len, n, num_heads)
     ks, vs = _token_scales(k_scale, v_scale, k_cache)
     whole = max(page, block_n) if block_table is not None else block_n

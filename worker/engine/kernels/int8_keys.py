@@ -40,6 +40,7 @@ if HAS_TRITON:
     import triton.language as tl
     from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16
     from batchgen.worker.engine.kernels.int8_ops import round_half_even
+    from batchgen.worker.engine.kernels.splits import split_bounds
 
     _LO = tl.constexpr(LO_STEPS)  # a Triton function reads module globals only as constexpr
     _TINY = tl.constexpr(TINY_LOG2)
@@ -99,16 +100,8 @@ if HAS_TRITON:
                      WHOLE: tl.constexpr, PRELOAD: tl.constexpr, ASM: tl.constexpr, INTERPRETED: tl.constexpr):
         """Program (row, head, split); the grid, splits, block ids ahead (PRELOAD) and outputs are
         attention._split_kernel's."""
-        row = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        split = tl.program_id(2)
-        seq_len = tl.load(SeqLens + row)
-        cache_row = row
-        if HAS_ROWS:
-            cache_row = tl.load(CacheRows + row)
-        split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), WHOLE) * WHOLE  # WHOLE: a split starts on a block, a step
-        start = split * split_len
-        end = tl.minimum(start + split_len, seq_len)
+        # WHOLE: a split starts on a cache block and a step
+        row, kv_head, split, cache_row, start, end = split_bounds(SeqLens, CacheRows, HAS_ROWS, NUM_SPLITS, WHOLE)
 
         d = tl.arange(0, HEAD_DIM)
         qf = tl.load(Q + row * stride_qn + kv_head * stride_qh + d).to(tl.float32)
