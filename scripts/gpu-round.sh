@@ -601,6 +601,13 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
             --out "$out/$name" --match "$pattern"
     done
     ;;
+  keys-default)  # the committed default's int8 kernels at the int8 bulk state (fp16's at the bus beside them), then
+    # bulk on the defaults: #22's decode efficiency where device time is short for `committed`
+    run 60 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
+        --max-len 768 --out "$out/kernels" \
+        --match 'paged fp16, the default launch|q16 early, block_n 64, warps 2, stages 3|keys, block_n 32, warps 1, stages 4'
+    BULK_S=200 bulk defaults 1 static-features 0
+    ;;
   committed)  # #22 on the checkout as committed (no launch written into the copy): the int8 cache's kernels at their
     # default launches at the int8 bulk state, bulk on the defaults, HF's baseline (three runs; bs 256 fits an H200
     # only), bulk again
