@@ -608,6 +608,9 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
         --match 'paged fp16, the default launch|q16 early, block_n 64, warps 2, stages 3|keys, block_n 32, warps 1, stages 4'
     BULK_S=200 bulk defaults 1 static-features 0
     ;;
+  q16-bulk)  # after keys-default, on an H200 (its baseline): bulk with the int8 cache's previous kernel (v-q16-early)
+    BATCHGEN_INT8_KV_SCALES=v-q16-early BULK_S=200 bulk q16 1 static-features 0
+    ;;
   committed)  # #22 on the checkout as committed (no launch written into the copy): the int8 cache's kernels at their
     # default launches at the int8 bulk state, bulk on the defaults, HF's baseline (three runs; bs 256 fits an H200
     # only), bulk again
