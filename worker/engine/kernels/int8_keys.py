@@ -11,7 +11,7 @@ scores, softmax and weights run 16 times over. Here a step's keys are the rows i
 - P · V on the fp16 tensor cores: the weights broadcast over the 16 rows of A, V converted to fp16 by byte permutes
   and left 1152 over its values (the weights' sum times 1152 comes off once at the end).
 
-attention.decode_attention launches it (and the split kernel's merge) under --int8-kv-scales v-q16-keys.
+attention.decode_attention launches it (and the split kernel's merge) under --int8-kv-scales v-q16-keys, the default.
 """
 
 from batchgen.worker.engine.kernels.backend import HAS_TRITON
