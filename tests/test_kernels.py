@@ -958,6 +958,9 @@ def test_int8_kv_with_the_keys_on_the_tiles_rows_equals_the_reference_with_q_rou
     drift = (out.float() - plain.float()).abs().max() / plain.float().abs().max()
     assert drift < 0.004, drift
     assert not torch.equal(keys_q(q), q.float())  # q's rounding is what the reference holds the kernel to
+    if paged:  # the block table the split kernel wants, int32
+        with pytest.raises(ValueError, match="int32 block table"):
+            decode_attention(q, *cache, lengths, 128**-0.5, keys=True, **(scales | {"block_table": table.long()}))
 
 
 def test_the_keys_mode_takes_one_query_head_a_kv_head_and_leaves_groups_to_q16(monkeypatch):

@@ -406,11 +406,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             raise ValueError(f"block_n {block_n} is not a multiple of the cache's {page}-token blocks")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} KV heads")
-    if not _triton_runs(q, k_cache, v_cache):
+    if not _triton_runs(q, k_cache, v_cache, block_table):
         return decode_attention_reference(q, k_cache, v_cache, seq_lens, scale, k_scale=k_scale, v_scale=v_scale,
                                           cache_rows=cache_rows, block_table=block_table)
-    if block_table is not None and (block_table.dtype != torch.int32 or block_table.stride(-1) != 1):
-        raise ValueError("decode_attention wants an int32 block table with a unit stride over blocks")
     splits = num_splits or num_kv_splits(max_len, n, num_kv_heads)
     group = num_heads // num_kv_heads
     block_h = max(MIN_BLOCK, triton.next_power_of_2(group))
@@ -460,12 +458,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
-def _triton_runs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether decode_attention's kernels run on q (else its reference does), checking the unit strides they want."""
+def _triton_runs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_table: torch.Tensor | None) -> bool:
+    """Whether decode_attention's kernels run on q (else its reference does), checking the strides and the block
+    table's dtype they want."""
     if not triton_available(q):
         return False
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("decode_attention wants a unit stride over head_dim")
+    if block_table is not None and (block_table.dtype != torch.int32 or block_table.stride(-1) != 1):
+        raise ValueError("decode_attention wants an int32 block table with a unit stride over blocks")
     return True
 
 
@@ -478,7 +480,7 @@ def _keys_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cach
     max_len = page if block_table is None else block_table.shape[1] * page
     if block_table is not None and block_n % page and page % block_n:
         raise ValueError(f"block_n {block_n} and the cache's {page}-token blocks: one must divide the other")
-    if not _triton_runs(q, k_cache, v_cache):
+    if not _triton_runs(q, k_cache, v_cache, block_table):
         return decode_attention_reference(q, k_cache, v_cache, seq_lens, scale, k_scale=k_scale, v_scale=v_scale,
                                           cache_rows=cache_rows, block_table=block_table)
     splits = num_splits or num_kv_splits(max_len, n, num_heads)
