@@ -304,7 +304,7 @@ def rounded_q(mode: str | None, attention: str):
     over that q within float32 rounding: tests/test_kernels.py). The kernel itself does it."""
     from batchgen.worker.engine import llama
     from batchgen.worker.engine.kernels.attention import qk_int8_terms
-    from batchgen.worker.engine.kernels.int8_keys import keys_q
+    from batchgen.worker.engine.kernels.int8_keys import keys_apply, keys_q
 
     terms = qk_int8_terms(mode or "")
     if not terms or attention == "triton":
@@ -313,8 +313,8 @@ def rounded_q(mode: str | None, attention: str):
     attend = llama.CacheAttention.__call__
 
     def call(self, layer, q, k, v):
-        if self.k_cache.dtype == torch.int8:  # "-keys" with a KV head a query head: int8_keys' rounding
-            keys = "-keys" in (mode or "") and q.shape[-2] == self.k_cache.shape[-2]
+        if self.k_cache.dtype == torch.int8:  # "-keys" where int8_keys' kernel takes the model: its rounding
+            keys = "-keys" in (mode or "") and keys_apply(q.shape[-2], self.k_cache.shape[-2], q.shape[-1])
             q = (keys_q(q) if keys else int8_terms(q.float(), terms)).to(q.dtype)
         return attend(self, layer, q, k, v)
 

@@ -118,6 +118,13 @@ q16_launch() {  # q16_launch "BLOCK_N, WARPS, STAGES": INT8_QK_LAUNCHES[2] of th
     log "q16 launch: $(grep '^INT8_QK_LAUNCHES' worker/engine/kernels/attention.py)"
 }
 
+default_kernels() {  # the int8 cache's decode kernels at their default launches (fp16's beside them) at the
+    # int8 bulk state
+    run 60 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
+        --max-len 768 --out "$out/kernels" \
+        --match 'paged fp16, the default launch|q16 early, block_n 64, warps 2, stages 3|keys, block_n 32, warps 1, stages 4'
+}
+
 keys_launch() {  # keys_launch "BLOCK_N, WARPS, STAGES": KEYS_LAUNCH of this copy set to it (empty: as committed)
     [ -n "$1" ] || return 0
     sed -i -E "s/^KEYS_LAUNCH = \([0-9, ]+\)/KEYS_LAUNCH = ($1)/" worker/engine/kernels/attention.py
@@ -603,9 +610,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     ;;
   keys-default)  # the committed default's int8 kernels at the int8 bulk state (fp16's at the bus beside them), then
     # bulk on the defaults: #22's decode efficiency where device time is short for `committed`
-    run 60 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
-        --max-len 768 --out "$out/kernels" \
-        --match 'paged fp16, the default launch|q16 early, block_n 64, warps 2, stages 3|keys, block_n 32, warps 1, stages 4'
+    default_kernels
     BULK_S=200 bulk defaults 1 static-features 0
     ;;
   q16-bulk)  # after keys-default, on an H200 (its baseline): bulk with the int8 cache's previous kernel (v-q16-early)
@@ -614,9 +619,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   committed)  # #22 on the checkout as committed (no launch written into the copy): the int8 cache's kernels at their
     # default launches at the int8 bulk state, bulk on the defaults, HF's baseline (three runs; bs 256 fits an H200
     # only), bulk again
-    run 60 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
-        --max-len 768 --out "$out/kernels" \
-        --match 'paged fp16, the default launch|q16 early, block_n 64, warps 2, stages 3|keys, block_n 32, warps 1, stages 4'
+    default_kernels
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     hf_static baselines 120 --fp16-repeats 3
     BULK_S=130 bulk defaults_2 1 static-features 0

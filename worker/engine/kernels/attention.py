@@ -65,7 +65,7 @@ if HAS_TRITON:
     from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16
     from batchgen.worker.engine.kernels.int8_keys import _keys_kernel, keys_apply
     from batchgen.worker.engine.kernels.int8_ops import round_half_even
-    from batchgen.worker.engine.kernels.splits import split_bounds
+    from batchgen.worker.engine.kernels.splits import preload_ids, split_bounds
 
     @triton.jit
     def _round_over_absmax(x, INTERPRETED: tl.constexpr):
@@ -209,10 +209,7 @@ if HAS_TRITON:
 
         pages = 0
         if PRELOAD:  # the split's block ids, once: each step's then come from shared memory (tl.gather), not a load
-            first = start // PAGE
-            ids = first + tl.arange(0, PRELOAD)
-            pages = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + ids, mask=ids < tl.cdiv(end, PAGE),
-                            other=0)
+            pages = preload_ids(BlockTable, cache_row, stride_bt, start, end, PAGE, PRELOAD)
 
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_sum = tl.zeros([BLOCK_H], tl.float32)
@@ -421,16 +418,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if v_stride != scale_stride:  # one stride serves both: widen the per-tensor one
             ks, vs = ks.expand(num_kv_heads).contiguous(), vs.expand(num_kv_heads).contiguous()
             scale_stride = 1
-    pages = 0
-    if block_table is not None and (num_stages >= 3 if preload is None else preload):
-        pages = preload_pages(max_len, splits, block_n, page)
+    pages = _preload(block_table, num_stages, preload, max_len, splits, block_n, page)
     f16 = token_scales and q.dtype == torch.float16 and (
         not INT8_V_SCALES.endswith("32") if f16_int8 is None else f16_int8)
-    parts = n if splits > 1 else 1  # one split writes out itself: no partials (a stub for the pointer), no merge
-    mid_o = torch.empty(parts, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(parts, num_heads, splits, dtype=torch.float32, device=q.device)
-    if out is None:
-        out = torch.empty(n, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    mid_o, mid_lse, out = _partials(q, splits, out)
     rows_arg = cache_rows if cache_rows is not None else seq_lens  # unread when HAS_ROWS is False
     table_arg = block_table if block_table is not None else seq_lens  # unread when HAS_BLOCKS is False
     _split_kernel[(n, num_kv_heads, splits)](
@@ -449,12 +440,37 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         BIAS=f16 and not qk8 and (INT8_V_SCALES.endswith("-bias") if bias is None else bias),
         QK_INT8=qk8, INTERPRETED=interpreting(),
         num_warps=num_warps, num_stages=num_stages)
-    if splits == 1:
-        return out
-    _merge_kernel[(n, num_heads)](
-        mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0), mid_lse.stride(1),
-        out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
-        BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
+    return _merged(mid_o, mid_lse, out, block_d)
+
+
+def _preload(block_table: torch.Tensor | None, num_stages: int, preload: bool | None, max_len: int, splits: int,
+             block_n: int, page: int) -> int:
+    """The block ids a split kernel holds ahead of its loop (see preload_pages): over a paged cache, where preload
+    says, or (None) at num_stages >= 3, the deeper pipeline that is what it buys; else 0."""
+    if block_table is None or not (num_stages >= 3 if preload is None else preload):
+        return 0
+    return preload_pages(max_len, splits, block_n, page)
+
+
+def _partials(q: torch.Tensor, splits: int,
+              out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A launch's float32 partial outputs and log-sum-exps [n or 1, heads, splits, (head_dim)] and its output (out,
+    or a new one like q): one split writes out itself, so no partials (a stub for the pointer) and no merge."""
+    n, num_heads, head_dim = q.shape
+    parts = n if splits > 1 else 1
+    mid_o = torch.empty(parts, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(parts, num_heads, splits, dtype=torch.float32, device=q.device)
+    return mid_o, mid_lse, torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+
+
+def _merged(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, block_d: int) -> torch.Tensor:
+    """out, with the splits' partials merged into it where there are several (_merge_kernel)."""
+    n, num_heads, splits, head_dim = mid_o.shape
+    if splits > 1:
+        _merge_kernel[(n, num_heads)](
+            mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
+            mid_lse.stride(1), out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=splits,
+            BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
     return out
 
 
@@ -486,14 +502,8 @@ def _keys_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cach
     splits = num_splits or num_kv_splits(max_len, n, num_heads)
     ks, vs = _token_scales(k_scale, v_scale, k_cache)
     whole = max(page, block_n) if block_table is not None else block_n
-    pages = 0
-    if block_table is not None and (num_stages >= 3 if preload is None else preload):
-        pages = preload_pages(max_len, splits, whole, page)
-    parts = n if splits > 1 else 1
-    mid_o = torch.empty(parts, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(parts, num_heads, splits, dtype=torch.float32, device=q.device)
-    if out is None:
-        out = torch.empty(n, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    pages = _preload(block_table, num_stages, preload, max_len, splits, whole, page)
+    mid_o, mid_lse, out = _partials(q, splits, out)
     rows_arg = cache_rows if cache_rows is not None else seq_lens
     table_arg = block_table if block_table is not None else seq_lens
     _keys_kernel[(n, num_heads, splits)](
@@ -505,12 +515,7 @@ def _keys_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cach
         NUM_SPLITS=splits, HAS_ROWS=cache_rows is not None, HAS_BLOCKS=block_table is not None, PAGE=page,
         WHOLE=whole, PRELOAD=pages, ASM=not interpreting(), INTERPRETED=interpreting(),
         num_warps=num_warps, num_stages=num_stages)
-    if splits > 1:
-        _merge_kernel[(n, num_heads)](
-            mid_o, mid_lse, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_lse.stride(0),
-            mid_lse.stride(1), out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=head_dim,
-            NUM_SPLITS=splits, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4)
-    return out
+    return _merged(mid_o, mid_lse, out, head_dim)
 
 
 def _per_head(scale: torch.Tensor | float | None, num_kv_heads: int, device: torch.device) -> torch.Tensor:

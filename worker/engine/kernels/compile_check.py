@@ -126,6 +126,19 @@ def instructions_per_kb(cubin: bytes, arch: int, num_warps: int, step_bytes: int
     return round(body * num_warps / (step_bytes / 1024), 1) if body else None
 
 
+def launch_stats(kernel, arch: int, num_warps: int, step_bytes: int) -> dict:
+    """A compiled decode kernel's launch as its PTX and SASS tell it: shared memory, how deep the K/V copies are in
+    flight (the largest count a cp.async.wait_group leaves; 0: each step waits for all of its loads), its 16-byte
+    copies, int8 MMAs and byte permutes, warp instructions a KB a step reads, and the programs an SM holds."""
+    ptx = kernel.asm["ptx"]
+    return {"shared_bytes": kernel.metadata.shared,
+            "loads_in_flight": max(map(int, re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)), default=0),
+            "vector_loads": len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*0x10", ptx)),
+            "int8_mma": len(re.findall(r"mma\.sync[^;]*\.s8", ptx)), "prmt": ptx.count("prmt.b32"),
+            "warp_instructions_per_kb": instructions_per_kb(kernel.asm["cubin"], arch, num_warps, step_bytes),
+            **programs_per_sm(ptx, arch, num_warps, kernel.metadata.shared)}
+
+
 def compile_all(arch: int = 90) -> dict[str, dict]:
     out = {}
     for name, kv, paged, splits in (("split fp16", "*fp16", False, 2), ("split fp8", "*fp8e4nv", False, 2),
@@ -170,26 +183,17 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                                        PRELOAD=attention.preload_pages(768, 1, block_n, page) * preload, BIAS=bias,
                                        QK_INT8=q_terms),
                         num_warps=warps, num_stages=stages)
-        ptx = k.asm["ptx"]
         step_bytes = block_n * 128 * 2 * (1 if kv == "*i8" else 2)  # K and V an inner step reads
-        out[name] = {"shared_bytes": k.metadata.shared, "stages": stages,
-                     "loads_in_flight": max(map(int, re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)), default=0),
-                     "vector_loads": len(re.findall(r"cp\.async\.cg\.shared\.global[^;]*0x10", ptx)),
-                     "int8_mma": len(re.findall(r"mma\.sync[^;]*\.s8", ptx)), "prmt": ptx.count("prmt.b32"),
-                     "warp_instructions_per_kb": instructions_per_kb(k.asm["cubin"], arch, warps, step_bytes),
-                     **programs_per_sm(ptx, arch, warps, k.metadata.shared)}
+        out[name] = {"stages": stages} | launch_stats(k, arch, warps, step_bytes)
     # the keys on the tiles' rows (int8_keys) at its launch, over the same cache (Llama-2's heads: one a KV head)
     block_n, warps, stages = attention.KEYS_LAUNCH
     page = attention.BLOCK_N
+    whole = max(page, block_n)  # a split starts on a block and a step
     k = build_keys(arch, dict(HEAD_DIM=128, BLOCK_N=block_n, NUM_SPLITS=1, HAS_ROWS=False, HAS_BLOCKS=True,
-                              PAGE=page, WHOLE=max(page, block_n), PRELOAD=attention.preload_pages(768, 1, block_n, page),
-                              ASM=True), num_warps=warps, num_stages=stages)
-    ptx = k.asm["ptx"]
-    out["paged int8 keys launch, ids ahead"] = {
-        "shared_bytes": k.metadata.shared, "loads_in_flight": max(map(int, re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)), default=0),
-        "int8_mma": len(re.findall(r"mma\.sync[^;]*\.s8", ptx)), "spill_bytes": spill_bytes(ptx, arch),
-        "warp_instructions_per_kb": instructions_per_kb(k.asm["cubin"], arch, warps, block_n * 128 * 2),
-        **programs_per_sm(ptx, arch, warps, k.metadata.shared)}
+                              PAGE=page, WHOLE=whole, PRELOAD=attention.preload_pages(768, 1, whole, page), ASM=True),
+                   num_warps=warps, num_stages=stages)
+    out["paged int8 keys launch, ids ahead"] = launch_stats(k, arch, warps, block_n * 128 * 2) | {
+        "spill_bytes": spill_bytes(k.asm["ptx"], arch)}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
               ["stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh"], [],
               dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=3, BLOCK_S=4), num_warps=4)

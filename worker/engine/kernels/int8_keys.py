@@ -40,7 +40,7 @@ if HAS_TRITON:
     import triton.language as tl
     from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16
     from batchgen.worker.engine.kernels.int8_ops import round_half_even
-    from batchgen.worker.engine.kernels.splits import split_bounds
+    from batchgen.worker.engine.kernels.splits import preload_ids, split_bounds
 
     _LO = tl.constexpr(LO_STEPS)  # a Triton function reads module globals only as constexpr
     _TINY = tl.constexpr(TINY_LOG2)
@@ -119,9 +119,7 @@ if HAS_TRITON:
             v_base += cache_row.to(tl.int64) * stride_vr
         pages = 0
         if PRELOAD:
-            ids = start // PAGE + tl.arange(0, PRELOAD)
-            pages = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + ids, mask=ids < tl.cdiv(end, PAGE),
-                            other=0)
+            pages = preload_ids(BlockTable, cache_row, stride_bt, start, end, PAGE, PRELOAD)
 
         m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
         l_vec = tl.zeros([BLOCK_N], tl.float32)

@@ -20,3 +20,10 @@ if HAS_TRITON:
         split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), WHOLE) * WHOLE
         start = split * split_len
         return row, kv_head, split, cache_row, start, tl.minimum(start + split_len, seq_len)
+
+    @triton.jit
+    def preload_ids(BlockTable, cache_row, stride_bt, start, end, PAGE: tl.constexpr, PRELOAD: tl.constexpr):
+        """The split start .. end's block ids, once ahead of its loop (PRELOAD of them from start's block; past end
+        0): each step's then come from shared memory (tl.gather), not a load."""
+        ids = start // PAGE + tl.arange(0, PRELOAD)
+        return tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + ids, mask=ids < tl.cdiv(end, PAGE), other=0)
