@@ -71,6 +71,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh q16      # int8 K/V, q16: launches; bulk; defaults
 #   Q16="64, 2, 3" source scripts/device-setup.sh && bash scripts/gpu-round.sh q16-ab  # then: HF; drift; bulk q16
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-default  # q16 launches; bulk; HF; bulk; exact
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh step     # int8 bulk state: profile, keys launches,
+#                                                                        # the GEMM at 640 rows
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -632,6 +634,16 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
         --max-len 768 --out "$out/kernels" \
         --match 'bytes as fp16|the default launch|paged fp16, 3 stages, ids ahead|v-bias, block_n 64, warps 2|q8|q16'
     profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
+    ;;
+  step)  # where a bulk decode step goes on the int8 default: a profile at the int8 bulk state (614 rows, 352-token
+    # prompts), the keys kernel's launches on this card, and the GEMM searched at 640 rows (the graph bucket of the
+    # bulk run's ~618 decode rows; the table has 512 and 1,024), started from the committed table
+    profile int8_state "" --rows 614 --prompt 352 --max-model-len 416
+    run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
+        --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|keys'
+    mkdir -p "$out/rows640" && cp "$tables"/NVIDIA*.json "$out/rows640/"
+    run 170 int8_tune_640 python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 640 \
+        --out "$out/rows640/int8_tune.json" --budget-s 150
     ;;
   profile)
     profile untuned tuned_kernels=0
