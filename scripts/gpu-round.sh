@@ -71,8 +71,9 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh q16      # int8 K/V, q16: launches; bulk; defaults
 #   Q16="64, 2, 3" source scripts/device-setup.sh && bash scripts/gpu-round.sh q16-ab  # then: HF; drift; bulk q16
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-default  # q16 launches; bulk; HF; bulk; exact
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh step     # int8 bulk state: profile, keys launches,
-#                                                                        # the GEMM at 640 rows
+#   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh step  # keys kernel: this tree's
+#                                                                        # launches, OLD's; a profile; bulk
+#   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh step-2  # then: bulk OLD, HF, GEMM 640
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -635,12 +636,25 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
         --match 'bytes as fp16|the default launch|paged fp16, 3 stages, ids ahead|v-bias, block_n 64, warps 2|q8|q16'
     profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
     ;;
-  step)  # where a bulk decode step goes on the int8 default: a profile at the int8 bulk state (614 rows, 352-token
-    # prompts), the keys kernel's launches on this card, and the GEMM searched at 640 rows (the graph bucket of the
-    # bulk run's ~618 decode rows; the table has 512 and 1,024), started from the committed table
-    profile int8_state "" --rows 614 --prompt 352 --max-model-len 416
+  step)  # the keys kernel with a lazy max, the SFU's log2 and the weights on one row: its launches beside OLD's
+    # kernel (the commit before) at the int8 bulk state (614 rows, mean context 385), a profile of a decode step there,
+    # bulk at the fastest launch
     run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
         --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|keys'
+    old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
+    mkdir -p "$old/.devpkg/batchgen"
+    for part in jobs producer worker; do ln -sfn "$old/$part" "$old/.devpkg/batchgen/$part"; done
+    (cd "$old" && export PYTHONPATH="/tmp/site:$old/.devpkg:$old" && run 60 kernels_old python3 -m benchmarks.kernels \
+        --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 --out "$out/kernels_old" \
+        --match 'paged fp16, the default launch|keys, block_n 32, warps 1, stages 4|keys, block_n 16, warps 1, stages 3')
+    profile int8_state "" --rows 614 --prompt 352 --max-model-len 416
+    keys_launch "$(python3 scripts/fastest_launch.py "$out/kernels.log" 'paged int8 keys')"
+    BULK_S=200 bulk defaults 1 static-features 0
+    ;;
+  step-2)  # right after `step` on the same machine: bulk on OLD's tree, HF's baseline, the GEMM searched at 640 rows
+    # (the graph bucket of the bulk run's ~618 decode rows; the table has 512 and 1,024)
+    BULK_S=170 bulk_old
+    hf_static baselines 120 --fp16-repeats 2
     mkdir -p "$out/rows640" && cp "$tables"/NVIDIA*.json "$out/rows640/"
     run 170 int8_tune_640 python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 640 \
         --out "$out/rows640/int8_tune.json" --budget-s 150

@@ -12,6 +12,8 @@ import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere: the kernels run on CPU tensors
 
+import math
+
 import pytest
 import torch
 
@@ -421,6 +423,7 @@ def test_kernels_compile_for_hopper():
     keys = compiled["paged int8 keys launch, ids ahead"]
     assert keys["loads_in_flight"] > 0 and keys["int8_mma"] > 0 and keys["spill_bytes"] in (0, None), keys
     assert keys["warp_instructions_per_kb"] < per_kb["paged int8 launch q16 early, ids ahead"], (keys, per_kb)
+    assert keys["lg2_approx"] > 0  # V's scales in log2 by the SFU, not libdevice's polynomial
     assert compiled["rope"]["vectorised"] and compiled["rope store"]["vectorised"]
     assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8"))
     assert compiled["kv store fp8"]["div_rn"] and compiled["kv store int8"]["div_rn"]  # the quantising stores
@@ -961,6 +964,36 @@ def test_int8_kv_with_the_keys_on_the_tiles_rows_equals_the_reference_with_q_rou
     if paged:  # the block table the split kernel wants, int32
         with pytest.raises(ValueError, match="int32 block table"):
             decode_attention(q, *cache, lengths, 128**-0.5, keys=True, **(scales | {"block_table": table.long()}))
+
+
+def test_the_keys_kernels_lazy_max_rescales_only_past_its_slack():
+    """int8_keys raises its running max only where a step's weights would pass 2^SLACK_LOG2: scores that climb a
+    little each step (under the slack: the sums run on at the old max, the weights above 1) and jump once (past it:
+    rescaled) give the reference's output, at 16 and 32 keys a step and 1 or 2 splits."""
+    from batchgen.worker.engine.kernels.int8_keys import SLACK_LOG2, keys_q
+
+    scale = 64**-0.5
+    k, v = _cache(2, 1, 64, torch.float16, seed=11)
+    q = torch.randn(2, 1, 64, generator=torch.Generator().manual_seed(12)).to(torch.float16)
+    t = torch.arange(MAX_LEN, dtype=torch.float32)
+    climb = 0.25 * t + 20.0 * (t >= 48)  # log2 of each key's weight: +4 a 16-key step, +20 at key 48
+    for row in range(2):
+        unit = q[row, 0].float() / q[row, 0].float().norm()
+        lift = climb[:, None] / (q[row, 0].float().norm() * scale * math.log2(math.e)) * unit
+        k[row, :, 0] = (k[row, :, 0].float() * 0.1 + lift).to(torch.float16)
+    kq, vq, ks, vs = _int8_cache(k, v)
+    lengths = torch.tensor([MAX_LEN, 61], dtype=torch.int32)
+    # the data holds both cases: a step whose max rises by at most the slack, and one that rises past it
+    qk = (keys_q(q)[:, 0, None, :] * (kq[:, :, 0].float() * ks[:, 0, :, None])).sum(-1)
+    weights = qk * scale * math.log2(math.e) + vs[:, 0].log2()
+    rises = weights[0].reshape(-1, 16).amax(1).cummax(0).values.diff()
+    assert ((rises > 0) & (rises <= SLACK_LOG2)).any() and (rises > SLACK_LOG2).any(), rises
+    ref = decode_attention_reference(keys_q(q), kq, vq, lengths, scale, k_scale=ks, v_scale=vs)
+    for block_n in (16, 32):
+        for splits in (1, 2):
+            out = decode_attention(q, kq, vq, lengths, scale, k_scale=ks, v_scale=vs, num_splits=splits, keys=True,
+                                   block_n=block_n)
+            _close(out, ref.to(torch.float16), torch.float16)
 
 
 def test_the_keys_mode_takes_one_query_head_a_kv_head_and_leaves_groups_to_q16(monkeypatch):

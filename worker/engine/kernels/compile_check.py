@@ -193,7 +193,7 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                               PAGE=page, WHOLE=whole, PRELOAD=attention.preload_pages(768, 1, whole, page), ASM=True),
                    num_warps=warps, num_stages=stages)
     out["paged int8 keys launch, ids ahead"] = launch_stats(k, arch, warps, block_n * 128 * 2) | {
-        "spill_bytes": spill_bytes(k.asm["ptx"], arch)}
+        "spill_bytes": spill_bytes(k.asm["ptx"], arch), "lg2_approx": k.asm["ptx"].count("lg2.approx.f32")}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
               ["stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh"], [],
               dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=3, BLOCK_S=4), num_warps=4)

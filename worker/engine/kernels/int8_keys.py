@@ -17,6 +17,9 @@ attention.decode_attention launches it (and the split kernel's merge) under --in
 from batchgen.worker.engine.kernels.backend import HAS_TRITON
 
 LO_STEPS = 128  # q's second term counts in 1/LO_STEPS of the first's step: a score is LO_STEPS · hi + lo in int32
+# the running max is raised only when a step's weights would pass 2^SLACK_LOG2 (FlashAttention-4's lazy rescale):
+# weights stay <= 256 in fp16, and the steps that do not raise it skip rescaling the accumulator
+SLACK_LOG2 = 8.0
 TINY_LOG2 = -100.0  # log2 of a zero V scale (an all-zero head) in the running max: finite, so no inf - inf
 
 
@@ -44,6 +47,18 @@ if HAS_TRITON:
 
     _LO = tl.constexpr(LO_STEPS)  # a Triton function reads module globals only as constexpr
     _TINY = tl.constexpr(TINY_LOG2)
+    _SLACK = tl.constexpr(SLACK_LOG2)
+
+    @triton.jit
+    def fast_log2(x, ASM: tl.constexpr):
+        """log2 of float32 x by the SFU's approximation (tl.log2 is libdevice's exact one: a polynomial, ~20
+        instructions a value): its error is far under the fp16 rounding of the weights it feeds."""
+        if ASM:
+            out = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                            pack=1)
+        else:
+            out = tl.log2(x)
+        return out
 
     @triton.jit
     def _keys_step(block, start, end, qcols, m, l_vec, w_vec, acc, k_base, v_base, pages, BlockTable, KScale, VScale,
@@ -56,7 +71,17 @@ if HAS_TRITON:
         j = tl.arange(0, BLOCK_N)
         t = block + j
         t_mask = t < end if MASKED else tl.full([BLOCK_N], 1, tl.int1)
-        if HAS_BLOCKS:  # block is a multiple of PAGE or BLOCK_N a divisor of it: slots and ids from j's constants
+        if HAS_BLOCKS and BLOCK_N <= PAGE:  # the step inside one block: one id, the tile's offsets loop-invariant
+            if PRELOAD:
+                ids = tl.arange(0, PRELOAD)
+                page = tl.sum(tl.where(ids == (block - start) // PAGE, pages, 0), 0).to(tl.int64)
+            else:
+                page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // PAGE).to(tl.int64)
+            at = page * stride_kr + block % PAGE * stride_kt
+            k_at = k_base + at + j * stride_kt
+            v_at = v_base + page * stride_vr + block % PAGE * stride_vt + j * stride_vt
+            s_at = page * stride_sr + kv_head * stride_sh + block % PAGE + j
+        elif HAS_BLOCKS:  # block is a multiple of PAGE: slots and ids from j's constants
             slot = block % PAGE + j % PAGE
             if PRELOAD:
                 page = tl.gather(pages, (block - start) // PAGE + j // PAGE, 0).to(tl.int64)
@@ -78,18 +103,24 @@ if HAS_TRITON:
         ks = tl.load(KScale + s_at, mask=t_mask, other=0.0)
         vs = tl.load(VScale + s_at, mask=t_mask, other=0.0)
         s = tl.where(t_mask, s * (ks * s_scale), float("-inf"))
-        sv = s + tl.maximum(tl.log2(vs), _TINY)  # the weight the product takes, in log2, before the max
-        m_new = tl.maximum(m, tl.max(sv, 0))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new)
-        pv = tl.exp2(sv - m_new).to(tl.float16)  # <= 1
-        l_vec = l_vec * alpha + p
-        w_vec = w_vec * alpha + pv.to(tl.float32)
+        sv = s + tl.maximum(fast_log2(vs, ASM), _TINY)  # the weight the product takes, in log2, before the max
+        m_step = tl.max(sv, 0)
+        if m_step > m + _SLACK:  # lazily: the running max moves (and the sums are rescaled) only when a weight would
+            # pass 2^SLACK, so most steps skip the rescale of acc
+            alpha = tl.exp2(m - m_step)
+            l_vec *= alpha
+            w_vec *= alpha
+            acc *= alpha
+            m = m_step
+        p = tl.exp2(s - m)
+        pv = tl.exp2(sv - m).to(tl.float16)  # <= 2^SLACK
+        l_vec += p
+        w_vec += pv.to(tl.float32)
         v = tl.load(v_at[:, None] + d[None, :], mask=t_mask[:, None], other=0)
         v = int8_to_f16(v, ASM, True, True)  # 1152 + v, exact: the weights' sum times 1152 comes off at the end
-        rows = tl.broadcast_to(pv[None, :], [16, BLOCK_N])
-        acc = tl.dot(rows, v, acc * alpha)
-        return m_new, l_vec, w_vec, acc
+        rows = tl.where(tl.arange(0, 16)[:, None] == 0, pv[None, :], 0.0).to(tl.float16)  # row 0: the weights
+        acc = tl.dot(rows, v, acc)
+        return m, l_vec, w_vec, acc
 
     @triton.jit
     def _keys_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, MidLse, Out,
