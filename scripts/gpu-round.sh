@@ -73,6 +73,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-default  # q16 launches; bulk; HF; bulk; exact
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh step  # keys kernel: this tree's
 #                                                                        # launches, OLD's; a profile; bulk
+#                                                                        # (PROFILE=0 BULK_OLD=1: none; OLD's bulk)
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh step-2  # then: bulk OLD, HF, GEMM 640
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
@@ -132,6 +133,18 @@ keys_launch() {  # keys_launch "BLOCK_N, WARPS, STAGES": KEYS_LAUNCH of this cop
     [ -n "$1" ] || return 0
     sed -i -E "s/^KEYS_LAUNCH = \([0-9, ]+\)/KEYS_LAUNCH = ($1)/" worker/engine/kernels/attention.py
     log "keys launch: $(grep '^KEYS_LAUNCH' worker/engine/kernels/attention.py)"
+}
+
+keys_ab() {  # int8_keys' launches at the int8 bulk state, then OLD's tree's (the commit before) at two of them
+    run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
+        --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|keys'
+    local old
+    old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
+    mkdir -p "$old/.devpkg/batchgen"
+    for part in jobs producer worker; do ln -sfn "$old/$part" "$old/.devpkg/batchgen/$part"; done
+    (cd "$old" && export PYTHONPATH="/tmp/site:$old/.devpkg:$old" && run 60 kernels_old python3 -m benchmarks.kernels \
+        --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 --out "$out/kernels_old" \
+        --match 'paged fp16, the default launch|keys, block_n 32, warps 1, stages 4|keys, block_n 16, warps 1, stages 3')
 }
 
 bulk_old() {  # bulk on the defaults from OLD's tree (its own batchgen.* and benchmarks), as bulk_old
@@ -637,19 +650,13 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
     ;;
   step)  # the keys kernel with a lazy max, the SFU's log2 and the weights on one row: its launches beside OLD's
-    # kernel (the commit before) at the int8 bulk state (614 rows, mean context 385), a profile of a decode step there,
-    # bulk at the fastest launch
-    run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
-        --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|keys'
-    old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
-    mkdir -p "$old/.devpkg/batchgen"
-    for part in jobs producer worker; do ln -sfn "$old/$part" "$old/.devpkg/batchgen/$part"; done
-    (cd "$old" && export PYTHONPATH="/tmp/site:$old/.devpkg:$old" && run 60 kernels_old python3 -m benchmarks.kernels \
-        --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 --out "$out/kernels_old" \
-        --match 'paged fp16, the default launch|keys, block_n 32, warps 1, stages 4|keys, block_n 16, warps 1, stages 3')
-    profile int8_state "" --rows 614 --prompt 352 --max-model-len 416
+    # kernel (the commit before) at the int8 bulk state (614 rows, mean context 385), a profile of a decode step there
+    # (PROFILE=0: none), bulk at the fastest launch, then (BULK_OLD=1) bulk on OLD's tree
+    keys_ab
+    [ "${PROFILE:-1}" = 0 ] || profile int8_state "" --rows 614 --prompt 352 --max-model-len 416
     keys_launch "$(python3 scripts/fastest_launch.py "$out/kernels.log" 'paged int8 keys')"
     BULK_S=200 bulk defaults 1 static-features 0
+    [ "${BULK_OLD:-0}" = 0 ] || BULK_S=170 bulk_old
     ;;
   step-2)  # right after `step` on the same machine: bulk on OLD's tree, HF's baseline, the GEMM searched at 640 rows
     # (the graph bucket of the bulk run's ~618 decode rows; the table has 512 and 1,024)
