@@ -65,6 +65,7 @@ Q8_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 2, 3), (128, 4, 2), (32, 4, 3)]
 # the keys on the tiles' rows (int8_keys, v-q16-keys, the default where a query head has its own KV head)
 KEYS_CONFIGS = [(32, 2, 3), (16, 1, 3), (16, 1, 4), (16, 1, 5), (32, 1, 3), (32, 1, 4), (32, 2, 4), (16, 2, 3), (16, 2, 4),
                 (64, 2, 3), (64, 4, 3)]
+HEADS_MAJOR_CONFIGS = [(32, 1, 4), (32, 1, 3), (16, 1, 3), (64, 2, 3), (64, 1, 3)]
 # q16 early (the int8 cache's default under GQA): fewer warps a program were faster (4 -> 2), so one warp too
 Q16_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 2, 3), (64, 1, 3), (32, 1, 3), (64, 2, 4), (32, 2, 3), (128, 2, 3)]
 EARLY_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
@@ -334,6 +335,20 @@ def attention(args, shape: Shape, device: str) -> dict:
                         lambda t=tune: row(
                             lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t),
                             "int8") | {"max_abs_err_vs_int8": paged_err(kip, vip, ref8, **int8_paged, **t)})
+        # the same pools with each block's heads outermost ([blocks, heads, page, d] seen as [blocks, page, heads, d]):
+        # a head's keys of a block are one run of page * head_dim bytes, not head_dim-byte pieces a token apart
+        kih, vih, kph, vph = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (kip, vip, kp, vp))
+        if keys_apply(shape.heads, kv_heads, head_dim):
+            for block_n, warps, stages in HEADS_MAJOR_CONFIGS[:1] if args.smoke else HEADS_MAJOR_CONFIGS:
+                tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, keys=True)
+                attempt(f"paged int8 keys heads-major, block_n {block_n}, warps {warps}, stages {stages}",
+                        lambda t=tune: row(
+                            lambda: decode_attention(q, kih, vih, lens, scale, block_table=table, **int8_paged, **t),
+                            "int8") | {"max_abs_err_vs_int8": paged_err(kih, vih, ref8, **int8_paged, **t)})
+        attempt("paged fp16 heads-major, the default launch", lambda: row(
+            lambda: decode_attention(q, kph, vph, lens, scale, block_table=table), "fp16")
+            | {"max_abs_err": paged_err(kph, vph, ref16)})
+        del kih, vih, kph, vph
         # early, left 1152 over the values; and with the V scales in p at int8's launch
         # (under the interpreter one launch of each: the other sweeps run every block_n there already)
         for (block_n, warps, stages), in_p in ([(c, False) for c in BIAS_CONFIGS[:1 if args.smoke else None]]
