@@ -137,7 +137,7 @@ keys_launch() {  # keys_launch "BLOCK_N, WARPS, STAGES": KEYS_LAUNCH of this cop
 
 keys_ab() {  # int8_keys' launches at the int8 bulk state, then OLD's tree's (the commit before) at two of them
     run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
-        --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|keys'
+        --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|keys|heads-major'
     local old
     old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
     mkdir -p "$old/.devpkg/batchgen"
