@@ -658,6 +658,9 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=200 bulk defaults 1 static-features 0
     [ "${BULK_OLD:-0}" = 0 ] || BULK_S=170 bulk_old
     ;;
+  keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
+    keys_ab
+    ;;
   step-2)  # right after `step` on the same machine: bulk on OLD's tree, HF's baseline, the GEMM searched at 640 rows
     # (the graph bucket of the bulk run's ~618 decode rows; the table has 512 and 1,024)
     BULK_S=170 bulk_old

@@ -279,10 +279,10 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
     for name, dest, quant in (("kv store fp16", "*fp16", False), ("kv store fp8", "*u8", True),
                               ("kv store int8", "*i8", False)):
         k = build(kv_store._store_kernel, arch, {"Dest": dest, "Slots": "*i64", "Src": "*fp16", "Scale": "*fp32"},
-                  ["stride_t", "stride_h", "scale_stride", "width"], [],
+                  ["stride_t", "stride_h", "scale_stride", "width", "stride_cb", "stride_ct", "stride_ch"], [],
                   dict(HEADS=32, HEAD_DIM=128, BLOCK_H=32, BLOCK_D=128, QUANT=quant, INT8=dest == "*i8",
                        INTERPRETED=False),
-                  aligned=("stride_t", "stride_h"), num_warps=4)
+                  aligned=("stride_t", "stride_h", "stride_cb", "stride_ct", "stride_ch"), num_warps=4)
         ptx = k.asm["ptx"]
         out[name] = {"vectorised": "v4" in ptx}  # 16-byte loads (and stores)
         if quant or dest == "*i8":  # IEEE division (by the scale; 127 by the absmax), as torch's, not approximate

@@ -39,7 +39,8 @@ if HAS_TRITON:
         return (code | sign).to(tl.uint8)
 
     @triton.jit
-    def _store_kernel(Dest, Slots, Src, Scale, stride_t, stride_h, scale_stride, width, HEADS: tl.constexpr,
+    def _store_kernel(Dest, Slots, Src, Scale, stride_t, stride_h, scale_stride, width, stride_cb, stride_ct,
+                      stride_ch, HEADS: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
                       INT8: tl.constexpr, INTERPRETED: tl.constexpr):
         t = tl.program_id(0)
@@ -58,7 +59,7 @@ if HAS_TRITON:
         elif QUANT:  # an fp8 cache (Dest its bytes): x / its head's scale, saturated, as float8_e4m3fn bits
             scale = tl.load(Scale + h * scale_stride, mask=h < HEADS, other=1.0)
             x = _e4m3_bits(tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -_FP8_MAX, _FP8_MAX))
-        tl.store(Dest + slot * (HEADS * HEAD_DIM) + h * HEAD_DIM + d, x, mask=mask)
+        tl.store(Dest + slot // width * stride_cb + slot % width * stride_ct + h * stride_ch + d, x, mask=mask)
 
 
 def cache_slots(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
@@ -73,8 +74,8 @@ def cache_slots(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
 
 def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None,
              triton_kernel: bool | None = None) -> None:
-    """cache [.., .., kv_heads, head_dim] (one layer, contiguous) at slots [T] (cache_slots) = x [T, kv_heads,
-    head_dim]. An fp8 cache takes x / scale (its per-head scales [kv_heads], or one) saturated to float8_e4m3fn,
+    """cache [.., .., kv_heads, head_dim] (one layer; any strides with a unit last one: a pool whose blocks hold
+    their heads outermost too) at slots [T] (cache_slots) = x [T, kv_heads, head_dim]. An fp8 cache takes x / scale (its per-head scales [kv_heads], or one) saturated to float8_e4m3fn,
     quantised inside the store's own launch on the Triton path (a prefill's separate divide, clamp and cast
     kernels cost more than the store). An int8 cache takes each token's heads quantised on their own absmax
     (quantize_kv_int8), their scales written into scale [.., kv_heads, ..] (the layer's, contiguous, as
@@ -91,9 +92,9 @@ def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: t
             x, scale.transpose(1, 2)[slots // width, slots % width] = quantize_kv_int8(x)
         else:
             x = quantize_kv(x, scale) if quant else x.to(cache.dtype)
-        if x.dtype.itemsize == 1:  # index_copy_ has no float8 kernel: the bytes are what move
+        if x.dtype.itemsize == 1:  # index_put_ has no float8 kernel: the bytes are what move
             cache, x = cache.view(torch.uint8), x.view(torch.uint8)
-        cache.view(-1, heads * head_dim).index_copy_(0, slots, x.reshape(-1, heads * head_dim))
+        cache[slots // width, slots % width] = x
         return
     if not (quant or int8):
         x = x.to(cache.dtype)
@@ -105,7 +106,10 @@ def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: t
         scale = scale.to(device=x.device, dtype=torch.float32).reshape(-1)
     elif not int8:
         scale = cache  # unread without QUANT or INT8
+    if cache.stride(-1) != 1:
+        raise ValueError("store_kv wants a unit stride over head_dim")
     _store_kernel[(x.shape[0],)](cache, slots, x, scale, x.stride(0), x.stride(1),
-                                 1 if quant and scale.numel() > 1 else 0, width, HEADS=heads, HEAD_DIM=head_dim,
+                                 1 if quant and scale.numel() > 1 else 0, width, cache.stride(0), cache.stride(1),
+                                 cache.stride(2), HEADS=heads, HEAD_DIM=head_dim,
                                  BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(head_dim),
                                  QUANT=quant, INT8=int8, INTERPRETED=interpreting())
