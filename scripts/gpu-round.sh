@@ -72,9 +72,8 @@
 #   Q16="64, 2, 3" source scripts/device-setup.sh && bash scripts/gpu-round.sh q16-ab  # then: HF; drift; bulk q16
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-default  # q16 launches; bulk; HF; bulk; exact
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh step  # keys kernel: this tree's
-#                                                                        # launches, OLD's; a profile; bulk
-#                                                                        # (PROFILE=0 BULK_OLD=1: none; OLD's bulk)
-#   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh step-2  # then: bulk OLD, HF, GEMM 640
+#                                                                        # launches, OLD's; bulk; OLD's bulk
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh step-2  # then: HF's baseline; bulk again
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -649,25 +648,20 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
         --match 'bytes as fp16|the default launch|paged fp16, 3 stages, ids ahead|v-bias, block_n 64, warps 2|q8|q16'
     profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
     ;;
-  step)  # the keys kernel with a lazy max, the SFU's log2 and the weights on one row: its launches beside OLD's
-    # kernel (the commit before) at the int8 bulk state (614 rows, mean context 385), a profile of a decode step there
-    # (PROFILE=0: none), bulk at the fastest launch, then (BULK_OLD=1) bulk on OLD's tree
+  step)  # the keys kernel's launches over both pool layouts beside OLD's kernel (the commit before) at the int8
+    # bulk state (614 rows, mean context 385), a profile of a decode step there (PROFILE=1), bulk on the committed
+    # defaults (the int8 pool with each block's heads outermost), then bulk on OLD's tree (BULK_OLD=0: not)
     keys_ab
-    [ "${PROFILE:-1}" = 0 ] || profile int8_state "" --rows 614 --prompt 352 --max-model-len 416
-    keys_launch "$(python3 scripts/fastest_launch.py "$out/kernels.log" 'paged int8 keys')"
+    [ "${PROFILE:-0}" = 0 ] || profile int8_state "" --rows 614 --prompt 352 --max-model-len 416
     BULK_S=200 bulk defaults 1 static-features 0
-    [ "${BULK_OLD:-0}" = 0 ] || BULK_S=170 bulk_old
+    [ "${BULK_OLD:-1}" = 0 ] || BULK_S=170 bulk_old
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab
     ;;
-  step-2)  # right after `step` on the same machine: bulk on OLD's tree, HF's baseline, the GEMM searched at 640 rows
-    # (the graph bucket of the bulk run's ~618 decode rows; the table has 512 and 1,024)
-    BULK_S=170 bulk_old
+  step-2)  # right after `step` on the same machine: HF's baseline (two runs), bulk on the defaults again
     hf_static baselines 120 --fp16-repeats 2
-    mkdir -p "$out/rows640" && cp "$tables"/NVIDIA*.json "$out/rows640/"
-    run 170 int8_tune_640 python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 640 \
-        --out "$out/rows640/int8_tune.json" --budget-s 150
+    BULK_S=150 bulk defaults_2 1 static-features 0
     ;;
   profile)
     profile untuned tuned_kernels=0

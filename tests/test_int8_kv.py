@@ -33,6 +33,8 @@ def test_the_int8_cache_takes_a_byte_a_value_and_a_scale_a_token_and_head(int8_e
     layers, blocks, block_size, kv_heads, head_dim = runner.k_cache.shape
     assert runner.k_scale.shape == runner.v_scale.shape == (layers, blocks, kv_heads, block_size)
     assert runner.k_scale.dtype == torch.float32
+    # each block's heads outermost (model_runner.kv_pool): a head's tokens of a block side by side
+    assert runner.k_cache.stride()[2:] == runner.v_cache.stride()[2:] == (head_dim, block_size * head_dim, 1)
     assert runner.kv_dtype_bytes == 1 + 4 / head_dim  # the demo model's head_dim is 16: 1.25
     assert int8_engine.stats().extra["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 1.25
     assert int8_engine.stats().extra["kv_cache_dtype"] == "int8"

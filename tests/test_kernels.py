@@ -922,13 +922,14 @@ def test_the_default_launch_takes_a_third_stage_where_a_program_holds_its_tiles(
     assert launch(torch.float16, True, 128, attention.shared_per_program(torch.device("cpu"))) == attention.LAUNCH
 
 
-@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("paged", [False, "tokens", "heads"])
 def test_int8_kv_with_the_keys_on_the_tiles_rows_equals_the_reference_with_q_rounded(paged):
     """int8_keys (--int8-kv-scales v-q16-keys): one query head a KV head, the step's keys on the tensor-core tiles'
     rows, q as two int8 terms (the second in 1/128 of the first's step), V's scale in the running max: the reference
     over that q within an output ulp, over a slot cache (1, 2 or 3 splits, several keys a step) and a paged one
-    (one block a step, several, or a part of one; the block ids ahead or in the loop); a head of zeros, and a
-    token whose V is all zeros (its scale 0). Close to the fp16 q's output, as q16's two terms are."""
+    (one block a step, several, or a part of one; the block ids ahead or in the loop; each block's tokens or its
+    heads outermost, as model_runner.kv_pool lays an int8 pool out, written by store_kv's kernel); a head of zeros,
+    and a token whose V is all zeros (its scale 0). Close to the fp16 q's output, as q16's two terms are."""
     from batchgen.worker.engine.kernels.int8_keys import keys_q
     from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
 
@@ -943,7 +944,8 @@ def test_int8_kv_with_the_keys_on_the_tiles_rows_equals_the_reference_with_q_rou
     cache, scales, tunes = (kq, vq), dict(k_scale=ks, v_scale=vs), [dict(block_n=n) for n in (16, 64)]
     if paged:
         table = torch.tensor([[1, 2], [3, 0], [4, 5], [6, 7]], dtype=torch.int32)
-        blocks = [torch.zeros(8, 64, 2, 128, dtype=torch.int8) for _ in range(2)]
+        blocks = [torch.zeros(8, 64, 2, 128, dtype=torch.int8) if paged == "tokens"
+                  else torch.zeros(8, 2, 64, 128, dtype=torch.int8).transpose(1, 2) for _ in range(2)]
         block_scales = [torch.zeros(8, 2, 64) for _ in range(2)]
         rows, positions = torch.arange(4).repeat_interleave(MAX_LEN), torch.arange(MAX_LEN).repeat(4)
         keep = positions < lengths[rows]
@@ -952,6 +954,9 @@ def test_int8_kv_with_the_keys_on_the_tiles_rows_equals_the_reference_with_q_rou
             store_kv(c, slots, x.reshape(-1, 2, 128)[keep], sc, triton_kernel=True)
         cache, scales = tuple(blocks), dict(k_scale=block_scales[0], v_scale=block_scales[1], block_table=table)
         tunes = [dict(block_n=n, preload=ahead) for n in (32, 64, 128) for ahead in (False, True)]
+        for pool, values in zip(blocks, (kq, vq), strict=True):  # each token where the table says, in either layout
+            held = pool[table.long()].flatten(1, 2)[:, :MAX_LEN]
+            assert torch.equal(held[keep.view(4, MAX_LEN)], values[keep.view(4, MAX_LEN)])
     ref = decode_attention_reference(keys_q(q), *cache, lengths, 128**-0.5, **scales)
     for tune in tunes:
         for splits in (1, 2, 3):

@@ -56,6 +56,18 @@ def free_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def kv_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, heads_major: bool) -> torch.Tensor:
+    """A zeroed cache of shape [layers, rows or blocks, tokens, kv_heads, head_dim]. heads_major: stored with each
+    block's heads outermost ([.., blocks, kv_heads, tokens, head_dim], seen through a transpose), so that a decode
+    program's keys of a block are one run of tokens * head_dim bytes, not head_dim-byte pieces a token apart: an
+    int8 pool's 128-byte pieces read slower than the bus (docs/benchmarks.md, "Each block's heads outermost"). The
+    kernels and stores take any strides."""
+    if not heads_major:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    layers, blocks, tokens, heads, head_dim = shape
+    return torch.zeros(layers, blocks, heads, tokens, head_dim, dtype=dtype, device=device).transpose(2, 3)
+
+
 class ModelRunner:
     """Owns the KV cache on the device; runs prefill and decode for the engine.
 
@@ -152,8 +164,8 @@ class ModelRunner:
             if num_blocks is None:
                 self.host_table.copy_(torch.arange(max_rows * per_row, dtype=torch.int32).view(max_rows, per_row) + 1)
             self.block_table = self.host_table.to(self.device)
-        self.k_cache = torch.zeros(shape, dtype=self.k_dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.v_dtype, device=self.device)
+        self.k_cache, self.v_cache = (kv_pool(shape, dtype, self.device, heads_major=self.block_size is not None
+                                              and self.token_scales) for dtype in (self.k_dtype, self.v_dtype))
         if self.token_scales:  # one per token and KV head; a head's tokens side by side (one load per key block)
             scales = (shape[0], shape[1], shape[3], shape[2])
             self.k_scale = torch.zeros(scales, dtype=torch.float32, device=self.device)
