@@ -635,10 +635,11 @@ def test_the_kernel_benchmark_smoke_runs_every_triton_attention_variant(tmp_path
     early_launches = {config[0] for config in EARLY_CONFIGS}
     bias_launches = 2  # v-bias at BIAS_CONFIGS' first launch, p-bias at the int8 one
     # and the defaults (int8, fp16), int8's ids in the loop, fp16 at 3 stages (ids ahead, in the loop); int8's
-    # bytes through the fp16 kernel, q8 (late, early) and q16 (early) at one launch, and int8_keys at one
-    assert len(paged) == 2 * len(paged_launches) + len(early_launches) + bias_launches + 5 + 5
+    # bytes through the fp16 kernel, q8 (late, early) and q16 (early) at one launch, and int8_keys at one; over the
+    # pools with each block's heads outermost, int8_keys at one launch and fp16's default
+    assert len(paged) == 2 * len(paged_launches) + len(early_launches) + bias_launches + 5 + 5 + 2
     assert sum("q8" in name for name in paged) == 2 and sum("q16" in name for name in paged) == 1
-    assert sum("keys" in name for name in paged) == 1
+    assert sum("keys" in name for name in paged) == 2 and sum("heads-major" in name for name in paged) == 2
     assert sum("bytes as fp16" in name for name in paged) == 1
     assert all("error" not in v for v in paged.values()), paged
     assert {int(name.split("block_n ")[1].split(",")[0]) for name in paged
