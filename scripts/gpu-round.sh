@@ -651,8 +651,8 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   step)  # the keys kernel's launches over both pool layouts beside OLD's kernel (the commit before) at the int8
     # bulk state (614 rows, mean context 385), a profile of a decode step there (PROFILE=1), bulk on the committed
     # defaults (the int8 pool with each block's heads outermost), then bulk on OLD's tree (BULK_OLD=0: not), then
-    # (HF=0: not) HF's baseline and the defaults again
-    keys_ab
+    # (HF=0: not) HF's baseline and the defaults again; KEYS_AB=0: no kernels
+    [ "${KEYS_AB:-1}" = 0 ] || keys_ab
     [ "${PROFILE:-0}" = 0 ] || profile int8_state "" --rows 614 --prompt 352 --max-model-len 416
     BULK_S=200 bulk defaults 1 static-features 0
     [ "${BULK_OLD:-1}" = 0 ] || BULK_S=170 bulk_old
