@@ -328,23 +328,19 @@ def attention(args, shape: Shape, device: str) -> dict:
                     lambda t=tune: row(
                         lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t),
                         "int8") | {"max_abs_err_vs_int8": paged_err(kip, vip, ref8, **int8_paged, **t)})
-        if keys_apply(shape.heads, kv_heads, head_dim):
-            for block_n, warps, stages in KEYS_CONFIGS[:1] if args.smoke else KEYS_CONFIGS:
-                tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, keys=True)
-                attempt(f"paged int8 keys, block_n {block_n}, warps {warps}, stages {stages}",
-                        lambda t=tune: row(
-                            lambda: decode_attention(q, kip, vip, lens, scale, block_table=table, **int8_paged, **t),
-                            "int8") | {"max_abs_err_vs_int8": paged_err(kip, vip, ref8, **int8_paged, **t)})
-        # the same pools with each block's heads outermost ([blocks, heads, page, d] seen as [blocks, page, heads, d]):
-        # a head's keys of a block are one run of page * head_dim bytes, not head_dim-byte pieces a token apart
+        # and over the same pools with each block's heads outermost ([blocks, heads, page, d] seen as [blocks, page,
+        # heads, d], as model_runner.kv_pool lays an int8 pool out): a head's keys of a block are one run of
+        # page * head_dim bytes, not head_dim-byte pieces a token apart
         kih, vih, kph, vph = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (kip, vip, kp, vp))
-        if keys_apply(shape.heads, kv_heads, head_dim):
-            for block_n, warps, stages in HEADS_MAJOR_CONFIGS[:1] if args.smoke else HEADS_MAJOR_CONFIGS:
+        for layout, (kc, vc), configs in (("", (kip, vip), KEYS_CONFIGS),
+                                          (" heads-major", (kih, vih), HEADS_MAJOR_CONFIGS)):
+            for block_n, warps, stages in (configs[:1] if args.smoke else configs) * keys_apply(
+                    shape.heads, kv_heads, head_dim):
                 tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, keys=True)
-                attempt(f"paged int8 keys heads-major, block_n {block_n}, warps {warps}, stages {stages}",
-                        lambda t=tune: row(
-                            lambda: decode_attention(q, kih, vih, lens, scale, block_table=table, **int8_paged, **t),
-                            "int8") | {"max_abs_err_vs_int8": paged_err(kih, vih, ref8, **int8_paged, **t)})
+                attempt(f"paged int8 keys{layout}, block_n {block_n}, warps {warps}, stages {stages}",
+                        lambda t=tune, kc=kc, vc=vc: row(
+                            lambda: decode_attention(q, kc, vc, lens, scale, block_table=table, **int8_paged, **t),
+                            "int8") | {"max_abs_err_vs_int8": paged_err(kc, vc, ref8, **int8_paged, **t)})
         attempt("paged fp16 heads-major, the default launch", lambda: row(
             lambda: decode_attention(q, kph, vph, lens, scale, block_table=table), "fp16")
             | {"max_abs_err": paged_err(kph, vph, ref16)})
