@@ -6,9 +6,10 @@ scores, softmax and weights run 16 times over. Here a step's keys are the rows i
   wants), on the int8 tensor cores. q's second term is its rounding error over a fixed 1/128 of the first's step,
   so each score is 128 · hi + lo exactly in int32 before one conversion;
 - the softmax on one value a key: the running max is over the score plus log2 of the key's V scale, so the weights
-  the product takes (p times V's scale) are <= 1 and never fp16 subnormals where they matter; the sum of the
+  the product takes (p times V's scale) are <= 2^SLACK_LOG2 and never fp16 subnormals where they matter; it moves
+  only where a step's weights would pass that (so most steps skip rescaling the accumulator); the sum of the
   weights without V's scale is kept alongside, per key slot, and reduced once after the loop;
-- P · V on the fp16 tensor cores: the weights broadcast over the 16 rows of A, V converted to fp16 by byte permutes
+- P · V on the fp16 tensor cores: the weights on the first of A's 16 rows, V converted to fp16 by byte permutes
   and left 1152 over its values (the weights' sum times 1152 comes off once at the end).
 
 attention.decode_attention launches it (and the split kernel's merge) under --int8-kv-scales v-q16-keys, the default.
