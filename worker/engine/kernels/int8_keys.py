@@ -67,8 +67,8 @@ if HAS_TRITON:
                    s_scale, d, BLOCK_N: tl.constexpr, HAS_BLOCKS: tl.constexpr, PAGE: tl.constexpr,
                    PRELOAD: tl.constexpr, ASM: tl.constexpr, MASKED: tl.constexpr):
         """Keys block .. block + BLOCK_N of the split start .. end folded into the running max m, the per-slot sums
-        l_vec (weights) and w_vec (weights times V's scale, as fp16 rounds them) and acc [16, HEAD_DIM] (every row
-        the same). MASKED: the split's ragged last step."""
+        l_vec (weights) and w_vec (weights times V's scale, as fp16 rounds them) and acc [16, HEAD_DIM] (the product
+        in its first row, zeros below). MASKED: the split's ragged last step."""
         j = tl.arange(0, BLOCK_N)
         t = block + j
         t_mask = t < end if MASKED else tl.full([BLOCK_N], 1, tl.int1)
@@ -171,7 +171,7 @@ if HAS_TRITON:
 
         l_sum = tl.sum(l_vec, 0)
         has_keys = l_sum > 0.0  # an empty split (short row) contributes nothing to the merge
-        first = tl.arange(0, 16)[:, None] == 0  # every row of acc is the same: take the first
+        first = tl.arange(0, 16)[:, None] == 0  # the weights were on A's first row: the product is acc's first
         o = tl.sum(tl.where(first, acc, 0.0), 0) - I8_BIAS * tl.sum(w_vec, 0)
         out = o / tl.where(has_keys, l_sum, 1.0)
         if NUM_SPLITS == 1:
