@@ -78,8 +78,7 @@ if HAS_TRITON:
                 page = tl.sum(tl.where(ids == (block - start) // PAGE, pages, 0), 0).to(tl.int64)
             else:
                 page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // PAGE).to(tl.int64)
-            at = page * stride_kr + block % PAGE * stride_kt
-            k_at = k_base + at + j * stride_kt
+            k_at = k_base + page * stride_kr + block % PAGE * stride_kt + j * stride_kt
             v_at = v_base + page * stride_vr + block % PAGE * stride_vt + j * stride_vt
             s_at = page * stride_sr + kv_head * stride_sh + block % PAGE + j
         elif HAS_BLOCKS:  # block is a multiple of PAGE: slots and ids from j's constants
