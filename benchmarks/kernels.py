@@ -65,7 +65,9 @@ Q8_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 2, 3), (128, 4, 2), (32, 4, 3)]
 # the keys on the tiles' rows (int8_keys, v-q16-keys, the default where a query head has its own KV head)
 KEYS_CONFIGS = [(32, 2, 3), (16, 1, 3), (16, 1, 4), (16, 1, 5), (32, 1, 3), (32, 1, 4), (32, 2, 4), (16, 2, 3), (16, 2, 4),
                 (64, 2, 3), (64, 4, 3)]
-HEADS_MAJOR_CONFIGS = [(32, 1, 4), (32, 1, 3), (16, 1, 3), (64, 2, 3), (64, 1, 3)]
+# over the heads-major pool: deeper pipelines too (an H200's bus wants more bytes in flight than an H100's)
+HEADS_MAJOR_CONFIGS = [(32, 1, 4), (32, 1, 3), (32, 1, 5), (16, 1, 3), (16, 1, 4), (16, 1, 5), (64, 2, 3),
+                       (64, 1, 3)]
 # q16 early (the int8 cache's default under GQA): fewer warps a program were faster (4 -> 2), so one warp too
 Q16_CONFIGS = [(128, 4, 3), (64, 4, 3), (64, 2, 3), (64, 1, 3), (32, 1, 3), (64, 2, 4), (32, 2, 3), (128, 2, 3)]
 EARLY_CONFIGS = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (128, 8, 2), (256, 4, 2), (256, 8, 2)]
