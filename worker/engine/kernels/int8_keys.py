@@ -72,16 +72,7 @@ if HAS_TRITON:
         j = tl.arange(0, BLOCK_N)
         t = block + j
         t_mask = t < end if MASKED else tl.full([BLOCK_N], 1, tl.int1)
-        if HAS_BLOCKS and BLOCK_N <= PAGE:  # the step inside one block: one id, the tile's offsets loop-invariant
-            if PRELOAD:
-                ids = tl.arange(0, PRELOAD)
-                page = tl.sum(tl.where(ids == (block - start) // PAGE, pages, 0), 0).to(tl.int64)
-            else:
-                page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // PAGE).to(tl.int64)
-            k_at = k_base + page * stride_kr + block % PAGE * stride_kt + j * stride_kt
-            v_at = v_base + page * stride_vr + block % PAGE * stride_vt + j * stride_vt
-            s_at = page * stride_sr + kv_head * stride_sh + block % PAGE + j
-        elif HAS_BLOCKS:  # block is a multiple of PAGE: slots and ids from j's constants
+        if HAS_BLOCKS:  # block is a multiple of PAGE or BLOCK_N a divisor of it: slots and ids from j's constants
             slot = block % PAGE + j % PAGE
             if PRELOAD:
                 page = tl.gather(pages, (block - start) // PAGE + j // PAGE, 0).to(tl.int64)
@@ -170,8 +161,7 @@ if HAS_TRITON:
 
         l_sum = tl.sum(l_vec, 0)
         has_keys = l_sum > 0.0  # an empty split (short row) contributes nothing to the merge
-        first = tl.arange(0, 16)[:, None] == 0  # the weights were on A's first row: the product is acc's first
-        o = tl.sum(tl.where(first, acc, 0.0), 0) - I8_BIAS * tl.sum(w_vec, 0)
+        o = tl.sum(acc, 0) - I8_BIAS * tl.sum(w_vec, 0)  # the product is acc's first row, zeros below
         out = o / tl.where(has_keys, l_sum, 1.0)
         if NUM_SPLITS == 1:
             tl.store(Out + row * stride_on + kv_head * stride_oh + d, out.to(Out.dtype.element_ty))
