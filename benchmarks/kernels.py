@@ -334,10 +334,9 @@ def attention(args, shape: Shape, device: str) -> dict:
         # heads, d], as model_runner.kv_pool lays an int8 pool out): a head's keys of a block are one run of
         # page * head_dim bytes, not head_dim-byte pieces a token apart
         kih, vih, kph, vph = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (kip, vip, kp, vp))
-        for layout, (kc, vc), configs in (("", (kip, vip), KEYS_CONFIGS),
-                                          (" heads-major", (kih, vih), HEADS_MAJOR_CONFIGS)):
-            for block_n, warps, stages in (configs[:1] if args.smoke else configs) * keys_apply(
-                    shape.heads, kv_heads, head_dim):
+        keys_layouts = (("", (kip, vip), KEYS_CONFIGS), (" heads-major", (kih, vih), HEADS_MAJOR_CONFIGS))
+        for layout, (kc, vc), configs in keys_layouts if keys_apply(shape.heads, kv_heads, head_dim) else ():
+            for block_n, warps, stages in configs[:1] if args.smoke else configs:
                 tune = dict(block_n=block_n, num_warps=warps, num_stages=stages, keys=True)
                 attempt(f"paged int8 keys{layout}, block_n {block_n}, warps {warps}, stages {stages}",
                         lambda t=tune, kc=kc, vc=vc: row(

@@ -73,7 +73,6 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-default  # q16 launches; bulk; HF; bulk; exact
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh step  # keys kernel: this tree's
 #                                                                        # launches, OLD's; bulk; OLD's bulk
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh step-2  # then: HF's baseline; bulk again
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -134,24 +133,24 @@ keys_launch() {  # keys_launch "BLOCK_N, WARPS, STAGES": KEYS_LAUNCH of this cop
     log "keys launch: $(grep '^KEYS_LAUNCH' worker/engine/kernels/attention.py)"
 }
 
+in_old() {  # in_old CMD...: CMD in OLD's tree (an earlier commit), its own batchgen.* and benchmarks importable
+    local old
+    old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
+    mkdir -p "$old/.devpkg/batchgen"
+    for part in jobs producer worker; do ln -sfn "$old/$part" "$old/.devpkg/batchgen/$part"; done
+    (cd "$old" && export PYTHONPATH="/tmp/site:$old/.devpkg:$old" && "$@")
+}
+
 keys_ab() {  # int8_keys' launches at the int8 bulk state, then OLD's tree's (the commit before) at two of them
     run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
         --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|keys|heads-major'
-    local old
-    old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
-    mkdir -p "$old/.devpkg/batchgen"
-    for part in jobs producer worker; do ln -sfn "$old/$part" "$old/.devpkg/batchgen/$part"; done
-    (cd "$old" && export PYTHONPATH="/tmp/site:$old/.devpkg:$old" && run 60 kernels_old python3 -m benchmarks.kernels \
-        --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 --out "$out/kernels_old" \
-        --match 'paged fp16, the default launch|keys, block_n 32, warps 1, stages 4|keys, block_n 16, warps 1, stages 3')
+    in_old run 60 kernels_old python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
+        --max-len 768 --out "$out/kernels_old" \
+        --match 'paged fp16, the default launch|keys, block_n 32, warps 1, stages 4|keys, block_n 16, warps 1, stages 3'
 }
 
-bulk_old() {  # bulk on the defaults from OLD's tree (its own batchgen.* and benchmarks), as bulk_old
-    local old
-    old=$(cd "${OLD:?OLD=<tree of the earlier commit>}" && pwd)
-    mkdir -p "$old/.devpkg/batchgen"
-    for part in jobs producer worker; do ln -sfn "$old/$part" "$old/.devpkg/batchgen/$part"; done
-    (cd "$old" && export PYTHONPATH="/tmp/site:$old/.devpkg:$old" && bulk old 1 static-features 0)
+bulk_old() {  # bulk on the defaults from OLD's tree, as bulk_old
+    in_old bulk old 1 static-features 0
 }
 
 case "$stage" in
@@ -663,10 +662,6 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab
-    ;;
-  step-2)  # right after `step` on the same machine: HF's baseline (two runs), bulk on the defaults again
-    hf_static baselines 120 --fp16-repeats 2
-    BULK_S=150 bulk defaults_2 1 static-features 0
     ;;
   profile)
     profile untuned tuned_kernels=0
