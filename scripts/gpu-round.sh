@@ -73,8 +73,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-default  # q16 launches; bulk; HF; bulk; exact
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh step  # keys kernel: this tree's
 #                                                                        # launches, OLD's; bulk; OLD's bulk
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh halves  # keys kernel; bulk; bulk with decode
-#                                                                        # halves; HF's baseline
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh halves  # halves A/B; keys kernel; bulk; bulk with
+#                                                                        # decode halves; HF's baseline
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -663,9 +663,11 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
         BULK_S=130 bulk defaults_2 1 static-features 0
     fi
     ;;
-  halves)  # #22 on the card it names: the keys kernel over both pool layouts (KEYS=0: not), bulk on the defaults,
-    # bulk with decode steps as two half-batches on two streams (one half's int8 GEMMs beside the other's attention),
-    # then (HF=0: not) HF's baseline
+  halves)  # #22 on the card it names: the two-halves step against the one-batch step in one engine (tokens, ms a
+    # step at 614 rows), the keys kernel over both pool layouts (KEYS=0: not), bulk on the defaults, bulk with decode
+    # steps as two half-batches on two streams (one half's int8 GEMMs beside the other's attention), then (HF=0:
+    # not) HF's baseline
+    run 150 halves_check python3 -m benchmarks.halves --out "$out/halves"
     [ "${KEYS:-1}" = 0 ] || run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 \
         --mean-ctx 360 --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|keys|heads-major'
     BULK_S=200 bulk defaults 1 static-features 0
