@@ -3,6 +3,9 @@ half's projections can run while the other attends. On the CPU the halves run on
 every row's arithmetic is the one-batch step's, so logits, cache writes and served tokens match it."""
 
 import dataclasses
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,3 +93,15 @@ def test_an_engine_with_decode_halves_serves_what_the_one_batch_engine_does(demo
     for r in reqs[:5]:
         ids = two.tokenizer(r.request.prompt)["input_ids"]
         assert got[r.key].text == hf_greedy(two, ids, 8)[0]
+
+
+@pytest.mark.slow
+def test_the_halves_benchmark_runs_end_to_end_on_cpu(tmp_path):
+    """benchmarks/halves.py --tiny: both modes twice on one engine, their tokens the same."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.halves", "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "halves.json").read_text())
+    assert [r["halves"] for r in report["runs"]] == [False, True, False, True]
+    assert all(r["decode_steps"] == report["max_tokens"] - 1 and r["decode_ms_per_step"] > 0 for r in report["runs"])
+    assert report["agreement_halves_vs_one_batch"] == report["agreement_one_batch_twice"] == 1.0
