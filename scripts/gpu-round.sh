@@ -664,14 +664,14 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     fi
     ;;
   halves)  # #22 on the card it names: the two-halves step against the one-batch step in one engine (tokens, ms a
-    # step at 614 rows), the keys kernel over both pool layouts (KEYS=0: not), bulk on the defaults, bulk with decode
-    # steps as two half-batches on two streams (one half's int8 GEMMs beside the other's attention), then (HF=0:
-    # not) HF's baseline
-    run 150 halves_check python3 -m benchmarks.halves --out "$out/halves"
+    # step at 614 rows; CHECK=0: not), the keys kernel over both pool layouts (KEYS=0: not), bulk on the defaults,
+    # bulk with decode steps as two half-batches on two streams (one half's int8 GEMMs beside the other's
+    # attention; BULK_HALVES=0: not), then (HF=0: not) HF's baseline
+    [ "${CHECK:-1}" = 0 ] || run 150 halves_check python3 -m benchmarks.halves --out "$out/halves"
     [ "${KEYS:-1}" = 0 ] || run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 \
         --mean-ctx 360 --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|keys|heads-major'
     BULK_S=200 bulk defaults 1 static-features 0
-    HALVES=1 BULK_S=170 bulk halves 1 static-features 0
+    [ "${BULK_HALVES:-1}" = 0 ] || HALVES=1 BULK_S=170 bulk halves 1 static-features 0
     [ "${HF:-1}" = 0 ] || hf_static baselines 120 --fp16-repeats 3
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them

@@ -97,11 +97,14 @@ def test_an_engine_with_decode_halves_serves_what_the_one_batch_engine_does(demo
 
 @pytest.mark.slow
 def test_the_halves_benchmark_runs_end_to_end_on_cpu(tmp_path):
-    """benchmarks/halves.py --tiny: both modes twice on one engine, their tokens the same."""
+    """benchmarks/halves.py --tiny: both modes three times on one engine (the last profiled), their tokens the
+    same."""
     proc = subprocess.run([sys.executable, "-m", "benchmarks.halves", "--tiny", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "halves.json").read_text())
-    assert [r["halves"] for r in report["runs"]] == [False, True, False, True]
+    assert [r["halves"] for r in report["runs"]] == [False, True] * 3
+    assert [r["profile"] is not None for r in report["runs"]] == [False] * 4 + [True] * 2
     assert all(r["decode_steps"] == report["max_tokens"] - 1 and r["decode_ms_per_step"] > 0 for r in report["runs"])
     assert report["agreement_halves_vs_one_batch"] == report["agreement_one_batch_twice"] == 1.0
+    assert report["agreement_halves_twice"] == 1.0
