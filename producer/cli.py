@@ -356,10 +356,6 @@ engine_options = shared_options(
     click.option("--mixed-steps/--no-mixed-steps", envvar="BATCHGEN_MIXED_STEPS", default=False, show_default=True,
                  help="Fast path: decode the running rows in the same forward that prefills newly admitted prompts "
                       "(their projections share one weight read) instead of a prefill step, then a decode step."),
-    click.option("--decode-halves/--no-decode-halves", envvar="BATCHGEN_DECODE_HALVES", default=False,
-                 show_default=True,
-                 help="Fast path, paged KV: run decode steps of 128 rows or more as two half-batches on two CUDA "
-                      "streams, one half's int8 projections overlapping the other's attention (experimental)."),
     click.option("--fused-elementwise/--no-fused-elementwise", envvar="BATCHGEN_FUSED_ELEMENTWISE", default=True,
                  show_default=True,
                  help="On CUDA: each RMSNorm (with the residual add before it), RoPE (a Triton kernel) and the gated MLP activation "
@@ -420,7 +416,7 @@ def engine_config(kw: dict[str, Any]):
         int8_rotate=kw["int8_rotate"],
         attention=kw["attention"], cuda_graphs=kw["cuda_graphs"], overlap_decode=kw["overlap_decode"],
         overlap_prefill=kw["overlap_prefill"], compact_rows=kw["compact_rows"],
-        mixed_steps=kw["mixed_steps"], decode_halves=kw["decode_halves"], fused_elementwise=kw["fused_elementwise"], tuned_kernels=kw["tuned_kernels"],
+        mixed_steps=kw["mixed_steps"], fused_elementwise=kw["fused_elementwise"], tuned_kernels=kw["tuned_kernels"],
         compile_shapes=kw["compile_shapes"], warm_up=kw["warm_up"], int8_kv_scales=kw["int8_kv_scales"],
         host_kv_dtype=kw["host_kv_dtype"],
         kv_cache_dtype=kw["kv_cache_dtype"], kv_layout=kw["kv_layout"], stream_kv=kw["stream_kv"],

@@ -73,8 +73,6 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-default  # q16 launches; bulk; HF; bulk; exact
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh step  # keys kernel: this tree's
 #                                                                        # launches, OLD's; bulk; OLD's bulk
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh halves  # halves A/B; keys kernel; bulk; bulk with
-#                                                                        # decode halves; HF's baseline
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -101,8 +99,7 @@ profile() {  # profile NAME ENGINE_OPTIONS [PROFILE_STEPS OPTIONS...]
 
 bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS [OVERLAP_PREFILL (default 1) [KV_CACHE_DTYPE]]
     # PREFILL=N: N prompt tokens per prefill step (--max-prefill-tokens; unset: the engine's default)
-    # HALVES=1: decode steps as two half-batches on two streams (--decode-halves)
-    BATCHGEN_MAX_PREFILL_TOKENS=${PREFILL:-} BATCHGEN_COMPACT_ROWS=${COMPACT:-1} BATCHGEN_DECODE_HALVES=${HALVES:-0} \
+    BATCHGEN_MAX_PREFILL_TOKENS=${PREFILL:-} BATCHGEN_COMPACT_ROWS=${COMPACT:-1} \
     BATCHGEN_TUNED_KERNELS=$2 BATCHGEN_COMPILE_SHAPES=$3 BATCHGEN_MIXED_STEPS=$4 BATCHGEN_OVERLAP_PREFILL=${5:-1} \
         BATCHGEN_KV_CACHE_DTYPE=${6:-auto} run "${BULK_S:-190}" "bulk_$1" \
         python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_$1"
@@ -662,17 +659,6 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
         hf_static baselines 120 --fp16-repeats 3
         BULK_S=130 bulk defaults_2 1 static-features 0
     fi
-    ;;
-  halves)  # #22 on the card it names: the two-halves step against the one-batch step in one engine (tokens, ms a
-    # step at 614 rows; CHECK=0: not), the keys kernel over both pool layouts (KEYS=0: not), bulk on the defaults,
-    # bulk with decode steps as two half-batches on two streams (one half's int8 GEMMs beside the other's
-    # attention; BULK_HALVES=0: not), then (HF=0: not) HF's baseline
-    [ "${CHECK:-1}" = 0 ] || run 150 halves_check python3 -m benchmarks.halves --out "$out/halves"
-    [ "${KEYS:-1}" = 0 ] || run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 \
-        --mean-ctx 360 --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|keys|heads-major'
-    BULK_S=200 bulk defaults 1 static-features 0
-    [ "${BULK_HALVES:-1}" = 0 ] || HALVES=1 BULK_S=170 bulk halves 1 static-features 0
-    [ "${HF:-1}" = 0 ] || hf_static baselines 120 --fp16-repeats 3
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab

@@ -42,8 +42,6 @@ def startup_facts(stats: EngineStats, cfg: WorkerConfig) -> dict[str, Any]:
     }
     if facts["decode_steps"] and extra.get("mixed_steps"):
         facts["decode_steps"] += ", mixed into prefills"
-    if facts["decode_steps"] and extra.get("decode_halves"):
-        facts["decode_steps"] += ", large ones as two halves on two streams"
     if device.startswith("cuda"):
         facts["device"] = f"{device} ({_gpu_name(device)})"
         if not facts["pooling"]:  # the embedding engine runs bnb's own kernels

@@ -77,9 +77,6 @@ class EngineConfig:
     # the fast path decodes its running rows in the forward that prefills newly admitted prompts (llama.mixed_step),
     # instead of a prefill step and then a decode step
     mixed_steps: bool = False
-    # the fast path's decode steps over a paged cache (>= halves.MIN_ROWS rows) as two half-batches on two CUDA
-    # streams, one half's projections running while the other's attention reads its K/V (halves.py)
-    decode_halves: bool = False
     # the fast path's norms, RoPE and gated activation, and the generic path's chained GELUs, as one compiled kernel
     # each (fused.py; CUDA only)
     fused_elementwise: bool = True

@@ -189,7 +189,7 @@ class LLMEngine:
         kv = resolve_kv_cache_dtype(cfg.kv_cache_dtype, device, dtype, decode_path(parts.spec, attention, True))
         runner = ModelRunner(parts, device=device, dtype=dtype, max_model_len=max_model_len,
                              inject_oom=cfg.inject_oom, attention=attention, cuda_graphs=cfg.cuda_graphs,
-                             kv_cache_dtype=kv, paged=cfg.kv_layout == "paged", halves=cfg.decode_halves)
+                             kv_cache_dtype=kv, paged=cfg.kv_layout == "paged")
         if kv == "int8":
             log.info("int8 KV cache%s: K and V rounded per token and KV head, a float32 scale each (%s)",
                      " (--kv-cache-dtype auto)" if cfg.kv_cache_dtype == "auto" else "", cfg.int8_kv_scales)

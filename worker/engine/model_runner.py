@@ -5,7 +5,6 @@ import torch
 from batchgen.worker.engine.config import refuse_flash_with
 from batchgen.worker.engine.cuda_graphs import DecodeGraphs
 from batchgen.worker.engine.faults import FaultInjector
-from batchgen.worker.engine.halves import decode_halves, halves_apply
 from batchgen.worker.engine.host_copy import to_device
 from batchgen.worker.engine.kernels.attention import BLOCK_N, fp8_kv_scale
 from batchgen.worker.engine.kv_blocks import SCRATCH_BLOCK
@@ -82,13 +81,11 @@ class ModelRunner:
     k_scale/v_scale their scales [layers, rows or blocks, kv_heads, tokens] (allocate_kv makes them).
     paged: keep K/V in blocks of KV_BLOCK_SIZE tokens behind a block table (block_size says whether it does: a
     decode that runs FlashAttention wants each row contiguous, so it keeps slots of max_model_len tokens).
-    halves: a paged cache's decode steps as two half-batches on two streams (halves.py).
     """
 
     def __init__(self, parts: LlamaParts, *, device: torch.device, dtype: torch.dtype, max_model_len: int,
                  inject_oom: str | None = None, attention: str = "sdpa", cuda_graphs: bool = False,
-                 prefill_group_tokens: int | None = None, kv_cache_dtype: str = "auto", paged: bool = False,
-                 halves: bool = False):
+                 prefill_group_tokens: int | None = None, kv_cache_dtype: str = "auto", paged: bool = False):
         if attention not in ("flash", "triton", "sdpa"):
             raise ValueError(f"unknown attention {attention!r}: use flash, triton or sdpa")
         if kv_cache_dtype not in KV_TORCH_DTYPES:
@@ -116,7 +113,6 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.takes_device_tokens = not inject_oom  # decode() fed the previous step's picks (overlapped decode)
         self.prefill_group_tokens = prefill_group_tokens
-        self.halves = halves  # decode steps of >= halves.MIN_ROWS rows as two half-batches on two streams
         if inject_oom:
             self.fault = FaultInjector(inject_oom, device)
             self.parts.layers[-1].mlp.register_forward_pre_hook(self.fault)
@@ -228,7 +224,9 @@ class ModelRunner:
                      kv_len: int | None = None) -> torch.Tensor:
         ids = tokens[:len(positions)] if isinstance(tokens, torch.Tensor) else to_device(tokens, self.device)
         pos = to_device(positions, self.device)
-        return self._decode_static(ids, pos, kv_len or self._kv_len(max(positions) + 1))
+        return decode_step(self.parts, ids, pos, self.k_cache, self.v_cache,
+                           kv_len or self._kv_len(max(positions) + 1), self.attention, self.k_scale, self.v_scale,
+                           self.block_table)
 
     def drop_graphs(self) -> None:
         """The model's kernels changed shape (a new int8 outlier input): decode graphs are captured again on
@@ -245,8 +243,7 @@ class ModelRunner:
         return self.graphs.capture_s
 
     def _decode_static(self, ids: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        step = decode_halves if self.halves and halves_apply(self.parts, ids.shape[0], self.block_table) else decode_step
-        return step(self.parts, ids, positions, self.k_cache, self.v_cache, kv_len, self.attention,
+        return decode_step(self.parts, ids, positions, self.k_cache, self.v_cache, kv_len, self.attention,
                            self.k_scale, self.v_scale, self.block_table)
 
     def _kv_len(self, needed: int) -> int:
@@ -265,7 +262,7 @@ class ModelRunner:
         return memory_info(self.device)
 
     def stats(self) -> dict[str, float | int | str]:
-        return {"kv_cache_dtype": self.kv_cache_dtype, "decode_halves": int(self.halves)}
+        return {"kv_cache_dtype": self.kv_cache_dtype}
 
     def reset_timing(self) -> None:
         """Nothing timed here: the engine's StepStats time the steps."""
