@@ -72,7 +72,8 @@
 #   Q16="64, 2, 3" source scripts/device-setup.sh && bash scripts/gpu-round.sh q16-ab  # then: HF; drift; bulk q16
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh int8-default  # q16 launches; bulk; HF; bulk; exact
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh step  # keys kernel: this tree's
-#                                                                        # launches, OLD's; bulk; OLD's bulk
+#                                                                        # launches, OLD's; bulk; OLD's bulk; HF's
+#                                                                        # baseline; bulk again
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -120,11 +121,15 @@ q16_launch() {  # q16_launch "BLOCK_N, WARPS, STAGES": INT8_QK_LAUNCHES[2] of th
     log "q16 launch: $(grep '^INT8_QK_LAUNCHES' worker/engine/kernels/attention.py)"
 }
 
+state_kernels() {  # state_kernels NAME SECONDS MATCH: the decode kernels MATCH names at the int8 bulk state
+    run "$2" "$1" python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 \
+        --out "$out/$1" --match "$3"
+}
+
 default_kernels() {  # the int8 cache's decode kernels at their default launches (fp16's beside them) at the
     # int8 bulk state
-    run 60 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
-        --max-len 768 --out "$out/kernels" \
-        --match 'paged fp16, the default launch|q16 early, block_n 64, warps 2, stages 3|keys, block_n 32, warps 1, stages 4'
+    state_kernels kernels 60 \
+        'paged fp16, the default launch|q16 early, block_n 64, warps 2, stages 3|keys, block_n 32, warps 1, stages 4'
 }
 
 keys_launch() {  # keys_launch "BLOCK_N, WARPS, STAGES": KEYS_LAUNCH of this copy set to it (empty: as committed)
@@ -142,11 +147,9 @@ in_old() {  # in_old CMD...: CMD in OLD's tree (an earlier commit), its own batc
 }
 
 keys_ab() {  # int8_keys' launches at the int8 bulk state, then OLD's tree's (the commit before) at two of them
-    run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
-        --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|keys|heads-major'
-    in_old run 60 kernels_old python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
-        --max-len 768 --out "$out/kernels_old" \
-        --match 'paged fp16, the default launch|keys, block_n 32, warps 1, stages 4|keys, block_n 16, warps 1, stages 3'
+    state_kernels kernels 100 'paged fp16, the default launch|keys|heads-major'
+    in_old state_kernels kernels_old 60 \
+        'paged fp16, the default launch|keys, block_n 32, warps 1, stages 4|keys, block_n 16, warps 1, stages 3'
 }
 
 bulk_old() {  # bulk on the defaults from OLD's tree, as bulk_old
@@ -375,23 +378,20 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   int8kv-fast)  # int8 K/V made fp16 by ALU instructions instead of conversions (its kernel was conversion-bound):
     # the kernel's variants at the int8 bulk state first (a broken asm shows in max_abs_err), then bulk int8 and the
     # defaults on the same machine
-    run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 \
-        --out "$out/kernels"
+    state_kernels kernels 150 ''
     BULK_S=200 bulk int8_fast 1 static-features 0 1 int8  # builds the llama7b model
     BULK_S=160 bulk defaults 1 static-features 0
     ;;
   int8kv-paged)  # int8 K/V's kernel over the engine's paged cache (1.18 ms a layer at 614 rows in the profile,
     # 1.6 TB/s): several blocks an inner step, a deeper pipeline (INT8_LAUNCH); bulk int8, then the defaults
-    run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 \
-        --out "$out/kernels"
+    state_kernels kernels 150 ''
     BULK_S=200 bulk int8_paged 1 static-features 0 1 int8  # builds the llama7b model
     BULK_S=160 bulk defaults 1 static-features 0
     ;;
   int8kv-issue)  # the int8 decode kernel with fewer instructions a KB (it is bound by their issue): the kernel sweep
     # at the int8 bulk state (every variant's instruction count beside its bandwidth), bulk int8 K/V with the
     # biased kernel, then the defaults: whether int8 K/V passes them end to end
-    run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 \
-        --out "$out/kernels"
+    state_kernels kernels 150 ''
     BATCHGEN_INT8_KV_SCALES=v-bias BULK_S=200 bulk int8_bias 1 static-features 0 1 int8  # builds the llama7b model
     BULK_S=160 bulk defaults 1 static-features 0
     ;;
@@ -413,8 +413,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   int8kv-early)  # int8 K/V converted where each tile is loaded (cvt_early: ldmatrix of fp16 instead of the int8
     # tile read from shared memory a byte at a time): the paged launches against the default, at the int8 bulk state;
     # bulk int8 with it (--int8-kv-scales v-early), then the defaults
-    run 150 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 --max-len 768 \
-        --out "$out/kernels"
+    state_kernels kernels 150 ''
     BATCHGEN_INT8_KV_SCALES=v-early BULK_S=200 bulk int8_early 1 static-features 0 1 int8  # builds the llama7b model
     BULK_S=160 bulk defaults 1 static-features 0
     ;;
@@ -566,8 +565,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   q16)  # an int8 cache with q as two int8 terms (the plain int8 cache's drift): its launches at the int8 bulk state,
     # 64 x 2 x 3 among them, then bulk with the fastest (written into INT8_QK_LAUNCHES[2] of this copy: q16_launch)
     # and the defaults on the same machine
-    run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
-        --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|paged int8, the default launch|q16'
+    state_kernels kernels 100 'paged fp16, the default launch|paged int8, the default launch|q16'
     q16_launch "$(python3 scripts/fastest_launch.py "$out/kernels.log" 'paged int8 q16 early')"
     BATCHGEN_INT8_KV_SCALES=v-q16-early BULK_S=200 bulk int8_q16 1 static-features 0 1 int8  # builds llama7b
     BULK_S=130 bulk defaults 1 static-features 0
@@ -583,8 +581,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   int8-default)  # #22 with the int8 cache by default (auto: int8, q16 early): q16's launches at the int8 bulk state
     # (one warp a program among them), bulk with the fastest, on an H200 HF's baseline (three runs), then the exact
     # cache (compute) on the same machine
-    run 60 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
-        --max-len 768 --out "$out/kernels" --match 'paged fp16, the default launch|q16'
+    state_kernels kernels 60 'paged fp16, the default launch|q16'
     q16_launch "$(python3 scripts/fastest_launch.py "$out/kernels.log" 'paged int8 q16 early')"
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then  # HF's bs 256 fits an H200 only
@@ -595,9 +592,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   keys)  # int8_keys (the keys on the tiles' rows, v-q16-keys) at the int8 bulk state beside q16 early's default launch;
     # bulk on the defaults, then v-q16-keys at its fastest launch (written into this copy: keys_launch); last, the
     # drift of both on the GPU's kernels with a KV head a query head (quality --mha)
-    run 100 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
-        --max-len 768 --out "$out/kernels" \
-        --match 'paged fp16, the default launch|q16 early, block_n 64, warps 2, stages 3|keys'
+    state_kernels kernels 100 'paged fp16, the default launch|q16 early, block_n 64, warps 2, stages 3|keys'
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     keys_launch "$(python3 scripts/fastest_launch.py "$out/kernels.log" 'paged int8 keys')"
     BATCHGEN_INT8_KV_SCALES=v-q16-keys BULK_S=130 bulk keys 1 static-features 0
@@ -642,9 +637,8 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # the fp16 kernel at half the head size: at the bus, 1-byte tiles hold it; near int8's rate, a key's own cost
     # does) and q rounded to int8 against K unconverted (qk_int8) at launches with more programs an SM, at the int8
     # bulk state; then a decode step's profile at the bulk state with this tree's kernels
-    run 200 kernels python3 -m benchmarks.kernels --only bandwidth,attention --rows 614 --mean-ctx 360 \
-        --max-len 768 --out "$out/kernels" \
-        --match 'bytes as fp16|the default launch|paged fp16, 3 stages, ids ahead|v-bias, block_n 64, warps 2|q8|q16'
+    state_kernels kernels 200 \
+        'bytes as fp16|the default launch|paged fp16, 3 stages, ids ahead|v-bias, block_n 64, warps 2|q8|q16'
     profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
     ;;
   step)  # the keys kernel's launches over both pool layouts beside OLD's kernel (the commit before) at the int8
