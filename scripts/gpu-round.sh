@@ -74,6 +74,8 @@
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh step  # keys kernel: this tree's
 #                                                                        # launches, OLD's; bulk; OLD's bulk; HF's
 #                                                                        # baseline; bulk again
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh partition  # attention beside the projections
+#                                                                        # on disjoint SMs (green contexts)
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -130,6 +132,11 @@ default_kernels() {  # the int8 cache's decode kernels at their default launches
     # int8 bulk state
     state_kernels kernels 60 \
         'paged fp16, the default launch|q16 early, block_n 64, warps 2, stages 3|keys, block_n 32, warps 1, stages 4'
+}
+
+partition() {  # benchmarks.partition at the int8 bulk state: 614 rows, half a side
+    run "${PARTITION_S:-150}" partition python3 -m benchmarks.partition --rows 614 --mean-ctx 360 --max-len 768 \
+        --out "$out/partition"
 }
 
 keys_launch() {  # keys_launch "BLOCK_N, WARPS, STAGES": KEYS_LAUNCH of this copy set to it (empty: as committed)
@@ -644,7 +651,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   step)  # the keys kernel's launches over both pool layouts beside OLD's kernel (the commit before) at the int8
     # bulk state (614 rows, mean context 385), a profile of a decode step there (PROFILE=1), bulk on the committed
     # defaults (the int8 pool with each block's heads outermost), then bulk on OLD's tree (BULK_OLD=0: not), then
-    # (HF=0: not) HF's baseline and the defaults again; KEYS_AB=0: no kernels
+    # (HF=0: not) HF's baseline and the defaults again; KEYS_AB=0: no kernels; PARTITION=1: benchmarks.partition last
     [ "${KEYS_AB:-1}" = 0 ] || keys_ab
     [ "${PROFILE:-0}" = 0 ] || profile int8_state "" --rows 614 --prompt 352 --max-model-len 416
     BULK_S=200 bulk defaults 1 static-features 0
@@ -653,6 +660,11 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
         hf_static baselines 120 --fp16-repeats 3
         BULK_S=130 bulk defaults_2 1 static-features 0
     fi
+    [ "${PARTITION:-0}" = 0 ] || partition  # PARTITION=1: the SM-split probe last, in what time the call has left
+    ;;
+  partition)  # a decode step's attention and its int8 projections at the bulk state: alone, on two streams, on
+    # disjoint green contexts
+    partition
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab
