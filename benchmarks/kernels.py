@@ -24,6 +24,7 @@ Each kernel's output is checked against the plain-torch reference first (max abs
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -734,6 +735,8 @@ def main() -> None:
     parser.add_argument("--match", help="a regular expression: time only the attention variants it finds in their name")
     parser.add_argument("--gemv", action="store_true", help="the small-row GEMV section alone (with the copy "
                         "rate), to gemv.json under --out (or to --out itself when it ends in .json)")
+    parser.add_argument("--sms", type=int, help="run on a green context of about this many SMs (what the driver "
+                        "grants): a card with fewer SMs for its bus, as an H200 has against an H100")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under Triton's interpreter: checks the script, measures nothing")
     args = parser.parse_args()
@@ -753,8 +756,16 @@ def main() -> None:
     phases = {"bandwidth": lambda: copy_bandwidth(device, 2**32 if device == "cuda" else 2**24), "attention": lambda: attention(args, shape, device),
               "projections": lambda: projections(args, shape, device, start + 45),
               "gemv": lambda: gemv(args, shape, device, (res.get("bandwidth") or {}).get("gb_s"))}
+    stream = contextlib.nullcontext()
+    if args.sms:
+        from benchmarks.partition import GreenSplit
+
+        split = GreenSplit(args.sms)
+        res["sms"] = split.sms[0]
+        stream = torch.cuda.stream(split.streams[0])
     for phase in args.only.split(","):
-        _try(res, phase, phases[phase])
+        with stream:
+            _try(res, phase, phases[phase])
         if device == "cuda":
             torch.cuda.empty_cache()  # the phase's tensors went with its frame
     res["wall_s"] = round(time.monotonic() - start, 1)
