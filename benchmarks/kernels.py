@@ -94,6 +94,15 @@ def by_block_n(configs: list, smoke: bool) -> list:
     return list(first.values())
 
 
+def shape_and_device(smoke: bool) -> tuple[Shape, str]:
+    """Llama-2-7B's layer on the GPU; --smoke: the tiny shape on the CPU, Triton's interpreter switched on (read
+    when the kernels module is first imported, so call this before)."""
+    if not smoke:
+        return LLAMA2_7B, "cuda"
+    os.environ["TRITON_INTERPRET"] = "1"
+    return SMOKE, "cpu"
+
+
 def _torch():
     import torch
 
@@ -736,14 +745,12 @@ def main() -> None:
     parser.add_argument("--gemv", action="store_true", help="the small-row GEMV section alone (with the copy "
                         "rate), to gemv.json under --out (or to --out itself when it ends in .json)")
     parser.add_argument("--sms", type=int, help="run on a green context of about this many SMs (what the driver "
-                        "grants): a card with fewer SMs for its bus, as an H200 has against an H100")
+                        "grants): a card with fewer SMs for its bus")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under Triton's interpreter: checks the script, measures nothing")
     args = parser.parse_args()
-    shape, device = LLAMA2_7B, "cuda"
+    shape, device = shape_and_device(args.smoke)
     if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels module is first imported, below
-        shape, device = SMOKE, "cpu"
         args.rows, args.mean_ctx, args.max_len, args.compiled = 6, 50, 96, False
     if args.gemv:
         args.only = "bandwidth,gemv"

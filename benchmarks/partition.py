@@ -209,7 +209,7 @@ def measure(args, sides: dict) -> dict:
 
 
 def main() -> None:
-    from benchmarks.kernels import LLAMA2_7B, SMOKE
+    from benchmarks.kernels import shape_and_device
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
@@ -223,10 +223,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on the CPU under Triton's interpreter: builds and checks both sides")
     args = parser.parse_args()
-    shape, device = LLAMA2_7B, "cuda"
+    shape, device = shape_and_device(args.smoke)
     if args.smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels module is first imported, below
-        shape, device = SMOKE, "cpu"
         args.rows, args.mean_ctx, args.max_len = 8, 50, 128
     import torch
 

@@ -41,8 +41,8 @@ BLOCK_N = 64  # keys per inner step
 # "-early" (v-q8-early, v-q16-early) V converted where it is loaded; "v-q16-keys" (the default): int8_keys' kernel
 # (the keys on the tiles' rows) where each query head has its own KV head, else as v-q16-early.
 INT8_V_SCALES = "v-q16-keys"
-# int8_keys' (block_n, num_warps, num_stages) where a call does not say: as fast as any on a whole H100, and the
-# fastest where the SMs are few for the bus, as on an H200 (docs/benchmarks.md, "Fewer SMs than the bus wants")
+# int8_keys' (block_n, num_warps, num_stages) where a call does not say: as fast as any where the kernel reaches the
+# bus, and the fastest where the card has few SMs for its bus (docs/benchmarks.md, "... fewer SMs than the bus wants")
 KEYS_LAUNCH = (32, 1, 3)
 MIN_BLOCK = 16  # tl.dot wants every dimension >= 16
 # (block_n, num_warps, num_stages) when a call does not say. An int8 tile carries half fp16's bytes: a wider block
