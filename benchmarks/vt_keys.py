@@ -21,12 +21,11 @@ shape_and_device(SMOKE)  # the interpreter is read when Triton first imports
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from batchgen.worker.engine.kernels.int8_keys import fast_log2  # noqa: E402
+from batchgen.worker.engine.kernels.int8_keys import keys_scores, q_columns  # noqa: E402
 from batchgen.worker.engine.kernels.int8_ops import round_half_even  # noqa: E402
 from batchgen.worker.engine.kernels.splits import preload_ids, split_bounds  # noqa: E402
 
 _LO = tl.constexpr(128)
-_TINY = tl.constexpr(-100.0)
 _SLACK = tl.constexpr(8.0)
 _PQ = tl.constexpr(127.0 / 256.0)  # pv (<= 2^8) in steps of 256/127
 
@@ -44,14 +43,7 @@ def _step(block, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockT
     k_at = k_base + page * stride_kr + slot * stride_kt
     v_at = v_base + page * stride_vr + slot * stride_vt
     s_at = page * stride_sr + kv_head * stride_sh + slot
-    k = tl.load(k_at[:, None] + d[None, :], mask=t_mask[:, None], other=0)
-    cols = tl.arange(0, 16)
-    weight = tl.where(cols == 0, _LO, tl.where(cols == 1, 1, 0))
-    s = tl.sum(tl.dot(k, qcols) * weight[None, :], 1).to(tl.float32)
-    ks = tl.load(KScale + s_at, mask=t_mask, other=0.0)
-    vs = tl.load(VScale + s_at, mask=t_mask, other=0.0)
-    s = tl.where(t_mask, s * (ks * s_scale), float("-inf"))
-    sv = s + tl.maximum(fast_log2(vs, ASM), _TINY)
+    s, sv = keys_scores(k_at, s_at, d, t_mask, qcols, KScale, VScale, s_scale, ASM)
     m_step = tl.max(sv, 0)
     if m_step > m + _SLACK:
         alpha = tl.exp2(m - m_step)
@@ -81,14 +73,7 @@ def _vt_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, Mi
                WHOLE: tl.constexpr, PRELOAD: tl.constexpr, ASM: tl.constexpr, INTERPRETED: tl.constexpr):
     row, kv_head, split, cache_row, start, end = split_bounds(SeqLens, CacheRows, HAS_ROWS, NUM_SPLITS, WHOLE)
     d = tl.arange(0, HEAD_DIM)
-    qf = tl.load(Q + row * stride_qn + kv_head * stride_qh + d).to(tl.float32)
-    absmax = tl.max(tl.abs(qf), 0)
-    step = tl.where(absmax > 0.0, absmax, 1.0) / 127.0
-    hi = round_half_even(qf / step, INTERPRETED)
-    lo = round_half_even((qf - hi * step) * (_LO / step), INTERPRETED)
-    cols = tl.arange(0, 16)
-    qcols = tl.where(cols[None, :] == 0, hi[:, None], tl.where(cols[None, :] == 1, lo[:, None], 0.0)).to(tl.int8)
-    s_scale = qk_scale * step / _LO
+    qcols, s_scale = q_columns(Q + row * stride_qn + kv_head * stride_qh + d, qk_scale, INTERPRETED)
     k_base = K + kv_head * stride_kh
     v_base = V + kv_head * stride_vh
     pages = preload_ids(BlockTable, cache_row, stride_bt, start, end, PAGE, PRELOAD)

@@ -62,6 +62,33 @@ if HAS_TRITON:
         return out
 
     @triton.jit
+    def q_columns(q_at, qk_scale, INTERPRETED: tl.constexpr):
+        """A query head as the scores' B tile: its two int8 terms (keys_q) as columns 0 and 1 of 16; and the scale
+        that takes a score's int32 (LO_STEPS · hi + lo products) to log2 units (qk_scale holds log2(e))."""
+        qf = tl.load(q_at).to(tl.float32)
+        absmax = tl.max(tl.abs(qf), 0)
+        step = tl.where(absmax > 0.0, absmax, 1.0) / 127.0
+        hi = round_half_even(qf / step, INTERPRETED)
+        lo = round_half_even((qf - hi * step) * (_LO / step), INTERPRETED)  # |lo| <= LO_STEPS / 2
+        cols = tl.arange(0, 16)
+        qcols = tl.where(cols[None, :] == 0, hi[:, None], tl.where(cols[None, :] == 1, lo[:, None], 0.0)).to(tl.int8)
+        return qcols, qk_scale * step / _LO
+
+    @triton.jit
+    def keys_scores(k_at, s_at, d, t_mask, qcols, KScale, VScale, s_scale, ASM: tl.constexpr):
+        """A step's keys (at k_at, their scales at s_at) against q's columns: the scores in log2 units (-inf past
+        t_mask) and the same plus log2 of each key's V scale (the weight the product takes, before the max)."""
+        k = tl.load(k_at[:, None] + d[None, :], mask=t_mask[:, None], other=0)
+        # column 0: LO_STEPS times the first term's products, column 1 the second's, the rest zero
+        cols = tl.arange(0, 16)
+        weight = tl.where(cols == 0, _LO, tl.where(cols == 1, 1, 0))
+        s = tl.sum(tl.dot(k, qcols) * weight[None, :], 1).to(tl.float32)
+        ks = tl.load(KScale + s_at, mask=t_mask, other=0.0)
+        vs = tl.load(VScale + s_at, mask=t_mask, other=0.0)
+        s = tl.where(t_mask, s * (ks * s_scale), float("-inf"))
+        return s, s + tl.maximum(fast_log2(vs, ASM), _TINY)
+
+    @triton.jit
     def _keys_step(block, start, end, qcols, m, l_vec, w_vec, acc, k_base, v_base, pages, BlockTable, KScale, VScale,
                    cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh,
                    s_scale, d, BLOCK_N: tl.constexpr, HAS_BLOCKS: tl.constexpr, PAGE: tl.constexpr,
@@ -86,15 +113,7 @@ if HAS_TRITON:
             k_at = k_base + t * stride_kt
             v_at = v_base + t * stride_vt
             s_at = cache_row.to(tl.int64) * stride_sr + kv_head * stride_sh + t
-        k = tl.load(k_at[:, None] + d[None, :], mask=t_mask[:, None], other=0)
-        # column 0: LO_STEPS times the first term's products, column 1 the second's, the rest zero
-        cols = tl.arange(0, 16)
-        weight = tl.where(cols == 0, _LO, tl.where(cols == 1, 1, 0))
-        s = tl.sum(tl.dot(k, qcols) * weight[None, :], 1).to(tl.float32)
-        ks = tl.load(KScale + s_at, mask=t_mask, other=0.0)
-        vs = tl.load(VScale + s_at, mask=t_mask, other=0.0)
-        s = tl.where(t_mask, s * (ks * s_scale), float("-inf"))
-        sv = s + tl.maximum(fast_log2(vs, ASM), _TINY)  # the weight the product takes, in log2, before the max
+        s, sv = keys_scores(k_at, s_at, d, t_mask, qcols, KScale, VScale, s_scale, ASM)
         m_step = tl.max(sv, 0)
         if m_step > m + _SLACK:  # lazily: the running max moves (and the sums are rescaled) only when a weight would
             # pass 2^SLACK, so most steps skip the rescale of acc
@@ -126,14 +145,7 @@ if HAS_TRITON:
         row, kv_head, split, cache_row, start, end = split_bounds(SeqLens, CacheRows, HAS_ROWS, NUM_SPLITS, WHOLE)
 
         d = tl.arange(0, HEAD_DIM)
-        qf = tl.load(Q + row * stride_qn + kv_head * stride_qh + d).to(tl.float32)
-        absmax = tl.max(tl.abs(qf), 0)
-        step = tl.where(absmax > 0.0, absmax, 1.0) / 127.0
-        hi = round_half_even(qf / step, INTERPRETED)
-        lo = round_half_even((qf - hi * step) * (_LO / step), INTERPRETED)  # |lo| <= LO_STEPS / 2
-        cols = tl.arange(0, 16)
-        qcols = tl.where(cols[None, :] == 0, hi[:, None], tl.where(cols[None, :] == 1, lo[:, None], 0.0)).to(tl.int8)
-        s_scale = qk_scale * step / _LO  # qk_scale holds log2(e): exp2 below
+        qcols, s_scale = q_columns(Q + row * stride_qn + kv_head * stride_qh + d, qk_scale, INTERPRETED)
         k_base = K + kv_head * stride_kh
         v_base = V + kv_head * stride_vh
         if not HAS_BLOCKS:
