@@ -1,9 +1,12 @@
 """Shared by the GPU benchmarks: the random 7B-shape model, an exact word-level tokenizer, the workload,
-and measuring helpers (device sync timing, peak VRAM sampled through NVML)."""
+and measuring helpers (device sync timing, peak VRAM sampled through NVML, a share of the SMs through green
+contexts)."""
 
 import contextlib
+import ctypes
 import json
 import random
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -202,3 +205,38 @@ def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__")
                                else str(o)) + "\n")
+
+
+SM_RESOURCE = 1  # CU_DEV_RESOURCE_TYPE_SM
+RESOURCE_BYTES = 1024  # more than sizeof(CUdevResource) in the CUDA 12.4+ and 13 headers
+SM_COUNT_AT = 96  # CUdevResource: its type (4 bytes), 92 bytes of padding, then the SM resource, smCount first
+GREEN_CTX_DEFAULT_STREAM = 1
+STREAM_NON_BLOCKING = 1  # what a green context's streams must be
+
+
+class GreenSplit:
+    """The device's SMs cut in two disjoint green contexts (about `sms` of them and the rest), a stream in each."""
+
+    def __init__(self, sms: int, device: int = 0):
+        import torch
+
+        self._cuda = ctypes.CDLL("libcuda.so.1")
+        dev = ctypes.c_int()
+        self._call("cuDeviceGet", ctypes.byref(dev), device)
+        whole = ctypes.create_string_buffer(RESOURCE_BYTES)
+        self._call("cuDeviceGetDevResource", dev, whole, SM_RESOURCE)
+        group, rest = ctypes.create_string_buffer(RESOURCE_BYTES), ctypes.create_string_buffer(RESOURCE_BYTES)
+        self._call("cuDevSmResourceSplitByCount", group, ctypes.byref(ctypes.c_uint(1)), whole, rest, 0, sms)
+        self.streams, self.sms = [], []
+        for resource in (group, rest):
+            desc, ctx, stream = ctypes.c_void_p(), ctypes.c_void_p(), ctypes.c_void_p()
+            self._call("cuDevResourceGenerateDesc", ctypes.byref(desc), resource, 1)
+            self._call("cuGreenCtxCreate", ctypes.byref(ctx), desc, dev, GREEN_CTX_DEFAULT_STREAM)
+            self._call("cuGreenCtxStreamCreate", ctypes.byref(stream), ctx, STREAM_NON_BLOCKING, 0)
+            self.streams.append(torch.cuda.ExternalStream(stream.value, device=device))
+            self.sms.append(struct.unpack_from("I", resource, SM_COUNT_AT)[0])
+
+    def _call(self, name: str, *args) -> None:
+        code = getattr(self._cuda, name)(*args)
+        if code:
+            raise RuntimeError(f"{name}: CUresult {code}")

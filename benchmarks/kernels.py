@@ -32,7 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.common import copy_bandwidth, write_json
+from benchmarks.common import GreenSplit, copy_bandwidth, write_json
 
 
 @dataclass(frozen=True)
@@ -765,8 +765,6 @@ def main() -> None:
               "gemv": lambda: gemv(args, shape, device, (res.get("bandwidth") or {}).get("gb_s"))}
     stream = contextlib.nullcontext()
     if args.sms:
-        from benchmarks.partition import GreenSplit
-
         split = GreenSplit(args.sms)
         res["sms"] = split.sms[0]
         stream = torch.cuda.stream(split.streams[0])

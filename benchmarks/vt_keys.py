@@ -21,13 +21,15 @@ shape_and_device(SMOKE)  # the interpreter is read when Triton first imports
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from batchgen.worker.engine.kernels.int8_keys import keys_scores, q_columns  # noqa: E402
+from batchgen.worker.engine.kernels.int8_keys import LO_STEPS, SLACK_LOG2, keys_scores, q_columns  # noqa: E402
 from batchgen.worker.engine.kernels.int8_ops import round_half_even  # noqa: E402
 from batchgen.worker.engine.kernels.splits import preload_ids, split_bounds  # noqa: E402
 
-_LO = tl.constexpr(128)
-_SLACK = tl.constexpr(8.0)
-_PQ = tl.constexpr(127.0 / 256.0)  # pv (<= 2^8) in steps of 256/127
+P_STEP = 2.0**SLACK_LOG2 / 127  # the weights' first int8 term counts in these (a weight is <= 2^SLACK_LOG2)
+_LO = tl.constexpr(LO_STEPS)  # each further term counts in 1/LO_STEPS of the one before
+_SLACK = tl.constexpr(SLACK_LOG2)
+_PQ = tl.constexpr(1 / P_STEP)
+_UNITS = tl.constexpr((P_STEP, P_STEP / LO_STEPS, P_STEP / LO_STEPS**2))  # the three terms' units
 
 
 @triton.jit
@@ -52,7 +54,7 @@ def _step(block, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockT
         m = m_step
     p = tl.exp2(s - m)
     l_vec += p
-    x = tl.exp2(sv - m) * _PQ  # <= 127
+    x = tl.exp2(sv - m) * _PQ  # <= 127: in units of P_STEP
     t0 = round_half_even(x, INTERPRETED)
     r = (x - t0) * _LO
     t1 = round_half_even(r, INTERPRETED)
@@ -94,8 +96,7 @@ def _vt_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, Mi
     l_sum = tl.sum(l_vec, 0)
     has_keys = l_sum > 0.0
     rows = tl.arange(0, 16)[None, :]
-    unit = tl.where(rows == 0, 256.0 / 127.0, tl.where(rows == 1, 256.0 / 127.0 / 128.0,
-                                                       tl.where(rows == 2, 256.0 / 127.0 / 16384.0, 0.0)))
+    unit = tl.where(rows == 0, _UNITS[0], tl.where(rows == 1, _UNITS[1], tl.where(rows == 2, _UNITS[2], 0.0)))
     o = tl.sum(acc.to(tl.float32) * unit, 1)
     out = o / tl.where(has_keys, l_sum, 1.0)
     tl.store(Out + row * stride_on + kv_head * stride_oh + d, out.to(Out.dtype.element_ty))
@@ -169,8 +170,8 @@ def smoke() -> dict:
 def timed(args) -> dict:
     import torch
 
+    from benchmarks.common import GreenSplit
     from benchmarks.kernels import time_ms
-    from benchmarks.partition import GreenSplit
 
     s = state(rows=args.rows, heads=32, d=128, page=64, per_row=args.max_len // 64, mean_ctx=args.mean_ctx,
               device="cuda")
