@@ -34,16 +34,18 @@ _UNITS = tl.constexpr((P_STEP, P_STEP / LO_STEPS, P_STEP / LO_STEPS**2))  # the 
 
 @triton.jit
 def _step(block, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockTable, KScale, VScale, cache_row,
-          kv_head, stride_kr, stride_kt, stride_vr, stride_vt, stride_vd, stride_bt, stride_sr, stride_sh, s_scale, d,
+          kv_head, stride_kr, stride_kt, stride_vr, stride_vs, stride_vd, stride_bt, stride_sr, stride_sh, s_scale, d,
           BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRELOAD: tl.constexpr, ASM: tl.constexpr,
-          MASKED: tl.constexpr, INTERPRETED: tl.constexpr):
+          MASKED: tl.constexpr, INTERPRETED: tl.constexpr, SUB: tl.constexpr):
     j = tl.arange(0, BLOCK_N)
     t = block + j
     t_mask = t < end if MASKED else tl.full([BLOCK_N], 1, tl.int1)
-    slot = block % PAGE + j  # BLOCK_N <= PAGE: a step reads one block
+    slot = tl.multiple_of(block % PAGE, BLOCK_N) + j  # BLOCK_N <= PAGE: a step reads one block (aligned: Triton 3.6
+    # proves the V^T load contiguous only so)
+    within = tl.multiple_of(block % PAGE % SUB, BLOCK_N)  # V^T is stored in pieces of SUB keys (BLOCK_N <= SUB)
     page = tl.sum(tl.where(tl.arange(0, PRELOAD) == (block - start) // PAGE, pages, 0), 0).to(tl.int64)
     k_at = k_base + page * stride_kr + slot * stride_kt
-    v_at = v_base + page * stride_vr + slot * stride_vt
+    v_at = v_base + page * stride_vr + block % PAGE // SUB * stride_vs + within + j
     s_at = page * stride_sr + kv_head * stride_sh + slot
     s, sv = keys_scores(k_at, s_at, d, t_mask, qcols, KScale, VScale, s_scale, ASM)
     m_step = tl.max(sv, 0)
@@ -68,11 +70,12 @@ def _step(block, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockT
 
 @triton.jit
 def _vt_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, MidLse, Out,
-               stride_qn, stride_qh, stride_kr, stride_kt, stride_kh, stride_vr, stride_vt, stride_vh, stride_vd,
+               stride_qn, stride_qh, stride_kr, stride_kt, stride_kh, stride_vr, stride_vs, stride_vh, stride_vd,
                stride_bt, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, stride_on, stride_oh,
                stride_sr, stride_sh, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_BLOCKS: tl.constexpr, PAGE: tl.constexpr,
-               WHOLE: tl.constexpr, PRELOAD: tl.constexpr, ASM: tl.constexpr, INTERPRETED: tl.constexpr):
+               WHOLE: tl.constexpr, PRELOAD: tl.constexpr, ASM: tl.constexpr, INTERPRETED: tl.constexpr,
+               SUB: tl.constexpr):
     row, kv_head, split, cache_row, start, end = split_bounds(SeqLens, CacheRows, HAS_ROWS, NUM_SPLITS, WHOLE)
     d = tl.arange(0, HEAD_DIM)
     qcols, s_scale = q_columns(Q + row * stride_qn + kv_head * stride_qh + d, qk_scale, INTERPRETED)
@@ -85,14 +88,14 @@ def _vt_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, Mi
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
     for block in range(start, full_end, BLOCK_N):
         m, l_vec, acc = _step(block, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockTable, KScale,
-                              VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vt, stride_vd,
+                              VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vs, stride_vd,
                               stride_bt, stride_sr, stride_sh, s_scale, d, BLOCK_N, PAGE, PRELOAD, ASM, False,
-                              INTERPRETED)
+                              INTERPRETED, SUB)
     if full_end < end:
         m, l_vec, acc = _step(full_end, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockTable, KScale,
-                              VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vt, stride_vd,
+                              VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vs, stride_vd,
                               stride_bt, stride_sr, stride_sh, s_scale, d, BLOCK_N, PAGE, PRELOAD, ASM, True,
-                              INTERPRETED)
+                              INTERPRETED, SUB)
     l_sum = tl.sum(l_vec, 0)
     has_keys = l_sum > 0.0
     rows = tl.arange(0, 16)[None, :]
@@ -102,14 +105,15 @@ def _vt_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, Mi
     tl.store(Out + row * stride_on + kv_head * stride_oh + d, out.to(Out.dtype.element_ty))
 
 
-LAUNCHES = [(32, 1, 3), (32, 1, 4), (32, 1, 2), (64, 1, 3), (64, 1, 2), (32, 2, 3), (64, 2, 3), (64, 2, 2)]
+LAUNCHES = [(32, 1, 3), (32, 1, 4), (32, 1, 5), (32, 2, 3), (64, 2, 3)]
 
 
 def state(rows: int, heads: int, d: int, page: int, per_row: int, mean_ctx: int, device: str,
-          q_scale: float = 1.0) -> dict:
+          q_scale: float = 1.0, subs: tuple[int, ...] = (64,)) -> dict:
     """Random int8 pools as the engine lays K out (each block's heads outermost) and V as the prototype wants it
-    (transposed in each block), the same values in both V layouts; scales, a shuffled block table, lengths (the first
-    row one key). q_scale: wider scores, so the running max moves (the smoke run)."""
+    (transposed in pieces of `sub` keys of each block, one pool a piece size), the same values in every V layout;
+    scales, a shuffled block table, lengths (the first row one key). q_scale: wider scores, so the running max moves
+    (the smoke run)."""
     import torch
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -119,34 +123,37 @@ def state(rows: int, heads: int, d: int, page: int, per_row: int, mean_ctx: int,
     lens[0] = 1
     pool = (blocks, heads, page, d)
     k = torch.randint(-127, 128, pool, generator=g, device=device, dtype=torch.int8).transpose(1, 2)
-    v = torch.randint(-127, 128, pool, generator=g, device=device, dtype=torch.int8).transpose(1, 2)
-    v_t = torch.empty(blocks, heads, d, page, device=device, dtype=torch.int8).permute(0, 3, 1, 2)
-    v_t.copy_(v)
+    v_pool = torch.randint(-127, 128, pool, generator=g, device=device, dtype=torch.int8)
+    v_t = {sub: v_pool.view(blocks, heads, page // sub, sub, d).transpose(3, 4).contiguous() for sub in subs}
     scales = [torch.rand(blocks, heads, page, generator=g, device=device) / 127 + 1e-4 for _ in range(2)]
-    return dict(q=torch.randn(rows, heads, d, generator=g, device=device, dtype=torch.float16) * q_scale, k=k, v=v,
-                v_t=v_t, ks=scales[0], vs=scales[1], lens=lens, max_len=max_len, page=page,
+    return dict(q=torch.randn(rows, heads, d, generator=g, device=device, dtype=torch.float16) * q_scale, k=k,
+                v=v_pool.transpose(1, 2), v_t=v_t, ks=scales[0], vs=scales[1], lens=lens, max_len=max_len, page=page,
                 table=torch.randperm(blocks, generator=g, device=device).view(rows, per_row).to(torch.int32))
 
 
-def vt_attention(s: dict, out, block_n: int, num_warps: int, num_stages: int, interpreted: bool) -> None:
+def vt_attention(s: dict, out, block_n: int, num_warps: int, num_stages: int, interpreted: bool,
+                 sub: int = 64) -> None:
     from batchgen.worker.engine.kernels.attention import preload_pages
 
-    q, k, v, table, page = s["q"], s["k"], s["v_t"], s["table"], s["page"]
+    q, k, v, table, page = s["q"], s["k"], s["v_t"][sub], s["table"], s["page"]
     whole = max(page, block_n)
     _vt_kernel[(q.shape[0], q.shape[1], 1)](
         q, k, v, s["lens"], s["lens"], table, s["ks"], s["vs"], out, out, out, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), v.stride(3), table.stride(0), 0, 0, 0, 0,
+        k.stride(1), k.stride(2), v.stride(0), v.stride(2), v.stride(1), v.stride(3), table.stride(0), 0, 0, 0, 0,
         0, out.stride(0), out.stride(1), s["ks"].stride(0), s["ks"].stride(1), q.shape[2] ** -0.5 * 1.4426950408889634,
         HEAD_DIM=q.shape[2], BLOCK_N=block_n, NUM_SPLITS=1, HAS_ROWS=False, HAS_BLOCKS=True, PAGE=page, WHOLE=whole,
-        PRELOAD=preload_pages(s["max_len"], 1, whole, page), ASM=not interpreted, INTERPRETED=interpreted,
+        PRELOAD=preload_pages(s["max_len"], 1, whole, page), ASM=not interpreted, INTERPRETED=interpreted, SUB=sub,
         num_warps=num_warps, num_stages=num_stages)
 
 
-def engine_attention(s: dict, out, launch=None) -> None:
+def engine_attention(s: dict, out, launch=None, vt: bool = False) -> None:
+    """The engine's decode attention over the state: int8_keys' kernel, or (vt) its _vt_kernel over V^T in each
+    block, the pool model_runner.kv_pool(transposed=True) lays out."""
     from batchgen.worker.engine.kernels import decode_attention
 
     tune = dict(block_n=launch[0], num_warps=launch[1], num_stages=launch[2], keys=True) if launch else {}
-    decode_attention(s["q"], s["k"], s["v"], s["lens"], s["q"].shape[2] ** -0.5, k_scale=s["ks"], v_scale=s["vs"],
+    v = s["v_t"][s["page"]][:, :, 0].permute(0, 3, 1, 2) if vt else s["v"]  # [blocks, tokens, heads, d]
+    decode_attention(s["q"], s["k"], v, s["lens"], s["q"].shape[2] ** -0.5, k_scale=s["ks"], v_scale=s["vs"],
                      block_table=s["table"], out=out, **tune)
 
 
@@ -155,15 +162,17 @@ def smoke() -> dict:
     import torch
     from batchgen.worker.engine.kernels import decode_attention_reference
 
-    s = state(rows=5, heads=2, d=64, page=64, per_row=4, mean_ctx=150, device="cpu", q_scale=4.0)
+    s = state(rows=5, heads=2, d=64, page=64, per_row=4, mean_ctx=150, device="cpu", q_scale=4.0, subs=(64, 32))
     ref = decode_attention_reference(s["q"], s["k"], s["v"], s["lens"], 64**-0.5, k_scale=s["ks"], v_scale=s["vs"],
                                      block_table=s["table"])
     out, res = torch.empty_like(s["q"]), {}
     engine_attention(s, out)
     res["engine keys kernel"] = float((out.float() - ref.float()).abs().max())
-    for block_n in (32, 64):
-        vt_attention(s, out, block_n, 1, 3, interpreted=True)
-        res[f"prototype, block_n {block_n}"] = float((out.float() - ref.float()).abs().max())
+    engine_attention(s, out, vt=True)
+    res["engine V^T kernel"] = float((out.float() - ref.float()).abs().max())
+    for block_n, sub in ((32, 64), (64, 64), (32, 32)):
+        vt_attention(s, out, block_n, 1, 3, interpreted=True, sub=sub)
+        res[f"prototype, block_n {block_n}, V^T in pieces of {sub}"] = float((out.float() - ref.float()).abs().max())
     return {"max_abs_err": res, "ref_max": float(ref.abs().max())}
 
 
@@ -174,15 +183,17 @@ def timed(args) -> dict:
     from benchmarks.kernels import time_ms
 
     s = state(rows=args.rows, heads=32, d=128, page=64, per_row=args.max_len // 64, mean_ctx=args.mean_ctx,
-              device="cuda")
+              device="cuda", subs=(64, 32))
     needed = int(s["lens"].sum()) * 32 * (128 + 4) * 2  # int8 K and V and a float32 scale each, per token and head
     ref, out = torch.empty_like(s["q"]), torch.empty_like(s["q"])
     engine_attention(s, ref)
     res = {"device": torch.cuda.get_device_name(0), "rows": args.rows, "runs": []}
     variants = [("engine keys kernel, KEYS_LAUNCH", lambda: engine_attention(s, ref)),
-                ("engine keys kernel, 32 x 1 x 4", lambda: engine_attention(s, ref, (32, 1, 4)))]
-    variants += [(f"prototype, {b} x {w} x {st}", lambda b=b, w=w, st=st: vt_attention(s, out, b, w, st, False))
-                 for b, w, st in LAUNCHES]
+                ("engine V^T kernel, KEYS_LAUNCH", lambda: engine_attention(s, out, vt=True)),
+                ("engine V^T kernel, 32 x 1 x 4", lambda: engine_attention(s, out, (32, 1, 4), vt=True))]
+    variants += [(f"prototype, {b} x {w} x {st}, V^T in pieces of {sub}",
+                  lambda b=b, w=w, st=st, sub=sub: vt_attention(s, out, b, w, st, False, sub))
+                 for b, w, st in LAUNCHES for sub in (64, 32) if b <= sub]
     for sms in args.sms:
         stream = GreenSplit(sms).streams[0] if sms else torch.cuda.current_stream()
         run = {"sms": sms or torch.cuda.get_device_properties(0).multi_processor_count, "variants": {}}
@@ -190,7 +201,7 @@ def timed(args) -> dict:
             for name, fn in variants:
                 ms = time_ms(fn, "cuda")
                 run["variants"][name] = {"ms": round(ms, 4), "kv_gb_s": round(needed / ms / 1e6, 1)} | (
-                    {"max_abs_diff": float((out.float() - ref.float()).abs().max())} if "prototype" in name else {})
+                    {"max_abs_diff": float((out.float() - ref.float()).abs().max())} if "V^T" in name else {})
                 print(run["sms"], name, run["variants"][name], flush=True)
         res["runs"].append(run)
     return res

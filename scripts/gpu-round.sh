@@ -101,8 +101,9 @@ profile() {  # profile NAME ENGINE_OPTIONS [PROFILE_STEPS OPTIONS...]
 }
 
 bulk() {  # bulk NAME TUNED_KERNELS COMPILE_SHAPES MIXED_STEPS [OVERLAP_PREFILL (default 1) [KV_CACHE_DTYPE]]
-    # PREFILL=N: N prompt tokens per prefill step (--max-prefill-tokens; unset: the engine's default)
-    BATCHGEN_MAX_PREFILL_TOKENS=${PREFILL:-} BATCHGEN_COMPACT_ROWS=${COMPACT:-1} \
+    # PREFILL=N: N prompt tokens per prefill step (--max-prefill-tokens; unset: the engine's default); KV_SCALES=MODE:
+    # --int8-kv-scales MODE (unset: the default)
+    BATCHGEN_MAX_PREFILL_TOKENS=${PREFILL:-} BATCHGEN_COMPACT_ROWS=${COMPACT:-1} BATCHGEN_INT8_KV_SCALES=${KV_SCALES:-} \
     BATCHGEN_TUNED_KERNELS=$2 BATCHGEN_COMPILE_SHAPES=$3 BATCHGEN_MIXED_STEPS=$4 BATCHGEN_OVERLAP_PREFILL=${5:-1} \
         BATCHGEN_KV_CACHE_DTYPE=${6:-auto} run "${BULK_S:-190}" "bulk_$1" \
         python3 -m benchmarks.bulk --only batchgen --skip-512 --no-fit --agree-requests 0 --out "$out/bulk_$1"
@@ -665,6 +666,12 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   partition)  # a decode step's attention and its int8 projections at the bulk state: alone, on two streams, on
     # disjoint green contexts
     partition
+    ;;
+  vt)  # V transposed in each block (int8_keys._vt_kernel): benchmarks.vt_keys on every SM and on 96 (the
+    # prototype's layouts, the engine's V^T kernel, the keys kernel), then bulk on the defaults and on v-q16-keys-vt
+    run 150 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
+    BULK_S=200 bulk defaults 1 static-features 0
+    KV_SCALES=v-q16-keys-vt BULK_S=170 bulk vt 1 static-features 0
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab

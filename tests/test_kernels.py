@@ -385,7 +385,7 @@ def test_kernels_compile_for_hopper():
                              "paged int8 launch biased, ids ahead", "paged int8 launch q8, ids ahead",
                              "paged int8 launch q16 early, ids ahead", "paged fp16 launch", "paged fp16 3 stages",
                              "paged fp16 3 stages, ids ahead", "paged int8 keys launch, ids ahead",
-                             "norm quantize", "norm quantize gemma",
+                             "paged int8 keys launch, V transposed", "kv store int8 transposed", "norm quantize", "norm quantize gemma",
                              "gated quantize", "gated quantize rotated"}
     # the int8 cache's fp16 path converts by byte permutes (none of the quarter-rate s8 conversions), the
     # float32 path by conversions
@@ -424,8 +424,13 @@ def test_kernels_compile_for_hopper():
     assert keys["loads_in_flight"] > 0 and keys["int8_mma"] > 0 and keys["spill_bytes"] in (0, None), keys
     assert keys["warp_instructions_per_kb"] < per_kb["paged int8 launch q16 early, ids ahead"], (keys, per_kb)
     assert keys["lg2_approx"] > 0  # V's scales in log2 by the SFU, not libdevice's polynomial
+    # over V^T in each block: P · V as int8 MMAs too (twice the scores'), V^T's rows copied 16 bytes at a time as K's
+    # (a V^T load the compiler cannot prove contiguous compiles to byte loads: 128 a step under Triton 3.6)
+    vt = compiled["paged int8 keys launch, V transposed"]
+    assert vt["int8_mma"] == 2 * keys["int8_mma"] and vt["vector_loads"] == keys["vector_loads"], (vt, keys)
+    assert vt["loads_in_flight"] > 0 and vt["spill_bytes"] in (0, None) and vt["programs_per_sm"] >= 8, vt
     assert compiled["rope"]["vectorised"] and compiled["rope store"]["vectorised"]
-    assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8"))
+    assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8", "int8 transposed"))
     assert compiled["kv store fp8"]["div_rn"] and compiled["kv store int8"]["div_rn"]  # the quantising stores
     # divide as torch does (int8: 127 by the absmax, as quantize_kv_int8)
     assert compiled["quantize"]["round_half_even"] and compiled["int8 gemm"]["int8_tensor_cores"]
@@ -923,16 +928,18 @@ def test_the_default_launch_takes_a_third_stage_where_a_program_holds_its_tiles(
     assert launch(torch.float16, True, 128, attention.shared_per_program(torch.device("cpu"))) == attention.LAUNCH
 
 
-@pytest.mark.parametrize("paged", [False, "tokens", "heads"])
+@pytest.mark.parametrize("paged", [False, "tokens", "heads", "vt"])
 def test_int8_kv_with_the_keys_on_the_tiles_rows_equals_the_reference_with_q_rounded(paged):
     """int8_keys (--int8-kv-scales v-q16-keys): one query head a KV head, the step's keys on the tensor-core tiles'
     rows, q as two int8 terms (the second in 1/128 of the first's step), V's scale in the running max: the reference
     over that q within an output ulp, over a slot cache (1, 2 or 3 splits, several keys a step) and a paged one
     (one block a step, several, or a part of one; the block ids ahead or in the loop; each block's tokens or its
-    heads outermost, as model_runner.kv_pool lays an int8 pool out, written by store_kv's kernel); a head of zeros,
-    and a token whose V is all zeros (its scale 0). Close to the fp16 q's output, as q16's two terms are."""
+    heads outermost, as model_runner.kv_pool lays an int8 pool out, written by store_kv's kernel; "vt": V transposed in
+    each block, _vt_kernel's P · V on the int8 tensor cores); a head of zeros, and a token whose V is all zeros (its
+    scale 0). Close to the fp16 q's output, as q16's two terms are."""
     from batchgen.worker.engine.kernels.int8_keys import keys_q
     from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
+    from batchgen.worker.engine.model_runner import kv_pool
 
     k, v = _cache(4, 2, 128, torch.float16, seed=5)
     k[:, 5] *= 30
@@ -945,8 +952,8 @@ def test_int8_kv_with_the_keys_on_the_tiles_rows_equals_the_reference_with_q_rou
     cache, scales, tunes = (kq, vq), dict(k_scale=ks, v_scale=vs), [dict(block_n=n) for n in (16, 64)]
     if paged:
         table = torch.tensor([[1, 2], [3, 0], [4, 5], [6, 7]], dtype=torch.int32)
-        blocks = [torch.zeros(8, 64, 2, 128, dtype=torch.int8) if paged == "tokens"
-                  else torch.zeros(8, 2, 64, 128, dtype=torch.int8).transpose(1, 2) for _ in range(2)]
+        blocks = [kv_pool((1, 8, 64, 2, 128), torch.int8, torch.device("cpu"), heads_major=paged != "tokens",
+                          transposed=paged == "vt" and i == 1)[0] for i in range(2)]
         block_scales = [torch.zeros(8, 2, 64) for _ in range(2)]
         rows, positions = torch.arange(4).repeat_interleave(MAX_LEN), torch.arange(MAX_LEN).repeat(4)
         keep = positions < lengths[rows]
@@ -954,7 +961,9 @@ def test_int8_kv_with_the_keys_on_the_tiles_rows_equals_the_reference_with_q_rou
         for c, sc, x in zip(blocks, block_scales, (k, v), strict=True):
             store_kv(c, slots, x.reshape(-1, 2, 128)[keep], sc, triton_kernel=True)
         cache, scales = tuple(blocks), dict(k_scale=block_scales[0], v_scale=block_scales[1], block_table=table)
-        tunes = [dict(block_n=n, preload=ahead) for n in (32, 64, 128) for ahead in (False, True)]
+        tunes = [dict(block_n=n, preload=ahead) for n in ((32, 64) if paged == "vt" else (32, 64, 128))
+                 for ahead in (False, True)]
+        assert attention.v_transposed(blocks[1]) == (blocks[1].stride(1) == 1) == (paged == "vt")
         for pool, values in zip(blocks, (kq, vq), strict=True):  # each token where the table says, in either layout
             held = pool[table.long()].flatten(1, 2)[:, :MAX_LEN]
             assert torch.equal(held[keep.view(4, MAX_LEN)], values[keep.view(4, MAX_LEN)])
@@ -970,6 +979,13 @@ def test_int8_kv_with_the_keys_on_the_tiles_rows_equals_the_reference_with_q_rou
     if paged:  # the block table the split kernel wants, int32
         with pytest.raises(ValueError, match="int32 block table"):
             decode_attention(q, *cache, lengths, 128**-0.5, keys=True, **(scales | {"block_table": table.long()}))
+    if paged == "vt":  # only _vt_kernel reads V^T, and over whole steps of a block
+        with pytest.raises(ValueError, match="transposed in each block"):
+            decode_attention(q, *cache, lengths, 128**-0.5, keys=False, **scales)
+        with pytest.raises(ValueError, match="transposed in each block"):
+            decode_attention(q, *cache, lengths, 128**-0.5, keys=True, block_n=128, **scales)
+        with pytest.raises(ValueError, match="transposed in each block"):  # the int8 MMA's K is 32
+            decode_attention(q, *cache, lengths, 128**-0.5, keys=True, block_n=16, **scales)
 
 
 def test_the_keys_kernels_lazy_max_rescales_only_past_its_slack():

@@ -24,7 +24,7 @@ KV_LAYOUTS = ("paged", "slots")
 COMPILE_SHAPES = ("dynamic", "static-features")  # kernels/compiled.py
 # EngineConfig.int8_kv_scales: kernels/attention.py's INT8_V_SCALES
 INT8_KV_SCALES = ("v", "p", "v32", "p32", "v-early", "p-early", "v-bias", "p-bias", "v-q8", "v-q8-early",
-                  "v-q16", "v-q16-early", "v-q16-keys")
+                  "v-q16", "v-q16-early", "v-q16-keys", "v-q16-keys-vt")
 TASKS = ("auto", "generate", "embed")  # what the model does with a request (task.py decides auto)
 
 
@@ -89,7 +89,8 @@ class EngineConfig:
     # corrected (bias); "v-q16-early" (the plain cache's drift in fewer instructions a key) scores q as two int8
     # terms against K on the int8 tensor cores; "v-q16-keys" (the default) puts the keys on the tiles' rows where each
     # query head has its own KV head (kernels/int8_keys.py), else is v-q16-early (kernels/attention.py;
-    # benchmarks.kernels times them)
+    # benchmarks.kernels times them); "v-q16-keys-vt" as v-q16-keys with a paged pool's V transposed in each block
+    # and P · V on the int8 tensor cores (int8_keys._vt_kernel)
     int8_kv_scales: str = "v-q16-keys"
     # how the fused and int8 elementwise functions compile (kernels/compiled.py): "static-features" (only the
     # token/row dimensions symbolic: the measured faster one) or "dynamic" (every dimension symbolic)

@@ -6,7 +6,7 @@ from batchgen.worker.engine.config import refuse_flash_with
 from batchgen.worker.engine.cuda_graphs import DecodeGraphs
 from batchgen.worker.engine.faults import FaultInjector
 from batchgen.worker.engine.host_copy import to_device
-from batchgen.worker.engine.kernels.attention import BLOCK_N, fp8_kv_scale
+from batchgen.worker.engine.kernels.attention import BLOCK_N, fp8_kv_scale, vt_pool
 from batchgen.worker.engine.kv_blocks import SCRATCH_BLOCK
 from batchgen.worker.engine.llama import (
     CacheAttention,
@@ -56,15 +56,19 @@ def free_cached_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def kv_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, heads_major: bool) -> torch.Tensor:
+def kv_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, heads_major: bool,
+            transposed: bool = False) -> torch.Tensor:
     """A zeroed cache of shape [layers, rows or blocks, tokens, kv_heads, head_dim]. heads_major: stored with each
     block's heads outermost ([.., blocks, kv_heads, tokens, head_dim], seen through a transpose), so that a decode
     program's keys of a block are one run of tokens * head_dim bytes, not head_dim-byte pieces a token apart: an
-    int8 pool's 128-byte pieces read slower than the bus (docs/benchmarks.md, "Each block's heads outermost"). The
-    kernels and stores take any strides."""
-    if not heads_major:
+    int8 pool's 128-byte pieces read slower than the bus (docs/benchmarks.md, "Each block's heads outermost").
+    transposed: each block's heads outermost and each head's values as [head_dim, tokens] (V for
+    int8_keys._vt_kernel). The kernels and stores take any strides."""
+    if not (heads_major or transposed):
         return torch.zeros(shape, dtype=dtype, device=device)
     layers, blocks, tokens, heads, head_dim = shape
+    if transposed:
+        return torch.zeros(layers, blocks, heads, head_dim, tokens, dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
     return torch.zeros(layers, blocks, heads, tokens, head_dim, dtype=dtype, device=device).transpose(2, 3)
 
 
@@ -164,8 +168,10 @@ class ModelRunner:
             if num_blocks is None:
                 self.host_table.copy_(torch.arange(max_rows * per_row, dtype=torch.int32).view(max_rows, per_row) + 1)
             self.block_table = self.host_table.to(self.device)
-        self.k_cache, self.v_cache = (kv_pool(shape, dtype, self.device, heads_major=self.block_size is not None
-                                              and self.token_scales) for dtype in (self.k_dtype, self.v_dtype))
+        heads_major = self.block_size is not None and self.token_scales
+        self.k_cache = kv_pool(shape, self.k_dtype, self.device, heads_major)
+        self.v_cache = kv_pool(shape, self.v_dtype, self.device, heads_major, transposed=heads_major and self.attention == "triton"
+                               and vt_pool(p.num_heads, p.num_kv_heads, p.head_dim, self.dtype))
         if self.token_scales:  # one per token and KV head; a head's tokens side by side (one load per key block)
             scales = (shape[0], shape[1], shape[3], shape[2])
             self.k_scale = torch.zeros(scales, dtype=torch.float32, device=self.device)

@@ -39,7 +39,8 @@ BLOCK_N = 64  # keys per inner step
 # "-early" and left 1152 over their values (biased); "v-q8": K unconverted against q rounded to int8 per head, on
 # the int8 tensor cores (qk_int8), V as "v"; "v-q16": q as two int8 terms, its rounding error the second; with
 # "-early" (v-q8-early, v-q16-early) V converted where it is loaded; "v-q16-keys" (the default): int8_keys' kernel
-# (the keys on the tiles' rows) where each query head has its own KV head, else as v-q16-early.
+# (the keys on the tiles' rows) where each query head has its own KV head, else as v-q16-early; "v-q16-keys-vt"
+# as v-q16-keys with a paged pool's V transposed in each block (int8_keys._vt_kernel; model_runner.kv_pool).
 INT8_V_SCALES = "v-q16-keys"
 # int8_keys' (block_n, num_warps, num_stages) where a call does not say: as fast as any where the kernel reaches the
 # bus, and the fastest where the card has few SMs for its bus (docs/benchmarks.md, "... fewer SMs than the bus wants")
@@ -63,7 +64,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
     from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16
-    from batchgen.worker.engine.kernels.int8_keys import _keys_kernel, keys_apply
+    from batchgen.worker.engine.kernels.int8_keys import VT_MAX_PRELOAD, _keys_kernel, _vt_kernel, keys_apply
     from batchgen.worker.engine.kernels.int8_ops import round_half_even
     from batchgen.worker.engine.kernels.splits import preload_ids, split_bounds
 
@@ -392,6 +393,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return _keys_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cache_rows, block_table,
                                num_splits, out, *(given or default for given, default in zip(
                                    (block_n, num_warps, num_stages), KEYS_LAUNCH, strict=True)), preload)
+    if v_transposed(v_cache):
+        raise ValueError("a V cache transposed in each block is read by int8_keys' kernel only: an int8 cache, an fp16 "
+                         "q with one query head a KV head")
     launch = default_launch(kv_dtype, block_table is not None, head_dim, shared_per_program(q.device), qk8)
     block_n, num_warps, num_stages = (given or default for given, default in zip((block_n, num_warps, num_stages),
                                                                                  launch, strict=True))
@@ -436,7 +440,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         TOKEN_SCALES=token_scales,
         SCALES_IN_P=INT8_V_SCALES.startswith("p") if scales_in_p is None else scales_in_p,
         F16_INT8=f16, ASM_CVT=not interpreting(), PAGE=page,
-        CVT_EARLY=INT8_V_SCALES.endswith(("-early", "-bias", "-keys")) if cvt_early is None else cvt_early, PRELOAD=pages,
+        CVT_EARLY=INT8_V_SCALES.endswith(("-early", "-bias", "-keys", "-vt")) if cvt_early is None else cvt_early,
+        PRELOAD=pages,
         BIAS=f16 and not qk8 and (INT8_V_SCALES.endswith("-bias") if bias is None else bias),
         QK_INT8=qk8, INTERPRETED=interpreting(),
         num_warps=num_warps, num_stages=num_stages)
@@ -474,14 +479,28 @@ def _merged(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, block
     return out
 
 
+def vt_pool(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether a paged int8 pool's V is stored transposed in each block (model_runner.kv_pool): under
+    --int8-kv-scales v-q16-keys-vt, where int8_keys' kernel decodes the model (fp16, one query head a KV head)."""
+    from batchgen.worker.engine.kernels.int8_keys import keys_apply as applies  # defined without Triton too
+
+    return INT8_V_SCALES.endswith("-vt") and dtype == torch.float16 and applies(num_heads, num_kv_heads, head_dim)
+
+
+def v_transposed(v_cache: torch.Tensor) -> bool:
+    """Whether a layer's V cache [blocks, tokens, kv_heads, head_dim] is a view of V^T in each block (its tokens
+    contiguous: model_runner.kv_pool's v_transposed), as int8_keys._vt_kernel reads it."""
+    return v_cache.stride(-1) != 1 and v_cache.stride(1) == 1
+
+
 def _triton_runs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  block_table: torch.Tensor | None) -> bool:
     """Whether decode_attention's kernels run on q (else its reference does), checking the strides and the block
     table's dtype they want."""
     if not triton_available(q):
         return False
-    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("decode_attention wants a unit stride over head_dim")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or (v_cache.stride(-1) != 1 and not v_transposed(v_cache)):
+        raise ValueError("decode_attention wants a unit stride over head_dim (V: or over a block's tokens)")
     if block_table is not None and (block_table.dtype != torch.int32 or block_table.stride(-1) != 1):
         raise ValueError("decode_attention wants an int32 block table with a unit stride over blocks")
     return True
@@ -506,6 +525,19 @@ def _keys_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cach
     mid_o, mid_lse, out = _partials(q, splits, out)
     rows_arg = cache_rows if cache_rows is not None else seq_lens
     table_arg = block_table if block_table is not None else seq_lens
+    if v_transposed(v_cache):
+        if block_table is None or cache_rows is not None or page % block_n or block_n < 32:
+            raise ValueError("a V cache transposed in each block wants a block table, no cache_rows and block_n >= 32 "
+                             f"(the int8 MMA's depth) dividing its {page}-token blocks (got block_n {block_n})")
+        _vt_kernel[(n, num_heads, splits)](
+            q, k_cache, v_cache, seq_lens, seq_lens, block_table, ks, vs, mid_o, mid_lse, out, q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(3),
+            v_cache.stride(2), block_table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+            mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), ks.stride(0), ks.stride(1),
+            scale * _LOG2E, HEAD_DIM=head_dim, BLOCK_N=block_n, NUM_SPLITS=splits, PAGE=page, WHOLE=whole,
+            PRELOAD=pages if pages <= VT_MAX_PRELOAD else 0, ASM=not interpreting(), INTERPRETED=interpreting(),
+            num_warps=num_warps, num_stages=num_stages)
+        return _merged(mid_o, mid_lse, out, head_dim)
     _keys_kernel[(n, num_heads, splits)](
         q, k_cache, v_cache, seq_lens, rows_arg, table_arg, ks, vs, mid_o, mid_lse, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

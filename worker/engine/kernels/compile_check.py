@@ -38,10 +38,12 @@ SPLIT_ALIGNED = ("stride_qn", "stride_qh", "stride_kr", "stride_kt", "stride_kh"
 def build(kernel, arch: int, pointers: dict[str, str], ints: list[str], floats: list[str], constexprs: dict,
           aligned: tuple[str, ...] = (), **options):
     """aligned: the ints that are multiples of 16 (as a launch's are where Triton specialises them), besides the
-    pointers (allocations are): without the hint the compiler cannot vectorise or pipeline those loads."""
-    signature = dict(pointers) | {n: "i32" for n in ints} | {n: "fp32" for n in floats}
-    signature |= {n: "constexpr" for n in constexprs}
-    names = list(signature)
+    pointers (allocations are): without the hint the compiler cannot vectorise or pipeline those loads. An int a
+    launch passes as 1 (Triton specialises it) goes in constexprs."""
+    kinds = dict(pointers) | {n: "i32" for n in ints} | {n: "fp32" for n in floats}
+    kinds |= {n: "constexpr" for n in constexprs}
+    names = kernel.arg_names  # the signature in the kernel's order
+    signature = {n: kinds[n] for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*pointers, *aligned)}
     return triton_compile(ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs),
                           target=GPUTarget("cuda", arch, 32), options=options)
@@ -86,14 +88,16 @@ def build_split(arch: int, kv: str, constexprs: dict, **options):
                  **options)
 
 
-def build_keys(arch: int, constexprs: dict, **options):
+def build_keys(arch: int, constexprs: dict, vt: bool = False, **options):
     """int8_keys._keys_kernel compiled as build_split compiles the split kernel (its arguments less the scale
-    stride)."""
+    stride); vt: int8_keys._vt_kernel (V^T in each block: head_dim's stride in place of a token's, a multiple of
+    16)."""
     pointers = {"Q": "*fp16", "K": "*i8", "V": "*i8", "SeqLens": "*i32", "CacheRows": "*i32", "BlockTable": "*i32",
                 "KScale": "*fp32", "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32", "Out": "*fp16"}
-    ints = [name for name in SPLIT_INTS if name != "scale_stride"]
-    return build(int8_keys._keys_kernel, arch, pointers, ints, ["qk_scale"], {"INTERPRETED": False} | constexprs,
-                 aligned=SPLIT_ALIGNED, **options)
+    names = {"stride_vt": "stride_vd"} if vt else {}
+    ints = [names.get(name, name) for name in SPLIT_INTS if name != "scale_stride"]
+    return build(int8_keys._vt_kernel if vt else int8_keys._keys_kernel, arch, pointers, ints, ["qk_scale"],
+                 {"INTERPRETED": False} | constexprs, aligned=tuple(names.get(n, n) for n in SPLIT_ALIGNED), **options)
 
 
 def loop_instructions(cubin: bytes, arch: int) -> int | None:
@@ -194,6 +198,12 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                    num_warps=warps, num_stages=stages)
     out["paged int8 keys launch, ids ahead"] = launch_stats(k, arch, warps, block_n * 128 * 2) | {
         "spill_bytes": spill_bytes(k.asm["ptx"], arch), "lg2_approx": k.asm["ptx"].count("lg2.approx.f32")}
+    # the same over V^T in each block (v-q16-keys-vt): P · V as int8 MMAs too, V^T's rows copied 16 bytes at a time
+    k = build_keys(arch, dict(HEAD_DIM=128, BLOCK_N=block_n, NUM_SPLITS=1, PAGE=page, WHOLE=whole,
+                              PRELOAD=attention.preload_pages(768, 1, whole, page), ASM=True),
+                   vt=True, num_warps=warps, num_stages=stages)
+    out["paged int8 keys launch, V transposed"] = launch_stats(k, arch, warps, block_n * 128 * 2) | {
+        "spill_bytes": spill_bytes(k.asm["ptx"], arch)}
     k = build(attention._merge_kernel, arch, {"MidO": "*fp32", "MidLse": "*fp32", "Out": "*bf16"},
               ["stride_mn", "stride_mh", "stride_ms", "stride_ln", "stride_lh", "stride_on", "stride_oh"], [],
               dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=3, BLOCK_S=4), num_warps=4)
@@ -277,11 +287,13 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
             "warp_instructions_per_kb": instructions_per_kb(k.asm["cubin"], arch, 4, block_n * 256)
             if rows > 1 else None}  # one row's loop has no MMA to tell it from the guard's
     for name, dest, quant in (("kv store fp16", "*fp16", False), ("kv store fp8", "*u8", True),
-                              ("kv store int8", "*i8", False)):
+                              ("kv store int8", "*i8", False), ("kv store int8 transposed", "*i8", False)):
+        transposed = name.endswith("transposed")  # V^T in each block: head_dim's stride a block's tokens
         k = build(kv_store._store_kernel, arch, {"Dest": dest, "Slots": "*i64", "Src": "*fp16", "Scale": "*fp32"},
-                  ["stride_t", "stride_h", "scale_stride", "width", "stride_cb", "stride_ct", "stride_ch"], [],
+                  ["stride_t", "stride_h", "scale_stride", "width", "stride_cb", "stride_ct", "stride_ch",
+                   *(["stride_cd"] if transposed else [])], [],
                   dict(HEADS=32, HEAD_DIM=128, BLOCK_H=32, BLOCK_D=128, QUANT=quant, INT8=dest == "*i8",
-                       INTERPRETED=False),
+                       INTERPRETED=False) | ({} if transposed else {"stride_cd": 1}),
                   aligned=("stride_t", "stride_h", "stride_cb", "stride_ct", "stride_ch"), num_warps=4)
         ptx = k.asm["ptx"]
         out[name] = {"vectorised": "v4" in ptx}  # 16-byte loads (and stores)

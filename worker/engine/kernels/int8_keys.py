@@ -13,6 +13,12 @@ scores, softmax and weights run 16 times over. Here a step's keys are the rows i
   and left 1152 over its values (the weights' sum times 1152 comes off once at the end).
 
 attention.decode_attention launches it (and the split kernel's merge) under --int8-kv-scales v-q16-keys, the default.
+
+_vt_kernel is the same with V stored transposed in each block (a paged pool whose blocks hold each head's V as
+[head_dim, tokens], kv_pool's v_transposed): P · V then runs on the int8 tensor cores as the scores do, V^T as A
+(head_dim on the tiles' rows, all useful) and the weights (V's scale in them, <= 2^SLACK_LOG2) as three int8 terms on
+a fixed scale in B's first three columns, accumulated in int32; no conversion of V and no round trip through shared
+memory. The accumulator is rescaled (rounded) only where the lazy max moves. --int8-kv-scales v-q16-keys-vt.
 """
 
 from batchgen.worker.engine.kernels.backend import HAS_TRITON
@@ -22,6 +28,11 @@ LO_STEPS = 128  # q's second term counts in 1/LO_STEPS of the first's step: a sc
 # weights stay <= 256 in fp16, and the steps that do not raise it skip rescaling the accumulator
 SLACK_LOG2 = 8.0
 TINY_LOG2 = -100.0  # log2 of a zero V scale (an all-zero head) in the running max: finite, so no inf - inf
+# _vt_kernel's weights (<= 2^SLACK_LOG2) as three int8 terms: the first in steps of P_STEP, each further one in steps
+# LO_STEPS times finer (an absolute error under P_STEP / LO_STEPS^2 / 2 a weight)
+P_STEP = 2.0**SLACK_LOG2 / 127
+VT_UNITS = (P_STEP, P_STEP / LO_STEPS, P_STEP / LO_STEPS**2)
+VT_MAX_PRELOAD = 64  # block ids a split of _vt_kernel sums its step's id from; past that it reads the id per step
 
 
 def keys_q(q):
@@ -49,6 +60,8 @@ if HAS_TRITON:
     _LO = tl.constexpr(LO_STEPS)  # a Triton function reads module globals only as constexpr
     _TINY = tl.constexpr(TINY_LOG2)
     _SLACK = tl.constexpr(SLACK_LOG2)
+    _PQ = tl.constexpr(1 / P_STEP)
+    _UNITS = tl.constexpr(VT_UNITS)
 
     @triton.jit
     def fast_log2(x, ASM: tl.constexpr):
@@ -171,9 +184,16 @@ if HAS_TRITON:
                                               stride_kt, stride_vr, stride_vt, stride_bt, stride_sr, stride_sh,
                                               s_scale, d, BLOCK_N, HAS_BLOCKS, PAGE, PRELOAD, ASM, True)
 
-        l_sum = tl.sum(l_vec, 0)
+        # the product is acc's first row, zeros below; the weights' sum times 1152 comes off
+        _finish(tl.sum(acc, 0) - I8_BIAS * tl.sum(w_vec, 0), tl.sum(l_vec, 0), m, row, kv_head, split, MidO, MidLse,
+                Out, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, stride_on, stride_oh, d, NUM_SPLITS)
+
+    @triton.jit
+    def _finish(o, l_sum, m, row, kv_head, split, MidO, MidLse, Out, stride_mn, stride_mh, stride_ms, stride_ln,
+                stride_lh, stride_on, stride_oh, d, NUM_SPLITS: tl.constexpr):
+        """A split's product o (over its weights, l_sum their sum, m the running max) written: the output itself
+        (one split) or its partial and log-sum-exp for the merge."""
         has_keys = l_sum > 0.0  # an empty split (short row) contributes nothing to the merge
-        o = tl.sum(acc, 0) - I8_BIAS * tl.sum(w_vec, 0)  # the product is acc's first row, zeros below
         out = o / tl.where(has_keys, l_sum, 1.0)
         if NUM_SPLITS == 1:
             tl.store(Out + row * stride_on + kv_head * stride_oh + d, out.to(Out.dtype.element_ty))
@@ -181,3 +201,73 @@ if HAS_TRITON:
             lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, l_sum, 1.0)), float("-inf"))
             tl.store(MidO + row * stride_mn + kv_head * stride_mh + split * stride_ms + d, out)
             tl.store(MidLse + row * stride_ln + kv_head * stride_lh + split, lse)
+
+    @triton.jit
+    def _vt_step(block, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockTable, KScale, VScale,
+                 cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vd, stride_bt, stride_sr, stride_sh,
+                 s_scale, d, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRELOAD: tl.constexpr, ASM: tl.constexpr,
+                 MASKED: tl.constexpr, INTERPRETED: tl.constexpr):
+        """_keys_step over V^T: acc [HEAD_DIM, 16] int32 holds the product's three terms in its first three
+        columns."""
+        j = tl.arange(0, BLOCK_N)
+        t_mask = block + j < end if MASKED else tl.full([BLOCK_N], 1, tl.int1)
+        if PRELOAD:  # one block a step (BLOCK_N divides PAGE): its id as one value, so V^T's rows load contiguous
+            page = tl.sum(tl.where(tl.arange(0, PRELOAD) == (block - start) // PAGE, pages, 0), 0).to(tl.int64)
+        else:
+            page = tl.load(BlockTable + cache_row.to(tl.int64) * stride_bt + block // PAGE).to(tl.int64)
+        slot = tl.multiple_of(block % PAGE, BLOCK_N) + j  # aligned: Triton 3.6 proves V^T's load contiguous only so
+        s, sv = keys_scores(k_base + page * stride_kr + slot * stride_kt, page * stride_sr + kv_head * stride_sh + slot,
+                            d, t_mask, qcols, KScale, VScale, s_scale, ASM)
+        m_step = tl.max(sv, 0)
+        if m_step > m + _SLACK:  # lazily, as _keys_step
+            alpha = tl.exp2(m - m_step)
+            l_vec *= alpha
+            acc = round_half_even(acc.to(tl.float32) * alpha, INTERPRETED).to(tl.int32)
+            m = m_step
+        l_vec += tl.exp2(s - m)
+        x = tl.exp2(sv - m) * _PQ  # the weights with V's scale, <= 127 in units of P_STEP
+        t0 = round_half_even(x, INTERPRETED)
+        r = (x - t0) * _LO
+        t1 = round_half_even(r, INTERPRETED)
+        t2 = round_half_even((r - t1) * _LO, INTERPRETED)
+        cols = tl.arange(0, 16)[None, :]
+        terms = tl.where(cols == 0, t0[:, None], tl.where(cols == 1, t1[:, None], tl.where(cols == 2, t2[:, None], 0.0)))
+        vt = tl.load((v_base + page * stride_vr + slot)[None, :] + d[:, None] * stride_vd, mask=t_mask[None, :],
+                     other=0)
+        return m, l_vec, tl.dot(vt, terms.to(tl.int8), acc, out_dtype=tl.int32)
+
+    @triton.jit
+    def _vt_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, MidLse, Out,
+                   stride_qn, stride_qh, stride_kr, stride_kt, stride_kh, stride_vr, stride_vd, stride_vh,
+                   stride_bt, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, stride_on, stride_oh,
+                   stride_sr, stride_sh, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                   NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, WHOLE: tl.constexpr, PRELOAD: tl.constexpr,
+                   ASM: tl.constexpr, INTERPRETED: tl.constexpr):
+        """_keys_kernel over a paged pool with V^T in each block (stride_vd between a head's dimensions, its tokens
+        contiguous)."""
+        row, kv_head, split, cache_row, start, end = split_bounds(SeqLens, CacheRows, False, NUM_SPLITS, WHOLE)
+        d = tl.arange(0, HEAD_DIM)
+        qcols, s_scale = q_columns(Q + row * stride_qn + kv_head * stride_qh + d, qk_scale, INTERPRETED)
+        k_base = K + kv_head * stride_kh
+        v_base = V + kv_head * stride_vh
+        pages = 0
+        if PRELOAD:
+            pages = preload_ids(BlockTable, cache_row, stride_bt, start, end, PAGE, PRELOAD)
+        m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+        l_vec = tl.zeros([BLOCK_N], tl.float32)
+        acc = tl.zeros([HEAD_DIM, 16], tl.int32)
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+        for block in range(start, full_end, BLOCK_N):
+            m, l_vec, acc = _vt_step(block, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockTable,
+                                     KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vd,
+                                     stride_bt, stride_sr, stride_sh, s_scale, d, BLOCK_N, PAGE, PRELOAD, ASM, False,
+                                     INTERPRETED)
+        if full_end < end:
+            m, l_vec, acc = _vt_step(full_end, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockTable,
+                                     KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vd,
+                                     stride_bt, stride_sr, stride_sh, s_scale, d, BLOCK_N, PAGE, PRELOAD, ASM, True,
+                                     INTERPRETED)
+        cols = tl.arange(0, 16)[None, :]
+        unit = tl.where(cols == 0, _UNITS[0], tl.where(cols == 1, _UNITS[1], tl.where(cols == 2, _UNITS[2], 0.0)))
+        _finish(tl.sum(acc.to(tl.float32) * unit, 1), tl.sum(l_vec, 0), m, row, kv_head, split, MidO, MidLse, Out,
+                stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, stride_on, stride_oh, d, NUM_SPLITS)

@@ -40,7 +40,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _store_kernel(Dest, Slots, Src, Scale, stride_t, stride_h, scale_stride, width, stride_cb, stride_ct,
-                      stride_ch, HEADS: tl.constexpr,
+                      stride_ch, stride_cd, HEADS: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
                       INT8: tl.constexpr, INTERPRETED: tl.constexpr):
         t = tl.program_id(0)
@@ -59,7 +59,8 @@ if HAS_TRITON:
         elif QUANT:  # an fp8 cache (Dest its bytes): x / its head's scale, saturated, as float8_e4m3fn bits
             scale = tl.load(Scale + h * scale_stride, mask=h < HEADS, other=1.0)
             x = _e4m3_bits(tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -_FP8_MAX, _FP8_MAX))
-        tl.store(Dest + slot // width * stride_cb + slot % width * stride_ct + h * stride_ch + d, x, mask=mask)
+        tl.store(Dest + slot // width * stride_cb + slot % width * stride_ct + h * stride_ch + d * stride_cd, x,
+                 mask=mask)
 
 
 def cache_slots(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
@@ -74,8 +75,8 @@ def cache_slots(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
 
 def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None,
              triton_kernel: bool | None = None) -> None:
-    """cache [.., .., kv_heads, head_dim] (one layer; any strides with a unit last one: a pool whose blocks hold
-    their heads outermost too) at slots [T] (cache_slots) = x [T, kv_heads, head_dim]. An fp8 cache takes x / scale
+    """cache [.., .., kv_heads, head_dim] (one layer; any strides: a pool whose blocks hold their heads outermost,
+    or V transposed in each block, too) at slots [T] (cache_slots) = x [T, kv_heads, head_dim]. An fp8 cache takes x / scale
     (its per-head scales [kv_heads], or one) saturated to float8_e4m3fn, quantised inside the store's own launch on
     the Triton path (a prefill's separate divide, clamp and cast kernels cost more than the store). An int8 cache
     takes each token's heads quantised on their own absmax (quantize_kv_int8), their scales written into scale
@@ -107,10 +108,8 @@ def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: t
         scale = scale.to(device=x.device, dtype=torch.float32).reshape(-1)
     elif not int8:
         scale = cache  # unread without QUANT or INT8
-    if cache.stride(-1) != 1:
-        raise ValueError("store_kv wants a unit stride over head_dim")
     _store_kernel[(x.shape[0],)](cache, slots, x, scale, x.stride(0), x.stride(1),
                                  1 if quant and scale.numel() > 1 else 0, width, cache.stride(0), cache.stride(1),
-                                 cache.stride(2), HEADS=heads, HEAD_DIM=head_dim,
+                                 cache.stride(2), cache.stride(3), HEADS=heads, HEAD_DIM=head_dim,
                                  BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(head_dim),
                                  QUANT=quant, INT8=int8, INTERPRETED=interpreting())
