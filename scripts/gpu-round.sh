@@ -672,6 +672,9 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     run 150 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
     BULK_S=200 bulk defaults 1 static-features 0
     KV_SCALES=v-q16-keys-vt BULK_S=170 bulk vt 1 static-features 0
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then  # #22's card: its HF baseline too
+        hf_static baselines 120 --fp16-repeats 3
+    fi
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab
