@@ -668,10 +668,10 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     partition
     ;;
   vt)  # V transposed in each block (int8_keys._vt_kernel): benchmarks.vt_keys on every SM and on 96 (the
-    # prototype's layouts, the engine's V^T kernel, the keys kernel), then bulk on the defaults and on v-q16-keys-vt
+    # prototype's layouts, the engine's V^T kernel, the keys kernel), then bulk on v-q16-keys-vt and on the defaults
     run 150 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
-    BULK_S=200 bulk defaults 1 static-features 0
-    KV_SCALES=v-q16-keys-vt BULK_S=170 bulk vt 1 static-features 0
+    KV_SCALES=v-q16-keys-vt BULK_S=200 bulk vt 1 static-features 0  # builds the llama7b model (once per machine)
+    BULK_S=170 bulk defaults 1 static-features 0
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then  # #22's card: its HF baseline too
         hf_static baselines 120 --fp16-repeats 3
     fi
