@@ -667,8 +667,8 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # disjoint green contexts
     partition
     ;;
-  vt)  # V transposed in each block (int8_keys._vt_kernel): benchmarks.vt_keys on every SM and on 96 (the
-    # prototype's layouts, the engine's V^T kernel, the keys kernel), then bulk on v-q16-keys-vt and on the defaults
+  vt)  # V transposed in each block (int8_keys._vt_kernel): benchmarks.vt_keys on every SM and on 96 (the engine's
+    # V^T kernel and its keys kernel at several launches), then bulk on v-q16-keys-vt and on the defaults
     run 150 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
     KV_SCALES=v-q16-keys-vt BULK_S=200 bulk vt 1 static-features 0  # builds the llama7b model (once per machine)
     BULK_S=170 bulk defaults 1 static-features 0

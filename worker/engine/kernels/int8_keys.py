@@ -146,6 +146,20 @@ if HAS_TRITON:
         return m, l_vec, w_vec, acc
 
     @triton.jit
+    def _finish(o, l_sum, m, row, kv_head, split, MidO, MidLse, Out, stride_mn, stride_mh, stride_ms, stride_ln,
+                stride_lh, stride_on, stride_oh, d, NUM_SPLITS: tl.constexpr):
+        """A split's product o (over its weights, l_sum their sum, m the running max) written: the output itself
+        (one split) or its partial and log-sum-exp for the merge."""
+        has_keys = l_sum > 0.0  # an empty split (short row) contributes nothing to the merge
+        out = o / tl.where(has_keys, l_sum, 1.0)
+        if NUM_SPLITS == 1:
+            tl.store(Out + row * stride_on + kv_head * stride_oh + d, out.to(Out.dtype.element_ty))
+        else:
+            lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, l_sum, 1.0)), float("-inf"))
+            tl.store(MidO + row * stride_mn + kv_head * stride_mh + split * stride_ms + d, out)
+            tl.store(MidLse + row * stride_ln + kv_head * stride_lh + split, lse)
+
+    @triton.jit
     def _keys_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, MidLse, Out,
                      stride_qn, stride_qh, stride_kr, stride_kt, stride_kh, stride_vr, stride_vt, stride_vh,
                      stride_bt, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, stride_on, stride_oh,
@@ -187,20 +201,6 @@ if HAS_TRITON:
         # the product is acc's first row, zeros below; the weights' sum times 1152 comes off
         _finish(tl.sum(acc, 0) - I8_BIAS * tl.sum(w_vec, 0), tl.sum(l_vec, 0), m, row, kv_head, split, MidO, MidLse,
                 Out, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, stride_on, stride_oh, d, NUM_SPLITS)
-
-    @triton.jit
-    def _finish(o, l_sum, m, row, kv_head, split, MidO, MidLse, Out, stride_mn, stride_mh, stride_ms, stride_ln,
-                stride_lh, stride_on, stride_oh, d, NUM_SPLITS: tl.constexpr):
-        """A split's product o (over its weights, l_sum their sum, m the running max) written: the output itself
-        (one split) or its partial and log-sum-exp for the merge."""
-        has_keys = l_sum > 0.0  # an empty split (short row) contributes nothing to the merge
-        out = o / tl.where(has_keys, l_sum, 1.0)
-        if NUM_SPLITS == 1:
-            tl.store(Out + row * stride_on + kv_head * stride_oh + d, out.to(Out.dtype.element_ty))
-        else:
-            lse = tl.where(has_keys, m + tl.log2(tl.where(has_keys, l_sum, 1.0)), float("-inf"))
-            tl.store(MidO + row * stride_mn + kv_head * stride_mh + split * stride_ms + d, out)
-            tl.store(MidLse + row * stride_ln + kv_head * stride_lh + split, lse)
 
     @triton.jit
     def _vt_step(block, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockTable, KScale, VScale,
