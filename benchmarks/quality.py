@@ -270,9 +270,10 @@ def teacher_forced(runner, ids: torch.Tensor) -> torch.Tensor:
 
 
 def kv_runner(model, kv_cache_dtype: str, device: torch.device, dtype: torch.dtype, max_model_len: int,
-              calibration: torch.Tensor, attention: str = "auto"):
+              calibration: torch.Tensor, attention: str = "auto", paged: bool = False):
     """The engine's ModelRunner over model, its attention picked as the engine picks it, its elementwise kernels
-    fused as the engine's (compiled on CUDA), an fp8 cache calibrated (an int8 cache needs none)."""
+    fused as the engine's (compiled on CUDA), an fp8 cache calibrated (an int8 cache needs none). paged: a paged
+    pool (a "-vt" mode's V^T is one)."""
     from batchgen.worker.engine.fused import fuse_layers
     from batchgen.worker.engine.llama import LlamaParts
     from batchgen.worker.engine.model_runner import ModelRunner
@@ -281,7 +282,7 @@ def kv_runner(model, kv_cache_dtype: str, device: torch.device, dtype: torch.dty
     fuse_layers(model, compile_kernels=device.type == "cuda")
     runner = ModelRunner(LlamaParts.from_hf(model), device=device, dtype=dtype, max_model_len=max_model_len,
                          attention=resolve_attention(attention, device, dtype, kv_cache_dtype),
-                         kv_cache_dtype=kv_cache_dtype)
+                         kv_cache_dtype=kv_cache_dtype, paged=paged)
     runner.calibrate_kv(calibration.to(device))
     return runner
 
@@ -348,7 +349,8 @@ def run_kv(shape: Shape, strength: float, device: torch.device, dtype: torch.dty
             model = load_variant(Path(tmp), variant, device, dtype, calibration)
             for kv, mode in runs if variant == KV_WEIGHTS else (("auto", None),):
                 kernels.INT8_V_SCALES = mode or "v"
-                runner = kv_runner(model, kv, device, dtype, shape.seq_len, calibration, attention)
+                runner = kv_runner(model, kv, device, dtype, shape.seq_len, calibration, attention,
+                                   paged=bool(mode and mode.endswith("-vt")))
                 with rounded_q(mode, runner.attention):
                     out = teacher_forced(runner, ids)
                 kernels.INT8_V_SCALES = "v"
@@ -605,6 +607,9 @@ def main() -> None:
     parser.add_argument("--mha", action="store_true",
                         help="a KV head for each query head (Llama-2's layout, where --int8-kv-scales v-q16-keys applies)")
     parser.add_argument("--variants", default="", help="comma-separated, of VARIANTS (default: the device's set)")
+    parser.add_argument("--dtype", choices=("auto", "float16", "float32"), default="auto",
+                        help="the compute dtype (auto: the engine's, float32 on the CPU); float16 on the CPU with --mha "
+                             "--kv-attention triton runs int8_keys' kernels under the interpreter (they take fp16)")
     parser.add_argument("--seeds", type=int, default=1,
                         help="planted models per strength (seeds 0..N-1); rows and goals are their means")
     args = parser.parse_args()
@@ -616,7 +621,8 @@ def main() -> None:
     shape = GPU_SHAPE if (device.type == "cuda" if args.shape == "auto" else args.shape == "gpu") else CPU_SHAPE
     if args.mha:
         shape = replace(shape, kv_heads=shape.heads)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32  # the engine's compute dtype
+    dtype = {"float16": torch.float16, "float32": torch.float32}.get(  # auto: the engine's compute dtype
+        args.dtype, torch.float16 if device.type == "cuda" else torch.float32)
     # bnb casts float32 inputs to float16 and warns on every call: expected here, as in the loader
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="MatMul8bitLt")
