@@ -28,6 +28,7 @@ import math
 
 import torch
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting, triton_available
+from batchgen.worker.engine.kernels.int8_keys import keys_apply
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _LOG2E = 1.4426950408889634
@@ -64,7 +65,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
     from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16
-    from batchgen.worker.engine.kernels.int8_keys import VT_MAX_PRELOAD, _keys_kernel, _vt_kernel, keys_apply
+    from batchgen.worker.engine.kernels.int8_keys import VT_MAX_PRELOAD, _keys_kernel, _vt_kernel
     from batchgen.worker.engine.kernels.int8_ops import round_half_even
     from batchgen.worker.engine.kernels.splits import preload_ids, split_bounds
 
@@ -482,14 +483,12 @@ def _merged(mid_o: torch.Tensor, mid_lse: torch.Tensor, out: torch.Tensor, block
 def vt_pool(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether a paged int8 pool's V is stored transposed in each block (model_runner.kv_pool): under
     --int8-kv-scales v-q16-keys-vt, where int8_keys' kernel decodes the model (fp16, one query head a KV head)."""
-    from batchgen.worker.engine.kernels.int8_keys import keys_apply as applies  # defined without Triton too
-
-    return INT8_V_SCALES.endswith("-vt") and dtype == torch.float16 and applies(num_heads, num_kv_heads, head_dim)
+    return INT8_V_SCALES.endswith("-vt") and dtype == torch.float16 and keys_apply(num_heads, num_kv_heads, head_dim)
 
 
 def v_transposed(v_cache: torch.Tensor) -> bool:
     """Whether a layer's V cache [blocks, tokens, kv_heads, head_dim] is a view of V^T in each block (its tokens
-    contiguous: model_runner.kv_pool's v_transposed), as int8_keys._vt_kernel reads it."""
+    contiguous: model_runner.kv_pool(transposed=True)), as int8_keys._vt_kernel reads it."""
     return v_cache.stride(-1) != 1 and v_cache.stride(1) == 1
 
 
