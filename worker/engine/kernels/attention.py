@@ -514,6 +514,10 @@ def _keys_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cach
     max_len = page if block_table is None else block_table.shape[1] * page
     if block_table is not None and block_n % page and page % block_n:
         raise ValueError(f"block_n {block_n} and the cache's {page}-token blocks: one must divide the other")
+    vt = v_transposed(v_cache)
+    if vt and (block_table is None or cache_rows is not None or page % block_n or block_n < 32):
+        raise ValueError("a V cache transposed in each block wants a block table, no cache_rows and block_n >= 32 "
+                         f"(the int8 MMA's depth) dividing its {page}-token blocks (got block_n {block_n})")
     if not _triton_runs(q, k_cache, v_cache, block_table):
         return decode_attention_reference(q, k_cache, v_cache, seq_lens, scale, k_scale=k_scale, v_scale=v_scale,
                                           cache_rows=cache_rows, block_table=block_table)
@@ -522,14 +526,9 @@ def _keys_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cach
     whole = max(page, block_n) if block_table is not None else block_n
     pages = _preload(block_table, num_stages, preload, max_len, splits, whole, page)
     mid_o, mid_lse, out = _partials(q, splits, out)
-    rows_arg = cache_rows if cache_rows is not None else seq_lens
-    table_arg = block_table if block_table is not None else seq_lens
-    if v_transposed(v_cache):
-        if block_table is None or cache_rows is not None or page % block_n or block_n < 32:
-            raise ValueError("a V cache transposed in each block wants a block table, no cache_rows and block_n >= 32 "
-                             f"(the int8 MMA's depth) dividing its {page}-token blocks (got block_n {block_n})")
+    if vt:
         _vt_kernel[(n, num_heads, splits)](
-            q, k_cache, v_cache, seq_lens, seq_lens, block_table, ks, vs, mid_o, mid_lse, out, q.stride(0), q.stride(1),
+            q, k_cache, v_cache, seq_lens, block_table, ks, vs, mid_o, mid_lse, out, q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(3),
             v_cache.stride(2), block_table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_lse.stride(0), mid_lse.stride(1), out.stride(0), out.stride(1), ks.stride(0), ks.stride(1),
@@ -537,6 +536,8 @@ def _keys_attention(q, k_cache, v_cache, seq_lens, scale, k_scale, v_scale, cach
             PRELOAD=pages if pages <= VT_MAX_PRELOAD else 0, ASM=not interpreting(), INTERPRETED=interpreting(),
             num_warps=num_warps, num_stages=num_stages)
         return _merged(mid_o, mid_lse, out, head_dim)
+    rows_arg = cache_rows if cache_rows is not None else seq_lens
+    table_arg = block_table if block_table is not None else seq_lens
     _keys_kernel[(n, num_heads, splits)](
         q, k_cache, v_cache, seq_lens, rows_arg, table_arg, ks, vs, mid_o, mid_lse, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -96,6 +96,8 @@ def build_keys(arch: int, constexprs: dict, vt: bool = False, **options):
                 "KScale": "*fp32", "VScale": "*fp32", "MidO": "*fp32", "MidLse": "*fp32", "Out": "*fp16"}
     names = {"stride_vt": "stride_vd"} if vt else {}
     ints = [names.get(name, name) for name in SPLIT_INTS if name != "scale_stride"]
+    if vt:  # each row reads its own cache row
+        del pointers["CacheRows"]
     return build(int8_keys._vt_kernel if vt else int8_keys._keys_kernel, arch, pointers, ints, ["qk_scale"],
                  {"INTERPRETED": False} | constexprs, aligned=tuple(names.get(n, n) for n in SPLIT_ALIGNED), **options)
 

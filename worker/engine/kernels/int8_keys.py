@@ -15,7 +15,7 @@ scores, softmax and weights run 16 times over. Here a step's keys are the rows i
 attention.decode_attention launches it (and the split kernel's merge) under --int8-kv-scales v-q16-keys, the default.
 
 _vt_kernel is the same with V stored transposed in each block (a paged pool whose blocks hold each head's V as
-[head_dim, tokens], kv_pool's v_transposed): P · V then runs on the int8 tensor cores as the scores do, V^T as A
+[head_dim, tokens]: kv_pool(transposed=True)): P · V then runs on the int8 tensor cores as the scores do, V^T as A
 (head_dim on the tiles' rows, all useful) and the weights (V's scale in them, <= 2^SLACK_LOG2) as three int8 terms on
 a fixed scale in B's first three columns, accumulated in int32; no conversion of V and no round trip through shared
 memory. The accumulator is rescaled (rounded) only where the lazy max moves. --int8-kv-scales v-q16-keys-vt.
@@ -237,15 +237,15 @@ if HAS_TRITON:
         return m, l_vec, tl.dot(vt, terms.to(tl.int8), acc, out_dtype=tl.int32)
 
     @triton.jit
-    def _vt_kernel(Q, K, V, SeqLens, CacheRows, BlockTable, KScale, VScale, MidO, MidLse, Out,
+    def _vt_kernel(Q, K, V, SeqLens, BlockTable, KScale, VScale, MidO, MidLse, Out,
                    stride_qn, stride_qh, stride_kr, stride_kt, stride_kh, stride_vr, stride_vd, stride_vh,
                    stride_bt, stride_mn, stride_mh, stride_ms, stride_ln, stride_lh, stride_on, stride_oh,
                    stride_sr, stride_sh, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                    NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, WHOLE: tl.constexpr, PRELOAD: tl.constexpr,
                    ASM: tl.constexpr, INTERPRETED: tl.constexpr):
         """_keys_kernel over a paged pool with V^T in each block (stride_vd between a head's dimensions, its tokens
-        contiguous)."""
-        row, kv_head, split, cache_row, start, end = split_bounds(SeqLens, CacheRows, False, NUM_SPLITS, WHOLE)
+        contiguous); each row reads its own cache row (no CacheRows)."""
+        row, kv_head, split, cache_row, start, end = split_bounds(SeqLens, SeqLens, False, NUM_SPLITS, WHOLE)
         d = tl.arange(0, HEAD_DIM)
         qcols, s_scale = q_columns(Q + row * stride_qn + kv_head * stride_qh + d, qk_scale, INTERPRETED)
         k_base = K + kv_head * stride_kh
