@@ -72,7 +72,7 @@ def smoke() -> dict:
     for vt, launch in ((False, None), (True, None), (True, (64, 1, 3))):
         engine_attention(s, out, launch, vt)
         res[name(vt, launch)] = float((out.float() - ref.float()).abs().max())
-    return {"max_abs_err": res, "ref_max": float(ref.abs().max())}
+    return {"max_abs_err": res, "ref_max": float(ref.abs().max()), "store": store_times(s, "cpu")}
 
 
 def timed(args) -> dict:
@@ -99,7 +99,29 @@ def timed(args) -> dict:
                     {"max_abs_diff": float((out.float() - ref.float()).abs().max())} if vt else {})
                 print(run["sms"], key, run["variants"][key], flush=True)
         res["runs"].append(run)
+    res["store"] = store_times(s)
     return res
+
+
+def store_times(s: dict, device: str = "cuda") -> dict:
+    """One decode step's V store for one layer (each row's next token, int8 with its scales, store_kv's kernel) into
+    the pool as laid out and into V^T, where a token's V lands a byte every 64 (each in its own 32-byte sector):
+    the write cost the V^T kernel's reads must win back. ms a layer; same: both pools hold the same values after.
+    On the CPU store_kv's Triton kernel runs interpreted (the smoke run: times there mean nothing)."""
+    import torch
+    from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
+
+    from benchmarks.kernels import time_ms
+
+    lens = s["lens"].long()
+    pos = lens.clamp(max=s["table"].shape[1] * s["v"].shape[1] - 1)
+    slots = cache_slots(s["v"], torch.arange(lens.numel(), device=lens.device), pos, s["table"])
+    x = torch.randn(lens.numel(), *s["v"].shape[2:], device=lens.device, dtype=torch.float16)
+    res = {}
+    for key in ("v", "v_t"):
+        res[key] = round(time_ms(lambda key=key: store_kv(s[key], slots, x, s["vs"], triton_kernel=True), device), 4)
+        print("store", key, res[key], "ms", flush=True)
+    return res | {"same": bool(torch.equal(s["v"], s["v_t"]))}
 
 
 def main() -> None:
