@@ -667,18 +667,18 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # disjoint green contexts
     partition
     ;;
-  vt)  # V transposed in each block (int8_keys._vt_kernel): bulk on v-q16-keys-vt and on the defaults, HF's
-    # baseline where the card is an H200 (#22's table), the drift of both kernels at the GPU shape (quality --mha),
-    # then benchmarks.vt_keys on every SM and on 96 (the engine's V^T kernel and its keys kernel at several
-    # launches): most wanted first, so a call cut at its limit keeps what ran
+  vt)  # V transposed in each block (int8_keys._vt_kernel): bulk on v-q16-keys-vt and on the defaults;
+    # benchmarks.vt_keys on every SM and on 96 (the engine's V^T kernel and its keys kernel at several launches, and
+    # a step's V store into each pool); HF's baseline where the card is an H200 (#22's table); the drift of both
+    # kernels at the GPU shape (quality --mha): most wanted first, so a call cut at its limit keeps what ran
     KV_SCALES=v-q16-keys-vt BULK_S=200 bulk vt 1 static-features 0  # builds the llama7b model (once per machine)
     BULK_S=170 bulk defaults 1 static-features 0
+    run 150 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then  # #22's card: its HF baseline too
         hf_static baselines 120 --fp16-repeats "${HF_REPEATS:-3}"
     fi
     run 120 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --mha --kv-dtypes int8 \
         --int8-kv-scales v-q16-keys,v-q16-keys-vt --kv-attention triton --out "$out/quality_kv.json"
-    run 150 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab
