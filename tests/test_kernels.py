@@ -385,7 +385,7 @@ def test_kernels_compile_for_hopper():
                              "paged int8 launch biased, ids ahead", "paged int8 launch q8, ids ahead",
                              "paged int8 launch q16 early, ids ahead", "paged fp16 launch", "paged fp16 3 stages",
                              "paged fp16 3 stages, ids ahead", "paged int8 keys launch, ids ahead",
-                             "paged int8 keys launch, V transposed", "kv store int8 transposed", "norm quantize", "norm quantize gemma",
+                             "paged int8 keys launch, V transposed", "kv seal", "norm quantize", "norm quantize gemma",
                              "gated quantize", "gated quantize rotated"}
     # the int8 cache's fp16 path converts by byte permutes (none of the quarter-rate s8 conversions), the
     # float32 path by conversions
@@ -430,7 +430,11 @@ def test_kernels_compile_for_hopper():
     assert vt["int8_mma"] == 2 * keys["int8_mma"] and vt["vector_loads"] == keys["vector_loads"], (vt, keys)
     assert vt["loads_in_flight"] > 0 and vt["spill_bytes"] in (0, None) and vt["programs_per_sm"] >= 8, vt
     assert compiled["rope"]["vectorised"] and compiled["rope store"]["vectorised"]
-    assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8", "int8 transposed"))
+    assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8"))
+    # a V^T block's seal reads its tokens' runs and writes V^T's rows 16 bytes at a time, its reads of a head done
+    # before its writes over them
+    seal = compiled["kv seal"]
+    assert seal["vector_loads"] > 0 and seal["vector_stores"] > 0 and seal["barriers"] > 0, seal
     assert compiled["kv store fp8"]["div_rn"] and compiled["kv store int8"]["div_rn"]  # the quantising stores
     # divide as torch does (int8: 127 by the absmax, as quantize_kv_int8)
     assert compiled["quantize"]["round_half_even"] and compiled["int8 gemm"]["int8_tensor_cores"]
@@ -934,8 +938,9 @@ def test_int8_kv_with_the_keys_on_the_tiles_rows_equals_the_reference_with_q_rou
     rows, q as two int8 terms (the second in 1/128 of the first's step), V's scale in the running max: the reference
     over that q within an output ulp, over a slot cache (1, 2 or 3 splits, several keys a step) and a paged one
     (one block a step, several, or a part of one; the block ids ahead or in the loop; each block's tokens or its
-    heads outermost, as model_runner.kv_pool lays an int8 pool out, written by store_kv's kernel; "vt": V transposed in
-    each block, _vt_kernel's P · V on the int8 tensor cores); a head of zeros, and a token whose V is all zeros (its
+    heads outermost, as model_runner.kv_pool lays an int8 pool out, written by store_kv's kernel as a prefill and a
+    decode step; "vt": V transposed in each whole block, the partial ones as written, _vt_kernel's P · V on the int8
+    tensor cores); a head of zeros, and a token whose V is all zeros (its
     scale 0). Close to the fp16 q's output, as q16's two terms are."""
     from batchgen.worker.engine.kernels.int8_keys import keys_q
     from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
@@ -957,14 +962,19 @@ def test_int8_kv_with_the_keys_on_the_tiles_rows_equals_the_reference_with_q_rou
         block_scales = [torch.zeros(8, 2, 64) for _ in range(2)]
         rows, positions = torch.arange(4).repeat_interleave(MAX_LEN), torch.arange(MAX_LEN).repeat(4)
         keep = positions < lengths[rows]
-        slots = cache_slots(blocks[0], rows[keep], positions[keep], table)
-        for c, sc, x in zip(blocks, block_scales, (k, v), strict=True):
-            store_kv(c, slots, x.reshape(-1, 2, 128)[keep], sc, triton_kernel=True)
+        for last in (False, True):  # as a prefill, then a decode step: each row's last token alone
+            these = keep & ((positions == lengths[rows] - 1) == last)
+            slots = cache_slots(blocks[0], rows[these], positions[these], table)
+            for c, sc, x in zip(blocks, block_scales, (k, v), strict=True):
+                store_kv(c, slots, x.reshape(-1, 2, 128)[these], sc, triton_kernel=True)
         cache, scales = tuple(blocks), dict(k_scale=block_scales[0], v_scale=block_scales[1], block_table=table)
         tunes = [dict(block_n=n, preload=ahead) for n in ((32, 64) if paged == "vt" else (32, 64, 128))
                  for ahead in (False, True)]
         assert attention.v_transposed(blocks[1]) == (blocks[1].stride(1) == 1) == (paged == "vt")
         for pool, values in zip(blocks, (kq, vq), strict=True):  # each token where the table says, in either layout
+            if paged == "vt" and pool is blocks[1]:  # whole blocks turned into V^T, the partial ones as written
+                assert not torch.equal(pool, attention.v_values(pool, lengths, table))
+                pool = attention.v_values(pool, lengths, table)
             held = pool[table.long()].flatten(1, 2)[:, :MAX_LEN]
             assert torch.equal(held[keep.view(4, MAX_LEN)], values[keep.view(4, MAX_LEN)])
     ref = decode_attention_reference(keys_q(q), *cache, lengths, 128**-0.5, **scales)

@@ -311,3 +311,49 @@ def test_an_oom_requeue_returns_the_blocks_and_loses_nothing(base):
     assert engine.runner.fault.num_injected == 2 and engine.stats().extra["num_ooms"] == 2
     assert {k: r.text for k, r in results.items()} == {k: r.text for k, r in baseline.items()}
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+def test_an_int8_pool_with_v_transposed_decodes_as_the_keys_kernel_over_its_values():
+    """--int8-kv-scales v-q16-keys-vt's pool (kv_pool(transposed=True)) through the engine's own writes and
+    decode_step: a prefill's stores, then decode steps in which rows fill a block (store_kv turns it into V^T) and
+    start the next one (as written, read so by _vt_kernel). Each step's logits are those of the heads-major int8 pool
+    the keys kernel reads, and both pools hold the same values."""
+    pytest.importorskip("triton")
+    from batchgen.worker.engine.kernels.attention import v_transposed, v_values
+    from batchgen.worker.engine.llama import cache_store
+    from batchgen.worker.engine.model_runner import kv_pool
+
+    torch.manual_seed(0)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2 * BS)
+    parts = LlamaParts.from_hf(LlamaForCausalLM(config).eval().half())  # head_dim 32: one int8 MMA deep
+    lens = torch.tensor([BS - 2, BS - 1, 10])  # rows that fill their first block in one step or two, and one that
+    rows, shape = len(lens), (2, 8, BS, 2, 32)  # does not
+    table = torch.tensor([[3, 5], [1, 6], [7, 2]], dtype=torch.int32)
+    pools = []
+    for transposed in (False, True):
+        k, v = (kv_pool(shape, torch.int8, torch.device("cpu"), True, t) for t in (False, transposed))
+        pools.append((k, v, torch.zeros(2, 8, 2, BS), torch.zeros(2, 8, 2, BS)))
+    assert v_transposed(pools[1][1]) and not v_transposed(pools[0][1])
+    token_rows = torch.arange(rows).repeat_interleave(lens)
+    positions = torch.cat([torch.arange(n) for n in lens.tolist()])
+    g = torch.Generator().manual_seed(1)
+    prompt_kv = [torch.randn(2, len(token_rows), 2, 32, generator=g).half() for _ in range(2)]
+    for k, v, ks, vs in pools:
+        store = cache_store(k, v, token_rows, positions, ks, vs, table)
+        for layer in range(2):
+            store(layer, slice(None), prompt_kv[0][layer], prompt_kv[1][layer])
+    with torch.inference_mode():
+        for step in range(3):
+            ids = torch.randint(0, 128, (rows,), generator=g)
+            plain, vt = (decode_step(parts, ids, lens + step, k, v, 2 * BS, "triton", ks, vs, table)
+                         for k, v, ks, vs in pools)
+            torch.testing.assert_close(vt.float(), plain.float(), atol=2e-2, rtol=2e-2)
+    held = (lens + 3).to(torch.int32)
+    # layer 0's new K/V come from the same embeddings; layer 1's from the two kernels' outputs, an fp16 ulp apart
+    got = [v_values(pools[1][1][layer], held, table) for layer in range(2)]
+    assert torch.equal(got[0], pools[0][1][0])
+    assert (got[1].int() - pools[0][1][1].int()).abs().max() <= 1
+    assert not torch.equal(pools[1][1][0], pools[0][1][0])  # the partial blocks are not in V^T's places

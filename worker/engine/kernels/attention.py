@@ -489,7 +489,28 @@ def vt_pool(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
 def v_transposed(v_cache: torch.Tensor) -> bool:
     """Whether a layer's V cache [blocks, tokens, kv_heads, head_dim] is a view of V^T in each block (its tokens
     contiguous: model_runner.kv_pool(transposed=True)), as int8_keys._vt_kernel reads it."""
-    return v_cache.stride(-1) != 1 and v_cache.stride(1) == 1
+    return v_cache.stride(-1) != 1 and v_cache.stride(-3) == 1
+
+
+def v_written(v_cache: torch.Tensor) -> torch.Tensor:
+    """A V^T cache seen as its blocks are written: within each head's place in a block, each token's head_dim
+    contiguous. store_kv writes there (a token's V in one run, not a byte every block's width of bytes, each in its
+    own sector) and turns a block into V^T once its last token is in; a row's partial last block stays as written,
+    and _vt_kernel reads it so."""
+    strides = list(v_cache.stride())
+    strides[-3], strides[-1] = v_cache.shape[-1], 1
+    return v_cache.as_strided(v_cache.shape, strides, v_cache.storage_offset())
+
+
+def v_values(v_cache: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """A layer's V^T cache as plain [blocks, tokens, kv_heads, head_dim] values: its whole blocks read transposed,
+    each row's partial last block (seq_lens[r] % block size keys) as written (v_written)."""
+    page = v_cache.shape[1]
+    values = v_cache.clone(memory_format=torch.contiguous_format)
+    rows = (seq_lens % page).nonzero()[:, 0]
+    partial = block_table[rows, seq_lens[rows].long() // page].long()
+    values[partial] = v_written(v_cache)[partial]
+    return values
 
 
 def _triton_runs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -569,6 +590,8 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     else:
         k_scale, v_scale = _per_head(k_scale, num_kv_heads, q.device), _per_head(v_scale, num_kv_heads, q.device)
     if block_table is not None:  # each row's blocks side by side: the padded rows of a slot cache
+        if v_transposed(v_cache):
+            v_cache = v_values(v_cache, seq_lens, block_table)
         k_cache, v_cache = (c[block_table.long()].flatten(1, 2) for c in (k_cache, v_cache))
         if k_scale.dim() == 4:
             k_scale, v_scale = (s[block_table.long()].flatten(1, 2) for s in (k_scale, v_scale))

@@ -289,18 +289,22 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
             "warp_instructions_per_kb": instructions_per_kb(k.asm["cubin"], arch, 4, block_n * 256)
             if rows > 1 else None}  # one row's loop has no MMA to tell it from the guard's
     for name, dest, quant in (("kv store fp16", "*fp16", False), ("kv store fp8", "*u8", True),
-                              ("kv store int8", "*i8", False), ("kv store int8 transposed", "*i8", False)):
-        transposed = name.endswith("transposed")  # V^T in each block: head_dim's stride a block's tokens
+                              ("kv store int8", "*i8", False)):
         k = build(kv_store._store_kernel, arch, {"Dest": dest, "Slots": "*i64", "Src": "*fp16", "Scale": "*fp32"},
-                  ["stride_t", "stride_h", "scale_stride", "width", "stride_cb", "stride_ct", "stride_ch",
-                   *(["stride_cd"] if transposed else [])], [],
+                  ["stride_t", "stride_h", "scale_stride", "width", "stride_cb", "stride_ct", "stride_ch"], [],
                   dict(HEADS=32, HEAD_DIM=128, BLOCK_H=32, BLOCK_D=128, QUANT=quant, INT8=dest == "*i8",
-                       INTERPRETED=False) | ({} if transposed else {"stride_cd": 1}),
+                       INTERPRETED=False),
                   aligned=("stride_t", "stride_h", "stride_cb", "stride_ct", "stride_ch"), num_warps=4)
         ptx = k.asm["ptx"]
         out[name] = {"vectorised": "v4" in ptx}  # 16-byte loads (and stores)
         if quant or dest == "*i8":  # IEEE division (by the scale; 127 by the absmax), as torch's, not approximate
             out[name]["div_rn"] = "div.rn.f32" in ptx
+    k = build(kv_store._seal_kernel, arch, {"Cache": "*i8", "Slots": "*i64"}, ["stride_cb", "stride_ch"], [],
+              dict(HEADS=32, HEAD_DIM=128, PAGE=64), aligned=("stride_cb", "stride_ch"), num_warps=4)
+    ptx = k.asm["ptx"]  # a V^T block's seal: its rows read and its columns written 16 bytes at a time
+    out["kv seal"] = {"vector_loads": len(re.findall(r"ld\.global[.a-z0-9]*\.v4", ptx)),
+                      "vector_stores": len(re.findall(r"st\.global[.a-z0-9]*\.v4", ptx)),
+                      "barriers": ptx.count("bar.sync") + ptx.count("barrier.sync")}
     k = build(rope._rope_kernel, arch, {"Q": "*fp16", "K": "*fp16", "Cos": "*fp16", "Sin": "*fp16", "QOut": "*fp16",
                                         "KOut": "*fp16"},
               ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_ct"], [],

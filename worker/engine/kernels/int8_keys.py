@@ -18,7 +18,10 @@ _vt_kernel is the same with V stored transposed in each block (a paged pool whos
 [head_dim, tokens]: kv_pool(transposed=True)): P · V then runs on the int8 tensor cores as the scores do, V^T as A
 (head_dim on the tiles' rows, all useful) and the weights (V's scale in them, <= 2^SLACK_LOG2) as three int8 terms on
 a fixed scale in B's first three columns, accumulated in int32; no conversion of V and no round trip through shared
-memory. The accumulator is rescaled (rounded) only where the lazy max moves. --int8-kv-scales v-q16-keys-vt.
+memory. The accumulator is rescaled (rounded) only where the lazy max moves. A row's partial last block is read as
+store_kv wrote it (each key's head_dim in a run: attention.v_written) and transposed on the way: store_kv writes a
+token's V in one run and turns a block into V^T where its last token lands (a token's V written straight into V^T
+would be a byte in each of head_dim sectors). --int8-kv-scales v-q16-keys-vt.
 """
 
 from batchgen.worker.engine.kernels.backend import HAS_TRITON
@@ -205,12 +208,13 @@ if HAS_TRITON:
     @triton.jit
     def _vt_step(block, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockTable, KScale, VScale,
                  cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vd, stride_bt, stride_sr, stride_sh,
-                 s_scale, d, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, PRELOAD: tl.constexpr, ASM: tl.constexpr,
-                 MASKED: tl.constexpr, INTERPRETED: tl.constexpr):
+                 s_scale, d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                 PRELOAD: tl.constexpr, ASM: tl.constexpr, WRITTEN: tl.constexpr, INTERPRETED: tl.constexpr):
         """_keys_step over V^T: acc [HEAD_DIM, 16] int32 holds the product's three terms in its first three
-        columns."""
+        columns. WRITTEN: a row's partial last block, its V as store_kv wrote it (attention.v_written), keys past
+        end masked."""
         j = tl.arange(0, BLOCK_N)
-        t_mask = block + j < end if MASKED else tl.full([BLOCK_N], 1, tl.int1)
+        t_mask = block + j < end if WRITTEN else tl.full([BLOCK_N], 1, tl.int1)
         if PRELOAD:  # one block a step (BLOCK_N divides PAGE): its id as one value, so V^T's rows load contiguous
             page = tl.sum(tl.where(tl.arange(0, PRELOAD) == (block - start) // PAGE, pages, 0), 0).to(tl.int64)
         else:
@@ -232,8 +236,11 @@ if HAS_TRITON:
         t2 = round_half_even((r - t1) * _LO, INTERPRETED)
         cols = tl.arange(0, 16)[None, :]
         terms = tl.where(cols == 0, t0[:, None], tl.where(cols == 1, t1[:, None], tl.where(cols == 2, t2[:, None], 0.0)))
-        vt = tl.load((v_base + page * stride_vr + slot)[None, :] + d[:, None] * stride_vd, mask=t_mask[None, :],
-                     other=0)
+        if WRITTEN:  # each key's head_dim in a run
+            vt = tl.load((v_base + page * stride_vr + slot * HEAD_DIM)[None, :] + d[:, None], mask=t_mask[None, :],
+                         other=0)
+        else:
+            vt = tl.load((v_base + page * stride_vr + slot)[None, :] + d[:, None] * stride_vd)
         return m, l_vec, tl.dot(vt, terms.to(tl.int8), acc, out_dtype=tl.int32)
 
     @triton.jit
@@ -256,17 +263,19 @@ if HAS_TRITON:
         m = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
         l_vec = tl.zeros([BLOCK_N], tl.float32)
         acc = tl.zeros([HEAD_DIM, 16], tl.int32)
-        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
-        for block in range(start, full_end, BLOCK_N):
+        # the row's whole blocks are V^T (a split's part of them whole steps: it starts on a block, it ends on one
+        # or at the row's end); its partial last block, from `written`, is as store_kv wrote it
+        written = tl.load(SeqLens + row) // PAGE * PAGE
+        for block in range(start, tl.minimum(end, tl.maximum(written, start)), BLOCK_N):
             m, l_vec, acc = _vt_step(block, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockTable,
                                      KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vd,
-                                     stride_bt, stride_sr, stride_sh, s_scale, d, BLOCK_N, PAGE, PRELOAD, ASM, False,
-                                     INTERPRETED)
-        if full_end < end:
-            m, l_vec, acc = _vt_step(full_end, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockTable,
+                                     stride_bt, stride_sr, stride_sh, s_scale, d, HEAD_DIM, BLOCK_N, PAGE, PRELOAD,
+                                     ASM, False, INTERPRETED)
+        for block in tl.range(tl.maximum(written, start), end, BLOCK_N, num_stages=1):
+            m, l_vec, acc = _vt_step(block, start, end, qcols, m, l_vec, acc, k_base, v_base, pages, BlockTable,
                                      KScale, VScale, cache_row, kv_head, stride_kr, stride_kt, stride_vr, stride_vd,
-                                     stride_bt, stride_sr, stride_sh, s_scale, d, BLOCK_N, PAGE, PRELOAD, ASM, True,
-                                     INTERPRETED)
+                                     stride_bt, stride_sr, stride_sh, s_scale, d, HEAD_DIM, BLOCK_N, PAGE, PRELOAD,
+                                     ASM, True, INTERPRETED)
         cols = tl.arange(0, 16)[None, :]
         unit = tl.where(cols == 0, _UNITS[0], tl.where(cols == 1, _UNITS[1], tl.where(cols == 2, _UNITS[2], 0.0)))
         _finish(tl.sum(acc.to(tl.float32) * unit, 1), tl.sum(l_vec, 0), m, row, kv_head, split, MidO, MidLse, Out,

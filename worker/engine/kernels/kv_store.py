@@ -7,7 +7,13 @@ program and writes its scale beside it (attention.quantize_kv_int8's arithmetic)
 """
 
 import torch
-from batchgen.worker.engine.kernels.attention import FP8_MAX, quantize_kv, quantize_kv_int8
+from batchgen.worker.engine.kernels.attention import (
+    FP8_MAX,
+    quantize_kv,
+    quantize_kv_int8,
+    v_transposed,
+    v_written,
+)
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting
 
 if HAS_TRITON:
@@ -40,7 +46,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _store_kernel(Dest, Slots, Src, Scale, stride_t, stride_h, scale_stride, width, stride_cb, stride_ct,
-                      stride_ch, stride_cd, HEADS: tl.constexpr,
+                      stride_ch, HEADS: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
                       INT8: tl.constexpr, INTERPRETED: tl.constexpr):
         t = tl.program_id(0)
@@ -59,8 +65,36 @@ if HAS_TRITON:
         elif QUANT:  # an fp8 cache (Dest its bytes): x / its head's scale, saturated, as float8_e4m3fn bits
             scale = tl.load(Scale + h * scale_stride, mask=h < HEADS, other=1.0)
             x = _e4m3_bits(tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -_FP8_MAX, _FP8_MAX))
-        tl.store(Dest + slot // width * stride_cb + slot % width * stride_ct + h * stride_ch + d * stride_cd, x,
+        tl.store(Dest + slot // width * stride_cb + slot % width * stride_ct + h * stride_ch + d, x,
                  mask=mask)
+
+    @triton.jit
+    def _seal_kernel(Cache, Slots, stride_cb, stride_ch, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     PAGE: tl.constexpr):
+        """Program t: where token t filled its block's last place, the block's heads rewritten in place from
+        v_written's arrangement into V^T (idle elsewhere)."""
+        slot = tl.load(Slots + tl.program_id(0)).to(tl.int64)
+        t = tl.arange(0, PAGE)[:, None]
+        d = tl.arange(0, HEAD_DIM)[None, :]
+        last = t + d - t - d + slot % PAGE == PAGE - 1  # a full tile's mask (the interpreter takes no scalar in it)
+        base = Cache + slot // PAGE * stride_cb
+        for h in range(HEADS):
+            x = tl.load(base + h * stride_ch + t * HEAD_DIM + d, mask=last, other=0)
+            tl.debug_barrier()  # every thread's reads of the head done before any write over them
+            tl.store(base + h * stride_ch + t + d * PAGE, x, mask=last)
+
+
+def seal_blocks(cache: torch.Tensor, slots: torch.Tensor, triton_kernel: bool) -> None:
+    """A V^T cache's blocks whose last place one of slots just wrote, turned from v_written's arrangement into V^T
+    (int8_keys._vt_kernel reads a row's whole blocks transposed, its partial last block as written). On the device,
+    one program per token, most of them idle (no host sync: a decode step's graph holds it)."""
+    page = cache.shape[1]
+    if triton_kernel:
+        _seal_kernel[(slots.numel(),)](cache, slots, cache.stride(0), cache.stride(2), HEADS=cache.shape[2],
+                                       HEAD_DIM=cache.shape[3], PAGE=page, num_warps=4)
+        return
+    ends = slots[slots % page == page - 1] // page
+    cache[ends] = v_written(cache)[ends]
 
 
 def cache_slots(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
@@ -83,6 +117,11 @@ def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: t
     [.., kv_heads, ..] (the layer's, contiguous, as attention._token_scales). triton_kernel: None runs Triton on CUDA
     and an indexed assignment elsewhere (the CPU tests' interpreter would run a program per token); True forces
     Triton (its tests)."""
+    if v_transposed(cache):  # written in runs, turned into V^T where a block fills
+        triton_kernel = HAS_TRITON and (x.is_cuda if triton_kernel is None else triton_kernel)
+        store_kv(v_written(cache), slots, x, scale, triton_kernel)
+        seal_blocks(cache, slots, triton_kernel)
+        return
     heads, head_dim = cache.shape[-2:]
     int8 = cache.dtype == torch.int8
     quant = cache.dtype == torch.float8_e4m3fn and x.dtype != cache.dtype
@@ -110,6 +149,6 @@ def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: t
         scale = cache  # unread without QUANT or INT8
     _store_kernel[(x.shape[0],)](cache, slots, x, scale, x.stride(0), x.stride(1),
                                  1 if quant and scale.numel() > 1 else 0, width, cache.stride(0), cache.stride(1),
-                                 cache.stride(2), cache.stride(3), HEADS=heads, HEAD_DIM=head_dim,
+                                 cache.stride(2), HEADS=heads, HEAD_DIM=head_dim,
                                  BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=triton.next_power_of_2(head_dim),
                                  QUANT=quant, INT8=int8, INTERPRETED=interpreting())
