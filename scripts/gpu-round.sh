@@ -77,6 +77,9 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh partition  # attention beside the projections
 #                                                                        # on disjoint SMs (green contexts)
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt       # V^T: bulk against the defaults; vt_keys;
+#                                                                        # HF's baseline (H200); the drift
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-short # V^T: vt_keys, then the two bulks
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
 set -u
@@ -679,6 +682,11 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     fi
     run 120 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --mha --kv-dtypes int8 \
         --int8-kv-scales v-q16-keys,v-q16-keys-vt --kv-attention triton --out "$out/quality_kv.json"
+    ;;
+  vt-short)  # vt in what little device time is left: vt_keys first (kernels and the store), then the two bulks
+    run 120 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
+    KV_SCALES=v-q16-keys-vt BULK_S=170 bulk vt 1 static-features 0
+    BULK_S=150 bulk defaults 1 static-features 0
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab
