@@ -357,3 +357,5 @@ def test_an_int8_pool_with_v_transposed_decodes_as_the_keys_kernel_over_its_valu
     assert torch.equal(got[0], pools[0][1][0])
     assert (got[1].int() - pools[0][1][1].int()).abs().max() <= 1
     assert not torch.equal(pools[1][1][0], pools[0][1][0])  # the partial blocks are not in V^T's places
+    with pytest.raises(ValueError, match="Triton kernel only"):  # the masked path would read them through V^T
+        decode_step(parts, ids, lens + 3, *pools[1][:2], 2 * BS, "sdpa", *pools[1][2:], table)

@@ -19,7 +19,7 @@ from batchgen.worker.engine.families import FamilySpec
 from batchgen.worker.engine.fused import GATED_ACT_ATTR, add_norm, rope
 from batchgen.worker.engine.gated_linear import gated_linear
 from batchgen.worker.engine.host_copy import to_device
-from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits
+from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits, v_transposed
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting
 from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
 from batchgen.worker.engine.kernels.rope import rope_store
@@ -276,6 +276,8 @@ class CacheAttention:
         self.attention = decode_path(parts.spec, attention, quantised)
         if block_table is not None and self.attention == "flash":
             raise ValueError("FlashAttention decodes rows that are contiguous: no paged KV cache")
+        if v_cache.dim() == 5 and v_transposed(v_cache) and self.attention != "triton":  # partial blocks as written: _vt_kernel's alone
+            raise ValueError("a V cache transposed in each block decodes through the Triton kernel only")
         # where row r's new K/V go: its slot, or its block's
         self.write_at = cache_slots(k_cache[0], torch.arange(n, device=device), positions, block_table)
         max_len = k_cache.shape[2] * (1 if block_table is None else block_table.shape[1])

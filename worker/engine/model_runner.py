@@ -170,8 +170,10 @@ class ModelRunner:
             self.block_table = self.host_table.to(self.device)
         heads_major = self.block_size is not None and self.token_scales
         self.k_cache = kv_pool(shape, self.k_dtype, self.device, heads_major)
-        self.v_cache = kv_pool(shape, self.v_dtype, self.device, heads_major, transposed=heads_major and self.attention == "triton"
-                               and vt_pool(p.num_heads, p.num_kv_heads, p.head_dim, self.dtype))
+        # V^T where _vt_kernel decodes every step (its partial blocks are read as written: no other path reads them)
+        transposed = (heads_major and decode_path(p.spec, self.attention, True) == "triton"
+                      and vt_pool(p.num_heads, p.num_kv_heads, p.head_dim, self.dtype))
+        self.v_cache = kv_pool(shape, self.v_dtype, self.device, heads_major, transposed)
         if self.token_scales:  # one per token and KV head; a head's tokens side by side (one load per key block)
             scales = (shape[0], shape[1], shape[3], shape[2])
             self.k_scale = torch.zeros(scales, dtype=torch.float32, device=self.device)
