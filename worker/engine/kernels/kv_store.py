@@ -109,8 +109,9 @@ def cache_slots(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
 
 def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None,
              triton_kernel: bool | None = None) -> None:
-    """cache [.., .., kv_heads, head_dim] (one layer; any strides: a pool whose blocks hold their heads outermost,
-    or V transposed in each block, too) at slots [T] (cache_slots) = x [T, kv_heads, head_dim]. An fp8 cache takes
+    """cache [.., .., kv_heads, head_dim] (one layer; a pool whose blocks hold their heads outermost, too; V^T in
+    each block: written as attention.v_written sees it, then seal_blocks) at slots [T] (cache_slots) = x [T, kv_heads,
+    head_dim]. An fp8 cache takes
     x / scale (its per-head scales [kv_heads], or one) saturated to float8_e4m3fn, quantised inside the store's own launch on
     the Triton path (a prefill's separate divide, clamp and cast kernels cost more than the store). An int8 cache
     takes each token's heads quantised on their own absmax (quantize_kv_int8), their scales written into scale
