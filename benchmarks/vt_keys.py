@@ -25,10 +25,10 @@ VT_LAUNCHES = [None, (32, 1, 4), (32, 1, 5), (32, 2, 3), (64, 2, 3)]
 def state(rows: int, heads: int, d: int, page: int, per_row: int, mean_ctx: int, device: str,
           q_scale: float = 1.0) -> dict:
     """Random int8 pools as model_runner.kv_pool lays them out (each block's heads outermost; V also transposed in
-    each whole block and as written in each row's partial last one, the same values), scales, a shuffled block table, lengths (the first row one key). q_scale: wider
-    scores, so the running max moves (the smoke run)."""
+    each whole block and as written in each row's partial last one, the same values), scales, a shuffled block
+    table, lengths (the first row one key). q_scale: wider scores, so the running max moves (the smoke run)."""
     import torch
-    from batchgen.worker.engine.kernels.attention import v_written
+    from batchgen.worker.engine.kernels.attention import partial_blocks, v_written
     from batchgen.worker.engine.model_runner import kv_pool
 
     g = torch.Generator(device=device).manual_seed(0)
@@ -43,8 +43,7 @@ def state(rows: int, heads: int, d: int, page: int, per_row: int, mean_ctx: int,
     v.copy_(torch.randint(-127, 128, v.shape, generator=g, device=device, dtype=torch.int8))
     table = torch.randperm(blocks, generator=g, device=device).view(rows, per_row).to(torch.int32)
     v_t.copy_(v)
-    tail = (lens % page).nonzero()[:, 0]  # each row's partial last block as store_kv leaves it
-    partial = table[tail, lens[tail].long() // page].long()
+    partial = partial_blocks(lens, table, page)  # as store_kv leaves them
     v_written(v_t)[partial] = v[partial]
     scales = [torch.rand(blocks, heads, page, generator=g, device=device) / 127 + 1e-4 for _ in range(2)]
     return dict(q=torch.randn(rows, heads, d, generator=g, device=device, dtype=torch.float16) * q_scale, k=k, v=v,

@@ -672,8 +672,9 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     ;;
   vt)  # V transposed in each block (int8_keys._vt_kernel): bulk on v-q16-keys-vt and on the defaults;
     # benchmarks.vt_keys on every SM and on 96 (the engine's V^T kernel and its keys kernel at several launches, and
-    # a step's V store into each pool: written in runs, sealed into V^T where a block fills); HF's baseline where the card is an H200 (#22's table); the drift of both
-    # kernels at the GPU shape (quality --mha): most wanted first, so a call cut at its limit keeps what ran
+    # a step's V store into each pool: written in runs, sealed into V^T where a block fills); HF's baseline where
+    # the card is an H200 (#22's table); the drift of both kernels at the GPU shape (quality --mha): most wanted
+    # first, so a call cut at its limit keeps what ran
     KV_SCALES=v-q16-keys-vt BULK_S=200 bulk vt 1 static-features 0  # builds the llama7b model (once per machine)
     BULK_S=170 bulk defaults 1 static-features 0
     run 150 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"

@@ -505,12 +505,16 @@ def v_written(v_cache: torch.Tensor) -> torch.Tensor:
 def v_values(v_cache: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
     """A layer's V^T cache as plain [blocks, tokens, kv_heads, head_dim] values: its whole blocks read transposed,
     each row's partial last block (seq_lens[r] % block size keys) as written (v_written)."""
-    page = v_cache.shape[1]
     values = v_cache.clone(memory_format=torch.contiguous_format)
-    rows = (seq_lens % page).nonzero()[:, 0]
-    partial = block_table[rows, seq_lens[rows].long() // page].long()
+    partial = partial_blocks(seq_lens, block_table, v_cache.shape[1])
     values[partial] = v_written(v_cache)[partial]
     return values
+
+
+def partial_blocks(seq_lens: torch.Tensor, block_table: torch.Tensor, page: int) -> torch.Tensor:
+    """The block ids of each row's partial last block (rows whose length is not a whole number of blocks)."""
+    rows = (seq_lens % page).nonzero()[:, 0]
+    return block_table[rows, seq_lens[rows].long() // page].long()
 
 
 def _triton_runs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
