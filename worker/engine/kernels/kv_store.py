@@ -72,16 +72,17 @@ if HAS_TRITON:
     def _seal_kernel(Cache, Slots, stride_cb, stride_ch, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                      PAGE: tl.constexpr):
         """Program t: where token t filled its block's last place, the block's heads rewritten in place from
-        v_written's arrangement into V^T (idle elsewhere)."""
+        v_written's arrangement into V^T (elsewhere it returns at once: a masked loop over the heads cost a decode
+        step's programs about as much as the store itself)."""
         slot = tl.load(Slots + tl.program_id(0)).to(tl.int64)
-        t = tl.arange(0, PAGE)[:, None]
-        d = tl.arange(0, HEAD_DIM)[None, :]
-        last = t + d - t - d + slot % PAGE == PAGE - 1  # a full tile's mask (the interpreter takes no scalar in it)
-        base = Cache + slot // PAGE * stride_cb
-        for h in range(HEADS):
-            x = tl.load(base + h * stride_ch + t * HEAD_DIM + d, mask=last, other=0)
-            tl.debug_barrier()  # every thread's reads of the head done before any write over them
-            tl.store(base + h * stride_ch + t + d * PAGE, x, mask=last)
+        if slot % PAGE == PAGE - 1:
+            t = tl.arange(0, PAGE)[:, None]
+            d = tl.arange(0, HEAD_DIM)[None, :]
+            base = Cache + slot // PAGE * stride_cb
+            for h in range(HEADS):
+                x = tl.load(base + h * stride_ch + t * HEAD_DIM + d)
+                tl.debug_barrier()  # every thread's reads of the head done before any write over them
+                tl.store(base + h * stride_ch + t + d * PAGE, x)
 
 
 def seal_blocks(cache: torch.Tensor, slots: torch.Tensor, triton_kernel: bool) -> None:
