@@ -300,7 +300,7 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
         if quant or dest == "*i8":  # IEEE division (by the scale; 127 by the absmax), as torch's, not approximate
             out[name]["div_rn"] = "div.rn.f32" in ptx
     k = build(kv_store._seal_kernel, arch, {"Cache": "*i8", "Slots": "*i64"}, ["stride_cb", "stride_ch"], [],
-              dict(HEADS=32, HEAD_DIM=128, PAGE=64), aligned=("stride_cb", "stride_ch"), num_warps=4)
+              dict(HEAD_DIM=128, PAGE=64), aligned=("stride_cb", "stride_ch"), num_warps=4)
     ptx = k.asm["ptx"]  # a V^T block's seal: its rows read and its columns written 16 bytes at a time
     out["kv seal"] = {"vector_loads": len(re.findall(r"ld\.global[.a-z0-9]*\.v4", ptx)),
                       "vector_stores": len(re.findall(r"st\.global[.a-z0-9]*\.v4", ptx)),

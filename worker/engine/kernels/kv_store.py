@@ -69,30 +69,28 @@ if HAS_TRITON:
                  mask=mask)
 
     @triton.jit
-    def _seal_kernel(Cache, Slots, stride_cb, stride_ch, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                     PAGE: tl.constexpr):
-        """Program t: where token t filled its block's last place, the block's heads rewritten in place from
-        v_written's arrangement into V^T (elsewhere it returns at once: a masked loop over the heads cost a decode
-        step's programs about as much as the store itself)."""
+    def _seal_kernel(Cache, Slots, stride_cb, stride_ch, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr):
+        """Program (t, h): where token t filled its block's last place, the block's head h rewritten in place from
+        v_written's arrangement into V^T; elsewhere it returns at once. (One program a token looping over the heads
+        left a step waiting on the few that worked: 32 dependent read-then-write rounds each.)"""
         slot = tl.load(Slots + tl.program_id(0)).to(tl.int64)
         if slot % PAGE == PAGE - 1:
             t = tl.arange(0, PAGE)[:, None]
             d = tl.arange(0, HEAD_DIM)[None, :]
-            base = Cache + slot // PAGE * stride_cb
-            for h in range(HEADS):
-                x = tl.load(base + h * stride_ch + t * HEAD_DIM + d)
-                tl.debug_barrier()  # every thread's reads of the head done before any write over them
-                tl.store(base + h * stride_ch + t + d * PAGE, x)
+            head = Cache + slot // PAGE * stride_cb + tl.program_id(1) * stride_ch
+            x = tl.load(head + t * HEAD_DIM + d)
+            tl.debug_barrier()  # every thread's reads of the head done before any write over them
+            tl.store(head + t + d * PAGE, x)
 
 
 def seal_blocks(cache: torch.Tensor, slots: torch.Tensor, triton_kernel: bool) -> None:
     """A V^T cache's blocks whose last place one of slots just wrote, turned from v_written's arrangement into V^T
     (int8_keys._vt_kernel reads a row's whole blocks transposed, its partial last block as written). On the device,
-    one program per token, most of them idle (no host sync: a decode step's graph holds it)."""
+    one program per token and head, most of them idle (no host sync: a decode step's graph holds it)."""
     page = cache.shape[1]
     if triton_kernel:
-        _seal_kernel[(slots.numel(),)](cache, slots, cache.stride(0), cache.stride(2), HEADS=cache.shape[2],
-                                       HEAD_DIM=cache.shape[3], PAGE=page, num_warps=4)
+        _seal_kernel[(slots.numel(), cache.shape[2])](cache, slots, cache.stride(0), cache.stride(2),
+                                                      HEAD_DIM=cache.shape[3], PAGE=page, num_warps=4)
         return
     ends = slots[slots % page == page - 1] // page
     cache[ends] = v_written(cache)[ends]
