@@ -94,8 +94,8 @@ def test_worker_never_runs_another_models_batch(redis_conn, tmp_path):
 
 def test_overdue_batch_expires_keeping_finished_results(redis_conn, tmp_path):
     rows = [{"custom_id": f"r{i}", "prompt": "x"} for i in range(10)]
-    # A window far past the test's length, so only the explicit clocks below can end it: with a 1 s window a
-    # real-clock sweep of this database (a worker's, a reaper's, a client's) once expired it first in CI
+    # A window far past the test's length, so only the explicit clocks below can end it: submit's own get() sweeps
+    # on the real clock (whole seconds), and with a 1 s window a second boundary crossed inside submit expired it
     client = BatchClient(ProducerConfig(chunk_size=5, completion_window_s=3600), connection=redis_conn)
     batch = client.submit([write_jsonl(tmp_path / "in.jsonl", rows)], model="echo-model").batch
     from batchgen.jobs.schema import error_line
