@@ -26,7 +26,8 @@ def state(rows: int, heads: int, d: int, page: int, per_row: int, mean_ctx: int,
           q_scale: float = 1.0) -> dict:
     """Random int8 pools as model_runner.kv_pool lays them out (each block's heads outermost; V also transposed in
     each whole block and as written in each row's partial last one, the same values), scales, a shuffled block
-    table, lengths (the first row one key). q_scale: wider scores, so the running max moves (the smoke run)."""
+    table, lengths (the first row one key, the last a key short of a block). q_scale: wider scores, so the running
+    max moves (the smoke run)."""
     import torch
     from batchgen.worker.engine.kernels.attention import partial_blocks, v_written
     from batchgen.worker.engine.model_runner import kv_pool
@@ -35,7 +36,7 @@ def state(rows: int, heads: int, d: int, page: int, per_row: int, mean_ctx: int,
     blocks, max_len = rows * per_row, page * per_row
     lens = torch.randint(max(1, 2 * mean_ctx - max_len), max_len + 1, (rows,), generator=g, device=device,
                          dtype=torch.int32)
-    lens[0] = 1
+    lens[0], lens[-1] = 1, page - 1  # the last row's next token fills its block (store_times: a seal, always)
     shape = (1, blocks, page, heads, d)
     k, v, v_t = (kv_pool(shape, torch.int8, torch.device(device), True, transposed)[0]
                  for transposed in (False, False, True))
@@ -127,12 +128,10 @@ def store_times(s: dict, device: str = "cuda") -> dict:
         store_kv(s[key], slots, x, s["vs"], triton_kernel=True)
     lens = s["lens"].clone()
     lens[rows] += 1
-    # each row's tokens (a block's places past its row's length hold what the state left there, never read)
-    t = torch.arange(s["table"].shape[1] * page, device=pos.device)
-    live = t[None, :] < lens[:, None]
-    blocks, places = s["table"].long()[:, t // page][live], (t % page).expand_as(live)[live]
-    values = v_values(s["v_t"], lens, s["table"])
-    res = {"same": bool(torch.equal(s["v"][blocks, places], values[blocks, places]))}
+    # each row's tokens, its blocks side by side (a block's places past its row's length are never read)
+    live = torch.arange(s["table"].shape[1] * page, device=pos.device)[None, :] < lens[:, None]
+    held = [pool[s["table"].long()].flatten(1, 2)[live] for pool in (s["v"], v_values(s["v_t"], lens, s["table"]))]
+    res = {"same": bool(torch.equal(*held))}
     for key in ("v", "v_t"):
         res[key] = round(time_ms(lambda key=key: store_kv(s[key], slots, x, s["vs"], triton_kernel=True), device), 4)
         print("store", key, res[key], "ms", flush=True)
