@@ -79,8 +79,6 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh profile  # profile_steps without and with the table
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt       # V^T: bulk against the defaults; vt_keys;
 #                                                                        # HF's baseline (H200); the drift
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-card  # vt_keys, the defaults, V^T: in
-#                                                                        # little device time
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-short # V^T: vt_keys, then the two bulks
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
@@ -690,12 +688,6 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     run 120 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
     KV_SCALES=v-q16-keys-vt BULK_S=170 bulk vt 1 static-features 0
     BULK_S=150 bulk defaults 1 static-features 0
-    ;;
-  vt-card)  # vt where little device time is left: vt_keys on every SM (the kernels and a step's store), the
-    # defaults' bulk (#22's figure), V^T's
-    run 90 vt_keys python3 -m benchmarks.vt_keys --sms 0 --out "$out/vt_keys.json"
-    BULK_S=170 bulk defaults 1 static-features 0
-    KV_SCALES=v-q16-keys-vt BULK_S=170 bulk vt 1 static-features 0
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab
