@@ -652,6 +652,16 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
         'bytes as fp16|the default launch|paged fp16, 3 stages, ids ahead|v-bias, block_n 64, warps 2|q8|q16'
     profile bulk_state "" --rows 384 --prompt 352 --max-model-len 416
     ;;
+  vt-ab)  # vt's two bulks twice more in the other order (defaults first) on one machine, then vt_keys where the card
+    # is an H200 (its kernels and the store at every SM and at 96)
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    KV_SCALES=v-q16-keys-vt BULK_S=150 bulk vt 1 static-features 0
+    BULK_S=150 bulk defaults_2 1 static-features 0
+    KV_SCALES=v-q16-keys-vt BULK_S=150 bulk vt_2 1 static-features 0
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+        run 120 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
+    fi
+    ;;
   step)  # the keys kernel's launches over both pool layouts beside OLD's kernel (the commit before) at the int8
     # bulk state (614 rows, mean context 385), a profile of a decode step there (PROFILE=1), bulk on the committed
     # defaults (the int8 pool with each block's heads outermost), then bulk on OLD's tree (BULK_OLD=0: not), then
