@@ -111,7 +111,8 @@ def store_times(s: dict, device: str = "cuda") -> dict:
     """One decode step's V store for one layer (each row's next token, int8 with its scales, store_kv's kernel) into
     the pool as laid out and into V^T (a token's V written in a run; a block whose last place it fills turned into
     V^T). ms a layer, timed over repeated stores of the same tokens (the repeats turn those blocks over again, so the
-    V^T pool's values are checked after the first store only: same). On the CPU store_kv's Triton kernel runs
+    V^T pool's values are checked after the first store only: same); v_t_one_launch: into V^T with the seal in the
+    store's own launch (store_kv(own_blocks=True), as a decode step stores). On the CPU store_kv's Triton kernel runs
     interpreted and the times mean nothing (the smoke run)."""
     import torch
     from batchgen.worker.engine.kernels.attention import v_values
@@ -124,16 +125,19 @@ def store_times(s: dict, device: str = "cuda") -> dict:
     pos = s["lens"][rows].long()
     slots = cache_slots(s["v"], rows, pos, s["table"])
     x = torch.randn(pos.numel(), *s["v"].shape[2:], device=pos.device, dtype=torch.float16)
-    for key in ("v", "v_t"):
-        store_kv(s[key], slots, x, s["vs"], triton_kernel=True)
+    pools = {"v": s["v"], "v_t": s["v_t"], "v_t_one_launch": s["v_t"].clone()}  # the last: store_seal's launch
+    for key, pool in pools.items():
+        store_kv(pool, slots, x, s["vs"], triton_kernel=True, own_blocks=key == "v_t_one_launch")
     lens = s["lens"].clone()
     lens[rows] += 1
     # each row's tokens, its blocks side by side (a block's places past its row's length are never read)
     live = torch.arange(s["table"].shape[1] * page, device=pos.device)[None, :] < lens[:, None]
-    held = [pool[s["table"].long()].flatten(1, 2)[live] for pool in (s["v"], v_values(s["v_t"], lens, s["table"]))]
-    res = {"same": bool(torch.equal(*held))}
-    for key in ("v", "v_t"):
-        res[key] = round(time_ms(lambda key=key: store_kv(s[key], slots, x, s["vs"], triton_kernel=True), device), 4)
+    held = [pool[s["table"].long()].flatten(1, 2)[live]
+            for pool in (s["v"], *(v_values(pools[k], lens, s["table"]) for k in ("v_t", "v_t_one_launch")))]
+    res = {"same": bool(torch.equal(held[0], held[1]) and torch.equal(held[0], held[2]))}
+    for key, pool in pools.items():
+        res[key] = round(time_ms(lambda pool=pool, key=key: store_kv(
+            pool, slots, x, s["vs"], triton_kernel=True, own_blocks=key == "v_t_one_launch"), device), 4)
         print("store", key, res[key], "ms", flush=True)
     return res
 

@@ -316,7 +316,7 @@ class CacheAttention:
                            self.v_cache[layer], self.write_at)[:, :, None]
         else:
             store_kv(self.k_cache[layer], self.write_at, k[:, :, 0], k_scale)
-            store_kv(self.v_cache[layer], self.write_at, v[:, :, 0], v_scale)
+            store_kv(self.v_cache[layer], self.write_at, v[:, :, 0], v_scale, own_blocks=True)  # a token a row
         if self.attention == "flash":
             keys = self.k_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
             values = self.v_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
