@@ -397,3 +397,27 @@ def test_a_decode_steps_store_seals_in_its_own_launch_as_store_then_seal(dtype):
     if int8:
         assert torch.equal(one_scale, two_scale) and torch.equal(one_scale, plain_scale)
         assert (one_scale[torch.stack([table[1, 0], table[2, 1]]).long()] > 0).all()  # the blocks the step filled have all their scales
+
+
+def test_a_prefills_seal_turns_every_block_it_fills_into_v_transposed():
+    """seal_blocks' program looks through SEAL_GROUP tokens at once: stores whose tokens fill several blocks within
+    one group (and past it) turn each into V^T, the values read back (v_values) as a plain pool holds them."""
+    pytest.importorskip("triton")
+    from batchgen.worker.engine.kernels.attention import v_values
+    from batchgen.worker.engine.kernels.kv_store import SEAL_GROUP, store_kv
+    from batchgen.worker.engine.model_runner import kv_pool
+
+    g = torch.Generator().manual_seed(4)
+    blocks = SEAL_GROUP + 3  # one group's tokens each fill a block, and a second group's
+    plain, vt = (kv_pool((1, blocks + 1, BS, 2, 32), torch.float16, torch.device("cpu"), True, t)[0]
+                 for t in (False, True))
+    ends = torch.arange(1, blocks + 1) * BS + BS - 1
+    body = torch.cat([torch.arange(b * BS, b * BS + BS - 1) for b in range(1, blocks + 1)])
+    for slots in (body, ends):  # each block's first places, then its last ones: a token each, side by side
+        x = torch.randn(len(slots), 2, 32, generator=g).half()
+        for pool in (plain, vt):
+            store_kv(pool, slots, x, triton_kernel=True)
+    table = torch.arange(1, blocks + 1, dtype=torch.int32)[:, None]
+    held = torch.full((blocks,), BS, dtype=torch.int32)
+    assert torch.equal(v_values(vt, held, table)[1:], plain[1:])
+    assert torch.equal(vt[1:], plain[1:])  # every block is V^T: the pool's own view reads its values

@@ -299,12 +299,22 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
         out[name] = {"vectorised": "v4" in ptx}  # 16-byte loads (and stores)
         if quant or dest == "*i8":  # IEEE division (by the scale; 127 by the absmax), as torch's, not approximate
             out[name]["div_rn"] = "div.rn.f32" in ptx
-    k = build(kv_store._seal_kernel, arch, {"Cache": "*i8", "Slots": "*i64"}, ["stride_cb", "stride_ch"], [],
-              dict(HEAD_DIM=128, PAGE=64), aligned=("stride_cb", "stride_ch"), num_warps=4)
+    k = build(kv_store._seal_kernel, arch, {"Cache": "*i8", "Slots": "*i64"}, ["num_tokens", "stride_cb", "stride_ch"],
+              [], dict(HEAD_DIM=128, PAGE=64, GROUP=kv_store.SEAL_GROUP), aligned=("stride_cb", "stride_ch"),
+              num_warps=4)
     ptx = k.asm["ptx"]  # a V^T block's seal: its rows read and its columns written 16 bytes at a time
     out["kv seal"] = {"vector_loads": len(re.findall(r"ld\.global[.a-z0-9]*\.v4", ptx)),
                       "vector_stores": len(re.findall(r"st\.global[.a-z0-9]*\.v4", ptx)),
                       "barriers": ptx.count("bar.sync") + ptx.count("barrier.sync")}
+    k = build(kv_store._store_seal_kernel, arch, {"Cache": "*i8", "Slots": "*i64", "Src": "*fp16", "Scale": "*fp32"},
+              ["stride_t", "stride_h", "stride_cb", "stride_ch"], [],
+              dict(HEADS=32, HEAD_DIM=128, PAGE=64, INT8=True, INTERPRETED=False),
+              aligned=("stride_t", "stride_h", "stride_cb", "stride_ch"), num_warps=kv_store.STORE_SEAL_WARPS)
+    ptx = k.asm["ptx"]  # a decode step's store and seal in one launch: as the seal's, and IEEE division as the store's
+    out["kv store seal"] = {"vector_loads": len(re.findall(r"ld\.global[.a-z0-9]*\.v4", ptx)),
+                            "vector_stores": len(re.findall(r"st\.global[.a-z0-9]*\.v4", ptx)),
+                            "barriers": ptx.count("bar.sync") + ptx.count("barrier.sync"),
+                            "div_rn": "div.rn.f32" in ptx}
     k = build(rope._rope_kernel, arch, {"Q": "*fp16", "K": "*fp16", "Cos": "*fp16", "Sin": "*fp16", "QOut": "*fp16",
                                         "KOut": "*fp16"},
               ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_ct"], [],

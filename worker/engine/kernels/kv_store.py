@@ -16,6 +16,7 @@ from batchgen.worker.engine.kernels.attention import (
 )
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting
 
+SEAL_GROUP = 32  # tokens a seal program looks through (a prefill's; a decode step's seal runs in its store)
 STORE_SEAL_WARPS = 2  # store_seal's launch: a head's run for most programs, a block's head for the sealing ones
 
 if HAS_TRITON:
@@ -71,19 +72,25 @@ if HAS_TRITON:
                  mask=mask)
 
     @triton.jit
-    def _seal_kernel(Cache, Slots, stride_cb, stride_ch, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr):
-        """Program (t, h): where token t filled its block's last place, the block's head h rewritten in place from
-        v_written's arrangement into V^T; elsewhere it returns at once. (One program a token looping over the heads
-        left a step waiting on the few that worked: 32 dependent read-then-write rounds each.)"""
-        slot = tl.load(Slots + tl.program_id(0)).to(tl.int64)
-        if slot % PAGE == PAGE - 1:
-            t = tl.arange(0, PAGE)[:, None]
-            d = tl.arange(0, HEAD_DIM)[None, :]
-            head = Cache + slot // PAGE * stride_cb + tl.program_id(1) * stride_ch
-            x = tl.load(head + t * HEAD_DIM + d)
-            tl.debug_barrier()  # every thread's reads of the head done before any write over them
-            tl.store(head + t + d * PAGE, x)
-
+    def _seal_kernel(Cache, Slots, num_tokens, stride_cb, stride_ch, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                     GROUP: tl.constexpr):
+        """Program (g, h): of tokens [g * GROUP, (g + 1) * GROUP), each that filled its block's last place has its
+        block's head h rewritten in place from v_written's arrangement into V^T. The group's slots are read at once
+        (a prefill's programs are mostly idle: a program a token left thousands of them); one program a token looping
+        over the heads left a step waiting on the few that worked (32 dependent read-then-write rounds each)."""
+        first = tl.program_id(0) * GROUP
+        lane = tl.arange(0, GROUP)
+        slots = tl.load(Slots + first + lane, mask=first + lane < num_tokens, other=0).to(tl.int64)
+        ends = (first + lane < num_tokens) & (slots % PAGE == PAGE - 1)
+        t = tl.arange(0, PAGE)[:, None]
+        d = tl.arange(0, HEAD_DIM)[None, :]
+        for i in range(GROUP):
+            if tl.sum((ends & (lane == i)).to(tl.int32), 0) > 0:
+                slot = tl.sum(tl.where(lane == i, slots, 0), 0)
+                head = Cache + slot // PAGE * stride_cb + tl.program_id(1) * stride_ch
+                x = tl.load(head + t * HEAD_DIM + d)
+                tl.debug_barrier()  # every thread's reads of the head done before any write over them
+                tl.store(head + t + d * PAGE, x)
 
     @triton.jit
     def _store_seal_kernel(Cache, Slots, Src, Scale, stride_t, stride_h, stride_cb, stride_ch, HEADS: tl.constexpr,
@@ -117,11 +124,12 @@ if HAS_TRITON:
 def seal_blocks(cache: torch.Tensor, slots: torch.Tensor, triton_kernel: bool) -> None:
     """A V^T cache's blocks whose last place one of slots just wrote, turned from v_written's arrangement into V^T
     (int8_keys._vt_kernel reads a row's whole blocks transposed, its partial last block as written). On the device,
-    one program per token and head, most of them idle (no host sync: a decode step's graph holds it)."""
+    one program per SEAL_GROUP tokens and head (no host sync: which tokens fill a block is read on the device)."""
     page = cache.shape[1]
     if triton_kernel:
-        _seal_kernel[(slots.numel(), cache.shape[2])](cache, slots, cache.stride(0), cache.stride(2),
-                                                      HEAD_DIM=cache.shape[3], PAGE=page, num_warps=4)
+        _seal_kernel[(triton.cdiv(slots.numel(), SEAL_GROUP), cache.shape[2])](
+            cache, slots, slots.numel(), cache.stride(0), cache.stride(2), HEAD_DIM=cache.shape[3], PAGE=page,
+            GROUP=SEAL_GROUP, num_warps=4)
         return
     ends = slots[slots % page == page - 1] // page
     cache[ends] = v_written(cache)[ends]
