@@ -126,8 +126,12 @@ def store_times(s: dict, device: str = "cuda") -> dict:
     slots = cache_slots(s["v"], rows, pos, s["table"])
     x = torch.randn(pos.numel(), *s["v"].shape[2:], device=pos.device, dtype=torch.float16)
     pools = {"v": s["v"], "v_t": s["v_t"], "v_t_one_launch": s["v_t"].clone()}  # the last: store_seal's launch
-    for key, pool in pools.items():
-        store_kv(pool, slots, x, s["vs"], triton_kernel=True, own_blocks=key == "v_t_one_launch")
+
+    def store(key: str) -> None:
+        store_kv(pools[key], slots, x, s["vs"], triton_kernel=True, own_blocks=key == "v_t_one_launch")
+
+    for key in pools:
+        store(key)
     lens = s["lens"].clone()
     lens[rows] += 1
     # each row's tokens, its blocks side by side (a block's places past its row's length are never read)
@@ -135,9 +139,8 @@ def store_times(s: dict, device: str = "cuda") -> dict:
     held = [pool[s["table"].long()].flatten(1, 2)[live]
             for pool in (s["v"], *(v_values(pools[k], lens, s["table"]) for k in ("v_t", "v_t_one_launch")))]
     res = {"same": bool(torch.equal(held[0], held[1]) and torch.equal(held[0], held[2]))}
-    for key, pool in pools.items():
-        res[key] = round(time_ms(lambda pool=pool, key=key: store_kv(
-            pool, slots, x, s["vs"], triton_kernel=True, own_blocks=key == "v_t_one_launch"), device), 4)
+    for key in pools:
+        res[key] = round(time_ms(lambda key=key: store(key), device), 4)
         print("store", key, res[key], "ms", flush=True)
     return res
 

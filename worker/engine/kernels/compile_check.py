@@ -145,6 +145,14 @@ def launch_stats(kernel, arch: int, num_warps: int, step_bytes: int) -> dict:
             **programs_per_sm(ptx, arch, num_warps, kernel.metadata.shared)}
 
 
+def seal_stats(ptx: str) -> dict:
+    """A V^T seal's accesses: a block's head read in its tokens' runs and written as V^T's rows, 16 bytes at a time,
+    with a barrier between (every read of the head done before a write over it)."""
+    return {"vector_loads": len(re.findall(r"ld\.global[.a-z0-9]*\.v4", ptx)),
+            "vector_stores": len(re.findall(r"st\.global[.a-z0-9]*\.v4", ptx)),
+            "barriers": ptx.count("bar.sync") + ptx.count("barrier.sync")}
+
+
 def compile_all(arch: int = 90) -> dict[str, dict]:
     out = {}
     for name, kv, paged, splits in (("split fp16", "*fp16", False, 2), ("split fp8", "*fp8e4nv", False, 2),
@@ -302,19 +310,13 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
     k = build(kv_store._seal_kernel, arch, {"Cache": "*i8", "Slots": "*i64"}, ["num_tokens", "stride_cb", "stride_ch"],
               [], dict(HEAD_DIM=128, PAGE=64, GROUP=kv_store.SEAL_GROUP), aligned=("stride_cb", "stride_ch"),
               num_warps=4)
-    ptx = k.asm["ptx"]  # a V^T block's seal: its rows read and its columns written 16 bytes at a time
-    out["kv seal"] = {"vector_loads": len(re.findall(r"ld\.global[.a-z0-9]*\.v4", ptx)),
-                      "vector_stores": len(re.findall(r"st\.global[.a-z0-9]*\.v4", ptx)),
-                      "barriers": ptx.count("bar.sync") + ptx.count("barrier.sync")}
+    out["kv seal"] = seal_stats(k.asm["ptx"])
     k = build(kv_store._store_seal_kernel, arch, {"Cache": "*i8", "Slots": "*i64", "Src": "*fp16", "Scale": "*fp32"},
               ["stride_t", "stride_h", "stride_cb", "stride_ch"], [],
               dict(HEADS=32, HEAD_DIM=128, PAGE=64, INT8=True, INTERPRETED=False),
               aligned=("stride_t", "stride_h", "stride_cb", "stride_ch"), num_warps=kv_store.STORE_SEAL_WARPS)
-    ptx = k.asm["ptx"]  # a decode step's store and seal in one launch: as the seal's, and IEEE division as the store's
-    out["kv store seal"] = {"vector_loads": len(re.findall(r"ld\.global[.a-z0-9]*\.v4", ptx)),
-                            "vector_stores": len(re.findall(r"st\.global[.a-z0-9]*\.v4", ptx)),
-                            "barriers": ptx.count("bar.sync") + ptx.count("barrier.sync"),
-                            "div_rn": "div.rn.f32" in ptx}
+    # a decode step's store and seal in one launch: as the seal's, and IEEE division as the store's
+    out["kv store seal"] = seal_stats(k.asm["ptx"]) | {"div_rn": "div.rn.f32" in k.asm["ptx"]}
     k = build(rope._rope_kernel, arch, {"Q": "*fp16", "K": "*fp16", "Cos": "*fp16", "Sin": "*fp16", "QOut": "*fp16",
                                         "KOut": "*fp16"},
               ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_ct"], [],
