@@ -80,6 +80,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt       # V^T: bulk against the defaults; vt_keys;
 #                                                                        # HF's baseline (H200); the drift
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-short # V^T: vt_keys, then the two bulks
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh state614 # a step at 614 rows profiled, V^T and
+#                                                                        # keys; the GEMM searched at 640 rows
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
 set -u
@@ -698,6 +700,16 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     run 120 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
     KV_SCALES=v-q16-keys-vt BULK_S=170 bulk vt 1 static-features 0
     BULK_S=150 bulk defaults 1 static-features 0
+    ;;
+  state614)  # #22 on whatever card comes: a decode step at about the H200's bulk state (614 rows; ~380 tokens of
+    # context, what an H100's memory holds for them) profiled with V^T and with the keys kernel: where the time beside
+    # attention goes (the int8 GEMMs at 614 rows are compute-bound: an H100 times them as an H200 would); then the
+    # GEMM's launches searched at 640 rows (the graph bucket of 577-640 rows, between the table's 512 and 1024)
+    PROFILE_S=200 profile vt614 int8_kv_scales=v-q16-keys-vt --rows 614 --prompt 352 --max-model-len 400 --steps 24
+    PROFILE_S=150 profile keys614 int8_kv_scales=v-q16-keys --rows 614 --prompt 352 --max-model-len 400 --steps 24
+    mkdir -p "$out/rows" && cp "$tables"/NVIDIA*.json "$out/rows/"
+    run 200 int8_tune_640 python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 640 \
+        --out "$out/rows/int8_tune.json" --budget-s 170
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab
