@@ -106,7 +106,9 @@ def search(kind: str, starts: list[dict], m: int, k: int, cost_of: Callable[[dic
                 ms = cost(cand)
                 if ms < best_ms * 0.98:
                     best, best_ms, improved = cand, ms, True
-    return {"best": best, "best_ms": best_ms, "points": len(tried)}
+    # each start's own time (timed once, above): what the engine ran here before, beside what the search found
+    return {"best": best, "best_ms": best_ms, "points": len(tried),
+            "starts": [{"launch": s, "ms": None if cost(s) == float("inf") else round(cost(s), 5)} for s in starts]}
 
 
 def main() -> None:
@@ -192,8 +194,8 @@ def main() -> None:
                         ref = engine(0).float()
                         # the search starts from the best of the launches near these rows in every device's table, this
                         # one's included (a coordinate search stays near where it starts)
-                        starts = [tuned.pick(t, m, n, k) for t in tuned.every_device("gemm").values()]
-                        starts = [s for s in starts if s] or [{
+                        picks = {name: tuned.pick(t, m, n, k) for name, t in tuned.every_device("gemm").items()}
+                        starts = [s for s in picks.values() if s] or [{
                             "block_m": 128 if m >= 128 else 64, "block_n": 128, "block_k": 128, "group_m": 8,
                             "num_warps": 8, "num_stages": 4}]
                         default_ms = copies_ms(engine, copies, device)
@@ -218,6 +220,7 @@ def main() -> None:
                     r["default"] = starts[0] if kind == "gemv" else "compiled quantise + torch._int_mm + compiled epilogue"
                     if kind == "gemm":
                         r["parts_ms"] = {name: round(ms, 5) for name, ms in parts.items()}
+                        r["table_picks"] = picks  # each device's table's launch at these rows (the starts)
                     r["default_ms"] = cost_of(starts[0]) if default_ms is None else default_ms
                     for key in ("default", "best"):
                         ms = r[f"{key}_ms"]

@@ -82,6 +82,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-short # V^T: vt_keys, then the two bulks
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh state614 # a step at 614 rows profiled, V^T and
 #                                                                        # keys; the GEMM searched at 640 rows
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh rows-tune # the GEMM at 576-704 rows; a step at 614
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh h200     # #22's table in one call (else rows-tune)
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
 set -u
@@ -710,6 +712,29 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     mkdir -p "$out/rows" && cp "$tables"/NVIDIA*.json "$out/rows/"
     run 200 int8_tune_640 python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 640 \
         --out "$out/rows/int8_tune.json" --budget-s 170
+    ;;
+  rows-tune)  # the GEMM searched at the decode buckets between the table's 512 and 1024 rows (576, 640, 704: an
+    # H200's bulk runs at ~614 rows), each search's start (this card's table before) timed beside its best; the table
+    # with them in use, a step at 614 rows profiled (keys kernel)
+    mkdir -p "$out/rows" && cp "$tables"/NVIDIA*.json "$out/rows/"
+    run 200 int8_tune_rows python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 576,640,704 \
+        --out "$out/rows/int8_tune.json" --budget-s 170
+    cp "$out"/rows/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
+    PROFILE_S=200 profile rows614 int8_kv_scales=v-q16-keys --rows 614 --prompt 352 --max-model-len 400 --steps 24
+    ;;
+  h200)  # #22 in one call on an H200: the GEMM at 576-704 rows tuned on the card and put in use; bulk on the
+    # defaults and on V^T; HF's fp16 static baseline; the defaults again. Elsewhere: rows-tune
+    if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+        exec bash "$0" rows-tune
+    fi
+    mkdir -p "$out/rows" && cp "$tables"/NVIDIA*.json "$out/rows/"
+    run 150 int8_tune_rows python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 576,640,704 \
+        --out "$out/rows/int8_tune.json" --budget-s 120
+    cp "$out"/rows/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
+    BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    KV_SCALES=v-q16-keys-vt BULK_S=150 bulk vt 1 static-features 0
+    hf_static baselines 120 --fp16-repeats "${HF_REPEATS:-3}"
+    BULK_S=120 bulk defaults_2 1 static-features 0
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab
