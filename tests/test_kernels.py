@@ -378,7 +378,7 @@ def test_kernels_compile_for_hopper():
                              "dequantize", "int8 gemm", "int8 gemm 256x128", "int8 gemm 256x128 dense",
                              "int8 gemm 256x128 residual", "int8 gemm 256x64", "int8 gemm 256x64 dense",
                              "gemv 1 row", "gemv 16 rows",
-                             "kv store fp16", "kv store fp8", "rope", "rope store", "split int8", "one split paged int8",
+                             "kv store fp16", "kv store fp8", "rope", "rope store", "rope store int8", "split int8", "one split paged int8",
                              "one split paged int8 scales in p", "one split paged int8 f32",
                              "one split paged int8 f32 scales in p", "one split paged int8 early", "kv store int8",
                              "paged int8 launch", "paged int8 launch, ids ahead", "paged int8 launch early, ids ahead",
@@ -430,6 +430,8 @@ def test_kernels_compile_for_hopper():
     assert vt["int8_mma"] == 2 * keys["int8_mma"] and vt["vector_loads"] == keys["vector_loads"], (vt, keys)
     assert vt["loads_in_flight"] > 0 and vt["spill_bytes"] in (0, None) and vt["programs_per_sm"] >= 8, vt
     assert compiled["rope"]["vectorised"] and compiled["rope store"]["vectorised"]
+    # a decode step's RoPE and int8 K/V store as one launch: 16-byte accesses, IEEE division as the store's
+    assert compiled["rope store int8"]["vectorised"] and compiled["rope store int8"]["div_rn"]
     assert all(compiled[f"kv store {kv}"]["vectorised"] for kv in ("fp16", "fp8", "int8"))
     # a V^T block's seal reads its tokens' runs and writes V^T's rows 16 bytes at a time, its reads of a head done
     # before its writes over them

@@ -313,12 +313,17 @@ def test_an_oom_requeue_returns_the_blocks_and_loses_nothing(base):
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
-def test_an_int8_pool_with_v_transposed_decodes_as_the_keys_kernel_over_its_values():
+@pytest.mark.parametrize("rope_store", [None, True])
+def test_an_int8_pool_with_v_transposed_decodes_as_the_keys_kernel_over_its_values(rope_store, monkeypatch):
     """--int8-kv-scales v-q16-keys-vt's pool (kv_pool(transposed=True)) through the engine's own writes and
     decode_step: a prefill's stores, then decode steps in which rows fill a block (store_kv turns it into V^T) and
     start the next one (as written, read so by _vt_kernel). Each step's logits are those of the heads-major int8 pool
-    the keys kernel reads, and both pools hold the same values."""
+    the keys kernel reads, and both pools hold the same values. rope_store True: the decode steps rope and store K
+    (and the plain pool's V) in one launch, as on CUDA, the V^T pool's V in its own."""
     pytest.importorskip("triton")
+    from batchgen.worker.engine import llama
+
+    monkeypatch.setattr(llama, "ROPE_STORE", rope_store)
     from batchgen.worker.engine.kernels.attention import v_transposed, v_values
     from batchgen.worker.engine.llama import cache_store
     from batchgen.worker.engine.model_runner import kv_pool

@@ -38,11 +38,60 @@ def test_rope_store_writes_what_rope_then_the_store_write(q_heads, k_heads, head
     assert not torch.equal(k_cache, before) and not torch.equal(got_q, q)  # it stored, and rotated
 
 
-def test_rope_store_refuses_a_quantised_cache():
+@pytest.mark.parametrize("heads_major", [True, False])
+def test_rope_store_quantises_an_int8_cache_as_rope_then_the_store(heads_major):
+    """An int8 cache with its per-token scales (the engine's default cache: paged, each block's heads outermost; and
+    row slots): rope_store writes the int8 K and V bytes and the scales rope_qk_reference's k and v give through
+    store_kv, bit for bit, with q as before. 80 wide: masked lanes, which must not count in a head's absmax."""
+    from batchgen.worker.engine.model_runner import kv_pool
+
+    g = torch.Generator().manual_seed(7)
+    n, blocks, width, q_heads, k_heads, head_dim = 5, 6, 4, 4, 2, 80
+    qkv = torch.randn(n, (q_heads + 2 * k_heads) * head_dim, generator=g).half() * 3
+    q, k, v = (t.view(n, -1, head_dim) for t in qkv.split([q_heads * head_dim, k_heads * head_dim,
+                                                           k_heads * head_dim], dim=-1))
+    angles = torch.randn(n, head_dim // 2, generator=g) * 4
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).half() for f in (torch.cos, torch.sin))
+    block_table = torch.tensor([[1, 2], [3, 0], [4, 5], [2, 1], [5, 4]], dtype=torch.int32)
+    positions = torch.tensor([0, 3, 6, 5, 1])  # every row its own slot
+    shape = (1, blocks, width, k_heads, head_dim)
+    got, want = ([kv_pool(shape, torch.int8, torch.device("cpu"), heads_major)[0] for _ in range(2)]
+                 + [torch.zeros(blocks, k_heads, width) for _ in range(2)] for _ in range(2))
+    slots = cache_slots(got[0], torch.arange(n), positions, block_table)
+    got_q = rope_store(q, k, v, cos, sin, *got[:2], slots, *got[2:])
+    want_q, want_k = rope_qk_reference(q[:, None], k[:, None], cos[:, None, None], sin[:, None, None])
+    store_kv(want[0], slots, want_k[:, 0], want[2])
+    store_kv(want[1], slots, v, want[3])
+    assert torch.equal(got_q, want_q[:, 0])
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    assert got[0].abs().amax() == 127 and got[2].count_nonzero() == n * k_heads  # it quantised, every head once
+
+
+def test_rope_store_leaves_a_v_transposed_pool_to_its_own_store():
+    """store_v off (a V^T pool, whose store seals blocks in its own launch): K as the store writes it, V and its
+    scales untouched."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(3, 2, 32, generator=g).half() for _ in range(3))
+    cos, sin = torch.ones(3, 32).half(), torch.zeros(3, 32).half()  # no rotation: k as it came
+    k_cache, v_cache = torch.zeros(2, 4, 2, 32, dtype=torch.int8), torch.zeros(2, 4, 2, 32, dtype=torch.int8)
+    k_scale, v_scale = torch.zeros(2, 2, 4), torch.zeros(2, 2, 4)
+    slots = torch.tensor([1, 4, 6])
+    rope_store(q, k, v, cos, sin, k_cache, v_cache, slots, k_scale, None, store_v=False)
+    want, want_scale = torch.zeros_like(k_cache), torch.zeros_like(k_scale)
+    store_kv(want, slots, k, want_scale)
+    assert torch.equal(k_cache, want) and torch.equal(k_scale, want_scale) and k_cache.any()
+    assert not v_cache.any() and not v_scale.any()
+
+
+def test_rope_store_refuses_a_cache_it_cannot_write():
     q = k = v = torch.zeros(1, 2, 8)
-    cache = torch.zeros(2, 4, 2, 8, dtype=torch.int8)
-    with pytest.raises(ValueError, match="unquantised"):
-        rope.rope_store(q, k, v, torch.zeros(1, 8), torch.zeros(1, 8), cache, cache, torch.zeros(1, dtype=torch.long))
+    slots, table = torch.zeros(1, dtype=torch.long), torch.zeros(1, 8)
+    int8 = torch.zeros(2, 4, 2, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8 cache with its scales"):  # int8 without scales
+        rope.rope_store(q, k, v, table, table, int8, int8, slots)
+    with pytest.raises(ValueError, match="unquantised cache of q's dtype"):  # fp8 (per-head scales), or mixed
+        rope.rope_store(q, k, v, table, table, int8.view(torch.float8_e4m3fn), int8.view(torch.float8_e4m3fn), slots)
 
 
 def test_the_engine_ropes_and_stores_in_one_launch_and_answers_like_hf_generate(demo_model_dir, monkeypatch):
@@ -56,7 +105,7 @@ def test_the_engine_ropes_and_stores_in_one_launch_and_answers_like_hf_generate(
     engine = build_llm_engine(EngineConfig(model=str(demo_model_dir), max_batch_size=3))
     calls = []
     real = llama.rope_store
-    monkeypatch.setattr(llama, "rope_store", lambda q, *a: calls.append(q.shape[0]) or real(q, *a))
+    monkeypatch.setattr(llama, "rope_store", lambda q, *a, **kw: calls.append(q.shape[0]) or real(q, *a, **kw))
     monkeypatch.setattr(llama, "ROPE_STORE", True)
     got = run_engine(engine, requests())
     layers = engine.model.config.num_hidden_layers
@@ -68,9 +117,10 @@ def test_the_engine_ropes_and_stores_in_one_launch_and_answers_like_hf_generate(
     assert run_engine(engine, first) == {first[0].key: got[first[0].key]} and calls == []
 
 
-def test_a_quantised_cache_keeps_the_rope_and_its_own_store(demo_model_dir, monkeypatch):
-    """An int8 K/V cache quantises in its store (kv_store), so take_rope declines it even when forced: no
-    rope_store call, and the engine still answers every request."""
+def test_an_int8_cache_ropes_and_stores_in_one_launch_as_apart(demo_model_dir, monkeypatch):
+    """The engine's int8 K/V cache (paged, per-token scales): with ROPE_STORE forced, each decode step's layers rope
+    and store through rope_store, and every request's text equals the engine's with RoPE and the two stores apart
+    (the same cache bytes, so the same greedy tokens)."""
     from batchgen.worker.engine.config import EngineConfig
     from batchgen.worker.factory import build_llm_engine
 
@@ -79,8 +129,13 @@ def test_a_quantised_cache_keeps_the_rope_and_its_own_store(demo_model_dir, monk
     engine = build_llm_engine(EngineConfig(model=str(demo_model_dir), max_batch_size=3, kv_cache_dtype="int8"))
     calls = []
     real = llama.rope_store
-    monkeypatch.setattr(llama, "rope_store", lambda q, *a: calls.append(q.shape[0]) or real(q, *a))
+    monkeypatch.setattr(llama, "rope_store", lambda q, *a, **kw: calls.append(q.shape[0]) or real(q, *a, **kw))
+    reqs = requests()
+    monkeypatch.setattr(llama, "ROPE_STORE", False)
+    apart = run_engine(engine, reqs)
+    assert calls == []
     monkeypatch.setattr(llama, "ROPE_STORE", True)
-    reqs = requests()[:2]
-    got = run_engine(engine, reqs)
-    assert calls == [] and set(got) == {r.key for r in reqs} and all(got.values())
+    fused = run_engine(engine, requests())
+    layers = engine.model.config.num_hidden_layers
+    assert calls and len(calls) % layers == 0 and max(calls) <= 3
+    assert fused == apart and all(apart.values())

@@ -276,7 +276,9 @@ class CacheAttention:
         self.attention = decode_path(parts.spec, attention, quantised)
         if block_table is not None and self.attention == "flash":
             raise ValueError("FlashAttention decodes rows that are contiguous: no paged KV cache")
-        if v_cache.dim() == 5 and v_transposed(v_cache) and self.attention != "triton":  # partial blocks as written: _vt_kernel's alone
+        # V^T in each block: its store seals filled blocks in a launch of its own (kv_store.store_seal)
+        self.v_apart = v_cache.dim() == 5 and v_transposed(v_cache)
+        if self.v_apart and self.attention != "triton":  # partial blocks as written: _vt_kernel's alone
             raise ValueError("a V cache transposed in each block decodes through the Triton kernel only")
         # where row r's new K/V go: its slot, or its block's
         self.write_at = cache_slots(k_cache[0], torch.arange(n, device=device), positions, block_table)
@@ -296,11 +298,13 @@ class CacheAttention:
 
     def take_rope(self, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         """Whether this step ropes q and k itself, in one launch with the K/V store (kernels/rope.rope_store): on
-        CUDA (or with ROPE_STORE forced), an unquantised cache of q's dtype, whole-head rotary. cos/sin
-        [n, 1, 1, head_dim] as rope_tables gives them for a decode step."""
+        CUDA (or with ROPE_STORE forced), an unquantised cache of q's dtype or an int8 one with its per-token
+        scales, whole-head rotary. cos/sin [n, 1, 1, head_dim] as rope_tables gives them for a decode step."""
         head_dim = self.parts.head_dim
+        dtypes = {self.k_cache.dtype, self.v_cache.dtype}
+        int8 = dtypes == {torch.int8} and self.k_scale is not None and self.k_scale.dim() == 4
         if (ROPE_STORE is False or not HAS_TRITON or not (cos.is_cuda or (ROPE_STORE and interpreting()))
-                or self.k_cache.dtype != cos.dtype or self.v_cache.dtype != cos.dtype
+                or not (int8 or dtypes == {cos.dtype})
                 or cos.shape[-1] != head_dim or head_dim % 2 or cos.numel() != self.positions.shape[0] * head_dim):
             return False
         self.cos, self.sin = cos.reshape(-1, head_dim), sin.reshape(-1, head_dim)
@@ -313,7 +317,9 @@ class CacheAttention:
         v_scale = None if self.v_scale is None else self.v_scale[layer]
         if self.cos is not None:  # q and k came unroped (take_rope)
             q = rope_store(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.cos, self.sin, self.k_cache[layer],
-                           self.v_cache[layer], self.write_at)[:, :, None]
+                           self.v_cache[layer], self.write_at, k_scale, v_scale, store_v=not self.v_apart)[:, :, None]
+            if self.v_apart:
+                store_kv(self.v_cache[layer], self.write_at, v[:, :, 0], v_scale, own_blocks=True)  # a token a row
         else:
             store_kv(self.k_cache[layer], self.write_at, k[:, :, 0], k_scale)
             store_kv(self.v_cache[layer], self.write_at, v[:, :, 0], v_scale, own_blocks=True)  # a token a row

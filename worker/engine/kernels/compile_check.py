@@ -323,13 +323,18 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
               dict(Q_HEADS=32, K_HEADS=8, HALF=64, BLOCK_QH=32, BLOCK_KH=8, BLOCK_D=64),
               aligned=("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_ct"), num_warps=4)
     out["rope"] = {"vectorised": "v4" in k.asm["ptx"]}
-    k = build(rope._rope_store_kernel, arch, {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "Cos": "*fp16", "Sin": "*fp16",
-                                              "QOut": "*fp16", "KCache": "*fp16", "VCache": "*fp16", "Slots": "*i64"},
-              ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ct"], [],
-              dict(Q_HEADS=32, K_HEADS=8, HALF=64, BLOCK_QH=32, BLOCK_KH=8, BLOCK_D=64),
-              aligned=("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ct"),
-              num_warps=4)
-    out["rope store"] = {"vectorised": "v4" in k.asm["ptx"]}  # q, the cache's k and v: 16-byte loads and stores
+    for name, cache, int8 in (("rope store", "*fp16", False), ("rope store int8", "*i8", True)):
+        ints = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ct", "width",
+                "stride_kb", "stride_ks", "stride_kc", "stride_vb", "stride_vs", "stride_vc"]
+        k = build(rope._rope_store_kernel, arch, {"Q": "*fp16", "K": "*fp16", "V": "*fp16", "Cos": "*fp16",
+                                                  "Sin": "*fp16", "QOut": "*fp16", "KCache": cache, "VCache": cache,
+                                                  "Slots": "*i64", "KScale": "*fp32", "VScale": "*fp32"},
+                  ints, [], dict(Q_HEADS=32, K_HEADS=8, HALF=64, BLOCK_QH=32, BLOCK_KH=8, BLOCK_D=64, INT8=int8,
+                                 STORE_V=True, INTERPRETED=False),
+                  aligned=tuple(i for i in ints if i != "width"), num_warps=4)
+        out[name] = {"vectorised": "v4" in k.asm["ptx"]}  # q, the cache's k and v: 16-byte loads and stores
+        if int8:  # 127 over each head's absmax by IEEE division, as the store's
+            out[name]["div_rn"] = "div.rn.f32" in k.asm["ptx"]
     return out
 
 

@@ -4,15 +4,17 @@ half-head and the token's cos/sin row once, computing in float32 and rounding on
 store read. The compiled function's element-wise index math (four dimensions, broadcast cos/sin, the rotated
 half's cat) ran at about a fifth of the copy rate in a 4,096-token prefill; here each program's offsets are a
 token stride, a head stride and the lane. rope_store does a decode step's q the same way and writes its roped k
-and its v straight into their cache slots (the rotation and the two stores as one launch a layer).
+and its v straight into their cache slots, quantised there for an int8 cache (the rotation and the two stores as
+one launch a layer).
 """
 
 import torch
-from batchgen.worker.engine.kernels.backend import HAS_TRITON
+from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from batchgen.worker.engine.kernels.kv_store import _int8_heads
 
     @triton.jit
     def _rotate(X, Out, t, out_t, stride_t, stride_h, c1, c2, s1, s2, d, HEADS: tl.constexpr, HALF: tl.constexpr,
@@ -48,23 +50,52 @@ if HAS_TRITON:
         _rotate(K, KOut, t, t, stride_kt, stride_kh, c1, c2, s1, s2, d, K_HEADS, HALF, BLOCK_KH)
 
     @triton.jit
-    def _rope_store_kernel(Q, K, V, Cos, Sin, QOut, KCache, VCache, Slots, stride_qt, stride_qh, stride_kt, stride_kh,
-                           stride_vt, stride_vh, stride_ct, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr,
+    def _rope_store_kernel(Q, K, V, Cos, Sin, QOut, KCache, VCache, Slots, KScale, VScale, stride_qt, stride_qh,
+                           stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, width, stride_kb, stride_ks,
+                           stride_kc, stride_vb, stride_vs, stride_vc, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr,
                            HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
-        """_rope_kernel's q, with k rotated straight into its cache slot and v copied into its own (kv_store's
-        _store_kernel for an unquantised cache): one launch where a decode step's layer took three."""
+                           BLOCK_D: tl.constexpr, INT8: tl.constexpr, STORE_V: tl.constexpr,
+                           INTERPRETED: tl.constexpr):
+        """_rope_kernel's q, with k rotated straight into its cache slot and v into its own (kv_store's
+        _store_kernel: an int8 cache's heads quantised on their absmax, the scales beside): one launch where a
+        decode step's layer took three. A cache slot is (slot // width, slot % width) through its block and slot
+        strides; STORE_V off: V's store is the caller's (a V^T pool seals in its own launch)."""
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(Slots + t).to(tl.int64)
         d = tl.arange(0, BLOCK_D)[None, :]
         c1, c2, s1, s2 = _cos_sin(Cos, Sin, t, stride_ct, d, HALF)
         _rotate(Q, QOut, t, t, stride_qt, stride_qh, c1, c2, s1, s2, d, Q_HEADS, HALF, BLOCK_QH)
-        _rotate(K, KCache, t, slot, stride_kt, stride_kh, c1, c2, s1, s2, d, K_HEADS, HALF, BLOCK_KH)
         h = tl.arange(0, BLOCK_KH)[:, None]
-        e = tl.arange(0, 2 * BLOCK_D)[None, :]
-        mask = (h < K_HEADS) & (e < 2 * HALF)
-        v = tl.load(V + t * stride_vt + h * stride_vh + e, mask=mask)
-        tl.store(VCache + slot * (K_HEADS * 2 * HALF) + h * (2 * HALF) + e, v, mask=mask)
+        mask = (h < K_HEADS) & (d < HALF)
+        src = K + t * stride_kt + h * stride_kh + d
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        # k roped and rounded to its dtype, as rope_qk hands it to the store
+        k1 = (x1 * c1 - x2 * s1).to(K.dtype.element_ty)
+        k2 = (x2 * c2 + x1 * s2).to(K.dtype.element_ty)
+        block, at = slot // width, slot % width
+        dst = KCache + block * stride_kb + at * stride_ks + h * stride_kc + d
+        if INT8:
+            k1, k2 = k1.to(tl.float32), k2.to(tl.float32)
+            absmax = tl.maximum(tl.max(tl.abs(k1), 1), tl.max(tl.abs(k2), 1))[:, None]
+            tl.store(dst, _int8_heads(k1, absmax, INTERPRETED), mask=mask)
+            tl.store(dst + HALF, _int8_heads(k2, absmax, INTERPRETED), mask=mask)
+            tl.store(KScale + block * (K_HEADS * width) + h * width + at, absmax / 127.0, mask=h < K_HEADS)
+        else:
+            tl.store(dst, k1.to(KCache.dtype.element_ty), mask=mask)
+            tl.store(dst + HALF, k2.to(KCache.dtype.element_ty), mask=mask)
+        if STORE_V:
+            e = tl.arange(0, 2 * BLOCK_D)[None, :]
+            mask = (h < K_HEADS) & (e < 2 * HALF)
+            v = tl.load(V + t * stride_vt + h * stride_vh + e, mask=mask, other=0.0)
+            dst = VCache + block * stride_vb + at * stride_vs + h * stride_vc + e
+            if INT8:
+                vf = v.to(tl.float32)
+                absmax = tl.max(tl.abs(vf), 1)[:, None]
+                tl.store(dst, _int8_heads(vf, absmax, INTERPRETED), mask=mask)
+                tl.store(VScale + block * (K_HEADS * width) + h * width + at, absmax / 127.0, mask=h < K_HEADS)
+            else:
+                tl.store(dst, v.to(VCache.dtype.element_ty), mask=mask)
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor | None:
@@ -106,22 +137,35 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+               k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k_scale: torch.Tensor | None = None,
+               v_scale: torch.Tensor | None = None, store_v: bool = True) -> torch.Tensor:
     """A decode step's RoPE and K/V store in one launch: q [n, heads, d], k and v [n, kv_heads, d] (unit stride over
     d: views of the fused projection are fine), cos/sin [n, d] -> roped q [n, heads, d], contiguous; roped k and v
-    written into k_cache/v_cache (one layer, contiguous [.., .., kv_heads, d], unquantised, q's dtype) at slots [n]
-    (kv_store.cache_slots). The values rope_qk and kv_store.store_kv would write."""
+    written into k_cache/v_cache (one layer, [.., .., kv_heads, d] with unit stride over d: a heads-major pool too)
+    at slots [n] (kv_store.cache_slots). The caches are q's dtype, or int8 with their per-token scales (k_scale,
+    v_scale: the layer's, as kv_store.store_kv takes them). The values rope_qk and store_kv would write. store_v
+    off: v_cache is left to the caller (a V^T pool: store_kv(own_blocks=True))."""
     n, q_heads, head_dim = q.shape
     k_heads = k.shape[1]
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype or not k_cache.is_contiguous() or not v_cache.is_contiguous():
-        raise ValueError("rope_store writes an unquantised, contiguous cache of q's dtype")
+    int8 = k_cache.dtype == torch.int8
+    caches = (k_cache, v_cache) if store_v else (k_cache,)
+    if int8:
+        if any(c.dtype != torch.int8 for c in caches) or k_scale is None or (store_v and v_scale is None):
+            raise ValueError("rope_store writes an int8 cache with its scales, or an unquantised one of q's dtype")
+    elif any(c.dtype != q.dtype for c in caches):
+        raise ValueError("rope_store writes an unquantised cache of q's dtype, or an int8 one with its scales")
+    if any(c.stride(-1) != 1 for c in caches):
+        raise ValueError("rope_store writes a cache whose head_dim is contiguous")
     q_out = torch.empty(n, q_heads, head_dim, dtype=q.dtype, device=q.device)
     if n:
         half = head_dim // 2
-        _rope_store_kernel[(n,)](q, k, v, cos, sin, q_out, k_cache, v_cache, slots, q.stride(0), q.stride(1),
-                                 k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), Q_HEADS=q_heads,
-                                 K_HEADS=k_heads, HALF=half, BLOCK_QH=triton.next_power_of_2(q_heads),
-                                 BLOCK_KH=triton.next_power_of_2(k_heads), BLOCK_D=triton.next_power_of_2(half))
+        _rope_store_kernel[(n,)](
+            q, k, v, cos, sin, q_out, k_cache, v_cache, slots, k_scale if int8 else k_cache,
+            v_scale if int8 and store_v else v_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), cos.stride(0), k_cache.shape[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), Q_HEADS=q_heads, K_HEADS=k_heads, HALF=half,
+            BLOCK_QH=triton.next_power_of_2(q_heads), BLOCK_KH=triton.next_power_of_2(k_heads),
+            BLOCK_D=triton.next_power_of_2(half), INT8=int8, STORE_V=store_v, INTERPRETED=interpreting())
     return q_out
 
 
