@@ -84,6 +84,8 @@
 #                                                                        # keys; the GEMM searched at 640 rows
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh rows-tune # the GEMM at 576-704 rows; a step at 614
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh h200     # #22's table in one call (else rows-tune)
+#   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh fuse-ab  # a step at 614 rows; bulk
+#                                                                        # this tree, OLD's, this tree
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
 set -u
@@ -734,6 +736,14 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     KV_SCALES=v-q16-keys-vt BULK_S=150 bulk vt 1 static-features 0
     hf_static baselines 120 --fp16-repeats "${HF_REPEATS:-3}"
+    BULK_S=120 bulk defaults_2 1 static-features 0
+    ;;
+  fuse-ab)  # a step at 614 rows profiled (keys kernel, then V^T) with RoPE and the int8 K/V store in one launch;
+    # bulk on this tree, then on OLD's (its last bulk ran before both), then this tree again
+    PROFILE_S=200 profile keys614 int8_kv_scales=v-q16-keys --rows 614 --prompt 352 --max-model-len 400 --steps 24
+    PROFILE_S=120 profile vt614 int8_kv_scales=v-q16-keys-vt --rows 614 --prompt 352 --max-model-len 400 --steps 24
+    BULK_S=170 bulk defaults 1 static-features 0
+    BULK_S=170 bulk_old
     BULK_S=120 bulk defaults_2 1 static-features 0
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them

@@ -63,7 +63,7 @@ def test_rope_store_quantises_an_int8_cache_as_rope_then_the_store(heads_major):
     store_kv(want[0], slots, want_k[:, 0], want[2])
     store_kv(want[1], slots, v, want[3])
     assert torch.equal(got_q, want_q[:, 0])
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
     assert got[0].abs().amax() == 127 and got[2].count_nonzero() == n * k_heads  # it quantised, every head once
 
