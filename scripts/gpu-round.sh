@@ -86,6 +86,7 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh h200     # #22's table in one call (else rows-tune)
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh fuse-ab  # a step at 614 rows; bulk
 #                                                                        # this tree, OLD's, this tree
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-rope  # V^T stored by rope_store: a step; bulk
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
 set -u
@@ -745,6 +746,12 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=170 bulk defaults 1 static-features 0
     BULK_S=170 bulk_old
     BULK_S=120 bulk defaults_2 1 static-features 0
+    ;;
+  vt-rope)  # V^T with its V stored in runs by rope_store and the filled blocks sealed by the grouped seal: a step at
+    # 614 rows profiled, then bulk on V^T and on the defaults
+    PROFILE_S=200 profile vt614 int8_kv_scales=v-q16-keys-vt --rows 614 --prompt 352 --max-model-len 400 --steps 24
+    KV_SCALES=v-q16-keys-vt BULK_S=150 bulk vt 1 static-features 0
+    BULK_S=150 bulk defaults 1 static-features 0
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab

@@ -19,9 +19,9 @@ from batchgen.worker.engine.families import FamilySpec
 from batchgen.worker.engine.fused import GATED_ACT_ATTR, add_norm, rope
 from batchgen.worker.engine.gated_linear import gated_linear
 from batchgen.worker.engine.host_copy import to_device
-from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits, v_transposed
+from batchgen.worker.engine.kernels.attention import decode_attention, num_kv_splits, v_transposed, v_written
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting
-from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
+from batchgen.worker.engine.kernels.kv_store import cache_slots, seal_blocks, store_kv
 from batchgen.worker.engine.kernels.rope import rope_store
 from batchgen.worker.engine.norm_linear import hooked, norm_linear
 
@@ -276,7 +276,7 @@ class CacheAttention:
         self.attention = decode_path(parts.spec, attention, quantised)
         if block_table is not None and self.attention == "flash":
             raise ValueError("FlashAttention decodes rows that are contiguous: no paged KV cache")
-        # V^T in each block: its store seals filled blocks in a launch of its own (kv_store.store_seal)
+        # V^T in each block: its store seals the blocks it fills (kv_store.seal_blocks)
         self.v_apart = v_cache.dim() == 5 and v_transposed(v_cache)
         if self.v_apart and self.attention != "triton":  # partial blocks as written: _vt_kernel's alone
             raise ValueError("a V cache transposed in each block decodes through the Triton kernel only")
@@ -316,10 +316,13 @@ class CacheAttention:
         k_scale = None if self.k_scale is None else self.k_scale[layer]
         v_scale = None if self.v_scale is None else self.v_scale[layer]
         if self.cos is not None:  # q and k came unroped (take_rope)
-            q = rope_store(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.cos, self.sin, self.k_cache[layer],
-                           self.v_cache[layer], self.write_at, k_scale, v_scale, store_v=not self.v_apart)[:, :, None]
+            # a V^T pool takes V in runs (v_written), then the blocks it filled sealed into V^T (the grouped seal's
+            # few programs: store_seal's program a token and head cost more than the store itself)
+            v_cache = v_written(self.v_cache[layer]) if self.v_apart else self.v_cache[layer]
+            q = rope_store(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.cos, self.sin, self.k_cache[layer], v_cache,
+                           self.write_at, k_scale, v_scale)[:, :, None]
             if self.v_apart:
-                store_kv(self.v_cache[layer], self.write_at, v[:, :, 0], v_scale, own_blocks=True)  # a token a row
+                seal_blocks(self.v_cache[layer], self.write_at, True)
         else:
             store_kv(self.k_cache[layer], self.write_at, k[:, :, 0], k_scale)
             store_kv(self.v_cache[layer], self.write_at, v[:, :, 0], v_scale, own_blocks=True)  # a token a row

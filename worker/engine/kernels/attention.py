@@ -64,9 +64,8 @@ MAX_PRELOAD = 1024  # block ids of a split held ahead of its loop (64k keys at 6
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16
+    from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16, round_half_even
     from batchgen.worker.engine.kernels.int8_keys import VT_MAX_PRELOAD, _keys_kernel, _vt_kernel
-    from batchgen.worker.engine.kernels.int8_ops import round_half_even
     from batchgen.worker.engine.kernels.splits import preload_ids, split_bounds
 
     @triton.jit

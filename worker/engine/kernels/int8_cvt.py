@@ -1,6 +1,7 @@
-"""int8 -> fp16 inside a Triton kernel without conversion instructions (the SMs convert int8 at a quarter of
-their arithmetic rate): FasterTransformer's
-byte permutes, shared by the decode attention over an int8 cache and the small-row int8 GEMV."""
+"""int8 conversions inside Triton kernels. int8 -> fp16 without conversion instructions (the SMs convert int8 at
+a quarter of their arithmetic rate): FasterTransformer's byte permutes, shared by the decode attention over an int8
+cache and the small-row int8 GEMV. float32 -> int8 rounded half to even, as torch.round: the activation
+quantisers' and the int8 K/V stores' (a head over its absmax)."""
 
 from batchgen.worker.engine.kernels.backend import HAS_TRITON
 
@@ -9,6 +10,22 @@ INT8_BIAS = 1152.0  # what a biased conversion leaves over each value: 1024 (the
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def round_half_even(x, INTERPRETED: tl.constexpr):
+        """float32 x (|x| <= 127 where it is used) rounded half to even, as torch.round."""
+        if INTERPRETED:  # noqa: SIM108  (no libdevice there; adding 1.5·2^23 leaves no fraction bits)
+            out = (x + 12582912.0) - 12582912.0
+        else:
+            out = libdevice.rint(x)
+        return out
+
+    @triton.jit
+    def int8_heads(xf, absmax, INTERPRETED: tl.constexpr):
+        """float32 xf over its head's absmax (broadcast) -> int8 at 127, rounded half to even (quantize_kv_int8)."""
+        inv = tl.where(absmax > 0.0, tl.math.div_rn(tl.full(absmax.shape, 127.0, tl.float32), absmax), 0.0)
+        return round_half_even(xf * inv, INTERPRETED).to(tl.int8)
 
     _I8_TO_F16 = tl.constexpr("{\n.reg .b32 b, lo, hi, m;\n"
                               "xor.b32 b, $2, 0x80808080;\n"

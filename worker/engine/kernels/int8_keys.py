@@ -56,8 +56,7 @@ def keys_apply(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16
-    from batchgen.worker.engine.kernels.int8_ops import round_half_even
+    from batchgen.worker.engine.kernels.int8_cvt import I8_BIAS, int8_to_f16, round_half_even
     from batchgen.worker.engine.kernels.splits import preload_ids, split_bounds
 
     _LO = tl.constexpr(LO_STEPS)  # a Triton function reads module globals only as constexpr

@@ -32,21 +32,13 @@ FUSE_DENSE = True
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from batchgen.worker.engine.kernels.int8_cvt import round_half_even
     from triton.language.extra import libdevice
 
     try:  # host-side TMA descriptors (Triton >= 3.3); without them the tma launch is refused, the rest runs
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
         TensorDescriptor = None
-
-    @triton.jit
-    def round_half_even(x, INTERPRETED: tl.constexpr):
-        """float32 x (|x| <= 127 where it is used) rounded half to even, as torch.round."""
-        if INTERPRETED:  # noqa: SIM108  (no libdevice there; adding 1.5·2^23 leaves no fraction bits)
-            out = (x + 12582912.0) - 12582912.0
-        else:
-            out = libdevice.rint(x)
-        return out
 
     @triton.jit
     def _quantize_row(x, row, k, k_mask, Xq, Absmax, Outliers, Argmax, Seen, Hits, stride_qm, threshold,

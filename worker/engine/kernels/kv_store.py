@@ -22,7 +22,7 @@ STORE_SEAL_WARPS = 2  # store_seal's launch: a head's run for most programs, a b
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from batchgen.worker.engine.kernels.int8_ops import round_half_even
+    from batchgen.worker.engine.kernels.int8_cvt import int8_heads
 
     _FP8_MAX = tl.constexpr(FP8_MAX)  # a Triton function reads module globals only as constexpr
 
@@ -48,12 +48,6 @@ if HAS_TRITON:
         return (code | sign).to(tl.uint8)
 
     @triton.jit
-    def _int8_heads(xf, absmax, INTERPRETED: tl.constexpr):
-        """float32 xf over its head's absmax (broadcast) -> int8 at 127, rounded half to even (quantize_kv_int8)."""
-        inv = tl.where(absmax > 0.0, tl.math.div_rn(tl.full(absmax.shape, 127.0, tl.float32), absmax), 0.0)
-        return round_half_even(xf * inv, INTERPRETED).to(tl.int8)
-
-    @triton.jit
     def _store_kernel(Dest, Slots, Src, Scale, stride_t, stride_h, scale_stride, width, stride_cb, stride_ct,
                       stride_ch, HEADS: tl.constexpr,
                       HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr,
@@ -67,7 +61,7 @@ if HAS_TRITON:
         if INT8:  # each head's absmax -> 127, rounded half to even; its scale to [slot // width, head, slot % width]
             xf = tl.where(mask, x.to(tl.float32), 0.0)
             absmax = tl.max(tl.abs(xf), 1)[:, None]
-            x = _int8_heads(xf, absmax, INTERPRETED)
+            x = int8_heads(xf, absmax, INTERPRETED)
             at = (slot // width) * (HEADS * width) + h * width + slot % width
             tl.store(Scale + at, absmax / 127.0, mask=h < HEADS)
         elif QUANT:  # an fp8 cache (Dest its bytes): x / its head's scale, saturated, as float8_e4m3fn bits
@@ -111,7 +105,7 @@ if HAS_TRITON:
         if INT8:  # the head's absmax -> 127, as _store_kernel
             xf = x.to(tl.float32)
             absmax = tl.max(tl.abs(xf), 0)
-            x = _int8_heads(xf, absmax, INTERPRETED)
+            x = int8_heads(xf, absmax, INTERPRETED)
             tl.store(Scale + (slot // PAGE) * (HEADS * PAGE) + h * PAGE + slot % PAGE, absmax / 127.0)
         x = x.to(Cache.dtype.element_ty)
         head = Cache + slot // PAGE * stride_cb + h * stride_ch
