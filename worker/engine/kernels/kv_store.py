@@ -76,20 +76,21 @@ if HAS_TRITON:
         """Program (g, h): of tokens [g * GROUP, (g + 1) * GROUP), each that filled its block's last place has its
         block's head h rewritten in place from v_written's arrangement into V^T. The group's slots are read at once
         (a prefill's programs are mostly idle: a program a token left thousands of them); one program a token looping
-        over the heads left a step waiting on the few that worked (32 dependent read-then-write rounds each)."""
+        over the heads left a step waiting on the few that worked (32 dependent read-then-write rounds each). The loop
+        visits the group's ends alone, found by their rank (a prefix sum), not each of its GROUP lanes by a reduction."""
         first = tl.program_id(0) * GROUP
         lane = tl.arange(0, GROUP)
         slots = tl.load(Slots + first + lane, mask=first + lane < num_tokens, other=0).to(tl.int64)
-        ends = (first + lane < num_tokens) & (slots % PAGE == PAGE - 1)
+        ends = ((first + lane < num_tokens) & (slots % PAGE == PAGE - 1)).to(tl.int32)
+        rank = tl.cumsum(ends, 0) - 1  # each end's place among the group's ends
         t = tl.arange(0, PAGE)[:, None]
         d = tl.arange(0, HEAD_DIM)[None, :]
-        for i in range(GROUP):
-            if tl.sum((ends & (lane == i)).to(tl.int32), 0) > 0:
-                slot = tl.sum(tl.where(lane == i, slots, 0), 0)
-                head = Cache + slot // PAGE * stride_cb + tl.program_id(1) * stride_ch
-                x = tl.load(head + t * HEAD_DIM + d)
-                tl.debug_barrier()  # every thread's reads of the head done before any write over them
-                tl.store(head + t + d * PAGE, x)
+        for i in range(tl.sum(ends, 0)):
+            slot = tl.sum(tl.where((ends > 0) & (rank == i), slots, 0), 0)
+            head = Cache + slot // PAGE * stride_cb + tl.program_id(1) * stride_ch
+            x = tl.load(head + t * HEAD_DIM + d)
+            tl.debug_barrier()  # every thread's reads of the head done before any write over them
+            tl.store(head + t + d * PAGE, x)
 
     @triton.jit
     def _store_seal_kernel(Cache, Slots, Src, Scale, stride_t, stride_h, stride_cb, stride_ch, HEADS: tl.constexpr,
