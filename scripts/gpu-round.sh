@@ -734,8 +734,8 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     PROFILE_S=200 profile rows614 int8_kv_scales=v-q16-keys --rows 614 --prompt 352 --max-model-len 400 --steps 24
     ;;
   h200)  # #22 in one call on an H200: the GEMM and the gated quantiser at 576-704 rows tuned on the card and put
-    # in use (commit $out/tables/NVIDIA_H200.json after); bulk on the
-    # defaults and on V^T; HF's fp16 static baseline; the defaults again. Elsewhere: rows-tune
+    # in use (commit $out/tables/NVIDIA_H200.json after); bulk on the defaults; HF's fp16 static baseline; bulk on
+    # V^T; the defaults again. Elsewhere: rows-tune
     if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
         exec bash "$0" rows-tune
     fi
@@ -745,8 +745,8 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     cp "$out"/rows/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
     gated_rows
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
+    hf_static baselines 120 --fp16-repeats "${HF_REPEATS:-3}"  # #22's table first; the V^T question after
     KV_SCALES=v-q16-keys-vt BULK_S=150 bulk vt 1 static-features 0
-    hf_static baselines 120 --fp16-repeats "${HF_REPEATS:-3}"
     BULK_S=120 bulk defaults_2 1 static-features 0
     ;;
   fuse-ab)  # a step at 614 rows profiled (keys kernel, then V^T) with RoPE and the int8 K/V store in one launch;
