@@ -115,9 +115,8 @@ def store_times(s: dict, device: str = "cuda") -> dict:
     the pool as laid out and into V^T (a token's V written in a run; a block whose last place it fills turned into
     V^T: the runs, then the grouped seal, as a decode step through rope_store stores). ms a layer, timed over
     repeated stores of the same tokens, on the GPU STORE_REPEATS to a CUDA graph (the repeats turn those blocks over
-    again, so the V^T pool's values are checked after the first store only: same); v_t_one_launch: into V^T with the
-    seal in the store's own launch (store_kv(own_blocks=True): a decode step that does not rope in its store). On
-    the CPU store_kv's Triton kernel runs interpreted and the times mean nothing (the smoke run)."""
+    again, so the V^T pool's values are checked after the first store only: same). On the CPU store_kv's Triton
+    kernel runs interpreted and the times mean nothing (the smoke run)."""
     import torch
     from batchgen.worker.engine.kernels.attention import v_values
     from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
@@ -129,10 +128,10 @@ def store_times(s: dict, device: str = "cuda") -> dict:
     pos = s["lens"][rows].long()
     slots = cache_slots(s["v"], rows, pos, s["table"])
     x = torch.randn(pos.numel(), *s["v"].shape[2:], device=pos.device, dtype=torch.float16)
-    pools = {"v": s["v"], "v_t": s["v_t"], "v_t_one_launch": s["v_t"].clone()}  # the last: store_seal's launch
+    pools = {"v": s["v"], "v_t": s["v_t"]}
 
     def store(key: str) -> None:
-        store_kv(pools[key], slots, x, s["vs"], triton_kernel=True, own_blocks=key == "v_t_one_launch")
+        store_kv(pools[key], slots, x, s["vs"], triton_kernel=True)
 
     for key in pools:
         store(key)
@@ -140,9 +139,8 @@ def store_times(s: dict, device: str = "cuda") -> dict:
     lens[rows] += 1
     # each row's tokens, its blocks side by side (a block's places past its row's length are never read)
     live = torch.arange(s["table"].shape[1] * page, device=pos.device)[None, :] < lens[:, None]
-    held = [pool[s["table"].long()].flatten(1, 2)[live]
-            for pool in (s["v"], *(v_values(pools[k], lens, s["table"]) for k in ("v_t", "v_t_one_launch")))]
-    res = {"same": bool(torch.equal(held[0], held[1]) and torch.equal(held[0], held[2]))}
+    held = [pool[s["table"].long()].flatten(1, 2)[live] for pool in (s["v"], v_values(pools["v_t"], lens, s["table"]))]
+    res = {"same": bool(torch.equal(*held))}
     for key in pools:
         if device == "cuda":  # REPEATS stores in one graph: a lone store's launch outlasts its few microseconds
             ms = graph_ms(lambda key=key: [store(key) for _ in range(STORE_REPEATS)], device) / STORE_REPEATS

@@ -367,10 +367,10 @@ def test_an_int8_pool_with_v_transposed_decodes_as_the_keys_kernel_over_its_valu
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float16])
-def test_a_decode_steps_store_seals_in_its_own_launch_as_store_then_seal(dtype):
-    """store_kv(own_blocks=True) into a V^T pool (_store_seal_kernel, interpreted): a decode step's tokens, one a
-    row, some filling their block's last place, give the same pool bytes and int8 scales as the store's launch then
-    the seal's, and the values and scales of a plain heads-major pool (v_values)."""
+def test_a_decode_steps_store_into_v_transposed_holds_the_plain_pools_values(dtype):
+    """store_kv into a V^T pool (its runs, then the grouped seal; interpreted) after a prefill's: a decode step's
+    tokens, one a row, some filling their block's last place, give the values and int8 scales of a plain heads-major
+    pool (v_values); the blocks the step filled are V^T, a partial one stays as written."""
     pytest.importorskip("triton")
     from batchgen.worker.engine.kernels.attention import v_values
     from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
@@ -385,24 +385,23 @@ def test_a_decode_steps_store_seals_in_its_own_launch_as_store_then_seal(dtype):
     prompt_x = torch.randn(len(prompt), 2, 32, generator=g).half()
     step_x = torch.randn(4, 2, 32, generator=g).half()
     pools = []
-    for transposed, own in ((False, False), (True, False), (True, True)):
+    for transposed in (False, True):
         v = kv_pool(shape, dtype, torch.device("cpu"), True, transposed)[0]
         scale = torch.full((8, 2, BS), -1.0) if int8 else None
         store_kv(v, cache_slots(v, prompt_rows, prompt, table), prompt_x, scale, triton_kernel=True)
-        store_kv(v, cache_slots(v, torch.arange(4), lens, table), step_x, scale, triton_kernel=True, own_blocks=own)
+        store_kv(v, cache_slots(v, torch.arange(4), lens, table), step_x, scale, triton_kernel=True)
         pools.append((v, scale))
-    (plain, plain_scale), (two, two_scale), (one, one_scale) = pools
-    assert torch.equal(one.as_strided((one.numel(),), (1,)), two.as_strided((two.numel(),), (1,)))
+    (plain, plain_scale), (vt, vt_scale) = pools
     held = (lens + 1).to(torch.int32)
     live = torch.arange(2 * BS)[None, :] < held[:, None]
-    values = [pool[table.long()].flatten(1, 2)[live] for pool in (plain, v_values(one, held, table))]
+    values = [pool[table.long()].flatten(1, 2)[live] for pool in (plain, v_values(vt, held, table))]
     assert torch.equal(*values) and values[0].abs().sum() > 0
-    assert torch.equal(plain[table[1, 0]], one[table[1, 0]])  # a block the step filled is V^T (the pool's view)
-    assert plain[table[0, 0]].ne(one[table[0, 0]]).any()  # a partial one as written
+    assert torch.equal(plain[table[1, 0]], vt[table[1, 0]])  # a block the step filled is V^T (the pool's view)
+    assert plain[table[0, 0]].ne(vt[table[0, 0]]).any()  # a partial one as written
     if int8:
-        assert torch.equal(one_scale, two_scale) and torch.equal(one_scale, plain_scale)
+        assert torch.equal(vt_scale, plain_scale)
         filled = torch.stack([table[1, 0], table[2, 1]]).long()  # the blocks the step filled have all their scales
-        assert (one_scale[filled] > 0).all()
+        assert (vt_scale[filled] > 0).all()
 
 
 def test_a_prefills_seal_turns_every_block_it_fills_into_v_transposed():

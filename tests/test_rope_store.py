@@ -68,22 +68,6 @@ def test_rope_store_quantises_an_int8_cache_as_rope_then_the_store(heads_major):
     assert got[0].abs().amax() == 127 and got[2].count_nonzero() == n * k_heads  # it quantised, every head once
 
 
-def test_rope_store_leaves_a_v_transposed_pool_to_its_own_store():
-    """store_v off (a V^T pool, whose store seals blocks in its own launch): K as the store writes it, V and its
-    scales untouched."""
-    g = torch.Generator().manual_seed(8)
-    q, k, v = (torch.randn(3, 2, 32, generator=g).half() for _ in range(3))
-    cos, sin = torch.ones(3, 32).half(), torch.zeros(3, 32).half()  # no rotation: k as it came
-    k_cache, v_cache = torch.zeros(2, 4, 2, 32, dtype=torch.int8), torch.zeros(2, 4, 2, 32, dtype=torch.int8)
-    k_scale, v_scale = torch.zeros(2, 2, 4), torch.zeros(2, 2, 4)
-    slots = torch.tensor([1, 4, 6])
-    rope_store(q, k, v, cos, sin, k_cache, v_cache, slots, k_scale, None, store_v=False)
-    want, want_scale = torch.zeros_like(k_cache), torch.zeros_like(k_scale)
-    store_kv(want, slots, k, want_scale)
-    assert torch.equal(k_cache, want) and torch.equal(k_scale, want_scale) and k_cache.any()
-    assert not v_cache.any() and not v_scale.any()
-
-
 def test_rope_store_refuses_a_cache_it_cannot_write():
     q = k = v = torch.zeros(1, 2, 8)
     slots, table = torch.zeros(1, dtype=torch.long), torch.zeros(1, 8)

@@ -316,8 +316,8 @@ class CacheAttention:
         k_scale = None if self.k_scale is None else self.k_scale[layer]
         v_scale = None if self.v_scale is None else self.v_scale[layer]
         if self.cos is not None:  # q and k came unroped (take_rope)
-            # a V^T pool takes V in runs (v_written), then the blocks it filled sealed into V^T (the grouped seal's
-            # few programs: store_seal's program a token and head cost more than the store itself)
+            # a V^T pool takes V in runs (v_written), then the blocks it filled sealed into V^T (kv_store.store_kv's
+            # two steps, the first in this launch)
             v_cache = v_written(self.v_cache[layer]) if self.v_apart else self.v_cache[layer]
             q = rope_store(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.cos, self.sin, self.k_cache[layer], v_cache,
                            self.write_at, k_scale, v_scale)[:, :, None]
@@ -325,7 +325,7 @@ class CacheAttention:
                 seal_blocks(self.v_cache[layer], self.write_at, True)
         else:
             store_kv(self.k_cache[layer], self.write_at, k[:, :, 0], k_scale)
-            store_kv(self.v_cache[layer], self.write_at, v[:, :, 0], v_scale, own_blocks=True)  # a token a row
+            store_kv(self.v_cache[layer], self.write_at, v[:, :, 0], v_scale)
         if self.attention == "flash":
             keys = self.k_cache[layer].view(-1, p.num_kv_heads, p.head_dim)
             values = self.v_cache[layer].view(-1, p.num_kv_heads, p.head_dim)

@@ -311,12 +311,6 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
               [], dict(HEAD_DIM=128, PAGE=64, GROUP=kv_store.SEAL_GROUP), aligned=("stride_cb", "stride_ch"),
               num_warps=4)
     out["kv seal"] = seal_stats(k.asm["ptx"])
-    k = build(kv_store._store_seal_kernel, arch, {"Cache": "*i8", "Slots": "*i64", "Src": "*fp16", "Scale": "*fp32"},
-              ["stride_t", "stride_h", "stride_cb", "stride_ch"], [],
-              dict(HEADS=32, HEAD_DIM=128, PAGE=64, INT8=True, INTERPRETED=False),
-              aligned=("stride_t", "stride_h", "stride_cb", "stride_ch"), num_warps=kv_store.STORE_SEAL_WARPS)
-    # a decode step's store and seal in one launch: as the seal's, and IEEE division as the store's
-    out["kv store seal"] = seal_stats(k.asm["ptx"]) | {"div_rn": "div.rn.f32" in k.asm["ptx"]}
     k = build(rope._rope_kernel, arch, {"Q": "*fp16", "K": "*fp16", "Cos": "*fp16", "Sin": "*fp16", "QOut": "*fp16",
                                         "KOut": "*fp16"},
               ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_ct"], [],
@@ -330,7 +324,7 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
                                                   "Sin": "*fp16", "QOut": "*fp16", "KCache": cache, "VCache": cache,
                                                   "Slots": "*i64", "KScale": "*fp32", "VScale": "*fp32"},
                   ints, [], dict(Q_HEADS=32, K_HEADS=8, HALF=64, BLOCK_QH=32, BLOCK_KH=8, BLOCK_D=64, INT8=int8,
-                                 STORE_V=True, INTERPRETED=False),
+                                 INTERPRETED=False),
                   aligned=tuple(i for i in ints if i != "width"), num_warps=4)
         out[name] = {"vectorised": "v4" in k.asm["ptx"]}  # q, the cache's k and v: 16-byte loads and stores
         if int8:  # 127 over each head's absmax by IEEE division, as the store's

@@ -16,8 +16,7 @@ from batchgen.worker.engine.kernels.attention import (
 )
 from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting
 
-SEAL_GROUP = 32  # tokens a seal program looks through (a prefill's; a decode step's seal runs in its store)
-STORE_SEAL_WARPS = 2  # store_seal's launch: a head's run for most programs, a block's head for the sealing ones
+SEAL_GROUP = 32  # tokens a seal program looks through
 
 if HAS_TRITON:
     import triton
@@ -92,33 +91,6 @@ if HAS_TRITON:
             tl.debug_barrier()  # every thread's reads of the head done before any write over them
             tl.store(head + t + d * PAGE, x)
 
-    @triton.jit
-    def _store_seal_kernel(Cache, Slots, Src, Scale, stride_t, stride_h, stride_cb, stride_ch, HEADS: tl.constexpr,
-                           HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, INT8: tl.constexpr,
-                           INTERPRETED: tl.constexpr):
-        """Program (t, h): token t's head h into a V^T cache, as _store_kernel then _seal_kernel in one launch where
-        each token has its own block (a decode step): a token that fills its block's last place writes the block's
-        head as V^T, the earlier tokens read as written and its own from registers; the others write their run."""
-        t, h = tl.program_id(0), tl.program_id(1)
-        slot = tl.load(Slots + t).to(tl.int64)
-        d = tl.arange(0, HEAD_DIM)
-        x = tl.load(Src + t.to(tl.int64) * stride_t + h * stride_h + d)
-        if INT8:  # the head's absmax -> 127, as _store_kernel
-            xf = x.to(tl.float32)
-            absmax = tl.max(tl.abs(xf), 0)
-            x = int8_heads(xf, absmax, INTERPRETED)
-            tl.store(Scale + (slot // PAGE) * (HEADS * PAGE) + h * PAGE + slot % PAGE, absmax / 127.0)
-        x = x.to(Cache.dtype.element_ty)
-        head = Cache + slot // PAGE * stride_cb + h * stride_ch
-        if slot % PAGE == PAGE - 1:
-            tok = tl.arange(0, PAGE)[:, None]
-            block = tl.load(head + tok * HEAD_DIM + d[None, :], mask=tok < PAGE - 1, other=0)
-            block = tl.where(tok == PAGE - 1, x[None, :], block)
-            tl.debug_barrier()  # every thread's reads of the head done before any write over them
-            tl.store(head + tok + d[None, :] * PAGE, block)
-        else:
-            tl.store(head + slot % PAGE * HEAD_DIM + d, x)
-
 
 def seal_blocks(cache: torch.Tensor, slots: torch.Tensor, triton_kernel: bool) -> None:
     """A V^T cache's blocks whose last place one of slots just wrote, turned from v_written's arrangement into V^T
@@ -134,20 +106,6 @@ def seal_blocks(cache: torch.Tensor, slots: torch.Tensor, triton_kernel: bool) -
     cache[ends] = v_written(cache)[ends]
 
 
-def store_seal(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None) -> None:
-    """store_kv into a V^T cache (int8 with its scales, or x's dtype) with each token in its own block: one launch
-    of a program per token and head (the separate seal launch's idle programs cost more than the store)."""
-    int8 = cache.dtype == torch.int8
-    if int8 and scale is None:
-        raise ValueError("a quantised KV cache needs its scales (ModelRunner.calibrate_kv, or an int8 cache's own)")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    _store_seal_kernel[(x.shape[0], cache.shape[2])](
-        cache, slots, x, scale if int8 else cache, x.stride(0), x.stride(1), cache.stride(0), cache.stride(2),
-        HEADS=cache.shape[2], HEAD_DIM=cache.shape[3], PAGE=cache.shape[1], INT8=int8, INTERPRETED=interpreting(),
-        num_warps=STORE_SEAL_WARPS)
-
-
 def cache_slots(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
                 block_table: torch.Tensor | None = None) -> torch.Tensor:
     """Where (row, position) lives in a layer's cache: row slots [rows, max_len, kv_heads, head_dim], or with a
@@ -159,7 +117,7 @@ def cache_slots(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
 
 
 def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: torch.Tensor | None = None,
-             triton_kernel: bool | None = None, own_blocks: bool = False) -> None:
+             triton_kernel: bool | None = None) -> None:
     """cache [.., .., kv_heads, head_dim] (one layer; a pool whose blocks hold their heads outermost, too; V^T in
     each block: written as attention.v_written sees it, then seal_blocks) at slots [T] (cache_slots) = x [T, kv_heads,
     head_dim]. An fp8 cache takes
@@ -168,13 +126,9 @@ def store_kv(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, scale: t
     takes each token's heads quantised on their own absmax (quantize_kv_int8), their scales written into scale
     [.., kv_heads, ..] (the layer's, contiguous, as attention._token_scales). triton_kernel: None runs Triton on CUDA
     and an indexed assignment elsewhere (the CPU tests' interpreter would run a program per token); True forces
-    Triton (its tests). own_blocks: each token's slot in a block no other token of slots writes (a decode step's),
-    so that a V^T cache's seal runs in the store's own launch."""
+    Triton (its tests)."""
     if v_transposed(cache):  # written in runs, turned into V^T where a block fills
         triton_kernel = HAS_TRITON and (x.is_cuda if triton_kernel is None else triton_kernel)
-        if own_blocks and triton_kernel and (cache.dtype == torch.int8 or cache.dtype == x.dtype):
-            store_seal(cache, slots, x, scale)
-            return
         store_kv(v_written(cache), slots, x, scale, triton_kernel)
         seal_blocks(cache, slots, triton_kernel)
         return

@@ -54,12 +54,11 @@ if HAS_TRITON:
                            stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, width, stride_kb, stride_ks,
                            stride_kc, stride_vb, stride_vs, stride_vc, Q_HEADS: tl.constexpr, K_HEADS: tl.constexpr,
                            HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-                           BLOCK_D: tl.constexpr, INT8: tl.constexpr, STORE_V: tl.constexpr,
-                           INTERPRETED: tl.constexpr):
+                           BLOCK_D: tl.constexpr, INT8: tl.constexpr, INTERPRETED: tl.constexpr):
         """_rope_kernel's q, with k rotated straight into its cache slot and v into its own (kv_store's
         _store_kernel: an int8 cache's heads quantised on their absmax, the scales beside): one launch where a
         decode step's layer took three. A cache slot is (slot // width, slot % width) through its block and slot
-        strides; STORE_V off: V's store is the caller's (a V^T pool seals in its own launch)."""
+        strides."""
         t = tl.program_id(0).to(tl.int64)
         slot = tl.load(Slots + t).to(tl.int64)
         d = tl.arange(0, BLOCK_D)[None, :]
@@ -84,18 +83,17 @@ if HAS_TRITON:
         else:
             tl.store(dst, k1.to(KCache.dtype.element_ty), mask=mask)
             tl.store(dst + HALF, k2.to(KCache.dtype.element_ty), mask=mask)
-        if STORE_V:
-            e = tl.arange(0, 2 * BLOCK_D)[None, :]
-            mask = (h < K_HEADS) & (e < 2 * HALF)
-            v = tl.load(V + t * stride_vt + h * stride_vh + e, mask=mask, other=0.0)
-            dst = VCache + block * stride_vb + at * stride_vs + h * stride_vc + e
-            if INT8:
-                vf = v.to(tl.float32)
-                absmax = tl.max(tl.abs(vf), 1)[:, None]
-                tl.store(dst, int8_heads(vf, absmax, INTERPRETED), mask=mask)
-                tl.store(VScale + block * (K_HEADS * width) + h * width + at, absmax / 127.0, mask=h < K_HEADS)
-            else:
-                tl.store(dst, v.to(VCache.dtype.element_ty), mask=mask)
+        e = tl.arange(0, 2 * BLOCK_D)[None, :]
+        mask = (h < K_HEADS) & (e < 2 * HALF)
+        v = tl.load(V + t * stride_vt + h * stride_vh + e, mask=mask, other=0.0)
+        dst = VCache + block * stride_vb + at * stride_vs + h * stride_vc + e
+        if INT8:
+            vf = v.to(tl.float32)
+            absmax = tl.max(tl.abs(vf), 1)[:, None]
+            tl.store(dst, int8_heads(vf, absmax, INTERPRETED), mask=mask)
+            tl.store(VScale + block * (K_HEADS * width) + h * width + at, absmax / 127.0, mask=h < K_HEADS)
+        else:
+            tl.store(dst, v.to(VCache.dtype.element_ty), mask=mask)
 
 
 def _tokens(x: torch.Tensor) -> torch.Tensor | None:
@@ -138,19 +136,19 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k_scale: torch.Tensor | None = None,
-               v_scale: torch.Tensor | None = None, store_v: bool = True) -> torch.Tensor:
+               v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A decode step's RoPE and K/V store in one launch: q [n, heads, d], k and v [n, kv_heads, d] (unit stride over
     d: views of the fused projection are fine), cos/sin [n, d] -> roped q [n, heads, d], contiguous; roped k and v
     written into k_cache/v_cache (one layer, [.., .., kv_heads, d] with unit stride over d: a heads-major pool too)
     at slots [n] (kv_store.cache_slots). The caches are q's dtype, or int8 with their per-token scales (k_scale,
-    v_scale: the layer's, as kv_store.store_kv takes them). The values rope_qk and store_kv would write. store_v
-    off: v_cache is left to the caller (a V^T pool: store_kv(own_blocks=True))."""
+    v_scale: the layer's, as kv_store.store_kv takes them). The values rope_qk and store_kv would write (a V^T pool:
+    pass attention.v_written's view, then kv_store.seal_blocks)."""
     n, q_heads, head_dim = q.shape
     k_heads = k.shape[1]
     int8 = k_cache.dtype == torch.int8
-    caches = (k_cache, v_cache) if store_v else (k_cache,)
+    caches = (k_cache, v_cache)
     if int8:
-        if any(c.dtype != torch.int8 for c in caches) or k_scale is None or (store_v and v_scale is None):
+        if any(c.dtype != torch.int8 for c in caches) or k_scale is None or v_scale is None:
             raise ValueError("rope_store writes an int8 cache with its scales, or an unquantised one of q's dtype")
     elif any(c.dtype != q.dtype for c in caches):
         raise ValueError("rope_store writes an unquantised cache of q's dtype, or an int8 one with its scales")
@@ -161,11 +159,11 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
         half = head_dim // 2
         _rope_store_kernel[(n,)](
             q, k, v, cos, sin, q_out, k_cache, v_cache, slots, k_scale if int8 else k_cache,
-            v_scale if int8 and store_v else v_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+            v_scale if int8 else v_cache, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
             v.stride(1), cos.stride(0), k_cache.shape[1], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), Q_HEADS=q_heads, K_HEADS=k_heads, HALF=half,
             BLOCK_QH=triton.next_power_of_2(q_heads), BLOCK_KH=triton.next_power_of_2(k_heads),
-            BLOCK_D=triton.next_power_of_2(half), INT8=int8, STORE_V=store_v, INTERPRETED=interpreting())
+            BLOCK_D=triton.next_power_of_2(half), INT8=int8, INTERPRETED=interpreting())
     return q_out
 
 
