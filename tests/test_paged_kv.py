@@ -319,7 +319,7 @@ def test_an_int8_pool_with_v_transposed_decodes_as_the_keys_kernel_over_its_valu
     decode_step: a prefill's stores, then decode steps in which rows fill a block (store_kv turns it into V^T) and
     start the next one (as written, read so by _vt_kernel). Each step's logits are those of the heads-major int8 pool
     the keys kernel reads, and both pools hold the same values. rope_store True: the decode steps rope and store K
-    (and the plain pool's V) in one launch, as on CUDA, the V^T pool's V in its own."""
+    and V in one launch, as on CUDA (the V^T pool's V in runs, its filled blocks sealed after)."""
     pytest.importorskip("triton")
     from batchgen.worker.engine import llama
 
