@@ -17,17 +17,25 @@ if HAS_TRITON:
     from batchgen.worker.engine.kernels.int8_cvt import int8_heads
 
     @triton.jit
-    def _rotate(X, Out, t, out_t, stride_t, stride_h, c1, c2, s1, s2, d, HEADS: tl.constexpr, HALF: tl.constexpr,
-                BLOCK_H: tl.constexpr):
-        """Token t's heads of X rotated into entry out_t of Out, seen as [entries, HEADS, 2 * HALF]."""
+    def _rotated(X, t, stride_t, stride_h, c1, c2, s1, s2, d, HEADS: tl.constexpr, HALF: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
+        """Token t's heads of X rotated, in float32: the two halves [BLOCK_H, BLOCK_D] and where they hold a value."""
         h = tl.arange(0, BLOCK_H)[:, None]
         mask = (h < HEADS) & (d < HALF)
         src = X + t * stride_t + h * stride_h + d
-        x1 = tl.load(src, mask=mask).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=mask).to(tl.float32)
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2, mask  # rotate_half: (-x2, x1)
+
+    @triton.jit
+    def _rotate(X, Out, t, out_t, stride_t, stride_h, c1, c2, s1, s2, d, HEADS: tl.constexpr, HALF: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+        """Token t's heads of X rotated into entry out_t of Out, seen as [entries, HEADS, 2 * HALF]."""
+        y1, y2, mask = _rotated(X, t, stride_t, stride_h, c1, c2, s1, s2, d, HEADS, HALF, BLOCK_H)
+        h = tl.arange(0, BLOCK_H)[:, None]
         dst = Out + out_t * (HEADS * 2 * HALF) + h * (2 * HALF) + d
-        tl.store(dst, (x1 * c1 - x2 * s1).to(Out.dtype.element_ty), mask=mask)  # rotate_half: (-x2, x1)
-        tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(Out.dtype.element_ty), mask=mask)
+        tl.store(dst, y1.to(Out.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, y2.to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _cos_sin(Cos, Sin, t, stride_ct, d, HALF: tl.constexpr):
@@ -64,18 +72,13 @@ if HAS_TRITON:
         d = tl.arange(0, BLOCK_D)[None, :]
         c1, c2, s1, s2 = _cos_sin(Cos, Sin, t, stride_ct, d, HALF)
         _rotate(Q, QOut, t, t, stride_qt, stride_qh, c1, c2, s1, s2, d, Q_HEADS, HALF, BLOCK_QH)
+        k1, k2, mask = _rotated(K, t, stride_kt, stride_kh, c1, c2, s1, s2, d, K_HEADS, HALF, BLOCK_KH)
+        k1, k2 = k1.to(K.dtype.element_ty), k2.to(K.dtype.element_ty)  # k as rope_qk hands it to the store
         h = tl.arange(0, BLOCK_KH)[:, None]
-        mask = (h < K_HEADS) & (d < HALF)
-        src = K + t * stride_kt + h * stride_kh + d
-        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-        # k roped and rounded to its dtype, as rope_qk hands it to the store
-        k1 = (x1 * c1 - x2 * s1).to(K.dtype.element_ty)
-        k2 = (x2 * c2 + x1 * s2).to(K.dtype.element_ty)
         block, at = slot // width, slot % width
         dst = KCache + block * stride_kb + at * stride_ks + h * stride_kc + d
-        if INT8:
-            k1, k2 = k1.to(tl.float32), k2.to(tl.float32)
+        if INT8:  # lanes past the head count nowhere (as _store_kernel's masked ones)
+            k1, k2 = tl.where(mask, k1.to(tl.float32), 0.0), tl.where(mask, k2.to(tl.float32), 0.0)
             absmax = tl.maximum(tl.max(tl.abs(k1), 1), tl.max(tl.abs(k2), 1))[:, None]
             tl.store(dst, int8_heads(k1, absmax, INTERPRETED), mask=mask)
             tl.store(dst + HALF, int8_heads(k2, absmax, INTERPRETED), mask=mask)
