@@ -128,20 +128,18 @@ def store_times(s: dict, device: str = "cuda") -> dict:
     pos = s["lens"][rows].long()
     slots = cache_slots(s["v"], rows, pos, s["table"])
     x = torch.randn(pos.numel(), *s["v"].shape[2:], device=pos.device, dtype=torch.float16)
-    pools = {"v": s["v"], "v_t": s["v_t"]}
-
     def store(key: str) -> None:
-        store_kv(pools[key], slots, x, s["vs"], triton_kernel=True)
+        store_kv(s[key], slots, x, s["vs"], triton_kernel=True)
 
-    for key in pools:
+    for key in ("v", "v_t"):
         store(key)
     lens = s["lens"].clone()
     lens[rows] += 1
     # each row's tokens, its blocks side by side (a block's places past its row's length are never read)
     live = torch.arange(s["table"].shape[1] * page, device=pos.device)[None, :] < lens[:, None]
-    held = [pool[s["table"].long()].flatten(1, 2)[live] for pool in (s["v"], v_values(pools["v_t"], lens, s["table"]))]
+    held = [pool[s["table"].long()].flatten(1, 2)[live] for pool in (s["v"], v_values(s["v_t"], lens, s["table"]))]
     res = {"same": bool(torch.equal(*held))}
-    for key in pools:
+    for key in ("v", "v_t"):
         if device == "cuda":  # REPEATS stores in one graph: a lone store's launch outlasts its few microseconds
             ms = graph_ms(lambda key=key: [store(key) for _ in range(STORE_REPEATS)], device) / STORE_REPEATS
         else:

@@ -170,6 +170,16 @@ keys_ab() {  # int8_keys' launches at the int8 bulk state, then OLD's tree's (th
         'paged fp16, the default launch|keys, block_n 32, warps 1, stages 4|keys, block_n 16, warps 1, stages 3'
 }
 
+tune_rows() {  # tune_rows SECONDS BUDGET: the GEMM at the decode buckets between the table's 512 and 1024 rows
+    # (576, 640, 704), each search's start (this card's table before) timed beside its best; the tables with them in
+    # use; then the gated quantiser there (gated_rows)
+    mkdir -p "$out/rows" && cp "$tables"/NVIDIA*.json "$out/rows/"
+    run "$1" int8_tune_rows python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 576,640,704 \
+        --out "$out/rows/int8_tune.json" --budget-s "$2"
+    cp "$out"/rows/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
+    gated_rows
+}
+
 gated_rows() {  # the MLP tail's quantiser at the decode buckets between 512 and 1,024 rows (the table has 256 and
     # 1,024), merged into the table in use; the tables as used come back under $out/tables
     run 90 gated_rows python3 -m benchmarks.gated --rows 640 --tune-rows 512,576,640,704 --table "$tables" \
@@ -726,11 +736,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   rows-tune)  # the GEMM searched at the decode buckets between the table's 512 and 1024 rows (576, 640, 704: an
     # H200's bulk runs at ~614 rows), each search's start (this card's table before) timed beside its best; the MLP
     # tail's quantiser at those rows (gated_rows); the tables with them in use, a step at 614 rows profiled (keys)
-    mkdir -p "$out/rows" && cp "$tables"/NVIDIA*.json "$out/rows/"
-    run 200 int8_tune_rows python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 576,640,704 \
-        --out "$out/rows/int8_tune.json" --budget-s 170
-    cp "$out"/rows/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
-    gated_rows
+    tune_rows 200 170
     PROFILE_S=200 profile rows614 int8_kv_scales=v-q16-keys --rows 614 --prompt 352 --max-model-len 400 --steps 24
     ;;
   h200)  # #22 in one call on an H200: the GEMM and the gated quantiser at 576-704 rows tuned on the card and put
@@ -739,11 +745,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
         exec bash "$0" rows-tune
     fi
-    mkdir -p "$out/rows" && cp "$tables"/NVIDIA*.json "$out/rows/"
-    run 150 int8_tune_rows python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 576,640,704 \
-        --out "$out/rows/int8_tune.json" --budget-s 120
-    cp "$out"/rows/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
-    gated_rows
+    tune_rows 150 120
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     hf_static baselines 120 --fp16-repeats "${HF_REPEATS:-3}"  # #22's table first; the V^T question after
     KV_SCALES=v-q16-keys-vt BULK_S=150 bulk vt 1 static-features 0
