@@ -76,7 +76,8 @@ if HAS_TRITON:
         block's head h rewritten in place from v_written's arrangement into V^T. The group's slots are read at once
         (a prefill's programs are mostly idle: a program a token left thousands of them); one program a token looping
         over the heads left a step waiting on the few that worked (32 dependent read-then-write rounds each). The loop
-        visits the group's ends alone, found by their rank (a prefix sum), not each of its GROUP lanes by a reduction."""
+        visits the group's ends alone, found by their rank (a prefix sum), not each of its GROUP lanes by a
+        reduction."""
         first = tl.program_id(0) * GROUP
         lane = tl.arange(0, GROUP)
         slots = tl.load(Slots + first + lane, mask=first + lane < num_tokens, other=0).to(tl.int64)
