@@ -741,9 +741,9 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     ;;
   h200)  # #22 in one call on an H200: the GEMM and the gated quantiser at 576-704 rows tuned on the card and put
     # in use (commit $out/tables/NVIDIA_H200.json after); bulk on the defaults; HF's fp16 static baseline; bulk on
-    # V^T; the defaults again. Elsewhere: rows-tune
+    # V^T; the defaults again. Elsewhere: mps
     if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-        exec bash "$0" rows-tune
+        exec bash "$0" mps
     fi
     tune_rows 150 120
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
@@ -764,6 +764,25 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     PROFILE_S=200 profile vt614 int8_kv_scales=v-q16-keys-vt --rows 614 --prompt 352 --max-model-len 400 --steps 24
     KV_SCALES=v-q16-keys-vt BULK_S=150 bulk vt 1 static-features 0
     BULK_S=150 bulk defaults 1 static-features 0
+    ;;
+  check)  # what landed since the last timed run: a step at 614 rows (RoPE and the store share `_rotated`; masked
+    # lanes zeroed), vt_keys with its stores timed in a CUDA graph, bulk on the defaults
+    PROFILE_S=180 profile keys614 int8_kv_scales=v-q16-keys --rows 614 --prompt 352 --max-model-len 400 --steps 24
+    run 120 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
+    BULK_S=170 bulk defaults 1 static-features 0
+    ;;
+  mps)  # an H200's bus per SM on an H100 for whole runs: every CUDA process here under MPS with ~73 % of the SMs
+    # (~96 of 132; CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, MPS_PCT overrides); vt_keys on every SM it is given (against
+    # its green-context figures at 96), then bulk on the defaults, on V^T, and on the defaults again
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if ! nvidia-cuda-mps-control -d; then log "MPS did not start"; exit 1; fi
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT
+    export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${MPS_PCT:-73}
+    run 90 vt_keys_mps python3 -m benchmarks.vt_keys --sms 0 --out "$out/vt_keys_mps.json"
+    BULK_S=200 bulk defaults 1 static-features 0
+    KV_SCALES=v-q16-keys-vt BULK_S=150 bulk vt 1 static-features 0
+    BULK_S=130 bulk defaults_2 1 static-features 0
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab
