@@ -386,18 +386,19 @@ engine_options = shared_options(
                  help="On CUDA: before the first job, run prompts of the calibration text through the engine's "
                       "steps once, so the first job does not pay the kernels' first-run compiles."),
     click.option("--int8-kv-scales", envvar="BATCHGEN_INT8_KV_SCALES",
-                 type=click.Choice(["v", "p", "v32", "p32", "v-early", "p-early", "v-bias", "p-bias", "v-q8",
+                 type=click.Choice(["auto", "v", "p", "v32", "p32", "v-early", "p-early", "v-bias", "p-bias", "v-q8",
                                     "v-q8-early", "v-q16", "v-q16-early", "v-q16-keys", "v-q16-keys-vt"]),
-                 default="v-q16-keys",
+                 default="auto",
                  hidden=True,
                  help="Benchmarks: with --kv-cache-dtype int8, the decode attention scales each V element (v) or the "
                       "softmax weights (p) in fp16, or the same through float32 (v32, p32), or in fp16 with each "
                       "tile converted where it is loaded (v-early, p-early), and left 1152 over its values, each "
                       "dot corrected after (v-bias, p-bias), or with q rounded to int8 against K on the int8 tensor "
                       "cores, V as v (v-q8; v-q16: q as two int8 terms; -early: V converted where it is loaded; "
-                      "v-q16-keys, the default: the keys on the tensor-core tiles' rows where each query head has "
+                      "v-q16-keys: the keys on the tensor-core tiles' rows where each query head has "
                       "its own KV head, else as v-q16-early; v-q16-keys-vt: as v-q16-keys with a paged cache's V "
-                      "transposed in each block, P·V on the int8 tensor cores)."),
+                      "transposed in each block, P·V on the int8 tensor cores). auto: the mode the GPU's tuned "
+                      "table names, else v-q16-keys."),
     click.option("--compile-shapes", envvar="BATCHGEN_COMPILE_SHAPES", default="static-features", hidden=True,
                  help="Benchmarks: how the fused elementwise functions compile (static-features: only the "
                       "token/row dimensions symbolic; dynamic: every dimension)."),

@@ -781,6 +781,40 @@ def test_int8_kv_scores_on_int8_tensor_cores_equal_the_reference_with_q_rounded(
         assert 0 < drift < 0.05 if terms == 1 else drift < 0.004, drift
 
 
+def test_auto_int8_kv_scales_take_the_mode_the_devices_table_names(tmp_path, monkeypatch, demo_model_dir):
+    """--int8-kv-scales auto (the default): the mode a device's tuned table names (a card where another kernel won
+    end to end), else the kernel's default; a mode given is kept, and with tuning off auto is the default too. A
+    tuner's later merge into the table keeps the name."""
+    import json
+
+    from batchgen.worker.engine.config import EngineConfig
+    from batchgen.worker.engine.kernels import attention, tuned
+    from batchgen.worker.factory import build_llm_engine
+
+    monkeypatch.setattr(tuned, "TABLES", tmp_path)
+    monkeypatch.setattr(attention, "INT8_V_SCALES", attention.INT8_V_SCALES)  # restored after the builds below
+    path = tuned.table_path("Some GPU")
+    path.write_text(json.dumps({"int8_kv_scales": "v-q16-keys-vt"}))
+    path.write_text(json.dumps(tuned.merge(path, "gemm", [{"n": 8, "k": 8, "rows": 4, "launch": {}}])))
+    tuned.forget()
+    assert tuned.int8_kv_scales("auto", "Some GPU", "v-q16-keys") == "v-q16-keys-vt"
+    assert tuned.int8_kv_scales("v", "Some GPU", "v-q16-keys") == "v"
+    assert tuned.int8_kv_scales("auto", "Never Tuned", "v-q16-keys") == "v-q16-keys"
+    monkeypatch.setattr(tuned, "ENABLED", False)
+    assert tuned.int8_kv_scales("auto", "Some GPU", "v-q16-keys") == "v-q16-keys"
+    monkeypatch.setattr(tuned, "ENABLED", True)
+    # the engine: this device is "cpu" (kernels.tuned.device_name), its table the same way
+    tuned.table_path("cpu").write_text(json.dumps({"int8_kv_scales": "p"}))
+    tuned.forget()
+    build_llm_engine(EngineConfig(model=str(demo_model_dir)))
+    assert attention.INT8_V_SCALES == "p"
+    build_llm_engine(EngineConfig(model=str(demo_model_dir), int8_kv_scales="v-q16-keys"))
+    assert attention.INT8_V_SCALES == "v-q16-keys"
+    build_llm_engine(EngineConfig(model=str(demo_model_dir), tuned_kernels=False))
+    assert attention.INT8_V_SCALES == attention.DEFAULT_INT8_V_SCALES
+    tuned.forget()
+
+
 def test_the_engines_int8_v_scales_choose_the_kernels_variant(monkeypatch, demo_model_dir):
     """--int8-kv-scales p: a call that does not say scales the softmax weights, as scales_in_p=True does (the two
     variants differ in their fp16 rounding, so the default is told apart from it)."""
@@ -788,7 +822,8 @@ def test_the_engines_int8_v_scales_choose_the_kernels_variant(monkeypatch, demo_
     from batchgen.worker.engine.kernels import attention
     from batchgen.worker.factory import build_llm_engine
 
-    assert attention.INT8_V_SCALES == EngineConfig.int8_kv_scales == "v-q16-keys"  # the engine's default
+    assert EngineConfig.int8_kv_scales == "auto"  # no table names a mode for the CPU: the kernel's default
+    assert attention.INT8_V_SCALES == attention.DEFAULT_INT8_V_SCALES == "v-q16-keys"
     monkeypatch.setattr(attention, "INT8_V_SCALES", "v")  # exact q: the variants below differ in fp16 rounding only
     k, v = _cache(4, 2, 128, torch.float16)
     v[:, :, 1] *= 8

@@ -44,7 +44,8 @@ def build_llm_engine(cfg) -> Engine:
     device, dtype = resolve_device_dtype(cfg)
     tuned.ENABLED = cfg.tuned_kernels  # process-wide, as the kernels read them: one engine per worker
     compiled.SHAPES = cfg.compile_shapes  # the start-up block names the table of tuned launches
-    attention.INT8_V_SCALES = cfg.int8_kv_scales
+    attention.INT8_V_SCALES = tuned.int8_kv_scales(cfg.int8_kv_scales, tuned.device_name(device),
+                                                   attention.DEFAULT_INT8_V_SCALES)
     may_stream = cfg.offload or (cfg.offload is None and cfg.max_vram_bytes is not None and device.type == "cuda")
     streamable = family.model_type in STREAMABLE_MODEL_TYPES and FamilySpec.of(family.config).is_llama
     if may_stream and (family.path == GENERIC or not streamable):

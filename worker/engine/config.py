@@ -22,8 +22,8 @@ HOST_KV_DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")  # auto: the
 KV_CACHE_DTYPES = ("auto", "compute", "fp8", "fp8v", "int8")
 KV_LAYOUTS = ("paged", "slots")
 COMPILE_SHAPES = ("dynamic", "static-features")  # kernels/compiled.py
-# EngineConfig.int8_kv_scales: kernels/attention.py's INT8_V_SCALES
-INT8_KV_SCALES = ("v", "p", "v32", "p32", "v-early", "p-early", "v-bias", "p-bias", "v-q8", "v-q8-early",
+# EngineConfig.int8_kv_scales: kernels/attention.py's INT8_V_SCALES ("auto": the device's tuned table decides)
+INT8_KV_SCALES = ("auto", "v", "p", "v32", "p32", "v-early", "p-early", "v-bias", "p-bias", "v-q8", "v-q8-early",
                   "v-q16", "v-q16-early", "v-q16-keys", "v-q16-keys-vt")
 TASKS = ("auto", "generate", "embed")  # what the model does with a request (task.py decides auto)
 
@@ -90,8 +90,9 @@ class EngineConfig:
     # terms against K on the int8 tensor cores; "v-q16-keys" (the default) puts the keys on the tiles' rows where each
     # query head has its own KV head (kernels/int8_keys.py), else is v-q16-early (kernels/attention.py;
     # benchmarks.kernels times them); "v-q16-keys-vt" as v-q16-keys with a paged pool's V transposed in each block
-    # and P · V on the int8 tensor cores (int8_keys._vt_kernel)
-    int8_kv_scales: str = "v-q16-keys"
+    # and P · V on the int8 tensor cores (int8_keys._vt_kernel). "auto" (the default): the mode the device's tuned
+    # table names (kernels/tuned.py), else v-q16-keys
+    int8_kv_scales: str = "auto"
     # how the fused and int8 elementwise functions compile (kernels/compiled.py): "static-features" (only the
     # token/row dimensions symbolic: the measured faster one) or "dynamic" (every dimension symbolic)
     compile_shapes: str = "static-features"

@@ -38,6 +38,7 @@ from batchgen.worker.engine.fused import fuse_layers
 from batchgen.worker.engine.host_copy import to_device
 from batchgen.worker.engine.int8_linear import Int8Runtime
 from batchgen.worker.engine.int8_outliers import calibration_ids
+from batchgen.worker.engine.kernels import attention as attention_kernels
 from batchgen.worker.engine.kv_blocks import BlockPool
 from batchgen.worker.engine.llama import LlamaParts, decode_path
 from batchgen.worker.engine.loader import load_model
@@ -192,7 +193,8 @@ class LLMEngine:
                              kv_cache_dtype=kv, paged=cfg.kv_layout == "paged")
         if kv == "int8":
             log.info("int8 KV cache%s: K and V rounded per token and KV head, a float32 scale each (%s)",
-                     " (--kv-cache-dtype auto)" if cfg.kv_cache_dtype == "auto" else "", cfg.int8_kv_scales)
+                     " (--kv-cache-dtype auto)" if cfg.kv_cache_dtype == "auto" else "",
+                     attention_kernels.INT8_V_SCALES)
         elif kv != "auto":  # before the budget's warm-up, which already writes the cache
             runner.calibrate_kv(calibration_ids(tokenizer, device))
             log.info("%s KV cache: scales per layer and KV head calibrated, K %.3g-%.3g, V %.3g-%.3g", kv,

@@ -42,7 +42,9 @@ BLOCK_N = 64  # keys per inner step
 # "-early" (v-q8-early, v-q16-early) V converted where it is loaded; "v-q16-keys" (the default): int8_keys' kernel
 # (the keys on the tiles' rows) where each query head has its own KV head, else as v-q16-early; "v-q16-keys-vt"
 # as v-q16-keys with a paged pool's V transposed in each block (int8_keys._vt_kernel; model_runner.kv_pool).
-INT8_V_SCALES = "v-q16-keys"
+# EngineConfig's "auto" is the mode the device's tuned table names (tuned.int8_kv_scales), else DEFAULT_INT8_V_SCALES.
+DEFAULT_INT8_V_SCALES = "v-q16-keys"
+INT8_V_SCALES = DEFAULT_INT8_V_SCALES
 # int8_keys' (block_n, num_warps, num_stages) where a call does not say: as fast as any where the kernel reaches the
 # bus, and the fastest where the card has few SMs for its bus (docs/benchmarks.md, "... fewer SMs than the bus wants")
 KEYS_LAUNCH = (32, 1, 3)

@@ -3,6 +3,8 @@ configs per device). benchmarks.int8_tune writes the file: one section per kerne
 "gemm": the int8 GEMM with its dequantising epilogue; benchmarks.gated adds "gated", int8_ops.gated_quantize's
 launch at n = k = the MLP's width), each a list of {n, k, rows, launch}: the launch that won at
 that output/input size and row count. A shape never tuned on a device has no launch there and keeps its default.
+A table may also name the int8 KV cache's decode kernel that won end to end on its device ("int8_kv_scales", one of
+EngineConfig's modes): the engine's "auto" takes it.
 """
 
 import functools
@@ -49,14 +51,30 @@ def describe(device: str) -> str:
     return f"{table_path(device).name}: " + ", ".join(f"{kind} {n}" for kind, n in kinds.items())
 
 
+def int8_kv_scales(mode: str, device: str, default: str) -> str:
+    """EngineConfig.int8_kv_scales as the kernels run it: "auto" is the mode the device's table names, else default
+    (so is every "auto" with tuning switched off); any other mode is itself."""
+    if mode != "auto":
+        return mode
+    named = _choice(device, "int8_kv_scales") if ENABLED else None
+    return named or default
+
+
 def forget() -> None:
     """Read the tables again on the next lookup (after a tuner or a test wrote one)."""
     _read.cache_clear()
+    _choice.cache_clear()
 
 
 @functools.cache
 def _read(device: str, kind: str) -> Launches:
     return _read_path(table_path(device), kind)
+
+
+@functools.cache
+def _choice(device: str, key: str) -> str | None:
+    path = table_path(device)
+    return json.loads(path.read_text()).get(key) if path.is_file() else None
 
 
 def _read_path(path: Path, kind: str) -> Launches:
