@@ -87,8 +87,9 @@ class EngineConfig:
     # in fp16; "v32"/"p32" the same through float32; "v-early"/"p-early" in fp16 with each tile converted where it
     # is loaded (cvt_early); "v-bias"/"p-bias" as those, K (and V under "p") left 1152 over its values and each dot
     # corrected (bias); "v-q16-early" (the plain cache's drift in fewer instructions a key) scores q as two int8
-    # terms against K on the int8 tensor cores; "v-q16-keys" (the default) puts the keys on the tiles' rows where each
-    # query head has its own KV head (kernels/int8_keys.py), else is v-q16-early (kernels/attention.py;
+    # terms against K on the int8 tensor cores; "v-q16-keys" (where no table names another) puts the keys on the
+    # tiles' rows where each query head has its own KV head (kernels/int8_keys.py), else is v-q16-early
+    # (kernels/attention.py;
     # benchmarks.kernels times them); "v-q16-keys-vt" as v-q16-keys with a paged pool's V transposed in each block
     # and P · V on the int8 tensor cores (int8_keys._vt_kernel). "auto" (the default): the mode the device's tuned
     # table names (kernels/tuned.py), else v-q16-keys

@@ -12,7 +12,8 @@ scores, softmax and weights run 16 times over. Here a step's keys are the rows i
 - P · V on the fp16 tensor cores: the weights on the first of A's 16 rows, V converted to fp16 by byte permutes
   and left 1152 over its values (the weights' sum times 1152 comes off once at the end).
 
-attention.decode_attention launches it (and the split kernel's merge) under --int8-kv-scales v-q16-keys, the default.
+attention.decode_attention launches it (and the split kernel's merge) under --int8-kv-scales v-q16-keys (auto's mode
+unless the GPU's tuned table names another).
 
 _vt_kernel is the same with V stored transposed in each block (a paged pool whose blocks hold each head's V as
 [head_dim, tokens]: kv_pool(transposed=True)): P · V then runs on the int8 tensor cores as the scores do, V^T as A
