@@ -41,7 +41,8 @@ BLOCK_N = 64  # keys per inner step
 # the int8 tensor cores (qk_int8), V as "v"; "v-q16": q as two int8 terms, its rounding error the second; with
 # "-early" (v-q8-early, v-q16-early) V converted where it is loaded; "v-q16-keys" (DEFAULT_INT8_V_SCALES):
 # int8_keys' kernel (the keys on the tiles' rows) where each query head has its own KV head, else as v-q16-early;
-# "v-q16-keys-vt" as v-q16-keys with a paged pool's V transposed in each block (int8_keys._vt_kernel; model_runner.kv_pool).
+# "v-q16-keys-vt" as v-q16-keys with a paged pool's V transposed in each block (int8_keys._vt_kernel;
+# model_runner.kv_pool).
 # EngineConfig's "auto" is the mode the device's tuned table names (tuned.int8_kv_scales), else DEFAULT_INT8_V_SCALES.
 DEFAULT_INT8_V_SCALES = "v-q16-keys"
 INT8_V_SCALES = DEFAULT_INT8_V_SCALES
