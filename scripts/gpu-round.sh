@@ -751,6 +751,18 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     KV_SCALES=v-q16-keys-vt BULK_S=150 bulk vt 1 static-features 0
     BULK_S=120 bulk defaults_2 1 static-features 0
     ;;
+  short)  # #22 in little device time: on an H200 the GEMM at 576-704 rows tuned on the card (no gated quantiser),
+    # bulk on the defaults, then on V^T; elsewhere mps
+    if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+        exec bash "$0" mps
+    fi
+    mkdir -p "$out/rows" "$out/tables" && cp "$tables"/NVIDIA*.json "$out/rows/"
+    run 120 int8_tune_rows python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 576,640,704 \
+        --out "$out/rows/int8_tune.json" --budget-s 90
+    cp "$out"/rows/NVIDIA*.json "$tables"/ && cp "$tables"/NVIDIA*.json "$out/tables/"
+    BULK_S=200 bulk defaults 1 static-features 0
+    KV_SCALES=v-q16-keys-vt BULK_S=130 bulk vt 1 static-features 0
+    ;;
   fuse-ab)  # a step at 614 rows profiled (keys kernel, then V^T) with RoPE and the int8 K/V store in one launch;
     # bulk on this tree, then on OLD's (its last bulk ran before both), then this tree again
     PROFILE_S=200 profile keys614 int8_kv_scales=v-q16-keys --rows 614 --prompt 352 --max-model-len 400 --steps 24
