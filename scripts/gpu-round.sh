@@ -187,6 +187,15 @@ gated_rows() {  # the MLP tail's quantiser at the decode buckets between 512 and
     mkdir -p "$out/tables" && cp "$tables"/NVIDIA*.json "$out/tables/"
 }
 
+start_mps() {  # every CUDA process after this under MPS with MPS_PCT (73) % of the SMs: ~96 of an H100's 132
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if ! nvidia-cuda-mps-control -d; then log "MPS did not start"; exit 1; fi
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT
+    export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${MPS_PCT:-73}
+    log "MPS at $CUDA_MPS_ACTIVE_THREAD_PERCENTAGE %"
+}
+
 bulk_old() {  # bulk on the defaults from OLD's tree, as bulk_old
     in_old bulk old 1 static-features 0
 }
@@ -786,16 +795,18 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   mps)  # an H200's bus per SM on an H100 for whole runs: every CUDA process here under MPS with ~73 % of the SMs
     # (~96 of 132; CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, MPS_PCT overrides); vt_keys on every SM it is given (against
     # its green-context figures at 96), then bulk on the defaults, V^T, the defaults, V^T
-    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
-    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-    if ! nvidia-cuda-mps-control -d; then log "MPS did not start"; exit 1; fi
-    trap 'echo quit | nvidia-cuda-mps-control' EXIT
-    export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${MPS_PCT:-73}
+    start_mps
     run 90 vt_keys_mps python3 -m benchmarks.vt_keys --sms 0 --out "$out/vt_keys_mps.json"
     BULK_S=200 bulk defaults 1 static-features 0
     KV_SCALES=v-q16-keys-vt BULK_S=130 bulk vt 1 static-features 0
     BULK_S=130 bulk defaults_2 1 static-features 0
     KV_SCALES=v-q16-keys-vt BULK_S=130 bulk vt_2 1 static-features 0
+    ;;
+  mps-check)  # whether MPS gives the kernels an H200's bus per SM: vt_keys on every SM and a 96-SM green context,
+    # then under MPS on what it is given
+    run 90 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
+    start_mps
+    run 90 vt_keys_mps python3 -m benchmarks.vt_keys --sms 0 --out "$out/vt_keys_mps.json"
     ;;
   keys-ab)  # keys_ab alone: the keys kernel's launches over both pool layouts, OLD's beside them
     keys_ab
