@@ -797,11 +797,14 @@ def test_auto_int8_kv_scales_take_the_mode_the_devices_table_names(tmp_path, mon
     path.write_text(json.dumps({"int8_kv_scales": "v-q16-keys-vt"}))
     path.write_text(json.dumps(tuned.merge(path, "gemm", [{"n": 8, "k": 8, "rows": 4, "launch": {}}])))
     tuned.forget()
-    assert tuned.int8_kv_scales("auto", "Some GPU", "v-q16-keys") == "v-q16-keys-vt"
-    assert tuned.int8_kv_scales("v", "Some GPU", "v-q16-keys") == "v"
-    assert tuned.int8_kv_scales("auto", "Never Tuned", "v-q16-keys") == "v-q16-keys"
+    modes = ("v", "v-q16-keys", "v-q16-keys-vt")
+    assert tuned.int8_kv_scales("auto", "Some GPU", "v-q16-keys", modes) == "v-q16-keys-vt"
+    assert tuned.int8_kv_scales("v", "Some GPU", "v-q16-keys", modes) == "v"
+    assert tuned.int8_kv_scales("auto", "Never Tuned", "v-q16-keys", modes) == "v-q16-keys"
+    with pytest.raises(ValueError, match="Some_GPU.json names int8_kv_scales 'v-q16-keys-vt'"):
+        tuned.int8_kv_scales("auto", "Some GPU", "v-q16-keys", ("v", "v-q16-keys"))  # a mode this tree lacks
     monkeypatch.setattr(tuned, "ENABLED", False)
-    assert tuned.int8_kv_scales("auto", "Some GPU", "v-q16-keys") == "v-q16-keys"
+    assert tuned.int8_kv_scales("auto", "Some GPU", "v-q16-keys", modes) == "v-q16-keys"
     monkeypatch.setattr(tuned, "ENABLED", True)
     # the engine: this device is "cpu" (kernels.tuned.device_name), its table the same way
     tuned.table_path("cpu").write_text(json.dumps({"int8_kv_scales": "p"}))

@@ -36,6 +36,7 @@ def refuse_stream_kv(cfg, why: str) -> None:
 def build_llm_engine(cfg) -> Engine:
     """The resident engine, or the small-VRAM one when the int8 weights do not fit the VRAM cap: the fast path's
     layer streamer for plain Llama layers, the generic path's layer hooks for every other model."""
+    from batchgen.worker.engine.config import INT8_KV_SCALES
     from batchgen.worker.engine.families import GENERIC, STREAMABLE_MODEL_TYPES, FamilySpec, choose_family
     from batchgen.worker.engine.kernels import attention, compiled, tuned
     from batchgen.worker.engine.setup import resolve_device_dtype
@@ -45,7 +46,7 @@ def build_llm_engine(cfg) -> Engine:
     tuned.ENABLED = cfg.tuned_kernels  # process-wide, as the kernels read them: one engine per worker
     compiled.SHAPES = cfg.compile_shapes  # the start-up block names the table of tuned launches
     attention.INT8_V_SCALES = tuned.int8_kv_scales(cfg.int8_kv_scales, tuned.device_name(device),
-                                                   attention.DEFAULT_INT8_V_SCALES)
+                                                   attention.DEFAULT_INT8_V_SCALES, INT8_KV_SCALES)
     may_stream = cfg.offload or (cfg.offload is None and cfg.max_vram_bytes is not None and device.type == "cuda")
     streamable = family.model_type in STREAMABLE_MODEL_TYPES and FamilySpec.of(family.config).is_llama
     if may_stream and (family.path == GENERIC or not streamable):

@@ -51,12 +51,14 @@ def describe(device: str) -> str:
     return f"{table_path(device).name}: " + ", ".join(f"{kind} {n}" for kind, n in kinds.items())
 
 
-def int8_kv_scales(mode: str, device: str, default: str) -> str:
-    """EngineConfig.int8_kv_scales as the kernels run it: "auto" is the mode the device's table names, else default
-    (so is every "auto" with tuning switched off); any other mode is itself."""
+def int8_kv_scales(mode: str, device: str, default: str, choices: tuple[str, ...]) -> str:
+    """EngineConfig.int8_kv_scales as the kernels run it: "auto" is the mode the device's table names (one of
+    choices), else default (so is every "auto" with tuning switched off); any other mode is itself."""
     if mode != "auto":
         return mode
     named = _choice(device, "int8_kv_scales") if ENABLED else None
+    if named is not None and (named == "auto" or named not in choices):
+        raise ValueError(f"{table_path(device).name} names int8_kv_scales {named!r}, not one of {choices}")
     return named or default
 
 
