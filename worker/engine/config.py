@@ -89,10 +89,9 @@ class EngineConfig:
     # corrected (bias); "v-q16-early" (the plain cache's drift in fewer instructions a key) scores q as two int8
     # terms against K on the int8 tensor cores; "v-q16-keys" (where no table names another) puts the keys on the
     # tiles' rows where each query head has its own KV head (kernels/int8_keys.py), else is v-q16-early
-    # (kernels/attention.py;
-    # benchmarks.kernels times them); "v-q16-keys-vt" as v-q16-keys with a paged pool's V transposed in each block
-    # and P · V on the int8 tensor cores (int8_keys._vt_kernel). "auto" (the default): the mode the device's tuned
-    # table names (kernels/tuned.py), else v-q16-keys
+    # (kernels/attention.py; benchmarks.kernels times them); "v-q16-keys-vt" as v-q16-keys with a paged pool's V
+    # transposed in each block and P · V on the int8 tensor cores (int8_keys._vt_kernel). "auto" (the default): the
+    # mode the device's tuned table names (kernels/tuned.py), else v-q16-keys
     int8_kv_scales: str = "auto"
     # how the fused and int8 elementwise functions compile (kernels/compiled.py): "static-features" (only the
     # token/row dimensions symbolic: the measured faster one) or "dynamic" (every dimension symbolic)
