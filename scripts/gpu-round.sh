@@ -182,7 +182,7 @@ tune_rows() {  # tune_rows SECONDS BUDGET: the GEMM at the decode buckets betwee
 
 gated_rows() {  # the MLP tail's quantiser at the decode buckets between 512 and 1,024 rows (the table has 256 and
     # 1,024), merged into the table in use; the tables as used come back under $out/tables
-    run 90 gated_rows python3 -m benchmarks.gated --rows 640 --tune-rows 512,576,640,704 --table "$tables" \
+    run 120 gated_rows python3 -m benchmarks.gated --rows 640 --tune-rows 512,576,640,704 --table "$tables" \
         --out "$out/gated"
     mkdir -p "$out/tables" && cp "$tables"/NVIDIA*.json "$out/tables/"
 }
@@ -794,7 +794,9 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     ;;
   mps)  # an H200's bus per SM on an H100 for whole runs: every CUDA process here under MPS with ~73 % of the SMs
     # (~96 of 132; CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, MPS_PCT overrides); vt_keys on every SM it is given (against
-    # its green-context figures at 96), then bulk on the defaults, V^T, the defaults, V^T
+    # its green-context figures at 96), then bulk on the defaults, V^T, the defaults, V^T. First, on every SM, the
+    # gated quantiser tuned at 512-704 rows (its second pass read back or recomputed), the table then in use
+    gated_rows
     start_mps
     run 90 vt_keys_mps python3 -m benchmarks.vt_keys --sms 0 --out "$out/vt_keys_mps.json"
     BULK_S=200 bulk defaults 1 static-features 0
