@@ -27,6 +27,13 @@ if HAS_TRITON:
         inv = tl.where(absmax > 0.0, tl.math.div_rn(tl.full(absmax.shape, 127.0, tl.float32), absmax), 0.0)
         return round_half_even(xf * inv, INTERPRETED).to(tl.int8)
 
+    @triton.jit
+    def store_head_scales(Scale, slot, width, h, HEADS: tl.constexpr, absmax):
+        """An int8 cache's head scales (absmax / 127, h [BLOCK_H, 1]) for a token at slot: the scale pool holds
+        [slot // width, head, slot % width]."""
+        tl.store(Scale + (slot // width) * (HEADS * width) + h * width + slot % width, absmax / 127.0,
+                 mask=h < HEADS)
+
     _I8_TO_F16 = tl.constexpr("{\n.reg .b32 b, lo, hi, m;\n"
                               "xor.b32 b, $2, 0x80808080;\n"
                               "prmt.b32 lo, b, 0x64646464, 0x4140;\n"

@@ -21,7 +21,7 @@ SEAL_GROUP = 32  # tokens a seal program looks through
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from batchgen.worker.engine.kernels.int8_cvt import int8_heads
+    from batchgen.worker.engine.kernels.int8_cvt import int8_heads, store_head_scales
 
     _FP8_MAX = tl.constexpr(FP8_MAX)  # a Triton function reads module globals only as constexpr
 
@@ -61,8 +61,7 @@ if HAS_TRITON:
             xf = tl.where(mask, x.to(tl.float32), 0.0)
             absmax = tl.max(tl.abs(xf), 1)[:, None]
             x = int8_heads(xf, absmax, INTERPRETED)
-            at = (slot // width) * (HEADS * width) + h * width + slot % width
-            tl.store(Scale + at, absmax / 127.0, mask=h < HEADS)
+            store_head_scales(Scale, slot, width, h, HEADS, absmax)
         elif QUANT:  # an fp8 cache (Dest its bytes): x / its head's scale, saturated, as float8_e4m3fn bits
             scale = tl.load(Scale + h * scale_stride, mask=h < HEADS, other=1.0)
             x = _e4m3_bits(tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -_FP8_MAX, _FP8_MAX))

@@ -14,7 +14,7 @@ from batchgen.worker.engine.kernels.backend import HAS_TRITON, interpreting
 if HAS_TRITON:
     import triton
     import triton.language as tl
-    from batchgen.worker.engine.kernels.int8_cvt import int8_heads
+    from batchgen.worker.engine.kernels.int8_cvt import int8_heads, store_head_scales
 
     @triton.jit
     def _rotated(X, t, stride_t, stride_h, c1, c2, s1, s2, d, HEADS: tl.constexpr, HALF: tl.constexpr,
@@ -82,7 +82,7 @@ if HAS_TRITON:
             absmax = tl.maximum(tl.max(tl.abs(k1), 1), tl.max(tl.abs(k2), 1))[:, None]
             tl.store(dst, int8_heads(k1, absmax, INTERPRETED), mask=mask)
             tl.store(dst + HALF, int8_heads(k2, absmax, INTERPRETED), mask=mask)
-            tl.store(KScale + block * (K_HEADS * width) + h * width + at, absmax / 127.0, mask=h < K_HEADS)
+            store_head_scales(KScale, slot, width, h, K_HEADS, absmax)
         else:
             tl.store(dst, k1.to(KCache.dtype.element_ty), mask=mask)
             tl.store(dst + HALF, k2.to(KCache.dtype.element_ty), mask=mask)
@@ -94,7 +94,7 @@ if HAS_TRITON:
             vf = v.to(tl.float32)
             absmax = tl.max(tl.abs(vf), 1)[:, None]
             tl.store(dst, int8_heads(vf, absmax, INTERPRETED), mask=mask)
-            tl.store(VScale + block * (K_HEADS * width) + h * width + at, absmax / 127.0, mask=h < K_HEADS)
+            store_head_scales(VScale, slot, width, h, K_HEADS, absmax)
         else:
             tl.store(dst, v.to(VCache.dtype.element_ty), mask=mask)
 
