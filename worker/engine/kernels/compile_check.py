@@ -237,20 +237,17 @@ def compile_all(arch: int = 90) -> dict[str, dict]:
         out[f"norm quantize{' gemma' if gemma else ''}"] = {
             "round_half_even": "cvt.rni.f32.f32" in ptx, "guard_atomics": "atom.global" in ptx,
             "rsqrt": "rsqrt" in ptx, "vectorised": "v4" in ptx, "spill_bytes": spill_bytes(ptx, arch)}
-    # act · up, the rotation; recomputed: the second pass computes them again (no activations stored)
-    for name, rotate, recompute in (("gated quantize", False, False), ("gated quantize rotated", True, False),
-                                    ("gated quantize recomputed", True, True)):
+    for name, rotate in (("gated quantize", False), ("gated quantize rotated", True)):  # act · up, the rotation
         k = build(int8_ops._gated_quantize_kernel, arch,
                   {"GateUp": "*fp16", "X": "*fp16", "Xq": "*i8", "Absmax": "*fp32", "Outliers": "*fp16",
                    "Seen": "*fp32", "Hits": "*fp32"},
                   ["stride_gm", "stride_xm", "stride_qm", "K"], ["threshold"],
                   dict(TILE=int8_ops.GATED_TILE, ACT=0, ROTATE=rotate, HAS_OUTLIERS=True, GUARD=True,
-                       RECOMPUTE=recompute, STORE_X=False, INTERPRETED=False),
+                       INTERPRETED=False),
                   aligned=("stride_gm", "stride_xm", "stride_qm", "K"), num_warps=int8_ops.GATED_WARPS)
         ptx = k.asm["ptx"]  # the rotation's two dots on the tensor cores (tf32), no registers spilled
         out[name] = {"round_half_even": "cvt.rni.f32.f32" in ptx, "guard_atomics": "atom.global" in ptx,
                      "tf32_mma": ptx.count(".tf32.tf32"), "vectorised": "v4" in ptx,
-                     "global_stores": ptx.count("st.global"),
                      "shared_bytes": k.metadata.shared, "spill_bytes": spill_bytes(ptx, arch)}
     k = build(int8_ops._dequantize_kernel, arch, {"Acc": "*i32"} | EPILOGUE,
               ["M", "N", "stride_cm", "stride_am", "stride_om"], ["inv_sq"],
