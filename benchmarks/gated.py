@@ -20,13 +20,10 @@ from benchmarks.kernels import graph_ms, time_ms
 
 HIDDEN, INNER = 4096, 11008
 LAUNCHES = [(512, 4), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (16384, 16)]
-# each with the second pass reading the activations back ("r") and computing them again from gate_up ("c")
-PASSES = {"r": False, "c": True}
 
 
 def tune(rows: int, inner: int, device: str) -> dict:
-    """The fused pre-GEMM kernel's ms at each of LAUNCHES and PASSES, rotated, at this many rows; the fastest under
-    "best"."""
+    """The fused pre-GEMM kernel's ms at each of LAUNCHES, rotated, at this many rows; the fastest under "best"."""
     import torch
     from batchgen.worker.engine import rotation
     from batchgen.worker.engine.kernels import int8_ops
@@ -34,12 +31,10 @@ def tune(rows: int, inner: int, device: str) -> dict:
     gate_up = torch.randn(rows, 2 * inner, device=device).half()
     timed = {}
     for tile, warps in LAUNCHES:
-        for name, recompute in PASSES.items():
-            timed[f"{tile}x{warps}{name}"] = round(graph_ms(lambda t=tile, w=warps, c=recompute: int8_ops.gated_quantize(
-                gate_up, inner, "SiLU", rotation.BLOCK, tile=t, num_warps=w, recompute=c), device), 4)
-    best = min(timed, key=timed.get)
-    tile, warps = map(int, best[:-1].split("x"))
-    return {"rows": rows, "ms": timed, "best": {"tile": tile, "num_warps": warps, "recompute": PASSES[best[-1]]}}
+        timed[f"{tile}x{warps}"] = round(graph_ms(lambda t=tile, w=warps: int8_ops.gated_quantize(
+            gate_up, inner, "SiLU", rotation.BLOCK, tile=t, num_warps=w), device), 4)
+    tile, warps = map(int, min(timed, key=timed.get).split("x"))
+    return {"rows": rows, "ms": timed, "best": {"tile": tile, "num_warps": warps}}
 
 
 def run(rows: int, hidden: int, inner: int, device: str) -> dict:
@@ -76,10 +71,8 @@ def run(rows: int, hidden: int, inner: int, device: str) -> dict:
         x = rotation.rotate(fused.FUSED.gated(gate_up, inner, "SiLU"), rotation.BLOCK)
         int8_ops.quantize_guarded(x, guard, keep=False)
 
-    def pre_gemm_fused(rotate: int = rotation.BLOCK, recompute: bool | None = None) -> None:
-        launch = gated_launch(rows, inner, device)
-        launch = launch if recompute is None else {**launch, "recompute": recompute}  # the tuned launch, one pass
-        int8_ops.gated_quantize(gate_up, inner, "SiLU", rotate, guard, **launch)
+    def pre_gemm_fused(rotate: int = rotation.BLOCK) -> None:
+        int8_ops.gated_quantize(gate_up, inner, "SiLU", rotate, guard, **gated_launch(rows, inner, device))
 
     want, got = pieces(), fused_tail()
     x = rotation.rotate(fused.FUSED.gated(gate_up, inner, "SiLU"), rotation.BLOCK)
@@ -91,21 +84,17 @@ def run(rows: int, hidden: int, inner: int, device: str) -> dict:
            "out_abs_max": want.float().abs().max().item()}
     for name, fn in (("pieces_ms", pieces), ("fused_ms", fused_tail), ("pre_gemm_pieces_ms", pre_gemm),
                      ("pre_gemm_fused_ms", pre_gemm_fused),
-                     ("pre_gemm_fused_unrotated_ms", lambda: pre_gemm_fused(0)),
-                     ("pre_gemm_read_back_ms", lambda: pre_gemm_fused(recompute=False)),
-                     ("pre_gemm_recomputed_ms", lambda: pre_gemm_fused(recompute=True))):
+                     ("pre_gemm_fused_unrotated_ms", lambda: pre_gemm_fused(0))):
         out[name] = round(timer(fn, device), 4)
-    # bytes the fused pre-GEMM kernel must move: gate_up read, int8 written (reading back: the activations written
-    # too; the read back is from L2)
-    for name, size in (("read_back", 4 + 2 + 1), ("recomputed", 4 + 1)):
-        out[f"pre_gemm_{name}_gb_s"] = round(rows * inner * size / out[f"pre_gemm_{name}_ms"] / 1e6, 1)
+    # bytes the fused pre-GEMM kernel must move: gate_up read, the activations written (and read back), int8 written
+    out["pre_gemm_fused_gb_s"] = round(rows * inner * (4 + 2 + 1) / out["pre_gemm_fused_ms"] / 1e6, 1)
     out["gated_launch"] = gated_launch(rows, inner, device)
     if device == "cuda":  # every launch computes the same int8 values and absmax (tiles split rows, not sums)
         ref = int8_ops.gated_quantize(gate_up, inner, "SiLU", rotation.BLOCK)
         out["launch_invariant"] = all(
             torch.equal(got.xq, ref.xq) and torch.equal(got.absmax, ref.absmax)
-            for got in (int8_ops.gated_quantize(gate_up, inner, "SiLU", rotation.BLOCK, tile=t, num_warps=w,
-                                                recompute=c) for t, w in LAUNCHES for c in PASSES.values()))
+            for got in (int8_ops.gated_quantize(gate_up, inner, "SiLU", rotation.BLOCK, tile=t, num_warps=w)
+                        for t, w in LAUNCHES))
     if device == "cuda" and int8_ops.TensorDescriptor is not None:  # the persistent TMA kernel's residual epilogue
         xq = torch.randint(-127, 128, (rows, inner), generator=g, device=device, dtype=torch.int8)
         absmax = torch.rand(rows, 1, generator=g, device=device) * 4

@@ -124,43 +124,32 @@ if HAS_TRITON:
         return tl.reshape(tl.permute(tl.reshape(z, [CHUNKS, 16, 16]), (0, 2, 1)), [BLOCK_K])
 
     @triton.jit
-    def _gated_tile(GateUp, row, stride_gm, K, k, k_mask, ACT: tl.constexpr, ROTATE: tl.constexpr,
-                    TILE: tl.constexpr):
-        """act(gate) · up at a gate_up row's columns k (as eager: the activation rounded, then the product), rotated
-        where ROTATE."""
-        dtype = GateUp.dtype.element_ty
-        gate = tl.load(GateUp + row * stride_gm + k, mask=k_mask, other=0.0).to(tl.float32)
-        up = tl.load(GateUp + row * stride_gm + K + k, mask=k_mask, other=0.0).to(tl.float32)
-        if ACT == 0:  # SiLU
-            act = gate / (1.0 + tl.exp(-gate))
-        else:  # tanh GELU, its tanh(u) as 1 - 2 / (1 + e^2u)
-            u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-            act = 0.5 * gate * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
-        x = (act.to(dtype).to(tl.float32) * up).to(dtype)
-        if ROTATE:
-            x = _hadamard_256(x.to(tl.float32), TILE).to(dtype)
-        return x
-
-    @triton.jit
     def _gated_quantize_kernel(GateUp, X, Xq, Absmax, Outliers, Seen, Hits, stride_gm, stride_xm, stride_qm, K,
                                threshold, TILE: tl.constexpr, ACT: tl.constexpr, ROTATE: tl.constexpr,
-                               HAS_OUTLIERS: tl.constexpr, GUARD: tl.constexpr, RECOMPUTE: tl.constexpr,
-                               STORE_X: tl.constexpr, INTERPRETED: tl.constexpr):
+                               HAS_OUTLIERS: tl.constexpr, GUARD: tl.constexpr, INTERPRETED: tl.constexpr):
         """fused.gated (act(gate) · up over a gate_up row [2K]), rotation.rotate where ROTATE, then
-        _quantize_kernel's row: TILE columns at a time, twice. The first pass computes the activations and keeps
-        the running absmax; the second quantises them, read back from X (which the first pass wrote: from L2, a
-        moment later) or, where RECOMPUTE, computed again from gate_up's row (read again from L2; X written only
-        where STORE_X): no activations written to memory and flushed to HBM later. A row in registers at once
-        (16,384 values for Llama-7B's 11,008) left one program an SM and ran at a quarter of the copy rate."""
+        _quantize_kernel's row: TILE columns at a time, twice. The first pass computes the activations, writes them
+        to X and keeps the running absmax; the second reads them back (from L2: the program wrote them a moment
+        before) and quantises. A row in registers at once (16,384 values for Llama-7B's 11,008) left one program
+        an SM and ran at a quarter of the copy rate."""
         row = tl.program_id(0).to(tl.int64)
         t = tl.arange(0, TILE)
+        dtype = GateUp.dtype.element_ty
         running = tl.zeros([TILE], dtype=tl.float16)
         for k0 in range(0, K, TILE):
             k = k0 + t
             k_mask = k < K
-            x = _gated_tile(GateUp, row, stride_gm, K, k, k_mask, ACT, ROTATE, TILE)
-            if STORE_X or not RECOMPUTE:
-                tl.store(X + row * stride_xm + k, x, mask=k_mask)
+            gate = tl.load(GateUp + row * stride_gm + k, mask=k_mask, other=0.0).to(tl.float32)
+            up = tl.load(GateUp + row * stride_gm + K + k, mask=k_mask, other=0.0).to(tl.float32)
+            if ACT == 0:  # SiLU
+                act = gate / (1.0 + tl.exp(-gate))
+            else:  # tanh GELU, its tanh(u) as 1 - 2 / (1 + e^2u)
+                u = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+                act = 0.5 * gate * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
+            x = (act.to(dtype).to(tl.float32) * up).to(dtype)  # as eager: the activation rounded, then the product
+            if ROTATE:
+                x = _hadamard_256(x.to(tl.float32), TILE).to(dtype)
+            tl.store(X + row * stride_xm + k, x, mask=k_mask)
             x16 = x.to(tl.float16)
             if HAS_OUTLIERS:  # the dense path's columns left out of the int8 input, as _quantize_row's KEEP
                 x16 = (x16 * tl.load(Outliers + k, mask=k_mask, other=0.0)).to(tl.float16)
@@ -168,16 +157,12 @@ if HAS_TRITON:
         absmax16 = tl.max(running, 0)
         absmax = absmax16.to(tl.float32)
         inv = tl.where(absmax > 0.0, 127.0 / absmax, 0.0)  # an all-zero row quantises to zeros, not NaN
-        if not RECOMPUTE:
-            tl.debug_barrier()  # the first pass's stores seen by every thread of the program
+        tl.debug_barrier()  # the first pass's stores seen by every thread of the program
         first = K
         for k0 in range(0, K, TILE):
             k = k0 + t
             k_mask = k < K
-            if RECOMPUTE:
-                x16 = _gated_tile(GateUp, row, stride_gm, K, k, k_mask, ACT, ROTATE, TILE).to(tl.float16)
-            else:
-                x16 = tl.load(X + row * stride_xm + k, mask=k_mask, other=0.0).to(tl.float16)
+            x16 = tl.load(X + row * stride_xm + k, mask=k_mask, other=0.0).to(tl.float16)
             if HAS_OUTLIERS:
                 x16 = (x16 * tl.load(Outliers + k, mask=k_mask, other=0.0)).to(tl.float16)
             xq = round_half_even(x16.to(tl.float32) * inv, INTERPRETED)
@@ -485,12 +470,12 @@ GATED_TILE, GATED_WARPS = 2048, 8  # gated_quantize's launch: columns a step, wa
 
 def gated_quantize(gate_up: torch.Tensor, gate_size: int, act: str, rotate_block: int = 0,
                    guard: GuardBuffers | None = None, *, keep: bool = False, store_x: bool = False,
-                   tile: int = GATED_TILE, num_warps: int = GATED_WARPS, recompute: bool = False) -> GatedInput:
+                   tile: int = GATED_TILE, num_warps: int = GATED_WARPS) -> GatedInput:
     """fused.gated(gate_up, gate_size, act), rotation.rotate(·, rotate_block) where rotate_block, and the
     quantisation of the result (quantize_guarded(x, guard, keep=keep) with a guard, else quantize_rows(x)) in one
     kernel. gate_up [m, 2 * gate_size] with unit stride over its columns; act one of GATED_ACTS; rotate_block 0 or
-    ROTATE_BLOCK; tile (a power of two), num_warps and recompute (the second pass computes the activations again
-    instead of reading them back) the launch. Where Triton does not run: the same functions one by one."""
+    ROTATE_BLOCK; tile (a power of two) and num_warps the launch. Where Triton does not run: the same functions one
+    by one."""
     if act not in GATED_ACTS or rotate_block not in (0, ROTATE_BLOCK) or gate_up.shape[-1] != 2 * gate_size:
         raise ValueError(f"gated_quantize takes {sorted(GATED_ACTS)}, rotation 0 or {ROTATE_BLOCK} and gate = up; "
                          f"got {act}, {rotate_block}, {gate_size} of {gate_up.shape[-1]}")
@@ -504,8 +489,7 @@ def gated_quantize(gate_up: torch.Tensor, gate_size: int, act: str, rotate_block
         return GatedInput(x if store_x else None, xq, absmax)
     m = gate_up.shape[0]
     k = gate_size
-    # the second pass reads the activations back unless it computes them again
-    x = torch.empty(m, k, dtype=gate_up.dtype, device=gate_up.device) if store_x or not recompute else gate_up
+    x = torch.empty(m, k, dtype=gate_up.dtype, device=gate_up.device)  # the second pass reads it back
     xq = torch.empty(m, k, dtype=torch.int8, device=gate_up.device)
     absmax = torch.empty(m, 1, dtype=torch.float32, device=gate_up.device)
     keep_cols, seen, hits, threshold = guard if guard is not None else (absmax, absmax, absmax, 0.0)
@@ -513,9 +497,10 @@ def gated_quantize(gate_up: torch.Tensor, gate_size: int, act: str, rotate_block
     _gated_quantize_kernel[(m,)](
         gate_up, x, xq, absmax, keep_cols, seen, hits, gate_up.stride(0), x.stride(0), xq.stride(0), k,
         float(threshold), TILE=tile, ACT=GATED_ACTS[act], ROTATE=bool(rotate_block),
-        HAS_OUTLIERS=guard is not None and keep, GUARD=guard is not None, RECOMPUTE=recompute, STORE_X=store_x,
-        INTERPRETED=interpreting(), num_warps=num_warps)
-    return GatedInput(x if store_x else None, xq, absmax)
+        HAS_OUTLIERS=guard is not None and keep, GUARD=guard is not None, INTERPRETED=interpreting(),
+        num_warps=num_warps)
+    x = x if store_x else None
+    return GatedInput(x, xq, absmax)
 
 
 def _quantize(x: torch.Tensor, columns: torch.Tensor | None, *, keep: bool, argmax: bool,
