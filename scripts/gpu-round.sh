@@ -804,6 +804,13 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=130 bulk defaults_2 1 static-features 0
     KV_SCALES=v-q16-keys-vt BULK_S=130 bulk vt_2 1 static-features 0
     ;;
+  mps-profile)  # a step at 614 rows (an H200's bulk state) under MPS (an H200's bus per SM), keys kernel then V^T:
+    # 40 steps from 352 prompt tokens, so every row's sixth block fills (V^T's seal) within them
+    start_mps
+    PROFILE_S=200 profile keys614_mps int8_kv_scales=v-q16-keys --rows 614 --prompt 352 --max-model-len 416 --steps 40
+    PROFILE_S=150 profile vt614_mps int8_kv_scales=v-q16-keys-vt --rows 614 --prompt 352 --max-model-len 416 \
+        --steps 40
+    ;;
   mps-check)  # whether MPS gives the kernels an H200's bus per SM: vt_keys on every SM and a 96-SM green context,
     # then under MPS on what it is given
     run 90 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
