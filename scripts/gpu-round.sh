@@ -761,9 +761,9 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=120 bulk defaults_2 1 static-features 0
     ;;
   short)  # #22 in little device time: on an H200 the GEMM at 576-704 rows tuned on the card (no gated quantiser),
-    # bulk on the defaults, then on V^T; elsewhere mps
+    # bulk on the defaults, then on V^T; elsewhere mps-profile
     if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
-        exec bash "$0" mps
+        exec bash "$0" mps-profile
     fi
     mkdir -p "$out/rows" "$out/tables" && cp "$tables"/NVIDIA*.json "$out/rows/"
     run 120 int8_tune_rows python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 576,640,704 \
