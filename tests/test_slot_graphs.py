@@ -10,6 +10,7 @@ import torch
 from batchgen.jobs.schema import Request, SamplingParams
 from batchgen.worker.config import WorkerConfig
 from batchgen.worker.engine.config import EngineConfig
+from batchgen.worker.engine.cuda_graphs import end_capture
 from batchgen.worker.engine.generic import GenericEngine
 from batchgen.worker.engine.protocol import GenerationRequest
 from batchgen.worker.engine.slot_batch import SlotBatch
@@ -150,6 +151,54 @@ def test_failed_capture_goes_on_eagerly(demo_model_dir, tmp_path, monkeypatch):
     while engine.num_unfinished:
         texts |= {r.key: r.text for r in engine.step()}
     assert engine.stats().extra["decode_steps"].startswith("eager (capture failed: RuntimeError: Cannot copy")
+    for i in range(4):
+        ids = engine.tokenizer(prompt(i))["input_ids"]
+        assert texts[f"r{i}"] == engine.tokenizer.decode(hf_greedy(path, ids, wanted(i)), skip_special_tokens=True)
+
+
+class _Graph:
+    """A CUDA graph whose capture_end fails as the named error: a graph's instantiation out of memory comes as a
+    torch.AcceleratorError (a RuntimeError) saying so, not as an OutOfMemoryError."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def capture_end(self) -> None:
+        raise RuntimeError(self.message)
+
+
+def test_capture_end_out_of_memory_is_an_oom():
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA graph capture: CUDA error: out of memory"):
+        end_capture(_Graph("CUDA error: out of memory"))
+    with pytest.raises(RuntimeError, match="operation not permitted") as raised:  # any other failure as it was
+        end_capture(_Graph("CUDA error: operation not permitted when stream is capturing"))
+    assert not isinstance(raised.value, torch.OutOfMemoryError)
+
+
+def test_out_of_memory_in_a_capture_backs_off_and_goes_on(demo_model_dir, tmp_path, monkeypatch):
+    """A decode step whose graph ran out of memory where it was instantiated (end_capture's OOM): the engine backs
+    off as for any OOM and goes on replaying graphs (not eager from then on); output unchanged. A worker died of
+    it under MPS, the error not being an OutOfMemoryError."""
+    path = write_tiny_model(tmp_path, "gpt2", demo_model_dir)
+    monkeypatch.setattr(GenericEngine, "_why_eager", lambda self: "")
+    real_run, runs = SlotDecodeGraphs.run, []
+
+    def run(self, tokens):
+        runs.append(len(tokens))
+        if len(runs) == 2:
+            end_capture(_Graph("CUDA error: out of memory"))
+        return real_run(self, tokens)
+
+    monkeypatch.setattr(SlotDecodeGraphs, "run", run)
+    engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_model_len=MAX_MODEL_LEN))
+    engine.add([GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=prompt(i), params=SamplingParams(
+        max_tokens=wanted(i), temperature=0, ignore_eos=True))) for i in range(4)])
+    texts = {}
+    while engine.num_unfinished:
+        texts |= {r.key: r.text for r in engine.step()}
+    extra = engine.stats().extra
+    assert extra["num_ooms"] == 1 and not extra["decode_steps"].startswith("eager"), extra
+    assert len(runs) > 2
     for i in range(4):
         ids = engine.tokenizer(prompt(i))["input_ids"]
         assert texts[f"r{i}"] == engine.tokenizer.decode(hf_greedy(path, ids, wanted(i)), skip_special_tokens=True)

@@ -40,9 +40,21 @@ def capture(fn: Callable[[], torch.Tensor | None], stream: torch.cuda.Stream,
         try:
             out = fn()
         finally:
-            graph.capture_end()
+            end_capture(graph)
     current.wait_stream(stream)
     return graph, out
+
+
+def end_capture(graph: torch.cuda.CUDAGraph) -> None:
+    """graph.capture_end(), its out-of-memory (the graph's instantiation: a torch.AcceleratorError, not an
+    OutOfMemoryError) raised as torch.OutOfMemoryError, so that the engine shrinks the batch and retries as it does
+    for any other OOM instead of the worker dying."""
+    try:
+        graph.capture_end()
+    except RuntimeError as exc:
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" not in str(exc):
+            raise
+        raise torch.OutOfMemoryError(f"CUDA graph capture: {exc}") from exc
 
 
 class DecodeGraphs:
