@@ -804,6 +804,15 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     BULK_S=130 bulk defaults_2 1 static-features 0
     KV_SCALES=v-q16-keys-vt BULK_S=130 bulk vt_2 1 static-features 0
     ;;
+  tiny)  # #22 in ~5 min: on an H200 vt_keys on every SM (the V^T kernel against the keys kernel on the card), then bulk
+    # on the defaults and on V^T as far as the call lasts; elsewhere mps-profile
+    if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+        exec bash "$0" mps-profile
+    fi
+    run 60 vt_keys python3 -m benchmarks.vt_keys --sms 0 --out "$out/vt_keys.json"
+    BULK_S=200 bulk defaults 1 static-features 0
+    KV_SCALES=v-q16-keys-vt BULK_S=130 bulk vt 1 static-features 0
+    ;;
   mps-profile)  # a step at 614 rows (an H200's bulk state) under MPS (an H200's bus per SM), keys kernel then V^T:
     # 40 steps from 352 prompt tokens, so every row's sixth block fills (V^T's seal) within them
     start_mps
