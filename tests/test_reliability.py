@@ -200,6 +200,11 @@ def test_injected_ooms_on_the_8bit_model_lose_nothing_and_change_no_output(demo_
     # The OOMs really happened: the worker's heartbeat shows the batch cap halved twice.
     eventually(lambda: any(w.get("max_batch_size") == "1" for w in client.workers()), "max_batch_size 1", 30)
     assert stop(worker) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    # and the log says so: each back-off, and the drained engine's line (which benchmarks read) counts them
+    log_text = (tmp_path / "worker.log").read_text()
+    assert all(f"a batch holds at most {n} rows now" in log_text for n in (2, 1)), log_text[-3000:]
+    drained = [json.loads(x.split("engine steps: ", 1)[1]) for x in log_text.splitlines() if "engine steps: " in x]
+    assert drained and drained[-1]["num_ooms"] == 2 and drained[-1]["max_batch_size"] == 1, drained[-1:]
     lines = list(client.results(batch.id))
     assert sorted(ln["custom_id"] for ln in lines) == sorted(expected)  # each exactly once
     got = {ln["custom_id"]: ln["response"]["body"]["choices"][0]["text"] for ln in lines}

@@ -265,8 +265,10 @@ class LLMEngine:
             if self._queued is None:
                 self._flush_int8()
             self.clock.idle()
-            log.info("engine steps: %s", json.dumps(self.step_stats.as_stats() | self.clock.as_stats()
-                                                    | {"kv_bytes_per_token": self.budget.kv_bytes_per_token}))
+            log.info("engine steps: %s", json.dumps(  # OOM back-offs too: a run that had them ran another schedule
+                self.step_stats.as_stats() | self.clock.as_stats()
+                | {"kv_bytes_per_token": self.budget.kv_bytes_per_token, "num_ooms": self._num_ooms,
+                   "max_batch_size": self.scheduler.max_batch_size}))
         self._last_read = time.perf_counter()
         return results
 

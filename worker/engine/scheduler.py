@@ -10,12 +10,15 @@ are free, so admission is limited by the tokens rows can really reach, not by ma
 gives its blocks back when it finishes, is aborted or requeued.
 """
 
+import logging
 from collections import deque
 from collections.abc import Iterable
 from itertools import islice
 
 from batchgen.worker.engine.kv_blocks import BlockPool
 from batchgen.worker.engine.sequence import SeqStatus, Sequence
+
+log = logging.getLogger("batchgen.engine")
 
 ADMIT_GROUP_DIVISOR = 8  # prefill once 1/8 of the rows are free
 
@@ -180,6 +183,8 @@ class Scheduler:
         evicted = [s for r, s in self.running.items() if r >= self.max_batch_size]
         evicted += [s for s in also_requeue if s.status == SeqStatus.RUNNING and s not in evicted]
         self.requeue(evicted)
+        log.warning("out of GPU memory: a batch holds at most %d rows now; %d start again", self.max_batch_size,
+                    len(evicted))
         return evicted
 
     def abort(self, keys: Iterable[str]) -> list[Sequence]:
