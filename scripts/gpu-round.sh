@@ -187,6 +187,16 @@ gated_rows() {  # the MLP tail's quantiser at the decode buckets between 512 and
     mkdir -p "$out/tables" && cp "$tables"/NVIDIA*.json "$out/tables/"
 }
 
+agree() {  # agree A B: the share of requests whose texts two bulk runs (bulk_A, bulk_B) agree on, into round.log
+    log "agree $1 $2: $(python3 -c 'import json, sys
+a, b = (json.load(open(f"{d}/batch_2048_digests.json")) for d in sys.argv[1:])
+print(round(sum(a[k] == b.get(k) for k in a) / max(1, len(a)), 4), "of", len(a))' "$out/bulk_$1" "$out/bulk_$2" 2>&1)"
+}
+
+vt_check() {  # V^T against the keys kernel through the engine's stores and decode steps at Llama-7B's heads
+    run 90 vt_check python3 -m benchmarks.vt_check --out "$out"
+}
+
 start_mps() {  # every CUDA process after this under MPS with MPS_PCT (73) % of the SMs: ~96 of an H100's 132
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
@@ -754,23 +764,28 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
         exec bash "$0" mps
     fi
+    vt_check
     tune_rows 150 120
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     hf_static baselines 120 --fp16-repeats "${HF_REPEATS:-3}"  # #22's table first; the V^T question after
     KV_SCALES=v-q16-keys-vt BULK_S=150 bulk vt 1 static-features 0
+    agree defaults vt
     BULK_S=120 bulk defaults_2 1 static-features 0
+    agree defaults defaults_2
     ;;
   short)  # #22 in little device time: on an H200 the GEMM at 576-704 rows tuned on the card (no gated quantiser),
     # bulk on the defaults, then on V^T; elsewhere mps-profile
     if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
         exec bash "$0" mps-profile
     fi
+    vt_check
     mkdir -p "$out/rows" "$out/tables" && cp "$tables"/NVIDIA*.json "$out/rows/"
     run 120 int8_tune_rows python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 576,640,704 \
         --out "$out/rows/int8_tune.json" --budget-s 90
     cp "$out"/rows/NVIDIA*.json "$tables"/ && cp "$tables"/NVIDIA*.json "$out/tables/"
     BULK_S=200 bulk defaults 1 static-features 0
     KV_SCALES=v-q16-keys-vt BULK_S=130 bulk vt 1 static-features 0
+    agree defaults vt
     ;;
   fuse-ab)  # a step at 614 rows profiled (keys kernel, then V^T) with RoPE and the int8 K/V store in one launch;
     # bulk on this tree, then on OLD's (its last bulk ran before both), then this tree again
@@ -809,9 +824,18 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
         exec bash "$0" mps-profile
     fi
+    vt_check
     run 60 vt_keys python3 -m benchmarks.vt_keys --sms 0 --out "$out/vt_keys.json"
     BULK_S=200 bulk defaults 1 static-features 0
     KV_SCALES=v-q16-keys-vt BULK_S=130 bulk vt 1 static-features 0
+    agree defaults vt
+    ;;
+  vt-check)  # V^T's correctness on the GPU: vt_check (Llama-7B's heads, 4 layers), then bulk on the defaults and on
+    # V^T and the share of requests they agree on (two runs on the defaults agree on ~0.69 of them)
+    vt_check
+    BULK_S=200 bulk defaults 1 static-features 0
+    KV_SCALES=v-q16-keys-vt BULK_S=130 bulk vt 1 static-features 0
+    agree defaults vt
     ;;
   mps-profile)  # a step at 614 rows (an H200's bulk state) under MPS (an H200's bus per SM), keys kernel then V^T:
     # 40 steps from 352 prompt tokens, so every row's sixth block fills (V^T's seal) within them
