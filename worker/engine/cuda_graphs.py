@@ -25,14 +25,15 @@ def batch_buckets(max_rows: int) -> list[int]:
 
 
 def capture(fn: Callable[[], torch.Tensor | None], stream: torch.cuda.Stream,
-            pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None]:
+            pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None, torch.Tensor | None]:
     """fn run once on stream (compiles kernels, creates cuBLAS workspaces), then captured there into pool; returns
-    the graph and fn's output (static: each replay rewrites it). Without torch.cuda.graph's per-capture flushes of
-    the device and pinned-host caches, after which the next steps would allocate afresh."""
+    the graph, fn's output in it (static: each replay rewrites it) and the output of that first, real run. Without
+    torch.cuda.graph's per-capture flushes of the device and pinned-host caches, after which the next steps would
+    allocate afresh."""
     current = torch.cuda.current_stream(stream.device)
     stream.wait_stream(current)
     with torch.cuda.stream(stream):
-        fn()
+        first = fn()
     torch.cuda.synchronize(stream.device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
@@ -42,7 +43,9 @@ def capture(fn: Callable[[], torch.Tensor | None], stream: torch.cuda.Stream,
         finally:
             end_capture(graph)
     current.wait_stream(stream)
-    return graph, out
+    if isinstance(first, torch.Tensor):
+        first.record_stream(current)  # made on stream, read on the caller's
+    return graph, out, first
 
 
 def end_capture(graph: torch.cuda.CUDAGraph) -> None:
@@ -83,25 +86,27 @@ class DecodeGraphs:
         else:
             self.inputs[:, :b].copy_(to_device([tokens + pad, positions + pad], self.device))
         key = (b, kv_len)
-        if key not in self.graphs:
-            self._capture(key)
+        if key not in self.graphs:  # the capture's warm-up ran this step: its logits (a replay would run it twice)
+            return self._capture(key)[:n]
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:n]
 
-    def _capture(self, key: tuple[int, int]) -> None:
-        """Warm-up once, then capture. The warm-up runs the step for real on the current inputs: it writes
-        exactly the K/V the replay will write again."""
+    def _capture(self, key: tuple[int, int]) -> torch.Tensor:
+        """Warm-up once, then capture; the warm-up's logits. The warm-up runs the step for real on the current
+        inputs, so this step is done: replaying it too would run it twice, and a step is not always idempotent (a
+        V^T pool's store and seal turn a block that fills over again, into garbage)."""
         start = time.perf_counter()
         b, kv_len = key
         ids, positions = self.inputs[0, :b], self.inputs[1, :b]
         if self.stream is None:
             self.stream = torch.cuda.Stream(self.device)
-        graph, logits = capture(lambda: self.decode(ids, positions, kv_len), self.stream, self.pool)
+        graph, logits, first = capture(lambda: self.decode(ids, positions, kv_len), self.stream, self.pool)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[key] = (graph, logits)
         self.capture_s += time.perf_counter() - start
+        return first
 
     def capture_all(self, kv_len: int) -> None:
         """Captures every bucket up front, largest first (the shared pool is sized once, by the largest)."""

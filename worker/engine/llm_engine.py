@@ -533,8 +533,10 @@ class LLMEngine:
         self._num_ooms += 1
         self.runner.free_cached_memory()
         if self.scheduler.max_batch_size > 1:
-            # Prefilled sequences may have half-written K/V: they start again too.
-            self.scheduler.shrink(also_requeue=seqs if prefill else ())
+            # Prefilled sequences may have half-written K/V: they start again too. So do a decode step's rows over a
+            # V^T pool: the step ran its stores, and run again a block it filled would be sealed twice (garbage)
+            again = prefill or getattr(self.runner, "v_transposed", False)
+            self.scheduler.shrink(also_requeue=seqs if again else ())
             return []
         return self.finisher.fail(seqs, self.scheduler, self._keys, "out_of_memory",
                                   "out of GPU memory even at batch size 1; try a shorter prompt or max_tokens")

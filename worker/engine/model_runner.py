@@ -109,6 +109,7 @@ class ModelRunner:
         if paged and decode_path(parts.spec, attention, kv_cache_dtype != "auto") != "flash":
             self.block_size = KV_BLOCK_SIZE
         self.k_cache = self.v_cache = torch.empty(0)
+        self.v_transposed = False
         self.block_table: torch.Tensor | None = None  # [max_rows, max_blocks_per_row] int32, updated in place
         self.host_table = torch.empty(0, dtype=torch.int32)  # its host copy, where set_blocks edits rows
         self.max_rows = 0
@@ -174,6 +175,7 @@ class ModelRunner:
         transposed = (heads_major and decode_path(p.spec, self.attention, True) == "triton"
                       and vt_pool(p.num_heads, p.num_kv_heads, p.head_dim, self.dtype))
         self.v_cache = kv_pool(shape, self.v_dtype, self.device, heads_major, transposed)
+        self.v_transposed = transposed  # a decode step's stores are not idempotent (kv_store.seal_blocks)
         if self.token_scales:  # one per token and KV head; a head's tokens side by side (one load per key block)
             scales = (shape[0], shape[1], shape[3], shape[2])
             self.k_scale = torch.zeros(scales, dtype=torch.float32, device=self.device)

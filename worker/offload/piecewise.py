@@ -162,7 +162,7 @@ class PiecewiseDecode:
         return out
 
     def _capture(self, i: int, lo: int, b: int) -> None:
-        graph, out = capture(lambda: self.piece(i, lo, b), self.capture_stream, self.pool)
+        graph, out, _ = capture(lambda: self.piece(i, lo, b), self.capture_stream, self.pool)
         if self.pool is None:
             self.pool = graph.pool()
         self.graphs[(b, i, lo)] = (graph, out)
