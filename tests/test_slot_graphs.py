@@ -135,6 +135,23 @@ def test_static_decode_forward_is_capturable(arch, breakers, demo_model_dir, tmp
     assert spies == [breakers, breakers], spies
 
 
+def _four_greedy(path) -> tuple:
+    """A generic-path engine on the model at path, four greedy requests run to the end: (engine, texts)."""
+    engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_model_len=MAX_MODEL_LEN))
+    engine.add([GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=prompt(i), params=SamplingParams(
+        max_tokens=wanted(i), temperature=0, ignore_eos=True))) for i in range(4)])
+    texts = {}
+    while engine.num_unfinished:
+        texts |= {r.key: r.text for r in engine.step()}
+    return engine, texts
+
+
+def _assert_like_hf(engine, path, texts: dict) -> None:
+    for i in range(4):
+        ids = engine.tokenizer(prompt(i))["input_ids"]
+        assert texts[f"r{i}"] == engine.tokenizer.decode(hf_greedy(path, ids, wanted(i)), skip_special_tokens=True)
+
+
 def test_failed_capture_goes_on_eagerly(demo_model_dir, tmp_path, monkeypatch):
     """A forward that cannot be captured costs one warning: that step and the rest run eagerly, output unchanged."""
     path = write_tiny_model(tmp_path, "gpt2", demo_model_dir)
@@ -144,16 +161,9 @@ def test_failed_capture_goes_on_eagerly(demo_model_dir, tmp_path, monkeypatch):
         raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
 
     monkeypatch.setattr(SlotDecodeGraphs, "run", fails)
-    engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_model_len=MAX_MODEL_LEN))
-    engine.add([GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=prompt(i), params=SamplingParams(
-        max_tokens=wanted(i), temperature=0, ignore_eos=True))) for i in range(4)])
-    texts = {}
-    while engine.num_unfinished:
-        texts |= {r.key: r.text for r in engine.step()}
+    engine, texts = _four_greedy(path)
     assert engine.stats().extra["decode_steps"].startswith("eager (capture failed: RuntimeError: Cannot copy")
-    for i in range(4):
-        ids = engine.tokenizer(prompt(i))["input_ids"]
-        assert texts[f"r{i}"] == engine.tokenizer.decode(hf_greedy(path, ids, wanted(i)), skip_special_tokens=True)
+    _assert_like_hf(engine, path, texts)
 
 
 class _Graph:
@@ -190,18 +200,11 @@ def test_out_of_memory_in_a_capture_backs_off_and_goes_on(demo_model_dir, tmp_pa
         return real_run(self, tokens)
 
     monkeypatch.setattr(SlotDecodeGraphs, "run", run)
-    engine = build_llm_engine(EngineConfig(model=str(path), load_in_8bit=False, max_model_len=MAX_MODEL_LEN))
-    engine.add([GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=prompt(i), params=SamplingParams(
-        max_tokens=wanted(i), temperature=0, ignore_eos=True))) for i in range(4)])
-    texts = {}
-    while engine.num_unfinished:
-        texts |= {r.key: r.text for r in engine.step()}
+    engine, texts = _four_greedy(path)
     extra = engine.stats().extra
     assert extra["num_ooms"] == 1 and not extra["decode_steps"].startswith("eager"), extra
     assert len(runs) > 2
-    for i in range(4):
-        ids = engine.tokenizer(prompt(i))["input_ids"]
-        assert texts[f"r{i}"] == engine.tokenizer.decode(hf_greedy(path, ids, wanted(i)), skip_special_tokens=True)
+    _assert_like_hf(engine, path, texts)
 
 
 def test_a_new_outlier_path_drops_the_decode_graphs(demo_model_dir, tmp_path, monkeypatch):
