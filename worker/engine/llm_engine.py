@@ -92,6 +92,7 @@ class Runner(Reporter, Protocol):
     attention: str
     use_graphs: bool
     block_size: int | None  # a paged cache's tokens per block (see PagedRunner); None: slots of max_model_len
+    v_transposed: bool  # V^T in each block: a decode step's stores are not idempotent (kv_store.seal_blocks)
 
     def allocate_kv(self, max_rows: int) -> None: ...
 
@@ -535,7 +536,7 @@ class LLMEngine:
         if self.scheduler.max_batch_size > 1:
             # Prefilled sequences may have half-written K/V: they start again too. So do a decode step's rows over a
             # V^T pool: the step ran its stores, and run again a block it filled would be sealed twice (garbage)
-            again = prefill or getattr(self.runner, "v_transposed", False)
+            again = prefill or self.runner.v_transposed
             self.scheduler.shrink(also_requeue=seqs if again else ())
             return []
         return self.finisher.fail(seqs, self.scheduler, self._keys, "out_of_memory",

@@ -175,7 +175,7 @@ class ModelRunner:
         transposed = (heads_major and decode_path(p.spec, self.attention, True) == "triton"
                       and vt_pool(p.num_heads, p.num_kv_heads, p.head_dim, self.dtype))
         self.v_cache = kv_pool(shape, self.v_dtype, self.device, heads_major, transposed)
-        self.v_transposed = transposed  # a decode step's stores are not idempotent (kv_store.seal_blocks)
+        self.v_transposed = transposed
         if self.token_scales:  # one per token and KV head; a head's tokens side by side (one load per key block)
             scales = (shape[0], shape[1], shape[3], shape[2])
             self.k_scale = torch.zeros(scales, dtype=torch.float32, device=self.device)

@@ -18,6 +18,7 @@ class HostAttentionRunner:
     (not with bnb's int8 kernel, whose outlier columns have data-dependent shapes)."""
 
     block_size: int | None = None  # no paged KV: the host cache keeps a slot of max_model_len tokens per row
+    v_transposed = False  # nor V^T
 
     def __init__(self, parts: LlamaParts, streamer: LayerStreamer, *, device: torch.device, dtype: torch.dtype,
                  max_model_len: int, attention: str, kv_dtype: torch.dtype, kernel: Kernel | None,
