@@ -170,13 +170,22 @@ keys_ab() {  # int8_keys' launches at the int8 bulk state, then OLD's tree's (th
         'paged fp16, the default launch|keys, block_n 32, warps 1, stages 4|keys, block_n 16, warps 1, stages 3'
 }
 
-tune_rows() {  # tune_rows SECONDS BUDGET: the GEMM at the decode buckets between the table's 512 and 1024 rows
+on_h200() {  # whether this card is an H200
+    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200
+}
+
+gemm_rows() {  # gemm_rows SECONDS BUDGET: the GEMM at the decode buckets between the table's 512 and 1024 rows
     # (576, 640, 704), each search's start (this card's table before) timed beside its best; the tables with them in
-    # use; then the gated quantiser there (gated_rows)
-    mkdir -p "$out/rows" && cp "$tables"/NVIDIA*.json "$out/rows/"
+    # use, and as used under $out/tables
+    mkdir -p "$out/rows" "$out/tables" && cp "$tables"/NVIDIA*.json "$out/rows/"
     run "$1" int8_tune_rows python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 576,640,704 \
         --out "$out/rows/int8_tune.json" --budget-s "$2"
-    cp "$out"/rows/NVIDIA*.json "$tables"/ && log "table in use: $(ls "$tables")"
+    cp "$out"/rows/NVIDIA*.json "$tables"/ && cp "$tables"/NVIDIA*.json "$out/tables/"
+    log "table in use: $(ls "$tables")"
+}
+
+tune_rows() {  # tune_rows SECONDS BUDGET: gemm_rows, then the gated quantiser at those rows (gated_rows)
+    gemm_rows "$1" "$2"
     gated_rows
 }
 
@@ -195,6 +204,12 @@ print(round(sum(a[k] == b.get(k) for k in a) / max(1, len(a)), 4), "of", len(a))
 
 vt_check() {  # V^T against the keys kernel through the engine's stores and decode steps at Llama-7B's heads
     run 90 vt_check python3 -m benchmarks.vt_check --out "$out"
+}
+
+vt_ab() {  # bulk on the defaults (builds the llama7b model, once per machine), then on V^T, and their agreement
+    BULK_S=200 bulk defaults 1 static-features 0
+    KV_SCALES=v-q16-keys-vt BULK_S=130 bulk vt 1 static-features 0
+    agree defaults vt
 }
 
 start_mps() {  # every CUDA process after this under MPS with MPS_PCT (73) % of the SMs: ~96 of an H100's 132
@@ -578,7 +593,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # table and rope_store against the rope and the stores apart; elsewhere the GEMM tuned at prefill's row
     # counts (the H100's table has launches at 384 and 512 rows only, so its prefill runs int_mm and the MLP's tail
     # apart), rope_store against the rope and the stores apart, then bulk with that table
-    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then  # #22's figures first
+    if on_h200; then  # #22's figures first
         BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
         hf_static baselines 200
         run 100 gated python3 -m benchmarks.gated --out "$out/gated" --table "$tables"
@@ -638,7 +653,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     state_kernels kernels 60 'paged fp16, the default launch|q16'
     q16_launch "$(python3 scripts/fastest_launch.py "$out/kernels.log" 'paged int8 q16 early')"
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
-    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then  # HF's bs 256 fits an H200 only
+    if on_h200; then  # HF's bs 256 fits an H200 only
         hf_static baselines 110 --fp16-repeats 3
     fi
     BULK_S=120 bulk compute 1 static-features 0 1 compute
@@ -701,7 +716,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     KV_SCALES=v-q16-keys-vt BULK_S=150 bulk vt 1 static-features 0
     BULK_S=150 bulk defaults_2 1 static-features 0
     KV_SCALES=v-q16-keys-vt BULK_S=150 bulk vt_2 1 static-features 0
-    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    if on_h200; then
         run 120 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
     fi
     ;;
@@ -731,7 +746,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     KV_SCALES=v-q16-keys-vt BULK_S=200 bulk vt 1 static-features 0  # builds the llama7b model (once per machine)
     BULK_S=170 bulk defaults 1 static-features 0
     run 150 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
-    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then  # #22's card: its HF baseline too
+    if on_h200; then  # #22's card: its HF baseline too
         hf_static baselines 120 --fp16-repeats "${HF_REPEATS:-3}"
     fi
     run 120 quality_kv python3 -m benchmarks.quality --device cuda --kv-only --mha --kv-dtypes int8 \
@@ -761,7 +776,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   h200)  # #22 in one call on an H200: the GEMM and the gated quantiser at 576-704 rows tuned on the card and put
     # in use (commit $out/tables/NVIDIA_H200.json after); bulk on the defaults; HF's fp16 static baseline; bulk on
     # V^T; the defaults again. Elsewhere: mps
-    if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    if ! on_h200; then
         exec bash "$0" mps
     fi
     vt_check
@@ -775,17 +790,12 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     ;;
   short)  # #22 in little device time: on an H200 the GEMM at 576-704 rows tuned on the card (no gated quantiser),
     # bulk on the defaults, then on V^T; elsewhere mps-profile
-    if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    if ! on_h200; then
         exec bash "$0" mps-profile
     fi
     vt_check
-    mkdir -p "$out/rows" "$out/tables" && cp "$tables"/NVIDIA*.json "$out/rows/"
-    run 120 int8_tune_rows python3 -m benchmarks.int8_tune --shapes llama7b --kernels gemm --rows 576,640,704 \
-        --out "$out/rows/int8_tune.json" --budget-s 90
-    cp "$out"/rows/NVIDIA*.json "$tables"/ && cp "$tables"/NVIDIA*.json "$out/tables/"
-    BULK_S=200 bulk defaults 1 static-features 0
-    KV_SCALES=v-q16-keys-vt BULK_S=130 bulk vt 1 static-features 0
-    agree defaults vt
+    gemm_rows 120 90
+    vt_ab
     ;;
   fuse-ab)  # a step at 614 rows profiled (keys kernel, then V^T) with RoPE and the int8 K/V store in one launch;
     # bulk on this tree, then on OLD's (its last bulk ran before both), then this tree again
@@ -810,7 +820,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   mps)  # an H200's bus per SM on an H100 for whole runs: every CUDA process here under MPS with ~73 % of the SMs
     # (~96 of 132; CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, MPS_PCT overrides); vt_keys on every SM it is given (against
     # its green-context figures at 96), then bulk on the defaults, V^T, the defaults, V^T. First, on every SM, the
-    # gated quantiser tuned at 512-704 rows (its second pass read back or recomputed), the table then in use
+    # gated quantiser tuned at 512-704 rows, the table then in use
     gated_rows
     start_mps
     run 90 vt_keys_mps python3 -m benchmarks.vt_keys --sms 0 --out "$out/vt_keys_mps.json"
@@ -821,21 +831,17 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     ;;
   tiny)  # #22 in ~5 min: on an H200 vt_keys on every SM (the V^T kernel against the keys kernel on the card), then bulk
     # on the defaults and on V^T as far as the call lasts; elsewhere mps-profile
-    if ! nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+    if ! on_h200; then
         exec bash "$0" mps-profile
     fi
     vt_check
     run 60 vt_keys python3 -m benchmarks.vt_keys --sms 0 --out "$out/vt_keys.json"
-    BULK_S=200 bulk defaults 1 static-features 0
-    KV_SCALES=v-q16-keys-vt BULK_S=130 bulk vt 1 static-features 0
-    agree defaults vt
+    vt_ab
     ;;
   vt-check)  # V^T's correctness on the GPU: vt_check (Llama-7B's heads, 4 layers), then bulk on the defaults and on
     # V^T and the share of requests they agree on (two runs on the defaults agree on ~0.69 of them)
     vt_check
-    BULK_S=200 bulk defaults 1 static-features 0
-    KV_SCALES=v-q16-keys-vt BULK_S=130 bulk vt 1 static-features 0
-    agree defaults vt
+    vt_ab
     ;;
   mps-profile)  # a step at 614 rows (an H200's bulk state) under MPS (an H200's bus per SM), keys kernel then V^T:
     # 40 steps from 352 prompt tokens, so every row's sixth block fills (V^T's seal) within them
