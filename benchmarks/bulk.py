@@ -10,7 +10,8 @@ Phases (each writes OUT/<phase>.json; one device call may run several):
                attention and CUDA graphs; then the engine alone over the whole workload
     batchgen   end to end: valkey-server, a `batchgen worker` subprocess, a 512- and the 2,048-request batch,
                one single request; then token agreement with HF int8 generate, and the largest batch that fits;
-               each batch's texts as short hashes (OUT/<batch>_digests.json), to compare two runs' outputs.
+               each batch's texts as short hashes (OUT/<batch>_digests.json; of their first 16/64/256 characters in
+               OUT/<batch>_prefix_digests.json), to compare two runs' outputs.
                --sampled: every request samples (temperature 0.8, top-p 0.95, seeded by its index)
     baselines  HF generate: int8 bs1 (seed recipe), int8 static batches (bs x threshold), fp16 dynamic and
                static cache, generate_batch
@@ -319,6 +320,15 @@ def text_digests(texts: dict[str, str]) -> dict[str, str]:
     return {k: hashlib.sha1(v.encode()).hexdigest()[:12] for k, v in sorted(texts.items())}
 
 
+PREFIX_CHARS = (16, 64, 256)
+
+
+def prefix_digests(texts: dict[str, str]) -> dict[str, list[str]]:
+    """custom_id -> short hashes of its text's first PREFIX_CHARS characters: how far two runs agree, not only
+    whether they do (on random weights a near-tie flipped anywhere in 256 tokens changes the whole text)."""
+    return {k: [hashlib.sha1(v[:n].encode()).hexdigest()[:12] for n in PREFIX_CHARS] for k, v in sorted(texts.items())}
+
+
 def _run_batch(client, path: Path, vram: PeakVram | None = None) -> dict:
     from batchgen.jobs.schema import outcome_of
     from batchgen.jobs.states import BatchStatus
@@ -411,6 +421,7 @@ def phase_batchgen(args, reqs: list[Req], out_dir: Path) -> dict:
                     run["engine_busy"] = round((run["engine"]["prefill_s"] + run["engine"]["decode_s"]) / run["wall_s"], 3)
                 texts = run.pop("_texts")
                 write_json(out_dir / f"{name}_digests.json", text_digests(texts))
+                write_json(out_dir / f"{name}_prefix_digests.json", prefix_digests(texts))
                 print(name, json.dumps(run), flush=True)
                 result[name] = run
             single = Req("single", reqs[0].prompt_ids[:128], 256)

@@ -196,10 +196,14 @@ gated_rows() {  # the MLP tail's quantiser at the decode buckets between 512 and
     mkdir -p "$out/tables" && cp "$tables"/NVIDIA*.json "$out/tables/"
 }
 
-agree() {  # agree A B: the share of requests whose texts two bulk runs (bulk_A, bulk_B) agree on, into round.log
+agree() {  # agree A B: the share of requests whose texts two bulk runs (bulk_A, bulk_B) agree on, whole and in their
+    # first 16/64/256 characters, into round.log
     log "agree $1 $2: $(python3 -c 'import json, sys
 a, b = (json.load(open(f"{d}/batch_2048_digests.json")) for d in sys.argv[1:])
-print(round(sum(a[k] == b.get(k) for k in a) / max(1, len(a)), 4), "of", len(a))' "$out/bulk_$1" "$out/bulk_$2" 2>&1)"
+print(round(sum(a[k] == b.get(k) for k in a) / max(1, len(a)), 4), "of", len(a), end="; prefixes ")
+a, b = (json.load(open(f"{d}/batch_2048_prefix_digests.json")) for d in sys.argv[1:])
+print([round(sum(a[k][i] == b.get(k, [None] * 3)[i] for k in a) / max(1, len(a)), 4) for i in range(3)])' \
+        "$out/bulk_$1" "$out/bulk_$2" 2>&1)"
 }
 
 vt_check() {  # V^T against the keys kernel through the engine's stores and decode steps at Llama-7B's heads
@@ -842,6 +846,12 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # V^T and the share of requests they agree on (two runs on the defaults agree on ~0.69 of them)
     vt_check
     vt_ab
+    ;;
+  vt-agree)  # how far V^T's texts follow the defaults' against how far two runs on the defaults follow each other
+    # (whole texts and their first 16/64/256 characters): bulk on the defaults, V^T, the defaults
+    vt_ab
+    BULK_S=130 bulk defaults_2 1 static-features 0
+    agree defaults defaults_2
     ;;
   mps-profile)  # a step at 614 rows (an H200's bulk state) under MPS (an H200's bus per SM), keys kernel then V^T:
     # 40 steps from 352 prompt tokens, so every row's sixth block fills (V^T's seal) within them
