@@ -322,6 +322,58 @@ def test_an_oom_requeue_returns_the_blocks_and_loses_nothing(base, v_transposed)
         assert prefilled[True] > prefilled[False], prefilled
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("v_transposed", [False, True])
+def test_a_queued_decode_that_runs_out_of_memory_after_its_stores_runs_again_only_where_they_are_idempotent(
+        base, monkeypatch, v_transposed):
+    """A decode step queued before the unread one is read (overlapped decode) fails after the model ran (its stores
+    done). Over a plain pool the synchronous step after it runs it again; over a V^T pool, where a block it filled
+    would be sealed twice, its rows start again instead (more prompt tokens prefilled), the batch halved."""
+    requests = [completion(f"q{i}", PROMPTS[i], max_tokens=MAX_TOKENS[i]) for i in range(8)]
+    plain = paged_engine(base, num_blocks=engine_blocks(base))
+    baseline = run_checked(plain, requests)
+    engine = paged_engine(base, num_blocks=engine_blocks(base))
+    assert engine.runner.takes_device_tokens
+    monkeypatch.setattr(engine.runner, "v_transposed", v_transposed)
+    decode, queue = engine.runner.decode, engine._queue_decode
+    state = {"queued": False, "calls": 0, "failed": None}
+
+    def queued(picks):
+        state["queued"] = True
+        try:
+            queue(picks)
+        finally:
+            state["queued"] = False
+
+    def failing_decode(tokens, positions):
+        logits = decode(tokens, positions)
+        state["calls"] += state["queued"]
+        if state["queued"] and state["calls"] == 4:
+            state["failed"] = list(positions)
+            raise torch.OutOfMemoryError("out of memory after the stores (test)")
+        return logits
+
+    monkeypatch.setattr(engine, "_queue_decode", queued)
+    monkeypatch.setattr(engine.runner, "decode", failing_decode)
+    again = []  # the synchronous decode right after the failed one: the same positions, or none
+    real_forward = engine._forward
+
+    def forward(admitted, decoding):
+        if state["failed"] is not None and not again:
+            again.append(not admitted and not decoding)
+        return real_forward(admitted, decoding)
+
+    monkeypatch.setattr(engine, "_forward", forward)
+    results = run_checked(engine, [completion(r.key, r.request.prompt, max_tokens=r.request.params.max_tokens)
+                                   for r in requests])
+    assert state["failed"] is not None and engine.stats().extra["num_ooms"] == int(v_transposed)
+    assert {k: r.text for k, r in results.items()} == {k: r.text for k, r in baseline.items()}
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+    restarted = engine.step_stats.num_prefill_tokens > plain.step_stats.num_prefill_tokens
+    assert restarted == v_transposed and again == [not v_transposed], (restarted, again)
+    assert engine.scheduler.max_batch_size == (4 if v_transposed else 8)
+
+
 @pytest.mark.parametrize("rope_store", [None, True])
 def test_an_int8_pool_with_v_transposed_decodes_as_the_keys_kernel_over_its_values(rope_store, monkeypatch):
     """--int8-kv-scales v-q16-keys-vt's pool (kv_pool(transposed=True)) through the engine's own writes and

@@ -158,6 +158,9 @@ class LLMEngine:
         self._rate = TokenRate(TOKENS_PER_S_WINDOW_S)
         self._queued: QueuedStep | None = None  # a step launched and not yet read
         self._admit_here = False  # prompts a queued prefill could not take: the next synchronous step admits them
+        # a queued decode's rows that ran out of memory over a V^T pool: the next step backs off for them (_on_oom)
+        # rather than run the step again (its stores are not idempotent there)
+        self._oom_rows: list[Sequence] | None = None
         self._unpolled_tokens = 0  # tokens of queued steps launched since the guard's last snapshot
         self._unpolled_steps = 0
         self._guarding = True  # off while the warm-up steps its calibration text
@@ -217,6 +220,9 @@ class LLMEngine:
         with torch.inference_mode():
             if self._queued is not None:
                 return self._step_queued()
+            if self._oom_rows is not None:
+                seqs, self._oom_rows = self._oom_rows, None
+                return self._on_oom([s for s in seqs if s.status == SeqStatus.RUNNING], prefill=False)
             # a mixed step decodes the running rows [0, n) in the prefill's forward: the prompts get what is
             # left of the prefill token budget
             self._compact()
@@ -359,7 +365,7 @@ class LLMEngine:
         runner takes device tokens, no row needs the host to choose its token (logprobs, processors and grammars
         do; greedy and sampling rows do not) and nothing waits for admission once the rows the unread step ends by
         length are free (that changes the rows)."""
-        if not self.cfg.overlap_decode or not getattr(self.runner, "takes_device_tokens", False):
+        if not self.cfg.overlap_decode or not getattr(self.runner, "takes_device_tokens", False) or self._oom_rows:
             return False
         seqs = list(self.scheduler.running.values())
         if not seqs or self._admit_here:
@@ -408,6 +414,8 @@ class LLMEngine:
         try:
             logits = self.runner.decode(tokens if picks is None else picks, positions)
         except torch.OutOfMemoryError:  # the synchronous step that follows meets it again and backs off
+            if self.runner.v_transposed:  # its stores ran: not again, the next step backs off for these rows
+                self._oom_rows = seqs
             return
         self._queued = QueuedStep.launch(seqs, pick(logits, seqs, ahead), start, began, self.clock)
         self._poll_int8(len(seqs), queued=True)
