@@ -123,3 +123,31 @@ def test_rows_with_logprobs_penalties_and_a_grammar_mix_like_the_rest(demo_model
         assert (engine.stats().extra["num_mixed_steps"] > 0) == mixed
     assert results[True] == results[False]
     assert all(tokens for key, (_, tokens) in results[True].items() if int(key[1:]) % 4 == 0)
+
+
+
+def test_a_mixed_step_that_runs_out_of_memory_restarts_its_decoding_rows_only_over_v_transposed(
+        demo_model_dir, monkeypatch):
+    """An OOM in a mixed step's forward, after its stores: its prompts start again, and over a V^T pool (stores that
+    are not idempotent) so do the rows it decoded, where over a plain pool they decode that step again. Greedy
+    output is HF generate's either way."""
+    def engine_failing_at(call: int, v_transposed: bool) -> LLMEngine:
+        engine = build_llm_engine(EngineConfig(model=str(demo_model_dir), load_in_8bit=False, max_batch_size=3,
+                                               mixed_steps=True, inject_oom=f"steps={call}"))
+        monkeypatch.setattr(engine.runner, "v_transposed", v_transposed)
+        return engine
+
+    dry, kinds = engine_failing_at(10**6, False), []
+    forward = dry._forward
+    monkeypatch.setattr(dry, "_forward", lambda a, d: kinds.append(bool(a and d)) or forward(a, d))
+    expected = hf_greedy(demo_model_dir, int8=False)
+    assert run_engine(dry, requests()) == expected
+    first_mixed = kinds.index(True) + 1  # forward calls, 1-based, as the fault injector counts them
+    prefilled = {}
+    for v_transposed in (False, True):
+        engine = engine_failing_at(first_mixed, v_transposed)
+        assert run_engine(engine, requests()) == expected
+        stats = engine.stats().extra
+        assert engine.runner.fault.num_injected == 1 and stats["num_ooms"] == 1
+        prefilled[v_transposed] = stats["num_prefill_tokens"]
+    assert prefilled[True] > prefilled[False], prefilled

@@ -249,7 +249,8 @@ class LLMEngine:
                 ended = self.clock.mark()
                 sampled = sample(logits, seqs, self.intake.structured)
             except torch.OutOfMemoryError:  # torch.cuda.OutOfMemoryError is the same class
-                return self._on_oom(admitted or seqs, prefill=bool(admitted))
+                # a mixed step's decoding rows ran their stores too: over a V^T pool they start again with its prompts
+                return self._on_oom(seqs if self.runner.v_transposed else admitted or seqs, prefill=bool(admitted))
             prompt_tokens = sum(s.num_prompt_tokens for s in admitted) if admitted else 0
             kv_tokens = 0 if admitted else sum(s.num_tokens for s in seqs)  # held in the cache during this decode
             self.step_stats.add(time.perf_counter() - start, len(seqs), prompt_tokens, kv_tokens,
