@@ -13,6 +13,19 @@ from redis import Redis  # noqa: E402
 LOCK_KEY = "__batchgen_test_session__"
 
 
+def pytest_configure(config) -> None:
+    """Each xdist worker takes its share of the cores for torch (and, through OMP_NUM_THREADS, for the workers and
+    CLIs its tests start): by default every worker takes every core, and OpenMP's spin-waits over the oversubscribed
+    cores slow the suite several-fold."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    if workers > 1:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 def _answers(url: str) -> bool:
     try:
         return bool(Redis.from_url(url, socket_connect_timeout=1).ping())
