@@ -104,7 +104,8 @@ def build_keys(arch: int, constexprs: dict, vt: bool = False, **options):
 
 def loop_instructions(cubin: bytes, arch: int) -> int | None:
     """The SASS instructions of a kernel's main loop body, one warp's pass (nvdisasm beside Triton's ptxas): the
-    longest loop with tensor-core MMAs, else the longest; None where nvdisasm is not there."""
+    longest loop with tensor-core MMAs and asynchronous copies (the pipelined one: a masked tail loop, as _vt_kernel's
+    over a row's partial block, may be longer), else with MMAs, else the longest; None where nvdisasm is not there."""
     nvdisasm = Path(getattr(get_ptxas(arch), "path", get_ptxas(arch))).parent / "nvdisasm"
     if not nvdisasm.exists():
         return None
@@ -115,13 +116,15 @@ def loop_instructions(cubin: bytes, arch: int) -> int | None:
     lines = lines.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", line))}
     is_instruction = [bool(re.search(r"/\*[0-9a-f]{4,}\*/", line)) for line in lines]
-    loops = []  # (has MMAs, instructions)
+    loops = []  # (has MMAs and copies, has MMAs, instructions)
     for i, line in enumerate(lines):  # a branch back to a label above it closes a loop
         target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
         if target and labels.get(target.group(1), i) < i:
-            start = labels[target.group(1)]
-            loops.append((any("MMA" in x for x in lines[start:i + 1]), sum(is_instruction[start:i + 1])))
-    return max(loops, default=(False, 0))[1]
+            body = lines[labels[target.group(1)]:i + 1]
+            mma = any("MMA" in x for x in body)
+            loops.append((mma and any("LDGSTS" in x for x in body), mma,
+                          sum(is_instruction[labels[target.group(1)]:i + 1])))
+    return max(loops, default=(False, False, 0))[2]
 
 
 def instructions_per_kb(cubin: bytes, arch: int, num_warps: int, step_bytes: int) -> float | None:
