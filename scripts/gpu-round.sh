@@ -783,7 +783,6 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     if ! on_h200; then
         exec bash "$0" mps
     fi
-    vt_check
     tune_rows 150 120
     BULK_S=200 bulk defaults 1 static-features 0  # builds the llama7b model (once per machine)
     hf_static baselines 120 --fp16-repeats "${HF_REPEATS:-3}"  # #22's table first; the V^T question after
@@ -797,7 +796,6 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     if ! on_h200; then
         exec bash "$0" mps-profile
     fi
-    vt_check
     gemm_rows 120 90
     vt_ab
     ;;
@@ -838,7 +836,6 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     if ! on_h200; then
         exec bash "$0" mps-profile
     fi
-    vt_check
     run 60 vt_keys python3 -m benchmarks.vt_keys --sms 0 --out "$out/vt_keys.json"
     vt_ab
     ;;
