@@ -125,7 +125,6 @@ def test_rows_with_logprobs_penalties_and_a_grammar_mix_like_the_rest(demo_model
     assert all(tokens for key, (_, tokens) in results[True].items() if int(key[1:]) % 4 == 0)
 
 
-
 def test_a_mixed_step_that_runs_out_of_memory_restarts_its_decoding_rows_only_over_v_transposed(
         demo_model_dir, monkeypatch):
     """An OOM in a mixed step's forward, after its stores: its prompts start again, and over a V^T pool (stores that

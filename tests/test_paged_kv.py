@@ -336,7 +336,7 @@ def test_a_queued_decode_that_runs_out_of_memory_after_its_stores_runs_again_onl
     assert engine.runner.takes_device_tokens
     monkeypatch.setattr(engine.runner, "v_transposed", v_transposed)
     decode, queue = engine.runner.decode, engine._queue_decode
-    state = {"queued": False, "calls": 0, "failed": None}
+    state = {"queued": False, "calls": 0, "failed": False}
 
     def queued(picks):
         state["queued"] = True
@@ -349,24 +349,24 @@ def test_a_queued_decode_that_runs_out_of_memory_after_its_stores_runs_again_onl
         logits = decode(tokens, positions)
         state["calls"] += state["queued"]
         if state["queued"] and state["calls"] == 4:
-            state["failed"] = list(positions)
+            state["failed"] = True
             raise torch.OutOfMemoryError("out of memory after the stores (test)")
         return logits
 
     monkeypatch.setattr(engine, "_queue_decode", queued)
     monkeypatch.setattr(engine.runner, "decode", failing_decode)
-    again = []  # the synchronous decode right after the failed one: the same positions, or none
+    again = []  # whether the synchronous forward right after the failure decodes (runs the failed step again)
     real_forward = engine._forward
 
     def forward(admitted, decoding):
-        if state["failed"] is not None and not again:
+        if state["failed"] and not again:
             again.append(not admitted and not decoding)
         return real_forward(admitted, decoding)
 
     monkeypatch.setattr(engine, "_forward", forward)
     results = run_checked(engine, [completion(r.key, r.request.prompt, max_tokens=r.request.params.max_tokens)
                                    for r in requests])
-    assert state["failed"] is not None and engine.stats().extra["num_ooms"] == int(v_transposed)
+    assert state["failed"] and engine.stats().extra["num_ooms"] == int(v_transposed)
     assert {k: r.text for k, r in results.items()} == {k: r.text for k, r in baseline.items()}
     assert engine.blocks.num_free == engine.blocks.num_blocks
     restarted = engine.step_stats.num_prefill_tokens > plain.step_stats.num_prefill_tokens

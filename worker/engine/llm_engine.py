@@ -366,7 +366,7 @@ class LLMEngine:
         runner takes device tokens, no row needs the host to choose its token (logprobs, processors and grammars
         do; greedy and sampling rows do not) and nothing waits for admission once the rows the unread step ends by
         length are free (that changes the rows)."""
-        if not self.cfg.overlap_decode or not getattr(self.runner, "takes_device_tokens", False) or self._oom_rows:
+        if not self.cfg.overlap_decode or not getattr(self.runner, "takes_device_tokens", False):
             return False
         seqs = list(self.scheduler.running.values())
         if not seqs or self._admit_here:

@@ -120,10 +120,10 @@ def loop_instructions(cubin: bytes, arch: int) -> int | None:
     for i, line in enumerate(lines):  # a branch back to a label above it closes a loop
         target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line)
         if target and labels.get(target.group(1), i) < i:
-            body = lines[labels[target.group(1)]:i + 1]
+            start = labels[target.group(1)]
+            body = lines[start:i + 1]
             mma = any("MMA" in x for x in body)
-            loops.append((mma and any("LDGSTS" in x for x in body), mma,
-                          sum(is_instruction[labels[target.group(1)]:i + 1])))
+            loops.append((mma and any("LDGSTS" in x for x in body), mma, sum(is_instruction[start:i + 1])))
     return max(loops, default=(False, False, 0))[2]
 
 
