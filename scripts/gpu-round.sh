@@ -87,6 +87,8 @@
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh fuse-ab  # a step at 614 rows; bulk
 #                                                                        # this tree, OLD's, this tree
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-rope  # V^T stored by rope_store: a step; bulk
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-garbage  # V^T's outlier columns: a step at 614
+#                                                                        # rows without MPS, V^T and keys; V^T under MPS
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
 set -u
@@ -100,7 +102,9 @@ run() {  # run SECONDS NAME CMD...: output to NAME.log, its exit status in round
     shift 2
     log "start $name: $*"
     timeout "$limit" "$@" > "$out/$name.log" 2>&1
-    log "end $name: exit $?"
+    local rc=$?
+    # int8 inputs whose outlier slots ran out: a healthy run has none; hundreds of new columns an input mean garbage
+    log "end $name: exit $rc; int8 inputs full: $(grep -c 'found no free slot' "$out/$name.log")"
     tar czf "$OUT/round-$stage.tgz" -C "$OUT" round  # what ran so far comes back if the call is cut
 }
 profile() {  # profile NAME ENGINE_OPTIONS [PROFILE_STEPS OPTIONS...]
@@ -856,6 +860,14 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     start_mps
     PROFILE_S=200 profile keys614_mps int8_kv_scales=v-q16-keys --rows 614 --prompt 352 --max-model-len 416 --steps 40
     PROFILE_S=150 profile vt614_mps int8_kv_scales=v-q16-keys-vt --rows 614 --prompt 352 --max-model-len 416 \
+        --steps 40
+    ;;
+  vt-garbage)  # V^T opened hundreds of int8 outlier columns an input in mps-profile (the keys kernel none): the same
+    # step at 614 rows on every SM (no MPS), V^T then the keys kernel, then V^T under MPS, each log's count in round.log
+    PROFILE_S=200 profile vt614 int8_kv_scales=v-q16-keys-vt --rows 614 --prompt 352 --max-model-len 416 --steps 40
+    PROFILE_S=130 profile keys614 int8_kv_scales=v-q16-keys --rows 614 --prompt 352 --max-model-len 416 --steps 40
+    start_mps
+    PROFILE_S=130 profile vt614_mps int8_kv_scales=v-q16-keys-vt --rows 614 --prompt 352 --max-model-len 416 \
         --steps 40
     ;;
   mps-check)  # whether MPS gives the kernels an H200's bus per SM: vt_keys on every SM and a 96-SM green context,
