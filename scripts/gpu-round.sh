@@ -87,8 +87,9 @@
 #   OLD=../.old source scripts/device-setup.sh && bash scripts/gpu-round.sh fuse-ab  # a step at 614 rows; bulk
 #                                                                        # this tree, OLD's, this tree
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-rope  # V^T stored by rope_store: a step; bulk
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-garbage  # V^T's outlier columns: a step at 614
-#                                                                        # rows without MPS, V^T and keys; V^T under MPS
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-garbage  # V^T's outlier columns: the first
+#                                                                        # step leaving unsound K/V blocks (kv_faults),
+#                                                                        # V^T and keys on every SM; V^T under MPS
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
 set -u
@@ -862,13 +863,15 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     PROFILE_S=150 profile vt614_mps int8_kv_scales=v-q16-keys-vt --rows 614 --prompt 352 --max-model-len 416 \
         --steps 40
     ;;
-  vt-garbage)  # V^T opened hundreds of int8 outlier columns an input in mps-profile (the keys kernel none): the same
-    # step at 614 rows on every SM (no MPS), V^T then the keys kernel, then V^T under MPS, each log's count in round.log
-    PROFILE_S=200 profile vt614 int8_kv_scales=v-q16-keys-vt --rows 614 --prompt 352 --max-model-len 416 --steps 40
-    PROFILE_S=130 profile keys614 int8_kv_scales=v-q16-keys --rows 614 --prompt 352 --max-model-len 416 --steps 40
+  vt-garbage)  # V^T opened hundreds of int8 outlier columns an input in mps-profile (the keys kernel none):
+    # kv_faults (profile_steps' scenario, every live row's whole K/V blocks checked after each step: the first step
+    # that leaves one unsound) on every SM with V^T, then the keys kernel, then V^T under MPS
+    faults() { run "$1" "kv_faults_$2" python3 -m benchmarks.kv_faults --out "$out/kv_faults_$2" \
+        --engine-options "int8_kv_scales=$3" --rows 614 --prompt 352 --max-model-len 416 --steps 40; }
+    faults 200 vt v-q16-keys-vt
+    faults 160 keys v-q16-keys
     start_mps
-    PROFILE_S=130 profile vt614_mps int8_kv_scales=v-q16-keys-vt --rows 614 --prompt 352 --max-model-len 416 \
-        --steps 40
+    faults 170 vt_mps v-q16-keys-vt
     ;;
   mps-check)  # whether MPS gives the kernels an H200's bus per SM: vt_keys on every SM and a 96-SM green context,
     # then under MPS on what it is given
