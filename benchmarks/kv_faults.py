@@ -54,18 +54,19 @@ def scenario(engine, vocab: int, *, rows: int, prompt: int, steps: int, max_mode
     out = {}
 
     def phase(name: str, num_steps: int) -> None:
-        first, worst, most = None, {"k": 0, "v": 0}, 0
+        first, worst, most, ran = None, {"k": 0, "v": 0}, 0, 0
         for step in range(num_steps):
             if not engine.num_unfinished:
                 break
             engine.step()
+            ran += 1
             now = pool_faults(engine)
             most = max(most, now["blocks"])
             if now["k"] + now["v"] > worst["k"] + worst["v"]:
                 worst = now | {"step": step}
             if first is None and (now["k"] or now["v"]):
                 first = step
-        out[name] = {"steps": step + 1, "first_faulty_step": first, "worst": worst, "most_blocks_checked": most,
+        out[name] = {"steps": ran, "first_faulty_step": first, "worst": worst, "most_blocks_checked": most,
                      "rows": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)}
         print(name, json.dumps(out[name]), flush=True)
 
