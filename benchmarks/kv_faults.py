@@ -16,6 +16,7 @@ from pathlib import Path
 
 from benchmarks.common import write_json
 
+DIAGNOSED = 4  # faulty steps a phase locates (fault_sites), the first ones whose counts changed
 CHUNK = 256  # blocks read at once (Llama-7B's: 64 MiB of int8, twice over; the engine leaves ~500 MiB free)
 
 
@@ -29,15 +30,61 @@ def block_faults(cache, blocks) -> int:
     return int(faults)
 
 
+def _owned_blocks(engine) -> list[tuple[int, str, int, int]]:
+    """(block id, its row's request key, its index in the row, the row's tokens) of every whole block pool_faults
+    checks."""
+    page = engine.runner.k_cache.shape[2]
+    return [(b, seq.key, i, seq.num_tokens) for row, seq in engine.scheduler.running.items()
+            for i, b in enumerate(engine.blocks.rows.get(row, [])[:max(0, seq.num_tokens - 2) // page])]
+
+
+def fault_sites(engine, limit: int = 12) -> dict:
+    """Where pool_faults' faults are and what they hold, for K and V: faults per layer, the peaks found by kind (0: the
+    store wrote zeros, or nothing; 128: a -128, as a NaN's cast; 1-126: written over, or sealed twice) and the scales the store wrote beside them (NaN or inf: its
+    input was not finite; 0: zeros in, or never written), and the first `limit` sites (layer, block, the request,
+    the block's index in its row, the token's place in the block and the row, head, peak, scale)."""
+    import torch
+
+    runner, owned = engine.runner, _owned_blocks(engine)
+    page = runner.k_cache.shape[2]
+    at = torch.tensor([o[0] for o in owned], dtype=torch.long, device=runner.k_cache.device)
+    out = {}
+    for name, cache, scales in (("k", runner.k_cache, runner.k_scale), ("v", runner.v_cache, runner.v_scale)):
+        per_layer, peaks, kinds, sites = [], {}, {"nan": 0, "inf": 0, "zero": 0, "finite": 0}, []
+        for layer in range(cache.shape[0]):
+            count = 0
+            for start in range(0, len(owned), 64):
+                chunk = at[start:start + 64]
+                peak = cache[layer][chunk].to(torch.int16).abs().amax(dim=-1)  # [blocks, tokens, kv_heads]
+                bad = (peak != 127).nonzero()
+                count += len(bad)
+                if not len(bad):
+                    continue
+                found = peak[peak != 127]
+                for kind, n in (("0", found == 0), ("128", found == 128), ("1-126", (found > 0) & (found < 127))):
+                    peaks[kind] = peaks.get(kind, 0) + int(n.sum())
+                scale = scales[layer][chunk[bad[:, 0]], bad[:, 2], bad[:, 1]].float()  # [blocks, heads, tokens]
+                kinds["nan"] += int(scale.isnan().sum())
+                kinds["inf"] += int(scale.isinf().sum())
+                kinds["zero"] += int((scale == 0).sum())
+                kinds["finite"] += int((scale.isfinite() & (scale != 0)).sum())
+                for (i, t, h), sc in zip(bad[:limit - len(sites)].tolist(), scale.tolist(), strict=False):
+                    block, key, index, tokens = owned[start + i]
+                    sites.append({"layer": layer, "block": block, "request": key, "block_in_row": index,
+                                  "token_in_block": t, "position": index * page + t, "row_tokens": tokens,
+                                  "head": h, "peak": int(peak[i, t, h]), "scale": sc})
+            per_layer.append(count)
+        out[name] = {"per_layer": per_layer, "peaks": peaks, "scales": kinds, "sites": sites}
+    return out
+
+
 def pool_faults(engine) -> dict:
     """K and V faults (block_faults) over every layer, in the whole blocks of the engine's running rows (a block
     counts once the row holds a token past it: the steps queued before the check have written it)."""
     import torch
 
-    runner, blocks = engine.runner, engine.blocks
-    page = runner.k_cache.shape[2]
-    ids = [b for row, seq in engine.scheduler.running.items()
-           for b in blocks.rows.get(row, [])[:max(0, seq.num_tokens - 2) // page]]
+    runner = engine.runner
+    ids = [o[0] for o in _owned_blocks(engine)]
     if runner.k_cache.is_cuda:
         torch.cuda.synchronize()
     at = torch.tensor(ids, dtype=torch.long, device=runner.k_cache.device)
@@ -54,7 +101,7 @@ def scenario(engine, vocab: int, *, rows: int, prompt: int, steps: int, max_mode
     out = {}
 
     def phase(name: str, num_steps: int) -> None:
-        first, worst, most, ran = None, {"k": 0, "v": 0}, 0, 0
+        first, worst, most, ran, diagnosed, last = None, {"k": 0, "v": 0}, 0, 0, [], None
         for step in range(num_steps):
             if not engine.num_unfinished:
                 break
@@ -64,11 +111,20 @@ def scenario(engine, vocab: int, *, rows: int, prompt: int, steps: int, max_mode
             most = max(most, now["blocks"])
             if now["k"] + now["v"] > worst["k"] + worst["v"]:
                 worst = now | {"step": step}
+            if (now["k"] or now["v"]) and len(diagnosed) < DIAGNOSED and now != last:
+                state = {"step": step, "num_ooms": engine._num_ooms, "running": len(engine.scheduler.running),
+                         "waiting": len(engine.scheduler.waiting), "free_blocks": engine.blocks.num_free}
+                diagnosed.append(state | now | fault_sites(engine))
+                print(name, "faults", json.dumps(diagnosed[-1] | {p: {"per_layer": diagnosed[-1][p]["per_layer"],
+                      "peaks": diagnosed[-1][p]["peaks"], "scales": diagnosed[-1][p]["scales"],
+                      "sites": diagnosed[-1][p]["sites"][:3]} for p in "kv"}), flush=True)
+            last = now
             if first is None and (now["k"] or now["v"]):
                 first = step
         out[name] = {"steps": ran, "first_faulty_step": first, "worst": worst, "most_blocks_checked": most,
-                     "rows": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting)}
-        print(name, json.dumps(out[name]), flush=True)
+                     "rows": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting),
+                     "diagnosed": diagnosed}
+        print(name, json.dumps({k: v for k, v in out[name].items() if k != "diagnosed"}), flush=True)
 
     single = min(128, max_model_len // 2)
     _add(engine, _requests(_prompts(1, single, vocab, 0), max_model_len - single, "s"))

@@ -90,6 +90,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-garbage  # V^T's outlier columns: the first
 #                                                                        # step leaving unsound K/V blocks (kv_faults),
 #                                                                        # V^T and keys on every SM; V^T under MPS
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-sites  # after vt-garbage: where the faults are
+#                                                                        # (fault_sites), V^T; keys and V^T under MPS
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
 set -u
@@ -232,6 +234,12 @@ start_mps() {  # every CUDA process after this under MPS with MPS_PCT (73) % of 
 
 bulk_old() {  # bulk on the defaults from OLD's tree, as bulk_old
     in_old bulk old 1 static-features 0
+}
+
+faults() {  # kv_faults: profile_steps' scenario at the bulk state, each step's K/V blocks checked (timeout, name,
+    # --int8-kv-scales)
+    run "$1" "kv_faults_$2" python3 -m benchmarks.kv_faults --out "$out/kv_faults_$2" \
+        --engine-options "int8_kv_scales=$3" --rows 614 --prompt 352 --max-model-len 416 --steps 40
 }
 
 case "$stage" in
@@ -866,12 +874,18 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
   vt-garbage)  # V^T opened hundreds of int8 outlier columns an input in mps-profile (the keys kernel none):
     # kv_faults (profile_steps' scenario, every live row's whole K/V blocks checked after each step: the first step
     # that leaves one unsound) on every SM with V^T, then the keys kernel, then V^T under MPS
-    faults() { run "$1" "kv_faults_$2" python3 -m benchmarks.kv_faults --out "$out/kv_faults_$2" \
-        --engine-options "int8_kv_scales=$3" --rows 614 --prompt 352 --max-model-len 416 --steps 40; }
     faults 200 vt v-q16-keys-vt
     faults 160 keys v-q16-keys
     start_mps
     faults 170 vt_mps v-q16-keys-vt
+    ;;
+  vt-sites)  # after vt-garbage (V^T: 32 K and 32 V faults at one decode step on every SM; under MPS nearly every
+    # token's K and V from the first prefill on, where the keys kernel's profile under MPS opened no outliers): where
+    # the faults are and what they hold (kv_faults' fault_sites), V^T on every SM, then keys and V^T under MPS
+    faults 200 vt v-q16-keys-vt
+    start_mps
+    faults 130 keys_mps v-q16-keys
+    faults 130 vt_mps v-q16-keys-vt
     ;;
   mps-check)  # whether MPS gives the kernels an H200's bus per SM: vt_keys on every SM and a 96-SM green context,
     # then under MPS on what it is given
