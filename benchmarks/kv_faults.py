@@ -114,7 +114,8 @@ def scenario(engine, vocab: int, *, rows: int, prompt: int, steps: int, max_mode
             if (now["k"] or now["v"]) and len(diagnosed) < DIAGNOSED and now != last:
                 state = {"step": step, "num_ooms": engine._num_ooms, "running": len(engine.scheduler.running),
                          "waiting": len(engine.scheduler.waiting), "free_blocks": engine.blocks.num_free}
-                diagnosed.append(state | now | fault_sites(engine))
+                diagnosed.append(state | {"blocks": now["blocks"], "faults": {"k": now["k"], "v": now["v"]}}
+                                 | fault_sites(engine))
                 print(name, "faults", json.dumps(diagnosed[-1] | {p: {"per_layer": diagnosed[-1][p]["per_layer"],
                       "peaks": diagnosed[-1][p]["peaks"], "scales": diagnosed[-1][p]["scales"],
                       "sites": diagnosed[-1][p]["sites"][:3]} for p in "kv"}), flush=True)

@@ -33,3 +33,48 @@ def test_a_sound_int8_pool_has_no_faults_and_a_block_sealed_twice_has(transposed
     else:  # one (token, head) written over without its absmax: one fault
         v[3, 0, 0] = v[3, 0, 0] // 2
         assert block_faults(v, whole) == 1
+
+
+
+def test_fault_sites_places_each_fault_and_tells_what_it_holds():
+    """kv_faults.fault_sites over an engine's running rows: a (token, head) zeroed in V (peak 0, its scale as the
+    store wrote it) and one in K whose store saw a NaN (the store's zeros, a NaN scale) are each counted in their
+    layer and placed at their request, block and position; the rows' partial blocks are not read."""
+    from types import SimpleNamespace
+
+    from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
+    from batchgen.worker.engine.model_runner import kv_pool
+
+    from benchmarks.kv_faults import fault_sites, pool_faults
+
+    g = torch.Generator().manual_seed(1)
+    table = torch.tensor([[3, 1, 4], [2, 0, 0]], dtype=torch.int32)
+    lens = [2 * BS + 5, BS + 3]  # whole blocks checked: row 0's 3 and 1, row 1's 2
+    shape = (2, 5, BS, 2, 32)
+    k, v = kv_pool(shape, torch.int8, torch.device("cpu"), True), kv_pool(shape, torch.int8, torch.device("cpu"), True)
+    k_scale, v_scale = torch.zeros(2, 5, 2, BS), torch.zeros(2, 5, 2, BS)
+    positions = torch.cat([torch.arange(n) for n in lens])
+    slots = cache_slots(k[0], torch.arange(2).repeat_interleave(torch.tensor(lens)), positions, table)
+    for layer in range(2):
+        for cache, scale in ((k, k_scale), (v, v_scale)):
+            store_kv(cache[layer], slots, torch.randn(len(slots), 2, 32, generator=g).half(), scale[layer],
+                     triton_kernel=False)
+    v[1, 1, 5, 1] = 0  # row 0's second block, its token 5, head 1
+    k[0, 2, 7, 0], k_scale[0, 2, 0, 7] = 0, float("nan")  # row 1's first block, token 7, head 0
+    k[0, 4, 9, 1] = 0  # row 0's partial third block: not checked
+    engine = SimpleNamespace(
+        runner=SimpleNamespace(k_cache=k, v_cache=v, k_scale=k_scale, v_scale=v_scale),
+        blocks=SimpleNamespace(rows={0: [3, 1, 4], 1: [2]}),
+        scheduler=SimpleNamespace(running={0: SimpleNamespace(key="a", num_tokens=lens[0] + 1),
+                                           1: SimpleNamespace(key="b", num_tokens=lens[1] + 1)}))
+    assert pool_faults(engine) == {"blocks": 3, "k": 1, "v": 1}
+    sites = fault_sites(engine)
+    assert sites["v"]["per_layer"] == [0, 1] and sites["k"]["per_layer"] == [1, 0]
+    assert sites["v"]["peaks"] == {"0": 1, "128": 0, "1-126": 0}
+    assert sites["v"]["scales"] == {"nan": 0, "inf": 0, "zero": 0, "finite": 1}
+    assert sites["k"]["scales"] == {"nan": 1, "inf": 0, "zero": 0, "finite": 0}
+    (at_v,), (at_k,) = sites["v"]["sites"], sites["k"]["sites"]
+    assert at_v == {"layer": 1, "block": 1, "request": "a", "block_in_row": 1, "token_in_block": 5,
+                    "position": BS + 5, "row_tokens": lens[0] + 1, "head": 1, "peak": 0,
+                    "scale": pytest.approx(float(v_scale[1, 1, 1, 5]))}
+    assert (at_k["request"], at_k["block"], at_k["position"], at_k["head"], at_k["peak"]) == ("b", 2, 7, 0, 0)
