@@ -887,6 +887,11 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     faults 130 keys_mps v-q16-keys
     faults 130 vt_mps v-q16-keys-vt
     ;;
+  vt-sites-short)  # vt-sites without the keys kernel under MPS (short of device time)
+    faults 200 vt v-q16-keys-vt
+    start_mps
+    faults 130 vt_mps v-q16-keys-vt
+    ;;
   mps-check)  # whether MPS gives the kernels an H200's bus per SM: vt_keys on every SM and a 96-SM green context,
     # then under MPS on what it is given
     run 90 vt_keys python3 -m benchmarks.vt_keys --sms 0 96 --out "$out/vt_keys.json"
