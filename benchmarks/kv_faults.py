@@ -1,8 +1,9 @@
 """Which engine step first leaves an int8 KV pool's blocks not as the store wrote them: profile_steps' scenarios
 (one row decoding, aborted; many rows admitted and decoding; their abort) stepped one engine step at a time, and
 after each step every live row's whole blocks checked. An int8 cache quantises each token's head on its own absmax,
-so each (token, head) of a sound block holds a 127 or -127; a block sealed twice (V^T) or written over by another
-row's token does not. V^T (--int8-kv-scales v-q16-keys-vt) opened hundreds of int8 outlier columns in
+so each (token, head) of a sound block holds a 127 or -127, or is a zero head (all zeros, scale 0: an all-zero
+input, as layer 0's K and V of a sampled pad token, whose embedding is zeros), counted apart; a block sealed twice
+(V^T) or written over by another row's token does not, nor does a store of non-finite values (zeros, scale NaN). V^T (--int8-kv-scales v-q16-keys-vt) opened hundreds of int8 outlier columns in
 profile_steps' decode at 614 rows where the keys kernel opened none (docs/benchmarks.md, "A step at the bulk state
 under MPS"); this names the step and the pool where it starts.
 
@@ -20,21 +21,34 @@ DIAGNOSED = 4  # faulty steps a phase locates (fault_sites), the first ones whos
 CHUNK = 256  # blocks read at once (Llama-7B's: 64 MiB of int8, twice over; the engine leaves ~500 MiB free)
 
 
-def block_faults(cache, blocks) -> int:
+def block_faults(cache, blocks, scales=None) -> int:
     """(token, head) pairs of an int8 pool's layer cache [blocks, tokens, kv_heads, head_dim] (any strides: V^T's
-    view reads its whole blocks as values) at these block ids whose largest |value| is not 127."""
-    faults = 0
+    view reads its whole blocks as values) at these block ids whose largest |value| is not 127; with the layer's
+    scales [blocks, kv_heads, tokens], not counting zero heads (block_counts)."""
+    return block_counts(cache, blocks, scales)[0]
+
+
+def block_counts(cache, blocks, scales=None) -> tuple[int, int]:
+    """(faults, zero heads) at these block ids: a zero head is all zeros with a scale of 0, what the store makes of
+    an all-zero input (Llama's pad token embeds as zeros: layer 0's K and V of a sampled pad token), told apart
+    from faults where scales are given."""
+    import torch
+
+    faults = zeros = 0
     for chunk in blocks.split(CHUNK):
         peak = cache[chunk].abs().amax(dim=-1)  # [blocks, tokens, kv_heads]
-        faults = faults + (peak != 127).sum()  # summed on the device: one sync a layer, not one a chunk
-    return int(faults)
+        bad = peak != 127
+        if scales is not None:
+            zero = (peak == 0) & (scales[chunk].transpose(1, 2) == 0)
+            bad, zeros = bad & ~zero, zeros + zero.sum()
+        faults = faults + bad.sum()  # summed on the device: one sync a layer, not one a chunk
+    return int(faults), int(zeros) if isinstance(zeros, torch.Tensor) else zeros
 
 
-def _owned_blocks(engine) -> list[tuple[int, str, int, int]]:
-    """(block id, its row's request key, its index in the row, the row's tokens) of every whole block pool_faults
-    checks."""
+def _owned_blocks(engine) -> list[tuple[int, object, int]]:
+    """(block id, its row's sequence, the block's index in the row) of every whole block pool_faults checks."""
     page = engine.runner.k_cache.shape[2]
-    return [(b, seq.key, i, seq.num_tokens) for row, seq in engine.scheduler.running.items()
+    return [(b, seq, i) for row, seq in engine.scheduler.running.items()
             for i, b in enumerate(engine.blocks.rows.get(row, [])[:max(0, seq.num_tokens - 2) // page])]
 
 
@@ -42,7 +56,8 @@ def fault_sites(engine, limit: int = 12) -> dict:
     """Where pool_faults' faults are and what they hold, for K and V: faults per layer, the peaks found by kind (0: the
     store wrote zeros, or nothing; 128: a -128, as a NaN's cast; 1-126: written over, or sealed twice) and the scales the store wrote beside them (NaN or inf: its
     input was not finite; 0: zeros in, or never written), and the first `limit` sites (layer, block, the request,
-    the block's index in its row, the token's place in the block and the row, head, peak, scale)."""
+    the block's index in its row, the token's place in the block and the row, the token id there, head, peak,
+    scale). Zero heads (block_counts) are among them: a pad token's layer 0."""
     import torch
 
     runner, owned = engine.runner, _owned_blocks(engine)
@@ -69,18 +84,20 @@ def fault_sites(engine, limit: int = 12) -> dict:
                 kinds["zero"] += int((scale == 0).sum())
                 kinds["finite"] += int((scale.isfinite() & (scale != 0)).sum())
                 for (i, t, h), sc in zip(bad[:limit - len(sites)].tolist(), scale.tolist(), strict=False):
-                    block, key, index, tokens = owned[start + i]
-                    sites.append({"layer": layer, "block": block, "request": key, "block_in_row": index,
-                                  "token_in_block": t, "position": index * page + t, "row_tokens": tokens,
-                                  "head": h, "peak": int(peak[i, t, h]), "scale": sc})
+                    block, seq, index = owned[start + i]
+                    at_row = index * page + t
+                    token = (seq.prompt_ids + seq.output_ids)[at_row] if at_row < seq.num_tokens else None
+                    sites.append({"layer": layer, "block": block, "request": seq.key, "block_in_row": index,
+                                  "token_in_block": t, "position": at_row, "token": token,
+                                  "row_tokens": seq.num_tokens, "head": h, "peak": int(peak[i, t, h]), "scale": sc})
             per_layer.append(count)
         out[name] = {"per_layer": per_layer, "peaks": peaks, "scales": kinds, "sites": sites}
     return out
 
 
 def pool_faults(engine) -> dict:
-    """K and V faults (block_faults) over every layer, in the whole blocks of the engine's running rows (a block
-    counts once the row holds a token past it: the steps queued before the check have written it)."""
+    """K and V faults and zero heads (block_counts) over every layer, in the whole blocks of the engine's running
+    rows (a block counts once the row holds a token past it: the steps queued before the check have written it)."""
     import torch
 
     runner = engine.runner
@@ -88,9 +105,76 @@ def pool_faults(engine) -> dict:
     if runner.k_cache.is_cuda:
         torch.cuda.synchronize()
     at = torch.tensor(ids, dtype=torch.long, device=runner.k_cache.device)
-    return {"blocks": len(ids),
-            "k": sum(block_faults(runner.k_cache[layer], at) for layer in range(runner.k_cache.shape[0])),
-            "v": sum(block_faults(runner.v_cache[layer], at) for layer in range(runner.v_cache.shape[0]))}
+    out = {"blocks": len(ids)}
+    for name, cache, scales in (("k", runner.k_cache, runner.k_scale), ("v", runner.v_cache, runner.v_scale)):
+        counts = [block_counts(cache[layer], at, scales[layer]) for layer in range(cache.shape[0])]
+        out[name], out[f"{name}_zero"] = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    return out
+
+
+def int8_state(engine) -> dict:
+    """Non-finite values in what the int8 path keeps between steps (each outlier input's keep mask and seen maxima,
+    each linear's dense rows of its outlier columns) and the columns held: a store of NaNs from a first prefill
+    (under MPS) points at state poisoned earlier, at calibration or warm-up."""
+    import torch
+    from batchgen.worker.engine.int8_linear import Int8Linear
+
+    inputs, out = {}, {"linears": 0, "dense_nonfinite": 0, "columns": 0, "keep_nonfinite": 0, "seen_nonfinite": 0}
+    for module in engine.model.modules():
+        if isinstance(module, Int8Linear):
+            out["linears"] += 1
+            dense = getattr(module, "dense", None)
+            if isinstance(dense, torch.Tensor) and dense.is_floating_point():
+                out["dense_nonfinite"] += int((~dense.isfinite()).sum())
+            if module.outliers is not None:
+                inputs[id(module.outliers)] = module.outliers
+    for o in inputs.values():
+        out["columns"] += len(o.columns)
+        out["keep_nonfinite"] += int((~o.keep.isfinite()).sum())
+        out["seen_nonfinite"] += int((~o.seen.isfinite()).sum())
+    return out | {"inputs": len(inputs)}
+
+
+class PrefillTrace:
+    """Each decoder layer's attention output and new residual stream, finite or not and their largest |value|, for
+    the forwards of more than one token (prefills) while active: llama.layer_output wrapped, read after the step."""
+
+    def __init__(self):
+        self.records: list = []
+
+    def __enter__(self) -> "PrefillTrace":
+        from batchgen.worker.engine import llama
+
+        self.llama, self.inner = llama, llama.layer_output
+
+        def traced(layer, h, o, spec=None):
+            out = self.inner(layer, h, o, spec)
+            if h.shape[1] > 1:
+                self.records.append([t.isfinite().all() for t in (o, out)] + [t.abs().amax() for t in (o, out)])
+            return out
+        llama.layer_output = traced
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.llama.layer_output = self.inner
+
+    def summary(self) -> dict:
+        """The first layer call whose attention output, then whose residual stream, is not finite, and each call's
+        largest |value|s."""
+        rows = [[bool(a), bool(b), float(c), float(d)] for a, b, c, d in self.records]
+        first = {name: next((i for i, r in enumerate(rows) if not r[col]), None)
+                 for name, col in (("attention", 0), ("residual", 1))}
+        return {"calls": len(rows), "first_nonfinite": first,
+                "peaks": [[round(r[2], 2), round(r[3], 2)] for r in rows]}
+
+
+def _diagnose(engine, step: int, counts: dict) -> dict:
+    """A step's state, pool_faults' counts and fault_sites, printed short (three sites each)."""
+    found = {"step": step, "num_ooms": engine._num_ooms, "running": len(engine.scheduler.running),
+             "waiting": len(engine.scheduler.waiting), "free_blocks": engine.blocks.num_free,
+             "counts": counts} | fault_sites(engine)
+    print("faults", json.dumps(found | {c: found[c] | {"sites": found[c]["sites"][:3]} for c in "kv"}), flush=True)
+    return found
 
 
 def scenario(engine, vocab: int, *, rows: int, prompt: int, steps: int, max_model_len: int) -> dict:
@@ -101,7 +185,7 @@ def scenario(engine, vocab: int, *, rows: int, prompt: int, steps: int, max_mode
     out = {}
 
     def phase(name: str, num_steps: int) -> None:
-        first, worst, most, ran, diagnosed, last = None, {"k": 0, "v": 0}, 0, 0, [], None
+        first, worst, most, ran, diagnosed, last, zero = None, {"k": 0, "v": 0}, 0, 0, [], None, 0
         for step in range(num_steps):
             if not engine.num_unfinished:
                 break
@@ -109,27 +193,28 @@ def scenario(engine, vocab: int, *, rows: int, prompt: int, steps: int, max_mode
             ran += 1
             now = pool_faults(engine)
             most = max(most, now["blocks"])
+            zero = max(zero, now["k_zero"] + now["v_zero"])
             if now["k"] + now["v"] > worst["k"] + worst["v"]:
                 worst = now | {"step": step}
-            if (now["k"] or now["v"]) and len(diagnosed) < DIAGNOSED and now != last:
-                state = {"step": step, "num_ooms": engine._num_ooms, "running": len(engine.scheduler.running),
-                         "waiting": len(engine.scheduler.waiting), "free_blocks": engine.blocks.num_free}
-                diagnosed.append(state | {"blocks": now["blocks"], "faults": {"k": now["k"], "v": now["v"]}}
-                                 | fault_sites(engine))
-                print(name, "faults", json.dumps(diagnosed[-1] | {p: {"per_layer": diagnosed[-1][p]["per_layer"],
-                      "peaks": diagnosed[-1][p]["peaks"], "scales": diagnosed[-1][p]["scales"],
-                      "sites": diagnosed[-1][p]["sites"][:3]} for p in "kv"}), flush=True)
+            if any(now[c] for c in ("k", "v", "k_zero", "v_zero")) and len(diagnosed) < DIAGNOSED and now != last:
+                diagnosed.append(_diagnose(engine, step, now))
             last = now
             if first is None and (now["k"] or now["v"]):
                 first = step
         out[name] = {"steps": ran, "first_faulty_step": first, "worst": worst, "most_blocks_checked": most,
-                     "rows": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting),
-                     "diagnosed": diagnosed}
+                     "most_zero_heads": zero, "rows": len(engine.scheduler.running),
+                     "waiting": len(engine.scheduler.waiting), "diagnosed": diagnosed}
         print(name, json.dumps({k: v for k, v in out[name].items() if k != "diagnosed"}), flush=True)
 
     single = min(128, max_model_len // 2)
+    out["int8_state_built"] = int8_state(engine)
     _add(engine, _requests(_prompts(1, single, vocab, 0), max_model_len - single, "s"))
-    phase("single", 4 + steps)
+    with PrefillTrace() as trace:  # the first prefill, layer by layer
+        phase("first step", 1)
+    out["first_prefill"] = trace.summary()
+    print("first prefill", json.dumps(out["first_prefill"] | {"peaks": out["first_prefill"]["peaks"][:8]}),
+          "int8 state at build", json.dumps(out["int8_state_built"]), flush=True)
+    phase("single", 3 + steps)
     engine.abort(["s0"])
     _add(engine, _requests(_prompts(rows, prompt, vocab, 1), max_model_len - prompt, "d"))
     phase("decode", 10 * (max_model_len - prompt) + steps)  # admission, every row to its end, the refills

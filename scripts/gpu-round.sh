@@ -92,6 +92,8 @@
 #                                                                        # V^T and keys on every SM; V^T under MPS
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-sites  # after vt-garbage: where the faults are
 #                                                                        # (fault_sites), V^T; keys and V^T under MPS
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-mps-trace  # V^T's NaNs under MPS: the first
+#                                                                        # prefill layer by layer; keys; V^T every SM
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
 # so commit it as worker/engine/kernels/tuned/<device>.json before `ab` and `profile`, which read it from the checkout.
 set -u
@@ -230,6 +232,13 @@ start_mps() {  # every CUDA process after this under MPS with MPS_PCT (73) % of 
     trap 'echo quit | nvidia-cuda-mps-control' EXIT
     export CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=${MPS_PCT:-73}
     log "MPS at $CUDA_MPS_ACTIVE_THREAD_PERCENTAGE %"
+}
+
+stop_mps() {  # MPS's daemon quit: the processes after this get every SM again
+    echo quit | nvidia-cuda-mps-control
+    trap - EXIT
+    unset CUDA_MPS_ACTIVE_THREAD_PERCENTAGE CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    log "MPS stopped"
 }
 
 bulk_old() {  # bulk on the defaults from OLD's tree, as bulk_old
@@ -886,6 +895,16 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     start_mps
     faults 130 keys_mps v-q16-keys
     faults 130 vt_mps v-q16-keys-vt
+    ;;
+  vt-mps-trace)  # after vt-sites: under MPS, V^T stored NaNs from layer 2 on in the first prefill (the keys kernel's
+    # profile under MPS opened no outliers): kv_faults' first-prefill trace (each layer's attention output and
+    # residual stream, finite or not) and the int8 state at build, V^T then keys under MPS; then V^T on every SM
+    # again (its two faults had a pad token's signature: the sites now carry token ids)
+    start_mps
+    faults 170 vt_mps v-q16-keys-vt
+    faults 130 keys_mps v-q16-keys
+    stop_mps
+    faults 160 vt v-q16-keys-vt
     ;;
   vt-sites-short)  # vt-sites without the keys kernel under MPS (short of device time)
     faults 200 vt v-q16-keys-vt

@@ -38,8 +38,9 @@ def test_a_sound_int8_pool_has_no_faults_and_a_block_sealed_twice_has(transposed
 
 def test_fault_sites_places_each_fault_and_tells_what_it_holds():
     """kv_faults.fault_sites over an engine's running rows: a (token, head) zeroed in V (peak 0, its scale as the
-    store wrote it) and one in K whose store saw a NaN (the store's zeros, a NaN scale) are each counted in their
-    layer and placed at their request, block and position; the rows' partial blocks are not read."""
+    store wrote it) and one in K whose store saw a NaN (the store's zeros, a NaN scale) are faults, each counted in
+    its layer and placed at its request, block, position and token id; a zero head (zeros, scale 0: an all-zero
+    input) is placed too but pool_faults counts it apart; the rows' partial blocks are not read."""
     from types import SimpleNamespace
 
     from batchgen.worker.engine.kernels.kv_store import cache_slots, store_kv
@@ -62,19 +63,64 @@ def test_fault_sites_places_each_fault_and_tells_what_it_holds():
     v[1, 1, 5, 1] = 0  # row 0's second block, its token 5, head 1
     k[0, 2, 7, 0], k_scale[0, 2, 0, 7] = 0, float("nan")  # row 1's first block, token 7, head 0
     k[0, 4, 9, 1] = 0  # row 0's partial third block: not checked
+    k[1, 3, 2, 0], k_scale[1, 3, 0, 2] = 0, 0.0  # row 0's first block, token 2: a zero head (an all-zero input)
+    g = torch.Generator().manual_seed(2)
+    seqs = [SimpleNamespace(key=key, prompt_ids=torch.randint(3, 100, (n,), generator=g).tolist(), output_ids=[7])
+            for key, n in (("a", lens[0]), ("b", lens[1]))]
+    for seq in seqs:
+        seq.num_tokens = len(seq.prompt_ids) + 1
     engine = SimpleNamespace(
         runner=SimpleNamespace(k_cache=k, v_cache=v, k_scale=k_scale, v_scale=v_scale),
-        blocks=SimpleNamespace(rows={0: [3, 1, 4], 1: [2]}),
-        scheduler=SimpleNamespace(running={0: SimpleNamespace(key="a", num_tokens=lens[0] + 1),
-                                           1: SimpleNamespace(key="b", num_tokens=lens[1] + 1)}))
-    assert pool_faults(engine) == {"blocks": 3, "k": 1, "v": 1}
+        blocks=SimpleNamespace(rows={0: [3, 1, 4], 1: [2]}), scheduler=SimpleNamespace(running=dict(enumerate(seqs))))
+    assert pool_faults(engine) == {"blocks": 3, "k": 1, "v": 1, "k_zero": 1, "v_zero": 0}
     sites = fault_sites(engine)
-    assert sites["v"]["per_layer"] == [0, 1] and sites["k"]["per_layer"] == [1, 0]
+    assert sites["v"]["per_layer"] == [0, 1] and sites["k"]["per_layer"] == [1, 1]
     assert sites["v"]["peaks"] == {"0": 1, "128": 0, "1-126": 0}
     assert sites["v"]["scales"] == {"nan": 0, "inf": 0, "zero": 0, "finite": 1}
-    assert sites["k"]["scales"] == {"nan": 1, "inf": 0, "zero": 0, "finite": 0}
-    (at_v,), (at_k,) = sites["v"]["sites"], sites["k"]["sites"]
+    assert sites["k"]["scales"] == {"nan": 1, "inf": 0, "zero": 1, "finite": 0}
+    (at_v,), (at_k, zero_k) = sites["v"]["sites"], sites["k"]["sites"]
     assert at_v == {"layer": 1, "block": 1, "request": "a", "block_in_row": 1, "token_in_block": 5,
-                    "position": BS + 5, "row_tokens": lens[0] + 1, "head": 1, "peak": 0,
-                    "scale": pytest.approx(float(v_scale[1, 1, 1, 5]))}
+                    "position": BS + 5, "token": seqs[0].prompt_ids[BS + 5], "row_tokens": lens[0] + 1, "head": 1,
+                    "peak": 0, "scale": pytest.approx(float(v_scale[1, 1, 1, 5]))}
     assert (at_k["request"], at_k["block"], at_k["position"], at_k["head"], at_k["peak"]) == ("b", 2, 7, 0, 0)
+    assert (zero_k["layer"], zero_k["request"], zero_k["position"], zero_k["scale"]) == (1, "a", 2, 0.0)
+
+
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_the_scenario_traces_the_first_prefill_and_locates_a_nan_store(poisoned, tmp_path):
+    """kv_faults.scenario on a tiny 8-bit Llama with an int8 paged KV cache (CPU, masked attention): sound, no fault,
+    the first prefill traced through both layers, the int8 state finite. With layer 0's MLP returning NaNs in
+    prefills (a forward hook: the engine then calls the module), the trace names layer 0's residual stream and the
+    faults are layer 1's stores of NaN (zeros, NaN scales), in K and V alike."""
+    from batchgen.worker.engine.config import EngineConfig
+    from batchgen.worker.factory import build_llm_engine
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from benchmarks.common import VOCAB_SIZE, write_tokenizer
+    from benchmarks.kv_faults import scenario
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    write_tokenizer(tmp_path)
+    engine = build_llm_engine(EngineConfig(model=str(tmp_path), device="cpu", max_model_len=160,
+                                           kv_cache_dtype="int8", attention="sdpa", max_batch_size=12))
+    if poisoned:
+        engine.model.model.layers[0].mlp.register_forward_hook(
+            lambda module, args, out: out * float("nan") if out.shape[-2] > 1 else out)
+    out = scenario(engine, VOCAB_SIZE, rows=12, prompt=100, steps=2, max_model_len=160)
+    assert out["first_prefill"]["calls"] == 2 and out["int8_state_built"]["linears"] > 0
+    assert out["int8_state_built"]["dense_nonfinite"] == out["int8_state_built"]["keep_nonfinite"] == 0
+    if not poisoned:
+        assert out["first_prefill"]["first_nonfinite"] == {"attention": None, "residual": None}
+        assert out["first step"]["first_faulty_step"] is None and out["decode"]["first_faulty_step"] is None
+        return
+    assert out["first_prefill"]["first_nonfinite"] == {"attention": 1, "residual": 0}
+    assert out["first step"]["first_faulty_step"] == 0
+    found = out["first step"]["diagnosed"][0]
+    assert found["counts"]["k"] == found["counts"]["v"] > 0
+    for c in "kv":
+        assert found[c]["per_layer"][0] == 0 and found[c]["per_layer"][1] == found["counts"][c]
+        assert found[c]["scales"]["nan"] == found["counts"][c] and found[c]["peaks"]["0"] == found["counts"][c]
