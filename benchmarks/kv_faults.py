@@ -135,6 +135,23 @@ def int8_state(engine) -> dict:
     return out | {"inputs": len(inputs)}
 
 
+def weights_digest(engine) -> dict:
+    """The model's parameters and buffers summed (float64) and their non-finite values counted: equal in two
+    engines built from the same checkpoint unless something wrote over the weights (a stray store lands in
+    whatever the allocator put next to the K/V pools)."""
+    import torch
+
+    total, nonfinite = torch.zeros((), dtype=torch.float64), 0
+    tensors = {id(t): t for t in [*engine.model.parameters(), *engine.model.buffers()]}
+    for t in tensors.values():
+        if t.is_floating_point():
+            nonfinite += int((~t.isfinite()).sum())
+            total += t.double().nan_to_num(0.0, 0.0, 0.0).sum().cpu()
+        elif t.dtype in (torch.int8, torch.uint8, torch.int32, torch.int64):
+            total += t.double().sum().cpu()
+    return {"tensors": len(tensors), "nonfinite": nonfinite, "sum": float(total)}
+
+
 class PrefillTrace:
     """Each decoder layer's attention output and new residual stream, finite or not and their largest |value|, for
     the forwards of more than one token (prefills) while active: llama.layer_output wrapped, read after the step."""
@@ -207,13 +224,15 @@ def scenario(engine, vocab: int, *, rows: int, prompt: int, steps: int, max_mode
         print(name, json.dumps({k: v for k, v in out[name].items() if k != "diagnosed"}), flush=True)
 
     single = min(128, max_model_len // 2)
-    out["int8_state_built"] = int8_state(engine)
+    out["int8_state_built"], out["weights_built"] = int8_state(engine), weights_digest(engine)
     _add(engine, _requests(_prompts(1, single, vocab, 0), max_model_len - single, "s"))
     with PrefillTrace() as trace:  # the first prefill, layer by layer
         phase("first step", 1)
-    out["first_prefill"] = trace.summary()
+    out["first_prefill"], out["weights_after_first_step"] = trace.summary(), weights_digest(engine)
     print("first prefill", json.dumps(out["first_prefill"] | {"peaks": out["first_prefill"]["peaks"][:8]}),
-          "int8 state at build", json.dumps(out["int8_state_built"]), flush=True)
+          "int8 state at build", json.dumps(out["int8_state_built"]), "weights at build",
+          json.dumps(out["weights_built"]), "after the first step", json.dumps(out["weights_after_first_step"]),
+          flush=True)
     phase("single", 3 + steps)
     engine.abort(["s0"])
     _add(engine, _requests(_prompts(rows, prompt, vocab, 1), max_model_len - prompt, "d"))

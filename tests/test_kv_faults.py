@@ -97,7 +97,7 @@ def test_the_scenario_traces_the_first_prefill_and_locates_a_nan_store(poisoned,
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from benchmarks.common import VOCAB_SIZE, write_tokenizer
-    from benchmarks.kv_faults import scenario
+    from benchmarks.kv_faults import scenario, weights_digest
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -112,10 +112,16 @@ def test_the_scenario_traces_the_first_prefill_and_locates_a_nan_store(poisoned,
             lambda module, args, out: out * float("nan") if out.shape[-2] > 1 else out)
     out = scenario(engine, VOCAB_SIZE, rows=12, prompt=100, steps=2, max_model_len=160)
     assert out["first_prefill"]["calls"] == 2 and out["int8_state_built"]["linears"] > 0
+    assert out["weights_built"] == out["weights_after_first_step"] and out["weights_built"]["nonfinite"] == 0
     assert out["int8_state_built"]["dense_nonfinite"] == out["int8_state_built"]["keep_nonfinite"] == 0
     if not poisoned:
         assert out["first_prefill"]["first_nonfinite"] == {"attention": None, "residual": None}
         assert out["first step"]["first_faulty_step"] is None and out["decode"]["first_faulty_step"] is None
+        norm = engine.model.model.norm.weight  # a weight written over shows in the digest
+        norm.data[0] = float("inf")
+        assert weights_digest(engine)["nonfinite"] == 1
+        norm.data[0] = 2.0
+        assert weights_digest(engine)["sum"] != out["weights_built"]["sum"]
         return
     assert out["first_prefill"]["first_nonfinite"] == {"attention": 1, "residual": 0}
     assert out["first step"]["first_faulty_step"] == 0
