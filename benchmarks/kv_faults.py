@@ -18,6 +18,7 @@ from pathlib import Path
 from benchmarks.common import write_json
 
 DIAGNOSED = 4  # faulty steps a phase locates (fault_sites), the first ones whose counts changed
+DIGEST_CHUNK = 1 << 22  # weights summed at once (32 MiB as float64)
 CHUNK = 256  # blocks read at once (Llama-7B's: 64 MiB of int8, twice over; the engine leaves ~500 MiB free)
 
 
@@ -53,11 +54,12 @@ def _owned_blocks(engine) -> list[tuple[int, object, int]]:
 
 
 def fault_sites(engine, limit: int = 12) -> dict:
-    """Where pool_faults' faults are and what they hold, for K and V: faults per layer, the peaks found by kind (0: the
-    store wrote zeros, or nothing; 128: a -128, as a NaN's cast; 1-126: written over, or sealed twice) and the scales the store wrote beside them (NaN or inf: its
-    input was not finite; 0: zeros in, or never written), and the first `limit` sites (layer, block, the request,
-    the block's index in its row, the token's place in the block and the row, the token id there, head, peak,
-    scale). Zero heads (block_counts) are among them: a pad token's layer 0."""
+    """Where pool_faults' faults are and what they hold, for K and V: faults per layer, the peaks found by kind
+    (0: the store wrote zeros, or nothing; 128: a -128, as a NaN's cast; 1-126: written over, or sealed twice) and
+    the scales the store wrote beside them (NaN or inf: its input was not finite; 0: zeros in, or never written),
+    and the first `limit` sites (layer, block, the request, the block's index in its row, the token's place in the
+    block and the row, the token id there, head, peak, scale). Zero heads (block_counts) are among them: a pad
+    token's layer 0."""
     import torch
 
     runner, owned = engine.runner, _owned_blocks(engine)
@@ -141,15 +143,18 @@ def weights_digest(engine) -> dict:
     whatever the allocator put next to the K/V pools)."""
     import torch
 
-    total, nonfinite = torch.zeros((), dtype=torch.float64), 0
     tensors = {id(t): t for t in [*engine.model.parameters(), *engine.model.buffers()]}
+    device = next(iter(tensors.values())).device
+    total, nonfinite = torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.long,
+                                                                                          device=device)
     for t in tensors.values():
-        if t.is_floating_point():
-            nonfinite += int((~t.isfinite()).sum())
-            total += t.double().nan_to_num(0.0, 0.0, 0.0).sum().cpu()
-        elif t.dtype in (torch.int8, torch.uint8, torch.int32, torch.int64):
-            total += t.double().sum().cpu()
-    return {"tensors": len(tensors), "nonfinite": nonfinite, "sum": float(total)}
+        if not (t.is_floating_point() or t.dtype in (torch.int8, torch.uint8, torch.int32, torch.int64)):
+            continue
+        for part in t.detach().reshape(-1).split(DIGEST_CHUNK):  # small temporaries: the pools leave ~500 MiB
+            part = part.to(total.device).double()
+            nonfinite += (~part.isfinite()).sum()
+            total += part.nan_to_num(0.0, 0.0, 0.0).sum()
+    return {"tensors": len(tensors), "nonfinite": int(nonfinite), "sum": float(total)}
 
 
 class PrefillTrace:
