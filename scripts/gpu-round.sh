@@ -901,7 +901,7 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     # residual stream, finite or not) and the int8 state at build, V^T then keys under MPS; then V^T on every SM
     # again (its two faults had a pad token's signature: the sites now carry token ids)
     start_mps
-    faults 170 vt_mps v-q16-keys-vt
+    faults 200 vt_mps v-q16-keys-vt  # builds the model first on a fresh machine
     faults 130 keys_mps v-q16-keys
     stop_mps
     faults 160 vt v-q16-keys-vt
