@@ -86,27 +86,67 @@ def test_fault_sites_places_each_fault_and_tells_what_it_holds():
     assert (zero_k["layer"], zero_k["request"], zero_k["position"], zero_k["scale"]) == (1, "a", 2, 0.0)
 
 
-@pytest.mark.parametrize("poisoned", [False, True])
-def test_the_scenario_traces_the_first_prefill_and_locates_a_nan_store(poisoned, tmp_path):
-    """kv_faults.scenario on a tiny 8-bit Llama with an int8 paged KV cache (CPU, masked attention): sound, no fault,
-    the first prefill traced through both layers, the int8 state finite. With layer 0's MLP returning NaNs in
-    prefills (a forward hook: the engine then calls the module), the trace names layer 0's residual stream and the
-    faults are layer 1's stores of NaN (zeros, NaN scales), in K and V alike."""
-    from batchgen.worker.engine.config import EngineConfig
-    from batchgen.worker.factory import build_llm_engine
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer Llama (4 heads of 32) with the benchmarks' tokenizer; pad id 0, whose embedding HF zeroes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from benchmarks.common import VOCAB_SIZE, write_tokenizer
-    from benchmarks.kv_faults import scenario, weights_digest
 
+    out = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
-    write_tokenizer(tmp_path)
-    engine = build_llm_engine(EngineConfig(model=str(tmp_path), device="cpu", max_model_len=160,
-                                           kv_cache_dtype="int8", attention="sdpa", max_batch_size=12))
+    LlamaForCausalLM(config).save_pretrained(out)
+    write_tokenizer(out)
+    return out
+
+
+def _int8_engine(model_dir):
+    """The tiny model 8-bit on the CPU over an int8 paged KV cache, masked attention."""
+    from batchgen.worker.engine.config import EngineConfig
+    from batchgen.worker.factory import build_llm_engine
+
+    return build_llm_engine(EngineConfig(model=str(model_dir), device="cpu", max_model_len=160,
+                                         kv_cache_dtype="int8", attention="sdpa", max_batch_size=12))
+
+
+def test_a_pad_token_is_a_zero_head_in_layer_0_only(tiny_llama):
+    """A prompt holding the pad token (id 0, embedded as zeros): its K and V in layer 0 are zero heads (zeros, scale
+    0), not faults; from layer 1 on they are sound (its attention output is the other tokens' V). The find the
+    GPU runs made, on every SM with V^T, had this signature."""
+    from batchgen.jobs.schema import SamplingParams
+    from batchgen.worker.engine.sequence import Sequence
+
+    from benchmarks.kv_faults import fault_sites, pool_faults
+
+    engine = _int8_engine(tiny_llama)
+    ids = [1] + [5 + i % 90 for i in range(99)]
+    ids[70] = 0  # in the row's second whole block
+    engine.scheduler.add(Sequence("pad", ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), seed=0))
+    engine.step()
+    assert pool_faults(engine) == {"blocks": 1, "k": 0, "v": 0, "k_zero": 0, "v_zero": 0}  # block 0 alone is whole
+    (seq,) = engine.scheduler.running.values()
+    while seq.num_tokens < 2 * 64 + 2:  # the second block whole, as pool_faults counts it
+        engine.step()
+    assert pool_faults(engine) == {"blocks": 2, "k": 0, "v": 0, "k_zero": 4, "v_zero": 4}
+    sites = fault_sites(engine)
+    for c in "kv":
+        assert sites[c]["per_layer"] == [4, 0] and sites[c]["scales"]["zero"] == 4
+        assert {(s["position"], s["token"], s["peak"]) for s in sites[c]["sites"]} == {(70, 0, 0)}
+
+
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_the_scenario_traces_the_first_prefill_and_locates_a_nan_store(poisoned, tiny_llama):
+    """kv_faults.scenario on a tiny 8-bit Llama with an int8 paged KV cache (CPU, masked attention): sound, no fault,
+    the first prefill traced through both layers, the int8 state finite. With layer 0's MLP returning NaNs in
+    prefills (a forward hook: the engine then calls the module), the trace names layer 0's residual stream and the
+    faults are layer 1's stores of NaN (zeros, NaN scales), in K and V alike."""
+    from benchmarks.common import VOCAB_SIZE
+    from benchmarks.kv_faults import scenario, weights_digest
+
+    engine = _int8_engine(tiny_llama)
     if poisoned:
         engine.model.model.layers[0].mlp.register_forward_hook(
             lambda module, args, out: out * float("nan") if out.shape[-2] > 1 else out)
