@@ -255,6 +255,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--engine-options", default="", help="EngineConfig fields as key=value pairs")
     args = parser.parse_args()
+    import torch
     from batchgen.worker.engine.config import EngineConfig
     from batchgen.worker.factory import build_llm_engine
 
@@ -267,6 +268,9 @@ def main() -> None:
     engine = build_llm_engine(EngineConfig(model=str(bulk.MODEL_DIR), device="cuda", max_model_len=args.max_model_len,
                                            **_options(args.engine_options)))
     report = {"engine_options": args.engine_options, "v_transposed": bool(getattr(engine.runner, "v_transposed", 0)),
+              "engine": {"max_rows": engine.scheduler.max_rows, "num_blocks": engine.blocks.num_blocks,
+                         "max_prefill_tokens": engine.scheduler.max_prefill_tokens,
+                         "num_sms": torch.cuda.get_device_properties(0).multi_processor_count},
               **scenario(engine, VOCAB_SIZE, rows=args.rows, prompt=args.prompt, steps=args.steps,
                          max_model_len=args.max_model_len)}
     args.out.mkdir(parents=True, exist_ok=True)
