@@ -3,9 +3,11 @@
 after each step every live row's whole blocks checked. An int8 cache quantises each token's head on its own absmax,
 so each (token, head) of a sound block holds a 127 or -127, or is a zero head (all zeros, scale 0: an all-zero
 input, as layer 0's K and V of a sampled pad token, whose embedding is zeros), counted apart; a block sealed twice
-(V^T) or written over by another row's token does not, nor does a store of non-finite values (zeros, scale NaN). V^T (--int8-kv-scales v-q16-keys-vt) opened hundreds of int8 outlier columns in
-profile_steps' decode at 614 rows where the keys kernel opened none (docs/benchmarks.md, "A step at the bulk state
-under MPS"); this names the step and the pool where it starts.
+(V^T) or written over by another row's token does not, nor does a store of non-finite values (zeros, scale NaN).
+V^T (--int8-kv-scales v-q16-keys-vt) opened hundreds of int8 outlier columns in profile_steps' decode at 614 rows
+where the keys kernel opened none (docs/benchmarks.md, "A step at the bulk state under MPS"); this names the step
+and the pool where it starts, where the faults are and what they hold (docs/benchmarks.md, "V^T's K/V blocks
+checked after every step").
 
     python3 -m benchmarks.kv_faults --out $OUT/kv_faults --engine-options int8_kv_scales=v-q16-keys-vt \
         --rows 614 --prompt 352 --max-model-len 416 --steps 40                    # on the device
@@ -20,21 +22,15 @@ from benchmarks.common import write_json
 DIAGNOSED = 4  # faulty steps a phase locates (fault_sites), the first ones whose counts changed
 DIGEST_CHUNK = 1 << 22  # weights summed at once (32 MiB as float64)
 CHUNK = 256  # blocks read at once (Llama-7B's: 64 MiB of int8, twice over; the engine leaves ~500 MiB free)
-
-
-def block_faults(cache, blocks, scales=None) -> int:
-    """(token, head) pairs of an int8 pool's layer cache [blocks, tokens, kv_heads, head_dim] (any strides: V^T's
-    view reads its whole blocks as values) at these block ids whose largest |value| is not 127; with the layer's
-    scales [blocks, kv_heads, tokens], not counting zero heads (block_counts)."""
-    return block_counts(cache, blocks, scales)[0]
+SITE_CHUNK = CHUNK // 4  # fault_sites' blocks at once: widened to int16, and their nonzero() on top
 
 
 def block_counts(cache, blocks, scales=None) -> tuple[int, int]:
-    """(faults, zero heads) at these block ids: a zero head is all zeros with a scale of 0, what the store makes of
-    an all-zero input (Llama's pad token embeds as zeros: layer 0's K and V of a sampled pad token), told apart
-    from faults where scales are given."""
-    import torch
-
+    """(faults, zero heads) of an int8 pool's layer cache [blocks, tokens, kv_heads, head_dim] (any strides: V^T's
+    view reads its whole blocks as values) at these block ids: a fault is a (token, head) whose largest |value| is
+    not 127. A zero head is all zeros with a scale of 0, what the store makes of an all-zero input (Llama's pad token
+    embeds as zeros: layer 0's K and V of a sampled pad token); with the layer's scales [blocks, kv_heads, tokens]
+    given it is told apart from the faults, else it is one."""
     faults = zeros = 0
     for chunk in blocks.split(CHUNK):
         peak = cache[chunk].abs().amax(dim=-1)  # [blocks, tokens, kv_heads]
@@ -43,7 +39,7 @@ def block_counts(cache, blocks, scales=None) -> tuple[int, int]:
             zero = (peak == 0) & (scales[chunk].transpose(1, 2) == 0)
             bad, zeros = bad & ~zero, zeros + zero.sum()
         faults = faults + bad.sum()  # summed on the device: one sync a layer, not one a chunk
-    return int(faults), int(zeros) if isinstance(zeros, torch.Tensor) else zeros
+    return int(faults), int(zeros)
 
 
 def _owned_blocks(engine) -> list[tuple[int, object, int]]:
@@ -70,8 +66,8 @@ def fault_sites(engine, limit: int = 12) -> dict:
         per_layer, peaks, kinds, sites = [], {}, {"nan": 0, "inf": 0, "zero": 0, "finite": 0}, []
         for layer in range(cache.shape[0]):
             count = 0
-            for start in range(0, len(owned), 64):
-                chunk = at[start:start + 64]
+            for start in range(0, len(owned), SITE_CHUNK):
+                chunk = at[start:start + SITE_CHUNK]
                 peak = cache[layer][chunk].to(torch.int16).abs().amax(dim=-1)  # [blocks, tokens, kv_heads]
                 bad = (peak != 127).nonzero()
                 count += len(bad)
@@ -201,7 +197,8 @@ def _diagnose(engine, step: int, counts: dict) -> dict:
 
 def scenario(engine, vocab: int, *, rows: int, prompt: int, steps: int, max_model_len: int) -> dict:
     """profile_steps.scenarios' decode phases without the profiler, each step checked: each phase's first faulty
-    step and its worst one."""
+    step, its worst one and the first steps located (fault_sites); before them the int8 state and the weights at
+    build, and the first step's prefill traced layer by layer (PrefillTrace) with the weights after it."""
     from benchmarks.profile_steps import _add, _prompts, _requests
 
     out = {}

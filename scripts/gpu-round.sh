@@ -90,8 +90,8 @@
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-garbage  # V^T's outlier columns: the first
 #                                                                        # step leaving unsound K/V blocks (kv_faults),
 #                                                                        # V^T and keys on every SM; V^T under MPS
-#   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-sites  # after vt-garbage: where the faults are
-#                                                                        # (fault_sites), V^T; keys and V^T under MPS
+#   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-sites-short  # after vt-garbage: where the
+#                                                                        # faults are (fault_sites), V^T; under MPS
 #   source scripts/device-setup.sh && bash scripts/gpu-round.sh vt-mps-trace  # V^T's NaNs under MPS: the first
 #                                                                        # prefill layer by layer; keys; V^T every SM
 # The table `tune` writes lands in $OUT/round/tuned/ (and is used by that call's profile); $OUT is new in every call,
@@ -888,16 +888,15 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     start_mps
     faults 170 vt_mps v-q16-keys-vt
     ;;
-  vt-sites)  # after vt-garbage (V^T: 32 K and 32 V faults at one decode step on every SM; under MPS nearly every
-    # token's K and V from the first prefill on, where the keys kernel's profile under MPS opened no outliers): where
-    # the faults are and what they hold (kv_faults' fault_sites), V^T on every SM, then keys and V^T under MPS
+  vt-sites-short)  # after vt-garbage (V^T: 32 K and 32 V faults at one decode step on every SM; under MPS nearly
+    # every token's K and V from the first prefill on): where the faults are and what they hold (kv_faults'
+    # fault_sites), V^T on every SM, then under MPS
     faults 200 vt v-q16-keys-vt
     start_mps
-    faults 130 keys_mps v-q16-keys
     faults 130 vt_mps v-q16-keys-vt
     ;;
-  vt-mps-trace)  # after vt-sites: under MPS, V^T stored NaNs from layer 2 on in the first prefill (the keys kernel's
-    # profile under MPS opened no outliers): kv_faults' first-prefill trace (each layer's attention output and
+  vt-mps-trace)  # after vt-sites-short: under MPS, V^T stored NaNs from layer 2 on in the first prefill (the keys
+    # kernel's profile under MPS opened no outliers): kv_faults' first-prefill trace (each layer's attention output and
     # residual stream, finite or not) and the int8 state at build, V^T then keys under MPS; then V^T on every SM
     # again (its two faults had a pad token's signature: the sites now carry token ids)
     start_mps
@@ -905,11 +904,6 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     faults 130 keys_mps v-q16-keys
     stop_mps
     faults 160 vt v-q16-keys-vt
-    ;;
-  vt-sites-short)  # vt-sites without the keys kernel under MPS (short of device time)
-    faults 200 vt v-q16-keys-vt
-    start_mps
-    faults 130 vt_mps v-q16-keys-vt
     ;;
   mps-check)  # whether MPS gives the kernels an H200's bus per SM: vt_keys on every SM and a 96-SM green context,
     # then under MPS on what it is given
