@@ -252,6 +252,34 @@ def test_the_guarded_quantiser_records_what_the_guard_would_after_it():
         assert (ours.seen[70] == 40.0) != keep
 
 
+def test_the_guarded_quantisers_record_a_nan_row_inside_the_guard():
+    """A row holding NaN (an fp16 overflow upstream) is recorded inside its input's guard by each fused quantiser,
+    a row NaN throughout at its first column (where torch's max, which propagates NaN, puts it). Their search for
+    the absmax's column found none in a row NaN throughout (its absmax NaN, or 0 from the masked lanes past K) and
+    wrote seen/hits at BLOCK_K or K: past the input's own, into the next input's of the flat buffers that hold every
+    input's (int8_outliers), or past them. The guard here is the first half of larger buffers; the second half
+    must stay as it was."""
+    from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers
+    from batchgen.worker.engine.kernels.int8_ops import gated_quantize, norm_quantize, quantize_guarded
+
+    k, nan = 80, float("nan")
+    g = torch.Generator().manual_seed(14)
+    x = (torch.rand(3, k, generator=g) * 2 - 1).to(torch.float16)  # |x| < 1: no row reaches the threshold
+    x[:, 0] = 0.0  # no finite row's record at column 0, where the row NaN throughout records
+    x[0, [7, 30]] = nan  # NaN among finite values
+    x[1] = nan  # a row NaN throughout (what the layers after one NaN see)
+    gate_up = torch.cat([x, torch.ones(3, k, dtype=torch.float16)], 1)  # SiLU(x) · 1: NaN where x has it
+    runs = {"quantize_guarded": lambda guard: quantize_guarded(x, guard),
+            "norm_quantize": lambda guard: norm_quantize(x, torch.ones(k, dtype=torch.float16), 1e-6, False,
+                                                         guard=guard),
+            "gated_quantize": lambda guard: gated_quantize(gate_up, k, "SiLU", guard=guard)}
+    for name, run in runs.items():
+        seen, hits = torch.full((2, 2 * k), -1.0).unbind()  # below any |x|: a record anywhere shows
+        run(GuardBuffers(torch.ones(k, dtype=torch.float16), seen[:k], hits[:k], 6.0))
+        assert torch.equal(seen[k:], torch.full((k,), -1.0)) and torch.equal(hits, torch.full((2 * k,), -1.0)), name
+        assert seen[0] != -1 and (seen[:k] != -1).sum() <= 3, name  # three rows, three records at most
+
+
 def test_dequantize_and_int8_gemm_equal_int8_linear():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(20, 96, generator=g).to(torch.float16)

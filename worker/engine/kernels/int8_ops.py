@@ -53,7 +53,9 @@ if HAS_TRITON:
         a = tl.abs(x)
         absmax = tl.max(a, 0).to(tl.float32)
         if HAS_ARGMAX or GUARD:  # where the absmax is, the first such column (what the outlier guard records)
-            col = tl.min(tl.where(a == absmax.to(tl.float16), k, BLOCK_K), 0)
+            # or a NaN first, as torch's max: a row NaN throughout (absmax NaN, or 0 from the lanes past K) matched
+            # no column and recorded at BLOCK_K, in the next input's guard or past them all
+            col = tl.min(tl.where((a == absmax.to(tl.float16)) | (a != a), k, BLOCK_K), 0)
             if HAS_ARGMAX:
                 tl.store(Argmax + row, col.to(tl.int64))
             if GUARD:  # OutlierColumns.record in this launch: no argmax tensor, no scatters after it
@@ -168,7 +170,8 @@ if HAS_TRITON:
             xq = round_half_even(x16.to(tl.float32) * inv, INTERPRETED)
             tl.store(Xq + row * stride_qm + k, xq.to(tl.int8), mask=k_mask)
             if GUARD:  # the first column holding the absmax, as _quantize_row finds it
-                first = tl.minimum(first, tl.min(tl.where(tl.abs(x16) == absmax16, k, K), 0))
+                hit = (tl.abs(x16) == absmax16) | (x16 != x16)  # a NaN too: one row NaN throughout matched none
+                first = tl.minimum(first, tl.min(tl.where(hit, k, K), 0))
         if GUARD:
             tl.atomic_max(Seen + first, absmax)
             tl.atomic_add(Hits + first, (absmax >= threshold).to(tl.float32))
