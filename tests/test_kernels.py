@@ -253,13 +253,14 @@ def test_the_guarded_quantiser_records_what_the_guard_would_after_it():
 
 
 def test_the_guarded_quantisers_record_a_nan_row_inside_the_guard():
-    """A row holding NaN (an fp16 overflow upstream) is recorded inside its input's guard by each fused quantiser,
-    a row NaN throughout at its first column (where torch's max, which propagates NaN, puts it). Their search for
-    the absmax's column found none in a row NaN throughout (its absmax NaN, or 0 from the masked lanes past K) and
-    wrote seen/hits at BLOCK_K or K: past the input's own, into the next input's of the flat buffers that hold every
-    input's (int8_outliers), or past them. The guard here is the first half of larger buffers; the second half
-    must stay as it was."""
-    from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers
+    """A row holding NaN (an fp16 overflow upstream) is recorded inside its input's guard by each fused quantiser
+    and by the GEMV (the quantisers put a row NaN throughout at its first column, where torch's max, which
+    propagates NaN, puts it; the GEMV's running max passes over NaN). The quantisers' search for the absmax's column
+    found none in a row NaN throughout (its absmax NaN, or 0 from the masked lanes past K) and wrote seen/hits at
+    BLOCK_K or K: past the input's own, into the next input's of the flat buffers that hold every input's
+    (int8_outliers), or past them. The guard here is the first half of larger buffers; the second half must stay
+    as it was."""
+    from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, int8_gemv
     from batchgen.worker.engine.kernels.int8_ops import gated_quantize, norm_quantize, quantize_guarded
 
     k, nan = 80, float("nan")
@@ -272,7 +273,8 @@ def test_the_guarded_quantisers_record_a_nan_row_inside_the_guard():
     runs = {"quantize_guarded": lambda guard: quantize_guarded(x, guard),
             "norm_quantize": lambda guard: norm_quantize(x, torch.ones(k, dtype=torch.float16), 1e-6, False,
                                                          guard=guard),
-            "gated_quantize": lambda guard: gated_quantize(gate_up, k, "SiLU", guard=guard)}
+            "gated_quantize": lambda guard: gated_quantize(gate_up, k, "SiLU", guard=guard),
+            "int8_gemv": lambda guard: int8_gemv(x, torch.ones(16, k, dtype=torch.int8), torch.ones(16), guard=guard)}
     for name, run in runs.items():
         seen, hits = torch.full((2, 2 * k), -1.0).unbind()  # below any |x|: a record anywhere shows
         run(GuardBuffers(torch.ones(k, dtype=torch.float16), seen[:k], hits[:k], 6.0))
