@@ -261,7 +261,12 @@ def test_the_guarded_quantisers_record_a_nan_row_inside_the_guard():
     (int8_outliers), or past them. The guard here is the first half of larger buffers; the second half must stay
     as it was."""
     from batchgen.worker.engine.kernels.int8_gemv import GuardBuffers, int8_gemv
-    from batchgen.worker.engine.kernels.int8_ops import gated_quantize, norm_quantize, quantize_guarded
+    from batchgen.worker.engine.kernels.int8_ops import (
+        gated_quantize,
+        norm_quantize,
+        quantize_argmax,
+        quantize_guarded,
+    )
 
     k, nan = 80, float("nan")
     g = torch.Generator().manual_seed(14)
@@ -280,6 +285,10 @@ def test_the_guarded_quantisers_record_a_nan_row_inside_the_guard():
         run(GuardBuffers(torch.ones(k, dtype=torch.float16), seen[:k], hits[:k], 6.0))
         assert torch.equal(seen[k:], torch.full((k,), -1.0)) and torch.equal(hits, torch.full((2 * k,), -1.0)), name
         assert seen[0] != -1 and (seen[:k] != -1).sum() <= 3, name  # three rows, three records at most
+    # the generic path's int8 linear scatters quantize_argmax's columns into its guard: one past k would be a
+    # device-side assert on CUDA (the worker's context gone)
+    cols = quantize_argmax(x)[2].flatten()
+    assert cols[1] == 0 and (cols < k).all() and cols[2] == x[2].abs().argmax()
 
 
 def test_dequantize_and_int8_gemm_equal_int8_linear():
