@@ -154,8 +154,10 @@ def weights_digest(engine) -> dict:
 
 
 class PrefillTrace:
-    """Each decoder layer's attention output and new residual stream, finite or not and their largest |value|, for
-    the forwards of more than one token (prefills) while active: llama.layer_output wrapped, read after the step."""
+    """Each decoder layer's attention output and new residual stream, finite or not and their largest |value|, and
+    the first token (in the forward's packed sequence) where the layer's input, its attention output and its new
+    residual stream are not finite, for the forwards of more than one token (prefills) while active:
+    llama.layer_output wrapped, read after the step."""
 
     def __init__(self):
         self.records: list = []
@@ -166,9 +168,11 @@ class PrefillTrace:
         self.llama, self.inner = llama, llama.layer_output
 
         def traced(layer, h, o, spec=None):
+            first_in = first_nonfinite_token(h, 1)  # before the call: its residual add may write h in place
             out = self.inner(layer, h, o, spec)
             if h.shape[1] > 1:
-                self.records.append([t.isfinite().all() for t in (o, out)] + [t.abs().amax() for t in (o, out)])
+                self.records.append([t.isfinite().all() for t in (o, out)] + [t.abs().amax() for t in (o, out)]
+                                    + [first_in, first_nonfinite_token(o, 2), first_nonfinite_token(out, 1)])
             return out
         llama.layer_output = traced
         return self
@@ -177,13 +181,25 @@ class PrefillTrace:
         self.llama.layer_output = self.inner
 
     def summary(self) -> dict:
-        """The first layer call whose attention output, then whose residual stream, is not finite, and each call's
-        largest |value|s."""
-        rows = [[bool(a), bool(b), float(c), float(d)] for a, b, c, d in self.records]
+        """The first layer call whose attention output, then whose residual stream, is not finite; each call's
+        largest |value|s and the first non-finite token of its input, attention output and residual stream."""
+        rows = [[bool(a), bool(b), float(c), float(d)] + [None if t < 0 else int(t) for t in firsts]
+                for a, b, c, d, *firsts in self.records]
         first = {name: next((i for i, r in enumerate(rows) if not r[col]), None)
                  for name, col in (("attention", 0), ("residual", 1))}
         return {"calls": len(rows), "first_nonfinite": first,
-                "peaks": [[round(r[2], 2), round(r[3], 2)] for r in rows]}
+                "peaks": [[round(r[2], 2), round(r[3], 2)] for r in rows],
+                "first_nonfinite_token": [{"input": r[4], "attention": r[5], "residual": r[6]} for r in rows]}
+
+
+def first_nonfinite_token(t, dim: int):
+    """The first index along dim (the tokens) where tensor t holds a non-finite value, -1 where none (a tensor on
+    t's device: read after the step)."""
+    import torch
+
+    bad = (~t.isfinite()).movedim(dim, 0).flatten(1).any(1)
+    index = torch.arange(bad.numel(), device=t.device)
+    return torch.where(bad, index, bad.numel()).min().where(bad.any(), -1)
 
 
 def _diagnose(engine, step: int, counts: dict) -> dict:

@@ -148,13 +148,15 @@ def test_the_scenario_traces_the_first_prefill_and_locates_a_nan_store(poisoned,
     engine = _int8_engine(tiny_llama)
     if poisoned:
         engine.model.model.layers[0].mlp.register_forward_hook(
-            lambda module, args, out: out * float("nan") if out.shape[-2] > 1 else out)
+            lambda module, args, out: out.index_fill(-2, torch.arange(5, out.shape[-2]), float("nan"))
+            if out.shape[-2] > 1 else out)
     out = scenario(engine, VOCAB_SIZE, rows=12, prompt=100, steps=2, max_model_len=160)
     assert out["first_prefill"]["calls"] == 2 and out["int8_state_built"]["linears"] > 0
     assert out["weights_built"] == out["weights_after_first_step"] and out["weights_built"]["nonfinite"] == 0
     assert out["int8_state_built"]["dense_nonfinite"] == out["int8_state_built"]["keep_nonfinite"] == 0
     if not poisoned:
         assert out["first_prefill"]["first_nonfinite"] == {"attention": None, "residual": None}
+        assert out["first_prefill"]["first_nonfinite_token"] == [{"input": None, "attention": None, "residual": None}] * 2
         assert out["first step"]["first_faulty_step"] is None and out["decode"]["first_faulty_step"] is None
         norm = engine.model.model.norm.weight  # a weight written over shows in the digest
         norm.data[0] = float("inf")
@@ -163,6 +165,9 @@ def test_the_scenario_traces_the_first_prefill_and_locates_a_nan_store(poisoned,
         assert weights_digest(engine)["sum"] != out["weights_built"]["sum"]
         return
     assert out["first_prefill"]["first_nonfinite"] == {"attention": 1, "residual": 0}
+    layer_0, layer_1 = out["first_prefill"]["first_nonfinite_token"]
+    assert layer_0 == {"input": None, "attention": None, "residual": 5} and layer_1["input"] == 5
+    assert layer_1["attention"] is not None and layer_1["attention"] <= 5  # a NaN V meets masked queries as 0 · NaN
     assert out["first step"]["first_faulty_step"] == 0
     found = out["first step"]["diagnosed"][0]
     assert found["counts"]["k"] == found["counts"]["v"] > 0
