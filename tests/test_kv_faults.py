@@ -156,7 +156,8 @@ def test_the_scenario_traces_the_first_prefill_and_locates_a_nan_store(poisoned,
     assert out["int8_state_built"]["dense_nonfinite"] == out["int8_state_built"]["keep_nonfinite"] == 0
     if not poisoned:
         assert out["first_prefill"]["first_nonfinite"] == {"attention": None, "residual": None}
-        assert out["first_prefill"]["first_nonfinite_token"] == [{"input": None, "attention": None, "residual": None}] * 2
+        finite = {"input": None, "attention": None, "residual": None}
+        assert out["first_prefill"]["first_nonfinite_token"] == [finite, finite]
         assert out["first step"]["first_faulty_step"] is None and out["decode"]["first_faulty_step"] is None
         norm = engine.model.model.norm.weight  # a weight written over shows in the digest
         norm.data[0] = float("inf")
