@@ -110,6 +110,36 @@ def pool_faults(engine) -> dict:
     return out
 
 
+def scale_peaks(engine) -> dict:
+    """K's and V's largest finite scale per layer over every token the running rows hold in the cache (partial
+    blocks too), the request and position holding it, and the layer's median: a token whose K or V is outsized yet
+    finite is sound to block_counts (its peak is still a ±127), while FlashAttention's fp16 output or the o_proj
+    after it can overflow for every later query that sees it."""
+    import torch
+
+    runner = engine.runner
+    page = runner.k_cache.shape[2]
+    tokens = [(seq, block, p) for row, seq in engine.scheduler.running.items()
+              for p in range(max(0, seq.num_tokens - 2)) for block in [engine.blocks.rows[row][p // page]]]
+    if not tokens:
+        return {}
+    device = runner.k_cache.device
+    blocks = torch.tensor([b for _, b, _ in tokens], dtype=torch.long, device=device)
+    places = torch.tensor([p % page for _, _, p in tokens], dtype=torch.long, device=device)
+    out = {}
+    for name, scales in (("k", runner.k_scale), ("v", runner.v_scale)):
+        per_layer = []
+        for layer in range(scales.shape[0]):
+            s = scales[layer][blocks, :, places].float().amax(dim=1)  # a token's largest head scale
+            s = torch.where(s.isfinite(), s, 0.0)
+            peak, at = s.max(dim=0)
+            seq, _, position = tokens[int(at)]
+            per_layer.append({"max": float(peak), "request": seq.key, "position": position,
+                              "median": float(s.median())})
+        out[name] = per_layer
+    return out
+
+
 def int8_state(engine) -> dict:
     """Non-finite values in what the int8 path keeps between steps (each outlier input's keep mask and seen maxima,
     each linear's dense rows of its outlier columns) and the columns held: a store of NaNs from a first prefill
@@ -247,10 +277,11 @@ def scenario(engine, vocab: int, *, rows: int, prompt: int, steps: int, max_mode
     with PrefillTrace() as trace:  # the first prefill, layer by layer
         phase("first step", 1)
     out["first_prefill"], out["weights_after_first_step"] = trace.summary(), weights_digest(engine)
+    out["scales_after_first_step"] = scale_peaks(engine)
     print("first prefill", json.dumps(out["first_prefill"] | {"peaks": out["first_prefill"]["peaks"][:8]}),
           "int8 state at build", json.dumps(out["int8_state_built"]), "weights at build",
           json.dumps(out["weights_built"]), "after the first step", json.dumps(out["weights_after_first_step"]),
-          flush=True)
+          "scales, layers 0-3", json.dumps({c: v[:4] for c, v in out["scales_after_first_step"].items()}), flush=True)
     phase("single", 3 + steps)
     engine.abort(["s0"])
     _add(engine, _requests(_prompts(rows, prompt, vocab, 1), max_model_len - prompt, "d"))

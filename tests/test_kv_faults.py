@@ -136,6 +136,34 @@ def test_a_pad_token_is_a_zero_head_in_layer_0_only(tiny_llama):
         assert {(s["position"], s["token"], s["peak"]) for s in sites[c]["sites"]} == {(70, 0, 0)}
 
 
+def test_scale_peaks_names_an_outsized_token(tiny_llama):
+    """scale_peaks over a row just prefilled: every stored token (the partial block too) counts, each layer's largest
+    K and V scale sits at a position the row holds and above its median; a V scale planted at position 90 of layer 0
+    (in the row's unsealed second block) is named with its request and position, a NaN one is passed over."""
+    from batchgen.jobs.schema import SamplingParams
+    from batchgen.worker.engine.sequence import Sequence
+
+    from benchmarks.kv_faults import scale_peaks
+
+    engine = _int8_engine(tiny_llama)
+    ids = [1] + [5 + i % 90 for i in range(99)]
+    engine.scheduler.add(Sequence("big", ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True), seed=0))
+    engine.step()
+    peaks = scale_peaks(engine)
+    for c in "kv":
+        assert len(peaks[c]) == 2
+        assert all(0 < p["median"] < p["max"] and p["request"] == "big" and p["position"] < 99 for p in peaks[c])
+    (row,) = engine.scheduler.running
+    block = engine.blocks.rows[row][1]
+    with torch.inference_mode():  # the pools were made in it
+        engine.runner.v_scale[0][block, 2, 90 - 64] = 1e4
+        engine.runner.v_scale[0][block, 1, 91 - 64] = float("nan")
+    found = scale_peaks(engine)
+    assert {k: found["v"][0][k] for k in ("max", "request", "position")} == {"max": 1e4, "request": "big",
+                                                                           "position": 90}
+    assert found["k"] == peaks["k"] and found["v"][1] == peaks["v"][1]
+
+
 @pytest.mark.parametrize("poisoned", [False, True])
 def test_the_scenario_traces_the_first_prefill_and_locates_a_nan_store(poisoned, tiny_llama):
     """kv_faults.scenario on a tiny 8-bit Llama with an int8 paged KV cache (CPU, masked attention): sound, no fault,
@@ -169,6 +197,7 @@ def test_the_scenario_traces_the_first_prefill_and_locates_a_nan_store(poisoned,
     layer_0, layer_1 = out["first_prefill"]["first_nonfinite_token"]
     assert layer_0 == {"input": None, "attention": None, "residual": 5} and layer_1["input"] == 5
     assert layer_1["attention"] is not None and layer_1["attention"] <= 5  # a NaN V meets masked queries as 0 · NaN
+    assert out["scales_after_first_step"]["v"][1]["position"] < 5  # the NaN scales from 5 on passed over
     assert out["first step"]["first_faulty_step"] == 0
     found = out["first step"]["diagnosed"][0]
     assert found["counts"]["k"] == found["counts"]["v"] > 0
