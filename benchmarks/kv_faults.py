@@ -113,8 +113,8 @@ def pool_faults(engine) -> dict:
 def scale_peaks(engine) -> dict:
     """K's and V's largest finite scale per layer over every token the running rows hold in the cache (partial
     blocks too), the request and position holding it, and the layer's median: a token whose K or V is outsized yet
-    finite is sound to block_counts (its peak is still a ±127), while FlashAttention's fp16 output or the o_proj
-    after it can overflow for every later query that sees it."""
+    finite is sound to block_counts (its peak is still a ±127), while the o_proj after attention (whose output is
+    at most the largest |V|) can overflow fp16 for every later query that weighs it."""
     import torch
 
     runner = engine.runner
