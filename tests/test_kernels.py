@@ -285,8 +285,7 @@ def test_the_guarded_quantisers_record_a_nan_row_inside_the_guard():
         run(GuardBuffers(torch.ones(k, dtype=torch.float16), seen[:k], hits[:k], 6.0))
         assert torch.equal(seen[k:], torch.full((k,), -1.0)) and torch.equal(hits, torch.full((2 * k,), -1.0)), name
         assert seen[0] != -1 and (seen[:k] != -1).sum() <= 3, name  # three rows, three records at most
-    # the generic path's int8 linear scatters quantize_argmax's columns into its guard: one past k would be a
-    # device-side assert on CUDA (the worker's context gone)
+    # the same search gives quantize_argmax's columns, which a caller scatters into a guard as OutlierColumns.record
     cols = quantize_argmax(x)[2].flatten()
     assert cols[1] == 0 and (cols < k).all() and cols[2] == x[2].abs().argmax()
 
