@@ -198,11 +198,12 @@ class PrefillTrace:
         self.llama, self.inner = llama, llama.layer_output
 
         def traced(layer, h, o, spec=None):
+            if h.shape[1] == 1:  # a decode step's
+                return self.inner(layer, h, o, spec)
             first_in = first_nonfinite_token(h, 1)  # before the call: its residual add may write h in place
             out = self.inner(layer, h, o, spec)
-            if h.shape[1] > 1:
-                self.records.append([t.isfinite().all() for t in (o, out)] + [t.abs().amax() for t in (o, out)]
-                                    + [first_in, first_nonfinite_token(o, 2), first_nonfinite_token(out, 1)])
+            self.records.append([o.abs().amax(), out.abs().amax(), first_in, first_nonfinite_token(o, 2),
+                                 first_nonfinite_token(out, 1)])
             return out
         llama.layer_output = traced
         return self
@@ -213,13 +214,14 @@ class PrefillTrace:
     def summary(self) -> dict:
         """The first layer call whose attention output, then whose residual stream, is not finite; each call's
         largest |value|s and the first non-finite token of its input, attention output and residual stream."""
-        rows = [[bool(a), bool(b), float(c), float(d)] + [None if t < 0 else int(t) for t in firsts]
-                for a, b, c, d, *firsts in self.records]
-        first = {name: next((i for i, r in enumerate(rows) if not r[col]), None)
-                 for name, col in (("attention", 0), ("residual", 1))}
-        return {"calls": len(rows), "first_nonfinite": first,
-                "peaks": [[round(r[2], 2), round(r[3], 2)] for r in rows],
-                "first_nonfinite_token": [{"input": r[4], "attention": r[5], "residual": r[6]} for r in rows]}
+        rows = [{"peaks": [round(float(o), 2), round(float(out), 2)],
+                 "tokens": {name: None if t < 0 else int(t) for name, t in zip(("input", "attention", "residual"),
+                                                                               firsts, strict=True)}}
+                for o, out, *firsts in self.records]
+        first = {name: next((i for i, r in enumerate(rows) if r["tokens"][name] is not None), None)
+                 for name in ("attention", "residual")}
+        return {"calls": len(rows), "first_nonfinite": first, "peaks": [r["peaks"] for r in rows],
+                "first_nonfinite_token": [r["tokens"] for r in rows]}
 
 
 def first_nonfinite_token(t, dim: int):
