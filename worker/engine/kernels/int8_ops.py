@@ -41,6 +41,13 @@ if HAS_TRITON:
         TensorDescriptor = None
 
     @triton.jit
+    def _absmax_column(a, absmax16, k, none):
+        """The first column k where |x| a (fp16) holds the row's absmax, or a NaN (as torch's max: a row NaN throughout,
+        whose absmax is NaN or the masked lanes' 0, matches no column and was recorded at `none`, past the input's
+        guard); none where neither (tl.min over it and the other lanes' k)."""
+        return tl.min(tl.where((a == absmax16) | (a != a), k, none), 0)
+
+    @triton.jit
     def _quantize_row(x, row, k, k_mask, Xq, Absmax, Outliers, Argmax, Seen, Hits, stride_qm, threshold,
                       BLOCK_K: tl.constexpr, HAS_OUTLIERS: tl.constexpr, KEEP: tl.constexpr,
                       HAS_ARGMAX: tl.constexpr, GUARD: tl.constexpr, INTERPRETED: tl.constexpr):
@@ -53,9 +60,7 @@ if HAS_TRITON:
         a = tl.abs(x)
         absmax = tl.max(a, 0).to(tl.float32)
         if HAS_ARGMAX or GUARD:  # where the absmax is, the first such column (what the outlier guard records)
-            # or a NaN first, as torch's max: a row NaN throughout (absmax NaN, or 0 from the lanes past K) matched
-            # no column and recorded at BLOCK_K, in the next input's guard or past them all
-            col = tl.min(tl.where((a == absmax.to(tl.float16)) | (a != a), k, BLOCK_K), 0)
+            col = _absmax_column(a, absmax.to(tl.float16), k, BLOCK_K)
             if HAS_ARGMAX:
                 tl.store(Argmax + row, col.to(tl.int64))
             if GUARD:  # OutlierColumns.record in this launch: no argmax tensor, no scatters after it
@@ -170,8 +175,7 @@ if HAS_TRITON:
             xq = round_half_even(x16.to(tl.float32) * inv, INTERPRETED)
             tl.store(Xq + row * stride_qm + k, xq.to(tl.int8), mask=k_mask)
             if GUARD:  # the first column holding the absmax, as _quantize_row finds it
-                hit = (tl.abs(x16) == absmax16) | (x16 != x16)  # a NaN too: one row NaN throughout matched none
-                first = tl.minimum(first, tl.min(tl.where(hit, k, K), 0))
+                first = tl.minimum(first, _absmax_column(tl.abs(x16), absmax16, k, K))
         if GUARD:
             tl.atomic_max(Seen + first, absmax)
             tl.atomic_add(Hits + first, (absmax >= threshold).to(tl.float32))
