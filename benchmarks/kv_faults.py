@@ -187,15 +187,19 @@ class PrefillTrace:
     """Each decoder layer's attention output and new residual stream, finite or not and their largest |value|, and
     the first token (in the forward's packed sequence) where the layer's input, its attention output and its new
     residual stream are not finite, for the forwards of more than one token (prefills) while active:
-    llama.layer_output wrapped, read after the step."""
+    llama.layer_output wrapped, read after the step. Each prefill attention call too (llama._prefill_attention's
+    attend wrapped): the first non-finite token of the q, k and v it was given, and the first token of each that
+    the call changed (it stores K/V and attends; a stray write of its store or seal into the q/k/v it was given,
+    which the attention then reads, would show there and nowhere else)."""
 
     def __init__(self):
         self.records: list = []
+        self.attention: list = []
 
     def __enter__(self) -> "PrefillTrace":
         from batchgen.worker.engine import llama
 
-        self.llama, self.inner = llama, llama.layer_output
+        self.llama, self.inner, self.inner_attention = llama, llama.layer_output, llama._prefill_attention
 
         def traced(layer, h, o, spec=None):
             if h.shape[1] == 1:  # a decode step's
@@ -205,33 +209,62 @@ class PrefillTrace:
             self.records.append([o.abs().amax(), out.abs().amax(), first_in, first_nonfinite_token(o, 2),
                                  first_nonfinite_token(out, 1)])
             return out
-        llama.layer_output = traced
+
+        def traced_attention(*args, **kwargs):
+            attend = self.inner_attention(*args, **kwargs)
+
+            def checked(layer, q, k, v):
+                given = [first_nonfinite_token(t, 2) for t in (q, k, v)]
+                kept = [t.clone() for t in (q, k, v)]
+                o = attend(layer, q, k, v)
+                self.attention.append(given + [first_changed_token(a, t, 2) for a, t in zip(kept, (q, k, v),
+                                                                                           strict=True)])
+                return o
+            return checked
+        llama.layer_output, llama._prefill_attention = traced, traced_attention
         return self
 
     def __exit__(self, *exc) -> None:
-        self.llama.layer_output = self.inner
+        self.llama.layer_output, self.llama._prefill_attention = self.inner, self.inner_attention
 
     def summary(self) -> dict:
         """The first layer call whose attention output, then whose residual stream, is not finite; each call's
-        largest |value|s and the first non-finite token of its input, attention output and residual stream."""
+        largest |value|s and the first non-finite token of its input, attention output and residual stream; each
+        prefill attention call's first non-finite and first changed token of q, k and v."""
         rows = [{"peaks": [round(float(o), 2), round(float(out), 2)],
                  "tokens": {name: None if t < 0 else int(t) for name, t in zip(("input", "attention", "residual"),
                                                                                firsts, strict=True)}}
                 for o, out, *firsts in self.records]
         first = {name: next((i for i, r in enumerate(rows) if r["tokens"][name] is not None), None)
                  for name in ("attention", "residual")}
-        return {"calls": len(rows), "first_nonfinite": first, "peaks": [r["peaks"] for r in rows],
-                "first_nonfinite_token": [r["tokens"] for r in rows]}
+        names = [f"{t}_{what}" for what in ("nonfinite", "changed") for t in "qkv"]
+        attention = [{name: None if t < 0 else int(t) for name, t in zip(names, call, strict=True)}
+                     for call in self.attention]
+        first_attention = {name: next(([i, c[name]] for i, c in enumerate(attention) if c[name] is not None), None)
+                           for name in names}  # [call, token] of each's first
+        return {"calls": len(rows), "first_nonfinite": first, "first_attention_input": first_attention,
+                "peaks": [r["peaks"] for r in rows], "first_nonfinite_token": [r["tokens"] for r in rows],
+                "attention_inputs": attention}
+
+
+def first_token(bad, dim: int):
+    """The first index along dim (the tokens) where bool tensor bad holds a True, -1 where none (a tensor on bad's
+    device: read after the step)."""
+    import torch
+
+    bad = bad.movedim(dim, 0).flatten(1).any(1)
+    index = torch.arange(bad.numel(), device=bad.device)
+    return torch.where(bad, index, bad.numel()).min().where(bad.any(), -1)
 
 
 def first_nonfinite_token(t, dim: int):
-    """The first index along dim (the tokens) where tensor t holds a non-finite value, -1 where none (a tensor on
-    t's device: read after the step)."""
-    import torch
+    """The first index along dim where tensor t holds a non-finite value, -1 where none (first_token)."""
+    return first_token(~t.isfinite(), dim)
 
-    bad = (~t.isfinite()).movedim(dim, 0).flatten(1).any(1)
-    index = torch.arange(bad.numel(), device=t.device)
-    return torch.where(bad, index, bad.numel()).min().where(bad.any(), -1)
+
+def first_changed_token(before, after, dim: int):
+    """The first index along dim where after differs from before (a NaN left a NaN is unchanged), -1 where none."""
+    return first_token((before != after) & ~(before.isnan() & after.isnan()), dim)
 
 
 def _diagnose(engine, step: int, counts: dict) -> dict:
@@ -280,7 +313,8 @@ def scenario(engine, vocab: int, *, rows: int, prompt: int, steps: int, max_mode
         phase("first step", 1)
     out["first_prefill"], out["weights_after_first_step"] = trace.summary(), weights_digest(engine)
     out["scales_after_first_step"] = scale_peaks(engine)
-    print("first prefill", json.dumps(out["first_prefill"] | {"peaks": out["first_prefill"]["peaks"][:8]}),
+    traced = out["first_prefill"]  # the firsts, then layers 0-3 (the JSON keeps every layer)
+    print("first prefill", json.dumps({k: v[:4] if isinstance(v, list) else v for k, v in traced.items()}),
           "int8 state at build", json.dumps(out["int8_state_built"]), "weights at build",
           json.dumps(out["weights_built"]), "after the first step", json.dumps(out["weights_after_first_step"]),
           "scales, layers 0-3", json.dumps({c: v[:4] for c, v in out["scales_after_first_step"].items()}), flush=True)

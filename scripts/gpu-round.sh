@@ -897,9 +897,10 @@ print('strided v equal:', torch.equal(a, b), v.stride())"
     ;;
   vt-mps-trace)  # after vt-sites-short: under MPS, V^T stored NaNs from layer 2 on in the first prefill (the keys
     # kernel's profile under MPS opened no outliers): kv_faults' first-prefill trace (per layer the first non-finite
-    # token of its input, attention output and residual stream, and their peaks), each layer's largest K/V scale
-    # after the first step, and the int8 state at build, V^T then keys under MPS; then V^T on every SM again (its
-    # two faults had a pad token's signature: the sites now carry token ids)
+    # token of its input, attention output and residual stream, and their peaks; of the q/k/v each attention was
+    # given, and the first token of each its store and seal wrote over), each layer's largest K/V scale after the
+    # first step, and the int8 state at build, V^T then keys under MPS; then V^T on every SM again (its two faults
+    # had a pad token's signature: the sites now carry token ids)
     start_mps
     faults 200 vt_mps v-q16-keys-vt  # builds the model first on a fresh machine
     faults 130 keys_mps v-q16-keys

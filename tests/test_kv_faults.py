@@ -186,6 +186,8 @@ def test_the_scenario_traces_the_first_prefill_and_locates_a_nan_store(poisoned,
         assert out["first_prefill"]["first_nonfinite"] == {"attention": None, "residual": None}
         finite = {"input": None, "attention": None, "residual": None}
         assert out["first_prefill"]["first_nonfinite_token"] == [finite, finite]
+        assert len(out["first_prefill"]["attention_inputs"]) == 2
+        assert set(out["first_prefill"]["first_attention_input"].values()) == {None}
         assert out["first step"]["first_faulty_step"] is None and out["decode"]["first_faulty_step"] is None
         norm = engine.model.model.norm.weight  # a weight written over shows in the digest
         norm.data[0] = float("inf")
@@ -204,3 +206,36 @@ def test_the_scenario_traces_the_first_prefill_and_locates_a_nan_store(poisoned,
     for c in "kv":
         assert found[c]["per_layer"][0] == 0 and found[c]["per_layer"][1] == found["counts"][c]
         assert found[c]["scales"]["nan"] == found["counts"][c] and found[c]["peaks"]["0"] == found["counts"][c]
+
+
+def test_the_prefill_trace_names_a_store_that_writes_over_its_input(tiny_llama, monkeypatch):
+    """A stray store: layer 0's V store writes NaN over the v it was given from token 7 on, which the prefill's
+    attention then reads. The trace names v changed at token 7 in call 0 while every input came finite, q and k
+    unchanged; layer 0's attention output is NaN and layer 1's q/k/v come non-finite."""
+    from batchgen.jobs.schema import SamplingParams
+    from batchgen.worker.engine import llama
+    from batchgen.worker.engine.sequence import Sequence
+
+    from benchmarks.kv_faults import PrefillTrace
+
+    engine = _int8_engine(tiny_llama)
+    real, calls = llama.store_kv, []
+
+    def stray(cache, slots, x, *args, **kwargs):
+        real(cache, slots, x, *args, **kwargs)
+        calls.append(x.shape[0])
+        if len(calls) == 2:  # layer 0's V (each layer stores K, then V)
+            x[7:] = float("nan")
+    monkeypatch.setattr(llama, "store_kv", stray)
+    ids = [1] + [5 + i % 90 for i in range(99)]
+    engine.scheduler.add(Sequence("s", ids, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), seed=0))
+    with PrefillTrace() as trace:
+        engine.step()
+    assert llama._prefill_attention is trace.inner_attention  # put back
+    found = trace.summary()
+    first, second = found["attention_inputs"]
+    assert first == {"q_nonfinite": None, "k_nonfinite": None, "v_nonfinite": None, "q_changed": None,
+                     "k_changed": None, "v_changed": 7}
+    assert found["first_attention_input"]["v_changed"] == [0, 7]
+    assert found["first_nonfinite_token"][0]["attention"] is not None and found["first_nonfinite"]["attention"] == 0
+    assert all(second[f"{t}_nonfinite"] is not None for t in "qkv")
