@@ -40,6 +40,7 @@ PARAM_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos"
 STRUCTURED_KEYS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 GUIDE_KINDS = ("json", "regex", "choice", "grammar")
 MAX_GUIDED_CHOICES = 1000
+MAX_TOKEN_ID_DIGITS = 18  # a logit_bias key: far above any vocabulary, far below int()'s 4300-digit limit
 # vLLM's chat fields: how the chat template renders the messages.
 CHAT_TEMPLATE_KEYS = ("chat_template_kwargs", "add_generation_prompt", "continue_final_message")
 # apply_chat_template's own parameters: passed as template variables they would change how it runs, not what the
@@ -154,7 +155,9 @@ def object_request(
     _check_keys(body, prefix, extra_keys)
     _model(body, prefix)
     prompt, messages = _content(body, url, prefix)
-    params = sampling_params(_given_params(body, url, prefix), fill, max_tokens=max_tokens, prefix=prefix)
+    written = {"max_tokens": "max_completion_tokens"} if body.get("max_completion_tokens") is not None else {}
+    params = sampling_params(_given_params(body, url, prefix), fill, max_tokens=max_tokens, prefix=prefix,
+                             written=written)
     return Request(custom_id=custom_id, url=url, prompt=prompt, messages=messages, params=params, line=line,
                    **_chat_options(body, url, prefix, messages))
 
@@ -169,20 +172,31 @@ def prompt_request(
 
 
 def sampling_params(
-    given: Mapping[str, Any], fill: Mapping[str, Any], *, max_tokens: int, prefix: str
+    given: Mapping[str, Any], fill: Mapping[str, Any], *, max_tokens: int, prefix: str,
+    written: Mapping[str, str] | None = None,
 ) -> SamplingParams:
-    """The line's own values win over the CLI defaults (fill); the schema default applies last."""
+    """The line's own values win over the CLI defaults (fill); the schema default applies last. written: the
+    line's own name of a stored field (max_completion_tokens for max_tokens), which its errors use."""
     merged = {**fill, **given}
     merged.setdefault("max_tokens", min(SamplingParams.model_fields["max_tokens"].default, max_tokens))
     try:
         params = SamplingParams.model_validate(merged, strict=True)
     except ValidationError as exc:
-        raise pydantic_error(exc, prefix) from None
+        raise _as_written(pydantic_error(exc, prefix), prefix, written or {}) from None
     if params.max_tokens > max_tokens:
-        raise LineError("invalid_value", f"{prefix}max_tokens: must be <= {max_tokens}")
+        raise _as_written(LineError("invalid_value", f"{prefix}max_tokens: must be <= {max_tokens}"), prefix,
+                          written or {})
     if params.min_tokens > params.max_tokens:
         raise LineError("invalid_value", f"{prefix}min_tokens: must be <= max_tokens ({params.max_tokens})")
     return params
+
+
+def _as_written(exc: LineError, prefix: str, written: Mapping[str, str]) -> LineError:
+    """An error about a stored field, named as the line wrote it (its param must be a field the line has)."""
+    for stored, name in written.items():
+        if exc.message.startswith((f"{prefix}{stored}:", f"{prefix}{stored}.")):
+            return LineError(exc.code, f"{prefix}{name}{exc.message[len(prefix + stored):]}")
+    return exc
 
 
 def pydantic_error(exc: ValidationError, prefix: str) -> LineError:
@@ -201,6 +215,8 @@ def pydantic_error(exc: ValidationError, prefix: str) -> LineError:
         return LineError("invalid_value", f"{field}: must be {bounds[kind]} {shown}")
     if kind == "too_long":
         return LineError("invalid_value", f"{field}: at most {ctx['max_length']} items")
+    if kind == "string_too_long":
+        return LineError("invalid_value", f"{field}: at most {ctx['max_length']} characters")
     if kind == "finite_number":
         return LineError("invalid_value", f"{field}: must be a finite number")
     if kind == "literal_error":
@@ -348,7 +364,7 @@ def _message_batch_request(obj: Mapping[str, Any], *, line: int, fill: Mapping[s
         given["stop"] = tuple(stop)
     if params.get("output_config") is not None:
         given.update(_output_config(params["output_config"], prefix + "output_config"))
-    sampled = sampling_params(given, fill, max_tokens=max_tokens, prefix=prefix)
+    sampled = sampling_params(given, fill, max_tokens=max_tokens, prefix=prefix, written={"stop": "stop_sequences"})
     prefill = messages[-1].role == "assistant"
     return Request(custom_id=custom_id, url=MESSAGES_URL, messages=tuple(messages), params=sampled, line=line,
                    continue_final_message=prefill, add_generation_prompt=not prefill)
@@ -569,6 +585,10 @@ def _guide(kind: str, value: Any, field: str) -> dict[str, Any]:
                 value = strict_json.loads(value)
             except strict_json.StrictJsonError as exc:
                 raise LineError("invalid_value", f"{field}: not valid JSON ({exc.message})"[:300]) from None
+            try:  # the line's own check saw one string: repeated keys, surrogates and depth are checked here
+                strict_json.check(value)
+            except strict_json.StrictJsonError as exc:
+                raise LineError(exc.code, f"{field}: {exc.message}"[:300]) from None
         if not isinstance(value, dict):
             raise LineError("invalid_type", f"{field}: must be an object (a JSON Schema)")
         return {"response_format": "json_schema", "json_schema": json.dumps(value, ensure_ascii=False)}
@@ -656,16 +676,18 @@ def _logit_bias(bias: Any, field: str) -> tuple[tuple[int, float], ...]:
         raise LineError("invalid_type", f"{field}: must be an object mapping token ids to biases")
     if len(bias) > MAX_LOGIT_BIAS:
         raise LineError("invalid_value", f"{field}: at most {MAX_LOGIT_BIAS} tokens")
-    pairs = []
+    pairs: dict[int, float] = {}
     for key, value in bias.items():
-        if not (key.isascii() and key.isdigit()):
+        if not (key.isascii() and key.isdigit()) or len(key) > MAX_TOKEN_ID_DIGITS:
             raise LineError("invalid_value", f"{field}.{key}: keys must be token ids (non-negative integers)"[:300])
+        if int(key) in pairs:  # "5" and "05": the engine would add both biases to one token
+            raise LineError("invalid_value", f"{field}.{key}: token {int(key)} appears twice")
         if not isinstance(value, int | float) or isinstance(value, bool):
             raise LineError("invalid_type", f"{field}.{key}: must be a number")
         if not -100 <= value <= 100:
             raise LineError("invalid_value", f"{field}.{key}: must be between -100 and 100")
-        pairs.append((int(key), float(value)))
-    return tuple(sorted(pairs))
+        pairs[int(key)] = float(value)
+    return tuple(sorted(pairs.items()))
 
 
 RESPONSE_FORMAT_KEYS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
@@ -678,7 +700,7 @@ def _response_format(fmt: Any, field: str) -> dict[str, Any]:
     if not isinstance(fmt, dict):
         raise LineError("invalid_type", f"{field}: must be an object, not {_json_type(fmt)}")
     kind = fmt.get("type")
-    if kind not in RESPONSE_FORMAT_KEYS:
+    if not isinstance(kind, str) or kind not in RESPONSE_FORMAT_KEYS:
         raise LineError("invalid_value", f"{field}.type: must be one of 'text', 'json_object', 'json_schema'")
     for key in fmt:
         if key not in RESPONSE_FORMAT_KEYS[kind]:

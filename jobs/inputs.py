@@ -312,6 +312,11 @@ def _build(ctx: _Context, n: int, custom_id: str, model: str | None, make: Calla
         request = make()
     except LineError as exc:
         return _error(ctx, n, exc.code, exc.message, custom_id, model)
+    except ValidationError as exc:  # what a line did not write: a default custom_id from a long path, say
+        error = pydantic_error(exc, "")
+        hint = (f" (the line sets none: its default one, from the input's path and {default_id}, is too long)"
+                if default_id else "")
+        return _error(ctx, n, error.code, error.message + hint, custom_id, model)
     return ParsedLine(ctx.source, n, request, None, request.custom_id, model, ignored, default_id)
 
 

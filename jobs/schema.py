@@ -52,7 +52,7 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    top_k: int = Field(0, ge=-1)  # 0 or -1 (vLLM's spelling): every token
+    top_k: int = Field(0, ge=-1, lt=2**63)  # 0 or -1 (vLLM's spelling): every token; the sampler's int64
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     min_tokens: int = Field(0, ge=0, le=defaults.MAX_TOKENS_LIMIT)
     stop_token_ids: tuple[TokenId, ...] = Field((), max_length=MAX_STOP_TOKEN_IDS)
