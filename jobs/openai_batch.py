@@ -20,15 +20,17 @@ from redis import Redis
 API_FIELDS = ("api.input_file_id", "api.completion_window")
 ERRORS_FIELD = "api.errors"
 DEFAULT_COMPLETION_WINDOW = "24h"
-WINDOW = re.compile(r"^(\d+)([hms]?)$")
+WINDOW = re.compile(r"([0-9]{1,9})([hms]?)")  # ASCII digits: int() reads other scripts' too
 UNIT_S = {"h": 3600, "m": 60, "s": 1, "": 1}
+MAX_WINDOW_S = 365 * 86400  # a year: a deadline, not a way to keep keys forever (and a score Redis stores exactly)
 
 
 def parse_window(text: str, option: str = "--completion-window") -> int:
     """A completion window (or another duration) in seconds: "24h", "1h", "30m", "90s", or bare seconds."""
-    match = WINDOW.match(text.strip())
-    if match is None or int(match[1]) < 1:
-        raise ValueError(f"{option}: {text!r} is not a duration like 24h, 1h or 30m")
+    match = WINDOW.fullmatch(text.strip())
+    if match is None or not 1 <= int(match[1]) * UNIT_S[match[2]] <= MAX_WINDOW_S:
+        raise ValueError(f"{option}: {text!r} is not a duration like 24h, 1h or 30m (at most {MAX_WINDOW_S // 3600}h)"
+                         [:300])
     return int(match[1]) * UNIT_S[match[2]]
 
 

@@ -98,7 +98,7 @@ def test_the_completion_window_reads_hours_minutes_or_seconds(text, seconds):
     assert parse_window(format_window(seconds)) == seconds
 
 
-@pytest.mark.parametrize("text", ["1d", "0h", "", "h", "-1h"])
+@pytest.mark.parametrize("text", ["1d", "0h", "", "h", "-1h", "8761h", "9" * 5000 + "h", "\u0662\u0664h"])
 def test_a_bad_completion_window_is_a_usage_error(text, redis_url, redis_conn, tmp_path):
     with pytest.raises(ValueError, match="completion-window"):
         parse_window(text)
