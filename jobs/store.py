@@ -108,6 +108,33 @@ def _batch_of(raw: dict[str, str]) -> Batch | None:
     return Batch.from_hash(raw) if raw and "id" in raw and "status" in raw else None
 
 
+def parse_stored_request(raw: str | None) -> tuple[Request | None, str, str]:
+    """A request as stored by submit, or None with an error code and why (missing, corrupted, hand-written)."""
+    if raw is None:
+        return None, "request_lost", "the stored request is missing from Redis (evicted or deleted)"
+    try:
+        return Request.model_validate_json(raw), "", ""
+    except RecursionError:
+        return None, "invalid_request", "the stored request is nested too deep to read"
+    except ValueError as exc:  # pydantic's ValidationError, also for invalid JSON
+        detail = "; ".join(" ".join(line.split()) for line in str(exc).splitlines()[1:3]) or str(exc)
+        return None, "invalid_request", f"the stored request is invalid: {detail}"
+
+
+def page_of_index(connection: Redis, index: str, limit: int, after: str | None,
+                  newest_first: bool = True) -> tuple[list[str], bool]:
+    """One cursor page of a time-scored ZSET: up to limit ids after the id `after`, and whether more follow."""
+    start = 0
+    if after:
+        rank = connection.zrevrank(index, after) if newest_first else connection.zrank(index, after)
+        if rank is None:
+            return [], False
+        start = rank + 1
+    read = connection.zrevrange if newest_first else connection.zrange
+    ids = read(index, start, start + limit)  # one extra tells whether another page exists
+    return ids[:limit], len(ids) > limit
+
+
 class BatchStore:
     def __init__(self, connection: Redis, result_ttl_s: int = defaults.RESULT_TTL_S):
         self.connection = connection
@@ -205,11 +232,23 @@ class BatchStore:
         return _batch_of(raw)
 
     def recent(self, limit: int = 100) -> list[Batch]:
-        ids = self.connection.zrevrange(keys.batches_index(), 0, limit - 1)
-        pipe = self.connection.pipeline(transaction=False)
-        for batch_id in ids:
-            pipe.hgetall(keys.BatchKeys(batch_id).record)
-        return [batch for raw in pipe.execute() if (batch := _batch_of(raw)) is not None]
+        return self.page(limit)[0]
+
+    def page(self, limit: int, after: str | None = None,
+             keep: Callable[[Batch], bool] = lambda batch: True) -> tuple[list[Batch], bool]:
+        """Newest first: up to limit batches that keep accepts, after the id `after` (a cursor page), and whether
+        more follow. Ids whose record has gone (expired with its results) stay in the index and are read past, so a
+        page is never short while older batches remain."""
+        found: list[Batch] = []
+        cursor, more = after, True
+        while more and len(found) <= limit:  # one beyond limit tells whether more follow
+            ids, more = page_of_index(self.connection, keys.batches_index(), limit, cursor)
+            pipe = self.connection.pipeline(transaction=False)
+            for batch_id in ids:
+                pipe.hgetall(keys.BatchKeys(batch_id).record)
+            found += [batch for raw in pipe.execute() if (batch := _batch_of(raw)) is not None and keep(batch)]
+            cursor = ids[-1] if ids else None
+        return found[:limit], len(found) > limit
 
     def statuses(self, batch_ids: Sequence[str]) -> dict[str, BatchStatus | None]:
         """Each batch's status in one round trip; None for a batch that is gone."""
@@ -226,7 +265,8 @@ class BatchStore:
         return self.connection.hmget(keys.BatchKeys(batch_id).requests, list(indexes))
 
     def requests(self, batch_id: str, indexes: Sequence[int]) -> list[Request | None]:
-        return [Request.model_validate_json(r) if r else None for r in self.raw_requests(batch_id, indexes)]
+        """The stored requests, None where one is missing or nothing can read it (parse_stored_request)."""
+        return [parse_stored_request(r)[0] for r in self.raw_requests(batch_id, indexes)]
 
     def pending(self, batch_id: str, start: int, end: int) -> list[int]:
         """Indexes in [start, end) that have no outcome yet: what a (re)started worker still owes."""

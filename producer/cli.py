@@ -2,13 +2,15 @@
 Exit codes and error reporting: producer/errors.py (also in README).
 """
 
+import io
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any
+from typing import IO, Any
 
 import click
 import redis
@@ -177,7 +179,8 @@ def retry(batch_id, outcomes, priority, redis_url, as_json):
     client = client_for(redis_url)
     result, num_unstored = client.retry(batch_id, outcomes or RETRIED, priority)
     if num_unstored:
-        click.echo(f"skipped: {num_unstored} request(s) rejected at submit have nothing stored to run again", err=True)
+        click.echo(f"skipped: {num_unstored} request(s) rejected at submit (or unreadable in Redis) have nothing "
+                   "stored to run again", err=True)
     if result.batch is None:
         fail(as_json, "nothing_to_retry", f"batch {batch_id} has no {'/'.join(outcomes or RETRIED)} "
              "request to run again", EXIT_INVALID)
@@ -242,6 +245,14 @@ def wait(batch_id, timeout_s, poll_s, redis_url, as_json):
     sys.exit(EXIT_OK if batch.status == BatchStatus.COMPLETED else EXIT_FAILED)
 
 
+def same_file(a: IO[str], b: IO[str]) -> bool:
+    """Whether two open streams write to one file (the same path, or stdout redirected to the other)."""
+    try:
+        return os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
 @main.command()
 @click.argument("batch_id")
 @click.option("-o", "--output", type=click.File("w", lazy=False), default="-", show_default=True)
@@ -254,6 +265,8 @@ def wait(batch_id, timeout_s, poll_s, redis_url, as_json):
 @handles_errors
 def results(batch_id, output, errors, ordered, redis_url, as_json):
     """Export a batch's output lines (OpenAI batch output format); partial results while it runs."""
+    if errors is not None and same_file(output, errors):  # two handles on one file would overwrite each other's lines
+        errors = None
     n_ok, n_err = client_for(redis_url).export(batch_id, output, errors, ordered=ordered)
     counts = {"batch_id": batch_id, "results": n_ok, "errors": n_err, "output": output.name}
     emit(as_json, counts, f"{n_ok} results, {n_err} errors", err=not as_json or output.name == "<stdout>")

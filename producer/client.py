@@ -147,7 +147,7 @@ class BatchClient:
               priority: str | None = None) -> tuple[SubmitResult, int]:
         """A new batch of an ended batch's requests whose outcome is one of outcomes (same custom_ids, model,
         output dir and metadata, with retry_of); also how many such requests had nothing stored to run again
-        (lines --skip-invalid rejected)."""
+        (lines --skip-invalid rejected, entries missing or unreadable in Redis)."""
         old = self.get(batch_id)
         if not old.status.is_terminal:
             raise BatchNotEnded(f"batch {batch_id} is {old.status.value}: retry it once it has ended")

@@ -8,7 +8,8 @@ outcome yet, so a dead worker costs at most what it had in flight.
 import logging
 import time
 
-from batchgen.jobs.chunks import ChunkClaims, expire_overdue, fail_lost_chunk, fetch_job
+from batchgen.jobs.backoff import REFUSED, UNAVAILABLE
+from batchgen.jobs.chunks import ChunkClaims, expire_overdue, fail_chunk, fail_lost_chunk, fetch_job
 from batchgen.jobs.store import BatchStore
 from batchgen.jobs.workers import WorkerRegistry
 from redis import Redis
@@ -57,6 +58,15 @@ class Reaper:
                 if num_failed := fail_lost_chunk(self.store, job_id):
                     log.error("chunk job %s of dead worker %s is missing from Redis: %d request(s) fail",
                               job_id, worker, num_failed)
+                self.claims.release(job_id)
+                continue
+            except UNAVAILABLE + REFUSED:
+                raise
+            except Exception as exc:  # a job hash RQ cannot restore: requeued, it would only fail its next holder
+                if num_failed := fail_chunk(self.store, job_id, "invalid_chunk_job",
+                                            f"the chunk job could not run: {type(exc).__name__}"):
+                    log.error("chunk job %s of dead worker %s cannot be read (%s: %s): %d request(s) fail",
+                              job_id, worker, type(exc).__name__, exc, num_failed)
                 self.claims.release(job_id)
                 continue
             if self.claims.requeue(job_id, origin):

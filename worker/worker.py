@@ -27,7 +27,7 @@ from batchgen.jobs.redis_checks import refuse_evicting
 from batchgen.jobs.results_root import outside_root
 from batchgen.jobs.schema import Request, error_line, success_line
 from batchgen.jobs.states import BatchStatus
-from batchgen.jobs.store import BatchStore, stored_custom_id
+from batchgen.jobs.store import BatchStore, parse_stored_request, stored_custom_id
 from batchgen.jobs.workers import WorkerRegistry
 from batchgen.worker.config import WorkerConfig
 from batchgen.worker.engine.protocol import Engine, GenerationRequest, GenerationResult
@@ -36,6 +36,7 @@ from batchgen.worker.reaper import Reaper
 from batchgen.worker.result_files import write_results
 from batchgen.worker.startup import log_startup
 from rq import SimpleWorker
+from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
@@ -74,19 +75,6 @@ def result_line(flight: InFlight, res: GenerationResult) -> dict[str, Any]:
         prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens, choices=res.choices,
         embeddings=res.embeddings,
     )
-
-
-def parse_stored_request(raw: str | None) -> tuple[Request | None, str, str]:
-    """A request as stored by submit, or None with an error code and why (missing, corrupted, hand-written)."""
-    if raw is None:
-        return None, "request_lost", "the stored request is missing from Redis (evicted or deleted)"
-    try:
-        return Request.model_validate_json(raw), "", ""
-    except RecursionError:
-        return None, "invalid_request", "the stored request is nested too deep to read"
-    except ValueError as exc:  # pydantic's ValidationError, also for invalid JSON
-        detail = "; ".join(" ".join(line.split()) for line in str(exc).splitlines()[1:3]) or str(exc)
-        return None, "invalid_request", f"the stored request is invalid: {detail}"
 
 
 class BatchWorker:
@@ -229,7 +217,14 @@ class BatchWorker:
         # Once the next step is full, the rest is claimed a chunk a turn while steps run: each claim is Redis round
         # trips and tokenising, and an engine that waited for all it wants left the GPU idle meanwhile.
         while self.engine.num_wanted > 0:
-            got = self.claims.claim(self.queues, self.cfg.name, on_lost=self._chunk_job_lost)
+            try:
+                got = self.claims.claim(self.queues, self.cfg.name, on_lost=self._chunk_job_lost)
+            except UNAVAILABLE + REFUSED:
+                raise
+            except Exception as exc:  # a job hash RQ cannot restore (a malformed field): that chunk fails alone
+                if not self._fail_unreadable_claims(exc):
+                    raise
+                continue
             if got is None:
                 return
             self._start_chunk(*got)
@@ -246,7 +241,17 @@ class BatchWorker:
         holders = self.claims.holders()
         for job_id, worker in holders.items():
             if worker == self.cfg.name and job_id not in self.held:
-                origin = chunks.fetch_job(job_id, self.connection).origin
+                try:
+                    origin = chunks.fetch_job(job_id, self.connection).origin
+                except (NoSuchJobError, DeserializationError):
+                    self.claims.release(job_id)
+                    self._chunk_job_lost(job_id)
+                    continue
+                except UNAVAILABLE + REFUSED:
+                    raise
+                except Exception as exc:  # a job hash RQ cannot restore: requeued, it would only fail again
+                    self._fail_chunk_job(job_id, exc)
+                    continue
                 if self.claims.requeue(job_id, origin):
                     log.warning("requeued chunk %s whose claim was interrupted by the outage", job_id)
         for job_id in [j for j in self.held if holders.get(j) != self.cfg.name]:
@@ -267,22 +272,30 @@ class BatchWorker:
             self._drop(job.id)
             raise
         except Exception as exc:  # a malformed job or a stored payload nothing can read: fail it, keep serving
-            self._fail_chunk_job(job, queue, exc)
+            self._fail_chunk_job(job.id, exc, job, queue)
 
-    def _fail_chunk_job(self, job: Job, queue: Queue, exc: Exception) -> None:
+    def _fail_unreadable_claims(self, exc: Exception) -> bool:
+        """After a claim raised: fails the chunks claimed here whose job RQ could not read; False if none."""
+        unread = [j for j, w in self.claims.holders().items() if w == self.cfg.name and j not in self.held]
+        for job_id in unread:
+            self._fail_chunk_job(job_id, exc)
+        return bool(unread)
+
+    def _fail_chunk_job(self, job_id: str, exc: Exception, job: Job | None = None, queue: Queue | None = None) -> None:
         """Fails one chunk job that cannot run: its unfinished requests get error lines, its claim goes."""
         log.error("chunk job %s cannot run (%s: %s); it fails, the worker goes on",
-                  job.id, type(exc).__name__, exc)
-        self._drop(job.id)
+                  job_id, type(exc).__name__, exc)
+        self._drop(job_id)
         try:
-            self.num_requests_done += chunks.fail_chunk(self.store, job.id, "invalid_chunk_job",
+            self.num_requests_done += chunks.fail_chunk(self.store, job_id, "invalid_chunk_job",
                                                         f"the chunk job could not run: {type(exc).__name__}")
-            self.rq.handle_job_failure(job, queue, exc_string=f"{type(exc).__name__}: {exc}")
+            if job is not None and queue is not None:  # else RQ could not even read it
+                self.rq.handle_job_failure(job, queue, exc_string=f"{type(exc).__name__}: {exc}")
         except UNAVAILABLE + REFUSED:
             raise  # the claim stays: the loop backs off and reconciliation requeues it
         except Exception as fail_exc:  # noqa: BLE001 - the batch's own keys are unreadable too: log, go on
-            log.error("could not record the failure of chunk job %s: %s", job.id, fail_exc)
-        self.claims.release(job.id)
+            log.error("could not record the failure of chunk job %s: %s", job_id, fail_exc)
+        self.claims.release(job_id)
 
     def _start_chunk_unguarded(self, job: Job, queue: Queue) -> None:
         chunk = chunks.Chunk.from_args(job.args)
@@ -331,7 +344,9 @@ class BatchWorker:
         if poison:
             log.warning("chunk %s: %d stored request(s) are missing or unreadable; they get error lines",
                         job.id, len(poison))
-            self.num_requests_done += len(self.store.record(chunk.batch_id, poison))
+            accepted = set(self.store.record(chunk.batch_id, poison))
+            self._write_files(batch, [line for index, line in poison if index in accepted])
+            self.num_requests_done += len(accepted)
         log.info("claimed %s: %d of %d requests still to do", job.id, len(gen), chunk.end - chunk.start)
         self._collect(self.engine.add(gen))
         if not held.open:
@@ -361,18 +376,20 @@ class BatchWorker:
             by_batch.setdefault(flight.batch.id, []).append((flight, line))
         for batch_id, items in by_batch.items():
             accepted = set(self.store.record(batch_id, [(f.index, line) for f, line in items]))
-            output_dir = items[0][0].batch.output_dir
-            if output_dir:
-                try:
-                    write_results(output_dir, batch_id, [line for f, line in items if f.index in accepted],
-                                  result_view(items[0][0].batch.endpoint))
-                except OSError as exc:
-                    log.error("could not append results of %s to %s: %s (they are in Redis)",
-                              batch_id, output_dir, exc)
+            self._write_files(items[0][0].batch, [line for f, line in items if f.index in accepted])
             for flight, _ in items:
                 self._settle(flight)
             self.num_requests_done += len(accepted)
         self.unwritten.clear()
+
+    def _write_files(self, batch: Batch, lines: list[dict[str, Any]]) -> None:
+        """Appends lines Redis just accepted to the batch's --output-dir files, if it has them."""
+        if not batch.output_dir or not lines:
+            return
+        try:
+            write_results(batch.output_dir, batch.id, lines, result_view(batch.endpoint))
+        except OSError as exc:
+            log.error("could not append results of %s to %s: %s (they are in Redis)", batch.id, batch.output_dir, exc)
 
     def _settle(self, flight: InFlight) -> None:
         self.inflight.pop(f"{flight.batch.id}:{flight.index}", None)
