@@ -164,17 +164,3 @@ def page_after(ids: Sequence[str], limit: int, after: str | None) -> tuple[list[
             return [], False
         start = ids.index(after) + 1
     return list(ids[start:start + limit]), len(ids) > start + limit
-
-
-def page_of_index(connection: Redis, index: str, limit: int, after: str | None,
-                  newest_first: bool = True) -> tuple[list[str], bool]:
-    """One cursor page of a time-scored ZSET: up to limit ids after the id `after`, and whether more follow."""
-    start = 0
-    if after:
-        rank = connection.zrevrank(index, after) if newest_first else connection.zrank(index, after)
-        if rank is None:
-            return [], False
-        start = rank + 1
-    read = connection.zrevrange if newest_first else connection.zrange
-    ids = read(index, start, start + limit)  # one extra tells whether another page exists
-    return ids[:limit], len(ids) > limit

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict
 MIN_SECONDS = 3600  # OpenAI's bounds: one hour to thirty days
 MAX_SECONDS = 2_592_000
 ANCHOR = "created_at"  # the only anchor OpenAI supports
-INTEGER = re.compile(r"-?\d+")
+INTEGER = re.compile(r"-?[0-9]{1,18}")  # longer is out of bounds anyway, and int() refuses 4300+ digits
 
 
 class ExpiresAfter(BaseModel):

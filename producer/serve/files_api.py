@@ -94,16 +94,22 @@ def files_router(client: BatchClient, files: FileStore) -> APIRouter:
     router = APIRouter()
     limits = InputLimits(client.cfg.max_requests, client.cfg.max_line_bytes, client.cfg.max_tokens_limit)
 
-    def result_file(file_id: str) -> dict[str, Any] | None:
+    def result_batch(file_id: str) -> Batch | None:
+        """The batch whose output or error file file_id is (404 if it names none); None for an upload's id."""
         which = result_file_of(file_id)
         if which is None:
             return None
-        batch_id, errors = which
         try:
-            batch = client.get(batch_id)
+            batch = client.get(which[0])
         except BatchNotFound:
             raise not_found("file", file_id) from None
-        return result_file_object(client, batch, errors)
+        if file_id not in result_file_ids(batch):  # as its rendered output_file_id (error_file_id): null
+            raise not_found("file", file_id)
+        return batch
+
+    def result_file(file_id: str) -> dict[str, Any] | None:
+        batch = result_batch(file_id)
+        return None if batch is None else result_file_object(client, batch, file_id == errors_file_id(batch.id))
 
     def listed_files(purpose: str | None) -> dict[str, tuple[int, StoredFile | Batch]]:
         """Every file GET /v1/files can show, by id: (created_at, the upload's record or the result file's batch)."""
@@ -167,20 +173,19 @@ def files_router(client: BatchClient, files: FileStore) -> APIRouter:
     @router.get("/files/{file_id}/content")
     def file_content(file_id: str) -> StreamingResponse:
         media = "application/jsonl"
-        if (which := result_file_of(file_id)) is not None:
-            batch_id, errors = which
-            try:
-                client.get(batch_id)
-            except BatchNotFound:
-                raise not_found("file", file_id) from None
-            return StreamingResponse(result_lines(client, batch_id, errors), media_type=media)
+        if (batch := result_batch(file_id)) is not None:
+            return StreamingResponse(result_lines(client, batch.id, file_id == errors_file_id(batch.id)),
+                                     media_type=media)
         if files.get(file_id) is None:
             raise not_found("file", file_id)
+        if not files.path(file_id).is_file():  # checked before streaming: a failed read then tears the response
+            raise ApiError(500, f"the content of file {file_id} is missing from the server's files directory",
+                           type_="server_error")
         return StreamingResponse(files.read(file_id), media_type=media)
 
     @router.delete("/files/{file_id}")
     def delete_file(file_id: str) -> dict[str, Any]:
-        if result_file_of(file_id) is not None:
+        if result_batch(file_id) is not None:
             raise ApiError(400, "a batch's output and error files go away with the batch", code="invalid_value")
         if not files.delete(file_id):
             raise not_found("file", file_id)
