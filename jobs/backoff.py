@@ -1,17 +1,26 @@
-"""Back-off while Redis is unreachable (restart, failover) or refuses writes (OOM, READONLY, NOPERM),
+"""Back-off while Redis is unreachable (restart, failover) or refuses writes (OOM, READONLY, NOPERM, MISCONF),
 shared by the worker loop and `wait`."""
 
 import time
 
 import redis
+from redis._parsers.base import BaseParser
 from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError
+
+
+class CannotPersistError(redis.ResponseError):
+    """MISCONF: an RDB save failed (disk full, directory gone) and Redis stops writes until one succeeds."""
+
+
+# redis-py raises a bare ResponseError for error codes it does not know: name this one, as it does OOM and READONLY
+BaseParser.EXCEPTION_CLASSES.setdefault("MISCONF", CannotPersistError)
 
 # AuthenticationError is a ConnectionError too: callers that must not retry bad credentials catch it first.
 UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 
-# Redis answered but said no: full under noeviction, a replica, an ACL user lacking a command or key.
-# An operator can fix each without restarting us, so a worker waits; a one-shot command exits.
-REFUSED = (OutOfMemoryError, ReadOnlyError, NoPermissionError)
+# Redis answered but said no: full under noeviction, a replica, an ACL user lacking a command or key, a disk it cannot
+# save to. An operator can fix each without restarting us, so a worker waits; a one-shot command exits.
+REFUSED = (OutOfMemoryError, ReadOnlyError, NoPermissionError, CannotPersistError)
 
 
 def refusal_reason(exc: redis.RedisError) -> str:
@@ -23,6 +32,9 @@ def refusal_reason(exc: redis.RedisError) -> str:
         return f"Redis is out of memory ({said}); free memory or raise maxmemory"
     if isinstance(exc, ReadOnlyError):
         return f"Redis is a read-only replica ({said}); point REDIS_URL at the primary"
+    if isinstance(exc, CannotPersistError):
+        return (f"Redis cannot save to disk and refuses writes ({said[:80]}...); free its disk or fix its dir "
+                "(its log says why)")
     return f"the Redis user lacks a permission ({said}); grant it in the ACL"
 
 

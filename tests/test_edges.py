@@ -168,6 +168,38 @@ def test_worker_waits_out_redis_oom_mid_batch_and_finishes_exactly_once(tmp_path
         assert conn.hlen(keys.claims_key()) == 0
 
 
+def test_worker_waits_out_redis_unable_to_persist_and_submit_exits_7(tmp_path):
+    """MISCONF: an RDB save failed (here its file's name is taken by a directory) and Redis refuses writes until one
+    succeeds. A running worker waits, as for OOM, and finishes exactly once after; submit meanwhile exits 7."""
+    with RedisServer(tmp_path / "redis") as server:
+        conn = Redis.from_url(server.url, decode_responses=True)
+        conn.config_set("save", "3600 1")  # writes stop on a failed save only where saves are configured
+        rows = echo_rows(24)
+        client, batch = submit(conn, tmp_path / "in.jsonl", rows, chunk_size=4)
+        log = tmp_path / "worker.log"
+        worker = start_worker("--engine", "echo", "--model", "echo-m", "--burst", "--max-batch", "2",
+                              "--echo-step-delay", "0.1", redis_url=server.url, log=log)
+        blocker = server.dir / "dump.rdb"
+        try:
+            eventually(lambda: client.get(batch.id).num_done >= 2, "a few outcomes")
+            blocker.mkdir()
+            conn.bgsave()
+            eventually(lambda: conn.info("persistence")["rdb_last_bgsave_status"] == "err", "the save to fail")
+            eventually(lambda: "Redis cannot save to disk" in log.read_text(), "the worker to report it")
+            assert worker.poll() is None, log.read_text()
+            sub = batchgen("submit", write_jsonl(tmp_path / "more.jsonl", echo_rows(2)), "--model", "echo-m",
+                           "--json", redis_url=server.url)
+            assert sub.returncode == 7 and error_json(sub)["code"] == "redis_refused", sub.stderr
+            blocker.rmdir()
+            conn.bgsave()
+            assert worker.wait(timeout=90) == 0, log.read_text()
+        finally:
+            stop(worker)
+        assert "Traceback" not in log.read_text()
+        assert_exactly_once(client, batch.id, rows)
+        assert conn.hlen(keys.claims_key()) == 0
+
+
 def test_nopermission_and_readonly_each_exit_7_with_one_line(tmp_path):
     users = {"nohset": "on >pw ~* &* +@all -hset"}
     path = write_jsonl(tmp_path / "in.jsonl", echo_rows(3))

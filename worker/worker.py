@@ -7,7 +7,7 @@ registry, StartedJobRegistry and job results are kept up to date, so `rq info` s
 The heartbeat runs on its own thread (worker/heartbeat.py), so a long engine step cannot outlast it.
 
 Nothing read from Redis stops the loop: an unreadable request fails alone, a malformed chunk job
-fails alone, and Redis refusing writes (OOM, READONLY, NOPERM) is waited out like an outage.
+fails alone, and Redis refusing writes (OOM, READONLY, NOPERM, MISCONF) is waited out like an outage.
 """
 
 import logging
