@@ -245,18 +245,18 @@ def wait(batch_id, timeout_s, poll_s, redis_url, as_json):
     sys.exit(EXIT_OK if batch.status == BatchStatus.COMPLETED else EXIT_FAILED)
 
 
-def same_file(a: IO[str], b: IO[str]) -> bool:
-    """Whether two open streams write to one file (the same path, or stdout redirected to the other)."""
+def same_file(a: IO[str], path: str) -> bool:
+    """Whether the open stream a writes to the file at path (the same path, or stdout redirected to it)."""
     try:
-        return os.path.samestat(os.fstat(a.fileno()), os.fstat(b.fileno()))
+        return os.path.samestat(os.fstat(a.fileno()), os.stat(path))
     except (OSError, ValueError, io.UnsupportedOperation):
         return False
 
 
 @main.command()
 @click.argument("batch_id")
-@click.option("-o", "--output", type=click.File("w", lazy=False), default="-", show_default=True)
-@click.option("--errors", type=click.File("w", lazy=False),  # not lazy: the file exists even with no error line
+@click.option("-o", "--output", type=click.Path(dir_okay=False, allow_dash=True), default="-", show_default=True)
+@click.option("--errors", type=click.Path(dir_okay=False),
               help="Error lines go here (default: with the output); created even when empty.")
 @click.option("--ordered", is_flag=True, help="In input order (default: completion order).")
 @redis_url_option
@@ -265,11 +265,20 @@ def same_file(a: IO[str], b: IO[str]) -> bool:
 @handles_errors
 def results(batch_id, output, errors, ordered, redis_url, as_json):
     """Export a batch's output lines (OpenAI batch output format); partial results while it runs."""
-    if errors is not None and same_file(output, errors):  # two handles on one file would overwrite each other's lines
-        errors = None
-    n_ok, n_err = client_for(redis_url).export(batch_id, output, errors, ordered=ordered)
-    counts = {"batch_id": batch_id, "results": n_ok, "errors": n_err, "output": output.name}
-    emit(as_json, counts, f"{n_ok} results, {n_err} errors", err=not as_json or output.name == "<stdout>")
+    client = client_for(redis_url)
+    client.get(batch_id)  # before any file opens: a mistyped id or Redis down leaves an earlier export whole
+    try:
+        with click.open_file(output, "w") as out:
+            # the errors file is made even when no error line comes; one that is the output file shares its handle
+            # (two handles on one file would overwrite each other's lines)
+            same = errors is not None and same_file(out, errors)
+            with nullcontext() if errors is None or same else click.open_file(errors, "w") as err:
+                n_ok, n_err = client.export(batch_id, out, err, ordered=ordered)
+    except OSError as exc:
+        fail(as_json, "unwritable_output", f"cannot write {exc.filename or output}: {exc.strerror or exc}", EXIT_USAGE)
+    name = "<stdout>" if output == "-" else output
+    counts = {"batch_id": batch_id, "results": n_ok, "errors": n_err, "output": name}
+    emit(as_json, counts, f"{n_ok} results, {n_err} errors", err=not as_json or name == "<stdout>")
 
 
 @main.command()

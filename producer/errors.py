@@ -3,8 +3,8 @@
 Exit codes (stable, for scripts): 0 ok / batch completed; 1 batch ended failed, cancelled or expired;
 2 usage error; 3 invalid input (nothing enqueued); 4 batch not found; 5 wait timed out;
 6 Redis unreachable or refused the credentials; 7 Redis refused a command (out of memory under
-noeviction, READONLY replica, NOPERM ACL, MISCONF, any other error reply); 8 Redis may evict keys (maxmemory-policy not noeviction);
-9 the worker extra is not installed (torch missing); 10 model not found.
+noeviction, READONLY replica, NOPERM ACL, MISCONF, any other error reply); 8 Redis may evict keys
+(maxmemory-policy not noeviction); 9 the worker extra is not installed (torch missing); 10 model not found.
 """
 
 import json

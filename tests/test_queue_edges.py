@@ -116,6 +116,25 @@ def test_results_with_the_errors_going_to_the_output_file_keeps_every_line(redis
     assert [ln["custom_id"] for ln in lines] == ["3" if i == 3 else "11" if i == 11 else f"r{i}" for i in range(20)]
 
 
+def test_results_for_a_mistyped_id_leaves_an_earlier_export_whole(redis_url, redis_conn, tmp_path):
+    client, batch_id = submit(redis_conn, tmp_path, echo_rows(4))
+    assert make_worker(redis_conn).run() == 4
+    out, errors = tmp_path / "out.jsonl", tmp_path / "err.jsonl"
+    batchgen("results", batch_id, "-o", str(out), "--errors", str(errors), redis_url=redis_url, check=True)
+    kept = out.read_text()
+    assert len(kept.splitlines()) == 4 and errors.read_text() == ""  # made, though no error line came
+    typo = batchgen("results", batch_id + "x", "-o", str(out), "--errors", str(errors), "--json",
+                    redis_url=redis_url)
+    assert typo.returncode == 4 and json.loads(typo.stdout)["error"]["code"] == "not_found"
+    assert out.read_text() == kept
+    (tmp_path / "dir").mkdir()
+    bad = batchgen("results", batch_id, "-o", str(tmp_path / "dir"), "--json", redis_url=redis_url)
+    assert bad.returncode == 2 and b"Traceback" not in bad.stderr
+    unwritable = batchgen("results", batch_id, "-o", str(tmp_path / "no" / "such" / "dir.jsonl"), "--json",
+                          redis_url=redis_url)
+    assert unwritable.returncode == 2 and json.loads(unwritable.stdout)["error"]["code"] == "unwritable_output"
+
+
 def test_list_reads_past_batches_whose_keys_expired(redis_url, redis_conn, tmp_path):
     """A batch's keys expire with its results while its id stays in the index: `list --limit 2` still shows the two
     newest batches that remain."""
