@@ -158,3 +158,11 @@ def test_a_redis_error_reply_is_one_clean_error_not_a_traceback(redis_url, tmp_p
         assert proc.returncode == 7, (args, proc.returncode)
         err = json.loads(proc.stdout)["error"]
         assert err["code"] == "redis_refused" and "DB index is out of range" in err["message"]
+
+
+def test_a_heartbeat_interval_of_zero_or_nan_is_a_usage_error(redis_url):
+    for interval in ("0", "-1", "nan", "inf"):
+        proc = batchgen("worker", "--engine", "echo", "--model", "echo-m", "--burst", "--heartbeat-interval", interval,
+                        "--json", redis_url=redis_url)
+        assert proc.returncode == 2, (interval, proc.stderr)
+        assert "heartbeat_interval_s" in json.loads(proc.stdout)["error"]["message"]

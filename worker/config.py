@@ -1,5 +1,6 @@
 """WorkerConfig: the worker side's settings, built once from the CLI's flags; it holds the EngineConfig whole."""
 
+import math
 import os
 import socket
 import uuid
@@ -32,6 +33,9 @@ class WorkerConfig:
             raise ValueError(f"unknown engine {self.engine!r}: use llm or echo")
         if not set(self.priorities) <= set(defaults.PRIORITIES) or not self.priorities:
             raise ValueError(f"priorities must be among {defaults.PRIORITIES}")
+        # an interval of 0 spins the heartbeat thread; NaN passes every comparison below
+        if not (0 < self.heartbeat_interval_s < math.inf and 0 <= self.shutdown_grace_s < math.inf):
+            raise ValueError("heartbeat_interval_s must be a positive number of seconds, shutdown_grace_s a finite one")
         if self.heartbeat_interval_s * 2 >= self.worker_ttl_s:
             raise ValueError("worker_ttl_s must be more than twice heartbeat_interval_s")
 
