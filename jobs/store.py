@@ -38,7 +38,7 @@ for i = 3, #ARGV, 6 do
     accepted[#accepted + 1] = ARGV[i]
   end
 end
-local total = tonumber(redis.call('HGET', KEYS[1], 'total'))
+local total = tonumber(redis.call('HGET', KEYS[1], 'total')) or math.huge  -- a record missing it never completes
 if #accepted > 0 and redis.call('HLEN', KEYS[2]) >= total then
   local status = redis.call('HGET', KEYS[1], 'status')
   if status == 'cancelling' then

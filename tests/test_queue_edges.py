@@ -166,3 +166,14 @@ def test_a_heartbeat_interval_of_zero_or_nan_is_a_usage_error(redis_url):
                         "--json", redis_url=redis_url)
         assert proc.returncode == 2, (interval, proc.stderr)
         assert "heartbeat_interval_s" in json.loads(proc.stdout)["error"]["message"]
+
+
+def test_recording_into_a_record_that_lost_its_total_is_accepted_not_a_script_error(redis_conn, tmp_path):
+    """A record rewritten in part (its `total` gone: evicted, hand-edited): the record script took tonumber(nil)
+    into a comparison and Redis answered an error, which no worker catches."""
+    from batchgen.jobs.schema import error_line
+    from batchgen.jobs.store import BatchStore
+
+    client, batch_id = submit(redis_conn, tmp_path, echo_rows(2))
+    redis_conn.hdel(keys.BatchKeys(batch_id).record, "total")
+    assert BatchStore(redis_conn).record(batch_id, [(0, error_line("r0", "x", "y"))]) == [0]
