@@ -154,3 +154,12 @@ def test_a_result_file_the_batch_does_not_name_is_not_found(server, tmp_path):
     assert sdk.files.retrieve(cancelled.error_file_id).bytes > 0
     with pytest.raises(openai.NotFoundError):
         sdk.files.delete("file-output-batch_nosuchbatch")
+
+
+def test_a_files_list_order_other_than_asc_or_desc_is_a_400(server, tmp_path):
+    sdk = server.sdk()
+    uploaded = {upload(sdk, tmp_path, "a.jsonl"), upload(sdk, tmp_path, "b.jsonl")}
+    newest_first = [f.id for f in sdk.files.list()]
+    assert set(newest_first) == uploaded and [f.id for f in sdk.files.list(order="asc")] == newest_first[::-1]
+    status, body = get_raw(server, "/v1/files?order=newest")
+    assert status == 400 and json.loads(body)["error"]["param"] == "order"

@@ -3,7 +3,7 @@
 import json
 import time
 from collections.abc import Iterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from batchgen.jobs import keys
 from batchgen.jobs.batch import Batch
@@ -147,7 +147,7 @@ def files_router(client: BatchClient, files: FileStore) -> APIRouter:
 
     @router.get("/files")
     def list_files(limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, after: str | None = None,
-                   order: str = "desc", purpose: str | None = None) -> dict[str, Any]:
+                   order: Literal["asc", "desc"] = "desc", purpose: str | None = None) -> dict[str, Any]:
         listed = listed_files(purpose)
         ids = sorted(listed, key=lambda file_id: (listed[file_id][0], result_file_of(file_id) is not None, file_id),
                      reverse=order != "asc")  # in one second, an upload comes before the results it led to
