@@ -278,6 +278,8 @@ class BatchClient:
         while True:
             try:
                 batch = self.get(batch_id)
+                if on_poll:  # inside: its own reads (the progress bar's worker rates) meet the same outages
+                    on_poll(batch)
                 backoff.reset()
             except redis.AuthenticationError:
                 raise
@@ -288,8 +290,6 @@ class BatchClient:
                     on_unavailable(exc, backoff.delay_s)
                 backoff.sleep(deadline)
                 continue
-            if on_poll:
-                on_poll(batch)
             if batch.status.is_terminal:
                 return batch
             if deadline is not None and time.monotonic() >= deadline:

@@ -177,3 +177,21 @@ def test_recording_into_a_record_that_lost_its_total_is_accepted_not_a_script_er
     client, batch_id = submit(redis_conn, tmp_path, echo_rows(2))
     redis_conn.hdel(keys.BatchKeys(batch_id).record, "total")
     assert BatchStore(redis_conn).record(batch_id, [(0, error_line("r0", "x", "y"))]) == [0]
+
+
+def test_wait_rides_out_an_outage_met_by_its_progress_callback(redis_conn, tmp_path):
+    """`wait`'s progress bar reads the workers' rates on each poll: an outage there is waited out like one in the
+    poll itself (it escaped as exit 6)."""
+    import redis
+
+    client, batch_id = submit(redis_conn, tmp_path, echo_rows(2))
+    assert make_worker(redis_conn).run() == 2
+    calls, outages = [], []
+
+    def on_poll(batch) -> None:
+        calls.append(batch.status)
+        if len(calls) == 1:
+            raise redis.ConnectionError("the progress bar's read")
+    ended = client.wait(batch_id, timeout_s=30, poll_s=0.01, on_poll=on_poll,
+                        on_unavailable=lambda exc, retry_in_s: outages.append(str(exc)))
+    assert ended.status == BatchStatus.COMPLETED and outages == ["the progress bar's read"] and len(calls) == 2
