@@ -44,12 +44,20 @@ return false
 """
 
 # Gives a claimed chunk back to the front of its queue in one step, so a process killed in between
-# cannot leave it neither claimed nor queued. KEYS: claims hash, queue, job hash. ARGV: job id.
+# cannot leave it neither claimed nor queued; only while `owner` still holds it. KEYS: claims hash, queue, job hash.
+# ARGV: job id, owner.
 _REQUEUE = """
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[1])
 if redis.call('EXISTS', KEYS[3]) == 1 then redis.call('HSET', KEYS[3], 'status', 'queued') end
 return 1
+"""
+
+# Drops a claim only while `owner` holds it. KEYS: claims hash. ARGV: job id, owner.
+_RELEASE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
 
@@ -189,6 +197,7 @@ class ChunkClaims:
         self.key = keys.claims_key()
         self._claim = connection.register_script(_CLAIM)
         self._requeue = connection.register_script(_REQUEUE)
+        self._release = connection.register_script(_RELEASE)
 
     def claim(self, queues: Sequence[Queue], worker_name: str,
               on_lost: Callable[[str], None] | None = None) -> tuple[Job, Queue] | None:
@@ -204,22 +213,25 @@ class ChunkClaims:
             job = fetch_job(job_id, self.connection)
         except (NoSuchJobError, DeserializationError):  # job hash expired or deleted (cancelled batch)
             # Only then: a Redis error here must not drop a claim whose chunk is still owed.
-            self.release(job_id)
+            self.release(job_id, worker_name)
             if on_lost is not None:
                 on_lost(job_id if isinstance(job_id, str) else job_id.decode())
             return None
         return job, queue
 
-    def release(self, job_id: str, pipeline: Pipeline | None = None) -> int:
-        return (pipeline if pipeline is not None else self.connection).hdel(self.key, job_id)
+    def release(self, job_id: str, owner: str) -> int:
+        """Drops owner's claim on job_id; 0 if another worker holds it now (a paused worker's chunk, reaped and
+        claimed again while it slept, stays with its new holder)."""
+        return self._release(keys=[self.key], args=[job_id, owner])
 
     def holders(self) -> dict[str, str]:
         return self.connection.hgetall(self.key)
 
-    def requeue(self, job_id: str, queue_name: str) -> bool:
-        """Puts a claimed chunk back at the front of its queue; False if another reaper got it first."""
+    def requeue(self, job_id: str, queue_name: str, owner: str) -> bool:
+        """Puts owner's claimed chunk back at the front of its queue; False if owner no longer holds it (another
+        reaper got it first, and maybe another worker claimed it since)."""
         queue = Queue(queue_name, connection=rq_connection(self.connection), serializer=JSONSerializer)
-        if not self._requeue(keys=[self.key, queue.key, Job.key_for(job_id)], args=[job_id]):
+        if not self._requeue(keys=[self.key, queue.key, Job.key_for(job_id)], args=[job_id, owner]):
             return False
         try:
             job = fetch_job(job_id, self.connection)

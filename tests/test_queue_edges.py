@@ -195,3 +195,19 @@ def test_wait_rides_out_an_outage_met_by_its_progress_callback(redis_conn, tmp_p
     ended = client.wait(batch_id, timeout_s=30, poll_s=0.01, on_poll=on_poll,
                         on_unavailable=lambda exc, retry_in_s: outages.append(str(exc)))
     assert ended.status == BatchStatus.COMPLETED and outages == ["the progress bar's read"] and len(calls) == 2
+
+
+def test_a_paused_worker_waking_up_leaves_its_reaped_chunk_to_the_new_holder(redis_conn, tmp_path):
+    """Worker A stops (SIGSTOP, swap) past its TTL; a reaper requeues its chunk and worker C claims it. A wakes, ends
+    or hands back the chunk: C's claim must stay (without it a C that then died would never be reaped) and the chunk
+    must not go back on the queue while C runs it. The reaper itself requeues only the dead holder's claims."""
+    submit(redis_conn, tmp_path, echo_rows(4))
+    claims, queues = chunks.ChunkClaims(redis_conn), chunks.queues_for("echo-m", redis_conn)
+    job, queue = claims.claim(queues, "worker-a")
+    make_worker(redis_conn).reaper.reap()  # worker-a has no heartbeat: dead to the reaper
+    assert claims.holders() == {} and redis_conn.lindex(queue.key, 0) == job.id
+    again, _ = claims.claim(queues, "worker-c")
+    assert again.id == job.id
+    assert claims.release(job.id, "worker-a") == 0 and not claims.requeue(job.id, queue.name, "worker-a")
+    assert claims.holders() == {job.id: "worker-c"} and job.id not in redis_conn.lrange(queue.key, 0, -1)
+    assert claims.release(job.id, "worker-c") == 1 and claims.holders() == {}

@@ -58,7 +58,7 @@ class Reaper:
                 if num_failed := fail_lost_chunk(self.store, job_id):
                     log.error("chunk job %s of dead worker %s is missing from Redis: %d request(s) fail",
                               job_id, worker, num_failed)
-                self.claims.release(job_id)
+                self.claims.release(job_id, worker)
                 continue
             except UNAVAILABLE + REFUSED:
                 raise
@@ -67,9 +67,9 @@ class Reaper:
                                             f"the chunk job could not run: {type(exc).__name__}"):
                     log.error("chunk job %s of dead worker %s cannot be read (%s: %s): %d request(s) fail",
                               job_id, worker, type(exc).__name__, exc, num_failed)
-                self.claims.release(job_id)
+                self.claims.release(job_id, worker)
                 continue
-            if self.claims.requeue(job_id, origin):
+            if self.claims.requeue(job_id, origin, worker):
                 log.warning("requeued chunk %s of dead worker %s", job_id, worker)
                 requeued += 1
         self.workers.forget(dead)

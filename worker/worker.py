@@ -193,7 +193,7 @@ class BatchWorker:
             self._flush()
             for job_id, held in list(self.held.items()):
                 self._drop(job_id)
-                self.claims.requeue(job_id, held.queue.name)
+                self.claims.requeue(job_id, held.queue.name, self.cfg.name)
             self.rq.register_death()
             self.workers.unregister(self.cfg.name)
         except redis.RedisError as exc:
@@ -244,7 +244,7 @@ class BatchWorker:
                 try:
                     origin = chunks.fetch_job(job_id, self.connection).origin
                 except (NoSuchJobError, DeserializationError):
-                    self.claims.release(job_id)
+                    self.claims.release(job_id, self.cfg.name)
                     self._chunk_job_lost(job_id)
                     continue
                 except UNAVAILABLE + REFUSED:
@@ -252,7 +252,7 @@ class BatchWorker:
                 except Exception as exc:  # a job hash RQ cannot restore: requeued, it would only fail again
                     self._fail_chunk_job(job_id, exc)
                     continue
-                if self.claims.requeue(job_id, origin):
+                if self.claims.requeue(job_id, origin, self.cfg.name):
                     log.warning("requeued chunk %s whose claim was interrupted by the outage", job_id)
         for job_id in [j for j in self.held if holders.get(j) != self.cfg.name]:
             log.warning("chunk %s was reaped during the outage; leaving it to its new holder", job_id)
@@ -295,7 +295,7 @@ class BatchWorker:
             raise  # the claim stays: the loop backs off and reconciliation requeues it
         except Exception as fail_exc:  # noqa: BLE001 - the batch's own keys are unreadable too: log, go on
             log.error("could not record the failure of chunk job %s: %s", job_id, fail_exc)
-        self.claims.release(job_id)
+        self.claims.release(job_id, self.cfg.name)
 
     def _start_chunk_unguarded(self, job: Job, queue: Queue) -> None:
         chunk = chunks.Chunk.from_args(job.args)
@@ -413,7 +413,7 @@ class BatchWorker:
     def _forget(self, job_id: str) -> None:
         """Drops a held chunk here and releases its claim in Redis."""
         if self._drop(job_id) is not None:
-            self.claims.release(job_id)
+            self.claims.release(job_id, self.cfg.name)
 
     def _drop(self, job_id: str) -> HeldChunk | None:
         """Drops a held chunk here only: its engine rows, in-flight entries and unwritten results."""
