@@ -142,8 +142,9 @@ class Finisher:
             reason = "stop"
         elif len(seq.output_ids) >= params.max_tokens:
             reason = "length"
-        if reason is not None and seq.text is None:
-            seq.text = self.decode(seq.output_ids[:-1] if is_eos or is_stop_token else seq.output_ids, params)
+        if reason is not None and seq.text is None:  # vLLM's: the ending EOS / stop token's text only on request
+            drop_last = (is_eos or is_stop_token) and not params.include_stop_str_in_output
+            seq.text = self.decode(seq.output_ids[:-1] if drop_last else seq.output_ids, params)
         return reason
 
     def finish_step(self, seq: Sequence, token: int, scheduler, keys: set[str],
@@ -185,7 +186,8 @@ class Finisher:
         logprobs = None
         if seq.params.logprobs is not None:
             ended_by_token = reason == "stop" and not isinstance(seq.stop_reason, str)  # EOS or a stop token id
-            kept = seq.logprobs[:-1] if ended_by_token else seq.logprobs  # as the text: without EOS / stop token
+            dropped = ended_by_token and not seq.params.include_stop_str_in_output
+            kept = seq.logprobs[:-1] if dropped else seq.logprobs  # as the text: with EOS / stop token only if it is
             logprobs = tuple(self._token_logprob(seq.output_ids[i], lp) for i, lp in enumerate(kept))
         return Choice(seq.text or "", reason, seq.stop_reason, len(seq.output_ids), logprobs)
 
@@ -198,14 +200,19 @@ class Finisher:
                                                                                   strict=True)))
 
     def _truncate_at_stop(self, seq: Sequence) -> bool:
-        """Sets seq.text to the output before the earliest stop string, if one has appeared."""
+        """Sets seq.text to the output before the earliest stop string, if one has appeared. As vLLM's, one that
+        ends within the text of the first min_tokens tokens (their whole characters) does not count."""
         # Whole-output detokenization each step is O(n²) in the output length; fine for few-hundred-token outputs.
-        text = self.decode(seq.output_ids, seq.params)
-        hits = [(i, s) for s in seq.params.stop if s and (i := text.find(s)) >= 0]
+        params = seq.params
+        text = self.decode(seq.output_ids, params)
+        floor = 0  # a stop string must end after this many characters of text
+        if params.min_tokens:
+            floor = len(self.decode(seq.output_ids[:params.min_tokens], params).rstrip("\ufffd"))
+        hits = [(i, s) for s in params.stop if s and (i := text.find(s, max(0, floor - len(s) + 1))) >= 0]
         if not hits:
             return False
         index, seq.stop_reason = min(hits)
-        seq.text = text[:index + len(seq.stop_reason) if seq.params.include_stop_str_in_output else index]
+        seq.text = text[:index + len(seq.stop_reason) if params.include_stop_str_in_output else index]
         return True
 
 
