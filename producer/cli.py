@@ -523,7 +523,14 @@ def run(inputs, output, errors, ordered, skip_invalid, as_json, max_tokens, temp
     """Run INPUTS in-process, no Redis (like `vllm run-batch`); same engine and output format."""
     from batchgen.jobs.inputs import InputLimits
     from batchgen.worker.config import WorkerConfig
-    from batchgen.worker.local_run import STDOUT, check_writable, read_local, results_stdout, run_local
+    from batchgen.worker.local_run import (
+        STDOUT,
+        check_writable,
+        read_local,
+        results_stdout,
+        run_local,
+        terminate_as_exit,
+    )
 
     to_stdout = STDOUT in (output, errors)
     if to_stdout and as_json:  # stdout holds either the result lines or the --json summary, never both
@@ -553,7 +560,7 @@ def run(inputs, output, errors, ordered, skip_invalid, as_json, max_tokens, temp
     from batchgen.worker.factory import build_engine
     from batchgen.worker.startup import log_startup
 
-    with results_stdout() if to_stdout else nullcontext() as stdout:
+    with results_stdout() if to_stdout else nullcontext() as stdout, terminate_as_exit():
         engine = build_engine(cfg)
         log_startup(engine, cfg)
         summary = run_local(local, output, errors, engine, model=cfg.served_name, ordered=ordered,

@@ -4,6 +4,7 @@ Reading and validating come first (`read_local`, no engine needed), so a rejecte
 """
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -73,7 +74,7 @@ def check_writable(paths: Sequence[str | None]) -> None:
         with open(path, "a"):
             pass
         if not existed:  # only a test: a run that fails to load its model leaves no empty file behind
-            path.unlink()
+            path.resolve().unlink()  # the file created, not a symlink naming it
 
 
 @contextmanager
@@ -90,6 +91,21 @@ def results_stdout() -> Iterator[TextIO]:
         sys.stdout.flush()
         os.dup2(stream.fileno(), 1)
         stream.close()
+
+
+@contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (kill, timeout, docker stop) ends the run as ctrl-C does, through run_local's cleanup, so the
+    finished lines held for input order are written; the exit status stays 128 + SIGTERM."""
+
+    def exit_now(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_local(local: LocalBatch, output: str, errors: str | None, engine: Engine, *, model: str,
@@ -110,19 +126,21 @@ def run_local(local: LocalBatch, output: str, errors: str | None, engine: Engine
     pending = [GenerationRequest(str(pos), request) for pos, request in reversed(local.requests)]
     bar = tqdm(total=len(local.requests), unit="req", disable=not progress)
     start = time.monotonic()
-    while pending or engine.num_unfinished:
-        take = max(engine.num_wanted, 0 if engine.num_unfinished else 1)
-        batch_in = [pending.pop() for _ in range(min(take, len(pending)))]
-        results = engine.add(batch_in) if batch_in else []
-        if engine.num_unfinished:
-            results += engine.step()
-        lines = [(flights[r.key].index, result_line(flights[r.key], r)) for r in results]
-        sink.put(lines)
-        num_ok = sum(1 for _, line in lines if outcome_of(line) == "succeeded")
-        summary["succeeded"] += num_ok
-        summary["errored"] += len(lines) - num_ok
-        bar.update(len(lines))
-    bar.close()
-    sink.close()
+    try:
+        while pending or engine.num_unfinished:
+            take = max(engine.num_wanted, 0 if engine.num_unfinished else 1)
+            batch_in = [pending.pop() for _ in range(min(take, len(pending)))]
+            results = engine.add(batch_in) if batch_in else []
+            if engine.num_unfinished:
+                results += engine.step()
+            lines = [(flights[r.key].index, result_line(flights[r.key], r)) for r in results]
+            sink.put(lines)
+            num_ok = sum(1 for _, line in lines if outcome_of(line) == "succeeded")
+            summary["succeeded"] += num_ok
+            summary["errored"] += len(lines) - num_ok
+            bar.update(len(lines))
+    finally:  # ctrl-C or a failing step: the finished lines held behind an unfinished one are still written
+        bar.close()
+        sink.close()
     summary["generate_s"] = round(time.monotonic() - start, 3)  # elapsed_s less the model's load
     return summary

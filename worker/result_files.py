@@ -71,6 +71,9 @@ class LineSink:
 
     def __init__(self, output: Path | TextIO, errors: Path | TextIO, ordered: bool, view: View):
         self.output, self.errors, self.ordered, self.view = output, errors, ordered, view
+        # one file however the two are spelled (relative and absolute, through a symlink): one stream of lines
+        self.one_file = output is errors or (isinstance(output, Path) and isinstance(errors, Path)
+                                             and output.resolve() == errors.resolve())
         self.held: dict[int, dict[str, Any]] = {}
         self.next_position = 0
         for path in {output, errors}:
@@ -96,7 +99,7 @@ class LineSink:
         self.held.clear()
 
     def _write(self, lines: list[dict[str, Any]]) -> None:
-        if self.output == self.errors:  # one file: keep the lines' own order
+        if self.one_file:  # keep the lines' own order
             write_lines(self.output, list(map(self.view, lines)))
             return
         ok, failed = split_lines(lines)
