@@ -19,6 +19,9 @@ STREAMABLE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 # RoPE whose frequencies depend on the longest position in the batch: a packed batch would rope a row
 # differently from generate on that row alone.
 BATCH_DEPENDENT_ROPE = frozenset({"longrope", "su", "dynamic"})
+# Models whose recurrent state lives in their own modules, not in the cache a forward is handed: it cannot follow
+# rows that join or leave a batch (and is not reset for a new one).
+MODULE_STATE_MODEL_TYPES = frozenset({"recurrent_gemma"})
 
 FAST, GENERIC = "fast", "generic"
 
@@ -113,6 +116,9 @@ def classify(model: str, config) -> Family:
     if getattr(config.get_text_config(), "num_attention_heads", None) is None:
         raise UnsupportedModel(f"model {model!r} ({model_type}) has no attention heads (a state-space or recurrent "
                                "model): batchgen sizes and batches rows by their K/V cache")
+    if model_type in MODULE_STATE_MODEL_TYPES:
+        raise UnsupportedModel(f"model {model!r} ({model_type}) keeps its recurrent state in its own modules, not in "
+                               "a cache: batchgen cannot batch its rows")
     rope = rope_types(config)
     if model_type in SUPPORTED_MODEL_TYPES and rope & BATCH_DEPENDENT_ROPE:
         return Family(model, model_type, GENERIC, f"{'/'.join(sorted(rope & BATCH_DEPENDENT_ROPE))} RoPE scaling "

@@ -376,6 +376,8 @@ def plan_budget(cfg: EngineConfig, config, device: torch.device, dtype: torch.dt
     hidden, heads = config.hidden_size, config.num_attention_heads
     intermediate = (getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
                     or getattr(config, "n_inner", None) or 4 * hidden)
+    if isinstance(intermediate, (list, tuple)):  # per layer (Gemma 3n): the widest is the one a row's step peaks at
+        intermediate = max(intermediate)
     intermediate *= max(1, getattr(config, "num_experts_per_tok", 1) or 1)
     activation = budget_math.estimate_decode_activation_bytes(
         hidden_size=hidden, intermediate_size=intermediate, vocab_size=config.vocab_size, num_heads=heads,

@@ -11,6 +11,13 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import (
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionAndFullAttentionLayer,
+    LinearAttentionCacheLayerMixin,
+)
 
 
 @dataclass
@@ -64,29 +71,53 @@ class PaddedBatch:
         trim = int((self.mask.cumsum(-1) == 0).sum(-1).min()) if rows else 0
         self.mask = self.mask[:, trim:]
         for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, trim:]
-            layer.values = layer.values[index, :, trim:]
+            if isinstance(layer, LinearAttentionCacheLayerMixin):  # a conv / recurrent state per row, no columns
+                LinearAttentionCacheLayerMixin.reorder_cache(layer, index)
+            if getattr(layer, "keys", None) is not None:  # attention K/V (a hybrid layer has both)
+                layer.keys = layer.keys[index, :, trim:]
+                layer.values = layer.values[index, :, trim:]
         return rows
 
     def crop(self) -> None:
         """Drops K/V a failed forward appended to some layers and not others (the mask still has the old length)."""
         for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, : self.length], layer.values[:, :, : self.length]
+            if getattr(layer, "keys", None) is not None:
+                layer.keys, layer.values = layer.keys[:, :, : self.length], layer.values[:, :, : self.length]
 
 
 def prefill(model: torch.nn.Module, calls: ModelCalls, prompts: list[list[int]],
             device: torch.device) -> tuple[torch.Tensor, PaddedBatch]:
     """One left-padded forward over the prompts: last-token logits [n, vocab] and their new batch."""
-    from transformers import DynamicCache
-
     length = max(len(p) for p in prompts)
     ids = torch.tensor([[calls.pad_token_id] * (length - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (length - len(p)) + [1] * len(p) for p in prompts], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    # No config: every layer a plain growing one, which rows can be concatenated into (the masks do the windows).
-    cache = DynamicCache()
+    cache = new_cache(model.config)
     logits = forward(model, calls, ids, mask, positions, cache)
     return logits, PaddedBatch(cache, mask, positions[:, -1] + 1)
+
+
+def new_cache(config) -> DynamicCache:
+    """A prefill's empty cache. Attention layers are plain growing ones, which rows can be concatenated into and
+    columns trimmed from (the masks do the windows); a layer that holds a state instead (a hybrid model's conv, SSM
+    or linear attention) is the config's own kind, or the model's forward finds no state to update."""
+    try:
+        cache = DynamicCache(config=config)
+    except (AttributeError, KeyError, TypeError, ValueError):  # a config its cache cannot read: attention only
+        return DynamicCache()
+    if not any(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers):
+        return DynamicCache()
+    cache.layers = [_growing(layer) for layer in cache.layers]
+    return cache
+
+
+def _growing(layer: object) -> object:
+    """A windowed layer's unwindowed kind (a window keeps only its last columns, which select's trim would cut)."""
+    if not isinstance(layer, DynamicSlidingWindowLayer):
+        return layer
+    if isinstance(layer, LinearAttentionCacheLayerMixin):
+        return LinearAttentionAndFullAttentionLayer(number_of_states=layer.number_of_states)
+    return DynamicLayer()
 
 
 def decode(model: torch.nn.Module, calls: ModelCalls, batch, tokens: list[int]) -> torch.Tensor:
