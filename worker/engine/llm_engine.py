@@ -410,7 +410,6 @@ class LLMEngine:
             for old, new in moves.items():
                 source[new] = old
             picks = picks.index_select(0, to_device(source, picks.device))
-        self.step_stats.num_rows_computed += n
         start, began = time.perf_counter(), self.clock.mark()
         try:
             logits = self.runner.decode(tokens if picks is None else picks, positions)
@@ -418,6 +417,7 @@ class LLMEngine:
             if self.runner.v_transposed:  # its stores ran: not again, the next step backs off for these rows
                 self._oom_rows = seqs
             return
+        self.step_stats.num_rows_computed += n
         self._queued = QueuedStep.launch(seqs, pick(logits, seqs, ahead), start, began, self.clock)
         self._poll_int8(len(seqs), queued=True)
 
@@ -523,14 +523,14 @@ class LLMEngine:
             return self.runner.prefill(rows, prompts)
         running = decoding or self.scheduler.running_seqs()
         n = max(s.row for s in running) + 1  # rows [0, n): holes (admitted rows among them) are computed, ignored
-        if not admitted:
-            self.step_stats.num_rows_computed += n
         tokens, positions = [0] * n, [0] * n
         for seq in running:
             tokens[seq.row], positions[seq.row] = seq.output_ids[-1], seq.last_position
         picks = [s.row for s in running]
         if not admitted:
-            return self.runner.decode(tokens, positions)[picks]
+            logits = self.runner.decode(tokens, positions)
+            self.step_stats.num_rows_computed += n  # a forward that ran out of memory is no step: not counted
+            return logits[picks]
         return self.runner.mixed(tokens, positions, rows, prompts)[picks + list(range(n, n + len(admitted)))]
 
     @property

@@ -216,6 +216,11 @@ class SlotBatch:
     def length(self) -> int:
         return self.end - self.start
 
+    @property
+    def slot_rows(self) -> int:
+        """Rows the slots of every layer hold (a growth an OOM cut short leaves some layers' slots larger)."""
+        return min(t.shape[0] for layer in self.layers for t in (layer.key_slots, layer.value_slots))
+
     def kv_bytes(self) -> int:
         """The slots' bytes (allocated, not only the active columns)."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in (layer.key_slots, layer.value_slots))
@@ -223,7 +228,7 @@ class SlotBatch:
     def extend(self, other: PaddedBatch) -> None:
         """Appends other's rows (a fresh prefill) in the next slots, their last prompt token at column end - 1."""
         n, m, p = self.num_rows, other.num_rows, other.length
-        if n + m > self.layers[0].key_slots.shape[0]:
+        if n + m > self.slot_rows:
             self._grow(n + m)
         start = min(self.start, self.end - p)
         # into device slots the copies are queued (launches timed); into host slots they wait for the device
@@ -326,13 +331,17 @@ class SlotBatch:
         self.num_window_moves += 1
 
     def _grow(self, needed: int) -> None:
-        rows = min(self.max_rows, max(needed, 2 * self.layers[0].key_slots.shape[0]))
+        """Slots for `needed` rows (at least twice the rows now, within max_rows); slots already that large (grown
+        before an OOM stopped the last growth) stay as they are."""
+        rows = min(self.max_rows, max(needed, 2 * self.slot_rows))
         if needed > rows:
             raise ValueError(f"{needed} rows exceed the budget's {self.max_rows}")
         with self.stats.timed("slot_grow"):  # allocation (pinned for host slots) and the old rows copied over
             for layer in self.layers:  # one layer at a time: the peak is one layer's old slots beside the new ones
                 for name in ("key_slots", "value_slots"):
                     old = getattr(layer, name)
+                    if old.shape[0] >= rows:
+                        continue
                     new = _zeros(old, rows, self.columns, old.dtype, self.host)
                     new[: self.num_rows] = old[: self.num_rows]
                     setattr(layer, name, new)
