@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from batchgen.jobs import defaults, keys
+from batchgen.jobs.backoff import REFUSED, UNAVAILABLE
 from batchgen.jobs.batch import Batch
 from batchgen.jobs.states import BatchStatus
 from batchgen.jobs.store import BatchStore
@@ -113,6 +114,14 @@ def rq_connection(connection: Redis) -> Redis:
     return cached
 
 
+class UnreadableJob(Exception):
+    """A claimed chunk job whose hash RQ cannot restore (a malformed field): the claim stands, named here."""
+
+    def __init__(self, job_id: str, cause: Exception):
+        super().__init__(f"chunk job {job_id}: {type(cause).__name__}: {cause}")
+        self.job_id, self.cause = job_id, cause
+
+
 def fetch_job(job_id: str, connection: Redis) -> Job:
     """A chunk job as RQ stored it; NoSuchJobError / DeserializationError when its hash is gone."""
     return Job.fetch(job_id, connection=rq_connection(connection), serializer=JSONSerializer)
@@ -201,7 +210,8 @@ class ChunkClaims:
 
     def claim(self, queues: Sequence[Queue], worker_name: str,
               on_lost: Callable[[str], None] | None = None) -> tuple[Job, Queue] | None:
-        """Claims the next chunk job; a job whose hash is gone is released and named to on_lost(job_id)."""
+        """Claims the next chunk job; a job whose hash is gone is released and named to on_lost(job_id), one RQ
+        cannot restore raises UnreadableJob (still claimed: the caller fails it)."""
         by_key = {q.key: q for q in queues}
         prefix = f"{defaults.KEY_PREFIX}:batch:"
         got = self._claim(keys=[self.key, *by_key], args=[worker_name, prefix])
@@ -217,6 +227,10 @@ class ChunkClaims:
             if on_lost is not None:
                 on_lost(job_id if isinstance(job_id, str) else job_id.decode())
             return None
+        except UNAVAILABLE + REFUSED:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever Job.fetch makes of a malformed field
+            raise UnreadableJob(job_id if isinstance(job_id, str) else job_id.decode(), exc) from exc
         return job, queue
 
     def release(self, job_id: str, owner: str) -> int:

@@ -121,17 +121,16 @@ def parse_stored_request(raw: str | None) -> tuple[Request | None, str, str]:
         return None, "invalid_request", f"the stored request is invalid: {detail}"
 
 
-def page_of_index(connection: Redis, index: str, limit: int, after: str | None,
-                  newest_first: bool = True) -> tuple[list[str], bool]:
-    """One cursor page of a time-scored ZSET: up to limit ids after the id `after`, and whether more follow."""
+def page_of_index(connection: Redis, index: str, limit: int, after: str | None) -> tuple[list[str], bool]:
+    """One cursor page of a time-scored ZSET, newest first: up to limit ids after the id `after`, and whether more
+    follow."""
     start = 0
     if after:
-        rank = connection.zrevrank(index, after) if newest_first else connection.zrank(index, after)
+        rank = connection.zrevrank(index, after)
         if rank is None:
             return [], False
         start = rank + 1
-    read = connection.zrevrange if newest_first else connection.zrange
-    ids = read(index, start, start + limit)  # one extra tells whether another page exists
+    ids = connection.zrevrange(index, start, start + limit)  # one extra tells whether another page exists
     return ids[:limit], len(ids) > limit
 
 

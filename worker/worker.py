@@ -219,11 +219,8 @@ class BatchWorker:
         while self.engine.num_wanted > 0:
             try:
                 got = self.claims.claim(self.queues, self.cfg.name, on_lost=self._chunk_job_lost)
-            except UNAVAILABLE + REFUSED:
-                raise
-            except Exception as exc:  # a job hash RQ cannot restore (a malformed field): that chunk fails alone
-                if not self._fail_unreadable_claims(exc):
-                    raise
+            except chunks.UnreadableJob as exc:  # a job hash RQ cannot restore (a malformed field): it fails alone
+                self._fail_chunk_job(exc.job_id, exc.cause)
                 continue
             if got is None:
                 return
@@ -273,13 +270,6 @@ class BatchWorker:
             raise
         except Exception as exc:  # a malformed job or a stored payload nothing can read: fail it, keep serving
             self._fail_chunk_job(job.id, exc, job, queue)
-
-    def _fail_unreadable_claims(self, exc: Exception) -> bool:
-        """After a claim raised: fails the chunks claimed here whose job RQ could not read; False if none."""
-        unread = [j for j, w in self.claims.holders().items() if w == self.cfg.name and j not in self.held]
-        for job_id in unread:
-            self._fail_chunk_job(job_id, exc)
-        return bool(unread)
 
     def _fail_chunk_job(self, job_id: str, exc: Exception, job: Job | None = None, queue: Queue | None = None) -> None:
         """Fails one chunk job that cannot run: its unfinished requests get error lines, its claim goes."""
