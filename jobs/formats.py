@@ -371,8 +371,9 @@ def _message_batch_request(obj: Mapping[str, Any], *, line: int, fill: Mapping[s
 
 
 def _anthropic_messages(value: Any, field: str) -> list[ChatMessage]:
-    """Messages API turns: user and assistant only (system is its own field), content a string or text blocks."""
-    messages = []
+    """Messages API turns: user and assistant only (system is its own field), content a string or text blocks.
+    Consecutive turns of one role are one turn, as Anthropic combines them: their texts join as blocks do."""
+    messages: list[ChatMessage] = []
     for at, item in _message_items(value, field, ("role", "content")):
         role, content = item.get("role"), item.get("content")
         if role not in ("user", "assistant"):
@@ -383,7 +384,10 @@ def _anthropic_messages(value: Any, field: str) -> list[ChatMessage]:
         if not isinstance(content, str):
             raise LineError("missing_field" if content is None else "invalid_type",
                             f"{at}.content: must be a string or a list of text blocks")
-        messages.append(ChatMessage(role=role, content=_not_blank(content, f"{at}.content")))
+        content = _not_blank(content, f"{at}.content")
+        if messages and messages[-1].role == role:
+            content = f"{messages.pop().content}\n{content}"
+        messages.append(ChatMessage(role=role, content=content))
     return messages
 
 

@@ -81,6 +81,16 @@ def message_batches_router(client: BatchClient) -> APIRouter:
         client.cancel(message_batch(batch_id).id)
         return one(batch_id, request)
 
+    @router.delete("/messages/batches/{batch_id}")
+    def delete(batch_id: str) -> dict[str, Any]:
+        """As Anthropic: only an ended batch is deleted (an in-progress one is cancelled first), results and all."""
+        batch = message_batch(batch_id)
+        if not batch.status.is_terminal:
+            raise ApiError(400, f"message batch {batch_id} is still {batch.status.value}; cancel it, then delete it "
+                           "once processing has ended", param="message_batch_id")
+        client.store.discard(batch_id)
+        return {"id": batch_id, "type": "message_batch_deleted"}
+
     @router.get("/messages/batches/{batch_id}/results")
     def results(batch_id: str) -> StreamingResponse:
         batch = message_batch(batch_id)
