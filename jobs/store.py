@@ -178,7 +178,8 @@ class BatchStore:
             pipe.persist(key)
         pipe.hset(k.record, mapping={"total": batch.total, "num_chunks": batch.num_chunks,
                                      "chunk_size": batch.chunk_size})
-        pipe.zadd(keys.batches_index(), {batch.id: batch.timestamps.get("created_at", now_s())})
+        # scored by the time it shows, to the microsecond: batches made in one second list newest first too
+        pipe.zadd(keys.batches_index(), {batch.id: max(time.time(), batch.timestamps.get("created_at", 0))})
         if batch.timestamps.get("expires_at"):
             pipe.zadd(keys.expiries_index(), {batch.id: batch.timestamps["expires_at"]})
         self.transition(batch.id, BatchStatus.IN_PROGRESS, None, [BatchStatus.VALIDATING], pipe)

@@ -211,3 +211,9 @@ def test_a_paused_worker_waking_up_leaves_its_reaped_chunk_to_the_new_holder(red
     assert claims.release(job.id, "worker-a") == 0 and not claims.requeue(job.id, queue.name, "worker-a")
     assert claims.holders() == {job.id: "worker-c"} and job.id not in redis_conn.lrange(queue.key, 0, -1)
     assert claims.release(job.id, "worker-c") == 1 and claims.holders() == {}
+
+
+def test_batches_made_in_one_second_list_newest_first(redis_conn, tmp_path):
+    made = [submit(redis_conn, tmp_path, echo_rows(1))[1] for _ in range(5)]  # well within a second
+    client = BatchClient(ProducerConfig(), connection=redis_conn)
+    assert [b.id for b in client.recent(5)] == made[::-1]
