@@ -23,6 +23,13 @@ class HostAttentionRunner:
     def __init__(self, parts: LlamaParts, streamer: LayerStreamer, *, device: torch.device, dtype: torch.dtype,
                  max_model_len: int, attention: str, kv_dtype: torch.dtype, kernel: Kernel | None,
                  num_device_kv_layers: int, max_prefill_tokens: int, prefill_group_tokens: int, graphs: bool):
+        # a piece runs the rest of layer i − 1 and layer i up to its attention: both layers' weights at once
+        shared = [i for i in range(1, streamer.num_layers) if streamer.host[i - 1] is not None
+                  and streamer.host[i] is not None and streamer.slot_of[i - 1] == streamer.slot_of[i]]
+        if shared:
+            raise ValueError(f"CPU attention's piecewise decode holds two adjacent layers' weights at once, but "
+                             f"streamed layers {shared[0] - 1} and {shared[0]} share one of "
+                             f"{len(streamer.stages)} stage slot(s): use at least 2")
         self.parts, self.streamer, self.device, self.dtype = parts, streamer, device, dtype
         self.max_model_len, self.attention, self.kv_dtype, self.kernel = max_model_len, attention, kv_dtype, kernel
         self.num_device_kv_layers = num_device_kv_layers

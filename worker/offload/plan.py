@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from batchgen.worker.engine.llama import head_dim_of
+from batchgen.worker.offload.piecewise import split_slots
 
 # A decode step's compute per weight byte, in "streamed byte" units: HBM is ~50x faster than PCIe,
 # bitsandbytes' kernels are slower than that; used only to rank plans whose streamed bytes tie (e.g. 0).
@@ -125,7 +126,8 @@ def plan_streaming(
             for x in choices:
                 if host_limit is not None and rows * host_row_layer * (num_layers - x) > host_limit:
                     continue  # the host cache holds the other layers' K/V
-                kv_device = rows * kv_row_layer * (x if cpu else num_layers)
+                # "cpu": the device layers' K/V has a row for each of the piecewise halves' (padded) rows
+                kv_device = (split_slots(rows) * kv_row_layer * x) if cpu else rows * kv_row_layer * num_layers
                 act_row = activation_bytes_per_row - (attention_bytes_per_row if cpu and x == 0 else 0)
                 left = budget_bytes - prefill_bytes - rows * act_row - kv_device
                 if num_resident is None:
