@@ -303,9 +303,18 @@ def _completion_logprobs(tokens: Sequence[TokenLogprob]) -> dict[str, Any]:
     return {
         "tokens": [t.token for t in tokens],
         "token_logprobs": [_floor(t.logprob) for t in tokens],
-        "top_logprobs": [{**{s: _floor(lp) for s, lp in t.top}, t.token: _floor(t.logprob)} for t in tokens],
+        "top_logprobs": [{**_best_by_text(t.top), t.token: _floor(t.logprob)} for t in tokens],
         "text_offset": offsets,
     }
+
+
+def _best_by_text(top: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """Alternatives keyed by their text: tokens that decode alike (U+FFFD halves of characters) share one key,
+    which holds the best of their logprobs."""
+    best: dict[str, float] = {}
+    for text, logprob in top:
+        best[text] = max(best.get(text, LOGPROB_FLOOR), _floor(logprob))
+    return best
 
 
 def error_line(custom_id: str, code: str, message: str, *, status_code: int | None = 400,
