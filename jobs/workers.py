@@ -48,9 +48,12 @@ class WorkerRegistry:
         return {name: None if beat is None else int(beat) for name, beat in zip(names, pipe.execute(), strict=True)}
 
     def live(self) -> list[dict[str, str]]:
-        """The state of every live worker, by name."""
+        """The state of every live worker, by name; the dead (a kill -9'd idle worker, whose chunks no reaper
+        looks for) leave the index here. A worker pruned between two beats is back at its next one."""
         names = sorted(self.connection.smembers(keys.workers_index()))
         pipe = self.connection.pipeline(transaction=False)
         for name in names:
             pipe.hgetall(keys.worker_key(name))
-        return [info for info in pipe.execute() if info]
+        infos = pipe.execute()
+        self.forget(name for name, info in zip(names, infos, strict=True) if not info)
+        return [info for info in infos if info]

@@ -3,8 +3,8 @@
 The parent loads nothing. It starts one ordinary `batchgen worker` per GPU with CUDA_VISIBLE_DEVICES
 set to that GPU and a distinct `--name`, forwards SIGTERM/SIGINT to them once, and exits when they
 have all exited. A child that dies abnormally stops the others (gracefully) and the parent exits with
-its code, so the supervisor (systemd, `restart: unless-stopped`) restarts the whole set instead of
-leaving a GPU idle behind a parent that still looks healthy.
+its code (128 + N for a child killed by signal N), so the supervisor (systemd, `restart: unless-stopped`)
+restarts the whole set instead of leaving a GPU idle behind a parent that still looks healthy.
 """
 
 import contextlib
@@ -78,8 +78,13 @@ def child_specs(gpus: Sequence[str], worker_argv: Sequence[str], base_name: str 
     return specs
 
 
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
 def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if the launcher dies without forwarding (kill -9 of the parent)."""
+    """Linux: the child gets SIGTERM if the launcher dies without forwarding (kill -9 of the parent). It also
+    takes the stop signals again, which the launcher blocks while it starts a child."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -96,10 +101,18 @@ class Launcher:
         signal.signal(signal.SIGTERM, self._forward)
         signal.signal(signal.SIGINT, self._forward)
         for spec in self.specs:
+            if self._forwarded:  # stopped while starting: the rest would never get the signal
+                log.info("stop signal during start-up: not starting the remaining workers")
+                break
             # Own session: a terminal's Ctrl-C reaches only the launcher, which forwards it once
-            # (a worker takes a second SIGINT as "requeue in-flight work now").
-            self.children[spec.name] = subprocess.Popen(spec.argv, env=spec.env, start_new_session=True,
-                                                        preexec_fn=_die_with_parent)
+            # (a worker takes a second SIGINT as "requeue in-flight work now"). A stop signal that comes while
+            # the child starts waits until it is in self.children, so the forwarding reaches it too.
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                self.children[spec.name] = subprocess.Popen(spec.argv, env=spec.env, start_new_session=True,
+                                                            preexec_fn=_die_with_parent)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             log.info("started worker %s on CUDA_VISIBLE_DEVICES=%s (pid %d)", spec.name, spec.gpu,
                      self.children[spec.name].pid)
         exit_code = 0
@@ -114,7 +127,7 @@ class Launcher:
                 log.info("worker %s exited with %d", name, code)
                 if code != 0 and exit_code == 0:
                     exit_code = code
-                    if live and signal.SIGTERM not in self._forwarded:
+                    if live and not self._forwarded:  # after a forwarded stop, another signal means "requeue now"
                         log.error("worker %s failed: stopping the others so the set restarts together", name)
                         self._send(signal.SIGTERM, live.values())
             time.sleep(self.poll_s)
