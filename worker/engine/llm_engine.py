@@ -589,11 +589,8 @@ class QueuedStep:
 def _gpu_temperature_c(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
+    # torch maps the device through CUDA_VISIBLE_DEVICES; NVML's own index is the physical GPU (--gpus 1 read GPU 0)
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        return int(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))
+        return int(torch.cuda.temperature(device))
     except Exception:  # no NVML (driver, container): the stat is optional
         return None

@@ -230,7 +230,10 @@ class TokenRate:
             self._counts.popleft()
 
     def per_s(self) -> float:
-        if len(self._counts) < 2:
+        """Up to now: an idle worker's rate falls as its last tokens leave the window (it held the last rate)."""
+        now = time.monotonic()
+        counts = [(t, n) for t, n in list(self._counts) if now - t <= self.window_s]  # a copy: heartbeats read it
+        if len(counts) < 2:
             return 0.0
-        elapsed = self._counts[-1][0] - self._counts[0][0]
-        return sum(n for _, n in list(self._counts)[1:]) / elapsed if elapsed > 0 else 0.0
+        elapsed = now - counts[0][0]
+        return sum(n for _, n in counts[1:]) / elapsed if elapsed > 0 else 0.0
