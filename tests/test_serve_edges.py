@@ -163,3 +163,12 @@ def test_a_files_list_order_other_than_asc_or_desc_is_a_400(server, tmp_path):
     assert set(newest_first) == uploaded and [f.id for f in sdk.files.list(order="asc")] == newest_first[::-1]
     status, body = get_raw(server, "/v1/files?order=newest")
     assert status == 400 and json.loads(body)["error"]["param"] == "order"
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "nan"])
+def test_a_history_interval_that_is_no_positive_number_is_a_usage_error(interval, redis_url):
+    """0 divided the charts' length by zero and spun the sampler; NaN passed the range check and did the same."""
+    from tests.cli import batchgen
+
+    proc = batchgen("serve", "--history-interval", interval, redis_url=redis_url, timeout=30)
+    assert proc.returncode == 2 and b"history-interval" in proc.stderr, proc.stderr

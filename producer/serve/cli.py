@@ -1,5 +1,6 @@
 """The `serve` command; the web stack is imported only when it runs, so `batchgen --help` stays light."""
 
+import math
 import os
 from pathlib import Path
 
@@ -22,13 +23,16 @@ def default_files_dir() -> str:
               help="Serve on a non-loopback host without any API key.")
 @click.option("--files-dir", envvar="BATCHGEN_FILES_DIR", default=default_files_dir, show_default=True,
               help="Where uploaded files are kept (their records are in Redis).")
-@click.option("--history-interval", type=float, default=10.0, show_default=True,
+@click.option("--history-interval", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0,
+              show_default=True,
               help="Seconds between samples of the workers' stats for the dashboard's charts.")
 @click.option("--redis-url", envvar="REDIS_URL", default=defaults.REDIS_URL, show_default=True,
               help="Redis to use (env REDIS_URL).")
 @handles_errors
 def serve(host, port, api_keys, allow_unauthenticated_remote, files_dir, history_interval, redis_url):
     """The OpenAI Files + Batches API at /v1 and a live dashboard at /, over the same Redis."""
+    if not history_interval < math.inf:  # NaN passes FloatRange; 0 divided the charts' length and spun the sampler
+        raise ValueError("--history-interval must be a positive number of seconds")
     import uvicorn
     from batchgen.jobs.files import FileStore
     from batchgen.jobs.redis_checks import refuse_evicting
