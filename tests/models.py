@@ -86,10 +86,10 @@ def _more_generic(llama_like: dict) -> dict:
 ARCHITECTURES = [name for name in _configs() if name != "bert"]
 
 
-def write_tiny_model(out_dir: str | Path, arch: str, tokenizer_dir: str | Path, *, weights: bool = True,
-                     seed: int = 0, num_layers: int | None = None) -> Path:
-    """config.json + tokenizer (+ random weights unless weights=False) of `arch` in out_dir; num_layers: other
-    than LAYERS (streaming tests need more layers than stage slots)."""
+def write_tiny_model(out_dir: str | Path, arch: str | None, tokenizer_dir: str | Path, *, weights: bool = True,
+                     seed: int = 0, num_layers: int | None = None, config=None) -> Path:
+    """config.json + tokenizer (+ random weights unless weights=False) of `arch` (or of a config built elsewhere)
+    in out_dir; num_layers: other than LAYERS (streaming tests need more layers than stage slots)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,7 +97,7 @@ def write_tiny_model(out_dir: str | Path, arch: str, tokenizer_dir: str | Path, 
     out.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.save_pretrained(out)
-    config = _configs()[arch]()
+    config = _configs()[arch]() if config is None else config
     config.vocab_size = len(tok)
     if num_layers is not None:
         config.num_hidden_layers = num_layers

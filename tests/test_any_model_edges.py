@@ -11,7 +11,7 @@ from batchgen.worker.engine.families import UnsupportedModel
 from batchgen.worker.engine.generic import GenericEngine
 from batchgen.worker.factory import build_llm_engine
 
-from tests.models import FFN, HEADS, HIDDEN, LAYERS, MAX_POS, WINDOW
+from tests.models import FFN, HEADS, HIDDEN, LAYERS, MAX_POS, WINDOW, write_tiny_model
 from tests.test_models import oracle, requests, run_engine
 
 LLAMA_LIKE = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
@@ -38,27 +38,7 @@ def _hybrid_configs() -> dict:
 
 
 def write_model(out: Path, config, tokenizer_dir: Path, *, weights: bool = True) -> Path:
-    """As tests.models.write_tiny_model, for a config built here."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out.mkdir(parents=True, exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.save_pretrained(out)
-    config.vocab_size = len(tok)
-    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    if not weights:
-        config.save_pretrained(out)
-        return out
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.08)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    return out
+    return write_tiny_model(out, None, tokenizer_dir, weights=weights, config=config)
 
 
 @pytest.mark.parametrize("arch", list(_hybrid_configs()))

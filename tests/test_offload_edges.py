@@ -3,35 +3,13 @@ for the device K/V of the layers CPU attention leaves on the device. Tiny random
 real code path with device "cpu"), against the resident engine's greedy output."""
 
 import pytest
-from batchgen.jobs.schema import Request, SamplingParams
 from batchgen.worker.demo_model import write_demo_model
 from batchgen.worker.engine.config import EngineConfig
 from batchgen.worker.engine.llm_engine import LLMEngine
-from batchgen.worker.engine.protocol import GenerationRequest
-from batchgen.worker.offload.build import Offload, build_streaming_engine
+from batchgen.worker.offload.build import build_streaming_engine
 from batchgen.worker.offload.plan import plan_streaming
 
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "batch", "generation", "keeps"]
-PROMPTS = [" ".join(WORDS[i % 5: i % 5 + 2 + (i * 3) % 7]) for i in range(6)]
-MAX_TOKENS = [4 + (i * 5) % 11 for i in range(6)]
-
-
-def greedy(engine) -> dict[str, tuple[str, str, int]]:
-    requests = [GenerationRequest(f"r{i}", Request(custom_id=f"r{i}", prompt=p,
-                                                   params=SamplingParams(temperature=0.0, max_tokens=m)))
-                for i, (p, m) in enumerate(zip(PROMPTS, MAX_TOKENS, strict=True))]
-    assert engine.add(requests) == []
-    results = {}
-    while engine.num_unfinished:
-        for r in engine.step():
-            assert r.error is None, r.error
-            results[r.key] = (r.text, r.finish_reason, r.completion_tokens)
-    return results
-
-
-def offload(engine: LLMEngine) -> Offload:
-    (report,) = engine.reporters
-    return report
+from tests.test_offload import greedy, offload
 
 
 @pytest.fixture(scope="module")
