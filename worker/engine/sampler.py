@@ -95,10 +95,11 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], grammar: StructuredOutput 
     want_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     raw = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None  # OpenAI reports the raw model's
     if logits_processors.needed(seqs) or (grammar is not None and any(s.matcher is not None for s in seqs)):
-        logits = logits.clone()
+        model_logits, logits = logits, logits.clone()
         logits_processors.apply(logits, seqs)
         if grammar is not None:
             grammar.mask(logits, seqs)
+            _end_dead_ends(logits, model_logits, seqs, grammar)
     tokens = logits.argmax(dim=-1)
     rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if rows:
@@ -110,6 +111,17 @@ def sample(logits: torch.Tensor, seqs: Seq[Sequence], grammar: StructuredOutput 
                                                   [seqs[i].params.logprobs for i in want_logprobs]), strict=True):
             logprobs[i] = lp
     return Sampled(token_list, logprobs)
+
+
+def _end_dead_ends(logits: torch.Tensor, model_logits: torch.Tensor, seqs: Seq[Sequence],
+                   grammar: StructuredOutput) -> None:
+    """A row left no token (its grammar can only end, min_tokens bans the end) takes its grammar's mask alone: it
+    ends short of min_tokens with output its format holds, not with a filler token the grammar refused."""
+    dead = (~logits.isfinite().any(dim=-1)).nonzero().flatten().tolist()
+    if dead:
+        rows = model_logits[dead].clone()
+        grammar.mask(rows, [seqs[i] for i in dead])
+        logits[dead] = rows
 
 
 def pick(logits: torch.Tensor, seqs: Seq[Sequence], ahead: int, *, by_row: bool = True) -> torch.Tensor:
