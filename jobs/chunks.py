@@ -127,6 +127,20 @@ def fetch_job(job_id: str, connection: Redis) -> Job:
     return Job.fetch(job_id, connection=rq_connection(connection), serializer=JSONSerializer)
 
 
+def fetch_claimed(job_id: str, connection: Redis) -> Job | None:
+    """A claimed chunk job; None when its hash is gone (expired, deleted: a cancelled batch), UnreadableJob when RQ
+    cannot restore it (a malformed field). Only then: a Redis outage or refusal here must not cost a claim whose
+    chunk is still owed, so it propagates."""
+    try:
+        return fetch_job(job_id, connection)
+    except (NoSuchJobError, DeserializationError):
+        return None
+    except UNAVAILABLE + REFUSED:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever Job.fetch makes of a malformed field
+        raise UnreadableJob(job_id, exc) from exc
+
+
 def make_queue(model: str, priority: str, connection: Redis) -> Queue:
     return Queue(keys.queue_name(model, priority), connection=rq_connection(connection), serializer=JSONSerializer,
                  default_timeout=defaults.JOB_TIMEOUT_S)
@@ -218,20 +232,14 @@ class ChunkClaims:
         if not got:
             return None
         queue_key, job_id = got
-        queue = by_key[queue_key]
-        try:
-            job = fetch_job(job_id, self.connection)
-        except (NoSuchJobError, DeserializationError):  # job hash expired or deleted (cancelled batch)
-            # Only then: a Redis error here must not drop a claim whose chunk is still owed.
+        job_id = job_id if isinstance(job_id, str) else job_id.decode()
+        job = fetch_claimed(job_id, self.connection)
+        if job is None:
             self.release(job_id, worker_name)
             if on_lost is not None:
-                on_lost(job_id if isinstance(job_id, str) else job_id.decode())
+                on_lost(job_id)
             return None
-        except UNAVAILABLE + REFUSED:
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever Job.fetch makes of a malformed field
-            raise UnreadableJob(job_id if isinstance(job_id, str) else job_id.decode(), exc) from exc
-        return job, queue
+        return job, by_key[queue_key]
 
     def release(self, job_id: str, owner: str) -> int:
         """Drops owner's claim on job_id; 0 if another worker holds it now (a paused worker's chunk, reaped and

@@ -8,12 +8,17 @@ outcome yet, so a dead worker costs at most what it had in flight.
 import logging
 import time
 
-from batchgen.jobs.backoff import REFUSED, UNAVAILABLE
-from batchgen.jobs.chunks import ChunkClaims, expire_overdue, fail_chunk, fail_lost_chunk, fetch_job
+from batchgen.jobs.chunks import (
+    ChunkClaims,
+    UnreadableJob,
+    expire_overdue,
+    fail_chunk,
+    fail_lost_chunk,
+    fetch_claimed,
+)
 from batchgen.jobs.store import BatchStore
 from batchgen.jobs.workers import WorkerRegistry
 from redis import Redis
-from rq.exceptions import DeserializationError, NoSuchJobError
 
 log = logging.getLogger("batchgen.reaper")
 
@@ -53,23 +58,22 @@ class Reaper:
             if worker not in dead:
                 continue
             try:
-                origin = fetch_job(job_id, self.connection).origin
-            except (NoSuchJobError, DeserializationError):  # job hash gone (batch ended, or evicted): drop the claim
-                if num_failed := fail_lost_chunk(self.store, job_id):
-                    log.error("chunk job %s of dead worker %s is missing from Redis: %d request(s) fail",
-                              job_id, worker, num_failed)
-                self.claims.release(job_id, worker)
-                continue
-            except UNAVAILABLE + REFUSED:
-                raise
-            except Exception as exc:  # a job hash RQ cannot restore: requeued, it would only fail its next holder
+                job = fetch_claimed(job_id, self.connection)
+            except UnreadableJob as unreadable:  # requeued, it would only fail its next holder
+                exc = unreadable.cause
                 if num_failed := fail_chunk(self.store, job_id, "invalid_chunk_job",
                                             f"the chunk job could not run: {type(exc).__name__}"):
                     log.error("chunk job %s of dead worker %s cannot be read (%s: %s): %d request(s) fail",
                               job_id, worker, type(exc).__name__, exc, num_failed)
                 self.claims.release(job_id, worker)
                 continue
-            if self.claims.requeue(job_id, origin, worker):
+            if job is None:  # job hash gone (batch ended, or evicted): drop the claim
+                if num_failed := fail_lost_chunk(self.store, job_id):
+                    log.error("chunk job %s of dead worker %s is missing from Redis: %d request(s) fail",
+                              job_id, worker, num_failed)
+                self.claims.release(job_id, worker)
+                continue
+            if self.claims.requeue(job_id, job.origin, worker):
                 log.warning("requeued chunk %s of dead worker %s", job_id, worker)
                 requeued += 1
         self.workers.forget(dead)

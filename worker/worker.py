@@ -36,7 +36,6 @@ from batchgen.worker.reaper import Reaper
 from batchgen.worker.result_files import write_results
 from batchgen.worker.startup import log_startup
 from rq import SimpleWorker
-from rq.exceptions import DeserializationError, NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
@@ -239,17 +238,15 @@ class BatchWorker:
         for job_id, worker in holders.items():
             if worker == self.cfg.name and job_id not in self.held:
                 try:
-                    origin = chunks.fetch_job(job_id, self.connection).origin
-                except (NoSuchJobError, DeserializationError):
+                    job = chunks.fetch_claimed(job_id, self.connection)
+                except chunks.UnreadableJob as exc:  # requeued, it would only fail again
+                    self._fail_chunk_job(job_id, exc.cause)
+                    continue
+                if job is None:
                     self.claims.release(job_id, self.cfg.name)
                     self._chunk_job_lost(job_id)
                     continue
-                except UNAVAILABLE + REFUSED:
-                    raise
-                except Exception as exc:  # a job hash RQ cannot restore: requeued, it would only fail again
-                    self._fail_chunk_job(job_id, exc)
-                    continue
-                if self.claims.requeue(job_id, origin, self.cfg.name):
+                if self.claims.requeue(job_id, job.origin, self.cfg.name):
                     log.warning("requeued chunk %s whose claim was interrupted by the outage", job_id)
         for job_id in [j for j in self.held if holders.get(j) != self.cfg.name]:
             log.warning("chunk %s was reaped during the outage; leaving it to its new holder", job_id)
