@@ -23,11 +23,15 @@ UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
 REFUSED = (OutOfMemoryError, ReadOnlyError, NoPermissionError, CannotPersistError)
 
 
+def redis_said(exc: redis.RedisError) -> str:
+    """Redis's own words: redis-py prefixes a pipeline's error with the whole command ("Command # 1 (HSET ...) of
+    pipeline caused error: ...")."""
+    return str(exc).split(" caused error: ", 1)[-1].rstrip(".")
+
+
 def refusal_reason(exc: redis.RedisError) -> str:
     """One line naming what Redis refused and what fixes it."""
-    # redis-py prefixes a pipeline's error with the whole command ("Command # 1 (HSET ...) of pipeline
-    # caused error: ..."): keep Redis's own words.
-    said = str(exc).split(" caused error: ", 1)[-1].rstrip(".")
+    said = redis_said(exc)
     if isinstance(exc, OutOfMemoryError):
         return f"Redis is out of memory ({said}); free memory or raise maxmemory"
     if isinstance(exc, ReadOnlyError):

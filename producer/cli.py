@@ -245,6 +245,11 @@ def wait(batch_id, timeout_s, poll_s, redis_url, as_json):
     sys.exit(EXIT_OK if batch.status == BatchStatus.COMPLETED else EXIT_FAILED)
 
 
+def fail_unwritable(as_json: bool, exc: OSError, output: str) -> None:
+    """Exit 2 for an output file that cannot be written (`results`, `run`), naming it and why."""
+    fail(as_json, "unwritable_output", f"cannot write {exc.filename or output}: {exc.strerror or exc}", EXIT_USAGE)
+
+
 def same_file(a: IO[str], path: str) -> bool:
     """Whether the open stream a writes to the file at path (the same path, or stdout redirected to it)."""
     try:
@@ -275,7 +280,7 @@ def results(batch_id, output, errors, ordered, redis_url, as_json):
             with nullcontext() if errors is None or same else click.open_file(errors, "w") as err:
                 n_ok, n_err = client.export(batch_id, out, err, ordered=ordered)
     except OSError as exc:
-        fail(as_json, "unwritable_output", f"cannot write {exc.filename or output}: {exc.strerror or exc}", EXIT_USAGE)
+        fail_unwritable(as_json, exc, output)
     name = "<stdout>" if output == "-" else output
     counts = {"batch_id": batch_id, "results": n_ok, "errors": n_err, "output": name}
     emit(as_json, counts, f"{n_ok} results, {n_err} errors", err=not as_json or name == "<stdout>")
@@ -556,7 +561,7 @@ def run(inputs, output, errors, ordered, skip_invalid, as_json, max_tokens, temp
     try:
         check_writable([output, errors])
     except OSError as exc:
-        fail(as_json, "unwritable_output", f"cannot write {exc.filename or output}: {exc.strerror or exc}", EXIT_USAGE)
+        fail_unwritable(as_json, exc, output)
     from batchgen.worker.factory import build_engine
     from batchgen.worker.startup import log_startup
 

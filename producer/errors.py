@@ -49,7 +49,7 @@ def handles_errors(fn: Callable) -> Callable:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from batchgen.jobs.backoff import REFUSED, refusal_reason
+        from batchgen.jobs.backoff import REFUSED, redis_said, refusal_reason
         from batchgen.jobs.redis_checks import EvictingRedis
         from batchgen.producer.client import BatchNotEnded, BatchNotFound, OutputDirRefused
 
@@ -65,9 +65,8 @@ def handles_errors(fn: Callable) -> Callable:
                  EXIT_REDIS)
         except REFUSED as exc:
             fail(as_json, "redis_refused", refusal_reason(exc), EXIT_REDIS_REFUSED)
-        except redis.RedisError as exc:  # any other error reply: a database index out of range, MISCONF, WRONGTYPE
-            said = str(exc).split(" caused error: ", 1)[-1].rstrip(".")
-            fail(as_json, "redis_refused", f"Redis refused a command ({said})", EXIT_REDIS_REFUSED)
+        except redis.RedisError as exc:  # any other error reply: a database index out of range, WRONGTYPE
+            fail(as_json, "redis_refused", f"Redis refused a command ({redis_said(exc)})", EXIT_REDIS_REFUSED)
         except EvictingRedis as exc:
             fail(as_json, "redis_evicts", str(exc), EXIT_REDIS_EVICTS)
         except OutputDirRefused as exc:
