@@ -146,9 +146,14 @@ def test_submit_that_runs_redis_out_of_memory_exits_7_and_leaves_nothing(tmp_pat
         assert work.returncode == 7 and error_json(work)["code"] == "redis_refused"
 
 
-def test_worker_waits_out_redis_oom_mid_batch_and_finishes_exactly_once(tmp_path):
+def ride_out_a_refusal(tmp_path, *, refuse, reported: str, lift, during=None, configure=None) -> None:
+    """An echo worker mid-batch on a private Redis: refuse(server, conn) makes Redis refuse writes, the worker logs
+    `reported` and stays up (during(server, conn) runs then), lift(server, conn) ends it; the worker then finishes
+    every request exactly once, with no traceback and no claim left."""
     with RedisServer(tmp_path / "redis") as server:
         conn = Redis.from_url(server.url, decode_responses=True)
+        if configure is not None:
+            configure(conn)
         rows = echo_rows(24)
         client, batch = submit(conn, tmp_path / "in.jsonl", rows, chunk_size=4)
         log = tmp_path / "worker.log"
@@ -156,48 +161,46 @@ def test_worker_waits_out_redis_oom_mid_batch_and_finishes_exactly_once(tmp_path
                               "--echo-step-delay", "0.1", redis_url=server.url, log=log)
         try:
             eventually(lambda: client.get(batch.id).num_done >= 2, "a few outcomes")
-            conn.config_set("maxmemory", 1)  # every write refused from now on
-            eventually(lambda: "Redis is out of memory" in log.read_text(), "the worker to report the OOM")
+            refuse(server, conn)
+            eventually(lambda: reported in log.read_text(), "the worker to report the refusal")
             assert worker.poll() is None, log.read_text()
-            conn.config_set("maxmemory", 0)
+            if during is not None:
+                during(server, conn)
+            lift(server, conn)
             assert worker.wait(timeout=90) == 0, log.read_text()
         finally:
             stop(worker)
         assert "Traceback" not in log.read_text()
         assert_exactly_once(client, batch.id, rows)
         assert conn.hlen(keys.claims_key()) == 0
+
+
+def test_worker_waits_out_redis_oom_mid_batch_and_finishes_exactly_once(tmp_path):
+    ride_out_a_refusal(tmp_path, refuse=lambda server, conn: conn.config_set("maxmemory", 1),  # every write refused
+                       reported="Redis is out of memory", lift=lambda server, conn: conn.config_set("maxmemory", 0))
 
 
 def test_worker_waits_out_redis_unable_to_persist_and_submit_exits_7(tmp_path):
     """MISCONF: an RDB save failed (here its file's name is taken by a directory) and Redis refuses writes until one
     succeeds. A running worker waits, as for OOM, and finishes exactly once after; submit meanwhile exits 7."""
-    with RedisServer(tmp_path / "redis") as server:
-        conn = Redis.from_url(server.url, decode_responses=True)
-        conn.config_set("save", "3600 1")  # writes stop on a failed save only where saves are configured
-        rows = echo_rows(24)
-        client, batch = submit(conn, tmp_path / "in.jsonl", rows, chunk_size=4)
-        log = tmp_path / "worker.log"
-        worker = start_worker("--engine", "echo", "--model", "echo-m", "--burst", "--max-batch", "2",
-                              "--echo-step-delay", "0.1", redis_url=server.url, log=log)
-        blocker = server.dir / "dump.rdb"
-        try:
-            eventually(lambda: client.get(batch.id).num_done >= 2, "a few outcomes")
-            blocker.mkdir()
-            conn.bgsave()
-            eventually(lambda: conn.info("persistence")["rdb_last_bgsave_status"] == "err", "the save to fail")
-            eventually(lambda: "Redis cannot save to disk" in log.read_text(), "the worker to report it")
-            assert worker.poll() is None, log.read_text()
-            sub = batchgen("submit", write_jsonl(tmp_path / "more.jsonl", echo_rows(2)), "--model", "echo-m",
-                           "--json", redis_url=server.url)
-            assert sub.returncode == 7 and error_json(sub)["code"] == "redis_refused", sub.stderr
-            blocker.rmdir()
-            conn.bgsave()
-            assert worker.wait(timeout=90) == 0, log.read_text()
-        finally:
-            stop(worker)
-        assert "Traceback" not in log.read_text()
-        assert_exactly_once(client, batch.id, rows)
-        assert conn.hlen(keys.claims_key()) == 0
+
+    def refuse(server, conn) -> None:
+        (server.dir / "dump.rdb").mkdir()
+        conn.bgsave()
+        eventually(lambda: conn.info("persistence")["rdb_last_bgsave_status"] == "err", "the save to fail")
+
+    def submit_meanwhile(server, conn) -> None:
+        sub = batchgen("submit", write_jsonl(tmp_path / "more.jsonl", echo_rows(2)), "--model", "echo-m", "--json",
+                       redis_url=server.url)
+        assert sub.returncode == 7 and error_json(sub)["code"] == "redis_refused", sub.stderr
+
+    def lift(server, conn) -> None:
+        (server.dir / "dump.rdb").rmdir()
+        conn.bgsave()
+
+    # writes stop on a failed save only where saves are configured
+    ride_out_a_refusal(tmp_path, configure=lambda conn: conn.config_set("save", "3600 1"), refuse=refuse,
+                       reported="Redis cannot save to disk", during=submit_meanwhile, lift=lift)
 
 
 def test_nopermission_and_readonly_each_exit_7_with_one_line(tmp_path):
